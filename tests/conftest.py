@@ -1,0 +1,28 @@
+"""Shared fixtures: the tiny random model (unit tests) and the embedded default model."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from unpact.testing import tiny_model
+
+    return tiny_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def default_lm():
+    """The default model, from the user's cache (built on first use)."""
+    from unpact.models import load_model
+
+    return load_model("default")

@@ -1,0 +1,80 @@
+"""Prompt encoding (chat template, content positions) and model spec resolution."""
+
+from __future__ import annotations
+
+import pytest
+
+from unpact.errors import UnpactError
+from unpact.models import load_model
+
+
+def test_chat_prompt_marks_user_content(tiny):
+    enc = tiny.encode_prompt("What is the capital of France?", chat_template=True)
+    tok = tiny.tokenizer
+    assert (
+        list(enc.content_ids)
+        == tok("What is the capital of France?", add_special_tokens=False)["input_ids"]
+    )
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": enc.text}], tokenize=False, add_generation_prompt=True
+    )
+    assert tok.decode(list(enc.input_ids)) == rendered
+    assert enc.input_ids[0] == tok.convert_tokens_to_ids("<|im_start|>")
+    assert all(enc.input_ids[i] not in tok.all_special_ids for i in enc.content_positions)
+
+
+def test_raw_prompt_is_content_only(tiny):
+    enc = tiny.encode_prompt("The quick brown fox", chat_template=False)
+    assert enc.content_start == 0 and enc.content_end == len(enc.input_ids)
+    assert not enc.chat_template
+
+
+def test_chat_template_required_but_missing(tiny):
+    from unpact.models import LanguageModel
+
+    bare = LanguageModel(model=tiny.model, tokenizer=tiny.tokenizer, spec="bare")
+    saved = bare.tokenizer.chat_template
+    bare.tokenizer.chat_template = None
+    try:
+        with pytest.raises(UnpactError, match="no chat template"):
+            bare.encode_prompt("hi", chat_template=True)
+        assert not bare.encode_prompt("hi").chat_template  # None means: use it if there is one
+    finally:
+        bare.tokenizer.chat_template = saved
+
+
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_empty_prompt(tiny, prompt):
+    with pytest.raises(UnpactError, match="empty prompt"):
+        tiny.encode_prompt(prompt)
+
+
+def test_spec_that_resolves_to_nothing(tmp_path):
+    with pytest.raises(UnpactError, match="no such file or directory"):
+        load_model(str(tmp_path / "missing"))
+    with pytest.raises(UnpactError, match=r"without config\.json"):
+        load_model(str(tmp_path))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(UnpactError, match=r"not a \.gguf"):
+        load_model(str(tmp_path / "notes.txt"))
+    with pytest.raises(UnpactError, match=r"resolves to nothing.*hub id"):
+        load_model("no-such-org/no-such-model")
+
+
+def test_bad_dtype_and_device():
+    with pytest.raises(UnpactError, match="unknown dtype"):
+        load_model("default", dtype="float8")
+    with pytest.raises(UnpactError, match="unknown device"):
+        load_model("default", device="toaster")
+
+
+def test_hf_directory_round_trip(tiny, tmp_path):
+    import torch
+
+    tiny.model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    lm = load_model(str(tmp_path))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids).logits, tiny.model(ids).logits)
+    assert lm.encode_prompt("hello there").input_ids == tiny.encode_prompt("hello there").input_ids
