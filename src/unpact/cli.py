@@ -6,8 +6,10 @@ the same through click.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -17,6 +19,7 @@ from rich.table import Table
 from unpact.errors import UnpactError
 
 if TYPE_CHECKING:
+    from unpact.attribution import Attribution
     from unpact.models import LanguageModel
 
 app = typer.Typer(
@@ -128,6 +131,158 @@ def score(
         table.add_row(str(k), repr(tok), str(tid), f"{lp:.4f}")
     out.print(table)
     out.print(f"LP (mean log-prob over {len(result.logprobs)} tokens) = {result.lp:.4f}")
+
+
+@app.command()
+def attribute(
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", "-p", help="The prompt to attribute.")
+    ] = None,
+    answer: Annotated[
+        str | None,
+        typer.Option("--answer", "-a", help="The answer y (default: the model's greedy answer)."),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help='JSONL file of many items: {"prompt" (or "question"), "answer"?} per line.'
+        ),
+    ] = None,
+    model: ModelOpt = "default",
+    unit: Annotated[str, typer.Option(help="Attribution unit: token or word.")] = "token",
+    baseline: Annotated[
+        str,
+        typer.Option(help="How a unit is removed: delete, token (replace) or mask (attention)."),
+    ] = "delete",
+    baseline_token_id: Annotated[
+        int | None,
+        typer.Option(help="Replacement id for --baseline token (default: unk, else pad)."),
+    ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(help="reference (the given answer) or generated (the greedy answer)."),
+    ] = None,
+    alpha: Annotated[
+        float, typer.Option(help="KeyToken threshold on normalised contribution.")
+    ] = 0.22,
+    beta: Annotated[
+        float, typer.Option(help="KeyToken rule switch on the share of positive units.")
+    ] = 0.24,
+    chat_template: ChatOpt = True,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest generated target, in tokens.")] = 32,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the record (JSONL with --data) here.")
+    ] = None,
+    html_out: Annotated[
+        Path | None, typer.Option("--html", help="Write an HTML heatmap page here.")
+    ] = None,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    trust_remote_code: RemoteCodeOpt = False,
+) -> None:
+    """unPact: each prompt unit's contribution to the answer's log-prob, and the KeyTokens."""
+    from unpact.attribution import attribute_many, check_settings, html_page, read_prompts
+
+    check_settings(unit, baseline, target, alpha, beta)
+    if (prompt is None) == (data is None):
+        raise UnpactError("give either --prompt TEXT or --data FILE.jsonl")
+    if data is not None:
+        if answer is not None:
+            raise UnpactError("--answer goes with --prompt; with --data put answers in the file")
+        prompts, answers = read_prompts(data)
+    else:
+        assert prompt is not None
+        _check_text(prompt=prompt)
+        prompts, answers = [prompt], [answer]
+    lm = _load(model, dtype, device, trust_remote_code)
+    records = attribute_many(
+        lm,
+        prompts,
+        answers,
+        unit=unit,  # type: ignore[arg-type]
+        baseline=baseline,  # type: ignore[arg-type]
+        target=target,  # type: ignore[arg-type]
+        chat_template=chat_template and lm.has_chat_template,
+        alpha=alpha,
+        beta=beta,
+        baseline_token_id=baseline_token_id,
+        max_new_tokens=max_new_tokens,
+        progress=len(prompts) > 1,
+    )
+    for record in records:
+        out.print(record)
+    if json_out is not None:
+        if data is None:
+            records[0].save(json_out)
+        else:
+            json_out.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in records))
+        err.print(f"wrote {json_out}")
+    if html_out is not None:
+        html_out.write_text(html_page(records))
+        err.print(f"wrote {html_out}")
+
+
+@app.command()
+def compare(
+    before: Annotated[
+        Path, typer.Argument(help="Attribution JSON/JSONL, e.g. of the original model.")
+    ],
+    after: Annotated[
+        Path,
+        typer.Argument(help="Attribution JSON/JSONL of the same prompts, e.g. after unlearning."),
+    ],
+) -> None:
+    """Focus shift between two attributions of the same prompts (SPEC section 3)."""
+    from unpact.attribution import contribution_similarity, keytoken_similarity
+
+    a_records, b_records = _read_records(before), _read_records(after)
+    if len(a_records) != len(b_records):
+        raise UnpactError(f"{before} has {len(a_records)} records but {after} has {len(b_records)}")
+    table = Table(
+        "#",
+        "prompt",
+        "KeyTokens before",
+        "after",
+        "keytoken sim.",
+        "contribution sim.",
+        "sensitivity before",
+        "after",
+        title="Focus shift (before -> after)",
+    )
+    ks, cs = [], []
+    for i, (a, b) in enumerate(zip(a_records, b_records)):
+        try:
+            k, c = keytoken_similarity(a, b), contribution_similarity(a, b)
+        except UnpactError as exc:
+            raise UnpactError(f"record {i}: {exc}") from None
+        ks.append(k)
+        cs.append(c)
+        table.add_row(
+            str(i),
+            a.prompt[:40],
+            ", ".join(a.key_token_texts),
+            ", ".join(b.key_token_texts),
+            f"{k:.3f}",
+            f"{c:.3f}",
+            f"{a.prompt_sensitivity:.3f}",
+            f"{b.prompt_sensitivity:.3f}",
+        )
+    out.print(table)
+    out.print(
+        f"mean keytoken_similarity = {sum(ks) / len(ks):.4f}   "
+        f"mean contribution_similarity = {sum(cs) / len(cs):.4f}"
+    )
+
+
+def _read_records(path: Path) -> list[Attribution]:
+    from unpact.attribution import load_records
+
+    try:
+        return load_records(path)
+    except OSError as exc:
+        raise UnpactError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise UnpactError(f"{path}: {exc}") from None
 
 
 DEMO_QUESTIONS = [

@@ -101,7 +101,8 @@ def head_logprobs(model: Any, hidden: torch.Tensor, targets: torch.Tensor) -> to
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    # gather - logsumexp: log-softmax without writing a full vocabulary-sized result.
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def _score_batch(
@@ -109,7 +110,11 @@ def _score_batch(
     prompts: Sequence[Sequence[int]],
     answers: Sequence[Sequence[int]],
     padding_side: PaddingSide,
-) -> list[torch.Tensor]:
+    keep_cache: bool = False,
+) -> Any:
+    """Answer log-probs of one padded batch; with `keep_cache`, also the keys and values
+    of every layer, `[(K, V), ...]` of shape (rows, kv_heads, width, head_dim), to be
+    shared as context by `context_logprobs` (right padding keeps position t at index t)."""
     device = next(model.parameters()).device
     lengths = [len(p) + len(a) for p, a in zip(prompts, answers)]
     width = max(lengths)
@@ -129,15 +134,144 @@ def _score_batch(
         targets.extend(a)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     body, _ = lm_body_and_head(model)
-    hidden = body(
+    out = body(
         input_ids=input_ids.to(device),
         attention_mask=mask.to(device),
         position_ids=position_ids.to(device),
-        use_cache=False,
-    ).last_hidden_state
-    picked = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
+        use_cache=keep_cache,
+    )
+    picked = out.last_hidden_state[
+        torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+    ]
     lp = head_logprobs(model, picked, torch.tensor(targets, device=device))
-    return list(lp.split([len(a) for a in answers]))
+    lps = list(lp.split([len(a) for a in answers]))
+    if not keep_cache:
+        return lps
+    cache = out.past_key_values
+    return lps, [(layer.keys, layer.values) for layer in cache.layers]
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """A token sequence that continues a cached context and ends with an answer to score.
+
+    Its tokens see the first `visible` positions of context row `source` and, causally,
+    each other, except the tokens at `hidden` (a half-open range of indices into `ids`)
+    whose keys no query sees. `ids[0]` sits at position `start`. The last `answer_len`
+    tokens of `ids` are the answer whose log-probs are returned.
+    """
+
+    source: int
+    visible: int
+    ids: tuple[int, ...]
+    start: int
+    answer_len: int
+    hidden: tuple[int, int] = (0, 0)
+
+
+def pack_continuations(items: Sequence[Continuation], width: int) -> list[list[int]]:
+    """Indices of `items` packed into rows of at most `width` tokens (or one longer item),
+    first-fit by decreasing length; a row only holds items of one context `source`.
+
+    Packing several short continuations into one row, each attending only to itself and
+    its context, removes nearly all padding from the batch."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    open_rows: dict[int, list[int]] = {}
+    for i in sorted(range(len(items)), key=lambda i: -len(items[i].ids)):
+        n = len(items[i].ids)
+        candidates = open_rows.setdefault(items[i].source, [])
+        for r in candidates:
+            if room[r] >= n:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            candidates.append(len(rows))
+            rows.append([i])
+            room.append(max(width, n) - n)
+    return rows
+
+
+def context_logprobs(
+    model: Any,
+    context: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    rows: Sequence[Sequence[Continuation]],
+) -> list[list[torch.Tensor]]:
+    """Answer log-probs of continuations of a shared, precomputed context.
+
+    The context's keys/values are computed once (by `_score_batch(..., keep_cache=True)`)
+    and reused: only the continuations' own tokens run through the model. Each row of
+    the batch packs continuations of one context side by side; explicit position ids
+    and a 4-D attention mask make each one see exactly `context[:visible]` and itself,
+    so the numbers equal a full forward pass over `context[:visible] + ids`. Assumes
+    full (not sliding-window) attention over the context.
+    """
+    device = next(model.parameters()).device
+    dtype = context[0][0].dtype
+    n = len(rows)
+    width = max(sum(len(c.ids) for c in row) for row in rows)
+    ctx = max(c.visible for row in rows for c in row)
+    input_ids = torch.zeros(n, width, dtype=torch.long)
+    position_ids = torch.zeros(n, width, dtype=torch.long)
+    segment = torch.full((n, width), -1, dtype=torch.long)  # which continuation; -1 = pad
+    visible = torch.zeros(n, width, dtype=torch.long)
+    hidden = torch.zeros(n, width, dtype=torch.bool)
+    picks: list[tuple[int, int, int]] = []  # (row, first predictor column, answer length)
+    targets: list[int] = []
+    for r, row in enumerate(rows):
+        offset = 0
+        for seg, c in enumerate(row):
+            end = offset + len(c.ids)
+            input_ids[r, offset:end] = torch.tensor(c.ids)
+            position_ids[r, offset:end] = torch.arange(c.start, c.start + len(c.ids))
+            segment[r, offset:end] = seg
+            visible[r, offset:end] = c.visible
+            hidden[r, offset + c.hidden[0] : offset + c.hidden[1]] = True
+            picks.append((r, end - c.answer_len - 1, c.answer_len))
+            targets.extend(c.ids[len(c.ids) - c.answer_len :])
+            offset = end
+    see_context = torch.arange(ctx)[None, None, :] < visible[:, :, None]
+    q = torch.arange(width)[None, :, None]
+    k = torch.arange(width)[None, None, :]
+    see_own = (
+        (segment[:, :, None] == segment[:, None, :])
+        & (segment[:, None, :] >= 0)
+        & (k <= q)
+        & ~hidden[:, None, :]
+    )
+    # A query that may see nothing (a hidden first token without context, or padding)
+    # sees itself, so that no softmax row is empty.
+    blind = ~(see_context.any(-1) | see_own.any(-1))
+    see_own |= blind[:, :, None] & (k == q)
+    allow = torch.cat([see_context, see_own], dim=-1)
+    mask = torch.zeros(n, 1, width, ctx + width, dtype=dtype)
+    mask.masked_fill_(~allow[:, None], torch.finfo(dtype).min)
+
+    from transformers import DynamicCache
+
+    source = torch.tensor([row[0].source for row in rows], device=device)
+    cache = DynamicCache(
+        ddp_cache_data=[(kk[source, :, :ctx], vv[source, :, :ctx]) for kk, vv in context]
+    )
+    body, _ = lm_body_and_head(model)
+    states = body(
+        input_ids=input_ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=position_ids.to(device),
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state
+    row_idx = [r for r, _, t in picks for _ in range(t)]
+    cols = [first + j for _, first, t in picks for j in range(t)]
+    picked = states[torch.tensor(row_idx, device=device), torch.tensor(cols, device=device)]
+    lp = head_logprobs(model, picked, torch.tensor(targets, device=device))
+    flat = list(lp.split([t for _, _, t in picks]))
+    out: list[list[torch.Tensor]] = []
+    for row in rows:
+        out.append(flat[: len(row)])
+        flat = flat[len(row) :]
+    return out
 
 
 # ------------------------------------------------------------------ text-level scoring

@@ -1,0 +1,660 @@
+"""unPact: which prompt units carry an answer (SPEC sections 1-3).
+
+For a prompt x (units x_1..x_n of the user's content) and an answer y,
+`C_i = LP(x, y) - LP(x \\ x_i, y)` with `LP` the mean teacher-forced answer log-prob.
+`x \\ x_i` is, by `baseline`:
+
+- `delete` (default): the unit's tokens are removed; later tokens move up, exactly as if
+  the shorter prompt had been written (deletion works on token ids, so no re-tokenisation
+  can change the neighbours);
+- `token`: each of the unit's tokens is replaced by a baseline token id (Captum's
+  convention; default the tokenizer's unk, else pad, token);
+- `mask`: the tokens stay in place but no query attends to them (their attention-mask
+  columns are zeroed, as a 0 in a Hugging Face 2-D attention mask would).
+
+KeyTokens, focus shift and prompt sensitivity follow SPEC sections 2-3.
+
+The fast path computes all n variants of every prompt without recomputing what they
+share: one forward pass over the original prompt + answer gives LP(x, y) and every
+layer's keys/values; each variant then runs only the tokens from its first change
+onwards on top of that shared prefix (explicit position ids and a 4-D attention mask
+make this exact), in batches bounded by a token budget that mix variants of several
+prompts, with the LM head applied only at answer positions. `naive_contributions` is the
+obvious n + 1 separate forward passes, kept as the reference the fast path is tested and
+benchmarked against.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+
+from unpact.errors import UnpactError
+from unpact.models import EncodedPrompt, LanguageModel
+from unpact.progress import progress_bar
+from unpact.scoring import (
+    DEFAULT_TOKEN_BUDGET,
+    Continuation,
+    _score_batch,
+    _token_budget_batches,
+    context_logprobs,
+    generate,
+    pack_continuations,
+)
+
+UnitKind = Literal["token", "word"]
+Baseline = Literal["delete", "token", "mask"]
+Target = Literal["reference", "generated"]
+ALPHA = 0.22
+BETA = 0.24
+_WORD = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]+")
+
+
+# ---------------------------------------------------------------------------- units
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One attribution unit: its text and the input positions (token indices) it covers."""
+
+    text: str
+    positions: tuple[int, ...]
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return self.positions[0], self.positions[-1] + 1
+
+
+def make_units(lm: LanguageModel, prompt: EncodedPrompt, kind: UnitKind = "token") -> list[Unit]:
+    """The units of a prompt's user content: one per token, or one per word.
+
+    A word is a run of word characters (with inner apostrophes) or of punctuation; all
+    subword pieces of a word form one unit, and a whitespace-only token joins the word
+    after it. Template and special tokens are never units.
+    """
+    _check_choice("unit", kind, UnitKind)
+    enc = lm.tokenizer(prompt.text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc.get("offset_mapping")
+    if offsets is None or tuple(enc["input_ids"]) != prompt.content_ids:
+        raise UnpactError(
+            f"the tokenizer of {lm.spec!r} gives no character offsets; word units and unit "
+            "texts need a fast (Rust) tokenizer"
+        )
+    text = prompt.text
+    base = prompt.content_start
+    if kind == "token":
+        return [Unit(text=text[a:b], positions=(base + t,)) for t, (a, b) in enumerate(offsets)]
+    char_word = [-1] * len(text)
+    for w, m in enumerate(_WORD.finditer(text)):
+        for c in range(m.start(), m.end()):
+            char_word[c] = w
+    groups: list[tuple[list[int], set[int]]] = []
+    pending: list[int] = []
+    for t, (a, b) in enumerate(offsets):
+        words = {char_word[c] for c in range(a, b) if char_word[c] >= 0}
+        if not words:
+            pending.append(t)
+        elif groups and not pending and words & groups[-1][1]:
+            groups[-1][0].append(t)
+            groups[-1][1].update(words)
+        else:
+            groups.append(([*pending, t], words))
+            pending = []
+    if pending:
+        if groups:
+            groups[-1][0].extend(pending)
+        else:
+            groups.append((pending, set()))
+    units = []
+    for tokens, _ in groups:
+        a, b = offsets[tokens[0]][0], max(offsets[t][1] for t in tokens)
+        units.append(
+            Unit(text=text[a:b].strip() or text[a:b], positions=tuple(base + t for t in tokens))
+        )
+    return units
+
+
+def check_settings(
+    unit: str, baseline: str, target: str | None = None, alpha: float = ALPHA, beta: float = BETA
+) -> None:
+    """Reject unknown unit kinds, baselines and targets, and thresholds outside [0, 1]."""
+    _check_choice("unit", unit, UnitKind)
+    _check_choice("baseline", baseline, Baseline)
+    if target is not None:
+        _check_choice("target", target, Target)
+    if not 0 <= beta <= 1 or not 0 <= alpha <= 1:
+        raise UnpactError("alpha and beta are fractions between 0 and 1")
+
+
+def _check_choice(name: str, value: str, options: Any) -> None:
+    allowed = get_args(options)
+    if value not in allowed:
+        raise UnpactError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+
+
+# ------------------------------------------------------------------ KeyTokens, focus
+
+
+def normalized_contributions(contributions: Sequence[float]) -> list[float]:
+    """`N_i = C_i / sum of positive C_j` for positive C_i, else 0 (SPEC section 2)."""
+    total = sum(c for c in contributions if c > 0)
+    return [c / total if c > 0 else 0.0 for c in contributions]
+
+
+def key_tokens(
+    contributions: Sequence[float], alpha: float = ALPHA, beta: float = BETA
+) -> list[int]:
+    """KeyTokens K (SPEC section 2): all positive units when they are few (|P|/n < beta),
+    else those whose normalised contribution exceeds alpha, else the single largest."""
+    positive = [i for i, c in enumerate(contributions) if c > 0]
+    if not positive:
+        return []
+    if len(positive) / len(contributions) < beta:
+        return positive
+    norm = normalized_contributions(contributions)
+    chosen = [i for i in positive if norm[i] > alpha]
+    return chosen or [max(positive, key=lambda i: contributions[i])]
+
+
+def prompt_sensitivity(contributions: Sequence[float]) -> float:
+    """Sum of positive contributions; near zero means the model ignores the prompt."""
+    return sum(c for c in contributions if c > 0)
+
+
+def _cosine(a: Sequence[float], b: Sequence[float]) -> float:
+    na = math.sqrt(sum(x * x for x in a))
+    nb = math.sqrt(sum(y * y for y in b))
+    if na == 0 or nb == 0:
+        # Two empty focuses agree; an empty one and a real one do not.
+        return 1.0 if na == nb else 0.0
+    return sum(x * y for x, y in zip(a, b)) / (na * nb)
+
+
+def _same_units(a: Attribution, b: Attribution) -> None:
+    if [u.text for u in a.units] != [u.text for u in b.units]:
+        raise UnpactError(
+            "the two attributions have different units (another prompt, tokenizer or unit "
+            "kind); focus shift compares the same prompt before and after"
+        )
+
+
+def keytoken_similarity(a: Attribution, b: Attribution) -> float:
+    """Cosine of the two KeyToken indicator vectors (SPEC section 3); 1.0 if both empty."""
+    _same_units(a, b)
+    n = len(a.units)
+    va = [1.0 if i in set(a.key_tokens) else 0.0 for i in range(n)]
+    vb = [1.0 if i in set(b.key_tokens) else 0.0 for i in range(n)]
+    return _cosine(va, vb)
+
+
+def contribution_similarity(a: Attribution, b: Attribution) -> float:
+    """Cosine of the two vectors of positive normalised contributions (SPEC section 3)."""
+    _same_units(a, b)
+    return _cosine(a.normalized, b.normalized)
+
+
+# ------------------------------------------------------------------------ the record
+
+
+@dataclass
+class Attribution:
+    """One prompt's unPact attribution. Its JSON field names are a public format."""
+
+    prompt: str
+    answer: str
+    input_ids: list[int]
+    answer_ids: list[int]
+    units: list[Unit]
+    lp: float
+    contributions: list[float]
+    unit: str = "token"
+    baseline: str = "delete"
+    target: str = "reference"
+    alpha: float = ALPHA
+    beta: float = BETA
+    chat_template: bool = True
+    model: str = ""
+    baseline_token_id: int | None = None
+    normalized: list[float] = field(init=False)
+    key_tokens: list[int] = field(init=False)
+    prompt_sensitivity: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.normalized = normalized_contributions(self.contributions)
+        self.key_tokens = key_tokens(self.contributions, self.alpha, self.beta)
+        self.prompt_sensitivity = prompt_sensitivity(self.contributions)
+
+    @property
+    def key_token_texts(self) -> list[str]:
+        return [self.units[i].text for i in self.key_tokens]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["units"] = [{"text": u.text, "positions": list(u.positions)} for u in self.units]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Attribution:
+        try:
+            kwargs = {k: d[k] for k in _INIT_FIELDS if k in d}
+            kwargs["units"] = [
+                Unit(text=u["text"], positions=tuple(u["positions"])) for u in d["units"]
+            ]
+            for required in ("input_ids", "answer_ids", "lp", "contributions"):
+                kwargs[required] = d[required]
+            kwargs.setdefault("prompt", "")
+            kwargs.setdefault("answer", "")
+            return cls(**kwargs)
+        except (KeyError, TypeError) as exc:
+            raise UnpactError(f"not an unpact attribution record (missing or bad {exc})") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Attribution:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def _shade(self, c: float, scale: float) -> tuple[int, int, int]:
+        """White to red for positive contributions, white to blue for negative."""
+        t = min(1.0, abs(c) / scale) if scale > 0 else 0.0
+        fade = round(255 * (1 - 0.75 * t))
+        return (255, fade, fade) if c > 0 else (fade, fade, 255)
+
+    def __rich__(self) -> Any:
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        scale = max((abs(c) for c in self.contributions), default=0.0)
+        keys = set(self.key_tokens)
+        heat = Text()
+        for i, (u, c) in enumerate(zip(self.units, self.contributions)):
+            r, g, b = self._shade(c, scale)
+            style = f"black on rgb({r},{g},{b})" + (" bold underline" if i in keys else "")
+            if i and self.unit == "word":  # token texts carry their own spaces
+                heat.append(" ")
+            heat.append(u.text, style=style)
+        table = Table("#", "unit", "C_i", "normalised", "key", title="Contributions (LOO log-prob)")
+        for i, (u, c, nrm) in enumerate(zip(self.units, self.contributions, self.normalized)):
+            table.add_row(str(i), repr(u.text), f"{c:+.4f}", f"{nrm:.3f}", "*" if i in keys else "")
+        summary = Text(
+            f"LP(x, y) = {self.lp:.4f}   prompt_sensitivity = {self.prompt_sensitivity:.4f}   "
+            f"KeyTokens = {self.key_token_texts}   answer = {self.answer!r}"
+        )
+        return Group(heat, table, summary)
+
+    def to_html(self) -> str:
+        """A self-contained HTML fragment: the prompt's units shaded by contribution."""
+        scale = max((abs(c) for c in self.contributions), default=0.0)
+        keys = set(self.key_tokens)
+        spans = []
+        sep = " " if self.unit == "word" else ""
+        for i, (u, c) in enumerate(zip(self.units, self.contributions)):
+            r, g, b = self._shade(c, scale)
+            border = "border-bottom:2px solid #000;font-weight:bold;" if i in keys else ""
+            spans.append(
+                f'<span class="unpact-unit" data-index="{i}" title="C={c:+.4f}" '
+                f'style="background:rgb({r},{g},{b});{border}padding:1px 2px;margin:1px;'
+                f'border-radius:3px">{html.escape(u.text)}</span>'
+            )
+        return (
+            '<div class="unpact-attribution" style="font-family:sans-serif;line-height:2">'
+            f'<div style="white-space:pre-wrap">{sep.join(spans)}</div>'
+            f'<div style="font-size:smaller">answer: <code>{html.escape(self.answer)}</code> '
+            f"&middot; LP = {self.lp:.4f} &middot; prompt sensitivity = "
+            f"{self.prompt_sensitivity:.4f} &middot; KeyTokens: "
+            f"{html.escape(', '.join(self.key_token_texts) or '(none)')}</div></div>"
+        )
+
+
+def html_page(records: Sequence[Attribution], title: str = "unPact attributions") -> str:
+    """A self-contained HTML page holding the heatmap fragment of each record."""
+    body = "\n".join(
+        f"<section><h3>{i}. {html.escape(r.prompt)}</h3>{r.to_html()}</section>"
+        for i, r in enumerate(records)
+    )
+    return (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        '</head><body style="font-family:sans-serif;max-width:60em;margin:auto">'
+        f"<h1>{html.escape(title)}</h1><p>Red: the unit raises the answer's log-prob "
+        "(positive contribution); blue: it lowers it; bold underlined: KeyTokens.</p>"
+        f"{body}</body></html>\n"
+    )
+
+
+def read_prompts(path: str | Path) -> tuple[list[str], list[str | None]]:
+    """Prompts and optional answers from a JSONL file: one object per line with `prompt`
+    (or `question`, as in the benchmark item format) and optionally `answer`."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise UnpactError(f"cannot read {path}: {exc.strerror or exc}") from None
+    prompts: list[str] = []
+    answers: list[str | None] = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UnpactError(f"{path}, line {n}: not valid JSON ({exc.msg})") from None
+        if not isinstance(obj, dict):
+            raise UnpactError(f"{path}, line {n}: expected a JSON object")
+        prompt = obj.get("prompt", obj.get("question"))
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UnpactError(
+                f"{path}, line {n}: field 'prompt' (or 'question') is missing or empty"
+            )
+        answer = obj.get("answer")
+        if answer is not None and not isinstance(answer, str):
+            raise UnpactError(f"{path}, line {n}: field 'answer' must be a string")
+        prompts.append(prompt)
+        answers.append(answer)
+    if not prompts:
+        raise UnpactError(f"{path} holds no prompts")
+    return prompts, answers
+
+
+def load_records(path: str | Path) -> list[Attribution]:
+    """Attribution records from a JSON file (one record) or a JSONL file (one per line)."""
+    text = Path(path).read_text()
+    try:
+        return [Attribution.from_dict(json.loads(text))]
+    except json.JSONDecodeError:
+        pass
+    records = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(Attribution.from_dict(json.loads(line)))
+            except (json.JSONDecodeError, UnpactError) as exc:
+                raise UnpactError(f"{path}, line {n}: {exc}") from None
+    return records
+
+
+_INIT_FIELDS = [
+    f for f in Attribution.__dataclass_fields__ if Attribution.__dataclass_fields__[f].init
+]
+
+
+# ------------------------------------------------------------------------ variants
+
+
+@dataclass(frozen=True)
+class _Item:
+    prompt: EncodedPrompt
+    answer_text: str
+    answer_ids: tuple[int, ...]
+    units: list[Unit]
+
+
+def _baseline_token(lm: LanguageModel, baseline_token_id: int | None) -> int:
+    if baseline_token_id is not None:
+        return baseline_token_id
+    tok = lm.tokenizer
+    for candidate in (tok.unk_token_id, tok.pad_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _variant_row(
+    item: _Item, unit: Unit, baseline: Baseline, source: int, baseline_id: int
+) -> Continuation:
+    """The variant of `item` without `unit`, as a continuation of its shared prefix."""
+    x = item.prompt.input_ids
+    y = item.answer_ids
+    s, e = unit.span
+    if baseline == "delete":
+        # Run from the first token after the unit; when the unit ends the prompt, start
+        # one token earlier so the hidden state that predicts y_1 is computed here too.
+        start = s if e < len(x) else max(s - 1, 0)
+        return Continuation(source, start, x[start:s] + x[e:] + y, start, len(y))
+    if baseline == "token":
+        return Continuation(source, s, (baseline_id,) * (e - s) + x[e:] + y, s, len(y))
+    return Continuation(source, s, x[s:] + y, s, len(y), hidden=(0, e - s))
+
+
+def _fast_contributions(
+    lm: LanguageModel,
+    items: Sequence[_Item],
+    baseline: Baseline,
+    baseline_id: int,
+    token_budget: int,
+    advance: Any,
+    pack_width: int = 64,
+) -> list[tuple[float, list[float]]]:
+    model = lm.model
+    results: list[tuple[float, list[float]]] = [(0.0, [])] * len(items)
+    lengths = [len(it.prompt.input_ids) + len(it.answer_ids) for it in items]
+    with torch.no_grad():
+        for chunk in _token_budget_batches(lengths, token_budget):
+            lps, context = _score_batch(
+                model,
+                [items[i].prompt.input_ids for i in chunk],
+                [items[i].answer_ids for i in chunk],
+                "right",
+                keep_cache=True,
+            )
+            keys = [(c, u) for c, i in enumerate(chunk) for u in range(len(items[i].units))]
+            variants = [
+                _variant_row(items[i], items[i].units[u], baseline, c, baseline_id)
+                for c, u in keys
+                for i in (chunk[c],)
+            ]
+            packed = pack_continuations(variants, pack_width)
+            # Bound each pass by its query tokens plus a share for the context it reads.
+            cost = [
+                sum(len(variants[j].ids) for j in row) + max(variants[j].visible for j in row) // 4
+                for row in packed
+            ]
+            variant_lp: dict[tuple[int, int], float] = {}
+            for batch in _token_budget_batches(cost, token_budget):
+                rows = [packed[b] for b in batch]
+                out = context_logprobs(model, context, [[variants[j] for j in row] for row in rows])
+                for row, lps_row in zip(rows, out):
+                    for j, lp in zip(row, lps_row):
+                        variant_lp[keys[j]] = float(lp.mean())
+            for c, i in enumerate(chunk):
+                full = float(lps[c].mean())
+                contributions = [full - variant_lp[c, u] for u in range(len(items[i].units))]
+                results[i] = (full, contributions)
+            advance(len(chunk))
+    return results
+
+
+def naive_contributions(
+    lm: LanguageModel,
+    prompt: EncodedPrompt,
+    answer_ids: Sequence[int],
+    units: Sequence[Unit],
+    baseline: Baseline = "delete",
+    baseline_token_id: int | None = None,
+) -> tuple[float, list[float]]:
+    """The obvious computation: LP(x, y) and each LP(x \\ x_i, y) by its own forward pass.
+
+    The reference the fast path must match; also what most tools do (slowly)."""
+    model = lm.model
+    y = list(answer_ids)
+    b_id = _baseline_token(lm, baseline_token_id)
+
+    def lp_of(ids: list[int], hidden: range = range(0)) -> float:
+        n = len(ids)
+        inp = torch.tensor([ids + y], device=lm.device)
+        kwargs: dict[str, Any] = {}
+        if hidden:
+            total = n + len(y)
+            allow = torch.tril(torch.ones(total, total, dtype=torch.bool))
+            allow[:, list(hidden)] = False
+            for q in range(total):
+                if not allow[q].any():
+                    allow[q, q] = True
+            dtype = next(model.parameters()).dtype
+            mask = torch.zeros(1, 1, total, total, dtype=dtype)
+            mask.masked_fill_(~allow, torch.finfo(dtype).min)
+            kwargs["attention_mask"] = mask.to(lm.device)
+        logits = model(input_ids=inp, **kwargs).logits[0].float()
+        logp = torch.log_softmax(logits, -1)
+        return float(torch.stack([logp[n - 1 + k, t] for k, t in enumerate(y)]).mean())
+
+    x = list(prompt.input_ids)
+    with torch.no_grad():
+        full = lp_of(x)
+        contributions = []
+        for unit in units:
+            s, e = unit.span
+            if baseline == "delete":
+                lp = lp_of(x[:s] + x[e:])
+            elif baseline == "token":
+                lp = lp_of(x[:s] + [b_id] * (e - s) + x[e:])
+            else:
+                lp = lp_of(x, hidden=range(s, e))
+            contributions.append(full - lp)
+    return full, contributions
+
+
+# ----------------------------------------------------------------------- public API
+
+
+def attribute_many(
+    lm: LanguageModel,
+    prompts: Sequence[str],
+    answers: Sequence[str | None] | None = None,
+    *,
+    unit: UnitKind = "token",
+    baseline: Baseline = "delete",
+    target: Target | None = None,
+    chat_template: bool | None = None,
+    alpha: float = ALPHA,
+    beta: float = BETA,
+    baseline_token_id: int | None = None,
+    max_new_tokens: int = 32,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+    progress: bool = False,
+) -> list[Attribution]:
+    """Attribute many prompts at once, batching variants across prompts.
+
+    `target="reference"` attributes the given answers; `"generated"` the model's own
+    greedy answers. By default the target is the reference where an answer is given.
+    """
+    check_settings(unit, baseline, target, alpha, beta)
+    answer_list = list(answers) if answers is not None else [None] * len(prompts)
+    if len(answer_list) != len(prompts):
+        raise UnpactError(f"{len(prompts)} prompts but {len(answer_list)} answers")
+    if target == "reference" and any(a is None for a in answer_list):
+        missing = next(i for i, a in enumerate(answer_list) if a is None)
+        raise UnpactError(f"item {missing}: target 'reference' needs an answer")
+
+    encoded = []
+    for i, p in enumerate(prompts):
+        try:
+            encoded.append(lm.encode_prompt(p, chat_template))
+        except UnpactError as exc:
+            raise UnpactError(f"item {i}: {exc}") from None
+    wants_generated = [target == "generated" or a is None for a in answer_list]
+    generated: dict[int, tuple[str, tuple[int, ...]]] = {}
+    todo = [i for i, g in enumerate(wants_generated) if g]
+    if todo:
+        gens = generate(
+            lm,
+            [encoded[i] for i in todo],
+            max_new_tokens=max_new_tokens,
+            progress="Generating targets" if progress else False,
+        )
+        for i, g in zip(todo, gens):
+            if not g[0].token_ids:
+                raise UnpactError(f"item {i}: the model's greedy answer is empty; give an answer")
+            generated[i] = (g[0].text, g[0].token_ids)
+
+    items = []
+    for i, enc in enumerate(encoded):
+        if i in generated:
+            answer_text, answer_ids = generated[i]
+        else:
+            answer_text = answer_list[i] or ""
+            try:
+                answer_ids = lm.encode_answer(answer_text)
+            except UnpactError as exc:
+                raise UnpactError(f"item {i}: {exc}") from None
+        if len(enc.input_ids) + len(answer_ids) > lm.max_length:
+            raise UnpactError(
+                f"item {i}: prompt + answer is {len(enc.input_ids) + len(answer_ids)} tokens, "
+                f"longer than the model's context of {lm.max_length}"
+            )
+        units = make_units(lm, enc, unit)
+        if len(units) < 2:
+            raise UnpactError(
+                f"item {i}: the prompt {enc.text!r} is a single {unit}; attribution compares "
+                "units, so it needs at least two"
+            )
+        items.append(_Item(enc, answer_text, tuple(answer_ids), units))
+
+    b_id = _baseline_token(lm, baseline_token_id)
+    with progress_bar("Attributing", total=len(items), enabled=progress) as advance:
+        scored = _fast_contributions(lm, items, baseline, b_id, token_budget, advance)
+    return [
+        Attribution(
+            prompt=it.prompt.text,
+            answer=it.answer_text,
+            input_ids=list(it.prompt.input_ids),
+            answer_ids=list(it.answer_ids),
+            units=it.units,
+            lp=lp,
+            contributions=contributions,
+            unit=unit,
+            baseline=baseline,
+            target="generated" if wants_generated[i] else "reference",
+            alpha=alpha,
+            beta=beta,
+            chat_template=it.prompt.chat_template,
+            model=lm.spec,
+            baseline_token_id=b_id if baseline == "token" else None,
+        )
+        for i, (it, (lp, contributions)) in enumerate(zip(items, scored))
+    ]
+
+
+def attribute(
+    lm: LanguageModel,
+    prompt: str,
+    answer: str | None = None,
+    *,
+    unit: UnitKind = "token",
+    baseline: Baseline = "delete",
+    target: Target | None = None,
+    chat_template: bool | None = None,
+    alpha: float = ALPHA,
+    beta: float = BETA,
+    baseline_token_id: int | None = None,
+    max_new_tokens: int = 32,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+) -> Attribution:
+    """unPact attribution of one answer to the units of one prompt (SPEC sections 1-2).
+
+    Without `answer` (or with `target="generated"`) the model's own greedy answer is the
+    target. See `attribute_many` for the options.
+    """
+    (result,) = attribute_many(
+        lm,
+        [prompt],
+        [answer],
+        unit=unit,
+        baseline=baseline,
+        target=target,
+        chat_template=chat_template,
+        alpha=alpha,
+        beta=beta,
+        baseline_token_id=baseline_token_id,
+        max_new_tokens=max_new_tokens,
+        token_budget=token_budget,
+    )
+    return result

@@ -1,0 +1,379 @@
+"""unPact on the tiny model: the fast path against n + 1 separate forward passes, the
+KeyToken rule, focus shift, units and the record format."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from unpact.attribution import (
+    Attribution,
+    Unit,
+    attribute,
+    attribute_many,
+    contribution_similarity,
+    html_page,
+    key_tokens,
+    keytoken_similarity,
+    load_records,
+    make_units,
+    naive_contributions,
+    normalized_contributions,
+)
+from unpact.errors import UnpactError
+
+WORDS = [
+    "What",
+    "is",
+    "the",
+    "capital",
+    "of",
+    "France",
+    "?",
+    "Mira",
+    "Quintrell",
+    "founded",
+    "Vostrand",
+    "Glassworks",
+    "in",
+    "1874",
+    ",",
+    "Kilimanjaro",
+    "mayor",
+    "don't",
+    "fox",
+    "Zorblax",
+    "moons",
+    "orbit",
+    "planet",
+    "report",
+    "who",
+    "wrote",
+    "!",
+]
+
+
+def slow_lp(model, ids, answer, allow=None):
+    """Mean answer log-prob from one full forward pass over `ids + answer`."""
+    seq = torch.tensor([list(ids) + list(answer)])
+    kwargs = {}
+    if allow is not None:
+        mask = torch.zeros(1, 1, *allow.shape)
+        mask.masked_fill_(~allow, torch.finfo(torch.float32).min)
+        kwargs["attention_mask"] = mask
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=seq, **kwargs).logits[0].float(), -1)
+    n = len(ids)
+    return torch.stack([logp[n - 1 + k, t] for k, t in enumerate(answer)]).mean().item()
+
+
+def slow_contributions(lm, rec: Attribution, baseline: str, baseline_id: int):
+    """Each variant written out as its own token sequence and run alone."""
+    x, y = rec.input_ids, rec.answer_ids
+    full = slow_lp(lm.model, x, y)
+    out = []
+    for u in rec.units:
+        s, e = u.positions[0], u.positions[-1] + 1
+        if baseline == "delete":
+            lp = slow_lp(lm.model, x[:s] + x[e:], y)
+        elif baseline == "token":
+            lp = slow_lp(lm.model, x[:s] + [baseline_id] * (e - s) + x[e:], y)
+        else:
+            total = len(x) + len(y)
+            allow = torch.tril(torch.ones(total, total, dtype=torch.bool))
+            allow[:, s:e] = False
+            for q in range(total):  # a query left with nothing to see sees itself
+                if not allow[q].any():
+                    allow[q, q] = True
+            lp = slow_lp(lm.model, x, y, allow)
+        out.append(full - lp)
+    return full, out
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    words=st.lists(st.sampled_from(WORDS), min_size=2, max_size=12),
+    answer=st.lists(st.sampled_from(WORDS), min_size=1, max_size=4),
+    unit=st.sampled_from(["token", "word"]),
+    baseline=st.sampled_from(["delete", "token", "mask"]),
+    chat=st.booleans(),
+)
+def test_fast_path_equals_separate_forward_passes(tiny, words, answer, unit, baseline, chat):
+    prompt = " ".join(words)
+    try:
+        rec = attribute(
+            tiny,
+            prompt,
+            " " + " ".join(answer),
+            unit=unit,
+            baseline=baseline,
+            chat_template=chat,
+            token_budget=64,
+        )
+    except UnpactError as exc:
+        assert "single" in str(exc)  # e.g. "Kilimanjaro ?" as one word unit is fine to refuse
+        return
+    full, expected = slow_contributions(tiny, rec, baseline, 0)
+    assert rec.lp == pytest.approx(full, abs=1e-4)
+    assert len(rec.contributions) == len(rec.units)
+    for got, want in zip(rec.contributions, expected):
+        assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_naive_reference_equals_slow(tiny):
+    rec = attribute(
+        tiny,
+        "Mira Quintrell founded Vostrand Glassworks in 1874",
+        " Kilimanjaro",
+        chat_template=False,
+        baseline="mask",
+    )
+    enc = tiny.encode_prompt(rec.prompt, chat_template=False)
+    lp, naive = naive_contributions(tiny, enc, rec.answer_ids, rec.units, "mask")
+    full, slow = slow_contributions(tiny, rec, "mask", 0)
+    assert lp == pytest.approx(full, abs=1e-5)
+    assert naive == pytest.approx(slow, abs=1e-5)
+
+
+def test_contributions_are_not_trivially_zero(tiny):
+    rec = attribute(tiny, "What is the capital of France?", " Paris")
+    assert max(abs(c) for c in rec.contributions) > 1e-2
+
+
+def test_deleting_a_piece_removes_exactly_its_id(tiny):
+    rec = attribute(tiny, "Who is the mayor of Kilimanjaro?", " Mira", chat_template=False)
+    texts = [u.text for u in rec.units]
+    i = texts.index("j")  # a piece inside "Kilimanjaro"
+    s = rec.units[i].positions[0]
+    shortened = rec.input_ids[:s] + rec.input_ids[s + 1 :]
+    assert rec.contributions[i] == pytest.approx(
+        rec.lp - slow_lp(tiny.model, shortened, rec.answer_ids), abs=1e-4
+    )
+
+
+def test_word_units_group_pieces_and_skip_template(tiny):
+    enc = tiny.encode_prompt("Who is the mayor of Kilimanjaro? I don't know.", chat_template=True)
+    tokens = make_units(tiny, enc, "token")
+    words = make_units(tiny, enc, "word")
+    assert [u.text for u in words] == [
+        "Who",
+        "is",
+        "the",
+        "mayor",
+        "of",
+        "Kilimanjaro",
+        "?",
+        "I",
+        "don't",
+        "know",
+        ".",
+    ]
+    kilimanjaro = words[5]
+    assert len(kilimanjaro.positions) > 1  # several pieces, one unit
+    for units in (tokens, words):
+        covered = [p for u in units for p in u.positions]
+        assert covered == list(enc.content_positions)  # a partition of the user's content
+    special = set(tiny.tokenizer.all_special_ids)
+    assert not any(enc.input_ids[p] in special for u in tokens for p in u.positions)
+
+
+def test_attribute_many_equals_one_at_a_time(tiny):
+    prompts = [
+        "What is the capital of France?",
+        "Mira founded Vostrand Glassworks in 1874",
+        "who wrote the report",
+        "the quick brown fox",
+    ]
+    answers = [" Paris", " Mira", None, " dog"]
+    together = attribute_many(tiny, prompts, answers, token_budget=48, unit="word")
+    for p, a, rec in zip(prompts, answers, together):
+        alone = attribute(tiny, p, a, unit="word")
+        assert rec.answer_ids == alone.answer_ids
+        assert rec.contributions == pytest.approx(alone.contributions, abs=1e-5)
+    assert together[2].target == "generated" and together[0].target == "reference"
+
+
+def test_generated_target_is_the_greedy_answer(tiny):
+    from unpact.scoring import generate
+
+    rec = attribute(tiny, "What is the capital of France?", target="generated", max_new_tokens=5)
+    ((greedy,),) = generate(tiny, ["What is the capital of France?"], max_new_tokens=5)
+    assert tuple(rec.answer_ids) == greedy.token_ids
+    assert rec.target == "generated"
+
+
+# ------------------------------------------------------------------- the KeyToken rule
+
+
+def test_key_tokens_few_positive_units_are_all_keys():
+    # 1 positive of 5: |P|/n = 0.2 < beta = 0.24, so K = P whatever its size.
+    assert key_tokens([-0.1, 0.02, -0.3, -0.2, -0.5]) == [1]
+
+
+def test_key_tokens_many_positive_units_use_alpha():
+    c = [0.5, 0.3, 0.1, 0.1, -0.2]  # N = 0.5, 0.3, 0.1, 0.1 and |P|/n = 0.8
+    assert normalized_contributions(c) == pytest.approx([0.5, 0.3, 0.1, 0.1, 0.0])
+    assert key_tokens(c) == [0, 1]
+    assert key_tokens(c, alpha=0.4) == [0]
+
+
+def test_key_tokens_fall_back_to_the_largest():
+    c = [0.2, 0.21, 0.19, 0.2, 0.2]  # all N about 0.2 < alpha
+    assert key_tokens(c) == [1]
+
+
+def test_key_tokens_none_when_nothing_helps():
+    assert key_tokens([-0.1, -0.2, 0.0]) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(-5, 5, allow_nan=False), min_size=1, max_size=40),
+    st.floats(0, 1),
+    st.floats(0, 1),
+)
+def test_key_token_invariants(c, alpha, beta):
+    keys = key_tokens(c, alpha, beta)
+    positive = [i for i, v in enumerate(c) if v > 0]
+    assert set(keys) <= set(positive)
+    assert bool(keys) == bool(positive)
+    norm = normalized_contributions(c)
+    if positive:
+        assert sum(norm) == pytest.approx(1.0)
+        if len(positive) / len(c) < beta:
+            assert keys == positive
+        else:
+            assert all(norm[i] > alpha for i in keys) or len(keys) == 1
+
+
+# ------------------------------------------------------------------------- focus shift
+
+
+def record(contributions, texts=None):
+    texts = texts or [f"u{i}" for i in range(len(contributions))]
+    return Attribution(
+        prompt="p",
+        answer="a",
+        input_ids=list(range(len(texts))),
+        answer_ids=[9],
+        units=[Unit(t, (i,)) for i, t in enumerate(texts)],
+        lp=-1.0,
+        contributions=list(contributions),
+    )
+
+
+def test_focus_shift_by_hand():
+    a = record([0.6, 0.4, -0.1, 0.0])  # P = {0, 1}, 2/4 >= beta: K = {0, 1}
+    b = record([0.0, 0.3, 0.3, 0.0])  # K = {1, 2}
+    assert a.key_tokens == [0, 1] and b.key_tokens == [1, 2]
+    assert keytoken_similarity(a, b) == pytest.approx(0.5)  # overlap 1 / (sqrt2 * sqrt2)
+    # normalised: (0.6, 0.4, 0, 0) and (0, 0.5, 0.5, 0): 0.2 / (0.7211 * 0.7071)
+    assert contribution_similarity(a, b) == pytest.approx(0.2 / ((0.52**0.5) * (0.5**0.5)))
+    assert keytoken_similarity(a, a) == pytest.approx(1.0)
+    assert keytoken_similarity(a, record([-1, -1, -1, -1])) == 0.0
+    assert keytoken_similarity(record([-1, -1]), record([-2, 0])) == 1.0
+
+
+def test_focus_shift_needs_the_same_units():
+    with pytest.raises(UnpactError, match="different units"):
+        keytoken_similarity(record([1, 2]), record([1, 2], ["x", "y"]))
+
+
+# ------------------------------------------------------------------------ the record
+
+
+def test_json_round_trip_and_public_field_names(tiny, tmp_path):
+    rec = attribute(tiny, "What is the capital of France?", " Paris", unit="word", baseline="token")
+    path = tmp_path / "a.json"
+    rec.save(path)
+    data = json.loads(path.read_text())
+    for key in (
+        "input_ids",
+        "answer_ids",
+        "units",
+        "lp",
+        "contributions",
+        "key_tokens",
+        "normalized",
+        "prompt_sensitivity",
+        "unit",
+        "baseline",
+        "target",
+        "alpha",
+        "beta",
+        "chat_template",
+        "model",
+    ):
+        assert key in data, key
+    assert data["units"][0] == {
+        "text": rec.units[0].text,
+        "positions": list(rec.units[0].positions),
+    }
+    assert data["unit"] == "word" and data["baseline"] == "token" and data["model"] == "tiny:0"
+    back = Attribution.load(path)
+    assert back == rec
+    assert load_records(path) == [rec]
+    assert rec.prompt_sensitivity == pytest.approx(sum(c for c in rec.contributions if c > 0))
+
+
+def test_renderings_show_every_unit(tiny):
+    from rich.console import Console
+
+    rec = attribute(tiny, "Is <b>bold</b> & safe?", " yes", unit="word")
+    fragment = rec.to_html()
+    assert "<b" not in fragment and "&lt;" in fragment and "&amp;" in fragment
+    assert fragment.count('class="unpact-unit"') == len(rec.units)
+    page = html_page([rec, rec])
+    assert page.startswith("<!doctype html>") and page.count("unpact-attribution") == 2
+    console = Console(record=True, width=120)
+    console.print(rec)
+    text = console.export_text()
+    assert all(u.text in text for u in rec.units)
+    assert "prompt_sensitivity" in text
+
+
+# ----------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"prompt": "Kilimanjaro", "unit": "word"}, "single word"),
+        ({"prompt": "is", "chat_template": False}, "single token"),
+        ({"prompt": "the fox", "answer": " "}, "empty answer"),
+        ({"prompt": "the fox", "unit": "sentence"}, "unknown unit 'sentence'"),
+        ({"prompt": "the fox", "baseline": "zero"}, "unknown baseline 'zero'"),
+        ({"prompt": "the fox", "target": "best"}, "unknown target 'best'"),
+        ({"prompt": "the fox " * 150}, "longer than the model's context"),
+        ({"prompt": "the fox", "answer": None, "target": "reference"}, "needs an answer"),
+    ],
+)
+def test_bad_input_is_named(tiny, kwargs, message):
+    kwargs.setdefault("answer", " dog")
+    prompt = kwargs.pop("prompt")
+    answer = kwargs.pop("answer")
+    with pytest.raises(UnpactError, match=message):
+        attribute(tiny, prompt, answer, **kwargs)
+
+
+def test_batches_stay_within_the_token_budget(tiny, monkeypatch):
+    import unpact.attribution as attribution_module
+
+    seen = []
+    real = attribution_module.context_logprobs
+
+    def spy(model, context, rows):
+        seen.append((len(rows), sum(len(c.ids) for row in rows for c in row)))
+        return real(model, context, rows)
+
+    monkeypatch.setattr(attribution_module, "context_logprobs", spy)
+    long_prompt = " ".join(WORDS * 2)
+    rec = attribute(tiny, long_prompt, " Paris", token_budget=400)
+    assert len(seen) > 1
+    assert all(tokens <= 400 or rows == 1 for rows, tokens in seen)
+    _, expected = slow_contributions(tiny, rec, "delete", 0)
+    assert rec.contributions == pytest.approx(expected, abs=1e-4)
