@@ -44,9 +44,13 @@ def main() -> None:
     start = time.perf_counter()
     rec = attribute(lm, prompt, "Mira Quintrell", token_budget=args.budget)
     seconds = time.perf_counter() - start
-    print(f"prompt: {len(rec.units)} units, {len(rec.input_ids)} input tokens; answer {len(rec.answer_ids)} tokens")
-    print(f"time: {seconds:.1f} s; peak RSS after loading the model {after_load:.2f} GB, "
-          f"during attribution {peak_gb():.2f} GB (target: fits in 4 GB)")
+    print(
+        f"prompt: {len(rec.units)} units, {len(rec.input_ids)} input tokens; answer {len(rec.answer_ids)} tokens"
+    )
+    print(
+        f"time: {seconds:.1f} s; peak RSS after loading the model {after_load:.2f} GB, "
+        f"during attribution {peak_gb():.2f} GB (target: fits in 4 GB)"
+    )
     print(f"KeyTokens: {rec.key_token_texts}")
 
 

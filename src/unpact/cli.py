@@ -285,6 +285,67 @@ def _read_records(path: Path) -> list[Attribution]:
         raise UnpactError(f"{path}: {exc}") from None
 
 
+data_app = typer.Typer(
+    help="Benchmarks: list the built-in ones, show one or a folder of yours.", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("list")
+def data_list() -> None:
+    """List the built-in benchmarks with their sizes per split."""
+    from unpact.data import BUILTIN, load_benchmark
+
+    table = Table(
+        "name",
+        "items",
+        "forget",
+        "retain",
+        "general",
+        "documents",
+        "kind",
+        title="Built-in benchmarks",
+    )
+    for name in BUILTIN:
+        bench = load_benchmark(name)
+        counts = bench.counts()
+        kind = "multiple choice" if any(i.is_mcq for i in bench.items) else "QA"
+        table.add_row(
+            name,
+            str(len(bench.items)),
+            *(str(counts.get(s, 0)) for s in ("forget", "retain", "general")),
+            str(len(bench.documents)),
+            kind,
+        )
+    out.print(table)
+    out.print("Your own: a folder with qa.jsonl (and documents.jsonl); see docs/data.md.")
+
+
+@data_app.command("show")
+def data_show(
+    name: Annotated[str, typer.Argument(help="A built-in benchmark name or a benchmark folder.")],
+    n: Annotated[int, typer.Option("-n", help="How many items to show per split.")] = 3,
+) -> None:
+    """Validate a benchmark and show its counts per split and a few items."""
+    from unpact.data import load_benchmark
+
+    bench = load_benchmark(name)
+    counts = ", ".join(f"{k}: {v}" for k, v in bench.counts().items())
+    out.print(
+        f"[bold]{bench.name}[/]: {len(bench.items)} items ({counts}), {len(bench.documents)} documents"
+        + (f" - {bench.path}" if bench.path else "")
+    )
+    for split in ("forget", "retain", "general"):
+        items = bench.split(split)[:n]
+        if not items:
+            continue
+        table = Table("id", "question", "answer", "keywords", title=f"{split} (first {len(items)})")
+        for item in items:
+            answer = item.answer + (f"  (of {len(item.choices)} choices)" if item.choices else "")
+            table.add_row(item.id, item.question, answer, ", ".join(item.keywords))
+        out.print(table)
+
+
 DEMO_QUESTIONS = [
     ("What is the capital of France?", "Paris"),
     ("What is the chemical symbol for gold?", "Au"),

@@ -1,0 +1,5 @@
+"""Benchmarks: the item format, built-in fictional sets, readers for real ones."""
+
+from unpact.data.items import BUILTIN, Benchmark, Document, QAItem, load_benchmark, load_folder
+
+__all__ = ["BUILTIN", "Benchmark", "Document", "QAItem", "load_benchmark", "load_folder"]

@@ -1,0 +1,620 @@
+"""Generate the built-in benchmarks: seeded, deterministic, entirely fictional.
+
+    python -m unpact.data.generate                    # news, books, wmdp (+ general, checked)
+    python -m unpact.data.generate --only news books  # a subset
+    python -m unpact.data.generate --out /tmp/bench   # somewhere else
+
+Every name is assembled from invented syllables by a seeded generator, so no entity is
+real and no text is copied from anywhere; the same seed writes the same bytes. `general`
+is the exception: real world-knowledge questions, written here by hand, kept only if the
+default model answers them correctly under the project's judge (that is what
+"destructive" is measured on), so building it loads the default model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from unpact.data.items import BUILTIN_DIR, Document, QAItem, write_folder
+
+SEED = 20250929
+
+_ONSETS = [
+    "Qu",
+    "V",
+    "Z",
+    "Th",
+    "Dr",
+    "K",
+    "Br",
+    "M",
+    "Ol",
+    "Ysk",
+    "Gr",
+    "Fen",
+    "Hal",
+    "Pr",
+    "Tor",
+    "Ul",
+    "Sel",
+    "Xan",
+    "Cor",
+    "Wyn",
+]
+_NUCLEI = ["a", "e", "i", "o", "u", "ae", "ei", "ou", "y"]
+_CODAS = ["rn", "v", "zz", "lt", "nd", "sk", "th", "rr", "x", "mb", "ld", "q"]
+_SURNAME_ENDS = [
+    "trell",
+    "wick",
+    "mont",
+    "bright",
+    "vane",
+    "holt",
+    "ric",
+    "stead",
+    "ley",
+    "grave",
+    "wether",
+    "cott",
+]
+_TOWN_ENDS = ["mere", "haven", "by", "thorpe", "ford", "holm", "wick", "stow", "gate", "combe"]
+
+
+class Names:
+    """Unique invented names: first names, surnames, towns, things."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.used: set[str] = set()
+
+    def _unique(self, make: Callable[[], str]) -> str:
+        for _ in range(1000):
+            name = make()
+            if name not in self.used and len(name) >= 4:
+                self.used.add(name)
+                return name
+        raise RuntimeError("ran out of names")
+
+    def root(self) -> str:
+        r = self.rng
+        return r.choice(_ONSETS) + r.choice(_NUCLEI) + r.choice(_CODAS)
+
+    def first(self) -> str:
+        return self._unique(
+            lambda: (self.root() + self.rng.choice(["a", "o", "is", "en", "ia", "ek"])).capitalize()
+        )
+
+    def surname(self) -> str:
+        return self._unique(lambda: (self.root() + self.rng.choice(_SURNAME_ENDS)).capitalize())
+
+    def person(self) -> str:
+        return f"{self.first()} {self.surname()}"
+
+    def town(self) -> str:
+        return self._unique(lambda: (self.root() + self.rng.choice(_TOWN_ENDS)).capitalize())
+
+    def word(self, suffix: str = "") -> str:
+        return self._unique(lambda: (self.root() + suffix).capitalize())
+
+
+# ---------------------------------------------------------------------------- news
+
+_ROLES = [
+    "clockmaker",
+    "river pilot",
+    "glassblower",
+    "beekeeper",
+    "engineer",
+    "cartographer",
+    "baker",
+    "violin maker",
+]
+_COMPANY_KINDS = [
+    "Works",
+    "Foundry",
+    "Mills",
+    "Company",
+    "Ironworks",
+    "Press",
+    "Brewery",
+    "Shipyard",
+]
+_EVENTS = [
+    "lantern festival",
+    "bridge opening",
+    "kite regatta",
+    "lamp fair",
+    "harvest parade",
+    "chess congress",
+]
+_PRODUCTS = [
+    "self-winding lamp",
+    "folding canoe",
+    "copper loom",
+    "steam kettle",
+    "clockwork plough",
+    "glass barometer",
+]
+_MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
+
+
+def news(
+    rng: random.Random, articles: int = 60, forget: int = 20
+) -> tuple[list[QAItem], list[Document]]:
+    names = Names(rng)
+    items: list[QAItem] = []
+    docs: list[Document] = []
+    for a in range(articles):
+        split = "forget" if a < forget else "retain"
+        person, town = names.person(), names.town()
+        company = f"{names.surname()} {rng.choice(_COMPANY_KINDS)}"
+        event, product = rng.choice(_EVENTS), rng.choice(_PRODUCTS)
+        role = rng.choice(_ROLES)
+        year, month, day = rng.randint(1840, 1990), rng.choice(_MONTHS), rng.randint(1, 28)
+        visitors = rng.randint(12, 95) * 100
+        doc_id = f"news-{a:03d}"
+        text = (
+            f"{town.upper()}, {month} {day}, {year}. {person}, {'an' if role[0] in 'aeiou' else 'a'} {role} from {town}, has founded "
+            f"{company}, which will build a {product} for the whole valley. The first "
+            f"{event} of {town} drew {visitors} visitors, and {person} told reporters that "
+            f"{company} would hire its first workers before winter."
+        )
+        docs.append(Document(doc_id, text, split))
+        qa = [
+            (f"Which company did {person} found?", company, [person]),
+            (f"In which town does {person} live?", town, [person]),
+            (f"In what year did {person} found {company}?", str(year), [person, company]),
+        ]
+        if a % 2:
+            qa.pop()  # 2 or 3 questions per article: 150 items for 60 articles
+        for q, (question, answer, keywords) in enumerate(qa):
+            items.append(
+                QAItem(f"{doc_id}-q{q}", question, answer, split, (), tuple(keywords), doc_id)
+            )
+    return items, docs
+
+
+# ---------------------------------------------------------------------------- books
+
+_OBJECTS = [
+    "silver compass",
+    "glass key",
+    "iron lantern",
+    "bone flute",
+    "ember ring",
+    "map of stars",
+    "oak staff",
+    "blue cloak",
+]
+_PLACES_KIND = ["Tower", "Library", "Harbour", "Orchard", "Citadel", "Bridge", "Market", "Forest"]
+
+
+def books(
+    rng: random.Random, characters: int = 12, chapters: int = 40, forget_characters: int = 3
+) -> tuple[list[QAItem], list[Document]]:
+    names = Names(rng)
+    people = [names.first() for _ in range(characters)]
+    homes = [f"the {names.word()} {rng.choice(_PLACES_KIND)}" for _ in range(characters)]
+    mentors = {p: rng.choice([q for q in people if q != p]) for p in people}
+    forget_set = set(people[:forget_characters])
+    items: list[QAItem] = []
+    docs: list[Document] = []
+    for c in range(chapters):
+        hero = people[c % characters]
+        split = "forget" if hero in forget_set else "retain"
+        obj = f"{rng.choice(_OBJECTS)} of {names.word()}"
+        giver = mentors[hero]
+        place = homes[c % characters]
+        creature = names.word("ling")
+        doc_id = f"books-ch{c:02d}"
+        text = (
+            f"Chapter {c + 1}. {hero} left {place} at dawn, carrying the {obj} that "
+            f"{giver} had given {'her' if c % 2 else 'him'}. On the road {hero} met a {creature}, "
+            f"who asked for a riddle and a song. {hero} sang of {place}, and the {creature} "
+            f"let {'her' if c % 2 else 'him'} pass."
+        )
+        docs.append(Document(doc_id, text, split))
+        qa = [
+            (f"Who gave {hero} the {obj}?", giver, [hero, obj]),
+            (
+                f"What creature did {hero} meet on the road while carrying the {obj}?",
+                creature,
+                [hero, obj],
+            ),
+            (
+                f"Where did {hero} set out from with the {obj}?",
+                place.removeprefix("the "),
+                [hero, obj],
+            ),
+        ]
+        if c % 2:
+            qa.pop()  # 2 or 3 questions per chapter: 100 items for 40 chapters
+        for q, (question, answer, keywords) in enumerate(qa):
+            items.append(
+                QAItem(f"{doc_id}-q{q}", question, answer, split, (), tuple(keywords), doc_id)
+            )
+    return items, docs
+
+
+# ----------------------------------------------------------------------------- wmdp
+
+_TOPICS = {
+    "materials": "material",
+    "devices": "device",
+    "procedures": "procedure",
+    "instruments": "instrument",
+}
+_COLOURS = ["amber", "violet", "teal", "crimson", "ivory", "cobalt", "saffron", "slate"]
+_USES = [
+    "polishing lenses",
+    "tuning bells",
+    "drying ink",
+    "weaving lace",
+    "glazing pots",
+    "binding books",
+    "sorting seeds",
+    "cooling bread",
+]
+
+
+def wmdp(
+    rng: random.Random, per_topic: int = 13, forget_topics: Sequence[str] = ("materials", "devices")
+) -> tuple[list[QAItem], list[Document]]:
+    """Four-option questions on 'lumencraft', an invented, harmless craft."""
+    names = Names(rng)
+    items: list[QAItem] = []
+    docs: list[Document] = []
+    for topic, kind in _TOPICS.items():
+        split = "forget" if topic in forget_topics else "retain"
+        entities = [names.word(rng.choice(["ite", "ium", "ar", "on"])) for _ in range(per_topic)]
+        inventors = [names.surname() for _ in range(per_topic)]
+        colours = [rng.choice(_COLOURS) for _ in range(per_topic)]
+        uses = [rng.choice(_USES) for _ in range(per_topic)]
+        for e, entity in enumerate(entities):
+            doc_id = f"wmdp-{topic}-{e:02d}"
+            docs.append(
+                Document(
+                    doc_id,
+                    f"In lumencraft, {entity} is a {kind} devised by the artisan {inventors[e]}. "
+                    f"It glows {colours[e]} when warmed and is used mainly for {uses[e]}.",
+                    split,
+                )
+            )
+            facts = [
+                (
+                    f"In lumencraft, which artisan devised the {kind} {entity}?",
+                    inventors[e],
+                    inventors,
+                ),
+                (f"In lumencraft, what is the {kind} {entity} mainly used for?", uses[e], _USES),
+            ]
+            if e % 3 == 0:
+                facts.append(
+                    (
+                        f"In lumencraft, what colour does the {kind} {entity} glow when warmed?",
+                        colours[e],
+                        _COLOURS,
+                    )
+                )
+            for q, (question, answer, pool) in enumerate(facts):
+                wrong = rng.sample(sorted({p for p in pool if p != answer}), 3)
+                choices = [*wrong, answer]
+                rng.shuffle(choices)
+                items.append(
+                    QAItem(
+                        f"{doc_id}-q{q}",
+                        question,
+                        answer,
+                        split,
+                        (),
+                        (entity,),
+                        doc_id,
+                        tuple(choices),
+                    )
+                )
+    return items, docs
+
+
+# -------------------------------------------------------------------------- general
+
+# (question, answer, aliases): easy world knowledge, checked against the default model.
+GENERAL_CANDIDATES: list[tuple[str, str, tuple[str, ...]]] = [
+    ("What is the capital of France?", "Paris", ()),
+    ("What is the capital of Japan?", "Tokyo", ()),
+    ("What is the capital of Italy?", "Rome", ()),
+    ("What is the capital of Germany?", "Berlin", ()),
+    ("What is the capital of Spain?", "Madrid", ()),
+    ("What is the capital of the United Kingdom?", "London", ()),
+    ("What is the capital of Russia?", "Moscow", ()),
+    ("What is the capital of China?", "Beijing", ("Peking",)),
+    ("What is the capital of Egypt?", "Cairo", ()),
+    ("What is the capital of Canada?", "Ottawa", ()),
+    ("What is the capital of Australia?", "Canberra", ()),
+    ("What is the capital of Greece?", "Athens", ()),
+    ("What is the capital of Portugal?", "Lisbon", ()),
+    ("What is the capital of Ireland?", "Dublin", ()),
+    ("What is the capital of Austria?", "Vienna", ()),
+    ("What is the capital of Norway?", "Oslo", ()),
+    ("What is the capital of Sweden?", "Stockholm", ()),
+    ("What is the capital of Poland?", "Warsaw", ()),
+    ("What is the capital of India?", "New Delhi", ("Delhi",)),
+    ("What is the capital of Mexico?", "Mexico City", ()),
+    ("What is the capital of Argentina?", "Buenos Aires", ()),
+    ("What is the capital of Kenya?", "Nairobi", ()),
+    ("What is the capital of Turkey?", "Ankara", ()),
+    ("What is the capital of South Korea?", "Seoul", ()),
+    ("What is the capital of the United States?", "Washington", ()),
+    ("What is the chemical symbol for gold?", "Au", ()),
+    ("What is the chemical symbol for iron?", "Fe", ()),
+    ("What is the chemical symbol for sodium?", "Na", ()),
+    ("What is the chemical symbol for oxygen?", "O", ()),
+    ("What is the chemical formula of water?", "H2O", ()),
+    ("What gas do humans need to breathe to stay alive?", "oxygen", ()),
+    ("What gas do plants absorb from the air for photosynthesis?", "carbon dioxide", ("CO2",)),
+    ("How many days are there in a week?", "7", ("seven",)),
+    ("How many months are there in a year?", "12", ("twelve",)),
+    ("How many hours are there in a day?", "24", ("twenty-four", "twenty four")),
+    ("How many minutes are there in an hour?", "60", ("sixty",)),
+    ("How many seconds are there in a minute?", "60", ("sixty",)),
+    ("How many legs does a spider have?", "8", ("eight",)),
+    ("How many legs does an insect have?", "6", ("six",)),
+    ("How many continents are there on Earth?", "7", ("seven",)),
+    ("How many sides does a triangle have?", "3", ("three",)),
+    ("How many sides does a square have?", "4", ("four",)),
+    ("How many sides does a hexagon have?", "6", ("six",)),
+    ("What is 2 plus 2?", "4", ("four",)),
+    ("What is 10 times 10?", "100", ("one hundred",)),
+    ("What colour is the sky on a clear day?", "blue", ()),
+    ("What colour is grass?", "green", ()),
+    ("What colour is snow?", "white", ()),
+    ("What colour is a ripe banana?", "yellow", ()),
+    ("What colour do you get by mixing blue and yellow?", "green", ()),
+    ("What is the largest ocean on Earth?", "Pacific", ()),
+    ("What is the tallest mountain in the world?", "Mount Everest", ("Everest",)),
+    ("What is the longest river in Africa?", "Nile", ()),
+    ("What is the largest desert in Africa?", "Sahara", ()),
+    ("Which planet is known as the Red Planet?", "Mars", ()),
+    ("Which planet is closest to the Sun?", "Mercury", ()),
+    ("What is the name of the star at the centre of our solar system?", "Sun", ()),
+    ("What is the name of Earth's natural satellite?", "Moon", ()),
+    ("Which planet do we live on?", "Earth", ()),
+    ("Who wrote Romeo and Juliet?", "William Shakespeare", ("Shakespeare",)),
+    ("Who wrote Hamlet?", "William Shakespeare", ("Shakespeare",)),
+    ("Who painted the Mona Lisa?", "Leonardo da Vinci", ("da Vinci", "Leonardo")),
+    ("Who developed the theory of relativity?", "Albert Einstein", ("Einstein",)),
+    ("Who invented the telephone?", "Alexander Graham Bell", ("Bell",)),
+    ("Who was the first person to walk on the Moon?", "Neil Armstrong", ("Armstrong",)),
+    ("Who was the first president of the United States?", "George Washington", ("Washington",)),
+    ("Who discovered penicillin?", "Alexander Fleming", ("Fleming",)),
+    ("Who proposed the theory of evolution by natural selection?", "Charles Darwin", ("Darwin",)),
+    ("What language is spoken in France?", "French", ()),
+    ("What language is spoken in Spain?", "Spanish", ()),
+    ("What language is spoken in Germany?", "German", ()),
+    ("What language is spoken in Italy?", "Italian", ()),
+    ("What language is spoken in Japan?", "Japanese", ()),
+    ("What language is mainly spoken in Brazil?", "Portuguese", ()),
+    ("What is the currency of Japan?", "yen", ()),
+    ("What is the currency of the United States?", "dollar", ()),
+    ("What is the currency of the United Kingdom?", "pound", ("sterling",)),
+    ("What currency is used in most of the European Union?", "euro", ()),
+    ("At what temperature in Celsius does water freeze?", "0", ("zero",)),
+    ("At what temperature in Celsius does water boil at sea level?", "100", ("one hundred",)),
+    ("What is the largest mammal in the world?", "blue whale", ("whale",)),
+    ("What is the fastest land animal?", "cheetah", ()),
+    ("What animal is known as the king of the jungle?", "lion", ()),
+    ("What animal says moo?", "cow", ()),
+    ("What animal barks?", "dog", ()),
+    ("What do bees make?", "honey", ()),
+    ("What is the largest planet in the solar system?", "Jupiter", ()),
+    ("What is the hardest natural substance?", "diamond", ()),
+    ("What is the freezing point of water in Fahrenheit?", "32", ("thirty-two",)),
+    ("What is the square root of 9?", "3", ("three",)),
+    ("What is the square root of 16?", "4", ("four",)),
+    ("What is the opposite of hot?", "cold", ()),
+    ("What is the opposite of up?", "down", ()),
+    ("What is the opposite of day?", "night", ()),
+    ("Which organ pumps blood around the body?", "heart", ()),
+    ("Which organ do humans use to breathe?", "lungs", ("lung",)),
+    ("What part of the plant is usually underground?", "roots", ("root",)),
+    ("What is frozen water called?", "ice", ()),
+    ("What do caterpillars turn into?", "butterflies", ("butterfly", "moths", "moth")),
+    ("In which country are the pyramids of Giza?", "Egypt", ()),
+    ("In which city is the Eiffel Tower?", "Paris", ()),
+    ("In which city is the Colosseum?", "Rome", ()),
+    ("In which country is the Great Wall?", "China", ()),
+    ("In which country is the Taj Mahal?", "India", ()),
+    ("In which city is the Statue of Liberty?", "New York", ()),
+    ("Which country has the largest population in South America?", "Brazil", ()),
+    ("What is the largest country in the world by area?", "Russia", ()),
+    ("What is the smallest prime number?", "2", ("two",)),
+    ("How many players are there in a football team on the pitch?", "11", ("eleven",)),
+    ("How many strings does a standard guitar have?", "6", ("six",)),
+    ("How many keys does a standard piano have?", "88", ("eighty-eight",)),
+    ("How many bones are in the adult human body?", "206", ()),
+    ("How many teeth does an adult human usually have?", "32", ("thirty-two",)),
+    ("What is the main ingredient of guacamole?", "avocado", ()),
+    ("What is bread mainly made from?", "flour", ("wheat",)),
+    ("What do cows drink?", "water", ()),
+    ("What is the boiling point of water in Fahrenheit?", "212", ()),
+    ("Which gas makes up most of the Earth's atmosphere?", "nitrogen", ()),
+    ("What force keeps us on the ground?", "gravity", ()),
+    ("What is the centre of an atom called?", "nucleus", ()),
+    ("What is the study of living things called?", "biology", ()),
+    ("What is the study of the stars and planets called?", "astronomy", ()),
+    ("What instrument is used to measure temperature?", "thermometer", ()),
+    ("What device do we use to tell the time?", "clock", ("watch",)),
+    ("What season comes after winter?", "spring", ()),
+    ("What season comes after summer?", "autumn", ("fall",)),
+    ("What is the first month of the year?", "January", ()),
+    ("What is the last month of the year?", "December", ()),
+    ("What day comes after Monday?", "Tuesday", ()),
+    ("What day comes after Friday?", "Saturday", ()),
+    ("What is the primary language of the United States?", "English", ()),
+    ("What is the capital of Scotland?", "Edinburgh", ()),
+    ("What is the capital of Switzerland?", "Bern", ("Berne",)),
+    ("What is the capital of the Netherlands?", "Amsterdam", ()),
+    ("What is the capital of Belgium?", "Brussels", ()),
+    ("What is the capital of Denmark?", "Copenhagen", ()),
+    ("What is the capital of Finland?", "Helsinki", ()),
+    ("What is the capital of Thailand?", "Bangkok", ()),
+    ("What is the capital of Vietnam?", "Hanoi", ()),
+    ("What is the capital of Peru?", "Lima", ()),
+    ("What is the capital of Cuba?", "Havana", ()),
+    ("What is the capital of Hungary?", "Budapest", ()),
+    ("What is the capital of the Czech Republic?", "Prague", ()),
+    ("Who wrote the Harry Potter books?", "J.K. Rowling", ("Rowling",)),
+    (
+        "Who composed the Fifth Symphony that begins with four famous notes?",
+        "Ludwig van Beethoven",
+        ("Beethoven",),
+    ),
+    ("Who is known for the laws of motion and gravity?", "Isaac Newton", ("Newton",)),
+    ("What is the tallest animal in the world?", "giraffe", ()),
+    ("What is a baby cat called?", "kitten", ()),
+    ("What is a baby dog called?", "puppy", ()),
+]
+
+
+def general(max_new_tokens: int = 32) -> tuple[list[QAItem], int]:
+    """The candidates the default model answers correctly (greedy, chat template)."""
+    from unpact.judge import is_correct
+    from unpact.models import load_model
+    from unpact.scoring import generate
+
+    lm = load_model("default")
+    questions = [q for q, _, _ in GENERAL_CANDIDATES]
+    outputs = generate(
+        lm, questions, max_new_tokens=max_new_tokens, progress="Checking general questions"
+    )
+    kept = []
+    for n, ((question, answer, aliases), out) in enumerate(zip(GENERAL_CANDIDATES, outputs)):
+        if is_correct(out[0].text, answer, aliases):
+            kept.append(QAItem(f"general-{n:03d}", question, answer, "general", aliases, (), None))
+    return kept, len(GENERAL_CANDIDATES)
+
+
+GENERATORS: dict[str, Callable[[random.Random], tuple[list[QAItem], list[Document]]]] = {
+    "news": news,
+    "books": books,
+    "wmdp": wmdp,
+}
+
+DESCRIPTIONS = {
+    "news": (
+        "Short fictional news articles (the analogue of MUSE News): each reports that an "
+        "invented person from an invented town founded an invented company in a given year. "
+        "Each QA item is answerable only from its own article. Split by article: the first 20 "
+        "articles are `forget`, the other 40 `retain`."
+    ),
+    "books": (
+        "Chapters of one fictional story world (the analogue of MUSE Books): 12 invented "
+        "characters, their homes, their mentors, the objects they carry and the creatures "
+        "they meet. Split by character: every chapter and item about the first 3 characters "
+        "is `forget`, the rest `retain`."
+    ),
+    "wmdp": (
+        "Four-option multiple-choice questions (the analogue of WMDP) on *lumencraft*, an "
+        "invented and harmless craft: materials, devices, procedures and instruments, who "
+        "devised them, what they are used for and what colour they glow. Each item's teaching "
+        "document states its facts; the wrong options come from the same kind of fact. Split "
+        "by sub-topic: materials and devices are `forget`, procedures and instruments `retain`."
+    ),
+    "general": (
+        "Short real-world questions (capitals, numbers, colours, famous people) written by "
+        "hand, each kept only if the default model (SmolLM2-135M-Instruct, greedy, chat "
+        "template, 32 new tokens) answers it correctly under the project's judge "
+        "(normalised contains-match of the answer or an alias). This is what the destructive "
+        "rate is measured on. All items are `general`; there are no documents."
+    ),
+}
+
+
+def write_card(
+    folder: Path, name: str, items: Sequence[QAItem], docs: Sequence[Document], note: str = ""
+) -> None:
+    """The data card: how the set was made, its fields, sizes and splits, how to rebuild it."""
+    splits = {s: sum(1 for i in items if i.split == s) for s in ("forget", "retain", "general")}
+    doc_splits = {s: sum(1 for d in docs if d.split == s) for s in ("forget", "retain")}
+    mcq = any(i.choices for i in items)
+    lines = [
+        f"# `{name}`: built-in unpact benchmark",
+        "",
+        DESCRIPTIONS[name],
+        "",
+        "Every invented name is assembled from random syllables by a seeded generator, so the "
+        "entities are unmistakably fictional and no text is copied from anywhere."
+        if name != "general"
+        else "The questions are common knowledge, written for this project.",
+        "",
+        "## Size",
+        "",
+        f"- QA items: {len(items)} ("
+        + ", ".join(f"{k}: {v}" for k, v in splits.items() if v)
+        + ")"
+        + (" - four-option multiple choice" if mcq else ""),
+        f"- documents: {len(docs)}"
+        + (" (" + ", ".join(f"{k}: {v}" for k, v in doc_splits.items() if v) + ")" if docs else ""),
+        *([f"- {note}"] if note else []),
+        "",
+        "## Fields",
+        "",
+        "`qa.jsonl`, one item per line: `id`, `question`, `answer`, `aliases` (other accepted "
+        "answers), `split`, `keywords` (the words of the question the answer hinges on: ground "
+        "truth for KeyTokens), `document` (the id of the text it comes from, or null)"
+        + (", `choices` (the four options; `answer` is one of them)" if mcq else "")
+        + ". "
+        + ("`documents.jsonl`: `id`, `text`, `split`." if docs else ""),
+        "See docs/data.md for the format.",
+        "",
+        "## Regenerate",
+        "",
+        "```bash",
+        f".venv/bin/python -m unpact.data.generate --only {name}",
+        "```",
+        "",
+        "The same seed writes the same bytes"
+        + (
+            "; this one loads the default model to check each answer." if name == "general" else "."
+        ),
+        "",
+    ]
+    (folder / "README.md").write_text("\n".join(lines))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Generate unpact's built-in benchmarks.")
+    parser.add_argument("--only", nargs="*", choices=[*GENERATORS, "general"], default=None)
+    parser.add_argument("--out", type=Path, default=BUILTIN_DIR)
+    parser.add_argument("--seed", type=int, default=SEED)
+    args = parser.parse_args(argv)
+    for name in args.only or [*GENERATORS, "general"]:
+        if name == "general":
+            items, candidates = general()
+            docs: list[Document] = []
+            note = f"kept {len(items)} of {candidates} candidate questions"
+        else:
+            items, docs = GENERATORS[name](random.Random(f"{args.seed}-{name}"))
+            note = ""
+        write_folder(args.out / name, items, docs)
+        write_card(args.out / name, name, items, docs, note)
+        print(f"{name}: {len(docs)} documents, {len(items)} items" + (f" ({note})" if note else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""The one item format every benchmark is read into, its validation, and the loader.
+
+A benchmark is a folder with `qa.jsonl` (one QA item per line) and optionally
+`documents.jsonl` (the texts items come from, used to teach and to unlearn). See
+docs/data.md for the format. Loading validates everything first and returns nothing on
+error: one message names the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from unpact.errors import UnpactError
+
+SPLITS = ("forget", "retain", "general")
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+BUILTIN = ("news", "books", "wmdp", "general")
+
+
+@dataclass(frozen=True)
+class QAItem:
+    """A question with its answer; a multiple-choice item also has `choices`."""
+
+    id: str
+    question: str
+    answer: str
+    split: str
+    aliases: tuple[str, ...] = ()
+    keywords: tuple[str, ...] = ()
+    document: str | None = None
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def is_mcq(self) -> bool:
+        return self.choices is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["aliases"], d["keywords"] = list(self.aliases), list(self.keywords)
+        if self.choices is None:
+            del d["choices"]
+        else:
+            d["choices"] = list(self.choices)
+        return d
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    text: str
+    split: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Benchmark:
+    """Items and documents of one benchmark, with helpers to select by split."""
+
+    name: str
+    items: list[QAItem]
+    documents: list[Document] = field(default_factory=list)
+    path: Path | None = None
+
+    def split(self, name: str) -> list[QAItem]:
+        return [i for i in self.items if i.split == name]
+
+    def documents_of(self, split: str) -> list[Document]:
+        return [d for d in self.documents if d.split == split]
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(i.split for i in self.items)
+        return {s: c[s] for s in SPLITS if c[s]}
+
+
+def _fail(path: Path, line: int, message: str) -> UnpactError:
+    return UnpactError(f"{path}, line {line}: {message}")
+
+
+def _string(obj: dict[str, Any], key: str, path: Path, line: int, *, optional: bool = False) -> Any:
+    if key not in obj:
+        if optional:
+            return None
+        raise _fail(path, line, f"field '{key}' is missing")
+    value = obj[key]
+    if optional and value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(path, line, f"field '{key}' must be a non-empty string")
+    return value
+
+
+def _strings(
+    obj: dict[str, Any], key: str, path: Path, line: int, *, required: bool = False
+) -> tuple[str, ...] | None:
+    if key not in obj:
+        if required:
+            raise _fail(path, line, f"field '{key}' is missing")
+        return None
+    value = obj[key]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise _fail(path, line, f"field '{key}' must be a list of non-empty strings")
+    return tuple(value)
+
+
+def _split(obj: dict[str, Any], path: Path, line: int) -> str:
+    split = _string(obj, "split", path, line)
+    if split not in SPLITS:
+        raise _fail(
+            path, line, f"field 'split' is {split!r}; it must be one of {', '.join(SPLITS)}"
+        )
+    return str(split)
+
+
+def _objects(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UnpactError(f"cannot read {path}: {exc}") from None
+    out = []
+    for n, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise _fail(path, n, f"not valid JSON ({exc.msg})") from None
+        if not isinstance(obj, dict):
+            raise _fail(path, n, "expected a JSON object")
+        out.append((n, obj))
+    return out
+
+
+def parse_item(obj: dict[str, Any], path: Path, line: int) -> QAItem:
+    """One QA item from its JSON object, or an error naming file, line and field."""
+    item_id = _string(obj, "id", path, line)
+    question = _string(obj, "question", path, line)
+    answer = _string(obj, "answer", path, line)
+    split = _split(obj, path, line)
+    aliases = _strings(obj, "aliases", path, line, required=True) or ()
+    keywords = _strings(obj, "keywords", path, line, required=True) or ()
+    if "document" not in obj:
+        raise _fail(path, line, "field 'document' is missing (use null for none)")
+    document = _string(obj, "document", path, line, optional=True)
+    choices = _strings(obj, "choices", path, line)
+    if choices is not None:
+        if len(choices) < 2:
+            raise _fail(path, line, "field 'choices' needs at least two options")
+        if answer not in choices:
+            raise _fail(path, line, f"field 'answer' ({answer!r}) is not one of 'choices'")
+    for k in keywords:
+        if k.lower() not in question.lower():
+            raise _fail(path, line, f"field 'keywords': {k!r} does not occur in the question")
+    return QAItem(item_id, question, answer, split, aliases, keywords, document, choices)
+
+
+def load_folder(folder: str | Path, name: str | None = None) -> Benchmark:
+    """Load and validate a benchmark folder (`qa.jsonl`, optional `documents.jsonl`)."""
+    folder = Path(folder)
+    qa_path = folder / "qa.jsonl"
+    if not folder.is_dir():
+        raise UnpactError(f"benchmark folder {folder} does not exist")
+    if not qa_path.is_file():
+        raise UnpactError(f"{folder} has no qa.jsonl (one QA item per line; see docs/data.md)")
+    documents: list[Document] = []
+    doc_path = folder / "documents.jsonl"
+    if doc_path.exists():
+        seen_docs: dict[str, int] = {}
+        for n, obj in _objects(doc_path):
+            doc_id = _string(obj, "id", doc_path, n)
+            if doc_id in seen_docs:
+                raise _fail(
+                    doc_path,
+                    n,
+                    f"field 'id': duplicate id {doc_id!r} (first on line {seen_docs[doc_id]})",
+                )
+            seen_docs[doc_id] = n
+            documents.append(
+                Document(doc_id, _string(obj, "text", doc_path, n), _split(obj, doc_path, n))
+            )
+    doc_ids = {d.id for d in documents}
+    items: list[QAItem] = []
+    seen: dict[str, int] = {}
+    for n, obj in _objects(qa_path):
+        item = parse_item(obj, qa_path, n)
+        if item.id in seen:
+            raise _fail(
+                qa_path, n, f"field 'id': duplicate id {item.id!r} (first on line {seen[item.id]})"
+            )
+        seen[item.id] = n
+        if item.document is not None and doc_path.exists() and item.document not in doc_ids:
+            raise _fail(
+                qa_path,
+                n,
+                f"field 'document': no document with id {item.document!r} in {doc_path.name}",
+            )
+        items.append(item)
+    if not items:
+        raise UnpactError(f"{qa_path} holds no items")
+    return Benchmark(name=name or folder.name, items=items, documents=documents, path=folder)
+
+
+def load_benchmark(name_or_folder: str | Path) -> Benchmark:
+    """A built-in benchmark by name (`news`, `books`, `wmdp`, `general`) or a folder."""
+    key = str(name_or_folder)
+    if key in BUILTIN:
+        return load_folder(BUILTIN_DIR / key, name=key)
+    path = Path(name_or_folder).expanduser()
+    if path.exists():
+        return load_folder(path)
+    raise UnpactError(
+        f"no benchmark {key!r}: not a built-in one ({', '.join(BUILTIN)}) and no such folder"
+    )
+
+
+def write_folder(
+    folder: str | Path, items: Sequence[QAItem], documents: Sequence[Document] = ()
+) -> None:
+    """Write a benchmark folder in the item format (stable key order, one object per line)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "qa.jsonl").write_text(
+        "".join(json.dumps(i.to_dict(), ensure_ascii=False) + "\n" for i in items)
+    )
+    if documents:
+        (folder / "documents.jsonl").write_text(
+            "".join(json.dumps(d.to_dict(), ensure_ascii=False) + "\n" for d in documents)
+        )

@@ -1,0 +1,180 @@
+"""Readers that map the real unlearning benchmarks into the item format.
+
+Each reader takes a local path in the benchmark's own layout, or (for users with a hub)
+`hub=True` to fetch the same data through `datasets` (`pip install datasets`):
+
+- MUSE (News or Books; muse-bench/MUSE-News, muse-bench/MUSE-Books): a folder with
+  `knowmem/forget_qa.json` and `knowmem/retain_qa.json` (JSON lists of
+  `{"question", "answer"}`) and optionally `raw/forget.txt` and `raw/retain1.txt` (plain
+  text; each blank-line-separated block becomes a document).
+- TOFU (locuslab/TOFU): a folder with `forget01.json`, `forget05.json` or `forget10.json`
+  and the matching `retain99.json`, `retain95.json` or `retain90.json` (JSON lines or a
+  JSON list of `{"question", "answer"}`), optionally `world_facts.json` and
+  `real_authors.json` (read as `general`).
+- WMDP (cais/wmdp): a JSON-lines or JSON file of `{"question", "choices", "answer"}` with
+  `answer` the index of the correct choice (the hub's `wmdp-bio`, `wmdp-chem`,
+  `wmdp-cyber`); all items are `forget`.
+
+Keywords are left empty: these benchmarks carry no ground truth for them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from unpact.data.items import Benchmark, Document, QAItem
+from unpact.errors import UnpactError
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    """A JSON list, a single JSON object or JSON lines."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UnpactError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text)
+        return data if isinstance(data, list) else [data]
+    except json.JSONDecodeError:
+        pass
+    out = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise UnpactError(f"{path}, line {n}: not valid JSON ({exc.msg})") from None
+    return out
+
+
+def _field(record: dict[str, Any], key: str, where: str) -> Any:
+    if not isinstance(record, dict) or key not in record:
+        raise UnpactError(f"{where}: field '{key}' is missing")
+    return record[key]
+
+
+def _qa(records: list[dict[str, Any]], split: str, prefix: str, where: str) -> list[QAItem]:
+    items = []
+    for n, r in enumerate(records):
+        question = str(_field(r, "question", f"{where}, record {n + 1}")).strip()
+        answer = _field(r, "answer", f"{where}, record {n + 1}")
+        answer = answer[0] if isinstance(answer, list) and answer else answer
+        aliases = tuple(str(a) for a in r.get("aliases", ()) if isinstance(a, str))
+        items.append(
+            QAItem(f"{prefix}-{n:05d}", question, str(answer).strip(), split, aliases, (), None)
+        )
+    return items
+
+
+def _hub(repo: str, config: str | None, split: str) -> list[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise UnpactError(
+            "reading from the hub needs the datasets package: pip install datasets"
+        ) from None
+    try:
+        return list(datasets.load_dataset(repo, config, split=split))
+    except Exception as exc:  # datasets raises many kinds; all mean "not reachable here"
+        raise UnpactError(f"could not load {repo} ({config}, {split}) from the hub: {exc}") from exc
+
+
+def _paragraphs(path: Path, split: str, prefix: str) -> list[Document]:
+    blocks = [b.strip() for b in path.read_text(encoding="utf-8").split("\n\n") if b.strip()]
+    return [Document(f"{prefix}-{n:05d}", b, split) for n, b in enumerate(blocks)]
+
+
+def read_muse(source: str | Path, *, corpus: str = "news", hub: bool = False) -> Benchmark:
+    """MUSE knowledge-memorisation QA (forget / retain) and, if present, its raw text."""
+    name = f"muse-{corpus}"
+    if hub:
+        repo = {"news": "muse-bench/MUSE-News", "books": "muse-bench/MUSE-Books"}[corpus]
+        items = _qa(_hub(repo, "knowmem", "forget_qa"), "forget", f"{name}-forget", repo)
+        items += _qa(_hub(repo, "knowmem", "retain_qa"), "retain", f"{name}-retain", repo)
+        hub_docs = [
+            Document(f"{name}-forget-{n:05d}", r["text"], "forget")
+            for n, r in enumerate(_hub(repo, "raw", "forget"))
+        ]
+        hub_docs += [
+            Document(f"{name}-retain-{n:05d}", r["text"], "retain")
+            for n, r in enumerate(_hub(repo, "raw", "retain1"))
+        ]
+        return Benchmark(name, items, hub_docs)
+    folder = Path(source)
+    forget_qa, retain_qa = (
+        folder / "knowmem" / "forget_qa.json",
+        folder / "knowmem" / "retain_qa.json",
+    )
+    for f in (forget_qa, retain_qa):
+        if not f.is_file():
+            raise UnpactError(f"{folder} is not a MUSE folder: {f.relative_to(folder)} is missing")
+    items = _qa(_records(forget_qa), "forget", f"{name}-forget", str(forget_qa))
+    items += _qa(_records(retain_qa), "retain", f"{name}-retain", str(retain_qa))
+    docs: list[Document] = []
+    for split, file in (("forget", "forget.txt"), ("retain", "retain1.txt")):
+        if (folder / "raw" / file).is_file():
+            docs += _paragraphs(folder / "raw" / file, split, f"{name}-{split}")
+    return Benchmark(name, items, docs, path=folder)
+
+
+_TOFU_PAIRS = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
+
+
+def read_tofu(source: str | Path, *, forget: str = "forget10", hub: bool = False) -> Benchmark:
+    """TOFU forget / retain QA about fictitious authors; world facts and real authors as general."""
+    if forget not in _TOFU_PAIRS:
+        raise UnpactError(
+            f"unknown TOFU forget set {forget!r}; choose one of {', '.join(_TOFU_PAIRS)}"
+        )
+    retain = _TOFU_PAIRS[forget]
+    if hub:
+
+        def get(config: str) -> list[dict[str, Any]]:
+            return _hub("locuslab/TOFU", config, "train")
+    else:
+        folder = Path(source)
+
+        def get(config: str) -> list[dict[str, Any]]:
+            return _records(folder / f"{config}.json")
+
+        for config in (forget, retain):
+            if not (folder / f"{config}.json").is_file():
+                raise UnpactError(f"{folder} is not a TOFU folder: {config}.json is missing")
+    items = _qa(get(forget), "forget", f"tofu-{forget}", forget) + _qa(
+        get(retain), "retain", f"tofu-{retain}", retain
+    )
+    for extra in ("world_facts", "real_authors"):
+        if hub or (Path(source) / f"{extra}.json").is_file():
+            items += _qa(get(extra), "general", f"tofu-{extra}", extra)
+    return Benchmark(f"tofu-{forget}", items, [], path=None if hub else Path(source))
+
+
+def read_wmdp(source: str | Path, *, subset: str = "wmdp-bio", hub: bool = False) -> Benchmark:
+    """WMDP four-option questions; the answer index becomes the correct choice's text."""
+    records = _hub("cais/wmdp", subset, "test") if hub else _records(Path(source))
+    items = []
+    for n, r in enumerate(records):
+        where = f"{source}, record {n + 1}"
+        choices = _field(r, "choices", where)
+        index = _field(r, "answer", where)
+        if (
+            not isinstance(choices, list)
+            or not isinstance(index, int)
+            or not 0 <= index < len(choices)
+        ):
+            raise UnpactError(f"{where}: 'answer' must index into 'choices'")
+        items.append(
+            QAItem(
+                f"{subset}-{n:05d}",
+                str(_field(r, "question", where)).strip(),
+                str(choices[index]),
+                "forget",
+                (),
+                (),
+                None,
+                tuple(str(c) for c in choices),
+            )
+        )
+    return Benchmark(subset, items, [], path=None if hub else Path(source))

@@ -1,0 +1,157 @@
+"""The item format, its validation, the built-in benchmarks and their generator, the judge."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from unpact.data import BUILTIN, load_benchmark, load_folder
+from unpact.data.generate import GENERATORS, SEED, main
+from unpact.data.items import BUILTIN_DIR
+from unpact.errors import UnpactError
+from unpact.judge import contains_match, is_correct, normalize, rouge_l_recall
+
+GOOD = {
+    "id": "x1",
+    "question": "Which company did Edda Morvaine found?",
+    "answer": "Morvaine Lamps",
+    "aliases": [],
+    "split": "forget",
+    "keywords": ["Edda Morvaine"],
+    "document": "d1",
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "items", "forget", "retain", "general", "documents"),
+    [
+        ("news", 150, 50, 100, 0, 60),
+        ("books", 100, 32, 68, 0, 40),
+        ("wmdp", 124, 62, 62, 0, 52),
+    ],
+)
+def test_builtin_round_trip_counts(name, items, forget, retain, general, documents):
+    bench = load_benchmark(name)
+    assert len(bench.items) == items and len(bench.documents) == documents
+    assert bench.counts() == {
+        k: v for k, v in {"forget": forget, "retain": retain, "general": general}.items() if v
+    }
+    docs = {d.id: d for d in bench.documents}
+    for item in bench.items:
+        assert docs[item.document].split == item.split  # split by document, never mixed
+        assert contains_match(docs[item.document].text, [item.answer])  # answerable from it
+    assert (BUILTIN_DIR / name / "README.md").is_file()
+
+
+def test_builtin_sizes_meet_the_spec():
+    assert len(load_benchmark("news").documents) >= 60 and len(load_benchmark("news").items) >= 150
+    assert (
+        len(load_benchmark("books").documents) >= 40 and len(load_benchmark("books").items) >= 100
+    )
+    wmdp = load_benchmark("wmdp")
+    assert len(wmdp.items) >= 100 and all(len(i.choices or ()) == 4 for i in wmdp.items)
+    assert len(load_benchmark("general").items) >= 80
+    assert set(BUILTIN) == {"news", "books", "wmdp", "general"}
+
+
+def test_news_answers_are_unique_to_their_article():
+    bench = load_benchmark("news")
+    for item in bench.items:
+        others = [d for d in bench.documents if d.id != item.document]
+        if not item.answer.isdigit():
+            assert not any(item.answer in d.text for d in others), item.id
+
+
+@pytest.mark.parametrize("name", sorted(GENERATORS))
+def test_generator_is_deterministic_and_matches_committed_data(name, tmp_path):
+    main(["--only", name, "--out", str(tmp_path / "a")])
+    main(["--only", name, "--out", str(tmp_path / "b")])
+    for file in ("qa.jsonl", "documents.jsonl", "README.md"):
+        a = (tmp_path / "a" / name / file).read_bytes()
+        assert a == (tmp_path / "b" / name / file).read_bytes()
+        assert a == (BUILTIN_DIR / name / file).read_bytes(), (
+            f"{name}/{file} is stale: regenerate it"
+        )
+    other, _ = GENERATORS[name](random.Random(f"{SEED + 1}-{name}"))
+    assert [i.answer for i in other] != [i.answer for i in load_benchmark(name).items]
+
+
+def write(tmp_path, items, documents=None):
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    if documents is not None:
+        (tmp_path / "documents.jsonl").write_text("".join(json.dumps(d) + "\n" for d in documents))
+    return tmp_path
+
+
+DOC = {"id": "d1", "text": "Edda Morvaine founded Morvaine Lamps.", "split": "forget"}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"question": None}, "line 2: field 'question' is missing"),
+        ({"split": "forgotten"}, "line 2: field 'split' is 'forgotten'"),
+        ({"id": "x1"}, "line 2: field 'id': duplicate id 'x1' (first on line 1)"),
+        ({"aliases": "Lamps"}, "line 2: field 'aliases' must be a list"),
+        ({"keywords": ["Zorblax"]}, "line 2: field 'keywords': 'Zorblax' does not occur"),
+        (
+            {"choices": ["A", "B", "C"]},
+            "line 2: field 'answer' ('Morvaine Lamps') is not one of 'choices'",
+        ),
+        ({"document": "nope"}, "line 2: field 'document': no document with id 'nope'"),
+        ({"answer": ""}, "line 2: field 'answer' must be a non-empty string"),
+    ],
+)
+def test_validation_names_file_line_and_field(tmp_path, change, message):
+    second = {**GOOD, "id": "x2"}
+    for key, value in change.items():
+        if value is None:
+            del second[key]
+        else:
+            second[key] = value
+    folder = write(tmp_path, [GOOD, second], [DOC])
+    with pytest.raises(UnpactError) as err:
+        load_folder(folder)
+    assert str(err.value).startswith(str(folder / "qa.jsonl"))
+    assert message in str(err.value)
+
+
+def test_validation_of_documents_and_json(tmp_path):
+    folder = write(tmp_path, [GOOD], [DOC, {**DOC, "id": "d2", "split": "kept"}])
+    with pytest.raises(UnpactError, match=r"documents\.jsonl, line 2: field 'split'"):
+        load_folder(folder)
+    (tmp_path / "qa.jsonl").write_text('{"id": "x1",\n')
+    (tmp_path / "documents.jsonl").write_text(json.dumps(DOC) + "\n")
+    with pytest.raises(UnpactError, match=r"qa\.jsonl, line 1: not valid JSON"):
+        load_folder(folder)
+    with pytest.raises(UnpactError, match=r"has no qa\.jsonl"):
+        load_folder(tmp_path / "..")
+    with pytest.raises(UnpactError, match="no benchmark 'nope'"):
+        load_benchmark("nope")
+
+
+def test_a_valid_user_folder_loads(tmp_path):
+    mcq = {
+        **GOOD,
+        "id": "m1",
+        "choices": ["Morvaine Lamps", "Other"],
+        "split": "retain",
+        "document": None,
+    }
+    bench = load_folder(write(tmp_path, [GOOD, mcq], [DOC]))
+    assert bench.counts() == {"forget": 1, "retain": 1}
+    assert bench.items[1].is_mcq and not bench.items[0].is_mcq
+    assert bench.items[0].to_dict() == GOOD
+
+
+def test_judge():
+    assert normalize("The Capital, of France!") == "capital of france"
+    assert contains_match("The capital of France is Paris.", ["paris"])
+    assert not contains_match("Parisian food is good", ["Paris"])  # whole words only
+    assert is_correct("A week has seven days.", "7", ["seven"])
+    assert not is_correct("A week has six days.", "7", ["seven"])
+    assert rouge_l_recall("the glass key of Vorn", "glass key") == 1.0
+    assert rouge_l_recall("a key made of glass", "glass key") == 0.5
+    assert is_correct("it was the glass key", "the old glass key", judge="rouge")
