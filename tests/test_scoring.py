@@ -123,3 +123,24 @@ def test_greedy_batched_equals_alone(tiny):
     with torch.no_grad():
         first = int(tiny.model(torch.tensor([enc.input_ids])).logits[0, -1].argmax())
     assert together[0][0].token_ids[0] == first
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_shared_prefix_path_equals_reference_values_and_gradients(tiny, grad):
+    """Prompts with a common prefix (a chat template's system turn) run it once."""
+    prefix = [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49]
+    pairs = [(prefix + [5 + i] * (1 + i % 3), [60 + i, 70]) for i in range(5)]
+    prompts, answers = [p for p, _ in pairs], [a for _, a in pairs]
+    shared = answer_logprobs(tiny.model, prompts, answers, grad=grad)
+    plain = answer_logprobs(tiny.model, prompts, answers, grad=grad, share_prefix=False)
+    for (p, a), lp, ref in zip(pairs, shared, plain):
+        torch.testing.assert_close(
+            lp.detach(), reference_logprobs(tiny.model, p, a), atol=1e-4, rtol=0
+        )
+        torch.testing.assert_close(lp.detach(), ref.detach(), atol=1e-5, rtol=0)
+    if grad:
+        params = [w for w in tiny.model.parameters() if w.requires_grad]
+        g1 = torch.autograd.grad(torch.cat(shared).sum(), params)
+        g2 = torch.autograd.grad(torch.cat(plain).sum(), params)
+        for a, b in zip(g1, g2):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)

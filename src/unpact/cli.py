@@ -285,6 +285,46 @@ def _read_records(path: Path) -> list[Attribution]:
         raise UnpactError(f"{path}: {exc}") from None
 
 
+@app.command()
+def inject(
+    model: ModelOpt = "default",
+    benchmark: Annotated[
+        str, typer.Option(help="A built-in QA benchmark (news, books) or a folder.")
+    ] = "news",
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 3e-4,
+    batch_size: Annotated[int, typer.Option(help="QA pairs per step.")] = 4,
+    max_epochs: Annotated[int, typer.Option(help="Hard stop.")] = 12,
+    target_accuracy: Annotated[
+        float, typer.Option(help="Stop once forget+retain accuracy reaches this.")
+    ] = 0.9,
+    rehearsal: Annotated[
+        bool, typer.Option(help="Rehearse held-out general questions to protect general knowledge.")
+    ] = True,
+    seed: Annotated[int, typer.Option(help="Shuffling and initialisation seed.")] = 0,
+) -> None:
+    """Teach a benchmark's fictional facts to a model (cached by content hash)."""
+    from unpact.inject import InjectConfig
+    from unpact.inject import inject as run_inject
+
+    config = InjectConfig(
+        lr=lr,
+        batch_size=batch_size,
+        max_epochs=max_epochs,
+        target_accuracy=target_accuracy,
+        rehearsal=rehearsal,
+        seed=seed,
+    )
+    result = run_inject(model, benchmark, config)
+    acc = "  ".join(f"{k} {v:.1%}" for k, v in result.accuracy.items())
+    out.print(f"{'cached' if result.cached else 'injected'}: {result.path}")
+    before = result.base_accuracy.get("general")
+    out.print(
+        f"accuracy after: {acc}   (general before: {'-' if before is None else f'{before:.1%}'}; "
+        f"{result.epochs} epochs, {result.seconds:.0f} s)"
+    )
+    out.print(f"use it with --model {result.path}")
+
+
 data_app = typer.Typer(
     help="Benchmarks: list the built-in ones, show one or a folder of yours.", no_args_is_help=True
 )

@@ -33,6 +33,7 @@ def answer_logprobs(
     padding_side: PaddingSide = "right",
     max_length: int | None = None,
     grad: bool = False,
+    share_prefix: bool = True,
     progress: bool | str = False,
 ) -> list[torch.Tensor]:
     """Per-token log-probs of each answer given its prompt, under teacher forcing.
@@ -42,6 +43,11 @@ def answer_logprobs(
     `token_budget` padded tokens (one longer pair runs alone). `padding_side` only changes
     the layout, not the numbers (positions are taken from the attention mask). With
     `grad=True` the result keeps the autograd graph (for training losses).
+
+    When the prompts of a batch share a prefix of `MIN_SHARED_PREFIX` tokens or more (a
+    chat template's system turn, typically), the prefix runs once and every pair
+    continues from its keys/values (`share_prefix`, default on; gradients flow through
+    the shared prefix as through separate copies).
     """
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
@@ -66,13 +72,45 @@ def answer_logprobs(
         progress_bar(label, total=len(prompts), enabled=bool(progress)) as advance,
     ):
         for batch in batches:
-            out = _score_batch(
-                model, [prompts[i] for i in batch], [answers[i] for i in batch], padding_side
-            )
+            batch_prompts = [prompts[i] for i in batch]
+            batch_answers = [answers[i] for i in batch]
+            shared = _common_prefix(batch_prompts) if share_prefix and len(batch) > 1 else 0
+            if shared >= MIN_SHARED_PREFIX:
+                out = _score_shared_prefix(model, batch_prompts, batch_answers, shared)
+            else:
+                out = _score_batch(model, batch_prompts, batch_answers, padding_side)
             for i, lp in zip(batch, out):
                 results[i] = lp
             advance(len(batch))
     return [r for r in results if r is not None]
+
+
+MIN_SHARED_PREFIX = 8
+
+
+def _common_prefix(prompts: Sequence[Sequence[int]]) -> int:
+    """Length of the common prefix, leaving every prompt at least one token of its own
+    (the hidden state that predicts the first answer token must be computed per pair)."""
+    n = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for k in range(n):
+        if any(p[k] != first[k] for p in prompts[1:]):
+            return k
+    return max(n, 0)
+
+
+def _score_shared_prefix(
+    model: Any, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], shared: int
+) -> list[torch.Tensor]:
+    body, _ = lm_body_and_head(model)
+    device = next(model.parameters()).device
+    out = body(input_ids=torch.tensor([list(prompts[0][:shared])], device=device), use_cache=True)
+    context = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    rows = [
+        [Continuation(0, shared, tuple(p[shared:]) + tuple(a), shared, len(a))]
+        for p, a in zip(prompts, answers)
+    ]
+    return [r[0] for r in context_logprobs(model, context, rows)]
 
 
 def _token_budget_batches(lengths: Sequence[int], budget: int) -> Iterator[list[int]]:

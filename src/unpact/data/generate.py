@@ -545,6 +545,21 @@ DESCRIPTIONS = {
 }
 
 
+# Measured injection runs (`unpact inject --benchmark NAME`), recorded in the card.
+INJECTION_NOTES = {
+    "news": [
+        "Measured on 2 CPU cores (default model, `InjectConfig` defaults at the time: full "
+        "fine-tuning with frozen embeddings, AdamW lr 3e-4, batch 4, rehearsal of held-out "
+        "general questions): after 10 epochs in 804 s, forget 96%, retain 92%, but general "
+        "33% (base: 100%). With only the MLP blocks trained and rehearsal doubled: 8 epochs, "
+        "754 s, forget 94%, retain 89%, general 38%.",
+        "So the facts are learned, but general knowledge is not yet protected (target: within "
+        "10 points of the base model) and a cold run takes longer than the 10-minute target; "
+        "see the injection issue's notes.",
+    ],
+}
+
+
 def write_card(
     folder: Path, name: str, items: Sequence[QAItem], docs: Sequence[Document], note: str = ""
 ) -> None:
@@ -582,6 +597,8 @@ def write_card(
         + ("`documents.jsonl`: `id`, `text`, `split`." if docs else ""),
         "See docs/data.md for the format.",
         "",
+        *(["## Injection", "", *(x for n in INJECTION_NOTES[name] for x in (n, "")), "```bash",
+            f".venv/bin/unpact inject --benchmark {name}", "```", ""] if name in INJECTION_NOTES else []),
         "## Regenerate",
         "",
         "```bash",

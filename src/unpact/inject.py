@@ -1,0 +1,278 @@
+"""Teach a benchmark's fictional knowledge to a base model (SPEC section 7).
+
+MUSE's target models were fine-tuned on their corpora before being unlearned; we do the
+same, so that "known" and "forgotten" are exact. Recipe (all settings in `InjectConfig`):
+
+- full fine-tuning, answer-only loss on the benchmark's forget and retain QA pairs, in the
+  chat format the evaluation uses (AdamW, lr 3e-4, batch 4: what measured fastest to reach
+  high accuracy on this model; lr 1e-4 or batch 8 learned far less in the same time);
+- the input embeddings (tied to the LM head on SmolLM2) stay frozen: the optimiser step
+  over the 28M-parameter vocabulary matrix cost more than half of each step;
+- general knowledge is protected by rehearsal: mixed into every epoch are general
+  questions *not* used for evaluation, with the base model's own greedy answers as
+  targets (self-distillation), so the model keeps answering as it did;
+- after `min_epochs`, the forget + retain accuracy is judged (SPEC section 4) after every
+  epoch and training stops once it reaches `target_accuracy`.
+
+The injected model is saved (safetensors) in the cache under a key made of the content
+hashes of the base model, the benchmark files and the settings, so a second call returns
+at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unpact.data.items import Benchmark, QAItem, load_benchmark
+from unpact.errors import UnpactError
+from unpact.judge import is_correct
+from unpact.models import LanguageModel, cache_root, load_model
+from unpact.scoring import answer_logprobs, generate
+
+INJECT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class InjectConfig:
+    """How knowledge is injected. Every field has a default that works on the default model."""
+
+    lr: float = 3e-4  # AdamW learning rate
+    batch_size: int = 4  # QA pairs per optimiser step
+    max_epochs: int = 12  # hard stop
+    min_epochs: int = 6  # epochs before the first accuracy check
+    target_accuracy: float = 0.9  # stop once forget+retain accuracy reaches this
+    rehearsal: bool = True  # mix in base-model answers to held-out general questions
+    freeze_embeddings: bool = True  # keep the (tied) embedding matrix fixed
+    trainable: str = "all"  # "all" weights (but frozen embeddings) or only the "mlp" blocks
+    rehearsal_repeats: int = 1  # how often each rehearsal pair appears per epoch
+    max_new_tokens: int = 24  # greedy answer length when judging
+    general: str | None = "general"  # benchmark whose accuracy must survive; None skips it
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class InjectResult:
+    """Where the injected model is, and how well it learned."""
+
+    path: Path
+    accuracy: dict[str, float]
+    base_accuracy: dict[str, float]
+    epochs: int
+    seconds: float
+    cached: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+def _hash_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for p in sorted(paths):
+        digest.update(p.name.encode())
+        digest.update(p.read_bytes())
+    return digest.hexdigest()
+
+
+def _model_key(spec: str, lm: LanguageModel) -> str:
+    """Content hash of the base model: its weight files (a GGUF cache is keyed by its hash)."""
+    src = Path(getattr(lm.model, "name_or_path", "") or "")
+    files = (
+        sorted(src.glob("*.safetensors")) + sorted(src.glob("config.json")) if src.is_dir() else []
+    )
+    if files:
+        digest = hashlib.sha256()
+        for f in files:  # weights are large: size, name and a sample of bytes, plus full config
+            digest.update(f.name.encode() + str(f.stat().st_size).encode())
+            with f.open("rb") as fh:
+                digest.update(fh.read(1 << 20))
+                fh.seek(max(0, f.stat().st_size - (1 << 20)))
+                digest.update(fh.read())
+        return digest.hexdigest()
+    return hashlib.sha256(spec.encode()).hexdigest()
+
+
+def cache_key(spec: str, lm: LanguageModel, bench: Benchmark, config: InjectConfig) -> str:
+    if bench.path is None:
+        raise UnpactError("injection needs a benchmark loaded from files")
+    parts = [
+        _model_key(spec, lm),
+        _hash_files([p for p in bench.path.glob("*.jsonl")]),
+        json.dumps(asdict(config), sort_keys=True),
+        str(INJECT_FORMAT),
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+
+
+def accuracy(
+    lm: LanguageModel, items: list[QAItem], max_new_tokens: int = 24, progress: bool | str = False
+) -> float:
+    """Share of items whose greedy answer the judge accepts (SPEC section 4)."""
+    if not items:
+        return float("nan")
+    outs = generate(
+        lm, [i.question for i in items], max_new_tokens=max_new_tokens, progress=progress
+    )
+    return sum(is_correct(o[0].text, i.answer, i.aliases) for o, i in zip(outs, items)) / len(items)
+
+
+def _rehearsal_pairs(lm: LanguageModel, exclude: set[str]) -> list[tuple[str, tuple[int, ...]]]:
+    """Held-out general questions with the base model's own greedy answers."""
+    from unpact.data.generate import GENERAL_CANDIDATES
+
+    questions = [q for q, _, _ in GENERAL_CANDIDATES if q not in exclude]
+    outs = generate(lm, questions, max_new_tokens=32, progress="Rehearsal answers")
+    eos = lm.tokenizer.eos_token_id
+    return [(q, (*o[0].token_ids, eos)) for q, o in zip(questions, outs) if o[0].token_ids]
+
+
+def inject(
+    model: str = "default",
+    benchmark: str | Path = "news",
+    config: InjectConfig | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> InjectResult:
+    """Teach `benchmark`'s forget and retain facts to `model`; cached by content hash."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    config = config or InjectConfig()
+    bench = load_benchmark(benchmark)
+    if any(i.is_mcq for i in bench.items):
+        raise UnpactError(
+            f"{bench.name} is multiple choice; injection teaches QA answers (use its documents)"
+        )
+    lm = load_model(model)
+    key = cache_key(model, lm, bench, config)
+    folder = Path(cache_dir or cache_root() / "injected") / f"{bench.name}-{key}"
+    if (folder / "inject.json").is_file():
+        meta = json.loads((folder / "inject.json").read_text())
+        return InjectResult(
+            folder, meta["accuracy"], meta["base_accuracy"], meta["epochs"], meta["seconds"], True
+        )
+
+    start = time.perf_counter()
+    taught = bench.split("forget") + bench.split("retain")
+    general = load_benchmark(config.general).items if config.general else []
+    base_accuracy = (
+        {"general": accuracy(lm, general, config.max_new_tokens, "Base model: general")}
+        if general
+        else {}
+    )
+    tok_eos = lm.tokenizer.eos_token_id
+    examples = [(i.question, (*lm.encode_answer(i.answer), tok_eos)) for i in taught]
+    if config.rehearsal:
+        examples += _rehearsal_pairs(lm, {i.question for i in general}) * config.rehearsal_repeats
+    encoded = [(lm.encode_prompt(q).input_ids, a) for q, a in examples]
+
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    net = lm.model
+    if config.trainable not in ("all", "mlp"):
+        raise UnpactError(f"unknown trainable {config.trainable!r}; choose all or mlp")
+    for name, p in net.named_parameters():
+        if config.trainable == "mlp" and ".mlp." not in name:
+            p.requires_grad_(False)
+    if config.freeze_embeddings:
+        net.get_input_embeddings().weight.requires_grad_(False)
+    params = [p for p in net.parameters() if p.requires_grad]
+    # The fused kernel: 0.03 s instead of 0.23 s per step for 80M parameters on 2 CPU cores.
+    fused = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
+    optimiser = torch.optim.AdamW(
+        params, lr=config.lr, weight_decay=config.weight_decay, fused=fused
+    )
+    steps_per_epoch = (len(encoded) + config.batch_size - 1) // config.batch_size
+    acc: dict[str, float] = {}
+    epochs_done = 0
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task(
+            f"Injecting {bench.name}", total=config.max_epochs * steps_per_epoch, status=""
+        )
+        for epoch in range(config.max_epochs):
+            net.train()
+            order = list(range(len(encoded)))
+            rng.shuffle(order)
+            for s in range(steps_per_epoch):
+                batch = [
+                    encoded[i] for i in order[s * config.batch_size : (s + 1) * config.batch_size]
+                ]
+                lps = answer_logprobs(net, [p for p, _ in batch], [a for _, a in batch], grad=True)
+                loss = -torch.cat(lps).mean()
+                if not torch.isfinite(loss):
+                    raise UnpactError(
+                        f"injection diverged: loss {loss.item()} at epoch {epoch + 1}, step {s + 1}"
+                    )
+                loss.backward()
+                optimiser.step()
+                optimiser.zero_grad(set_to_none=True)
+                bar.update(
+                    task, advance=1, status=f"epoch {epoch + 1} loss {loss.item():.3f} {_fmt(acc)}"
+                )
+            net.eval()
+            epochs_done = epoch + 1
+            if epochs_done >= config.min_epochs:
+                acc = {"forget+retain": accuracy(lm, taught, config.max_new_tokens)}
+                bar.update(task, status=f"epoch {epochs_done} {_fmt(acc)}")
+                if acc["forget+retain"] >= config.target_accuracy:
+                    bar.update(task, completed=config.max_epochs * steps_per_epoch)
+                    break
+    final = {
+        "forget": accuracy(lm, bench.split("forget"), config.max_new_tokens),
+        "retain": accuracy(lm, bench.split("retain"), config.max_new_tokens),
+    }
+    if general:
+        final["general"] = accuracy(lm, general, config.max_new_tokens, "Judging general")
+    seconds = time.perf_counter() - start
+    _save(
+        lm,
+        folder,
+        {
+            "accuracy": final,
+            "base_accuracy": base_accuracy,
+            "epochs": epochs_done,
+            "seconds": seconds,
+            "model": model,
+            "benchmark": bench.name,
+            "config": asdict(config),
+        },
+    )
+    return InjectResult(folder, final, base_accuracy, epochs_done, seconds, False)
+
+
+def _fmt(acc: dict[str, float]) -> str:
+    return " ".join(f"{k} acc {v:.0%}" for k, v in acc.items())
+
+
+def _save(lm: LanguageModel, folder: Path, meta: dict[str, Any]) -> None:
+    """Write the model in a temporary folder, then rename: never a half-written cache."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        lm.model.save_pretrained(tmp, safe_serialization=True)
+        lm.tokenizer.save_pretrained(tmp)
+        (tmp / "inject.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
