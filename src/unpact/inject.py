@@ -49,7 +49,8 @@ class InjectConfig:
     lr: float = 3e-4  # AdamW learning rate
     batch_size: int = 4  # QA pairs per optimiser step
     max_epochs: int = 12  # hard stop
-    min_epochs: int = 6  # epochs before the first accuracy check
+    min_epochs: int = 8  # epochs before the first accuracy check
+    check_every: int = 2  # epochs between accuracy checks after that
     target_accuracy: float = 0.9  # stop once forget+retain accuracy reaches this
     rehearsal: bool = True  # mix in base-model answers to held-out general questions
     freeze_embeddings: bool = True  # keep the (tied) embedding matrix fixed
@@ -129,10 +130,11 @@ def accuracy(
 
 
 def _rehearsal_pairs(lm: LanguageModel, exclude: set[str]) -> list[tuple[str, tuple[int, ...]]]:
-    """Held-out general questions with the base model's own greedy answers."""
-    from unpact.data.generate import GENERAL_CANDIDATES
+    """Held-out general questions (never evaluated) with the base model's own greedy answers."""
+    from unpact.data.generate import GENERAL_CANDIDATES, REHEARSAL_QUESTIONS
 
-    questions = [q for q, _, _ in GENERAL_CANDIDATES if q not in exclude]
+    pool = REHEARSAL_QUESTIONS + [q for q, _, _ in GENERAL_CANDIDATES]
+    questions = [q for q in dict.fromkeys(pool) if q not in exclude]
     outs = generate(lm, questions, max_new_tokens=32, progress="Rehearsal answers")
     eos = lm.tokenizer.eos_token_id
     return [(q, (*o[0].token_ids, eos)) for q, o in zip(questions, outs) if o[0].token_ids]
@@ -229,7 +231,11 @@ def inject(
                 )
             net.eval()
             epochs_done = epoch + 1
-            if epochs_done >= config.min_epochs:
+            due = (
+                epochs_done >= config.min_epochs
+                and (epochs_done - config.min_epochs) % config.check_every == 0
+            )
+            if due or epochs_done == config.max_epochs:
                 acc = {"forget+retain": accuracy(lm, taught, config.max_new_tokens)}
                 bar.update(task, status=f"epoch {epochs_done} {_fmt(acc)}")
                 if acc["forget+retain"] >= config.target_accuracy:

@@ -491,6 +491,68 @@ GENERAL_CANDIDATES: list[tuple[str, str, tuple[str, ...]]] = [
 ]
 
 
+# Held-out questions for rehearsal during injection: never evaluated, shaped like both the
+# fictional facts ("In which town...", "Which company...", "In what year...") and the
+# general set, so that teaching invented towns and companies does not overwrite real ones.
+REHEARSAL_QUESTIONS: list[str] = [
+    "In which city is Big Ben?",
+    "In which city is the Sydney Opera House?",
+    "In which country is Mount Fuji?",
+    "In which country is the city of Barcelona?",
+    "In which country is the city of Munich?",
+    "In which city is the Brandenburg Gate?",
+    "In which country is the Amazon rainforest mostly found?",
+    "In which country is the city of Toronto?",
+    "In which town was William Shakespeare born?",
+    "In which city did the Beatles form?",
+    "Which company makes the iPhone?",
+    "Which company makes Windows?",
+    "Which company makes the PlayStation?",
+    "Which company was founded by Henry Ford?",
+    "Which company is known for its search engine called Google Search?",
+    "Which company makes Coca-Cola?",
+    "Which company was founded by Bill Gates and Paul Allen?",
+    "In what year did World War II end?",
+    "In what year did the Titanic sink?",
+    "In what year did humans first land on the Moon?",
+    "In what year did Columbus first reach the Americas?",
+    "In what year did the Berlin Wall fall?",
+    "Who founded Microsoft?",
+    "Who founded Apple together with Steve Wozniak?",
+    "What is the capital of Brazil?",
+    "What is the capital of Nigeria?",
+    "What is the capital of Iran?",
+    "What is the capital of Chile?",
+    "What is the capital of Colombia?",
+    "What is the capital of New Zealand?",
+    "What is the capital of Saudi Arabia?",
+    "What is the capital of Ukraine?",
+    "What is the capital of Romania?",
+    "What language is spoken in Portugal?",
+    "What language is spoken in China?",
+    "What language is spoken in Russia?",
+    "What is the currency of China?",
+    "What is the currency of India?",
+    "What is the currency of Switzerland?",
+    "How many wheels does a bicycle have?",
+    "How many legs does a dog have?",
+    "How many planets are in the solar system?",
+    "What colour is a stop sign?",
+    "What colour are most leaves in summer?",
+    "What colour is coal?",
+    "Which animal is known for its black and white stripes?",
+    "Which bird is a symbol of peace?",
+    "What do you call a shape with eight sides?",
+    "What is the largest continent?",
+    "What is the smallest continent?",
+    "Which metal is liquid at room temperature?",
+    "What is the main gas in the air we breathe out?",
+    "Who wrote Pride and Prejudice?",
+    "Who painted The Starry Night?",
+    "Who composed The Magic Flute?",
+]
+
+
 def general(max_new_tokens: int = 32) -> tuple[list[QAItem], int]:
     """The candidates the default model answers correctly (greedy, chat template)."""
     from unpact.judge import is_correct
@@ -552,7 +614,9 @@ INJECTION_NOTES = {
         "fine-tuning with frozen embeddings, AdamW lr 3e-4, batch 4, rehearsal of held-out "
         "general questions): after 10 epochs in 804 s, forget 96%, retain 92%, but general "
         "33% (base: 100%). With only the MLP blocks trained and rehearsal doubled: 8 epochs, "
-        "754 s, forget 94%, retain 89%, general 38%.",
+        "754 s, forget 94%, retain 89%, general 38%. With the current defaults (all weights, "
+        "rehearsal on held-out questions shaped like the facts, `REHEARSAL_QUESTIONS`): 10 "
+        "epochs, 985 s, forget 90%, retain 93%, general 51%.",
         "So the facts are learned, but general knowledge is not yet protected (target: within "
         "10 points of the base model) and a cold run takes longer than the 10-minute target; "
         "see the injection issue's notes.",
@@ -597,8 +661,19 @@ def write_card(
         + ("`documents.jsonl`: `id`, `text`, `split`." if docs else ""),
         "See docs/data.md for the format.",
         "",
-        *(["## Injection", "", *(x for n in INJECTION_NOTES[name] for x in (n, "")), "```bash",
-            f".venv/bin/unpact inject --benchmark {name}", "```", ""] if name in INJECTION_NOTES else []),
+        *(
+            [
+                "## Injection",
+                "",
+                *(x for n in INJECTION_NOTES[name] for x in (n, "")),
+                "```bash",
+                f".venv/bin/unpact inject --benchmark {name}",
+                "```",
+                "",
+            ]
+            if name in INJECTION_NOTES
+            else []
+        ),
         "## Regenerate",
         "",
         "```bash",
