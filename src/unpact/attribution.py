@@ -334,21 +334,11 @@ def html_page(records: Sequence[Attribution], title: str = "unPact attributions"
 def read_prompts(path: str | Path) -> tuple[list[str], list[str | None]]:
     """Prompts and optional answers from a JSONL file: one object per line with `prompt`
     (or `question`, as in the benchmark item format) and optionally `answer`."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
-        raise UnpactError(f"cannot read {path}: {exc.strerror or exc}") from None
+    from unpact.data.items import read_jsonl
+
     prompts: list[str] = []
     answers: list[str | None] = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UnpactError(f"{path}, line {n}: not valid JSON ({exc.msg})") from None
-        if not isinstance(obj, dict):
-            raise UnpactError(f"{path}, line {n}: expected a JSON object")
+    for n, obj in read_jsonl(Path(path)):
         prompt = obj.get("prompt", obj.get("question"))
         if not isinstance(prompt, str) or not prompt.strip():
             raise UnpactError(

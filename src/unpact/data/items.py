@@ -118,7 +118,9 @@ def _split(obj: dict[str, Any], path: Path, line: int) -> str:
     return str(split)
 
 
-def _objects(path: Path) -> list[tuple[int, dict[str, Any]]]:
+def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-empty line of a JSON-lines file, or one error
+    naming the file and line."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -172,7 +174,7 @@ def load_folder(folder: str | Path, name: str | None = None) -> Benchmark:
     doc_path = folder / "documents.jsonl"
     if doc_path.exists():
         seen_docs: dict[str, int] = {}
-        for n, obj in _objects(doc_path):
+        for n, obj in read_jsonl(doc_path):
             doc_id = _string(obj, "id", doc_path, n)
             if doc_id in seen_docs:
                 raise _fail(
@@ -187,7 +189,7 @@ def load_folder(folder: str | Path, name: str | None = None) -> Benchmark:
     doc_ids = {d.id for d in documents}
     items: list[QAItem] = []
     seen: dict[str, int] = {}
-    for n, obj in _objects(qa_path):
+    for n, obj in read_jsonl(qa_path):
         item = parse_item(obj, qa_path, n)
         if item.id in seen:
             raise _fail(
