@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from unpact.errors import UnpactError
-from unpact.scoring import _token_budget_batches, answer_logprobs, generate, score
+from unpact.scoring import answer_logprobs, generate, score, token_budget_batches
 
 
 def reference_logprobs(model, prompt, answer):
@@ -67,8 +67,8 @@ def test_logprobs_depend_on_the_prompt(tiny):
 
 @settings(max_examples=50, deadline=None)
 @given(lengths=st.lists(st.integers(1, 50), min_size=1, max_size=30), budget=st.integers(1, 300))
-def test_token_budget_batches_cover_each_item_once_within_budget(lengths, budget):
-    batches = list(_token_budget_batches(lengths, budget))
+def testtoken_budget_batches_cover_each_item_once_within_budget(lengths, budget):
+    batches = list(token_budget_batches(lengths, budget))
     flat = sorted(i for b in batches for i in b)
     assert flat == list(range(len(lengths)))
     for b in batches:

@@ -43,11 +43,11 @@ from unpact.progress import progress_bar
 from unpact.scoring import (
     DEFAULT_TOKEN_BUDGET,
     Continuation,
-    _score_batch,
-    _token_budget_batches,
     context_logprobs,
     generate,
     pack_continuations,
+    score_batch,
+    token_budget_batches,
 )
 
 UnitKind = Literal["token", "word"]
@@ -427,8 +427,8 @@ def _fast_contributions(
     results: list[tuple[float, list[float]]] = [(0.0, [])] * len(items)
     lengths = [len(it.prompt.input_ids) + len(it.answer_ids) for it in items]
     with torch.no_grad():
-        for chunk in _token_budget_batches(lengths, token_budget):
-            lps, context = _score_batch(
+        for chunk in token_budget_batches(lengths, token_budget):
+            lps, context = score_batch(
                 model,
                 [items[i].prompt.input_ids for i in chunk],
                 [items[i].answer_ids for i in chunk],
@@ -437,9 +437,8 @@ def _fast_contributions(
             )
             keys = [(c, u) for c, i in enumerate(chunk) for u in range(len(items[i].units))]
             variants = [
-                _variant_row(items[i], items[i].units[u], baseline, c, baseline_id)
+                _variant_row(items[chunk[c]], items[chunk[c]].units[u], baseline, c, baseline_id)
                 for c, u in keys
-                for i in (chunk[c],)
             ]
             packed = pack_continuations(variants, pack_width)
             # Bound each pass by its query tokens plus a share for the context it reads.
@@ -448,7 +447,7 @@ def _fast_contributions(
                 for row in packed
             ]
             variant_lp: dict[tuple[int, int], float] = {}
-            for batch in _token_budget_batches(cost, token_budget):
+            for batch in token_budget_batches(cost, token_budget):
                 rows = [packed[b] for b in batch]
                 out = context_logprobs(model, context, [[variants[j] for j in row] for row in rows])
                 for row, lps_row in zip(rows, out):

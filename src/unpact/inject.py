@@ -4,8 +4,9 @@ MUSE's target models were fine-tuned on their corpora before being unlearned; we
 same, so that "known" and "forgotten" are exact. Recipe (all settings in `InjectConfig`):
 
 - full fine-tuning, answer-only loss on the benchmark's forget and retain QA pairs, in the
-  chat format the evaluation uses (AdamW, lr 3e-4, batch 4: what measured fastest to reach
-  high accuracy on this model; lr 1e-4 or batch 8 learned far less in the same time);
+  chat format the evaluation uses (AdamW, lr 3e-4, batch 4: the setting the project's
+  developer brief reports as reaching high accuracy on this model, where lr 1e-4 or
+  batch 8 reached about 20%);
 - the input embeddings (tied to the LM head on SmolLM2) stay frozen: the optimiser step
   over the 28M-parameter vocabulary matrix cost more than half of each step;
 - general knowledge is protected by rehearsal: mixed into every epoch are general
@@ -36,7 +37,7 @@ import torch
 from unpact.data.items import Benchmark, QAItem, load_benchmark
 from unpact.errors import UnpactError
 from unpact.judge import is_correct
-from unpact.models import LanguageModel, cache_root, load_model
+from unpact.models import LanguageModel, cache_root, load_model, local_model_dir
 from unpact.scoring import answer_logprobs, generate
 
 INJECT_FORMAT = 1
@@ -87,30 +88,31 @@ def _hash_files(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def _model_key(spec: str, lm: LanguageModel) -> str:
-    """Content hash of the base model: its weight files (a GGUF cache is keyed by its hash)."""
-    src = Path(getattr(lm.model, "name_or_path", "") or "")
-    files = (
-        sorted(src.glob("*.safetensors")) + sorted(src.glob("config.json")) if src.is_dir() else []
-    )
-    if files:
-        digest = hashlib.sha256()
-        for f in files:  # weights are large: size, name and a sample of bytes, plus full config
-            digest.update(f.name.encode() + str(f.stat().st_size).encode())
-            with f.open("rb") as fh:
-                digest.update(fh.read(1 << 20))
-                fh.seek(max(0, f.stat().st_size - (1 << 20)))
-                digest.update(fh.read())
-        return digest.hexdigest()
-    return hashlib.sha256(spec.encode()).hexdigest()
+def _model_key(spec: str) -> str:
+    """Hash of the base model, without loading it: for a local model, the names and sizes
+    of its weight files, the first and last MiB of each, and its full config (the weights
+    are large); for a hub id, the id. A GGUF's cache folder is already keyed by its hash."""
+    folder = local_model_dir(spec)
+    if folder is None:
+        return hashlib.sha256(spec.encode()).hexdigest()
+    digest = hashlib.sha256(folder.name.encode())
+    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("config.json")):
+        size = f.stat().st_size
+        digest.update(f.name.encode() + str(size).encode())
+        with f.open("rb") as fh:
+            digest.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            digest.update(fh.read())
+    return digest.hexdigest()
 
 
-def cache_key(spec: str, lm: LanguageModel, bench: Benchmark, config: InjectConfig) -> str:
+def cache_key(spec: str, bench: Benchmark, config: InjectConfig) -> str:
+    """Key of an injected model: base model, benchmark files and settings."""
     if bench.path is None:
         raise UnpactError("injection needs a benchmark loaded from files")
     parts = [
-        _model_key(spec, lm),
-        _hash_files([p for p in bench.path.glob("*.jsonl")]),
+        _model_key(spec),
+        _hash_files(list(bench.path.glob("*.jsonl"))),
         json.dumps(asdict(config), sort_keys=True),
         str(INJECT_FORMAT),
     ]
@@ -123,10 +125,21 @@ def accuracy(
     """Share of items whose greedy answer the judge accepts (SPEC section 4)."""
     if not items:
         return float("nan")
+    return _share(judge_items(lm, items, max_new_tokens, progress))
+
+
+def judge_items(
+    lm: LanguageModel, items: list[QAItem], max_new_tokens: int = 24, progress: bool | str = False
+) -> list[bool]:
+    """Per item: does the judge accept the model's greedy answer?"""
     outs = generate(
         lm, [i.question for i in items], max_new_tokens=max_new_tokens, progress=progress
     )
-    return sum(is_correct(o[0].text, i.answer, i.aliases) for o, i in zip(outs, items)) / len(items)
+    return [is_correct(o[0].text, i.answer, i.aliases) for o, i in zip(outs, items)]
+
+
+def _share(flags: list[bool]) -> float:
+    return sum(flags) / len(flags) if flags else float("nan")
 
 
 def _rehearsal_pairs(lm: LanguageModel, exclude: set[str]) -> list[tuple[str, tuple[int, ...]]]:
@@ -157,8 +170,7 @@ def inject(
         raise UnpactError(
             f"{bench.name} is multiple choice; injection teaches QA answers (use its documents)"
         )
-    lm = load_model(model)
-    key = cache_key(model, lm, bench, config)
+    key = cache_key(model, bench, config)
     folder = Path(cache_dir or cache_root() / "injected") / f"{bench.name}-{key}"
     if (folder / "inject.json").is_file():
         meta = json.loads((folder / "inject.json").read_text())
@@ -167,6 +179,7 @@ def inject(
         )
 
     start = time.perf_counter()
+    lm = load_model(model)
     taught = bench.split("forget") + bench.split("retain")
     general = load_benchmark(config.general).items if config.general else []
     base_accuracy = (
@@ -198,6 +211,7 @@ def inject(
     )
     steps_per_epoch = (len(encoded) + config.batch_size - 1) // config.batch_size
     acc: dict[str, float] = {}
+    judged: list[bool] = []  # per taught item, from the check after the last epoch
     epochs_done = 0
     columns = (
         TextColumn("{task.description}"),
@@ -236,14 +250,18 @@ def inject(
                 and (epochs_done - config.min_epochs) % config.check_every == 0
             )
             if due or epochs_done == config.max_epochs:
-                acc = {"forget+retain": accuracy(lm, taught, config.max_new_tokens)}
+                judged = judge_items(lm, taught, config.max_new_tokens)
+                acc = {"forget+retain": _share(judged)}
                 bar.update(task, status=f"epoch {epochs_done} {_fmt(acc)}")
                 if acc["forget+retain"] >= config.target_accuracy:
                     bar.update(task, completed=config.max_epochs * steps_per_epoch)
                     break
+    if not judged:  # no check ran (max_epochs 0): judge the model as it is
+        judged = judge_items(lm, taught, config.max_new_tokens)
+    # The last epoch always ends with a check, so its verdicts describe the final model.
     final = {
-        "forget": accuracy(lm, bench.split("forget"), config.max_new_tokens),
-        "retain": accuracy(lm, bench.split("retain"), config.max_new_tokens),
+        split: _share([ok for item, ok in zip(taught, judged) if item.split == split])
+        for split in ("forget", "retain")
     }
     if general:
         final["general"] = accuracy(lm, general, config.max_new_tokens, "Judging general")

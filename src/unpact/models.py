@@ -189,18 +189,25 @@ def load_model(
     """
     torch_dtype = _parse_dtype(dtype)
     target = _parse_device(device)
-    path = _resolve_local(spec)
-    if path is None:
+    folder = local_model_dir(spec)
+    if folder is None:
         model, tokenizer = _load_hub(spec, torch_dtype, trust_remote_code)
-    elif path.is_dir():
-        model, tokenizer = _load_dir(path, torch_dtype, trust_remote_code)
     else:
-        model, tokenizer = _load_dir(gguf_cache(path), torch_dtype, trust_remote_code)
+        model, tokenizer = _load_dir(folder, torch_dtype, trust_remote_code)
     model.to(target)
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LanguageModel(model=model, tokenizer=tokenizer, spec=spec)
+
+
+def local_model_dir(spec: str) -> Path | None:
+    """The Hugging Face model directory a spec loads from (a GGUF's is its cache, built
+    if needed), or None for a hub id. Lets callers key caches on a model without loading it."""
+    path = _resolve_local(spec)
+    if path is None or path.is_dir():
+        return path
+    return gguf_cache(path)
 
 
 def _parse_dtype(dtype: str) -> torch.dtype:

@@ -64,7 +64,7 @@ def answer_logprobs(
             )
     results: list[torch.Tensor | None] = [None] * len(prompts)
     batches = list(
-        _token_budget_batches([len(p) + len(a) for p, a in zip(prompts, answers)], token_budget)
+        token_budget_batches([len(p) + len(a) for p, a in zip(prompts, answers)], token_budget)
     )
     label = progress if isinstance(progress, str) else "Scoring"
     with (
@@ -78,7 +78,7 @@ def answer_logprobs(
             if shared >= MIN_SHARED_PREFIX:
                 out = _score_shared_prefix(model, batch_prompts, batch_answers, shared)
             else:
-                out = _score_batch(model, batch_prompts, batch_answers, padding_side)
+                out = score_batch(model, batch_prompts, batch_answers, padding_side)
             for i, lp in zip(batch, out):
                 results[i] = lp
             advance(len(batch))
@@ -105,7 +105,7 @@ def _score_shared_prefix(
     body, _ = lm_body_and_head(model)
     device = next(model.parameters()).device
     out = body(input_ids=torch.tensor([list(prompts[0][:shared])], device=device), use_cache=True)
-    context = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    context = _layer_kv(out.past_key_values)
     rows = [
         [Continuation(0, shared, tuple(p[shared:]) + tuple(a), shared, len(a))]
         for p, a in zip(prompts, answers)
@@ -113,7 +113,7 @@ def _score_shared_prefix(
     return [r[0] for r in context_logprobs(model, context, rows)]
 
 
-def _token_budget_batches(lengths: Sequence[int], budget: int) -> Iterator[list[int]]:
+def token_budget_batches(lengths: Sequence[int], budget: int) -> Iterator[list[int]]:
     """Indices grouped so that rows x longest length <= budget; similar lengths together."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batch: list[int] = []
@@ -143,7 +143,7 @@ def head_logprobs(model: Any, hidden: torch.Tensor, targets: torch.Tensor) -> to
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def _score_batch(
+def score_batch(
     model: Any,
     prompts: Sequence[Sequence[int]],
     answers: Sequence[Sequence[int]],
@@ -185,8 +185,12 @@ def _score_batch(
     lps = list(lp.split([len(a) for a in answers]))
     if not keep_cache:
         return lps
-    cache = out.past_key_values
-    return lps, [(layer.keys, layer.values) for layer in cache.layers]
+    return lps, _layer_kv(out.past_key_values)
+
+
+def _layer_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's (keys, values) from a transformers cache."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 @dataclass(frozen=True)
@@ -238,7 +242,7 @@ def context_logprobs(
 ) -> list[list[torch.Tensor]]:
     """Answer log-probs of continuations of a shared, precomputed context.
 
-    The context's keys/values are computed once (by `_score_batch(..., keep_cache=True)`)
+    The context's keys/values are computed once (by `score_batch(..., keep_cache=True)`)
     and reused: only the continuations' own tokens run through the model. Each row of
     the batch packs continuations of one context side by side; explicit position ids
     and a 4-D attention mask make each one see exactly `context[:visible]` and itself,
