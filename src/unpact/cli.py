@@ -325,6 +325,80 @@ def inject(
     out.print(f"use it with --model {result.path}")
 
 
+@app.command()
+def unlearn(
+    method: Annotated[
+        str | None,
+        typer.Option(help="Method: ga, ga_gd, ga_kl, npo, npo_gd, npo_kl, simnpo, tv, rmu."),
+    ] = None,
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Run directory (model, config, losses).")
+    ] = Path("unlearned"),
+    model: ModelOpt = "default",
+    benchmark: Annotated[
+        str, typer.Option(help="A built-in QA benchmark (news, books) or a folder.")
+    ] = "news",
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="YAML file of settings (over the method's defaults)."),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="Override one setting: key=value (e.g. lr=2e-5, beta=0.2, lora.r=8)."
+        ),
+    ] = None,
+    inject_first: Annotated[
+        bool,
+        typer.Option(
+            "--inject/--no-inject",
+            help="Teach the benchmark to MODEL first (cached), then unlearn that.",
+        ),
+    ] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in --out from its last checkpoint.")
+    ] = False,
+    evaluate: Annotated[
+        bool,
+        typer.Option(
+            "--eval/--no-eval", help="Judge forget, retain and general accuracy before and after."
+        ),
+    ] = True,
+) -> None:
+    """Unlearn a benchmark's forget split; writes the model (safetensors), config and loss log.
+
+    Runs unchanged under `accelerate launch -m unpact unlearn ...` on several processes.
+    """
+    from unpact.unlearn import resolve_config
+    from unpact.unlearn import unlearn as run_unlearn
+
+    cfg = resolve_config(method, file=config, overrides=set_ or [])
+    spec = model
+    if inject_first:
+        from unpact.inject import inject as run_inject
+
+        spec = str(run_inject(model, benchmark).path)
+    result = run_unlearn(spec, benchmark, cfg, out_dir, resume=resume)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
+    out.print(
+        f"unlearned with {cfg.method} in {result.seconds:.0f} s ({result.steps} steps): {result.model_dir}"
+    )
+    out.print(f"loss log: {out_dir / 'losses.jsonl'}")
+    if evaluate:
+        from unpact.unlearn.evaluate import accuracy_before_after
+
+        table = accuracy_before_after(
+            spec, str(result.model_dir), benchmark, out_dir / "accuracy.json"
+        )
+        grid = Table("split", "before", "after", title=f"Accuracy ({cfg.method})")
+        for split, row in table.items():
+            grid.add_row(split, f"{row['before']:.1%}", f"{row['after']:.1%}")
+        out.print(grid)
+
+
 data_app = typer.Typer(
     help="Benchmarks: list the built-in ones, show one or a folder of yours.", no_args_is_help=True
 )

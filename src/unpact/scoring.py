@@ -128,17 +128,27 @@ def token_budget_batches(lengths: Sequence[int], budget: int) -> Iterator[list[i
 
 
 def lm_body_and_head(model: Any) -> tuple[Any, Any]:
-    """The transformer body (returns hidden states) and the output projection of a causal LM."""
+    """The transformer body (returns hidden states) and the output projection of a causal LM.
+
+    A peft model is unwrapped first: its adapters live inside the wrapped model's layers."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     return model.base_model, model.get_output_embeddings()
 
 
-def head_logprobs(model: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) from final hidden states: LM head, optional soft-capping, log-softmax."""
+def head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """Float32 logits from final hidden states: LM head and optional soft-capping."""
     _, head = lm_body_and_head(model)
     logits = head(hidden).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def head_logprobs(model: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) from final hidden states: LM head, optional soft-capping, log-softmax."""
+    logits = head_logits(model, hidden)
     # gather - logsumexp: log-softmax without writing a full vocabulary-sized result.
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
@@ -153,6 +163,41 @@ def score_batch(
     """Answer log-probs of one padded batch; with `keep_cache`, also the keys and values
     of every layer, `[(K, V), ...]` of shape (rows, kv_heads, width, head_dim), to be
     shared as context by `context_logprobs` (right padding keeps position t at index t)."""
+    picked, targets, out = _answer_hidden(model, prompts, answers, padding_side, keep_cache)
+    lp = head_logprobs(model, picked, targets)
+    lps = list(lp.split([len(a) for a in answers]))
+    if not keep_cache:
+        return lps
+    return lps, _layer_kv(out.past_key_values)
+
+
+def answer_distributions(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]],
+    *,
+    grad: bool = False,
+) -> list[torch.Tensor]:
+    """Full next-token log-distributions at each answer position, one padded batch.
+
+    Item i is a `(len(answers[i]), vocab)` float32 tensor of log-softmax values: what a KL
+    term between two models needs (`answer_logprobs` only keeps the answer tokens'
+    entries, and is the one to use for anything else)."""
+    with torch.set_grad_enabled(grad):
+        picked, _, _ = _answer_hidden(model, prompts, answers, "right", False)
+        logp = head_logits(model, picked).log_softmax(-1)
+    return list(logp.split([len(a) for a in answers]))
+
+
+def _answer_hidden(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]],
+    padding_side: PaddingSide,
+    keep_cache: bool,
+) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """One padded pass: the final hidden states that predict each answer token (in item
+    order), those tokens, and the body's output."""
     device = next(model.parameters()).device
     lengths = [len(p) + len(a) for p, a in zip(prompts, answers)]
     width = max(lengths)
@@ -181,11 +226,7 @@ def score_batch(
     picked = out.last_hidden_state[
         torch.tensor(rows, device=device), torch.tensor(cols, device=device)
     ]
-    lp = head_logprobs(model, picked, torch.tensor(targets, device=device))
-    lps = list(lp.split([len(a) for a in answers]))
-    if not keep_cache:
-        return lps
-    return lps, _layer_kv(out.past_key_values)
+    return picked, torch.tensor(targets, device=device), out
 
 
 def _layer_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -1,0 +1,149 @@
+"""Unlearning settings: typed, with every default in one commented YAML file per method.
+
+`resolve_config(method, file=..., overrides=["lr=2e-5", "beta=0.2"])` starts from
+`configs/<method>.yaml`, applies a user's YAML file, then `key=value` overrides (a dotted
+key reaches into a section; a bare key that is one of the method's own settings goes to
+`settings`), and validates the lot: an unknown key or a bad value is one `UnpactError`
+naming the key's path.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from unpact.errors import UnpactError
+from unpact.unlearn.methods import get_method
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class LoraSettings(BaseModel):
+    """LoRA adapters (peft) instead of full fine-tuning."""
+
+    model_config = ConfigDict(extra="forbid")
+    r: int = Field(16, gt=0, description="rank of the adapters")
+    alpha: int = Field(32, gt=0, description="scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(ALL_LINEAR), description="module names that get adapters"
+    )
+    merge: bool = Field(True, description="merge the adapters into the saved model")
+
+
+class UnlearnConfig(BaseModel):
+    """One unlearning run. `settings` holds the method's own knobs (see its class)."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: str = Field(description="registered method name, e.g. npo_gd")
+    epochs: float = Field(5.0, gt=0, description="passes over the forget set (if steps unset)")
+    steps: int | None = Field(None, gt=0, description="optimiser steps; overrides epochs")
+    batch_size: int = Field(4, gt=0, description="forget items per step (global)")
+    retain_batch_size: int = Field(4, gt=0, description="retain items per step (global)")
+    lr: float = Field(1e-5, gt=0, description="AdamW learning rate")
+    scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="learning-rate schedule after warm-up"
+    )
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float | None = Field(None, gt=0, description="clip gradients to this norm")
+    freeze_embeddings: bool = Field(
+        True, description="keep the input embeddings (tied to the LM head on SmolLM2) fixed"
+    )
+    seed: int = Field(0, description="seed of the data order and of any random init")
+    save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: never)")
+    lora: LoraSettings | None = Field(None, description="train LoRA adapters (peft)")
+    settings: dict[str, Any] = Field(default_factory=dict, description="the method's settings")
+
+    def method_settings(self) -> Any:
+        """The method's validated settings object."""
+        cls = get_method(self.method)
+        try:
+            return cls.Settings(**self.settings)
+        except ValidationError as e:
+            raise UnpactError(_message(e, prefix="settings")) from None
+
+
+def defaults_path(method: str) -> Path:
+    return Path(str(resources.files("unpact.unlearn") / "configs" / f"{method}.yaml"))
+
+
+def method_defaults(method: str) -> dict[str, Any]:
+    get_method(method)  # unknown method: one clear message
+    path = defaults_path(method)
+    if not path.is_file():
+        return {"method": method}
+    data = yaml.safe_load(path.read_text()) or {}
+    data["method"] = method
+    return data
+
+
+def resolve_config(
+    method: str | None = None,
+    *,
+    file: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> UnlearnConfig:
+    """Defaults of the method, then a YAML file, then `key=value` overrides; validated."""
+    user: dict[str, Any] = {}
+    if file is not None:
+        path = Path(file)
+        if not path.is_file():
+            raise UnpactError(f"config file {path} does not exist")
+        try:
+            user = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UnpactError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(user, dict):
+            raise UnpactError(f"{path}: expected a mapping of settings at the top level")
+    name = method or user.get("method")
+    if not name:
+        raise UnpactError("no method given: pass --method or set `method:` in the config file")
+    if method and user.get("method") not in (None, method):
+        raise UnpactError(f"--method {method} but the config file says {user['method']}")
+    data = _merge(method_defaults(name), user)
+    settings_fields = set(get_method(name).Settings.model_fields)
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UnpactError(f"--set {item!r}: expected key=value")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        parts = key.split(".")
+        if len(parts) == 1 and key not in UnlearnConfig.model_fields and key in settings_fields:
+            parts = ["settings", key]
+        if parts[0] not in UnlearnConfig.model_fields:
+            known = sorted(set(UnlearnConfig.model_fields) | settings_fields)
+            raise UnpactError(f"--set {key}: unknown setting for {name}; known: {', '.join(known)}")
+        target = data
+        for part in parts[:-1]:
+            if not isinstance(target.get(part), dict):
+                target[part] = {}
+            target = target[part]
+        target[parts[-1]] = value
+    try:
+        config = UnlearnConfig(**data)
+    except ValidationError as e:
+        raise UnpactError(_message(e)) from None
+    config.method_settings()
+    return config
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _message(error: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in error.errors():
+        loc = ".".join(str(x) for x in ((prefix,) if prefix else ()) + tuple(e["loc"]))
+        msg = "unknown setting" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{loc}: {msg}")
+    return "invalid unlearning config: " + "; ".join(lines)

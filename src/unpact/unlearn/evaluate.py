@@ -1,0 +1,40 @@
+"""Accuracy of a model before and after unlearning on a benchmark's splits (SPEC section 4)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from unpact.data.items import load_benchmark
+from unpact.inject import judge_items
+from unpact.models import load_model
+
+MAX_NEW_TOKENS = 32
+
+
+def split_accuracy(
+    model: str, benchmark: str | Path, general: str | None = "general"
+) -> dict[str, float]:
+    """Share of forget, retain (and general) items the judge accepts for `model`."""
+    lm = load_model(model)
+    bench = load_benchmark(benchmark)
+    splits = {s: bench.split(s) for s in ("forget", "retain")}
+    if general:
+        splits["general"] = load_benchmark(general).items
+    acc = {}
+    for name, items in splits.items():
+        if items:
+            ok = judge_items(lm, items, MAX_NEW_TOKENS, progress=f"Judging {name}")
+            acc[name] = sum(ok) / len(ok)
+    return acc
+
+
+def accuracy_before_after(
+    before: str, after: str, benchmark: str | Path, path: Path | None = None
+) -> dict[str, dict[str, float]]:
+    """Per split, {"before": ..., "after": ...}; written to `path` as JSON if given."""
+    a, b = split_accuracy(before, benchmark), split_accuracy(after, benchmark)
+    table = {s: {"before": a[s], "after": b[s]} for s in a}
+    if path is not None:
+        path.write_text(json.dumps(table, indent=2) + "\n")
+    return table

@@ -1,0 +1,460 @@
+"""The one training loop every unlearning method shares, built on `accelerate`.
+
+The same code runs in one process or many (`accelerate launch -m unpact unlearn ...`
+with DDP, FSDP or DeepSpeed): the global batch of forget (and retain) items of each step
+is a fixed, seeded function of the step number and is split evenly over the processes;
+every loss term is a mean over items, so the averaged gradient equals the one-process
+gradient of the same global batch. The method's loss is computed inside the module that
+`accelerate` wraps (`_Objective`), so the wrapper's forward hooks (DDP's gradient sync,
+FSDP's unsharding) see every pass.
+
+A run directory holds `config.yaml` (the resolved settings), `losses.jsonl` (one row per
+step: each loss term, the total, the learning rate, tokens/s), `checkpoints/step-N/`
+(written to a temporary name and renamed: never half-written), and, once finished,
+`model/` (safetensors, also renamed into place) and `result.json`. `resume=True`
+continues from the last checkpoint and ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from unpact.data.items import QAItem, load_benchmark
+from unpact.errors import UnpactError
+from unpact.models import LanguageModel, load_model
+from unpact.progress import progress_bar
+from unpact.unlearn.config import UnlearnConfig
+from unpact.unlearn.methods import Batch, Method, StepContext, get_method, layer_activations
+
+RUN_FORMAT = 1
+
+
+@dataclass
+class UnlearnResult:
+    """Where the unlearned model is, and how the run went."""
+
+    out: Path
+    model_dir: Path
+    steps: int
+    seconds: float
+    final_losses: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out),
+            "model_dir": str(self.model_dir),
+            "steps": self.steps,
+            "seconds": self.seconds,
+            "final_losses": self.final_losses,
+        }
+
+
+class _Objective(torch.nn.Module):
+    """The module `accelerate` wraps: its forward is the method's loss on the step's batch."""
+
+    def __init__(self, lm: Any, method: Method) -> None:
+        super().__init__()
+        self.lm = lm
+        self.method = method
+        self.ctx: StepContext | None = None
+
+    def forward(self) -> dict[str, torch.Tensor]:
+        assert self.ctx is not None
+        return self.method.losses(self.ctx)
+
+
+class _Interrupt(Exception):
+    """Raised by the test hook `stop_after` to simulate a crash after a checkpoint."""
+
+
+def encode_items(lm: LanguageModel, items: list[QAItem]) -> dict[str, Any]:
+    """Chat-formatted prompt ids, answer ids (+ EOS) and the items' own-text spans."""
+    eos = lm.tokenizer.eos_token_id
+    prompts, answers, content = [], [], []
+    for item in items:
+        enc = lm.encode_prompt(item.question)
+        answer = (*lm.encode_answer(item.answer), eos)
+        prompts.append(enc.input_ids)
+        answers.append(answer)
+        content.append((enc.content_start, len(enc.input_ids) + len(answer)))
+    return {
+        "ids": [i.id for i in items],
+        "prompts": prompts,
+        "answers": answers,
+        "content": content,
+    }
+
+
+def _batch(encoded: dict[str, Any], idx: list[int]) -> Batch:
+    return Batch(
+        tuple(encoded["ids"][i] for i in idx),
+        tuple(encoded["prompts"][i] for i in idx),
+        tuple(encoded["answers"][i] for i in idx),
+        tuple(encoded["content"][i] for i in idx),
+    )
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """The global batch of step `step`: a window on a stream of seeded permutations of
+    range(n), so it depends only on (n, batch size, step, seed): resumable for free."""
+    start = step * batch_size
+    out: list[int] = []
+    epoch = start // n
+    offset = start % n
+    while len(out) < batch_size:
+        order = list(range(n))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        take = order[offset : offset + batch_size - len(out)]
+        out.extend(take)
+        epoch += 1
+        offset = 0
+    return out
+
+
+def total_steps(config: UnlearnConfig, n_forget: int) -> int:
+    if config.steps:
+        return config.steps
+    return max(1, math.ceil(config.epochs * n_forget / config.batch_size))
+
+
+def unlearn(
+    model: str | LanguageModel,
+    benchmark: str | Path,
+    config: UnlearnConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> UnlearnResult:
+    """Unlearn `benchmark`'s forget split from `model` with `config`, writing to `out`.
+
+    `model` is a spec (reloaded on resume) or an in-memory model (tests). `stop_after`
+    simulates a crash right after that step's checkpoint (for the resume test)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+    )
+    world, rank = accelerator.num_processes, accelerator.process_index
+    for name, size in (
+        ("batch_size", config.batch_size),
+        ("retain_batch_size", config.retain_batch_size),
+    ):
+        if size % world:
+            raise UnpactError(f"{name} {size} does not split evenly over {world} processes")
+    out = Path(out)
+    method_cls = get_method(config.method)
+    method = method_cls(config.method_settings())
+    bench = load_benchmark(benchmark)
+    forget_items, retain_items = bench.split("forget"), bench.split("retain")
+    if not forget_items:
+        raise UnpactError(f"benchmark {bench.name} has no forget items")
+    if method.uses_retain and not retain_items:
+        raise UnpactError(f"{config.method} needs retain items; {bench.name} has none")
+    if any(i.is_mcq for i in forget_items):
+        raise UnpactError(f"{bench.name} is multiple choice; unlearning needs QA answers")
+
+    resolved = {
+        "format": RUN_FORMAT,
+        "model": model if isinstance(model, str) else model.spec,
+        "benchmark": str(benchmark),
+        "processes": world,
+        **config.model_dump(mode="json"),
+        "settings": method.settings.model_dump(mode="json"),
+    }
+    start_step = _prepare_out(out, resolved, resume, accelerator)
+
+    set_seed(config.seed)
+    lm = load_model(model) if isinstance(model, str) else model
+    net = lm.model
+    forget = encode_items(lm, forget_items)
+    retain = encode_items(lm, retain_items)
+    steps = total_steps(config, len(forget_items))
+
+    # References come from the model as it is before any step (also when resuming: the
+    # model was just reloaded from its spec).
+    reference = None
+    forget_ref: dict[str, float] = {}
+    retain_ref: dict[str, torch.Tensor] = {}
+    if "logprobs" in method.references:
+        forget_ref = _reference_logprobs(net, forget)
+    if "activations" in method.references:
+        retain_ref = _reference_activations(net, retain, method)
+    if "model" in method.references:
+        reference = _frozen_copy(net)
+    original = None
+    if type(method).finalize is not Method.finalize:
+        original = {n: p.detach().clone() for n, p in net.named_parameters()}
+
+    embeddings = net.get_input_embeddings().weight
+    for name, p in net.named_parameters():
+        p.requires_grad_(method.trainable(name))
+    if config.freeze_embeddings:
+        embeddings.requires_grad_(False)
+    if config.lora is not None:
+        net = _add_lora(net, config, method)
+    params = [p for p in net.parameters() if p.requires_grad]
+    if not params:
+        raise UnpactError(f"{config.method}: no trainable parameters under these settings")
+
+    from transformers import get_scheduler
+
+    fused = all(p.device.type == "cpu" or p.is_cuda for p in params)
+    optimiser = torch.optim.AdamW(
+        params, lr=config.lr, weight_decay=config.weight_decay, fused=fused
+    )
+    scheduler = get_scheduler(
+        config.scheduler, optimiser, num_warmup_steps=config.warmup_steps, num_training_steps=steps
+    )
+    objective = _Objective(net, method)
+    wrapped, optimiser, scheduler = accelerator.prepare(objective, optimiser, scheduler)
+    if start_step:
+        accelerator.load_state(str(out / "checkpoints" / f"step-{start_step}"))
+
+    losses_path = out / "losses.jsonl"
+    if accelerator.is_main_process:
+        _truncate_log(losses_path, start_step)
+    began = time.perf_counter()
+    last: dict[str, float] = {}
+    with progress_bar(
+        f"Unlearning ({config.method})",
+        total=steps,
+        enabled=progress and accelerator.is_main_process,
+    ) as advance:
+        advance(start_step)
+        for step in range(start_step, steps):
+            t0 = time.perf_counter()
+            f_idx = batch_indices(len(forget_items), config.batch_size, step, config.seed)
+            r_idx = batch_indices(
+                len(retain_items) or 1, config.retain_batch_size, step, config.seed + 1
+            )
+            f_local = _shard(f_idx, world, rank)
+            r_local = _shard(r_idx, world, rank) if retain_items else []
+            objective.ctx = StepContext(
+                model=objective.lm,
+                forget=_batch(forget, f_local),
+                retain=_batch(retain, r_local),
+                step=step,
+                reference=reference,
+                forget_ref_logprobs=forget_ref,
+                retain_ref_activations=retain_ref,
+            )
+            net.train()
+            terms = wrapped()
+            loss = torch.stack(list(terms.values())).sum()
+            values = accelerator.reduce(
+                torch.stack([t.detach().float() for t in terms.values()]), reduction="mean"
+            )
+            for name, v in zip(terms, values.tolist()):
+                if not math.isfinite(v):
+                    raise UnpactError(
+                        f"loss term {name} is {v} at step {step + 1}: the run stops and no "
+                        "model is saved (lower lr, or set max_grad_norm)"
+                    )
+            accelerator.backward(loss)
+            if config.max_grad_norm:
+                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimiser.step()
+            scheduler.step()
+            optimiser.zero_grad(set_to_none=True)
+            tokens = torch.tensor(
+                float(_tokens(forget, f_local) + _tokens(retain, r_local) * method.uses_retain)
+            )
+            tokens = accelerator.reduce(tokens, reduction="sum")
+            seconds = time.perf_counter() - t0
+            last = dict(zip(terms, values.tolist()))
+            row = {
+                "step": step + 1,
+                **last,
+                "loss": sum(last.values()),
+                "lr": lr,
+                "tokens_per_s": float(tokens) / seconds,
+                "seconds": seconds,
+            }
+            if accelerator.is_main_process:
+                with losses_path.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+            if on_step:
+                on_step(row)
+            advance(1)
+            done = step + 1
+            if config.save_every and done % config.save_every == 0 and done < steps:
+                _checkpoint(accelerator, out, done)
+            if stop_after is not None and done >= stop_after:
+                raise _Interrupt(f"stopped after step {done}")
+
+    accelerator.wait_for_everyone()
+    final = accelerator.unwrap_model(wrapped).lm
+    if config.lora is not None and config.lora.merge:
+        final = final.merge_and_unload()
+    if original is not None:
+        method.finalize(final, original)
+    model_dir = out / "model"
+    seconds = time.perf_counter() - began
+    if accelerator.is_main_process:
+        _save_model(final, lm.tokenizer, model_dir)
+        result = UnlearnResult(out, model_dir, steps, seconds, last)
+        _atomic_write(out / "result.json", json.dumps(result.to_dict(), indent=2) + "\n")
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return UnlearnResult(out, model_dir, steps, seconds, last)
+
+
+def _shard(idx: list[int], world: int, rank: int) -> list[int]:
+    per = len(idx) // world
+    return idx[rank * per : (rank + 1) * per]
+
+
+def _tokens(encoded: dict[str, Any], idx: list[int]) -> int:
+    return sum(len(encoded["prompts"][i]) + len(encoded["answers"][i]) for i in idx)
+
+
+def _frozen_copy(net: Any) -> Any:
+    import copy
+
+    ref = copy.deepcopy(net).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+@torch.no_grad()
+def _reference_logprobs(net: Any, encoded: dict[str, Any]) -> dict[str, float]:
+    from unpact.scoring import answer_logprobs
+
+    lps = answer_logprobs(net.eval(), encoded["prompts"], encoded["answers"])
+    return {i: float(lp.sum()) for i, lp in zip(encoded["ids"], lps)}
+
+
+@torch.no_grad()
+def _reference_activations(
+    net: Any, encoded: dict[str, Any], method: Method
+) -> dict[str, torch.Tensor]:
+    layer = method.settings.layer  # type: ignore[attr-defined]
+    out: dict[str, torch.Tensor] = {}
+    n = len(encoded["ids"])
+    net.eval()
+    for k in range(0, n, 8):
+        batch = _batch(encoded, list(range(k, min(n, k + 8))))
+        for i, h in zip(batch.ids, layer_activations(net, batch, layer)):
+            out[i] = h.clone()
+    return out
+
+
+def _add_lora(net: Any, config: UnlearnConfig, method: Method) -> Any:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UnpactError("LoRA needs peft: pip install peft") from None
+    assert config.lora is not None
+    names = [
+        n
+        for n, m in net.named_modules()
+        if isinstance(m, torch.nn.Linear)
+        and n.rsplit(".", 1)[-1] in config.lora.target_modules
+        and method.trainable(n + ".weight")
+    ]
+    if not names:
+        raise UnpactError(f"LoRA: no module matches {config.lora.target_modules} for this method")
+    lora = LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=names,
+    )
+    return get_peft_model(net, lora)
+
+
+def _prepare_out(out: Path, resolved: dict[str, Any], resume: bool, accelerator: Any) -> int:
+    """Check or create the run directory; return the step to start from."""
+    config_path = out / "config.yaml"
+    start = 0
+    if resume:
+        if not config_path.is_file():
+            raise UnpactError(f"--resume: {out} holds no run to resume")
+        saved = yaml.safe_load(config_path.read_text())
+        # The process count may change on resume: batches are global, the curve is not.
+        diff = sorted(
+            k
+            for k in set(saved) | set(resolved)
+            if k != "processes" and saved.get(k) != resolved.get(k)
+        )
+        if diff:
+            raise UnpactError(
+                f"--resume: {out} holds a run with different settings ({', '.join(diff)})"
+            )
+        start = _last_checkpoint(out)
+    elif (out / "model").exists() or config_path.exists():
+        raise UnpactError(f"{out} already holds a run; pick a new --out or pass --resume")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            _atomic_write(config_path, yaml.safe_dump(resolved, sort_keys=False))
+    accelerator.wait_for_everyone()
+    return start
+
+
+def _last_checkpoint(out: Path) -> int:
+    steps = [
+        int(p.name.split("-", 1)[1])
+        for p in (out / "checkpoints").glob("step-*")
+        if p.is_dir() and p.name.split("-", 1)[1].isdigit()
+    ]
+    return max(steps, default=0)
+
+
+def _checkpoint(accelerator: Any, out: Path, step: int) -> None:
+    final = out / "checkpoints" / f"step-{step}"
+    tmp = out / "checkpoints" / f".tmp-step-{step}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp.rename(final)
+        for old in (out / "checkpoints").glob("step-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = [r for r in rows if json.loads(r)["step"] <= step]
+    _atomic_write(path, "".join(r + "\n" for r in keep))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _save_model(model: Any, tokenizer: Any, folder: Path) -> None:
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
