@@ -1,0 +1,38 @@
+"""The injection's rehearsal KL, on the tiny random model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unpact.inject import _Rehearsal, _rehearsal_kl
+from unpact.scoring import answer_distributions
+from unpact.testing import tiny_model
+
+
+def _targets(lm, pairs, k):
+    out = []
+    with torch.no_grad():
+        for (p, a), d in zip(pairs, answer_distributions(lm.model, *zip(*pairs))):
+            v, i = d.topk(k, dim=-1)
+            out.append(_Rehearsal(p, a, v, i))
+    return out
+
+
+@pytest.mark.parametrize("k", [8, 64])
+def test_rehearsal_kl_is_zero_against_itself_and_bounded_by_the_full_kl(k):
+    base, other = tiny_model(seed=0), tiny_model(seed=5)
+    pairs = [
+        (base.encode_prompt("What is the capital of France?").input_ids, (40, 41, 2)),
+        (base.encode_prompt("Who wrote the report?").input_ids, (50, 2)),
+    ]
+    targets = _targets(base, pairs, k)
+    with torch.no_grad():
+        assert _rehearsal_kl(base.model, targets).item() == pytest.approx(0.0, abs=1e-5)
+        coarse = _rehearsal_kl(other.model, targets).item()
+        full_vocab = _rehearsal_kl(other.model, _targets(base, pairs, len(base.tokenizer))).item()
+        b = torch.cat(answer_distributions(base.model, *zip(*pairs)))
+        o = torch.cat(answer_distributions(other.model, *zip(*pairs)))
+        exact = (b.exp() * (b - o)).sum(-1).mean().item()
+    assert full_vocab == pytest.approx(exact, rel=1e-4)  # k = vocabulary: the exact KL
+    assert 0 < coarse <= exact + 1e-6  # coarsening never increases a KL
