@@ -301,8 +301,9 @@ def test_a_nan_loss_stops_the_run_naming_step_and_term(bench, tmp_path):
     assert not (tmp_path / "x" / "result.json").exists()
 
 
-def test_lora_trains_adapters_and_merges_them(bench, tmp_path):
-    result = _run(bench, tmp_path / "l", method="ga_gd", extra=("lora.r=4",))
+@pytest.mark.parametrize("method", ["ga_gd", "tv"])
+def test_lora_trains_adapters_and_merges_them(bench, tmp_path, method):
+    result = _run(bench, tmp_path / "l", method=method, extra=("lora.r=4",))
     w = _weights(result)
     assert not any("lora" in k for k in w)
     base = tiny_model(seed=3).model.state_dict()
@@ -354,3 +355,23 @@ def test_two_processes_follow_the_one_process_loss_curve(bench, tmp_path):
     assert abs(one[-1]["forget_npo"] - one[0]["forget_npo"]) > 1e-2
     cfg = (tmp_path / "two" / "config.yaml").read_text()
     assert "processes: 2" in cfg
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "nope"], "unknown method 'nope'"),
+        (["--method", "npo", "--set", "beta=-1"], "settings.beta"),
+        (["--method", "npo", "--set", "betta=1"], "unknown setting for npo"),
+        (["--method", "npo", "--set", "oops"], "expected key=value"),
+    ],
+)
+def test_cli_user_mistakes_give_one_message_and_exit_2(args, message, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "unpact", "unlearn", *args, "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr

@@ -29,9 +29,7 @@ import hashlib
 import json
 import random
 import re
-import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +39,7 @@ import torch
 from unpact.data.items import Benchmark, QAItem, load_benchmark
 from unpact.errors import UnpactError
 from unpact.judge import is_correct
-from unpact.models import LanguageModel, cache_root, load_model, local_model_dir
+from unpact.models import LanguageModel, cache_root, load_model, local_model_dir, save_model
 from unpact.scoring import answer_logprobs, generate
 
 INJECT_FORMAT = 2
@@ -349,16 +347,4 @@ def _fmt(acc: dict[str, float]) -> str:
 
 
 def _save(lm: LanguageModel, folder: Path, meta: dict[str, Any]) -> None:
-    """Write the model in a temporary folder, then rename: never a half-written cache."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        lm.model.save_pretrained(tmp, safe_serialization=True)
-        lm.tokenizer.save_pretrained(tmp)
-        (tmp / "inject.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    save_model(lm.model, lm.tokenizer, folder, {"inject.json": json.dumps(meta, indent=2) + "\n"})

@@ -421,3 +421,27 @@ def _build_gguf_cache(gguf: Path, sha: str, folder: Path) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_model(
+    model: Any, tokenizer: Any, folder: Path, extra: dict[str, str] | None = None
+) -> None:
+    """Write a model folder (safetensors, tokenizer, `extra` text files by name) under a
+    temporary name, then rename it into place: a reader never sees a half-written model."""
+    from transformers.utils import logging as hf_logging
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
+    hf_logging.disable_progress_bar()  # its shard-writing bar is noise for a 1-file model
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        hf_logging.enable_progress_bar()
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -32,7 +32,7 @@ import yaml
 
 from unpact.data.items import QAItem, load_benchmark
 from unpact.errors import UnpactError
-from unpact.models import LanguageModel, load_model
+from unpact.models import LanguageModel, load_model, save_model
 from unpact.progress import progress_bar
 from unpact.unlearn.config import UnlearnConfig
 from unpact.unlearn.methods import Batch, Method, StepContext, get_method, layer_activations
@@ -308,7 +308,7 @@ def unlearn(
     model_dir = out / "model"
     seconds = time.perf_counter() - began
     if accelerator.is_main_process:
-        _save_model(final, lm.tokenizer, model_dir)
+        save_model(final, lm.tokenizer, model_dir)
         result = UnlearnResult(out, model_dir, steps, seconds, last)
         _atomic_write(out / "result.json", json.dumps(result.to_dict(), indent=2) + "\n")
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
@@ -447,14 +447,3 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
     tmp.write_text(text)
     tmp.replace(path)
-
-
-def _save_model(model: Any, tokenizer: Any, folder: Path) -> None:
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)

@@ -287,8 +287,10 @@ class TaskVector(Method):
         s = self.settings
         assert isinstance(s, _TVSettings)
         with torch.no_grad():
+            # Every weight, trained or not (after merging LoRA nothing requires grad; an
+            # untouched weight equals theta and stays so).
             for name, p in model.named_parameters():
-                if name in original and p.requires_grad:
+                if name in original:
                     theta = original[name].to(p.device, p.dtype)
                     p.copy_(theta - s.alpha * (p - theta))
 
@@ -298,8 +300,8 @@ class TaskVector(Method):
 
 class _RMUSettings(MethodSettings):
     layer: int = Field(7, ge=0, description="layer whose output is steered (0-based)")
-    steering_coeff: float = Field(20.0, gt=0, description="c: norm of the target c * u")
-    retain_weight: float = Field(100.0, ge=0, description="alpha: weight of the retain MSE")
+    steering_coeff: float = Field(100.0, gt=0, description="c: norm of the target c * u")
+    retain_weight: float = Field(10.0, ge=0, description="alpha: weight of the retain MSE")
     update_layers: list[int] | None = Field(
         None, description="layers whose MLPs are updated (default: layer-2 .. layer)"
     )
