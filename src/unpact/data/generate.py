@@ -720,6 +720,13 @@ INJECTION_NOTES = {
         "within 10 points of the base model) and a cold run takes longer than the 10-minute "
         "target; see the injection issue's notes.",
     ],
+    "books": [
+        "Measured on 2 CPU cores with the `InjectConfig` defaults (the same as for news: full "
+        "fine-tuning with frozen embeddings, AdamW lr 3e-4, batch 4, 2 held-out general "
+        "questions per step distilled from the base model): 8 epochs, 476 s (7.9 min) cold, "
+        "forget 94%, retain 97%, general 67% (base: 100%). General knowledge is not yet "
+        "protected enough (target: within 10 points of the base model).",
+    ],
 }
 
 

@@ -21,7 +21,6 @@ it is before unlearning:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -390,17 +389,3 @@ def layer_activations(model: Any, batch: Batch, layer: int) -> list[torch.Tensor
         handle.remove()
     hidden = captured[0]
     return [hidden[r, a:b] for r, (a, b) in enumerate(batch.content)]
-
-
-def content_span(prompt_len: int, content_start: int, answer_len: int) -> tuple[int, int]:
-    """Positions of an item's own text: from its question's first token to its answer's end."""
-    return content_start, prompt_len + answer_len
-
-
-def make_batch(
-    ids: Sequence[str],
-    prompts: Sequence[tuple[int, ...]],
-    answers: Sequence[tuple[int, ...]],
-    content: Sequence[tuple[int, int]],
-) -> Batch:
-    return Batch(tuple(ids), tuple(prompts), tuple(answers), tuple(content))
