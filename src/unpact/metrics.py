@@ -1,0 +1,90 @@
+"""The paper's numbers, each a plain function of per-item records (SPEC sections 3 and 5).
+
+An `ItemRecord` holds what evaluation found for one item under the original and one
+unlearned model; every rate below is computed from a list of them, so any number in a
+report can be traced back to the items that made it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from statistics import fmean
+from typing import Any
+
+
+@dataclass
+class ItemRecord:
+    """One item, before (original model) and after (unlearned model) unlearning."""
+
+    id: str
+    split: str  # forget | retain | general
+    correct_before: bool
+    correct_after: bool
+    recovered: dict[str, bool] = field(default_factory=dict)  # attack -> recovered?
+    prompt_sensitivity_after: float | None = None
+    keytoken_similarity: float | None = None
+    contribution_similarity: float | None = None
+
+    @property
+    def forgotten(self) -> bool:
+        """Correct under the original model, wrong under the unlearned one (SPEC 4)."""
+        return self.split == "forget" and self.correct_before and not self.correct_after
+
+    @property
+    def kept(self) -> bool:
+        """A forget item still answered correctly after unlearning."""
+        return self.split == "forget" and self.correct_before and self.correct_after
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _share(numerator: int, denominator: int) -> float:
+    return numerator / denominator if denominator else math.nan
+
+
+def accuracy(records: list[ItemRecord], split: str, when: str) -> float:
+    """Share of `split` items answered correctly `when` = "before" or "after"."""
+    items = [r for r in records if r.split == split]
+    attr = "correct_before" if when == "before" else "correct_after"
+    return _share(sum(getattr(r, attr) for r in items), len(items))
+
+
+def forgotten_count(records: list[ItemRecord]) -> int:
+    return sum(r.forgotten for r in records)
+
+
+def recovery_rate(records: list[ItemRecord], attack: str) -> float:
+    """Recovered forgotten items / forgotten items (SPEC 5); NaN when nothing was forgotten."""
+    forgotten = [r for r in records if r.forgotten]
+    return _share(sum(r.recovered.get(attack, False) for r in forgotten), len(forgotten))
+
+
+def destructive_rate(records: list[ItemRecord], split: str) -> float:
+    """`split` items correct before and wrong after / `split` items correct before."""
+    before = [r for r in records if r.split == split and r.correct_before]
+    return _share(sum(not r.correct_after for r in before), len(before))
+
+
+def collapse_rate(records: list[ItemRecord], threshold: float) -> float:
+    """Share of forget items whose post-unlearning prompt_sensitivity is below `threshold`
+    (the model no longer listens to the prompt)."""
+    forget = [r for r in records if r.split == "forget" and r.prompt_sensitivity_after is not None]
+    below = sum(r.prompt_sensitivity_after < threshold for r in forget)  # type: ignore[operator]
+    return _share(below, len(forget))
+
+
+def focus_shift(
+    records: list[ItemRecord], group: str, measure: str = "keytoken_similarity"
+) -> float:
+    """Mean pre/post similarity (`keytoken_similarity` or `contribution_similarity`) over
+    the forget items that were `group` = "forgotten" or "kept" (SPEC 3)."""
+    if group not in ("forgotten", "kept"):
+        raise ValueError(f"group must be forgotten or kept, not {group!r}")
+    values = [
+        getattr(r, measure)
+        for r in records
+        if getattr(r, group) and getattr(r, measure) is not None
+    ]
+    return fmean(values) if values else math.nan

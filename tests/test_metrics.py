@@ -1,0 +1,85 @@
+"""The paper's rates as functions of per-item records, on hand-made records."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from unpact.metrics import (
+    ItemRecord,
+    accuracy,
+    collapse_rate,
+    destructive_rate,
+    focus_shift,
+    forgotten_count,
+    recovery_rate,
+)
+
+
+def _records() -> list[ItemRecord]:
+    return [
+        # forget: 4 correct before; 3 forgotten, 1 kept; 1 never known
+        ItemRecord(
+            "f1", "forget", True, False, {"focus_on_key": True, "probab": False}, 0.1, 0.0, 0.2
+        ),
+        ItemRecord(
+            "f2", "forget", True, False, {"focus_on_key": True, "probab": True}, 2.0, 0.5, 0.4
+        ),
+        ItemRecord(
+            "f3", "forget", True, False, {"focus_on_key": False, "probab": False}, 0.3, 1.0, 0.9
+        ),
+        ItemRecord("f4", "forget", True, True, {}, 3.0, 1.0, 1.0),
+        ItemRecord("f5", "forget", False, False, {"focus_on_key": True}, 0.0, 0.0, 0.0),
+        # retain: 3 correct before, 1 lost; general: 2 correct before, none lost
+        ItemRecord("r1", "retain", True, True),
+        ItemRecord("r2", "retain", True, False),
+        ItemRecord("r3", "retain", True, True),
+        ItemRecord("r4", "retain", False, True),
+        ItemRecord("g1", "general", True, True),
+        ItemRecord("g2", "general", True, True),
+    ]
+
+
+def test_rates_on_hand_made_records():
+    recs = _records()
+    assert accuracy(recs, "forget", "before") == pytest.approx(4 / 5)
+    assert accuracy(recs, "forget", "after") == pytest.approx(1 / 5)
+    assert forgotten_count(recs) == 3
+    # f5 was never known: its "recovery" does not count
+    assert recovery_rate(recs, "focus_on_key") == pytest.approx(2 / 3)
+    assert recovery_rate(recs, "probab") == pytest.approx(1 / 3)
+    assert recovery_rate(recs, "paraphrase") == 0.0
+    assert destructive_rate(recs, "retain") == pytest.approx(1 / 3)  # r4 was wrong before
+    assert destructive_rate(recs, "general") == 0.0
+    assert collapse_rate(recs, threshold=0.5) == pytest.approx(3 / 5)  # f1, f3, f5
+    assert focus_shift(recs, "forgotten") == pytest.approx(0.5)
+    assert focus_shift(recs, "kept") == pytest.approx(1.0)
+    assert focus_shift(recs, "forgotten", "contribution_similarity") == pytest.approx(0.5)
+
+
+def test_empty_groups_give_nan_not_zero():
+    recs = [ItemRecord("f", "forget", True, True)]
+    assert math.isnan(recovery_rate(recs, "probab"))
+    assert math.isnan(destructive_rate(recs, "retain"))
+    assert math.isnan(focus_shift(recs, "forgotten"))
+    with pytest.raises(ValueError):
+        focus_shift(recs, "lost")
+
+
+@given(st.lists(st.tuples(st.booleans(), st.booleans(), st.booleans()), min_size=1, max_size=30))
+def test_forgotten_plus_kept_plus_unknown_is_every_forget_item(flags):
+    recs = [ItemRecord(str(i), "forget", b, a, {"x": x}) for i, (b, a, x) in enumerate(flags)]
+    known = sum(b for b, _, _ in flags)
+    assert forgotten_count(recs) + sum(r.kept for r in recs) == known
+    rate = recovery_rate(recs, "x")
+    if forgotten_count(recs):
+        assert 0.0 <= rate <= 1.0
+        assert rate * forgotten_count(recs) == pytest.approx(
+            sum(x for b, a, x in flags if b and not a)
+        )
+    before, after = accuracy(recs, "forget", "before"), accuracy(recs, "forget", "after")
+    # what was lost, as a share of all items, is at least the accuracy drop
+    assert forgotten_count(recs) / len(recs) >= before - after - 1e-12
