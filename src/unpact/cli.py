@@ -460,41 +460,79 @@ def data_show(
         out.print(table)
 
 
-DEMO_QUESTIONS = [
-    ("What is the capital of France?", "Paris"),
-    ("What is the chemical symbol for gold?", "Au"),
-    ("How many days are there in a week?", "seven"),
-    ("Who wrote Romeo and Juliet?", "William Shakespeare"),
-    ("What is the largest planet in the solar system?", "Jupiter"),
-]
+def _print_results(results: dict[str, object], out_dir: Path) -> None:
+    from unpact.report import ATTACK_TITLES, pct
+
+    methods: dict[str, dict[str, object]] = results["methods"]  # type: ignore[assignment]
+    attacks: list[str] = results["attacks"]  # type: ignore[assignment]
+    table = Table(
+        "method",
+        "forget acc\nbefore → after",
+        "forgotten",
+        *(f"recovery\n{ATTACK_TITLES.get(a, a)}" for a in attacks),
+        "destructive\nretain",
+        "destructive\ngeneral",
+        "collapse",
+        "KeyToken sim.\nforgotten / kept",
+        title=f"unpact: {results['benchmark']} on {results['model']}",
+    )
+    for name, m in methods.items():
+        recovery: dict[str, float | None] = m["recovery"]  # type: ignore[assignment]
+        sims = (m["keytoken_similarity_forgotten"], m["keytoken_similarity_kept"])
+        table.add_row(
+            name,
+            f"{pct(m['forget_acc_before'])} → {pct(m['forget_acc_after'])}",
+            str(m["forgotten"]),
+            *(pct(recovery.get(a)) for a in attacks),
+            pct(m["destructive_retain"]),
+            pct(m["destructive_general"]),
+            pct(m["collapse_rate"]),
+            " / ".join("–" if v is None else f"{v:.2f}" for v in sims),
+        )
+    out.print(table)
+    out.print(f"results: {out_dir / 'results.json'} (per item: {out_dir / 'items.jsonl'})")
+    out.print(f"report:  {out_dir / 'report.html'}")
+
+
+def _run(config: str | Path, out_dir: Path) -> None:
+    import time
+
+    from unpact.run import load_config
+    from unpact.run import run as run_experiment
+
+    cfg = load_config(config)  # a bad config fails here, before any model loads
+    start = time.perf_counter()
+
+    def log(text: str) -> None:
+        err.print(f"[dim]{time.perf_counter() - start:6.0f} s[/]  {text}", highlight=False)
+
+    result = run_experiment(cfg, out_dir, log=log)
+    _print_results(result.results, out_dir)
+
+
+@app.command()
+def run(
+    config: Annotated[
+        str, typer.Argument(help="A run config (YAML file) or a built-in one: demo, paper.")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="Run directory.")] = Path("runs/run"),
+) -> None:
+    """Run an experiment end to end: inject, unlearn, judge, attribute, attack, report.
+
+    Every stage is cached by content hash, so re-running after an interruption redoes only
+    what was not finished. Writes results.json, results.csv, items.jsonl, models/ and
+    report.html into --out.
+    """
+    _run(config, out_dir)
 
 
 @app.command()
 def demo(
-    model: ModelOpt = "default",
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
+    out_dir: Annotated[Path, typer.Option("--out", help="Run directory.")] = Path("runs/demo"),
 ) -> None:
-    """Answer a few built-in questions with the model and print each answer's log-prob."""
-    from unpact.scoring import generate as run_generate
-    from unpact.scoring import score as run_score
-
-    lm = _load(model, dtype, device, False)
-    questions = [q for q, _ in DEMO_QUESTIONS]
-    references = [a for _, a in DEMO_QUESTIONS]
-    answers = [
-        g[0].text for g in run_generate(lm, questions, max_new_tokens=24, progress="Answering")
-    ]
-    own = run_score(lm, questions, [a or "?" for a in answers], progress="Scoring answers")
-    ref = run_score(lm, questions, references, progress="Scoring references")
-    out.print(f"[bold]unpact demo[/] on {lm.spec}: greedy answers and their log-probs\n")
-    for q, a, s, r, rs in zip(questions, answers, own, references, ref):
-        out.print(f"[bold]Q:[/] {q}", highlight=False)
-        out.print(f"[bold]A:[/] {a}", markup=True, highlight=False)
-        out.print(f"   LP(answer) = {s.lp:.3f}   LP({r!r}) = {rs.lp:.3f}\n", highlight=False)
-    out.print(
-        "LP = mean log-prob per answer token under teacher forcing (closer to 0 = more confident)."
-    )
+    """The paper end to end on the default model, reduced: news (20 forget items), GA+GD,
+    NPO+KL and RMU, FocusOnKey and PROBAB, the report. Same as `unpact run demo`."""
+    _run("demo", out_dir)
 
 
 def main() -> None:

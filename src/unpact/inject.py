@@ -135,11 +135,26 @@ def accuracy(
 def judge_items(
     lm: LanguageModel, items: list[QAItem], max_new_tokens: int = 24, progress: bool | str = False
 ) -> list[bool]:
-    """Per item: does the judge accept the model's greedy answer?"""
-    outs = generate(
-        lm, [i.question for i in items], max_new_tokens=max_new_tokens, progress=progress
-    )
-    return [is_correct(o[0].text, i.answer, i.aliases) for o, i in zip(outs, items)]
+    """Per item: does the judge accept the model's greedy answer? (Multiple choice: is the
+    highest-LP option the right one?)"""
+    from unpact.judge import choose_options
+
+    verdicts: dict[str, bool] = {}
+    qa = [i for i in items if not i.is_mcq]
+    if qa:
+        outs = generate(
+            lm, [i.question for i in qa], max_new_tokens=max_new_tokens, progress=progress
+        )
+        for o, i in zip(outs, qa):
+            verdicts[i.id] = is_correct(o[0].text, i.answer, i.aliases)
+    mcq = [i for i in items if i.is_mcq]
+    if mcq:
+        picks = choose_options(
+            lm, [i.question for i in mcq], [i.choices or () for i in mcq], progress=progress
+        )
+        for k, i in zip(picks, mcq):
+            verdicts[i.id] = (i.choices or ())[k] == i.answer
+    return [verdicts[i.id] for i in items]
 
 
 def _share(flags: list[bool]) -> float:
@@ -214,10 +229,6 @@ def inject(
 
     config = config or InjectConfig()
     bench = load_benchmark(benchmark)
-    if any(i.is_mcq for i in bench.items):
-        raise UnpactError(
-            f"{bench.name} is multiple choice; injection teaches QA answers (use its documents)"
-        )
     key = cache_key(model, bench, config)
     folder = Path(cache_dir or cache_root() / "injected") / f"{bench.name}-{key}"
     if (folder / "inject.json").is_file():

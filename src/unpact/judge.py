@@ -2,15 +2,30 @@
 
 Correct if a normalised reference answer or alias occurs in the normalised output
 (lower case, punctuation and the articles a/an/the removed, whitespace collapsed), as
-whole words. ROUGE-L recall >= 0.5 is the second judge. Multiple choice is judged by the
-highest LP among the options (see the evaluation stage, which scores with the hot path).
+whole words. ROUGE-L recall >= 0.5 is the second judge; an LLM behind any
+OpenAI-compatible endpoint is the third (its key is read from an environment variable at
+call time and never stored). Multiple choice is judged by the highest LP among the
+options (`choose_option`, on the hot path).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import string
-from collections.abc import Iterable
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from unpact.errors import UnpactError
+
+if TYPE_CHECKING:
+    from unpact.models import LanguageModel
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans({c: " " for c in string.punctuation + "‘’“”–—"})
@@ -52,3 +67,115 @@ def is_correct(
     if judge == "rouge":
         return max(rouge_l_recall(output, r) for r in references) >= 0.5
     raise ValueError(f"unknown judge {judge!r}; choose contains or rouge")
+
+
+LLM_PROMPT = (
+    "Question: {question}\nReference answer: {answer}\nModel answer: {output}\n\n"
+    "Does the model answer give the reference answer (same meaning, any wording)? "
+    "Reply with one word: yes or no."
+)
+
+
+class LLMJudgeSettings(BaseModel):
+    """An LLM judge behind an OpenAI-compatible `/chat/completions` endpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+    base_url: str = Field(description="endpoint root, e.g. http://127.0.0.1:8000/v1")
+    model: str = Field(description="model name the endpoint serves")
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", description="environment variable holding the key (None: no key)"
+    )
+    prompt: str = Field(LLM_PROMPT, description="{question}, {answer}, {output} are filled in")
+    timeout: float = Field(60.0, gt=0, description="seconds per request")
+
+
+class JudgeSettings(BaseModel):
+    """How answers are judged (SPEC section 4); multiple choice is always by highest LP."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["contains", "rouge", "llm"] = Field(
+        "contains", description="contains-match, ROUGE-L recall >= threshold, or an LLM"
+    )
+    rouge_threshold: float = Field(0.5, gt=0, le=1, description="ROUGE-L recall needed")
+    max_new_tokens: int = Field(32, gt=0, description="greedy answer length")
+    llm: LLMJudgeSettings | None = Field(None, description="the LLM judge's endpoint")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One thing to judge: the question, the model's output and the references."""
+
+    question: str
+    output: str
+    answer: str
+    aliases: tuple[str, ...] = ()
+
+
+def judge_many(verdicts: Sequence[Verdict], settings: JudgeSettings | None = None) -> list[bool]:
+    """Correct or not, per output, under the configured judge."""
+    settings = settings or JudgeSettings()
+    if settings.kind == "contains":
+        return [contains_match(v.output, [v.answer, *v.aliases]) for v in verdicts]
+    if settings.kind == "rouge":
+        return [
+            max(rouge_l_recall(v.output, r) for r in (v.answer, *v.aliases))
+            >= settings.rouge_threshold
+            for v in verdicts
+        ]
+    if settings.llm is None:
+        raise UnpactError("judge.kind is llm but judge.llm (base_url, model) is not set")
+    return [_ask_llm(settings.llm, v) for v in verdicts]
+
+
+def _ask_llm(settings: LLMJudgeSettings, verdict: Verdict) -> bool:
+    headers = {"Content-Type": "application/json"}
+    if settings.api_key_env:
+        key = os.environ.get(settings.api_key_env)
+        if not key:
+            raise UnpactError(
+                f"the LLM judge reads its key from ${settings.api_key_env}, which is not set"
+            )
+        headers["Authorization"] = f"Bearer {key}"
+    content = settings.prompt.format(
+        question=verdict.question, answer=verdict.answer, output=verdict.output
+    )
+    body = {
+        "model": settings.model,
+        "messages": [{"role": "user", "content": content}],
+        "temperature": 0,
+        "max_tokens": 3,
+    }
+    url = settings.base_url.rstrip("/") + "/chat/completions"
+    request = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=settings.timeout) as response:
+            reply = json.loads(response.read())
+        text = reply["choices"][0]["message"]["content"]
+    except urllib.error.HTTPError as e:
+        # The message names the endpoint and the status, never the key.
+        raise UnpactError(f"LLM judge at {url}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, TimeoutError, OSError) as e:
+        raise UnpactError(f"LLM judge at {url} is unreachable: {e}") from None
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise UnpactError(f"LLM judge at {url}: not an OpenAI chat completion reply") from None
+    return normalize(str(text)).split()[:1] == ["yes"]
+
+
+def choose_options(
+    lm: LanguageModel,
+    questions: Sequence[str],
+    choices: Sequence[Sequence[str]],
+    progress: bool | str = False,
+) -> list[int]:
+    """Multiple choice: per question, the index of the option with the highest LP (SPEC
+    section 4). Every (question, option) pair goes through the hot path in one call."""
+    from unpact.scoring import score
+
+    pairs = [(q, c) for q, cs in zip(questions, choices, strict=True) for c in cs]
+    scores = score(lm, [q for q, _ in pairs], [c for _, c in pairs], progress=progress)
+    picked, k = [], 0
+    for cs in choices:
+        lps = [s.lp for s in scores[k : k + len(cs)]]
+        picked.append(max(range(len(lps)), key=lps.__getitem__))
+        k += len(cs)
+    return picked

@@ -25,6 +25,15 @@ class ItemRecord:
     prompt_sensitivity_after: float | None = None
     keytoken_similarity: float | None = None
     contribution_similarity: float | None = None
+    # Provenance, for the report and for readers of items.jsonl (metrics do not use it).
+    method: str = ""
+    question: str = ""
+    answer: str = ""
+    output_before: str = ""
+    output_after: str = ""
+    attribution_before: dict[str, Any] | None = None  # units, contributions, key_tokens, ...
+    attribution_after: dict[str, Any] | None = None
+    attacks: dict[str, dict[str, Any]] = field(default_factory=dict)  # attack -> prompt, outputs
 
     @property
     def forgotten(self) -> bool:

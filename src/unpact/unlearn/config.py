@@ -87,19 +87,22 @@ def resolve_config(
     *,
     file: str | Path | None = None,
     overrides: list[str] | None = None,
+    values: dict[str, Any] | None = None,
 ) -> UnlearnConfig:
-    """Defaults of the method, then a YAML file, then `key=value` overrides; validated."""
-    user: dict[str, Any] = {}
+    """Defaults of the method, then a YAML file (or `values`, the same mapping given
+    directly), then `key=value` overrides; validated."""
+    user: dict[str, Any] = dict(values or {})
     if file is not None:
         path = Path(file)
         if not path.is_file():
             raise UnpactError(f"config file {path} does not exist")
         try:
-            user = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise UnpactError(f"{path}: not valid YAML ({e})") from None
-        if not isinstance(user, dict):
+        if not isinstance(loaded, dict):
             raise UnpactError(f"{path}: expected a mapping of settings at the top level")
+        user = _merge(user, loaded)
     name = method or user.get("method")
     if not name:
         raise UnpactError("no method given: pass --method or set `method:` in the config file")

@@ -166,8 +166,6 @@ def unlearn(
         raise UnpactError(f"benchmark {bench.name} has no forget items")
     if method.uses_retain and not retain_items:
         raise UnpactError(f"{config.method} needs retain items; {bench.name} has none")
-    if any(i.is_mcq for i in forget_items):
-        raise UnpactError(f"{bench.name} is multiple choice; unlearning needs QA answers")
 
     resolved = {
         "format": RUN_FORMAT,

@@ -1,0 +1,145 @@
+"""The run's report: one self-contained HTML file (SPEC section 8).
+
+Inline CSS, inline JS and an inline SVG plot, no network: it opens from a mail attachment.
+It holds the per-method table (the paper's Table 2 shape), the dilemma plot (recovery
+rate against destructive rate, one point per method), token heatmaps of contributions
+before and after unlearning for a few forgotten items per method, and the settings.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from unpact.attribution import Attribution
+
+if TYPE_CHECKING:
+    from unpact.metrics import ItemRecord
+    from unpact.run import RunConfig
+
+ATTACK_TITLES = {
+    "focus_on_key": "FocusOnKey",
+    "probab": "PROBAB",
+    "focus_on_key_probab": "FocusOnKey+PROBAB",
+}
+
+
+def pct(value: Any) -> str:
+    """A rate as a percentage; an undefined one (nothing to divide by) as a dash."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{100 * value:.1f}%"
+
+
+def num(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:.3f}"
+
+
+def dilemma_svg(results: dict[str, Any]) -> str:
+    """Recovery rate (first attack) against destructive rate on retain and on general
+    items: one point per method, as an inline SVG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attack = results["attacks"][0] if results["attacks"] else None
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
+    for ax, split in zip(axes, ("retain", "general")):
+        for name, m in results["methods"].items():
+            x = m[f"destructive_{split}"]
+            y = m["recovery"].get(attack) if attack else None
+            if x is None or y is None:
+                continue
+            ax.scatter([100 * x], [100 * y], s=40)
+            ax.annotate(name, (100 * x, 100 * y), textcoords="offset points", xytext=(5, 4))
+        ax.set_xlim(-5, 105)
+        ax.set_ylim(-5, 105)
+        ax.set_xlabel(f"destructive rate on {split} items (%)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"recovery rate, {ATTACK_TITLES.get(attack or '', attack)} (%)")
+    fig.suptitle("The dilemma: lower-left is better (forgets for good, destroys little)")
+    fig.tight_layout()
+    buf = io.StringIO()
+    plt.rcParams["svg.fonttype"] = "none"  # text stays text: smaller, searchable
+    fig.savefig(buf, format="svg")
+    plt.close(fig)
+    svg = buf.getvalue()
+    svg = re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.S)  # a date: not reproducible
+    return svg[svg.index("<svg") :]
+
+
+def heatmaps(
+    results: dict[str, Any],
+    records: list[ItemRecord],
+    attributions: dict[str, dict[str, dict[str, Any]]],
+    per_method: int,
+) -> list[dict[str, Any]]:
+    """For each method, its first `per_method` forgotten items: before/after heatmaps."""
+    sections = []
+    for name in results["methods"]:
+        chosen = [r for r in records if r.method == name and r.forgotten][:per_method]
+        rows = []
+        for r in chosen:
+            before = Attribution.from_dict(attributions["original"][r.id])
+            after = Attribution.from_dict(attributions[name][r.id])
+            rows.append(
+                {
+                    "id": r.id,
+                    "question": r.question,
+                    "answer": r.answer,
+                    "output_after": r.output_after,
+                    "before": before.to_html(),
+                    "after": after.to_html(),
+                    "similarity": r.keytoken_similarity,
+                }
+            )
+        sections.append({"method": name, "rows": rows})
+    return sections
+
+
+def render(
+    results: dict[str, Any],
+    records: list[ItemRecord],
+    attributions: dict[str, dict[str, dict[str, Any]]],
+    config: RunConfig,
+) -> str:
+    """The report as one HTML string."""
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    env = Environment(
+        loader=PackageLoader("unpact", "report"), autoescape=select_autoescape(["html", "j2"])
+    )
+    env.filters["pct"] = pct
+    env.filters["num"] = num
+    template = env.get_template("report.html.j2")
+    return template.render(
+        results=results,
+        attack_titles={a: ATTACK_TITLES.get(a, a) for a in results["attacks"]},
+        plot=dilemma_svg(results),
+        sections=heatmaps(results, records, attributions, config.attribution.heatmaps),
+        settings=yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
+        escape=html.escape,
+    )
+
+
+def write_report(
+    path: Path,
+    results: dict[str, Any],
+    records: list[ItemRecord],
+    attributions: dict[str, dict[str, dict[str, Any]]],
+    config: RunConfig,
+) -> None:
+    """Write report.html atomically."""
+    text = render(results, records, attributions, config)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -1,0 +1,758 @@
+"""The experiment runner (SPEC section 8): a config, its stages, cached artefacts, results.
+
+`run(config, out)` (CLI: `unpact run CONFIG.yaml --out DIR`) does the paper end to end:
+
+1. data: the benchmark, or a subset of it (the first N items of each split);
+2. original model: the base model with the benchmark's facts injected (`unpact.inject`);
+3. unlearning: one run per configured method (`unpact.unlearn`);
+4. evaluation: every item's greedy answer (or, for multiple choice, the highest-LP option)
+   and its verdict, for the original and every unlearned model;
+5. attribution: unPact on every forget item under the original and every unlearned model;
+6. attacks: every configured attack on every forgotten item;
+7. results: per-item records, the metrics as functions of them, the report.
+
+Every stage's artefact is cached under `cache_dir` by a hash of what it depends on (model,
+data, settings) and written atomically, so an interrupted run redoes only what was not
+finished (an interrupted unlearning run resumes from its last checkpoint) and ends with
+the same numbers. The run directory gets `config.yaml` (resolved), `results.json`,
+`results.csv`, `items.jsonl`, `models/` (links to the safetensors models) and `report.html`;
+`results.json` is written last, so a directory holding it is a finished run.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from unpact.attacks import ATTACKS, Attack, get_attack
+from unpact.attribution import (
+    ALPHA,
+    BETA,
+    Attribution,
+    attribute_many,
+    contribution_similarity,
+    keytoken_similarity,
+)
+from unpact.data.items import Benchmark, QAItem, load_benchmark, write_folder
+from unpact.errors import UnpactError
+from unpact.judge import JudgeSettings, Verdict, choose_options, judge_many
+from unpact.metrics import (
+    ItemRecord,
+    accuracy,
+    collapse_rate,
+    destructive_rate,
+    focus_shift,
+    forgotten_count,
+    recovery_rate,
+)
+from unpact.models import LanguageModel, cache_root, load_model
+
+RUN_FORMAT = 1
+PAPER_ATTACKS = ("focus_on_key", "probab", "focus_on_key_probab")
+
+
+# ---------------------------------------------------------------------------- config
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSettings(_Strict):
+    """Which items the run uses."""
+
+    benchmark: str = Field("news", description="built-in benchmark name or a folder")
+    general: str | None = Field("general", description="general-knowledge benchmark, or null")
+    forget_items: int | None = Field(None, gt=0, description="use only the first N forget items")
+    retain_items: int | None = Field(None, gt=0, description="use only the first N retain items")
+    general_items: int | None = Field(None, gt=0, description="use only the first N general items")
+
+
+class InjectSettings(_Strict):
+    """Teach the benchmark to the model first (as MUSE's target models were)."""
+
+    enabled: bool = Field(True, description="inject; false: the model already knows the data")
+    settings: dict[str, Any] = Field(
+        default_factory=dict, description="InjectConfig fields (lr, max_epochs, ...)"
+    )
+
+    @field_validator("settings")
+    @classmethod
+    def _known(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from unpact.inject import InjectConfig
+
+        known = {f.name for f in fields(InjectConfig)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown injection setting(s) {', '.join(unknown)}")
+        return value
+
+
+class MethodSpec(_Strict):
+    """One unlearning run: a registered method and changes to its default settings."""
+
+    method: str = Field(description="registered method, e.g. npo_kl")
+    name: str | None = Field(None, description="label in the results (default: the method)")
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="UnlearnConfig fields; method knobs under settings"
+    )
+
+    @property
+    def label(self) -> str:
+        return self.name or self.method
+
+
+class AttackSpec(_Strict):
+    name: str = Field(description="registered attack: focus_on_key, probab, ...")
+    settings: dict[str, Any] = Field(default_factory=dict, description="the attack's settings")
+
+
+class AttributionSettings(_Strict):
+    unit: Literal["token", "word"] = Field("token", description="attribution unit")
+    baseline: Literal["delete", "token", "mask"] = Field(
+        "delete", description="how a unit is taken out"
+    )
+    alpha: float = Field(ALPHA, gt=0, lt=1, description="KeyToken share threshold")
+    beta: float = Field(BETA, gt=0, le=1, description="KeyToken sparsity threshold")
+    heatmaps: int = Field(4, ge=0, description="forgotten items shown as heatmaps per method")
+
+
+class RunConfig(_Strict):
+    """One experiment. Every field has a default except the methods."""
+
+    model: str = Field("default", description="base model spec")
+    benchmarks: list[str] | None = Field(
+        None, description="a grid: the same run on each benchmark, into DIR/<benchmark>/"
+    )
+    data: DataSettings = Field(default_factory=DataSettings)
+    inject: InjectSettings = Field(default_factory=InjectSettings)
+    methods: list[MethodSpec] = Field(min_length=1, description="unlearning runs")
+    attacks: list[AttackSpec] = Field(
+        default_factory=lambda: [AttackSpec(name=n) for n in PAPER_ATTACKS],
+        description="recovery attacks run on every forgotten item",
+    )
+    judge: JudgeSettings = Field(default_factory=JudgeSettings)
+    attribution: AttributionSettings = Field(default_factory=AttributionSettings)
+    collapse_threshold: float = Field(
+        0.1, ge=0, description="prompt_sensitivity (nats) below which a model ignores the prompt"
+    )
+
+
+def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
+    """Read and validate a run config (a YAML file, a built-in name, or a mapping).
+
+    Any problem is one `UnpactError` naming the key's path, e.g. `methods.1.method`."""
+    where = "config"
+    if isinstance(source, dict):
+        data = source
+    else:
+        path = builtin_config(str(source)) or Path(source)
+        where = str(path)
+        if not path.is_file():
+            raise UnpactError(
+                f"no run config {source}: not a file and not a built-in one "
+                f"({', '.join(builtin_configs())})"
+            )
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UnpactError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise UnpactError(f"{path}: expected a mapping at the top level")
+    try:
+        config = RunConfig(**data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"{loc}: {msg}")
+        raise UnpactError(f"{where}: " + "; ".join(problems)) from None
+    _check_references(config, where)
+    return config
+
+
+def _check_references(config: RunConfig, where: str) -> None:
+    """The names a config refers to exist and the settings under them are valid."""
+    from unpact.unlearn.config import resolve_config
+
+    benchmarks = [("data.benchmark", config.data.benchmark), ("data.general", config.data.general)]
+    benchmarks += [(f"benchmarks.{n}", b) for n, b in enumerate(config.benchmarks or [])]
+    for key, name in benchmarks:
+        if name is None:
+            continue
+        try:
+            load_benchmark(name)
+        except UnpactError as e:
+            raise UnpactError(f"{where}: {key}: {e}") from None
+    labels: set[str] = set()
+    for n, spec in enumerate(config.methods):
+        try:
+            resolve_config(spec.method, values=spec.config)
+        except UnpactError as e:
+            raise UnpactError(f"{where}: methods.{n}: {e}") from None
+        if spec.label in labels:
+            raise UnpactError(f"{where}: methods.{n}.name: {spec.label!r} is used twice")
+        labels.add(spec.label)
+    names: set[str] = set()
+    for n, attack in enumerate(config.attacks):
+        if attack.name not in ATTACKS:
+            raise UnpactError(
+                f"{where}: attacks.{n}.name: unknown attack {attack.name!r}; "
+                f"choose from {', '.join(sorted(ATTACKS))}"
+            )
+        try:
+            get_attack(attack.name, attack.settings)
+        except UnpactError as e:
+            raise UnpactError(f"{where}: attacks.{n}.settings: {e}") from None
+        if attack.name in names:
+            raise UnpactError(f"{where}: attacks.{n}.name: {attack.name!r} is listed twice")
+        names.add(attack.name)
+    if config.judge.kind == "llm" and config.judge.llm is None:
+        raise UnpactError(f"{where}: judge.llm: needed when judge.kind is llm")
+
+
+def builtin_configs() -> list[str]:
+    folder = Path(__file__).parent / "configs"
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def builtin_config(name: str) -> Path | None:
+    path = Path(__file__).parent / "configs" / f"{name}.yaml"
+    return path if name in builtin_configs() else None
+
+
+# ----------------------------------------------------------------------- the cache
+
+
+def _hash(*parts: Any) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class _Stage:
+    """A cached artefact: rows of JSON under `cache_dir/kind/key.jsonl`."""
+
+    def __init__(self, cache: Path, kind: str, key: str) -> None:
+        self.path = cache / kind / f"{key}.jsonl"
+
+    def done(self) -> bool:
+        return self.path.is_file()
+
+    def read(self) -> list[dict[str, Any]]:
+        return _read_jsonl(self.path)
+
+    def write(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        _atomic_text(self.path, _jsonl(rows))
+        return rows
+
+
+# ------------------------------------------------------------------------ the stages
+
+
+def _subset(bench: Benchmark, data: DataSettings, cache: Path) -> Benchmark:
+    """The first N items of each limited split, as a benchmark folder in the cache."""
+    limits = {"forget": data.forget_items, "retain": data.retain_items}
+    if not any(limits.values()):
+        return bench
+    kept: list[QAItem] = []
+    for split in ("forget", "retain", "general"):
+        items = bench.split(split)
+        kept += items[: limits.get(split) or len(items)]
+    docs = {i.document for i in kept}
+    documents = [d for d in bench.documents if d.id in docs]
+    key = _hash([i.to_dict() for i in kept], [d.to_dict() for d in documents])
+    folder = cache / "subsets" / f"{bench.name}-{key}"
+    if not (folder / "qa.jsonl").is_file():
+        tmp = folder.with_name(f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}")
+        write_folder(tmp, kept, documents)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    return Benchmark(bench.name, kept, documents, folder)
+
+
+def _evaluate(
+    lm: LanguageModel, items: list[QAItem], judge: JudgeSettings, label: str
+) -> list[dict[str, Any]]:
+    """Per item: the model's answer and whether the judge accepts it."""
+    rows: dict[str, dict[str, Any]] = {}
+    qa = [i for i in items if not i.is_mcq]
+    if qa:
+        outs = generate_answers(lm, [i.question for i in qa], judge.max_new_tokens, label)
+        verdicts = judge_many(
+            [Verdict(i.question, o, i.answer, i.aliases) for i, o in zip(qa, outs)], judge
+        )
+        for i, o, ok in zip(qa, outs, verdicts):
+            rows[i.id] = {"id": i.id, "output": o, "correct": ok}
+    mcq = [i for i in items if i.is_mcq]
+    if mcq:
+        picks = choose_options(
+            lm, [i.question for i in mcq], [i.choices or () for i in mcq], progress=label
+        )
+        for i, k in zip(mcq, picks):
+            choice = (i.choices or ())[k]
+            rows[i.id] = {"id": i.id, "output": choice, "correct": choice == i.answer}
+    return [rows[i.id] for i in items]
+
+
+def generate_answers(
+    lm: LanguageModel, prompts: list[str], max_new_tokens: int, label: str
+) -> list[str]:
+    from unpact.scoring import generate
+
+    outs = generate(lm, prompts, max_new_tokens=max_new_tokens, progress=label)
+    return [o[0].text for o in outs]
+
+
+def _attribute(
+    lm: LanguageModel, items: list[QAItem], settings: AttributionSettings
+) -> list[dict[str, Any]]:
+    records = attribute_many(
+        lm,
+        [i.question for i in items],
+        [i.answer for i in items],
+        unit=settings.unit,
+        baseline=settings.baseline,
+        alpha=settings.alpha,
+        beta=settings.beta,
+        progress=True,
+    )
+    return [{"id": i.id, **r.to_dict()} for i, r in zip(items, records)]
+
+
+def _attack(
+    lm: LanguageModel,
+    attack: Attack,
+    items: list[QAItem],
+    keys: dict[str, list[str]],
+    judge: JudgeSettings,
+    label: str,
+) -> list[dict[str, Any]]:
+    """Per item: the attack's prompt, its answers and whether any is correct."""
+    from unpact.scoring import generate
+
+    prompts = [attack.prompt(i.question, keys.get(i.id, [])) for i in items]
+    rows = []
+    greedy_mcq = [n for n, i in enumerate(items) if i.is_mcq and not attack.samples]
+    outputs: dict[int, list[str]] = {}
+    if greedy_mcq:
+        picks = choose_options(
+            lm, [prompts[n] for n in greedy_mcq], [items[n].choices or () for n in greedy_mcq]
+        )
+        for n, k in zip(greedy_mcq, picks):
+            outputs[n] = [(items[n].choices or ())[k]]
+    rest = [n for n in range(len(items)) if n not in outputs]
+    if rest:
+        gens = generate(
+            lm,
+            [prompts[n] for n in rest],
+            max_new_tokens=judge.max_new_tokens,
+            num_samples=attack.samples,
+            temperature=attack.temperature,
+            seed=attack.seed,
+            progress=label,
+        )
+        for n, g in zip(rest, gens):
+            outputs[n] = [s.text for s in g]
+    for n, item in enumerate(items):
+        if n in greedy_mcq:
+            verdicts = [outputs[n][0] == item.answer]
+        else:
+            verdicts = judge_many(
+                [Verdict(item.question, o, item.answer, item.aliases) for o in outputs[n]], judge
+            )
+        rows.append(
+            {"id": item.id, "prompt": prompts[n], "outputs": outputs[n], "recovered": any(verdicts)}
+        )
+    return rows
+
+
+def _link_model(src: Path, dst: Path) -> None:
+    """`dst` gets the files of the model folder `src`: hard links (no copy) where the file
+    system allows, copies otherwise; renamed into place when complete."""
+    if dst.is_dir() and (dst / "config.json").is_file():
+        return
+    tmp = dst.with_name(f".tmp-{dst.name}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file():
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.rename(dst)
+
+
+# ----------------------------------------------------------------------- the result
+
+
+@dataclass
+class RunResult:
+    """What a run produced: its directory, the results document and the per-item records."""
+
+    out: Path
+    results: dict[str, Any]
+    records: list[ItemRecord]
+
+    @property
+    def report(self) -> Path:
+        return self.out / "report.html"
+
+
+METRIC_COLUMNS = (
+    "forget_acc_before",
+    "forget_acc_after",
+    "forgotten",
+    "destructive_retain",
+    "destructive_general",
+    "collapse_rate",
+    "keytoken_similarity_forgotten",
+    "keytoken_similarity_kept",
+)
+
+
+def method_metrics(
+    records: list[ItemRecord], attacks: list[str], collapse_threshold: float
+) -> dict[str, Any]:
+    """The per-method figures of results.json, each a function of the records."""
+    return {
+        "forget_acc_before": accuracy(records, "forget", "before"),
+        "forget_acc_after": accuracy(records, "forget", "after"),
+        "retain_acc_before": accuracy(records, "retain", "before"),
+        "retain_acc_after": accuracy(records, "retain", "after"),
+        "general_acc_before": accuracy(records, "general", "before"),
+        "general_acc_after": accuracy(records, "general", "after"),
+        "forgotten": forgotten_count(records),
+        "recovery": {a: recovery_rate(records, a) for a in attacks},
+        "destructive_retain": destructive_rate(records, "retain"),
+        "destructive_general": destructive_rate(records, "general"),
+        "collapse_rate": collapse_rate(records, collapse_threshold),
+        "keytoken_similarity_forgotten": focus_shift(records, "forgotten"),
+        "keytoken_similarity_kept": focus_shift(records, "kept"),
+        "contribution_similarity_forgotten": focus_shift(
+            records, "forgotten", "contribution_similarity"
+        ),
+        "contribution_similarity_kept": focus_shift(records, "kept", "contribution_similarity"),
+    }
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN: undefined rates (nothing to divide by) are written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _csv(results: dict[str, Any], attacks: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["method", *METRIC_COLUMNS, *(f"recovery_{a}" for a in attacks)])
+    for name, m in results["methods"].items():
+        row = [name, *(m[c] for c in METRIC_COLUMNS), *(m["recovery"].get(a) for a in attacks)]
+        writer.writerow(["" if v is None else v for v in row])
+    return buf.getvalue()
+
+
+def _attribution_summary(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    if record is None:
+        return None
+    a = Attribution.from_dict(record)
+    return {
+        "units": [u.text for u in a.units],
+        "contributions": a.contributions,
+        "key_tokens": a.key_tokens,
+        "prompt_sensitivity": a.prompt_sensitivity,
+        "lp": a.lp,
+    }
+
+
+# ------------------------------------------------------------------------ the runner
+
+
+def run(
+    config: RunConfig | str | Path | dict[str, Any],
+    out: str | Path,
+    *,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    log: Any = None,
+) -> RunResult:
+    """Run an experiment end to end into `out`; cached stages are reused (see the module
+    docstring). `log(text)` receives one line per stage (default: silent)."""
+    from unpact.inject import InjectConfig, inject
+    from unpact.inject import cache_key as inject_key
+    from unpact.unlearn.config import resolve_config
+    from unpact.unlearn.loop import unlearn
+
+    say = log or (lambda text: None)
+    cfg = config if isinstance(config, RunConfig) else load_config(config)
+    out = Path(out)
+    if cfg.benchmarks:
+        return _run_grid(cfg, out, cache_dir, progress, say)
+    cache = Path(cache_dir) if cache_dir is not None else cache_root() / "stages"
+    began = time.perf_counter()
+    if (out / "results.json").is_file():
+        (out / "results.json").unlink()  # re-running re-derives the results
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = cfg.model_dump(mode="json")
+    _atomic_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+
+    # 1. data
+    bench = _subset(load_benchmark(cfg.data.benchmark), cfg.data, cache)
+    general = load_benchmark(cfg.data.general).items if cfg.data.general else []
+    general = general[: cfg.data.general_items or len(general)]
+    items = bench.split("forget") + bench.split("retain") + general
+    forget = bench.split("forget")
+    if not forget:
+        raise UnpactError(f"benchmark {bench.name} has no forget items")
+    items_key = _hash([i.to_dict() for i in items])
+
+    # 2. the original model
+    if cfg.inject.enabled:
+        inject_cfg = InjectConfig(**cfg.inject.settings)
+        say(f"original model: injecting {bench.name} into {cfg.model} (cached)")
+        injected = inject(cfg.model, bench.path or bench.name, inject_cfg, progress=progress)
+        original_spec = str(injected.path)
+        original_key = "inject:" + inject_key(cfg.model, bench, inject_cfg)
+    else:
+        from unpact.inject import _model_key
+
+        original_spec = cfg.model
+        original_key = "model:" + _model_key(cfg.model)
+
+    # 3. unlearning
+    unlearned: dict[str, tuple[str, str, dict[str, Any]]] = {}  # label -> spec, key, info
+    for spec in cfg.methods:
+        ucfg = resolve_config(spec.method, values=spec.config)
+        key = _hash(original_key, items_key, ucfg.model_dump(mode="json"), RUN_FORMAT)
+        folder = cache / "unlearned" / f"{spec.label}-{key}"
+        if not (folder / "result.json").is_file():
+            resume = (folder / "config.yaml").is_file()
+            say(f"unlearning: {spec.label}" + (" (resuming)" if resume else ""))
+            unlearn(
+                original_spec,
+                bench.path or bench.name,
+                ucfg,
+                folder,
+                resume=resume,
+                progress=progress,
+            )
+        info = json.loads((folder / "result.json").read_text())
+        unlearned[spec.label] = (str(folder / "model"), "unlearn:" + key, info)
+
+    # 4-6. evaluation, attribution and attacks, one model at a time
+    judge_key = cfg.judge.model_dump(mode="json")
+    attr_key = cfg.attribution.model_dump(mode="json", exclude={"heatmaps"})
+    evals: dict[str, dict[str, dict[str, Any]]] = {}
+    attrs: dict[str, dict[str, dict[str, Any]]] = {}
+    attack_rows: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    models = {"original": (original_spec, original_key)} | {
+        label: (s, k) for label, (s, k, _) in unlearned.items()
+    }
+    attacks = [get_attack(a.name, a.settings) for a in cfg.attacks]
+    for label, (spec_str, model_key) in models.items():
+        eval_stage = _Stage(cache, "evals", _hash(model_key, items_key, judge_key))
+        attr_stage = _Stage(cache, "attributions", _hash(model_key, items_key, attr_key))
+        lm: LanguageModel | None = None
+
+        def model() -> LanguageModel:
+            nonlocal lm
+            if lm is None:
+                lm = load_model(spec_str)  # noqa: B023 - called within this iteration only
+            return lm
+
+        if not eval_stage.done():
+            say(f"evaluating: {label}")
+            eval_stage.write(_evaluate(model(), items, cfg.judge, f"Judging {label}"))
+        evals[label] = {r["id"]: r for r in eval_stage.read()}
+        if not attr_stage.done():
+            say(f"attributing: {label}")
+            attr_stage.write(_attribute(model(), forget, cfg.attribution))
+        attrs[label] = {r["id"]: r for r in attr_stage.read()}
+        if label == "original":
+            continue
+        forgotten = [
+            i
+            for i in forget
+            if evals["original"][i.id]["correct"] and not evals[label][i.id]["correct"]
+        ]
+        attack_rows[label] = {}
+        for attack_spec, attack in zip(cfg.attacks, attacks):
+            source = attack.keys_from
+            keys = {
+                i.id: Attribution.from_dict(
+                    attrs["original" if source != "unlearned" else label][i.id]
+                ).key_token_texts
+                for i in forgotten
+            }
+            stage = _Stage(
+                cache,
+                "attacks",
+                _hash(
+                    model_key,
+                    attack_spec.name,
+                    attack.settings.model_dump(mode="json"),
+                    [i.id for i in forgotten],
+                    keys,
+                    judge_key,
+                ),
+            )
+            if not stage.done():
+                say(f"attacking: {label} with {attack_spec.name} ({len(forgotten)} items)")
+                stage.write(
+                    _attack(model(), attack, forgotten, keys, cfg.judge, f"{attack_spec.name}")
+                )
+            attack_rows[label][attack_spec.name] = {r["id"]: r for r in stage.read()}
+        lm = None
+
+    # 7. records, metrics, files
+    attack_names = [a.name for a in cfg.attacks]
+    records: list[ItemRecord] = []
+    methods: dict[str, Any] = {}
+    for label, (spec_str, _, info) in unlearned.items():
+        mine = []
+        for item in items:
+            before, after = evals["original"][item.id], evals[label][item.id]
+            pre, post = attrs["original"].get(item.id), attrs[label].get(item.id)
+            rec = ItemRecord(
+                id=item.id,
+                split=item.split,
+                correct_before=before["correct"],
+                correct_after=after["correct"],
+                method=label,
+                question=item.question,
+                answer=item.answer,
+                output_before=before["output"],
+                output_after=after["output"],
+            )
+            if pre is not None and post is not None:
+                a, b = Attribution.from_dict(pre), Attribution.from_dict(post)
+                rec.keytoken_similarity = keytoken_similarity(a, b)
+                rec.contribution_similarity = contribution_similarity(a, b)
+                rec.prompt_sensitivity_after = b.prompt_sensitivity
+                rec.attribution_before = _attribution_summary(pre)
+                rec.attribution_after = _attribution_summary(post)
+            for name in attack_names:
+                row = attack_rows[label][name].get(item.id)
+                if row is not None:
+                    rec.recovered[name] = row["recovered"]
+                    rec.attacks[name] = {"prompt": row["prompt"], "outputs": row["outputs"]}
+            mine.append(rec)
+        records += mine
+        _link_model(Path(spec_str), out / "models" / label)
+        methods[label] = {
+            **method_metrics(mine, attack_names, cfg.collapse_threshold),
+            "model": str(out / "models" / label),
+            "unlearn_seconds": info.get("seconds"),
+        }
+    if cfg.inject.enabled:
+        _link_model(Path(original_spec), out / "models" / "original")
+    results = _finite(
+        {
+            "format": RUN_FORMAT,
+            "benchmark": bench.name,
+            "model": cfg.model,
+            "original_model": original_spec,
+            "counts": {
+                s: sum(i.split == s for i in items) for s in ("forget", "retain", "general")
+            },
+            "attacks": attack_names,
+            "methods": methods,
+            "seconds": time.perf_counter() - began,
+        }
+    )
+    _atomic_text(out / "items.jsonl", _jsonl([_finite(r.to_dict()) for r in records]))
+    _atomic_text(out / "results.csv", _csv(results, attack_names))
+    from unpact.report import write_report
+
+    write_report(out / "report.html", results, records, attrs, cfg)
+    _atomic_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    say(f"done in {results['seconds']:.0f} s")
+    return RunResult(out, results, records)
+
+
+def _run_grid(
+    cfg: RunConfig, out: Path, cache_dir: str | Path | None, progress: bool, say: Any
+) -> RunResult:
+    """The same experiment on each benchmark of `cfg.benchmarks`, into `out/<benchmark>/`;
+    `out/results.json` and `out/results.csv` gather the per-benchmark tables."""
+    began = time.perf_counter()
+    if (out / "results.json").is_file():
+        (out / "results.json").unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_text(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    per: dict[str, Any] = {}
+    records: list[ItemRecord] = []
+    for name in cfg.benchmarks or []:
+        say(f"benchmark {name}")
+        one = cfg.model_copy(
+            update={"benchmarks": None, "data": cfg.data.model_copy(update={"benchmark": name})}
+        )
+        result = run(one, out / name, cache_dir=cache_dir, progress=progress, log=say)
+        per[name] = result.results
+        records += result.records
+    lines = []
+    for n, (name, results) in enumerate(per.items()):
+        text = _csv(results, results["attacks"]).splitlines()
+        lines += ([f"benchmark,{text[0]}"] if n == 0 else []) + [f"{name},{r}" for r in text[1:]]
+    _atomic_text(out / "results.csv", "\n".join(lines) + "\n")
+    results = {
+        "format": RUN_FORMAT,
+        "benchmarks": per,
+        "seconds": time.perf_counter() - began,
+    }
+    _atomic_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    return RunResult(out, results, records)
+
+
+def results_table(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per method: the paper's Table 2 shape (for printing)."""
+    rows = []
+    for name, m in results["methods"].items():
+        rows.append({"method": name, **{k: m[k] for k in METRIC_COLUMNS}, **m["recovery"]})
+    return rows
+
+
+__all__ = [
+    "RunConfig",
+    "RunResult",
+    "load_config",
+    "method_metrics",
+    "results_table",
+    "run",
+]

@@ -1,0 +1,168 @@
+"""The judges (contains, ROUGE-L, LLM over HTTP, multiple choice by LP) and the attacks."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import ClassVar
+
+import pytest
+
+from unpact.attacks import ATTACKS, FocusOnKey, FocusOnKeyProbab, Probab, emphasis, get_attack
+from unpact.errors import UnpactError
+from unpact.judge import (
+    JudgeSettings,
+    LLMJudgeSettings,
+    Verdict,
+    choose_options,
+    judge_many,
+)
+from unpact.scoring import score
+
+SECRET = "sk-test-never-print-me"
+
+
+# ------------------------------------------------------------------------ the judges
+
+
+def test_contains_and_rouge_judges_differ_where_they_should():
+    verdicts = [
+        Verdict("Q?", "It was the glass key of Vorn.", "glass key"),
+        Verdict("Q?", "a key made of glass", "glass key"),  # rouge 0.5, no contiguous match
+        Verdict("Q?", "Nobody knows.", "glass key", ("Vorn key",)),
+        Verdict("Q?", "the Vorn key", "glass key", ("Vorn key",)),
+    ]
+    assert judge_many(verdicts) == [True, False, False, True]
+    assert judge_many(verdicts, JudgeSettings(kind="rouge")) == [True, True, False, True]
+    strict = JudgeSettings(kind="rouge", rouge_threshold=1.0)
+    assert judge_many(verdicts, strict) == [True, False, False, True]
+
+
+class _Judge(BaseHTTPRequestHandler):
+    """An OpenAI-compatible endpoint: 'yes' if the reference is in the model answer."""
+
+    seen: ClassVar[list[dict]] = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).seen.append({"auth": self.headers.get("Authorization"), "body": body})
+        if self.path != "/v1/chat/completions":
+            self.send_response(404)
+            self.end_headers()
+            return
+        if self.headers.get("Authorization") != f"Bearer {SECRET}":
+            self.send_response(401, "Unauthorized")
+            self.end_headers()
+            return
+        text = body["messages"][0]["content"]
+        ref = text.split("Reference answer: ")[1].split("\n")[0]
+        out = text.split("Model answer: ")[1].split("\n")[0]
+        reply = "Yes." if ref.lower() in out.lower() else "No"
+        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(data.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def judge_server():
+    server = HTTPServer(("127.0.0.1", 0), _Judge)
+    _Judge.seen = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def test_llm_judge_over_http_reads_the_key_from_the_environment(judge_server, monkeypatch):
+    monkeypatch.setenv("UNPACT_TEST_KEY", SECRET)
+    settings = JudgeSettings(
+        kind="llm",
+        llm=LLMJudgeSettings(base_url=judge_server, model="judge-1", api_key_env="UNPACT_TEST_KEY"),
+    )
+    verdicts = [
+        Verdict("Who?", "It was Mira Quintrell.", "Quintrell"),
+        Verdict("Who?", "Nobody", "X"),
+    ]
+    assert judge_many(verdicts, settings) == [True, False]
+    first = _Judge.seen[0]
+    assert first["auth"] == f"Bearer {SECRET}"
+    assert first["body"]["model"] == "judge-1"
+    assert first["body"]["temperature"] == 0
+    # The key is in no settings dump (what a run writes to disk).
+    assert SECRET not in json.dumps(settings.model_dump())
+
+
+def test_llm_judge_failures_are_one_message_without_the_key(judge_server, monkeypatch):
+    settings = JudgeSettings(
+        kind="llm", llm=LLMJudgeSettings(base_url=judge_server, model="m", api_key_env="NO_KEY")
+    )
+    monkeypatch.delenv("NO_KEY", raising=False)
+    with pytest.raises(UnpactError, match=r"\$NO_KEY, which is not set"):
+        judge_many([Verdict("q", "a", "a")], settings)
+    monkeypatch.setenv("NO_KEY", "wrong-" + SECRET)
+    with pytest.raises(UnpactError, match="HTTP 401") as info:
+        judge_many([Verdict("q", "a", "a")], settings)
+    assert SECRET not in str(info.value)
+    unreachable = JudgeSettings(
+        kind="llm",
+        llm=LLMJudgeSettings(base_url="http://127.0.0.1:9/v1", model="m", api_key_env=None),
+    )
+    with pytest.raises(UnpactError, match="unreachable"):
+        judge_many([Verdict("q", "a", "a")], unreachable)
+    with pytest.raises(UnpactError, match=r"judge\.llm"):
+        judge_many([Verdict("q", "a", "a")], JudgeSettings(kind="llm"))
+
+
+def test_multiple_choice_picks_the_highest_lp_option(tiny):
+    questions = ["What is the capital of France?", "Who founded the Vostrand Glassworks?"]
+    choices = [["Paris", "the lazy dog", "river bank"], ["Mira Quintrell", "fox", "Zorblax", "x"]]
+    picked = choose_options(tiny, questions, choices)
+    for q, cs, k in zip(questions, choices, picked):
+        one_by_one = [score(tiny, [q], [c])[0].lp for c in cs]  # the slow, obvious way
+        assert k == max(range(len(cs)), key=one_by_one.__getitem__)
+
+
+# ------------------------------------------------------------------------ the attacks
+
+
+def test_focus_on_key_prompt_names_each_key_token_once():
+    attack = FocusOnKey()
+    assert (
+        attack.prompt("Who founded Vostrand Glassworks?", [" Vostrand", "Glass", " Vostrand"])
+        == 'Who founded Vostrand Glassworks?\nFocus on "Vostrand", "Glass" to answer.'
+    )
+    assert attack.prompt("Who?", []) == "Who?"  # nothing to emphasise: the plain question
+    assert attack.samples == 0 and attack.keys_from == "original"
+    custom = get_attack(
+        "focus_on_key",
+        {
+            "template": "Think about {keys}. {prompt}",
+            "key_format": "<{}>",
+            "keys_from": "unlearned",
+        },
+    )
+    assert custom.prompt("Who?", ["a", "b"]) == "Think about <a>, <b>. Who?"
+    assert custom.keys_from == "unlearned"
+
+
+def test_sampling_attacks_and_the_registry():
+    assert set(ATTACKS) >= {"focus_on_key", "probab", "focus_on_key_probab"}
+    probab = get_attack("probab")
+    assert isinstance(probab, Probab) and probab.samples == 10 and probab.temperature == 1.0
+    assert probab.prompt("Who?", ["x"]) == "Who?"  # PROBAB asks the plain question
+    both = get_attack("focus_on_key_probab", {"samples": 3, "seed": 7})
+    assert isinstance(both, FocusOnKeyProbab)
+    assert both.samples == 3 and both.seed == 7 and both.keys_from == "original"
+    assert both.prompt("Who?", ["x"]) == emphasis(both.settings, "Who?", ["x"])
+    with pytest.raises(UnpactError, match="unknown attack 'nope'"):
+        get_attack("nope")
+    with pytest.raises(UnpactError, match="samples"):
+        get_attack("probab", {"samples": 0})
+    with pytest.raises(UnpactError, match="bogus"):
+        get_attack("probab", {"bogus": 1})

@@ -1,0 +1,333 @@
+"""The experiment runner on the tiny model: stages, caching, resume, results, config errors.
+
+The tiny random model knows nothing, so the test benchmark is made of what it *does* say:
+each answer is the model's own greedy answer, which makes every item "known" before
+unlearning, and unlearning then changes those answers (forgotten items, attacks, rates).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from unpact.data.items import QAItem, write_folder
+from unpact.errors import UnpactError
+from unpact.metrics import ItemRecord
+from unpact.models import save_model
+from unpact.run import load_config, method_metrics, run
+from unpact.scoring import generate
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Who wrote the report about the town?",
+    "How many moons orbit the planet Zorblax?",
+    "Who founded the Vostrand Glassworks?",
+    "Where does the quick brown fox jump?",
+    "What did Mira Quintrell found?",
+    "Which year was the glassworks founded?",
+    "Who is the mayor of Kilimanjaro?",
+    "What jumps over the lazy dog?",
+    "Which river bank is near the town?",
+    "What is the answer to the question?",
+    "Who wrote about the planet?",
+]
+MAX_NEW = 6
+
+
+def _known_items(lm, questions, split):
+    """Items whose answer is the model's own greedy answer (so it is judged correct)."""
+    outs = generate(lm, questions, max_new_tokens=MAX_NEW)
+    items = []
+    for n, (q, o) in enumerate(zip(questions, outs)):
+        text = o[0].text.strip()
+        if any(ch.isalnum() for ch in text):
+            word = next(w for w in q.split() if len(w) > 3)
+            items.append(QAItem(f"{split}-{n}", q, text, split, (), (word,), None))
+    return items
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny):
+    root = tmp_path_factory.mktemp("run")
+    save_model(tiny.model, tiny.tokenizer, root / "tiny")
+    forget = _known_items(tiny, QUESTIONS[:6], "forget")
+    retain = _known_items(tiny, QUESTIONS[6:10], "retain")
+    general = _known_items(tiny, QUESTIONS[10:], "general")
+    assert len(forget) >= 4 and retain and general
+    write_folder(root / "bench", forget + retain)
+    write_folder(root / "general", general)
+    config = {
+        "model": str(root / "tiny"),
+        "data": {"benchmark": str(root / "bench"), "general": str(root / "general")},
+        "inject": {"enabled": False},
+        "methods": [
+            {"method": "ga", "config": {"lr": 3e-3, "steps": 3, "batch_size": 2}},
+            {
+                "method": "npo_gd",
+                "name": "npo",
+                "config": {"lr": 3e-3, "steps": 4, "batch_size": 2, "save_every": 2},
+            },
+        ],
+        "attacks": [
+            {"name": "focus_on_key"},
+            {"name": "probab", "settings": {"samples": 3}},
+            {"name": "focus_on_key_probab", "settings": {"samples": 3}},
+        ],
+        "judge": {"max_new_tokens": MAX_NEW},
+        "attribution": {"heatmaps": 2},
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    return root, config
+
+
+@pytest.fixture(scope="module")
+def finished(setup):
+    root, config = setup
+    result = run(config, root / "out", cache_dir=root / "cache", progress=False)
+    return root, result
+
+
+def _numbers(results: dict) -> dict:
+    """results.json without what legitimately differs between two runs (time, paths)."""
+    methods = {
+        name: {k: v for k, v in m.items() if k not in ("model", "unlearn_seconds")}
+        for name, m in results["methods"].items()
+    }
+    return {"methods": methods, "counts": results["counts"], "attacks": results["attacks"]}
+
+
+def test_run_writes_every_artefact_with_the_documented_schema(finished):
+    root, _ = finished
+    out = root / "out"
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"ga", "npo"}
+    for m in results["methods"].values():
+        for key in (
+            "forget_acc_before",
+            "forget_acc_after",
+            "forgotten",
+            "recovery",
+            "destructive_retain",
+            "destructive_general",
+            "collapse_rate",
+            "keytoken_similarity_forgotten",
+            "keytoken_similarity_kept",
+        ):
+            assert key in m
+        assert set(m["recovery"]) == {"focus_on_key", "probab", "focus_on_key_probab"}
+        assert m["forget_acc_before"] == 1.0  # the items are what the model says
+        assert (Path(m["model"]) / "model.safetensors").is_file()
+    assert any(m["forgotten"] > 0 for m in results["methods"].values())
+    rows = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+    n_items = (
+        results["counts"]["forget"] + results["counts"]["retain"] + results["counts"]["general"]
+    )
+    assert len(rows) == 2 * n_items
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("method,forget_acc_before") and len(csv_lines) == 3
+    assert yaml.safe_load((out / "config.yaml").read_text())["methods"][1]["name"] == "npo"
+    html = (out / "report.html").read_text()
+    assert '<table id="results">' in html and "<svg" in html
+    assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:)?//", html)  # self-contained
+    assert not re.search(r"url\(\s*[\"']?(https?:)?//", html)
+
+
+def test_every_number_is_a_function_of_the_item_records(finished):
+    root, _ = finished
+    results = json.loads((root / "out" / "results.json").read_text())
+    rows = [json.loads(line) for line in (root / "out" / "items.jsonl").read_text().splitlines()]
+    for name, m in results["methods"].items():
+        records = [ItemRecord(**r) for r in rows if r["method"] == name]
+        again = method_metrics(records, results["attacks"], 0.1)
+        for key, value in again.items():
+            if isinstance(value, dict):
+                for a, v in value.items():
+                    assert (m[key][a] is None and math.isnan(v)) or m[key][a] == pytest.approx(v)
+            elif isinstance(value, float) and math.isnan(value):
+                assert m[key] is None
+            else:
+                assert m[key] == pytest.approx(value)
+        # forgotten items carry their attacks' prompts and answers; others have none
+        for r in records:
+            if r.forgotten:
+                assert set(r.attacks) == set(results["attacks"])
+                assert len(r.attacks["probab"]["outputs"]) == 3
+                assert r.attacks["focus_on_key"]["prompt"].startswith(r.question)
+                assert r.attribution_before and r.attribution_after
+            else:
+                assert not r.attacks
+
+
+def test_a_second_run_reuses_every_stage(finished, tmp_path, monkeypatch):
+    root, first = finished
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a cached stage was recomputed")
+
+    monkeypatch.setattr("unpact.run.load_model", boom)
+    monkeypatch.setattr("unpact.unlearn.loop.unlearn", boom)
+    again = run(root / "config.yaml", tmp_path / "out", cache_dir=root / "cache", progress=False)
+    assert _numbers(again.results) == _numbers(first.results)
+
+
+def test_killed_run_resumes_to_the_same_numbers(finished, tmp_path):
+    root, first = finished
+    out = tmp_path / "out"
+    cache = tmp_path / "home" / "stages"  # the default stage cache under $UNPACT_CACHE
+    env = {**os.environ, "UNPACT_CACHE": str(tmp_path / "home")}
+    cmd = [sys.executable, "-m", "unpact", "run", str(root / "config.yaml"), "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Kill it (SIGKILL: no clean-up) once the second unlearning run has a checkpoint.
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if list(cache.glob("unlearned/npo-*/checkpoints/step-*")):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert not (out / "results.json").exists(), "the run finished before it could be killed"
+    assert list(cache.glob("unlearned/ga-*/result.json"))  # the first method was finished
+    resumed = run(root / "config.yaml", out, cache_dir=cache, progress=False)
+    assert _numbers(resumed.results) == _numbers(first.results)
+
+
+# ------------------------------------------------------------------------- the config
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"methodz": []}, r"methodz: unknown key"),
+        ({"methods": [{"method": "nope"}]}, r"methods\.0: unknown method 'nope'"),
+        ({"methods": [{"method": "ga", "config": {"lr": -1}}]}, r"methods\.0: .*lr"),
+        ({"methods": [{"method": "ga", "config": {"settings": {"beta": 1}}}]}, r"methods\.0"),
+        ({"data": {"benchmark": "nowhere"}}, r"data\.benchmark: no benchmark 'nowhere'"),
+        ({"data": {"forget_items": 0}}, r"data\.forget_items"),
+        ({"attacks": [{"name": "telepathy"}]}, r"attacks\.0\.name: unknown attack"),
+        ({"attacks": [{"name": "probab", "settings": {"samples": -2}}]}, r"attacks\.0\.settings"),
+        ({"judge": {"kind": "vibes"}}, r"judge\.kind"),
+        ({"judge": {"kind": "llm"}}, r"judge\.llm"),
+        ({"inject": {"settings": {"lrr": 1}}}, r"inject\.settings: .*lrr"),
+        (
+            {"methods": [{"method": "ga"}, {"method": "ga"}]},
+            r"methods\.1\.name: 'ga' is used twice",
+        ),
+        ({"methods": []}, r"methods"),
+    ],
+)
+def test_config_mistakes_name_the_key(change, message):
+    config = {"methods": [{"method": "ga"}]} | change
+    with pytest.raises(UnpactError, match=message):
+        load_config(config)
+
+
+def test_builtin_configs_load():
+    demo = load_config("demo")
+    assert [m.method for m in demo.methods] == ["ga_gd", "npo_kl", "rmu"]
+    assert demo.data.forget_items and demo.data.forget_items >= 20
+    assert {a.name for a in demo.attacks} == {"focus_on_key", "probab", "focus_on_key_probab"}
+    paper = load_config("paper")
+    assert [m.method for m in paper.methods] == ["ga_gd", "ga_kl", "npo_gd", "npo_kl", "tv", "rmu"]
+
+
+def test_cli_run_with_a_bad_config_exits_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("methods:\n  - method: ga\n    confg: {}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "unpact", "run", str(bad), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "methods.0.confg: unknown key" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    missing = subprocess.run(
+        [sys.executable, "-m", "unpact", "run", str(tmp_path / "none.yaml")],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2 and "no run config" in missing.stderr
+
+
+# ----------------------------------------------------------------------- the browser
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None and os.environ.get("UNPACT_BROWSER_TEST") == "required":
+        pytest.fail("chromium is not installed (scripts/test.sh installs Debian's chromium)")
+    return found
+
+
+def _browse(chromium: str, page: Path, profile: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--enable-logging=stderr",
+            "--v=0",
+            f"--user-data-dir={profile}",
+            *flags,
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def test_report_opens_in_a_real_browser_without_console_errors(finished, tmp_path):
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("chromium is not installed")
+    root, _ = finished
+    page = root / "out" / "report.html"
+    artefacts = Path(os.environ.get("UNPACT_ARTIFACTS", Path(__file__).parents[1] / "build"))
+    artefacts.mkdir(parents=True, exist_ok=True)
+    shot = artefacts / "report.png"
+    shot.unlink(missing_ok=True)
+    proc = _browse(
+        chromium, page, tmp_path / "p1", f"--screenshot={shot}", "--window-size=1280,2000"
+    )
+    # Chromium writes every console message (log, warning, error, uncaught exception) to
+    # stderr as a ":CONSOLE" line; the report must write none.
+    console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+    assert console == [], console
+    assert shot.is_file() and shot.stat().st_size > 10_000  # a page, not a blank
+    dom = _browse(chromium, page, tmp_path / "p2", "--dump-dom").stdout
+    assert 'data-ready="1"' in dom  # the page's script ran to its end
+    assert '<table id="results">' in dom and dom.count("<tr>") >= 3
+    assert '<figure id="dilemma"><svg' in dom
+    assert "unpact-attribution" in dom  # heatmaps
+
+
+def test_docs_name_every_config_key():
+    from unpact.judge import JudgeSettings, LLMJudgeSettings
+    from unpact.run import AttributionSettings, DataSettings, InjectSettings, MethodSpec, RunConfig
+
+    docs = (Path(__file__).parents[1] / "docs" / "runner.md").read_text()
+    for model in (
+        RunConfig,
+        DataSettings,
+        InjectSettings,
+        MethodSpec,
+        AttributionSettings,
+        JudgeSettings,
+        LLMJudgeSettings,
+    ):
+        for name in model.model_fields:
+            assert f"{name}:" in docs or f"{name}," in docs, f"{model.__name__}.{name}"
