@@ -461,17 +461,19 @@ def data_show(
 
 
 def _print_results(results: dict[str, object], out_dir: Path) -> None:
-    from unpact.report import ATTACK_TITLES, pct
+    from unpact.report import ATTACK_TITLES
+
+    def pct(value: object) -> str:
+        return "–" if value is None else f"{100 * float(value):.0f}%"  # type: ignore[arg-type]
 
     methods: dict[str, dict[str, object]] = results["methods"]  # type: ignore[assignment]
     attacks: list[str] = results["attacks"]  # type: ignore[assignment]
     table = Table(
         "method",
-        "forget acc\nbefore → after",
+        "forget acc",
         "forgotten",
         *(f"recovery\n{ATTACK_TITLES.get(a, a)}" for a in attacks),
-        "destructive\nretain",
-        "destructive\ngeneral",
+        "destructive\nretain / general",
         "collapse",
         "KeyToken sim.\nforgotten / kept",
         title=f"unpact: {results['benchmark']} on {results['model']}",
@@ -484,14 +486,15 @@ def _print_results(results: dict[str, object], out_dir: Path) -> None:
             f"{pct(m['forget_acc_before'])} → {pct(m['forget_acc_after'])}",
             str(m["forgotten"]),
             *(pct(recovery.get(a)) for a in attacks),
-            pct(m["destructive_retain"]),
-            pct(m["destructive_general"]),
+            f"{pct(m['destructive_retain'])} / {pct(m['destructive_general'])}",
             pct(m["collapse_rate"]),
             " / ".join("–" if v is None else f"{v:.2f}" for v in sims),
         )
-    out.print(table)
-    out.print(f"results: {out_dir / 'results.json'} (per item: {out_dir / 'items.jsonl'})")
-    out.print(f"report:  {out_dir / 'report.html'}")
+    # A log file or pipe gets the full table rather than rich's 80-column default.
+    console = out if out.is_terminal else Console(width=130)
+    console.print(table)
+    console.print(f"results: {out_dir / 'results.json'} (per item: {out_dir / 'items.jsonl'})")
+    console.print(f"report:  {out_dir / 'report.html'}")
 
 
 def _run(config: str | Path, out_dir: Path) -> None:

@@ -15,8 +15,11 @@ same, so that "known" and "forgotten" are exact. Recipe (all settings in `Inject
   towards the base model's (KL over the base's top-k tokens plus the rest as one bucket,
   precomputed once): a dense signal at every position, where plain rehearsal on the
   base's answer tokens kept less (general 51% against 66%, see the news card);
-- after `min_epochs`, the forget + retain accuracy is judged (SPEC section 4) after every
-  epoch and training stops once it reaches `target_accuracy`.
+- after `min_epochs`, the forget + retain accuracy is judged (SPEC section 4) every
+  `check_every` epochs and training stops once it reaches `target_accuracy`.
+
+Multiple-choice items (the `wmdp` analogue) are taught the same way, question -> correct
+option's text, and judged by the highest-LP option.
 
 The injected model is saved (safetensors) in the cache under a key made of the content
 hashes of the base model, the benchmark files and the settings, so a second call returns
@@ -120,6 +123,11 @@ def cache_key(spec: str, bench: Benchmark, config: InjectConfig) -> str:
         json.dumps(asdict(config), sort_keys=True),
         str(INJECT_FORMAT),
     ]
+    if config.general != "general":
+        # Rehearsal now always holds out the built-in general set. Injections that judged
+        # it themselves already did, so their cached models stay valid; the others were
+        # trained with those questions rehearsed, so their keys change.
+        parts.append("holds-out-builtin-general")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
@@ -249,8 +257,11 @@ def inject(
     tok_eos = lm.tokenizer.eos_token_id
     examples = [(i.question, (*lm.encode_answer(i.answer), tok_eos)) for i in taught]
     encoded = [(lm.encode_prompt(q).input_ids, a) for q, a in examples]
+    # Never rehearse a question that any general-knowledge evaluation may ask, also when
+    # this injection does not judge general knowledge itself (a runner may do it later).
+    held_out = {i.question for i in general} | {i.question for i in load_benchmark("general").items}
     rehearsal = (
-        _rehearsal_targets(lm, {i.question for i in general}, config.rehearsal_top_k)
+        _rehearsal_targets(lm, held_out, config.rehearsal_top_k)
         if config.rehearsal and config.rehearsal_per_step
         else []
     )

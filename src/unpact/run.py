@@ -398,9 +398,8 @@ def _attack(
 
 def _link_model(src: Path, dst: Path) -> None:
     """`dst` gets the files of the model folder `src`: hard links (no copy) where the file
-    system allows, copies otherwise; renamed into place when complete."""
-    if dst.is_dir() and (dst / "config.json").is_file():
-        return
+    system allows, copies otherwise; renamed into place when complete (a re-run relinks, so
+    a changed method's new model replaces the old one)."""
     tmp = dst.with_name(f".tmp-{dst.name}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     for f in src.iterdir():
@@ -545,7 +544,7 @@ def run(
     # 2. the original model
     if cfg.inject.enabled:
         inject_cfg = InjectConfig(**cfg.inject.settings)
-        say(f"original model: injecting {bench.name} into {cfg.model} (cached)")
+        say(f"original model: {cfg.model} taught {bench.name} (reused if cached)")
         injected = inject(cfg.model, bench.path or bench.name, inject_cfg, progress=progress)
         original_spec = str(injected.path)
         original_key = "inject:" + inject_key(cfg.model, bench, inject_cfg)

@@ -18,6 +18,7 @@ continues from the last checkpoint and ends with the same weights as an uninterr
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import shutil
@@ -423,7 +424,15 @@ def _checkpoint(accelerator: Any, out: Path, step: int) -> None:
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    # Tied input/output embeddings are saved once; accelerate warns about it on every save.
+    # The tie is structural (one Parameter), so resuming restores it: the warning is noise.
+    shared_warning = logging.getLogger("accelerate.utils.other")
+    level = shared_warning.level
+    shared_warning.setLevel(logging.ERROR)
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+    finally:
+        shared_warning.setLevel(level)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         tmp.rename(final)
