@@ -235,6 +235,7 @@ def test_builtin_configs_load():
     demo = load_config("demo")
     assert [m.method for m in demo.methods] == ["ga_gd", "npo_kl", "rmu"]
     assert demo.data.forget_items and demo.data.forget_items >= 20
+    assert demo.judge.max_new_tokens == 24 and demo.inject.settings["min_epochs"] == 6
     assert {a.name for a in demo.attacks} == {"focus_on_key", "probab", "focus_on_key_probab"}
     paper = load_config("paper")
     assert [m.method for m in paper.methods] == ["ga_gd", "ga_kl", "npo_gd", "npo_kl", "tv", "rmu"]
@@ -331,3 +332,20 @@ def test_docs_name_every_config_key():
     ):
         for name in model.model_fields:
             assert f"{name}:" in docs or f"{name}," in docs, f"{model.__name__}.{name}"
+
+
+def test_a_grid_runs_each_benchmark_into_its_folder(setup, finished, tmp_path):
+    import shutil
+
+    root, first = finished
+    shutil.copytree(root / "bench", tmp_path / "again")
+    _, config = setup
+    grid = config | {"benchmarks": [str(root / "bench"), str(tmp_path / "again")]}
+    result = run(grid, tmp_path / "grid", cache_dir=root / "cache", progress=False)
+    assert set(result.results["benchmarks"]) == {"bench", "again"}
+    for name in ("bench", "again"):
+        one = json.loads((tmp_path / "grid" / name / "results.json").read_text())
+        assert _numbers(one) == _numbers(first.results)  # same items, same stages
+    lines = (tmp_path / "grid" / "results.csv").read_text().splitlines()
+    assert lines[0].startswith("benchmark,method,") and len(lines) == 1 + 2 * 2
+    assert json.loads((tmp_path / "grid" / "results.json").read_text())["benchmarks"]["again"]

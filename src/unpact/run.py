@@ -191,13 +191,18 @@ def _check_references(config: RunConfig, where: str) -> None:
 
     benchmarks = [("data.benchmark", config.data.benchmark), ("data.general", config.data.general)]
     benchmarks += [(f"benchmarks.{n}", b) for n, b in enumerate(config.benchmarks or [])]
+    grid_names: set[str] = set()
     for key, name in benchmarks:
         if name is None:
             continue
         try:
-            load_benchmark(name)
+            loaded = load_benchmark(name).name
         except UnpactError as e:
             raise UnpactError(f"{where}: {key}: {e}") from None
+        if key.startswith("benchmarks."):
+            if loaded in grid_names:
+                raise UnpactError(f"{where}: {key}: a second benchmark named {loaded!r}")
+            grid_names.add(loaded)
     labels: set[str] = set()
     for n, spec in enumerate(config.methods):
         try:
@@ -717,10 +722,11 @@ def _run_grid(
     _atomic_text(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     per: dict[str, Any] = {}
     records: list[ItemRecord] = []
-    for name in cfg.benchmarks or []:
+    for source in cfg.benchmarks or []:
+        name = load_benchmark(source).name  # a folder's name, not its path
         say(f"benchmark {name}")
         one = cfg.model_copy(
-            update={"benchmarks": None, "data": cfg.data.model_copy(update={"benchmark": name})}
+            update={"benchmarks": None, "data": cfg.data.model_copy(update={"benchmark": source})}
         )
         result = run(one, out / name, cache_dir=cache_dir, progress=progress, log=say)
         per[name] = result.results
