@@ -381,21 +381,21 @@ def _build_gguf_cache(gguf: Path, sha: str, folder: Path) -> None:
     console = Console(stderr=True)
     try:
         with console.status(f"Dequantising {gguf.name} into the cache (once, ~20 s)"):
-            hf_logging.disable_progress_bar()
+            hf_logging.disable_progress_bar()  # the status line says what is going on
             try:
                 tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
                 model: Any = AutoModelForCausalLM.from_pretrained(
                     gguf.parent, gguf_file=gguf.name, dtype=torch.float32
                 )
+                # Without this, save_pretrained writes a GGUF quantisation marker and the
+                # reload would try to find the GGUF file again.
+                model.hf_quantizer = None
+                if hasattr(model.config, "quantization_config"):
+                    del model.config.quantization_config
+                model.save_pretrained(tmp, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
             finally:
                 hf_logging.enable_progress_bar()
-            # Without this, save_pretrained writes a GGUF quantisation marker and the
-            # reload would try to find the GGUF file again.
-            model.hf_quantizer = None
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
             files = {
                 p.name: {"size": p.stat().st_size, "crc32": _crc32(p)}
                 for p in sorted(tmp.iterdir())
