@@ -30,7 +30,7 @@ def test_runner_on_the_default_model(tmp_path):
     config = {
         "data": {"benchmark": str(tmp_path / "bench"), "general_items": 10},
         "inject": {"enabled": False},
-        "methods": [{"method": "ga", "config": {"lr": 5e-5, "steps": 3, "batch_size": 2}}],
+        "methods": [{"method": "ga", "config": {"lr": 1e-4, "steps": 4, "batch_size": 2}}],
         "attacks": [
             {"name": "focus_on_key"},
             {"name": "probab", "settings": {"samples": 2}},

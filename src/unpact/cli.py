@@ -513,28 +513,29 @@ def _run(config: str | Path, out_dir: Path) -> None:
     _print_results(result.results, out_dir)
 
 
-@app.command()
+@app.command(
+    help="Run an experiment end to end: inject, unlearn, judge, attribute, attack, report.\n\n"
+    "Every stage is cached by content hash, so re-running after an interruption redoes only "
+    "what was not finished. Writes results.json, results.csv, items.jsonl, models/ and "
+    "report.html into --out. Config reference: docs/runner.md."
+)
 def run(
     config: Annotated[
         str, typer.Argument(help="A run config (YAML file) or a built-in one: demo, paper.")
     ],
     out_dir: Annotated[Path, typer.Option("--out", help="Run directory.")] = Path("runs/run"),
 ) -> None:
-    """Run an experiment end to end: inject, unlearn, judge, attribute, attack, report.
-
-    Every stage is cached by content hash, so re-running after an interruption redoes only
-    what was not finished. Writes results.json, results.csv, items.jsonl, models/ and
-    report.html into --out.
-    """
     _run(config, out_dir)
 
 
-@app.command()
+@app.command(
+    help="The paper end to end on the default model, reduced to minutes: news (20 forget and "
+    "20 retain facts taught first), GA+GD, NPO+KL and RMU, FocusOnKey, PROBAB and both, "
+    "the report. Same as `unpact run demo`."
+)
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Run directory.")] = Path("runs/demo"),
 ) -> None:
-    """The paper end to end on the default model, reduced: news (20 forget items), GA+GD,
-    NPO+KL and RMU, FocusOnKey and PROBAB, the report. Same as `unpact run demo`."""
     _run("demo", out_dir)
 
 
