@@ -135,6 +135,11 @@ def test_run_writes_every_artefact_with_the_documented_schema(finished):
     assert len(rows) == 2 * n_items
     csv_lines = (out / "results.csv").read_text().splitlines()
     assert csv_lines[0].startswith("method,forget_acc_before") and len(csv_lines) == 3
+    md = (out / "results.md").read_text().splitlines()
+    assert md[0].startswith("| method |") and [r.split(" | ")[0] for r in md[2:]] == [
+        "| ga",
+        "| npo",
+    ]
     assert yaml.safe_load((out / "config.yaml").read_text())["methods"][1]["name"] == "npo"
     html = (out / "report.html").read_text()
     assert '<table id="results">' in html and "<svg" in html
@@ -348,4 +353,5 @@ def test_a_grid_runs_each_benchmark_into_its_folder(setup, finished, tmp_path):
         assert _numbers(one) == _numbers(first.results)  # same items, same stages
     lines = (tmp_path / "grid" / "results.csv").read_text().splitlines()
     assert lines[0].startswith("benchmark,method,") and len(lines) == 1 + 2 * 2
+    assert (tmp_path / "grid" / "results.md").read_text().count("| ga |") == 2
     assert json.loads((tmp_path / "grid" / "results.json").read_text())["benchmarks"]["again"]

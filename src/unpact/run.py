@@ -492,6 +492,35 @@ def _csv(results: dict[str, Any], attacks: list[str]) -> str:
     return buf.getvalue()
 
 
+def markdown_table(results: dict[str, Any]) -> str:
+    """The per-method table of one run as Markdown (the paper's Table 2 shape)."""
+
+    def pct(v: Any) -> str:
+        return "–" if v is None else f"{100 * v:.0f}%"
+
+    def num(v: Any) -> str:
+        return "–" if v is None else f"{v:.2f}"
+
+    attacks = results["attacks"]
+    head = ["method", "forget acc before → after", "forgotten"]
+    head += [f"recovery: {a}" for a in attacks]
+    head += [
+        "destructive retain",
+        "destructive general",
+        "collapse",
+        "KeyToken sim. forgotten / kept",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, m in results["methods"].items():
+        row = [name, f"{pct(m['forget_acc_before'])} → {pct(m['forget_acc_after'])}"]
+        row += [str(m["forgotten"]), *(pct(m["recovery"].get(a)) for a in attacks)]
+        row += [pct(m["destructive_retain"]), pct(m["destructive_general"])]
+        row += [pct(m["collapse_rate"])]
+        row += [f"{num(m['keytoken_similarity_forgotten'])} / {num(m['keytoken_similarity_kept'])}"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _attribution_summary(record: dict[str, Any] | None) -> dict[str, Any] | None:
     if record is None:
         return None
@@ -702,6 +731,7 @@ def run(
     )
     _atomic_text(out / "items.jsonl", _jsonl([_finite(r.to_dict()) for r in records]))
     _atomic_text(out / "results.csv", _csv(results, attack_names))
+    _atomic_text(out / "results.md", markdown_table(results))
     from unpact.report import write_report
 
     write_report(out / "report.html", results, records, attrs, cfg)
@@ -736,6 +766,14 @@ def _run_grid(
         text = _csv(results, results["attacks"]).splitlines()
         lines += ([f"benchmark,{text[0]}"] if n == 0 else []) + [f"{name},{r}" for r in text[1:]]
     _atomic_text(out / "results.csv", "\n".join(lines) + "\n")
+    sections = []
+    for name, results in per.items():
+        c = results["counts"]
+        sections.append(
+            f"### {name} ({c['forget']} forget / {c['retain']} retain / {c['general']} general "
+            f"items, {results['seconds'] / 60:.0f} min)\n\n{markdown_table(results)}"
+        )
+    _atomic_text(out / "results.md", "\n".join(sections))
     results = {
         "format": RUN_FORMAT,
         "benchmarks": per,
