@@ -11,10 +11,12 @@ from hypothesis import strategies as st
 from unpact.metrics import (
     ItemRecord,
     accuracy,
+    bootstrap_ci,
     collapse_rate,
     destructive_rate,
     focus_shift,
     forgotten_count,
+    mcnemar_exact,
     recovery_rate,
 )
 
@@ -83,3 +85,69 @@ def test_forgotten_plus_kept_plus_unknown_is_every_forget_item(flags):
     before, after = accuracy(recs, "forget", "before"), accuracy(recs, "forget", "after")
     # what was lost, as a share of all items, is at least the accuracy drop
     assert forgotten_count(recs) / len(recs) >= before - after - 1e-12
+
+
+# ---------------------------------------------------------------------- statistics
+
+
+def _attack_pairs(pairs: list[tuple[bool, bool]]) -> list[ItemRecord]:
+    """Forgotten items recovered (or not) by an attack and by PROBAB."""
+    return [
+        ItemRecord(str(i), "forget", True, False, {"focus_on_key": a, "probab": b})
+        for i, (a, b) in enumerate(pairs)
+    ]
+
+
+def test_mcnemar_exact_on_hand_values():
+    one_vs_nine = _attack_pairs([(True, False)] + [(False, True)] * 9 + [(True, True)] * 4)
+    test = mcnemar_exact(one_vs_nine, "focus_on_key")
+    assert (test.only_a, test.only_b) == (1, 9)
+    assert test.p_value == pytest.approx(2 * (1 + 10) / 2**10)  # 0.0215
+    assert mcnemar_exact(_attack_pairs([(False, True)] * 5), "focus_on_key").p_value == 2 / 32
+    assert (
+        mcnemar_exact(_attack_pairs([(True, False), (False, True)] * 3), "focus_on_key").p_value
+        == 1.0
+    )
+    assert mcnemar_exact(_attack_pairs([(True, True)]), "focus_on_key").p_value == 1.0
+
+
+@given(st.lists(st.tuples(st.booleans(), st.booleans()), max_size=40))
+def test_mcnemar_equals_enumerating_every_outcome(pairs):
+    test = mcnemar_exact(_attack_pairs(pairs), "focus_on_key")
+    n = test.only_a + test.only_b
+    # the slow, obvious two-sided p: outcomes at least as far from n/2 as the one seen
+    far = abs(test.only_a - n / 2)
+    slow = sum(math.comb(n, k) for k in range(n + 1) if abs(k - n / 2) >= far - 1e-9) / 2**n
+    assert test.p_value == pytest.approx(min(1.0, slow))
+
+
+def test_bootstrap_interval_covers_a_known_rate_with_the_expected_width():
+    # 200 retain items, 60 lost: destructive rate 0.3, binomial s.e. sqrt(.3 * .7 / 200)
+    recs = [ItemRecord(str(i), "retain", True, i >= 60) for i in range(200)]
+    lo, hi = bootstrap_ci(recs, lambda r: destructive_rate(r, "retain"), resamples=2000)
+    assert lo < 0.3 < hi
+    assert hi - lo == pytest.approx(2 * 1.96 * math.sqrt(0.3 * 0.7 / 200), rel=0.15)
+    again = bootstrap_ci(recs, lambda r: destructive_rate(r, "retain"), resamples=2000)
+    assert again == (lo, hi)  # seeded
+
+
+def test_bootstrap_keeps_split_sizes_and_handles_undefined_rates():
+    recs = _records()
+    sizes = []
+
+    def count(sample):
+        sizes.append(sum(r.split == "forget" for r in sample))
+        return 0.5
+
+    assert bootstrap_ci(recs, count, resamples=20) == (0.5, 0.5)
+    assert set(sizes) == {5}
+    nothing = [ItemRecord("f", "forget", True, True)]
+    lo, hi = bootstrap_ci(nothing, lambda r: recovery_rate(r, "probab"), resamples=10)
+    assert math.isnan(lo) and math.isnan(hi)
+
+
+@given(st.lists(st.booleans(), min_size=1, max_size=30), st.integers(0, 5))
+def test_bootstrap_bounds_are_ordered_rates(flags, seed):
+    recs = [ItemRecord(str(i), "general", True, f) for i, f in enumerate(flags)]
+    lo, hi = bootstrap_ci(recs, lambda r: destructive_rate(r, "general"), resamples=50, seed=seed)
+    assert 0.0 <= lo <= hi <= 1.0

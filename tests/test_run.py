@@ -127,6 +127,10 @@ def test_run_writes_every_artefact_with_the_documented_schema(finished):
         assert set(m["recovery"]) == {"focus_on_key", "probab", "focus_on_key_probab"}
         assert m["forget_acc_before"] == 1.0  # the items are what the model says
         assert (Path(m["model"]) / "model.safetensors").is_file()
+        lo, hi = m["ci"]["forget_acc_after"]
+        assert lo <= m["forget_acc_after"] <= hi
+        assert set(m["vs_probab"]) == {"focus_on_key", "focus_on_key_probab"}
+        assert 0 <= m["vs_probab"]["focus_on_key"]["p_value"] <= 1
     assert any(m["forgotten"] > 0 for m in results["methods"].values())
     rows = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
     n_items = (
@@ -323,7 +327,14 @@ def test_report_opens_in_a_real_browser_without_console_errors(finished, tmp_pat
 
 def test_docs_name_every_config_key():
     from unpact.judge import JudgeSettings, LLMJudgeSettings
-    from unpact.run import AttributionSettings, DataSettings, InjectSettings, MethodSpec, RunConfig
+    from unpact.run import (
+        AttributionSettings,
+        DataSettings,
+        InjectSettings,
+        MethodSpec,
+        RunConfig,
+        StatisticsSettings,
+    )
 
     docs = (Path(__file__).parents[1] / "docs" / "runner.md").read_text()
     for model in (
@@ -334,6 +345,7 @@ def test_docs_name_every_config_key():
         AttributionSettings,
         JudgeSettings,
         LLMJudgeSettings,
+        StatisticsSettings,
     ):
         for name in model.model_fields:
             assert f"{name}:" in docs or f"{name}," in docs, f"{model.__name__}.{name}"

@@ -8,6 +8,8 @@ report can be traced back to the items that made it.
 from __future__ import annotations
 
 import math
+import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from statistics import fmean
 from typing import Any
@@ -97,3 +99,72 @@ def focus_shift(
         if getattr(r, group) and getattr(r, measure) is not None
     ]
     return fmean(values) if values else math.nan
+
+
+# ---------------------------------------------------------------------- statistics
+
+
+def bootstrap_ci(
+    records: list[ItemRecord],
+    statistic: Callable[[list[ItemRecord]], float],
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of `statistic` over items.
+
+    Each resample draws, within each split, as many records as the split has, with
+    replacement (so a resample keeps the data's forget/retain/general sizes); resamples
+    where the statistic is undefined (NaN: nothing to divide by) are dropped. NaN bounds
+    when the statistic is undefined on every resample."""
+    rng = random.Random(seed)
+    groups = [[r for r in records if r.split == s] for s in dict.fromkeys(r.split for r in records)]
+    values = []
+    for _ in range(resamples):
+        sample = [g[rng.randrange(len(g))] for g in groups for _ in range(len(g))]
+        v = statistic(sample)
+        if not math.isnan(v):
+            values.append(v)
+    if not values:
+        return math.nan, math.nan
+    values.sort()
+    tail = (1 - level) / 2
+    return _quantile(values, tail), _quantile(values, 1 - tail)
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default) of an already sorted list."""
+    pos = q * (len(sorted_values) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+@dataclass(frozen=True)
+class McNemar:
+    """Two attacks on the same forgotten items: `only_a` recovered by the first alone,
+    `only_b` by the second alone; `p_value` is the exact two-sided McNemar test."""
+
+    only_a: int
+    only_b: int
+    p_value: float
+
+
+def mcnemar_exact(records: list[ItemRecord], attack: str, baseline: str = "probab") -> McNemar:
+    """Is `attack`'s recovery different from `baseline`'s on the same forgotten items?
+
+    Exact (binomial) McNemar test on the discordant items: under the null each is equally
+    likely to be recovered by either attack alone."""
+    forgotten = [r for r in records if r.forgotten]
+    a = sum(
+        r.recovered.get(attack, False) and not r.recovered.get(baseline, False) for r in forgotten
+    )
+    b = sum(
+        r.recovered.get(baseline, False) and not r.recovered.get(attack, False) for r in forgotten
+    )
+    n = a + b
+    if n == 0:
+        return McNemar(a, b, 1.0)
+    tail = sum(math.comb(n, k) for k in range(min(a, b) + 1)) / 2**n
+    return McNemar(a, b, min(1.0, 2 * tail))

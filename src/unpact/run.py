@@ -30,6 +30,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -52,10 +53,12 @@ from unpact.judge import JudgeSettings, Verdict, choose_options, judge_many
 from unpact.metrics import (
     ItemRecord,
     accuracy,
+    bootstrap_ci,
     collapse_rate,
     destructive_rate,
     focus_shift,
     forgotten_count,
+    mcnemar_exact,
     recovery_rate,
 )
 from unpact.models import LanguageModel, cache_root, load_model
@@ -130,6 +133,16 @@ class AttributionSettings(_Strict):
     heatmaps: int = Field(4, ge=0, description="forgotten items shown as heatmaps per method")
 
 
+class StatisticsSettings(_Strict):
+    """Confidence intervals and tests that come with every figure."""
+
+    resamples: int = Field(1000, ge=0, description="bootstrap resamples over items (0: none)")
+    level: float = Field(0.95, gt=0, lt=1, description="confidence level of the intervals")
+    seed: int = Field(0, description="bootstrap seed")
+    alpha: float = Field(0.05, gt=0, lt=1, description="McNemar significance level")
+    baseline_attack: str = Field("probab", description="attack the others are tested against")
+
+
 class RunConfig(_Strict):
     """One experiment. Every field has a default except the methods."""
 
@@ -146,6 +159,7 @@ class RunConfig(_Strict):
     )
     judge: JudgeSettings = Field(default_factory=JudgeSettings)
     attribution: AttributionSettings = Field(default_factory=AttributionSettings)
+    statistics: StatisticsSettings = Field(default_factory=StatisticsSettings)
     collapse_threshold: float = Field(
         0.1, ge=0, description="prompt_sensitivity (nats) below which a model ignores the prompt"
     )
@@ -446,29 +460,73 @@ METRIC_COLUMNS = (
 )
 
 
-def method_metrics(
-    records: list[ItemRecord], attacks: list[str], collapse_threshold: float
-) -> dict[str, Any]:
-    """The per-method figures of results.json, each a function of the records."""
-    return {
-        "forget_acc_before": accuracy(records, "forget", "before"),
-        "forget_acc_after": accuracy(records, "forget", "after"),
-        "retain_acc_before": accuracy(records, "retain", "before"),
-        "retain_acc_after": accuracy(records, "retain", "after"),
-        "general_acc_before": accuracy(records, "general", "before"),
-        "general_acc_after": accuracy(records, "general", "after"),
-        "forgotten": forgotten_count(records),
-        "recovery": {a: recovery_rate(records, a) for a in attacks},
-        "destructive_retain": destructive_rate(records, "retain"),
-        "destructive_general": destructive_rate(records, "general"),
-        "collapse_rate": collapse_rate(records, collapse_threshold),
-        "keytoken_similarity_forgotten": focus_shift(records, "forgotten"),
-        "keytoken_similarity_kept": focus_shift(records, "kept"),
-        "contribution_similarity_forgotten": focus_shift(
-            records, "forgotten", "contribution_similarity"
+def _statistics(
+    attacks: list[str], collapse_threshold: float
+) -> dict[str, Callable[[list[ItemRecord]], float]]:
+    """Every per-method figure that is a rate or a mean, as a function of the records."""
+    stats: dict[str, Callable[[list[ItemRecord]], float]] = {
+        "forget_acc_before": lambda r: accuracy(r, "forget", "before"),
+        "forget_acc_after": lambda r: accuracy(r, "forget", "after"),
+        "retain_acc_before": lambda r: accuracy(r, "retain", "before"),
+        "retain_acc_after": lambda r: accuracy(r, "retain", "after"),
+        "general_acc_before": lambda r: accuracy(r, "general", "before"),
+        "general_acc_after": lambda r: accuracy(r, "general", "after"),
+        "destructive_retain": lambda r: destructive_rate(r, "retain"),
+        "destructive_general": lambda r: destructive_rate(r, "general"),
+        "collapse_rate": lambda r: collapse_rate(r, collapse_threshold),
+        "keytoken_similarity_forgotten": lambda r: focus_shift(r, "forgotten"),
+        "keytoken_similarity_kept": lambda r: focus_shift(r, "kept"),
+        "contribution_similarity_forgotten": lambda r: focus_shift(
+            r, "forgotten", "contribution_similarity"
         ),
-        "contribution_similarity_kept": focus_shift(records, "kept", "contribution_similarity"),
+        "contribution_similarity_kept": lambda r: focus_shift(r, "kept", "contribution_similarity"),
     }
+    for a in attacks:
+        stats[f"recovery.{a}"] = lambda r, a=a: recovery_rate(r, a)  # type: ignore[misc]
+    return stats
+
+
+def method_metrics(
+    records: list[ItemRecord],
+    attacks: list[str],
+    collapse_threshold: float,
+    statistics: StatisticsSettings | None = None,
+) -> dict[str, Any]:
+    """The per-method figures of results.json, each a function of the records; with
+    `statistics`, also a bootstrap interval for each (`ci`) and each attack's McNemar test
+    against the baseline attack on the same forgotten items (`vs_<baseline>`)."""
+    stats = _statistics(attacks, collapse_threshold)
+    values = {name: fn(records) for name, fn in stats.items()}
+    out: dict[str, Any] = {k: v for k, v in values.items() if not k.startswith("recovery.")}
+    out["forgotten"] = forgotten_count(records)
+    out["recovery"] = {a: values[f"recovery.{a}"] for a in attacks}
+    if statistics is not None and statistics.resamples:
+        out["ci"] = {
+            name: list(
+                bootstrap_ci(
+                    records,
+                    fn,
+                    resamples=statistics.resamples,
+                    seed=statistics.seed,
+                    level=statistics.level,
+                )
+            )
+            for name, fn in stats.items()
+        }
+    if statistics is not None and statistics.baseline_attack in attacks:
+        base = statistics.baseline_attack
+        out[f"vs_{base}"] = {
+            a: {
+                "only_attack": t.only_a,
+                "only_baseline": t.only_b,
+                "p_value": t.p_value,
+                "significant": t.p_value < statistics.alpha,
+            }
+            for a in attacks
+            if a != base
+            for t in [mcnemar_exact(records, a, base)]
+        }
+    return out
 
 
 def _finite(value: Any) -> Any:
@@ -709,7 +767,7 @@ def run(
         records += mine
         _link_model(Path(spec_str), out / "models" / label)
         methods[label] = {
-            **method_metrics(mine, attack_names, cfg.collapse_threshold),
+            **method_metrics(mine, attack_names, cfg.collapse_threshold, cfg.statistics),
             "model": str(out / "models" / label),
             "unlearn_seconds": info.get("seconds"),
         }

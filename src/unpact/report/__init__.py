@@ -127,6 +127,9 @@ def render(
         plot=dilemma_svg(results),
         sections=heatmaps(results, records, attributions, config.attribution.heatmaps),
         settings=yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
+        baseline=config.statistics.baseline_attack,
+        level=config.statistics.level,
+        alpha=config.statistics.alpha,
         escape=html.escape,
     )
 
