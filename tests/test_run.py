@@ -367,3 +367,21 @@ def test_a_grid_runs_each_benchmark_into_its_folder(setup, finished, tmp_path):
     assert lines[0].startswith("benchmark,method,") and len(lines) == 1 + 2 * 2
     assert (tmp_path / "grid" / "results.md").read_text().count("| ga |") == 2
     assert json.loads((tmp_path / "grid" / "results.json").read_text())["benchmarks"]["again"]
+
+
+def test_ctrl_c_says_how_to_continue(setup, tmp_path):
+    root, _ = setup
+    env = {**os.environ, "UNPACT_CACHE": str(tmp_path / "home")}
+    cmd = [sys.executable, "-m", "unpact", "run", str(root / "config.yaml"), "--out", str(tmp_path)]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if list((tmp_path / "home" / "stages").glob("unlearned/ga-*/losses.jsonl")):
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.02)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr
+    assert "run the same command again" in stderr and "Traceback" not in stderr

@@ -509,7 +509,12 @@ def _run(config: str | Path, out_dir: Path) -> None:
     def log(text: str) -> None:
         err.print(f"[dim]{time.perf_counter() - start:6.0f} s[/]  {text}", highlight=False)
 
-    result = run_experiment(cfg, out_dir, log=log)
+    try:
+        result = run_experiment(cfg, out_dir, log=log)
+    except KeyboardInterrupt:
+        # Finished stages are cached, and unfinished ones were never renamed into place.
+        err.print("interrupted: run the same command again to continue where it stopped")
+        raise typer.Exit(130) from None
     _print_results(result.results, out_dir)
 
 
@@ -547,6 +552,7 @@ def main() -> None:
     except UnpactError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(2)
+
 
 
 if __name__ == "__main__":
