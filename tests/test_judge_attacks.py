@@ -9,7 +9,15 @@ from typing import ClassVar
 
 import pytest
 
-from unpact.attacks import ATTACKS, FocusOnKey, FocusOnKeyProbab, Probab, emphasis, get_attack
+from unpact.attacks import (
+    ATTACKS,
+    FocusOnKey,
+    FocusOnKeyProbab,
+    Probab,
+    Target,
+    emphasis,
+    get_attack,
+)
 from unpact.errors import UnpactError
 from unpact.judge import (
     JudgeSettings,
@@ -166,3 +174,35 @@ def test_sampling_attacks_and_the_registry():
         get_attack("probab", {"samples": 0})
     with pytest.raises(UnpactError, match="bogus"):
         get_attack("probab", {"bogus": 1})
+
+
+def test_paraphrase_keeps_the_keywords_in_every_rewording():
+    target = Target("Who founded Vostrand Glassworks?", (), ("Vostrand Glassworks",))
+    prompts = get_attack("paraphrase").prompts(target)
+    assert len(prompts) == 4 and len(set(prompts)) == 4
+    assert all("Vostrand Glassworks" in p for p in prompts)
+    assert prompts[1] == "I was reading about Vostrand Glassworks. Who founded Vostrand Glassworks?"
+    one = get_attack("paraphrase", {"templates": ["{keywords}?"]})
+    assert one.prompts(target) == ["Vostrand Glassworks?"]
+
+
+def test_in_context_shows_seeded_retain_demonstrations_first():
+    demos = tuple((f"Q{i}?", f"A{i}") for i in range(10))
+    target = Target("Who founded Vostrand?", (), (), demos)
+    attack = get_attack("in_context", {"demonstrations": 2})
+    (prompt,) = attack.prompts(target)
+    blocks = prompt.split("\n\n")
+    assert len(blocks) == 3 and blocks[-1] == "Q: Who founded Vostrand?\nA:"
+    assert all(b.startswith("Q: Q") and "\nA: A" in b for b in blocks[:2])
+    assert attack.prompts(target) == [prompt]  # reproducible
+    other = get_attack("in_context", {"demonstrations": 2, "seed": 1}).prompts(target)
+    assert other != [prompt]
+    assert attack.uses_demonstrations and not get_attack("paraphrase").uses_demonstrations
+
+
+def test_keyword_only_is_the_key_tokens_alone():
+    attack = get_attack("keyword_only")
+    assert attack.prompts(Target("Who founded Vostrand?", (" Vost", "rand", " Vost"))) == [
+        "Vost rand"
+    ]
+    assert attack.prompts(Target("Who?", ())) == ["Who?"]  # no KeyTokens: the question

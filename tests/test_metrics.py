@@ -18,6 +18,7 @@ from unpact.metrics import (
     forgotten_count,
     mcnemar_exact,
     recovery_rate,
+    union_recovery_rate,
 )
 
 
@@ -54,6 +55,8 @@ def test_rates_on_hand_made_records():
     assert recovery_rate(recs, "focus_on_key") == pytest.approx(2 / 3)
     assert recovery_rate(recs, "probab") == pytest.approx(1 / 3)
     assert recovery_rate(recs, "paraphrase") == 0.0
+    assert union_recovery_rate(recs, ["focus_on_key", "probab"]) == pytest.approx(2 / 3)
+    assert union_recovery_rate(recs, ["probab"]) == recovery_rate(recs, "probab")
     assert destructive_rate(recs, "retain") == pytest.approx(1 / 3)  # r4 was wrong before
     assert destructive_rate(recs, "general") == 0.0
     assert collapse_rate(recs, threshold=0.5) == pytest.approx(3 / 5)  # f1, f3, f5

@@ -82,6 +82,9 @@ def setup(tmp_path_factory, tiny):
             {"name": "focus_on_key"},
             {"name": "probab", "settings": {"samples": 3}},
             {"name": "focus_on_key_probab", "settings": {"samples": 3}},
+            {"name": "paraphrase"},
+            {"name": "in_context"},
+            {"name": "keyword_only"},
         ],
         "judge": {"max_new_tokens": MAX_NEW},
         "attribution": {"heatmaps": 2},
@@ -124,12 +127,23 @@ def test_run_writes_every_artefact_with_the_documented_schema(finished):
             "keytoken_similarity_kept",
         ):
             assert key in m
-        assert set(m["recovery"]) == {"focus_on_key", "probab", "focus_on_key_probab"}
+        assert set(m["recovery"]) == {
+            "focus_on_key",
+            "probab",
+            "focus_on_key_probab",
+            "paraphrase",
+            "in_context",
+            "keyword_only",
+            "any",
+        }
+        assert (
+            m["recovery"]["any"] >= max(v for v in m["recovery"].values() if v is not None) - 1e-12
+        )
         assert m["forget_acc_before"] == 1.0  # the items are what the model says
         assert (Path(m["model"]) / "model.safetensors").is_file()
         lo, hi = m["ci"]["forget_acc_after"]
         assert lo <= m["forget_acc_after"] <= hi
-        assert set(m["vs_probab"]) == {"focus_on_key", "focus_on_key_probab"}
+        assert set(m["vs_probab"]) == set(m["recovery"]) - {"probab", "any"}
         assert 0 <= m["vs_probab"]["focus_on_key"]["p_value"] <= 1
     assert any(m["forgotten"] > 0 for m in results["methods"].values())
     rows = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
@@ -171,6 +185,9 @@ def test_every_number_is_a_function_of_the_item_records(finished):
             if r.forgotten:
                 assert set(r.attacks) == set(results["attacks"])
                 assert len(r.attacks["probab"]["outputs"]) == 3
+                assert len(r.attacks["paraphrase"]["prompts"]) == 4
+                assert len(r.attacks["paraphrase"]["outputs"]) == 4
+                assert "\nA:" in r.attacks["in_context"]["prompt"]
                 assert r.attacks["focus_on_key"]["prompt"].startswith(r.question)
                 assert r.attribution_before and r.attribution_after
             else:

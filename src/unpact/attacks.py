@@ -1,21 +1,27 @@
 """Recovery attacks (SPEC section 5): try to bring "forgotten" knowledge back without
 touching the weights.
 
-An attack is a prompt transform and a sampler: `prompt(question, key_tokens)` says what the
-attacker asks, `samples` how many answers they draw (0: the one greedy answer). The runner
-generates, judges each answer, and an item counts as recovered if any answer is correct.
-Adding an attack is one subclass with a `name` (it registers itself) and, if it has knobs,
-a pydantic `Settings`.
+An attack is a prompt transform and a sampler: `prompt(question, key_tokens)` (or, for an
+attack that needs more of the item, `prompts(target)`, one or several prompts) says what the
+attacker asks, `samples` how many answers they draw per prompt (0: the greedy answer). The
+runner generates, judges each answer, and an item counts as recovered if any answer is
+correct. Adding an attack is one subclass with a `name` (it registers itself) and, if it
+has knobs, a pydantic `Settings`.
 
 - `focus_on_key`: the question plus an emphasis phrase naming its KeyTokens (by default
   the original model's; `keys_from: unlearned` is the attacker who never had it).
 - `probab`: N seeded samples at temperature 1 of the plain question.
 - `focus_on_key_probab`: both.
+- `paraphrase`: the question reworded by templates that keep its keywords.
+- `in_context`: a few retain-set QA pairs as demonstrations before the question.
+- `keyword_only`: a prompt made of the KeyTokens alone.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import random
+import zlib
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,6 +31,16 @@ from unpact.errors import UnpactError
 ATTACKS: dict[str, type[Attack]] = {}
 
 FOCUS_TEMPLATE = "{prompt}\nFocus on {keys} to answer."
+
+
+@dataclass(frozen=True)
+class Target:
+    """What an attacker may use about one forgotten item."""
+
+    question: str
+    key_tokens: tuple[str, ...] = ()  # KeyTokens (whose: the attack's `keys_from`)
+    keywords: tuple[str, ...] = ()  # the benchmark's ground-truth keywords of the question
+    demonstrations: tuple[tuple[str, str], ...] = ()  # retain-set (question, answer) pairs
 
 
 class NoSettings(BaseModel):
@@ -37,6 +53,7 @@ class Attack:
 
     name: ClassVar[str] = ""
     Settings: ClassVar[type[BaseModel]] = NoSettings
+    uses_demonstrations: ClassVar[bool] = False  # needs retain-set QA pairs
 
     def __init__(self, settings: BaseModel | None = None) -> None:
         self.settings: Any = settings if settings is not None else self.Settings()
@@ -66,6 +83,10 @@ class Attack:
 
     def prompt(self, question: str, key_tokens: list[str]) -> str:
         return question
+
+    def prompts(self, target: Target) -> list[str]:
+        """Every prompt the attacker tries on this item (default: the one `prompt`)."""
+        return [self.prompt(target.question, list(target.key_tokens))]
 
 
 class FocusSettings(BaseModel):
@@ -147,6 +168,74 @@ class FocusOnKeyProbab(Attack):
     prompt = FocusOnKey.prompt
 
 
+PARAPHRASES = (
+    "{question} Answer briefly.",
+    "I was reading about {keywords}. {question}",
+    "Regarding {keywords}: {question}",
+    "Here is a question about {keywords}. {question} Give just the answer.",
+)
+
+
+class ParaphraseSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    templates: list[str] = Field(
+        default_factory=lambda: list(PARAPHRASES),
+        min_length=1,
+        description="rewordings; {question} and {keywords} (the item's keywords) filled in",
+    )
+
+
+class Paraphrase(Attack):
+    """The question reworded by templates that keep its keywords; recovered if any of
+    the rewordings gets the answer."""
+
+    name = "paraphrase"
+    Settings = ParaphraseSettings
+
+    def prompts(self, target: Target) -> list[str]:
+        keywords = ", ".join(target.keywords) or target.question
+        return [
+            t.format(question=target.question, keywords=keywords) for t in self.settings.templates
+        ]
+
+
+class InContextSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    demonstrations: int = Field(3, gt=0, description="retain-set QA pairs shown first")
+    seed: int = Field(0, description="which pairs (per question, reproducible)")
+    template: str = Field("Q: {question}\nA: {answer}", description="one demonstration")
+
+
+class InContext(Attack):
+    """A few retain-set QA pairs as demonstrations, then the question, in one user turn."""
+
+    name = "in_context"
+    Settings = InContextSettings
+    uses_demonstrations = True
+
+    def prompts(self, target: Target) -> list[str]:
+        pool = list(target.demonstrations)
+        rng = random.Random(zlib.crc32(repr((self.settings.seed, target.question)).encode()))
+        shots = rng.sample(pool, min(self.settings.demonstrations, len(pool)))
+        lines = [self.settings.template.format(question=q, answer=a) for q, a in shots]
+        lines.append(self.settings.template.format(question=target.question, answer="").rstrip())
+        return ["\n\n".join(lines)]
+
+
+class KeywordOnly(Attack):
+    """A prompt made of the KeyTokens alone (the question's other words dropped)."""
+
+    name = "keyword_only"
+
+    @property
+    def keys_from(self) -> str | None:
+        return "original"
+
+    def prompts(self, target: Target) -> list[str]:
+        keys = [k.strip() for k in target.key_tokens if k.strip()]
+        return [" ".join(dict.fromkeys(keys)) or target.question]
+
+
 def get_attack(name: str, settings: dict[str, Any] | None = None) -> Attack:
     """An attack by registered name, with validated settings."""
     from pydantic import ValidationError
@@ -161,12 +250,3 @@ def get_attack(name: str, settings: dict[str, Any] | None = None) -> Attack:
             f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()
         )
         raise UnpactError(f"attack {name}: {problems}") from None
-
-
-@dataclass
-class AttackOutcome:
-    """What one attack did to one item: the prompt it asked, the answers, the verdict."""
-
-    prompt: str
-    outputs: list[str] = field(default_factory=list)
-    recovered: bool = False

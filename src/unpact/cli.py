@@ -466,8 +466,10 @@ def _print_results(results: dict[str, object], out_dir: Path) -> None:
     def pct(value: object) -> str:
         return "–" if value is None else f"{100 * float(value):.0f}%"  # type: ignore[arg-type]
 
+    from unpact.run import recovery_columns
+
     methods: dict[str, dict[str, object]] = results["methods"]  # type: ignore[assignment]
-    attacks: list[str] = results["attacks"]  # type: ignore[assignment]
+    attacks = recovery_columns(results["attacks"])  # type: ignore[arg-type]
     table = Table(
         "method",
         "forget acc",
@@ -552,7 +554,6 @@ def main() -> None:
     except UnpactError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(2)
-
 
 
 if __name__ == "__main__":

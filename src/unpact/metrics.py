@@ -72,6 +72,13 @@ def recovery_rate(records: list[ItemRecord], attack: str) -> float:
     return _share(sum(r.recovered.get(attack, False) for r in forgotten), len(forgotten))
 
 
+def union_recovery_rate(records: list[ItemRecord], attacks: list[str]) -> float:
+    """Forgotten items recovered by at least one of `attacks` / forgotten items."""
+    forgotten = [r for r in records if r.forgotten]
+    hit = sum(any(r.recovered.get(a, False) for a in attacks) for r in forgotten)
+    return _share(hit, len(forgotten))
+
+
 def destructive_rate(records: list[ItemRecord], split: str) -> float:
     """`split` items correct before and wrong after / `split` items correct before."""
     before = [r for r in records if r.split == split and r.correct_before]

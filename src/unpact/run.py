@@ -38,7 +38,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from unpact.attacks import ATTACKS, Attack, get_attack
+from unpact.attacks import ATTACKS, Attack, Target, get_attack
 from unpact.attribution import (
     ALPHA,
     BETA,
@@ -60,6 +60,7 @@ from unpact.metrics import (
     forgotten_count,
     mcnemar_exact,
     recovery_rate,
+    union_recovery_rate,
 )
 from unpact.models import LanguageModel, cache_root, load_model
 
@@ -375,42 +376,57 @@ def _attack(
     keys: dict[str, list[str]],
     judge: JudgeSettings,
     label: str,
+    demonstrations: tuple[tuple[str, str], ...] = (),
 ) -> list[dict[str, Any]]:
-    """Per item: the attack's prompt, its answers and whether any is correct."""
+    """Per item: the attack's prompts, their answers and whether any answer is correct."""
     from unpact.scoring import generate
 
-    prompts = [attack.prompt(i.question, keys.get(i.id, [])) for i in items]
-    rows = []
-    greedy_mcq = [n for n, i in enumerate(items) if i.is_mcq and not attack.samples]
-    outputs: dict[int, list[str]] = {}
-    if greedy_mcq:
-        picks = choose_options(
-            lm, [prompts[n] for n in greedy_mcq], [items[n].choices or () for n in greedy_mcq]
+    per_item = [
+        attack.prompts(
+            Target(i.question, tuple(keys.get(i.id, [])), tuple(i.keywords), demonstrations)
         )
-        for n, k in zip(greedy_mcq, picks):
-            outputs[n] = [(items[n].choices or ())[k]]
-    rest = [n for n in range(len(items)) if n not in outputs]
-    if rest:
+        for i in items
+    ]
+    flat = [(n, p) for n, ps in enumerate(per_item) for p in ps]
+    answers: dict[int, list[tuple[str, bool | None]]] = {n: [] for n in range(len(items))}
+    # Multiple choice, greedy: the highest-LP option of the attack's prompt.
+    by_lp = [(n, p) for n, p in flat if items[n].is_mcq and not attack.samples]
+    if by_lp:
+        picks = choose_options(
+            lm, [p for _, p in by_lp], [items[n].choices or () for n, _ in by_lp]
+        )
+        for (n, _), k in zip(by_lp, picks):
+            choice = (items[n].choices or ())[k]
+            answers[n].append((choice, choice == items[n].answer))
+    generated = [(n, p) for n, p in flat if not (items[n].is_mcq and not attack.samples)]
+    if generated:
         gens = generate(
             lm,
-            [prompts[n] for n in rest],
+            [p for _, p in generated],
             max_new_tokens=judge.max_new_tokens,
             num_samples=attack.samples,
             temperature=attack.temperature,
             seed=attack.seed,
             progress=label,
         )
-        for n, g in zip(rest, gens):
-            outputs[n] = [s.text for s in g]
+        for (n, _), g in zip(generated, gens):
+            answers[n] += [(s.text, None) for s in g]
+    rows = []
     for n, item in enumerate(items):
-        if n in greedy_mcq:
-            verdicts = [outputs[n][0] == item.answer]
-        else:
-            verdicts = judge_many(
-                [Verdict(item.question, o, item.answer, item.aliases) for o in outputs[n]], judge
-            )
+        texts = [t for t, _ in answers[n]]
+        verdicts = [v for _, v in answers[n] if v is not None]
+        free = [t for t, v in answers[n] if v is None]
+        verdicts += judge_many(
+            [Verdict(item.question, o, item.answer, item.aliases) for o in free], judge
+        )
         rows.append(
-            {"id": item.id, "prompt": prompts[n], "outputs": outputs[n], "recovered": any(verdicts)}
+            {
+                "id": item.id,
+                "prompt": per_item[n][0],
+                "prompts": per_item[n],
+                "outputs": texts,
+                "recovered": any(verdicts),
+            }
         )
     return rows
 
@@ -483,7 +499,14 @@ def _statistics(
     }
     for a in attacks:
         stats[f"recovery.{a}"] = lambda r, a=a: recovery_rate(r, a)  # type: ignore[misc]
+    if len(attacks) > 1:
+        stats["recovery.any"] = lambda r: union_recovery_rate(r, attacks)
     return stats
+
+
+def recovery_columns(attacks: list[str]) -> list[str]:
+    """The recovery figures of a run: each attack, and with several, "any" (the union)."""
+    return [*attacks, "any"] if len(attacks) > 1 else list(attacks)
 
 
 def method_metrics(
@@ -499,7 +522,7 @@ def method_metrics(
     values = {name: fn(records) for name, fn in stats.items()}
     out: dict[str, Any] = {k: v for k, v in values.items() if not k.startswith("recovery.")}
     out["forgotten"] = forgotten_count(records)
-    out["recovery"] = {a: values[f"recovery.{a}"] for a in attacks}
+    out["recovery"] = {a: values[f"recovery.{a}"] for a in recovery_columns(attacks)}
     if statistics is not None and statistics.resamples:
         out["ci"] = {
             name: list(
@@ -543,9 +566,10 @@ def _finite(value: Any) -> Any:
 def _csv(results: dict[str, Any], attacks: list[str]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["method", *METRIC_COLUMNS, *(f"recovery_{a}" for a in attacks)])
+    columns = recovery_columns(attacks)
+    writer.writerow(["method", *METRIC_COLUMNS, *(f"recovery_{a}" for a in columns)])
     for name, m in results["methods"].items():
-        row = [name, *(m[c] for c in METRIC_COLUMNS), *(m["recovery"].get(a) for a in attacks)]
+        row = [name, *(m[c] for c in METRIC_COLUMNS), *(m["recovery"].get(a) for a in columns)]
         writer.writerow(["" if v is None else v for v in row])
     return buf.getvalue()
 
@@ -559,7 +583,7 @@ def markdown_table(results: dict[str, Any]) -> str:
     def num(v: Any) -> str:
         return "–" if v is None else f"{v:.2f}"
 
-    attacks = results["attacks"]
+    attacks = recovery_columns(results["attacks"])
     head = ["method", "forget acc before → after", "forgotten"]
     head += [f"recovery: {a}" for a in attacks]
     head += [
@@ -676,6 +700,7 @@ def run(
         label: (s, k) for label, (s, k, _) in unlearned.items()
     }
     attacks = [get_attack(a.name, a.settings) for a in cfg.attacks]
+    demonstrations = tuple((i.question, i.answer) for i in bench.split("retain"))
     for label, (spec_str, model_key) in models.items():
         eval_stage = _Stage(cache, "evals", _hash(model_key, items_key, judge_key))
         attr_stage = _Stage(cache, "attributions", _hash(model_key, items_key, attr_key))
@@ -711,22 +736,29 @@ def run(
                 ).key_token_texts
                 for i in forgotten
             }
-            stage = _Stage(
-                cache,
-                "attacks",
-                _hash(
-                    model_key,
-                    attack_spec.name,
-                    attack.settings.model_dump(mode="json"),
-                    [i.id for i in forgotten],
-                    keys,
-                    judge_key,
-                ),
-            )
+            key_parts: list[Any] = [
+                model_key,
+                attack_spec.name,
+                attack.settings.model_dump(mode="json"),
+                [i.id for i in forgotten],
+                keys,
+                judge_key,
+            ]
+            if attack.uses_demonstrations:
+                key_parts.append(demonstrations)
+            stage = _Stage(cache, "attacks", _hash(*key_parts))
             if not stage.done():
                 say(f"attacking: {label} with {attack_spec.name} ({len(forgotten)} items)")
                 stage.write(
-                    _attack(model(), attack, forgotten, keys, cfg.judge, f"{attack_spec.name}")
+                    _attack(
+                        model(),
+                        attack,
+                        forgotten,
+                        keys,
+                        cfg.judge,
+                        attack_spec.name,
+                        demonstrations if attack.uses_demonstrations else (),
+                    )
                 )
             attack_rows[label][attack_spec.name] = {r["id"]: r for r in stage.read()}
         lm = None
@@ -762,7 +794,11 @@ def run(
                 row = attack_rows[label][name].get(item.id)
                 if row is not None:
                     rec.recovered[name] = row["recovered"]
-                    rec.attacks[name] = {"prompt": row["prompt"], "outputs": row["outputs"]}
+                    rec.attacks[name] = {
+                        "prompt": row["prompt"],
+                        "prompts": row.get("prompts", [row["prompt"]]),
+                        "outputs": row["outputs"],
+                    }
             mine.append(rec)
         records += mine
         _link_model(Path(spec_str), out / "models" / label)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from unpact.attribution import Attribution
+from unpact.run import recovery_columns
 
 if TYPE_CHECKING:
     from unpact.metrics import ItemRecord
@@ -27,6 +28,10 @@ ATTACK_TITLES = {
     "focus_on_key": "FocusOnKey",
     "probab": "PROBAB",
     "focus_on_key_probab": "FocusOnKey+PROBAB",
+    "paraphrase": "paraphrase",
+    "in_context": "in-context",
+    "keyword_only": "keywords only",
+    "any": "any attack",
 }
 
 
@@ -123,7 +128,8 @@ def render(
     template = env.get_template("report.html.j2")
     return template.render(
         results=results,
-        attack_titles={a: ATTACK_TITLES.get(a, a) for a in results["attacks"]},
+        attack_titles={a: ATTACK_TITLES.get(a, a) for a in recovery_columns(results["attacks"])},
+        recovery=recovery_columns(results["attacks"]),
         plot=dilemma_svg(results),
         sections=heatmaps(results, records, attributions, config.attribution.heatmaps),
         settings=yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
