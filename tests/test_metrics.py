@@ -154,3 +154,62 @@ def test_bootstrap_bounds_are_ordered_rates(flags, seed):
     recs = [ItemRecord(str(i), "general", True, f) for i, f in enumerate(flags)]
     lo, hi = bootstrap_ci(recs, lambda r: destructive_rate(r, "general"), resamples=50, seed=seed)
     assert 0.0 <= lo <= hi <= 1.0
+
+
+# --------------------------------------------------------------- KeyTokens vs keywords
+
+
+def test_keyword_units_on_fixed_units():
+    from unpact.attribution import keyword_units
+
+    prompt = "Who founded Vostrand Glassworks? Vostrand!"
+    units = ["Who", " founded", " Vost", "rand", " Glass", "works", "?", " Vost", "rand", "!"]
+    assert keyword_units(prompt, units, ["Vostrand"]) == [2, 3, 7, 8]
+    assert keyword_units(prompt, units, ["glassworks"]) == [4, 5]  # case does not matter
+    assert keyword_units(prompt, units, ["works"]) == [5]
+    assert keyword_units(prompt, units, []) == []
+
+
+def test_keyword_units_match_the_tokenizer_offsets(tiny):
+    from unpact.attribution import keyword_units, make_units
+
+    prompt = "Who founded the Vostrand Glassworks near the river bank?"
+    enc = tiny.encode_prompt(prompt)
+    units = make_units(tiny, enc, "token")
+    offsets = tiny.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)[
+        "offset_mapping"
+    ]
+    for keyword in ["Vostrand", "river bank", "Glassworks near"]:
+        a = prompt.index(keyword)
+        b = a + len(keyword)
+        # the slow, obvious way: a token's character span overlaps the keyword's
+        slow = [
+            i
+            for i, (s, e) in enumerate(offsets)
+            if prompt[s:e].strip()
+            and s + (len(prompt[s:e]) - len(prompt[s:e].lstrip())) < b
+            and a < e
+        ]
+        assert keyword_units(prompt, [u.text for u in units], [keyword]) == slow
+
+
+def test_keyword_precision_and_recall_on_hand_made_records():
+    from unpact.metrics import keyword_precision, keyword_recall
+
+    def rec(keys_before, keys_after, truth):
+        return ItemRecord(
+            "f",
+            "forget",
+            True,
+            False,
+            attribution_before={"key_tokens": keys_before},
+            attribution_after={"key_tokens": keys_after},
+            keyword_units=truth,
+        )
+
+    recs = [rec([1, 2], [0], [2, 3]), rec([4], [], [4]), rec([0], [0], [])]
+    # item 3 has no keyword units: it counts for neither
+    assert keyword_precision(recs, "before") == pytest.approx((1 / 2 + 1) / 2)
+    assert keyword_recall(recs, "before") == pytest.approx((1 / 2 + 1) / 2)
+    assert keyword_precision(recs, "after") == pytest.approx(0.0)  # item 2: no KeyTokens
+    assert keyword_recall(recs, "after") == pytest.approx(0.0)

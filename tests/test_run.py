@@ -141,6 +141,7 @@ def test_run_writes_every_artefact_with_the_documented_schema(finished):
         )
         assert m["forget_acc_before"] == 1.0  # the items are what the model says
         assert (Path(m["model"]) / "model.safetensors").is_file()
+        assert 0 <= m["keyword_recall_before"] <= 1  # each item's keyword is in its question
         lo, hi = m["ci"]["forget_acc_after"]
         assert lo <= m["forget_acc_after"] <= hi
         assert set(m["vs_probab"]) == set(m["recovery"]) - {"probab", "any"}

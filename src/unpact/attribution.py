@@ -164,6 +164,30 @@ def key_tokens(
     return chosen or [max(positive, key=lambda i: contributions[i])]
 
 
+def keyword_units(prompt: str, unit_texts: Sequence[str], keywords: Sequence[str]) -> list[int]:
+    """Indices of the units that overlap an occurrence of a keyword in the prompt (case
+    insensitive): the ground truth KeyTokens are compared with. Unit texts are located in
+    the prompt in order (token and word units are consecutive slices of it)."""
+    lowered = prompt.lower()
+    spans = []
+    for k in keywords:
+        start = lowered.find(k.lower())
+        while k and start >= 0:
+            spans.append((start, start + len(k)))
+            start = lowered.find(k.lower(), start + 1)
+    hits, pos = [], 0
+    for i, text in enumerate(unit_texts):
+        core = text.strip()
+        at = prompt.find(core, pos) if core else -1
+        if at < 0:
+            continue
+        a, b = at, at + len(core)
+        pos = b
+        if any(a < e and s < b for s, e in spans):
+            hits.append(i)
+    return hits
+
+
 def prompt_sensitivity(contributions: Sequence[float]) -> float:
     """Sum of positive contributions; near zero means the model ignores the prompt."""
     return sum(c for c in contributions if c > 0)

@@ -36,6 +36,7 @@ class ItemRecord:
     attribution_before: dict[str, Any] | None = None  # units, contributions, key_tokens, ...
     attribution_after: dict[str, Any] | None = None
     attacks: dict[str, dict[str, Any]] = field(default_factory=dict)  # attack -> prompt, outputs
+    keyword_units: list[int] | None = None  # units inside the item's ground-truth keywords
 
     @property
     def forgotten(self) -> bool:
@@ -105,6 +106,34 @@ def focus_shift(
         for r in records
         if getattr(r, group) and getattr(r, measure) is not None
     ]
+    return fmean(values) if values else math.nan
+
+
+def _keyword_scores(
+    records: list[ItemRecord], when: str
+) -> list[tuple[float | None, float | None]]:
+    scores: list[tuple[float | None, float | None]] = []
+    for r in records:
+        attribution = r.attribution_before if when == "before" else r.attribution_after
+        if r.split != "forget" or attribution is None or not r.keyword_units:
+            continue
+        keys, truth = set(attribution["key_tokens"]), set(r.keyword_units)
+        hit = len(keys & truth)
+        scores.append((hit / len(keys) if keys else None, hit / len(truth)))
+    return scores
+
+
+def keyword_precision(records: list[ItemRecord], when: str) -> float:
+    """Mean over forget items of |KeyTokens ∩ keyword units| / |KeyTokens|, under the
+    original (`when="before"`) or the unlearned model: how often the units the model leans
+    on are the words the answer hinges on (the benchmark's `keywords`)."""
+    values = [p for p, _ in _keyword_scores(records, when) if p is not None]
+    return fmean(values) if values else math.nan
+
+
+def keyword_recall(records: list[ItemRecord], when: str) -> float:
+    """Mean over forget items of |KeyTokens ∩ keyword units| / |keyword units|."""
+    values = [r for _, r in _keyword_scores(records, when) if r is not None]
     return fmean(values) if values else math.nan
 
 

@@ -46,6 +46,7 @@ from unpact.attribution import (
     attribute_many,
     contribution_similarity,
     keytoken_similarity,
+    keyword_units,
 )
 from unpact.data.items import Benchmark, QAItem, load_benchmark, write_folder
 from unpact.errors import UnpactError
@@ -58,6 +59,8 @@ from unpact.metrics import (
     destructive_rate,
     focus_shift,
     forgotten_count,
+    keyword_precision,
+    keyword_recall,
     mcnemar_exact,
     recovery_rate,
     union_recovery_rate,
@@ -496,6 +499,10 @@ def _statistics(
             r, "forgotten", "contribution_similarity"
         ),
         "contribution_similarity_kept": lambda r: focus_shift(r, "kept", "contribution_similarity"),
+        "keyword_precision_before": lambda r: keyword_precision(r, "before"),
+        "keyword_precision_after": lambda r: keyword_precision(r, "after"),
+        "keyword_recall_before": lambda r: keyword_recall(r, "before"),
+        "keyword_recall_after": lambda r: keyword_recall(r, "after"),
     }
     for a in attacks:
         stats[f"recovery.{a}"] = lambda r, a=a: recovery_rate(r, a)  # type: ignore[misc]
@@ -790,6 +797,9 @@ def run(
                 rec.prompt_sensitivity_after = b.prompt_sensitivity
                 rec.attribution_before = _attribution_summary(pre)
                 rec.attribution_after = _attribution_summary(post)
+                rec.keyword_units = keyword_units(
+                    a.prompt, [u.text for u in a.units], item.keywords
+                )
             for name in attack_names:
                 row = attack_rows[label][name].get(item.id)
                 if row is not None:
