@@ -493,7 +493,7 @@ def _print_results(results: dict[str, object], out_dir: Path) -> None:
             " / ".join("–" if v is None else f"{v:.2f}" for v in sims),
         )
     # A log file or pipe gets the full table rather than rich's 80-column default.
-    console = out if out.is_terminal else Console(width=130)
+    console = out if out.is_terminal else Console(width=150)
     console.print(table)
     console.print(f"results: {out_dir / 'results.json'} (per item: {out_dir / 'items.jsonl'})")
     console.print(f"report:  {out_dir / 'report.html'}")
