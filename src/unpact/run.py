@@ -66,6 +66,7 @@ from unpact.metrics import (
     union_recovery_rate,
 )
 from unpact.models import LanguageModel, cache_root, load_model
+from unpact.unlearn.config import describe_errors, read_yaml_mapping
 
 RUN_FORMAT = 1
 PAPER_ATTACKS = ("focus_on_key", "probab", "focus_on_key_probab")
@@ -184,21 +185,11 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
                 f"no run config {source}: not a file and not a built-in one "
                 f"({', '.join(builtin_configs())})"
             )
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UnpactError(f"{path}: not valid YAML ({e})") from None
-        if not isinstance(data, dict):
-            raise UnpactError(f"{path}: expected a mapping at the top level")
+        data = read_yaml_mapping(path)
     try:
         config = RunConfig(**data)
     except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            loc = ".".join(str(x) for x in err["loc"])
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            problems.append(f"{loc}: {msg}")
-        raise UnpactError(f"{where}: " + "; ".join(problems)) from None
+        raise UnpactError(f"{where}: " + describe_errors(e, unknown="unknown key")) from None
     _check_references(config, where)
     return config
 

@@ -96,13 +96,7 @@ def resolve_config(
         path = Path(file)
         if not path.is_file():
             raise UnpactError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UnpactError(f"{path}: not valid YAML ({e})") from None
-        if not isinstance(loaded, dict):
-            raise UnpactError(f"{path}: expected a mapping of settings at the top level")
-        user = _merge(user, loaded)
+        user = _merge(user, read_yaml_mapping(path))
     name = method or user.get("method")
     if not name:
         raise UnpactError("no method given: pass --method or set `method:` in the config file")
@@ -143,10 +137,28 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _message(error: ValidationError, prefix: str = "") -> str:
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping, or one UnpactError saying what is wrong."""
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UnpactError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(loaded, dict):
+        raise UnpactError(f"{path}: expected a mapping of settings at the top level")
+    return loaded
+
+
+def describe_errors(
+    error: ValidationError, prefix: str = "", unknown: str = "unknown setting"
+) -> str:
+    """Pydantic's errors as `key.path: problem; ...` (an extra key is `unknown`)."""
     lines = []
     for e in error.errors():
         loc = ".".join(str(x) for x in ((prefix,) if prefix else ()) + tuple(e["loc"]))
-        msg = "unknown setting" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = unknown if e["type"] == "extra_forbidden" else e["msg"]
         lines.append(f"{loc}: {msg}")
-    return "invalid unlearning config: " + "; ".join(lines)
+    return "; ".join(lines)
+
+
+def _message(error: ValidationError, prefix: str = "") -> str:
+    return "invalid unlearning config: " + describe_errors(error, prefix)
