@@ -41,7 +41,6 @@ import torch
 
 from unpact.data.items import Benchmark, QAItem, load_benchmark
 from unpact.errors import UnpactError
-from unpact.judge import is_correct
 from unpact.models import LanguageModel, cache_root, load_model, local_model_dir, save_model
 from unpact.scoring import answer_logprobs, generate
 
@@ -145,24 +144,10 @@ def judge_items(
 ) -> list[bool]:
     """Per item: does the judge accept the model's greedy answer? (Multiple choice: is the
     highest-LP option the right one?)"""
-    from unpact.judge import choose_options
+    from unpact.judge import JudgeSettings, answer_items
 
-    verdicts: dict[str, bool] = {}
-    qa = [i for i in items if not i.is_mcq]
-    if qa:
-        outs = generate(
-            lm, [i.question for i in qa], max_new_tokens=max_new_tokens, progress=progress
-        )
-        for o, i in zip(outs, qa):
-            verdicts[i.id] = is_correct(o[0].text, i.answer, i.aliases)
-    mcq = [i for i in items if i.is_mcq]
-    if mcq:
-        picks = choose_options(
-            lm, [i.question for i in mcq], [i.choices or () for i in mcq], progress=progress
-        )
-        for k, i in zip(picks, mcq):
-            verdicts[i.id] = (i.choices or ())[k] == i.answer
-    return [verdicts[i.id] for i in items]
+    settings = JudgeSettings(max_new_tokens=max_new_tokens)
+    return [ok for _, ok in answer_items(lm, items, settings, progress)]
 
 
 def _share(flags: list[bool]) -> float:

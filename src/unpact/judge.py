@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from unpact.errors import UnpactError
 
 if TYPE_CHECKING:
+    from unpact.data.items import QAItem
     from unpact.models import LanguageModel
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -179,3 +180,37 @@ def choose_options(
         picked.append(max(range(len(lps)), key=lps.__getitem__))
         k += len(cs)
     return picked
+
+
+def answer_items(
+    lm: LanguageModel,
+    items: Sequence[QAItem],
+    settings: JudgeSettings | None = None,
+    progress: bool | str = False,
+) -> list[tuple[str, bool]]:
+    """Per item, the model's answer and the judge's verdict (SPEC section 4): the greedy
+    answer for a QA item, the highest-LP option for a multiple-choice one."""
+    from unpact.scoring import generate
+
+    settings = settings or JudgeSettings()
+    found: dict[str, tuple[str, bool]] = {}
+    qa = [i for i in items if not i.is_mcq]
+    if qa:
+        outs = generate(
+            lm, [i.question for i in qa], max_new_tokens=settings.max_new_tokens, progress=progress
+        )
+        texts = [o[0].text for o in outs]
+        verdicts = judge_many(
+            [Verdict(i.question, t, i.answer, i.aliases) for i, t in zip(qa, texts)], settings
+        )
+        for i, t, ok in zip(qa, texts, verdicts):
+            found[i.id] = (t, ok)
+    mcq = [i for i in items if i.is_mcq]
+    if mcq:
+        picks = choose_options(
+            lm, [i.question for i in mcq], [i.choices or () for i in mcq], progress=progress
+        )
+        for i, k in zip(mcq, picks):
+            choice = (i.choices or ())[k]
+            found[i.id] = (choice, choice == i.answer)
+    return [found[i.id] for i in items]

@@ -50,7 +50,7 @@ from unpact.attribution import (
 )
 from unpact.data.items import Benchmark, QAItem, load_benchmark, write_folder
 from unpact.errors import UnpactError
-from unpact.judge import JudgeSettings, Verdict, choose_options, judge_many
+from unpact.judge import JudgeSettings, Verdict, answer_items, choose_options, judge_many
 from unpact.metrics import (
     ItemRecord,
     accuracy,
@@ -318,33 +318,10 @@ def _evaluate(
     lm: LanguageModel, items: list[QAItem], judge: JudgeSettings, label: str
 ) -> list[dict[str, Any]]:
     """Per item: the model's answer and whether the judge accepts it."""
-    rows: dict[str, dict[str, Any]] = {}
-    qa = [i for i in items if not i.is_mcq]
-    if qa:
-        outs = generate_answers(lm, [i.question for i in qa], judge.max_new_tokens, label)
-        verdicts = judge_many(
-            [Verdict(i.question, o, i.answer, i.aliases) for i, o in zip(qa, outs)], judge
-        )
-        for i, o, ok in zip(qa, outs, verdicts):
-            rows[i.id] = {"id": i.id, "output": o, "correct": ok}
-    mcq = [i for i in items if i.is_mcq]
-    if mcq:
-        picks = choose_options(
-            lm, [i.question for i in mcq], [i.choices or () for i in mcq], progress=label
-        )
-        for i, k in zip(mcq, picks):
-            choice = (i.choices or ())[k]
-            rows[i.id] = {"id": i.id, "output": choice, "correct": choice == i.answer}
-    return [rows[i.id] for i in items]
-
-
-def generate_answers(
-    lm: LanguageModel, prompts: list[str], max_new_tokens: int, label: str
-) -> list[str]:
-    from unpact.scoring import generate
-
-    outs = generate(lm, prompts, max_new_tokens=max_new_tokens, progress=label)
-    return [o[0].text for o in outs]
+    return [
+        {"id": i.id, "output": output, "correct": ok}
+        for i, (output, ok) in zip(items, answer_items(lm, items, judge, label))
+    ]
 
 
 def _attribute(
