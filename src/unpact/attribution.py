@@ -38,7 +38,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from unpact.errors import UnpactError
-from unpact.models import EncodedPrompt, LanguageModel
+from unpact.models import AnyModel, EncodedPrompt, LanguageModel
 from unpact.progress import progress_bar
 from unpact.scoring import (
     DEFAULT_TOKEN_BUDGET,
@@ -73,7 +73,7 @@ class Unit:
         return self.positions[0], self.positions[-1] + 1
 
 
-def make_units(lm: LanguageModel, prompt: EncodedPrompt, kind: UnitKind = "token") -> list[Unit]:
+def make_units(lm: AnyModel, prompt: EncodedPrompt, kind: UnitKind = "token") -> list[Unit]:
     """The units of a prompt's user content: one per token, or one per word.
 
     A word is a run of word characters (with inner apostrophes) or of punctuation; all
@@ -81,12 +81,11 @@ def make_units(lm: LanguageModel, prompt: EncodedPrompt, kind: UnitKind = "token
     after it. Template and special tokens are never units.
     """
     _check_choice("unit", kind, UnitKind)
-    enc = lm.tokenizer(prompt.text, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = enc.get("offset_mapping")
-    if offsets is None or tuple(enc["input_ids"]) != prompt.content_ids:
+    ids, offsets = lm.token_offsets(prompt.text)
+    if ids != prompt.content_ids:
         raise UnpactError(
-            f"the tokenizer of {lm.spec!r} gives no character offsets; word units and unit "
-            "texts need a fast (Rust) tokenizer"
+            f"the tokenizer of {lm.spec!r} gives other tokens for the prompt alone than in "
+            "the encoded prompt, so units cannot be placed"
         )
     text = prompt.text
     base = prompt.content_start
@@ -411,14 +410,10 @@ class _Item:
     units: list[Unit]
 
 
-def _baseline_token(lm: LanguageModel, baseline_token_id: int | None) -> int:
+def _baseline_token(lm: AnyModel, baseline_token_id: int | None) -> int:
     if baseline_token_id is not None:
         return baseline_token_id
-    tok = lm.tokenizer
-    for candidate in (tok.unk_token_id, tok.pad_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
+    return lm.default_baseline_token()
 
 
 def _variant_row(
@@ -485,6 +480,35 @@ def _fast_contributions(
     return results
 
 
+def _served_contributions(
+    lm: AnyModel, items: Sequence[_Item], baseline: Baseline, baseline_id: int, progress: bool
+) -> list[tuple[float, list[float]]]:
+    """Contributions from a served model: every variant is a whole prompt of token ids
+    (the server cannot be handed shared keys/values), scored as many requests at once."""
+    if baseline == "mask":
+        raise UnpactError(
+            f"baseline 'mask' hides tokens from attention, which a served model ({lm.spec}) "
+            "cannot be asked to do; use 'delete' or 'token'"
+        )
+    prompts: list[tuple[int, ...]] = []
+    answers: list[tuple[int, ...]] = []
+    for it in items:
+        x = it.prompt.input_ids
+        prompts.append(x)
+        for unit in it.units:
+            s, e = unit.span
+            fill = (baseline_id,) * (e - s) if baseline == "token" else ()
+            prompts.append(x[:s] + fill + x[e:])
+        answers.extend([it.answer_ids] * (len(it.units) + 1))
+    lps = lm.answer_logprobs(prompts, answers, progress="Attributing" if progress else False)
+    out, k = [], 0
+    for it in items:
+        full = float(lps[k].mean())
+        out.append((full, [full - float(lp.mean()) for lp in lps[k + 1 : k + 1 + len(it.units)]]))
+        k += len(it.units) + 1
+    return out
+
+
 def naive_contributions(
     lm: LanguageModel,
     prompt: EncodedPrompt,
@@ -539,7 +563,7 @@ def naive_contributions(
 
 
 def attribute_many(
-    lm: LanguageModel,
+    lm: AnyModel,
     prompts: Sequence[str],
     answers: Sequence[str | None] | None = None,
     *,
@@ -611,9 +635,12 @@ def attribute_many(
             )
         items.append(_Item(enc, answer_text, tuple(answer_ids), units))
 
-    b_id = _baseline_token(lm, baseline_token_id)
-    with progress_bar("Attributing", total=len(items), enabled=progress) as advance:
-        scored = _fast_contributions(lm, items, baseline, b_id, token_budget, advance)
+    b_id = _baseline_token(lm, baseline_token_id) if baseline == "token" else 0
+    if not isinstance(lm, LanguageModel):  # a served model (unpact.remote)
+        scored = _served_contributions(lm, items, baseline, b_id, progress)
+    else:
+        with progress_bar("Attributing", total=len(items), enabled=progress) as advance:
+            scored = _fast_contributions(lm, items, baseline, b_id, token_budget, advance)
     return [
         Attribution(
             prompt=it.prompt.text,
@@ -637,7 +664,7 @@ def attribute_many(
 
 
 def attribute(
-    lm: LanguageModel,
+    lm: AnyModel,
     prompt: str,
     answer: str | None = None,
     *,

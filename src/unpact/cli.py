@@ -20,7 +20,7 @@ from unpact.errors import UnpactError
 
 if TYPE_CHECKING:
     from unpact.attribution import Attribution
-    from unpact.models import LanguageModel
+    from unpact.models import AnyModel
 
 app = typer.Typer(
     name="unpact",
@@ -38,8 +38,12 @@ ModelOpt = Annotated[
         "--model",
         "-m",
         help="'default' (embedded SmolLM2-135M-Instruct), a Hugging Face model directory, "
-        "a .gguf file, or a hub id.",
+        "a .gguf file, a hub id, or a served model openai:MODEL@BASE_URL (vLLM or another "
+        "OpenAI-compatible server; API key from $UNPACT_API_KEY).",
     ),
+]
+ConcurrencyOpt = Annotated[
+    int, typer.Option(min=1, help="Requests in flight at once to a served (openai:...) model.")
 ]
 DtypeOpt = Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16 or float16.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
@@ -55,10 +59,19 @@ ChatOpt = Annotated[
 ]
 
 
-def _load(model: str, dtype: str, device: str, trust_remote_code: bool) -> LanguageModel:
-    from unpact.models import load_model
+def _load(
+    model: str, dtype: str, device: str, trust_remote_code: bool, concurrency: int = 16
+) -> AnyModel:
+    from unpact.models import open_model
+    from unpact.remote import RemoteSettings
 
-    return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    return open_model(
+        model,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=trust_remote_code,
+        remote=RemoteSettings(concurrency=concurrency),
+    )
 
 
 def _check_text(**texts: str) -> None:
@@ -179,6 +192,7 @@ def attribute(
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     trust_remote_code: RemoteCodeOpt = False,
+    concurrency: ConcurrencyOpt = 16,
 ) -> None:
     """unPact: each prompt unit's contribution to the answer's log-prob, and the KeyTokens."""
     from unpact.attribution import attribute_many, check_settings, html_page, read_prompts
@@ -194,7 +208,7 @@ def attribute(
         assert prompt is not None
         _check_text(prompt=prompt)
         prompts, answers = [prompt], [answer]
-    lm = _load(model, dtype, device, trust_remote_code)
+    lm = _load(model, dtype, device, trust_remote_code, concurrency)
     records = attribute_many(
         lm,
         prompts,
@@ -544,6 +558,30 @@ def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Run directory.")] = Path("runs/demo"),
 ) -> None:
     _run("demo", out_dir)
+
+
+@app.command()
+def serve(
+    model: ModelOpt = "default",
+    name: Annotated[
+        str, typer.Option(help="The model name clients give (openai:NAME@URL).")
+    ] = "default",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port on 127.0.0.1.")] = 8000,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    trust_remote_code: RemoteCodeOpt = False,
+) -> None:
+    """Serve a local model over an OpenAI-compatible API in vLLM's formats (for trying the
+    remote backend: --model openai:NAME@http://127.0.0.1:PORT/v1). Not a production server."""
+    from unpact.models import load_model
+    from unpact.serve import make_app
+
+    lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    app_ = make_app(lm, name)
+    import uvicorn
+
+    err.print(f"serving {model} as openai:{name}@http://127.0.0.1:{port}/v1 (Ctrl-C stops)")
+    uvicorn.run(app_, host="127.0.0.1", port=port, log_level="warning")
 
 
 def main() -> None:

@@ -21,9 +21,10 @@ import os
 import shutil
 import uuid
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias, Union
 
 import torch
 
@@ -169,8 +170,59 @@ class LanguageModel:
             raise UnpactError("empty answer: give the text whose log-prob to compute")
         return self._ids(answer)
 
+    # What scoring, generation and attribution ask of a model; `unpact.remote.RemoteModel`
+    # answers the same questions over HTTP.
+    is_remote = False
+
+    def answer_logprobs(
+        self,
+        prompts: Sequence[Sequence[int]],
+        answers: Sequence[Sequence[int]],
+        progress: bool | str = False,
+        token_budget: int | None = None,
+    ) -> list[torch.Tensor]:
+        """Per-token answer log-probs given each prompt: `scoring.answer_logprobs`."""
+        from unpact.scoring import DEFAULT_TOKEN_BUDGET, answer_logprobs
+
+        return answer_logprobs(
+            self.model,
+            prompts,
+            answers,
+            token_budget=token_budget or DEFAULT_TOKEN_BUDGET,
+            max_length=self.max_length,
+            progress=progress,
+        )
+
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each token's own text as the tokenizer spells it (e.g. 'ĠParis')."""
+        return list(self.tokenizer.convert_ids_to_tokens(list(ids)))
+
+    def token_offsets(self, text: str) -> tuple[tuple[int, ...], list[tuple[int, int]]]:
+        """The tokens of `text` (no special tokens) and each one's character span."""
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc.get("offset_mapping")
+        if offsets is None:
+            raise UnpactError(
+                f"the tokenizer of {self.spec!r} gives no character offsets; word units and "
+                "unit texts need a fast (Rust) tokenizer"
+            )
+        return tuple(enc["input_ids"]), [(int(a), int(b)) for a, b in offsets]
+
+    def default_baseline_token(self) -> int:
+        """The replacement token of the `token` baseline: unk, else pad, else 0."""
+        for candidate in (self.tokenizer.unk_token_id, self.tokenizer.pad_token_id):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
 
 # --------------------------------------------------------------------------- loading
+
+if TYPE_CHECKING:
+    from unpact.remote import RemoteModel, RemoteSettings
+
+# A model scoring, generation and attribution can use: local weights or a server.
+AnyModel: TypeAlias = Union[LanguageModel, "RemoteModel"]
 
 
 def load_model(
@@ -180,13 +232,22 @@ def load_model(
     device: str = "cpu",
     trust_remote_code: bool = False,
 ) -> LanguageModel:
-    """Load a causal LM and its tokenizer from a spec.
+    """Load a causal LM and its tokenizer from a spec (local weights).
 
     Specs: `default` (the embedded SmolLM2-135M-Instruct), a local Hugging Face model
     directory, a `.gguf` file (dequantised once and cached), or a hub id such as
     `HuggingFaceTB/SmolLM2-135M-Instruct` (needs a reachable hub). Weights load from
-    safetensors only; `trust_remote_code` stays off unless asked for.
+    safetensors only; `trust_remote_code` stays off unless asked for. For what needs only
+    log-probs and generations, `open_model` also accepts a served model.
     """
+    from unpact.remote import is_remote_spec
+
+    if is_remote_spec(spec):
+        raise UnpactError(
+            f"{spec!r} is a served model, but this step changes or saves weights, so it needs "
+            "a local model (injection and unlearning run locally; attribution, evaluation "
+            "and the attacks can use a served model)"
+        )
     torch_dtype = _parse_dtype(dtype)
     target = _parse_device(device)
     folder = local_model_dir(spec)
@@ -199,6 +260,25 @@ def load_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LanguageModel(model=model, tokenizer=tokenizer, spec=spec)
+
+
+def open_model(
+    spec: str = DEFAULT_SPEC,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    remote: RemoteSettings | None = None,
+) -> AnyModel:
+    """`load_model`, or for `openai:MODEL@BASE_URL` a `RemoteModel`: a model served by
+    vLLM or another OpenAI-compatible server (`unpact.remote`; `remote` says how to talk
+    to it). Scoring, generation, judging and attribution accept either."""
+    from unpact.remote import RemoteModel, RemoteSettings, is_remote_spec, parse_remote_spec
+
+    if is_remote_spec(spec):
+        name, url = parse_remote_spec(spec)
+        return RemoteModel(name, url, remote or RemoteSettings(), spec=spec)
+    return load_model(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
 
 
 def local_model_dir(spec: str) -> Path | None:

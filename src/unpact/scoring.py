@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 
 from unpact.errors import UnpactError
-from unpact.models import EncodedPrompt, LanguageModel
+from unpact.models import AnyModel, EncodedPrompt, LanguageModel
 from unpact.progress import progress_bar
 
 DEFAULT_TOKEN_BUDGET = 4096
@@ -375,7 +375,7 @@ class AnswerScore:
 
 
 def score(
-    lm: LanguageModel,
+    lm: AnyModel,
     prompts: Sequence[str],
     answers: Sequence[str],
     *,
@@ -392,19 +392,14 @@ def score(
             answer_ids.append(lm.encode_answer(a))
         except UnpactError as exc:
             raise UnpactError(f"item {i}: {exc}") from None
-    lps = answer_logprobs(
-        lm.model,
-        [e.input_ids for e in encoded],
-        answer_ids,
-        token_budget=token_budget,
-        max_length=lm.max_length,
-        progress=progress,
+    lps = lm.answer_logprobs(
+        [e.input_ids for e in encoded], answer_ids, progress=progress, token_budget=token_budget
     )
     return [
         AnswerScore(
             prompt=e,
             answer_ids=a,
-            answer_tokens=tuple(lm.tokenizer.convert_ids_to_tokens(list(a))),
+            answer_tokens=tuple(lm.token_texts(a)),
             logprobs=tuple(lp.tolist()),
         )
         for e, a, lp in zip(encoded, answer_ids, lps)
@@ -423,7 +418,7 @@ class Generation:
 
 
 def generate(
-    lm: LanguageModel,
+    lm: AnyModel,
     prompts: Sequence[str | EncodedPrompt],
     *,
     chat_template: bool | None = None,
@@ -454,6 +449,18 @@ def generate(
                 f"item {i}: prompt of {len(e.input_ids)} tokens + {max_new_tokens} new tokens "
                 f"exceeds the model's context of {lm.max_length}"
             )
+    if not isinstance(lm, LanguageModel):  # a served model (unpact.remote)
+        return [
+            [Generation(text=t, token_ids=ids) for t, ids in gens]
+            for gens in lm.generate_ids(
+                [e.input_ids for e in encoded],
+                max_new_tokens=max_new_tokens,
+                num_samples=num_samples,
+                temperature=temperature,
+                seed=seed,
+                progress=progress,
+            )
+        ]
     label = progress if isinstance(progress, str) else "Generating"
     out: list[list[Generation]] = []
     with (

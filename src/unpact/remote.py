@@ -1,0 +1,606 @@
+"""A model served elsewhere: scoring, tokenising and generating over an OpenAI-compatible API.
+
+unPact needs only log-probabilities, so attribution, judging and the attacks can run
+against a model served by vLLM (or any server that returns prompt log-probs) instead of
+local weights. A remote model is named by a spec `openai:MODEL@BASE_URL`, for example
+`openai:meta-llama/Llama-3.1-70B-Instruct@http://gpu-node:8000/v1`; `load_model` returns a
+`RemoteModel` for it, which offers what the local `LanguageModel` offers to scoring,
+generation and attribution.
+
+What it asks of the server (vLLM's OpenAI-compatible server offers all of it):
+
+- `POST {BASE_URL}/completions` with a prompt of token ids. Scoring asks for the prompt's
+  log-probs either with vLLM's `prompt_logprobs` (the reply names each position's token
+  id, which is checked against what was sent) or with the classic `echo` + `logprobs` and
+  `max_tokens=0`; `logprobs_mode: auto` tries the first and falls back to the second.
+  Generation is a plain completion (`temperature` 0 for greedy, `n` seeded samples).
+- `POST {ROOT}/tokenize` and `{ROOT}/detokenize` (vLLM's, at the server's root, beside
+  `/v1`): scoring uses the server's own tokens, and attribution units are built from them.
+  The chat template is the server's too: the template's tokens around a user message are
+  found by tokenising two different messages and keeping what they share.
+
+Requests run many at a time (`concurrency`); a timeout, a dropped connection, HTTP 429 or
+5xx, or a reply that is not JSON is retried with exponential backoff and full jitter
+(honouring `Retry-After`) until `retries` or the per-request `deadline` runs out, and then
+ends in one error naming the endpoint and the last failure. A reply that parses but lacks
+prompt log-probs is not retried: it means the server cannot give them, and the error says
+which feature is missing. The API key is read from the environment variable named by
+`api_key_env` when a request is sent; it is never stored in a config, a run directory, a
+log or an error message.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from unpact.errors import UnpactError
+from unpact.models import EncodedPrompt
+from unpact.progress import progress_bar
+
+REMOTE_PREFIX = "openai:"
+# Different user messages, no two sharing a first or last byte, to find the template by
+# what their tokenisations share.
+_MARKERS = ("\ue000", "\u00a7\u00a7", "Q")
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class RemoteError(UnpactError):
+    """A remote model could not give an answer (after retries), or cannot give this one."""
+
+
+class RemoteSettings(BaseModel):
+    """How to talk to a remote model server."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_key_env: str = Field(
+        "UNPACT_API_KEY",
+        description="Environment variable holding the API key (sent as a Bearer token); "
+        "unset = no key.",
+    )
+    concurrency: int = Field(16, ge=1, description="Requests in flight at once.")
+    timeout: float = Field(30.0, gt=0, description="Seconds to wait for one attempt.")
+    deadline: float = Field(
+        120.0, gt=0, description="Seconds one request may take, retries included."
+    )
+    retries: int = Field(
+        6, ge=0, description="Retries after a timeout, dropped connection, 429, 5xx or bad JSON."
+    )
+    backoff: float = Field(
+        0.5, gt=0, description="First backoff in seconds; doubles per retry (full jitter)."
+    )
+    max_backoff: float = Field(20.0, gt=0, description="Longest single backoff in seconds.")
+    logprobs_mode: Literal["auto", "prompt_logprobs", "echo"] = Field(
+        "auto",
+        description="How to ask for prompt log-probs: vLLM's prompt_logprobs, classic "
+        "echo+logprobs with max_tokens=0, or auto (the first, else the second).",
+    )
+
+
+def is_remote_spec(spec: str) -> bool:
+    return spec.startswith(REMOTE_PREFIX)
+
+
+def parse_remote_spec(spec: str) -> tuple[str, str]:
+    """`openai:MODEL@BASE_URL` -> (MODEL, BASE_URL without a trailing slash)."""
+    rest = spec[len(REMOTE_PREFIX) :]
+    model, sep, url = rest.partition("@")
+    if not sep or not model or not url.startswith(("http://", "https://")):
+        raise UnpactError(
+            f"remote model spec {spec!r}: write it as openai:MODEL@BASE_URL, e.g. "
+            "openai:meta-llama/Llama-3.1-8B-Instruct@http://127.0.0.1:8000/v1"
+        )
+    return model, url.rstrip("/")
+
+
+@dataclass
+class RemoteModel:
+    """A causal LM behind an OpenAI-compatible (vLLM) server; see the module docstring."""
+
+    model_name: str
+    base_url: str
+    settings: RemoteSettings = field(default_factory=RemoteSettings)
+    spec: str = ""
+    is_remote: bool = field(default=True, init=False)
+    _client: Any = field(default=None, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _template: tuple[tuple[int, ...], tuple[int, ...]] | None = field(
+        default=None, init=False, repr=False
+    )
+    _has_template: bool | None = field(default=None, init=False, repr=False)
+    _max_length: int | None = field(default=None, init=False, repr=False)
+    _mode: str | None = field(default=None, init=False, repr=False)
+    _token_text: dict[int, str] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.spec = self.spec or f"{REMOTE_PREFIX}{self.model_name}@{self.base_url}"
+        root = self.base_url
+        if root.endswith("/v1"):
+            root = root[: -len("/v1")]
+        self.root_url = root
+
+    # ------------------------------------------------------------------ transport
+
+    def _http(self) -> Any:
+        import httpx
+
+        with self._lock:
+            if self._client is None:
+                n = self.settings.concurrency
+                self._client = httpx.Client(
+                    limits=httpx.Limits(max_connections=n, max_keepalive_connections=n)
+                )
+            return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _headers(self) -> dict[str, str]:
+        key = os.environ.get(self.settings.api_key_env, "")
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def post(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST JSON and return the JSON reply, retrying what may pass (see module doc)."""
+        import httpx
+
+        s = self.settings
+        client = self._http()
+        start = time.monotonic()
+        failure = "no attempt"
+        for attempt in range(s.retries + 1):
+            remaining = s.deadline - (time.monotonic() - start)
+            if remaining <= 0:
+                break
+            wait: float | None = None
+            try:
+                reply = client.post(
+                    url, json=body, headers=self._headers(), timeout=min(s.timeout, remaining)
+                )
+            except httpx.TimeoutException:
+                failure = f"no reply within {min(s.timeout, remaining):.1f} s"
+            except httpx.TransportError as exc:
+                failure = f"connection failed ({type(exc).__name__})"
+            else:
+                code = reply.status_code
+                if code == 429 or code >= 500:
+                    failure = f"HTTP {code}"
+                    wait = _retry_after(reply.headers.get("retry-after"))
+                elif code >= 400:
+                    raise RemoteError(
+                        f"{url}: HTTP {code}: {_server_message(reply)}"
+                        + _capability_hint(url, code)
+                    )
+                else:
+                    try:
+                        data = reply.json()
+                    except ValueError:
+                        failure = "the reply is not valid JSON"
+                    else:
+                        if isinstance(data, dict):
+                            return data
+                        failure = "the reply is not a JSON object"
+            if attempt == s.retries:
+                break
+            if wait is None:
+                wait = random.uniform(0, min(s.max_backoff, s.backoff * 2**attempt))
+            remaining = s.deadline - (time.monotonic() - start)
+            if wait >= remaining:
+                failure += f"; the next try would pass the {s.deadline:g} s deadline"
+                break
+            time.sleep(wait)
+        raise RemoteError(
+            f"{url}: gave up after {attempt + 1} attempt(s) in "
+            f"{time.monotonic() - start:.1f} s: {failure}"
+        )
+
+    def map(
+        self,
+        fn: Callable[[T], R],
+        items: Sequence[T],
+        label: str | bool = False,
+    ) -> list[R]:
+        """`fn` over `items` with `concurrency` in flight; results in order. The first
+        error cancels what has not started and is raised."""
+        if not items:
+            return []
+        text = label if isinstance(label, str) else "Requests"
+        with (
+            progress_bar(text, total=len(items), enabled=bool(label)) as advance,
+            ThreadPoolExecutor(max_workers=self.settings.concurrency) as pool,
+        ):
+            futures = [pool.submit(fn, x) for x in items]
+            out: list[R] = []
+            try:
+                for f in futures:
+                    out.append(f.result())
+                    advance(1)
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+        return out
+
+    # ---------------------------------------------------------------- tokenising
+
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> tuple[int, ...]:
+        reply = self.post(
+            f"{self.root_url}/tokenize",
+            {"model": self.model_name, "prompt": text, "add_special_tokens": add_special_tokens},
+        )
+        self._note_max_length(reply)
+        return _token_list(reply, f"{self.root_url}/tokenize")
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        reply = self.post(
+            f"{self.root_url}/detokenize", {"model": self.model_name, "tokens": list(ids)}
+        )
+        text = reply.get("prompt")
+        if not isinstance(text, str):
+            raise RemoteError(f"{self.root_url}/detokenize: the reply has no 'prompt' text")
+        return text
+
+    def _note_max_length(self, reply: dict[str, Any]) -> None:
+        n = reply.get("max_model_len")
+        if isinstance(n, int) and n > 0:
+            self._max_length = n
+
+    @property
+    def max_length(self) -> int:
+        if self._max_length is None:
+            self.tokenize("x")
+        return self._max_length or 1 << 30
+
+    @property
+    def has_chat_template(self) -> bool:
+        if self._has_template is None:
+            try:
+                self._chat_prefix_suffix()
+                self._has_template = True
+            except RemoteError as exc:
+                if "HTTP 4" not in str(exc):
+                    raise
+                self._has_template = False
+        return self._has_template
+
+    def _chat_prefix_suffix(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        if self._template is None:
+            url = f"{self.root_url}/tokenize"
+            a, *others = (
+                _token_list(
+                    self.post(
+                        url,
+                        {
+                            "model": self.model_name,
+                            "messages": [{"role": "user", "content": m}],
+                            "add_generation_prompt": True,
+                        },
+                    ),
+                    url,
+                )
+                for m in _MARKERS
+            )
+            shortest = min(len(a), *(len(b) for b in others))
+            p = 0
+            while p < shortest and all(a[p] == b[p] for b in others):
+                p += 1
+            s = 0
+            while s < shortest - p and all(a[-1 - s] == b[-1 - s] for b in others):
+                s += 1
+            self._template = (a[:p], a[len(a) - s :] if s else ())
+        return self._template
+
+    def _resolve_chat(self, chat_template: bool | None) -> bool:
+        if chat_template is None:
+            return self.has_chat_template
+        if chat_template and not self.has_chat_template:
+            raise UnpactError(
+                f"model {self.spec!r}: the server applies no chat template; use raw prompts "
+                "(--no-chat-template, or chat_template=False)"
+            )
+        return chat_template
+
+    def encode_prompt(self, prompt: str, chat_template: bool | None = None) -> EncodedPrompt:
+        """As `LanguageModel.encode_prompt`, with the server's tokenizer and template."""
+        if not prompt or not prompt.strip():
+            raise UnpactError("empty prompt: give some text to ask the model")
+        chat = self._resolve_chat(chat_template)
+        if chat:
+            prefix, suffix = self._chat_prefix_suffix()
+        else:
+            with_special = self.tokenize("x", add_special_tokens=True)
+            plain = self.tokenize("x")
+            prefix, suffix = _raw_prefix(with_special, plain), ()
+        content = self.tokenize(prompt)
+        return EncodedPrompt(
+            input_ids=prefix + content + suffix,
+            content_start=len(prefix),
+            content_end=len(prefix) + len(content),
+            text=prompt,
+            chat_template=chat,
+        )
+
+    def encode_answer(self, answer: str) -> tuple[int, ...]:
+        if not answer or not answer.strip():
+            raise UnpactError("empty answer: give the text whose log-prob to compute")
+        return self.tokenize(answer)
+
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each token's own text (by detokenising it alone; cached)."""
+        missing = sorted({i for i in ids if i not in self._token_text})
+        for i, text in zip(missing, self.map(lambda t: self.detokenize([t]), missing)):
+            self._token_text[i] = text
+        return [self._token_text[i] for i in ids]
+
+    def token_offsets(self, text: str) -> tuple[tuple[int, ...], list[tuple[int, int]]]:
+        """The server's tokens of `text` and each one's character span, found by
+        detokenising growing prefixes. A token that ends inside a character (a byte-level
+        piece) gets an empty span; the token that completes the character covers it."""
+        ids = self.tokenize(text)
+        decoded = self.map(lambda k: self.detokenize(ids[: k + 1]), range(len(ids)))
+        offsets: list[tuple[int, int]] = []
+        end = 0
+        for d in decoded:
+            start = end
+            if text.startswith(d) and len(d) >= end:
+                end = len(d)
+            offsets.append((start, end))
+        if end != len(text):
+            raise RemoteError(
+                f"{self.root_url}/detokenize does not give back the prompt's text exactly, "
+                "so the tokens' character spans are unknown; use token units on raw text"
+            )
+        return ids, offsets
+
+    def default_baseline_token(self) -> int:
+        raise UnpactError(
+            f"model {self.spec!r} is remote and its unk/pad token is unknown here: give the "
+            "baseline token id (--baseline-token-id, or baseline_token_id=...)"
+        )
+
+    # ------------------------------------------------------------------- scoring
+
+    def _completions(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self.post(f"{self.base_url}/completions", {"model": self.model_name, **body})
+
+    def sequence_logprobs(self, ids: Sequence[int]) -> list[float]:
+        """log p(x_t | x_<t) for t = 1..len(ids)-1, from the server (one request)."""
+        if len(ids) < 2:
+            raise UnpactError("scoring needs at least two tokens")
+        modes = [self._mode] if self._mode else _modes(self.settings.logprobs_mode)
+        problems = []
+        for mode in modes:
+            if mode == "prompt_logprobs":
+                reply = self._completions(
+                    {"prompt": list(ids), "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0}
+                )
+                found = _from_prompt_logprobs(reply, ids)
+            else:
+                reply = self._completions(
+                    {
+                        "prompt": list(ids),
+                        "max_tokens": 0,
+                        "echo": True,
+                        "logprobs": 0,
+                        "temperature": 0,
+                        "return_tokens_as_token_ids": True,
+                    }
+                )
+                found = _from_echo(reply, ids)
+            if isinstance(found, str):
+                problems.append(found)
+                continue
+            self._mode = mode
+            return found
+        raise RemoteError(
+            f"{self.base_url}/completions returns no prompt log-probs ("
+            + "; ".join(problems)
+            + "). unPact needs them for scoring and attribution: serve the model with vLLM, "
+            "or use a provider whose completions endpoint supports echo + logprobs"
+        )
+
+    def answer_logprobs(
+        self,
+        prompts: Sequence[Sequence[int]],
+        answers: Sequence[Sequence[int]],
+        progress: bool | str = False,
+        token_budget: int | None = None,
+    ) -> list[torch.Tensor]:
+        """Per-token answer log-probs given each prompt (as `scoring.answer_logprobs`);
+        one request per pair (the server batches; `token_budget` is a local notion)."""
+        if len(prompts) != len(answers):
+            raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+        for i, (p, a) in enumerate(zip(prompts, answers)):
+            if not p or not a:
+                raise UnpactError(f"item {i}: empty {'prompt' if not p else 'answer'}")
+
+        def one(pair: tuple[Sequence[int], Sequence[int]]) -> torch.Tensor:
+            p, a = pair
+            lps = self.sequence_logprobs([*p, *a])
+            return torch.tensor(lps[len(p) - 1 :], dtype=torch.float32)
+
+        label = progress if isinstance(progress, str) else ("Scoring" if progress else False)
+        return self.map(one, list(zip(prompts, answers)), label)
+
+    # ---------------------------------------------------------------- generation
+
+    def generate_ids(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        num_samples: int,
+        temperature: float,
+        seed: int,
+        progress: bool | str = False,
+    ) -> list[list[tuple[str, tuple[int, ...]]]]:
+        """Greedy (num_samples=0) or seeded sampled completions of token-id prompts."""
+        import zlib
+
+        def one(ids: Sequence[int]) -> list[tuple[str, tuple[int, ...]]]:
+            # logprobs + token ids as text: the generated tokens' ids come back as the
+            # server has them (re-tokenising the text would not always give them).
+            body: dict[str, Any] = {
+                "prompt": list(ids),
+                "max_tokens": max_new_tokens,
+                "logprobs": 0,
+                "return_tokens_as_token_ids": True,
+            }
+            if num_samples:
+                prompt_seed = zlib.crc32(repr((seed, tuple(ids))).encode())
+                body.update(temperature=temperature, n=num_samples, seed=prompt_seed, top_p=1.0)
+            else:
+                body.update(temperature=0, n=1)
+            reply = self._completions(body)
+            try:
+                choices = sorted(reply["choices"], key=lambda c: c.get("index", 0))
+                texts = [str(c["text"]) for c in choices]
+            except (KeyError, TypeError) as exc:
+                raise RemoteError(
+                    f"{self.base_url}/completions: not a completions reply ({exc})"
+                ) from None
+            if len(texts) != max(num_samples, 1):
+                raise RemoteError(
+                    f"{self.base_url}/completions gave {len(texts)} choices for "
+                    f"n={max(num_samples, 1)}"
+                )
+            return [
+                (t.strip(), _generated_ids(c) or (self.tokenize(t) if t.strip() else ()))
+                for c, t in zip(choices, texts)
+            ]
+
+        label = progress if isinstance(progress, str) else ("Generating" if progress else False)
+        return self.map(one, list(prompts), label)
+
+
+def _generated_ids(choice: dict[str, Any]) -> tuple[int, ...] | None:
+    """The ids of a choice's generated tokens when the server reported them as
+    `token_id:N` (vLLM's `return_tokens_as_token_ids`), else None."""
+    logprobs = choice.get("logprobs")
+    tokens = logprobs.get("tokens") if isinstance(logprobs, dict) else None
+    if not isinstance(tokens, list) or not all(
+        isinstance(t, str) and t.startswith("token_id:") for t in tokens
+    ):
+        return None
+    try:
+        return tuple(int(t[len("token_id:") :]) for t in tokens)
+    except ValueError:
+        return None
+
+
+def _modes(mode: str) -> list[str]:
+    return ["prompt_logprobs", "echo"] if mode == "auto" else [mode]
+
+
+def _from_prompt_logprobs(reply: dict[str, Any], ids: Sequence[int]) -> list[float] | str:
+    try:
+        entries = reply["choices"][0].get("prompt_logprobs")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return "no choices in the reply"
+    if not isinstance(entries, list):
+        return "no 'prompt_logprobs' in the reply"
+    if len(entries) != len(ids):
+        raise RemoteError(
+            f"the server scored {len(entries)} prompt tokens but {len(ids)} were sent"
+        )
+    out = []
+    for t, (token, entry) in enumerate(zip(ids[1:], entries[1:]), start=1):
+        try:
+            value = entry[str(token)]
+            lp = float(value["logprob"] if isinstance(value, dict) else value)
+        except (KeyError, TypeError, ValueError):
+            raise RemoteError(
+                f"prompt_logprobs position {t}: no log-prob for the token sent ({token}); "
+                "the server's tokens differ from what was sent"
+            ) from None
+        out.append(_finite(lp, t))
+    return out
+
+
+def _from_echo(reply: dict[str, Any], ids: Sequence[int]) -> list[float] | str:
+    try:
+        logprobs = reply["choices"][0].get("logprobs")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return "no choices in the reply"
+    values = logprobs.get("token_logprobs") if isinstance(logprobs, dict) else None
+    if not isinstance(values, list) or len(values) < len(ids):
+        return "echo + logprobs gave no log-prob per prompt token"
+    tokens = logprobs.get("tokens")
+    if isinstance(tokens, list):
+        for t, (sent, got) in enumerate(zip(ids, tokens)):
+            if isinstance(got, str) and got.startswith("token_id:") and got != f"token_id:{sent}":
+                raise RemoteError(
+                    f"echo position {t}: the server reports token {got} where {sent} was sent"
+                )
+    out = []
+    for t in range(1, len(ids)):
+        try:
+            out.append(_finite(float(values[t]), t))
+        except (TypeError, ValueError):
+            raise RemoteError(f"echo position {t}: the log-prob is not a number") from None
+    return out
+
+
+def _finite(lp: float, position: int) -> float:
+    if math.isnan(lp) or lp > 1e-3:
+        raise RemoteError(f"position {position}: the server returned an impossible log-prob {lp}")
+    return lp
+
+
+def _token_list(reply: dict[str, Any], url: str) -> tuple[int, ...]:
+    tokens = reply.get("tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+        raise RemoteError(f"{url}: the reply has no list of token ids ('tokens')")
+    return tuple(tokens)
+
+
+def _raw_prefix(with_special: Sequence[int], plain: Sequence[int]) -> tuple[int, ...]:
+    for start in range(len(with_special) - len(plain) + 1):
+        if tuple(with_special[start : start + len(plain)]) == tuple(plain):
+            return tuple(with_special[:start])
+    return ()
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def _server_message(reply: Any) -> str:
+    try:
+        data = reply.json()
+        msg = data.get("error", data.get("detail", data)) if isinstance(data, dict) else data
+        if isinstance(msg, dict):
+            msg = msg.get("message", msg)
+        text = str(msg)
+    except ValueError:
+        text = reply.text
+    return " ".join(text.split())[:300] or "(no message)"
+
+
+def _capability_hint(url: str, code: int) -> str:
+    if url.endswith(("/tokenize", "/detokenize")) and code in (404, 405):
+        return (
+            " — the server has no vLLM-style /tokenize and /detokenize; unpact scores with the "
+            "server's own tokens and needs them"
+        )
+    if code in (401, 403):
+        return " — check the API key in the environment variable named by api_key_env"
+    return ""

@@ -1,0 +1,345 @@
+"""The remote backend against a real HTTP server on 127.0.0.1 serving the tiny model.
+
+The server (`unpact.serve`, FastAPI + uvicorn) answers in vLLM's formats; a fault layer in
+front of it delays, fails, throttles, garbles and drops replies on a fixed plan. Every
+test asserts numbers against the same model scored locally, or one clear error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import subprocess
+import sys
+import threading
+from typing import Any
+
+import pytest
+
+from unpact.attribution import attribute_many
+from unpact.errors import UnpactError
+from unpact.models import open_model
+from unpact.remote import RemoteError, RemoteModel, RemoteSettings, parse_remote_spec
+from unpact.scoring import generate, score
+from unpact.serve import BackgroundServer, make_app
+
+PROMPTS = [
+    "Who founded the Vostrand Glassworks?",
+    "What is the capital of France?",
+    "Mira Quintrell founded it in 1874, the report says.",
+]
+ANSWERS = [" Mira Quintrell", " Paris", " Kilimanjaro"]
+FAST = {"timeout": 0.5, "deadline": 8.0, "backoff": 0.01, "max_backoff": 0.05}
+
+
+class Faults:
+    """ASGI layer: the next requests to /v1/completions meet the planned faults in order."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.plan: list[str] = []
+        self.repeat: str | None = None  # a fault every request meets, after the plan
+        self.lock = threading.Lock()
+        self.calls = 0
+        self.auth: list[str | None] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].endswith("/completions"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        with self.lock:
+            self.calls += 1
+            self.auth.append(
+                headers.get(b"authorization", b"").decode() or None  # what the client sent
+            )
+            fault = self.plan.pop(0) if self.plan else self.repeat
+        if fault is None:
+            await self.app(scope, receive, send)
+        elif fault == "delay":  # arrives after the client's timeout
+            await asyncio.sleep(1.0)
+            await self.app(scope, receive, send)
+        elif fault in ("500", "503", "429"):
+            extra = [(b"retry-after", b"0.05")] if fault == "429" else []
+            await _reply(send, int(fault), b'{"error": "try again"}', extra)
+        elif fault == "badjson":
+            await _reply(send, 200, b'{"choices": [{"index": 0, "prompt_logp')
+        elif fault == "drop":  # headers promise 1000 bytes, the connection ends after 10
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-length", b"1000")],
+                }
+            )
+            await send({"type": "http.response.body", "body": b'{"choices"', "more_body": True})
+            raise ConnectionResetError("fault: dropped")
+        elif fault in ("nologprobs", "short", "nan", "401"):
+            await _rewrite(self.app, scope, receive, send, fault)
+        else:
+            raise AssertionError(fault)
+
+
+async def _reply(send: Any, status: int, body: bytes, headers: list | None = None) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), *(headers or [])],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _rewrite(app: Any, scope: Any, receive: Any, send: Any, fault: str) -> None:
+    """Let the real app answer, then change its JSON: a server without prompt log-probs,
+    one that scores fewer tokens than it was sent, one with a NaN, or a refused key."""
+    parts: list[bytes] = []
+
+    async def capture(message: Any) -> None:
+        if message["type"] == "http.response.body":
+            parts.append(message.get("body", b""))
+
+    await app(scope, receive, capture)
+    data = json.loads(b"".join(parts))
+    status = 200
+    for choice in data["choices"]:
+        if fault == "nologprobs":
+            choice.pop("prompt_logprobs", None)
+            choice["logprobs"] = None
+        elif fault == "short" and choice.get("prompt_logprobs"):
+            choice["prompt_logprobs"] = choice["prompt_logprobs"][:-1]
+        elif fault == "nan" and choice.get("prompt_logprobs"):
+            entry = choice["prompt_logprobs"][-1]
+            for v in entry.values():
+                v["logprob"] = "NaN"
+    if fault == "401":
+        status, data = 401, {"error": {"message": "invalid api key"}}
+    await _reply(send, status, json.dumps(data).encode())
+
+
+@pytest.fixture(scope="module")
+def served(tiny):
+    faults = Faults(make_app(tiny, "tiny"))
+    with BackgroundServer(faults) as url:
+        yield faults, f"{url}/v1"
+
+
+def _remote(url: str, **settings: Any) -> RemoteModel:
+    lm = open_model(f"openai:tiny@{url}", remote=RemoteSettings(**{**FAST, **settings}))
+    assert isinstance(lm, RemoteModel)
+    return lm
+
+
+@pytest.fixture
+def faults(served):
+    f, _ = served
+    f.plan.clear()
+    f.repeat = None
+    yield f
+    f.plan.clear()
+    f.repeat = None
+
+
+def _max_diff(a: list, b: list) -> float:
+    return max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+
+
+@pytest.mark.parametrize("mode", ["prompt_logprobs", "echo", "auto"])
+def test_scores_equal_local(tiny, served, faults, mode):
+    remote = _remote(served[1], logprobs_mode=mode)
+    local = score(tiny, PROMPTS, ANSWERS)
+    got = score(remote, PROMPTS, ANSWERS)
+    assert [s.answer_ids for s in got] == [s.answer_ids for s in local]
+    assert [s.prompt.input_ids for s in got] == [s.prompt.input_ids for s in local]
+    assert _max_diff([s.logprobs for s in got], [s.logprobs for s in local]) < 1e-4
+    # Token texts come from the server's detokeniser: the same text, without BPE marks.
+    assert [t.replace("Ġ", " ") for t in local[0].answer_tokens] == list(got[0].answer_tokens)
+
+
+@pytest.mark.parametrize(
+    ("unit", "baseline", "chat"),
+    [("token", "delete", True), ("word", "delete", True), ("word", "token", False)],
+)
+def test_attribution_equals_local(tiny, served, faults, unit, baseline, chat):
+    remote = _remote(served[1])
+    kwargs = dict(unit=unit, baseline=baseline, chat_template=chat, baseline_token_id=0)
+    local = attribute_many(tiny, PROMPTS, ANSWERS, **kwargs)
+    got = attribute_many(remote, PROMPTS, ANSWERS, **kwargs)
+    for a, b in zip(local, got):
+        assert b.input_ids == a.input_ids and b.answer_ids == a.answer_ids
+        assert [u.positions for u in b.units] == [u.positions for u in a.units]
+        assert [u.text for u in b.units] == [u.text for u in a.units]
+        assert abs(a.lp - b.lp) < 1e-4
+        assert max(abs(x - y) for x, y in zip(a.contributions, b.contributions)) < 1e-4
+        assert a.key_tokens == b.key_tokens
+    assert max(abs(c) for r in local for c in r.contributions) > 1e-2  # not a vacuous match
+
+
+def test_generated_target_and_greedy_generation_equal_local(tiny, served, faults):
+    remote = _remote(served[1])
+    local = generate(tiny, PROMPTS, max_new_tokens=6)
+    got = generate(remote, PROMPTS, max_new_tokens=6)
+    assert [g[0].token_ids for g in got] == [g[0].token_ids for g in local]
+    assert [g[0].text for g in got] == [g[0].text for g in local]
+    a = attribute_many(tiny, PROMPTS[:1], target="generated", max_new_tokens=6)[0]
+    b = attribute_many(remote, PROMPTS[:1], target="generated", max_new_tokens=6)[0]
+    assert a.answer_ids == b.answer_ids
+    assert max(abs(x - y) for x, y in zip(a.contributions, b.contributions)) < 1e-4
+    samples = generate(remote, PROMPTS[:1], max_new_tokens=6, num_samples=3, seed=1)
+    assert len(samples[0]) == 3
+    assert samples == generate(remote, PROMPTS[:1], max_new_tokens=6, num_samples=3, seed=1)
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        ["500", "503", "429"],
+        ["delay"],
+        ["badjson", "drop"],
+        ["drop", "429", "delay", "500", "badjson"],
+    ],
+)
+def test_transient_faults_are_retried_to_the_right_numbers(tiny, served, faults, plan):
+    # Enough retries that however the planned faults fall on the concurrent requests,
+    # every request gets through: the point is the numbers after retrying.
+    remote = _remote(served[1], concurrency=4, retries=30, deadline=60.0)
+    local = attribute_many(tiny, PROMPTS, ANSWERS)
+    before = faults.calls
+    faults.plan.extend(plan * 3)
+    got = attribute_many(remote, PROMPTS, ANSWERS)
+    assert not faults.plan, "every planned fault was met"
+    assert faults.calls - before >= len(plan) * 3
+    for a, b in zip(local, got):
+        assert max(abs(x - y) for x, y in zip(a.contributions, b.contributions)) < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        ("500", "gave up after 4 attempt(s)"),
+        ("429", "HTTP 429"),
+        ("delay", "no reply within"),
+        ("badjson", "not valid JSON"),
+        ("drop", "connection failed"),
+    ],
+)
+def test_persistent_faults_end_in_one_clear_error(served, faults, fault, message):
+    remote = _remote(served[1], retries=3, concurrency=2)
+    faults.repeat = fault
+    with pytest.raises(RemoteError, match="gave up after") as info:
+        score(remote, PROMPTS, ANSWERS)
+    assert message in str(info.value)
+    assert "/v1/completions" in str(info.value)
+
+
+def test_deadline_bounds_a_request(served, faults):
+    remote = _remote(served[1], retries=50, timeout=0.3, deadline=1.0)
+    faults.repeat = "delay"
+    with pytest.raises(RemoteError, match="gave up after"):
+        score(remote, PROMPTS[:1], ANSWERS[:1])
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        ("nologprobs", "returns no prompt log-probs"),
+        ("short", "scored 14 prompt tokens but 15 were sent"),
+        ("nan", "impossible log-prob"),
+    ],
+)
+def test_wrong_replies_are_errors_not_numbers(served, faults, fault, message):
+    remote = _remote(
+        served[1], logprobs_mode="prompt_logprobs" if fault != "nologprobs" else "auto"
+    )
+    faults.repeat = fault
+    with pytest.raises(RemoteError, match=message.split(" 1")[0]):
+        score(remote, ["Who founded it?"], [" Mira"], chat_template=False)
+
+
+def test_api_key_is_sent_but_never_shown(served, faults, monkeypatch):
+    secret = "sk-unpact-test-0123456789"
+    monkeypatch.setenv("MY_KEY", secret)
+    remote = _remote(served[1], api_key_env="MY_KEY")
+    n = len(faults.auth)
+    score(remote, PROMPTS[:1], ANSWERS[:1])
+    assert faults.auth[n:] == [f"Bearer {secret}"]
+    faults.repeat = "401"
+    with pytest.raises(RemoteError) as info:
+        score(remote, PROMPTS[:1], ANSWERS[:1])
+    assert "HTTP 401" in str(info.value) and "api_key_env" in str(info.value)
+    assert secret not in str(info.value) and secret not in repr(remote)
+
+
+def test_mask_baseline_and_unknown_baseline_token_are_clear_errors(served, faults):
+    remote = _remote(served[1])
+    with pytest.raises(UnpactError, match="baseline 'mask'"):
+        attribute_many(remote, PROMPTS[:1], ANSWERS[:1], baseline="mask")
+    with pytest.raises(UnpactError, match="baseline token id"):
+        attribute_many(remote, PROMPTS[:1], ANSWERS[:1], baseline="token")
+
+
+def test_unreachable_server_and_bad_specs():
+    remote = open_model(
+        "openai:tiny@http://127.0.0.1:9/v1",
+        remote=RemoteSettings(retries=1, backoff=0.01, timeout=0.5),
+    )
+    with pytest.raises(UnpactError, match="connection failed"):
+        score(remote, ["a question?"], [" yes"])
+    for bad in ["openai:tiny", "openai:@http://x", "openai:tiny@ftp://x"]:
+        with pytest.raises(UnpactError, match="openai:MODEL@BASE_URL"):
+            open_model(bad)
+    assert parse_remote_spec("openai:org/m-7B@http://h:8000/v1/") == (
+        "org/m-7B",
+        "http://h:8000/v1",
+    )
+
+
+def test_weights_steps_refuse_a_served_model():
+    from unpact.models import load_model
+
+    with pytest.raises(UnpactError, match="needs a local model"):
+        load_model("openai:tiny@http://127.0.0.1:9/v1")
+
+
+def test_cli_attribute_against_the_server(tiny, served, faults, tmp_path):
+    from typer.testing import CliRunner
+
+    from unpact.cli import app
+
+    out = tmp_path / "a.json"
+    result = CliRunner().invoke(
+        app,
+        [
+            "attribute",
+            "--model",
+            f"openai:tiny@{served[1]}",
+            "-p",
+            PROMPTS[0],
+            "-a",
+            ANSWERS[0],
+            "--unit",
+            "word",
+            "--json",
+            str(out),
+            "--concurrency",
+            "4",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    local = attribute_many(tiny, PROMPTS[:1], ANSWERS[:1], unit="word")[0]
+    assert record["model"] == f"openai:tiny@{served[1]}"
+    assert all(
+        math.isclose(x, y, abs_tol=1e-4)
+        for x, y in zip(record["contributions"], local.contributions)
+    )
+    bad = subprocess.run(
+        [sys.executable, "-m", "unpact", "attribute", "--model", "openai:tiny", "-p", "a b"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "openai:MODEL@BASE_URL" in bad.stderr
+    assert "Traceback" not in bad.stderr
