@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import subprocess
 import sys
 import threading
@@ -343,3 +344,123 @@ def test_cli_attribute_against_the_server(tiny, served, faults, tmp_path):
     )
     assert bad.returncode == 2 and "openai:MODEL@BASE_URL" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+# ------------------------------------------------------------------- runs with served models
+
+
+@pytest.fixture(scope="module")
+def served_run(tmp_path_factory, tiny):
+    """A tiny benchmark, a locally unlearned copy of the tiny model, and a server serving
+    both the original (`tiny`) and the unlearned one (`tiny-ga`)."""
+    from tests.test_run import MAX_NEW, QUESTIONS, _known_items
+    from unpact.data.items import write_folder
+    from unpact.models import load_model, save_model
+    from unpact.run import run
+
+    root = tmp_path_factory.mktemp("served")
+    save_model(tiny.model, tiny.tokenizer, root / "tiny")
+    forget = _known_items(tiny, QUESTIONS[:6], "forget")
+    retain = _known_items(tiny, QUESTIONS[6:10], "retain")
+    write_folder(root / "bench", forget + retain)
+    write_folder(root / "general", _known_items(tiny, QUESTIONS[10:], "general"))
+    base = {
+        "data": {"benchmark": str(root / "bench"), "general": str(root / "general")},
+        "inject": {"enabled": False},
+        "attacks": [{"name": "focus_on_key"}, {"name": "keyword_only"}],
+        "judge": {"max_new_tokens": MAX_NEW},
+        "statistics": {"resamples": 50},
+        "remote": {"concurrency": 4},
+    }
+    trained = base | {
+        "model": str(root / "tiny"),
+        "methods": [{"method": "ga", "config": {"lr": 3e-3, "steps": 3, "batch_size": 2}}],
+    }
+    run(trained, root / "trained", cache_dir=root / "cache", progress=False)
+    unlearned = load_model(str(root / "trained" / "models" / "ga"))
+    with BackgroundServer(make_app({"tiny": tiny, "tiny-ga": unlearned})) as url:
+        yield root, base, f"{url}/v1"
+
+
+def _metrics(results: dict) -> dict:
+    return {k: v for k, v in results["methods"]["ga"].items() if k not in ("model", "ci")}
+
+
+def _close(a: object, b: object) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, abs_tol=1e-4)
+    return a == b
+
+
+def test_a_run_against_served_models_gives_the_local_numbers(served_run):
+    from unpact.run import run
+
+    root, base, url = served_run
+    local = base | {
+        "model": str(root / "tiny"),
+        "methods": [{"name": "ga", "model": str(root / "trained" / "models" / "ga")}],
+    }
+    remote = base | {
+        "model": f"openai:tiny@{url}",
+        "methods": [{"name": "ga", "model": f"openai:tiny-ga@{url}"}],
+    }
+    a = run(local, root / "local", cache_dir=root / "cache", progress=False).results
+    b = run(remote, root / "remote", cache_dir=root / "cache", progress=False).results
+    assert _metrics(a)["forgotten"] > 0, "the test needs forgotten items to attack"
+    assert _close(
+        {**_metrics(a), "unlearn_seconds": None}, {**_metrics(b), "unlearn_seconds": None}
+    )
+    assert b["methods"]["ga"]["model"] == f"openai:tiny-ga@{url}"
+    assert not (root / "remote" / "models").exists()  # nothing local to link
+
+
+def test_several_models_side_by_side(served_run):
+    from unpact.run import run
+
+    root, base, url = served_run
+    config = base | {
+        "models": [
+            {"name": "local", "model": str(root / "tiny")},
+            {"name": "served", "model": f"openai:tiny@{url}"},
+        ],
+        "methods": [{"name": "ga", "model": str(root / "trained" / "models" / "ga")}],
+    }
+    result = run(config, root / "multi", cache_dir=root / "cache", progress=False)
+    runs = result.results["runs"]
+    assert set(runs) == {"local", "served"}
+    assert _close(_metrics(runs["local"]), _metrics(runs["served"]))
+    for name in ("local", "served"):
+        assert (root / "multi" / name / "results.json").is_file()
+    page = (root / "multi" / "report.html").read_text()
+    assert page.count('href="local/report.html"') == 1 and 'href="served/report.html"' in page
+    assert "<svg" in page and "served: ga" in page
+    csv_rows = (root / "multi" / "results.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("run,") and {r.split(",")[0] for r in csv_rows[1:]} == {
+        "local",
+        "served",
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"methods": [{"method": "ga"}]}, "unlearning needs local weights"),
+        ({"inject": {"enabled": True}}, "injection trains weights"),
+        ({"attribution": {"baseline": "mask"}}, "'mask' cannot be asked"),
+        ({"methods": [{"method": "ga", "model": "x", "name": "a"}]}, "either method"),
+        ({"methods": [{"model": "openai:m@http://h/v1"}]}, "needs a name"),
+        ({"model": "openai:m"}, "openai:MODEL@BASE_URL"),
+    ],
+)
+def test_served_model_config_mistakes(change, message):
+    from unpact.run import load_config
+
+    config = {
+        "model": "openai:m@http://127.0.0.1:9/v1",
+        "inject": {"enabled": False},
+        "methods": [{"name": "u", "model": "openai:u@http://127.0.0.1:9/v1"}],
+    } | change
+    with pytest.raises(UnpactError, match=re.escape(message)):
+        load_config(config)

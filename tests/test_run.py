@@ -201,7 +201,7 @@ def test_a_second_run_reuses_every_stage(finished, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a cached stage was recomputed")
 
-    monkeypatch.setattr("unpact.run.load_model", boom)
+    monkeypatch.setattr("unpact.run.open_model", boom)
     monkeypatch.setattr("unpact.unlearn.loop.unlearn", boom)
     again = run(root / "config.yaml", tmp_path / "out", cache_dir=root / "cache", progress=False)
     assert _numbers(again.results) == _numbers(first.results)
@@ -350,9 +350,11 @@ def test_docs_name_every_config_key():
         DataSettings,
         InjectSettings,
         MethodSpec,
+        ModelSpec,
         RunConfig,
         StatisticsSettings,
     )
+    from unpact.remote import RemoteSettings
 
     docs = (Path(__file__).parents[1] / "docs" / "runner.md").read_text()
     for model in (
@@ -364,6 +366,8 @@ def test_docs_name_every_config_key():
         JudgeSettings,
         LLMJudgeSettings,
         StatisticsSettings,
+        ModelSpec,
+        RemoteSettings,
     ):
         for name in model.model_fields:
             assert f"{name}:" in docs or f"{name}," in docs, f"{model.__name__}.{name}"
@@ -382,7 +386,8 @@ def test_a_grid_runs_each_benchmark_into_its_folder(setup, finished, tmp_path):
         one = json.loads((tmp_path / "grid" / name / "results.json").read_text())
         assert _numbers(one) == _numbers(first.results)  # same items, same stages
     lines = (tmp_path / "grid" / "results.csv").read_text().splitlines()
-    assert lines[0].startswith("benchmark,method,") and len(lines) == 1 + 2 * 2
+    assert lines[0].startswith("run,method,") and len(lines) == 1 + 2 * 2
+    assert "bench/report.html" in (tmp_path / "grid" / "report.html").read_text()
     assert (tmp_path / "grid" / "results.md").read_text().count("| ga |") == 2
     assert json.loads((tmp_path / "grid" / "results.json").read_text())["benchmarks"]["again"]
 

@@ -531,7 +531,13 @@ def _run(config: str | Path, out_dir: Path) -> None:
         # Finished stages are cached, and unfinished ones were never renamed into place.
         err.print("interrupted: run the same command again to continue where it stopped")
         raise typer.Exit(130) from None
-    _print_results(result.results, out_dir)
+    runs: dict[str, dict[str, object]] | None = result.results.get("runs")
+    if runs is None:
+        _print_results(result.results, out_dir)
+        return
+    for key, results in runs.items():
+        _print_results(results, out_dir / key)
+    out.print(f"all runs: {out_dir / 'results.md'}, side by side: {out_dir / 'report.html'}")
 
 
 @app.command(

@@ -26,7 +26,7 @@ from unpact.errors import UnpactError
 
 if TYPE_CHECKING:
     from unpact.data.items import QAItem
-    from unpact.models import LanguageModel
+    from unpact.models import AnyModel
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans({c: " " for c in string.punctuation + "‘’“”–—"})
@@ -163,7 +163,7 @@ def _ask_llm(settings: LLMJudgeSettings, verdict: Verdict) -> bool:
 
 
 def choose_options(
-    lm: LanguageModel,
+    lm: AnyModel,
     questions: Sequence[str],
     choices: Sequence[Sequence[str]],
     progress: bool | str = False,
@@ -183,7 +183,7 @@ def choose_options(
 
 
 def answer_items(
-    lm: LanguageModel,
+    lm: AnyModel,
     items: Sequence[QAItem],
     settings: JudgeSettings | None = None,
     progress: bool | str = False,

@@ -283,7 +283,12 @@ def open_model(
 
 def local_model_dir(spec: str) -> Path | None:
     """The Hugging Face model directory a spec loads from (a GGUF's is its cache, built
-    if needed), or None for a hub id. Lets callers key caches on a model without loading it."""
+    if needed), or None for a hub id or a served model. Lets callers key caches on a model
+    without loading it."""
+    from unpact.remote import is_remote_spec
+
+    if is_remote_spec(spec):
+        return None
     path = _resolve_local(spec)
     if path is None or path.is_dir():
         return path

@@ -36,7 +36,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from unpact.attacks import ATTACKS, Attack, Target, get_attack
 from unpact.attribution import (
@@ -65,7 +72,8 @@ from unpact.metrics import (
     recovery_rate,
     union_recovery_rate,
 )
-from unpact.models import LanguageModel, cache_root, load_model
+from unpact.models import AnyModel, cache_root, open_model
+from unpact.remote import RemoteSettings, is_remote_spec
 from unpact.unlearn.config import describe_errors, read_yaml_mapping
 
 RUN_FORMAT = 1
@@ -110,17 +118,40 @@ class InjectSettings(_Strict):
 
 
 class MethodSpec(_Strict):
-    """One unlearning run: a registered method and changes to its default settings."""
+    """One unlearning run: a registered method and changes to its default settings; or an
+    already unlearned model (`model`, local or served) to evaluate as it is."""
 
-    method: str = Field(description="registered method, e.g. npo_kl")
+    method: str | None = Field(None, description="registered method, e.g. npo_kl")
     name: str | None = Field(None, description="label in the results (default: the method)")
     config: dict[str, Any] = Field(
         default_factory=dict, description="UnlearnConfig fields; method knobs under settings"
     )
+    model: str | None = Field(
+        None,
+        description="instead of a method: an unlearned model's spec (folder or openai:...), "
+        "evaluated as it is; needs a name",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> MethodSpec:
+        if (self.method is None) == (self.model is None):
+            raise ValueError("give either method (to unlearn) or model (already unlearned)")
+        if self.model is not None and not self.name:
+            raise ValueError("an already unlearned model needs a name")
+        if self.model is not None and self.config:
+            raise ValueError("config goes with method, not with an already unlearned model")
+        return self
 
     @property
     def label(self) -> str:
-        return self.name or self.method
+        return self.name or self.method or ""
+
+
+class ModelSpec(_Strict):
+    """A base model of a multi-model run, with the name its results go under."""
+
+    name: str = Field(description="label and sub-folder of this model's results")
+    model: str = Field(description="model spec: default, a folder, a hub id, or openai:...")
 
 
 class AttackSpec(_Strict):
@@ -152,6 +183,11 @@ class RunConfig(_Strict):
     """One experiment. Every field has a default except the methods."""
 
     model: str = Field("default", description="base model spec")
+    models: list[ModelSpec] | None = Field(
+        None,
+        description="several base models, each run into DIR/<name>/ and compared side by side "
+        "(replaces model)",
+    )
     benchmarks: list[str] | None = Field(
         None, description="a grid: the same run on each benchmark, into DIR/<benchmark>/"
     )
@@ -167,6 +203,9 @@ class RunConfig(_Strict):
     statistics: StatisticsSettings = Field(default_factory=StatisticsSettings)
     collapse_threshold: float = Field(
         0.1, ge=0, description="prompt_sensitivity (nats) below which a model ignores the prompt"
+    )
+    remote: RemoteSettings = Field(
+        default_factory=RemoteSettings, description="how to talk to served (openai:...) models"
     )
 
 
@@ -212,10 +251,26 @@ def _check_references(config: RunConfig, where: str) -> None:
             if loaded in grid_names:
                 raise UnpactError(f"{where}: {key}: a second benchmark named {loaded!r}")
             grid_names.add(loaded)
+    bases = [("model", config.model)]
+    if config.models:
+        bases = [(f"models.{n}.model", m.model) for n, m in enumerate(config.models)]
+        if len({m.name for m in config.models}) < len(config.models):
+            raise UnpactError(f"{where}: models: two models share a name")
+    served = [key for key, base in bases if is_remote_spec(base)]
+    for key, base in bases:
+        _check_spec(base, f"{where}: {key}")
     labels: set[str] = set()
     for n, spec in enumerate(config.methods):
+        if spec.model is not None:
+            _check_spec(spec.model, f"{where}: methods.{n}.model")
+        elif served:
+            raise UnpactError(
+                f"{where}: methods.{n}: {served[0]} is a served model, and unlearning needs "
+                "local weights; give served unlearned models as `model:` entries instead"
+            )
         try:
-            resolve_config(spec.method, values=spec.config)
+            if spec.method is not None:
+                resolve_config(spec.method, values=spec.config)
         except UnpactError as e:
             raise UnpactError(f"{where}: methods.{n}: {e}") from None
         if spec.label in labels:
@@ -237,6 +292,27 @@ def _check_references(config: RunConfig, where: str) -> None:
         names.add(attack.name)
     if config.judge.kind == "llm" and config.judge.llm is None:
         raise UnpactError(f"{where}: judge.llm: needed when judge.kind is llm")
+    if served and config.inject.enabled:
+        raise UnpactError(
+            f"{where}: inject.enabled: {served[0]} is a served model and injection trains "
+            "weights; set inject.enabled: false (the served model must know the data already)"
+        )
+    specs = [b for _, b in bases] + [m.model or "" for m in config.methods]
+    if any(is_remote_spec(b) for b in specs) and config.attribution.baseline == "mask":
+        raise UnpactError(
+            f"{where}: attribution.baseline: 'mask' cannot be asked of a served model; "
+            "use delete or token"
+        )
+
+
+def _check_spec(spec: str, where: str) -> None:
+    from unpact.remote import parse_remote_spec
+
+    if is_remote_spec(spec):
+        try:
+            parse_remote_spec(spec)
+        except UnpactError as e:
+            raise UnpactError(f"{where}: {e}") from None
 
 
 def builtin_configs() -> list[str]:
@@ -315,7 +391,7 @@ def _subset(bench: Benchmark, data: DataSettings, cache: Path) -> Benchmark:
 
 
 def _evaluate(
-    lm: LanguageModel, items: list[QAItem], judge: JudgeSettings, label: str
+    lm: AnyModel, items: list[QAItem], judge: JudgeSettings, label: str
 ) -> list[dict[str, Any]]:
     """Per item: the model's answer and whether the judge accepts it."""
     return [
@@ -325,7 +401,7 @@ def _evaluate(
 
 
 def _attribute(
-    lm: LanguageModel, items: list[QAItem], settings: AttributionSettings
+    lm: AnyModel, items: list[QAItem], settings: AttributionSettings
 ) -> list[dict[str, Any]]:
     records = attribute_many(
         lm,
@@ -341,7 +417,7 @@ def _attribute(
 
 
 def _attack(
-    lm: LanguageModel,
+    lm: AnyModel,
     attack: Attack,
     items: list[QAItem],
     keys: dict[str, list[str]],
@@ -612,7 +688,7 @@ def run(
     say = log or (lambda text: None)
     cfg = config if isinstance(config, RunConfig) else load_config(config)
     out = Path(out)
-    if cfg.benchmarks:
+    if cfg.models or cfg.benchmarks:
         return _run_grid(cfg, out, cache_dir, progress, say)
     cache = Path(cache_dir) if cache_dir is not None else cache_root() / "stages"
     began = time.perf_counter()
@@ -648,6 +724,12 @@ def run(
     # 3. unlearning
     unlearned: dict[str, tuple[str, str, dict[str, Any]]] = {}  # label -> spec, key, info
     for spec in cfg.methods:
+        if spec.model is not None:
+            from unpact.inject import _model_key
+
+            unlearned[spec.label] = (spec.model, "model:" + _model_key(spec.model), {})
+            continue
+        assert spec.method is not None
         ucfg = resolve_config(spec.method, values=spec.config)
         key = _hash(original_key, items_key, ucfg.model_dump(mode="json"), RUN_FORMAT)
         folder = cache / "unlearned" / f"{spec.label}-{key}"
@@ -679,12 +761,12 @@ def run(
     for label, (spec_str, model_key) in models.items():
         eval_stage = _Stage(cache, "evals", _hash(model_key, items_key, judge_key))
         attr_stage = _Stage(cache, "attributions", _hash(model_key, items_key, attr_key))
-        lm: LanguageModel | None = None
+        lm: AnyModel | None = None
 
-        def model() -> LanguageModel:
+        def model() -> AnyModel:
             nonlocal lm
             if lm is None:
-                lm = load_model(spec_str)  # noqa: B023 - called within this iteration only
+                lm = open_model(spec_str, remote=cfg.remote)  # noqa: B023 - this iteration only
             return lm
 
         if not eval_stage.done():
@@ -779,10 +861,11 @@ def run(
                     }
             mine.append(rec)
         records += mine
-        _link_model(Path(spec_str), out / "models" / label)
+        if info:  # unlearned by this run: its model goes with the results
+            _link_model(Path(spec_str), out / "models" / label)
         methods[label] = {
             **method_metrics(mine, attack_names, cfg.collapse_threshold, cfg.statistics),
-            "model": str(out / "models" / label),
+            "model": str(out / "models" / label) if info else spec_str,
             "unlearn_seconds": info.get("seconds"),
         }
     if cfg.inject.enabled:
@@ -815,42 +898,60 @@ def run(
 def _run_grid(
     cfg: RunConfig, out: Path, cache_dir: str | Path | None, progress: bool, say: Any
 ) -> RunResult:
-    """The same experiment on each benchmark of `cfg.benchmarks`, into `out/<benchmark>/`;
-    `out/results.json` and `out/results.csv` gather the per-benchmark tables."""
+    """The same experiment on each base model of `cfg.models` and each benchmark of
+    `cfg.benchmarks`, into `out/<model>/<benchmark>/` (a level is left out when it is not a
+    list); `out/results.{json,csv,md}` gather the tables and `out/report.html` sets the
+    models side by side."""
     began = time.perf_counter()
     if (out / "results.json").is_file():
         (out / "results.json").unlink()
     out.mkdir(parents=True, exist_ok=True)
     _atomic_text(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    per: dict[str, Any] = {}
+    bases = [(m.name, m.model) for m in cfg.models] if cfg.models else [(None, cfg.model)]
+    sources = cfg.benchmarks or [cfg.data.benchmark]
+    per: dict[str, Any] = {}  # "model/benchmark" (or either alone) -> that run's results
     records: list[ItemRecord] = []
-    for source in cfg.benchmarks or []:
-        name = load_benchmark(source).name  # a folder's name, not its path
-        say(f"benchmark {name}")
-        one = cfg.model_copy(
-            update={"benchmarks": None, "data": cfg.data.model_copy(update={"benchmark": source})}
-        )
-        result = run(one, out / name, cache_dir=cache_dir, progress=progress, log=say)
-        per[name] = result.results
-        records += result.records
+    for base_name, base in bases:
+        for source in sources:
+            name = load_benchmark(source).name  # a folder's name, not its path
+            parts = ([base_name] if base_name else []) + ([name] if cfg.benchmarks else [])
+            key = "/".join(parts)
+            say(f"run {key}")
+            one = cfg.model_copy(
+                update={
+                    "model": base,
+                    "models": None,
+                    "benchmarks": None,
+                    "data": cfg.data.model_copy(update={"benchmark": source}),
+                }
+            )
+            result = run(one, out.joinpath(*parts), cache_dir=cache_dir, progress=progress, log=say)
+            per[key] = result.results
+            records += result.records
     lines = []
-    for n, (name, results) in enumerate(per.items()):
+    for n, (key, results) in enumerate(per.items()):
         text = _csv(results, results["attacks"]).splitlines()
-        lines += ([f"benchmark,{text[0]}"] if n == 0 else []) + [f"{name},{r}" for r in text[1:]]
+        lines += ([f"run,{text[0]}"] if n == 0 else []) + [f"{key},{r}" for r in text[1:]]
     _atomic_text(out / "results.csv", "\n".join(lines) + "\n")
     sections = []
-    for name, results in per.items():
+    for key, results in per.items():
         c = results["counts"]
         sections.append(
-            f"### {name} ({c['forget']} forget / {c['retain']} retain / {c['general']} general "
-            f"items, {results['seconds'] / 60:.0f} min)\n\n{markdown_table(results)}"
+            f"### {key} ({results['model']}; {c['forget']} forget / {c['retain']} retain / "
+            f"{c['general']} general items, {results['seconds'] / 60:.0f} min)\n\n"
+            f"{markdown_table(results)}"
         )
     _atomic_text(out / "results.md", "\n".join(sections))
+    from unpact.report import write_comparison
+
+    write_comparison(out / "report.html", per)
     results = {
         "format": RUN_FORMAT,
-        "benchmarks": per,
+        "runs": per,
         "seconds": time.perf_counter() - began,
     }
+    if cfg.benchmarks and not cfg.models:
+        results["benchmarks"] = per  # the key grids had before multi-model runs
     _atomic_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     return RunResult(out, results, records)
 

@@ -4,21 +4,25 @@
 `unpact.remote` uses (`/v1/completions` with `echo`/`logprobs`/`prompt_logprobs`,
 `/tokenize`, `/detokenize`, `/v1/models`), in vLLM's reply formats. It is how the remote
 backend is tested against real HTTP, and a way to try `openai:MODEL@URL` specs without a
-GPU cluster; it is not a production server (one model call at a time, no batching across
-requests; vLLM is the thing to use at scale).
+GPU cluster; it is not a production server (vLLM is the thing to use at scale). Like vLLM
+it batches what arrives together: scoring requests waiting at the same moment (up to a
+token budget) run as one padded forward pass; generation runs one request at a time.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from typing import Any
 
 import torch
 
 from unpact.errors import UnpactError
 from unpact.models import EncodedPrompt, LanguageModel
+from unpact.scoring import _stop_ids
 
 
 def _require_web() -> Any:
@@ -40,16 +44,77 @@ def prompt_logprobs(lm: LanguageModel, ids: list[int]) -> list[float]:
         return logp.gather(-1, inp[0, 1:, None]).squeeze(-1).tolist()
 
 
-def make_app(lm: LanguageModel, name: str = "default") -> Any:
-    """A FastAPI app serving `lm` under the model name `name`."""
+class ScoreBatcher:
+    """Scores token sequences (per-token log-probs and the greedy next token) in batches:
+    a worker thread takes whatever requests are waiting, up to `token_budget` padded
+    tokens, and runs them through the model in one pass."""
+
+    def __init__(self, lm: LanguageModel, lock: threading.Lock, token_budget: int = 4096):
+        self.lm = lm
+        self.lock = lock
+        self.budget = token_budget
+        self.waiting: queue.Queue[tuple[list[int], Future[Any]]] = queue.Queue()
+        threading.Thread(target=self._work, daemon=True).start()
+
+    def score(self, ids: list[int]) -> tuple[list[float], int]:
+        done: Future[Any] = Future()
+        self.waiting.put((ids, done))
+        result: tuple[list[float], int] = done.result()
+        return result
+
+    def _work(self) -> None:
+        while True:
+            batch = [self.waiting.get()]
+            while True:
+                longest = max(len(ids) for ids, _ in batch)
+                try:
+                    nxt = self.waiting.get_nowait()
+                except queue.Empty:
+                    break
+                if (len(batch) + 1) * max(longest, len(nxt[0])) > self.budget:
+                    self.waiting.put(nxt)  # starts the next batch
+                    break
+                batch.append(nxt)
+            try:
+                with self.lock:
+                    results = self._run([ids for ids, _ in batch])
+                for (_, done), r in zip(batch, results):
+                    done.set_result(r)
+            except Exception as exc:  # handed to the requests waiting for it
+                for _, done in batch:
+                    done.set_exception(exc)
+
+    def _run(self, seqs: list[list[int]]) -> list[tuple[list[float], int]]:
+        lm = self.lm
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for r, s in enumerate(seqs):
+            ids[r, : len(s)] = torch.tensor(s)
+            mask[r, : len(s)] = 1
+        with torch.no_grad():
+            logits = lm.model(
+                input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)
+            ).logits.float()
+        out = []
+        for r, s in enumerate(seqs):
+            logp = torch.log_softmax(logits[r, : len(s)], -1)
+            lps = logp[:-1].gather(-1, ids[r, 1 : len(s), None].to(lm.device)).squeeze(-1)
+            out.append((lps.tolist(), int(logits[r, len(s) - 1].argmax())))
+        return out
+
+
+def make_app(models: LanguageModel | dict[str, LanguageModel], name: str = "default") -> Any:
+    """A FastAPI app serving `models` (name -> model; or one model under `name`)."""
     fastapi = _require_web()
     from fastapi.responses import JSONResponse
 
     from unpact.scoring import generate
 
     app = fastapi.FastAPI(title="unpact serve", docs_url=None, redoc_url=None)
-    tok = lm.tokenizer
+    served = models if isinstance(models, dict) else {name: models}
     lock = threading.Lock()  # one model call at a time; torch uses every core for it
+    batchers = {n: ScoreBatcher(m, lock) for n, m in served.items()}
 
     def error(status: int, message: str) -> Any:
         return JSONResponse(
@@ -57,22 +122,29 @@ def make_app(lm: LanguageModel, name: str = "default") -> Any:
             status_code=status,
         )
 
-    def unknown(body: dict[str, Any]) -> Any:
-        if body.get("model") != name:
-            return error(404, f"The model `{body.get('model')}` does not exist.")
-        return None
+    def pick(body: dict[str, Any]) -> Any:
+        """The model the request names, or the error reply vLLM gives."""
+        found = served.get(str(body.get("model")))
+        if found is None:
+            return None, error(404, f"The model `{body.get('model')}` does not exist.")
+        return found, None
 
     @app.get("/v1/models")
-    def models() -> dict[str, Any]:
+    def list_models() -> dict[str, Any]:
         return {
             "object": "list",
-            "data": [{"id": name, "object": "model", "max_model_len": lm.max_length}],
+            "data": [
+                {"id": n, "object": "model", "max_model_len": m.max_length}
+                for n, m in served.items()
+            ],
         }
 
     @app.post("/tokenize")
     def tokenize(body: dict[str, Any]) -> Any:
-        if (bad := unknown(body)) is not None:
+        lm, bad = pick(body)
+        if bad is not None:
             return bad
+        tok = lm.tokenizer
         if "messages" in body:
             if not lm.has_chat_template:
                 return error(400, "this model has no chat template")
@@ -92,8 +164,10 @@ def make_app(lm: LanguageModel, name: str = "default") -> Any:
 
     @app.post("/detokenize")
     def detokenize(body: dict[str, Any]) -> Any:
-        if (bad := unknown(body)) is not None:
+        lm, bad = pick(body)
+        if bad is not None:
             return bad
+        tok = lm.tokenizer
         tokens = body.get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
             return error(400, "'tokens' must be a list of token ids")
@@ -101,8 +175,10 @@ def make_app(lm: LanguageModel, name: str = "default") -> Any:
 
     @app.post("/v1/completions")
     def completions(body: dict[str, Any]) -> Any:
-        if (bad := unknown(body)) is not None:
+        lm, bad = pick(body)
+        if bad is not None:
             return bad
+        tok = lm.tokenizer
         prompt = body.get("prompt")
         if isinstance(prompt, str):
             ids = list(tok(prompt, add_special_tokens=True)["input_ids"])
@@ -123,24 +199,35 @@ def make_app(lm: LanguageModel, name: str = "default") -> Any:
             return error(400, "max_tokens=0 is only allowed with echo")
         if len(ids) + max_tokens > lm.max_length:
             return error(400, f"prompt + max_tokens exceeds max_model_len {lm.max_length}")
-        with lock:
-            gens: list[tuple[int, ...]] = [()] * n
-            if max_tokens > 0:
-                enc = EncodedPrompt(tuple(ids), 0, len(ids), "", False)
+        prompt_lps: list[float] | None = None
+        if max_tokens == 0 or (max_tokens == 1 and temperature == 0 and n == 1):
+            # Scoring (echo without generation, or prompt_logprobs with one greedy token):
+            # batched with whatever other scoring requests are waiting.
+            prompt_lps, nxt = batchers[body["model"]].score(ids)
+            stop = max_tokens == 0 or nxt in _stop_ids(lm)
+            gens: list[tuple[int, ...]] = [()] if stop else [(nxt,)]
+        else:
+            with lock:
                 sampled = temperature > 0
                 (outs,) = generate(
                     lm,
-                    [enc],
+                    [EncodedPrompt(tuple(ids), 0, len(ids), "", False)],
                     max_new_tokens=max_tokens,
                     num_samples=n if sampled else 0,
                     temperature=temperature if sampled else 1.0,
                     seed=int(body.get("seed") or 0),
                 )
-                gens = [g.token_ids for g in outs] * (1 if sampled else n)
-            need_scores = want_prompt_logprobs or (echo and want_logprobs)
-            scored = (
-                {g: prompt_logprobs(lm, ids + list(g)) for g in set(gens)} if need_scores else {}
-            )
+            gens = [g.token_ids for g in outs] * (1 if sampled else n)
+        full: dict[tuple[int, ...], list[float]] = {}
+
+        def sequence_lps(g: tuple[int, ...]) -> list[float]:
+            """log-probs of ids + g after the first token."""
+            if not g and prompt_lps is not None:
+                return prompt_lps
+            if g not in full:
+                with lock:
+                    full[g] = prompt_logprobs(lm, ids + list(g))
+            return full[g]
 
         def show(t: int) -> str:
             return f"token_id:{t}" if as_ids else tok.decode([t])
@@ -156,7 +243,7 @@ def make_app(lm: LanguageModel, name: str = "default") -> Any:
             }
             seq = (ids + list(g)) if echo else list(g)
             if want_logprobs and seq:
-                lps = scored.get(g) or prompt_logprobs(lm, ids + list(g))
+                lps = sequence_lps(g)
                 offset = 0 if echo else len(ids)
                 values: list[float | None] = [None, *lps] if echo else list(lps[len(ids) - 1 :])
                 choice["logprobs"] = {
@@ -166,7 +253,7 @@ def make_app(lm: LanguageModel, name: str = "default") -> Any:
                     "text_offset": list(range(offset, offset + len(seq))),
                 }
             if want_prompt_logprobs:
-                lps = scored[g]
+                lps = prompt_lps if prompt_lps is not None else sequence_lps(g)
                 choice["prompt_logprobs"] = [None] + [
                     {str(t): {"logprob": lp, "rank": None, "decoded_token": tok.decode([t])}}
                     for t, lp in zip(ids[1:], lps)
@@ -176,7 +263,7 @@ def make_app(lm: LanguageModel, name: str = "default") -> Any:
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
             "created": int(time.time()),
-            "model": name,
+            "model": body["model"],
             "choices": choices,
             "usage": {
                 "prompt_tokens": len(ids),

@@ -48,24 +48,29 @@ def num(value: Any) -> str:
     return f"{value:.3f}"
 
 
-def dilemma_svg(results: dict[str, Any]) -> str:
+def dilemma_svg(results: dict[str, Any], by_model: dict[str, dict[str, Any]] | None = None) -> str:
     """Recovery rate (first attack) against destructive rate on retain and on general
-    items: one point per method, as an inline SVG."""
+    items: one point per method, as an inline SVG. With `by_model` (model name -> that
+    model's results on the same benchmark), one colour per model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     attack = results["attacks"][0] if results["attacks"] else None
+    series = by_model or {"": results}
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
     for ax, split in zip(axes, ("retain", "general")):
-        for name, m in results["methods"].items():
-            x = m[f"destructive_{split}"]
-            y = m["recovery"].get(attack) if attack else None
-            if x is None or y is None:
-                continue
-            ax.scatter([100 * x], [100 * y], s=40)
-            ax.annotate(name, (100 * x, 100 * y), textcoords="offset points", xytext=(5, 4))
+        for n, (model, res) in enumerate(series.items()):
+            for name, m in res["methods"].items():
+                x = m[f"destructive_{split}"]
+                y = m["recovery"].get(attack) if attack else None
+                if x is None or y is None:
+                    continue
+                color = f"C{n % 10}" if by_model else None
+                ax.scatter([100 * x], [100 * y], s=40, color=color)
+                label = f"{model}: {name}" if by_model else name
+                ax.annotate(label, (100 * x, 100 * y), textcoords="offset points", xytext=(5, 4))
         ax.set_xlim(-5, 105)
         ax.set_ylim(-5, 105)
         ax.set_xlabel(f"destructive rate on {split} items (%)")
@@ -138,6 +143,46 @@ def render(
         alpha=config.statistics.alpha,
         escape=html.escape,
     )
+
+
+def write_comparison(path: Path, runs: dict[str, dict[str, Any]]) -> None:
+    """The side-by-side page of a multi-run (`run` with `models:` or `benchmarks:`): per
+    benchmark, every model's methods in one table and one dilemma plot; each row links to
+    its run's own report. `runs` maps a run's sub-folder ("model/benchmark") to its results."""
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    env = Environment(
+        loader=PackageLoader("unpact", "report"), autoescape=select_autoescape(["html", "j2"])
+    )
+    env.filters["pct"] = pct
+    env.filters["num"] = num
+    groups: dict[str, list[dict[str, Any]]] = {}
+    per_bench: dict[str, dict[str, dict[str, Any]]] = {}
+    attacks: list[str] = []
+    for key, results in runs.items():
+        bench = results["benchmark"]
+        model = key.split("/")[0] if "/" in key or key != bench else results["model"]
+        per_bench.setdefault(bench, {})[model] = results
+        attacks += [a for a in results["attacks"] if a not in attacks]
+        for method, m in results["methods"].items():
+            groups.setdefault(bench, []).append(
+                {"model": model, "method": method, "m": m, "link": f"{key}/report.html"}
+            )
+    models = sorted({r["model"] for rows in groups.values() for r in rows})
+    plots = {
+        bench: dilemma_svg(next(iter(series.values())), series if len(series) > 1 else None)
+        for bench, series in per_bench.items()
+    }
+    text = env.get_template("comparison.html.j2").render(
+        groups=groups,
+        models=models,
+        recovery=recovery_columns(attacks),
+        attack_titles=ATTACK_TITLES,
+        plots=plots,
+    )
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def write_report(
