@@ -345,6 +345,7 @@ def test_report_opens_in_a_real_browser_without_console_errors(finished, tmp_pat
 
 def test_docs_name_every_config_key():
     from unpact.judge import JudgeSettings, LLMJudgeSettings
+    from unpact.remote import RemoteSettings
     from unpact.run import (
         AttributionSettings,
         DataSettings,
@@ -354,7 +355,6 @@ def test_docs_name_every_config_key():
         RunConfig,
         StatisticsSettings,
     )
-    from unpact.remote import RemoteSettings
 
     docs = (Path(__file__).parents[1] / "docs" / "runner.md").read_text()
     for model in (
