@@ -416,7 +416,10 @@ def test_a_run_against_served_models_gives_the_local_numbers(served_run):
     assert not (root / "remote" / "models").exists()  # nothing local to link
 
 
-def test_several_models_side_by_side(served_run):
+@pytest.fixture(scope="module")
+def multi_run(served_run):
+    """One run over two base models: the tiny model loaded locally and the same model
+    served, against the same (local) unlearned model."""
     from unpact.run import run
 
     root, base, url = served_run
@@ -427,8 +430,12 @@ def test_several_models_side_by_side(served_run):
         ],
         "methods": [{"name": "ga", "model": str(root / "trained" / "models" / "ga")}],
     }
-    result = run(config, root / "multi", cache_dir=root / "cache", progress=False)
-    runs = result.results["runs"]
+    return run(config, root / "multi", cache_dir=root / "cache", progress=False)
+
+
+def test_several_models_side_by_side(served_run, multi_run):
+    root, _, _ = served_run
+    runs = multi_run.results["runs"]
     assert set(runs) == {"local", "served"}
     assert _close(_metrics(runs["local"]), _metrics(runs["served"]))
     for name in ("local", "served"):
@@ -464,3 +471,51 @@ def test_served_model_config_mistakes(change, message):
     } | change
     with pytest.raises(UnpactError, match=re.escape(message)):
         load_config(config)
+
+
+def test_unpact_serve_command(tiny, tmp_path):
+    """`unpact serve` as a user starts it, in its own process; scores equal local ones."""
+    import socket
+    import time
+
+    from unpact.models import save_model
+
+    save_model(tiny.model, tiny.tokenizer, tmp_path / "tiny")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "unpact", "serve", "--model", str(tmp_path / "tiny")]
+    proc = subprocess.Popen(
+        [*cmd, "--name", "t", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        remote = open_model(
+            f"openai:t@http://127.0.0.1:{port}/v1",
+            remote=RemoteSettings(retries=60, backoff=0.25, max_backoff=0.5, deadline=90),
+        )
+        start = time.monotonic()
+        got = score(remote, PROMPTS, ANSWERS)  # retried until the server is up
+        assert time.monotonic() - start < 90
+        local = score(tiny, PROMPTS, ANSWERS)
+        assert _max_diff([s.logprobs for s in got], [s.logprobs for s in local]) < 1e-4
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert f"openai:t@http://127.0.0.1:{port}/v1" in err
+
+
+def test_side_by_side_page_in_a_real_browser(served_run, multi_run, tmp_path):
+    from tests.test_run import _browse, _chromium
+
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("chromium is not installed")
+    root, _, _ = served_run
+    page = root / "multi" / "report.html"
+    proc = _browse(chromium, page, tmp_path / "p1", "--dump-dom")
+    assert [line for line in proc.stderr.splitlines() if ":CONSOLE" in line] == []
+    assert 'data-ready="1"' in proc.stdout
+    assert proc.stdout.count('class="comparison"') == 1 and "<svg" in proc.stdout
