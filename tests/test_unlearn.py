@@ -312,7 +312,7 @@ def test_lora_trains_adapters_and_merges_them(bench, tmp_path, method):
 
 
 def test_every_method_runs_a_few_steps(bench, tmp_path):
-    for name in ("ga", "ga_kl", "npo", "npo_kl", "simnpo", "tv", "rmu"):
+    for name in ("ga", "ga_kl", "npo", "npo_kl", "simnpo", "tv", "rmu", "keytoken_npo_gd"):
         extra = ("layer=1",) if name == "rmu" else ()
         cfg = resolve_config(name, overrides=["steps=2", *extra])
         r = unlearn(tiny_model(seed=3), bench, cfg, tmp_path / name, progress=False)
@@ -375,3 +375,121 @@ def test_cli_user_mistakes_give_one_message_and_exit_2(args, message, tmp_path):
     )
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------- KeyToken-weighted NPO
+
+
+def _slow_answer_lps(model, prompt, answer) -> torch.Tensor:
+    with torch.no_grad():
+        return _slow_token_logprobs(model, list(prompt), list(answer))
+
+
+def test_token_contributions_match_one_forward_pass_per_deleted_unit(bench):
+    """c_ik = log p(y_k | x) - log p(y_k | x without unit i), each by its own pass."""
+    from unpact.attribution import attribute_many, token_contributions
+
+    lm = tiny_model(seed=1)
+    f = encode_items(lm, load_benchmark(bench).split("forget")[:3])
+    for unit in ("token", "word"):
+        found = token_contributions(lm, f["encoded"], f["answers"], unit=unit)
+        for enc, answer, tc in zip(f["encoded"], f["answers"], found):
+            x = list(enc.input_ids)
+            full = _slow_answer_lps(lm.model, x, answer)
+            assert torch.allclose(torch.tensor(tc.logprobs), full, atol=1e-4)
+            for u, row in zip(tc.units, tc.by_unit):
+                s, e = u.span
+                without = _slow_answer_lps(lm.model, x[:s] + x[e:], answer)
+                assert torch.allclose(torch.tensor(row), full - without, atol=1e-4)
+    # the means over answer tokens are attribute_many's contributions
+    items = load_benchmark(bench).split("forget")[:3]
+    recs = attribute_many(lm, [i.question for i in items], [i.answer for i in items])
+    plain = token_contributions(
+        lm,
+        [lm.encode_prompt(i.question) for i in items],
+        [lm.encode_answer(i.answer) for i in items],
+    )
+    for r, tc in zip(recs, plain):
+        assert max(abs(a - b) for a, b in zip(r.contributions, tc.contributions)) < 1e-5
+
+
+def test_keytoken_weights_by_hand(bench):
+    """prepare(): KeyTokens from the per-item contributions, routing r_k = sum over
+    KeyTokens of max(c_ik, 0), weight min(cap, (r_k / mean r) ** gamma)."""
+    from unpact.attribution import key_tokens
+
+    lm = tiny_model(seed=1)
+    f = encode_items(lm, load_benchmark(bench).split("forget")[:4])
+    method = get_method("keytoken_npo")(
+        get_method("keytoken_npo").Settings(gamma=2.0, max_weight=3.0)
+    )
+    method.prepare(lm, f)
+    routing = {}
+    for item_id, enc, answer in zip(f["ids"], f["encoded"], f["answers"]):
+        x = list(enc.input_ids)
+        full = _slow_answer_lps(lm.model, x, answer)
+        rows = []
+        for t in range(enc.content_start, enc.content_end):
+            rows.append(full - _slow_answer_lps(lm.model, x[:t] + x[t + 1 :], answer))
+        keys = key_tokens([float(r.mean()) for r in rows])
+        assert keys, "the tiny model routes its answers through some tokens"
+        routing[item_id] = sum(rows[i].clamp(min=0) for i in keys)
+        assert torch.allclose(method.reference_token_logprobs[item_id], full, atol=1e-4)
+    mean = torch.cat(list(routing.values())).mean()
+    for item_id, r in routing.items():
+        expected = ((r / mean) ** 2).clamp(max=3.0)
+        assert torch.allclose(method.token_weights[item_id], expected, atol=1e-3)
+    every = torch.cat(list(method.token_weights.values()))
+    assert every.max() <= 3.0 and every.min() >= 0 and (every < 0.1).any()
+
+
+def test_keytoken_npo_hand_value(monkeypatch):
+    """One item, two answer tokens: policy log-probs (-3, -1), reference (-2, -1), weights
+    (2, 0.5), b = 1: tokenwise -2 log sigmoid(-(lp - ref)) = (2 log(1 + e^-1), 2 log 2);
+    the loss is their weighted mean (2 * 0.62652 + 0.5 * 1.38629) / 2 = 0.97310."""
+    import unpact.unlearn.methods as m
+
+    monkeypatch.setattr(m, "token_logprobs", lambda model, batch: [torch.tensor([-3.0, -1.0])])
+    method = m.KeyTokenNPOGD(m.KeyTokenNPOGD.Settings(beta=1.0, retain_weight=0.0))
+    method.token_weights = {"a": torch.tensor([2.0, 0.5])}
+    method.reference_token_logprobs = {"a": torch.tensor([-2.0, -1.0])}
+    forget = m.Batch(("a",), ((1,),), ((2, 3),), ((0, 3),))
+    ctx = StepContext(model=None, forget=forget, retain=None, step=0)  # type: ignore[arg-type]
+    monkeypatch.setattr(m, "nll", lambda model, batch: torch.tensor(0.0))
+    value = method.losses(ctx)["forget_keytoken_npo"].item()
+    assert value == pytest.approx(0.97310, abs=1e-4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.floats(0, 5, allow_nan=False), min_size=1, max_size=6), min_size=1, max_size=5
+    ),
+    st.floats(0, 3),
+    st.floats(0.5, 10),
+)
+def test_key_routing_weights_invariants(rows, gamma, cap):
+    from unpact.unlearn.methods import key_routing_weights
+
+    routing = {str(n): torch.tensor(r) for n, r in enumerate(rows)}
+    w = key_routing_weights(routing, gamma, cap)
+    every = torch.cat([w[k] for k in routing])
+    if gamma == 0:
+        assert torch.equal(every, torch.ones_like(every))
+        return
+    assert every.min() >= 0 and every.max() <= cap + 1e-6
+    flat = torch.cat(list(routing.values()))
+    assert torch.all(every[flat == 0] == 0)  # tokens the key tokens do not carry: spared
+    if flat.sum() > 0 and gamma == 1 and (flat / flat.mean()).max() <= cap:
+        assert float(every.mean()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_keytoken_npo_unlearns_and_resumes_identically(bench, tmp_path):
+    whole = _run(bench, tmp_path / "whole", method="keytoken_npo")
+    with pytest.raises(Exception, match="stopped after step 4"):
+        _run(bench, tmp_path / "cut", method="keytoken_npo", stop_after=4)
+    resumed = _run(bench, tmp_path / "cut", method="keytoken_npo", resume=True)
+    ww, wr = _weights(whole), _weights(resumed)
+    assert all(torch.equal(ww[k], wr[k]) for k in ww)
+    assert math.isfinite(whole.final_losses["forget_keytoken_npo"])
+    assert whole.final_losses["retain_kl"] >= 0

@@ -441,9 +441,11 @@ def _fast_contributions(
     token_budget: int,
     advance: Any,
     pack_width: int = 64,
-) -> list[tuple[float, list[float]]]:
+) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """Per item: the answer tokens' log-probs given the whole prompt, and given each
+    variant (one tensor per unit). Contributions are differences of their means."""
     model = lm.model
-    results: list[tuple[float, list[float]]] = [(0.0, [])] * len(items)
+    results: list[tuple[torch.Tensor, list[torch.Tensor]]] = [(torch.zeros(0), [])] * len(items)
     lengths = [len(it.prompt.input_ids) + len(it.answer_ids) for it in items]
     with torch.no_grad():
         for chunk in token_budget_batches(lengths, token_budget):
@@ -465,24 +467,84 @@ def _fast_contributions(
                 sum(len(variants[j].ids) for j in row) + max(variants[j].visible for j in row) // 4
                 for row in packed
             ]
-            variant_lp: dict[tuple[int, int], float] = {}
+            variant_lp: dict[tuple[int, int], torch.Tensor] = {}
             for batch in token_budget_batches(cost, token_budget):
                 rows = [packed[b] for b in batch]
                 out = context_logprobs(model, context, [[variants[j] for j in row] for row in rows])
                 for row, lps_row in zip(rows, out):
                     for j, lp in zip(row, lps_row):
-                        variant_lp[keys[j]] = float(lp.mean())
+                        variant_lp[keys[j]] = lp
             for c, i in enumerate(chunk):
-                full = float(lps[c].mean())
-                contributions = [full - variant_lp[c, u] for u in range(len(items[i].units))]
-                results[i] = (full, contributions)
+                results[i] = (lps[c], [variant_lp[c, u] for u in range(len(items[i].units))])
             advance(len(chunk))
     return results
 
 
+def _per_token(
+    lm: AnyModel,
+    items: Sequence[_Item],
+    baseline: Baseline,
+    baseline_id: int,
+    token_budget: int,
+    progress: bool,
+) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    if not isinstance(lm, LanguageModel):  # a served model (unpact.remote)
+        return _served_contributions(lm, items, baseline, baseline_id, progress)
+    with progress_bar("Attributing", total=len(items), enabled=progress) as advance:
+        return _fast_contributions(lm, items, baseline, baseline_id, token_budget, advance)
+
+
+@dataclass(frozen=True)
+class TokenContributions:
+    """unPact per answer token: `logprobs[k] = log p(y_k | x, y_<k)` and
+    `by_unit[i][k] = logprobs[k] - log p(y_k | x \\ x_i, y_<k)`, so that the unit's
+    contribution `C_i` is the mean of `by_unit[i]` over k (SPEC section 1)."""
+
+    units: list[Unit]
+    logprobs: list[float]
+    by_unit: list[list[float]]
+
+    @property
+    def contributions(self) -> list[float]:
+        return [sum(row) / len(row) for row in self.by_unit]
+
+
+def token_contributions(
+    lm: AnyModel,
+    prompts: Sequence[EncodedPrompt],
+    answer_ids: Sequence[Sequence[int]],
+    *,
+    unit: UnitKind = "token",
+    baseline: Baseline = "delete",
+    baseline_token_id: int | None = None,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+    progress: bool = False,
+) -> list[TokenContributions]:
+    """Each prompt unit's contribution to each answer token's log-prob, for encoded
+    prompts and answer token ids (the same computation as `attribute_many`, before the
+    mean over answer tokens). KeyToken-weighted unlearning weighs answer tokens by it."""
+    check_settings(unit, baseline)
+    b_id = _baseline_token(lm, baseline_token_id) if baseline == "token" else 0
+    items = []
+    for i, (enc, ans) in enumerate(zip(prompts, answer_ids, strict=True)):
+        units = make_units(lm, enc, unit)
+        if not units:
+            raise UnpactError(f"item {i}: the prompt has no content to attribute")
+        items.append(_Item(enc, "", tuple(ans), units))
+    per_token = _per_token(lm, items, baseline, b_id, token_budget, progress)
+    return [
+        TokenContributions(
+            units=it.units,
+            logprobs=full.tolist(),
+            by_unit=[(full - v).tolist() for v in variants],
+        )
+        for it, (full, variants) in zip(items, per_token)
+    ]
+
+
 def _served_contributions(
     lm: AnyModel, items: Sequence[_Item], baseline: Baseline, baseline_id: int, progress: bool
-) -> list[tuple[float, list[float]]]:
+) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
     """Contributions from a served model: every variant is a whole prompt of token ids
     (the server cannot be handed shared keys/values), scored as many requests at once."""
     if baseline == "mask":
@@ -503,8 +565,7 @@ def _served_contributions(
     lps = lm.answer_logprobs(prompts, answers, progress="Attributing" if progress else False)
     out, k = [], 0
     for it in items:
-        full = float(lps[k].mean())
-        out.append((full, [full - float(lp.mean()) for lp in lps[k + 1 : k + 1 + len(it.units)]]))
+        out.append((lps[k], list(lps[k + 1 : k + 1 + len(it.units)])))
         k += len(it.units) + 1
     return out
 
@@ -636,11 +697,11 @@ def attribute_many(
         items.append(_Item(enc, answer_text, tuple(answer_ids), units))
 
     b_id = _baseline_token(lm, baseline_token_id) if baseline == "token" else 0
-    if not isinstance(lm, LanguageModel):  # a served model (unpact.remote)
-        scored = _served_contributions(lm, items, baseline, b_id, progress)
-    else:
-        with progress_bar("Attributing", total=len(items), enabled=progress) as advance:
-            scored = _fast_contributions(lm, items, baseline, b_id, token_budget, advance)
+    per_token = _per_token(lm, items, baseline, b_id, token_budget, progress)
+    scored = []
+    for full_lps, variant_lps in per_token:
+        full = float(full_lps.mean())
+        scored.append((full, [full - float(v.mean()) for v in variant_lps]))
     return [
         Attribution(
             prompt=it.prompt.text,

@@ -82,18 +82,20 @@ class _Interrupt(Exception):
 def encode_items(lm: LanguageModel, items: list[QAItem]) -> dict[str, Any]:
     """Chat-formatted prompt ids, answer ids (+ EOS) and the items' own-text spans."""
     eos = lm.tokenizer.eos_token_id
-    prompts, answers, content = [], [], []
+    prompts, answers, content, encoded = [], [], [], []
     for item in items:
         enc = lm.encode_prompt(item.question)
         answer = (*lm.encode_answer(item.answer), eos)
         prompts.append(enc.input_ids)
         answers.append(answer)
         content.append((enc.content_start, len(enc.input_ids) + len(answer)))
+        encoded.append(enc)
     return {
         "ids": [i.id for i in items],
         "prompts": prompts,
         "answers": answers,
         "content": content,
+        "encoded": encoded,  # the EncodedPrompts (units for attribution-based methods)
     }
 
 
@@ -196,6 +198,8 @@ def unlearn(
         retain_ref = _reference_activations(net, retain, method)
     if "model" in method.references:
         reference = _frozen_copy(net)
+    net.eval()
+    method.prepare(lm, forget)
     original = None
     if type(method).finalize is not Method.finalize:
         original = {n: p.detach().clone() for n, p in net.named_parameters()}

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from unpact.attribution import ALPHA, BETA, key_tokens
 from unpact.errors import UnpactError
 from unpact.scoring import answer_distributions, answer_logprobs, lm_body_and_head
 
@@ -97,6 +98,10 @@ class Method:
 
     def finalize(self, model: Any, original: dict[str, torch.Tensor]) -> None:
         """Change the trained weights in place once training ends (Task Vector)."""
+
+    def prepare(self, lm: Any, forget: dict[str, Any]) -> None:
+        """Look at the model before any step (e.g. attribute the forget set); `forget`
+        holds the encoded forget items (`ids`, `prompts`, `answers`, `encoded`)."""
 
 
 def get_method(name: str) -> type[Method]:
@@ -261,6 +266,112 @@ class SimNPO(Method):
         if s.retain_weight:
             terms["retain_nll"] = s.retain_weight * nll(ctx.model, ctx.retain)
         return terms
+
+
+# ---------------------------------------------------------------- KeyToken-weighted NPO
+
+
+class _KeyTokenSettings(MethodSettings):
+    beta: float = Field(1.0, gt=0, description="inverse temperature of the per-token NPO loss")
+    gamma: float = Field(
+        1.0,
+        ge=0,
+        description="sharpness: a token's weight is (its key routing / the mean routing) "
+        "** gamma; 0 weighs every token alike (plain per-token NPO)",
+    )
+    max_weight: float = Field(5.0, gt=0, description="cap on one token's weight")
+    unit: Literal["token", "word"] = Field("token", description="attribution unit")
+    keytoken_alpha: float = Field(ALPHA, gt=0, lt=1, description="KeyToken rule alpha")
+    keytoken_beta: float = Field(BETA, gt=0, le=1, description="KeyToken rule beta")
+    retain_weight: float = Field(1.0, ge=0, description="weight of the retain regulariser")
+
+
+class KeyTokenNPO(Method):
+    """KeyToken-weighted unlearning (SPEC section 6, beyond the paper): NPO per answer
+    token, each token weighted by how much the original model routes it through the
+    prompt's KeyTokens.
+
+    Before training, unPact on every forget item under the original model gives, per
+    prompt unit i and answer token k, `c_ik = log p(y_k | x, y_<k) - log p(y_k | x \\ x_i,
+    y_<k)` (`attribution.token_contributions`) and the item's KeyTokens K (from the means
+    over k). Token k's key routing is `r_k = sum_{i in K} max(c_ik, 0)` (nats): how much of
+    its log-prob the KeyTokens carry. Its weight is `w_k = min(max_weight, (r_k / r_mean) **
+    gamma)`, r_mean the mean routing over every answer token of the forget set, so weights
+    average about 1 at gamma = 1, tokens the model predicts whatever the key tokens are
+    (common words, punctuation, end of turn) get about 0, and so do items with no key focus.
+    The forget loss is the mean over items of
+    `(1/T) sum_k w_k * -(2/b) log sigmoid(-b (log p_theta(y_k|...) - log p_orig(y_k|...)))`;
+    the retain regulariser is KL to the original (this class) or the retain NLL
+    (`keytoken_npo_gd`)."""
+
+    name = "keytoken_npo"
+    summary = "per-token NPO weighted by unPact key routing + KL on retain"
+    Settings = _KeyTokenSettings
+    references: ClassVar[tuple[Reference, ...]] = ("model",)
+    uses_retain = True
+    retain_kind: ClassVar[str] = "kl"
+
+    def __init__(self, settings: MethodSettings | None = None) -> None:
+        super().__init__(settings)
+        self.token_weights: dict[str, torch.Tensor] = {}
+        self.reference_token_logprobs: dict[str, torch.Tensor] = {}
+
+    def prepare(self, lm: Any, forget: dict[str, Any]) -> None:
+        from unpact.attribution import token_contributions
+
+        s = self.settings
+        assert isinstance(s, _KeyTokenSettings)
+        found = token_contributions(lm, forget["encoded"], forget["answers"], unit=s.unit)
+        routing = {}
+        for item_id, tc in zip(forget["ids"], found):
+            keys = key_tokens(tc.contributions, s.keytoken_alpha, s.keytoken_beta)
+            r = torch.zeros(len(tc.logprobs))
+            for i in keys:
+                r += torch.tensor(tc.by_unit[i]).clamp(min=0)
+            routing[item_id] = r
+            self.reference_token_logprobs[item_id] = torch.tensor(tc.logprobs)
+        self.token_weights = key_routing_weights(routing, s.gamma, s.max_weight)
+
+    def losses(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        s = self.settings
+        assert isinstance(s, _KeyTokenSettings)
+        if not self.token_weights:
+            raise UnpactError("keytoken_npo: prepare() was not run before training")
+        per_item = []
+        for item_id, lp in zip(ctx.forget.ids, token_logprobs(ctx.model, ctx.forget)):
+            ref = self.reference_token_logprobs[item_id].to(lp)
+            w = self.token_weights[item_id].to(lp)
+            per_token = -(2 / s.beta) * F.logsigmoid(-s.beta * (lp - ref))
+            per_item.append((w * per_token).mean())
+        terms = {"forget_keytoken_npo": torch.stack(per_item).mean()}
+        return terms | _retain_terms(ctx, self.retain_kind, s.retain_weight)
+
+
+class KeyTokenNPOGD(KeyTokenNPO):
+    """KeyToken-weighted NPO plus the retain NLL."""
+
+    name = "keytoken_npo_gd"
+    summary = "per-token NPO weighted by unPact key routing + retain NLL"
+    references = ()
+    retain_kind = "gd"
+
+
+def key_routing_weights(
+    routing: dict[str, torch.Tensor], gamma: float, max_weight: float
+) -> dict[str, torch.Tensor]:
+    """Per item, per answer token: `min(max_weight, (r_k / mean r) ** gamma)`, the mean
+    over every token of every item; all zero routing gives weight 1 only at gamma 0."""
+    every = torch.cat(list(routing.values())) if routing else torch.zeros(0)
+    mean = float(every.mean()) if every.numel() else 0.0
+    out = {}
+    for item_id, r in routing.items():
+        if gamma == 0:
+            out[item_id] = torch.ones_like(r)
+        elif mean <= 0:
+            out[item_id] = torch.zeros_like(r)
+        else:
+            out[item_id] = (r / mean).pow(gamma).clamp(max=max_weight)
+    return out
 
 
 # --------------------------------------------------------------------------- Task Vector
