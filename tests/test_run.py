@@ -408,3 +408,34 @@ def test_ctrl_c_says_how_to_continue(setup, tmp_path):
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 130, stderr
     assert "run the same command again" in stderr and "Traceback" not in stderr
+
+
+def test_attribution_checks_run_from_the_config_without_recomputing_attributions(
+    setup, finished, tmp_path
+):
+    import statistics
+
+    root, first = finished
+    _, config = setup
+    before = sorted((root / "cache" / "attributions").iterdir())
+    checked = config | {
+        "attribution": config["attribution"]
+        | {"gradient": ["grad_x_input", "integrated_gradients"], "ig_steps": 4, "stability": True}
+    }
+    result = run(checked, tmp_path / "checked", cache_dir=root / "cache", progress=False)
+    assert sorted((root / "cache" / "attributions").iterdir()) == before  # reused
+    assert _numbers(result.results) == _numbers(first.results)
+    summary = result.results["attribution_checks"]
+    assert set(summary) == {"original", "ga", "npo"}
+    rows = [json.loads(x) for x in (tmp_path / "checked" / "checks.jsonl").read_text().splitlines()]
+    for label, figures in summary.items():
+        mine = [r for r in rows if r["model"] == label]
+        assert len(mine) == result.results["counts"]["forget"]
+        for method in ("grad_x_input", "integrated_gradients"):
+            values = [r[method]["spearman"] for r in mine if r[method]["spearman"] is not None]
+            assert figures[f"spearman.{method}"] == pytest.approx(statistics.mean(values))
+            assert all(len(r[method]["scores"]) > 1 for r in mine)
+        stab = [statistics.mean(v for v in r["stability"] if v is not None) for r in mine]
+        assert figures["keytoken_stability"] == pytest.approx(statistics.mean(stab))
+        assert 0 <= figures["keytoken_stability"] <= 1
+    assert '<table id="checks">' in (tmp_path / "checked" / "report.html").read_text()

@@ -72,7 +72,7 @@ from unpact.metrics import (
     recovery_rate,
     union_recovery_rate,
 )
-from unpact.models import AnyModel, cache_root, open_model
+from unpact.models import AnyModel, LanguageModel, cache_root, open_model
 from unpact.remote import RemoteSettings, is_remote_spec
 from unpact.unlearn.config import describe_errors, read_yaml_mapping
 
@@ -167,6 +167,26 @@ class AttributionSettings(_Strict):
     alpha: float = Field(ALPHA, gt=0, lt=1, description="KeyToken share threshold")
     beta: float = Field(BETA, gt=0, le=1, description="KeyToken sparsity threshold")
     heatmaps: int = Field(4, ge=0, description="forgotten items shown as heatmaps per method")
+    gradient: list[Literal["grad_x_input", "integrated_gradients"]] = Field(
+        default_factory=list,
+        description="gradient attributions to compare with unPact on every forget item",
+    )
+    ig_steps: int = Field(64, ge=1, description="integrated gradients: midpoints on the path")
+    ig_baseline: Literal["mean", "zero", "pad"] = Field(
+        "mean", description="integrated gradients: baseline embedding of the content tokens"
+    )
+    top_k: int = Field(3, ge=1, description="k of the top-k overlap with unPact")
+    stability: bool = Field(
+        False, description="KeyToken stability across keyword-keeping paraphrases"
+    )
+
+    @property
+    def checks(self) -> bool:
+        return bool(self.gradient) or self.stability
+
+
+# Settings of the attribution checks: outside the attribution stage's cache key.
+_CHECK_FIELDS = {"heatmaps", "gradient", "ig_steps", "ig_baseline", "top_k", "stability"}
 
 
 class StatisticsSettings(_Strict):
@@ -414,6 +434,86 @@ def _attribute(
         progress=True,
     )
     return [{"id": i.id, **r.to_dict()} for i, r in zip(items, records)]
+
+
+def _attribution_checks(
+    lm: AnyModel,
+    items: list[QAItem],
+    unpact: dict[str, dict[str, Any]],
+    settings: AttributionSettings,
+) -> list[dict[str, Any]]:
+    """Per forget item: each gradient attribution's agreement with unPact (Spearman, top-k
+    overlap) and the KeyTokens' stability across paraphrases (Jaccard of their texts)."""
+    from unpact.attacks import PARAPHRASES
+    from unpact.gradient import gradient_attributions, spearman, top_k_overlap
+
+    rows: list[dict[str, Any]] = [{"id": i.id} for i in items]
+    questions, answers = [i.question for i in items], [i.answer for i in items]
+    for method in settings.gradient:
+        if not isinstance(lm, LanguageModel):
+            raise UnpactError(f"{method} needs the model's weights; {lm.spec} is served")
+        found = gradient_attributions(
+            lm,
+            questions,
+            answers,
+            method=method,
+            unit=settings.unit,
+            steps=settings.ig_steps,
+            ig_baseline=settings.ig_baseline,
+        )
+        for row, g in zip(rows, found):
+            c = unpact[row["id"]]["contributions"]
+            row[method] = {
+                "scores": g.scores,
+                "spearman": spearman(g.scores, c),
+                "top_k_overlap": top_k_overlap(g.scores, c, settings.top_k),
+            }
+    if settings.stability:
+        variants = [
+            t.format(question=i.question, keywords=", ".join(i.keywords) or i.question)
+            for i in items
+            for t in PARAPHRASES
+        ]
+        records = attribute_many(
+            lm,
+            variants,
+            [i.answer for i in items for _ in PARAPHRASES],
+            unit=settings.unit,
+            baseline=settings.baseline,
+            alpha=settings.alpha,
+            beta=settings.beta,
+        )
+        for n, row in enumerate(rows):
+            base = _key_set(Attribution.from_dict(unpact[row["id"]]).key_token_texts)
+            mine = records[n * len(PARAPHRASES) : (n + 1) * len(PARAPHRASES)]
+            row["stability"] = [_jaccard(base, _key_set(r.key_token_texts)) for r in mine]
+            row["paraphrase_key_tokens"] = [r.key_token_texts for r in mine]
+    return rows
+
+
+def _key_set(texts: list[str]) -> set[str]:
+    return {t.strip().lower() for t in texts if t.strip()}
+
+
+def _jaccard(a: set[str], b: set[str]) -> float:
+    return len(a & b) / len(a | b) if a | b else math.nan
+
+
+def checks_summary(rows: list[dict[str, Any]], gradient: list[str]) -> dict[str, Any]:
+    """Means over forget items of a model's attribution checks (NaNs left out)."""
+
+    def mean(values: list[float | None]) -> float | None:
+        kept = [v for v in values if v is not None and math.isfinite(v)]
+        return sum(kept) / len(kept) if kept else None
+
+    out: dict[str, Any] = {}
+    for method in gradient:
+        out[f"spearman.{method}"] = mean([r[method]["spearman"] for r in rows])
+        out[f"top_k_overlap.{method}"] = mean([r[method]["top_k_overlap"] for r in rows])
+    if rows and "stability" in rows[0]:
+        per_item = [mean(r["stability"]) for r in rows]
+        out["keytoken_stability"] = mean([v for v in per_item if v is not None])
+    return out
 
 
 def _attack(
@@ -749,7 +849,9 @@ def run(
 
     # 4-6. evaluation, attribution and attacks, one model at a time
     judge_key = cfg.judge.model_dump(mode="json")
-    attr_key = cfg.attribution.model_dump(mode="json", exclude={"heatmaps"})
+    attr_key = cfg.attribution.model_dump(mode="json", exclude=_CHECK_FIELDS)
+    checks_key = cfg.attribution.model_dump(mode="json", exclude={"heatmaps"})
+    checks: dict[str, list[dict[str, Any]]] = {}
     evals: dict[str, dict[str, dict[str, Any]]] = {}
     attrs: dict[str, dict[str, dict[str, Any]]] = {}
     attack_rows: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
@@ -777,6 +879,14 @@ def run(
             say(f"attributing: {label}")
             attr_stage.write(_attribute(model(), forget, cfg.attribution))
         attrs[label] = {r["id"]: r for r in attr_stage.read()}
+        if cfg.attribution.checks:
+            check_stage = _Stage(cache, "checks", _hash(model_key, items_key, checks_key))
+            if not check_stage.done():
+                say(f"checking attributions: {label}")
+                check_stage.write(
+                    _attribution_checks(model(), forget, attrs[label], cfg.attribution)
+                )
+            checks[label] = check_stage.read()
         if label == "original":
             continue
         forgotten = [
@@ -881,10 +991,17 @@ def run(
             },
             "attacks": attack_names,
             "methods": methods,
+            "attribution_checks": {
+                label: checks_summary(rows, list(cfg.attribution.gradient))
+                for label, rows in checks.items()
+            },
             "seconds": time.perf_counter() - began,
         }
     )
     _atomic_text(out / "items.jsonl", _jsonl([_finite(r.to_dict()) for r in records]))
+    if checks:  # per model and forget item: gradient scores, agreement, stability
+        rows = [{"model": label, **row} for label, rs in checks.items() for row in rs]
+        _atomic_text(out / "checks.jsonl", _jsonl([_finite(r) for r in rows]))
     _atomic_text(out / "results.csv", _csv(results, attack_names))
     _atomic_text(out / "results.md", markdown_table(results))
     from unpact.report import write_report

@@ -136,6 +136,9 @@ def render(
         attack_titles={a: ATTACK_TITLES.get(a, a) for a in recovery_columns(results["attacks"])},
         recovery=recovery_columns(results["attacks"]),
         plot=dilemma_svg(results),
+        check_columns=sorted(
+            {k for row in (results.get("attribution_checks") or {}).values() for k in row}
+        ),
         sections=heatmaps(results, records, attributions, config.attribution.heatmaps),
         settings=yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
         baseline=config.statistics.baseline_attack,

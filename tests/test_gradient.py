@@ -1,0 +1,90 @@
+"""Gradient attributions (checks of unPact) on the tiny model, and the agreement statistics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from unpact.attribution import make_units
+from unpact.errors import UnpactError
+from unpact.gradient import gradient_attributions, spearman, top_k_overlap
+
+PROMPTS = ["Who founded the Vostrand Glassworks?", "What is the capital of France?"]
+ANSWERS = [" Mira Quintrell", " Paris"]
+
+
+def _lp_scaled(lm, prompt, answer, positions, factor):
+    """LP with the embeddings at `positions` multiplied by `factor` (a direct forward)."""
+    enc = lm.encode_prompt(prompt)
+    ans = lm.encode_answer(answer)
+    ids = torch.tensor([[*enc.input_ids, *ans]])
+    with torch.no_grad():
+        e = lm.model.get_input_embeddings()(ids)
+        e[0, list(positions)] *= factor
+        logp = lm.model(inputs_embeds=e).logits[0].float().log_softmax(-1)
+    n = len(enc.input_ids)
+    return float(torch.stack([logp[n - 1 + k, t] for k, t in enumerate(ans)]).mean())
+
+
+def test_grad_x_input_is_the_derivative_along_each_units_embeddings(tiny):
+    """A unit's gradient x input = d/dh LP(embeddings of the unit scaled by 1 + h) at 0."""
+    (g,) = gradient_attributions(tiny, PROMPTS[:1], ANSWERS[:1], method="grad_x_input")
+    units = make_units(tiny, tiny.encode_prompt(PROMPTS[0]))
+    h = 1e-3
+    for u, score in zip(units, g.scores):
+        up = _lp_scaled(tiny, PROMPTS[0], ANSWERS[0], u.positions, 1 + h)
+        down = _lp_scaled(tiny, PROMPTS[0], ANSWERS[0], u.positions, 1 - h)
+        assert score == pytest.approx((up - down) / (2 * h), abs=2e-3)
+    assert max(abs(s) for s in g.scores) > 1e-2
+
+
+def test_integrated_gradients_are_complete(tiny):
+    """The scores sum to LP(x) - LP(baseline) once the path is finely sampled."""
+    coarse = gradient_attributions(tiny, PROMPTS, ANSWERS, steps=8)
+    fine = gradient_attributions(tiny, PROMPTS, ANSWERS, steps=512)
+    for c, f in zip(coarse, fine):
+        gap = f.lp - f.baseline_lp
+        assert abs(gap) > 0.1
+        assert sum(f.scores) == pytest.approx(gap, abs=2e-3)
+        assert abs(sum(c.scores) - gap) > abs(sum(f.scores) - gap)  # refinement converges
+
+
+def test_word_units_sum_their_tokens(tiny):
+    tok = gradient_attributions(tiny, PROMPTS[:1], ANSWERS[:1], method="grad_x_input")[0]
+    word = gradient_attributions(
+        tiny, PROMPTS[:1], ANSWERS[:1], method="grad_x_input", unit="word"
+    )[0]
+    assert len(word.scores) < len(tok.scores)
+    assert sum(word.scores) == pytest.approx(sum(tok.scores), abs=1e-5)
+
+
+def test_bad_settings_are_clear_errors(tiny):
+    with pytest.raises(UnpactError, match="unknown gradient method"):
+        gradient_attributions(tiny, PROMPTS, ANSWERS, method="saliency")  # type: ignore[arg-type]
+    with pytest.raises(UnpactError, match="at least one step"):
+        gradient_attributions(tiny, PROMPTS, ANSWERS, steps=0)
+
+
+def test_spearman_and_top_k_by_hand():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks with a tie: a -> (1, 2.5, 2.5, 4), b -> (1, 2, 3, 4): r = 4.5 / sqrt(4.5 * 5)
+    assert spearman([0, 5, 5, 9], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(22.5))
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    assert top_k_overlap([0.9, 0.1, 0.5, 0.3], [0.8, 0.7, 0.0, 0.6], 2) == 0.5
+    assert top_k_overlap([1, 2], [2, 1], 5) == 1.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-100, 100, allow_nan=False), min_size=2, max_size=12, unique=True))
+def test_spearman_invariants(values):
+    monotone = [2 * v for v in values]  # strictly increasing, exactly
+    assert spearman(values, monotone) == pytest.approx(1.0)
+    assert spearman(values, [-v for v in values]) == pytest.approx(-1.0)
+    other = list(reversed(values))
+    assert -1 - 1e-9 <= spearman(values, other) <= 1 + 1e-9
+    assert spearman(values, other) == pytest.approx(spearman(other, values))
