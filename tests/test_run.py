@@ -439,3 +439,75 @@ def test_attribution_checks_run_from_the_config_without_recomputing_attributions
         assert figures["keytoken_stability"] == pytest.approx(statistics.mean(stab))
         assert 0 <= figures["keytoken_stability"] <= 1
     assert '<table id="checks">' in (tmp_path / "checked" / "report.html").read_text()
+
+
+def test_relearning_runs_from_the_config_and_counts_only_held_out_items(setup, finished, tmp_path):
+    """Trained-on forgotten items are outside relearning's denominator."""
+    root, _ = finished
+    _, config = setup
+    relearn = {"name": "relearn", "settings": {"items": 2, "steps": 4, "lr": 3e-3}}
+    cfg = config | {"attacks": [{"name": "focus_on_key"}, relearn]}
+    result = run(cfg, tmp_path / "relearn", cache_dir=root / "cache", progress=False)
+    checked = 0
+    for name, m in result.results["methods"].items():
+        mine = [r for r in result.records if r.method == name and r.forgotten]
+        attacked = [r for r in mine if "relearn" in r.recovered]
+        assert len(attacked) == max(len(mine) - 2, 0)
+        if attacked:
+            hits = sum(r.recovered["relearn"] for r in attacked)
+            assert m["recovery"]["relearn"] == pytest.approx(hits / len(attacked))
+            trained = {t for r in attacked for t in r.attacks["relearn"]["trained_on"]}
+            assert len(trained) == 2 and not trained & {r.id for r in attacked}
+            checked += 1
+        assert all("focus_on_key" in r.recovered for r in mine)
+    assert checked
+
+
+def test_relearning_recovers_a_tiny_injected_fact(tmp_path):
+    """Teach the tiny model two facts, each asked two ways; unlearn one phrasing of each
+    (gradient ascent) until both are forgotten; relearning on the other phrasings (related
+    retain text) brings the forgotten answers back, and the same attack with a vanishing
+    learning rate does not."""
+    import torch
+
+    from unpact.attacks import get_attack
+    from unpact.judge import JudgeSettings, answer_items
+    from unpact.run import _relearn_attack
+    from unpact.testing import tiny_model
+    from unpact.unlearn.loop import _batch, encode_items
+    from unpact.unlearn.methods import nll
+
+    lm = tiny_model(0)
+    a1 = QAItem("a1", "Who founded the glassworks?", "Quintrell", "retain", (), (), None)
+    b1 = QAItem("b1", "Which person founded the glassworks?", "Quintrell", "forget", (), (), None)
+    a2 = QAItem("a2", "Where does the quick fox jump?", "Kilimanjaro", "retain", (), (), None)
+    b2 = QAItem("b2", "The quick fox jumps where?", "Kilimanjaro", "forget", (), (), None)
+    judge = JudgeSettings(max_new_tokens=8)
+
+    def train(items, steps, lr, sign):
+        enc = encode_items(lm, items)
+        opt = torch.optim.AdamW(lm.model.parameters(), lr=lr)
+        lm.model.train()
+        for _ in range(steps):
+            loss = sign * nll(lm.model, _batch(enc, list(range(len(items)))))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        lm.model.eval()
+
+    torch.manual_seed(0)
+    train([a1, b1, a2, b2], 40, 1e-2, 1)
+    assert all(ok for _, ok in answer_items(lm, [a1, b1, a2, b2], judge))  # injected
+    for _ in range(20):
+        train([b1, b2], 1, 1e-3, -1)
+        if not any(ok for _, ok in answer_items(lm, [b1, b2], judge)):
+            break
+    assert not any(ok for _, ok in answer_items(lm, [b1, b2], judge))  # forgotten
+    save_model(lm.model, lm.tokenizer, tmp_path / "unlearned")
+    for lr, back in ((1e-2, True), (1e-12, False)):
+        attack = get_attack("relearn", {"data": "retain", "items": 2, "steps": 10, "lr": lr})
+        rows = _relearn_attack(str(tmp_path / "unlearned"), attack, [b1, b2], [a1, a2], judge, "t")
+        assert [r["id"] for r in rows] == ["b1", "b2"]
+        assert all(r["trained_on"] == ["a1", "a2"] for r in rows)
+        assert all(r["recovered"] for r in rows) == back
+        assert any(r["recovered"] for r in rows) == back

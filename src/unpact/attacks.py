@@ -15,6 +15,10 @@ has knobs, a pydantic `Settings`.
 - `paraphrase`: the question reworded by templates that keep its keywords.
 - `in_context`: a few retain-set QA pairs as demonstrations before the question.
 - `keyword_only`: a prompt made of the KeyTokens alone.
+- `relearn`: the one attack that touches weights (a copy of them): fine-tune the unlearned
+  model for a few steps on a few forgotten items (or on retain items) and ask the other
+  forgotten questions again (the classic relearning attack). Its recovery rate is over the
+  forgotten items it did not train on.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class Attack:
     name: ClassVar[str] = ""
     Settings: ClassVar[type[BaseModel]] = NoSettings
     uses_demonstrations: ClassVar[bool] = False  # needs retain-set QA pairs
+    changes_weights: ClassVar[bool] = False  # fine-tunes a copy of the model (relearn)
 
     def __init__(self, settings: BaseModel | None = None) -> None:
         self.settings: Any = settings if settings is not None else self.Settings()
@@ -250,3 +255,37 @@ def get_attack(name: str, settings: dict[str, Any] | None = None) -> Attack:
             f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()
         )
         raise UnpactError(f"attack {name}: {problems}") from None
+
+
+class RelearnSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    data: Literal["forget", "retain"] = Field(
+        "forget", description="train on some forgotten items, or on retain items"
+    )
+    items: int = Field(4, gt=0, description="how many items to train on")
+    steps: int = Field(10, gt=0, description="optimiser steps")
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate (the injection's)")
+    batch_size: int = Field(4, gt=0, description="items per step")
+    seed: int = Field(0, description="which items are trained on, and their order")
+
+
+class Relearn(Attack):
+    """Relearning: fine-tune a copy of the unlearned model (answer-only NLL, AdamW) for
+    `steps` steps on `items` seeded forgotten items (`data: forget`) or retain items
+    (`data: retain`), then judge its greedy answers to the forgotten items it did not
+    train on. Those items are its denominator."""
+
+    name = "relearn"
+    Settings = RelearnSettings
+    changes_weights = True
+
+    def split(self, forgotten_ids: list[str], retain_ids: list[str]) -> list[str]:
+        """The ids of the items trained on (seeded; at most all but one forgotten item
+        when training on forgotten items, so something is left to test)."""
+        s = self.settings
+        rng = random.Random(s.seed)
+        if s.data == "retain":
+            pool = sorted(retain_ids)
+            return rng.sample(pool, min(s.items, len(pool)))
+        pool = sorted(forgotten_ids)
+        return rng.sample(pool, min(s.items, max(len(pool) - 1, 0)))

@@ -68,14 +68,17 @@ def forgotten_count(records: list[ItemRecord]) -> int:
 
 
 def recovery_rate(records: list[ItemRecord], attack: str) -> float:
-    """Recovered forgotten items / forgotten items (SPEC 5); NaN when nothing was forgotten."""
-    forgotten = [r for r in records if r.forgotten]
-    return _share(sum(r.recovered.get(attack, False) for r in forgotten), len(forgotten))
+    """Recovered forgotten items / forgotten items (SPEC 5); NaN when nothing was forgotten.
+
+    The denominator is the forgotten items the attack was run on: all of them, except for
+    relearning, which trains on some and is tested on the rest."""
+    forgotten = [r for r in records if r.forgotten and attack in r.recovered]
+    return _share(sum(r.recovered[attack] for r in forgotten), len(forgotten))
 
 
 def union_recovery_rate(records: list[ItemRecord], attacks: list[str]) -> float:
-    """Forgotten items recovered by at least one of `attacks` / forgotten items."""
-    forgotten = [r for r in records if r.forgotten]
+    """Forgotten items recovered by at least one of `attacks` / forgotten items attacked."""
+    forgotten = [r for r in records if r.forgotten and any(a in r.recovered for a in attacks)]
     hit = sum(any(r.recovered.get(a, False) for a in attacks) for r in forgotten)
     return _share(hit, len(forgotten))
 
@@ -191,8 +194,10 @@ def mcnemar_exact(records: list[ItemRecord], attack: str, baseline: str = "proba
     """Is `attack`'s recovery different from `baseline`'s on the same forgotten items?
 
     Exact (binomial) McNemar test on the discordant items: under the null each is equally
-    likely to be recovered by either attack alone."""
-    forgotten = [r for r in records if r.forgotten]
+    likely to be recovered by either attack alone. Only items both attacks were run on count."""
+    forgotten = [
+        r for r in records if r.forgotten and attack in r.recovered and baseline in r.recovered
+    ]
     a = sum(
         r.recovered.get(attack, False) and not r.recovered.get(baseline, False) for r in forgotten
     )

@@ -318,6 +318,13 @@ def _check_references(config: RunConfig, where: str) -> None:
             "weights; set inject.enabled: false (the served model must know the data already)"
         )
     specs = [b for _, b in bases] + [m.model or "" for m in config.methods]
+    served_any = [b for b in specs if is_remote_spec(b)]
+    for n, attack in enumerate(config.attacks):
+        if served_any and ATTACKS[attack.name].changes_weights:
+            raise UnpactError(
+                f"{where}: attacks.{n}: {attack.name} fine-tunes the model's weights, and "
+                f"{served_any[0]} is served; run it on local models"
+            )
     if any(is_remote_spec(b) for b in specs) and config.attribution.baseline == "mask":
         raise UnpactError(
             f"{where}: attribution.baseline: 'mask' cannot be asked of a served model; "
@@ -514,6 +521,57 @@ def checks_summary(rows: list[dict[str, Any]], gradient: list[str]) -> dict[str,
         per_item = [mean(r["stability"]) for r in rows]
         out["keytoken_stability"] = mean([v for v in per_item if v is not None])
     return out
+
+
+def _relearn_attack(
+    spec: str,
+    attack: Attack,
+    forgotten: list[QAItem],
+    retain: list[QAItem],
+    judge: JudgeSettings,
+    label: str,
+) -> list[dict[str, Any]]:
+    """The relearning attack: fine-tune a fresh copy of the unlearned model on a few items,
+    then judge its answers to the forgotten items it did not see. Rows only for those."""
+    import torch
+
+    from unpact.models import load_model
+    from unpact.unlearn.loop import _batch, batch_indices, encode_items
+    from unpact.unlearn.methods import nll
+
+    if not forgotten:
+        return []
+    s = attack.settings
+    train_ids = set(attack.split([i.id for i in forgotten], [i.id for i in retain]))  # type: ignore[attr-defined]
+    pool = forgotten if s.data == "forget" else retain
+    train = [i for i in pool if i.id in train_ids]
+    test = [i for i in forgotten if i.id not in train_ids]
+    lm = load_model(spec)  # a fresh copy: the attack never changes the cached model
+    encoded = encode_items(lm, train)
+    params = [p for p in lm.model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
+    torch.manual_seed(s.seed)
+    lm.model.train()
+    for step in range(s.steps):
+        idx = batch_indices(len(train), min(s.batch_size, len(train)), step, s.seed)
+        loss = nll(lm.model, _batch(encoded, idx))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    lm.model.eval()
+    answered = answer_items(lm, test, judge, f"Judging {label} after relearning")
+    trained_on = sorted(train_ids)
+    return [
+        {
+            "id": item.id,
+            "prompt": item.question,
+            "prompts": [item.question],
+            "outputs": [output],
+            "recovered": ok,
+            "trained_on": trained_on,
+        }
+        for item, (output, ok) in zip(test, answered)
+    ]
 
 
 def _attack(
@@ -913,7 +971,16 @@ def run(
             ]
             if attack.uses_demonstrations:
                 key_parts.append(demonstrations)
+            if attack.changes_weights:
+                key_parts.append([i.id for i in bench.split("retain")])
             stage = _Stage(cache, "attacks", _hash(*key_parts))
+            if not stage.done() and attack.changes_weights:
+                say(f"attacking: {label} with {attack_spec.name} ({len(forgotten)} items)")
+                stage.write(
+                    _relearn_attack(
+                        spec_str, attack, forgotten, bench.split("retain"), cfg.judge, label
+                    )
+                )
             if not stage.done():
                 say(f"attacking: {label} with {attack_spec.name} ({len(forgotten)} items)")
                 stage.write(
@@ -969,6 +1036,8 @@ def run(
                         "prompts": row.get("prompts", [row["prompt"]]),
                         "outputs": row["outputs"],
                     }
+                    if "trained_on" in row:  # relearning: the items it fine-tuned on
+                        rec.attacks[name]["trained_on"] = row["trained_on"]
             mine.append(rec)
         records += mine
         if info:  # unlearned by this run: its model goes with the results

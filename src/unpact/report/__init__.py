@@ -31,6 +31,7 @@ ATTACK_TITLES = {
     "paraphrase": "paraphrase",
     "in_context": "in-context",
     "keyword_only": "keywords only",
+    "relearn": "relearning",
     "any": "any attack",
 }
 
