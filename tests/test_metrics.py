@@ -54,7 +54,7 @@ def test_rates_on_hand_made_records():
     # f5 was never known: its "recovery" does not count
     assert recovery_rate(recs, "focus_on_key") == pytest.approx(2 / 3)
     assert recovery_rate(recs, "probab") == pytest.approx(1 / 3)
-    assert recovery_rate(recs, "paraphrase") == 0.0
+    assert math.isnan(recovery_rate(recs, "paraphrase"))  # never run on these: undefined
     assert union_recovery_rate(recs, ["focus_on_key", "probab"]) == pytest.approx(2 / 3)
     assert union_recovery_rate(recs, ["probab"]) == recovery_rate(recs, "probab")
     assert destructive_rate(recs, "retain") == pytest.approx(1 / 3)  # r4 was wrong before
@@ -63,6 +63,21 @@ def test_rates_on_hand_made_records():
     assert focus_shift(recs, "forgotten") == pytest.approx(0.5)
     assert focus_shift(recs, "kept") == pytest.approx(1.0)
     assert focus_shift(recs, "forgotten", "contribution_similarity") == pytest.approx(0.5)
+
+
+def test_an_attack_run_on_some_forgotten_items_is_rated_on_those():
+    """Relearning trains on some forgotten items: they are outside its denominator."""
+    recs = [
+        ItemRecord("a", "forget", True, False, {"probab": True}),  # trained on by relearn
+        ItemRecord("b", "forget", True, False, {"probab": False, "relearn": True}),
+        ItemRecord("c", "forget", True, False, {"probab": True, "relearn": False}),
+        ItemRecord("d", "forget", True, False, {"probab": False, "relearn": False}),
+    ]
+    assert recovery_rate(recs, "relearn") == pytest.approx(1 / 3)
+    assert recovery_rate(recs, "probab") == pytest.approx(2 / 4)
+    assert union_recovery_rate(recs, ["probab", "relearn"]) == pytest.approx(3 / 4)
+    test = mcnemar_exact(recs, "relearn", "probab")  # on b, c, d only
+    assert (test.only_a, test.only_b) == (1, 1)
 
 
 def test_empty_groups_give_nan_not_zero():
