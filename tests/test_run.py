@@ -511,3 +511,33 @@ def test_relearning_recovers_a_tiny_injected_fact(tmp_path):
         assert all(r["trained_on"] == ["a1", "a2"] for r in rows)
         assert all(r["recovered"] for r in rows) == back
         assert any(r["recovered"] for r in rows) == back
+
+
+def test_a_sweep_expands_into_one_run_per_value(setup, finished, tmp_path):
+    root, _ = finished
+    _, config = setup
+    swept = config | {
+        "methods": [
+            {
+                "method": "ga",
+                "config": {"steps": 2, "batch_size": 2},
+                "sweep": {"lr": [1e-3, 3e-3]},
+            }
+        ],
+        "attacks": [{"name": "focus_on_key"}],
+    }
+    cfg = load_config(swept)
+    assert [m.label for m in cfg.methods] == ["ga[lr=0.001]", "ga[lr=0.003]"]
+    assert [m.config["lr"] for m in cfg.methods] == [1e-3, 3e-3]
+    result = run(swept, tmp_path / "sweep", cache_dir=root / "cache", progress=False)
+    methods = result.results["methods"]
+    assert [m["sweep"]["value"] for m in methods.values()] == [1e-3, 3e-3]
+    # the swept setting reached the unlearning runs: two different models
+    a, b = (Path(m["model"]) / "model.safetensors" for m in methods.values())
+    assert a.read_bytes() != b.read_bytes()
+    nested = load_config(
+        config | {"methods": [{"method": "npo", "sweep": {"settings.beta": [0.1, 1]}}]}
+    )
+    assert [m.config["settings"]["beta"] for m in nested.methods] == [0.1, 1]
+    with pytest.raises(UnpactError, match="one setting"):
+        load_config(config | {"methods": [{"method": "ga", "sweep": {"lr": []}}]})

@@ -131,9 +131,22 @@ class MethodSpec(_Strict):
         description="instead of a method: an unlearned model's spec (folder or openai:...), "
         "evaluated as it is; needs a name",
     )
+    sweep: dict[str, list[Any]] | None = Field(
+        None,
+        description="one setting over several values, e.g. {lr: [5e-6, 1e-5]} or "
+        "{settings.gamma: [0, 1, 2]}: one unlearning run per value, named label[key=value]",
+    )
+    swept: dict[str, Any] | None = Field(
+        None, description="set by the runner on each expanded run: {of, key, value}"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> MethodSpec:
+        if self.sweep is not None:
+            if self.model is not None:
+                raise ValueError("sweep goes with method, not with an unlearned model")
+            if len(self.sweep) != 1 or not next(iter(self.sweep.values())):
+                raise ValueError("sweep takes one setting and a non-empty list of values")
         if (self.method is None) == (self.model is None):
             raise ValueError("give either method (to unlearn) or model (already unlearned)")
         if self.model is not None and not self.name:
@@ -145,6 +158,31 @@ class MethodSpec(_Strict):
     @property
     def label(self) -> str:
         return self.name or self.method or ""
+
+    def expand(self) -> list[MethodSpec]:
+        """The runs of a sweep (this one alone if it sweeps nothing)."""
+        if not self.sweep:
+            return [self]
+        ((key, values),) = self.sweep.items()
+        runs = []
+        for value in values:
+            config = json.loads(json.dumps(self.config))  # a deep copy
+            *parents, leaf = key.split(".")
+            node = config
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+            runs.append(
+                self.model_copy(
+                    update={
+                        "name": f"{self.label}[{key}={value}]",
+                        "config": config,
+                        "sweep": None,
+                        "swept": {"of": self.label, "key": key, "value": value},
+                    }
+                )
+            )
+        return runs
 
 
 class ModelSpec(_Strict):
@@ -227,6 +265,11 @@ class RunConfig(_Strict):
     remote: RemoteSettings = Field(
         default_factory=RemoteSettings, description="how to talk to served (openai:...) models"
     )
+
+    @model_validator(mode="after")
+    def _expand_sweeps(self) -> RunConfig:
+        self.methods = [run for spec in self.methods for run in spec.expand()]
+        return self
 
 
 def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
@@ -1047,6 +1090,9 @@ def run(
             "model": str(out / "models" / label) if info else spec_str,
             "unlearn_seconds": info.get("seconds"),
         }
+        swept = next((m.swept for m in cfg.methods if m.label == label and m.swept), None)
+        if swept is not None:
+            methods[label]["sweep"] = swept
     if cfg.inject.enabled:
         _link_model(Path(original_spec), out / "models" / "original")
     results = _finite(

@@ -72,6 +72,22 @@ def dilemma_svg(results: dict[str, Any], by_model: dict[str, dict[str, Any]] | N
                 ax.scatter([100 * x], [100 * y], s=40, color=color)
                 label = f"{model}: {name}" if by_model else name
                 ax.annotate(label, (100 * x, 100 * y), textcoords="offset points", xytext=(5, 4))
+            # A swept method's runs as one curve, in the order of the swept value.
+            curves: dict[str, list[tuple[Any, float, float]]] = {}
+            for m in res["methods"].values():
+                sweep, x = m.get("sweep"), m[f"destructive_{split}"]
+                y = m["recovery"].get(attack) if attack else None
+                if sweep and x is not None and y is not None:
+                    curves.setdefault(sweep["of"], []).append((sweep["value"], x, y))
+            for points in curves.values():
+                points.sort(key=lambda p: p[0])
+                ax.plot(
+                    [100 * p[1] for p in points],
+                    [100 * p[2] for p in points],
+                    "-",
+                    alpha=0.5,
+                    color=f"C{n % 10}" if by_model else "grey",
+                )
         ax.set_xlim(-5, 105)
         ax.set_ylim(-5, 105)
         ax.set_xlabel(f"destructive rate on {split} items (%)")
