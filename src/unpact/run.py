@@ -933,7 +933,8 @@ def run(
         assert spec.method is not None
         ucfg = resolve_config(spec.method, values=spec.config)
         key = _hash(original_key, items_key, ucfg.model_dump(mode="json"), RUN_FORMAT)
-        folder = cache / "unlearned" / f"{spec.label}-{key}"
+        # Named by method, not label: a sweep value equal to the default reuses that run.
+        folder = cache / "unlearned" / f"{spec.method}-{key}"
         if not (folder / "result.json").is_file():
             resume = (folder / "config.yaml").is_file()
             say(f"unlearning: {spec.label}" + (" (resuming)" if resume else ""))
