@@ -10,7 +10,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# UNPACT_TEST_THREADS lets the suite share the machine with a long run (1 thread).
+torch.set_num_threads(int(os.environ.get("UNPACT_TEST_THREADS", 0)) or min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")

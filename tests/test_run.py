@@ -217,7 +217,7 @@ def test_killed_run_resumes_to_the_same_numbers(finished, tmp_path):
     # Kill it (SIGKILL: no clean-up) once the second unlearning run has a checkpoint.
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if list(cache.glob("unlearned/npo-*/checkpoints/step-*")):
+        if list(cache.glob("unlearned/npo_gd-*/checkpoints/step-*")):
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.02)
