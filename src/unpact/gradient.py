@@ -32,6 +32,7 @@ import torch
 from unpact.attribution import UnitKind, make_units
 from unpact.errors import UnpactError
 from unpact.models import LanguageModel
+from unpact.progress import progress_bar
 from unpact.scoring import head_logprobs, lm_body_and_head
 
 GradientMethod = Literal["grad_x_input", "integrated_gradients"]
@@ -69,6 +70,7 @@ def gradient_attributions(
     ig_baseline: Literal["mean", "zero", "pad"] = "mean",
     chat_template: bool | None = None,
     batch_size: int = 16,
+    progress: bool = False,
 ) -> list[GradientAttribution]:
     """Gradient attribution of each answer to the units of its prompt (module docstring)."""
     if method not in GRADIENT_METHODS:
@@ -77,53 +79,80 @@ def gradient_attributions(
         raise UnpactError("integrated gradients needs at least one step")
     if not isinstance(lm, LanguageModel):
         raise UnpactError("gradient attributions need the model's weights (a local model)")
+    out = []
+    label = "Gradient x input" if method == "grad_x_input" else "Integrated gradients"
+    with progress_bar(label, total=len(prompts), enabled=progress) as advance:
+        for prompt, answer_text in zip(prompts, answers, strict=True):
+            out.append(
+                _one(
+                    lm,
+                    prompt,
+                    answer_text,
+                    method,
+                    unit,
+                    steps,
+                    ig_baseline,
+                    chat_template,
+                    batch_size,
+                )
+            )
+            advance(1)
+    return out
+
+
+def _one(
+    lm: LanguageModel,
+    prompt: str,
+    answer_text: str,
+    method: str,
+    unit: UnitKind,
+    steps: int,
+    ig_baseline: str,
+    chat_template: bool | None,
+    batch_size: int,
+) -> GradientAttribution:
     model = lm.model
     embedding = model.get_input_embeddings()
-    out = []
-    for prompt, answer_text in zip(prompts, answers, strict=True):
-        enc = lm.encode_prompt(prompt, chat_template)
-        answer_ids = lm.encode_answer(answer_text)
-        units = make_units(lm, enc, unit)
-        ids = torch.tensor([*enc.input_ids, *answer_ids], device=lm.device)
-        answer = torch.tensor(answer_ids, device=lm.device)
-        n = len(enc.input_ids)
-        with torch.no_grad():
-            e = embedding(ids[None]).detach()
-        content = torch.zeros(1, len(ids), 1, device=lm.device)
-        content[0, enc.content_start : enc.content_end] = 1.0
-        with torch.no_grad():
-            if ig_baseline == "pad":
-                pad = torch.tensor([lm.default_baseline_token()], device=lm.device)
-                fill = embedding(pad)[0].expand_as(e)
-            elif ig_baseline == "mean":
-                fill = embedding.weight.mean(0).expand_as(e)
-            else:
-                fill = torch.zeros_like(e)
-        base = e * (1 - content) + fill * content
-        if method == "grad_x_input":
-            x = e.clone().requires_grad_(True)
+    enc = lm.encode_prompt(prompt, chat_template)
+    answer_ids = lm.encode_answer(answer_text)
+    units = make_units(lm, enc, unit)
+    ids = torch.tensor([*enc.input_ids, *answer_ids], device=lm.device)
+    answer = torch.tensor(answer_ids, device=lm.device)
+    n = len(enc.input_ids)
+    with torch.no_grad():
+        e = embedding(ids[None]).detach()
+    content = torch.zeros(1, len(ids), 1, device=lm.device)
+    content[0, enc.content_start : enc.content_end] = 1.0
+    with torch.no_grad():
+        if ig_baseline == "pad":
+            pad = torch.tensor([lm.default_baseline_token()], device=lm.device)
+            fill = embedding(pad)[0].expand_as(e)
+        elif ig_baseline == "mean":
+            fill = embedding.weight.mean(0).expand_as(e)
+        else:
+            fill = torch.zeros_like(e)
+    base = e * (1 - content) + fill * content
+    if method == "grad_x_input":
+        x = e.clone().requires_grad_(True)
+        lp = _lp(model, x, n, answer)
+        (grad,) = torch.autograd.grad(lp.sum(), x)
+        per_token = (grad * e)[0].sum(-1)
+        lp_value, base_value = float(lp.detach()), None
+    else:
+        total = torch.zeros_like(e)
+        alphas = [(s + 0.5) / steps for s in range(steps)]
+        for k in range(0, steps, batch_size):
+            a = torch.tensor(alphas[k : k + batch_size], device=lm.device)[:, None, None]
+            x = (base + a * (e - base)).requires_grad_(True)
             lp = _lp(model, x, n, answer)
             (grad,) = torch.autograd.grad(lp.sum(), x)
-            per_token = (grad * e)[0].sum(-1)
-            lp_value, base_value = float(lp.detach()), None
-        else:
-            total = torch.zeros_like(e)
-            alphas = [(s + 0.5) / steps for s in range(steps)]
-            for k in range(0, steps, batch_size):
-                a = torch.tensor(alphas[k : k + batch_size], device=lm.device)[:, None, None]
-                x = (base + a * (e - base)).requires_grad_(True)
-                lp = _lp(model, x, n, answer)
-                (grad,) = torch.autograd.grad(lp.sum(), x)
-                total += grad.sum(0, keepdim=True)
-            per_token = ((e - base) * total / steps)[0].sum(-1)
-            with torch.no_grad():
-                lp_value = float(_lp(model, e, n, answer))
-                base_value = float(_lp(model, base, n, answer))
-        scores = [float(sum(per_token[p] for p in u.positions)) for u in units]
-        out.append(
-            GradientAttribution(method, [u.text for u in units], scores, lp_value, base_value)
-        )
-    return out
+            total += grad.sum(0, keepdim=True)
+        per_token = ((e - base) * total / steps)[0].sum(-1)
+        with torch.no_grad():
+            lp_value = float(_lp(model, e, n, answer))
+            base_value = float(_lp(model, base, n, answer))
+    scores = [float(sum(per_token[p] for p in u.positions)) for u in units]
+    return GradientAttribution(method, [u.text for u in units], scores, lp_value, base_value)
 
 
 def _ranks(values: Sequence[float]) -> list[float]:

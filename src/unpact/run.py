@@ -510,6 +510,7 @@ def _attribution_checks(
             unit=settings.unit,
             steps=settings.ig_steps,
             ig_baseline=settings.ig_baseline,
+            progress=True,
         )
         for row, g in zip(rows, found):
             c = unpact[row["id"]]["contributions"]
