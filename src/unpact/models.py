@@ -76,6 +76,34 @@ class EncodedPrompt:
     def content_ids(self) -> tuple[int, ...]:
         return self.input_ids[self.content_start : self.content_end]
 
+    @classmethod
+    def assemble(
+        cls,
+        prefix: tuple[int, ...],
+        content: tuple[int, ...],
+        suffix: tuple[int, ...],
+        text: str,
+        chat_template: bool,
+    ) -> EncodedPrompt:
+        """The prompt `prefix + content + suffix`, content tokenised on its own."""
+        return cls(
+            input_ids=prefix + content + suffix,
+            content_start=len(prefix),
+            content_end=len(prefix) + len(content),
+            text=text,
+            chat_template=chat_template,
+        )
+
+
+def raw_prefix(with_special: Sequence[int], plain: Sequence[int]) -> tuple[int, ...]:
+    """The special tokens a tokenizer puts before text (e.g. BOS), from a short text's ids
+    with and without special tokens; none after: an end-of-sequence marker after a prompt
+    would tell a causal LM to stop."""
+    for start in range(len(with_special) - len(plain) + 1):
+        if tuple(with_special[start : start + len(plain)]) == tuple(plain):
+            return tuple(with_special[:start])
+    return ()
+
 
 @dataclass
 class LanguageModel:
@@ -132,14 +160,10 @@ class LanguageModel:
         return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _raw_prefix(self) -> tuple[int, ...]:
-        """The special tokens the tokenizer puts before text (e.g. BOS); none after:
-        an end-of-sequence marker after a prompt would tell a causal LM to stop."""
-        with_special = self.tokenizer("x", add_special_tokens=True)["input_ids"]
-        plain = self.tokenizer("x", add_special_tokens=False)["input_ids"]
-        for start in range(len(with_special) - len(plain) + 1):
-            if with_special[start : start + len(plain)] == plain:
-                return tuple(with_special[:start])
-        return ()
+        return raw_prefix(
+            self.tokenizer("x", add_special_tokens=True)["input_ids"],
+            self.tokenizer("x", add_special_tokens=False)["input_ids"],
+        )
 
     def encode_prompt(self, prompt: str, chat_template: bool | None = None) -> EncodedPrompt:
         """Token ids for `prompt`, as a user turn of the chat template or raw.
@@ -152,14 +176,7 @@ class LanguageModel:
             raise UnpactError("empty prompt: give some text to ask the model")
         chat = self._resolve_chat(chat_template)
         prefix, suffix = self._chat_prefix_suffix() if chat else (self._raw_prefix(), ())
-        content = self._ids(prompt)
-        return EncodedPrompt(
-            input_ids=prefix + content + suffix,
-            content_start=len(prefix),
-            content_end=len(prefix) + len(content),
-            text=prompt,
-            chat_template=chat,
-        )
+        return EncodedPrompt.assemble(prefix, self._ids(prompt), suffix, prompt, chat)
 
     def encode_answer(self, answer: str) -> tuple[int, ...]:
         """Token ids of an answer, tokenised as given (no special tokens added).

@@ -45,7 +45,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from unpact.errors import UnpactError
-from unpact.models import EncodedPrompt
+from unpact.models import EncodedPrompt, raw_prefix
 from unpact.progress import progress_bar
 
 REMOTE_PREFIX = "openai:"
@@ -321,17 +321,9 @@ class RemoteModel:
         if chat:
             prefix, suffix = self._chat_prefix_suffix()
         else:
-            with_special = self.tokenize("x", add_special_tokens=True)
-            plain = self.tokenize("x")
-            prefix, suffix = _raw_prefix(with_special, plain), ()
-        content = self.tokenize(prompt)
-        return EncodedPrompt(
-            input_ids=prefix + content + suffix,
-            content_start=len(prefix),
-            content_end=len(prefix) + len(content),
-            text=prompt,
-            chat_template=chat,
-        )
+            prefix = raw_prefix(self.tokenize("x", add_special_tokens=True), self.tokenize("x"))
+            suffix = ()
+        return EncodedPrompt.assemble(prefix, self.tokenize(prompt), suffix, prompt, chat)
 
     def encode_answer(self, answer: str) -> tuple[int, ...]:
         if not answer or not answer.strip():
@@ -565,13 +557,6 @@ def _token_list(reply: dict[str, Any], url: str) -> tuple[int, ...]:
     if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
         raise RemoteError(f"{url}: the reply has no list of token ids ('tokens')")
     return tuple(tokens)
-
-
-def _raw_prefix(with_special: Sequence[int], plain: Sequence[int]) -> tuple[int, ...]:
-    for start in range(len(with_special) - len(plain) + 1):
-        if tuple(with_special[start : start + len(plain)]) == tuple(plain):
-            return tuple(with_special[:start])
-    return ()
 
 
 def _retry_after(value: str | None) -> float | None:

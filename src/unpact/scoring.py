@@ -229,6 +229,17 @@ def _answer_hidden(
     return picked, torch.tensor(targets, device=device), out
 
 
+def right_padded(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of sequences padded on the right with id 0."""
+    width = max(len(x) for x in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for r, x in enumerate(seqs):
+        ids[r, : len(x)] = torch.tensor(list(x))
+        mask[r, : len(x)] = 1
+    return ids, mask
+
+
 def _layer_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each layer's (keys, values) from a transformers cache."""
     return [(layer.keys, layer.values) for layer in cache.layers]

@@ -22,7 +22,7 @@ import torch
 
 from unpact.errors import UnpactError
 from unpact.models import EncodedPrompt, LanguageModel
-from unpact.scoring import _stop_ids
+from unpact.scoring import _stop_ids, right_padded
 
 
 def _require_web() -> Any:
@@ -86,12 +86,7 @@ class ScoreBatcher:
 
     def _run(self, seqs: list[list[int]]) -> list[tuple[list[float], int]]:
         lm = self.lm
-        width = max(len(s) for s in seqs)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        for r, s in enumerate(seqs):
-            ids[r, : len(s)] = torch.tensor(s)
-            mask[r, : len(s)] = 1
+        ids, mask = right_padded(seqs)
         with torch.no_grad():
             logits = lm.model(
                 input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)

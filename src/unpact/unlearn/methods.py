@@ -30,7 +30,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from unpact.attribution import ALPHA, BETA, key_tokens
 from unpact.errors import UnpactError
-from unpact.scoring import answer_distributions, answer_logprobs, lm_body_and_head
+from unpact.scoring import (
+    answer_distributions,
+    answer_logprobs,
+    lm_body_and_head,
+    right_padded,
+)
 
 Reference = Literal["logprobs", "model", "activations"]
 METHODS: dict[str, type[Method]] = {}
@@ -478,13 +483,7 @@ def layer_activations(model: Any, batch: Batch, layer: int) -> list[torch.Tensor
     if not 0 <= layer < len(layers):
         raise UnpactError(f"layer {layer} does not exist; the model has {len(layers)} layers")
     device = next(model.parameters()).device
-    seqs = [(*p, *a) for p, a in zip(batch.prompts, batch.answers)]
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)] = torch.tensor(s)
-        mask[r, : len(s)] = 1
+    ids, mask = right_padded([(*p, *a) for p, a in zip(batch.prompts, batch.answers)])
     captured: list[torch.Tensor] = []
 
     def hook(_module: Any, _inputs: Any, output: Any) -> None:
