@@ -340,10 +340,16 @@ def test_two_processes_follow_the_one_process_loss_curve(bench, tmp_path):
         "--set", "steps=5", "--set", "lr=1e-3", "--set", "batch_size=4",
     ]  # fmt: skip
     accelerate = str(Path(sys.executable).with_name("accelerate"))
+    import socket
+
+    with socket.socket() as s:  # a free port, not the default 29500 another run may hold
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
     two = _cli_run(
         args,
         tmp_path / "two",
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--main_process_port", port,
          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "unpact"],
     )  # fmt: skip
     one = _cli_run(args, tmp_path / "one", [sys.executable, "-m", "unpact"])
