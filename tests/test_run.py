@@ -266,6 +266,8 @@ def test_builtin_configs_load():
     assert {a.name for a in demo.attacks} == {"focus_on_key", "probab", "focus_on_key_probab"}
     paper = load_config("paper")
     assert [m.method for m in paper.methods] == ["ga_gd", "ga_kl", "npo_gd", "npo_kl", "tv", "rmu"]
+    words = load_config("paper_words")
+    assert words.attribution.unit == "word" and words.methods == paper.methods
     beyond = load_config("beyond")
     assert len(beyond.methods) == 15 and beyond.methods[1].config == {"settings": {"gamma": 1}}
     assert "relearn" in {a.name for a in beyond.attacks} and beyond.attribution.stability

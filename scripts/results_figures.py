@@ -1,0 +1,85 @@
+"""Figures and claim tables of a finished grid run, for RESULTS.md.
+
+Run:  .venv/bin/python scripts/results_figures.py runs/paper docs/results
+
+Writes one `<benchmark>-dilemma.svg` per run folder holding a results.json, and prints per
+benchmark the tables RESULTS.md quotes: FocusOnKey against PROBAB (rates, 95% bootstrap
+intervals, exact McNemar test on the same items) and the focus-shift and damage figures.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from unpact.report import dilemma_svg
+
+
+def pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.0f}%"
+
+
+def ci(m: dict, key: str, kind: str = "pct") -> str:
+    lo_hi = (m.get("ci") or {}).get(key)
+    if not lo_hi or lo_hi[0] is None:
+        return ""
+    f = pct if kind == "pct" else (lambda v: f"{v:.2f}")
+    return f" [{f(lo_hi[0])}–{f(lo_hi[1])}]"
+
+
+def num(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+def claims(results: dict) -> str:
+    lines = [
+        "| method | forgotten | FocusOnKey | PROBAB | FocusOnKey+PROBAB | FocusOnKey vs PROBAB "
+        "(only one / only other, p) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, m in results["methods"].items():
+        r = m["recovery"]
+        test = (m.get("vs_probab") or {}).get("focus_on_key")
+        t = f"{test['only_attack']} / {test['only_baseline']}, p = {test['p_value']:.3f}" if test else "–"
+        lines.append(
+            f"| {name} | {m['forgotten']} | {pct(r.get('focus_on_key'))}"
+            f"{ci(m, 'recovery.focus_on_key')} | {pct(r.get('probab'))}{ci(m, 'recovery.probab')} "
+            f"| {pct(r.get('focus_on_key_probab'))} | {t} |"
+        )
+    lines += [
+        "",
+        "| method | KeyToken sim. forgotten | kept | contribution sim. forgotten | kept "
+        "| collapse | destructive retain | destructive general | retain acc. after | general acc. after |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, m in results["methods"].items():
+        lines.append(
+            f"| {name} | {num(m['keytoken_similarity_forgotten'])}"
+            f"{ci(m, 'keytoken_similarity_forgotten', 'num')} | {num(m['keytoken_similarity_kept'])}"
+            f"{ci(m, 'keytoken_similarity_kept', 'num')} | {num(m.get('contribution_similarity_forgotten'))} "
+            f"| {num(m.get('contribution_similarity_kept'))} | {pct(m['collapse_rate'])} "
+            f"| {pct(m['destructive_retain'])} | {pct(m['destructive_general'])} "
+            f"| {pct(m.get('retain_acc_after'))} | {pct(m.get('general_acc_after'))} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    runs, out = Path(sys.argv[1]), Path(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    for results_file in sorted(runs.glob("*/results.json")):
+        results = json.loads(results_file.read_text())
+        target = out / f"{results_file.parent.name}-dilemma.svg"
+        target.write_text(dilemma_svg(results))
+        m0 = next(iter(results["methods"].values()))
+        print(f"## {results['benchmark']} ({target})")
+        print(
+            f"retain acc. before {pct(m0.get('retain_acc_before'))}, "
+            f"general acc. before {pct(m0.get('general_acc_before'))}\n"
+        )
+        print(claims(results) + "\n")
+
+
+if __name__ == "__main__":
+    main()
