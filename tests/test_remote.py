@@ -519,3 +519,21 @@ def test_side_by_side_page_in_a_real_browser(served_run, multi_run, tmp_path):
     assert [line for line in proc.stderr.splitlines() if ":CONSOLE" in line] == []
     assert 'data-ready="1"' in proc.stdout
     assert proc.stdout.count('class="comparison"') == 1 and "<svg" in proc.stdout
+
+
+def test_byte_split_characters_get_the_same_units(tiny, served, faults):
+    """Characters the byte-level tokenizer splits into several tokens: the served model's
+    units cover the same positions, and word units read the same, as the local ones."""
+    from unpact.attribution import make_units
+
+    remote = _remote(served[1])
+    prompt = "Who founded «Vostrand» in 東京?"
+    a, b = tiny.encode_prompt(prompt), remote.encode_prompt(prompt)
+    assert a == b
+    assert len(a.content_ids) > len(prompt.split())  # several byte pieces
+    for unit in ("token", "word"):
+        la, lb = make_units(tiny, a, unit), make_units(remote, b, unit)
+        assert [u.positions for u in la] == [u.positions for u in lb]
+        if unit == "word":
+            assert [u.text for u in la] == [u.text for u in lb]
+            assert "東京" in [u.text for u in lb]

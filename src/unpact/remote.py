@@ -339,17 +339,23 @@ class RemoteModel:
 
     def token_offsets(self, text: str) -> tuple[tuple[int, ...], list[tuple[int, int]]]:
         """The server's tokens of `text` and each one's character span, found by
-        detokenising growing prefixes. A token that ends inside a character (a byte-level
-        piece) gets an empty span; the token that completes the character covers it."""
+        detokenising growing prefixes. The byte-level pieces of one character all span
+        that character, as a fast tokenizer's offsets do."""
         ids = self.tokenize(text)
         decoded = self.map(lambda k: self.detokenize(ids[: k + 1]), range(len(ids)))
         offsets: list[tuple[int, int]] = []
         end = 0
-        for d in decoded:
-            start = end
+        pending: list[int] = []  # pieces of a character not complete yet
+        for k, d in enumerate(decoded):
+            offsets.append((end, end))
             if text.startswith(d) and len(d) >= end:
+                # As fast tokenizers do: every piece of a split character spans all of it.
+                for j in [*pending, k]:
+                    offsets[j] = (offsets[pending[0] if pending else k][0], len(d))
                 end = len(d)
-            offsets.append((start, end))
+                pending = []
+            else:
+                pending.append(k)
         if end != len(text):
             raise RemoteError(
                 f"{self.root_url}/detokenize does not give back the prompt's text exactly, "
