@@ -41,7 +41,11 @@ def claims(results: dict) -> str:
     for name, m in results["methods"].items():
         r = m["recovery"]
         test = (m.get("vs_probab") or {}).get("focus_on_key")
-        t = f"{test['only_attack']} / {test['only_baseline']}, p = {test['p_value']:.3f}" if test else "–"
+        t = (
+            f"{test['only_attack']} / {test['only_baseline']}, p = {test['p_value']:.3f}"
+            if test
+            else "–"
+        )
         lines.append(
             f"| {name} | {m['forgotten']} | {pct(r.get('focus_on_key'))}"
             f"{ci(m, 'recovery.focus_on_key')} | {pct(r.get('probab'))}{ci(m, 'recovery.probab')} "

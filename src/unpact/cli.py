@@ -548,7 +548,12 @@ def _run(config: str | Path, out_dir: Path) -> None:
 )
 def run(
     config: Annotated[
-        str, typer.Argument(help="A run config (YAML file) or a built-in one: demo, paper.")
+        str,
+        typer.Argument(
+            help="A run config (YAML file) or a built-in one: "
+            + ", ".join(sorted(p.stem for p in (Path(__file__).parent / "configs").glob("*.yaml")))
+            + "."
+        ),
     ],
     out_dir: Annotated[Path, typer.Option("--out", help="Run directory.")] = Path("runs/run"),
 ) -> None:
