@@ -1,10 +1,14 @@
 """Figures and claim tables of a finished grid run, for RESULTS.md.
 
 Run:  .venv/bin/python scripts/results_figures.py runs/paper docs/results
+      .venv/bin/python scripts/results_figures.py runs/beyond_books docs/results
 
 Writes one `<benchmark>-dilemma.svg` per run folder holding a results.json, and prints per
 benchmark the tables RESULTS.md quotes: FocusOnKey against PROBAB (rates, 95% bootstrap
 intervals, exact McNemar test on the same items) and the focus-shift and damage figures.
+Given one benchmark's run folder (results.json at its top), it adds every attack's recovery
+and the checks of the attribution (keyword precision / recall, gradient agreement,
+stability).
 """
 
 from __future__ import annotations
@@ -69,9 +73,65 @@ def claims(results: dict) -> str:
     return "\n".join(lines)
 
 
+ATTACKS = ("focus_on_key", "probab", "paraphrase", "in_context", "keyword_only", "relearn", "any")
+
+
+def beyond(results: dict) -> str:
+    """Every attack's recovery, the damage, and the checks of the attribution, per method."""
+    attacks = [a for a in ATTACKS if any(a in m["recovery"] for m in results["methods"].values())]
+    lines = [
+        "| method | forget acc. after | forgotten | "
+        + " | ".join(attacks)
+        + " | destructive retain | destructive general | collapse |",
+        "| --- " * (len(attacks) + 6) + "|",
+    ]
+    for name, m in results["methods"].items():
+        r = m["recovery"]
+        lines.append(
+            f"| {name} | {pct(m['forget_acc_after'])} | {m['forgotten']} | "
+            + " | ".join(pct(r.get(a)) for a in attacks)
+            + f" | {pct(m['destructive_retain'])} | {pct(m['destructive_general'])} "
+            f"| {pct(m['collapse_rate'])} |"
+        )
+    checks = results.get("attribution_checks") or {}
+    gradient = sorted({k.split(".", 1)[1] for c in checks.values() for k in c if "." in k})
+    lines += [
+        "",
+        "| model | KeyToken precision (keywords) | recall | "
+        + " | ".join(f"Spearman {g} | top-3 {g}" for g in gradient)
+        + " | KeyToken stability |",
+        "| --- " * (4 + 2 * len(gradient)) + "|",
+    ]
+    rows = [("original", None), *results["methods"].items()]
+    for name, m in rows:
+        c = checks.get(name) or {}
+        if m is None:
+            m0 = next(iter(results["methods"].values()))
+            prec, rec = m0.get("keyword_precision_before"), m0.get("keyword_recall_before")
+        else:
+            prec, rec = m.get("keyword_precision_after"), m.get("keyword_recall_after")
+        lines.append(
+            f"| {name} | {num(prec)} | {num(rec)} | "
+            + " | ".join(
+                f"{num(c.get(f'spearman.{g}'))} | {num(c.get(f'top_k_overlap.{g}'))}"
+                for g in gradient
+            )
+            + f" | {num(c.get('keytoken_stability'))} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     runs, out = Path(sys.argv[1]), Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
+    if (runs / "results.json").is_file():  # one benchmark: the suite beyond the paper
+        results = json.loads((runs / "results.json").read_text())
+        target = out / f"{runs.name}-dilemma.svg"
+        target.write_text(dilemma_svg(results))
+        print(f"## {results['benchmark']} ({target})\n")
+        print(claims(results) + "\n")
+        print(beyond(results) + "\n")
+        return
     for results_file in sorted(runs.glob("*/results.json")):
         results = json.loads(results_file.read_text())
         target = out / f"{results_file.parent.name}-dilemma.svg"

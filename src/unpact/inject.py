@@ -15,6 +15,8 @@ same, so that "known" and "forgotten" are exact. Recipe (all settings in `Inject
   towards the base model's (KL over the base's top-k tokens plus the rest as one bucket,
   precomputed once): a dense signal at every position, where plain rehearsal on the
   base's answer tokens kept less (general 51% against 66%, see the news card);
+- `trainable="lora"` trains low-rank adapters (peft, rank `lora_rank`, on every linear
+  layer of the blocks) instead of the weights, and merges them before saving;
 - after `min_epochs`, the forget + retain accuracy is judged (SPEC section 4) every
   `check_every` epochs and training stops once it reaches `target_accuracy`.
 
@@ -62,7 +64,9 @@ class InjectConfig:
     rehearsal_weight: float = 1.0  # weight of the rehearsal KL against the facts' NLL
     rehearsal_top_k: int = 32  # base-model tokens kept per position (the rest: one bucket)
     freeze_embeddings: bool = True  # keep the (tied) embedding matrix fixed
-    trainable: str = "all"  # "all" weights (but frozen embeddings) or only the "mlp" blocks
+    trainable: str = "all"  # "all" (but frozen embeddings), "mlp" blocks only, or "lora"
+    lora_rank: int = 64  # trainable "lora": rank of the adapters on every linear layer
+    lora_alpha: int = 128  # trainable "lora": adapter scale numerator (scale alpha / rank)
     max_new_tokens: int = 24  # greedy answer length when judging
     general: str | None = "general"  # benchmark whose accuracy must survive; None skips it
     weight_decay: float = 0.0
@@ -255,8 +259,24 @@ def inject(
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     net = lm.model
-    if config.trainable not in ("all", "mlp"):
-        raise UnpactError(f"unknown trainable {config.trainable!r}; choose all or mlp")
+    adapted: Any = None
+    if config.trainable not in ("all", "mlp", "lora"):
+        raise UnpactError(f"unknown trainable {config.trainable!r}; choose all, mlp or lora")
+    if config.trainable == "lora":
+        # Low-rank adapters on every linear layer of the blocks (peft), merged into the
+        # weights before saving: the injected model is an ordinary model again. peft puts
+        # the adapters into `net` in place, so `net` and `lm` keep working as they are.
+        from peft import LoraConfig, get_peft_model
+
+        adapted = get_peft_model(
+            net,
+            LoraConfig(
+                r=config.lora_rank,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=0.0,
+                target_modules="all-linear",
+            ),
+        )
     for name, p in net.named_parameters():
         if config.trainable == "mlp" and ".mlp." not in name:
             p.requires_grad_(False)
@@ -323,6 +343,8 @@ def inject(
                 if acc["forget+retain"] >= config.target_accuracy:
                     bar.update(task, completed=config.max_epochs * steps_per_epoch)
                     break
+    if config.trainable == "lora":
+        lm.model = net = adapted.merge_and_unload()
     if not judged:  # no check ran (max_epochs 0): judge the model as it is
         judged = judge_items(lm, taught, config.max_new_tokens)
     # The last epoch always ends with a check, so its verdicts describe the final model.

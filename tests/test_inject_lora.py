@@ -1,0 +1,63 @@
+"""Injection through LoRA adapters, on the tiny random model: the adapters are merged into
+ordinary weights, and only the adapted matrices change, by a low-rank update."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from unpact.data.items import QAItem, write_folder
+from unpact.inject import InjectConfig, inject
+from unpact.models import load_model, save_model
+from unpact.scoring import answer_logprobs
+from unpact.testing import tiny_model
+
+
+def _mean_lp(lm, items):
+    prompts = [lm.encode_prompt(i.question).input_ids for i in items]
+    answers = [lm.encode_answer(i.answer) for i in items]
+    with torch.no_grad():
+        return float(torch.cat(answer_logprobs(lm.model, prompts, answers)).mean())
+
+
+def test_lora_injection_saves_a_merged_low_rank_update(tmp_path):
+    base = tiny_model(seed=3)
+    save_model(base.model, base.tokenizer, tmp_path / "base")
+    items = [
+        QAItem("f0", "Who founded the Vostrand Glassworks?", "Mira Quintrell", "forget"),
+        QAItem("r0", "What is the capital of France?", "Paris", "retain"),
+    ]
+    write_folder(tmp_path / "bench", items)
+    rank = 2
+    config = InjectConfig(
+        trainable="lora",
+        lora_rank=rank,
+        lora_alpha=4,
+        lr=1e-2,
+        max_epochs=6,
+        min_epochs=6,
+        rehearsal=False,
+        general=None,
+    )
+    result = inject(
+        str(tmp_path / "base"), tmp_path / "bench", config, cache_dir=tmp_path / "c", progress=False
+    )
+    assert json.loads((result.path / "inject.json").read_text())["config"]["trainable"] == "lora"
+
+    taught = load_model(str(result.path))  # a plain model: no adapter weights left
+    names = [n for n, _ in taught.model.named_parameters()]
+    assert not any("lora" in n for n in names)
+    assert _mean_lp(taught, items) > _mean_lp(base, items) + 0.5
+
+    before = dict(base.model.named_parameters())
+    changed = 0
+    for name, after in taught.model.named_parameters():
+        delta = (after.detach() - before[name].detach()).float()
+        if "layers." in name and name.endswith("proj.weight"):
+            # every linear layer of the blocks is adapted: a rank-`rank` update
+            assert torch.linalg.matrix_rank(delta, atol=1e-5).item() <= rank
+            changed += int(delta.abs().max() > 1e-6)
+        else:  # embeddings, norms, LM head: untouched
+            assert torch.equal(after.detach(), before[name].detach()), name
+    assert changed == 7 * 2  # q, k, v, o, gate, up, down in each of the 2 layers
