@@ -61,3 +61,16 @@ def test_lora_injection_saves_a_merged_low_rank_update(tmp_path):
         else:  # embeddings, norms, LM head: untouched
             assert torch.equal(after.detach(), before[name].detach()), name
     assert changed == 7 * 2  # q, k, v, o, gate, up, down in each of the 2 layers
+
+
+def test_lora_settings_key_only_lora_injections():
+    from unpact.data import load_benchmark
+    from unpact.inject import cache_key
+
+    news = load_benchmark("news")
+    key = cache_key("tiny", news, InjectConfig())
+    assert cache_key("tiny", news, InjectConfig(lora_rank=8)) == key  # not LoRA: ignored
+    lora = cache_key("tiny", news, InjectConfig(trainable="lora"))
+    assert (
+        lora != key and cache_key("tiny", news, InjectConfig(trainable="lora", lora_rank=8)) != lora
+    )

@@ -116,6 +116,15 @@ def _model_key(spec: str) -> str:
     return digest.hexdigest()
 
 
+def _key_settings(config: InjectConfig) -> dict[str, Any]:
+    """The settings that make an injection: the LoRA fields only when LoRA is used (so
+    models injected before those fields existed keep their keys)."""
+    settings = asdict(config)
+    if config.trainable != "lora":
+        del settings["lora_rank"], settings["lora_alpha"]
+    return settings
+
+
 def cache_key(spec: str, bench: Benchmark, config: InjectConfig) -> str:
     """Key of an injected model: base model, benchmark files and settings."""
     if bench.path is None:
@@ -123,7 +132,7 @@ def cache_key(spec: str, bench: Benchmark, config: InjectConfig) -> str:
     parts = [
         _model_key(spec),
         _hash_files(list(bench.path.glob("*.jsonl"))),
-        json.dumps(asdict(config), sort_keys=True),
+        json.dumps(_key_settings(config), sort_keys=True),
         str(INJECT_FORMAT),
     ]
     if config.general != "general":
