@@ -49,16 +49,22 @@ def num(value: Any) -> str:
     return f"{value:.3f}"
 
 
-def dilemma_svg(results: dict[str, Any], by_model: dict[str, dict[str, Any]] | None = None) -> str:
-    """Recovery rate (first attack) against destructive rate on retain and on general
-    items: one point per method, as an inline SVG. With `by_model` (model name -> that
-    model's results on the same benchmark), one colour per model."""
+def dilemma_svg(
+    results: dict[str, Any],
+    by_model: dict[str, dict[str, Any]] | None = None,
+    attack: str | None = None,
+) -> str:
+    """Recovery rate (of `attack`, default the first; "any" for the union) against
+    destructive rate on retain and on general items: one point per method, as an inline
+    SVG. With `by_model` (model name -> that model's results on the same benchmark), one
+    colour per model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    attack = results["attacks"][0] if results["attacks"] else None
+    if attack is None:
+        attack = results["attacks"][0] if results["attacks"] else None
     series = by_model or {"": results}
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
     for ax, split in zip(axes, ("retain", "general")):
@@ -70,7 +76,8 @@ def dilemma_svg(results: dict[str, Any], by_model: dict[str, dict[str, Any]] | N
                     continue
                 color = f"C{n % 10}" if by_model else None
                 ax.scatter([100 * x], [100 * y], s=40, color=color)
-                label = f"{model}: {name}" if by_model else name
+                short = name.replace("settings.", "")  # a sweep's run: method[key=value]
+                label = f"{model}: {short}" if by_model else short
                 ax.annotate(label, (100 * x, 100 * y), textcoords="offset points", xytext=(5, 4))
             # A swept method's runs as one curve, in the order of the swept value.
             curves: dict[str, list[tuple[Any, float, float]]] = {}
