@@ -324,7 +324,9 @@ def _cli_run(args: list[str], out: Path, launcher: list[str]) -> list[dict]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [*launcher, "unlearn", *args, "--out", str(out), "--no-eval"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # a worker's own message (e.g. "error: ...") comes before the launcher's trace
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line.lower()]
+    assert proc.returncode == 0, "\n".join(errors[-10:]) + "\n" + proc.stderr[-2000:]
     return [json.loads(x) for x in (out / "losses.jsonl").read_text().splitlines()]
 
 

@@ -716,6 +716,10 @@ INJECTION_NOTES = {
         "questions and a KL to the base model's top-32 next-token distribution along its own "
         "first-sentence answer): 8 epochs, 739 s (12.3 min) cold, forget 88%, retain 96% "
         "(93.3% together), general 66%.",
+        "With LoRA instead of full fine-tuning (`trainable: lora`, rank 64 on every linear "
+        "layer, alpha 128, lr 1e-3, the same rehearsal): 12 epochs, 876 s, forget 74%, retain "
+        "77%, general 65%: it learns less and protects general knowledge no better, so it is "
+        "an option, not the default.",
         "So the facts are learned, but general knowledge is not yet protected enough (target: "
         "within 10 points of the base model) and a cold run takes longer than the 10-minute "
         "target; see the injection issue's notes.",

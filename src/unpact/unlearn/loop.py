@@ -405,6 +405,9 @@ def _prepare_out(out: Path, resolved: dict[str, Any], resume: bool, accelerator:
         start = _last_checkpoint(out)
     elif (out / "model").exists() or config_path.exists():
         raise UnpactError(f"{out} already holds a run; pick a new --out or pass --resume")
+    # Every process checks before the main one writes: otherwise a slower process would
+    # find the config just written and refuse (a race seen with 2 CPU processes).
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         if not resume:
