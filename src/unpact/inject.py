@@ -272,20 +272,14 @@ def inject(
     if config.trainable not in ("all", "mlp", "lora"):
         raise UnpactError(f"unknown trainable {config.trainable!r}; choose all, mlp or lora")
     if config.trainable == "lora":
-        # Low-rank adapters on every linear layer of the blocks (peft), merged into the
-        # weights before saving: the injected model is an ordinary model again. peft puts
-        # the adapters into `net` in place, so `net` and `lm` keep working as they are.
-        from peft import LoraConfig, get_peft_model
+        # Low-rank adapters on every linear layer of the blocks (peft, as unlearning's
+        # `lora`), merged into the weights before saving: the injected model is an
+        # ordinary model again. The adapters go into `net` in place, so `net` and `lm`
+        # keep working as they are.
+        from unpact.unlearn.config import LoraSettings
+        from unpact.unlearn.loop import add_lora
 
-        adapted = get_peft_model(
-            net,
-            LoraConfig(
-                r=config.lora_rank,
-                lora_alpha=config.lora_alpha,
-                lora_dropout=0.0,
-                target_modules="all-linear",
-            ),
-        )
+        adapted = add_lora(net, LoraSettings(r=config.lora_rank, alpha=config.lora_alpha))
     for name, p in net.named_parameters():
         if config.trainable == "mlp" and ".mlp." not in name:
             p.requires_grad_(False)

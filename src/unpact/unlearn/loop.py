@@ -35,7 +35,7 @@ from unpact.data.items import QAItem, load_benchmark
 from unpact.errors import UnpactError
 from unpact.models import LanguageModel, load_model, save_model
 from unpact.progress import progress_bar
-from unpact.unlearn.config import UnlearnConfig
+from unpact.unlearn.config import LoraSettings, UnlearnConfig
 from unpact.unlearn.methods import Batch, Method, StepContext, get_method, layer_activations
 
 RUN_FORMAT = 1
@@ -210,7 +210,7 @@ def unlearn(
     if config.freeze_embeddings:
         embeddings.requires_grad_(False)
     if config.lora is not None:
-        net = _add_lora(net, config, method)
+        net = add_lora(net, config.lora, method.trainable)
     params = [p for p in net.parameters() if p.requires_grad]
     if not params:
         raise UnpactError(f"{config.method}: no trainable parameters under these settings")
@@ -360,25 +360,30 @@ def _reference_activations(
     return out
 
 
-def _add_lora(net: Any, config: UnlearnConfig, method: Method) -> Any:
+def add_lora(
+    net: Any, settings: LoraSettings, trainable: Callable[[str], bool] | None = None
+) -> Any:
+    """Wrap `net` with peft LoRA adapters on the linear modules named in
+    `settings.target_modules` (and, if given, whose weight `trainable` accepts). peft puts
+    the adapters into `net` in place; the returned model's `merge_and_unload()` gives back
+    a plain model. Shared by unlearning and injection."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise UnpactError("LoRA needs peft: pip install peft") from None
-    assert config.lora is not None
     names = [
         n
         for n, m in net.named_modules()
         if isinstance(m, torch.nn.Linear)
-        and n.rsplit(".", 1)[-1] in config.lora.target_modules
-        and method.trainable(n + ".weight")
+        and n.rsplit(".", 1)[-1] in settings.target_modules
+        and (trainable is None or trainable(n + ".weight"))
     ]
     if not names:
-        raise UnpactError(f"LoRA: no module matches {config.lora.target_modules} for this method")
+        raise UnpactError(f"LoRA: no module matches {settings.target_modules} for this method")
     lora = LoraConfig(
-        r=config.lora.r,
-        lora_alpha=config.lora.alpha,
-        lora_dropout=config.lora.dropout,
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
         target_modules=names,
     )
     return get_peft_model(net, lora)
