@@ -259,6 +259,10 @@ def test_config_mistakes_name_the_key(change, message):
 
 
 def test_builtin_configs_load():
+    from unpact import configs
+
+    assert configs.names() == sorted(p.stem for p in configs.FOLDER.glob("*.yaml"))
+    assert {"demo", "paper", "beyond"} <= set(configs.names()) and configs.path("nope") is None
     demo = load_config("demo")
     assert [m.method for m in demo.methods] == ["ga_gd", "npo_kl", "rmu"]
     assert demo.data.forget_items and demo.data.forget_items >= 20

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from unpact import configs as builtin_run_configs
 from unpact.errors import UnpactError
 
 if TYPE_CHECKING:
@@ -551,7 +552,7 @@ def run(
         str,
         typer.Argument(
             help="A run config (YAML file) or a built-in one: "
-            + ", ".join(sorted(p.stem for p in (Path(__file__).parent / "configs").glob("*.yaml")))
+            + ", ".join(builtin_run_configs.names())
             + "."
         ),
     ],

@@ -45,6 +45,7 @@ from pydantic import (
     model_validator,
 )
 
+from unpact import configs as builtin_run_configs
 from unpact.attacks import ATTACKS, Attack, Target, get_attack
 from unpact.attribution import (
     ALPHA,
@@ -280,12 +281,12 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
     if isinstance(source, dict):
         data = source
     else:
-        path = builtin_config(str(source)) or Path(source)
+        path = builtin_run_configs.path(str(source)) or Path(source)
         where = str(path)
         if not path.is_file():
             raise UnpactError(
                 f"no run config {source}: not a file and not a built-in one "
-                f"({', '.join(builtin_configs())})"
+                f"({', '.join(builtin_run_configs.names())})"
             )
         data = read_yaml_mapping(path)
     try:
@@ -383,16 +384,6 @@ def _check_spec(spec: str, where: str) -> None:
             parse_remote_spec(spec)
         except UnpactError as e:
             raise UnpactError(f"{where}: {e}") from None
-
-
-def builtin_configs() -> list[str]:
-    folder = Path(__file__).parent / "configs"
-    return sorted(p.stem for p in folder.glob("*.yaml"))
-
-
-def builtin_config(name: str) -> Path | None:
-    path = Path(__file__).parent / "configs" / f"{name}.yaml"
-    return path if name in builtin_configs() else None
 
 
 # ----------------------------------------------------------------------- the cache
