@@ -1163,7 +1163,8 @@ def _run_grid(
         c = results["counts"]
         sections.append(
             f"### {key} ({results['model']}; {c['forget']} forget / {c['retain']} retain / "
-            f"{c['general']} general items, {results['seconds'] / 60:.0f} min)\n\n"
+            f"{c['general']} general items; {results['seconds'] / 60:.0f} min in this run, "
+            "stages reused from the cache not counted)\n\n"
             f"{markdown_table(results)}"
         )
     _atomic_text(out / "results.md", "\n".join(sections))
