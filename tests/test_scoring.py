@@ -144,3 +144,27 @@ def test_shared_prefix_path_equals_reference_values_and_gradients(tiny, grad):
         g2 = torch.autograd.grad(torch.cat(plain).sum(), params)
         for a, b in zip(g1, g2):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_shared_prefix_distributions_equal_full_forward_values_and_gradients(tiny):
+    """`answer_distributions(share_prefix=True)`: each answer position's whole
+    log-distribution equals one full forward over the pair alone; gradients of a KL-like
+    sum equal the padded path's."""
+    from unpact.scoring import answer_distributions
+
+    prefix = [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49]
+    pairs = [(prefix + [5 + i] * (1 + i % 3), [60 + i, 70, 71][: 1 + i % 3]) for i in range(5)]
+    prompts, answers = [p for p, _ in pairs], [a for _, a in pairs]
+    shared = answer_distributions(tiny.model, prompts, answers, grad=True, share_prefix=True)
+    plain = answer_distributions(tiny.model, prompts, answers, grad=True)
+    for (p, a), d in zip(pairs, shared):
+        with torch.no_grad():
+            full = tiny.model(input_ids=torch.tensor([[*p, *a]])).logits[0].float()
+        ref = full.log_softmax(-1)[len(p) - 1 : len(p) - 1 + len(a)]
+        torch.testing.assert_close(d.detach(), ref, atol=1e-4, rtol=0)
+    weights = torch.linspace(0.1, 1.0, shared[0].shape[-1])
+    params = [w for w in tiny.model.parameters() if w.requires_grad]
+    g1 = torch.autograd.grad(sum((d.exp() * weights).sum() for d in shared), params)
+    g2 = torch.autograd.grad(sum((d.exp() * weights).sum() for d in plain), params)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)

@@ -197,7 +197,9 @@ def _rehearsal_targets(lm: LanguageModel, exclude: set[str], top_k: int) -> list
     with torch.no_grad():
         for k in range(0, len(pairs), 8):
             chunk = pairs[k : k + 8]
-            dists = answer_distributions(lm.model, [p for p, _ in chunk], [a for _, a in chunk])
+            dists = answer_distributions(
+                lm.model, [p for p, _ in chunk], [a for _, a in chunk], share_prefix=True
+            )
             for (p, a), d in zip(chunk, dists):
                 v, i = d.topk(min(top_k, d.shape[-1]), dim=-1)
                 targets.append(_Rehearsal(p, a, v, i))
@@ -210,7 +212,13 @@ def _rehearsal_kl(net: Any, batch: list[_Rehearsal]) -> torch.Tensor:
     from unpact.scoring import answer_distributions
 
     cur = torch.cat(
-        answer_distributions(net, [r.prompt for r in batch], [r.answer for r in batch], grad=True)
+        answer_distributions(
+            net,
+            [r.prompt for r in batch],
+            [r.answer for r in batch],
+            grad=True,
+            share_prefix=True,  # the chat template's system turn runs once per step
+        )
     )
     base = torch.cat([r.top_logprobs for r in batch])
     ids = torch.cat([r.top_ids for r in batch])

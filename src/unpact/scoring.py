@@ -102,15 +102,26 @@ def _common_prefix(prompts: Sequence[Sequence[int]]) -> int:
 def _score_shared_prefix(
     model: Any, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], shared: int
 ) -> list[torch.Tensor]:
+    context = _prefix_context(model, prompts[0][:shared])
+    return [r[0] for r in context_logprobs(model, context, _prefix_rows(prompts, answers, shared))]
+
+
+def _prefix_context(model: Any, prefix: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Keys and values of every layer for one shared prompt prefix (a batch of one)."""
     body, _ = lm_body_and_head(model)
     device = next(model.parameters()).device
-    out = body(input_ids=torch.tensor([list(prompts[0][:shared])], device=device), use_cache=True)
-    context = _layer_kv(out.past_key_values)
-    rows = [
+    out = body(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True)
+    return _layer_kv(out.past_key_values)
+
+
+def _prefix_rows(
+    prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], shared: int
+) -> list[list[Continuation]]:
+    """One row per pair: the pair's own prompt tokens and answer after the shared prefix."""
+    return [
         [Continuation(0, shared, tuple(p[shared:]) + tuple(a), shared, len(a))]
         for p, a in zip(prompts, answers)
     ]
-    return [r[0] for r in context_logprobs(model, context, rows)]
 
 
 def token_budget_batches(lengths: Sequence[int], budget: int) -> Iterator[list[int]]:
@@ -177,14 +188,25 @@ def answer_distributions(
     answers: Sequence[Sequence[int]],
     *,
     grad: bool = False,
+    share_prefix: bool = False,
 ) -> list[torch.Tensor]:
     """Full next-token log-distributions at each answer position, one padded batch.
 
     Item i is a `(len(answers[i]), vocab)` float32 tensor of log-softmax values: what a KL
     term between two models needs (`answer_logprobs` only keeps the answer tokens'
-    entries, and is the one to use for anything else)."""
+    entries, and is the one to use for anything else). With `share_prefix`, a common
+    prompt prefix of `MIN_SHARED_PREFIX` tokens or more runs once, as in `answer_logprobs`
+    (same numbers up to float rounding, fewer tokens through the model)."""
+    shared = _common_prefix(prompts) if share_prefix and len(prompts) > 1 else 0
     with torch.set_grad_enabled(grad):
-        picked, _, _ = _answer_hidden(model, prompts, answers, "right", False)
+        if shared >= MIN_SHARED_PREFIX:
+            picked, _, _ = _context_hidden(
+                model,
+                _prefix_context(model, prompts[0][:shared]),
+                _prefix_rows(prompts, answers, shared),
+            )
+        else:
+            picked, _, _ = _answer_hidden(model, prompts, answers, "right", False)
         logp = head_logits(model, picked).log_softmax(-1)
     return list(logp.split([len(a) for a in answers]))
 
@@ -301,6 +323,22 @@ def context_logprobs(
     so the numbers equal a full forward pass over `context[:visible] + ids`. Assumes
     full (not sliding-window) attention over the context.
     """
+    picked, targets, lengths = _context_hidden(model, context, rows)
+    flat = list(head_logprobs(model, picked, targets).split(lengths))
+    out: list[list[torch.Tensor]] = []
+    for row in rows:
+        out.append(flat[: len(row)])
+        flat = flat[len(row) :]
+    return out
+
+
+def _context_hidden(
+    model: Any,
+    context: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    rows: Sequence[Sequence[Continuation]],
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """`context_logprobs`'s pass: the final hidden states that predict each answer token
+    (continuations in row order), those tokens, and each continuation's answer length."""
     device = next(model.parameters()).device
     dtype = context[0][0].dtype
     n = len(rows)
@@ -359,13 +397,7 @@ def context_logprobs(
     row_idx = [r for r, _, t in picks for _ in range(t)]
     cols = [first + j for _, first, t in picks for j in range(t)]
     picked = states[torch.tensor(row_idx, device=device), torch.tensor(cols, device=device)]
-    lp = head_logprobs(model, picked, torch.tensor(targets, device=device))
-    flat = list(lp.split([t for _, _, t in picks]))
-    out: list[list[torch.Tensor]] = []
-    for row in rows:
-        out.append(flat[: len(row)])
-        flat = flat[len(row) :]
-    return out
+    return picked, torch.tensor(targets, device=device), [t for _, _, t in picks]
 
 
 # ------------------------------------------------------------------ text-level scoring
