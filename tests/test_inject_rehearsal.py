@@ -28,11 +28,11 @@ def test_rehearsal_kl_is_zero_against_itself_and_bounded_by_the_full_kl(k):
     ]
     targets = _targets(base, pairs, k)
     with torch.no_grad():
-        assert _rehearsal_kl(base.model, targets).item() == pytest.approx(0.0, abs=1e-5)
-        coarse = _rehearsal_kl(other.model, targets).item()
-        full_vocab = _rehearsal_kl(other.model, _targets(base, pairs, len(base.tokenizer))).item()
         b = torch.cat(answer_distributions(base.model, *zip(*pairs)))
         o = torch.cat(answer_distributions(other.model, *zip(*pairs)))
+        assert _rehearsal_kl(b, targets).item() == pytest.approx(0.0, abs=1e-5)
+        coarse = _rehearsal_kl(o, targets).item()
+        full_vocab = _rehearsal_kl(o, _targets(base, pairs, len(base.tokenizer))).item()
         exact = (b.exp() * (b - o)).sum(-1).mean().item()
     assert full_vocab == pytest.approx(exact, rel=1e-4)  # k = vocabulary: the exact KL
     assert 0 < coarse <= exact + 1e-6  # coarsening never increases a KL

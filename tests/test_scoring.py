@@ -168,3 +168,18 @@ def test_shared_prefix_distributions_equal_full_forward_values_and_gradients(tin
     g2 = torch.autograd.grad(sum((d.exp() * weights).sum() for d in plain), params)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_answer_states_of_a_mixed_batch_give_each_pairs_logprobs(tiny):
+    """One pass over pairs of mixed lengths (a step's facts and rehearsal questions):
+    the head applied to each pair's states gives its log-probs alone."""
+    from unpact.scoring import answer_states, head_logprobs
+
+    prefix = [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49]
+    pairs = [(prefix + [5 + i] * (1 + 2 * i), [60 + i] * (1 + (i * 5) % 7)) for i in range(6)]
+    states = answer_states(tiny.model, *zip(*pairs), share_prefix=True)
+    for (p, a), h in zip(pairs, states):
+        got = head_logprobs(tiny.model, h, torch.tensor(a))
+        torch.testing.assert_close(
+            got.detach(), reference_logprobs(tiny.model, p, a), atol=1e-4, rtol=0
+        )

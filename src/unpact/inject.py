@@ -44,7 +44,7 @@ import torch
 from unpact.data.items import Benchmark, QAItem, load_benchmark
 from unpact.errors import UnpactError
 from unpact.models import LanguageModel, cache_root, load_model, local_model_dir, save_model
-from unpact.scoring import answer_logprobs, generate
+from unpact.scoring import answer_states, generate, head_logits, head_logprobs
 
 INJECT_FORMAT = 2
 
@@ -206,20 +206,10 @@ def _rehearsal_targets(lm: LanguageModel, exclude: set[str], top_k: int) -> list
     return targets
 
 
-def _rehearsal_kl(net: Any, batch: list[_Rehearsal]) -> torch.Tensor:
+def _rehearsal_kl(cur: torch.Tensor, batch: list[_Rehearsal]) -> torch.Tensor:
     """Mean over positions of KL(base || model), on the base's top-k tokens plus one
-    bucket for the rest of the vocabulary (a lower bound of the full KL)."""
-    from unpact.scoring import answer_distributions
-
-    cur = torch.cat(
-        answer_distributions(
-            net,
-            [r.prompt for r in batch],
-            [r.answer for r in batch],
-            grad=True,
-            share_prefix=True,  # the chat template's system turn runs once per step
-        )
-    )
+    bucket for the rest of the vocabulary (a lower bound of the full KL). `cur` holds the
+    model's log-distributions at the batch's answer positions, one row per position."""
     base = torch.cat([r.top_logprobs for r in batch])
     ids = torch.cat([r.top_ids for r in batch])
     q = cur.gather(-1, ids)
@@ -321,8 +311,7 @@ def inject(
                 batch = [
                     encoded[i] for i in order[s * config.batch_size : (s + 1) * config.batch_size]
                 ]
-                lps = answer_logprobs(net, [p for p, _ in batch], [a for _, a in batch], grad=True)
-                loss = -torch.cat(lps).mean()
+                picked: list[_Rehearsal] = []
                 if rehearsal:
                     if len(rehearsal_order) < config.rehearsal_per_step:
                         more = list(range(len(rehearsal)))
@@ -330,7 +319,21 @@ def inject(
                         rehearsal_order += more
                     picked = [rehearsal[i] for i in rehearsal_order[: config.rehearsal_per_step]]
                     del rehearsal_order[: config.rehearsal_per_step]
-                    loss = loss + config.rehearsal_weight * _rehearsal_kl(net, picked)
+                # Facts and rehearsal questions in one pass (one read of the weights; the
+                # chat template's system turn runs once): 1.7 s instead of 2.3 s per step
+                # with 6 rehearsal questions on 2 cores.
+                states = answer_states(
+                    net,
+                    [p for p, _ in batch] + [r.prompt for r in picked],
+                    [a for _, a in batch] + [r.answer for r in picked],
+                    share_prefix=True,
+                )
+                facts = torch.cat(states[: len(batch)])
+                targets = torch.tensor([t for _, a in batch for t in a], device=facts.device)
+                loss = -head_logprobs(net, facts, targets).mean()
+                if picked:
+                    cur = head_logits(net, torch.cat(states[len(batch) :])).log_softmax(-1)
+                    loss = loss + config.rehearsal_weight * _rehearsal_kl(cur, picked)
                 if not torch.isfinite(loss):
                     raise UnpactError(
                         f"injection diverged: loss {loss.item()} at epoch {epoch + 1}, step {s + 1}"

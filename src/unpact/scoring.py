@@ -197,18 +197,35 @@ def answer_distributions(
     entries, and is the one to use for anything else). With `share_prefix`, a common
     prompt prefix of `MIN_SHARED_PREFIX` tokens or more runs once, as in `answer_logprobs`
     (same numbers up to float rounding, fewer tokens through the model)."""
-    shared = _common_prefix(prompts) if share_prefix and len(prompts) > 1 else 0
     with torch.set_grad_enabled(grad):
-        if shared >= MIN_SHARED_PREFIX:
-            picked, _, _ = _context_hidden(
-                model,
-                _prefix_context(model, prompts[0][:shared]),
-                _prefix_rows(prompts, answers, shared),
-            )
-        else:
-            picked, _, _ = _answer_hidden(model, prompts, answers, "right", False)
-        logp = head_logits(model, picked).log_softmax(-1)
+        states = answer_states(model, prompts, answers, share_prefix=share_prefix)
+        logp = head_logits(model, torch.cat(states)).log_softmax(-1)
     return list(logp.split([len(a) for a in answers]))
+
+
+def answer_states(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]],
+    *,
+    share_prefix: bool = False,
+) -> list[torch.Tensor]:
+    """The final hidden states that predict each answer token, one pass for all pairs.
+
+    Item i is `(len(answers[i]), hidden)`; `head_logprobs` / `head_logits` turn them into
+    log-probs. One pass over a whole mixed batch (a training step's facts and its
+    rehearsal questions) reads the weights once instead of once per kind. Gradients
+    follow torch's grad mode; `share_prefix` as in `answer_distributions`."""
+    shared = _common_prefix(prompts) if share_prefix and len(prompts) > 1 else 0
+    if shared >= MIN_SHARED_PREFIX:
+        picked, _, _ = _context_hidden(
+            model,
+            _prefix_context(model, prompts[0][:shared]),
+            _prefix_rows(prompts, answers, shared),
+        )
+    else:
+        picked, _, _ = _answer_hidden(model, prompts, answers, "right", False)
+    return list(picked.split([len(a) for a in answers]))
 
 
 def _answer_hidden(
