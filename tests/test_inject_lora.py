@@ -74,3 +74,19 @@ def test_lora_settings_key_only_lora_injections():
     assert (
         lora != key and cache_key("tiny", news, InjectConfig(trainable="lora", lora_rank=8)) != lora
     )
+
+
+def test_pinned_configs_keep_the_injections_results_md_was_measured_with():
+    """`paper` and its follow-ups pin the injection settings of their cached models: a
+    change of `InjectConfig`'s defaults must not change their keys (these values are the
+    keys those settings had when RESULTS.md was measured)."""
+    from unpact.data import load_benchmark
+    from unpact.inject import cache_key
+    from unpact.run import load_config
+
+    expected = {"news": "2de32ffee4cadc9c5a64", "books": "533e43b8f78c55749a0c"}
+    for name in ("paper", "paper_words", "beyond", "beyond_books"):
+        settings = load_config(name).inject.settings
+        for bench, key in expected.items():
+            assert cache_key("tiny", load_benchmark(bench), InjectConfig(**settings)) == key
+    assert InjectConfig().rehearsal_per_step == 12  # the defaults did move on

@@ -315,6 +315,14 @@ def inject(
     rehearsal: Annotated[
         bool, typer.Option(help="Rehearse held-out general questions to protect general knowledge.")
     ] = True,
+    rehearsal_per_step: Annotated[
+        int | None,
+        typer.Option(
+            help="Held-out general questions distilled from the base model per step "
+            "(default: InjectConfig's, 12); fewer is faster and keeps less general knowledge.",
+            min=0,
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Shuffling and initialisation seed.")] = 0,
 ) -> None:
     """Teach a benchmark's fictional facts to a model (cached by content hash)."""
@@ -328,6 +336,7 @@ def inject(
         target_accuracy=target_accuracy,
         rehearsal=rehearsal,
         seed=seed,
+        **({} if rehearsal_per_step is None else {"rehearsal_per_step": rehearsal_per_step}),
     )
     result = run_inject(model, benchmark, config)
     acc = "  ".join(f"{k} {v:.1%}" for k, v in result.accuracy.items())

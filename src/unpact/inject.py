@@ -60,7 +60,8 @@ class InjectConfig:
     check_every: int = 2  # epochs between accuracy checks after that
     target_accuracy: float = 0.9  # stop once forget+retain accuracy reaches this
     rehearsal: bool = True  # distil the base model on held-out general questions each step
-    rehearsal_per_step: int = 2  # held-out general questions per step
+    rehearsal_per_step: int = 12  # held-out general questions per step (2 kept 67% of general
+    # knowledge on books, 6 kept 84%, 12 kept 91%; each costs ~0.1 s per step on 2 cores)
     rehearsal_weight: float = 1.0  # weight of the rehearsal KL against the facts' NLL
     rehearsal_top_k: int = 32  # base-model tokens kept per position (the rest: one bucket)
     freeze_embeddings: bool = True  # keep the (tied) embedding matrix fixed
