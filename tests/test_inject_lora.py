@@ -90,3 +90,27 @@ def test_pinned_configs_keep_the_injections_results_md_was_measured_with():
         for bench, key in expected.items():
             assert cache_key("tiny", load_benchmark(bench), InjectConfig(**settings)) == key
     assert InjectConfig().rehearsal_per_step == 12  # the defaults did move on
+
+
+def test_cli_passes_rehearsal_per_step_and_rejects_a_negative_one(monkeypatch):
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    import unpact.inject
+    from unpact.cli import app
+    from unpact.inject import InjectResult
+
+    seen = []
+
+    def fake(model, benchmark, config):
+        seen.append(config)
+        return InjectResult(Path("x"), {"forget": 1.0}, {}, 1, 0.0, True)
+
+    monkeypatch.setattr(unpact.inject, "inject", fake)
+    runner = CliRunner()
+    assert runner.invoke(app, ["inject", "--rehearsal-per-step", "3"]).exit_code == 0
+    assert runner.invoke(app, ["inject"]).exit_code == 0
+    assert [c.rehearsal_per_step for c in seen] == [3, InjectConfig().rehearsal_per_step]
+    bad = runner.invoke(app, ["inject", "--rehearsal-per-step", "-1"])
+    assert bad.exit_code == 2 and "rehearsal-per-step" in bad.output

@@ -6,6 +6,7 @@ the same through click.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -336,8 +337,9 @@ def inject(
         target_accuracy=target_accuracy,
         rehearsal=rehearsal,
         seed=seed,
-        **({} if rehearsal_per_step is None else {"rehearsal_per_step": rehearsal_per_step}),
     )
+    if rehearsal_per_step is not None:
+        config = dataclasses.replace(config, rehearsal_per_step=rehearsal_per_step)
     result = run_inject(model, benchmark, config)
     acc = "  ".join(f"{k} {v:.1%}" for k, v in result.accuracy.items())
     out.print(f"{'cached' if result.cached else 'injected'}: {result.path}")
