@@ -14,7 +14,9 @@ same, so that "known" and "forgotten" are exact. Recipe (all settings in `Inject
   next-token distributions along the base model's own (greedy, first-sentence) answer
   towards the base model's (KL over the base's top-k tokens plus the rest as one bucket,
   precomputed once): a dense signal at every position, where plain rehearsal on the
-  base's answer tokens kept less (general 51% against 66%, see the news card);
+  base's answer tokens kept less (general 51% against 66%, see the news card), and the
+  number of distinct rehearsal questions per step matters more than their weight (see the
+  books card); the facts and the rehearsal questions share one forward pass;
 - `trainable="lora"` trains low-rank adapters (peft, rank `lora_rank`, on every linear
   layer of the blocks) instead of the weights, and merges them before saving;
 - after `min_epochs`, the forget + retain accuracy is judged (SPEC section 4) every
@@ -60,8 +62,8 @@ class InjectConfig:
     check_every: int = 2  # epochs between accuracy checks after that
     target_accuracy: float = 0.9  # stop once forget+retain accuracy reaches this
     rehearsal: bool = True  # distil the base model on held-out general questions each step
-    rehearsal_per_step: int = 12  # held-out general questions per step (2 kept 67% of general
-    # knowledge on books, 6 kept 84%, 12 kept 91%; each costs ~0.1 s per step on 2 cores)
+    rehearsal_per_step: int = 12  # held-out general questions per step (on books 2 kept 67%
+    # of general knowledge, 6 kept 84%, 12 kept 91%; each adds its tokens to every step)
     rehearsal_weight: float = 1.0  # weight of the rehearsal KL against the facts' NLL
     rehearsal_top_k: int = 32  # base-model tokens kept per position (the rest: one bucket)
     freeze_embeddings: bool = True  # keep the (tied) embedding matrix fixed
