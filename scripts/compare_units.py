@@ -1,0 +1,59 @@
+"""Join two grid runs that differ only in attribution units (RESULTS.md, "Word-unit
+KeyTokens"): per benchmark and method, FocusOnKey's recovery with token units (first run)
+and word units (second run), the second run's other attacks, and both runs' KeyToken
+precision / recall against the benchmark's keywords, as markdown tables.
+
+    .venv/bin/python scripts/compare_units.py runs/paper runs/paper_words
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _cell(m: dict[str, Any], attack: str) -> str:
+    value = m["recovery"].get(attack)
+    if value is None:
+        return "–"
+    ci = m.get("ci", {}).get(f"recovery.{attack}")
+    return f"{value:.0%}" + (f" [{ci[0]:.0%}, {ci[1]:.0%}]" if ci else "")
+
+
+def _pr(m: dict[str, Any]) -> str:
+    return f"{m['keyword_precision_before']:.2f} / {m['keyword_recall_before']:.2f}"
+
+
+def tables(tokens: dict[str, Any], words: dict[str, Any]) -> str:
+    out = []
+    for bench, run in words.items():
+        out += [
+            f"#### {bench}",
+            "",
+            "| method | forgotten | FocusOnKey, token units | FocusOnKey, word units "
+            "| keywords only (word KeyTokens) | paraphrase "
+            "| KeyToken precision / recall vs keywords, words (tokens) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for label, m in run["methods"].items():
+            t = tokens[bench]["methods"][label]
+            out.append(
+                f"| {label} | {m['forgotten']} | {_cell(t, 'focus_on_key')} "
+                f"| {_cell(m, 'focus_on_key')} | {_cell(m, 'keyword_only')} "
+                f"| {_cell(m, 'paraphrase')} | {_pr(m)} ({_pr(t)}) |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2:
+        sys.exit("usage: compare_units.py TOKEN_RUN_DIR WORD_RUN_DIR")
+    runs = [json.loads((Path(d) / "results.json").read_text())["runs"] for d in argv]
+    print(tables(*runs))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
