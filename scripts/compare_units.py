@@ -13,17 +13,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from results_figures import ci, num, pct  # the same cells as RESULTS.md's other tables
+
 
 def _cell(m: dict[str, Any], attack: str) -> str:
-    value = m["recovery"].get(attack)
-    if value is None:
-        return "–"
-    ci = m.get("ci", {}).get(f"recovery.{attack}")
-    return f"{value:.0%}" + (f" [{ci[0]:.0%}, {ci[1]:.0%}]" if ci else "")
+    return pct(m["recovery"].get(attack)) + ci(m, f"recovery.{attack}")
 
 
 def _pr(m: dict[str, Any]) -> str:
-    return f"{m['keyword_precision_before']:.2f} / {m['keyword_recall_before']:.2f}"
+    return f"{num(m.get('keyword_precision_before'))} / {num(m.get('keyword_recall_before'))}"
 
 
 def tables(tokens: dict[str, Any], words: dict[str, Any]) -> str:

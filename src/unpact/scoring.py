@@ -190,7 +190,7 @@ def answer_distributions(
     grad: bool = False,
     share_prefix: bool = False,
 ) -> list[torch.Tensor]:
-    """Full next-token log-distributions at each answer position, one padded batch.
+    """Full next-token log-distributions at each answer position, all pairs in one pass.
 
     Item i is a `(len(answers[i]), vocab)` float32 tensor of log-softmax values: what a KL
     term between two models needs (`answer_logprobs` only keeps the answer tokens'
