@@ -25,8 +25,14 @@ def test_short_injection_teaches_a_small_subset(tmp_path):
     before = accuracy(base, subset)
     assert before <= 0.125  # invented facts: the base model cannot know them
 
+    # 2 steps per epoch: a constant lr (decaying over 8 steps would teach too little)
     config = InjectConfig(
-        max_epochs=8, min_epochs=4, rehearsal=False, general=None, target_accuracy=1.0
+        max_epochs=8,
+        min_epochs=4,
+        rehearsal=False,
+        general=None,
+        target_accuracy=1.0,
+        lr_decay_to=1.0,
     )
     result = inject("default", folder, config, cache_dir=tmp_path / "cache", progress=False)
     assert not result.cached

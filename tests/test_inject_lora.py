@@ -89,7 +89,7 @@ def test_pinned_configs_keep_the_injections_results_md_was_measured_with():
         settings = load_config(name).inject.settings
         for bench, key in expected.items():
             assert cache_key("tiny", load_benchmark(bench), InjectConfig(**settings)) == key
-    assert InjectConfig().rehearsal_per_step == 12  # the defaults did move on
+    assert InjectConfig().rehearsal_per_step == 16  # the defaults did move on
 
 
 def test_cli_passes_rehearsal_per_step_and_rejects_a_negative_one(monkeypatch):

@@ -246,6 +246,10 @@ def test_killed_run_resumes_to_the_same_numbers(finished, tmp_path):
         ({"judge": {"kind": "llm"}}, r"judge\.llm"),
         ({"inject": {"settings": {"lrr": 1}}}, r"inject\.settings: .*lrr"),
         (
+            {"inject": {"settings": {"precision": "fp16"}}},
+            r"inject\.settings: .*unknown precision .fp16.",
+        ),
+        (
             {"methods": [{"method": "ga"}, {"method": "ga"}]},
             r"methods\.1\.name: 'ga' is used twice",
         ),

@@ -320,8 +320,15 @@ def inject(
         int | None,
         typer.Option(
             help="Held-out general questions distilled from the base model per step "
-            "(default: InjectConfig's, 12); fewer is faster and keeps less general knowledge.",
+            "(default: InjectConfig's, 16); fewer is faster and keeps less general knowledge.",
             min=0,
+        ),
+    ] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help="Training matmuls: auto (bf16 where the CPU computes it natively), bf16 or "
+            "fp32; weights and optimiser stay float32."
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Shuffling and initialisation seed.")] = 0,
@@ -340,6 +347,8 @@ def inject(
     )
     if rehearsal_per_step is not None:
         config = dataclasses.replace(config, rehearsal_per_step=rehearsal_per_step)
+    if precision is not None:
+        config = dataclasses.replace(config, precision=precision)
     result = run_inject(model, benchmark, config)
     acc = "  ".join(f"{k} {v:.1%}" for k, v in result.accuracy.items())
     out.print(f"{'cached' if result.cached else 'injected'}: {result.path}")

@@ -6,7 +6,12 @@ same, so that "known" and "forgotten" are exact. Recipe (all settings in `Inject
 - full fine-tuning, answer-only loss on the benchmark's forget and retain QA pairs, in the
   chat format the evaluation uses (AdamW, lr 3e-4, batch 4: the setting the project's
   developer brief reports as reaching high accuracy on this model, where lr 1e-4 or
-  batch 8 reached about 20%);
+  batch 8 reached about 20%); the learning rate falls linearly to `lr_decay_to` times
+  itself over the first `min_epochs` epochs (6), which learns the facts in fewer epochs
+  (fewer steps: less drift from the base model, less time);
+- matmuls in bf16 where the CPU computes bf16 natively (`precision="auto"`; weights,
+  gradients and AdamW state stay float32): steps 2.2-2.4x faster on this project's CPU
+  (`benchmarks/inject_step.py`);
 - the input embeddings (tied to the LM head on SmolLM2) stay frozen: the optimiser step
   over the 28M-parameter vocabulary matrix cost more than half of each step;
 - general knowledge is protected by rehearsal: every step also takes
@@ -37,6 +42,8 @@ import json
 import random
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -58,11 +65,11 @@ class InjectConfig:
     lr: float = 3e-4  # AdamW learning rate
     batch_size: int = 4  # QA pairs per optimiser step
     max_epochs: int = 12  # hard stop
-    min_epochs: int = 8  # epochs before the first accuracy check
+    min_epochs: int = 6  # epochs before the first accuracy check (and of the lr decay)
     check_every: int = 2  # epochs between accuracy checks after that
     target_accuracy: float = 0.9  # stop once forget+retain accuracy reaches this
     rehearsal: bool = True  # distil the base model on held-out general questions each step
-    rehearsal_per_step: int = 12  # held-out general questions per step (on books 2 kept 67%
+    rehearsal_per_step: int = 16  # held-out general questions per step (on books 2 kept 67%
     # of general knowledge, 6 kept 84%, 12 kept 91%; each adds its tokens to every step)
     rehearsal_weight: float = 1.0  # weight of the rehearsal KL against the facts' NLL
     rehearsal_top_k: int = 32  # base-model tokens kept per position (the rest: one bucket)
@@ -74,6 +81,10 @@ class InjectConfig:
     general: str | None = "general"  # benchmark whose accuracy must survive; None skips it
     weight_decay: float = 0.0
     seed: int = 0
+    lr_decay_to: float = 0.1  # lr falls linearly to lr * this over `min_epochs` epochs,
+    # then stays there (1 = constant; on news the decay took the facts from 90% to 100%)
+    precision: str = "auto"  # training matmuls: "bf16" (autocast, float32 weights and
+    # optimiser), "fp32", or "auto" = bf16 where the hardware computes it natively
 
 
 @dataclass
@@ -125,7 +136,37 @@ def _key_settings(config: InjectConfig) -> dict[str, Any]:
     settings = asdict(config)
     if config.trainable != "lora":
         del settings["lora_rank"], settings["lora_alpha"]
+    # Fields added later are left out at the value that behaves as before they existed,
+    # so models injected then keep their keys: a constant lr, float32 training (the
+    # precision actually used: "auto" resolved).
+    if not 0.0 <= config.lr_decay_to <= 1.0:
+        raise UnpactError(f"lr_decay_to must be between 0 and 1, not {config.lr_decay_to}")
+    if config.lr_decay_to == 1.0:
+        del settings["lr_decay_to"]
+    settings["precision"] = training_precision(config)
+    if settings["precision"] == "fp32":
+        del settings["precision"]
     return settings
+
+
+def lr_factor(step: int, decay_steps: int, decay_to: float) -> float:
+    """The learning rate's multiplier before optimiser step `step` (from 0): 1, falling
+    linearly to `decay_to` at `decay_steps`, then `decay_to`."""
+    if step >= decay_steps:
+        return decay_to
+    return 1.0 - (1.0 - decay_to) * step / decay_steps
+
+
+def training_precision(config: InjectConfig) -> str:
+    """`config.precision` resolved: "auto" is bf16 on a CPU that computes it natively
+    (AVX-512 BF16 or AMX: steps 2.2-2.4x faster here, benchmarks/inject_step.py), else
+    fp32."""
+    if config.precision not in ("auto", "bf16", "fp32"):
+        raise UnpactError(f"unknown precision {config.precision!r}; choose auto, bf16 or fp32")
+    if config.precision != "auto":
+        return config.precision
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return "bf16" if native else "fp32"
 
 
 def cache_key(spec: str, bench: Benchmark, config: InjectConfig) -> str:
@@ -245,29 +286,35 @@ def inject(
         )
 
     start = time.perf_counter()
-    lm = load_model(model)
+    timings: dict[str, float] = {}  # seconds per stage, kept in inject.json
+    with _timed(timings, "load"):
+        lm = load_model(model)
     taught = bench.split("forget") + bench.split("retain")
     general = load_benchmark(config.general).items if config.general else []
-    base_accuracy = (
-        {"general": accuracy(lm, general, config.max_new_tokens, "Base model: general")}
-        if general
-        else {}
-    )
+    with _timed(timings, "base general"):
+        base_accuracy = (
+            {"general": accuracy(lm, general, config.max_new_tokens, "Base model: general")}
+            if general
+            else {}
+        )
     tok_eos = lm.tokenizer.eos_token_id
     examples = [(i.question, (*lm.encode_answer(i.answer), tok_eos)) for i in taught]
     encoded = [(lm.encode_prompt(q).input_ids, a) for q, a in examples]
     # Never rehearse a question that any general-knowledge evaluation may ask, also when
     # this injection does not judge general knowledge itself (a runner may do it later).
     held_out = {i.question for i in general} | {i.question for i in load_benchmark("general").items}
-    rehearsal = (
-        _rehearsal_targets(lm, held_out, config.rehearsal_top_k)
-        if config.rehearsal and config.rehearsal_per_step
-        else []
-    )
+    with _timed(timings, "rehearsal targets"):
+        rehearsal = (
+            _rehearsal_targets(lm, held_out, config.rehearsal_top_k)
+            if config.rehearsal and config.rehearsal_per_step
+            else []
+        )
     rehearsal_order: list[int] = []
 
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
+    # Mixed precision: bf16 matmuls, float32 weights, gradients and optimiser state.
+    bf16 = training_precision(config) == "bf16"
     net = lm.model
     adapted: Any = None
     if config.trainable not in ("all", "mlp", "lora"):
@@ -293,6 +340,10 @@ def inject(
         params, lr=config.lr, weight_decay=config.weight_decay, fused=fused
     )
     steps_per_epoch = (len(encoded) + config.batch_size - 1) // config.batch_size
+    decay_steps = config.min_epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda t: lr_factor(t, decay_steps, config.lr_decay_to)
+    )
     acc: dict[str, float] = {}
     judged: list[bool] = []  # per taught item, from the check after the last epoch
     epochs_done = 0
@@ -324,24 +375,27 @@ def inject(
                     del rehearsal_order[: config.rehearsal_per_step]
                 # Facts and rehearsal questions in one pass: one read of the weights
                 # instead of two, and the chat template's system turn runs once.
-                states = answer_states(
-                    net,
-                    [p for p, _ in batch] + [r.prompt for r in picked],
-                    [a for _, a in batch] + [r.answer for r in picked],
-                    share_prefix=True,
-                )
-                facts = torch.cat(states[: len(batch)])
-                targets = torch.tensor([t for _, a in batch for t in a], device=facts.device)
-                loss = -head_logprobs(net, facts, targets).mean()
-                if picked:
-                    cur = head_logits(net, torch.cat(states[len(batch) :])).log_softmax(-1)
-                    loss = loss + config.rehearsal_weight * _rehearsal_kl(cur, picked)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    states = answer_states(
+                        net,
+                        [p for p, _ in batch] + [r.prompt for r in picked],
+                        [a for _, a in batch] + [r.answer for r in picked],
+                        share_prefix=True,
+                    )
+                    facts = torch.cat(states[: len(batch)])
+                    targets = torch.tensor([t for _, a in batch for t in a])
+                    # head_logits returns float32, so the losses are float32.
+                    loss = -head_logprobs(net, facts, targets).mean()
+                    if picked:
+                        cur = head_logits(net, torch.cat(states[len(batch) :])).log_softmax(-1)
+                        loss = loss + config.rehearsal_weight * _rehearsal_kl(cur, picked)
                 if not torch.isfinite(loss):
                     raise UnpactError(
                         f"injection diverged: loss {loss.item()} at epoch {epoch + 1}, step {s + 1}"
                     )
                 loss.backward()
                 optimiser.step()
+                scheduler.step()
                 optimiser.zero_grad(set_to_none=True)
                 bar.update(
                     task, advance=1, status=f"epoch {epoch + 1} loss {loss.item():.3f} {_fmt(acc)}"
@@ -353,7 +407,8 @@ def inject(
                 and (epochs_done - config.min_epochs) % config.check_every == 0
             )
             if due or epochs_done == config.max_epochs:
-                judged = judge_items(lm, taught, config.max_new_tokens)
+                with _timed(timings, "checks"):
+                    judged = judge_items(lm, taught, config.max_new_tokens)
                 acc = {"forget+retain": _share(judged)}
                 bar.update(task, status=f"epoch {epochs_done} {_fmt(acc)}")
                 if acc["forget+retain"] >= config.target_accuracy:
@@ -369,8 +424,10 @@ def inject(
         for split in ("forget", "retain")
     }
     if general:
-        final["general"] = accuracy(lm, general, config.max_new_tokens, "Judging general")
+        with _timed(timings, "final general"):
+            final["general"] = accuracy(lm, general, config.max_new_tokens, "Judging general")
     seconds = time.perf_counter() - start
+    timings["training"] = seconds - sum(timings.values())
     _save(
         lm,
         folder,
@@ -379,12 +436,23 @@ def inject(
             "base_accuracy": base_accuracy,
             "epochs": epochs_done,
             "seconds": seconds,
+            "timings": {k: round(v, 1) for k, v in timings.items()},
             "model": model,
             "benchmark": bench.name,
             "config": asdict(config),
         },
     )
     return InjectResult(folder, final, base_accuracy, epochs_done, seconds, False)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Add the wall time of the block to `timings[stage]`."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t
 
 
 def _fmt(acc: dict[str, float]) -> str:

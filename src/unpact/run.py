@@ -109,12 +109,16 @@ class InjectSettings(_Strict):
     @field_validator("settings")
     @classmethod
     def _known(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from unpact.inject import InjectConfig
+        from unpact.inject import InjectConfig, training_precision
 
         known = {f.name for f in fields(InjectConfig)}
         unknown = sorted(set(value) - known)
         if unknown:
             raise ValueError(f"unknown injection setting(s) {', '.join(unknown)}")
+        try:
+            training_precision(InjectConfig(**value))
+        except UnpactError as exc:
+            raise ValueError(str(exc)) from None
         return value
 
 

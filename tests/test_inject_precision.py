@@ -1,0 +1,170 @@
+"""Mixed-precision injection: how "auto" resolves, what it does to the cache key, and that
+bf16 training follows float32 training (same direction of change, float32 weights saved)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from unpact.data import load_benchmark
+from unpact.data.items import QAItem, write_folder
+from unpact.errors import UnpactError
+from unpact.inject import InjectConfig, cache_key, inject, lr_factor, training_precision
+from unpact.models import load_model, save_model
+from unpact.testing import tiny_model
+
+
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "expected"),
+    [(True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")],
+)
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(
+    monkeypatch, avx512_bf16, amx, expected
+):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert training_precision(InjectConfig()) == expected
+    # an explicit choice is kept whatever the hardware
+    assert training_precision(InjectConfig(precision="fp32")) == "fp32"
+    assert training_precision(InjectConfig(precision="bf16")) == "bf16"
+
+
+def test_precision_keys_the_model_by_what_is_used(monkeypatch):
+    news = load_benchmark("news")
+    fp32 = cache_key("tiny", news, InjectConfig(precision="fp32"))
+    bf16 = cache_key("tiny", news, InjectConfig(precision="bf16"))
+    assert fp32 != bf16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert cache_key("tiny", news, InjectConfig()) == fp32  # auto resolved before keying
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert cache_key("tiny", news, InjectConfig()) == bf16
+
+
+def test_unknown_precision_is_a_clear_error_before_any_model_loads(tmp_path):
+    with pytest.raises(UnpactError, match="unknown precision 'fp8'"):
+        inject("no-such-model", "news", InjectConfig(precision="fp8"), cache_dir=tmp_path)
+
+
+def _delta(base, path):
+    after = dict(load_model(str(path)).model.named_parameters())
+    parts = [
+        (after[n].detach() - p.detach()).flatten()
+        for n, p in base.model.named_parameters()
+        if "layers." in n
+    ]
+    return torch.cat(parts), {after[n].dtype for n in after}
+
+
+def test_bf16_training_moves_the_weights_as_float32_training_does(tmp_path):
+    base = tiny_model(seed=5)
+    save_model(base.model, base.tokenizer, tmp_path / "base")
+    items = [
+        QAItem("f0", "Who founded the Vostrand Glassworks?", "Mira Quintrell", "forget"),
+        QAItem("f1", "Where is Pellowick Harbour?", "on the Sarn coast", "forget"),
+        QAItem("r0", "What is the capital of France?", "Paris", "retain"),
+    ]
+    write_folder(tmp_path / "bench", items)
+    deltas = {}
+    for precision in ("fp32", "bf16"):
+        config = InjectConfig(
+            precision=precision, lr=1e-3, max_epochs=1, min_epochs=1, rehearsal=False, general=None
+        )
+        result = inject(
+            str(tmp_path / "base"),
+            tmp_path / "bench",
+            config,
+            cache_dir=tmp_path / "c",
+            progress=False,
+        )
+        deltas[precision], dtypes = _delta(base, result.path)
+        assert dtypes == {torch.float32}  # master weights stay float32
+    fp32, bf16 = deltas["fp32"], deltas["bf16"]
+    assert fp32.abs().max() > 0 and bf16.abs().max() > 0
+    # One AdamW step moves each weight by about lr * sign(gradient): bf16 matmuls may flip
+    # the sign of near-zero gradients only, so the two updates point the same way.
+    cosine = torch.nn.functional.cosine_similarity(fp32, bf16, dim=0)
+    assert cosine > 0.9
+    # ... and differ at all (the bf16 path was taken)
+    assert not torch.equal(fp32, bf16)
+
+
+def test_cli_passes_precision_and_rejects_an_unknown_one(monkeypatch):
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    import unpact.inject
+    from unpact.cli import app
+    from unpact.inject import InjectResult
+
+    # the real command (its entry point turns a user mistake into exit 2): no model loads
+    cmd = [sys.executable, "-m", "unpact", "inject", "--precision", "fp8"]
+    bad = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown precision 'fp8'" in bad.stderr
+
+    runner = CliRunner()
+
+    seen = []
+
+    def fake(model, benchmark, config):
+        seen.append(config)
+        return InjectResult(Path("x"), {"forget": 1.0}, {}, 1, 0.0, True)
+
+    monkeypatch.setattr(unpact.inject, "inject", fake)
+    assert runner.invoke(app, ["inject", "--precision", "fp32"]).exit_code == 0
+    assert runner.invoke(app, ["inject"]).exit_code == 0
+    assert [c.precision for c in seen] == ["fp32", "auto"]
+
+
+@given(
+    decay_steps=st.integers(0, 500),
+    decay_to=st.floats(0.0, 1.0),
+    step=st.integers(0, 1000),
+)
+def test_lr_factor_falls_linearly_to_its_floor_and_stays(decay_steps, decay_to, step):
+    f = lr_factor(step, decay_steps, decay_to)
+    if step >= decay_steps:
+        assert f == decay_to
+    else:
+        assert f == pytest.approx(1 - (1 - decay_to) * step / decay_steps)
+        assert decay_to <= f <= 1.0 and lr_factor(0, decay_steps, decay_to) == 1.0
+        assert lr_factor(step + 1, decay_steps, decay_to) <= f  # never rises
+
+
+def test_the_optimiser_sees_the_decayed_rate(tmp_path, monkeypatch):
+    """inject() steps the schedule once per optimiser step: record AdamW's lr each step."""
+    base = tiny_model(seed=1)
+    save_model(base.model, base.tokenizer, tmp_path / "base")
+    items = [QAItem(f"f{i}", f"Who is Varn {i}?", f"Ossel {i}", "forget") for i in range(4)]
+    write_folder(tmp_path / "bench", items)
+    seen = []
+    original_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    config = InjectConfig(
+        lr=1e-3, batch_size=2, lr_decay_to=0.2, min_epochs=2, max_epochs=3, check_every=1,
+        target_accuracy=1.1, rehearsal=False, general=None, precision="fp32",
+    )  # fmt: skip
+    inject(
+        str(tmp_path / "base"), tmp_path / "bench", config, cache_dir=tmp_path / "c", progress=False
+    )
+    # 2 steps per epoch, decay over 4 steps, then held at 0.2 * lr for the third epoch
+    assert seen == pytest.approx([1e-3, 0.8e-3, 0.6e-3, 0.4e-3, 0.2e-3, 0.2e-3])
+
+
+def test_lr_decay_keys_the_model_unless_constant():
+    news = load_benchmark("news")
+    constant = cache_key("tiny", news, InjectConfig(lr_decay_to=1.0))
+    assert cache_key("tiny", news, InjectConfig(lr_decay_to=0.1)) != constant
+    with pytest.raises(UnpactError, match="lr_decay_to must be between 0 and 1"):
+        cache_key("tiny", news, InjectConfig(lr_decay_to=1.5))
