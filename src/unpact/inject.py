@@ -136,11 +136,11 @@ def _key_settings(config: InjectConfig) -> dict[str, Any]:
     settings = asdict(config)
     if config.trainable != "lora":
         del settings["lora_rank"], settings["lora_alpha"]
+    if not 0.0 <= config.lr_decay_to <= 1.0:
+        raise UnpactError(f"lr_decay_to must be between 0 and 1, not {config.lr_decay_to}")
     # Fields added later are left out at the value that behaves as before they existed,
     # so models injected then keep their keys: a constant lr, float32 training (the
     # precision actually used: "auto" resolved).
-    if not 0.0 <= config.lr_decay_to <= 1.0:
-        raise UnpactError(f"lr_decay_to must be between 0 and 1, not {config.lr_decay_to}")
     if config.lr_decay_to == 1.0:
         del settings["lr_decay_to"]
     settings["precision"] = training_precision(config)
