@@ -409,8 +409,15 @@ def test_ctrl_c_says_how_to_continue(setup, tmp_path):
     root, _ = setup
     env = {**os.environ, "UNPACT_CACHE": str(tmp_path / "home")}
     cmd = [sys.executable, "-m", "unpact", "run", str(root / "config.yaml"), "--out", str(tmp_path)]
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT
+    # (no KeyboardInterrupt): give the run the terminal's default, as a user at a prompt has.
     proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        cmd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     # Interrupt once the run says it is unlearning: seconds of work remain then, so the
     # signal cannot miss the run (polling for a stage's files could, on a busy machine).
