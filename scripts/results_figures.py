@@ -2,13 +2,16 @@
 
 Run:  .venv/bin/python scripts/results_figures.py runs/paper docs/results
       .venv/bin/python scripts/results_figures.py runs/beyond_books docs/results
+      .venv/bin/python scripts/results_figures.py runs/beyond docs/results
 
 Writes one `<benchmark>-dilemma.svg` per run folder holding a results.json, and prints per
 benchmark the tables RESULTS.md quotes: FocusOnKey against PROBAB (rates, 95% bootstrap
 intervals, exact McNemar test on the same items) and the focus-shift and damage figures.
-Given one benchmark's run folder (results.json at its top), it adds every attack's recovery
-and the checks of the attribution (keyword precision / recall, gradient agreement,
-stability).
+For a run of the suite beyond the paper (attacks beyond the paper's three: one
+benchmark's folder, or a grid such as runs/beyond, whose plots are named
+`<run>-<benchmark>-dilemma.svg`) it plots recovery by any attack and adds every attack's
+recovery and the checks of the attribution (keyword precision / recall, gradient
+agreement, stability).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import sys
 from pathlib import Path
 
 from unpact.report import dilemma_svg
+
+PAPER_ATTACKS = {"focus_on_key", "probab", "focus_on_key_probab"}
 
 
 def pct(v: float | None) -> str:
@@ -136,15 +141,19 @@ def main() -> None:
         return
     for results_file in sorted(runs.glob("*/results.json")):
         results = json.loads(results_file.read_text())
-        target = out / f"{results_file.parent.name}-dilemma.svg"
-        target.write_text(dilemma_svg(results))
         m0 = next(iter(results["methods"].values()))
+        suite = bool(set(results["attacks"]) - PAPER_ATTACKS)  # a grid beyond the paper
+        name = results_file.parent.name
+        target = out / (f"{runs.name}-{name}-dilemma.svg" if suite else f"{name}-dilemma.svg")
+        target.write_text(dilemma_svg(results, attack="any" if suite else None))
         print(f"## {results['benchmark']} ({target})")
         print(
             f"retain acc. before {pct(m0.get('retain_acc_before'))}, "
             f"general acc. before {pct(m0.get('general_acc_before'))}\n"
         )
         print(claims(results) + "\n")
+        if suite:
+            print(beyond(results) + "\n")
 
 
 if __name__ == "__main__":
