@@ -191,6 +191,25 @@ def attribute(
     html_out: Annotated[
         Path | None, typer.Option("--html", help="Write an HTML heatmap page here.")
     ] = None,
+    gradient: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Also attribute the same answers to the same units by a gradient method, "
+            "to check unPact: grad_x_input or integrated_gradients (repeatable). Prints each "
+            "unit's scores and their Spearman correlation and top-k overlap with unPact; "
+            "--json records them under 'gradient'. Needs a local model."
+        ),
+    ] = None,
+    ig_steps: Annotated[
+        int, typer.Option(help="Integrated gradients: midpoints of the path integral.")
+    ] = 64,
+    ig_baseline: Annotated[
+        str,
+        typer.Option(
+            help="Integrated gradients: content embeddings replaced by mean, zero or pad."
+        ),
+    ] = "mean",
+    top_k: Annotated[int, typer.Option(help="Units compared by --gradient's top-k overlap.")] = 3,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     trust_remote_code: RemoteCodeOpt = False,
@@ -200,6 +219,17 @@ def attribute(
     from unpact.attribution import attribute_many, check_settings, html_page, read_prompts
 
     check_settings(unit, baseline, target, alpha, beta)
+    gradient = list(dict.fromkeys(gradient or []))
+    if gradient:
+        from unpact.gradient import GRADIENT_METHODS, IG_BASELINES
+
+        for g in gradient:
+            if g not in GRADIENT_METHODS:
+                raise UnpactError(f"--gradient {g!r}: choose {' or '.join(GRADIENT_METHODS)}")
+        if ig_baseline not in IG_BASELINES:
+            raise UnpactError(f"--ig-baseline {ig_baseline!r}: choose {', '.join(IG_BASELINES)}")
+        if ig_steps < 1 or top_k < 1:
+            raise UnpactError("--ig-steps and --top-k must be at least 1")
     if (prompt is None) == (data is None):
         raise UnpactError("give either --prompt TEXT or --data FILE.jsonl")
     if data is not None:
@@ -211,6 +241,10 @@ def attribute(
         _check_text(prompt=prompt)
         prompts, answers = [prompt], [answer]
     lm = _load(model, dtype, device, trust_remote_code, concurrency)
+    from unpact.models import LanguageModel
+
+    if gradient and not isinstance(lm, LanguageModel):
+        raise UnpactError(f"--gradient needs the model's weights; {lm.spec} is served")
     records = attribute_many(
         lm,
         prompts,
@@ -225,17 +259,86 @@ def attribute(
         max_new_tokens=max_new_tokens,
         progress=len(prompts) > 1,
     )
-    for record in records:
+    checks = _gradient_checks(
+        lm, records, gradient, unit, ig_steps, ig_baseline, top_k, progress=len(prompts) > 1
+    )
+    dicts = [r.to_dict() for r in records]
+    for n, record in enumerate(records):
         out.print(record)
+        if checks:
+            dicts[n]["gradient"] = {g: checks[g][n] for g in gradient}
+            out.print(_gradient_table(record, {g: checks[g][n] for g in gradient}, top_k))
     if json_out is not None:
         if data is None:
-            records[0].save(json_out)
+            json_out.write_text(json.dumps(dicts[0], indent=1) + "\n")
         else:
-            json_out.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in records))
+            json_out.write_text("".join(json.dumps(d) + "\n" for d in dicts))
         err.print(f"wrote {json_out}")
     if html_out is not None:
         html_out.write_text(html_page(records))
         err.print(f"wrote {html_out}")
+
+
+def _gradient_checks(
+    lm: AnyModel,
+    records: list[Attribution],
+    methods: list[str],
+    unit: str,
+    steps: int,
+    ig_baseline: str,
+    top_k: int,
+    progress: bool,
+) -> dict[str, list[dict[str, object]]]:
+    """Per gradient method, per record: the units' gradient scores for the record's own
+    prompt and answer tokens, and their agreement with its unPact contributions."""
+    from unpact.gradient import gradient_attributions, spearman, top_k_overlap
+
+    found: dict[str, list[dict[str, object]]] = {}
+    for method in methods:
+        rows = gradient_attributions(
+            lm,  # type: ignore[arg-type]  # a LanguageModel: checked when loaded
+            [r.prompt for r in records],
+            [r.answer_ids for r in records],
+            method=method,  # type: ignore[arg-type]
+            unit=unit,  # type: ignore[arg-type]
+            steps=steps,
+            ig_baseline=ig_baseline,  # type: ignore[arg-type]
+            chat_template=records[0].chat_template if records else None,
+            progress=progress,
+        )
+        found[method] = []
+        for r, g in zip(records, rows, strict=True):
+            if g.unit_texts != [u.text for u in r.units]:  # cannot happen: same encoding
+                raise UnpactError(f"{method} found other units than unPact for {r.prompt!r}")
+            found[method].append(
+                {
+                    "scores": g.scores,
+                    "lp": g.lp,
+                    "baseline_lp": g.baseline_lp,
+                    "spearman": spearman(g.scores, r.contributions),
+                    "top_k_overlap": top_k_overlap(g.scores, r.contributions, top_k),
+                    **(
+                        {"steps": steps, "ig_baseline": ig_baseline}
+                        if method == "integrated_gradients"
+                        else {}
+                    ),
+                }
+            )
+    return found
+
+
+def _gradient_table(record: Attribution, checks: dict[str, dict[str, object]], top_k: int) -> Table:
+    table = Table("unit", "unPact", *checks, title="unPact against gradient attributions")
+    for n, u in enumerate(record.units):
+        cells = [f"{c['scores'][n]:+.4f}" for c in checks.values()]  # type: ignore[index]
+        table.add_row(u.text, f"{record.contributions[n]:+.4f}", *cells)
+    table.add_row(
+        "Spearman", "", *[f"{c['spearman']:.3f}" for c in checks.values()]
+    )
+    table.add_row(
+        f"top-{top_k} overlap", "", *[f"{c['top_k_overlap']:.3f}" for c in checks.values()]
+    )
+    return table
 
 
 @app.command()

@@ -37,6 +37,7 @@ from unpact.scoring import head_logprobs, lm_body_and_head
 
 GradientMethod = Literal["grad_x_input", "integrated_gradients"]
 GRADIENT_METHODS: tuple[str, ...] = ("grad_x_input", "integrated_gradients")
+IG_BASELINES: tuple[str, ...] = ("mean", "zero", "pad")
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def _lp(model: object, embeds: torch.Tensor, n_prompt: int, answer: torch.Tensor
 def gradient_attributions(
     lm: LanguageModel,
     prompts: Sequence[str],
-    answers: Sequence[str],
+    answers: Sequence[str | Sequence[int]],
     *,
     method: GradientMethod = "integrated_gradients",
     unit: UnitKind = "token",
@@ -72,9 +73,12 @@ def gradient_attributions(
     batch_size: int = 16,
     progress: bool = False,
 ) -> list[GradientAttribution]:
-    """Gradient attribution of each answer to the units of its prompt (module docstring)."""
+    """Gradient attribution of each answer (text, or token ids as in an unPact record) to
+    the units of its prompt (module docstring)."""
     if method not in GRADIENT_METHODS:
         raise UnpactError(f"unknown gradient method {method!r}; choose {GRADIENT_METHODS}")
+    if ig_baseline not in IG_BASELINES:
+        raise UnpactError(f"unknown ig_baseline {ig_baseline!r}; choose {IG_BASELINES}")
     if steps < 1:
         raise UnpactError("integrated gradients needs at least one step")
     if not isinstance(lm, LanguageModel):
@@ -82,12 +86,12 @@ def gradient_attributions(
     out = []
     label = "Gradient x input" if method == "grad_x_input" else "Integrated gradients"
     with progress_bar(label, total=len(prompts), enabled=progress) as advance:
-        for prompt, answer_text in zip(prompts, answers, strict=True):
+        for prompt, answer in zip(prompts, answers, strict=True):
             out.append(
                 _one(
                     lm,
                     prompt,
-                    answer_text,
+                    answer,
                     method,
                     unit,
                     steps,
@@ -103,7 +107,7 @@ def gradient_attributions(
 def _one(
     lm: LanguageModel,
     prompt: str,
-    answer_text: str,
+    answer: str | Sequence[int],
     method: str,
     unit: UnitKind,
     steps: int,
@@ -114,10 +118,12 @@ def _one(
     model = lm.model
     embedding = model.get_input_embeddings()
     enc = lm.encode_prompt(prompt, chat_template)
-    answer_ids = lm.encode_answer(answer_text)
+    answer_ids = lm.encode_answer(answer) if isinstance(answer, str) else tuple(answer)
+    if not answer_ids:
+        raise UnpactError("empty answer: give the text whose log-prob to attribute")
     units = make_units(lm, enc, unit)
     ids = torch.tensor([*enc.input_ids, *answer_ids], device=lm.device)
-    answer = torch.tensor(answer_ids, device=lm.device)
+    target = torch.tensor(answer_ids, device=lm.device)
     n = len(enc.input_ids)
     with torch.no_grad():
         e = embedding(ids[None]).detach()
@@ -134,7 +140,7 @@ def _one(
     base = e * (1 - content) + fill * content
     if method == "grad_x_input":
         x = e.clone().requires_grad_(True)
-        lp = _lp(model, x, n, answer)
+        lp = _lp(model, x, n, target)
         (grad,) = torch.autograd.grad(lp.sum(), x)
         per_token = (grad * e)[0].sum(-1)
         lp_value, base_value = float(lp.detach()), None
@@ -144,13 +150,13 @@ def _one(
         for k in range(0, steps, batch_size):
             a = torch.tensor(alphas[k : k + batch_size], device=lm.device)[:, None, None]
             x = (base + a * (e - base)).requires_grad_(True)
-            lp = _lp(model, x, n, answer)
+            lp = _lp(model, x, n, target)
             (grad,) = torch.autograd.grad(lp.sum(), x)
             total += grad.sum(0, keepdim=True)
         per_token = ((e - base) * total / steps)[0].sum(-1)
         with torch.no_grad():
-            lp_value = float(_lp(model, e, n, answer))
-            base_value = float(_lp(model, base, n, answer))
+            lp_value = float(_lp(model, e, n, target))
+            base_value = float(_lp(model, base, n, target))
     scores = [float(sum(per_token[p] for p in u.positions)) for u in units]
     return GradientAttribution(method, [u.text for u in units], scores, lp_value, base_value)
 
