@@ -565,3 +565,52 @@ def test_a_sweep_expands_into_one_run_per_value(setup, finished, tmp_path):
     assert [m.config["settings"]["beta"] for m in nested.methods] == [0.1, 1]
     with pytest.raises(UnpactError, match="one setting"):
         load_config(config | {"methods": [{"method": "ga", "sweep": {"lr": []}}]})
+
+
+def test_sweep_checks_default_checks_only_the_default_run(setup, tmp_path):
+    """`sweep_checks: default` skips the checks on a sweep's other runs; the CLI's log and
+    table show a sweep's run by its whole label (rich markup ate "[lr=...]")."""
+    _, config = setup
+    from unpact.run import _at_default
+    from unpact.unlearn.config import resolve_config
+
+    default_lr = resolve_config("ga").lr
+    swept = config | {
+        "methods": [
+            {
+                "method": "ga",
+                "config": {"steps": 2, "batch_size": 2},
+                "sweep": {"lr": [1e-3, default_lr]},
+            }
+        ],
+        "attacks": [{"name": "focus_on_key"}],
+        "attribution": {"heatmaps": 0, "gradient": ["grad_x_input"], "sweep_checks": "default"},
+    }
+    assert [_at_default(m) for m in load_config(swept).methods] == [False, True]
+    beta = resolve_config("npo").settings["beta"]
+    nested = load_config(
+        config | {"methods": [{"method": "npo", "sweep": {"settings.beta": [beta, 2 * beta]}}]}
+    )
+    assert [_at_default(m) for m in nested.methods] == [True, False]
+
+    (tmp_path / "swept.yaml").write_text(yaml.safe_dump(swept))
+    env = {**os.environ, "UNPACT_CACHE": str(tmp_path / "home")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "unpact",
+        "run",
+        str(tmp_path / "swept.yaml"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    labels = list(results["methods"])
+    assert labels == ["ga[lr=0.001]", f"ga[lr={default_lr}]"]
+    assert set(results["attribution_checks"]) == {"original", labels[1]}
+    assert f"checking attributions: {labels[1]}" in res.stderr
+    assert f"checking attributions: {labels[0]}" not in res.stderr
+    assert f"unlearning: {labels[0]}" in res.stderr
+    assert all(label in res.stdout for label in labels)

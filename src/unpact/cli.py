@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from unpact import configs as builtin_run_configs
@@ -331,10 +332,8 @@ def _gradient_table(record: Attribution, checks: dict[str, dict[str, object]], t
     table = Table("unit", "unPact", *checks, title="unPact against gradient attributions")
     for n, u in enumerate(record.units):
         cells = [f"{c['scores'][n]:+.4f}" for c in checks.values()]  # type: ignore[index]
-        table.add_row(u.text, f"{record.contributions[n]:+.4f}", *cells)
-    table.add_row(
-        "Spearman", "", *[f"{c['spearman']:.3f}" for c in checks.values()]
-    )
+        table.add_row(escape(u.text), f"{record.contributions[n]:+.4f}", *cells)
+    table.add_row("Spearman", "", *[f"{c['spearman']:.3f}" for c in checks.values()])
     table.add_row(
         f"top-{top_k} overlap", "", *[f"{c['top_k_overlap']:.3f}" for c in checks.values()]
     )
@@ -378,9 +377,9 @@ def compare(
         cs.append(c)
         table.add_row(
             str(i),
-            a.prompt[:40],
-            ", ".join(a.key_token_texts),
-            ", ".join(b.key_token_texts),
+            escape(a.prompt[:40]),
+            escape(", ".join(a.key_token_texts)),
+            escape(", ".join(b.key_token_texts)),
             f"{k:.3f}",
             f"{c:.3f}",
             f"{a.prompt_sensitivity:.3f}",
@@ -594,7 +593,7 @@ def data_show(
         table = Table("id", "question", "answer", "keywords", title=f"{split} (first {len(items)})")
         for item in items:
             answer = item.answer + (f"  (of {len(item.choices)} choices)" if item.choices else "")
-            table.add_row(item.id, item.question, answer, ", ".join(item.keywords))
+            table.add_row(*map(escape, (item.id, item.question, answer, ", ".join(item.keywords))))
         out.print(table)
 
 
@@ -622,7 +621,7 @@ def _print_results(results: dict[str, object], out_dir: Path) -> None:
         recovery: dict[str, float | None] = m["recovery"]  # type: ignore[assignment]
         sims = (m["keytoken_similarity_forgotten"], m["keytoken_similarity_kept"])
         table.add_row(
-            name,
+            escape(name),  # a sweep's run is label[key=value]: text, not markup
             f"{pct(m['forget_acc_before'])} → {pct(m['forget_acc_after'])}",
             str(m["forgotten"]),
             *(pct(recovery.get(a)) for a in attacks),
@@ -647,7 +646,7 @@ def _run(config: str | Path, out_dir: Path) -> None:
     start = time.perf_counter()
 
     def log(text: str) -> None:
-        err.print(f"[dim]{time.perf_counter() - start:6.0f} s[/]  {text}", highlight=False)
+        err.print(f"[dim]{time.perf_counter() - start:6.0f} s[/]  {escape(text)}", highlight=False)
 
     try:
         result = run_experiment(cfg, out_dir, log=log)

@@ -222,6 +222,11 @@ class AttributionSettings(_Strict):
     stability: bool = Field(
         False, description="KeyToken stability across keyword-keeping paraphrases"
     )
+    sweep_checks: Literal["all", "default"] = Field(
+        "all",
+        description="which runs of a swept method get the checks above: all, or only the one "
+        "at the method's default value (none if no swept value is the default)",
+    )
 
     @property
     def checks(self) -> bool:
@@ -229,7 +234,15 @@ class AttributionSettings(_Strict):
 
 
 # Settings of the attribution checks: outside the attribution stage's cache key.
-_CHECK_FIELDS = {"heatmaps", "gradient", "ig_steps", "ig_baseline", "top_k", "stability"}
+_CHECK_FIELDS = {
+    "heatmaps",
+    "gradient",
+    "ig_steps",
+    "ig_baseline",
+    "top_k",
+    "stability",
+    "sweep_checks",
+}
 
 
 class StatisticsSettings(_Strict):
@@ -535,6 +548,21 @@ def _attribution_checks(
             row["stability"] = [_jaccard(base, _key_set(r.key_token_texts)) for r in mine]
             row["paraphrase_key_tokens"] = [r.key_token_texts for r in mine]
     return rows
+
+
+def _at_default(spec: MethodSpec) -> bool:
+    """Whether a swept run's value is what its method would use without the sweep."""
+    from unpact.unlearn.config import resolve_config
+
+    assert spec.method is not None and spec.swept is not None
+    without = json.loads(json.dumps(spec.config))  # a deep copy
+    *parents, leaf = spec.swept["key"].split(".")
+    node = without
+    for part in parents:
+        node = node.get(part, {})
+    node.pop(leaf, None)
+    swept = resolve_config(spec.method, values=spec.config).model_dump(mode="json")
+    return swept == resolve_config(spec.method, values=without).model_dump(mode="json")
 
 
 def _key_set(texts: list[str]) -> set[str]:
@@ -948,7 +976,12 @@ def run(
     # 4-6. evaluation, attribution and attacks, one model at a time
     judge_key = cfg.judge.model_dump(mode="json")
     attr_key = cfg.attribution.model_dump(mode="json", exclude=_CHECK_FIELDS)
-    checks_key = cfg.attribution.model_dump(mode="json", exclude={"heatmaps"})
+    checks_key = cfg.attribution.model_dump(mode="json", exclude={"heatmaps", "sweep_checks"})
+    unchecked = (
+        {s.label for s in cfg.methods if s.swept and not _at_default(s)}
+        if cfg.attribution.sweep_checks == "default"
+        else set()
+    )
     checks: dict[str, list[dict[str, Any]]] = {}
     evals: dict[str, dict[str, dict[str, Any]]] = {}
     attrs: dict[str, dict[str, dict[str, Any]]] = {}
@@ -977,7 +1010,7 @@ def run(
             say(f"attributing: {label}")
             attr_stage.write(_attribute(model(), forget, cfg.attribution))
         attrs[label] = {r["id"]: r for r in attr_stage.read()}
-        if cfg.attribution.checks:
+        if cfg.attribution.checks and label not in unchecked:
             check_stage = _Stage(cache, "checks", _hash(model_key, items_key, checks_key))
             if not check_stage.done():
                 say(f"checking attributions: {label}")
