@@ -435,9 +435,12 @@ def test_ctrl_c_says_how_to_continue(setup, tmp_path):
 
 
 def test_attribution_checks_run_from_the_config_without_recomputing_attributions(
-    setup, finished, tmp_path
+    setup, finished, tmp_path, tiny
 ):
     import statistics
+
+    from unpact.data.items import load_benchmark
+    from unpact.gradient import gradient_attributions
 
     root, first = finished
     _, config = setup
@@ -459,6 +462,17 @@ def test_attribution_checks_run_from_the_config_without_recomputing_attributions
             values = [r[method]["spearman"] for r in mine if r[method]["spearman"] is not None]
             assert figures[f"spearman.{method}"] == pytest.approx(statistics.mean(values))
             assert all(len(r[method]["scores"]) > 1 for r in mine)
+        if label == "original":  # the tiny model itself: the items' own gradient scores
+            items = {i.id: i for i in load_benchmark(str(root / "bench")).items}
+            direct = gradient_attributions(
+                tiny,
+                [items[r["id"]].question for r in mine],
+                [items[r["id"]].answer for r in mine],
+                method="integrated_gradients",
+                steps=4,
+            )
+            for r, g in zip(mine, direct):
+                assert r["integrated_gradients"]["scores"] == pytest.approx(g.scores, abs=1e-5)
         stab = [statistics.mean(v for v in r["stability"] if v is not None) for r in mine]
         assert figures["keytoken_stability"] == pytest.approx(statistics.mean(stab))
         assert 0 <= figures["keytoken_stability"] <= 1

@@ -261,7 +261,7 @@ def attribute(
         progress=len(prompts) > 1,
     )
     checks = _gradient_checks(
-        lm, records, gradient, unit, ig_steps, ig_baseline, top_k, progress=len(prompts) > 1
+        lm, records, gradient, ig_steps, ig_baseline, top_k, progress=len(prompts) > 1
     )
     dicts = [r.to_dict() for r in records]
     for n, record in enumerate(records):
@@ -284,47 +284,28 @@ def _gradient_checks(
     lm: AnyModel,
     records: list[Attribution],
     methods: list[str],
-    unit: str,
     steps: int,
     ig_baseline: str,
     top_k: int,
     progress: bool,
 ) -> dict[str, list[dict[str, object]]]:
-    """Per gradient method, per record: the units' gradient scores for the record's own
-    prompt and answer tokens, and their agreement with its unPact contributions."""
-    from unpact.gradient import gradient_attributions, spearman, top_k_overlap
+    """Per gradient method, per record: `unpact.gradient.check_unpact`'s row."""
+    from unpact.gradient import check_unpact
 
     found: dict[str, list[dict[str, object]]] = {}
     for method in methods:
-        rows = gradient_attributions(
+        rows = check_unpact(
             lm,  # type: ignore[arg-type]  # a LanguageModel: checked when loaded
-            [r.prompt for r in records],
-            [r.answer_ids for r in records],
-            method=method,  # type: ignore[arg-type]
-            unit=unit,  # type: ignore[arg-type]
+            records,
+            method,  # type: ignore[arg-type]
             steps=steps,
             ig_baseline=ig_baseline,  # type: ignore[arg-type]
-            chat_template=records[0].chat_template if records else None,
+            top_k=top_k,
             progress=progress,
         )
-        found[method] = []
-        for r, g in zip(records, rows, strict=True):
-            if g.unit_texts != [u.text for u in r.units]:  # cannot happen: same encoding
-                raise UnpactError(f"{method} found other units than unPact for {r.prompt!r}")
-            found[method].append(
-                {
-                    "scores": g.scores,
-                    "lp": g.lp,
-                    "baseline_lp": g.baseline_lp,
-                    "spearman": spearman(g.scores, r.contributions),
-                    "top_k_overlap": top_k_overlap(g.scores, r.contributions, top_k),
-                    **(
-                        {"steps": steps, "ig_baseline": ig_baseline}
-                        if method == "integrated_gradients"
-                        else {}
-                    ),
-                }
-            )
+        if method == "integrated_gradients":
+            rows = [r | {"steps": steps, "ig_baseline": ig_baseline} for r in rows]
+        found[method] = rows
     return found
 
 

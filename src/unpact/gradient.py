@@ -25,11 +25,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
-from unpact.attribution import UnitKind, make_units
+from unpact.attribution import Attribution, UnitKind, make_units
 from unpact.errors import UnpactError
 from unpact.models import LanguageModel
 from unpact.progress import progress_bar
@@ -198,3 +198,45 @@ def top_k_overlap(a: Sequence[float], b: Sequence[float], k: int) -> float:
         return math.nan
     top = lambda v: set(sorted(range(len(v)), key=lambda i: (-v[i], i))[:k])  # noqa: E731
     return len(top(a) & top(b)) / k
+
+
+def check_unpact(
+    lm: LanguageModel,
+    records: Sequence[Attribution],
+    method: GradientMethod,
+    *,
+    steps: int = 64,
+    ig_baseline: Literal["mean", "zero", "pad"] = "mean",
+    top_k: int = 3,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Per unPact record: the gradient method's unit scores for the record's own prompt,
+    units and answer tokens, with their Spearman correlation and top-k overlap with the
+    record's contributions (and LP, and for integrated gradients LP at the baseline)."""
+    if not records:
+        return []
+    found = gradient_attributions(
+        lm,
+        [r.prompt for r in records],
+        [r.answer_ids for r in records],
+        method=method,
+        unit=records[0].unit,  # type: ignore[arg-type]
+        steps=steps,
+        ig_baseline=ig_baseline,
+        chat_template=records[0].chat_template,
+        progress=progress,
+    )
+    rows = []
+    for r, g in zip(records, found, strict=True):
+        if g.unit_texts != [u.text for u in r.units]:  # the same encoding: cannot happen
+            raise UnpactError(f"{method} found other units than unPact for {r.prompt!r}")
+        rows.append(
+            {
+                "scores": g.scores,
+                "spearman": spearman(g.scores, r.contributions),
+                "top_k_overlap": top_k_overlap(g.scores, r.contributions, top_k),
+                "lp": g.lp,
+                "baseline_lp": g.baseline_lp,
+            }
+        )
+    return rows

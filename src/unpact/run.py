@@ -503,30 +503,24 @@ def _attribution_checks(
     """Per forget item: each gradient attribution's agreement with unPact (Spearman, top-k
     overlap) and the KeyTokens' stability across paraphrases (Jaccard of their texts)."""
     from unpact.attacks import PARAPHRASES
-    from unpact.gradient import gradient_attributions, spearman, top_k_overlap
+    from unpact.gradient import check_unpact
 
     rows: list[dict[str, Any]] = [{"id": i.id} for i in items]
-    questions, answers = [i.question for i in items], [i.answer for i in items]
+    records = [Attribution.from_dict(unpact[i.id]) for i in items]
     for method in settings.gradient:
         if not isinstance(lm, LanguageModel):
             raise UnpactError(f"{method} needs the model's weights; {lm.spec} is served")
-        found = gradient_attributions(
+        found = check_unpact(
             lm,
-            questions,
-            answers,
-            method=method,
-            unit=settings.unit,
+            records,
+            method,
             steps=settings.ig_steps,
             ig_baseline=settings.ig_baseline,
+            top_k=settings.top_k,
             progress=True,
         )
-        for row, g in zip(rows, found):
-            c = unpact[row["id"]]["contributions"]
-            row[method] = {
-                "scores": g.scores,
-                "spearman": spearman(g.scores, c),
-                "top_k_overlap": top_k_overlap(g.scores, c, settings.top_k),
-            }
+        for row, check in zip(rows, found, strict=True):
+            row[method] = {k: check[k] for k in ("scores", "spearman", "top_k_overlap")}
     if settings.stability:
         variants = [
             t.format(question=i.question, keywords=", ".join(i.keywords) or i.question)
