@@ -277,7 +277,8 @@ def test_builtin_configs_load():
     words = load_config("paper_words")
     assert words.attribution.unit == "word" and words.methods == paper.methods
     beyond = load_config("beyond")
-    assert len(beyond.methods) == 15 and beyond.methods[1].config == {"settings": {"gamma": 1}}
+    assert len(beyond.methods) == 17 and beyond.methods[1].config == {"settings": {"gamma": 1}}
+    assert {"ga_gd", "npo_gd"} < {m.label for m in beyond.methods}  # the six paper methods
     assert "relearn" in {a.name for a in beyond.attacks} and beyond.attribution.stability
 
 
