@@ -133,7 +133,8 @@ def main() -> None:
     if len(list(runs.glob("*/results.json"))) == 1:  # one benchmark: the suite beyond the paper
         top = next(runs.glob("*/results.json"))
     if top.is_file() and "methods" in (results := json.loads(top.read_text())):
-        target = out / f"{runs.name}-dilemma.svg"
+        bench = results["benchmark"]  # named once: beyond_books-, beyond-news-dilemma.svg
+        target = out / f"{runs.name if bench in runs.name else f'{runs.name}-{bench}'}-dilemma.svg"
         target.write_text(dilemma_svg(results, attack="any"))  # FocusOnKey is ~0 for all
         print(f"## {results['benchmark']} ({target})\n")
         print(claims(results) + "\n")
