@@ -66,7 +66,10 @@ def dilemma_svg(
     if attack is None:
         attack = results["attacks"][0] if results["attacks"] else None
     series = by_model or {"": results}
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
+    # One colour per model, or (one model) per method: a sweep's runs share their method's
+    # colour and legend entry and are annotated with the swept value alone.
+    families = list(dict.fromkeys(_family(n, m) for n, m in results["methods"].items()))
+    fig, axes = plt.subplots(1, 2, figsize=(9 if by_model else 10.5, 3.8), sharey=True)
     for ax, split in zip(axes, ("retain", "general")):
         for n, (model, res) in enumerate(series.items()):
             for name, m in res["methods"].items():
@@ -74,11 +77,24 @@ def dilemma_svg(
                 y = m["recovery"].get(attack) if attack else None
                 if x is None or y is None:
                     continue
-                color = f"C{n % 10}" if by_model else None
+                family = _family(name, m)
+                color: str | None
+                if by_model:
+                    color = f"C{n % 10}"
+                    label = f"{model}: {name.replace('settings.', '')}"
+                else:
+                    color = f"C{families.index(family) % 10}" if family in families else None
+                    sweep = m.get("sweep")
+                    label = f"{sweep['key'].split('.')[-1]}={sweep['value']}" if sweep else ""
                 ax.scatter([100 * x], [100 * y], s=40, color=color)
-                short = name.replace("settings.", "")  # a sweep's run: method[key=value]
-                label = f"{model}: {short}" if by_model else short
-                ax.annotate(label, (100 * x, 100 * y), textcoords="offset points", xytext=(5, 4))
+                if label:
+                    ax.annotate(
+                        label,
+                        (100 * x, 100 * y),
+                        textcoords="offset points",
+                        xytext=(5, 4),
+                        fontsize="small",
+                    )
             # A swept method's runs as one curve, in the order of the swept value.
             curves: dict[str, list[tuple[Any, float, float]]] = {}
             for m in res["methods"].values():
@@ -86,20 +102,29 @@ def dilemma_svg(
                 y = m["recovery"].get(attack) if attack else None
                 if sweep and x is not None and y is not None:
                     curves.setdefault(sweep["of"], []).append((sweep["value"], x, y))
-            for points in curves.values():
+            for family, points in curves.items():
                 points.sort(key=lambda p: p[0])
+                colour = f"C{families.index(family) % 10}" if family in families else "grey"
                 ax.plot(
                     [100 * p[1] for p in points],
                     [100 * p[2] for p in points],
                     "-",
                     alpha=0.5,
-                    color=f"C{n % 10}" if by_model else "grey",
+                    color=f"C{n % 10}" if by_model else colour,
                 )
         ax.set_xlim(-5, 105)
         ax.set_ylim(-5, 105)
         ax.set_xlabel(f"destructive rate on {split} items (%)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"recovery rate, {ATTACK_TITLES.get(attack or '', attack)} (%)")
+    if not by_model:
+        handles = [
+            plt.Line2D([], [], marker="o", ls="", color=f"C{k % 10}", label=f)
+            for k, f in enumerate(families)
+        ]
+        axes[1].legend(
+            handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small"
+        )
     fig.suptitle("The dilemma: lower-left is better (forgets for good, destroys little)")
     fig.tight_layout()
     buf = io.StringIO()
@@ -109,6 +134,12 @@ def dilemma_svg(
     svg = buf.getvalue()
     svg = re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.S)  # a date: not reproducible
     return svg[svg.index("<svg") :]
+
+
+def _family(name: str, m: dict[str, Any]) -> str:
+    """The method a result belongs to: a sweep's runs share their method's label."""
+    sweep = m.get("sweep")
+    return str(sweep["of"]) if sweep else name
 
 
 def heatmaps(
