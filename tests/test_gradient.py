@@ -83,6 +83,21 @@ def test_answer_token_ids_give_the_same_scores_as_their_text(tiny):
         assert i.scores == t.scores and i.lp == t.lp
 
 
+def test_check_unpact_leaves_an_undefined_agreement_as_none(tiny):
+    """Constant contributions have no rank correlation: None (valid JSON), not NaN."""
+    import dataclasses
+
+    from unpact.attribution import attribute
+    from unpact.gradient import check_unpact
+
+    record = attribute(tiny, PROMPTS[0], ANSWERS[0])
+    flat = dataclasses.replace(record, contributions=[0.5] * len(record.units))
+    plain, constant = check_unpact(tiny, [record, flat], "grad_x_input")
+    assert plain["spearman"] is not None and constant["spearman"] is None
+    assert plain["scores"] == constant["scores"]
+    json.dumps([plain, constant], allow_nan=False)
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tiny, tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")

@@ -314,10 +314,12 @@ def _gradient_table(record: Attribution, checks: dict[str, dict[str, object]], t
     for n, u in enumerate(record.units):
         cells = [f"{c['scores'][n]:+.4f}" for c in checks.values()]  # type: ignore[index]
         table.add_row(escape(u.text), f"{record.contributions[n]:+.4f}", *cells)
-    table.add_row("Spearman", "", *[f"{c['spearman']:.3f}" for c in checks.values()])
-    table.add_row(
-        f"top-{top_k} overlap", "", *[f"{c['top_k_overlap']:.3f}" for c in checks.values()]
-    )
+
+    def num(v: object) -> str:
+        return "–" if v is None else f"{v:.3f}"
+
+    table.add_row("Spearman", "", *[num(c["spearman"]) for c in checks.values()])
+    table.add_row(f"top-{top_k} overlap", "", *[num(c["top_k_overlap"]) for c in checks.values()])
     return table
 
 

@@ -212,7 +212,8 @@ def check_unpact(
 ) -> list[dict[str, Any]]:
     """Per unPact record: the gradient method's unit scores for the record's own prompt,
     units and answer tokens, with their Spearman correlation and top-k overlap with the
-    record's contributions (and LP, and for integrated gradients LP at the baseline)."""
+    record's contributions (and LP, and for integrated gradients LP at the baseline).
+    An undefined agreement (constant scores, no units) is None, so the rows are valid JSON."""
     if not records:
         return []
     found = gradient_attributions(
@@ -233,10 +234,14 @@ def check_unpact(
         rows.append(
             {
                 "scores": g.scores,
-                "spearman": spearman(g.scores, r.contributions),
-                "top_k_overlap": top_k_overlap(g.scores, r.contributions, top_k),
+                "spearman": _finite(spearman(g.scores, r.contributions)),
+                "top_k_overlap": _finite(top_k_overlap(g.scores, r.contributions, top_k)),
                 "lp": g.lp,
                 "baseline_lp": g.baseline_lp,
             }
         )
     return rows
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
