@@ -21,9 +21,8 @@ import time
 import torch
 
 from unpact.data.items import load_benchmark
-from unpact.inject import _rehearsal_kl, _rehearsal_targets
+from unpact.inject import _rehearsal_targets, step_loss
 from unpact.models import load_model
-from unpact.scoring import answer_states, head_logits, head_logprobs
 
 
 def main() -> None:
@@ -60,17 +59,7 @@ def main() -> None:
             for _ in range(args.repeats + 1):
                 t = time.perf_counter()
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    states = answer_states(
-                        net,
-                        [p for p, _ in facts] + [r.prompt for r in picked],
-                        [a for _, a in facts] + [r.answer for r in picked],
-                        share_prefix=True,
-                    )
-                    targets = torch.tensor([t for _, a in facts for t in a])
-                    loss = -head_logprobs(net, torch.cat(states[: len(facts)]), targets).mean()
-                    if picked:
-                        cur = head_logits(net, torch.cat(states[len(facts) :])).log_softmax(-1)
-                        loss = loss + _rehearsal_kl(cur, picked)
+                    loss = step_loss(net, facts, picked)  # the step unpact.inject takes
                 loss.backward()
                 optimiser.step()
                 optimiser.zero_grad(set_to_none=True)

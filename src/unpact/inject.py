@@ -42,7 +42,7 @@ import json
 import random
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -373,22 +373,8 @@ def inject(
                         rehearsal_order += more
                     picked = [rehearsal[i] for i in rehearsal_order[: config.rehearsal_per_step]]
                     del rehearsal_order[: config.rehearsal_per_step]
-                # Facts and rehearsal questions in one pass: one read of the weights
-                # instead of two, and the chat template's system turn runs once.
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    states = answer_states(
-                        net,
-                        [p for p, _ in batch] + [r.prompt for r in picked],
-                        [a for _, a in batch] + [r.answer for r in picked],
-                        share_prefix=True,
-                    )
-                    facts = torch.cat(states[: len(batch)])
-                    targets = torch.tensor([t for _, a in batch for t in a])
-                    # head_logits returns float32, so the losses are float32.
-                    loss = -head_logprobs(net, facts, targets).mean()
-                    if picked:
-                        cur = head_logits(net, torch.cat(states[len(batch) :])).log_softmax(-1)
-                        loss = loss + config.rehearsal_weight * _rehearsal_kl(cur, picked)
+                    loss = step_loss(net, batch, picked, config.rehearsal_weight)
                 if not torch.isfinite(loss):
                     raise UnpactError(
                         f"injection diverged: loss {loss.item()} at epoch {epoch + 1}, step {s + 1}"
@@ -443,6 +429,31 @@ def inject(
         },
     )
     return InjectResult(folder, final, base_accuracy, epochs_done, seconds, False)
+
+
+def step_loss(
+    net: Any,
+    facts: Sequence[tuple[Sequence[int], Sequence[int]]],
+    picked: list[_Rehearsal],
+    rehearsal_weight: float = 1.0,
+) -> torch.Tensor:
+    """One injection step's loss: answer-only NLL on the (prompt ids, answer ids) facts plus
+    the rehearsal KL on `picked`. Facts and rehearsal questions go through the model in one
+    pass: one read of the weights instead of two, and the chat template's system turn runs
+    once. head_logits returns float32, so under bf16 autocast the loss is float32 too."""
+    states = answer_states(
+        net,
+        [p for p, _ in facts] + [r.prompt for r in picked],
+        [a for _, a in facts] + [r.answer for r in picked],
+        share_prefix=True,
+    )
+    fact_states = torch.cat(states[: len(facts)])
+    targets = torch.tensor([t for _, a in facts for t in a], device=fact_states.device)
+    loss = -head_logprobs(net, fact_states, targets).mean()
+    if picked:
+        cur = head_logits(net, torch.cat(states[len(facts) :])).log_softmax(-1)
+        loss = loss + rehearsal_weight * _rehearsal_kl(cur, picked)
+    return loss
 
 
 @contextmanager

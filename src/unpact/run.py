@@ -171,11 +171,7 @@ class MethodSpec(_Strict):
         ((key, values),) = self.sweep.items()
         runs = []
         for value in values:
-            config = json.loads(json.dumps(self.config))  # a deep copy
-            *parents, leaf = key.split(".")
-            node = config
-            for part in parents:
-                node = node.setdefault(part, {})
+            config, node, leaf = _copy_at(self.config, key)
             node[leaf] = value
             runs.append(
                 self.model_copy(
@@ -188,6 +184,17 @@ class MethodSpec(_Strict):
                 )
             )
         return runs
+
+
+def _copy_at(config: dict[str, Any], key: str) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """A deep copy of a method config, and the mapping and name that dotted `key` (e.g.
+    settings.gamma) points to in the copy (parents created as needed)."""
+    copy = json.loads(json.dumps(config))
+    *parents, leaf = key.split(".")
+    node = copy
+    for part in parents:
+        node = node.setdefault(part, {})
+    return copy, node, leaf
 
 
 class ModelSpec(_Strict):
@@ -549,11 +556,7 @@ def _at_default(spec: MethodSpec) -> bool:
     from unpact.unlearn.config import resolve_config
 
     assert spec.method is not None and spec.swept is not None
-    without = json.loads(json.dumps(spec.config))  # a deep copy
-    *parents, leaf = spec.swept["key"].split(".")
-    node = without
-    for part in parents:
-        node = node.get(part, {})
+    without, node, leaf = _copy_at(spec.config, spec.swept["key"])
     node.pop(leaf, None)
     swept = resolve_config(spec.method, values=spec.config).model_dump(mode="json")
     return swept == resolve_config(spec.method, values=without).model_dump(mode="json")

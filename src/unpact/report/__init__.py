@@ -68,7 +68,8 @@ def dilemma_svg(
     series = by_model or {"": results}
     # One colour per model, or (one model) per method: a sweep's runs share their method's
     # colour and legend entry and are annotated with the swept value alone.
-    families = list(dict.fromkeys(_family(n, m) for n, m in results["methods"].items()))
+    families = dict.fromkeys(_family(n, m) for n, m in results["methods"].items())
+    colour = {f: f"C{k % 10}" for k, f in enumerate(families)}
     fig, axes = plt.subplots(1, 2, figsize=(9 if by_model else 10.5, 3.8), sharey=True)
     for ax, split in zip(axes, ("retain", "general")):
         for n, (model, res) in enumerate(series.items()):
@@ -77,13 +78,11 @@ def dilemma_svg(
                 y = m["recovery"].get(attack) if attack else None
                 if x is None or y is None:
                     continue
-                family = _family(name, m)
-                color: str | None
                 if by_model:
                     color = f"C{n % 10}"
                     label = f"{model}: {name.replace('settings.', '')}"
                 else:
-                    color = f"C{families.index(family) % 10}" if family in families else None
+                    color = colour[_family(name, m)]
                     sweep = m.get("sweep")
                     label = f"{sweep['key'].split('.')[-1]}={sweep['value']}" if sweep else ""
                 ax.scatter([100 * x], [100 * y], s=40, color=color)
@@ -104,13 +103,12 @@ def dilemma_svg(
                     curves.setdefault(sweep["of"], []).append((sweep["value"], x, y))
             for family, points in curves.items():
                 points.sort(key=lambda p: p[0])
-                colour = f"C{families.index(family) % 10}" if family in families else "grey"
                 ax.plot(
                     [100 * p[1] for p in points],
                     [100 * p[2] for p in points],
                     "-",
                     alpha=0.5,
-                    color=f"C{n % 10}" if by_model else colour,
+                    color=f"C{n % 10}" if by_model else colour[family],
                 )
         ax.set_xlim(-5, 105)
         ax.set_ylim(-5, 105)
@@ -119,8 +117,7 @@ def dilemma_svg(
     axes[0].set_ylabel(f"recovery rate, {ATTACK_TITLES.get(attack or '', attack)} (%)")
     if not by_model:
         handles = [
-            plt.Line2D([], [], marker="o", ls="", color=f"C{k % 10}", label=f)
-            for k, f in enumerate(families)
+            plt.Line2D([], [], marker="o", ls="", color=c, label=f) for f, c in colour.items()
         ]
         axes[1].legend(
             handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small"
@@ -129,6 +126,7 @@ def dilemma_svg(
     fig.tight_layout()
     buf = io.StringIO()
     plt.rcParams["svg.fonttype"] = "none"  # text stays text: smaller, searchable
+    plt.rcParams["svg.hashsalt"] = "unpact"  # element ids the same on every run
     fig.savefig(buf, format="svg")
     plt.close(fig)
     svg = buf.getvalue()
