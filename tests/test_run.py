@@ -24,6 +24,7 @@ from unpact.data.items import QAItem, write_folder
 from unpact.errors import UnpactError
 from unpact.metrics import ItemRecord
 from unpact.models import save_model
+from unpact.report import dilemma_svg
 from unpact.run import load_config, method_metrics, run
 from unpact.scoring import generate
 
@@ -574,6 +575,9 @@ def test_a_sweep_expands_into_one_run_per_value(setup, finished, tmp_path):
     # the swept setting reached the unlearning runs: two different models
     a, b = (Path(m["model"]) / "model.safetensors" for m in methods.values())
     assert a.read_bytes() != b.read_bytes()
+    # the dilemma plot: one legend entry naming the swept setting, each point its value
+    svg = dilemma_svg(result.results, attack="focus_on_key")
+    assert ">ga (lr)<" in svg and ">0.001<" in svg and ">0.003<" in svg
     nested = load_config(
         config | {"methods": [{"method": "npo", "sweep": {"settings.beta": [0.1, 1]}}]}
     )

@@ -70,6 +70,11 @@ def dilemma_svg(
     # colour and legend entry and are annotated with the swept value alone.
     families = dict.fromkeys(_family(n, m) for n, m in results["methods"].items())
     colour = {f: f"C{k % 10}" for k, f in enumerate(families)}
+    swept = {  # a swept method's legend entry names its setting: "rmu (steering_coeff)"
+        str(m["sweep"]["of"]): str(m["sweep"]["key"]).split(".")[-1]
+        for m in results["methods"].values()
+        if m.get("sweep")
+    }
     fig, axes = plt.subplots(1, 2, figsize=(9 if by_model else 10.5, 3.8), sharey=True)
     for ax, split in zip(axes, ("retain", "general")):
         for n, (model, res) in enumerate(series.items()):
@@ -84,7 +89,7 @@ def dilemma_svg(
                 else:
                     color = colour[_family(name, m)]
                     sweep = m.get("sweep")
-                    label = f"{sweep['key'].split('.')[-1]}={sweep['value']}" if sweep else ""
+                    label = _setting_text(sweep["value"]) if sweep else ""
                 ax.scatter([100 * x], [100 * y], s=40, color=color)
                 if label:
                     ax.annotate(
@@ -117,7 +122,10 @@ def dilemma_svg(
     axes[0].set_ylabel(f"recovery rate, {ATTACK_TITLES.get(attack or '', attack)} (%)")
     if not by_model:
         handles = [
-            plt.Line2D([], [], marker="o", ls="", color=c, label=f) for f, c in colour.items()
+            plt.Line2D(
+                [], [], marker="o", ls="", color=c, label=f"{f} ({swept[f]})" if f in swept else f
+            )
+            for f, c in colour.items()
         ]
         axes[1].legend(
             handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small"
@@ -132,6 +140,13 @@ def dilemma_svg(
     svg = buf.getvalue()
     svg = re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.S)  # a date: not reproducible
     return svg[svg.index("<svg") :]
+
+
+def _setting_text(value: Any) -> str:
+    """A swept value as a point's label: numbers short (5e-06, 0.5, 200), others as text."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:g}"
+    return str(value)
 
 
 def _family(name: str, m: dict[str, Any]) -> str:
