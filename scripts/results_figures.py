@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from unpact.report import dilemma_svg
+from unpact.report import dilemma_svg, short_label
 
 PAPER_ATTACKS = {"focus_on_key", "probab", "focus_on_key_probab"}
 
@@ -35,11 +35,6 @@ def ci(m: dict, key: str, kind: str = "pct") -> str:
         return ""
     f = pct if kind == "pct" else (lambda v: f"{v:.2f}")
     return f" [{f(lo_hi[0])}–{f(lo_hi[1])}]"
-
-
-def label(name: str) -> str:
-    """A method's row name: a sweep's point as `rmu[steering_coeff=200.0]`."""
-    return name.replace("settings.", "")
 
 
 def num(v: float | None) -> str:
@@ -61,7 +56,7 @@ def claims(results: dict) -> str:
             else "–"
         )
         lines.append(
-            f"| {label(name)} | {m['forgotten']} | {pct(r.get('focus_on_key'))}"
+            f"| {short_label(name)} | {m['forgotten']} | {pct(r.get('focus_on_key'))}"
             f"{ci(m, 'recovery.focus_on_key')} | {pct(r.get('probab'))}{ci(m, 'recovery.probab')} "
             f"| {pct(r.get('focus_on_key_probab'))} | {t} |"
         )
@@ -73,7 +68,7 @@ def claims(results: dict) -> str:
     ]
     for name, m in results["methods"].items():
         lines.append(
-            f"| {label(name)} | {num(m['keytoken_similarity_forgotten'])}"
+            f"| {short_label(name)} | {num(m['keytoken_similarity_forgotten'])}"
             f"{ci(m, 'keytoken_similarity_forgotten', 'num')} | {num(m['keytoken_similarity_kept'])}"
             f"{ci(m, 'keytoken_similarity_kept', 'num')} | {num(m.get('contribution_similarity_forgotten'))} "
             f"| {num(m.get('contribution_similarity_kept'))} | {pct(m['collapse_rate'])} "
@@ -98,7 +93,7 @@ def beyond(results: dict) -> str:
     for name, m in results["methods"].items():
         r = m["recovery"]
         lines.append(
-            f"| {label(name)} | {pct(m['forget_acc_after'])} | {m['forgotten']} | "
+            f"| {short_label(name)} | {pct(m['forget_acc_after'])} | {m['forgotten']} | "
             + " | ".join(pct(r.get(a)) for a in attacks)
             + f" | {pct(m['destructive_retain'])} | {pct(m['destructive_general'])} "
             f"| {pct(m['collapse_rate'])} |"
@@ -121,7 +116,7 @@ def beyond(results: dict) -> str:
         else:
             prec, rec = m.get("keyword_precision_after"), m.get("keyword_recall_after")
         lines.append(
-            f"| {label(name)} | {num(prec)} | {num(rec)} | "
+            f"| {short_label(name)} | {num(prec)} | {num(rec)} | "
             + " | ".join(
                 f"{num(c.get(f'spearman.{g}'))} | {num(c.get(f'top_k_overlap.{g}'))}"
                 for g in gradient

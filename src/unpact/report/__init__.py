@@ -85,7 +85,7 @@ def dilemma_svg(
                     continue
                 if by_model:
                     color = f"C{n % 10}"
-                    label = f"{model}: {name.replace('settings.', '')}"
+                    label = f"{model}: {short_label(name)}"
                 else:
                     color = colour[_family(name, m)]
                     sweep = m.get("sweep")
@@ -140,6 +140,12 @@ def dilemma_svg(
     svg = buf.getvalue()
     svg = re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.S)  # a date: not reproducible
     return svg[svg.index("<svg") :]
+
+
+def short_label(name: str) -> str:
+    """A method's name for a figure or table: a sweep's point as `rmu[steering_coeff=200.0]`
+    (its full name is `rmu[settings.steering_coeff=200.0]`)."""
+    return name.replace("settings.", "")
 
 
 def _setting_text(value: Any) -> str:
