@@ -1,8 +1,22 @@
 """unpact: tell whether a language model has really forgotten what it was made to unlearn."""
 
-from unpact.errors import UnpactError
-from unpact.models import EncodedPrompt, LanguageModel, load_model, open_model
-from unpact.scoring import AnswerScore, Generation, answer_logprobs, generate, score
+from unpact import determinism
+
+determinism.set_environment()  # before torch's first use of MKL (see unpact.determinism)
+
+from unpact.errors import UnpactError  # noqa: E402
+from unpact.models import EncodedPrompt, LanguageModel, load_model, open_model  # noqa: E402
+from unpact.scoring import AnswerScore, Generation, answer_logprobs, generate, score  # noqa: E402
+
+if not determinism.ensure():  # also when torch was imported (and MKL used) first
+    import warnings
+
+    warnings.warn(
+        "MKL already ran in a mode whose float32 results depend on the thread count; for "
+        "bit-reproducible training import unpact before using torch, or set "
+        "MKL_CBWR=AUTO,STRICT",
+        stacklevel=2,
+    )
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,71 @@
+"""Bit-reproducible numbers in any new process (issue 19, step 0).
+
+The one source of run-to-run differences found on CPU: MKL's float32 GEMM splits its
+reduction over the threads it uses, so a weight gradient summed over tokens (for example the
+LM head's in unlearning) changes in the last bits with the thread count, and MKL's dynamic
+threading may use fewer threads than asked when the machine is busy. Training amplifies
+a one-ulp difference: four cold runs of one config once taught weights differing by 2e-3
+and moved every figure downstream. MKL's strict Conditional Numerical Reproducibility mode
+(`MKL_CBWR=AUTO,STRICT`) makes GEMM results independent of the number of threads, at no
+measurable cost here; `tests/process/test_reproducible.py` runs the pipeline with 1 and 2
+threads in fresh processes and compares weights and results bit for bit.
+
+The mode must be set before MKL's first call, so `import unpact` sets it (unless the user
+set `MKL_CBWR` themselves) before torch is imported, and `ensure()` sets it through MKL's
+own API when torch came first. What is not covered, and documented in docs/runner.md:
+results differ between CPUs with different vector units (ATen's AVX2 against AVX-512
+kernels: ~1e-6 relative in float32), bf16 autocast kernels differ by oneDNN's ISA (AMX,
+AVX512-BF16, emulated; ~0.3% in a loss after three steps), and CUDA runs are reproducible
+only on the same GPU and software stack.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+_MKL_CBWR_AUTO = 2
+_MKL_CBWR_STRICT = 0x10000
+_MKL_CBWR_SUCCESS = 0
+_MKL_CBWR_ALL = -1  # ~0: the whole mode word (branch and flags)
+
+STRICT = "AUTO,STRICT"
+
+
+def set_environment() -> None:
+    """Ask for MKL's strict reproducible mode before MKL starts (called on `import unpact`)."""
+    os.environ.setdefault("MKL_CBWR", STRICT)
+
+
+def ensure() -> bool:
+    """Whether MKL runs in a mode that does not depend on the thread count. Sets the strict
+    mode through MKL's API when the environment did not (torch imported before unpact, MKL
+    not yet used); False when MKL is absent or already ran in another mode."""
+    import torch
+
+    if not torch.backends.mkl.is_available():
+        return True  # no MKL: torch's own kernels (or OpenBLAS) are used
+    lib = _torch_cpu()
+    if lib is None:
+        return os.environ.get("MKL_CBWR", "").upper().endswith("STRICT")
+    get = lib.mkl_serv_cbwr_get
+    get.restype = ctypes.c_int
+    get.argtypes = [ctypes.c_int]
+    if get(_MKL_CBWR_ALL) & _MKL_CBWR_STRICT:
+        return True
+    set_ = lib.mkl_serv_cbwr_set
+    set_.restype = ctypes.c_int
+    set_.argtypes = [ctypes.c_int]
+    return bool(set_(_MKL_CBWR_AUTO | _MKL_CBWR_STRICT) == _MKL_CBWR_SUCCESS)
+
+
+def _torch_cpu() -> ctypes.CDLL | None:
+    import torch
+
+    path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    try:
+        lib = ctypes.CDLL(path)
+        lib.mkl_serv_cbwr_get  # noqa: B018 - the symbol exists in this build
+        return lib
+    except (OSError, AttributeError):
+        return None
