@@ -20,25 +20,39 @@ import json
 import sys
 from pathlib import Path
 
+from unpact.metrics import display
 from unpact.report import dilemma_svg, short_label
+from unpact.results import columns
 
 PAPER_ATTACKS = {"focus_on_key", "probab", "focus_on_key_probab"}
 
 
 def pct(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:.0f}%"
+    return display("percent", v)
+
+
+def num(v: float | None) -> str:
+    return display("float", v)
 
 
 def ci(m: dict, key: str, kind: str = "pct") -> str:
     lo_hi = (m.get("ci") or {}).get(key)
     if not lo_hi or lo_hi[0] is None:
         return ""
-    f = pct if kind == "pct" else (lambda v: f"{v:.2f}")
-    return f" [{f(lo_hi[0])}–{f(lo_hi[1])}]"
+    fmt = "percent" if kind == "pct" else "float"
+    return f" [{display(fmt, lo_hi[0])}–{display(fmt, lo_hi[1])}]"
 
 
-def num(v: float | None) -> str:
-    return "–" if v is None else f"{v:.2f}"
+def every_metric(results: dict) -> str:
+    """Every registered metric (plugins' included) per method, from the metric registry."""
+    cols = columns(results["attacks"], every=True)
+    lines = [
+        "| method | " + " | ".join(c.title.replace("\n", ": ") for c in cols) + " |",
+        "| --- " * (len(cols) + 1) + "|",
+    ]
+    for name, m in results["methods"].items():
+        lines.append(f"| {short_label(name)} | " + " | ".join(c.cell(m) for c in cols) + " |")
+    return "\n".join(lines)
 
 
 def claims(results: dict) -> str:
@@ -139,6 +153,7 @@ def main() -> None:
         print(f"## {results['benchmark']} ({target})\n")
         print(claims(results) + "\n")
         print(beyond(results) + "\n")
+        print(every_metric(results) + "\n")
         return
     for results_file in sorted(runs.glob("*/results.json")):
         results = json.loads(results_file.read_text())
@@ -155,6 +170,7 @@ def main() -> None:
         print(claims(results) + "\n")
         if suite:
             print(beyond(results) + "\n")
+        print(every_metric(results) + "\n")
 
 
 if __name__ == "__main__":

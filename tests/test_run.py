@@ -510,9 +510,8 @@ def test_relearning_recovers_a_tiny_injected_fact(tmp_path):
     learning rate does not."""
     import torch
 
-    from unpact.attacks import get_attack
+    from unpact.attacks import AttackContext, get_attack
     from unpact.judge import JudgeSettings, answer_items
-    from unpact.run import _relearn_attack
     from unpact.testing import tiny_model
     from unpact.unlearn.loop import _batch, encode_items
     from unpact.unlearn.methods import nll
@@ -546,7 +545,9 @@ def test_relearning_recovers_a_tiny_injected_fact(tmp_path):
     save_model(lm.model, lm.tokenizer, tmp_path / "unlearned")
     for lr, back in ((1e-2, True), (1e-12, False)):
         attack = get_attack("relearn", {"data": "retain", "items": 2, "steps": 10, "lr": lr})
-        rows = _relearn_attack(str(tmp_path / "unlearned"), attack, [b1, b2], [a1, a2], judge, "t")
+        spec = str(tmp_path / "unlearned")
+        ctx = AttackContext(lambda: lm, spec, [b1, b2], {}, [a1, a2], judge, label="t")
+        rows = attack.run(ctx)
         assert [r["id"] for r in rows] == ["b1", "b2"]
         assert all(r["trained_on"] == ["a1", "a2"] for r in rows)
         assert all(r["recovered"] for r in rows) == back

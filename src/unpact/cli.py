@@ -45,6 +45,14 @@ ModelOpt = Annotated[
         "OpenAI-compatible server; API key from $UNPACT_API_KEY).",
     ),
 ]
+PluginOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--plugin",
+        help="A Python file that defines attacks, metrics or unlearning methods (repeatable); "
+        "they are then usable by name (docs/architecture.md).",
+    ),
+]
 ConcurrencyOpt = Annotated[
     int, typer.Option(min=1, help="Requests in flight at once to a served (openai:...) model.")
 ]
@@ -445,11 +453,17 @@ def inject(
     out.print(f"use it with --model {result.path}")
 
 
+def _method_names() -> list[str]:
+    from unpact.unlearn.methods import METHODS
+
+    return list(METHODS)
+
+
 @app.command()
 def unlearn(
     method: Annotated[
         str | None,
-        typer.Option(help="Method: ga, ga_gd, ga_kl, npo, npo_gd, npo_kl, simnpo, tv, rmu."),
+        typer.Option(help="Method: " + ", ".join(_method_names()) + " (unpact methods)."),
     ] = None,
     out_dir: Annotated[
         Path, typer.Option("--out", help="Run directory (model, config, losses).")
@@ -484,14 +498,17 @@ def unlearn(
             "--eval/--no-eval", help="Judge forget, retain and general accuracy before and after."
         ),
     ] = True,
+    plugin: PluginOpt = None,
 ) -> None:
     """Unlearn a benchmark's forget split; writes the model (safetensors), config and loss log.
 
     Runs unchanged under `accelerate launch -m unpact unlearn ...` on several processes.
     """
+    from unpact.plugins import load_plugins
     from unpact.unlearn import resolve_config
     from unpact.unlearn import unlearn as run_unlearn
 
+    load_plugins([str(p) for p in plugin or []])
     cfg = resolve_config(method, file=config, overrides=set_ or [])
     spec = model
     if inject_first:
@@ -581,50 +598,27 @@ def data_show(
 
 
 def _print_results(results: dict[str, object], out_dir: Path) -> None:
-    from unpact.report import ATTACK_TITLES
+    from unpact.results import table
 
-    def pct(value: object) -> str:
-        return "–" if value is None else f"{100 * float(value):.0f}%"  # type: ignore[arg-type]
-
-    from unpact.run import recovery_columns
-
-    methods: dict[str, dict[str, object]] = results["methods"]  # type: ignore[assignment]
-    attacks = recovery_columns(results["attacks"])  # type: ignore[arg-type]
-    table = Table(
-        "method",
-        "forget acc",
-        "forgotten",
-        *(f"recovery\n{ATTACK_TITLES.get(a, a)}" for a in attacks),
-        "destructive\nretain / general",
-        "collapse",
-        "KeyToken sim.\nforgotten / kept",
-        title=f"unpact: {results['benchmark']} on {results['model']}",
-    )
-    for name, m in methods.items():
-        recovery: dict[str, float | None] = m["recovery"]  # type: ignore[assignment]
-        sims = (m["keytoken_similarity_forgotten"], m["keytoken_similarity_kept"])
-        table.add_row(
-            escape(name),  # a sweep's run is label[key=value]: text, not markup
-            f"{pct(m['forget_acc_before'])} → {pct(m['forget_acc_after'])}",
-            str(m["forgotten"]),
-            *(pct(recovery.get(a)) for a in attacks),
-            f"{pct(m['destructive_retain'])} / {pct(m['destructive_general'])}",
-            pct(m["collapse_rate"]),
-            " / ".join("–" if v is None else f"{v:.2f}" for v in sims),
-        )
+    head, rows = table(results)
+    grid = Table(*head, title=f"unpact: {results['benchmark']} on {results['model']}")
+    for row in rows:
+        grid.add_row(*map(escape, row))  # a sweep's run is label[key=value]: text, not markup
     # A log file or pipe gets the full table rather than rich's 80-column default.
     console = out if out.is_terminal else Console(width=150)
-    console.print(table)
+    console.print(grid)
     console.print(f"results: {out_dir / 'results.json'} (per item: {out_dir / 'items.jsonl'})")
     console.print(f"report:  {out_dir / 'report.html'}")
 
 
-def _run(config: str | Path, out_dir: Path) -> None:
+def _run(config: str | Path, out_dir: Path, plugins: list[Path] | None = None) -> None:
     import time
 
+    from unpact.plugins import load_plugins
     from unpact.run import load_config
     from unpact.run import run as run_experiment
 
+    load_plugins([str(p) for p in plugins or []])
     cfg = load_config(config)  # a bad config fails here, before any model loads
     start = time.perf_counter()
 
@@ -662,8 +656,9 @@ def run(
         ),
     ],
     out_dir: Annotated[Path, typer.Option("--out", help="Run directory.")] = Path("runs/run"),
+    plugin: PluginOpt = None,
 ) -> None:
-    _run(config, out_dir)
+    _run(config, out_dir, plugin)
 
 
 @app.command(
@@ -699,6 +694,59 @@ def serve(
 
     err.print(f"serving {model} as openai:{name}@http://127.0.0.1:{port}/v1 (Ctrl-C stops)")
     uvicorn.run(app_, host="127.0.0.1", port=port, log_level="warning")
+
+
+def _settings_text(settings: type[object]) -> str:
+    """A pydantic settings class as `name=default` pairs."""
+    fields = getattr(settings, "model_fields", {})
+    parts = []
+    for name, f in fields.items():
+        default = f.get_default(call_default_factory=True)
+        parts.append(f"{name}={default!r}" if not f.is_required() else name)
+    return ", ".join(parts) or "-"
+
+
+@app.command("methods")
+def methods_cmd(plugin: PluginOpt = None) -> None:
+    """List the registered unlearning methods (plugins' included) and their settings."""
+    from unpact.plugins import load_plugins
+    from unpact.unlearn.methods import METHODS
+
+    load_plugins([str(p) for p in plugin or []])
+    table = Table("method", "what it does", "settings", title="Unlearning methods")
+    for name, cls in METHODS.items():
+        about = cls.summary or (cls.__doc__ or "").strip().split("\n")[0]
+        table.add_row(name, escape(about), escape(_settings_text(cls.Settings)))
+    out.print(table)
+
+
+@app.command("attacks")
+def attacks_cmd(plugin: PluginOpt = None) -> None:
+    """List the registered recovery attacks (plugins' included) and their settings."""
+    from unpact.attacks import ATTACKS
+    from unpact.plugins import load_plugins
+
+    load_plugins([str(p) for p in plugin or []])
+    table = Table("attack", "what it does", "settings", title="Recovery attacks")
+    for name, cls in ATTACKS.items():
+        about = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+        table.add_row(name, escape(about), escape(_settings_text(cls.Settings)))
+    out.print(table)
+
+
+@app.command("metrics")
+def metrics_cmd(plugin: PluginOpt = None) -> None:
+    """List the registered metrics (plugins' included): format, direction, interval."""
+    from unpact.metrics import METRICS
+    from unpact.plugins import load_plugins
+
+    load_plugins([str(p) for p in plugin or []])
+    table = Table("metric", "what it is", "format", "better", "interval", title="Metrics")
+    for m in METRICS.values():
+        better = {True: "higher", False: "lower", None: "-"}[m.higher_is_better]
+        name = m.name + (".<attack>" if m.per_attack else "")
+        table.add_row(name, escape(m.description), m.fmt, better, "yes" if m.interval else "no")
+    out.print(table)
 
 
 def main() -> None:

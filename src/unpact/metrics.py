@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from statistics import fmean
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass
@@ -209,3 +209,198 @@ def mcnemar_exact(records: list[ItemRecord], attack: str, baseline: str = "proba
         return McNemar(a, b, 1.0)
     tail = sum(math.comb(n, k) for k in range(min(a, b) + 1)) / 2**n
     return McNemar(a, b, min(1.0, 2 * tail))
+
+
+# ------------------------------------------------------------------------ the registry
+#
+# A metric is one function of per-item records, registered once with what is needed to show
+# it: its title, number format, direction, whether it carries a bootstrap interval and what
+# the records must hold. results.json and CSV, the CLI and Markdown tables, the HTML report
+# and scripts/results_figures.py all render from METRICS, so a new metric (also one from a
+# plugin) is one decorated function and appears everywhere.
+
+Format = Literal["percent", "float", "count"]
+
+
+@dataclass(frozen=True)
+class MetricContext:
+    """What a metric may know beyond the records: the run's attacks and settings."""
+
+    attacks: tuple[str, ...] = ()
+    collapse_threshold: float = 0.1
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A registered metric. `fn(records, ctx)` gives its value; with `per_attack`,
+    `fn(records, ctx, attack)` gives one value per attack (and "any", their union)."""
+
+    name: str
+    fn: Callable[..., float]
+    title: str
+    fmt: Format = "percent"
+    higher_is_better: bool | None = None  # None: neither (a diagnostic)
+    interval: bool = True  # a bootstrap interval over items comes with it
+    needs: tuple[str, ...] = ()  # what the records must carry: attribution, attacks, ...
+    column: str | None = None  # the table column it is shown in (None: results.json only)
+    join: str = " / "  # between metrics that share a column
+    per_attack: bool = False
+    description: str = ""
+
+    def display(self, value: Any, precise: bool = False) -> str:
+        """The value as text in this metric's format (see `display`)."""
+        return display(self.fmt, value, precise)
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def display(fmt: Format, value: Any, precise: bool = False) -> str:
+    """A figure as text: 85% / 0.37 / 14 (`precise`: 85.0% / 0.370), or a dash when it is
+    undefined (NaN or None: nothing to divide by)."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if fmt == "percent":
+        return f"{100 * value:.1f}%" if precise else f"{100 * value:.0f}%"
+    if fmt == "count":
+        return str(int(value))
+    return f"{value:.3f}" if precise else f"{value:.2f}"
+
+
+def metric(
+    name: str,
+    *,
+    title: str,
+    fmt: Format = "percent",
+    higher_is_better: bool | None = None,
+    interval: bool = True,
+    needs: tuple[str, ...] = (),
+    column: str | None = None,
+    join: str = " / ",
+    per_attack: bool = False,
+    description: str | None = None,
+) -> Callable[[Callable[..., float]], Callable[..., float]]:
+    """Register a metric: `@metric("name", title="...", fmt="percent")` over a function of
+    `(records, ctx)`; its description is the docstring's first paragraph unless given. A
+    later registration of the same name replaces the earlier one."""
+    if fmt not in ("percent", "float", "count"):
+        raise ValueError(f"metric {name}: fmt must be percent, float or count, not {fmt!r}")
+
+    def register(fn: Callable[..., float]) -> Callable[..., float]:
+        doc = description or (fn.__doc__ or "").strip().split("\n\n")[0]
+        METRICS[name] = Metric(
+            name,
+            fn,
+            title,
+            fmt,
+            higher_is_better,
+            interval,
+            tuple(needs),
+            column,
+            join,
+            per_attack,
+            " ".join(doc.split()),
+        )
+        return fn
+
+    return register
+
+
+def attack_columns(attacks: Sequence[str]) -> list[str]:
+    """The per-attack figures of a run: each attack, and with several, "any" (the union)."""
+    return [*attacks, "any"] if len(attacks) > 1 else list(attacks)
+
+
+def _accuracy(split: str, when: str) -> Callable[[list[ItemRecord], MetricContext], float]:
+    def fn(records: list[ItemRecord], ctx: MetricContext) -> float:
+        return accuracy(records, split, when)
+
+    fn.__doc__ = f"Share of {split} items answered correctly {when} unlearning."
+    return fn
+
+
+for _split, _column in (("forget", "forget acc"), ("retain", None), ("general", None)):
+    for _when, _better in (("before", None), ("after", _split != "forget")):
+        metric(
+            f"{_split}_acc_{_when}",
+            title=f"{_split} acc. {_when}",
+            higher_is_better=_better,
+            column=_column,
+            join=" → ",
+        )(_accuracy(_split, _when))
+
+
+@metric(
+    "forgotten",
+    title="forgotten",
+    fmt="count",
+    interval=False,
+    higher_is_better=True,
+    column="forgotten",
+)
+def _forgotten(records: list[ItemRecord], ctx: MetricContext) -> float:
+    """Forget items correct before and wrong after unlearning (SPEC 4)."""
+    return forgotten_count(records)
+
+
+@metric(
+    "recovery",
+    title="recovery",
+    higher_is_better=False,
+    needs=("attacks",),
+    per_attack=True,
+)
+def _recovery(records: list[ItemRecord], ctx: MetricContext, attack: str) -> float:
+    """Share of forgotten items an attack brings back ("any": at least one attack; SPEC 5)."""
+    if attack == "any":
+        return union_recovery_rate(records, list(ctx.attacks))
+    return recovery_rate(records, attack)
+
+
+for _split in ("retain", "general"):
+    metric(
+        f"destructive_{_split}",
+        title=f"destructive {_split}",
+        higher_is_better=False,
+        column="destructive\nretain / general",
+        description=f"Share of {_split} items correct before and wrong after unlearning.",
+    )(lambda records, ctx, _s=_split: destructive_rate(records, _s))
+
+
+@metric(
+    "collapse_rate",
+    title="collapse",
+    higher_is_better=False,
+    column="collapse",
+    needs=("attribution",),
+)
+def _collapse(records: list[ItemRecord], ctx: MetricContext) -> float:
+    """Share of forget items whose prompt sensitivity after unlearning is below the
+    threshold: the model no longer listens to the prompt."""
+    return collapse_rate(records, ctx.collapse_threshold)
+
+
+for _measure, _short, _column in (
+    ("keytoken_similarity", "KeyToken sim.", "KeyToken sim.\nforgotten / kept"),
+    ("contribution_similarity", "contribution sim.", None),
+):
+    for _group in ("forgotten", "kept"):
+        metric(
+            f"{_measure}_{_group}",
+            title=f"{_short} {_group}",
+            fmt="float",
+            needs=("attribution",),
+            column=_column,
+            description=f"Mean {_measure.replace('_', ' ')} of the original's and the "
+            f"unlearned model's attributions over {_group} forget items (SPEC 3).",
+        )(lambda records, ctx, _g=_group, _m=_measure: focus_shift(records, _g, _m))
+
+for _name, _fn in (("precision", keyword_precision), ("recall", keyword_recall)):
+    for _when in ("before", "after"):
+        metric(
+            f"keyword_{_name}_{_when}",
+            title=f"keyword {_name} {_when}",
+            needs=("attribution", "keywords"),
+            description=f"KeyToken {_name} against the benchmark's keywords, {_when} "
+            "unlearning (mean over forget items).",
+        )(lambda records, ctx, _f=_fn, _w=_when: _f(records, _w))

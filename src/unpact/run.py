@@ -21,16 +21,13 @@ the same numbers. The run directory gets `config.yaml` (resolved), `results.json
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import math
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -46,7 +43,7 @@ from pydantic import (
 )
 
 from unpact import configs as builtin_run_configs
-from unpact.attacks import ATTACKS, Attack, Target, get_attack
+from unpact.attacks import ATTACKS, AttackContext, get_attack
 from unpact.attribution import (
     ALPHA,
     BETA,
@@ -58,23 +55,19 @@ from unpact.attribution import (
 )
 from unpact.data.items import Benchmark, QAItem, load_benchmark, write_folder
 from unpact.errors import UnpactError
-from unpact.judge import JudgeSettings, Verdict, answer_items, choose_options, judge_many
-from unpact.metrics import (
-    ItemRecord,
-    accuracy,
-    bootstrap_ci,
-    collapse_rate,
-    destructive_rate,
-    focus_shift,
-    forgotten_count,
-    keyword_precision,
-    keyword_recall,
-    mcnemar_exact,
-    recovery_rate,
-    union_recovery_rate,
-)
+from unpact.judge import JudgeSettings, answer_items
+from unpact.metrics import ItemRecord
 from unpact.models import AnyModel, LanguageModel, cache_root, open_model
+from unpact.plugins import load_plugins
 from unpact.remote import RemoteSettings, is_remote_spec
+from unpact.results import (
+    csv_text,
+    finite,
+    markdown_table,
+    method_metrics,
+    recovery_columns,
+    results_table,
+)
 from unpact.unlearn.config import describe_errors, read_yaml_mapping
 
 RUN_FORMAT = 1
@@ -265,6 +258,11 @@ class StatisticsSettings(_Strict):
 class RunConfig(_Strict):
     """One experiment. Every field has a default except the methods."""
 
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="Python files (relative to this config) or module names imported first: "
+        "the attacks, metrics and methods they define are usable by name below",
+    )
     model: str = Field("default", description="base model spec")
     models: list[ModelSpec] | None = Field(
         None,
@@ -313,6 +311,10 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
                 f"({', '.join(builtin_run_configs.names())})"
             )
         data = read_yaml_mapping(path)
+    plugins = data.get("plugins") or []
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise UnpactError(f"{where}: plugins: a list of .py files or module names")
+    load_plugins(plugins, base=None if isinstance(source, dict) else Path(where).parent)
     try:
         config = RunConfig(**data)
     except ValidationError as e:
@@ -587,119 +589,6 @@ def checks_summary(rows: list[dict[str, Any]], gradient: list[str]) -> dict[str,
     return out
 
 
-def _relearn_attack(
-    spec: str,
-    attack: Attack,
-    forgotten: list[QAItem],
-    retain: list[QAItem],
-    judge: JudgeSettings,
-    label: str,
-) -> list[dict[str, Any]]:
-    """The relearning attack: fine-tune a fresh copy of the unlearned model on a few items,
-    then judge its answers to the forgotten items it did not see. Rows only for those."""
-    import torch
-
-    from unpact.models import load_model
-    from unpact.unlearn.loop import _batch, batch_indices, encode_items
-    from unpact.unlearn.methods import nll
-
-    if not forgotten:
-        return []
-    s = attack.settings
-    train_ids = set(attack.split([i.id for i in forgotten], [i.id for i in retain]))  # type: ignore[attr-defined]
-    pool = forgotten if s.data == "forget" else retain
-    train = [i for i in pool if i.id in train_ids]
-    test = [i for i in forgotten if i.id not in train_ids]
-    lm = load_model(spec)  # a fresh copy: the attack never changes the cached model
-    encoded = encode_items(lm, train)
-    params = [p for p in lm.model.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
-    torch.manual_seed(s.seed)
-    lm.model.train()
-    for step in range(s.steps):
-        idx = batch_indices(len(train), min(s.batch_size, len(train)), step, s.seed)
-        loss = nll(lm.model, _batch(encoded, idx))
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    lm.model.eval()
-    answered = answer_items(lm, test, judge, f"Judging {label} after relearning")
-    trained_on = sorted(train_ids)
-    return [
-        {
-            "id": item.id,
-            "prompt": item.question,
-            "prompts": [item.question],
-            "outputs": [output],
-            "recovered": ok,
-            "trained_on": trained_on,
-        }
-        for item, (output, ok) in zip(test, answered)
-    ]
-
-
-def _attack(
-    lm: AnyModel,
-    attack: Attack,
-    items: list[QAItem],
-    keys: dict[str, list[str]],
-    judge: JudgeSettings,
-    label: str,
-    demonstrations: tuple[tuple[str, str], ...] = (),
-) -> list[dict[str, Any]]:
-    """Per item: the attack's prompts, their answers and whether any answer is correct."""
-    from unpact.scoring import generate
-
-    per_item = [
-        attack.prompts(
-            Target(i.question, tuple(keys.get(i.id, [])), tuple(i.keywords), demonstrations)
-        )
-        for i in items
-    ]
-    flat = [(n, p) for n, ps in enumerate(per_item) for p in ps]
-    answers: dict[int, list[tuple[str, bool | None]]] = {n: [] for n in range(len(items))}
-    # Multiple choice, greedy: the highest-LP option of the attack's prompt.
-    by_lp = [(n, p) for n, p in flat if items[n].is_mcq and not attack.samples]
-    if by_lp:
-        picks = choose_options(
-            lm, [p for _, p in by_lp], [items[n].choices or () for n, _ in by_lp]
-        )
-        for (n, _), k in zip(by_lp, picks):
-            choice = (items[n].choices or ())[k]
-            answers[n].append((choice, choice == items[n].answer))
-    generated = [(n, p) for n, p in flat if not (items[n].is_mcq and not attack.samples)]
-    if generated:
-        gens = generate(
-            lm,
-            [p for _, p in generated],
-            max_new_tokens=judge.max_new_tokens,
-            num_samples=attack.samples,
-            temperature=attack.temperature,
-            seed=attack.seed,
-            progress=label,
-        )
-        for (n, _), g in zip(generated, gens):
-            answers[n] += [(s.text, None) for s in g]
-    rows = []
-    for n, item in enumerate(items):
-        texts = [t for t, _ in answers[n]]
-        verdicts = [v for _, v in answers[n] if v is not None]
-        free = [t for t, v in answers[n] if v is None]
-        verdicts += judge_many(
-            [Verdict(item.question, o, item.answer, item.aliases) for o in free], judge
-        )
-        rows.append(
-            {
-                "id": item.id,
-                "prompt": per_item[n][0],
-                "prompts": per_item[n],
-                "outputs": texts,
-                "recovered": any(verdicts),
-            }
-        )
-    return rows
-
-
 def _link_model(src: Path, dst: Path) -> None:
     """`dst` gets the files of the model folder `src`: hard links (no copy) where the file
     system allows, copies otherwise; renamed into place when complete (a re-run relinks, so
@@ -731,149 +620,6 @@ class RunResult:
     @property
     def report(self) -> Path:
         return self.out / "report.html"
-
-
-METRIC_COLUMNS = (
-    "forget_acc_before",
-    "forget_acc_after",
-    "forgotten",
-    "destructive_retain",
-    "destructive_general",
-    "collapse_rate",
-    "keytoken_similarity_forgotten",
-    "keytoken_similarity_kept",
-)
-
-
-def _statistics(
-    attacks: list[str], collapse_threshold: float
-) -> dict[str, Callable[[list[ItemRecord]], float]]:
-    """Every per-method figure that is a rate or a mean, as a function of the records."""
-    stats: dict[str, Callable[[list[ItemRecord]], float]] = {
-        "forget_acc_before": lambda r: accuracy(r, "forget", "before"),
-        "forget_acc_after": lambda r: accuracy(r, "forget", "after"),
-        "retain_acc_before": lambda r: accuracy(r, "retain", "before"),
-        "retain_acc_after": lambda r: accuracy(r, "retain", "after"),
-        "general_acc_before": lambda r: accuracy(r, "general", "before"),
-        "general_acc_after": lambda r: accuracy(r, "general", "after"),
-        "destructive_retain": lambda r: destructive_rate(r, "retain"),
-        "destructive_general": lambda r: destructive_rate(r, "general"),
-        "collapse_rate": lambda r: collapse_rate(r, collapse_threshold),
-        "keytoken_similarity_forgotten": lambda r: focus_shift(r, "forgotten"),
-        "keytoken_similarity_kept": lambda r: focus_shift(r, "kept"),
-        "contribution_similarity_forgotten": lambda r: focus_shift(
-            r, "forgotten", "contribution_similarity"
-        ),
-        "contribution_similarity_kept": lambda r: focus_shift(r, "kept", "contribution_similarity"),
-        "keyword_precision_before": lambda r: keyword_precision(r, "before"),
-        "keyword_precision_after": lambda r: keyword_precision(r, "after"),
-        "keyword_recall_before": lambda r: keyword_recall(r, "before"),
-        "keyword_recall_after": lambda r: keyword_recall(r, "after"),
-    }
-    for a in attacks:
-        stats[f"recovery.{a}"] = lambda r, a=a: recovery_rate(r, a)  # type: ignore[misc]
-    if len(attacks) > 1:
-        stats["recovery.any"] = lambda r: union_recovery_rate(r, attacks)
-    return stats
-
-
-def recovery_columns(attacks: list[str]) -> list[str]:
-    """The recovery figures of a run: each attack, and with several, "any" (the union)."""
-    return [*attacks, "any"] if len(attacks) > 1 else list(attacks)
-
-
-def method_metrics(
-    records: list[ItemRecord],
-    attacks: list[str],
-    collapse_threshold: float,
-    statistics: StatisticsSettings | None = None,
-) -> dict[str, Any]:
-    """The per-method figures of results.json, each a function of the records; with
-    `statistics`, also a bootstrap interval for each (`ci`) and each attack's McNemar test
-    against the baseline attack on the same forgotten items (`vs_<baseline>`)."""
-    stats = _statistics(attacks, collapse_threshold)
-    values = {name: fn(records) for name, fn in stats.items()}
-    out: dict[str, Any] = {k: v for k, v in values.items() if not k.startswith("recovery.")}
-    out["forgotten"] = forgotten_count(records)
-    out["recovery"] = {a: values[f"recovery.{a}"] for a in recovery_columns(attacks)}
-    if statistics is not None and statistics.resamples:
-        out["ci"] = {
-            name: list(
-                bootstrap_ci(
-                    records,
-                    fn,
-                    resamples=statistics.resamples,
-                    seed=statistics.seed,
-                    level=statistics.level,
-                )
-            )
-            for name, fn in stats.items()
-        }
-    if statistics is not None and statistics.baseline_attack in attacks:
-        base = statistics.baseline_attack
-        out[f"vs_{base}"] = {
-            a: {
-                "only_attack": t.only_a,
-                "only_baseline": t.only_b,
-                "p_value": t.p_value,
-                "significant": t.p_value < statistics.alpha,
-            }
-            for a in attacks
-            if a != base
-            for t in [mcnemar_exact(records, a, base)]
-        }
-    return out
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN: undefined rates (nothing to divide by) are written as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _csv(results: dict[str, Any], attacks: list[str]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    columns = recovery_columns(attacks)
-    writer.writerow(["method", *METRIC_COLUMNS, *(f"recovery_{a}" for a in columns)])
-    for name, m in results["methods"].items():
-        row = [name, *(m[c] for c in METRIC_COLUMNS), *(m["recovery"].get(a) for a in columns)]
-        writer.writerow(["" if v is None else v for v in row])
-    return buf.getvalue()
-
-
-def markdown_table(results: dict[str, Any]) -> str:
-    """The per-method table of one run as Markdown (the paper's Table 2 shape)."""
-
-    def pct(v: Any) -> str:
-        return "–" if v is None else f"{100 * v:.0f}%"
-
-    def num(v: Any) -> str:
-        return "–" if v is None else f"{v:.2f}"
-
-    attacks = recovery_columns(results["attacks"])
-    head = ["method", "forget acc before → after", "forgotten"]
-    head += [f"recovery: {a}" for a in attacks]
-    head += [
-        "destructive retain",
-        "destructive general",
-        "collapse",
-        "KeyToken sim. forgotten / kept",
-    ]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for name, m in results["methods"].items():
-        row = [name, f"{pct(m['forget_acc_before'])} → {pct(m['forget_acc_after'])}"]
-        row += [str(m["forgotten"]), *(pct(m["recovery"].get(a)) for a in attacks)]
-        row += [pct(m["destructive_retain"]), pct(m["destructive_general"])]
-        row += [pct(m["collapse_rate"])]
-        row += [f"{num(m['keytoken_similarity_forgotten'])} / {num(m['keytoken_similarity_kept'])}"]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def _attribution_summary(record: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -1024,46 +770,33 @@ def run(
         ]
         attack_rows[label] = {}
         for attack_spec, attack in zip(cfg.attacks, attacks):
-            source = attack.keys_from
-            keys = {
-                i.id: Attribution.from_dict(
-                    attrs["original" if source != "unlearned" else label][i.id]
-                ).key_token_texts
-                for i in forgotten
-            }
+            source = "original" if attack.keys_from != "unlearned" else label
+            ctx = AttackContext(
+                model=model,
+                spec=spec_str,
+                items=forgotten,
+                keys={
+                    i.id: Attribution.from_dict(attrs[source][i.id]).key_token_texts
+                    for i in forgotten
+                },
+                retain=bench.split("retain"),
+                judge=cfg.judge,
+                label=label,
+                demonstrations=demonstrations if attack.uses_demonstrations else (),
+            )
             key_parts: list[Any] = [
                 model_key,
                 attack_spec.name,
                 attack.settings.model_dump(mode="json"),
                 [i.id for i in forgotten],
-                keys,
+                ctx.keys,
                 judge_key,
+                *attack.key_parts(ctx),
             ]
-            if attack.uses_demonstrations:
-                key_parts.append(demonstrations)
-            if attack.changes_weights:
-                key_parts.append([i.id for i in bench.split("retain")])
             stage = _Stage(cache, "attacks", _hash(*key_parts))
-            if not stage.done() and attack.changes_weights:
-                say(f"attacking: {label} with {attack_spec.name} ({len(forgotten)} items)")
-                stage.write(
-                    _relearn_attack(
-                        spec_str, attack, forgotten, bench.split("retain"), cfg.judge, label
-                    )
-                )
             if not stage.done():
                 say(f"attacking: {label} with {attack_spec.name} ({len(forgotten)} items)")
-                stage.write(
-                    _attack(
-                        model(),
-                        attack,
-                        forgotten,
-                        keys,
-                        cfg.judge,
-                        attack_spec.name,
-                        demonstrations if attack.uses_demonstrations else (),
-                    )
-                )
+                stage.write(attack.run(ctx))
             attack_rows[label][attack_spec.name] = {r["id"]: r for r in stage.read()}
         lm = None
 
@@ -1122,7 +855,7 @@ def run(
             methods[label]["sweep"] = swept
     if cfg.inject.enabled:
         _link_model(Path(original_spec), out / "models" / "original")
-    results = _finite(
+    results = finite(
         {
             "format": RUN_FORMAT,
             "benchmark": bench.name,
@@ -1140,11 +873,11 @@ def run(
             "seconds": time.perf_counter() - began,
         }
     )
-    _atomic_text(out / "items.jsonl", _jsonl([_finite(r.to_dict()) for r in records]))
+    _atomic_text(out / "items.jsonl", _jsonl([finite(r.to_dict()) for r in records]))
     if checks:  # per model and forget item: gradient scores, agreement, stability
         rows = [{"model": label, **row} for label, rs in checks.items() for row in rs]
-        _atomic_text(out / "checks.jsonl", _jsonl([_finite(r) for r in rows]))
-    _atomic_text(out / "results.csv", _csv(results, attack_names))
+        _atomic_text(out / "checks.jsonl", _jsonl([finite(r) for r in rows]))
+    _atomic_text(out / "results.csv", csv_text(results))
     _atomic_text(out / "results.md", markdown_table(results))
     from unpact.report import write_report
 
@@ -1189,7 +922,7 @@ def _run_grid(
             records += result.records
     lines = []
     for n, (key, results) in enumerate(per.items()):
-        text = _csv(results, results["attacks"]).splitlines()
+        text = csv_text(results).splitlines()
         lines += ([f"run,{text[0]}"] if n == 0 else []) + [f"{key},{r}" for r in text[1:]]
     _atomic_text(out / "results.csv", "\n".join(lines) + "\n")
     sections = []
@@ -1216,19 +949,13 @@ def _run_grid(
     return RunResult(out, results, records)
 
 
-def results_table(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per method: the paper's Table 2 shape (for printing)."""
-    rows = []
-    for name, m in results["methods"].items():
-        rows.append({"method": name, **{k: m[k] for k in METRIC_COLUMNS}, **m["recovery"]})
-    return rows
-
-
 __all__ = [
     "RunConfig",
     "RunResult",
     "load_config",
+    "markdown_table",
     "method_metrics",
+    "recovery_columns",
     "results_table",
     "run",
 ]

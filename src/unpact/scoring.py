@@ -9,6 +9,7 @@ long prompts that is most of the head's cost saved (49k-way vocabulary on SmolLM
 
 from __future__ import annotations
 
+import inspect
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -111,7 +112,7 @@ def _prefix_context(model: Any, prefix: Sequence[int]) -> list[tuple[torch.Tenso
     body, _ = lm_body_and_head(model)
     device = next(model.parameters()).device
     out = body(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True)
-    return _layer_kv(out.past_key_values)
+    return _layer_kv(cache_of(out))
 
 
 def _prefix_rows(
@@ -122,6 +123,18 @@ def _prefix_rows(
         [Continuation(0, shared, tuple(p[shared:]) + tuple(a), shared, len(a))]
         for p, a in zip(prompts, answers)
     ]
+
+
+def cache_kwarg(body: Any, cache: Any) -> dict[str, Any]:
+    """The keyword that hands a model its key/value cache: `cache` in the API transformers
+    documents since 5.x (`past_key_values` is removed in 5.40), `past_key_values` before."""
+    params = inspect.signature(body.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+def cache_of(out: Any) -> Any:
+    """The key/value cache of a model output, under either API's name."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
 
 
 def token_budget_batches(lengths: Sequence[int], budget: int) -> Iterator[list[int]]:
@@ -179,7 +192,7 @@ def score_batch(
     lps = list(lp.split([len(a) for a in answers]))
     if not keep_cache:
         return lps
-    return lps, _layer_kv(out.past_key_values)
+    return lps, _layer_kv(cache_of(out))
 
 
 def answer_distributions(
@@ -408,8 +421,8 @@ def _context_hidden(
         input_ids=input_ids.to(device),
         attention_mask=mask.to(device),
         position_ids=position_ids.to(device),
-        past_key_values=cache,
         use_cache=True,
+        **cache_kwarg(body, cache),
     ).last_hidden_state
     row_idx = [r for r, _, t in picks for _ in range(t)]
     cols = [first + j for _, first, t in picks for j in range(t)]

@@ -17,30 +17,22 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from unpact.attacks import attack_title
 from unpact.attribution import Attribution
-from unpact.run import recovery_columns
+from unpact.results import columns
 
 if TYPE_CHECKING:
     from unpact.metrics import ItemRecord
     from unpact.run import RunConfig
 
-ATTACK_TITLES = {
-    "focus_on_key": "FocusOnKey",
-    "probab": "PROBAB",
-    "focus_on_key_probab": "FocusOnKey+PROBAB",
-    "paraphrase": "paraphrase",
-    "in_context": "in-context",
-    "keyword_only": "keywords only",
-    "relearn": "relearning",
-    "any": "any attack",
-}
+class _Titles(dict[str, str]):
+    """Attack names to display names, from the attack registry (a missing key: the name)."""
+
+    def __missing__(self, key: str) -> str:
+        return attack_title(key)
 
 
-def pct(value: Any) -> str:
-    """A rate as a percentage; an undefined one (nothing to divide by) as a dash."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    return f"{100 * value:.1f}%"
+ATTACK_TITLES: dict[str, str] = _Titles()
 
 
 def num(value: Any) -> str:
@@ -119,7 +111,7 @@ def dilemma_svg(
         ax.set_ylim(-5, 105)
         ax.set_xlabel(f"destructive rate on {split} items (%)")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"recovery rate, {ATTACK_TITLES.get(attack or '', attack)} (%)")
+    axes[0].set_ylabel(f"recovery rate, {attack_title(attack or '')} (%)")
     if not by_model:
         handles = [
             plt.Line2D(
@@ -202,13 +194,12 @@ def render(
     env = Environment(
         loader=PackageLoader("unpact", "report"), autoescape=select_autoescape(["html", "j2"])
     )
-    env.filters["pct"] = pct
     env.filters["num"] = num
     template = env.get_template("report.html.j2")
     return template.render(
         results=results,
-        attack_titles={a: ATTACK_TITLES.get(a, a) for a in recovery_columns(results["attacks"])},
-        recovery=recovery_columns(results["attacks"]),
+        attack_titles=ATTACK_TITLES,
+        columns=columns(results["attacks"], every=True),
         plot=dilemma_svg(results),
         check_columns=sorted(
             {k for row in (results.get("attribution_checks") or {}).values() for k in row}
@@ -231,7 +222,6 @@ def write_comparison(path: Path, runs: dict[str, dict[str, Any]]) -> None:
     env = Environment(
         loader=PackageLoader("unpact", "report"), autoescape=select_autoescape(["html", "j2"])
     )
-    env.filters["pct"] = pct
     env.filters["num"] = num
     groups: dict[str, list[dict[str, Any]]] = {}
     per_bench: dict[str, dict[str, dict[str, Any]]] = {}
@@ -253,8 +243,7 @@ def write_comparison(path: Path, runs: dict[str, dict[str, Any]]) -> None:
     text = env.get_template("comparison.html.j2").render(
         groups=groups,
         models=models,
-        recovery=recovery_columns(attacks),
-        attack_titles=ATTACK_TITLES,
+        columns=columns(attacks),
         plots=plots,
     )
     tmp = path.with_name(f".tmp-{path.name}")

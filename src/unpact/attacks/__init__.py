@@ -1,0 +1,75 @@
+"""Recovery attacks (SPEC section 5): try to bring "forgotten" knowledge back without
+touching the weights.
+
+An attack is a prompt transform and a sampler: `prompt(question, key_tokens)` (or, for an
+attack that needs more of the item, `prompts(target)`, one or several prompts) says what the
+attacker asks, `samples` how many answers they draw per prompt (0: the greedy answer). The
+runner generates, judges each answer, and an item counts as recovered if any answer is
+correct. Adding an attack is one subclass with a `name` (it registers itself) and, if it
+has knobs, a pydantic `Settings`.
+
+- `focus_on_key`: the question plus an emphasis phrase naming its KeyTokens (by default
+  the original model's; `keys_from: unlearned` is the attacker who never had it).
+- `probab`: N seeded samples at temperature 1 of the plain question.
+- `focus_on_key_probab`: both.
+- `paraphrase`: the question reworded by templates that keep its keywords.
+- `in_context`: a few retain-set QA pairs as demonstrations before the question.
+- `keyword_only`: a prompt made of the KeyTokens alone.
+- `relearn`: the one attack that touches weights (a copy of them): fine-tune the unlearned
+  model for a few steps on a few forgotten items (or on retain items) and ask the other
+  forgotten questions again (the classic relearning attack). Its recovery rate is over the
+  forgotten items it did not train on.
+"""
+
+from unpact.attacks.base import (
+    ATTACKS,
+    FOCUS_TEMPLATE,
+    Attack,
+    AttackContext,
+    NoSettings,
+    Target,
+    attack_title,
+    get_attack,
+)
+from unpact.attacks.prompts import (
+    PARAPHRASES,
+    FocusOnKey,
+    FocusOnKeyProbab,
+    FocusSampleSettings,
+    FocusSettings,
+    InContext,
+    InContextSettings,
+    KeywordOnly,
+    Paraphrase,
+    ParaphraseSettings,
+    Probab,
+    SampleSettings,
+    emphasis,
+)
+from unpact.attacks.relearn import Relearn, RelearnSettings
+
+__all__ = [
+    "ATTACKS",
+    "FOCUS_TEMPLATE",
+    "PARAPHRASES",
+    "Attack",
+    "AttackContext",
+    "FocusOnKey",
+    "FocusOnKeyProbab",
+    "FocusSampleSettings",
+    "FocusSettings",
+    "InContext",
+    "InContextSettings",
+    "KeywordOnly",
+    "NoSettings",
+    "Paraphrase",
+    "ParaphraseSettings",
+    "Probab",
+    "Relearn",
+    "RelearnSettings",
+    "SampleSettings",
+    "Target",
+    "attack_title",
+    "emphasis",
+    "get_attack",
+]

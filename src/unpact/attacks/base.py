@@ -1,0 +1,194 @@
+"""The attack interface: what an attack is given (`AttackContext`), what it returns (one row
+per attacked item), the registry, and the default run shared by every prompt attack.
+
+An attack owns its execution: `run(ctx)` gets the model under attack (or its spec, to load
+a fresh copy), the forgotten items, their KeyTokens, the retain items, the judge and the
+device, and returns per-item rows `{"id", "prompt", "prompts", "outputs", "recovered", ...}`.
+A prompt attack only says what it asks (`prompt` or `prompts`) and how many answers it
+draws (`samples`); the default `run` generates, judges and fills the rows. A weight-touching
+attack (relearning) overrides `run`. `key_parts(ctx)` names what else its cached rows depend
+on beyond the model, the items, their KeyTokens, its settings and the judge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from unpact.data.items import QAItem
+from unpact.errors import UnpactError
+from unpact.judge import JudgeSettings, Verdict, choose_options, judge_many
+from unpact.scoring import generate
+
+if TYPE_CHECKING:
+    from unpact.models import AnyModel
+
+ATTACKS: dict[str, type[Attack]] = {}
+
+FOCUS_TEMPLATE = "{prompt}\nFocus on {keys} to answer."
+
+
+@dataclass(frozen=True)
+class Target:
+    """What an attacker may use about one forgotten item."""
+
+    question: str
+    key_tokens: tuple[str, ...] = ()  # KeyTokens (whose: the attack's `keys_from`)
+    keywords: tuple[str, ...] = ()  # the benchmark's ground-truth keywords of the question
+    demonstrations: tuple[tuple[str, str], ...] = ()  # retain-set (question, answer) pairs
+
+
+class NoSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Attack:
+    """A way to ask a forgotten question again. Subclasses set `name` and override
+    `prompt` and/or `samples`."""
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""  # as tables and plots name it (default: the name)
+    Settings: ClassVar[type[BaseModel]] = NoSettings
+    uses_demonstrations: ClassVar[bool] = False  # needs retain-set QA pairs
+    changes_weights: ClassVar[bool] = False  # fine-tunes a copy of the model (relearn)
+
+    def __init__(self, settings: BaseModel | None = None) -> None:
+        self.settings: Any = settings if settings is not None else self.Settings()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            ATTACKS[cls.name] = cls
+
+    @property
+    def keys_from(self) -> str | None:
+        """Whose KeyTokens the prompt names ("original" | "unlearned"), or None."""
+        return None
+
+    @property
+    def samples(self) -> int:
+        """Answers to draw: 0 means the single greedy answer."""
+        return 0
+
+    @property
+    def temperature(self) -> float:
+        return 1.0
+
+    @property
+    def seed(self) -> int:
+        return 0
+
+    def prompt(self, question: str, key_tokens: list[str]) -> str:
+        return question
+
+    def prompts(self, target: Target) -> list[str]:
+        """Every prompt the attacker tries on this item (default: the one `prompt`)."""
+        return [self.prompt(target.question, list(target.key_tokens))]
+
+    def key_parts(self, ctx: AttackContext) -> list[Any]:
+        """What the rows depend on beyond the model, items, KeyTokens, settings and judge."""
+        return [list(ctx.demonstrations)] if self.uses_demonstrations else []
+
+    def run(self, ctx: AttackContext) -> list[dict[str, Any]]:
+        """Per item: the attack's prompts, their answers and whether any answer is correct."""
+        return run_prompts(self, ctx)
+
+
+@dataclass
+class AttackContext:
+    """What an attack is given for one model under attack."""
+
+    model: Callable[[], AnyModel]  # the model under attack, opened on first call
+    spec: str  # its spec: load a fresh copy from it to change weights
+    items: list[QAItem]  # the forgotten items to attack
+    keys: dict[str, list[str]]  # item id -> KeyTokens (whose: the attack's keys_from)
+    retain: list[QAItem]  # the benchmark's retain items
+    judge: JudgeSettings
+    label: str = ""  # the model's label in the results (progress text)
+    demonstrations: tuple[tuple[str, str], ...] = ()  # retain-set (question, answer) pairs
+    device: str | None = None  # for an attack that loads its own copy (None: the default)
+
+    def target(self, item: QAItem) -> Target:
+        return Target(
+            item.question,
+            tuple(self.keys.get(item.id, [])),
+            tuple(item.keywords),
+            self.demonstrations,
+        )
+
+
+def attack_title(name: str) -> str:
+    """An attack's display name ("any" is the union of a run's attacks)."""
+    if name == "any":
+        return "any attack"
+    cls = ATTACKS.get(name)
+    return (cls.title or cls.name) if cls is not None else name
+
+
+def get_attack(name: str, settings: dict[str, Any] | None = None) -> Attack:
+    """An attack by registered name, with validated settings."""
+    from pydantic import ValidationError
+
+    if name not in ATTACKS:
+        raise UnpactError(f"unknown attack {name!r}; choose from {', '.join(sorted(ATTACKS))}")
+    cls = ATTACKS[name]
+    try:
+        return cls(cls.Settings(**(settings or {})))
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()
+        )
+        raise UnpactError(f"attack {name}: {problems}") from None
+
+
+def run_prompts(attack: Attack, ctx: AttackContext) -> list[dict[str, Any]]:
+    """The default run of a prompt attack: ask each item's prompts, draw `attack.samples`
+    answers (or the greedy one; for multiple choice, greedy means the highest-LP option),
+    judge them; an item is recovered if any answer is correct."""
+    items = ctx.items
+    per_item = [attack.prompts(ctx.target(i)) for i in items]
+    flat = [(n, p) for n, ps in enumerate(per_item) for p in ps]
+    answers: dict[int, list[tuple[str, bool | None]]] = {n: [] for n in range(len(items))}
+    by_lp = [(n, p) for n, p in flat if items[n].is_mcq and not attack.samples]
+    if by_lp:
+        lm = ctx.model()
+        picks = choose_options(
+            lm, [p for _, p in by_lp], [items[n].choices or () for n, _ in by_lp]
+        )
+        for (n, _), k in zip(by_lp, picks):
+            choice = (items[n].choices or ())[k]
+            answers[n].append((choice, choice == items[n].answer))
+    generated = [(n, p) for n, p in flat if not (items[n].is_mcq and not attack.samples)]
+    if generated:
+        gens = generate(
+            ctx.model(),
+            [p for _, p in generated],
+            max_new_tokens=ctx.judge.max_new_tokens,
+            num_samples=attack.samples,
+            temperature=attack.temperature,
+            seed=attack.seed,
+            progress=attack.name,
+        )
+        for (n, _), g in zip(generated, gens):
+            answers[n] += [(s.text, None) for s in g]
+    rows = []
+    for n, item in enumerate(items):
+        texts = [t for t, _ in answers[n]]
+        verdicts = [v for _, v in answers[n] if v is not None]
+        free = [t for t, v in answers[n] if v is None]
+        verdicts += judge_many(
+            [Verdict(item.question, o, item.answer, item.aliases) for o in free], ctx.judge
+        )
+        rows.append(
+            {
+                "id": item.id,
+                "prompt": per_item[n][0],
+                "prompts": per_item[n],
+                "outputs": texts,
+                "recovered": any(verdicts),
+            }
+        )
+    return rows

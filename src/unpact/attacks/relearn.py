@@ -1,0 +1,92 @@
+"""Relearning: the attack that touches (a copy of) the weights."""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from unpact.attacks.base import Attack, AttackContext
+from unpact.judge import answer_items
+from unpact.models import load_model
+from unpact.unlearn.loop import _batch, batch_indices, encode_items
+from unpact.unlearn.methods import nll
+
+
+class RelearnSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    data: Literal["forget", "retain"] = Field(
+        "forget", description="train on some forgotten items, or on retain items"
+    )
+    items: int = Field(4, gt=0, description="how many items to train on")
+    steps: int = Field(10, gt=0, description="optimiser steps")
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate (the injection's)")
+    batch_size: int = Field(4, gt=0, description="items per step")
+    seed: int = Field(0, description="which items are trained on, and their order")
+
+
+class Relearn(Attack):
+    """Relearning: fine-tune a copy of the unlearned model (answer-only NLL, AdamW) for
+    `steps` steps on `items` seeded forgotten items (`data: forget`) or retain items
+    (`data: retain`), then judge its greedy answers to the forgotten items it did not
+    train on. Those items are its denominator."""
+
+    name = "relearn"
+    title = "relearning"
+    Settings = RelearnSettings
+    changes_weights = True
+
+    def split(self, forgotten_ids: list[str], retain_ids: list[str]) -> list[str]:
+        """The ids of the items trained on (seeded; at most all but one forgotten item
+        when training on forgotten items, so something is left to test)."""
+        s = self.settings
+        rng = random.Random(s.seed)
+        if s.data == "retain":
+            pool = sorted(retain_ids)
+            return rng.sample(pool, min(s.items, len(pool)))
+        pool = sorted(forgotten_ids)
+        return rng.sample(pool, min(s.items, max(len(pool) - 1, 0)))
+
+    def key_parts(self, ctx: AttackContext) -> list[Any]:
+        return [[i.id for i in ctx.retain]]  # it may train on them
+
+    def run(self, ctx: AttackContext) -> list[dict[str, Any]]:
+        """Fine-tune a fresh copy of the model under attack on a few items, then judge its
+        answers to the forgotten items it did not see. Rows only for those."""
+        if not ctx.items:
+            return []
+        s = self.settings
+        forgotten = ctx.items
+        train_ids = set(self.split([i.id for i in forgotten], [i.id for i in ctx.retain]))
+        pool = forgotten if s.data == "forget" else ctx.retain
+        train = [i for i in pool if i.id in train_ids]
+        test = [i for i in forgotten if i.id not in train_ids]
+        # a fresh copy: the attack never changes the cached model
+        lm = load_model(ctx.spec, device=ctx.device or "cpu")
+        encoded = encode_items(lm, train)
+        params = [p for p in lm.model.parameters() if p.requires_grad]
+        optimiser = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
+        torch.manual_seed(s.seed)
+        lm.model.train()
+        for step in range(s.steps):
+            idx = batch_indices(len(train), min(s.batch_size, len(train)), step, s.seed)
+            loss = nll(lm.model, _batch(encoded, idx))
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        lm.model.eval()
+        answered = answer_items(lm, test, ctx.judge, f"Judging {ctx.label} after relearning")
+        trained_on = sorted(train_ids)
+        return [
+            {
+                "id": item.id,
+                "prompt": item.question,
+                "prompts": [item.question],
+                "outputs": [output],
+                "recovered": ok,
+                "trained_on": trained_on,
+            }
+            for item, (output, ok) in zip(test, answered)
+        ]

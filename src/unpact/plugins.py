@@ -1,0 +1,94 @@
+"""Plugins: Python files or modules that add attacks, metrics and unlearning methods.
+
+A plugin registers things the way the package itself does: subclassing
+`unpact.attacks.Attack` or `unpact.unlearn.Method` (each registers under its `name`), or
+decorating a function with `unpact.metrics.metric`. A run config's `plugins:` list (paths
+relative to the config file, or importable module names) and `unpact run --plugin FILE` are
+imported before the rest of the config is validated, so what they define is usable by name
+in that config. An error inside a plugin is one `UnpactError` naming its file and line.
+
+Stages are cached by the names and settings of what they run, not by a plugin's code: after
+changing a plugin's code, give its thing a new name or clear the cache
+(`$UNPACT_CACHE/stages`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+import traceback
+from pathlib import Path
+from types import ModuleType
+
+from unpact.errors import UnpactError
+
+_LOADED: dict[str, ModuleType] = {}
+
+
+def load_plugins(entries: list[str], base: Path | None = None) -> list[ModuleType]:
+    """Import each plugin once (a file again only if it changed); `base` is the folder a
+    relative path is read from (the config file's). Returns the modules."""
+    return [load_plugin(entry, base) for entry in entries]
+
+
+def _is_path(entry: str) -> bool:
+    return entry.endswith(".py") or "/" in entry or "\\" in entry
+
+
+def load_plugin(entry: str, base: Path | None = None) -> ModuleType:
+    """One plugin: a Python file, or an importable module name."""
+    if not _is_path(entry):
+        try:
+            return importlib.import_module(entry)
+        except ModuleNotFoundError as e:
+            if e.name and entry.startswith(e.name):
+                raise UnpactError(
+                    f"plugin {entry!r}: no such module, and not a .py file (give a path)"
+                ) from None
+            raise _plugin_error(entry, e) from None
+        except Exception as e:
+            raise _plugin_error(entry, e) from None
+    path = Path(entry).expanduser()
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    if not path.is_file():
+        raise UnpactError(f"plugin {entry}: no such file ({path})")
+    try:
+        source = path.read_bytes()
+    except OSError as e:
+        raise UnpactError(f"plugin {path}: cannot be read ({e.strerror})") from None
+    key = f"{path.resolve()}:{hashlib.sha256(source).hexdigest()[:16]}"
+    if key in _LOADED:
+        return _LOADED[key]
+    name = "unpact_plugin_" + hashlib.sha256(key.encode()).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise UnpactError(f"plugin {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise _plugin_error(str(path), e, path) from None
+    _LOADED[key] = module
+    return module
+
+
+def _plugin_error(entry: str, error: Exception, path: Path | None = None) -> UnpactError:
+    """One line: where in the plugin it failed (its last frame there) and what."""
+    frames = traceback.extract_tb(error.__traceback__)
+    if isinstance(error, SyntaxError) and error.filename:
+        where = f"{error.filename}:{error.lineno}"
+    else:
+        mine = [
+            f
+            for f in frames
+            if path is not None and Path(f.filename).resolve() == path.resolve()
+        ]
+        chosen = mine or list(frames)
+        where = f"{chosen[-1].filename}:{chosen[-1].lineno}" if chosen else entry
+    message = str(error) if isinstance(error, UnpactError) else f"{type(error).__name__}: {error}"
+    return UnpactError(f"plugin {entry} failed at {where}: {message}")

@@ -1,0 +1,205 @@
+"""The results of a run, computed and shown from the metric registry (`unpact.metrics.METRICS`).
+
+`method_metrics` turns one method's per-item records into its entry of results.json (every
+registered metric, its bootstrap interval, each attack's McNemar test against the baseline);
+`table` gives the rows every table shows (the CLI, results.md, the report), and `csv_text`
+results.csv. Nothing here names a metric: a registered one (also from a plugin) appears in
+all of them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from unpact.attacks import attack_title
+from unpact.metrics import (
+    METRICS,
+    ItemRecord,
+    Metric,
+    MetricContext,
+    attack_columns,
+    bootstrap_ci,
+    mcnemar_exact,
+)
+
+if TYPE_CHECKING:
+    from unpact.run import StatisticsSettings
+
+recovery_columns = attack_columns  # the name the runner and the report have always used
+
+
+def _statistics(ctx: MetricContext) -> dict[str, Callable[[list[ItemRecord]], float]]:
+    """Each figure with an interval, by its key in `ci` (`recovery.<attack>` per attack)."""
+    stats: dict[str, Callable[[list[ItemRecord]], float]] = {}
+    for m in METRICS.values():
+        if not m.interval:
+            continue
+        if m.per_attack:
+            for a in attack_columns(ctx.attacks):
+                stats[f"{m.name}.{a}"] = lambda r, m=m, a=a: m.fn(r, ctx, a)  # type: ignore[misc]
+        else:
+            stats[m.name] = lambda r, m=m: m.fn(r, ctx)  # type: ignore[misc]
+    return stats
+
+
+def method_metrics(
+    records: list[ItemRecord],
+    attacks: list[str],
+    collapse_threshold: float,
+    statistics: StatisticsSettings | None = None,
+) -> dict[str, Any]:
+    """One method's figures for results.json: every registered metric as a function of the
+    records (a per-attack one as {attack: value}); with `statistics`, a bootstrap interval
+    for each (`ci`) and each attack's McNemar test against the baseline attack on the same
+    forgotten items (`vs_<baseline>`)."""
+    ctx = MetricContext(tuple(attacks), collapse_threshold)
+    out: dict[str, Any] = {}
+    for m in METRICS.values():
+        if m.per_attack:
+            out[m.name] = {a: m.fn(records, ctx, a) for a in attack_columns(attacks)}
+        else:
+            out[m.name] = m.fn(records, ctx)
+    if statistics is not None and statistics.resamples:
+        out["ci"] = {
+            name: list(
+                bootstrap_ci(
+                    records,
+                    fn,
+                    resamples=statistics.resamples,
+                    seed=statistics.seed,
+                    level=statistics.level,
+                )
+            )
+            for name, fn in _statistics(ctx).items()
+        }
+    if statistics is not None and statistics.baseline_attack in attacks:
+        base = statistics.baseline_attack
+        out[f"vs_{base}"] = {
+            a: {
+                "only_attack": t.only_a,
+                "only_baseline": t.only_b,
+                "p_value": t.p_value,
+                "significant": t.p_value < statistics.alpha,
+            }
+            for a in attacks
+            if a != base
+            for t in [mcnemar_exact(records, a, base)]
+        }
+    return out
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a results table: the metrics it shows (joined), or one attack's value
+    of a per-attack metric."""
+
+    title: str
+    metrics: tuple[Metric, ...]
+    attack: str | None = None
+
+    def cell(self, m: dict[str, Any], precise: bool = False) -> str:
+        if self.attack is not None:
+            (metric,) = self.metrics
+            return metric.display((m.get(metric.name) or {}).get(self.attack), precise)
+        return self.metrics[0].join.join(x.display(m.get(x.name), precise) for x in self.metrics)
+
+    def interval_key(self) -> str | None:
+        """The `ci` key of a one-metric column that has an interval."""
+        if len(self.metrics) != 1 or not self.metrics[0].interval:
+            return None
+        name = self.metrics[0].name
+        return f"{name}.{self.attack}" if self.attack is not None else name
+
+
+def columns(attacks: list[str], every: bool = False) -> list[Column]:
+    """The table's columns in registration order: metrics sharing a `column` are joined in
+    one; a per-attack metric gets a column per attack (and "any"). `every`: one column per
+    metric, also those that have no table column (the report's full table)."""
+    out: list[Column] = []
+    shared: dict[str, int] = {}
+    for m in METRICS.values():
+        if m.per_attack:
+            out += [
+                Column(f"{m.title}\n{attack_title(a)}", (m,), a) for a in attack_columns(attacks)
+            ]
+        elif every:
+            out.append(Column(m.title, (m,)))
+        elif m.column is not None:
+            if m.column in shared:
+                n = shared[m.column]
+                out[n] = Column(out[n].title, (*out[n].metrics, m))
+            else:
+                shared[m.column] = len(out)
+                out.append(Column(m.column, (m,)))
+    return out
+
+
+def table(results: dict[str, Any], precise: bool = False) -> tuple[list[str], list[list[str]]]:
+    """The per-method table of one run (the paper's Table 2 shape): headers and rows of
+    text, the method's name first."""
+    cols = columns(results["attacks"])
+    rows = [[name, *(c.cell(m, precise) for c in cols)] for name, m in results["methods"].items()]
+    return ["method", *(c.title for c in cols)], rows
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The per-method table of one run as Markdown."""
+    head, rows = table(results)
+    head = [h.replace("\n", " ") for h in head]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def csv_columns(attacks: list[str]) -> list[tuple[str, str, str | None]]:
+    """(CSV header, metric name, attack) of every registered figure, flat."""
+    out: list[tuple[str, str, str | None]] = []
+    for m in METRICS.values():
+        if m.per_attack:
+            out += [(f"{m.name}_{a}", m.name, a) for a in attack_columns(attacks)]
+        else:
+            out.append((m.name, m.name, None))
+    return out
+
+
+def csv_text(results: dict[str, Any]) -> str:
+    """results.csv: one row per method, one column per registered figure (raw numbers)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    cols = csv_columns(results["attacks"])
+    writer.writerow(["method", *(h for h, _, _ in cols)])
+    for name, m in results["methods"].items():
+        row = [m.get(key) if a is None else (m.get(key) or {}).get(a) for _, key, a in cols]
+        writer.writerow([name, *("" if v is None else v for v in row)])
+    return buf.getvalue()
+
+
+def results_table(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per method: every figure by its CSV name (for programs)."""
+    cols = csv_columns(results["attacks"])
+    return [
+        {
+            "method": name,
+            **{
+                h: m.get(key) if a is None else (m.get(key) or {}).get(a)
+                for h, key, a in cols
+            },
+        }
+        for name, m in results["methods"].items()
+    ]
+
+
+def finite(value: Any) -> Any:
+    """JSON has no NaN: undefined rates (nothing to divide by) are written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value

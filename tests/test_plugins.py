@@ -1,0 +1,189 @@
+"""Plugins: an attack, a metric and an unlearning method, each one file outside the package,
+passed by `plugins:` (or `--plugin`), run from `unpact run` and shown in the table,
+results.json, results.csv, results.md and the report; a broken plugin is one message."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from unpact.attacks import ATTACKS
+from unpact.data.items import QAItem, write_folder
+from unpact.errors import UnpactError
+from unpact.metrics import METRICS
+from unpact.models import save_model
+from unpact.plugins import _LOADED
+from unpact.run import load_config, run
+from unpact.scoring import generate
+from unpact.unlearn.methods import METHODS
+
+PLUGIN = '''
+"""A user's plugin: one attack, one metric, one method."""
+from unpact.attacks import Attack
+from unpact.metrics import metric
+from unpact.unlearn.methods import Method, nll
+
+
+class Shout(Attack):
+    """The question in capitals."""
+
+    name = "shout"
+
+    def prompt(self, question, key_tokens):
+        return question.upper()
+
+
+@metric("silent_after", title="silent after", fmt="percent", column="silent",
+        higher_is_better=False)
+def silent_after(records, ctx):
+    """Share of forget items answered with no text at all after unlearning."""
+    forget = [r for r in records if r.split == "forget"]
+    return sum(not r.output_after.strip() for r in forget) / len(forget)
+
+
+class HalfGA(Method):
+    """Gradient ascent at half strength."""
+
+    name = "half_ga"
+    summary = "half-strength gradient ascent"
+
+    def losses(self, ctx):
+        return {"forget_ga": -0.5 * nll(ctx.model, ctx.forget)}
+'''
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Who wrote the report about the town?",
+    "How many moons orbit the planet Zorblax?",
+    "Who founded the Vostrand Glassworks?",
+    "Which year was the glassworks founded?",
+    "Who is the mayor of Kilimanjaro?",
+]
+
+
+@pytest.fixture
+def registries():
+    """Plugins register globally: put the registries back afterwards."""
+    saved = [(reg, dict(reg)) for reg in (ATTACKS, METRICS, METHODS)]
+    yield
+    for reg, before in saved:
+        reg.clear()
+        reg.update(before)
+    _LOADED.clear()
+
+
+@pytest.fixture
+def project(tmp_path, tiny):
+    save_model(tiny.model, tiny.tokenizer, tmp_path / "tiny")
+    outs = generate(tiny, QUESTIONS, max_new_tokens=4)
+    items = [
+        QAItem(f"{s}-{n}", q, o[0].text.strip() or "x", s, (), (q.split()[2],), None)
+        for n, (q, o) in enumerate(zip(QUESTIONS, outs))
+        for s in ["forget" if n < 4 else "retain"]
+    ]
+    write_folder(tmp_path / "bench", items)
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "mine.py").write_text(PLUGIN)
+    config = {
+        "plugins": ["plugins/mine.py"],
+        "model": str(tmp_path / "tiny"),
+        "data": {"benchmark": str(tmp_path / "bench"), "general": None},
+        "inject": {"enabled": False},
+        "methods": [{"method": "half_ga", "config": {"lr": 3e-3, "steps": 2, "batch_size": 2}}],
+        "attacks": [{"name": "shout"}, {"name": "probab", "settings": {"samples": 2}}],
+        "judge": {"max_new_tokens": 4},
+        "statistics": {"resamples": 10},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path
+
+
+def test_a_plugins_attack_metric_and_method_run_and_show_everywhere(project, registries):
+    result = run(project / "run.yaml", project / "out", cache_dir=project / "cache", progress=False)
+    m = result.results["methods"]["half_ga"]
+    assert set(m["recovery"]) == {"shout", "probab", "any"}
+    assert "silent_after" in m and 0 <= m["silent_after"] <= 1
+    assert "silent_after" in m["ci"] and "recovery.shout" in m["ci"]
+    # the metric is the plugin's function of the records
+    forget = [r for r in result.records if r.split == "forget"]
+    assert m["silent_after"] == sum(not r.output_after.strip() for r in forget) / len(forget)
+    forgotten = [r for r in result.records if r.forgotten]
+    for r in forgotten:
+        assert r.attacks["shout"]["prompt"] == r.question.upper()
+    out = project / "out"
+    assert "silent_after" in json.loads((out / "results.json").read_text())["methods"]["half_ga"]
+    header = (out / "results.csv").read_text().splitlines()[0].split(",")
+    assert "silent_after" in header and "recovery_shout" in header
+    md = (out / "results.md").read_text()
+    assert "| silent |" in md and "recovery shout" in md
+    html = (out / "report.html").read_text()
+    assert "silent after" in html and "shout" in html and "half_ga" in html
+
+
+def test_the_cli_runs_and_lists_plugins(project, tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "PATH": ""}
+    plugin = str(project / "plugins" / "mine.py")
+    cmd = [sys.executable, "-m", "unpact"]
+    for what, name in (("attacks", "shout"), ("metrics", "silent_after"), ("methods", "half_ga")):
+        done = subprocess.run(
+            [*cmd, what, "--plugin", plugin], capture_output=True, text=True, env=env
+        )
+        assert done.returncode == 0, done.stderr
+        assert name in done.stdout
+    config = yaml.safe_load((project / "run.yaml").read_text())
+    del config["plugins"]
+    (project / "no-plugins.yaml").write_text(yaml.safe_dump(config))
+    done = subprocess.run(
+        [*cmd, "run", str(project / "no-plugins.yaml"), "--out", str(project / "o2")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 2 and "half_ga" in done.stderr and "Traceback" not in done.stderr
+    done = subprocess.run(
+        [
+            *cmd,
+            "run",
+            str(project / "no-plugins.yaml"),
+            "--out",
+            str(project / "o2"),
+            "--plugin",
+            plugin,
+        ],
+        capture_output=True,
+        text=True,
+        env=env | {"UNPACT_CACHE": str(tmp_path / "uc")},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "silent" in done.stdout and "shout" in done.stdout.lower()
+
+
+def test_a_broken_plugin_is_one_message_naming_its_file_and_line(project, registries):
+    bad = project / "plugins" / "bad.py"
+    bad.write_text("x = 1\n\nraise RuntimeError('boom')\n")
+    config = yaml.safe_load((project / "run.yaml").read_text())
+    config["plugins"] = ["plugins/bad.py"]
+    (project / "bad.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(UnpactError, match=r"bad\.py:3: RuntimeError: boom"):
+        load_config(project / "bad.yaml")
+    bad.write_text("def broken(:\n")
+    with pytest.raises(UnpactError, match=r"bad\.py:1"):
+        load_config(project / "bad.yaml")
+    config["plugins"] = ["plugins/missing.py"]
+    with pytest.raises(UnpactError, match="no such file"):
+        load_config(config)
+    config["plugins"] = ["no_such_plugin_module"]
+    with pytest.raises(UnpactError, match="no such module"):
+        load_config(config)
+    env = {"HF_HUB_OFFLINE": "1", "PATH": ""}
+    done = subprocess.run(
+        [sys.executable, "-m", "unpact", "attacks", "--plugin", str(bad)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 2 and "bad.py:1" in done.stderr and "Traceback" not in done.stderr
