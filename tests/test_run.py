@@ -634,3 +634,31 @@ def test_sweep_checks_default_checks_only_the_default_run(setup, tmp_path):
     assert f"checking attributions: {labels[0]}" not in res.stderr
     assert f"unlearning: {labels[0]}" in res.stderr
     assert all(label in res.stdout for label in labels)
+
+
+def test_stage_keys_are_exact(setup, finished, tmp_path):
+    """A stage's key is what it reads: the same config computes nothing; fewer general
+    items re-run only the general evaluation (no unlearning, no attribution); one attack's
+    new settings re-run only that attack."""
+    root, config = setup
+    cache = root / "cache"
+    assert run(config, tmp_path / "same", cache_dir=cache, progress=False).computed == []
+    fewer = config | {"data": config["data"] | {"general_items": 1}}
+    done = run(fewer, tmp_path / "general", cache_dir=cache, progress=False).computed
+    assert sorted(done) == [
+        "evaluating:ga (general)",
+        "evaluating:npo (general)",
+        "evaluating:original (general)",
+    ]
+    attacks = [
+        {"name": "probab", "settings": {"samples": 2}} if a["name"] == "probab" else a
+        for a in config["attacks"]
+    ]
+    done = run(config | {"attacks": attacks}, tmp_path / "a", cache_dir=cache, progress=False)
+    assert sorted(done.computed) == [
+        f"attacking:{m} with probab ({n} items)"
+        for m, n in (
+            ("ga", done.results["methods"]["ga"]["forgotten"]),
+            ("npo", done.results["methods"]["npo"]["forgotten"]),
+        )
+    ]

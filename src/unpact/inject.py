@@ -52,7 +52,7 @@ import torch
 
 from unpact.data.items import Benchmark, QAItem, load_benchmark
 from unpact.errors import UnpactError
-from unpact.models import LanguageModel, cache_root, load_model, local_model_dir, save_model
+from unpact.models import LanguageModel, cache_root, load_model, model_key, save_model
 from unpact.scoring import answer_states, generate, head_logits, head_logprobs
 
 INJECT_FORMAT = 2
@@ -112,24 +112,6 @@ def _hash_files(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def _model_key(spec: str) -> str:
-    """Hash of the base model, without loading it: for a local model, the names and sizes
-    of its weight files, the first and last MiB of each, and its full config (the weights
-    are large); for a hub id, the id. A GGUF's cache folder is already keyed by its hash."""
-    folder = local_model_dir(spec)
-    if folder is None:
-        return hashlib.sha256(spec.encode()).hexdigest()
-    digest = hashlib.sha256(folder.name.encode())
-    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("config.json")):
-        size = f.stat().st_size
-        digest.update(f.name.encode() + str(size).encode())
-        with f.open("rb") as fh:
-            digest.update(fh.read(1 << 20))
-            fh.seek(max(0, size - (1 << 20)))
-            digest.update(fh.read())
-    return digest.hexdigest()
-
-
 def _key_settings(config: InjectConfig) -> dict[str, Any]:
     """The settings that make an injection: the LoRA fields only when LoRA is used (so
     models injected before those fields existed keep their keys)."""
@@ -174,7 +156,7 @@ def cache_key(spec: str, bench: Benchmark, config: InjectConfig) -> str:
     if bench.path is None:
         raise UnpactError("injection needs a benchmark loaded from files")
     parts = [
-        _model_key(spec),
+        model_key(spec),
         _hash_files(list(bench.path.glob("*.jsonl"))),
         json.dumps(_key_settings(config), sort_keys=True),
         str(INJECT_FORMAT),

@@ -312,6 +312,24 @@ def local_model_dir(spec: str) -> Path | None:
     return gguf_cache(path)
 
 
+def model_key(spec: str) -> str:
+    """Hash of the base model, without loading it: for a local model, the names and sizes
+    of its weight files, the first and last MiB of each, and its full config (the weights
+    are large); for a hub id, the id. A GGUF's cache folder is already keyed by its hash."""
+    folder = local_model_dir(spec)
+    if folder is None:
+        return hashlib.sha256(spec.encode()).hexdigest()
+    digest = hashlib.sha256(folder.name.encode())
+    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("config.json")):
+        size = f.stat().st_size
+        digest.update(f.name.encode() + str(size).encode())
+        with f.open("rb") as fh:
+            digest.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            digest.update(fh.read())
+    return digest.hexdigest()
+
+
 def _parse_dtype(dtype: str) -> torch.dtype:
     try:
         return DTYPES[dtype]

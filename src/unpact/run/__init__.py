@@ -1,0 +1,569 @@
+"""The experiment runner (SPEC section 8): a config, its stages, cached artefacts, results.
+
+`run(config, out)` (CLI: `unpact run CONFIG.yaml --out DIR`) is the paper end to end, read
+top to bottom in `run` below:
+
+1. data: the benchmark, or a subset of it (the first N items of each split);
+2. original model: the base model with the benchmark's facts injected (`unpact.inject`);
+3. unlearning: one run per configured method (`unpact.unlearn`);
+4. per model: evaluation (every item's answer and verdict, per split), attribution (unPact
+   on every forget item), the attribution checks, and every attack on the items it forgot;
+5. per-item records joined from those, the registered metrics as functions of them, and
+   the files.
+
+Each stage is cached under `cache_dir` by a key of exactly what it reads (the model's key,
+the items it touches, its own settings, the stage's format), and written atomically, so an
+interrupted run redoes only what was not finished (an interrupted unlearning run resumes
+from its last checkpoint) and ends with the same numbers; changing general items re-runs
+only the general evaluation, changing one attack's settings only that attack. The run
+directory gets `config.yaml` (resolved), `results.json`, `results.csv`, `results.md`,
+`items.jsonl`, `models/` (links to the safetensors models) and `report.html`; `results.json`
+is written last, so a directory holding it is a finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unpact.attacks import AttackContext, get_attack
+from unpact.attribution import (
+    Attribution,
+    contribution_similarity,
+    keytoken_similarity,
+    keyword_units,
+)
+from unpact.data.items import Benchmark, QAItem, load_benchmark
+from unpact.errors import UnpactError
+from unpact.metrics import ItemRecord
+from unpact.models import AnyModel, cache_root, model_key, open_model
+from unpact.results import (
+    csv_text,
+    finite,
+    markdown_table,
+    method_metrics,
+    recovery_columns,
+    results_table,
+)
+from unpact.run.config import (
+    _CHECK_FIELDS,
+    PAPER_ATTACKS,
+    RUN_FORMAT,
+    AttackSpec,
+    AttributionSettings,
+    DataSettings,
+    InjectSettings,
+    MethodSpec,
+    ModelSpec,
+    RunConfig,
+    StatisticsSettings,
+    load_config,
+)
+from unpact.run.stages import (
+    _at_default,
+    attribute,
+    attribution_checks,
+    checks_summary,
+    evaluate,
+    subset,
+)
+from unpact.run.store import Stage, atomic_text, digest, jsonl, link_model
+
+# Part of every stage key below: bumped when a stage's output changes for the same inputs,
+# so a cache written by older code is never read as today's (issue 19: the README's demo
+# table once came from such a cache).
+STAGES_FORMAT = 2
+SPLITS = ("forget", "retain", "general")
+
+
+@dataclass
+class RunResult:
+    """What a run produced: its directory, the results document, the per-item records, and
+    the stages this call computed (the rest came from the cache), as `kind:model[:what]`."""
+
+    out: Path
+    results: dict[str, Any]
+    records: list[ItemRecord]
+    computed: list[str] = field(default_factory=list)
+
+    @property
+    def report(self) -> Path:
+        return self.out / "report.html"
+
+
+@dataclass
+class Data:
+    """The run's items by split, and the benchmark (folder) they come from."""
+
+    bench: Benchmark
+    splits: dict[str, list[QAItem]]
+
+    @property
+    def items(self) -> list[QAItem]:
+        return [i for s in SPLITS for i in self.splits[s]]
+
+    def key(self, *splits: str) -> str:
+        """Content key of the items of `splits` (a stage reads exactly these)."""
+        return digest([i.to_dict() for s in splits for i in self.splits[s]])
+
+
+@dataclass
+class Model:
+    """A model of the run: its label, spec, cache key and (if unlearned here) the run's
+    result.json."""
+
+    label: str
+    spec: str
+    key: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelStages:
+    """What the per-model stages found, by item id."""
+
+    evals: dict[str, dict[str, Any]]
+    attrs: dict[str, dict[str, Any]]
+    checks: list[dict[str, Any]] | None = None
+    attacks: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+
+@dataclass
+class Pipeline:
+    """One run's shared state: its config, the cache, the log, the stages it computed."""
+
+    cfg: RunConfig
+    cache: Path
+    say: Callable[[str], None]
+    progress: bool
+    computed: list[str] = field(default_factory=list)
+
+    def stage(
+        self, kind: str, folder: str, name: str, reads: list[Any], compute: Callable[[], Any]
+    ) -> list[dict[str, Any]]:
+        """The rows of a cached stage keyed by what it `reads`, computed if absent."""
+        stage = Stage(self.cache, folder, digest(kind, STAGES_FORMAT, *reads))
+        if not stage.done():
+            self.say(f"{kind}: {name}")
+            self.computed.append(f"{kind}:{name}")
+            stage.write(compute())
+        return stage.read()
+
+
+def run(
+    config: RunConfig | str | Path | dict[str, Any],
+    out: str | Path,
+    *,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Run an experiment end to end into `out`; cached stages are reused (see the module
+    docstring). `log(text)` receives one line per stage computed (default: silent)."""
+    say = log or (lambda text: None)
+    cfg = config if isinstance(config, RunConfig) else load_config(config)
+    out = Path(out)
+    if cfg.models or cfg.benchmarks:
+        return _run_grid(cfg, out, cache_dir, progress, say)
+    cache = Path(cache_dir) if cache_dir is not None else cache_root() / "stages"
+    p = Pipeline(cfg, cache, say, progress)
+    began = time.perf_counter()
+    _start(out, cfg)
+    data = _data(cfg, cache)
+    original = _original(p, data)
+    unlearned = [_unlearn(p, data, original, spec) for spec in cfg.methods]
+    stages = {"original": _model_stages(p, data, original, None)}
+    for model in unlearned:
+        stages[model.label] = _model_stages(p, data, model, stages["original"])
+    attacks = [a.name for a in cfg.attacks]
+    records = {
+        m.label: [
+            _record(i, m.label, stages["original"], stages[m.label], attacks) for i in data.items
+        ]
+        for m in unlearned
+    }
+    results = _results(cfg, data, original, unlearned, records, stages, out)
+    results["seconds"] = time.perf_counter() - began
+    _write(out, cfg, results, records, stages)
+    say(f"done in {results['seconds']:.0f} s")
+    every = [r for rs in records.values() for r in rs]
+    return RunResult(out, results, every, p.computed)
+
+
+def _start(out: Path, cfg: RunConfig) -> None:
+    if (out / "results.json").is_file():
+        (out / "results.json").unlink()  # re-running re-derives the results
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = cfg.model_dump(mode="json")
+    atomic_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+
+
+def _data(cfg: RunConfig, cache: Path) -> Data:
+    """1. The items: the benchmark's (or its first N per split) and the general ones."""
+    bench = subset(load_benchmark(cfg.data.benchmark), cfg.data, cache)
+    general = load_benchmark(cfg.data.general).items if cfg.data.general else []
+    general = general[: cfg.data.general_items or len(general)]
+    if not bench.split("forget"):
+        raise UnpactError(f"benchmark {bench.name} has no forget items")
+    splits = {"forget": bench.split("forget"), "retain": bench.split("retain")}
+    return Data(bench, splits | {"general": general})
+
+
+def _original(p: Pipeline, data: Data) -> Model:
+    """2. The original model: the base model taught the benchmark (cached by `inject`), or
+    the base model as it is."""
+    from unpact.inject import InjectConfig, inject
+    from unpact.inject import cache_key as inject_key
+
+    cfg = p.cfg
+    if not cfg.inject.enabled:
+        return Model("original", cfg.model, "model:" + model_key(cfg.model))
+    inject_cfg = InjectConfig(**cfg.inject.settings)
+    p.say(f"original model: {cfg.model} taught {data.bench.name} (reused if cached)")
+    where = data.bench.path or data.bench.name
+    injected = inject(cfg.model, where, inject_cfg, progress=p.progress)
+    key = "inject:" + inject_key(cfg.model, data.bench, inject_cfg)
+    return Model("original", str(injected.path), key)
+
+
+def _unlearn(p: Pipeline, data: Data, original: Model, spec: MethodSpec) -> Model:
+    """3. One unlearning run (cached by the original model, the taught items and the
+    resolved settings; not by the general items, which it never reads), or an already
+    unlearned model given by the config."""
+    from unpact.unlearn.config import resolve_config
+    from unpact.unlearn.loop import unlearn
+
+    if spec.model is not None:
+        return Model(spec.label, spec.model, "model:" + model_key(spec.model))
+    assert spec.method is not None
+    ucfg = resolve_config(spec.method, values=spec.config)
+    taught = data.key("forget", "retain")
+    key = digest("unlearn", original.key, taught, ucfg.model_dump(mode="json"), RUN_FORMAT)
+    # Named by method, not label: a sweep value equal to the default reuses that run.
+    folder = p.cache / "unlearned" / f"{spec.method}-{key}"
+    if not (folder / "result.json").is_file():
+        resume = (folder / "config.yaml").is_file()
+        p.say(f"unlearning: {spec.label}" + (" (resuming)" if resume else ""))
+        p.computed.append(f"unlearn:{spec.label}")
+        where = data.bench.path or data.bench.name
+        unlearn(original.spec, where, ucfg, folder, resume=resume, progress=p.progress)
+    info = json.loads((folder / "result.json").read_text())
+    return Model(spec.label, str(folder / "model"), "unlearn:" + key, info)
+
+
+def _model_stages(
+    p: Pipeline, data: Data, model: Model, original: ModelStages | None
+) -> ModelStages:
+    """4. Evaluate, attribute, check and (an unlearned model) attack one model; the model
+    is opened only if some stage is not cached."""
+    cfg = p.cfg
+    lm: AnyModel | None = None
+
+    def opened() -> AnyModel:
+        nonlocal lm
+        if lm is None:
+            lm = open_model(model.spec, remote=cfg.remote)
+        return lm
+
+    judge = cfg.judge.model_dump(mode="json")
+    evals: dict[str, dict[str, Any]] = {}
+    for split in SPLITS:
+        items = data.splits[split]
+        rows = p.stage(
+            "evaluating",
+            "evals",
+            f"{model.label} ({split})",
+            [model.key, data.key(split), judge],
+            partial(_evaluate, opened, items, cfg, model.label),
+        )
+        evals |= {r["id"]: r for r in rows}
+    forget = data.splits["forget"]
+    settings = cfg.attribution.model_dump(mode="json", exclude=_CHECK_FIELDS)
+    rows = p.stage(
+        "attributing",
+        "attributions",
+        model.label,
+        [model.key, data.key("forget"), settings],
+        lambda: attribute(opened(), forget, cfg.attribution),
+    )
+    found = ModelStages(evals, {r["id"]: r for r in rows})
+    if cfg.attribution.checks and _checked(cfg, model.label):
+        settings = cfg.attribution.model_dump(mode="json", exclude={"heatmaps", "sweep_checks"})
+        found.checks = p.stage(
+            "checking attributions",
+            "checks",
+            model.label,
+            [model.key, data.key("forget"), settings],
+            lambda: attribution_checks(opened(), forget, found.attrs, cfg.attribution),
+        )
+    if original is not None:
+        found.attacks = _attacks(p, data, model, original, found, opened)
+    return found
+
+
+def _evaluate(
+    opened: Callable[[], AnyModel], items: list[QAItem], cfg: RunConfig, label: str
+) -> list[dict[str, Any]]:
+    return evaluate(opened(), items, cfg.judge, f"Judging {label}") if items else []
+
+
+def _checked(cfg: RunConfig, label: str) -> bool:
+    """Whether a model gets the attribution checks (`sweep_checks: default` leaves out a
+    sweep's runs away from the method's default value)."""
+    if cfg.attribution.sweep_checks != "default":
+        return True
+    spec = next((s for s in cfg.methods if s.label == label), None)
+    return spec is None or not spec.swept or _at_default(spec)
+
+
+def _attacks(
+    p: Pipeline,
+    data: Data,
+    model: Model,
+    original: ModelStages,
+    mine: ModelStages,
+    opened: Callable[[], AnyModel],
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every configured attack on the forget items this model forgot; each attack is its
+    own stage, keyed by the model, those items, their KeyTokens, its settings, the judge
+    and what the attack itself says it reads (`Attack.key_parts`)."""
+    cfg = p.cfg
+    forgotten = [
+        i
+        for i in data.splits["forget"]
+        if original.evals[i.id]["correct"] and not mine.evals[i.id]["correct"]
+    ]
+    retain = data.splits["retain"]
+    demonstrations = tuple((i.question, i.answer) for i in retain)
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for spec in cfg.attacks:
+        attack = get_attack(spec.name, spec.settings)
+        attrs = mine.attrs if attack.keys_from == "unlearned" else original.attrs
+        ctx = AttackContext(
+            model=opened,
+            spec=model.spec,
+            items=forgotten,
+            keys={i.id: Attribution.from_dict(attrs[i.id]).key_token_texts for i in forgotten},
+            retain=retain,
+            judge=cfg.judge,
+            label=model.label,
+            demonstrations=demonstrations if attack.uses_demonstrations else (),
+        )
+        reads = [
+            model.key,
+            spec.name,
+            attack.settings.model_dump(mode="json"),
+            [i.id for i in forgotten],
+            ctx.keys,
+            cfg.judge.model_dump(mode="json"),
+            *attack.key_parts(ctx),
+        ]
+        name = f"{model.label} with {spec.name} ({len(forgotten)} items)"
+        rows = p.stage("attacking", "attacks", name, reads, partial(attack.run, ctx))
+        out[spec.name] = {r["id"]: r for r in rows}
+    return out
+
+
+def _record(
+    item: QAItem, label: str, original: ModelStages, mine: ModelStages, attacks: list[str]
+) -> ItemRecord:
+    """5. One item's record under `label`: verdicts before and after, attributions, attacks."""
+    before, after = original.evals[item.id], mine.evals[item.id]
+    rec = ItemRecord(
+        id=item.id,
+        split=item.split,
+        correct_before=before["correct"],
+        correct_after=after["correct"],
+        method=label,
+        question=item.question,
+        answer=item.answer,
+        output_before=before["output"],
+        output_after=after["output"],
+    )
+    pre, post = original.attrs.get(item.id), mine.attrs.get(item.id)
+    if pre is not None and post is not None:
+        a, b = Attribution.from_dict(pre), Attribution.from_dict(post)
+        rec.keytoken_similarity = keytoken_similarity(a, b)
+        rec.contribution_similarity = contribution_similarity(a, b)
+        rec.prompt_sensitivity_after = b.prompt_sensitivity
+        rec.attribution_before = _attribution_summary(a)
+        rec.attribution_after = _attribution_summary(b)
+        rec.keyword_units = keyword_units(a.prompt, [u.text for u in a.units], item.keywords)
+    for name in attacks:
+        row = mine.attacks[name].get(item.id)
+        if row is not None:
+            rec.recovered[name] = row["recovered"]
+            rec.attacks[name] = {
+                "prompt": row["prompt"],
+                "prompts": row.get("prompts", [row["prompt"]]),
+                "outputs": row["outputs"],
+            }
+            if "trained_on" in row:  # relearning: the items it fine-tuned on
+                rec.attacks[name]["trained_on"] = row["trained_on"]
+    return rec
+
+
+def _attribution_summary(a: Attribution) -> dict[str, Any]:
+    return {
+        "units": [u.text for u in a.units],
+        "contributions": a.contributions,
+        "key_tokens": a.key_tokens,
+        "prompt_sensitivity": a.prompt_sensitivity,
+        "lp": a.lp,
+    }
+
+
+def _results(
+    cfg: RunConfig,
+    data: Data,
+    original: Model,
+    unlearned: list[Model],
+    records: dict[str, list[ItemRecord]],
+    stages: dict[str, ModelStages],
+    out: Path,
+) -> dict[str, Any]:
+    """results.json: per method, every registered metric of its records, and the run's
+    facts; models unlearned here are linked into `out/models/`."""
+    attacks = [a.name for a in cfg.attacks]
+    methods: dict[str, Any] = {}
+    for model in unlearned:
+        if model.info:  # unlearned by this run: its model goes with the results
+            link_model(Path(model.spec), out / "models" / model.label)
+        methods[model.label] = {
+            **method_metrics(records[model.label], attacks, cfg.collapse_threshold, cfg.statistics),
+            "model": str(out / "models" / model.label) if model.info else model.spec,
+            "unlearn_seconds": model.info.get("seconds"),
+        }
+        swept = next((m.swept for m in cfg.methods if m.label == model.label and m.swept), None)
+        if swept is not None:
+            methods[model.label]["sweep"] = swept
+    if cfg.inject.enabled:
+        link_model(Path(original.spec), out / "models" / "original")
+    checks = {label: s.checks for label, s in stages.items() if s.checks is not None}
+    return finite(
+        {
+            "format": RUN_FORMAT,
+            "benchmark": data.bench.name,
+            "model": cfg.model,
+            "original_model": original.spec,
+            "counts": {s: len(data.splits[s]) for s in SPLITS},
+            "attacks": attacks,
+            "methods": methods,
+            "attribution_checks": {
+                label: checks_summary(rows, list(cfg.attribution.gradient))
+                for label, rows in checks.items()
+            },
+        }
+    )
+
+
+def _write(
+    out: Path,
+    cfg: RunConfig,
+    results: dict[str, Any],
+    records: dict[str, list[ItemRecord]],
+    stages: dict[str, ModelStages],
+) -> None:
+    """The run directory's files; results.json last (its presence means finished)."""
+    from unpact.report import write_report
+
+    every = [r for rs in records.values() for r in rs]
+    atomic_text(out / "items.jsonl", jsonl([finite(r.to_dict()) for r in every]))
+    checks = {label: s.checks for label, s in stages.items() if s.checks is not None}
+    if checks:  # per model and forget item: gradient scores, agreement, stability
+        rows = [{"model": label, **row} for label, rs in checks.items() for row in rs]
+        atomic_text(out / "checks.jsonl", jsonl([finite(r) for r in rows]))
+    atomic_text(out / "results.csv", csv_text(results))
+    atomic_text(out / "results.md", markdown_table(results))
+    attrs = {label: s.attrs for label, s in stages.items()}
+    write_report(out / "report.html", results, every, attrs, cfg)
+    atomic_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+
+
+def _run_grid(
+    cfg: RunConfig, out: Path, cache_dir: str | Path | None, progress: bool, say: Any
+) -> RunResult:
+    """The same experiment on each base model of `cfg.models` and each benchmark of
+    `cfg.benchmarks`, into `out/<model>/<benchmark>/` (a level is left out when it is not a
+    list); `out/results.{json,csv,md}` gather the tables and `out/report.html` sets the
+    models side by side."""
+    began = time.perf_counter()
+    if (out / "results.json").is_file():
+        (out / "results.json").unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_text(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    bases = [(m.name, m.model) for m in cfg.models] if cfg.models else [(None, cfg.model)]
+    sources = cfg.benchmarks or [cfg.data.benchmark]
+    per: dict[str, Any] = {}  # "model/benchmark" (or either alone) -> that run's results
+    records: list[ItemRecord] = []
+    for base_name, base in bases:
+        for source in sources:
+            name = load_benchmark(source).name  # a folder's name, not its path
+            parts = ([base_name] if base_name else []) + ([name] if cfg.benchmarks else [])
+            key = "/".join(parts)
+            say(f"run {key}")
+            one = cfg.model_copy(
+                update={
+                    "model": base,
+                    "models": None,
+                    "benchmarks": None,
+                    "data": cfg.data.model_copy(update={"benchmark": source}),
+                }
+            )
+            result = run(one, out.joinpath(*parts), cache_dir=cache_dir, progress=progress, log=say)
+            per[key] = result.results
+            records += result.records
+    lines = []
+    for n, (key, results) in enumerate(per.items()):
+        text = csv_text(results).splitlines()
+        lines += ([f"run,{text[0]}"] if n == 0 else []) + [f"{key},{r}" for r in text[1:]]
+    atomic_text(out / "results.csv", "\n".join(lines) + "\n")
+    sections = []
+    for key, results in per.items():
+        c = results["counts"]
+        sections.append(
+            f"### {key} ({results['model']}; {c['forget']} forget / {c['retain']} retain / "
+            f"{c['general']} general items; {results['seconds'] / 60:.0f} min in this run, "
+            "stages reused from the cache not counted)\n\n"
+            f"{markdown_table(results)}"
+        )
+    atomic_text(out / "results.md", "\n".join(sections))
+    from unpact.report import write_comparison
+
+    write_comparison(out / "report.html", per)
+    results = {
+        "format": RUN_FORMAT,
+        "runs": per,
+        "seconds": time.perf_counter() - began,
+    }
+    if cfg.benchmarks and not cfg.models:
+        results["benchmarks"] = per  # the key grids had before multi-model runs
+    atomic_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    return RunResult(out, results, records)
+
+
+__all__ = [
+    "PAPER_ATTACKS",
+    "AttackSpec",
+    "AttributionSettings",
+    "DataSettings",
+    "InjectSettings",
+    "MethodSpec",
+    "ModelSpec",
+    "RunConfig",
+    "RunResult",
+    "StatisticsSettings",
+    "load_config",
+    "markdown_table",
+    "method_metrics",
+    "recovery_columns",
+    "results_table",
+    "run",
+]

@@ -1,0 +1,369 @@
+"""The run config (SPEC section 8): typed, every field with a default and a one-line doc,
+validated before any model loads; a mistake is one `UnpactError` naming the key's path."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from unpact import configs as builtin_run_configs
+from unpact.attacks import ATTACKS, get_attack
+from unpact.attribution import ALPHA, BETA
+from unpact.data.items import load_benchmark
+from unpact.errors import UnpactError
+from unpact.judge import JudgeSettings
+from unpact.plugins import load_plugins
+from unpact.remote import RemoteSettings, is_remote_spec
+from unpact.unlearn.config import describe_errors, read_yaml_mapping
+
+RUN_FORMAT = 1
+PAPER_ATTACKS = ("focus_on_key", "probab", "focus_on_key_probab")
+
+
+# ---------------------------------------------------------------------------- config
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSettings(_Strict):
+    """Which items the run uses."""
+
+    benchmark: str = Field("news", description="built-in benchmark name or a folder")
+    general: str | None = Field("general", description="general-knowledge benchmark, or null")
+    forget_items: int | None = Field(None, gt=0, description="use only the first N forget items")
+    retain_items: int | None = Field(None, gt=0, description="use only the first N retain items")
+    general_items: int | None = Field(None, gt=0, description="use only the first N general items")
+
+
+class InjectSettings(_Strict):
+    """Teach the benchmark to the model first (as MUSE's target models were)."""
+
+    enabled: bool = Field(True, description="inject; false: the model already knows the data")
+    settings: dict[str, Any] = Field(
+        default_factory=dict, description="InjectConfig fields (lr, max_epochs, ...)"
+    )
+
+    @field_validator("settings")
+    @classmethod
+    def _known(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from unpact.inject import InjectConfig, training_precision
+
+        known = {f.name for f in fields(InjectConfig)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown injection setting(s) {', '.join(unknown)}")
+        try:
+            training_precision(InjectConfig(**value))
+        except UnpactError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+
+class MethodSpec(_Strict):
+    """One unlearning run: a registered method and changes to its default settings; or an
+    already unlearned model (`model`, local or served) to evaluate as it is."""
+
+    method: str | None = Field(None, description="registered method, e.g. npo_kl")
+    name: str | None = Field(None, description="label in the results (default: the method)")
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="UnlearnConfig fields; method knobs under settings"
+    )
+    model: str | None = Field(
+        None,
+        description="instead of a method: an unlearned model's spec (folder or openai:...), "
+        "evaluated as it is; needs a name",
+    )
+    sweep: dict[str, list[Any]] | None = Field(
+        None,
+        description="one setting over several values, e.g. {lr: [5e-6, 1e-5]} or "
+        "{settings.gamma: [0, 1, 2]}: one unlearning run per value, named label[key=value]",
+    )
+    swept: dict[str, Any] | None = Field(
+        None, description="set by the runner on each expanded run: {of, key, value}"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> MethodSpec:
+        if self.sweep is not None:
+            if self.model is not None:
+                raise ValueError("sweep goes with method, not with an unlearned model")
+            if len(self.sweep) != 1 or not next(iter(self.sweep.values())):
+                raise ValueError("sweep takes one setting and a non-empty list of values")
+        if (self.method is None) == (self.model is None):
+            raise ValueError("give either method (to unlearn) or model (already unlearned)")
+        if self.model is not None and not self.name:
+            raise ValueError("an already unlearned model needs a name")
+        if self.model is not None and self.config:
+            raise ValueError("config goes with method, not with an already unlearned model")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.method or ""
+
+    def expand(self) -> list[MethodSpec]:
+        """The runs of a sweep (this one alone if it sweeps nothing)."""
+        if not self.sweep:
+            return [self]
+        ((key, values),) = self.sweep.items()
+        runs = []
+        for value in values:
+            config, node, leaf = _copy_at(self.config, key)
+            node[leaf] = value
+            runs.append(
+                self.model_copy(
+                    update={
+                        "name": f"{self.label}[{key}={value}]",
+                        "config": config,
+                        "sweep": None,
+                        "swept": {"of": self.label, "key": key, "value": value},
+                    }
+                )
+            )
+        return runs
+
+
+def _copy_at(config: dict[str, Any], key: str) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """A deep copy of a method config, and the mapping and name that dotted `key` (e.g.
+    settings.gamma) points to in the copy (parents created as needed)."""
+    copy = json.loads(json.dumps(config))
+    *parents, leaf = key.split(".")
+    node = copy
+    for part in parents:
+        node = node.setdefault(part, {})
+    return copy, node, leaf
+
+
+class ModelSpec(_Strict):
+    """A base model of a multi-model run, with the name its results go under."""
+
+    name: str = Field(description="label and sub-folder of this model's results")
+    model: str = Field(description="model spec: default, a folder, a hub id, or openai:...")
+
+
+class AttackSpec(_Strict):
+    name: str = Field(description="registered attack: focus_on_key, probab, ...")
+    settings: dict[str, Any] = Field(default_factory=dict, description="the attack's settings")
+
+
+class AttributionSettings(_Strict):
+    unit: Literal["token", "word"] = Field("token", description="attribution unit")
+    baseline: Literal["delete", "token", "mask"] = Field(
+        "delete", description="how a unit is taken out"
+    )
+    alpha: float = Field(ALPHA, gt=0, lt=1, description="KeyToken share threshold")
+    beta: float = Field(BETA, gt=0, le=1, description="KeyToken sparsity threshold")
+    heatmaps: int = Field(4, ge=0, description="forgotten items shown as heatmaps per method")
+    gradient: list[Literal["grad_x_input", "integrated_gradients"]] = Field(
+        default_factory=list,
+        description="gradient attributions to compare with unPact on every forget item",
+    )
+    ig_steps: int = Field(64, ge=1, description="integrated gradients: midpoints on the path")
+    ig_baseline: Literal["mean", "zero", "pad"] = Field(
+        "mean", description="integrated gradients: baseline embedding of the content tokens"
+    )
+    top_k: int = Field(3, ge=1, description="k of the top-k overlap with unPact")
+    stability: bool = Field(
+        False, description="KeyToken stability across keyword-keeping paraphrases"
+    )
+    sweep_checks: Literal["all", "default"] = Field(
+        "all",
+        description="which runs of a swept method get the checks above: all, or only the one "
+        "at the method's default value (none if no swept value is the default)",
+    )
+
+    @property
+    def checks(self) -> bool:
+        return bool(self.gradient) or self.stability
+
+
+# Settings of the attribution checks: outside the attribution stage's cache key.
+_CHECK_FIELDS = {
+    "heatmaps",
+    "gradient",
+    "ig_steps",
+    "ig_baseline",
+    "top_k",
+    "stability",
+    "sweep_checks",
+}
+
+
+class StatisticsSettings(_Strict):
+    """Confidence intervals and tests that come with every figure."""
+
+    resamples: int = Field(1000, ge=0, description="bootstrap resamples over items (0: none)")
+    level: float = Field(0.95, gt=0, lt=1, description="confidence level of the intervals")
+    seed: int = Field(0, description="bootstrap seed")
+    alpha: float = Field(0.05, gt=0, lt=1, description="McNemar significance level")
+    baseline_attack: str = Field("probab", description="attack the others are tested against")
+
+
+class RunConfig(_Strict):
+    """One experiment. Every field has a default except the methods."""
+
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="Python files (relative to this config) or module names imported first: "
+        "the attacks, metrics and methods they define are usable by name below",
+    )
+    model: str = Field("default", description="base model spec")
+    models: list[ModelSpec] | None = Field(
+        None,
+        description="several base models, each run into DIR/<name>/ and compared side by side "
+        "(replaces model)",
+    )
+    benchmarks: list[str] | None = Field(
+        None, description="a grid: the same run on each benchmark, into DIR/<benchmark>/"
+    )
+    data: DataSettings = Field(default_factory=DataSettings)
+    inject: InjectSettings = Field(default_factory=InjectSettings)
+    methods: list[MethodSpec] = Field(min_length=1, description="unlearning runs")
+    attacks: list[AttackSpec] = Field(
+        default_factory=lambda: [AttackSpec(name=n) for n in PAPER_ATTACKS],
+        description="recovery attacks run on every forgotten item",
+    )
+    judge: JudgeSettings = Field(default_factory=JudgeSettings)
+    attribution: AttributionSettings = Field(default_factory=AttributionSettings)
+    statistics: StatisticsSettings = Field(default_factory=StatisticsSettings)
+    collapse_threshold: float = Field(
+        0.1, ge=0, description="prompt_sensitivity (nats) below which a model ignores the prompt"
+    )
+    remote: RemoteSettings = Field(
+        default_factory=RemoteSettings, description="how to talk to served (openai:...) models"
+    )
+
+    @model_validator(mode="after")
+    def _expand_sweeps(self) -> RunConfig:
+        self.methods = [run for spec in self.methods for run in spec.expand()]
+        return self
+
+
+def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
+    """Read and validate a run config (a YAML file, a built-in name, or a mapping).
+
+    Any problem is one `UnpactError` naming the key's path, e.g. `methods.1.method`."""
+    where = "config"
+    if isinstance(source, dict):
+        data = source
+    else:
+        path = builtin_run_configs.path(str(source)) or Path(source)
+        where = str(path)
+        if not path.is_file():
+            raise UnpactError(
+                f"no run config {source}: not a file and not a built-in one "
+                f"({', '.join(builtin_run_configs.names())})"
+            )
+        data = read_yaml_mapping(path)
+    plugins = data.get("plugins") or []
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise UnpactError(f"{where}: plugins: a list of .py files or module names")
+    load_plugins(plugins, base=None if isinstance(source, dict) else Path(where).parent)
+    try:
+        config = RunConfig(**data)
+    except ValidationError as e:
+        raise UnpactError(f"{where}: " + describe_errors(e, unknown="unknown key")) from None
+    _check_references(config, where)
+    return config
+
+
+def _check_references(config: RunConfig, where: str) -> None:
+    """The names a config refers to exist and the settings under them are valid."""
+    from unpact.unlearn.config import resolve_config
+
+    benchmarks = [("data.benchmark", config.data.benchmark), ("data.general", config.data.general)]
+    benchmarks += [(f"benchmarks.{n}", b) for n, b in enumerate(config.benchmarks or [])]
+    grid_names: set[str] = set()
+    for key, name in benchmarks:
+        if name is None:
+            continue
+        try:
+            loaded = load_benchmark(name).name
+        except UnpactError as e:
+            raise UnpactError(f"{where}: {key}: {e}") from None
+        if key.startswith("benchmarks."):
+            if loaded in grid_names:
+                raise UnpactError(f"{where}: {key}: a second benchmark named {loaded!r}")
+            grid_names.add(loaded)
+    bases = [("model", config.model)]
+    if config.models:
+        bases = [(f"models.{n}.model", m.model) for n, m in enumerate(config.models)]
+        if len({m.name for m in config.models}) < len(config.models):
+            raise UnpactError(f"{where}: models: two models share a name")
+    served = [key for key, base in bases if is_remote_spec(base)]
+    for key, base in bases:
+        _check_spec(base, f"{where}: {key}")
+    labels: set[str] = set()
+    for n, spec in enumerate(config.methods):
+        if spec.model is not None:
+            _check_spec(spec.model, f"{where}: methods.{n}.model")
+        elif served:
+            raise UnpactError(
+                f"{where}: methods.{n}: {served[0]} is a served model, and unlearning needs "
+                "local weights; give served unlearned models as `model:` entries instead"
+            )
+        try:
+            if spec.method is not None:
+                resolve_config(spec.method, values=spec.config)
+        except UnpactError as e:
+            raise UnpactError(f"{where}: methods.{n}: {e}") from None
+        if spec.label in labels:
+            raise UnpactError(f"{where}: methods.{n}.name: {spec.label!r} is used twice")
+        labels.add(spec.label)
+    names: set[str] = set()
+    for n, attack in enumerate(config.attacks):
+        if attack.name not in ATTACKS:
+            raise UnpactError(
+                f"{where}: attacks.{n}.name: unknown attack {attack.name!r}; "
+                f"choose from {', '.join(sorted(ATTACKS))}"
+            )
+        try:
+            get_attack(attack.name, attack.settings)
+        except UnpactError as e:
+            raise UnpactError(f"{where}: attacks.{n}.settings: {e}") from None
+        if attack.name in names:
+            raise UnpactError(f"{where}: attacks.{n}.name: {attack.name!r} is listed twice")
+        names.add(attack.name)
+    if config.judge.kind == "llm" and config.judge.llm is None:
+        raise UnpactError(f"{where}: judge.llm: needed when judge.kind is llm")
+    if served and config.inject.enabled:
+        raise UnpactError(
+            f"{where}: inject.enabled: {served[0]} is a served model and injection trains "
+            "weights; set inject.enabled: false (the served model must know the data already)"
+        )
+    specs = [b for _, b in bases] + [m.model or "" for m in config.methods]
+    served_any = [b for b in specs if is_remote_spec(b)]
+    for n, attack in enumerate(config.attacks):
+        if served_any and ATTACKS[attack.name].changes_weights:
+            raise UnpactError(
+                f"{where}: attacks.{n}: {attack.name} fine-tunes the model's weights, and "
+                f"{served_any[0]} is served; run it on local models"
+            )
+    if any(is_remote_spec(b) for b in specs) and config.attribution.baseline == "mask":
+        raise UnpactError(
+            f"{where}: attribution.baseline: 'mask' cannot be asked of a served model; "
+            "use delete or token"
+        )
+
+
+def _check_spec(spec: str, where: str) -> None:
+    from unpact.remote import parse_remote_spec
+
+    if is_remote_spec(spec):
+        try:
+            parse_remote_spec(spec)
+        except UnpactError as e:
+            raise UnpactError(f"{where}: {e}") from None

@@ -1,0 +1,67 @@
+"""The run's cache: content-keyed artefacts written atomically, and model folders linked
+into a run directory. A reader never sees half of anything: each file or folder is
+written under a temporary name and renamed into place when complete."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+
+def digest(*parts: Any) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def atomic_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def jsonl(rows: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Stage:
+    """A cached artefact: rows of JSON under `cache_dir/kind/key.jsonl`."""
+
+    def __init__(self, cache: Path, kind: str, key: str) -> None:
+        self.path = cache / kind / f"{key}.jsonl"
+
+    def done(self) -> bool:
+        return self.path.is_file()
+
+    def read(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.path)
+
+    def write(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        atomic_text(self.path, jsonl(rows))
+        return rows
+
+
+def link_model(src: Path, dst: Path) -> None:
+    """`dst` gets the files of the model folder `src`: hard links (no copy) where the file
+    system allows, copies otherwise; renamed into place when complete (a re-run relinks, so
+    a changed method's new model replaces the old one)."""
+    tmp = dst.with_name(f".tmp-{dst.name}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file():
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.rename(dst)
