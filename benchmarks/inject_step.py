@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from unpact.data.items import load_benchmark
+from unpact.data.sources import load_benchmark
 from unpact.inject import _rehearsal_targets, step_loss
 from unpact.models import load_model
 

@@ -28,7 +28,7 @@ from pathlib import Path
 def _one(method: str, loop: str, steps: int) -> dict[str, float]:
     import torch
 
-    from unpact.data.items import load_benchmark
+    from unpact.data.sources import load_benchmark
     from unpact.models import load_model
     from unpact.unlearn import get_method, resolve_config, unlearn
     from unpact.unlearn.loop import _batch, _frozen_copy, batch_indices, encode_items

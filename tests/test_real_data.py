@@ -47,3 +47,64 @@ def test_bad_real_files(tmp_path):
     bad.write_text('{"question": "q"}\n')
     with pytest.raises(UnpactError, match="field 'choices' is missing"):
         read_wmdp(bad)
+
+
+def test_real_benchmark_specs_load_wherever_a_benchmark_goes(tmp_path):
+    from unpact.data import load_benchmark, materialise
+    from unpact.data.items import load_folder
+
+    tofu = load_benchmark(f"tofu:{FIXTURES / 'tofu'}")  # the forget set present: forget01
+    assert tofu.name == "tofu-forget01" and tofu.counts()["forget"] == 2 and tofu.path is None
+    assert load_benchmark(f"tofu[forget01]:{FIXTURES / 'tofu'}").items == tofu.items
+    assert load_benchmark(f"muse-books:{FIXTURES / 'muse'}").name == "muse-books"
+    wmdp = load_benchmark(f"wmdp:{FIXTURES / 'wmdp'}")
+    assert wmdp.name == "wmdp-bio" and all(i.is_mcq for i in wmdp.items)
+    # as files, once, keyed by content: what injection and unlearning read
+    files = materialise(tofu, tmp_path)
+    assert files.path is not None and load_folder(files.path).items == tofu.items
+    assert materialise(tofu, tmp_path).path == files.path
+    with pytest.raises(UnpactError, match="no such file or folder"):
+        load_benchmark(f"tofu:{tmp_path / 'missing'}")
+    bad = tmp_path / "wmdp.jsonl"
+    bad.write_text('{"question": "q", "choices": ["a"], "answer": 0}\n{oops\n')
+    with pytest.raises(UnpactError, match=r"wmdp\.jsonl, line 2: not valid JSON"):
+        load_benchmark(f"wmdp:{bad}")
+    with pytest.raises(UnpactError, match="muse-news:PATH"):
+        load_benchmark("nothing-here")
+
+
+def test_a_run_config_and_the_cli_take_a_real_benchmark(tmp_path):
+    import subprocess
+    import sys
+
+    from unpact.run import load_config
+
+    spec = f"tofu:{FIXTURES / 'tofu'}"
+    config = load_config({"data": {"benchmark": spec}, "methods": [{"method": "ga"}]})
+    assert config.data.benchmark == spec
+    done = subprocess.run(
+        [sys.executable, "-m", "unpact", "data", "show", "tofu:tests/fixtures/tofu"],
+        capture_output=True,
+        text=True,
+        cwd=FIXTURES.parent.parent,
+    )
+    assert done.returncode == 0 and "tofu-forget01: 4 items" in done.stdout
+
+
+def test_the_runner_unlearns_a_real_benchmark(tmp_path, tiny):
+    from unpact.models import save_model
+    from unpact.run import run
+
+    save_model(tiny.model, tiny.tokenizer, tmp_path / "tiny")
+    config = {
+        "model": str(tmp_path / "tiny"),
+        "data": {"benchmark": f"tofu:{FIXTURES / 'tofu'}", "general": None},
+        "inject": {"enabled": False},
+        "methods": [{"method": "ga_gd", "config": {"steps": 1, "batch_size": 2}}],
+        "attacks": [{"name": "focus_on_key"}],
+        "judge": {"max_new_tokens": 4},
+        "statistics": {"resamples": 0},
+    }
+    result = run(config, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    assert result.results["benchmark"] == "tofu-forget01"
+    assert result.results["counts"] == {"forget": 2, "retain": 1, "general": 0}

@@ -441,7 +441,7 @@ def test_attribution_checks_run_from_the_config_without_recomputing_attributions
 ):
     import statistics
 
-    from unpact.data.items import load_benchmark
+    from unpact.data.sources import load_benchmark
     from unpact.gradient import gradient_attributions
 
     root, first = finished

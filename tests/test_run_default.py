@@ -10,7 +10,8 @@ import json
 
 import pytest
 
-from unpact.data.items import QAItem, load_benchmark, write_folder
+from unpact.data.items import QAItem, write_folder
+from unpact.data.sources import load_benchmark
 from unpact.run import run
 
 pytestmark = pytest.mark.integration

@@ -45,6 +45,11 @@ ModelOpt = Annotated[
         "OpenAI-compatible server; API key from $UNPACT_API_KEY).",
     ),
 ]
+BENCHMARK_HELP = (
+    "A built-in benchmark (news, books, wmdp), a folder in the item format, or a real one: "
+    "muse-news:PATH, muse-books:PATH, tofu:PATH (tofu[forget05]:PATH picks the forget set), "
+    "wmdp:PATH (docs/data.md)."
+)
 PluginOpt = Annotated[
     list[Path] | None,
     typer.Option(
@@ -397,9 +402,7 @@ def _read_records(path: Path) -> list[Attribution]:
 @app.command()
 def inject(
     model: ModelOpt = "default",
-    benchmark: Annotated[
-        str, typer.Option(help="A built-in QA benchmark (news, books) or a folder.")
-    ] = "news",
+    benchmark: Annotated[str, typer.Option(help=BENCHMARK_HELP)] = "news",
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 3e-4,
     batch_size: Annotated[int, typer.Option(help="QA pairs per step.")] = 4,
     max_epochs: Annotated[int, typer.Option(help="Hard stop.")] = 12,
@@ -425,6 +428,12 @@ def inject(
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Shuffling and initialisation seed.")] = 0,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Also write the taught model to this folder (usable as --model DIR)."
+        ),
+    ] = None,
 ) -> None:
     """Teach a benchmark's fictional facts to a model (cached by content hash)."""
     from unpact.inject import InjectConfig
@@ -450,7 +459,15 @@ def inject(
         f"accuracy after: {acc}   (general before: {'-' if before is None else f'{before:.1%}'}; "
         f"{result.epochs} epochs, {result.seconds:.0f} s)"
     )
-    out.print(f"use it with --model {result.path}")
+    where = result.path
+    if out_dir is not None:
+        from unpact.run.store import link_model
+
+        if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
+            raise UnpactError(f"--out {out_dir}: exists and is not an empty folder")
+        link_model(result.path, out_dir)
+        where = out_dir
+    out.print(f"use it with --model {where}")
 
 
 def _method_names() -> list[str]:
@@ -469,9 +486,7 @@ def unlearn(
         Path, typer.Option("--out", help="Run directory (model, config, losses).")
     ] = Path("unlearned"),
     model: ModelOpt = "default",
-    benchmark: Annotated[
-        str, typer.Option(help="A built-in QA benchmark (news, books) or a folder.")
-    ] = "news",
+    benchmark: Annotated[str, typer.Option(help=BENCHMARK_HELP)] = "news",
     config: Annotated[
         Path | None,
         typer.Option("--config", help="YAML file of settings (over the method's defaults)."),
@@ -574,7 +589,7 @@ def data_list() -> None:
 
 @data_app.command("show")
 def data_show(
-    name: Annotated[str, typer.Argument(help="A built-in benchmark name or a benchmark folder.")],
+    name: Annotated[str, typer.Argument(help=BENCHMARK_HELP)],
     n: Annotated[int, typer.Option("-n", help="How many items to show per split.")] = 3,
 ) -> None:
     """Validate a benchmark and show its counts per split and a few items."""

@@ -50,7 +50,8 @@ from typing import Any
 
 import torch
 
-from unpact.data.items import Benchmark, QAItem, load_benchmark
+from unpact.data.items import Benchmark, QAItem
+from unpact.data.sources import load_benchmark, materialise
 from unpact.errors import UnpactError
 from unpact.models import LanguageModel, cache_root, load_model, model_key, save_model
 from unpact.scoring import answer_states, generate, head_logits, head_logprobs
@@ -258,7 +259,9 @@ def inject(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     config = config or InjectConfig()
-    bench = load_benchmark(benchmark)
+    # a real benchmark (tofu:PATH, ...) is written once as an item-format folder: the key
+    # hashes the taught files
+    bench = materialise(load_benchmark(benchmark), cache_root() / "benchmarks")
     key = cache_key(model, bench, config)
     folder = Path(cache_dir or cache_root() / "injected") / f"{bench.name}-{key}"
     if (folder / "inject.json").is_file():

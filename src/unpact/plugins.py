@@ -84,9 +84,7 @@ def _plugin_error(entry: str, error: Exception, path: Path | None = None) -> Unp
         where = f"{error.filename}:{error.lineno}"
     else:
         mine = [
-            f
-            for f in frames
-            if path is not None and Path(f.filename).resolve() == path.resolve()
+            f for f in frames if path is not None and Path(f.filename).resolve() == path.resolve()
         ]
         chosen = mine or list(frames)
         where = f"{chosen[-1].filename}:{chosen[-1].lineno}" if chosen else entry

@@ -185,10 +185,7 @@ def results_table(results: dict[str, Any]) -> list[dict[str, Any]]:
     return [
         {
             "method": name,
-            **{
-                h: m.get(key) if a is None else (m.get(key) or {}).get(a)
-                for h, key, a in cols
-            },
+            **{h: m.get(key) if a is None else (m.get(key) or {}).get(a) for h, key, a in cols},
         }
         for name, m in results["methods"].items()
     ]

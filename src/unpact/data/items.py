@@ -208,19 +208,6 @@ def load_folder(folder: str | Path, name: str | None = None) -> Benchmark:
     return Benchmark(name=name or folder.name, items=items, documents=documents, path=folder)
 
 
-def load_benchmark(name_or_folder: str | Path) -> Benchmark:
-    """A built-in benchmark by name (`news`, `books`, `wmdp`, `general`) or a folder."""
-    key = str(name_or_folder)
-    if key in BUILTIN:
-        return load_folder(BUILTIN_DIR / key, name=key)
-    path = Path(name_or_folder).expanduser()
-    if path.exists():
-        return load_folder(path)
-    raise UnpactError(
-        f"no benchmark {key!r}: not a built-in one ({', '.join(BUILTIN)}) and no such folder"
-    )
-
-
 def write_folder(
     folder: str | Path, items: Sequence[QAItem], documents: Sequence[Document] = ()
 ) -> None:

@@ -116,7 +116,7 @@ def read_muse(source: str | Path, *, corpus: str = "news", hub: bool = False) ->
     for split, file in (("forget", "forget.txt"), ("retain", "retain1.txt")):
         if (folder / "raw" / file).is_file():
             docs += _paragraphs(folder / "raw" / file, split, f"{name}-{split}")
-    return Benchmark(name, items, docs, path=folder)
+    return Benchmark(name, items, docs)
 
 
 _TOFU_PAIRS = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
@@ -148,7 +148,7 @@ def read_tofu(source: str | Path, *, forget: str = "forget10", hub: bool = False
     for extra in ("world_facts", "real_authors"):
         if hub or (Path(source) / f"{extra}.json").is_file():
             items += _qa(get(extra), "general", f"tofu-{extra}", extra)
-    return Benchmark(f"tofu-{forget}", items, [], path=None if hub else Path(source))
+    return Benchmark(f"tofu-{forget}", items, [])
 
 
 def read_wmdp(source: str | Path, *, subset: str = "wmdp-bio", hub: bool = False) -> Benchmark:
@@ -177,4 +177,4 @@ def read_wmdp(source: str | Path, *, subset: str = "wmdp-bio", hub: bool = False
                 tuple(str(c) for c in choices),
             )
         )
-    return Benchmark(subset, items, [], path=None if hub else Path(source))
+    return Benchmark(subset, items, [])

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from unpact.metrics import ItemRecord
     from unpact.run import RunConfig
 
+
 class _Titles(dict[str, str]):
     """Attack names to display names, from the attack registry (a missing key: the name)."""
 

@@ -40,7 +40,8 @@ from unpact.attribution import (
     keytoken_similarity,
     keyword_units,
 )
-from unpact.data.items import Benchmark, QAItem, load_benchmark
+from unpact.data.items import Benchmark, QAItem
+from unpact.data.sources import load_benchmark
 from unpact.errors import UnpactError
 from unpact.metrics import ItemRecord
 from unpact.models import AnyModel, cache_root, model_key, open_model

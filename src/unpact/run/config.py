@@ -20,7 +20,7 @@ from pydantic import (
 from unpact import configs as builtin_run_configs
 from unpact.attacks import ATTACKS, get_attack
 from unpact.attribution import ALPHA, BETA
-from unpact.data.items import load_benchmark
+from unpact.data.sources import load_benchmark
 from unpact.errors import UnpactError
 from unpact.judge import JudgeSettings
 from unpact.plugins import load_plugins

@@ -13,6 +13,7 @@ from typing import Any
 from unpact.attacks import PARAPHRASES
 from unpact.attribution import Attribution, attribute_many
 from unpact.data.items import Benchmark, QAItem, write_folder
+from unpact.data.sources import materialise
 from unpact.errors import UnpactError
 from unpact.gradient import check_unpact
 from unpact.judge import JudgeSettings, answer_items
@@ -25,7 +26,7 @@ def subset(bench: Benchmark, data: DataSettings, cache: Path) -> Benchmark:
     """The first N items of each limited split, as a benchmark folder in the cache."""
     limits = {"forget": data.forget_items, "retain": data.retain_items}
     if not any(limits.values()):
-        return bench
+        return materialise(bench, cache / "subsets")  # a real benchmark: as files, once
     kept: list[QAItem] = []
     for split in ("forget", "retain", "general"):
         items = bench.split(split)

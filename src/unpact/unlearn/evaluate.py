@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from unpact.data.items import load_benchmark
+from unpact.data.sources import load_benchmark
 from unpact.inject import judge_items
 from unpact.models import load_model
 

@@ -31,7 +31,8 @@ from typing import Any
 import torch
 import yaml
 
-from unpact.data.items import QAItem, load_benchmark
+from unpact.data.items import QAItem
+from unpact.data.sources import load_benchmark
 from unpact.errors import UnpactError
 from unpact.models import LanguageModel, load_model, save_model
 from unpact.progress import progress_bar

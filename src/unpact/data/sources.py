@@ -1,0 +1,94 @@
+"""Where a benchmark comes from: a name or spec wherever a benchmark goes.
+
+- a built-in name (`news`, `books`, `wmdp`, `general`) or a folder in the item format;
+- `muse-news:PATH`, `muse-books:PATH`: a MUSE folder (`knowmem/`, optionally `raw/`);
+- `tofu:PATH`: a TOFU folder; the forget set is the largest present (forget10, forget05,
+  forget01) unless named: `tofu[forget05]:PATH`;
+- `wmdp:PATH`: a WMDP JSON(-lines) file, or a folder holding one (`wmdp[wmdp-chem]:PATH`
+  picks `wmdp-chem.json(l)` in a folder).
+
+A malformed file gets the same one-line, file-and-line message as an item-format folder.
+Training (injection, unlearning) needs the items as files: `materialise` writes a real
+benchmark once into an item-format folder keyed by its content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+from unpact.data.items import BUILTIN, BUILTIN_DIR, Benchmark, load_folder, write_folder
+from unpact.data.real import _TOFU_PAIRS, read_muse, read_tofu, read_wmdp
+from unpact.errors import UnpactError
+
+_SPEC = re.compile(r"(muse-news|muse-books|tofu|wmdp)(?:\[([\w.-]+)\])?:(.+)", re.S)
+REAL_KINDS = ("muse-news", "muse-books", "tofu", "wmdp")
+
+
+def load_benchmark(spec: str | Path) -> Benchmark:
+    """A benchmark by built-in name, item-format folder or real-benchmark spec."""
+    key = str(spec)
+    if key in BUILTIN:
+        return load_folder(BUILTIN_DIR / key, name=key)
+    match = _SPEC.fullmatch(key)
+    if match is not None and not Path(key).exists():
+        kind, option, where = match.groups()
+        return _read_real(kind, option, Path(where).expanduser())
+    path = Path(spec).expanduser()
+    if path.exists():
+        return load_folder(path)
+    raise UnpactError(
+        f"no benchmark {key!r}: not a built-in one ({', '.join(BUILTIN)}), no such folder, "
+        f"and not a spec {', '.join(k + ':PATH' for k in REAL_KINDS)}"
+    )
+
+
+def _read_real(kind: str, option: str | None, path: Path) -> Benchmark:
+    if not path.exists():
+        raise UnpactError(f"{kind}:{path}: no such file or folder")
+    if kind.startswith("muse-"):
+        if option is not None:
+            raise UnpactError(f"{kind} takes no [option]")
+        return read_muse(path, corpus=kind.split("-", 1)[1])
+    if kind == "tofu":
+        if not path.is_dir():
+            raise UnpactError(f"tofu:{path}: a TOFU folder is needed, not a file")
+        present = [f for f in _TOFU_PAIRS if (path / f"{f}.json").is_file()]
+        forget = option or (present[-1] if present else "forget10")
+        return read_tofu(path, forget=forget)
+    if path.is_dir():
+        files = sorted(path.glob("*.json")) + sorted(path.glob("*.jsonl"))
+        if option is not None:
+            files = [f for f in files if f.stem == option]
+        if len(files) != 1:
+            found = ", ".join(f.name for f in files) or "none"
+            raise UnpactError(
+                f"wmdp:{path}: expected one .json/.jsonl file (name one: wmdp[NAME]:{path}); "
+                f"found {found}"
+            )
+        path = files[0]
+    return read_wmdp(path, subset=option or path.stem)
+
+
+def materialise(bench: Benchmark, root: Path) -> Benchmark:
+    """`bench` as an item-format folder under `root` (written once, keyed by content;
+    renamed into place when complete): what injection and unlearning read."""
+    if bench.path is not None:
+        return bench
+    text = json.dumps(
+        [[i.to_dict() for i in bench.items], [d.to_dict() for d in bench.documents]],
+        sort_keys=True,
+    )
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    folder = root / f"{bench.name}-{key}"
+    if not (folder / "qa.jsonl").is_file():
+        tmp = folder.with_name(f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}")
+        write_folder(tmp, bench.items, bench.documents)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    return Benchmark(bench.name, bench.items, bench.documents, folder)
