@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
+from unpact.backends import open_model
 from unpact.data import load_benchmark
-from unpact.models import load_model, open_model
+from unpact.models import load_model
 from unpact.remote import RemoteModel, RemoteSettings
 from unpact.serve import BackgroundServer, make_app
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: set up .venv if needed, then lint (ruff), type-check (mypy) and test (pytest).
+# The test command: set up .venv if needed, then lint (ruff), type-check (mypy), check the
+# import layers (import-linter) and test (pytest: tests/unit, tests/process, tests/integration).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/bootstrap.sh
@@ -13,4 +14,5 @@ export UNPACT_BROWSER_TEST=required
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 echo "== ruff" && .venv/bin/ruff check src tests benchmarks
 echo "== mypy" && .venv/bin/mypy
+echo "== import-linter" && .venv/bin/lint-imports
 echo "== pytest" && exec .venv/bin/pytest "$@"

@@ -21,6 +21,18 @@ def tiny():
     return tiny_model(seed=0)
 
 
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """The first 8 forget and 8 retain items of news, as a benchmark folder."""
+    from unpact.data import load_benchmark
+    from unpact.data.items import write_folder
+
+    news = load_benchmark("news")
+    folder = tmp_path_factory.mktemp("bench") / "mini"
+    write_folder(folder, news.split("forget")[:8] + news.split("retain")[:8])
+    return folder
+
+
 @pytest.fixture(scope="session")
 def default_lm():
     """The default model, from the user's cache (built on first use)."""

@@ -4,9 +4,11 @@ from unpact import determinism
 
 determinism.set_environment()  # before torch's first use of MKL (see unpact.determinism)
 
+from unpact.backends import open_model  # noqa: E402
 from unpact.errors import UnpactError  # noqa: E402
-from unpact.models import EncodedPrompt, LanguageModel, load_model, open_model  # noqa: E402
+from unpact.models import LanguageModel, load_model  # noqa: E402
 from unpact.scoring import AnswerScore, Generation, answer_logprobs, generate, score  # noqa: E402
+from unpact.types import Backend, EncodedPrompt  # noqa: E402
 
 if not determinism.ensure():  # also when torch was imported (and MKL used) first
     import warnings
@@ -22,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AnswerScore",
+    "Backend",
     "EncodedPrompt",
     "Generation",
     "LanguageModel",

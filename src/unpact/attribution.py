@@ -33,12 +33,15 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import torch
 
 from unpact.errors import UnpactError
-from unpact.models import AnyModel, EncodedPrompt, LanguageModel
+from unpact.types import AnyModel, EncodedPrompt
+
+if TYPE_CHECKING:
+    from unpact.models import LanguageModel
 from unpact.progress import progress_bar
 from unpact.scoring import (
     DEFAULT_TOKEN_BUDGET,
@@ -488,10 +491,11 @@ def _per_token(
     token_budget: int,
     progress: bool,
 ) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
-    if not isinstance(lm, LanguageModel):  # a served model (unpact.remote)
+    if not lm.has_weights:  # a served model (unpact.remote)
         return _served_contributions(lm, items, baseline, baseline_id, progress)
     with progress_bar("Attributing", total=len(items), enabled=progress) as advance:
-        return _fast_contributions(lm, items, baseline, baseline_id, token_budget, advance)
+        local = cast("LanguageModel", lm)  # has_weights: the local backend
+        return _fast_contributions(local, items, baseline, baseline_id, token_budget, advance)
 
 
 @dataclass(frozen=True)

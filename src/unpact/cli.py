@@ -23,7 +23,7 @@ from unpact.errors import UnpactError
 
 if TYPE_CHECKING:
     from unpact.attribution import Attribution
-    from unpact.models import AnyModel
+    from unpact.types import AnyModel
 
 app = typer.Typer(
     name="unpact",
@@ -78,7 +78,7 @@ ChatOpt = Annotated[
 def _load(
     model: str, dtype: str, device: str, trust_remote_code: bool, concurrency: int = 16
 ) -> AnyModel:
-    from unpact.models import open_model
+    from unpact.backends import open_model
     from unpact.remote import RemoteSettings
 
     return open_model(
@@ -255,9 +255,7 @@ def attribute(
         _check_text(prompt=prompt)
         prompts, answers = [prompt], [answer]
     lm = _load(model, dtype, device, trust_remote_code, concurrency)
-    from unpact.models import LanguageModel
-
-    if gradient and not isinstance(lm, LanguageModel):
+    if gradient and not lm.has_weights:
         raise UnpactError(f"--gradient needs the model's weights; {lm.spec} is served")
     records = attribute_many(
         lm,

@@ -81,7 +81,7 @@ def gradient_attributions(
         raise UnpactError(f"unknown ig_baseline {ig_baseline!r}; choose {IG_BASELINES}")
     if steps < 1:
         raise UnpactError("integrated gradients needs at least one step")
-    if not isinstance(lm, LanguageModel):
+    if not lm.has_weights:
         raise UnpactError("gradient attributions need the model's weights (a local model)")
     out = []
     label = "Gradient x input" if method == "grad_x_input" else "Integrated gradients"

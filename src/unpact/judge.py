@@ -26,7 +26,7 @@ from unpact.errors import UnpactError
 
 if TYPE_CHECKING:
     from unpact.data.items import QAItem
-    from unpact.models import AnyModel
+    from unpact.types import AnyModel
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans({c: " " for c in string.punctuation + "‘’“”–—"})

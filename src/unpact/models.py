@@ -24,11 +24,13 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias, Union
+from typing import Any, ClassVar
 
 import torch
 
 from unpact.errors import UnpactError
+from unpact.scoring import DEFAULT_TOKEN_BUDGET, answer_logprobs, generate_local
+from unpact.types import EncodedPrompt, is_remote_spec, raw_prefix
 
 log = logging.getLogger(__name__)
 
@@ -53,61 +55,12 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "unpact"
 
 
-@dataclass(frozen=True)
-class EncodedPrompt:
-    """A prompt as fed to the model.
-
-    `input_ids` is the whole input (template and special tokens included); the user's
-    content is `input_ids[content_start:content_end]`. Only those positions are ever
-    attribution units.
-    """
-
-    input_ids: tuple[int, ...]
-    content_start: int
-    content_end: int
-    text: str
-    chat_template: bool
-
-    @property
-    def content_positions(self) -> range:
-        return range(self.content_start, self.content_end)
-
-    @property
-    def content_ids(self) -> tuple[int, ...]:
-        return self.input_ids[self.content_start : self.content_end]
-
-    @classmethod
-    def assemble(
-        cls,
-        prefix: tuple[int, ...],
-        content: tuple[int, ...],
-        suffix: tuple[int, ...],
-        text: str,
-        chat_template: bool,
-    ) -> EncodedPrompt:
-        """The prompt `prefix + content + suffix`, content tokenised on its own."""
-        return cls(
-            input_ids=prefix + content + suffix,
-            content_start=len(prefix),
-            content_end=len(prefix) + len(content),
-            text=text,
-            chat_template=chat_template,
-        )
-
-
-def raw_prefix(with_special: Sequence[int], plain: Sequence[int]) -> tuple[int, ...]:
-    """The special tokens a tokenizer puts before text (e.g. BOS), from a short text's ids
-    with and without special tokens; none after: an end-of-sequence marker after a prompt
-    would tell a causal LM to stop."""
-    for start in range(len(with_special) - len(plain) + 1):
-        if tuple(with_special[start : start + len(plain)]) == tuple(plain):
-            return tuple(with_special[:start])
-    return ()
-
-
 @dataclass
 class LanguageModel:
-    """A causal LM with its tokenizer and the spec it was loaded from."""
+    """A causal LM with its tokenizer and the spec it was loaded from: the local backend
+    (`unpact.types.Backend`)."""
+
+    has_weights: ClassVar[bool] = True
 
     model: Any  # transformers PreTrainedModel (kept Any: transformers is loosely typed)
     tokenizer: Any
@@ -199,8 +152,6 @@ class LanguageModel:
         token_budget: int | None = None,
     ) -> list[torch.Tensor]:
         """Per-token answer log-probs given each prompt: `scoring.answer_logprobs`."""
-        from unpact.scoring import DEFAULT_TOKEN_BUDGET, answer_logprobs
-
         return answer_logprobs(
             self.model,
             prompts,
@@ -208,6 +159,22 @@ class LanguageModel:
             token_budget=token_budget or DEFAULT_TOKEN_BUDGET,
             max_length=self.max_length,
             progress=progress,
+        )
+
+    def generate_ids(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        num_samples: int,
+        temperature: float,
+        seed: int,
+        progress: bool | str = False,
+        batch_size: int = 16,
+    ) -> list[list[tuple[str, tuple[int, ...]]]]:
+        """Greedy (num_samples=0) or seeded sampled completions: `scoring.generate_local`."""
+        return generate_local(
+            self, prompts, max_new_tokens, num_samples, temperature, seed, batch_size, progress
         )
 
     def token_texts(self, ids: Sequence[int]) -> list[str]:
@@ -235,12 +202,6 @@ class LanguageModel:
 
 # --------------------------------------------------------------------------- loading
 
-if TYPE_CHECKING:
-    from unpact.remote import RemoteModel, RemoteSettings
-
-# A model scoring, generation and attribution can use: local weights or a server.
-AnyModel: TypeAlias = Union[LanguageModel, "RemoteModel"]
-
 
 def load_model(
     spec: str = DEFAULT_SPEC,
@@ -257,8 +218,6 @@ def load_model(
     safetensors only; `trust_remote_code` stays off unless asked for. For what needs only
     log-probs and generations, `open_model` also accepts a served model.
     """
-    from unpact.remote import is_remote_spec
-
     if is_remote_spec(spec):
         raise UnpactError(
             f"{spec!r} is a served model, but this step changes or saves weights, so it needs "
@@ -279,31 +238,10 @@ def load_model(
     return LanguageModel(model=model, tokenizer=tokenizer, spec=spec)
 
 
-def open_model(
-    spec: str = DEFAULT_SPEC,
-    *,
-    dtype: str = "float32",
-    device: str = "cpu",
-    trust_remote_code: bool = False,
-    remote: RemoteSettings | None = None,
-) -> AnyModel:
-    """`load_model`, or for `openai:MODEL@BASE_URL` a `RemoteModel`: a model served by
-    vLLM or another OpenAI-compatible server (`unpact.remote`; `remote` says how to talk
-    to it). Scoring, generation, judging and attribution accept either."""
-    from unpact.remote import RemoteModel, RemoteSettings, is_remote_spec, parse_remote_spec
-
-    if is_remote_spec(spec):
-        name, url = parse_remote_spec(spec)
-        return RemoteModel(name, url, remote or RemoteSettings(), spec=spec)
-    return load_model(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-
-
 def local_model_dir(spec: str) -> Path | None:
     """The Hugging Face model directory a spec loads from (a GGUF's is its cache, built
     if needed), or None for a hub id or a served model. Lets callers key caches on a model
     without loading it."""
-    from unpact.remote import is_remote_spec
-
     if is_remote_spec(spec):
         return None
     path = _resolve_local(spec)

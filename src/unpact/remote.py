@@ -39,16 +39,15 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from unpact.errors import UnpactError
-from unpact.models import EncodedPrompt, raw_prefix
 from unpact.progress import progress_bar
+from unpact.types import REMOTE_PREFIX, EncodedPrompt, raw_prefix
 
-REMOTE_PREFIX = "openai:"
 # Different user messages, no two sharing a first or last byte, to find the template by
 # what their tokenisations share.
 _MARKERS = ("\ue000", "\u00a7\u00a7", "Q")
@@ -89,10 +88,6 @@ class RemoteSettings(BaseModel):
     )
 
 
-def is_remote_spec(spec: str) -> bool:
-    return spec.startswith(REMOTE_PREFIX)
-
-
 def parse_remote_spec(spec: str) -> tuple[str, str]:
     """`openai:MODEL@BASE_URL` -> (MODEL, BASE_URL without a trailing slash)."""
     rest = spec[len(REMOTE_PREFIX) :]
@@ -107,8 +102,10 @@ def parse_remote_spec(spec: str) -> tuple[str, str]:
 
 @dataclass
 class RemoteModel:
-    """A causal LM behind an OpenAI-compatible (vLLM) server; see the module docstring."""
+    """A causal LM behind an OpenAI-compatible (vLLM) server; see the module docstring.
+    The served backend (`unpact.types.Backend`): log-probs and generations, no weights."""
 
+    has_weights: ClassVar[bool] = False
     model_name: str
     base_url: str
     settings: RemoteSettings = field(default_factory=RemoteSettings)
@@ -444,6 +441,7 @@ class RemoteModel:
         temperature: float,
         seed: int,
         progress: bool | str = False,
+        batch_size: int = 16,  # the server batches what is in flight; kept for the interface
     ) -> list[list[tuple[str, tuple[int, ...]]]]:
         """Greedy (num_samples=0) or seeded sampled completions of token-id prompts."""
         import zlib

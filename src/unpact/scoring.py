@@ -13,13 +13,16 @@ import inspect
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from unpact.errors import UnpactError
-from unpact.models import AnyModel, EncodedPrompt, LanguageModel
 from unpact.progress import progress_bar
+from unpact.types import AnyModel, EncodedPrompt
+
+if TYPE_CHECKING:
+    from unpact.models import LanguageModel
 
 DEFAULT_TOKEN_BUDGET = 4096
 PaddingSide = Literal["left", "right"]
@@ -522,43 +525,53 @@ def generate(
                 f"item {i}: prompt of {len(e.input_ids)} tokens + {max_new_tokens} new tokens "
                 f"exceeds the model's context of {lm.max_length}"
             )
-    if not isinstance(lm, LanguageModel):  # a served model (unpact.remote)
-        return [
-            [Generation(text=t, token_ids=ids) for t, ids in gens]
-            for gens in lm.generate_ids(
-                [e.input_ids for e in encoded],
-                max_new_tokens=max_new_tokens,
-                num_samples=num_samples,
-                temperature=temperature,
-                seed=seed,
-                progress=progress,
-            )
-        ]
+    gens = lm.generate_ids(
+        [e.input_ids for e in encoded],
+        max_new_tokens=max_new_tokens,
+        num_samples=num_samples,
+        temperature=temperature,
+        seed=seed,
+        progress=progress,
+        batch_size=batch_size,
+    )
+    return [[Generation(text=t, token_ids=ids) for t, ids in g] for g in gens]
+
+
+def generate_local(
+    lm: LanguageModel,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    num_samples: int,
+    temperature: float,
+    seed: int,
+    batch_size: int,
+    progress: bool | str,
+) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """The local backend's generation: left-padded batches (greedy), or per prompt a
+    generator seeded by `seed` and its token ids (samples)."""
     label = progress if isinstance(progress, str) else "Generating"
     out: list[list[Generation]] = []
     with (
         torch.no_grad(),
-        progress_bar(label, total=len(encoded), enabled=bool(progress)) as advance,
+        progress_bar(label, total=len(prompts), enabled=bool(progress)) as advance,
     ):
         if num_samples == 0:
-            for start in range(0, len(encoded), batch_size):
-                chunk = encoded[start : start + batch_size]
-                seqs = _generate_batch(
-                    lm, [e.input_ids for e in chunk], max_new_tokens, None, 1.0, 1
-                )
+            for start in range(0, len(prompts), batch_size):
+                chunk = [tuple(p) for p in prompts[start : start + batch_size]]
+                seqs = _generate_batch(lm, chunk, max_new_tokens, None, 1.0, 1)
                 out.extend([s] for s in seqs)
                 advance(len(chunk))
         else:
-            for e in encoded:
+            for ids in prompts:
                 # A per-prompt generator seed: reproducible whatever the batching.
-                prompt_seed = zlib.crc32(repr((seed, e.input_ids)).encode())
+                prompt_seed = zlib.crc32(repr((seed, tuple(ids))).encode())
                 out.append(
                     _generate_batch(
-                        lm, [e.input_ids], max_new_tokens, prompt_seed, temperature, num_samples
+                        lm, [tuple(ids)], max_new_tokens, prompt_seed, temperature, num_samples
                     )
                 )
                 advance(1)
-    return out
+    return [[(g.text, g.token_ids) for g in gens] for gens in out]
 
 
 def _generate_batch(

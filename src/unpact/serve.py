@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 from unpact.errors import UnpactError
-from unpact.models import EncodedPrompt, LanguageModel
+from unpact.models import LanguageModel
 from unpact.scoring import _stop_ids, right_padded
+from unpact.types import EncodedPrompt
 
 
 def _require_web() -> Any:

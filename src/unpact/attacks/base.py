@@ -24,7 +24,7 @@ from unpact.judge import JudgeSettings, Verdict, choose_options, judge_many
 from unpact.scoring import generate
 
 if TYPE_CHECKING:
-    from unpact.models import AnyModel
+    from unpact.types import AnyModel
 
 ATTACKS: dict[str, type[Attack]] = {}
 

@@ -40,11 +40,12 @@ from unpact.attribution import (
     keytoken_similarity,
     keyword_units,
 )
+from unpact.backends import open_model
 from unpact.data.items import Benchmark, QAItem
 from unpact.data.sources import load_benchmark
 from unpact.errors import UnpactError
 from unpact.metrics import ItemRecord
-from unpact.models import AnyModel, cache_root, model_key, open_model
+from unpact.models import cache_root, model_key
 from unpact.results import (
     csv_text,
     finite,
@@ -76,6 +77,7 @@ from unpact.run.stages import (
     subset,
 )
 from unpact.run.store import Stage, atomic_text, digest, jsonl, link_model
+from unpact.types import AnyModel
 
 # Part of every stage key below: bumped when a stage's output changes for the same inputs,
 # so a cache written by older code is never read as today's (issue 19: the README's demo

@@ -24,7 +24,8 @@ from unpact.data.sources import load_benchmark
 from unpact.errors import UnpactError
 from unpact.judge import JudgeSettings
 from unpact.plugins import load_plugins
-from unpact.remote import RemoteSettings, is_remote_spec
+from unpact.remote import RemoteSettings
+from unpact.types import is_remote_spec
 from unpact.unlearn.config import describe_errors, read_yaml_mapping
 
 RUN_FORMAT = 1

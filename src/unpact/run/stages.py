@@ -8,7 +8,7 @@ import math
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from unpact.attacks import PARAPHRASES
 from unpact.attribution import Attribution, attribute_many
@@ -17,9 +17,12 @@ from unpact.data.sources import materialise
 from unpact.errors import UnpactError
 from unpact.gradient import check_unpact
 from unpact.judge import JudgeSettings, answer_items
-from unpact.models import AnyModel, LanguageModel
 from unpact.run.config import AttributionSettings, DataSettings, MethodSpec, _copy_at
 from unpact.run.store import digest
+from unpact.types import AnyModel
+
+if TYPE_CHECKING:
+    from unpact.models import LanguageModel
 
 
 def subset(bench: Benchmark, data: DataSettings, cache: Path) -> Benchmark:
@@ -81,10 +84,10 @@ def attribution_checks(
     rows: list[dict[str, Any]] = [{"id": i.id} for i in items]
     records = [Attribution.from_dict(unpact[i.id]) for i in items]
     for method in settings.gradient:
-        if not isinstance(lm, LanguageModel):
+        if not lm.has_weights:
             raise UnpactError(f"{method} needs the model's weights; {lm.spec} is served")
         found = check_unpact(
-            lm,
+            cast("LanguageModel", lm),  # has_weights: the local backend
             records,
             method,
             steps=settings.ig_steps,

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from unpact.data.sources import load_benchmark
-from unpact.inject import judge_items
+from unpact.judge import JudgeSettings, answer_items
 from unpact.models import load_model
 
 MAX_NEW_TOKENS = 32
@@ -24,7 +24,8 @@ def split_accuracy(
     acc = {}
     for name, items in splits.items():
         if items:
-            ok = judge_items(lm, items, MAX_NEW_TOKENS, progress=f"Judging {name}")
+            judge = JudgeSettings(max_new_tokens=MAX_NEW_TOKENS)
+            ok = [v for _, v in answer_items(lm, items, judge, f"Judging {name}")]
             acc[name] = sum(ok) / len(ok)
     return acc
 

@@ -9,7 +9,7 @@ import pytest
 from unpact.data.real import read_muse, read_tofu, read_wmdp
 from unpact.errors import UnpactError
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 
 
 def test_muse_knowmem_and_raw():
@@ -71,24 +71,6 @@ def test_real_benchmark_specs_load_wherever_a_benchmark_goes(tmp_path):
         load_benchmark(f"wmdp:{bad}")
     with pytest.raises(UnpactError, match="muse-news:PATH"):
         load_benchmark("nothing-here")
-
-
-def test_a_run_config_and_the_cli_take_a_real_benchmark(tmp_path):
-    import subprocess
-    import sys
-
-    from unpact.run import load_config
-
-    spec = f"tofu:{FIXTURES / 'tofu'}"
-    config = load_config({"data": {"benchmark": spec}, "methods": [{"method": "ga"}]})
-    assert config.data.benchmark == spec
-    done = subprocess.run(
-        [sys.executable, "-m", "unpact", "data", "show", "tofu:tests/fixtures/tofu"],
-        capture_output=True,
-        text=True,
-        cwd=FIXTURES.parent.parent,
-    )
-    assert done.returncode == 0 and "tofu-forget01: 4 items" in done.stdout
 
 
 def test_the_runner_unlearns_a_real_benchmark(tmp_path, tiny):

@@ -339,7 +339,7 @@ def test_report_opens_in_a_real_browser_without_console_errors(finished, tmp_pat
         pytest.skip("chromium is not installed")
     root, _ = finished
     page = root / "out" / "report.html"
-    artefacts = Path(os.environ.get("UNPACT_ARTIFACTS", Path(__file__).parents[1] / "build"))
+    artefacts = Path(os.environ.get("UNPACT_ARTIFACTS", Path(__file__).parents[2] / "build"))
     artefacts.mkdir(parents=True, exist_ok=True)
     shot = artefacts / "report.png"
     shot.unlink(missing_ok=True)
@@ -371,7 +371,7 @@ def test_docs_name_every_config_key():
         StatisticsSettings,
     )
 
-    docs = (Path(__file__).parents[1] / "docs" / "runner.md").read_text()
+    docs = (Path(__file__).parents[2] / "docs" / "runner.md").read_text()
     for model in (
         RunConfig,
         DataSettings,

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from tests.test_attribution import slow_contributions
-from tests.test_default_model import run_cli
+from tests.integration.test_default_model import run_cli
+from tests.unit.test_attribution import slow_contributions
 from unpact.attribution import attribute, attribute_many, naive_contributions
 
 pytestmark = pytest.mark.integration

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -96,58 +93,6 @@ def test_check_unpact_leaves_an_undefined_agreement_as_none(tiny):
     assert plain["spearman"] is not None and constant["spearman"] is None
     assert plain["scores"] == constant["scores"]
     json.dumps([plain, constant], allow_nan=False)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tiny, tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    tiny.model.save_pretrained(path)
-    tiny.tokenizer.save_pretrained(path)
-    return path
-
-
-def _cli(*args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "160"}
-    cmd = [sys.executable, "-m", "unpact", "attribute", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-
-
-def test_cli_attribute_with_gradient_checks(tiny, tiny_dir, tmp_path):
-    """`unpact attribute --gradient ...` = gradient_attributions and the agreement statistics
-    on the record's own units and answer tokens, printed and in the JSON record."""
-    out = tmp_path / "a.json"
-    res = _cli(
-        *("--model", str(tiny_dir), "-p", PROMPTS[0], "-a", ANSWERS[0], "--json", str(out)),
-        *("--gradient", "grad_x_input", "--gradient", "integrated_gradients"),
-        *("--ig-steps", "8", "--ig-baseline", "zero", "--top-k", "2"),
-    )
-    assert res.returncode == 0, res.stderr
-    assert "Spearman" in res.stdout and "top-2 overlap" in res.stdout
-    record = json.loads(out.read_text())
-    contributions = record["contributions"]
-    for method in ("grad_x_input", "integrated_gradients"):
-        (g,) = gradient_attributions(
-            tiny, PROMPTS[:1], ANSWERS[:1], method=method, steps=8, ig_baseline="zero"
-        )
-        got = record["gradient"][method]
-        assert got["scores"] == pytest.approx(g.scores, abs=1e-5)
-        assert got["spearman"] == pytest.approx(spearman(g.scores, contributions), abs=1e-6)
-        assert got["top_k_overlap"] == top_k_overlap(g.scores, contributions, 2)
-    assert record["gradient"]["integrated_gradients"]["steps"] == 8
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--gradient", "saliency"], "--gradient 'saliency'"),
-        (["--gradient", "integrated_gradients", "--ig-baseline", "one"], "--ig-baseline 'one'"),
-        (["--gradient", "grad_x_input", "--top-k", "0"], "at least 1"),
-    ],
-)
-def test_cli_gradient_mistakes_exit_2(tiny_dir, args, message):
-    res = _cli("--model", str(tiny_dir), "-p", PROMPTS[0], "-a", ANSWERS[0], *args)
-    assert res.returncode == 2 and message in res.stderr, res.stderr
-    assert "Traceback" not in res.stderr
 
 
 def test_spearman_and_top_k_by_hand():

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from unpact.attribution import attribute_many
+from unpact.backends import open_model
 from unpact.errors import UnpactError
-from unpact.models import open_model
 from unpact.remote import RemoteError, RemoteModel, RemoteSettings, parse_remote_spec
 from unpact.scoring import generate, score
 from unpact.serve import BackgroundServer, make_app
@@ -353,7 +353,7 @@ def test_cli_attribute_against_the_server(tiny, served, faults, tmp_path):
 def served_run(tmp_path_factory, tiny):
     """A tiny benchmark, a locally unlearned copy of the tiny model, and a server serving
     both the original (`tiny`) and the unlearned one (`tiny-ga`)."""
-    from tests.test_run import MAX_NEW, QUESTIONS, _known_items
+    from tests.process.test_run import MAX_NEW, QUESTIONS, _known_items
     from unpact.data.items import write_folder
     from unpact.models import load_model, save_model
     from unpact.run import run
@@ -508,7 +508,7 @@ def test_unpact_serve_command(tiny, tmp_path):
 
 
 def test_side_by_side_page_in_a_real_browser(served_run, multi_run, tmp_path):
-    from tests.test_run import _browse, _chromium
+    from tests.process.test_run import _browse, _chromium
 
     chromium = _chromium()
     if chromium is None:

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tests.test_scoring import reference_logprobs
+from tests.unit.test_scoring import reference_logprobs
 from unpact.models import default_gguf, gguf_cache, load_model
 from unpact.scoring import answer_logprobs, generate, score
 

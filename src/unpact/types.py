@@ -1,0 +1,125 @@
+"""The types every layer shares, and the one interface both kinds of model implement.
+
+`Backend` is what scoring, generation, judging and attribution ask of a model: encode a
+prompt and an answer, score answer token ids, generate, and a few tokenizer facts. The
+local backend (`unpact.models.LanguageModel`, transformers weights) and the served one
+(`unpact.remote.RemoteModel`, an OpenAI-compatible server such as vLLM) implement it;
+`has_weights` says whether the weights are here (gradients, training, the fast attribution
+kernel) or only log-probs and generations can be asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeAlias, runtime_checkable
+
+import torch
+
+REMOTE_PREFIX = "openai:"
+
+
+def is_remote_spec(spec: str) -> bool:
+    """Whether a model spec names a served model (`openai:MODEL@BASE_URL`)."""
+    return spec.startswith(REMOTE_PREFIX)
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """A prompt as fed to the model.
+
+    `input_ids` is the whole input (template and special tokens included); the user's
+    content is `input_ids[content_start:content_end]`. Only those positions are ever
+    attribution units.
+    """
+
+    input_ids: tuple[int, ...]
+    content_start: int
+    content_end: int
+    text: str
+    chat_template: bool
+
+    @property
+    def content_positions(self) -> range:
+        return range(self.content_start, self.content_end)
+
+    @property
+    def content_ids(self) -> tuple[int, ...]:
+        return self.input_ids[self.content_start : self.content_end]
+
+    @classmethod
+    def assemble(
+        cls,
+        prefix: tuple[int, ...],
+        content: tuple[int, ...],
+        suffix: tuple[int, ...],
+        text: str,
+        chat_template: bool,
+    ) -> EncodedPrompt:
+        """The prompt `prefix + content + suffix`, content tokenised on its own."""
+        return cls(
+            input_ids=prefix + content + suffix,
+            content_start=len(prefix),
+            content_end=len(prefix) + len(content),
+            text=text,
+            chat_template=chat_template,
+        )
+
+
+def raw_prefix(with_special: Sequence[int], plain: Sequence[int]) -> tuple[int, ...]:
+    """The special tokens a tokenizer puts before text (e.g. BOS), from a short text's ids
+    with and without special tokens; none after: an end-of-sequence marker after a prompt
+    would tell a causal LM to stop."""
+    for start in range(len(with_special) - len(plain) + 1):
+        if tuple(with_special[start : start + len(plain)]) == tuple(plain):
+            return tuple(with_special[:start])
+    return ()
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A language model as unpact's algorithms use it (local or served)."""
+
+    spec: str
+
+    @property
+    def has_weights(self) -> bool: ...
+
+    @property
+    def max_length(self) -> int: ...
+
+    @property
+    def has_chat_template(self) -> bool: ...
+
+    def encode_prompt(self, prompt: str, chat_template: bool | None = None) -> EncodedPrompt: ...
+
+    def encode_answer(self, answer: str) -> tuple[int, ...]: ...
+
+    def answer_logprobs(
+        self,
+        prompts: Sequence[Sequence[int]],
+        answers: Sequence[Sequence[int]],
+        progress: bool | str = False,
+        token_budget: int | None = None,
+    ) -> list[torch.Tensor]: ...
+
+    def generate_ids(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        num_samples: int,
+        temperature: float,
+        seed: int,
+        progress: bool | str = False,
+        batch_size: int = 16,
+    ) -> list[list[tuple[str, tuple[int, ...]]]]: ...
+
+    def token_texts(self, ids: Sequence[int]) -> list[str]: ...
+
+    def token_offsets(self, text: str) -> tuple[tuple[int, ...], list[tuple[int, int]]]: ...
+
+    def default_baseline_token(self) -> int: ...
+
+
+AnyModel: TypeAlias = Backend  # the name the rest of the code has always used

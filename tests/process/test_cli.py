@@ -1,0 +1,181 @@
+"""The command line in real subprocesses: `python -m unpact ...` (its entry point turns a user
+mistake into one message and exit code 2) and `accelerate launch` with two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.unit.test_gradient import ANSWERS, PROMPTS
+from unpact.gradient import gradient_attributions, spearman, top_k_overlap
+from unpact.testing import tiny_model
+
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    tiny.model.save_pretrained(path)
+    tiny.tokenizer.save_pretrained(path)
+    return path
+
+
+def _cli(*args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "160"}
+    cmd = [sys.executable, "-m", "unpact", "attribute", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_attribute_with_gradient_checks(tiny, tiny_dir, tmp_path):
+    """`unpact attribute --gradient ...` = gradient_attributions and the agreement statistics
+    on the record's own units and answer tokens, printed and in the JSON record."""
+    out = tmp_path / "a.json"
+    res = _cli(
+        *("--model", str(tiny_dir), "-p", PROMPTS[0], "-a", ANSWERS[0], "--json", str(out)),
+        *("--gradient", "grad_x_input", "--gradient", "integrated_gradients"),
+        *("--ig-steps", "8", "--ig-baseline", "zero", "--top-k", "2"),
+    )
+    assert res.returncode == 0, res.stderr
+    assert "Spearman" in res.stdout and "top-2 overlap" in res.stdout
+    record = json.loads(out.read_text())
+    contributions = record["contributions"]
+    for method in ("grad_x_input", "integrated_gradients"):
+        (g,) = gradient_attributions(
+            tiny, PROMPTS[:1], ANSWERS[:1], method=method, steps=8, ig_baseline="zero"
+        )
+        got = record["gradient"][method]
+        assert got["scores"] == pytest.approx(g.scores, abs=1e-5)
+        assert got["spearman"] == pytest.approx(spearman(g.scores, contributions), abs=1e-6)
+        assert got["top_k_overlap"] == top_k_overlap(g.scores, contributions, 2)
+    assert record["gradient"]["integrated_gradients"]["steps"] == 8
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--gradient", "saliency"], "--gradient 'saliency'"),
+        (["--gradient", "integrated_gradients", "--ig-baseline", "one"], "--ig-baseline 'one'"),
+        (["--gradient", "grad_x_input", "--top-k", "0"], "at least 1"),
+    ],
+)
+def test_cli_gradient_mistakes_exit_2(tiny_dir, args, message):
+    res = _cli("--model", str(tiny_dir), "-p", PROMPTS[0], "-a", ANSWERS[0], *args)
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def _cli_run(args: list[str], out: Path, launcher: list[str]) -> list[dict]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [*launcher, "unlearn", *args, "--out", str(out), "--no-eval"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    # a worker's own message (e.g. "error: ...") comes before the launcher's trace
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line.lower()]
+    assert proc.returncode == 0, "\n".join(errors[-10:]) + "\n" + proc.stderr[-2000:]
+    return [json.loads(x) for x in (out / "losses.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_follow_the_one_process_loss_curve(bench, tmp_path):
+    """`accelerate launch` with 2 CPU processes (DDP over gloo) and one process with the
+    same global batch give the same loss at every step (within 1e-4)."""
+    model_dir = tmp_path / "tiny"
+    lm = tiny_model(seed=3)
+    lm.model.save_pretrained(model_dir)
+    lm.tokenizer.save_pretrained(model_dir)
+    args = [
+        "--model", str(model_dir), "--benchmark", str(bench), "--method", "npo_kl",
+        "--set", "steps=5", "--set", "lr=1e-3", "--set", "batch_size=4",
+    ]  # fmt: skip
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    import socket
+
+    with socket.socket() as s:  # a free port, not the default 29500 another run may hold
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    two = _cli_run(
+        args,
+        tmp_path / "two",
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--main_process_port", port,
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "unpact"],
+    )  # fmt: skip
+    one = _cli_run(args, tmp_path / "one", [sys.executable, "-m", "unpact"])
+    assert len(one) == len(two) == 5
+    for a, b in zip(one, two):
+        for key in ("forget_npo", "retain_kl", "loss"):
+            assert abs(a[key] - b[key]) <= 1e-4, (a["step"], key, a[key], b[key])
+    # the curve moves, so agreement is not trivial
+    assert abs(one[-1]["forget_npo"] - one[0]["forget_npo"]) > 1e-2
+    cfg = (tmp_path / "two" / "config.yaml").read_text()
+    assert "processes: 2" in cfg
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "nope"], "unknown method 'nope'"),
+        (["--method", "npo", "--set", "beta=-1"], "settings.beta"),
+        (["--method", "npo", "--set", "betta=1"], "unknown setting for npo"),
+        (["--method", "npo", "--set", "oops"], "expected key=value"),
+    ],
+)
+def test_cli_user_mistakes_give_one_message_and_exit_2(args, message, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "unpact", "unlearn", *args, "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_passes_precision_and_rejects_an_unknown_one(monkeypatch):
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    import unpact.inject
+    from unpact.cli import app
+    from unpact.inject import InjectResult
+
+    # the real command (its entry point turns a user mistake into exit 2): no model loads
+    cmd = [sys.executable, "-m", "unpact", "inject", "--precision", "fp8"]
+    bad = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown precision 'fp8'" in bad.stderr
+
+    runner = CliRunner()
+
+    seen = []
+
+    def fake(model, benchmark, config):
+        seen.append(config)
+        return InjectResult(Path("x"), {"forget": 1.0}, {}, 1, 0.0, True)
+
+    monkeypatch.setattr(unpact.inject, "inject", fake)
+    assert runner.invoke(app, ["inject", "--precision", "fp32"]).exit_code == 0
+    assert runner.invoke(app, ["inject"]).exit_code == 0
+    assert [c.precision for c in seen] == ["fp32", "auto"]
+
+
+def test_a_run_config_and_the_cli_take_a_real_benchmark(tmp_path):
+    import subprocess
+    import sys
+
+    from unpact.run import load_config
+
+    spec = f"tofu:{FIXTURES / 'tofu'}"
+    config = load_config({"data": {"benchmark": spec}, "methods": [{"method": "ga"}]})
+    assert config.data.benchmark == spec
+    done = subprocess.run(
+        [sys.executable, "-m", "unpact", "data", "show", "tofu:tests/fixtures/tofu"],
+        capture_output=True,
+        text=True,
+        cwd=FIXTURES.parent.parent,
+    )
+    assert done.returncode == 0 and "tofu-forget01: 4 items" in done.stdout
