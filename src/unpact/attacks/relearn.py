@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -11,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from unpact.attacks.base import Attack, AttackContext
 from unpact.judge import answer_items
 from unpact.models import load_model
+from unpact.train import Trainer
 from unpact.unlearn.loop import _batch, batch_indices, encode_items
 from unpact.unlearn.methods import nll
 
@@ -66,16 +68,16 @@ class Relearn(Attack):
         # a fresh copy: the attack never changes the cached model
         lm = load_model(ctx.spec, device=ctx.device or "cpu")
         encoded = encode_items(lm, train)
-        params = [p for p in lm.model.parameters() if p.requires_grad]
-        optimiser = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
+        # AdamW without the fused kernel, as relearning results were first measured
+        trainer = Trainer(
+            [p for p in lm.model.parameters() if p.requires_grad], lr=s.lr, fused=False,
+            what="relearning",
+        )  # fmt: skip
         torch.manual_seed(s.seed)
         lm.model.train()
         for step in range(s.steps):
             idx = batch_indices(len(train), min(s.batch_size, len(train)), step, s.seed)
-            loss = nll(lm.model, _batch(encoded, idx))
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
+            trainer.step(partial(_nll, lm.model, _batch(encoded, idx)), step)
         lm.model.eval()
         answered = answer_items(lm, test, ctx.judge, f"Judging {ctx.label} after relearning")
         trained_on = sorted(train_ids)
@@ -90,3 +92,7 @@ class Relearn(Attack):
             }
             for item, (output, ok) in zip(test, answered)
         ]
+
+
+def _nll(model: Any, batch: Any) -> dict[str, torch.Tensor]:
+    return {"nll": nll(model, batch)}

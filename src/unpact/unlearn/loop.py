@@ -36,6 +36,7 @@ from unpact.data.sources import load_benchmark
 from unpact.errors import UnpactError
 from unpact.models import LanguageModel, load_model, save_model
 from unpact.progress import progress_bar
+from unpact.train import Trainer
 from unpact.unlearn.config import LoraSettings, UnlearnConfig
 from unpact.unlearn.methods import Batch, Method, StepContext, get_method, layer_activations
 
@@ -212,21 +213,21 @@ def unlearn(
         embeddings.requires_grad_(False)
     if config.lora is not None:
         net = add_lora(net, config.lora, method.trainable)
-    params = [p for p in net.parameters() if p.requires_grad]
-    if not params:
-        raise UnpactError(f"{config.method}: no trainable parameters under these settings")
-
     from transformers import get_scheduler
 
-    fused = all(p.device.type == "cpu" or p.is_cuda for p in params)
-    optimiser = torch.optim.AdamW(
-        params, lr=config.lr, weight_decay=config.weight_decay, fused=fused
-    )
-    scheduler = get_scheduler(
-        config.scheduler, optimiser, num_warmup_steps=config.warmup_steps, num_training_steps=steps
+    trainer = Trainer(
+        [p for p in net.parameters() if p.requires_grad],
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        schedule=lambda opt: get_scheduler(
+            config.scheduler, opt, num_warmup_steps=config.warmup_steps, num_training_steps=steps
+        ),
+        max_grad_norm=config.max_grad_norm,
+        accelerator=accelerator,
+        what=config.method,
     )
     objective = _Objective(net, method)
-    wrapped, optimiser, scheduler = accelerator.prepare(objective, optimiser, scheduler)
+    wrapped = trainer.prepare(objective)
     if start_step:
         accelerator.load_state(str(out / "checkpoints" / f"step-{start_step}"))
 
@@ -259,30 +260,14 @@ def unlearn(
                 retain_ref_activations=retain_ref,
             )
             net.train()
-            terms = wrapped()
-            loss = torch.stack(list(terms.values())).sum()
-            values = accelerator.reduce(
-                torch.stack([t.detach().float() for t in terms.values()]), reduction="mean"
-            )
-            for name, v in zip(terms, values.tolist()):
-                if not math.isfinite(v):
-                    raise UnpactError(
-                        f"loss term {name} is {v} at step {step + 1}: the run stops and no "
-                        "model is saved (lower lr, or set max_grad_norm)"
-                    )
-            accelerator.backward(loss)
-            if config.max_grad_norm:
-                accelerator.clip_grad_norm_(params, config.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]
-            optimiser.step()
-            scheduler.step()
-            optimiser.zero_grad(set_to_none=True)
+            found = trainer.step(wrapped, step)
+            lr = found.pop("lr")
             tokens = torch.tensor(
                 float(_tokens(forget, f_local) + _tokens(retain, r_local) * method.uses_retain)
             )
             tokens = accelerator.reduce(tokens, reduction="sum")
             seconds = time.perf_counter() - t0
-            last = dict(zip(terms, values.tolist()))
+            last = found
             row = {
                 "step": step + 1,
                 **last,

@@ -1,0 +1,100 @@
+"""The one optimisation step that unlearning, injection and relearning share.
+
+A `Trainer` owns the optimiser (AdamW) and learning-rate schedule and runs one step on the
+named loss terms a caller computes: under bf16 autocast if asked, the terms summed, a
+non-finite term stopping the run with its name and step, the backward pass (through
+`accelerate` when the caller runs under it, so DDP/FSDP see it), optional gradient
+clipping, the optimiser and scheduler steps. What differs between the three uses is only
+the loss (and the data each step sees): unlearning's method terms, injection's NLL plus
+rehearsal KL, relearning's NLL.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+
+from unpact.errors import UnpactError
+
+Precision = Literal["fp32", "bf16"]
+
+
+class Trainer:
+    """AdamW, a schedule and the step loop's one step (see the module docstring)."""
+
+    def __init__(
+        self,
+        params: Sequence[torch.nn.Parameter],
+        *,
+        lr: float,
+        weight_decay: float = 0.0,
+        schedule: Callable[[torch.optim.Optimizer], Any] | None = None,
+        precision: Precision = "fp32",
+        max_grad_norm: float | None = None,
+        fused: bool | None = None,
+        accelerator: Any = None,
+        what: str = "training",
+    ) -> None:
+        self.params = list(params)
+        if not self.params:
+            raise UnpactError(f"{what}: no trainable parameters under these settings")
+        if fused is None:  # the fused kernel: 0.03 s instead of 0.23 s per step on 2 cores
+            fused = all(p.device.type == "cpu" or p.is_cuda for p in self.params) and all(
+                p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in self.params
+            )
+        self.optimiser: Any = torch.optim.AdamW(
+            self.params, lr=lr, weight_decay=weight_decay, fused=fused
+        )
+        self.scheduler: Any = schedule(self.optimiser) if schedule is not None else None
+        self.precision = precision
+        self.max_grad_norm = max_grad_norm
+        self.accelerator = accelerator
+        self.what = what
+        self.device_type = self.params[0].device.type
+
+    def prepare(self, module: torch.nn.Module) -> Any:
+        """Under `accelerate`: wrap the module that computes the loss, the optimiser and
+        the scheduler (once, before the first step); returns the wrapped module."""
+        wrapped, self.optimiser, self.scheduler = self.accelerator.prepare(
+            module, self.optimiser, self.scheduler
+        )
+        return wrapped
+
+    def step(
+        self, losses: Callable[[], dict[str, torch.Tensor]], step: int, where: str = ""
+    ) -> dict[str, float]:
+        """One optimiser step on the sum of the terms `losses()` returns (computed under
+        autocast when training in bf16). Returns each term's value (averaged over processes
+        under accelerate) and the learning rate the step used."""
+        bf16 = self.precision == "bf16"
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=bf16):
+            terms = losses()
+        loss = torch.stack(list(terms.values())).sum()
+        values = torch.stack([t.detach().float() for t in terms.values()])
+        if self.accelerator is not None:
+            values = self.accelerator.reduce(values, reduction="mean")
+        found = dict(zip(terms, values.tolist()))
+        for name, v in found.items():
+            if not math.isfinite(v):
+                at = where or f"step {step + 1}"
+                raise UnpactError(
+                    f"{self.what}: loss term {name} is {v} at {at}: the run stops and no "
+                    "model is saved (lower lr, or set max_grad_norm)"
+                )
+        if self.accelerator is not None:
+            self.accelerator.backward(loss)
+            if self.max_grad_norm:
+                self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
+        else:
+            loss.backward()
+            if self.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        lr = float(self.optimiser.param_groups[0]["lr"])
+        self.optimiser.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimiser.zero_grad(set_to_none=True)
+        return {**found, "lr": lr}
