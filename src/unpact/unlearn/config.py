@@ -55,7 +55,7 @@ class UnlearnConfig(BaseModel):
         True, description="keep the input embeddings (tied to the LM head on SmolLM2) fixed"
     )
     seed: int = Field(0, description="seed of the data order and of any random init")
-    save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: never)")
+    save_every: int = Field(20, ge=0, description="checkpoint every N steps (0: never)")
     lora: LoraSettings | None = Field(None, description="train LoRA adapters (peft)")
     settings: dict[str, Any] = Field(default_factory=dict, description="the method's settings")
 
@@ -126,8 +126,10 @@ def resolve_config(
         config = UnlearnConfig(**data)
     except ValidationError as e:
         raise UnpactError(_message(e)) from None
-    config.method_settings()
-    return config
+    # every method setting written out (its class's defaults filled in): the resolved
+    # config saved with a run, and what cache keys hash
+    settings = config.method_settings().model_dump(mode="json")
+    return config.model_copy(update={"settings": settings})
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
