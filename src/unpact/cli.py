@@ -6,7 +6,6 @@ the same through click.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import sys
@@ -47,7 +46,7 @@ ModelOpt = Annotated[
 ]
 BENCHMARK_HELP = (
     "A built-in benchmark (news, books, wmdp), a folder in the item format, or a real one: "
-    "muse-news:PATH, muse-books:PATH, tofu:PATH (tofu[forget05]:PATH picks the forget set), "
+    "muse-news:PATH, muse-books:PATH, tofu:PATH (tofu\\[forget05]:PATH picks the forget set), "
     "wmdp:PATH (docs/data.md)."
 )
 PluginOpt = Annotated[
@@ -397,35 +396,39 @@ def _read_records(path: Path) -> list[Attribution]:
         raise UnpactError(f"{path}: {exc}") from None
 
 
+def _inject_help(name: str) -> str:
+    """An injection option's help: the InjectConfig field's description and default."""
+    from unpact.inject import InjectConfig
+
+    field = InjectConfig.model_fields[name]
+    text = field.description or ""
+    return f"{text[:1].upper()}{text[1:]} (default: {field.default})."
+
+
 @app.command()
 def inject(
     model: ModelOpt = "default",
     benchmark: Annotated[str, typer.Option(help=BENCHMARK_HELP)] = "news",
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 3e-4,
-    batch_size: Annotated[int, typer.Option(help="QA pairs per step.")] = 4,
-    max_epochs: Annotated[int, typer.Option(help="Hard stop.")] = 12,
+    lr: Annotated[float | None, typer.Option(help=_inject_help("lr"))] = None,
+    batch_size: Annotated[int | None, typer.Option(help=_inject_help("batch_size"))] = None,
+    max_epochs: Annotated[int | None, typer.Option(help=_inject_help("max_epochs"))] = None,
     target_accuracy: Annotated[
-        float, typer.Option(help="Stop once forget+retain accuracy reaches this.")
-    ] = 0.9,
+        float | None, typer.Option(help=_inject_help("target_accuracy"))
+    ] = None,
     rehearsal: Annotated[
-        bool, typer.Option(help="Rehearse held-out general questions to protect general knowledge.")
-    ] = True,
+        bool | None, typer.Option("--rehearsal/--no-rehearsal", help=_inject_help("rehearsal"))
+    ] = None,
     rehearsal_per_step: Annotated[
         int | None,
         typer.Option(
-            help="Held-out general questions distilled from the base model per step "
-            "(default: InjectConfig's, 16); fewer is faster and keeps less general knowledge.",
+            help=_inject_help("rehearsal_per_step")
+            + "; fewer is faster and keeps less general knowledge",
             min=0,
         ),
     ] = None,
-    precision: Annotated[
-        str | None,
-        typer.Option(
-            help="Training matmuls: auto (bf16 where the CPU computes it natively), bf16 or "
-            "fp32; weights and optimiser stay float32."
-        ),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Shuffling and initialisation seed.")] = 0,
+    precision: Annotated[str | None, typer.Option(help=_inject_help("precision"))] = None,
+    seed: Annotated[int | None, typer.Option(help=_inject_help("seed"))] = None,
+    device: Annotated[str | None, typer.Option(help=_inject_help("device"))] = None,
     out_dir: Annotated[
         Path | None,
         typer.Option(
@@ -437,18 +440,18 @@ def inject(
     from unpact.inject import InjectConfig
     from unpact.inject import inject as run_inject
 
-    config = InjectConfig(
-        lr=lr,
-        batch_size=batch_size,
-        max_epochs=max_epochs,
-        target_accuracy=target_accuracy,
-        rehearsal=rehearsal,
-        seed=seed,
-    )
-    if rehearsal_per_step is not None:
-        config = dataclasses.replace(config, rehearsal_per_step=rehearsal_per_step)
-    if precision is not None:
-        config = dataclasses.replace(config, precision=precision)
+    given = {
+        "lr": lr,
+        "batch_size": batch_size,
+        "max_epochs": max_epochs,
+        "target_accuracy": target_accuracy,
+        "rehearsal": rehearsal,
+        "rehearsal_per_step": rehearsal_per_step,
+        "precision": precision,
+        "seed": seed,
+        "device": device,
+    }
+    config = InjectConfig(**{k: v for k, v in given.items() if v is not None})
     result = run_inject(model, benchmark, config)
     acc = "  ".join(f"{k} {v:.1%}" for k, v in result.accuracy.items())
     out.print(f"{'cached' if result.cached else 'injected'}: {result.path}")

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from unpact.data.items import Benchmark, QAItem
 from unpact.data.sources import load_benchmark, materialise
@@ -60,34 +61,93 @@ from unpact.train import Trainer
 INJECT_FORMAT = 2
 
 
-@dataclass(frozen=True)
-class InjectConfig:
-    """How knowledge is injected. Every field has a default that works on the default model."""
+class InjectConfig(BaseModel):
+    """How knowledge is injected. Every field has a default that works on the default model;
+    a bad value is one `UnpactError` naming the field."""
 
-    lr: float = 3e-4  # AdamW learning rate
-    batch_size: int = 4  # QA pairs per optimiser step
-    max_epochs: int = 12  # hard stop
-    min_epochs: int = 6  # epochs before the first accuracy check (and of the lr decay)
-    check_every: int = 2  # epochs between accuracy checks after that
-    target_accuracy: float = 0.9  # stop once forget+retain accuracy reaches this
-    rehearsal: bool = True  # distil the base model on held-out general questions each step
-    rehearsal_per_step: int = 16  # held-out general questions per step (on books 2 kept 67%
-    # of general knowledge, 6 kept 84%, 12 kept 91%; each adds its tokens to every step)
-    rehearsal_weight: float = 1.0  # weight of the rehearsal KL against the facts' NLL
-    rehearsal_top_k: int = 32  # base-model tokens kept per position (the rest: one bucket)
-    freeze_embeddings: bool = True  # keep the (tied) embedding matrix fixed
-    trainable: str = "all"  # "all" (but frozen embeddings), "mlp" blocks only, or "lora"
-    lora_rank: int = 64  # trainable "lora": rank of the adapters on every linear layer
-    lora_alpha: int = 128  # trainable "lora": adapter scale numerator (scale alpha / rank)
-    max_new_tokens: int = 24  # greedy answer length when judging
-    general: str | None = "general"  # benchmark whose accuracy must survive; None skips it
-    weight_decay: float = 0.0
-    seed: int = 0
-    lr_decay_to: float = 0.1  # lr falls linearly to lr * this over `min_epochs` epochs,
-    # then stays there (1 = constant; on news the decay took the facts from 90% to 100%)
-    precision: str = "auto"  # training matmuls: "bf16" (autocast, float32 weights and
-    # optimiser), "fp32", or "auto" = bf16 where the hardware computes it natively
-    device: str = "cpu"  # where to train: cpu, cuda, cuda:N or auto (not part of the key)
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate")
+    batch_size: int = Field(4, gt=0, description="QA pairs per optimiser step")
+    max_epochs: int = Field(12, ge=0, description="hard stop")
+    min_epochs: int = Field(
+        6, ge=0, description="epochs before the first accuracy check (and of the lr decay)"
+    )
+    check_every: int = Field(2, gt=0, description="epochs between accuracy checks after that")
+    target_accuracy: float = Field(0.9, description="stop once forget+retain accuracy reaches this")
+    rehearsal: bool = Field(
+        True, description="distil the base model on held-out general questions each step"
+    )
+    # on books 2 kept 67% of general knowledge, 6 kept 84%, 12 kept 91%; each adds its
+    # tokens to every step
+    rehearsal_per_step: int = Field(16, ge=0, description="held-out general questions per step")
+    rehearsal_weight: float = Field(
+        1.0, ge=0, description="weight of the rehearsal KL against the facts' NLL"
+    )
+    rehearsal_top_k: int = Field(
+        32, gt=0, description="base-model tokens kept per position (the rest: one bucket)"
+    )
+    freeze_embeddings: bool = Field(True, description="keep the (tied) embedding matrix fixed")
+    trainable: str = Field(
+        "all", description='"all" (but frozen embeddings), "mlp" blocks only, or "lora"'
+    )
+    lora_rank: int = Field(
+        64, gt=0, description="trainable lora: rank of the adapters on every linear layer"
+    )
+    lora_alpha: int = Field(
+        128, gt=0, description="trainable lora: adapter scale numerator (scale alpha / rank)"
+    )
+    max_new_tokens: int = Field(24, gt=0, description="greedy answer length when judging")
+    general: str | None = Field(
+        "general", description="benchmark whose accuracy must survive; null skips it"
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    seed: int = Field(0, description="data order and initialisation seed")
+    # on news the decay took the facts from 90% to 100%
+    lr_decay_to: float = Field(
+        0.1,
+        description="lr falls linearly to lr * this over min_epochs epochs, then stays (1: constant)",
+    )
+    precision: str = Field(
+        "auto",
+        description='training matmuls: "bf16" (autocast; float32 weights and optimiser), '
+        '"fp32", or "auto" = bf16 where the hardware computes it natively',
+    )
+    device: str = Field(
+        "cpu", description="where to train: cpu, cuda, cuda:N or auto (not part of the key)"
+    )
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(str(x) for x in err['loc'])}: "
+                + str(err["msg"]).removeprefix("Value error, ")
+                for err in e.errors()
+            )
+            raise UnpactError(f"injection settings: {problems}") from None
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, value: str) -> str:
+        if value not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"unknown precision {value!r}; choose auto, bf16 or fp32")
+        return value
+
+    @field_validator("trainable")
+    @classmethod
+    def _trainable(cls, value: str) -> str:
+        if value not in ("all", "mlp", "lora"):
+            raise ValueError(f"unknown trainable {value!r}; choose all, mlp or lora")
+        return value
+
+    @field_validator("lr_decay_to")
+    @classmethod
+    def _decay(cls, value: float) -> float:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"lr_decay_to must be between 0 and 1, not {value}")
+        return value
 
 
 @dataclass
@@ -118,12 +178,10 @@ def _hash_files(paths: list[Path]) -> str:
 def _key_settings(config: InjectConfig) -> dict[str, Any]:
     """The settings that make an injection: the LoRA fields only when LoRA is used (so
     models injected before those fields existed keep their keys)."""
-    settings = asdict(config)
+    settings = config.model_dump()
     del settings["device"]  # where it ran, like the thread count: not what it taught
     if config.trainable != "lora":
         del settings["lora_rank"], settings["lora_alpha"]
-    if not 0.0 <= config.lr_decay_to <= 1.0:
-        raise UnpactError(f"lr_decay_to must be between 0 and 1, not {config.lr_decay_to}")
     # Fields added later are left out at the value that behaves as before they existed,
     # so models injected then keep their keys: a constant lr, float32 training (the
     # precision actually used: "auto" resolved).
@@ -413,7 +471,7 @@ def inject(
             "timings": {k: round(v, 1) for k, v in timings.items()},
             "model": model,
             "benchmark": bench.name,
-            "config": asdict(config),
+            "config": config.model_dump(),
         },
     )
     return InjectResult(folder, final, base_accuracy, epochs_done, seconds, False)
