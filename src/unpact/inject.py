@@ -45,6 +45,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -319,8 +320,6 @@ def inject(
     progress: bool = True,
 ) -> InjectResult:
     """Teach `benchmark`'s forget and retain facts to `model`; cached by content hash."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     config = config or InjectConfig()
     # a real benchmark (tofu:PATH, ...) is written once as an item-format folder: the key
     # hashes the taught files
@@ -357,20 +356,75 @@ def inject(
             if config.rehearsal and config.rehearsal_per_step
             else []
         )
-    rehearsal_order: list[int] = []
-
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    # Mixed precision: bf16 matmuls, float32 weights, gradients and optimiser state.
-    bf16 = training_precision(config) == "bf16"
     net = lm.model
+    adapted = _make_trainable(net, config)
+    steps_per_epoch = (len(encoded) + config.batch_size - 1) // config.batch_size
+    decay_steps = config.min_epochs * steps_per_epoch
+    trainer = Trainer(
+        [p for p in net.parameters() if p.requires_grad],
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        schedule=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda t: lr_factor(t, decay_steps, config.lr_decay_to)
+        ),
+        # mixed precision: bf16 matmuls, float32 weights, gradients and optimiser state
+        precision="bf16" if training_precision(config) == "bf16" else "fp32",
+        what="injection",
+    )
+    with _progress(f"Injecting {bench.name}", config.max_epochs * steps_per_epoch, progress) as bar:
+        judged, epochs_done = _train_epochs(
+            lm, trainer, encoded, rehearsal, taught, config, rng, timings, bar
+        )
+    if adapted is not None:  # LoRA: merged, the injected model is an ordinary model again
+        lm.model = adapted.merge_and_unload()
+    final = _final_accuracy(lm, taught, judged, general, config, timings)
+    seconds = time.perf_counter() - start
+    timings["training"] = seconds - sum(timings.values())
+    meta = {
+        "accuracy": final,
+        "base_accuracy": base_accuracy,
+        "epochs": epochs_done,
+        "seconds": seconds,
+        "timings": {k: round(v, 1) for k, v in timings.items()},
+        "model": model,
+        "benchmark": bench.name,
+        "config": config.model_dump(),
+    }
+    _save(lm, folder, meta)
+    return InjectResult(folder, final, base_accuracy, epochs_done, seconds, False)
+
+
+def _final_accuracy(
+    lm: LanguageModel,
+    taught: list[QAItem],
+    judged: list[bool],
+    general: list[QAItem],
+    config: InjectConfig,
+    timings: dict[str, float],
+) -> dict[str, float]:
+    """Forget and retain accuracy from the last check (the last epoch always ends with
+    one, so its verdicts describe the final model), and general accuracy."""
+    if not judged:  # no check ran (max_epochs 0): judge the model as it is
+        judged = judge_items(lm, taught, config.max_new_tokens)
+    final = {
+        split: _share([ok for item, ok in zip(taught, judged) if item.split == split])
+        for split in ("forget", "retain")
+    }
+    if general:
+        with _timed(timings, "final general"):
+            final["general"] = accuracy(lm, general, config.max_new_tokens, "Judging general")
+    return final
+
+
+def _make_trainable(net: Any, config: InjectConfig) -> Any:
+    """Mark what injection trains; with `trainable: lora`, add the adapters (returns the
+    peft model, merged into the weights before saving), else None."""
     adapted: Any = None
-    if config.trainable not in ("all", "mlp", "lora"):
-        raise UnpactError(f"unknown trainable {config.trainable!r}; choose all, mlp or lora")
     if config.trainable == "lora":
         # Low-rank adapters on every linear layer of the blocks (peft, as unlearning's
-        # `lora`), merged into the weights before saving: the injected model is an
-        # ordinary model again. The adapters go into `net` in place, so `net` and `lm`
+        # `lora`): the adapters go into `net` in place, so `net` and the LanguageModel
         # keep working as they are.
         from unpact.unlearn.config import LoraSettings
         from unpact.unlearn.loop import add_lora
@@ -381,100 +435,96 @@ def inject(
             p.requires_grad_(False)
     if config.freeze_embeddings:
         net.get_input_embeddings().weight.requires_grad_(False)
-    steps_per_epoch = (len(encoded) + config.batch_size - 1) // config.batch_size
-    decay_steps = config.min_epochs * steps_per_epoch
-    trainer = Trainer(
-        [p for p in net.parameters() if p.requires_grad],
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        schedule=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda t: lr_factor(t, decay_steps, config.lr_decay_to)
-        ),
-        precision="bf16" if bf16 else "fp32",
-        what="injection",
-    )
-    acc: dict[str, float] = {}
-    judged: list[bool] = []  # per taught item, from the check after the last epoch
-    epochs_done = 0
+    return adapted
+
+
+@contextmanager
+def _progress(label: str, total: int, enabled: bool) -> Iterator[Any]:
+    """A progress bar with a status text; yields `update(advance, status, done)`."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
         TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, disable=not progress) as bar:
-        task = bar.add_task(
-            f"Injecting {bench.name}", total=config.max_epochs * steps_per_epoch, status=""
-        )
-        for epoch in range(config.max_epochs):
-            net.train()
-            order = list(range(len(encoded)))
-            rng.shuffle(order)
-            for s in range(steps_per_epoch):
-                batch = [
-                    encoded[i] for i in order[s * config.batch_size : (s + 1) * config.batch_size]
-                ]
-                picked: list[_Rehearsal] = []
-                if rehearsal:
-                    if len(rehearsal_order) < config.rehearsal_per_step:
-                        more = list(range(len(rehearsal)))
-                        rng.shuffle(more)
-                        rehearsal_order += more
-                    picked = [rehearsal[i] for i in rehearsal_order[: config.rehearsal_per_step]]
-                    del rehearsal_order[: config.rehearsal_per_step]
-                found = trainer.step(
-                    lambda: {"loss": step_loss(net, batch, picked, config.rehearsal_weight)},  # noqa: B023 - called at once
-                    s,
-                    where=f"epoch {epoch + 1}, step {s + 1}",
-                )
-                bar.update(
-                    task,
-                    advance=1,
-                    status=f"epoch {epoch + 1} loss {found['loss']:.3f} {_fmt(acc)}",
-                )
-            net.eval()
-            epochs_done = epoch + 1
-            due = (
-                epochs_done >= config.min_epochs
-                and (epochs_done - config.min_epochs) % config.check_every == 0
+    with Progress(*columns, disable=not enabled) as bar:
+        task = bar.add_task(label, total=total, status="")
+
+        def update(advance: int = 0, status: str | None = None, done: bool = False) -> None:
+            fields: dict[str, Any] = {} if status is None else {"status": status}
+            bar.update(task, advance=advance, **fields)
+            if done:
+                bar.update(task, completed=total)
+
+        yield update
+
+
+def _train_epochs(
+    lm: LanguageModel,
+    trainer: Trainer,
+    encoded: list[tuple[tuple[int, ...], tuple[int, ...]]],
+    rehearsal: list[_Rehearsal],
+    taught: list[QAItem],
+    config: InjectConfig,
+    rng: random.Random,
+    timings: dict[str, float],
+    update: Any,
+) -> tuple[list[bool], int]:
+    """Epochs of shuffled fact batches (each step with its rehearsal questions), an accuracy
+    check from `min_epochs` on every `check_every` epochs and after the last, stopping at
+    `target_accuracy`. Returns the last check's verdicts per taught item and the epochs."""
+    net = lm.model
+    steps_per_epoch = (len(encoded) + config.batch_size - 1) // config.batch_size
+    rehearsal_order: list[int] = []
+    acc: dict[str, float] = {}
+    judged: list[bool] = []
+    epochs_done = 0
+    for epoch in range(config.max_epochs):
+        net.train()
+        order = list(range(len(encoded)))
+        rng.shuffle(order)
+        for s in range(steps_per_epoch):
+            batch = [encoded[i] for i in order[s * config.batch_size : (s + 1) * config.batch_size]]
+            picked: list[_Rehearsal] = []
+            if rehearsal:
+                if len(rehearsal_order) < config.rehearsal_per_step:
+                    more = list(range(len(rehearsal)))
+                    rng.shuffle(more)
+                    rehearsal_order += more
+                picked = [rehearsal[i] for i in rehearsal_order[: config.rehearsal_per_step]]
+                del rehearsal_order[: config.rehearsal_per_step]
+            found = trainer.step(
+                partial(_loss_terms, net, batch, picked, config.rehearsal_weight),
+                s,
+                where=f"epoch {epoch + 1}, step {s + 1}",
             )
-            if due or epochs_done == config.max_epochs:
-                with _timed(timings, "checks"):
-                    judged = judge_items(lm, taught, config.max_new_tokens)
-                acc = {"forget+retain": _share(judged)}
-                bar.update(task, status=f"epoch {epochs_done} {_fmt(acc)}")
-                if acc["forget+retain"] >= config.target_accuracy:
-                    bar.update(task, completed=config.max_epochs * steps_per_epoch)
-                    break
-    if config.trainable == "lora":
-        lm.model = net = adapted.merge_and_unload()
-    if not judged:  # no check ran (max_epochs 0): judge the model as it is
-        judged = judge_items(lm, taught, config.max_new_tokens)
-    # The last epoch always ends with a check, so its verdicts describe the final model.
-    final = {
-        split: _share([ok for item, ok in zip(taught, judged) if item.split == split])
-        for split in ("forget", "retain")
-    }
-    if general:
-        with _timed(timings, "final general"):
-            final["general"] = accuracy(lm, general, config.max_new_tokens, "Judging general")
-    seconds = time.perf_counter() - start
-    timings["training"] = seconds - sum(timings.values())
-    _save(
-        lm,
-        folder,
-        {
-            "accuracy": final,
-            "base_accuracy": base_accuracy,
-            "epochs": epochs_done,
-            "seconds": seconds,
-            "timings": {k: round(v, 1) for k, v in timings.items()},
-            "model": model,
-            "benchmark": bench.name,
-            "config": config.model_dump(),
-        },
-    )
-    return InjectResult(folder, final, base_accuracy, epochs_done, seconds, False)
+            update(1, f"epoch {epoch + 1} loss {found['loss']:.3f} {_fmt(acc)}")
+        net.eval()
+        epochs_done = epoch + 1
+        due = (
+            epochs_done >= config.min_epochs
+            and (epochs_done - config.min_epochs) % config.check_every == 0
+        )
+        if due or epochs_done == config.max_epochs:
+            with _timed(timings, "checks"):
+                judged = judge_items(lm, taught, config.max_new_tokens)
+            acc = {"forget+retain": _share(judged)}
+            update(0, f"epoch {epochs_done} {_fmt(acc)}")
+            if acc["forget+retain"] >= config.target_accuracy:
+                update(0, done=True)
+                break
+    return judged, epochs_done
+
+
+def _loss_terms(
+    net: Any,
+    facts: Sequence[tuple[Sequence[int], Sequence[int]]],
+    picked: list[_Rehearsal],
+    rehearsal_weight: float,
+) -> dict[str, torch.Tensor]:
+    return {"loss": step_loss(net, facts, picked, rehearsal_weight)}
 
 
 def step_loss(

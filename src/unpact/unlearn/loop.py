@@ -24,7 +24,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +155,7 @@ def unlearn(
         cpu=not torch.cuda.is_available(),
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     for name, size in (
         ("batch_size", config.batch_size),
         ("retain_batch_size", config.retain_batch_size),
@@ -189,30 +189,13 @@ def unlearn(
     retain = encode_items(lm, retain_items)
     steps = total_steps(config, len(forget_items))
 
-    # References come from the model as it is before any step (also when resuming: the
-    # model was just reloaded from its spec).
-    reference = None
-    forget_ref: dict[str, float] = {}
-    retain_ref: dict[str, torch.Tensor] = {}
-    if "logprobs" in method.references:
-        forget_ref = _reference_logprobs(net, forget)
-    if "activations" in method.references:
-        retain_ref = _reference_activations(net, retain, method)
-    if "model" in method.references:
-        reference = _frozen_copy(net)
-    net.eval()
+    refs = _references(net, method, forget, retain)
     method.prepare(lm, forget)
     original = None
     if type(method).finalize is not Method.finalize:
         original = {n: p.detach().clone() for n, p in net.named_parameters()}
 
-    embeddings = net.get_input_embeddings().weight
-    for name, p in net.named_parameters():
-        p.requires_grad_(method.trainable(name))
-    if config.freeze_embeddings:
-        embeddings.requires_grad_(False)
-    if config.lora is not None:
-        net = add_lora(net, config.lora, method.trainable)
+    net = _trainable(net, method, config)
     from transformers import get_scheduler
 
     trainer = Trainer(
@@ -235,7 +218,7 @@ def unlearn(
     if accelerator.is_main_process:
         _truncate_log(losses_path, start_step)
     began = time.perf_counter()
-    last: dict[str, float] = {}
+    loop = _Loop(accelerator, trainer, wrapped, objective, method, config, forget, retain, refs)
     with progress_bar(
         f"Unlearning ({config.method})",
         total=steps,
@@ -243,39 +226,7 @@ def unlearn(
     ) as advance:
         advance(start_step)
         for step in range(start_step, steps):
-            t0 = time.perf_counter()
-            f_idx = batch_indices(len(forget_items), config.batch_size, step, config.seed)
-            r_idx = batch_indices(
-                len(retain_items) or 1, config.retain_batch_size, step, config.seed + 1
-            )
-            f_local = _shard(f_idx, world, rank)
-            r_local = _shard(r_idx, world, rank) if retain_items else []
-            objective.ctx = StepContext(
-                model=objective.lm,
-                forget=_batch(forget, f_local),
-                retain=_batch(retain, r_local),
-                step=step,
-                reference=reference,
-                forget_ref_logprobs=forget_ref,
-                retain_ref_activations=retain_ref,
-            )
-            net.train()
-            found = trainer.step(wrapped, step)
-            lr = found.pop("lr")
-            tokens = torch.tensor(
-                float(_tokens(forget, f_local) + _tokens(retain, r_local) * method.uses_retain)
-            )
-            tokens = accelerator.reduce(tokens, reduction="sum")
-            seconds = time.perf_counter() - t0
-            last = found
-            row = {
-                "step": step + 1,
-                **last,
-                "loss": sum(last.values()),
-                "lr": lr,
-                "tokens_per_s": float(tokens) / seconds,
-                "seconds": seconds,
-            }
+            row = loop.step(step)
             if accelerator.is_main_process:
                 with losses_path.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
@@ -287,6 +238,7 @@ def unlearn(
                 _checkpoint(accelerator, out, done)
             if stop_after is not None and done >= stop_after:
                 raise _Interrupt(f"stopped after step {done}")
+    last = loop.last
 
     accelerator.wait_for_everyone()
     final = accelerator.unwrap_model(wrapped).lm
@@ -303,6 +255,96 @@ def unlearn(
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     accelerator.wait_for_everyone()
     return UnlearnResult(out, model_dir, steps, seconds, last)
+
+
+@dataclass
+class _References:
+    """What a method compares against, from the model before any step (also when
+    resuming: the model was just reloaded from its spec)."""
+
+    model: Any = None  # a frozen copy ("model")
+    forget_logprobs: dict[str, float] = field(default_factory=dict)  # ("logprobs")
+    retain_activations: dict[str, torch.Tensor] = field(default_factory=dict)  # ("activations")
+
+
+def _references(
+    net: Any, method: Method, forget: dict[str, Any], retain: dict[str, Any]
+) -> _References:
+    refs = _References()
+    if "logprobs" in method.references:
+        refs.forget_logprobs = _reference_logprobs(net, forget)
+    if "activations" in method.references:
+        refs.retain_activations = _reference_activations(net, retain, method)
+    if "model" in method.references:
+        refs.model = _frozen_copy(net)
+    net.eval()
+    return refs
+
+
+def _trainable(net: Any, method: Method, config: UnlearnConfig) -> Any:
+    """Mark what the method trains (embeddings frozen if asked); with LoRA, the peft model."""
+    embeddings = net.get_input_embeddings().weight
+    for name, p in net.named_parameters():
+        p.requires_grad_(method.trainable(name))
+    if config.freeze_embeddings:
+        embeddings.requires_grad_(False)
+    if config.lora is not None:
+        net = add_lora(net, config.lora, method.trainable)
+    return net
+
+
+@dataclass
+class _Loop:
+    """One unlearning step: this process's share of the step's global batch, the method's
+    loss through the wrapped objective, the Trainer's step, the loss log's row."""
+
+    accelerator: Any
+    trainer: Trainer
+    wrapped: Any
+    objective: _Objective
+    method: Method
+    config: UnlearnConfig
+    forget: dict[str, Any]
+    retain: dict[str, Any]
+    refs: _References
+    last: dict[str, float] = field(default_factory=dict)
+
+    def step(self, step: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        config, world = self.config, self.accelerator.num_processes
+        rank = self.accelerator.process_index
+        n_forget, n_retain = len(self.forget["ids"]), len(self.retain["ids"])
+        f_idx = batch_indices(n_forget, config.batch_size, step, config.seed)
+        r_idx = batch_indices(n_retain or 1, config.retain_batch_size, step, config.seed + 1)
+        f_local = _shard(f_idx, world, rank)
+        r_local = _shard(r_idx, world, rank) if n_retain else []
+        self.objective.ctx = StepContext(
+            model=self.objective.lm,
+            forget=_batch(self.forget, f_local),
+            retain=_batch(self.retain, r_local),
+            step=step,
+            reference=self.refs.model,
+            forget_ref_logprobs=self.refs.forget_logprobs,
+            retain_ref_activations=self.refs.retain_activations,
+        )
+        self.objective.lm.train()
+        found = self.trainer.step(self.wrapped, step)
+        lr = found.pop("lr")
+        uses_retain = self.method.uses_retain
+        tokens = torch.tensor(
+            float(_tokens(self.forget, f_local) + _tokens(self.retain, r_local) * uses_retain)
+        )
+        tokens = self.accelerator.reduce(tokens, reduction="sum")
+        seconds = time.perf_counter() - t0
+        self.last = found
+        return {
+            "step": step + 1,
+            **found,
+            "loss": sum(found.values()),
+            "lr": lr,
+            "tokens_per_s": float(tokens) / seconds,
+            "seconds": seconds,
+        }
 
 
 def _shard(idx: list[int], world: int, rank: int) -> list[int]:
