@@ -229,30 +229,11 @@ def attribute(
     concurrency: ConcurrencyOpt = 16,
 ) -> None:
     """unPact: each prompt unit's contribution to the answer's log-prob, and the KeyTokens."""
-    from unpact.attribution import attribute_many, check_settings, html_page, read_prompts
+    from unpact.attribution import attribute_many, check_settings, html_page
 
     check_settings(unit, baseline, target, alpha, beta)
-    gradient = list(dict.fromkeys(gradient or []))
-    if gradient:
-        from unpact.gradient import GRADIENT_METHODS, IG_BASELINES
-
-        for g in gradient:
-            if g not in GRADIENT_METHODS:
-                raise UnpactError(f"--gradient {g!r}: choose {' or '.join(GRADIENT_METHODS)}")
-        if ig_baseline not in IG_BASELINES:
-            raise UnpactError(f"--ig-baseline {ig_baseline!r}: choose {', '.join(IG_BASELINES)}")
-        if ig_steps < 1 or top_k < 1:
-            raise UnpactError("--ig-steps and --top-k must be at least 1")
-    if (prompt is None) == (data is None):
-        raise UnpactError("give either --prompt TEXT or --data FILE.jsonl")
-    if data is not None:
-        if answer is not None:
-            raise UnpactError("--answer goes with --prompt; with --data put answers in the file")
-        prompts, answers = read_prompts(data)
-    else:
-        assert prompt is not None
-        _check_text(prompt=prompt)
-        prompts, answers = [prompt], [answer]
+    gradient = _gradient_options(gradient, ig_steps, ig_baseline, top_k)
+    prompts, answers = _attribute_inputs(prompt, answer, data)
     lm = _load(model, dtype, device, trust_remote_code, concurrency)
     if gradient and not lm.has_weights:
         raise UnpactError(f"--gradient needs the model's weights; {lm.spec} is served")
@@ -280,14 +261,47 @@ def attribute(
             dicts[n]["gradient"] = {g: checks[g][n] for g in gradient}
             out.print(_gradient_table(record, {g: checks[g][n] for g in gradient}, top_k))
     if json_out is not None:
-        if data is None:
-            json_out.write_text(json.dumps(dicts[0], indent=1) + "\n")
-        else:
-            json_out.write_text("".join(json.dumps(d) + "\n" for d in dicts))
+        one = json.dumps(dicts[0], indent=1) + "\n"
+        json_out.write_text(one if data is None else "".join(json.dumps(d) + "\n" for d in dicts))
         err.print(f"wrote {json_out}")
     if html_out is not None:
         html_out.write_text(html_page(records))
         err.print(f"wrote {html_out}")
+
+
+def _gradient_options(
+    gradient: list[str] | None, ig_steps: int, ig_baseline: str, top_k: int
+) -> list[str]:
+    """The --gradient methods asked for (each once), after checking their options."""
+    methods = list(dict.fromkeys(gradient or []))
+    if methods:
+        from unpact.gradient import GRADIENT_METHODS, IG_BASELINES
+
+        for g in methods:
+            if g not in GRADIENT_METHODS:
+                raise UnpactError(f"--gradient {g!r}: choose {' or '.join(GRADIENT_METHODS)}")
+        if ig_baseline not in IG_BASELINES:
+            raise UnpactError(f"--ig-baseline {ig_baseline!r}: choose {', '.join(IG_BASELINES)}")
+        if ig_steps < 1 or top_k < 1:
+            raise UnpactError("--ig-steps and --top-k must be at least 1")
+    return methods
+
+
+def _attribute_inputs(
+    prompt: str | None, answer: str | None, data: Path | None
+) -> tuple[list[str], list[str | None]]:
+    """The prompts (and answers, None: the model's own) of --prompt/--answer or --data."""
+    from unpact.attribution import read_prompts
+
+    if (prompt is None) == (data is None):
+        raise UnpactError("give either --prompt TEXT or --data FILE.jsonl")
+    if data is not None:
+        if answer is not None:
+            raise UnpactError("--answer goes with --prompt; with --data put answers in the file")
+        return read_prompts(data)
+    assert prompt is not None
+    _check_text(prompt=prompt)
+    return [prompt], [answer]
 
 
 def _gradient_checks(

@@ -155,28 +155,14 @@ def unlearn(
         cpu=not torch.cuda.is_available(),
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
-    world = accelerator.num_processes
-    for name, size in (
-        ("batch_size", config.batch_size),
-        ("retain_batch_size", config.retain_batch_size),
-    ):
-        if size % world:
-            raise UnpactError(f"{name} {size} does not split evenly over {world} processes")
     out = Path(out)
-    method_cls = get_method(config.method)
-    method = method_cls(config.method_settings())
-    bench = load_benchmark(benchmark)
-    forget_items, retain_items = bench.split("forget"), bench.split("retain")
-    if not forget_items:
-        raise UnpactError(f"benchmark {bench.name} has no forget items")
-    if method.uses_retain and not retain_items:
-        raise UnpactError(f"{config.method} needs retain items; {bench.name} has none")
-
+    method = get_method(config.method)(config.method_settings())
+    forget_items, retain_items = _items(benchmark, method, config, accelerator.num_processes)
     resolved = {
         "format": RUN_FORMAT,
         "model": model if isinstance(model, str) else model.spec,
         "benchmark": str(benchmark),
-        "processes": world,
+        "processes": accelerator.num_processes,
         **config.model_dump(mode="json"),
         "settings": method.settings.model_dump(mode="json"),
     }
@@ -240,6 +226,24 @@ def unlearn(
                 raise _Interrupt(f"stopped after step {done}")
     last = loop.last
 
+    seconds = time.perf_counter() - began
+    return _finish(accelerator, wrapped, method, config, original, lm, out, steps, seconds, last)
+
+
+def _finish(
+    accelerator: Any,
+    wrapped: Any,
+    method: Method,
+    config: UnlearnConfig,
+    original: dict[str, torch.Tensor] | None,
+    lm: LanguageModel,
+    out: Path,
+    steps: int,
+    seconds: float,
+    last: dict[str, float],
+) -> UnlearnResult:
+    """The unlearned model: LoRA merged, the method's finalize (Task Vector), saved with
+    result.json (the run's mark of completion); checkpoints removed."""
     accelerator.wait_for_everyone()
     final = accelerator.unwrap_model(wrapped).lm
     if config.lora is not None and config.lora.merge:
@@ -247,7 +251,6 @@ def unlearn(
     if original is not None:
         method.finalize(final, original)
     model_dir = out / "model"
-    seconds = time.perf_counter() - began
     if accelerator.is_main_process:
         save_model(final, lm.tokenizer, model_dir)
         result = UnlearnResult(out, model_dir, steps, seconds, last)
@@ -255,6 +258,25 @@ def unlearn(
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     accelerator.wait_for_everyone()
     return UnlearnResult(out, model_dir, steps, seconds, last)
+
+
+def _items(
+    benchmark: str | Path, method: Method, config: UnlearnConfig, world: int
+) -> tuple[list[QAItem], list[QAItem]]:
+    """The forget and retain items, after checking the run can use them."""
+    for name, size in (
+        ("batch_size", config.batch_size),
+        ("retain_batch_size", config.retain_batch_size),
+    ):
+        if size % world:
+            raise UnpactError(f"{name} {size} does not split evenly over {world} processes")
+    bench = load_benchmark(benchmark)
+    forget_items, retain_items = bench.split("forget"), bench.split("retain")
+    if not forget_items:
+        raise UnpactError(f"benchmark {bench.name} has no forget items")
+    if method.uses_retain and not retain_items:
+        raise UnpactError(f"{config.method} needs retain items; {bench.name} has none")
+    return forget_items, retain_items
 
 
 @dataclass
