@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from unpact import configs as builtin_run_configs
+from unpact.attribution import ALPHA, BETA
 from unpact.errors import UnpactError
 
 if TYPE_CHECKING:
@@ -192,10 +193,10 @@ def attribute(
     ] = None,
     alpha: Annotated[
         float, typer.Option(help="KeyToken threshold on normalised contribution.")
-    ] = 0.22,
+    ] = ALPHA,
     beta: Annotated[
         float, typer.Option(help="KeyToken rule switch on the share of positive units.")
-    ] = 0.24,
+    ] = BETA,
     chat_template: ChatOpt = True,
     max_new_tokens: Annotated[int, typer.Option(help="Longest generated target, in tokens.")] = 32,
     json_out: Annotated[

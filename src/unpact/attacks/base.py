@@ -12,6 +12,7 @@ on beyond the model, the items, their KeyTokens, its settings and the judge.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -110,6 +111,11 @@ class AttackContext:
     label: str = ""  # the model's label in the results (progress text)
     demonstrations: tuple[tuple[str, str], ...] = ()  # retain-set (question, answer) pairs
     device: str | None = None  # for an attack that loads its own copy (None: the default)
+    seed: int = 0  # for an attack's own randomness: fixed per run seed, model and attack
+
+    def generator(self) -> random.Random:
+        """A seeded random generator for this attack on this model."""
+        return random.Random(self.seed)
 
     def target(self, item: QAItem) -> Target:
         return Target(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -228,7 +229,7 @@ def _original(p: Pipeline, data: Data) -> Model:
     cfg = p.cfg
     if not cfg.inject.enabled:
         return Model("original", cfg.model, "model:" + model_key(cfg.model))
-    inject_cfg = InjectConfig(**cfg.inject.settings)
+    inject_cfg = InjectConfig(**({"device": cfg.device} | cfg.inject.settings))
     p.say(f"original model: {cfg.model} taught {data.bench.name} (reused if cached)")
     where = data.bench.path or data.bench.name
     injected = inject(cfg.model, where, inject_cfg, progress=p.progress)
@@ -272,7 +273,7 @@ def _model_stages(
     def opened() -> AnyModel:
         nonlocal lm
         if lm is None:
-            lm = open_model(model.spec, remote=cfg.remote)
+            lm = open_model(model.spec, device=cfg.device, remote=cfg.remote)
         return lm
 
     judge = cfg.judge.model_dump(mode="json")
@@ -358,6 +359,8 @@ def _attacks(
             judge=cfg.judge,
             label=model.label,
             demonstrations=demonstrations if attack.uses_demonstrations else (),
+            device=cfg.device,
+            seed=zlib.crc32(f"{cfg.statistics.seed}:{model.label}:{spec.name}".encode()),
         )
         reads = [
             model.key,

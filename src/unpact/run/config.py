@@ -217,6 +217,11 @@ class RunConfig(_Strict):
         "the attacks, metrics and methods they define are usable by name below",
     )
     model: str = Field("default", description="base model spec")
+    device: str = Field(
+        "cpu",
+        description="where local models run (cpu, cuda, cuda:N, auto): injection, evaluation, "
+        "attribution, attacks (unlearning: accelerate's choice); not part of any cache key",
+    )
     models: list[ModelSpec] | None = Field(
         None,
         description="several base models, each run into DIR/<name>/ and compared side by side "
