@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -76,8 +77,9 @@ def registries():
     _LOADED.clear()
 
 
-@pytest.fixture
-def project(tmp_path, tiny):
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny):
+    tmp_path = tmp_path_factory.mktemp("plugins")
     save_model(tiny.model, tiny.tokenizer, tmp_path / "tiny")
     outs = generate(tiny, QUESTIONS, max_new_tokens=4)
     items = [
@@ -102,26 +104,60 @@ def project(tmp_path, tiny):
     return tmp_path
 
 
-def test_a_plugins_attack_metric_and_method_run_and_show_everywhere(project, registries):
+@pytest.fixture(scope="module")
+def plugin_run(project):
+    """The plugin's config run once (the registries put back afterwards)."""
+    saved = [(reg, dict(reg)) for reg in (ATTACKS, METRICS, METHODS)]
     result = run(project / "run.yaml", project / "out", cache_dir=project / "cache", progress=False)
+    out = project / "out"
+    files = {
+        "json": json.loads((out / "results.json").read_text())["methods"]["half_ga"],
+        "csv": (out / "results.csv").read_text().splitlines()[0].split(","),
+        "md": (out / "results.md").read_text(),
+        "html": (out / "report.html").read_text(),
+    }
+    yield result, files
+    for reg, before in saved:
+        reg.clear()
+        reg.update(before)
+    _LOADED.clear()
+
+
+def test_a_plugin_attack_runs_and_shows_everywhere(plugin_run):
+    result, files = plugin_run
     m = result.results["methods"]["half_ga"]
-    assert set(m["recovery"]) == {"shout", "probab", "any"}
-    assert "silent_after" in m and 0 <= m["silent_after"] <= 1
-    assert "silent_after" in m["ci"] and "recovery.shout" in m["ci"]
-    # the metric is the plugin's function of the records
-    forget = [r for r in result.records if r.split == "forget"]
-    assert m["silent_after"] == sum(not r.output_after.strip() for r in forget) / len(forget)
+    assert set(m["recovery"]) == {"shout", "probab", "any"} and "recovery.shout" in m["ci"]
+    assert "shout" in m["vs_probab"]  # tested against PROBAB like the built-in attacks
     forgotten = [r for r in result.records if r.forgotten]
+    assert forgotten
     for r in forgotten:
         assert r.attacks["shout"]["prompt"] == r.question.upper()
-    out = project / "out"
-    assert "silent_after" in json.loads((out / "results.json").read_text())["methods"]["half_ga"]
-    header = (out / "results.csv").read_text().splitlines()[0].split(",")
-    assert "silent_after" in header and "recovery_shout" in header
-    md = (out / "results.md").read_text()
-    assert "| silent |" in md and "recovery shout" in md
-    html = (out / "report.html").read_text()
-    assert "silent after" in html and "shout" in html and "half_ga" in html
+    assert "shout" in files["json"]["recovery"] and "recovery_shout" in files["csv"]
+    assert "recovery shout" in files["md"] and "recovery: shout" in files["html"]
+
+
+def test_a_plugin_metric_is_computed_and_shows_everywhere(plugin_run):
+    result, files = plugin_run
+    m = result.results["methods"]["half_ga"]
+    # the metric is the plugin's function of the records, with an interval
+    forget = [r for r in result.records if r.split == "forget"]
+    assert m["silent_after"] == sum(not r.output_after.strip() for r in forget) / len(forget)
+    lo, hi = m["ci"]["silent_after"]
+    assert lo <= m["silent_after"] <= hi
+    assert "silent_after" in files["json"] and "silent_after" in files["csv"]
+    assert "| silent |" in files["md"] and "silent after" in files["html"]
+
+
+def test_a_plugin_method_unlearns_and_shows_everywhere(plugin_run, tiny):
+    from safetensors.torch import load_file
+
+    result, files = plugin_run
+    m = result.results["methods"]["half_ga"]
+    weights = load_file(Path(m["model"]) / "model.safetensors")
+    moved = [k for k, v in tiny.model.state_dict().items() if not v.equal(weights[k])]
+    assert moved  # two steps of half-strength gradient ascent changed the weights
+    assert m["forgotten"] == sum(r.forgotten for r in result.records)
+    assert "| half_ga |" in files["md"] and "half_ga" in files["html"]
 
 
 def test_the_cli_runs_and_lists_plugins(project, tmp_path):
