@@ -374,8 +374,9 @@ def inject(
         what="injection",
     )
     with _progress(f"Injecting {bench.name}", config.max_epochs * steps_per_epoch, progress) as bar:
+        log: list[dict[str, Any]] = []
         judged, epochs_done = _train_epochs(
-            lm, trainer, encoded, rehearsal, taught, config, rng, timings, bar
+            lm, trainer, encoded, rehearsal, taught, config, rng, timings, bar, log
         )
     if adapted is not None:  # LoRA: merged, the injected model is an ordinary model again
         lm.model = adapted.merge_and_unload()
@@ -392,7 +393,7 @@ def inject(
         "benchmark": bench.name,
         "config": config.model_dump(),
     }
-    _save(lm, folder, meta)
+    _save(lm, folder, meta, log)
     return InjectResult(folder, final, base_accuracy, epochs_done, seconds, False)
 
 
@@ -471,10 +472,12 @@ def _train_epochs(
     rng: random.Random,
     timings: dict[str, float],
     update: Any,
+    log: list[dict[str, Any]],
 ) -> tuple[list[bool], int]:
     """Epochs of shuffled fact batches (each step with its rehearsal questions), an accuracy
     check from `min_epochs` on every `check_every` epochs and after the last, stopping at
-    `target_accuracy`. Returns the last check's verdicts per taught item and the epochs."""
+    `target_accuracy`. Returns the last check's verdicts per taught item and the epochs;
+    `log` gets one row per step (loss, lr), as unlearning's losses.jsonl."""
     net = lm.model
     steps_per_epoch = (len(encoded) + config.batch_size - 1) // config.batch_size
     rehearsal_order: list[int] = []
@@ -500,6 +503,7 @@ def _train_epochs(
                 s,
                 where=f"epoch {epoch + 1}, step {s + 1}",
             )
+            log.append({"step": len(log) + 1, "epoch": epoch + 1, **found})
             update(1, f"epoch {epoch + 1} loss {found['loss']:.3f} {_fmt(acc)}")
         net.eval()
         epochs_done = epoch + 1
@@ -566,5 +570,9 @@ def _fmt(acc: dict[str, float]) -> str:
     return " ".join(f"{k} acc {v:.0%}" for k, v in acc.items())
 
 
-def _save(lm: LanguageModel, folder: Path, meta: dict[str, Any]) -> None:
-    save_model(lm.model, lm.tokenizer, folder, {"inject.json": json.dumps(meta, indent=2) + "\n"})
+def _save(lm: LanguageModel, folder: Path, meta: dict[str, Any], log: list[dict[str, Any]]) -> None:
+    files = {
+        "inject.json": json.dumps(meta, indent=2) + "\n",
+        "losses.jsonl": "".join(json.dumps(row) + "\n" for row in log),
+    }
+    save_model(lm.model, lm.tokenizer, folder, files)

@@ -124,11 +124,18 @@ def test_the_optimiser_sees_the_decayed_rate(tmp_path, monkeypatch):
         lr=1e-3, batch_size=2, lr_decay_to=0.2, min_epochs=2, max_epochs=3, check_every=1,
         target_accuracy=1.1, rehearsal=False, general=None, precision="fp32",
     )  # fmt: skip
-    inject(
+    result = inject(
         str(tmp_path / "base"), tmp_path / "bench", config, cache_dir=tmp_path / "c", progress=False
     )
     # 2 steps per epoch, decay over 4 steps, then held at 0.2 * lr for the third epoch
     assert seen == pytest.approx([1e-3, 0.8e-3, 0.6e-3, 0.4e-3, 0.2e-3, 0.2e-3])
+    # the loss log, one row per step, as unlearning's
+    import json
+
+    rows = [json.loads(x) for x in (result.path / "losses.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["lr"] for r in rows] == pytest.approx(seen)
+    assert all(r["loss"] > 0 for r in rows) and [r["epoch"] for r in rows] == [1, 1, 2, 2, 3, 3]
 
 
 def test_lr_decay_keys_the_model_unless_constant():
