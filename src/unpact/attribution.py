@@ -483,6 +483,62 @@ def _fast_contributions(
     return results
 
 
+def _generated_targets(
+    lm: AnyModel,
+    encoded: list[EncodedPrompt],
+    wanted: list[bool],
+    max_new_tokens: int,
+    progress: bool,
+) -> dict[int, tuple[str, tuple[int, ...]]]:
+    """The model's greedy answers (text, ids) for the prompts whose target is generated."""
+    todo = [i for i, g in enumerate(wanted) if g]
+    if not todo:
+        return {}
+    gens = generate(
+        lm,
+        [encoded[i] for i in todo],
+        max_new_tokens=max_new_tokens,
+        progress="Generating targets" if progress else False,
+    )
+    out = {}
+    for i, g in zip(todo, gens):
+        if not g[0].token_ids:
+            raise UnpactError(f"item {i}: the model's greedy answer is empty; give an answer")
+        out[i] = (g[0].text, g[0].token_ids)
+    return out
+
+
+def _item(
+    lm: AnyModel,
+    i: int,
+    enc: EncodedPrompt,
+    generated: tuple[str, tuple[int, ...]] | None,
+    answer: str | None,
+    unit: UnitKind,
+) -> _Item:
+    """One prompt's attribution item: its answer ids and units, checked."""
+    if generated is not None:
+        answer_text, answer_ids = generated
+    else:
+        answer_text = answer or ""
+        try:
+            answer_ids = lm.encode_answer(answer_text)
+        except UnpactError as exc:
+            raise UnpactError(f"item {i}: {exc}") from None
+    if len(enc.input_ids) + len(answer_ids) > lm.max_length:
+        raise UnpactError(
+            f"item {i}: prompt + answer is {len(enc.input_ids) + len(answer_ids)} tokens, "
+            f"longer than the model's context of {lm.max_length}"
+        )
+    units = make_units(lm, enc, unit)
+    if len(units) < 2:
+        raise UnpactError(
+            f"item {i}: the prompt {enc.text!r} is a single {unit}; attribution compares "
+            "units, so it needs at least two"
+        )
+    return _Item(enc, answer_text, tuple(answer_ids), units)
+
+
 def _per_token(
     lm: AnyModel,
     items: Sequence[_Item],
@@ -663,43 +719,10 @@ def attribute_many(
         except UnpactError as exc:
             raise UnpactError(f"item {i}: {exc}") from None
     wants_generated = [target == "generated" or a is None for a in answer_list]
-    generated: dict[int, tuple[str, tuple[int, ...]]] = {}
-    todo = [i for i, g in enumerate(wants_generated) if g]
-    if todo:
-        gens = generate(
-            lm,
-            [encoded[i] for i in todo],
-            max_new_tokens=max_new_tokens,
-            progress="Generating targets" if progress else False,
-        )
-        for i, g in zip(todo, gens):
-            if not g[0].token_ids:
-                raise UnpactError(f"item {i}: the model's greedy answer is empty; give an answer")
-            generated[i] = (g[0].text, g[0].token_ids)
-
-    items = []
-    for i, enc in enumerate(encoded):
-        if i in generated:
-            answer_text, answer_ids = generated[i]
-        else:
-            answer_text = answer_list[i] or ""
-            try:
-                answer_ids = lm.encode_answer(answer_text)
-            except UnpactError as exc:
-                raise UnpactError(f"item {i}: {exc}") from None
-        if len(enc.input_ids) + len(answer_ids) > lm.max_length:
-            raise UnpactError(
-                f"item {i}: prompt + answer is {len(enc.input_ids) + len(answer_ids)} tokens, "
-                f"longer than the model's context of {lm.max_length}"
-            )
-        units = make_units(lm, enc, unit)
-        if len(units) < 2:
-            raise UnpactError(
-                f"item {i}: the prompt {enc.text!r} is a single {unit}; attribution compares "
-                "units, so it needs at least two"
-            )
-        items.append(_Item(enc, answer_text, tuple(answer_ids), units))
-
+    generated = _generated_targets(lm, encoded, wants_generated, max_new_tokens, progress)
+    items = [
+        _item(lm, i, enc, generated.get(i), answer_list[i], unit) for i, enc in enumerate(encoded)
+    ]
     b_id = _baseline_token(lm, baseline_token_id) if baseline == "token" else 0
     per_token = _per_token(lm, items, baseline, b_id, token_budget, progress)
     scored = []
