@@ -71,43 +71,7 @@ def dilemma_svg(
     fig, axes = plt.subplots(1, 2, figsize=(9 if by_model else 10.5, 3.8), sharey=True)
     for ax, split in zip(axes, ("retain", "general")):
         for n, (model, res) in enumerate(series.items()):
-            for name, m in res["methods"].items():
-                x = m[f"destructive_{split}"]
-                y = m["recovery"].get(attack) if attack else None
-                if x is None or y is None:
-                    continue
-                if by_model:
-                    color = f"C{n % 10}"
-                    label = f"{model}: {short_label(name)}"
-                else:
-                    color = colour[_family(name, m)]
-                    sweep = m.get("sweep")
-                    label = _setting_text(sweep["value"]) if sweep else ""
-                ax.scatter([100 * x], [100 * y], s=40, color=color)
-                if label:
-                    ax.annotate(
-                        label,
-                        (100 * x, 100 * y),
-                        textcoords="offset points",
-                        xytext=(5, 4),
-                        fontsize="small",
-                    )
-            # A swept method's runs as one curve, in the order of the swept value.
-            curves: dict[str, list[tuple[Any, float, float]]] = {}
-            for m in res["methods"].values():
-                sweep, x = m.get("sweep"), m[f"destructive_{split}"]
-                y = m["recovery"].get(attack) if attack else None
-                if sweep and x is not None and y is not None:
-                    curves.setdefault(sweep["of"], []).append((sweep["value"], x, y))
-            for family, points in curves.items():
-                points.sort(key=lambda p: p[0])
-                ax.plot(
-                    [100 * p[1] for p in points],
-                    [100 * p[2] for p in points],
-                    "-",
-                    alpha=0.5,
-                    color=f"C{n % 10}" if by_model else colour[family],
-                )
+            _plot_series(ax, split, n, model, res, attack, by_model is not None, colour)
         ax.set_xlim(-5, 105)
         ax.set_ylim(-5, 105)
         ax.set_xlabel(f"destructive rate on {split} items (%)")
@@ -133,6 +97,57 @@ def dilemma_svg(
     svg = buf.getvalue()
     svg = re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.S)  # a date: not reproducible
     return svg[svg.index("<svg") :]
+
+
+def _plot_series(
+    ax: Any,
+    split: str,
+    n: int,
+    model: str,
+    res: dict[str, Any],
+    attack: str | None,
+    by_model: bool,
+    colour: dict[str, str],
+) -> None:
+    """One model's methods on one axis of the dilemma plot: a point per method (a sweep's
+    runs annotated with the swept value) and a line through each swept method's runs."""
+    for name, m in res["methods"].items():
+        x = m[f"destructive_{split}"]
+        y = m["recovery"].get(attack) if attack else None
+        if x is None or y is None:
+            continue
+        if by_model:
+            color = f"C{n % 10}"
+            label = f"{model}: {short_label(name)}"
+        else:
+            color = colour[_family(name, m)]
+            sweep = m.get("sweep")
+            label = _setting_text(sweep["value"]) if sweep else ""
+        ax.scatter([100 * x], [100 * y], s=40, color=color)
+        if label:
+            ax.annotate(
+                label,
+                (100 * x, 100 * y),
+                textcoords="offset points",
+                xytext=(5, 4),
+                fontsize="small",
+            )
+    # A swept method's runs as one curve, in the order of the swept value.
+    curves: dict[str, list[tuple[Any, float, float]]] = {}
+    for m in res["methods"].values():
+        sweep, x = m.get("sweep"), m[f"destructive_{split}"]
+        y = m["recovery"].get(attack) if attack else None
+        if sweep and x is not None and y is not None:
+            curves.setdefault(sweep["of"], []).append((sweep["value"], x, y))
+    for family, points in curves.items():
+        points.sort(key=lambda p: p[0])
+        ax.plot(
+            [100 * p[1] for p in points],
+            [100 * p[2] for p in points],
+            "-",
+            alpha=0.5,
+            color=f"C{n % 10}" if by_model else colour[family],
+        )
 
 
 def short_label(name: str) -> str:
