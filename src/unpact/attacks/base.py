@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -111,6 +111,8 @@ class AttackContext:
     label: str = ""  # the model's label in the results (progress text)
     demonstrations: tuple[tuple[str, str], ...] = ()  # retain-set (question, answer) pairs
     device: str | None = None  # for an attack that loads its own copy (None: the default)
+    original: dict[str, dict[str, Any]] = field(default_factory=dict)  # item id -> the
+    # original model's record: {"output", "correct", "attribution"} (unPact, as saved)
     seed: int = 0  # for an attack's own randomness: fixed per run seed, model and attack
 
     def generator(self) -> random.Random:

@@ -360,6 +360,10 @@ def _attacks(
             label=model.label,
             demonstrations=demonstrations if attack.uses_demonstrations else (),
             device=cfg.device,
+            original={
+                i.id: {**original.evals[i.id], "attribution": original.attrs.get(i.id)}
+                for i in forgotten
+            },
             seed=zlib.crc32(f"{cfg.statistics.seed}:{model.label}:{spec.name}".encode()),
         )
         reads = [
