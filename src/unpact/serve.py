@@ -16,13 +16,14 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from unpact.errors import UnpactError
 from unpact.models import LanguageModel
-from unpact.scoring import _stop_ids, right_padded
+from unpact.scoring import _stop_ids, generate, right_padded
 from unpact.types import EncodedPrompt
 
 
@@ -103,47 +104,74 @@ class ScoreBatcher:
 def make_app(models: LanguageModel | dict[str, LanguageModel], name: str = "default") -> Any:
     """A FastAPI app serving `models` (name -> model; or one model under `name`)."""
     fastapi = _require_web()
+    app = fastapi.FastAPI(title="unpact serve", docs_url=None, redoc_url=None)
+    server = _Server(models if isinstance(models, dict) else {name: models})
+    app.get("/v1/models")(server.list_models)
+    app.post("/tokenize")(server.tokenize)
+    app.post("/detokenize")(server.detokenize)
+    app.post("/v1/completions")(server.completions)
+    return app
+
+
+def _error(status: int, message: str) -> Any:
+    """An error reply in vLLM's format."""
     from fastapi.responses import JSONResponse
 
-    from unpact.scoring import generate
+    return JSONResponse(
+        {"object": "error", "message": message, "type": "BadRequestError", "code": status},
+        status_code=status,
+    )
 
-    app = fastapi.FastAPI(title="unpact serve", docs_url=None, redoc_url=None)
-    served = models if isinstance(models, dict) else {name: models}
-    lock = threading.Lock()  # one model call at a time; torch uses every core for it
-    batchers = {n: ScoreBatcher(m, lock) for n, m in served.items()}
 
-    def error(status: int, message: str) -> Any:
-        return JSONResponse(
-            {"object": "error", "message": message, "type": "BadRequestError", "code": status},
-            status_code=status,
-        )
+@dataclass
+class _Completion:
+    """A validated /v1/completions request."""
 
-    def pick(body: dict[str, Any]) -> Any:
+    model: str
+    ids: list[int]
+    max_tokens: int
+    n: int
+    echo: bool
+    logprobs: bool
+    prompt_logprobs: bool
+    as_ids: bool
+    temperature: float
+    seed: int
+
+
+class _Server:
+    """The endpoints over the served models: one model call at a time (torch uses every
+    core for it), scoring requests batched by a `ScoreBatcher` per model."""
+
+    def __init__(self, served: dict[str, LanguageModel]) -> None:
+        self.served = served
+        self.lock = threading.Lock()
+        self.batchers = {n: ScoreBatcher(m, self.lock) for n, m in served.items()}
+
+    def pick(self, body: dict[str, Any]) -> Any:
         """The model the request names, or the error reply vLLM gives."""
-        found = served.get(str(body.get("model")))
+        found = self.served.get(str(body.get("model")))
         if found is None:
-            return None, error(404, f"The model `{body.get('model')}` does not exist.")
+            return None, _error(404, f"The model `{body.get('model')}` does not exist.")
         return found, None
 
-    @app.get("/v1/models")
-    def list_models() -> dict[str, Any]:
+    def list_models(self) -> dict[str, Any]:
         return {
             "object": "list",
             "data": [
                 {"id": n, "object": "model", "max_model_len": m.max_length}
-                for n, m in served.items()
+                for n, m in self.served.items()
             ],
         }
 
-    @app.post("/tokenize")
-    def tokenize(body: dict[str, Any]) -> Any:
-        lm, bad = pick(body)
+    def tokenize(self, body: dict[str, Any]) -> Any:
+        lm, bad = self.pick(body)
         if bad is not None:
             return bad
         tok = lm.tokenizer
         if "messages" in body:
             if not lm.has_chat_template:
-                return error(400, "this model has no chat template")
+                return _error(400, "this model has no chat template")
             text = tok.apply_chat_template(
                 body["messages"],
                 tokenize=False,
@@ -155,65 +183,26 @@ def make_app(models: LanguageModel | dict[str, LanguageModel], name: str = "defa
                 body["prompt"], add_special_tokens=bool(body.get("add_special_tokens", True))
             )["input_ids"]
         else:
-            return error(400, "give 'prompt' (text) or 'messages'")
+            return _error(400, "give 'prompt' (text) or 'messages'")
         return {"tokens": list(ids), "count": len(ids), "max_model_len": lm.max_length}
 
-    @app.post("/detokenize")
-    def detokenize(body: dict[str, Any]) -> Any:
-        lm, bad = pick(body)
+    def detokenize(self, body: dict[str, Any]) -> Any:
+        lm, bad = self.pick(body)
         if bad is not None:
             return bad
-        tok = lm.tokenizer
         tokens = body.get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
-            return error(400, "'tokens' must be a list of token ids")
-        return {"prompt": tok.decode(tokens)}
+            return _error(400, "'tokens' must be a list of token ids")
+        return {"prompt": lm.tokenizer.decode(tokens)}
 
-    @app.post("/v1/completions")
-    def completions(body: dict[str, Any]) -> Any:
-        lm, bad = pick(body)
+    def completions(self, body: dict[str, Any]) -> Any:
+        lm, bad = self.pick(body)
         if bad is not None:
             return bad
-        tok = lm.tokenizer
-        prompt = body.get("prompt")
-        if isinstance(prompt, str):
-            ids = list(tok(prompt, add_special_tokens=True)["input_ids"])
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-            ids = list(prompt)
-        else:
-            return error(400, "'prompt' must be text or a non-empty list of token ids")
-        max_tokens = int(body.get("max_tokens", 16))
-        n = int(body.get("n", 1))
-        echo = bool(body.get("echo", False))
-        want_logprobs = body.get("logprobs") is not None
-        want_prompt_logprobs = body.get("prompt_logprobs") is not None
-        as_ids = bool(body.get("return_tokens_as_token_ids", False))
-        temperature = float(body.get("temperature", 1.0))
-        if max_tokens < 0 or n < 1:
-            return error(400, "max_tokens must be >= 0 and n >= 1")
-        if max_tokens == 0 and not echo:
-            return error(400, "max_tokens=0 is only allowed with echo")
-        if len(ids) + max_tokens > lm.max_length:
-            return error(400, f"prompt + max_tokens exceeds max_model_len {lm.max_length}")
-        prompt_lps: list[float] | None = None
-        if max_tokens == 0 or (max_tokens == 1 and temperature == 0 and n == 1):
-            # Scoring (echo without generation, or prompt_logprobs with one greedy token):
-            # batched with whatever other scoring requests are waiting.
-            prompt_lps, nxt = batchers[body["model"]].score(ids)
-            stop = max_tokens == 0 or nxt in _stop_ids(lm)
-            gens: list[tuple[int, ...]] = [()] if stop else [(nxt,)]
-        else:
-            with lock:
-                sampled = temperature > 0
-                (outs,) = generate(
-                    lm,
-                    [EncodedPrompt(tuple(ids), 0, len(ids), "", False)],
-                    max_new_tokens=max_tokens,
-                    num_samples=n if sampled else 0,
-                    temperature=temperature if sampled else 1.0,
-                    seed=int(body.get("seed") or 0),
-                )
-            gens = [g.token_ids for g in outs] * (1 if sampled else n)
+        req = _parse_completion(lm, body)
+        if not isinstance(req, _Completion):
+            return req  # an error reply
+        prompt_lps, gens = self._generate(lm, req)
         full: dict[tuple[int, ...], list[float]] = {}
 
         def sequence_lps(g: tuple[int, ...]) -> list[float]:
@@ -221,54 +210,116 @@ def make_app(models: LanguageModel | dict[str, LanguageModel], name: str = "defa
             if not g and prompt_lps is not None:
                 return prompt_lps
             if g not in full:
-                with lock:
-                    full[g] = prompt_logprobs(lm, ids + list(g))
+                with self.lock:
+                    full[g] = prompt_logprobs(lm, req.ids + list(g))
             return full[g]
 
-        def show(t: int) -> str:
-            return f"token_id:{t}" if as_ids else tok.decode([t])
-
-        choices = []
-        for index, g in enumerate(gens):
-            text = tok.decode(list(g), skip_special_tokens=True)
-            choice: dict[str, Any] = {
-                "index": index,
-                "text": (tok.decode(ids) if echo else "") + text,
-                "logprobs": None,
-                "finish_reason": "length" if len(g) == max_tokens else "stop",
-            }
-            seq = (ids + list(g)) if echo else list(g)
-            if want_logprobs and seq:
-                lps = sequence_lps(g)
-                offset = 0 if echo else len(ids)
-                values: list[float | None] = [None, *lps] if echo else list(lps[len(ids) - 1 :])
-                choice["logprobs"] = {
-                    "tokens": [show(t) for t in seq],
-                    "token_logprobs": values[: len(seq)],
-                    "top_logprobs": None,
-                    "text_offset": list(range(offset, offset + len(seq))),
-                }
-            if want_prompt_logprobs:
-                lps = prompt_lps if prompt_lps is not None else sequence_lps(g)
-                choice["prompt_logprobs"] = [None] + [
-                    {str(t): {"logprob": lp, "rank": None, "decoded_token": tok.decode([t])}}
-                    for t, lp in zip(ids[1:], lps)
-                ]
-            choices.append(choice)
+        choices = [
+            _choice(lm, req, index, g, prompt_lps, sequence_lps) for index, g in enumerate(gens)
+        ]
+        completion_tokens = sum(len(g) for g in gens)
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
             "created": int(time.time()),
-            "model": body["model"],
+            "model": req.model,
             "choices": choices,
             "usage": {
-                "prompt_tokens": len(ids),
-                "completion_tokens": sum(len(g) for g in gens),
-                "total_tokens": len(ids) + sum(len(g) for g in gens),
+                "prompt_tokens": len(req.ids),
+                "completion_tokens": completion_tokens,
+                "total_tokens": len(req.ids) + completion_tokens,
             },
         }
 
-    return app
+    def _generate(
+        self, lm: LanguageModel, req: _Completion
+    ) -> tuple[list[float] | None, list[tuple[int, ...]]]:
+        """The completions' token ids, and the prompt's log-probs when scored on the way."""
+        if req.max_tokens == 0 or (req.max_tokens == 1 and req.temperature == 0 and req.n == 1):
+            # Scoring (echo without generation, or prompt_logprobs with one greedy token):
+            # batched with whatever other scoring requests are waiting.
+            prompt_lps, nxt = self.batchers[req.model].score(req.ids)
+            stop = req.max_tokens == 0 or nxt in _stop_ids(lm)
+            return prompt_lps, [()] if stop else [(nxt,)]
+        with self.lock:
+            sampled = req.temperature > 0
+            (outs,) = generate(
+                lm,
+                [EncodedPrompt(tuple(req.ids), 0, len(req.ids), "", False)],
+                max_new_tokens=req.max_tokens,
+                num_samples=req.n if sampled else 0,
+                temperature=req.temperature if sampled else 1.0,
+                seed=req.seed,
+            )
+        return None, [g.token_ids for g in outs] * (1 if sampled else req.n)
+
+
+def _parse_completion(lm: LanguageModel, body: dict[str, Any]) -> Any:
+    """The request's fields, or the error reply vLLM gives for a bad one."""
+    tok = lm.tokenizer
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        ids = list(tok(prompt, add_special_tokens=True)["input_ids"])
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        ids = list(prompt)
+    else:
+        return _error(400, "'prompt' must be text or a non-empty list of token ids")
+    req = _Completion(
+        model=body["model"],
+        ids=ids,
+        max_tokens=int(body.get("max_tokens", 16)),
+        n=int(body.get("n", 1)),
+        echo=bool(body.get("echo", False)),
+        logprobs=body.get("logprobs") is not None,
+        prompt_logprobs=body.get("prompt_logprobs") is not None,
+        as_ids=bool(body.get("return_tokens_as_token_ids", False)),
+        temperature=float(body.get("temperature", 1.0)),
+        seed=int(body.get("seed") or 0),
+    )
+    if req.max_tokens < 0 or req.n < 1:
+        return _error(400, "max_tokens must be >= 0 and n >= 1")
+    if req.max_tokens == 0 and not req.echo:
+        return _error(400, "max_tokens=0 is only allowed with echo")
+    if len(ids) + req.max_tokens > lm.max_length:
+        return _error(400, f"prompt + max_tokens exceeds max_model_len {lm.max_length}")
+    return req
+
+
+def _choice(
+    lm: LanguageModel,
+    req: _Completion,
+    index: int,
+    g: tuple[int, ...],
+    prompt_lps: list[float] | None,
+    sequence_lps: Any,
+) -> dict[str, Any]:
+    """One completion choice in vLLM's format: text, finish reason, log-probs as asked."""
+    tok, ids = lm.tokenizer, req.ids
+    text = tok.decode(list(g), skip_special_tokens=True)
+    choice: dict[str, Any] = {
+        "index": index,
+        "text": (tok.decode(ids) if req.echo else "") + text,
+        "logprobs": None,
+        "finish_reason": "length" if len(g) == req.max_tokens else "stop",
+    }
+    seq = (ids + list(g)) if req.echo else list(g)
+    if req.logprobs and seq:
+        lps = sequence_lps(g)
+        offset = 0 if req.echo else len(ids)
+        values: list[float | None] = [None, *lps] if req.echo else list(lps[len(ids) - 1 :])
+        choice["logprobs"] = {
+            "tokens": [f"token_id:{t}" if req.as_ids else tok.decode([t]) for t in seq],
+            "token_logprobs": values[: len(seq)],
+            "top_logprobs": None,
+            "text_offset": list(range(offset, offset + len(seq))),
+        }
+    if req.prompt_logprobs:
+        lps = prompt_lps if prompt_lps is not None else sequence_lps(g)
+        choice["prompt_logprobs"] = [None] + [
+            {str(t): {"logprob": lp, "rank": None, "decoded_token": tok.decode([t])}}
+            for t, lp in zip(ids[1:], lps)
+        ]
+    return choice
 
 
 class BackgroundServer:

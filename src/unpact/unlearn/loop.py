@@ -23,6 +23,7 @@ import math
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -436,7 +437,11 @@ def add_lora(
         lora_dropout=settings.dropout,
         target_modules=names,
     )
-    return get_peft_model(net, lora)
+    with warnings.catch_warnings():
+        # peft asks transformers' deprecated `is_gradient_checkpointing` (transformers 5.x);
+        # the user can do nothing about it, so it stays out of their output
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        return get_peft_model(net, lora)
 
 
 def _prepare_out(out: Path, resolved: dict[str, Any], resume: bool, accelerator: Any) -> int:
