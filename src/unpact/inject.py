@@ -41,10 +41,12 @@ import hashlib
 import json
 import random
 import re
+import shutil
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -117,6 +119,12 @@ class InjectConfig(BaseModel):
     device: str = Field(
         "cpu", description="where to train: cpu, cuda, cuda:N or auto (not part of the key)"
     )
+    checkpoint_every: int = Field(
+        0,
+        ge=0,
+        description="save a resumable checkpoint every N epochs (0: never); a re-run of an "
+        "interrupted injection continues from it (not part of the key)",
+    )
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -181,6 +189,7 @@ def _key_settings(config: InjectConfig) -> dict[str, Any]:
     models injected before those fields existed keep their keys)."""
     settings = config.model_dump()
     del settings["device"]  # where it ran, like the thread count: not what it taught
+    del settings["checkpoint_every"]  # how often it saved: not what it taught
     if config.trainable != "lora":
         del settings["lora_rank"], settings["lora_alpha"]
     # Fields added later are left out at the value that behaves as before they existed,
@@ -318,8 +327,12 @@ def inject(
     *,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    stop_after_epoch: int | None = None,
 ) -> InjectResult:
-    """Teach `benchmark`'s forget and retain facts to `model`; cached by content hash."""
+    """Teach `benchmark`'s forget and retain facts to `model`; cached by content hash.
+    With `checkpoint_every`, an interrupted injection continues from its last checkpoint
+    when run again and ends with the same weights (`stop_after_epoch` simulates the
+    interruption right after that epoch's checkpoint, for tests)."""
     config = config or InjectConfig()
     # a real benchmark (tofu:PATH, ...) is written once as an item-format folder: the key
     # hashes the taught files
@@ -373,11 +386,13 @@ def inject(
         precision="bf16" if training_precision(config) == "bf16" else "fp32",
         what="injection",
     )
-    with _progress(f"Injecting {bench.name}", config.max_epochs * steps_per_epoch, progress) as bar:
-        log: list[dict[str, Any]] = []
-        judged, epochs_done = _train_epochs(
-            lm, trainer, encoded, rehearsal, taught, config, rng, timings, bar, log
-        )
+    store = _Checkpoints(folder.with_name(f".partial-{folder.name}"), config, stop_after_epoch)
+    state = store.resume(net, trainer, rng)
+    total = config.max_epochs * steps_per_epoch
+    with _progress(f"Injecting {bench.name}", total, progress) as bar:
+        bar(state.epoch * steps_per_epoch)
+        _train_epochs(lm, trainer, encoded, rehearsal, taught, config, rng, timings, bar, state)
+    judged, epochs_done, log = state.judged, state.epoch, state.log
     if adapted is not None:  # LoRA: merged, the injected model is an ordinary model again
         lm.model = adapted.merge_and_unload()
     final = _final_accuracy(lm, taught, judged, general, config, timings)
@@ -394,7 +409,76 @@ def inject(
         "config": config.model_dump(),
     }
     _save(lm, folder, meta, log)
+    store.remove()
     return InjectResult(folder, final, base_accuracy, epochs_done, seconds, False)
+
+
+@dataclass
+class _EpochState:
+    """Where an injection is: what a checkpoint holds beyond the weights and optimiser."""
+
+    epoch: int = 0  # epochs done
+    rehearsal_order: list[int] = field(default_factory=list)
+    acc: dict[str, float] = field(default_factory=dict)
+    judged: list[bool] = field(default_factory=list)
+    log: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint: Any = lambda: None  # set by _Checkpoints.resume
+
+
+class _Interrupt(Exception):
+    """Raised by the test hook `stop_after_epoch` to simulate a crash after a checkpoint."""
+
+
+class _Checkpoints:
+    """Resumable injection: every `checkpoint_every` epochs, the trainable weights, the
+    optimiser and schedule, both random generators and the epoch state go to one file in
+    a folder beside the cache entry (written under a temporary name, then renamed)."""
+
+    def __init__(self, folder: Path, config: InjectConfig, stop_after: int | None) -> None:
+        self.folder = folder
+        self.every = config.checkpoint_every
+        self.stop_after = stop_after
+        self.save: Any = None
+
+    def resume(self, net: Any, trainer: Trainer, rng: random.Random) -> _EpochState:
+        state = _EpochState()
+        params = dict(net.named_parameters())
+        path = self.folder / "checkpoint.pt"
+        if self.every and path.is_file():
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+            with torch.no_grad():
+                for name, value in saved["weights"].items():
+                    params[name].copy_(value)
+            trainer.optimiser.load_state_dict(saved["optimiser"])
+            trainer.scheduler.load_state_dict(saved["scheduler"])
+            rng.setstate(saved["rng"])
+            torch.set_rng_state(saved["torch_rng"])
+            state = _EpochState(**saved["state"])
+
+        def save() -> None:
+            if not self.every or state.epoch % self.every:
+                return
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = self.folder / f".tmp-{uuid.uuid4().hex[:8]}.pt"
+            fields = ("epoch", "rehearsal_order", "acc", "judged", "log")
+            checkpoint = {
+                "weights": {n: p.detach().cpu() for n, p in params.items() if p.requires_grad},
+                "optimiser": trainer.optimiser.state_dict(),
+                "scheduler": trainer.scheduler.state_dict(),
+                "rng": rng.getstate(),
+                "torch_rng": torch.get_rng_state(),
+                "state": {k: getattr(state, k) for k in fields},
+            }
+            torch.save(checkpoint, tmp)
+            tmp.replace(path)
+            if self.stop_after is not None and state.epoch >= self.stop_after:
+                raise _Interrupt(f"stopped after epoch {state.epoch}")
+
+        state.checkpoint = save
+        return state
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _final_accuracy(
@@ -472,19 +556,17 @@ def _train_epochs(
     rng: random.Random,
     timings: dict[str, float],
     update: Any,
-    log: list[dict[str, Any]],
-) -> tuple[list[bool], int]:
+    state: _EpochState,
+) -> None:
     """Epochs of shuffled fact batches (each step with its rehearsal questions), an accuracy
     check from `min_epochs` on every `check_every` epochs and after the last, stopping at
-    `target_accuracy`. Returns the last check's verdicts per taught item and the epochs;
-    `log` gets one row per step (loss, lr), as unlearning's losses.jsonl."""
+    `target_accuracy`. `state` holds where it is (epochs done, the last check's verdicts,
+    the loss log: one row per step, as unlearning's losses.jsonl) and is checkpointed after
+    each epoch that does not end the training."""
     net = lm.model
     steps_per_epoch = (len(encoded) + config.batch_size - 1) // config.batch_size
-    rehearsal_order: list[int] = []
-    acc: dict[str, float] = {}
-    judged: list[bool] = []
-    epochs_done = 0
-    for epoch in range(config.max_epochs):
+    rehearsal_order, acc, log = state.rehearsal_order, state.acc, state.log
+    for epoch in range(state.epoch, config.max_epochs):
         net.train()
         order = list(range(len(encoded)))
         rng.shuffle(order)
@@ -506,20 +588,22 @@ def _train_epochs(
             log.append({"step": len(log) + 1, "epoch": epoch + 1, **found})
             update(1, f"epoch {epoch + 1} loss {found['loss']:.3f} {_fmt(acc)}")
         net.eval()
-        epochs_done = epoch + 1
+        state.epoch = epochs_done = epoch + 1
         due = (
             epochs_done >= config.min_epochs
             and (epochs_done - config.min_epochs) % config.check_every == 0
         )
         if due or epochs_done == config.max_epochs:
             with _timed(timings, "checks"):
-                judged = judge_items(lm, taught, config.max_new_tokens)
-            acc = {"forget+retain": _share(judged)}
+                state.judged = judge_items(lm, taught, config.max_new_tokens)
+            acc.clear()
+            acc["forget+retain"] = _share(state.judged)
             update(0, f"epoch {epochs_done} {_fmt(acc)}")
             if acc["forget+retain"] >= config.target_accuracy:
                 update(0, done=True)
                 break
-    return judged, epochs_done
+        if epochs_done < config.max_epochs:
+            state.checkpoint()
 
 
 def _loss_terms(

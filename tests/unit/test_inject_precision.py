@@ -144,3 +144,38 @@ def test_lr_decay_keys_the_model_unless_constant():
     assert cache_key("tiny", news, InjectConfig(lr_decay_to=0.1)) != constant
     with pytest.raises(UnpactError, match="lr_decay_to must be between 0 and 1"):
         cache_key("tiny", news, InjectConfig(lr_decay_to=1.5))
+
+
+def test_an_interrupted_injection_resumes_to_the_same_weights(tmp_path):
+    """With checkpoint_every, an injection killed after an epoch's checkpoint continues
+    from it when run again and ends with the weights and loss log of an uninterrupted run;
+    the checkpoint setting is not part of the key."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from unpact.inject import _Interrupt
+
+    base = tiny_model(seed=1)
+    save_model(base.model, base.tokenizer, tmp_path / "base")
+    items = [QAItem(f"f{i}", f"Who is Varn {i}?", f"Ossel {i}", "forget") for i in range(4)]
+    write_folder(tmp_path / "bench", items)
+    common = dict(lr=1e-3, batch_size=2, min_epochs=2, max_epochs=4, check_every=1,
+                  target_accuracy=1.1, general=None, rehearsal_per_step=2)  # fmt: skip
+    model, bench = str(tmp_path / "base"), tmp_path / "bench"
+    plain = inject(model, bench, InjectConfig(**common), cache_dir=tmp_path / "a", progress=False)
+    config = InjectConfig(**common, checkpoint_every=1)
+    with pytest.raises(_Interrupt):
+        inject(model, bench, config, cache_dir=tmp_path / "b", progress=False, stop_after_epoch=2)
+    assert any((tmp_path / "b").glob(".partial-*/checkpoint.pt"))
+    resumed = inject(model, bench, config, cache_dir=tmp_path / "b", progress=False)
+    assert resumed.path.name == plain.path.name  # the same key
+    a = load_file(plain.path / "model.safetensors")
+    b = load_file(resumed.path / "model.safetensors")
+    assert all(a[k].equal(b[k]) for k in a)
+    losses = [json.loads(x) for x in (plain.path / "losses.jsonl").read_text().splitlines()]
+    again = [json.loads(x) for x in (resumed.path / "losses.jsonl").read_text().splitlines()]
+    assert losses == again and len(losses) == 8
+    assert resumed.epochs == plain.epochs == 4
+    assert resumed.accuracy["forget"] == plain.accuracy["forget"]
+    assert not any((tmp_path / "b").glob(".partial-*"))  # removed once finished
