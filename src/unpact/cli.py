@@ -235,6 +235,8 @@ def attribute(
     check_settings(unit, baseline, target, alpha, beta)
     gradient = _gradient_options(gradient, ig_steps, ig_baseline, top_k)
     prompts, answers = _attribute_inputs(prompt, answer, data)
+    for option, path in (("--json", json_out), ("--html", html_out)):
+        _check_out_file(option, path)  # before any model loads
     lm = _load(model, dtype, device, trust_remote_code, concurrency)
     if gradient and not lm.has_weights:
         raise UnpactError(f"--gradient needs the model's weights; {lm.spec} is served")
@@ -268,6 +270,16 @@ def attribute(
     if html_out is not None:
         html_out.write_text(html_page(records))
         err.print(f"wrote {html_out}")
+
+
+def _check_out_file(option: str, path: Path | None) -> None:
+    """An output file's place must take a file: not a folder, in a folder that exists."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise UnpactError(f"{option} {path}: a folder is there; give a file name")
+    if not path.parent.is_dir():
+        raise UnpactError(f"{option} {path}: no folder {path.parent}")
 
 
 def _gradient_options(

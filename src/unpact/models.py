@@ -329,8 +329,44 @@ def _resolve_local(spec: str) -> Path | None:
     return None
 
 
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def _check_gguf(path: Path) -> None:
+    """A .gguf file must be one: GGUF files start with the magic bytes b"GGUF"."""
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise UnpactError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if magic != b"GGUF":
+        raise UnpactError(
+            f"{path} is not a GGUF file (it does not start with the GGUF magic bytes); give a "
+            "GGUF model file or a Hugging Face model folder"
+        )
+
+
+def _check_weights(path: Path) -> None:
+    """A model folder must hold safetensors weights: pickle weights are refused."""
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(f.name for pattern in PICKLE_WEIGHTS for f in path.glob(pattern))
+    if pickles:
+        raise UnpactError(
+            f"{path} holds only pickle weights ({', '.join(pickles[:3])}); unpact loads "
+            "safetensors only, because unpickling a file can run any code it contains. "
+            "Convert them once where you trust the file, e.g. "
+            "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder)"
+        )
+    if not (path / "config.json").is_file():
+        raise UnpactError(f"{path} is not a model folder: no config.json and no weights")
+    raise UnpactError(f"{path} holds no model weights (*.safetensors)")
+
+
 def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_weights(path)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a local load takes well under a second
@@ -417,6 +453,7 @@ def gguf_cache(gguf: Path) -> Path:
     renamed into place only when complete, so an interrupted build never leaves a cache
     that looks finished. A corrupt or unreadable cache is rebuilt.
     """
+    _check_gguf(gguf)
     sha = _sha256(gguf)
     root = cache_root() / "models"
     folder = root / f"{gguf.stem}-{sha[:16]}"

@@ -179,3 +179,41 @@ def test_a_run_config_and_the_cli_take_a_real_benchmark(tmp_path):
         cwd=FIXTURES.parent.parent,
     )
     assert done.returncode == 0 and "tofu-forget01: 4 items" in done.stdout
+
+
+def _unpact(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "UNPACT_CACHE": str(cwd / "cache")}
+    cmd = [sys.executable, "-m", "unpact", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+def test_bad_files_and_folders_are_one_message_and_exit_2(tmp_path, tiny):
+    """What a new user tries: an --out that is a file, a .gguf that is not one, a model
+    folder of pickle weights, an output file where a folder is; each is one message, exit
+    2, no traceback, before any model loads or anything is written."""
+    import torch
+
+    (tmp_path / "afile").write_text("mine\n")
+    (tmp_path / "x.gguf").write_text("not a gguf\n")
+    pickled = tmp_path / "pickled"
+    tiny.model.config.save_pretrained(pickled)
+    tiny.tokenizer.save_pretrained(pickled)
+    torch.save(tiny.model.state_dict(), pickled / "pytorch_model.bin")
+    (tmp_path / "adir").mkdir()
+    cases = [
+        (["run", "demo", "--out", "afile"], "--out afile: a file is there"),
+        (["demo", "--out", "afile"], "--out afile: a file is there"),
+        (["unlearn", "--method", "ga", "--out", "afile", "--no-eval"], "a file is there"),
+        (["generate", "-p", "hi", "--model", "x.gguf"], "x.gguf is not a GGUF file"),
+        (["generate", "-p", "hi", "--model", str(pickled)], "holds only pickle weights"),
+        (["attribute", "-p", "hi there", "--json", "adir"], "--json adir: a folder is there"),
+        (["attribute", "-p", "hi there", "--html", "no/x.html"], "no folder no"),
+        (["attribute", "--data", "adir"], "cannot read adir: it is a folder"),
+        (["data", "show", "afile"], "afile is a file, not a benchmark folder"),
+    ]
+    for args, message in cases:
+        done = _unpact(*args, cwd=tmp_path)
+        assert done.returncode == 2, (args, done.stderr[-800:])
+        assert message in " ".join(done.stderr.split()), (args, done.stderr)
+        assert "Traceback" not in done.stderr, args
+    assert (tmp_path / "afile").read_text() == "mine\n"

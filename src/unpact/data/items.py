@@ -123,8 +123,11 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     naming the file and line."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UnpactError(f"cannot read {path}: {exc}") from None
+    except OSError as exc:
+        why = "it is a folder" if path.is_dir() else (exc.strerror or str(exc))
+        raise UnpactError(f"cannot read {path}: {why}") from None
+    except UnicodeDecodeError:
+        raise UnpactError(f"cannot read {path}: not UTF-8 text") from None
     out = []
     for n, text in enumerate(lines, start=1):
         if not text.strip():
@@ -167,6 +170,8 @@ def load_folder(folder: str | Path, name: str | None = None) -> Benchmark:
     folder = Path(folder)
     qa_path = folder / "qa.jsonl"
     if not folder.is_dir():
+        if folder.is_file():
+            raise UnpactError(f"{folder} is a file, not a benchmark folder")
         raise UnpactError(f"benchmark folder {folder} does not exist")
     if not qa_path.is_file():
         raise UnpactError(f"{folder} has no qa.jsonl (one QA item per line; see docs/data.md)")

@@ -174,6 +174,8 @@ def run(
     say = log or (lambda text: None)
     cfg = config if isinstance(config, RunConfig) else load_config(config)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UnpactError(f"--out {out}: a file is there; give a folder (new, or a run's)")
     if cfg.models or cfg.benchmarks:
         return _run_grid(cfg, out, cache_dir, progress, say)
     cache = Path(cache_dir) if cache_dir is not None else cache_root() / "stages"

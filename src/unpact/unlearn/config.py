@@ -95,7 +95,8 @@ def resolve_config(
     if file is not None:
         path = Path(file)
         if not path.is_file():
-            raise UnpactError(f"config file {path} does not exist")
+            what = "is a folder, not a file" if path.is_dir() else "does not exist"
+            raise UnpactError(f"config file {path} {what}")
         user = _merge(user, read_yaml_mapping(path))
     name = method or user.get("method")
     if not name:

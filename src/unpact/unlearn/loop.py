@@ -446,6 +446,8 @@ def add_lora(
 
 def _prepare_out(out: Path, resolved: dict[str, Any], resume: bool, accelerator: Any) -> int:
     """Check or create the run directory; return the step to start from."""
+    if out.exists() and not out.is_dir():
+        raise UnpactError(f"--out {out}: a file is there; give a folder for the run")
     config_path = out / "config.yaml"
     start = 0
     if resume:
