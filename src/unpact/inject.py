@@ -132,7 +132,10 @@ class InjectConfig(BaseModel):
         except ValidationError as e:
             problems = "; ".join(
                 f"{'.'.join(str(x) for x in err['loc'])}: "
-                + str(err["msg"]).removeprefix("Value error, ")
+                + ("unknown setting" if err["type"] == "extra_forbidden" else "")
+                + ("" if err["type"] == "extra_forbidden" else str(err["msg"])).removeprefix(
+                    "Value error, "
+                )
                 for err in e.errors()
             )
             raise UnpactError(f"injection settings: {problems}") from None

@@ -158,7 +158,7 @@ def describe_errors(
     lines = []
     for e in error.errors():
         loc = ".".join(str(x) for x in ((prefix,) if prefix else ()) + tuple(e["loc"]))
-        msg = unknown if e["type"] == "extra_forbidden" else e["msg"]
+        msg = unknown if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
         lines.append(f"{loc}: {msg}")
     return "; ".join(lines)
 
