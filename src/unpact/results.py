@@ -116,10 +116,11 @@ class Column:
         return f"{name}.{self.attack}" if self.attack is not None else name
 
 
-def columns(attacks: list[str], every: bool = False) -> list[Column]:
+def columns(attacks: list[str], every: bool = False, split: bool = False) -> list[Column]:
     """The table's columns in registration order: metrics sharing a `column` are joined in
-    one; a per-attack metric gets a column per attack (and "any"). `every`: one column per
-    metric, also those that have no table column (the report's full table)."""
+    one (`split`: one column each, so each shows its interval); a per-attack metric gets a
+    column per attack (and "any"). `every`: one column per metric, also those that have no
+    table column; `every` alone, without the per-attack ones: the rest of the figures."""
     out: list[Column] = []
     shared: dict[str, int] = {}
     for m in METRICS.values():
@@ -127,7 +128,7 @@ def columns(attacks: list[str], every: bool = False) -> list[Column]:
             out += [
                 Column(f"{m.title}\n{attack_title(a)}", (m,), a) for a in attack_columns(attacks)
             ]
-        elif every:
+        elif every or (split and m.column is not None):
             out.append(Column(m.title, (m,)))
         elif m.column is not None:
             if m.column in shared:
@@ -137,6 +138,13 @@ def columns(attacks: list[str], every: bool = False) -> list[Column]:
                 shared[m.column] = len(out)
                 out.append(Column(m.column, (m,)))
     return out
+
+
+def other_columns(attacks: list[str]) -> list[Column]:
+    """One column per metric that the table leaves out (no `column`, not per attack)."""
+    return [
+        Column(m.title, (m,)) for m in METRICS.values() if m.column is None and not m.per_attack
+    ]
 
 
 def table(results: dict[str, Any], precise: bool = False) -> tuple[list[str], list[list[str]]]:

@@ -356,6 +356,35 @@ def test_report_opens_in_a_real_browser_without_console_errors(finished, tmp_pat
     assert '<table id="results">' in dom and dom.count("<tr>") >= 3
     assert '<figure id="dilemma"><svg' in dom
     assert "unpact-attribution" in dom  # heatmaps
+    # At 1,400 px no column head breaks inside a word ("meth od"): a copy of the page with a
+    # script that finds every word of every head laid out on more than one line.
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", _HEAD_PROBE + "</body>"))
+    dom = _browse(chromium, probe, tmp_path / "p3", "--window-size=1400,900", "--dump-dom").stdout
+    broken = re.search(r'data-broken-heads="([^"]*)"', dom)
+    assert broken is not None and broken.group(1) == "", broken
+
+
+_HEAD_PROBE = """<script>
+(() => {
+  const broken = [];
+  for (const th of document.querySelectorAll("table th")) {
+    const text = th.firstChild;
+    if (!text || text.nodeType !== 3) continue;
+    const re = /[^\\s-]+/g;  // a hyphen is a fair place to break
+    let m;
+    while ((m = re.exec(text.data))) {
+      const r = document.createRange();
+      r.setStart(text, m.index);
+      r.setEnd(text, m.index + m[0].length);
+      const tops = new Set([...r.getClientRects()].map((x) => Math.round(x.top)));
+      if (tops.size > 1) broken.push(m[0]);
+    }
+  }
+  document.body.dataset.brokenHeads = broken.join(" ");
+})();
+</script>
+"""
 
 
 def test_docs_name_every_config_key():
@@ -367,6 +396,7 @@ def test_docs_name_every_config_key():
         InjectSettings,
         MethodSpec,
         ModelSpec,
+        ReportSettings,
         RunConfig,
         StatisticsSettings,
     )
@@ -381,6 +411,7 @@ def test_docs_name_every_config_key():
         JudgeSettings,
         LLMJudgeSettings,
         StatisticsSettings,
+        ReportSettings,
         ModelSpec,
         RemoteSettings,
     ):

@@ -19,7 +19,7 @@ import yaml
 
 from unpact.attacks import attack_title
 from unpact.attribution import Attribution
-from unpact.results import columns
+from unpact.results import columns, other_columns, recovery_columns
 
 if TYPE_CHECKING:
     from unpact.metrics import ItemRecord
@@ -47,7 +47,7 @@ def dilemma_svg(
     by_model: dict[str, dict[str, Any]] | None = None,
     attack: str | None = None,
 ) -> str:
-    """Recovery rate (of `attack`, default the first; "any" for the union) against
+    """Recovery rate (of `attack`; default "any", the union, or the one attack) against
     destructive rate on retain and on general items: one point per method, as an inline
     SVG. With `by_model` (model name -> that model's results on the same benchmark), one
     colour per model."""
@@ -56,8 +56,8 @@ def dilemma_svg(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if attack is None:
-        attack = results["attacks"][0] if results["attacks"] else None
+    if attack is None:  # recovery by any attack; with one attack, by that one
+        attack = recovery_columns(results["attacks"])[-1] if results["attacks"] else None
     series = by_model or {"": results}
     # One colour per model, or (one model) per method: a sweep's runs share their method's
     # colour and legend entry and are annotated with the swept value alone.
@@ -215,8 +215,9 @@ def render(
     return template.render(
         results=results,
         attack_titles=ATTACK_TITLES,
-        columns=columns(results["attacks"], every=True),
-        plot=dilemma_svg(results),
+        columns=columns(results["attacks"], split=True),
+        more=other_columns(results["attacks"]),
+        plot=dilemma_svg(results, attack=config.report.dilemma_attack),
         check_columns=sorted(
             {k for row in (results.get("attribution_checks") or {}).values() for k in row}
         ),

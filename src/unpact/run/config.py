@@ -208,6 +208,16 @@ class StatisticsSettings(_Strict):
     baseline_attack: str = Field("probab", description="attack the others are tested against")
 
 
+class ReportSettings(_Strict):
+    """What the report shows."""
+
+    dilemma_attack: str | None = Field(
+        None,
+        description="the recovery on the dilemma plot's y axis: an attack's name, or any "
+        "(default: any, the union of the attacks; with one attack, that one)",
+    )
+
+
 class RunConfig(_Strict):
     """One experiment. Every field has a default except the methods."""
 
@@ -240,6 +250,7 @@ class RunConfig(_Strict):
     judge: JudgeSettings = Field(default_factory=JudgeSettings)
     attribution: AttributionSettings = Field(default_factory=AttributionSettings)
     statistics: StatisticsSettings = Field(default_factory=StatisticsSettings)
+    report: ReportSettings = Field(default_factory=ReportSettings)
     collapse_threshold: float = Field(
         0.1, ge=0, description="prompt_sensitivity (nats) below which a model ignores the prompt"
     )
@@ -338,6 +349,12 @@ def _check_references(config: RunConfig, where: str) -> None:
         if attack.name in names:
             raise UnpactError(f"{where}: attacks.{n}.name: {attack.name!r} is listed twice")
         names.add(attack.name)
+    shown = config.report.dilemma_attack
+    if shown is not None and shown != "any" and shown not in names:
+        raise UnpactError(
+            f"{where}: report.dilemma_attack: {shown!r} is not one of this run's attacks "
+            f"({', '.join(sorted(names)) or 'none'}) or any"
+        )
     if config.judge.kind == "llm" and config.judge.llm is None:
         raise UnpactError(f"{where}: judge.llm: needed when judge.kind is llm")
     if served and config.inject.enabled:
