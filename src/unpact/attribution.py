@@ -58,6 +58,12 @@ Baseline = Literal["delete", "token", "mask"]
 Target = Literal["reference", "generated"]
 ALPHA = 0.22
 BETA = 0.24
+# The size guard: token positions scored to attribute one prompt, (units + 1) x (prompt +
+# answer tokens). Attribution grows with the square of the prompt: a 512-token prompt is
+# ~0.28 M positions and took 241 s on the default model on 2 CPU cores (~1,200 positions/s,
+# benchmarks/attribution_memory.py); 2 M is about half an hour there.
+MAX_WORK = 2_000_000
+POSITIONS_PER_SECOND = 1_200  # the rate above, for the estimate in the refusal
 _WORD = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]+")
 
 
@@ -508,6 +514,21 @@ def _generated_targets(
     return out
 
 
+def _check_work(i: int, item: _Item, max_work: int) -> None:
+    """Refuse a prompt whose attribution would score more than `max_work` positions."""
+    tokens = len(item.prompt.input_ids) + len(item.answer_ids)
+    work = (len(item.units) + 1) * tokens
+    if work > max_work:
+        minutes = work / POSITIONS_PER_SECOND / 60
+        raise UnpactError(
+            f"item {i}: attributing this prompt scores {len(item.units) + 1} variants of "
+            f"{tokens} tokens = {work:,} token positions (about {minutes:.0f} min for the "
+            f"default model on 2 CPU cores), over the limit of {max_work:,}; attribute "
+            "words instead of tokens (fewer units), shorten the prompt, or raise the limit "
+            "(--max-work, attribution.max_work)"
+        )
+
+
 def _item(
     lm: AnyModel,
     i: int,
@@ -698,11 +719,14 @@ def attribute_many(
     max_new_tokens: int = 32,
     token_budget: int = DEFAULT_TOKEN_BUDGET,
     progress: bool = False,
+    max_work: int | None = MAX_WORK,
 ) -> list[Attribution]:
     """Attribute many prompts at once, batching variants across prompts.
 
     `target="reference"` attributes the given answers; `"generated"` the model's own
     greedy answers. By default the target is the reference where an answer is given.
+    A prompt whose attribution would score more than `max_work` token positions is refused
+    before any work, with the estimate (None: no limit).
     """
     check_settings(unit, baseline, target, alpha, beta)
     answer_list = list(answers) if answers is not None else [None] * len(prompts)
@@ -723,6 +747,9 @@ def attribute_many(
     items = [
         _item(lm, i, enc, generated.get(i), answer_list[i], unit) for i, enc in enumerate(encoded)
     ]
+    if max_work is not None:
+        for i, it in enumerate(items):
+            _check_work(i, it, max_work)
     b_id = _baseline_token(lm, baseline_token_id) if baseline == "token" else 0
     per_token = _per_token(lm, items, baseline, b_id, token_budget, progress)
     scored = []

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from unpact import configs as builtin_run_configs
-from unpact.attribution import ALPHA, BETA
+from unpact.attribution import ALPHA, BETA, MAX_WORK
 from unpact.errors import UnpactError
 
 if TYPE_CHECKING:
@@ -224,6 +224,14 @@ def attribute(
         ),
     ] = "mean",
     top_k: Annotated[int, typer.Option(help="Units compared by --gradient's top-k overlap.")] = 3,
+    max_work: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Refuse a prompt whose attribution scores more token positions than this "
+            "((units + 1) x tokens: the work grows with the square of the prompt).",
+        ),
+    ] = MAX_WORK,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     trust_remote_code: RemoteCodeOpt = False,
@@ -253,6 +261,7 @@ def attribute(
         baseline_token_id=baseline_token_id,
         max_new_tokens=max_new_tokens,
         progress=len(prompts) > 1,
+        max_work=max_work,
     )
     checks = _gradient_checks(
         lm, records, gradient, ig_steps, ig_baseline, top_k, progress=len(prompts) > 1

@@ -200,7 +200,14 @@ def test_bad_files_and_folders_are_one_message_and_exit_2(tmp_path, tiny):
     tiny.tokenizer.save_pretrained(pickled)
     torch.save(tiny.model.state_dict(), pickled / "pytorch_model.bin")
     (tmp_path / "adir").mkdir()
+    tiny.model.save_pretrained(tmp_path / "tinymodel")
+    tiny.tokenizer.save_pretrained(tmp_path / "tinymodel")
+    words = " ".join(["word"] * 20)
     cases = [
+        (
+            ["attribute", "-p", words, "-a", "x", "--model", "tinymodel", "--max-work", "50"],
+            "over the limit of 50",
+        ),
         (["run", "demo", "--out", "afile"], "--out afile: a file is there"),
         (["demo", "--out", "afile"], "--out afile: a file is there"),
         (["unlearn", "--method", "ga", "--out", "afile", "--no-eval"], "a file is there"),

@@ -377,3 +377,18 @@ def test_batches_stay_within_the_token_budget(tiny, monkeypatch):
     assert all(tokens <= 400 or rows == 1 for rows, tokens in seen)
     _, expected = slow_contributions(tiny, rec, "delete", 0)
     assert rec.contributions == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_prompt_too_large_to_attribute_is_refused_with_its_estimate(tiny):
+    """The size guard: (units + 1) x tokens positions over max_work is one message before
+    any work; raising the limit attributes it."""
+    prompt = " ".join(["word"] * 25)
+    rec = attribute_many(tiny, [prompt], ["Paris"], max_work=None)[0]
+    tokens = len(rec.input_ids) + len(rec.answer_ids)
+    work = (len(rec.units) + 1) * tokens
+    with pytest.raises(UnpactError, match=rf"scores {len(rec.units) + 1} variants of {tokens} "):
+        attribute_many(tiny, [prompt], ["Paris"], max_work=work - 1)
+    with pytest.raises(UnpactError, match=r"--max-work, attribution\.max_work"):
+        attribute_many(tiny, [prompt], ["Paris"], max_work=work - 1)
+    again = attribute_many(tiny, [prompt], ["Paris"], max_work=work)[0]
+    assert again.contributions == rec.contributions

@@ -302,7 +302,9 @@ def _model_stages(
     )
     found = ModelStages(evals, {r["id"]: r for r in rows})
     if cfg.attribution.checks and _checked(cfg, model.label):
-        settings = cfg.attribution.model_dump(mode="json", exclude={"heatmaps", "sweep_checks"})
+        settings = cfg.attribution.model_dump(
+            mode="json", exclude={"heatmaps", "sweep_checks", "max_work"}
+        )
         found.checks = p.stage(
             "checking attributions",
             "checks",

@@ -18,7 +18,7 @@ from pydantic import (
 
 from unpact import configs as builtin_run_configs
 from unpact.attacks import ATTACKS, get_attack
-from unpact.attribution import ALPHA, BETA
+from unpact.attribution import ALPHA, BETA, MAX_WORK
 from unpact.data.sources import load_benchmark
 from unpact.errors import UnpactError
 from unpact.judge import JudgeSettings
@@ -162,6 +162,12 @@ class AttributionSettings(_Strict):
     )
     alpha: float = Field(ALPHA, gt=0, lt=1, description="KeyToken share threshold")
     beta: float = Field(BETA, gt=0, le=1, description="KeyToken sparsity threshold")
+    max_work: int = Field(
+        MAX_WORK,
+        gt=0,
+        description="refuse a prompt whose attribution scores more token positions than this "
+        "((units + 1) x tokens; the work grows with the square of the prompt)",
+    )
     heatmaps: int = Field(4, ge=0, description="forgotten items shown as heatmaps per method")
     gradient: list[Literal["grad_x_input", "integrated_gradients"]] = Field(
         default_factory=list,
@@ -188,6 +194,7 @@ class AttributionSettings(_Strict):
 
 # Settings of the attribution checks: outside the attribution stage's cache key.
 _CHECK_FIELDS = {
+    "max_work",  # a guard: what passes it gives the same numbers
     "heatmaps",
     "gradient",
     "ig_steps",

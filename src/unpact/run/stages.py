@@ -69,6 +69,7 @@ def attribute(
         alpha=settings.alpha,
         beta=settings.beta,
         progress=True,
+        max_work=settings.max_work,
     )
     return [{"id": i.id, **r.to_dict()} for i, r in zip(items, records)]
 
@@ -111,6 +112,7 @@ def attribution_checks(
             baseline=settings.baseline,
             alpha=settings.alpha,
             beta=settings.beta,
+            max_work=settings.max_work,
         )
         for n, row in enumerate(rows):
             base = _key_set(Attribution.from_dict(unpact[row["id"]]).key_token_texts)
