@@ -455,9 +455,13 @@ class RemoteModel:
                 "logprobs": 0,
                 "return_tokens_as_token_ids": True,
             }
+            # Every sampling parameter the local sampler uses, spelled out: vLLM fills the
+            # unset ones from the model's generation_config (top_k, min_p,
+            # repetition_penalty, ...), which would draw from another distribution.
+            body.update(PLAIN_SAMPLING)
             if num_samples:
                 prompt_seed = zlib.crc32(repr((seed, tuple(ids))).encode())
-                body.update(temperature=temperature, n=num_samples, seed=prompt_seed, top_p=1.0)
+                body.update(temperature=temperature, n=num_samples, seed=prompt_seed)
             else:
                 body.update(temperature=0, n=1)
             reply = self._completions(body)
@@ -473,13 +477,34 @@ class RemoteModel:
                     f"{self.base_url}/completions gave {len(texts)} choices for "
                     f"n={max(num_samples, 1)}"
                 )
-            return [
-                (t.strip(), _generated_ids(c) or (self.tokenize(t) if t.strip() else ()))
-                for c, t in zip(choices, texts)
-            ]
+            return [(t.strip(), _answer_ids(self, c, t)) for c, t in zip(choices, texts)]
 
         label = progress if isinstance(progress, str) else ("Generating" if progress else False)
         return self.map(one, list(prompts), label)
+
+
+# The local sampler draws from the plain softmax at the temperature: nothing else changes
+# the distribution (vLLM's own defaults, for parameters a request leaves unset).
+PLAIN_SAMPLING = {
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+}
+
+
+def _answer_ids(model: RemoteModel, choice: dict[str, Any], text: str) -> tuple[int, ...]:
+    """A completion's answer token ids, without the stop token: vLLM keeps the EOS or stop
+    token id in a choice's token ids (and log-probs) when `finish_reason` is "stop", where
+    the local generator ends before it."""
+    ids = _generated_ids(choice)
+    if ids is None:
+        return model.tokenize(text) if text.strip() else ()
+    if choice.get("finish_reason") == "stop" and ids:
+        ids = ids[:-1]
+    return ids
 
 
 def _generated_ids(choice: dict[str, Any]) -> tuple[int, ...] | None:

@@ -598,10 +598,13 @@ def _generate_batch(
         "eos_token_id": _stop_ids(lm),
         "num_return_sequences": num_return_sequences,
     }
+    # The plain softmax (at the temperature): whatever a model's generation_config says
+    # about top_k, top_p, min_p or repetition penalties is left out, here and in what
+    # unpact asks of a served model (remote.PLAIN_SAMPLING).
+    kwargs.update(repetition_penalty=1.0, min_p=None)
     if sampling:
         kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
     else:
-        # Neutralise sampling defaults some generation configs carry (temperature, top_p).
         kwargs.update(temperature=None, top_k=None, top_p=None)
     with torch.random.fork_rng(devices=[]):
         if sampling:

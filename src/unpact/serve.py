@@ -23,7 +23,8 @@ import torch
 
 from unpact.errors import UnpactError
 from unpact.models import LanguageModel
-from unpact.scoring import _stop_ids, generate, right_padded
+from unpact.remote import PLAIN_SAMPLING
+from unpact.scoring import _generate_batch, _stop_ids, generate, right_padded
 from unpact.types import EncodedPrompt
 
 
@@ -137,6 +138,12 @@ class _Completion:
     as_ids: bool
     temperature: float
     seed: int
+    sampling: dict[str, float]  # top_p, top_k, min_p, repetition_penalty as vLLM resolves them
+
+    @property
+    def plain(self) -> bool:
+        """Whether nothing but the temperature shapes the distribution."""
+        return all(self.sampling[k] == v for k, v in PLAIN_SAMPLING.items() if k in self.sampling)
 
 
 class _Server:
@@ -235,23 +242,45 @@ class _Server:
         self, lm: LanguageModel, req: _Completion
     ) -> tuple[list[float] | None, list[tuple[int, ...]]]:
         """The completions' token ids, and the prompt's log-probs when scored on the way."""
-        if req.max_tokens == 0 or (req.max_tokens == 1 and req.temperature == 0 and req.n == 1):
+        greedy = req.temperature == 0
+        if req.max_tokens == 0 or (req.max_tokens == 1 and greedy and req.n == 1):
             # Scoring (echo without generation, or prompt_logprobs with one greedy token):
             # batched with whatever other scoring requests are waiting.
             prompt_lps, nxt = self.batchers[req.model].score(req.ids)
-            stop = req.max_tokens == 0 or nxt in _stop_ids(lm)
-            return prompt_lps, [()] if stop else [(nxt,)]
+            return prompt_lps, [()] if req.max_tokens == 0 else [(nxt,)]
         with self.lock:
-            sampled = req.temperature > 0
-            (outs,) = generate(
-                lm,
-                [EncodedPrompt(tuple(req.ids), 0, len(req.ids), "", False)],
-                max_new_tokens=req.max_tokens,
-                num_samples=req.n if sampled else 0,
-                temperature=req.temperature if sampled else 1.0,
-                seed=req.seed,
-            )
-        return None, [g.token_ids for g in outs] * (1 if sampled else req.n)
+            if greedy:
+                (outs,) = generate(
+                    lm,
+                    [EncodedPrompt(tuple(req.ids), 0, len(req.ids), "", False)],
+                    max_new_tokens=req.max_tokens,
+                )
+                found = [g.token_ids for g in outs] * req.n
+            elif req.plain:
+                # the local sampler, seeded by the request's seed as vLLM seeds a request
+                # (unpact's client sends the per-prompt seed its local sampler would use)
+                with torch.no_grad():
+                    outs = _generate_batch(
+                        lm, [tuple(req.ids)], req.max_tokens, req.seed, req.temperature, req.n
+                    )
+                found = [g.token_ids for g in outs]
+            else:
+                found = _generate_configured(lm, req)
+        # Like vLLM: a completion that stopped keeps its stop token's id.
+        stop = _stop_id(lm)
+        return None, [(*g, stop) if len(g) < req.max_tokens else g for g in found]
+
+
+# Sampling parameters vLLM takes from the model's generation_config when a request leaves
+# them unset (CompletionRequest.to_sampling_params: user, then server default, then OpenAI's).
+_FROM_CONFIG = ("top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def _sampling_value(lm: LanguageModel, body: dict[str, Any], name: str, default: float) -> Any:
+    if body.get(name) is not None:
+        return body[name]
+    configured = getattr(lm.model.generation_config, name, None)
+    return configured if configured is not None else default
 
 
 def _parse_completion(lm: LanguageModel, body: dict[str, Any]) -> Any:
@@ -273,8 +302,9 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any]) -> Any:
         logprobs=body.get("logprobs") is not None,
         prompt_logprobs=body.get("prompt_logprobs") is not None,
         as_ids=bool(body.get("return_tokens_as_token_ids", False)),
-        temperature=float(body.get("temperature", 1.0)),
+        temperature=float(_sampling_value(lm, body, "temperature", 1.0)),
         seed=int(body.get("seed") or 0),
+        sampling={k: float(_sampling_value(lm, body, k, PLAIN_SAMPLING[k])) for k in _FROM_CONFIG},
     )
     if req.max_tokens < 0 or req.n < 1:
         return _error(400, "max_tokens must be >= 0 and n >= 1")
@@ -283,6 +313,48 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any]) -> Any:
     if len(ids) + req.max_tokens > lm.max_length:
         return _error(400, f"prompt + max_tokens exceeds max_model_len {lm.max_length}")
     return req
+
+
+def _stop_id(lm: LanguageModel) -> int:
+    """The id a stopped completion ends with: the tokenizer's EOS if it stops generation."""
+    stops = _stop_ids(lm)
+    eos = lm.tokenizer.eos_token_id
+    return int(eos) if eos in stops else int(stops[0])
+
+
+def _generate_configured(lm: LanguageModel, req: _Completion) -> list[tuple[int, ...]]:
+    """Samples with the request's top_p / top_k / min_p / repetition_penalty (as vLLM
+    resolves them, the model's generation_config filling what the request leaves unset),
+    through transformers' sampler."""
+    import torch
+
+    s = req.sampling
+    stops = set(_stop_ids(lm))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(req.seed)
+        out = lm.model.generate(
+            input_ids=torch.tensor([req.ids], device=lm.device),
+            attention_mask=torch.ones(1, len(req.ids), dtype=torch.long, device=lm.device),
+            do_sample=True,
+            temperature=req.temperature,
+            top_p=s["top_p"],
+            top_k=int(s["top_k"]),
+            min_p=s["min_p"] or None,
+            repetition_penalty=s["repetition_penalty"],
+            max_new_tokens=req.max_tokens,
+            num_return_sequences=req.n,
+            eos_token_id=sorted(stops),
+            pad_token_id=_stop_id(lm),
+        )
+    found = []
+    for row in out[:, len(req.ids) :].tolist():
+        ids: list[int] = []
+        for t in row:
+            if t in stops:
+                break
+            ids.append(t)
+        found.append(tuple(ids))
+    return found
 
 
 def _choice(
@@ -300,7 +372,7 @@ def _choice(
         "index": index,
         "text": (tok.decode(ids) if req.echo else "") + text,
         "logprobs": None,
-        "finish_reason": "length" if len(g) == req.max_tokens else "stop",
+        "finish_reason": "stop" if g and g[-1] in _stop_ids(lm) else "length",
     }
     seq = (ids + list(g)) if req.echo else list(g)
     if req.logprobs and seq:

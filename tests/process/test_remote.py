@@ -537,3 +537,98 @@ def test_byte_split_characters_get_the_same_units(tiny, served, faults):
         if unit == "word":
             assert [u.text for u in la] == [u.text for u in lb]
             assert "東京" in [u.text for u in lb]
+
+
+def test_served_answers_drop_the_stop_token_vllm_keeps(tiny, tmp_path):
+    """vLLM keeps the stop/EOS id in a stopped completion's token ids and log-probs (so
+    does `unpact serve`); the client drops it, so served answers are the local ones."""
+    import httpx
+
+    lm = _model_with(tiny, tmp_path)
+    (first,) = generate(lm, PROMPTS[:1], max_new_tokens=12)
+    ids = first[0].token_ids
+    stop = next(t for n, t in enumerate(ids) if n >= 1 and t not in ids[:n])
+    lm.model.generation_config.eos_token_id = [lm.tokenizer.eos_token_id, stop]
+    local = generate(lm, PROMPTS, max_new_tokens=12)
+    assert local[0][0].token_ids == ids[: ids.index(stop)]  # it stops there now
+    with BackgroundServer(make_app(lm, "tiny")) as url:
+        body = {
+            "model": "tiny",
+            "prompt": list(lm.encode_prompt(PROMPTS[0]).input_ids),
+            "max_tokens": 12,
+            "temperature": 0,
+            "logprobs": 0,
+            "return_tokens_as_token_ids": True,
+        }
+        reply = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
+        choice = reply["choices"][0]
+        tokens = [int(t.split(":")[1]) for t in choice["logprobs"]["tokens"]]
+        assert choice["finish_reason"] == "stop"
+        assert tokens[:-1] == list(local[0][0].token_ids)  # the stop id kept, as vLLM does
+        assert len(choice["logprobs"]["token_logprobs"]) == len(tokens)
+        got = generate(_remote(f"{url}/v1"), PROMPTS, max_new_tokens=12)
+    assert [g[0].token_ids for g in got] == [g[0].token_ids for g in local]
+
+
+def _model_with(tiny, tmp_path, **generation):
+    """A copy of the tiny model whose generation_config carries `generation`."""
+    from unpact.models import load_model, save_model
+
+    save_model(tiny.model, tiny.tokenizer, tmp_path / "m")
+    lm = load_model(str(tmp_path / "m"))
+    for key, value in generation.items():
+        setattr(lm.model.generation_config, key, value)
+    return lm
+
+
+def test_samples_come_from_the_same_distribution_served_or_local(tiny, tmp_path):
+    """vLLM fills unset top_k, min_p and repetition_penalty from generation_config (as
+    `unpact serve` does); the client sends every sampling parameter the local sampler uses,
+    so a model whose config says top_k=1 still gives the local samples."""
+    import httpx
+
+    lm = _model_with(tiny, tmp_path, top_k=1, do_sample=True, repetition_penalty=1.5)
+    # the local sampler ignores them too: the plain model's greedy answers and samples
+    assert generate(lm, PROMPTS, max_new_tokens=6) == generate(tiny, PROMPTS, max_new_tokens=6)
+    local = generate(lm, PROMPTS[:2], max_new_tokens=6, num_samples=4, seed=3)
+    assert local == generate(tiny, PROMPTS[:2], max_new_tokens=6, num_samples=4, seed=3)
+    assert any(len({s.token_ids for s in g}) > 1 for g in local)  # the samples differ
+    with BackgroundServer(make_app(lm, "tiny")) as url:
+        served = generate(
+            _remote(f"{url}/v1"), PROMPTS[:2], max_new_tokens=6, num_samples=4, seed=3
+        )
+        assert served == local
+        # a request that leaves top_k unset gets the model's top_k=1: greedy, like vLLM
+        body = {
+            "model": "tiny",
+            "prompt": list(lm.encode_prompt(PROMPTS[0]).input_ids),
+            "max_tokens": 6,
+            "n": 4,
+            "temperature": 1.0,
+            "seed": 3,
+        }
+        texts = {
+            c["text"] for c in httpx.post(f"{url}/v1/completions", json=body).json()["choices"]
+        }
+        assert len(texts) == 1
+
+
+def test_a_model_that_stops_at_once_is_the_same_error_served_or_local(tiny, tmp_path):
+    """The greedy answer is the stop token itself: empty, locally and served alike."""
+    lm = _model_with(tiny, tmp_path)
+    with torch_no_grad():
+        lm.model.model.norm.weight.zero_()  # every logit 0: the greedy token is id 0
+    lm.model.generation_config.eos_token_id = [lm.tokenizer.eos_token_id, 0]
+    with pytest.raises(UnpactError, match="greedy answer is empty"):
+        attribute_many(lm, PROMPTS[:1], target="generated")
+    with (
+        BackgroundServer(make_app(lm, "tiny")) as url,
+        pytest.raises(UnpactError, match="greedy answer is empty"),
+    ):
+        attribute_many(_remote(f"{url}/v1"), PROMPTS[:1], target="generated")
+
+
+def torch_no_grad():
+    import torch
+
+    return torch.no_grad()
