@@ -158,6 +158,7 @@ class RemoteModel:
         client = self._http()
         start = time.monotonic()
         failure = "no attempt"
+        last_500: str | None = None
         for attempt in range(s.retries + 1):
             remaining = s.deadline - (time.monotonic() - start)
             if remaining <= 0:
@@ -173,8 +174,16 @@ class RemoteModel:
                 failure = f"connection failed ({type(exc).__name__})"
             else:
                 code = reply.status_code
+                if code == 500 and _server_message(reply) == last_500:
+                    # The same internal error twice: the server fails this request the same
+                    # way each time, so waiting out the deadline would change nothing.
+                    raise RemoteError(
+                        f"{url}: gave up after {attempt + 1} attempt(s): HTTP 500 twice with "
+                        f"the same message, so not retried: {last_500}"
+                    )
                 if code == 429 or code >= 500:
                     failure = f"HTTP {code}"
+                    last_500 = _server_message(reply) if code == 500 else None
                     wait = _retry_after(reply.headers.get("retry-after"))
                 elif code >= 400:
                     raise RemoteError(
@@ -268,7 +277,9 @@ class RemoteModel:
                 self._chat_prefix_suffix()
                 self._has_template = True
             except RemoteError as exc:
-                if "HTTP 4" not in str(exc):
+                # Only the server saying the tokenizer has no chat template means that; any
+                # other 4xx (a wrong model name is a 404) is an error to show.
+                if "HTTP 400" not in str(exc) or "template" not in str(exc).lower():
                     raise
                 self._has_template = False
         return self._has_template
@@ -575,9 +586,20 @@ def _from_echo(reply: dict[str, Any], ids: Sequence[int]) -> list[float] | str:
     return out
 
 
+# vLLM writes a log-prob of -inf (a token the model gives no probability, e.g. one a
+# logits processor masked) as this clamped value: not a log-prob to average.
+VLLM_CLAMPED_LOGPROB = -9999.0
+
+
 def _finite(lp: float, position: int) -> float:
     if math.isnan(lp) or lp > 1e-3:
         raise RemoteError(f"position {position}: the server returned an impossible log-prob {lp}")
+    if lp <= VLLM_CLAMPED_LOGPROB:
+        raise RemoteError(
+            f"position {position}: the server returned log-prob {lp}, vLLM's clamp of -inf "
+            "(the token has no probability under the served model, e.g. masked by a logits "
+            "processor or a quantized vocabulary); it cannot be averaged into a score"
+        )
     return lp
 
 

@@ -115,11 +115,13 @@ def make_app(models: LanguageModel | dict[str, LanguageModel], name: str = "defa
 
 
 def _error(status: int, message: str) -> Any:
-    """An error reply in vLLM's format."""
+    """An error reply in vLLM's format (its ErrorResponse: {"error": {message, type, param,
+    code}})."""
     from fastapi.responses import JSONResponse
 
+    kind = "NotFoundError" if status == 404 else "BadRequestError"
     return JSONResponse(
-        {"object": "error", "message": message, "type": "BadRequestError", "code": status},
+        {"error": {"message": message, "type": kind, "param": None, "code": status}},
         status_code=status,
     )
 

@@ -76,7 +76,7 @@ class Faults:
             )
             await send({"type": "http.response.body", "body": b'{"choices"', "more_body": True})
             raise ConnectionResetError("fault: dropped")
-        elif fault in ("nologprobs", "short", "nan", "401"):
+        elif fault in ("nologprobs", "short", "nan", "clamped", "401"):
             await _rewrite(self.app, scope, receive, send, fault)
         else:
             raise AssertionError(fault)
@@ -111,10 +111,10 @@ async def _rewrite(app: Any, scope: Any, receive: Any, send: Any, fault: str) ->
             choice["logprobs"] = None
         elif fault == "short" and choice.get("prompt_logprobs"):
             choice["prompt_logprobs"] = choice["prompt_logprobs"][:-1]
-        elif fault == "nan" and choice.get("prompt_logprobs"):
+        elif fault in ("nan", "clamped") and choice.get("prompt_logprobs"):
             entry = choice["prompt_logprobs"][-1]
             for v in entry.values():
-                v["logprob"] = "NaN"
+                v["logprob"] = "NaN" if fault == "nan" else -9999.0  # vLLM's clamp of -inf
     if fault == "401":
         status, data = 401, {"error": {"message": "invalid api key"}}
     await _reply(send, status, json.dumps(data).encode())
@@ -219,7 +219,8 @@ def test_transient_faults_are_retried_to_the_right_numbers(tiny, served, faults,
 @pytest.mark.parametrize(
     ("fault", "message"),
     [
-        ("500", "gave up after 4 attempt(s)"),
+        ("500", "HTTP 500 twice with the same message"),
+        ("503", "gave up after 4 attempt(s)"),
         ("429", "HTTP 429"),
         ("delay", "no reply within"),
         ("badjson", "not valid JSON"),
@@ -248,6 +249,7 @@ def test_deadline_bounds_a_request(served, faults):
         ("nologprobs", "returns no prompt log-probs"),
         ("short", "scored 14 prompt tokens but 15 were sent"),
         ("nan", "impossible log-prob"),
+        ("clamped", "vLLM's clamp of -inf"),
     ],
 )
 def test_wrong_replies_are_errors_not_numbers(served, faults, fault, message):
@@ -632,3 +634,18 @@ def torch_no_grad():
     import torch
 
     return torch.no_grad()
+
+
+def test_a_wrong_model_name_is_an_error_not_a_missing_chat_template(served, faults):
+    """A 404 from the chat /tokenize (no such model) is not "no chat template"; the error
+    reply has vLLM's shape."""
+    import httpx
+
+    url = served[1]
+    wrong = open_model(f"openai:nope@{url}", remote=RemoteSettings(**FAST))
+    with pytest.raises(RemoteError, match="HTTP 404"):
+        wrong.has_chat_template  # noqa: B018
+    reply = httpx.post(f"{url}/completions", json={"model": "nope", "prompt": "hi"})
+    assert reply.status_code == 404
+    assert reply.json()["error"]["message"] == "The model `nope` does not exist."
+    assert _remote(url).has_chat_template  # the right name: the template is there
