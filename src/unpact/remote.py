@@ -387,6 +387,17 @@ class RemoteModel:
         if len(ids) < 2:
             raise UnpactError("scoring needs at least two tokens")
         modes = [self._mode] if self._mode else _modes(self.settings.logprobs_mode)
+        full = len(ids) + 1 > self.max_length and "prompt_logprobs" in modes
+        if full:
+            # prompt_logprobs asks for one generated token, so a sequence filling the whole
+            # context has no room for it (vLLM refuses it): score it by echo instead.
+            if self.settings.logprobs_mode == "prompt_logprobs":
+                raise UnpactError(
+                    f"{len(ids)} tokens fill the model's context of {self.max_length}, and "
+                    "prompt_logprobs scoring needs one position more for the token it "
+                    "generates; use remote.logprobs_mode: echo (or auto), or a shorter input"
+                )
+            modes = ["echo"]
         problems = []
         for mode in modes:
             if mode == "prompt_logprobs":
@@ -409,7 +420,8 @@ class RemoteModel:
             if isinstance(found, str):
                 problems.append(found)
                 continue
-            self._mode = mode
+            if not full:  # a full-context sequence's echo says nothing about the others
+                self._mode = mode
             return found
         raise RemoteError(
             f"{self.base_url}/completions returns no prompt log-probs ("

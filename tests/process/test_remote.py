@@ -649,3 +649,19 @@ def test_a_wrong_model_name_is_an_error_not_a_missing_chat_template(served, faul
     assert reply.status_code == 404
     assert reply.json()["error"]["message"] == "The model `nope` does not exist."
     assert _remote(url).has_chat_template  # the right name: the template is there
+
+
+def test_a_sequence_filling_the_context_is_scored_by_echo(tiny, served, faults):
+    """prompt_logprobs scoring asks for one generated token, which a sequence of exactly
+    the context length has no room for: it is scored by echo, to the local numbers."""
+    remote = _remote(served[1])
+    ids = [(7 * n) % 200 + 10 for n in range(tiny.max_length)]
+    assert len(ids) == remote.max_length
+    from unpact.serve import prompt_logprobs
+
+    local = prompt_logprobs(tiny, ids)
+    got = remote.sequence_logprobs(ids)
+    assert max(abs(a - b) for a, b in zip(got, local)) < 1e-4 and len(got) == len(local)
+    pinned = _remote(served[1], logprobs_mode="prompt_logprobs")
+    with pytest.raises(UnpactError, match="fill the model's context"):
+        pinned.sequence_logprobs(ids)
