@@ -158,7 +158,7 @@ class RemoteModel:
         client = self._http()
         start = time.monotonic()
         failure = "no attempt"
-        last_500: str | None = None
+        same_500: list[str] = []  # the messages of the last run of HTTP 500 replies
         for attempt in range(s.retries + 1):
             remaining = s.deadline - (time.monotonic() - start)
             if remaining <= 0:
@@ -174,16 +174,21 @@ class RemoteModel:
                 failure = f"connection failed ({type(exc).__name__})"
             else:
                 code = reply.status_code
-                if code == 500 and _server_message(reply) == last_500:
-                    # The same internal error twice: the server fails this request the same
-                    # way each time, so waiting out the deadline would change nothing.
-                    raise RemoteError(
-                        f"{url}: gave up after {attempt + 1} attempt(s): HTTP 500 twice with "
-                        f"the same message, so not retried: {last_500}"
-                    )
+                if code == 500:
+                    message = _server_message(reply)
+                    same_500 = [*same_500, message] if message in same_500[-1:] else [message]
+                    if len(same_500) >= SAME_500_LIMIT:
+                        # The same internal error each time: the server fails this request
+                        # deterministically, so waiting out the deadline would change nothing.
+                        raise RemoteError(
+                            f"{url}: gave up after {attempt + 1} attempt(s): HTTP 500 "
+                            f"{len(same_500)} times with the same message, so not retried "
+                            f"further: {message}"
+                        )
+                else:
+                    same_500 = []
                 if code == 429 or code >= 500:
                     failure = f"HTTP {code}"
-                    last_500 = _server_message(reply) if code == 500 else None
                     wait = _retry_after(reply.headers.get("retry-after"))
                 elif code >= 400:
                     raise RemoteError(
@@ -597,6 +602,9 @@ def _from_echo(reply: dict[str, Any], ids: Sequence[int]) -> list[float] | str:
             raise RemoteError(f"echo position {t}: the log-prob is not a number") from None
     return out
 
+
+# An HTTP 500 with the same message this many times in a row is a deterministic failure.
+SAME_500_LIMIT = 3
 
 # vLLM writes a log-prob of -inf (a token the model gives no probability, e.g. one a
 # logits processor masked) as this clamped value: not a log-prob to average.

@@ -62,8 +62,12 @@ class Faults:
             await asyncio.sleep(1.0)
             await self.app(scope, receive, send)
         elif fault in ("500", "503", "429"):
+            # a transient fault's message names the attempt, as a server's request id would
             extra = [(b"retry-after", b"0.05")] if fault == "429" else []
-            await _reply(send, int(fault), b'{"error": "try again"}', extra)
+            body = json.dumps({"error": f"try again (call {self.calls})"}).encode()
+            await _reply(send, int(fault), body, extra)
+        elif fault == "500same":  # a deterministic internal error: the same reply each time
+            await _reply(send, 500, b'{"error": {"message": "boom: this request fails"}}')
         elif fault == "badjson":
             await _reply(send, 200, b'{"choices": [{"index": 0, "prompt_logp')
         elif fault == "drop":  # headers promise 1000 bytes, the connection ends after 10
@@ -219,8 +223,9 @@ def test_transient_faults_are_retried_to_the_right_numbers(tiny, served, faults,
 @pytest.mark.parametrize(
     ("fault", "message"),
     [
-        ("500", "HTTP 500 twice with the same message"),
+        ("500", "gave up after 4 attempt(s)"),
         ("503", "gave up after 4 attempt(s)"),
+        ("500same", "HTTP 500 3 times with the same message"),
         ("429", "HTTP 429"),
         ("delay", "no reply within"),
         ("badjson", "not valid JSON"),
