@@ -30,7 +30,7 @@ import torch
 
 from unpact.errors import UnpactError
 from unpact.scoring import DEFAULT_TOKEN_BUDGET, answer_logprobs, generate_local
-from unpact.types import EncodedPrompt, is_remote_spec, raw_prefix
+from unpact.types import EncodedPrompt, is_remote_spec, raw_prefix, warn_if_split_differs
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class LanguageModel:
     _template_split: tuple[tuple[int, ...], tuple[int, ...]] | None = field(
         default=None, init=False, repr=False
     )
+    _boundary_warned: bool = field(default=False, init=False, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -129,7 +130,15 @@ class LanguageModel:
             raise UnpactError("empty prompt: give some text to ask the model")
         chat = self._resolve_chat(chat_template)
         prefix, suffix = self._chat_prefix_suffix() if chat else (self._raw_prefix(), ())
-        return EncodedPrompt.assemble(prefix, self._ids(prompt), suffix, prompt, chat)
+        encoded = EncodedPrompt.assemble(prefix, self._ids(prompt), suffix, prompt, chat)
+        if chat and not self._boundary_warned:
+            rendered = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+            self._boundary_warned = warn_if_split_differs(
+                self.spec, prompt, encoded.input_ids, self._ids(rendered)
+            )
+        return encoded
 
     def encode_answer(self, answer: str) -> tuple[int, ...]:
         """Token ids of an answer, tokenised as given (no special tokens added).

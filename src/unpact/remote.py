@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from unpact.errors import UnpactError
 from unpact.progress import progress_bar
-from unpact.types import REMOTE_PREFIX, EncodedPrompt, raw_prefix
+from unpact.types import REMOTE_PREFIX, EncodedPrompt, raw_prefix, warn_if_split_differs
 
 # Different user messages, no two sharing a first or last byte, to find the template by
 # what their tokenisations share.
@@ -120,6 +120,7 @@ class RemoteModel:
     _max_length: int | None = field(default=None, init=False, repr=False)
     _mode: str | None = field(default=None, init=False, repr=False)
     _token_text: dict[int, str] = field(default_factory=dict, init=False, repr=False)
+    _boundary_warned: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.spec = self.spec or f"{REMOTE_PREFIX}{self.model_name}@{self.base_url}"
@@ -336,7 +337,19 @@ class RemoteModel:
         else:
             prefix = raw_prefix(self.tokenize("x", add_special_tokens=True), self.tokenize("x"))
             suffix = ()
-        return EncodedPrompt.assemble(prefix, self.tokenize(prompt), suffix, prompt, chat)
+        encoded = EncodedPrompt.assemble(prefix, self.tokenize(prompt), suffix, prompt, chat)
+        if chat and not self._boundary_warned:
+            url = f"{self.root_url}/tokenize"
+            body = {
+                "model": self.model_name,
+                "messages": [{"role": "user", "content": prompt}],
+                "add_generation_prompt": True,
+            }
+            templated = _token_list(self.post(url, body), url)
+            self._boundary_warned = warn_if_split_differs(
+                self.spec, prompt, encoded.input_ids, templated
+            )
+        return encoded
 
     def encode_answer(self, answer: str) -> tuple[int, ...]:
         if not answer or not answer.strip():

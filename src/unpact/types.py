@@ -10,6 +10,7 @@ kernel) or only log-probs and generations can be asked for.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeAlias, runtime_checkable
@@ -17,6 +18,34 @@ from typing import Protocol, TypeAlias, runtime_checkable
 import torch
 
 REMOTE_PREFIX = "openai:"
+
+
+def warn_if_split_differs(
+    spec: str, prompt: str, assembled: Sequence[int], templated: Sequence[int]
+) -> bool:
+    """Say (once per model, as a logged warning) when the chat template's own tokenisation
+    of a prompt differs from unpact's prefix + content + suffix: a SentencePiece `[INST]`
+    or a byte-BPE `User: ` template can merge the piece at the boundary. unpact scores its
+    own split (the content tokenised alone, so the units are the prompt's own tokens);
+    the model behind a chat API would see the other. Returns whether it warned."""
+    if tuple(assembled) == tuple(templated):
+        return False
+    first = next(
+        (n for n, (a, b) in enumerate(zip(assembled, templated)) if a != b),
+        min(len(assembled), len(templated)),
+    )
+    logging.getLogger("unpact").warning(
+        "%s: the chat template tokenises %r differently at a boundary (first difference "
+        "at token %d; %d tokens against %d): unpact scores the template's parts and the "
+        "prompt tokenised apart, so the prompt's units are its own tokens, and the model "
+        "behind a chat API sees the other tokenisation; compare with --no-chat-template",
+        spec,
+        prompt[:60],
+        first,
+        len(assembled),
+        len(templated),
+    )
+    return True
 
 
 def is_remote_spec(spec: str) -> bool:

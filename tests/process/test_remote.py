@@ -670,3 +670,19 @@ def test_a_sequence_filling_the_context_is_scored_by_echo(tiny, served, faults):
     pinned = _remote(served[1], logprobs_mode="prompt_logprobs")
     with pytest.raises(UnpactError, match="fill the model's context"):
         pinned.sequence_logprobs(ids)
+
+
+def test_a_served_template_that_merges_at_the_boundary_is_said(tmp_path, tiny, caplog):
+    """The served split (prefix and suffix from the server's templated tokenisations) is
+    checked against the server's own tokenisation of each prompt's message."""
+    import logging
+
+    from tests.unit.test_models import USER_TEMPLATE
+
+    lm = _model_with(tiny, tmp_path)
+    lm.tokenizer.chat_template = USER_TEMPLATE
+    with BackgroundServer(make_app(lm, "tiny")) as url, caplog.at_level(logging.WARNING):
+        remote = _remote(f"{url}/v1")
+        encoded = remote.encode_prompt("the capital of France?")
+    assert any("differently at a boundary" in r.getMessage() for r in caplog.records)
+    assert encoded.content_ids == tuple(lm.encode_prompt("the capital of France?").content_ids)

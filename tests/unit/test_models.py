@@ -78,3 +78,27 @@ def test_hf_directory_round_trip(tiny, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(lm.model(ids).logits, tiny.model(ids).logits)
     assert lm.encode_prompt("hello there").input_ids == tiny.encode_prompt("hello there").input_ids
+
+
+USER_TEMPLATE = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
+
+
+def test_a_template_that_merges_at_the_boundary_is_said_once(caplog):
+    """`User: ` then the prompt: byte-BPE tokenises ' the' as one piece in the rendered
+    template, where unpact tokenises the prompt apart; that is said once, clearly."""
+    import logging
+
+    from unpact.testing import tiny_model
+
+    lm = tiny_model(seed=0)
+    with caplog.at_level(logging.WARNING, logger="unpact"):
+        lm.encode_prompt("the capital of France?")  # ChatML: no boundary merge
+        assert not caplog.records
+        lm.tokenizer.chat_template = USER_TEMPLATE
+        lm._template_split = None
+        first = lm.encode_prompt("the capital of France?")
+        lm.encode_prompt("the river bank?")
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "tokenises 'the capital of France?' differently at a boundary" in message
+    assert first.content_ids == lm.encode_prompt("the capital of France?", False).content_ids
