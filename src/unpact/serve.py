@@ -273,6 +273,9 @@ class _Server:
         return None, [(*g, stop) if len(g) < req.max_tokens else g for g in found]
 
 
+# vLLM's default --max-logprobs: a request asking for more top log-probs is refused.
+MAX_LOGPROBS = 20
+
 # Sampling parameters vLLM takes from the model's generation_config when a request leaves
 # them unset (CompletionRequest.to_sampling_params: user, then server default, then OpenAI's).
 _FROM_CONFIG = ("top_p", "top_k", "min_p", "repetition_penalty")
@@ -295,6 +298,18 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any]) -> Any:
         ids = list(prompt)
     else:
         return _error(400, "'prompt' must be text or a non-empty list of token ids")
+    vocab = len(tok)
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:  # as vLLM's input processing refuses it
+        return _error(400, f"Token id {bad} is out of vocabulary")
+    for name in ("logprobs", "prompt_logprobs"):
+        asked = body.get(name)
+        if isinstance(asked, int) and asked > MAX_LOGPROBS:
+            return _error(
+                400,
+                f"Requested {name.replace('_', ' ')} of {asked}, which is greater than max "
+                f"allowed: {MAX_LOGPROBS}",
+            )
     req = _Completion(
         model=body["model"],
         ids=ids,

@@ -686,3 +686,18 @@ def test_a_served_template_that_merges_at_the_boundary_is_said(tmp_path, tiny, c
         encoded = remote.encode_prompt("the capital of France?")
     assert any("differently at a boundary" in r.getMessage() for r in caplog.records)
     assert encoded.content_ids == tuple(lm.encode_prompt("the capital of France?").content_ids)
+
+
+def test_unpact_serve_refuses_what_vllm_refuses(served, faults):
+    """An out-of-vocabulary token id and more top log-probs than --max-logprobs (20) are
+    a 400 with vLLM's error shape, and the client shows the server's message."""
+    import httpx
+
+    url = served[1]
+    oov = httpx.post(f"{url}/completions", json={"model": "tiny", "prompt": [5, 10**6]})
+    assert oov.status_code == 400 and "out of vocabulary" in oov.json()["error"]["message"]
+    many = {"model": "tiny", "prompt": [5, 6], "max_tokens": 1, "logprobs": 21}
+    reply = httpx.post(f"{url}/completions", json=many)
+    assert reply.status_code == 400 and "max allowed: 20" in reply.json()["error"]["message"]
+    with pytest.raises(RemoteError, match="out of vocabulary"):
+        _remote(url).sequence_logprobs([5, 10**6])
