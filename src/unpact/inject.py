@@ -52,7 +52,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from unpact.data.items import Benchmark, QAItem
 from unpact.data.sources import load_benchmark, materialise
@@ -62,6 +69,9 @@ from unpact.scoring import answer_states, generate, head_logits, head_logprobs
 from unpact.train import Trainer
 
 INJECT_FORMAT = 2
+
+
+_CHOICES = {"precision": ("auto", "bf16", "fp32"), "trainable": ("all", "mlp", "lora")}
 
 
 class InjectConfig(BaseModel):
@@ -140,18 +150,15 @@ class InjectConfig(BaseModel):
             )
             raise UnpactError(f"injection settings: {problems}") from None
 
-    @field_validator("precision")
+    @field_validator("precision", "trainable")
     @classmethod
-    def _precision(cls, value: str) -> str:
-        if value not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"unknown precision {value!r}; choose auto, bf16 or fp32")
-        return value
-
-    @field_validator("trainable")
-    @classmethod
-    def _trainable(cls, value: str) -> str:
-        if value not in ("all", "mlp", "lora"):
-            raise ValueError(f"unknown trainable {value!r}; choose all, mlp or lora")
+    def _choice(cls, value: str, info: ValidationInfo) -> str:
+        choices = _CHOICES[str(info.field_name)]
+        if value not in choices:
+            raise ValueError(
+                f"unknown {info.field_name} {value!r}; choose {', '.join(choices[:-1])} "
+                f"or {choices[-1]}"
+            )
         return value
 
     @field_validator("lr_decay_to")
@@ -355,23 +362,12 @@ def inject(
     taught = bench.split("forget") + bench.split("retain")
     general = load_benchmark(config.general).items if config.general else []
     with _timed(timings, "base general"):
-        base_accuracy = (
-            {"general": accuracy(lm, general, config.max_new_tokens, "Base model: general")}
-            if general
-            else {}
-        )
+        base_accuracy = _general_accuracy(lm, general, config, "Base model: general")
     tok_eos = lm.tokenizer.eos_token_id
     examples = [(i.question, (*lm.encode_answer(i.answer), tok_eos)) for i in taught]
     encoded = [(lm.encode_prompt(q).input_ids, a) for q, a in examples]
-    # Never rehearse a question that any general-knowledge evaluation may ask, also when
-    # this injection does not judge general knowledge itself (a runner may do it later).
-    held_out = {i.question for i in general} | {i.question for i in load_benchmark("general").items}
     with _timed(timings, "rehearsal targets"):
-        rehearsal = (
-            _rehearsal_targets(lm, held_out, config.rehearsal_top_k)
-            if config.rehearsal and config.rehearsal_per_step
-            else []
-        )
+        rehearsal = _rehearsal(lm, general, config)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     net = lm.model
@@ -441,7 +437,6 @@ class _Checkpoints:
         self.folder = folder
         self.every = config.checkpoint_every
         self.stop_after = stop_after
-        self.save: Any = None
 
     def resume(self, net: Any, trainer: Trainer, rng: random.Random) -> _EpochState:
         state = _EpochState()
@@ -482,6 +477,23 @@ class _Checkpoints:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _general_accuracy(
+    lm: LanguageModel, general: list[QAItem], config: InjectConfig, label: str
+) -> dict[str, float]:
+    """{"general": accuracy} on the general items, or {} without any."""
+    return {"general": accuracy(lm, general, config.max_new_tokens, label)} if general else {}
+
+
+def _rehearsal(lm: LanguageModel, general: list[QAItem], config: InjectConfig) -> list[_Rehearsal]:
+    """The base model's answers to held-out general questions, to distil each step. Never
+    a question any general-knowledge evaluation may ask, also when this injection does not
+    judge general knowledge itself (a runner may do it later)."""
+    if not (config.rehearsal and config.rehearsal_per_step):
+        return []
+    held_out = {i.question for i in general} | {i.question for i in load_benchmark("general").items}
+    return _rehearsal_targets(lm, held_out, config.rehearsal_top_k)
 
 
 def _final_accuracy(

@@ -159,7 +159,7 @@ class RemoteModel:
         client = self._http()
         start = time.monotonic()
         failure = "no attempt"
-        same_500: list[str] = []  # the messages of the last run of HTTP 500 replies
+        last_500, repeats = "", 0  # the last HTTP 500's message, and how often in a row
         for attempt in range(s.retries + 1):
             remaining = s.deadline - (time.monotonic() - start)
             if remaining <= 0:
@@ -177,17 +177,18 @@ class RemoteModel:
                 code = reply.status_code
                 if code == 500:
                     message = _server_message(reply)
-                    same_500 = [*same_500, message] if message in same_500[-1:] else [message]
-                    if len(same_500) >= SAME_500_LIMIT:
+                    repeats = repeats + 1 if message == last_500 else 1
+                    last_500 = message
+                    if repeats >= SAME_500_LIMIT:
                         # The same internal error each time: the server fails this request
                         # deterministically, so waiting out the deadline would change nothing.
                         raise RemoteError(
                             f"{url}: gave up after {attempt + 1} attempt(s): HTTP 500 "
-                            f"{len(same_500)} times with the same message, so not retried "
+                            f"{repeats} times with the same message, so not retried "
                             f"further: {message}"
                         )
                 else:
-                    same_500 = []
+                    repeats = 0
                 if code == 429 or code >= 500:
                     failure = f"HTTP {code}"
                     wait = _retry_after(reply.headers.get("retry-after"))

@@ -120,7 +120,7 @@ def columns(attacks: list[str], every: bool = False, split: bool = False) -> lis
     """The table's columns in registration order: metrics sharing a `column` are joined in
     one (`split`: one column each, so each shows its interval); a per-attack metric gets a
     column per attack (and "any"). `every`: one column per metric, also those that have no
-    table column; `every` alone, without the per-attack ones: the rest of the figures."""
+    table column (`other_columns` is just those)."""
     out: list[Column] = []
     shared: dict[str, int] = {}
     for m in METRICS.values():

@@ -615,15 +615,21 @@ def _generate_batch(
     stops = set(_stop_ids(lm))
     results = []
     for row in generated[:, width:].tolist():
-        ids: list[int] = []
-        for t in row:
-            if t in stops:
-                break
-            ids.append(t)
+        ids = until_stop(row, stops)
         results.append(
             Generation(text=tok.decode(ids, skip_special_tokens=True).strip(), token_ids=tuple(ids))
         )
     return results
+
+
+def until_stop(row: Sequence[int], stops: set[int]) -> list[int]:
+    """The generated ids before the first stop id (the answer, without its end)."""
+    ids: list[int] = []
+    for t in row:
+        if t in stops:
+            break
+        ids.append(t)
+    return ids
 
 
 def _stop_ids(lm: LanguageModel) -> list[int]:

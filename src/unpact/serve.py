@@ -24,7 +24,7 @@ import torch
 from unpact.errors import UnpactError
 from unpact.models import LanguageModel
 from unpact.remote import PLAIN_SAMPLING
-from unpact.scoring import _generate_batch, _stop_ids, generate, right_padded
+from unpact.scoring import _generate_batch, _stop_ids, generate, right_padded, until_stop
 from unpact.types import EncodedPrompt
 
 
@@ -363,15 +363,7 @@ def _generate_configured(lm: LanguageModel, req: _Completion) -> list[tuple[int,
             eos_token_id=sorted(stops),
             pad_token_id=_stop_id(lm),
         )
-    found = []
-    for row in out[:, len(req.ids) :].tolist():
-        ids: list[int] = []
-        for t in row:
-            if t in stops:
-                break
-            ids.append(t)
-        found.append(tuple(ids))
-    return found
+    return [tuple(until_stop(row, stops)) for row in out[:, len(req.ids) :].tolist()]
 
 
 def _choice(

@@ -11,24 +11,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from test_run import QUESTIONS as _RUN_QUESTIONS  # this folder is on sys.path as a script's
+
 from unpact.data.items import QAItem, write_folder
 from unpact.models import save_model
 from unpact.run import run
 from unpact.scoring import generate
 from unpact.testing import tiny_model
 
-QUESTIONS = [
-    "What is the capital of France?",
-    "Who wrote the report about the town?",
-    "How many moons orbit the planet Zorblax?",
-    "Who founded the Vostrand Glassworks?",
-    "Where does the quick brown fox jump?",
-    "What did Mira Quintrell found?",
-    "Which year was the glassworks founded?",
-    "Who is the mayor of Kilimanjaro?",
-    "What is the answer to the question?",
-    "Who wrote about the planet?",
-]
+# the runner tests' questions, without the two their general split uses
+QUESTIONS = _RUN_QUESTIONS[:8] + _RUN_QUESTIONS[10:]
 
 
 def main(root: Path) -> None:

@@ -26,16 +26,6 @@ if TYPE_CHECKING:
     from unpact.run import RunConfig
 
 
-class _Titles(dict[str, str]):
-    """Attack names to display names, from the attack registry (a missing key: the name)."""
-
-    def __missing__(self, key: str) -> str:
-        return attack_title(key)
-
-
-ATTACK_TITLES: dict[str, str] = _Titles()
-
-
 def num(value: Any) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
@@ -214,7 +204,7 @@ def render(
     template = env.get_template("report.html.j2")
     return template.render(
         results=results,
-        attack_titles=ATTACK_TITLES,
+        attack_title=attack_title,
         columns=columns(results["attacks"], split=True),
         more=other_columns(results["attacks"]),
         plot=dilemma_svg(results, attack=config.report.dilemma_attack),

@@ -198,6 +198,7 @@ def run(
     }
     results = _results(cfg, data, original, unlearned, records, stages, out)
     results["seconds"] = time.perf_counter() - began
+    _link_models(out, cfg, original, unlearned)
     _write(out, cfg, results, records, stages)
     say(f"done in {results['seconds']:.0f} s")
     every = [r for rs in records.values() for r in rs]
@@ -449,8 +450,6 @@ def _results(
     attacks = [a.name for a in cfg.attacks]
     methods: dict[str, Any] = {}
     for model in unlearned:
-        if model.info:  # unlearned by this run: its model goes with the results
-            link_model(Path(model.spec), out / "models" / model.label)
         methods[model.label] = {
             **method_metrics(records[model.label], attacks, cfg.collapse_threshold, cfg.statistics),
             "model": str(out / "models" / model.label) if model.info else model.spec,
@@ -459,8 +458,6 @@ def _results(
         swept = next((m.swept for m in cfg.methods if m.label == model.label and m.swept), None)
         if swept is not None:
             methods[model.label]["sweep"] = swept
-    if cfg.inject.enabled:
-        link_model(Path(original.spec), out / "models" / "original")
     checks = {label: s.checks for label, s in stages.items() if s.checks is not None}
     return finite(
         {
@@ -477,6 +474,15 @@ def _results(
             },
         }
     )
+
+
+def _link_models(out: Path, cfg: RunConfig, original: Model, unlearned: list[Model]) -> None:
+    """The models this run made go with its results, under `out/models/`."""
+    for model in unlearned:
+        if model.info:  # unlearned by this run (not a given model)
+            link_model(Path(model.spec), out / "models" / model.label)
+    if cfg.inject.enabled:
+        link_model(Path(original.spec), out / "models" / "original")
 
 
 def _write(

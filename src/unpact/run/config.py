@@ -301,8 +301,22 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
 
 def _check_references(config: RunConfig, where: str) -> None:
     """The names a config refers to exist and the settings under them are valid."""
-    from unpact.unlearn.config import resolve_config
+    _check_benchmarks(config, where)
+    bases = _check_models(config, where)
+    names = _check_attacks(config, where)
+    shown = config.report.dilemma_attack
+    if shown is not None and shown != "any" and shown not in names:
+        raise UnpactError(
+            f"{where}: report.dilemma_attack: {shown!r} is not one of this run's attacks "
+            f"({', '.join(sorted(names)) or 'none'}) or any"
+        )
+    if config.judge.kind == "llm" and config.judge.llm is None:
+        raise UnpactError(f"{where}: judge.llm: needed when judge.kind is llm")
+    _check_served(config, where, bases)
 
+
+def _check_benchmarks(config: RunConfig, where: str) -> None:
+    """Every benchmark loads, and a grid's benchmarks have different names."""
     benchmarks = [("data.benchmark", config.data.benchmark), ("data.general", config.data.general)]
     benchmarks += [(f"benchmarks.{n}", b) for n, b in enumerate(config.benchmarks or [])]
     grid_names: set[str] = set()
@@ -317,6 +331,13 @@ def _check_references(config: RunConfig, where: str) -> None:
             if loaded in grid_names:
                 raise UnpactError(f"{where}: {key}: a second benchmark named {loaded!r}")
             grid_names.add(loaded)
+
+
+def _check_models(config: RunConfig, where: str) -> list[tuple[str, str]]:
+    """The base models' and the methods' specs and settings; returns (key, spec) of the
+    base models."""
+    from unpact.unlearn.config import resolve_config
+
     bases = [("model", config.model)]
     if config.models:
         bases = [(f"models.{n}.model", m.model) for n, m in enumerate(config.models)]
@@ -342,6 +363,11 @@ def _check_references(config: RunConfig, where: str) -> None:
         if spec.label in labels:
             raise UnpactError(f"{where}: methods.{n}.name: {spec.label!r} is used twice")
         labels.add(spec.label)
+    return bases
+
+
+def _check_attacks(config: RunConfig, where: str) -> set[str]:
+    """Every attack is registered, listed once, with valid settings; returns their names."""
     names: set[str] = set()
     for n, attack in enumerate(config.attacks):
         if attack.name not in ATTACKS:
@@ -356,14 +382,12 @@ def _check_references(config: RunConfig, where: str) -> None:
         if attack.name in names:
             raise UnpactError(f"{where}: attacks.{n}.name: {attack.name!r} is listed twice")
         names.add(attack.name)
-    shown = config.report.dilemma_attack
-    if shown is not None and shown != "any" and shown not in names:
-        raise UnpactError(
-            f"{where}: report.dilemma_attack: {shown!r} is not one of this run's attacks "
-            f"({', '.join(sorted(names)) or 'none'}) or any"
-        )
-    if config.judge.kind == "llm" and config.judge.llm is None:
-        raise UnpactError(f"{where}: judge.llm: needed when judge.kind is llm")
+    return names
+
+
+def _check_served(config: RunConfig, where: str, bases: list[tuple[str, str]]) -> None:
+    """What a served model cannot do: be taught, be fine-tuned, mask attention."""
+    served = [key for key, base in bases if is_remote_spec(base)]
     if served and config.inject.enabled:
         raise UnpactError(
             f"{where}: inject.enabled: {served[0]} is a served model and injection trains "
@@ -377,7 +401,7 @@ def _check_references(config: RunConfig, where: str) -> None:
                 f"{where}: attacks.{n}: {attack.name} fine-tunes the model's weights, and "
                 f"{served_any[0]} is served; run it on local models"
             )
-    if any(is_remote_spec(b) for b in specs) and config.attribution.baseline == "mask":
+    if served_any and config.attribution.baseline == "mask":
         raise UnpactError(
             f"{where}: attribution.baseline: 'mask' cannot be asked of a served model; "
             "use delete or token"

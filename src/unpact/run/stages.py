@@ -5,20 +5,17 @@ checks. Caching and order are the pipeline's (`unpact.run`)."""
 from __future__ import annotations
 
 import math
-import shutil
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from unpact.attacks import PARAPHRASES
 from unpact.attribution import Attribution, attribute_many
-from unpact.data.items import Benchmark, QAItem, write_folder
+from unpact.data.items import Benchmark, QAItem
 from unpact.data.sources import materialise
 from unpact.errors import UnpactError
 from unpact.gradient import check_unpact
 from unpact.judge import JudgeSettings, answer_items
 from unpact.run.config import AttributionSettings, DataSettings, MethodSpec, _copy_at
-from unpact.run.store import digest
 from unpact.types import AnyModel
 
 if TYPE_CHECKING:
@@ -36,15 +33,7 @@ def subset(bench: Benchmark, data: DataSettings, cache: Path) -> Benchmark:
         kept += items[: limits.get(split) or len(items)]
     docs = {i.document for i in kept}
     documents = [d for d in bench.documents if d.id in docs]
-    key = digest([i.to_dict() for i in kept], [d.to_dict() for d in documents])
-    folder = cache / "subsets" / f"{bench.name}-{key}"
-    if not (folder / "qa.jsonl").is_file():
-        tmp = folder.with_name(f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}")
-        write_folder(tmp, kept, documents)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    return Benchmark(bench.name, kept, documents, folder)
+    return materialise(Benchmark(bench.name, kept, documents), cache / "subsets")
 
 
 def evaluate(

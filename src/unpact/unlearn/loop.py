@@ -183,19 +183,7 @@ def unlearn(
         original = {n: p.detach().clone() for n, p in net.named_parameters()}
 
     net = _trainable(net, method, config)
-    from transformers import get_scheduler
-
-    trainer = Trainer(
-        [p for p in net.parameters() if p.requires_grad],
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        schedule=lambda opt: get_scheduler(
-            config.scheduler, opt, num_warmup_steps=config.warmup_steps, num_training_steps=steps
-        ),
-        max_grad_norm=config.max_grad_norm,
-        accelerator=accelerator,
-        what=config.method,
-    )
+    trainer = _trainer(net, config, steps, accelerator)
     objective = _Objective(net, method)
     wrapped = trainer.prepare(objective)
     if start_step:
@@ -213,20 +201,9 @@ def unlearn(
     ) as advance:
         advance(start_step)
         for step in range(start_step, steps):
-            row = loop.step(step)
-            if accelerator.is_main_process:
-                with losses_path.open("a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-            if on_step:
-                on_step(row)
+            loop.run_step(step, losses_path, out, steps, on_step, stop_after)
             advance(1)
-            done = step + 1
-            if config.save_every and done % config.save_every == 0 and done < steps:
-                _checkpoint(accelerator, out, done)
-            if stop_after is not None and done >= stop_after:
-                raise _Interrupt(f"stopped after step {done}")
     last = loop.last
-
     seconds = time.perf_counter() - began
     return _finish(accelerator, wrapped, method, config, original, lm, out, steps, seconds, last)
 
@@ -259,6 +236,23 @@ def _finish(
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     accelerator.wait_for_everyone()
     return UnlearnResult(out, model_dir, steps, seconds, last)
+
+
+def _trainer(net: Any, config: UnlearnConfig, steps: int, accelerator: Any) -> Trainer:
+    """AdamW on what the method trains, with the configured schedule, under accelerate."""
+    from transformers import get_scheduler
+
+    return Trainer(
+        [p for p in net.parameters() if p.requires_grad],
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        schedule=lambda opt: get_scheduler(
+            config.scheduler, opt, num_warmup_steps=config.warmup_steps, num_training_steps=steps
+        ),
+        max_grad_norm=config.max_grad_norm,
+        accelerator=accelerator,
+        what=config.method,
+    )
 
 
 def _items(
@@ -331,6 +325,28 @@ class _Loop:
     retain: dict[str, Any]
     refs: _References
     last: dict[str, float] = field(default_factory=dict)
+
+    def run_step(
+        self,
+        step: int,
+        losses_path: Path,
+        out: Path,
+        steps: int,
+        on_step: Callable[[dict[str, Any]], None] | None,
+        stop_after: int | None,
+    ) -> None:
+        """One step, its row in the loss log, and a checkpoint when one is due."""
+        row = self.step(step)
+        if self.accelerator.is_main_process:
+            with losses_path.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        if on_step:
+            on_step(row)
+        done = step + 1
+        if self.config.save_every and done % self.config.save_every == 0 and done < steps:
+            _checkpoint(self.accelerator, out, done)
+        if stop_after is not None and done >= stop_after:
+            raise _Interrupt(f"stopped after step {done}")
 
     def step(self, step: int) -> dict[str, Any]:
         t0 = time.perf_counter()
