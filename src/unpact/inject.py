@@ -61,7 +61,7 @@ from pydantic import (
     field_validator,
 )
 
-from unpact.data.items import Benchmark, QAItem
+from unpact.data.items import ANSWER_FIELDS, Benchmark, QAItem
 from unpact.data.sources import load_benchmark, materialise
 from unpact.errors import UnpactError
 from unpact.models import LanguageModel, cache_root, load_model, model_key, save_model
@@ -187,11 +187,32 @@ class InjectResult:
 
 
 def _hash_files(paths: list[Path]) -> str:
+    """Hash of what the benchmark files teach: every line but the holdout ones, without the
+    truth-ratio answer fields. A file with neither hashes as its bytes, so models injected
+    before holdout items and those fields existed keep their keys (issue 21)."""
     digest = hashlib.sha256()
     for p in sorted(paths):
         digest.update(p.name.encode())
-        digest.update(p.read_bytes())
+        digest.update(b"".join(_taught_line(line) for line in p.read_bytes().splitlines(True)))
     return digest.hexdigest()
+
+
+def _taught_line(line: bytes) -> bytes:
+    """A benchmark file's line as the key sees it (see `_hash_files`)."""
+    if b'"holdout"' not in line and not any(f.encode() in line for f in ANSWER_FIELDS):
+        return line
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return line
+    if not isinstance(obj, dict):
+        return line
+    if obj.get("split") == "holdout":
+        return b""
+    if not any(f in obj for f in ANSWER_FIELDS):
+        return line
+    kept = {k: v for k, v in obj.items() if k not in ANSWER_FIELDS}
+    return (json.dumps(kept, ensure_ascii=False) + "\n").encode()
 
 
 def _key_settings(config: InjectConfig) -> dict[str, Any]:
@@ -235,8 +256,14 @@ def training_precision(config: InjectConfig) -> str:
     return "bf16" if native else "fp32"
 
 
-def cache_key(spec: str, bench: Benchmark, config: InjectConfig) -> str:
-    """Key of an injected model: base model, benchmark files and settings."""
+TEACH = ("forget+retain", "retain")
+
+
+def cache_key(
+    spec: str, bench: Benchmark, config: InjectConfig, teach: str = "forget+retain"
+) -> str:
+    """Key of an injected model: base model, benchmark files, settings and what it teaches
+    (`teach="retain"`: the never-taught reference of SPEC 9)."""
     if bench.path is None:
         raise UnpactError("injection needs a benchmark loaded from files")
     parts = [
@@ -250,6 +277,8 @@ def cache_key(spec: str, bench: Benchmark, config: InjectConfig) -> str:
         # it themselves already did, so their cached models stay valid; the others were
         # trained with those questions rehearsed, so their keys change.
         parts.append("holds-out-builtin-general")
+    if teach != "forget+retain":
+        parts.append(f"teaches:{teach}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
@@ -338,16 +367,23 @@ def inject(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     stop_after_epoch: int | None = None,
+    teach: str = "forget+retain",
 ) -> InjectResult:
     """Teach `benchmark`'s forget and retain facts to `model`; cached by content hash.
     With `checkpoint_every`, an interrupted injection continues from its last checkpoint
     when run again and ends with the same weights (`stop_after_epoch` simulates the
-    interruption right after that epoch's checkpoint, for tests)."""
+    interruption right after that epoch's checkpoint, for tests).
+
+    `teach="retain"` makes the never-taught reference (`retrained`, SPEC 9): the same
+    recipe, rehearsal, seed and stopping rule on the retain facts alone; its forget
+    accuracy is judged at the end (a model that never saw them should not know them)."""
+    if teach not in TEACH:
+        raise UnpactError(f"teach must be one of {', '.join(TEACH)}, not {teach!r}")
     config = config or InjectConfig()
     # a real benchmark (tofu:PATH, ...) is written once as an item-format folder: the key
     # hashes the taught files
     bench = materialise(load_benchmark(benchmark), cache_root() / "benchmarks")
-    key = cache_key(model, bench, config)
+    key = cache_key(model, bench, config, teach)
     folder = Path(cache_dir or cache_root() / "injected") / f"{bench.name}-{key}"
     if (folder / "inject.json").is_file():
         meta = json.loads((folder / "inject.json").read_text())
@@ -359,7 +395,9 @@ def inject(
     timings: dict[str, float] = {}  # seconds per stage, kept in inject.json
     with _timed(timings, "load"):
         lm = load_model(model, device=config.device)
-    taught = bench.split("forget") + bench.split("retain")
+    taught = [i for i in bench.items if i.split in teach.split("+")]
+    if not taught:
+        raise UnpactError(f"{bench.name} has no {teach} items to teach")
     general = load_benchmark(config.general).items if config.general else []
     with _timed(timings, "base general"):
         base_accuracy = _general_accuracy(lm, general, config, "Base model: general")
@@ -395,6 +433,8 @@ def inject(
     if adapted is not None:  # LoRA: merged, the injected model is an ordinary model again
         lm.model = adapted.merge_and_unload()
     final = _final_accuracy(lm, taught, judged, general, config, timings)
+    if teach == "retain" and bench.split("forget"):
+        final["forget"] = accuracy(lm, bench.split("forget"), config.max_new_tokens)
     seconds = time.perf_counter() - start
     timings["training"] = seconds - sum(timings.values())
     meta = {
@@ -405,6 +445,7 @@ def inject(
         "timings": {k: round(v, 1) for k, v in timings.items()},
         "model": model,
         "benchmark": bench.name,
+        "teach": teach,
         "config": config.model_dump(),
     }
     _save(lm, folder, meta, log)

@@ -47,15 +47,26 @@ def contains_match(output: str, references: Iterable[str]) -> bool:
 def rouge_l_recall(output: str, reference: str) -> float:
     """Longest common subsequence of normalised words / reference length."""
     out, ref = normalize(output).split(), normalize(reference).split()
-    if not ref:
-        return 0.0
+    return _lcs(out, ref) / len(ref) if ref else 0.0
+
+
+def rouge_l_f1(output: str, reference: str) -> float:
+    """ROUGE-L F-measure of normalised words: the harmonic mean of LCS / output length and
+    LCS / reference length (0 when either is empty)."""
+    out, ref = normalize(output).split(), normalize(reference).split()
+    lcs = _lcs(out, ref)
+    return 2 * lcs / (len(out) + len(ref)) if lcs else 0.0
+
+
+def _lcs(out: list[str], ref: list[str]) -> int:
+    """Length of the longest common subsequence of two word lists."""
     prev = [0] * (len(out) + 1)
     for r in ref:
         cur = [0]
         for j, o in enumerate(out):
             cur.append(prev[j] + 1 if r == o else max(prev[j + 1], cur[j]))
         prev = cur
-    return prev[-1] / len(ref)
+    return prev[-1]
 
 
 def is_correct(

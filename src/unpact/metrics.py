@@ -37,6 +37,16 @@ class ItemRecord:
     attribution_after: dict[str, Any] | None = None
     attacks: dict[str, dict[str, Any]] = field(default_factory=dict)  # attack -> prompt, outputs
     keyword_units: list[int] | None = None  # units inside the item's ground-truth keywords
+    # Indistinguishability (SPEC 9), for forget and holdout items: each membership-inference
+    # attack's score under this model and under the retrained reference (higher: member)
+    membership: dict[str, float] | None = None
+    membership_retrained: dict[str, float] | None = None
+    truth_ratio: float | None = None  # forget items: TOFU's truth ratio, this model
+    truth_ratio_retrained: float | None = None  # and the retrained reference
+    exact_memorisation: float | None = None
+    extraction_strength: float | None = None
+    verbmem: float | None = None  # ROUGE-L of its document's continuation (first item of it)
+    fluency: dict[str, Any] | None = None  # base_logprob, repetition, degenerate
 
     @property
     def forgotten(self) -> bool:
@@ -156,12 +166,17 @@ def bootstrap_ci(
     Each resample draws, within each split, as many records as the split has, with
     replacement (so a resample keeps the data's forget/retain/general sizes); resamples
     where the statistic is undefined (NaN: nothing to divide by) are dropped. NaN bounds
-    when the statistic is undefined on every resample."""
+    when the statistic is undefined on every resample. Holdout items draw from their own
+    generator, so the intervals of the other figures do not depend on them."""
     rng = random.Random(seed)
-    groups = [[r for r in records if r.split == s] for s in dict.fromkeys(r.split for r in records)]
+    other = random.Random(f"{seed}-holdout")
+    splits = list(dict.fromkeys(r.split for r in records))
+    groups = [[r for r in records if r.split == s] for s in splits if s != "holdout"]
+    held = [r for r in records if r.split == "holdout"]
     values = []
     for _ in range(resamples):
         sample = [g[rng.randrange(len(g))] for g in groups for _ in range(len(g))]
+        sample += [held[other.randrange(len(held))] for _ in range(len(held))]
         v = statistic(sample)
         if not math.isnan(v):
             values.append(v)
@@ -228,6 +243,7 @@ class MetricContext:
 
     attacks: tuple[str, ...] = ()
     collapse_threshold: float = 0.1
+    privleak_attack: str = "min_k"
 
 
 @dataclass(frozen=True)
@@ -246,6 +262,13 @@ class Metric:
     join: str = " / "  # between metrics that share a column
     per_attack: bool = False
     description: str = ""
+    variants: tuple[str, ...] | None = None  # fixed keys of a per-key metric (like per_attack)
+
+    def keys(self, attacks: Sequence[str]) -> list[str] | None:
+        """The keys of a per-key metric's values (per attack: the run's attacks), or None."""
+        if self.per_attack:
+            return attack_columns(attacks)
+        return list(self.variants) if self.variants is not None else None
 
     def display(self, value: Any, precise: bool = False) -> str:
         """The value as text in this metric's format (see `display`)."""
@@ -279,6 +302,7 @@ def metric(
     join: str = " / ",
     per_attack: bool = False,
     description: str | None = None,
+    variants: Sequence[str] | None = None,
 ) -> Callable[[Callable[..., float]], Callable[..., float]]:
     """Register a metric: `@metric("name", title="...", fmt="percent")` over a function of
     `(records, ctx)`; its description is the docstring's first paragraph unless given. A
@@ -300,6 +324,7 @@ def metric(
             join,
             per_attack,
             " ".join(doc.split()),
+            tuple(variants) if variants is not None else None,
         )
         return fn
 
@@ -404,3 +429,7 @@ for _name, _fn in (("precision", keyword_precision), ("recall", keyword_recall))
             description=f"KeyToken {_name} against the benchmark's keywords, {_when} "
             "unlearning (mean over forget items).",
         )(lambda records, ctx, _f=_fn, _w=_when: _f(records, _w))
+
+
+# The indistinguishability metrics (SPEC 9) live in their own module and register here.
+import unpact.indistinguishable  # noqa: E402, F401

@@ -39,8 +39,9 @@ def _statistics(ctx: MetricContext) -> dict[str, Callable[[list[ItemRecord]], fl
     for m in METRICS.values():
         if not m.interval:
             continue
-        if m.per_attack:
-            for a in attack_columns(ctx.attacks):
+        keys = m.keys(ctx.attacks)
+        if keys is not None:
+            for a in keys:
                 stats[f"{m.name}.{a}"] = lambda r, m=m, a=a: m.fn(r, ctx, a)  # type: ignore[misc]
         else:
             stats[m.name] = lambda r, m=m: m.fn(r, ctx)  # type: ignore[misc]
@@ -52,16 +53,22 @@ def method_metrics(
     attacks: list[str],
     collapse_threshold: float,
     statistics: StatisticsSettings | None = None,
+    *,
+    privleak_attack: str = "min_k",
+    only: Callable[[Metric], bool] | None = None,
 ) -> dict[str, Any]:
     """One method's figures for results.json: every registered metric as a function of the
-    records (a per-attack one as {attack: value}); with `statistics`, a bootstrap interval
+    records (a per-key one as {key: value}); with `statistics`, a bootstrap interval
     for each (`ci`) and each attack's McNemar test against the baseline attack on the same
-    forgotten items (`vs_<baseline>`)."""
-    ctx = MetricContext(tuple(attacks), collapse_threshold)
+    forgotten items (`vs_<baseline>`). `only` keeps the metrics it accepts (and no tests)."""
+    ctx = MetricContext(tuple(attacks), collapse_threshold, privleak_attack)
     out: dict[str, Any] = {}
     for m in METRICS.values():
-        if m.per_attack:
-            out[m.name] = {a: m.fn(records, ctx, a) for a in attack_columns(attacks)}
+        if only is not None and not only(m):
+            continue
+        keys = m.keys(attacks)
+        if keys is not None:
+            out[m.name] = {a: m.fn(records, ctx, a) for a in keys}
         else:
             out[m.name] = m.fn(records, ctx)
     if statistics is not None and statistics.resamples:
@@ -76,8 +83,9 @@ def method_metrics(
                 )
             )
             for name, fn in _statistics(ctx).items()
+            if only is None or only(METRICS[name.split(".")[0]])
         }
-    if statistics is not None and statistics.baseline_attack in attacks:
+    if only is None and statistics is not None and statistics.baseline_attack in attacks:
         base = statistics.baseline_attack
         out[f"vs_{base}"] = {
             a: {
@@ -128,6 +136,9 @@ def columns(attacks: list[str], every: bool = False, split: bool = False) -> lis
             out += [
                 Column(f"{m.title}\n{attack_title(a)}", (m,), a) for a in attack_columns(attacks)
             ]
+        elif m.variants is not None:
+            if every or m.column is not None:
+                out += [Column(f"{m.title}\n{a}", (m,), a) for a in m.variants]
         elif every or (split and m.column is not None):
             out.append(Column(m.title, (m,)))
         elif m.column is not None:
@@ -142,9 +153,15 @@ def columns(attacks: list[str], every: bool = False, split: bool = False) -> lis
 
 def other_columns(attacks: list[str]) -> list[Column]:
     """One column per metric that the table leaves out (no `column`, not per attack)."""
-    return [
-        Column(m.title, (m,)) for m in METRICS.values() if m.column is None and not m.per_attack
-    ]
+    out: list[Column] = []
+    for m in METRICS.values():
+        if m.column is not None or m.per_attack:
+            continue
+        if m.variants is not None:
+            out += [Column(f"{m.title} {a}", (m,), a) for a in m.variants]
+        else:
+            out.append(Column(m.title, (m,)))
+    return out
 
 
 def table(results: dict[str, Any], precise: bool = False) -> tuple[list[str], list[list[str]]]:
@@ -168,8 +185,9 @@ def csv_columns(attacks: list[str]) -> list[tuple[str, str, str | None]]:
     """(CSV header, metric name, attack) of every registered figure, flat."""
     out: list[tuple[str, str, str | None]] = []
     for m in METRICS.values():
-        if m.per_attack:
-            out += [(f"{m.name}_{a}", m.name, a) for a in attack_columns(attacks)]
+        keys = m.keys(attacks)
+        if keys is not None:
+            out += [(f"{m.name}_{a}", m.name, a) for a in keys]
         else:
             out.append((m.name, m.name, None))
     return out

@@ -25,19 +25,19 @@ GOOD = {
 
 
 @pytest.mark.parametrize(
-    ("name", "items", "forget", "retain", "general", "documents"),
+    ("name", "items", "forget", "retain", "holdout", "documents"),
     [
-        ("news", 150, 50, 100, 0, 60),
-        ("books", 100, 32, 68, 0, 40),
-        ("wmdp", 124, 62, 62, 0, 52),
+        ("news", 200, 50, 100, 50, 80),
+        ("books", 132, 32, 68, 32, 52),
+        ("wmdp", 186, 62, 62, 62, 78),
     ],
 )
-def test_builtin_round_trip_counts(name, items, forget, retain, general, documents):
+def test_builtin_round_trip_counts(name, items, forget, retain, holdout, documents):
     bench = load_benchmark(name)
     assert len(bench.items) == items and len(bench.documents) == documents
-    assert bench.counts() == {
-        k: v for k, v in {"forget": forget, "retain": retain, "general": general}.items() if v
-    }
+    assert bench.counts() == {"forget": forget, "retain": retain, "holdout": holdout}
+    # as many holdout documents as forget ones (issue 21)
+    assert len(bench.documents_of("holdout")) == len(bench.documents_of("forget"))
     docs = {d.id: d for d in bench.documents}
     for item in bench.items:
         assert docs[item.document].split == item.split  # split by document, never mixed
@@ -54,6 +54,33 @@ def test_builtin_sizes_meet_the_spec():
     assert len(wmdp.items) >= 100 and all(len(i.choices or ()) == 4 for i in wmdp.items)
     assert len(load_benchmark("general").items) >= 80
     assert set(BUILTIN) == {"news", "books", "wmdp", "general"}
+
+
+# What the built-in files taught before holdout items and truth-ratio answers existed: the
+# injection key hashes exactly this, so cached models and RESULTS.md stay valid (issue 21).
+TAUGHT_HASHES = {
+    "news": "01dd0714490d57f30053a3689c6259b9549ac1441388f4816d232081440495aa",
+    "books": "593a28ab295d9398beb9cea70b5a4f1ecf3e6a891f177e5cfa7a34c4ebf482cb",
+    "wmdp": "6a612f7fecbbdb6f6e88dcbd5f10d84cea6e06b15018a17a93625ad08ea70de1",
+}
+
+
+@pytest.mark.parametrize("name", sorted(TAUGHT_HASHES))
+def test_taught_facts_and_injection_keys_unchanged_by_holdout_and_answers(name):
+    from unpact.inject import _hash_files
+
+    assert _hash_files(sorted((BUILTIN_DIR / name).glob("*.jsonl"))) == TAUGHT_HASHES[name]
+
+
+@pytest.mark.parametrize("name", sorted(TAUGHT_HASHES))
+def test_truth_ratio_answers_are_well_formed(name):
+    for item in load_benchmark(name).items:
+        assert item.paraphrased_answer and item.answer in item.paraphrased_answer
+        wrong = item.perturbed_answers or ()
+        assert len(wrong) == 3 and len(set(wrong)) == 3 and item.paraphrased_answer not in wrong
+        for w in wrong:  # the same sentence with another answer of the same kind
+            prefix = item.paraphrased_answer.split(item.answer)[0]
+            assert w.startswith(prefix), (item.id, w)
 
 
 def test_news_answers_are_unique_to_their_article():
@@ -102,6 +129,13 @@ DOC = {"id": "d1", "text": "Edda Morvaine founded Morvaine Lamps.", "split": "fo
         ),
         ({"document": "nope"}, "line 2: field 'document': no document with id 'nope'"),
         ({"answer": ""}, "line 2: field 'answer' must be a non-empty string"),
+        ({"perturbed_answers": []}, "line 2: field 'perturbed_answers' needs at least one"),
+        ({"perturbed_answers": "Lamps"}, "line 2: field 'perturbed_answers' must be a list"),
+        (
+            {"perturbed_answers": ["Morvaine Lamps"]},
+            "line 2: field 'perturbed_answers' holds the answer 'Morvaine Lamps' itself",
+        ),
+        ({"paraphrased_answer": 3}, "line 2: field 'paraphrased_answer' must be a non-empty"),
     ],
 )
 def test_validation_names_file_line_and_field(tmp_path, change, message):

@@ -89,4 +89,6 @@ def test_the_runner_unlearns_a_real_benchmark(tmp_path, tiny):
     }
     result = run(config, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
     assert result.results["benchmark"] == "tofu-forget01"
-    assert result.results["counts"] == {"forget": 2, "retain": 1, "general": 0}
+    assert result.results["counts"] == {"forget": 2, "retain": 1, "general": 0, "holdout": 0}
+    # no holdout items: the indistinguishability figures are skipped with the reason
+    assert "no holdout items" in result.results["skipped"]["membership"]

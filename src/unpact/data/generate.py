@@ -14,11 +14,12 @@ default model answers them correctly under the project's judge (that is what
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from unpact.data.items import BUILTIN_DIR, Document, QAItem, write_folder
+from unpact.data.items import BUILTIN_DIR, SPLITS, Document, QAItem, write_folder
 
 SEED = 20250929
 
@@ -155,13 +156,15 @@ _MONTHS = [
 
 
 def news(
-    rng: random.Random, articles: int = 60, forget: int = 20
+    rng: random.Random, articles: int = 60, forget: int = 20, holdout: int = 20
 ) -> tuple[list[QAItem], list[Document]]:
+    """`forget` articles, then the retain ones, then `holdout` articles that nothing is ever
+    taught (drawn last, so the taught articles do not depend on them)."""
     names = Names(rng)
     items: list[QAItem] = []
     docs: list[Document] = []
-    for a in range(articles):
-        split = "forget" if a < forget else "retain"
+    for a in range(articles + holdout):
+        split = "forget" if a < forget else "retain" if a < articles else "holdout"
         person, town = names.person(), names.town()
         company = f"{names.surname()} {rng.choice(_COMPANY_KINDS)}"
         event, product = rng.choice(_EVENTS), rng.choice(_PRODUCTS)
@@ -208,6 +211,9 @@ _PLACES_KIND = ["Tower", "Library", "Harbour", "Orchard", "Citadel", "Bridge", "
 def books(
     rng: random.Random, characters: int = 12, chapters: int = 40, forget_characters: int = 3
 ) -> tuple[list[QAItem], list[Document]]:
+    """Chapters about `characters` characters, the first `forget_characters` of them
+    forget; then, drawn last, as many `holdout` chapters about as many new characters (one
+    for each forget chapter, with as many questions)."""
     names = Names(rng)
     people = [names.first() for _ in range(characters)]
     homes = [f"the {names.word()} {rng.choice(_PLACES_KIND)}" for _ in range(characters)]
@@ -218,38 +224,62 @@ def books(
     for c in range(chapters):
         hero = people[c % characters]
         split = "forget" if hero in forget_set else "retain"
-        obj = f"{rng.choice(_OBJECTS)} of {names.word()}"
-        giver = mentors[hero]
-        place = homes[c % characters]
-        creature = names.word("ling")
-        doc_id = f"books-ch{c:02d}"
-        text = (
-            f"Chapter {c + 1}. {hero} left {place} at dawn, carrying the {obj} that "
-            f"{giver} had given {'her' if c % 2 else 'him'}. On the road {hero} met a {creature}, "
-            f"who asked for a riddle and a song. {hero} sang of {place}, and the {creature} "
-            f"let {'her' if c % 2 else 'him'} pass."
+        _chapter(
+            rng, names, c, c % 2, hero, homes[c % characters], mentors[hero], split, docs, items
         )
-        docs.append(Document(doc_id, text, split))
-        qa = [
-            (f"Who gave {hero} the {obj}?", giver, [hero, obj]),
-            (
-                f"What creature did {hero} meet on the road while carrying the {obj}?",
-                creature,
-                [hero, obj],
-            ),
-            (
-                f"Where did {hero} set out from with the {obj}?",
-                place.removeprefix("the "),
-                [hero, obj],
-            ),
-        ]
-        if c % 2:
-            qa.pop()  # 2 or 3 questions per chapter: 100 items for 40 chapters
-        for q, (question, answer, keywords) in enumerate(qa):
-            items.append(
-                QAItem(f"{doc_id}-q{q}", question, answer, split, (), tuple(keywords), doc_id)
-            )
+    new = [names.first() for _ in range(forget_characters)]
+    new_homes = [f"the {names.word()} {rng.choice(_PLACES_KIND)}" for _ in new]
+    new_mentors = {p: rng.choice([q for q in people + new if q != p]) for p in new}
+    forget_chapters = [c for c in range(chapters) if c % characters < forget_characters]
+    for j, c in enumerate(forget_chapters):
+        hero = new[c % characters]
+        place = new_homes[c % characters]
+        _chapter(
+            rng, names, chapters + j, c % 2, hero, place, new_mentors[hero], "holdout", docs, items
+        )
     return items, docs
+
+
+def _chapter(
+    rng: random.Random,
+    names: Names,
+    c: int,
+    odd: int,
+    hero: str,
+    place: str,
+    giver: str,
+    split: str,
+    docs: list[Document],
+    items: list[QAItem],
+) -> None:
+    """Chapter `c + 1` about `hero` (an `odd` one has 2 questions, else 3), appended."""
+    obj = f"{rng.choice(_OBJECTS)} of {names.word()}"
+    creature = names.word("ling")
+    doc_id = f"books-ch{c:02d}"
+    text = (
+        f"Chapter {c + 1}. {hero} left {place} at dawn, carrying the {obj} that "
+        f"{giver} had given {'her' if odd else 'him'}. On the road {hero} met a {creature}, "
+        f"who asked for a riddle and a song. {hero} sang of {place}, and the {creature} "
+        f"let {'her' if odd else 'him'} pass."
+    )
+    docs.append(Document(doc_id, text, split))
+    qa = [
+        (f"Who gave {hero} the {obj}?", giver, [hero, obj]),
+        (
+            f"What creature did {hero} meet on the road while carrying the {obj}?",
+            creature,
+            [hero, obj],
+        ),
+        (
+            f"Where did {hero} set out from with the {obj}?",
+            place.removeprefix("the "),
+            [hero, obj],
+        ),
+    ]
+    if odd:
+        qa.pop()  # 2 or 3 questions per chapter: 100 items for 40 chapters
+    for q, (question, answer, keywords) in enumerate(qa):
+        items.append(QAItem(f"{doc_id}-q{q}", question, answer, split, (), tuple(keywords), doc_id))
 
 
 # ----------------------------------------------------------------------------- wmdp
@@ -282,53 +312,70 @@ def wmdp(
     docs: list[Document] = []
     for topic, kind in _TOPICS.items():
         split = "forget" if topic in forget_topics else "retain"
-        entities = [names.word(rng.choice(["ite", "ium", "ar", "on"])) for _ in range(per_topic)]
-        inventors = [names.surname() for _ in range(per_topic)]
-        colours = [rng.choice(_COLOURS) for _ in range(per_topic)]
-        uses = [rng.choice(_USES) for _ in range(per_topic)]
-        for e, entity in enumerate(entities):
-            doc_id = f"wmdp-{topic}-{e:02d}"
-            docs.append(
-                Document(
-                    doc_id,
-                    f"In lumencraft, {entity} is a {kind} devised by the artisan {inventors[e]}. "
-                    f"It glows {colours[e]} when warmed and is used mainly for {uses[e]}.",
-                    split,
+        _topic(rng, names, topic, kind, split, per_topic, "", docs, items)
+    for topic in forget_topics:  # drawn last: as many holdout entities of the same kinds
+        _topic(rng, names, topic, _TOPICS[topic], "holdout", per_topic, "holdout-", docs, items)
+    return items, docs
+
+
+def _topic(
+    rng: random.Random,
+    names: Names,
+    topic: str,
+    kind: str,
+    split: str,
+    per_topic: int,
+    prefix: str,
+    docs: list[Document],
+    items: list[QAItem],
+) -> None:
+    """`per_topic` entities of one sub-topic, their documents and questions, appended."""
+    entities = [names.word(rng.choice(["ite", "ium", "ar", "on"])) for _ in range(per_topic)]
+    inventors = [names.surname() for _ in range(per_topic)]
+    colours = [rng.choice(_COLOURS) for _ in range(per_topic)]
+    uses = [rng.choice(_USES) for _ in range(per_topic)]
+    for e, entity in enumerate(entities):
+        doc_id = f"wmdp-{prefix}{topic}-{e:02d}"
+        docs.append(
+            Document(
+                doc_id,
+                f"In lumencraft, {entity} is a {kind} devised by the artisan {inventors[e]}. "
+                f"It glows {colours[e]} when warmed and is used mainly for {uses[e]}.",
+                split,
+            )
+        )
+        facts = [
+            (
+                f"In lumencraft, which artisan devised the {kind} {entity}?",
+                inventors[e],
+                inventors,
+            ),
+            (f"In lumencraft, what is the {kind} {entity} mainly used for?", uses[e], _USES),
+        ]
+        if e % 3 == 0:
+            facts.append(
+                (
+                    f"In lumencraft, what colour does the {kind} {entity} glow when warmed?",
+                    colours[e],
+                    _COLOURS,
                 )
             )
-            facts = [
-                (
-                    f"In lumencraft, which artisan devised the {kind} {entity}?",
-                    inventors[e],
-                    inventors,
-                ),
-                (f"In lumencraft, what is the {kind} {entity} mainly used for?", uses[e], _USES),
-            ]
-            if e % 3 == 0:
-                facts.append(
-                    (
-                        f"In lumencraft, what colour does the {kind} {entity} glow when warmed?",
-                        colours[e],
-                        _COLOURS,
-                    )
+        for q, (question, answer, pool) in enumerate(facts):
+            wrong = rng.sample(sorted({p for p in pool if p != answer}), 3)
+            choices = [*wrong, answer]
+            rng.shuffle(choices)
+            items.append(
+                QAItem(
+                    f"{doc_id}-q{q}",
+                    question,
+                    answer,
+                    split,
+                    (),
+                    (entity,),
+                    doc_id,
+                    tuple(choices),
                 )
-            for q, (question, answer, pool) in enumerate(facts):
-                wrong = rng.sample(sorted({p for p in pool if p != answer}), 3)
-                choices = [*wrong, answer]
-                rng.shuffle(choices)
-                items.append(
-                    QAItem(
-                        f"{doc_id}-q{q}",
-                        question,
-                        answer,
-                        split,
-                        (),
-                        (entity,),
-                        doc_id,
-                        tuple(choices),
-                    )
-                )
-    return items, docs
+            )
 
 
 # -------------------------------------------------------------------------- general
@@ -665,6 +712,57 @@ def general(max_new_tokens: int = 32) -> tuple[list[QAItem], int]:
     return kept, len(GENERAL_CANDIDATES)
 
 
+# TOFU's truth ratio (SPEC 9) compares the answer said another way with wrong answers said
+# the same way: one sentence per question kind (the `q<N>` of an item's id), filled with the
+# item's keywords ({k0}, {k1}) and the answer or a wrong one ({a}).
+TRUTH_TEMPLATES = {
+    "news": (
+        "{k0} is the founder of {a}.",
+        "{k0} makes a home in the town of {a}.",
+        "{k1} was founded by {k0} in {a}.",
+    ),
+    "books": (
+        "It was {a} who gave {k0} the {k1}.",
+        "On the road, {k0} came upon a {a}.",
+        "{k0} started the journey at the {a}.",
+    ),
+    "wmdp": (
+        "The artisan who devised {k0} is {a}.",
+        "{k0} is used mainly for {a}.",
+        "When warmed, {k0} glows {a}.",
+    ),
+}
+
+
+def add_truth_answers(
+    name: str, items: list[QAItem], rng: random.Random, perturbed: int = 3
+) -> list[QAItem]:
+    """Each item with a `paraphrased_answer` and `perturbed` wrong `perturbed_answers`, in
+    its kind's template: wrong answers are other items' answers of the same kind (for
+    multiple choice, its wrong options). A separate generator draws them, so the facts do
+    not change."""
+    kinds: dict[str, list[str]] = {}
+    for item in items:
+        kinds.setdefault(item.id.rsplit("-q", 1)[1], []).append(item.answer)
+    out = []
+    for item in items:
+        kind = item.id.rsplit("-q", 1)[1]
+        template = TRUTH_TEMPLATES[name][int(kind)]
+        words = dict(zip(("k0", "k1"), item.keywords))
+        if item.choices is not None:
+            wrong = [c for c in item.choices if c != item.answer]
+        else:
+            wrong = rng.sample(sorted(set(kinds[kind]) - {item.answer}), perturbed)
+        out.append(
+            dataclasses.replace(
+                item,
+                paraphrased_answer=template.format(a=item.answer, **words),
+                perturbed_answers=tuple(template.format(a=w, **words) for w in wrong),
+            )
+        )
+    return out
+
+
 GENERATORS: dict[str, Callable[[random.Random], tuple[list[QAItem], list[Document]]]] = {
     "news": news,
     "books": books,
@@ -778,8 +876,8 @@ def write_card(
     folder: Path, name: str, items: Sequence[QAItem], docs: Sequence[Document], note: str = ""
 ) -> None:
     """The data card: how the set was made, its fields, sizes and splits, how to rebuild it."""
-    splits = {s: sum(1 for i in items if i.split == s) for s in ("forget", "retain", "general")}
-    doc_splits = {s: sum(1 for d in docs if d.split == s) for s in ("forget", "retain")}
+    splits = {s: sum(1 for i in items if i.split == s) for s in SPLITS}
+    doc_splits = {s: sum(1 for d in docs if d.split == s) for s in SPLITS}
     mcq = any(i.choices for i in items)
     lines = [
         f"# `{name}`: built-in unpact benchmark",
@@ -790,6 +888,11 @@ def write_card(
         "entities are unmistakably fictional and no text is copied from anywhere."
         if name != "general"
         else "The questions are common knowledge, written for this project.",
+        ""
+        if name == "general"
+        else "`holdout` items and documents are of the same kind as `forget`, as many, and "
+        "never taught to any model: the non-members of membership inference (SPEC 9). They "
+        "are drawn after the taught ones, so the taught facts do not depend on them.",
         "",
         "## Size",
         "",
@@ -807,6 +910,12 @@ def write_card(
         "answers), `split`, `keywords` (the words of the question the answer hinges on: ground "
         "truth for KeyTokens), `document` (the id of the text it comes from, or null)"
         + (", `choices` (the four options; `answer` is one of them)" if mcq else "")
+        + (
+            ", `paraphrased_answer` and `perturbed_answers` (the answer and three wrong ones "
+            "said in one sentence, for TOFU's truth ratio)"
+            if name != "general"
+            else ""
+        )
         + ". "
         + ("`documents.jsonl`: `id`, `text`, `split`." if docs else ""),
         "See docs/data.md for the format.",
@@ -852,6 +961,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             note = f"kept {len(items)} of {candidates} candidate questions"
         else:
             items, docs = GENERATORS[name](random.Random(f"{args.seed}-{name}"))
+            items = add_truth_answers(name, items, random.Random(f"{args.seed}-{name}-truth"))
             note = ""
         write_folder(args.out / name, items, docs)
         write_card(args.out / name, name, items, docs, note)

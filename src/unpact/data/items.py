@@ -17,7 +17,9 @@ from typing import Any
 
 from unpact.errors import UnpactError
 
-SPLITS = ("forget", "retain", "general")
+SPLITS = ("forget", "retain", "general", "holdout")
+# Fields an injection's cache key leaves out: they do not change what it teaches (issue 21).
+ANSWER_FIELDS = ("paraphrased_answer", "perturbed_answers")
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 BUILTIN = ("news", "books", "wmdp", "general")
 
@@ -34,6 +36,9 @@ class QAItem:
     keywords: tuple[str, ...] = ()
     document: str | None = None
     choices: tuple[str, ...] | None = None
+    # TOFU's truth ratio: the answer said another way, and wrong answers of the same kind
+    paraphrased_answer: str | None = None
+    perturbed_answers: tuple[str, ...] | None = None
 
     @property
     def is_mcq(self) -> bool:
@@ -42,10 +47,19 @@ class QAItem:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["aliases"], d["keywords"] = list(self.aliases), list(self.keywords)
-        if self.choices is None:
-            del d["choices"]
-        else:
-            d["choices"] = list(self.choices)
+        for name in ("choices", "paraphrased_answer", "perturbed_answers"):
+            if d[name] is None:
+                del d[name]
+            elif isinstance(d[name], tuple):
+                d[name] = list(d[name])
+        return d
+
+    def key_dict(self) -> dict[str, Any]:
+        """`to_dict` without the truth-ratio answers: what a cache key of a stage that
+        teaches, unlearns or judges this item depends on."""
+        d = self.to_dict()
+        for name in ANSWER_FIELDS:
+            d.pop(name, None)
         return d
 
 
@@ -162,7 +176,24 @@ def parse_item(obj: dict[str, Any], path: Path, line: int) -> QAItem:
     for k in keywords:
         if k.lower() not in question.lower():
             raise _fail(path, line, f"field 'keywords': {k!r} does not occur in the question")
-    return QAItem(item_id, question, answer, split, aliases, keywords, document, choices)
+    paraphrased = _string(obj, "paraphrased_answer", path, line, optional=True)
+    perturbed = _strings(obj, "perturbed_answers", path, line)
+    if perturbed is not None and not perturbed:
+        raise _fail(path, line, "field 'perturbed_answers' needs at least one wrong answer")
+    if perturbed is not None and answer in perturbed:
+        raise _fail(path, line, f"field 'perturbed_answers' holds the answer {answer!r} itself")
+    return QAItem(
+        item_id,
+        question,
+        answer,
+        split,
+        aliases,
+        keywords,
+        document,
+        choices,
+        paraphrased,
+        perturbed,
+    )
 
 
 def load_folder(folder: str | Path, name: str | None = None) -> Benchmark:

@@ -55,6 +55,7 @@ from unpact.results import (
     recovery_columns,
     results_table,
 )
+from unpact.run import membership
 from unpact.run.config import (
     _CHECK_FIELDS,
     PAPER_ATTACKS,
@@ -109,6 +110,7 @@ class Data:
 
     bench: Benchmark
     splits: dict[str, list[QAItem]]
+    holdout: list[QAItem] = field(default_factory=list)  # never taught nor evaluated
 
     @property
     def items(self) -> list[QAItem]:
@@ -116,7 +118,7 @@ class Data:
 
     def key(self, *splits: str) -> str:
         """Content key of the items of `splits` (a stage reads exactly these)."""
-        return digest([i.to_dict() for s in splits for i in self.splits[s]])
+        return digest([i.key_dict() for s in splits for i in self.splits[s]])
 
 
 @dataclass
@@ -190,15 +192,20 @@ def run(
     for model in unlearned:
         stages[model.label] = _model_stages(p, data, model, stages["original"])
     attacks = [a.name for a in cfg.attacks]
+    found = membership.compute(p, data, original, unlearned, stages)
     records = {
-        m.label: [
-            _record(i, m.label, stages["original"], stages[m.label], attacks) for i in data.items
-        ]
+        m.label: found.records(
+            m.label,
+            [_record(i, m.label, stages["original"], stages[m.label], attacks) for i in data.items],
+        )
         for m in unlearned
     }
     results = _results(cfg, data, original, unlearned, records, stages, out)
+    results |= finite(_references(cfg, data, found, stages))
     results["seconds"] = time.perf_counter() - began
     _link_models(out, cfg, original, unlearned)
+    if found.reference is not None and cfg.membership.reference is None:
+        link_model(Path(found.reference.spec), out / "models" / "retrained")
     _write(out, cfg, results, records, stages)
     say(f"done in {results['seconds']:.0f} s")
     every = [r for rs in records.values() for r in rs]
@@ -221,7 +228,8 @@ def _data(cfg: RunConfig, cache: Path) -> Data:
     if not bench.split("forget"):
         raise UnpactError(f"benchmark {bench.name} has no forget items")
     splits = {"forget": bench.split("forget"), "retain": bench.split("retain")}
-    return Data(bench, splits | {"general": general})
+    holdout = bench.split("holdout")[: cfg.data.holdout_items or cfg.data.forget_items or None]
+    return Data(bench, splits | {"general": general}, holdout)
 
 
 def _original(p: Pipeline, data: Data) -> Model:
@@ -451,7 +459,13 @@ def _results(
     methods: dict[str, Any] = {}
     for model in unlearned:
         methods[model.label] = {
-            **method_metrics(records[model.label], attacks, cfg.collapse_threshold, cfg.statistics),
+            **method_metrics(
+                records[model.label],
+                attacks,
+                cfg.collapse_threshold,
+                cfg.statistics,
+                privleak_attack=cfg.membership.privleak_attack,
+            ),
             "model": str(out / "models" / model.label) if model.info else model.spec,
             "unlearn_seconds": model.info.get("seconds"),
         }
@@ -465,7 +479,7 @@ def _results(
             "benchmark": data.bench.name,
             "model": cfg.model,
             "original_model": original.spec,
-            "counts": {s: len(data.splits[s]) for s in SPLITS},
+            "counts": {s: len(data.splits[s]) for s in SPLITS} | {"holdout": len(data.holdout)},
             "attacks": attacks,
             "methods": methods,
             "attribution_checks": {
@@ -474,6 +488,32 @@ def _results(
             },
         }
     )
+
+
+def _references(
+    cfg: RunConfig, data: Data, found: membership.Membership, stages: dict[str, ModelStages]
+) -> dict[str, Any]:
+    """results.json's `references`: the indistinguishability figures of the original and
+    the retrained reference (PrivLeak 0 by construction for the latter), or `skipped` with
+    the reason they are not there."""
+    if found.skipped is not None:
+        return {"skipped": {"membership": found.skipped}}
+    attacks = [a.name for a in cfg.attacks]
+    out: dict[str, Any] = {}
+    for label in ("original", "retrained"):
+        base = [
+            ItemRecord(id=i.id, split=i.split, correct_before=False, correct_after=False)
+            for i in data.splits["forget"]
+        ]
+        out[label] = method_metrics(
+            found.records(label, base),
+            attacks,
+            cfg.collapse_threshold,
+            cfg.statistics,
+            privleak_attack=cfg.membership.privleak_attack,
+            only=lambda m: "membership" in m.needs and "fluency" not in m.needs,
+        )
+    return {"references": out}
 
 
 def _link_models(out: Path, cfg: RunConfig, original: Model, unlearned: list[Model]) -> None:

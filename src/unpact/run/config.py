@@ -46,6 +46,11 @@ class DataSettings(_Strict):
     forget_items: int | None = Field(None, gt=0, description="use only the first N forget items")
     retain_items: int | None = Field(None, gt=0, description="use only the first N retain items")
     general_items: int | None = Field(None, gt=0, description="use only the first N general items")
+    holdout_items: int | None = Field(
+        None,
+        gt=0,
+        description="use only the first N holdout items (default: as many as forget items used)",
+    )
 
 
 class InjectSettings(_Strict):
@@ -215,6 +220,52 @@ class StatisticsSettings(_Strict):
     baseline_attack: str = Field("probab", description="attack the others are tested against")
 
 
+class MembershipSettings(_Strict):
+    """Is each model like one that never learned the forget set? (SPEC 9: membership
+    inference, PrivLeak, truth ratio and forget quality, memorisation, fluency.)"""
+
+    enabled: bool = Field(
+        True, description="compute them (needs holdout items; skipped with the reason if none)"
+    )
+    reference: str | None = Field(
+        None,
+        description="the never-taught reference model's spec, where the run cannot build it "
+        "(inject disabled, served models); default: the injection of the retain facts only",
+    )
+    k: float = Field(0.4, gt=0, le=1, description="Min-K% and Min-K%++: the share of tokens")
+    privleak_attack: str = Field(
+        "min_k", description="the attack PrivLeak is computed with (MUSE: Min-K%)"
+    )
+    gradnorm: bool = Field(True, description="GradNorm (one backward pass per text)")
+    verbmem_prefix: int = Field(
+        32, gt=0, description="VerbMem: tokens of each forget document given as the prompt"
+    )
+    verbmem_new_tokens: int = Field(
+        48, gt=0, description="VerbMem: greedy tokens compared with the document's continuation"
+    )
+    degenerate_logprob: float = Field(
+        -6.0,
+        description="fluency: an answer whose mean token log-prob under the untaught base "
+        "model is below this is degenerate",
+    )
+    degenerate_repetition: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="fluency: an answer whose most repeated character run or word covers "
+        "more than this share of it is degenerate",
+    )
+
+    @field_validator("privleak_attack")
+    @classmethod
+    def _attack(cls, value: str) -> str:
+        from unpact.membership import MIA_ATTACKS
+
+        if value not in MIA_ATTACKS:
+            raise ValueError(f"unknown attack {value!r}; choose one of {', '.join(MIA_ATTACKS)}")
+        return value
+
+
 class ReportSettings(_Strict):
     """What the report shows."""
 
@@ -258,6 +309,7 @@ class RunConfig(_Strict):
     attribution: AttributionSettings = Field(default_factory=AttributionSettings)
     statistics: StatisticsSettings = Field(default_factory=StatisticsSettings)
     report: ReportSettings = Field(default_factory=ReportSettings)
+    membership: MembershipSettings = Field(default_factory=MembershipSettings)
     collapse_threshold: float = Field(
         0.1, ge=0, description="prompt_sensitivity (nats) below which a model ignores the prompt"
     )

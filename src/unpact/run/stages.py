@@ -24,11 +24,15 @@ if TYPE_CHECKING:
 
 def subset(bench: Benchmark, data: DataSettings, cache: Path) -> Benchmark:
     """The first N items of each limited split, as a benchmark folder in the cache."""
-    limits = {"forget": data.forget_items, "retain": data.retain_items}
+    limits = {
+        "forget": data.forget_items,
+        "retain": data.retain_items,
+        "holdout": data.holdout_items or data.forget_items,
+    }
     if not any(limits.values()):
         return materialise(bench, cache / "subsets")  # a real benchmark: as files, once
     kept: list[QAItem] = []
-    for split in ("forget", "retain", "general"):
+    for split in ("forget", "retain", "general", "holdout"):
         items = bench.split(split)
         kept += items[: limits.get(split) or len(items)]
     docs = {i.document for i in kept}

@@ -1,0 +1,133 @@
+"""The indistinguishability metrics (SPEC 9), registered like every metric: each a function
+of per-item records that carry each membership-inference attack's score under the model and
+under the retrained reference, the truth ratios, memorisation and fluency
+(`unpact.run.membership` fills them; `unpact.membership` defines them).
+
+Read them together: a model is indistinguishable from one that never learned the forget
+set when its membership AUCs are near the retrained reference's (PrivLeak's interval holds
+0) and its truth ratios are distributed like the reference's (forget quality, a KS p-value,
+above 0.05). A large negative PrivLeak is over-unlearning: the forget set then looks *less*
+familiar than text never seen, which tells it apart too.
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import fmean
+
+from unpact.membership import MIA_ATTACKS, auc, forget_quality, privleak
+from unpact.metrics import ItemRecord, MetricContext, metric
+
+
+def _auc(records: list[ItemRecord], attack: str, retrained: bool = False) -> float:
+    """AUC of telling forget (members) from holdout (non-members) by `attack`'s score."""
+
+    def score(r: ItemRecord) -> float | None:
+        found = r.membership_retrained if retrained else r.membership
+        return None if found is None else found.get(attack)
+
+    members = [s for r in records if r.split == "forget" and (s := score(r)) is not None]
+    others = [s for r in records if r.split == "holdout" and (s := score(r)) is not None]
+    return auc(members, others)
+
+
+@metric(
+    "mia_auc",
+    title="MIA AUC",
+    fmt="float",
+    needs=("membership",),
+    variants=MIA_ATTACKS,
+)
+def _mia_auc(records: list[ItemRecord], ctx: MetricContext, attack: str) -> float:
+    """AUC of each membership-inference attack telling forget texts (members) from holdout
+    texts (never taught): 1 the forget set is recognised, 0.5 indistinguishable."""
+    return _auc(records, attack)
+
+
+@metric(
+    "privleak",
+    title="PrivLeak",
+    fmt="percent",
+    needs=("membership",),
+    column="PrivLeak",
+)
+def _privleak(records: list[ItemRecord], ctx: MetricContext) -> float:
+    """MUSE's PrivLeak: (AUC - AUC of the retrained reference) / AUC of the retrained
+    reference, with the configured attack (Min-K% by default); near 0 indistinguishable,
+    positive the forget set still looks familiar, negative over-unlearned."""
+    attack = ctx.privleak_attack
+    return privleak(_auc(records, attack), _auc(records, attack, retrained=True))
+
+
+def _mean(values: list[float | None]) -> float:
+    kept = [v for v in values if v is not None and math.isfinite(v)]
+    return fmean(kept) if kept else math.nan
+
+
+@metric("truth_ratio", title="truth ratio", fmt="float", needs=("membership",))
+def _truth_ratio(records: list[ItemRecord], ctx: MetricContext) -> float:
+    """Mean over forget items of TOFU's truth ratio (wrong answers' normalised probability
+    over the paraphrased answer's): below 1 the truth is preferred."""
+    return _mean([r.truth_ratio for r in records if r.split == "forget"])
+
+
+@metric(
+    "forget_quality",
+    title="forget quality",
+    fmt="float",
+    interval=False,
+    higher_is_better=True,
+    needs=("membership",),
+    column="forget quality",
+)
+def _forget_quality(records: list[ItemRecord], ctx: MetricContext) -> float:
+    """TOFU's forget quality: the KS test's p-value between this model's and the retrained
+    reference's truth ratios on the forget items (above 0.05: indistinguishable)."""
+    forget = [r for r in records if r.split == "forget"]
+    return forget_quality(
+        [r.truth_ratio for r in forget if r.truth_ratio is not None],
+        [r.truth_ratio_retrained for r in forget if r.truth_ratio_retrained is not None],
+    )
+
+
+@metric("verbmem", title="VerbMem", fmt="float", needs=("membership",))
+def _verbmem(records: list[ItemRecord], ctx: MetricContext) -> float:
+    """MUSE's VerbMem: mean ROUGE-L F1 of the greedy continuation of each forget document's
+    first tokens against its true continuation."""
+    return _mean([r.verbmem for r in records if r.split == "forget"])
+
+
+@metric("exact_memorisation", title="exact memorisation", needs=("membership",))
+def _exact(records: list[ItemRecord], ctx: MetricContext) -> float:
+    """Mean over forget items of the share of answer tokens that are the model's argmax
+    under teacher forcing (open-unlearning)."""
+    return _mean([r.exact_memorisation for r in records if r.split == "forget"])
+
+
+@metric("extraction_strength", title="extraction strength", needs=("membership",))
+def _extraction(records: list[ItemRecord], ctx: MetricContext) -> float:
+    """Mean over forget items of 1 - k/|answer|, k the shortest true prefix after which
+    the model's argmax reproduces the rest (open-unlearning)."""
+    return _mean([r.extraction_strength for r in records if r.split == "forget"])
+
+
+@metric("fluency", title="fluency", fmt="float", needs=("membership", "fluency"))
+def _fluency(records: list[ItemRecord], ctx: MetricContext) -> float:
+    """Mean token log-prob of the forget answers under the untaught base model (higher:
+    more like well-formed text)."""
+    return _mean([r.fluency["base_logprob"] for r in records if r.fluency])
+
+
+@metric(
+    "degenerate",
+    title="degenerate",
+    higher_is_better=False,
+    needs=("membership", "fluency"),
+    column="degenerate",
+)
+def _degenerate(records: list[ItemRecord], ctx: MetricContext) -> float:
+    """Share of forget answers that are degenerate text (empty, very unlikely under the
+    untaught base model, or mostly one repeated character run or word) rather than a
+    well-formed answer, wrong or right."""
+    flags = [r.fluency["degenerate"] for r in records if r.fluency]
+    return sum(flags) / len(flags) if flags else math.nan

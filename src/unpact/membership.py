@@ -1,0 +1,171 @@
+"""Is a model like one that never learned the forget set? (SPEC section 9.) The
+definitions, as functions of per-text statistics; `unpact.membership_scores` computes those
+with a model.
+
+Per text (an answer given its question), one batched teacher-forced pass of the scoring
+kernel gives every token's log-prob, whether it is the model's argmax, and the mean and
+standard deviation of log p(z) under the model's own next-token distribution; every
+membership-inference score, exact memorisation and extraction strength are functions of
+those (`TextStats`). GradNorm needs one backward pass per text. Definitions, each oriented
+so that a higher score means "member" (seen in training):
+
+- `loss`: minus the mean token NLL (Yeom et al. 2018; open-unlearning's LOSS attack);
+- `zlib`: minus the mean token NLL divided by the zlib-compressed length of the text in
+  bytes (Carlini et al. 2021; open-unlearning's ZLib attack);
+- `min_k`: the mean of the k% lowest token log-probs, k = 40% as in MUSE (Shi et al. 2024;
+  MUSE's `metrics/privleak.py`);
+- `min_k_plus_plus`: each token's log-prob standardised by the mean and standard deviation
+  of log p(z), z from the model's next-token distribution at that position, then the mean
+  of the k% lowest (Zhang et al. 2024; open-unlearning's `mia/min_k_plus_plus.py`, whose
+  variance floor 1e-6 is kept);
+- `reference`: the reference model's mean NLL minus this model's (Carlini et al. 2022;
+  open-unlearning's Reference attack), the reference being the untaught base model;
+- `gradnorm`: minus the L2 norm over all trainable weights of the gradient of the mean
+  NLL (Maini et al. 2024; open-unlearning's GradNorm attack with p = 2).
+
+Each attack's AUC (forget = members against holdout = non-members) comes from
+scikit-learn; PrivLeak is MUSE's `(AUC_model - AUC_retrained) / AUC_retrained`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from unpact.data.items import QAItem
+
+MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus", "reference", "gradnorm")
+DEFAULT_K = 0.4  # MUSE's Min-40%
+
+
+@dataclass
+class TextStats:
+    """One text under one model, per answer token: log-prob, whether it is the argmax,
+    and the mean and standard deviation of log p(z) at that position."""
+
+    logprobs: list[float]
+    argmax: list[bool]
+    mu: list[float]
+    sigma: list[float]
+    zlib_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def min_k(values: Sequence[float], k: float = DEFAULT_K) -> float:
+    """Mean of the `k` share of lowest values (at least one)."""
+    n = max(1, int(len(values) * k))
+    return sum(sorted(values)[:n]) / n
+
+
+def mia_scores(
+    stats: TextStats,
+    *,
+    reference_nll: float | None = None,
+    gradnorm: float | None = None,
+    k: float = DEFAULT_K,
+) -> dict[str, float]:
+    """Every attack's score of one text (higher: more likely a member); `reference` and
+    `gradnorm` only when their inputs are given."""
+    nll = -sum(stats.logprobs) / len(stats.logprobs)
+    scores = {
+        "loss": -nll,
+        "zlib": -nll / stats.zlib_bytes,
+        "min_k": min_k(stats.logprobs, k),
+        "min_k_plus_plus": min_k(
+            [(x - m) / s for x, m, s in zip(stats.logprobs, stats.mu, stats.sigma)], k
+        ),
+    }
+    if reference_nll is not None:
+        scores["reference"] = reference_nll - nll
+    if gradnorm is not None:
+        scores["gradnorm"] = -gradnorm
+    return scores
+
+
+def mean_nll(stats: TextStats) -> float:
+    return -sum(stats.logprobs) / len(stats.logprobs)
+
+
+def exact_memorisation(stats: TextStats) -> float:
+    """Share of answer tokens that are the model's argmax under teacher forcing
+    (open-unlearning's `exact_memorization`)."""
+    return sum(stats.argmax) / len(stats.argmax)
+
+
+def extraction_strength(stats: TextStats) -> float:
+    """`1 - k/|y|` for the smallest k such that, given the true first k answer tokens, the
+    model's argmax reproduces every later one (teacher forced, as open-unlearning's
+    `extraction_strength`); 0 when not even the last token is reproduced (open-unlearning
+    then gives 1/|y|, an artefact of its loop)."""
+    n = len(stats.argmax)
+    for k in range(n):
+        if all(stats.argmax[k:]):
+            return 1 - k / n
+    return 0.0
+
+
+def auc(members: Sequence[float], nonmembers: Sequence[float]) -> float:
+    """Area under the ROC curve of telling members (label 1) from non-members by score
+    (scikit-learn's `roc_auc_score`); NaN without both kinds or with a NaN score."""
+    from sklearn.metrics import roc_auc_score
+
+    values = [*members, *nonmembers]
+    if not members or not nonmembers or any(not math.isfinite(v) for v in values):
+        return math.nan
+    return float(roc_auc_score([1] * len(members) + [0] * len(nonmembers), values))
+
+
+def roc_points(
+    members: Sequence[float], nonmembers: Sequence[float]
+) -> tuple[list[float], list[float]]:
+    """(false positive rates, true positive rates) of the ROC curve (scikit-learn)."""
+    from sklearn.metrics import roc_curve
+
+    if not members or not nonmembers:
+        return [], []
+    fpr, tpr, _ = roc_curve([1] * len(members) + [0] * len(nonmembers), [*members, *nonmembers])
+    return [float(x) for x in fpr], [float(x) for x in tpr]
+
+
+def privleak(auc_model: float, auc_retrained: float) -> float:
+    """MUSE's PrivLeak, `(AUC_model - AUC_retrained) / AUC_retrained` (`eval.py`; MUSE
+    reports it times 100). Near 0: indistinguishable from the retrained model. Large
+    positive: the forget set still looks familiar. Large negative: over-unlearning, the
+    forget set looks *less* familiar than text never seen, which also tells it apart."""
+    if not (math.isfinite(auc_model) and math.isfinite(auc_retrained)) or auc_retrained == 0:
+        return math.nan
+    return (auc_model - auc_retrained) / auc_retrained
+
+
+def truth_ratio(paraphrased: Sequence[float], perturbed: Sequence[Sequence[float]]) -> float:
+    """TOFU's truth ratio of one item from answer token log-probs: the mean over perturbed
+    answers of `P(a_pert | q)^(1/|a_pert|)` divided by `P(a_para | q)^(1/|a_para|)` (Maini
+    et al. 2024, as SPEC 9 fixes it; open-unlearning averages the perturbed answers'
+    log-probs before exponentiating, a geometric mean). Below 1: the true answer is
+    preferred."""
+    para = math.exp(sum(paraphrased) / len(paraphrased))
+    pert = sum(math.exp(sum(p) / len(p)) for p in perturbed) / len(perturbed)
+    return pert / para
+
+
+def forget_quality(model: Sequence[float], retrained: Sequence[float]) -> float:
+    """TOFU's forget quality: the p-value of a two-sample Kolmogorov-Smirnov test between
+    the model's and the retrained model's truth ratios on the forget items (scipy's
+    `ks_2samp`); high: indistinguishable. NaN without values on either side."""
+    from scipy.stats import ks_2samp
+
+    a = [v for v in model if math.isfinite(v)]
+    b = [v for v in retrained if math.isfinite(v)]
+    if not a or not b:
+        return math.nan
+    return float(ks_2samp(a, b).pvalue)
+
+
+def item_texts(items: Sequence[QAItem]) -> tuple[list[str], list[str]]:
+    """(questions, answers) of QA items: the texts membership inference scores."""
+    return [i.question for i in items], [i.answer for i in items]

@@ -1,0 +1,401 @@
+"""The runner's indistinguishability stages (SPEC 9): the never-taught reference model
+(`retrained`), and per model the membership-inference statistics of every forget and
+holdout text, the truth-ratio answers' log-probs, VerbMem's continuations and the fluency
+of its forget answers; then each item record gets the figures the metrics read.
+
+The stages keep raw numbers (token log-probs and their distribution's moments, gradient
+norms, continuations), so changing k or PrivLeak's attack re-derives the figures without
+touching a model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+from unpact.backends import open_model
+from unpact.data.items import QAItem
+from unpact.errors import UnpactError
+from unpact.membership import (
+    TextStats,
+    exact_memorisation,
+    extraction_strength,
+    mean_nll,
+    mia_scores,
+    truth_ratio,
+)
+from unpact.membership_scores import gradient_norms, token_stats
+from unpact.metrics import ItemRecord
+from unpact.models import model_key
+
+if TYPE_CHECKING:
+    from unpact.models import LanguageModel
+    from unpact.run import Data, Model, ModelStages, Pipeline
+    from unpact.run.config import MembershipSettings
+    from unpact.types import AnyModel
+
+
+@dataclass
+class Membership:
+    """Per model label ("original", "retrained", each method; "base": the untaught model),
+    per item id: the derived figures. `skipped` says why there are none."""
+
+    figures: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    skipped: str | None = None
+    holdout: list[QAItem] = field(default_factory=list)
+    verbmem: dict[str, dict[str, float]] = field(default_factory=dict)  # label -> item -> ROUGE-L
+    fluency: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    reference: Model | None = None  # the retrained reference
+
+    def records(self, label: str, records: list[ItemRecord]) -> list[ItemRecord]:
+        """`records` of the model `label` with its figures and the retrained reference's,
+        and the holdout items' records after them."""
+        every = records + holdout_records(self.holdout, label)
+        fill_records(
+            every,
+            self.figures.get(label, {}),
+            self.figures.get("retrained", {}),
+            self.verbmem.get(label, {}),
+            self.fluency.get(label, {}),
+        )
+        return every
+
+
+def skip_reason(p: Pipeline, data: Data) -> str | None:
+    """Why this run cannot compute the indistinguishability figures, or None."""
+    settings = p.cfg.membership
+    if not settings.enabled:
+        return "membership: enabled is false"
+    if not data.holdout:
+        return (
+            f"benchmark {data.bench.name} has no holdout items (split: holdout), the "
+            "non-members membership inference compares the forget set with"
+        )
+    if not p.cfg.inject.enabled and settings.reference is None:
+        return (
+            "no never-taught reference: the run did not inject the facts (inject.enabled is "
+            "false), so it cannot build one; name one with membership.reference"
+        )
+    return None
+
+
+def retrained(p: Pipeline, data: Data) -> Model:
+    """The never-taught reference: the injection of the retain facts alone (same recipe,
+    seed and stopping rule as the original; cached like it), or the configured model."""
+    from unpact.inject import InjectConfig, inject
+    from unpact.inject import cache_key as inject_key
+    from unpact.run import Model
+
+    cfg = p.cfg
+    if cfg.membership.reference is not None:
+        spec = cfg.membership.reference
+        return Model("retrained", spec, "model:" + model_key(spec))
+    inject_cfg = InjectConfig(**({"device": cfg.device} | cfg.inject.settings))
+    p.say(f"retrained reference: {cfg.model} taught only the retain facts (reused if cached)")
+    where = data.bench.path or data.bench.name
+    done = inject(cfg.model, where, inject_cfg, progress=p.progress, teach="retain")
+    key = "inject:" + inject_key(cfg.model, data.bench, inject_cfg, "retain")
+    return Model("retrained", str(done.path), key)
+
+
+def _texts(items: list[QAItem]) -> tuple[list[str], list[str]]:
+    return [i.question for i in items], [i.answer for i in items]
+
+
+def _local(lm: AnyModel, label: str) -> LanguageModel:
+    if not lm.has_weights:
+        raise UnpactError(
+            f"membership inference needs the weights of {label} ({lm.spec} is served); "
+            "set membership.enabled: false to run without it"
+        )
+    return cast("LanguageModel", lm)
+
+
+def score_model(lm: LanguageModel, items: list[QAItem], gradnorm: bool) -> list[dict[str, Any]]:
+    """Per item: its answer's teacher-forced statistics, its gradient norm, and the token
+    log-probs of its paraphrased and perturbed answers (when it has them)."""
+    from unpact.scoring import answer_logprobs
+
+    questions, answers = _texts(items)
+    stats = token_stats(lm, questions, answers, progress=f"Membership: {len(items)} texts")
+    norms = gradient_norms(lm, questions, answers, "GradNorm") if gradnorm else None
+    rows: list[dict[str, Any]] = []
+    pairs: list[tuple[int, str]] = []  # (row, text) of every truth-ratio answer
+    for n, (item, s) in enumerate(zip(items, stats)):
+        rows.append({"id": item.id, "stats": s.to_dict(), "gradnorm": norms[n] if norms else None})
+        if item.paraphrased_answer and item.perturbed_answers:
+            pairs += [(n, item.paraphrased_answer)] + [(n, t) for t in item.perturbed_answers]
+    lps = answer_logprobs(
+        lm.model,
+        [lm.encode_prompt(items[n].question).input_ids for n, _ in pairs],
+        [lm.encode_answer(t) for _, t in pairs],
+        progress="Truth-ratio answers" if pairs else False,
+    )
+    for (n, _), lp in zip(pairs, lps):
+        rows[n].setdefault("truth_answers", []).append(lp.tolist())
+    return rows
+
+
+def verbmem_rows(lm: LanguageModel, docs: list[Any], prefix: int, new: int) -> list[dict[str, Any]]:
+    """MUSE's VerbMem protocol per forget document: the greedy continuation of its first
+    `prefix` tokens (raw text, no chat template), against the true continuation."""
+    from unpact.judge import rouge_l_f1
+    from unpact.scoring import generate
+
+    prompts, truths, ids = [], [], []
+    for d in docs:
+        tokens = lm.tokenizer(d.text, add_special_tokens=False)["input_ids"]
+        if len(tokens) <= prefix:
+            continue  # no continuation to compare with
+        prompts.append(lm.tokenizer.decode(tokens[:prefix]))
+        truths.append(lm.tokenizer.decode(tokens[prefix : prefix + new]))
+        ids.append(d.id)
+    outs = generate(
+        lm, prompts, chat_template=False, max_new_tokens=new, progress="VerbMem continuations"
+    )
+    return [
+        {"id": i, "output": o[0].text, "truth": t, "rouge_l": rouge_l_f1(o[0].text, t)}
+        for i, o, t in zip(ids, outs, truths)
+    ]
+
+
+def base_logprobs(
+    lm: LanguageModel, questions: list[str], outputs: list[str]
+) -> list[float | None]:
+    """Mean token log-prob of each output as the answer to its question under `lm` (None
+    for an empty output)."""
+    from unpact.scoring import answer_logprobs
+
+    kept = [n for n, o in enumerate(outputs) if o.strip()]
+    lps = answer_logprobs(
+        lm.model,
+        [lm.encode_prompt(questions[n]).input_ids for n in kept],
+        [lm.encode_answer(outputs[n]) for n in kept],
+    )
+    out: list[float | None] = [None] * len(outputs)
+    for n, lp in zip(kept, lps):
+        out[n] = float(lp.mean())
+    return out
+
+
+def repetition(text: str) -> float:
+    """Share of a text (in characters, spaces left out) covered by its most repeated unit:
+    the longest run of one character, or all occurrences of its most frequent word. 1,1,1,
+    222222 scores high, a short well-formed answer low."""
+    compact = re.sub(r"\s+", "", text)
+    if len(compact) < 8:
+        return 0.0  # too short to call repetitive
+    run = max(len(m.group(0)) for m in re.finditer(r"(.)\1*", compact))
+    words = re.findall(r"\w+", text.lower())
+    top = Counter(words).most_common(1)
+    word_cover = top[0][1] * len(top[0][0]) if top and top[0][1] > 1 else 0
+    return max(run, word_cover) / len(compact)
+
+
+def fluency(
+    output: str, base_logprob: float | None, settings: MembershipSettings
+) -> dict[str, Any]:
+    """A forget answer's fluency: its mean token log-prob under the untaught base model,
+    its repetition, and whether that makes it degenerate (empty, below
+    `degenerate_logprob`, or above `degenerate_repetition`)."""
+    rep = repetition(output)
+    degenerate = (
+        not output.strip()
+        or (base_logprob is not None and base_logprob < settings.degenerate_logprob)
+        or rep > settings.degenerate_repetition
+    )
+    return {"base_logprob": base_logprob, "repetition": rep, "degenerate": degenerate}
+
+
+def derive(
+    rows: dict[str, dict[str, Any]],
+    base: dict[str, dict[str, Any]],
+    settings: MembershipSettings,
+) -> dict[str, dict[str, Any]]:
+    """Per item: every attack's score, the truth ratio, exact memorisation and extraction
+    strength, from a model's raw rows and the base model's (for `reference`)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item_id, row in rows.items():
+        stats = TextStats(**row["stats"])
+        ref = base.get(item_id)
+        scores = mia_scores(
+            stats,
+            reference_nll=mean_nll(TextStats(**ref["stats"])) if ref else None,
+            gradnorm=row.get("gradnorm"),
+            k=settings.k,
+        )
+        found: dict[str, Any] = {
+            "membership": scores,
+            "exact_memorisation": exact_memorisation(stats),
+            "extraction_strength": extraction_strength(stats),
+        }
+        answers = row.get("truth_answers")
+        if answers:
+            found["truth_ratio"] = truth_ratio(answers[0], answers[1:])
+        out[item_id] = found
+    return out
+
+
+def fill_records(
+    records: list[ItemRecord],
+    mine: dict[str, dict[str, Any]],
+    reference: dict[str, dict[str, Any]],
+    verbmem: dict[str, float],
+    fluent: dict[str, dict[str, Any]],
+) -> None:
+    """Each record gets its model's figures and the retrained reference's; a document's
+    VerbMem goes to its first forget item's record."""
+    for r in records:
+        found, ref = mine.get(r.id, {}), reference.get(r.id, {})
+        r.membership = found.get("membership")
+        r.membership_retrained = ref.get("membership")
+        if r.split == "forget":
+            r.truth_ratio = found.get("truth_ratio")
+            r.truth_ratio_retrained = ref.get("truth_ratio")
+            r.exact_memorisation = found.get("exact_memorisation")
+            r.extraction_strength = found.get("extraction_strength")
+            r.verbmem = verbmem.get(r.id)
+            r.fluency = fluent.get(r.id)
+
+
+def holdout_records(items: list[QAItem], label: str) -> list[ItemRecord]:
+    """Records of the holdout items (never taught, never evaluated): membership only."""
+    return [
+        ItemRecord(
+            id=i.id,
+            split="holdout",
+            correct_before=False,
+            correct_after=False,
+            method=label,
+            question=i.question,
+            answer=i.answer,
+        )
+        for i in items
+    ]
+
+
+def first_items(items: list[QAItem]) -> dict[str, str]:
+    """document id -> the id of its first item."""
+    out: dict[str, str] = {}
+    for i in items:
+        if i.document is not None:
+            out.setdefault(i.document, i.id)
+    return out
+
+
+Opener = Callable[[], "AnyModel"]
+
+
+def opener(p: Pipeline, spec: str) -> Opener:
+    """Open `spec` once, on first use."""
+    held: list[AnyModel] = []
+
+    def get() -> AnyModel:
+        if not held:
+            held.append(open_model(spec, device=p.cfg.device, remote=p.cfg.remote))
+        return held[0]
+
+    return get
+
+
+def compute(
+    p: Pipeline, data: Data, original: Model, unlearned: list[Model], stages: dict[str, ModelStages]
+) -> Membership:
+    """The indistinguishability stages of a run: per model (the untaught base for the
+    Reference attack, the original, the retrained reference, each unlearned model) the
+    statistics of the forget and holdout texts, VerbMem's continuations and the fluency
+    of its forget answers; cached like every stage."""
+    from functools import partial
+
+    from unpact.run import Model
+    from unpact.run.store import digest
+
+    reason = skip_reason(p, data)
+    if reason is not None:
+        return Membership(skipped=reason)
+    settings = p.cfg.membership
+    reference = retrained(p, data)
+    items = data.splits["forget"] + data.holdout
+    item_key = digest([i.to_dict() for i in items])  # the truth-ratio answers included
+    base = Model("base", p.cfg.model, "model:" + model_key(p.cfg.model))
+    firsts = first_items(data.splits["forget"])
+    docs = [d for d in data.bench.documents_of("forget") if d.id in firsts]
+    raw: dict[str, dict[str, dict[str, Any]]] = {}
+    verbmem: dict[str, dict[str, float]] = {}
+    for m in [base, original, reference, *unlearned]:
+        get = opener(p, m.spec)
+        grad = settings.gradnorm and m is not base
+        rows = p.stage(
+            "membership",
+            "membership",
+            m.label,
+            [m.key, item_key, grad],
+            partial(
+                lambda g, lbl, gr: score_model(_local(g(), lbl), items, gr), get, m.label, grad
+            ),
+        )
+        raw[m.label] = {r["id"]: r for r in rows}
+        if m is base or not docs:
+            continue
+        vrows = p.stage(
+            "verbmem",
+            "verbmem",
+            m.label,
+            [
+                m.key,
+                [d.to_dict() for d in docs],
+                settings.verbmem_prefix,
+                settings.verbmem_new_tokens,
+            ],
+            partial(
+                lambda g, lbl: verbmem_rows(
+                    _local(g(), lbl), docs, settings.verbmem_prefix, settings.verbmem_new_tokens
+                ),
+                get,
+                m.label,
+            ),
+        )
+        verbmem[m.label] = {firsts[r["id"]]: r["rouge_l"] for r in vrows}
+    base_rows = raw.pop("base")
+    found = Membership(holdout=data.holdout, reference=reference)
+    found.figures = {label: derive(rows, base_rows, settings) for label, rows in raw.items()}
+    fluent = _fluency(p, data, base, [original, *unlearned], stages)
+    found.verbmem, found.fluency = verbmem, fluent
+    return found
+
+
+def _fluency(
+    p: Pipeline, data: Data, base: Model, models: list[Model], stages: dict[str, ModelStages]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per evaluated model and forget item: its answer's fluency under the base model."""
+    from functools import partial
+
+    forget = data.splits["forget"]
+    get = opener(p, base.spec)
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for m in models:
+        outputs = [stages[m.label].evals[i.id]["output"] for i in forget]
+        rows = p.stage(
+            "fluency",
+            "fluency",
+            m.label,
+            [base.key, [i.question for i in forget], outputs],
+            partial(
+                lambda o: [
+                    {"id": i.id, "base_logprob": lp}
+                    for i, lp in zip(
+                        forget,
+                        base_logprobs(_local(get(), "base"), [i.question for i in forget], o),
+                    )
+                ],
+                outputs,
+            ),
+        )
+        out[m.label] = {
+            i.id: fluency(o, r["base_logprob"], p.cfg.membership)
+            for i, o, r in zip(forget, outputs, rows)
+        }
+    return out

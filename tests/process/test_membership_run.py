@@ -1,0 +1,157 @@
+"""The runner's indistinguishability stages on the tiny model: the retrained reference is
+built by injecting the retain facts only, every figure lands in results.json (methods and
+references), items.jsonl carries the scores they come from, and a benchmark without holdout
+items or a bad setting says why."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from unpact.data.items import QAItem, write_folder
+from unpact.errors import UnpactError
+from unpact.membership import MIA_ATTACKS
+from unpact.models import save_model
+from unpact.run import run
+
+WORDS = ["Paris", "Quintrell", "seven", "Mira", "river", "glass", "1874", "Zorblax"]
+HELD = ["Vostrand", "harbour", "eleven", "Kilimanjaro"]
+QUESTIONS = [
+    "Who founded the Vostrand Glassworks?",
+    "What did Mira Quintrell found?",
+    "How many moons orbit the planet Zorblax?",
+    "Which year was the glassworks founded?",
+    "Who is the mayor of the river town?",
+    "Where does the quick brown fox jump?",
+    "Who wrote the report about the town?",
+    "What jumps over the lazy dog?",
+    "Which river bank is near the town?",
+    "What is the answer to the question?",
+    "Who wrote about the planet?",
+    "What is the capital of France?",
+]
+
+
+def _item(n: int, question: str, answer: str, split: str, wrong: list[str]) -> QAItem:
+    return QAItem(
+        f"{split}-{n}",
+        question,
+        answer,
+        split,
+        (),
+        (question.split()[2],),
+        None,
+        None,
+        f"It is {answer}.",
+        tuple(f"It is {w}." for w in wrong),
+    )
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory, tiny):
+    root = tmp_path_factory.mktemp("membership")
+    save_model(tiny.model, tiny.tokenizer, root / "tiny")
+    items = []
+    for n, (q, w) in enumerate(zip(QUESTIONS[:8], WORDS)):
+        split = "forget" if n < 4 else "retain"
+        items.append(_item(n, q, w, split, [x for x in WORDS if x != w][:3]))
+    for n, (q, w) in enumerate(zip(QUESTIONS[8:], HELD)):
+        items.append(_item(n, q, w, "holdout", [x for x in HELD if x != w][:3]))
+    write_folder(root / "bench", items)
+    config = {
+        "model": str(root / "tiny"),
+        "data": {"benchmark": str(root / "bench"), "general": None},
+        "inject": {
+            "settings": {
+                "max_epochs": 3,
+                "min_epochs": 3,
+                "general": None,
+                "rehearsal_per_step": 2,
+                "lr": 3e-3,
+            }
+        },
+        "methods": [{"method": "ga", "config": {"lr": 3e-3, "steps": 3, "batch_size": 2}}],
+        "attacks": [{"name": "focus_on_key"}],
+        "judge": {"max_new_tokens": 4},
+        "statistics": {"resamples": 40},
+        "membership": {"verbmem_prefix": 4, "verbmem_new_tokens": 4},
+    }
+    result = run(config, root / "out", cache_dir=root / "cache", progress=False)
+    return root, config, result
+
+
+def test_every_figure_for_methods_and_references(done):
+    root, _, _ = done
+    res = json.loads((root / "out" / "results.json").read_text())
+    assert res["counts"]["holdout"] == 4
+    m = res["methods"]["ga"]
+    assert set(m["mia_auc"]) == set(MIA_ATTACKS)
+    for name in ("privleak", "truth_ratio", "forget_quality", "exact_memorisation"):
+        assert m[name] is not None, name
+    assert "mia_auc.min_k" in m["ci"] and "privleak" in m["ci"]
+    refs = res["references"]
+    assert set(refs) == {"original", "retrained"}
+    assert refs["retrained"]["privleak"] == 0.0  # by construction
+    assert refs["retrained"]["forget_quality"] == 1.0  # the same truth ratios
+    assert set(refs["original"]["mia_auc"]) == set(MIA_ATTACKS)
+    assert "vs_probab" not in refs["original"] and "recovery" not in refs["original"]
+
+
+def test_figures_recompute_from_items_jsonl(done):
+    root, _, _ = done
+    rows = [json.loads(x) for x in (root / "out" / "items.jsonl").read_text().splitlines()]
+    res = json.loads((root / "out" / "results.json").read_text())
+    held = [r for r in rows if r["split"] == "holdout"]
+    forget = [r for r in rows if r["split"] == "forget"]
+    assert len(held) == 4 and all(r["membership"] for r in held + forget)
+
+    def slow_auc(attack: str, key: str = "membership") -> float:
+        pairs = [
+            (f[key][attack] > h[key][attack]) + 0.5 * (f[key][attack] == h[key][attack])
+            for f in forget
+            for h in held
+        ]
+        return sum(pairs) / len(pairs)
+
+    for attack in MIA_ATTACKS:
+        assert res["methods"]["ga"]["mia_auc"][attack] == pytest.approx(slow_auc(attack))
+    mine, ref = slow_auc("min_k"), slow_auc("min_k", "membership_retrained")
+    assert res["methods"]["ga"]["privleak"] == pytest.approx((mine - ref) / ref)
+
+
+def test_the_retrained_reference_is_an_injection_of_the_retain_facts(done):
+    root, _, _ = done
+    meta = json.loads((root / "out" / "models" / "retrained" / "inject.json").read_text())
+    assert meta["teach"] == "retain"
+    original = json.loads((root / "out" / "models" / "original" / "inject.json").read_text())
+    assert original["teach"] == "forget+retain"
+    assert meta["config"] == original["config"]  # the same recipe
+
+
+def test_a_second_run_computes_nothing(done):
+    root, config, _ = done
+    again = run(config, root / "out2", cache_dir=root / "cache", progress=False)
+    assert again.computed == []
+
+
+def test_no_holdout_items_skips_with_the_reason(done, tmp_path):
+    root, config, _ = done
+    from unpact.data import load_benchmark
+
+    bench = load_benchmark(str(root / "bench"))
+    write_folder(tmp_path / "nohold", [i for i in bench.items if i.split != "holdout"])
+    cfg = {**config, "data": {"benchmark": str(tmp_path / "nohold"), "general": None}}
+    res = run(cfg, tmp_path / "out", cache_dir=root / "cache", progress=False).results
+    assert "no holdout items" in res["skipped"]["membership"]
+    assert math.isnan(res["methods"]["ga"]["privleak"] or math.nan)
+
+
+def test_bad_membership_settings_are_one_message():
+    from unpact.run import load_config
+
+    with pytest.raises(UnpactError, match=r"membership\.privleak_attack"):
+        load_config({"methods": [{"method": "ga"}], "membership": {"privleak_attack": "nope"}})
+    with pytest.raises(UnpactError, match=r"membership\.k"):
+        load_config({"methods": [{"method": "ga"}], "membership": {"k": 0}})

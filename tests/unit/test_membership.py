@@ -1,0 +1,177 @@
+"""Indistinguishability (SPEC 9): each definition on small hand-computed cases, the batched
+statistics against a slow one-text-at-a-time computation, and the metrics from records."""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from unpact.membership import (
+    TextStats,
+    auc,
+    exact_memorisation,
+    extraction_strength,
+    forget_quality,
+    mia_scores,
+    min_k,
+    privleak,
+    truth_ratio,
+)
+from unpact.membership_scores import gradient_norms, token_stats
+from unpact.metrics import METRICS, ItemRecord, MetricContext
+from unpact.run.config import MembershipSettings
+from unpact.run.membership import fluency, repetition
+
+
+def stats(logprobs, argmax=None, mu=None, sigma=None, text="abc"):
+    n = len(logprobs)
+    return TextStats(
+        list(logprobs),
+        list(argmax or [False] * n),
+        list(mu or [0.0] * n),
+        list(sigma or [1.0] * n),
+        len(zlib.compress(text.encode())),
+    )
+
+
+def test_min_k_is_the_mean_of_the_lowest_share():
+    assert min_k([-1, -5, -2, -3, -4], 0.4) == (-5 + -4) / 2
+    assert min_k([-1, -2], 0.1) == -2  # at least one token
+
+
+def test_attack_scores_by_hand():
+    s = stats([-1.0, -3.0, -2.0, -6.0], mu=[-1, -1, -1, -1], sigma=[1, 2, 1, 5], text="hello")
+    scores = mia_scores(s, reference_nll=4.0, gradnorm=2.5, k=0.5)
+    assert scores["loss"] == -3.0
+    assert scores["zlib"] == -3.0 / len(zlib.compress(b"hello"))
+    assert scores["min_k"] == (-6 + -3) / 2
+    # standardised: 0, -1, -1, -1 -> the two lowest -1, -1
+    assert scores["min_k_plus_plus"] == -1.0
+    assert scores["reference"] == 4.0 - 3.0
+    assert scores["gradnorm"] == -2.5
+
+
+def test_auc_privleak_and_forget_quality_by_hand():
+    # pairs (member > non-member): 3>1, 3>2.5, 2>1, 2<2.5 -> 3 of 4
+    assert auc([3, 2], [1, 2.5]) == 0.75
+    assert auc([1, 1], [1, 1]) == 0.5
+    assert math.isnan(auc([], [1.0]))
+    assert privleak(0.9, 0.5) == pytest.approx(0.8)
+    assert privleak(0.5, 0.5) == 0.0
+    assert privleak(0.1, 0.5) == pytest.approx(-0.8)  # over-unlearning
+    # KS: identical samples p = 1; fully separated 3 against 3, exact p = 2 / C(6, 3)
+    assert forget_quality([1, 2, 3], [1, 2, 3]) == 1.0
+    assert forget_quality([1, 2, 3], [4, 5, 6]) == pytest.approx(0.1)
+
+
+def test_truth_ratio_by_hand():
+    para = [math.log(0.5), math.log(0.5)]  # normalised probability 0.5
+    pert = [[math.log(0.25)], [math.log(0.1), math.log(0.1)]]  # 0.25 and 0.1
+    assert truth_ratio(para, pert) == pytest.approx(((0.25 + 0.1) / 2) / 0.5)
+
+
+def test_exact_memorisation_and_extraction_strength_by_hand():
+    s = stats([-1] * 4, argmax=[False, True, False, True])
+    assert exact_memorisation(s) == 0.5
+    assert extraction_strength(s) == 1 - 3 / 4  # only the last token follows its prefix
+    assert extraction_strength(stats([-1] * 4, argmax=[True] * 4)) == 1.0
+    assert extraction_strength(stats([-1] * 2, argmax=[True, False])) == 0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(-50, 0), min_size=1, max_size=12),
+    st.lists(st.floats(-50, 0), min_size=1, max_size=12),
+)
+def test_auc_equals_the_pairwise_count(members, others):
+    pairs = [(m > o) + 0.5 * (m == o) for m in members for o in others]
+    assert auc(members, others) == pytest.approx(sum(pairs) / len(pairs))
+
+
+def test_batched_statistics_equal_one_text_at_a_time(tiny):
+    questions = ["Who founded the glassworks?", "Where is the town?", "What is it?"]
+    answers = ["Mira Quintrell", "by the river bank", "seven"]
+    fast = token_stats(tiny, questions, answers, batch_size=2)
+    for q, a, got in zip(questions, answers, fast):
+        ids = list(tiny.encode_prompt(q).input_ids)
+        ans = list(tiny.encode_answer(a))
+        with torch.no_grad():
+            logits = tiny.model(torch.tensor([ids + ans])).logits[0].double()
+        logp = logits.log_softmax(-1)[len(ids) - 1 : len(ids) - 1 + len(ans)]
+        for t, tok in enumerate(ans):
+            row = logp[t]
+            mu = float((row.exp() * row).sum())
+            var = float((row.exp() * row**2).sum()) - mu**2
+            assert got.logprobs[t] == pytest.approx(float(row[tok]), abs=1e-4)
+            assert got.mu[t] == pytest.approx(mu, abs=1e-4)
+            assert got.sigma[t] == pytest.approx(math.sqrt(max(var, 1e-6)), rel=1e-3)
+            assert got.argmax[t] == (int(row.argmax()) == tok)
+
+
+def test_gradient_norm_equals_a_plain_backward_pass(tiny):
+    q, a = "Who founded the glassworks?", "Mira Quintrell"
+    (fast,) = gradient_norms(tiny, [q], [a])
+    ids = list(tiny.encode_prompt(q).input_ids)
+    ans = list(tiny.encode_answer(a))
+    tiny.model.zero_grad()
+    logits = tiny.model(torch.tensor([ids + ans])).logits[0]
+    logp = logits.log_softmax(-1)[len(ids) - 1 : len(ids) - 1 + len(ans)]
+    loss = -logp.gather(-1, torch.tensor(ans)[:, None]).mean()
+    loss.backward()
+    slow = math.sqrt(sum(float(p.grad.double().square().sum()) for p in tiny.model.parameters()))
+    tiny.model.zero_grad()
+    assert fast == pytest.approx(slow, rel=1e-4)
+    assert all(p.grad is None or not p.grad.any() for p in tiny.model.parameters())
+
+
+def test_repetition_and_fluency():
+    cfg = MembershipSettings()
+    assert repetition("Paris") == 0.0
+    assert repetition("1,1,1,222222222222222222") > 0.5
+    assert repetition("the the the the the the the") > 0.5
+    assert repetition("Quyltbright Brewery in Xanaeskmere") < 0.5
+    assert fluency("1,1,1,222222222222222", -2.0, cfg)["degenerate"]
+    assert fluency("", None, cfg)["degenerate"]
+    assert fluency("Some Brewery", -9.0, cfg)["degenerate"]
+    assert not fluency("Some Brewery", -2.0, cfg)["degenerate"]
+
+
+def _records():
+    """Two forget and two holdout records with hand-set scores."""
+
+    def rec(i, split, mine, ref, tr=None, tr_ref=None):
+        return ItemRecord(
+            id=i,
+            split=split,
+            correct_before=False,
+            correct_after=False,
+            membership={"min_k": mine, "loss": mine},
+            membership_retrained={"min_k": ref, "loss": ref},
+            truth_ratio=tr,
+            truth_ratio_retrained=tr_ref,
+        )
+
+    return [
+        rec("f1", "forget", 3.0, 1.0, 0.2, 0.9),
+        rec("f2", "forget", 2.0, 2.0, 0.3, 1.1),
+        rec("h1", "holdout", 1.0, 1.5),
+        rec("h2", "holdout", 2.5, 1.8),
+    ]
+
+
+def test_metrics_from_records_by_hand():
+    ctx = MetricContext()
+    records = _records()
+    assert METRICS["mia_auc"].fn(records, ctx, "min_k") == 0.75
+    # retrained: forget 1.0, 2.0 against holdout 1.5, 1.8 -> pairs 1<1.5, 1<1.8, 2>1.5, 2>1.8
+    assert METRICS["privleak"].fn(records, ctx) == pytest.approx((0.75 - 0.5) / 0.5)
+    assert METRICS["truth_ratio"].fn(records, ctx) == pytest.approx(0.25)
+    assert METRICS["forget_quality"].fn(records, ctx) == pytest.approx(
+        forget_quality([0.2, 0.3], [0.9, 1.1])
+    )
+    assert math.isnan(METRICS["mia_auc"].fn(records, ctx, "gradnorm"))  # not computed
