@@ -97,6 +97,9 @@ def test_every_figure_for_methods_and_references(done):
     assert refs["retrained"]["forget_quality"] == 1.0  # the same truth ratios
     assert set(refs["original"]["mia_auc"]) == set(MIA_ATTACKS)
     assert "vs_probab" not in refs["original"] and "recovery" not in refs["original"]
+    page = (root / "out" / "report.html").read_text()
+    assert 'id="roc"' in page and 'id="references"' in page  # ROC per method, references
+    assert "retrained (AUC" in page  # the reference's curve beside each method's
 
 
 def test_figures_recompute_from_items_jsonl(done):

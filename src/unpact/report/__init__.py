@@ -19,6 +19,7 @@ import yaml
 
 from unpact.attacks import attack_title
 from unpact.attribution import Attribution
+from unpact.report.roc import roc_svg
 from unpact.results import columns, other_columns, recovery_columns
 
 if TYPE_CHECKING:
@@ -208,6 +209,10 @@ def render(
         columns=columns(results["attacks"], split=True),
         more=other_columns(results["attacks"]),
         plot=dilemma_svg(results, attack=config.report.dilemma_attack),
+        roc=roc_svg(records, config.membership.privleak_attack),
+        references=results.get("references") or {},
+        mia_attack=config.membership.privleak_attack,
+        skipped=results.get("skipped") or {},
         check_columns=sorted(
             {k for row in (results.get("attribution_checks") or {}).values() for k in row}
         ),

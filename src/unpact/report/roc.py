@@ -1,0 +1,62 @@
+"""The report's membership-inference figure: per method, the ROC curve of telling its
+forget texts from never-taught holdout texts by the PrivLeak attack's score, with the
+retrained reference's curve on the same texts drawn beside it (SPEC 9)."""
+
+from __future__ import annotations
+
+import io
+import re
+from typing import TYPE_CHECKING
+
+from unpact.membership import auc, roc_points
+
+if TYPE_CHECKING:
+    from unpact.metrics import ItemRecord
+
+
+def _scores(records: list[ItemRecord], split: str, attack: str, retrained: bool) -> list[float]:
+    out = []
+    for r in records:
+        found = r.membership_retrained if retrained else r.membership
+        if r.split == split and found is not None and attack in found:
+            out.append(found[attack])
+    return out
+
+
+def roc_svg(records: list[ItemRecord], attack: str) -> str | None:
+    """One small ROC panel per method as an inline SVG, or None without membership scores."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(r.method for r in records if r.membership is not None))
+    if not methods:
+        return None
+    cols = min(4, len(methods))
+    rows = (len(methods) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.9 * cols, 2.9 * rows), squeeze=False)
+    for ax in axes.flat[len(methods) :]:
+        ax.axis("off")
+    for ax, method in zip(axes.flat, methods):
+        mine = [r for r in records if r.method == method]
+        for retrained, style, label in ((False, "-", method), (True, "--", "retrained")):
+            members = _scores(mine, "forget", attack, retrained)
+            others = _scores(mine, "holdout", attack, retrained)
+            fpr, tpr = roc_points(members, others)
+            if fpr:
+                ax.plot(fpr, tpr, style, label=f"{label} (AUC {auc(members, others):.2f})")
+        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8)
+        ax.set_title(method, fontsize="medium")
+        ax.set_xlabel("false positive rate", fontsize="small")
+        ax.set_ylabel("true positive rate", fontsize="small")
+        ax.legend(fontsize="x-small", loc="lower right")
+    fig.suptitle(f"Membership inference ({attack}): forget (members) against holdout texts")
+    fig.tight_layout()
+    buf = io.StringIO()
+    plt.rcParams["svg.fonttype"] = "none"
+    plt.rcParams["svg.hashsalt"] = "unpact"
+    fig.savefig(buf, format="svg")
+    plt.close(fig)
+    svg = re.sub(r"<metadata>.*?</metadata>", "", buf.getvalue(), flags=re.S)
+    return svg[svg.index("<svg") :]
