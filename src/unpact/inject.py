@@ -180,10 +180,34 @@ class InjectResult:
     seconds: float
     cached: bool
 
+    @property
+    def general_kept(self) -> float | None:
+        """General accuracy after injection / before: the share of the general questions
+        the base model answered that the injected model still answers (None if not judged)."""
+        return kept_share(self.accuracy, self.base_accuracy)
+
+    def summary(self) -> dict[str, Any]:
+        """What a run reports of an injection: accuracies, the kept share, epochs."""
+        return {
+            "accuracy": self.accuracy,
+            "base_accuracy": self.base_accuracy,
+            "general_kept": self.general_kept,
+            "epochs": self.epochs,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["path"] = str(self.path)
+        d["general_kept"] = self.general_kept
         return d
+
+
+def kept_share(accuracy: dict[str, float], base: dict[str, float]) -> float | None:
+    """accuracy["general"] / base["general"], or None when either is missing or 0."""
+    after, before = accuracy.get("general"), base.get("general")
+    if after is None or not before or after != after or before != before:
+        return None
+    return after / before
 
 
 def _hash_files(paths: list[Path]) -> str:
@@ -440,6 +464,7 @@ def inject(
     meta = {
         "accuracy": final,
         "base_accuracy": base_accuracy,
+        "general_kept": kept_share(final, base_accuracy),
         "epochs": epochs_done,
         "seconds": seconds,
         "timings": {k: round(v, 1) for k, v in timings.items()},

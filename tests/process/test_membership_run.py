@@ -100,6 +100,10 @@ def test_every_figure_for_methods_and_references(done):
     page = (root / "out" / "report.html").read_text()
     assert 'id="roc"' in page and 'id="references"' in page  # ROC per method, references
     assert "retrained (AUC" in page  # the reference's curve beside each method's
+    # both injections reported (this one does not judge general knowledge: said so)
+    assert set(res["injection"]) == {"original", "retrained"}
+    assert res["injection"]["original"]["general_kept"] is None
+    assert 'id="injection-retrained"' in page and "did not judge general" in page
 
 
 def test_figures_recompute_from_items_jsonl(done):

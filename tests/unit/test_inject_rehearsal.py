@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -36,3 +38,14 @@ def test_rehearsal_kl_is_zero_against_itself_and_bounded_by_the_full_kl(k):
         exact = (b.exp() * (b - o)).sum(-1).mean().item()
     assert full_vocab == pytest.approx(exact, rel=1e-4)  # k = vocabulary: the exact KL
     assert 0 < coarse <= exact + 1e-6  # coarsening never increases a KL
+
+
+def test_kept_share_of_general_knowledge():
+    from unpact.inject import InjectResult, kept_share
+
+    assert kept_share({"general": 0.6}, {"general": 0.8}) == pytest.approx(0.75)
+    assert kept_share({"forget": 1.0}, {}) is None  # not judged
+    assert kept_share({"general": 0.5}, {"general": 0.0}) is None
+    done = InjectResult(Path("x"), {"general": 0.9}, {"general": 1.0}, 6, 1.0, True)
+    assert done.summary()["general_kept"] == pytest.approx(0.9)
+    assert done.to_dict()["general_kept"] == pytest.approx(0.9)

@@ -204,6 +204,9 @@ def run(
     results |= finite(_references(cfg, data, found, stages))
     results["seconds"] = time.perf_counter() - began
     _link_models(out, cfg, original, unlearned)
+    injections = {m.label: m.info["injection"] for m in (original, found.reference) if m and m.info}
+    if injections:
+        results["injection"] = finite(injections)
     if found.reference is not None and cfg.membership.reference is None:
         link_model(Path(found.reference.spec), out / "models" / "retrained")
     _write(out, cfg, results, records, stages)
@@ -246,7 +249,20 @@ def _original(p: Pipeline, data: Data) -> Model:
     where = data.bench.path or data.bench.name
     injected = inject(cfg.model, where, inject_cfg, progress=p.progress)
     key = "inject:" + inject_key(cfg.model, data.bench, inject_cfg)
-    return Model("original", str(injected.path), key)
+    p.say(injection_line(injected))
+    return Model("original", str(injected.path), key, {"injection": injected.summary()})
+
+
+def injection_line(done: Any) -> str:
+    """The run log's line on an injection: what it reached, and the general knowledge kept."""
+    acc = " ".join(f"{k} {v:.0%}" for k, v in done.accuracy.items() if v == v)
+    kept = done.general_kept
+    tail = (
+        f"; kept {kept:.0%} of the general questions the base model answers"
+        if kept is not None
+        else "; general knowledge not judged by the injection (settings.general: null)"
+    )
+    return f"  injected in {done.epochs} epochs: {acc}{tail}"
 
 
 def _unlearn(p: Pipeline, data: Data, original: Model, spec: MethodSpec) -> Model:

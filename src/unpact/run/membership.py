@@ -98,7 +98,10 @@ def retrained(p: Pipeline, data: Data) -> Model:
     where = data.bench.path or data.bench.name
     done = inject(cfg.model, where, inject_cfg, progress=p.progress, teach="retain")
     key = "inject:" + inject_key(cfg.model, data.bench, inject_cfg, "retain")
-    return Model("retrained", str(done.path), key)
+    from unpact.run import injection_line
+
+    p.say(injection_line(done))
+    return Model("retrained", str(done.path), key, {"injection": done.summary()})
 
 
 def _texts(items: list[QAItem]) -> tuple[list[str], list[str]]:
