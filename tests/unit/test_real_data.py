@@ -17,14 +17,25 @@ def test_muse_knowmem_and_raw():
     assert bench.counts() == {"forget": 2, "retain": 1}
     first = bench.split("forget")[0]
     assert first.question.startswith("Which river") and first.answer == "the Ollen"
-    assert [d.split for d in bench.documents] == ["forget", "forget", "retain"]
+    assert [d.split for d in bench.documents] == [
+        "forget",
+        "forget",
+        "retain",
+        "holdout",
+        "holdout",
+    ]
     assert bench.documents[0].text.startswith("The Harrowgate ferry")
 
 
 def test_tofu_forget_retain_and_general():
     bench = read_tofu(FIXTURES / "tofu", forget="forget01")
-    assert bench.counts() == {"forget": 2, "retain": 1, "general": 1}
+    assert bench.counts() == {"forget": 2, "retain": 1, "general": 1, "holdout": 2}
     assert bench.split("general")[0].answer == "Paris"
+    # TOFU's own truth-ratio answers, matched by question, on the forget items only
+    first = bench.split("forget")[0]
+    assert first.paraphrased_answer == "The answer is French literature."
+    assert first.perturbed_answers and len(first.perturbed_answers) == 3
+    assert all(i.perturbed_answers is None for i in bench.split("retain"))
     with pytest.raises(UnpactError, match=r"forget05\.json is missing"):
         read_tofu(FIXTURES / "tofu", forget="forget05")
     with pytest.raises(UnpactError, match="unknown TOFU forget set"):
@@ -89,6 +100,35 @@ def test_the_runner_unlearns_a_real_benchmark(tmp_path, tiny):
     }
     result = run(config, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
     assert result.results["benchmark"] == "tofu-forget01"
-    assert result.results["counts"] == {"forget": 2, "retain": 1, "general": 0, "holdout": 0}
-    # no holdout items: the indistinguishability figures are skipped with the reason
-    assert "no holdout items" in result.results["skipped"]["membership"]
+    assert result.results["counts"] == {"forget": 2, "retain": 1, "general": 0, "holdout": 2}
+    # no injection and no reference named: the indistinguishability figures are skipped
+    assert "no never-taught reference" in result.results["skipped"]["membership"]
+
+
+def test_a_named_reference_enables_membership_and_another_tokenizer_is_refused(tmp_path, tiny):
+    from unpact.models import save_model
+    from unpact.run import run
+    from unpact.testing import tiny_model
+
+    save_model(tiny.model, tiny.tokenizer, tmp_path / "tiny")
+    config = {
+        "model": str(tmp_path / "tiny"),
+        "data": {"benchmark": f"tofu:{FIXTURES / 'tofu'}", "general": None},
+        "inject": {"enabled": False},
+        "methods": [{"method": "ga_gd", "config": {"steps": 1, "batch_size": 2}}],
+        "attacks": [{"name": "focus_on_key"}],
+        "judge": {"max_new_tokens": 4},
+        "statistics": {"resamples": 0},
+        "membership": {"reference": str(tmp_path / "tiny"), "gradnorm": False},
+    }
+    res = run(config, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False).results
+    # TOFU has no documents and GradNorm is off: said, not silent nulls
+    assert set(res["skipped"]) == {"verbmem", "mia_auc.gradnorm"}
+    assert res["methods"]["ga_gd"]["forget_quality"] is not None
+    assert set(res["methods"]["ga_gd"]["mia_auc"]) >= {"loss", "min_k"}
+    assert res["references"]["retrained"]["privleak"] == 0.0
+    other = tiny_model(seed=1, vocab_size=300)
+    save_model(other.model, other.tokenizer, tmp_path / "other")
+    config["membership"] = {"reference": str(tmp_path / "other")}
+    with pytest.raises(UnpactError, match="another tokenizer"):
+        run(config, tmp_path / "out2", cache_dir=tmp_path / "cache", progress=False)

@@ -6,11 +6,14 @@ Each reader takes a local path in the benchmark's own layout, or (for users with
 - MUSE (News or Books; muse-bench/MUSE-News, muse-bench/MUSE-Books): a folder with
   `knowmem/forget_qa.json` and `knowmem/retain_qa.json` (JSON lists of
   `{"question", "answer"}`) and optionally `raw/forget.txt` and `raw/retain1.txt` (plain
-  text; each blank-line-separated block becomes a document).
+  text; each blank-line-separated block becomes a document), and `raw/holdout.txt` (MUSE's
+  never-trained text, read as `holdout` documents).
 - TOFU (locuslab/TOFU): a folder with `forget01.json`, `forget05.json` or `forget10.json`
   and the matching `retain99.json`, `retain95.json` or `retain90.json` (JSON lines or a
   JSON list of `{"question", "answer"}`), optionally `world_facts.json` and
-  `real_authors.json` (read as `general`).
+  `real_authors.json` (read as `general`), `holdout01.json` (...05, ...10: read as
+  `holdout`) and `forget01_perturbed.json` (TOFU's `paraphrased_answer` and
+  `perturbed_answer` list, matched to the forget items by question: the truth ratio).
 - WMDP (cais/wmdp): a JSON-lines or JSON file of `{"question", "choices", "answer"}` with
   `answer` the index of the correct choice (the hub's `wmdp-bio`, `wmdp-chem`,
   `wmdp-cyber`); all items are `forget`.
@@ -113,7 +116,11 @@ def read_muse(source: str | Path, *, corpus: str = "news", hub: bool = False) ->
     items = _qa(_records(forget_qa), "forget", f"{name}-forget", str(forget_qa))
     items += _qa(_records(retain_qa), "retain", f"{name}-retain", str(retain_qa))
     docs: list[Document] = []
-    for split, file in (("forget", "forget.txt"), ("retain", "retain1.txt")):
+    for split, file in (
+        ("forget", "forget.txt"),
+        ("retain", "retain1.txt"),
+        ("holdout", "holdout.txt"),
+    ):
         if (folder / "raw" / file).is_file():
             docs += _paragraphs(folder / "raw" / file, split, f"{name}-{split}")
     return Benchmark(name, items, docs)
@@ -148,7 +155,35 @@ def read_tofu(source: str | Path, *, forget: str = "forget10", hub: bool = False
     for extra in ("world_facts", "real_authors"):
         if hub or (Path(source) / f"{extra}.json").is_file():
             items += _qa(get(extra), "general", f"tofu-{extra}", extra)
+    holdout = forget.replace("forget", "holdout")
+    if hub or (Path(source) / f"{holdout}.json").is_file():
+        items += _qa(get(holdout), "holdout", f"tofu-{holdout}", holdout)
+    if hub or (Path(source) / f"{forget}_perturbed.json").is_file():
+        items = _with_truth_answers(items, get(f"{forget}_perturbed"), f"{forget}_perturbed")
     return Benchmark(f"tofu-{forget}", items, [])
+
+
+def _with_truth_answers(
+    items: list[QAItem], records: list[dict[str, Any]], where: str
+) -> list[QAItem]:
+    """Forget items with TOFU's `paraphrased_answer` and `perturbed_answer` (a list), from
+    the records of the same question."""
+    import dataclasses
+
+    by_question: dict[str, dict[str, Any]] = {}
+    for n, r in enumerate(records):
+        by_question[str(_field(r, "question", f"{where}, record {n + 1}")).strip()] = r
+    out = []
+    for item in items:
+        found = (by_question.get(item.question) if item.split == "forget" else None) or {}
+        para, pert = found.get("paraphrased_answer"), found.get("perturbed_answer")
+        if isinstance(para, str) and para.strip() and isinstance(pert, list) and pert:
+            wrong = tuple(str(w).strip() for w in pert if str(w).strip())
+            item = dataclasses.replace(
+                item, paraphrased_answer=para.strip(), perturbed_answers=wrong or None
+            )
+        out.append(item)
+    return out
 
 
 def read_wmdp(source: str | Path, *, subset: str = "wmdp-bio", hub: bool = False) -> Benchmark:

@@ -529,7 +529,8 @@ def _references(
             privleak_attack=cfg.membership.privleak_attack,
             only=lambda m: "membership" in m.needs and "fluency" not in m.needs,
         )
-    return {"references": out}
+    skipped = membership.missing_inputs(data, cfg.membership)
+    return {"references": out} | ({"skipped": skipped} if skipped else {})
 
 
 def _link_models(out: Path, cfg: RunConfig, original: Model, unlearned: list[Model]) -> None:

@@ -82,6 +82,22 @@ def skip_reason(p: Pipeline, data: Data) -> str | None:
     return None
 
 
+def missing_inputs(data: Data, settings: MembershipSettings) -> dict[str, str]:
+    """Figures this run's data cannot give, each with the reason (for results.json's
+    `skipped`), so a missing figure is never a silent null."""
+    forget = data.splits["forget"]
+    out: dict[str, str] = {}
+    if not any(i.paraphrased_answer and i.perturbed_answers for i in forget):
+        why = "no forget item has paraphrased_answer and perturbed_answers (docs/data.md)"
+        out["truth_ratio"] = out["forget_quality"] = why
+    firsts = first_items(forget)
+    if not any(d.id in firsts for d in data.bench.documents_of("forget")):
+        out["verbmem"] = "the forget items name no forget document (field 'document')"
+    if not settings.gradnorm:
+        out["mia_auc.gradnorm"] = "membership.gradnorm is false"
+    return out
+
+
 def retrained(p: Pipeline, data: Data) -> Model:
     """The never-taught reference: the injection of the retain facts alone (same recipe,
     seed and stopping rule as the original; cached like it), or the configured model."""
@@ -102,6 +118,22 @@ def retrained(p: Pipeline, data: Data) -> Model:
 
     p.say(injection_line(done))
     return Model("retrained", str(done.path), key, {"injection": done.summary()})
+
+
+def same_tokenizer(a: AnyModel, b: AnyModel, spec: str) -> None:
+    """Refuse a reference model whose tokenizer differs from the original's: its per-token
+    scores would not be comparable text by text."""
+    if not (a.has_weights and b.has_weights):
+        return  # a served model's vocabulary is not at hand; the user vouches for it
+    va = cast("LanguageModel", a).tokenizer.get_vocab()
+    vb = cast("LanguageModel", b).tokenizer.get_vocab()
+    if va != vb:
+        raise UnpactError(
+            f"membership.reference {spec} has another tokenizer than the original model "
+            f"({len(vb)} against {len(va)} tokens, or the same size with other ids): its "
+            "token log-probs cannot be compared with the original's; give a reference "
+            "trained from the same base model"
+        )
 
 
 def _texts(items: list[QAItem]) -> tuple[list[str], list[str]]:
@@ -321,6 +353,8 @@ def compute(
         return Membership(skipped=reason)
     settings = p.cfg.membership
     reference = retrained(p, data)
+    if settings.reference is not None:
+        same_tokenizer(opener(p, original.spec)(), opener(p, reference.spec)(), reference.spec)
     items = data.splits["forget"] + data.holdout
     item_key = digest([i.to_dict() for i in items])  # the truth-ratio answers included
     base = Model("base", p.cfg.model, "model:" + model_key(p.cfg.model))
