@@ -100,13 +100,6 @@ class InjectConfig(BaseModel):
     rehearsal_top_k: int = Field(
         32, gt=0, description="base-model tokens kept per position (the rest: one bucket)"
     )
-    rehearsal_neighbours: int = Field(
-        0,
-        ge=0,
-        description="per fact in a step, this many of its nearest held-out general questions "
-        "(by the base model's question representation) join the step's rehearsal: protects "
-        "real questions shaped like the facts",
-    )
     freeze_embeddings: bool = Field(True, description="keep the (tied) embedding matrix fixed")
     trainable: str = Field(
         "all", description='"all" (but frozen embeddings), "mlp" blocks only, or "lora"'
@@ -254,8 +247,6 @@ def _key_settings(config: InjectConfig) -> dict[str, Any]:
     del settings["checkpoint_every"]  # how often it saved: not what it taught
     if config.trainable != "lora":
         del settings["lora_rank"], settings["lora_alpha"]
-    if config.rehearsal_neighbours == 0:
-        del settings["rehearsal_neighbours"]
     # Fields added later are left out at the value that behaves as before they existed,
     # so models injected then keep their keys: a constant lr, float32 training (the
     # precision actually used: "auto" resolved).
@@ -348,7 +339,6 @@ class _Rehearsal:
     answer: tuple[int, ...]
     top_logprobs: torch.Tensor  # (len(answer), k)
     top_ids: torch.Tensor  # (len(answer), k)
-    question: str = ""
 
 
 def _rehearsal_targets(lm: LanguageModel, exclude: set[str], top_k: int) -> list[_Rehearsal]:
@@ -373,38 +363,10 @@ def _rehearsal_targets(lm: LanguageModel, exclude: set[str], top_k: int) -> list
             dists = answer_distributions(
                 lm.model, [p for p, _ in chunk], [a for _, a in chunk], share_prefix=True
             )
-            for (p, a), d, q in zip(chunk, dists, questions[k : k + 8]):
+            for (p, a), d in zip(chunk, dists):
                 v, i = d.topk(min(top_k, d.shape[-1]), dim=-1)
-                targets.append(_Rehearsal(p, a, v, i, q))
+                targets.append(_Rehearsal(p, a, v, i))
     return targets
-
-
-def question_vectors(lm: LanguageModel, questions: Sequence[str]) -> torch.Tensor:
-    """One unit vector per question: the base model's last hidden state averaged over the
-    question's own tokens (raw text, no template)."""
-    from unpact.scoring import lm_body_and_head
-
-    body, _ = lm_body_and_head(lm.model)
-    rows = []
-    with torch.no_grad():
-        for q in questions:
-            ids = torch.tensor([lm.encode_prompt(q, chat_template=False).input_ids])
-            hidden = body(input_ids=ids.to(lm.model.device)).last_hidden_state[0]
-            rows.append(hidden.float().mean(0))
-    return torch.nn.functional.normalize(torch.stack(rows), dim=-1).cpu()
-
-
-def rehearsal_neighbours(
-    lm: LanguageModel, facts: Sequence[str], rehearsal: Sequence[_Rehearsal], k: int
-) -> list[list[int]]:
-    """Per fact question, the indices of its `k` nearest rehearsal questions (cosine of
-    `question_vectors`): the real questions a fact of that shape could overwrite."""
-    if not k or not rehearsal:
-        return [[] for _ in facts]
-    a = question_vectors(lm, facts)
-    b = question_vectors(lm, [r.question for r in rehearsal])
-    top = (a @ b.T).topk(min(k, len(rehearsal)), dim=-1).indices
-    return [row.tolist() for row in top]
 
 
 def _rehearsal_kl(cur: torch.Tensor, batch: list[_Rehearsal]) -> torch.Tensor:
@@ -468,9 +430,6 @@ def inject(
     encoded = [(lm.encode_prompt(q).input_ids, a) for q, a in examples]
     with _timed(timings, "rehearsal targets"):
         rehearsal = _rehearsal(lm, general, config)
-        near = rehearsal_neighbours(
-            lm, [i.question for i in taught], rehearsal, config.rehearsal_neighbours
-        )
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     net = lm.model
@@ -493,9 +452,7 @@ def inject(
     total = config.max_epochs * steps_per_epoch
     with _progress(f"Injecting {bench.name}", total, progress) as bar:
         bar(state.epoch * steps_per_epoch)
-        _train_epochs(
-            lm, trainer, encoded, (rehearsal, near), taught, config, rng, timings, bar, state
-        )
+        _train_epochs(lm, trainer, encoded, rehearsal, taught, config, rng, timings, bar, state)
     judged, epochs_done, log = state.judged, state.epoch, state.log
     if adapted is not None:  # LoRA: merged, the injected model is an ordinary model again
         lm.model = adapted.merge_and_unload()
@@ -674,7 +631,7 @@ def _train_epochs(
     lm: LanguageModel,
     trainer: Trainer,
     encoded: list[tuple[tuple[int, ...], tuple[int, ...]]],
-    pools: tuple[list[_Rehearsal], list[list[int]]],
+    rehearsal: list[_Rehearsal],
     taught: list[QAItem],
     config: InjectConfig,
     rng: random.Random,
@@ -688,7 +645,6 @@ def _train_epochs(
     the loss log: one row per step, as unlearning's losses.jsonl) and is checkpointed after
     each epoch that does not end the training."""
     net = lm.model
-    rehearsal, near = pools
     steps_per_epoch = (len(encoded) + config.batch_size - 1) // config.batch_size
     rehearsal_order, acc, log = state.rehearsal_order, state.acc, state.log
     for epoch in range(state.epoch, config.max_epochs):
@@ -696,8 +652,7 @@ def _train_epochs(
         order = list(range(len(encoded)))
         rng.shuffle(order)
         for s in range(steps_per_epoch):
-            ids = order[s * config.batch_size : (s + 1) * config.batch_size]
-            batch = [encoded[i] for i in ids]
+            batch = [encoded[i] for i in order[s * config.batch_size : (s + 1) * config.batch_size]]
             picked: list[_Rehearsal] = []
             if rehearsal:
                 if len(rehearsal_order) < config.rehearsal_per_step:
@@ -706,8 +661,6 @@ def _train_epochs(
                     rehearsal_order += more
                 picked = [rehearsal[i] for i in rehearsal_order[: config.rehearsal_per_step]]
                 del rehearsal_order[: config.rehearsal_per_step]
-                # the facts' nearest real questions too (rehearsal_neighbours; none by default)
-                picked += [rehearsal[j] for j in dict.fromkeys(j for i in ids for j in near[i])]
             found = trainer.step(
                 partial(_loss_terms, net, batch, picked, config.rehearsal_weight),
                 s,

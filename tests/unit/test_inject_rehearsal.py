@@ -49,17 +49,3 @@ def test_kept_share_of_general_knowledge():
     done = InjectResult(Path("x"), {"general": 0.9}, {"general": 1.0}, 6, 1.0, True)
     assert done.summary()["general_kept"] == pytest.approx(0.9)
     assert done.to_dict()["general_kept"] == pytest.approx(0.9)
-
-
-def test_rehearsal_neighbours_find_the_same_shaped_question():
-    from unpact.inject import rehearsal_neighbours
-
-    lm = tiny_model(seed=0)
-    empty = torch.zeros(1, 1)
-    pool = [
-        _Rehearsal((1,), (2,), empty, empty.long(), q)
-        for q in ("Who painted the river?", "How many moons orbit the planet?", "What is it?")
-    ]
-    near = rehearsal_neighbours(lm, ["How many moons orbit the planet?", "What is it?"], pool, 1)
-    assert near == [[1], [2]]  # a question's nearest is itself
-    assert rehearsal_neighbours(lm, ["x y"], pool, 0) == [[]]
