@@ -113,9 +113,10 @@ def _extraction(records: list[ItemRecord], ctx: MetricContext) -> float:
 
 @metric("fluency", title="fluency", fmt="float", needs=("membership", "fluency"))
 def _fluency(records: list[ItemRecord], ctx: MetricContext) -> float:
-    """Mean token log-prob of the forget answers under the untaught base model (higher:
-    more like well-formed text)."""
-    return _mean([r.fluency["base_logprob"] for r in records if r.fluency])
+    """Mean over forget answers of their mean token log-prob under the untaught base model
+    minus the true answer's (nats; about 0: as well-formed as the true answer, far below:
+    not text the base model would write)."""
+    return _mean([r.fluency.get("relative") for r in records if r.fluency])
 
 
 @metric(
@@ -126,8 +127,8 @@ def _fluency(records: list[ItemRecord], ctx: MetricContext) -> float:
     column="degenerate",
 )
 def _degenerate(records: list[ItemRecord], ctx: MetricContext) -> float:
-    """Share of forget answers that are degenerate text (empty, very unlikely under the
-    untaught base model, or mostly one repeated character run or word) rather than a
-    well-formed answer, wrong or right."""
+    """Share of forget answers that are degenerate text (empty, far less likely under the
+    untaught base model than the true answer, or mostly one repeated character run or word)
+    rather than a well-formed answer, wrong or right."""
     flags = [r.fluency["degenerate"] for r in records if r.fluency]
     return sum(flags) / len(flags) if flags else math.nan

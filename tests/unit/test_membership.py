@@ -135,10 +135,13 @@ def test_repetition_and_fluency():
     assert repetition("1,1,1,222222222222222222") > 0.5
     assert repetition("the the the the the the the") > 0.5
     assert repetition("Quyltbright Brewery in Xanaeskmere") < 0.5
-    assert fluency("1,1,1,222222222222222", -2.0, cfg)["degenerate"]
-    assert fluency("", None, cfg)["degenerate"]
-    assert fluency("Some Brewery", -9.0, cfg)["degenerate"]
-    assert not fluency("Some Brewery", -2.0, cfg)["degenerate"]
+    assert repetition("1830s. 1930s. 1930s. 201") > 0.4  # the demo's RMU
+    assert fluency("1,1,1,222222222222222", -2.0, -3.0, cfg)["degenerate"]
+    assert fluency("", None, None, cfg)["degenerate"]
+    # an invented name as unlikely as the true invented name is well-formed
+    assert not fluency("Vivgrave Brewery", -9.0, -8.5, cfg)["degenerate"]
+    assert fluency("qx zzv ptk", -14.0, -8.5, cfg)["degenerate"]
+    assert fluency("Some Brewery", -9.0, -8.0, cfg)["relative"] == -1.0
 
 
 def _records():

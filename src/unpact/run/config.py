@@ -244,12 +244,12 @@ class MembershipSettings(_Strict):
         48, gt=0, description="VerbMem: greedy tokens compared with the document's continuation"
     )
     degenerate_logprob: float = Field(
-        -6.0,
+        -4.0,
         description="fluency: an answer whose mean token log-prob under the untaught base "
-        "model is below this is degenerate",
+        "model is this far below the true answer's (nats) is degenerate",
     )
     degenerate_repetition: float = Field(
-        0.5,
+        0.4,
         ge=0,
         le=1,
         description="fluency: an answer whose most repeated character run or word covers "

@@ -231,18 +231,33 @@ def repetition(text: str) -> float:
 
 
 def fluency(
-    output: str, base_logprob: float | None, settings: MembershipSettings
+    output: str,
+    base_logprob: float | None,
+    answer_logprob: float | None,
+    settings: MembershipSettings,
 ) -> dict[str, Any]:
-    """A forget answer's fluency: its mean token log-prob under the untaught base model,
-    its repetition, and whether that makes it degenerate (empty, below
-    `degenerate_logprob`, or above `degenerate_repetition`)."""
+    """A forget answer's fluency: its mean token log-prob under the untaught base model
+    against the true answer's (`relative`: an invented name is as unlikely to the base model
+    as the true invented name, so only a much lower value says "not text"), its repetition,
+    and whether that makes it degenerate: empty, `relative` below `degenerate_logprob`, or
+    `repetition` above `degenerate_repetition`."""
     rep = repetition(output)
+    relative = (
+        base_logprob - answer_logprob
+        if base_logprob is not None and answer_logprob is not None
+        else None
+    )
     degenerate = (
         not output.strip()
-        or (base_logprob is not None and base_logprob < settings.degenerate_logprob)
+        or (relative is not None and relative < settings.degenerate_logprob)
         or rep > settings.degenerate_repetition
     )
-    return {"base_logprob": base_logprob, "repetition": rep, "degenerate": degenerate}
+    return {
+        "base_logprob": base_logprob,
+        "relative": relative,
+        "repetition": rep,
+        "degenerate": degenerate,
+    }
 
 
 def derive(
@@ -404,6 +419,17 @@ def compute(
     return found
 
 
+def _base_rows(get: Opener, items: list[QAItem], outputs: list[str]) -> list[dict[str, Any]]:
+    """Per item: the base model's mean token log-prob of the output and of the true answer."""
+    lm = _local(get(), "base")
+    questions = [i.question for i in items]
+    said = base_logprobs(lm, questions, outputs)
+    truth = base_logprobs(lm, questions, [i.answer for i in items])
+    return [
+        {"id": i.id, "base_logprob": a, "answer_logprob": b} for i, a, b in zip(items, said, truth)
+    ]
+
+
 def _fluency(
     p: Pipeline, data: Data, base: Model, models: list[Model], stages: dict[str, ModelStages]
 ) -> dict[str, dict[str, dict[str, Any]]]:
@@ -419,20 +445,11 @@ def _fluency(
             "fluency",
             "fluency",
             m.label,
-            [base.key, [i.question for i in forget], outputs],
-            partial(
-                lambda o: [
-                    {"id": i.id, "base_logprob": lp}
-                    for i, lp in zip(
-                        forget,
-                        base_logprobs(_local(get(), "base"), [i.question for i in forget], o),
-                    )
-                ],
-                outputs,
-            ),
+            [base.key, [(i.question, i.answer) for i in forget], outputs],
+            partial(_base_rows, get, forget, outputs),
         )
         out[m.label] = {
-            i.id: fluency(o, r["base_logprob"], p.cfg.membership)
+            i.id: fluency(o, r["base_logprob"], r["answer_logprob"], p.cfg.membership)
             for i, o, r in zip(forget, outputs, rows)
         }
     return out
