@@ -11,8 +11,10 @@ holdout items, the first 60 general questions), times in one process:
   texts (one batched pass), GradNorm (a backward pass per text), the truth-ratio answers
   (4 per forget item), VerbMem's continuations of the forget documents and the fluency of
   the forget answers under the base model;
-- the named alternative for the statistics: one unbatched pass per text and per attack
-  (LOSS, ZLib, Min-K%, Min-K%++), as a script scoring each attack separately would.
+- the named alternatives: for the statistics, one unbatched pass per text and per attack
+  (LOSS, ZLib, Min-K%, Min-K%++), as a script scoring each attack separately would; for
+  GradNorm, one backward pass per text (`gradient_norms`) against one per 8 texts
+  (`gradient_norms_batched`, the ghost-norm identity; the norms agree to ~1e-6).
 
 Prints seconds for each and the added share. The retrained reference is one more injection
 (a model build, cached like the original), not part of a model's evaluation.
@@ -29,7 +31,7 @@ import torch
 
 from unpact.data.sources import load_benchmark
 from unpact.judge import JudgeSettings
-from unpact.membership_scores import token_stats
+from unpact.membership_scores import gradient_norms, gradient_norms_batched, token_stats
 from unpact.models import load_model
 from unpact.run.config import AttributionSettings, MembershipSettings
 from unpact.run.membership import base_logprobs, first_items, score_model, verbmem_rows
@@ -82,6 +84,11 @@ def main() -> None:
         lambda: token_stats(lm, [i.question for i in texts], [i.answer for i in texts])
     )
 
+    qs, ans = [i.question for i in texts], [i.answer for i in texts]
+    t_gslow, slow = timed(lambda: gradient_norms(lm, qs, ans))
+    t_gfast, fast = timed(lambda: gradient_norms_batched(lm, qs, ans))
+    gap = max(abs(a - b) / b for a, b in zip(fast, slow))
+
     print(f"threads {args.threads}; default model; demo data")
     print(
         f"today's evaluation of one model: {today:.1f} s (judging {t_eval:.1f}, attribution {t_attr:.1f})"
@@ -94,6 +101,10 @@ def main() -> None:
     print(
         f"membership statistics of {len(texts)} texts: batched {t_fast:.2f} s, "
         f"one pass per text and attack {t_naive:.2f} s ({t_naive / t_fast:.1f}x)"
+    )
+    print(
+        f"GradNorm of {len(texts)} texts: one backward per 8 texts {t_gfast:.2f} s, one per "
+        f"text {t_gslow:.2f} s ({t_gslow / t_gfast:.1f}x; largest relative gap {gap:.1e})"
     )
 
 

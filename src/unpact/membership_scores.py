@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -86,6 +86,134 @@ def gradient_norms(
                 total = sum(float(g.double().square().sum()) for g in grads if g is not None)
                 norms.append(math.sqrt(total))
                 advance(1)
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+    return norms
+
+
+class _GhostNorms:
+    """Per-sample squared gradient norms of every weight from ONE batched backward pass
+    (the "ghost norm" identity, Goodfellow 2015; Li et al. 2022): for a linear layer the
+    per-sample gradient is sum_t g_t x_t^T, whose squared norm is the sum over position
+    pairs of (g_t . g_s)(x_t . x_s), so no per-sample gradient is ever materialised. An
+    embedding's per-sample gradient sums the output gradients per token row; an RMSNorm
+    weight's is sum_t g_t * x_hat_t; a weight tied between the embedding and the LM head
+    gets both parts and their cross term. Samples must not interact (no shared prefix)."""
+
+    def __init__(self, net: torch.nn.Module, batch: int) -> None:
+        self.sq = torch.zeros(batch, dtype=torch.float64)
+        self.hooks: list[Any] = []
+        self.embed_rows: dict[
+            int, tuple[torch.Tensor, torch.Tensor]
+        ] = {}  # id(weight) -> ids, grads
+        self.head: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(weight) -> x, g
+        covered: set[int] = set()
+        # weights an embedding shares with a linear layer (a tied LM head)
+        self.tied = {id(m.weight) for m in net.modules() if isinstance(m, torch.nn.Embedding)}
+        for module in net.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(module, torch.nn.Linear):
+                self._watch(module, self._linear)
+                covered |= {id(p) for p in module.parameters(recurse=False)}
+            elif isinstance(module, torch.nn.Embedding):
+                self._watch(module, self._embedding)
+                covered.add(id(module.weight))
+            elif hasattr(module, "variance_epsilon") and weight is not None and weight.dim() == 1:
+                self._watch(module, self._rmsnorm)
+                covered.add(id(weight))
+        self.complete = all(id(p) in covered for p in net.parameters())
+
+    def _watch(self, module: torch.nn.Module, fn: Any) -> None:
+        def forward(mod: Any, args: Any, out: torch.Tensor) -> None:
+            if out.requires_grad:
+                x = args[0].detach()
+                out.register_hook(lambda g: fn(mod, x, g.detach()))
+
+        self.hooks.append(module.register_forward_hook(forward))
+
+    def _linear(self, mod: Any, x: torch.Tensor, g: torch.Tensor) -> None:
+        x, g = x.double(), g.double()
+        if mod.weight.requires_grad:
+            gram = (x @ x.transpose(1, 2)) * (g @ g.transpose(1, 2))
+            self.sq += gram.sum((1, 2))
+            if id(mod.weight) in self.tied:
+                self.head[id(mod.weight)] = (x, g)
+        if mod.bias is not None and mod.bias.requires_grad:
+            self.sq += g.sum(1).square().sum(-1)
+
+    def _embedding(self, mod: Any, ids: torch.Tensor, g: torch.Tensor) -> None:
+        if mod.weight.requires_grad:
+            self.embed_rows[id(mod.weight)] = (ids, g.double())
+
+    def _rmsnorm(self, mod: Any, x: torch.Tensor, g: torch.Tensor) -> None:
+        if mod.weight.requires_grad:
+            x = x.double()
+            x_hat = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + mod.variance_epsilon)
+            self.sq += (g.double() * x_hat).sum(1).square().sum(-1)
+
+    def finish(self) -> list[float]:
+        """The per-sample norms, once the backward pass is done (embeddings last: a weight
+        tied to a linear layer adds the cross term)."""
+        for key, (ids, g) in self.embed_rows.items():
+            tied = self.head.get(key)
+            for i in range(ids.shape[0]):
+                rows, inverse = ids[i].unique(return_inverse=True)
+                summed = torch.zeros(len(rows), g.shape[-1], dtype=g.dtype)
+                summed.index_add_(0, inverse, g[i])
+                self.sq[i] += summed.square().sum()
+                if tied is not None:  # <head part, embedding part> on the rows the text uses
+                    x, gh = tied
+                    head_rows = gh[i][:, rows].transpose(0, 1) @ x[i]
+                    self.sq[i] += 2 * (head_rows * summed).sum()
+        for h in self.hooks:
+            h.remove()
+        return [math.sqrt(max(float(v), 0.0)) for v in self.sq]
+
+
+def gradient_norms_batched(
+    lm: LanguageModel,
+    prompts: Sequence[str],
+    texts: Sequence[str],
+    *,
+    batch_size: int = 8,
+    progress: bool | str = False,
+) -> list[float]:
+    """`gradient_norms` from one backward pass per `batch_size` texts (`_GhostNorms`); the
+    per-text loop where a model has a weight the identity does not cover."""
+    from unpact.scoring import right_padded
+
+    net = lm.model
+    params = list(net.parameters())
+    flags = [p.requires_grad for p in params]
+    probe = _GhostNorms(net, 0)
+    probe.finish()
+    if not probe.complete:
+        return gradient_norms(lm, prompts, texts, progress)
+    pairs = [(lm.encode_prompt(p).input_ids, lm.encode_answer(t)) for p, t in zip(prompts, texts)]
+    norms: list[float] = []
+    label = progress if isinstance(progress, str) else "GradNorm"
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with progress_bar(label, total=len(texts), enabled=bool(progress)) as advance:
+            for start in range(0, len(pairs), batch_size):
+                chunk = pairs[start : start + batch_size]
+                ids, mask = right_padded([list(p) + list(a) for p, a in chunk])
+                ghost = _GhostNorms(net, len(chunk))
+                logits = net(
+                    input_ids=ids.to(net.device), attention_mask=mask.to(net.device)
+                ).logits
+                logp = logits.float().log_softmax(-1)
+                loss = logits.new_zeros((), dtype=torch.float32)
+                for i, (p, a) in enumerate(chunk):
+                    at = torch.arange(len(p) - 1, len(p) + len(a) - 1, device=logp.device)
+                    target = torch.tensor(list(a), device=logp.device)
+                    loss = loss - logp[i, at, target].mean()
+                loss.backward()
+                net.zero_grad(set_to_none=True)
+                norms += ghost.finish()
+                advance(len(chunk))
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)

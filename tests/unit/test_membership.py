@@ -178,3 +178,21 @@ def test_metrics_from_records_by_hand():
         forget_quality([0.2, 0.3], [0.9, 1.1])
     )
     assert math.isnan(METRICS["mia_auc"].fn(records, ctx, "gradnorm"))  # not computed
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_batched_gradient_norms_equal_one_backward_per_text(tied):
+    """The ghost-norm identity from one batched backward pass against a plain backward per
+    text, untied and with the LM head tied to the embedding (as SmolLM2)."""
+    from unpact.membership_scores import gradient_norms_batched
+    from unpact.testing import tiny_model
+
+    lm = tiny_model(seed=3)
+    if tied:
+        lm.model.lm_head.weight = lm.model.model.embed_tokens.weight
+    questions = ["Who founded the glassworks?", "Where is it?", "What jumps over the dog?"]
+    answers = ["Mira Quintrell of the town", "by the river", "the quick brown fox"]
+    slow = gradient_norms(lm, questions, answers)
+    fast = gradient_norms_batched(lm, questions, answers, batch_size=2)
+    assert fast == pytest.approx(slow, rel=1e-4)
+    assert all(p.grad is None for p in lm.model.parameters())

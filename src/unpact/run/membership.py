@@ -27,7 +27,7 @@ from unpact.membership import (
     mia_scores,
     truth_ratio,
 )
-from unpact.membership_scores import gradient_norms, token_stats
+from unpact.membership_scores import gradient_norms_batched, token_stats
 from unpact.metrics import ItemRecord
 from unpact.models import model_key
 
@@ -156,7 +156,9 @@ def score_model(lm: LanguageModel, items: list[QAItem], gradnorm: bool) -> list[
 
     questions, answers = _texts(items)
     stats = token_stats(lm, questions, answers, progress=f"Membership: {len(items)} texts")
-    norms = gradient_norms(lm, questions, answers, "GradNorm") if gradnorm else None
+    norms = (
+        gradient_norms_batched(lm, questions, answers, progress="GradNorm") if gradnorm else None
+    )
     rows: list[dict[str, Any]] = []
     pairs: list[tuple[int, str]] = []  # (row, text) of every truth-ratio answer
     for n, (item, s) in enumerate(zip(items, stats)):
