@@ -496,6 +496,10 @@ def inject(
         f"accuracy after: {acc}   (general before: {'-' if before is None else f'{before:.1%}'}; "
         f"{result.epochs} epochs, {result.seconds:.0f} s)"
     )
+    if result.general_kept is not None:
+        out.print(
+            f"kept {result.general_kept:.0%} of the general questions the base model answers"
+        )
     where = result.path
     if out_dir is not None:
         from unpact.run.store import link_model
