@@ -178,7 +178,7 @@ def test_a_run_config_and_the_cli_take_a_real_benchmark(tmp_path):
         text=True,
         cwd=FIXTURES.parent.parent,
     )
-    assert done.returncode == 0 and "tofu-forget01: 4 items" in done.stdout
+    assert done.returncode == 0 and "tofu-forget01: 6 items" in done.stdout
 
 
 def _unpact(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
