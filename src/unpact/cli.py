@@ -497,9 +497,7 @@ def inject(
         f"{result.epochs} epochs, {result.seconds:.0f} s)"
     )
     if result.general_kept is not None:
-        out.print(
-            f"kept {result.general_kept:.0%} of the general questions the base model answers"
-        )
+        out.print(f"kept {result.general_kept:.0%} of the general questions the base model answers")
     where = result.path
     if out_dir is not None:
         from unpact.run.store import link_model

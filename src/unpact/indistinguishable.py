@@ -74,7 +74,7 @@ def _truth_ratio(records: list[ItemRecord], ctx: MetricContext) -> float:
 @metric(
     "forget_quality",
     title="forget quality",
-    fmt="float",
+    fmt="pvalue",
     interval=False,
     higher_is_better=True,
     needs=("membership",),

@@ -234,7 +234,7 @@ def mcnemar_exact(records: list[ItemRecord], attack: str, baseline: str = "proba
 # and scripts/results_figures.py all render from METRICS, so a new metric (also one from a
 # plugin) is one decorated function and appears everywhere.
 
-Format = Literal["percent", "float", "count"]
+Format = Literal["percent", "float", "count", "pvalue"]
 
 
 @dataclass(frozen=True)
@@ -287,6 +287,8 @@ def display(fmt: Format, value: Any, precise: bool = False) -> str:
         return f"{100 * value:.1f}%" if precise else f"{100 * value:.0f}%"
     if fmt == "count":
         return str(int(value))
+    if fmt == "pvalue":  # small p-values keep their magnitude: 0.034, 2.7e-04
+        return f"{value:.2g}" if value >= 0.01 or value == 0 else f"{value:.1e}"
     return f"{value:.3f}" if precise else f"{value:.2f}"
 
 
@@ -307,8 +309,8 @@ def metric(
     """Register a metric: `@metric("name", title="...", fmt="percent")` over a function of
     `(records, ctx)`; its description is the docstring's first paragraph unless given. A
     later registration of the same name replaces the earlier one."""
-    if fmt not in ("percent", "float", "count"):
-        raise ValueError(f"metric {name}: fmt must be percent, float or count, not {fmt!r}")
+    if fmt not in ("percent", "float", "count", "pvalue"):
+        raise ValueError(f"metric {name}: fmt must be percent, float, count or pvalue, not {fmt!r}")
 
     def register(fn: Callable[..., float]) -> Callable[..., float]:
         doc = description or (fn.__doc__ or "").strip().split("\n\n")[0]

@@ -196,3 +196,11 @@ def test_batched_gradient_norms_equal_one_backward_per_text(tied):
     fast = gradient_norms_batched(lm, questions, answers, batch_size=2)
     assert fast == pytest.approx(slow, rel=1e-4)
     assert all(p.grad is None for p in lm.model.parameters())
+
+
+def test_forget_quality_shows_small_p_values():
+    from unpact.metrics import METRICS
+
+    fq = METRICS["forget_quality"]
+    assert fq.display(0.00027) == "2.7e-04" and fq.display(0.034) == "0.034"
+    assert fq.display(None) == "–"
