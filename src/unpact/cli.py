@@ -659,7 +659,7 @@ def _print_results(results: dict[str, object], out_dir: Path) -> None:
     for row in rows:
         grid.add_row(*map(escape, row))  # a sweep's run is label[key=value]: text, not markup
     # A log file or pipe gets the full table rather than rich's 80-column default.
-    console = out if out.is_terminal else Console(width=150)
+    console = out if out.is_terminal else Console(width=200)
     console.print(grid)
     console.print(f"results: {out_dir / 'results.json'} (per item: {out_dir / 'items.jsonl'})")
     console.print(f"report:  {out_dir / 'report.html'}")

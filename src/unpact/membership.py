@@ -23,8 +23,8 @@ so that a higher score means "member" (seen in training):
 - `gradnorm`: minus the L2 norm over all trainable weights of the gradient of the mean
   NLL (Maini et al. 2024; open-unlearning's GradNorm attack with p = 2).
 
-Each attack's AUC (forget = members against holdout = non-members) comes from
-scikit-learn; PrivLeak is MUSE's `(AUC_model - AUC_retrained) / AUC_retrained`.
+Each attack's AUC (forget = members against holdout = non-members) is the Mann-Whitney
+statistic from scipy's ranks, equal to scikit-learn's `roc_auc_score` (tested); PrivLeak is MUSE's `(AUC_model - AUC_retrained) / AUC_retrained`.
 """
 
 from __future__ import annotations
@@ -110,14 +110,19 @@ def extraction_strength(stats: TextStats) -> float:
 
 
 def auc(members: Sequence[float], nonmembers: Sequence[float]) -> float:
-    """Area under the ROC curve of telling members (label 1) from non-members by score
-    (scikit-learn's `roc_auc_score`); NaN without both kinds or with a NaN score."""
-    from sklearn.metrics import roc_auc_score
+    """Area under the ROC curve of telling members (label 1) from non-members by score; NaN
+    without both kinds or with a NaN score. Computed as the Mann-Whitney U statistic over
+    n1 n2 from scipy's mid-ranks (ties count a half), which equals scikit-learn's
+    `roc_auc_score` (a test checks it) and is ~30x faster: a run's bootstrap intervals call
+    it tens of thousands of times."""
+    from scipy.stats import rankdata
 
     values = [*members, *nonmembers]
     if not members or not nonmembers or any(not math.isfinite(v) for v in values):
         return math.nan
-    return float(roc_auc_score([1] * len(members) + [0] * len(nonmembers), values))
+    n1, n2 = len(members), len(nonmembers)
+    ranks = rankdata(values)
+    return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n2))
 
 
 def roc_points(

@@ -88,9 +88,16 @@ def test_exact_memorisation_and_extraction_strength_by_hand():
     st.lists(st.floats(-50, 0), min_size=1, max_size=12),
     st.lists(st.floats(-50, 0), min_size=1, max_size=12),
 )
-def test_auc_equals_the_pairwise_count(members, others):
+def test_auc_equals_the_pairwise_count_and_scikit_learn(members, others):
+    from sklearn.metrics import roc_auc_score
+
     pairs = [(m > o) + 0.5 * (m == o) for m in members for o in others]
     assert auc(members, others) == pytest.approx(sum(pairs) / len(pairs))
+    if others and members:
+        labels = [1] * len(members) + [0] * len(others)
+        if len(set(labels)) == 2:
+            expected = roc_auc_score(labels, members + others)
+            assert auc(members, others) == pytest.approx(expected)
 
 
 def test_batched_statistics_equal_one_text_at_a_time(tiny):
