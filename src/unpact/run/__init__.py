@@ -8,6 +8,8 @@ top to bottom in `run` below:
 3. unlearning: one run per configured method (`unpact.unlearn`);
 4. per model: evaluation (every item's answer and verdict, per split), attribution (unPact
    on every forget item), the attribution checks, and every attack on the items it forgot;
+   then indistinguishability (`run/membership.py`): the never-taught reference and, per
+   model, the membership statistics of the forget and holdout texts (SPEC 9);
 5. per-item records joined from those, the registered metrics as functions of them, and
    the files.
 
