@@ -531,7 +531,7 @@ def _references(
             privleak_attack=cfg.membership.privleak_attack,
             only=lambda m: "membership" in m.needs and "fluency" not in m.needs,
         )
-    skipped = membership.missing_inputs(data, cfg.membership)
+    skipped = membership.missing_inputs(data, cfg.membership) | found.served
     return {"references": out} | ({"skipped": skipped} if skipped else {})
 
 

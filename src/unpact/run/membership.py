@@ -49,6 +49,7 @@ class Membership:
     verbmem: dict[str, dict[str, float]] = field(default_factory=dict)  # label -> item -> ROUGE-L
     fluency: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     reference: Model | None = None  # the retrained reference
+    served: dict[str, str] = field(default_factory=dict)  # models left out, and why
 
     def records(self, label: str, records: list[ItemRecord]) -> list[ItemRecord]:
         """`records` of the model `label` with its figures and the retrained reference's,
@@ -66,9 +67,17 @@ class Membership:
 
 def skip_reason(p: Pipeline, data: Data) -> str | None:
     """Why this run cannot compute the indistinguishability figures, or None."""
+    from unpact.types import is_remote_spec
+
     settings = p.cfg.membership
     if not settings.enabled:
         return "membership: enabled is false"
+    served = [s for s in (p.cfg.model, settings.reference) if s and is_remote_spec(s)]
+    if served:
+        return (
+            f"membership inference needs the weights of {served[0]} (served); the base "
+            "model and the reference must be local"
+        )
     if not data.holdout:
         return (
             f"benchmark {data.bench.name} has no holdout items (split: holdout), the "
@@ -364,6 +373,7 @@ def compute(
 
     from unpact.run import Model
     from unpact.run.store import digest
+    from unpact.types import is_remote_spec
 
     reason = skip_reason(p, data)
     if reason is not None:
@@ -379,7 +389,11 @@ def compute(
     docs = [d for d in data.bench.documents_of("forget") if d.id in firsts]
     raw: dict[str, dict[str, dict[str, Any]]] = {}
     verbmem: dict[str, dict[str, float]] = {}
+    served: dict[str, str] = {}
     for m in [base, original, reference, *unlearned]:
+        if is_remote_spec(m.spec):  # no weights: this model's figures are left out, said why
+            served[f"membership.{m.label}"] = f"{m.spec} is served: no weights to score"
+            continue
         get = opener(p, m.spec)
         grad = settings.gradnorm and m is not base
         rows = p.stage(
@@ -413,8 +427,8 @@ def compute(
             ),
         )
         verbmem[m.label] = {firsts[r["id"]]: r["rouge_l"] for r in vrows}
-    base_rows = raw.pop("base")
-    found = Membership(holdout=data.holdout, reference=reference)
+    base_rows = raw.pop("base", {})
+    found = Membership(holdout=data.holdout, reference=reference, served=served)
     found.figures = {label: derive(rows, base_rows, settings) for label, rows in raw.items()}
     fluent = _fluency(p, data, base, [original, *unlearned], stages)
     found.verbmem, found.fluency = verbmem, fluent
