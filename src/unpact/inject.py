@@ -419,9 +419,7 @@ def inject(
     timings: dict[str, float] = {}  # seconds per stage, kept in inject.json
     with _timed(timings, "load"):
         lm = load_model(model, device=config.device)
-    taught = [i for i in bench.items if i.split in teach.split("+")]
-    if not taught:
-        raise UnpactError(f"{bench.name} has no {teach} items to teach")
+    taught = _taught(bench, teach)
     general = load_benchmark(config.general).items if config.general else []
     with _timed(timings, "base general"):
         base_accuracy = _general_accuracy(lm, general, config, "Base model: general")
@@ -461,21 +459,41 @@ def inject(
         final["forget"] = accuracy(lm, bench.split("forget"), config.max_new_tokens)
     seconds = time.perf_counter() - start
     timings["training"] = seconds - sum(timings.values())
-    meta = {
-        "accuracy": final,
-        "base_accuracy": base_accuracy,
-        "general_kept": kept_share(final, base_accuracy),
-        "epochs": epochs_done,
-        "seconds": seconds,
+    done = InjectResult(folder, final, base_accuracy, epochs_done, seconds, False)
+    _save(lm, folder, _meta(done, timings, model, bench.name, teach, config), log)
+    store.remove()
+    return done
+
+
+def _taught(bench: Benchmark, teach: str) -> list[QAItem]:
+    """The items an injection teaches: forget and retain, or (`teach="retain"`) retain."""
+    taught = [i for i in bench.items if i.split in teach.split("+")]
+    if not taught:
+        raise UnpactError(f"{bench.name} has no {teach} items to teach")
+    return taught
+
+
+def _meta(
+    done: InjectResult,
+    timings: dict[str, float],
+    model: str,
+    bench: str,
+    teach: str,
+    config: InjectConfig,
+) -> dict[str, Any]:
+    """inject.json: what the injection reached and kept, its times and settings."""
+    return {
+        "accuracy": done.accuracy,
+        "base_accuracy": done.base_accuracy,
+        "general_kept": done.general_kept,
+        "epochs": done.epochs,
+        "seconds": done.seconds,
         "timings": {k: round(v, 1) for k, v in timings.items()},
         "model": model,
-        "benchmark": bench.name,
+        "benchmark": bench,
         "teach": teach,
         "config": config.model_dump(),
     }
-    _save(lm, folder, meta, log)
-    store.remove()
-    return InjectResult(folder, final, base_accuracy, epochs_done, seconds, False)
 
 
 @dataclass

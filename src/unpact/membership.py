@@ -32,10 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from unpact.data.items import QAItem
+from typing import Any
 
 MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus", "reference", "gradnorm")
 DEFAULT_K = 0.4  # MUSE's Min-40%
@@ -71,7 +68,7 @@ def mia_scores(
 ) -> dict[str, float]:
     """Every attack's score of one text (higher: more likely a member); `reference` and
     `gradnorm` only when their inputs are given."""
-    nll = -sum(stats.logprobs) / len(stats.logprobs)
+    nll = mean_nll(stats)
     scores = {
         "loss": -nll,
         "zlib": -nll / stats.zlib_bytes,
@@ -169,8 +166,3 @@ def forget_quality(model: Sequence[float], retrained: Sequence[float]) -> float:
     if not a or not b:
         return math.nan
     return float(ks_2samp(a, b).pvalue)
-
-
-def item_texts(items: Sequence[QAItem]) -> tuple[list[str], list[str]]:
-    """(questions, answers) of QA items: the texts membership inference scores."""
-    return [i.question for i in items], [i.answer for i in items]
