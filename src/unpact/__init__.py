@@ -4,6 +4,22 @@ from unpact import determinism
 
 determinism.set_environment()  # before torch's first use of MKL (see unpact.determinism)
 
+
+def _quiet_torchao() -> None:
+    """torchao (the quantize attack's library, which transformers imports when installed)
+    logs a warning per CUDA kernel it cannot load on a CPU machine and per Enum it registers
+    with torch.compile: none of it concerns unpact's users. Left alone if the user set a
+    level on those loggers."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.ERROR)
+
+
+_quiet_torchao()
+
 from unpact.backends import open_model  # noqa: E402
 from unpact.errors import UnpactError  # noqa: E402
 from unpact.models import LanguageModel, load_model  # noqa: E402

@@ -47,6 +47,11 @@ class ItemRecord:
     extraction_strength: float | None = None
     verbmem: float | None = None  # ROUGE-L of its document's continuation (first item of it)
     fluency: dict[str, Any] | None = None  # base_logprob, repetition, degenerate
+    # Controls and explanations of recovery (issue 22), forgotten items: per attack, whether
+    # it recovers the item from the never-taught reference, and the KeyToken similarity to
+    # the original of the attacked model's attribution of a recovered answer
+    recovered_control: dict[str, bool] = field(default_factory=dict)
+    recovered_focus: dict[str, float] = field(default_factory=dict)
 
     @property
     def forgotten(self) -> bool:
@@ -86,11 +91,30 @@ def recovery_rate(records: list[ItemRecord], attack: str) -> float:
     return _share(sum(r.recovered[attack] for r in forgotten), len(forgotten))
 
 
-def union_recovery_rate(records: list[ItemRecord], attacks: list[str]) -> float:
-    """Forgotten items recovered by at least one of `attacks` / forgotten items attacked."""
-    forgotten = [r for r in records if r.forgotten and any(a in r.recovered for a in attacks)]
-    hit = sum(any(r.recovered.get(a, False) for a in attacks) for r in forgotten)
-    return _share(hit, len(forgotten))
+def union_recovery_rate(
+    records: list[ItemRecord], attacks: list[str], field: str = "recovered"
+) -> float:
+    """Forgotten items recovered by at least one of `attacks` / forgotten items attacked
+    (`field`: "recovered_control" for the same attacks on the never-taught reference)."""
+    got = [getattr(r, field) for r in records if r.forgotten]
+    attacked = [g for g in got if any(a in g for a in attacks)]
+    hit = sum(any(g.get(a, False) for a in attacks) for g in attacked)
+    return _share(hit, len(attacked))
+
+
+def control_rate(records: list[ItemRecord], attack: str) -> float:
+    """The control of a recovery rate: of this method's forgotten items, the share the same
+    attack "recovers" from the never-taught reference (a model that never knew them); NaN
+    where the reference was not attacked. Recovery means something only above it."""
+    attacked = [r for r in records if r.forgotten and attack in r.recovered_control]
+    return _share(sum(r.recovered_control[attack] for r in attacked), len(attacked))
+
+
+def recovered_focus(records: list[ItemRecord], attack: str) -> float:
+    """Mean KeyToken similarity to the original model's attribution of the answers an
+    attack recovered (attributed under the attacked model); NaN when none was explained."""
+    values = [r.recovered_focus[attack] for r in records if attack in r.recovered_focus]
+    return fmean(values) if values else math.nan
 
 
 def destructive_rate(records: list[ItemRecord], split: str) -> float:
@@ -376,12 +400,41 @@ def _forgotten(records: list[ItemRecord], ctx: MetricContext) -> float:
     higher_is_better=False,
     needs=("attacks",),
     per_attack=True,
+    column="recovery",
 )
 def _recovery(records: list[ItemRecord], ctx: MetricContext, attack: str) -> float:
     """Share of forgotten items an attack brings back ("any": at least one attack; SPEC 5)."""
     if attack == "any":
         return union_recovery_rate(records, list(ctx.attacks))
     return recovery_rate(records, attack)
+
+
+@metric(
+    "recovery_control",
+    title="control recovery",
+    higher_is_better=None,
+    needs=("attacks", "control"),
+    per_attack=True,
+)
+def _recovery_control(records: list[ItemRecord], ctx: MetricContext, attack: str) -> float:
+    """The same attack on the never-taught reference, over this method's forgotten items:
+    what an attack "recovers" from a model that never knew the facts (issue 22)."""
+    if attack == "any":
+        return union_recovery_rate(records, list(ctx.attacks), "recovered_control")
+    return control_rate(records, attack)
+
+
+@metric(
+    "recovery_focus",
+    title="recovered focus",
+    fmt="float",
+    needs=("attacks", "attribution"),
+    per_attack=True,
+)
+def _recovery_focus(records: list[ItemRecord], ctx: MetricContext, attack: str) -> float:
+    """Mean KeyToken similarity to the original's attribution of the recovered answers,
+    attributed under the attacked model: does recovery restore the original focus?"""
+    return math.nan if attack == "any" else recovered_focus(records, attack)
 
 
 for _split in ("retain", "general"):

@@ -132,7 +132,7 @@ def columns(attacks: list[str], every: bool = False, split: bool = False) -> lis
     out: list[Column] = []
     shared: dict[str, int] = {}
     for m in METRICS.values():
-        if m.per_attack:
+        if m.per_attack and (every or m.column is not None):
             out += [
                 Column(f"{m.title}\n{attack_title(a)}", (m,), a) for a in attack_columns(attacks)
             ]
@@ -155,7 +155,12 @@ def other_columns(attacks: list[str]) -> list[Column]:
     """One column per metric that the table leaves out (no `column`, not per attack)."""
     out: list[Column] = []
     for m in METRICS.values():
-        if m.column is not None or m.per_attack:
+        if m.column is not None:
+            continue
+        if m.per_attack:
+            out += [
+                Column(f"{m.title} {attack_title(a)}", (m,), a) for a in attack_columns(attacks)
+            ]
             continue
         if m.variants is not None:
             out += [Column(f"{m.title} {a}", (m,), a) for a in m.variants]

@@ -15,10 +15,15 @@ has knobs, a pydantic `Settings`.
 - `paraphrase`: the question reworded by templates that keep its keywords.
 - `in_context`: a few retain-set QA pairs as demonstrations before the question.
 - `keyword_only`: a prompt made of the KeyTokens alone.
-- `relearn`: the one attack that touches weights (a copy of them): fine-tune the unlearned
-  model for a few steps on a few forgotten items (or on retain items) and ask the other
-  forgotten questions again (the classic relearning attack). Its recovery rate is over the
-  forgotten items it did not train on.
+- `relearn`: fine-tune (a copy of) the unlearned model for a few steps on a few forgotten
+  items (or on retain items) and ask the other forgotten questions again (the classic
+  relearning attack). Its recovery rate is over the forgotten items it did not train on.
+
+Attacks on the weights and the hidden states (`attacks/weights.py`; each also run on the
+never-taught reference as a control): `quantize` (8/4-bit weight-only, torchao),
+`relearn_unrelated` (a few steps on unrelated text), `ablate_direction` (a difference-of-
+means direction projected out of the residual stream), `logit_lens` and `probe` (the answer
+read from an intermediate layer).
 """
 
 from unpact.attacks.base import (
@@ -47,11 +52,20 @@ from unpact.attacks.prompts import (
     emphasis,
 )
 from unpact.attacks.relearn import Relearn, RelearnSettings
+from unpact.attacks.weights import (
+    AblateDirection,
+    LogitLens,
+    Probe,
+    Quantize,
+    RelearnUnrelated,
+    WeightAttack,
+)
 
 __all__ = [
     "ATTACKS",
     "FOCUS_TEMPLATE",
     "PARAPHRASES",
+    "AblateDirection",
     "Attack",
     "AttackContext",
     "FocusOnKey",
@@ -61,14 +75,19 @@ __all__ = [
     "InContext",
     "InContextSettings",
     "KeywordOnly",
+    "LogitLens",
     "NoSettings",
     "Paraphrase",
     "ParaphraseSettings",
     "Probab",
+    "Probe",
+    "Quantize",
     "Relearn",
     "RelearnSettings",
+    "RelearnUnrelated",
     "SampleSettings",
     "Target",
+    "WeightAttack",
     "attack_title",
     "emphasis",
     "get_attack",

@@ -54,7 +54,10 @@ class Attack:
     title: ClassVar[str] = ""  # as tables and plots name it (default: the name)
     Settings: ClassVar[type[BaseModel]] = NoSettings
     uses_demonstrations: ClassVar[bool] = False  # needs retain-set QA pairs
-    changes_weights: ClassVar[bool] = False  # fine-tunes a copy of the model (relearn)
+    changes_weights: ClassVar[bool] = False  # needs the weights (relearn, quantize, ...)
+    control: ClassVar[bool] = False  # run on the never-taught reference too, as a control
+    has_baseline: ClassVar[bool] = False  # also run on the original model over every split
+    explains: ClassVar[bool] = False  # attributes its recovered answers (ctx.attribution)
 
     def __init__(self, settings: BaseModel | None = None) -> None:
         self.settings: Any = settings if settings is not None else self.Settings()
@@ -114,6 +117,10 @@ class AttackContext:
     original: dict[str, dict[str, Any]] = field(default_factory=dict)  # item id -> the
     # original model's record: {"output", "correct", "attribution"} (unPact, as saved)
     seed: int = 0  # for an attack's own randomness: fixed per run seed, model and attack
+    original_spec: str = ""  # the original (taught) model's spec: ablate_direction's other end
+    general: list[QAItem] = field(default_factory=list)  # the run's general-knowledge items
+    attribution: dict[str, Any] | None = None  # attribute_many's settings, to explain
+    # recovered answers (weight attacks); None: not explained
 
     def generator(self) -> random.Random:
         """A seeded random generator for this attack on this model."""

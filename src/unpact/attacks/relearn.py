@@ -10,8 +10,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from unpact.attacks.base import Attack, AttackContext
+from unpact.data.items import QAItem
 from unpact.judge import answer_items
-from unpact.models import load_model
+from unpact.models import LanguageModel, load_model
 from unpact.train import Trainer
 from unpact.unlearn.loop import _batch, batch_indices, encode_items
 from unpact.unlearn.methods import nll
@@ -65,20 +66,7 @@ class Relearn(Attack):
         pool = forgotten if s.data == "forget" else ctx.retain
         train = [i for i in pool if i.id in train_ids]
         test = [i for i in forgotten if i.id not in train_ids]
-        # a fresh copy: the attack never changes the cached model
-        lm = load_model(ctx.spec, device=ctx.device or "cpu")
-        encoded = encode_items(lm, train)
-        # AdamW without the fused kernel, as relearning results were first measured
-        trainer = Trainer(
-            [p for p in lm.model.parameters() if p.requires_grad], lr=s.lr, fused=False,
-            what="relearning",
-        )  # fmt: skip
-        torch.manual_seed(s.seed)
-        lm.model.train()
-        for step in range(s.steps):
-            idx = batch_indices(len(train), min(s.batch_size, len(train)), step, s.seed)
-            trainer.step(partial(_nll, lm.model, _batch(encoded, idx)), step)
-        lm.model.eval()
+        lm = finetune(ctx, train, s.steps, s.lr, s.batch_size, s.seed)
         answered = answer_items(lm, test, ctx.judge, f"Judging {ctx.label} after relearning")
         trained_on = sorted(train_ids)
         return [
@@ -92,6 +80,27 @@ class Relearn(Attack):
             }
             for item, (output, ok) in zip(test, answered)
         ]
+
+
+def finetune(
+    ctx: AttackContext, train: list[QAItem], steps: int, lr: float, batch_size: int, seed: int
+) -> LanguageModel:
+    """A fresh copy of the model under attack (the cached model is never changed),
+    fine-tuned on `train` for `steps` AdamW steps on the answer-only NLL."""
+    lm = load_model(ctx.spec, device=ctx.device or "cpu")
+    encoded = encode_items(lm, train)
+    # AdamW without the fused kernel, as relearning results were first measured
+    trainer = Trainer(
+        [p for p in lm.model.parameters() if p.requires_grad], lr=lr, fused=False,
+        what="relearning",
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    lm.model.train()
+    for step in range(steps):
+        idx = batch_indices(len(train), min(batch_size, len(train)), step, seed)
+        trainer.step(partial(_nll, lm.model, _batch(encoded, idx)), step)
+    lm.model.eval()
+    return lm
 
 
 def _nll(model: Any, batch: Any) -> dict[str, torch.Tensor]:

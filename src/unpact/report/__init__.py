@@ -207,7 +207,11 @@ def render(
         results=results,
         attack_title=attack_title,
         columns=columns(results["attacks"], split=True),
-        more=other_columns(results["attacks"]),
+        more=[  # the figures this run has (no column of dashes for a control never run)
+            c
+            for c in other_columns(results["attacks"])
+            if any(c.cell(m) != "–" for m in results["methods"].values())
+        ],
         plot=dilemma_svg(results, attack=config.report.dilemma_attack),
         roc=roc_svg(records, config.membership.privleak_attack),
         references=results.get("references") or {},

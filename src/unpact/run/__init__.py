@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from unpact.attacks import AttackContext, get_attack
+from unpact.attacks import ATTACKS, AttackContext, WeightAttack, get_attack
 from unpact.attribution import (
     Attribution,
     contribution_similarity,
@@ -82,7 +82,7 @@ from unpact.run.stages import (
     subset,
 )
 from unpact.run.store import Stage, atomic_text, digest, jsonl, link_model
-from unpact.types import AnyModel
+from unpact.types import AnyModel, is_remote_spec
 
 # Part of every stage key below: bumped when a stage's output changes for the same inputs,
 # so a cache written by older code is never read as today's (issue 19: the README's demo
@@ -153,6 +153,7 @@ class Pipeline:
     say: Callable[[str], None]
     progress: bool
     computed: list[str] = field(default_factory=list)
+    original_spec: str = ""  # the original model's spec, once known (ablate_direction)
 
     def stage(
         self, kind: str, folder: str, name: str, reads: list[Any], compute: Callable[[], Any]
@@ -189,21 +190,31 @@ def run(
     _start(out, cfg)
     data = _data(cfg, cache)
     original = _original(p, data)
+    p.original_spec = original.spec
     unlearned = [_unlearn(p, data, original, spec) for spec in cfg.methods]
     stages = {"original": _model_stages(p, data, original, None)}
     for model in unlearned:
         stages[model.label] = _model_stages(p, data, model, stages["original"])
-    attacks = [a.name for a in cfg.attacks]
+    attacks = [a.column for a in cfg.attacks]
     found = membership.compute(p, data, original, unlearned, stages)
+    controls, no_control = _controls(p, data, found.reference, stages["original"])
+    baselines = _baselines(p, data, original)
     records = {
         m.label: found.records(
             m.label,
-            [_record(i, m.label, stages["original"], stages[m.label], attacks) for i in data.items],
+            [
+                _record(i, m.label, stages["original"], stages[m.label], attacks, controls)
+                for i in data.items
+            ],
         )
         for m in unlearned
     }
     results = _results(cfg, data, original, unlearned, records, stages, out)
     results |= finite(_references(cfg, data, found, stages))
+    if baselines:  # what the weight attacks do to the original model, which knew the facts
+        results["attack_baselines"] = finite(baselines)
+    if no_control:
+        results.setdefault("skipped", {})["controls"] = no_control
     results["seconds"] = time.perf_counter() - began
     _link_models(out, cfg, original, unlearned)
     injections = {m.label: m.info["injection"] for m in (original, found.reference) if m and m.info}
@@ -368,53 +379,149 @@ def _attacks(
     opened: Callable[[], AnyModel],
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Every configured attack on the forget items this model forgot; each attack is its
-    own stage, keyed by the model, those items, their KeyTokens, its settings, the judge
-    and what the attack itself says it reads (`Attack.key_parts`)."""
-    cfg = p.cfg
+    own stage (see `_attack_stage`)."""
     forgotten = [
         i
         for i in data.splits["forget"]
         if original.evals[i.id]["correct"] and not mine.evals[i.id]["correct"]
     ]
+    return {
+        spec.column: _attack_stage(p, data, spec, model, opened, forgotten, original, mine)
+        for spec in p.cfg.attacks
+    }
+
+
+def _attack_stage(
+    p: Pipeline,
+    data: Data,
+    spec: AttackSpec,
+    model: Model,
+    opened: Callable[[], AnyModel],
+    items: list[QAItem],
+    original: ModelStages,
+    mine: ModelStages | None,
+    what: str = "attacking",
+) -> dict[str, dict[str, Any]]:
+    """One attack on one model's `items`, cached by the model, those items, their
+    KeyTokens, the attack's settings, the judge and what the attack itself says it reads
+    (`Attack.key_parts`); rows by item id. `mine`: the attacked model's own stages (its
+    KeyTokens for `keys_from: unlearned`), None for the never-taught reference."""
+    cfg = p.cfg
+    attack = get_attack(spec.name, spec.settings)
+    attrs = mine.attrs if mine is not None and attack.keys_from == "unlearned" else original.attrs
     retain = data.splits["retain"]
-    demonstrations = tuple((i.question, i.answer) for i in retain)
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for spec in cfg.attacks:
+    explain = cfg.attribution.model_dump(include={"unit", "baseline", "alpha", "beta", "max_work"})
+    ctx = AttackContext(
+        model=opened,
+        spec=model.spec,
+        items=items,
+        keys={i.id: Attribution.from_dict(attrs[i.id]).key_token_texts for i in items},
+        retain=retain,
+        judge=cfg.judge,
+        label=model.label,
+        demonstrations=tuple((i.question, i.answer) for i in retain)
+        if attack.uses_demonstrations
+        else (),
+        device=cfg.device,
+        original={
+            i.id: {**original.evals[i.id], "attribution": original.attrs.get(i.id)} for i in items
+        },
+        seed=zlib.crc32(f"{cfg.statistics.seed}:{model.label}:{spec.column}".encode()),
+        original_spec=p.original_spec,
+        general=data.splits["general"],
+        attribution=explain if attack.explains else None,
+    )
+    reads = [
+        model.key,
+        spec.name,
+        attack.settings.model_dump(mode="json"),
+        [i.id for i in items],
+        ctx.keys,
+        cfg.judge.model_dump(mode="json"),
+        *attack.key_parts(ctx),
+        *([explain] if attack.explains else []),
+    ]
+    name = f"{model.label} with {spec.column} ({len(items)} items)"
+    rows = p.stage(what, "attacks", name, reads, partial(attack.run, ctx))
+    return {r["id"]: r for r in rows}
+
+
+def _controls(
+    p: Pipeline, data: Data, reference: Model | None, original: ModelStages
+) -> tuple[dict[str, dict[str, dict[str, Any]]], str | None]:
+    """Each attack that has a control, run on the never-taught reference over every forget
+    item the original model answered (a superset of each method's forgotten items): what
+    the attack "recovers" from a model that never knew. With the reason when there is none."""
+    specs = [s for s in p.cfg.attacks if s.controlled()]
+    if not specs:
+        return {}, None
+    if reference is None:
+        return {}, (
+            "the attacks' controls run on the never-taught reference, which this run does not "
+            "have (see skipped.membership)"
+        )
+    if is_remote_spec(reference.spec) and any(ATTACKS[s.name].changes_weights for s in specs):
+        return {}, f"the reference {reference.spec} is served: no weights to attack"
+    items = [i for i in data.splits["forget"] if original.evals[i.id]["correct"]]
+    opened = membership.opener(p, reference.spec)
+    return {
+        s.column: _attack_stage(p, data, s, reference, opened, items, original, None, "control")
+        for s in specs
+    }, None
+
+
+def _baselines(p: Pipeline, data: Data, original: Model) -> dict[str, Any]:
+    """What each attack that has a baseline (quantize, relearn_unrelated) does to the
+    original model, which knew the facts: its accuracy per split before and after."""
+    out: dict[str, Any] = {}
+    opened = membership.opener(p, original.spec)
+    for spec in p.cfg.attacks:
         attack = get_attack(spec.name, spec.settings)
-        attrs = mine.attrs if attack.keys_from == "unlearned" else original.attrs
+        if not isinstance(attack, WeightAttack) or not attack.has_baseline:
+            continue
+        if is_remote_spec(original.spec):
+            continue
         ctx = AttackContext(
             model=opened,
-            spec=model.spec,
-            items=forgotten,
-            keys={i.id: Attribution.from_dict(attrs[i.id]).key_token_texts for i in forgotten},
-            retain=retain,
-            judge=cfg.judge,
-            label=model.label,
-            demonstrations=demonstrations if attack.uses_demonstrations else (),
-            device=cfg.device,
-            original={
-                i.id: {**original.evals[i.id], "attribution": original.attrs.get(i.id)}
-                for i in forgotten
-            },
-            seed=zlib.crc32(f"{cfg.statistics.seed}:{model.label}:{spec.name}".encode()),
+            spec=original.spec,
+            items=[],
+            keys={},
+            retain=data.splits["retain"],
+            judge=p.cfg.judge,
+            label="original",
+            device=p.cfg.device,
+            general=data.splits["general"],
         )
         reads = [
-            model.key,
+            original.key,
             spec.name,
             attack.settings.model_dump(mode="json"),
-            [i.id for i in forgotten],
-            ctx.keys,
-            cfg.judge.model_dump(mode="json"),
+            {s: data.key(s) for s in SPLITS},
+            p.cfg.judge.model_dump(mode="json"),
             *attack.key_parts(ctx),
         ]
-        name = f"{model.label} with {spec.name} ({len(forgotten)} items)"
-        rows = p.stage("attacking", "attacks", name, reads, partial(attack.run, ctx))
-        out[spec.name] = {r["id"]: r for r in rows}
+        rows = p.stage(
+            "attack baseline",
+            "attack_baselines",
+            f"original with {spec.column}",
+            reads,
+            partial(attack.baseline, ctx, data.splits),
+        )
+        out[spec.column] = {
+            split: sum(r["correct"] for r in got) / len(got)
+            for split in SPLITS
+            if (got := [r for r in rows if r["split"] == split])
+        }
     return out
 
 
 def _record(
-    item: QAItem, label: str, original: ModelStages, mine: ModelStages, attacks: list[str]
+    item: QAItem,
+    label: str,
+    original: ModelStages,
+    mine: ModelStages,
+    attacks: list[str],
+    controls: dict[str, dict[str, dict[str, Any]]],
 ) -> ItemRecord:
     """5. One item's record under `label`: verdicts before and after, attributions, attacks."""
     before, after = original.evals[item.id], mine.evals[item.id]
@@ -442,13 +549,20 @@ def _record(
         row = mine.attacks[name].get(item.id)
         if row is not None:
             rec.recovered[name] = row["recovered"]
-            rec.attacks[name] = {
+            rec.attacks[name] = {  # prompts, outputs, and what else the attack said
                 "prompt": row["prompt"],
                 "prompts": row.get("prompts", [row["prompt"]]),
-                "outputs": row["outputs"],
+                **{
+                    k: v
+                    for k, v in row.items()
+                    if k not in ("id", "recovered", "prompt", "prompts")
+                },
             }
-            if "trained_on" in row:  # relearning: the items it fine-tuned on
-                rec.attacks[name]["trained_on"] = row["trained_on"]
+            if row.get("keytoken_similarity") is not None:
+                rec.recovered_focus[name] = row["keytoken_similarity"]
+        control = controls.get(name, {}).get(item.id)
+        if control is not None and rec.forgotten:
+            rec.recovered_control[name] = control["recovered"]
     return rec
 
 
@@ -473,7 +587,7 @@ def _results(
 ) -> dict[str, Any]:
     """results.json: per method, every registered metric of its records, and the run's
     facts; models unlearned here are linked into `out/models/`."""
-    attacks = [a.name for a in cfg.attacks]
+    attacks = [a.column for a in cfg.attacks]
     methods: dict[str, Any] = {}
     for model in unlearned:
         methods[model.label] = {
@@ -516,7 +630,7 @@ def _references(
     the reason they are not there."""
     if found.skipped is not None:
         return {"skipped": {"membership": found.skipped}}
-    attacks = [a.name for a in cfg.attacks]
+    attacks = [a.column for a in cfg.attacks]
     out: dict[str, Any] = {}
     for label in ("original", "retrained"):
         base = [

@@ -156,8 +156,26 @@ class ModelSpec(_Strict):
 
 
 class AttackSpec(_Strict):
-    name: str = Field(description="registered attack: focus_on_key, probab, ...")
+    name: str = Field(description="registered attack: focus_on_key, probab, quantize, ...")
     settings: dict[str, Any] = Field(default_factory=dict, description="the attack's settings")
+    label: str | None = Field(
+        None,
+        description="its name in the results (default: the attack's); lets one attack run "
+        "twice with different settings, e.g. quantize at 8 and at 4 bits",
+    )
+    control: bool | None = Field(
+        None,
+        description="also run it on the never-taught reference, as the control of its "
+        "recovery (default: yes for the attacks on weights and hidden states)",
+    )
+
+    @property
+    def column(self) -> str:
+        """Its key in the results (`methods.<m>.recovery.<column>`)."""
+        return self.label or self.name
+
+    def controlled(self) -> bool:
+        return ATTACKS[self.name].control if self.control is None else self.control
 
 
 class AttributionSettings(_Strict):
@@ -431,9 +449,15 @@ def _check_attacks(config: RunConfig, where: str) -> set[str]:
             get_attack(attack.name, attack.settings)
         except UnpactError as e:
             raise UnpactError(f"{where}: attacks.{n}.settings: {e}") from None
-        if attack.name in names:
-            raise UnpactError(f"{where}: attacks.{n}.name: {attack.name!r} is listed twice")
-        names.add(attack.name)
+        if attack.column in names:
+            what = "label" if attack.label else "name"
+            raise UnpactError(
+                f"{where}: attacks.{n}.{what}: {attack.column!r} is listed twice"
+                + ("" if attack.label else "; give each a label to run it twice")
+            )
+        if attack.column == "any":
+            raise UnpactError(f"{where}: attacks.{n}.label: 'any' names the union of attacks")
+        names.add(attack.column)
     return names
 
 
@@ -450,7 +474,7 @@ def _check_served(config: RunConfig, where: str, bases: list[tuple[str, str]]) -
     for n, attack in enumerate(config.attacks):
         if served_any and ATTACKS[attack.name].changes_weights:
             raise UnpactError(
-                f"{where}: attacks.{n}: {attack.name} fine-tunes the model's weights, and "
+                f"{where}: attacks.{n}: {attack.name} needs the model's weights, and "
                 f"{served_any[0]} is served; run it on local models"
             )
     if served_any and config.attribution.baseline == "mask":

@@ -1,0 +1,150 @@
+"""The residual stream of a local model: read it at every layer, project a direction out of
+it, and read the vocabulary from it (logit lens); the maths of the hidden-state attacks.
+
+Positions: a prompt's state is the residual stream at its last token (the position that
+predicts the answer's first token), after the embeddings (index 0) and after each decoder
+layer (index l + 1), as forward hooks on those modules see it: explicit, the same in every
+transformers version, and before the final norm (which the logit lens applies itself).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import torch
+
+from unpact.errors import UnpactError
+from unpact.scoring import head_logits, lm_body_and_head, right_padded
+
+
+def residual_modules(model: Any) -> list[Any]:
+    """The modules whose outputs are the residual stream: embeddings, then each layer."""
+    body, _ = lm_body_and_head(model)
+    if not hasattr(body, "layers") or not hasattr(body, "embed_tokens"):
+        raise UnpactError(
+            f"{type(model).__name__}: hidden-state attacks need a decoder with "
+            "`embed_tokens` and `layers` (Llama-, Qwen-, Mistral-style models)"
+        )
+    return [body.embed_tokens, *body.layers]
+
+
+def _out(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _with(output: Any, hidden: torch.Tensor) -> Any:
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def _capture(
+    into: list[torch.Tensor], at: tuple[torch.Tensor, torch.Tensor], _m: Any, _i: Any, output: Any
+) -> None:
+    h = _out(output)
+    into.append(h[at[0].to(h.device), at[1].to(h.device)].float().cpu())
+
+
+@torch.no_grad()
+def last_states(model: Any, seqs: Sequence[Sequence[int]], batch: int = 16) -> torch.Tensor:
+    """The residual stream at each sequence's last token: (len(seqs), layers + 1, hidden),
+    float32 on the CPU."""
+    modules = residual_modules(model)
+    device = next(model.parameters()).device
+    found: list[torch.Tensor] = []
+    for start in range(0, len(seqs), batch):
+        chunk = seqs[start : start + batch]
+        ids, mask = right_padded(chunk)
+        captured: list[torch.Tensor] = []
+        at = (torch.arange(len(chunk)), torch.tensor([len(s) - 1 for s in chunk]))
+        handles = [m.register_forward_hook(partial(_capture, captured, at)) for m in modules]
+        try:
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        found.append(torch.stack(captured, dim=1))
+    return torch.cat(found)
+
+
+def project_out(hidden: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """`hidden` without its component along `direction`: h - (h . d) d, d of unit norm."""
+    d = direction / direction.norm()
+    d = d.to(hidden.dtype)
+    return hidden - (hidden @ d).unsqueeze(-1) * d
+
+
+@contextmanager
+def ablated(model: Any, direction: torch.Tensor, at: Sequence[int] | None = None) -> Iterator[None]:
+    """Inside the block, `direction` is projected out of the residual stream at every
+    position, after the embeddings and after each decoder layer (`at`: only after these
+    residual indices, 0 = embeddings, l + 1 = layer l). The hooks go when the block ends."""
+    if float(direction.norm()) == 0.0:
+        raise UnpactError("the direction to ablate is zero: the two models' activations agree")
+    modules = residual_modules(model)
+    where = range(len(modules)) if at is None else at
+    device = next(model.parameters()).device
+    d = direction.to(device)
+
+    def hook(_m: Any, _i: Any, output: Any) -> Any:
+        return _with(output, project_out(_out(output), d))
+
+    handles = [modules[k].register_forward_hook(hook) for k in where]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def mean_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The difference-of-means direction between two sets of states (rows), unit norm."""
+    d = a.float().mean(0) - b.float().mean(0)
+    n = d.norm()
+    return d / n if float(n) > 0 else d
+
+
+@torch.no_grad()
+def lens_logits(model: Any, states: torch.Tensor) -> torch.Tensor:
+    """Logit lens: the vocabulary logits read from residual states (..., hidden) through
+    the model's final norm and LM head, as nostalgebraist's logit lens does. At the last
+    layer this is the model's own output."""
+    body, _ = lm_body_and_head(model)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    hidden = states.to(device=device, dtype=dtype)
+    norm = getattr(body, "norm", None)
+    if norm is not None:
+        hidden = norm(hidden)
+    return head_logits(model, hidden).cpu()
+
+
+def token_ranks(logits: torch.Tensor, token: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of `logits` (..., vocab): the rank of `token` (0 = the top token; ties
+    counted in its favour) and its probability."""
+    target = logits[..., token].unsqueeze(-1)
+    rank = (logits > target).sum(-1)
+    prob = torch.softmax(logits.float(), dim=-1)[..., token]
+    return rank, prob
+
+
+def probe_accuracy(
+    train_x: Any, train_y: Any, test_x: Any, test_groups: list[list[int]], correct: list[int]
+) -> tuple[list[bool], Any]:
+    """A linear probe (scikit-learn's logistic regression on standardised features) trained
+    to tell correct options from wrong ones (`train_y` 1/0); on the test rows, each item's
+    pick is its option (rows `test_groups[i]`) the probe scores highest, and it is right when
+    that is option `correct[i]`. Returns the per-item verdicts and the fitted probe."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if len(set(np.asarray(train_y).tolist())) < 2:
+        raise UnpactError("the probe needs both correct and wrong options to train on")
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    probe.fit(np.asarray(train_x), np.asarray(train_y))
+    scores = probe.decision_function(np.asarray(test_x)) if len(test_x) else np.zeros(0)
+    verdicts = [int(np.argmax(scores[rows])) == right for rows, right in zip(test_groups, correct)]
+    return verdicts, probe

@@ -1,0 +1,441 @@
+"""Recovery that touches the weights or reads the hidden states (issue 22): is the
+"forgotten" knowledge still in the weights?
+
+- `quantize`: weight-only quantization (Zhang et al. 2024, arXiv:2410.16454).
+- `relearn_unrelated`: a few fine-tuning steps on text unrelated to the forget facts
+  (Łucki et al. 2024, "An Adversarial Perspective on Machine Unlearning for AI Safety",
+  arXiv:2409.18025: ten unrelated examples recover most of RMU's hidden capability).
+- `ablate_direction`: the difference-of-means direction between the unlearned and the
+  original model's activations on the forget prompts, projected out of the residual stream
+  at inference (same paper, section on directional ablation).
+- `logit_lens` and `probe`: is the answer readable from an intermediate layer (Lynch et al.
+  2024, "Eight Methods to Evaluate Robust Unlearning in LLMs", arXiv:2402.16835)?
+
+A weight attack makes the attacked model (`attacked(ctx)`, a context: a fresh copy, or hooks
+removed on exit), then judges the forgotten items again exactly as the evaluation did.
+Recovered answers are attributed under the attacked model (unPact on the question and the
+benchmark's answer) so the run can say whether the original model's focus came back
+(`keytoken_similarity` in the row). The runner runs the same attack on the never-taught
+reference as the control, and (`has_baseline`) on the original model over every split.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from unpact.attacks.base import Attack, AttackContext
+from unpact.attacks.hidden import (
+    ablated,
+    last_states,
+    lens_logits,
+    mean_difference,
+    probe_accuracy,
+    residual_modules,
+    token_ranks,
+)
+from unpact.data.items import QAItem
+from unpact.errors import UnpactError
+from unpact.judge import answer_items
+
+if TYPE_CHECKING:
+    from unpact.models import LanguageModel
+    from unpact.types import AnyModel
+
+
+def local(lm: AnyModel, what: str) -> LanguageModel:
+    """The local model behind `lm` (a served one has no weights or hidden states)."""
+    if getattr(lm, "is_remote", False):
+        raise UnpactError(f"{what} needs the model's weights; {lm.spec} is served")
+    return lm  # type: ignore[return-value]
+
+
+class WeightAttack(Attack):
+    """An attack on (a copy of) the weights or on the hidden states. Subclasses give
+    `attacked(ctx)`; the default `run` judges the forgotten items under it."""
+
+    changes_weights = True
+    control = True  # the runner runs it on the never-taught reference too
+    explains = True  # recovered answers are attributed under the attacked model
+
+    @contextmanager
+    def attacked(self, ctx: AttackContext) -> Iterator[LanguageModel]:
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    def run(self, ctx: AttackContext) -> list[dict[str, Any]]:
+        if not ctx.items:
+            return []
+        with self.attacked(ctx) as lm:
+            answered = answer_items(lm, ctx.items, ctx.judge, f"Judging {ctx.label} ({self.name})")
+            rows = [
+                {
+                    "id": item.id,
+                    "prompt": item.question,
+                    "prompts": [item.question],
+                    "outputs": [output],
+                    "recovered": ok,
+                }
+                for item, (output, ok) in zip(ctx.items, answered)
+            ]
+            if self.explains:
+                explain(lm, ctx, rows)
+        return rows
+
+    def baseline(self, ctx: AttackContext, splits: dict[str, list[QAItem]]) -> list[dict[str, Any]]:
+        """What the attack does to a model that knew the facts (the original): every item's
+        answer and verdict under the attacked copy, per split."""
+        with self.attacked(ctx) as lm:
+            rows = []
+            for split, items in splits.items():
+                if not items:
+                    continue
+                answered = answer_items(lm, items, ctx.judge, f"Judging {ctx.label} ({self.name})")
+                rows += [
+                    {"id": i.id, "split": split, "output": o, "correct": ok}
+                    for i, (o, ok) in zip(items, answered)
+                ]
+        return rows
+
+
+def explain(lm: LanguageModel, ctx: AttackContext, rows: list[dict[str, Any]]) -> None:
+    """For each recovered item: unPact under the attacked model, and the KeyToken similarity
+    of that attribution to the original model's (SPEC 3). Does recovery restore the focus?"""
+    from unpact.attribution import Attribution, attribute_many, keytoken_similarity
+
+    if ctx.attribution is None:
+        return
+    by_id = {i.id: i for i in ctx.items}
+    todo = [
+        r for r in rows if r["recovered"] and (ctx.original.get(r["id"]) or {}).get("attribution")
+    ]
+    if not todo:
+        return
+    found = attribute_many(
+        lm,
+        [by_id[r["id"]].question for r in todo],
+        [by_id[r["id"]].answer for r in todo],
+        progress=True,
+        **ctx.attribution,
+    )
+    for row, attr in zip(todo, found):
+        before = Attribution.from_dict(ctx.original[row["id"]]["attribution"])
+        row["key_tokens"] = attr.key_token_texts
+        row["keytoken_similarity"] = keytoken_similarity(before, attr)
+
+
+# --- quantize ---------------------------------------------------------------------------
+
+
+class QuantizeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    bits: int = Field(4, ge=2, le=8, description="integer bits per weight (8 and 4 published)")
+    group_size: int | None = Field(
+        64, gt=0, description="input columns sharing one scale (null: one per output row)"
+    )
+    algorithm: Literal["rtn", "hqq"] = Field(
+        "rtn", description="rtn: round to nearest; hqq: HQQ's optimised scales (torchao)"
+    )
+    symmetric: bool = Field(False, description="rtn without a zero point")
+
+
+class Quantize(WeightAttack):
+    """Weight-only quantization of every linear layer but the LM head (torchao), then the
+    forgotten questions again (Zhang et al. 2024)."""
+
+    name = "quantize"
+    title = "quantize"
+    Settings = QuantizeSettings
+    has_baseline = True
+
+    @contextmanager
+    def attacked(self, ctx: AttackContext) -> Iterator[LanguageModel]:
+        from unpact.attacks.quantize import quantize_weights
+        from unpact.models import load_model
+
+        s = self.settings
+        lm = load_model(ctx.spec, device=ctx.device or "cpu")
+        quantize_weights(lm.model, s.bits, s.group_size, s.algorithm, s.symmetric)
+        yield lm
+
+
+# --- relearn_unrelated -------------------------------------------------------------------
+
+
+class RelearnUnrelatedSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    data: Literal["general", "retain"] = Field(
+        "general",
+        description="general: general-knowledge QA (the run's general items); retain: the "
+        "benchmark's retain facts (other subjects than the forget facts)",
+    )
+    items: int = Field(10, gt=0, description="how many examples (Łucki et al. used 10)")
+    steps: int = Field(10, gt=0, description="optimiser steps")
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate (the injection's)")
+    batch_size: int = Field(4, gt=0, description="examples per step")
+    seed: int = Field(0, description="which examples, and their order")
+
+
+class RelearnUnrelated(WeightAttack):
+    """Fine-tune a copy (answer-only NLL, AdamW, the one training step of `unpact.train`)
+    on a few examples that say nothing of the forget facts, then ask every forgotten
+    question (Łucki et al. 2024)."""
+
+    name = "relearn_unrelated"
+    title = "relearn (unrelated)"
+    Settings = RelearnUnrelatedSettings
+    has_baseline = True
+
+    def chosen(self, ctx: AttackContext) -> list[QAItem]:
+        s = self.settings
+        pool = sorted(ctx.general if s.data == "general" else ctx.retain, key=lambda i: i.id)
+        if not pool:
+            raise UnpactError(
+                f"relearn_unrelated: data: {s.data} but the run has no {s.data} items"
+            )
+        return random.Random(s.seed).sample(pool, min(s.items, len(pool)))
+
+    def key_parts(self, ctx: AttackContext) -> list[Any]:
+        return [[i.to_dict() for i in self.chosen(ctx)]]
+
+    @contextmanager
+    def attacked(self, ctx: AttackContext) -> Iterator[LanguageModel]:
+        from unpact.attacks.relearn import finetune
+
+        s = self.settings
+        yield finetune(ctx, self.chosen(ctx), s.steps, s.lr, s.batch_size, s.seed)
+
+
+# --- ablate_direction --------------------------------------------------------------------
+
+
+class AblateSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    layer: int = Field(
+        -1,
+        description="the residual index whose activations give the direction: 0 the "
+        "embeddings, l + 1 after layer l; negative counts from the end; -1: the middle layer",
+    )
+    at: Literal["all", "layer"] = Field(
+        "all", description="project the direction out after every layer, or only at `layer`"
+    )
+    prompts: Literal["forget", "retain"] = Field(
+        "forget", description="the prompts whose activations find the direction"
+    )
+
+
+class AblateDirection(WeightAttack):
+    """Directional ablation (Łucki et al. 2024): the unit difference of the mean residual
+    states of the model under attack and the original model at the last prompt token of
+    the forget questions, at one layer, projected out of the residual stream (after the
+    embeddings and every decoder layer, or at that layer only) while it answers."""
+
+    name = "ablate_direction"
+    title = "ablate direction"
+    Settings = AblateSettings
+
+    def index(self, lm: LanguageModel) -> int:
+        n = len(residual_modules(lm.model))
+        k = self.settings.layer
+        if k == -1:
+            return n // 2
+        k = k + n if k < 0 else k
+        if not 0 <= k < n:
+            raise UnpactError(f"ablate_direction: layer {self.settings.layer} is not in 0..{n - 1}")
+        return k
+
+    def direction(self, ctx: AttackContext, lm: LanguageModel) -> torch.Tensor:
+        from unpact.models import load_model
+
+        if not ctx.original_spec:
+            raise UnpactError("ablate_direction needs the original model (ctx.original_spec)")
+        items = ctx.items if self.settings.prompts == "forget" else ctx.retain
+        seqs = [lm.encode_prompt(i.question).input_ids for i in items]
+        k = self.index(lm)
+        mine = last_states(lm.model, seqs)[:, k]
+        original = load_model(ctx.original_spec, device=ctx.device or "cpu")
+        theirs = last_states(original.model, seqs)[:, k]
+        return mean_difference(mine, theirs)
+
+    def key_parts(self, ctx: AttackContext) -> list[Any]:
+        return [ctx.original_spec, [i.id for i in ctx.retain]]
+
+    @contextmanager
+    def attacked(self, ctx: AttackContext) -> Iterator[LanguageModel]:
+        lm = local(ctx.model(), "ablate_direction")
+        d = self.direction(ctx, lm)
+        at = None if self.settings.at == "all" else [self.index(lm)]
+        with ablated(lm.model, d, at):
+            yield lm
+
+
+# --- logit_lens and probe -----------------------------------------------------------------
+
+
+def options(item: QAItem) -> tuple[list[str], int] | None:
+    """An item's options and the index of the right one: its choices (multiple choice),
+    or its answer among its perturbed (wrong) answers; None if it has neither."""
+    if item.is_mcq and item.choices:
+        return list(item.choices), list(item.choices).index(item.answer)
+    if item.perturbed_answers:
+        return [item.answer, *item.perturbed_answers], 0
+    return None
+
+
+class LayerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    last_layer: bool = Field(
+        False, description="count the last layer (the model's own output) among the layers read"
+    )
+
+
+class LayerAttack(WeightAttack):
+    """A reading of the hidden states per layer: rows carry each layer's verdict
+    (`layers`), and an item is recovered when the best layer over the attacked items (the
+    one with the most right answers; ties: the earliest) gets it right. Intermediate layers
+    only, by default: the last one is the model's own answer, judged already."""
+
+    explains = False
+    Settings = LayerSettings
+
+    def per_layer(self, ctx: AttackContext, lm: LanguageModel) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    @contextmanager
+    def attacked(self, ctx: AttackContext) -> Iterator[LanguageModel]:
+        yield local(ctx.model(), self.name)
+
+    def run(self, ctx: AttackContext) -> list[dict[str, Any]]:
+        if not ctx.items:
+            return []
+        with self.attacked(ctx) as lm:
+            rows = self.per_layer(ctx, lm)
+        if not rows:
+            return []
+        width = len(rows[0]["layers"]) - (0 if self.settings.last_layer else 1)
+        hits = [sum(bool(r["layers"][k]) for r in rows) for k in range(width)]
+        best = max(range(width), key=lambda k: (hits[k], -k))
+        for r in rows:
+            r["layer"] = best
+            r["recovered"] = bool(r["layers"][best])
+        return rows
+
+
+class LogitLens(LayerAttack):
+    """Logit lens (nostalgebraist 2020; Lynch et al. 2024): the residual stream at the last
+    prompt token after each layer, read through the final norm and LM head. Per layer, the
+    rank and probability of the answer's first token; right when it is the top token (for a
+    multiple-choice item: when the right option's first token outranks the others')."""
+
+    name = "logit_lens"
+    title = "logit lens"
+
+    def per_layer(self, ctx: AttackContext, lm: LanguageModel) -> list[dict[str, Any]]:
+        seqs = [lm.encode_prompt(i.question).input_ids for i in ctx.items]
+        logits = lens_logits(lm.model, last_states(lm.model, seqs)[:, 1:])  # after each layer
+        rows = []
+        for n, item in enumerate(ctx.items):
+            opts = options(item) if item.is_mcq else None
+            firsts = [lm.encode_answer(o)[0] for o in (opts[0] if opts else [item.answer])]
+            right = firsts[opts[1]] if opts else firsts[0]
+            rank, prob = token_ranks(logits[n], right)
+            if opts:
+                others = [t for t in set(firsts) if t != right]
+                ok = [
+                    all(logits[n, k, right] > logits[n, k, t] for t in others)
+                    for k in range(len(rank))
+                ]
+            else:
+                ok = [int(r) == 0 for r in rank]
+            top = logits[n].argmax(-1).tolist()
+            rows.append(
+                {
+                    "id": item.id,
+                    "prompt": item.question,
+                    "prompts": [item.question],
+                    "outputs": lm.token_texts(top),  # the top token after each layer
+                    "layers": [bool(x) for x in ok],
+                    "ranks": [int(r) for r in rank],
+                    "probs": [round(float(p), 6) for p in prob],
+                }
+            )
+        return rows
+
+    def run(self, ctx: AttackContext) -> list[dict[str, Any]]:
+        rows = super().run(ctx)
+        for r in rows:  # the answer read at the chosen layer
+            r["outputs"] = [r["outputs"][r["layer"]]]
+        return rows
+
+
+class Probe(LayerAttack):
+    """A linear probe per layer (Lynch et al. 2024): logistic regression on the residual
+    state at the last token of question + option, trained on the retain items to tell the
+    right option from the wrong ones, tested on the forgotten items: right when the probe
+    scores the right option highest. Options: a multiple-choice item's choices, or a QA
+    item's answer among its perturbed answers; items with neither are left out."""
+
+    name = "probe"
+    title = "linear probe"
+
+    def _rows(self, lm: LanguageModel, items: list[QAItem]) -> tuple[list[Any], list[Any]]:
+        seqs: list[tuple[int, ...]] = []
+        meta: list[tuple[QAItem, list[int], int]] = []
+        for item in items:
+            found = options(item)
+            if found is None:
+                continue
+            opts, right = found
+            prompt = lm.encode_prompt(item.question).input_ids
+            start = len(seqs)
+            seqs += [(*prompt, *lm.encode_answer(o)) for o in opts]
+            meta.append((item, list(range(start, len(seqs))), right))
+        return seqs, meta
+
+    def per_layer(self, ctx: AttackContext, lm: LanguageModel) -> list[dict[str, Any]]:
+        train_seqs, train_meta = self._rows(lm, ctx.retain)
+        test_seqs, test_meta = self._rows(lm, ctx.items)
+        if not train_meta or not test_meta:
+            return []
+        train = last_states(lm.model, train_seqs)[:, 1:]
+        test = last_states(lm.model, test_seqs)[:, 1:]
+        labels = [0] * len(train_seqs)
+        for _, rows, right in train_meta:
+            labels[rows[right]] = 1
+        verdicts = []
+        for k in range(train.shape[1]):
+            got, _ = probe_accuracy(
+                train[:, k].numpy(),
+                labels,
+                test[:, k].numpy(),
+                [rows for _, rows, _ in test_meta],
+                [right for _, _, right in test_meta],
+            )
+            verdicts.append(got)
+        return [
+            {
+                "id": item.id,
+                "prompt": item.question,
+                "prompts": [item.question],
+                "outputs": [],
+                "layers": [v[n] for v in verdicts],
+            }
+            for n, (item, _, _) in enumerate(test_meta)
+        ]
+
+
+__all__ = [
+    "AblateDirection",
+    "LogitLens",
+    "Probe",
+    "Quantize",
+    "RelearnUnrelated",
+    "WeightAttack",
+    "explain",
+    "options",
+]

@@ -1,0 +1,122 @@
+"""The attacks on weights and hidden states in a run (issue 22), on the tiny model: each is
+a stage with per-item rows, its control on the never-taught reference, its baseline on the
+original model, its recovery and control rates as registered metrics, all cached."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.process.test_membership_run import HELD, QUESTIONS, WORDS, _item
+from unpact.data.items import write_folder
+from unpact.errors import UnpactError
+from unpact.models import save_model
+from unpact.run import load_config, run
+
+ATTACKS = [
+    {"name": "focus_on_key"},
+    {"name": "quantize", "label": "quantize_8bit", "settings": {"bits": 8, "group_size": 32}},
+    {"name": "quantize", "settings": {"bits": 4, "group_size": 32}},
+    {"name": "ablate_direction"},
+    {"name": "logit_lens"},
+    {"name": "probe"},
+    {"name": "relearn_unrelated", "settings": {"data": "retain", "items": 2, "steps": 2}},
+]
+COLUMNS = [a.get("label") or a["name"] for a in ATTACKS]
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory, tiny):
+    root = tmp_path_factory.mktemp("weights_run")
+    save_model(tiny.model, tiny.tokenizer, root / "tiny")
+    items = []
+    for n, (q, w) in enumerate(zip(QUESTIONS[:8], WORDS)):
+        split = "forget" if n < 4 else "retain"
+        items.append(_item(n, q, w, split, [x for x in WORDS if x != w][:3]))
+    for n, (q, w) in enumerate(zip(QUESTIONS[8:], HELD)):
+        items.append(_item(n, q, w, "holdout", [x for x in HELD if x != w][:3]))
+    write_folder(root / "bench", items)
+    config = {
+        "model": str(root / "tiny"),
+        "data": {"benchmark": str(root / "bench"), "general": None},
+        "inject": {
+            "settings": {
+                "max_epochs": 4,
+                "min_epochs": 4,
+                "general": None,
+                "rehearsal_per_step": 2,
+                "lr": 5e-3,
+            }
+        },
+        # a strong GA run: the tiny model forgets, so there are items to attack
+        "methods": [{"method": "ga", "config": {"lr": 1e-2, "steps": 6, "batch_size": 2}}],
+        "attacks": ATTACKS,
+        "judge": {"max_new_tokens": 4},
+        "statistics": {"resamples": 20},
+        "membership": {"gradnorm": False, "verbmem_prefix": 4, "verbmem_new_tokens": 4},
+    }
+    result = run(config, root / "out", cache_dir=root / "cache", progress=False)
+    return root, config, result
+
+
+def test_every_attack_its_control_and_baseline_are_stages(done):
+    _, _, result = done
+    res = result.results
+    assert res["attacks"] == COLUMNS
+    m = res["methods"]["ga"]
+    assert m["forgotten"] > 0, "the test needs forgotten items"
+    assert set(m["recovery"]) == {*COLUMNS, "any"}
+    controlled = [c for c in COLUMNS if c != "focus_on_key"]
+    for c in controlled:
+        assert m["recovery_control"][c] is not None, c
+        assert f"control:retrained with {c}" in " ".join(result.computed)
+    assert m["recovery_control"]["focus_on_key"] is None  # a prompt attack: no control
+    assert set(res["attack_baselines"]) == {"quantize_8bit", "quantize", "relearn_unrelated"}
+    assert set(res["attack_baselines"]["quantize"]) == {"forget", "retain"}
+    assert "recovery.quantize" in m["ci"] and "recovery_control.quantize" in m["ci"]
+
+
+def test_rates_recompute_from_items_jsonl(done):
+    root, _, result = done
+    rows = [json.loads(x) for x in (root / "out" / "items.jsonl").read_text().splitlines()]
+    forgotten = [r for r in rows if r["split"] == "forget" and r["correct_before"]]
+    forgotten = [r for r in forgotten if not r["correct_after"]]
+    m = result.results["methods"]["ga"]
+    for c in ("quantize", "ablate_direction", "logit_lens"):
+        hits = [r["recovered"][c] for r in forgotten]
+        assert m["recovery"][c] == pytest.approx(sum(hits) / len(hits))
+        ctrl = [r["recovered_control"][c] for r in forgotten]
+        assert m["recovery_control"][c] == pytest.approx(sum(ctrl) / len(ctrl))
+    lens = forgotten[0]["attacks"]["logit_lens"]
+    assert len(lens["layers"]) == 2 and len(lens["ranks"]) == 2 and lens["layer"] == 0
+    for r in forgotten:  # a recovered answer is explained: its focus against the original's
+        if r["recovered"]["quantize"]:
+            assert r["attacks"]["quantize"]["keytoken_similarity"] is not None
+            assert r["recovered_focus"]["quantize"] == r["attacks"]["quantize"]["keytoken_similarity"]
+
+
+def test_one_attacks_settings_rerun_only_that_attack(done, tmp_path):
+    root, config, _ = done
+    again = run(config, tmp_path / "same", cache_dir=root / "cache", progress=False)
+    assert again.computed == []
+    changed = [dict(a) for a in ATTACKS]
+    changed[2] = {"name": "quantize", "settings": {"bits": 3, "group_size": 32}}
+    cfg = {**config, "attacks": changed}
+    result = run(cfg, tmp_path / "changed", cache_dir=root / "cache", progress=False)
+    assert sorted(c.split(":")[0] for c in result.computed) == [
+        "attack baseline",
+        "attacking",
+        "control",
+    ]
+    assert all(c.endswith("with quantize") or "with quantize (" in c for c in result.computed)
+
+
+def test_bad_attack_lists_are_one_message():
+    base = {"methods": [{"method": "ga"}]}
+    with pytest.raises(UnpactError, match="listed twice; give each a label"):
+        load_config(base | {"attacks": [{"name": "quantize"}, {"name": "quantize"}]})
+    with pytest.raises(UnpactError, match=r"attacks\.0\.settings.*bits"):
+        load_config(base | {"attacks": [{"name": "quantize", "settings": {"bits": 1}}]})
+    with pytest.raises(UnpactError, match="'any' names the union"):
+        load_config(base | {"attacks": [{"name": "quantize", "label": "any"}]})

@@ -1,0 +1,252 @@
+"""The attacks on the weights and the hidden states (issue 22): each one's maths against a
+slow obvious reference, on small matrices and the tiny random model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from unpact.attacks import AttackContext, get_attack
+from unpact.attacks.hidden import (
+    ablated,
+    last_states,
+    lens_logits,
+    mean_difference,
+    probe_accuracy,
+    project_out,
+    residual_modules,
+    token_ranks,
+)
+from unpact.attacks.quantize import quantizable, quantize_weights, round_trip
+from unpact.data.items import QAItem
+from unpact.errors import UnpactError
+from unpact.judge import JudgeSettings
+from unpact.models import save_model
+from unpact.testing import tiny_model
+
+
+class _Two(torch.nn.Module):
+    """A linear layer and an LM head, shaped like a causal LM for `quantizable`."""
+
+    def __init__(self, rows: int, cols: int) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(cols, rows, bias=False)
+        self.head = torch.nn.Linear(rows, 8, bias=False)
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.head
+
+    @property
+    def base_model(self) -> torch.nn.Module:
+        return self
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("group", [16, None])
+def test_quantization_through_torchao_is_the_hand_round_trip(bits, symmetric, group):
+    torch.manual_seed(bits)
+    m = _Two(6, 64)
+    w = m.lin.weight.detach().clone()
+    head = m.head.weight.detach().clone()
+    assert quantize_weights(m, bits, group, symmetric=symmetric) == 1
+    assert torch.equal(m.lin.weight, round_trip(w, bits, group, symmetric))
+    assert torch.equal(m.head.weight, head)  # the LM head is left in full precision
+    # the hand reference itself: 2^bits levels per group at most, error within half a step
+    q = round_trip(w, bits, group, symmetric).reshape(6, -1, group or 64)
+    assert all(len(torch.unique(g)) <= 2**bits for g in q.reshape(-1, group or 64))
+    x = w.reshape(6, -1, group or 64)
+    step = (x.amax(-1) - x.amin(-1)).max() / (2**bits - 1)
+    err_bound = step if symmetric else step / 2 + 1e-6
+    assert (q - x).abs().max() <= err_bound
+
+
+def test_quantize_refuses_a_group_that_does_not_divide_the_layer():
+    with pytest.raises(UnpactError, match="group_size 48 does not divide"):
+        quantize_weights(_Two(4, 64), 4, 48)
+
+
+def test_quantize_keeps_the_tiny_model_close_at_8_bits_and_rounds_every_layer():
+    lm = tiny_model(seed=1)
+    ids = torch.tensor([[1, 40, 50, 60, 70]])
+    with torch.no_grad():
+        before = lm.model(ids).logits
+    n = quantize_weights(lm.model, 8, 32)
+    assert n == len(quantizable(lm.model)) == 2 * 7  # q k v o gate up down per layer
+    with torch.no_grad():
+        after = lm.model(ids).logits
+    assert 0 < (after - before).abs().max() < 0.1 * before.abs().max()
+
+
+def test_projecting_out_removes_exactly_the_direction():
+    torch.manual_seed(0)
+    h, d = torch.randn(5, 7, 16), torch.randn(16)
+    out = project_out(h, d)
+    u = d / d.norm()
+    assert torch.allclose(out @ u, torch.zeros(5, 7), atol=1e-5)
+    # what is orthogonal to d is untouched
+    basis = torch.linalg.qr(torch.stack([u, *torch.randn(15, 16)]).T)[0][:, 1:]
+    assert torch.allclose(out @ basis, h @ basis, atol=1e-5)
+
+
+def test_ablation_hooks_remove_the_direction_at_the_chosen_layer_and_go_away():
+    lm = tiny_model(seed=2)
+    seqs = [[1, 40, 50, 60], [1, 70, 80]]
+    plain = last_states(lm.model, seqs)
+    d = torch.randn(plain.shape[-1])
+    with ablated(lm.model, d, at=[1]):  # after layer 0 only
+        hooked = last_states(lm.model, seqs)
+    u = d / d.norm()
+    assert torch.equal(hooked[:, 0], plain[:, 0])  # before: unchanged
+    assert torch.allclose(hooked[:, 1], project_out(plain[:, 1], d), atol=1e-5)
+    assert torch.allclose(hooked[:, 1] @ u, torch.zeros(2), atol=1e-5)
+    assert not torch.allclose(hooked[:, 2], plain[:, 2])  # later layers see the change
+    assert torch.equal(last_states(lm.model, seqs), plain)  # hooks removed
+    with ablated(lm.model, d):  # everywhere: every residual state is orthogonal to d
+        every = last_states(lm.model, seqs)
+    assert torch.allclose(every @ u, torch.zeros(2, every.shape[1]), atol=1e-4)
+
+
+def test_last_states_are_padding_free_and_the_lens_at_the_last_layer_is_the_model():
+    lm = tiny_model(seed=3)
+    seqs = [[1, 40, 50, 60, 61], [1, 70]]
+    states = last_states(lm.model, seqs, batch=2)
+    alone = torch.cat([last_states(lm.model, [s]) for s in seqs])
+    assert torch.allclose(states, alone, atol=1e-5)
+    assert states.shape[1] == len(residual_modules(lm.model)) == 3
+    with torch.no_grad():
+        logits = lm.model(torch.tensor([seqs[0]])).logits[0, -1]
+    lens = lens_logits(lm.model, states[0, -1])
+    assert torch.allclose(lens, logits, atol=1e-4)
+    rank, prob = token_ranks(lens, int(logits.argmax()))
+    assert int(rank) == 0 and float(prob) == pytest.approx(
+        float(logits.softmax(-1).max()), rel=1e-4
+    )
+    second = int(logits.topk(2).indices[1])
+    assert int(token_ranks(lens, second)[0]) == 1
+
+
+def test_mean_difference_is_the_unit_difference_of_means():
+    a, b = torch.tensor([[2.0, 0.0], [4.0, 0.0]]), torch.tensor([[0.0, 0.0], [0.0, 0.0]])
+    assert torch.equal(mean_difference(a, b), torch.tensor([1.0, 0.0]))
+
+
+def test_the_probe_beats_chance_on_a_separable_case_and_not_on_noise():
+    rng = np.random.default_rng(0)
+
+    # options of 3; the right one has feature 0 shifted up; the rest is noise
+    def make(n):
+        x = rng.normal(size=(3 * n, 8))
+        y = np.zeros(3 * n, dtype=int)
+        right = rng.integers(0, 3, size=n)
+        for i, r in enumerate(right):
+            x[3 * i + r, 0] += 4.0
+            y[3 * i + r] = 1
+        return x, y, [[3 * i, 3 * i + 1, 3 * i + 2] for i in range(n)], right.tolist()
+
+    x, y, _, _ = make(40)
+    tx, _, groups, right = make(30)
+    verdicts, _ = probe_accuracy(x, y, tx, groups, right)
+    assert np.mean(verdicts) > 0.9
+    noise = rng.normal(size=tx.shape)
+    verdicts, _ = probe_accuracy(x, y, noise, groups, right)
+    assert np.mean(verdicts) < 0.6
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("weights")
+    for seed in (0, 1):
+        lm = tiny_model(seed=seed)
+        save_model(lm.model, lm.tokenizer, root / f"m{seed}")
+    return root
+
+
+def _items(split, n, offset=0):
+    words = ["Paris", "river", "glass", "seven", "Mira", "fox"]
+    return [
+        QAItem(
+            f"{split}-{k}",
+            f"What is the capital of France? number {k + offset}",
+            words[k % 6],
+            split,
+            perturbed_answers=(words[(k + 1) % 6], words[(k + 2) % 6]),
+        )
+        for k in range(n)
+    ]
+
+
+def _ctx(saved, name, items, **extra):
+    from unpact.models import load_model
+
+    lm = load_model(str(saved / "m1"))
+    return AttackContext(
+        model=lambda: lm,
+        spec=str(saved / "m1"),
+        items=items,
+        keys={},
+        retain=_items("retain", 6, 10),
+        judge=JudgeSettings(max_new_tokens=3),
+        label="m1",
+        original_spec=str(saved / "m0"),
+        general=_items("general", 4, 20),
+        **extra,
+    )
+
+
+@pytest.mark.parametrize(
+    "name", ["quantize", "relearn_unrelated", "ablate_direction", "logit_lens", "probe"]
+)
+def test_each_attack_runs_on_the_tiny_model_with_a_row_per_item(saved, name):
+    items = _items("forget", 4)
+    attack = get_attack(name, {"steps": 2, "items": 2} if name == "relearn_unrelated" else {})
+    rows = attack.run(_ctx(saved, name, items))
+    assert [r["id"] for r in rows] == [i.id for i in items]
+    assert all(isinstance(r["recovered"], bool) and "outputs" in r for r in rows)
+    if name in ("logit_lens", "probe"):
+        width = len(rows[0]["layers"])
+        assert width == 2 and all(r["layer"] == rows[0]["layer"] for r in rows)
+        best = rows[0]["layer"]
+        assert all(r["recovered"] == r["layers"][best] for r in rows)
+        assert best == 0  # the last layer (index 1) is the model's own answer, left out
+
+
+def test_ablating_the_original_against_itself_is_refused(saved):
+    ctx = _ctx(saved, "ablate_direction", _items("forget", 2))
+    ctx.original_spec = ctx.spec
+    with pytest.raises(UnpactError, match="direction to ablate is zero"):
+        get_attack("ablate_direction").run(ctx)
+
+
+def test_quantize_baseline_judges_every_split(saved):
+    ctx = _ctx(saved, "quantize", [])
+    rows = get_attack("quantize", {"bits": 8, "group_size": 32}).baseline(
+        ctx, {"forget": _items("forget", 2), "retain": _items("retain", 3)}
+    )
+    assert [r["split"] for r in rows] == ["forget"] * 2 + ["retain"] * 3
+
+
+def test_a_recovered_answer_is_explained_against_the_original_focus(saved):
+    from unpact.attacks.weights import explain
+    from unpact.attribution import attribute_many
+    from unpact.models import load_model
+
+    items = _items("forget", 2)
+    lm = load_model(str(saved / "m1"))
+    settings = {"unit": "token", "baseline": "delete", "alpha": 0.5, "beta": 0.5, "max_work": None}
+    original = attribute_many(
+        lm,
+        [i.question for i in items],
+        [i.answer for i in items],
+        unit="token",
+        baseline="delete",
+        alpha=0.5,
+        beta=0.5,
+    )
+    ctx = _ctx(saved, "quantize", items, attribution=settings)
+    ctx.original = {i.id: {"attribution": a.to_dict()} for i, a in zip(items, original)}
+    rows = [{"id": i.id, "recovered": n == 0} for n, i in enumerate(items)]
+    explain(lm, ctx, rows)  # the same model: the focus is the original's exactly
+    assert rows[0]["keytoken_similarity"] == 1.0 and rows[0]["key_tokens"]
+    assert "keytoken_similarity" not in rows[1]  # not recovered: not attributed
