@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -465,6 +465,13 @@ def inject(
     precision: Annotated[str | None, typer.Option(help=_inject_help("precision"))] = None,
     seed: Annotated[int | None, typer.Option(help=_inject_help("seed"))] = None,
     device: Annotated[str | None, typer.Option(help=_inject_help("device"))] = None,
+    teach: Annotated[
+        str,
+        typer.Option(
+            help="What to teach: forget+retain (the original model) or retain (the "
+            "never-taught reference: the same recipe without the forget facts)."
+        ),
+    ] = "forget+retain",
     out_dir: Annotated[
         Path | None,
         typer.Option(
@@ -488,7 +495,13 @@ def inject(
         "device": device,
     }
     config = InjectConfig(**{k: v for k, v in given.items() if v is not None})
-    result = run_inject(model, benchmark, config)
+    if (
+        out_dir is not None
+        and out_dir.exists()
+        and not (out_dir.is_dir() and not any(out_dir.iterdir()))
+    ):
+        raise UnpactError(f"--out {out_dir}: exists and is not an empty folder")
+    result = run_inject(model, benchmark, config, teach=teach)
     acc = "  ".join(f"{k} {v:.1%}" for k, v in result.accuracy.items())
     out.print(f"{'cached' if result.cached else 'injected'}: {result.path}")
     before = result.base_accuracy.get("general")
@@ -502,8 +515,6 @@ def inject(
     if out_dir is not None:
         from unpact.run.store import link_model
 
-        if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
-            raise UnpactError(f"--out {out_dir}: exists and is not an empty folder")
         link_model(result.path, out_dir)
         where = out_dir
     out.print(f"use it with --model {where}")
@@ -724,6 +735,91 @@ def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Run directory.")] = Path("runs/demo"),
 ) -> None:
     _run("demo", out_dir)
+
+
+@app.command(
+    help="Audit a model pair you already have: is the unlearned model's knowledge gone, "
+    "recoverable (prompt attacks, quantization, relearning on unrelated data, directional "
+    "ablation, logit lens, probes — each beside the same attack on the never-taught "
+    "reference), indistinguishable from the reference (membership inference, PrivLeak, "
+    "forget quality)? Prints a verdict per test; writes results.json, items.jsonl and "
+    "report.html into --out. Cached like `unpact run`. Guide: docs/audit.md."
+)
+def audit(
+    original: Annotated[str, typer.Option(help="The model before unlearning (spec or folder).")],
+    unlearned: Annotated[str, typer.Option(help="The unlearned model (spec or folder).")],
+    benchmark: Annotated[
+        str, typer.Option(help="Built-in benchmark (news, books, wmdp) or a folder (docs/data.md).")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="Audit directory.")],
+    reference: Annotated[
+        str | None,
+        typer.Option(
+            help="A model never taught the forget facts (TOFU/MUSE publish one; `unpact "
+            "inject --teach retain` makes one): the controls and indistinguishability need it."
+        ),
+    ] = None,
+    base: Annotated[
+        str | None,
+        typer.Option(
+            help="The model before it learned the benchmark, for the Reference attack and "
+            "fluency (default: --reference)."
+        ),
+    ] = None,
+    preset: Annotated[
+        str, typer.Option(help="laptop (a 2-core CPU, ~20 min on news) or gpu (every item).")
+    ] = "laptop",
+    attacks: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated subset of the preset's attacks (or any registered one)."
+        ),
+    ] = None,
+    general: Annotated[str, typer.Option(help="General-knowledge benchmark, or none.")] = "general",
+    device: DeviceOpt = "auto",
+) -> None:
+    import time
+
+    from unpact.run.audit import audit as run_audit
+
+    chosen = [a.strip() for a in attacks.split(",") if a.strip()] if attacks is not None else None
+    if chosen == []:
+        raise UnpactError("--attacks: give at least one attack name")
+    start = time.perf_counter()
+
+    def log(text: str) -> None:
+        err.print(f"[dim]{time.perf_counter() - start:6.0f} s[/]  {escape(text)}", highlight=False)
+
+    try:
+        result = run_audit(
+            original,
+            unlearned,
+            benchmark,
+            out_dir,
+            log=log,
+            reference=reference,
+            base=base,
+            preset=preset,
+            attacks=chosen,
+            general=None if general == "none" else general,
+            device=device,
+        )
+    except KeyboardInterrupt:
+        err.print("interrupted: run the same command again to continue where it stopped")
+        raise typer.Exit(130) from None
+    _print_verdicts(result.results, out_dir)
+
+
+def _print_verdicts(results: dict[str, Any], out_dir: Path) -> None:
+    grid = Table("test", "verdict", "evidence", title=f"unpact audit: {results['benchmark']}")
+    for v in results["verdicts"]["unlearned"]:
+        grid.add_row(escape(v["test"]), escape(v["verdict"]), escape(v["detail"]))
+    console = out if out.is_terminal else Console(width=200)
+    console.print(grid)
+    for part, why in (results.get("skipped") or {}).items():
+        console.print(f"skipped {escape(part)}: {escape(str(why))}")
+    console.print(f"results: {out_dir / 'results.json'} (per item: {out_dir / 'items.jsonl'})")
+    console.print(f"report:  {out_dir / 'report.html'}")
 
 
 @app.command()

@@ -58,6 +58,7 @@ from unpact.results import (
     results_table,
 )
 from unpact.run import membership
+from unpact.run.audit import verdicts
 from unpact.run.config import (
     _CHECK_FIELDS,
     PAPER_ATTACKS,
@@ -215,6 +216,12 @@ def run(
         results["attack_baselines"] = finite(baselines)
     if no_control:
         results.setdefault("skipped", {})["controls"] = no_control
+    results["verdicts"] = {  # each test in plain words (run/audit.py)
+        m.label: verdicts(
+            results["methods"][m.label], records[m.label], attacks, cfg.statistics.alpha
+        )
+        for m in unlearned
+    }
     results["seconds"] = time.perf_counter() - began
     _link_models(out, cfg, original, unlearned)
     injections = {m.label: m.info["injection"] for m in (original, found.reference) if m and m.info}

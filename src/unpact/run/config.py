@@ -250,6 +250,11 @@ class MembershipSettings(_Strict):
         description="the never-taught reference model's spec, where the run cannot build it "
         "(inject disabled, served models); default: the injection of the retain facts only",
     )
+    base: str | None = Field(
+        None,
+        description="the model before it learned the benchmark, for the Reference attack and "
+        "fluency (default: the run's model, which is that model when the run injects)",
+    )
     k: float = Field(0.4, gt=0, le=1, description="Min-K% and Min-K%++: the share of tokens")
     privleak_attack: str = Field(
         "min_k", description="the attack PrivLeak is computed with (MUSE: Min-K%)"

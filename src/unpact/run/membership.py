@@ -72,7 +72,9 @@ def skip_reason(p: Pipeline, data: Data) -> str | None:
     settings = p.cfg.membership
     if not settings.enabled:
         return "membership: enabled is false"
-    served = [s for s in (p.cfg.model, settings.reference) if s and is_remote_spec(s)]
+    served = [
+        s for s in (settings.base or p.cfg.model, settings.reference) if s and is_remote_spec(s)
+    ]
     if served:
         return (
             f"membership inference needs the weights of {served[0]} (served); the base "
@@ -384,7 +386,8 @@ def compute(
         same_tokenizer(opener(p, original.spec)(), opener(p, reference.spec)(), reference.spec)
     items = data.splits["forget"] + data.holdout
     item_key = digest([i.to_dict() for i in items])  # the truth-ratio answers included
-    base = Model("base", p.cfg.model, "model:" + model_key(p.cfg.model))
+    base_spec = settings.base or p.cfg.model
+    base = Model("base", base_spec, "model:" + model_key(base_spec))
     firsts = first_items(data.splits["forget"])
     docs = [d for d in data.bench.documents_of("forget") if d.id in firsts]
     raw: dict[str, dict[str, dict[str, Any]]] = {}

@@ -1,0 +1,263 @@
+"""`unpact audit`: the whole battery on a model pair a user already has, and a verdict per
+test in plain words.
+
+An audit is a run (`unpact.run`) whose original model is given, not taught (injection off),
+with one "method" (the given unlearned model), the never-taught reference when the user has
+one (`--reference`: TOFU and MUSE publish theirs; `unpact inject --teach retain` makes one),
+every recovery attack (prompt, weights, hidden states) and the indistinguishability figures.
+Two presets size it: `laptop` (a 2-core CPU, about 20 minutes on news with the default
+model: benchmarks/audit.py) and `gpu` (every item, more samples, both bit widths).
+
+`verdicts(results, records)` reads the run's figures and per-item records: forgotten?
+recoverable, by which attack, beyond its control on the reference (an exact McNemar test on
+the same items)? indistinguishable from the reference (PrivLeak's interval holds 0, forget
+quality above alpha)? did the focus move?
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from unpact.errors import UnpactError
+from unpact.metrics import ItemRecord, display
+
+# The battery: every attack of the field that needs no user data beyond the benchmark.
+PROMPT_ATTACKS = ("focus_on_key", "probab", "focus_on_key_probab")
+WEIGHT_ATTACKS = ("quantize", "relearn_unrelated", "ablate_direction", "logit_lens", "probe")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # a 2-core CPU: the first 20 forget and retain items, 40 general ones, 5 samples
+    "laptop": {
+        "data": {"forget_items": 20, "retain_items": 20, "general_items": 40},
+        "attacks": [
+            {"name": "focus_on_key"},
+            {"name": "probab", "settings": {"samples": 5}},
+            {"name": "quantize", "settings": {"bits": 4}},
+            {"name": "relearn_unrelated"},
+            {"name": "ablate_direction"},
+            {"name": "logit_lens"},
+            {"name": "probe"},
+        ],
+        "attribution": {"gradient": []},
+        "membership": {"gradnorm": False},
+    },
+    # a GPU: every item, PROBAB's 10 samples, quantization at 8 and 4 bits, the checks
+    "gpu": {
+        "data": {},
+        "attacks": [
+            {"name": "focus_on_key"},
+            {"name": "probab", "settings": {"samples": 10}},
+            {"name": "focus_on_key_probab", "settings": {"samples": 10}},
+            {"name": "quantize", "label": "quantize_8bit", "settings": {"bits": 8}},
+            {"name": "quantize", "settings": {"bits": 4}},
+            {"name": "relearn_unrelated"},
+            {"name": "ablate_direction"},
+            {"name": "logit_lens"},
+            {"name": "probe"},
+        ],
+        "attribution": {},
+        "membership": {},
+    },
+}
+
+
+def audit_config(
+    original: str,
+    unlearned: str,
+    benchmark: str,
+    *,
+    reference: str | None = None,
+    base: str | None = None,
+    preset: str = "laptop",
+    attacks: list[str] | None = None,
+    general: str | None = "general",
+    device: str = "auto",
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The run config of an audit, and the parts it leaves out with the reason (an attack
+    that needs weights on a served model)."""
+    from unpact.types import is_remote_spec
+
+    if preset not in PRESETS:
+        raise UnpactError(f"--preset: {preset!r} is not one of {', '.join(PRESETS)}")
+    chosen = [dict(a) for a in PRESETS[preset]["attacks"]]
+    if attacks is not None:
+        known = {a.get("label") or a["name"] for a in chosen}
+        from unpact.attacks import ATTACKS
+
+        for name in attacks:
+            if name not in known and name not in ATTACKS:
+                raise UnpactError(
+                    f"--attacks: unknown attack {name!r}; choose from "
+                    f"{', '.join(sorted(set(ATTACKS) | known))}"
+                )
+        chosen = [a for a in chosen if (a.get("label") or a["name"]) in attacks]
+        chosen += [{"name": n} for n in attacks if n not in known]
+    skipped: dict[str, str] = {}
+    served = [s for s in (original, unlearned) if is_remote_spec(s)]
+    if served:
+        from unpact.attacks import ATTACKS
+
+        for a in list(chosen):
+            if ATTACKS[a["name"]].changes_weights:
+                chosen.remove(a)
+                label = a.get("label") or a["name"]
+                skipped[f"attack.{label}"] = f"{served[0]} is served: no weights to attack"
+    preset_cfg = PRESETS[preset]
+    config: dict[str, Any] = {
+        "model": original,
+        "data": {"benchmark": benchmark, "general": general, **preset_cfg["data"]},
+        "inject": {"enabled": False},
+        "methods": [{"model": unlearned, "name": "unlearned"}],
+        "attacks": chosen,
+        "attribution": preset_cfg["attribution"],
+        "membership": {
+            **preset_cfg["membership"],
+            "reference": reference,
+            "base": base or reference,
+        },
+        "device": device,
+    }
+    return config, skipped
+
+
+def _mcnemar(records: list[ItemRecord], attack: str) -> tuple[int, int, float] | None:
+    """Exact McNemar on the forgotten items attacked on both models: recovered only from
+    the unlearned model, only from the reference, and the two-sided p-value."""
+    from scipy.stats import binomtest
+
+    pairs = [
+        (r.recovered[attack], r.recovered_control[attack])
+        for r in records
+        if r.forgotten and attack in r.recovered and attack in r.recovered_control
+    ]
+    if not pairs:
+        return None
+    mine = sum(a and not b for a, b in pairs)
+    theirs = sum(b and not a for a, b in pairs)
+    p = binomtest(mine, mine + theirs, 0.5).pvalue if mine + theirs else 1.0
+    return mine, theirs, float(p)
+
+
+def _pct(value: Any) -> str:
+    return display("percent", value)
+
+
+def _ci(m: dict[str, Any], key: str) -> str:
+    lo, hi = (m.get("ci") or {}).get(key) or (None, None)
+    return "" if lo is None else f" [{_pct(lo)}, {_pct(hi)}]"
+
+
+def verdicts(
+    m: dict[str, Any], records: list[ItemRecord], attacks: list[str], alpha: float = 0.05
+) -> list[dict[str, str]]:
+    """One method's verdicts: {"test", "verdict", "detail"} per test, in plain words."""
+    out = [_forgotten(m)]
+    if not m.get("forgotten"):
+        return out
+    for attack in attacks:
+        out.append(_recovery(m, records, attack, alpha))
+    out.append(_indistinguishable(m, alpha))
+    sim = m.get("keytoken_similarity_forgotten")
+    if sim is not None:
+        moved = "moved" if sim < 0.5 else "mostly kept"
+        out.append(
+            {
+                "test": "focus",
+                "verdict": f"focus {moved}",
+                "detail": f"KeyToken similarity of forgotten items to the original's: {sim:.2f} "
+                "(1: the same KeyTokens)",
+            }
+        )
+    return out
+
+
+def _forgotten(m: dict[str, Any]) -> dict[str, str]:
+    n = m.get("forgotten") or 0
+    before, after = m.get("forget_acc_before"), m.get("forget_acc_after")
+    return {
+        "test": "forgotten",
+        "verdict": "forgotten" if n else "nothing forgotten",
+        "detail": f"{n} forget items answered before and not after (forget accuracy "
+        f"{_pct(before)} → {_pct(after)}; retain {_pct(m.get('retain_acc_before'))} → "
+        f"{_pct(m.get('retain_acc_after'))})",
+    }
+
+
+def _recovery(
+    m: dict[str, Any], records: list[ItemRecord], attack: str, alpha: float
+) -> dict[str, str]:
+    rate = (m.get("recovery") or {}).get(attack)
+    control = (m.get("recovery_control") or {}).get(attack)
+    head = f"recovers {_pct(rate)}{_ci(m, f'recovery.{attack}')} of the forgotten items"
+    if rate is None:
+        return {"test": attack, "verdict": "not run", "detail": "no forgotten item to attack"}
+    if control is None:
+        verdict = "recoverable" if rate > 0 else "not recovered"
+        return {"test": attack, "verdict": verdict, "detail": head + " (no control)"}
+    test = _mcnemar(records, attack)
+    mine, theirs, p = test if test is not None else (0, 0, 1.0)
+    beyond = p < alpha and mine > theirs
+    verdict = "recoverable beyond the control" if beyond else "not beyond the control"
+    if rate == 0:
+        verdict = "not recovered"
+    return {
+        "test": attack,
+        "verdict": verdict,
+        "detail": f"{head}; the never-taught reference {_pct(control)} on the same items "
+        f"(recovered only here: {mine}, only there: {theirs}; exact McNemar p = {p:.2g})",
+    }
+
+
+def _indistinguishable(m: dict[str, Any], alpha: float) -> dict[str, str]:
+    leak, quality = m.get("privleak"), m.get("forget_quality")
+    if leak is None and quality is None:
+        return {
+            "test": "indistinguishable",
+            "verdict": "not measured",
+            "detail": "no never-taught reference or no holdout items (see skipped)",
+        }
+    lo, hi = (m.get("ci") or {}).get("privleak") or (None, None)
+    holds_zero = lo is not None and hi is not None and lo <= 0 <= hi
+    same = holds_zero and (quality is None or quality >= alpha)
+    if same:
+        verdict = "indistinguishable from the reference"
+    elif leak is not None and leak < 0 and not holds_zero:
+        verdict = (
+            "distinguishable: over-unlearned (the forget set looks less familiar than unseen text)"
+        )
+    else:
+        verdict = "distinguishable from the reference"
+    q = "–" if quality is None else display("pvalue", quality)
+    return {
+        "test": "indistinguishable",
+        "verdict": verdict,
+        "detail": f"PrivLeak {_pct(leak)}{_ci(m, 'privleak')} (0: like the reference); "
+        f"forget quality {q} (KS p-value of the truth ratios; above {alpha} passes)",
+    }
+
+
+def audit(
+    original: str,
+    unlearned: str,
+    benchmark: str,
+    out: Any,
+    *,
+    log: Any = None,
+    cache_dir: Any = None,
+    progress: bool = True,
+    **options: Any,
+) -> Any:
+    """Audit a model pair into `out` (see the module docstring); `options` are those of
+    `audit_config`. Returns the run's RunResult; its results carry `verdicts.unlearned`."""
+    import json
+    from pathlib import Path
+
+    from unpact.run import run
+    from unpact.run.store import atomic_text
+
+    config, skipped = audit_config(original, unlearned, benchmark, **options)
+    result = run(config, out, cache_dir=cache_dir, progress=progress, log=log)
+    if skipped:
+        result.results.setdefault("skipped", {}).update(skipped)
+        atomic_text(Path(out) / "results.json", json.dumps(result.results, indent=2) + "\n")
+    return result

@@ -1,0 +1,151 @@
+"""`unpact audit` on a model pair the user already has (issue 22), in a real subprocess:
+tiny models saved as folders, a benchmark folder with holdout items; the verdicts printed
+and in results.json, the controls on the reference, user mistakes as exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.process.test_membership_run import HELD, QUESTIONS, WORDS, _item
+from unpact.data.items import write_folder
+from unpact.models import save_model
+from unpact.run.audit import audit_config, verdicts
+from unpact.testing import tiny_model
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from unpact.data.items import QAItem
+    from unpact.judge import choose_options
+
+    root = tmp_path_factory.mktemp("audit")
+    lm = tiny_model(seed=0)
+    save_model(lm.model, lm.tokenizer, root / "original")
+    # multiple choice, the right option being the original's pick: it "knows" every fact
+    options = [tuple((WORDS * 2)[n : n + 3]) for n in range(8)]
+    from unpact.models import load_model
+
+    picks = choose_options(load_model(str(root / "original")), QUESTIONS[:8], options)
+    unlearned = tiny_model(seed=0)
+    with torch.no_grad():  # "unlearned": the original with its MLPs scaled down
+        for layer in unlearned.model.model.layers:
+            layer.mlp.down_proj.weight.mul_(-1.0)
+    save_model(unlearned.model, unlearned.tokenizer, root / "unlearned")
+    ref = tiny_model(seed=5)
+    save_model(ref.model, ref.tokenizer, root / "reference")
+    items = []
+    for n, (q, k) in enumerate(zip(QUESTIONS[:8], picks)):
+        split = "forget" if n < 4 else "retain"
+        wrong = tuple(o for o in options[n] if o != options[n][k])
+        items.append(
+            QAItem(
+                f"{split}-{n}", q, options[n][k], split, choices=options[n], perturbed_answers=wrong
+            )
+        )
+    for n, (q, w) in enumerate(zip(QUESTIONS[8:], HELD)):
+        items.append(_item(n, q, w, "holdout", [x for x in HELD if x != w][:3]))
+    write_folder(root / "bench", items)
+    return root
+
+
+def _audit(*args, cache):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "UNPACT_CACHE": str(cache)}
+    cmd = [sys.executable, "-m", "unpact", "audit", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_audit_prints_a_verdict_per_test_and_writes_the_run(pair, tmp_path):
+    out = tmp_path / "audit"
+    res = _audit(
+        *("--original", str(pair / "original"), "--unlearned", str(pair / "unlearned")),
+        *("--reference", str(pair / "reference"), "--benchmark", str(pair / "bench")),
+        *("--out", str(out), "--general", "none", "--device", "cpu"),
+        *("--attacks", "focus_on_key,quantize,logit_lens,ablate_direction"),
+        cache=tmp_path / "cache",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["attacks"] == ["focus_on_key", "quantize", "ablate_direction", "logit_lens"]
+    tests = [v["test"] for v in results["verdicts"]["unlearned"]]
+    assert tests[0] == "forgotten"
+    assert "unpact audit" in res.stdout and "forgotten" in res.stdout
+    assert (out / "items.jsonl").is_file() and (out / "report.html").is_file()
+    m = results["methods"]["unlearned"]
+    assert m["forget_acc_before"] == 1.0 and m["forgotten"] > 0
+    assert tests[1:5] == results["attacks"] and "indistinguishable" in tests
+    assert m["recovery_control"]["quantize"] is not None  # the reference was attacked
+    assert m["privleak"] is not None
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--preset", "tiny"), "--preset: 'tiny' is not one of laptop, gpu"),
+        (("--attacks", "nope"), "--attacks: unknown attack 'nope'"),
+        (("--attacks", ","), "--attacks: give at least one attack name"),
+    ],
+)
+def test_audit_mistakes_exit_2(pair, tmp_path, args, message):
+    res = _audit(
+        *("--original", str(pair / "original"), "--unlearned", str(pair / "unlearned")),
+        *("--benchmark", str(pair / "bench"), "--out", str(tmp_path / "a"), *args),
+        cache=tmp_path / "cache",
+    )
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_served_model_skips_the_attacks_that_need_weights_and_says_why():
+    config, skipped = audit_config(
+        "openai:m@http://127.0.0.1:9/v1", "openai:u@http://127.0.0.1:9/v1", "news"
+    )
+    names = [a["name"] for a in config["attacks"]]
+    assert names == ["focus_on_key", "probab"]
+    assert set(skipped) == {
+        f"attack.{a}"
+        for a in ("quantize", "relearn_unrelated", "ablate_direction", "logit_lens", "probe")
+    }
+    assert all("served: no weights" in why for why in skipped.values())
+
+
+def test_verdicts_read_the_figures_and_the_paired_items():
+    from unpact.metrics import ItemRecord
+
+    def rec(n, mine, control):
+        return ItemRecord(
+            f"f{n}",
+            "forget",
+            True,
+            False,
+            {"quantize": mine},
+            recovered_control={"quantize": control},
+        )
+
+    # 8 recovered here and not on the reference, 0 the other way: p = 2/2^8 < 0.05
+    records = [rec(n, True, False) for n in range(8)] + [rec(8 + n, False, False) for n in range(4)]
+    m = {
+        "forgotten": 12,
+        "recovery": {"quantize": 8 / 12},
+        "recovery_control": {"quantize": 0.0},
+        "privleak": 0.02,
+        "forget_quality": 0.5,
+        "ci": {"privleak": [-0.1, 0.12], "recovery.quantize": [0.4, 0.9]},
+    }
+    got = {v["test"]: v for v in verdicts(m, records, ["quantize"])}
+    assert got["quantize"]["verdict"] == "recoverable beyond the control"
+    assert "p = 0.0078" in got["quantize"]["detail"]
+    assert got["indistinguishable"]["verdict"] == "indistinguishable from the reference"
+    m["ci"]["privleak"] = [-0.6, -0.3]
+    m["privleak"] = -0.45
+    got = {v["test"]: v for v in verdicts(m, records, ["quantize"])}
+    assert got["indistinguishable"]["verdict"].startswith("distinguishable: over-unlearned")
+    # as many recovered from the reference as here: not beyond the control
+    same = [rec(n, True, True) for n in range(8)]
+    got = {v["test"]: v for v in verdicts(m | {"forgotten": 8}, same, ["quantize"])}
+    assert got["quantize"]["verdict"] == "not beyond the control"
