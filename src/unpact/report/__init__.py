@@ -19,6 +19,7 @@ import yaml
 
 from unpact.attacks import attack_title
 from unpact.attribution import Attribution
+from unpact.metrics import display
 from unpact.report.roc import roc_svg
 from unpact.results import columns, other_columns, recovery_columns
 
@@ -202,6 +203,7 @@ def render(
         loader=PackageLoader("unpact", "report"), autoescape=select_autoescape(["html", "j2"])
     )
     env.filters["num"] = num
+    env.filters["pct"] = lambda v: display("percent", v)
     template = env.get_template("report.html.j2")
     return template.render(
         results=results,
@@ -239,6 +241,7 @@ def write_comparison(path: Path, runs: dict[str, dict[str, Any]]) -> None:
         loader=PackageLoader("unpact", "report"), autoescape=select_autoescape(["html", "j2"])
     )
     env.filters["num"] = num
+    env.filters["pct"] = lambda v: display("percent", v)
     groups: dict[str, list[dict[str, Any]]] = {}
     per_bench: dict[str, dict[str, dict[str, Any]]] = {}
     attacks: list[str] = []
