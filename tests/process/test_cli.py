@@ -153,7 +153,7 @@ def test_cli_passes_precision_and_rejects_an_unknown_one(monkeypatch):
 
     seen = []
 
-    def fake(model, benchmark, config):
+    def fake(model, benchmark, config, teach="forget+retain"):
         seen.append(config)
         return InjectResult(Path("x"), {"forget": 1.0}, {}, 1, 0.0, True)
 

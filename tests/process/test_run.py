@@ -272,7 +272,21 @@ def test_builtin_configs_load():
     assert [m.method for m in demo.methods] == ["ga_gd", "npo_kl", "rmu"]
     assert demo.data.forget_items and demo.data.forget_items >= 20
     assert demo.judge.max_new_tokens == 24 and demo.inject.settings["min_epochs"] == 6
-    assert {a.name for a in demo.attacks} == {"focus_on_key", "probab", "focus_on_key_probab"}
+    assert [a.name for a in demo.attacks] == [
+        "focus_on_key",
+        "probab",
+        "focus_on_key_probab",
+        "quantize",
+    ]
+    robust = load_config("robust")
+    assert [a.column for a in robust.attacks if a.controlled()] == [
+        "quantize_8bit",
+        "quantize",
+        "relearn_unrelated",
+        "ablate_direction",
+        "logit_lens",
+        "probe",
+    ]
     paper = load_config("paper")
     assert [m.method for m in paper.methods] == ["ga_gd", "ga_kl", "npo_gd", "npo_kl", "tv", "rmu"]
     words = load_config("paper_words")

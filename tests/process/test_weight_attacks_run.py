@@ -93,7 +93,9 @@ def test_rates_recompute_from_items_jsonl(done):
     for r in forgotten:  # a recovered answer is explained: its focus against the original's
         if r["recovered"]["quantize"]:
             assert r["attacks"]["quantize"]["keytoken_similarity"] is not None
-            assert r["recovered_focus"]["quantize"] == r["attacks"]["quantize"]["keytoken_similarity"]
+            assert (
+                r["recovered_focus"]["quantize"] == r["attacks"]["quantize"]["keytoken_similarity"]
+            )
 
 
 def test_one_attacks_settings_rerun_only_that_attack(done, tmp_path):

@@ -101,16 +101,19 @@ def test_cli_passes_rehearsal_per_step_and_rejects_a_negative_one(monkeypatch):
     from unpact.cli import app
     from unpact.inject import InjectResult
 
-    seen = []
+    seen, taught = [], []
 
-    def fake(model, benchmark, config):
+    def fake(model, benchmark, config, teach="forget+retain"):
         seen.append(config)
+        taught.append(teach)
         return InjectResult(Path("x"), {"forget": 1.0}, {}, 1, 0.0, True)
 
     monkeypatch.setattr(unpact.inject, "inject", fake)
     runner = CliRunner()
     assert runner.invoke(app, ["inject", "--rehearsal-per-step", "3"]).exit_code == 0
+    assert runner.invoke(app, ["inject", "--teach", "retain"]).exit_code == 0
+    assert taught[-2:] == ["forget+retain", "retain"]  # --teach reaches inject()
     assert runner.invoke(app, ["inject"]).exit_code == 0
-    assert [c.rehearsal_per_step for c in seen] == [3, InjectConfig().rehearsal_per_step]
+    assert [c.rehearsal_per_step for c in seen] == [3] + [InjectConfig().rehearsal_per_step] * 2
     bad = runner.invoke(app, ["inject", "--rehearsal-per-step", "-1"])
     assert bad.exit_code == 2 and "rehearsal-per-step" in bad.output

@@ -58,6 +58,7 @@ class Attack:
     control: ClassVar[bool] = False  # run on the never-taught reference too, as a control
     has_baseline: ClassVar[bool] = False  # also run on the original model over every split
     explains: ClassVar[bool] = False  # attributes its recovered answers (ctx.attribution)
+    revision: ClassVar[int] = 0  # bumped when its rows change for the same inputs (cache key)
 
     def __init__(self, settings: BaseModel | None = None) -> None:
         self.settings: Any = settings if settings is not None else self.Settings()

@@ -279,11 +279,13 @@ class AblateDirection(WeightAttack):
 
 def options(item: QAItem) -> tuple[list[str], int] | None:
     """An item's options and the index of the right one: its choices (multiple choice),
-    or its answer among its perturbed (wrong) answers; None if it has neither."""
+    or, for a QA item, its paraphrased answer among its perturbed (wrong) answers (TOFU's
+    pairing: the same sentence form, so a probe cannot pick the right one by its shape; the
+    short answer when there is no paraphrase); None if it has neither."""
     if item.is_mcq and item.choices:
         return list(item.choices), list(item.choices).index(item.answer)
     if item.perturbed_answers:
-        return [item.answer, *item.perturbed_answers], 0
+        return [item.paraphrased_answer or item.answer, *item.perturbed_answers], 0
     return None
 
 
@@ -378,10 +380,12 @@ class Probe(LayerAttack):
     state at the last token of question + option, trained on the retain items to tell the
     right option from the wrong ones, tested on the forgotten items: right when the probe
     scores the right option highest. Options: a multiple-choice item's choices, or a QA
-    item's answer among its perturbed answers; items with neither are left out."""
+    item's paraphrased answer among its perturbed answers (`options`); items with neither
+    are left out."""
 
     name = "probe"
     title = "linear probe"
+    revision = 1  # QA options: the paraphrased answer among the perturbed ones (same form)
 
     def _rows(self, lm: LanguageModel, items: list[QAItem]) -> tuple[list[Any], list[Any]]:
         seqs: list[tuple[int, ...]] = []

@@ -447,6 +447,7 @@ def _attack_stage(
         cfg.judge.model_dump(mode="json"),
         *attack.key_parts(ctx),
         *([explain] if attack.explains else []),
+        *([f"revision {attack.revision}"] if attack.revision else []),
     ]
     name = f"{model.label} with {spec.column} ({len(items)} items)"
     rows = p.stage(what, "attacks", name, reads, partial(attack.run, ctx))
