@@ -3,12 +3,14 @@ Failure of LLM Unlearning via Quantization", arXiv:2410.16454): unlearning moves
 by less than a quantization step, so rounding them back to the grid can restore what the
 original model knew.
 
-Why torchao (measured on this 2-core CPU, SmolLM2-135M, `benchmarks/quantize.py`): it is
-PyTorch's own maintained library; quantizing the model takes 0.2 s and a forward pass runs
-at float32 speed (0.07 s) where optimum-quanto took 0.10-0.13 s and hqq 1.9-5.4 s to
-quantize; its round-to-nearest matches a hand round-trip; and it offers HQQ's optimised
-scales (`algorithm: hqq`, calibration-free, closer to the float model at 4 bits) on the
-CPU. GPTQ/AWQ need calibration data and, in the maintained libraries, a GPU.
+Why torchao (measured once on this 2-core CPU with SmolLM2-135M, 2026-11-29, each library
+installed beside the others; they are not dependencies, so there is no benchmark script):
+it is PyTorch's own maintained library; quantizing the model took 0.16-0.23 s and a forward
+pass ran at float32 speed (0.067 s against 0.072 s) where optimum-quanto took 0.25-0.65 s
+to quantize and 0.10-0.13 s per forward pass and hqq 1.9-5.4 s and 0.10-0.12 s; its
+round-to-nearest matches a hand round-trip exactly (tests/unit/test_weight_attacks.py); and
+it offers HQQ's optimised scales (`algorithm: hqq`, calibration-free) on the CPU.
+GPTQ/AWQ need calibration data and, in the maintained libraries, a GPU.
 
 The quantized copy is returned as a plain float model holding the dequantized weights
 (`q * scale + zero` per group, exactly the values torchao's own linear kernels multiply
