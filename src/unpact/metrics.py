@@ -110,6 +110,17 @@ def control_rate(records: list[ItemRecord], attack: str) -> float:
     return _share(sum(r.recovered_control[attack] for r in attacked), len(attacked))
 
 
+def layer_curve(records: list[ItemRecord], attack: str) -> list[float]:
+    """For an attack that reads each layer (logit_lens, probe): per layer, the share of the
+    forgotten items it gets right there; [] for any other attack."""
+    rows = [
+        r.attacks[attack]["layers"]
+        for r in records
+        if r.forgotten and "layers" in r.attacks.get(attack, {})
+    ]
+    return [sum(map(bool, col)) / len(rows) for col in zip(*rows)] if rows else []
+
+
 def recovered_focus(records: list[ItemRecord], attack: str) -> float:
     """Mean KeyToken similarity to the original model's attribution of the answers an
     attack recovered (attributed under the attacked model); NaN when none was explained."""

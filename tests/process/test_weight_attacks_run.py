@@ -122,3 +122,17 @@ def test_bad_attack_lists_are_one_message():
         load_config(base | {"attacks": [{"name": "quantize", "settings": {"bits": 1}}]})
     with pytest.raises(UnpactError, match="'any' names the union"):
         load_config(base | {"attacks": [{"name": "quantize", "label": "any"}]})
+
+
+def test_layer_curves_are_the_per_layer_share_of_forgotten_items(done):
+    root, _, result = done
+    rows = [json.loads(x) for x in (root / "out" / "items.jsonl").read_text().splitlines()]
+    forgotten = [r for r in rows if r["split"] == "forget" and r["correct_before"]]
+    forgotten = [r for r in forgotten if not r["correct_after"]]
+    curves = result.results["methods"]["ga"]["layer_curves"]
+    assert set(curves) == {"logit_lens", "probe"}
+    for attack, curve in curves.items():
+        layers = [r["attacks"][attack]["layers"] for r in forgotten]
+        assert curve == [sum(col) / len(layers) for col in zip(*layers)]
+    page = (root / "out" / "report.html").read_text()
+    assert 'id="layers-ga-logit_lens"' in page and 'id="verdicts"' in page

@@ -47,7 +47,7 @@ from unpact.backends import open_model
 from unpact.data.items import Benchmark, QAItem
 from unpact.data.sources import load_benchmark
 from unpact.errors import UnpactError
-from unpact.metrics import ItemRecord
+from unpact.metrics import ItemRecord, layer_curve
 from unpact.models import cache_root, model_key
 from unpact.results import (
     csv_text,
@@ -609,6 +609,9 @@ def _results(
             "model": str(out / "models" / model.label) if model.info else model.spec,
             "unlearn_seconds": model.info.get("seconds"),
         }
+        curves = {a: c for a in attacks if (c := layer_curve(records[model.label], a))}
+        if curves:  # logit lens, probe: the share right at each layer
+            methods[model.label]["layer_curves"] = curves
         swept = next((m.swept for m in cfg.methods if m.label == model.label and m.swept), None)
         if swept is not None:
             methods[model.label]["sweep"] = swept
