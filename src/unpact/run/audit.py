@@ -8,6 +8,9 @@ every recovery attack (prompt, weights, hidden states) and the indistinguishabil
 Two presets size it: `laptop` (a 2-core CPU, about 20 minutes on news with the default
 model: benchmarks/audit.py) and `gpu` (every item, more samples, both bit widths).
 
+In an audit every attack, prompt attacks included, also runs on the reference (its control):
+a never-taught model sampling five answers, or picking among four options, gets some right.
+
 `verdicts(results, records)` reads the run's figures and per-item records: forgotten?
 recoverable, by which attack, beyond its control on the reference (an exact McNemar test on
 the same items)? indistinguishable from the reference (PrivLeak's interval holds 0, forget
@@ -102,6 +105,8 @@ def audit_config(
                 chosen.remove(a)
                 label = a.get("label") or a["name"]
                 skipped[f"attack.{label}"] = f"{served[0]} is served: no weights to attack"
+    for a in chosen:  # every verdict is against the same attack on the reference
+        a.setdefault("control", True)
     preset_cfg = PRESETS[preset]
     config: dict[str, Any] = {
         "model": original,
