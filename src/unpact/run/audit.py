@@ -5,7 +5,7 @@ An audit is a run (`unpact.run`) whose original model is given, not taught (inje
 with one "method" (the given unlearned model), the never-taught reference when the user has
 one (`--reference`: TOFU and MUSE publish theirs; `unpact inject --teach retain` makes one),
 every recovery attack (prompt, weights, hidden states) and the indistinguishability figures.
-Two presets size it: `laptop` (a 2-core CPU, about 20 minutes on news with the default
+Two presets size it: `laptop` (a 2-core CPU: 4.3 minutes on news with the default
 model: benchmarks/audit.py) and `gpu` (every item, more samples, both bit widths).
 
 In an audit every attack, prompt attacks included, also runs on the reference (its control):
