@@ -767,7 +767,10 @@ def audit(
         ),
     ] = None,
     preset: Annotated[
-        str, typer.Option(help="laptop (a 2-core CPU: ~5 min on news, default model) or gpu (every item).")
+        str,
+        typer.Option(
+            help="laptop (a 2-core CPU: ~5 min on news, default model) or gpu (every item)."
+        ),
     ] = "laptop",
     attacks: Annotated[
         str | None,
