@@ -319,6 +319,8 @@ def _resolve_local(spec: str) -> Path | None:
     if path.is_dir():
         if (path / "config.json").is_file():
             return path
+        if (path / "model" / "config.json").is_file() and (path / "result.json").is_file():
+            return path / "model"  # an `unpact unlearn --out` run directory: its model
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return ggufs[0]

@@ -80,6 +80,19 @@ def test_hf_directory_round_trip(tiny, tmp_path):
     assert lm.encode_prompt("hello there").input_ids == tiny.encode_prompt("hello there").input_ids
 
 
+def test_an_unlearning_run_directory_loads_its_model(tiny, tmp_path):
+    """`unpact unlearn --out DIR` writes DIR/model; DIR itself is accepted as the spec."""
+    from unpact.models import model_key
+
+    save = tmp_path / "run" / "model"
+    tiny.model.save_pretrained(save)
+    tiny.tokenizer.save_pretrained(save)
+    (tmp_path / "run" / "result.json").write_text("{}")
+    lm = load_model(str(tmp_path / "run"))
+    assert lm.model.config.num_hidden_layers == tiny.model.config.num_hidden_layers
+    assert model_key(str(tmp_path / "run")) == model_key(str(save))
+
+
 USER_TEMPLATE = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
 
 

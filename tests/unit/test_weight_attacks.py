@@ -250,3 +250,15 @@ def test_a_recovered_answer_is_explained_against_the_original_focus(saved):
     explain(lm, ctx, rows)  # the same model: the focus is the original's exactly
     assert rows[0]["keytoken_similarity"] == 1.0 and rows[0]["key_tokens"]
     assert "keytoken_similarity" not in rows[1]  # not recovered: not attributed
+
+
+def test_hqq_scales_keep_the_grid_and_err_no_more_than_round_to_nearest():
+    torch.manual_seed(7)
+    m = _Two(8, 64)
+    w = m.lin.weight.detach().clone()
+    quantize_weights(m, 4, 16, algorithm="hqq")
+    q = m.lin.weight.detach()
+    assert all(len(torch.unique(g)) <= 16 for g in q.reshape(-1, 16))
+    rtn = round_trip(w, 4, 16, symmetric=True)  # HQQ's scale-only variant is symmetric
+    assert ((q - w) ** 2).mean() <= ((rtn - w) ** 2).mean() * 1.0001
+    assert not torch.equal(q, rtn)  # the scales were optimised, not the min/max ones
