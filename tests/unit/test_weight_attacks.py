@@ -262,3 +262,20 @@ def test_hqq_scales_keep_the_grid_and_err_no_more_than_round_to_nearest():
     rtn = round_trip(w, 4, 16, symmetric=True)  # HQQ's scale-only variant is symmetric
     assert ((q - w) ** 2).mean() <= ((rtn - w) ** 2).mean() * 1.0001
     assert not torch.equal(q, rtn)  # the scales were optimised, not the min/max ones
+
+
+def test_the_lens_cannot_tell_options_that_open_with_the_same_token(saved):
+    from unpact.models import load_model
+
+    lm = load_model(str(saved / "m1"))
+    same = ("Paris", "Paris river", "glass")
+    assert lm.encode_answer(same[0])[0] == lm.encode_answer(same[1])[0]
+    item = QAItem("forget-0", "What is the capital of France?", "Paris", "forget", choices=same)
+    apart = QAItem("forget-1", "What is the capital of France?", "glass", "forget", choices=same)
+    rows = get_attack("logit_lens", {"last_layer": True}).run(_ctx(saved, "x", [item, apart]))
+    assert not any(rows[0]["layers"])  # "Paris" vs "Paris river": undecidable, never right
+    logits = lens_logits(
+        lm.model, last_states(lm.model, [lm.encode_prompt(item.question).input_ids])[0, 1:]
+    )
+    g, p = lm.encode_answer("glass")[0], lm.encode_answer("Paris")[0]
+    assert rows[1]["layers"] == [bool(logits[k, g] > logits[k, p]) for k in range(len(logits))]

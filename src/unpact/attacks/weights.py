@@ -332,10 +332,12 @@ class LogitLens(LayerAttack):
     """Logit lens (nostalgebraist 2020; Lynch et al. 2024): the residual stream at the last
     prompt token after each layer, read through the final norm and LM head. Per layer, the
     rank and probability of the answer's first token; right when it is the top token (for a
-    multiple-choice item: when the right option's first token outranks the others')."""
+    multiple-choice item: when the right option's first token outranks the others', and no
+    other option opens with the same token)."""
 
     name = "logit_lens"
     title = "logit lens"
+    revision = 1  # options sharing the right option's first token: not right
 
     def per_layer(self, ctx: AttackContext, lm: LanguageModel) -> list[dict[str, Any]]:
         seqs = [lm.encode_prompt(i.question).input_ids for i in ctx.items]
@@ -348,8 +350,10 @@ class LogitLens(LayerAttack):
             rank, prob = token_ranks(logits[n], right)
             if opts:
                 others = [t for t in set(firsts) if t != right]
+                # options that open with the same token cannot be told apart by it: not right
+                shared = firsts.count(right) > 1
                 ok = [
-                    all(logits[n, k, right] > logits[n, k, t] for t in others)
+                    not shared and all(logits[n, k, right] > logits[n, k, t] for t in others)
                     for k in range(len(rank))
                 ]
             else:
