@@ -728,8 +728,8 @@ def run(
 
 @app.command(
     help="The paper end to end on the default model, reduced to minutes: news (20 forget and "
-    "20 retain facts taught first), GA+GD, NPO+KL and RMU, FocusOnKey, PROBAB and both, "
-    "the report. Same as `unpact run demo`."
+    "20 retain facts taught first), GA+GD, NPO+KL and RMU, FocusOnKey, PROBAB, both and "
+    "4-bit quantization, the report. Same as `unpact run demo`."
 )
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Run directory.")] = Path("runs/demo"),
