@@ -127,6 +127,17 @@ def test_last_states_are_padding_free_and_the_lens_at_the_last_layer_is_the_mode
     assert int(token_ranks(lens, second)[0]) == 1
 
 
+def test_continuation_states_share_the_prompt_and_equal_the_full_pass():
+    from unpact.attacks.hidden import continuation_states
+
+    lm = tiny_model(seed=3)
+    prompt, conts = [1, 40, 50, 60], [[70, 71, 72], [80], [90, 91]]
+    shared = continuation_states(lm.model, prompt, conts)
+    full = last_states(lm.model, [prompt + c for c in conts])
+    assert shared.shape == full.shape == (3, 3, 64)
+    assert torch.allclose(shared, full, atol=1e-4)
+
+
 def test_mean_difference_is_the_unit_difference_of_means():
     a, b = torch.tensor([[2.0, 0.0], [4.0, 0.0]]), torch.tensor([[0.0, 0.0], [0.0, 0.0]])
     assert torch.equal(mean_difference(a, b), torch.tensor([1.0, 0.0]))

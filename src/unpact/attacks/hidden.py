@@ -68,6 +68,44 @@ def last_states(model: Any, seqs: Sequence[Sequence[int]], batch: int = 16) -> t
     return torch.cat(found)
 
 
+@torch.no_grad()
+def continuation_states(
+    model: Any, prompt: Sequence[int], continuations: Sequence[Sequence[int]]
+) -> torch.Tensor:
+    """The residual stream at the last token of `prompt + c` for each continuation `c`:
+    (len(continuations), layers + 1, hidden), float32 on the CPU. The prompt runs once and
+    its keys and values are shared by the continuations (right-padded, explicit positions),
+    so the states equal `last_states` of the concatenations up to float rounding, at the
+    cost of the continuations' tokens alone."""
+    from unpact.scoring import cache_kwarg, cache_of
+
+    modules = residual_modules(model)
+    body, _ = lm_body_and_head(model)
+    device = next(model.parameters()).device
+    n = len(continuations)
+    first = body(input_ids=torch.tensor([list(prompt)], device=device), use_cache=True)
+    cache = cache_of(first)
+    cache.batch_repeat_interleave(n)
+    ids, mask = right_padded(continuations)
+    full_mask = torch.cat([torch.ones(n, len(prompt), dtype=torch.long), mask], dim=1)
+    positions = len(prompt) + torch.arange(ids.shape[1])[None].expand(n, -1)
+    captured: list[torch.Tensor] = []
+    at = (torch.arange(n), torch.tensor([len(c) - 1 for c in continuations]))
+    handles = [m.register_forward_hook(partial(_capture, captured, at)) for m in modules]
+    try:
+        body(
+            input_ids=ids.to(device),
+            attention_mask=full_mask.to(device),
+            position_ids=positions.to(device),
+            use_cache=True,
+            **cache_kwarg(body, cache),
+        )
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack(captured, dim=1)
+
+
 def project_out(hidden: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     """`hidden` without its component along `direction`: h - (h . d) d, d of unit norm."""
     d = direction / direction.norm()

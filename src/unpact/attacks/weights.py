@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from unpact.attacks.base import Attack, AttackContext
 from unpact.attacks.hidden import (
     ablated,
+    continuation_states,
     last_states,
     lens_logits,
     mean_difference,
@@ -389,30 +390,35 @@ class Probe(LayerAttack):
 
     name = "probe"
     title = "linear probe"
-    revision = 1  # QA options: the paraphrased answer among the perturbed ones (same form)
+    revision = 2  # 1: QA options paraphrased among perturbed (same form); 2: prompt shared
 
-    def _rows(self, lm: LanguageModel, items: list[QAItem]) -> tuple[list[Any], list[Any]]:
-        seqs: list[tuple[int, ...]] = []
+    def _states(
+        self, lm: LanguageModel, items: list[QAItem]
+    ) -> tuple[torch.Tensor | None, list[tuple[QAItem, list[int], int]]]:
+        """The residual states at the last token of question + option, every option of
+        every item that has options (rows), and per item its rows and right option."""
+        blocks: list[torch.Tensor] = []
         meta: list[tuple[QAItem, list[int], int]] = []
+        start = 0
         for item in items:
             found = options(item)
             if found is None:
                 continue
             opts, right = found
             prompt = lm.encode_prompt(item.question).input_ids
-            start = len(seqs)
-            seqs += [(*prompt, *lm.encode_answer(o)) for o in opts]
-            meta.append((item, list(range(start, len(seqs))), right))
-        return seqs, meta
+            conts = [lm.encode_answer(o) for o in opts]
+            blocks.append(continuation_states(lm.model, prompt, conts))
+            meta.append((item, list(range(start, start + len(opts))), right))
+            start += len(opts)
+        return (torch.cat(blocks) if blocks else None), meta
 
     def per_layer(self, ctx: AttackContext, lm: LanguageModel) -> list[dict[str, Any]]:
-        train_seqs, train_meta = self._rows(lm, ctx.retain)
-        test_seqs, test_meta = self._rows(lm, ctx.items)
-        if not train_meta or not test_meta:
+        train_all, train_meta = self._states(lm, ctx.retain)
+        test_all, test_meta = self._states(lm, ctx.items)
+        if train_all is None or test_all is None:
             return []
-        train = last_states(lm.model, train_seqs)[:, 1:]
-        test = last_states(lm.model, test_seqs)[:, 1:]
-        labels = [0] * len(train_seqs)
+        train, test = train_all[:, 1:], test_all[:, 1:]  # after each layer
+        labels = [0] * train.shape[0]
         for _, rows, right in train_meta:
             labels[rows[right]] = 1
         verdicts = []
