@@ -91,6 +91,7 @@ def test_audit_prints_a_verdict_per_test_and_writes_the_run(pair, tmp_path):
         (("--attacks", "nope"), "--attacks: unknown attack 'nope'"),
         (("--attacks", ","), "--attacks: give at least one attack name"),
     ],
+    ids=["preset", "attack", "empty"],
 )
 def test_audit_mistakes_exit_2(pair, tmp_path, args, message):
     res = _audit(
@@ -99,6 +100,17 @@ def test_audit_mistakes_exit_2(pair, tmp_path, args, message):
         cache=tmp_path / "cache",
     )
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_an_unknown_benchmark_is_named_by_its_option(pair, tmp_path):
+    res = _audit(
+        *("--original", str(pair / "original"), "--unlearned", str(pair / "unlearned")),
+        *("--benchmark", "nope", "--out", str(tmp_path / "a")),
+        cache=tmp_path / "cache",
+    )
+    assert res.returncode == 2 and "--benchmark: no benchmark 'nope'" in " ".join(
+        res.stderr.split()
+    )
 
 
 def test_a_served_model_skips_the_attacks_that_need_weights_and_says_why():

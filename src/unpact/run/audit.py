@@ -257,9 +257,14 @@ def audit(
     import json
     from pathlib import Path
 
+    from unpact.data.sources import load_benchmark
     from unpact.run import run
     from unpact.run.store import atomic_text
 
+    try:  # the user's mistake named by the option they gave, before any model loads
+        load_benchmark(benchmark)
+    except UnpactError as e:
+        raise UnpactError(f"--benchmark: {e}") from None
     config, skipped = audit_config(original, unlearned, benchmark, **options)
     result = run(config, out, cache_dir=cache_dir, progress=progress, log=log)
     if skipped:
