@@ -30,7 +30,16 @@ import torch
 import unpact  # noqa: F401  (MKL's reproducible mode before torch runs)
 from unpact.data.sources import load_benchmark
 from unpact.models import load_model
-from unpact.scoring import _stop_ids, generate, until_stop
+from unpact.scoring import _stop_ids, generate, left_padded, until_stop
+
+# greedy decoding as unpact asks transformers for it (scoring._generate_batch)
+GREEDY = {
+    "max_new_tokens": 24,
+    "do_sample": False,
+    "temperature": None,
+    "top_k": None,
+    "top_p": None,
+}
 
 
 class ForwardTimer:
@@ -52,16 +61,6 @@ class ForwardTimer:
 
     def reset(self) -> None:
         self.seconds, self.calls = 0.0, 0
-
-
-def left_padded(prompts: list[tuple[int, ...]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p) :] = torch.tensor(p)
-        mask[r, width - len(p) :] = 1
-    return ids, mask
 
 
 def hf_generate(lm: Any, prompts: list[tuple[int, ...]], batch: int, **kw: Any) -> list[list[int]]:
@@ -133,24 +132,18 @@ def main() -> None:
     )
     t_hf, theirs = timed(
         "transformers generate, same batches and settings",
-        lambda: hf_generate(
-            lm, prompts, 16, max_new_tokens=24, do_sample=False, temperature=None, top_k=None,
-            top_p=None,
-        ),
+        lambda: hf_generate(lm, prompts, 16, **GREEDY),
         timer,
         count_ids,
-    )  # fmt: skip
+    )
     same = sum(list(o[0].token_ids) == t for o, t in zip(ours, theirs))
     print(f"  greedy answers equal token for token: {same} of {len(prompts)}")
     t_one, _ = timed(
         "transformers generate, one prompt at a time (naive loop)",
-        lambda: hf_generate(
-            lm, prompts, 1, max_new_tokens=24, do_sample=False, temperature=None, top_k=None,
-            top_p=None,
-        ),
+        lambda: hf_generate(lm, prompts, 1, **GREEDY),
         timer,
         count_ids,
-    )  # fmt: skip
+    )
     sampled = prompts[: args.sampled_items]
     t_s, _ = timed(
         f"unpact generate, {args.samples} samples x {len(sampled)} questions",

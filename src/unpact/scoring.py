@@ -295,6 +295,17 @@ def right_padded(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Ten
     return ids, mask
 
 
+def left_padded(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of sequences padded on the left with `pad` (generation)."""
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for r, x in enumerate(seqs):
+        ids[r, width - len(x) :] = torch.tensor(list(x))
+        mask[r, width - len(x) :] = 1
+    return ids, mask
+
+
 def _layer_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each layer's (keys, values) from a transformers cache."""
     return [(layer.keys, layer.values) for layer in cache.layers]
@@ -584,12 +595,8 @@ def _generate_batch(
 ) -> list[Generation]:
     tok = lm.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for r, p in enumerate(prompts):
-        input_ids[r, width - len(p) :] = torch.tensor(p)
-        mask[r, width - len(p) :] = 1
+    input_ids, mask = left_padded(prompts, pad)
+    width = input_ids.shape[1]
     sampling = seed is not None
     kwargs: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,

@@ -49,17 +49,22 @@ def _item(n: int, question: str, answer: str, split: str, wrong: list[str]) -> Q
     )
 
 
-@pytest.fixture(scope="module")
-def done(tmp_path_factory, tiny):
-    root = tmp_path_factory.mktemp("membership")
-    save_model(tiny.model, tiny.tokenizer, root / "tiny")
+def write_bench(folder) -> None:
+    """4 forget, 4 retain and 4 holdout items, each with a paraphrased and wrong answers."""
     items = []
     for n, (q, w) in enumerate(zip(QUESTIONS[:8], WORDS)):
         split = "forget" if n < 4 else "retain"
         items.append(_item(n, q, w, split, [x for x in WORDS if x != w][:3]))
     for n, (q, w) in enumerate(zip(QUESTIONS[8:], HELD)):
         items.append(_item(n, q, w, "holdout", [x for x in HELD if x != w][:3]))
-    write_folder(root / "bench", items)
+    write_folder(folder, items)
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory, tiny):
+    root = tmp_path_factory.mktemp("membership")
+    save_model(tiny.model, tiny.tokenizer, root / "tiny")
+    write_bench(root / "bench")
     config = {
         "model": str(root / "tiny"),
         "data": {"benchmark": str(root / "bench"), "general": None},

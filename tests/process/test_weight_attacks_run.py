@@ -8,8 +8,7 @@ import json
 
 import pytest
 
-from tests.process.test_membership_run import HELD, QUESTIONS, WORDS, _item
-from unpact.data.items import write_folder
+from tests.process.test_membership_run import write_bench
 from unpact.errors import UnpactError
 from unpact.models import save_model
 from unpact.run import load_config, run
@@ -30,13 +29,7 @@ COLUMNS = [a.get("label") or a["name"] for a in ATTACKS]
 def done(tmp_path_factory, tiny):
     root = tmp_path_factory.mktemp("weights_run")
     save_model(tiny.model, tiny.tokenizer, root / "tiny")
-    items = []
-    for n, (q, w) in enumerate(zip(QUESTIONS[:8], WORDS)):
-        split = "forget" if n < 4 else "retain"
-        items.append(_item(n, q, w, split, [x for x in WORDS if x != w][:3]))
-    for n, (q, w) in enumerate(zip(QUESTIONS[8:], HELD)):
-        items.append(_item(n, q, w, "holdout", [x for x in HELD if x != w][:3]))
-    write_folder(root / "bench", items)
+    write_bench(root / "bench")
     config = {
         "model": str(root / "tiny"),
         "data": {"benchmark": str(root / "bench"), "general": None},

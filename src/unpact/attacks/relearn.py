@@ -18,16 +18,21 @@ from unpact.unlearn.loop import _batch, batch_indices, encode_items
 from unpact.unlearn.methods import nll
 
 
-class RelearnSettings(BaseModel):
+class FinetuneSettings(BaseModel):
+    """The fine-tuning of a relearning attack (`finetune`)."""
+
     model_config = ConfigDict(extra="forbid")
-    data: Literal["forget", "retain"] = Field(
-        "forget", description="train on some forgotten items, or on retain items"
-    )
-    items: int = Field(4, gt=0, description="how many items to train on")
     steps: int = Field(10, gt=0, description="optimiser steps")
     lr: float = Field(3e-4, gt=0, description="AdamW learning rate (the injection's)")
     batch_size: int = Field(4, gt=0, description="items per step")
     seed: int = Field(0, description="which items are trained on, and their order")
+
+
+class RelearnSettings(FinetuneSettings):
+    data: Literal["forget", "retain"] = Field(
+        "forget", description="train on some forgotten items, or on retain items"
+    )
+    items: int = Field(4, gt=0, description="how many items to train on")
 
 
 class Relearn(Attack):

@@ -40,6 +40,7 @@ from unpact.attacks.hidden import (
     residual_modules,
     token_ranks,
 )
+from unpact.attacks.relearn import FinetuneSettings
 from unpact.data.items import QAItem
 from unpact.errors import UnpactError
 from unpact.judge import answer_items
@@ -168,18 +169,13 @@ class Quantize(WeightAttack):
 # --- relearn_unrelated -------------------------------------------------------------------
 
 
-class RelearnUnrelatedSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class RelearnUnrelatedSettings(FinetuneSettings):
     data: Literal["general", "retain"] = Field(
         "general",
         description="general: general-knowledge QA (the run's general items); retain: the "
         "benchmark's retain facts (other subjects than the forget facts)",
     )
     items: int = Field(10, gt=0, description="how many examples (Łucki et al. used 10)")
-    steps: int = Field(10, gt=0, description="optimiser steps")
-    lr: float = Field(3e-4, gt=0, description="AdamW learning rate (the injection's)")
-    batch_size: int = Field(4, gt=0, description="examples per step")
-    seed: int = Field(0, description="which examples, and their order")
 
 
 class RelearnUnrelated(WeightAttack):

@@ -78,6 +78,7 @@ def audit_config(
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The run config of an audit, and the parts it leaves out with the reason (an attack
     that needs weights on a served model)."""
+    from unpact.attacks import ATTACKS
     from unpact.types import is_remote_spec
 
     if preset not in PRESETS:
@@ -85,8 +86,6 @@ def audit_config(
     chosen = [dict(a) for a in PRESETS[preset]["attacks"]]
     if attacks is not None:
         known = {a.get("label") or a["name"] for a in chosen}
-        from unpact.attacks import ATTACKS
-
         for name in attacks:
             if name not in known and name not in ATTACKS:
                 raise UnpactError(
@@ -98,8 +97,6 @@ def audit_config(
     skipped: dict[str, str] = {}
     served = [s for s in (original, unlearned) if is_remote_spec(s)]
     if served:
-        from unpact.attacks import ATTACKS
-
         for a in list(chosen):
             if ATTACKS[a["name"]].changes_weights:
                 chosen.remove(a)
