@@ -238,7 +238,7 @@ def attribute(
     concurrency: ConcurrencyOpt = 16,
 ) -> None:
     """unPact: each prompt unit's contribution to the answer's log-prob, and the KeyTokens."""
-    from unpact.attribution import attribute_many, check_settings, html_page
+    from unpact.attribution import attribute_many, check_settings
 
     check_settings(unit, baseline, target, alpha, beta)
     gradient = _gradient_options(gradient, ig_steps, ig_baseline, top_k)
@@ -266,6 +266,21 @@ def attribute(
     checks = _gradient_checks(
         lm, records, gradient, ig_steps, ig_baseline, top_k, progress=len(prompts) > 1
     )
+    _show_attributions(records, checks, gradient, top_k, json_out, html_out, many=data is not None)
+
+
+def _show_attributions(
+    records: list[Attribution],
+    checks: dict[str, list[dict[str, object]]],
+    gradient: list[str],
+    top_k: int,
+    json_out: Path | None,
+    html_out: Path | None,
+    many: bool,
+) -> None:
+    """Print each record (with its gradient checks) and write the JSON(L) and HTML files."""
+    from unpact.attribution import html_page
+
     dicts = [r.to_dict() for r in records]
     for n, record in enumerate(records):
         out.print(record)
@@ -274,7 +289,7 @@ def attribute(
             out.print(_gradient_table(record, {g: checks[g][n] for g in gradient}, top_k))
     if json_out is not None:
         one = json.dumps(dicts[0], indent=1) + "\n"
-        json_out.write_text(one if data is None else "".join(json.dumps(d) + "\n" for d in dicts))
+        json_out.write_text("".join(json.dumps(d) + "\n" for d in dicts) if many else one)
         err.print(f"wrote {json_out}")
     if html_out is not None:
         html_out.write_text(html_page(records))
