@@ -707,3 +707,6 @@ def test_stage_keys_are_exact(setup, finished, tmp_path):
             ("npo", done.results["methods"]["npo"]["forgotten"]),
         )
     ]
+    # each computed stage's wall time is in results.json; nothing else is
+    assert sorted(done.results["stage_seconds"]) == sorted(done.computed)
+    assert all(s >= 0 for s in done.results["stage_seconds"].values())

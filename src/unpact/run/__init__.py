@@ -155,6 +155,15 @@ class Pipeline:
     progress: bool
     computed: list[str] = field(default_factory=list)
     original_spec: str = ""  # the original model's spec, once known (ablate_direction)
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage computed here
+
+    def timed(self, name: str, compute: Callable[[], Any]) -> Any:
+        """`compute()`, its wall time noted under `name` (results.json's `stage_seconds`)."""
+        began = time.perf_counter()
+        result = compute()
+        self.seconds[name] = round(time.perf_counter() - began, 1)
+        self.computed.append(name)
+        return result
 
     def stage(
         self, kind: str, folder: str, name: str, reads: list[Any], compute: Callable[[], Any]
@@ -163,8 +172,7 @@ class Pipeline:
         stage = Stage(self.cache, folder, digest(kind, STAGES_FORMAT, *reads))
         if not stage.done():
             self.say(f"{kind}: {name}")
-            self.computed.append(f"{kind}:{name}")
-            stage.write(compute())
+            stage.write(self.timed(f"{kind}:{name}", compute))
         return stage.read()
 
 
@@ -223,6 +231,8 @@ def run(
         for m in unlearned
     }
     results["seconds"] = time.perf_counter() - began
+    if p.seconds:  # the stages this call computed (cached ones took no time here)
+        results["stage_seconds"] = p.seconds
     _link_models(out, cfg, original, unlearned)
     injections = {m.label: m.info["injection"] for m in (original, found.reference) if m and m.info}
     if injections:
@@ -270,6 +280,8 @@ def _original(p: Pipeline, data: Data) -> Model:
     injected = inject(cfg.model, where, inject_cfg, progress=p.progress)
     key = "inject:" + inject_key(cfg.model, data.bench, inject_cfg)
     p.say(injection_line(injected))
+    if not injected.cached:
+        p.seconds["inject:original"] = round(injected.seconds, 1)
     return Model("original", str(injected.path), key, {"injection": injected.summary()})
 
 
@@ -303,9 +315,11 @@ def _unlearn(p: Pipeline, data: Data, original: Model, spec: MethodSpec) -> Mode
     if not (folder / "result.json").is_file():
         resume = (folder / "config.yaml").is_file()
         p.say(f"unlearning: {spec.label}" + (" (resuming)" if resume else ""))
-        p.computed.append(f"unlearn:{spec.label}")
         where = data.bench.path or data.bench.name
-        unlearn(original.spec, where, ucfg, folder, resume=resume, progress=p.progress)
+        p.timed(
+            f"unlearn:{spec.label}",
+            lambda: unlearn(original.spec, where, ucfg, folder, resume=resume, progress=p.progress),
+        )
     info = json.loads((folder / "result.json").read_text())
     return Model(spec.label, str(folder / "model"), "unlearn:" + key, info)
 
