@@ -341,13 +341,48 @@ class _Rehearsal:
     top_ids: torch.Tensor  # (len(answer), k)
 
 
-def _rehearsal_targets(lm: LanguageModel, exclude: set[str], top_k: int) -> list[_Rehearsal]:
-    """Held-out general questions (never evaluated) with the base model's own behaviour."""
+REHEARSAL_FORMAT = 1
+
+
+def _rehearsal_targets(
+    lm: LanguageModel, exclude: set[str], top_k: int, cache: Path | None = None
+) -> list[_Rehearsal]:
+    """Held-out general questions (never evaluated) with the base model's own behaviour.
+
+    With `cache` (a folder), the targets are kept under a key of the base model, the
+    questions, `top_k`, the dtype and the device type, and read back bit for bit: every
+    injection of one base model (each benchmark of a grid, the never-taught reference beside
+    the original) asks the same questions, and the answers cost minutes of generation."""
     from unpact.data.generate import GENERAL_CANDIDATES, REHEARSAL_QUESTIONS
-    from unpact.scoring import answer_distributions
 
     pool = REHEARSAL_QUESTIONS + [q for q, _, _ in GENERAL_CANDIDATES]
     questions = [q for q in dict.fromkeys(pool) if q not in exclude]
+    if cache is None or lm.spec.startswith("<"):  # an in-memory model has no key
+        return _base_targets(lm, questions, top_k)
+    dtype = next(lm.model.parameters()).dtype
+    key = hashlib.sha256(
+        json.dumps(
+            [model_key(lm.spec), questions, top_k, str(dtype), lm.device.type, REHEARSAL_FORMAT]
+        ).encode()
+    ).hexdigest()[:20]
+    path = cache / f"{key}.pt"
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        return [_Rehearsal(tuple(p), tuple(a), v, i) for p, a, v, i in zip(*saved)]
+    targets = _base_targets(lm, questions, top_k)
+    columns = [[list(r.prompt) for r in targets], [list(r.answer) for r in targets]]
+    columns += [[r.top_logprobs for r in targets], [r.top_ids for r in targets]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
+    torch.save(columns, tmp)
+    tmp.replace(path)
+    return targets
+
+
+def _base_targets(lm: LanguageModel, questions: list[str], top_k: int) -> list[_Rehearsal]:
+    """The base model's first-sentence answers to `questions` and its top-k log-probs."""
+    from unpact.scoring import answer_distributions
+
     outs = generate(lm, questions, max_new_tokens=24, progress="Rehearsal answers")
     eos = lm.tokenizer.eos_token_id
     pairs = []
@@ -427,7 +462,7 @@ def inject(
     examples = [(i.question, (*lm.encode_answer(i.answer), tok_eos)) for i in taught]
     encoded = [(lm.encode_prompt(q).input_ids, a) for q, a in examples]
     with _timed(timings, "rehearsal targets"):
-        rehearsal = _rehearsal(lm, general, config)
+        rehearsal = _rehearsal(lm, general, config, folder.parent / ".rehearsal")
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     net = lm.model
@@ -570,14 +605,16 @@ def _general_accuracy(
     return {"general": accuracy(lm, general, config.max_new_tokens, label)} if general else {}
 
 
-def _rehearsal(lm: LanguageModel, general: list[QAItem], config: InjectConfig) -> list[_Rehearsal]:
+def _rehearsal(
+    lm: LanguageModel, general: list[QAItem], config: InjectConfig, cache: Path | None = None
+) -> list[_Rehearsal]:
     """The base model's answers to held-out general questions, to distil each step. Never
     a question any general-knowledge evaluation may ask, also when this injection does not
     judge general knowledge itself (a runner may do it later)."""
     if not (config.rehearsal and config.rehearsal_per_step):
         return []
     held_out = {i.question for i in general} | {i.question for i in load_benchmark("general").items}
-    return _rehearsal_targets(lm, held_out, config.rehearsal_top_k)
+    return _rehearsal_targets(lm, held_out, config.rehearsal_top_k, cache)
 
 
 def _final_accuracy(

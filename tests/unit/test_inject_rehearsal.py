@@ -49,3 +49,32 @@ def test_kept_share_of_general_knowledge():
     done = InjectResult(Path("x"), {"general": 0.9}, {"general": 1.0}, 6, 1.0, True)
     assert done.summary()["general_kept"] == pytest.approx(0.9)
     assert done.to_dict()["general_kept"] == pytest.approx(0.9)
+
+
+def test_rehearsal_targets_are_cached_bit_for_bit_and_keyed_by_the_model(tmp_path, monkeypatch):
+    """Every injection of one base model asks the same rehearsal questions: the second
+    reads the first's targets (equal to computing them afresh, to the bit); another base
+    model computes its own."""
+    import unpact.inject as inject_mod
+    from unpact.data.generate import GENERAL_CANDIDATES, REHEARSAL_QUESTIONS
+    from unpact.models import load_model, save_model
+
+    save_model(tiny_model(seed=0).model, tiny_model(seed=0).tokenizer, tmp_path / "a")
+    save_model(tiny_model(seed=1).model, tiny_model(seed=1).tokenizer, tmp_path / "b")
+    lm = load_model(str(tmp_path / "a"))
+    # rehearse only a few questions: hold out the rest
+    exclude = set(REHEARSAL_QUESTIONS[6:]) | {q for q, _, _ in GENERAL_CANDIDATES}
+    cache = tmp_path / "cache"
+    fresh = inject_mod._rehearsal_targets(lm, exclude, 8)
+    first = inject_mod._rehearsal_targets(lm, exclude, 8, cache)
+    calls = []
+    real = inject_mod._base_targets
+    monkeypatch.setattr(inject_mod, "_base_targets", lambda *a: calls.append(1) or real(*a))
+    again = inject_mod._rehearsal_targets(load_model(str(tmp_path / "a")), exclude, 8, cache)
+    assert calls == [] and len(list(cache.glob("*.pt"))) == 1
+    for x, y, z in zip(fresh, first, again, strict=True):
+        assert x.prompt == y.prompt == z.prompt and x.answer == y.answer == z.answer
+        assert torch.equal(x.top_logprobs, z.top_logprobs) and torch.equal(x.top_ids, z.top_ids)
+    inject_mod._rehearsal_targets(load_model(str(tmp_path / "b")), exclude, 8, cache)
+    inject_mod._rehearsal_targets(lm, exclude, 4, cache)
+    assert calls == [1, 1] and len(list(cache.glob("*.pt"))) == 3
