@@ -9,7 +9,8 @@ general-knowledge questions), chat-templated, on the default model in float32:
 - greedy 24-token answers in left-padded batches of 16 (what judging does), and the answers
   of both compared token by token;
 - 10 seeded samples per question at temperature 1 (what PROBAB does), for the first 20
-  questions;
+  questions, transformers seeded as unpact seeds each prompt, so the samples of both are
+  compared token by token too;
 - the named alternatives: transformers' `model.generate` on the same left-padded batches
   with the same settings (greedy) and per prompt with `num_return_sequences` (samples), and
   transformers' greedy generation one prompt at a time (a naive loop).
@@ -30,7 +31,7 @@ import torch
 import unpact  # noqa: F401  (MKL's reproducible mode before torch runs)
 from unpact.data.sources import load_benchmark
 from unpact.models import load_model
-from unpact.scoring import _stop_ids, generate, left_padded, until_stop
+from unpact.scoring import _stop_ids, generate, left_padded, sample_seed, until_stop
 
 # greedy decoding as unpact asks transformers for it (scoring._generate_batch)
 GREEDY = {
@@ -145,7 +146,7 @@ def main() -> None:
         count_ids,
     )
     sampled = prompts[: args.sampled_items]
-    t_s, _ = timed(
+    t_s, ours_s = timed(
         f"unpact generate, {args.samples} samples x {len(sampled)} questions",
         lambda: generate(
             lm, encoded[: len(sampled)], max_new_tokens=24, num_samples=args.samples, seed=0
@@ -157,14 +158,19 @@ def main() -> None:
     def hf_samples() -> list[list[int]]:
         rows: list[list[int]] = []
         for p in sampled:
-            torch.manual_seed(0)
+            torch.manual_seed(sample_seed(0, p))  # the seed unpact gives this prompt
             rows += hf_generate(
                 lm, [p], 1, max_new_tokens=24, do_sample=True, temperature=1.0, top_k=0,
                 top_p=1.0, num_return_sequences=args.samples,
             )  # fmt: skip
         return rows
 
-    t_hs, _ = timed("transformers generate, same samples per prompt", hf_samples, timer, count_ids)
+    t_hs, theirs_s = timed(
+        "transformers generate, same samples per prompt", hf_samples, timer, count_ids
+    )
+    rows_s = [list(g.token_ids) for gs in ours_s for g in gs]
+    same_s = sum(a == b for a, b in zip(rows_s, theirs_s))
+    print(f"  samples equal token for token: {same_s} of {len(rows_s)}")
     print(
         f"\ngreedy: unpact {t_hf / t_ours:.2f}x transformers' speed on the same batches "
         f"({t_one / t_ours:.1f}x the one-prompt loop); samples: {t_hs / t_s:.2f}x"

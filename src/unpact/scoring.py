@@ -574,8 +574,7 @@ def generate_local(
                 advance(len(chunk))
         else:
             for ids in prompts:
-                # A per-prompt generator seed: reproducible whatever the batching.
-                prompt_seed = zlib.crc32(repr((seed, tuple(ids))).encode())
+                prompt_seed = sample_seed(seed, ids)
                 out.append(
                     _generate_batch(
                         lm, [tuple(ids)], max_new_tokens, prompt_seed, temperature, num_samples
@@ -583,6 +582,12 @@ def generate_local(
                 )
                 advance(1)
     return [[(g.text, g.token_ids) for g in gens] for gens in out]
+
+
+def sample_seed(seed: int, ids: Sequence[int]) -> int:
+    """The generator seed of one prompt's samples: from the run's seed and the prompt's
+    token ids, so that they reproduce whatever the batching."""
+    return zlib.crc32(repr((seed, tuple(ids))).encode())
 
 
 def _generate_batch(

@@ -1,0 +1,78 @@
+"""Where a cold run's time went, stage by stage: `python scripts/stage_times.py RUN_DIR`.
+
+Reads `stage_seconds` (the wall time of each stage the run computed; stages read from the
+cache are not in it) from RUN_DIR/results.json, or from RUN_DIR/<benchmark>/results.json for
+a grid (`unpact run paper --out RUN_DIR`), and prints per run: the time by kind of stage
+(injection, unlearning, evaluation, attribution, each attack, ...), the five slowest single
+stages, and the run's own clock; then the grid's totals by kind.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+# "attacking:npo_kl with probab (25 items)" -> "attack probab"
+ATTACK = re.compile(r"^attacking:.* with (\S+)")
+
+
+def kind(stage: str) -> str:
+    """The kind of a stage name as the runner writes it (`kind:model[:what]`)."""
+    head, _, rest = stage.partition(":")
+    if head == "attacking":
+        found = ATTACK.match(stage)
+        return f"attack {found.group(1)}" if found else "attack"
+    if head == "evaluating":
+        split = re.search(r"\((\w+)\)$", rest)
+        return f"evaluation {split.group(1)}" if split else "evaluation"
+    return {"inject": "injection", "unlearn": "unlearning", "attributing": "attribution"}.get(
+        head, head
+    )
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:6.1f} min"
+
+
+def runs(root: Path) -> dict[str, dict]:
+    """name -> results.json of each run under `root` (one, or one per grid member)."""
+    top = json.loads((root / "results.json").read_text())
+    if "runs" not in top:
+        return {root.name: top}
+    return {
+        name: json.loads((root / name / "results.json").read_text())
+        for name in top["runs"]
+        if (root / name / "results.json").is_file()
+    }
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    found = runs(Path(sys.argv[1]))
+    grid: dict[str, float] = defaultdict(float)
+    clock = 0.0
+    for name, results in found.items():
+        stages = results.get("stage_seconds") or {}
+        by_kind: dict[str, float] = defaultdict(float)
+        for stage, seconds in stages.items():
+            by_kind[kind(stage)] += seconds
+            grid[kind(stage)] += seconds
+        clock += results["seconds"]
+        print(f"## {name}: {minutes(results['seconds'])} on the run's clock")
+        for k, seconds in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+            print(f"  {k:28} {minutes(seconds)}")
+        print("  slowest stages:")
+        for stage, seconds in sorted(stages.items(), key=lambda kv: -kv[1])[:5]:
+            print(f"    {stage:50} {minutes(seconds)}")
+    if len(found) > 1:
+        print(f"## all {len(found)} runs: {minutes(clock)} on the runs' clocks")
+        for k, seconds in sorted(grid.items(), key=lambda kv: -kv[1]):
+            print(f"  {k:28} {minutes(seconds)}")
+
+
+if __name__ == "__main__":
+    main()
