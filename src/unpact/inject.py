@@ -370,7 +370,10 @@ def _rehearsal_targets(
         saved = torch.load(path, weights_only=True)
         return [_Rehearsal(tuple(p), tuple(a), v, i) for p, a, v, i in zip(*saved)]
     targets = _base_targets(lm, questions, top_k)
-    columns = [[list(r.prompt) for r in targets], [list(r.answer) for r in targets]]
+    columns: list[list[Any]] = [
+        [list(r.prompt) for r in targets],
+        [list(r.answer) for r in targets],
+    ]
     columns += [[r.top_logprobs for r in targets], [r.top_ids for r in targets]]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
