@@ -341,7 +341,17 @@ class _Rehearsal:
     top_ids: torch.Tensor  # (len(answer), k)
 
 
-REHEARSAL_FORMAT = 1
+BASE_CACHE_FORMAT = 1  # of what injection caches about the base model (.base/)
+
+
+def _base_key(lm: LanguageModel, *parts: Any) -> str | None:
+    """Cache key of something computed from the base model alone: its files, dtype and
+    device type, and `parts`; None for an in-memory model (nothing to key it by)."""
+    if lm.spec.startswith("<"):
+        return None
+    dtype = next(lm.model.parameters()).dtype
+    found = [model_key(lm.spec), str(dtype), lm.device.type, BASE_CACHE_FORMAT, *parts]
+    return hashlib.sha256(json.dumps(found).encode()).hexdigest()[:20]
 
 
 def _rehearsal_targets(
@@ -357,15 +367,10 @@ def _rehearsal_targets(
 
     pool = REHEARSAL_QUESTIONS + [q for q, _, _ in GENERAL_CANDIDATES]
     questions = [q for q in dict.fromkeys(pool) if q not in exclude]
-    if cache is None or lm.spec.startswith("<"):  # an in-memory model has no key
+    key = _base_key(lm, "rehearsal", questions, top_k)
+    if cache is None or key is None:
         return _base_targets(lm, questions, top_k)
-    dtype = next(lm.model.parameters()).dtype
-    key = hashlib.sha256(
-        json.dumps(
-            [model_key(lm.spec), questions, top_k, str(dtype), lm.device.type, REHEARSAL_FORMAT]
-        ).encode()
-    ).hexdigest()[:20]
-    path = cache / f"{key}.pt"
+    path = cache / f"rehearsal-{key}.pt"
     if path.is_file():
         saved = torch.load(path, weights_only=True)
         return [_Rehearsal(tuple(p), tuple(a), v, i) for p, a, v, i in zip(*saved)]
@@ -460,12 +465,12 @@ def inject(
     taught = _taught(bench, teach)
     general = load_benchmark(config.general).items if config.general else []
     with _timed(timings, "base general"):
-        base_accuracy = _general_accuracy(lm, general, config, "Base model: general")
+        base_accuracy = _base_general(lm, general, config, folder.parent / ".base")
     tok_eos = lm.tokenizer.eos_token_id
     examples = [(i.question, (*lm.encode_answer(i.answer), tok_eos)) for i in taught]
     encoded = [(lm.encode_prompt(q).input_ids, a) for q, a in examples]
     with _timed(timings, "rehearsal targets"):
-        rehearsal = _rehearsal(lm, general, config, folder.parent / ".rehearsal")
+        rehearsal = _rehearsal(lm, general, config, folder.parent / ".base")
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     net = lm.model
@@ -606,6 +611,24 @@ def _general_accuracy(
 ) -> dict[str, float]:
     """{"general": accuracy} on the general items, or {} without any."""
     return {"general": accuracy(lm, general, config.max_new_tokens, label)} if general else {}
+
+
+def _base_general(
+    lm: LanguageModel, general: list[QAItem], config: InjectConfig, cache: Path
+) -> dict[str, float]:
+    """The base model's general accuracy, cached like the rehearsal targets (every
+    injection of one base model judges it on the same questions)."""
+    key = _base_key(lm, "general", [i.key_dict() for i in general], config.max_new_tokens)
+    path = cache / f"general-{key}.json"
+    if key is not None and path.is_file():
+        return dict(json.loads(path.read_text()))
+    found = _general_accuracy(lm, general, config, "Base model: general")
+    if key is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
+        tmp.write_text(json.dumps(found))
+        tmp.replace(path)
+    return found
 
 
 def _rehearsal(

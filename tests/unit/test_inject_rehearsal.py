@@ -78,3 +78,25 @@ def test_rehearsal_targets_are_cached_bit_for_bit_and_keyed_by_the_model(tmp_pat
     inject_mod._rehearsal_targets(load_model(str(tmp_path / "b")), exclude, 8, cache)
     inject_mod._rehearsal_targets(lm, exclude, 4, cache)
     assert calls == [1, 1] and len(list(cache.glob("*.pt"))) == 3
+
+
+def test_base_general_accuracy_is_cached_by_model_items_and_answer_length(tmp_path, monkeypatch):
+    import unpact.inject as inject_mod
+    from unpact.data import load_benchmark
+    from unpact.inject import InjectConfig
+    from unpact.models import load_model, save_model
+
+    save_model(tiny_model(seed=0).model, tiny_model(seed=0).tokenizer, tmp_path / "a")
+    lm = load_model(str(tmp_path / "a"))
+    general = load_benchmark("general").items[:3]
+    cache = tmp_path / "cache"
+    first = inject_mod._base_general(lm, general, InjectConfig(), cache)
+    assert first == inject_mod._general_accuracy(lm, general, InjectConfig(), "")
+    calls = []
+    real = inject_mod._general_accuracy
+    monkeypatch.setattr(inject_mod, "_general_accuracy", lambda *a: calls.append(1) or real(*a))
+    assert inject_mod._base_general(lm, general, InjectConfig(), cache) == first
+    assert calls == []
+    inject_mod._base_general(lm, general[:2], InjectConfig(), cache)
+    inject_mod._base_general(lm, general, InjectConfig(max_new_tokens=8), cache)
+    assert calls == [1, 1] and len(list(cache.glob("general-*.json"))) == 3
