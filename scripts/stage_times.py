@@ -39,12 +39,18 @@ def minutes(seconds: float) -> str:
 
 def runs(root: Path) -> dict[str, dict]:
     """name -> results.json of each run under `root` (one, or one per grid member)."""
-    top = json.loads((root / "results.json").read_text())
-    if "runs" not in top:
-        return {root.name: top}
+    if (root / "results.json").is_file():
+        top = json.loads((root / "results.json").read_text())
+        if "runs" not in top:
+            return {root.name: top}
+        names = list(top["runs"])
+    else:  # a grid stopped before its end: the runs that finished
+        names = sorted(p.parent.name for p in root.glob("*/results.json"))
+    if not names:
+        sys.exit(f"{root}: no results.json here or in its subfolders")
     return {
         name: json.loads((root / name / "results.json").read_text())
-        for name in top["runs"]
+        for name in names
         if (root / name / "results.json").is_file()
     }
 
