@@ -1,6 +1,7 @@
 """unPact attribution speed: ours against the naive loop and Captum, in one process.
 
 Run:  .venv/bin/python benchmarks/attribution.py [--prompts 12] [--threads 2] [--skip-captum-default]
+          [--no-chat-template] [--profile]
 
 On the same raw prompts (20-40 tokens) and short answers (2-8 tokens) of the default model
 (SmolLM2-135M-Instruct, float32, CPU) it times, per prompt:
@@ -19,7 +20,8 @@ between the methods' contributions, and a floor: the FLOPs the minimal computati
 (prefix shared, LM head only at answer positions) divided by this machine's fp32 matmul
 throughput measured in the same run, with our time as a multiple of it, and the naive
 loop's time over the floor: the largest speed-up over the naive loop that any exact method
-could show on this machine.
+could show on this machine. It also prints how full the packed rows of variants are, and
+with `--profile` where unpact's own time goes, operator by operator (torch.profiler).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 
 from unpact.attribution import _Item, _variant_row, attribute, make_units, naive_contributions
 from unpact.models import load_model
+from unpact.scoring import pack_continuations
 
 ITEMS = [  # (question, answer): 20-35-token questions, 2-8-token answers
     (
@@ -122,6 +125,30 @@ def minimal_flops(lm, item: _Item) -> float:
     return total + head
 
 
+def padding_share(item: _Item, width: int = 64) -> tuple[int, int]:
+    """(tokens, padded slots) of one prompt's variants packed as `_fast_contributions`
+    packs them (rows of `width`, one pass per prompt at the default token budget)."""
+    variants = [_variant_row(item, u, "delete", 0, 0) for u in item.units]
+    rows = pack_continuations(variants, width)
+    longest = max(sum(len(variants[j].ids) for j in row) for row in rows)
+    return sum(len(v.ids) for v in variants), len(rows) * longest
+
+
+def profile(lm, items: list[tuple[str, str]], chat: bool) -> None:
+    """Where unpact's time goes: torch.profiler's operators over the given prompts."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for prompt, answer in items:
+            attribute(lm, prompt, answer, chat_template=chat)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    print("where unpact's time goes (torch.profiler, self CPU time):")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]:
+        print(f"  {e.key:55s} {e.self_cpu_time_total / total:6.1%}")
+
+
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
     start = time.perf_counter()
     result = fn()
@@ -146,6 +173,9 @@ def main() -> None:
     parser.add_argument(
         "--skip-captum-default", action="store_true", help="skip Captum's slow token-by-token mode"
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile unpact's attribution (operators)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -162,6 +192,7 @@ def main() -> None:
     diff_naive = diff_captum = diff_captum_default = 0.0
     compared = changed = 0
     flops = 0.0
+    packed_tokens = packed_slots = 0
     prompt_lengths, answer_lengths = [], []
     chat = args.chat_template
     for question, answer_text in items:
@@ -236,7 +267,11 @@ def main() -> None:
                 )
                 t["captum_default"].append(dt)
                 diff_captum_default = max(diff_captum_default, gap(slow))
-        flops += minimal_flops(lm, _Item(enc, answer, tuple(answer_ids), units))
+        item = _Item(enc, answer, tuple(answer_ids), units)
+        flops += minimal_flops(lm, item)
+        real, slots = padding_share(item)
+        packed_tokens += real
+        packed_slots += slots
 
     gflops = matmul_gflops()
     floor = flops / len(items) / (gflops * 1e9)
@@ -277,6 +312,13 @@ def main() -> None:
         f"{gflops:.0f} GFLOP/s fp32 matmul = {floor:.2f} s; unpact takes "
         f"{med['ours'] / floor:.2f}x the floor (target <= 1.5x)"
     )
+    print(
+        f"packing: the variants fill {packed_tokens / packed_slots:.0%} of their padded rows "
+        f"({packed_tokens} tokens in {packed_slots} slots)"
+    )
+    if args.profile:
+        prompts = [(q, a) if chat else (f"Question: {q}\nAnswer:", " " + a) for q, a in items]
+        profile(lm, prompts, chat)
     # No exact method runs below the floor, so the naive loop's time over it bounds the
     # speed-up any exact scheme can show against the naive loop on this machine.
     print(
