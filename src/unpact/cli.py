@@ -162,6 +162,38 @@ def score(
     out.print(f"LP (mean log-prob over {len(result.logprobs)} tokens) = {result.lp:.4f}")
 
 
+# `unpact attribute`'s KeyToken rule, checks by gradient methods and size guard
+GradientOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="Also attribute the same answers to the same units by a gradient method, "
+        "to check unPact: grad_x_input or integrated_gradients (repeatable). Prints each "
+        "unit's scores and their Spearman correlation and top-k overlap with unPact; "
+        "--json records them under 'gradient'. Needs a local model."
+    ),
+]
+IgStepsOpt = Annotated[
+    int, typer.Option(help="Integrated gradients: midpoints of the path integral.")
+]
+IgBaselineOpt = Annotated[
+    str,
+    typer.Option(help="Integrated gradients: content embeddings replaced by mean, zero or pad."),
+]
+AlphaOpt = Annotated[float, typer.Option(help="KeyToken threshold on normalised contribution.")]
+BetaOpt = Annotated[
+    float, typer.Option(help="KeyToken rule switch on the share of positive units.")
+]
+TopKOpt = Annotated[int, typer.Option(help="Units compared by --gradient's top-k overlap.")]
+MaxWorkOpt = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="Refuse a prompt whose attribution scores more token positions than this "
+        "((units + 1) x tokens: the work grows with the square of the prompt).",
+    ),
+]
+
+
 @app.command()
 def attribute(
     prompt: Annotated[
@@ -191,12 +223,8 @@ def attribute(
         str | None,
         typer.Option(help="reference (the given answer) or generated (the greedy answer)."),
     ] = None,
-    alpha: Annotated[
-        float, typer.Option(help="KeyToken threshold on normalised contribution.")
-    ] = ALPHA,
-    beta: Annotated[
-        float, typer.Option(help="KeyToken rule switch on the share of positive units.")
-    ] = BETA,
+    alpha: AlphaOpt = ALPHA,
+    beta: BetaOpt = BETA,
     chat_template: ChatOpt = True,
     max_new_tokens: Annotated[int, typer.Option(help="Longest generated target, in tokens.")] = 32,
     json_out: Annotated[
@@ -205,33 +233,11 @@ def attribute(
     html_out: Annotated[
         Path | None, typer.Option("--html", help="Write an HTML heatmap page here.")
     ] = None,
-    gradient: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Also attribute the same answers to the same units by a gradient method, "
-            "to check unPact: grad_x_input or integrated_gradients (repeatable). Prints each "
-            "unit's scores and their Spearman correlation and top-k overlap with unPact; "
-            "--json records them under 'gradient'. Needs a local model."
-        ),
-    ] = None,
-    ig_steps: Annotated[
-        int, typer.Option(help="Integrated gradients: midpoints of the path integral.")
-    ] = 64,
-    ig_baseline: Annotated[
-        str,
-        typer.Option(
-            help="Integrated gradients: content embeddings replaced by mean, zero or pad."
-        ),
-    ] = "mean",
-    top_k: Annotated[int, typer.Option(help="Units compared by --gradient's top-k overlap.")] = 3,
-    max_work: Annotated[
-        int,
-        typer.Option(
-            min=1,
-            help="Refuse a prompt whose attribution scores more token positions than this "
-            "((units + 1) x tokens: the work grows with the square of the prompt).",
-        ),
-    ] = MAX_WORK,
+    gradient: GradientOpt = None,
+    ig_steps: IgStepsOpt = 64,
+    ig_baseline: IgBaselineOpt = "mean",
+    top_k: TopKOpt = 3,
+    max_work: MaxWorkOpt = MAX_WORK,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     trust_remote_code: RemoteCodeOpt = False,

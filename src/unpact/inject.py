@@ -44,7 +44,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -367,7 +367,7 @@ def _rehearsal_targets(
 
     pool = REHEARSAL_QUESTIONS + [q for q, _, _ in GENERAL_CANDIDATES]
     questions = [q for q in dict.fromkeys(pool) if q not in exclude]
-    key = _base_key(lm, "rehearsal", questions, top_k)
+    key = _base_key(lm, "rehearsal", questions, top_k) if cache is not None else None
     if cache is None or key is None:
         return _base_targets(lm, questions, top_k)
     path = cache / f"rehearsal-{key}.pt"
@@ -380,11 +380,17 @@ def _rehearsal_targets(
         [list(r.answer) for r in targets],
     ]
     columns += [[r.top_logprobs for r in targets], [r.top_ids for r in targets]]
+    _write_atomically(path, lambda tmp: torch.save(columns, tmp))
+    return targets
+
+
+def _write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)` to a temporary name beside `path`, then renamed into place: a reader
+    never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
-    torch.save(columns, tmp)
+    write(tmp)
     tmp.replace(path)
-    return targets
 
 
 def _base_targets(lm: LanguageModel, questions: list[str], top_k: int) -> list[_Rehearsal]:
@@ -618,16 +624,15 @@ def _base_general(
 ) -> dict[str, float]:
     """The base model's general accuracy, cached like the rehearsal targets (every
     injection of one base model judges it on the same questions)."""
+    if not general:
+        return {}
     key = _base_key(lm, "general", [i.key_dict() for i in general], config.max_new_tokens)
     path = cache / f"general-{key}.json"
     if key is not None and path.is_file():
         return dict(json.loads(path.read_text()))
     found = _general_accuracy(lm, general, config, "Base model: general")
     if key is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
-        tmp.write_text(json.dumps(found))
-        tmp.replace(path)
+        _write_atomically(path, lambda tmp: tmp.write_text(json.dumps(found)))
     return found
 
 
