@@ -1,10 +1,14 @@
 """Where a cold run's time went, stage by stage: `python scripts/stage_times.py RUN_DIR`.
 
-Reads `stage_seconds` (the wall time of each stage the run computed; stages read from the
-cache are not in it) from RUN_DIR/results.json, or from RUN_DIR/<benchmark>/results.json for
-a grid (`unpact run paper --out RUN_DIR`), and prints per run: the time by kind of stage
+Reads `stage_seconds` (the wall time of each stage the run computed) and
+`stage_seconds_cached` (for each stage read from the cache, the time computing it took when
+it was made) from RUN_DIR/results.json, or from RUN_DIR/<benchmark>/results.json for a grid
+(`unpact run paper --out RUN_DIR`), and prints per run: the cold time by kind of stage
 (injection, unlearning, evaluation, attribution, each attack, ...), the five slowest single
-stages, and the run's own clock; then the grid's totals by kind.
+stages, the stages' cold total and how much of it this call computed, and the run's own
+clock; then the grid's totals by kind. A run resumed after a stop, or re-run on a warm
+cache, so still shows what its stages cost cold (stages cached by code older than these
+notes have no time and are counted as unknown).
 """
 
 from __future__ import annotations
@@ -60,22 +64,31 @@ def main() -> None:
         sys.exit(__doc__)
     found = runs(Path(sys.argv[1]))
     grid: dict[str, float] = defaultdict(float)
-    clock = 0.0
+    clock = cold = 0.0
     for name, results in found.items():
-        stages = results.get("stage_seconds") or {}
+        here = results.get("stage_seconds") or {}
+        stages = (results.get("stage_seconds_cached") or {}) | here
         by_kind: dict[str, float] = defaultdict(float)
         for stage, seconds in stages.items():
             by_kind[kind(stage)] += seconds
             grid[kind(stage)] += seconds
         clock += results["seconds"]
-        print(f"## {name}: {minutes(results['seconds'])} on the run's clock")
+        cold += sum(stages.values())
+        print(
+            f"## {name}: stages {minutes(sum(stages.values()))} cold, "
+            f"{minutes(sum(here.values()))} of it computed in this call; "
+            f"{minutes(results['seconds'])} on the run's clock"
+        )
         for k, seconds in sorted(by_kind.items(), key=lambda kv: -kv[1]):
             print(f"  {k:28} {minutes(seconds)}")
         print("  slowest stages:")
         for stage, seconds in sorted(stages.items(), key=lambda kv: -kv[1])[:5]:
             print(f"    {stage:50} {minutes(seconds)}")
     if len(found) > 1:
-        print(f"## all {len(found)} runs: {minutes(clock)} on the runs' clocks")
+        print(
+            f"## all {len(found)} runs: stages {minutes(cold)} cold; "
+            f"{minutes(clock)} on the runs' clocks"
+        )
         for k, seconds in sorted(grid.items(), key=lambda kv: -kv[1]):
             print(f"  {k:28} {minutes(seconds)}")
 

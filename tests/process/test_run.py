@@ -710,3 +710,8 @@ def test_stage_keys_are_exact(setup, finished, tmp_path):
     # each computed stage's wall time is in results.json; nothing else is
     assert sorted(done.results["stage_seconds"]) == sorted(done.computed)
     assert all(s >= 0 for s in done.results["stage_seconds"].values())
+    # every stage read from the cache keeps the time computing it took when it was made
+    cached = done.results["stage_seconds_cached"]
+    assert not set(cached) & set(done.computed)
+    assert {"unlearn:ga", "unlearn:npo", "attributing:original"} <= set(cached)
+    assert all(s >= 0 for s in cached.values())

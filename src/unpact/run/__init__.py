@@ -156,6 +156,8 @@ class Pipeline:
     computed: list[str] = field(default_factory=list)
     original_spec: str = ""  # the original model's spec, once known (ablate_direction)
     seconds: dict[str, float] = field(default_factory=dict)  # per stage computed here
+    # per stage read from the cache: what computing it took then, where that was noted
+    cached_seconds: dict[str, float] = field(default_factory=dict)
 
     def timed(self, name: str, compute: Callable[[], Any]) -> Any:
         """`compute()`, its wall time noted under `name` (results.json's `stage_seconds`)."""
@@ -170,10 +172,27 @@ class Pipeline:
     ) -> list[dict[str, Any]]:
         """The rows of a cached stage keyed by what it `reads`, computed if absent."""
         stage = Stage(self.cache, folder, digest(kind, STAGES_FORMAT, *reads))
-        if not stage.done():
+        label = f"{kind}:{name}"
+        if stage.done():
+            self.noted(label, stage.seconds())
+        else:
             self.say(f"{kind}: {name}")
-            stage.write(self.timed(f"{kind}:{name}", compute))
+            rows = self.timed(label, compute)
+            stage.write(rows, self.seconds[label])
         return stage.read()
+
+    def noted(self, name: str, seconds: float | None) -> None:
+        """A stage read from the cache, with the time computing it took then (if known)."""
+        if seconds is not None:
+            self.cached_seconds[name] = round(seconds, 1)
+
+    def took(self, name: str, seconds: float | None, cached: bool) -> None:
+        """A stage timed by its own code (an injection, an unlearning run), computed in this
+        call or read from the cache."""
+        if cached:
+            self.noted(name, seconds)
+        elif seconds is not None:
+            self.seconds[name] = round(seconds, 1)
 
 
 def run(
@@ -233,6 +252,8 @@ def run(
     results["seconds"] = time.perf_counter() - began
     if p.seconds:  # the stages this call computed (cached ones took no time here)
         results["stage_seconds"] = p.seconds
+    if p.cached_seconds:  # the cached ones: what computing them took when they were made
+        results["stage_seconds_cached"] = p.cached_seconds
     _link_models(out, cfg, original, unlearned)
     injections = {m.label: m.info["injection"] for m in (original, found.reference) if m and m.info}
     if injections:
@@ -280,8 +301,7 @@ def _original(p: Pipeline, data: Data) -> Model:
     injected = inject(cfg.model, where, inject_cfg, progress=p.progress)
     key = "inject:" + inject_key(cfg.model, data.bench, inject_cfg)
     p.say(injection_line(injected))
-    if not injected.cached:
-        p.seconds["inject:original"] = round(injected.seconds, 1)
+    p.took("inject:original", injected.seconds, injected.cached)
     return Model("original", str(injected.path), key, {"injection": injected.summary()})
 
 
@@ -312,7 +332,8 @@ def _unlearn(p: Pipeline, data: Data, original: Model, spec: MethodSpec) -> Mode
     key = digest("unlearn", original.key, taught, ucfg.model_dump(mode="json"), RUN_FORMAT)
     # Named by method, not label: a sweep value equal to the default reuses that run.
     folder = p.cache / "unlearned" / f"{spec.method}-{key}"
-    if not (folder / "result.json").is_file():
+    cached = (folder / "result.json").is_file()
+    if not cached:
         resume = (folder / "config.yaml").is_file()
         p.say(f"unlearning: {spec.label}" + (" (resuming)" if resume else ""))
         where = data.bench.path or data.bench.name
@@ -321,6 +342,8 @@ def _unlearn(p: Pipeline, data: Data, original: Model, spec: MethodSpec) -> Mode
             lambda: unlearn(original.spec, where, ucfg, folder, resume=resume, progress=p.progress),
         )
     info = json.loads((folder / "result.json").read_text())
+    if cached:
+        p.noted(f"unlearn:{spec.label}", info.get("seconds"))
     return Model(spec.label, str(folder / "model"), "unlearn:" + key, info)
 
 

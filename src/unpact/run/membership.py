@@ -128,8 +128,7 @@ def retrained(p: Pipeline, data: Data) -> Model:
     from unpact.run import injection_line
 
     p.say(injection_line(done))
-    if not done.cached:
-        p.seconds["inject:retrained"] = round(done.seconds, 1)
+    p.took("inject:retrained", done.seconds, done.cached)
     return Model("retrained", str(done.path), key, {"injection": done.summary()})
 
 

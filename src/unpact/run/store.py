@@ -34,10 +34,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 class Stage:
-    """A cached artefact: rows of JSON under `cache_dir/kind/key.jsonl`."""
+    """A cached artefact: rows of JSON under `cache_dir/kind/key.jsonl`, and beside them
+    (`key.seconds`) the wall time computing them took, so that a run reading the artefact
+    later can still say what its stages cost cold."""
 
     def __init__(self, cache: Path, kind: str, key: str) -> None:
         self.path = cache / kind / f"{key}.jsonl"
+        self.timing = self.path.with_suffix(".seconds")
 
     def done(self) -> bool:
         return self.path.is_file()
@@ -45,7 +48,18 @@ class Stage:
     def read(self) -> list[dict[str, Any]]:
         return read_jsonl(self.path)
 
-    def write(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def seconds(self) -> float | None:
+        """How long computing the artefact took, where its writer noted it."""
+        try:
+            return float(self.timing.read_text())
+        except (OSError, ValueError):
+            return None  # written by older code, or the note was lost: unknown
+
+    def write(
+        self, rows: list[dict[str, Any]], seconds: float | None = None
+    ) -> list[dict[str, Any]]:
+        if seconds is not None:  # first: the rows' file is what marks the stage done
+            atomic_text(self.timing, f"{seconds}\n")
         atomic_text(self.path, jsonl(rows))
         return rows
 
