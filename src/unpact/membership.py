@@ -6,8 +6,8 @@ Per text (an answer given its question), one batched teacher-forced pass of the 
 kernel gives every token's log-prob, whether it is the model's argmax, and the mean and
 standard deviation of log p(z) under the model's own next-token distribution; every
 membership-inference score, exact memorisation and extraction strength are functions of
-those (`TextStats`). GradNorm needs one backward pass per text. Definitions, each oriented
-so that a higher score means "member" (seen in training):
+those (`TextStats`). GradNorm needs a backward pass (batched, `membership_scores`).
+Definitions, each oriented so that a higher score means "member" (seen in training):
 
 - `loss`: minus the mean token NLL (Yeom et al. 2018; open-unlearning's LOSS attack);
 - `zlib`: minus the mean token NLL divided by the zlib-compressed length of the text in

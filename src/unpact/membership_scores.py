@@ -4,6 +4,7 @@ of log p(z) under the model's next-token distribution), and per-text gradient no
 
 from __future__ import annotations
 
+import inspect
 import math
 import zlib
 from collections.abc import Sequence
@@ -102,12 +103,18 @@ class _GhostNorms:
     gets both parts and their cross term. Samples must not interact (no shared prefix)."""
 
     def __init__(self, net: torch.nn.Module, batch: int) -> None:
-        self.sq = torch.zeros(batch, dtype=torch.float64)
+        device = next(net.parameters()).device
+        # sums in float64, on the model's device where it has float64 (not MPS)
+        self.where = torch.device("cpu") if device.type == "mps" else device
+        self.sq = torch.zeros(batch, dtype=torch.float64, device=self.where)
         self.hooks: list[Any] = []
         self.embed_rows: dict[
             int, tuple[torch.Tensor, torch.Tensor]
         ] = {}  # id(weight) -> ids, grads
         self.head: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(weight) -> x, g
+        # input (address, shape, strides) -> its gram; inputs stay alive until the backward
+        # pass has run (the hooks hold them), so no two share an address meanwhile
+        self.grams: dict[tuple[Any, ...], torch.Tensor] = {}
         covered: set[int] = set()
         # weights an embedding shares with a linear layer (a tied LM head)
         self.tied = {id(m.weight) for m in net.modules() if isinstance(m, torch.nn.Embedding)}
@@ -117,8 +124,7 @@ class _GhostNorms:
                 self._watch(module, self._linear)
                 covered |= {id(p) for p in module.parameters(recurse=False)}
             elif isinstance(module, torch.nn.Embedding):
-                self._watch(module, self._embedding)
-                covered.add(id(module.weight))
+                covered.add(id(module.weight))  # the caller passes its gradient (embedding)
             elif hasattr(module, "variance_epsilon") and weight is not None and weight.dim() == 1:
                 self._watch(module, self._rmsnorm)
                 covered.add(id(weight))
@@ -132,25 +138,30 @@ class _GhostNorms:
 
         self.hooks.append(module.register_forward_hook(forward))
 
+    def _double(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.where, torch.float64)
+
     def _linear(self, mod: Any, x: torch.Tensor, g: torch.Tensor) -> None:
-        x, g = x.double(), g.double()
-        if mod.weight.requires_grad:
-            gram = (x @ x.transpose(1, 2)) * (g @ g.transpose(1, 2))
-            self.sq += gram.sum((1, 2))
-            if id(mod.weight) in self.tied:
-                self.head[id(mod.weight)] = (x, g)
-        if mod.bias is not None and mod.bias.requires_grad:
+        # layers reading one input (q, k, v; gate, up) share its gram: one product, not three
+        where = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+        x, g = self._double(x), self._double(g)
+        if where not in self.grams:
+            self.grams[where] = x @ x.transpose(1, 2)
+        gram = self.grams[where] * (g @ g.transpose(1, 2))
+        self.sq += gram.sum((1, 2))
+        if id(mod.weight) in self.tied:
+            self.head[id(mod.weight)] = (x, g)
+        if mod.bias is not None:
             self.sq += g.sum(1).square().sum(-1)
 
-    def _embedding(self, mod: Any, ids: torch.Tensor, g: torch.Tensor) -> None:
-        if mod.weight.requires_grad:
-            self.embed_rows[id(mod.weight)] = (ids, g.double())
+    def embedding(self, weight: torch.Tensor, ids: torch.Tensor, g: torch.Tensor) -> None:
+        """The input embedding's part: its output's gradient `g` at the token `ids`."""
+        self.embed_rows[id(weight)] = (ids.to(self.where), self._double(g))
 
     def _rmsnorm(self, mod: Any, x: torch.Tensor, g: torch.Tensor) -> None:
-        if mod.weight.requires_grad:
-            x = x.double()
-            x_hat = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + mod.variance_epsilon)
-            self.sq += (g.double() * x_hat).sum(1).square().sum(-1)
+        x = self._double(x)
+        x_hat = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + mod.variance_epsilon)
+        self.sq += (self._double(g) * x_hat).sum(1).square().sum(-1)
 
     def finish(self) -> list[float]:
         """The per-sample norms, once the backward pass is done (embeddings last: a weight
@@ -159,7 +170,7 @@ class _GhostNorms:
             tied = self.head.get(key)
             for i in range(ids.shape[0]):
                 rows, inverse = ids[i].unique(return_inverse=True)
-                summed = torch.zeros(len(rows), g.shape[-1], dtype=g.dtype)
+                summed = g.new_zeros(len(rows), g.shape[-1])
                 summed.index_add_(0, inverse, g[i])
                 self.sq[i] += summed.square().sum()
                 if tied is not None:  # <head part, embedding part> on the rows the text uses
@@ -180,38 +191,54 @@ def gradient_norms_batched(
     progress: bool | str = False,
 ) -> list[float]:
     """`gradient_norms` from one backward pass per `batch_size` texts (`_GhostNorms`); the
-    per-text loop where a model has a weight the identity does not cover."""
+    per-text loop where a model has a weight the identity does not cover.
+
+    The identity needs each layer's input and output gradient, never a weight's gradient:
+    the backward pass runs from a copy of the input embeddings that requires a gradient,
+    with every weight frozen (no weight-gradient products), and the LM head is applied only
+    at the positions that predict an answer token (`logits_to_keep`), the others having no
+    gradient to give."""
     from unpact.scoring import right_padded
 
     net = lm.model
-    params = list(net.parameters())
-    flags = [p.requires_grad for p in params]
+    embed = net.get_input_embeddings()
     probe = _GhostNorms(net, 0)
     probe.finish()
-    if not probe.complete:
+    embeddings = [m for m in net.modules() if isinstance(m, torch.nn.Embedding)]
+    if not probe.complete or embeddings != [embed]:  # e.g. learned position embeddings
         return gradient_norms(lm, prompts, texts, progress)
+    keep = "logits_to_keep" in inspect.signature(net.forward).parameters
     pairs = [(lm.encode_prompt(p).input_ids, lm.encode_answer(t)) for p, t in zip(prompts, texts)]
+    params = list(net.parameters())
+    flags = [p.requires_grad for p in params]
     norms: list[float] = []
     label = progress if isinstance(progress, str) else "GradNorm"
     try:
         for p in params:
-            p.requires_grad_(True)
+            p.requires_grad_(False)
         with progress_bar(label, total=len(texts), enabled=bool(progress)) as advance:
             for start in range(0, len(pairs), batch_size):
                 chunk = pairs[start : start + batch_size]
                 ids, mask = right_padded([list(p) + list(a) for p, a in chunk])
+                ids, mask = ids.to(net.device), mask.to(net.device)
+                # the positions predicting an answer token, in any text of the chunk
+                first = min(len(p) for p, _ in chunk) - 1
+                last = max(len(p) + len(a) for p, a in chunk) - 1
                 ghost = _GhostNorms(net, len(chunk))
+                inputs = embed(ids).detach().requires_grad_(True)
+                extra = {"logits_to_keep": torch.arange(first, last, device=ids.device)}
                 logits = net(
-                    input_ids=ids.to(net.device), attention_mask=mask.to(net.device)
+                    inputs_embeds=inputs, attention_mask=mask, **(extra if keep else {})
                 ).logits
+                offset = first if keep else 0
                 logp = logits.float().log_softmax(-1)
                 loss = logits.new_zeros((), dtype=torch.float32)
                 for i, (p, a) in enumerate(chunk):
                     at = torch.arange(len(p) - 1, len(p) + len(a) - 1, device=logp.device)
                     target = torch.tensor(list(a), device=logp.device)
-                    loss = loss - logp[i, at, target].mean()
-                loss.backward()
-                net.zero_grad(set_to_none=True)
+                    loss = loss - logp[i, at - offset, target].mean()
+                (grad,) = torch.autograd.grad(loss, inputs)
+                ghost.embedding(embed.weight, ids, grad)
                 norms += ghost.finish()
                 advance(len(chunk))
     finally:

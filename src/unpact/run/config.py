@@ -259,7 +259,9 @@ class MembershipSettings(_Strict):
     privleak_attack: str = Field(
         "min_k", description="the attack PrivLeak is computed with (MUSE: Min-K%)"
     )
-    gradnorm: bool = Field(True, description="GradNorm (one backward pass per text)")
+    gradnorm: bool = Field(
+        True, description="GradNorm (a backward pass per 8 texts, the costliest statistic)"
+    )
     verbmem_prefix: int = Field(
         32, gt=0, description="VerbMem: tokens of each forget document given as the prompt"
     )
