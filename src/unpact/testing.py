@@ -8,6 +8,8 @@ whatever the code did.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from unpact.models import LanguageModel
@@ -75,6 +77,8 @@ def tiny_model(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
+    # UNPACT_TEST_DEVICE=cuda runs the unit tier's tiny models on a GPU (CI has none)
+    model.to(os.environ.get("UNPACT_TEST_DEVICE") or "cpu")
     model.generation_config.eos_token_id = 2
     model.generation_config.pad_token_id = 0
     return LanguageModel(model=model, tokenizer=tok, spec=f"tiny:{seed}")

@@ -370,8 +370,9 @@ class _Loop:
         found = self.trainer.step(self.wrapped, step)
         lr = found.pop("lr")
         uses_retain = self.method.uses_retain
-        tokens = torch.tensor(
-            float(_tokens(self.forget, f_local) + _tokens(self.retain, r_local) * uses_retain)
+        tokens = torch.tensor(  # on the accelerator's device: NCCL reduces only GPU tensors
+            float(_tokens(self.forget, f_local) + _tokens(self.retain, r_local) * uses_retain),
+            device=self.accelerator.device,
         )
         tokens = self.accelerator.reduce(tokens, reduction="sum")
         seconds = time.perf_counter() - t0

@@ -223,7 +223,8 @@ class NPO(Method):
     def losses(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         s = self.settings
         assert isinstance(s, _NPOSettings)
-        ratio = sequence_logprobs(ctx.model, ctx.forget) - reference_logprobs(ctx)
+        lp = sequence_logprobs(ctx.model, ctx.forget)
+        ratio = lp - reference_logprobs(ctx).to(lp.device)  # the model's (a GPU)
         terms = {"forget_npo": -(2 / s.beta) * F.logsigmoid(-s.beta * ratio).mean()}
         return terms | _retain_terms(ctx, self.retain_kind, s.retain_weight)
 
