@@ -15,19 +15,20 @@ from __future__ import annotations
 import math
 from statistics import fmean
 
-from unpact.membership import MIA_ATTACKS, auc, forget_quality, privleak
+from unpact.membership import DOCUMENT_ATTACKS, MIA_ATTACKS, auc, forget_quality, privleak
 from unpact.metrics import ItemRecord, MetricContext, metric
 
 
-def _auc(records: list[ItemRecord], attack: str, retrained: bool = False) -> float:
-    """AUC of telling forget (members) from holdout (non-members) by `attack`'s score."""
+def _auc(records: list[ItemRecord], attack: str, retrained: bool = False, of: str = "") -> float:
+    """AUC of telling forget (members) from holdout (non-members) by `attack`'s score: the
+    items' answers, or with `of="_document"` the documents."""
 
     def score(r: ItemRecord) -> float | None:
         found = r.membership_retrained if retrained else r.membership
         return None if found is None else found.get(attack)
 
-    members = [s for r in records if r.split == "forget" and (s := score(r)) is not None]
-    others = [s for r in records if r.split == "holdout" and (s := score(r)) is not None]
+    members = [s for r in records if r.split == f"forget{of}" and (s := score(r)) is not None]
+    others = [s for r in records if r.split == f"holdout{of}" and (s := score(r)) is not None]
     return auc(members, others)
 
 
@@ -57,6 +58,30 @@ def _privleak(records: list[ItemRecord], ctx: MetricContext) -> float:
     positive the forget set still looks familiar, negative over-unlearned."""
     attack = ctx.privleak_attack
     return privleak(_auc(records, attack), _auc(records, attack, retrained=True))
+
+
+@metric(
+    "mia_auc_documents",
+    title="MIA AUC (documents)",
+    fmt="float",
+    needs=("membership",),
+    variants=DOCUMENT_ATTACKS,
+)
+def _mia_auc_documents(records: list[ItemRecord], ctx: MetricContext, attack: str) -> float:
+    """AUC of each membership-inference attack (GradNorm aside) telling the forget documents
+    from the holdout documents, each scored as raw text as MUSE scores its texts: 1 the
+    forget documents are recognised, 0.5 indistinguishable."""
+    return _auc(records, attack, of="_document")
+
+
+@metric("privleak_documents", title="PrivLeak (documents)", fmt="percent", needs=("membership",))
+def _privleak_documents(records: list[ItemRecord], ctx: MetricContext) -> float:
+    """MUSE's PrivLeak on the documents, MUSE's own setting (its forget and holdout texts),
+    with the configured attack: near 0 indistinguishable from the retrained reference."""
+    attack = ctx.privleak_attack
+    return privleak(
+        _auc(records, attack, of="_document"), _auc(records, attack, retrained=True, of="_document")
+    )
 
 
 def _mean(values: list[float | None]) -> float:

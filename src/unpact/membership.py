@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus", "reference", "gradnorm")
+# documents (MUSE's texts) are scored by every attack but GradNorm, a backward pass each
+DOCUMENT_ATTACKS = MIA_ATTACKS[:-1]
 DEFAULT_K = 0.4  # MUSE's Min-40%
 
 

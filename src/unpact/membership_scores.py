@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from unpact.errors import UnpactError
 from unpact.membership import TextStats
 from unpact.progress import progress_bar
 
@@ -29,12 +30,47 @@ def token_stats(
 ) -> list[TextStats]:
     """Teacher-forced statistics of each `texts[i]` as the answer to `prompts[i]` (in the
     chat format evaluation uses), batched: one pass per `batch_size` texts."""
+    encoded = [(lm.encode_prompt(p).input_ids, lm.encode_answer(t)) for p, t in zip(prompts, texts)]
+    label = progress if isinstance(progress, str) else "Membership scores"
+    return _batched_stats(lm, encoded, list(texts), batch_size, label, bool(progress))
+
+
+def document_stats(
+    lm: LanguageModel,
+    texts: Sequence[str],
+    *,
+    max_tokens: int = 512,
+    batch_size: int = 16,
+    progress: bool | str = False,
+) -> list[TextStats]:
+    """Teacher-forced statistics of raw documents (no chat template, no added special
+    tokens), as MUSE scores its forget and holdout texts: every token after the first given
+    the ones before it, over the first `max_tokens` tokens of each document (ZLib's length
+    is that of the text scored). A document of one token has nothing to score: refused."""
+    encoded: list[tuple[Sequence[int], Sequence[int]]] = []
+    scored: list[str] = []
+    for n, text in enumerate(texts):
+        ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+        if len(ids) < 2:
+            raise UnpactError(f"document {n}: {len(ids)} token(s), nothing to score")
+        encoded.append((ids[:1], ids[1:]))
+        scored.append(lm.tokenizer.decode(ids))
+    label = progress if isinstance(progress, str) else "Membership scores (documents)"
+    return _batched_stats(lm, encoded, scored, batch_size, label, bool(progress))
+
+
+def _batched_stats(
+    lm: LanguageModel,
+    encoded: Sequence[tuple[Sequence[int], Sequence[int]]],
+    texts: list[str],
+    batch_size: int,
+    label: str,
+    progress: bool,
+) -> list[TextStats]:
     from unpact.scoring import answer_distributions
 
-    encoded = [(lm.encode_prompt(p).input_ids, lm.encode_answer(t)) for p, t in zip(prompts, texts)]
     out: list[TextStats] = []
-    label = progress if isinstance(progress, str) else "Membership scores"
-    with progress_bar(label, total=len(texts), enabled=bool(progress)) as advance:
+    with progress_bar(label, total=len(texts), enabled=progress) as advance:
         for start in range(0, len(encoded), batch_size):
             chunk = encoded[start : start + batch_size]
             with torch.no_grad():
@@ -49,7 +85,7 @@ def token_stats(
 
 def _stats(logp: torch.Tensor, answer: Sequence[int], text: str) -> TextStats:
     """TextStats from the `(len(answer), vocab)` log-distributions along the answer."""
-    ids = torch.tensor(list(answer))
+    ids = torch.tensor(list(answer), device=logp.device)
     lp = logp.gather(-1, ids[:, None])[:, 0]
     p = logp.exp()
     mu = (p * logp).sum(-1)

@@ -20,7 +20,7 @@ class ItemRecord:
     """One item, before (original model) and after (unlearned model) unlearning."""
 
     id: str
-    split: str  # forget | retain | general
+    split: str  # forget | retain | general | holdout | forget_document | holdout_document
     correct_before: bool
     correct_after: bool
     recovered: dict[str, bool] = field(default_factory=dict)  # attack -> recovered?
@@ -188,6 +188,11 @@ def keyword_recall(records: list[ItemRecord], when: str) -> float:
 # ---------------------------------------------------------------------- statistics
 
 
+# splits of records that only the indistinguishability figures read (never taught, or texts
+# rather than items): each resampled by a generator of its own (`bootstrap_ci`)
+OWN_DRAWS = ("holdout", "forget_document", "holdout_document")
+
+
 def bootstrap_ci(
     records: list[ItemRecord],
     statistic: Callable[[list[ItemRecord]], float],
@@ -201,17 +206,23 @@ def bootstrap_ci(
     Each resample draws, within each split, as many records as the split has, with
     replacement (so a resample keeps the data's forget/retain/general sizes); resamples
     where the statistic is undefined (NaN: nothing to divide by) are dropped. NaN bounds
-    when the statistic is undefined on every resample. Holdout items draw from their own
-    generator, so the intervals of the other figures do not depend on them."""
+    when the statistic is undefined on every resample. Holdout items and the documents
+    (`OWN_DRAWS`) draw from generators of their own, so the intervals of the other figures
+    do not depend on them."""
     rng = random.Random(seed)
-    other = random.Random(f"{seed}-holdout")
     splits = list(dict.fromkeys(r.split for r in records))
-    groups = [[r for r in records if r.split == s] for s in splits if s != "holdout"]
-    held = [r for r in records if r.split == "holdout"]
+    groups = [[r for r in records if r.split == s] for s in splits if s not in OWN_DRAWS]
+    # the splits only the indistinguishability figures read, each from its own generator
+    own = [
+        ([r for r in records if r.split == s], random.Random(f"{seed}-{s}"))
+        for s in OWN_DRAWS
+        if any(r.split == s for r in records)
+    ]
     values = []
     for _ in range(resamples):
         sample = [g[rng.randrange(len(g))] for g in groups for _ in range(len(g))]
-        sample += [held[other.randrange(len(held))] for _ in range(len(held))]
+        for held, other in own:
+            sample += [held[other.randrange(len(held))] for _ in range(len(held))]
         v = statistic(sample)
         if not math.isnan(v):
             values.append(v)

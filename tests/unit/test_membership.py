@@ -11,7 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from unpact.errors import UnpactError
 from unpact.membership import (
+    MIA_ATTACKS,
     TextStats,
     auc,
     exact_memorisation,
@@ -22,7 +24,7 @@ from unpact.membership import (
     privleak,
     truth_ratio,
 )
-from unpact.membership_scores import gradient_norms, token_stats
+from unpact.membership_scores import document_stats, gradient_norms, token_stats
 from unpact.metrics import METRICS, ItemRecord, MetricContext
 from unpact.run.config import MembershipSettings
 from unpact.run.membership import fluency, repetition
@@ -120,6 +122,25 @@ def test_batched_statistics_equal_one_text_at_a_time(tiny):
             assert got.argmax[t] == (int(row.argmax()) == tok)
 
 
+def test_document_statistics_are_a_plain_pass_over_the_raw_text(tiny):
+    """Each document's tokens after the first, given those before it, with no chat template
+    and no added special tokens; cut at `max_tokens`; ZLib's length is the text scored."""
+    docs = ["Mira Quintrell founded the glassworks by the river.", "The quick brown fox."]
+    got = document_stats(tiny, docs, max_tokens=6, batch_size=1)
+    for text, stats in zip(docs, got):
+        ids = tiny.tokenizer(text, add_special_tokens=False)["input_ids"][:6]
+        with torch.no_grad():
+            logits = tiny.model(torch.tensor([ids], device=tiny.device)).logits[0].double()
+        logp = logits.log_softmax(-1)[:-1]
+        assert len(stats.logprobs) == len(ids) - 1
+        for t, tok in enumerate(ids[1:]):
+            assert stats.logprobs[t] == pytest.approx(float(logp[t, tok]), abs=1e-4)
+        scored = tiny.tokenizer.decode(ids)
+        assert stats.zlib_bytes == len(zlib.compress(scored.encode()))
+    with pytest.raises(UnpactError, match="document 0"):
+        document_stats(tiny, ["a"], max_tokens=1)
+
+
 def test_gradient_norm_equals_a_plain_backward_pass(tiny):
     q, a = "Who founded the glassworks?", "Mira Quintrell"
     (fast,) = gradient_norms(tiny, [q], [a])
@@ -185,6 +206,65 @@ def test_metrics_from_records_by_hand():
         forget_quality([0.2, 0.3], [0.9, 1.1])
     )
     assert math.isnan(METRICS["mia_auc"].fn(records, ctx, "gradnorm"))  # not computed
+    # documents: their own records; the items' figures do not read them, nor they the items'
+    assert math.isnan(METRICS["mia_auc_documents"].fn(records, ctx, "min_k"))
+    docs = [
+        ItemRecord(
+            id=r.id,
+            split=f"{r.split}_document",
+            correct_before=False,
+            correct_after=False,
+            membership={"min_k": -r.membership["min_k"]},
+            membership_retrained={"min_k": r.membership_retrained["min_k"]},
+        )
+        for r in records
+    ]
+    # forget -3, -2 against holdout -1, -2.5 -> pairs <, <, <, > : 1/4; retrained 0.5 as above
+    assert METRICS["mia_auc_documents"].fn(records + docs, ctx, "min_k") == 0.25
+    assert METRICS["privleak_documents"].fn(records + docs, ctx) == pytest.approx(-0.5)
+    assert METRICS["mia_auc"].fn(records + docs, ctx, "min_k") == 0.75
+    assert set(METRICS["mia_auc_documents"].keys([])) == set(MIA_ATTACKS) - {"gradnorm"}
+
+
+def test_document_records_leave_every_other_interval_unchanged():
+    """The bootstrap draws the documents from generators of their own, so adding them moves
+    no interval of the items' figures (the grid's numbers stay those of RESULTS.md)."""
+    from unpact.metrics import bootstrap_ci
+
+    records = _records() + [
+        ItemRecord(id=f"r{n}", split="retain", correct_before=True, correct_after=n % 2 == 0)
+        for n in range(5)
+    ]
+    docs = [
+        ItemRecord(
+            id=f"d{n}",
+            split=f"{split}_document",
+            correct_before=False,
+            correct_after=False,
+            membership={"min_k": float(n)},
+            membership_retrained={"min_k": 0.0},
+        )
+        for n, split in enumerate(["forget", "holdout", "forget", "holdout"])
+    ]
+    ctx = MetricContext()
+    for name in ("mia_auc", "privleak"):
+        metric = METRICS[name]
+        args = ("min_k",) if name == "mia_auc" else ()
+
+        def stat(rs, metric=metric, args=args):
+            return metric.fn(rs, ctx, *args)
+
+        assert bootstrap_ci(records, stat, resamples=200) == bootstrap_ci(
+            records + docs, stat, resamples=200
+        )
+
+    def destroyed(rs):
+        retain = [r for r in rs if r.split == "retain"]
+        return sum(not r.correct_after for r in retain) / len(retain)
+
+    assert bootstrap_ci(records, destroyed, resamples=200) == bootstrap_ci(
+        records + docs, destroyed, resamples=200
+    )
 
 
 @pytest.mark.parametrize("tied", [False, True])

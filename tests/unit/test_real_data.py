@@ -123,7 +123,12 @@ def test_a_named_reference_enables_membership_and_another_tokenizer_is_refused(t
     }
     res = run(config, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False).results
     # TOFU has no documents and GradNorm is off: said, not silent nulls
-    assert set(res["skipped"]) == {"verbmem", "mia_auc.gradnorm"}
+    assert set(res["skipped"]) == {
+        "verbmem",
+        "mia_auc.gradnorm",
+        "mia_auc_documents",
+        "privleak_documents",
+    }
     assert res["methods"]["ga_gd"]["forget_quality"] is not None
     assert set(res["methods"]["ga_gd"]["mia_auc"]) >= {"loss", "min_k"}
     assert res["references"]["retrained"]["privleak"] == 0.0
@@ -132,3 +137,41 @@ def test_a_named_reference_enables_membership_and_another_tokenizer_is_refused(t
     config["membership"] = {"reference": str(tmp_path / "other")}
     with pytest.raises(UnpactError, match="another tokenizer"):
         run(config, tmp_path / "out2", cache_dir=tmp_path / "cache", progress=False)
+
+
+def test_muse_membership_runs_on_its_documents(tmp_path, tiny):
+    """MUSE's files have holdout text but no holdout questions: membership inference and
+    PrivLeak run on the forget and holdout documents (MUSE's own setting), and the figures
+    of the answers are skipped with the reason."""
+    from unpact.models import save_model
+    from unpact.run import run
+
+    save_model(tiny.model, tiny.tokenizer, tmp_path / "tiny")
+    config = {
+        "model": str(tmp_path / "tiny"),
+        "data": {"benchmark": f"muse-news:{FIXTURES / 'muse'}", "general": None},
+        "inject": {"enabled": False},
+        "methods": [{"method": "ga", "config": {"steps": 1, "batch_size": 2}}],
+        "attacks": [{"name": "focus_on_key"}],
+        "judge": {"max_new_tokens": 4},
+        "statistics": {"resamples": 20},
+        "membership": {"reference": str(tmp_path / "tiny"), "gradnorm": False},
+    }
+    result = run(config, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    res = result.results
+    assert "membership" not in res["skipped"]
+    assert "no holdout items" in res["skipped"]["privleak"]
+    m = res["methods"]["ga"]
+    assert set(m["mia_auc_documents"]) == {"loss", "zlib", "min_k", "min_k_plus_plus", "reference"}
+    assert all(v is not None for v in m["mia_auc_documents"].values())
+    assert m["privleak_documents"] is not None and "privleak_documents" in m["ci"]
+    # the reference is the model itself here: PrivLeak 0 by construction
+    assert res["references"]["retrained"]["privleak_documents"] == 0.0
+    docs = [r for r in result.records if r.split.endswith("_document")]
+    assert {r.split for r in docs} == {"forget_document", "holdout_document"}
+    assert len(docs) == 4  # two forget and two holdout paragraphs
+    from unpact.run.audit import verdicts
+
+    found = verdicts(m | {"forgotten": 1}, result.records, [])  # as if it had forgotten one
+    verdict = next(v for v in found if v["test"] == "indistinguishable")
+    assert "(documents;" in verdict["detail"]

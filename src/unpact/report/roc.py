@@ -1,6 +1,7 @@
 """The report's membership-inference figure: per method, the ROC curve of telling its
 forget texts from never-taught holdout texts by the PrivLeak attack's score, with the
-retrained reference's curve on the same texts drawn beside it (SPEC 9)."""
+retrained reference's curve on the same texts drawn beside it (SPEC 9). The texts are the
+items' answers, or the documents where there are no holdout items (MUSE's files)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def roc_svg(records: list[ItemRecord], attack: str) -> str | None:
     methods = list(dict.fromkeys(r.method for r in records if r.membership is not None))
     if not methods:
         return None
+    answers = any(r.split == "holdout" and r.membership is not None for r in records)
+    of, texts = ("", "answers") if answers else ("_document", "documents")
     cols = min(4, len(methods))
     rows = (len(methods) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(2.9 * cols, 2.9 * rows), squeeze=False)
@@ -41,8 +44,8 @@ def roc_svg(records: list[ItemRecord], attack: str) -> str | None:
     for ax, method in zip(axes.flat, methods):
         mine = [r for r in records if r.method == method]
         for retrained, style, label in ((False, "-", method), (True, "--", "retrained")):
-            members = _scores(mine, "forget", attack, retrained)
-            others = _scores(mine, "holdout", attack, retrained)
+            members = _scores(mine, f"forget{of}", attack, retrained)
+            others = _scores(mine, f"holdout{of}", attack, retrained)
             fpr, tpr = roc_points(members, others)
             if fpr:
                 ax.plot(fpr, tpr, style, label=f"{label} (AUC {auc(members, others):.2f})")
@@ -50,8 +53,9 @@ def roc_svg(records: list[ItemRecord], attack: str) -> str | None:
         ax.set_title(method, fontsize="medium")
         ax.set_xlabel("false positive rate", fontsize="small")
         ax.set_ylabel("true positive rate", fontsize="small")
-        ax.legend(fontsize="x-small", loc="lower right")
-    fig.suptitle(f"Membership inference ({attack}): forget (members) against holdout texts")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="x-small", loc="lower right")
+    fig.suptitle(f"Membership inference ({attack}): forget {texts} (members) against holdout")
     fig.tight_layout()
     buf = io.StringIO()
     plt.rcParams["svg.fonttype"] = "none"

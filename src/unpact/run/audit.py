@@ -211,14 +211,17 @@ def _recovery(
 
 
 def _indistinguishable(m: dict[str, Any], alpha: float) -> dict[str, str]:
-    leak, quality = m.get("privleak"), m.get("forget_quality")
+    # PrivLeak of the answers given their questions; of the documents where there are no
+    # holdout items (MUSE's files: holdout text only)
+    key = "privleak" if m.get("privleak") is not None else "privleak_documents"
+    leak, quality = m.get(key), m.get("forget_quality")
     if leak is None and quality is None:
         return {
             "test": "indistinguishable",
             "verdict": "not measured",
-            "detail": "no never-taught reference or no holdout items (see skipped)",
+            "detail": "no never-taught reference or no holdout items or documents (see skipped)",
         }
-    lo, hi = (m.get("ci") or {}).get("privleak") or (None, None)
+    lo, hi = (m.get("ci") or {}).get(key) or (None, None)
     holds_zero = lo is not None and hi is not None and lo <= 0 <= hi
     same = holds_zero and (quality is None or quality >= alpha)
     if same:
@@ -230,10 +233,17 @@ def _indistinguishable(m: dict[str, Any], alpha: float) -> dict[str, str]:
     else:
         verdict = "distinguishable from the reference"
     q = "–" if quality is None else display("pvalue", quality)
+    of = "answers" if key == "privleak" else "documents"
+    docs = m.get("privleak_documents")
+    also = (
+        f"; on the documents {_pct(docs)}{_ci(m, 'privleak_documents')}"
+        if key == "privleak" and docs is not None
+        else ""
+    )
     return {
         "test": "indistinguishable",
         "verdict": verdict,
-        "detail": f"PrivLeak {_pct(leak)}{_ci(m, 'privleak')} (0: like the reference); "
+        "detail": f"PrivLeak {_pct(leak)}{_ci(m, key)} ({of}; 0: like the reference){also}; "
         f"forget quality {q} (KS p-value of the truth ratios; above {alpha} passes)",
     }
 

@@ -262,6 +262,18 @@ class MembershipSettings(_Strict):
     gradnorm: bool = Field(
         True, description="GradNorm (a backward pass per 8 texts, the costliest statistic)"
     )
+    document_tokens: int = Field(
+        512,
+        gt=1,
+        description="membership inference on documents: each forget and holdout document is "
+        "scored on its first N tokens",
+    )
+    documents: int | None = Field(
+        None,
+        gt=0,
+        description="membership inference on documents: at most this many forget and as many "
+        "holdout documents (default: those of the run's items, or all where items name none)",
+    )
     verbmem_prefix: int = Field(
         32, gt=0, description="VerbMem: tokens of each forget document given as the prompt"
     )

@@ -20,6 +20,7 @@ from unpact.backends import open_model
 from unpact.data.items import QAItem
 from unpact.errors import UnpactError
 from unpact.membership import (
+    DOCUMENT_ATTACKS,
     TextStats,
     exact_memorisation,
     extraction_strength,
@@ -27,11 +28,12 @@ from unpact.membership import (
     mia_scores,
     truth_ratio,
 )
-from unpact.membership_scores import gradient_norms_batched, token_stats
+from unpact.membership_scores import document_stats, gradient_norms_batched, token_stats
 from unpact.metrics import ItemRecord
 from unpact.models import model_key
 
 if TYPE_CHECKING:
+    from unpact.data.items import Document
     from unpact.models import LanguageModel
     from unpact.run import Data, Model, ModelStages, Pipeline
     from unpact.run.config import MembershipSettings
@@ -50,10 +52,14 @@ class Membership:
     fluency: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     reference: Model | None = None  # the retrained reference
     served: dict[str, str] = field(default_factory=dict)  # models left out, and why
+    documents: list[Document] = field(default_factory=list)  # forget and holdout, scored
+    # per model label, per document id: each attack's score (no GradNorm) of the document
+    document_scores: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
     def records(self, label: str, records: list[ItemRecord]) -> list[ItemRecord]:
         """`records` of the model `label` with its figures and the retrained reference's,
-        and the holdout items' records after them."""
+        the holdout items' records after them, then one record per scored document (split
+        `forget_document` or `holdout_document`)."""
         every = records + holdout_records(self.holdout, label)
         fill_records(
             every,
@@ -62,7 +68,22 @@ class Membership:
             self.verbmem.get(label, {}),
             self.fluency.get(label, {}),
         )
-        return every
+        mine = self.document_scores.get(label, {})
+        ref = self.document_scores.get("retrained", {})
+        return every + [
+            ItemRecord(
+                id=d.id,
+                split=f"{d.split}_document",
+                correct_before=False,
+                correct_after=False,
+                method=label,
+                answer=d.text,
+                membership=mine.get(d.id),
+                membership_retrained=ref.get(d.id),
+            )
+            for d in self.documents
+            if d.id in mine
+        ]
 
 
 def skip_reason(p: Pipeline, data: Data) -> str | None:
@@ -80,10 +101,10 @@ def skip_reason(p: Pipeline, data: Data) -> str | None:
             f"membership inference needs the weights of {served[0]} (served); the base "
             "model and the reference must be local"
         )
-    if not data.holdout:
+    if not data.holdout and not scored_documents(data, settings):
         return (
-            f"benchmark {data.bench.name} has no holdout items (split: holdout), the "
-            "non-members membership inference compares the forget set with"
+            f"benchmark {data.bench.name} has no holdout items or documents (split: holdout), "
+            "the non-members membership inference compares the forget set with"
         )
     if not p.cfg.inject.enabled and settings.reference is None:
         return (
@@ -106,7 +127,35 @@ def missing_inputs(data: Data, settings: MembershipSettings) -> dict[str, str]:
         out["verbmem"] = "the forget items name no forget document (field 'document')"
     if not settings.gradnorm:
         out["mia_auc.gradnorm"] = "membership.gradnorm is false"
+    if not data.holdout:
+        out["mia_auc"] = out["privleak"] = (
+            "no holdout items (the documents' figures are mia_auc_documents and privleak_documents)"
+        )
+    if not scored_documents(data, settings):
+        out["mia_auc_documents"] = out["privleak_documents"] = (
+            "no forget and holdout documents to compare"
+        )
+    elif settings.privleak_attack not in DOCUMENT_ATTACKS:
+        out["privleak_documents"] = (
+            f"documents are not scored by {settings.privleak_attack} (a backward pass each)"
+        )
     return out
+
+
+def scored_documents(data: Data, settings: MembershipSettings) -> list[Document]:
+    """The documents whose membership is inferred: the forget and holdout documents of the
+    run's items (all of the split where its items name none), at most `settings.documents`
+    of each; none unless both splits have some."""
+    found: list[Document] = []
+    for split, items in (("forget", data.splits["forget"]), ("holdout", data.holdout)):
+        docs = data.bench.documents_of(split)
+        named = {i.document for i in items if i.document is not None}
+        if named:
+            docs = [d for d in docs if d.id in named]
+        if not docs:
+            return []
+        found += docs[: settings.documents]
+    return found
 
 
 def retrained(p: Pipeline, data: Data) -> Model:
@@ -434,9 +483,63 @@ def compute(
     base_rows = raw.pop("base", {})
     found = Membership(holdout=data.holdout, reference=reference, served=served)
     found.figures = {label: derive(rows, base_rows, settings) for label, rows in raw.items()}
+    found.documents = scored_documents(data, settings)
+    found.document_scores = _document_scores(
+        p, found.documents, [base, original, reference, *unlearned]
+    )
     fluent = _fluency(p, data, base, [original, *unlearned], stages)
     found.verbmem, found.fluency = verbmem, fluent
     return found
+
+
+def _document_scores(
+    p: Pipeline, docs: list[Document], models: list[Model]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Per local model but the base, per document: every attack's score but GradNorm (the
+    base model's own statistics give the Reference attack's)."""
+    from functools import partial
+
+    from unpact.run.store import digest
+    from unpact.types import is_remote_spec
+
+    if not docs:
+        return {}
+    tokens = p.cfg.membership.document_tokens
+    key = digest([d.to_dict() for d in docs], tokens)
+    texts = [d.text for d in docs]
+    stats: dict[str, dict[str, TextStats]] = {}
+    for m in models:
+        if is_remote_spec(m.spec):
+            continue  # said in `served` already
+        rows = p.stage(
+            "membership-documents",
+            "membership-documents",
+            m.label,
+            [m.key, key],
+            partial(
+                lambda g, lbl: [
+                    {"id": d.id, "stats": s.to_dict()}
+                    for d, s in zip(
+                        docs,
+                        document_stats(
+                            _local(g(), lbl), texts, max_tokens=tokens, progress="Documents"
+                        ),
+                    )
+                ],
+                opener(p, m.spec),
+                m.label,
+            ),
+        )
+        stats[m.label] = {r["id"]: TextStats(**r["stats"]) for r in rows}
+    base = stats.pop("base", {})
+    k = p.cfg.membership.k
+    return {
+        label: {
+            doc: mia_scores(s, reference_nll=mean_nll(base[doc]) if doc in base else None, k=k)
+            for doc, s in found.items()
+        }
+        for label, found in stats.items()
+    }
 
 
 def _base_rows(get: Opener, items: list[QAItem], outputs: list[str]) -> list[dict[str, Any]]:
