@@ -8,9 +8,10 @@ holdout items, the first 60 general questions), times in one process:
 - today's per-model evaluation: every item's greedy answer judged (forget, retain, general)
   and unPact attribution of the forget items (the runner's `evals` and `attributions`);
 - what issue 21 adds per model: the membership statistics of the 40 forget and holdout
-  texts (one batched pass), GradNorm (a backward pass per text), the truth-ratio answers
-  (4 per forget item), VerbMem's continuations of the forget documents and the fluency of
-  the forget answers under the base model;
+  texts (one batched pass), GradNorm (one backward pass per 8 texts), the truth-ratio
+  answers (4 per forget item), the statistics of the forget and holdout documents of those
+  items (raw text), VerbMem's continuations of the forget documents and the fluency of the
+  forget answers under the base model;
 - the named alternatives: for the statistics, one unbatched pass per text and per attack
   (LOSS, ZLib, Min-K%, Min-K%++), as a script scoring each attack separately would; for
   GradNorm, one backward pass per text (`gradient_norms`) against one per 8 texts
@@ -31,7 +32,12 @@ import torch
 
 from unpact.data.sources import load_benchmark
 from unpact.judge import JudgeSettings
-from unpact.membership_scores import gradient_norms, gradient_norms_batched, token_stats
+from unpact.membership_scores import (
+    document_stats,
+    gradient_norms,
+    gradient_norms_batched,
+    token_stats,
+)
 from unpact.models import load_model
 from unpact.run.config import AttributionSettings, MembershipSettings
 from unpact.run.membership import base_logprobs, first_items, score_model, verbmem_rows
@@ -70,7 +76,12 @@ def main() -> None:
     )
     outputs = [r["output"] for r in evals[: len(forget)]]
     t_flu, _ = timed(lambda: base_logprobs(lm, [i.question for i in forget], outputs))
-    added = t_stats + t_verb + t_flu
+    named = {i.document for i in forget + holdout}
+    texts_of_docs = [
+        d.text for s in ("forget", "holdout") for d in news.documents_of(s) if d.id in named
+    ]
+    t_docs, _ = timed(lambda: document_stats(lm, texts_of_docs, max_tokens=512))
+    added = t_stats + t_verb + t_flu + t_docs
 
     texts = forget + holdout
 
@@ -96,7 +107,7 @@ def main() -> None:
     print(
         f"added by issue 21: {added:.1f} s = {100 * added / today:.0f}% "
         f"(statistics, GradNorm and truth-ratio answers {t_stats:.1f}, VerbMem {t_verb:.1f}, "
-        f"fluency {t_flu:.1f})"
+        f"fluency {t_flu:.1f}, {len(texts_of_docs)} documents {t_docs:.1f})"
     )
     print(
         f"membership statistics of {len(texts)} texts: batched {t_fast:.2f} s, "
