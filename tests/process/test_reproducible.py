@@ -36,7 +36,15 @@ def _without_timings(value):
         return {
             k: _without_timings(v)
             for k, v in value.items()
-            if k not in ("seconds", "stage_seconds", "unlearn_seconds", "model", "original_model")
+            if k
+            not in (
+                "seconds",
+                "stage_seconds",
+                "stage_seconds_cached",
+                "unlearn_seconds",
+                "model",
+                "original_model",
+            )
         }
     if isinstance(value, list):
         return [_without_timings(v) for v in value]
