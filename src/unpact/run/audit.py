@@ -42,7 +42,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             {"name": "probe"},
         ],
         "attribution": {"gradient": []},
-        "membership": {"gradnorm": False},
+        # MUSE's raw forget text has thousands of paragraphs: score 20 of each split
+        "membership": {"gradnorm": False, "documents": 20},
     },
     # a GPU: every item, PROBAB's 10 samples, quantization at 8 and 4 bits, the checks
     "gpu": {
@@ -59,7 +60,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             {"name": "probe"},
         ],
         "attribution": {},
-        "membership": {},
+        "membership": {"documents": 100},  # as many as MUSE's verbmem and knowmem sets
     },
 }
 
