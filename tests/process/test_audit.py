@@ -161,3 +161,6 @@ def test_verdicts_read_the_figures_and_the_paired_items():
     same = [rec(n, True, True) for n in range(8)]
     got = {v["test"]: v for v in verdicts(m | {"forgotten": 8}, same, ["quantize"])}
     assert got["quantize"]["verdict"] == "not beyond the control"
+    # nothing forgotten: no recovery to judge, but membership is still told
+    got = {v["test"]: v for v in verdicts(m | {"forgotten": 0}, [], ["quantize"])}
+    assert set(got) == {"forgotten", "indistinguishable"}

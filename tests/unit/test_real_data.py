@@ -170,8 +170,5 @@ def test_muse_membership_runs_on_its_documents(tmp_path, tiny):
     docs = [r for r in result.records if r.split.endswith("_document")]
     assert {r.split for r in docs} == {"forget_document", "holdout_document"}
     assert len(docs) == 4  # two forget and two holdout paragraphs
-    from unpact.run.audit import verdicts
-
-    found = verdicts(m | {"forgotten": 1}, result.records, [])  # as if it had forgotten one
-    verdict = next(v for v in found if v["test"] == "indistinguishable")
+    verdict = next(v for v in res["verdicts"]["ga"] if v["test"] == "indistinguishable")
     assert "(documents;" in verdict["detail"]

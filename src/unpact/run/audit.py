@@ -155,8 +155,8 @@ def verdicts(
 ) -> list[dict[str, str]]:
     """One method's verdicts: {"test", "verdict", "detail"} per test, in plain words."""
     out = [_forgotten(m)]
-    if not m.get("forgotten"):
-        return out
+    if not m.get("forgotten"):  # no recovery to judge; membership does not need it
+        return out + [_indistinguishable(m, alpha)]
     for attack in attacks:
         out.append(_recovery(m, records, attack, alpha))
     out.append(_indistinguishable(m, alpha))
