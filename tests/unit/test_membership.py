@@ -291,3 +291,34 @@ def test_forget_quality_shows_small_p_values():
     fq = METRICS["forget_quality"]
     assert fq.display(0.00027) == "2.7e-04" and fq.display(0.034) == "0.034"
     assert fq.display(None) == "–"
+
+
+def test_the_documents_scored_are_those_of_the_runs_items():
+    """The forget and holdout documents the run's items name (all of a split whose items
+    name none), at most `documents` of each, one-word documents left out, and none unless
+    both splits have some."""
+    from unpact.data.items import Benchmark, Document, QAItem
+    from unpact.run import Data
+    from unpact.run.membership import scored_documents
+
+    docs = [
+        Document("f1", "The ferry crossed the river.", "forget"),
+        Document("f2", "Headline", "forget"),
+        Document("f3", "The operator thanked the town.", "forget"),
+        Document("h1", "A paragraph never trained on.", "holdout"),
+        Document("h2", "Another paragraph never seen.", "holdout"),
+    ]
+
+    def item(i, split, doc=None):
+        return QAItem(i, "Which river?", "the Ollen", split, (), (), doc)
+
+    bench = Benchmark("b", [], docs)
+    named = Data(bench, {"forget": [item("a", "forget", "f3")]}, [item("b", "holdout")])
+    found = scored_documents(named, MembershipSettings())
+    assert [d.id for d in found] == ["f3", "h1", "h2"]  # holdout items name none: all
+    every = Data(bench, {"forget": [item("a", "forget")]}, [])
+    assert [d.id for d in scored_documents(every, MembershipSettings())] == ["f1", "f3", "h1", "h2"]
+    capped = scored_documents(every, MembershipSettings(documents=1))
+    assert [d.id for d in capped] == ["f1", "h1"]
+    no_holdout = Data(Benchmark("b", [], docs[:3]), {"forget": []}, [])
+    assert scored_documents(no_holdout, MembershipSettings()) == []

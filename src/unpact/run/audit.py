@@ -156,7 +156,7 @@ def verdicts(
     """One method's verdicts: {"test", "verdict", "detail"} per test, in plain words."""
     out = [_forgotten(m)]
     if not m.get("forgotten"):  # no recovery to judge; membership does not need it
-        return out + [_indistinguishable(m, alpha)]
+        return [*out, _indistinguishable(m, alpha)]
     for attack in attacks:
         out.append(_recovery(m, records, attack, alpha))
     out.append(_indistinguishable(m, alpha))

@@ -145,10 +145,11 @@ def missing_inputs(data: Data, settings: MembershipSettings) -> dict[str, str]:
 def scored_documents(data: Data, settings: MembershipSettings) -> list[Document]:
     """The documents whose membership is inferred: the forget and holdout documents of the
     run's items (all of the split where its items name none), at most `settings.documents`
-    of each; none unless both splits have some."""
+    of each, a one-word document (nothing to score after its first token) left out; none
+    unless both splits have some."""
     found: list[Document] = []
     for split, items in (("forget", data.splits["forget"]), ("holdout", data.holdout)):
-        docs = data.bench.documents_of(split)
+        docs = [d for d in data.bench.documents_of(split) if len(d.text.split()) > 1]
         named = {i.document for i in items if i.document is not None}
         if named:
             docs = [d for d in docs if d.id in named]
