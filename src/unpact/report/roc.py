@@ -1,7 +1,8 @@
 """The report's membership-inference figure: per method, the ROC curve of telling its
 forget texts from never-taught holdout texts by the PrivLeak attack's score, with the
 retrained reference's curve on the same texts drawn beside it (SPEC 9). The texts are the
-items' answers, or the documents where there are no holdout items (MUSE's files)."""
+items' answers and, dotted, the documents, each where it has holdout texts (MUSE's files:
+documents only)."""
 
 from __future__ import annotations
 
@@ -34,8 +35,12 @@ def roc_svg(records: list[ItemRecord], attack: str) -> str | None:
     methods = list(dict.fromkeys(r.method for r in records if r.membership is not None))
     if not methods:
         return None
-    answers = any(r.split == "holdout" and r.membership is not None for r in records)
-    of, texts = ("", "answers") if answers else ("_document", "documents")
+    # the items' answers, and the documents where they were scored (dotted)
+    sets = [
+        (of, name)
+        for of, name in (("", "answers"), ("_document", "documents"))
+        if any(r.split == f"holdout{of}" and r.membership is not None for r in records)
+    ]
     cols = min(4, len(methods))
     rows = (len(methods) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(2.9 * cols, 2.9 * rows), squeeze=False)
@@ -43,18 +48,25 @@ def roc_svg(records: list[ItemRecord], attack: str) -> str | None:
         ax.axis("off")
     for ax, method in zip(axes.flat, methods):
         mine = [r for r in records if r.method == method]
-        for retrained, style, label in ((False, "-", method), (True, "--", "retrained")):
-            members = _scores(mine, f"forget{of}", attack, retrained)
-            others = _scores(mine, f"holdout{of}", attack, retrained)
-            fpr, tpr = roc_points(members, others)
-            if fpr:
-                ax.plot(fpr, tpr, style, label=f"{label} (AUC {auc(members, others):.2f})")
+        for of, name in sets:
+            tag = "" if len(sets) == 1 else f", {name}"
+            for retrained, style, label in (
+                (False, "-" if not of else ":", method),
+                (True, "--" if not of else "-.", "retrained"),
+            ):
+                members = _scores(mine, f"forget{of}", attack, retrained)
+                others = _scores(mine, f"holdout{of}", attack, retrained)
+                fpr, tpr = roc_points(members, others)
+                if fpr:
+                    auc_text = f"AUC {auc(members, others):.2f}"
+                    ax.plot(fpr, tpr, style, label=f"{label}{tag} ({auc_text})")
         ax.plot([0, 1], [0, 1], color="0.7", lw=0.8)
         ax.set_title(method, fontsize="medium")
         ax.set_xlabel("false positive rate", fontsize="small")
         ax.set_ylabel("true positive rate", fontsize="small")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="x-small", loc="lower right")
+    texts = " and ".join(name for _, name in sets) or "texts"
     fig.suptitle(f"Membership inference ({attack}): forget {texts} (members) against holdout")
     fig.tight_layout()
     buf = io.StringIO()
