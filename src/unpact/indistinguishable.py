@@ -56,8 +56,11 @@ def _privleak(records: list[ItemRecord], ctx: MetricContext) -> float:
     """MUSE's PrivLeak: (AUC - AUC of the retrained reference) / AUC of the retrained
     reference, with the configured attack (Min-K% by default); near 0 indistinguishable,
     positive the forget set still looks familiar, negative over-unlearned."""
-    attack = ctx.privleak_attack
-    return privleak(_auc(records, attack), _auc(records, attack, retrained=True))
+    return _privleak_of(records, ctx.privleak_attack)
+
+
+def _privleak_of(records: list[ItemRecord], attack: str, of: str = "") -> float:
+    return privleak(_auc(records, attack, of=of), _auc(records, attack, retrained=True, of=of))
 
 
 @metric(
@@ -78,10 +81,7 @@ def _mia_auc_documents(records: list[ItemRecord], ctx: MetricContext, attack: st
 def _privleak_documents(records: list[ItemRecord], ctx: MetricContext) -> float:
     """MUSE's PrivLeak on the documents, MUSE's own setting (its forget and holdout texts),
     with the configured attack: near 0 indistinguishable from the retrained reference."""
-    attack = ctx.privleak_attack
-    return privleak(
-        _auc(records, attack, of="_document"), _auc(records, attack, retrained=True, of="_document")
-    )
+    return _privleak_of(records, ctx.privleak_attack, of="_document")
 
 
 def _mean(values: list[float | None]) -> float:

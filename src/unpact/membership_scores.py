@@ -180,13 +180,14 @@ class _GhostNorms:
     def _linear(self, mod: Any, x: torch.Tensor, g: torch.Tensor) -> None:
         # layers reading one input (q, k, v; gate, up) share its gram: one product, not three
         where = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
-        x, g = self._double(x), self._double(g)
         if where not in self.grams:
-            self.grams[where] = x @ x.transpose(1, 2)
+            xd = self._double(x)
+            self.grams[where] = xd @ xd.transpose(1, 2)
+        g = self._double(g)
         gram = self.grams[where] * (g @ g.transpose(1, 2))
         self.sq += gram.sum((1, 2))
-        if id(mod.weight) in self.tied:
-            self.head[id(mod.weight)] = (x, g)
+        if id(mod.weight) in self.tied:  # the LM head: its input for the cross term
+            self.head[id(mod.weight)] = (self._double(x), g)
         if mod.bias is not None:
             self.sq += g.sum(1).square().sum(-1)
 

@@ -84,20 +84,26 @@ def test_real_benchmark_specs_load_wherever_a_benchmark_goes(tmp_path):
         load_benchmark("nothing-here")
 
 
-def test_the_runner_unlearns_a_real_benchmark(tmp_path, tiny):
+def _runner_config(tmp_path, tiny, benchmark: str, **extra) -> dict:
+    """A one-step run of the tiny model (saved under tmp_path) on a real benchmark's files."""
     from unpact.models import save_model
-    from unpact.run import run
 
     save_model(tiny.model, tiny.tokenizer, tmp_path / "tiny")
-    config = {
+    return {
         "model": str(tmp_path / "tiny"),
-        "data": {"benchmark": f"tofu:{FIXTURES / 'tofu'}", "general": None},
+        "data": {"benchmark": benchmark, "general": None},
         "inject": {"enabled": False},
         "methods": [{"method": "ga_gd", "config": {"steps": 1, "batch_size": 2}}],
         "attacks": [{"name": "focus_on_key"}],
         "judge": {"max_new_tokens": 4},
         "statistics": {"resamples": 0},
-    }
+    } | extra
+
+
+def test_the_runner_unlearns_a_real_benchmark(tmp_path, tiny):
+    from unpact.run import run
+
+    config = _runner_config(tmp_path, tiny, f"tofu:{FIXTURES / 'tofu'}")
     result = run(config, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
     assert result.results["benchmark"] == "tofu-forget01"
     assert result.results["counts"] == {"forget": 2, "retain": 1, "general": 0, "holdout": 2}
@@ -110,17 +116,12 @@ def test_a_named_reference_enables_membership_and_another_tokenizer_is_refused(t
     from unpact.run import run
     from unpact.testing import tiny_model
 
-    save_model(tiny.model, tiny.tokenizer, tmp_path / "tiny")
-    config = {
-        "model": str(tmp_path / "tiny"),
-        "data": {"benchmark": f"tofu:{FIXTURES / 'tofu'}", "general": None},
-        "inject": {"enabled": False},
-        "methods": [{"method": "ga_gd", "config": {"steps": 1, "batch_size": 2}}],
-        "attacks": [{"name": "focus_on_key"}],
-        "judge": {"max_new_tokens": 4},
-        "statistics": {"resamples": 0},
-        "membership": {"reference": str(tmp_path / "tiny"), "gradnorm": False},
-    }
+    config = _runner_config(
+        tmp_path,
+        tiny,
+        f"tofu:{FIXTURES / 'tofu'}",
+        membership={"reference": str(tmp_path / "tiny"), "gradnorm": False},
+    )
     res = run(config, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False).results
     # TOFU has no documents and GradNorm is off: said, not silent nulls
     assert set(res["skipped"]) == {
@@ -143,20 +144,16 @@ def test_muse_membership_runs_on_its_documents(tmp_path, tiny):
     """MUSE's files have holdout text but no holdout questions: membership inference and
     PrivLeak run on the forget and holdout documents (MUSE's own setting), and the figures
     of the answers are skipped with the reason."""
-    from unpact.models import save_model
     from unpact.run import run
 
-    save_model(tiny.model, tiny.tokenizer, tmp_path / "tiny")
-    config = {
-        "model": str(tmp_path / "tiny"),
-        "data": {"benchmark": f"muse-news:{FIXTURES / 'muse'}", "general": None},
-        "inject": {"enabled": False},
-        "methods": [{"method": "ga", "config": {"steps": 1, "batch_size": 2}}],
-        "attacks": [{"name": "focus_on_key"}],
-        "judge": {"max_new_tokens": 4},
-        "statistics": {"resamples": 20},
-        "membership": {"reference": str(tmp_path / "tiny"), "gradnorm": False},
-    }
+    config = _runner_config(
+        tmp_path,
+        tiny,
+        f"muse-news:{FIXTURES / 'muse'}",
+        methods=[{"method": "ga", "config": {"steps": 1, "batch_size": 2}}],
+        statistics={"resamples": 20},
+        membership={"reference": str(tmp_path / "tiny"), "gradnorm": False},
+    )
     result = run(config, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
     res = result.results
     assert "membership" not in res["skipped"]

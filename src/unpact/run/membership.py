@@ -441,7 +441,9 @@ def compute(
     base = Model("base", base_spec, "model:" + model_key(base_spec))
     firsts = first_items(data.splits["forget"])
     docs = [d for d in data.bench.documents_of("forget") if d.id in firsts]
+    scored = scored_documents(data, settings)
     raw: dict[str, dict[str, dict[str, Any]]] = {}
+    raw_docs: dict[str, dict[str, dict[str, Any]]] = {}  # the documents' rows, by label
     verbmem: dict[str, dict[str, float]] = {}
     served: dict[str, str] = {}
     for m in [base, original, reference, *unlearned]:
@@ -460,87 +462,55 @@ def compute(
             ),
         )
         raw[m.label] = {r["id"]: r for r in rows}
+        if scored:  # with the same opened model: it is loaded once for all its stages
+            raw_docs[m.label] = _document_rows(p, m, get, scored)
         if m is base or not docs:
             continue
-        vrows = p.stage(
-            "verbmem",
-            "verbmem",
-            m.label,
-            [
-                m.key,
-                [d.to_dict() for d in docs],
-                settings.verbmem_prefix,
-                settings.verbmem_new_tokens,
-            ],
-            partial(
-                lambda g, lbl: verbmem_rows(
-                    _local(g(), lbl), docs, settings.verbmem_prefix, settings.verbmem_new_tokens
-                ),
-                get,
-                m.label,
-            ),
-        )
-        verbmem[m.label] = {firsts[r["id"]]: r["rouge_l"] for r in vrows}
+        verbmem[m.label] = {firsts[r["id"]]: r["rouge_l"] for r in _verbmem(p, m, get, docs)}
     base_rows = raw.pop("base", {})
     found = Membership(holdout=data.holdout, reference=reference, served=served)
     found.figures = {label: derive(rows, base_rows, settings) for label, rows in raw.items()}
-    found.documents = scored_documents(data, settings)
-    found.document_scores = _document_scores(
-        p, found.documents, [base, original, reference, *unlearned]
-    )
+    found.documents = scored
+    base_docs = raw_docs.pop("base", {})
+    found.document_scores = {  # the same derivation as the items' (no GradNorm to read)
+        label: {d: f["membership"] for d, f in derive(rows, base_docs, settings).items()}
+        for label, rows in raw_docs.items()
+    }
     fluent = _fluency(p, data, base, [original, *unlearned], stages)
     found.verbmem, found.fluency = verbmem, fluent
     return found
 
 
-def _document_scores(
-    p: Pipeline, docs: list[Document], models: list[Model]
-) -> dict[str, dict[str, dict[str, float]]]:
-    """Per local model but the base, per document: every attack's score but GradNorm (the
-    base model's own statistics give the Reference attack's)."""
-    from functools import partial
+def _verbmem(p: Pipeline, m: Model, get: Opener, docs: list[Any]) -> list[dict[str, Any]]:
+    """VerbMem's continuations of the forget documents under the model `m` (a cached stage)."""
+    prefix, new = p.cfg.membership.verbmem_prefix, p.cfg.membership.verbmem_new_tokens
+    return p.stage(
+        "verbmem",
+        "verbmem",
+        m.label,
+        [m.key, [d.to_dict() for d in docs], prefix, new],
+        lambda: verbmem_rows(_local(get(), m.label), docs, prefix, new),
+    )
 
+
+def _document_rows(
+    p: Pipeline, m: Model, get: Opener, docs: list[Document]
+) -> dict[str, dict[str, Any]]:
+    """Per document: its statistics as raw text under the model `m` (a cached stage)."""
     from unpact.run.store import digest
-    from unpact.types import is_remote_spec
 
-    if not docs:
-        return {}
     tokens = p.cfg.membership.document_tokens
-    key = digest([d.to_dict() for d in docs], tokens)
     texts = [d.text for d in docs]
-    stats: dict[str, dict[str, TextStats]] = {}
-    for m in models:
-        if is_remote_spec(m.spec):
-            continue  # said in `served` already
-        rows = p.stage(
-            "membership-documents",
-            "membership-documents",
-            m.label,
-            [m.key, key],
-            partial(
-                lambda g, lbl: [
-                    {"id": d.id, "stats": s.to_dict()}
-                    for d, s in zip(
-                        docs,
-                        document_stats(
-                            _local(g(), lbl), texts, max_tokens=tokens, progress="Documents"
-                        ),
-                    )
-                ],
-                opener(p, m.spec),
-                m.label,
-            ),
+
+    def compute() -> list[dict[str, Any]]:
+        found = document_stats(
+            _local(get(), m.label), texts, max_tokens=tokens, progress="Documents"
         )
-        stats[m.label] = {r["id"]: TextStats(**r["stats"]) for r in rows}
-    base = stats.pop("base", {})
-    k = p.cfg.membership.k
-    return {
-        label: {
-            doc: mia_scores(s, reference_nll=mean_nll(base[doc]) if doc in base else None, k=k)
-            for doc, s in found.items()
-        }
-        for label, found in stats.items()
-    }
+        return [{"id": d.id, "stats": s.to_dict()} for d, s in zip(docs, found)]
+
+    key = digest([d.to_dict() for d in docs], tokens)
+    rows = p.stage("membership-documents", "membership-documents", m.label, [m.key, key], compute)
+    return {r["id"]: r for r in rows}
 
 
 def _base_rows(get: Opener, items: list[QAItem], outputs: list[str]) -> list[dict[str, Any]]:
