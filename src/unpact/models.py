@@ -247,6 +247,21 @@ def load_model(
     return LanguageModel(model=model, tokenizer=tokenizer, spec=spec)
 
 
+def load_tokenizer(spec: str = DEFAULT_SPEC, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer `load_model(spec)` would load, without the weights (a check that two
+    models share a vocabulary need not hold both in memory). Not for served models."""
+    from transformers import AutoTokenizer
+
+    folder = local_model_dir(spec)
+    try:
+        return AutoTokenizer.from_pretrained(
+            folder if folder is not None else spec, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnpactError(f"could not load the tokenizer of {spec!r}: {first_line}") from exc
+
+
 def local_model_dir(spec: str) -> Path | None:
     """The Hugging Face model directory a spec loads from (a GGUF's is its cache, built
     if needed), or None for a hub id or a served model. Lets callers key caches on a model

@@ -80,6 +80,18 @@ def test_hf_directory_round_trip(tiny, tmp_path):
     assert lm.encode_prompt("hello there").input_ids == tiny.encode_prompt("hello there").input_ids
 
 
+def test_load_tokenizer_reads_the_tokenizer_alone(tiny, tmp_path):
+    """The reference-model check compares tokenizers without loading weights: the folder
+    needs no weights at all, and a bad spec is one clear error."""
+    from unpact.models import load_tokenizer
+
+    tiny.tokenizer.save_pretrained(tmp_path / "tok")
+    (tmp_path / "tok" / "config.json").write_text(tiny.model.config.to_json_string())
+    assert load_tokenizer(str(tmp_path / "tok")).get_vocab() == tiny.tokenizer.get_vocab()
+    with pytest.raises(UnpactError, match="no such file or directory"):
+        load_tokenizer(str(tmp_path / "missing"))
+
+
 def test_an_unlearning_run_directory_loads_its_model(tiny, tmp_path):
     """`unpact unlearn --out DIR` writes DIR/model; DIR itself is accepted as the spec."""
     from unpact.models import model_key

@@ -182,13 +182,16 @@ def retrained(p: Pipeline, data: Data) -> Model:
     return Model("retrained", str(done.path), key, {"injection": done.summary()})
 
 
-def same_tokenizer(a: AnyModel, b: AnyModel, spec: str) -> None:
+def same_tokenizer(original: str, spec: str) -> None:
     """Refuse a reference model whose tokenizer differs from the original's: its per-token
-    scores would not be comparable text by text."""
-    if not (a.has_weights and b.has_weights):
+    scores would not be comparable text by text. Reads the two tokenizers only."""
+    from unpact.models import load_tokenizer
+    from unpact.types import is_remote_spec
+
+    if is_remote_spec(original) or is_remote_spec(spec):
         return  # a served model's vocabulary is not at hand; the user vouches for it
-    va = cast("LanguageModel", a).tokenizer.get_vocab()
-    vb = cast("LanguageModel", b).tokenizer.get_vocab()
+    va = load_tokenizer(original).get_vocab()
+    vb = load_tokenizer(spec).get_vocab()
     if va != vb:
         raise UnpactError(
             f"membership.reference {spec} has another tokenizer than the original model "
@@ -434,7 +437,7 @@ def compute(
     settings = p.cfg.membership
     reference = retrained(p, data)
     if settings.reference is not None:
-        same_tokenizer(opener(p, original.spec)(), opener(p, reference.spec)(), reference.spec)
+        same_tokenizer(original.spec, reference.spec)
     items = data.splits["forget"] + data.holdout
     item_key = digest([i.to_dict() for i in items])  # the truth-ratio answers included
     base_spec = settings.base or p.cfg.model
