@@ -1,7 +1,7 @@
 """unPact attribution speed: ours against the naive loop and Captum, in one process.
 
 Run:  .venv/bin/python benchmarks/attribution.py [--prompts 12] [--threads 2] [--skip-captum-default]
-          [--no-chat-template] [--profile]
+          [--no-chat-template] [--profile] [--shapes]
 
 On the same raw prompts (20-40 tokens) and short answers (2-8 tokens) of the default model
 (SmolLM2-135M-Instruct, float32, CPU) it times, per prompt:
@@ -21,7 +21,10 @@ between the methods' contributions, and a floor: the FLOPs the minimal computati
 throughput measured in the same run, with our time as a multiple of it, and the naive
 loop's time over the floor: the largest speed-up over the naive loop that any exact method
 could show on this machine. It also prints how full the packed rows of variants are, and
-with `--profile` where unpact's own time goes, operator by operator (torch.profiler).
+with `--profile` where unpact's own time goes, operator by operator (torch.profiler), and
+with `--shapes` (alone, in seconds) the fp32 matmul rate of each projection of the default
+model separately and fused (Q, K, V as one; gate and up as one), at three row counts:
+whether fusing the weights could take unpact below the floor.
 """
 
 from __future__ import annotations
@@ -100,6 +103,31 @@ def matmul_gflops(repeats: int = 20) -> float:
     return 2 * 1024 * 576 * 1536 * repeats / (time.perf_counter() - start) / 1e9
 
 
+def shape_rates() -> None:
+    """GFLOP/s of the default model's projections, separate and fused, by row count."""
+    shapes = {
+        "q 576x576": (576, 576),
+        "k or v 576x192": (576, 192),
+        "q+k+v fused 576x960": (576, 960),
+        "gate or up 576x1536": (576, 1536),
+        "gate+up fused 576x3072": (576, 3072),
+        "down 1536x576": (1536, 576),
+    }
+    for rows in (256, 1024, 2048):
+        cells = []
+        for name, (k, n) in shapes.items():
+            a, w = torch.randn(rows, k), torch.randn(k, n)
+            for _ in range(3):
+                a @ w
+            start = time.perf_counter()
+            for _ in range(20):
+                a @ w
+            cells.append(
+                f"{name} {2 * rows * k * n * 20 / (time.perf_counter() - start) / 1e9:.0f}"
+            )
+        print(f"{rows} rows (GFLOP/s): " + ", ".join(cells))
+
+
 def minimal_flops(lm, item: _Item) -> float:
     """FLOPs of the minimal computation: one pass over prompt + answer, then for each unit
     only the tokens from its removal point on, LM head only at answer positions."""
@@ -176,8 +204,14 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="also profile unpact's attribution (operators)"
     )
+    parser.add_argument(
+        "--shapes", action="store_true", help="only the matmul rates, separate and fused weights"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.shapes:
+        shape_rates()
+        return
 
     from captum.attr import FeatureAblation, LLMAttribution, TextTemplateInput, TextTokenInput
 
