@@ -275,6 +275,10 @@ class Attribution:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Attribution:
+        if not isinstance(d, dict):
+            raise UnpactError(
+                f"not an unpact attribution record (a JSON object, not a {type(d).__name__})"
+            )
         try:
             kwargs = {k: d[k] for k in _INIT_FIELDS if k in d}
             kwargs["units"] = [
@@ -390,15 +394,22 @@ def load_records(path: str | Path) -> list[Attribution]:
     """Attribution records from a JSON file (one record) or a JSONL file (one per line)."""
     text = Path(path).read_text()
     try:
-        return [Attribution.from_dict(json.loads(text))]
+        whole = json.loads(text)
     except json.JSONDecodeError:
-        pass
+        pass  # JSONL, read line by line below
+    else:
+        try:
+            return [Attribution.from_dict(whole)]
+        except UnpactError as exc:
+            raise UnpactError(f"{path}: {exc}") from None
     records = []
     for n, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
                 records.append(Attribution.from_dict(json.loads(line)))
-            except (json.JSONDecodeError, UnpactError) as exc:
+            except json.JSONDecodeError as exc:
+                raise UnpactError(f"{path}, line {n}: not valid JSON ({exc.msg})") from None
+            except UnpactError as exc:
                 raise UnpactError(f"{path}, line {n}: {exc}") from None
     return records
 

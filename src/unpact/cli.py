@@ -447,6 +447,8 @@ def _read_records(path: Path) -> list[Attribution]:
 
     try:
         return load_records(path)
+    except UnpactError:
+        raise  # names the file and line already
     except OSError as exc:
         raise UnpactError(f"cannot read {path}: {exc.strerror or exc}") from None
     except ValueError as exc:

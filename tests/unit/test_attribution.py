@@ -320,6 +320,25 @@ def test_json_round_trip_and_public_field_names(tiny, tmp_path):
     assert rec.prompt_sensitivity == pytest.approx(sum(c for c in rec.contributions if c > 0))
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("not json\n", r"bad\.jsonl, line 1: not valid JSON"),
+        ('{"a": 1}', r"bad\.jsonl: not an unpact attribution record \(missing or bad 'units'\)"),
+        ("[1, 2]", r"bad\.jsonl: not an unpact attribution record \(a JSON object, not a list\)"),
+        ('{"a": 1}\n{"b": 2}\n', r"bad\.jsonl, line 1: not an unpact attribution record"),
+    ],
+)
+def test_a_bad_records_file_is_named_once(tmp_path, text, message):
+    """`unpact compare` reads records through load_records: each bad file is one message
+    naming the file (and the line of a JSONL file) once."""
+    path = tmp_path / "bad.jsonl"
+    path.write_text(text)
+    with pytest.raises(UnpactError, match=message) as caught:
+        load_records(path)
+    assert str(caught.value).count("bad.jsonl") == 1
+
+
 def test_renderings_show_every_unit(tiny):
     from rich.console import Console
 
