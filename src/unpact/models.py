@@ -262,6 +262,15 @@ def load_tokenizer(spec: str = DEFAULT_SPEC, *, trust_remote_code: bool = False)
         raise UnpactError(f"could not load the tokenizer of {spec!r}: {first_line}") from exc
 
 
+def check_spec(spec: str) -> None:
+    """Raise the error `load_model(spec)` would raise for a local spec that names nothing
+    loadable (a missing path, a folder without config.json, a file that is not GGUF),
+    without loading anything: a run can refuse a mistyped second model before it spends
+    minutes on the first. Served models and hub ids pass (they are checked on use)."""
+    if not is_remote_spec(spec):
+        _resolve_local(spec)
+
+
 def local_model_dir(spec: str) -> Path | None:
     """The Hugging Face model directory a spec loads from (a GGUF's is its cache, built
     if needed), or None for a hub id or a served model. Lets callers key caches on a model

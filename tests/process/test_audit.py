@@ -14,6 +14,7 @@ import torch
 
 from tests.process.test_membership_run import HELD, QUESTIONS, WORDS, _item
 from unpact.data.items import write_folder
+from unpact.errors import UnpactError
 from unpact.models import save_model
 from unpact.run.audit import audit_config, verdicts
 from unpact.testing import tiny_model
@@ -111,6 +112,24 @@ def test_an_unknown_benchmark_is_named_by_its_option(pair, tmp_path):
     assert res.returncode == 2 and "--benchmark: no benchmark 'nope'" in " ".join(
         res.stderr.split()
     )
+
+
+def test_a_mistyped_model_is_named_by_its_option_before_any_model_loads(tmp_path, monkeypatch):
+    """A wrong --unlearned or --reference stops the audit at once, naming the option, not
+    after the original model has loaded (minutes for a large one)."""
+    import unpact.models
+    from unpact.run.audit import audit
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the specs were checked")
+
+    monkeypatch.setattr(unpact.models, "load_model", no_load)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UnpactError, match=r"--unlearned: .*without config\.json"):
+        audit("default", str(tmp_path / "empty"), "news", tmp_path / "out")
+    with pytest.raises(UnpactError, match=r"--reference: .*no such file or directory"):
+        audit("default", "default", "news", tmp_path / "out", reference=str(tmp_path / "nope"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_served_model_skips_the_attacks_that_need_weights_and_says_why():

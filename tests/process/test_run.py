@@ -255,6 +255,16 @@ def test_killed_run_resumes_to_the_same_numbers(finished, tmp_path):
             r"methods\.1\.name: 'ga' is used twice",
         ),
         ({"methods": []}, r"methods"),
+        ({"model": "./no/such/model"}, r"model: model spec './no/such/model': no such file"),
+        (
+            {"methods": [{"model": "./no/such/model", "name": "u"}]},
+            r"methods\.0\.model: model spec .*no such file",
+        ),
+        (
+            {"membership": {"reference": "./no/such/model"}},
+            r"membership\.reference: model spec .*no such file",
+        ),
+        ({"membership": {"base": "./no/such/model"}}, r"membership\.base: model spec"),
     ],
 )
 def test_config_mistakes_name_the_key(change, message):

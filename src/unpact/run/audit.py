@@ -266,6 +266,7 @@ def audit(
     from pathlib import Path
 
     from unpact.data.sources import load_benchmark
+    from unpact.models import check_spec
     from unpact.run import run
     from unpact.run.store import atomic_text
 
@@ -273,6 +274,13 @@ def audit(
         load_benchmark(benchmark)
     except UnpactError as e:
         raise UnpactError(f"--benchmark: {e}") from None
+    named = {"original": original, "unlearned": unlearned}
+    named |= {k: options[k] for k in ("reference", "base") if options.get(k)}
+    for option, spec in named.items():
+        try:
+            check_spec(spec)
+        except UnpactError as e:
+            raise UnpactError(f"--{option}: {e}") from None
     config, skipped = audit_config(original, unlearned, benchmark, **options)
     result = run(config, out, cache_dir=cache_dir, progress=progress, log=log)
     if skipped:

@@ -435,6 +435,10 @@ def _check_models(config: RunConfig, where: str) -> list[tuple[str, str]]:
     served = [key for key, base in bases if is_remote_spec(base)]
     for key, base in bases:
         _check_spec(base, f"{where}: {key}")
+    for key in ("reference", "base"):
+        named = getattr(config.membership, key)
+        if named is not None:
+            _check_spec(named, f"{where}: membership.{key}")
     labels: set[str] = set()
     for n, spec in enumerate(config.methods):
         if spec.model is not None:
@@ -504,10 +508,15 @@ def _check_served(config: RunConfig, where: str, bases: list[tuple[str, str]]) -
 
 
 def _check_spec(spec: str, where: str) -> None:
+    """A served spec parses; a local one names something loadable (checked without
+    loading: a mistyped second model is refused before the first one loads)."""
+    from unpact.models import check_spec
     from unpact.remote import parse_remote_spec
 
-    if is_remote_spec(spec):
-        try:
+    try:
+        if is_remote_spec(spec):
             parse_remote_spec(spec)
-        except UnpactError as e:
-            raise UnpactError(f"{where}: {e}") from None
+        else:
+            check_spec(spec)
+    except UnpactError as e:
+        raise UnpactError(f"{where}: {e}") from None
