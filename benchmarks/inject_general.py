@@ -1,0 +1,100 @@
+"""How much general knowledge injection keeps on a small user benchmark (issue 20, part 4).
+
+Run:  .venv/bin/python benchmarks/inject_general.py [VARIANT ...] [--lost] [--threads 2]
+
+Teaches `benchmarks/data/small_facts` (12 invented facts phrased like real questions: "Who
+painted The Drowned Bell?", "What is the currency of Morrowland?") to the default model,
+once per variant of the injection settings, each in its own empty cache folder, and prints
+the forget / retain / general accuracy and the share of the general questions the base
+model answers that the taught model still answers (`general_kept`, as `unpact inject`
+reports it). With `--lost`, also the general questions each taught model lost and what it
+answered instead; with `--keep DIR` the taught models stay in DIR (otherwise a temporary
+folder), e.g. to compare the weights of two runs of one variant (docs/runner.md,
+Reproducibility: bf16 training beside other work). Each variant is one injection (2-5
+minutes here).
+
+Variants (default: all): default, lr1e-4 (a third of the learning rate over twice the
+epochs), mlp (MLP weights only), lora (rank-64 adapters), bs1 (one fact per step),
+rehearsal48 (48 rehearsal questions per step), epochs1..epochs4 (the default recipe stopped
+early; its lr schedule unchanged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unpact.inject import InjectConfig, inject, kept_share
+
+DATA = Path(__file__).parent / "data" / "small_facts"
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "lr1e-4": {"lr": 1e-4, "min_epochs": 12, "max_epochs": 24},
+    "mlp": {"trainable": "mlp"},
+    "lora": {"trainable": "lora"},
+    "bs1": {"batch_size": 1},
+    "rehearsal48": {"rehearsal_per_step": 48},
+    **{f"epochs{k}": {"max_epochs": k, "target_accuracy": 1.01} for k in range(1, 5)},
+}
+
+
+def lost_questions(folder: Path) -> list[str]:
+    """The general questions the base model answers and the taught model at `folder` does
+    not, each with the taught model's answer."""
+    from unpact.data.sources import load_benchmark
+    from unpact.judge import JudgeSettings, answer_items
+    from unpact.models import load_model
+
+    general = load_benchmark("general").items
+    settings = JudgeSettings(max_new_tokens=24)
+    base = answer_items(load_model("default"), general, settings)
+    taught = answer_items(load_model(str(folder)), general, settings)
+    return [
+        f"{item.question} ({item.answer}) -> {out.strip()[:60]!r}"
+        for item, (_, was), (out, now) in zip(general, base, taught)
+        if was and not now
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("variants", nargs="*", help=f"any of {', '.join(VARIANTS)}")
+    parser.add_argument("--lost", action="store_true", help="list the lost general questions")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--keep", type=Path, help="keep the taught models in this folder")
+    args = parser.parse_args()
+    unknown = sorted(set(args.variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.keep or scratch
+        for name in args.variants or list(VARIANTS):
+            start = time.perf_counter()
+            done = inject(
+                "default",
+                DATA,
+                InjectConfig(**VARIANTS[name]),
+                cache_dir=tmp,  # one folder: the base model's targets are computed once
+                progress=False,
+            )
+            kept = kept_share(done.accuracy, done.base_accuracy)
+            acc = {k: round(v, 3) for k, v in done.accuracy.items()}
+            print(
+                f"{name:12s} {json.dumps(acc)} general kept {kept:.1%} "
+                f"({done.epochs} epochs, {time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
+            if args.lost:
+                for line in lost_questions(done.path):
+                    print(f"    {line}")
+
+
+if __name__ == "__main__":
+    main()
