@@ -15,8 +15,8 @@ minutes here).
 
 Variants (default: all): default, lr1e-4 (a third of the learning rate over twice the
 epochs), mlp (MLP weights only), lora (rank-64 adapters), bs1 (one fact per step),
-rehearsal48 (48 rehearsal questions per step), epochs1..epochs4 (the default recipe stopped
-early; its lr schedule unchanged).
+rehearsal48 (48 rehearsal questions per step), fp32 (float32 training instead of bf16),
+epochs1..epochs4 (the default recipe stopped early; its lr schedule unchanged).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "lora": {"trainable": "lora"},
     "bs1": {"batch_size": 1},
     "rehearsal48": {"rehearsal_per_step": 48},
+    "fp32": {"precision": "fp32"},
     **{f"epochs{k}": {"max_epochs": k, "target_accuracy": 1.01} for k in range(1, 5)},
 }
 
