@@ -427,8 +427,13 @@ def _context_hidden(
     from transformers import DynamicCache
 
     source = torch.tensor([row[0].source for row in rows], device=device)
+    # index_select, not kk[source]: advanced indexing's backward accumulates repeated rows
+    # with atomic adds on CPU, so a shared prefix's gradient changed from run to run
     cache = DynamicCache(
-        ddp_cache_data=[(kk[source, :, :ctx], vv[source, :, :ctx]) for kk, vv in context]
+        ddp_cache_data=[
+            (kk[:, :, :ctx].index_select(0, source), vv[:, :, :ctx].index_select(0, source))
+            for kk, vv in context
+        ]
     )
     body, _ = lm_body_and_head(model)
     states = body(

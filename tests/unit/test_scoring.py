@@ -183,3 +183,29 @@ def test_answer_states_of_a_mixed_batch_give_each_pairs_logprobs(tiny):
         torch.testing.assert_close(
             got.detach(), reference_logprobs(tiny.model, p, a), atol=1e-4, rtol=0
         )
+
+
+def test_shared_prefix_gradients_repeat_bit_for_bit():
+    """Training through the shared-prefix pass (every injection step) is deterministic: the
+    prefix's keys/values reach each row through index_select, whose backward adds in a
+    fixed order (advanced indexing's backward added the repeated rows with atomics on CPU,
+    so the same step gave other last bits each time and injections diverged)."""
+    from unpact.scoring import answer_states
+    from unpact.testing import tiny_model
+
+    lm = tiny_model(seed=3)
+    net = lm.model
+    net.train()
+    prefix = list(range(5, 45))
+    prompts = [[*prefix, 50 + i, 60 + i % 7] for i in range(48)]
+    answers = [[70 + i % 11, 80 + i % 5, 90] for i in range(48)]
+
+    def grads() -> list[torch.Tensor]:
+        net.zero_grad(set_to_none=True)
+        states = answer_states(net, prompts, answers, share_prefix=True)
+        (torch.cat(states) ** 2).mean().backward()
+        return [p.grad.clone() for p in net.parameters() if p.grad is not None]
+
+    first = grads()
+    for _ in range(3):
+        assert all(torch.equal(a, b) for a, b in zip(first, grads()))
