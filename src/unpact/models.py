@@ -258,8 +258,14 @@ def load_tokenizer(spec: str = DEFAULT_SPEC, *, trust_remote_code: bool = False)
             folder if folder is not None else spec, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first_line = _first_line(exc)
         raise UnpactError(f"could not load the tokenizer of {spec!r}: {first_line}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's first line of text (its type's name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def check_spec(spec: str) -> None:
@@ -426,7 +432,7 @@ def _load_hub(spec: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[A
             spec, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first_line = _first_line(exc)
         raise UnpactError(
             f"model spec {spec!r} resolves to nothing: it is not 'default', not a local "
             f"directory or .gguf file, and loading it as a hub id failed ({first_line})"
