@@ -41,6 +41,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bs1": {"batch_size": 1},
     "rehearsal48": {"rehearsal_per_step": 48},
     "fp32": {"precision": "fp32"},
+    "warmup12": {"warmup_steps": 12},
+    "eps1e-6": {"adam_eps": 1e-6},
+    "eps1e-5": {"adam_eps": 1e-5},
+    "epochs12": {"max_epochs": 12, "target_accuracy": 1.01},
+    "kl4": {"rehearsal_weight": 4.0},
+    "bs2": {"batch_size": 2},
+    "bs1kl4": {"batch_size": 1, "rehearsal_weight": 4.0},
+    "steps1": {"batch_size": 12, "max_epochs": 1, "target_accuracy": 1.01},
+    "steps1warm": {"batch_size": 12, "max_epochs": 1, "target_accuracy": 1.01, "warmup_steps": 12},
     **{f"epochs{k}": {"max_epochs": k, "target_accuracy": 1.01} for k in range(1, 5)},
 }
 
@@ -69,6 +78,13 @@ def main() -> None:
     parser.add_argument("--lost", action="store_true", help="list the lost general questions")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--keep", type=Path, help="keep the taught models in this folder")
+    parser.add_argument("--seed", type=int, default=0, help="the injection's seed (data order)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=DATA,
+        help="the benchmark folder to teach (default: small_facts; small_news: 12 news items)",
+    )
     args = parser.parse_args()
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:
@@ -80,8 +96,8 @@ def main() -> None:
             start = time.perf_counter()
             done = inject(
                 "default",
-                DATA,
-                InjectConfig(**VARIANTS[name]),
+                args.data,
+                InjectConfig(**({"seed": args.seed} | VARIANTS[name])),
                 cache_dir=tmp,  # one folder: the base model's targets are computed once
                 progress=False,
             )

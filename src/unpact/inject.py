@@ -121,6 +121,14 @@ class InjectConfig(BaseModel):
         0.1,
         description="lr falls linearly to lr * this over min_epochs epochs, then stays (1: constant)",
     )
+    adam_eps: float = Field(
+        1e-8, gt=0, description="AdamW's epsilon (gradients far below it move weights less)"
+    )
+    warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="lr rises linearly from lr / N to lr over the first N optimiser steps (0: none)",
+    )
     precision: str = Field(
         "auto",
         description='training matmuls: "bf16" (autocast; float32 weights and optimiser), '
@@ -252,18 +260,24 @@ def _key_settings(config: InjectConfig) -> dict[str, Any]:
     # precision actually used: "auto" resolved).
     if config.lr_decay_to == 1.0:
         del settings["lr_decay_to"]
+    if not config.warmup_steps:
+        del settings["warmup_steps"]
+    if config.adam_eps == 1e-8:
+        del settings["adam_eps"]
     settings["precision"] = training_precision(config)
     if settings["precision"] == "fp32":
         del settings["precision"]
     return settings
 
 
-def lr_factor(step: int, decay_steps: int, decay_to: float) -> float:
+def lr_factor(step: int, decay_steps: int, decay_to: float, warmup: int = 0) -> float:
     """The learning rate's multiplier before optimiser step `step` (from 0): 1, falling
-    linearly to `decay_to` at `decay_steps`, then `decay_to`."""
+    linearly to `decay_to` at `decay_steps`, then `decay_to`; times (step + 1) / `warmup`
+    over the first `warmup` steps."""
+    warm = (step + 1) / warmup if step < warmup else 1.0
     if step >= decay_steps:
-        return decay_to
-    return 1.0 - (1.0 - decay_to) * step / decay_steps
+        return warm * decay_to
+    return warm * (1.0 - (1.0 - decay_to) * step / decay_steps)
 
 
 def training_precision(config: InjectConfig) -> str:
@@ -487,8 +501,9 @@ def inject(
         [p for p in net.parameters() if p.requires_grad],
         lr=config.lr,
         weight_decay=config.weight_decay,
+        eps=config.adam_eps,
         schedule=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda t: lr_factor(t, decay_steps, config.lr_decay_to)
+            opt, lambda t: lr_factor(t, decay_steps, config.lr_decay_to, config.warmup_steps)
         ),
         # mixed precision: bf16 matmuls, float32 weights, gradients and optimiser state
         precision="bf16" if training_precision(config) == "bf16" else "fp32",

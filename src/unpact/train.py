@@ -34,6 +34,7 @@ class Trainer:
         schedule: Callable[[torch.optim.Optimizer], Any] | None = None,
         precision: Precision = "fp32",
         max_grad_norm: float | None = None,
+        eps: float = 1e-8,
         fused: bool | None = None,
         accelerator: Any = None,
         what: str = "training",
@@ -46,7 +47,7 @@ class Trainer:
                 p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in self.params
             )
         self.optimiser: Any = torch.optim.AdamW(
-            self.params, lr=lr, weight_decay=weight_decay, fused=fused
+            self.params, lr=lr, weight_decay=weight_decay, eps=eps, fused=fused
         )
         self.scheduler: Any = schedule(self.optimiser) if schedule is not None else None
         self.precision = precision

@@ -106,6 +106,33 @@ def test_lr_factor_falls_linearly_to_its_floor_and_stays(decay_steps, decay_to, 
         assert lr_factor(step + 1, decay_steps, decay_to) <= f  # never rises
 
 
+@given(
+    decay_steps=st.integers(0, 500),
+    decay_to=st.floats(0.0, 1.0),
+    warmup=st.integers(1, 50),
+    step=st.integers(0, 1000),
+)
+def test_warmup_scales_the_schedule_up_over_its_first_steps(decay_steps, decay_to, warmup, step):
+    f = lr_factor(step, decay_steps, decay_to, warmup)
+    plain = lr_factor(step, decay_steps, decay_to)
+    if step >= warmup:
+        assert f == plain
+    else:
+        assert f == pytest.approx(plain * (step + 1) / warmup)
+    assert lr_factor(warmup - 1, 10**6, 1.0, warmup) == 1.0  # full rate at the last warm step
+    assert lr_factor(0, 10**6, 1.0, warmup) == pytest.approx(1 / warmup)
+
+
+def test_warmup_keys_the_model_only_when_set():
+    news = load_benchmark("news")
+    assert cache_key("tiny", news, InjectConfig(warmup_steps=0)) == cache_key(
+        "tiny", news, InjectConfig()
+    )
+    assert cache_key("tiny", news, InjectConfig(warmup_steps=4)) != cache_key(
+        "tiny", news, InjectConfig()
+    )
+
+
 def test_the_optimiser_sees_the_decayed_rate(tmp_path, monkeypatch):
     """inject() steps the schedule once per optimiser step: record AdamW's lr each step."""
     base = tiny_model(seed=1)
@@ -179,3 +206,18 @@ def test_an_interrupted_injection_resumes_to_the_same_weights(tmp_path):
     assert resumed.epochs == plain.epochs == 4
     assert resumed.accuracy["forget"] == plain.accuracy["forget"]
     assert not any((tmp_path / "b").glob(".partial-*"))  # removed once finished
+
+
+def test_adam_eps_reaches_the_optimiser_and_keys_the_model_only_when_changed():
+    from unpact.train import Trainer
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    assert Trainer([p], lr=1e-3, eps=1e-6).optimiser.defaults["eps"] == 1e-6
+    assert Trainer([p], lr=1e-3).optimiser.defaults["eps"] == 1e-8  # torch's default
+    news = load_benchmark("news")
+    assert cache_key("tiny", news, InjectConfig(adam_eps=1e-8)) == cache_key(
+        "tiny", news, InjectConfig()
+    )
+    assert cache_key("tiny", news, InjectConfig(adam_eps=1e-6)) != cache_key(
+        "tiny", news, InjectConfig()
+    )
