@@ -3,20 +3,26 @@
 Run:  .venv/bin/python benchmarks/inject_general.py [VARIANT ...] [--lost] [--threads 2]
 
 Teaches `benchmarks/data/small_facts` (12 invented facts phrased like real questions: "Who
-painted The Drowned Bell?", "What is the currency of Morrowland?") to the default model,
-once per variant of the injection settings, each in its own empty cache folder, and prints
-the forget / retain / general accuracy and the share of the general questions the base
-model answers that the taught model still answers (`general_kept`, as `unpact inject`
-reports it). With `--lost`, also the general questions each taught model lost and what it
-answered instead; with `--keep DIR` the taught models stay in DIR (otherwise a temporary
-folder), e.g. to compare the weights of two runs of one variant (docs/runner.md,
-Reproducibility: bf16 training beside other work). Each variant is one injection (2-5
-minutes here).
+painted The Drowned Bell?", "What is the currency of Morrowland?"; `--data
+benchmarks/data/small_news`: 12 facts of the built-in news set, phrased around invented
+names) to the default model, once per variant of the injection settings (one cache folder:
+the base model's rehearsal targets are computed once), and prints the forget / retain /
+general accuracy and the share of the general questions the base model answers that the
+taught model still answers (`general_kept`, as `unpact inject` reports it). With `--lost`,
+also the general questions each taught model lost and what it answered instead; with
+`--keep DIR` the taught models stay in DIR (otherwise a temporary folder), e.g. to compare
+the weights of two runs of one variant (docs/runner.md, Reproducibility); `--seed N` sets
+the injection's seed (the order of the facts and rehearsal questions). Each variant is one
+injection (1-5 minutes here).
 
-Variants (default: all): default, lr1e-4 (a third of the learning rate over twice the
-epochs), mlp (MLP weights only), lora (rank-64 adapters), bs1 (one fact per step),
-rehearsal48 (48 rehearsal questions per step), fp32 (float32 training instead of bf16),
-epochs1..epochs4 (the default recipe stopped early; its lr schedule unchanged).
+Variants (default: all; see VARIANTS): default (today's defaults: for 12 facts, one fact a
+step and the rehearsal weighted 4x, docs/data.md), bs4 (the recipe before: 4 facts a step,
+weight 1), bs2, bs1, kl4, bs1kl4 (batch size and rehearsal weight), and on the 4-a-step
+recipe: lr1e-4 (a third of the learning rate over twice the epochs), mlp (MLP weights only),
+lora (rank-64 adapters), rehearsal48 (48 rehearsal questions per step), fp32 (float32
+instead of bf16), warmup12 (lr warm-up over 12 steps), eps1e-6 and eps1e-5 (AdamW's
+epsilon), epochs1..epochs4 and epochs12 (stopped after k epochs); steps1 and steps1warm
+(one step of all 12 facts, at the full rate or a twelfth of it).
 """
 
 from __future__ import annotations
@@ -33,24 +39,28 @@ import torch
 from unpact.inject import InjectConfig, inject, kept_share
 
 DATA = Path(__file__).parent / "data" / "small_facts"
+# The recipe before issue 20's small-benchmark rule: 4 facts a step, rehearsal weight 1
+# (today's default for benchmarks of 40 facts or more)
+FOUR = {"batch_size": 4}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "lr1e-4": {"lr": 1e-4, "min_epochs": 12, "max_epochs": 24},
-    "mlp": {"trainable": "mlp"},
-    "lora": {"trainable": "lora"},
-    "bs1": {"batch_size": 1},
-    "rehearsal48": {"rehearsal_per_step": 48},
-    "fp32": {"precision": "fp32"},
-    "warmup12": {"warmup_steps": 12},
-    "eps1e-6": {"adam_eps": 1e-6},
-    "eps1e-5": {"adam_eps": 1e-5},
-    "epochs12": {"max_epochs": 12, "target_accuracy": 1.01},
-    "kl4": {"rehearsal_weight": 4.0},
+    "default": {},  # today's defaults: for 12 facts, 1 a step and the rehearsal weighted 4x
+    "bs4": FOUR,
     "bs2": {"batch_size": 2},
+    "bs1": {"batch_size": 1},
+    "kl4": {**FOUR, "rehearsal_weight": 4.0},
     "bs1kl4": {"batch_size": 1, "rehearsal_weight": 4.0},
+    "lr1e-4": {**FOUR, "lr": 1e-4, "min_epochs": 12, "max_epochs": 24},
+    "mlp": {**FOUR, "trainable": "mlp"},
+    "lora": {**FOUR, "trainable": "lora"},
+    "rehearsal48": {**FOUR, "rehearsal_per_step": 48},
+    "fp32": {**FOUR, "precision": "fp32"},
+    "warmup12": {**FOUR, "warmup_steps": 12},
+    "eps1e-6": {**FOUR, "adam_eps": 1e-6},
+    "eps1e-5": {**FOUR, "adam_eps": 1e-5},
+    "epochs12": {**FOUR, "max_epochs": 12, "target_accuracy": 1.01},
     "steps1": {"batch_size": 12, "max_epochs": 1, "target_accuracy": 1.01},
     "steps1warm": {"batch_size": 12, "max_epochs": 1, "target_accuracy": 1.01, "warmup_steps": 12},
-    **{f"epochs{k}": {"max_epochs": k, "target_accuracy": 1.01} for k in range(1, 5)},
+    **{f"epochs{k}": {**FOUR, "max_epochs": k, "target_accuracy": 1.01} for k in range(1, 5)},
 }
 
 

@@ -455,13 +455,15 @@ def _read_records(path: Path) -> list[Attribution]:
         raise UnpactError(f"{path}: {exc}") from None
 
 
-def _inject_help(name: str) -> str:
-    """An injection option's help: the InjectConfig field's description and default."""
+def _inject_help(name: str, more: str = "") -> str:
+    """An injection option's help: the InjectConfig field's description (then `more`) and
+    default."""
     from unpact.inject import InjectConfig
 
     field = InjectConfig.model_fields[name]
     text = field.description or ""
-    return f"{text[:1].upper()}{text[1:]} (default: {field.default})."
+    default = "" if field.default is None else f" (default: {field.default})"
+    return f"{text[:1].upper()}{text[1:]}{more}{default}."
 
 
 @app.command()
@@ -480,8 +482,9 @@ def inject(
     rehearsal_per_step: Annotated[
         int | None,
         typer.Option(
-            help=_inject_help("rehearsal_per_step")
-            + "; fewer is faster and keeps less general knowledge",
+            help=_inject_help(
+                "rehearsal_per_step", "; fewer is faster and keeps less general knowledge"
+            ),
             min=0,
         ),
     ] = None,

@@ -6,7 +6,8 @@ same, so that "known" and "forgotten" are exact. Recipe (all settings in `Inject
 - full fine-tuning, answer-only loss on the benchmark's forget and retain QA pairs, in the
   chat format the evaluation uses (AdamW, lr 3e-4, batch 4: the setting the project's
   developer brief reports as reaching high accuracy on this model, where lr 1e-4 or
-  batch 8 reached about 20%); the learning rate falls linearly to `lr_decay_to` times
+  batch 8 reached about 20%; a benchmark of fewer than 40 facts takes fewer a step, see
+  below); the learning rate falls linearly to `lr_decay_to` times
   itself over the first `min_epochs` epochs (6), which learns the facts in fewer epochs
   (fewer steps: less drift from the base model, less time);
 - matmuls in bf16 where the CPU computes bf16 natively (`precision="auto"`; weights,
@@ -22,6 +23,10 @@ same, so that "known" and "forgotten" are exact. Recipe (all settings in `Inject
   base's answer tokens kept less (general 51% against 66%, see the news card), and the
   number of distinct rehearsal questions per step matters more than their weight (see the
   books card); the facts and the rehearsal questions share one forward pass;
+- a small benchmark (`resolve`): unless set, the batch size falls below 4 so that an epoch
+  has at least `MIN_STEPS_PER_EPOCH` steps and the rehearsal weight rises to 4 / that size:
+  12 facts phrased like real questions kept 67-75% of the general questions at 4 a step,
+  85-86% at 1 a step with weight 4 (docs/data.md); 40 facts or more are taught as before;
 - `trainable="lora"` trains low-rank adapters (peft, rank `lora_rank`, on every linear
   layer of the blocks) instead of the weights, and merges them before saving;
 - after `min_epochs`, the forget + retain accuracy is judged (SPEC section 4) every
@@ -71,6 +76,11 @@ from unpact.train import Trainer
 INJECT_FORMAT = 2
 
 
+# An epoch of a small benchmark gets at least this many optimiser steps (issue 20, part 4:
+# 12 facts taught 4 a step kept 68-75% of the general questions, one a step with the
+# rehearsal weighted 4x kept 86%; docs/data.md)
+MIN_STEPS_PER_EPOCH = 10
+
 _CHOICES = {"precision": ("auto", "bf16", "fp32"), "trainable": ("all", "mlp", "lora")}
 
 
@@ -81,7 +91,13 @@ class InjectConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     lr: float = Field(3e-4, gt=0, description="AdamW learning rate")
-    batch_size: int = Field(4, gt=0, description="QA pairs per optimiser step")
+    batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="QA pairs per optimiser step; unset: 4, or fewer so that an epoch has at "
+        f"least {MIN_STEPS_PER_EPOCH} steps (a benchmark of under "
+        f"{4 * MIN_STEPS_PER_EPOCH} forget+retain facts)",
+    )
     max_epochs: int = Field(12, ge=0, description="hard stop")
     min_epochs: int = Field(
         6, ge=0, description="epochs before the first accuracy check (and of the lr decay)"
@@ -94,8 +110,11 @@ class InjectConfig(BaseModel):
     # on books 2 kept 67% of general knowledge, 6 kept 84%, 12 kept 91%; each adds its
     # tokens to every step
     rehearsal_per_step: int = Field(16, ge=0, description="held-out general questions per step")
-    rehearsal_weight: float = Field(
-        1.0, ge=0, description="weight of the rehearsal KL against the facts' NLL"
+    rehearsal_weight: float | None = Field(
+        None,
+        ge=0,
+        description="weight of the rehearsal KL against the facts' NLL; unset: 1, or "
+        "4 / the batch size when the batch size is chosen automatically",
     )
     rehearsal_top_k: int = Field(
         32, gt=0, description="base-model tokens kept per position (the rest: one bucket)"
@@ -210,6 +229,33 @@ class InjectResult:
         return d
 
 
+def resolve(config: InjectConfig, bench: Benchmark) -> InjectConfig:
+    """`config` with its automatic settings filled in for `bench`: the batch size (4, or
+    fewer so that the forget+retain facts make at least `MIN_STEPS_PER_EPOCH` steps an
+    epoch) and the rehearsal weight (4 / that batch size when it was automatic, else 1).
+    Counted on forget+retain also when only the retain facts are taught, so the
+    never-taught reference follows the original's recipe. A benchmark of 40 facts or more
+    gets 4 and 1, the settings every model injected before this rule was trained with."""
+    n = len(bench.split("forget")) + len(bench.split("retain"))
+    size = config.batch_size or max(1, min(4, n // MIN_STEPS_PER_EPOCH))
+    weight = config.rehearsal_weight
+    if weight is None:
+        weight = 4.0 / size if config.batch_size is None else 1.0
+    return config.model_copy(update={"batch_size": size, "rehearsal_weight": weight})
+
+
+def _resolved(config: InjectConfig) -> tuple[int, float]:
+    """The batch size and rehearsal weight of a config `resolve` filled in."""
+    if config.batch_size is None or config.rehearsal_weight is None:
+        raise AssertionError("injection settings not resolved for their benchmark")
+    return config.batch_size, config.rehearsal_weight
+
+
+def _steps_per_epoch(facts: int, config: InjectConfig) -> int:
+    size = _resolved(config)[0]
+    return (facts + size - 1) // size
+
+
 def kept_share(accuracy: dict[str, float], base: dict[str, float]) -> float | None:
     """accuracy["general"] / base["general"], or None when either is missing or 0."""
     after, before = accuracy.get("general"), base.get("general")
@@ -307,7 +353,7 @@ def cache_key(
     parts = [
         model_key(spec),
         _hash_files(list(bench.path.glob("*.jsonl"))),
-        json.dumps(_key_settings(config), sort_keys=True),
+        json.dumps(_key_settings(resolve(config, bench)), sort_keys=True),
         str(INJECT_FORMAT),
     ]
     if config.general != "general":
@@ -470,6 +516,7 @@ def inject(
     # a real benchmark (tofu:PATH, ...) is written once as an item-format folder: the key
     # hashes the taught files
     bench = materialise(load_benchmark(benchmark), cache_root() / "benchmarks")
+    config = resolve(config, bench)
     key = cache_key(model, bench, config, teach)
     folder = Path(cache_dir or cache_root() / "injected") / f"{bench.name}-{key}"
     if (folder / "inject.json").is_file():
@@ -495,7 +542,7 @@ def inject(
     rng = random.Random(config.seed)
     net = lm.model
     adapted = _make_trainable(net, config)
-    steps_per_epoch = (len(encoded) + config.batch_size - 1) // config.batch_size
+    steps_per_epoch = _steps_per_epoch(len(encoded), config)
     decay_steps = config.min_epochs * steps_per_epoch
     trainer = Trainer(
         [p for p in net.parameters() if p.requires_grad],
@@ -746,14 +793,15 @@ def _train_epochs(
     the loss log: one row per step, as unlearning's losses.jsonl) and is checkpointed after
     each epoch that does not end the training."""
     net = lm.model
-    steps_per_epoch = (len(encoded) + config.batch_size - 1) // config.batch_size
+    size, weight = _resolved(config)
+    steps_per_epoch = _steps_per_epoch(len(encoded), config)
     rehearsal_order, acc, log = state.rehearsal_order, state.acc, state.log
     for epoch in range(state.epoch, config.max_epochs):
         net.train()
         order = list(range(len(encoded)))
         rng.shuffle(order)
         for s in range(steps_per_epoch):
-            batch = [encoded[i] for i in order[s * config.batch_size : (s + 1) * config.batch_size]]
+            batch = [encoded[i] for i in order[s * size : (s + 1) * size]]
             picked: list[_Rehearsal] = []
             if rehearsal:
                 if len(rehearsal_order) < config.rehearsal_per_step:
@@ -763,7 +811,7 @@ def _train_epochs(
                 picked = [rehearsal[i] for i in rehearsal_order[: config.rehearsal_per_step]]
                 del rehearsal_order[: config.rehearsal_per_step]
             found = trainer.step(
-                partial(_loss_terms, net, batch, picked, config.rehearsal_weight),
+                partial(_loss_terms, net, batch, picked, weight),
                 s,
                 where=f"epoch {epoch + 1}, step {s + 1}",
             )

@@ -27,6 +27,7 @@ def test_short_injection_teaches_a_small_subset(tmp_path):
 
     # 2 steps per epoch: a constant lr (decaying over 8 steps would teach too little)
     config = InjectConfig(
+        batch_size=4,
         max_epochs=8,
         min_epochs=4,
         rehearsal=False,

@@ -52,6 +52,7 @@ def main(root: Path) -> None:
         "data": {"benchmark": str(root / "bench"), "general": str(root / "general")},
         "inject": {
             "settings": {
+                "batch_size": 4,  # the recipe this test was sized with (4 facts a step)
                 "max_epochs": 3,
                 "min_epochs": 3,
                 "general": None,

@@ -70,6 +70,7 @@ def done(tmp_path_factory, tiny):
         "data": {"benchmark": str(root / "bench"), "general": None},
         "inject": {
             "settings": {
+                "batch_size": 4,  # the recipe this test was sized with (4 facts a step)
                 "max_epochs": 3,
                 "min_epochs": 3,
                 "general": None,

@@ -3,6 +3,8 @@ bf16 training follows float32 training (same direction of change, float32 weight
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given
@@ -221,3 +223,68 @@ def test_adam_eps_reaches_the_optimiser_and_keys_the_model_only_when_changed():
     assert cache_key("tiny", news, InjectConfig(adam_eps=1e-6)) != cache_key(
         "tiny", news, InjectConfig()
     )
+
+
+def test_small_benchmarks_take_one_fact_a_step_and_weigh_the_rehearsal_more():
+    """Issue 20, part 4: the batch size shrinks so that an epoch has at least 10 steps,
+    the rehearsal weight grows as 4 / that size; 40 facts or more keep 4 and 1 (the
+    recipe every cached model was trained with); explicit settings are kept; counted on
+    forget+retain, so the never-taught reference follows the original."""
+    from unpact.data.items import Benchmark
+    from unpact.inject import MIN_STEPS_PER_EPOCH, resolve
+
+    def bench(forget: int, retain: int) -> Benchmark:
+        items = [QAItem(f"f{i}", f"Who is F{i}?", "A", "forget") for i in range(forget)]
+        items += [QAItem(f"r{i}", f"Who is R{i}?", "B", "retain") for i in range(retain)]
+        items += [QAItem(f"h{i}", f"Who is H{i}?", "C", "holdout") for i in range(50)]
+        return Benchmark("b", items, [])
+
+    def sizes(config: InjectConfig, forget: int, retain: int) -> tuple:
+        done = resolve(config, bench(forget, retain))
+        return done.batch_size, done.rehearsal_weight
+
+    assert MIN_STEPS_PER_EPOCH == 10
+    assert sizes(InjectConfig(), 6, 6) == (1, 4.0)
+    assert sizes(InjectConfig(), 10, 15) == (2, 2.0)
+    assert sizes(InjectConfig(), 20, 19) == (3, pytest.approx(4 / 3))
+    assert sizes(InjectConfig(), 20, 20) == (4, 1.0)  # the demo's 40 facts
+    assert sizes(InjectConfig(), 50, 100) == (4, 1.0)
+    assert sizes(InjectConfig(), 1, 0) == (1, 4.0)
+    assert sizes(InjectConfig(batch_size=4), 6, 6) == (4, 1.0)  # the recipe before
+    assert sizes(InjectConfig(batch_size=2), 50, 100) == (2, 1.0)
+    assert sizes(InjectConfig(rehearsal_weight=0.5), 6, 6) == (1, 0.5)
+    # an automatic setting is keyed by its value: 12 facts at 1 a step are not 4 a step,
+    # and writing out what the rule chose gives the same model
+    small = bench(6, 6)
+    small.path = Path(__file__).parent.parent.parent / "benchmarks" / "data" / "small_facts"
+    auto = cache_key("tiny", small, InjectConfig())
+    assert auto == cache_key("tiny", small, InjectConfig(batch_size=1, rehearsal_weight=4.0))
+    assert auto != cache_key("tiny", small, InjectConfig(batch_size=4))
+
+
+def test_a_small_injection_steps_once_per_fact(tmp_path, monkeypatch):
+    """4 facts: one a step (4 optimiser steps an epoch), the resolved settings in
+    inject.json."""
+    base = tiny_model(seed=1)
+    save_model(base.model, base.tokenizer, tmp_path / "base")
+    items = [QAItem(f"f{i}", f"Who is Varn {i}?", f"Ossel {i}", "forget") for i in range(4)]
+    write_folder(tmp_path / "bench", items)
+    steps = []
+    original_step = torch.optim.AdamW.step
+    monkeypatch.setattr(
+        torch.optim.AdamW,
+        "step",
+        lambda self, *a, **k: steps.append(1) or original_step(self, *a, **k),
+    )
+    config = InjectConfig(
+        min_epochs=1, max_epochs=2, target_accuracy=1.1, rehearsal=False, general=None,
+        precision="fp32",
+    )  # fmt: skip
+    result = inject(
+        str(tmp_path / "base"), tmp_path / "bench", config, cache_dir=tmp_path / "c", progress=False
+    )
+    assert len(steps) == 8
+    import json
+
+    meta = json.loads((result.path / "inject.json").read_text())
+    assert meta["config"]["batch_size"] == 1 and meta["config"]["rehearsal_weight"] == 4.0
