@@ -520,10 +520,7 @@ def inject(
     key = cache_key(model, bench, config, teach)
     folder = Path(cache_dir or cache_root() / "injected") / f"{bench.name}-{key}"
     if (folder / "inject.json").is_file():
-        meta = json.loads((folder / "inject.json").read_text())
-        return InjectResult(
-            folder, meta["accuracy"], meta["base_accuracy"], meta["epochs"], meta["seconds"], True
-        )
+        return _cached(folder)
 
     start = time.perf_counter()
     timings: dict[str, float] = {}  # seconds per stage, kept in inject.json
@@ -574,6 +571,14 @@ def inject(
     _save(lm, folder, _meta(done, timings, model, bench.name, teach, config), log)
     store.remove()
     return done
+
+
+def _cached(folder: Path) -> InjectResult:
+    """The injection already in `folder`, from its inject.json."""
+    meta = json.loads((folder / "inject.json").read_text())
+    return InjectResult(
+        folder, meta["accuracy"], meta["base_accuracy"], meta["epochs"], meta["seconds"], True
+    )
 
 
 def _taught(bench: Benchmark, teach: str) -> list[QAItem]:
