@@ -77,8 +77,8 @@ INJECT_FORMAT = 2
 
 
 # An epoch of a small benchmark gets at least this many optimiser steps (issue 20, part 4:
-# 12 facts taught 4 a step kept 68-75% of the general questions, one a step with the
-# rehearsal weighted 4x kept 86%; docs/data.md)
+# 12 facts taught 4 a step kept 67-75% of the general questions, one a step with the
+# rehearsal weighted 4x kept 85-86%; docs/data.md)
 MIN_STEPS_PER_EPOCH = 10
 
 _CHOICES = {"precision": ("auto", "bf16", "fp32"), "trainable": ("all", "mlp", "lora")}
