@@ -537,6 +537,8 @@ def inject(
     )
     if result.general_kept is not None:
         out.print(f"kept {result.general_kept:.0%} of the general questions the base model answers")
+    if result.small_benchmark_note:
+        out.print(result.small_benchmark_note)
     where = result.path
     if out_dir is not None:
         from unpact.run.store import link_model

@@ -206,6 +206,17 @@ class InjectResult:
     epochs: int
     seconds: float
     cached: bool
+    settings: dict[str, Any] = field(default_factory=dict)  # as resolved (inject.json)
+
+    @property
+    def small_benchmark_note(self) -> str | None:
+        """A sentence when the small-benchmark rule (`resolve`) changed the recipe: how many
+        facts a step and the rehearsal's weight; None otherwise."""
+        size, weight = self.settings.get("batch_size"), self.settings.get("rehearsal_weight")
+        if size is None or size >= 4 or weight is None or weight == 1.0:
+            return None
+        facts = "1 fact" if size == 1 else f"{size} facts"
+        return f"small benchmark: {facts} a step, rehearsal weighted {weight:g} (docs/data.md)"
 
     @property
     def general_kept(self) -> float | None:
@@ -567,7 +578,9 @@ def inject(
         final["forget"] = accuracy(lm, bench.split("forget"), config.max_new_tokens)
     seconds = time.perf_counter() - start
     timings["training"] = seconds - sum(timings.values())
-    done = InjectResult(folder, final, base_accuracy, epochs_done, seconds, False)
+    done = InjectResult(
+        folder, final, base_accuracy, epochs_done, seconds, False, config.model_dump()
+    )
     _save(lm, folder, _meta(done, timings, model, bench.name, teach, config), log)
     store.remove()
     return done
@@ -577,7 +590,13 @@ def _cached(folder: Path) -> InjectResult:
     """The injection already in `folder`, from its inject.json."""
     meta = json.loads((folder / "inject.json").read_text())
     return InjectResult(
-        folder, meta["accuracy"], meta["base_accuracy"], meta["epochs"], meta["seconds"], True
+        folder,
+        meta["accuracy"],
+        meta["base_accuracy"],
+        meta["epochs"],
+        meta["seconds"],
+        True,
+        meta.get("config", {}),
     )
 
 

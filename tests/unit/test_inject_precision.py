@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 from unpact.data import load_benchmark
 from unpact.data.items import QAItem, write_folder
 from unpact.errors import UnpactError
-from unpact.inject import InjectConfig, cache_key, inject, lr_factor, training_precision
+from unpact.inject import (
+    InjectConfig,
+    InjectResult,
+    cache_key,
+    inject,
+    lr_factor,
+    training_precision,
+)
 from unpact.models import load_model, save_model
 from unpact.testing import tiny_model
 
@@ -288,3 +295,16 @@ def test_a_small_injection_steps_once_per_fact(tmp_path, monkeypatch):
 
     meta = json.loads((result.path / "inject.json").read_text())
     assert meta["config"]["batch_size"] == 1 and meta["config"]["rehearsal_weight"] == 4.0
+    # the run's log and `unpact inject` say so, also when the model comes from the cache
+    from unpact.run import injection_line
+
+    note = "small benchmark: 1 fact a step, rehearsal weighted 4 (docs/data.md)"
+    assert result.small_benchmark_note == note and note in injection_line(result)
+    again = inject(
+        str(tmp_path / "base"), tmp_path / "bench", config, cache_dir=tmp_path / "c", progress=False
+    )
+    assert again.cached and again.small_benchmark_note == note
+    explicit = InjectResult(
+        Path("x"), {}, {}, 1, 0.0, True, {"batch_size": 4, "rehearsal_weight": 1.0}
+    )
+    assert explicit.small_benchmark_note is None and "small" not in injection_line(explicit)

@@ -314,7 +314,8 @@ def injection_line(done: Any) -> str:
         if kept is not None
         else "; general knowledge not judged by the injection (settings.general: null)"
     )
-    return f"  injected in {done.epochs} epochs: {acc}{tail}"
+    note = getattr(done, "small_benchmark_note", None)
+    return f"  injected in {done.epochs} epochs: {acc}{tail}" + (f"; {note}" if note else "")
 
 
 def _unlearn(p: Pipeline, data: Data, original: Model, spec: MethodSpec) -> Model:
