@@ -5,7 +5,8 @@ Run:  .venv/bin/python benchmarks/inject_general.py [VARIANT ...] [--lost] [--th
 Teaches `benchmarks/data/small_facts` (12 invented facts phrased like real questions: "Who
 painted The Drowned Bell?", "What is the currency of Morrowland?"; `--data
 benchmarks/data/small_news`: 12 facts of the built-in news set, phrased around invented
-names; `benchmarks/data/mixed_24`: both) to the default model, once per variant of the injection settings (one cache folder:
+names; `benchmarks/data/mixed_24`: both; `mixed_36`: small_facts and 24 news facts) to the
+default model, once per variant of the injection settings (one cache folder:
 the base model's rehearsal targets are computed once), and prints the forget / retain /
 general accuracy and the share of the general questions the base model answers that the
 taught model still answers (`general_kept`, as `unpact inject` reports it). With `--lost`,
