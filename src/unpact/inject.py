@@ -551,19 +551,7 @@ def inject(
     net = lm.model
     adapted = _make_trainable(net, config)
     steps_per_epoch = _steps_per_epoch(len(encoded), config)
-    decay_steps = config.min_epochs * steps_per_epoch
-    trainer = Trainer(
-        [p for p in net.parameters() if p.requires_grad],
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        eps=config.adam_eps,
-        schedule=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda t: lr_factor(t, decay_steps, config.lr_decay_to, config.warmup_steps)
-        ),
-        # mixed precision: bf16 matmuls, float32 weights, gradients and optimiser state
-        precision="bf16" if training_precision(config) == "bf16" else "fp32",
-        what="injection",
-    )
+    trainer = _trainer(net, config, steps_per_epoch)
     store = _Checkpoints(folder.with_name(f".partial-{folder.name}"), config, stop_after_epoch)
     state = store.resume(net, trainer, rng)
     total = config.max_epochs * steps_per_epoch
@@ -584,6 +572,24 @@ def inject(
     _save(lm, folder, _meta(done, timings, model, bench.name, teach, config), log)
     store.remove()
     return done
+
+
+def _trainer(net: Any, config: InjectConfig, steps_per_epoch: int) -> Trainer:
+    """AdamW on the trainable weights, the lr warming up over `warmup_steps` and falling
+    over `min_epochs` epochs, in the precision `config` resolves to."""
+    decay_steps = config.min_epochs * steps_per_epoch
+    return Trainer(
+        [p for p in net.parameters() if p.requires_grad],
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        eps=config.adam_eps,
+        schedule=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda t: lr_factor(t, decay_steps, config.lr_decay_to, config.warmup_steps)
+        ),
+        # mixed precision: bf16 matmuls, float32 weights, gradients and optimiser state
+        precision="bf16" if training_precision(config) == "bf16" else "fp32",
+        what="injection",
+    )
 
 
 def _cached(folder: Path) -> InjectResult:

@@ -142,13 +142,14 @@ def test_warmup_keys_the_model_only_when_set():
     )
 
 
-def test_the_optimiser_sees_the_decayed_rate(tmp_path, monkeypatch):
-    """inject() steps the schedule once per optimiser step: record AdamW's lr each step."""
+def _four_facts_recording_lr(tmp_path, monkeypatch) -> list[float]:
+    """A tiny base model at tmp_path/base and 4 facts at tmp_path/bench; returns the list
+    that AdamW's learning rate is appended to at every optimiser step."""
     base = tiny_model(seed=1)
     save_model(base.model, base.tokenizer, tmp_path / "base")
     items = [QAItem(f"f{i}", f"Who is Varn {i}?", f"Ossel {i}", "forget") for i in range(4)]
     write_folder(tmp_path / "bench", items)
-    seen = []
+    seen: list[float] = []
     original_step = torch.optim.AdamW.step
 
     def step(self, *args, **kwargs):
@@ -156,6 +157,12 @@ def test_the_optimiser_sees_the_decayed_rate(tmp_path, monkeypatch):
         return original_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    return seen
+
+
+def test_the_optimiser_sees_the_decayed_rate(tmp_path, monkeypatch):
+    """inject() steps the schedule once per optimiser step: record AdamW's lr each step."""
+    seen = _four_facts_recording_lr(tmp_path, monkeypatch)
     config = InjectConfig(
         lr=1e-3, batch_size=2, lr_decay_to=0.2, min_epochs=2, max_epochs=3, check_every=1,
         target_accuracy=1.1, rehearsal=False, general=None, precision="fp32",
@@ -272,17 +279,7 @@ def test_small_benchmarks_take_one_fact_a_step_and_weigh_the_rehearsal_more():
 def test_a_small_injection_steps_once_per_fact(tmp_path, monkeypatch):
     """4 facts: one a step (4 optimiser steps an epoch), the resolved settings in
     inject.json."""
-    base = tiny_model(seed=1)
-    save_model(base.model, base.tokenizer, tmp_path / "base")
-    items = [QAItem(f"f{i}", f"Who is Varn {i}?", f"Ossel {i}", "forget") for i in range(4)]
-    write_folder(tmp_path / "bench", items)
-    steps = []
-    original_step = torch.optim.AdamW.step
-    monkeypatch.setattr(
-        torch.optim.AdamW,
-        "step",
-        lambda self, *a, **k: steps.append(1) or original_step(self, *a, **k),
-    )
+    steps = _four_facts_recording_lr(tmp_path, monkeypatch)
     config = InjectConfig(
         min_epochs=1, max_epochs=2, target_accuracy=1.1, rehearsal=False, general=None,
         precision="fp32",

@@ -314,7 +314,7 @@ def injection_line(done: Any) -> str:
         if kept is not None
         else "; general knowledge not judged by the injection (settings.general: null)"
     )
-    note = getattr(done, "small_benchmark_note", None)
+    note = done.small_benchmark_note
     return f"  injected in {done.epochs} epochs: {acc}{tail}" + (f"; {note}" if note else "")
 
 
