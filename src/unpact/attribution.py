@@ -431,9 +431,16 @@ class _Item:
 
 
 def _baseline_token(lm: AnyModel, baseline_token_id: int | None) -> int:
-    if baseline_token_id is not None:
-        return baseline_token_id
-    return lm.default_baseline_token()
+    if baseline_token_id is None:
+        return lm.default_baseline_token()
+    net = cast("LanguageModel", lm).model if lm.has_weights else None
+    rows = net.get_input_embeddings().num_embeddings if net is not None else None
+    if baseline_token_id < 0 or (rows is not None and baseline_token_id >= rows):
+        raise UnpactError(
+            f"baseline token id {baseline_token_id} is not in the model's vocabulary"
+            + (f" (ids 0-{rows - 1})" if rows is not None else "")
+        )
+    return baseline_token_id
 
 
 def _variant_row(

@@ -859,7 +859,9 @@ def serve(
     name: Annotated[
         str, typer.Option(help="The model name clients give (openai:NAME@URL).")
     ] = "default",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="Port on 127.0.0.1.")] = 8000,
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, help="Port on 127.0.0.1 (0: one the system chooses).")
+    ] = 8000,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     trust_remote_code: RemoteCodeOpt = False,
@@ -871,10 +873,20 @@ def serve(
 
     lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     app_ = make_app(lm, name)
+    import socket
+
     import uvicorn
 
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+        sock.listen(2048)  # clients that come before uvicorn starts wait, not refused
+    except OSError as e:
+        raise UnpactError(f"--port {port}: cannot listen on 127.0.0.1 ({e.strerror})") from None
+    port = sock.getsockname()[1]  # the one the system chose for --port 0
     err.print(f"serving {model} as openai:{name}@http://127.0.0.1:{port}/v1 (Ctrl-C stops)")
-    uvicorn.run(app_, host="127.0.0.1", port=port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app_, log_level="warning")).run(sockets=[sock])
 
 
 def _settings_text(settings: type[object]) -> str:

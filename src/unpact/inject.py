@@ -69,7 +69,14 @@ from pydantic import (
 from unpact.data.items import ANSWER_FIELDS, Benchmark, QAItem
 from unpact.data.sources import load_benchmark, materialise
 from unpact.errors import UnpactError
-from unpact.models import LanguageModel, cache_root, load_model, model_key, save_model
+from unpact.models import (
+    LanguageModel,
+    cache_root,
+    check_device,
+    load_model,
+    model_key,
+    save_model,
+)
 from unpact.scoring import answer_states, generate, head_logits, head_logprobs
 from unpact.train import Trainer
 
@@ -103,7 +110,12 @@ class InjectConfig(BaseModel):
         6, ge=0, description="epochs before the first accuracy check (and of the lr decay)"
     )
     check_every: int = Field(2, gt=0, description="epochs between accuracy checks after that")
-    target_accuracy: float = Field(0.9, description="stop once forget+retain accuracy reaches this")
+    target_accuracy: float = Field(
+        0.9,
+        ge=0,
+        allow_inf_nan=False,
+        description="stop once forget+retain accuracy reaches this (above 1: never early)",
+    )
     rehearsal: bool = Field(
         True, description="distil the base model on held-out general questions each step"
     )
@@ -187,6 +199,14 @@ class InjectConfig(BaseModel):
                 f"or {choices[-1]}"
             )
         return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        try:
+            return check_device(value)
+        except UnpactError as e:
+            raise ValueError(str(e)) from None
 
     @field_validator("lr_decay_to")
     @classmethod

@@ -314,13 +314,28 @@ def _parse_dtype(dtype: str) -> torch.dtype:
         raise UnpactError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
 
 
-def _parse_device(device: str) -> torch.device:
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def check_device(device: str) -> str:
+    """`device` if it names a device this code can run on (cpu, cuda, cuda:N, mps or auto),
+    whether or not this machine has it; else one clear error (a config is checked before
+    anything loads, and a cached run may load no model at all)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return device
     try:
-        dev = torch.device(device)
+        ok = torch.device(device).type in DEVICE_TYPES
     except RuntimeError:
-        raise UnpactError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+        ok = False
+    if not ok:
+        raise UnpactError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
+    return device
+
+
+def _parse_device(device: str) -> torch.device:
+    if check_device(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UnpactError(f"device {device!r} asked for, but no CUDA GPU is available here")
     return dev

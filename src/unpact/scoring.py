@@ -10,6 +10,7 @@ long prompts that is most of the head's cost saved (49k-way vocabulary on SmolLM
 from __future__ import annotations
 
 import inspect
+import math
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -530,8 +531,8 @@ def generate(
         raise UnpactError("max_new_tokens must be at least 1")
     if num_samples < 0:
         raise UnpactError("the number of samples cannot be negative")
-    if num_samples and temperature <= 0:
-        raise UnpactError("sampling needs a temperature > 0")
+    if num_samples and not 0 < temperature < math.inf:
+        raise UnpactError(f"sampling needs a finite temperature > 0, not {temperature}")
     encoded = [
         p if isinstance(p, EncodedPrompt) else lm.encode_prompt(p, chat_template) for p in prompts
     ]

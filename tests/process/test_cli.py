@@ -224,3 +224,29 @@ def test_bad_files_and_folders_are_one_message_and_exit_2(tmp_path, tiny):
         assert message in " ".join(done.stderr.split()), (args, done.stderr)
         assert "Traceback" not in done.stderr, args
     assert (tmp_path / "afile").read_text() == "mine\n"
+
+
+def test_serve_port_0_prints_the_port_it_listens_on_and_a_busy_port_is_exit_2(tiny_dir):
+    """`unpact serve --port 0` once printed ...:0/v1, a URL no client can use; a port
+    another program holds was a uvicorn log line and exit 1."""
+    import re
+    import urllib.request
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "unpact", "serve", "--model", str(tiny_dir), "--port"]
+    server = subprocess.Popen([*cmd, "0"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        lines = [server.stderr.readline() for _ in range(2)]  # the path may wrap it
+        found = re.search(r"127\.0\.0\.1:(\d+)/v1", "".join(lines))
+        assert found, lines
+        port = int(found.group(1))
+        assert port != 0, lines
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=60) as r:
+            assert json.load(r)["data"][0]["id"] == "default"
+        busy = subprocess.run([*cmd, str(port)], capture_output=True, text=True, env=env)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert busy.returncode == 2, busy.stderr[-800:]
+    assert f"--port {port}: cannot listen on 127.0.0.1" in busy.stderr
+    assert "Traceback" not in busy.stderr

@@ -265,6 +265,11 @@ def test_killed_run_resumes_to_the_same_numbers(finished, tmp_path):
             r"membership\.reference: model spec .*no such file",
         ),
         ({"membership": {"base": "./no/such/model"}}, r"membership\.base: model spec"),
+        # once accepted silently: no McNemar test, and a cached run that loads no model
+        ({"statistics": {"baseline_attack": "nope"}}, r"statistics\.baseline_attack: 'nope'"),
+        ({"device": "tpu"}, r"device: unknown device 'tpu'"),
+        ({"inject": {"settings": {"device": "meta"}}}, r"inject\.settings: device: unknown"),
+        ({"inject": {"settings": {"target_accuracy": -1}}}, r"target_accuracy"),
     ],
 )
 def test_config_mistakes_name_the_key(change, message):

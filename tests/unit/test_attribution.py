@@ -368,6 +368,8 @@ def test_renderings_show_every_unit(tiny):
         ({"prompt": "the fox", "baseline": "zero"}, "unknown baseline 'zero'"),
         ({"prompt": "the fox", "target": "best"}, "unknown target 'best'"),
         ({"prompt": "the fox " * 150}, "longer than the model's context"),
+        ({"prompt": "the fox", "baseline": "token", "baseline_token_id": 320}, r"ids 0-319"),
+        ({"prompt": "the fox", "baseline": "token", "baseline_token_id": -1}, "not in the"),
         ({"prompt": "the fox", "answer": None, "target": "reference"}, "needs an answer"),
     ],
 )

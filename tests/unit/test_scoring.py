@@ -90,6 +90,9 @@ def test_bad_items_are_named(tiny):
         answer_logprobs(tiny.model, [[5] * 290], [[7] * 10])
     with pytest.raises(UnpactError, match="empty answer"):
         score(tiny, ["hello"], ["  "])
+    for bad in (0.0, -1.0, float("nan"), float("inf")):  # nan once reached transformers
+        with pytest.raises(UnpactError, match="finite temperature > 0"):
+            generate(tiny, ["hello"], num_samples=2, temperature=bad)
 
 
 def test_score_text_matches_token_level(tiny):

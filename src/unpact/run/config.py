@@ -22,6 +22,7 @@ from unpact.attribution import ALPHA, BETA, MAX_WORK
 from unpact.data.sources import load_benchmark
 from unpact.errors import UnpactError
 from unpact.judge import JudgeSettings
+from unpact.models import check_device
 from unpact.plugins import load_plugins
 from unpact.remote import RemoteSettings
 from unpact.types import is_remote_spec
@@ -354,6 +355,14 @@ class RunConfig(_Strict):
         default_factory=RemoteSettings, description="how to talk to served (openai:...) models"
     )
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        try:
+            return check_device(value)
+        except UnpactError as e:
+            raise ValueError(str(e)) from None
+
     @model_validator(mode="after")
     def _expand_sweeps(self) -> RunConfig:
         self.methods = [run for spec in self.methods for run in spec.expand()]
@@ -398,6 +407,12 @@ def _check_references(config: RunConfig, where: str) -> None:
         raise UnpactError(
             f"{where}: report.dilemma_attack: {shown!r} is not one of this run's attacks "
             f"({', '.join(sorted(names)) or 'none'}) or any"
+        )
+    baseline = config.statistics.baseline_attack
+    if "baseline_attack" in config.statistics.model_fields_set and baseline not in names:
+        raise UnpactError(
+            f"{where}: statistics.baseline_attack: {baseline!r} is not one of this run's "
+            f"attacks ({', '.join(sorted(names)) or 'none'})"
         )
     if config.judge.kind == "llm" and config.judge.llm is None:
         raise UnpactError(f"{where}: judge.llm: needed when judge.kind is llm")
