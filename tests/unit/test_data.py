@@ -127,6 +127,10 @@ DOC = {"id": "d1", "text": "Edda Morvaine founded Morvaine Lamps.", "split": "fo
             {"choices": ["A", "B", "C"]},
             "line 2: field 'answer' ('Morvaine Lamps') is not one of 'choices'",
         ),
+        (
+            {"choices": ["Morvaine Lamps", "A", "A"]},
+            "line 2: field 'choices' holds 'A' twice",
+        ),
         ({"document": "nope"}, "line 2: field 'document': no document with id 'nope'"),
         ({"answer": ""}, "line 2: field 'answer' must be a non-empty string"),
         ({"perturbed_answers": []}, "line 2: field 'perturbed_answers' needs at least one"),

@@ -169,3 +169,39 @@ def test_muse_membership_runs_on_its_documents(tmp_path, tiny):
     assert len(docs) == 4  # two forget and two holdout paragraphs
     verdict = next(v for v in res["verdicts"]["ga"] if v["test"] == "indistinguishable")
     assert "(documents;" in verdict["detail"]
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [  # each was read before: "None" as an answer, an empty question, True as index 1
+        ({"question": "q", "choices": ["a", "b"], "answer": True}, "must index into"),
+        ({"question": " ", "choices": ["a", "b"], "answer": 0}, "'question' must be non-empty"),
+        ({"question": "q", "choices": ["a", None], "answer": 0}, "'choices' must all be non-empty"),
+    ],
+)
+def test_bad_wmdp_records_are_refused(tmp_path, record, message):
+    import json
+
+    bad = tmp_path / "w.jsonl"
+    bad.write_text(json.dumps(record) + "\n")
+    with pytest.raises(UnpactError, match=rf"w\.jsonl, record 1: .*{message}"):
+        read_wmdp(bad)
+
+
+def test_bad_tofu_and_muse_content_names_the_file(tmp_path):
+    import json
+    import shutil
+
+    tofu = tmp_path / "tofu"
+    shutil.copytree(FIXTURES / "tofu", tofu)
+    (tofu / "forget01.json").write_text(json.dumps([{"question": "q", "answer": None}]))
+    with pytest.raises(UnpactError, match=r"forget01\.json, record 1: field 'answer' must be"):
+        read_tofu(tofu, forget="forget01")
+    muse = tmp_path / "muse"
+    shutil.copytree(FIXTURES / "muse", muse)
+    (muse / "raw" / "forget.txt").write_bytes(b"\xff\xfe not text")
+    with pytest.raises(UnpactError, match=r"forget\.txt: not UTF-8 text"):
+        read_muse(muse)
+    (muse / "knowmem" / "forget_qa.json").write_text('[{"question": "q", "answer": []}]')
+    with pytest.raises(UnpactError, match=r"forget_qa\.json, record 1: field 'answer'"):
+        read_muse(muse)

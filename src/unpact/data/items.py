@@ -171,6 +171,9 @@ def parse_item(obj: dict[str, Any], path: Path, line: int) -> QAItem:
     if choices is not None:
         if len(choices) < 2:
             raise _fail(path, line, "field 'choices' needs at least two options")
+        if len(set(choices)) < len(choices):
+            twice = next(c for c in choices if choices.count(c) > 1)
+            raise _fail(path, line, f"field 'choices' holds {twice!r} twice")
         if answer not in choices:
             raise _fail(path, line, f"field 'answer' ({answer!r}) is not one of 'choices'")
     for k in keywords:

@@ -31,12 +31,18 @@ from unpact.data.items import Benchmark, Document, QAItem
 from unpact.errors import UnpactError
 
 
-def _records(path: Path) -> list[dict[str, Any]]:
-    """A JSON list, a single JSON object or JSON lines."""
+def _read(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise UnpactError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UnpactError(f"cannot read {path}: not UTF-8 text") from None
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    """A JSON list, a single JSON object or JSON lines."""
+    text = _read(path)
     try:
         data = json.loads(text)
         return data if isinstance(data, list) else [data]
@@ -58,16 +64,26 @@ def _field(record: dict[str, Any], key: str, where: str) -> Any:
     return record[key]
 
 
+def _text(record: dict[str, Any], key: str, where: str) -> str:
+    """A field holding text: a non-empty string (a number is taken as its digits; a list,
+    as MUSE gives some answers, by its first entry)."""
+    value = _field(record, key, where)
+    if isinstance(value, list) and value:
+        value = value[0]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise UnpactError(f"{where}: field '{key}' must be non-empty text, not {value!r}")
+    return value.strip()
+
+
 def _qa(records: list[dict[str, Any]], split: str, prefix: str, where: str) -> list[QAItem]:
     items = []
     for n, r in enumerate(records):
-        question = str(_field(r, "question", f"{where}, record {n + 1}")).strip()
-        answer = _field(r, "answer", f"{where}, record {n + 1}")
-        answer = answer[0] if isinstance(answer, list) and answer else answer
-        aliases = tuple(str(a) for a in r.get("aliases", ()) if isinstance(a, str))
-        items.append(
-            QAItem(f"{prefix}-{n:05d}", question, str(answer).strip(), split, aliases, (), None)
-        )
+        question = _text(r, "question", f"{where}, record {n + 1}")
+        answer = _text(r, "answer", f"{where}, record {n + 1}")
+        aliases = tuple(a for a in r.get("aliases", ()) if isinstance(a, str) and a.strip())
+        items.append(QAItem(f"{prefix}-{n:05d}", question, answer, split, aliases, (), None))
     return items
 
 
@@ -85,7 +101,7 @@ def _hub(repo: str, config: str | None, split: str) -> list[dict[str, Any]]:
 
 
 def _paragraphs(path: Path, split: str, prefix: str) -> list[Document]:
-    blocks = [b.strip() for b in path.read_text(encoding="utf-8").split("\n\n") if b.strip()]
+    blocks = [b.strip() for b in _read(path).split("\n\n") if b.strip()]
     return [Document(f"{prefix}-{n:05d}", b, split) for n, b in enumerate(blocks)]
 
 
@@ -140,26 +156,33 @@ def read_tofu(source: str | Path, *, forget: str = "forget10", hub: bool = False
 
         def get(config: str) -> list[dict[str, Any]]:
             return _hub("locuslab/TOFU", config, "train")
+
+        def at(config: str) -> str:
+            return f"locuslab/TOFU ({config})"
     else:
         folder = Path(source)
 
         def get(config: str) -> list[dict[str, Any]]:
             return _records(folder / f"{config}.json")
 
+        def at(config: str) -> str:
+            return str(folder / f"{config}.json")
+
         for config in (forget, retain):
             if not (folder / f"{config}.json").is_file():
                 raise UnpactError(f"{folder} is not a TOFU folder: {config}.json is missing")
-    items = _qa(get(forget), "forget", f"tofu-{forget}", forget) + _qa(
-        get(retain), "retain", f"tofu-{retain}", retain
+    items = _qa(get(forget), "forget", f"tofu-{forget}", at(forget)) + _qa(
+        get(retain), "retain", f"tofu-{retain}", at(retain)
     )
     for extra in ("world_facts", "real_authors"):
         if hub or (Path(source) / f"{extra}.json").is_file():
-            items += _qa(get(extra), "general", f"tofu-{extra}", extra)
+            items += _qa(get(extra), "general", f"tofu-{extra}", at(extra))
     holdout = forget.replace("forget", "holdout")
     if hub or (Path(source) / f"{holdout}.json").is_file():
-        items += _qa(get(holdout), "holdout", f"tofu-{holdout}", holdout)
-    if hub or (Path(source) / f"{forget}_perturbed.json").is_file():
-        items = _with_truth_answers(items, get(f"{forget}_perturbed"), f"{forget}_perturbed")
+        items += _qa(get(holdout), "holdout", f"tofu-{holdout}", at(holdout))
+    perturbed = f"{forget}_perturbed"
+    if hub or (Path(source) / f"{perturbed}.json").is_file():
+        items = _with_truth_answers(items, get(perturbed), at(perturbed))
     return Benchmark(f"tofu-{forget}", items, [])
 
 
@@ -197,13 +220,16 @@ def read_wmdp(source: str | Path, *, subset: str = "wmdp-bio", hub: bool = False
         if (
             not isinstance(choices, list)
             or not isinstance(index, int)
+            or isinstance(index, bool)
             or not 0 <= index < len(choices)
         ):
             raise UnpactError(f"{where}: 'answer' must index into 'choices'")
+        if not all(isinstance(c, (str, int, float)) and str(c).strip() for c in choices):
+            raise UnpactError(f"{where}: 'choices' must all be non-empty text")
         items.append(
             QAItem(
                 f"{subset}-{n:05d}",
-                str(_field(r, "question", where)).strip(),
+                _text(r, "question", where),
                 str(choices[index]),
                 "forget",
                 (),
