@@ -945,10 +945,18 @@ def metrics_cmd(plugin: PluginOpt = None) -> None:
 def main() -> None:
     """Entry point: run the CLI, turning user mistakes into one message and exit code 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    from unpact.plugins import plugin_failure
+
     try:
         app()
     except UnpactError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        sys.exit(2)
+    except Exception as exc:  # a user's plugin failing as it runs is theirs to fix: exit 2
+        failure = plugin_failure(exc)
+        if failure is None:
+            raise
+        err.print(f"[bold red]error:[/] {escape(str(failure))}", highlight=False)
         sys.exit(2)
 
 

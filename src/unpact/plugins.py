@@ -5,7 +5,9 @@ A plugin registers things the way the package itself does: subclassing
 decorating a function with `unpact.metrics.metric`. A run config's `plugins:` list (paths
 relative to the config file, or importable module names) and `unpact run --plugin FILE` are
 imported before the rest of the config is validated, so what they define is usable by name
-in that config. An error inside a plugin is one `UnpactError` naming its file and line.
+in that config. An error inside a plugin is one `UnpactError` naming its file and line:
+while it is imported here, and while it runs (`plugin_failure`, which the CLI applies to
+whatever a run raises).
 
 Stages are cached by the names and settings of what they run, not by a plugin's code: after
 changing a plugin's code, give its thing a new name or clear the cache
@@ -25,6 +27,7 @@ from types import ModuleType
 from unpact.errors import UnpactError
 
 _LOADED: dict[str, ModuleType] = {}
+_SOURCES: dict[str, str] = {}  # resolved file or package folder -> the plugin as given
 
 
 def load_plugins(entries: list[str], base: Path | None = None) -> list[ModuleType]:
@@ -41,7 +44,7 @@ def load_plugin(entry: str, base: Path | None = None) -> ModuleType:
     """One plugin: a Python file, or an importable module name."""
     if not _is_path(entry):
         try:
-            return importlib.import_module(entry)
+            module = importlib.import_module(entry)
         except ModuleNotFoundError as e:
             if e.name and entry.startswith(e.name):
                 raise UnpactError(
@@ -50,6 +53,10 @@ def load_plugin(entry: str, base: Path | None = None) -> ModuleType:
             raise _plugin_error(entry, e) from None
         except Exception as e:
             raise _plugin_error(entry, e) from None
+        if getattr(module, "__file__", None):  # a package: every file under its folder
+            top = Path(str(module.__file__))
+            _SOURCES[str(top.parent if top.name == "__init__.py" else top)] = entry
+        return module
     path = Path(entry).expanduser()
     if not path.is_absolute() and base is not None:
         path = base / path
@@ -74,7 +81,24 @@ def load_plugin(entry: str, base: Path | None = None) -> ModuleType:
         del sys.modules[name]
         raise _plugin_error(str(path), e, path) from None
     _LOADED[key] = module
+    _SOURCES[str(path.resolve())] = str(path)
     return module
+
+
+def plugin_failure(error: BaseException) -> UnpactError | None:
+    """An error raised inside a loaded plugin's code while it ran (a metric, an attack's
+    prompt, a method's loss) as one message naming the plugin's file and line; None when
+    no frame of its traceback is in a plugin (a fault of unpact's own, left as it is)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    for frame in reversed(frames):
+        where = str(Path(frame.filename).resolve())
+        for source, entry in _SOURCES.items():
+            if where == source or where.startswith(source.rstrip("/") + "/"):
+                message = f"{type(error).__name__}: {error}"
+                return UnpactError(
+                    f"plugin {entry} failed at {frame.filename}:{frame.lineno}: {message}"
+                )
+    return None
 
 
 def _plugin_error(entry: str, error: Exception, path: Path | None = None) -> UnpactError:

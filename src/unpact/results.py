@@ -12,11 +12,13 @@ from __future__ import annotations
 import csv
 import io
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from unpact.attacks import attack_title
+from unpact.errors import UnpactError
 from unpact.metrics import (
     METRICS,
     ItemRecord,
@@ -68,9 +70,9 @@ def method_metrics(
             continue
         keys = m.keys(attacks)
         if keys is not None:
-            out[m.name] = {a: m.fn(records, ctx, a) for a in keys}
+            out[m.name] = {a: _number(m, m.fn(records, ctx, a)) for a in keys}
         else:
-            out[m.name] = m.fn(records, ctx)
+            out[m.name] = _number(m, m.fn(records, ctx))
     if statistics is not None and statistics.resamples:
         out["ci"] = {
             name: list(
@@ -99,6 +101,14 @@ def method_metrics(
             for t in [mcnemar_exact(records, a, base)]
         }
     return out
+
+
+def _number(m: Metric, value: Any) -> Any:
+    """A metric's value as results.json holds it: a number or None (a plugin's metric that
+    returns anything else is named here, not in a table or a JSON encoder later)."""
+    if value is None or (isinstance(value, numbers.Real) and not isinstance(value, bool)):
+        return value
+    raise UnpactError(f"metric {m.name}: returned {value!r}, not a number or None")
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,7 @@ class Trainer:
         bf16 = self.precision == "bf16"
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=bf16):
             terms = losses()
+        _check_terms(terms, self.what)
         loss = torch.stack(list(terms.values())).sum()
         values = torch.stack([t.detach().float() for t in terms.values()])
         if self.accelerator is not None:
@@ -99,3 +100,16 @@ class Trainer:
             self.scheduler.step()
         self.optimiser.zero_grad(set_to_none=True)
         return {**found, "lr": lr}
+
+
+def _check_terms(terms: object, what: str) -> None:
+    """A method's `losses()` (a plugin's, typically) must give named scalar tensors."""
+    if not isinstance(terms, dict) or not terms:
+        raise UnpactError(
+            f"{what}: losses() must return a non-empty dict of named scalar tensors, "
+            f"not {type(terms).__name__}"
+        )
+    for name, t in terms.items():
+        if not isinstance(t, torch.Tensor) or t.numel() != 1:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise UnpactError(f"{what}: loss term {name!r} is {shape}, not a scalar tensor")

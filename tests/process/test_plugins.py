@@ -223,3 +223,64 @@ def test_a_broken_plugin_is_one_message_naming_its_file_and_line(project, regist
         env=env,
     )
     assert done.returncode == 2 and "bad.py:1" in done.stderr and "Traceback" not in done.stderr
+
+
+FAILING = '''
+from unpact.attacks import Attack
+from unpact.metrics import metric
+
+
+class Crash(Attack):
+    """Fails as it runs."""
+
+    name = "crash"
+
+    def prompt(self, question, key_tokens):
+        return {}["no such key"]
+
+
+@metric("wordy", title="wordy", fmt="float", interval=False)
+def wordy(records, ctx):
+    """Returns text, not a number."""
+    return "high"
+'''
+
+
+def test_a_plugin_failing_as_it_runs_is_one_message_and_exit_2(project, tmp_path, registries):
+    """Once a traceback (exit 1): an attack that raises inside its prompt, a metric that
+    returns text; now the plugin's file and line, or the metric's name, and exit 2."""
+    (project / "plugins" / "failing.py").write_text(FAILING)
+    config = yaml.safe_load((project / "run.yaml").read_text())
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "", "UNPACT_CACHE": str(tmp_path / "uc")}
+    out = ["--out", str(tmp_path / "out")]
+    for attacks, message in (
+        ([{"name": "crash"}], "failing.py:12: KeyError: 'no such key'"),
+        ([{"name": "probab", "settings": {"samples": 2}}], "metric wordy: returned 'high'"),
+    ):
+        config |= {"plugins": ["plugins/mine.py", "plugins/failing.py"], "attacks": attacks}
+        (project / "failing.yaml").write_text(yaml.safe_dump(config))
+        done = subprocess.run(
+            [sys.executable, "-m", "unpact", "run", str(project / "failing.yaml"), *out],
+            capture_output=True,
+            text=True,
+            env=env | {"COLUMNS": "300"},
+        )
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert message in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_a_method_whose_losses_are_not_scalar_tensors_is_named():
+    import torch
+
+    from unpact.train import _check_terms
+
+    _check_terms({"nll": torch.tensor(1.0)}, "m")
+    for terms, message in (
+        ({"x": None}, "loss term 'x' is NoneType"),
+        ({"x": torch.ones(3)}, r"loss term 'x' is \(3,\)"),
+        ({}, "non-empty dict"),
+        (torch.tensor(1.0), "not Tensor"),
+    ):
+        with pytest.raises(UnpactError, match=message):
+            _check_terms(terms, "m")
