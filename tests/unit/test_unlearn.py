@@ -209,6 +209,13 @@ def test_config_resolution_and_errors(tmp_path):
         resolve_config(file=bad)
     with pytest.raises(UnpactError, match="unknown method"):
         resolve_config("gx")
+    # a method's own setting at the top of a file or mapping goes to `settings`, as --set
+    # does (it was "layer: unknown setting")
+    bare = tmp_path / "rmu.yaml"
+    bare.write_text("method: rmu\nlayer: 1\nsteps: 3\n")
+    assert resolve_config(file=bare).settings["layer"] == 1
+    both = resolve_config("rmu", values={"layer": 1, "settings": {"steering_coeff": 5}})
+    assert (both.settings["layer"], both.settings["steering_coeff"]) == (1, 5)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

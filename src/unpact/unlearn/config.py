@@ -3,7 +3,7 @@
 `resolve_config(method, file=..., overrides=["lr=2e-5", "beta=0.2"])` starts from
 `configs/<method>.yaml`, applies a user's YAML file, then `key=value` overrides (a dotted
 key reaches into a section; a bare key that is one of the method's own settings goes to
-`settings`), and validates the lot: an unknown key or a bad value is one `UnpactError`
+`settings`, in a file as in an override), and validates the lot: an unknown key or a bad value is one `UnpactError`
 naming the key's path.
 """
 
@@ -103,8 +103,15 @@ def resolve_config(
         raise UnpactError("no method given: pass --method or set `method:` in the config file")
     if method and user.get("method") not in (None, method):
         raise UnpactError(f"--method {method} but the config file says {user['method']}")
-    data = _merge(method_defaults(name), user)
     settings_fields = set(get_method(name).Settings.model_fields)
+    # a bare key that is one of the method's own settings goes to `settings`, as with --set
+    bare = {k for k in user if k in settings_fields and k not in UnlearnConfig.model_fields}
+    if bare:
+        user = _merge(
+            {k: v for k, v in user.items() if k not in bare},
+            {"settings": {k: user[k] for k in sorted(bare)}},
+        )
+    data = _merge(method_defaults(name), user)
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         key = key.strip()

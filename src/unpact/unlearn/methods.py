@@ -482,7 +482,10 @@ def layer_activations(model: Any, batch: Batch, layer: int) -> list[torch.Tensor
     body, _ = lm_body_and_head(model)
     layers = body.layers
     if not 0 <= layer < len(layers):
-        raise UnpactError(f"layer {layer} does not exist; the model has {len(layers)} layers")
+        raise UnpactError(
+            f"layer {layer} does not exist; the model has {len(layers)} layers (0-based: set "
+            f"the method's `layer` setting, e.g. --set settings.layer={len(layers) // 2})"
+        )
     device = next(model.parameters()).device
     ids, mask = right_padded([(*p, *a) for p, a in zip(batch.prompts, batch.answers)])
     captured: list[torch.Tensor] = []
