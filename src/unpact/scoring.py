@@ -164,6 +164,44 @@ def lm_body_and_head(model: Any) -> tuple[Any, Any]:
     return model.base_model, model.get_output_embeddings()
 
 
+# where the decoder blocks and the final norm live: Llama-style (layers, norm), GPT-2 and
+# Falcon/Bloom (h, ln_f), OPT (decoder.layers, decoder.final_layer_norm), GPT-NeoX
+# (layers, final_layer_norm)
+_LAYER_PATHS = ("layers", "h", "decoder.layers", "blocks", "transformer.h")
+_NORM_PATHS = ("norm", "ln_f", "final_layer_norm", "decoder.final_layer_norm", "final_norm")
+
+
+def _find(root: Any, path: str) -> Any:
+    for part in path.split("."):
+        root = getattr(root, part, None)
+        if root is None:
+            return None
+    return root
+
+
+def decoder_layers(model: Any) -> torch.nn.ModuleList:
+    """The causal LM's list of decoder blocks, whatever the architecture names it."""
+    body, _ = lm_body_and_head(model)
+    for path in _LAYER_PATHS:
+        found = _find(body, path)
+        if isinstance(found, torch.nn.ModuleList) and len(found):
+            return found
+    raise UnpactError(
+        f"{type(model).__name__}: cannot find its decoder layers (looked for "
+        f"{', '.join(_LAYER_PATHS)} on {type(body).__name__})"
+    )
+
+
+def final_norm(model: Any) -> Any:
+    """The norm applied after the last decoder block, before the LM head (None if none)."""
+    body, _ = lm_body_and_head(model)
+    for path in _NORM_PATHS:
+        found = _find(body, path)
+        if isinstance(found, torch.nn.Module):
+            return found
+    return None
+
+
 def head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     """Float32 logits from final hidden states: LM head and optional soft-capping."""
     _, head = lm_body_and_head(model)

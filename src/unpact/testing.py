@@ -9,6 +9,7 @@ whatever the code did.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -82,3 +83,54 @@ def tiny_model(
     model.generation_config.eos_token_id = 2
     model.generation_config.pad_token_id = 0
     return LanguageModel(model=model, tokenizer=tok, spec=f"tiny:{seed}")
+
+
+def tiny_other(arch: str, seed: int = 0) -> LanguageModel:
+    """A 2-layer model of another architecture than Llama, with the tiny tokenizer: `gpt2`
+    (learned positions, `h`, Conv1D), `opt` (`decoder.layers`, fc1/fc2), `gpt_neox`
+    (`embed_in`, `final_layer_norm`), `qwen2` (biased q/k/v), `gemma` (scaled embeddings)."""
+    import transformers as tf
+
+    tok = tiny_tokenizer()
+    ids: dict[str, Any] = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    ids["vocab_size"] = len(tok)  # type: ignore[arg-type]
+    llama_like: dict[str, Any] = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+    }
+    configs = {
+        "gpt2": lambda: tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **ids),
+        "opt": lambda: tf.OPTConfig(
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            word_embed_proj_dim=64,
+            **ids,
+        ),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            **ids,
+        ),
+        "qwen2": lambda: tf.Qwen2Config(**llama_like, **ids),
+        "gemma": lambda: tf.GemmaConfig(**{**llama_like, "num_key_value_heads": 1}, **ids),
+    }
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(configs[arch]()).eval()
+    with torch.no_grad():  # a larger spread, as tiny_model's, so outputs depend on the input
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.2)
+    model.to(os.environ.get("UNPACT_TEST_DEVICE") or "cpu")
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 0
+    return LanguageModel(model=model, tokenizer=tok, spec=f"tiny-{arch}:{seed}")

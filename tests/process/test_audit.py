@@ -145,6 +145,24 @@ def test_a_served_model_skips_the_attacks_that_need_weights_and_says_why():
     assert all("served: no weights" in why for why in skipped.values())
 
 
+def test_no_general_items_skips_relearning_on_them_and_a_run_config_is_refused_up_front():
+    """`--general none` once failed mid-audit, after the prompt attacks had run."""
+    from unpact.run import load_config
+
+    config, skipped = audit_config("default", "default", "news", general=None)
+    assert "relearn_unrelated" not in [a["name"] for a in config["attacks"]]
+    assert skipped == {
+        "attack.relearn_unrelated": "--general none: no general-knowledge items to use"
+    }
+    config, skipped = audit_config("default", "default", "news", general=None, attacks=["quantize"])
+    assert not skipped
+    run_config = {"methods": [{"method": "ga"}], "data": {"general": None}}
+    with pytest.raises(UnpactError, match=r"attacks\.0: relearn_unrelated reads general"):
+        load_config(run_config | {"attacks": [{"name": "relearn_unrelated"}]})
+    retain = {"name": "relearn_unrelated", "settings": {"data": "retain"}}
+    assert load_config(run_config | {"attacks": [retain]}).attacks[0].name == "relearn_unrelated"
+
+
 def test_verdicts_read_the_figures_and_the_paired_items():
     from unpact.metrics import ItemRecord
 

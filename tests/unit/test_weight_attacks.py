@@ -10,12 +10,13 @@ import torch
 from unpact.attacks import AttackContext, get_attack
 from unpact.attacks.hidden import (
     ablated,
+    continuation_states,
     last_states,
     lens_logits,
     mean_difference,
     probe_accuracy,
     project_out,
-    residual_modules,
+    residual_size,
     token_ranks,
 )
 from unpact.attacks.quantize import quantizable, quantize_weights, round_trip
@@ -79,6 +80,23 @@ def test_quantize_keeps_the_tiny_model_close_at_8_bits_and_rounds_every_layer():
     assert 0 < (after - before).abs().max() < 0.1 * before.abs().max()
 
 
+def test_quantize_rounds_gpt2s_conv1d_layers_along_their_input_features():
+    """GPT-2's linear layers are `Conv1D` (weight stored as in x out): they were skipped,
+    so a 4-bit attack on GPT-2 changed nothing and reported it as a quantized model."""
+    from transformers.pytorch_utils import Conv1D
+
+    from unpact.testing import tiny_other
+
+    lm = tiny_other("gpt2")
+    convs = {
+        n: m.weight.detach().clone() for n, m in lm.model.named_modules() if isinstance(m, Conv1D)
+    }
+    assert quantize_weights(lm.model, 4, 32) == len(convs) == 2 * 4  # c_attn c_proj c_fc c_proj
+    for name, w in convs.items():
+        got = lm.model.get_submodule(name).weight
+        assert torch.equal(got, round_trip(w.t(), 4, 32).t()), name
+
+
 def test_projecting_out_removes_exactly_the_direction():
     torch.manual_seed(0)
     h, d = torch.randn(5, 7, 16), torch.randn(16)
@@ -114,7 +132,7 @@ def test_last_states_are_padding_free_and_the_lens_at_the_last_layer_is_the_mode
     states = last_states(lm.model, seqs, batch=2)
     alone = torch.cat([last_states(lm.model, [s]) for s in seqs])
     assert torch.allclose(states, alone, atol=1e-5)
-    assert states.shape[1] == len(residual_modules(lm.model)) == 3
+    assert states.shape[1] == residual_size(lm.model) == 3
     with torch.no_grad():
         logits = lm.model(torch.tensor([seqs[0]])).logits[0, -1]
     lens = lens_logits(lm.model, states[0, -1])
@@ -128,7 +146,6 @@ def test_last_states_are_padding_free_and_the_lens_at_the_last_layer_is_the_mode
 
 
 def test_continuation_states_share_the_prompt_and_equal_the_full_pass():
-    from unpact.attacks.hidden import continuation_states
 
     lm = tiny_model(seed=3)
     prompt, conts = [1, 40, 50, 60], [[70, 71, 72], [80], [90, 91]]
@@ -290,3 +307,47 @@ def test_the_lens_cannot_tell_options_that_open_with_the_same_token(saved):
     )
     g, p = lm.encode_answer("glass")[0], lm.encode_answer("Paris")[0]
     assert rows[1]["layers"] == [bool(logits[k, g] > logits[k, p]) for k in range(len(logits))]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "gpt_neox", "qwen2", "gemma"])
+def test_the_residual_stream_is_read_and_ablated_in_other_architectures(arch):
+    """Once Llama-style only (`embed_tokens`, `layers`, `norm`): GPT-2, OPT and GPT-NeoX were
+    refused, and Gemma's index 0 missed its embedding scaling. Index 0 is what the first
+    layer receives (transformers' hidden_states[0]), l + 1 what layer l gives, and the lens
+    at the last layer is the model's own output."""
+    from unpact.testing import tiny_other
+
+    lm = tiny_other(arch)
+    seqs = [[1, 40, 50, 60, 61], [1, 70, 71]]
+    states = last_states(lm.model, seqs, batch=2)
+    assert states.shape[1] == residual_size(lm.model) == 3
+    with torch.no_grad():
+        out = lm.model(torch.tensor([seqs[0]]), output_hidden_states=True)
+    for k in (0, 1):  # transformers' last hidden state has the final norm applied
+        assert torch.allclose(states[0, k], out.hidden_states[k][0, -1].float(), atol=1e-4), k
+    assert torch.allclose(lens_logits(lm.model, states[0, -1]), out.logits[0, -1], atol=1e-3)
+    d = torch.randn(states.shape[-1])
+    with ablated(lm.model, d):
+        every = last_states(lm.model, seqs)
+    assert torch.allclose(every @ (d / d.norm()), torch.zeros(2, 3), atol=1e-4)
+    shared = continuation_states(lm.model, seqs[0][:3], [seqs[0][3:], [80]])
+    assert torch.allclose(shared[0], states[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "gpt_neox"])
+def test_rmu_trains_the_mlps_and_reads_the_layer_of_other_architectures(arch):
+    """RMU once stopped on `body.layers` (GPT-2, OPT) and trained nothing where the MLPs are
+    named otherwise (`h.i.mlp`, OPT's fc1/fc2)."""
+    from unpact.testing import tiny_other
+    from unpact.unlearn.methods import RMU, Batch, layer_activations
+
+    lm = tiny_other(arch)
+    rmu = RMU(RMU.Settings(layer=1))
+    names = [n for n, _ in lm.model.named_parameters() if rmu.trainable(n)]
+    assert names and all(".0." in n or ".1." in n for n in names), names
+    assert not any("attn" in n or "attention" in n for n in names), names
+    batch = Batch(("a",), ((1, 40, 50),), ((60, 2),), ((1, 5),))
+    (acts,) = layer_activations(lm.model, batch, 0)
+    with torch.no_grad():
+        out = lm.model(torch.tensor([[1, 40, 50, 60, 2]]), output_hidden_states=True)
+    assert torch.allclose(acts, out.hidden_states[1][0, 1:5], atol=1e-5)

@@ -93,6 +93,12 @@ class Attack:
         """Every prompt the attacker tries on this item (default: the one `prompt`)."""
         return [self.prompt(target.question, list(target.key_tokens))]
 
+    @property
+    def needs_splits(self) -> frozenset[str]:
+        """The splits of the run's data it reads beyond the forget items ("general":
+        the run must have general items; a config without them is refused up front)."""
+        return frozenset()
+
     def key_parts(self, ctx: AttackContext) -> list[Any]:
         """What the rows depend on beyond the model, items, KeyTokens, settings and judge."""
         return [list(ctx.demonstrations)] if self.uses_demonstrations else []

@@ -2,9 +2,11 @@
 it, and read the vocabulary from it (logit lens); the maths of the hidden-state attacks.
 
 Positions: a prompt's state is the residual stream at its last token (the position that
-predicts the answer's first token), after the embeddings (index 0) and after each decoder
-layer (index l + 1), as forward hooks on those modules see it: explicit, the same in every
-transformers version, and before the final norm (which the logit lens applies itself).
+predicts the answer's first token), as the first decoder layer receives it (index 0: the
+embeddings, with what the model adds to them, e.g. GPT-2's positions or Gemma's scaling) and
+after each decoder layer (index l + 1), as hooks on those layers see it: explicit, the same
+in every transformers version and architecture, and before the final norm (which the logit
+lens applies itself).
 """
 
 from __future__ import annotations
@@ -17,18 +19,12 @@ from typing import Any
 import torch
 
 from unpact.errors import UnpactError
-from unpact.scoring import head_logits, lm_body_and_head, right_padded
+from unpact.scoring import decoder_layers, final_norm, head_logits, lm_body_and_head, right_padded
 
 
-def residual_modules(model: Any) -> list[Any]:
-    """The modules whose outputs are the residual stream: embeddings, then each layer."""
-    body, _ = lm_body_and_head(model)
-    if not hasattr(body, "layers") or not hasattr(body, "embed_tokens"):
-        raise UnpactError(
-            f"{type(model).__name__}: hidden-state attacks need a decoder with "
-            "`embed_tokens` and `layers` (Llama-, Qwen-, Mistral-style models)"
-        )
-    return [body.embed_tokens, *body.layers]
+def residual_size(model: Any) -> int:
+    """Points of the residual stream read: before the first decoder layer, then after each."""
+    return len(decoder_layers(model)) + 1
 
 
 def _out(output: Any) -> torch.Tensor:
@@ -39,10 +35,35 @@ def _with(output: Any, hidden: torch.Tensor) -> Any:
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
-def _capture(
-    into: list[torch.Tensor], at: tuple[torch.Tensor, torch.Tensor], _m: Any, _i: Any, output: Any
-) -> None:
-    h = _out(output)
+def _on_residual(model: Any, fn: Any, where: Sequence[int] | None = None) -> list[Any]:
+    """Hooks calling `fn(hidden)` on the residual stream at each index of `where` (all by
+    default): 0 is the first decoder layer's input (the embeddings, with whatever the model
+    adds to them: positions, scaling), l + 1 is layer l's output. When `fn` returns a
+    tensor, it replaces the stream there. Returns the handles."""
+    layers = decoder_layers(model)
+    handles = []
+    for k in range(len(layers) + 1) if where is None else where:
+        if k == 0:
+
+            def before(_m: Any, args: Any, kwargs: Any) -> Any:
+                if args:
+                    new = fn(args[0])
+                    return None if new is None else ((new, *args[1:]), kwargs)
+                new = fn(kwargs["hidden_states"])
+                return None if new is None else (args, {**kwargs, "hidden_states": new})
+
+            handles.append(layers[0].register_forward_pre_hook(before, with_kwargs=True))
+        else:
+
+            def after(_m: Any, _i: Any, output: Any) -> Any:
+                new = fn(_out(output))
+                return None if new is None else _with(output, new)
+
+            handles.append(layers[k - 1].register_forward_hook(after))
+    return handles
+
+
+def _capture(into: list[torch.Tensor], at: tuple[torch.Tensor, torch.Tensor], h: Any) -> None:
     into.append(h[at[0].to(h.device), at[1].to(h.device)].float().cpu())
 
 
@@ -50,7 +71,6 @@ def _capture(
 def last_states(model: Any, seqs: Sequence[Sequence[int]], batch: int = 16) -> torch.Tensor:
     """The residual stream at each sequence's last token: (len(seqs), layers + 1, hidden),
     float32 on the CPU."""
-    modules = residual_modules(model)
     device = next(model.parameters()).device
     found: list[torch.Tensor] = []
     for start in range(0, len(seqs), batch):
@@ -58,7 +78,7 @@ def last_states(model: Any, seqs: Sequence[Sequence[int]], batch: int = 16) -> t
         ids, mask = right_padded(chunk)
         captured: list[torch.Tensor] = []
         at = (torch.arange(len(chunk)), torch.tensor([len(s) - 1 for s in chunk]))
-        handles = [m.register_forward_hook(partial(_capture, captured, at)) for m in modules]
+        handles = _on_residual(model, partial(_capture, captured, at))
         try:
             model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
         finally:
@@ -79,7 +99,6 @@ def continuation_states(
     cost of the continuations' tokens alone."""
     from unpact.scoring import cache_kwarg, cache_of
 
-    modules = residual_modules(model)
     body, _ = lm_body_and_head(model)
     device = next(model.parameters()).device
     n = len(continuations)
@@ -91,7 +110,7 @@ def continuation_states(
     positions = len(prompt) + torch.arange(ids.shape[1])[None].expand(n, -1)
     captured: list[torch.Tensor] = []
     at = (torch.arange(n), torch.tensor([len(c) - 1 for c in continuations]))
-    handles = [m.register_forward_hook(partial(_capture, captured, at)) for m in modules]
+    handles = _on_residual(model, partial(_capture, captured, at))
     try:
         body(
             input_ids=ids.to(device),
@@ -120,15 +139,9 @@ def ablated(model: Any, direction: torch.Tensor, at: Sequence[int] | None = None
     residual indices, 0 = embeddings, l + 1 = layer l). The hooks go when the block ends."""
     if float(direction.norm()) == 0.0:
         raise UnpactError("the direction to ablate is zero: the two models' activations agree")
-    modules = residual_modules(model)
-    where = range(len(modules)) if at is None else at
     device = next(model.parameters()).device
     d = direction.to(device)
-
-    def hook(_m: Any, _i: Any, output: Any) -> Any:
-        return _with(output, project_out(_out(output), d))
-
-    handles = [modules[k].register_forward_hook(hook) for k in where]
+    handles = _on_residual(model, lambda h: project_out(h, d), at)
     try:
         yield
     finally:
@@ -148,11 +161,10 @@ def lens_logits(model: Any, states: torch.Tensor) -> torch.Tensor:
     """Logit lens: the vocabulary logits read from residual states (..., hidden) through
     the model's final norm and LM head, as nostalgebraist's logit lens does. At the last
     layer this is the model's own output."""
-    body, _ = lm_body_and_head(model)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     hidden = states.to(device=device, dtype=dtype)
-    norm = getattr(body, "norm", None)
+    norm = final_norm(model)
     if norm is not None:
         hidden = norm(hidden)
     return head_logits(model, hidden).cpu()

@@ -27,15 +27,24 @@ import torch
 from unpact.errors import UnpactError
 
 
-def quantizable(model: Any) -> list[tuple[str, torch.nn.Linear]]:
+def quantizable(model: Any) -> list[tuple[str, torch.nn.Module]]:
     """The linear layers that weight-only quantization rounds: all but the LM head (which
-    most models tie to the embeddings; the published attacks leave it in full precision)."""
+    most models tie to the embeddings; the published attacks leave it in full precision).
+    GPT-2's `Conv1D` (a linear layer with its weight stored transposed) counts too."""
+    from transformers.pytorch_utils import Conv1D
+
     _, head = _body_head(model)
     return [
         (name, m)
         for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and m is not head
+        if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head
     ]
+
+
+def _out_in(layer: torch.nn.Module) -> torch.Tensor:
+    """The layer's weight as (out features, in features), the layout quantization groups."""
+    w: torch.Tensor = layer.weight  # type: ignore[assignment]
+    return w if isinstance(layer, torch.nn.Linear) else w.t()
 
 
 def _body_head(model: Any) -> tuple[Any, Any]:
@@ -66,8 +75,10 @@ def quantize_weights(
     if not 2 <= bits <= 8:
         raise UnpactError(f"quantize: bits must be between 2 and 8, not {bits}")
     layers = quantizable(model)
+    if not layers:
+        raise UnpactError(f"quantize: {type(model).__name__} has no linear layer to quantize")
     for name, layer in layers:
-        width = layer.weight.shape[1]
+        width = _out_in(layer).shape[1]
         if group_size is not None and width % group_size:
             raise UnpactError(
                 f"quantize: group_size {group_size} does not divide {name}'s {width} input "
@@ -83,11 +94,14 @@ def quantize_weights(
         if algorithm == "hqq"
         else IntxChooseQParamsAlgorithm.AFFINE,
     )
-    originals = {id(layer): layer.weight.dtype for _, layer in layers}
-    targets = set(originals)
-    quantize_(model, config, filter_fn=lambda m, fqn: id(m) in targets)
-    for _, layer in layers:
-        dequantized = layer.weight.dequantize().to(originals[id(layer)])
+    for _, layer in layers:  # one at a time, through a plain Linear holding its weight
+        w = _out_in(layer).detach()
+        shadow = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        shadow.weight = torch.nn.Parameter(w.contiguous(), requires_grad=False)
+        quantize_(shadow, config)
+        dequantized = shadow.weight.dequantize().to(w.dtype)
+        if not isinstance(layer, torch.nn.Linear):
+            dequantized = dequantized.t().contiguous()
         layer.weight = torch.nn.Parameter(dequantized, requires_grad=False)
     return len(layers)
 

@@ -37,7 +37,7 @@ from unpact.attacks.hidden import (
     lens_logits,
     mean_difference,
     probe_accuracy,
-    residual_modules,
+    residual_size,
     token_ranks,
 )
 from unpact.attacks.relearn import FinetuneSettings
@@ -188,6 +188,10 @@ class RelearnUnrelated(WeightAttack):
     Settings = RelearnUnrelatedSettings
     has_baseline = True
 
+    @property
+    def needs_splits(self) -> frozenset[str]:
+        return frozenset({self.settings.data})
+
     def chosen(self, ctx: AttackContext) -> list[QAItem]:
         s = self.settings
         pool = sorted(ctx.general if s.data == "general" else ctx.retain, key=lambda i: i.id)
@@ -237,7 +241,7 @@ class AblateDirection(WeightAttack):
     Settings = AblateSettings
 
     def index(self, lm: LanguageModel) -> int:
-        n = len(residual_modules(lm.model))
+        n = residual_size(lm.model)
         k = self.settings.layer
         if k == -1:
             return n // 2

@@ -79,7 +79,7 @@ def audit_config(
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The run config of an audit, and the parts it leaves out with the reason (an attack
     that needs weights on a served model)."""
-    from unpact.attacks import ATTACKS
+    from unpact.attacks import ATTACKS, get_attack
     from unpact.types import is_remote_spec
 
     if preset not in PRESETS:
@@ -103,6 +103,12 @@ def audit_config(
                 chosen.remove(a)
                 label = a.get("label") or a["name"]
                 skipped[f"attack.{label}"] = f"{served[0]} is served: no weights to attack"
+    if general is None:  # e.g. relearning on general-knowledge QA
+        for a in list(chosen):
+            if "general" in get_attack(a["name"], a.get("settings")).needs_splits:
+                chosen.remove(a)
+                label = a.get("label") or a["name"]
+                skipped[f"attack.{label}"] = "--general none: no general-knowledge items to use"
     for a in chosen:  # every verdict is against the same attack on the reference
         a.setdefault("control", True)
     preset_cfg = PRESETS[preset]

@@ -484,9 +484,14 @@ def _check_attacks(config: RunConfig, where: str) -> set[str]:
                 f"choose from {', '.join(sorted(ATTACKS))}"
             )
         try:
-            get_attack(attack.name, attack.settings)
+            made = get_attack(attack.name, attack.settings)
         except UnpactError as e:
             raise UnpactError(f"{where}: attacks.{n}.settings: {e}") from None
+        if "general" in made.needs_splits and config.data.general is None:
+            raise UnpactError(
+                f"{where}: attacks.{n}: {attack.name} reads general-knowledge items, and "
+                "data.general is null (name a general benchmark, or change its settings)"
+            )
         if attack.column in names:
             what = "label" if attack.label else "name"
             raise UnpactError(

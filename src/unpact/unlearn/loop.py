@@ -305,6 +305,11 @@ def _trainable(net: Any, method: Method, config: UnlearnConfig) -> Any:
         p.requires_grad_(method.trainable(name))
     if config.freeze_embeddings:
         embeddings.requires_grad_(False)
+    if not any(p.requires_grad for p in net.parameters()):
+        raise UnpactError(
+            f"{method.name}: no weight of {type(net).__name__} is left to train (the method "
+            "trains only some modules, which this architecture names otherwise)"
+        )
     if config.lora is not None:
         net = add_lora(net, config.lora, method.trainable)
     return net
@@ -439,20 +444,28 @@ def add_lora(
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise UnpactError("LoRA needs peft: pip install peft") from None
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers; peft adapts them
+
+    linear = [n for n, m in net.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and n]
     names = [
         n
-        for n, m in net.named_modules()
-        if isinstance(m, torch.nn.Linear)
-        and n.rsplit(".", 1)[-1] in settings.target_modules
+        for n in linear
+        if n.rsplit(".", 1)[-1] in settings.target_modules
         and (trainable is None or trainable(n + ".weight"))
     ]
     if not names:
-        raise UnpactError(f"LoRA: no module matches {settings.target_modules} for this method")
+        own = sorted({n.rsplit(".", 1)[-1] for n in linear} - {"lm_head", "embed_out"})
+        raise UnpactError(
+            f"LoRA: no module matches {settings.target_modules} for this method; set "
+            f"lora.target_modules to some of this model's linear layers: {', '.join(own)}"
+        )
     lora = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=names,
+        # Conv1D stores its weight transposed; peft would say so in a warning and set it
+        fan_in_fan_out=any(isinstance(net.get_submodule(n), Conv1D) for n in names),
     )
     with warnings.catch_warnings():
         # peft asks transformers' deprecated `is_gradient_checkpointing` (transformers 5.x);

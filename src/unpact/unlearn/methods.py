@@ -33,6 +33,7 @@ from unpact.errors import UnpactError
 from unpact.scoring import (
     answer_distributions,
     answer_logprobs,
+    decoder_layers,
     lm_body_and_head,
     right_padded,
 )
@@ -424,6 +425,10 @@ class _RMUSettings(MethodSettings):
     seed: int = Field(0, description="seed of the random unit vector u")
 
 
+def _mlp_paths(i: int) -> tuple[str, ...]:
+    return (f"layers.{i}.mlp.", f"h.{i}.mlp.", f"layers.{i}.fc1.", f"layers.{i}.fc2.")
+
+
 class RMU(Method):
     """Representation misdirection (Li et al. 2024, WMDP): at layer l, push the forget
     items' activations towards `c * u` (u a fixed random unit vector) and keep the retain
@@ -449,7 +454,10 @@ class RMU(Method):
         return list(range(max(0, s.layer - 2), s.layer + 1))
 
     def trainable(self, name: str) -> bool:
-        return any(f"layers.{i}.mlp." in name for i in self.layers)
+        # the MLP of each of those decoder blocks: `layers.i.mlp.` (Llama-style, GPT-NeoX),
+        # `h.i.mlp.` (GPT-2, Falcon), `layers.i.fc1.` / `fc2.` (OPT)
+        dotted = f".{name}"
+        return any(f".{where}" in dotted for i in self.layers for where in _mlp_paths(i))
 
     def direction(self, hidden_size: int) -> torch.Tensor:
         if self._u is None or self._u.numel() != hidden_size:
@@ -480,11 +488,11 @@ def layer_activations(model: Any, batch: Batch, layer: int) -> list[torch.Tensor
     """Per item, the output of decoder layer `layer` at the item's own positions
     (`batch.content`). The forward stops after that layer: the rest is never computed."""
     body, _ = lm_body_and_head(model)
-    layers = body.layers
+    layers = decoder_layers(model)
     if not 0 <= layer < len(layers):
         raise UnpactError(
             f"layer {layer} does not exist; the model has {len(layers)} layers (0-based: set "
-            f"the method's `layer` setting, e.g. --set settings.layer={len(layers) // 2})"
+            f"the method's `layer` setting, e.g. --set layer={len(layers) // 2})"
         )
     device = next(model.parameters()).device
     ids, mask = right_padded([(*p, *a) for p, a in zip(batch.prompts, batch.answers)])
