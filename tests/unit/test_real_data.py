@@ -205,3 +205,30 @@ def test_bad_tofu_and_muse_content_names_the_file(tmp_path):
     (muse / "knowmem" / "forget_qa.json").write_text('[{"question": "q", "answer": []}]')
     with pytest.raises(UnpactError, match=r"forget_qa\.json, record 1: field 'answer'"):
         read_muse(muse)
+
+
+def test_muse_other_layouts_retain2_json_raw_and_privleak_texts(tmp_path):
+    """An earlier MUSE release names the retain questions retain2_qa.json and keeps its
+    texts as JSON: the raw corpus as `datasets` writes it (records with `text`) and the
+    PrivLeak sets as lists of strings; once refused or read without holdout texts."""
+    import json
+    import shutil
+
+    muse = tmp_path / "muse"
+    (muse / "knowmem").mkdir(parents=True)
+    shutil.copy(FIXTURES / "muse/knowmem/forget_qa.json", muse / "knowmem")
+    shutil.copy(FIXTURES / "muse/knowmem/retain_qa.json", muse / "knowmem/retain2_qa.json")
+    (muse / "raw").mkdir()
+    (muse / "raw/forget.json").write_text('{"text": "First forget."}\n{"text": "Second."}\n')
+    (muse / "privleak").mkdir()
+    (muse / "privleak/forget.json").write_text(json.dumps(["not read: raw comes first"]))
+    (muse / "privleak/holdout.json").write_text(json.dumps(["Never seen.", "  ", "Nor this."]))
+    bench = read_muse(muse)
+    assert bench.counts() == {"forget": 2, "retain": 1}
+    docs = [(d.split, d.text) for d in bench.documents]
+    assert docs == [
+        ("forget", "First forget."),
+        ("forget", "Second."),
+        ("holdout", "Never seen."),
+        ("holdout", "Nor this."),
+    ]

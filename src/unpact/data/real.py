@@ -4,10 +4,13 @@ Each reader takes a local path in the benchmark's own layout, or (for users with
 `hub=True` to fetch the same data through `datasets` (`pip install datasets`):
 
 - MUSE (News or Books; muse-bench/MUSE-News, muse-bench/MUSE-Books): a folder with
-  `knowmem/forget_qa.json` and `knowmem/retain_qa.json` (JSON lists of
-  `{"question", "answer"}`) and optionally `raw/forget.txt` and `raw/retain1.txt` (plain
-  text; each blank-line-separated block becomes a document), and `raw/holdout.txt` (MUSE's
-  never-trained text, read as `holdout` documents).
+  `knowmem/forget_qa.json` and `knowmem/retain_qa.json` (or `retain2_qa.json`, as an
+  earlier release names it; JSON lists of `{"question", "answer"}`) and optionally
+  `raw/forget`, `raw/retain1` and `raw/holdout` (MUSE's never-trained text, read as
+  `holdout` documents), each as `.txt` (each blank-line-separated block becomes a
+  document) or `.json`/`.jsonl` (a list of strings, or records with `text`); without a raw
+  forget or holdout file, `privleak/forget.json` and `privleak/holdout.json` (MUSE's
+  PrivLeak sets) are read instead.
 - TOFU (locuslab/TOFU): a folder with `forget01.json`, `forget05.json` or `forget10.json`
   and the matching `retain99.json`, `retain95.json` or `retain90.json` (JSON lines or a
   JSON list of `{"question", "answer"}`), optionally `world_facts.json` and
@@ -101,44 +104,65 @@ def _hub(repo: str, config: str | None, split: str) -> list[dict[str, Any]]:
 
 
 def _paragraphs(path: Path, split: str, prefix: str) -> list[Document]:
-    blocks = [b.strip() for b in _read(path).split("\n\n") if b.strip()]
+    """A MUSE text file as documents: a .txt file's blank-line-separated paragraphs, or a
+    JSON file's texts (a list of strings, or of records with a `text` field)."""
+    if path.suffix == ".txt":
+        blocks = [b.strip() for b in _read(path).split("\n\n") if b.strip()]
+    else:
+        blocks = []
+        for n, r in enumerate(_records(path)):
+            text = r if isinstance(r, str) else _text(r, "text", f"{path}, record {n + 1}")
+            if text.strip():
+                blocks.append(text.strip())
     return [Document(f"{prefix}-{n:05d}", b, split) for n, b in enumerate(blocks)]
 
 
+# Where each split's text is, first found first: MUSE's raw corpus (.txt as in the GitHub
+# release, .json as `datasets` writes it), else its PrivLeak sets (forget and holdout)
+_MUSE_TEXTS = {
+    "forget": ("raw/forget.txt", "raw/forget.json", "raw/forget.jsonl", "privleak/forget.json"),
+    "retain": ("raw/retain1.txt", "raw/retain1.json", "raw/retain1.jsonl"),
+    "holdout": (
+        "raw/holdout.txt",
+        "raw/holdout.json",
+        "raw/holdout.jsonl",
+        "privleak/holdout.json",
+    ),
+}
+
+
 def read_muse(source: str | Path, *, corpus: str = "news", hub: bool = False) -> Benchmark:
-    """MUSE knowledge-memorisation QA (forget / retain) and, if present, its raw text."""
+    """MUSE knowledge-memorisation QA (forget / retain) and, if present, its texts: the
+    raw forget, retain1 and holdout corpora (or the PrivLeak forget and holdout sets)."""
     name = f"muse-{corpus}"
     if hub:
         repo = {"news": "muse-bench/MUSE-News", "books": "muse-bench/MUSE-Books"}[corpus]
         items = _qa(_hub(repo, "knowmem", "forget_qa"), "forget", f"{name}-forget", repo)
         items += _qa(_hub(repo, "knowmem", "retain_qa"), "retain", f"{name}-retain", repo)
         hub_docs = [
-            Document(f"{name}-forget-{n:05d}", r["text"], "forget")
-            for n, r in enumerate(_hub(repo, "raw", "forget"))
-        ]
-        hub_docs += [
-            Document(f"{name}-retain-{n:05d}", r["text"], "retain")
-            for n, r in enumerate(_hub(repo, "raw", "retain1"))
+            Document(f"{name}-{split}-{n:05d}", r["text"], split)
+            for split, part in (("forget", "forget"), ("retain", "retain1"), ("holdout", "holdout"))
+            for n, r in enumerate(_hub(repo, "raw", part))
         ]
         return Benchmark(name, items, hub_docs)
     folder = Path(source)
-    forget_qa, retain_qa = (
-        folder / "knowmem" / "forget_qa.json",
+    # an earlier release names the retain questions retain2_qa.json; the hub, retain_qa
+    forget_qa = folder / "knowmem" / "forget_qa.json"
+    retain_qa = next(
+        (f for f in (folder / "knowmem" / n for n in ("retain_qa.json", "retain2_qa.json"))
+         if f.is_file()),
         folder / "knowmem" / "retain_qa.json",
-    )
+    )  # fmt: skip
     for f in (forget_qa, retain_qa):
         if not f.is_file():
             raise UnpactError(f"{folder} is not a MUSE folder: {f.relative_to(folder)} is missing")
     items = _qa(_records(forget_qa), "forget", f"{name}-forget", str(forget_qa))
     items += _qa(_records(retain_qa), "retain", f"{name}-retain", str(retain_qa))
     docs: list[Document] = []
-    for split, file in (
-        ("forget", "forget.txt"),
-        ("retain", "retain1.txt"),
-        ("holdout", "holdout.txt"),
-    ):
-        if (folder / "raw" / file).is_file():
-            docs += _paragraphs(folder / "raw" / file, split, f"{name}-{split}")
+    for split, candidates in _MUSE_TEXTS.items():
+        found = next((folder / c for c in candidates if (folder / c).is_file()), None)
+        if found is not None:
+            docs += _paragraphs(found, split, f"{name}-{split}")
     return Benchmark(name, items, docs)
 
 
