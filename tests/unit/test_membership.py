@@ -322,3 +322,23 @@ def test_the_documents_scored_are_those_of_the_runs_items():
     assert [d.id for d in capped] == ["f1", "h1"]
     no_holdout = Data(Benchmark("b", [], docs[:3]), {"forget": []}, [])
     assert scored_documents(no_holdout, MembershipSettings()) == []
+
+
+def test_truth_ratio_answers_are_scored_for_forget_items_only(tiny):
+    """Forget quality compares the forget items' truth ratios; the holdout items' were
+    scored too (as many answers again) and never read."""
+    from unpact.data.items import QAItem
+    from unpact.run.membership import score_model
+    from unpact.scoring import answer_logprobs
+
+    def item(n, split):
+        return QAItem(f"{split}-{n}", "Who is Bob?", "a man", split, (), (), None, None,
+                      "a person", ("a dog", "a cat"))  # fmt: skip
+
+    items = [item(0, "forget"), item(1, "holdout"), item(2, "forget")]
+    rows = score_model(tiny, items, gradnorm=False)
+    assert [len(r.get("truth_answers", [])) for r in rows] == [3, 0, 3]
+    alone = answer_logprobs(
+        tiny.model, [tiny.encode_prompt("Who is Bob?").input_ids], [tiny.encode_answer("a dog")]
+    )[0]
+    assert rows[0]["truth_answers"][1] == pytest.approx(alone.tolist(), abs=1e-4)

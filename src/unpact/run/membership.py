@@ -215,8 +215,9 @@ def _local(lm: AnyModel, label: str) -> LanguageModel:
 
 
 def score_model(lm: LanguageModel, items: list[QAItem], gradnorm: bool) -> list[dict[str, Any]]:
-    """Per item: its answer's teacher-forced statistics, its gradient norm, and the token
-    log-probs of its paraphrased and perturbed answers (when it has them)."""
+    """Per item: its answer's teacher-forced statistics, its gradient norm, and for a forget
+    item the token log-probs of its paraphrased and perturbed answers (when it has them:
+    the truth ratio, which forget quality compares on the forget items only)."""
     from unpact.scoring import answer_logprobs
 
     questions, answers = _texts(items)
@@ -228,7 +229,7 @@ def score_model(lm: LanguageModel, items: list[QAItem], gradnorm: bool) -> list[
     pairs: list[tuple[int, str]] = []  # (row, text) of every truth-ratio answer
     for n, (item, s) in enumerate(zip(items, stats)):
         rows.append({"id": item.id, "stats": s.to_dict(), "gradnorm": norms[n] if norms else None})
-        if item.paraphrased_answer and item.perturbed_answers:
+        if item.split == "forget" and item.paraphrased_answer and item.perturbed_answers:
             pairs += [(n, item.paraphrased_answer)] + [(n, t) for t in item.perturbed_answers]
     lps = answer_logprobs(
         lm.model,
@@ -459,7 +460,7 @@ def compute(
             "membership",
             "membership",
             m.label,
-            [m.key, item_key, grad],
+            [m.key, item_key, grad, "truth answers: forget items"],  # holdout's: none
             partial(
                 lambda g, lbl, gr: score_model(_local(g(), lbl), items, gr), get, m.label, grad
             ),
