@@ -23,11 +23,30 @@ import sys
 import traceback
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from unpact.errors import UnpactError
 
 _LOADED: dict[str, ModuleType] = {}
 _SOURCES: dict[str, str] = {}  # resolved file or package folder -> the plugin as given
+
+
+def check_name(registry: dict[str, Any], cls: type, what: str) -> None:
+    """A class registering under a name unpact's own code already uses is refused (a
+    plugin's attack named `probab`, or `class MyNPO(NPO)` inheriting the name `npo`): it
+    would replace the built-in for every run in the process, silently."""
+    name = getattr(cls, "name", "")
+    held = registry.get(name)
+    if (
+        held is not None
+        and held is not cls
+        and held.__module__.startswith("unpact.")
+        and not cls.__module__.startswith("unpact.")
+    ):
+        raise UnpactError(
+            f"{what} name {name!r} is unpact's built-in {held.__name__}: give "
+            f'{cls.__name__} a name of its own (name = "...")'
+        )
 
 
 def load_plugins(entries: list[str], base: Path | None = None) -> list[ModuleType]:

@@ -284,3 +284,24 @@ def test_a_method_whose_losses_are_not_scalar_tensors_is_named():
     ):
         with pytest.raises(UnpactError, match=message):
             _check_terms(terms, "m")
+
+
+def test_a_plugin_cannot_take_a_built_in_name(project, registries):
+    """An attack named `probab`, or a subclass of NPO that inherits the name `npo`, once
+    replaced the built-in silently for the whole process."""
+    for source, message in (
+        (
+            "from unpact.attacks import Attack\n\nclass Mine(Attack):\n    name = 'probab'\n",
+            r"mine_dup\.py:3: attack name 'probab' is unpact's built-in",
+        ),
+        (
+            "from unpact.unlearn.methods import NPO\n\nclass MyNPO(NPO):\n    pass\n",
+            r"mine_dup\.py:3: method name 'npo' is unpact's built-in NPO: give MyNPO a name",
+        ),
+    ):
+        plugin = project / "plugins" / "mine_dup.py"
+        plugin.write_text(source)
+        with pytest.raises(UnpactError, match=message):
+            load_config({"plugins": [str(plugin)], "methods": [{"method": "ga"}]})
+    assert ATTACKS["probab"].__module__.startswith("unpact.")
+    assert METHODS["npo"].__module__.startswith("unpact.")

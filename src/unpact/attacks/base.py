@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from unpact.data.items import QAItem
 from unpact.errors import UnpactError
 from unpact.judge import JudgeSettings, Verdict, choose_options, judge_many
+from unpact.plugins import check_name as _check_name
 from unpact.scoring import generate
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ class Attack:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.name:
+            _check_name(ATTACKS, cls, "attack")
             ATTACKS[cls.name] = cls
 
     @property
