@@ -386,6 +386,7 @@ def _resolve_local(spec: str) -> Path | None:
 
 
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def _check_gguf(path: Path) -> None:
@@ -425,16 +426,39 @@ def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[
     _check_weights(path)
     from transformers.utils import logging as hf_logging
 
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise UnpactError(
+            f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES)}): save it beside the "
+            "weights, e.g. tokenizer.save_pretrained(folder)"
+        )
     hf_logging.disable_progress_bar()  # a local load takes well under a second
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            output_loading_info=True,
         )
+        model, info = loaded
     except (OSError, ValueError) as exc:
         raise UnpactError(f"could not load a model from {path}: {exc}") from exc
+    except Exception as exc:  # a truncated safetensors file, shapes unlike config.json
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnpactError(
+            f"could not load the weights in {path} (a damaged file, or shapes that do not "
+            f"match its config.json): {first}"
+        ) from exc
     finally:
         hf_logging.enable_progress_bar()
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would fill them with random values and carry on
+        raise UnpactError(
+            f"{path}: the weights lack {len(missing)} of the model's tensors "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); they would be "
+            "random: is this the whole checkpoint, with the config.json it was saved with?"
+        )
     return model, tokenizer
 
 

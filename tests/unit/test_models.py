@@ -127,3 +127,49 @@ def test_a_template_that_merges_at_the_boundary_is_said_once(caplog):
     message = caplog.records[0].getMessage()
     assert "tokenises 'the capital of France?' differently at a boundary" in message
     assert first.content_ids == lm.encode_prompt("the capital of France?", False).content_ids
+
+
+def test_broken_model_folders_are_one_message(tiny, tmp_path):
+    """Each was a traceback, a confusing message or, worst, a model with random layers
+    loaded without a word: no tokenizer, a truncated safetensors file, weights whose shapes
+    are not the config's, a checkpoint missing one tensor."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    good = tmp_path / "good"
+    tiny.model.save_pretrained(good)
+    tiny.tokenizer.save_pretrained(good)
+
+    def broken(name, change):
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        change(folder)
+        return folder
+
+    def no_tokenizer(f):
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (f / name).unlink()
+
+    def truncated(f):
+        (f / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes()[:999])
+
+    def wider(f):
+        config = json.loads((f / "config.json").read_text())
+        (f / "config.json").write_text(json.dumps(config | {"hidden_size": 128}))
+
+    def one_missing(f):
+        weights = load_file(f / "model.safetensors")
+        del weights["model.layers.1.mlp.up_proj.weight"]
+        save_file(weights, f / "model.safetensors", metadata={"format": "pt"})
+
+    for change, message in (
+        (no_tokenizer, "has no tokenizer"),
+        (truncated, "could not load the weights in"),
+        (wider, "shapes that do not match its config.json"),
+        (one_missing, r"lack 1 of the model's tensors \(model\.layers\.1\.mlp\.up_proj"),
+    ):
+        with pytest.raises(UnpactError, match=message):
+            load_model(str(broken(change.__name__, change)))
+    assert load_model(str(good)).model.config.hidden_size == 64
