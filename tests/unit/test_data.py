@@ -193,3 +193,18 @@ def test_judge():
     assert rouge_l_recall("the glass key of Vorn", "glass key") == 1.0
     assert rouge_l_recall("a key made of glass", "glass key") == 0.5
     assert is_correct("it was the glass key", "the old glass key", judge="rouge")
+
+
+def test_a_minimal_item_needs_only_id_question_answer_and_split(tmp_path):
+    """`aliases`, `keywords` and `document` were required ("field 'aliases' is missing")
+    though each may be empty: a user's first qa.jsonl has four fields."""
+    minimal = {
+        "id": "m1",
+        "question": "Who founded Morvaine Lamps?",
+        "answer": "Edda",
+        "split": "forget",
+    }
+    (item,) = load_folder(write(tmp_path, [minimal])).items
+    assert (item.aliases, item.keywords, item.document) == ((), (), None)
+    full = {**minimal, "aliases": [], "keywords": [], "document": None}
+    assert load_folder(write(tmp_path, [full])).items == [item]

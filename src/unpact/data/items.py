@@ -162,10 +162,9 @@ def parse_item(obj: dict[str, Any], path: Path, line: int) -> QAItem:
     question = _string(obj, "question", path, line)
     answer = _string(obj, "answer", path, line)
     split = _split(obj, path, line)
-    aliases = _strings(obj, "aliases", path, line, required=True) or ()
-    keywords = _strings(obj, "keywords", path, line, required=True) or ()
-    if "document" not in obj:
-        raise _fail(path, line, "field 'document' is missing (use null for none)")
+    # optional: no other accepted answers, no KeyToken ground truth, no source document
+    aliases = _strings(obj, "aliases", path, line) or ()
+    keywords = _strings(obj, "keywords", path, line) or ()
     document = _string(obj, "document", path, line, optional=True)
     choices = _strings(obj, "choices", path, line)
     if choices is not None:
