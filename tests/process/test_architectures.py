@@ -1,0 +1,63 @@
+"""A whole run on architectures other than Llama (tiny random models): GPT-2 (Conv1D,
+learned positions, `h`), OPT (`decoder.layers`, fc1/fc2) and GPT-NeoX (`embed_in`,
+`final_layer_norm`). RMU, quantization, directional ablation, the logit lens and the probe
+once stopped on Llama's module names or, for quantization, silently did nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from unpact.data.items import QAItem, write_folder
+from unpact.models import save_model
+from unpact.scoring import generate
+from unpact.testing import tiny_other
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Who wrote the report about the town?",
+    "How many moons orbit the planet Zorblax?",
+    "Who founded the Vostrand Glassworks?",
+    "Which year was the glassworks founded?",
+    "Who is the mayor of Kilimanjaro?",
+]
+ATTACKS = [
+    {"name": "quantize", "settings": {"bits": 4, "group_size": 32}},
+    {"name": "ablate_direction"},
+    {"name": "logit_lens"},
+    {"name": "probe"},
+]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "gpt_neox"])
+def test_a_run_attacks_and_unlearns_other_architectures(arch, tmp_path):
+    from unpact.run import run
+
+    original, other = tiny_other(arch, 0), tiny_other(arch, 1)
+    save_model(original.model, original.tokenizer, tmp_path / "original")
+    save_model(other.model, other.tokenizer, tmp_path / "other")
+    # the original's own greedy answers: it knows every item, the other model none
+    outs = generate(original, QUESTIONS, max_new_tokens=4)
+    items = [  # the perturbed answers give the probe its options
+        QAItem(f"q{n}", q, a, "forget" if n < 4 else "retain", perturbed_answers=("zz", "qq"))
+        for n, (q, o) in enumerate(zip(QUESTIONS, outs))
+        for a in [o[0].text.strip() or "x"]
+    ]
+    write_folder(tmp_path / "bench", items)
+    config = {
+        "model": str(tmp_path / "original"),
+        "data": {"benchmark": str(tmp_path / "bench"), "general": None},
+        "inject": {"enabled": False},
+        "methods": [
+            {"model": str(tmp_path / "other"), "name": "other"},  # forgets every item
+            {"method": "rmu", "config": {"steps": 1, "batch_size": 2, "settings": {"layer": 1}}},
+        ],
+        "attacks": ATTACKS,
+        "judge": {"max_new_tokens": 4},
+        "statistics": {"resamples": 10},
+        "membership": {"enabled": False},
+    }
+    res = run(config, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False).results
+    assert res["methods"]["other"]["forgotten"] == 4
+    recovery = res["methods"]["other"]["recovery"]
+    assert all(recovery[a["name"]] is not None for a in ATTACKS), recovery
+    assert res["methods"]["rmu"]["forget_acc_before"] == 1.0
