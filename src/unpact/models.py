@@ -452,14 +452,20 @@ def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[
         ) from exc
     finally:
         hf_logging.enable_progress_bar()
+    _check_complete(str(path), info)
+    return model, tokenizer
+
+
+def _check_complete(where: str, info: dict[str, Any]) -> None:
+    """Refuse a checkpoint that lacks some of the model's tensors (transformers fills them
+    with random values and carries on)."""
     missing = sorted(info.get("missing_keys") or [])
-    if missing:  # transformers would fill them with random values and carry on
+    if missing:
         raise UnpactError(
-            f"{path}: the weights lack {len(missing)} of the model's tensors "
+            f"{where}: the weights lack {len(missing)} of the model's tensors "
             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); they would be "
             "random: is this the whole checkpoint, with the config.json it was saved with?"
         )
-    return model, tokenizer
 
 
 def _load_hub(spec: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[Any, Any]:
@@ -467,15 +473,21 @@ def _load_hub(spec: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[A
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            spec, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
+            spec,
+            dtype=dtype,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            output_loading_info=True,
         )
+        model, info = loaded
     except (OSError, ValueError) as exc:
         first_line = _first_line(exc)
         raise UnpactError(
             f"model spec {spec!r} resolves to nothing: it is not 'default', not a local "
             f"directory or .gguf file, and loading it as a hub id failed ({first_line})"
         ) from exc
+    _check_complete(spec, info)
     return model, tokenizer
 
 
