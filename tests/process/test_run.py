@@ -278,6 +278,23 @@ def test_config_mistakes_name_the_key(change, message):
         load_config(config)
 
 
+def test_a_benchmark_without_the_splits_the_methods_need_is_refused_up_front(tmp_path):
+    """Once said by the unlearning stage, after the injection had run."""
+    for split in ("forget", "retain"):
+        folder = tmp_path / f"only_{split}"
+        folder.mkdir()
+        (folder / "qa.jsonl").write_text(
+            json.dumps({"id": "q", "question": "Who is Bob?", "answer": "Bob", "split": split})
+        )
+    only_forget = {"data": {"benchmark": str(tmp_path / "only_forget"), "general": None}}
+    with pytest.raises(UnpactError, match=r"methods\.1: ga_gd needs retain items"):
+        load_config(only_forget | {"methods": [{"method": "ga"}, {"method": "ga_gd"}]})
+    assert load_config(only_forget | {"methods": [{"method": "ga"}]}).methods[0].method == "ga"
+    only_retain = {"data": {"benchmark": str(tmp_path / "only_retain"), "general": None}}
+    with pytest.raises(UnpactError, match="has no forget items"):
+        load_config(only_retain | {"methods": [{"method": "ga"}]})
+
+
 def test_builtin_configs_load():
     from unpact import configs
 

@@ -428,13 +428,33 @@ def _check_benchmarks(config: RunConfig, where: str) -> None:
         if name is None:
             continue
         try:
-            loaded = load_benchmark(name).name
+            bench = load_benchmark(name)
         except UnpactError as e:
             raise UnpactError(f"{where}: {key}: {e}") from None
+        loaded = bench.name
+        if key != "data.general":
+            _check_splits(config, f"{where}: {key}", bench)
         if key.startswith("benchmarks."):
             if loaded in grid_names:
                 raise UnpactError(f"{where}: {key}: a second benchmark named {loaded!r}")
             grid_names.add(loaded)
+
+
+def _check_splits(config: RunConfig, where: str, bench: Any) -> None:
+    """A benchmark to unlearn has forget items, and retain items when a method reads them
+    (said before the injection, not after it)."""
+    from unpact.unlearn.methods import METHODS
+
+    if not bench.split("forget"):
+        raise UnpactError(f"{where}: benchmark {bench.name} has no forget items")
+    if bench.split("retain"):
+        return
+    for n, spec in enumerate(config.methods):
+        cls = METHODS.get(spec.method or "")
+        if cls is not None and cls.uses_retain:
+            raise UnpactError(
+                f"{where}: methods.{n}: {spec.method} needs retain items; {bench.name} has none"
+            )
 
 
 def _check_models(config: RunConfig, where: str) -> list[tuple[str, str]]:
