@@ -91,7 +91,7 @@ LLM_PROMPT = (
 class LLMJudgeSettings(BaseModel):
     """An LLM judge behind an OpenAI-compatible `/chat/completions` endpoint."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     base_url: str = Field(description="endpoint root, e.g. http://127.0.0.1:8000/v1")
     model: str = Field(description="model name the endpoint serves")
     api_key_env: str | None = Field(
@@ -104,7 +104,7 @@ class LLMJudgeSettings(BaseModel):
 class JudgeSettings(BaseModel):
     """How answers are judged (SPEC section 4); multiple choice is always by highest LP."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["contains", "rouge", "llm"] = Field(
         "contains", description="contains-match, ROUGE-L recall >= threshold, or an LLM"
     )

@@ -62,7 +62,7 @@ class RemoteError(UnpactError):
 class RemoteSettings(BaseModel):
     """How to talk to a remote model server."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     api_key_env: str = Field(
         "UNPACT_API_KEY",

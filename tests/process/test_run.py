@@ -270,6 +270,12 @@ def test_killed_run_resumes_to_the_same_numbers(finished, tmp_path):
         ({"device": "tpu"}, r"device: unknown device 'tpu'"),
         ({"inject": {"settings": {"device": "meta"}}}, r"inject\.settings: device: unknown"),
         ({"inject": {"settings": {"target_accuracy": -1}}}, r"target_accuracy"),
+        # infinity passed every `gt=0` check and reached the sampler or the optimiser
+        (
+            {"attacks": [{"name": "probab", "settings": {"temperature": float("inf")}}]},
+            r"temperature: Input should be a finite number",
+        ),
+        ({"methods": [{"method": "ga", "config": {"lr": float("inf")}}]}, r"lr: .*finite"),
     ],
 )
 def test_config_mistakes_name_the_key(change, message):

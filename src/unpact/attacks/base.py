@@ -44,7 +44,7 @@ class Target:
 
 
 class NoSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Attack:

@@ -12,7 +12,7 @@ from unpact.attacks.base import FOCUS_TEMPLATE, Attack, Target
 
 
 class FocusSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     template: str = Field(
         FOCUS_TEMPLATE, description="emphasis prompt; {prompt} is the question, {keys} the keys"
     )
@@ -24,7 +24,7 @@ class FocusSettings(BaseModel):
 
 
 class SampleSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     samples: int = Field(10, gt=0, description="answers sampled per question")
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
     seed: int = Field(0, description="sampling seed (per question, batching-independent)")
@@ -102,7 +102,7 @@ PARAPHRASES = (
 
 
 class ParaphraseSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     templates: list[str] = Field(
         default_factory=lambda: list(PARAPHRASES),
         min_length=1,
@@ -125,7 +125,7 @@ class Paraphrase(Attack):
 
 
 class InContextSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     demonstrations: int = Field(3, gt=0, description="retain-set QA pairs shown first")
     seed: int = Field(0, description="which pairs (per question, reproducible)")
     template: str = Field("Q: {question}\nA: {answer}", description="one demonstration")

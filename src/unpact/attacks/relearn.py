@@ -21,7 +21,7 @@ from unpact.unlearn.methods import nll
 class FinetuneSettings(BaseModel):
     """The fine-tuning of a relearning attack (`finetune`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     steps: int = Field(10, gt=0, description="optimiser steps")
     lr: float = Field(3e-4, gt=0, description="AdamW learning rate (the injection's)")
     batch_size: int = Field(4, gt=0, description="items per step")

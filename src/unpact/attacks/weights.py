@@ -135,7 +135,7 @@ def explain(lm: LanguageModel, ctx: AttackContext, rows: list[dict[str, Any]]) -
 
 
 class QuantizeSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     bits: int = Field(4, ge=2, le=8, description="integer bits per weight (8 and 4 published)")
     group_size: int | None = Field(
         64, gt=0, description="input columns sharing one scale (null: one per output row)"
@@ -216,7 +216,7 @@ class RelearnUnrelated(WeightAttack):
 
 
 class AblateSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     layer: int = Field(
         -1,
         description="the residual index whose activations give the direction: 0 the "
@@ -291,7 +291,7 @@ def options(item: QAItem) -> tuple[list[str], int] | None:
 
 
 class LayerSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     last_layer: bool = Field(
         False, description="count the last layer (the model's own output) among the layers read"
     )

@@ -36,7 +36,7 @@ PAPER_ATTACKS = ("focus_on_key", "probab", "focus_on_key_probab")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class DataSettings(_Strict):

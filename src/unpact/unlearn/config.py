@@ -25,7 +25,7 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 class LoraSettings(BaseModel):
     """LoRA adapters (peft) instead of full fine-tuning."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     r: int = Field(16, gt=0, description="rank of the adapters")
     alpha: int = Field(32, gt=0, description="scaling numerator (scale = alpha / r)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input")
@@ -38,7 +38,7 @@ class LoraSettings(BaseModel):
 class UnlearnConfig(BaseModel):
     """One unlearning run. `settings` holds the method's own knobs (see its class)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     method: str = Field(description="registered method name, e.g. npo_gd")
     epochs: float = Field(5.0, gt=0, description="passes over the forget set (if steps unset)")
     steps: int | None = Field(None, gt=0, description="optimiser steps; overrides epochs")

@@ -75,7 +75,7 @@ class StepContext:
 class MethodSettings(BaseModel):
     """Base of every method's settings: unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Method:
