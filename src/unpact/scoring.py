@@ -169,6 +169,7 @@ def lm_body_and_head(model: Any) -> tuple[Any, Any]:
 # (layers, final_layer_norm)
 _LAYER_PATHS = ("layers", "h", "decoder.layers", "blocks", "transformer.h")
 _NORM_PATHS = ("norm", "ln_f", "final_layer_norm", "decoder.final_layer_norm", "final_norm")
+_PROJECT_PATHS = ("decoder.project_out", "project_out")
 
 
 def _find(root: Any, path: str) -> Any:
@@ -193,13 +194,15 @@ def decoder_layers(model: Any) -> torch.nn.ModuleList:
 
 
 def final_norm(model: Any) -> Any:
-    """The norm applied after the last decoder block, before the LM head (None if none)."""
+    """What the body applies after its last decoder block, before the LM head: the final
+    norm, then (OPT-350m's kind) a projection to the embedding width; None if nothing."""
     body, _ = lm_body_and_head(model)
-    for path in _NORM_PATHS:
-        found = _find(body, path)
-        if isinstance(found, torch.nn.Module):
-            return found
-    return None
+    steps = [
+        next((f for p in _NORM_PATHS if isinstance(f := _find(body, p), torch.nn.Module)), None),
+        next((f for p in _PROJECT_PATHS if isinstance(f := _find(body, p), torch.nn.Module)), None),
+    ]
+    found = [m for m in steps if m is not None]
+    return found[0] if len(found) == 1 else torch.nn.Sequential(*found) if found else None
 
 
 def head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:

@@ -87,7 +87,8 @@ def tiny_model(
 
 def tiny_other(arch: str, seed: int = 0) -> LanguageModel:
     """A 2-layer model of another architecture than Llama, with the tiny tokenizer: `gpt2`
-    (learned positions, `h`, Conv1D), `opt` (`decoder.layers`, fc1/fc2), `gpt_neox`
+    (learned positions, `h`, Conv1D), `opt` (`decoder.layers`, fc1/fc2; `opt_proj`: as
+    OPT-350m, post-norm with projections in and out of the residual stream), `gpt_neox`
     (`embed_in`, `final_layer_norm`), `qwen2` (biased q/k/v), `gemma` (scaled embeddings)."""
     import transformers as tf
 
@@ -111,6 +112,18 @@ def tiny_other(arch: str, seed: int = 0) -> LanguageModel:
             num_attention_heads=4,
             max_position_embeddings=256,
             word_embed_proj_dim=64,
+            **ids,
+        ),
+        # OPT-350m's kind: post-norm layers, no final norm, embeddings narrower than the
+        # residual stream (project_in / project_out)
+        "opt_proj": lambda: tf.OPTConfig(
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            word_embed_proj_dim=32,
+            do_layer_norm_before=False,
             **ids,
         ),
         "gpt_neox": lambda: tf.GPTNeoXConfig(
