@@ -168,7 +168,15 @@ def lm_body_and_head(model: Any) -> tuple[Any, Any]:
 # Falcon/Bloom (h, ln_f), OPT (decoder.layers, decoder.final_layer_norm), GPT-NeoX
 # (layers, final_layer_norm)
 _LAYER_PATHS = ("layers", "h", "decoder.layers", "blocks", "transformer.h")
-_NORM_PATHS = ("norm", "ln_f", "final_layer_norm", "decoder.final_layer_norm", "final_norm")
+_NORM_PATHS = (
+    "norm",
+    "ln_f",
+    "final_layer_norm",
+    "final_layernorm",  # Phi
+    "norm_f",  # MPT
+    "decoder.final_layer_norm",
+    "final_norm",
+)
 _PROJECT_PATHS = ("decoder.project_out", "project_out")
 
 
