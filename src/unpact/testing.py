@@ -135,6 +135,7 @@ def tiny_other(arch: str, seed: int = 0) -> LanguageModel:
             **ids,
         ),
         "qwen2": lambda: tf.Qwen2Config(**llama_like, **ids),
+        "phi": lambda: tf.PhiConfig(**llama_like, **ids),  # `final_layernorm`
         "gemma": lambda: tf.GemmaConfig(**{**llama_like, "num_key_value_heads": 1}, **ids),
     }
     torch.manual_seed(seed)
