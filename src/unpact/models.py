@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 
 from unpact.errors import UnpactError
-from unpact.scoring import DEFAULT_TOKEN_BUDGET, answer_logprobs, generate_local
+from unpact.scoring import DEFAULT_TOKEN_BUDGET, answer_logprobs, check_head, generate_local
 from unpact.types import EncodedPrompt, is_remote_spec, raw_prefix, warn_if_split_differs
 
 log = logging.getLogger(__name__)
@@ -242,6 +242,7 @@ def load_model(
         model, tokenizer = _load_dir(folder, torch_dtype, trust_remote_code)
     model.to(target)
     model.eval()
+    check_head(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LanguageModel(model=model, tokenizer=tokenizer, spec=spec)

@@ -217,10 +217,36 @@ def head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     """Float32 logits from final hidden states: LM head and optional soft-capping."""
     _, head = lm_body_and_head(model)
     logits = head(hidden).float()
+    scale = getattr(model, "logit_scale", None)  # Cohere multiplies its logits
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        logits = logits * scale
+    divisor = getattr(model.config, "logits_scaling", None)  # Granite divides them
+    if divisor:
+        logits = logits / divisor
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+@torch.no_grad()
+def check_head(model: Any) -> None:
+    """The kernel computes logits from the body's last hidden state (`head_logits`), not
+    from the model's own forward. On a short input, check that both agree, so that an
+    architecture that changes its logits some other way is refused, not scored wrongly."""
+    body, _ = lm_body_and_head(model)
+    device = next(model.parameters()).device
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = torch.tensor([[1 % vocab, 2 % vocab, 3 % vocab, 4 % vocab]], device=device)
+    own = model(input_ids=ids, use_cache=False).logits[0, -1].float()
+    mine = head_logits(model, body(input_ids=ids, use_cache=False).last_hidden_state[0, -1])
+    if not torch.allclose(mine, own, rtol=1e-3, atol=1e-3 * (1 + float(own.abs().max()))):
+        raise UnpactError(
+            f"{type(model).__name__}: its logits are not its LM head applied to its last "
+            f"hidden state (largest gap {float((mine - own).abs().max()):.3g}): it changes "
+            "them in a way unpact's scoring kernel does not reproduce, so its scores would be "
+            "wrong; this architecture is not supported"
+        )
 
 
 def head_logprobs(model: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -212,3 +212,30 @@ def test_shared_prefix_gradients_repeat_bit_for_bit():
     first = grads()
     for _ in range(3):
         assert all(torch.equal(a, b) for a, b in zip(first, grads()))
+
+
+def test_a_model_that_changes_its_logits_unknown_to_the_kernel_is_refused():
+    """The kernel scores from the body's hidden states through `head_logits`; a model
+    whose forward scales its logits otherwise (as Cohere and Granite do) would have been
+    scored wrongly, without a word."""
+    from unpact.scoring import check_head
+    from unpact.testing import tiny_model
+
+    lm = tiny_model(seed=5)
+    check_head(lm.model)
+
+    def scaled(_m, _i, out):
+        out.logits = out.logits * 3.0
+        return out
+
+    handle = lm.model.register_forward_hook(scaled)
+    try:
+        with pytest.raises(UnpactError, match="not its LM head applied to its last hidden"):
+            check_head(lm.model)
+        lm.model.logit_scale = 3.0  # Cohere's attribute: the kernel applies it
+        check_head(lm.model)
+        del lm.model.logit_scale
+        lm.model.config.logits_scaling = 1 / 3  # Granite's: it divides
+        check_head(lm.model)
+    finally:
+        handle.remove()
