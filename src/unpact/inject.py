@@ -70,9 +70,9 @@ from unpact.data.items import ANSWER_FIELDS, Benchmark, QAItem
 from unpact.data.sources import load_benchmark, materialise
 from unpact.errors import UnpactError
 from unpact.models import (
+    DeviceName,
     LanguageModel,
     cache_root,
-    check_device,
     load_model,
     model_key,
     save_model,
@@ -113,7 +113,6 @@ class InjectConfig(BaseModel):
     target_accuracy: float = Field(
         0.9,
         ge=0,
-        allow_inf_nan=False,
         description="stop once forget+retain accuracy reaches this (above 1: never early)",
     )
     rehearsal: bool = Field(
@@ -165,7 +164,7 @@ class InjectConfig(BaseModel):
         description='training matmuls: "bf16" (autocast; float32 weights and optimiser), '
         '"fp32", or "auto" = bf16 where the hardware computes it natively',
     )
-    device: str = Field(
+    device: DeviceName = Field(
         "cpu", description="where to train: cpu, cuda, cuda:N or auto (not part of the key)"
     )
     checkpoint_every: int = Field(
@@ -199,14 +198,6 @@ class InjectConfig(BaseModel):
                 f"or {choices[-1]}"
             )
         return value
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        try:
-            return check_device(value)
-        except UnpactError as e:
-            raise ValueError(str(e)) from None
 
     @field_validator("lr_decay_to")
     @classmethod

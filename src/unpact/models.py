@@ -24,9 +24,10 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
+from pydantic import AfterValidator
 
 from unpact.errors import UnpactError
 from unpact.scoring import DEFAULT_TOKEN_BUDGET, answer_logprobs, check_head, generate_local
@@ -333,6 +334,17 @@ def check_device(device: str) -> str:
     return device
 
 
+def _device_value(value: str) -> str:
+    try:
+        return check_device(value)
+    except UnpactError as e:  # pydantic reports a ValueError under the field's name
+        raise ValueError(str(e)) from None
+
+
+# The type of a settings model's `device` field: checked as `check_device` checks it.
+DeviceName = Annotated[str, AfterValidator(_device_value)]
+
+
 def _parse_device(device: str) -> torch.device:
     if check_device(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -422,8 +434,6 @@ def _check_weights(path: Path) -> None:
 
 
 def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     _check_weights(path)
     from transformers.utils import logging as hf_logging
 
@@ -434,27 +444,35 @@ def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[
         )
     hf_logging.disable_progress_bar()  # a local load takes well under a second
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        loaded: Any = AutoModelForCausalLM.from_pretrained(
-            path,
-            dtype=dtype,
-            use_safetensors=True,
-            trust_remote_code=trust_remote_code,
-            output_loading_info=True,
-        )
-        model, info = loaded
+        model, tokenizer, info = _pretrained(str(path), dtype, trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UnpactError(f"could not load a model from {path}: {exc}") from exc
     except Exception as exc:  # a truncated safetensors file, shapes unlike config.json
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnpactError(
             f"could not load the weights in {path} (a damaged file, or shapes that do not "
-            f"match its config.json): {first}"
+            f"match its config.json): {_first_line(exc)}"
         ) from exc
     finally:
         hf_logging.enable_progress_bar()
     _check_complete(str(path), info)
     return model, tokenizer
+
+
+def _pretrained(source: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[Any, ...]:
+    """transformers' model (safetensors only), tokenizer and loading report, from a folder
+    or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    loaded: Any = AutoModelForCausalLM.from_pretrained(
+        source,
+        dtype=dtype,
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+        output_loading_info=True,
+    )
+    model, info = loaded
+    return model, tokenizer, info
 
 
 def _check_complete(where: str, info: dict[str, Any]) -> None:
@@ -470,18 +488,8 @@ def _check_complete(where: str, info: dict[str, Any]) -> None:
 
 
 def _load_hub(spec: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     try:
-        tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
-        loaded: Any = AutoModelForCausalLM.from_pretrained(
-            spec,
-            dtype=dtype,
-            use_safetensors=True,
-            trust_remote_code=trust_remote_code,
-            output_loading_info=True,
-        )
-        model, info = loaded
+        model, tokenizer, info = _pretrained(spec, dtype, trust_remote_code)
     except (OSError, ValueError) as exc:
         first_line = _first_line(exc)
         raise UnpactError(

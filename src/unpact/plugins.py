@@ -113,11 +113,13 @@ def plugin_failure(error: BaseException) -> UnpactError | None:
         where = str(Path(frame.filename).resolve())
         for source, entry in _SOURCES.items():
             if where == source or where.startswith(source.rstrip("/") + "/"):
-                message = f"{type(error).__name__}: {error}"
-                return UnpactError(
-                    f"plugin {entry} failed at {frame.filename}:{frame.lineno}: {message}"
-                )
+                return _failed(entry, f"{frame.filename}:{frame.lineno}", error)
     return None
+
+
+def _failed(entry: str, where: str, error: BaseException) -> UnpactError:
+    message = str(error) if isinstance(error, UnpactError) else f"{type(error).__name__}: {error}"
+    return UnpactError(f"plugin {entry} failed at {where}: {message}")
 
 
 def _plugin_error(entry: str, error: Exception, path: Path | None = None) -> UnpactError:
@@ -131,5 +133,4 @@ def _plugin_error(entry: str, error: Exception, path: Path | None = None) -> Unp
         ]
         chosen = mine or list(frames)
         where = f"{chosen[-1].filename}:{chosen[-1].lineno}" if chosen else entry
-    message = str(error) if isinstance(error, UnpactError) else f"{type(error).__name__}: {error}"
-    return UnpactError(f"plugin {entry} failed at {where}: {message}")
+    return _failed(entry, where, error)

@@ -188,13 +188,17 @@ def _find(root: Any, path: str) -> Any:
     return root
 
 
+def _first_module(root: Any, paths: Sequence[str], kind: type = torch.nn.Module) -> Any:
+    """The first of `paths` under `root` that is a module of `kind` (None if none is)."""
+    return next((m for p in paths if isinstance(m := _find(root, p), kind)), None)
+
+
 def decoder_layers(model: Any) -> torch.nn.ModuleList:
     """The causal LM's list of decoder blocks, whatever the architecture names it."""
     body, _ = lm_body_and_head(model)
-    for path in _LAYER_PATHS:
-        found = _find(body, path)
-        if isinstance(found, torch.nn.ModuleList) and len(found):
-            return found
+    found = _first_module(body, _LAYER_PATHS, torch.nn.ModuleList)
+    if found is not None and len(found):
+        return found
     raise UnpactError(
         f"{type(model).__name__}: cannot find its decoder layers (looked for "
         f"{', '.join(_LAYER_PATHS)} on {type(body).__name__})"
@@ -205,16 +209,15 @@ def final_norm(model: Any) -> Any:
     """What the body applies after its last decoder block, before the LM head: the final
     norm, then (OPT-350m's kind) a projection to the embedding width; None if nothing."""
     body, _ = lm_body_and_head(model)
-    steps = [
-        next((f for p in _NORM_PATHS if isinstance(f := _find(body, p), torch.nn.Module)), None),
-        next((f for p in _PROJECT_PATHS if isinstance(f := _find(body, p), torch.nn.Module)), None),
-    ]
+    steps = [_first_module(body, _NORM_PATHS), _first_module(body, _PROJECT_PATHS)]
     found = [m for m in steps if m is not None]
     return found[0] if len(found) == 1 else torch.nn.Sequential(*found) if found else None
 
 
 def head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
-    """Float32 logits from final hidden states: LM head and optional soft-capping."""
+    """Float32 logits from final hidden states: LM head, then what some architectures do
+    to the head's output (Cohere's `logit_scale`, Granite's `logits_scaling`, Gemma 2's
+    soft-capping); `check_head` tests a loaded model against its own forward."""
     _, head = lm_body_and_head(model)
     logits = head(hidden).float()
     scale = getattr(model, "logit_scale", None)  # Cohere multiplies its logits

@@ -77,12 +77,17 @@ def tiny_model(
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
+    return _ready(LlamaForCausalLM(config), tok, f"tiny:{seed}")
+
+
+def _ready(model: Any, tok: Any, spec: str) -> LanguageModel:
+    """A tiny model in eval mode on the test device, ending its answers at id 2."""
+    model.eval()
     # UNPACT_TEST_DEVICE=cuda runs the unit tier's tiny models on a GPU (CI has none)
     model.to(os.environ.get("UNPACT_TEST_DEVICE") or "cpu")
     model.generation_config.eos_token_id = 2
     model.generation_config.pad_token_id = 0
-    return LanguageModel(model=model, tokenizer=tok, spec=f"tiny:{seed}")
+    return LanguageModel(model=model, tokenizer=tok, spec=spec)
 
 
 def tiny_other(arch: str, seed: int = 0) -> LanguageModel:
@@ -95,56 +100,32 @@ def tiny_other(arch: str, seed: int = 0) -> LanguageModel:
     tok = tiny_tokenizer()
     ids: dict[str, Any] = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     ids["vocab_size"] = len(tok)  # type: ignore[arg-type]
-    llama_like: dict[str, Any] = {
+    shape = {  # hidden 64, 2 layers, 4 heads, as tiny_model's
         "hidden_size": 64,
-        "intermediate_size": 128,
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
-        "num_key_value_heads": 2,
         "max_position_embeddings": 256,
+        **ids,
     }
+    llama_like = {**shape, "intermediate_size": 128, "num_key_value_heads": 2}
+    opt = {**shape, "ffn_dim": 128, "word_embed_proj_dim": 64}
     configs = {
         "gpt2": lambda: tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **ids),
-        "opt": lambda: tf.OPTConfig(
-            hidden_size=64,
-            ffn_dim=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=256,
-            word_embed_proj_dim=64,
-            **ids,
-        ),
+        "opt": lambda: tf.OPTConfig(**opt),
         # OPT-350m's kind: post-norm layers, no final norm, embeddings narrower than the
         # residual stream (project_in / project_out)
         "opt_proj": lambda: tf.OPTConfig(
-            hidden_size=64,
-            ffn_dim=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=256,
-            word_embed_proj_dim=32,
-            do_layer_norm_before=False,
-            **ids,
+            **{**opt, "word_embed_proj_dim": 32, "do_layer_norm_before": False}
         ),
-        "gpt_neox": lambda: tf.GPTNeoXConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=256,
-            **ids,
-        ),
-        "qwen2": lambda: tf.Qwen2Config(**llama_like, **ids),
-        "phi": lambda: tf.PhiConfig(**llama_like, **ids),  # `final_layernorm`
-        "gemma": lambda: tf.GemmaConfig(**{**llama_like, "num_key_value_heads": 1}, **ids),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(**shape, intermediate_size=128),
+        "qwen2": lambda: tf.Qwen2Config(**llama_like),
+        "phi": lambda: tf.PhiConfig(**llama_like),  # `final_layernorm`
+        "gemma": lambda: tf.GemmaConfig(**{**llama_like, "num_key_value_heads": 1}),
     }
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(configs[arch]()).eval()
+    model = tf.AutoModelForCausalLM.from_config(configs[arch]())
     with torch.no_grad():  # a larger spread, as tiny_model's, so outputs depend on the input
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.2)
-    model.to(os.environ.get("UNPACT_TEST_DEVICE") or "cpu")
-    model.generation_config.eos_token_id = 2
-    model.generation_config.pad_token_id = 0
-    return LanguageModel(model=model, tokenizer=tok, spec=f"tiny-{arch}:{seed}")
+    return _ready(model, tok, f"tiny-{arch}:{seed}")

@@ -7,19 +7,12 @@ from __future__ import annotations
 
 import pytest
 
+from tests.process.test_plugins import QUESTIONS
 from unpact.data.items import QAItem, write_folder
 from unpact.models import save_model
 from unpact.scoring import generate
 from unpact.testing import tiny_other
 
-QUESTIONS = [
-    "What is the capital of France?",
-    "Who wrote the report about the town?",
-    "How many moons orbit the planet Zorblax?",
-    "Who founded the Vostrand Glassworks?",
-    "Which year was the glassworks founded?",
-    "Who is the mayor of Kilimanjaro?",
-]
 ATTACKS = [
     {"name": "quantize", "settings": {"bits": 4, "group_size": 32}},
     {"name": "ablate_direction"},

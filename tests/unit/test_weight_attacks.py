@@ -146,7 +146,6 @@ def test_last_states_are_padding_free_and_the_lens_at_the_last_layer_is_the_mode
 
 
 def test_continuation_states_share_the_prompt_and_equal_the_full_pass():
-
     lm = tiny_model(seed=3)
     prompt, conts = [1, 40, 50, 60], [[70, 71, 72], [80], [90, 91]]
     shared = continuation_states(lm.model, prompt, conts)

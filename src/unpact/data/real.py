@@ -117,17 +117,16 @@ def _paragraphs(path: Path, split: str, prefix: str) -> list[Document]:
     return [Document(f"{prefix}-{n:05d}", b, split) for n, b in enumerate(blocks)]
 
 
+def _raw(name: str) -> tuple[str, ...]:
+    return tuple(f"raw/{name}{ext}" for ext in (".txt", ".json", ".jsonl"))
+
+
 # Where each split's text is, first found first: MUSE's raw corpus (.txt as in the GitHub
 # release, .json as `datasets` writes it), else its PrivLeak sets (forget and holdout)
 _MUSE_TEXTS = {
-    "forget": ("raw/forget.txt", "raw/forget.json", "raw/forget.jsonl", "privleak/forget.json"),
-    "retain": ("raw/retain1.txt", "raw/retain1.json", "raw/retain1.jsonl"),
-    "holdout": (
-        "raw/holdout.txt",
-        "raw/holdout.json",
-        "raw/holdout.jsonl",
-        "privleak/holdout.json",
-    ),
+    "forget": (*_raw("forget"), "privleak/forget.json"),
+    "retain": _raw("retain1"),
+    "holdout": (*_raw("holdout"), "privleak/holdout.json"),
 }
 
 
@@ -146,13 +145,9 @@ def read_muse(source: str | Path, *, corpus: str = "news", hub: bool = False) ->
         ]
         return Benchmark(name, items, hub_docs)
     folder = Path(source)
-    # an earlier release names the retain questions retain2_qa.json; the hub, retain_qa
-    forget_qa = folder / "knowmem" / "forget_qa.json"
-    retain_qa = next(
-        (f for f in (folder / "knowmem" / n for n in ("retain_qa.json", "retain2_qa.json"))
-         if f.is_file()),
-        folder / "knowmem" / "retain_qa.json",
-    )  # fmt: skip
+    forget_qa, retain_qa = folder / "knowmem/forget_qa.json", folder / "knowmem/retain_qa.json"
+    if not retain_qa.is_file() and (folder / "knowmem/retain2_qa.json").is_file():
+        retain_qa = folder / "knowmem/retain2_qa.json"  # an earlier release's name
     for f in (forget_qa, retain_qa):
         if not f.is_file():
             raise UnpactError(f"{folder} is not a MUSE folder: {f.relative_to(folder)} is missing")

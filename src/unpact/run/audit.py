@@ -97,18 +97,20 @@ def audit_config(
         chosen += [{"name": n} for n in attacks if n not in known]
     skipped: dict[str, str] = {}
     served = [s for s in (original, unlearned) if is_remote_spec(s)]
-    if served:
-        for a in list(chosen):
-            if ATTACKS[a["name"]].changes_weights:
-                chosen.remove(a)
-                label = a.get("label") or a["name"]
-                skipped[f"attack.{label}"] = f"{served[0]} is served: no weights to attack"
-    if general is None:  # e.g. relearning on general-knowledge QA
-        for a in list(chosen):
-            if "general" in get_attack(a["name"], a.get("settings")).needs_splits:
-                chosen.remove(a)
-                label = a.get("label") or a["name"]
-                skipped[f"attack.{label}"] = "--general none: no general-knowledge items to use"
+
+    def left_out(a: dict[str, Any]) -> str | None:
+        """Why this run cannot have the attack, or None."""
+        if served and ATTACKS[a["name"]].changes_weights:
+            return f"{served[0]} is served: no weights to attack"
+        if general is None and "general" in get_attack(a["name"], a.get("settings")).needs_splits:
+            return "--general none: no general-knowledge items to use"  # e.g. relearning
+        return None
+
+    for a in list(chosen):
+        why = left_out(a)
+        if why is not None:
+            chosen.remove(a)
+            skipped[f"attack.{a.get('label') or a['name']}"] = why
     for a in chosen:  # every verdict is against the same attack on the reference
         a.setdefault("control", True)
     preset_cfg = PRESETS[preset]

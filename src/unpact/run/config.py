@@ -22,7 +22,7 @@ from unpact.attribution import ALPHA, BETA, MAX_WORK
 from unpact.data.sources import load_benchmark
 from unpact.errors import UnpactError
 from unpact.judge import JudgeSettings
-from unpact.models import check_device
+from unpact.models import DeviceName
 from unpact.plugins import load_plugins
 from unpact.remote import RemoteSettings
 from unpact.types import is_remote_spec
@@ -323,7 +323,7 @@ class RunConfig(_Strict):
         "the attacks, metrics and methods they define are usable by name below",
     )
     model: str = Field("default", description="base model spec")
-    device: str = Field(
+    device: DeviceName = Field(
         "cpu",
         description="where local models run (cpu, cuda, cuda:N, auto): injection, evaluation, "
         "attribution, attacks (unlearning: accelerate's choice); not part of any cache key",
@@ -354,14 +354,6 @@ class RunConfig(_Strict):
     remote: RemoteSettings = Field(
         default_factory=RemoteSettings, description="how to talk to served (openai:...) models"
     )
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        try:
-            return check_device(value)
-        except UnpactError as e:
-            raise ValueError(str(e)) from None
 
     @model_validator(mode="after")
     def _expand_sweeps(self) -> RunConfig:

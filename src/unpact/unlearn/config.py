@@ -3,8 +3,8 @@
 `resolve_config(method, file=..., overrides=["lr=2e-5", "beta=0.2"])` starts from
 `configs/<method>.yaml`, applies a user's YAML file, then `key=value` overrides (a dotted
 key reaches into a section; a bare key that is one of the method's own settings goes to
-`settings`, in a file as in an override), and validates the lot: an unknown key or a bad value is one `UnpactError`
-naming the key's path.
+`settings`, in a file as in an override), and validates the lot: an unknown key or a bad
+value is one `UnpactError` naming the key's path.
 """
 
 from __future__ import annotations
