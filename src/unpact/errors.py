@@ -11,3 +11,34 @@ from __future__ import annotations
 
 class UnpactError(ValueError):
     """A problem with the user's input or environment, explained in its message."""
+
+
+_DISK_FULL = ("No space left on device", "Disk quota exceeded")
+
+
+def disk_full(exc: BaseException) -> UnpactError | None:
+    """The message for `exc` if it (or an error it was raised from) is a full disk, else None.
+
+    Writers report a full disk in different shapes: `OSError` with errno ENOSPC or EDQUOT
+    from Python's own file calls, safetensors' `SafetensorError` and torch's `RuntimeError`
+    with the operating system's words in their text. A full disk is the environment, not a
+    bug in unpact: the user frees space or writes elsewhere, so the CLI says that, not a
+    traceback.
+    """
+    import errno
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        hit = isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT)
+        if hit or any(words in str(current) for words in _DISK_FULL):
+            where = getattr(current, "filename", None)
+            place = f" while writing {where}" if where else ""
+            return UnpactError(
+                f"the disk is full{place}: free some space, or write elsewhere "
+                "(--out for the outputs, the UNPACT_CACHE variable for the cache of models "
+                "and stages)"
+            )
+        current = current.__cause__ or current.__context__
+    return None

@@ -48,8 +48,7 @@ import random
 import re
 import shutil
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -69,6 +68,7 @@ from pydantic import (
 from unpact.data.items import ANSWER_FIELDS, Benchmark, QAItem
 from unpact.data.sources import load_benchmark, materialise
 from unpact.errors import UnpactError
+from unpact.files import write_atomically
 from unpact.models import (
     DeviceName,
     LanguageModel,
@@ -462,17 +462,8 @@ def _rehearsal_targets(
         [list(r.answer) for r in targets],
     ]
     columns += [[r.top_logprobs for r in targets], [r.top_ids for r in targets]]
-    _write_atomically(path, lambda tmp: torch.save(columns, tmp))
+    write_atomically(path, lambda tmp: torch.save(columns, tmp))
     return targets
-
-
-def _write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """`write(tmp)` to a temporary name beside `path`, then renamed into place: a reader
-    never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
-    write(tmp)
-    tmp.replace(path)
 
 
 def _base_targets(lm: LanguageModel, questions: list[str], top_k: int) -> list[_Rehearsal]:
@@ -692,8 +683,6 @@ class _Checkpoints:
         def save() -> None:
             if not self.every or state.epoch % self.every:
                 return
-            self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = self.folder / f".tmp-{uuid.uuid4().hex[:8]}.pt"
             fields = ("epoch", "rehearsal_order", "acc", "judged", "log")
             checkpoint = {
                 "weights": {n: p.detach().cpu() for n, p in params.items() if p.requires_grad},
@@ -703,8 +692,7 @@ class _Checkpoints:
                 "torch_rng": torch.get_rng_state(),
                 "state": {k: getattr(state, k) for k in fields},
             }
-            torch.save(checkpoint, tmp)
-            tmp.replace(path)
+            write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
             if self.stop_after is not None and state.epoch >= self.stop_after:
                 raise _Interrupt(f"stopped after epoch {state.epoch}")
 
@@ -735,7 +723,7 @@ def _base_general(
         return dict(json.loads(path.read_text()))
     found = _general_accuracy(lm, general, config, "Base model: general")
     if key is not None:
-        _write_atomically(path, lambda tmp: tmp.write_text(json.dumps(found)))
+        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(found)))
     return found
 
 

@@ -19,6 +19,7 @@ import yaml
 
 from unpact.attacks import attack_title
 from unpact.attribution import Attribution
+from unpact.files import atomic_text
 from unpact.metrics import display
 from unpact.report.roc import roc_svg
 from unpact.results import columns, other_columns, recovery_columns
@@ -265,9 +266,7 @@ def write_comparison(path: Path, runs: dict[str, dict[str, Any]]) -> None:
         columns=columns(attacks),
         plots=plots,
     )
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_text(path, text)
 
 
 def write_report(
@@ -279,6 +278,4 @@ def write_report(
 ) -> None:
     """Write report.html atomically."""
     text = render(results, records, attributions, config)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_text(path, text)

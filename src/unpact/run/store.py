@@ -12,17 +12,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from unpact.files import atomic_text
+
+__all__ = ["Stage", "atomic_text", "digest", "jsonl", "link_model", "read_jsonl"]
+
 
 def digest(*parts: Any) -> str:
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def jsonl(rows: list[dict[str, Any]]) -> str:
@@ -30,7 +27,9 @@ def jsonl(rows: list[dict[str, Any]]) -> str:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [
+        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
 
 
 class Stage:
@@ -70,12 +69,16 @@ def link_model(src: Path, dst: Path) -> None:
     a changed method's new model replaces the old one)."""
     tmp = dst.with_name(f".tmp-{dst.name}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.is_file():
-            try:
-                os.link(f, tmp / f.name)
-            except OSError:
-                shutil.copy2(f, tmp / f.name)
-    if dst.exists():
-        shutil.rmtree(dst)
-    tmp.rename(dst)
+    try:
+        for f in src.iterdir():
+            if f.is_file():
+                try:
+                    os.link(f, tmp / f.name)
+                except OSError:
+                    shutil.copy2(f, tmp / f.name)
+        if dst.exists():
+            shutil.rmtree(dst)
+        tmp.rename(dst)
+    finally:  # a failed copy (a full disk) leaves no half-made folder behind
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -35,6 +35,7 @@ import yaml
 from unpact.data.items import QAItem
 from unpact.data.sources import load_benchmark
 from unpact.errors import UnpactError
+from unpact.files import atomic_text
 from unpact.models import LanguageModel, load_model, save_model
 from unpact.progress import progress_bar
 from unpact.train import Trainer
@@ -232,7 +233,7 @@ def _finish(
     if accelerator.is_main_process:
         save_model(final, lm.tokenizer, model_dir)
         result = UnlearnResult(out, model_dir, steps, seconds, last)
-        _atomic_write(out / "result.json", json.dumps(result.to_dict(), indent=2) + "\n")
+        atomic_text(out / "result.json", json.dumps(result.to_dict(), indent=2) + "\n")
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     accelerator.wait_for_everyone()
     return UnlearnResult(out, model_dir, steps, seconds, last)
@@ -503,7 +504,7 @@ def _prepare_out(out: Path, resolved: dict[str, Any], resume: bool, accelerator:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         if not resume:
-            _atomic_write(config_path, yaml.safe_dump(resolved, sort_keys=False))
+            atomic_text(config_path, yaml.safe_dump(resolved, sort_keys=False))
     accelerator.wait_for_everyone()
     return start
 
@@ -546,10 +547,4 @@ def _truncate_log(path: Path, step: int) -> None:
         return
     rows = [line for line in path.read_text().splitlines() if line.strip()]
     keep = [r for r in rows if json.loads(r)["step"] <= step]
-    _atomic_write(path, "".join(r + "\n" for r in keep))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_text(path, "".join(r + "\n" for r in keep))

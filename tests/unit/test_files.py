@@ -1,0 +1,82 @@
+"""Atomic writes and a full disk: nothing half-written, one message instead of a traceback."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+
+from unpact import cli
+from unpact.errors import disk_full
+from unpact.files import atomic_text, write_atomically
+
+
+def test_atomic_text_writes_utf8_and_replaces(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "results.json"
+    atomic_text(path, "first")
+    atomic_text(path, "Zürich ✓")
+    assert path.read_bytes() == "Zürich ✓".encode()
+    assert [p.name for p in path.parent.iterdir()] == ["results.json"]
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    path.write_text("old")
+
+    def half_then_full(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+
+    with pytest.raises(OSError):
+        write_atomically(path, half_then_full)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        OSError(errno.ENOSPC, "No space left on device", "/x/model.safetensors"),
+        OSError(errno.EDQUOT, "Disk quota exceeded"),
+        # safetensors' SafetensorError and torch.save say it in their text only
+        RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),
+    ],
+)
+def test_disk_full_is_recognised(exc: BaseException) -> None:
+    found = disk_full(exc)
+    assert found is not None and "disk is full" in str(found)
+
+
+def test_disk_full_is_found_through_a_chain_and_not_elsewhere() -> None:
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("saving failed") from inner
+    except RuntimeError as outer:
+        assert disk_full(outer) is not None
+    assert disk_full(OSError(errno.ENOENT, "No such file")) is None
+    assert disk_full(ValueError("bad value")) is None
+
+
+def test_the_cli_says_the_disk_is_full_and_exits_2(monkeypatch, capsys) -> None:
+    def full() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "/runs/demo/results.json")
+
+    monkeypatch.setattr(cli, "app", full)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "the disk is full while writing /runs/demo/results.json" in err
+    assert "Traceback" not in err
+
+
+def test_the_cli_keeps_the_traceback_of_a_bug(monkeypatch) -> None:
+    def bug() -> None:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli, "app", bug)
+    with pytest.raises(KeyError):
+        cli.main()
