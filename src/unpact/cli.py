@@ -662,7 +662,9 @@ def data_list() -> None:
             kind,
         )
     out.print(table)
-    out.print("Your own: a folder with qa.jsonl (and documents.jsonl); see docs/data.md.")
+    out.print(
+        "Your own: a folder with qa.jsonl (and documents.jsonl, verbmem.jsonl); see docs/data.md."
+    )
 
 
 @data_app.command("show")
@@ -675,8 +677,10 @@ def data_show(
 
     bench = load_benchmark(name)
     counts = ", ".join(f"{k}: {v}" for k, v in bench.counts().items())
+    probes = f", {len(bench.verbatim)} VerbMem probes" if bench.verbatim else ""
     out.print(
         f"[bold]{bench.name}[/]: {len(bench.items)} items ({counts}), {len(bench.documents)} documents"
+        + probes
         + (f" - {bench.path}" if bench.path else "")
     )
     for split in ("forget", "retain", "general"):

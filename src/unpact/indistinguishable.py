@@ -118,8 +118,9 @@ def _forget_quality(records: list[ItemRecord], ctx: MetricContext) -> float:
 @metric("verbmem", title="VerbMem", fmt="float", needs=("membership",))
 def _verbmem(records: list[ItemRecord], ctx: MetricContext) -> float:
     """MUSE's VerbMem: mean ROUGE-L F1 of the greedy continuation of each forget document's
-    first tokens against its true continuation."""
-    return _mean([r.verbmem for r in records if r.split == "forget"])
+    first tokens (or of each of the benchmark's own probes, MUSE's verbmem set) against its
+    true continuation."""
+    return _mean([r.verbmem for r in records if r.split in ("forget", "verbmem")])
 
 
 @metric("exact_memorisation", title="exact memorisation", needs=("membership",))

@@ -374,7 +374,7 @@ def cache_key(
         raise UnpactError("injection needs a benchmark loaded from files")
     parts = [
         model_key(spec),
-        _hash_files(list(bench.path.glob("*.jsonl"))),
+        _hash_files([p for p in bench.path.glob("*.jsonl") if p.name != "verbmem.jsonl"]),
         json.dumps(_key_settings(resolve(config, bench)), sort_keys=True),
         str(INJECT_FORMAT),
     ]

@@ -20,7 +20,8 @@ class ItemRecord:
     """One item, before (original model) and after (unlearned model) unlearning."""
 
     id: str
-    split: str  # forget | retain | general | holdout | forget_document | holdout_document
+    # forget | retain | general | holdout | forget_document | holdout_document | verbmem
+    split: str
     correct_before: bool
     correct_after: bool
     recovered: dict[str, bool] = field(default_factory=dict)  # attack -> recovered?
@@ -45,7 +46,9 @@ class ItemRecord:
     truth_ratio_retrained: float | None = None  # and the retrained reference
     exact_memorisation: float | None = None
     extraction_strength: float | None = None
-    verbmem: float | None = None  # ROUGE-L of its document's continuation (first item of it)
+    # ROUGE-L of the continuation: of its document's (a forget item: the first naming it),
+    # or of its own text (a record of split verbmem: a probe, or a document no item names)
+    verbmem: float | None = None
     fluency: dict[str, Any] | None = None  # base_logprob, repetition, degenerate
     # Controls and explanations of recovery (issue 22), forgotten items: per attack, whether
     # it recovers the item from the never-taught reference, and the KeyToken similarity to
@@ -190,7 +193,7 @@ def keyword_recall(records: list[ItemRecord], when: str) -> float:
 
 # splits of records that only the indistinguishability figures read (never taught, or texts
 # rather than items): each resampled by a generator of its own (`bootstrap_ci`)
-OWN_DRAWS = ("holdout", "forget_document", "holdout_document")
+OWN_DRAWS = ("holdout", "forget_document", "holdout_document", "verbmem")
 
 
 def bootstrap_ci(

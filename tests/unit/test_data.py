@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 
@@ -208,3 +209,38 @@ def test_a_minimal_item_needs_only_id_question_answer_and_split(tmp_path):
     assert (item.aliases, item.keywords, item.document) == ((), (), None)
     full = {**minimal, "aliases": [], "keywords": [], "document": None}
     assert load_folder(write(tmp_path, [full])).items == [item]
+
+
+def test_verbmem_probes_load_validate_and_survive_materialising(tmp_path):
+    """verbmem.jsonl (VerbMem's own probes) is read, validated with file and line, written
+    back by write_folder and carried by materialise; a benchmark without probes keeps its
+    materialised folder's name (the key it had before probes existed)."""
+    from unpact.data.items import Benchmark, VerbatimPrompt, write_folder
+    from unpact.data.sources import materialise
+
+    (tmp_path / "b").mkdir()
+    folder = write(tmp_path / "b", [GOOD], [DOC])
+    probe = {"id": "v1", "prompt": "Edda Morvaine founded", "continuation": " Morvaine Lamps."}
+    (folder / "verbmem.jsonl").write_text(json.dumps(probe) + "\n")
+    bench = load_folder(folder)
+    assert bench.verbatim == [VerbatimPrompt("v1", "Edda Morvaine founded", " Morvaine Lamps.")]
+    for bad, message in [
+        ({**probe, "id": "v2", "prompt": " "}, "line 2: field 'prompt' must be a non-empty string"),
+        ({"id": "v2", "prompt": "p"}, "line 2: field 'continuation' is missing"),
+        (probe, "line 2: field 'id': duplicate id 'v1' (first on line 1)"),
+    ]:
+        (folder / "verbmem.jsonl").write_text(json.dumps(probe) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(UnpactError, match=r"verbmem\.jsonl, " + re.escape(message)):
+            load_folder(folder)
+
+    plain = Benchmark("b", bench.items, bench.documents)
+    before = materialise(plain, tmp_path / "m")
+    with_probes = materialise(
+        Benchmark("b", bench.items, bench.documents, None, bench.verbatim), tmp_path / "m"
+    )
+    assert before.path != with_probes.path and not (before.path / "verbmem.jsonl").exists()
+    assert load_folder(with_probes.path).verbatim == bench.verbatim
+    write_folder(tmp_path / "w", bench.items, bench.documents, bench.verbatim)
+    assert (tmp_path / "w" / "verbmem.jsonl").read_text() == json.dumps(
+        {"id": "v1", "prompt": "Edda Morvaine founded", "continuation": " Morvaine Lamps."}
+    ) + "\n"

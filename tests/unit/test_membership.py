@@ -342,3 +342,21 @@ def test_truth_ratio_answers_are_scored_for_forget_items_only(tiny):
         tiny.model, [tiny.encode_prompt("Who is Bob?").input_ids], [tiny.encode_answer("a dog")]
     )[0]
     assert rows[0]["truth_answers"][1] == pytest.approx(alone.tolist(), abs=1e-4)
+
+
+def test_verbmem_of_a_probe_is_the_greedy_continuation_against_the_cut_truth(tiny):
+    """MUSE's protocol on its own probes: the prompt continued as given (raw, greedy, `new`
+    tokens), the true continuation cut to its first `new` tokens, ROUGE-L F1 of the two."""
+    from unpact.data.items import VerbatimPrompt
+    from unpact.judge import rouge_l_f1
+    from unpact.run.membership import probe_rows
+    from unpact.scoring import generate
+
+    probe = VerbatimPrompt("v1", "the ferry crossed", " the river on a quiet day")
+    (row,) = probe_rows(tiny, [probe], new=5)
+    ids = tiny.tokenizer(probe.continuation, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 5 and row["truth"] == tiny.tokenizer.decode(ids[:5])
+    (greedy,) = generate(tiny, [probe.prompt], chat_template=False, max_new_tokens=5)
+    assert row["output"] == greedy[0].text
+    assert row["rouge_l"] == rouge_l_f1(row["output"], row["truth"])
+    assert (row["id"], row["prompt"]) == ("v1", "the ferry crossed")

@@ -25,6 +25,11 @@ def test_muse_knowmem_and_raw():
         "holdout",
     ]
     assert bench.documents[0].text.startswith("The Harrowgate ferry")
+    # MUSE's VerbMem probes, as given (the continuation's leading space kept)
+    assert [(v.prompt, v.continuation[:9]) for v in bench.verbatim] == [
+        ("The Harrowgate ferry crossed the Ollen", " for the "),
+        ("The operator thanked", " the town"),
+    ]
 
 
 def test_tofu_forget_retain_and_general():
@@ -130,6 +135,7 @@ def test_a_named_reference_enables_membership_and_another_tokenizer_is_refused(t
         "mia_auc_documents",
         "privleak_documents",
     }
+    assert "no text to continue" in res["skipped"]["verbmem"]
     assert res["methods"]["ga_gd"]["forget_quality"] is not None
     assert set(res["methods"]["ga_gd"]["mia_auc"]) >= {"loss", "min_k"}
     assert res["references"]["retrained"]["privleak"] == 0.0
@@ -169,6 +175,45 @@ def test_muse_membership_runs_on_its_documents(tmp_path, tiny):
     assert len(docs) == 4  # two forget and two holdout paragraphs
     verdict = next(v for v in res["verdicts"]["ga"] if v["test"] == "indistinguishable")
     assert "(documents;" in verdict["detail"]
+    # VerbMem on MUSE's own probes: a record each, their mean the figure
+    probes = [r for r in result.records if r.split == "verbmem" and r.method == "ga"]
+    assert [r.question for r in probes] == [v.prompt for v in read_muse(FIXTURES / "muse").verbatim]
+    assert probes[1].answer == " the town."
+    assert m["verbmem"] == pytest.approx(sum(r.verbmem for r in probes) / 2)
+    assert "verbmem" not in res["skipped"]
+
+
+def test_verbmem_continues_unnamed_forget_documents_without_probes(tmp_path, tiny):
+    """MUSE's files without verbmem/forget.json: the forget items name no document, so
+    VerbMem continues the forget documents themselves (their first verbmem_prefix tokens),
+    a record each (TOFU, with no documents, skips it with the reason: above)."""
+    import shutil
+
+    from unpact.run import run
+
+    muse = tmp_path / "muse"
+    shutil.copytree(FIXTURES / "muse", muse)
+    shutil.rmtree(muse / "verbmem")
+    config = _runner_config(
+        tmp_path,
+        tiny,
+        f"muse-news:{muse}",
+        data={"benchmark": f"muse-news:{muse}", "general": None, "forget_items": 1},
+        membership={
+            "reference": str(tmp_path / "tiny"),
+            "gradnorm": False,
+            "verbmem_prefix": 8,
+            "verbmem_new_tokens": 6,
+        },
+    )
+    result = run(config, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    rows = [r for r in result.records if r.split == "verbmem" and r.method == "ga_gd"]
+    # both forget paragraphs, though the run keeps one forget item (none names a document)
+    assert [r.id for r in rows] == ["muse-news-forget-00000", "muse-news-forget-00001"]
+    assert all(0.0 <= r.verbmem <= 1.0 and r.output_after for r in rows)
+    assert result.results["methods"]["ga_gd"]["verbmem"] == pytest.approx(
+        sum(r.verbmem for r in rows) / 2
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """The one item format every benchmark is read into, its validation, and the loader.
 
 A benchmark is a folder with `qa.jsonl` (one QA item per line) and optionally
-`documents.jsonl` (the texts items come from, used to teach and to unlearn). See
+`documents.jsonl` (the texts items come from, used to teach and to unlearn) and
+`verbmem.jsonl` (openings of forget texts and their true continuations: VerbMem). See
 docs/data.md for the format. Loading validates everything first and returns nothing on
 error: one message names the file, the line and the field.
 """
@@ -73,6 +74,19 @@ class Document:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class VerbatimPrompt:
+    """A verbatim-memorisation probe: the opening of a forget text and its true
+    continuation (MUSE's `verbmem/forget.json`: `prompt` and `gt`)."""
+
+    id: str
+    prompt: str
+    continuation: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass
 class Benchmark:
     """Items and documents of one benchmark, with helpers to select by split."""
@@ -81,6 +95,7 @@ class Benchmark:
     items: list[QAItem]
     documents: list[Document] = field(default_factory=list)
     path: Path | None = None
+    verbatim: list[VerbatimPrompt] = field(default_factory=list)  # VerbMem's own probes
 
     def split(self, name: str) -> list[QAItem]:
         return [i for i in self.items if i.split == name]
@@ -198,8 +213,28 @@ def parse_item(obj: dict[str, Any], path: Path, line: int) -> QAItem:
     )
 
 
+def _verbatim(path: Path) -> list[VerbatimPrompt]:
+    """The probes of a `verbmem.jsonl` (`id`, `prompt`, `continuation` per line)."""
+    out: list[VerbatimPrompt] = []
+    seen: dict[str, int] = {}
+    for n, obj in read_jsonl(path):
+        probe_id = _string(obj, "id", path, n)
+        if probe_id in seen:
+            raise _fail(
+                path, n, f"field 'id': duplicate id {probe_id!r} (first on line {seen[probe_id]})"
+            )
+        seen[probe_id] = n
+        out.append(
+            VerbatimPrompt(
+                probe_id, _string(obj, "prompt", path, n), _string(obj, "continuation", path, n)
+            )
+        )
+    return out
+
+
 def load_folder(folder: str | Path, name: str | None = None) -> Benchmark:
-    """Load and validate a benchmark folder (`qa.jsonl`, optional `documents.jsonl`)."""
+    """Load and validate a benchmark folder (`qa.jsonl`, optional `documents.jsonl` and
+    `verbmem.jsonl`)."""
     folder = Path(folder)
     qa_path = folder / "qa.jsonl"
     if not folder.is_dir():
@@ -243,11 +278,16 @@ def load_folder(folder: str | Path, name: str | None = None) -> Benchmark:
         items.append(item)
     if not items:
         raise UnpactError(f"{qa_path} holds no items")
-    return Benchmark(name=name or folder.name, items=items, documents=documents, path=folder)
+    verbmem = folder / "verbmem.jsonl"
+    verbatim = _verbatim(verbmem) if verbmem.exists() else []
+    return Benchmark(name or folder.name, items, documents, folder, verbatim)
 
 
 def write_folder(
-    folder: str | Path, items: Sequence[QAItem], documents: Sequence[Document] = ()
+    folder: str | Path,
+    items: Sequence[QAItem],
+    documents: Sequence[Document] = (),
+    verbatim: Sequence[VerbatimPrompt] = (),
 ) -> None:
     """Write a benchmark folder in the item format (stable key order, one object per line)."""
     folder = Path(folder)
@@ -258,4 +298,8 @@ def write_folder(
     if documents:
         (folder / "documents.jsonl").write_text(
             "".join(json.dumps(d.to_dict(), ensure_ascii=False) + "\n" for d in documents)
+        )
+    if verbatim:
+        (folder / "verbmem.jsonl").write_text(
+            "".join(json.dumps(v.to_dict(), ensure_ascii=False) + "\n" for v in verbatim)
         )

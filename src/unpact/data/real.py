@@ -10,7 +10,8 @@ Each reader takes a local path in the benchmark's own layout, or (for users with
   `holdout` documents), each as `.txt` (each blank-line-separated block becomes a
   document) or `.json`/`.jsonl` (a list of strings, or records with `text`); without a raw
   forget or holdout file, `privleak/forget.json` and `privleak/holdout.json` (MUSE's
-  PrivLeak sets) are read instead.
+  PrivLeak sets) are read instead; and optionally `verbmem/forget.json` (a JSON list of
+  `{"prompt", "gt"}`: MUSE's VerbMem probes, continued as MUSE continues them).
 - TOFU (locuslab/TOFU): a folder with `forget01.json`, `forget05.json` or `forget10.json`
   and the matching `retain99.json`, `retain95.json` or `retain90.json` (JSON lines or a
   JSON list of `{"question", "answer"}`), optionally `world_facts.json` and
@@ -30,7 +31,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from unpact.data.items import Benchmark, Document, QAItem
+from unpact.data.items import Benchmark, Document, QAItem, VerbatimPrompt
 from unpact.errors import UnpactError
 
 
@@ -143,7 +144,8 @@ def read_muse(source: str | Path, *, corpus: str = "news", hub: bool = False) ->
             for split, part in (("forget", "forget"), ("retain", "retain1"), ("holdout", "holdout"))
             for n, r in enumerate(_hub(repo, "raw", part))
         ]
-        return Benchmark(name, items, hub_docs)
+        probes = _probes(_hub(repo, "verbmem", "forget"), f"{name}-verbmem", repo)
+        return Benchmark(name, items, hub_docs, verbatim=probes)
     folder = Path(source)
     forget_qa, retain_qa = folder / "knowmem/forget_qa.json", folder / "knowmem/retain_qa.json"
     if not retain_qa.is_file() and (folder / "knowmem/retain2_qa.json").is_file():
@@ -158,7 +160,28 @@ def read_muse(source: str | Path, *, corpus: str = "news", hub: bool = False) ->
         found = next((folder / c for c in candidates if (folder / c).is_file()), None)
         if found is not None:
             docs += _paragraphs(found, split, f"{name}-{split}")
-    return Benchmark(name, items, docs)
+    verbmem = folder / "verbmem/forget.json"
+    probes = (
+        _probes(_records(verbmem), f"{name}-verbmem", str(verbmem)) if verbmem.is_file() else []
+    )
+    return Benchmark(name, items, docs, verbatim=probes)
+
+
+def _probes(records: list[dict[str, Any]], prefix: str, where: str) -> list[VerbatimPrompt]:
+    """MUSE's VerbMem probes (`prompt`: a forget text's opening, `gt`: its continuation),
+    kept as given: the prompt's last space decides how its last word is tokenised."""
+    out = []
+    for n, r in enumerate(records):
+        where_n = f"{where}, record {n + 1}"
+        prompt, truth = _text(r, "prompt", where_n), _text(r, "gt", where_n)
+        out.append(
+            VerbatimPrompt(
+                f"{prefix}-{n:05d}",
+                r["prompt"] if isinstance(r["prompt"], str) else prompt,
+                r["gt"] if isinstance(r["gt"], str) else truth,
+            )
+        )
+    return out
 
 
 _TOFU_PAIRS = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}

@@ -79,16 +79,16 @@ def materialise(bench: Benchmark, root: Path) -> Benchmark:
     renamed into place when complete): what injection and unlearning read."""
     if bench.path is not None:
         return bench
-    text = json.dumps(
-        [[i.to_dict() for i in bench.items], [d.to_dict() for d in bench.documents]],
-        sort_keys=True,
-    )
+    parts = [[i.to_dict() for i in bench.items], [d.to_dict() for d in bench.documents]]
+    if bench.verbatim:  # a benchmark without VerbMem probes keeps the key it had before them
+        parts.append([v.to_dict() for v in bench.verbatim])
+    text = json.dumps(parts, sort_keys=True)
     key = hashlib.sha256(text.encode()).hexdigest()[:16]
     folder = root / f"{bench.name}-{key}"
     if not (folder / "qa.jsonl").is_file():
         tmp = folder.with_name(f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}")
-        write_folder(tmp, bench.items, bench.documents)
+        write_folder(tmp, bench.items, bench.documents, bench.verbatim)
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
-    return Benchmark(bench.name, bench.items, bench.documents, folder)
+    return Benchmark(bench.name, bench.items, bench.documents, folder, bench.verbatim)

@@ -60,7 +60,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             {"name": "probe"},
         ],
         "attribution": {},
-        "membership": {"documents": 100},  # as many as MUSE's verbmem and knowmem sets
+        # as many as MUSE's verbmem and knowmem sets; VerbMem continues 128 tokens, as MUSE
+        "membership": {"documents": 100, "verbmem_new_tokens": 128},
     },
 }
 

@@ -276,10 +276,13 @@ class MembershipSettings(_Strict):
         "holdout documents (default: those of the run's items, or all where items name none)",
     )
     verbmem_prefix: int = Field(
-        32, gt=0, description="VerbMem: tokens of each forget document given as the prompt"
+        32,
+        gt=0,
+        description="VerbMem: tokens of each forget document given as the prompt (a "
+        "benchmark's own probes, verbmem.jsonl, give theirs)",
     )
     verbmem_new_tokens: int = Field(
-        48, gt=0, description="VerbMem: greedy tokens compared with the document's continuation"
+        48, gt=0, description="VerbMem: greedy tokens compared with the true continuation"
     )
     degenerate_logprob: float = Field(
         -4.0,

@@ -14,10 +14,10 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from unpact.backends import open_model
-from unpact.data.items import QAItem
+from unpact.data.items import QAItem, VerbatimPrompt
 from unpact.errors import UnpactError
 from unpact.membership import (
     DOCUMENT_ATTACKS,
@@ -49,6 +49,9 @@ class Membership:
     skipped: str | None = None
     holdout: list[QAItem] = field(default_factory=list)
     verbmem: dict[str, dict[str, float]] = field(default_factory=dict)  # label -> item -> ROUGE-L
+    # label -> VerbMem's rows where they are records of their own (split "verbmem"): MUSE's
+    # probes, or the forget documents when the forget items name none
+    verbatim: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     fluency: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     reference: Model | None = None  # the retrained reference
     served: dict[str, str] = field(default_factory=dict)  # models left out, and why
@@ -59,7 +62,8 @@ class Membership:
     def records(self, label: str, records: list[ItemRecord]) -> list[ItemRecord]:
         """`records` of the model `label` with its figures and the retrained reference's,
         the holdout items' records after them, then one record per scored document (split
-        `forget_document` or `holdout_document`)."""
+        `forget_document` or `holdout_document`), then VerbMem's own records (split
+        `verbmem`)."""
         every = records + holdout_records(self.holdout, label)
         fill_records(
             every,
@@ -68,9 +72,12 @@ class Membership:
             self.verbmem.get(label, {}),
             self.fluency.get(label, {}),
         )
+        return every + self._document_records(label) + self._verbatim_records(label)
+
+    def _document_records(self, label: str) -> list[ItemRecord]:
         mine = self.document_scores.get(label, {})
         ref = self.document_scores.get("retrained", {})
-        return every + [
+        return [
             ItemRecord(
                 id=d.id,
                 split=f"{d.split}_document",
@@ -83,6 +90,22 @@ class Membership:
             )
             for d in self.documents
             if d.id in mine
+        ]
+
+    def _verbatim_records(self, label: str) -> list[ItemRecord]:
+        return [
+            ItemRecord(
+                id=row["id"],
+                split="verbmem",
+                correct_before=False,
+                correct_after=False,
+                method=label,
+                question=row.get("prompt", ""),
+                answer=row["truth"],
+                output_after=row["output"],
+                verbmem=row["rouge_l"],
+            )
+            for row in self.verbatim.get(label, [])
         ]
 
 
@@ -122,9 +145,11 @@ def missing_inputs(data: Data, settings: MembershipSettings) -> dict[str, str]:
     if not any(i.paraphrased_answer and i.perturbed_answers for i in forget):
         why = "no forget item has paraphrased_answer and perturbed_answers (docs/data.md)"
         out["truth_ratio"] = out["forget_quality"] = why
-    firsts = first_items(forget)
-    if not any(d.id in firsts for d in data.bench.documents_of("forget")):
-        out["verbmem"] = "the forget items name no forget document (field 'document')"
+    if not verbatim_texts(data, settings)[1]:
+        out["verbmem"] = (
+            "no text to continue: the benchmark has no forget documents and no VerbMem probes "
+            "(verbmem.jsonl; MUSE's verbmem/forget.json)"
+        )
     if not settings.gradnorm:
         out["mia_auc.gradnorm"] = "membership.gradnorm is false"
     if not data.holdout:
@@ -157,6 +182,29 @@ def scored_documents(data: Data, settings: MembershipSettings) -> list[Document]
             return []
         found += docs[: settings.documents]
     return found
+
+
+VerbatimKind = Literal["items", "documents", "probes"]
+
+
+def verbatim_texts(
+    data: Data, settings: MembershipSettings
+) -> tuple[VerbatimKind, list[Document] | list[VerbatimPrompt]]:
+    """What VerbMem continues, and where its values go.
+
+    - "probes": the benchmark's own probes (`verbmem.jsonl`, MUSE's `verbmem/forget.json`),
+      at most `settings.documents`: MUSE's protocol exactly, each a record of its own;
+    - "items": else the forget documents the run's forget items name, each value in the
+      record of the first forget item naming it (the built-in benchmarks);
+    - "documents": else, where the forget items name no document, the forget documents
+      (at most `settings.documents`), each a record of its own."""
+    if data.bench.verbatim:
+        return "probes", data.bench.verbatim[: settings.documents]
+    firsts = first_items(data.splits["forget"])
+    named = [d for d in data.bench.documents_of("forget") if d.id in firsts]
+    if named or firsts:
+        return "items", named
+    return "documents", data.bench.documents_of("forget")[: settings.documents]
 
 
 def retrained(p: Pipeline, data: Data) -> Model:
@@ -245,9 +293,6 @@ def score_model(lm: LanguageModel, items: list[QAItem], gradnorm: bool) -> list[
 def verbmem_rows(lm: LanguageModel, docs: list[Any], prefix: int, new: int) -> list[dict[str, Any]]:
     """MUSE's VerbMem protocol per forget document: the greedy continuation of its first
     `prefix` tokens (raw text, no chat template), against the true continuation."""
-    from unpact.judge import rouge_l_f1
-    from unpact.scoring import generate
-
     prompts, truths, ids = [], [], []
     for d in docs:
         tokens = lm.tokenizer(d.text, add_special_tokens=False)["input_ids"]
@@ -256,6 +301,32 @@ def verbmem_rows(lm: LanguageModel, docs: list[Any], prefix: int, new: int) -> l
         prompts.append(lm.tokenizer.decode(tokens[:prefix]))
         truths.append(lm.tokenizer.decode(tokens[prefix : prefix + new]))
         ids.append(d.id)
+    return _continued(lm, ids, prompts, truths, new)
+
+
+def probe_rows(lm: LanguageModel, probes: list[VerbatimPrompt], new: int) -> list[dict[str, Any]]:
+    """MUSE's VerbMem on its own probes (`metrics/verbmem.py` in the MUSE repository): the
+    greedy continuation of each prompt, as given, against the true continuation cut to its
+    first `new` tokens (MUSE: 128 of each)."""
+    truths = [
+        lm.tokenizer.decode(
+            lm.tokenizer(v.continuation, add_special_tokens=False)["input_ids"][:new]
+        )
+        for v in probes
+    ]
+    rows = _continued(lm, [v.id for v in probes], [v.prompt for v in probes], truths, new)
+    for row, v in zip(rows, probes):
+        row["prompt"] = v.prompt
+    return rows
+
+
+def _continued(
+    lm: LanguageModel, ids: list[str], prompts: list[str], truths: list[str], new: int
+) -> list[dict[str, Any]]:
+    """`new` greedy tokens after each raw prompt, and their ROUGE-L F1 against its truth."""
+    from unpact.judge import rouge_l_f1
+    from unpact.scoring import generate
+
     outs = generate(
         lm, prompts, chat_template=False, max_new_tokens=new, progress="VerbMem continuations"
     )
@@ -444,11 +515,12 @@ def compute(
     base_spec = settings.base or p.cfg.model
     base = Model("base", base_spec, "model:" + model_key(base_spec))
     firsts = first_items(data.splits["forget"])
-    docs = [d for d in data.bench.documents_of("forget") if d.id in firsts]
+    kind, texts = verbatim_texts(data, settings)
     scored = scored_documents(data, settings)
     raw: dict[str, dict[str, dict[str, Any]]] = {}
     raw_docs: dict[str, dict[str, dict[str, Any]]] = {}  # the documents' rows, by label
     verbmem: dict[str, dict[str, float]] = {}
+    verbatim: dict[str, list[dict[str, Any]]] = {}
     served: dict[str, str] = {}
     for m in [base, original, reference, *unlearned]:
         if is_remote_spec(m.spec):  # no weights: this model's figures are left out, said why
@@ -468,9 +540,13 @@ def compute(
         raw[m.label] = {r["id"]: r for r in rows}
         if scored:  # with the same opened model: it is loaded once for all its stages
             raw_docs[m.label] = _document_rows(p, m, get, scored)
-        if m is base or not docs:
+        if m is base or not texts:
             continue
-        verbmem[m.label] = {firsts[r["id"]]: r["rouge_l"] for r in _verbmem(p, m, get, docs)}
+        rows = _verbmem(p, m, get, texts)
+        if kind == "items":
+            verbmem[m.label] = {firsts[r["id"]]: r["rouge_l"] for r in rows}
+        else:
+            verbatim[m.label] = rows
     base_rows = raw.pop("base", {})
     found = Membership(holdout=data.holdout, reference=reference, served=served)
     found.figures = {label: derive(rows, base_rows, settings) for label, rows in raw.items()}
@@ -481,19 +557,31 @@ def compute(
         for label, rows in raw_docs.items()
     }
     fluent = _fluency(p, data, base, [original, *unlearned], stages)
-    found.verbmem, found.fluency = verbmem, fluent
+    found.verbmem, found.verbatim, found.fluency = verbmem, verbatim, fluent
     return found
 
 
-def _verbmem(p: Pipeline, m: Model, get: Opener, docs: list[Any]) -> list[dict[str, Any]]:
-    """VerbMem's continuations of the forget documents under the model `m` (a cached stage)."""
+def _verbmem(
+    p: Pipeline, m: Model, get: Opener, texts: list[Document] | list[VerbatimPrompt]
+) -> list[dict[str, Any]]:
+    """VerbMem's continuations of the forget documents (or the benchmark's own probes)
+    under the model `m` (a cached stage)."""
     prefix, new = p.cfg.membership.verbmem_prefix, p.cfg.membership.verbmem_new_tokens
+    probes = [t for t in texts if isinstance(t, VerbatimPrompt)]
+    if probes:
+        return p.stage(
+            "verbmem",
+            "verbmem",
+            m.label,
+            [m.key, [v.to_dict() for v in probes], new, "probes"],
+            lambda: probe_rows(_local(get(), m.label), probes, new),
+        )
     return p.stage(
         "verbmem",
         "verbmem",
         m.label,
-        [m.key, [d.to_dict() for d in docs], prefix, new],
-        lambda: verbmem_rows(_local(get(), m.label), docs, prefix, new),
+        [m.key, [d.to_dict() for d in texts], prefix, new],
+        lambda: verbmem_rows(_local(get(), m.label), texts, prefix, new),
     )
 
 

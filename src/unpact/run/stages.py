@@ -35,9 +35,14 @@ def subset(bench: Benchmark, data: DataSettings, cache: Path) -> Benchmark:
     for split in ("forget", "retain", "general", "holdout"):
         items = bench.split(split)
         kept += items[: limits.get(split) or len(items)]
-    docs = {i.document for i in kept}
-    documents = [d for d in bench.documents if d.id in docs]
-    return materialise(Benchmark(bench.name, kept, documents), cache / "subsets")
+    named = {i.document for i in kept}
+    # a split whose items name no document (MUSE's files; a split of documents alone) keeps
+    # all its documents: the texts membership inference and VerbMem read there
+    naming = {i.split for i in bench.items if i.document is not None}
+    documents = [d for d in bench.documents if d.id in named or d.split not in naming]
+    return materialise(
+        Benchmark(bench.name, kept, documents, verbatim=bench.verbatim), cache / "subsets"
+    )
 
 
 def evaluate(
