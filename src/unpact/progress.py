@@ -18,8 +18,11 @@ from rich.progress import (
 
 @contextmanager
 def progress_bar(label: str, total: int, enabled: bool = True) -> Iterator[Callable[[int], None]]:
-    """Yield `advance(n)`; draws a bar with elapsed and remaining time when enabled."""
-    if not enabled:
+    """Yield `advance(n)`; draws a bar with elapsed and remaining time when enabled and
+    stderr is a terminal (in a log file a bar cannot move: rich would leave a blank line
+    per bar there, and the runner's log already names each stage as it starts)."""
+    console = Console(stderr=True)
+    if not enabled or not console.is_terminal:
         yield lambda n: None
         return
     columns = (
@@ -30,6 +33,6 @@ def progress_bar(label: str, total: int, enabled: bool = True) -> Iterator[Calla
         TextColumn("eta"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+    with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n: bar.advance(task, n)

@@ -1,0 +1,30 @@
+"""Progress bars: drawn on a terminal, and nothing (not a blank line per bar) in a log."""
+
+from __future__ import annotations
+
+from unpact.progress import progress_bar
+
+
+def _run_bar() -> None:
+    with progress_bar("Judging", 3) as advance:
+        advance(3)
+
+
+def test_a_bar_is_drawn_on_a_terminal(monkeypatch, capfd) -> None:
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich treats stderr as a terminal
+    _run_bar()
+    assert "Judging" in capfd.readouterr().err
+
+
+def test_a_log_file_gets_no_blank_line_per_bar(monkeypatch, capfd) -> None:
+    monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    _run_bar()
+    assert capfd.readouterr().err == ""
+
+
+def test_a_disabled_bar_draws_nothing(monkeypatch, capfd) -> None:
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    with progress_bar("Judging", 3, enabled=False) as advance:
+        advance(3)
+    assert capfd.readouterr().err == ""
