@@ -277,3 +277,57 @@ def test_muse_other_layouts_retain2_json_raw_and_privleak_texts(tmp_path):
         ("holdout", "Never seen."),
         ("holdout", "Nor this."),
     ]
+
+
+def _hub_clone_of_wmdp(root: Path) -> Path:
+    """A folder laid out as a clone of the hub's cais/wmdp: one Parquet file per subset."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from unpact.data.real import _records
+
+    rows = _records(FIXTURES / "wmdp" / "wmdp-bio.jsonl")
+    for subset in ("wmdp-bio", "wmdp-chem"):
+        (root / subset).mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(rows), root / subset / "test-00000-of-00001.parquet")
+    return root
+
+
+def test_wmdp_from_a_clone_of_the_hub_repository_in_parquet(tmp_path):
+    """cais/wmdp on the hub holds only Parquet files (wmdp-bio/test-00000-of-00001.parquet):
+    read like the JSON-lines file, by subset folder or by the subset named as the option."""
+    from unpact.data import load_benchmark
+
+    clone = _hub_clone_of_wmdp(tmp_path / "wmdp")
+    expected = read_wmdp(FIXTURES / "wmdp" / "wmdp-bio.jsonl").items
+    for spec in (f"wmdp[wmdp-bio]:{clone}", f"wmdp:{clone / 'wmdp-bio'}"):
+        bench = load_benchmark(spec)
+        assert bench.name == "wmdp-bio" and bench.items == expected
+    file = clone / "wmdp-chem" / "test-00000-of-00001.parquet"
+    assert load_benchmark(f"wmdp:{file}").name == "wmdp-chem"
+    with pytest.raises(UnpactError, match="found none; subsets here: wmdp-bio, wmdp-chem"):
+        load_benchmark(f"wmdp:{clone}")
+
+
+def test_parquet_problems_are_one_message(tmp_path, monkeypatch):
+    import sys
+
+    from unpact.data import load_benchmark
+
+    clone = _hub_clone_of_wmdp(tmp_path / "wmdp")
+    shard = clone / "wmdp-bio" / "test-00000-of-00001.parquet"
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if not installed
+    with pytest.raises(UnpactError, match="needs pyarrow"):
+        load_benchmark(f"wmdp:{shard}")
+    monkeypatch.undo()
+    # cloned without Git LFS: a pointer file where the data should be
+    shard.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 258073\n")
+    with pytest.raises(UnpactError, match=r"is a Git LFS pointer.*git lfs pull"):
+        load_benchmark(f"wmdp:{shard}")
+    shard.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(UnpactError, match="not a Parquet file"):
+        load_benchmark(f"wmdp:{shard}")
+    json_pointer = tmp_path / "wmdp-bio.jsonl"
+    json_pointer.write_text("version https://git-lfs.github.com/spec/v1\n")
+    with pytest.raises(UnpactError, match="is a Git LFS pointer"):
+        load_benchmark(f"wmdp:{json_pointer}")

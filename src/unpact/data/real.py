@@ -18,9 +18,10 @@ Each reader takes a local path in the benchmark's own layout, or (for users with
   `real_authors.json` (read as `general`), `holdout01.json` (...05, ...10: read as
   `holdout`) and `forget01_perturbed.json` (TOFU's `paraphrased_answer` and
   `perturbed_answer` list, matched to the forget items by question: the truth ratio).
-- WMDP (cais/wmdp): a JSON-lines or JSON file of `{"question", "choices", "answer"}` with
-  `answer` the index of the correct choice (the hub's `wmdp-bio`, `wmdp-chem`,
-  `wmdp-cyber`); all items are `forget`.
+- WMDP (cais/wmdp): a JSON-lines, JSON or Parquet file of `{"question", "choices",
+  "answer"}` with `answer` the index of the correct choice (the hub's `wmdp-bio`,
+  `wmdp-chem`, `wmdp-cyber`; a clone of the hub's repository holds them as
+  `wmdp-bio/test-00000-of-00001.parquet`, read with pyarrow); all items are `forget`.
 
 Keywords are left empty: these benchmarks carry no ground truth for them.
 """
@@ -34,18 +35,52 @@ from typing import Any
 from unpact.data.items import Benchmark, Document, QAItem, VerbatimPrompt
 from unpact.errors import UnpactError
 
+_LFS_POINTER = "version https://git-lfs.github.com/spec/"
+
 
 def _read(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise UnpactError(f"cannot read {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise UnpactError(f"cannot read {path}: not UTF-8 text") from None
+    _not_a_pointer(path, text[: len(_LFS_POINTER)])
+    return text
+
+
+def _not_a_pointer(path: Path, start: str) -> None:
+    """A hub dataset cloned without Git LFS holds pointer files in place of its data."""
+    if start == _LFS_POINTER:
+        raise UnpactError(
+            f"{path} is a Git LFS pointer, not the data: run `git lfs pull` in the clone "
+            "(or download the file itself)"
+        )
+
+
+def _parquet(path: Path) -> list[dict[str, Any]]:
+    """The rows of a Parquet file (the hub's own format: a clone of a dataset repository
+    such as cais/wmdp holds these), read with pyarrow when it is installed."""
+    try:
+        import pyarrow.parquet as pq
+        from pyarrow import ArrowException
+    except ImportError:
+        raise UnpactError(f"reading {path} needs pyarrow (Parquet): pip install pyarrow") from None
+    try:
+        with path.open("rb") as f:
+            _not_a_pointer(path, f.read(len(_LFS_POINTER)).decode("latin-1"))
+        rows: list[dict[str, Any]] = pq.read_table(path).to_pylist()
+    except OSError as exc:
+        raise UnpactError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ArrowException as exc:
+        raise UnpactError(f"cannot read {path}: not a Parquet file ({exc})") from None
+    return rows
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
-    """A JSON list, a single JSON object or JSON lines."""
+    """A JSON list, a single JSON object, JSON lines, or a Parquet file's rows."""
+    if path.suffix == ".parquet":
+        return _parquet(path)
     text = _read(path)
     try:
         data = json.loads(text)

@@ -60,18 +60,39 @@ def _read_real(kind: str, option: str | None, path: Path) -> Benchmark:
         present = [f for f in _TOFU_PAIRS if (path / f"{f}.json").is_file()]
         forget = option or (present[-1] if present else "forget10")
         return read_tofu(path, forget=forget)
-    if path.is_dir():
-        files = sorted(path.glob("*.json")) + sorted(path.glob("*.jsonl"))
-        if option is not None:
-            files = [f for f in files if f.stem == option]
-        if len(files) != 1:
-            found = ", ".join(f.name for f in files) or "none"
-            raise UnpactError(
-                f"wmdp:{path}: expected one .json/.jsonl file (name one: wmdp[NAME]:{path}); "
-                f"found {found}"
-            )
-        path = files[0]
-    return read_wmdp(path, subset=option or path.stem)
+    file = _wmdp_file(path, option)
+    return read_wmdp(file, subset=option or _wmdp_name(file))
+
+
+_WMDP_FILES = ("*.json", "*.jsonl", "*.parquet")
+
+
+def _wmdp_file(path: Path, option: str | None) -> Path:
+    """The one WMDP file at `path`: the file itself, the folder's one data file (named by
+    the option where there are several), or, in a clone of the hub's cais/wmdp, the one
+    Parquet file of the subset folder the option names (`wmdp[wmdp-bio]:CLONE`)."""
+    if not path.is_dir():
+        return path
+    if option is not None and (path / option).is_dir():
+        path, option = path / option, None  # cais/wmdp: wmdp-bio/test-00000-of-00001.parquet
+    files = [f for pattern in _WMDP_FILES for f in sorted(path.glob(pattern))]
+    if option is not None:
+        files = [f for f in files if f.stem == option]
+    if len(files) == 1:
+        return files[0]
+    found = ", ".join(f.name for f in files) or "none"
+    subsets = sorted(d.name for d in path.iterdir() if d.is_dir() and d.name.startswith("wmdp"))
+    hint = f"; subsets here: {', '.join(subsets)}" if subsets and not files else ""
+    raise UnpactError(
+        f"wmdp:{path}: expected one .json, .jsonl or .parquet file (name one: "
+        f"wmdp[NAME]:{path}); found {found}{hint}"
+    )
+
+
+def _wmdp_name(path: Path) -> str:
+    """A WMDP subset's name: its file's (wmdp-bio.jsonl), or its folder's where the file is
+    a hub split shard (wmdp-bio/test-00000-of-00001.parquet)."""
+    return path.parent.name if path.stem.startswith(("test", "train")) else path.stem
 
 
 def materialise(bench: Benchmark, root: Path) -> Benchmark:
