@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import uuid
+import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -223,7 +224,9 @@ def load_model(
     """Load a causal LM and its tokenizer from a spec (local weights).
 
     Specs: `default` (the embedded SmolLM2-135M-Instruct), a local Hugging Face model
-    directory, a `.gguf` file (dequantised once and cached), or a hub id such as
+    directory, a PEFT adapter directory (merged into the base model its
+    adapter_config.json names, once, and cached), a `.gguf` file (dequantised once and
+    cached), or a hub id such as
     `HuggingFaceTB/SmolLM2-135M-Instruct` (needs a reachable hub). Weights load from
     safetensors only; `trust_remote_code` stays off unless asked for. For what needs only
     log-probs and generations, `open_model` also accepts a served model.
@@ -286,8 +289,10 @@ def local_model_dir(spec: str) -> Path | None:
     if is_remote_spec(spec):
         return None
     path = _resolve_local(spec)
-    if path is None or path.is_dir():
-        return path
+    if path is None:
+        return None
+    if path.is_dir():
+        return adapter_cache(path) if _is_adapter(path) else path
     return gguf_cache(path)
 
 
@@ -377,8 +382,11 @@ def _resolve_local(spec: str) -> Path | None:
     if path.is_dir():
         if (path / "config.json").is_file():
             return path
-        if (path / "model" / "config.json").is_file() and (path / "result.json").is_file():
-            return path / "model"  # an `unpact unlearn --out` run directory: its model
+        if _is_adapter(path):
+            check_spec(adapter_base(path))  # merged into its base on first use
+            return path
+        if (path / "model").is_dir() and (path / "result.json").is_file():
+            return _resolve_local(str(path / "model"))  # an `unpact unlearn --out` run
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return ggufs[0]
@@ -498,6 +506,75 @@ def _load_hub(spec: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[A
         ) from exc
     _check_complete(spec, info)
     return model, tokenizer
+
+
+# ------------------------------------------------------------------- adapter cache
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _is_adapter(path: Path) -> bool:
+    return not (path / "config.json").is_file() and (path / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(path: Path) -> str:
+    """The base model a PEFT adapter folder names (`base_model_name_or_path`)."""
+    try:
+        config = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UnpactError(f"cannot read {path / ADAPTER_CONFIG}: {exc}") from None
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not isinstance(base, str) or not base.strip():
+        raise UnpactError(
+            f"{path} is a PEFT adapter, but its {ADAPTER_CONFIG} names no base model: set "
+            "base_model_name_or_path to the base model's folder or hub id"
+        )
+    return base
+
+
+def adapter_cache(adapter: Path) -> Path:
+    """A PEFT (LoRA) adapter folder merged into its base model, as a model folder in the
+    cache: built once (keyed by the adapter's files and the base model), then loaded like
+    any model folder, so every cache key and check downstream sees an ordinary model."""
+    if not (adapter / "adapter_model.safetensors").is_file():
+        raise UnpactError(
+            f"{adapter} is a PEFT adapter without adapter_model.safetensors; unpact loads "
+            "safetensors only (unpickling a file can run any code it contains)"
+        )
+    base = adapter_base(adapter)
+    digest = hashlib.sha256(model_key(base).encode())
+    for f in sorted(p for p in adapter.iterdir() if p.is_file()):
+        digest.update(f.name.encode() + _sha256(f).encode())
+    # named by content alone: the same adapter moved or renamed is the same model
+    folder = cache_root() / "models" / f"adapter-merged-{digest.hexdigest()[:16]}"
+    if not (folder / "config.json").is_file():
+        _merge_adapter(adapter, base, folder)
+    return folder
+
+
+def _merge_adapter(adapter: Path, base: str, folder: Path) -> None:
+    from peft import PeftModel
+    from rich.console import Console
+
+    with Console(stderr=True).status(f"Merging the adapter {adapter.name} into {base} (once)"):
+        lm = load_model(base)
+        try:
+            with warnings.catch_warnings():  # peft asks transformers' deprecated
+                # `is_gradient_checkpointing` (transformers 5.x): nothing for the user to do
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+                merged = PeftModel.from_pretrained(lm.model, str(adapter)).merge_and_unload()
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise UnpactError(
+                f"could not apply the adapter {adapter} to {base} (is it the base it was "
+                f"trained on?): {_first_line(exc)}"
+            ) from exc
+        tokenizer = lm.tokenizer
+        if any((adapter / f).is_file() for f in TOKENIZER_FILES):  # saved with the adapter
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(adapter)
+        source = json.dumps({"adapter": str(adapter.resolve()), "base": base}, indent=2)
+        save_model(merged, tokenizer, folder, extra={"merged-from.json": source + "\n"})
 
 
 # ----------------------------------------------------------------------- GGUF cache

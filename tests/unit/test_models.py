@@ -173,3 +173,101 @@ def test_broken_model_folders_are_one_message(tiny, tmp_path):
         with pytest.raises(UnpactError, match=message):
             load_model(str(broken(change.__name__, change)))
     assert load_model(str(good)).model.config.hidden_size == 64
+
+
+def _adapter(tiny, tmp_path, seed: int = 0):
+    """A LoRA adapter folder (random, non-zero B) for the tiny model saved at tmp_path/base,
+    and the PEFT model's logits on a few tokens, computed before any merging."""
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from unpact.models import save_model
+    from unpact.testing import tiny_model
+
+    base = tiny_model(seed=0)
+    save_model(base.model, base.tokenizer, tmp_path / "base")
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(base.model, config)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    path = tmp_path / "adapter" / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    saved["base_model_name_or_path"] = str(tmp_path / "base")
+    path.write_text(json.dumps(saved))
+    with torch.no_grad():
+        logits = peft_model(input_ids=torch.tensor([[1, 5, 9, 14, 3]])).logits
+    return tmp_path / "adapter", logits
+
+
+# the helper's get_peft_model asks transformers' deprecated is_gradient_checkpointing
+PEFT_WARNING = "ignore:.*is_gradient_checkpointing.*:FutureWarning"
+
+
+@pytest.mark.filterwarnings(PEFT_WARNING)
+def test_a_peft_adapter_is_merged_into_its_base_once(tiny, tmp_path, monkeypatch):
+    """An adapter folder (open-unlearning's and PEFT's LoRA checkpoints, `unpact unlearn`
+    with `lora.merge: false`) loads as its base with the adapter merged: the logits PEFT
+    computes; built once in the cache, then read like any model folder."""
+    import torch
+
+    from unpact import models
+
+    monkeypatch.setenv("UNPACT_CACHE", str(tmp_path / "cache"))
+    adapter, expected = _adapter(tiny, tmp_path)
+    lm = load_model(str(adapter))
+    with torch.no_grad():
+        got = lm.model(input_ids=torch.tensor([[1, 5, 9, 14, 3]])).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert type(lm.model).__name__ == "LlamaForCausalLM"  # no PEFT wrapper left
+    key = models.model_key(str(adapter))
+    base_logits = load_model(str(tmp_path / "base")).model(input_ids=torch.tensor([[1, 5]]))
+    assert not torch.allclose(base_logits.logits, got[:, :2])  # the adapter changed it
+
+    def no_rebuild(*args: object) -> None:
+        raise AssertionError("merged again")
+
+    monkeypatch.setattr(models, "_merge_adapter", no_rebuild)
+    assert models.model_key(str(adapter)) == key
+    load_model(str(adapter))
+    # an unlearning run directory whose model is an adapter (lora.merge: false)
+    (tmp_path / "run").mkdir()
+    adapter.rename(tmp_path / "run" / "model")
+    (tmp_path / "run" / "result.json").write_text("{}")
+    assert models.model_key(str(tmp_path / "run")) == key
+
+
+@pytest.mark.filterwarnings(PEFT_WARNING)
+def test_bad_adapters_are_one_message(tiny, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from unpact.models import save_model
+    from unpact.testing import tiny_other
+
+    monkeypatch.setenv("UNPACT_CACHE", str(tmp_path / "cache"))
+    adapter, _ = _adapter(tiny, tmp_path)
+    config = adapter / "adapter_config.json"
+    saved = json.loads(config.read_text())
+
+    config.write_text(json.dumps({**saved, "base_model_name_or_path": None}))
+    with pytest.raises(UnpactError, match="names no base model"):
+        load_model(str(adapter))
+    config.write_text(json.dumps({**saved, "base_model_name_or_path": str(tmp_path / "nope")}))
+    with pytest.raises(UnpactError, match="no such file or directory"):
+        load_model(str(adapter))
+    config.write_text("{not json")
+    with pytest.raises(UnpactError, match=r"cannot read .*adapter_config\.json"):
+        load_model(str(adapter))
+    # trained on another base: GPT-2 has no q_proj or v_proj
+    other = tiny_other("gpt2")
+    save_model(other.model, other.tokenizer, tmp_path / "gpt2")
+    config.write_text(json.dumps({**saved, "base_model_name_or_path": str(tmp_path / "gpt2")}))
+    with pytest.raises(UnpactError, match="could not apply the adapter"):
+        load_model(str(adapter))
+    config.write_text(json.dumps(saved))
+    (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
+    with pytest.raises(UnpactError, match=r"without adapter_model\.safetensors"):
+        load_model(str(adapter))
+    shutil.rmtree(adapter)
