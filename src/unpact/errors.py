@@ -14,6 +14,10 @@ class UnpactError(ValueError):
 
 
 _DISK_FULL = ("No space left on device", "Disk quota exceeded")
+# torch.save's zip writer names no cause when a write fails: "[enforce fail at
+# inline_container.cc:...] . unexpected pos ..." (or "... failed writing file ..."), raised
+# from "basic_ios::clear: iostream error"
+_TORCH_WRITE = ("PytorchStreamWriter failed writing", "iostream error")
 
 
 def disk_full(exc: BaseException) -> UnpactError | None:
@@ -39,6 +43,12 @@ def disk_full(exc: BaseException) -> UnpactError | None:
                 f"the disk is full{place}: free some space, or write elsewhere "
                 "(--out for the outputs, the UNPACT_CACHE variable for the cache of models "
                 "and stages)"
+            )
+        if isinstance(current, RuntimeError) and any(w in str(current) for w in _TORCH_WRITE):
+            return UnpactError(
+                f"torch could not write a file ({str(current).strip()[:80]}), most often "
+                "because the disk is full: free some space, or write elsewhere (--out, "
+                "UNPACT_CACHE)"
             )
         current = current.__cause__ or current.__context__
     return None

@@ -48,6 +48,23 @@ def test_disk_full_is_recognised(exc: BaseException) -> None:
     assert found is not None and "disk is full" in str(found)
 
 
+def test_a_failed_torch_save_is_said_to_be_a_write_failure() -> None:
+    """torch.save onto a full device raised (seen once, writing to /dev/full) a RuntimeError
+    naming no cause, from an iostream error: recognised by that shape."""
+    try:
+        try:
+            raise RuntimeError("basic_ios::clear: iostream error")
+        except RuntimeError:
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+            ) from None
+    except RuntimeError as failed:
+        assert failed.__context__ is not None  # `from None` keeps the context, as torch's
+        found = disk_full(failed)
+    assert found is not None and "torch could not write a file" in str(found)
+    assert disk_full(RuntimeError("unexpected pos 704 vs 598")) is None
+
+
 def test_disk_full_is_found_through_a_chain_and_not_elsewhere() -> None:
     try:
         try:
