@@ -574,7 +574,14 @@ def _merge_adapter(adapter: Path, base: str, folder: Path) -> None:
 
             tokenizer = AutoTokenizer.from_pretrained(adapter)
         source = json.dumps({"adapter": str(adapter.resolve()), "base": base}, indent=2)
-        save_model(merged, tokenizer, folder, extra={"merged-from.json": source + "\n"})
+        tmp = folder.with_name(f".build-{folder.name}-{uuid.uuid4().hex[:8]}")
+        save_model(merged, tokenizer, tmp, extra={"merged-from.json": source + "\n"})
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process (accelerate's) finished the same merge first
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (folder / "config.json").is_file():
+                raise
 
 
 # ----------------------------------------------------------------------- GGUF cache
