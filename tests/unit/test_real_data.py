@@ -331,3 +331,32 @@ def test_parquet_problems_are_one_message(tmp_path, monkeypatch):
     json_pointer.write_text("version https://git-lfs.github.com/spec/v1\n")
     with pytest.raises(UnpactError, match="is a Git LFS pointer"):
         load_benchmark(f"wmdp:{json_pointer}")
+
+
+def test_muse_from_the_hub_maps_every_config(monkeypatch):
+    """The hub path (`hub=True`, through `datasets`) reads the same parts as a folder:
+    knowmem's questions, raw's texts and verbmem's probes (hub replaced by its records)."""
+    from unpact.data import real
+
+    served = {
+        ("knowmem", "forget_qa"): [{"question": "Which river?", "answer": "the Ollen"}],
+        ("knowmem", "retain_qa"): [{"question": "Which town?", "answer": "Harrowgate"}],
+        ("raw", "forget"): [{"text": "The ferry crossed the Ollen."}],
+        ("raw", "retain1"): [{"text": "Harrowgate thanked the operator."}],
+        ("raw", "holdout"): [{"text": "A bridge opened in Verne."}],
+        ("verbmem", "forget"): [{"prompt": "The ferry crossed", "gt": " the Ollen."}],
+    }
+    asked: list[tuple[str, str | None, str]] = []
+
+    def hub(repo: str, config: str | None, split: str) -> list[dict]:
+        asked.append((repo, config, split))
+        return served[(config, split)]
+
+    monkeypatch.setattr(real, "_hub", hub)
+    bench = read_muse("", corpus="news", hub=True)
+    assert {repo for repo, _, _ in asked} == {"muse-bench/MUSE-News"}
+    assert bench.counts() == {"forget": 1, "retain": 1}
+    assert [d.split for d in bench.documents] == ["forget", "retain", "holdout"]
+    assert [(v.prompt, v.continuation) for v in bench.verbatim] == [
+        ("The ferry crossed", " the Ollen.")
+    ]
