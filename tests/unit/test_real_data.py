@@ -181,6 +181,8 @@ def test_muse_membership_runs_on_its_documents(tmp_path, tiny):
     assert probes[1].answer == " the town."
     assert m["verbmem"] == pytest.approx(sum(r.verbmem for r in probes) / 2)
     assert "verbmem" not in res["skipped"]
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert 'id="verbmem"' in report and "The Harrowgate ferry crossed the Ollen" in report
 
 
 def test_verbmem_continues_unnamed_forget_documents_without_probes(tmp_path, tiny):

@@ -224,12 +224,26 @@ def render(
             {k for row in (results.get("attribution_checks") or {}).values() for k in row}
         ),
         sections=heatmaps(results, records, attributions, config.attribution.heatmaps),
+        verbatim=_verbatim(records),
         settings=yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
         baseline=config.statistics.baseline_attack,
         level=config.statistics.level,
         alpha=config.statistics.alpha,
         escape=html.escape,
     )
+
+
+VERBATIM_ROWS = 10  # continuations shown per model
+
+
+def _verbatim(records: list[ItemRecord]) -> dict[str, list[ItemRecord]]:
+    """Per model, its first VerbMem records of their own (a benchmark's probes, MUSE's
+    verbmem set): the prompt, the true continuation and the model's, to read."""
+    out: dict[str, list[ItemRecord]] = {}
+    for r in records:
+        if r.split == "verbmem" and len(out.setdefault(r.method, [])) < VERBATIM_ROWS:
+            out[r.method].append(r)
+    return {m: rows for m, rows in out.items() if rows}
 
 
 def write_comparison(path: Path, runs: dict[str, dict[str, Any]]) -> None:
