@@ -18,6 +18,10 @@ _DISK_FULL = ("No space left on device", "Disk quota exceeded")
 # inline_container.cc:...] . unexpected pos ..." (or "... failed writing file ..."), raised
 # from "basic_ios::clear: iostream error"
 _TORCH_WRITE = ("PytorchStreamWriter failed writing", "iostream error")
+_ELSEWHERE = (
+    "free some space, or write elsewhere (--out for the outputs, the UNPACT_CACHE variable "
+    "for the cache of models and stages)"
+)
 
 
 def disk_full(exc: BaseException) -> UnpactError | None:
@@ -39,16 +43,11 @@ def disk_full(exc: BaseException) -> UnpactError | None:
         if hit or any(words in str(current) for words in _DISK_FULL):
             where = getattr(current, "filename", None)
             place = f" while writing {where}" if where else ""
-            return UnpactError(
-                f"the disk is full{place}: free some space, or write elsewhere "
-                "(--out for the outputs, the UNPACT_CACHE variable for the cache of models "
-                "and stages)"
-            )
+            return UnpactError(f"the disk is full{place}: {_ELSEWHERE}")
         if isinstance(current, RuntimeError) and any(w in str(current) for w in _TORCH_WRITE):
             return UnpactError(
                 f"torch could not write a file ({str(current).strip()[:80]}), most often "
-                "because the disk is full: free some space, or write elsewhere (--out, "
-                "UNPACT_CACHE)"
+                f"because the disk is full: {_ELSEWHERE}"
             )
         current = current.__cause__ or current.__context__
     return None

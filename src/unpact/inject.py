@@ -68,7 +68,7 @@ from pydantic import (
 from unpact.data.items import ANSWER_FIELDS, Benchmark, QAItem
 from unpact.data.sources import load_benchmark, materialise
 from unpact.errors import UnpactError
-from unpact.files import write_atomically
+from unpact.files import atomic_text, write_atomically
 from unpact.models import (
     DeviceName,
     LanguageModel,
@@ -723,7 +723,7 @@ def _base_general(
         return dict(json.loads(path.read_text()))
     found = _general_accuracy(lm, general, config, "Base model: general")
     if key is not None:
-        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(found)))
+        atomic_text(path, json.dumps(found))
     return found
 
 

@@ -574,14 +574,9 @@ def _merge_adapter(adapter: Path, base: str, folder: Path) -> None:
 
             tokenizer = AutoTokenizer.from_pretrained(adapter)
         source = json.dumps({"adapter": str(adapter.resolve()), "base": base}, indent=2)
-        tmp = folder.with_name(f".build-{folder.name}-{uuid.uuid4().hex[:8]}")
-        save_model(merged, tokenizer, tmp, extra={"merged-from.json": source + "\n"})
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process (accelerate's) finished the same merge first
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not (folder / "config.json").is_file():
-                raise
+        extra = {"merged-from.json": source + "\n"}
+        # another process (accelerate's) may finish the same merge first: keep its folder
+        save_model(merged, tokenizer, folder, extra=extra, replace=False)
 
 
 # ----------------------------------------------------------------------- GGUF cache
@@ -704,10 +699,16 @@ def _build_gguf_cache(gguf: Path, sha: str, folder: Path) -> None:
 
 
 def save_model(
-    model: Any, tokenizer: Any, folder: Path, extra: dict[str, str] | None = None
+    model: Any,
+    tokenizer: Any,
+    folder: Path,
+    extra: dict[str, str] | None = None,
+    replace: bool = True,
 ) -> None:
     """Write a model folder (safetensors, tokenizer, `extra` text files by name) under a
-    temporary name, then rename it into place: a reader never sees a half-written model."""
+    temporary name, then rename it into place: a reader never sees a half-written model.
+    `replace=False`: a complete folder already there (another process's build of the same
+    content) is kept, and this copy discarded."""
     from transformers.utils import logging as hf_logging
 
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -718,9 +719,13 @@ def save_model(
         tokenizer.save_pretrained(tmp)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
-        if folder.exists():
+        if replace and folder.exists():
             shutil.rmtree(folder)
-        tmp.rename(folder)
+        try:
+            tmp.rename(folder)
+        except OSError:  # a folder is there (renaming onto it fails): kept unless replacing
+            if replace or not (folder / "config.json").is_file():
+                raise
     finally:
         hf_logging.enable_progress_bar()
         if tmp.exists():

@@ -213,17 +213,20 @@ def parse_item(obj: dict[str, Any], path: Path, line: int) -> QAItem:
     )
 
 
+def _unique(seen: dict[str, int], an_id: str, path: Path, line: int) -> str:
+    """`an_id`, noted as seen on `line`; one that was seen before is refused."""
+    if an_id in seen:
+        raise _fail(path, line, f"field 'id': duplicate id {an_id!r} (first on line {seen[an_id]})")
+    seen[an_id] = line
+    return an_id
+
+
 def _verbatim(path: Path) -> list[VerbatimPrompt]:
     """The probes of a `verbmem.jsonl` (`id`, `prompt`, `continuation` per line)."""
     out: list[VerbatimPrompt] = []
     seen: dict[str, int] = {}
     for n, obj in read_jsonl(path):
-        probe_id = _string(obj, "id", path, n)
-        if probe_id in seen:
-            raise _fail(
-                path, n, f"field 'id': duplicate id {probe_id!r} (first on line {seen[probe_id]})"
-            )
-        seen[probe_id] = n
+        probe_id = _unique(seen, _string(obj, "id", path, n), path, n)
         out.append(
             VerbatimPrompt(
                 probe_id, _string(obj, "prompt", path, n), _string(obj, "continuation", path, n)
@@ -248,14 +251,7 @@ def load_folder(folder: str | Path, name: str | None = None) -> Benchmark:
     if doc_path.exists():
         seen_docs: dict[str, int] = {}
         for n, obj in read_jsonl(doc_path):
-            doc_id = _string(obj, "id", doc_path, n)
-            if doc_id in seen_docs:
-                raise _fail(
-                    doc_path,
-                    n,
-                    f"field 'id': duplicate id {doc_id!r} (first on line {seen_docs[doc_id]})",
-                )
-            seen_docs[doc_id] = n
+            doc_id = _unique(seen_docs, _string(obj, "id", doc_path, n), doc_path, n)
             documents.append(
                 Document(doc_id, _string(obj, "text", doc_path, n), _split(obj, doc_path, n))
             )
@@ -264,11 +260,7 @@ def load_folder(folder: str | Path, name: str | None = None) -> Benchmark:
     seen: dict[str, int] = {}
     for n, obj in read_jsonl(qa_path):
         item = parse_item(obj, qa_path, n)
-        if item.id in seen:
-            raise _fail(
-                qa_path, n, f"field 'id': duplicate id {item.id!r} (first on line {seen[item.id]})"
-            )
-        seen[item.id] = n
+        _unique(seen, item.id, qa_path, n)
         if item.document is not None and doc_path.exists() and item.document not in doc_ids:
             raise _fail(
                 qa_path,
@@ -292,14 +284,12 @@ def write_folder(
     """Write a benchmark folder in the item format (stable key order, one object per line)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "qa.jsonl").write_text(
-        "".join(json.dumps(i.to_dict(), ensure_ascii=False) + "\n" for i in items)
-    )
-    if documents:
-        (folder / "documents.jsonl").write_text(
-            "".join(json.dumps(d.to_dict(), ensure_ascii=False) + "\n" for d in documents)
-        )
+    _write_jsonl(folder / "qa.jsonl", items)
+    if documents:  # the optional files only when they hold something
+        _write_jsonl(folder / "documents.jsonl", documents)
     if verbatim:
-        (folder / "verbmem.jsonl").write_text(
-            "".join(json.dumps(v.to_dict(), ensure_ascii=False) + "\n" for v in verbatim)
-        )
+        _write_jsonl(folder / "verbmem.jsonl", verbatim)
+
+
+def _write_jsonl(path: Path, rows: Sequence[QAItem | Document | VerbatimPrompt]) -> None:
+    path.write_text("".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in rows))

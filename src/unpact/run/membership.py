@@ -542,7 +542,7 @@ def compute(
             raw_docs[m.label] = _document_rows(p, m, get, scored)
         if m is base or not texts:
             continue
-        rows = _verbmem(p, m, get, texts)
+        rows = _verbmem(p, m, get, kind, texts)
         if kind == "items":
             verbmem[m.label] = {firsts[r["id"]]: r["rouge_l"] for r in rows}
         else:
@@ -562,13 +562,17 @@ def compute(
 
 
 def _verbmem(
-    p: Pipeline, m: Model, get: Opener, texts: list[Document] | list[VerbatimPrompt]
+    p: Pipeline,
+    m: Model,
+    get: Opener,
+    kind: VerbatimKind,
+    texts: list[Document] | list[VerbatimPrompt],
 ) -> list[dict[str, Any]]:
-    """VerbMem's continuations of the forget documents (or the benchmark's own probes)
-    under the model `m` (a cached stage)."""
+    """VerbMem's continuations of the forget documents (or the benchmark's own probes,
+    `kind` "probes") under the model `m` (a cached stage)."""
     prefix, new = p.cfg.membership.verbmem_prefix, p.cfg.membership.verbmem_new_tokens
-    probes = [t for t in texts if isinstance(t, VerbatimPrompt)]
-    if probes:
+    if kind == "probes":
+        probes = cast("list[VerbatimPrompt]", texts)
         return p.stage(
             "verbmem",
             "verbmem",
