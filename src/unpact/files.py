@@ -1,12 +1,14 @@
 """Writing files so that a reader never sees half of one.
 
-Every artefact unpact writes (results, records, cached stages, reports, checkpoints' notes)
-goes to a temporary name beside its place and is renamed into place once complete; a write
-that fails (a full disk, an interrupt) leaves neither half a file nor the temporary one.
+Every artefact unpact writes (results, records, cached stages, reports, checkpoints' notes,
+model folders) goes to a temporary name beside its place and is renamed into place once
+complete; a write that fails (a full disk, an interrupt) leaves neither half a file nor the
+temporary one.
 """
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -27,3 +29,34 @@ def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
 def atomic_text(path: Path, text: str) -> None:
     """Write `text` to `path` as UTF-8, atomically."""
     write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_folder_atomically(
+    folder: Path,
+    write: Callable[[Path], Any],
+    *,
+    replace: bool = True,
+    complete: Callable[[Path], bool] | None = None,
+) -> None:
+    """`write(tmp)` fills a new temporary folder beside `folder`, which is then renamed into
+    place. `replace`: a folder already there is removed first (a reader sees the old folder
+    or the new one, never half of either); otherwise it is kept. When a folder is there at
+    the rename all the same (another process finished the same build in between), it is
+    kept if `complete(folder)` accepts it, and this copy is discarded."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if replace and folder.exists():
+            trash = folder.with_name(f".trash-{folder.name}-{uuid.uuid4().hex[:8]}")
+            folder.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        try:
+            tmp.rename(folder)
+        except OSError:  # a non-empty folder is there: renaming onto it fails
+            if complete is None or not complete(folder):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

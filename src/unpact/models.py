@@ -18,11 +18,9 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import uuid
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
@@ -31,6 +29,7 @@ import torch
 from pydantic import AfterValidator
 
 from unpact.errors import UnpactError
+from unpact.files import write_folder_atomically
 from unpact.scoring import DEFAULT_TOKEN_BUDGET, answer_logprobs, check_head, generate_local
 from unpact.types import EncodedPrompt, is_remote_spec, raw_prefix, warn_if_split_differs
 
@@ -582,20 +581,41 @@ def _merge_adapter(adapter: Path, base: str, folder: Path) -> None:
 # ----------------------------------------------------------------------- GGUF cache
 
 
+# A file's digest, kept for this process by (path, size, modification time, inode): a spec
+# is resolved for every stage's cache key, and reading a large model's GGUF or float32
+# cache again each time would take tens of seconds per resolution. A file rewritten in
+# place gets a new modification time, and so a new digest.
+_DIGESTS: dict[tuple[Any, ...], Any] = {}
+
+
+def _memo_digest(kind: str, path: Path, compute: Callable[[Path], Any]) -> Any:
+    st = path.stat()
+    key = (kind, str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = compute(path)
+    return _DIGESTS[key]
+
+
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
+    def compute(file: Path) -> str:
+        digest = hashlib.sha256()
+        with file.open("rb") as fh:
+            while chunk := fh.read(1 << 24):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    return _memo_digest("sha256", path, compute)
 
 
 def _crc32(path: Path) -> int:
-    crc = 0
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 24):
-            crc = zlib.crc32(chunk, crc)
-    return crc
+    def compute(file: Path) -> int:
+        crc = 0
+        with file.open("rb") as fh:
+            while chunk := fh.read(1 << 24):
+                crc = zlib.crc32(chunk, crc)
+        return crc
+
+    return _memo_digest("crc32", path, compute)
 
 
 def _cache_problem(folder: Path, gguf_sha: str) -> str | None:
@@ -648,54 +668,43 @@ def gguf_cache(gguf: Path) -> Path:
 
 def _build_gguf_cache(gguf: Path, sha: str, folder: Path) -> None:
     from rich.console import Console
+
+    console = Console(stderr=True)
+    with console.status(f"Dequantising {gguf.name} into the cache (once, ~20 s)"):
+        write_folder_atomically(
+            folder,
+            lambda tmp: _dequantise_gguf(gguf, sha, tmp),
+            # another process may finish the same build first; its copy is as good
+            complete=lambda done: _cache_problem(done, sha) is None,
+        )
+
+
+def _dequantise_gguf(gguf: Path, sha: str, tmp: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
-    console = Console(stderr=True)
+    hf_logging.disable_progress_bar()  # the status line says what is going on
     try:
-        with console.status(f"Dequantising {gguf.name} into the cache (once, ~20 s)"):
-            hf_logging.disable_progress_bar()  # the status line says what is going on
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-                model: Any = AutoModelForCausalLM.from_pretrained(
-                    gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-                )
-                # Without this, save_pretrained writes a GGUF quantisation marker and the
-                # reload would try to find the GGUF file again.
-                model.hf_quantizer = None
-                if hasattr(model.config, "quantization_config"):
-                    del model.config.quantization_config
-                model.save_pretrained(tmp, safe_serialization=True)
-                tokenizer.save_pretrained(tmp)
-            finally:
-                hf_logging.enable_progress_bar()
-            files = {
-                p.name: {"size": p.stat().st_size, "crc32": _crc32(p)}
-                for p in sorted(tmp.iterdir())
-                if p.is_file()
-            }
-            manifest = {
-                "format": CACHE_FORMAT,
-                "gguf_sha256": sha,
-                "source": str(gguf),
-                "files": files,
-            }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if folder.exists():
-            trash = folder.parent / f".trash-{folder.name}-{uuid.uuid4().hex[:8]}"
-            folder.rename(trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        try:
-            tmp.rename(folder)
-        except OSError:
-            # Another process finished the same build first; its copy is as good.
-            if _cache_problem(folder, sha) is not None:
-                raise
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        # Without this, save_pretrained writes a GGUF quantisation marker and the
+        # reload would try to find the GGUF file again.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        hf_logging.enable_progress_bar()
+    files = {
+        p.name: {"size": p.stat().st_size, "crc32": _crc32(p)}
+        for p in sorted(tmp.iterdir())
+        if p.is_file()
+    }
+    manifest = {"format": CACHE_FORMAT, "gguf_sha256": sha, "source": str(gguf), "files": files}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
 def save_model(
@@ -711,22 +720,15 @@ def save_model(
     content) is kept, and this copy discarded."""
     from transformers.utils import logging as hf_logging
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
-    hf_logging.disable_progress_bar()  # its shard-writing bar is noise for a 1-file model
-    try:
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
-        if replace and folder.exists():
-            shutil.rmtree(folder)
-        try:
-            tmp.rename(folder)
-        except OSError:  # a folder is there (renaming onto it fails): kept unless replacing
-            if replace or not (folder / "config.json").is_file():
-                raise
+
+    hf_logging.disable_progress_bar()  # its shard-writing bar is noise for a 1-file model
+    try:
+        complete = None if replace else (lambda done: (done / "config.json").is_file())
+        write_folder_atomically(folder, write, replace=replace, complete=complete)
     finally:
         hf_logging.enable_progress_bar()
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

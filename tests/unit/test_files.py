@@ -9,7 +9,7 @@ import pytest
 
 from unpact import cli
 from unpact.errors import disk_full
-from unpact.files import atomic_text, write_atomically
+from unpact.files import atomic_text, write_atomically, write_folder_atomically
 
 
 def test_atomic_text_writes_utf8_and_replaces(tmp_path: Path) -> None:
@@ -32,6 +32,54 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> 
         write_atomically(path, half_then_full)
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def _fill(text: str):
+    def write(tmp: Path) -> None:
+        (tmp / "config.json").write_text(text)
+
+    return write
+
+
+def test_a_folder_is_written_then_replaced_whole(tmp_path: Path) -> None:
+    folder = tmp_path / "models" / "m"
+    write_folder_atomically(folder, _fill("one"))
+    (folder / "stale.bin").write_text("from the first build")
+    write_folder_atomically(folder, _fill("two"))
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json"]
+    assert (folder / "config.json").read_text() == "two"
+    assert [p.name for p in folder.parent.iterdir()] == ["m"]  # no temporary, no trash
+
+
+def test_a_failed_folder_write_keeps_the_old_folder_and_leaves_no_temporary(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "m"
+    write_folder_atomically(folder, _fill("old"))
+
+    def half_then_full(tmp: Path) -> None:
+        (tmp / "model.safetensors").write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_folder_atomically(folder, half_then_full)
+    assert (folder / "config.json").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_another_process_build_is_kept_only_when_complete(tmp_path: Path) -> None:
+    """replace=False: a folder that appeared meanwhile (another process's build of the same
+    content) is kept when `complete` accepts it; an incomplete one is an error, not kept."""
+    folder = tmp_path / "m"
+    write_folder_atomically(folder, _fill("theirs"))
+    done = lambda f: (f / "config.json").is_file()  # noqa: E731
+    write_folder_atomically(folder, _fill("ours"), replace=False, complete=done)
+    assert (folder / "config.json").read_text() == "theirs"
+    (folder / "config.json").unlink()
+    (folder / "other").write_text("x")
+    with pytest.raises(OSError):
+        write_folder_atomically(folder, _fill("ours"), replace=False, complete=done)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
 @pytest.mark.parametrize(

@@ -271,3 +271,31 @@ def test_bad_adapters_are_one_message(tiny, tmp_path, monkeypatch):
     with pytest.raises(UnpactError, match=r"without adapter_model\.safetensors"):
         load_model(str(adapter))
     shutil.rmtree(adapter)
+
+
+def test_a_file_digest_is_read_once_per_process_until_the_file_changes(tmp_path, monkeypatch):
+    """A spec is resolved for every stage's cache key; a large GGUF or adapter is hashed
+    once per process, and again only when the file is rewritten."""
+    import hashlib
+    import os
+    import zlib
+    from pathlib import Path
+
+    from unpact import models
+
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"first weights")
+    assert models._sha256(path) == hashlib.sha256(b"first weights").hexdigest()
+    assert models._crc32(path) == zlib.crc32(b"first weights")
+
+    def no_read(*args: object, **kwargs: object) -> None:
+        raise AssertionError("read again")
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "open", no_read)
+        assert models._sha256(path) == hashlib.sha256(b"first weights").hexdigest()
+        assert models._crc32(path) == zlib.crc32(b"first weights")
+    path.write_bytes(b"other weights")  # same size, rewritten: a new modification time
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert models._sha256(path) == hashlib.sha256(b"other weights").hexdigest()

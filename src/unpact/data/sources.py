@@ -17,13 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
-import uuid
 from pathlib import Path
 
 from unpact.data.items import BUILTIN, BUILTIN_DIR, Benchmark, load_folder, write_folder
 from unpact.data.real import _TOFU_PAIRS, read_muse, read_tofu, read_wmdp
 from unpact.errors import UnpactError
+from unpact.files import write_folder_atomically
 
 _SPEC = re.compile(r"(muse-news|muse-books|tofu|wmdp)(?:\[([\w.-]+)\])?:(.+)", re.S)
 REAL_KINDS = ("muse-news", "muse-books", "tofu", "wmdp")
@@ -107,9 +106,9 @@ def materialise(bench: Benchmark, root: Path) -> Benchmark:
     key = hashlib.sha256(text.encode()).hexdigest()[:16]
     folder = root / f"{bench.name}-{key}"
     if not (folder / "qa.jsonl").is_file():
-        tmp = folder.with_name(f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}")
-        write_folder(tmp, bench.items, bench.documents, bench.verbatim)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
+        write_folder_atomically(
+            folder,
+            lambda tmp: write_folder(tmp, bench.items, bench.documents, bench.verbatim),
+            complete=lambda done: (done / "qa.jsonl").is_file(),
+        )
     return Benchmark(bench.name, bench.items, bench.documents, folder, bench.verbatim)

@@ -8,11 +8,10 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
-from unpact.files import atomic_text
+from unpact.files import atomic_text, write_folder_atomically
 
 __all__ = ["Stage", "atomic_text", "digest", "jsonl", "link_model", "read_jsonl"]
 
@@ -67,18 +66,13 @@ def link_model(src: Path, dst: Path) -> None:
     """`dst` gets the files of the model folder `src`: hard links (no copy) where the file
     system allows, copies otherwise; renamed into place when complete (a re-run relinks, so
     a changed method's new model replaces the old one)."""
-    tmp = dst.with_name(f".tmp-{dst.name}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    try:
+
+    def fill(tmp: Path) -> None:
         for f in src.iterdir():
             if f.is_file():
                 try:
                     os.link(f, tmp / f.name)
                 except OSError:
                     shutil.copy2(f, tmp / f.name)
-        if dst.exists():
-            shutil.rmtree(dst)
-        tmp.rename(dst)
-    finally:  # a failed copy (a full disk) leaves no half-made folder behind
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    write_folder_atomically(dst, fill)
