@@ -119,6 +119,8 @@ def generate(
     from unpact.scoring import generate as run_generate
 
     _check_text(prompt=prompt)
+    if not sample and temperature != 1.0:
+        raise UnpactError("--temperature applies to samples: give --sample N as well")
     lm = _load(model, dtype, device, trust_remote_code)
     (gens,) = run_generate(
         lm,

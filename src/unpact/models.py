@@ -18,6 +18,7 @@ import importlib.util
 import json
 import logging
 import os
+import struct
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
@@ -685,10 +686,16 @@ def _dequantise_gguf(gguf: Path, sha: str, tmp: Path) -> None:
 
     hf_logging.disable_progress_bar()  # the status line says what is going on
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model: Any = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model: Any = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
+        except (struct.error, EOFError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise UnpactError(
+                f"cannot read the GGUF file {gguf}: {_first_line(exc)} (is it complete? a "
+                "truncated download or an architecture transformers cannot dequantise)"
+            ) from None
         # Without this, save_pretrained writes a GGUF quantisation marker and the
         # reload would try to find the GGUF file again.
         model.hf_quantizer = None

@@ -195,6 +195,7 @@ def test_bad_files_and_folders_are_one_message_and_exit_2(tmp_path, tiny):
 
     (tmp_path / "afile").write_text("mine\n")
     (tmp_path / "x.gguf").write_text("not a gguf\n")
+    (tmp_path / "cut.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(12))  # a cut download
     pickled = tmp_path / "pickled"
     tiny.model.config.save_pretrained(pickled)
     tiny.tokenizer.save_pretrained(pickled)
@@ -212,7 +213,9 @@ def test_bad_files_and_folders_are_one_message_and_exit_2(tmp_path, tiny):
         (["demo", "--out", "afile"], "--out afile: a file is there"),
         (["unlearn", "--method", "ga", "--out", "afile", "--no-eval"], "a file is there"),
         (["generate", "-p", "hi", "--model", "x.gguf"], "x.gguf is not a GGUF file"),
+        (["generate", "-p", "hi", "--model", "cut.gguf"], "cannot read the GGUF file"),
         (["generate", "-p", "hi", "--model", str(pickled)], "holds only pickle weights"),
+        (["generate", "-p", "hi", "--temperature", "0.5"], "give --sample N as well"),
         (["attribute", "-p", "hi there", "--json", "adir"], "--json adir: a folder is there"),
         (["attribute", "-p", "hi there", "--html", "no/x.html"], "no folder no"),
         (["attribute", "--data", "adir"], "cannot read adir: it is a folder"),
@@ -224,6 +227,7 @@ def test_bad_files_and_folders_are_one_message_and_exit_2(tmp_path, tiny):
         assert message in " ".join(done.stderr.split()), (args, done.stderr)
         assert "Traceback" not in done.stderr, args
     assert (tmp_path / "afile").read_text() == "mine\n"
+    assert not list((tmp_path / "cache").rglob(".tmp-*"))  # the cut GGUF left no half cache
 
 
 def test_serve_port_0_prints_the_port_it_listens_on_and_a_busy_port_is_exit_2(tiny_dir):
