@@ -210,6 +210,11 @@ def test_a_minimal_item_needs_only_id_question_answer_and_split(tmp_path):
     full = {**minimal, "aliases": [], "keywords": [], "document": None}
     assert load_folder(write(tmp_path, [full])).items == [item]
 
+    # saved by an editor that writes a byte-order mark first (Windows Notepad's UTF-8)
+    path = tmp_path / "qa.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert load_folder(tmp_path).items == [item]
+
 
 def test_verbmem_probes_load_validate_and_survive_materialising(tmp_path):
     """verbmem.jsonl (VerbMem's own probes) is read, validated with file and line, written

@@ -151,7 +151,7 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-empty line of a JSON-lines file, or one error
     naming the file and line."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except OSError as exc:
         why = "it is a folder" if path.is_dir() else (exc.strerror or str(exc))
         raise UnpactError(f"cannot read {path}: {why}") from None

@@ -40,7 +40,7 @@ _LFS_POINTER = "version https://git-lfs.github.com/spec/"
 
 def _read(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise UnpactError(f"cannot read {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
