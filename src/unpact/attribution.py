@@ -699,6 +699,8 @@ def naive_contributions(
             mask = torch.zeros(1, 1, total, total, dtype=dtype)
             mask.masked_fill_(~allow, torch.finfo(dtype).min)
             kwargs["attention_mask"] = mask.to(lm.device)
+            # positions stated, not derived from the mask (OPT counts them from a 2-D one)
+            kwargs["position_ids"] = torch.arange(total, device=lm.device)[None]
         logits = model(input_ids=inp, **kwargs).logits[0].float()
         logp = torch.log_softmax(logits, -1)
         return float(torch.stack([logp[n - 1 + k, t] for k, t in enumerate(y)]).mean())

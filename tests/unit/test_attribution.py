@@ -124,6 +124,34 @@ def test_fast_path_equals_separate_forward_passes(tiny, words, answer, unit, bas
         assert got == pytest.approx(want, abs=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "opt_proj", "gpt_neox", "qwen2", "phi", "gemma"])
+def test_fast_path_equals_separate_passes_in_other_architectures(arch):
+    """The fast path states every position and mask itself (shared prefix, packed rows): a
+    model that derives positions from the mask (OPT), learns them (GPT-2), scales its
+    embeddings (Gemma) or biases q/k/v (Qwen2) must give the naive loop's numbers, in
+    each baseline, with and without the chat template."""
+    from unpact.testing import tiny_other
+
+    lm = tiny_other(arch)
+    for baseline in ("delete", "token", "mask"):
+        for chat in (False, True):
+            rec = attribute(
+                lm,
+                "the cat sat on a red mat today",
+                " blue sky",
+                baseline=baseline,
+                chat_template=chat,
+                token_budget=64,
+            )
+            enc = lm.encode_prompt("the cat sat on a red mat today", chat_template=chat)
+            units = make_units(lm, enc, "token")
+            full, expected = naive_contributions(
+                lm, enc, lm.encode_answer(" blue sky"), units, baseline
+            )
+            assert rec.lp == pytest.approx(full, abs=1e-5), (baseline, chat)
+            assert rec.contributions == pytest.approx(expected, abs=1e-5), (baseline, chat)
+
+
 def test_naive_reference_equals_slow(tiny):
     rec = attribute(
         tiny,

@@ -239,3 +239,32 @@ def test_a_model_that_changes_its_logits_unknown_to_the_kernel_is_refused():
         check_head(lm.model)
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "opt_proj", "gpt_neox", "qwen2", "phi", "gemma"])
+def test_batched_scoring_and_greedy_generation_in_other_architectures(arch):
+    """Scoring states positions itself (padding on either side, the shared prefix's cache):
+    in models that learn positions (GPT-2), count them from the mask (OPT) or scale their
+    embeddings (Gemma), every pair's log-probs equal one plain forward pass of it, and a
+    batch's greedy answers equal those generated one prompt at a time."""
+    from unpact.testing import tiny_other
+
+    lm = tiny_other(arch)
+    questions = ["the cat sat on a mat", "a red sky", "what is the capital of the blue land"]
+    answers = [list(lm.encode_answer(a)) for a in (" blue sky", " x", " the mat is red")]
+    for chat in (False, True):
+        prompts = [list(lm.encode_prompt(q, chat_template=chat).input_ids) for q in questions]
+        for side in ("right", "left"):
+            for share in (True, False):
+                got = answer_logprobs(
+                    lm.model, prompts, answers, padding_side=side, share_prefix=share
+                )
+                for p, a, lps in zip(prompts, answers, got):
+                    with torch.no_grad():
+                        logits = lm.model(input_ids=torch.tensor([p + a])).logits[0]
+                    full = logits.float().log_softmax(-1)
+                    want = torch.stack([full[len(p) - 1 + k, t] for k, t in enumerate(a)])
+                    torch.testing.assert_close(lps, want, rtol=0, atol=1e-5)
+    batched = generate(lm, questions, max_new_tokens=6)
+    for q, (answer,) in zip(questions, batched):
+        assert generate(lm, [q], max_new_tokens=6)[0][0].text == answer.text
