@@ -255,6 +255,17 @@ def test_killed_run_resumes_to_the_same_numbers(finished, tmp_path):
             r"methods\.1\.name: 'ga' is used twice",
         ),
         ({"methods": []}, r"methods"),
+        # a name is the folder models/<name>: it wrote outside the run directory
+        (
+            {"methods": [{"method": "ga", "name": "../../elsewhere"}]},
+            r"methods\.0\.name: '\.\./\.\./elsewhere' cannot name a folder of the run",
+        ),
+        # it replaced the original model's folder
+        ({"methods": [{"method": "ga", "name": "original"}]}, r"names the run's own original"),
+        (
+            {"models": [{"name": "..", "model": "default"}]},
+            r"models\.0\.name: '\.\.' cannot name a folder",
+        ),
         ({"model": "./no/such/model"}, r"model: model spec './no/such/model': no such file"),
         (
             {"methods": [{"model": "./no/such/model", "name": "u"}]},

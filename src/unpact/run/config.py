@@ -462,6 +462,8 @@ def _check_models(config: RunConfig, where: str) -> list[tuple[str, str]]:
         bases = [(f"models.{n}.model", m.model) for n, m in enumerate(config.models)]
         if len({m.name for m in config.models}) < len(config.models):
             raise UnpactError(f"{where}: models: two models share a name")
+        for n, m in enumerate(config.models):
+            _check_folder_name(m.name, f"{where}: models.{n}.name")
     served = [key for key, base in bases if is_remote_spec(base)]
     for key, base in bases:
         _check_spec(base, f"{where}: {key}")
@@ -485,8 +487,35 @@ def _check_models(config: RunConfig, where: str) -> list[tuple[str, str]]:
             raise UnpactError(f"{where}: methods.{n}: {e}") from None
         if spec.label in labels:
             raise UnpactError(f"{where}: methods.{n}.name: {spec.label!r} is used twice")
+        _check_folder_name(spec.label, f"{where}: methods.{n}.name")
+        if spec.label in RESERVED_MODEL_NAMES:
+            raise UnpactError(
+                f"{where}: methods.{n}.name: {spec.label!r} names the run's own "
+                f"{spec.label} model (models/{spec.label}, `references`); choose another name"
+            )
         labels.add(spec.label)
     return bases
+
+
+# the run's own models: their folders under models/ and their keys under `references`
+RESERVED_MODEL_NAMES = ("original", "retrained")
+
+
+def _check_folder_name(name: str, where: str) -> None:
+    """A name that becomes a folder of the run (models/<method>, DIR/<model>) is one plain
+    path component: nothing that leaves the run directory or hides from a listing."""
+    bad = (
+        not name.strip()
+        or name in (".", "..")
+        or name.startswith(".")
+        or any(c in name for c in "/\\")
+        or any(ord(c) < 32 or ord(c) == 127 for c in name)
+    )
+    if bad:
+        raise UnpactError(
+            f"{where}: {name!r} cannot name a folder of the run (it becomes models/<name>): "
+            "use letters, digits and punctuation other than / and \\, not starting with '.'"
+        )
 
 
 def _check_attacks(config: RunConfig, where: str) -> set[str]:
