@@ -210,6 +210,8 @@ def test_bad_files_and_folders_are_one_message_and_exit_2(tmp_path, tiny):
             "over the limit of 50",
         ),
         (["run", "demo", "--out", "afile"], "--out afile: a file is there"),
+        # a run's files once went into any folder, a model's among them
+        (["run", "demo", "--out", "tinymodel"], "and no unpact run; give a new folder"),
         (["demo", "--out", "afile"], "--out afile: a file is there"),
         (["unlearn", "--method", "ga", "--out", "afile", "--no-eval"], "a file is there"),
         (["generate", "-p", "hi", "--model", "x.gguf"], "x.gguf is not a GGUF file"),

@@ -208,8 +208,7 @@ def run(
     say = log or (lambda text: None)
     cfg = config if isinstance(config, RunConfig) else load_config(config)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UnpactError(f"--out {out}: a file is there; give a folder (new, or a run's)")
+    _check_out(out)
     if cfg.models or cfg.benchmarks:
         return _run_grid(cfg, out, cache_dir, progress, say)
     cache = Path(cache_dir) if cache_dir is not None else cache_root() / "stages"
@@ -264,6 +263,21 @@ def run(
     say(f"done in {results['seconds']:.0f} s")
     every = [r for rs in records.values() for r in rs]
     return RunResult(out, results, every, p.computed)
+
+
+def _check_out(out: Path) -> None:
+    """The run directory is new, empty, or a run's (its config.yaml, written first): a
+    run's files never go into a folder holding something else (a model, other runs)."""
+    if out.exists() and not out.is_dir():
+        raise UnpactError(f"--out {out}: a file is there; give a folder (new, or a run's)")
+    if out.is_dir() and not (out / "config.yaml").is_file():
+        held = sorted(p.name for p in out.iterdir())
+        if held:
+            shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+            raise UnpactError(
+                f"--out {out}: the folder holds {shown} and no unpact run; give a new "
+                "folder, an empty one, or a run's (to continue or re-run it)"
+            )
 
 
 def _start(out: Path, cfg: RunConfig) -> None:
