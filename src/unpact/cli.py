@@ -754,7 +754,9 @@ def run(
             + "."
         ),
     ],
-    out_dir: Annotated[Path, typer.Option("--out", help="Run directory: new, empty, or a run's (continued).")] = Path("runs/run"),
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Run directory: new, empty, or a run's (continued).")
+    ] = Path("runs/run"),
     plugin: PluginOpt = None,
 ) -> None:
     _run(config, out_dir, plugin)
@@ -766,7 +768,9 @@ def run(
     "4-bit quantization, the report. Same as `unpact run demo`."
 )
 def demo(
-    out_dir: Annotated[Path, typer.Option("--out", help="Run directory: new, empty, or a run's (continued).")] = Path("runs/demo"),
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Run directory: new, empty, or a run's (continued).")
+    ] = Path("runs/demo"),
 ) -> None:
     _run("demo", out_dir)
 
@@ -785,7 +789,9 @@ def audit(
     benchmark: Annotated[
         str, typer.Option(help="Built-in benchmark (news, books, wmdp) or a folder (docs/data.md).")
     ],
-    out_dir: Annotated[Path, typer.Option("--out", help="Audit directory: new, empty, or an audit's (continued).")],
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Audit directory: new, empty, or an audit's (continued).")
+    ],
     reference: Annotated[
         str | None,
         typer.Option(
