@@ -193,9 +193,9 @@ class RemoteModel:
                     failure = f"HTTP {code}"
                     wait = _retry_after(reply.headers.get("retry-after"))
                 elif code >= 400:
+                    message = _server_message(reply)
                     raise RemoteError(
-                        f"{url}: HTTP {code}: {_server_message(reply)}"
-                        + _capability_hint(url, code)
+                        f"{url}: HTTP {code}: {message}" + self._hint(url, code, message)
                     )
                 else:
                     try:
@@ -265,6 +265,25 @@ class RemoteModel:
         if not isinstance(text, str):
             raise RemoteError(f"{self.root_url}/detokenize: the reply has no 'prompt' text")
         return text
+
+    def _hint(self, url: str, code: int, message: str) -> str:
+        """What to do about a 4xx: for a model name the server does not serve, the names
+        it does serve (GET /v1/models, asked once, no retries)."""
+        if not _unknown_model(code, message):
+            return _capability_hint(url, code)
+        hint = (
+            f" — the server serves no model named {self.model_name!r} (MODEL in openai:MODEL@URL)"
+        )
+        import httpx
+
+        try:
+            reply = self._http().get(
+                f"{self.base_url}/models", headers=self._headers(), timeout=self.settings.timeout
+            )
+            names = [m["id"] for m in reply.json()["data"] if isinstance(m.get("id"), str)]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+            return hint  # only a hint: the error it goes with is what matters
+        return hint + (f"; it serves {', '.join(repr(n) for n in names)}" if names else "")
 
     def _note_max_length(self, reply: dict[str, Any]) -> None:
         n = reply.get("max_model_len")
@@ -663,6 +682,12 @@ def _server_message(reply: Any) -> str:
     except ValueError:
         text = reply.text
     return " ".join(text.split())[:300] or "(no message)"
+
+
+def _unknown_model(code: int, message: str) -> bool:
+    """vLLM's answer to a request naming a model it does not serve (`_check_model` in its
+    serving engine): HTTP 404 and the message "The model `NAME` does not exist." """
+    return code == 404 and "does not exist" in message and "model" in message.lower()
 
 
 def _capability_hint(url: str, code: int) -> str:

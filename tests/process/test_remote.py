@@ -648,8 +648,12 @@ def test_a_wrong_model_name_is_an_error_not_a_missing_chat_template(served, faul
 
     url = served[1]
     wrong = open_model(f"openai:nope@{url}", remote=RemoteSettings(**FAST))
-    with pytest.raises(RemoteError, match="HTTP 404"):
+    with pytest.raises(RemoteError, match="HTTP 404") as failed:
         wrong.has_chat_template  # noqa: B018
+    # it said "the server has no vLLM-style /tokenize" (it has): the names it serves instead
+    assert "serves no model named 'nope'" in str(failed.value)
+    assert "it serves 'tiny'" in str(failed.value)
+    assert "no vLLM-style /tokenize" not in str(failed.value)
     reply = httpx.post(f"{url}/completions", json={"model": "nope", "prompt": "hi"})
     assert reply.status_code == 404
     assert reply.json()["error"]["message"] == "The model `nope` does not exist."
