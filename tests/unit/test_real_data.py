@@ -47,6 +47,32 @@ def test_tofu_forget_retain_and_general():
         read_tofu(FIXTURES / "tofu", forget="forget02")
 
 
+def test_tofu_in_each_layout_it_was_published_in(tmp_path):
+    """A clone of TOFU's first release names its files forget01_dataset.json; the hub's
+    Parquet conversion puts each config's shards in a folder (forget01/train/0000.parquet)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from unpact.data import load_benchmark
+    from unpact.data.real import _records
+
+    expected = read_tofu(FIXTURES / "tofu", forget="forget01").items
+    first, shards = tmp_path / "first", tmp_path / "parquet"
+    for f in sorted((FIXTURES / "tofu").glob("*.json")):
+        (first / f"{f.stem}_dataset.json").parent.mkdir(exist_ok=True)
+        (first / f"{f.stem}_dataset.json").write_bytes(f.read_bytes())
+        rows = _records(f)
+        half = max(1, len(rows) // 2)  # two shards where there are two rows or more
+        for n, part in enumerate([rows[:half], rows[half:]]):
+            if part:
+                (shards / f.stem / "train").mkdir(parents=True, exist_ok=True)
+                path = shards / f.stem / "train" / f"{n:04d}.parquet"
+                pq.write_table(pa.Table.from_pylist(part), path)
+    for folder in (first, shards):
+        assert read_tofu(folder, forget="forget01").items == expected
+        assert load_benchmark(f"tofu:{folder}").items == expected  # forget01 found
+
+
 def test_wmdp_answer_index_becomes_text():
     bench = read_wmdp(FIXTURES / "wmdp" / "wmdp-bio.jsonl")
     assert [i.answer for i in bench.items] == ["gamma", "red"]

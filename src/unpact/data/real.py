@@ -222,6 +222,24 @@ def _probes(records: list[dict[str, Any]], prefix: str, where: str) -> list[Verb
 _TOFU_PAIRS = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 
 
+def tofu_files(folder: Path, config: str) -> list[Path]:
+    """The files holding one TOFU config (forget10, retain90, ...) in a folder, in the
+    layouts TOFU has been published in: `forget10.json` (JSON lines, the hub's files
+    today), `forget10_dataset.json` (its first release), `forget10.jsonl`, and Parquet
+    (`forget10.parquet`, or the shards of the hub's Parquet conversion under
+    `forget10/`); none: []."""
+    for name in (
+        f"{config}.json",
+        f"{config}_dataset.json",
+        f"{config}.jsonl",
+        f"{config}.parquet",
+    ):
+        if (folder / name).is_file():
+            return [folder / name]
+    shards = folder / config
+    return sorted(shards.rglob("*.parquet")) if shards.is_dir() else []
+
+
 def read_tofu(source: str | Path, *, forget: str = "forget10", hub: bool = False) -> Benchmark:
     """TOFU forget / retain QA about fictitious authors; world facts and real authors as general."""
     if forget not in _TOFU_PAIRS:
@@ -240,25 +258,30 @@ def read_tofu(source: str | Path, *, forget: str = "forget10", hub: bool = False
         folder = Path(source)
 
         def get(config: str) -> list[dict[str, Any]]:
-            return _records(folder / f"{config}.json")
+            return [row for f in tofu_files(folder, config) for row in _records(f)]
 
         def at(config: str) -> str:
-            return str(folder / f"{config}.json")
+            found = tofu_files(folder, config)
+            return str(found[0] if len(found) == 1 else folder / config)
 
         for config in (forget, retain):
-            if not (folder / f"{config}.json").is_file():
+            if not tofu_files(folder, config):
                 raise UnpactError(f"{folder} is not a TOFU folder: {config}.json is missing")
     items = _qa(get(forget), "forget", f"tofu-{forget}", at(forget)) + _qa(
         get(retain), "retain", f"tofu-{retain}", at(retain)
     )
+
+    def present(config: str) -> bool:
+        return hub or bool(tofu_files(Path(source), config))
+
     for extra in ("world_facts", "real_authors"):
-        if hub or (Path(source) / f"{extra}.json").is_file():
+        if present(extra):
             items += _qa(get(extra), "general", f"tofu-{extra}", at(extra))
     holdout = forget.replace("forget", "holdout")
-    if hub or (Path(source) / f"{holdout}.json").is_file():
+    if present(holdout):
         items += _qa(get(holdout), "holdout", f"tofu-{holdout}", at(holdout))
     perturbed = f"{forget}_perturbed"
-    if hub or (Path(source) / f"{perturbed}.json").is_file():
+    if present(perturbed):
         items = _with_truth_answers(items, get(perturbed), at(perturbed))
     return Benchmark(f"tofu-{forget}", items, [])
 

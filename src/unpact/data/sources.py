@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 from unpact.data.items import BUILTIN, BUILTIN_DIR, Benchmark, load_folder, write_folder
-from unpact.data.real import _TOFU_PAIRS, read_muse, read_tofu, read_wmdp
+from unpact.data.real import _TOFU_PAIRS, read_muse, read_tofu, read_wmdp, tofu_files
 from unpact.errors import UnpactError
 from unpact.files import write_folder_atomically
 
@@ -56,7 +56,7 @@ def _read_real(kind: str, option: str | None, path: Path) -> Benchmark:
     if kind == "tofu":
         if not path.is_dir():
             raise UnpactError(f"tofu:{path}: a TOFU folder is needed, not a file")
-        present = [f for f in _TOFU_PAIRS if (path / f"{f}.json").is_file()]
+        present = [f for f in _TOFU_PAIRS if tofu_files(path, f)]
         forget = option or (present[-1] if present else "forget10")
         return read_tofu(path, forget=forget)
     file = _wmdp_file(path, option)
