@@ -5,7 +5,9 @@ top to bottom in `run` below:
 
 1. data: the benchmark, or a subset of it (the first N items of each split);
 2. original model: the base model with the benchmark's facts injected (`unpact.inject`);
-3. unlearning: one run per configured method (`unpact.unlearn`);
+3. the original model's stages of step 4 (first: what they refuse, such as a prompt
+   attribution cannot take, is said before any unlearning), then unlearning: one run per
+   configured method (`unpact.unlearn`);
 4. per model: evaluation (every item's answer and verdict, per split), attribution (unPact
    on every forget item), the attribution checks, and every attack on the items it forgot;
    then indistinguishability (`run/membership.py`): the never-taught reference and, per
@@ -218,8 +220,10 @@ def run(
     data = _data(cfg, cache)
     original = _original(p, data)
     p.original_spec = original.spec
-    unlearned = [_unlearn(p, data, original, spec) for spec in cfg.methods]
+    # the original's stages first: what they refuse (a prompt attribution cannot take, an
+    # answer over the context) is said before any unlearning, not hours later
     stages = {"original": _model_stages(p, data, original, None)}
+    unlearned = [_unlearn(p, data, original, spec) for spec in cfg.methods]
     for model in unlearned:
         stages[model.label] = _model_stages(p, data, model, stages["original"])
     attacks = [a.column for a in cfg.attacks]
