@@ -232,7 +232,7 @@ def test_killed_run_resumes_to_the_same_numbers(finished, tmp_path):
 def test_a_prompt_attribution_refuses_stops_the_run_before_any_unlearning(setup, tmp_path):
     """A one-token forget question (unPact needs two units) was refused by the attribution
     stage after every method had been trained: now before the first."""
-    root, config = setup
+    _, config = setup
     items = [QAItem("f-1", "Q", "x", "forget"), QAItem("r-1", "What is it?", "y", "retain")]
     write_folder(tmp_path / "bench", items)
     one = {**config, "data": {"benchmark": str(tmp_path / "bench"), "general": None}}
