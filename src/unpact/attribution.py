@@ -46,6 +46,7 @@ from unpact.progress import progress_bar
 from unpact.scoring import (
     DEFAULT_TOKEN_BUDGET,
     Continuation,
+    check_texts,
     context_logprobs,
     generate,
     pack_continuations,
@@ -749,9 +750,8 @@ def attribute_many(
     before any work, with the estimate (None: no limit).
     """
     check_settings(unit, baseline, target, alpha, beta)
+    check_texts(prompts, answers)
     answer_list = list(answers) if answers is not None else [None] * len(prompts)
-    if len(answer_list) != len(prompts):
-        raise UnpactError(f"{len(prompts)} prompts but {len(answer_list)} answers")
     if target == "reference" and any(a is None for a in answer_list):
         missing = next(i for i, a in enumerate(answer_list) if a is None)
         raise UnpactError(f"item {missing}: target 'reference' needs an answer")

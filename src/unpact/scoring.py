@@ -545,6 +545,18 @@ class AnswerScore:
         return sum(self.logprobs) / len(self.logprobs)
 
 
+def check_texts(prompts: Any, answers: Any = None) -> None:
+    """The public text functions take lists: one string given instead (it would be read
+    as a list of characters) or lists of different lengths are one clear error."""
+    for name, value in (("prompts", prompts), ("answers", answers)):
+        if isinstance(value, str):
+            raise UnpactError(
+                f"{name}: give a list of texts, not one string (e.g. [{value[:30]!r}])"
+            )
+    if answers is not None and len(answers) != len(prompts):
+        raise UnpactError(f"{len(prompts)} prompts but {len(answers)} answers")
+
+
 def score(
     lm: AnyModel,
     prompts: Sequence[str],
@@ -555,6 +567,7 @@ def score(
     progress: bool | str = False,
 ) -> list[AnswerScore]:
     """`answer_logprobs` on text: encode, score, and keep the tokens for display."""
+    check_texts(prompts, answers)
     encoded = []
     answer_ids = []
     for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
@@ -605,6 +618,7 @@ def generate(
     Prompts are left-padded and batched. Samples of a prompt depend only on `seed` and the
     prompt's token ids, not on which other prompts share its batch, so they reproduce.
     """
+    check_texts(prompts)
     if max_new_tokens < 1:
         raise UnpactError("max_new_tokens must be at least 1")
     if num_samples < 0:

@@ -268,3 +268,18 @@ def test_batched_scoring_and_greedy_generation_in_other_architectures(arch):
     batched = generate(lm, questions, max_new_tokens=6)
     for q, (answer,) in zip(questions, batched):
         assert generate(lm, [q], max_new_tokens=6)[0][0].text == answer.text
+
+
+def test_one_string_where_a_list_goes_is_one_clear_error(tiny):
+    """`generate(lm, "a question")` was read as a list of characters (and failed on the
+    first space as "empty prompt"); lists of different lengths failed inside zip()."""
+    from unpact.attribution import attribute_many
+
+    with pytest.raises(UnpactError, match=r"prompts: give a list of texts, not one string"):
+        generate(tiny, "What is the capital of France?")
+    with pytest.raises(UnpactError, match=r"answers: give a list of texts"):
+        score(tiny, ["What is it?"], "Paris")
+    with pytest.raises(UnpactError, match=r"prompts: give a list of texts"):
+        attribute_many(tiny, "What is it?", ["Paris"])
+    with pytest.raises(UnpactError, match=r"2 prompts but 1 answers"):
+        score(tiny, ["What is it?", "Who is it?"], ["Paris"])
