@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import os
+
 from unpact.models import DEFAULT_SPEC, load_model
 from unpact.remote import RemoteModel, RemoteSettings, parse_remote_spec
-from unpact.types import AnyModel, is_remote_spec
+from unpact.types import AnyModel, is_remote_spec, spec_text
 
 
 def open_model(
-    spec: str = DEFAULT_SPEC,
+    spec: str | os.PathLike[str] = DEFAULT_SPEC,
     *,
     dtype: str = "float32",
     device: str = "cpu",
@@ -19,6 +21,7 @@ def open_model(
     """`load_model`, or for `openai:MODEL@BASE_URL` a `RemoteModel`: a model served by
     vLLM or another OpenAI-compatible server (`unpact.remote`; `remote` says how to talk
     to it). Scoring, generation, judging and attribution accept either."""
+    spec = spec_text(spec)
     if is_remote_spec(spec):
         name, url = parse_remote_spec(spec)
         return RemoteModel(name, url, remote or RemoteSettings(), spec=spec)

@@ -32,7 +32,13 @@ from pydantic import AfterValidator
 from unpact.errors import UnpactError
 from unpact.files import write_folder_atomically
 from unpact.scoring import DEFAULT_TOKEN_BUDGET, answer_logprobs, check_head, generate_local
-from unpact.types import EncodedPrompt, is_remote_spec, raw_prefix, warn_if_split_differs
+from unpact.types import (
+    EncodedPrompt,
+    is_remote_spec,
+    raw_prefix,
+    spec_text,
+    warn_if_split_differs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +221,7 @@ class LanguageModel:
 
 
 def load_model(
-    spec: str = DEFAULT_SPEC,
+    spec: str | os.PathLike[str] = DEFAULT_SPEC,
     *,
     dtype: str = "float32",
     device: str = "cpu",
@@ -231,6 +237,7 @@ def load_model(
     safetensors only; `trust_remote_code` stays off unless asked for. For what needs only
     log-probs and generations, `open_model` also accepts a served model.
     """
+    spec = spec_text(spec)
     if is_remote_spec(spec):
         raise UnpactError(
             f"{spec!r} is a served model, but this step changes or saves weights, so it needs "

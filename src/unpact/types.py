@@ -48,6 +48,20 @@ def warn_if_split_differs(
     return True
 
 
+def spec_text(spec: object) -> str:
+    """A model spec as text: a string, or a path (`pathlib.Path`, any `os.PathLike`)."""
+    import os
+
+    if isinstance(spec, os.PathLike):
+        return os.fspath(spec)
+    if not isinstance(spec, str):
+        raise TypeError(
+            f"a model spec is a string or a path ('default', a folder, a .gguf file, a hub "
+            f"id, openai:MODEL@URL), not {type(spec).__name__} {spec!r}"
+        )
+    return spec
+
+
 def is_remote_spec(spec: str) -> bool:
     """Whether a model spec names a served model (`openai:MODEL@BASE_URL`)."""
     return spec.startswith(REMOTE_PREFIX)

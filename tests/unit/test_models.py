@@ -299,3 +299,18 @@ def test_a_file_digest_is_read_once_per_process_until_the_file_changes(tmp_path,
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     assert models._sha256(path) == hashlib.sha256(b"other weights").hexdigest()
+
+
+def test_a_model_spec_may_be_a_path(tiny, tmp_path):
+    """`load_model(Path(...))` failed with "'PosixPath' object has no attribute
+    'startswith'": a path is a spec like its text; anything else is a TypeError saying so."""
+    from pathlib import Path
+
+    from unpact import open_model
+    from unpact.models import save_model
+
+    save_model(tiny.model, tiny.tokenizer, tmp_path / "m")
+    assert load_model(Path(tmp_path / "m")).spec == str(tmp_path / "m")
+    assert open_model(tmp_path / "m").spec == str(tmp_path / "m")
+    with pytest.raises(TypeError, match="a model spec is a string or a path"):
+        load_model(5)  # type: ignore[arg-type]
