@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 import shutil
@@ -79,6 +80,7 @@ from unpact.models import (
 )
 from unpact.scoring import answer_states, generate, head_logits, head_logprobs
 from unpact.train import Trainer
+from unpact.types import spec_text
 
 INJECT_FORMAT = 2
 
@@ -506,7 +508,7 @@ def _rehearsal_kl(cur: torch.Tensor, batch: list[_Rehearsal]) -> torch.Tensor:
 
 
 def inject(
-    model: str = "default",
+    model: str | os.PathLike[str] = "default",
     benchmark: str | Path = "news",
     config: InjectConfig | None = None,
     *,
@@ -525,6 +527,7 @@ def inject(
     accuracy is judged at the end (a model that never saw them should not know them)."""
     if teach not in TEACH:
         raise UnpactError(f"teach must be one of {', '.join(TEACH)}, not {teach!r}")
+    model = spec_text(model)  # a pathlib.Path is a spec too
     config = config or InjectConfig()
     # a real benchmark (tofu:PATH, ...) is written once as an item-format folder: the key
     # hashes the taught files

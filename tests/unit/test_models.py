@@ -314,3 +314,25 @@ def test_a_model_spec_may_be_a_path(tiny, tmp_path):
     assert open_model(tmp_path / "m").spec == str(tmp_path / "m")
     with pytest.raises(TypeError, match="a model spec is a string or a path"):
         load_model(5)  # type: ignore[arg-type]
+    # and where a model is taught or unlearned
+    from unpact.data.items import QAItem, write_folder
+    from unpact.inject import InjectConfig, inject
+    from unpact.unlearn import unlearn
+    from unpact.unlearn.config import resolve_config
+
+    items = [
+        QAItem("f", "Who made the lamp?", "Edda", "forget"),
+        QAItem("r", "Where?", "Vost", "retain"),
+    ]
+    write_folder(tmp_path / "bench", items)
+    taught = inject(
+        tmp_path / "m",
+        tmp_path / "bench",
+        InjectConfig(max_epochs=0, general=None, rehearsal=False),
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
+    assert taught.accuracy["forget"] == 0.0
+    config = resolve_config("ga", values={"steps": 1, "batch_size": 2})
+    unlearn(tmp_path / "m", tmp_path / "bench", config, tmp_path / "u", progress=False)
+    assert (tmp_path / "u" / "model" / "model.safetensors").is_file()

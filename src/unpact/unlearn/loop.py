@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -39,6 +40,7 @@ from unpact.files import atomic_text
 from unpact.models import LanguageModel, load_model, save_model
 from unpact.progress import progress_bar
 from unpact.train import Trainer
+from unpact.types import spec_text
 from unpact.unlearn.config import LoraSettings, UnlearnConfig
 from unpact.unlearn.methods import Batch, Method, StepContext, get_method, layer_activations
 
@@ -136,7 +138,7 @@ def total_steps(config: UnlearnConfig, n_forget: int) -> int:
 
 
 def unlearn(
-    model: str | LanguageModel,
+    model: str | os.PathLike[str] | LanguageModel,
     benchmark: str | Path,
     config: UnlearnConfig,
     out: str | Path,
@@ -158,6 +160,8 @@ def unlearn(
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
     out = Path(out)
+    if not isinstance(model, LanguageModel):
+        model = spec_text(model)  # a pathlib.Path is a spec too
     method = get_method(config.method)(config.method_settings())
     forget_items, retain_items = _items(benchmark, method, config, accelerator.num_processes)
     resolved = {
