@@ -244,6 +244,18 @@ def test_a_prompt_attribution_refuses_stops_the_run_before_any_unlearning(setup,
 # ------------------------------------------------------------------------- the config
 
 
+def test_a_config_built_in_python_may_hold_paths(setup):
+    """`run({"model": Path(...)}, ...)` said "model: Input should be a valid string"."""
+    root, config = setup
+    built = {
+        **config,
+        "model": root / "tiny",
+        "data": {**config["data"], "benchmark": root / "bench"},
+    }
+    loaded = load_config(built)
+    assert loaded.model == str(root / "tiny") and loaded.data.benchmark == str(root / "bench")
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

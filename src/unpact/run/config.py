@@ -4,6 +4,7 @@ validated before any model loads; a mistake is one `UnpactError` naming the key'
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -364,13 +365,24 @@ class RunConfig(_Strict):
         return self
 
 
+def _paths_as_text(value: Any) -> Any:
+    """`value` with every path (`os.PathLike`) in it, at any depth, as its text."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, dict):
+        return {k: _paths_as_text(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_paths_as_text(v) for v in value]
+    return value
+
+
 def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
     """Read and validate a run config (a YAML file, a built-in name, or a mapping).
 
     Any problem is one `UnpactError` naming the key's path, e.g. `methods.1.method`."""
     where = "config"
     if isinstance(source, dict):
-        data = source
+        data = _paths_as_text(source)  # a config built in Python may hold pathlib.Paths
     else:
         path = builtin_run_configs.path(str(source)) or Path(source)
         where = str(path)
