@@ -13,6 +13,7 @@ Every other part of unpact gets its model here, so there is one place that knows
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -30,7 +31,7 @@ import torch
 from pydantic import AfterValidator
 
 from unpact.errors import UnpactError
-from unpact.files import write_folder_atomically
+from unpact.files import atomic_text, write_folder_atomically
 from unpact.scoring import DEFAULT_TOKEN_BUDGET, answer_logprobs, check_head, generate_local
 from unpact.types import (
     EncodedPrompt,
@@ -589,19 +590,40 @@ def _merge_adapter(adapter: Path, base: str, folder: Path) -> None:
 # ----------------------------------------------------------------------- GGUF cache
 
 
-# A file's digest, kept for this process by (path, size, modification time, inode): a spec
-# is resolved for every stage's cache key, and reading a large model's GGUF or float32
-# cache again each time would take tens of seconds per resolution. A file rewritten in
-# place gets a new modification time, and so a new digest.
+# A file's digest, kept by (path, size, modification time, inode): a spec is resolved for
+# every stage's cache key, and a large model's GGUF (4 GB at 7B) or its float32 cache (28 GB)
+# takes tens of seconds to read. Kept for this process, and for a file of `_LASTING_SIZE`
+# or more also in the cache (`digests.json`) for later processes. A file rewritten in place
+# gets a new modification time, and so a new digest.
 _DIGESTS: dict[tuple[Any, ...], Any] = {}
+_LASTING_SIZE = 16 << 20
+_LASTING = "digests.json"
 
 
 def _memo_digest(kind: str, path: Path, compute: Callable[[Path], Any]) -> Any:
     st = path.stat()
     key = (kind, str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
-    if key not in _DIGESTS:
-        _DIGESTS[key] = compute(path)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    lasting = st.st_size >= _LASTING_SIZE
+    text = "|".join(map(str, key))
+    known = _lasting_digests() if lasting else {}
+    _DIGESTS[key] = known[text] if text in known else compute(path)
+    if lasting and text not in known:
+        # other versions of the same file are stale: dropped
+        same = f"{kind}|{key[1]}|"
+        kept = {k: v for k, v in known.items() if not k.startswith(same)}
+        with contextlib.suppress(OSError):  # a read-only cache: kept for this process only
+            atomic_text(cache_root() / _LASTING, json.dumps({**kept, text: _DIGESTS[key]}))
     return _DIGESTS[key]
+
+
+def _lasting_digests() -> dict[str, Any]:
+    try:
+        found = json.loads((cache_root() / _LASTING).read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def _sha256(path: Path) -> str:

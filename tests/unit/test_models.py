@@ -275,7 +275,8 @@ def test_bad_adapters_are_one_message(tiny, tmp_path, monkeypatch):
 
 def test_a_file_digest_is_read_once_per_process_until_the_file_changes(tmp_path, monkeypatch):
     """A spec is resolved for every stage's cache key; a large GGUF or adapter is hashed
-    once per process, and again only when the file is rewritten."""
+    once (per process, and for a large file once for all processes), and again only when
+    the file is rewritten."""
     import hashlib
     import os
     import zlib
@@ -299,6 +300,31 @@ def test_a_file_digest_is_read_once_per_process_until_the_file_changes(tmp_path,
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     assert models._sha256(path) == hashlib.sha256(b"other weights").hexdigest()
+
+    # a large file's digest lasts in the cache for later processes
+    monkeypatch.setenv("UNPACT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "_LASTING_SIZE", 4)
+    big = tmp_path / "big.gguf"
+    big.write_bytes(b"large weights")
+    assert models._sha256(big) == hashlib.sha256(b"large weights").hexdigest()
+    monkeypatch.setattr(models, "_DIGESTS", {})  # as a new process finds it
+    opened = Path.open
+
+    def not_the_weights(self: Path, *args: object, **kwargs: object) -> object:
+        if self == big:
+            raise AssertionError("read again")
+        return opened(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "open", not_the_weights)
+        assert models._sha256(big) == hashlib.sha256(b"large weights").hexdigest()
+    big.write_bytes(b"other weights")
+    stat = big.stat()
+    os.utime(big, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    monkeypatch.setattr(models, "_DIGESTS", {})
+    assert models._sha256(big) == hashlib.sha256(b"other weights").hexdigest()
+    lasting = (tmp_path / "cache" / "digests.json").read_text()
+    assert lasting.count(str(big.resolve())) == 1  # the stale version was dropped
 
 
 def test_a_model_spec_may_be_a_path(tiny, tmp_path):
