@@ -652,8 +652,10 @@ def _cache_problem(folder: Path, gguf_sha: str) -> str | None:
     """Why the cache at `folder` cannot be used, or None if it is whole.
 
     Every file's size and CRC-32 is checked against the manifest written last at build
-    time (about 0.2 s for the default model), so a truncated or bit-flipped cache is
-    rebuilt rather than loaded.
+    time (about 0.2 s for the default model), so a truncated or damaged cache is rebuilt
+    rather than loaded. The CRC of a file is computed once for each (size, modification
+    time, inode) it has (`_memo_digest`): a file changed in place is checked again, a
+    bit flipped by the disk without a write is not.
     """
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
