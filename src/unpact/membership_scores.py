@@ -78,9 +78,14 @@ def _batched_stats(
                     lm.model, [p for p, _ in chunk], [a for _, a in chunk], share_prefix=True
                 )
             for (_, answer), d, text in zip(chunk, dists, texts[start : start + batch_size]):
-                out.append(_stats(d.double(), answer, text))
+                out.append(_stats(_float64(d), answer, text))
             advance(len(chunk))
     return out
+
+
+def _float64(t: torch.Tensor) -> torch.Tensor:
+    """`t` in float64, on its device where that has float64 (Apple's MPS has none: the CPU)."""
+    return t.to("cpu", torch.float64) if t.device.type == "mps" else t.double()
 
 
 def _stats(logp: torch.Tensor, answer: Sequence[int], text: str) -> TextStats:
@@ -120,7 +125,7 @@ def gradient_norms(
                     net, [lm.encode_prompt(prompt).input_ids], [lm.encode_answer(text)], grad=True
                 )[0]
                 grads = torch.autograd.grad(-lp.mean(), params, allow_unused=True)
-                total = sum(float(g.double().square().sum()) for g in grads if g is not None)
+                total = sum(float(_float64(g).square().sum()) for g in grads if g is not None)
                 norms.append(math.sqrt(total))
                 advance(1)
     finally:
