@@ -716,7 +716,7 @@ def _generate_batch(
         kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
     else:
         kwargs.update(temperature=None, top_k=None, top_p=None)
-    with torch.random.fork_rng(devices=[]):
+    with forked_rng(lm.device):
         if sampling:
             torch.manual_seed(seed)
         generated = lm.model.generate(
@@ -730,6 +730,14 @@ def _generate_batch(
             Generation(text=tok.decode(ids, skip_special_tokens=True).strip(), token_ids=tuple(ids))
         )
     return results
+
+
+def forked_rng(device: torch.device) -> Any:
+    """A context in which seeding leaves the caller's random streams as they were: the CPU's
+    and, for a model on a CUDA device, that device's (sampling there draws from it)."""
+    on_cuda = device.type == "cuda"
+    index = device.index if device.index is not None or not on_cuda else torch.cuda.current_device()
+    return torch.random.fork_rng(devices=[index] if on_cuda else [])
 
 
 def until_stop(row: Sequence[int], stops: set[int]) -> list[int]:

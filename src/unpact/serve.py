@@ -24,7 +24,14 @@ import torch
 from unpact.errors import UnpactError
 from unpact.models import LanguageModel
 from unpact.remote import PLAIN_SAMPLING
-from unpact.scoring import _generate_batch, _stop_ids, generate, right_padded, until_stop
+from unpact.scoring import (
+    _generate_batch,
+    _stop_ids,
+    forked_rng,
+    generate,
+    right_padded,
+    until_stop,
+)
 from unpact.types import EncodedPrompt
 
 
@@ -347,7 +354,7 @@ def _generate_configured(lm: LanguageModel, req: _Completion) -> list[tuple[int,
 
     s = req.sampling
     stops = set(_stop_ids(lm))
-    with torch.random.fork_rng(devices=[]):
+    with forked_rng(lm.device):
         torch.manual_seed(req.seed)
         out = lm.model.generate(
             input_ids=torch.tensor([req.ids], device=lm.device),

@@ -283,3 +283,14 @@ def test_one_string_where_a_list_goes_is_one_clear_error(tiny):
         attribute_many(tiny, "What is it?", ["Paris"])
     with pytest.raises(UnpactError, match=r"2 prompts but 1 answers"):
         score(tiny, ["What is it?", "Who is it?"], ["Paris"])
+
+
+def test_sampling_leaves_the_callers_random_streams_as_they_were(tiny):
+    """Samples are seeded by their own seed inside a fork of the random state (the CPU's,
+    and on a GPU the model's device's): a caller's later draws do not depend on whether a
+    sampling stage ran or came from the cache."""
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    generate(tiny, ["What is the capital of France?"], num_samples=2, max_new_tokens=3, seed=9)
+    assert torch.equal(torch.rand(3), expected)
