@@ -23,7 +23,8 @@ recipe: lr1e-4 (a third of the learning rate over twice the epochs), mlp (MLP we
 lora (rank-64 adapters), rehearsal48 (48 rehearsal questions per step), fp32 (float32
 instead of bf16), warmup12 (lr warm-up over 12 steps), eps1e-6 and eps1e-5 (AdamW's
 epsilon), epochs1..epochs4 and epochs12 (stopped after k epochs); steps1 and steps1warm
-(one step of all 12 facts, at the full rate or a twelfth of it).
+(one step of all 12 facts, at the full rate or a twelfth of it); and on today's default:
+rehearsal32 (32 rehearsal questions a step) and kl8 (the rehearsal weighted 8).
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "steps1": {"batch_size": 12, "max_epochs": 1, "target_accuracy": 1.01},
     "steps1warm": {"batch_size": 12, "max_epochs": 1, "target_accuracy": 1.01, "warmup_steps": 12},
     **{f"epochs{k}": {**FOUR, "max_epochs": k, "target_accuracy": 1.01} for k in range(1, 5)},
+    # on today's default (1 a step, weight 4): more rehearsal questions, or a heavier weight
+    "rehearsal32": {"rehearsal_per_step": 32},
+    "kl8": {"batch_size": 1, "rehearsal_weight": 8.0},
 }
 
 
