@@ -735,9 +735,10 @@ def _generate_batch(
 def forked_rng(device: torch.device) -> Any:
     """A context in which seeding leaves the caller's random streams as they were: the CPU's
     and, for a model on a CUDA device, that device's (sampling there draws from it)."""
-    on_cuda = device.type == "cuda"
-    index = device.index if device.index is not None or not on_cuda else torch.cuda.current_device()
-    return torch.random.fork_rng(devices=[index] if on_cuda else [])
+    if device.type != "cuda":
+        return torch.random.fork_rng(devices=[])
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.random.fork_rng(devices=[index])
 
 
 def until_stop(row: Sequence[int], stops: set[int]) -> list[int]:
