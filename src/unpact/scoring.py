@@ -576,6 +576,12 @@ def score(
             answer_ids.append(lm.encode_answer(a))
         except UnpactError as exc:
             raise UnpactError(f"item {i}: {exc}") from None
+        if len(encoded[-1].input_ids) + len(answer_ids[-1]) > lm.max_length:
+            raise UnpactError(
+                f"item {i}: prompt + answer is "
+                f"{len(encoded[-1].input_ids) + len(answer_ids[-1])} tokens, longer than the "
+                f"model's context of {lm.max_length}"
+            )
     lps = lm.answer_logprobs(
         [e.input_ids for e in encoded], answer_ids, progress=progress, token_budget=token_budget
     )

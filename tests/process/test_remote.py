@@ -674,6 +674,13 @@ def test_a_sequence_filling_the_context_is_scored_by_echo(tiny, served, faults):
     pinned = _remote(served[1], logprobs_mode="prompt_logprobs")
     with pytest.raises(UnpactError, match="fill the model's context"):
         pinned.sequence_logprobs(ids)
+    # a pair longer than the context is said as locally, not as the server's HTTP 400
+    from unpact import score
+
+    long = " ".join(["word"] * tiny.max_length)
+    for model in (tiny, remote):
+        with pytest.raises(UnpactError, match=r"item 0: prompt \+ answer is \d+ tokens, longer"):
+            score(model, [long], [" x"])
 
 
 def test_a_served_template_that_merges_at_the_boundary_is_said(tmp_path, tiny, caplog):
