@@ -46,6 +46,7 @@ from unpact.progress import progress_bar
 from unpact.scoring import (
     DEFAULT_TOKEN_BUDGET,
     Continuation,
+    check_fits,
     check_texts,
     context_logprobs,
     generate,
@@ -565,11 +566,7 @@ def _item(
             answer_ids = lm.encode_answer(answer_text)
         except UnpactError as exc:
             raise UnpactError(f"item {i}: {exc}") from None
-    if len(enc.input_ids) + len(answer_ids) > lm.max_length:
-        raise UnpactError(
-            f"item {i}: prompt + answer is {len(enc.input_ids) + len(answer_ids)} tokens, "
-            f"longer than the model's context of {lm.max_length}"
-        )
+    check_fits(i, len(enc.input_ids) + len(answer_ids), lm.max_length)
     units = make_units(lm, enc, unit)
     if len(units) < 2:
         raise UnpactError(

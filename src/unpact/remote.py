@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from unpact.errors import UnpactError
 from unpact.progress import progress_bar
+from unpact.scoring import check_pairs
 from unpact.types import REMOTE_PREFIX, EncodedPrompt, raw_prefix, warn_if_split_differs
 
 # Different user messages, no two sharing a first or last byte, to find the template by
@@ -477,11 +478,7 @@ class RemoteModel:
     ) -> list[torch.Tensor]:
         """Per-token answer log-probs given each prompt (as `scoring.answer_logprobs`);
         one request per pair (the server batches; `token_budget` is a local notion)."""
-        if len(prompts) != len(answers):
-            raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-        for i, (p, a) in enumerate(zip(prompts, answers)):
-            if not p or not a:
-                raise UnpactError(f"item {i}: empty {'prompt' if not p else 'answer'}")
+        check_pairs(prompts, answers, self.max_length)
 
         def one(pair: tuple[Sequence[int], Sequence[int]]) -> torch.Tensor:
             p, a = pair

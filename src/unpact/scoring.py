@@ -54,19 +54,8 @@ def answer_logprobs(
     continues from its keys/values (`share_prefix`, default on; gradients flow through
     the shared prefix as through separate copies).
     """
-    if len(prompts) != len(answers):
-        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
     limit = max_length or int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
-    for i, (p, a) in enumerate(zip(prompts, answers)):
-        if len(p) == 0:
-            raise UnpactError(f"item {i}: empty prompt")
-        if len(a) == 0:
-            raise UnpactError(f"item {i}: empty answer")
-        if len(p) + len(a) > limit:
-            raise UnpactError(
-                f"item {i}: prompt + answer is {len(p) + len(a)} tokens, longer than the "
-                f"model's context of {limit}"
-            )
+    check_pairs(prompts, answers, limit)
     results: list[torch.Tensor | None] = [None] * len(prompts)
     batches = list(
         token_budget_batches([len(p) + len(a) for p, a in zip(prompts, answers)], token_budget)
@@ -545,6 +534,30 @@ class AnswerScore:
         return sum(self.logprobs) / len(self.logprobs)
 
 
+def check_pairs(
+    prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], limit: int
+) -> None:
+    """Every backend's `answer_logprobs` scores only pairs of token ids that can be: as many
+    answers as prompts, neither empty, each pair within the model's context of `limit`."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        if len(p) == 0:
+            raise UnpactError(f"item {i}: empty prompt")
+        if len(a) == 0:
+            raise UnpactError(f"item {i}: empty answer")
+        check_fits(i, len(p) + len(a), limit)
+
+
+def check_fits(i: int, tokens: int, limit: int) -> None:
+    """Item `i`'s prompt + answer (`tokens` of them) fits the model's context of `limit`."""
+    if tokens > limit:
+        raise UnpactError(
+            f"item {i}: prompt + answer is {tokens} tokens, longer than the model's context "
+            f"of {limit}"
+        )
+
+
 def check_texts(prompts: Any, answers: Any = None) -> None:
     """The public text functions take lists: one string given instead (it would be read
     as a list of characters) or lists of different lengths are one clear error."""
@@ -576,12 +589,6 @@ def score(
             answer_ids.append(lm.encode_answer(a))
         except UnpactError as exc:
             raise UnpactError(f"item {i}: {exc}") from None
-        if len(encoded[-1].input_ids) + len(answer_ids[-1]) > lm.max_length:
-            raise UnpactError(
-                f"item {i}: prompt + answer is "
-                f"{len(encoded[-1].input_ids) + len(answer_ids[-1])} tokens, longer than the "
-                f"model's context of {lm.max_length}"
-            )
     lps = lm.answer_logprobs(
         [e.input_ids for e in encoded], answer_ids, progress=progress, token_budget=token_budget
     )

@@ -11,6 +11,7 @@ kernel) or only log-probs and generations can be asked for.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeAlias, runtime_checkable
@@ -50,8 +51,6 @@ def warn_if_split_differs(
 
 def spec_text(spec: object) -> str:
     """A model spec as text: a string, or a path (`pathlib.Path`, any `os.PathLike`)."""
-    import os
-
     if isinstance(spec, os.PathLike):
         return os.fspath(spec)
     if not isinstance(spec, str):

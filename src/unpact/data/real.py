@@ -29,6 +29,7 @@ Keywords are left empty: these benchmarks carry no ground truth for them.
 from __future__ import annotations
 
 import json
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -256,23 +257,23 @@ def read_tofu(source: str | Path, *, forget: str = "forget10", hub: bool = False
             return f"locuslab/TOFU ({config})"
     else:
         folder = Path(source)
+        files = cache(partial(tofu_files, folder))  # each config looked up once
 
         def get(config: str) -> list[dict[str, Any]]:
-            return [row for f in tofu_files(folder, config) for row in _records(f)]
+            return [row for f in files(config) for row in _records(f)]
 
         def at(config: str) -> str:
-            found = tofu_files(folder, config)
-            return str(found[0] if len(found) == 1 else folder / config)
+            return str(files(config)[0] if len(files(config)) == 1 else folder / config)
 
         for config in (forget, retain):
-            if not tofu_files(folder, config):
+            if not files(config):
                 raise UnpactError(f"{folder} is not a TOFU folder: {config}.json is missing")
     items = _qa(get(forget), "forget", f"tofu-{forget}", at(forget)) + _qa(
         get(retain), "retain", f"tofu-{retain}", at(retain)
     )
 
     def present(config: str) -> bool:
-        return hub or bool(tofu_files(Path(source), config))
+        return hub or bool(files(config))
 
     for extra in ("world_facts", "real_authors"):
         if present(extra):

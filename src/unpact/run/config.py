@@ -518,8 +518,7 @@ def _check_folder_name(name: str, where: str) -> None:
     path component: nothing that leaves the run directory or hides from a listing."""
     bad = (
         not name.strip()
-        or name in (".", "..")
-        or name.startswith(".")
+        or name.startswith(".")  # . and .. among them
         or any(c in name for c in "/\\")
         or any(ord(c) < 32 or ord(c) == 127 for c in name)
     )

@@ -571,22 +571,20 @@ def _verbmem(
     """VerbMem's continuations of the forget documents (or the benchmark's own probes,
     `kind` "probes") under the model `m` (a cached stage)."""
     prefix, new = p.cfg.membership.verbmem_prefix, p.cfg.membership.verbmem_new_tokens
+    key: list[Any] = [m.key, [t.to_dict() for t in texts]]
     if kind == "probes":
         probes = cast("list[VerbatimPrompt]", texts)
-        return p.stage(
-            "verbmem",
-            "verbmem",
-            m.label,
-            [m.key, [v.to_dict() for v in probes], new, "probes"],
-            lambda: probe_rows(_local(get(), m.label), probes, new),
-        )
-    return p.stage(
-        "verbmem",
-        "verbmem",
-        m.label,
-        [m.key, [d.to_dict() for d in texts], prefix, new],
-        lambda: verbmem_rows(_local(get(), m.label), texts, prefix, new),
-    )
+        key += [new, "probes"]
+
+        def compute() -> list[dict[str, Any]]:
+            return probe_rows(_local(get(), m.label), probes, new)
+    else:
+        key += [prefix, new]
+
+        def compute() -> list[dict[str, Any]]:
+            return verbmem_rows(_local(get(), m.label), texts, prefix, new)
+
+    return p.stage("verbmem", "verbmem", m.label, key, compute)
 
 
 def _document_rows(
