@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 import torch
 
 from unpact.errors import UnpactError
+from unpact.files import read_text
 from unpact.types import AnyModel, EncodedPrompt
 
 if TYPE_CHECKING:
@@ -299,7 +300,7 @@ class Attribution:
 
     @classmethod
     def load(cls, path: str | Path) -> Attribution:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(json.loads(read_text(Path(path))))
 
     def _shade(self, c: float, scale: float) -> tuple[int, int, int]:
         """White to red for positive contributions, white to blue for negative."""
@@ -394,7 +395,7 @@ def read_prompts(path: str | Path) -> tuple[list[str], list[str | None]]:
 
 def load_records(path: str | Path) -> list[Attribution]:
     """Attribution records from a JSON file (one record) or a JSONL file (one per line)."""
-    text = Path(path).read_text()
+    text = read_text(Path(path))
     try:
         whole = json.loads(text)
     except json.JSONDecodeError:

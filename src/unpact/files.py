@@ -1,4 +1,5 @@
-"""Writing files so that a reader never sees half of one.
+"""Writing files so that a reader never sees half of one, and reading a user's text file
+with one clear message when it cannot be read.
 
 Every artefact unpact writes (results, records, cached stages, reports, checkpoints' notes,
 model folders) goes to a temporary name beside its place and is renamed into place once
@@ -13,6 +14,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from unpact.errors import UnpactError
 
 
 def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
@@ -60,3 +63,15 @@ def write_folder_atomically(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_text(path: Path) -> str:
+    """A user's text file as UTF-8 (a byte-order mark dropped), or one `UnpactError`
+    saying why not: missing, a folder, unreadable, or not UTF-8 text."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        why = "it is a folder" if path.is_dir() else (exc.strerror or str(exc))
+        raise UnpactError(f"cannot read {path}: {why}") from None
+    except UnicodeDecodeError:
+        raise UnpactError(f"cannot read {path}: not UTF-8 text") from None

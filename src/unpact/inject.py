@@ -80,7 +80,7 @@ from unpact.models import (
 )
 from unpact.scoring import answer_states, generate, head_logits, head_logprobs
 from unpact.train import Trainer
-from unpact.types import spec_text
+from unpact.types import Seed, spec_text
 
 INJECT_FORMAT = 2
 
@@ -147,7 +147,7 @@ class InjectConfig(BaseModel):
         "general", description="benchmark whose accuracy must survive; null skips it"
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    seed: int = Field(0, description="data order and initialisation seed")
+    seed: Seed = Field(0, description="data order and initialisation seed")
     # on news the decay took the facts from 90% to 100%
     lr_decay_to: float = Field(
         0.1,

@@ -266,13 +266,16 @@ def load_tokenizer(spec: str = DEFAULT_SPEC, *, trust_remote_code: bool = False)
     from transformers import AutoTokenizer
 
     folder = local_model_dir(spec)
+    unreachable = _hub_unreachable() if folder is None else None
     try:
         return AutoTokenizer.from_pretrained(
-            folder if folder is not None else spec, trust_remote_code=trust_remote_code
+            folder if folder is not None else spec,
+            trust_remote_code=trust_remote_code,
+            local_files_only=unreachable is not None,
         )
     except (OSError, ValueError) as exc:
-        first_line = _first_line(exc)
-        raise UnpactError(f"could not load the tokenizer of {spec!r}: {first_line}") from exc
+        why = _hub_failure(exc, unreachable)
+        raise UnpactError(f"could not load the tokenizer of {spec!r}: {why}") from exc
 
 
 def _first_line(exc: BaseException) -> str:
@@ -474,18 +477,23 @@ def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[
     return model, tokenizer
 
 
-def _pretrained(source: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[Any, ...]:
+def _pretrained(
+    source: str, dtype: torch.dtype, trust_remote_code: bool, local_only: bool = False
+) -> tuple[Any, ...]:
     """transformers' model (safetensors only), tokenizer and loading report, from a folder
-    or a hub id."""
+    or a hub id (`local_only`: from the local hub cache only)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        source, trust_remote_code=trust_remote_code, local_files_only=local_only
+    )
     loaded: Any = AutoModelForCausalLM.from_pretrained(
         source,
         dtype=dtype,
         use_safetensors=True,
         trust_remote_code=trust_remote_code,
         output_loading_info=True,
+        local_files_only=local_only,
     )
     model, info = loaded
     return model, tokenizer, info
@@ -504,16 +512,48 @@ def _check_complete(where: str, info: dict[str, Any]) -> None:
 
 
 def _load_hub(spec: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[Any, Any]:
+    unreachable = _hub_unreachable()
     try:
-        model, tokenizer, info = _pretrained(spec, dtype, trust_remote_code)
+        model, tokenizer, info = _pretrained(spec, dtype, trust_remote_code, bool(unreachable))
     except (OSError, ValueError) as exc:
-        first_line = _first_line(exc)
         raise UnpactError(
             f"model spec {spec!r} resolves to nothing: it is not 'default', not a local "
-            f"directory or .gguf file, and loading it as a hub id failed ({first_line})"
+            f"directory or .gguf file, and loading it as a hub id failed "
+            f"({_hub_failure(exc, unreachable)})"
         ) from exc
     _check_complete(spec, info)
     return model, tokenizer
+
+
+def _hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the model hub cannot be reached (one TCP connection to its endpoint, at most
+    `timeout` seconds), or None when it can, in offline mode (only the local hub cache is
+    read then) and behind a proxy (a direct connection proves nothing). Without this, a
+    mistyped folder name on a machine without the hub costs about 45 s of retried requests
+    and their warnings before the error."""
+    import socket
+    from urllib.parse import urlparse
+    from urllib.request import getproxies
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    if constants.HF_HUB_OFFLINE or url.scheme in getproxies() or "all" in getproxies():
+        return None  # offline; or a proxy that a direct connection would not go through
+    host = url.hostname or ""
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{url.scheme}://{url.netloc} cannot be reached: {exc.strerror or exc}"
+    return None
+
+
+def _hub_failure(exc: BaseException, unreachable: str | None) -> str:
+    """Why loading a hub id failed, in one line."""
+    if unreachable:
+        return f"{unreachable}, and it is not in the local hub cache"
+    return _first_line(exc)
 
 
 # ------------------------------------------------------------------- adapter cache

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from unpact.errors import UnpactError
 from unpact.models import LanguageModel
@@ -118,19 +119,60 @@ def make_app(models: LanguageModel | dict[str, LanguageModel], name: str = "defa
     app.post("/tokenize")(server.tokenize)
     app.post("/detokenize")(server.detokenize)
     app.post("/v1/completions")(server.completions)
+    # a body that is not a JSON object: 400 in vLLM's format, as vLLM's
+    # validation_exception_handler answers (FastAPI's own reply would be a 422)
+    app.exception_handler(fastapi.exceptions.RequestValidationError)(_invalid_body)
     return app
 
 
-def _error(status: int, message: str) -> Any:
+def _error(status: int, message: str, param: str | None = None) -> Any:
     """An error reply in vLLM's format (its ErrorResponse: {"error": {message, type, param,
     code}})."""
     from fastapi.responses import JSONResponse
 
     kind = "NotFoundError" if status == 404 else "BadRequestError"
     return JSONResponse(
-        {"error": {"message": message, "type": kind, "param": None, "code": status}},
+        {"error": {"message": message, "type": kind, "param": param, "code": status}},
         status_code=status,
     )
+
+
+async def _invalid_body(request: Any, exc: Any) -> Any:
+    return _validation_error(exc.errors())
+
+
+def _validation_error(errors: Any) -> Any:
+    """pydantic's errors as vLLM words them ("N validation error(s):" then each), 400."""
+    errors = list(errors)
+    label = "error" if len(errors) == 1 else "errors"
+    message = f"{len(errors)} validation {label}:\n" + "".join(f"  {e}\n" for e in errors)
+    loc = errors[0].get("loc") if errors else None
+    param = ".".join(str(x) for x in loc) if loc else None
+    return _error(400, message.rstrip(), param)
+
+
+_INT64 = 2**63
+
+
+class _Fields(BaseModel):
+    """The scalar fields of a /v1/completions request this server reads, typed (and the
+    seed bounded) as vLLM's CompletionRequest types them: a wrong type is a 400 there, not
+    a server error."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    max_tokens: int | None = 16
+    n: int = 1
+    echo: bool | None = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    return_tokens_as_token_ids: bool | None = None
+    temperature: float | None = None
+    seed: int | None = Field(None, ge=-_INT64, le=_INT64 - 1)
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
 
 
 @dataclass
@@ -165,7 +207,10 @@ class _Server:
         self.batchers = {n: ScoreBatcher(m, self.lock) for n, m in served.items()}
 
     def pick(self, body: dict[str, Any]) -> Any:
-        """The model the request names, or the error reply vLLM gives."""
+        """The model the request names (vLLM: the first served one when it names none), or
+        the error reply vLLM gives."""
+        if body.get("model") is None:
+            return next(iter(self.served.values())), None
         found = self.served.get(str(body.get("model")))
         if found is None:
             return None, _error(404, f"The model `{body.get('model')}` does not exist.")
@@ -188,6 +233,11 @@ class _Server:
         if "messages" in body:
             if not lm.has_chat_template:
                 return _error(400, "this model has no chat template")
+            messages = body["messages"]
+            if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages
+            ):
+                return _error(400, "'messages' must be a list of {role, content} objects")
             text = tok.apply_chat_template(
                 body["messages"],
                 tokenize=False,
@@ -215,7 +265,7 @@ class _Server:
         lm, bad = self.pick(body)
         if bad is not None:
             return bad
-        req = _parse_completion(lm, body)
+        req = _parse_completion(lm, body, body.get("model") or next(iter(self.served)))
         if not isinstance(req, _Completion):
             return req  # an error reply
         prompt_lps, gens = self._generate(lm, req)
@@ -288,15 +338,32 @@ MAX_LOGPROBS = 20
 _FROM_CONFIG = ("top_p", "top_k", "min_p", "repetition_penalty")
 
 
-def _sampling_value(lm: LanguageModel, body: dict[str, Any], name: str, default: float) -> Any:
-    if body.get(name) is not None:
-        return body[name]
+def _sampling_value(lm: LanguageModel, fields: _Fields, name: str, default: float) -> Any:
+    if getattr(fields, name) is not None:
+        return getattr(fields, name)
     configured = getattr(lm.model.generation_config, name, None)
     return configured if configured is not None else default
 
 
-def _parse_completion(lm: LanguageModel, body: dict[str, Any]) -> Any:
-    """The request's fields, or the error reply vLLM gives for a bad one."""
+def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any:
+    """The request's fields (`name`: the served model's), or the error reply vLLM gives
+    for a bad one."""
+    from pydantic import ValidationError
+
+    try:
+        fields = _Fields.model_validate(body)
+    except ValidationError as exc:
+        return _validation_error(exc.errors(include_url=False, include_context=False))
+    for field in ("logprobs", "prompt_logprobs"):
+        asked = getattr(fields, field)
+        if asked is not None and asked < 0 and asked != -1:
+            return _error(400, f"`{field}` must be a positive value or -1.", field)
+        if asked is not None and asked > MAX_LOGPROBS:
+            return _error(
+                400,
+                f"Requested {field.replace('_', ' ')} of {asked}, which is greater than max "
+                f"allowed: {MAX_LOGPROBS}",
+            )
     tok = lm.tokenizer
     prompt = body.get("prompt")
     if isinstance(prompt, str):
@@ -309,26 +376,20 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any]) -> Any:
     bad = next((t for t in ids if not 0 <= t < vocab), None)
     if bad is not None:  # as vLLM's input processing refuses it
         return _error(400, f"Token id {bad} is out of vocabulary")
-    for name in ("logprobs", "prompt_logprobs"):
-        asked = body.get(name)
-        if isinstance(asked, int) and asked > MAX_LOGPROBS:
-            return _error(
-                400,
-                f"Requested {name.replace('_', ' ')} of {asked}, which is greater than max "
-                f"allowed: {MAX_LOGPROBS}",
-            )
     req = _Completion(
-        model=body["model"],
+        model=name,
         ids=ids,
-        max_tokens=int(body.get("max_tokens", 16)),
-        n=int(body.get("n", 1)),
-        echo=bool(body.get("echo", False)),
-        logprobs=body.get("logprobs") is not None,
-        prompt_logprobs=body.get("prompt_logprobs") is not None,
-        as_ids=bool(body.get("return_tokens_as_token_ids", False)),
-        temperature=float(_sampling_value(lm, body, "temperature", 1.0)),
-        seed=int(body.get("seed") or 0),
-        sampling={k: float(_sampling_value(lm, body, k, PLAIN_SAMPLING[k])) for k in _FROM_CONFIG},
+        max_tokens=16 if fields.max_tokens is None else fields.max_tokens,
+        n=fields.n,
+        echo=bool(fields.echo),
+        logprobs=fields.logprobs is not None,
+        prompt_logprobs=fields.prompt_logprobs is not None,
+        as_ids=bool(fields.return_tokens_as_token_ids),
+        temperature=float(_sampling_value(lm, fields, "temperature", 1.0)),
+        seed=fields.seed or 0,
+        sampling={
+            k: float(_sampling_value(lm, fields, k, PLAIN_SAMPLING[k])) for k in _FROM_CONFIG
+        },
     )
     if req.max_tokens < 0 or req.n < 1:
         return _error(400, "max_tokens must be >= 0 and n >= 1")

@@ -14,11 +14,16 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeAlias, runtime_checkable
+from typing import Annotated, Protocol, TypeAlias, runtime_checkable
 
 import torch
+from pydantic import Field
 
 REMOTE_PREFIX = "openai:"
+
+# A seed every generator takes: Python's, NumPy's (below 2**32) and torch's. A negative or
+# larger one used to pass validation and fail as a traceback when training began.
+Seed: TypeAlias = Annotated[int, Field(ge=0, lt=2**32)]
 
 
 def warn_if_split_differs(

@@ -222,7 +222,9 @@ def test_bad_files_and_folders_are_one_message_and_exit_2(tmp_path, tiny):
         (["attribute", "-p", "hi there", "--html", "no/x.html"], "no folder no"),
         (["attribute", "--data", "adir"], "cannot read adir: it is a folder"),
         (["data", "show", "afile"], "afile is a file, not a benchmark folder"),
+        (["run", "latin1.yaml", "--out", "r"], "cannot read latin1.yaml: not UTF-8 text"),
     ]
+    (tmp_path / "latin1.yaml").write_bytes("methods: [{method: ga}]  # caf\xe9\n".encode("latin-1"))
     for args, message in cases:
         done = _unpact(*args, cwd=tmp_path)
         assert done.returncode == 2, (args, done.stderr[-800:])
@@ -230,6 +232,31 @@ def test_bad_files_and_folders_are_one_message_and_exit_2(tmp_path, tiny):
         assert "Traceback" not in done.stderr, args
     assert (tmp_path / "afile").read_text() == "mine\n"
     assert not list((tmp_path / "cache").rglob(".tmp-*"))  # the cut GGUF left no half cache
+
+
+def test_a_hub_id_without_a_reachable_hub_fails_at_once_without_retry_warnings(tmp_path):
+    """A mistyped folder name is a hub id; on a machine without the hub, loading it used to
+    retry each request five times with backoff (about 45 s) and print each retry as a
+    warning before the error. Now one connection attempt says the hub is unreachable and
+    the local hub cache alone is read."""
+    import socket
+
+    with socket.socket() as s:  # a local port nothing listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    }
+    env |= {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf")}
+    for key in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "unpact", "generate", "-p", "hi", "--model", "mistyped-folder"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 2, done.stderr[-800:]
+    said = " ".join(done.stderr.split())
+    assert f"http://127.0.0.1:{port} cannot be reached" in said, said
+    assert "not in the local hub cache" in said
+    assert "Retrying" not in done.stderr and "WARNING" not in done.stderr, done.stderr[-800:]
 
 
 def test_serve_port_0_prints_the_port_it_listens_on_and_a_busy_port_is_exit_2(tiny_dir):

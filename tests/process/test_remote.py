@@ -712,3 +712,45 @@ def test_unpact_serve_refuses_what_vllm_refuses(served, faults):
     assert reply.status_code == 400 and "max allowed: 20" in reply.json()["error"]["message"]
     with pytest.raises(RemoteError, match="out of vocabulary"):
         _remote(url).sequence_logprobs([5, 10**6])
+
+
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"max_tokens": "many"}, "max_tokens"),
+        ({"seed": "abc"}, "seed"),
+        ({"seed": 2**63}, "seed"),  # vLLM bounds it to int64
+        ({"temperature": "hot"}, "temperature"),
+        ({"n": None}, "n"),
+        ({"logprobs": "all"}, "logprobs"),
+        ({"logprobs": -2}, "logprobs"),
+        ({"top_k": "x"}, "top_k"),
+    ],
+)
+def test_unpact_serve_answers_a_mistyped_field_with_vllms_400(served, change, param):
+    """vLLM validates a completion request's fields (pydantic) and answers a wrong type or
+    an out-of-range seed with 400 naming the field; unpact serve answered 500."""
+    import httpx
+
+    body = {"model": "tiny", "prompt": [5, 6], "max_tokens": 1} | change
+    reply = httpx.post(f"{served[1]}/completions", json=body)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["code"] == 400 and error["param"] == param, error
+
+
+def test_unpact_serve_takes_a_request_without_a_model_and_refuses_a_body_not_an_object(served):
+    """As vLLM: no `model` means the served one; a body that is not a JSON object is a 400
+    in vLLM's error shape (FastAPI's own reply is a 422 of another shape)."""
+    import httpx
+
+    url = served[1]
+    reply = httpx.post(f"{url}/completions", json={"prompt": [5, 6], "max_tokens": 1})
+    assert reply.status_code == 200 and reply.json()["model"] == "tiny"
+    for content in (b"[1, 2]", b"{not json"):
+        bad = httpx.post(
+            f"{url}/completions", content=content, headers={"content-type": "application/json"}
+        )
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == 400, bad.text
+    chat = {"model": "tiny", "messages": "hello"}
+    assert httpx.post(f"{url[: -len('/v1')]}/tokenize", json=chat).status_code == 400

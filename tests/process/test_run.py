@@ -311,6 +311,18 @@ def test_a_config_built_in_python_may_hold_paths(setup):
             r"temperature: Input should be a finite number",
         ),
         ({"methods": [{"method": "ga", "config": {"lr": float("inf")}}]}, r"lr: .*finite"),
+        # seeds outside what NumPy and torch take were a traceback when training began
+        ({"inject": {"settings": {"seed": 10**23}}}, r"inject\.settings: seed: .*less than"),
+        ({"inject": {"settings": {"seed": -1}}}, r"inject\.settings: seed: .*greater than"),
+        ({"methods": [{"method": "ga", "config": {"seed": -1}}]}, r"seed: .*greater than"),
+        ({"methods": [{"method": "rmu", "config": {"seed": 2**32}}]}, r"seed: .*less than"),
+        (
+            {"attacks": [{"name": "probab", "settings": {"seed": -5}}]},
+            r"attack probab: seed: .*greater than",
+        ),
+        ({"statistics": {"seed": 2**40}}, r"statistics\.seed: .*less than"),
+        # a Python loop that never ended, silently
+        ({"statistics": {"resamples": 10**23}}, r"statistics\.resamples: .*less than or equal"),
     ],
 )
 def test_config_mistakes_name_the_key(change, message):

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from unpact.attacks.base import FOCUS_TEMPLATE, Attack, Target
+from unpact.types import Seed
 
 
 class FocusSettings(BaseModel):
@@ -27,7 +28,7 @@ class SampleSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     samples: int = Field(10, gt=0, description="answers sampled per question")
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
-    seed: int = Field(0, description="sampling seed (per question, batching-independent)")
+    seed: Seed = Field(0, description="sampling seed (per question, batching-independent)")
 
 
 class FocusSampleSettings(FocusSettings, SampleSettings):
@@ -127,7 +128,7 @@ class Paraphrase(Attack):
 class InContextSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     demonstrations: int = Field(3, gt=0, description="retain-set QA pairs shown first")
-    seed: int = Field(0, description="which pairs (per question, reproducible)")
+    seed: Seed = Field(0, description="which pairs (per question, reproducible)")
     template: str = Field("Q: {question}\nA: {answer}", description="one demonstration")
 
 

@@ -14,6 +14,7 @@ from unpact.data.items import QAItem
 from unpact.judge import answer_items
 from unpact.models import LanguageModel, load_model
 from unpact.train import Trainer
+from unpact.types import Seed
 from unpact.unlearn.loop import _batch, batch_indices, encode_items
 from unpact.unlearn.methods import nll
 
@@ -25,7 +26,7 @@ class FinetuneSettings(BaseModel):
     steps: int = Field(10, gt=0, description="optimiser steps")
     lr: float = Field(3e-4, gt=0, description="AdamW learning rate (the injection's)")
     batch_size: int = Field(4, gt=0, description="items per step")
-    seed: int = Field(0, description="which items are trained on, and their order")
+    seed: Seed = Field(0, description="which items are trained on, and their order")
 
 
 class RelearnSettings(FinetuneSettings):

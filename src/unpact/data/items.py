@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from unpact.errors import UnpactError
+from unpact.files import read_text
 
 SPLITS = ("forget", "retain", "general", "holdout")
 # Fields an injection's cache key leaves out: they do not change what it teaches (issue 21).
@@ -150,13 +151,7 @@ def _split(obj: dict[str, Any], path: Path, line: int) -> str:
 def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-empty line of a JSON-lines file, or one error
     naming the file and line."""
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except OSError as exc:
-        why = "it is a folder" if path.is_dir() else (exc.strerror or str(exc))
-        raise UnpactError(f"cannot read {path}: {why}") from None
-    except UnicodeDecodeError:
-        raise UnpactError(f"cannot read {path}: not UTF-8 text") from None
+    lines = read_text(path).splitlines()
     out = []
     for n, text in enumerate(lines, start=1):
         if not text.strip():

@@ -35,17 +35,13 @@ from typing import Any
 
 from unpact.data.items import Benchmark, Document, QAItem, VerbatimPrompt
 from unpact.errors import UnpactError
+from unpact.files import read_text
 
 _LFS_POINTER = "version https://git-lfs.github.com/spec/"
 
 
 def _read(path: Path) -> str:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        raise UnpactError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise UnpactError(f"cannot read {path}: not UTF-8 text") from None
+    text = read_text(path)
     _not_a_pointer(path, text[: len(_LFS_POINTER)])
     return text
 

@@ -26,7 +26,7 @@ from unpact.judge import JudgeSettings
 from unpact.models import DeviceName
 from unpact.plugins import load_plugins
 from unpact.remote import RemoteSettings
-from unpact.types import is_remote_spec
+from unpact.types import Seed, is_remote_spec
 from unpact.unlearn.config import describe_errors, read_yaml_mapping
 
 RUN_FORMAT = 1
@@ -233,9 +233,14 @@ _CHECK_FIELDS = {
 class StatisticsSettings(_Strict):
     """Confidence intervals and tests that come with every figure."""
 
-    resamples: int = Field(1000, ge=0, description="bootstrap resamples over items (0: none)")
+    resamples: int = Field(
+        1000,
+        ge=0,
+        le=100_000,  # each is a Python loop over the items; more changes no printed digit
+        description="bootstrap resamples over items (0: none)",
+    )
     level: float = Field(0.95, gt=0, lt=1, description="confidence level of the intervals")
-    seed: int = Field(0, description="bootstrap seed")
+    seed: Seed = Field(0, description="bootstrap seed")
     alpha: float = Field(0.05, gt=0, lt=1, description="McNemar significance level")
     baseline_attack: str = Field("probab", description="attack the others are tested against")
 

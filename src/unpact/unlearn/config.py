@@ -17,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from unpact.errors import UnpactError
+from unpact.files import read_text
+from unpact.types import Seed
 from unpact.unlearn.methods import get_method
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -54,7 +56,7 @@ class UnlearnConfig(BaseModel):
     freeze_embeddings: bool = Field(
         True, description="keep the input embeddings (tied to the LM head on SmolLM2) fixed"
     )
-    seed: int = Field(0, description="seed of the data order and of any random init")
+    seed: Seed = Field(0, description="seed of the data order and of any random init")
     save_every: int = Field(20, ge=0, description="checkpoint every N steps (0: never)")
     lora: LoraSettings | None = Field(None, description="train LoRA adapters (peft)")
     settings: dict[str, Any] = Field(default_factory=dict, description="the method's settings")
@@ -150,7 +152,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """A YAML file whose top level is a mapping, or one UnpactError saying what is wrong."""
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml.safe_load(read_text(path)) or {}
     except yaml.YAMLError as e:
         raise UnpactError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(loaded, dict):

@@ -38,6 +38,7 @@ from unpact.scoring import (
     lm_body_and_head,
     right_padded,
 )
+from unpact.types import Seed
 
 Reference = Literal["logprobs", "model", "activations"]
 METHODS: dict[str, type[Method]] = {}
@@ -424,7 +425,7 @@ class _RMUSettings(MethodSettings):
     update_layers: list[int] | None = Field(
         None, description="layers whose MLPs are updated (default: layer-2 .. layer)"
     )
-    seed: int = Field(0, description="seed of the random unit vector u")
+    seed: Seed = Field(0, description="seed of the random unit vector u")
 
 
 def _mlp_paths(i: int) -> tuple[str, ...]:
