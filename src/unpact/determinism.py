@@ -17,12 +17,21 @@ results differ between CPUs with different vector units (ATen's AVX2 against AVX
 kernels: ~1e-6 relative in float32), bf16 autocast kernels differ by oneDNN's ISA (AMX,
 AVX512-BF16, emulated; ~0.3% in a loss after three steps), and CUDA runs are reproducible
 only on the same GPU and software stack.
+
+`keeps_rng` is the other half of "the same config gives the same numbers": training seeds
+the global random streams for its own draws, and gives the caller's back afterwards.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 _MKL_CBWR_AUTO = 2
 _MKL_CBWR_STRICT = 0x10000
@@ -69,3 +78,28 @@ def _torch_cpu() -> ctypes.CDLL | None:
         return lib
     except (OSError, AttributeError):
         return None
+
+
+def keeps_rng(fn: Callable[P, R]) -> Callable[P, R]:
+    """`fn`, leaving the caller's random streams as they were: Python's, NumPy's, torch's
+    CPU generator and every CUDA device's. Training seeds them for its own draws (dropout,
+    accelerate's `set_seed`); a user's script calling `inject` or `unlearn` in between its
+    own seeded draws gets the same draws as without the call."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        import random
+
+        import numpy as np
+        import torch
+
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        python, numpy_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=devices):
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                random.setstate(python)
+                np.random.set_state(numpy_state)
+
+    return wrapper

@@ -68,6 +68,7 @@ from pydantic import (
 
 from unpact.data.items import ANSWER_FIELDS, Benchmark, QAItem
 from unpact.data.sources import load_benchmark, materialise
+from unpact.determinism import keeps_rng
 from unpact.errors import UnpactError
 from unpact.files import atomic_text, write_atomically
 from unpact.models import (
@@ -507,6 +508,7 @@ def _rehearsal_kl(cur: torch.Tensor, batch: list[_Rehearsal]) -> torch.Tensor:
     return kl.mean()
 
 
+@keeps_rng
 def inject(
     model: str | os.PathLike[str] = "default",
     benchmark: str | Path = "news",

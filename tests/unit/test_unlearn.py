@@ -431,3 +431,34 @@ def test_keytoken_npo_unlearns_and_resumes_identically(bench, tmp_path):
     assert all(torch.equal(ww[k], wr[k]) for k in ww)
     assert math.isfinite(whole.final_losses["forget_keytoken_npo"])
     assert whole.final_losses["retain_kl"] >= 0
+
+
+def _draws() -> tuple[float, float, list[float]]:
+    import random
+
+    import numpy as np
+
+    return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+
+def _seed_all(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def test_training_gives_the_callers_random_streams_back(bench, tmp_path):
+    """Unlearning seeds Python's, NumPy's and torch's generators for its own draws
+    (accelerate's set_seed); a script that calls it between its own seeded draws used to
+    get other draws after the call than without it."""
+    lm = tiny_model(seed=3)  # (building the tiny model seeds torch itself)
+    cfg = resolve_config("npo_gd", overrides=["steps=3", "lr=1e-3"])
+    _seed_all(1234)
+    expected = _draws()
+    _seed_all(1234)
+    unlearn(lm, bench, cfg, tmp_path / "u", progress=False)
+    assert _draws() == expected

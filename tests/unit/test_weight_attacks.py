@@ -350,3 +350,14 @@ def test_rmu_trains_the_mlps_and_reads_the_layer_of_other_architectures(arch):
     with torch.no_grad():
         out = lm.model(torch.tensor([[1, 40, 50, 60, 2]]), output_hidden_states=True)
     assert torch.allclose(acts, out.hidden_states[1][0, 1:5], atol=1e-5)
+
+
+def test_relearning_gives_the_callers_torch_stream_back(saved):
+    """The relearned copy's training seeds torch; the caller's stream is given back."""
+    ctx = _ctx(saved, "relearn_unrelated", _items("forget", 2))
+    attack = get_attack("relearn_unrelated", {"steps": 2, "items": 2})
+    torch.manual_seed(99)
+    expected = torch.rand(4)
+    torch.manual_seed(99)
+    attack.run(ctx)
+    assert torch.equal(torch.rand(4), expected)

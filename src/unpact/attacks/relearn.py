@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from unpact.attacks.base import Attack, AttackContext
 from unpact.data.items import QAItem
+from unpact.determinism import keeps_rng
 from unpact.judge import answer_items
 from unpact.models import LanguageModel, load_model
 from unpact.train import Trainer
@@ -88,6 +89,7 @@ class Relearn(Attack):
         ]
 
 
+@keeps_rng
 def finetune(
     ctx: AttackContext, train: list[QAItem], steps: int, lr: float, batch_size: int, seed: int
 ) -> LanguageModel:

@@ -35,6 +35,7 @@ import yaml
 
 from unpact.data.items import QAItem
 from unpact.data.sources import load_benchmark
+from unpact.determinism import keeps_rng
 from unpact.errors import UnpactError
 from unpact.files import atomic_text
 from unpact.models import LanguageModel, load_model, save_model
@@ -137,6 +138,7 @@ def total_steps(config: UnlearnConfig, n_forget: int) -> int:
     return max(1, math.ceil(config.epochs * n_forget / config.batch_size))
 
 
+@keeps_rng
 def unlearn(
     model: str | os.PathLike[str] | LanguageModel,
     benchmark: str | Path,
