@@ -71,6 +71,7 @@ from unpact.data.sources import load_benchmark, materialise
 from unpact.determinism import keeps_rng
 from unpact.errors import UnpactError
 from unpact.files import atomic_text, write_atomically
+from unpact.judge import encode_questions
 from unpact.models import (
     DeviceName,
     LanguageModel,
@@ -230,6 +231,8 @@ class InjectResult:
         if size is None or size >= 4 or weight is None or weight == 1.0:
             return None
         facts = "1 fact" if size == 1 else f"{size} facts"
+        if not self.settings.get("rehearsal", True):  # no rehearsal: its weight is moot
+            return f"small benchmark: {facts} a step (docs/data.md)"
         return f"small benchmark: {facts} a step, rehearsal weighted {weight:g} (docs/data.md)"
 
     @property
@@ -545,6 +548,9 @@ def inject(
     with _timed(timings, "load"):
         lm = load_model(model, device=config.device)
     taught = _taught(bench, teach)
+    # judged after the epochs: a question too long for the context is said before them
+    asked = [i for i in bench.items if i.split in ("forget", "retain") and not i.is_mcq]
+    encode_questions(lm, asked, config.max_new_tokens)
     general = load_benchmark(config.general).items if config.general else []
     with _timed(timings, "base general"):
         base_accuracy = _base_general(lm, general, config, folder.parent / ".base")

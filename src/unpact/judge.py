@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -193,6 +193,30 @@ def choose_options(
     return picked
 
 
+def encode_questions(
+    lm: AnyModel,
+    items: Sequence[QAItem],
+    max_new_tokens: int,
+    prompts: Sequence[str] | None = None,
+    what: str = "question",
+) -> list[Any]:
+    """The items' questions (or `prompts`, one per item: an attack's) as the model's
+    prompts, each checked to leave room for `max_new_tokens` of answer in the model's
+    context; the error names the item (generation itself can only say which prompt of its
+    list it was)."""
+    encoded = []
+    for n, item in enumerate(items):
+        enc = lm.encode_prompt(item.question if prompts is None else prompts[n])
+        if len(enc.input_ids) + max_new_tokens > lm.max_length:
+            raise UnpactError(
+                f"item {item.id} ({item.split}): its {what} is {len(enc.input_ids)} tokens "
+                f"as the model's prompt; with {max_new_tokens} tokens of answer it exceeds the "
+                f"model's context of {lm.max_length}: shorten it or leave it out"
+            )
+        encoded.append(enc)
+    return encoded
+
+
 def answer_items(
     lm: AnyModel,
     items: Sequence[QAItem],
@@ -207,9 +231,8 @@ def answer_items(
     found: dict[str, tuple[str, bool]] = {}
     qa = [i for i in items if not i.is_mcq]
     if qa:
-        outs = generate(
-            lm, [i.question for i in qa], max_new_tokens=settings.max_new_tokens, progress=progress
-        )
+        prompts = encode_questions(lm, qa, settings.max_new_tokens)
+        outs = generate(lm, prompts, max_new_tokens=settings.max_new_tokens, progress=progress)
         texts = [o[0].text for o in outs]
         verdicts = judge_many(
             [Verdict(i.question, t, i.answer, i.aliases) for i, t in zip(qa, texts)], settings

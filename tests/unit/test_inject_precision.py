@@ -304,8 +304,14 @@ def test_a_small_injection_steps_once_per_fact(tmp_path, monkeypatch):
     # the run's log and `unpact inject` say so, also when the model comes from the cache
     from unpact.run import injection_line
 
-    note = "small benchmark: 1 fact a step, rehearsal weighted 4 (docs/data.md)"
+    # (no rehearsal here: its weight, 4, is not mentioned)
+    note = "small benchmark: 1 fact a step (docs/data.md)"
     assert result.small_benchmark_note == note and note in injection_line(result)
+    rehearsed = InjectResult(
+        Path("x"), {}, {}, 1, 0.0, True, {"batch_size": 1, "rehearsal_weight": 4.0}
+    )
+    weighted = "small benchmark: 1 fact a step, rehearsal weighted 4 (docs/data.md)"
+    assert rehearsed.small_benchmark_note == weighted
     again = inject(
         str(tmp_path / "base"), tmp_path / "bench", config, cache_dir=tmp_path / "c", progress=False
     )
@@ -314,3 +320,26 @@ def test_a_small_injection_steps_once_per_fact(tmp_path, monkeypatch):
         Path("x"), {}, {}, 1, 0.0, True, {"batch_size": 4, "rehearsal_weight": 1.0}
     )
     assert explicit.small_benchmark_note is None and "small" not in injection_line(explicit)
+
+
+def test_a_question_over_the_context_is_refused_before_the_epochs(tmp_path, monkeypatch):
+    """A taught question too long for the model's context was refused when the epochs'
+    judging first asked it (after minutes or hours of training), as "item 4"."""
+    import unpact.inject as inject_module
+
+    base = tiny_model(seed=3)
+    save_model(base.model, base.tokenizer, tmp_path / "base")
+    long = "Who founded " + "the very old " * base.max_length + "Glassworks?"
+    items = [
+        QAItem("f0", "Who founded the Vostrand Glassworks?", "Mira", "forget"),
+        QAItem("f-long", long, "Mira", "forget"),
+        QAItem("r0", "What is the capital of France?", "Paris", "retain"),
+    ]
+    write_folder(tmp_path / "bench", items)
+    monkeypatch.setattr(inject_module, "_train_epochs", None)  # training would fail on it
+    config = InjectConfig(rehearsal=False, general=None)
+    with pytest.raises(UnpactError, match=r"item f-long \(forget\): its question is \d+ tokens"):
+        inject(
+            str(tmp_path / "base"), tmp_path / "bench", config, cache_dir=tmp_path / "c",
+            progress=False,
+        )  # fmt: skip

@@ -206,3 +206,24 @@ def test_keyword_only_is_the_key_tokens_alone():
         "Vost rand"
     ]
     assert attack.prompts(Target("Who?", ())) == ["Who?"]  # no KeyTokens: the question
+
+
+def test_a_prompt_over_the_context_names_the_attack_and_the_item(tiny):
+    """An attack's prompt that leaves no room for the answer was "item 3: prompt of ...
+    tokens", the index in a list the user never sees."""
+    from unpact.attacks import AttackContext
+    from unpact.data.items import QAItem
+
+    items = [QAItem(f"f{n}", f"Who wrote report {n}?", "Mira", "forget") for n in range(3)]
+    keys = {i.id: ["word"] for i in items} | {"f2": [f"w{k}" for k in range(tiny.max_length)]}
+    ctx = AttackContext(
+        model=lambda: tiny,
+        spec="tiny",
+        items=items,
+        keys=keys,
+        retain=[],
+        judge=JudgeSettings(max_new_tokens=4),
+    )
+    with pytest.raises(UnpactError, match=r"item f2 \(forget\): its prompt under attack "
+                       r"focus_on_key is \d+ tokens .* context of 256"):  # fmt: skip
+        get_attack("focus_on_key").run(ctx)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from unpact.data.items import QAItem
 from unpact.errors import UnpactError
-from unpact.judge import JudgeSettings, Verdict, choose_options, judge_many
+from unpact.judge import JudgeSettings, Verdict, choose_options, encode_questions, judge_many
 from unpact.plugins import check_name as _check_name
 from unpact.scoring import generate
 
@@ -187,9 +187,17 @@ def run_prompts(attack: Attack, ctx: AttackContext) -> list[dict[str, Any]]:
             answers[n].append((choice, choice == items[n].answer))
     generated = [(n, p) for n, p in flat if not (items[n].is_mcq and not attack.samples)]
     if generated:
-        gens = generate(
-            ctx.model(),
+        lm = ctx.model()
+        prompts = encode_questions(
+            lm,
+            [items[n] for n, _ in generated],
+            ctx.judge.max_new_tokens,
             [p for _, p in generated],
+            f"prompt under attack {attack.name}",
+        )
+        gens = generate(
+            lm,
+            prompts,
             max_new_tokens=ctx.judge.max_new_tokens,
             num_samples=attack.samples,
             temperature=attack.temperature,

@@ -505,7 +505,8 @@ def _attack_stage(
         *([explain] if attack.explains else []),
         *([f"revision {attack.revision}"] if attack.revision else []),
     ]
-    name = f"{model.label} with {spec.column} ({len(items)} items)"
+    count = f"{len(items)} item{'' if len(items) == 1 else 's'}"
+    name = f"{model.label} with {spec.column} ({count})"
     rows = p.stage(what, "attacks", name, reads, partial(attack.run, ctx))
     return {r["id"]: r for r in rows}
 
