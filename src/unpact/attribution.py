@@ -748,7 +748,7 @@ def attribute_many(
     before any work, with the estimate (None: no limit).
     """
     check_settings(unit, baseline, target, alpha, beta)
-    check_texts(prompts, answers)
+    check_texts(prompts, answers, open_answers=True)
     answer_list = list(answers) if answers is not None else [None] * len(prompts)
     if target == "reference" and any(a is None for a in answer_list):
         missing = next(i for i, a in enumerate(answer_list) if a is None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -558,16 +559,42 @@ def check_fits(i: int, tokens: int, limit: int) -> None:
         )
 
 
-def check_texts(prompts: Any, answers: Any = None) -> None:
+_PROMPTS_ONLY: Any = object()  # check_texts of a function that takes no answers
+
+
+def check_texts(prompts: Any, answers: Any = _PROMPTS_ONLY, *, open_answers: bool = False) -> None:
     """The public text functions take lists: one string given instead (it would be read
-    as a list of characters) or lists of different lengths are one clear error."""
-    for name, value in (("prompts", prompts), ("answers", answers)):
-        if isinstance(value, str):
-            raise UnpactError(
-                f"{name}: give a list of texts, not one string (e.g. [{value[:30]!r}])"
-            )
-    if answers is not None and len(answers) != len(prompts):
+    as a list of characters) or lists of different lengths are one clear error, and so is
+    anything but a list of texts (a TypeError, as for any argument of the wrong type;
+    prompts may be `EncodedPrompt`s; with `open_answers`, answers may be None or hold None,
+    each a model's own answer to be generated)."""
+    _check_list("prompts", prompts, (str, EncodedPrompt), none_ok=True)
+    if answers is _PROMPTS_ONLY or (answers is None and open_answers):
+        return
+    _check_list("answers", answers, (str,), none_ok=open_answers)
+    if len(answers) != len(prompts):
         raise UnpactError(f"{len(prompts)} prompts but {len(answers)} answers")
+
+
+def _check_list(name: str, value: Any, allowed: tuple[type, ...], none_ok: bool) -> None:
+    if isinstance(value, str):
+        raise UnpactError(f"{name}: give a list of texts, not one string (e.g. [{value[:30]!r}])")
+    if not isinstance(value, Sequence):
+        raise TypeError(f"{name}: give a list of texts, not {type(value).__name__}")
+    for i, v in enumerate(value):
+        if not isinstance(v, allowed) and not (v is None and none_ok):
+            raise TypeError(f"{name}[{i}] is {type(v).__name__} {v!r}, not a text")
+
+
+def _check_numbers(**values: Any) -> None:
+    """Whole numbers given as such (a float sample count or a text length is a TypeError
+    naming the argument, not one from deep inside torch)."""
+    for name, value in values.items():
+        number = name == "temperature"
+        ok = isinstance(value, numbers.Real if number else numbers.Integral)
+        if not ok or isinstance(value, bool):
+            kind = "a number" if number else "an int"
+            raise TypeError(f"{name} must be {kind}, not {type(value).__name__} {value!r}")
 
 
 def score(
@@ -632,6 +659,13 @@ def generate(
     prompt's token ids, not on which other prompts share its batch, so they reproduce.
     """
     check_texts(prompts)
+    _check_numbers(
+        max_new_tokens=max_new_tokens,
+        num_samples=num_samples,
+        temperature=temperature,
+        seed=seed,
+        batch_size=batch_size,
+    )
     if max_new_tokens < 1:
         raise UnpactError("max_new_tokens must be at least 1")
     if num_samples < 0:

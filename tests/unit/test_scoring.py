@@ -285,6 +285,33 @@ def test_one_string_where_a_list_goes_is_one_clear_error(tiny):
         score(tiny, ["What is it?", "Who is it?"], ["Paris"])
 
 
+def test_arguments_of_the_wrong_type_are_a_type_error_naming_them(tiny):
+    """They failed deep inside: "'int' object has no attribute 'strip'", "'NoneType' object
+    is not iterable", a torch signature listing for a float sample count."""
+    from unpact.attribution import attribute_many
+    from unpact.data import load_benchmark
+
+    cases = [
+        (lambda: generate(tiny, None), r"prompts: give a list of texts, not NoneType"),
+        (lambda: generate(tiny, ["hi", 123]), r"prompts\[1\] is int 123, not a text"),
+        (lambda: score(tiny, ["hi"], None), r"answers: give a list of texts, not NoneType"),
+        (lambda: score(tiny, ["hi"], [5]), r"answers\[0\] is int 5"),
+        (lambda: generate(tiny, ["hi"], num_samples=2.5), r"num_samples must be an int"),
+        (lambda: generate(tiny, ["hi"], max_new_tokens="5"), r"max_new_tokens must be an int"),
+        (lambda: generate(tiny, ["hi"], num_samples=2, temperature="hot"), r"temperature"),
+        (lambda: load_benchmark(None), r"a benchmark is a name, a folder or a spec"),
+    ]
+    for call, message in cases:
+        with pytest.raises(TypeError, match=message):
+            call()
+    # a None answer is the model's own (generated) answer in attribute_many, and numpy
+    # integers are integers
+    import numpy as np
+
+    assert len(attribute_many(tiny, ["What is the capital of France?"], [None])) == 1
+    assert generate(tiny, ["hi"], max_new_tokens=np.int64(2))[0][0].token_ids is not None
+
+
 def test_sampling_leaves_the_callers_random_streams_as_they_were(tiny):
     """Samples are seeded by their own seed inside a fork of the random state (the CPU's,
     and on a GPU the model's device's): a caller's later draws do not depend on whether a

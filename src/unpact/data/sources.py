@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -30,7 +31,12 @@ REAL_KINDS = ("muse-news", "muse-books", "tofu", "wmdp")
 
 def load_benchmark(spec: str | Path) -> Benchmark:
     """A benchmark by built-in name, item-format folder or real-benchmark spec."""
-    key = str(spec)
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(
+            f"a benchmark is a name, a folder or a spec such as tofu:PATH (a string or a "
+            f"path), not {type(spec).__name__} {spec!r}"
+        )
+    key = os.fspath(spec)
     if key in BUILTIN:
         return load_folder(BUILTIN_DIR / key, name=key)
     match = _SPEC.fullmatch(key)
