@@ -697,17 +697,30 @@ def data_show(
 
 
 def _print_results(results: dict[str, object], out_dir: Path) -> None:
+    # A log file or pipe gets the full table rather than rich's 80-column default.
+    console = out if out.is_terminal else Console(width=200)
+    console.print(results_grid(results, console))
+    console.print(f"results: {out_dir / 'results.json'} (per item: {out_dir / 'items.jsonl'})")
+    console.print(f"report:  {out_dir / 'report.html'}")
+
+
+def results_grid(results: dict[str, Any], console: Console) -> Table:
+    """The run's table, one row per method; turned to one row per figure (a column per
+    method) when that is wider than the console, where rich would cut every header to a
+    few letters ("recove…")."""
     from unpact.results import table
 
     head, rows = table(results)
-    grid = Table(*head, title=f"unpact: {results['benchmark']} on {results['model']}")
+    title = f"unpact: {results['benchmark']} on {results['model']}"
+    grid = Table(*head, title=title)
     for row in rows:
         grid.add_row(*map(escape, row))  # a sweep's run is label[key=value]: text, not markup
-    # A log file or pipe gets the full table rather than rich's 80-column default.
-    console = out if out.is_terminal else Console(width=200)
-    console.print(grid)
-    console.print(f"results: {out_dir / 'results.json'} (per item: {out_dir / 'items.jsonl'})")
-    console.print(f"report:  {out_dir / 'report.html'}")
+    if Console(width=100_000).measure(grid).maximum <= console.width:
+        return grid
+    turned = Table("figure", *(escape(r[0]) for r in rows), title=title)
+    for n, name in enumerate(head[1:], start=1):
+        turned.add_row(name.replace("\n", " "), *(escape(r[n]) for r in rows))
+    return turned
 
 
 def _run(config: str | Path, out_dir: Path, plugins: list[Path] | None = None) -> None:

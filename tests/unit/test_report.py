@@ -39,3 +39,27 @@ def test_the_report_table_splits_joined_columns_and_keeps_the_rest_apart():
     rest = [c.metrics[0].name for c in other_columns(["probab"])]
     assert "retain_acc_after" in rest and "forget_acc_after" not in rest
     assert not set(table) & set(rest)
+
+
+def test_the_cli_table_turns_to_a_row_per_figure_when_the_terminal_is_narrower():
+    """At 80 columns a run with several attacks had every header cut to a few letters
+    ("recove…"); it now prints one row per figure and a column per method, every cell whole."""
+    from rich.console import Console
+
+    from unpact.cli import results_grid
+
+    attacks = ["focus_on_key", "probab", "focus_on_key_probab", "quantize"]
+    results = {
+        "benchmark": "news",
+        "model": "default",
+        **_results(attacks),
+    }
+    results["methods"]["npo_kl"] = results["methods"]["ga"]
+    wide, narrow = Console(width=400, record=True), Console(width=80, record=True)
+    wide.print(results_grid(results, wide))
+    narrow.print(results_grid(results, narrow))
+    turned, kept = narrow.export_text(), wide.export_text()
+    assert "recovery FocusOnKey+PROBAB" in turned  # a row, named in full
+    assert "…" not in turned and "…" not in kept
+    assert max(len(line) for line in turned.splitlines()) <= 80
+    assert "┃ method" in kept and "┃ figure" in turned
