@@ -201,3 +201,35 @@ def test_verdicts_read_the_figures_and_the_paired_items():
     # nothing forgotten: no recovery to judge, but membership is still told
     got = {v["test"]: v for v in verdicts(m | {"forgotten": 0}, [], ["quantize"])}
     assert set(got) == {"forgotten", "indistinguishable"}
+    # an attack that found nothing it could attack says why, not "no forgotten item"
+    probe = m | {"forgotten": 3, "recovery": {"probe": None}}
+    got = {v["test"]: v for v in verdicts(probe, [], ["probe"])}
+    assert got["probe"]["detail"] == (
+        "none of the 3 forgotten items could be attacked (probe attacks items with options: "
+        "multiple-choice choices, or perturbed answers)"
+    )
+    one = {v["test"]: v for v in verdicts(probe | {"forgotten": 1}, [], ["probe"])}
+    assert one["forgotten"]["detail"].startswith("1 forget item answered before and not after")
+    assert one["probe"]["detail"].startswith("the forgotten item could not be attacked")
+
+
+def test_an_audit_without_a_reference_says_which_option_gives_one(pair, tmp_path):
+    """The run's reason named the config keys inject.enabled and membership.reference, which
+    an audit's user never wrote."""
+    from unpact.run.audit import audit
+
+    result = audit(
+        str(pair / "original"),
+        str(pair / "unlearned"),
+        str(pair / "bench"),
+        tmp_path / "out",
+        cache_dir=tmp_path / "cache",
+        progress=False,
+        attacks=["focus_on_key"],
+        general=None,
+        device="cpu",
+    )
+    said = result.results["skipped"]["membership"]
+    assert "give one with --reference" in said and "membership.reference" not in said
+    on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert on_disk["skipped"]["membership"] == said

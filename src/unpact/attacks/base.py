@@ -60,6 +60,7 @@ class Attack:
     has_baseline: ClassVar[bool] = False  # also run on the original model over every split
     explains: ClassVar[bool] = False  # attributes its recovered answers (ctx.attribution)
     revision: ClassVar[int] = 0  # bumped when its rows change for the same inputs (cache key)
+    applies_to: ClassVar[str] = ""  # which items it can attack, when not every one
 
     def __init__(self, settings: BaseModel | None = None) -> None:
         self.settings: Any = settings if settings is not None else self.Settings()

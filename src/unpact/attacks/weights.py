@@ -390,6 +390,7 @@ class Probe(LayerAttack):
 
     name = "probe"
     title = "linear probe"
+    applies_to = "items with options: multiple-choice choices, or perturbed answers"
     revision = 2  # 1: QA options paraphrased among perturbed (same form); 2: prompt shared
 
     def _states(

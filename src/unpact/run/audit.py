@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from unpact.attacks import ATTACKS
 from unpact.errors import UnpactError
 from unpact.metrics import ItemRecord, display
 
@@ -189,7 +190,8 @@ def _forgotten(m: dict[str, Any]) -> dict[str, str]:
     return {
         "test": "forgotten",
         "verdict": "forgotten" if n else "nothing forgotten",
-        "detail": f"{n} forget items answered before and not after (forget accuracy "
+        "detail": f"{n} forget item{'' if n == 1 else 's'} answered before and not after "
+        f"(forget accuracy "
         f"{_pct(before)} → {_pct(after)}; retain {_pct(m.get('retain_acc_before'))} → "
         f"{_pct(m.get('retain_acc_after'))})",
     }
@@ -202,7 +204,15 @@ def _recovery(
     control = (m.get("recovery_control") or {}).get(attack)
     head = f"recovers {_pct(rate)}{_ci(m, f'recovery.{attack}')} of the forgotten items"
     if rate is None:
-        return {"test": attack, "verdict": "not run", "detail": "no forgotten item to attack"}
+        n = m.get("forgotten") or 0
+        cls = ATTACKS.get(attack)
+        reads = (
+            f" ({attack} attacks {cls.applies_to})" if cls is not None and cls.applies_to else ""
+        )
+        which = "the forgotten item" if n == 1 else f"none of the {n} forgotten items"
+        could = "could not be attacked" if n == 1 else "could be attacked"
+        detail = f"{which} {could}{reads}" if n else "no forgotten item to attack"
+        return {"test": attack, "verdict": "not run", "detail": detail}
     if control is None:
         verdict = "recoverable" if rate > 0 else "not recovered"
         return {"test": attack, "verdict": verdict, "detail": head + " (no control)"}
@@ -277,6 +287,7 @@ def audit(
     from unpact.data.sources import load_benchmark
     from unpact.models import check_spec
     from unpact.run import run
+    from unpact.run.membership import NO_REFERENCE
     from unpact.run.store import atomic_text
 
     try:  # the user's mistake named by the option they gave, before any model loads
@@ -292,6 +303,13 @@ def audit(
             raise UnpactError(f"--{option}: {e}") from None
     config, skipped = audit_config(original, unlearned, benchmark, **options)
     result = run(config, out, cache_dir=cache_dir, progress=progress, log=log)
+    if result.results.get("skipped", {}).get("membership") == NO_REFERENCE:
+        # said as the audit's user can act on it: with an option, not a config key
+        skipped["membership"] = (
+            "no never-taught reference: give one with --reference (TOFU and MUSE publish "
+            "theirs; `unpact inject --teach retain` makes one from the base model); the "
+            "indistinguishability figures and the attacks' controls are measured against it"
+        )
     if skipped:
         result.results.setdefault("skipped", {}).update(skipped)
         atomic_text(Path(out) / "results.json", json.dumps(result.results, indent=2) + "\n")

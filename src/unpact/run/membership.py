@@ -109,6 +109,12 @@ class Membership:
         ]
 
 
+NO_REFERENCE = (
+    "no never-taught reference: the run did not inject the facts (inject.enabled is false), "
+    "so it cannot build one; name one with membership.reference"
+)
+
+
 def skip_reason(p: Pipeline, data: Data) -> str | None:
     """Why this run cannot compute the indistinguishability figures, or None."""
     from unpact.types import is_remote_spec
@@ -130,10 +136,7 @@ def skip_reason(p: Pipeline, data: Data) -> str | None:
             "the non-members membership inference compares the forget set with"
         )
     if not p.cfg.inject.enabled and settings.reference is None:
-        return (
-            "no never-taught reference: the run did not inject the facts (inject.enabled is "
-            "false), so it cannot build one; name one with membership.reference"
-        )
+        return NO_REFERENCE
     return None
 
 
