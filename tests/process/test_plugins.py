@@ -305,3 +305,25 @@ def test_a_plugin_cannot_take_a_built_in_name(project, registries):
             load_config({"plugins": [str(plugin)], "methods": [{"method": "ga"}]})
     assert ATTACKS["probab"].__module__.startswith("unpact.")
     assert METHODS["npo"].__module__.startswith("unpact.")
+
+
+def test_an_attack_whose_prompts_are_not_texts_is_named_with_its_file(tiny, registries):
+    """A plugin attack's prompt() that returned a number was a traceback from inside the
+    tokenizer ("'int' object has no attribute 'strip'")."""
+    from unpact.attacks import Attack, AttackContext
+    from unpact.judge import JudgeSettings
+
+    class Numbers(Attack):
+        name = "numbers_not_texts"
+
+        def prompt(self, question, key_tokens):
+            return 42
+
+    item = QAItem("f1", "Who founded the Vostrand Glassworks?", "Mira", "forget")
+    ctx = AttackContext(lambda: tiny, "tiny", [item], {}, [], JudgeSettings(max_new_tokens=2))
+    with pytest.raises(UnpactError, match=r"attack numbers_not_texts \(.*test_plugins\.py\): "
+                       r"for item f1 it asks \[42\]"):  # fmt: skip
+        Numbers().run(ctx)
+    Numbers.prompt = lambda self, question, key_tokens: "  "  # type: ignore[method-assign]
+    with pytest.raises(UnpactError, match=r"it asks \['  '\]"):
+        Numbers().run(ctx)

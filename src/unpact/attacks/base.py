@@ -175,6 +175,8 @@ def run_prompts(attack: Attack, ctx: AttackContext) -> list[dict[str, Any]]:
     judge them; an item is recovered if any answer is correct."""
     items = ctx.items
     per_item = [attack.prompts(ctx.target(i)) for i in items]
+    for item, asked in zip(items, per_item):
+        _check_asked(attack, item, asked)
     flat = [(n, p) for n, ps in enumerate(per_item) for p in ps]
     answers: dict[int, list[tuple[str, bool | None]]] = {n: [] for n in range(len(items))}
     by_lp = [(n, p) for n, p in flat if items[n].is_mcq and not attack.samples]
@@ -225,3 +227,21 @@ def run_prompts(attack: Attack, ctx: AttackContext) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _check_asked(attack: Attack, item: QAItem, asked: Any) -> None:
+    """An attack's prompts (a plugin's, typically) must be texts: anything else was a
+    traceback from deep inside the tokenizer."""
+    texts = isinstance(asked, (list, tuple)) and all(isinstance(p, str) for p in asked)
+    if texts and asked and all(p.strip() for p in asked):
+        return
+    import inspect
+
+    try:
+        where = inspect.getsourcefile(type(attack)) or type(attack).__module__
+    except TypeError:
+        where = type(attack).__module__
+    raise UnpactError(
+        f"attack {attack.name} ({where}): for item {item.id} it asks {asked!r}; prompts() must "
+        "give a non-empty list of non-empty texts (prompt(): one text)"
+    )
