@@ -307,6 +307,63 @@ def test_muse_other_layouts_retain2_json_raw_and_privleak_texts(tmp_path):
     ]
 
 
+def test_muse_from_a_clone_of_the_hub_repository(tmp_path):
+    """A clone of muse-bench/MUSE-News holds Parquet shards (knowmem/forget_qa-00000-of-
+    00001.parquet, retain2_qa-..., privleak/holdout-..., verbmem/forget-...), JSON under
+    hyphenated names in its first upload (knowmem/forget-qa.json), and the hub's Parquet
+    conversion puts each part in a folder (knowmem/forget_qa/train/0000.parquet): each
+    was "not a MUSE folder"."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from unpact.data import load_benchmark
+    from unpact.data.real import _records
+
+    source = FIXTURES / "muse"
+    expected = read_muse(source)
+    texts = {
+        "forget": [d.text for d in expected.documents if d.split == "forget"],
+        "holdout": [d.text for d in expected.documents if d.split == "holdout"],
+    }
+    qa = {
+        "forget": _records(source / "knowmem/forget_qa.json"),
+        "retain": _records(source / "knowmem/retain_qa.json"),
+    }
+    probes = _records(source / "verbmem/forget.json")
+
+    def write(path: Path, rows: list) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows), path)
+
+    upload, converted, first = tmp_path / "upload", tmp_path / "converted", tmp_path / "first"
+    shard = "-00000-of-00001.parquet"
+    write(upload / f"knowmem/forget_qa{shard}", qa["forget"])
+    write(upload / f"knowmem/retain2_qa{shard}", qa["retain"])
+    for split in ("forget", "holdout"):
+        write(upload / f"privleak/{split}{shard}", [{"text": t} for t in texts[split]])
+    write(upload / f"verbmem/forget{shard}", probes)
+    write(converted / "knowmem/forget_qa/train/0000.parquet", qa["forget"][:1])
+    write(converted / "knowmem/forget_qa/train/0001.parquet", qa["forget"][1:])
+    write(converted / "knowmem/retain_qa/train/0000.parquet", qa["retain"])
+    (first / "knowmem").mkdir(parents=True)
+    (first / "knowmem/forget-qa.json").write_text(json.dumps(qa["forget"]))
+    (first / "knowmem/retain2-qa.json").write_text(json.dumps(qa["retain"]))
+    got = load_benchmark(f"muse-news:{upload}")
+    assert got.items == expected.items
+    assert [(d.split, d.text) for d in got.documents] == [
+        (d.split, d.text) for d in expected.documents if d.split != "retain"
+    ]
+    assert [(v.prompt, v.continuation) for v in got.verbatim] == [
+        (v.prompt, v.continuation) for v in expected.verbatim
+    ]
+    assert read_muse(converted).items == expected.items
+    assert read_muse(first).items == expected.items
+    with pytest.raises(UnpactError, match=r"not a MUSE folder: knowmem/forget_qa\.json is missing"):
+        read_muse(tmp_path)
+
+
 def _hub_clone_of_wmdp(root: Path) -> Path:
     """A folder laid out as a clone of the hub's cais/wmdp: one Parquet file per subset."""
     import pyarrow as pa

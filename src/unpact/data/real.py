@@ -11,7 +11,10 @@ Each reader takes a local path in the benchmark's own layout, or (for users with
   document) or `.json`/`.jsonl` (a list of strings, or records with `text`); without a raw
   forget or holdout file, `privleak/forget.json` and `privleak/holdout.json` (MUSE's
   PrivLeak sets) are read instead; and optionally `verbmem/forget.json` (a JSON list of
-  `{"prompt", "gt"}`: MUSE's VerbMem probes, continued as MUSE continues them).
+  `{"prompt", "gt"}`: MUSE's VerbMem probes, continued as MUSE continues them). Each part
+  may also be laid out as a clone of the hub's repository has it (`dataset_files`):
+  Parquet shards (`knowmem/forget_qa-00000-of-00001.parquet`), hyphenated JSON names
+  (`knowmem/forget-qa.json`, `retain2-qa.json`) or the Parquet conversion's folders.
 - TOFU (locuslab/TOFU): a folder with `forget01.json`, `forget05.json` or `forget10.json`
   and the matching `retain99.json`, `retain95.json` or `retain90.json` (JSON lines or a
   JSON list of `{"question", "answer"}`), optionally `world_facts.json` and
@@ -136,13 +139,14 @@ def _hub(repo: str, config: str | None, split: str) -> list[dict[str, Any]]:
         raise UnpactError(f"could not load {repo} ({config}, {split}) from the hub: {exc}") from exc
 
 
-def _paragraphs(path: Path, split: str, prefix: str) -> list[Document]:
-    """A MUSE text file as documents: a .txt file's blank-line-separated paragraphs, or a
-    JSON file's texts (a list of strings, or of records with a `text` field)."""
-    if path.suffix == ".txt":
-        blocks = [b.strip() for b in _read(path).split("\n\n") if b.strip()]
-    else:
-        blocks = []
+def _paragraphs(paths: list[Path], split: str, prefix: str) -> list[Document]:
+    """MUSE text files as documents: a .txt file's blank-line-separated paragraphs, or a
+    JSON or Parquet file's texts (a list of strings, or records with a `text` field)."""
+    blocks = []
+    for path in paths:
+        if path.suffix == ".txt":
+            blocks += [b.strip() for b in _read(path).split("\n\n") if b.strip()]
+            continue
         for n, r in enumerate(_records(path)):
             text = r if isinstance(r, str) else _text(r, "text", f"{path}, record {n + 1}")
             if text.strip():
@@ -150,16 +154,51 @@ def _paragraphs(path: Path, split: str, prefix: str) -> list[Document]:
     return [Document(f"{prefix}-{n:05d}", b, split) for n, b in enumerate(blocks)]
 
 
-def _raw(name: str) -> tuple[str, ...]:
-    return tuple(f"raw/{name}{ext}" for ext in (".txt", ".json", ".jsonl"))
+def dataset_files(folder: Path, names: tuple[str, ...], text: bool = False) -> list[Path]:
+    """The files holding one part of a benchmark in a folder, the first name found first,
+    in each layout the benchmarks have been published in: NAME.json (a JSON list or JSON
+    lines), NAME.jsonl, NAME.parquet, NAME.txt (with `text`), the shards of a hub dataset's
+    own upload (NAME-00000-of-00001.parquet) and those of the hub's Parquet conversion
+    under NAME/; none: []."""
+    for name in names:
+        for ext in (".json", ".jsonl", ".parquet", *((".txt",) if text else ())):
+            if (folder / f"{name}{ext}").is_file():
+                return [folder / f"{name}{ext}"]
+        where = (folder / name).parent
+        shards = sorted(where.glob(f"{Path(name).name}-*-of-*.parquet"))
+        if not shards and (folder / name).is_dir():
+            shards = sorted((folder / name).rglob("*.parquet"))
+        if shards:
+            return shards
+    return []
 
 
-# Where each split's text is, first found first: MUSE's raw corpus (.txt as in the GitHub
-# release, .json as `datasets` writes it), else its PrivLeak sets (forget and holdout)
+def _rows(files: list[Path]) -> list[dict[str, Any]]:
+    return [row for f in files for row in _records(f)]
+
+
+def _where(files: list[Path], folder: Path, name: str) -> str:
+    """How an error names a part read from `files`: the file, or the part's name."""
+    return str(files[0]) if len(files) == 1 else str(folder / name)
+
+
+# MUSE's parts, each under the names its releases used, first found first: the GitHub
+# release (knowmem/forget_qa.json, raw/forget.txt), the hub's upload (forget-qa.json,
+# retain2-qa.json, Parquet shards) and the hub's Parquet conversion (knowmem/forget_qa/)
+_MUSE_QA = {
+    "forget": ("knowmem/forget_qa", "knowmem/forget-qa"),
+    "retain": (
+        "knowmem/retain_qa",
+        "knowmem/retain2_qa",
+        "knowmem/retain-qa",
+        "knowmem/retain2-qa",
+    ),
+}
+# each split's text: MUSE's raw corpus, else its PrivLeak sets (forget and holdout)
 _MUSE_TEXTS = {
-    "forget": (*_raw("forget"), "privleak/forget.json"),
-    "retain": _raw("retain1"),
-    "holdout": (*_raw("holdout"), "privleak/holdout.json"),
+    "forget": ("raw/forget", "privleak/forget"),
+    "retain": ("raw/retain1",),
+    "holdout": ("raw/holdout", "privleak/holdout"),
 }
 
 
@@ -179,24 +218,23 @@ def read_muse(source: str | Path, *, corpus: str = "news", hub: bool = False) ->
         probes = _probes(_hub(repo, "verbmem", "forget"), f"{name}-verbmem", repo)
         return Benchmark(name, items, hub_docs, verbatim=probes)
     folder = Path(source)
-    forget_qa, retain_qa = folder / "knowmem/forget_qa.json", folder / "knowmem/retain_qa.json"
-    if not retain_qa.is_file() and (folder / "knowmem/retain2_qa.json").is_file():
-        retain_qa = folder / "knowmem/retain2_qa.json"  # an earlier release's name
-    for f in (forget_qa, retain_qa):
-        if not f.is_file():
-            raise UnpactError(f"{folder} is not a MUSE folder: {f.relative_to(folder)} is missing")
-    items = _qa(_records(forget_qa), "forget", f"{name}-forget", str(forget_qa))
-    items += _qa(_records(retain_qa), "retain", f"{name}-retain", str(retain_qa))
+    qa: list[QAItem] = []
+    for split, names in _MUSE_QA.items():
+        files = dataset_files(folder, names)
+        if not files:
+            raise UnpactError(
+                f"{folder} is not a MUSE folder: {names[0]}.json is missing (nor any of "
+                f"{', '.join(names[1:])} as JSON or Parquet)"
+            )
+        where = _where(files, folder, names[0])
+        qa += _qa(_rows(files), split, f"{name}-{split}", where)
     docs: list[Document] = []
-    for split, candidates in _MUSE_TEXTS.items():
-        found = next((folder / c for c in candidates if (folder / c).is_file()), None)
-        if found is not None:
-            docs += _paragraphs(found, split, f"{name}-{split}")
-    verbmem = folder / "verbmem/forget.json"
-    probes = (
-        _probes(_records(verbmem), f"{name}-verbmem", str(verbmem)) if verbmem.is_file() else []
-    )
-    return Benchmark(name, items, docs, verbatim=probes)
+    for split, names in _MUSE_TEXTS.items():
+        docs += _paragraphs(dataset_files(folder, names, text=True), split, f"{name}-{split}")
+    verbmem = dataset_files(folder, ("verbmem/forget",))
+    where = _where(verbmem, folder, "verbmem/forget") if verbmem else ""
+    probes = _probes(_rows(verbmem), f"{name}-verbmem", where) if verbmem else []
+    return Benchmark(name, qa, docs, verbatim=probes)
 
 
 def _probes(records: list[dict[str, Any]], prefix: str, where: str) -> list[VerbatimPrompt]:
@@ -221,20 +259,10 @@ _TOFU_PAIRS = {"forget01": "retain99", "forget05": "retain95", "forget10": "reta
 
 def tofu_files(folder: Path, config: str) -> list[Path]:
     """The files holding one TOFU config (forget10, retain90, ...) in a folder, in the
-    layouts TOFU has been published in: `forget10.json` (JSON lines, the hub's files
-    today), `forget10_dataset.json` (its first release), `forget10.jsonl`, and Parquet
-    (`forget10.parquet`, or the shards of the hub's Parquet conversion under
-    `forget10/`); none: []."""
-    for name in (
-        f"{config}.json",
-        f"{config}_dataset.json",
-        f"{config}.jsonl",
-        f"{config}.parquet",
-    ):
-        if (folder / name).is_file():
-            return [folder / name]
-    shards = folder / config
-    return sorted(shards.rglob("*.parquet")) if shards.is_dir() else []
+    layouts TOFU has been published in (`dataset_files`): `forget10.json` (JSON lines,
+    the hub's files today), `forget10_dataset.json` (its first release), `.jsonl`, Parquet
+    and the shards of the hub's Parquet conversion under `forget10/`; none: []."""
+    return dataset_files(folder, (config, f"{config}_dataset"))
 
 
 def read_tofu(source: str | Path, *, forget: str = "forget10", hub: bool = False) -> Benchmark:
