@@ -970,7 +970,7 @@ def metrics_cmd(plugin: PluginOpt = None) -> None:
 def main() -> None:
     """Entry point: run the CLI, turning user mistakes into one message and exit code 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    from unpact.errors import disk_full
+    from unpact.errors import disk_full, not_permitted
     from unpact.plugins import plugin_failure
 
     try:
@@ -978,8 +978,8 @@ def main() -> None:
     except UnpactError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(2)
-    except Exception as exc:  # a full disk, or a user's plugin failing as it runs: exit 2
-        failure = disk_full(exc) or plugin_failure(exc)
+    except Exception as exc:  # a full disk, a path refused, a user's plugin failing: exit 2
+        failure = disk_full(exc) or not_permitted(exc) or plugin_failure(exc)
         if failure is None:
             raise
         err.print(f"[bold red]error:[/] {escape(str(failure))}", highlight=False)

@@ -51,3 +51,25 @@ def disk_full(exc: BaseException) -> UnpactError | None:
             )
         current = current.__cause__ or current.__context__
     return None
+
+
+def not_permitted(exc: BaseException) -> UnpactError | None:
+    """The message for `exc` if it (or an error it was raised from) is the system refusing
+    a file (permission denied, a read-only file system), else None: like a full disk, the
+    environment, said in one line with the path rather than as a traceback."""
+    import errno
+
+    refused = (errno.EACCES, errno.EPERM, errno.EROFS)
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in refused:
+            where = f": {current.filename}" if current.filename else ""
+            return UnpactError(
+                f"{(current.strerror or 'not permitted').lower()}{where}; give paths you may "
+                "read and write (--out for the outputs, the UNPACT_CACHE variable for the "
+                "cache of models and stages)"
+            )
+        current = current.__cause__ or current.__context__
+    return None

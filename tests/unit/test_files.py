@@ -145,3 +145,40 @@ def test_the_cli_keeps_the_traceback_of_a_bug(monkeypatch) -> None:
     monkeypatch.setattr(cli, "app", bug)
     with pytest.raises(KeyError):
         cli.main()
+
+
+@pytest.mark.parametrize(
+    ("exc", "said"),
+    [
+        (PermissionError(errno.EACCES, "Permission denied", "/srv/a.json"), "permission denied"),
+        (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/x"), "read-only file system"),
+        (PermissionError(errno.EPERM, "Operation not permitted", "/sys/x"), "not permitted"),
+    ],
+)
+def test_the_cli_says_a_refused_path_and_exits_2(monkeypatch, capsys, exc, said) -> None:
+    """An --out or --json the system refuses (a folder of someone else's, a read-only
+    mount) was a PermissionError traceback."""
+
+    def refused() -> None:
+        raise exc
+
+    monkeypatch.setattr(cli, "app", refused)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{said}: {exc.filename}" in err and "Traceback" not in err
+
+
+def test_a_refused_path_is_found_through_a_chain_and_not_elsewhere() -> None:
+    from unpact.errors import not_permitted
+
+    try:
+        try:
+            raise PermissionError(errno.EACCES, "Permission denied", "/x")
+        except OSError as inner:
+            raise RuntimeError("saving failed") from inner
+    except RuntimeError as outer:
+        assert not_permitted(outer) is not None
+    assert not_permitted(OSError(errno.ENOENT, "No such file")) is None
+    assert not_permitted(ValueError("bad value")) is None
