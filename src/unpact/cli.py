@@ -978,6 +978,9 @@ def main() -> None:
     except UnpactError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: the user's choice, not a fault (run and audit say more)
+        err.print("interrupted")
+        sys.exit(130)
     except Exception as exc:  # a full disk, a path refused, a user's plugin failing: exit 2
         failure = disk_full(exc) or not_permitted(exc) or plugin_failure(exc)
         if failure is None:

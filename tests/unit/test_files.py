@@ -182,3 +182,17 @@ def test_a_refused_path_is_found_through_a_chain_and_not_elsewhere() -> None:
         assert not_permitted(outer) is not None
     assert not_permitted(OSError(errno.ENOENT, "No such file")) is None
     assert not_permitted(ValueError("bad value")) is None
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys) -> None:
+    """Ctrl-C in `unpact attribute` or `unpact inject` printed a KeyboardInterrupt traceback
+    (run and audit already said how to continue)."""
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "app", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
