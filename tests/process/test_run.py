@@ -241,6 +241,23 @@ def test_a_prompt_attribution_refuses_stops_the_run_before_any_unlearning(setup,
     assert not list((tmp_path / "cache").glob("unlearned/*"))  # nothing was trained
 
 
+def test_a_layer_the_model_lacks_stops_the_run_before_the_injection(setup, tmp_path, monkeypatch):
+    """RMU's default layer (7) on a model of two layers was refused when RMU's turn came,
+    after the injection and every method listed before it had trained."""
+    _, config = setup
+    monkeypatch.setenv("UNPACT_CACHE", str(tmp_path / "uc"))  # where injections go
+    both = {
+        **config,
+        "inject": {"settings": {"max_epochs": 1, "general": None, "rehearsal": False}},
+        "methods": [config["methods"][0], {"method": "rmu", "config": {"steps": 1}}],
+    }
+    with pytest.raises(UnpactError, match=r"methods\.1 \(rmu\): rmu: layer 7 does not exist; "
+                       r"the model has 2 layers"):  # fmt: skip
+        run(both, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    assert not list((tmp_path / "cache").glob("unlearned/*"))  # nothing was trained
+    assert not list((tmp_path / "uc").glob("**/inject.json"))  # nor taught
+
+
 # ------------------------------------------------------------------------- the config
 
 

@@ -50,7 +50,7 @@ from unpact.data.items import Benchmark, QAItem
 from unpact.data.sources import load_benchmark
 from unpact.errors import UnpactError
 from unpact.metrics import ItemRecord, layer_curve
-from unpact.models import cache_root, model_key
+from unpact.models import cache_root, local_model_dir, model_key
 from unpact.results import (
     csv_text,
     finite,
@@ -218,6 +218,7 @@ def run(
     began = time.perf_counter()
     _start(out, cfg)
     data = _data(cfg, cache)
+    _check_depths(cfg)  # before the injection, which may take hours
     original = _original(p, data)
     p.original_spec = original.spec
     # the original's stages first: what they refuse (a prompt attribution cannot take, an
@@ -334,6 +335,31 @@ def injection_line(done: Any) -> str:
     )
     note = done.small_benchmark_note
     return f"  injected in {done.epochs} epochs: {acc}{tail}" + (f"; {note}" if note else "")
+
+
+def _check_depths(cfg: RunConfig) -> None:
+    """Each method's settings against the number of decoder layers of the base model (in
+    its config.json): RMU's `layer` beyond the model's last was refused only when RMU's
+    turn came, after the injection and the methods before it."""
+    from transformers import AutoConfig
+
+    from unpact.unlearn.config import resolve_config
+    from unpact.unlearn.methods import get_method
+
+    folder = None if is_remote_spec(cfg.model) else local_model_dir(cfg.model)
+    if folder is None:
+        return  # a hub id or a served model: checked when the model is loaded
+    depth = getattr(AutoConfig.from_pretrained(folder), "num_hidden_layers", None)
+    if not isinstance(depth, int):
+        return
+    for n, spec in enumerate(cfg.methods):
+        if spec.method is None:
+            continue
+        ucfg = resolve_config(spec.method, values=spec.config)
+        try:
+            get_method(spec.method)(ucfg.method_settings()).check_depth(depth)
+        except UnpactError as exc:
+            raise UnpactError(f"methods.{n} ({spec.label}): {exc}") from None
 
 
 def _unlearn(p: Pipeline, data: Data, original: Model, spec: MethodSpec) -> Model:

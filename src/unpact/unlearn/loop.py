@@ -40,6 +40,7 @@ from unpact.errors import UnpactError
 from unpact.files import atomic_text
 from unpact.models import LanguageModel, load_model, save_model
 from unpact.progress import progress_bar
+from unpact.scoring import decoder_layers
 from unpact.train import Trainer
 from unpact.types import spec_text
 from unpact.unlearn.config import LoraSettings, UnlearnConfig
@@ -178,6 +179,7 @@ def unlearn(
 
     set_seed(config.seed)
     lm = load_model(model) if isinstance(model, str) else model
+    method.check_depth(len(decoder_layers(lm.model)))
     net = lm.model
     forget = encode_items(lm, forget_items)
     retain = encode_items(lm, retain_items)

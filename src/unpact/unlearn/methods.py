@@ -112,6 +112,10 @@ class Method:
         """Look at the model before any step (e.g. attribute the forget set); `forget`
         holds the encoded forget items (`ids`, `prompts`, `answers`, `encoded`)."""
 
+    def check_depth(self, layers: int) -> None:
+        """Refuse settings that name a decoder layer a model of `layers` layers does not
+        have (RMU's `layer`), before anything is trained."""
+
 
 def get_method(name: str) -> type[Method]:
     if name not in METHODS:
@@ -455,6 +459,16 @@ class RMU(Method):
         if s.update_layers is not None:
             return list(s.update_layers)
         return list(range(max(0, s.layer - 2), s.layer + 1))
+
+    def check_depth(self, layers: int) -> None:
+        s = self.settings
+        assert isinstance(s, _RMUSettings)
+        for what, index in [("layer", s.layer), *(("update_layers", i) for i in self.layers)]:
+            if not 0 <= index < layers:
+                raise UnpactError(
+                    f"rmu: {what} {index} does not exist; the model has {layers} layers "
+                    f"(0-based: set the method's `{what}` setting below {layers})"
+                )
 
     def trainable(self, name: str) -> bool:
         # the MLP of each of those decoder blocks: `layers.i.mlp.` (Llama-style, GPT-NeoX),
