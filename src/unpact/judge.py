@@ -164,6 +164,7 @@ def _ask_llm(settings: LLMJudgeSettings, verdict: Verdict) -> bool:
             reply = json.loads(response.read())
         text = reply["choices"][0]["message"]["content"]
     except urllib.error.HTTPError as e:
+        e.close()  # the error holds the reply's open connection
         # The message names the endpoint and the status, never the key.
         raise UnpactError(f"LLM judge at {url}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, TimeoutError, OSError) as e:

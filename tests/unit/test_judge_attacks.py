@@ -85,6 +85,7 @@ def judge_server():
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/v1"
     server.shutdown()
+    server.server_close()
 
 
 def test_llm_judge_over_http_reads_the_key_from_the_environment(judge_server, monkeypatch):
