@@ -36,6 +36,7 @@ import os
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -141,6 +142,9 @@ class RemoteModel:
                 self._client = httpx.Client(
                     limits=httpx.Limits(max_connections=n, max_keepalive_connections=n)
                 )
+                # its kept-alive connections are closed when the model is dropped, not left
+                # to the interpreter (a ResourceWarning per socket)
+                weakref.finalize(self, self._client.close)
             return self._client
 
     def close(self) -> None:
