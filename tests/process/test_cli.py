@@ -280,6 +280,7 @@ def test_serve_port_0_prints_the_port_it_listens_on_and_a_busy_port_is_exit_2(ti
     finally:
         server.terminate()
         server.wait(timeout=30)
+        server.stderr.close()
     assert busy.returncode == 2, busy.stderr[-800:]
     assert f"--port {port}: cannot listen on 127.0.0.1" in busy.stderr
     assert "Traceback" not in busy.stderr
