@@ -188,12 +188,18 @@ def table(results: dict[str, Any], precise: bool = False) -> tuple[list[str], li
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """The per-method table of one run as Markdown."""
+    """The per-method table of one run as Markdown (a label's own `|` or markup shown as
+    text: an attack's label is free text)."""
     head, rows = table(results)
-    head = [h.replace("\n", " ") for h in head]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines = ["| " + " | ".join(map(markdown_cell, head)) + " |", "|" + " --- |" * len(head)]
+    lines += ["| " + " | ".join(map(markdown_cell, row)) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def markdown_cell(text: str) -> str:
+    """Text as one Markdown table cell: on one line, its pipes and HTML shown, not read."""
+    text = " ".join(text.split())
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
 
 
 def csv_columns(attacks: list[str]) -> list[tuple[str, str, str | None]]:

@@ -63,3 +63,18 @@ def test_the_cli_table_turns_to_a_row_per_figure_when_the_terminal_is_narrower()
     assert "…" not in turned and "…" not in kept
     assert max(len(line) for line in turned.splitlines()) <= 80
     assert "┃ method" in kept and "┃ figure" in turned
+
+
+def test_results_md_shows_a_labels_pipes_and_markup_as_text():
+    """An attack's label is free text: "pro/bab | x" split results.md's table in two
+    columns, and "<b>" was read as HTML by Markdown viewers."""
+    from unpact.results import markdown_table
+
+    results = _results(["probab"])
+    results["attacks"] = ["a | <b>b</b>"]
+    results["methods"]["ga"]["recovery"] = {"a | <b>b</b>": 0.5, "any": 0.5}
+    head, rule, row = markdown_table(results).splitlines()
+    cells = [c for c in head.split(" | ")]
+    assert len(head.replace("\\|", "").split("|")) == len(rule.split("|"))  # one cell each
+    assert "recovery a \\| &lt;b&gt;b&lt;/b&gt;" in cells
+    assert len(row.replace("\\|", "").split("|")) == len(rule.split("|"))

@@ -27,6 +27,8 @@ is written last, so a directory holding it is a finished run.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import time
 import zlib
@@ -808,11 +810,12 @@ def _run_grid(
             result = run(one, out.joinpath(*parts), cache_dir=cache_dir, progress=progress, log=say)
             per[key] = result.results
             records += result.records
-    lines = []
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")  # a run's key may hold a comma
     for n, (key, results) in enumerate(per.items()):
-        text = csv_text(results).splitlines()
-        lines += ([f"run,{text[0]}"] if n == 0 else []) + [f"{key},{r}" for r in text[1:]]
-    atomic_text(out / "results.csv", "\n".join(lines) + "\n")
+        head, *rows = csv.reader(io.StringIO(csv_text(results)))
+        writer.writerows(([["run", *head]] if n == 0 else []) + [[key, *r] for r in rows])
+    atomic_text(out / "results.csv", buf.getvalue())
     sections = []
     for key, results in per.items():
         c = results["counts"]
