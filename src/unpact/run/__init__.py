@@ -351,7 +351,10 @@ def _check_depths(cfg: RunConfig) -> None:
     folder = None if is_remote_spec(cfg.model) else local_model_dir(cfg.model)
     if folder is None:
         return  # a hub id or a served model: checked when the model is loaded
-    depth = getattr(AutoConfig.from_pretrained(folder), "num_hidden_layers", None)
+    try:
+        depth = getattr(AutoConfig.from_pretrained(folder), "num_hidden_layers", None)
+    except (OSError, ValueError):  # a model of its own code: checked when it is loaded
+        return
     if not isinstance(depth, int):
         return
     for n, spec in enumerate(cfg.methods):
