@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from unpact import cli
-from unpact.errors import disk_full
+from unpact.errors import disk_full, not_permitted
 from unpact.files import atomic_text, write_atomically, write_folder_atomically
 
 
@@ -113,16 +113,25 @@ def test_a_failed_torch_save_is_said_to_be_a_write_failure() -> None:
     assert disk_full(RuntimeError("unexpected pos 704 vs 598")) is None
 
 
-def test_disk_full_is_found_through_a_chain_and_not_elsewhere() -> None:
+@pytest.mark.parametrize(
+    ("found", "cause"),
+    [
+        (disk_full, OSError(errno.ENOSPC, "No space left on device")),
+        (not_permitted, PermissionError(errno.EACCES, "Permission denied", "/x")),
+    ],
+)
+def test_the_environments_refusals_are_found_through_a_chain_and_not_elsewhere(
+    found, cause
+) -> None:
     try:
         try:
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise cause
         except OSError as inner:
             raise RuntimeError("saving failed") from inner
     except RuntimeError as outer:
-        assert disk_full(outer) is not None
-    assert disk_full(OSError(errno.ENOENT, "No such file")) is None
-    assert disk_full(ValueError("bad value")) is None
+        assert found(outer) is not None
+    assert found(OSError(errno.ENOENT, "No such file")) is None
+    assert found(ValueError("bad value")) is None
 
 
 def test_the_cli_says_the_disk_is_full_and_exits_2(monkeypatch, capsys) -> None:
@@ -159,40 +168,23 @@ def test_the_cli_says_a_refused_path_and_exits_2(monkeypatch, capsys, exc, said)
     """An --out or --json the system refuses (a folder of someone else's, a read-only
     mount) was a PermissionError traceback."""
 
-    def refused() -> None:
-        raise exc
-
-    monkeypatch.setattr(cli, "app", refused)
-    with pytest.raises(SystemExit) as exit_:
-        cli.main()
-    assert exit_.value.code == 2
-    err = " ".join(capsys.readouterr().err.split())
-    assert f"{said}: {exc.filename}" in err and "Traceback" not in err
-
-
-def test_a_refused_path_is_found_through_a_chain_and_not_elsewhere() -> None:
-    from unpact.errors import not_permitted
-
-    try:
-        try:
-            raise PermissionError(errno.EACCES, "Permission denied", "/x")
-        except OSError as inner:
-            raise RuntimeError("saving failed") from inner
-    except RuntimeError as outer:
-        assert not_permitted(outer) is not None
-    assert not_permitted(OSError(errno.ENOENT, "No such file")) is None
-    assert not_permitted(ValueError("bad value")) is None
+    code, err = _cli_raising(monkeypatch, capsys, exc)
+    assert code == 2 and f"{said}: {exc.filename}" in err and "Traceback" not in err
 
 
 def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys) -> None:
     """Ctrl-C in `unpact attribute` or `unpact inject` printed a KeyboardInterrupt traceback
     (run and audit already said how to continue)."""
+    assert _cli_raising(monkeypatch, capsys, KeyboardInterrupt()) == (130, "interrupted")
 
-    def interrupted() -> None:
-        raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "app", interrupted)
+def _cli_raising(monkeypatch, capsys, exc: BaseException) -> tuple[object, str]:
+    """The CLI's exit code and what it printed (on one line) when a command raises `exc`."""
+
+    def command() -> None:
+        raise exc
+
+    monkeypatch.setattr(cli, "app", command)
     with pytest.raises(SystemExit) as exit_:
         cli.main()
-    assert exit_.value.code == 130
-    assert capsys.readouterr().err.strip() == "interrupted"
+    return exit_.value.code, " ".join(capsys.readouterr().err.split())
