@@ -8,6 +8,8 @@ its traceback.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 class UnpactError(ValueError):
     """A problem with the user's input or environment, explained in its message."""
@@ -35,10 +37,7 @@ def disk_full(exc: BaseException) -> UnpactError | None:
     """
     import errno
 
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in _chain(exc):
         hit = isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT)
         if hit or any(words in str(current) for words in _DISK_FULL):
             where = getattr(current, "filename", None)
@@ -49,7 +48,6 @@ def disk_full(exc: BaseException) -> UnpactError | None:
                 f"torch could not write a file ({str(current).strip()[:80]}), most often "
                 f"because the disk is full: {_ELSEWHERE}"
             )
-        current = current.__cause__ or current.__context__
     return None
 
 
@@ -60,10 +58,7 @@ def not_permitted(exc: BaseException) -> UnpactError | None:
     import errno
 
     refused = (errno.EACCES, errno.EPERM, errno.EROFS)
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in _chain(exc):
         if isinstance(current, OSError) and current.errno in refused:
             where = f": {current.filename}" if current.filename else ""
             return UnpactError(
@@ -71,5 +66,14 @@ def not_permitted(exc: BaseException) -> UnpactError | None:
                 "read and write (--out for the outputs, the UNPACT_CACHE variable for the "
                 "cache of models and stages)"
             )
-        current = current.__cause__ or current.__context__
     return None
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and the errors it was raised from (`__cause__`, else `__context__`), once each."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__

@@ -205,15 +205,13 @@ def encode_questions(
     prompts, each checked to leave room for `max_new_tokens` of answer in the model's
     context; the error names the item (generation itself can only say which prompt of its
     list it was)."""
+    from unpact.scoring import check_room
+
     encoded = []
     for n, item in enumerate(items):
         enc = lm.encode_prompt(item.question if prompts is None else prompts[n])
-        if len(enc.input_ids) + max_new_tokens > lm.max_length:
-            raise UnpactError(
-                f"item {item.id} ({item.split}): its {what} is {len(enc.input_ids)} tokens "
-                f"as the model's prompt; with {max_new_tokens} tokens of answer it exceeds the "
-                f"model's context of {lm.max_length}: shorten it or leave it out"
-            )
+        label = f"item {item.id} ({item.split}): its {what}"
+        check_room(label, len(enc.input_ids), max_new_tokens, lm.max_length)
         encoded.append(enc)
     return encoded
 

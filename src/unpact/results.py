@@ -10,6 +10,7 @@ all of them.
 from __future__ import annotations
 
 import csv
+import html
 import io
 import math
 import numbers
@@ -198,8 +199,7 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 def markdown_cell(text: str) -> str:
     """Text as one Markdown table cell: on one line, its pipes and HTML shown, not read."""
-    text = " ".join(text.split())
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+    return html.escape(" ".join(text.split()), quote=False).replace("|", "\\|")
 
 
 def csv_columns(attacks: list[str]) -> list[tuple[str, str, str | None]]:

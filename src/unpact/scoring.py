@@ -559,6 +559,17 @@ def check_fits(i: int, tokens: int, limit: int) -> None:
         )
 
 
+def check_room(what: str, prompt_tokens: int, max_new_tokens: int, limit: int) -> None:
+    """A prompt (`what` names it) leaves room for `max_new_tokens` of answer in the model's
+    context of `limit`."""
+    if prompt_tokens + max_new_tokens > limit:
+        raise UnpactError(
+            f"{what} is {prompt_tokens} tokens as the model's prompt; with {max_new_tokens} "
+            f"tokens of answer it exceeds the model's context of {limit}: shorten it or leave "
+            "it out"
+        )
+
+
 _PROMPTS_ONLY: Any = object()  # check_texts of a function that takes no answers
 
 
@@ -676,11 +687,7 @@ def generate(
         p if isinstance(p, EncodedPrompt) else lm.encode_prompt(p, chat_template) for p in prompts
     ]
     for i, e in enumerate(encoded):
-        if len(e.input_ids) + max_new_tokens > lm.max_length:
-            raise UnpactError(
-                f"item {i}: prompt of {len(e.input_ids)} tokens + {max_new_tokens} new tokens "
-                f"exceeds the model's context of {lm.max_length}"
-            )
+        check_room(f"item {i}: the prompt", len(e.input_ids), max_new_tokens, lm.max_length)
     gens = lm.generate_ids(
         [e.input_ids for e in encoded],
         max_new_tokens=max_new_tokens,

@@ -206,14 +206,16 @@ class _Server:
         self.lock = threading.Lock()
         self.batchers = {n: ScoreBatcher(m, self.lock) for n, m in served.items()}
 
+    def name(self, body: dict[str, Any]) -> str:
+        """The served model a request is for: the one it names, or (vLLM: a request that
+        names none) the first served one."""
+        return str(body.get("model") or next(iter(self.served)))
+
     def pick(self, body: dict[str, Any]) -> Any:
-        """The model the request names (vLLM: the first served one when it names none), or
-        the error reply vLLM gives."""
-        if body.get("model") is None:
-            return next(iter(self.served.values())), None
-        found = self.served.get(str(body.get("model")))
+        """The model the request is for, or the error reply vLLM gives."""
+        found = self.served.get(self.name(body))
         if found is None:
-            return None, _error(404, f"The model `{body.get('model')}` does not exist.")
+            return None, _error(404, f"The model `{self.name(body)}` does not exist.")
         return found, None
 
     def list_models(self) -> dict[str, Any]:
@@ -265,7 +267,7 @@ class _Server:
         lm, bad = self.pick(body)
         if bad is not None:
             return bad
-        req = _parse_completion(lm, body, body.get("model") or next(iter(self.served)))
+        req = _parse_completion(lm, body, self.name(body))
         if not isinstance(req, _Completion):
             return req  # an error reply
         prompt_lps, gens = self._generate(lm, req)

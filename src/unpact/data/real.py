@@ -284,10 +284,10 @@ def read_tofu(source: str | Path, *, forget: str = "forget10", hub: bool = False
         files = cache(partial(tofu_files, folder))  # each config looked up once
 
         def get(config: str) -> list[dict[str, Any]]:
-            return [row for f in files(config) for row in _records(f)]
+            return _rows(files(config))
 
         def at(config: str) -> str:
-            return str(files(config)[0] if len(files(config)) == 1 else folder / config)
+            return _where(files(config), folder, config)
 
         for config in (forget, retain):
             if not files(config):

@@ -206,12 +206,14 @@ def _recovery(
     if rate is None:
         n = m.get("forgotten") or 0
         cls = ATTACKS.get(attack)
-        reads = (
-            f" ({attack} attacks {cls.applies_to})" if cls is not None and cls.applies_to else ""
+        why = f" ({attack} attacks {cls.applies_to})" if cls is not None and cls.applies_to else ""
+        detail = (
+            "no forgotten item to attack"
+            if not n
+            else f"the forgotten item could not be attacked{why}"
+            if n == 1
+            else f"none of the {n} forgotten items could be attacked{why}"
         )
-        which = "the forgotten item" if n == 1 else f"none of the {n} forgotten items"
-        could = "could not be attacked" if n == 1 else "could be attacked"
-        detail = f"{which} {could}{reads}" if n else "no forgotten item to attack"
         return {"test": attack, "verdict": "not run", "detail": detail}
     if control is None:
         verdict = "recoverable" if rate > 0 else "not recovered"
