@@ -50,6 +50,7 @@ from unpact.scoring import (
     check_fits,
     check_texts,
     context_logprobs,
+    context_refusal,
     generate,
     pack_continuations,
     score_batch,
@@ -586,10 +587,30 @@ def _per_token(
     progress: bool,
 ) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
     if not lm.has_weights:  # a served model (unpact.remote)
-        return _served_contributions(lm, items, baseline, baseline_id, progress)
-    with progress_bar("Attributing", total=len(items), enabled=progress) as advance:
-        local = cast("LanguageModel", lm)  # has_weights: the local backend
-        return _fast_contributions(local, items, baseline, baseline_id, token_budget, advance)
+        why = f"a served model ({lm.spec}) cannot be handed"
+        return _whole_prompts(lm, items, baseline, baseline_id, progress, why)
+    local = cast("LanguageModel", lm)  # has_weights: the local backend
+    # a model that cannot continue a shared context under explicit masks at an item's
+    # length (ALiBi, a sliding window shorter than the item) scores whole variants
+    reasons = [
+        context_refusal(local.model, len(it.prompt.input_ids) + len(it.answer_ids)) for it in items
+    ]
+    fast = [i for i, why in enumerate(reasons) if why is None]
+    slow = [i for i, why in enumerate(reasons) if why is not None]
+    out: list[tuple[torch.Tensor, list[torch.Tensor]]] = [(torch.zeros(0), [])] * len(items)
+    if slow:  # first: it refuses the 'mask' baseline before any work
+        why = f"this model cannot take (item {slow[0]}: {reasons[slow[0]]})"
+        done = _whole_prompts(lm, [items[i] for i in slow], baseline, baseline_id, progress, why)
+        for i, result in zip(slow, done):
+            out[i] = result
+    if fast:
+        with progress_bar("Attributing", total=len(fast), enabled=progress) as advance:
+            done = _fast_contributions(
+                local, [items[i] for i in fast], baseline, baseline_id, token_budget, advance
+            )
+        for i, result in zip(fast, done):
+            out[i] = result
+    return out
 
 
 @dataclass(frozen=True)
@@ -640,15 +661,22 @@ def token_contributions(
     ]
 
 
-def _served_contributions(
-    lm: AnyModel, items: Sequence[_Item], baseline: Baseline, baseline_id: int, progress: bool
+def _whole_prompts(
+    lm: AnyModel,
+    items: Sequence[_Item],
+    baseline: Baseline,
+    baseline_id: int,
+    progress: bool,
+    why: str,
 ) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
-    """Contributions from a served model: every variant is a whole prompt of token ids
-    (the server cannot be handed shared keys/values), scored as many requests at once."""
+    """Contributions with every variant scored as a whole prompt of token ids, all in one
+    `answer_logprobs` call: for a served model (a server cannot be handed shared
+    keys/values) and a local one that cannot continue a shared context (`why`). The
+    'mask' baseline needs an explicit attention mask, which `why` says cannot be given."""
     if baseline == "mask":
         raise UnpactError(
-            f"baseline 'mask' hides tokens from attention, which a served model ({lm.spec}) "
-            "cannot be asked to do; use 'delete' or 'token'"
+            f"baseline 'mask' hides tokens from attention with an explicit mask, which {why}; "
+            "use 'delete' or 'token'"
         )
     prompts: list[tuple[int, ...]] = []
     answers: list[tuple[int, ...]] = []
@@ -705,6 +733,11 @@ def naive_contributions(
         return float(torch.stack([logp[n - 1 + k, t] for k, t in enumerate(y)]).mean())
 
     x = list(prompt.input_ids)
+    if baseline == "mask" and (why := context_refusal(model, len(x) + len(y))):
+        raise UnpactError(
+            f"baseline 'mask' hides tokens from attention with an explicit mask, which this "
+            f"model cannot take ({why}); use 'delete' or 'token'"
+        )
     with torch.no_grad():
         full = lp_of(x)
         contributions = []

@@ -69,8 +69,8 @@ def answer_logprobs(
         for batch in batches:
             batch_prompts = [prompts[i] for i in batch]
             batch_answers = [answers[i] for i in batch]
-            shared = _common_prefix(batch_prompts) if share_prefix and len(batch) > 1 else 0
-            if shared >= MIN_SHARED_PREFIX:
+            shared = _usable_prefix(model, batch_prompts, batch_answers, share_prefix)
+            if shared:
                 out = _score_shared_prefix(model, batch_prompts, batch_answers, shared)
             else:
                 out = score_batch(model, batch_prompts, batch_answers, padding_side)
@@ -81,6 +81,65 @@ def answer_logprobs(
 
 
 MIN_SHARED_PREFIX = 8
+
+
+def _usable_prefix(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]],
+    share_prefix: bool,
+) -> int:
+    """The common prompt prefix to run once for these pairs, or 0: sharing is asked for,
+    the prefix is `MIN_SHARED_PREFIX` tokens or more, and the model can continue a shared
+    context under explicit masks at these lengths (`context_refusal`)."""
+    if not share_prefix or len(prompts) < 2:
+        return 0
+    shared = _common_prefix(prompts)
+    longest = max(len(p) + len(a) for p, a in zip(prompts, answers))
+    if shared < MIN_SHARED_PREFIX or context_refusal(model, longest) is not None:
+        return 0
+    return shared
+
+
+def attention_window(model: Any) -> int | None:
+    """The fewest past tokens any layer attends to: its sliding window (Mistral, Gemma 2 and
+    3, Qwen2 with `use_sliding_window`, Phi-3 where set) or its attention chunk (Llama 4);
+    None where every layer sees the whole sequence. Read from the (text) config, as
+    transformers' own mask builders read it."""
+    config = model.config
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    types = getattr(config, "layer_types", None)
+    spans: list[int] = []
+    for field, kind in (("sliding_window", "sliding"), ("attention_chunk_size", "chunked")):
+        span = getattr(config, field, None)
+        if not isinstance(span, int) or isinstance(span, bool) or span <= 0:
+            continue
+        if types is None or any(str(t).startswith(kind) for t in types):
+            spans.append(span)
+    return min(spans, default=None)
+
+
+def context_refusal(model: Any, longest: int) -> str | None:
+    """Why sequences of up to `longest` tokens cannot be scored as continuations of a
+    shared context under explicit 4-D masks (`context_logprobs`), or None when they can.
+
+    Two kinds of model cannot: one whose ALiBi biases are built from a 2-D mask (BLOOM,
+    MPT, Falcon with `alibi`), and one with a layer whose sliding window (or chunk) is not
+    longer than the sequence, where the model's own cache keeps only the window's last
+    keys of the context and an explicit mask would not slide. Under its window, sliding
+    attention sees every earlier token, as full attention does."""
+    config = model.config
+    kind = getattr(config, "model_type", "")
+    if kind in ("bloom", "mpt") or getattr(config, "alibi", False) is True:
+        return f"{kind or 'the model'}'s ALiBi attention builds its own mask"
+    window = attention_window(model)
+    if window is not None and longest >= window:
+        return (
+            f"its attention window of {window} tokens is not longer than the "
+            f"{longest}-token sequence"
+        )
+    return None
 
 
 def _common_prefix(prompts: Sequence[Sequence[int]]) -> int:
@@ -301,8 +360,8 @@ def answer_states(
     log-probs. One pass over a whole mixed batch (a training step's facts and its
     rehearsal questions) reads the weights once instead of once per kind. Gradients
     follow torch's grad mode; `share_prefix` as in `answer_distributions`."""
-    shared = _common_prefix(prompts) if share_prefix and len(prompts) > 1 else 0
-    if shared >= MIN_SHARED_PREFIX:
+    shared = _usable_prefix(model, prompts, answers, share_prefix)
+    if shared:
         picked, _, _ = _context_hidden(
             model,
             _prefix_context(model, prompts[0][:shared]),
@@ -433,8 +492,9 @@ def context_logprobs(
     and reused: only the continuations' own tokens run through the model. Each row of
     the batch packs continuations of one context side by side; explicit position ids
     and a 4-D attention mask make each one see exactly `context[:visible]` and itself,
-    so the numbers equal a full forward pass over `context[:visible] + ids`. Assumes
-    full (not sliding-window) attention over the context.
+    so the numbers equal a full forward pass over `context[:visible] + ids`. Only for a
+    model and lengths that `context_refusal` allows (no ALiBi, every sequence shorter
+    than any sliding window); the callers check.
     """
     picked, targets, lengths = _context_hidden(model, context, rows)
     flat = list(head_logprobs(model, picked, targets).split(lengths))

@@ -90,11 +90,16 @@ def _ready(model: Any, tok: Any, spec: str) -> LanguageModel:
     return LanguageModel(model=model, tokenizer=tok, spec=spec)
 
 
+WINDOW = 16  # the sliding window of tiny_other's `mistral` and `gemma2`
+
+
 def tiny_other(arch: str, seed: int = 0) -> LanguageModel:
     """A 2-layer model of another architecture than Llama, with the tiny tokenizer: `gpt2`
     (learned positions, `h`, Conv1D), `opt` (`decoder.layers`, fc1/fc2; `opt_proj`: as
     OPT-350m, post-norm with projections in and out of the residual stream), `gpt_neox`
-    (`embed_in`, `final_layer_norm`), `qwen2` (biased q/k/v), `gemma` (scaled embeddings)."""
+    (`embed_in`, `final_layer_norm`), `qwen2` (biased q/k/v), `gemma` (scaled embeddings),
+    `mistral` (every layer attends to a sliding window of `WINDOW` tokens), `gemma2` (every
+    other layer does) and `bloom` (ALiBi biases built from a 2-D mask)."""
     import transformers as tf
 
     tok = tiny_tokenizer()
@@ -121,6 +126,9 @@ def tiny_other(arch: str, seed: int = 0) -> LanguageModel:
         "qwen2": lambda: tf.Qwen2Config(**llama_like),
         "phi": lambda: tf.PhiConfig(**llama_like),  # `final_layernorm`
         "gemma": lambda: tf.GemmaConfig(**{**llama_like, "num_key_value_heads": 1}),
+        "mistral": lambda: tf.MistralConfig(**llama_like, sliding_window=WINDOW),
+        "gemma2": lambda: tf.Gemma2Config(**llama_like, head_dim=16, sliding_window=WINDOW),
+        "bloom": lambda: tf.BloomConfig(hidden_size=64, n_layer=2, n_head=4, **ids),
     }
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(configs[arch]())

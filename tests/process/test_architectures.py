@@ -1,7 +1,9 @@
 """A whole run on architectures other than Llama (tiny random models): GPT-2 (Conv1D,
-learned positions, `h`), OPT (`decoder.layers`, fc1/fc2) and GPT-NeoX (`embed_in`,
-`final_layer_norm`). RMU, quantization, directional ablation, the logit lens and the probe
-once stopped on Llama's module names or, for quantization, silently did nothing."""
+learned positions, `h`), OPT (`decoder.layers`, fc1/fc2), GPT-NeoX (`embed_in`,
+`final_layer_norm`) and Mistral (a sliding window shorter than the prompts). RMU,
+quantization, directional ablation, the logit lens and the probe once stopped on Llama's
+module names or, for quantization, silently did nothing; Mistral's attribution and shared
+prefixes on a shape error."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ ATTACKS = [
 ]
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "opt", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "gpt_neox", "mistral"])
 def test_a_run_attacks_and_unlearns_other_architectures(arch, tmp_path):
     from unpact.run import run
 

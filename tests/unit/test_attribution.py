@@ -124,7 +124,21 @@ def test_fast_path_equals_separate_forward_passes(tiny, words, answer, unit, bas
         assert got == pytest.approx(want, abs=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "opt", "opt_proj", "gpt_neox", "qwen2", "phi", "gemma"])
+OTHERS = [
+    "gpt2",
+    "opt",
+    "opt_proj",
+    "gpt_neox",
+    "qwen2",
+    "phi",
+    "gemma",
+    "mistral",
+    "gemma2",
+    "bloom",
+]
+
+
+@pytest.mark.parametrize("arch", OTHERS)
 def test_fast_path_equals_separate_passes_in_other_architectures(arch):
     """The fast path states every position and mask itself (shared prefix, packed rows): a
     model that derives positions from the mask (OPT), learns them (GPT-2), scales its
@@ -135,6 +149,8 @@ def test_fast_path_equals_separate_passes_in_other_architectures(arch):
     lm = tiny_other(arch)
     for baseline in ("delete", "token", "mask"):
         for chat in (False, True):
+            if baseline == "mask" and arch in ("mistral", "gemma2", "bloom"):
+                continue  # refused: test_a_model_without_explicit_masks_scores_whole_variants
             rec = attribute(
                 lm,
                 "the cat sat on a red mat today",
@@ -150,6 +166,40 @@ def test_fast_path_equals_separate_passes_in_other_architectures(arch):
             )
             assert rec.lp == pytest.approx(full, abs=1e-5), (baseline, chat)
             assert rec.contributions == pytest.approx(expected, abs=1e-5), (baseline, chat)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "bloom"])
+def test_a_model_without_explicit_masks_scores_whole_variants(arch):
+    """Once a shape error or, past a sliding window, wrong numbers: the fast path continues
+    a shared context under explicit masks, but a sliding-window layer's own cache keeps
+    only the window's last keys and BLOOM builds its ALiBi biases from a 2-D mask. A prompt
+    over the window (every BLOOM prompt) scores whole variants, equal to the naive loop,
+    beside one under the window in the same call; the 'mask' baseline, which needs an
+    explicit mask, is refused with the reason and the item."""
+    from unpact.scoring import context_refusal
+    from unpact.testing import WINDOW, tiny_other
+
+    lm = tiny_other(arch)
+    pairs = [("a red sky", " x"), ("the cat sat on a red mat today", " blue sky")]
+    encoded = [(lm.encode_prompt(p, chat_template=False), lm.encode_answer(a)) for p, a in pairs]
+    lengths = [len(e.input_ids) + len(a) for e, a in encoded]
+    assert lengths[0] < WINDOW <= lengths[1]  # one under the window, one over it
+    assert (context_refusal(lm.model, lengths[0]) is None) == (arch != "bloom")
+    for baseline in ("delete", "token"):
+        records = attribute_many(
+            lm, [p for p, _ in pairs], [a for _, a in pairs], baseline=baseline, chat_template=False
+        )
+        for rec, (enc, ans) in zip(records, encoded):
+            full, expected = naive_contributions(
+                lm, enc, ans, make_units(lm, enc, "token"), baseline
+            )
+            assert rec.lp == pytest.approx(full, abs=1e-5)
+            assert rec.contributions == pytest.approx(expected, abs=1e-5)
+    why = "item 0: bloom's ALiBi" if arch == "bloom" else f"item 1: .*window of {WINDOW} tokens"
+    with pytest.raises(UnpactError, match=f"baseline 'mask'.*{why}"):
+        attribute_many(
+            lm, [p for p, _ in pairs], [a for _, a in pairs], baseline="mask", chat_template=False
+        )
 
 
 def test_naive_reference_equals_slow(tiny):

@@ -241,7 +241,10 @@ def test_a_model_that_changes_its_logits_unknown_to_the_kernel_is_refused():
         handle.remove()
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "opt", "opt_proj", "gpt_neox", "qwen2", "phi", "gemma"])
+@pytest.mark.parametrize(
+    "arch",
+    ["gpt2", "opt", "opt_proj", "gpt_neox", "qwen2", "phi", "gemma", "mistral", "gemma2", "bloom"],
+)
 def test_batched_scoring_and_greedy_generation_in_other_architectures(arch):
     """Scoring states positions itself (padding on either side, the shared prefix's cache):
     in models that learn positions (GPT-2), count them from the mask (OPT) or scale their
@@ -321,3 +324,35 @@ def test_sampling_leaves_the_callers_random_streams_as_they_were(tiny):
     torch.manual_seed(5)
     generate(tiny, ["What is the capital of France?"], num_samples=2, max_new_tokens=3, seed=9)
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "bloom", "qwen2"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_shared_prefix_over_a_sliding_window_or_under_alibi(arch, grad):
+    """Once a shape error: a prefix shared by a batch runs once and its keys continue
+    under explicit masks, but a sliding-window layer's own cache (Mistral, Gemma 2) keeps
+    only the window's last keys, and BLOOM builds ALiBi from a 2-D mask. Such batches are
+    scored whole, equal to one plain forward pass per pair (in training too); a batch
+    under the window still shares its prefix (Qwen2 without `use_sliding_window` has none)."""
+    from unpact.scoring import answer_distributions, attention_window, context_refusal
+    from unpact.testing import WINDOW, tiny_other
+
+    lm = tiny_other(arch)
+    assert attention_window(lm.model) == (WINDOW if arch in ("mistral", "gemma2") else None)
+    for prefix in (10, 20):  # under and over the window
+        head = [1, *range(40, 40 + prefix - 1)]
+        prompts = [[*head, 60, 61], [*head, 70], [*head, 80, 81, 82]]
+        answers = [[90, 91], [92], [93, 94, 95]]
+        longest = max(len(p) + len(a) for p, a in zip(prompts, answers))
+        refused = context_refusal(lm.model, longest) is not None
+        assert refused == (arch == "bloom" or (arch != "qwen2" and longest >= WINDOW))
+        got = answer_logprobs(lm.model, prompts, answers, grad=grad)
+        dists = answer_distributions(lm.model, prompts, answers, grad=grad, share_prefix=True)
+        for p, a, lps, dist in zip(prompts, answers, got, dists):
+            with torch.no_grad():
+                full = lm.model(input_ids=torch.tensor([p + a])).logits[0].float().log_softmax(-1)
+            want = full[len(p) - 1 : len(p) - 1 + len(a)]
+            torch.testing.assert_close(dist.detach(), want, rtol=0, atol=1e-5)
+            torch.testing.assert_close(
+                lps.detach(), want.gather(1, torch.tensor(a)[:, None])[:, 0], rtol=0, atol=1e-5
+            )

@@ -308,7 +308,10 @@ def test_the_lens_cannot_tell_options_that_open_with_the_same_token(saved):
     assert rows[1]["layers"] == [bool(logits[k, g] > logits[k, p]) for k in range(len(logits))]
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "opt", "opt_proj", "gpt_neox", "qwen2", "gemma", "phi"])
+@pytest.mark.parametrize(
+    "arch",
+    ["gpt2", "opt", "opt_proj", "gpt_neox", "qwen2", "gemma", "phi", "mistral", "gemma2", "bloom"],
+)
 def test_the_residual_stream_is_read_and_ablated_in_other_architectures(arch):
     """Once Llama-style only (`embed_tokens`, `layers`, `norm`): GPT-2, OPT and GPT-NeoX were
     refused, and Gemma's index 0 missed its embedding scaling. Index 0 is what the first
