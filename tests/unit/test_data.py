@@ -141,6 +141,12 @@ DOC = {"id": "d1", "text": "Edda Morvaine founded Morvaine Lamps.", "split": "fo
             "line 2: field 'perturbed_answers' holds the answer 'Morvaine Lamps' itself",
         ),
         ({"paraphrased_answer": 3}, "line 2: field 'paraphrased_answer' must be a non-empty"),
+        # the same question to forget and to keep (once accepted: each split counted both)
+        (
+            {"split": "retain", "question": " Which company  did Edda Morvaine found?"},
+            "line 2: field 'split': the question ' Which company  did Edda Morvaine found?' "
+            "is also a forget item (line 1); a question can be in one split only",
+        ),
     ],
 )
 def test_validation_names_file_line_and_field(tmp_path, change, message):
@@ -249,3 +255,21 @@ def test_verbmem_probes_load_validate_and_survive_materialising(tmp_path):
     assert (tmp_path / "w" / "verbmem.jsonl").read_text() == json.dumps(
         {"id": "v1", "prompt": "Edda Morvaine founded", "continuation": " Morvaine Lamps."}
     ) + "\n"
+
+
+def test_a_question_may_repeat_within_a_split_and_across_splits_with_other_choices(tmp_path):
+    """Only one question asked in two splits is refused: within a split it may repeat,
+    and multiple-choice items differ by their choices too ('Which of the following...')."""
+    mcq = {**GOOD, "choices": ["Morvaine Lamps", "A"], "document": None}
+    items = [
+        GOOD,
+        {**GOOD, "id": "x2", "answer": "Morvaine Glass"},
+        {**mcq, "id": "x3"},
+        {**mcq, "id": "x4", "split": "retain", "choices": ["Morvaine Lamps", "B"]},
+    ]
+    assert [i.split for i in load_folder(write(tmp_path, items, [DOC])).items] == [
+        "forget",
+        "forget",
+        "forget",
+        "retain",
+    ]

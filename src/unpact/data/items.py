@@ -216,6 +216,23 @@ def _unique(seen: dict[str, int], an_id: str, path: Path, line: int) -> str:
     return an_id
 
 
+def _one_split(
+    asked: dict[tuple[str, tuple[str, ...]], tuple[int, str]], item: QAItem, path: Path, line: int
+) -> None:
+    """Refuse a question (with its choices, for a multiple-choice item) already asked in
+    another split: forgetting and keeping (or never teaching) the same question cannot
+    both be measured, and each split's figure would count the other's answer."""
+    key = (" ".join(item.question.split()), tuple(item.choices or ()))
+    first, split = asked.setdefault(key, (line, item.split))
+    if split != item.split:
+        raise _fail(
+            path,
+            line,
+            f"field 'split': the question {item.question!r} is also a {split} item (line "
+            f"{first}); a question can be in one split only",
+        )
+
+
 def _verbatim(path: Path) -> list[VerbatimPrompt]:
     """The probes of a `verbmem.jsonl` (`id`, `prompt`, `continuation` per line)."""
     out: list[VerbatimPrompt] = []
@@ -253,9 +270,11 @@ def load_folder(folder: str | Path, name: str | None = None) -> Benchmark:
     doc_ids = {d.id for d in documents}
     items: list[QAItem] = []
     seen: dict[str, int] = {}
+    asked: dict[tuple[str, tuple[str, ...]], tuple[int, str]] = {}
     for n, obj in read_jsonl(qa_path):
         item = parse_item(obj, qa_path, n)
         _unique(seen, item.id, qa_path, n)
+        _one_split(asked, item, qa_path, n)
         if item.document is not None and doc_path.exists() and item.document not in doc_ids:
             raise _fail(
                 qa_path,
