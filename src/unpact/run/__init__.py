@@ -208,7 +208,10 @@ def run(
     log: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Run an experiment end to end into `out`; cached stages are reused (see the module
-    docstring). `log(text)` receives one line per stage computed (default: silent)."""
+    docstring). `cache_dir` holds the stages' rows and the unlearned models (default
+    `$UNPACT_CACHE/stages`); taught models, merged adapters and converted GGUF files stay
+    under `$UNPACT_CACHE` whatever it is, shared by every run. `log(text)` receives one
+    line per stage computed (default: silent)."""
     say = log or (lambda text: None)
     cfg = config if isinstance(config, RunConfig) else load_config(config)
     out = Path(out)
