@@ -144,8 +144,9 @@ class LanguageModel:
             rendered = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
             )
+            said = ("local", str(self.tokenizer.chat_template), len(self.tokenizer))
             self._boundary_warned = warn_if_split_differs(
-                self.spec, prompt, encoded.input_ids, self._ids(rendered)
+                self.spec, prompt, encoded.input_ids, self._ids(rendered), said
             )
         return encoded
 

@@ -372,7 +372,7 @@ class RemoteModel:
             }
             templated = _token_list(self.post(url, body), url)
             self._boundary_warned = warn_if_split_differs(
-                self.spec, prompt, encoded.input_ids, templated
+                self.spec, prompt, encoded.input_ids, templated, (self.root_url, self.model_name)
             )
         return encoded
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Protocol, TypeAlias, runtime_checkable
 
@@ -26,16 +26,29 @@ REMOTE_PREFIX = "openai:"
 Seed: TypeAlias = Annotated[int, Field(ge=0, lt=2**32)]
 
 
+_SPLITS_SAID: set[object] = set()
+
+
 def warn_if_split_differs(
-    spec: str, prompt: str, assembled: Sequence[int], templated: Sequence[int]
+    spec: str,
+    prompt: str,
+    assembled: Sequence[int],
+    templated: Sequence[int],
+    said: Hashable = None,
 ) -> bool:
-    """Say (once per model, as a logged warning) when the chat template's own tokenisation
-    of a prompt differs from unpact's prefix + content + suffix: a SentencePiece `[INST]`
-    or a byte-BPE `User: ` template can merge the piece at the boundary. unpact scores its
-    own split (the content tokenised alone, so the units are the prompt's own tokens);
-    the model behind a chat API would see the other. Returns whether it warned."""
+    """Say (as a logged warning) when the chat template's own tokenisation of a prompt
+    differs from unpact's prefix + content + suffix: a SentencePiece `[INST]` or a
+    byte-BPE `User: ` template can merge the piece at the boundary. unpact scores its own
+    split (the content tokenised alone, so the units are the prompt's own tokens); the
+    model behind a chat API would see the other. Said once per `said` key in a process
+    (the tokenizer and its template, which every model a run derives from one base
+    shares), or once per model without one. Returns whether it differs."""
     if tuple(assembled) == tuple(templated):
         return False
+    if said is not None:
+        if said in _SPLITS_SAID:
+            return True
+        _SPLITS_SAID.add(said)
     first = next(
         (n for n, (a, b) in enumerate(zip(assembled, templated)) if a != b),
         min(len(assembled), len(templated)),
@@ -44,7 +57,8 @@ def warn_if_split_differs(
         "%s: the chat template tokenises %r differently at a boundary (first difference "
         "at token %d; %d tokens against %d): unpact scores the template's parts and the "
         "prompt tokenised apart, so the prompt's units are its own tokens, and the model "
-        "behind a chat API sees the other tokenisation; compare with --no-chat-template",
+        "behind a chat API sees the other tokenisation; compare with --no-chat-template "
+        "(said once for the models that share this tokenizer and template)",
         spec,
         prompt[:60],
         first,

@@ -108,21 +108,27 @@ def test_an_unlearning_run_directory_loads_its_model(tiny, tmp_path):
 USER_TEMPLATE = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
 
 
-def test_a_template_that_merges_at_the_boundary_is_said_once(caplog):
+def test_a_template_that_merges_at_the_boundary_is_said_once(caplog, monkeypatch):
     """`User: ` then the prompt: byte-BPE tokenises ' the' as one piece in the rendered
-    template, where unpact tokenises the prompt apart; that is said once, clearly."""
+    template, where unpact tokenises the prompt apart; that is said once, clearly, and
+    not again for another model with the same tokenizer (a run's unlearned copies each
+    said it once)."""
     import logging
 
+    from unpact import types
     from unpact.testing import tiny_model
 
-    lm = tiny_model(seed=0)
+    monkeypatch.setattr(types, "_SPLITS_SAID", set())
+    lm, copy = tiny_model(seed=0), tiny_model(seed=1)
     with caplog.at_level(logging.WARNING, logger="unpact"):
         lm.encode_prompt("the capital of France?")  # ChatML: no boundary merge
         assert not caplog.records
-        lm.tokenizer.chat_template = USER_TEMPLATE
-        lm._template_split = None
+        for model in (lm, copy):
+            model.tokenizer.chat_template = USER_TEMPLATE
+            model._template_split = None
         first = lm.encode_prompt("the capital of France?")
         lm.encode_prompt("the river bank?")
+        copy.encode_prompt("the river bank?")
     assert len(caplog.records) == 1
     message = caplog.records[0].getMessage()
     assert "tokenises 'the capital of France?' differently at a boundary" in message
