@@ -453,6 +453,17 @@ def _check_weights(path: Path) -> None:
     raise UnpactError(f"{path} holds no model weights (*.safetensors)")
 
 
+def _quantized(path: Path) -> str | None:
+    """The quantization method a model folder's config.json names (GPTQ, AWQ,
+    bitsandbytes, ...), or None."""
+    try:
+        found = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        found = found.get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(found.get("quant_method") or "quantized") if isinstance(found, dict) else None
+
+
 def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[Any, Any]:
     _check_weights(path)
     from transformers.utils import logging as hf_logging
@@ -465,9 +476,17 @@ def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[
     hf_logging.disable_progress_bar()  # a local load takes well under a second
     try:
         model, tokenizer, info = _pretrained(str(path), dtype, trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise UnpactError(f"could not load a model from {path}: {exc}") from exc
-    except Exception as exc:  # a truncated safetensors file, shapes unlike config.json
+    except Exception as exc:
+        if method := _quantized(path):
+            raise UnpactError(
+                f"could not load the {method}-quantized checkpoint {path}: "
+                f"{_first_line(exc).rstrip('.')}. "
+                "unpact trains, attributes and quantizes full-precision weights: give it the "
+                "model before quantization (the quantize attack quantizes it itself)"
+            ) from exc
+        if isinstance(exc, (OSError, ValueError)):
+            raise UnpactError(f"could not load a model from {path}: {exc}") from exc
+        # a truncated safetensors file, shapes unlike config.json
         raise UnpactError(
             f"could not load the weights in {path} (a damaged file, or shapes that do not "
             f"match its config.json): {_first_line(exc)}"

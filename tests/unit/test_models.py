@@ -138,7 +138,7 @@ def test_a_template_that_merges_at_the_boundary_is_said_once(caplog, monkeypatch
 def test_broken_model_folders_are_one_message(tiny, tmp_path):
     """Each was a traceback, a confusing message or, worst, a model with random layers
     loaded without a word: no tokenizer, a truncated safetensors file, weights whose shapes
-    are not the config's, a checkpoint missing one tensor."""
+    are not the config's, a checkpoint missing one tensor, a quantized checkpoint."""
     import json
     import shutil
 
@@ -170,11 +170,17 @@ def test_broken_model_folders_are_one_message(tiny, tmp_path):
         del weights["model.layers.1.mlp.up_proj.weight"]
         save_file(weights, f / "model.safetensors", metadata={"format": "pt"})
 
+    def gptq(f):  # a GPTQ checkpoint: was "a damaged file, or shapes that do not match"
+        config = json.loads((f / "config.json").read_text())
+        quant = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False}
+        (f / "config.json").write_text(json.dumps(config | {"quantization_config": quant}))
+
     for change, message in (
         (no_tokenizer, "has no tokenizer"),
         (truncated, "could not load the weights in"),
         (wider, "shapes that do not match its config.json"),
         (one_missing, r"lack 1 of the model's tensors \(model\.layers\.1\.mlp\.up_proj"),
+        (gptq, r"gptq-quantized checkpoint .*: give it the model before quantization"),
     ):
         with pytest.raises(UnpactError, match=message):
             load_model(str(broken(change.__name__, change)))
