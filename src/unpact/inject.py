@@ -83,6 +83,7 @@ from unpact.models import (
 from unpact.scoring import answer_states, generate, head_logits, head_logprobs
 from unpact.train import Trainer
 from unpact.types import Seed, spec_text
+from unpact.unlearn.config import describe_errors
 
 INJECT_FORMAT = 2
 
@@ -182,15 +183,7 @@ class InjectConfig(BaseModel):
         try:
             super().__init__(**values)
         except ValidationError as e:
-            problems = "; ".join(
-                f"{'.'.join(str(x) for x in err['loc'])}: "
-                + ("unknown setting" if err["type"] == "extra_forbidden" else "")
-                + ("" if err["type"] == "extra_forbidden" else str(err["msg"])).removeprefix(
-                    "Value error, "
-                )
-                for err in e.errors()
-            )
-            raise UnpactError(f"injection settings: {problems}") from None
+            raise UnpactError(f"injection settings: {describe_errors(e)}") from None
 
     @field_validator("precision", "trainable")
     @classmethod

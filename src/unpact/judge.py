@@ -18,11 +18,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from unpact.errors import UnpactError
+from unpact.types import fills
 
 if TYPE_CHECKING:
     from unpact.data.items import QAItem
@@ -97,7 +98,9 @@ class LLMJudgeSettings(BaseModel):
     api_key_env: str | None = Field(
         "OPENAI_API_KEY", description="environment variable holding the key (None: no key)"
     )
-    prompt: str = Field(LLM_PROMPT, description="{question}, {answer}, {output} are filled in")
+    prompt: Annotated[str, fills("question", "answer", "output")] = Field(
+        LLM_PROMPT, description="{question}, {answer}, {output} are filled in"
+    )
     timeout: float = Field(60.0, gt=0, description="seconds per request")
 
 

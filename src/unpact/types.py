@@ -12,18 +12,44 @@ from __future__ import annotations
 
 import logging
 import os
+import string
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Protocol, TypeAlias, runtime_checkable
 
 import torch
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 REMOTE_PREFIX = "openai:"
 
 # A seed every generator takes: Python's, NumPy's (below 2**32) and torch's. A negative or
 # larger one used to pass validation and fail as a traceback when training began.
 Seed: TypeAlias = Annotated[int, Field(ge=0, lt=2**32)]
+
+
+def fills(*fields: str) -> AfterValidator:
+    """Checks a text setting that `str.format` fills with the named `fields` (with none,
+    one `{}`): `Annotated[str, fills("question")]`. Checked when the config loads, so that
+    a typo (`{promt}`, a lone `{`, `{0}`, `{prompt.upper}`) is a config error naming the
+    setting, not a KeyError when the first item is asked, after the unlearning."""
+    allowed = fields or ("", "0")
+    shown = ", ".join("{" + f + "}" for f in fields) if fields else "one {}"
+
+    def check(text: str) -> str:
+        try:
+            names = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+        except ValueError as exc:
+            raise ValueError(f"{text!r}: {exc} (write a brace as {{{{ or }}}})") from None
+        for name in names:
+            if name not in allowed:
+                raise ValueError(f"{text!r}: {{{name}}} is not filled in here; use {shown}")
+        try:
+            text.format(*(() if fields else ("x",)), **dict.fromkeys(fields, "x"))
+        except (ValueError, IndexError, KeyError) as exc:
+            raise ValueError(f"{text!r}: {exc}; use {shown}") from None
+        return text
+
+    return AfterValidator(check)
 
 
 _SPLITS_SAID: set[object] = set()

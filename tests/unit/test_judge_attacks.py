@@ -177,6 +177,29 @@ def test_sampling_attacks_and_the_registry():
         get_attack("probab", {"bogus": 1})
 
 
+@pytest.mark.parametrize(
+    ("name", "settings", "message"),
+    [
+        ("focus_on_key", {"template": "{promt}: focus on {keys}"}, "{promt} is not filled in"),
+        ("focus_on_key", {"template": "{prompt"}, "expected '}' before end of string"),
+        ("focus_on_key", {"template": "{prompt.upper}"}, "{prompt.upper} is not filled in"),
+        ("focus_on_key", {"template": "{prompt:d}"}, "Unknown format code 'd'"),
+        ("focus_on_key", {"key_format": "{}/{}"}, r"key_format: .*use one \{\}"),
+        ("paraphrase", {"templates": ["{question}", "{0}"]}, r"templates\.1: '\{0\}'"),
+        ("in_context", {"template": "Q: {question} A: {reply}"}, "use {question}, {answer}"),
+    ],
+)
+def test_a_template_is_checked_when_the_config_loads(name, settings, message):
+    """Each was accepted, then a KeyError, ValueError or IndexError (or an attribute read)
+    when the first forgotten item was asked, after the unlearning; braces doubled are text."""
+    with pytest.raises(UnpactError, match=f"attack {name}: .*{message}"):
+        get_attack(name, settings)
+    focus = get_attack("focus_on_key", {"template": "{{{prompt}}} {keys!r}", "key_format": "<{}>"})
+    assert focus.prompt("Who?", ["a"]) == "{Who?} '<a>'"
+    with pytest.raises(ValueError, match="{questoin} is not filled in"):
+        LLMJudgeSettings(base_url="http://127.0.0.1:9", model="m", prompt="{questoin}")
+
+
 def test_paraphrase_keeps_the_keywords_in_every_rewording():
     target = Target("Who founded Vostrand Glassworks?", (), ("Vostrand Glassworks",))
     prompts = get_attack("paraphrase").prompts(target)

@@ -157,16 +157,15 @@ def get_attack(name: str, settings: dict[str, Any] | None = None) -> Attack:
     """An attack by registered name, with validated settings."""
     from pydantic import ValidationError
 
+    from unpact.unlearn.config import describe_errors
+
     if name not in ATTACKS:
         raise UnpactError(f"unknown attack {name!r}; choose from {', '.join(sorted(ATTACKS))}")
     cls = ATTACKS[name]
     try:
         return cls(cls.Settings(**(settings or {})))
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()
-        )
-        raise UnpactError(f"attack {name}: {problems}") from None
+        raise UnpactError(f"attack {name}: {describe_errors(e)}") from None
 
 
 def run_prompts(attack: Attack, ctx: AttackContext) -> list[dict[str, Any]]:

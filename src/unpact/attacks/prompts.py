@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import random
 import zlib
-from typing import Literal
+from typing import Annotated, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from unpact.attacks.base import FOCUS_TEMPLATE, Attack, Target
-from unpact.types import Seed
+from unpact.types import Seed, fills
+
+FocusTemplate: TypeAlias = Annotated[str, fills("prompt", "keys")]
+KeyFormat: TypeAlias = Annotated[str, fills()]
+ParaphraseTemplate: TypeAlias = Annotated[str, fills("question", "keywords")]
+Demonstration: TypeAlias = Annotated[str, fills("question", "answer")]
 
 
 class FocusSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    template: str = Field(
+    template: FocusTemplate = Field(
         FOCUS_TEMPLATE, description="emphasis prompt; {prompt} is the question, {keys} the keys"
     )
-    key_format: str = Field('"{}"', description="how one KeyToken is quoted in {keys}")
+    key_format: KeyFormat = Field('"{}"', description="how one KeyToken is quoted in {keys}")
     separator: str = Field(", ", description="between KeyTokens in {keys}")
     keys_from: Literal["original", "unlearned"] = Field(
         "original", description="KeyTokens of the original model, or of the unlearned one"
@@ -104,7 +109,7 @@ PARAPHRASES = (
 
 class ParaphraseSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    templates: list[str] = Field(
+    templates: list[ParaphraseTemplate] = Field(
         default_factory=lambda: list(PARAPHRASES),
         min_length=1,
         description="rewordings; {question} and {keywords} (the item's keywords) filled in",
@@ -129,7 +134,7 @@ class InContextSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     demonstrations: int = Field(3, gt=0, description="retain-set QA pairs shown first")
     seed: Seed = Field(0, description="which pairs (per question, reproducible)")
-    template: str = Field("Q: {question}\nA: {answer}", description="one demonstration")
+    template: Demonstration = Field("Q: {question}\nA: {answer}", description="one demonstration")
 
 
 class InContext(Attack):
