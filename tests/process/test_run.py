@@ -286,6 +286,24 @@ def test_a_config_built_in_python_may_hold_paths(setup):
         ({"attacks": [{"name": "probab", "settings": {"samples": -2}}]}, r"attacks\.0\.settings"),
         ({"judge": {"kind": "vibes"}}, r"judge\.kind"),
         ({"judge": {"kind": "llm"}}, r"judge\.llm"),
+        # the key's variable was read at the first judging, after the injection
+        (
+            {
+                "judge": {
+                    "kind": "llm",
+                    "llm": {
+                        "base_url": "http://x/v1",
+                        "model": "j",
+                        "api_key_env": "UNPACT_NO_SUCH_KEY",
+                    },
+                }
+            },
+            r"judge\.llm\.api_key_env: \$UNPACT_NO_SUCH_KEY, .* is not set",
+        ),
+        (
+            {"attacks": [{"name": "focus_on_key", "settings": {"template": "{question}"}}]},
+            r"attacks\.0\.settings: .*\{question\} is not filled in here; use \{prompt\}, \{keys\}",
+        ),
         ({"inject": {"settings": {"lrr": 1}}}, r"inject\.settings: .*lrr"),
         (
             {"inject": {"settings": {"precision": "fp16"}}},

@@ -196,7 +196,7 @@ def test_a_template_is_checked_when_the_config_loads(name, settings, message):
         get_attack(name, settings)
     focus = get_attack("focus_on_key", {"template": "{{{prompt}}} {keys!r}", "key_format": "<{}>"})
     assert focus.prompt("Who?", ["a"]) == "{Who?} '<a>'"
-    with pytest.raises(ValueError, match="{questoin} is not filled in"):
+    with pytest.raises(ValueError, match=r"\{questoin\} is not filled in"):
         LLMJudgeSettings(base_url="http://127.0.0.1:9", model="m", prompt="{questoin}")
 
 

@@ -426,8 +426,20 @@ def _check_references(config: RunConfig, where: str) -> None:
             f"{where}: statistics.baseline_attack: {baseline!r} is not one of this run's "
             f"attacks ({', '.join(sorted(names)) or 'none'})"
         )
-    if config.judge.kind == "llm" and config.judge.llm is None:
+    llm = config.judge.llm
+    if config.judge.kind == "llm" and llm is None:
         raise UnpactError(f"{where}: judge.llm: needed when judge.kind is llm")
+    if (
+        config.judge.kind == "llm"
+        and llm
+        and llm.api_key_env
+        and not os.environ.get(llm.api_key_env)
+    ):
+        # said now, not at the first judging, after the injection
+        raise UnpactError(
+            f"{where}: judge.llm.api_key_env: ${llm.api_key_env}, where the LLM judge reads "
+            "its key, is not set (null: an endpoint without a key)"
+        )
     _check_served(config, where, bases)
 
 
