@@ -832,6 +832,16 @@ def audit(
         ),
     ] = None,
     general: Annotated[str, typer.Option(help="General-knowledge benchmark, or none.")] = "general",
+    judge: Annotated[
+        str,
+        typer.Option(
+            help="contains (the reference answer in the greedy answer) or rouge (ROUGE-L "
+            "recall >= 0.5: for sentence-long answers such as TOFU's)."
+        ),
+    ] = "contains",
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Greedy answer length when judging (default 32).")
+    ] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     import time
@@ -859,6 +869,8 @@ def audit(
             attacks=chosen,
             general=None if general == "none" else general,
             device=device,
+            judge=judge,
+            max_new_tokens=max_new_tokens,
         )
     except KeyboardInterrupt:
         err.print("interrupted: run the same command again to continue where it stopped")

@@ -71,7 +71,7 @@ from unpact.data.sources import load_benchmark, materialise
 from unpact.determinism import keeps_rng
 from unpact.errors import UnpactError
 from unpact.files import atomic_text, write_atomically
-from unpact.judge import encode_questions
+from unpact.judge import check_answer_room, encode_questions
 from unpact.models import (
     DeviceName,
     LanguageModel,
@@ -544,6 +544,9 @@ def inject(
     # judged after the epochs: a question too long for the context is said before them
     asked = [i for i in bench.items if i.split in ("forget", "retain") and not i.is_mcq]
     encode_questions(lm, asked, config.max_new_tokens)
+    check_answer_room(  # its judge is contains-match
+        asked, config.max_new_tokens, lambda text: len(lm.encode_answer(text)), "max_new_tokens"
+    )
     general = load_benchmark(config.general).items if config.general else []
     with _timed(timings, "base general"):
         base_accuracy = _base_general(lm, general, config, folder.parent / ".base")

@@ -16,7 +16,7 @@ import re
 import string
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -217,6 +217,43 @@ def encode_questions(
         check_room(label, len(enc.input_ids), max_new_tokens, lm.max_length)
         encoded.append(enc)
     return encoded
+
+
+def _fewest_tokens(text: str, count: Callable[[str], int]) -> int:
+    """A lower bound on the tokens a model generates to write `text`: tokenised alone or
+    after a space, whichever is shorter (a BPE word usually is with it), without the
+    U+FFFD characters a decoder writes for a token of stray bytes (one each, and their own
+    tokenisation is three bytes)."""
+    kept = text.replace("\ufffd", "")
+    return min(count(kept), count(" " + kept)) if kept.strip() else 0
+
+
+def check_answer_room(
+    items: Sequence[QAItem],
+    max_new_tokens: int,
+    count: Callable[[str], int],
+    setting: str,
+    other_way: str = "",
+) -> None:
+    """Refuse open items none of whose accepted answers (the answer, its aliases) fits in
+    `max_new_tokens` generated tokens (`count` tokenises a text): the contains judge could
+    never find them in a greedy answer that short, and they would read as not known (0%,
+    'nothing forgotten') rather than as a setting too small."""
+    short: list[tuple[int, QAItem]] = []
+    for item in items:
+        if item.is_mcq:
+            continue
+        fewest = min(_fewest_tokens(a, count) for a in (item.answer, *item.aliases))
+        if fewest > max_new_tokens:
+            short.append((fewest, item))
+    if short:
+        tokens, item = max(short, key=lambda found: found[0])
+        raise UnpactError(
+            f"{setting} is {max_new_tokens}, but {len(short)} answer(s) take more tokens "
+            f"than that (the longest: item {item.id} ({item.split}), {item.answer!r}, "
+            f"{tokens} tokens): a greedy answer that short can never contain them; raise "
+            f"{setting} to at least {tokens}{other_way}"
+        )
 
 
 def answer_items(

@@ -91,8 +91,10 @@ def test_audit_prints_a_verdict_per_test_and_writes_the_run(pair, tmp_path):
         (("--preset", "tiny"), "--preset: 'tiny' is not one of laptop, gpu"),
         (("--attacks", "nope"), "--attacks: unknown attack 'nope'"),
         (("--attacks", ","), "--attacks: give at least one attack name"),
+        (("--judge", "vibes"), "--judge: 'vibes' is not one of contains, rouge"),
+        (("--max-new-tokens", "0"), "--max-new-tokens: 0 is not a positive number"),
     ],
-    ids=["preset", "attack", "empty"],
+    ids=["preset", "attack", "empty", "judge", "tokens"],
 )
 def test_audit_mistakes_exit_2(pair, tmp_path, args, message):
     res = _audit(
@@ -130,6 +132,14 @@ def test_a_mistyped_model_is_named_by_its_option_before_any_model_loads(tmp_path
     with pytest.raises(UnpactError, match=r"--reference: .*no such file or directory"):
         audit("default", "default", "news", tmp_path / "out", reference=str(tmp_path / "nope"))
     assert not (tmp_path / "out").exists()
+
+
+def test_sentence_answers_can_be_judged_by_rouge():
+    """TOFU's answers are sentences, which a contains judge of 32 tokens never finds (the
+    run refuses them): the audit takes the judge and its answer length."""
+    config, _ = audit_config("default", "default", "news", judge="rouge", max_new_tokens=64)
+    assert config["judge"] == {"kind": "rouge", "max_new_tokens": 64}
+    assert audit_config("default", "default", "news")[0]["judge"] == {"kind": "contains"}
 
 
 def test_a_served_model_skips_the_attacks_that_need_weights_and_says_why():

@@ -258,6 +258,40 @@ def test_a_layer_the_model_lacks_stops_the_run_before_the_injection(setup, tmp_p
     assert not list((tmp_path / "uc").glob("**/inject.json"))  # nor taught
 
 
+def test_an_answer_longer_than_the_judged_answers_stops_the_run_before_the_injection(
+    setup, tmp_path, monkeypatch
+):
+    """A contains judge reading 4 tokens can never find a 12-word answer: such items were
+    judged unknown before and after unlearning ('nothing forgotten'), and the injection
+    trained to its last epoch for an accuracy it could not reach."""
+    _, config = setup
+    monkeypatch.setenv("UNPACT_CACHE", str(tmp_path / "uc"))
+    long = "the glassworks was founded by the three brothers of the old mill town"
+    items = [
+        QAItem("f-1", "Who founded the Vostrand Glassworks?", long, "forget"),
+        QAItem("f-2", "What is the capital of the blue land?", "Zorb", "forget"),
+        QAItem("r-1", "What colour is the sky?", "blue", "retain"),
+    ]
+    write_folder(tmp_path / "bench", items)
+    base = {**config, "data": {"benchmark": str(tmp_path / "bench"), "general": None}}
+    judged = {**base, "judge": {"max_new_tokens": 4}}
+    with pytest.raises(UnpactError, match=r"judge\.max_new_tokens is 4, but 1 answer\(s\) take "
+                       r"more tokens .*item f-1 \(forget\).*judge\.kind: rouge"):  # fmt: skip
+        run(judged, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    taught = {
+        **base,
+        "judge": {"max_new_tokens": 64},
+        "inject": {"settings": {"max_new_tokens": 4}},
+    }
+    with pytest.raises(UnpactError, match=r"inject\.settings\.max_new_tokens is 4"):
+        run(taught, tmp_path / "out2", cache_dir=tmp_path / "cache", progress=False)
+    rouge = {**base, "judge": {"kind": "rouge", "max_new_tokens": 4}, "methods": []}
+    with pytest.raises(UnpactError, match="methods"):  # rouge reads part of an answer: passes
+        run(rouge, tmp_path / "out3", cache_dir=tmp_path / "cache", progress=False)
+    assert not list((tmp_path / "uc").glob("**/inject.json"))  # nothing was taught
+    assert not list((tmp_path / "cache").glob("unlearned/*"))  # nor trained
+
+
 # ------------------------------------------------------------------------- the config
 
 

@@ -224,6 +224,7 @@ def run(
     _start(out, cfg)
     data = _data(cfg, cache)
     _check_depths(cfg)  # before the injection, which may take hours
+    _check_answer_room(cfg, data)
     original = _original(p, data)
     p.original_spec = original.spec
     # the original's stages first: what they refuse (a prompt attribution cannot take, an
@@ -368,6 +369,40 @@ def _check_depths(cfg: RunConfig) -> None:
             get_method(spec.method)(ucfg.method_settings()).check_depth(depth)
         except UnpactError as exc:
             raise UnpactError(f"methods.{n} ({spec.label}): {exc}") from None
+
+
+def _check_answer_room(cfg: RunConfig, data: Data) -> None:
+    """Every judged answer fits in the greedy answers the contains judge reads (the
+    injection's too): one that cannot was counted as not known, before and after
+    unlearning, and the run reported nothing forgotten."""
+    from unpact.inject import InjectConfig
+    from unpact.judge import check_answer_room
+    from unpact.models import load_tokenizer
+
+    if is_remote_spec(cfg.model):
+        return  # its tokenizer is behind the server
+    try:
+        tokenizer = load_tokenizer(cfg.model)
+    except UnpactError:
+        return  # loading the model says why (a hub id without a hub, code of its own)
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    if cfg.judge.kind == "contains":
+        judged = [i for split in data.splits.values() for i in split]
+        check_answer_room(
+            judged,
+            cfg.judge.max_new_tokens,
+            count,
+            "judge.max_new_tokens",
+            ", or judge sentence-long answers by ROUGE-L recall (judge.kind: rouge); "
+            "`unpact audit`: --max-new-tokens, --judge rouge",
+        )
+    if cfg.inject.enabled:
+        taught = data.splits["forget"] + data.splits["retain"]
+        room = InjectConfig(**cfg.inject.settings).max_new_tokens
+        check_answer_room(taught, room, count, "inject.settings.max_new_tokens")
 
 
 def _unlearn(p: Pipeline, data: Data, original: Model, spec: MethodSpec) -> Model:

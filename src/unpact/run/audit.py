@@ -78,6 +78,8 @@ def audit_config(
     attacks: list[str] | None = None,
     general: str | None = "general",
     device: str = "auto",
+    judge: str = "contains",
+    max_new_tokens: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The run config of an audit, and the parts it leaves out with the reason (an attack
     that needs weights on a served model)."""
@@ -86,6 +88,10 @@ def audit_config(
 
     if preset not in PRESETS:
         raise UnpactError(f"--preset: {preset!r} is not one of {', '.join(PRESETS)}")
+    if judge not in ("contains", "rouge"):
+        raise UnpactError(f"--judge: {judge!r} is not one of contains, rouge")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise UnpactError(f"--max-new-tokens: {max_new_tokens} is not a positive number")
     chosen = [dict(a) for a in PRESETS[preset]["attacks"]]
     if attacks is not None:
         known = {a.get("label") or a["name"] for a in chosen}
@@ -123,6 +129,8 @@ def audit_config(
         "methods": [{"model": unlearned, "name": "unlearned"}],
         "attacks": chosen,
         "attribution": preset_cfg["attribution"],
+        # contains-match for short answers; ROUGE-L recall for sentences (TOFU's)
+        "judge": {"kind": judge} | ({"max_new_tokens": max_new_tokens} if max_new_tokens else {}),
         "membership": {
             **preset_cfg["membership"],
             "reference": reference,
