@@ -66,7 +66,7 @@ def main(root: Path) -> None:
             {"name": "probab", "settings": {"samples": 2}},
             {"name": "relearn", "settings": {"items": 1, "steps": 2, "data": "retain"}},
         ],
-        "judge": {"max_new_tokens": 4},
+        "judge": {"max_new_tokens": 8},  # "Quintrell" is 6 tokens here
         "statistics": {"resamples": 20},
     }
     run(config, root / "out", cache_dir=root / "cache", progress=False)

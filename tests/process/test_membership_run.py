@@ -80,7 +80,7 @@ def done(tmp_path_factory, tiny):
         },
         "methods": [{"method": "ga", "config": {"lr": 3e-3, "steps": 3, "batch_size": 2}}],
         "attacks": [{"name": "focus_on_key"}],
-        "judge": {"max_new_tokens": 4},
+        "judge": {"max_new_tokens": 8},  # "Quintrell" is 6 tokens here
         "statistics": {"resamples": 40},
         "membership": {"verbmem_prefix": 4, "verbmem_new_tokens": 4},
     }

@@ -46,7 +46,7 @@ def done(tmp_path_factory, tiny):
         # a strong GA run: the tiny model forgets, so there are items to attack
         "methods": [{"method": "ga", "config": {"lr": 1e-2, "steps": 6, "batch_size": 2}}],
         "attacks": ATTACKS,
-        "judge": {"max_new_tokens": 4},
+        "judge": {"max_new_tokens": 8},  # "Quintrell" is 6 tokens here
         "statistics": {"resamples": 20},
         "membership": {"gradnorm": False, "verbmem_prefix": 4, "verbmem_new_tokens": 4},
     }

@@ -126,7 +126,7 @@ def _runner_config(tmp_path, tiny, benchmark: str, **extra) -> dict:
         "inject": {"enabled": False},
         "methods": [{"method": "ga_gd", "config": {"steps": 1, "batch_size": 2}}],
         "attacks": [{"name": "focus_on_key"}],
-        "judge": {"max_new_tokens": 4},
+        "judge": {"max_new_tokens": 16},  # names of 12-15 tokens here
         "statistics": {"resamples": 0},
     } | extra
 
