@@ -493,6 +493,7 @@ def inject(
     precision: Annotated[str | None, typer.Option(help=_inject_help("precision"))] = None,
     seed: Annotated[int | None, typer.Option(help=_inject_help("seed"))] = None,
     device: Annotated[str | None, typer.Option(help=_inject_help("device"))] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help=_inject_help("max_new_tokens"))] = None,
     teach: Annotated[
         str,
         typer.Option(
@@ -521,13 +522,10 @@ def inject(
         "precision": precision,
         "seed": seed,
         "device": device,
+        "max_new_tokens": max_new_tokens,
     }
     config = InjectConfig(**{k: v for k, v in given.items() if v is not None})
-    if (
-        out_dir is not None
-        and out_dir.exists()
-        and not (out_dir.is_dir() and not any(out_dir.iterdir()))
-    ):
+    if out_dir is not None and out_dir.exists() and not _empty_folder(out_dir):
         raise UnpactError(f"--out {out_dir}: exists and is not an empty folder")
     result = run_inject(model, benchmark, config, teach=teach)
     acc = "  ".join(f"{k} {v:.1%}" for k, v in result.accuracy.items())
@@ -548,6 +546,10 @@ def inject(
         link_model(result.path, out_dir)
         where = out_dir
     out.print(f"use it with --model {where}")
+
+
+def _empty_folder(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
 
 
 def _method_names() -> list[str]:

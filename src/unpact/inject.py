@@ -545,7 +545,11 @@ def inject(
     asked = [i for i in bench.items if i.split in ("forget", "retain") and not i.is_mcq]
     encode_questions(lm, asked, config.max_new_tokens)
     check_answer_room(  # its judge is contains-match
-        asked, config.max_new_tokens, lambda text: len(lm.encode_answer(text)), "max_new_tokens"
+        asked,
+        config.max_new_tokens,
+        lambda text: len(lm.encode_answer(text)),
+        "max_new_tokens",
+        " (unpact inject --max-new-tokens; inject.settings.max_new_tokens in a run)",
     )
     general = load_benchmark(config.general).items if config.general else []
     with _timed(timings, "base general"):

@@ -161,6 +161,9 @@ def test_cli_passes_precision_and_rejects_an_unknown_one(monkeypatch):
     assert runner.invoke(app, ["inject", "--precision", "fp32"]).exit_code == 0
     assert runner.invoke(app, ["inject"]).exit_code == 0
     assert [c.precision for c in seen] == ["fp32", "auto"]
+    # the answer length its judge reads (a run's inject.settings.max_new_tokens)
+    assert runner.invoke(app, ["inject", "--max-new-tokens", "40"]).exit_code == 0
+    assert seen[-1].max_new_tokens == 40 and seen[0].max_new_tokens == 24
 
 
 def test_a_run_config_and_the_cli_take_a_real_benchmark(tmp_path):
