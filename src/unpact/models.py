@@ -32,7 +32,13 @@ from pydantic import AfterValidator
 
 from unpact.errors import UnpactError
 from unpact.files import atomic_text, write_folder_atomically
-from unpact.scoring import DEFAULT_TOKEN_BUDGET, answer_logprobs, check_head, generate_local
+from unpact.scoring import (
+    DEFAULT_TOKEN_BUDGET,
+    answer_logprobs,
+    check_head,
+    generate_local,
+    text_config,
+)
 from unpact.types import (
     EncodedPrompt,
     is_remote_spec,
@@ -86,7 +92,7 @@ class LanguageModel:
     @property
     def max_length(self) -> int:
         """The longest input (prompt + answer) the model accepts, in tokens."""
-        n = getattr(self.model.config, "max_position_embeddings", None)
+        n = getattr(text_config(self.model), "max_position_embeddings", None)
         return int(n) if n else 1 << 30
 
     @property

@@ -55,7 +55,7 @@ def answer_logprobs(
     continues from its keys/values (`share_prefix`, default on; gradients flow through
     the shared prefix as through separate copies).
     """
-    limit = max_length or int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+    limit = max_length or int(getattr(text_config(model), "max_position_embeddings", 0) or 1 << 30)
     check_pairs(prompts, answers, limit)
     results: list[torch.Tensor | None] = [None] * len(prompts)
     batches = list(
@@ -106,9 +106,7 @@ def attention_window(model: Any) -> int | None:
     3, Qwen2 with `use_sliding_window`, Phi-3 where set) or its attention chunk (Llama 4);
     None where every layer sees the whole sequence. Read from the (text) config, as
     transformers' own mask builders read it."""
-    config = model.config
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
+    config = text_config(model)
     types = getattr(config, "layer_types", None)
     spans: list[int] = []
     for field, kind in (("sliding_window", "sliding"), ("attention_chunk_size", "chunked")):
@@ -207,10 +205,22 @@ def token_budget_batches(lengths: Sequence[int], budget: int) -> Iterator[list[i
 def lm_body_and_head(model: Any) -> tuple[Any, Any]:
     """The transformer body (returns hidden states) and the output projection of a causal LM.
 
-    A peft model is unwrapped first: its adapters live inside the wrapped model's layers."""
+    A peft model is unwrapped first: its adapters live inside the wrapped model's layers.
+    A vision-language model that transformers loads as a causal LM (Gemma 3 from 4B: its
+    body holds a `language_model`) is scored through its language model: text alone takes
+    no other path."""
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
-    return model.base_model, model.get_output_embeddings()
+    body = model.base_model
+    inner = getattr(body, "language_model", None)
+    return (inner if isinstance(inner, torch.nn.Module) else body), model.get_output_embeddings()
+
+
+def text_config(model: Any) -> Any:
+    """The configuration of a model's text part: its config, or a vision-language model's
+    `text_config` (where the context length, the layers and the logit settings are)."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 # where the decoder blocks and the final norm live: Llama-style (layers, norm), GPT-2 and
@@ -272,10 +282,11 @@ def head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     scale = getattr(model, "logit_scale", None)  # Cohere multiplies its logits
     if isinstance(scale, (int, float)) and not isinstance(scale, bool):
         logits = logits * scale
-    divisor = getattr(model.config, "logits_scaling", None)  # Granite divides them
+    config = text_config(model)
+    divisor = getattr(config, "logits_scaling", None)  # Granite divides them
     if divisor:
         logits = logits / divisor
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    cap = getattr(config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits

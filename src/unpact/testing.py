@@ -99,7 +99,8 @@ def tiny_other(arch: str, seed: int = 0) -> LanguageModel:
     OPT-350m, post-norm with projections in and out of the residual stream), `gpt_neox`
     (`embed_in`, `final_layer_norm`), `qwen2` (biased q/k/v), `gemma` (scaled embeddings),
     `mistral` (every layer attends to a sliding window of `WINDOW` tokens), `gemma2` (every
-    other layer does) and `bloom` (ALiBi biases built from a 2-D mask)."""
+    other layer does), `bloom` (ALiBi biases built from a 2-D mask) and `gemma3_vl` (a
+    vision-language model: the text model is its `language_model`)."""
     import transformers as tf
 
     tok = tiny_tokenizer()
@@ -129,6 +130,19 @@ def tiny_other(arch: str, seed: int = 0) -> LanguageModel:
         "mistral": lambda: tf.MistralConfig(**llama_like, sliding_window=WINDOW),
         "gemma2": lambda: tf.Gemma2Config(**llama_like, head_dim=16, sliding_window=WINDOW),
         "bloom": lambda: tf.BloomConfig(hidden_size=64, n_layer=2, n_head=4, **ids),
+        # Gemma 3 from 4B: a vision-language model whose text part is a `language_model`
+        "gemma3_vl": lambda: tf.Gemma3Config(
+            text_config={**llama_like, "head_dim": 16, "sliding_window": WINDOW},
+            vision_config={
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "image_size": 28,
+                "patch_size": 14,
+            },
+            mm_tokens_per_image=4,
+        ),
     }
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(configs[arch]())

@@ -243,7 +243,10 @@ def test_a_model_that_changes_its_logits_unknown_to_the_kernel_is_refused():
 
 @pytest.mark.parametrize(
     "arch",
-    ["gpt2", "opt", "opt_proj", "gpt_neox", "qwen2", "phi", "gemma", "mistral", "gemma2", "bloom"],
+    [
+        *("gpt2", "opt", "opt_proj", "gpt_neox", "qwen2", "phi", "gemma"),
+        *("mistral", "gemma2", "bloom", "gemma3_vl"),
+    ],
 )
 def test_batched_scoring_and_greedy_generation_in_other_architectures(arch):
     """Scoring states positions itself (padding on either side, the shared prefix's cache):

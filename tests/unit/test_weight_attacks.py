@@ -310,7 +310,10 @@ def test_the_lens_cannot_tell_options_that_open_with_the_same_token(saved):
 
 @pytest.mark.parametrize(
     "arch",
-    ["gpt2", "opt", "opt_proj", "gpt_neox", "qwen2", "gemma", "phi", "mistral", "gemma2", "bloom"],
+    [
+        *("gpt2", "opt", "opt_proj", "gpt_neox", "qwen2", "gemma", "phi"),
+        *("mistral", "gemma2", "bloom", "gemma3_vl"),
+    ],
 )
 def test_the_residual_stream_is_read_and_ablated_in_other_architectures(arch):
     """Once Llama-style only (`embed_tokens`, `layers`, `norm`): GPT-2, OPT and GPT-NeoX were

@@ -356,7 +356,8 @@ def _check_depths(cfg: RunConfig) -> None:
     if folder is None:
         return  # a hub id or a served model: checked when the model is loaded
     try:
-        depth = getattr(AutoConfig.from_pretrained(folder), "num_hidden_layers", None)
+        config = AutoConfig.from_pretrained(folder)
+        depth = getattr(config.get_text_config(), "num_hidden_layers", None)
     except (OSError, ValueError):  # a model of its own code: checked when it is loaded
         return
     if not isinstance(depth, int):
