@@ -99,8 +99,9 @@ def tiny_other(arch: str, seed: int = 0) -> LanguageModel:
     OPT-350m, post-norm with projections in and out of the residual stream), `gpt_neox`
     (`embed_in`, `final_layer_norm`), `qwen2` (biased q/k/v), `gemma` (scaled embeddings),
     `mistral` (every layer attends to a sliding window of `WINDOW` tokens), `gemma2` (every
-    other layer does), `bloom` (ALiBi biases built from a 2-D mask) and `gemma3_vl` (a
-    vision-language model: the text model is its `language_model`)."""
+    other layer does), `bloom` (ALiBi biases built from a 2-D mask), `mixtral` and `gpt_oss`
+    (mixtures of experts) and `gemma3_vl` (a vision-language model: the text model is its
+    `language_model`)."""
     import transformers as tf
 
     tok = tiny_tokenizer()
@@ -130,6 +131,15 @@ def tiny_other(arch: str, seed: int = 0) -> LanguageModel:
         "mistral": lambda: tf.MistralConfig(**llama_like, sliding_window=WINDOW),
         "gemma2": lambda: tf.Gemma2Config(**llama_like, head_dim=16, sliding_window=WINDOW),
         "bloom": lambda: tf.BloomConfig(hidden_size=64, n_layer=2, n_head=4, **ids),
+        # mixtures of experts, each projection one 3-D parameter: (experts, out, in), and
+        # GPT-OSS's (experts, in, out) (`is_transposed`)
+        "mixtral": lambda: tf.MixtralConfig(**llama_like, num_local_experts=3),
+        "gpt_oss": lambda: tf.GptOssConfig(
+            **{**llama_like, "intermediate_size": 64},
+            head_dim=16,
+            num_local_experts=3,
+            num_experts_per_tok=2,
+        ),
         # Gemma 3 from 4B: a vision-language model whose text part is a `language_model`
         "gemma3_vl": lambda: tf.Gemma3Config(
             text_config={**llama_like, "head_dim": 16, "sliding_window": WINDOW},

@@ -245,7 +245,7 @@ def test_a_model_that_changes_its_logits_unknown_to_the_kernel_is_refused():
     "arch",
     [
         *("gpt2", "opt", "opt_proj", "gpt_neox", "qwen2", "phi", "gemma"),
-        *("mistral", "gemma2", "bloom", "gemma3_vl"),
+        *("mistral", "gemma2", "bloom", "gemma3_vl", "mixtral", "gpt_oss"),
     ],
 )
 def test_batched_scoring_and_greedy_generation_in_other_architectures(arch):

@@ -97,6 +97,34 @@ def test_quantize_rounds_gpt2s_conv1d_layers_along_their_input_features():
         assert torch.equal(got, round_trip(w.t(), 4, 32).t()), name
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_quantize_rounds_every_expert_of_a_mixture(arch):
+    """transformers keeps a mixture's experts as 3-D parameters, which torchao's `quantize_`
+    (Linear modules only) never saw: a 4-bit attack on Mixtral rounded the attention alone,
+    a fraction of the weights, and reported the model quantized. Each expert's matrix is
+    rounded as a linear layer of (out, in), GPT-OSS's stored transposed; the rest stays."""
+    from unpact.attacks.quantize import expert_weights
+    from unpact.testing import tiny_other
+
+    lm = tiny_other(arch)
+    experts = expert_weights(lm.model)
+    assert len(experts) == 2 * 2  # gate_up_proj, down_proj per layer
+    before = {name: getattr(m, attr).detach().clone() for name, m, attr in experts}
+    rounded = {f"{n}.weight" for n, _ in quantizable(lm.model)} | {f"model.{n}" for n in before}
+    rest = {n: p.detach().clone() for n, p in lm.model.named_parameters() if n not in rounded}
+    assert any(".mlp.gate." in n or ".mlp.router." in n for n in rest)  # the routers
+    assert quantize_weights(lm.model, 4, 32) == len(quantizable(lm.model)) + 4 * 3  # 3 experts
+    for name, module, attr in experts:
+        flipped = getattr(module, "is_transposed", False)
+        assert flipped == (arch == "gpt_oss")
+        w = before[name].transpose(1, 2) if flipped else before[name]
+        want = torch.stack([round_trip(x, 4, 32) for x in w])
+        assert torch.equal(getattr(module, attr), want.transpose(1, 2) if flipped else want), name
+    for n, p in lm.model.named_parameters():
+        if n in rest:  # routers, norms, embeddings, biases, the LM head: as they were
+            assert torch.equal(p, rest[n]), n
+
+
 def test_projecting_out_removes_exactly_the_direction():
     torch.manual_seed(0)
     h, d = torch.randn(5, 7, 16), torch.randn(16)
@@ -312,7 +340,7 @@ def test_the_lens_cannot_tell_options_that_open_with_the_same_token(saved):
     "arch",
     [
         *("gpt2", "opt", "opt_proj", "gpt_neox", "qwen2", "gemma", "phi"),
-        *("mistral", "gemma2", "bloom", "gemma3_vl"),
+        *("mistral", "gemma2", "bloom", "gemma3_vl", "mixtral", "gpt_oss"),
     ],
 )
 def test_the_residual_stream_is_read_and_ablated_in_other_architectures(arch):

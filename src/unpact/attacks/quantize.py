@@ -41,6 +41,29 @@ def quantizable(model: Any) -> list[tuple[str, torch.nn.Module]]:
     ]
 
 
+def expert_weights(model: Any) -> list[tuple[str, torch.nn.Module, str]]:
+    """The experts of a mixture-of-experts model (Mixtral, Qwen-MoE, OLMoE, GPT-OSS): each
+    projection is one 3-D parameter of (experts, out, in), or (experts, in, out) where the
+    module says `is_transposed`, on a module with `num_experts`. Each expert's matrix is a
+    linear layer to round; they hold most of such a model's weights, and torchao's
+    `quantize_` sees only `Linear` modules. The router stays in full precision, as in
+    the published quantized MoE checkpoints."""
+    body, _ = _body_head(model)
+    return [
+        (f"{name}.{attr}", module, attr)
+        for name, module in body.named_modules()
+        if hasattr(module, "num_experts")
+        for attr, p in module.named_parameters(recurse=False)
+        if p.dim() == 3 and attr.endswith("proj")
+    ]
+
+
+def _experts_out_in(module: torch.nn.Module, attr: str) -> torch.Tensor:
+    """An expert parameter as (experts, out features, in features)."""
+    w: torch.Tensor = getattr(module, attr)
+    return w.transpose(1, 2) if getattr(module, "is_transposed", False) else w
+
+
 def _out_in(layer: torch.nn.Module) -> torch.Tensor:
     """The layer's weight as (out features, in features), the layout quantization groups."""
     w: torch.Tensor = layer.weight  # type: ignore[assignment]
@@ -62,7 +85,8 @@ def quantize_weights(
 ) -> int:
     """Round `model`'s linear weights (in place) to `bits`-bit integers, group-wise along
     the input dimension (`group_size` columns share a scale; None: one per output row),
-    and put back the dequantized float weights. Returns how many layers were quantized.
+    and put back the dequantized float weights; a mixture of experts' matrices too
+    (`expert_weights`). Returns how many matrices were quantized.
 
     `rtn`: round to nearest with the group's min/max (asymmetric: a zero point; symmetric:
     scale = max |w| / (2^(bits-1) - 1)). `hqq`: HQQ's optimised scales (symmetric)."""
@@ -75,10 +99,12 @@ def quantize_weights(
     if not 2 <= bits <= 8:
         raise UnpactError(f"quantize: bits must be between 2 and 8, not {bits}")
     layers = quantizable(model)
-    if not layers:
+    experts = expert_weights(model)
+    if not layers and not experts:
         raise UnpactError(f"quantize: {type(model).__name__} has no linear layer to quantize")
-    for name, layer in layers:
-        width = _out_in(layer).shape[1]
+    widths = [(name, _out_in(layer).shape[1]) for name, layer in layers]
+    widths += [(name, _experts_out_in(m, attr).shape[2]) for name, m, attr in experts]
+    for name, width in widths:
         if group_size is not None and width % group_size:
             raise UnpactError(
                 f"quantize: group_size {group_size} does not divide {name}'s {width} input "
@@ -94,16 +120,27 @@ def quantize_weights(
         if algorithm == "hqq"
         else IntxChooseQParamsAlgorithm.AFFINE,
     )
-    for _, layer in layers:  # one at a time, through a plain Linear holding its weight
-        w = _out_in(layer).detach()
+
+    def rounded(w: torch.Tensor) -> torch.Tensor:
+        """One (out, in) matrix through a plain Linear holding it, quantized by torchao."""
         shadow = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
         shadow.weight = torch.nn.Parameter(w.contiguous(), requires_grad=False)
         quantize_(shadow, config)
-        dequantized = shadow.weight.dequantize().to(w.dtype)
+        return shadow.weight.dequantize().to(w.dtype)
+
+    for _, layer in layers:  # one at a time
+        dequantized = rounded(_out_in(layer).detach())
         if not isinstance(layer, torch.nn.Linear):
             dequantized = dequantized.t().contiguous()
         layer.weight = torch.nn.Parameter(dequantized, requires_grad=False)
-    return len(layers)
+    count = len(layers)
+    for _, module, attr in experts:  # each expert's matrix as its own layer
+        stacked = torch.stack([rounded(w) for w in _experts_out_in(module, attr).detach()])
+        if getattr(module, "is_transposed", False):
+            stacked = stacked.transpose(1, 2)
+        setattr(module, attr, torch.nn.Parameter(stacked.contiguous(), requires_grad=False))
+        count += stacked.shape[0]
+    return count
 
 
 def round_trip(
