@@ -105,6 +105,21 @@ def test_audit_mistakes_exit_2(pair, tmp_path, args, message):
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
 
 
+def test_a_pair_with_two_tokenizers_is_named_by_its_option_before_any_stage(pair, tmp_path):
+    """A mismatched pair ran every stage, then failed at the focus figures ('the two
+    attributions have different units')."""
+    other = tiny_model(seed=1, vocab_size=300)
+    save_model(other.model, other.tokenizer, tmp_path / "other")
+    res = _audit(
+        *("--original", str(pair / "original"), "--unlearned", str(tmp_path / "other")),
+        *("--benchmark", str(pair / "bench"), "--out", str(tmp_path / "a")),
+        cache=tmp_path / "cache",
+    )
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "--unlearned" in res.stderr and "another tokenizer" in res.stderr
+    assert not (tmp_path / "cache" / "stages").exists()
+
+
 def test_an_unknown_benchmark_is_named_by_its_option(pair, tmp_path):
     res = _audit(
         *("--original", str(pair / "original"), "--unlearned", str(pair / "unlearned")),

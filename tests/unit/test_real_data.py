@@ -168,8 +168,19 @@ def test_a_named_reference_enables_membership_and_another_tokenizer_is_refused(t
     other = tiny_model(seed=1, vocab_size=300)
     save_model(other.model, other.tokenizer, tmp_path / "other")
     config["membership"] = {"reference": str(tmp_path / "other")}
-    with pytest.raises(UnpactError, match="another tokenizer"):
+    with pytest.raises(UnpactError, match=r"membership\.reference .* another tokenizer"):
         run(config, tmp_path / "out2", cache_dir=tmp_path / "cache", progress=False)
+    # an unlearned model given as it is, and the base: refused before any stage, not at
+    # the focus figures after every stage (an unlearned model was never checked)
+    config["membership"] = {"base": str(tmp_path / "other")}
+    with pytest.raises(UnpactError, match=r"membership\.base .* another tokenizer"):
+        run(config, tmp_path / "out3", cache_dir=tmp_path / "cache3", progress=False)
+    config["membership"] = {"enabled": False}
+    config["methods"] = [{"model": str(tmp_path / "other"), "name": "theirs"}]
+    with pytest.raises(UnpactError, match=r"methods\.0 \(theirs\) .* another tokenizer"):
+        run(config, tmp_path / "out4", cache_dir=tmp_path / "cache4", progress=False)
+    for cache in ("cache3", "cache4"):  # TOFU's items as files, and no stage
+        assert [p.name for p in (tmp_path / cache).iterdir()] == ["subsets"]
 
 
 def test_muse_membership_runs_on_its_documents(tmp_path, tiny):

@@ -225,6 +225,7 @@ def run(
     data = _data(cfg, cache)
     _check_depths(cfg)  # before the injection, which may take hours
     _check_answer_room(cfg, data)
+    _check_tokenizers(cfg)
     original = _original(p, data)
     p.original_spec = original.spec
     # the original's stages first: what they refuse (a prompt attribution cannot take, an
@@ -370,6 +371,23 @@ def _check_depths(cfg: RunConfig) -> None:
             get_method(spec.method)(ucfg.method_settings()).check_depth(depth)
         except UnpactError as exc:
             raise UnpactError(f"methods.{n} ({spec.label}): {exc}") from None
+
+
+def _check_tokenizers(cfg: RunConfig) -> None:
+    """Every model the run compares with the original (an unlearned model given as it is,
+    the named reference and base) has its tokenizer: another one was refused only by the
+    membership stage, or not at all (a mismatched pair failed at the focus figures, after
+    every stage had run)."""
+    from unpact.run.membership import same_tokenizer
+
+    named: list[tuple[str, str | None]] = [
+        (f"methods.{n} ({m.label})", m.model) for n, m in enumerate(cfg.methods)
+    ]
+    named += [("membership.reference", cfg.membership.reference)]
+    named += [("membership.base", cfg.membership.base)]
+    for what, spec in named:
+        if spec is not None:
+            same_tokenizer(cfg.model, spec, what)
 
 
 def _check_answer_room(cfg: RunConfig, data: Data) -> None:

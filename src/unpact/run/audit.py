@@ -297,7 +297,7 @@ def audit(
     from unpact.data.sources import load_benchmark
     from unpact.models import check_spec
     from unpact.run import run
-    from unpact.run.membership import NO_REFERENCE
+    from unpact.run.membership import NO_REFERENCE, same_tokenizer
     from unpact.run.store import atomic_text
 
     try:  # the user's mistake named by the option they gave, before any model loads
@@ -311,6 +311,9 @@ def audit(
             check_spec(spec)
         except UnpactError as e:
             raise UnpactError(f"--{option}: {e}") from None
+    for option, spec in named.items():  # a mismatched pair, named by its option
+        if option != "original":
+            same_tokenizer(original, spec, f"--{option}")
     config, skipped = audit_config(original, unlearned, benchmark, **options)
     result = run(config, out, cache_dir=cache_dir, progress=progress, log=log)
     if result.results.get("skipped", {}).get("membership") == NO_REFERENCE:

@@ -233,9 +233,11 @@ def retrained(p: Pipeline, data: Data) -> Model:
     return Model("retrained", str(done.path), key, {"injection": done.summary()})
 
 
-def same_tokenizer(original: str, spec: str) -> None:
-    """Refuse a reference model whose tokenizer differs from the original's: its per-token
-    scores would not be comparable text by text. Reads the two tokenizers only."""
+def same_tokenizer(original: str, spec: str, what: str = "membership.reference") -> None:
+    """Refuse a model compared with the original (an unlearned model given as it is, the
+    never-taught reference, the base) whose tokenizer differs from the original's: its
+    per-token scores and attributions would not be comparable text by text. Reads the two
+    tokenizers only; `what` names the setting."""
     from unpact.models import load_tokenizer
     from unpact.types import is_remote_spec
 
@@ -245,10 +247,10 @@ def same_tokenizer(original: str, spec: str) -> None:
     vb = load_tokenizer(spec).get_vocab()
     if va != vb:
         raise UnpactError(
-            f"membership.reference {spec} has another tokenizer than the original model "
+            f"{what} {spec} has another tokenizer than the original model {original} "
             f"({len(vb)} against {len(va)} tokens, or the same size with other ids): its "
-            "token log-probs cannot be compared with the original's; give a reference "
-            "trained from the same base model"
+            "token log-probs and attributions cannot be compared with the original's; give "
+            "a model trained from the same base model"
         )
 
 
@@ -510,9 +512,7 @@ def compute(
     if reason is not None:
         return Membership(skipped=reason)
     settings = p.cfg.membership
-    reference = retrained(p, data)
-    if settings.reference is not None:
-        same_tokenizer(original.spec, reference.spec)
+    reference = retrained(p, data)  # a named one's tokenizer: checked when the run began
     items = data.splits["forget"] + data.holdout
     item_key = digest([i.to_dict() for i in items])  # the truth-ratio answers included
     base_spec = settings.base or p.cfg.model
