@@ -814,7 +814,7 @@ def _dequantise_gguf(gguf: Path, sha: str, tmp: Path) -> None:
 def save_model(
     model: Any,
     tokenizer: Any,
-    folder: Path,
+    folder: str | Path,
     extra: dict[str, str] | None = None,
     replace: bool = True,
 ) -> None:
@@ -833,6 +833,6 @@ def save_model(
     hf_logging.disable_progress_bar()  # its shard-writing bar is noise for a 1-file model
     try:
         complete = None if replace else (lambda done: (done / "config.json").is_file())
-        write_folder_atomically(folder, write, replace=replace, complete=complete)
+        write_folder_atomically(Path(folder), write, replace=replace, complete=complete)
     finally:
         hf_logging.enable_progress_bar()

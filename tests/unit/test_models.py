@@ -347,7 +347,7 @@ def test_a_model_spec_may_be_a_path(tiny, tmp_path):
     from unpact import open_model
     from unpact.models import save_model
 
-    save_model(tiny.model, tiny.tokenizer, tmp_path / "m")
+    save_model(tiny.model, tiny.tokenizer, str(tmp_path / "m"))  # a string: once an AttributeError
     assert load_model(Path(tmp_path / "m")).spec == str(tmp_path / "m")
     assert open_model(tmp_path / "m").spec == str(tmp_path / "m")
     with pytest.raises(TypeError, match="a model spec is a string or a path"):
