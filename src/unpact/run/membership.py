@@ -244,7 +244,10 @@ def same_tokenizer(original: str, spec: str, what: str = "membership.reference")
     if is_remote_spec(original) or is_remote_spec(spec):
         return  # a served model's vocabulary is not at hand; the user vouches for it
     va = load_tokenizer(original).get_vocab()
-    vb = load_tokenizer(spec).get_vocab()
+    try:
+        vb = load_tokenizer(spec).get_vocab()
+    except UnpactError as exc:
+        raise UnpactError(f"{what}: {exc}") from None
     if va != vb:
         raise UnpactError(
             f"{what} {spec} has another tokenizer than the original model {original} "
