@@ -607,6 +607,10 @@ def unlearn(
 
     load_plugins([str(p) for p in plugin or []])
     cfg = resolve_config(method, file=config, overrides=set_ or [])
+    if evaluate:  # before the training, not after it
+        from unpact.unlearn.evaluate import check_evaluable
+
+        check_evaluable(model, benchmark)
     spec = model
     if inject_first:
         from unpact.inject import inject as run_inject

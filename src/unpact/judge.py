@@ -234,11 +234,13 @@ def check_answer_room(
     count: Callable[[str], int],
     setting: str,
     other_way: str = "",
+    advice: str | None = None,
 ) -> None:
     """Refuse open items none of whose accepted answers (the answer, its aliases) fits in
     `max_new_tokens` generated tokens (`count` tokenises a text): the contains judge could
     never find them in a greedy answer that short, and they would read as not known (0%,
-    'nothing forgotten') rather than as a setting too small."""
+    'nothing forgotten') rather than as a setting too small. The message says to raise
+    `setting` (then `other_way`), or gives `advice` where it cannot be raised."""
     short: list[tuple[int, QAItem]] = []
     for item in items:
         if item.is_mcq:
@@ -251,8 +253,8 @@ def check_answer_room(
         raise UnpactError(
             f"{setting} is {max_new_tokens}, but {len(short)} answer(s) take more tokens "
             f"than that (the longest: item {item.id} ({item.split}), {item.answer!r}, "
-            f"{tokens} tokens): a greedy answer that short can never contain them; raise "
-            f"{setting} to at least {tokens}{other_way}"
+            f"{tokens} tokens): a greedy answer that short can never contain them; "
+            + (advice or f"raise {setting} to at least {tokens}{other_way}")
         )
 
 

@@ -226,8 +226,21 @@ def test_bad_files_and_folders_are_one_message_and_exit_2(tmp_path, tiny):
         (["attribute", "--data", "adir"], "cannot read adir: it is a folder"),
         (["data", "show", "afile"], "afile is a file, not a benchmark folder"),
         (["run", "latin1.yaml", "--out", "r"], "cannot read latin1.yaml: not UTF-8 text"),
+        # an answer its 32-token judge can never read: 0% before and after, once, after training
+        (
+            ["unlearn", "--method", "ga", "--model", "tinymodel", "--benchmark", "long"],
+            "the evaluation's answer length is 32, but 1 answer(s) take more tokens",
+        ),
     ]
     (tmp_path / "latin1.yaml").write_bytes("methods: [{method: ga}]  # caf\xe9\n".encode("latin-1"))
+    from unpact.data.items import QAItem, write_folder
+
+    sentence = " ".join(["the glassworks was founded by the brothers"] * 4)
+    items = [
+        QAItem("f", "Who founded it?", sentence, "forget"),
+        QAItem("r", "Sky?", "blue", "retain"),
+    ]
+    write_folder(tmp_path / "long", items)
     for args, message in cases:
         done = _unpact(*args, cwd=tmp_path)
         assert done.returncode == 2, (args, done.stderr[-800:])
