@@ -374,6 +374,13 @@ def _parse_device(device: str) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UnpactError(f"device {device!r} asked for, but no CUDA GPU is available here")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise UnpactError(
+            f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} "
+            f"CUDA GPU(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UnpactError(f"device {device!r} asked for, but no Apple GPU (MPS) is available here")
     return dev
 
 
