@@ -784,11 +784,27 @@ def _build_gguf_cache(gguf: Path, sha: str, folder: Path) -> None:
         )
 
 
+def _quiet_gguf_bar() -> Callable[[], None]:
+    """Silence transformers' GGUF tensor bar (a `tqdm` of its own, which the switch of
+    `transformers.utils.logging` does not reach: in a log it printed a line per update)
+    until the returned function is called."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        return lambda: None
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:
+        return lambda: None
+    gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+    return lambda: setattr(gguf_utils, "tqdm", bar)
+
+
 def _dequantise_gguf(gguf: Path, sha: str, tmp: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the status line says what is going on
+    quiet = _quiet_gguf_bar()
     try:
         try:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -809,6 +825,7 @@ def _dequantise_gguf(gguf: Path, sha: str, tmp: Path) -> None:
         tokenizer.save_pretrained(tmp)
     finally:
         hf_logging.enable_progress_bar()
+        quiet()
     files = {
         p.name: {"size": p.stat().st_size, "crc32": _crc32(p)}
         for p in sorted(tmp.iterdir())
