@@ -171,6 +171,24 @@ def test_rmu_losses_and_early_exit_activations(bench):
     assert not method.trainable("model.layers.0.self_attn.q_proj.weight")
 
 
+def test_only_the_text_model_of_a_vision_language_model_trains():
+    """RMU's `layers.1.mlp` also named the vision encoder's layer 1 of Gemma 3 from 4B;
+    every method trains the text model and its head alone."""
+    from unpact.testing import tiny_other
+    from unpact.unlearn.config import resolve_config
+    from unpact.unlearn.loop import _trainable
+    from unpact.unlearn.methods import RMU, get_method
+
+    net = tiny_other("gemma3_vl").model
+    vision = [n for n, _ in net.named_parameters() if "vision" in n or "multi_modal" in n]
+    assert vision
+    for method in (RMU(RMU.Settings(layer=1)), get_method("ga")(None)):
+        _trainable(net, method, resolve_config("ga"))
+        trained = [n for n, p in net.named_parameters() if p.requires_grad]
+        assert trained and not set(trained) & set(vision), method.name
+        assert all("language_model" in n or "lm_head" in n for n in trained)
+
+
 def test_task_vector_negates_the_fine_tuning_direction():
     lm = tiny_model(seed=1)
     original = {n: p.detach().clone() for n, p in lm.model.named_parameters()}

@@ -40,7 +40,7 @@ from unpact.errors import UnpactError
 from unpact.files import atomic_text
 from unpact.models import LanguageModel, load_model, save_model
 from unpact.progress import progress_bar
-from unpact.scoring import decoder_layers
+from unpact.scoring import decoder_layers, lm_body_and_head
 from unpact.train import Trainer
 from unpact.types import spec_text
 from unpact.unlearn.config import LoraSettings, UnlearnConfig
@@ -308,10 +308,14 @@ def _references(
 
 
 def _trainable(net: Any, method: Method, config: UnlearnConfig) -> Any:
-    """Mark what the method trains (embeddings frozen if asked); with LoRA, the peft model."""
+    """Mark what the method trains (embeddings frozen if asked); with LoRA, the peft model.
+    Only the text model and its head train: a vision-language model's vision tower stays
+    as it is (RMU's `layers.1.mlp` named the vision encoder's too)."""
     embeddings = net.get_input_embeddings().weight
+    body, head = lm_body_and_head(net)
+    text = {id(p) for p in body.parameters()} | {id(p) for p in head.parameters()}
     for name, p in net.named_parameters():
-        p.requires_grad_(method.trainable(name))
+        p.requires_grad_(id(p) in text and method.trainable(name))
     if config.freeze_embeddings:
         embeddings.requires_grad_(False)
     if not any(p.requires_grad for p in net.parameters()):
