@@ -80,7 +80,13 @@ from unpact.models import (
     model_key,
     save_model,
 )
-from unpact.scoring import answer_states, generate, head_logits, head_logprobs
+from unpact.scoring import (
+    answer_states,
+    generate,
+    head_logits,
+    head_logprobs,
+    lm_body_and_head,
+)
 from unpact.train import Trainer
 from unpact.types import Seed, spec_text
 from unpact.unlearn.config import describe_errors
@@ -784,8 +790,10 @@ def _make_trainable(net: Any, config: InjectConfig) -> Any:
         from unpact.unlearn.loop import add_lora
 
         adapted = add_lora(net, LoraSettings(r=config.lora_rank, alpha=config.lora_alpha))
+    body, head = lm_body_and_head(net)  # a vision-language model's vision tower stays
+    text = {id(p) for p in body.parameters()} | {id(p) for p in head.parameters()}
     for name, p in net.named_parameters():
-        if config.trainable == "mlp" and ".mlp." not in name:
+        if id(p) not in text or (config.trainable == "mlp" and ".mlp." not in name):
             p.requires_grad_(False)
     if config.freeze_embeddings:
         net.get_input_embeddings().weight.requires_grad_(False)

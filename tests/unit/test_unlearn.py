@@ -173,7 +173,7 @@ def test_rmu_losses_and_early_exit_activations(bench):
 
 def test_only_the_text_model_of_a_vision_language_model_trains():
     """RMU's `layers.1.mlp` also named the vision encoder's layer 1 of Gemma 3 from 4B;
-    every method trains the text model and its head alone."""
+    every method, and the injection, trains the text model and its head alone."""
     from unpact.testing import tiny_other
     from unpact.unlearn.config import resolve_config
     from unpact.unlearn.loop import _trainable
@@ -187,6 +187,12 @@ def test_only_the_text_model_of_a_vision_language_model_trains():
         trained = [n for n, p in net.named_parameters() if p.requires_grad]
         assert trained and not set(trained) & set(vision), method.name
         assert all("language_model" in n or "lm_head" in n for n in trained)
+    from unpact.inject import InjectConfig, _make_trainable
+
+    for p in net.parameters():
+        p.requires_grad_(True)
+    _make_trainable(net, InjectConfig())  # injection likewise
+    assert not any(p.requires_grad for n, p in net.named_parameters() if n in vision)
 
 
 def test_task_vector_negates_the_fine_tuning_direction():
