@@ -33,7 +33,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast, get_args
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, cast, get_args
 
 import torch
 
@@ -661,6 +661,15 @@ def token_contributions(
     ]
 
 
+def _refuse_mask(why: str) -> NoReturn:
+    """The 'mask' baseline needs an explicit attention mask, which `why` says cannot be
+    given (a served model, a sliding window the prompt reaches, ALiBi)."""
+    raise UnpactError(
+        f"baseline 'mask' hides tokens from attention with an explicit mask, which {why}; "
+        "use 'delete' or 'token'"
+    )
+
+
 def _whole_prompts(
     lm: AnyModel,
     items: Sequence[_Item],
@@ -674,10 +683,7 @@ def _whole_prompts(
     keys/values) and a local one that cannot continue a shared context (`why`). The
     'mask' baseline needs an explicit attention mask, which `why` says cannot be given."""
     if baseline == "mask":
-        raise UnpactError(
-            f"baseline 'mask' hides tokens from attention with an explicit mask, which {why}; "
-            "use 'delete' or 'token'"
-        )
+        _refuse_mask(why)
     prompts: list[tuple[int, ...]] = []
     answers: list[tuple[int, ...]] = []
     for it in items:
@@ -734,10 +740,7 @@ def naive_contributions(
 
     x = list(prompt.input_ids)
     if baseline == "mask" and (why := context_refusal(model, len(x) + len(y))):
-        raise UnpactError(
-            f"baseline 'mask' hides tokens from attention with an explicit mask, which this "
-            f"model cannot take ({why}); use 'delete' or 'token'"
-        )
+        _refuse_mask(f"this model cannot take ({why})")
     with torch.no_grad():
         full = lp_of(x)
         contributions = []

@@ -85,7 +85,7 @@ from unpact.scoring import (
     generate,
     head_logits,
     head_logprobs,
-    lm_body_and_head,
+    text_parameters,
 )
 from unpact.train import Trainer
 from unpact.types import Seed, spec_text
@@ -790,8 +790,7 @@ def _make_trainable(net: Any, config: InjectConfig) -> Any:
         from unpact.unlearn.loop import add_lora
 
         adapted = add_lora(net, LoraSettings(r=config.lora_rank, alpha=config.lora_alpha))
-    body, head = lm_body_and_head(net)  # a vision-language model's vision tower stays
-    text = {id(p) for p in body.parameters()} | {id(p) for p in head.parameters()}
+    text = text_parameters(net)  # a vision-language model's vision tower stays
     for name, p in net.named_parameters():
         if id(p) not in text or (config.trainable == "mlp" and ".mlp." not in name):
             p.requires_grad_(False)

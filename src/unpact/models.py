@@ -285,6 +285,13 @@ def load_tokenizer(spec: str = DEFAULT_SPEC, *, trust_remote_code: bool = False)
         raise UnpactError(f"could not load the tokenizer of {spec!r}: {why}") from exc
 
 
+def token_counter(spec: str) -> Callable[[str], int]:
+    """How many tokens a text is for `spec`'s tokenizer (no special tokens added), with the
+    tokenizer loaded once (`load_tokenizer`)."""
+    tokenizer = load_tokenizer(spec)
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def _first_line(exc: BaseException) -> str:
     """An exception's first line of text (its type's name when it has none)."""
     text = str(exc).strip()

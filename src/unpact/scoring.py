@@ -216,6 +216,14 @@ def lm_body_and_head(model: Any) -> tuple[Any, Any]:
     return (inner if isinstance(inner, torch.nn.Module) else body), model.get_output_embeddings()
 
 
+def text_parameters(model: Any) -> set[int]:
+    """The ids of the parameters of the text model and its head (`lm_body_and_head`): all
+    of a causal LM's, none of a vision-language model's vision tower. Training marks only
+    these trainable."""
+    body, head = lm_body_and_head(model)
+    return {id(p) for p in body.parameters()} | {id(p) for p in head.parameters()}
+
+
 def text_config(model: Any) -> Any:
     """The configuration of a model's text part: its config, or a vision-language model's
     `text_config` (where the context length, the layers and the logit settings are)."""

@@ -380,14 +380,10 @@ def _check_tokenizers(cfg: RunConfig) -> None:
     every stage had run)."""
     from unpact.run.membership import same_tokenizer
 
-    named: list[tuple[str, str | None]] = [
-        (f"methods.{n} ({m.label})", m.model) for n, m in enumerate(cfg.methods)
-    ]
-    named += [("membership.reference", cfg.membership.reference)]
-    named += [("membership.base", cfg.membership.base)]
-    for what, spec in named:
-        if spec is not None:
-            same_tokenizer(cfg.model, spec, what)
+    named = {f"methods.{n} ({m.label})": m.model for n, m in enumerate(cfg.methods)}
+    named["membership.reference"] = cfg.membership.reference
+    named["membership.base"] = cfg.membership.base
+    same_tokenizer(cfg.model, named)
 
 
 def _check_answer_room(cfg: RunConfig, data: Data) -> None:
@@ -396,17 +392,14 @@ def _check_answer_room(cfg: RunConfig, data: Data) -> None:
     unlearning, and the run reported nothing forgotten."""
     from unpact.inject import InjectConfig
     from unpact.judge import check_answer_room
-    from unpact.models import load_tokenizer
+    from unpact.models import token_counter
 
     if is_remote_spec(cfg.model):
         return  # its tokenizer is behind the server
     try:
-        tokenizer = load_tokenizer(cfg.model)
+        count = token_counter(cfg.model)
     except UnpactError:
         return  # loading the model says why (a hub id without a hub, code of its own)
-
-    def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     if cfg.judge.kind == "contains":
         judged = [i for split in data.splits.values() for i in split]

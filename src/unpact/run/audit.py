@@ -311,9 +311,8 @@ def audit(
             check_spec(spec)
         except UnpactError as e:
             raise UnpactError(f"--{option}: {e}") from None
-    for option, spec in named.items():  # a mismatched pair, named by its option
-        if option != "original":
-            same_tokenizer(original, spec, f"--{option}")
+    # a mismatched pair, named by its option
+    same_tokenizer(original, {f"--{o}": s for o, s in named.items() if o != "original"})
     config, skipped = audit_config(original, unlearned, benchmark, **options)
     result = run(config, out, cache_dir=cache_dir, progress=progress, log=log)
     if result.results.get("skipped", {}).get("membership") == NO_REFERENCE:

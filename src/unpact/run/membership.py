@@ -233,28 +233,33 @@ def retrained(p: Pipeline, data: Data) -> Model:
     return Model("retrained", str(done.path), key, {"injection": done.summary()})
 
 
-def same_tokenizer(original: str, spec: str, what: str = "membership.reference") -> None:
+def same_tokenizer(original: str, compared: dict[str, str | None]) -> None:
     """Refuse a model compared with the original (an unlearned model given as it is, the
-    never-taught reference, the base) whose tokenizer differs from the original's: its
-    per-token scores and attributions would not be comparable text by text. Reads the two
-    tokenizers only; `what` names the setting."""
+    never-taught reference, the base; `compared` maps the setting or option naming each
+    to its spec, None: not given) whose tokenizer differs from the original's: its
+    per-token scores and attributions would not be comparable text by text. Reads the
+    tokenizers only, the original's once."""
     from unpact.models import load_tokenizer
     from unpact.types import is_remote_spec
 
-    if is_remote_spec(original) or is_remote_spec(spec):
+    named = {what: spec for what, spec in compared.items() if spec is not None}
+    if is_remote_spec(original) or all(is_remote_spec(s) for s in named.values()):
         return  # a served model's vocabulary is not at hand; the user vouches for it
     va = load_tokenizer(original).get_vocab()
-    try:
-        vb = load_tokenizer(spec).get_vocab()
-    except UnpactError as exc:
-        raise UnpactError(f"{what}: {exc}") from None
-    if va != vb:
-        raise UnpactError(
-            f"{what} {spec} has another tokenizer than the original model {original} "
-            f"({len(vb)} against {len(va)} tokens, or the same size with other ids): its "
-            "token log-probs and attributions cannot be compared with the original's; give "
-            "a model trained from the same base model"
-        )
+    for what, spec in named.items():
+        if is_remote_spec(spec):
+            continue
+        try:
+            vb = load_tokenizer(spec).get_vocab()
+        except UnpactError as exc:
+            raise UnpactError(f"{what}: {exc}") from None
+        if va != vb:
+            raise UnpactError(
+                f"{what} {spec} has another tokenizer than the original model {original} "
+                f"({len(vb)} against {len(va)} tokens, or the same size with other ids): "
+                "its token log-probs and attributions cannot be compared with the "
+                "original's; give a model trained from the same base model"
+            )
 
 
 def _texts(items: list[QAItem]) -> tuple[list[str], list[str]]:

@@ -35,17 +35,16 @@ def check_evaluable(model: str, benchmark: str | Path) -> None:
     never read in `MAX_NEW_TOKENS` (sentence answers such as TOFU's): it reported 0% before
     and after."""
     from unpact.judge import check_answer_room
-    from unpact.models import load_tokenizer
+    from unpact.models import token_counter
     from unpact.types import is_remote_spec
 
     if is_remote_spec(model):
         return
-    tokenizer = load_tokenizer(model)
     bench = load_benchmark(benchmark)
     check_answer_room(
         bench.split("forget") + bench.split("retain"),
         MAX_NEW_TOKENS,
-        lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+        token_counter(model),
         "the evaluation's answer length",
         advice="leave the evaluation out (--no-eval) and judge the model with `unpact run`, "
         "whose judge.max_new_tokens and judge.kind (rouge) are settings",

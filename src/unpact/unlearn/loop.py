@@ -40,7 +40,7 @@ from unpact.errors import UnpactError
 from unpact.files import atomic_text
 from unpact.models import LanguageModel, load_model, save_model
 from unpact.progress import progress_bar
-from unpact.scoring import decoder_layers, lm_body_and_head
+from unpact.scoring import decoder_layers, text_parameters
 from unpact.train import Trainer
 from unpact.types import spec_text
 from unpact.unlearn.config import LoraSettings, UnlearnConfig
@@ -312,8 +312,7 @@ def _trainable(net: Any, method: Method, config: UnlearnConfig) -> Any:
     Only the text model and its head train: a vision-language model's vision tower stays
     as it is (RMU's `layers.1.mlp` named the vision encoder's too)."""
     embeddings = net.get_input_embeddings().weight
-    body, head = lm_body_and_head(net)
-    text = {id(p) for p in body.parameters()} | {id(p) for p in head.parameters()}
+    text = text_parameters(net)
     for name, p in net.named_parameters():
         p.requires_grad_(id(p) in text and method.trainable(name))
     if config.freeze_embeddings:
