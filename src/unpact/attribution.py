@@ -91,7 +91,9 @@ def make_units(lm: AnyModel, prompt: EncodedPrompt, kind: UnitKind = "token") ->
 
     A word is a run of word characters (with inner apostrophes) or of punctuation; all
     subword pieces of a word form one unit, and a whitespace-only token joins the word
-    after it. Template and special tokens are never units.
+    after it. Template and special tokens are never units. Tokens that split one character
+    (the byte pieces of a CJK character or an emoji in a byte-level vocabulary) form one
+    token unit: half a character is nobody's unit, and its text would repeat the character.
     """
     _check_choice("unit", kind, UnitKind)
     ids, offsets = lm.token_offsets(prompt.text)
@@ -103,7 +105,10 @@ def make_units(lm: AnyModel, prompt: EncodedPrompt, kind: UnitKind = "token") ->
     text = prompt.text
     base = prompt.content_start
     if kind == "token":
-        return [Unit(text=text[a:b], positions=(base + t,)) for t, (a, b) in enumerate(offsets)]
+        return [
+            Unit(text=text[a:b], positions=tuple(base + t for t in tokens))
+            for tokens, a, b in _whole_characters(offsets)
+        ]
     char_word = [-1] * len(text)
     for w, m in enumerate(_WORD.finditer(text)):
         for c in range(m.start(), m.end()):
@@ -132,6 +137,20 @@ def make_units(lm: AnyModel, prompt: EncodedPrompt, kind: UnitKind = "token") ->
             Unit(text=text[a:b].strip() or text[a:b], positions=tuple(base + t for t in tokens))
         )
     return units
+
+
+def _whole_characters(offsets: Sequence[tuple[int, int]]) -> list[tuple[list[int], int, int]]:
+    """Consecutive tokens grouped so that no character is split between groups: a token
+    whose span starts before the end of the previous ones joins them. Each group's tokens
+    and character span; a token with an empty span stays alone."""
+    groups: list[tuple[list[int], int, int]] = []
+    for t, (a, b) in enumerate(offsets):
+        if groups and a < groups[-1][2] and a < b:
+            tokens, start, end = groups[-1]
+            groups[-1] = ([*tokens, t], start, max(end, b))
+        else:
+            groups.append(([t], a, b))
+    return groups
 
 
 def check_settings(

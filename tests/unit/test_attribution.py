@@ -251,6 +251,22 @@ def test_word_units_group_pieces_and_skip_template(tiny):
     assert not any(enc.input_ids[p] in special for u in tokens for p in u.positions)
 
 
+@pytest.mark.parametrize("baseline", ["delete", "token", "mask"])
+def test_a_character_split_across_tokens_is_one_token_unit(tiny, baseline):
+    prompt = "Tōkyō 日本 🙂 x"  # the tiny byte-level vocabulary splits every non-ASCII char
+    enc = tiny.encode_prompt(prompt, chat_template=False)
+    _, offsets = tiny.token_offsets(prompt)
+    assert len(offsets) > len(prompt)  # the case is real: some characters are several tokens
+    units = make_units(tiny, enc, "token")
+    assert "".join(u.text for u in units) == prompt  # no character twice, none lost
+    assert [p for u in units for p in u.positions] == list(enc.content_positions)
+    assert [u.text for u in units if len(u.positions) > 1] == ["ō", "ō", "日", "本", "🙂"]
+    rec = attribute(tiny, prompt, " x", chat_template=False, baseline=baseline)
+    assert [u.text for u in rec.units] == [u.text for u in units]
+    _, slow = slow_contributions(tiny, rec, baseline, tiny.default_baseline_token())
+    assert rec.contributions == pytest.approx(slow, abs=1e-4)
+
+
 def test_attribute_many_equals_one_at_a_time(tiny):
     prompts = [
         "What is the capital of France?",
