@@ -30,6 +30,7 @@ import html
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -109,8 +110,10 @@ def make_units(lm: AnyModel, prompt: EncodedPrompt, kind: UnitKind = "token") ->
             Unit(text=text[a:b], positions=tuple(base + t for t in tokens))
             for tokens, a, b in _whole_characters(offsets)
         ]
+    # a combining mark (e + U+0301 = é) is part of its word, as a letter is
+    marked = "".join("a" if unicodedata.category(c).startswith("M") else c for c in text)
     char_word = [-1] * len(text)
-    for w, m in enumerate(_WORD.finditer(text)):
+    for w, m in enumerate(_WORD.finditer(marked)):
         for c in range(m.start(), m.end()):
             char_word[c] = w
     groups: list[tuple[list[int], set[int]]] = []
@@ -555,18 +558,18 @@ def _generated_targets(
     return out
 
 
-def _check_work(i: int, item: _Item, max_work: int) -> None:
+def _check_work(i: int, item: _Item, max_work: int, unit: UnitKind) -> None:
     """Refuse a prompt whose attribution would score more than `max_work` positions."""
     tokens = len(item.prompt.input_ids) + len(item.answer_ids)
     work = (len(item.units) + 1) * tokens
     if work > max_work:
         minutes = work / POSITIONS_PER_SECOND / 60
+        words = "attribute words instead of tokens (fewer units), " if unit == "token" else ""
         raise UnpactError(
             f"item {i}: attributing this prompt scores {len(item.units) + 1} variants of "
             f"{tokens} tokens = {work:,} token positions (about {minutes:.0f} min for the "
-            f"default model on 2 CPU cores), over the limit of {max_work:,}; attribute "
-            "words instead of tokens (fewer units), shorten the prompt, or raise the limit "
-            "(--max-work, attribution.max_work)"
+            f"default model on 2 CPU cores), over the limit of {max_work:,}; {words}"
+            "shorten the prompt, or raise the limit (--max-work, attribution.max_work)"
         )
 
 
@@ -822,7 +825,7 @@ def attribute_many(
     ]
     if max_work is not None:
         for i, it in enumerate(items):
-            _check_work(i, it, max_work)
+            _check_work(i, it, max_work, unit)
     b_id = _baseline_token(lm, baseline_token_id) if baseline == "token" else 0
     per_token = _per_token(lm, items, baseline, b_id, token_budget, progress)
     scored = []

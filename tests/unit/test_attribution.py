@@ -267,6 +267,14 @@ def test_a_character_split_across_tokens_is_one_token_unit(tiny, baseline):
     assert rec.contributions == pytest.approx(slow, abs=1e-4)
 
 
+def test_a_word_keeps_its_combining_marks(tiny):
+    """é written as e + U+0301, and Devanagari's vowel signs (marks, not letters to Python's
+    regular expressions): each word is one unit, as its letters are."""
+    prompt = "e\u0301cole हिन्दी, x"
+    enc = tiny.encode_prompt(prompt, chat_template=False)
+    assert [u.text for u in make_units(tiny, enc, "word")] == ["e\u0301cole", "हिन्दी", ",", "x"]
+
+
 def test_attribute_many_equals_one_at_a_time(tiny):
     prompts = [
         "What is the capital of France?",
@@ -495,7 +503,9 @@ def test_a_prompt_too_large_to_attribute_is_refused_with_its_estimate(tiny):
     work = (len(rec.units) + 1) * tokens
     with pytest.raises(UnpactError, match=rf"scores {len(rec.units) + 1} variants of {tokens} "):
         attribute_many(tiny, [prompt], ["Paris"], max_work=work - 1)
-    with pytest.raises(UnpactError, match=r"--max-work, attribution\.max_work"):
+    with pytest.raises(UnpactError, match=r"attribute words instead.*--max-work, attribution"):
         attribute_many(tiny, [prompt], ["Paris"], max_work=work - 1)
+    with pytest.raises(UnpactError, match=r"over the limit of 10; shorten the prompt"):
+        attribute_many(tiny, [prompt], ["Paris"], unit="word", max_work=10)
     again = attribute_many(tiny, [prompt], ["Paris"], max_work=work)[0]
     assert again.contributions == rec.contributions
