@@ -2,7 +2,12 @@
 
 Correct if a normalised reference answer or alias occurs in the normalised output
 (lower case, punctuation and the articles a/an/the removed, whitespace collapsed), as
-whole words. ROUGE-L recall >= 0.5 is the second judge; an LLM behind any
+whole words. Text beyond ASCII is first put in Unicode's NFKC form and case-folded (é typed
+as e + U+0301 is é, full-width Ｐａｒｉｓ is paris), all Unicode punctuation goes, and each
+character of a script written without spaces (Chinese, Japanese, Thai, Lao, Khmer,
+Myanmar, and Korean syllables, which take their particles without a space) is a word of its
+own, as ROUGE for those languages counts characters: 東京 is then found in
+日本の首都は東京です. ROUGE-L recall >= 0.5 is the second judge; an LLM behind any
 OpenAI-compatible endpoint is the third (its key is read from an environment variable at
 call time and never stored). Multiple choice is judged by the highest LP among the
 options (`choose_option`, on the hot path).
@@ -14,6 +19,7 @@ import json
 import os
 import re
 import string
+import unicodedata
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Sequence
@@ -33,8 +39,36 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans({c: " " for c in string.punctuation + "‘’“”–—"})
 
 
+# scripts written without spaces between words: each character is a word of its own
+_UNSPACED = (
+    (0x0E00, 0x0EFF),  # Thai, Lao
+    (0x1000, 0x109F),  # Myanmar
+    (0x1780, 0x17FF),  # Khmer
+    (0x2E80, 0x2FDF),  # CJK radicals
+    (0x3040, 0x31FF),  # Hiragana, Katakana, Bopomofo, Hangul compatibility jamo
+    (0x3400, 0x4DBF),  # CJK extension A
+    (0x4E00, 0x9FFF),  # CJK unified ideographs
+    (0xAC00, 0xD7AF),  # Hangul syllables
+    (0xF900, 0xFAFF),  # CJK compatibility ideographs
+    (0x20000, 0x3FFFF),  # CJK extensions B onwards
+)
+
+
+def _unspaced(c: str) -> bool:
+    n = ord(c)
+    return any(a <= n <= b for a, b in _UNSPACED)
+
+
 def normalize(text: str) -> str:
-    """Lower case, punctuation and articles removed, whitespace collapsed."""
+    """Lower case, punctuation and articles removed, whitespace collapsed; beyond ASCII,
+    NFKC and case folding first, every Unicode punctuation mark removed, and each character
+    of a script without spaces a word of its own."""
+    if not text.isascii():
+        text = unicodedata.normalize("NFKC", text).casefold()
+        text = "".join(
+            " " if unicodedata.category(c).startswith("P") else f" {c} " if _unspaced(c) else c
+            for c in text
+        )
     text = text.lower().translate(_PUNCT)
     return " ".join(_ARTICLES.sub(" ", text).split())
 

@@ -47,6 +47,34 @@ def test_contains_and_rouge_judges_differ_where_they_should():
     assert judge_many(verdicts, strict) == [True, False, False, True]
 
 
+@pytest.mark.parametrize(
+    ("output", "answer", "correct"),
+    [
+        ("日本の首都は東京です。", "東京", True),  # no spaces between Japanese words
+        ("日本の首都は京都です。", "東京", False),
+        ("北京是中国的首都", "北京", True),
+        ("서울은 한국의 수도입니다", "서울", True),  # a particle written onto the noun
+        ("เมืองหลวงคือกรุงเทพ", "กรุงเทพ", True),  # Thai, vowel signs and all
+        ("She studied at the e\u0301cole normale.", "école", True),  # e + U+0301
+        ("It is in Ｐａｒｉｓ．", "Paris", True),  # full-width letters
+        ("«Paris», dit-elle.", "Paris", True),  # Unicode punctuation
+        ("Die Straße", "STRASSE", True),  # case folding
+        ("Parisian cafés", "Paris", False),  # whole words still
+        ("café au lait", "cafe", False),  # an accent is not dropped
+    ],
+)
+def test_contains_reads_every_script(output, answer, correct):
+    assert judge_many([Verdict("Q?", output, answer)]) == [correct]
+    if correct:  # ROUGE-L recall >= 0.5 takes half the characters: 京都 for 東京
+        assert judge_many([Verdict("Q?", output, answer)], JudgeSettings(kind="rouge")) == [True]
+
+
+def test_ascii_text_normalises_as_it_always_did():
+    from unpact.judge import normalize
+
+    assert normalize("The  Glass-Key of  Vorn, isn't it?") == "glass key of vorn isn t it"
+
+
 class _Judge(BaseHTTPRequestHandler):
     """An OpenAI-compatible endpoint: 'yes' if the reference is in the model answer."""
 
