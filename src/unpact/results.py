@@ -45,9 +45,9 @@ def _statistics(ctx: MetricContext) -> dict[str, Callable[[list[ItemRecord]], fl
         keys = m.keys(ctx.attacks)
         if keys is not None:
             for a in keys:
-                stats[f"{m.name}.{a}"] = lambda r, m=m, a=a: m.fn(r, ctx, a)  # type: ignore[misc]
+                stats[f"{m.name}.{a}"] = lambda r, m=m, a=a: _float(m, m.fn(r, ctx, a))  # type: ignore[misc]
         else:
-            stats[m.name] = lambda r, m=m: m.fn(r, ctx)  # type: ignore[misc]
+            stats[m.name] = lambda r, m=m: _float(m, m.fn(r, ctx))  # type: ignore[misc]
     return stats
 
 
@@ -107,9 +107,20 @@ def method_metrics(
 def _number(m: Metric, value: Any) -> Any:
     """A metric's value as results.json holds it: a number or None (a plugin's metric that
     returns anything else is named here, not in a table or a JSON encoder later)."""
-    if value is None or (isinstance(value, numbers.Real) and not isinstance(value, bool)):
-        return value
+    if value is None:
+        return None
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()  # a 0-d tensor or array
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        # numpy's and torch's scalars as Python numbers: JSON and the tables read those
+        return int(value) if isinstance(value, numbers.Integral) else float(value)
     raise UnpactError(f"metric {m.name}: returned {value!r}, not a number or None")
+
+
+def _float(m: Metric, value: Any) -> float:
+    """A metric's value on a bootstrap resample: a float, NaN where it is undefined (None)."""
+    number = _number(m, value)
+    return math.nan if number is None else float(number)
 
 
 @dataclass(frozen=True)

@@ -275,3 +275,39 @@ def test_keyword_precision_and_recall_on_hand_made_records():
     assert keyword_recall(recs, "before") == pytest.approx((1 / 2 + 1) / 2)
     assert keyword_precision(recs, "after") == pytest.approx(0.0)  # item 2: no KeyTokens
     assert keyword_recall(recs, "after") == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize(
+    ("returned", "expected"),
+    [
+        (lambda: __import__("numpy").float32(0.25), 0.25),
+        (lambda: __import__("numpy").int64(3), 3),
+        (lambda: __import__("torch").tensor(0.5), 0.5),
+        (lambda: None, None),
+    ],
+)
+def test_a_plugin_metric_may_return_numpy_torch_or_none(returned, expected):
+    """What a metric written with numpy or torch returns is a Python number in results.json
+    and its interval; None (undefined) is null with NaN bounds. Each was a traceback: a JSON
+    encoder's TypeError, or math.isnan(None) in the bootstrap."""
+    import json
+
+    from unpact.metrics import METRICS, metric
+    from unpact.run import StatisticsSettings, method_metrics
+
+    @metric("plugin_odd", title="odd", fmt="float")
+    def odd(records, ctx):
+        """Odd."""
+        return returned()
+
+    try:
+        out = method_metrics(_records(), ["focus_on_key"], 0.1, StatisticsSettings(resamples=20))
+    finally:
+        METRICS.pop("plugin_odd")
+    assert out["plugin_odd"] == expected and type(out["plugin_odd"]) is type(expected)
+    low, high = out["ci"]["plugin_odd"]
+    if expected is None:
+        assert math.isnan(low) and math.isnan(high)
+    else:
+        assert low == high == expected
+    json.dumps(out["plugin_odd"])
