@@ -319,7 +319,7 @@ class Attribution:
             raise UnpactError(f"not an unpact attribution record (missing or bad {exc})") from None
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> Attribution:

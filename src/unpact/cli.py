@@ -297,10 +297,12 @@ def _show_attributions(
             out.print(_gradient_table(record, {g: checks[g][n] for g in gradient}, top_k))
     if json_out is not None:
         one = json.dumps(dicts[0], indent=1) + "\n"
-        json_out.write_text("".join(json.dumps(d) + "\n" for d in dicts) if many else one)
+        json_out.write_text(
+            "".join(json.dumps(d) + "\n" for d in dicts) if many else one, encoding="utf-8"
+        )
         err.print(f"wrote {json_out}")
     if html_out is not None:
-        html_out.write_text(html_page(records))
+        html_out.write_text(html_page(records), encoding="utf-8")
         err.print(f"wrote {html_out}")
 
 

@@ -613,7 +613,7 @@ def _trainer(net: Any, config: InjectConfig, steps_per_epoch: int) -> Trainer:
 
 def _cached(folder: Path) -> InjectResult:
     """The injection already in `folder`, from its inject.json."""
-    meta = json.loads((folder / "inject.json").read_text())
+    meta = json.loads((folder / "inject.json").read_text(encoding="utf-8"))
     return InjectResult(
         folder,
         meta["accuracy"],
@@ -737,7 +737,7 @@ def _base_general(
     key = _base_key(lm, "general", [i.key_dict() for i in general], config.max_new_tokens)
     path = cache / f"general-{key}.json"
     if key is not None and path.is_file():
-        return dict(json.loads(path.read_text()))
+        return dict(json.loads(path.read_text(encoding="utf-8")))
     found = _general_accuracy(lm, general, config, "Base model: general")
     if key is not None:
         atomic_text(path, json.dumps(found))

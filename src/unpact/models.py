@@ -700,7 +700,7 @@ def _memo_digest(kind: str, path: Path, compute: Callable[[Path], Any]) -> Any:
 
 def _lasting_digests() -> dict[str, Any]:
     try:
-        found = json.loads((cache_root() / _LASTING).read_text())
+        found = json.loads((cache_root() / _LASTING).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return found if isinstance(found, dict) else {}
@@ -738,7 +738,7 @@ def _cache_problem(folder: Path, gguf_sha: str) -> str | None:
     bit flipped by the disk without a write is not.
     """
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return "no manifest"
     except (OSError, ValueError) as exc:
@@ -839,7 +839,7 @@ def _dequantise_gguf(gguf: Path, sha: str, tmp: Path) -> None:
         if p.is_file()
     }
     manifest = {"format": CACHE_FORMAT, "gguf_sha256": sha, "source": str(gguf), "files": files}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
 
 
 def save_model(
@@ -859,7 +859,7 @@ def save_model(
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         for name, text in (extra or {}).items():
-            (tmp / name).write_text(text)
+            (tmp / name).write_text(text, encoding="utf-8")
 
     hf_logging.disable_progress_bar()  # its shard-writing bar is noise for a 1-file model
     try:

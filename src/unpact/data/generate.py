@@ -945,7 +945,7 @@ def write_card(
         ),
         "",
     ]
-    (folder / "README.md").write_text("\n".join(lines))
+    (folder / "README.md").write_text("\n".join(lines), encoding="utf-8")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -306,4 +306,7 @@ def write_folder(
 
 
 def _write_jsonl(path: Path, rows: Sequence[QAItem | Document | VerbatimPrompt]) -> None:
-    path.write_text("".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in rows))
+    path.write_text(
+        "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in rows),
+        encoding="utf-8",
+    )

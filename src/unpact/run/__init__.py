@@ -441,7 +441,7 @@ def _unlearn(p: Pipeline, data: Data, original: Model, spec: MethodSpec) -> Mode
             f"unlearn:{spec.label}",
             lambda: unlearn(original.spec, where, ucfg, folder, resume=resume, progress=p.progress),
         )
-    info = json.loads((folder / "result.json").read_text())
+    info = json.loads((folder / "result.json").read_text(encoding="utf-8"))
     if cached:
         p.noted(f"unlearn:{spec.label}", info.get("seconds"))
     return Model(spec.label, str(folder / "model"), "unlearn:" + key, info)

@@ -49,7 +49,7 @@ class Stage:
     def seconds(self) -> float | None:
         """How long computing the artefact took, where its writer noted it."""
         try:
-            return float(self.timing.read_text())
+            return float(self.timing.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None  # written by older code, or the note was lost: unknown
 

@@ -79,7 +79,7 @@ def method_defaults(method: str) -> dict[str, Any]:
     path = defaults_path(method)
     if not path.is_file():
         return {"method": method}
-    data = yaml.safe_load(path.read_text()) or {}
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     data["method"] = method
     return data
 

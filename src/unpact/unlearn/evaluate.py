@@ -58,5 +58,5 @@ def accuracy_before_after(
     a, b = split_accuracy(before, benchmark), split_accuracy(after, benchmark)
     table = {s: {"before": a[s], "after": b[s]} for s in a}
     if path is not None:
-        path.write_text(json.dumps(table, indent=2) + "\n")
+        path.write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
     return table

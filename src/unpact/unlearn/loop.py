@@ -355,7 +355,7 @@ class _Loop:
         """One step, its row in the loss log, and a checkpoint when one is due."""
         row = self.step(step)
         if self.accelerator.is_main_process:
-            with losses_path.open("a") as fh:
+            with losses_path.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")
         if on_step:
             on_step(row)
@@ -495,7 +495,7 @@ def _prepare_out(out: Path, resolved: dict[str, Any], resume: bool, accelerator:
     if resume:
         if not config_path.is_file():
             raise UnpactError(f"--resume: {out} holds no run to resume")
-        saved = yaml.safe_load(config_path.read_text())
+        saved = yaml.safe_load(config_path.read_text(encoding="utf-8"))
         # The process count may change on resume: batches are global, the curve is not.
         diff = sorted(
             k
@@ -556,6 +556,6 @@ def _checkpoint(accelerator: Any, out: Path, step: int) -> None:
 def _truncate_log(path: Path, step: int) -> None:
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     keep = [r for r in rows if json.loads(r)["step"] <= step]
     atomic_text(path, "".join(r + "\n" for r in keep))
