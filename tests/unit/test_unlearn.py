@@ -486,3 +486,19 @@ def test_training_gives_the_callers_random_streams_back(bench, tmp_path):
     _seed_all(1234)
     unlearn(lm, bench, cfg, tmp_path / "u", progress=False)
     assert _draws() == expected
+
+
+def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path):
+    """YAML keeps the last of two equal keys silently: a second `methods:` block replaced
+    the first. A merge (`<<:`) may still be overridden."""
+    from unpact.unlearn.config import read_yaml_mapping
+
+    f = tmp_path / "c.yaml"
+    f.write_text("model: default\nmethods:\n  - method: ga_gd\nmethods:\n  - method: rmu\n")
+    with pytest.raises(UnpactError, match=r"key 'methods' given twice \(lines 2 and 4\)"):
+        read_yaml_mapping(f)
+    f.write_text("methods:\n  - {method: ga, config: {lr: 1, lr: 2}}\n")
+    with pytest.raises(UnpactError, match=r"key 'lr' given twice \(lines 2 and 2\)"):
+        read_yaml_mapping(f)
+    f.write_text("base: &b {lr: 1, steps: 2}\nm:\n  <<: *b\n  lr: 3\n")
+    assert read_yaml_mapping(f)["m"] == {"lr": 3, "steps": 2}

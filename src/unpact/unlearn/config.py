@@ -149,10 +149,39 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last
+    silently: a second `methods:` block would replace the first). Keys a merge (`<<:`)
+    brings in may still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # an unhashable key: the constructor below says so
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (lines {first} and {line})"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load`, refusing duplicate keys."""
+    return yaml.load(text, Loader=_UniqueKeys)  # a SafeLoader subclass: safe
+
+
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """A YAML file whose top level is a mapping, or one UnpactError saying what is wrong."""
     try:
-        loaded = yaml.safe_load(read_text(path)) or {}
+        loaded = load_yaml(read_text(path)) or {}
     except yaml.YAMLError as e:
         raise UnpactError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(loaded, dict):
