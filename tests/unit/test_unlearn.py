@@ -330,6 +330,38 @@ def test_lora_trains_adapters_and_merges_them(bench, tmp_path, method):
     assert changed and all(any(t in k for t in ("proj",)) for k in changed)
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_lora_reaches_a_mixtures_experts(bench, tmp_path, arch):
+    """A mixture keeps its experts in 3-D parameters, not Linear layers: LoRA adapted the
+    attention alone. Now the experts get adapters too (peft's target_parameters), merged
+    into the saved weights; the router stays; RMU's layer choice holds for them."""
+    from unpact.models import load_model
+    from unpact.testing import tiny_other
+
+    def trained(cfg, out):
+        result = unlearn(tiny_other(arch), bench, cfg, out, progress=False)
+        assert not any("lora" in k for k in _weights(result))  # merged
+        # read back as transformers loads it (Mixtral's file keeps one matrix per expert)
+        w = load_model(str(result.model_dir)).model.state_dict()
+        return {k for k in w if not torch.equal(w[k], base[k])}
+
+    base = tiny_other(arch).model.state_dict()
+    experts = {k for k in base if "experts" in k and base[k].dim() == 3}
+    assert experts
+    changed = trained(
+        resolve_config("ga_gd", overrides=["steps=3", "lr=1e-2", "lora.r=4"]), tmp_path / "l"
+    )
+    assert experts <= changed
+    assert not any("router" in k or "gate.weight" in k for k in changed)
+    rmu = ["steps=2", "layer=1", "update_layers=[1]", "lora.r=4"]
+    changed = trained(resolve_config("rmu", overrides=rmu), tmp_path / "r")
+    assert {k for k in experts if "layers.1." in k} <= changed
+    assert not {k for k in experts if "layers.0." in k} & changed
+    dropout = resolve_config("ga_gd", overrides=["steps=1", "lora.dropout=0.1"])
+    with pytest.raises(UnpactError, match=r"lora\.dropout to 0"):
+        unlearn(tiny_other(arch), bench, dropout, tmp_path / "d", progress=False)
+
+
 def test_every_method_runs_a_few_steps(bench, tmp_path):
     for name in ("ga", "ga_kl", "npo", "npo_kl", "simnpo", "tv", "rmu", "keytoken_npo_gd"):
         extra = ("layer=1",) if name == "rmu" else ()

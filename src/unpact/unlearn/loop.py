@@ -465,17 +465,29 @@ def add_lora(
         if n.rsplit(".", 1)[-1] in settings.target_modules
         and (trainable is None or trainable(n + ".weight"))
     ]
-    if not names:
+    experts = [
+        n
+        for n in _expert_parameters(net, settings.target_modules)
+        if trainable is None or trainable(n)
+    ]
+    if not names and not experts:
         own = sorted({n.rsplit(".", 1)[-1] for n in linear} - {"lm_head", "embed_out"})
         raise UnpactError(
             f"LoRA: no module matches {settings.target_modules} for this method; set "
             f"lora.target_modules to some of this model's linear layers: {', '.join(own)}"
+        )
+    if experts and settings.dropout:
+        raise UnpactError(
+            "LoRA: this mixture of experts keeps its experts in 3-D parameters, whose "
+            "adapters (peft's target_parameters) take no dropout; set lora.dropout to 0, or "
+            "leave the experts' projections out of lora.target_modules"
         )
     lora = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=names,
+        target_parameters=experts or None,
         # Conv1D stores its weight transposed; peft would say so in a warning and set it
         fan_in_fan_out=any(isinstance(net.get_submodule(n), Conv1D) for n in names),
     )
@@ -484,6 +496,25 @@ def add_lora(
         # the user can do nothing about it, so it stays out of their output
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         return get_peft_model(net, lora)
+
+
+def _expert_parameters(net: Any, target_modules: list[str]) -> list[str]:
+    """The 3-D expert parameters of a mixture of experts (Mixtral, Qwen-MoE, OLMoE, GPT-OSS
+    in transformers 5: one (experts, ., .) tensor per projection on a module with
+    `num_experts`) that `target_modules` names: `down_proj` by its own name, the fused
+    `gate_up_proj` by `gate_proj` or `up_proj`. LoRA reaches them through peft's
+    `target_parameters`; `target_modules` alone sees Linear layers only, i.e. attention."""
+    found = []
+    for name, module in net.named_modules():
+        if not hasattr(module, "num_experts"):
+            continue
+        for attr, p in module.named_parameters(recurse=False):
+            if p.dim() != 3 or not attr.endswith("proj"):
+                continue
+            parts = {f"{part}_proj" for part in attr.removesuffix("_proj").split("_")}
+            if attr in target_modules or parts & set(target_modules):
+                found.append(f"{name}.{attr}" if name else attr)
+    return found
 
 
 def _prepare_out(out: Path, resolved: dict[str, Any], resume: bool, accelerator: Any) -> int:
