@@ -49,6 +49,7 @@ from unpact.scoring import (
     DEFAULT_TOKEN_BUDGET,
     Continuation,
     check_fits,
+    check_model,
     check_texts,
     context_logprobs,
     context_refusal,
@@ -805,6 +806,7 @@ def attribute_many(
     A prompt whose attribution would score more than `max_work` token positions is refused
     before any work, with the estimate (None: no limit).
     """
+    check_model(lm)
     check_settings(unit, baseline, target, alpha, beta)
     check_texts(prompts, answers, open_answers=True)
     answer_list = list(answers) if answers is not None else [None] * len(prompts)

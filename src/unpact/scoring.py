@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import os
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -666,6 +667,22 @@ def check_texts(prompts: Any, answers: Any = _PROMPTS_ONLY, *, open_answers: boo
         raise UnpactError(f"{len(prompts)} prompts but {len(answers)} answers")
 
 
+def check_model(lm: Any) -> None:
+    """The public text functions take a loaded unpact model; a spec or a bare transformers
+    model is a TypeError that says how to get one (it was "has no attribute
+    'encode_prompt'")."""
+    if hasattr(lm, "encode_prompt"):
+        return
+    if isinstance(lm, (str, os.PathLike)):
+        raise TypeError(
+            f"give a loaded model, not the spec {str(lm)!r}: lm = unpact.load_model({str(lm)!r})"
+        )
+    raise TypeError(
+        f"give an unpact model, not {type(lm).__name__}: unpact.load_model(spec), or "
+        "unpact.LanguageModel(model, tokenizer) around a transformers model you have loaded"
+    )
+
+
 def _check_list(name: str, value: Any, allowed: tuple[type, ...], none_ok: bool) -> None:
     if isinstance(value, str):
         raise UnpactError(f"{name}: give a list of texts, not one string (e.g. [{value[:30]!r}])")
@@ -697,6 +714,7 @@ def score(
     progress: bool | str = False,
 ) -> list[AnswerScore]:
     """`answer_logprobs` on text: encode, score, and keep the tokens for display."""
+    check_model(lm)
     check_texts(prompts, answers)
     encoded = []
     answer_ids = []
@@ -748,6 +766,7 @@ def generate(
     Prompts are left-padded and batched. Samples of a prompt depend only on `seed` and the
     prompt's token ids, not on which other prompts share its batch, so they reproduce.
     """
+    check_model(lm)
     check_texts(prompts)
     _check_numbers(
         max_new_tokens=max_new_tokens,

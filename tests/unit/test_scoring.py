@@ -306,6 +306,10 @@ def test_arguments_of_the_wrong_type_are_a_type_error_naming_them(tiny):
         (lambda: generate(tiny, ["hi"], max_new_tokens="5"), r"max_new_tokens must be an int"),
         (lambda: generate(tiny, ["hi"], num_samples=2, temperature="hot"), r"temperature"),
         (lambda: load_benchmark(None), r"a benchmark is a name, a folder or a spec"),
+        # a bare transformers model, or a spec, where a loaded model belongs
+        (lambda: score(tiny.model, ["hi"], ["x"]), r"LanguageModel\(model, tokenizer\)"),
+        (lambda: generate("default", ["hi"]), r"unpact\.load_model\('default'\)"),
+        (lambda: attribute_many(tiny.model, ["hi there"], ["x"]), r"not LlamaForCausalLM"),
     ]
     for call, message in cases:
         with pytest.raises(TypeError, match=message):
