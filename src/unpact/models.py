@@ -415,7 +415,11 @@ def _resolve_local(spec: str) -> Path | None:
         if (path / "config.json").is_file():
             return path
         if _is_adapter(path):
-            check_spec(adapter_base(path))  # merged into its base on first use
+            base = adapter_base(path)
+            try:
+                check_spec(base)  # merged into its base on first use
+            except UnpactError as exc:
+                raise _no_base(path, exc) from None
             return path
         if (path / "model").is_dir() and (path / "result.json").is_file():
             return _resolve_local(str(path / "model"))  # an `unpact unlearn --out` run
@@ -640,12 +644,22 @@ def adapter_cache(adapter: Path) -> Path:
     return folder
 
 
+def _no_base(adapter: Path, exc: UnpactError) -> UnpactError:
+    return UnpactError(
+        f"{adapter} is a PEFT adapter whose base model cannot be loaded ({exc}); set "
+        f"base_model_name_or_path in its {ADAPTER_CONFIG} to the base's folder"
+    )
+
+
 def _merge_adapter(adapter: Path, base: str, folder: Path) -> None:
     from peft import PeftModel
     from rich.console import Console
 
     with Console(stderr=True).status(f"Merging the adapter {adapter.name} into {base} (once)"):
-        lm = load_model(base)
+        try:
+            lm = load_model(base)
+        except UnpactError as exc:
+            raise _no_base(adapter, exc) from None
         try:
             with warnings.catch_warnings():  # peft asks transformers' deprecated
                 # `is_gradient_checkpointing` (transformers 5.x): nothing for the user to do

@@ -284,7 +284,12 @@ def test_bad_adapters_are_one_message(tiny, tmp_path, monkeypatch):
     with pytest.raises(UnpactError, match="names no base model"):
         load_model(str(adapter))
     config.write_text(json.dumps({**saved, "base_model_name_or_path": str(tmp_path / "nope")}))
-    with pytest.raises(UnpactError, match="no such file or directory"):
+    with pytest.raises(UnpactError, match=r"PEFT adapter whose base model .*no such file"):
+        load_model(str(adapter))
+    # a hub id offline: the message says it is the adapter's base that failed
+    config.write_text(json.dumps({**saved, "base_model_name_or_path": "no-such-org/no-model"}))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UnpactError, match=r"PEFT adapter whose base model .*no-such-org"):
         load_model(str(adapter))
     config.write_text("{not json")
     with pytest.raises(UnpactError, match=r"cannot read .*adapter_config\.json"):
