@@ -117,9 +117,9 @@ def _forget_quality(records: list[ItemRecord], ctx: MetricContext) -> float:
 
 @metric("verbmem", title="VerbMem", fmt="float", needs=("membership",))
 def _verbmem(records: list[ItemRecord], ctx: MetricContext) -> float:
-    """MUSE's VerbMem: mean ROUGE-L F1 of the greedy continuation of each forget document's
-    first tokens (or of each of the benchmark's own probes, MUSE's verbmem set) against its
-    true continuation."""
+    """MUSE's VerbMem: mean ROUGE-L F1 (over rouge_score's words, as MUSE scores it) of the
+    greedy continuation of each forget document's first tokens (or of each of the
+    benchmark's own probes, MUSE's verbmem set) against its true continuation."""
     return _mean([r.verbmem for r in records if r.split in ("forget", "verbmem")])
 
 

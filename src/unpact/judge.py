@@ -85,10 +85,22 @@ def rouge_l_recall(output: str, reference: str) -> float:
     return _lcs(out, ref) / len(ref) if ref else 0.0
 
 
-def rouge_l_f1(output: str, reference: str) -> float:
-    """ROUGE-L F-measure of normalised words: the harmonic mean of LCS / output length and
-    LCS / reference length (0 when either is empty)."""
-    out, ref = normalize(output).split(), normalize(reference).split()
+_ROUGE_TOKEN = re.compile(r"[a-z0-9]+")
+
+
+def rouge_score_tokens(text: str) -> list[str]:
+    """The words of Google's `rouge_score` package without a stemmer (`tokenize.py`), as
+    MUSE scores with it: lower case, every run of characters other than a-z and 0-9 a
+    separator. Articles stay, and letters beyond ASCII are dropped (café is caf)."""
+    return _ROUGE_TOKEN.findall(text.lower())
+
+
+def muse_rouge_l_f1(output: str, reference: str) -> float:
+    """ROUGE-L F-measure as MUSE's VerbMem computes it (`metrics/logger.py` in MUSE's
+    repository: `rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)`, `fmeasure` of
+    the reference against the output): the harmonic mean of LCS / output length and LCS /
+    reference length over `rouge_score_tokens`, 0 when either has no words."""
+    out, ref = rouge_score_tokens(output), rouge_score_tokens(reference)
     lcs = _lcs(out, ref)
     return 2 * lcs / (len(out) + len(ref)) if lcs else 0.0
 

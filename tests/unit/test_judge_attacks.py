@@ -69,6 +69,28 @@ def test_contains_reads_every_script(output, answer, correct):
         assert judge_many([Verdict("Q?", output, answer)], JudgeSettings(kind="rouge")) == [True]
 
 
+def test_verbmem_rouge_reads_words_as_muse_does():
+    """MUSE scores VerbMem with rouge_score's ROUGE-L F1 (no stemmer): articles count as
+    words, anything but a-z and 0-9 separates them. Our judge's normalisation dropped the
+    articles, so a continuation that got only the articles wrong scored 1.0."""
+    from unpact.judge import muse_rouge_l_f1, rouge_score_tokens
+
+    assert rouge_score_tokens("The Café's 2nd-floor, A.B!") == [
+        "the",
+        "caf",
+        "s",
+        "2nd",
+        "floor",
+        "a",
+        "b",
+    ]
+    # LCS of [a cat sat on a mat] and [the cat sat on the mat] is [cat sat on mat]: 4 of 6
+    assert muse_rouge_l_f1("a cat sat on a mat", "The cat sat on the mat.") == pytest.approx(4 / 6)
+    # 2 of 3 output words, 2 of 5 reference words: F1 = 2 * 2 / (3 + 5)
+    assert muse_rouge_l_f1("ferry crossed rivers", "The ferry crossed the Ollen") == 0.5
+    assert muse_rouge_l_f1("", "anything") == 0.0 and muse_rouge_l_f1("!!", "x") == 0.0
+
+
 def test_ascii_text_normalises_as_it_always_did():
     from unpact.judge import normalize
 

@@ -8,6 +8,7 @@ import pytest
 
 from unpact.data.real import read_muse, read_tofu, read_wmdp
 from unpact.errors import UnpactError
+from unpact.judge import muse_rouge_l_f1
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 
@@ -217,6 +218,7 @@ def test_muse_membership_runs_on_its_documents(tmp_path, tiny):
     assert [r.question for r in probes] == [v.prompt for v in read_muse(FIXTURES / "muse").verbatim]
     assert probes[1].answer == " the town."
     assert m["verbmem"] == pytest.approx(sum(r.verbmem for r in probes) / 2)
+    assert all(r.verbmem == muse_rouge_l_f1(r.output_after, r.answer) for r in probes)
     assert "verbmem" not in res["skipped"]
     report = (tmp_path / "out" / "report.html").read_text()
     assert 'id="verbmem"' in report and "The Harrowgate ferry crossed the Ollen" in report

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from unpact.backends import open_model
 from unpact.data.items import QAItem, VerbatimPrompt
 from unpact.errors import UnpactError
+from unpact.judge import muse_rouge_l_f1
 from unpact.membership import (
     DOCUMENT_ATTACKS,
     TextStats,
@@ -336,17 +337,14 @@ def probe_rows(lm: LanguageModel, probes: list[VerbatimPrompt], new: int) -> lis
 def _continued(
     lm: LanguageModel, ids: list[str], prompts: list[str], truths: list[str], new: int
 ) -> list[dict[str, Any]]:
-    """`new` greedy tokens after each raw prompt, and their ROUGE-L F1 against its truth."""
-    from unpact.judge import rouge_l_f1
+    """`new` greedy tokens after each raw prompt, beside its truth (the ROUGE-L F1 of the
+    two is `rouge_l`, added when the rows are read)."""
     from unpact.scoring import generate
 
     outs = generate(
         lm, prompts, chat_template=False, max_new_tokens=new, progress="VerbMem continuations"
     )
-    return [
-        {"id": i, "output": o[0].text, "truth": t, "rouge_l": rouge_l_f1(o[0].text, t)}
-        for i, o, t in zip(ids, outs, truths)
-    ]
+    return [{"id": i, "output": o[0].text, "truth": t} for i, o, t in zip(ids, outs, truths)]
 
 
 def base_logprobs(
@@ -595,7 +593,9 @@ def _verbmem(
         def compute() -> list[dict[str, Any]]:
             return verbmem_rows(_local(get(), m.label), texts, prefix, new)
 
-    return p.stage("verbmem", "verbmem", m.label, key, compute)
+    rows = p.stage("verbmem", "verbmem", m.label, key, compute)
+    # scored here, not in the stage: the cached continuations are read with today's ROUGE
+    return [{**r, "rouge_l": muse_rouge_l_f1(r["output"], r["truth"])} for r in rows]
 
 
 def _document_rows(
