@@ -54,7 +54,8 @@ _UNSPACED = (
 )
 
 
-def _unspaced(c: str) -> bool:
+def unspaced(c: str) -> bool:
+    """Whether `c` belongs to a script written without spaces between words."""
     n = ord(c)
     return any(a <= n <= b for a, b in _UNSPACED)
 
@@ -66,7 +67,7 @@ def normalize(text: str) -> str:
     if not text.isascii():
         text = unicodedata.normalize("NFKC", text).casefold()
         text = "".join(
-            " " if unicodedata.category(c).startswith("P") else f" {c} " if _unspaced(c) else c
+            " " if unicodedata.category(c).startswith("P") else f" {c} " if unspaced(c) else c
             for c in text
         )
     text = text.lower().translate(_PUNCT)

@@ -164,6 +164,9 @@ def test_repetition_and_fluency():
     assert repetition("the the the the the the the") > 0.5
     assert repetition("Quyltbright Brewery in Xanaeskmere") < 0.5
     assert repetition("1830s. 1930s. 1930s. 201") > 0.4  # the demo's RMU
+    # without spaces between words each character is one: the phrase was one long word
+    assert repetition("東京東京東京東京東京東京") > 0.4
+    assert repetition("日本の首都は東京です。東京は大きいです。") < 0.2
     assert fluency("1,1,1,222222222222222", -2.0, -3.0, cfg)["degenerate"]
     assert fluency("", None, None, cfg)["degenerate"]
     # an invented name as unlikely as the true invented name is well-formed

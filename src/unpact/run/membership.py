@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from unpact.backends import open_model
 from unpact.data.items import QAItem, VerbatimPrompt
 from unpact.errors import UnpactError
-from unpact.judge import muse_rouge_l_f1
+from unpact.judge import muse_rouge_l_f1, unspaced
 from unpact.membership import (
     DOCUMENT_ATTACKS,
     TextStats,
@@ -369,15 +369,30 @@ def base_logprobs(
 def repetition(text: str) -> float:
     """Share of a text (in characters, spaces left out) covered by its most repeated unit:
     the longest run of one character, or all occurrences of its most frequent word. 1,1,1,
-    222222 scores high, a short well-formed answer low."""
+    222222 scores high, a short well-formed answer low. In a script written without
+    spaces each character is a word (as the judge reads it): 東京東京東京東京 was one word."""
     compact = re.sub(r"\s+", "", text)
     if len(compact) < 8:
         return 0.0  # too short to call repetitive
     run = max(len(m.group(0)) for m in re.finditer(r"(.)\1*", compact))
-    words = re.findall(r"\w+", text.lower())
+    words = [w for found in re.findall(r"\w+", text.lower()) for w in _split_unspaced(found)]
     top = Counter(words).most_common(1)
     word_cover = top[0][1] * len(top[0][0]) if top and top[0][1] > 1 else 0
     return max(run, word_cover) / len(compact)
+
+
+def _split_unspaced(word: str) -> list[str]:
+    """A word, with each character of a script written without spaces a word of its own."""
+    if word.isascii():
+        return [word]
+    out, run = [], ""
+    for c in word:
+        if unspaced(c):
+            out += [run, c] if run else [c]
+            run = ""
+        else:
+            run += c
+    return [*out, run] if run else out
 
 
 def fluency(
