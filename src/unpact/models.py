@@ -40,6 +40,7 @@ from unpact.scoring import (
     text_config,
 )
 from unpact.types import (
+    CHAT_TEMPLATE_KWARGS,
     EncodedPrompt,
     is_remote_spec,
     raw_prefix,
@@ -115,6 +116,7 @@ class LanguageModel:
                 [{"role": "user", "content": _CONTENT_MARKER}],
                 tokenize=False,
                 add_generation_prompt=True,
+                **CHAT_TEMPLATE_KWARGS,
             )
             if rendered.count(_CONTENT_MARKER) != 1:
                 raise UnpactError(
@@ -148,7 +150,10 @@ class LanguageModel:
         encoded = EncodedPrompt.assemble(prefix, self._ids(prompt), suffix, prompt, chat)
         if chat and not self._boundary_warned:
             rendered = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+                [{"role": "user", "content": prompt}],
+                tokenize=False,
+                add_generation_prompt=True,
+                **CHAT_TEMPLATE_KWARGS,
             )
             said = ("local", str(self.tokenizer.chat_template), len(self.tokenizer))
             self._boundary_warned = warn_if_split_differs(

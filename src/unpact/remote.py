@@ -48,7 +48,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from unpact.errors import UnpactError
 from unpact.progress import progress_bar
 from unpact.scoring import check_pairs
-from unpact.types import REMOTE_PREFIX, EncodedPrompt, raw_prefix, warn_if_split_differs
+from unpact.types import (
+    CHAT_TEMPLATE_KWARGS,
+    REMOTE_PREFIX,
+    EncodedPrompt,
+    raw_prefix,
+    warn_if_split_differs,
+)
 
 # Different user messages, no two sharing a first or last byte, to find the template by
 # what their tokenisations share.
@@ -326,6 +332,7 @@ class RemoteModel:
                             "model": self.model_name,
                             "messages": [{"role": "user", "content": m}],
                             "add_generation_prompt": True,
+                            "chat_template_kwargs": CHAT_TEMPLATE_KWARGS,
                         },
                     ),
                     url,
@@ -369,6 +376,7 @@ class RemoteModel:
                 "model": self.model_name,
                 "messages": [{"role": "user", "content": prompt}],
                 "add_generation_prompt": True,
+                "chat_template_kwargs": CHAT_TEMPLATE_KWARGS,
             }
             templated = _token_list(self.post(url, body), url)
             self._boundary_warned = warn_if_split_differs(

@@ -240,10 +240,14 @@ class _Server:
                 isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages
             ):
                 return _error(400, "'messages' must be a list of {role, content} objects")
+            kwargs = body.get("chat_template_kwargs") or {}
+            if not isinstance(kwargs, dict):
+                return _error(400, "'chat_template_kwargs' must be an object")
             text = tok.apply_chat_template(
                 body["messages"],
                 tokenize=False,
                 add_generation_prompt=bool(body.get("add_generation_prompt", True)),
+                **kwargs,  # as vLLM's TokenizeChatRequest passes them to the template
             )
             ids = tok(text, add_special_tokens=False)["input_ids"]
         elif isinstance(body.get("prompt"), str):

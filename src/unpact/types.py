@@ -21,6 +21,11 @@ import torch
 from pydantic import AfterValidator, Field
 
 REMOTE_PREFIX = "openai:"
+# Rendered into every chat template: a template that prints the date (Llama 3.1 to 3.3:
+# "Today Date: ..." from transformers' strftime_now) would otherwise give other prompt
+# tokens, and other numbers, every day. This is the date those templates fall back on;
+# open-unlearning fixes one likewise (`date_string` in its model configs).
+CHAT_TEMPLATE_KWARGS = {"date_string": "26 Jul 2024"}
 
 # A seed every generator takes: Python's, NumPy's (below 2**32) and torch's. A negative or
 # larger one used to pass validation and fail as a traceback when training began.

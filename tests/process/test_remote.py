@@ -699,6 +699,19 @@ def test_a_served_template_that_merges_at_the_boundary_is_said(tmp_path, tiny, c
     assert encoded.content_ids == tuple(lm.encode_prompt("the capital of France?").content_ids)
 
 
+def test_a_served_template_gets_the_same_fixed_date(tmp_path, tiny):
+    """The server renders the template (vLLM takes the date from chat_template_kwargs, as
+    `unpact serve` does): a served model's prompt tokens equal the local ones, any day."""
+    from tests.unit.test_models import DATE_TEMPLATE
+
+    lm = _model_with(tiny, tmp_path)
+    lm.tokenizer.chat_template = DATE_TEMPLATE
+    with BackgroundServer(make_app(lm, "tiny")) as url:
+        remote = _remote(f"{url}/v1")
+        served = remote.encode_prompt("Who wrote it?").input_ids
+    assert served == lm.encode_prompt("Who wrote it?").input_ids
+
+
 def test_unpact_serve_refuses_what_vllm_refuses(served, faults):
     """An out-of-vocabulary token id and more top log-probs than --max-logprobs (20) are
     a 400 with vLLM's error shape, and the client shows the server's message."""

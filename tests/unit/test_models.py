@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from unpact.errors import UnpactError
@@ -123,6 +125,33 @@ def test_an_unlearning_run_directory_loads_its_model(tiny, tmp_path):
 
 
 USER_TEMPLATE = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
+
+
+# As Llama 3.1-3.3's templates begin: today's date unless the caller gives one
+DATE_TEMPLATE = (
+    "{%- if not date_string is defined %}{%- if strftime_now is defined %}"
+    '{%- set date_string = strftime_now("%d %b %Y") %}{%- else %}'
+    '{%- set date_string = "1 Jan 1999" %}{%- endif %}{%- endif %}'
+    "System: Today Date: {{ date_string }}\n"
+    "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
+)
+
+
+def test_a_template_that_prints_the_date_gives_the_same_tokens_every_day(tiny):
+    """Llama 3.1's template writes "Today Date: <today>" into every prompt, so the same run
+    gave other prompt tokens, and other numbers, on another day. unpact renders every
+    template with one fixed date (CHAT_TEMPLATE_KWARGS)."""
+    import datetime
+
+    from unpact.models import LanguageModel
+    from unpact.types import CHAT_TEMPLATE_KWARGS
+
+    tokenizer = copy.deepcopy(tiny.tokenizer)
+    tokenizer.chat_template = DATE_TEMPLATE
+    lm = LanguageModel(tiny.model, tokenizer)
+    prefix = tokenizer.decode(lm.encode_prompt("Who?").input_ids[:-8])
+    assert f"Today Date: {CHAT_TEMPLATE_KWARGS['date_string']}" in prefix
+    assert datetime.date.today().strftime("%d %b %Y") not in prefix
 
 
 def test_a_template_that_merges_at_the_boundary_is_said_once(caplog, monkeypatch):
