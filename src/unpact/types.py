@@ -21,11 +21,15 @@ import torch
 from pydantic import AfterValidator, Field
 
 REMOTE_PREFIX = "openai:"
-# Rendered into every chat template: a template that prints the date (Llama 3.1 to 3.3:
-# "Today Date: ..." from transformers' strftime_now) would otherwise give other prompt
-# tokens, and other numbers, every day. This is the date those templates fall back on;
-# open-unlearning fixes one likewise (`date_string` in its model configs).
-CHAT_TEMPLATE_KWARGS = {"date_string": "26 Jul 2024"}
+# Rendered into every chat template (a template that does not read a variable ignores it):
+# - `date_string`: a template that prints the date (Llama 3.1 to 3.3: "Today Date: ..."
+#   from transformers' strftime_now) would otherwise give other prompt tokens, and other
+#   numbers, every day. This is the date those templates fall back on; open-unlearning
+#   fixes one likewise (`date_string` in its model configs).
+# - `enable_thinking`: False, so a hybrid reasoning model (Qwen3, SmolLM3) answers at once
+#   instead of spending the judge's few tokens on a <think> block (the answer would be
+#   judged wrong, i.e. "forgotten").
+CHAT_TEMPLATE_KWARGS = {"date_string": "26 Jul 2024", "enable_thinking": False}
 
 # A seed every generator takes: Python's, NumPy's (below 2**32) and torch's. A negative or
 # larger one used to pass validation and fail as a traceback when training began.

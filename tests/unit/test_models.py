@@ -152,6 +152,14 @@ def test_a_template_that_prints_the_date_gives_the_same_tokens_every_day(tiny):
     prefix = tokenizer.decode(lm.encode_prompt("Who?").input_ids[:-8])
     assert f"Today Date: {CHAT_TEMPLATE_KWARGS['date_string']}" in prefix
     assert datetime.date.today().strftime("%d %b %Y") not in prefix
+    # Qwen3's way: without enable_thinking=False the answer starts with a <think> block
+    tokenizer.chat_template = (
+        "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
+        "{%- if enable_thinking is defined and enable_thinking is false %} <think></think>"
+        "{%- endif %}"
+    )
+    lm = LanguageModel(tiny.model, tokenizer)
+    assert tokenizer.decode(lm.encode_prompt("Who?").input_ids).endswith("<think></think>")
 
 
 def test_a_template_that_merges_at_the_boundary_is_said_once(caplog, monkeypatch):
