@@ -22,7 +22,7 @@ import os
 import struct
 import warnings
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
@@ -71,6 +71,45 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "unpact"
 
 
+def render_chat(tokenizer: Any, content: str) -> str:
+    """One user message in the tokenizer's chat template, with the generation prompt, as
+    text. Rendered with `CHAT_TEMPLATE_KWARGS` (a fixed date, no thinking), and with
+    transformers' `strftime_now` reading that same date while it renders: a template that
+    calls it directly (GPT-OSS, Mistral Small 3) printed today's date, so the prompt's
+    tokens, and every number, changed from day to day."""
+    with _fixed_clock(tokenizer):
+        return str(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}],
+                tokenize=False,
+                add_generation_prompt=True,
+                **CHAT_TEMPLATE_KWARGS,
+            )
+        )
+
+
+@contextlib.contextmanager
+def _fixed_clock(tokenizer: Any) -> Iterator[None]:
+    """transformers' `strftime_now` in this tokenizer's compiled template, at the fixed
+    date while the block runs (the compiled template is shared: it is given back after)."""
+    import datetime
+
+    day = datetime.datetime.strptime(str(CHAT_TEMPLATE_KWARGS["date_string"]), "%d %b %Y")
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        env = _compile_jinja_template(tokenizer.get_chat_template()).environment
+        before = env.globals["strftime_now"]
+    except Exception:  # another transformers' internals: the template renders as it would
+        yield
+        return
+    env.globals["strftime_now"] = day.strftime
+    try:
+        yield
+    finally:
+        env.globals["strftime_now"] = before
+
+
 @dataclass
 class LanguageModel:
     """A causal LM with its tokenizer and the spec it was loaded from: the local backend
@@ -112,12 +151,7 @@ class LanguageModel:
 
     def _chat_prefix_suffix(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         if self._template_split is None:
-            rendered = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": _CONTENT_MARKER}],
-                tokenize=False,
-                add_generation_prompt=True,
-                **CHAT_TEMPLATE_KWARGS,
-            )
+            rendered = render_chat(self.tokenizer, _CONTENT_MARKER)
             if rendered.count(_CONTENT_MARKER) != 1:
                 raise UnpactError(
                     f"the chat template of {self.spec!r} does not place the user's message "
@@ -149,12 +183,7 @@ class LanguageModel:
         prefix, suffix = self._chat_prefix_suffix() if chat else (self._raw_prefix(), ())
         encoded = EncodedPrompt.assemble(prefix, self._ids(prompt), suffix, prompt, chat)
         if chat and not self._boundary_warned:
-            rendered = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}],
-                tokenize=False,
-                add_generation_prompt=True,
-                **CHAT_TEMPLATE_KWARGS,
-            )
+            rendered = render_chat(self.tokenizer, prompt)
             said = ("local", str(self.tokenizer.chat_template), len(self.tokenizer))
             self._boundary_warned = warn_if_split_differs(
                 self.spec, prompt, encoded.input_ids, self._ids(rendered), said

@@ -152,6 +152,19 @@ def test_a_template_that_prints_the_date_gives_the_same_tokens_every_day(tiny):
     prefix = tokenizer.decode(lm.encode_prompt("Who?").input_ids[:-8])
     assert f"Today Date: {CHAT_TEMPLATE_KWARGS['date_string']}" in prefix
     assert datetime.date.today().strftime("%d %b %Y") not in prefix
+    # GPT-OSS's and Mistral Small 3's way: strftime_now called directly
+    tokenizer.chat_template = (
+        "Current date: {{ strftime_now('%Y-%m-%d') }}\n"
+        "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
+    )
+    lm = LanguageModel(tiny.model, tokenizer)
+    assert tokenizer.decode(lm.encode_prompt("Who?").input_ids).startswith(
+        "Current date: 2024-07-26"
+    )
+    today = datetime.date.today().isoformat()  # the template is given back as it was
+    assert today in tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}], tokenize=False
+    )
     # Qwen3's way: without enable_thinking=False the answer starts with a <think> block
     tokenizer.chat_template = (
         "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
