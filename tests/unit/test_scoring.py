@@ -363,3 +363,28 @@ def test_a_shared_prefix_over_a_sliding_window_or_under_alibi(arch, grad):
             torch.testing.assert_close(
                 lps.detach(), want.gather(1, torch.tensor(a)[:, None])[:, 0], rtol=0, atol=1e-5
             )
+
+
+def test_greedy_is_plain_whatever_the_generation_config_says():
+    """A model's generation_config may ask for beams, banned repeated n-grams, a minimum
+    length or suppressed tokens; transformers' generate would follow it, vLLM reads none of
+    it. Greedy answers are the argmax at each step, written out by hand here."""
+    from unpact.testing import tiny_model
+
+    lm = tiny_model(seed=0)
+    gc = lm.model.generation_config
+    gc.num_beams, gc.no_repeat_ngram_size, gc.min_new_tokens = 3, 2, 8
+    gc.suppress_tokens = [lm.tokenizer.eos_token_id, 129]
+    prompts = ["the ferry crossed", "who wrote the"]
+    got = generate(lm, prompts, chat_template=False, max_new_tokens=8)
+    stops = {lm.tokenizer.eos_token_id}
+    for prompt, (g,) in zip(prompts, got):
+        ids, new = list(lm.encode_prompt(prompt, False).input_ids), []
+        for _ in range(8):
+            with torch.no_grad():
+                t = int(lm.model(torch.tensor([ids + new])).logits[0, -1].argmax())
+            if t in stops:
+                break
+            new.append(t)
+        assert g.token_ids == tuple(new)
+    assert any(len(set(zip(g.token_ids, g.token_ids[1:]))) < len(g.token_ids) - 1 for (g,) in got)
