@@ -182,6 +182,13 @@ def test_a_named_reference_enables_membership_and_another_tokenizer_is_refused(t
         run(config, tmp_path / "out4", cache_dir=tmp_path / "cache4", progress=False)
     for cache in ("cache3", "cache4"):  # TOFU's items as files, and no stage
         assert [p.name for p in (tmp_path / cache).iterdir()] == ["subsets"]
+    # the same vocabulary in another chat template (or none): other prompts, refused too
+    plain = tiny_model(seed=1)
+    plain.tokenizer.chat_template = "{% for m in messages %}Q: {{ m['content'] }}{% endfor %}A:"
+    save_model(plain.model, plain.tokenizer, tmp_path / "plain")
+    config["methods"] = [{"model": str(tmp_path / "plain"), "name": "theirs"}]
+    with pytest.raises(UnpactError, match=r"methods\.0 \(theirs\) .* another chat template"):
+        run(config, tmp_path / "out5", cache_dir=tmp_path / "cache5", progress=False)
 
 
 def test_muse_membership_runs_on_its_documents(tmp_path, tiny):

@@ -246,14 +246,16 @@ def same_tokenizer(original: str, compared: dict[str, str | None]) -> None:
     named = {what: spec for what, spec in compared.items() if spec is not None}
     if is_remote_spec(original) or all(is_remote_spec(s) for s in named.values()):
         return  # a served model's vocabulary is not at hand; the user vouches for it
-    va = load_tokenizer(original).get_vocab()
+    ta = load_tokenizer(original)
+    va, template = ta.get_vocab(), _template(ta)
     for what, spec in named.items():
         if is_remote_spec(spec):
             continue
         try:
-            vb = load_tokenizer(spec).get_vocab()
+            tb = load_tokenizer(spec)
         except UnpactError as exc:
             raise UnpactError(f"{what}: {exc}") from None
+        vb = tb.get_vocab()
         if va != vb:
             raise UnpactError(
                 f"{what} {spec} has another tokenizer than the original model {original} "
@@ -261,6 +263,32 @@ def same_tokenizer(original: str, compared: dict[str, str | None]) -> None:
                 "its token log-probs and attributions cannot be compared with the "
                 "original's; give a model trained from the same base model"
             )
+        theirs = _template(tb)
+        if theirs != template:
+            if theirs is None:
+                has = f"no chat template, where the original model {original} has one"
+            elif template is None:
+                has = f"a chat template, where the original model {original} has none"
+            else:
+                has = f"another chat template than the original model {original}"
+            raise UnpactError(
+                f"{what} {spec} has {has}: each "
+                "model would be asked the questions in its own format, so their answers and "
+                "attributions would not be compared on the same prompts; save it with the "
+                "original's tokenizer (tokenizer.save_pretrained(folder))"
+            )
+
+
+def _template(tokenizer: Any) -> str | None:
+    """A user message as the tokenizer's chat template renders it (None: no template)."""
+    from unpact.models import render_chat
+
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        return render_chat(tokenizer, "\ue000unpact\ue000")
+    except Exception as exc:  # a broken template: the model's first prompt says how
+        return f"unrenderable: {type(exc).__name__}"
 
 
 def _texts(items: list[QAItem]) -> tuple[list[str], list[str]]:
