@@ -840,6 +840,27 @@ def sample_seed(seed: int, ids: Sequence[int]) -> int:
     return zlib.crc32(repr((seed, tuple(ids))).encode())
 
 
+# The plain softmax (at the temperature): whatever a model's generation_config says about
+# top_k, top_p, min_p or repetition penalties is left out, here and in what unpact asks of
+# a served model (remote.PLAIN_SAMPLING); so are beams, banned n-grams, a minimum length
+# and the other truncations it may set (vLLM reads none of them): each at its neutral value.
+_NEUTRAL_DECODING: dict[str, Any] = {
+    "repetition_penalty": 1.0,
+    "min_p": None,
+    "num_beams": 1,
+    "no_repeat_ngram_size": 0,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "sequence_bias": None,
+}
+
+
 def _generate_batch(
     lm: LanguageModel,
     prompts: Sequence[Sequence[int]],
@@ -860,25 +881,7 @@ def _generate_batch(
         "eos_token_id": _stop_ids(lm),
         "num_return_sequences": num_return_sequences,
     }
-    # The plain softmax (at the temperature): whatever a model's generation_config says
-    # about top_k, top_p, min_p or repetition penalties is left out, here and in what
-    # unpact asks of a served model (remote.PLAIN_SAMPLING); so are beams, banned
-    # n-grams, a minimum length and the other truncations it may set (vLLM reads none of
-    # them), each given its neutral value.
-    kwargs.update(repetition_penalty=1.0, min_p=None)
-    kwargs.update(
-        num_beams=1,
-        no_repeat_ngram_size=0,
-        min_length=0,
-        min_new_tokens=None,
-        typical_p=1.0,
-        epsilon_cutoff=0.0,
-        eta_cutoff=0.0,
-        bad_words_ids=None,
-        suppress_tokens=None,
-        begin_suppress_tokens=None,
-        sequence_bias=None,
-    )
+    kwargs.update(_NEUTRAL_DECODING)
     if sampling:
         kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
     else:
