@@ -91,8 +91,11 @@ from unpact.types import AnyModel, is_remote_spec
 
 # Part of every stage key below: bumped when a stage's output changes for the same inputs,
 # so a cache written by older code is never read as today's (issue 19: the README's demo
-# table once came from such a cache).
-STAGES_FORMAT = 2
+# table once came from such a cache). 3: token units keep characters whole, the judges
+# read every script, templates render a fixed date and no thinking, greedy decoding
+# ignores a generation_config's beams and bans (a cache of 2 crashed on non-ASCII
+# prompts: "the two attributions have different units").
+STAGES_FORMAT = 3
 SPLITS = ("forget", "retain", "general")
 
 
