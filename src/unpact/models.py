@@ -46,6 +46,7 @@ from unpact.types import (
     raw_prefix,
     spec_text,
     warn_if_split_differs,
+    warn_if_template_thinks,
 )
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,8 @@ class LanguageModel:
                 )
             before, after = rendered.split(_CONTENT_MARKER)
             self._template_split = (self._ids(before), self._ids(after))
+            said = ("thinks", str(self.tokenizer.chat_template))
+            warn_if_template_thinks(self.spec, after, said)
         return self._template_split
 
     def _ids(self, text: str) -> tuple[int, ...]:

@@ -54,6 +54,7 @@ from unpact.types import (
     EncodedPrompt,
     raw_prefix,
     warn_if_split_differs,
+    warn_if_template_thinks,
 )
 
 # Different user messages, no two sharing a first or last byte, to find the template by
@@ -347,6 +348,13 @@ class RemoteModel:
             while s < shortest - p and all(a[-1 - s] == b[-1 - s] for b in others):
                 s += 1
             self._template = (a[:p], a[len(a) - s :] if s else ())
+            if s:
+                try:
+                    suffix = self.detokenize(a[len(a) - s :])
+                except RemoteError:  # a server without /detokenize: nothing to say
+                    suffix = ""
+                said = ("thinks", self.root_url, self.model_name)
+                warn_if_template_thinks(self.spec, suffix, said)
         return self._template
 
     def _resolve_chat(self, chat_template: bool | None) -> bool:

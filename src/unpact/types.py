@@ -103,6 +103,31 @@ def warn_if_split_differs(
     return True
 
 
+_THINKING_SAID: set[Hashable] = set()
+
+
+def warn_if_template_thinks(spec: str, suffix: str, said: Hashable = None) -> None:
+    """Say once (per `said` key, or per call without one) when a chat template ends its
+    generation prompt inside a `<think>` block (DeepSeek-R1's distilled models, and any
+    model that reasons whatever `enable_thinking` says): the answer comes after the
+    reasoning, so a judge reading a few dozen tokens may never see it and call every
+    fact forgotten."""
+    if not suffix.rstrip().endswith("<think>"):
+        return
+    if said is not None:
+        if said in _THINKING_SAID:
+            return
+        _THINKING_SAID.add(said)
+    logging.getLogger("unpact").warning(
+        "%s: its chat template opens a <think> block for every answer, so the model "
+        "reasons before it answers and a judge reading judge.max_new_tokens tokens (32 by "
+        "default) may see no answer at all: every fact would read as forgotten. Raise "
+        "judge.max_new_tokens to cover the reasoning, or use the model without its "
+        "template (--no-chat-template)",
+        spec,
+    )
+
+
 def spec_text(spec: object) -> str:
     """A model spec as text: a string, or a path (`pathlib.Path`, any `os.PathLike`)."""
     if isinstance(spec, os.PathLike):

@@ -712,6 +712,18 @@ def test_a_served_template_gets_the_same_fixed_date(tmp_path, tiny):
     assert served == lm.encode_prompt("Who wrote it?").input_ids
 
 
+def test_a_served_template_that_always_thinks_is_said(tmp_path, tiny, caplog):
+    import logging
+
+    from tests.unit.test_models import THINKING_TEMPLATE
+
+    lm = _model_with(tiny, tmp_path)
+    lm.tokenizer.chat_template = THINKING_TEMPLATE
+    with BackgroundServer(make_app(lm, "tiny")) as url, caplog.at_level(logging.WARNING):
+        _remote(f"{url}/v1").encode_prompt("Who wrote it?")
+    assert any("opens a <think> block" in r.getMessage() for r in caplog.records)
+
+
 def test_unpact_serve_refuses_what_vllm_refuses(served, faults):
     """An out-of-vocabulary token id and more top log-probs than --max-logprobs (20) are
     a 400 with vLLM's error shape, and the client shows the server's message."""

@@ -175,6 +175,26 @@ def test_a_template_that_prints_the_date_gives_the_same_tokens_every_day(tiny):
     assert tokenizer.decode(lm.encode_prompt("Who?").input_ids).endswith("<think></think>")
 
 
+THINKING_TEMPLATE = (  # DeepSeek-R1's distilled models: every answer opens with reasoning
+    "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant: <think>\n"
+)
+
+
+def test_a_template_that_always_thinks_is_said_once(tiny, caplog):
+    import logging
+
+    from unpact.models import LanguageModel
+
+    tokenizer = copy.deepcopy(tiny.tokenizer)
+    tokenizer.chat_template = THINKING_TEMPLATE
+    with caplog.at_level(logging.WARNING, logger="unpact"):
+        for _ in range(2):  # a second model of the same template: not again
+            LanguageModel(tiny.model, tokenizer).encode_prompt("Who?")
+        LanguageModel(tiny.model, tiny.tokenizer).encode_prompt("Who?")  # a plain template
+    said = [r.getMessage() for r in caplog.records if "<think>" in r.getMessage()]
+    assert len(said) == 1 and "judge.max_new_tokens" in said[0]
+
+
 def test_a_template_that_merges_at_the_boundary_is_said_once(caplog, monkeypatch):
     """`User: ` then the prompt: byte-BPE tokenises ' the' as one piece in the rendered
     template, where unpact tokenises the prompt apart; that is said once, clearly, and
