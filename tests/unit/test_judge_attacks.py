@@ -301,3 +301,43 @@ def test_a_prompt_over_the_context_names_the_attack_and_the_item(tiny):
     with pytest.raises(UnpactError, match=r"item f2 \(forget\): its prompt under attack "
                        r"focus_on_key is \d+ tokens .* context of 256"):  # fmt: skip
         get_attack("focus_on_key").run(ctx)
+
+
+def test_a_plugin_attacks_rows_are_checked_and_made_plain():
+    """An attack that overrides run() (a plugin's) may return numpy's booleans and numbers;
+    rows naming no item it was given, or without a true/false 'recovered', are one message
+    naming the attack and the row (they were a KeyError or a JSON TypeError after the run)."""
+    import numpy as np
+
+    from unpact.attacks import Attack
+    from unpact.attacks.base import AttackContext
+    from unpact.data.items import QAItem
+
+    items = [QAItem("f1", "Who founded it?", "Mira", split="forget")]
+    ctx = AttackContext(lambda: None, "x", items, {}, [], JudgeSettings())
+    returned: list = []
+
+    class Rows(Attack):
+        name = "test_rows"
+
+        def run(self, ctx):
+            return returned
+
+    ATTACKS.pop("test_rows")  # registered by the class statement; not for other tests
+    attack = Rows()
+    returned[:] = [{"id": "f1", "recovered": np.bool_(True), "score": np.float32(0.5)}]
+    (row,) = attack.checked_run(ctx)
+    assert row == {"id": "f1", "prompt": "Who founded it?", "recovered": True, "score": 0.5}
+    assert type(row["recovered"]) is bool
+    for rows, message in [
+        ([{"id": "f1", "recovered": "yes"}], r"test_rows: row 0 \(f1\): 'recovered' must be"),
+        ([{"id": "f1"}], r"'recovered' must be true or false, not None"),
+        ([{"id": "f9", "recovered": True}], r"row 0 names 'f9', not an item it was given"),
+        ([{"id": "f1", "recovered": True, "x": object()}], r"row 0 \(f1\) cannot be saved"),
+        ({"id": "f1"}, r"run\(\) must return a list of dicts"),
+    ]:
+        returned[:] = [] if isinstance(rows, dict) else rows
+        if isinstance(rows, dict):
+            Rows.run = lambda self, ctx, rows=rows: rows  # type: ignore[method-assign]
+        with pytest.raises(UnpactError, match=message):
+            attack.checked_run(ctx)

@@ -12,6 +12,7 @@ on beyond the model, the items, their KeyTokens, its settings and the judge.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -109,6 +110,50 @@ class Attack:
     def run(self, ctx: AttackContext) -> list[dict[str, Any]]:
         """Per item: the attack's prompts, their answers and whether any answer is correct."""
         return run_prompts(self, ctx)
+
+    def checked_run(self, ctx: AttackContext) -> list[dict[str, Any]]:
+        """`run(ctx)` as the runner keeps it: each row names an item it was given and says
+        `recovered` true or false, numpy's and torch's scalars become Python's, and `prompt`
+        defaults to the question. A plugin's mistake is one message naming the attack and
+        the row (it was a KeyError or a JSON encoder's TypeError after the whole run)."""
+        rows = self.run(ctx)
+        where = f"attack {self.name}"
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise UnpactError(f"{where}: run() must return a list of dicts, one per item")
+        given = {i.id: i for i in ctx.items}
+        out = []
+        for n, row in enumerate(rows):
+            item = given.get(row.get("id"))  # type: ignore[arg-type]
+            if item is None:
+                raise UnpactError(
+                    f"{where}: row {n} names {row.get('id')!r}, not an item it was given"
+                )
+            recovered = _plain(row.get("recovered"))
+            if not isinstance(recovered, bool):
+                raise UnpactError(
+                    f"{where}: row {n} ({item.id}): 'recovered' must be true or false, "
+                    f"not {row.get('recovered')!r}"
+                )
+            row = {"prompt": item.question, **row, "recovered": recovered}
+            try:
+                out.append(json.loads(json.dumps(row, default=_plain_or_fail)))
+            except (TypeError, ValueError) as exc:
+                raise UnpactError(f"{where}: row {n} ({item.id}) cannot be saved: {exc}") from None
+        return out
+
+
+def _plain(value: Any) -> Any:
+    """A 0-d numpy or torch value as the Python scalar it holds; anything else as it is."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def _plain_or_fail(value: Any) -> Any:
+    """JSON's fallback: numpy's and torch's scalars and arrays as Python's."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} {value!r} is not JSON")
 
 
 @dataclass

@@ -591,7 +591,7 @@ def _attack_stage(
     ]
     count = f"{len(items)} item{'' if len(items) == 1 else 's'}"
     name = f"{model.label} with {spec.column} ({count})"
-    rows = p.stage(what, "attacks", name, reads, partial(attack.run, ctx))
+    rows = p.stage(what, "attacks", name, reads, partial(attack.checked_run, ctx))
     return {r["id"]: r for r in rows}
 
 
