@@ -60,15 +60,21 @@ def unspaced(c: str) -> bool:
     return any(a <= n <= b for a, b in _UNSPACED)
 
 
+def split_unspaced(text: str) -> str:
+    """`text` with each character of a script written without spaces set apart as a word."""
+    if text.isascii():
+        return text
+    return "".join(f" {c} " if unspaced(c) else c for c in text)
+
+
 def normalize(text: str) -> str:
     """Lower case, punctuation and articles removed, whitespace collapsed; beyond ASCII,
     NFKC and case folding first, every Unicode punctuation mark removed, and each character
     of a script without spaces a word of its own."""
     if not text.isascii():
         text = unicodedata.normalize("NFKC", text).casefold()
-        text = "".join(
-            " " if unicodedata.category(c).startswith("P") else f" {c} " if unspaced(c) else c
-            for c in text
+        text = split_unspaced(
+            "".join(" " if unicodedata.category(c).startswith("P") else c for c in text)
         )
     text = text.lower().translate(_PUNCT)
     return " ".join(_ARTICLES.sub(" ", text).split())

@@ -89,6 +89,12 @@ def render_chat(tokenizer: Any, content: str) -> str:
         )
 
 
+def template_text(tokenizer: Any) -> str:
+    """The chat template around a marker standing for the user's message (`render_chat`):
+    the template's own text, which `LanguageModel` splits at the marker."""
+    return render_chat(tokenizer, _CONTENT_MARKER)
+
+
 @contextlib.contextmanager
 def _fixed_clock(tokenizer: Any) -> Iterator[None]:
     """transformers' `strftime_now` in this tokenizer's compiled template, at the fixed
@@ -152,7 +158,7 @@ class LanguageModel:
 
     def _chat_prefix_suffix(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         if self._template_split is None:
-            rendered = render_chat(self.tokenizer, _CONTENT_MARKER)
+            rendered = template_text(self.tokenizer)
             if rendered.count(_CONTENT_MARKER) != 1:
                 raise UnpactError(
                     f"the chat template of {self.spec!r} does not place the user's message "

@@ -29,6 +29,7 @@ from unpact.metrics import (
     bootstrap_ci,
     mcnemar_exact,
 )
+from unpact.types import plain_scalar
 
 if TYPE_CHECKING:
     from unpact.run import StatisticsSettings
@@ -109,8 +110,7 @@ def _number(m: Metric, value: Any) -> Any:
     returns anything else is named here, not in a table or a JSON encoder later)."""
     if value is None:
         return None
-    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
-        value = value.item()  # a 0-d tensor or array
+    value = plain_scalar(value)  # a 0-d tensor or array
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         # numpy's and torch's scalars as Python numbers: JSON and the tables read those
         return int(value) if isinstance(value, numbers.Integral) else float(value)

@@ -217,6 +217,20 @@ def lm_body_and_head(model: Any) -> tuple[Any, Any]:
     return (inner if isinstance(inner, torch.nn.Module) else body), model.get_output_embeddings()
 
 
+def expert_parameters(module: Any) -> list[tuple[str, Any, str]]:
+    """The experts of a mixture of experts (Mixtral, Qwen-MoE, OLMoE, GPT-OSS in
+    transformers 5) inside `module`: per projection, one 3-D parameter of (experts, ., .)
+    on a submodule with `num_experts`. Each as (the submodule's name, the submodule, the
+    parameter's attribute name); Linear layers are not among them."""
+    return [
+        (name, sub, attr)
+        for name, sub in module.named_modules()
+        if hasattr(sub, "num_experts")
+        for attr, p in sub.named_parameters(recurse=False)
+        if p.dim() == 3 and attr.endswith("proj")
+    ]
+
+
 def text_parameters(model: Any) -> set[int]:
     """The ids of the parameters of the text model and its head (`lm_body_and_head`): all
     of a causal LM's, none of a vision-language model's vision tower. Training marks only

@@ -15,7 +15,7 @@ import os
 import string
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Protocol, TypeAlias, runtime_checkable
+from typing import Annotated, Any, Protocol, TypeAlias, runtime_checkable
 
 import torch
 from pydantic import AfterValidator, Field
@@ -61,7 +61,24 @@ def fills(*fields: str) -> AfterValidator:
     return AfterValidator(check)
 
 
-_SPLITS_SAID: set[object] = set()
+_SAID: set[Hashable] = set()
+
+
+def _first_time(said: Hashable) -> bool:
+    """Whether a warning keyed `said` is new in this process (None: always new)."""
+    if said is None:
+        return True
+    if said in _SAID:
+        return False
+    _SAID.add(said)
+    return True
+
+
+def plain_scalar(value: Any) -> Any:
+    """A 0-d numpy or torch value as the Python scalar it holds; anything else as it is."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return value.item()
+    return value
 
 
 def warn_if_split_differs(
@@ -80,10 +97,8 @@ def warn_if_split_differs(
     shares), or once per model without one. Returns whether it differs."""
     if tuple(assembled) == tuple(templated):
         return False
-    if said is not None:
-        if said in _SPLITS_SAID:
-            return True
-        _SPLITS_SAID.add(said)
+    if not _first_time(("split", said) if said is not None else None):
+        return True
     first = next(
         (n for n, (a, b) in enumerate(zip(assembled, templated)) if a != b),
         min(len(assembled), len(templated)),
@@ -103,9 +118,6 @@ def warn_if_split_differs(
     return True
 
 
-_THINKING_SAID: set[Hashable] = set()
-
-
 def warn_if_template_thinks(spec: str, suffix: str, said: Hashable = None) -> None:
     """Say once (per `said` key, or per call without one) when a chat template ends its
     generation prompt inside a `<think>` block (DeepSeek-R1's distilled models, and any
@@ -114,10 +126,8 @@ def warn_if_template_thinks(spec: str, suffix: str, said: Hashable = None) -> No
     fact forgotten."""
     if not suffix.rstrip().endswith("<think>"):
         return
-    if said is not None:
-        if said in _THINKING_SAID:
-            return
-        _THINKING_SAID.add(said)
+    if not _first_time(("thinks", said) if said is not None else None):
+        return
     logging.getLogger("unpact").warning(
         "%s: its chat template opens a <think> block for every answer, so the model "
         "reasons before it answers and a judge reading judge.max_new_tokens tokens (32 by "

@@ -205,7 +205,7 @@ def test_a_template_that_merges_at_the_boundary_is_said_once(caplog, monkeypatch
     from unpact import types
     from unpact.testing import tiny_model
 
-    monkeypatch.setattr(types, "_SPLITS_SAID", set())
+    monkeypatch.setattr(types, "_SAID", set())
     lm, copy = tiny_model(seed=0), tiny_model(seed=1)
     with caplog.at_level(logging.WARNING, logger="unpact"):
         lm.encode_prompt("the capital of France?")  # ChatML: no boundary merge

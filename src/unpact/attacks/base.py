@@ -25,6 +25,7 @@ from unpact.errors import UnpactError
 from unpact.judge import JudgeSettings, Verdict, choose_options, encode_questions, judge_many
 from unpact.plugins import check_name as _check_name
 from unpact.scoring import generate
+from unpact.types import plain_scalar
 
 if TYPE_CHECKING:
     from unpact.types import AnyModel
@@ -128,7 +129,7 @@ class Attack:
                 raise UnpactError(
                     f"{where}: row {n} names {row.get('id')!r}, not an item it was given"
                 )
-            recovered = _plain(row.get("recovered"))
+            recovered = plain_scalar(row.get("recovered"))
             if not isinstance(recovered, bool):
                 raise UnpactError(
                     f"{where}: row {n} ({item.id}): 'recovered' must be true or false, "
@@ -140,13 +141,6 @@ class Attack:
             except (TypeError, ValueError) as exc:
                 raise UnpactError(f"{where}: row {n} ({item.id}) cannot be saved: {exc}") from None
         return out
-
-
-def _plain(value: Any) -> Any:
-    """A 0-d numpy or torch value as the Python scalar it holds; anything else as it is."""
-    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
-        return value.item()
-    return value
 
 
 def _plain_or_fail(value: Any) -> Any:

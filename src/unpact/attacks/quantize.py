@@ -48,14 +48,10 @@ def expert_weights(model: Any) -> list[tuple[str, torch.nn.Module, str]]:
     linear layer to round; they hold most of such a model's weights, and torchao's
     `quantize_` sees only `Linear` modules. The router stays in full precision, as in
     the published quantized MoE checkpoints."""
+    from unpact.scoring import expert_parameters
+
     body, _ = _body_head(model)
-    return [
-        (f"{name}.{attr}", module, attr)
-        for name, module in body.named_modules()
-        if hasattr(module, "num_experts")
-        for attr, p in module.named_parameters(recurse=False)
-        if p.dim() == 3 and attr.endswith("proj")
-    ]
+    return [(f"{name}.{attr}", module, attr) for name, module, attr in expert_parameters(body)]
 
 
 def _experts_out_in(module: torch.nn.Module, attr: str) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from unpact.backends import open_model
 from unpact.data.items import QAItem, VerbatimPrompt
 from unpact.errors import UnpactError
-from unpact.judge import muse_rouge_l_f1, unspaced
+from unpact.judge import muse_rouge_l_f1, split_unspaced
 from unpact.membership import (
     DOCUMENT_ATTACKS,
     TextStats,
@@ -281,12 +281,12 @@ def same_tokenizer(original: str, compared: dict[str, str | None]) -> None:
 
 def _template(tokenizer: Any) -> str | None:
     """A user message as the tokenizer's chat template renders it (None: no template)."""
-    from unpact.models import render_chat
+    from unpact.models import template_text
 
     if not getattr(tokenizer, "chat_template", None):
         return None
     try:
-        return render_chat(tokenizer, "\ue000unpact\ue000")
+        return template_text(tokenizer)
     except Exception as exc:  # a broken template: the model's first prompt says how
         return f"unrenderable: {type(exc).__name__}"
 
@@ -403,24 +403,10 @@ def repetition(text: str) -> float:
     if len(compact) < 8:
         return 0.0  # too short to call repetitive
     run = max(len(m.group(0)) for m in re.finditer(r"(.)\1*", compact))
-    words = [w for found in re.findall(r"\w+", text.lower()) for w in _split_unspaced(found)]
+    words = re.findall(r"\w+", split_unspaced(text.lower()))
     top = Counter(words).most_common(1)
     word_cover = top[0][1] * len(top[0][0]) if top and top[0][1] > 1 else 0
     return max(run, word_cover) / len(compact)
-
-
-def _split_unspaced(word: str) -> list[str]:
-    """A word, with each character of a script written without spaces a word of its own."""
-    if word.isascii():
-        return [word]
-    out, run = [], ""
-    for c in word:
-        if unspaced(c):
-            out += [run, c] if run else [c]
-            run = ""
-        else:
-            run += c
-    return [*out, run] if run else out
 
 
 def fluency(

@@ -40,7 +40,7 @@ from unpact.errors import UnpactError
 from unpact.files import atomic_text
 from unpact.models import LanguageModel, load_model, save_model
 from unpact.progress import progress_bar
-from unpact.scoring import decoder_layers, text_parameters
+from unpact.scoring import decoder_layers, expert_parameters, text_parameters
 from unpact.train import Trainer
 from unpact.types import spec_text
 from unpact.unlearn.config import LoraSettings, UnlearnConfig
@@ -505,15 +505,10 @@ def _expert_parameters(net: Any, target_modules: list[str]) -> list[str]:
     `gate_up_proj` by `gate_proj` or `up_proj`. LoRA reaches them through peft's
     `target_parameters`; `target_modules` alone sees Linear layers only, i.e. attention."""
     found = []
-    for name, module in net.named_modules():
-        if not hasattr(module, "num_experts"):
-            continue
-        for attr, p in module.named_parameters(recurse=False):
-            if p.dim() != 3 or not attr.endswith("proj"):
-                continue
-            parts = {f"{part}_proj" for part in attr.removesuffix("_proj").split("_")}
-            if attr in target_modules or parts & set(target_modules):
-                found.append(f"{name}.{attr}" if name else attr)
+    for name, _, attr in expert_parameters(net):
+        parts = {f"{part}_proj" for part in attr.removesuffix("_proj").split("_")}
+        if attr in target_modules or parts & set(target_modules):
+            found.append(f"{name}.{attr}" if name else attr)
     return found
 
 
