@@ -358,7 +358,31 @@ def test_verbmem_of_a_probe_is_the_greedy_continuation_against_the_cut_truth(tin
     probe = VerbatimPrompt("v1", "the ferry crossed", " the river on a quiet day")
     (row,) = probe_rows(tiny, [probe], new=5)
     ids = tiny.tokenizer(probe.continuation, add_special_tokens=False)["input_ids"]
-    assert len(ids) > 5 and row["truth"] == tiny.tokenizer.decode(ids[:5])
+    assert len(ids) > 5 and row["truth"] == tiny.tokenizer.decode(ids[:5])  # no BOS here
     (greedy,) = generate(tiny, [probe.prompt], chat_template=False, max_new_tokens=5)
     assert row["output"] == greedy[0].text
     assert (row["id"], row["prompt"]) == ("v1", "the ferry crossed")
+
+
+def test_a_probe_truth_is_cut_as_muse_cuts_it_with_the_bos_among_the_tokens():
+    """MUSE encodes the true continuation with the tokenizer's special tokens before it
+    keeps the first `new`: a tokenizer that opens every text with a BOS (Llama's) leaves
+    `new - 1` tokens of text; one without (the tiny one, SmolLM2's) leaves `new`."""
+    from tokenizers.processors import TemplateProcessing
+
+    from unpact.run.membership import muse_cut
+    from unpact.testing import tiny_tokenizer
+
+    plain = tiny_tokenizer()
+    text = " the river on a quiet day near the town"
+    ids = plain(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 6
+    assert muse_cut(plain, text, 6) == plain.decode(ids[:6])
+    with_bos = tiny_tokenizer()
+    bos = with_bos.bos_token_id
+    with_bos._tokenizer.post_processor = TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)]
+    )
+    assert with_bos(text)["input_ids"] == [bos, *ids]
+    assert muse_cut(with_bos, text, 6) == plain.decode(ids[:5])
+    assert muse_cut(with_bos, text, 1) == ""

@@ -350,16 +350,19 @@ def probe_rows(lm: LanguageModel, probes: list[VerbatimPrompt], new: int) -> lis
     """MUSE's VerbMem on its own probes (`metrics/verbmem.py` in the MUSE repository): the
     greedy continuation of each prompt, as given, against the true continuation cut to its
     first `new` tokens (MUSE: 128 of each)."""
-    truths = [
-        lm.tokenizer.decode(
-            lm.tokenizer(v.continuation, add_special_tokens=False)["input_ids"][:new]
-        )
-        for v in probes
-    ]
+    truths = [muse_cut(lm.tokenizer, v.continuation, new) for v in probes]
     rows = _continued(lm, [v.id for v in probes], [v.prompt for v in probes], truths, new)
     for row, v in zip(rows, probes):
         row["prompt"] = v.prompt
     return rows
+
+
+def muse_cut(tokenizer: Any, text: str, new: int) -> str:
+    """A probe's true continuation as MUSE cuts it (`metrics/verbmem.py`): the first `new`
+    ids of the text encoded alone with the tokenizer's special tokens (a Llama BOS takes one
+    of the `new`), decoded without them and with its clean-up of spaces."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"][:new]
+    return str(tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True))
 
 
 def _continued(
@@ -612,7 +615,7 @@ def _verbmem(
     key: list[Any] = [m.key, [t.to_dict() for t in texts]]
     if kind == "probes":
         probes = cast("list[VerbatimPrompt]", texts)
-        key += [new, "probes"]
+        key += [new, "probes", "muse-cut"]  # "muse-cut": the truth cut as MUSE cuts it
 
         def compute() -> list[dict[str, Any]]:
             return probe_rows(_local(get(), m.label), probes, new)
