@@ -43,17 +43,22 @@ def document_stats(
     batch_size: int = 16,
     progress: bool | str = False,
 ) -> list[TextStats]:
-    """Teacher-forced statistics of raw documents (no chat template, no added special
-    tokens), as MUSE scores its forget and holdout texts: every token after the first given
-    the ones before it, over the first `max_tokens` tokens of each document (ZLib's length
-    is that of the text scored). A document of one token has nothing to score: refused."""
+    """Teacher-forced statistics of raw documents (no chat template), as MUSE scores its
+    forget and holdout texts (`metrics/privleak.py`: the text encoded with the tokenizer's
+    special tokens, each token after the first given the ones before it): a tokenizer that
+    opens a text with a BOS (Llama's) has every text token scored after it; one without
+    (the default model's) every token after the first. Over the first `max_tokens` tokens
+    of each document's text (ZLib's length is that of the text scored). A document with no
+    token to score is refused."""
     encoded: list[tuple[Sequence[int], Sequence[int]]] = []
     scored: list[str] = []
+    bos = list(lm.special_prefix())
     for n, text in enumerate(texts):
         ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
-        if len(ids) < 2:
+        context, target = (bos, ids) if bos else (ids[:1], ids[1:])
+        if not target:
             raise UnpactError(f"document {n}: {len(ids)} token(s), nothing to score")
-        encoded.append((ids[:1], ids[1:]))
+        encoded.append((context, target))
         scored.append(lm.tokenizer.decode(ids))
     label = progress if isinstance(progress, str) else "Membership scores (documents)"
     return _batched_stats(lm, encoded, scored, batch_size, label, bool(progress))

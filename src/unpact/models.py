@@ -173,7 +173,9 @@ class LanguageModel:
     def _ids(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _raw_prefix(self) -> tuple[int, ...]:
+    def special_prefix(self) -> tuple[int, ...]:
+        """The special tokens the tokenizer puts before a text (a Llama BOS; none for the
+        default model's), which raw prompts and documents start with."""
         return raw_prefix(
             self.tokenizer("x", add_special_tokens=True)["input_ids"],
             self.tokenizer("x", add_special_tokens=False)["input_ids"],
@@ -189,7 +191,7 @@ class LanguageModel:
         if not prompt or not prompt.strip():
             raise UnpactError("empty prompt: give some text to ask the model")
         chat = self._resolve_chat(chat_template)
-        prefix, suffix = self._chat_prefix_suffix() if chat else (self._raw_prefix(), ())
+        prefix, suffix = self._chat_prefix_suffix() if chat else (self.special_prefix(), ())
         encoded = EncodedPrompt.assemble(prefix, self._ids(prompt), suffix, prompt, chat)
         if chat and not self._boundary_warned:
             rendered = render_chat(self.tokenizer, prompt)

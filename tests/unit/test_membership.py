@@ -141,6 +141,32 @@ def test_document_statistics_are_a_plain_pass_over_the_raw_text(tiny):
         document_stats(tiny, ["a"], max_tokens=1)
 
 
+def test_a_bos_opening_tokenizer_has_every_document_token_scored_after_its_bos():
+    """MUSE encodes each text with the tokenizer's special tokens and scores every token
+    after the first: with a Llama-style BOS that is every token of the text, given the BOS."""
+    from tokenizers.processors import TemplateProcessing
+
+    from unpact.testing import tiny_model
+
+    lm = tiny_model()
+    bos = lm.tokenizer.bos_token_id
+    lm.tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)]
+    )
+    assert lm.special_prefix() == (bos,)
+    text = "Mira Quintrell founded the glassworks."
+    (stats,) = document_stats(lm, [text], max_tokens=5)
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][:5]
+    with torch.no_grad():
+        logits = lm.model(torch.tensor([[bos, *ids]], device=lm.device)).logits[0].double()
+    logp = logits.log_softmax(-1)[:-1]
+    assert len(stats.logprobs) == len(ids)
+    for t, tok in enumerate(ids):
+        assert stats.logprobs[t] == pytest.approx(float(logp[t, tok]), abs=1e-4)
+    (one,) = document_stats(lm, ["a"], max_tokens=1)  # one token is scorable after a BOS
+    assert len(one.logprobs) == 1
+
+
 def test_gradient_norm_equals_a_plain_backward_pass(tiny):
     q, a = "Who founded the glassworks?", "Mira Quintrell"
     (fast,) = gradient_norms(tiny, [q], [a])

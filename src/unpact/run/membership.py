@@ -645,8 +645,9 @@ def _document_rows(
         )
         return [{"id": d.id, "stats": s.to_dict()} for d, s in zip(docs, found)]
 
-    key = digest([d.to_dict() for d in docs], tokens)
-    rows = p.stage("membership-documents", "membership-documents", m.label, [m.key, key], compute)
+    # "after-bos": the first text token scored after a BOS where the tokenizer puts one
+    key = [m.key, digest([d.to_dict() for d in docs], tokens), "after-bos"]
+    rows = p.stage("membership-documents", "membership-documents", m.label, key, compute)
     return {r["id"]: r for r in rows}
 
 
