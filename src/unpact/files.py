@@ -9,6 +9,7 @@ temporary one.
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from collections.abc import Callable
@@ -51,6 +52,7 @@ def write_folder_atomically(
     tmp.mkdir()
     try:
         write(tmp)
+        _readable_as_usual(tmp)
         if replace and folder.exists():
             trash = folder.with_name(f".trash-{folder.name}-{uuid.uuid4().hex[:8]}")
             folder.rename(trash)
@@ -63,6 +65,17 @@ def write_folder_atomically(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _readable_as_usual(folder: Path) -> None:
+    """Give each file under `folder` the mode the user's umask gives a new file (0644 for
+    the usual 022): safetensors (0.8) writes its files owner-only (0600), so a model folder
+    could not be read by a server or a colleague running as another user."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for f in folder.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            f.chmod(0o666 & ~mask)
 
 
 def read_text(path: Path) -> str:

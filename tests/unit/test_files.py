@@ -188,3 +188,24 @@ def _cli_raising(monkeypatch, capsys, exc: BaseException) -> tuple[object, str]:
     with pytest.raises(SystemExit) as exit_:
         cli.main()
     return exit_.value.code, " ".join(capsys.readouterr().err.split())
+
+
+def test_a_folder_s_files_get_the_mode_of_the_umask_not_the_writer_s(tmp_path: Path) -> None:
+    """safetensors writes owner-only files; a model folder is readable as any file the
+    user makes (a server running as another user can load it)."""
+    import os
+    import stat
+
+    def write(tmp: Path) -> None:
+        fd = os.open(tmp / "model.safetensors", os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "note.txt").write_text("x")
+
+    old = os.umask(0o027)
+    try:
+        write_folder_atomically(tmp_path / "m", write)
+    finally:
+        os.umask(old)
+    for f in ("model.safetensors", "sub/note.txt"):
+        assert stat.S_IMODE((tmp_path / "m" / f).stat().st_mode) == 0o640, f
