@@ -366,10 +366,26 @@ def local_model_dir(spec: str) -> Path | None:
     return gguf_cache(path)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# What shapes a model's prompts and where its answers stop, beside the weights: its
+# tokenizer, chat template and generation config (their eos ids).
+PROMPT_FILES = (
+    *TOKENIZER_FILES,
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
 def model_key(spec: str) -> str:
     """Hash of the base model, without loading it: for a local model, the names and sizes
     of its weight files, the first and last MiB of each, and its full config (the weights
-    are large); for a hub id, the id. A GGUF's cache folder is already keyed by its hash."""
+    are large), and the full tokenizer, chat template and generation config (a template
+    edited in a checkpoint's folder gives other prompts: cached answers must not be read
+    for it); for a hub id, the id. A GGUF's cache folder is already keyed by its hash."""
     folder = local_model_dir(spec)
     if folder is None:
         return hashlib.sha256(spec.encode()).hexdigest()
@@ -381,6 +397,10 @@ def model_key(spec: str) -> str:
             digest.update(fh.read(1 << 20))
             fh.seek(max(0, size - (1 << 20)))
             digest.update(fh.read())
+    if not (folder / MANIFEST).is_file():  # a GGUF's cache: all of it comes from the GGUF
+        for name in PROMPT_FILES:
+            if (folder / name).is_file():
+                digest.update(name.encode() + _sha256(folder / name).encode())
     return digest.hexdigest()
 
 
@@ -488,9 +508,6 @@ def _resolve_local(spec: str) -> Path | None:
 
 
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
 def _check_gguf(path: Path) -> None:
     """A .gguf file must be one: GGUF files start with the magic bytes b"GGUF"."""
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 
@@ -122,6 +123,32 @@ def test_an_unlearning_run_directory_loads_its_model(tiny, tmp_path):
     lm = load_model(str(tmp_path / "run"))
     assert lm.model.config.num_hidden_layers == tiny.model.config.num_hidden_layers
     assert model_key(str(tmp_path / "run")) == model_key(str(save))
+
+
+def test_a_model_folder_s_key_follows_its_tokenizer_template_and_generation_config(tiny, tmp_path):
+    """A chat template or eos id edited in a checkpoint's folder gives other prompts and
+    answers: cached stages keyed by the folder must not be read for it. Other files (a
+    README) leave the key alone."""
+    from unpact.models import model_key
+
+    folder = tmp_path / "m"
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    key = model_key(str(folder))
+    (folder / "README.md").write_text("notes")
+    assert model_key(str(folder)) == key
+    seen = {key}
+    template = folder / "chat_template.jinja"
+    template.write_text(template.read_text() + " ")
+    seen.add(model_key(str(folder)))
+    gen = folder / "generation_config.json"
+    gen.write_text(gen.read_text().replace('"eos_token_id": 2', '"eos_token_id": [2, 0]'))
+    seen.add(model_key(str(folder)))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["model_max_length"] = 77
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    seen.add(model_key(str(folder)))
+    assert len(seen) == 4
 
 
 USER_TEMPLATE = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
