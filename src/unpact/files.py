@@ -9,8 +9,10 @@ temporary one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -68,14 +70,19 @@ def write_folder_atomically(
 
 
 def _readable_as_usual(folder: Path) -> None:
-    """Give each file under `folder` the mode the user's umask gives a new file (0644 for
-    the usual 022): safetensors (0.8) writes its files owner-only (0600), so a model folder
-    could not be read by a server or a colleague running as another user."""
+    """Give each file under `folder` at least the permissions the user's umask gives a new
+    file (0644 for the usual 022): safetensors (0.8) writes its files owner-only (0600), so
+    a model folder could not be read by a server or a colleague running as another user.
+    Permissions are only added, and a file that is not the user's (a hard link into a
+    shared cache) is left as it is."""
     mask = os.umask(0o022)
     os.umask(mask)
     for f in folder.rglob("*"):
         if f.is_file() and not f.is_symlink():
-            f.chmod(0o666 & ~mask)
+            mode = stat.S_IMODE(f.stat().st_mode)
+            if mode | (0o666 & ~mask) != mode:
+                with contextlib.suppress(PermissionError):
+                    f.chmod(mode | (0o666 & ~mask))
 
 
 def read_text(path: Path) -> str:

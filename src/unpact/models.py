@@ -508,6 +508,8 @@ def _resolve_local(spec: str) -> Path | None:
 
 
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
 def _check_gguf(path: Path) -> None:
     """A .gguf file must be one: GGUF files start with the magic bytes b"GGUF"."""
     try:
