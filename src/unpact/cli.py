@@ -850,6 +850,15 @@ def audit(
     max_new_tokens: Annotated[
         int | None, typer.Option(help="Greedy answer length when judging (default 32).")
     ] = None,
+    chat_template: Annotated[
+        str | None,
+        typer.Option(
+            "--chat-template",
+            help="A Jinja chat template (a file, or the template itself) every model uses in place of its own: for "
+            "checkpoints fine-tuned in another prompt format (open-unlearning's TOFU models; "
+            "docs/audit.md).",
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     import time
@@ -879,6 +888,7 @@ def audit(
             device=device,
             judge=judge,
             max_new_tokens=max_new_tokens,
+            chat_template=chat_template,
         )
     except KeyboardInterrupt:
         err.print("interrupted: run the same command again to continue where it stopped")
@@ -910,13 +920,30 @@ def serve(
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     trust_remote_code: RemoteCodeOpt = False,
+    chat_template: Annotated[
+        str | None,
+        typer.Option(
+            "--chat-template",
+            help="A Jinja chat template (a file, or the template itself) used in place of "
+            "the model's own, as vLLM's option.",
+        ),
+    ] = None,
 ) -> None:
     """Serve a local model over an OpenAI-compatible API in vLLM's formats (for trying the
     remote backend: --model openai:NAME@http://127.0.0.1:PORT/v1). Not a production server."""
-    from unpact.models import load_model
+    from unpact.models import check_chat_template, load_model, read_chat_template
     from unpact.serve import make_app
 
+    template = None
+    if chat_template is not None:
+        try:
+            template = read_chat_template(chat_template)
+        except UnpactError as e:
+            raise UnpactError(f"--chat-template: {e}") from None
     lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    if template is not None:
+        lm.tokenizer.chat_template = template[0]
+        check_chat_template(lm.tokenizer, template[1])
     app_ = make_app(lm, name)
     import socket
 

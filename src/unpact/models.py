@@ -19,6 +19,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import struct
 import warnings
 import zlib
@@ -686,6 +687,90 @@ def adapter_base(path: Path) -> str:
             "base_model_name_or_path to the base model's folder or hub id"
         )
     return base
+
+
+def with_chat_template(spec: str, template: str | os.PathLike[str]) -> str:
+    """The spec of `spec`'s model with `template` (a Jinja chat template file, or the
+    template's text) in place of its own chat template: a model folder in the cache with
+    links to the weights and the tokenizer saved with the template, built once (keyed by
+    the model and the template), then loaded like any model folder by every step. For a
+    checkpoint fine-tuned in another prompt format than its tokenizer's template (or with
+    none): open-unlearning's TOFU models, docs/audit.md. A served model renders its
+    server's template: start the server with `--chat-template FILE`."""
+    if is_remote_spec(spec):
+        raise UnpactError(
+            f"chat template: {spec!r} is served and renders its server's template; start the "
+            "server with --chat-template FILE (vLLM and unpact serve take it)"
+        )
+    text, name = read_chat_template(template)
+    tokenizer = load_tokenizer(spec)
+    tokenizer.chat_template = text
+    check_chat_template(tokenizer, name)
+    digest = hashlib.sha256(f"{model_key(spec)}\0{text}".encode()).hexdigest()[:16]
+    folder = cache_root() / "models" / f"templated-{digest}"
+    if (folder / "config.json").is_file():
+        return str(folder)
+    source = local_model_dir(spec)
+    note = {"templated-from.json": json.dumps({"model": spec, "template": name}, indent=2) + "\n"}
+    if source is None:  # a hub id: its weights come through a load
+        lm = load_model(spec)
+        save_model(lm.model, tokenizer, folder, extra=note, replace=False)
+        return str(folder)
+
+    def fill(tmp: Path) -> None:
+        tokenizer.save_pretrained(tmp)
+        for f in sorted(source.iterdir()):
+            if not f.is_file() or (tmp / f.name).exists() or f.name in _OWN_TEMPLATE_FILES:
+                continue
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
+        for file, content in note.items():
+            (tmp / file).write_text(content, encoding="utf-8")
+
+    def complete(done: Path) -> bool:  # another process's build of the same copy
+        return (done / "config.json").is_file()
+
+    write_folder_atomically(folder, fill, replace=False, complete=complete)
+    return str(folder)
+
+
+# Not carried into a templated copy: the source's own template, and a GGUF cache's
+# manifest (which would key the copy by the GGUF alone, template aside).
+_OWN_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", MANIFEST)
+
+
+def read_chat_template(template: str | os.PathLike[str]) -> tuple[str, str]:
+    """A chat template's text and a name for messages: from a file, or given as text (it
+    holds Jinja's `{{` or `{%`)."""
+    path = Path(template)
+    given = str(template)
+    if ("{{" in given or "{%" in given) and not isinstance(template, os.PathLike):
+        return given, "(given as text)"
+    if not given.strip():
+        raise UnpactError("chat template: empty; give a Jinja file or the template itself")
+    from unpact.files import read_text
+
+    text = read_text(path)
+    if not text.strip():
+        raise UnpactError(f"chat template {path}: the file is empty")
+    return text, str(path)
+
+
+def check_chat_template(tokenizer: Any, name: str) -> None:
+    """The tokenizer's chat template renders, and places the user's message exactly once."""
+    from jinja2 import TemplateError
+
+    try:
+        rendered = template_text(tokenizer)
+    except TemplateError as exc:
+        raise UnpactError(f"chat template {name}: {exc}") from None
+    if rendered.count(_CONTENT_MARKER) != 1:
+        raise UnpactError(
+            f"chat template {name}: it does not place the user's message (messages[0]"
+            "['content']) verbatim exactly once"
+        )
 
 
 def adapter_cache(adapter: Path) -> Path:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,8 +94,17 @@ def test_audit_prints_a_verdict_per_test_and_writes_the_run(pair, tmp_path):
         (("--attacks", ","), "--attacks: give at least one attack name"),
         (("--judge", "vibes"), "--judge: 'vibes' is not one of contains, rouge"),
         (("--max-new-tokens", "0"), "--max-new-tokens: 0 is not a positive number"),
+        (("--chat-template", "missing.jinja"), "--chat-template: cannot read missing.jinja"),
+        (
+            ("--chat-template", "{% for m in messages %}{{ m['content'] }}{{ m['content'] }}"),
+            "--chat-template: chat template (given as text):",
+        ),
+        (
+            ("--chat-template", "{{ messages[0]['content'] }}{{ messages[0]['content'] }}"),
+            "verbatim exactly once",
+        ),
     ],
-    ids=["preset", "attack", "empty", "judge", "tokens"],
+    ids=["preset", "attack", "empty", "judge", "tokens", "template", "jinja", "twice"],
 )
 def test_audit_mistakes_exit_2(pair, tmp_path, args, message):
     res = _audit(
@@ -103,6 +113,37 @@ def test_audit_mistakes_exit_2(pair, tmp_path, args, message):
         cache=tmp_path / "cache",
     )
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_chat_template_replaces_every_model_s_own(pair, tmp_path):
+    """A checkpoint fine-tuned in another prompt format than its tokenizer's template (or
+    saved without one, as open-unlearning's TOFU models): --chat-template gives every model
+    of the audit that one template, in copies; the user's folders stay as they were."""
+    from unpact.models import load_model
+
+    lm = load_model(str(pair / "unlearned"))
+    lm.tokenizer.chat_template = None
+    save_model(lm.model, lm.tokenizer, tmp_path / "plain")
+    template = "{% for m in messages %}Q: {{ m['content'] }}\n{% endfor %}A:"
+    (tmp_path / "qa.jinja").write_text(template)
+    before = (pair / "original" / "chat_template.jinja").read_text()
+    args = (
+        *("--original", str(pair / "original"), "--unlearned", str(tmp_path / "plain")),
+        *("--benchmark", str(pair / "bench"), "--out", str(tmp_path / "a")),
+        *("--general", "none", "--device", "cpu", "--attacks", "focus_on_key"),
+    )
+    res = _audit(*args, cache=tmp_path / "cache")  # two templates: refused
+    assert res.returncode == 2 and "--unlearned" in res.stderr, res.stderr[-2000:]
+    res = _audit(*args, "--chat-template", str(tmp_path / "qa.jinja"), cache=tmp_path / "cache")
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert results["chat_template"] == str(tmp_path / "qa.jinja")
+    assert results["model"] == str(pair / "original")
+    used = results["original_model"]  # the copy that ran, in the cache
+    assert used.startswith(str(tmp_path / "cache" / "models" / "templated-"))
+    assert Path(used, "chat_template.jinja").read_text() == template
+    assert (pair / "original" / "chat_template.jinja").read_text() == before
+    assert not (tmp_path / "plain" / "chat_template.jinja").exists()
 
 
 def test_a_pair_with_two_tokenizers_is_named_by_its_option_before_any_stage(pair, tmp_path):

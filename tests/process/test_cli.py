@@ -283,7 +283,10 @@ def test_serve_port_0_prints_the_port_it_listens_on_and_a_busy_port_is_exit_2(ti
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "unpact", "serve", "--model", str(tiny_dir), "--port"]
-    server = subprocess.Popen([*cmd, "0"], stderr=subprocess.PIPE, text=True, env=env)
+    template = "{% for m in messages %}Q: {{ m['content'] }}{% endfor %}A:"  # as vLLM's option
+    server = subprocess.Popen(
+        [*cmd, "0", "--chat-template", template], stderr=subprocess.PIPE, text=True, env=env
+    )
     try:
         lines = [server.stderr.readline() for _ in range(2)]  # the path may wrap it
         found = re.search(r"127\.0\.0\.1:(\d+)/v1", "".join(lines))
@@ -292,6 +295,14 @@ def test_serve_port_0_prints_the_port_it_listens_on_and_a_busy_port_is_exit_2(ti
         assert port != 0, lines
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=60) as r:
             assert json.load(r)["data"][0]["id"] == "default"
+        body = {"messages": [{"role": "user", "content": "hi"}], "add_generation_prompt": True}
+        asked = urllib.request.Request(
+            f"http://127.0.0.1:{port}/tokenize",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(asked, timeout=60) as r:
+            tokens = json.load(r)["tokens"]
         busy = subprocess.run([*cmd, str(port)], capture_output=True, text=True, env=env)
     finally:
         server.terminate()
@@ -300,3 +311,10 @@ def test_serve_port_0_prints_the_port_it_listens_on_and_a_busy_port_is_exit_2(ti
     assert busy.returncode == 2, busy.stderr[-800:]
     assert f"--port {port}: cannot listen on 127.0.0.1" in busy.stderr
     assert "Traceback" not in busy.stderr
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tiny_dir).decode(tokens) == "Q: hiA:"
+    bad = subprocess.run(
+        [*cmd, "0", "--chat-template", "nope.jinja"], capture_output=True, text=True, env=env
+    )
+    assert bad.returncode == 2 and "--chat-template: cannot read nope.jinja" in bad.stderr

@@ -555,6 +555,28 @@ _HEAD_PROBE = """<script>
 """
 
 
+def test_a_run_s_chat_template_reaches_every_model_it_names(monkeypatch):
+    """`chat_template`: the base model, a given unlearned model, the reference and the
+    membership base each become a copy with the template; a method's own model is made
+    from the templated base. Without the key the run is as written."""
+    from unpact import models
+    from unpact.run import _templated
+    from unpact.run.config import load_config
+
+    monkeypatch.setattr(models, "with_chat_template", lambda spec, t: f"{spec}+{t}")
+    config = {
+        "model": "default",
+        "methods": [{"method": "ga"}, {"model": "default", "name": "given"}],
+        "membership": {"reference": "default", "base": "default"},
+    }
+    cfg = _templated(load_config({**config, "chat_template": "t.jinja"}))
+    assert cfg.model == "default+t.jinja" and cfg.chat_template == "t.jinja"
+    assert [m.model for m in cfg.methods] == [None, "default+t.jinja"]
+    assert (cfg.membership.reference, cfg.membership.base) == ("default+t.jinja",) * 2
+    plain = load_config(config)
+    assert _templated(plain) is plain
+
+
 def test_docs_name_every_config_key():
     from unpact.judge import JudgeSettings, LLMJudgeSettings
     from unpact.remote import RemoteSettings

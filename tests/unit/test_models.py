@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -149,6 +151,64 @@ def test_a_model_folder_s_key_follows_its_tokenizer_template_and_generation_conf
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     seen.add(model_key(str(folder)))
     assert len(seen) == 4
+
+
+def test_a_chat_template_copy_links_the_weights_and_leaves_the_source_alone(
+    tiny, tmp_path, monkeypatch
+):
+    """`with_chat_template`: a folder in the cache whose tokenizer renders the given
+    template, the weights linked (not copied, never written through), the source folder as
+    it was; built once per model and template; keyed apart from the source."""
+    import os
+
+    from unpact import models
+
+    monkeypatch.setenv("UNPACT_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "m"
+    tiny.model.save_pretrained(source)
+    tiny.tokenizer.save_pretrained(source)
+    (source / models.MANIFEST).write_text("{}")  # as a GGUF's cache has: not carried over
+    files = {f.name: f.read_bytes() for f in source.iterdir()}
+    template = "{% for m in messages %}Q: {{ m['content'] }}\n{% endfor %}A:"
+    spec = models.with_chat_template(str(source), template)
+    copy = Path(spec)
+    assert copy.parent == tmp_path / "cache" / "models"
+    assert {f.name: f.read_bytes() for f in source.iterdir()} == files
+    assert os.path.samefile(copy / "model.safetensors", source / "model.safetensors")
+    assert not (copy / models.MANIFEST).exists()
+    lm = load_model(spec)
+    assert lm.tokenizer.chat_template == template
+    ids = lm.encode_prompt("Who is Bob?").input_ids
+    assert lm.tokenizer.decode(ids) == "Q: Who is Bob?\nA:"
+    assert models.model_key(spec) != models.model_key(str(source))
+    monkeypatch.setattr(models, "write_folder_atomically", None)  # built: not again
+    assert models.with_chat_template(str(source), template) == spec
+    (tmp_path / "t.jinja").write_text(template)
+    assert models.with_chat_template(str(source), tmp_path / "t.jinja") == spec
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("{% for m in messages %}{{ m['content'] }}", "chat template (given as text): "),
+        ("{{ messages[0]['content'] }}{{ messages[0]['content'] }}", "exactly once"),
+        ("{{ 'no message' }}", "exactly once"),
+        ("   ", "chat template: empty"),
+        ("missing.jinja", "cannot read missing.jinja"),
+    ],
+    ids=["syntax", "twice", "never", "empty", "missing"],
+)
+def test_a_chat_template_that_cannot_place_the_message_is_refused(
+    tiny, tmp_path, template, message
+):
+    from unpact.models import with_chat_template
+
+    tiny.model.save_pretrained(tmp_path / "m")
+    tiny.tokenizer.save_pretrained(tmp_path / "m")
+    with pytest.raises(UnpactError, match=re.escape(message)):
+        with_chat_template(str(tmp_path / "m"), template)
+    with pytest.raises(UnpactError, match="renders its server's template"):
+        with_chat_template("openai:m@http://127.0.0.1:1/v1", "{{ x }}")
 
 
 USER_TEMPLATE = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"

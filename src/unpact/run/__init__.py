@@ -222,9 +222,11 @@ def run(
     if cfg.models or cfg.benchmarks:
         return _run_grid(cfg, out, cache_dir, progress, say)
     cache = Path(cache_dir) if cache_dir is not None else cache_root() / "stages"
-    p = Pipeline(cfg, cache, say, progress)
     began = time.perf_counter()
     _start(out, cfg)
+    given = cfg.model
+    cfg = _templated(cfg)
+    p = Pipeline(cfg, cache, say, progress)
     data = _data(cfg, cache)
     _check_depths(cfg)  # before the injection, which may take hours
     _check_answer_room(cfg, data)
@@ -253,6 +255,8 @@ def run(
     }
     results = _results(cfg, data, original, unlearned, records, stages, out)
     results |= finite(_references(cfg, data, found, stages))
+    if cfg.chat_template is not None:  # the models ran as copies with this template
+        results["model"], results["chat_template"] = given, cfg.chat_template
     if baselines:  # what the weight attacks do to the original model, which knew the facts
         results["attack_baselines"] = finite(baselines)
     if no_control:
@@ -278,6 +282,27 @@ def run(
     say(f"done in {results['seconds']:.0f} s")
     every = [r for rs in records.values() for r in rs]
     return RunResult(out, results, every, p.computed)
+
+
+def _templated(cfg: RunConfig) -> RunConfig:
+    """The run with each of its models (base, given unlearned models, reference, base for
+    membership) as a copy using `cfg.chat_template` in place of its own chat template
+    (`models.with_chat_template`); the run as it is without one."""
+    template = cfg.chat_template
+    if template is None:
+        return cfg
+    from unpact.models import with_chat_template
+
+    def swap(spec: str | None) -> str | None:
+        return None if spec is None else with_chat_template(spec, template)
+
+    methods = [m.model_copy(update={"model": swap(m.model)}) for m in cfg.methods]
+    membership = cfg.membership.model_copy(
+        update={"reference": swap(cfg.membership.reference), "base": swap(cfg.membership.base)}
+    )
+    return cfg.model_copy(
+        update={"model": swap(cfg.model), "methods": methods, "membership": membership}
+    )
 
 
 def _check_out(out: Path) -> None:

@@ -80,6 +80,7 @@ def audit_config(
     device: str = "auto",
     judge: str = "contains",
     max_new_tokens: int | None = None,
+    chat_template: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The run config of an audit, and the parts it leaves out with the reason (an attack
     that needs weights on a served model)."""
@@ -138,6 +139,8 @@ def audit_config(
         },
         "device": device,
     }
+    if chat_template is not None:  # every model as a copy with this template
+        config["chat_template"] = str(chat_template)
     return config, skipped
 
 
@@ -278,6 +281,25 @@ def _indistinguishable(m: dict[str, Any], alpha: float) -> dict[str, str]:
     }
 
 
+def _templated(named: dict[str, str], template: str) -> dict[str, str]:
+    """The audit's models as copies using the `--chat-template` file in place of their own
+    template (`models.with_chat_template`), each mistake named by its option."""
+    from unpact.models import read_chat_template, with_chat_template
+
+    try:
+        read_chat_template(template)
+    except UnpactError as e:
+        raise UnpactError(f"--chat-template: {e}") from None
+    out = {}
+    for option, spec in named.items():
+        try:
+            out[option] = with_chat_template(spec, template)
+        except UnpactError as e:  # the template's fault (it is checked on each tokenizer)
+            named_by = "--chat-template" if str(e).startswith("chat template") else f"--{option}"
+            raise UnpactError(f"{named_by}: {e}") from None
+    return out
+
+
 def audit(
     original: str,
     unlearned: str,
@@ -311,8 +333,10 @@ def audit(
             check_spec(spec)
         except UnpactError as e:
             raise UnpactError(f"--{option}: {e}") from None
+    if options.get("chat_template") is not None:
+        named = _templated(named, options["chat_template"])
     # a mismatched pair, named by its option
-    same_tokenizer(original, {f"--{o}": s for o, s in named.items() if o != "original"})
+    same_tokenizer(named["original"], {f"--{o}": s for o, s in named.items() if o != "original"})
     config, skipped = audit_config(original, unlearned, benchmark, **options)
     result = run(config, out, cache_dir=cache_dir, progress=progress, log=log)
     if result.results.get("skipped", {}).get("membership") == NO_REFERENCE:

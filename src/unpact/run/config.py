@@ -332,6 +332,12 @@ class RunConfig(_Strict):
         "the attacks, metrics and methods they define are usable by name below",
     )
     model: str = Field("default", description="base model spec")
+    chat_template: str | None = Field(
+        None,
+        description="a Jinja chat template (a file, or the template itself) that every model "
+        "of the run uses in place of its own (a checkpoint fine-tuned in another prompt format, as open-unlearning's "
+        "TOFU models: docs/audit.md); served models render their server's",
+    )
     device: DeviceName = Field(
         "cpu",
         description="where local models run (cpu, cuda, cuda:N, auto): injection, evaluation, "
