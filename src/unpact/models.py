@@ -166,13 +166,28 @@ class LanguageModel:
                     "verbatim exactly once; use raw prompts (--no-chat-template)"
                 )
             before, after = rendered.split(_CONTENT_MARKER)
-            self._template_split = (self._ids(before), self._ids(after))
+            self._template_split = (self._ids(self._joined_prefix(before)), self._ids(after))
             said = ("thinks", str(self.tokenizer.chat_template))
             warn_if_template_thinks(self.spec, after, said)
         return self._template_split
 
     def _ids(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _joined_prefix(self, before: str) -> str:
+        """The template's text before the message, without its last space where the
+        tokenizer gives that space to the message's first word: SentencePiece (Llama 2's,
+        Mistral's `[INST] `) writes a text alone with a leading `▁`, which in the whole
+        prompt is that space, so the prompt's own tokens then follow the shortened text
+        exactly as the template's tokenisation has them (and as a server's template split
+        has them); kept where that is not so (a byte-level BPE's `Question: `, which
+        `warn_if_split_differs` names)."""
+        short = before.removesuffix(" ")
+        if short == before:
+            return before
+        probes = ("What is the capital of France?", "Name the river.")
+        joined = all(self._ids(short) + self._ids(q) == self._ids(before + q) for q in probes)
+        return short if joined else before
 
     def special_prefix(self) -> tuple[int, ...]:
         """The special tokens the tokenizer puts before a text (a Llama BOS; none for the

@@ -309,6 +309,43 @@ def test_a_template_that_merges_at_the_boundary_is_said_once(caplog, monkeypatch
     assert first.content_ids == lm.encode_prompt("the capital of France?", False).content_ids
 
 
+def test_a_sentencepiece_inst_template_is_split_as_it_tokenises_whole(tiny, caplog):
+    """Llama 2's and Mistral's `[INST] ` before the message: SentencePiece writes the
+    message alone with a leading `▁`, which in the whole prompt is the template's last
+    space. Tokenising `[INST] ` apart left that space as a token of its own (one token more
+    than the model saw in training, and than a server's split); the prefix now stops before
+    it, the prompt's own tokens follow, and the whole equals the template's tokenisation."""
+    import logging
+
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers import models as token_models
+    from transformers import PreTrainedTokenizerFast
+
+    from unpact.models import LanguageModel, render_chat
+    from unpact.testing import _CORPUS
+
+    sp = Tokenizer(token_models.BPE(unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    sp.decoder = decoders.Metaspace(prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
+    sp.train_from_iterator(_CORPUS * 4, trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    )
+    lm = LanguageModel(tiny.model, tok)
+    prompt = "Who wrote the report about the town?"
+    assert tok.tokenize("[INST] ")[-1] == "▁" and tok.tokenize(prompt)[0].startswith("▁")
+    with caplog.at_level(logging.WARNING, logger="unpact"):
+        encoded = lm.encode_prompt(prompt)
+    whole = tok(render_chat(tok, prompt), add_special_tokens=False)["input_ids"]
+    assert encoded.input_ids == tuple(whole)
+    assert encoded.content_ids == tuple(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert not caplog.records
+
+
 def test_broken_model_folders_are_one_message(tiny, tmp_path):
     """Each was a traceback, a confusing message or, worst, a model with random layers
     loaded without a word: no tokenizer, a truncated safetensors file, weights whose shapes

@@ -94,8 +94,10 @@ from unpact.types import AnyModel, is_remote_spec
 # table once came from such a cache). 3: token units keep characters whole, the judges
 # read every script, templates render a fixed date and no thinking, greedy decoding
 # ignores a generation_config's beams and bans (a cache of 2 crashed on non-ASCII
-# prompts: "the two attributions have different units").
-STAGES_FORMAT = 3
+# prompts: "the two attributions have different units"). 4: a SentencePiece template's
+# text before the prompt stops before the space the prompt's leading `▁` stands for
+# (Llama 2's `[INST] `: one token fewer, the template's own tokenisation).
+STAGES_FORMAT = 4
 SPLITS = ("forget", "retain", "general")
 
 
