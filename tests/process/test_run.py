@@ -339,6 +339,7 @@ def test_a_config_built_in_python_may_hold_paths(setup):
             r"attacks\.0\.settings: .*\{question\} is not filled in here; use \{prompt\}, \{keys\}",
         ),
         ({"inject": {"settings": {"lrr": 1}}}, r"inject\.settings: .*lrr"),
+        ({"chat_template": "no/such.jinja"}, r"chat_template: cannot read no/such\.jinja"),
         (
             {"inject": {"settings": {"precision": "fp16"}}},
             r"inject\.settings: .*unknown precision .fp16.",
@@ -569,10 +570,11 @@ def test_a_run_s_chat_template_reaches_every_model_it_names(monkeypatch):
         "methods": [{"method": "ga"}, {"model": "default", "name": "given"}],
         "membership": {"reference": "default", "base": "default"},
     }
-    cfg = _templated(load_config({**config, "chat_template": "t.jinja"}))
-    assert cfg.model == "default+t.jinja" and cfg.chat_template == "t.jinja"
-    assert [m.model for m in cfg.methods] == [None, "default+t.jinja"]
-    assert (cfg.membership.reference, cfg.membership.base) == ("default+t.jinja",) * 2
+    t = "{{ messages[0]['content'] }}"  # a template given as text
+    cfg = _templated(load_config({**config, "chat_template": t}))
+    assert cfg.model == f"default+{t}" and cfg.chat_template == t
+    assert [m.model for m in cfg.methods] == [None, f"default+{t}"]
+    assert (cfg.membership.reference, cfg.membership.base) == (f"default+{t}",) * 2
     plain = load_config(config)
     assert _templated(plain) is plain
 

@@ -418,6 +418,13 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
 def _check_references(config: RunConfig, where: str) -> None:
     """The names a config refers to exist and the settings under them are valid."""
     _check_benchmarks(config, where)
+    if config.chat_template is not None:
+        from unpact.models import read_chat_template
+
+        try:
+            read_chat_template(config.chat_template)
+        except UnpactError as e:
+            raise UnpactError(f"{where}: chat_template: {e}") from None
     bases = _check_models(config, where)
     names = _check_attacks(config, where)
     shown = config.report.dilemma_attack
