@@ -590,3 +590,24 @@ def test_a_model_spec_may_be_a_path(tiny, tmp_path):
     config = resolve_config("ga", values={"steps": 1, "batch_size": 2})
     unlearn(tmp_path / "m", tmp_path / "bench", config, tmp_path / "u", progress=False)
     assert (tmp_path / "u" / "model" / "model.safetensors").is_file()
+
+
+def test_the_audit_guide_s_templates_render_open_unlearning_s_prompts():
+    """docs/audit.md's two templates give the prompts open-unlearning's `template_args`
+    build (`src/data/utils.py`, preprocess_chat_instance): the BOS, then for Llama-2-7b-hf
+    `Question: ` + q + `\\n` + `Answer: `; for Llama-3.2-1B-Instruct the system tag, the
+    user tags around q, then the assistant tag."""
+    from unpact.models import render_chat
+    from unpact.testing import tiny_tokenizer
+
+    guide = (Path(__file__).parents[2] / "docs" / "audit.md").read_text()
+    llama2, llama3 = re.findall(r"```jinja\n(.*?)```", guide, re.S)
+    tok = tiny_tokenizer()
+    q = "What is the full name of the author born in Kuwait City?"
+    tok.chat_template = llama2
+    assert render_chat(tok, q) == tok.bos_token + "Question: " + q + "\n" + "Answer: "
+    tok.chat_template = llama3
+    system = "<|start_header_id|>system<|end_header_id|>\n\nYou are a helpful assistant.<|eot_id|>"
+    user = "<|start_header_id|>user<|end_header_id|>\n\n"
+    assistant = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    assert render_chat(tok, q) == tok.bos_token + system + user + q + "<|eot_id|>" + assistant
