@@ -341,6 +341,13 @@ def test_a_config_built_in_python_may_hold_paths(setup):
         ({"inject": {"settings": {"lrr": 1}}}, r"inject\.settings: .*lrr"),
         ({"chat_template": "no/such.jinja"}, r"chat_template: cannot read no/such\.jinja"),
         (
+            {
+                "chat_template": "{{ messages[0]['content'] }}",
+                "methods": [{"model": "openai:m@http://127.0.0.1:1/v1", "name": "served"}],
+            },
+            r"chat_template: methods\.0\.model \(openai:m@.*\) is served",
+        ),
+        (
             {"inject": {"settings": {"precision": "fp16"}}},
             r"inject\.settings: .*unknown precision .fp16.",
         ),

@@ -425,6 +425,19 @@ def _check_references(config: RunConfig, where: str) -> None:
             read_chat_template(config.chat_template)
         except UnpactError as e:
             raise UnpactError(f"{where}: chat_template: {e}") from None
+        from unpact.types import is_remote_spec
+
+        named = {"model": config.model, "membership.reference": config.membership.reference}
+        named |= {"membership.base": config.membership.base}
+        named |= {f"models.{n}.model": m.model for n, m in enumerate(config.models or [])}
+        named |= {f"methods.{n}.model": m.model for n, m in enumerate(config.methods)}
+        for key, spec in named.items():
+            if spec is not None and is_remote_spec(spec):
+                raise UnpactError(
+                    f"{where}: chat_template: {key} ({spec}) is served and renders its "
+                    "server's template; start the server with --chat-template FILE, or "
+                    "leave chat_template out"
+                )
     bases = _check_models(config, where)
     names = _check_attacks(config, where)
     shown = config.report.dilemma_attack
