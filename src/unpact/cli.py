@@ -943,7 +943,10 @@ def serve(
     lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     if template is not None:
         lm.tokenizer.chat_template = template[0]
-        check_chat_template(lm.tokenizer, template[1])
+        try:
+            check_chat_template(lm.tokenizer, template[1])
+        except UnpactError as e:
+            raise UnpactError(f"--chat-template: {e}") from None
     app_ = make_app(lm, name)
     import socket
 
