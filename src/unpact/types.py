@@ -132,8 +132,9 @@ def warn_if_template_thinks(spec: str, suffix: str, said: Hashable = None) -> No
         "%s: its chat template opens a <think> block for every answer, so the model "
         "reasons before it answers and a judge reading judge.max_new_tokens tokens (32 by "
         "default) may see no answer at all: every fact would read as forgotten. Raise "
-        "judge.max_new_tokens to cover the reasoning, or use the model without its "
-        "template (--no-chat-template)",
+        "judge.max_new_tokens to cover the reasoning, or give a chat template whose "
+        "generation prompt closes the block (ending in <think>\n\n</think>\n\n: "
+        "--chat-template FILE, docs/audit.md)",
         spec,
     )
 
