@@ -75,6 +75,31 @@ ChatOpt = Annotated[
 ]
 
 
+TemplateFileOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--chat-template",
+        help="A Jinja chat template (a file, or the template itself) used in place of the "
+        "model's own: for a checkpoint fine-tuned in another prompt format (docs/audit.md).",
+    ),
+]
+
+
+def _with_template(model: str, chat_template: str | None) -> str:
+    """`model`, or its copy using the --chat-template given (`with_chat_template`)."""
+    if chat_template is None:
+        return model
+    from unpact.models import with_chat_template
+
+    try:
+        return with_chat_template(model, chat_template)
+    except UnpactError as e:
+        named_by = (
+            "--chat-template" if str(e).startswith(("chat template", "cannot read")) else "--model"
+        )
+        raise UnpactError(f"{named_by}: {e}") from None
+
+
 def _load(
     model: str, dtype: str, device: str, trust_remote_code: bool, concurrency: int = 16
 ) -> AnyModel:
@@ -509,6 +534,7 @@ def inject(
             "--out", help="Also write the taught model to this folder (usable as --model DIR)."
         ),
     ] = None,
+    chat_template: TemplateFileOpt = None,
 ) -> None:
     """Teach a benchmark's fictional facts to a model (cached by content hash)."""
     from unpact.inject import InjectConfig
@@ -529,7 +555,7 @@ def inject(
     config = InjectConfig(**{k: v for k, v in given.items() if v is not None})
     if out_dir is not None and out_dir.exists() and not _empty_folder(out_dir):
         raise UnpactError(f"--out {out_dir}: exists and is not an empty folder")
-    result = run_inject(model, benchmark, config, teach=teach)
+    result = run_inject(_with_template(model, chat_template), benchmark, config, teach=teach)
     acc = "  ".join(f"{k} {v:.1%}" for k, v in result.accuracy.items())
     out.print(f"{'cached' if result.cached else 'injected'}: {result.path}")
     before = result.base_accuracy.get("general")
@@ -598,6 +624,7 @@ def unlearn(
         ),
     ] = True,
     plugin: PluginOpt = None,
+    chat_template: TemplateFileOpt = None,
 ) -> None:
     """Unlearn a benchmark's forget split; writes the model (safetensors), config and loss log.
 
@@ -609,6 +636,7 @@ def unlearn(
 
     load_plugins([str(p) for p in plugin or []])
     cfg = resolve_config(method, file=config, overrides=set_ or [])
+    model = _with_template(model, chat_template)
     if evaluate:  # before the training, not after it
         from unpact.unlearn.evaluate import check_evaluable
 

@@ -122,6 +122,11 @@ def test_two_processes_follow_the_one_process_loss_curve(bench, tmp_path):
         (["--method", "npo", "--set", "beta=-1"], "settings.beta"),
         (["--method", "npo", "--set", "betta=1"], "unknown setting for npo"),
         (["--method", "npo", "--set", "oops"], "expected key=value"),
+        (["--method", "npo", "--chat-template", "no.jinja"], "--chat-template: cannot read"),
+        (
+            ["--method", "npo", "--chat-template", "{{ 'no message' }}"],
+            "--chat-template: chat template (given as text): it does not place",
+        ),
     ],
 )
 def test_cli_user_mistakes_give_one_message_and_exit_2(args, message, tmp_path):

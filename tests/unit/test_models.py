@@ -611,3 +611,17 @@ def test_the_audit_guide_s_templates_render_open_unlearning_s_prompts():
     user = "<|start_header_id|>user<|end_header_id|>\n\n"
     assistant = "<|start_header_id|>assistant<|end_header_id|>\n\n"
     assert render_chat(tok, q) == tok.bos_token + system + user + q + "<|eot_id|>" + assistant
+
+
+def test_the_cli_s_chat_template_option_gives_the_templated_copy(tiny, tmp_path, monkeypatch):
+    """`unpact inject/unlearn --chat-template`: the model they load is the copy."""
+    from unpact.cli import _with_template
+
+    monkeypatch.setenv("UNPACT_CACHE", str(tmp_path / "cache"))
+    tiny.model.save_pretrained(tmp_path / "m")
+    tiny.tokenizer.save_pretrained(tmp_path / "m")
+    assert _with_template(str(tmp_path / "m"), None) == str(tmp_path / "m")
+    spec = _with_template(str(tmp_path / "m"), "{{ messages[0]['content'] }} =")
+    assert load_model(spec).tokenizer.chat_template == "{{ messages[0]['content'] }} ="
+    with pytest.raises(UnpactError, match=r"^--model: "):
+        _with_template(str(tmp_path / "nothing"), "{{ messages[0]['content'] }}")
