@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -759,26 +760,31 @@ def results_grid(results: dict[str, Any], console: Console) -> Table:
     return turned
 
 
-def _run(config: str | Path, out_dir: Path, plugins: list[Path] | None = None) -> None:
+def _logged(job: Callable[[Callable[[str], None]], Any]) -> Any:
+    """`job(log)`, its log lines timed on stderr; Ctrl-C is one line saying how to go on
+    (finished stages are cached, and unfinished ones were never renamed into place)."""
     import time
 
-    from unpact.plugins import load_plugins
-    from unpact.run import load_config
-    from unpact.run import run as run_experiment
-
-    load_plugins([str(p) for p in plugins or []])
-    cfg = load_config(config)  # a bad config fails here, before any model loads
     start = time.perf_counter()
 
     def log(text: str) -> None:
         err.print(f"[dim]{time.perf_counter() - start:6.0f} s[/]  {escape(text)}", highlight=False)
 
     try:
-        result = run_experiment(cfg, out_dir, log=log)
+        return job(log)
     except KeyboardInterrupt:
-        # Finished stages are cached, and unfinished ones were never renamed into place.
         err.print("interrupted: run the same command again to continue where it stopped")
         raise typer.Exit(130) from None
+
+
+def _run(config: str | Path, out_dir: Path, plugins: list[Path] | None = None) -> None:
+    from unpact.plugins import load_plugins
+    from unpact.run import load_config
+    from unpact.run import run as run_experiment
+
+    load_plugins([str(p) for p in plugins or []])
+    cfg = load_config(config)  # a bad config fails here, before any model loads
+    result = _logged(lambda log: run_experiment(cfg, out_dir, log=log))
     runs: dict[str, dict[str, object]] | None = result.results.get("runs")
     if runs is None:
         _print_results(result.results, out_dir)
@@ -878,49 +884,28 @@ def audit(
     max_new_tokens: Annotated[
         int | None, typer.Option(help="Greedy answer length when judging (default 32).")
     ] = None,
-    chat_template: Annotated[
-        str | None,
-        typer.Option(
-            "--chat-template",
-            help="A Jinja chat template (a file, or the template itself) every model uses in place of its own: for "
-            "checkpoints fine-tuned in another prompt format (open-unlearning's TOFU models; "
-            "docs/audit.md).",
-        ),
-    ] = None,
+    chat_template: TemplateFileOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
-    import time
-
     from unpact.run.audit import audit as run_audit
 
     chosen = [a.strip() for a in attacks.split(",") if a.strip()] if attacks is not None else None
     if chosen == []:
         raise UnpactError("--attacks: give at least one attack name")
-    start = time.perf_counter()
-
-    def log(text: str) -> None:
-        err.print(f"[dim]{time.perf_counter() - start:6.0f} s[/]  {escape(text)}", highlight=False)
-
-    try:
-        result = run_audit(
-            original,
-            unlearned,
-            benchmark,
-            out_dir,
-            log=log,
-            reference=reference,
-            base=base,
-            preset=preset,
-            attacks=chosen,
-            general=None if general == "none" else general,
-            device=device,
-            judge=judge,
-            max_new_tokens=max_new_tokens,
-            chat_template=chat_template,
-        )
-    except KeyboardInterrupt:
-        err.print("interrupted: run the same command again to continue where it stopped")
-        raise typer.Exit(130) from None
+    options: dict[str, Any] = {
+        "reference": reference,
+        "base": base,
+        "preset": preset,
+        "attacks": chosen,
+        "general": None if general == "none" else general,
+        "device": device,
+        "judge": judge,
+        "max_new_tokens": max_new_tokens,
+        "chat_template": chat_template,
+    }
+    result = _logged(
+        lambda log: run_audit(original, unlearned, benchmark, out_dir, log=log, **options)
+    )
     _print_verdicts(result.results, out_dir)
 
 
@@ -948,14 +933,7 @@ def serve(
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     trust_remote_code: RemoteCodeOpt = False,
-    chat_template: Annotated[
-        str | None,
-        typer.Option(
-            "--chat-template",
-            help="A Jinja chat template (a file, or the template itself) used in place of "
-            "the model's own, as vLLM's option.",
-        ),
-    ] = None,
+    chat_template: TemplateFileOpt = None,
 ) -> None:
     """Serve a local model over an OpenAI-compatible API in vLLM's formats (for trying the
     remote backend: --model openai:NAME@http://127.0.0.1:PORT/v1). Not a production server."""
