@@ -73,12 +73,12 @@ def _readable_as_usual(folder: Path) -> None:
     """Give each file under `folder` at least the permissions the user's umask gives a new
     file (0644 for the usual 022): safetensors (0.8) writes its files owner-only (0600), so
     a model folder could not be read by a server or a colleague running as another user.
-    Permissions are only added, and a file that is not the user's (a hard link into a
-    shared cache) is left as it is."""
+    Permissions are only added, and only to the files this write made: a link to a file
+    elsewhere (a user's weights, a cache's) is left as it is."""
     mask = os.umask(0o022)
     os.umask(mask)
     for f in folder.rglob("*"):
-        if f.is_file() and not f.is_symlink():
+        if f.is_file() and not f.is_symlink() and f.stat().st_nlink == 1:
             mode = stat.S_IMODE(f.stat().st_mode)
             if mode | (0o666 & ~mask) != mode:
                 with contextlib.suppress(PermissionError):

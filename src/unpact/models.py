@@ -19,7 +19,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import struct
 import warnings
 import zlib
@@ -723,7 +722,7 @@ def with_chat_template(spec: str, template: str | os.PathLike[str]) -> str:
     check_chat_template(tokenizer, name)
     digest = hashlib.sha256(f"{model_key(spec)}\0{text}".encode()).hexdigest()[:16]
     folder = cache_root() / "models" / f"templated-{digest}"
-    if (folder / "config.json").is_file():
+    if _linked_copy_whole(folder):
         return str(folder)
     source = local_model_dir(spec)
     note = {"templated-from.json": json.dumps({"model": spec, "template": name}, indent=2) + "\n"}
@@ -739,16 +738,21 @@ def with_chat_template(spec: str, template: str | os.PathLike[str]) -> str:
                 continue
             try:
                 os.link(f, tmp / f.name)
-            except OSError:
-                shutil.copy2(f, tmp / f.name)
+            except OSError:  # another file system: a link by name, not a copy of the weights
+                (tmp / f.name).symlink_to(f.resolve())
         for file, content in note.items():
             (tmp / file).write_text(content, encoding="utf-8")
 
-    def complete(done: Path) -> bool:  # another process's build of the same copy
-        return (done / "config.json").is_file()
-
-    write_folder_atomically(folder, fill, replace=False, complete=complete)
+    # one there is broken (a linked file is gone: the source moved): replaced; none there:
+    # another process (accelerate's) may build the same copy meanwhile, and it is kept
+    broken = folder.exists()
+    write_folder_atomically(folder, fill, replace=broken, complete=_linked_copy_whole)
     return str(folder)
+
+
+def _linked_copy_whole(folder: Path) -> bool:
+    """A templated copy is there and every file it links to still exists."""
+    return (folder / "config.json").is_file() and all(f.exists() for f in folder.iterdir())
 
 
 # Not carried into a templated copy: the source's own template, and a GGUF cache's

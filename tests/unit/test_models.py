@@ -168,12 +168,13 @@ def test_a_chat_template_copy_links_the_weights_and_leaves_the_source_alone(
     tiny.model.save_pretrained(source)
     tiny.tokenizer.save_pretrained(source)
     (source / models.MANIFEST).write_text("{}")  # as a GGUF's cache has: not carried over
-    files = {f.name: f.read_bytes() for f in source.iterdir()}
+    (source / "model.safetensors").chmod(0o600)  # the user's choice: kept
+    files = {f.name: (f.read_bytes(), f.stat().st_mode) for f in source.iterdir()}
     template = "{% for m in messages %}Q: {{ m['content'] }}\n{% endfor %}A:"
     spec = models.with_chat_template(str(source), template)
     copy = Path(spec)
     assert copy.parent == tmp_path / "cache" / "models"
-    assert {f.name: f.read_bytes() for f in source.iterdir()} == files
+    assert {f.name: (f.read_bytes(), f.stat().st_mode) for f in source.iterdir()} == files
     assert os.path.samefile(copy / "model.safetensors", source / "model.safetensors")
     assert not (copy / models.MANIFEST).exists()
     lm = load_model(spec)
@@ -625,3 +626,34 @@ def test_the_cli_s_chat_template_option_gives_the_templated_copy(tiny, tmp_path,
     assert load_model(spec).tokenizer.chat_template == "{{ messages[0]['content'] }} ="
     with pytest.raises(UnpactError, match=r"^--model: "):
         _with_template(str(tmp_path / "nothing"), "{{ messages[0]['content'] }}")
+
+
+def test_a_chat_template_copy_across_file_systems_links_by_name_and_follows_a_move(
+    tiny, tmp_path, monkeypatch
+):
+    """Where hard links cannot reach (the cache on another file system), the copy links
+    the weights by name rather than copying gigabytes; when the source then moves (same
+    folder, same files: the same key), the broken copy is made again, not loaded."""
+    import os
+    import shutil
+
+    from unpact import models
+
+    monkeypatch.setenv("UNPACT_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "a" / "m"
+    tiny.model.save_pretrained(source)
+    tiny.tokenizer.save_pretrained(source)
+
+    def no_hard_links(*args: object) -> None:
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    template = "{{ messages[0]['content'] }} ->"
+    spec = models.with_chat_template(str(source), template)
+    assert (Path(spec) / "model.safetensors").is_symlink()
+    (tmp_path / "b").mkdir()
+    shutil.move(str(source), str(tmp_path / "b" / "m"))
+    assert not (Path(spec) / "model.safetensors").exists()  # the link is broken
+    again = models.with_chat_template(str(tmp_path / "b" / "m"), template)
+    assert again == spec and (Path(spec) / "model.safetensors").exists()
+    assert load_model(again).tokenizer.chat_template == template
