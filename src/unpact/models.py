@@ -785,6 +785,8 @@ def check_chat_template(tokenizer: Any, name: str) -> None:
         rendered = template_text(tokenizer)
     except TemplateError as exc:
         raise UnpactError(f"chat template {name}: {exc}") from None
+    except Exception as exc:  # whatever a user's template raises is its fault
+        raise UnpactError(f"chat template {name}: {type(exc).__name__}: {exc}") from None
     if rendered.count(_CONTENT_MARKER) != 1:
         raise UnpactError(
             f"chat template {name}: it does not place the user's message (messages[0]"

@@ -194,10 +194,12 @@ def test_a_chat_template_copy_links_the_weights_and_leaves_the_source_alone(
         ("{% for m in messages %}{{ m['content'] }}", "chat template (given as text): "),
         ("{{ messages[0]['content'] }}{{ messages[0]['content'] }}", "exactly once"),
         ("{{ 'no message' }}", "exactly once"),
+        ("{{ 1 / 0 }}{{ messages[0]['content'] }}", "ZeroDivisionError"),
+        ("{{ messages[3]['content'] }}", "chat template (given as text): "),
         ("   ", "chat template: empty"),
         ("missing.jinja", "cannot read missing.jinja"),
     ],
-    ids=["syntax", "twice", "never", "empty", "missing"],
+    ids=["syntax", "twice", "never", "zero", "index", "empty", "missing"],
 )
 def test_a_chat_template_that_cannot_place_the_message_is_refused(
     tiny, tmp_path, template, message
