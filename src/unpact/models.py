@@ -31,7 +31,7 @@ import torch
 from pydantic import AfterValidator
 
 from unpact.errors import UnpactError
-from unpact.files import atomic_text, write_folder_atomically
+from unpact.files import atomic_text, read_text, write_folder_atomically
 from unpact.scoring import (
     DEFAULT_TOKEN_BUDGET,
     answer_logprobs,
@@ -769,8 +769,6 @@ def read_chat_template(template: str | os.PathLike[str]) -> tuple[str, str]:
         return given, "(given as text)"
     if not given.strip():
         raise UnpactError("chat template: empty; give a Jinja file or the template itself")
-    from unpact.files import read_text
-
     text = read_text(path)
     if not text.strip():
         raise UnpactError(f"chat template {path}: the file is empty")
