@@ -40,6 +40,7 @@ from unpact.scoring import (
     text_config,
 )
 from unpact.types import (
+    BOUNDARY_PROBES,
     CHAT_TEMPLATE_KWARGS,
     EncodedPrompt,
     is_remote_spec,
@@ -184,8 +185,9 @@ class LanguageModel:
         short = before.removesuffix(" ")
         if short == before:
             return before
-        probes = ("What is the capital of France?", "Name the river.")
-        joined = all(self._ids(short) + self._ids(q) == self._ids(before + q) for q in probes)
+        joined = all(
+            self._ids(short) + self._ids(q) == self._ids(before + q) for q in BOUNDARY_PROBES
+        )
         return short if joined else before
 
     def special_prefix(self) -> tuple[int, ...]:

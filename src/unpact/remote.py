@@ -49,6 +49,7 @@ from unpact.errors import UnpactError
 from unpact.progress import progress_bar
 from unpact.scoring import check_pairs
 from unpact.types import (
+    BOUNDARY_PROBES,
     CHAT_TEMPLATE_KWARGS,
     REMOTE_PREFIX,
     EncodedPrompt,
@@ -322,24 +323,21 @@ class RemoteModel:
                 self._has_template = False
         return self._has_template
 
+    def _chat_tokens(self, content: str) -> tuple[int, ...]:
+        """The server's tokens of one user message in its chat template, with the
+        generation prompt (vLLM's chat /tokenize)."""
+        url = f"{self.root_url}/tokenize"
+        body = {
+            "model": self.model_name,
+            "messages": [{"role": "user", "content": content}],
+            "add_generation_prompt": True,
+            "chat_template_kwargs": CHAT_TEMPLATE_KWARGS,
+        }
+        return _token_list(self.post(url, body), url)
+
     def _chat_prefix_suffix(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         if self._template is None:
-            url = f"{self.root_url}/tokenize"
-            a, *others = (
-                _token_list(
-                    self.post(
-                        url,
-                        {
-                            "model": self.model_name,
-                            "messages": [{"role": "user", "content": m}],
-                            "add_generation_prompt": True,
-                            "chat_template_kwargs": CHAT_TEMPLATE_KWARGS,
-                        },
-                    ),
-                    url,
-                )
-                for m in _MARKERS
-            )
+            a, *others = (self._chat_tokens(m) for m in _MARKERS)
             shortest = min(len(a), *(len(b) for b in others))
             p = 0
             while p < shortest and all(a[p] == b[p] for b in others):
@@ -347,7 +345,8 @@ class RemoteModel:
             s = 0
             while s < shortest - p and all(a[-1 - s] == b[-1 - s] for b in others):
                 s += 1
-            self._template = (a[:p], a[len(a) - s :] if s else ())
+            suffix_ids = a[len(a) - s :] if s else ()
+            self._template = (self._joined_prefix(a[:p], suffix_ids), suffix_ids)
             if s:
                 try:
                     suffix = self.detokenize(a[len(a) - s :])
@@ -356,6 +355,19 @@ class RemoteModel:
                 said = ("thinks", self.root_url, self.model_name)
                 warn_if_template_thinks(self.spec, suffix, said)
         return self._template
+
+    def _joined_prefix(self, prefix: tuple[int, ...], suffix: tuple[int, ...]) -> tuple[int, ...]:
+        """The template's token prefix without its last token where that token is the
+        space a message's own leading `▁` stands for (SentencePiece `[INST] `, whose probe
+        markers each tokenise after a lone `▁`): as `LanguageModel._joined_prefix` decides
+        it locally, here from the server's tokenisations of the same probe messages."""
+        if not prefix:
+            return prefix
+        for q in BOUNDARY_PROBES:
+            whole, content = self._chat_tokens(q), self.tokenize(q)
+            if prefix + content + suffix == whole or prefix[:-1] + content + suffix != whole:
+                return prefix
+        return prefix[:-1]
 
     def _resolve_chat(self, chat_template: bool | None) -> bool:
         if chat_template is None:
@@ -379,14 +391,7 @@ class RemoteModel:
             suffix = ()
         encoded = EncodedPrompt.assemble(prefix, self.tokenize(prompt), suffix, prompt, chat)
         if chat and not self._boundary_warned:
-            url = f"{self.root_url}/tokenize"
-            body = {
-                "model": self.model_name,
-                "messages": [{"role": "user", "content": prompt}],
-                "add_generation_prompt": True,
-                "chat_template_kwargs": CHAT_TEMPLATE_KWARGS,
-            }
-            templated = _token_list(self.post(url, body), url)
+            templated = self._chat_tokens(prompt)
             self._boundary_warned = warn_if_split_differs(
                 self.spec, prompt, encoded.input_ids, templated, (self.root_url, self.model_name)
             )

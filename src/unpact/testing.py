@@ -55,6 +55,31 @@ def tiny_tokenizer(vocab_size: int = 320) -> object:
     return tok
 
 
+# Llama 2's and Mistral's template: `[INST] ` before the message, as SentencePiece meets it
+INST = "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+
+
+def tiny_sentencepiece_tokenizer(vocab_size: int = 300) -> object:
+    """A SentencePiece-style tokenizer (Metaspace: a text alone is written with a leading
+    `▁`, as Llama 2's is) trained on the same sentences, with Llama's `<s>`/`</s>` and the
+    `[INST]` template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    sp = Tokenizer(models.BPE(unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    sp.decoder = decoders.Metaspace(prepend_scheme="first")
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
+    sp.train_from_iterator(_CORPUS * 4, trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tok.chat_template = INST
+    return tok
+
+
 def tiny_model(
     seed: int = 0, *, layers: int = 2, vocab_size: int = 320, init_std: float = 0.2
 ) -> LanguageModel:

@@ -81,6 +81,11 @@ def plain_scalar(value: Any) -> Any:
     return value
 
 
+# Two ordinary questions: whether a template's text before the message ends in a space
+# that the message's own first token carries is decided on them (local and served alike).
+BOUNDARY_PROBES = ("What is the capital of France?", "Name the river.")
+
+
 def warn_if_split_differs(
     spec: str,
     prompt: str,

@@ -683,6 +683,25 @@ def test_a_sequence_filling_the_context_is_scored_by_echo(tiny, served, faults):
             score(model, [long], [" x"])
 
 
+def test_a_sentencepiece_inst_template_is_split_alike_served_and_local(tiny, caplog):
+    """`[INST] ` then the message on a SentencePiece tokenizer: the server's split (the
+    token prefix templated messages share) stops before the space the message's leading
+    `▁` stands for, and so does the local one; both equal the template's tokenisation."""
+    import logging
+
+    from unpact.models import LanguageModel
+    from unpact.testing import tiny_sentencepiece_tokenizer
+
+    lm = LanguageModel(tiny.model, tiny_sentencepiece_tokenizer(), spec="sp")
+    prompt = "Who wrote the report about the town?"
+    with BackgroundServer(make_app(lm, "tiny")) as url, caplog.at_level(logging.WARNING):
+        served = _remote(f"{url}/v1").encode_prompt(prompt)
+        local = lm.encode_prompt(prompt)
+    assert served.input_ids == local.input_ids
+    assert (served.content_start, served.content_end) == (local.content_start, local.content_end)
+    assert not [r for r in caplog.records if "boundary" in r.getMessage()]
+
+
 def test_a_served_template_that_merges_at_the_boundary_is_said(tmp_path, tiny, caplog):
     """The served split (prefix and suffix from the server's templated tokenisations) is
     checked against the server's own tokenisation of each prompt's message."""

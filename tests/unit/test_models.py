@@ -6,6 +6,7 @@ import copy
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -320,24 +321,10 @@ def test_a_sentencepiece_inst_template_is_split_as_it_tokenises_whole(tiny, capl
     it, the prompt's own tokens follow, and the whole equals the template's tokenisation."""
     import logging
 
-    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
-    from tokenizers import models as token_models
-    from transformers import PreTrainedTokenizerFast
-
     from unpact.models import LanguageModel, render_chat
-    from unpact.testing import _CORPUS
+    from unpact.testing import tiny_sentencepiece_tokenizer
 
-    sp = Tokenizer(token_models.BPE(unk_token="<unk>"))
-    sp.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
-    sp.decoder = decoders.Metaspace(prepend_scheme="first")
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
-    sp.train_from_iterator(_CORPUS * 4, trainer)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-    tok.chat_template = (
-        "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
-    )
+    tok: Any = tiny_sentencepiece_tokenizer()
     lm = LanguageModel(tiny.model, tok)
     prompt = "Who wrote the report about the town?"
     assert tok.tokenize("[INST] ")[-1] == "▁" and tok.tokenize(prompt)[0].startswith("▁")
