@@ -112,8 +112,10 @@ def warn_if_split_differs(
         "%s: the chat template tokenises %r differently at a boundary (first difference "
         "at token %d; %d tokens against %d): unpact scores the template's parts and the "
         "prompt tokenised apart, so the prompt's units are its own tokens, and the model "
-        "behind a chat API sees the other tokenisation; compare with --no-chat-template "
-        "(said once for the models that share this tokenizer and template)",
+        "behind a chat API sees the other tokenisation; compare with --no-chat-template, "
+        "and in a template of your own end the text before the message with a newline "
+        "rather than a space (said once for the models that share this tokenizer and "
+        "template)",
         spec,
         prompt[:60],
         first,
