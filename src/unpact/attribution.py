@@ -98,12 +98,14 @@ def make_units(lm: AnyModel, prompt: EncodedPrompt, kind: UnitKind = "token") ->
     token unit: half a character is nobody's unit, and its text would repeat the character.
     """
     _check_choice("unit", kind, UnitKind)
-    ids, offsets = lm.token_offsets(prompt.text)
+    ids, lead_offsets = lm.token_offsets(prompt.lead + prompt.text)
     if ids != prompt.content_ids:
         raise UnpactError(
             f"the tokenizer of {lm.spec!r} gives other tokens for the prompt alone than in "
             "the encoded prompt, so units cannot be placed"
         )
+    k = len(prompt.lead)  # a lead space is the first word's, not a character of the prompt
+    offsets = [(max(a - k, 0), max(b - k, 0)) for a, b in lead_offsets]
     text = prompt.text
     base = prompt.content_start
     if kind == "token":

@@ -128,7 +128,9 @@ class LanguageModel:
     model: Any  # transformers PreTrainedModel (kept Any: transformers is loosely typed)
     tokenizer: Any
     spec: str = "<in-memory>"
-    _template_split: tuple[tuple[int, ...], tuple[int, ...]] | None = field(
+    # the template's tokens before and after the message, and the lead its text gives the
+    # message's first token (`_joined_prefix`)
+    _template_split: tuple[tuple[int, ...], tuple[int, ...], str] | None = field(
         default=None, init=False, repr=False
     )
     _boundary_warned: bool = field(default=False, init=False, repr=False)
@@ -157,7 +159,7 @@ class LanguageModel:
             )
         return chat_template
 
-    def _chat_prefix_suffix(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def _chat_prefix_suffix(self) -> tuple[tuple[int, ...], tuple[int, ...], str]:
         if self._template_split is None:
             rendered = template_text(self.tokenizer)
             if rendered.count(_CONTENT_MARKER) != 1:
@@ -166,7 +168,8 @@ class LanguageModel:
                     "verbatim exactly once; use raw prompts (--no-chat-template)"
                 )
             before, after = rendered.split(_CONTENT_MARKER)
-            self._template_split = (self._ids(self._joined_prefix(before)), self._ids(after))
+            text, lead = self._joined_prefix(before)
+            self._template_split = (self._ids(text), self._ids(after), lead)
             said = ("thinks", str(self.tokenizer.chat_template))
             warn_if_template_thinks(self.spec, after, said)
         return self._template_split
@@ -174,21 +177,28 @@ class LanguageModel:
     def _ids(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _joined_prefix(self, before: str) -> str:
-        """The template's text before the message, without its last space where the
-        tokenizer gives that space to the message's first word: SentencePiece (Llama 2's,
-        Mistral's `[INST] `) writes a text alone with a leading `▁`, which in the whole
-        prompt is that space, so the prompt's own tokens then follow the shortened text
-        exactly as the template's tokenisation has them (and as a server's template split
-        has them); kept where that is not so (a byte-level BPE's `Question: `, which
-        `warn_if_split_differs` names)."""
+    def _joined_prefix(self, before: str) -> tuple[str, str]:
+        """The template's text before the message, and the lead that goes with the
+        message: where that text ends in a space the tokenizer gives to the message's
+        first word, the space leaves the template's text. SentencePiece (Llama 2's,
+        Mistral's `[INST] `) writes a text alone with a leading `▁` that stands for it (no
+        lead); byte-level BPE (GPT-2's, Llama 3's `Question: `) joins it to the word as
+        `ĠWhat`, so the message is tokenised with a lead space (its units are still the
+        prompt's own characters). Either way the whole is the template's own tokenisation,
+        checked on two ordinary questions; kept as it is where neither holds (said by
+        `warn_if_split_differs`)."""
         short = before.removesuffix(" ")
-        if short == before:
-            return before
-        joined = all(
-            self._ids(short) + self._ids(q) == self._ids(before + q) for q in BOUNDARY_PROBES
-        )
-        return short if joined else before
+        if short == before or all(
+            self._ids(before) + self._ids(q) == self._ids(before + q) for q in BOUNDARY_PROBES
+        ):
+            return before, ""
+        for lead in ("", " "):
+            if all(
+                self._ids(short) + self._ids(lead + q) == self._ids(before + q)
+                for q in BOUNDARY_PROBES
+            ):
+                return short, lead
+        return before, ""
 
     def special_prefix(self) -> tuple[int, ...]:
         """The special tokens the tokenizer puts before a text (a Llama BOS; none for the
@@ -208,8 +218,11 @@ class LanguageModel:
         if not prompt or not prompt.strip():
             raise UnpactError("empty prompt: give some text to ask the model")
         chat = self._resolve_chat(chat_template)
-        prefix, suffix = self._chat_prefix_suffix() if chat else (self.special_prefix(), ())
-        encoded = EncodedPrompt.assemble(prefix, self._ids(prompt), suffix, prompt, chat)
+        prefix, suffix, lead = (
+            self._chat_prefix_suffix() if chat else (self.special_prefix(), (), "")
+        )
+        content = self._ids(lead + prompt)
+        encoded = EncodedPrompt.assemble(prefix, content, suffix, prompt, chat, lead)
         if chat and not self._boundary_warned:
             rendered = render_chat(self.tokenizer, prompt)
             said = ("local", str(self.tokenizer.chat_template), len(self.tokenizer))

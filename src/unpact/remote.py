@@ -123,7 +123,8 @@ class RemoteModel:
     is_remote: bool = field(default=True, init=False)
     _client: Any = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
-    _template: tuple[tuple[int, ...], tuple[int, ...]] | None = field(
+    # as LanguageModel's: the template's tokens before and after the message, and the lead
+    _template: tuple[tuple[int, ...], tuple[int, ...], str] | None = field(
         default=None, init=False, repr=False
     )
     _has_template: bool | None = field(default=None, init=False, repr=False)
@@ -335,7 +336,7 @@ class RemoteModel:
         }
         return _token_list(self.post(url, body), url)
 
-    def _chat_prefix_suffix(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def _chat_prefix_suffix(self) -> tuple[tuple[int, ...], tuple[int, ...], str]:
         if self._template is None:
             a, *others = (self._chat_tokens(m) for m in _MARKERS)
             shortest = min(len(a), *(len(b) for b in others))
@@ -346,7 +347,8 @@ class RemoteModel:
             while s < shortest - p and all(a[-1 - s] == b[-1 - s] for b in others):
                 s += 1
             suffix_ids = a[len(a) - s :] if s else ()
-            self._template = (self._joined_prefix(a[:p], suffix_ids), suffix_ids)
+            prefix_ids, lead = self._joined_prefix(a[:p], suffix_ids)
+            self._template = (prefix_ids, suffix_ids, lead)
             if s:
                 try:
                     suffix = self.detokenize(a[len(a) - s :])
@@ -356,18 +358,32 @@ class RemoteModel:
                 warn_if_template_thinks(self.spec, suffix, said)
         return self._template
 
-    def _joined_prefix(self, prefix: tuple[int, ...], suffix: tuple[int, ...]) -> tuple[int, ...]:
-        """The template's token prefix without its last token where that token is the
-        space a message's own leading `▁` stands for (SentencePiece `[INST] `, whose probe
-        markers each tokenise after a lone `▁`): as `LanguageModel._joined_prefix` decides
-        it locally, here from the server's tokenisations of the same probe messages."""
-        if not prefix:
-            return prefix
-        for q in BOUNDARY_PROBES:
-            whole, content = self._chat_tokens(q), self.tokenize(q)
-            if prefix + content + suffix == whole or prefix[:-1] + content + suffix != whole:
-                return prefix
-        return prefix[:-1]
+    def _joined_prefix(
+        self, prefix: tuple[int, ...], suffix: tuple[int, ...]
+    ) -> tuple[tuple[int, ...], str]:
+        """The template's token prefix and the message's lead, as `LanguageModel.
+        _joined_prefix` decides them locally, here from the server's tokenisations of the
+        same probe messages: the shared token prefix of the markers may end in a lone
+        space token (SentencePiece `[INST] `: dropped, the message's own `▁` stands for
+        it) or stop before a space that byte-level BPE joins to the message's first word
+        (`Question: `: the message is tokenised with a lead space)."""
+        whole = {q: self._chat_tokens(q) for q in BOUNDARY_PROBES}
+        alone: dict[str, tuple[int, ...]] = {}
+
+        def fits(head: tuple[int, ...], lead: str) -> bool:
+            for q in BOUNDARY_PROBES:
+                if lead + q not in alone:
+                    alone[lead + q] = self.tokenize(lead + q)
+                if head + alone[lead + q] + suffix != whole[q]:
+                    return False
+            return True
+
+        heads = [prefix, prefix[:-1]] if prefix else [prefix]
+        for lead in ("", " "):
+            for head in heads:
+                if fits(head, lead):
+                    return head, lead
+        return prefix, ""
 
     def _resolve_chat(self, chat_template: bool | None) -> bool:
         if chat_template is None:
@@ -385,11 +401,12 @@ class RemoteModel:
             raise UnpactError("empty prompt: give some text to ask the model")
         chat = self._resolve_chat(chat_template)
         if chat:
-            prefix, suffix = self._chat_prefix_suffix()
+            prefix, suffix, lead = self._chat_prefix_suffix()
         else:
             prefix = raw_prefix(self.tokenize("x", add_special_tokens=True), self.tokenize("x"))
-            suffix = ()
-        encoded = EncodedPrompt.assemble(prefix, self.tokenize(prompt), suffix, prompt, chat)
+            suffix, lead = (), ""
+        content = self.tokenize(lead + prompt)
+        encoded = EncodedPrompt.assemble(prefix, content, suffix, prompt, chat, lead)
         if chat and not self._boundary_warned:
             templated = self._chat_tokens(prompt)
             self._boundary_warned = warn_if_split_differs(

@@ -81,9 +81,10 @@ def plain_scalar(value: Any) -> Any:
     return value
 
 
-# Two ordinary questions: whether a template's text before the message ends in a space
-# that the message's own first token carries is decided on them (local and served alike).
-BOUNDARY_PROBES = ("What is the capital of France?", "Name the river.")
+# Two ordinary texts, whose first word every English vocabulary holds with a space before
+# it: whether a template's text before the message ends in a space that the message's own
+# first token carries is decided on them (local and served alike).
+BOUNDARY_PROBES = ("the capital of France?", "the river bank.")
 
 
 def warn_if_split_differs(
@@ -94,8 +95,9 @@ def warn_if_split_differs(
     said: Hashable = None,
 ) -> bool:
     """Say (as a logged warning) when the chat template's own tokenisation of a prompt
-    differs from unpact's prefix + content + suffix: a SentencePiece `[INST]` or a
-    byte-BPE `User: ` template can merge the piece at the boundary. unpact scores its own
+    differs from unpact's prefix + content + suffix: a template that glues the prompt
+    to a word (spaces before it go with its first token: `_joined_prefix`) merges the
+    pieces at the boundary otherwise. unpact scores its own
     split (the content tokenised alone, so the units are the prompt's own tokens); the
     model behind a chat API would see the other. Said once per `said` key in a process
     (the tokenizer and its template, which every model a run derives from one base
@@ -113,9 +115,8 @@ def warn_if_split_differs(
         "at token %d; %d tokens against %d): unpact scores the template's parts and the "
         "prompt tokenised apart, so the prompt's units are its own tokens, and the model "
         "behind a chat API sees the other tokenisation; compare with --no-chat-template, "
-        "and in a template of your own end the text before the message with a newline "
-        "rather than a space (said once for the models that share this tokenizer and "
-        "template)",
+        "and in a template of your own put a space or a newline before the message (said "
+        "once for the models that share this tokenizer and template)",
         spec,
         prompt[:60],
         first,
@@ -168,8 +169,10 @@ class EncodedPrompt:
     """A prompt as fed to the model.
 
     `input_ids` is the whole input (template and special tokens included); the user's
-    content is `input_ids[content_start:content_end]`. Only those positions are ever
-    attribution units.
+    content is `input_ids[content_start:content_end]`: the tokens of `lead + text`. Only
+    those positions are ever attribution units. `lead` is the chat template's last space
+    where a byte-level BPE joins it to the prompt's first word (`Question: What` is
+    `Question`, `:`, `ĠWhat`); usually empty.
     """
 
     input_ids: tuple[int, ...]
@@ -177,6 +180,7 @@ class EncodedPrompt:
     content_end: int
     text: str
     chat_template: bool
+    lead: str = ""
 
     @property
     def content_positions(self) -> range:
@@ -194,14 +198,17 @@ class EncodedPrompt:
         suffix: tuple[int, ...],
         text: str,
         chat_template: bool,
+        lead: str = "",
     ) -> EncodedPrompt:
-        """The prompt `prefix + content + suffix`, content tokenised on its own."""
+        """The prompt `prefix + content + suffix`, content (`lead + text`) tokenised on its
+        own."""
         return cls(
             input_ids=prefix + content + suffix,
             content_start=len(prefix),
             content_end=len(prefix) + len(content),
             text=text,
             chat_template=chat_template,
+            lead=lead,
         )
 
 

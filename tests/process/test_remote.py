@@ -707,15 +707,24 @@ def test_a_served_template_that_merges_at_the_boundary_is_said(tmp_path, tiny, c
     checked against the server's own tokenisation of each prompt's message."""
     import logging
 
-    from tests.unit.test_models import USER_TEMPLATE
+    from tests.unit.test_models import MERGING_TEMPLATE, USER_TEMPLATE
 
     lm = _model_with(tiny, tmp_path)
-    lm.tokenizer.chat_template = USER_TEMPLATE
+    lm.tokenizer.chat_template = MERGING_TEMPLATE
+    prompt = "t is the capital of France?"
     with BackgroundServer(make_app(lm, "tiny")) as url, caplog.at_level(logging.WARNING):
         remote = _remote(f"{url}/v1")
-        encoded = remote.encode_prompt("the capital of France?")
+        encoded = remote.encode_prompt(prompt)
     assert any("differently at a boundary" in r.getMessage() for r in caplog.records)
-    assert encoded.content_ids == tuple(lm.encode_prompt("the capital of France?").content_ids)
+    assert encoded.content_ids == tuple(lm.encode_prompt(prompt).content_ids)
+    # `User: ` then the prompt: the space goes with the first word, served as locally
+    caplog.clear()
+    lm.tokenizer.chat_template, lm._template_split = USER_TEMPLATE, None
+    with BackgroundServer(make_app(lm, "tiny")) as url, caplog.at_level(logging.WARNING):
+        served = _remote(f"{url}/v1").encode_prompt("the capital of France?")
+    local = lm.encode_prompt("the capital of France?")
+    assert served == local and local.lead == " "
+    assert not [r for r in caplog.records if "boundary" in r.getMessage()]
 
 
 def test_a_served_template_gets_the_same_fixed_date(tmp_path, tiny):

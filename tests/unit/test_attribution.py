@@ -509,3 +509,22 @@ def test_a_prompt_too_large_to_attribute_is_refused_with_its_estimate(tiny):
         attribute_many(tiny, [prompt], ["Paris"], unit="word", max_work=10)
     again = attribute_many(tiny, [prompt], ["Paris"], max_work=work)[0]
     assert again.contributions == rec.contributions
+
+
+def test_a_prompt_with_a_lead_space_is_attributed_as_the_naive_loop_does():
+    """`User: ` then the prompt on a byte-level BPE: the prompt's first token carries the
+    template's last space (`Ġthe`). The fast path, every baseline, equals the naive loop
+    on the same encoded prompt and units; the units are the prompt's words."""
+    from tests.unit.test_models import USER_TEMPLATE
+    from unpact.testing import tiny_model
+
+    lm = tiny_model()
+    lm.tokenizer.chat_template = USER_TEMPLATE
+    for baseline in ("delete", "token", "mask"):
+        rec = attribute(lm, "the capital of France?", " Paris", unit="word", baseline=baseline)
+        enc = lm.encode_prompt(rec.prompt)
+        assert enc.lead == " " and tuple(rec.input_ids) == enc.input_ids
+        assert [u.text for u in rec.units] == ["the", "capital", "of", "France", "?"]
+        lp, naive = naive_contributions(lm, enc, rec.answer_ids, rec.units, baseline)
+        assert rec.lp == pytest.approx(lp, abs=1e-5)
+        assert rec.contributions == pytest.approx(naive, abs=1e-5)

@@ -216,6 +216,8 @@ def test_a_chat_template_that_cannot_place_the_message_is_refused(
 
 
 USER_TEMPLATE = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
+# the message glued to a word: "Wha" + "t is ..." is "What is ..." to the tokenizer
+MERGING_TEMPLATE = "{% for m in messages %}Wha{{ m['content'] }}{% endfor %}"
 
 
 # As Llama 3.1-3.3's templates begin: today's date unless the caller gives one
@@ -287,10 +289,10 @@ def test_a_template_that_always_thinks_is_said_once(tiny, caplog):
 
 
 def test_a_template_that_merges_at_the_boundary_is_said_once(caplog, monkeypatch):
-    """`User: ` then the prompt: byte-BPE tokenises ' the' as one piece in the rendered
-    template, where unpact tokenises the prompt apart; that is said once, clearly, and
-    not again for another model with the same tokenizer (a run's unlearned copies each
-    said it once)."""
+    """A template that glues the prompt to a word (`Wha` + `t is ...`): the tokenizer
+    reads `What` in the rendered template, where unpact tokenises the prompt apart; that
+    is said once, clearly, and not again for another model with the same tokenizer (a
+    run's unlearned copies each said it once)."""
     import logging
 
     from unpact import types
@@ -299,18 +301,51 @@ def test_a_template_that_merges_at_the_boundary_is_said_once(caplog, monkeypatch
     monkeypatch.setattr(types, "_SAID", set())
     lm, copy = tiny_model(seed=0), tiny_model(seed=1)
     with caplog.at_level(logging.WARNING, logger="unpact"):
-        lm.encode_prompt("the capital of France?")  # ChatML: no boundary merge
+        lm.encode_prompt("t is the capital of France?")  # ChatML: no boundary merge
         assert not caplog.records
         for model in (lm, copy):
-            model.tokenizer.chat_template = USER_TEMPLATE
+            model.tokenizer.chat_template = MERGING_TEMPLATE
             model._template_split = None
-        first = lm.encode_prompt("the capital of France?")
-        lm.encode_prompt("the river bank?")
-        copy.encode_prompt("the river bank?")
+        first = lm.encode_prompt("t is the capital of France?")
+        lm.encode_prompt("t is the river bank?")
+        copy.encode_prompt("t is the river bank?")
     assert len(caplog.records) == 1
     message = caplog.records[0].getMessage()
-    assert "tokenises 'the capital of France?' differently at a boundary" in message
-    assert first.content_ids == lm.encode_prompt("the capital of France?", False).content_ids
+    assert "tokenises 't is the capital of France?' differently at a boundary" in message
+    assert first.content_ids == lm.encode_prompt("t is the capital of France?", False).content_ids
+
+
+def test_a_byte_bpe_template_s_last_space_goes_with_the_prompt_s_first_word(caplog):
+    """`User: ` then the prompt on a byte-level BPE: the template's own tokenisation joins
+    the space to the first word (`Ġthe`). Tokenised apart, the space was a token of its
+    own and the word another (one token more than the model sees behind a chat API, and
+    warned); now the prompt is tokenised with that space as its lead, the whole equals the
+    template's tokenisation, and the units are still the prompt's own words."""
+    import logging
+
+    from unpact.attribution import make_units
+    from unpact.models import render_chat
+    from unpact.testing import tiny_model
+
+    lm = tiny_model()
+    lm.tokenizer.chat_template = USER_TEMPLATE
+    prompt = "the capital of France?"
+    with caplog.at_level(logging.WARNING, logger="unpact"):
+        encoded = lm.encode_prompt(prompt)
+    assert not caplog.records
+    whole = lm.tokenizer(render_chat(lm.tokenizer, prompt), add_special_tokens=False)
+    assert encoded.input_ids == tuple(whole["input_ids"]) and encoded.lead == " "
+    assert lm.token_texts(encoded.content_ids)[0] == "Ġthe"
+    assert [u.text for u in make_units(lm, encoded, "word")] == [
+        "the",
+        "capital",
+        "of",
+        "France",
+        "?",
+    ]
+    tokens = make_units(lm, encoded, "token")
+    assert "".join(u.text for u in tokens) == prompt  # the lead is nobody's text
+    assert tokens[0].text == "the" and tokens[0].positions == (encoded.content_start,)
 
 
 def test_a_sentencepiece_inst_template_is_split_as_it_tokenises_whole(tiny, caplog):
