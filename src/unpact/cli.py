@@ -733,10 +733,19 @@ def data_show(
         out.print(table)
 
 
-def _print_results(results: dict[str, object], out_dir: Path) -> None:
+def _print_results(results: dict[str, Any], out_dir: Path) -> None:
     # A log file or pipe gets the full table rather than rich's 80-column default.
     console = out if out.is_terminal else Console(width=200)
     console.print(results_grid(results, console))
+    _where(console, results, out_dir)
+
+
+def _where(console: Console, results: dict[str, Any], out_dir: Path) -> None:
+    """The chat template the models were asked in, if not their own, and the files."""
+    if results.get("chat_template"):
+        shown = " ".join(str(results["chat_template"]).split())
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        console.print(f"asked in the chat template {escape(shown)} (every model)")
     console.print(f"results: {out_dir / 'results.json'} (per item: {out_dir / 'items.jsonl'})")
     console.print(f"report:  {out_dir / 'report.html'}")
 
@@ -917,8 +926,7 @@ def _print_verdicts(results: dict[str, Any], out_dir: Path) -> None:
     console.print(grid)
     for part, why in (results.get("skipped") or {}).items():
         console.print(f"skipped {escape(part)}: {escape(str(why))}")
-    console.print(f"results: {out_dir / 'results.json'} (per item: {out_dir / 'items.jsonl'})")
-    console.print(f"report:  {out_dir / 'report.html'}")
+    _where(console, results, out_dir)
 
 
 @app.command()

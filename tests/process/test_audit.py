@@ -138,6 +138,7 @@ def test_a_chat_template_replaces_every_model_s_own(pair, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     results = json.loads((tmp_path / "a" / "results.json").read_text())
     assert results["chat_template"] == str(tmp_path / "qa.jinja")
+    assert "asked in the chat template" in res.stdout and "qa.jinja" in res.stdout
     assert results["model"] == str(pair / "original")
     used = results["original_model"]  # the copy that ran, in the cache
     assert used.startswith(str(tmp_path / "cache" / "models" / "templated-"))
