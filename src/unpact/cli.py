@@ -90,15 +90,14 @@ def _with_template(model: str, chat_template: str | None) -> str:
     """`model`, or its copy using the --chat-template given (`with_chat_template`)."""
     if chat_template is None:
         return model
-    from unpact.models import with_chat_template
+    from unpact.models import ChatTemplateError, with_chat_template
 
     try:
         return with_chat_template(model, chat_template)
+    except ChatTemplateError as e:
+        raise UnpactError(f"--chat-template: {e}") from None
     except UnpactError as e:
-        named_by = (
-            "--chat-template" if str(e).startswith(("chat template", "cannot read")) else "--model"
-        )
-        raise UnpactError(f"{named_by}: {e}") from None
+        raise UnpactError(f"--model: {e}") from None
 
 
 def _load(
@@ -945,22 +944,22 @@ def serve(
 ) -> None:
     """Serve a local model over an OpenAI-compatible API in vLLM's formats (for trying the
     remote backend: --model openai:NAME@http://127.0.0.1:PORT/v1). Not a production server."""
-    from unpact.models import check_chat_template, load_model, read_chat_template
+    from unpact.models import (
+        ChatTemplateError,
+        check_chat_template,
+        load_model,
+        read_chat_template,
+    )
     from unpact.serve import make_app
 
-    template = None
-    if chat_template is not None:
-        try:
-            template = read_chat_template(chat_template)
-        except UnpactError as e:
-            raise UnpactError(f"--chat-template: {e}") from None
-    lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    if template is not None:
-        lm.tokenizer.chat_template = template[0]
-        try:
+    try:
+        template = None if chat_template is None else read_chat_template(chat_template)
+        lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        if template is not None:
+            lm.tokenizer.chat_template = template[0]
             check_chat_template(lm.tokenizer, template[1])
-        except UnpactError as e:
-            raise UnpactError(f"--chat-template: {e}") from None
+    except ChatTemplateError as e:
+        raise UnpactError(f"--chat-template: {e}") from None
     app_ = make_app(lm, name)
     import socket
 

@@ -78,11 +78,28 @@ def _readable_as_usual(folder: Path) -> None:
     mask = os.umask(0o022)
     os.umask(mask)
     for f in folder.rglob("*"):
-        if f.is_file() and not f.is_symlink() and f.stat().st_nlink == 1:
-            mode = stat.S_IMODE(f.stat().st_mode)
-            if mode | (0o666 & ~mask) != mode:
-                with contextlib.suppress(PermissionError):
-                    f.chmod(mode | (0o666 & ~mask))
+        if not f.is_file() or f.is_symlink() or (found := f.stat()).st_nlink != 1:
+            continue
+        mode = stat.S_IMODE(found.st_mode)
+        if mode | (0o666 & ~mask) != mode:
+            with contextlib.suppress(PermissionError):
+                f.chmod(mode | (0o666 & ~mask))
+
+
+def link_files(src: Path, dst: Path, *, skip: tuple[str, ...] = (), fallback: str = "copy") -> None:
+    """Each file of the folder `src` (not `skip`, not one `dst` already holds) into `dst`
+    as a hard link (no copy), or where the file system refuses one, as a copy (`fallback`
+    "copy": `dst` stands alone) or a link by name ("symlink": no copy of the weights)."""
+    for f in sorted(src.iterdir()):
+        if not f.is_file() or f.name in skip or (dst / f.name).exists():
+            continue
+        try:
+            os.link(f, dst / f.name)
+        except OSError:
+            if fallback == "symlink":
+                (dst / f.name).symlink_to(f.resolve())
+            else:
+                shutil.copy2(f, dst / f.name)
 
 
 def read_text(path: Path) -> str:

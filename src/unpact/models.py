@@ -31,7 +31,7 @@ import torch
 from pydantic import AfterValidator
 
 from unpact.errors import UnpactError
-from unpact.files import atomic_text, read_text, write_folder_atomically
+from unpact.files import atomic_text, link_files, read_text, write_folder_atomically
 from unpact.scoring import (
     DEFAULT_TOKEN_BUDGET,
     answer_logprobs,
@@ -188,16 +188,13 @@ class LanguageModel:
         checked on two ordinary questions; kept as it is where neither holds (said by
         `warn_if_split_differs`)."""
         short = before.removesuffix(" ")
-        if short == before or all(
-            self._ids(before) + self._ids(q) == self._ids(before + q) for q in BOUNDARY_PROBES
-        ):
+        if short == before:
             return before, ""
-        for lead in ("", " "):
-            if all(
-                self._ids(short) + self._ids(lead + q) == self._ids(before + q)
-                for q in BOUNDARY_PROBES
-            ):
-                return short, lead
+        whole = [self._ids(before + q) for q in BOUNDARY_PROBES]
+        for head, lead in ((before, ""), (short, ""), (short, " ")):
+            ids = self._ids(head)
+            if all(ids + self._ids(lead + q) == w for q, w in zip(BOUNDARY_PROBES, whole)):
+                return head, lead
         return before, ""
 
     def special_prefix(self) -> tuple[int, ...]:
@@ -727,18 +724,18 @@ def with_chat_template(spec: str, template: str | os.PathLike[str]) -> str:
     none): open-unlearning's TOFU models, docs/audit.md. A served model renders its
     server's template: start the server with `--chat-template FILE`."""
     if is_remote_spec(spec):
-        raise UnpactError(
+        raise ChatTemplateError(
             f"chat template: {spec!r} is served and renders its server's template; start the "
             "server with --chat-template FILE (vLLM and unpact serve take it)"
         )
     text, name = read_chat_template(template)
+    digest = hashlib.sha256(f"{model_key(spec)}\0{text}".encode()).hexdigest()[:16]
+    folder = cache_root() / "models" / f"templated-{digest}"
+    if _linked_copy_whole(folder):  # made before, from this model and this template
+        return str(folder)
     tokenizer = load_tokenizer(spec)
     tokenizer.chat_template = text
     check_chat_template(tokenizer, name)
-    digest = hashlib.sha256(f"{model_key(spec)}\0{text}".encode()).hexdigest()[:16]
-    folder = cache_root() / "models" / f"templated-{digest}"
-    if _linked_copy_whole(folder):
-        return str(folder)
     source = local_model_dir(spec)
     note = {"templated-from.json": json.dumps({"model": spec, "template": name}, indent=2) + "\n"}
     if source is None:  # a hub id: its weights come through a load
@@ -748,13 +745,8 @@ def with_chat_template(spec: str, template: str | os.PathLike[str]) -> str:
 
     def fill(tmp: Path) -> None:
         tokenizer.save_pretrained(tmp)
-        for f in sorted(source.iterdir()):
-            if not f.is_file() or (tmp / f.name).exists() or f.name in _OWN_TEMPLATE_FILES:
-                continue
-            try:
-                os.link(f, tmp / f.name)
-            except OSError:  # another file system: a link by name, not a copy of the weights
-                (tmp / f.name).symlink_to(f.resolve())
+        # across file systems a link by name, not a copy of the weights
+        link_files(source, tmp, skip=_OWN_TEMPLATE_FILES, fallback="symlink")
         for file, content in note.items():
             (tmp / file).write_text(content, encoding="utf-8")
 
@@ -775,6 +767,11 @@ def _linked_copy_whole(folder: Path) -> bool:
 _OWN_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", MANIFEST)
 
 
+class ChatTemplateError(UnpactError):
+    """A chat template the user gave that cannot be read or used: the caller names the
+    option or key that gave it."""
+
+
 def read_chat_template(template: str | os.PathLike[str]) -> tuple[str, str]:
     """A chat template's text and a name for messages: from a file, or given as text (it
     holds Jinja's `{{` or `{%`)."""
@@ -783,10 +780,13 @@ def read_chat_template(template: str | os.PathLike[str]) -> tuple[str, str]:
     if ("{{" in given or "{%" in given) and not isinstance(template, os.PathLike):
         return given, "(given as text)"
     if not given.strip():
-        raise UnpactError("chat template: empty; give a Jinja file or the template itself")
-    text = read_text(path)
+        raise ChatTemplateError("chat template: empty; give a Jinja file or the template itself")
+    try:
+        text = read_text(path)
+    except UnpactError as exc:
+        raise ChatTemplateError(str(exc)) from None
     if not text.strip():
-        raise UnpactError(f"chat template {path}: the file is empty")
+        raise ChatTemplateError(f"chat template {path}: the file is empty")
     return text, str(path)
 
 
@@ -797,11 +797,11 @@ def check_chat_template(tokenizer: Any, name: str) -> None:
     try:
         rendered = template_text(tokenizer)
     except TemplateError as exc:
-        raise UnpactError(f"chat template {name}: {exc}") from None
+        raise ChatTemplateError(f"chat template {name}: {exc}") from None
     except Exception as exc:  # whatever a user's template raises is its fault
-        raise UnpactError(f"chat template {name}: {type(exc).__name__}: {exc}") from None
+        raise ChatTemplateError(f"chat template {name}: {type(exc).__name__}: {exc}") from None
     if rendered.count(_CONTENT_MARKER) != 1:
-        raise UnpactError(
+        raise ChatTemplateError(
             f"chat template {name}: it does not place the user's message (messages[0]"
             "['content']) verbatim exactly once"
         )

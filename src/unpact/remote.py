@@ -351,7 +351,7 @@ class RemoteModel:
             self._template = (prefix_ids, suffix_ids, lead)
             if s:
                 try:
-                    suffix = self.detokenize(a[len(a) - s :])
+                    suffix = self.detokenize(suffix_ids)
                 except RemoteError:  # a server without /detokenize: nothing to say
                     suffix = ""
                 said = ("thinks", self.root_url, self.model_name)

@@ -94,9 +94,10 @@ from unpact.types import AnyModel, is_remote_spec
 # table once came from such a cache). 3: token units keep characters whole, the judges
 # read every script, templates render a fixed date and no thinking, greedy decoding
 # ignores a generation_config's beams and bans (a cache of 2 crashed on non-ASCII
-# prompts: "the two attributions have different units"). 4: a SentencePiece template's
-# text before the prompt stops before the space the prompt's leading `▁` stands for
-# (Llama 2's `[INST] `: one token fewer, the template's own tokenisation). 5: a byte-level
+# prompts: "the two attributions have different units"). 4: VerbMem probes' truths cut
+# and documents scored as MUSE does under a BOS; a SentencePiece template's text before
+# the prompt stops before the space the prompt's leading `▁` stands for (Llama 2's
+# `[INST] `: one token fewer, the template's own tokenisation). 5: a byte-level
 # BPE template's last space goes with the prompt's first word (`Question: ` + `ĠWhat`).
 STAGES_FORMAT = 5
 SPLITS = ("forget", "retain", "general")

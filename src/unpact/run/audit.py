@@ -284,19 +284,16 @@ def _indistinguishable(m: dict[str, Any], alpha: float) -> dict[str, str]:
 def _templated(named: dict[str, str], template: str) -> dict[str, str]:
     """The audit's models as copies using the `--chat-template` file in place of their own
     template (`models.with_chat_template`), each mistake named by its option."""
-    from unpact.models import read_chat_template, with_chat_template
+    from unpact.models import ChatTemplateError, with_chat_template
 
-    try:
-        read_chat_template(template)
-    except UnpactError as e:
-        raise UnpactError(f"--chat-template: {e}") from None
     out = {}
     for option, spec in named.items():
         try:
             out[option] = with_chat_template(spec, template)
-        except UnpactError as e:  # the template's fault (it is checked on each tokenizer)
-            named_by = "--chat-template" if str(e).startswith("chat template") else f"--{option}"
-            raise UnpactError(f"{named_by}: {e}") from None
+        except ChatTemplateError as e:  # the template's fault (checked on each tokenizer)
+            raise UnpactError(f"--chat-template: {e}") from None
+        except UnpactError as e:
+            raise UnpactError(f"--{option}: {e}") from None
     return out
 
 

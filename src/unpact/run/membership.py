@@ -615,7 +615,7 @@ def _verbmem(
     key: list[Any] = [m.key, [t.to_dict() for t in texts]]
     if kind == "probes":
         probes = cast("list[VerbatimPrompt]", texts)
-        key += [new, "probes", "muse-cut"]  # "muse-cut": the truth cut as MUSE cuts it
+        key += [new, "probes"]
 
         def compute() -> list[dict[str, Any]]:
             return probe_rows(_local(get(), m.label), probes, new)
@@ -645,8 +645,7 @@ def _document_rows(
         )
         return [{"id": d.id, "stats": s.to_dict()} for d, s in zip(docs, found)]
 
-    # "after-bos": the first text token scored after a BOS where the tokenizer puts one
-    key = [m.key, digest([d.to_dict() for d in docs], tokens), "after-bos"]
+    key = [m.key, digest([d.to_dict() for d in docs], tokens)]
     rows = p.stage("membership-documents", "membership-documents", m.label, key, compute)
     return {r["id"]: r for r in rows}
 

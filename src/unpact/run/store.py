@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from unpact.files import atomic_text, write_folder_atomically
+from unpact.files import atomic_text, link_files, write_folder_atomically
 
 __all__ = ["Stage", "atomic_text", "digest", "jsonl", "link_model", "read_jsonl"]
 
@@ -67,12 +65,4 @@ def link_model(src: Path, dst: Path) -> None:
     system allows, copies otherwise; renamed into place when complete (a re-run relinks, so
     a changed method's new model replaces the old one)."""
 
-    def fill(tmp: Path) -> None:
-        for f in src.iterdir():
-            if f.is_file():
-                try:
-                    os.link(f, tmp / f.name)
-                except OSError:
-                    shutil.copy2(f, tmp / f.name)
-
-    write_folder_atomically(dst, fill)
+    write_folder_atomically(dst, lambda tmp: link_files(src, tmp))
