@@ -14,7 +14,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -208,22 +207,34 @@ def test_a_second_run_reuses_every_stage(finished, tmp_path, monkeypatch):
     assert _numbers(again.results) == _numbers(first.results)
 
 
+# The killed process: the real CLI, SIGKILLed (no clean-up) by itself right after the second
+# unlearning run's first checkpoint is written. Polling for the checkpoint from outside raced
+# the run: two tiny steps after it the run finished and removed its checkpoints.
+_DIE_AFTER_CHECKPOINT = """
+import os, signal, sys
+from unpact.unlearn import loop
+real = loop._checkpoint
+def checkpoint_then_die(accelerator, out, step):
+    real(accelerator, out, step)
+    if out.name.startswith("npo_gd-"):
+        os.kill(os.getpid(), signal.SIGKILL)
+loop._checkpoint = checkpoint_then_die
+from unpact.cli import main
+sys.argv = ["unpact", *sys.argv[1:]]
+main()
+"""
+
+
 def test_killed_run_resumes_to_the_same_numbers(finished, tmp_path):
     root, first = finished
     out = tmp_path / "out"
     cache = tmp_path / "home" / "stages"  # the default stage cache under $UNPACT_CACHE
     env = {**os.environ, "UNPACT_CACHE": str(tmp_path / "home")}
-    cmd = [sys.executable, "-m", "unpact", "run", str(root / "config.yaml"), "--out", str(out)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # Kill it (SIGKILL: no clean-up) once the second unlearning run has a checkpoint.
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if list(cache.glob("unlearned/npo_gd-*/checkpoints/step-*")):
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait()
-    assert not (out / "results.json").exists(), "the run finished before it could be killed"
+    cmd = [sys.executable, "-c", _DIE_AFTER_CHECKPOINT, "run", str(root / "config.yaml")]
+    proc = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert not (out / "results.json").exists()
+    assert list(cache.glob("unlearned/npo_gd-*/checkpoints/step-2"))  # killed after it
     assert list(cache.glob("unlearned/ga-*/result.json"))  # the first method was finished
     resumed = run(root / "config.yaml", out, cache_dir=cache, progress=False)
     assert _numbers(resumed.results) == _numbers(first.results)
