@@ -273,3 +273,36 @@ def test_a_question_may_repeat_within_a_split_and_across_splits_with_other_choic
         "forget",
         "retain",
     ]
+
+
+def test_a_misspelt_field_is_refused_and_a_users_own_field_ignored(tmp_path):
+    """`keyword` for `keywords` was read as no keywords at all (and `perturbed` as no truth
+    ratio answers), silently: a field named like one of the format's that the item lacks
+    is refused with the name it is close to; other fields are the user's own metadata."""
+    for slip, meant in [
+        ("keyword", "keywords"),
+        ("Keywords", "keywords"),
+        ("alias", "aliases"),
+        ("perturbed", "perturbed_answers"),
+        ("paraphrase", "paraphrased_answer"),
+        ("choice", "choices"),
+    ]:
+        item = {**GOOD, slip: GOOD["keywords"]}
+        item.pop(meant, None)
+        folder = write(tmp_path, [item], [DOC])
+        with pytest.raises(UnpactError) as err:
+            load_folder(folder)
+        assert f"line 1: field {slip!r} is not in the item format; did you mean {meant!r}?" in str(
+            err.value
+        )
+    # beside the field itself a near name is the user's own (TOFU-like `answers` lists too)
+    mine = {**GOOD, "keyword": "x", "source": "wiki", "category": 3, "answers": ["y"]}
+    assert load_folder(write(tmp_path, [mine], [DOC])).items[0].to_dict() == GOOD
+    doc = {"id": "d1", "txt": DOC["text"], "split": "forget", "origin": "o"}
+    folder = write(tmp_path, [GOOD], [doc])
+    with pytest.raises(UnpactError, match=r"documents\.jsonl, line 1: field 'txt' .* 'text'\?"):
+        load_folder(folder)
+    (folder / "documents.jsonl").write_text(json.dumps(DOC) + "\n")
+    (folder / "verbmem.jsonl").write_text('{"id": "v", "prompt": "p", "continuations": "c"}\n')
+    with pytest.raises(UnpactError, match=r"verbmem\.jsonl, line 1: .* 'continuation'\?"):
+        load_folder(folder)

@@ -9,6 +9,7 @@ error: one message names the file, the line and the field.
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections import Counter
 from collections.abc import Sequence
@@ -113,6 +114,42 @@ def _fail(path: Path, line: int, message: str) -> UnpactError:
     return UnpactError(f"{path}, line {line}: {message}")
 
 
+ITEM_FIELDS = (
+    "id",
+    "question",
+    "answer",
+    "aliases",
+    "split",
+    "keywords",
+    "document",
+    "choices",
+    *ANSWER_FIELDS,
+)
+DOCUMENT_FIELDS = ("id", "text", "split")
+PROBE_FIELDS = ("id", "prompt", "continuation")
+
+
+def _no_misspelt_field(obj: dict[str, Any], known: tuple[str, ...], path: Path, line: int) -> None:
+    """Refuse a field whose name is a slip for a field of the format that the object lacks
+    (`keyword`, `Question`, `perturbed`): read as written it would be dropped in silence,
+    and the item would lose its keywords or answers. Other fields are the user's own
+    (a source, a category) and are ignored."""
+    absent = [k for k in known if k not in obj]
+    for name in obj:
+        if name in known or not isinstance(name, str):
+            continue
+        low = name.lower().strip()
+        close = [k for k in absent if low == k or (len(low) >= 4 and k.startswith(low))]
+        close = close or difflib.get_close_matches(low, absent, n=1, cutoff=0.75)
+        if close:
+            raise _fail(
+                path,
+                line,
+                f"field {name!r} is not in the item format; did you mean {close[0]!r}? "
+                "(see docs/data.md)",
+            )
+
+
 def _string(obj: dict[str, Any], key: str, path: Path, line: int, *, optional: bool = False) -> Any:
     if key not in obj:
         if optional:
@@ -168,6 +205,7 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
 
 def parse_item(obj: dict[str, Any], path: Path, line: int) -> QAItem:
     """One QA item from its JSON object, or an error naming file, line and field."""
+    _no_misspelt_field(obj, ITEM_FIELDS, path, line)
     item_id = _string(obj, "id", path, line)
     question = _string(obj, "question", path, line)
     answer = _string(obj, "answer", path, line)
@@ -238,6 +276,7 @@ def _verbatim(path: Path) -> list[VerbatimPrompt]:
     out: list[VerbatimPrompt] = []
     seen: dict[str, int] = {}
     for n, obj in read_jsonl(path):
+        _no_misspelt_field(obj, PROBE_FIELDS, path, n)
         probe_id = _unique(seen, _string(obj, "id", path, n), path, n)
         out.append(
             VerbatimPrompt(
@@ -263,6 +302,7 @@ def load_folder(folder: str | Path, name: str | None = None) -> Benchmark:
     if doc_path.exists():
         seen_docs: dict[str, int] = {}
         for n, obj in read_jsonl(doc_path):
+            _no_misspelt_field(obj, DOCUMENT_FIELDS, doc_path, n)
             doc_id = _unique(seen_docs, _string(obj, "id", doc_path, n), doc_path, n)
             documents.append(
                 Document(doc_id, _string(obj, "text", doc_path, n), _split(obj, doc_path, n))
