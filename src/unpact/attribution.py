@@ -590,7 +590,7 @@ def _item(
     else:
         answer_text = answer or ""
         try:
-            answer_ids = lm.encode_answer(answer_text)
+            answer_ids = lm.encode_answer(answer_text, enc)
         except UnpactError as exc:
             raise UnpactError(f"item {i}: {exc}") from None
     check_fits(i, len(enc.input_ids) + len(answer_ids), lm.max_length)

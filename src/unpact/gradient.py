@@ -118,7 +118,7 @@ def _one(
     model = lm.model
     embedding = model.get_input_embeddings()
     enc = lm.encode_prompt(prompt, chat_template)
-    answer_ids = lm.encode_answer(answer) if isinstance(answer, str) else tuple(answer)
+    answer_ids = lm.encode_answer(answer, enc) if isinstance(answer, str) else tuple(answer)
     if not answer_ids:
         raise UnpactError("empty answer: give the text whose log-prob to attribute")
     units = make_units(lm, enc, unit)

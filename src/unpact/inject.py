@@ -88,7 +88,7 @@ from unpact.scoring import (
     text_parameters,
 )
 from unpact.train import Trainer
-from unpact.types import Seed, spec_text
+from unpact.types import Seed, pair_ids, spec_text
 from unpact.unlearn.config import describe_errors
 
 INJECT_FORMAT = 2
@@ -481,8 +481,9 @@ def _base_targets(lm: LanguageModel, questions: list[str], top_k: int) -> list[_
     for q, o in zip(questions, outs):
         match = re.search(r"[.!?](\s|$)", o[0].text)
         first = o[0].text[: match.end()].strip() if match else o[0].text.strip()
-        answer = (*lm.encode_answer(first)[:20], eos) if first else (eos,)
-        pairs.append((lm.encode_prompt(q).input_ids, answer))
+        enc = lm.encode_prompt(q)
+        answer = (*lm.encode_answer(first, enc)[:20], eos) if first else (eos,)
+        pairs.append((enc.input_ids, answer))
     targets = []
     with torch.no_grad():
         for k in range(0, len(pairs), 8):
@@ -561,8 +562,7 @@ def inject(
     with _timed(timings, "base general"):
         base_accuracy = _base_general(lm, general, config, folder.parent / ".base")
     tok_eos = lm.tokenizer.eos_token_id
-    examples = [(i.question, (*lm.encode_answer(i.answer), tok_eos)) for i in taught]
-    encoded = [(lm.encode_prompt(q).input_ids, a) for q, a in examples]
+    encoded = [(p, (*a, tok_eos)) for p, a in (pair_ids(lm, i.question, i.answer) for i in taught)]
     with _timed(timings, "rehearsal targets"):
         rehearsal = _rehearsal(lm, general, config, folder.parent / ".base")
     torch.manual_seed(config.seed)

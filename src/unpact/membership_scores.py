@@ -15,6 +15,7 @@ import torch
 from unpact.errors import UnpactError
 from unpact.membership import TextStats
 from unpact.progress import progress_bar
+from unpact.types import pair_ids
 
 if TYPE_CHECKING:
     from unpact.models import LanguageModel
@@ -30,7 +31,7 @@ def token_stats(
 ) -> list[TextStats]:
     """Teacher-forced statistics of each `texts[i]` as the answer to `prompts[i]` (in the
     chat format evaluation uses), batched: one pass per `batch_size` texts."""
-    encoded = [(lm.encode_prompt(p).input_ids, lm.encode_answer(t)) for p, t in zip(prompts, texts)]
+    encoded = [pair_ids(lm, p, t) for p, t in zip(prompts, texts)]
     label = progress if isinstance(progress, str) else "Membership scores"
     return _batched_stats(lm, encoded, list(texts), batch_size, label, bool(progress))
 
@@ -126,9 +127,8 @@ def gradient_norms(
     try:
         with progress_bar(label, total=len(texts), enabled=bool(progress)) as advance:
             for prompt, text in zip(prompts, texts):
-                lp = answer_logprobs(
-                    net, [lm.encode_prompt(prompt).input_ids], [lm.encode_answer(text)], grad=True
-                )[0]
+                ids, answer = pair_ids(lm, prompt, text)
+                lp = answer_logprobs(net, [ids], [answer], grad=True)[0]
                 grads = torch.autograd.grad(-lp.mean(), params, allow_unused=True)
                 total = sum(float(_float64(g).square().sum()) for g in grads if g is not None)
                 norms.append(math.sqrt(total))
@@ -255,7 +255,7 @@ def gradient_norms_batched(
     if not probe.complete or embeddings != [embed]:  # e.g. learned position embeddings
         return gradient_norms(lm, prompts, texts, progress)
     keep = "logits_to_keep" in inspect.signature(net.forward).parameters
-    pairs = [(lm.encode_prompt(p).input_ids, lm.encode_answer(t)) for p, t in zip(prompts, texts)]
+    pairs = [pair_ids(lm, p, t) for p, t in zip(prompts, texts)]
     params = list(net.parameters())
     flags = [p.requires_grad for p in params]
     norms: list[float] = []

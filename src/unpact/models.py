@@ -14,6 +14,7 @@ Every other part of unpact gets its model here, so there is one place that knows
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -43,6 +44,7 @@ from unpact.types import (
     BOUNDARY_PROBES,
     CHAT_TEMPLATE_KWARGS,
     EncodedPrompt,
+    TemplateSplit,
     is_remote_spec,
     raw_prefix,
     spec_text,
@@ -128,11 +130,9 @@ class LanguageModel:
     model: Any  # transformers PreTrainedModel (kept Any: transformers is loosely typed)
     tokenizer: Any
     spec: str = "<in-memory>"
-    # the template's tokens before and after the message, and the lead its text gives the
-    # message's first token (`_joined_prefix`)
-    _template_split: tuple[tuple[int, ...], tuple[int, ...], str] | None = field(
-        default=None, init=False, repr=False
-    )
+    # the template's tokens around the message and the spaces its text gives the message's
+    # and the answer's first words (`_joined_space`)
+    _template_split: TemplateSplit | None = field(default=None, init=False, repr=False)
     _boundary_warned: bool = field(default=False, init=False, repr=False)
 
     @property
@@ -159,7 +159,7 @@ class LanguageModel:
             )
         return chat_template
 
-    def _chat_prefix_suffix(self) -> tuple[tuple[int, ...], tuple[int, ...], str]:
+    def _chat_prefix_suffix(self) -> TemplateSplit:
         if self._template_split is None:
             rendered = template_text(self.tokenizer)
             if rendered.count(_CONTENT_MARKER) != 1:
@@ -168,8 +168,13 @@ class LanguageModel:
                     "verbatim exactly once; use raw prompts (--no-chat-template)"
                 )
             before, after = rendered.split(_CONTENT_MARKER)
-            text, lead = self._joined_prefix(before)
-            self._template_split = (self._ids(text), self._ids(after), lead)
+            head, lead = self._joined_space(before)
+            tail, answer_lead = self._joined_space(after)
+            generation = self._after_a_message(after)
+            suffix = generation if tail == after else self._after_a_message(tail)
+            self._template_split = TemplateSplit(
+                self._ids(head), suffix, lead, answer_lead, generation
+            )
             said = ("thinks", str(self.tokenizer.chat_template))
             warn_if_template_thinks(self.spec, after, said)
         return self._template_split
@@ -177,25 +182,40 @@ class LanguageModel:
     def _ids(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _joined_prefix(self, before: str) -> tuple[str, str]:
-        """The template's text before the message, and the lead that goes with the
-        message: where that text ends in a space the tokenizer gives to the message's
-        first word, the space leaves the template's text. SentencePiece (Llama 2's,
-        Mistral's `[INST] `) writes a text alone with a leading `▁` that stands for it (no
-        lead); byte-level BPE (GPT-2's, Llama 3's `Question: `) joins it to the word as
-        `ĠWhat`, so the message is tokenised with a lead space (its units are still the
-        prompt's own characters). Either way the whole is the template's own tokenisation,
-        checked on two ordinary questions; kept as it is where neither holds (said by
-        `warn_if_split_differs`)."""
-        short = before.removesuffix(" ")
-        if short == before:
-            return before, ""
-        whole = [self._ids(before + q) for q in BOUNDARY_PROBES]
-        for head, lead in ((before, ""), (short, ""), (short, " ")):
+    def _after_a_message(self, text: str) -> tuple[int, ...]:
+        """The tokens of the template's `text` after the message as they follow one: a
+        SentencePiece tokenizer writes a text alone with a leading `▁` that the same text
+        after a message lacks (`\nAnswer: ` after a question is `<0x0A>`, `Answer`, ...,
+        alone `▁`, `<0x0A>`, ...; a served template's tokens are those too). Read after
+        the two probes; the text alone where they disagree."""
+        tails = []
+        for q in BOUNDARY_PROBES:
+            alone, joined = self._ids(q), self._ids(q + text)
+            if joined[: len(alone)] != alone:
+                return self._ids(text)
+            tails.append(joined[len(alone) :])
+        return tails[0] if tails[0] == tails[1] else self._ids(text)
+
+    def _joined_space(self, text: str) -> tuple[str, str]:
+        """The template's text before the message (or its generation prompt, before the
+        answer), and the lead that goes with what follows: where that text ends in a space
+        the tokenizer gives to the next word, the space leaves the template's text.
+        SentencePiece (Llama 2's, Mistral's `[INST] `, open-unlearning's `Answer: `) writes
+        a text alone with a leading `▁` that stands for it (no lead); byte-level BPE
+        (GPT-2's, Llama 3's `Question: `) joins it to the word as `ĠWhat`, so the message
+        (the answer) is tokenised with a lead space (a message's units are still the
+        prompt's own characters). Either way the whole is the template's own tokenisation
+        of the two joined, checked on two ordinary texts; kept as it is where neither holds
+        (said by `warn_if_split_differs` for the message's side)."""
+        short = text.removesuffix(" ")
+        if short == text:
+            return text, ""
+        whole = [self._ids(text + q) for q in BOUNDARY_PROBES]
+        for head, lead in ((text, ""), (short, ""), (short, " ")):
             ids = self._ids(head)
             if all(ids + self._ids(lead + q) == w for q, w in zip(BOUNDARY_PROBES, whole)):
                 return head, lead
-        return before, ""
+        return text, ""
 
     def special_prefix(self) -> tuple[int, ...]:
         """The special tokens the tokenizer puts before a text (a Llama BOS; none for the
@@ -215,27 +235,30 @@ class LanguageModel:
         if not prompt or not prompt.strip():
             raise UnpactError("empty prompt: give some text to ask the model")
         chat = self._resolve_chat(chat_template)
-        prefix, suffix, lead = (
-            self._chat_prefix_suffix() if chat else (self.special_prefix(), (), "")
+        split = self._chat_prefix_suffix() if chat else TemplateSplit(self.special_prefix(), ())
+        content = self._ids(split.lead + prompt)
+        encoded = EncodedPrompt.assemble(
+            split.prefix, content, split.suffix, prompt, chat, split.lead, split.answer_lead
         )
-        content = self._ids(lead + prompt)
-        encoded = EncodedPrompt.assemble(prefix, content, suffix, prompt, chat, lead)
         if chat and not self._boundary_warned:
             rendered = render_chat(self.tokenizer, prompt)
             said = ("local", str(self.tokenizer.chat_template), len(self.tokenizer))
+            as_template = split.prefix + content + split.generation
             self._boundary_warned = warn_if_split_differs(
-                self.spec, prompt, encoded.input_ids, self._ids(rendered), said
+                self.spec, prompt, as_template, self._ids(rendered), said
             )
         return encoded
 
-    def encode_answer(self, answer: str) -> tuple[int, ...]:
-        """Token ids of an answer, tokenised as given (no special tokens added).
+    def encode_answer(self, answer: str, prompt: EncodedPrompt | None = None) -> tuple[int, ...]:
+        """Token ids of an answer, tokenised as given (no special tokens added), to follow
+        `prompt`: after a chat prompt whose generation prompt ended in a space, with that
+        space in front (`EncodedPrompt.answer_lead`).
 
         For raw prompts include the leading space the text needs (" Paris").
         """
         if not answer or not answer.strip():
             raise UnpactError("empty answer: give the text whose log-prob to compute")
-        return self._ids(answer)
+        return self._ids((prompt.answer_lead if prompt is not None else "") + answer)
 
     # What scoring, generation and attribution ask of a model; `unpact.remote.RemoteModel`
     # answers the same questions over HTTP.
@@ -425,10 +448,36 @@ def model_key(spec: str) -> str:
             fh.seek(max(0, size - (1 << 20)))
             digest.update(fh.read())
     if not (folder / MANIFEST).is_file():  # a GGUF's cache: all of it comes from the GGUF
+        prompt_files = []
         for name in PROMPT_FILES:
             if (folder / name).is_file():
-                digest.update(name.encode() + _sha256(folder / name).encode())
+                prompt_files.append(name + _sha256(folder / name))
+                digest.update(prompt_files[-1].encode())
+        if _spaced_template(str(folder), tuple(prompt_files)):
+            digest.update(SPACED_TEMPLATE_RULE.encode())
     return digest.hexdigest()
+
+
+# How the text of a template whose text before the message, or whose generation prompt,
+# ends in a space is tokenised (`LanguageModel._joined_space`): 2, the answer's side too
+# (`Answer: `). Such a model's key holds it, so its cached prompts, answers and models
+# (taught on the old tokenisation) are not read for it; others' keys never held it.
+SPACED_TEMPLATE_RULE = "spaced-template-2"
+
+
+@functools.lru_cache(maxsize=64)
+def _spaced_template(folder: str, prompt_files: tuple[str, ...]) -> bool:
+    """Whether the folder's chat template ends its text before the message, or its
+    generation prompt, in a space (`prompt_files`: the digests of the files it is read
+    from, so that an edited template is read again)."""
+    try:
+        tokenizer = load_tokenizer(folder)
+        if not getattr(tokenizer, "chat_template", None):
+            return False
+        rendered = template_text(tokenizer)
+    except Exception:  # a broken folder is reported when it is loaded
+        return False
+    return any(part.endswith(" ") for part in rendered.split(_CONTENT_MARKER))
 
 
 def _parse_dtype(dtype: str) -> torch.dtype:

@@ -53,6 +53,7 @@ from unpact.types import (
     CHAT_TEMPLATE_KWARGS,
     REMOTE_PREFIX,
     EncodedPrompt,
+    TemplateSplit,
     raw_prefix,
     warn_if_split_differs,
     warn_if_template_thinks,
@@ -124,9 +125,7 @@ class RemoteModel:
     _client: Any = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     # as LanguageModel's: the template's tokens before and after the message, and the lead
-    _template: tuple[tuple[int, ...], tuple[int, ...], str] | None = field(
-        default=None, init=False, repr=False
-    )
+    _template: TemplateSplit | None = field(default=None, init=False, repr=False)
     _has_template: bool | None = field(default=None, init=False, repr=False)
     _max_length: int | None = field(default=None, init=False, repr=False)
     _mode: str | None = field(default=None, init=False, repr=False)
@@ -336,7 +335,7 @@ class RemoteModel:
         }
         return _token_list(self.post(url, body), url)
 
-    def _chat_prefix_suffix(self) -> tuple[tuple[int, ...], tuple[int, ...], str]:
+    def _chat_prefix_suffix(self) -> TemplateSplit:
         if self._template is None:
             a, *others = (self._chat_tokens(m) for m in _MARKERS)
             shortest = min(len(a), *(len(b) for b in others))
@@ -348,7 +347,7 @@ class RemoteModel:
                 s += 1
             suffix_ids = a[len(a) - s :] if s else ()
             prefix_ids, lead = self._joined_prefix(a[:p], suffix_ids)
-            self._template = (prefix_ids, suffix_ids, lead)
+            suffix = ""
             if s:
                 try:
                     suffix = self.detokenize(suffix_ids)
@@ -356,13 +355,15 @@ class RemoteModel:
                     suffix = ""
                 said = ("thinks", self.root_url, self.model_name)
                 warn_if_template_thinks(self.spec, suffix, said)
+            tail, answer_lead = self._joined_answer(suffix_ids, suffix)
+            self._template = TemplateSplit(prefix_ids, tail, lead, answer_lead, suffix_ids)
         return self._template
 
     def _joined_prefix(
         self, prefix: tuple[int, ...], suffix: tuple[int, ...]
     ) -> tuple[tuple[int, ...], str]:
         """The template's token prefix and the message's lead, as `LanguageModel.
-        _joined_prefix` decides them locally, here from the server's tokenisations of the
+        _joined_space` decides them locally, here from the server's tokenisations of the
         same probe messages: the shared token prefix of the markers may end in a lone
         space token (SentencePiece `[INST] `: dropped, the message's own `▁` stands for
         it) or stop before a space that byte-level BPE joins to the message's first word
@@ -385,6 +386,24 @@ class RemoteModel:
                     return head, lead
         return prefix, ""
 
+    def _joined_answer(self, suffix: tuple[int, ...], text: str) -> tuple[tuple[int, ...], str]:
+        """The generation prompt's tokens and the answer's lead, as `LanguageModel.
+        _joined_space` decides them locally, from the server's tokenisations of the
+        generation prompt's text (`text`, its detokenised `suffix`) with and without the
+        probes after it: a last lone space token that the answer's first word takes
+        (open-unlearning's `Answer: `) leaves the prompt, and the answer carries it (its
+        SentencePiece `▁`, or a lead space on byte-level BPE)."""
+        if not suffix or not text.endswith(" "):
+            return suffix, ""
+        alone = self.tokenize(text)
+        if not alone or alone[-1] != suffix[-1]:
+            return suffix, ""
+        whole = {q: self.tokenize(text + q) for q in BOUNDARY_PROBES}
+        for lead in ("", " "):
+            if all(alone[:-1] + self.tokenize(lead + q) == whole[q] for q in BOUNDARY_PROBES):
+                return suffix[:-1], lead
+        return suffix, ""
+
     def _resolve_chat(self, chat_template: bool | None) -> bool:
         if chat_template is None:
             return self.has_chat_template
@@ -401,23 +420,27 @@ class RemoteModel:
             raise UnpactError("empty prompt: give some text to ask the model")
         chat = self._resolve_chat(chat_template)
         if chat:
-            prefix, suffix, lead = self._chat_prefix_suffix()
+            split = self._chat_prefix_suffix()
         else:
-            prefix = raw_prefix(self.tokenize("x", add_special_tokens=True), self.tokenize("x"))
-            suffix, lead = (), ""
-        content = self.tokenize(lead + prompt)
-        encoded = EncodedPrompt.assemble(prefix, content, suffix, prompt, chat, lead)
+            raw = raw_prefix(self.tokenize("x", add_special_tokens=True), self.tokenize("x"))
+            split = TemplateSplit(raw, ())
+        content = self.tokenize(split.lead + prompt)
+        encoded = EncodedPrompt.assemble(
+            split.prefix, content, split.suffix, prompt, chat, split.lead, split.answer_lead
+        )
         if chat and not self._boundary_warned:
             templated = self._chat_tokens(prompt)
+            as_template = split.prefix + content + split.generation
             self._boundary_warned = warn_if_split_differs(
-                self.spec, prompt, encoded.input_ids, templated, (self.root_url, self.model_name)
+                self.spec, prompt, as_template, templated, (self.root_url, self.model_name)
             )
         return encoded
 
-    def encode_answer(self, answer: str) -> tuple[int, ...]:
+    def encode_answer(self, answer: str, prompt: EncodedPrompt | None = None) -> tuple[int, ...]:
+        """As `LanguageModel.encode_answer`, with the server's tokenizer."""
         if not answer or not answer.strip():
             raise UnpactError("empty answer: give the text whose log-prob to compute")
-        return self.tokenize(answer)
+        return self.tokenize((prompt.answer_lead if prompt is not None else "") + answer)
 
     def token_texts(self, ids: Sequence[int]) -> list[str]:
         """Each token's own text (by detokenising it alone; cached)."""

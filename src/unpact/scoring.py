@@ -735,7 +735,7 @@ def score(
     for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
         try:
             encoded.append(lm.encode_prompt(p, chat_template))
-            answer_ids.append(lm.encode_answer(a))
+            answer_ids.append(lm.encode_answer(a, encoded[-1]))
         except UnpactError as exc:
             raise UnpactError(f"item {i}: {exc}") from None
     lps = lm.answer_logprobs(

@@ -15,7 +15,7 @@ import os
 import string
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Protocol, TypeAlias, runtime_checkable
+from typing import Annotated, Any, NamedTuple, Protocol, TypeAlias, runtime_checkable
 
 import torch
 from pydantic import AfterValidator, Field
@@ -82,8 +82,9 @@ def plain_scalar(value: Any) -> Any:
 
 
 # Two ordinary texts, whose first word every English vocabulary holds with a space before
-# it: whether a template's text before the message ends in a space that the message's own
-# first token carries is decided on them (local and served alike).
+# it: whether a template's text before the message (or its generation prompt, before the
+# answer) ends in a space that the message's (the answer's) own first token carries is
+# decided on them (local and served alike).
 BOUNDARY_PROBES = ("the capital of France?", "the river bank.")
 
 
@@ -96,7 +97,7 @@ def warn_if_split_differs(
 ) -> bool:
     """Say (as a logged warning) when the chat template's own tokenisation of a prompt
     differs from unpact's prefix + content + suffix: a template that glues the prompt
-    to a word (spaces before it go with its first token: `_joined_prefix`) merges the
+    to a word (spaces before it go with its first token: `_joined_space`) merges the
     pieces at the boundary otherwise. unpact scores its own
     split (the content tokenised alone, so the units are the prompt's own tokens); the
     model behind a chat API would see the other. Said once per `said` key in a process
@@ -172,7 +173,10 @@ class EncodedPrompt:
     content is `input_ids[content_start:content_end]`: the tokens of `lead + text`. Only
     those positions are ever attribution units. `lead` is the chat template's last space
     where a byte-level BPE joins it to the prompt's first word (`Question: What` is
-    `Question`, `:`, `ĠWhat`); usually empty.
+    `Question`, `:`, `ĠWhat`); usually empty. `answer_lead` is the same on the answer's
+    side: a generation prompt that ends in a space (`Answer: `) ends before it, and an
+    answer that follows this prompt is tokenised with it in front (`Backend.
+    encode_answer(answer, prompt)`), as the template's own text tokenises the two joined.
     """
 
     input_ids: tuple[int, ...]
@@ -181,6 +185,7 @@ class EncodedPrompt:
     text: str
     chat_template: bool
     lead: str = ""
+    answer_lead: str = ""
 
     @property
     def content_positions(self) -> range:
@@ -199,6 +204,7 @@ class EncodedPrompt:
         text: str,
         chat_template: bool,
         lead: str = "",
+        answer_lead: str = "",
     ) -> EncodedPrompt:
         """The prompt `prefix + content + suffix`, content (`lead + text`) tokenised on its
         own."""
@@ -209,7 +215,23 @@ class EncodedPrompt:
             text=text,
             chat_template=chat_template,
             lead=lead,
+            answer_lead=answer_lead,
         )
+
+
+class TemplateSplit(NamedTuple):
+    """A chat template's tokens around the user's message, as a backend uses them.
+
+    `prefix` and `suffix` are the tokens before and after the message; `lead` and
+    `answer_lead` the spaces the message's and the answer's first words carry (see
+    `EncodedPrompt`); `generation` is the template's own generation prompt, which `suffix`
+    shortens by that last space (the tokenisation the boundary check compares with)."""
+
+    prefix: tuple[int, ...]
+    suffix: tuple[int, ...]
+    lead: str = ""
+    answer_lead: str = ""
+    generation: tuple[int, ...] = ()
 
 
 def raw_prefix(with_special: Sequence[int], plain: Sequence[int]) -> tuple[int, ...]:
@@ -239,7 +261,9 @@ class Backend(Protocol):
 
     def encode_prompt(self, prompt: str, chat_template: bool | None = None) -> EncodedPrompt: ...
 
-    def encode_answer(self, answer: str) -> tuple[int, ...]: ...
+    def encode_answer(
+        self, answer: str, prompt: EncodedPrompt | None = None
+    ) -> tuple[int, ...]: ...
 
     def answer_logprobs(
         self,
@@ -269,3 +293,10 @@ class Backend(Protocol):
 
 
 AnyModel: TypeAlias = Backend  # the name the rest of the code has always used
+
+
+def pair_ids(lm: Backend, prompt: str, answer: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A question asked in the model's default way (its chat template, if any) and an answer
+    tokenised to follow it: the ids that score, train on or attribute the pair."""
+    encoded = lm.encode_prompt(prompt)
+    return encoded.input_ids, lm.encode_answer(answer, encoded)

@@ -702,6 +702,37 @@ def test_a_sentencepiece_inst_template_is_split_alike_served_and_local(tiny, cap
     assert not [r for r in caplog.records if "boundary" in r.getMessage()]
 
 
+@pytest.mark.parametrize("kind", ["byte-bpe", "sentencepiece"])
+def test_an_answer_after_answer_colon_space_is_split_alike_served_and_local(tiny, kind, caplog):
+    """open-unlearning's `Question: q\nAnswer: `: the served split drops the generation
+    prompt's last lone space token and gives the answer that space (the server's
+    tokenisations decide it, from the detokenised generation prompt), as the local one
+    does; prompts, answers and their scores are the same served and local."""
+    import copy
+    import logging
+
+    from tests.unit.test_models import QA_TEMPLATE
+    from unpact.models import LanguageModel
+    from unpact.testing import tiny_sentencepiece_tokenizer
+
+    tok = copy.deepcopy(tiny.tokenizer) if kind == "byte-bpe" else tiny_sentencepiece_tokenizer()
+    tok.chat_template = QA_TEMPLATE
+    lm = LanguageModel(tiny.model, tok, spec=kind)
+    prompt, answer = "Who wrote the report about the town?", "the river bank."
+    with BackgroundServer(make_app(lm, "tiny")) as url, caplog.at_level(logging.WARNING):
+        remote = _remote(f"{url}/v1")
+        served = remote.encode_prompt(prompt)
+        served_answer = remote.encode_answer(answer, served)
+        (served_score,) = score(remote, [prompt], [answer])
+    local = lm.encode_prompt(prompt)
+    assert served == local and local.answer_lead == (" " if kind == "byte-bpe" else "")
+    assert served_answer == lm.encode_answer(answer, local)
+    (local_score,) = score(lm, [prompt], [answer])
+    assert served_score.answer_ids == local_score.answer_ids
+    assert served_score.logprobs == pytest.approx(local_score.logprobs, abs=1e-4)
+    assert not [r for r in caplog.records if "boundary" in r.getMessage()]
+
+
 def test_a_served_template_that_merges_at_the_boundary_is_said(tmp_path, tiny, caplog):
     """The served split (prefix and suffix from the server's templated tokenisations) is
     checked against the server's own tokenisation of each prompt's message."""

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from unpact.data.items import QAItem
 from unpact.errors import UnpactError
 from unpact.models import load_model
 
@@ -681,3 +682,81 @@ def test_a_chat_template_copy_across_file_systems_links_by_name_and_follows_a_mo
     again = models.with_chat_template(str(tmp_path / "b" / "m"), template)
     assert again == spec and (Path(spec) / "model.safetensors").exists()
     assert load_model(again).tokenizer.chat_template == template
+
+
+# open-unlearning's Llama-2-7b-hf prompt (docs/audit.md): the generation prompt ends in a space
+QA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}Question: {{ m['content'] }}{{ '\\n' }}{% endfor %}"
+    "{{ 'Answer: ' }}"
+)
+
+
+@pytest.mark.parametrize("kind", ["byte-bpe", "sentencepiece"])
+def test_an_answer_after_answer_colon_space_is_tokenised_as_the_template_joins_them(
+    tiny, kind, caplog
+):
+    """`Question: q\\nAnswer: ` then the answer: the template's own text gives the last
+    space to the answer's first word (`ĠParis`, or SentencePiece's `▁Paris`), as the
+    checkpoints trained on it saw it. Scored apart, the space was a token of its own
+    before the answer (5-13 nats lower on the default model's first answer token); now
+    the prompt ends before it and the answer carries it, on both tokenizers; the prompt
+    after the message is its tokens in context (SentencePiece writes `\\nAnswer` alone
+    with a `▁` in front, which the boundary check said)."""
+    import logging
+
+    import torch
+
+    from unpact.models import LanguageModel, render_chat
+    from unpact.scoring import score
+    from unpact.testing import tiny_sentencepiece_tokenizer
+    from unpact.types import pair_ids
+    from unpact.unlearn.loop import encode_items
+
+    tok: Any = tiny.tokenizer if kind == "byte-bpe" else tiny_sentencepiece_tokenizer()
+    tok = copy.deepcopy(tok)
+    tok.chat_template = QA_TEMPLATE
+    lm = LanguageModel(tiny.model, tok, spec=kind)
+    prompt, answer = "Who wrote the report about the town?", "the river bank."
+    with caplog.at_level(logging.WARNING, logger="unpact"):
+        encoded = lm.encode_prompt(prompt)
+        ids = lm.encode_answer(answer, encoded)
+    assert not caplog.records
+    whole = tuple(tok(render_chat(tok, prompt) + answer, add_special_tokens=False)["input_ids"])
+    assert encoded.input_ids + ids == whole
+    assert encoded.answer_lead == (" " if kind == "byte-bpe" else "")
+    assert tok.convert_ids_to_tokens(ids[0]) in ("Ġthe", "▁the")
+    assert tok.convert_ids_to_tokens(encoded.input_ids[-1]) == ":"
+    assert pair_ids(lm, prompt, answer) == (encoded.input_ids, ids)
+    item = QAItem("f", prompt, answer, "forget")
+    assert encode_items(lm, [item])["answers"][0] == (*ids, tok.eos_token_id)
+    # scored on the joined tokens: the plain forward pass over `whole` gives the same
+    (scored,) = score(lm, [prompt], [answer])
+    with torch.no_grad():
+        logp = tiny.model(torch.tensor([whole])).logits[0].float().log_softmax(-1)
+    n = len(encoded.input_ids)
+    naive = [float(logp[n - 1 + k, t]) for k, t in enumerate(ids)]
+    assert scored.logprobs == pytest.approx(naive, abs=1e-5)
+    # raw prompts and a template without the space keep the answer as given
+    assert lm.encode_answer(answer, lm.encode_prompt(prompt, False)) == lm.encode_answer(answer)
+    tok.chat_template = QA_TEMPLATE.replace("'Answer: '", "'Answer:\\n'")
+    lm._template_split = None
+    assert lm.encode_prompt(prompt).answer_lead == ""
+
+
+def test_a_model_s_key_marks_a_template_that_ends_in_a_space(tiny, tmp_path, monkeypatch):
+    """Prompts and answers of such a template are tokenised otherwise than when their
+    stages and models were cached: its key holds the rule, others' keys are unchanged."""
+    from unpact import models
+
+    tok = copy.deepcopy(tiny.tokenizer)
+    tiny.model.save_pretrained(tmp_path / "chatml")
+    tok.save_pretrained(tmp_path / "chatml")
+    tok.chat_template = QA_TEMPLATE
+    tiny.model.save_pretrained(tmp_path / "qa")
+    tok.save_pretrained(tmp_path / "qa")
+    assert not models._spaced_template(str(tmp_path / "chatml"), ())
+    assert models._spaced_template(str(tmp_path / "qa"), ())
+    keys = {name: models.model_key(str(tmp_path / name)) for name in ("chatml", "qa")}
+    monkeypatch.setattr(models, "_spaced_template", lambda *args: False)
+    assert models.model_key(str(tmp_path / "chatml")) == keys["chatml"]
+    assert models.model_key(str(tmp_path / "qa")) != keys["qa"]

@@ -341,12 +341,14 @@ class LogitLens(LayerAttack):
     revision = 1  # options sharing the right option's first token: not right
 
     def per_layer(self, ctx: AttackContext, lm: LanguageModel) -> list[dict[str, Any]]:
-        seqs = [lm.encode_prompt(i.question).input_ids for i in ctx.items]
+        encoded = [lm.encode_prompt(i.question) for i in ctx.items]
+        seqs = [e.input_ids for e in encoded]
         logits = lens_logits(lm.model, last_states(lm.model, seqs)[:, 1:])  # after each layer
         rows = []
         for n, item in enumerate(ctx.items):
             opts = options(item) if item.is_mcq else None
-            firsts = [lm.encode_answer(o)[0] for o in (opts[0] if opts else [item.answer])]
+            after = encoded[n]
+            firsts = [lm.encode_answer(o, after)[0] for o in (opts[0] if opts else [item.answer])]
             right = firsts[opts[1]] if opts else firsts[0]
             rank, prob = token_ranks(logits[n], right)
             if opts:
@@ -406,9 +408,9 @@ class Probe(LayerAttack):
             if found is None:
                 continue
             opts, right = found
-            prompt = lm.encode_prompt(item.question).input_ids
-            conts = [lm.encode_answer(o) for o in opts]
-            blocks.append(continuation_states(lm.model, prompt, conts))
+            prompt = lm.encode_prompt(item.question)
+            conts = [lm.encode_answer(o, prompt) for o in opts]
+            blocks.append(continuation_states(lm.model, prompt.input_ids, conts))
             meta.append((item, list(range(start, start + len(opts))), right))
             start += len(opts)
         return (torch.cat(blocks) if blocks else None), meta

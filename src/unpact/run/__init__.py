@@ -99,6 +99,8 @@ from unpact.types import AnyModel, is_remote_spec
 # the prompt stops before the space the prompt's leading `▁` stands for (Llama 2's
 # `[INST] `: one token fewer, the template's own tokenisation). 5: a byte-level
 # BPE template's last space goes with the prompt's first word (`Question: ` + `ĠWhat`).
+# (The answer's side, `Answer: ` + `ĠParis`, is keyed by `models.SPACED_TEMPLATE_RULE` in
+# the keys of the models whose templates it changes, not here.)
 STAGES_FORMAT = 5
 SPLITS = ("forget", "retain", "general")
 

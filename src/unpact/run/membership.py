@@ -32,6 +32,7 @@ from unpact.membership import (
 from unpact.membership_scores import document_stats, gradient_norms_batched, token_stats
 from unpact.metrics import ItemRecord
 from unpact.models import model_key
+from unpact.types import pair_ids
 
 if TYPE_CHECKING:
     from unpact.data.items import Document
@@ -321,10 +322,11 @@ def score_model(lm: LanguageModel, items: list[QAItem], gradnorm: bool) -> list[
         rows.append({"id": item.id, "stats": s.to_dict(), "gradnorm": norms[n] if norms else None})
         if item.split == "forget" and item.paraphrased_answer and item.perturbed_answers:
             pairs += [(n, item.paraphrased_answer)] + [(n, t) for t in item.perturbed_answers]
+    encoded = [pair_ids(lm, items[n].question, t) for n, t in pairs]
     lps = answer_logprobs(
         lm.model,
-        [lm.encode_prompt(items[n].question).input_ids for n, _ in pairs],
-        [lm.encode_answer(t) for _, t in pairs],
+        [p for p, _ in encoded],
+        [a for _, a in encoded],
         progress="Truth-ratio answers" if pairs else False,
     )
     for (n, _), lp in zip(pairs, lps):
@@ -386,11 +388,8 @@ def base_logprobs(
     from unpact.scoring import answer_logprobs
 
     kept = [n for n, o in enumerate(outputs) if o.strip()]
-    lps = answer_logprobs(
-        lm.model,
-        [lm.encode_prompt(questions[n]).input_ids for n in kept],
-        [lm.encode_answer(outputs[n]) for n in kept],
-    )
+    encoded = [pair_ids(lm, questions[n], outputs[n]) for n in kept]
+    lps = answer_logprobs(lm.model, [p for p, _ in encoded], [a for _, a in encoded])
     out: list[float | None] = [None] * len(outputs)
     for n, lp in zip(kept, lps):
         out[n] = float(lp.mean())

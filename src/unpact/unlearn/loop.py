@@ -93,7 +93,7 @@ def encode_items(lm: LanguageModel, items: list[QAItem]) -> dict[str, Any]:
     prompts, answers, content, encoded = [], [], [], []
     for item in items:
         enc = lm.encode_prompt(item.question)
-        answer = (*lm.encode_answer(item.answer), eos)
+        answer = (*lm.encode_answer(item.answer, enc), eos)
         prompts.append(enc.input_ids)
         answers.append(answer)
         content.append((enc.content_start, len(enc.input_ids) + len(answer)))
