@@ -555,9 +555,12 @@ def _generated_targets(
     )
     out = {}
     for i, g in zip(todo, gens):
-        if not g[0].token_ids:
+        if not g[0].token_ids or (encoded[i].tail and not g[0].text.strip()):
             raise UnpactError(f"item {i}: the model's greedy answer is empty; give an answer")
-        out[i] = (g[0].text, g[0].token_ids)
+        # generated after the generation prompt's last space, attributed as it follows the
+        # prompt without it (the template's text and the answer tokenised joined)
+        ids = lm.encode_answer(g[0].text, encoded[i]) if encoded[i].tail else g[0].token_ids
+        out[i] = (g[0].text, ids)
     return out
 
 

@@ -67,11 +67,11 @@ DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
 RemoteCodeOpt = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow a model's own Python code to run.")
 ]
-ChatOpt = Annotated[
+RawOpt = Annotated[
     bool,
     typer.Option(
-        "--chat-template/--no-chat-template",
-        help="Wrap the prompt as a user turn of the model's chat template, or use it raw.",
+        "--no-chat-template",
+        help="Use the prompt raw, not as a user turn of the model's chat template.",
     ),
 ]
 
@@ -98,6 +98,13 @@ def _with_template(model: str, chat_template: str | None) -> str:
         raise UnpactError(f"--chat-template: {e}") from None
     except UnpactError as e:
         raise UnpactError(f"--model: {e}") from None
+
+
+def _asked(model: str, chat_template: str | None, raw: bool) -> str:
+    """The model to load for `--chat-template FILE` or `--no-chat-template` (one of them)."""
+    if chat_template is not None and raw:
+        raise UnpactError("--chat-template and --no-chat-template together: give one of them")
+    return _with_template(model, chat_template)
 
 
 def _load(
@@ -128,7 +135,8 @@ def generate(
         str, typer.Option("--prompt", "-p", help="The question or text to continue.")
     ],
     model: ModelOpt = "default",
-    chat_template: ChatOpt = True,
+    chat_template: TemplateFileOpt = None,
+    no_chat_template: RawOpt = False,
     sample: Annotated[
         int,
         typer.Option(help="Draw N samples (temperature sampling) instead of the greedy answer."),
@@ -146,11 +154,11 @@ def generate(
     _check_text(prompt=prompt)
     if not sample and temperature != 1.0:
         raise UnpactError("--temperature applies to samples: give --sample N as well")
-    lm = _load(model, dtype, device, trust_remote_code)
+    lm = _load(_asked(model, chat_template, no_chat_template), dtype, device, trust_remote_code)
     (gens,) = run_generate(
         lm,
         [prompt],
-        chat_template=chat_template and lm.has_chat_template,
+        chat_template=not no_chat_template and lm.has_chat_template,
         max_new_tokens=max_new_tokens,
         num_samples=sample,
         temperature=temperature,
@@ -167,7 +175,8 @@ def score(
         str, typer.Option("--answer", "-a", help="The answer to score (teacher-forced).")
     ],
     model: ModelOpt = "default",
-    chat_template: ChatOpt = True,
+    chat_template: TemplateFileOpt = None,
+    no_chat_template: RawOpt = False,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     trust_remote_code: RemoteCodeOpt = False,
@@ -176,9 +185,9 @@ def score(
     from unpact.scoring import score as run_score
 
     _check_text(prompt=prompt, answer=answer)
-    lm = _load(model, dtype, device, trust_remote_code)
+    lm = _load(_asked(model, chat_template, no_chat_template), dtype, device, trust_remote_code)
     (result,) = run_score(
-        lm, [prompt], [answer], chat_template=chat_template and lm.has_chat_template
+        lm, [prompt], [answer], chat_template=not no_chat_template and lm.has_chat_template
     )
     table = Table("#", "token", "id", "log-prob", title="Answer tokens")
     for k, (tok, tid, lp) in enumerate(
@@ -252,7 +261,8 @@ def attribute(
     ] = None,
     alpha: AlphaOpt = ALPHA,
     beta: BetaOpt = BETA,
-    chat_template: ChatOpt = True,
+    chat_template: TemplateFileOpt = None,
+    no_chat_template: RawOpt = False,
     max_new_tokens: Annotated[int, typer.Option(help="Longest generated target, in tokens.")] = 32,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the record (JSONL with --data) here.")
@@ -278,6 +288,7 @@ def attribute(
     prompts, answers = _attribute_inputs(prompt, answer, data)
     for option, path in (("--json", json_out), ("--html", html_out)):
         _check_out_file(option, path)  # before any model loads
+    model = _asked(model, chat_template, no_chat_template)
     lm = _load(model, dtype, device, trust_remote_code, concurrency)
     if gradient and not lm.has_weights:
         raise UnpactError(f"--gradient needs the model's weights; {lm.spec} is served")
@@ -288,7 +299,7 @@ def attribute(
         unit=unit,  # type: ignore[arg-type]
         baseline=baseline,  # type: ignore[arg-type]
         target=target,  # type: ignore[arg-type]
-        chat_template=chat_template and lm.has_chat_template,
+        chat_template=not no_chat_template and lm.has_chat_template,
         alpha=alpha,
         beta=beta,
         baseline_token_id=baseline_token_id,

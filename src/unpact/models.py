@@ -172,6 +172,8 @@ class LanguageModel:
             tail, answer_lead = self._joined_space(after)
             generation = self._after_a_message(after)
             suffix = generation if tail == after else self._after_a_message(tail)
+            if generation[: len(suffix)] != suffix:  # not the generation prompt shortened
+                suffix, answer_lead = generation, ""
             self._template_split = TemplateSplit(
                 self._ids(head), suffix, lead, answer_lead, generation
             )
@@ -238,7 +240,14 @@ class LanguageModel:
         split = self._chat_prefix_suffix() if chat else TemplateSplit(self.special_prefix(), ())
         content = self._ids(split.lead + prompt)
         encoded = EncodedPrompt.assemble(
-            split.prefix, content, split.suffix, prompt, chat, split.lead, split.answer_lead
+            split.prefix,
+            content,
+            split.suffix,
+            prompt,
+            chat,
+            split.lead,
+            split.answer_lead,
+            split.tail,
         )
         if chat and not self._boundary_warned:
             rendered = render_chat(self.tokenizer, prompt)

@@ -426,7 +426,14 @@ class RemoteModel:
             split = TemplateSplit(raw, ())
         content = self.tokenize(split.lead + prompt)
         encoded = EncodedPrompt.assemble(
-            split.prefix, content, split.suffix, prompt, chat, split.lead, split.answer_lead
+            split.prefix,
+            content,
+            split.suffix,
+            prompt,
+            chat,
+            split.lead,
+            split.answer_lead,
+            split.tail,
         )
         if chat and not self._boundary_warned:
             templated = self._chat_tokens(prompt)

@@ -799,9 +799,9 @@ def generate(
         p if isinstance(p, EncodedPrompt) else lm.encode_prompt(p, chat_template) for p in prompts
     ]
     for i, e in enumerate(encoded):
-        check_room(f"item {i}: the prompt", len(e.input_ids), max_new_tokens, lm.max_length)
+        check_room(f"item {i}: the prompt", len(e.generation_ids), max_new_tokens, lm.max_length)
     gens = lm.generate_ids(
-        [e.input_ids for e in encoded],
+        [e.generation_ids for e in encoded],
         max_new_tokens=max_new_tokens,
         num_samples=num_samples,
         temperature=temperature,

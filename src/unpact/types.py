@@ -174,9 +174,12 @@ class EncodedPrompt:
     those positions are ever attribution units. `lead` is the chat template's last space
     where a byte-level BPE joins it to the prompt's first word (`Question: What` is
     `Question`, `:`, `ĠWhat`); usually empty. `answer_lead` is the same on the answer's
-    side: a generation prompt that ends in a space (`Answer: `) ends before it, and an
-    answer that follows this prompt is tokenised with it in front (`Backend.
-    encode_answer(answer, prompt)`), as the template's own text tokenises the two joined.
+    side: where the generation prompt ends in a space (`Answer: `), `input_ids` end
+    before it, and an answer that follows this prompt is tokenised with it in front
+    (`Backend.encode_answer(answer, prompt)`), as the template's own text tokenises the
+    two joined: what is scored, attributed and trained on. `tail` is that space's token,
+    which generation feeds as the template's own tokenisation of the prompt has it
+    (`generation_ids`: what a chat API, MUSE's and open-unlearning's generation feed).
     """
 
     input_ids: tuple[int, ...]
@@ -186,6 +189,13 @@ class EncodedPrompt:
     chat_template: bool
     lead: str = ""
     answer_lead: str = ""
+    tail: tuple[int, ...] = ()
+
+    @property
+    def generation_ids(self) -> tuple[int, ...]:
+        """The prompt a greedy or sampled answer is generated from: the template's own
+        tokens, the generation prompt's last space included."""
+        return self.input_ids + self.tail
 
     @property
     def content_positions(self) -> range:
@@ -205,6 +215,7 @@ class EncodedPrompt:
         chat_template: bool,
         lead: str = "",
         answer_lead: str = "",
+        tail: tuple[int, ...] = (),
     ) -> EncodedPrompt:
         """The prompt `prefix + content + suffix`, content (`lead + text`) tokenised on its
         own."""
@@ -216,6 +227,7 @@ class EncodedPrompt:
             chat_template=chat_template,
             lead=lead,
             answer_lead=answer_lead,
+            tail=tail,
         )
 
 
@@ -225,13 +237,19 @@ class TemplateSplit(NamedTuple):
     `prefix` and `suffix` are the tokens before and after the message; `lead` and
     `answer_lead` the spaces the message's and the answer's first words carry (see
     `EncodedPrompt`); `generation` is the template's own generation prompt, which `suffix`
-    shortens by that last space (the tokenisation the boundary check compares with)."""
+    shortens by that last space (the prompt generation feeds, and the tokenisation the
+    boundary check compares with)."""
 
     prefix: tuple[int, ...]
     suffix: tuple[int, ...]
     lead: str = ""
     answer_lead: str = ""
     generation: tuple[int, ...] = ()
+
+    @property
+    def tail(self) -> tuple[int, ...]:
+        """The generation prompt's tokens after `suffix` (its last space, or none)."""
+        return self.generation[len(self.suffix) :]
 
 
 def raw_prefix(with_special: Sequence[int], plain: Sequence[int]) -> tuple[int, ...]:

@@ -323,3 +323,40 @@ def test_serve_port_0_prints_the_port_it_listens_on_and_a_busy_port_is_exit_2(ti
         [*cmd, "0", "--chat-template", "nope.jinja"], capture_output=True, text=True, env=env
     )
     assert bad.returncode == 2 and "--chat-template: cannot read nope.jinja" in bad.stderr
+
+
+def test_generate_score_and_attribute_take_a_chat_template_file(tiny, tiny_dir, tmp_path):
+    """`--chat-template FILE` on the one-prompt commands asks the templated copy, as
+    `audit`, `inject`, `unlearn` and `serve` do (they had only a switch between the model's
+    own template and raw prompts); given with `--no-chat-template` it is one message."""
+    from tests.unit.test_models import QA_TEMPLATE
+    from unpact.models import LanguageModel
+    from unpact.scoring import score
+
+    template = tmp_path / "qa.jinja"
+    template.write_text(QA_TEMPLATE)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "160"}
+    env["UNPACT_CACHE"] = str(tmp_path / "cache")
+    base = [sys.executable, "-m", "unpact", "score", "--model", str(tiny_dir)]
+    args = ["-p", PROMPTS[0], "-a", "Mira Quintrell", "--chat-template", str(template)]
+    res = subprocess.run([*base, *args], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    tok = tiny.tokenizer.__class__.from_pretrained(tiny_dir)
+    tok.chat_template = QA_TEMPLATE
+    (expected,) = score(LanguageModel(tiny.model, tok), PROMPTS[:1], ["Mira Quintrell"])
+    assert f"= {expected.lp:.4f}" in res.stdout
+    assert expected.answer_tokens[0].startswith("Ġ")  # the space `Answer: ` gives it
+    assert repr(expected.answer_tokens[0]) in res.stdout
+    both = subprocess.run(
+        [*base, *args, "--no-chat-template"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert both.returncode == 2
+    assert both.stderr.strip() == (
+        "error: --chat-template and --no-chat-template together: give one of them"
+    )
+    out = tmp_path / "a.json"
+    res = _cli(
+        "--model", str(tiny_dir), *args, "--json", str(out), "--chat-template", str(template)
+    )
+    assert res.returncode == 0, res.stderr
+    assert json.loads(out.read_text())["lp"] == pytest.approx(expected.lp, abs=1e-5)

@@ -698,14 +698,16 @@ def test_an_answer_after_answer_colon_space_is_tokenised_as_the_template_joins_t
     """`Question: q\\nAnswer: ` then the answer: the template's own text gives the last
     space to the answer's first word (`ĠParis`, or SentencePiece's `▁Paris`), as the
     checkpoints trained on it saw it. Scored apart, the space was a token of its own
-    before the answer (5-13 nats lower on the default model's first answer token); now
-    the prompt ends before it and the answer carries it, on both tokenizers; the prompt
-    after the message is its tokens in context (SentencePiece writes `\\nAnswer` alone
-    with a `▁` in front, which the boundary check said)."""
+    before the answer (3.5-11.6 nats lower on the default model's answers:
+    benchmarks/answer_boundary.py); now the scored prompt ends before it and the answer
+    carries it, on both tokenizers; the prompt after the message is its tokens in context
+    (SentencePiece writes `\\nAnswer` alone with a `▁` in front, which the boundary check
+    said)."""
     import logging
 
     import torch
 
+    from unpact.attribution import attribute_many
     from unpact.models import LanguageModel, render_chat
     from unpact.scoring import score
     from unpact.testing import tiny_sentencepiece_tokenizer
@@ -727,6 +729,14 @@ def test_an_answer_after_answer_colon_space_is_tokenised_as_the_template_joins_t
     assert tok.convert_ids_to_tokens(ids[0]) in ("Ġthe", "▁the")
     assert tok.convert_ids_to_tokens(encoded.input_ids[-1]) == ":"
     assert pair_ids(lm, prompt, answer) == (encoded.input_ids, ids)
+    # generation feeds the template's own tokens, the lone space included (as a chat API,
+    # MUSE's and open-unlearning's generation do); a generated target is attributed as
+    # scored: its text tokenised to follow the prompt
+    own = tuple(tok(render_chat(tok, prompt), add_special_tokens=False)["input_ids"])
+    assert encoded.generation_ids == own and len(encoded.tail) == 1
+    (attributed,) = attribute_many(lm, [prompt], max_new_tokens=4)
+    assert attributed.input_ids == list(encoded.input_ids)
+    assert attributed.answer_ids == list(lm.encode_answer(attributed.answer, encoded))
     item = QAItem("f", prompt, answer, "forget")
     assert encode_items(lm, [item])["answers"][0] == (*ids, tok.eos_token_id)
     # scored on the joined tokens: the plain forward pass over `whole` gives the same
