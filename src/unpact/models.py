@@ -239,16 +239,7 @@ class LanguageModel:
         chat = self._resolve_chat(chat_template)
         split = self._chat_prefix_suffix() if chat else TemplateSplit(self.special_prefix(), ())
         content = self._ids(split.lead + prompt)
-        encoded = EncodedPrompt.assemble(
-            split.prefix,
-            content,
-            split.suffix,
-            prompt,
-            chat,
-            split.lead,
-            split.answer_lead,
-            split.tail,
-        )
+        encoded = split.around(content, prompt, chat)
         if chat and not self._boundary_warned:
             rendered = render_chat(self.tokenizer, prompt)
             said = ("local", str(self.tokenizer.chat_template), len(self.tokenizer))

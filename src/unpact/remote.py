@@ -425,16 +425,7 @@ class RemoteModel:
             raw = raw_prefix(self.tokenize("x", add_special_tokens=True), self.tokenize("x"))
             split = TemplateSplit(raw, ())
         content = self.tokenize(split.lead + prompt)
-        encoded = EncodedPrompt.assemble(
-            split.prefix,
-            content,
-            split.suffix,
-            prompt,
-            chat,
-            split.lead,
-            split.answer_lead,
-            split.tail,
-        )
+        encoded = split.around(content, prompt, chat)
         if chat and not self._boundary_warned:
             templated = self._chat_tokens(prompt)
             as_template = split.prefix + content + split.generation

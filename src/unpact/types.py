@@ -205,31 +205,6 @@ class EncodedPrompt:
     def content_ids(self) -> tuple[int, ...]:
         return self.input_ids[self.content_start : self.content_end]
 
-    @classmethod
-    def assemble(
-        cls,
-        prefix: tuple[int, ...],
-        content: tuple[int, ...],
-        suffix: tuple[int, ...],
-        text: str,
-        chat_template: bool,
-        lead: str = "",
-        answer_lead: str = "",
-        tail: tuple[int, ...] = (),
-    ) -> EncodedPrompt:
-        """The prompt `prefix + content + suffix`, content (`lead + text`) tokenised on its
-        own."""
-        return cls(
-            input_ids=prefix + content + suffix,
-            content_start=len(prefix),
-            content_end=len(prefix) + len(content),
-            text=text,
-            chat_template=chat_template,
-            lead=lead,
-            answer_lead=answer_lead,
-            tail=tail,
-        )
-
 
 class TemplateSplit(NamedTuple):
     """A chat template's tokens around the user's message, as a backend uses them.
@@ -250,6 +225,20 @@ class TemplateSplit(NamedTuple):
     def tail(self) -> tuple[int, ...]:
         """The generation prompt's tokens after `suffix` (its last space, or none)."""
         return self.generation[len(self.suffix) :]
+
+    def around(self, content: tuple[int, ...], text: str, chat_template: bool) -> EncodedPrompt:
+        """The prompt `prefix + content + suffix`, the content (`lead + text`) tokenised on
+        its own."""
+        return EncodedPrompt(
+            input_ids=self.prefix + content + self.suffix,
+            content_start=len(self.prefix),
+            content_end=len(self.prefix) + len(content),
+            text=text,
+            chat_template=chat_template,
+            lead=self.lead,
+            answer_lead=self.answer_lead,
+            tail=self.tail,
+        )
 
 
 def raw_prefix(with_special: Sequence[int], plain: Sequence[int]) -> tuple[int, ...]:
