@@ -120,6 +120,21 @@ def _fixed_clock(tokenizer: Any) -> Iterator[None]:
         env.globals["strftime_now"] = before
 
 
+def _after_a_message(ids: Callable[[str], tuple[int, ...]], text: str) -> tuple[int, ...]:
+    """The tokens (`ids`) of the template's `text` after the message as they follow one: a
+    SentencePiece tokenizer writes a text alone with a leading `▁` that the same text after
+    a message lacks (`\\nAnswer: ` after a question is `<0x0A>`, `Answer`, ..., alone `▁`,
+    `<0x0A>`, ...; a served template's tokens are those too). Read after the two probes;
+    the text alone where they disagree."""
+    tails = []
+    for q in BOUNDARY_PROBES:
+        alone, joined = ids(q), ids(q + text)
+        if joined[: len(alone)] != alone:
+            return ids(text)
+        tails.append(joined[len(alone) :])
+    return tails[0] if tails[0] == tails[1] else ids(text)
+
+
 @dataclass
 class LanguageModel:
     """A causal LM with its tokenizer and the spec it was loaded from: the local backend
@@ -170,8 +185,8 @@ class LanguageModel:
             before, after = rendered.split(_CONTENT_MARKER)
             head, lead = self._joined_space(before)
             tail, answer_lead = self._joined_space(after)
-            generation = self._after_a_message(after)
-            suffix = generation if tail == after else self._after_a_message(tail)
+            generation = _after_a_message(self._ids, after)
+            suffix = generation if tail == after else _after_a_message(self._ids, tail)
             if generation[: len(suffix)] != suffix:  # not the generation prompt shortened
                 suffix, answer_lead = generation, ""
             self._template_split = TemplateSplit(
@@ -183,20 +198,6 @@ class LanguageModel:
 
     def _ids(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def _after_a_message(self, text: str) -> tuple[int, ...]:
-        """The tokens of the template's `text` after the message as they follow one: a
-        SentencePiece tokenizer writes a text alone with a leading `▁` that the same text
-        after a message lacks (`\nAnswer: ` after a question is `<0x0A>`, `Answer`, ...,
-        alone `▁`, `<0x0A>`, ...; a served template's tokens are those too). Read after
-        the two probes; the text alone where they disagree."""
-        tails = []
-        for q in BOUNDARY_PROBES:
-            alone, joined = self._ids(q), self._ids(q + text)
-            if joined[: len(alone)] != alone:
-                return self._ids(text)
-            tails.append(joined[len(alone) :])
-        return tails[0] if tails[0] == tails[1] else self._ids(text)
 
     def _joined_space(self, text: str) -> tuple[str, str]:
         """The template's text before the message (or its generation prompt, before the
@@ -458,26 +459,35 @@ def model_key(spec: str) -> str:
     return digest.hexdigest()
 
 
-# How the text of a template whose text before the message, or whose generation prompt,
-# ends in a space is tokenised (`LanguageModel._joined_space`): 2, the answer's side too
-# (`Answer: `). Such a model's key holds it, so its cached prompts, answers and models
-# (taught on the old tokenisation) are not read for it; others' keys never held it.
+# How a template's text around the message is tokenised where the rules of
+# `LanguageModel._chat_prefix_suffix` change it: a space that ends the text before the
+# message or the generation prompt goes with the next word (`_joined_space`; 2: the
+# answer's side too, `Answer: `), and the text after the message is tokenised as it
+# follows one (`_after_a_message`: SentencePiece's leading `▁` on ` [/INST]` alone). Such
+# a model's key holds it, so its cached prompts, answers and models (taught on the old
+# tokenisation) are not read for it; the keys of models these rules leave alone (the
+# default model's among them) never held it.
 SPACED_TEMPLATE_RULE = "spaced-template-2"
 
 
 @functools.lru_cache(maxsize=64)
 def _spaced_template(folder: str, prompt_files: tuple[str, ...]) -> bool:
-    """Whether the folder's chat template ends its text before the message, or its
-    generation prompt, in a space (`prompt_files`: the digests of the files it is read
-    from, so that an edited template is read again)."""
+    """Whether those rules change how the folder's chat template is tokenised
+    (`prompt_files`: the digests of the files it is read from, so that an edited template
+    is read again)."""
     try:
         tokenizer = load_tokenizer(folder)
         if not getattr(tokenizer, "chat_template", None):
             return False
-        rendered = template_text(tokenizer)
+        parts = template_text(tokenizer).split(_CONTENT_MARKER)
     except Exception:  # a broken folder is reported when it is loaded
         return False
-    return any(part.endswith(" ") for part in rendered.split(_CONTENT_MARKER))
+
+    def ids(text: str) -> tuple[int, ...]:
+        return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    spaced = any(part.endswith(" ") for part in parts)
+    return spaced or _after_a_message(ids, parts[-1]) != ids(parts[-1])
 
 
 def _parse_dtype(dtype: str) -> torch.dtype:

@@ -754,9 +754,11 @@ def test_an_answer_after_answer_colon_space_is_tokenised_as_the_template_joins_t
 
 
 def test_a_model_s_key_marks_a_template_that_ends_in_a_space(tiny, tmp_path, monkeypatch):
-    """Prompts and answers of such a template are tokenised otherwise than when their
+    """Prompts and answers of such a template (or of one whose text after the message a
+    SentencePiece tokenizer writes otherwise alone) are tokenised otherwise than when their
     stages and models were cached: its key holds the rule, others' keys are unchanged."""
     from unpact import models
+    from unpact.testing import INST, tiny_sentencepiece_tokenizer
 
     tok = copy.deepcopy(tiny.tokenizer)
     tiny.model.save_pretrained(tmp_path / "chatml")
@@ -766,6 +768,13 @@ def test_a_model_s_key_marks_a_template_that_ends_in_a_space(tiny, tmp_path, mon
     tok.save_pretrained(tmp_path / "qa")
     assert not models._spaced_template(str(tmp_path / "chatml"), ())
     assert models._spaced_template(str(tmp_path / "qa"), ())
+    # SentencePiece: `[INST] ` is spaced; `\nA:` after the message is tokenised in context
+    sp: Any = tiny_sentencepiece_tokenizer()
+    for name, template in [("inst", INST), ("nl", "{{ messages[0]['content'] }}\nA:")]:
+        sp.chat_template = template
+        tiny.model.save_pretrained(tmp_path / name)
+        sp.save_pretrained(tmp_path / name)
+        assert models._spaced_template(str(tmp_path / name), ()), name
     keys = {name: models.model_key(str(tmp_path / name)) for name in ("chatml", "qa")}
     monkeypatch.setattr(models, "_spaced_template", lambda *args: False)
     assert models.model_key(str(tmp_path / "chatml")) == keys["chatml"]
