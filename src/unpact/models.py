@@ -190,7 +190,7 @@ class LanguageModel:
             if generation[: len(suffix)] != suffix:  # not the generation prompt shortened
                 suffix, answer_lead = generation, ""
             self._template_split = TemplateSplit(
-                self._ids(head), suffix, lead, answer_lead, generation
+                self._ids(head), suffix, lead, answer_lead, generation, self._ids(lead)
             )
             said = ("thinks", str(self.tokenizer.chat_template))
             warn_if_template_thinks(self.spec, after, said)
@@ -239,12 +239,11 @@ class LanguageModel:
             raise UnpactError("empty prompt: give some text to ask the model")
         chat = self._resolve_chat(chat_template)
         split = self._chat_prefix_suffix() if chat else TemplateSplit(self.special_prefix(), ())
-        content = self._ids(split.lead + prompt)
-        encoded = split.around(content, prompt, chat)
+        encoded = split.around(prompt, chat, self._ids)
         if chat and not self._boundary_warned:
             rendered = render_chat(self.tokenizer, prompt)
             said = ("local", str(self.tokenizer.chat_template), len(self.tokenizer))
-            as_template = split.prefix + content + split.generation
+            as_template = encoded.input_ids[: encoded.content_end] + split.generation
             self._boundary_warned = warn_if_split_differs(
                 self.spec, prompt, as_template, self._ids(rendered), said
             )

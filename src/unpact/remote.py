@@ -356,7 +356,10 @@ class RemoteModel:
                 said = ("thinks", self.root_url, self.model_name)
                 warn_if_template_thinks(self.spec, suffix, said)
             tail, answer_lead = self._joined_answer(suffix_ids, suffix)
-            self._template = TemplateSplit(prefix_ids, tail, lead, answer_lead, suffix_ids)
+            lead_ids = self.tokenize(lead) if lead else ()
+            self._template = TemplateSplit(
+                prefix_ids, tail, lead, answer_lead, suffix_ids, lead_ids
+            )
         return self._template
 
     def _joined_prefix(
@@ -424,11 +427,10 @@ class RemoteModel:
         else:
             raw = raw_prefix(self.tokenize("x", add_special_tokens=True), self.tokenize("x"))
             split = TemplateSplit(raw, ())
-        content = self.tokenize(split.lead + prompt)
-        encoded = split.around(content, prompt, chat)
+        encoded = split.around(prompt, chat, self.tokenize)
         if chat and not self._boundary_warned:
             templated = self._chat_tokens(prompt)
-            as_template = split.prefix + content + split.generation
+            as_template = encoded.input_ids[: encoded.content_end] + split.generation
             self._boundary_warned = warn_if_split_differs(
                 self.spec, prompt, as_template, templated, (self.root_url, self.model_name)
             )

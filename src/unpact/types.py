@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import string
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, NamedTuple, Protocol, TypeAlias, runtime_checkable
 
@@ -220,22 +220,32 @@ class TemplateSplit(NamedTuple):
     lead: str = ""
     answer_lead: str = ""
     generation: tuple[int, ...] = ()
+    lead_ids: tuple[int, ...] = ()  # the lead tokenised alone
 
     @property
     def tail(self) -> tuple[int, ...]:
         """The generation prompt's tokens after `suffix` (its last space, or none)."""
         return self.generation[len(self.suffix) :]
 
-    def around(self, content: tuple[int, ...], text: str, chat_template: bool) -> EncodedPrompt:
-        """The prompt `prefix + content + suffix`, the content (`lead + text`) tokenised on
-        its own."""
+    def around(
+        self, text: str, chat_template: bool, ids: Callable[[str], tuple[int, ...]]
+    ) -> EncodedPrompt:
+        """The prompt `text` between `prefix` and `suffix`, its content (`lead + text`)
+        tokenised on its own (`ids`). Where the lead stays a token of its own before this
+        text (a prompt that opens with a digit, `Ġ` then `1`, on a tokenizer that splits
+        digits), that token is the template's space, not a unit of the prompt: it joins
+        the prefix (the same ids)."""
+        prefix, content, lead = self.prefix, ids(self.lead + text), self.lead
+        alone = lead and len(self.lead_ids) == 1 and content[:1] == self.lead_ids
+        if alone and content[1:] == ids(text):
+            prefix, content, lead = prefix + content[:1], content[1:], ""
         return EncodedPrompt(
-            input_ids=self.prefix + content + self.suffix,
-            content_start=len(self.prefix),
-            content_end=len(self.prefix) + len(content),
+            input_ids=prefix + content + self.suffix,
+            content_start=len(prefix),
+            content_end=len(prefix) + len(content),
             text=text,
             chat_template=chat_template,
-            lead=self.lead,
+            lead=lead,
             answer_lead=self.answer_lead,
             tail=self.tail,
         )

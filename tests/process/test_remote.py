@@ -751,10 +751,14 @@ def test_a_served_template_that_merges_at_the_boundary_is_said(tmp_path, tiny, c
     # `User: ` then the prompt: the space goes with the first word, served as locally
     caplog.clear()
     lm.tokenizer.chat_template, lm._template_split = USER_TEMPLATE, None
+    alone = "Who wrote the report about the town?"  # `Ġ` stays a token before `Wh`
     with BackgroundServer(make_app(lm, "tiny")) as url, caplog.at_level(logging.WARNING):
-        served = _remote(f"{url}/v1").encode_prompt("the capital of France?")
+        remote = _remote(f"{url}/v1")
+        served = remote.encode_prompt("the capital of France?")
+        served_alone = remote.encode_prompt(alone)
     local = lm.encode_prompt("the capital of France?")
     assert served == local and local.lead == " "
+    assert served_alone == lm.encode_prompt(alone) and served_alone.lead == ""
     assert not [r for r in caplog.records if "boundary" in r.getMessage()]
 
 

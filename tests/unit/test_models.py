@@ -347,6 +347,16 @@ def test_a_byte_bpe_template_s_last_space_goes_with_the_prompt_s_first_word(capl
     tokens = make_units(lm, encoded, "token")
     assert "".join(u.text for u in tokens) == prompt  # the lead is nobody's text
     assert tokens[0].text == "the" and tokens[0].positions == (encoded.content_start,)
+    # where the space stays a token of its own before the first word (`Ġ` then `Wh` here;
+    # a digit after `Question: ` on the default model), that token is the template's: it
+    # was a unit with no text, which could even be a KeyToken
+    other = "Who wrote the report about the town?"
+    assert lm.token_texts(lm.tokenizer(" " + other)["input_ids"][:1]) == ["Ġ"]
+    encoded = lm.encode_prompt(other)
+    whole = lm.tokenizer(render_chat(lm.tokenizer, other), add_special_tokens=False)
+    assert encoded.input_ids == tuple(whole["input_ids"]) and encoded.lead == ""
+    assert encoded.content_ids == tuple(lm.tokenizer(other)["input_ids"])
+    assert all(u.text for u in make_units(lm, encoded, "token"))
 
 
 def test_a_sentencepiece_inst_template_is_split_as_it_tokenises_whole(tiny, caplog):
