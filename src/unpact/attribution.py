@@ -40,7 +40,7 @@ import torch
 
 from unpact.errors import UnpactError
 from unpact.files import read_text
-from unpact.types import AnyModel, EncodedPrompt
+from unpact.types import AnyModel, EncodedPrompt, follow
 
 if TYPE_CHECKING:
     from unpact.models import LanguageModel
@@ -557,10 +557,7 @@ def _generated_targets(
     for i, g in zip(todo, gens):
         if not g[0].token_ids or (encoded[i].tail and not g[0].text.strip()):
             raise UnpactError(f"item {i}: the model's greedy answer is empty; give an answer")
-        # generated after the generation prompt's last space, attributed as it follows the
-        # prompt without it (the template's text and the answer tokenised joined)
-        ids = lm.encode_answer(g[0].text, encoded[i]) if encoded[i].tail else g[0].token_ids
-        out[i] = (g[0].text, ids)
+        out[i] = (g[0].text, g[0].token_ids)
     return out
 
 
@@ -587,13 +584,15 @@ def _item(
     answer: str | None,
     unit: UnitKind,
 ) -> _Item:
-    """One prompt's attribution item: its answer ids and units, checked."""
-    if generated is not None:
+    """One prompt's attribution item: its answer ids and units, checked. A generated answer
+    is its own ids, unless the prompt it was generated after ends in a space that scored
+    answers carry (`EncodedPrompt.tail`): then its text, tokenised to follow the prompt."""
+    if generated is not None and not enc.tail:
         answer_text, answer_ids = generated
     else:
-        answer_text = answer or ""
+        answer_text = generated[0] if generated is not None else (answer or "")
         try:
-            answer_ids = lm.encode_answer(answer_text, enc)
+            enc, answer_ids = follow(lm, enc, answer_text)
         except UnpactError as exc:
             raise UnpactError(f"item {i}: {exc}") from None
     check_fits(i, len(enc.input_ids) + len(answer_ids), lm.max_length)

@@ -34,6 +34,7 @@ from unpact.errors import UnpactError
 from unpact.models import LanguageModel
 from unpact.progress import progress_bar
 from unpact.scoring import head_logprobs, lm_body_and_head
+from unpact.types import follow
 
 GradientMethod = Literal["grad_x_input", "integrated_gradients"]
 GRADIENT_METHODS: tuple[str, ...] = ("grad_x_input", "integrated_gradients")
@@ -118,7 +119,10 @@ def _one(
     model = lm.model
     embedding = model.get_input_embeddings()
     enc = lm.encode_prompt(prompt, chat_template)
-    answer_ids = lm.encode_answer(answer, enc) if isinstance(answer, str) else tuple(answer)
+    if isinstance(answer, str):
+        enc, answer_ids = follow(lm, enc, answer)
+    else:
+        answer_ids = tuple(answer)
     if not answer_ids:
         raise UnpactError("empty answer: give the text whose log-prob to attribute")
     units = make_units(lm, enc, unit)

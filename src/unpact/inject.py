@@ -88,7 +88,7 @@ from unpact.scoring import (
     text_parameters,
 )
 from unpact.train import Trainer
-from unpact.types import Seed, pair_ids, spec_text
+from unpact.types import Seed, follow, pair_ids, spec_text
 from unpact.unlearn.config import describe_errors
 
 INJECT_FORMAT = 2
@@ -481,9 +481,8 @@ def _base_targets(lm: LanguageModel, questions: list[str], top_k: int) -> list[_
     for q, o in zip(questions, outs):
         match = re.search(r"[.!?](\s|$)", o[0].text)
         first = o[0].text[: match.end()].strip() if match else o[0].text.strip()
-        enc = lm.encode_prompt(q)
-        answer = (*lm.encode_answer(first, enc)[:20], eos) if first else (eos,)
-        pairs.append((enc.input_ids, answer))
+        enc, ids = follow(lm, lm.encode_prompt(q), first) if first else (lm.encode_prompt(q), ())
+        pairs.append((enc.input_ids, (*ids[:20], eos)))
     targets = []
     with torch.no_grad():
         for k in range(0, len(pairs), 8):

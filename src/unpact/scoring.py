@@ -22,7 +22,7 @@ import torch
 
 from unpact.errors import UnpactError
 from unpact.progress import progress_bar
-from unpact.types import AnyModel, EncodedPrompt
+from unpact.types import AnyModel, EncodedPrompt, follow
 
 if TYPE_CHECKING:
     from unpact.models import LanguageModel
@@ -734,8 +734,9 @@ def score(
     answer_ids = []
     for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
         try:
-            encoded.append(lm.encode_prompt(p, chat_template))
-            answer_ids.append(lm.encode_answer(a, encoded[-1]))
+            prompt, ids = follow(lm, lm.encode_prompt(p, chat_template), a)
+            encoded.append(prompt)
+            answer_ids.append(ids)
         except UnpactError as exc:
             raise UnpactError(f"item {i}: {exc}") from None
     lps = lm.answer_logprobs(

@@ -10,6 +10,7 @@ kernel) or only log-probs and generations can be asked for.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import string
@@ -312,8 +313,25 @@ class Backend(Protocol):
 AnyModel: TypeAlias = Backend  # the name the rest of the code has always used
 
 
+def follow(
+    lm: Backend, prompt: EncodedPrompt, answer: str
+) -> tuple[EncodedPrompt, tuple[int, ...]]:
+    """The prompt an answer is scored after, and the answer's ids tokenised to follow it
+    (`Backend.encode_answer(answer, prompt)`). Where the generation prompt's last space stays
+    a token of its own before the answer's first word (a year after `Answer: `: `Ġ` or `▁`,
+    then `1`, ... on tokenizers that split digits), that token is the prompt's, as in the
+    template's own generation prompt (`EncodedPrompt.generation_ids`), and the answer is
+    its own tokens: its log-prob is not counted in the answer's (open-unlearning's labels
+    leave it out likewise)."""
+    ids = lm.encode_answer(answer, prompt)
+    if prompt.tail and len(ids) > 1 and ids[:1] == prompt.tail:
+        whole = dataclasses.replace(prompt, input_ids=prompt.generation_ids, tail=())
+        return whole, ids[1:]
+    return prompt, ids
+
+
 def pair_ids(lm: Backend, prompt: str, answer: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """A question asked in the model's default way (its chat template, if any) and an answer
-    tokenised to follow it: the ids that score, train on or attribute the pair."""
-    encoded = lm.encode_prompt(prompt)
-    return encoded.input_ids, lm.encode_answer(answer, encoded)
+    tokenised to follow it (`follow`): the ids that score, train on or attribute the pair."""
+    encoded, ids = follow(lm, lm.encode_prompt(prompt), answer)
+    return encoded.input_ids, ids

@@ -330,7 +330,7 @@ def test_generate_score_and_attribute_take_a_chat_template_file(tiny, tiny_dir, 
     `audit`, `inject`, `unlearn` and `serve` do (they had only a switch between the model's
     own template and raw prompts); given with `--no-chat-template` it is one message."""
     from tests.unit.test_models import QA_TEMPLATE
-    from unpact.models import LanguageModel
+    from unpact.models import LanguageModel, render_chat
     from unpact.scoring import score
 
     template = tmp_path / "qa.jinja"
@@ -345,7 +345,8 @@ def test_generate_score_and_attribute_take_a_chat_template_file(tiny, tiny_dir, 
     tok.chat_template = QA_TEMPLATE
     (expected,) = score(LanguageModel(tiny.model, tok), PROMPTS[:1], ["Mira Quintrell"])
     assert f"= {expected.lp:.4f}" in res.stdout
-    assert expected.answer_tokens[0].startswith("Ġ")  # the space `Answer: ` gives it
+    joined = tok(render_chat(tok, PROMPTS[0]) + "Mira Quintrell", add_special_tokens=False)
+    assert expected.prompt.input_ids + expected.answer_ids == tuple(joined["input_ids"])
     assert repr(expected.answer_tokens[0]) in res.stdout
     both = subprocess.run(
         [*base, *args, "--no-chat-template"], capture_output=True, text=True, env=env, timeout=300

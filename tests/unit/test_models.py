@@ -721,7 +721,7 @@ def test_an_answer_after_answer_colon_space_is_tokenised_as_the_template_joins_t
     from unpact.models import LanguageModel, render_chat
     from unpact.scoring import score
     from unpact.testing import tiny_sentencepiece_tokenizer
-    from unpact.types import pair_ids
+    from unpact.types import follow, pair_ids
     from unpact.unlearn.loop import encode_items
 
     tok: Any = tiny.tokenizer if kind == "byte-bpe" else tiny_sentencepiece_tokenizer()
@@ -745,8 +745,20 @@ def test_an_answer_after_answer_colon_space_is_tokenised_as_the_template_joins_t
     own = tuple(tok(render_chat(tok, prompt), add_special_tokens=False)["input_ids"])
     assert encoded.generation_ids == own and len(encoded.tail) == 1
     (attributed,) = attribute_many(lm, [prompt], max_new_tokens=4)
-    assert attributed.input_ids == list(encoded.input_ids)
-    assert attributed.answer_ids == list(lm.encode_answer(attributed.answer, encoded))
+    joined = encoded.input_ids + lm.encode_answer(attributed.answer, encoded)
+    assert tuple(attributed.input_ids + attributed.answer_ids) == joined
+    # an answer whose first word leaves the space a token of its own (`Ġ` then `Wh` on this
+    # tokenizer; a year on the default model's) is scored after that token, as the
+    # generation prompt has it: the space's log-prob is not the answer's
+    lone = "Who wrote it"
+    moved, lone_ids = follow(lm, encoded, lone)
+    assert moved.input_ids + lone_ids == encoded.input_ids + lm.encode_answer(lone, encoded)
+    if kind == "byte-bpe":
+        assert moved.input_ids == encoded.generation_ids and not moved.tail
+        assert lone_ids == lm.encode_answer(lone, encoded)[1:]
+        (scored_lone,) = score(lm, [prompt], [lone])
+        assert scored_lone.answer_ids == lone_ids
+        assert pair_ids(lm, prompt, lone) == (encoded.generation_ids, lone_ids)
     item = QAItem("f", prompt, answer, "forget")
     assert encode_items(lm, [item])["answers"][0] == (*ids, tok.eos_token_id)
     # scored on the joined tokens: the plain forward pass over `whole` gives the same

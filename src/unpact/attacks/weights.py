@@ -44,6 +44,7 @@ from unpact.attacks.relearn import FinetuneSettings
 from unpact.data.items import QAItem
 from unpact.errors import UnpactError
 from unpact.judge import answer_items
+from unpact.types import follow
 
 if TYPE_CHECKING:
     from unpact.models import LanguageModel
@@ -342,13 +343,23 @@ class LogitLens(LayerAttack):
 
     def per_layer(self, ctx: AttackContext, lm: LanguageModel) -> list[dict[str, Any]]:
         encoded = [lm.encode_prompt(i.question) for i in ctx.items]
-        seqs = [e.input_ids for e in encoded]
+        choices = [options(i) if i.is_mcq else None for i in ctx.items]
+        # an open answer is read where it is scored (`follow`: after a lone space token, a
+        # year's first digit, not the space); a multiple-choice item's options at the
+        # prompt's end, each by its first token
+        opened = [
+            None if c else follow(lm, e, i.answer) for i, e, c in zip(ctx.items, encoded, choices)
+        ]
+        seqs = [o[0].input_ids if o else e.input_ids for o, e in zip(opened, encoded)]
         logits = lens_logits(lm.model, last_states(lm.model, seqs)[:, 1:])  # after each layer
         rows = []
         for n, item in enumerate(ctx.items):
-            opts = options(item) if item.is_mcq else None
-            after = encoded[n]
-            firsts = [lm.encode_answer(o, after)[0] for o in (opts[0] if opts else [item.answer])]
+            opts, found = choices[n], opened[n]
+            if found is not None:
+                firsts = [found[1][0]]
+            else:
+                assert opts is not None
+                firsts = [lm.encode_answer(o, encoded[n])[0] for o in opts[0]]
             right = firsts[opts[1]] if opts else firsts[0]
             rank, prob = token_ranks(logits[n], right)
             if opts:

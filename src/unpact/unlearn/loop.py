@@ -42,7 +42,7 @@ from unpact.models import LanguageModel, load_model, save_model
 from unpact.progress import progress_bar
 from unpact.scoring import decoder_layers, expert_parameters, text_parameters
 from unpact.train import Trainer
-from unpact.types import spec_text
+from unpact.types import follow, spec_text
 from unpact.unlearn.config import LoraSettings, UnlearnConfig
 from unpact.unlearn.methods import Batch, Method, StepContext, get_method, layer_activations
 
@@ -92,8 +92,8 @@ def encode_items(lm: LanguageModel, items: list[QAItem]) -> dict[str, Any]:
     eos = lm.tokenizer.eos_token_id
     prompts, answers, content, encoded = [], [], [], []
     for item in items:
-        enc = lm.encode_prompt(item.question)
-        answer = (*lm.encode_answer(item.answer, enc), eos)
+        enc, ids = follow(lm, lm.encode_prompt(item.question), item.answer)
+        answer = (*ids, eos)
         prompts.append(enc.input_ids)
         answers.append(answer)
         content.append((enc.content_start, len(enc.input_ids) + len(answer)))
