@@ -19,6 +19,7 @@ import copy
 from unpact.data import load_benchmark
 from unpact.models import LanguageModel, load_model
 from unpact.scoring import answer_logprobs
+from unpact.types import follow
 
 QA_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}Question: {{ m['content'] }}{{ '\\n' }}{% endfor %}"
@@ -39,14 +40,12 @@ def main() -> None:
     print(f"{'question':52} {'answer':18} {'joined':>8} {'apart':>8}  first tokens")
     for item in items:
         encoded = lm.encode_prompt(item.question)
-        joined = lm.encode_answer(item.answer, encoded)
+        scored, joined = follow(lm, encoded, item.answer)
         # before: the generation prompt's own tokens (ending in the lone space), then the
         # answer tokenised alone
-        spaced = encoded.input_ids + tuple(tok(" ", add_special_tokens=False)["input_ids"])
+        spaced = encoded.generation_ids
         apart = lm.encode_answer(item.answer)
-        lp_joined, lp_apart = answer_logprobs(
-            lm.model, [encoded.input_ids, spaced], [joined, apart]
-        )
+        lp_joined, lp_apart = answer_logprobs(lm.model, [scored.input_ids, spaced], [joined, apart])
         firsts = (
             f"{tok.convert_ids_to_tokens(joined[0])!r} / {tok.convert_ids_to_tokens(apart[0])!r}"
         )
