@@ -90,14 +90,9 @@ def _with_template(model: str, chat_template: str | None) -> str:
     """`model`, or its copy using the --chat-template given (`with_chat_template`)."""
     if chat_template is None:
         return model
-    from unpact.models import ChatTemplateError, with_chat_template
+    from unpact.models import with_chat_template_named
 
-    try:
-        return with_chat_template(model, chat_template)
-    except ChatTemplateError as e:
-        raise UnpactError(f"--chat-template: {e}") from None
-    except UnpactError as e:
-        raise UnpactError(f"--model: {e}") from None
+    return with_chat_template_named({"model": model}, chat_template)["model"]
 
 
 def _asked(model: str, chat_template: str | None, raw: bool) -> str:

@@ -481,7 +481,10 @@ def _base_targets(lm: LanguageModel, questions: list[str], top_k: int) -> list[_
     for q, o in zip(questions, outs):
         match = re.search(r"[.!?](\s|$)", o[0].text)
         first = o[0].text[: match.end()].strip() if match else o[0].text.strip()
-        enc, ids = follow(lm, lm.encode_prompt(q), first) if first else (lm.encode_prompt(q), ())
+        enc = lm.encode_prompt(q)
+        ids: tuple[int, ...] = ()
+        if first:
+            enc, ids = follow(lm, enc, first)
         pairs.append((enc.input_ids, (*ids[:20], eos)))
     targets = []
     with torch.no_grad():

@@ -815,6 +815,21 @@ def with_chat_template(spec: str, template: str | os.PathLike[str]) -> str:
     return str(folder)
 
 
+def with_chat_template_named(named: dict[str, str], template: str) -> dict[str, str]:
+    """Each spec of `named` (its option's name: spec) as its copy using `template`
+    (`with_chat_template`), each mistake named as the user gave it: the template's by
+    `--chat-template`, a spec's by its own option."""
+    out = {}
+    for option, spec in named.items():
+        try:
+            out[option] = with_chat_template(spec, template)
+        except ChatTemplateError as e:  # the template's fault (checked on each tokenizer)
+            raise UnpactError(f"--chat-template: {e}") from None
+        except UnpactError as e:
+            raise UnpactError(f"--{option}: {e}") from None
+    return out
+
+
 def _linked_copy_whole(folder: Path) -> bool:
     """A templated copy is there and every file it links to still exists."""
     return (folder / "config.json").is_file() and all(f.exists() for f in folder.iterdir())

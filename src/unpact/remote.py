@@ -124,7 +124,7 @@ class RemoteModel:
     is_remote: bool = field(default=True, init=False)
     _client: Any = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
-    # as LanguageModel's: the template's tokens before and after the message, and the lead
+    # as LanguageModel's: the template's tokens around the message and the leads
     _template: TemplateSplit | None = field(default=None, init=False, repr=False)
     _has_template: bool | None = field(default=None, init=False, repr=False)
     _max_length: int | None = field(default=None, init=False, repr=False)

@@ -356,8 +356,6 @@ def test_generate_score_and_attribute_take_a_chat_template_file(tiny, tiny_dir, 
         "error: --chat-template and --no-chat-template together: give one of them"
     )
     out = tmp_path / "a.json"
-    res = _cli(
-        "--model", str(tiny_dir), *args, "--json", str(out), "--chat-template", str(template)
-    )
+    res = _cli("--model", str(tiny_dir), *args, "--json", str(out))
     assert res.returncode == 0, res.stderr
     assert json.loads(out.read_text())["lp"] == pytest.approx(expected.lp, abs=1e-5)

@@ -136,7 +136,7 @@ def _no_misspelt_field(obj: dict[str, Any], known: tuple[str, ...], path: Path, 
     (a source, a category) and are ignored."""
     absent = [k for k in known if k not in obj]
     for name in obj:
-        if name in known or not isinstance(name, str):
+        if name in known:
             continue
         low = name.lower().strip()
         close = [k for k in absent if low == k or (len(low) >= 4 and k.startswith(low))]

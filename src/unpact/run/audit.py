@@ -281,22 +281,6 @@ def _indistinguishable(m: dict[str, Any], alpha: float) -> dict[str, str]:
     }
 
 
-def _templated(named: dict[str, str], template: str) -> dict[str, str]:
-    """The audit's models as copies using the `--chat-template` file in place of their own
-    template (`models.with_chat_template`), each mistake named by its option."""
-    from unpact.models import ChatTemplateError, with_chat_template
-
-    out = {}
-    for option, spec in named.items():
-        try:
-            out[option] = with_chat_template(spec, template)
-        except ChatTemplateError as e:  # the template's fault (checked on each tokenizer)
-            raise UnpactError(f"--chat-template: {e}") from None
-        except UnpactError as e:
-            raise UnpactError(f"--{option}: {e}") from None
-    return out
-
-
 def audit(
     original: str,
     unlearned: str,
@@ -331,7 +315,9 @@ def audit(
         except UnpactError as e:
             raise UnpactError(f"--{option}: {e}") from None
     if options.get("chat_template") is not None:
-        named = _templated(named, options["chat_template"])
+        from unpact.models import with_chat_template_named
+
+        named = with_chat_template_named(named, options["chat_template"])
     # a mismatched pair, named by its option
     same_tokenizer(named["original"], {f"--{o}": s for o, s in named.items() if o != "original"})
     config, skipped = audit_config(original, unlearned, benchmark, **options)
