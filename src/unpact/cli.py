@@ -900,6 +900,7 @@ def audit(
     ] = None,
     chat_template: TemplateFileOpt = None,
     device: DeviceOpt = "auto",
+    plugin: PluginOpt = None,
 ) -> None:
     from unpact.run.audit import audit as run_audit
 
@@ -916,6 +917,7 @@ def audit(
         "judge": judge,
         "max_new_tokens": max_new_tokens,
         "chat_template": chat_template,
+        "plugins": [str(p) for p in plugin or []],
     }
     result = _logged(
         lambda log: run_audit(original, unlearned, benchmark, out_dir, log=log, **options)

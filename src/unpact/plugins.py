@@ -55,13 +55,14 @@ def load_plugins(entries: list[str], base: Path | None = None) -> list[ModuleTyp
     return [load_plugin(entry, base) for entry in entries]
 
 
-def _is_path(entry: str) -> bool:
+def is_path(entry: str) -> bool:
+    """Whether a plugin entry names a file (else an importable module)."""
     return entry.endswith(".py") or "/" in entry or "\\" in entry
 
 
 def load_plugin(entry: str, base: Path | None = None) -> ModuleType:
     """One plugin: a Python file, or an importable module name."""
-    if not _is_path(entry):
+    if not is_path(entry):
         try:
             module = importlib.import_module(entry)
         except ModuleNotFoundError as e:

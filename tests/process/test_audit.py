@@ -115,6 +115,63 @@ def test_audit_mistakes_exit_2(pair, tmp_path, args, message):
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
 
 
+NOISE_PLUGIN = """
+from contextlib import contextmanager
+
+import torch
+from pydantic import BaseModel
+
+from unpact.attacks.weights import WeightAttack
+from unpact.metrics import metric
+from unpact.models import load_model
+
+
+class Noise(WeightAttack):
+    name = "noise"
+
+    class Settings(BaseModel):
+        scale: float = 1e-3
+
+    @contextmanager
+    def attacked(self, ctx):
+        lm = load_model(ctx.spec, device=ctx.device or "cpu")
+        g = torch.Generator().manual_seed(ctx.generator().randrange(2**31))
+        with torch.no_grad():
+            for p in lm.model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * self.settings.scale)
+        yield lm
+
+
+@metric("forget_items", title="forget items", fmt="count", interval=False)
+def forget_items(records, ctx):
+    return sum(r.split == "forget" for r in records)
+"""
+
+
+def test_a_plugin_attack_and_metric_run_in_an_audit(pair, tmp_path):
+    """`--plugin` as `unpact run` takes it: its attack is chosen by name with --attacks,
+    judged beside its control on the reference, and its metric is in results.json."""
+    plugin = tmp_path / "noise.py"
+    plugin.write_text(NOISE_PLUGIN)
+    out = tmp_path / "audit"
+    args = (
+        *("--original", str(pair / "original"), "--unlearned", str(pair / "unlearned")),
+        *("--reference", str(pair / "reference"), "--benchmark", str(pair / "bench")),
+        *("--general", "none", "--device", "cpu", "--attacks", "noise,logit_lens"),
+    )
+    res = _audit(*args, "--out", str(out), "--plugin", str(plugin), cache=tmp_path / "cache")
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["attacks"] == ["logit_lens", "noise"]  # the preset's order, then others
+    m = results["methods"]["unlearned"]
+    assert m["recovery"]["noise"] is not None and m["recovery_control"]["noise"] is not None
+    assert m["forget_items"] == 4
+    assert "noise" in [v["test"] for v in results["verdicts"]["unlearned"]]
+    # without the plugin the name is unknown: one message, exit 2
+    res = _audit(*args, "--out", str(tmp_path / "b"), cache=tmp_path / "cache")
+    assert res.returncode == 2 and "--attacks: unknown attack 'noise'" in res.stderr
+
+
 def test_a_chat_template_replaces_every_model_s_own(pair, tmp_path):
     """A checkpoint fine-tuned in another prompt format than its tokenizer's template (or
     saved without one, as open-unlearning's TOFU models): --chat-template gives every model

@@ -81,12 +81,17 @@ def audit_config(
     judge: str = "contains",
     max_new_tokens: int | None = None,
     chat_template: str | None = None,
+    plugins: list[str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The run config of an audit, and the parts it leaves out with the reason (an attack
-    that needs weights on a served model)."""
+    that needs weights on a served model). `plugins` (files or module names, as `--plugin`)
+    are imported first, so that `attacks` may name theirs."""
     from unpact.attacks import ATTACKS, get_attack
+    from unpact.plugins import load_plugins
     from unpact.types import is_remote_spec
 
+    plugins = [_absolute(p) for p in plugins or []]
+    load_plugins(plugins)
     if preset not in PRESETS:
         raise UnpactError(f"--preset: {preset!r} is not one of {', '.join(PRESETS)}")
     if judge not in ("contains", "rouge"):
@@ -141,7 +146,19 @@ def audit_config(
     }
     if chat_template is not None:  # every model as a copy with this template
         config["chat_template"] = str(chat_template)
+    if plugins:  # a continued audit's config names them too
+        config["plugins"] = plugins
     return config, skipped
+
+
+def _absolute(entry: str) -> str:
+    """A plugin file as an absolute path (the run config that holds it is a dict, read
+    from no folder); a module name as it is."""
+    from pathlib import Path
+
+    from unpact.plugins import is_path
+
+    return str(Path(entry).expanduser().absolute()) if is_path(entry) else entry
 
 
 def _mcnemar(records: list[ItemRecord], attack: str) -> tuple[int, int, float] | None:
