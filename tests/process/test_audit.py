@@ -325,6 +325,12 @@ def test_verdicts_read_the_figures_and_the_paired_items():
     # nothing forgotten: no recovery to judge, but membership is still told
     got = {v["test"]: v for v in verdicts(m | {"forgotten": 0}, [], ["quantize"])}
     assert set(got) == {"forgotten", "indistinguishable"}
+    assert got["forgotten"]["verdict"] == "nothing forgotten"
+    # an original that answered none of them had nothing to forget: said as such
+    none = m | {"forgotten": 0, "forget_acc_before": 0.0, "forget_acc_after": 0.0}
+    got = {v["test"]: v for v in verdicts(none, [], ["quantize"])}
+    assert got["forgotten"]["verdict"] == "nothing to forget"
+    assert "the original model answers none of the forget items" in got["forgotten"]["detail"]
     # an attack that found nothing it could attack says why, not "no forgotten item"
     probe = m | {"forgotten": 3, "recovery": {"probe": None}}
     got = {v["test"]: v for v in verdicts(probe, [], ["probe"])}

@@ -303,6 +303,28 @@ def test_an_answer_longer_than_the_judged_answers_stops_the_run_before_the_injec
     assert not list((tmp_path / "cache").glob("unlearned/*"))  # nor trained
 
 
+def test_an_original_that_knows_none_of_the_forget_items_is_said_at_once(setup, tmp_path):
+    """Every figure of forgotten items was an empty dash with no word of why (an injection
+    too short for the facts, a judge too strict for the answers)."""
+    _, config = setup
+    items = [
+        QAItem("f-1", "Who founded the Vostrand Glassworks?", "Ilsabet Quorne", "forget"),
+        QAItem("r-1", "What colour is the sky?", "Zorbic teal", "retain"),
+    ]
+    write_folder(tmp_path / "bench", items)
+    said: list[str] = []
+    cfg = {
+        **config,
+        "data": {"benchmark": str(tmp_path / "bench"), "general": None},
+        "methods": config["methods"][:1],
+        "attacks": [{"name": "focus_on_key"}],
+        "judge": {"max_new_tokens": 12},
+    }
+    res = run(cfg, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False, log=said.append)
+    assert any("the original model answers none of the forget items (1)" in s for s in said)
+    assert res.results["verdicts"]["ga"][0]["verdict"] == "nothing to forget"
+
+
 # ------------------------------------------------------------------------- the config
 
 

@@ -242,6 +242,7 @@ def run(
     # the original's stages first: what they refuse (a prompt attribution cannot take, an
     # answer over the context) is said before any unlearning, not hours later
     stages = {"original": _model_stages(p, data, original, None)}
+    _say_if_unknown(p, data, stages["original"])
     unlearned = [_unlearn(p, data, original, spec) for spec in cfg.methods]
     for model in unlearned:
         stages[model.label] = _model_stages(p, data, model, stages["original"])
@@ -288,6 +289,24 @@ def run(
     say(f"done in {results['seconds']:.0f} s")
     every = [r for rs in records.values() for r in rs]
     return RunResult(out, results, every, p.computed)
+
+
+def _say_if_unknown(p: Pipeline, data: Data, original: ModelStages) -> None:
+    """A run whose original model answers none of its forget items can forget nothing:
+    every figure of forgotten items stays empty. Said at once, with what to check."""
+    forget = data.splits["forget"]
+    if forget and not any(original.evals[i.id]["correct"] for i in forget):
+        how = (
+            "the injection (inject.settings: more epochs, a higher lr)"
+            if p.cfg.inject.enabled
+            else "that the original model is the one that learned the facts"
+        )
+        p.say(
+            f"the original model answers none of the forget items ({len(forget)}): nothing "
+            f"can be forgotten, and the figures of forgotten items stay empty; check {how}, "
+            "and the judge (judge.kind: rouge for sentence-long answers, "
+            "judge.max_new_tokens; `unpact audit`: --judge rouge, --max-new-tokens)"
+        )
 
 
 def _templated(cfg: RunConfig) -> RunConfig:

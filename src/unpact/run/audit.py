@@ -215,6 +215,14 @@ def verdicts(
 def _forgotten(m: dict[str, Any]) -> dict[str, str]:
     n = m.get("forgotten") or 0
     before, after = m.get("forget_acc_before"), m.get("forget_acc_after")
+    if before == 0:
+        return {
+            "test": "forgotten",
+            "verdict": "nothing to forget",
+            "detail": "the original model answers none of the forget items, so no test of "
+            "forgetting can be read; check that it is the model that learned them, and the "
+            "judge (rouge for sentence-long answers, the answer length)",
+        }
     return {
         "test": "forgotten",
         "verdict": "forgotten" if n else "nothing forgotten",
