@@ -900,6 +900,13 @@ def audit(
     ] = None,
     chat_template: TemplateFileOpt = None,
     device: DeviceOpt = "auto",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="float32, bfloat16 or float16: the dtype the models are evaluated in "
+            "(bfloat16 halves a large pair's GPU memory; scores rounded to ~3 digits)."
+        ),
+    ] = "float32",
     plugin: PluginOpt = None,
 ) -> None:
     from unpact.run.audit import audit as run_audit
@@ -914,6 +921,7 @@ def audit(
         "attacks": chosen,
         "general": None if general == "none" else general,
         "device": device,
+        "dtype": dtype,
         "judge": judge,
         "max_new_tokens": max_new_tokens,
         "chat_template": chat_template,

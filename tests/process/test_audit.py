@@ -94,6 +94,7 @@ def test_audit_prints_a_verdict_per_test_and_writes_the_run(pair, tmp_path):
         (("--attacks", ","), "--attacks: give at least one attack name"),
         (("--judge", "vibes"), "--judge: 'vibes' is not one of contains, rouge"),
         (("--max-new-tokens", "0"), "--max-new-tokens: 0 is not a positive number"),
+        (("--dtype", "float8"), "--dtype: 'float8' is not one of float32, bfloat16, float16"),
         (("--chat-template", "missing.jinja"), "--chat-template: cannot read missing.jinja"),
         (
             ("--chat-template", "{% for m in messages %}{{ m['content'] }}{{ m['content'] }}"),
@@ -104,7 +105,7 @@ def test_audit_prints_a_verdict_per_test_and_writes_the_run(pair, tmp_path):
             "verbatim exactly once",
         ),
     ],
-    ids=["preset", "attack", "empty", "judge", "tokens", "template", "jinja", "twice"],
+    ids=["preset", "attack", "empty", "judge", "tokens", "dtype", "template", "jinja", "twice"],
 )
 def test_audit_mistakes_exit_2(pair, tmp_path, args, message):
     res = _audit(

@@ -899,6 +899,48 @@ def test_sweep_checks_default_checks_only_the_default_run(setup, tmp_path):
     assert all(label in res.stdout for label in labels)
 
 
+def test_a_run_evaluates_in_the_dtype_it_names(setup, finished, tmp_path, monkeypatch):
+    """`dtype: bfloat16` (a large model on a GPU): every model the run evaluates, and every
+    copy an attack loads, in bfloat16; each stage of the float32 run computed again, the
+    unlearning (float32 training) reused; relearning trains in float32."""
+    import torch
+
+    import unpact.attacks.relearn as relearn
+    import unpact.backends as backends
+    import unpact.models as models
+
+    root, config = setup
+    loaded: list[str] = []
+
+    def recording(real):
+        def load(spec, *, dtype="float32", **kw):
+            loaded.append(dtype)
+            return real(spec, dtype=dtype, **kw)
+
+        return load
+
+    monkeypatch.setattr(backends, "load_model", recording(backends.load_model))
+    monkeypatch.setattr(models, "load_model", recording(models.load_model))
+    monkeypatch.setattr(relearn, "load_model", recording(relearn.load_model))
+    relearned = []
+    real_finetune = relearn.finetune
+    monkeypatch.setattr(
+        relearn, "finetune", lambda *a: relearned.append(real_finetune(*a)) or relearned[-1]
+    )
+    attacks = [{"name": "quantize"}, {"name": "relearn", "settings": {"steps": 1, "items": 1}}]
+    cfg = config | {"dtype": "bfloat16", "attacks": config["attacks"][:2] + attacks}
+    done = run(cfg, tmp_path / "bf16", cache_dir=root / "cache", progress=False)
+    assert done.results["dtype"] == "bfloat16"
+    assert not [c for c in done.computed if c.startswith("unlearn")]
+    assert {"evaluating:original (forget)", "attributing:ga"} <= set(done.computed)
+    assert "float32" in loaded and "bfloat16" in loaded  # relearning's copy: float32
+    assert all(d == "bfloat16" for d in loaded if d != "float32")
+    assert loaded.count("float32") == len(relearned) > 0
+    assert all(r.model.dtype == torch.bfloat16 for r in relearned)  # judged in bfloat16
+    with pytest.raises(UnpactError, match="dtype"):
+        load_config(config | {"dtype": "float8"})
+
+
 def test_stage_keys_are_exact(setup, finished, tmp_path):
     """A stage's key is what it reads: the same config computes nothing; fewer general
     items re-run only the general evaluation (no unlearning, no attribution); one attack's

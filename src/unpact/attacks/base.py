@@ -163,6 +163,7 @@ class AttackContext:
     label: str = ""  # the model's label in the results (progress text)
     demonstrations: tuple[tuple[str, str], ...] = ()  # retain-set (question, answer) pairs
     device: str | None = None  # for an attack that loads its own copy (None: the default)
+    dtype: str = "float32"  # the dtype the run evaluates in: a copy an attack loads, too
     original: dict[str, dict[str, Any]] = field(default_factory=dict)  # item id -> the
     # original model's record: {"output", "correct", "attribution"} (unPact, as saved)
     seed: int = 0  # for an attack's own randomness: fixed per run seed, model and attack

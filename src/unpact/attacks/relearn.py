@@ -94,7 +94,9 @@ def finetune(
     ctx: AttackContext, train: list[QAItem], steps: int, lr: float, batch_size: int, seed: int
 ) -> LanguageModel:
     """A fresh copy of the model under attack (the cached model is never changed),
-    fine-tuned on `train` for `steps` AdamW steps on the answer-only NLL."""
+    fine-tuned on `train` for `steps` AdamW steps on the answer-only NLL, in float32 (an
+    AdamW step at lr 3e-4 is about bfloat16's rounding of a typical weight), then cast to the run's
+    dtype to be judged as the other models are."""
     lm = load_model(ctx.spec, device=ctx.device or "cpu")
     encoded = encode_items(lm, train)
     # AdamW without the fused kernel, as relearning results were first measured
@@ -108,6 +110,10 @@ def finetune(
         idx = batch_indices(len(train), min(batch_size, len(train)), step, seed)
         trainer.step(partial(_nll, lm.model, _batch(encoded, idx)), step)
     lm.model.eval()
+    if ctx.dtype != "float32":
+        from unpact.models import DTYPES
+
+        lm.model.to(DTYPES[ctx.dtype])
     return lm
 
 

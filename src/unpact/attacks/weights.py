@@ -162,7 +162,7 @@ class Quantize(WeightAttack):
         from unpact.models import load_model
 
         s = self.settings
-        lm = load_model(ctx.spec, device=ctx.device or "cpu")
+        lm = load_model(ctx.spec, dtype=ctx.dtype, device=ctx.device or "cpu")
         quantize_weights(lm.model, s.bits, s.group_size, s.algorithm, s.symmetric)
         yield lm
 
@@ -260,7 +260,7 @@ class AblateDirection(WeightAttack):
         seqs = [lm.encode_prompt(i.question).input_ids for i in items]
         k = self.index(lm)
         mine = last_states(lm.model, seqs)[:, k]
-        original = load_model(ctx.original_spec, device=ctx.device or "cpu")
+        original = load_model(ctx.original_spec, dtype=ctx.dtype, device=ctx.device or "cpu")
         theirs = last_states(original.model, seqs)[:, k]
         return mean_difference(mine, theirs)
 

@@ -184,6 +184,8 @@ class Pipeline:
         self, kind: str, folder: str, name: str, reads: list[Any], compute: Callable[[], Any]
     ) -> list[dict[str, Any]]:
         """The rows of a cached stage keyed by what it `reads`, computed if absent."""
+        if self.cfg.dtype != "float32":  # every stage reads a model in that dtype
+            reads = [*reads, {"dtype": self.cfg.dtype}]
         stage = Stage(self.cache, folder, digest(kind, STAGES_FORMAT, *reads))
         label = f"{kind}:{name}"
         if stage.done():
@@ -262,6 +264,8 @@ def run(
     }
     results = _results(cfg, data, original, unlearned, records, stages, out)
     results |= finite(_references(cfg, data, found, stages))
+    if cfg.dtype != "float32":  # the models were evaluated in it
+        results["dtype"] = cfg.dtype
     if cfg.chat_template is not None:  # the models ran as copies with this template
         results["model"], results["chat_template"] = given, cfg.chat_template
     if baselines:  # what the weight attacks do to the original model, which knew the facts
@@ -511,7 +515,7 @@ def _model_stages(
     def opened() -> AnyModel:
         nonlocal lm
         if lm is None:
-            lm = open_model(model.spec, device=cfg.device, remote=cfg.remote)
+            lm = open_model(model.spec, dtype=cfg.dtype, device=cfg.device, remote=cfg.remote)
         return lm
 
     judge = cfg.judge.model_dump(mode="json")
@@ -620,6 +624,7 @@ def _attack_stage(
         if attack.uses_demonstrations
         else (),
         device=cfg.device,
+        dtype=cfg.dtype,
         original={
             i.id: {**original.evals[i.id], "attribution": original.attrs.get(i.id)} for i in items
         },
@@ -689,6 +694,7 @@ def _baselines(p: Pipeline, data: Data, original: Model) -> dict[str, Any]:
             judge=p.cfg.judge,
             label="original",
             device=p.cfg.device,
+            dtype=p.cfg.dtype,
             general=data.splits["general"],
         )
         reads = [

@@ -82,6 +82,7 @@ def audit_config(
     max_new_tokens: int | None = None,
     chat_template: str | None = None,
     plugins: list[str] | None = None,
+    dtype: str = "float32",
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The run config of an audit, and the parts it leaves out with the reason (an attack
     that needs weights on a served model). `plugins` (files or module names, as `--plugin`)
@@ -96,6 +97,8 @@ def audit_config(
         raise UnpactError(f"--preset: {preset!r} is not one of {', '.join(PRESETS)}")
     if judge not in ("contains", "rouge"):
         raise UnpactError(f"--judge: {judge!r} is not one of contains, rouge")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UnpactError(f"--dtype: {dtype!r} is not one of float32, bfloat16, float16")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise UnpactError(f"--max-new-tokens: {max_new_tokens} is not a positive number")
     chosen = [dict(a) for a in PRESETS[preset]["attacks"]]
@@ -143,6 +146,7 @@ def audit_config(
             "base": base or reference,
         },
         "device": device,
+        "dtype": dtype,
     }
     if chat_template is not None:  # every model as a copy with this template
         config["chat_template"] = str(chat_template)

@@ -343,6 +343,13 @@ class RunConfig(_Strict):
         description="where local models run (cpu, cuda, cuda:N, auto): injection, evaluation, "
         "attribution, attacks (unlearning: accelerate's choice); not part of any cache key",
     )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="the dtype local models are evaluated in (judging, attribution, attacks, "
+        "membership inference): bfloat16 halves a large model's memory on a GPU, at the "
+        "cost of scores rounded to ~3 digits; training (injection, unlearning, relearning) "
+        "keeps float32 weights",
+    )
     models: list[ModelSpec] | None = Field(
         None,
         description="several base models, each run into DIR/<name>/ and compared side by side "

@@ -526,7 +526,8 @@ def opener(p: Pipeline, spec: str) -> Opener:
 
     def get() -> AnyModel:
         if not held:
-            held.append(open_model(spec, device=p.cfg.device, remote=p.cfg.remote))
+            cfg = p.cfg
+            held.append(open_model(spec, dtype=cfg.dtype, device=cfg.device, remote=cfg.remote))
         return held[0]
 
     return get
