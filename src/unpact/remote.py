@@ -607,10 +607,12 @@ class RemoteModel:
 
 
 # The local sampler draws from the plain softmax at the temperature: nothing else changes
-# the distribution (vLLM's own defaults, for parameters a request leaves unset).
+# the distribution (vLLM's own defaults, for parameters a request leaves unset). top_k
+# is off as -1: vLLM before 0.8, SGLang and others refuse 0 ("top_k must be -1 (disable),
+# or at least 1"); vLLM today takes either.
 PLAIN_SAMPLING = {
     "top_p": 1.0,
-    "top_k": 0,
+    "top_k": -1,
     "min_p": 0.0,
     "repetition_penalty": 1.0,
     "presence_penalty": 0.0,

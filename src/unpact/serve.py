@@ -24,7 +24,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from unpact.errors import UnpactError
 from unpact.models import LanguageModel
-from unpact.remote import PLAIN_SAMPLING
 from unpact.scoring import (
     _generate_batch,
     _stop_ids,
@@ -193,8 +192,10 @@ class _Completion:
 
     @property
     def plain(self) -> bool:
-        """Whether nothing but the temperature shapes the distribution."""
-        return all(self.sampling[k] == v for k, v in PLAIN_SAMPLING.items() if k in self.sampling)
+        """Whether nothing but the temperature shapes the distribution (top_k 0 and -1
+        both mean off, as in vLLM)."""
+        s = {**self.sampling, "top_k": max(self.sampling["top_k"], 0)}
+        return all(s[k] == VLLM_DEFAULTS[k] for k in _FROM_CONFIG)
 
 
 class _Server:
@@ -342,6 +343,8 @@ MAX_LOGPROBS = 20
 # Sampling parameters vLLM takes from the model's generation_config when a request leaves
 # them unset (CompletionRequest.to_sampling_params: user, then server default, then OpenAI's).
 _FROM_CONFIG = ("top_p", "top_k", "min_p", "repetition_penalty")
+# vLLM's defaults for them (its protocol's _DEFAULT_SAMPLING_PARAMS): the plain softmax
+VLLM_DEFAULTS = {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 
 
 def _sampling_value(lm: LanguageModel, fields: _Fields, name: str, default: float) -> Any:
@@ -360,6 +363,8 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any
         fields = _Fields.model_validate(body)
     except ValidationError as exc:
         return _validation_error(exc.errors(include_url=False, include_context=False))
+    if fields.top_k is not None and fields.top_k < -1:  # SamplingParams._verify_args
+        return _error(400, f"top_k must be 0 (disable), or at least 1, got {fields.top_k}.")
     for field in ("logprobs", "prompt_logprobs"):
         asked = getattr(fields, field)
         if asked is not None and asked < 0 and asked != -1:
@@ -393,9 +398,7 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any
         as_ids=bool(fields.return_tokens_as_token_ids),
         temperature=float(_sampling_value(lm, fields, "temperature", 1.0)),
         seed=fields.seed or 0,
-        sampling={
-            k: float(_sampling_value(lm, fields, k, PLAIN_SAMPLING[k])) for k in _FROM_CONFIG
-        },
+        sampling={k: float(_sampling_value(lm, fields, k, VLLM_DEFAULTS[k])) for k in _FROM_CONFIG},
     )
     if req.max_tokens < 0 or req.n < 1:
         return _error(400, "max_tokens must be >= 0 and n >= 1")
@@ -429,7 +432,7 @@ def _generate_configured(lm: LanguageModel, req: _Completion) -> list[tuple[int,
             do_sample=True,
             temperature=req.temperature,
             top_p=s["top_p"],
-            top_k=int(s["top_k"]),
+            top_k=max(int(s["top_k"]), 0),  # -1: off, as 0
             min_p=s["min_p"] or None,
             repetition_penalty=s["repetition_penalty"],
             max_new_tokens=req.max_tokens,

@@ -620,6 +620,66 @@ def test_samples_come_from_the_same_distribution_served_or_local(tiny, tmp_path)
         assert len(texts) == 1
 
 
+class OldTopK:
+    """ASGI layer: a server that refuses `top_k: 0` as vLLM before 0.8, SGLang and others
+    do ("top_k must be -1 (disable), or at least 1"); -1 is off everywhere."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].endswith("/completions"):
+            await self.app(scope, receive, send)
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        top_k = json.loads(body).get("top_k")
+        if top_k is not None and (top_k < -1 or top_k == 0):
+            message = f"top_k must be -1 (disable), or at least 1, got {top_k}."
+            await _reply(send, 400, json.dumps({"error": {"message": message}}).encode())
+            return
+
+        async def replay() -> Any:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def test_sampling_is_off_in_a_form_every_server_takes(tiny):
+    """The client sent `top_k: 0` with every generation, which older vLLM and SGLang refuse
+    with a 400: no answer could be generated from them at all. `unpact serve` takes -1 and
+    0 alike (vLLM today) and refuses below -1 with vLLM's message."""
+    import httpx
+
+    with BackgroundServer(OldTopK(make_app(tiny, "tiny"))) as url:
+        remote = _remote(f"{url}/v1")
+        assert generate(remote, PROMPTS[:2], max_new_tokens=6) == generate(
+            tiny, PROMPTS[:2], max_new_tokens=6
+        )
+        sampled = generate(remote, PROMPTS[:1], max_new_tokens=6, num_samples=3, seed=2)
+        assert sampled == generate(tiny, PROMPTS[:1], max_new_tokens=6, num_samples=3, seed=2)
+    with BackgroundServer(make_app(tiny, "tiny")) as url:
+        body = {"model": "tiny", "prompt": [5, 6], "max_tokens": 4, "n": 3, "seed": 1}
+        texts = [
+            [
+                c["text"]
+                for c in httpx.post(f"{url}/v1/completions", json=body | k).json()["choices"]
+            ]
+            for k in ({"top_k": -1}, {"top_k": 0})
+        ]
+        assert texts[0] == texts[1]
+        reply = httpx.post(f"{url}/v1/completions", json=body | {"top_k": -2})
+        assert reply.status_code == 400
+        assert (
+            reply.json()["error"]["message"] == "top_k must be 0 (disable), or at least 1, got -2."
+        )
+
+
 def test_a_model_that_stops_at_once_is_the_same_error_served_or_local(tiny, tmp_path):
     """The greedy answer is the stop token itself: empty, locally and served alike."""
     lm = _model_with(tiny, tmp_path)
