@@ -21,6 +21,8 @@ import importlib
 import importlib.util
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -96,13 +98,29 @@ def load_plugin(entry: str, base: Path | None = None) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
-        spec.loader.exec_module(module)
+        with _beside(path.resolve().parent):
+            spec.loader.exec_module(module)
     except Exception as e:
         del sys.modules[name]
         raise _plugin_error(str(path), e, path) from None
     _LOADED[key] = module
     _SOURCES[str(path.resolve())] = str(path)
     return module
+
+
+@contextmanager
+def _beside(folder: Path) -> Iterator[None]:
+    """A plugin file imports the modules beside it as a script would (its folder first on
+    the path while it is imported); the folder then stays at the end of the path, for the
+    imports its functions make later, where it shadows nothing installed."""
+    entry = str(folder)
+    sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        sys.path.remove(entry)
+        if entry not in sys.path:
+            sys.path.append(entry)
 
 
 def plugin_failure(error: BaseException) -> UnpactError | None:

@@ -225,6 +225,29 @@ def test_a_broken_plugin_is_one_message_naming_its_file_and_line(project, regist
     assert done.returncode == 2 and "bad.py:1" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_a_plugin_imports_the_modules_beside_it(tmp_path, registries, monkeypatch):
+    """As a script would: `from helper_words import shout` next to the plugin file was a
+    ModuleNotFoundError. The folder stays on the path (at its end) for later imports."""
+    import sys
+
+    from unpact.plugins import load_plugins
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "helper_words.py").write_text("def shout(text):\n    return text.upper()\n")
+    (folder / "loud.py").write_text(
+        "from helper_words import shout\nfrom unpact.attacks import Attack\n\n\n"
+        "class Loud(Attack):\n    name = 'loud'\n\n"
+        "    def prompt(self, question, key_tokens):\n"
+        "        import helper_words  # imported again as it runs\n\n"
+        "        return helper_words.shout(question)\n"
+    )
+    load_plugins([str(folder / "loud.py")])
+    assert ATTACKS["loud"]().prompt("what?", ()) == "WHAT?"
+    assert sys.path[-1] == str(folder.resolve()) and sys.path[0] != str(folder.resolve())
+
+
 FAILING = '''
 from unpact.attacks import Attack
 from unpact.metrics import metric
