@@ -305,8 +305,10 @@ class Attribution:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Attribution:
         if not isinstance(d, dict):
+            kind = {list: "a list", str: "a string", bool: "true or false", type(None): "null"}
             raise UnpactError(
-                f"not an unpact attribution record (a JSON object, not a {type(d).__name__})"
+                "not an unpact attribution record (a JSON object, not "
+                f"{kind.get(type(d), 'a number')})"
             )
         try:
             kwargs = {k: d[k] for k in _INIT_FIELDS if k in d}
@@ -420,15 +422,21 @@ def read_prompts(path: str | Path) -> tuple[list[str], list[str | None]]:
 
 
 def load_records(path: str | Path) -> list[Attribution]:
-    """Attribution records from a JSON file (one record) or a JSONL file (one per line)."""
+    """Attribution records from a JSON file (one record, or a list of them) or a JSONL
+    file (one per line); a file without any is an error."""
     text = read_text(Path(path))
+    if not text.strip():
+        raise UnpactError(f"{path} is empty: no attribution records")
     try:
         whole = json.loads(text)
     except json.JSONDecodeError:
         pass  # JSONL, read line by line below
     else:
+        many = whole if isinstance(whole, list) else [whole]
+        if not many:
+            raise UnpactError(f"{path}: an empty list, no attribution records")
         try:
-            return [Attribution.from_dict(whole)]
+            return [Attribution.from_dict(r) for r in many]
         except UnpactError as exc:
             raise UnpactError(f"{path}: {exc}") from None
     records = []

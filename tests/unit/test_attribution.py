@@ -411,6 +411,9 @@ def test_json_round_trip_and_public_field_names(tiny, tmp_path):
     back = Attribution.load(path)
     assert back == rec
     assert load_records(path) == [rec]
+    many = tmp_path / "many.json"  # a JSON list of records
+    many.write_text(json.dumps([rec.to_dict(), rec.to_dict()]))
+    assert load_records(many) == [rec, rec]
     assert rec.prompt_sensitivity == pytest.approx(sum(c for c in rec.contributions if c > 0))
 
 
@@ -419,7 +422,11 @@ def test_json_round_trip_and_public_field_names(tiny, tmp_path):
     [
         ("not json\n", r"bad\.jsonl, line 1: not valid JSON"),
         ('{"a": 1}', r"bad\.jsonl: not an unpact attribution record \(missing or bad 'units'\)"),
-        ("[1, 2]", r"bad\.jsonl: not an unpact attribution record \(a JSON object, not a list\)"),
+        ("[1, 2]", r"bad\.jsonl: not an unpact attribution record \(a JSON object, not a number\)"),
+        ("[[1]]", r"bad\.jsonl: not an unpact attribution record \(a JSON object, not a list\)"),
+        ("", r"bad\.jsonl is empty: no attribution records"),
+        ("\n\n", r"bad\.jsonl is empty: no attribution records"),
+        ("[]", r"bad\.jsonl: an empty list, no attribution records"),
         ('{"a": 1}\n{"b": 2}\n', r"bad\.jsonl, line 1: not an unpact attribution record"),
     ],
 )
