@@ -233,6 +233,13 @@ def test_config_resolution_and_errors(tmp_path):
         resolve_config(file=bad)
     with pytest.raises(UnpactError, match="unknown method"):
         resolve_config("gx")
+    # an empty file is no settings; a list (`[]` too) is not a mapping of them
+    bad.write_text("")
+    assert resolve_config("ga", file=bad) == resolve_config("ga")
+    for text in ("[]\n", "- lr: 1\n"):
+        bad.write_text(text)
+        with pytest.raises(UnpactError, match="expected a mapping of settings"):
+            resolve_config("ga", file=bad)
     # a method's own setting at the top of a file or mapping goes to `settings`, as --set
     # does (it was "layer: unknown setting")
     bare = tmp_path / "rmu.yaml"

@@ -181,9 +181,11 @@ def load_yaml(text: str) -> Any:
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """A YAML file whose top level is a mapping, or one UnpactError saying what is wrong."""
     try:
-        loaded = load_yaml(read_text(path)) or {}
+        loaded = load_yaml(read_text(path))
     except yaml.YAMLError as e:
         raise UnpactError(f"{path}: not valid YAML ({e})") from None
+    if loaded is None:  # an empty file: no settings
+        return {}
     if not isinstance(loaded, dict):
         raise UnpactError(f"{path}: expected a mapping of settings at the top level")
     return loaded
