@@ -359,3 +359,31 @@ def test_generate_score_and_attribute_take_a_chat_template_file(tiny, tiny_dir, 
     res = _cli("--model", str(tiny_dir), *args, "--json", str(out))
     assert res.returncode == 0, res.stderr
     assert json.loads(out.read_text())["lp"] == pytest.approx(expected.lp, abs=1e-5)
+
+
+_LOAD_AND_DROP = """
+import gc, sys, weakref
+gc.disable()  # as if Python's next full collection were far off
+import unpact.models as models
+models.COLLECT_AFTER_LOAD_BYTES = 0  # collect after any load (a large or GPU model's case)
+lm = models.load_model(sys.argv[1])
+alive = weakref.ref(lm.model)
+del lm
+print("alive" if alive() is not None else "freed")
+"""
+
+
+def test_a_dropped_model_is_freed_at_once(tiny_dir):
+    """The first load of an architecture left a cycle of import frames holding the model:
+    dropped by the runner, a 7B original stayed on the GPU until a full collection. In a
+    new process (the first import of the model's module is what leaves the garbage)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD_AND_DROP, str(tiny_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "freed"
