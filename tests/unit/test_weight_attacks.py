@@ -336,6 +336,34 @@ def test_the_lens_cannot_tell_options_that_open_with_the_same_token(saved):
     assert rows[1]["layers"] == [bool(logits[k, g] > logits[k, p]) for k in range(len(logits))]
 
 
+def test_the_lens_reads_options_that_all_open_alike_where_they_part(saved):
+    """Options that all open with the same token (a shared first word; the lone space a
+    template ending `Answer: ` leaves before digits) were never right: every option had
+    the right one's first token. They are read after it, by the token where they part."""
+    from unpact.attacks.weights import _parting
+    from unpact.models import load_model
+
+    assert _parting([[5, 6, 7], [5, 6, 8], [5, 9]]) == ([5], [6, 6, 9])
+    assert _parting([[5], [5, 6]]) == ([], [5, 5])  # each keeps a token of its own
+    lm = load_model(str(saved / "m1"))
+    opts = ("A lamp", "A bell", "A mill")  # the tiny tokenizer: A + Ġ, Ġb, Ġm
+    prompt = lm.encode_prompt("What is the capital of France?")
+    conts = [lm.encode_answer(o, prompt) for o in opts]
+    assert len({c[0] for c in conts}) == 1 and len({c[1] for c in conts}) == 3
+    items = [
+        QAItem(f"forget-{n}", "What is the capital of France?", o, "forget", choices=opts)
+        for n, o in enumerate(opts)
+    ]
+    rows = get_attack("logit_lens", {"last_layer": True}).run(_ctx(saved, "x", items))
+    seq = [*prompt.input_ids, conts[0][0]]
+    logits = lens_logits(lm.model, last_states(lm.model, [seq])[0, 1:])
+    for n, row in enumerate(rows):
+        right, others = conts[n][1], [c[1] for m, c in enumerate(conts) if m != n]
+        want = [all(logits[k, right] > logits[k, t] for t in others) for k in range(len(logits))]
+        assert row["layers"] == want
+    assert sum(any(r["layers"]) for r in rows) >= 1  # some option is the lens's pick
+
+
 @pytest.mark.parametrize(
     "arch",
     [

@@ -339,33 +339,37 @@ class LogitLens(LayerAttack):
 
     name = "logit_lens"
     title = "logit lens"
-    revision = 1  # options sharing the right option's first token: not right
+    # 1: options sharing the right option's first token: not right; 2: options that all
+    # open alike (a lone space after `Answer: `, a shared first word) read after it
+    revision = 2
 
     def per_layer(self, ctx: AttackContext, lm: LanguageModel) -> list[dict[str, Any]]:
         encoded = [lm.encode_prompt(i.question) for i in ctx.items]
         choices = [options(i) if i.is_mcq else None for i in ctx.items]
         # an open answer is read where it is scored (`follow`: after a lone space token, a
-        # year's first digit, not the space); a multiple-choice item's options at the
-        # prompt's end, each by its first token
-        opened = [
-            None if c else follow(lm, e, i.answer) for i, e, c in zip(ctx.items, encoded, choices)
-        ]
-        seqs = [o[0].input_ids if o else e.input_ids for o, e in zip(opened, encoded)]
+        # year's first digit, not the space); a multiple-choice item's options where they
+        # part (`_parting`), each by its token there
+        firsts: list[list[int]] = []
+        seqs: list[list[int]] = []
+        for item, e, opts in zip(ctx.items, encoded, choices):
+            if opts is None:
+                prompt, ids = follow(lm, e, item.answer)
+                seqs.append(list(prompt.input_ids))
+                firsts.append([ids[0]])
+            else:
+                common, tokens = _parting([list(lm.encode_answer(o, e)) for o in opts[0]])
+                seqs.append([*e.input_ids, *common])
+                firsts.append(tokens)
         logits = lens_logits(lm.model, last_states(lm.model, seqs)[:, 1:])  # after each layer
         rows = []
         for n, item in enumerate(ctx.items):
-            opts, found = choices[n], opened[n]
-            if found is not None:
-                firsts = [found[1][0]]
-            else:
-                assert opts is not None
-                firsts = [lm.encode_answer(o, encoded[n])[0] for o in opts[0]]
-            right = firsts[opts[1]] if opts else firsts[0]
+            opts = choices[n]
+            right = firsts[n][opts[1]] if opts else firsts[n][0]
             rank, prob = token_ranks(logits[n], right)
             if opts:
-                others = [t for t in set(firsts) if t != right]
+                others = [t for t in set(firsts[n]) if t != right]
                 # options that open with the same token cannot be told apart by it: not right
-                shared = firsts.count(right) > 1
+                shared = firsts[n].count(right) > 1
                 ok = [
                     not shared and all(logits[n, k, right] > logits[n, k, t] for t in others)
                     for k in range(len(rank))
@@ -391,6 +395,17 @@ class LogitLens(LayerAttack):
         for r in rows:  # the answer read at the chosen layer
             r["outputs"] = [r["outputs"][r["layer"]]]
         return rows
+
+
+def _parting(options: list[list[int]]) -> tuple[list[int], list[int]]:
+    """Where a multiple-choice item's options part: the tokens they all open with (a lone
+    space after `Answer: `, a shared first word; each option keeps at least one token of
+    its own), and each option's token after them, which the lens compares."""
+    shared = 0
+    shortest = min(len(o) for o in options)
+    while shared < shortest - 1 and len({o[shared] for o in options}) == 1:
+        shared += 1
+    return list(options[0][:shared]), [o[shared] for o in options]
 
 
 class Probe(LayerAttack):
