@@ -359,8 +359,22 @@ def load_model(
     check_head(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    _no_bpe_cleanup(tokenizer)
     _drop_loading_garbage(model)
     return LanguageModel(model=model, tokenizer=tokenizer, spec=spec)
+
+
+def _no_bpe_cleanup(tokenizer: Any) -> None:
+    """A BPE tokenizer saved with `clean_up_tokenization_spaces: true` (GPT-2's and many
+    fine-tunes' configs) had transformers warn at its first decode that it ignores the
+    setting for BPE, a library warning in normal output. The setting is turned off: decoding
+    is unchanged, since transformers skips that clean-up for BPE anyway."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    forced = getattr(
+        tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False
+    )
+    if backend is not None and type(backend.model).__name__ == "BPE" and not forced:
+        tokenizer.clean_up_tokenization_spaces = False
 
 
 # Weights above this size (or on an accelerator) are worth a garbage collection after

@@ -801,3 +801,23 @@ def test_a_model_s_key_marks_a_template_that_ends_in_a_space(tiny, tmp_path, mon
     monkeypatch.setattr(models, "_spaced_template", lambda *args: False)
     assert models.model_key(str(tmp_path / "chatml")) == keys["chatml"]
     assert models.model_key(str(tmp_path / "qa")) != keys["qa"]
+
+
+def test_a_bpe_tokenizer_saved_to_clean_up_spaces_decodes_without_a_warning(tiny, tmp_path, capfd):
+    """GPT-2's and many fine-tunes' tokenizer configs (transformers 4 wrote the key) say
+    `clean_up_tokenization_spaces: true`, which transformers 5 ignores for BPE with a warning at the first decode: in the
+    middle of a run's normal output. Loaded, the setting is off; the text is the same."""
+    from unpact.models import load_model, save_model
+    from unpact.scoring import generate
+
+    CLEAN = "clean_up_tokenization_spaces"
+    save_model(tiny.model, tiny.tokenizer, tmp_path / "m")
+    config = tmp_path / "m" / "tokenizer_config.json"  # as transformers 4 wrote it
+    config.write_text(json.dumps(json.loads(config.read_text()) | {CLEAN: True}))
+    lm = load_model(str(tmp_path / "m"))
+    assert lm.tokenizer.clean_up_tokenization_spaces is False
+    capfd.readouterr()
+    assert generate(lm, ["What is it?"], max_new_tokens=4) == generate(
+        tiny, ["What is it?"], max_new_tokens=4
+    )
+    assert "clean_up_tokenization" not in capfd.readouterr().err

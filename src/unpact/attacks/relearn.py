@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from unpact.attacks.base import Attack, AttackContext
 from unpact.data.items import QAItem
 from unpact.determinism import keeps_rng
+from unpact.errors import UnpactError
 from unpact.judge import answer_items
 from unpact.models import LanguageModel, load_model
 from unpact.train import Trainer
@@ -47,6 +48,7 @@ class Relearn(Attack):
     title = "relearning"
     Settings = RelearnSettings
     changes_weights = True
+    applies_to = "the forgotten items it does not train on (data: forget needs two or more)"
 
     def split(self, forgotten_ids: list[str], retain_ids: list[str]) -> list[str]:
         """The ids of the items trained on (seeded; at most all but one forgotten item
@@ -73,6 +75,8 @@ class Relearn(Attack):
         pool = forgotten if s.data == "forget" else ctx.retain
         train = [i for i in pool if i.id in train_ids]
         test = [i for i in forgotten if i.id not in train_ids]
+        if not train or not test:  # one forgotten item: none to train on and test another
+            return []
         lm = finetune(ctx, train, s.steps, s.lr, s.batch_size, s.seed)
         answered = answer_items(lm, test, ctx.judge, f"Judging {ctx.label} after relearning")
         trained_on = sorted(train_ids)
@@ -97,6 +101,8 @@ def finetune(
     fine-tuned on `train` for `steps` AdamW steps on the answer-only NLL, in float32 (an
     AdamW step at lr 3e-4 is about bfloat16's rounding of a typical weight), then cast to the run's
     dtype to be judged as the other models are."""
+    if not train:
+        raise UnpactError("relearning needs at least one item to train on")
     lm = load_model(ctx.spec, device=ctx.device or "cpu")
     encoded = encode_items(lm, train)
     # AdamW without the fused kernel, as relearning results were first measured

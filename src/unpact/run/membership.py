@@ -362,9 +362,38 @@ def probe_rows(lm: LanguageModel, probes: list[VerbatimPrompt], new: int) -> lis
 def muse_cut(tokenizer: Any, text: str, new: int) -> str:
     """A probe's true continuation as MUSE cuts it (`metrics/verbmem.py`): the first `new`
     ids of the text encoded alone with the tokenizer's special tokens (a Llama BOS takes one
-    of the `new`), decoded without them and with its clean-up of spaces."""
+    of the `new`), decoded without them and with transformers' clean-up of spaces
+    (`clean_up_tokenization_spaces=True`, which transformers 4 applied to every tokenizer
+    and transformers 5 skips, with a warning, for BPE ones: written out here, so the text is
+    MUSE's whatever the version. ROUGE-L's own tokenizer drops punctuation, so the scores do
+    not depend on it)."""
     ids = tokenizer(text, add_special_tokens=True)["input_ids"][:new]
-    return str(tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True))
+    decoded = str(
+        tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    )
+    return clean_up_spaces(decoded)
+
+
+def clean_up_spaces(text: str) -> str:
+    """transformers' `clean_up_tokenization` (PreTrainedTokenizerBase): no space before
+    `.`, `?`, `!`, `,` or an English contraction."""
+    for spaced, joined in _CLEAN_UP:
+        text = text.replace(spaced, joined)
+    return text
+
+
+_CLEAN_UP = [
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
+]
 
 
 def _continued(
