@@ -931,6 +931,7 @@ def test_a_run_evaluates_in_the_dtype_it_names(setup, finished, tmp_path, monkey
     cfg = config | {"dtype": "bfloat16", "attacks": config["attacks"][:2] + attacks}
     done = run(cfg, tmp_path / "bf16", cache_dir=root / "cache", progress=False)
     assert done.results["dtype"] == "bfloat16"
+    assert "evaluated\nin <b>bfloat16</b>" in (tmp_path / "bf16" / "report.html").read_text()
     assert not [c for c in done.computed if c.startswith("unlearn")]
     assert {"evaluating:original (forget)", "attributing:ga"} <= set(done.computed)
     assert "float32" in loaded and "bfloat16" in loaded  # relearning's copy: float32
