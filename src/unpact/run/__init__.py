@@ -263,11 +263,7 @@ def run(
         for m in unlearned
     }
     results = _results(cfg, data, original, unlearned, records, stages, out)
-    results |= finite(_references(cfg, data, found, stages))
-    if cfg.dtype != "float32":  # the models were evaluated in it
-        results["dtype"] = cfg.dtype
-    if cfg.chat_template is not None:  # the models ran as copies with this template
-        results["model"], results["chat_template"] = given, cfg.chat_template
+    results |= finite(_references(cfg, data, found, stages)) | _evaluated_as(cfg, given)
     if baselines:  # what the weight attacks do to the original model, which knew the facts
         results["attack_baselines"] = finite(baselines)
     if no_control:
@@ -293,6 +289,17 @@ def run(
     say(f"done in {results['seconds']:.0f} s")
     every = [r for rs in records.values() for r in rs]
     return RunResult(out, results, every, p.computed)
+
+
+def _evaluated_as(cfg: RunConfig, given: str) -> dict[str, Any]:
+    """How the models were evaluated, where it is not the default: in another dtype; as
+    copies with another chat template (the model as the config gave it, and the template)."""
+    out: dict[str, Any] = {}
+    if cfg.dtype != "float32":
+        out["dtype"] = cfg.dtype
+    if cfg.chat_template is not None:
+        out["model"], out["chat_template"] = given, cfg.chat_template
+    return out
 
 
 def _say_if_unknown(p: Pipeline, data: Data, original: ModelStages) -> None:

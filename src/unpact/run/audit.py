@@ -93,25 +93,10 @@ def audit_config(
 
     plugins = [_absolute(p) for p in plugins or []]
     load_plugins(plugins)
-    if preset not in PRESETS:
-        raise UnpactError(f"--preset: {preset!r} is not one of {', '.join(PRESETS)}")
-    if judge not in ("contains", "rouge"):
-        raise UnpactError(f"--judge: {judge!r} is not one of contains, rouge")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise UnpactError(f"--dtype: {dtype!r} is not one of float32, bfloat16, float16")
+    _check_choices(preset=preset, judge=judge, dtype=dtype)
     if max_new_tokens is not None and max_new_tokens < 1:
         raise UnpactError(f"--max-new-tokens: {max_new_tokens} is not a positive number")
-    chosen = [dict(a) for a in PRESETS[preset]["attacks"]]
-    if attacks is not None:
-        known = {a.get("label") or a["name"] for a in chosen}
-        for name in attacks:
-            if name not in known and name not in ATTACKS:
-                raise UnpactError(
-                    f"--attacks: unknown attack {name!r}; choose from "
-                    f"{', '.join(sorted(set(ATTACKS) | known))}"
-                )
-        chosen = [a for a in chosen if (a.get("label") or a["name"]) in attacks]
-        chosen += [{"name": n} for n in attacks if n not in known]
+    chosen = _chosen_attacks(preset, attacks)
     skipped: dict[str, str] = {}
     served = [s for s in (original, unlearned) if is_remote_spec(s)]
 
@@ -153,6 +138,40 @@ def audit_config(
     if plugins:  # a continued audit's config names them too
         config["plugins"] = plugins
     return config, skipped
+
+
+def _chosen_attacks(preset: str, attacks: list[str] | None) -> list[dict[str, Any]]:
+    """The preset's attacks, or those `attacks` names: the preset's by name or label,
+    any other registered one with its defaults."""
+    from unpact.attacks import ATTACKS
+
+    chosen = [dict(a) for a in PRESETS[preset]["attacks"]]
+    if attacks is None:
+        return chosen
+    known = {a.get("label") or a["name"] for a in chosen}
+    for name in attacks:
+        if name not in known and name not in ATTACKS:
+            raise UnpactError(
+                f"--attacks: unknown attack {name!r}; choose from "
+                f"{', '.join(sorted(set(ATTACKS) | known))}"
+            )
+    chosen = [a for a in chosen if (a.get("label") or a["name"]) in attacks]
+    return chosen + [{"name": n} for n in attacks if n not in known]
+
+
+_CHOICES = {
+    "preset": tuple(PRESETS),
+    "judge": ("contains", "rouge"),
+    "dtype": ("float32", "bfloat16", "float16"),
+}
+
+
+def _check_choices(**given: str) -> None:
+    """Each option one of its choices, or one message naming the option."""
+    for option, value in given.items():
+        if value not in _CHOICES[option]:
+            choices = ", ".join(_CHOICES[option])
+            raise UnpactError(f"--{option}: {value!r} is not one of {choices}")
 
 
 def _absolute(entry: str) -> str:
