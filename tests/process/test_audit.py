@@ -84,6 +84,9 @@ def test_audit_prints_a_verdict_per_test_and_writes_the_run(pair, tmp_path):
     assert m["recovery_control"]["quantize"] is not None  # the reference was attacked
     assert m["privleak"] is not None
     assert "Traceback" not in res.stderr
+    # what the preset left out, said in the audit's own terms (no config key)
+    assert "--preset gpu computes it" in results["skipped"]["mia_auc.gradnorm"]
+    assert "membership.gradnorm" not in res.stdout
 
 
 @pytest.mark.parametrize(

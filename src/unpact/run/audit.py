@@ -348,7 +348,7 @@ def audit(
     from unpact.data.sources import load_benchmark
     from unpact.models import check_spec
     from unpact.run import run
-    from unpact.run.membership import NO_REFERENCE, same_tokenizer
+    from unpact.run.membership import GRADNORM_OFF, NO_REFERENCE, same_tokenizer
     from unpact.run.store import atomic_text
 
     try:  # the user's mistake named by the option they gave, before any model loads
@@ -370,6 +370,11 @@ def audit(
     same_tokenizer(named["original"], {f"--{o}": s for o, s in named.items() if o != "original"})
     config, skipped = audit_config(original, unlearned, benchmark, **options)
     result = run(config, out, cache_dir=cache_dir, progress=progress, log=log)
+    if result.results.get("skipped", {}).get("mia_auc.gradnorm") == GRADNORM_OFF:
+        skipped["mia_auc.gradnorm"] = (  # the preset's choice, not the user's
+            f"the {options.get('preset', 'laptop')} preset leaves GradNorm out (a backward "
+            "pass over the whole model per text); --preset gpu computes it"
+        )
     if result.results.get("skipped", {}).get("membership") == NO_REFERENCE:
         # said as the audit's user can act on it: with an option, not a config key
         skipped["membership"] = (

@@ -111,6 +111,7 @@ class Membership:
         ]
 
 
+GRADNORM_OFF = "membership.gradnorm is false"
 NO_REFERENCE = (
     "no never-taught reference: the run did not inject the facts (inject.enabled is false), "
     "so it cannot build one; name one with membership.reference"
@@ -156,7 +157,7 @@ def missing_inputs(data: Data, settings: MembershipSettings) -> dict[str, str]:
             "(verbmem.jsonl; MUSE's verbmem/forget.json)"
         )
     if not settings.gradnorm:
-        out["mia_auc.gradnorm"] = "membership.gradnorm is false"
+        out["mia_auc.gradnorm"] = GRADNORM_OFF
     if not data.holdout:
         out["mia_auc"] = out["privleak"] = (
             "no holdout items (the documents' figures are mia_auc_documents and privleak_documents)"
