@@ -367,3 +367,23 @@ def test_an_audit_without_a_reference_says_which_option_gives_one(pair, tmp_path
     assert "give one with --reference" in said and "membership.reference" not in said
     on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
     assert on_disk["skipped"]["membership"] == said
+    # the verdict and the report say it too (the report kept the config keys' words)
+    test = {v["test"]: v for v in on_disk["verdicts"]["unlearned"]}["indistinguishable"]
+    assert test["verdict"] == "not measured" and test["detail"] == said
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert "give one with --reference" in report and "inject.enabled is false" not in report
+
+
+def test_a_test_not_measured_says_why():
+    """'not measured' said 'no never-taught reference or no holdout items or documents'
+    whatever the reason (a served unlearned model, a served reference...)."""
+    from unpact.run.audit import unmeasured
+
+    served = {"membership.unlearned": "openai:u@x is served: no weights to score"}
+    assert unmeasured(served, "unlearned") == served["membership.unlearned"]
+    assert unmeasured(served, "other") is None
+    both = {"privleak": "no holdout items", "forget_quality": "no paraphrased answers"}
+    assert unmeasured(both, "m") == "no holdout items; no paraphrased answers"
+    m = {"forgotten": 0}
+    got = {v["test"]: v for v in verdicts(m, [], [], skipped=served, label="unlearned")}
+    assert got["indistinguishable"]["detail"] == served["membership.unlearned"]

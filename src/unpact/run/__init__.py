@@ -217,12 +217,15 @@ def run(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    reword: Callable[[dict[str, str]], None] | None = None,
 ) -> RunResult:
     """Run an experiment end to end into `out`; cached stages are reused (see the module
     docstring). `cache_dir` holds the stages' rows and the unlearned models (default
     `$UNPACT_CACHE/stages`); taught models, merged adapters and converted GGUF files stay
     under `$UNPACT_CACHE` whatever it is, shared by every run. `log(text)` receives one
-    line per stage computed (default: silent)."""
+    line per stage computed (default: silent). `reword(skipped)` may change results.json's
+    reasons for what was left out before the verdicts and the files read them (the audit
+    says them in its options' terms)."""
     say = log or (lambda text: None)
     cfg = config if isinstance(config, RunConfig) else load_config(config)
     out = Path(out)
@@ -268,9 +271,18 @@ def run(
         results["attack_baselines"] = finite(baselines)
     if no_control:
         results.setdefault("skipped", {})["controls"] = no_control
+    if reword is not None:
+        reword(results.setdefault("skipped", {}))
+        if not results["skipped"]:
+            del results["skipped"]
     results["verdicts"] = {  # each test in plain words (run/audit.py)
         m.label: verdicts(
-            results["methods"][m.label], records[m.label], attacks, cfg.statistics.alpha
+            results["methods"][m.label],
+            records[m.label],
+            attacks,
+            cfg.statistics.alpha,
+            results.get("skipped"),
+            m.label,
         )
         for m in unlearned
     }

@@ -212,15 +212,22 @@ def _ci(m: dict[str, Any], key: str) -> str:
 
 
 def verdicts(
-    m: dict[str, Any], records: list[ItemRecord], attacks: list[str], alpha: float = 0.05
+    m: dict[str, Any],
+    records: list[ItemRecord],
+    attacks: list[str],
+    alpha: float = 0.05,
+    skipped: dict[str, str] | None = None,
+    label: str = "",
 ) -> list[dict[str, str]]:
-    """One method's verdicts: {"test", "verdict", "detail"} per test, in plain words."""
+    """One method's verdicts: {"test", "verdict", "detail"} per test, in plain words.
+    `skipped` (results.json's) says why a figure of the method `label` was not measured."""
     out = [_forgotten(m)]
+    why = unmeasured(skipped or {}, label)
     if not m.get("forgotten"):  # no recovery to judge; membership does not need it
-        return [*out, _indistinguishable(m, alpha)]
+        return [*out, _indistinguishable(m, alpha, why)]
     for attack in attacks:
         out.append(_recovery(m, records, attack, alpha))
-    out.append(_indistinguishable(m, alpha))
+    out.append(_indistinguishable(m, alpha, why))
     sim = m.get("keytoken_similarity_forgotten")
     if sim is not None:
         moved = "moved" if sim < 0.5 else "mostly kept"
@@ -291,7 +298,17 @@ def _recovery(
     }
 
 
-def _indistinguishable(m: dict[str, Any], alpha: float) -> dict[str, str]:
+def unmeasured(skipped: dict[str, str], label: str) -> str | None:
+    """Why the indistinguishability of the method `label` was not measured, from
+    results.json's `skipped`: its own model's scores, the run's, or both figures'."""
+    for key in (f"membership.{label}", "membership.retrained", "membership"):
+        if key in skipped:
+            return skipped[key]
+    reasons = dict.fromkeys(skipped[k] for k in ("privleak", "forget_quality") if k in skipped)
+    return "; ".join(reasons) or None
+
+
+def _indistinguishable(m: dict[str, Any], alpha: float, why: str | None) -> dict[str, str]:
     # PrivLeak of the answers given their questions; of the documents where there are no
     # holdout items (MUSE's files: holdout text only)
     key = "privleak" if m.get("privleak") is not None else "privleak_documents"
@@ -300,7 +317,7 @@ def _indistinguishable(m: dict[str, Any], alpha: float) -> dict[str, str]:
         return {
             "test": "indistinguishable",
             "verdict": "not measured",
-            "detail": "no never-taught reference or no holdout items or documents (see skipped)",
+            "detail": why or "PrivLeak and forget quality could not be computed (see skipped)",
         }
     lo, hi = (m.get("ci") or {}).get(key) or (None, None)
     holds_zero = lo is not None and hi is not None and lo <= 0 <= hi
@@ -342,14 +359,11 @@ def audit(
 ) -> Any:
     """Audit a model pair into `out` (see the module docstring); `options` are those of
     `audit_config`. Returns the run's RunResult; its results carry `verdicts.unlearned`."""
-    import json
-    from pathlib import Path
 
     from unpact.data.sources import load_benchmark
     from unpact.models import check_spec
     from unpact.run import run
     from unpact.run.membership import GRADNORM_OFF, NO_REFERENCE, same_tokenizer
-    from unpact.run.store import atomic_text
 
     try:  # the user's mistake named by the option they gave, before any model loads
         load_benchmark(benchmark)
@@ -368,21 +382,23 @@ def audit(
         named = with_chat_template_named(named, options["chat_template"])
     # a mismatched pair, named by its option
     same_tokenizer(named["original"], {f"--{o}": s for o, s in named.items() if o != "original"})
-    config, skipped = audit_config(original, unlearned, benchmark, **options)
-    result = run(config, out, cache_dir=cache_dir, progress=progress, log=log)
-    if result.results.get("skipped", {}).get("mia_auc.gradnorm") == GRADNORM_OFF:
-        skipped["mia_auc.gradnorm"] = (  # the preset's choice, not the user's
-            f"the {options.get('preset', 'laptop')} preset leaves GradNorm out (a backward "
-            "pass over the whole model per text); --preset gpu computes it"
-        )
-    if result.results.get("skipped", {}).get("membership") == NO_REFERENCE:
-        # said as the audit's user can act on it: with an option, not a config key
-        skipped["membership"] = (
-            "no never-taught reference: give one with --reference (TOFU and MUSE publish "
-            "theirs; `unpact inject --teach retain` makes one from the base model); the "
-            "indistinguishability figures and the attacks' controls are measured against it"
-        )
-    if skipped:
-        result.results.setdefault("skipped", {}).update(skipped)
-        atomic_text(Path(out) / "results.json", json.dumps(result.results, indent=2) + "\n")
-    return result
+    config, left_out = audit_config(original, unlearned, benchmark, **options)
+    preset = options.get("preset", "laptop")
+
+    def reword(skipped: dict[str, str]) -> None:
+        """What the run left out, said as the audit's user can act on it: with an option,
+        not a config key; and what the audit itself left out."""
+        if skipped.get("mia_auc.gradnorm") == GRADNORM_OFF:  # the preset's choice
+            skipped["mia_auc.gradnorm"] = (
+                f"the {preset} preset leaves GradNorm out (a backward pass over the whole "
+                "model per text); --preset gpu computes it"
+            )
+        if skipped.get("membership") == NO_REFERENCE:
+            skipped["membership"] = (
+                "no never-taught reference: give one with --reference (TOFU and MUSE publish "
+                "theirs; `unpact inject --teach retain` makes one from the base model); the "
+                "indistinguishability figures and the attacks' controls are measured against it"
+            )
+        skipped.update(left_out)
+
+    return run(config, out, cache_dir=cache_dir, progress=progress, log=log, reword=reword)
