@@ -70,9 +70,21 @@ _CONTENT_MARKER = "\ue000unpact-content\ue000"
 
 
 def cache_root() -> Path:
-    """Where derived artefacts live: `$UNPACT_CACHE`, else `~/.cache/unpact`."""
+    """Where derived artefacts live: `$UNPACT_CACHE`, else `~/.cache/unpact` (made if
+    absent; one that cannot be, a file's path, say, is one message, not a traceback at the
+    first model written)."""
     env = os.environ.get("UNPACT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "unpact"
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "unpact"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        named = f"UNPACT_CACHE={env}" if env else f"the cache folder {root}"
+        why = "a file is there" if isinstance(exc, FileExistsError) else exc.strerror or exc
+        raise UnpactError(
+            f"{named} cannot be used as a folder ({why}); set UNPACT_CACHE to a folder you "
+            "may write"
+        ) from None
+    return root
 
 
 def render_chat(tokenizer: Any, content: str) -> str:

@@ -821,3 +821,19 @@ def test_a_bpe_tokenizer_saved_to_clean_up_spaces_decodes_without_a_warning(tiny
         tiny, ["What is it?"], max_new_tokens=4
     )
     assert "clean_up_tokenization" not in capfd.readouterr().err
+
+
+def test_a_cache_that_cannot_be_a_folder_is_one_message(tmp_path, monkeypatch):
+    """UNPACT_CACHE naming a file (or a path under one) was a NotADirectoryError traceback
+    at the first model or stage written."""
+    from unpact.models import cache_root
+
+    monkeypatch.setenv("UNPACT_CACHE", str(tmp_path / "new" / "cache"))
+    assert cache_root() == tmp_path / "new" / "cache" and cache_root().is_dir()
+    (tmp_path / "file").write_text("x")
+    for bad, why in ((tmp_path / "file", "a file is there"), (tmp_path / "file" / "c", "")):
+        monkeypatch.setenv("UNPACT_CACHE", str(bad))
+        with pytest.raises(
+            UnpactError, match=f"UNPACT_CACHE={bad} cannot be used as a folder.*{why}"
+        ):
+            cache_root()
