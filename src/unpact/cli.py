@@ -599,7 +599,11 @@ def unlearn(
         typer.Option(help="Method: " + ", ".join(_method_names()) + " (unpact methods)."),
     ] = None,
     out_dir: Annotated[
-        Path, typer.Option("--out", help="Run directory (model, config, losses).")
+        Path,
+        typer.Option(
+            "--out",
+            help="Run directory (model, config, losses): new, empty, or a run's (with --resume).",
+        ),
     ] = Path("unlearned"),
     model: ModelOpt = "default",
     benchmark: Annotated[str, typer.Option(help=BENCHMARK_HELP)] = "news",

@@ -307,6 +307,15 @@ def test_resume_refuses_other_settings_and_new_runs_refuse_a_used_directory(benc
         _run(bench, tmp_path / "r")
     with pytest.raises(UnpactError, match="different settings"):
         _run(bench, tmp_path / "r", extra=("beta=0.5",), resume=True)
+    # a folder of someone else's files is not a run's: nothing is written into it
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(UnpactError, match="a folder holding other files, not a run"):
+        _run(bench, tmp_path / "mine")
+    assert sorted(f.name for f in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+    (tmp_path / "hidden").mkdir()  # hidden files only (a leftover temporary, .DS_Store): fine
+    (tmp_path / "hidden" / ".DS_Store").write_text("x")
+    _run(bench, tmp_path / "hidden")
 
 
 class _Exploding(Method):

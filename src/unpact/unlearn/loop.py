@@ -535,6 +535,11 @@ def _prepare_out(out: Path, resolved: dict[str, Any], resume: bool, accelerator:
         start = _last_checkpoint(out)
     elif (out / "model").exists() or config_path.exists():
         raise UnpactError(f"{out} already holds a run; pick a new --out or pass --resume")
+    elif out.is_dir() and any(not f.name.startswith(".") for f in out.iterdir()):
+        # the run's files (model/, checkpoints/ ...) would go in among someone else's
+        raise UnpactError(
+            f"--out {out}: a folder holding other files, not a run; give a new or empty folder"
+        )
     # Every process checks before the main one writes: otherwise a slower process would
     # find the config just written and refuse (a race seen with 2 CPU processes).
     accelerator.wait_for_everyone()
