@@ -16,8 +16,8 @@ agreement, stability).
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 from unpact.metrics import display
@@ -141,7 +141,13 @@ def beyond(results: dict) -> str:
 
 
 def main() -> None:
-    runs, out = Path(sys.argv[1]), Path(sys.argv[2])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", type=Path, help="a run or grid folder (holding results.json)")
+    parser.add_argument("out", type=Path, help="where the dilemma plots go")
+    args = parser.parse_args()
+    runs, out = args.runs, args.out
+    if not runs.is_dir():
+        parser.error(f"{runs} is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     top = runs / "results.json"
     if len(list(runs.glob("*/results.json"))) == 1:  # one benchmark: the suite beyond the paper
