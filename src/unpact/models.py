@@ -360,7 +360,7 @@ def load_model(
             "and the attacks can use a served model)"
         )
     torch_dtype = _parse_dtype(dtype)
-    target = _parse_device(device)
+    target = parse_device(device)
     folder = local_model_dir(spec)
     if folder is None:
         model, tokenizer = _load_hub(spec, torch_dtype, trust_remote_code)
@@ -574,7 +574,9 @@ def _device_value(value: str) -> str:
 DeviceName = Annotated[str, AfterValidator(_device_value)]
 
 
-def _parse_device(device: str) -> torch.device:
+def parse_device(device: str) -> torch.device:
+    """The torch device a device name means here (`auto`: CUDA if there is a GPU, else the
+    CPU), or one message when it is not available."""
     if check_device(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)

@@ -387,3 +387,35 @@ def test_a_test_not_measured_says_why():
     m = {"forgotten": 0}
     got = {v["test"]: v for v in verdicts(m, [], [], skipped=served, label="unlearned")}
     assert got["indistinguishable"]["detail"] == served["membership.unlearned"]
+
+
+def test_the_gpu_preset_on_a_cpu_is_said_before_it_starts(pair, tmp_path, monkeypatch):
+    """--preset gpu on a machine without a GPU ran every item at full size without a word:
+    hours on a large benchmark. It is said first (then run, as asked)."""
+    import unpact.run as runner
+    from unpact.run.audit import audit
+
+    said: list[str] = []
+    monkeypatch.setattr(runner, "run", lambda *a, **k: None)  # the note, not the hours
+    audit(
+        str(pair / "original"),
+        str(pair / "unlearned"),
+        str(pair / "bench"),
+        tmp_path / "out",
+        log=said.append,
+        preset="gpu",
+        device="cpu",
+        general=None,
+    )
+    assert any("the gpu preset on a CPU" in s and "--preset laptop" in s for s in said)
+    said.clear()
+    audit(
+        str(pair / "original"),
+        str(pair / "unlearned"),
+        str(pair / "bench"),
+        tmp_path / "out2",
+        log=said.append,
+        device="cpu",
+        general=None,
+    )
+    assert not said

@@ -80,16 +80,16 @@ def test_a_device_this_machine_lacks_is_one_message(monkeypatch):
     last GPU failed inside transformers."""
     import torch
 
-    from unpact.models import _parse_device
+    from unpact.models import parse_device
 
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     with pytest.raises(UnpactError, match="no Apple GPU"):
-        _parse_device("mps")
+        parse_device("mps")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(UnpactError, match=r"has 2 CUDA GPU\(s\) \(cuda:0 to cuda:1\)"):
-        _parse_device("cuda:2")
-    assert _parse_device("cuda:1") == torch.device("cuda:1")
+        parse_device("cuda:2")
+    assert parse_device("cuda:1") == torch.device("cuda:1")
 
 
 def test_hf_directory_round_trip(tiny, tmp_path):

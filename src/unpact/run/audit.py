@@ -174,6 +174,13 @@ def _check_choices(**given: str) -> None:
             raise UnpactError(f"--{option}: {value!r} is not one of {choices}")
 
 
+def _on_cpu(device: str) -> bool:
+    """Whether the audit's local models would run on the CPU (`auto` without a GPU)."""
+    from unpact.models import parse_device
+
+    return parse_device(device).type == "cpu"
+
+
 def _absolute(entry: str) -> str:
     """A plugin file as an absolute path (the run config that holds it is a dict, read
     from no folder); a module name as it is."""
@@ -384,6 +391,12 @@ def audit(
     same_tokenizer(named["original"], {f"--{o}": s for o, s in named.items() if o != "original"})
     config, left_out = audit_config(original, unlearned, benchmark, **options)
     preset = options.get("preset", "laptop")
+    if preset == "gpu" and _on_cpu(options.get("device", "auto")) and log is not None:
+        log(
+            "the gpu preset on a CPU: every item, 10 samples per PROBAB prompt, two "
+            "quantizations and GradNorm, for each model; expect hours on a large benchmark "
+            "(--preset laptop is sized for a CPU)"
+        )
 
     def reword(skipped: dict[str, str]) -> None:
         """What the run left out, said as the audit's user can act on it: with an option,
