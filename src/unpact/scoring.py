@@ -10,11 +10,13 @@ long prompts that is most of the head's cost saved (49k-way vocabulary on SmolLM
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import numbers
 import os
 import zlib
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -901,7 +903,7 @@ def _generate_batch(
         kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
     else:
         kwargs.update(temperature=None, top_k=None, top_p=None)
-    with forked_rng(lm.device):
+    with forked_rng(lm.device), _no_padding_warning():
         if sampling:
             torch.manual_seed(seed)
         generated = lm.model.generate(
@@ -915,6 +917,27 @@ def _generate_batch(
             Generation(text=tok.decode(ids, skip_special_tokens=True).strip(), token_ids=tuple(ids))
         )
     return results
+
+
+class _PaddingWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "passing in an `attention_mask`" not in record.getMessage()
+
+
+@contextmanager
+def _no_padding_warning() -> Iterator[None]:
+    """Without transformers' "We strongly recommend passing in an `attention_mask`" while
+    generating: the mask is passed, but a model whose pad id is its EOS (GPT-2's family)
+    meets the pad id in a sampled step's tokens (a sample that ended before the others),
+    which its forward checks without the mask `generate` keeps: a library warning in the
+    middle of PROBAB's output, about nothing."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    quiet = _PaddingWarning()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def forked_rng(device: torch.device) -> Any:

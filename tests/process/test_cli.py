@@ -387,3 +387,33 @@ def test_a_dropped_model_is_freed_at_once(tiny_dir):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "freed"
+
+
+_SAMPLE_GPT2 = """
+import sys
+from unpact.models import load_model
+from unpact.scoring import generate
+lm = load_model(sys.argv[1])
+generate(lm, ["What is it?"], max_new_tokens=8, num_samples=3, seed=1)
+"""
+
+
+def test_sampling_a_model_whose_pad_is_a_token_prints_no_library_warning(tmp_path):
+    """GPT-2's family pads with a token it also samples: a sample that ended early feeds
+    it back, and transformers' forward warned 'We strongly recommend passing in an
+    `attention_mask`' in the middle of PROBAB's output, though the mask was passed."""
+    from unpact.models import save_model
+    from unpact.testing import tiny_other
+
+    lm = tiny_other("gpt2", 0)
+    save_model(lm.model, lm.tokenizer, tmp_path / "g2")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", _SAMPLE_GPT2, str(tmp_path / "g2")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "attention_mask" not in done.stderr
