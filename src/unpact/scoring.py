@@ -903,7 +903,7 @@ def _generate_batch(
         kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
     else:
         kwargs.update(temperature=None, top_k=None, top_p=None)
-    with forked_rng(lm.device), _no_padding_warning():
+    with forked_rng(lm.device), quiet_padding_warning():
         if sampling:
             torch.manual_seed(seed)
         generated = lm.model.generate(
@@ -925,7 +925,7 @@ class _PaddingWarning(logging.Filter):
 
 
 @contextmanager
-def _no_padding_warning() -> Iterator[None]:
+def quiet_padding_warning() -> Iterator[None]:
     """Without transformers' "We strongly recommend passing in an `attention_mask`" while
     generating: the mask is passed, but a model whose pad id is its EOS (GPT-2's family)
     meets the pad id in a sampled step's tokens (a sample that ended before the others),

@@ -29,6 +29,7 @@ from unpact.scoring import (
     _stop_ids,
     forked_rng,
     generate,
+    quiet_padding_warning,
     right_padded,
     until_stop,
 )
@@ -424,7 +425,7 @@ def _generate_configured(lm: LanguageModel, req: _Completion) -> list[tuple[int,
 
     s = req.sampling
     stops = set(_stop_ids(lm))
-    with forked_rng(lm.device):
+    with forked_rng(lm.device), quiet_padding_warning():
         torch.manual_seed(req.seed)
         out = lm.model.generate(
             input_ids=torch.tensor([req.ids], device=lm.device),
