@@ -395,27 +395,12 @@ def test_the_gpu_preset_on_a_cpu_is_said_before_it_starts(pair, tmp_path, monkey
     import unpact.run as runner
     from unpact.run.audit import audit
 
-    said: list[str] = []
     monkeypatch.setattr(runner, "run", lambda *a, **k: None)  # the note, not the hours
-    audit(
-        str(pair / "original"),
-        str(pair / "unlearned"),
-        str(pair / "bench"),
-        tmp_path / "out",
-        log=said.append,
-        preset="gpu",
-        device="cpu",
-        general=None,
-    )
-    assert any("the gpu preset on a CPU" in s and "--preset laptop" in s for s in said)
-    said.clear()
-    audit(
-        str(pair / "original"),
-        str(pair / "unlearned"),
-        str(pair / "bench"),
-        tmp_path / "out2",
-        log=said.append,
-        device="cpu",
-        general=None,
-    )
-    assert not said
+    notes = {}
+    for preset in ("gpu", "laptop"):
+        said: list[str] = []
+        models = [str(pair / "original"), str(pair / "unlearned"), str(pair / "bench")]
+        audit(*models, tmp_path / preset, log=said.append, preset=preset, device="cpu")
+        notes[preset] = said
+    assert any("the gpu preset on a CPU" in s and "--preset laptop" in s for s in notes["gpu"])
+    assert notes["laptop"] == []
