@@ -666,15 +666,19 @@ def unlearn(
     )
     out.print(f"loss log: {out_dir / 'losses.jsonl'}")
     if evaluate:
-        from unpact.unlearn.evaluate import accuracy_before_after
+        _print_accuracy(spec, str(result.model_dir), benchmark, out_dir, cfg.method)
 
-        table = accuracy_before_after(
-            spec, str(result.model_dir), benchmark, out_dir / "accuracy.json"
-        )
-        grid = Table("split", "before", "after", title=f"Accuracy ({cfg.method})")
-        for split, row in table.items():
-            grid.add_row(split, f"{row['before']:.1%}", f"{row['after']:.1%}")
-        out.print(grid)
+
+def _print_accuracy(before: str, after: str, benchmark: str, out_dir: Path, method: str) -> None:
+    """Forget, retain and general accuracy before and after unlearning, printed and kept
+    in the run's accuracy.json."""
+    from unpact.unlearn.evaluate import accuracy_before_after
+
+    table = accuracy_before_after(before, after, benchmark, out_dir / "accuracy.json")
+    grid = Table("split", "before", "after", title=f"Accuracy ({method})")
+    for split, row in table.items():
+        grid.add_row(split, f"{row['before']:.1%}", f"{row['after']:.1%}")
+    out.print(grid)
 
 
 data_app = typer.Typer(
@@ -904,13 +908,7 @@ def audit(
     ] = None,
     chat_template: TemplateFileOpt = None,
     device: DeviceOpt = "auto",
-    dtype: Annotated[
-        str,
-        typer.Option(
-            help="float32, bfloat16 or float16: the dtype the models are evaluated in "
-            "(bfloat16 halves a large pair's GPU memory; scores rounded to ~3 digits)."
-        ),
-    ] = "float32",
+    dtype: DtypeOpt = "float32",
     plugin: PluginOpt = None,
 ) -> None:
     from unpact.run.audit import audit as run_audit

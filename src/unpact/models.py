@@ -405,8 +405,10 @@ def _drop_loading_garbage(model: Any) -> None:
     models, whose memory matters."""
     import gc
 
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    on_device = any(p.device.type != "cpu" for p in model.parameters())
+    size, on_device = 0, False
+    for p in model.parameters():
+        size += p.numel() * p.element_size()
+        on_device = on_device or p.device.type != "cpu"
     if on_device or size > COLLECT_AFTER_LOAD_BYTES:
         gc.collect()
 

@@ -193,10 +193,8 @@ class _Completion:
 
     @property
     def plain(self) -> bool:
-        """Whether nothing but the temperature shapes the distribution (top_k 0 and -1
-        both mean off, as in vLLM)."""
-        s = {**self.sampling, "top_k": max(self.sampling["top_k"], 0)}
-        return all(s[k] == VLLM_DEFAULTS[k] for k in _FROM_CONFIG)
+        """Whether nothing but the temperature shapes the distribution."""
+        return all(self.sampling[k] == VLLM_DEFAULTS[k] for k in _FROM_CONFIG)
 
 
 class _Server:
@@ -355,6 +353,14 @@ def _sampling_value(lm: LanguageModel, fields: _Fields, name: str, default: floa
     return configured if configured is not None else default
 
 
+def _sampling(lm: LanguageModel, fields: _Fields) -> dict[str, float]:
+    """The request's top_p / top_k / min_p / repetition_penalty as vLLM resolves them, top_k
+    off as 0 (vLLM takes -1 for it as well)."""
+    s = {k: float(_sampling_value(lm, fields, k, VLLM_DEFAULTS[k])) for k in _FROM_CONFIG}
+    s["top_k"] = max(s["top_k"], 0.0)
+    return s
+
+
 def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any:
     """The request's fields (`name`: the served model's), or the error reply vLLM gives
     for a bad one."""
@@ -399,7 +405,7 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any
         as_ids=bool(fields.return_tokens_as_token_ids),
         temperature=float(_sampling_value(lm, fields, "temperature", 1.0)),
         seed=fields.seed or 0,
-        sampling={k: float(_sampling_value(lm, fields, k, VLLM_DEFAULTS[k])) for k in _FROM_CONFIG},
+        sampling=_sampling(lm, fields),
     )
     if req.max_tokens < 0 or req.n < 1:
         return _error(400, "max_tokens must be >= 0 and n >= 1")
@@ -433,7 +439,7 @@ def _generate_configured(lm: LanguageModel, req: _Completion) -> list[tuple[int,
             do_sample=True,
             temperature=req.temperature,
             top_p=s["top_p"],
-            top_k=max(int(s["top_k"]), 0),  # -1: off, as 0
+            top_k=int(s["top_k"]),
             min_p=s["min_p"] or None,
             repetition_penalty=s["repetition_penalty"],
             max_new_tokens=req.max_tokens,

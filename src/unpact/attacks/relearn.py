@@ -14,7 +14,7 @@ from unpact.data.items import QAItem
 from unpact.determinism import keeps_rng
 from unpact.errors import UnpactError
 from unpact.judge import answer_items
-from unpact.models import LanguageModel, load_model
+from unpact.models import DTYPES, LanguageModel, load_model
 from unpact.train import Trainer
 from unpact.types import Seed
 from unpact.unlearn.loop import _batch, batch_indices, encode_items
@@ -117,8 +117,6 @@ def finetune(
         trainer.step(partial(_nll, lm.model, _batch(encoded, idx)), step)
     lm.model.eval()
     if ctx.dtype != "float32":
-        from unpact.models import DTYPES
-
         lm.model.to(DTYPES[ctx.dtype])
     return lm
 

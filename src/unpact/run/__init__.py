@@ -271,36 +271,48 @@ def run(
         results["attack_baselines"] = finite(baselines)
     if no_control:
         results.setdefault("skipped", {})["controls"] = no_control
-    if reword is not None:
-        reword(results.setdefault("skipped", {}))
-        if not results["skipped"]:
-            del results["skipped"]
-    results["verdicts"] = {  # each test in plain words (run/audit.py)
-        m.label: verdicts(
-            results["methods"][m.label],
-            records[m.label],
-            attacks,
-            cfg.statistics.alpha,
-            results.get("skipped"),
-            m.label,
-        )
-        for m in unlearned
-    }
+    _add_verdicts(results, cfg, records, attacks, reword)
     results["seconds"] = time.perf_counter() - began
-    if p.seconds:  # the stages this call computed (cached ones took no time here)
-        results["stage_seconds"] = p.seconds
-    if p.cached_seconds:  # the cached ones: what computing them took when they were made
-        results["stage_seconds_cached"] = p.cached_seconds
+    _add_provenance(results, p, [original, found.reference])
     _link_models(out, cfg, original, unlearned)
-    injections = {m.label: m.info["injection"] for m in (original, found.reference) if m and m.info}
-    if injections:
-        results["injection"] = finite(injections)
     if found.reference is not None and cfg.membership.reference is None:
         link_model(Path(found.reference.spec), out / "models" / "retrained")
     _write(out, cfg, results, records, stages)
     say(f"done in {results['seconds']:.0f} s")
     every = [r for rs in records.values() for r in rs]
     return RunResult(out, results, every, p.computed)
+
+
+def _add_verdicts(
+    results: dict[str, Any],
+    cfg: RunConfig,
+    records: dict[str, list[ItemRecord]],
+    attacks: list[str],
+    reword: Callable[[dict[str, str]], None] | None,
+) -> None:
+    """Each method's tests in plain words (run/audit.py), read after `reword` has said
+    the reasons for what was left out as the caller wants them said."""
+    if reword is not None:
+        reword(results.setdefault("skipped", {}))
+        if not results["skipped"]:
+            del results["skipped"]
+    alpha, skipped = cfg.statistics.alpha, results.get("skipped")
+    results["verdicts"] = {
+        label: verdicts(results["methods"][label], rows, attacks, alpha, skipped, label)
+        for label, rows in records.items()
+    }
+
+
+def _add_provenance(results: dict[str, Any], p: Pipeline, taught: list[Model | None]) -> None:
+    """The time of each stage this call computed, and of each it read from the cache (what
+    computing it took when it was made), and the injections of the taught models."""
+    if p.seconds:
+        results["stage_seconds"] = p.seconds
+    if p.cached_seconds:
+        results["stage_seconds_cached"] = p.cached_seconds
+    injections = {m.label: m.info["injection"] for m in taught if m and m.info}
+    if injections:
+        results["injection"] = finite(injections)
 
 
 def _evaluated_as(cfg: RunConfig, given: str) -> dict[str, Any]:

@@ -162,7 +162,7 @@ def _chosen_attacks(preset: str, attacks: list[str] | None) -> list[dict[str, An
 _CHOICES = {
     "preset": tuple(PRESETS),
     "judge": ("contains", "rouge"),
-    "dtype": ("float32", "bfloat16", "float16"),
+    "dtype": ("float32", "bfloat16", "float16"),  # the order of RunConfig.dtype
 }
 
 
@@ -308,7 +308,7 @@ def _recovery(
 def unmeasured(skipped: dict[str, str], label: str) -> str | None:
     """Why the indistinguishability of the method `label` was not measured, from
     results.json's `skipped`: its own model's scores, the run's, or both figures'."""
-    for key in (f"membership.{label}", "membership.retrained", "membership"):
+    for key in (f"membership.{label}", "membership"):
         if key in skipped:
             return skipped[key]
     reasons = dict.fromkeys(skipped[k] for k in ("privleak", "forget_quality") if k in skipped)
