@@ -27,7 +27,7 @@ from unpact.membership import (
 from unpact.membership_scores import document_stats, gradient_norms, token_stats
 from unpact.metrics import METRICS, ItemRecord, MetricContext
 from unpact.run.config import MembershipSettings
-from unpact.run.membership import fluency, repetition
+from unpact.run.membership import fluency, repetition, undefined_privleak
 
 
 def stats(logprobs, argmax=None, mu=None, sigma=None, text="abc"):
@@ -69,6 +69,20 @@ def test_auc_privleak_and_forget_quality_by_hand():
     # KS: identical samples p = 1; fully separated 3 against 3, exact p = 2 / C(6, 3)
     assert forget_quality([1, 2, 3], [1, 2, 3]) == 1.0
     assert forget_quality([1, 2, 3], [4, 5, 6]) == pytest.approx(0.1)
+
+
+def test_privleak_undefined_by_a_zero_reference_auc_is_said():
+    # every holdout text more familiar to the reference than every forget text: AUC 0
+    zero = auc([1.0, 2.0], [3.0, 4.0])
+    assert zero == 0 and math.isnan(privleak(0.7, zero))
+    reasons = undefined_privleak(
+        {"mia_auc": {"min_k": zero, "loss": 0.5}, "mia_auc_documents": {"min_k": 0.4}}, "min_k"
+    )
+    assert set(reasons) == {"privleak"} and "min_k AUC is 0" in reasons["privleak"]
+    assert undefined_privleak({"mia_auc": {"min_k": zero}}, "loss") == {}
+    assert set(undefined_privleak({"mia_auc_documents": {"loss": 0.0}}, "loss")) == {
+        "privleak_documents"
+    }
 
 
 def test_truth_ratio_by_hand():

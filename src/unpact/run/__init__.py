@@ -885,6 +885,7 @@ def _references(
             only=lambda m: "membership" in m.needs and "fluency" not in m.needs,
         )
     skipped = membership.missing_inputs(data, cfg.membership) | found.served
+    skipped |= membership.undefined_privleak(out["retrained"], cfg.membership.privleak_attack)
     return {"references": out} | ({"skipped": skipped} if skipped else {})
 
 

@@ -173,6 +173,21 @@ def missing_inputs(data: Data, settings: MembershipSettings) -> dict[str, str]:
     return out
 
 
+def undefined_privleak(retrained: dict[str, Any], attack: str) -> dict[str, str]:
+    """Why PrivLeak has no value although its inputs are there: it divides by the retrained
+    reference's AUC, which is 0 when the reference scores every holdout text as more
+    familiar than every forget text (few items, or holdout text closer to the retain facts
+    than the forget text is)."""
+    out: dict[str, str] = {}
+    for key, aucs in (("privleak", "mia_auc"), ("privleak_documents", "mia_auc_documents")):
+        if (retrained.get(aucs) or {}).get(attack) == 0:
+            out[key] = (
+                f"the retrained reference's {attack} AUC is 0 (it finds every holdout text "
+                "more familiar than every forget text) and PrivLeak divides by it"
+            )
+    return out
+
+
 def scored_documents(data: Data, settings: MembershipSettings) -> list[Document]:
     """The documents whose membership is inferred: the forget and holdout documents of the
     run's items (all of the split where its items name none), at most `settings.documents`
