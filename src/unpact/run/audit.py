@@ -19,11 +19,12 @@ quality above alpha)? did the focus move?
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 from unpact.attacks import ATTACKS
 from unpact.errors import UnpactError
 from unpact.metrics import ItemRecord, display
+from unpact.run.config import EvalDtype
 
 # The battery: every attack of the field that needs no user data beyond the benchmark.
 PROMPT_ATTACKS = ("focus_on_key", "probab", "focus_on_key_probab")
@@ -162,7 +163,7 @@ def _chosen_attacks(preset: str, attacks: list[str] | None) -> list[dict[str, An
 _CHOICES = {
     "preset": tuple(PRESETS),
     "judge": ("contains", "rouge"),
-    "dtype": ("float32", "bfloat16", "float16"),  # the order of RunConfig.dtype
+    "dtype": get_args(EvalDtype),
 }
 
 

@@ -323,6 +323,9 @@ class ReportSettings(_Strict):
     )
 
 
+EvalDtype = Literal["float32", "bfloat16", "float16"]  # float32 first: the default
+
+
 class RunConfig(_Strict):
     """One experiment. Every field has a default except the methods."""
 
@@ -343,7 +346,7 @@ class RunConfig(_Strict):
         description="where local models run (cpu, cuda, cuda:N, auto): injection, evaluation, "
         "attribution, attacks (unlearning: accelerate's choice); not part of any cache key",
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+    dtype: EvalDtype = Field(
         "float32",
         description="the dtype local models are evaluated in (judging, attribution, attacks, "
         "membership inference): bfloat16 halves a large model's memory on a GPU, at the "
