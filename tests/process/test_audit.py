@@ -260,6 +260,17 @@ def test_sentence_answers_can_be_judged_by_rouge():
     assert audit_config("default", "default", "news")[0]["judge"] == {"kind": "contains"}
 
 
+def test_dtype_of_a_served_pair_is_refused(tmp_path):
+    served = "openai:m@http://127.0.0.1:1/v1"
+    res = _audit(
+        *("--original", served, "--unlearned", served, "--benchmark", "news"),
+        *("--out", str(tmp_path / "a"), "--dtype", "bfloat16"),
+        cache=tmp_path / "cache",
+    )
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "--dtype: bfloat16 applies to local models" in res.stderr
+
+
 def test_a_served_model_skips_the_attacks_that_need_weights_and_says_why():
     config, skipped = audit_config(
         "openai:m@http://127.0.0.1:9/v1", "openai:u@http://127.0.0.1:9/v1", "news"

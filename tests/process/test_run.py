@@ -410,6 +410,16 @@ def test_a_config_built_in_python_may_hold_paths(setup):
             r"membership\.reference: model spec .*no such file",
         ),
         ({"membership": {"base": "./no/such/model"}}, r"membership\.base: model spec"),
+        # a served model's dtype is its server's: results.json said bfloat16 all the same
+        (
+            {
+                "model": "openai:m@http://127.0.0.1:1/v1",
+                "inject": {"enabled": False},
+                "methods": [{"model": "openai:u@http://127.0.0.1:1/v1", "name": "u"}],
+                "dtype": "bfloat16",
+            },
+            r"dtype: bfloat16 applies to local models, and every model of this run is served",
+        ),
         # once accepted silently: no McNemar test, and a cached run that loads no model
         ({"statistics": {"baseline_attack": "nope"}}, r"statistics\.baseline_attack: 'nope'"),
         ({"device": "tpu"}, r"device: unknown device 'tpu'"),

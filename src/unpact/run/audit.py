@@ -25,6 +25,7 @@ from unpact.attacks import ATTACKS
 from unpact.errors import UnpactError
 from unpact.metrics import ItemRecord, display
 from unpact.run.config import EvalDtype
+from unpact.types import is_remote_spec
 
 # The battery: every attack of the field that needs no user data beyond the benchmark.
 PROMPT_ATTACKS = ("focus_on_key", "probab", "focus_on_key_probab")
@@ -90,7 +91,6 @@ def audit_config(
     are imported first, so that `attacks` may name theirs."""
     from unpact.attacks import ATTACKS, get_attack
     from unpact.plugins import load_plugins
-    from unpact.types import is_remote_spec
 
     plugins = [_absolute(p) for p in plugins or []]
     load_plugins(plugins)
@@ -384,6 +384,12 @@ def audit(
             check_spec(spec)
         except UnpactError as e:
             raise UnpactError(f"--{option}: {e}") from None
+    dtype = options.get("dtype", "float32")
+    if dtype != "float32" and all(is_remote_spec(s) for s in named.values()):
+        raise UnpactError(
+            f"--dtype: {dtype} applies to local models, and every model given is served (a "
+            "served model's dtype is its server's: vLLM --dtype); leave --dtype out"
+        )
     if options.get("chat_template") is not None:
         from unpact.models import with_chat_template_named
 

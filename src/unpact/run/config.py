@@ -385,6 +385,15 @@ class RunConfig(_Strict):
         self.methods = [run for spec in self.methods for run in spec.expand()]
         return self
 
+    def model_specs(self) -> dict[str, str]:
+        """Every model the config names, by its key (`model` or `models.N.model`, the
+        methods' given models, the membership reference and base)."""
+        named: dict[str, str | None] = {"model": self.model} if not self.models else {}
+        named |= {f"models.{n}.model": m.model for n, m in enumerate(self.models or [])}
+        named |= {f"methods.{n}.model": m.model for n, m in enumerate(self.methods)}
+        named |= {f"membership.{k}": getattr(self.membership, k) for k in ("reference", "base")}
+        return {key: spec for key, spec in named.items() if spec is not None}
+
 
 def _paths_as_text(value: Any) -> Any:
     """`value` with every path (`os.PathLike`) in it, at any depth, as its text."""
@@ -435,19 +444,20 @@ def _check_references(config: RunConfig, where: str) -> None:
             read_chat_template(config.chat_template)
         except UnpactError as e:
             raise UnpactError(f"{where}: chat_template: {e}") from None
-        from unpact.types import is_remote_spec
-
-        named = {"model": config.model, "membership.reference": config.membership.reference}
-        named |= {"membership.base": config.membership.base}
-        named |= {f"models.{n}.model": m.model for n, m in enumerate(config.models or [])}
-        named |= {f"methods.{n}.model": m.model for n, m in enumerate(config.methods)}
-        for key, spec in named.items():
-            if spec is not None and is_remote_spec(spec):
+        for key, spec in config.model_specs().items():
+            if is_remote_spec(spec):
                 raise UnpactError(
                     f"{where}: chat_template: {key} ({spec}) is served and renders its "
                     "server's template; start the server with --chat-template FILE, or "
                     "leave chat_template out"
                 )
+    specs = config.model_specs()
+    if config.dtype != "float32" and specs and all(map(is_remote_spec, specs.values())):
+        raise UnpactError(
+            f"{where}: dtype: {config.dtype} applies to local models, and every model of "
+            "this run is served (a served model's dtype is its server's: vLLM --dtype); "
+            "leave dtype out"
+        )
     bases = _check_models(config, where)
     names = _check_attacks(config, where)
     shown = config.report.dilemma_attack
