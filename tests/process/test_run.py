@@ -952,6 +952,17 @@ def test_a_run_evaluates_in_the_dtype_it_names(setup, finished, tmp_path, monkey
         load_config(config | {"dtype": "float8"})
 
 
+def test_a_served_model_beside_a_local_one_is_said_to_keep_its_servers_dtype(setup):
+    from unpact.run import _evaluated_as
+
+    root, config = setup
+    served = {"model": "openai:u@http://127.0.0.1:1/v1", "name": "u"}
+    cfg = load_config(config | {"dtype": "bfloat16", "methods": [served]})
+    said = _evaluated_as(cfg, cfg.model)
+    assert said["dtype"] == "bfloat16" and "(methods.0.model)" in said["dtype_note"]
+    assert "dtype_note" not in _evaluated_as(load_config(config | {"dtype": "bfloat16"}), "")
+
+
 def test_stage_keys_are_exact(setup, finished, tmp_path):
     """A stage's key is what it reads: the same config computes nothing; fewer general
     items re-run only the general evaluation (no unlearning, no attribution); one attack's

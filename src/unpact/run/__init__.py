@@ -321,6 +321,11 @@ def _evaluated_as(cfg: RunConfig, given: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if cfg.dtype != "float32":
         out["dtype"] = cfg.dtype
+        served = [key for key, spec in cfg.model_specs().items() if is_remote_spec(spec)]
+        if served:
+            out["dtype_note"] = (
+                f"served models ({', '.join(served)}) are evaluated in their server's dtype"
+            )
     if cfg.chat_template is not None:
         out["model"], out["chat_template"] = given, cfg.chat_template
     return out
