@@ -361,15 +361,61 @@ def _sampling(lm: LanguageModel, fields: _Fields) -> dict[str, float]:
     return s
 
 
+# vLLM's /v1/completions fields that change the output and that this server does not
+# implement, each with the value that changes nothing: asked for otherwise, the request is
+# refused (ignored, a `stop` or `stream` gave another output than vLLM's, silently)
+_UNIMPLEMENTED: dict[str, Any] = {
+    "stream": False,
+    "stop": None,
+    "stop_token_ids": None,
+    "suffix": None,
+    "best_of": None,
+    "logit_bias": None,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "min_tokens": 0,
+    "ignore_eos": False,
+    "include_stop_str_in_output": False,
+    "allowed_token_ids": None,
+    "bad_words": None,
+    "guided_json": None,
+    "guided_regex": None,
+    "guided_choice": None,
+    "guided_grammar": None,
+    "structured_outputs": None,
+    "response_format": None,
+}
+
+
+def _unimplemented(body: dict[str, Any]) -> Any:
+    """The error reply for a field that would change the output and that this server does
+    not implement, or None."""
+    for field, inert in _UNIMPLEMENTED.items():
+        value = body.get(field, inert)
+        if field == "best_of" and value == body.get("n", 1):
+            continue  # as many candidates as choices: nothing to pick among
+        if value != inert and value not in (None, [], {}, ""):
+            return _error(
+                400,
+                f"unpact serve does not implement `{field}` (it serves what unpact's remote "
+                "backend asks; docs/remote.md): serve the model with vLLM for it",
+                field,
+            )
+    return None
+
+
 def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any:
     """The request's fields (`name`: the served model's), or the error reply vLLM gives
-    for a bad one."""
+    for a bad one (and ours for a field this server does not implement)."""
     from pydantic import ValidationError
 
     try:
         fields = _Fields.model_validate(body)
     except ValidationError as exc:
         return _validation_error(exc.errors(include_url=False, include_context=False))
+    refused = _unimplemented(body)
+    if refused is not None:
+        return refused
     if fields.top_k is not None and fields.top_k < -1:  # SamplingParams._verify_args
         return _error(400, f"top_k must be 0 (disable), or at least 1, got {fields.top_k}.")
     for field in ("logprobs", "prompt_logprobs"):

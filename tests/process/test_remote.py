@@ -887,6 +887,34 @@ def test_unpact_serve_answers_a_mistyped_field_with_vllms_400(served, change, pa
     assert error["code"] == 400 and error["param"] == param, error
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"stream": True},
+        {"stop": ["\n"]},
+        {"stop": "."},
+        {"logit_bias": {"5": 10}},
+        {"presence_penalty": 0.5},
+        {"best_of": 3},
+        {"min_tokens": 2},
+    ],
+)
+def test_unpact_serve_refuses_a_field_it_does_not_implement(served, change):
+    """vLLM honours `stop`, `stream`, penalties and the rest; unpact serve ignored them and
+    answered as if they were not there (a `stop` came back unstopped). Now a 400 naming
+    the field; the values that change nothing (as unpact's client sends them) pass."""
+    import httpx
+
+    body = {"model": "tiny", "prompt": [5, 6], "max_tokens": 2}
+    reply = httpx.post(f"{served[1]}/completions", json=body | change)
+    assert reply.status_code == 400, reply.text
+    (field,) = change
+    error = reply.json()["error"]
+    assert error["param"] == field and f"does not implement `{field}`" in error["message"]
+    inert = {"stream": False, "stop": [], "presence_penalty": 0.0, "best_of": 1, "logit_bias": {}}
+    assert httpx.post(f"{served[1]}/completions", json=body | inert).status_code == 200
+
+
 def test_unpact_serve_takes_a_request_without_a_model_and_refuses_a_body_not_an_object(served):
     """As vLLM: no `model` means the served one; a body that is not a JSON object is a 400
     in vLLM's error shape (FastAPI's own reply is a 422 of another shape)."""

@@ -955,7 +955,7 @@ def test_a_run_evaluates_in_the_dtype_it_names(setup, finished, tmp_path, monkey
 def test_a_served_model_beside_a_local_one_is_said_to_keep_its_servers_dtype(setup):
     from unpact.run import _evaluated_as
 
-    root, config = setup
+    _, config = setup
     served = {"model": "openai:u@http://127.0.0.1:1/v1", "name": "u"}
     cfg = load_config(config | {"dtype": "bfloat16", "methods": [served]})
     said = _evaluated_as(cfg, cfg.model)
