@@ -15,13 +15,10 @@ options (`choose_option`, on the hot path).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import string
 import unicodedata
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -155,6 +152,10 @@ class LLMJudgeSettings(BaseModel):
         LLM_PROMPT, description="{question}, {answer}, {output} are filled in"
     )
     timeout: float = Field(60.0, gt=0, description="seconds per request")
+    concurrency: int = Field(8, ge=1, description="requests in flight at once")
+    retries: int = Field(
+        6, ge=0, description="retries after a timeout, dropped connection, 429 or 5xx"
+    )
 
 
 class JudgeSettings(BaseModel):
@@ -192,42 +193,56 @@ def judge_many(verdicts: Sequence[Verdict], settings: JudgeSettings | None = Non
         ]
     if settings.llm is None:
         raise UnpactError("judge.kind is llm but judge.llm (base_url, model) is not set")
-    return [_ask_llm(settings.llm, v) for v in verdicts]
+    return _ask_llm(settings.llm, verdicts)
 
 
-def _ask_llm(settings: LLMJudgeSettings, verdict: Verdict) -> bool:
-    headers = {"Content-Type": "application/json"}
-    if settings.api_key_env:
-        key = os.environ.get(settings.api_key_env)
-        if not key:
-            raise UnpactError(
-                f"the LLM judge reads its key from ${settings.api_key_env}, which is not set"
-            )
-        headers["Authorization"] = f"Bearer {key}"
-    content = settings.prompt.format(
-        question=verdict.question, answer=verdict.answer, output=verdict.output
+def _ask_llm(settings: LLMJudgeSettings, verdicts: Sequence[Verdict]) -> list[bool]:
+    """The LLM's yes or no per verdict, `concurrency` requests at a time through the remote
+    backend's client (a timeout, a dropped connection, 429 or 5xx retried with backoff:
+    one rate-limited reply ended a run)."""
+    from unpact.remote import RemoteError, RemoteModel, RemoteSettings
+
+    if settings.api_key_env and not os.environ.get(settings.api_key_env):
+        raise UnpactError(
+            f"the LLM judge reads its key from ${settings.api_key_env}, which is not set"
+        )
+    client = RemoteModel(
+        settings.model,
+        settings.base_url.rstrip("/"),
+        RemoteSettings(
+            api_key_env=settings.api_key_env or "",
+            concurrency=settings.concurrency,
+            timeout=settings.timeout,
+            deadline=max(120.0, 2 * settings.timeout),
+            retries=settings.retries,
+        ),
+        model_option="judge.llm.model",
     )
-    body = {
-        "model": settings.model,
-        "messages": [{"role": "user", "content": content}],
-        "temperature": 0,
-        "max_tokens": 3,
-    }
-    url = settings.base_url.rstrip("/") + "/chat/completions"
-    request = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
+    url = f"{client.base_url}/chat/completions"
+
+    def one(verdict: Verdict) -> bool:
+        content = settings.prompt.format(
+            question=verdict.question, answer=verdict.answer, output=verdict.output
+        )
+        body = {
+            "model": settings.model,
+            "messages": [{"role": "user", "content": content}],
+            "temperature": 0,
+            "max_tokens": 3,
+        }
+        reply = client.post(url, body)
+        try:
+            text = reply["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise UnpactError(f"LLM judge at {url}: not an OpenAI chat completion reply") from None
+        return normalize(str(text)).split()[:1] == ["yes"]
+
     try:
-        with urllib.request.urlopen(request, timeout=settings.timeout) as response:
-            reply = json.loads(response.read())
-        text = reply["choices"][0]["message"]["content"]
-    except urllib.error.HTTPError as e:
-        e.close()  # the error holds the reply's open connection
-        # The message names the endpoint and the status, never the key.
-        raise UnpactError(f"LLM judge at {url}: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, TimeoutError, OSError) as e:
-        raise UnpactError(f"LLM judge at {url} is unreachable: {e}") from None
-    except (KeyError, IndexError, TypeError, ValueError):
-        raise UnpactError(f"LLM judge at {url}: not an OpenAI chat completion reply") from None
-    return normalize(str(text)).split()[:1] == ["yes"]
+        return client.map(one, list(verdicts))
+    except RemoteError as e:  # the message names the endpoint and the failure, never the key
+        raise UnpactError(f"LLM judge: {e}") from None
+    finally:
+        client.close()
 
 
 def choose_options(

@@ -121,6 +121,8 @@ class RemoteModel:
     base_url: str
     settings: RemoteSettings = field(default_factory=RemoteSettings)
     spec: str = ""
+    # where the user wrote the model's name, for the hint when the server has no such model
+    model_option: str = field(default="MODEL in openai:MODEL@URL", repr=False)
     is_remote: bool = field(default=True, init=False)
     _client: Any = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -284,9 +286,7 @@ class RemoteModel:
         it does serve (GET /v1/models, asked once, no retries)."""
         if not _unknown_model(code, message):
             return _capability_hint(url, code)
-        hint = (
-            f" — the server serves no model named {self.model_name!r} (MODEL in openai:MODEL@URL)"
-        )
+        hint = f" — the server serves no model named {self.model_name!r} ({self.model_option})"
         import httpx
 
         try:

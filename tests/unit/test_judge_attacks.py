@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
 import pytest
@@ -98,13 +98,22 @@ def test_ascii_text_normalises_as_it_always_did():
 
 
 class _Judge(BaseHTTPRequestHandler):
-    """An OpenAI-compatible endpoint: 'yes' if the reference is in the model answer."""
+    """An OpenAI-compatible endpoint: 'yes' if the reference is in the model answer; the
+    first `busy` requests are answered 429 (a rate limit)."""
 
     seen: ClassVar[list[dict]] = []
+    busy: ClassVar[int] = 0
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).seen.append({"auth": self.headers.get("Authorization"), "body": body})
+        if type(self).busy > 0:
+            type(self).busy -= 1
+            self.send_response(429, "Too Many Requests")
+            self.send_header("Retry-After", "0")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if self.path != "/v1/chat/completions":
             self.send_response(404)
             self.end_headers()
@@ -129,8 +138,8 @@ class _Judge(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def judge_server():
-    server = HTTPServer(("127.0.0.1", 0), _Judge)
-    _Judge.seen = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
+    _Judge.seen, _Judge.busy = [], 0
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/v1"
@@ -157,6 +166,20 @@ def test_llm_judge_over_http_reads_the_key_from_the_environment(judge_server, mo
     assert SECRET not in json.dumps(settings.model_dump())
 
 
+def test_llm_judge_retries_a_rate_limit_and_keeps_the_order(judge_server, monkeypatch):
+    """A 429 from a hosted judge ended the run; now retried, many requests in flight, the
+    verdicts in the order asked."""
+    monkeypatch.setenv("UNPACT_TEST_KEY", SECRET)
+    _Judge.busy = 3
+    settings = JudgeSettings(
+        kind="llm",
+        llm=LLMJudgeSettings(base_url=judge_server, model="j", api_key_env="UNPACT_TEST_KEY"),
+    )
+    verdicts = [Verdict("Who?", f"It was {n}.", str(n if n % 3 else -1)) for n in range(12)]
+    assert judge_many(verdicts, settings) == [n % 3 != 0 for n in range(12)]
+    assert len(_Judge.seen) == 12 + 3
+
+
 def test_llm_judge_failures_are_one_message_without_the_key(judge_server, monkeypatch):
     settings = JudgeSettings(
         kind="llm", llm=LLMJudgeSettings(base_url=judge_server, model="m", api_key_env="NO_KEY")
@@ -170,9 +193,11 @@ def test_llm_judge_failures_are_one_message_without_the_key(judge_server, monkey
     assert SECRET not in str(info.value)
     unreachable = JudgeSettings(
         kind="llm",
-        llm=LLMJudgeSettings(base_url="http://127.0.0.1:9/v1", model="m", api_key_env=None),
+        llm=LLMJudgeSettings(
+            base_url="http://127.0.0.1:9/v1", model="m", api_key_env=None, retries=1
+        ),
     )
-    with pytest.raises(UnpactError, match="unreachable"):
+    with pytest.raises(UnpactError, match=r"LLM judge: .*connection failed"):
         judge_many([Verdict("q", "a", "a")], unreachable)
     with pytest.raises(UnpactError, match=r"judge\.llm"):
         judge_many([Verdict("q", "a", "a")], JudgeSettings(kind="llm"))
