@@ -169,6 +169,15 @@ class JudgeSettings(BaseModel):
     max_new_tokens: int = Field(32, gt=0, description="greedy answer length")
     llm: LLMJudgeSettings | None = Field(None, description="the LLM judge's endpoint")
 
+    def cache_key(self) -> dict[str, Any]:
+        """What decides the verdicts, for a stage's cache key: everything but how the LLM
+        judge is reached (its key's variable, timeout, concurrency, retries)."""
+        key = self.model_dump(mode="json")
+        if key["llm"] is not None:
+            for transport in ("api_key_env", "timeout", "concurrency", "retries"):
+                del key["llm"][transport]
+        return key
+
 
 @dataclass(frozen=True)
 class Verdict:

@@ -166,6 +166,21 @@ def test_llm_judge_over_http_reads_the_key_from_the_environment(judge_server, mo
     assert SECRET not in json.dumps(settings.model_dump())
 
 
+def test_judge_cache_key_leaves_out_how_the_llm_is_reached():
+    plain = JudgeSettings()
+    assert plain.cache_key() == plain.model_dump(mode="json")  # cached stages stay valid
+
+    def llm(**kw):
+        return JudgeSettings(kind="llm", llm=LLMJudgeSettings(base_url="http://x/v1", **kw))
+
+    one = llm(model="j", timeout=5, concurrency=1, retries=0, api_key_env=None)
+    assert one.cache_key() == llm(model="j").cache_key()
+    assert llm(model="j").cache_key() != llm(model="k").cache_key()
+    assert llm(model="j", prompt="{question} {answer} {output}?").cache_key() != (
+        llm(model="j").cache_key()
+    )
+
+
 def test_llm_judge_retries_a_rate_limit_and_keeps_the_order(judge_server, monkeypatch):
     """A 429 from a hosted judge ended the run; now retried, many requests in flight, the
     verdicts in the order asked."""

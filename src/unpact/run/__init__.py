@@ -554,7 +554,7 @@ def _model_stages(
             lm = open_model(model.spec, dtype=cfg.dtype, device=cfg.device, remote=cfg.remote)
         return lm
 
-    judge = cfg.judge.model_dump(mode="json")
+    judge = cfg.judge.cache_key()
     evals: dict[str, dict[str, Any]] = {}
     for split in SPLITS:
         items = data.splits[split]
@@ -675,7 +675,7 @@ def _attack_stage(
         attack.settings.model_dump(mode="json"),
         [i.id for i in items],
         ctx.keys,
-        cfg.judge.model_dump(mode="json"),
+        cfg.judge.cache_key(),
         *attack.key_parts(ctx),
         *([explain] if attack.explains else []),
         *([f"revision {attack.revision}"] if attack.revision else []),
@@ -738,7 +738,7 @@ def _baselines(p: Pipeline, data: Data, original: Model) -> dict[str, Any]:
             spec.name,
             attack.settings.model_dump(mode="json"),
             {s: data.key(s) for s in SPLITS},
-            p.cfg.judge.model_dump(mode="json"),
+            p.cfg.judge.cache_key(),
             *attack.key_parts(ctx),
         ]
         rows = p.stage(
