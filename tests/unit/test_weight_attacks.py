@@ -340,11 +340,15 @@ def test_the_lens_reads_options_that_all_open_alike_where_they_part(saved):
     """Options that all open with the same token (a shared first word; the lone space a
     template ending `Answer: ` leaves before digits) were never right: every option had
     the right one's first token. They are read after it, by the token where they part."""
-    from unpact.attacks.weights import _parting
+    from unpact.attacks.weights import _decisions
     from unpact.models import load_model
 
-    assert _parting([[5, 6, 7], [5, 6, 8], [5, 9]]) == ([5], [6, 6, 9])
-    assert _parting([[5], [5, 6]]) == ([], [5, 5])  # each keeps a token of its own
+    three = [[5, 6, 7], [5, 6, 8], [5, 9]]
+    assert _decisions(three, 2) == ([([5], 9, [6])], True)
+    # the right option shares its token with another: read on where those two part
+    assert _decisions(three, 0) == ([([5], 6, [9]), ([5, 6], 7, [8])], True)
+    assert _decisions([[5], [5, 6]], 0) == ([([], 5, [])], False)  # "5" ends, "5 6" goes on
+    assert _decisions([[5, 6], [5, 6]], 1) == ([([5], 6, [])], False)  # the same option twice
     lm = load_model(str(saved / "m1"))
     opts = ("A lamp", "A bell", "A mill")  # the tiny tokenizer: A + Ġ, Ġb, Ġm
     prompt = lm.encode_prompt("What is the capital of France?")
@@ -362,6 +366,44 @@ def test_the_lens_reads_options_that_all_open_alike_where_they_part(saved):
         want = [all(logits[k, right] > logits[k, t] for t in others) for k in range(len(logits))]
         assert row["layers"] == want
     assert sum(any(r["layers"]) for r in rows) >= 1  # some option is the lens's pick
+
+
+def test_the_lens_reads_on_where_options_sharing_the_right_token_part(saved):
+    """Options sharing the right option's first token were never right (5% of the built-in
+    wmdp items, more on real WMDP, where options open alike): read on after that token,
+    where they part, the right option must win at both readings."""
+    from unpact.models import load_model
+
+    lm = load_model(str(saved / "m1"))
+    opts = ("Paris lamp", "Paris bell", "glass")
+    prompt = lm.encode_prompt("What is the capital of France?")
+    conts = [lm.encode_answer(o, prompt) for o in opts]
+    # the tiny tokenizer: "Paris", "Ġ", then "l..." against "b...": they part at the third
+    assert conts[0][:2] == conts[1][:2] and conts[0][2] != conts[1][2]
+    assert conts[0][0] != conts[2][0]
+    items = [
+        QAItem(f"forget-{n}", "What is the capital of France?", o, "forget", choices=opts)
+        for n, o in enumerate(opts)
+    ]
+    rows = get_attack("logit_lens", {"last_layer": True}).run(_ctx(saved, "x", items))
+    first, second = (
+        lens_logits(lm.model, last_states(lm.model, [seq])[0, 1:])
+        for seq in ([*prompt.input_ids], [*prompt.input_ids, *conts[0][:2]])
+    )
+    layers = range(len(first))
+    for n in (0, 1):  # the lens at both readings, by hand
+        mine, theirs = conts[n][2], conts[1 - n][2]
+        want = [
+            bool(first[k, conts[n][0]] > first[k, conts[2][0]])
+            and bool(second[k, mine] > second[k, theirs])
+            for k in layers
+        ]
+        assert rows[n]["layers"] == want
+    assert rows[2]["layers"] == [
+        bool(first[k, conts[2][0]] > first[k, conts[0][0]]) for k in layers
+    ]
+    # the pick is one option at every layer: exactly one of the three is right there
+    assert all(sum(r["layers"][k] for r in rows) == 1 for k in layers)
 
 
 @pytest.mark.parametrize(

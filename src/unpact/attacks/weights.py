@@ -333,50 +333,59 @@ class LayerAttack(WeightAttack):
 class LogitLens(LayerAttack):
     """Logit lens (nostalgebraist 2020; Lynch et al. 2024): the residual stream at the last
     prompt token after each layer, read through the final norm and LM head. Per layer, the
-    rank and probability of the answer's first token; right when it is the top token (for a
-    multiple-choice item: when the right option's first token outranks the others', and no
-    other option opens with the same token)."""
+    rank and probability of the answer's first token; right when it is the top token. A
+    multiple-choice item is read where its options part (after the tokens they all open
+    with): right when the right option's token there outranks every other option's; where
+    other options open with the same token as the right one, the lens reads on after that
+    token, where those part, and so on (`_decisions`): right when the right option wins at
+    each of those readings, as a greedy reading of the options token by token would pick
+    it. An option that ends where another goes on cannot be told from it by a token: not
+    right."""
 
     name = "logit_lens"
     title = "logit lens"
     # 1: options sharing the right option's first token: not right; 2: options that all
-    # open alike (a lone space after `Answer: `, a shared first word) read after it
-    revision = 2
+    # open alike (a lone space after `Answer: `, a shared first word) read after it; 3:
+    # options sharing the right option's token read on where they part
+    revision = 3
 
     def per_layer(self, ctx: AttackContext, lm: LanguageModel) -> list[dict[str, Any]]:
-        encoded = [lm.encode_prompt(i.question) for i in ctx.items]
-        choices = [options(i) if i.is_mcq else None for i in ctx.items]
-        # an open answer is read where it is scored (`follow`: after a lone space token, a
-        # year's first digit, not the space); a multiple-choice item's options where they
-        # part (`_parting`), each by its token there
-        firsts: list[list[int]] = []
-        seqs: list[list[int]] = []
-        for item, e, opts in zip(ctx.items, encoded, choices):
-            if opts is None:
+        # per item, the sequences the lens reads at their last token, each with the right
+        # token there and the other options' (none for an open answer), and whether the
+        # right option can be told apart at all. An open answer is read where it is scored
+        # (`follow`: after a lone space token, a year's first digit, not the space)
+        items: list[tuple[list[Reading], bool]] = []
+        for item in ctx.items:
+            e = lm.encode_prompt(item.question)
+            found = options(item) if item.is_mcq else None
+            if found is None:
                 prompt, ids = follow(lm, e, item.answer)
-                seqs.append(list(prompt.input_ids))
-                firsts.append([ids[0]])
-            else:
-                common, tokens = _parting([list(lm.encode_answer(o, e)) for o in opts[0]])
-                seqs.append([*e.input_ids, *common])
-                firsts.append(tokens)
+                items.append(([(list(prompt.input_ids), ids[0], [])], True))
+                continue
+            opts, right = found
+            path, decidable = _decisions([list(lm.encode_answer(o, e)) for o in opts], right)
+            items.append(
+                ([([*e.input_ids, *pre], t, rivals) for pre, t, rivals in path], decidable)
+            )
+        seqs = [seq for readings, _ in items for seq, _, _ in readings]
         logits = lens_logits(lm.model, last_states(lm.model, seqs)[:, 1:])  # after each layer
-        rows = []
-        for n, item in enumerate(ctx.items):
-            opts = choices[n]
-            right = firsts[n][opts[1]] if opts else firsts[n][0]
-            rank, prob = token_ranks(logits[n], right)
-            if opts:
-                others = [t for t in set(firsts[n]) if t != right]
-                # options that open with the same token cannot be told apart by it: not right
-                shared = firsts[n].count(right) > 1
+        rows, at = [], 0
+        for item, (readings, decidable) in zip(ctx.items, items):
+            mine = logits[at : at + len(readings)]
+            at += len(readings)
+            rank, prob = token_ranks(mine[0], readings[0][1])
+            if not item.is_mcq:
+                ok = [int(r) == 0 for r in rank]
+            else:  # the right option wins at every reading on its way
                 ok = [
-                    not shared and all(logits[n, k, right] > logits[n, k, t] for t in others)
+                    decidable
+                    and all(
+                        bool((mine[n, k, t] > mine[n, k, rivals]).all())
+                        for n, (_, t, rivals) in enumerate(readings)
+                    )
                     for k in range(len(rank))
                 ]
-            else:
-                ok = [int(r) == 0 for r in rank]
-            top = logits[n].argmax(-1).tolist()
+            top = mine[0].argmax(-1).tolist()
             rows.append(
                 {
                     "id": item.id,
@@ -397,15 +406,34 @@ class LogitLens(LayerAttack):
         return rows
 
 
-def _parting(options: list[list[int]]) -> tuple[list[int], list[int]]:
-    """Where a multiple-choice item's options part: the tokens they all open with (a lone
-    space after `Answer: `, a shared first word; each option keeps at least one token of
-    its own), and each option's token after them, which the lens compares."""
-    shared = 0
-    shortest = min(len(o) for o in options)
-    while shared < shortest - 1 and len({o[shared] for o in options}) == 1:
-        shared += 1
-    return list(options[0][:shared]), [o[shared] for o in options]
+Reading = tuple[list[int], int, list[int]]  # tokens read after, right token, rivals' tokens
+
+
+def _decisions(options: list[list[int]], right: int) -> tuple[list[Reading], bool]:
+    """Where the logit lens reads a multiple-choice item's options: first where they part
+    (after the tokens they all open with: a lone space after `Answer: `, a shared first
+    word; each option keeps at least one token of its own), the right option's token there
+    against the others'; where other options open with the same token as the right one,
+    again after that token (and the tokens those options still share), against theirs; and
+    so on until the right option's token is its own. Returns those readings (the tokens
+    after the prompt, the right token, the rivals' tokens) and whether the right option can
+    be told apart at all: not when an option ends where one it shares every token with goes
+    on (or two options are the same)."""
+    group, pos = list(range(len(options))), 0
+    path: list[Reading] = []
+    while True:
+        shortest = min(len(options[i]) for i in group)
+        while pos < shortest - 1 and len({options[i][pos] for i in group}) == 1:
+            pos += 1
+        token = options[right][pos]
+        rivals = sorted({options[i][pos] for i in group} - {token})
+        path.append((options[right][:pos], token, rivals))
+        group = [i for i in group if options[i][pos] == token]
+        pos += 1
+        if len(group) == 1:
+            return path, True
+        if any(len(options[i]) <= pos for i in group):
+            return path, False
 
 
 class Probe(LayerAttack):
