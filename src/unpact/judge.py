@@ -152,6 +152,9 @@ class LLMJudgeSettings(BaseModel):
         LLM_PROMPT, description="{question}, {answer}, {output} are filled in"
     )
     timeout: float = Field(60.0, gt=0, description="seconds per request")
+    max_tokens: int = Field(
+        3, gt=0, description="reply length asked for (a reasoning model needs room to think)"
+    )
     concurrency: int = Field(8, ge=1, description="requests in flight at once")
     retries: int = Field(
         6, ge=0, description="retries after a timeout, dropped connection, 429 or 5xx"
@@ -237,13 +240,21 @@ def _ask_llm(settings: LLMJudgeSettings, verdicts: Sequence[Verdict]) -> list[bo
             "model": settings.model,
             "messages": [{"role": "user", "content": content}],
             "temperature": 0,
-            "max_tokens": 3,
+            "max_tokens": settings.max_tokens,
         }
         reply = client.post(url, body)
         try:
-            text = reply["choices"][0]["message"]["content"]
+            choice = reply["choices"][0]
+            text = choice["message"]["content"]
         except (KeyError, IndexError, TypeError):
             raise UnpactError(f"LLM judge at {url}: not an OpenAI chat completion reply") from None
+        if not (text or "").strip():  # read as "no", every verdict would be "not known"
+            raise UnpactError(
+                f"LLM judge at {url} replied no text (finish_reason "
+                f"{choice.get('finish_reason')!r}): a reasoning model spends the "
+                f"{settings.max_tokens} tokens asked for thinking; give judge.llm.max_tokens "
+                "room, or a model that answers at once"
+            )
         return normalize(str(text)).split()[:1] == ["yes"]
 
     try:

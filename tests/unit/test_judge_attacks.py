@@ -126,7 +126,10 @@ class _Judge(BaseHTTPRequestHandler):
         ref = text.split("Reference answer: ")[1].split("\n")[0]
         out = text.split("Model answer: ")[1].split("\n")[0]
         reply = "Yes." if ref.lower() in out.lower() else "No"
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]})
+        if "THINK" in out:  # a reasoning model: its tokens went to thinking, no content
+            reply = None
+        message = {"role": "assistant", "content": reply}
+        data = json.dumps({"choices": [{"message": message, "finish_reason": "length"}]})
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.end_headers()
@@ -193,6 +196,10 @@ def test_llm_judge_retries_a_rate_limit_and_keeps_the_order(judge_server, monkey
     verdicts = [Verdict("Who?", f"It was {n}.", str(n if n % 3 else -1)) for n in range(12)]
     assert judge_many(verdicts, settings) == [n % 3 != 0 for n in range(12)]
     assert len(_Judge.seen) == 12 + 3
+    # no text at all (a reasoning model out of tokens) was read as "no": now said
+    with pytest.raises(UnpactError, match=r"replied no text \(finish_reason 'length'\)"):
+        judge_many([Verdict("Who?", "THINK", "x")], settings)
+    assert _Judge.seen[-1]["body"]["max_tokens"] == 3
 
 
 def test_llm_judge_failures_are_one_message_without_the_key(judge_server, monkeypatch):
