@@ -192,8 +192,13 @@ class Verdict:
     aliases: tuple[str, ...] = ()
 
 
-def judge_many(verdicts: Sequence[Verdict], settings: JudgeSettings | None = None) -> list[bool]:
-    """Correct or not, per output, under the configured judge."""
+def judge_many(
+    verdicts: Sequence[Verdict],
+    settings: JudgeSettings | None = None,
+    progress: bool | str = False,
+) -> list[bool]:
+    """Correct or not, per output, under the configured judge (an LLM judge's requests
+    under a progress bar labelled `progress`, if given)."""
     settings = settings or JudgeSettings()
     if settings.kind == "contains":
         return [contains_match(v.output, [v.answer, *v.aliases]) for v in verdicts]
@@ -205,10 +210,12 @@ def judge_many(verdicts: Sequence[Verdict], settings: JudgeSettings | None = Non
         ]
     if settings.llm is None:
         raise UnpactError("judge.kind is llm but judge.llm (base_url, model) is not set")
-    return _ask_llm(settings.llm, verdicts)
+    return _ask_llm(settings.llm, verdicts, progress)
 
 
-def _ask_llm(settings: LLMJudgeSettings, verdicts: Sequence[Verdict]) -> list[bool]:
+def _ask_llm(
+    settings: LLMJudgeSettings, verdicts: Sequence[Verdict], progress: bool | str
+) -> list[bool]:
     """The LLM's yes or no per verdict, `concurrency` requests at a time through the remote
     backend's client (a timeout, a dropped connection, 429 or 5xx retried with backoff:
     one rate-limited reply ended a run)."""
@@ -258,7 +265,8 @@ def _ask_llm(settings: LLMJudgeSettings, verdicts: Sequence[Verdict]) -> list[bo
         return normalize(str(text)).split()[:1] == ["yes"]
 
     try:
-        return client.map(one, list(verdicts))
+        label = f"LLM judge: {progress}" if isinstance(progress, str) else progress
+        return client.map(one, list(verdicts), label)
     except RemoteError as e:  # the message names the endpoint and the failure, never the key
         raise UnpactError(f"LLM judge: {e}") from None
     finally:
@@ -364,7 +372,9 @@ def answer_items(
         outs = generate(lm, prompts, max_new_tokens=settings.max_new_tokens, progress=progress)
         texts = [o[0].text for o in outs]
         verdicts = judge_many(
-            [Verdict(i.question, t, i.answer, i.aliases) for i, t in zip(qa, texts)], settings
+            [Verdict(i.question, t, i.answer, i.aliases) for i, t in zip(qa, texts)],
+            settings,
+            progress,
         )
         for i, t, ok in zip(qa, texts, verdicts):
             found[i.id] = (t, ok)

@@ -350,6 +350,28 @@ def test_a_prompt_over_the_context_names_the_attack_and_the_item(tiny):
         get_attack("focus_on_key").run(ctx)
 
 
+def test_a_prompt_attack_judges_every_answer_in_one_call(tiny, judge_server, monkeypatch):
+    """Its samples were judged item by item: with an LLM judge, a few requests in flight at
+    a time. One call now, and the same verdicts as judging each item alone."""
+    import unpact.attacks.base as base
+    from unpact.attacks import AttackContext
+    from unpact.data.items import QAItem
+
+    monkeypatch.setenv("UNPACT_TEST_KEY", SECRET)
+    calls = []
+    real = base.judge_many
+    monkeypatch.setattr(base, "judge_many", lambda v, *a: calls.append(list(v)) or real(v, *a))
+    items = [QAItem(f"f{n}", f"Who wrote report {n}?", w, "forget") for n, w in enumerate("at")]
+    llm = LLMJudgeSettings(base_url=judge_server, model="j", api_key_env="UNPACT_TEST_KEY")
+    judge = JudgeSettings(kind="llm", max_new_tokens=4, llm=llm)
+    ctx = AttackContext(lambda: tiny, "tiny", items, {}, [], judge)
+    rows = get_attack("probab", {"samples": 3}).run(ctx)
+    assert len(calls) == 1 and len(calls[0]) == 2 * 3
+    for item, row in zip(items, rows):
+        alone = real([Verdict(item.question, o, item.answer) for o in row["outputs"]], judge)
+        assert row["recovered"] == any(alone) and len(row["outputs"]) == 3
+
+
 def test_a_plugin_attacks_rows_are_checked_and_made_plain():
     """An attack that overrides run() (a plugin's) may return numpy's booleans and numbers;
     rows naming no item it was given, or without a true/false 'recovered', are one message

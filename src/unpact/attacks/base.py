@@ -248,24 +248,24 @@ def run_prompts(attack: Attack, ctx: AttackContext) -> list[dict[str, Any]]:
         )
         for (n, _), g in zip(generated, gens):
             answers[n] += [(s.text, None) for s in g]
-    rows = []
-    for n, item in enumerate(items):
-        texts = [t for t, _ in answers[n]]
-        verdicts = [v for _, v in answers[n] if v is not None]
-        free = [t for t, v in answers[n] if v is None]
-        verdicts += judge_many(
-            [Verdict(item.question, o, item.answer, item.aliases) for o in free], ctx.judge
-        )
-        rows.append(
-            {
-                "id": item.id,
-                "prompt": per_item[n][0],
-                "prompts": per_item[n],
-                "outputs": texts,
-                "recovered": any(verdicts),
-            }
-        )
-    return rows
+    # every generated answer judged in one call (an LLM judge: many requests in flight)
+    free = [(n, t) for n in range(len(items)) for t, v in answers[n] if v is None]
+    judged = judge_many(
+        [Verdict(items[n].question, t, items[n].answer, items[n].aliases) for n, t in free],
+        ctx.judge,
+        attack.name,
+    )
+    right = {n for (n, _), ok in zip(free, judged) if ok}
+    return [
+        {
+            "id": item.id,
+            "prompt": per_item[n][0],
+            "prompts": per_item[n],
+            "outputs": [t for t, _ in answers[n]],
+            "recovered": n in right or any(v for _, v in answers[n] if v is not None),
+        }
+        for n, item in enumerate(items)
+    ]
 
 
 def _check_asked(attack: Attack, item: QAItem, asked: Any) -> None:
