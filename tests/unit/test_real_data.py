@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,21 @@ def test_real_benchmark_specs_load_wherever_a_benchmark_goes(tmp_path):
         load_benchmark(f"wmdp:{bad}")
     with pytest.raises(UnpactError, match="muse-news:PATH"):
         load_benchmark("nothing-here")
+
+
+def test_a_real_benchmark_given_as_a_folder_names_its_spec():
+    """A TOFU, MUSE or WMDP folder given as it is (not `tofu:PATH`) was "has no qa.jsonl",
+    which sent the user to write one; now the spec that reads it."""
+    from unpact.data import load_benchmark
+
+    for kind, spec in (("tofu", "tofu:"), ("muse", "muse-news:"), ("wmdp", "wmdp[NAME]:")):
+        with pytest.raises(
+            UnpactError, match=rf"has no qa\.jsonl .*; it holds .*: give it as {re.escape(spec)}"
+        ):
+            load_benchmark(str(FIXTURES / kind))
+    (wmdp_file,) = [f for f in (FIXTURES / "wmdp").iterdir() if f.suffix == ".jsonl"][:1]
+    with pytest.raises(UnpactError, match=rf"read as wmdp:{re.escape(str(wmdp_file))}"):
+        load_benchmark(str(wmdp_file))
 
 
 def _runner_config(tmp_path, tiny, benchmark: str, **extra) -> dict:

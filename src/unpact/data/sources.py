@@ -45,11 +45,35 @@ def load_benchmark(spec: str | Path) -> Benchmark:
         return _read_real(kind, option, Path(where).expanduser())
     path = Path(spec).expanduser()
     if path.exists():
-        return load_folder(path)
+        try:
+            return load_folder(path)
+        except UnpactError as e:
+            hint = _real_layout(path) if not (path / "qa.jsonl").is_file() else None
+            if hint is None:
+                raise
+            raise UnpactError(f"{e}; {hint}") from None
     raise UnpactError(
         f"no benchmark {key!r}: not a built-in one ({', '.join(BUILTIN)}), no such folder, "
         f"and not a spec {', '.join(k + ':PATH' for k in REAL_KINDS)}"
     )
+
+
+def _real_layout(path: Path) -> str | None:
+    """For a folder or file in a real benchmark's own layout given as an item-format
+    folder, the spec that reads it; None if it looks like none of them."""
+    where = str(path)
+    if path.is_dir():
+        if any(tofu_files(path, f) for f in _TOFU_PAIRS):
+            return f"it holds TOFU's files: give it as tofu:{where}"
+        if (path / "knowmem").is_dir():
+            corpus = "books" if "book" in path.name.lower() else "news"
+            return f"it holds MUSE's files: give it as muse-{corpus}:{where} (or muse-books:)"
+        if any(path.glob("wmdp-*")):
+            return f"it holds WMDP's files: give it as wmdp[NAME]:{where} (e.g. wmdp[wmdp-bio])"
+        return None
+    if path.suffix in (".json", ".jsonl", ".parquet"):
+        return f"a file of multiple-choice questions such as WMDP's is read as wmdp:{where}"
+    return None
 
 
 def _read_real(kind: str, option: str | None, path: Path) -> Benchmark:
