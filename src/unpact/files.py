@@ -10,15 +10,41 @@ temporary one.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import stat
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from unpact.errors import UnpactError
+
+
+@contextlib.contextmanager
+def exclusive(artefact: Path, waiting: str) -> Iterator[None]:
+    """Hold an exclusive lock on `.lock-NAME` beside `artefact` for the block, so that two
+    processes computing the same artefact into a shared cache (runs launched side by side)
+    do not both write into one folder: the second says `waiting` and waits, then finds the
+    artefact done. Without `fcntl` (Windows) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on the machines unpact is tested on
+        yield
+        return
+    lock = artefact.with_name(f".lock-{artefact.name}")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logging.getLogger("unpact").warning(waiting)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:

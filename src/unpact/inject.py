@@ -70,7 +70,7 @@ from unpact.data.items import ANSWER_FIELDS, Benchmark, QAItem
 from unpact.data.sources import load_benchmark, materialise
 from unpact.determinism import keeps_rng
 from unpact.errors import UnpactError
-from unpact.files import atomic_text, write_atomically
+from unpact.files import atomic_text, exclusive, write_atomically
 from unpact.judge import check_answer_room, encode_questions
 from unpact.models import (
     DeviceName,
@@ -544,7 +544,22 @@ def inject(
     folder = Path(cache_dir or cache_root() / "injected") / f"{bench.name}-{key}"
     if (folder / "inject.json").is_file():
         return _cached(folder)
+    with exclusive(folder, f"waiting for another process teaching the same model ({folder})"):
+        if (folder / "inject.json").is_file():  # it finished while this one waited
+            return _cached(folder)
+        return _teach(model, bench, config, teach, folder, progress, stop_after_epoch)
 
+
+def _teach(
+    model: str,
+    bench: Benchmark,
+    config: InjectConfig,
+    teach: str,
+    folder: Path,
+    progress: bool,
+    stop_after_epoch: int | None,
+) -> InjectResult:
+    """The injection itself, into `folder` (see `inject`)."""
     start = time.perf_counter()
     timings: dict[str, float] = {}  # seconds per stage, kept in inject.json
     with _timed(timings, "load"):

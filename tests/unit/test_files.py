@@ -209,3 +209,38 @@ def test_a_folder_s_files_get_the_mode_of_the_umask_not_the_writer_s(tmp_path: P
         os.umask(old)
     for f in ("model.safetensors", "sub/note.txt"):
         assert stat.S_IMODE((tmp_path / "m" / f).stat().st_mode) == 0o640, f
+
+
+def test_a_second_writer_of_the_same_artefact_waits_then_finds_it_done(tmp_path, caplog):
+    """Two runs side by side sharing a cache both injected (or unlearned) into the same
+    folder, one resuming from the other's half-written checkpoints. The second now waits
+    (saying so) and then finds the artefact done."""
+    import logging
+    import threading
+
+    from unpact.files import exclusive
+
+    target = tmp_path / "model"
+    order: list[str] = []
+    holding = threading.Event()
+
+    def first() -> None:
+        with exclusive(target, "first waits"):
+            holding.set()
+            order.append("first in")
+            threading.Event().wait(0.3)  # the second asks meanwhile
+            target.mkdir()
+            order.append("first done")
+
+    t = threading.Thread(target=first)
+    t.start()
+    holding.wait()
+    with caplog.at_level(logging.WARNING, logger="unpact"), exclusive(target, "second waits"):
+        order.append("second in")
+        assert target.is_dir()
+    t.join()
+    assert order == ["first in", "first done", "second in"]
+    assert "second waits" in caplog.text and "first waits" not in caplog.text
+    with exclusive(target, "nobody holds it"):  # free again: no wait, nothing said
+        pass
+    assert "nobody holds it" not in caplog.text
