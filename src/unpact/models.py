@@ -431,6 +431,23 @@ def load_tokenizer(spec: str = DEFAULT_SPEC, *, trust_remote_code: bool = False)
         raise UnpactError(f"could not load the tokenizer of {spec!r}: {why}") from exc
 
 
+def tokenizer_digest(spec: str) -> str | None:
+    """A hash of a local model folder's tokenizer and chat-template files (None: not a
+    local folder, or none there): two folders with the same digest load the same tokenizer
+    and template, so comparing them needs neither loaded (an unlearned checkpoint carries
+    its original's files byte for byte)."""
+    folder = local_model_dir(spec)
+    if folder is None:
+        return None
+    digest, found = hashlib.sha256(), False
+    for name in PROMPT_FILES:
+        path = folder / name
+        if name != "generation_config.json" and path.is_file():
+            digest.update(f"{name}\0{_sha256(path)}\0".encode())
+            found = True
+    return digest.hexdigest() if found else None
+
+
 def token_counter(spec: str) -> Callable[[str], int]:
     """How many tokens a text is for `spec`'s tokenizer (no special tokens added), with the
     tokenizer loaded once (`load_tokenizer`)."""

@@ -207,6 +207,31 @@ def test_a_named_reference_enables_membership_and_another_tokenizer_is_refused(t
         run(config, tmp_path / "out5", cache_dir=tmp_path / "cache5", progress=False)
 
 
+def test_models_with_the_originals_tokenizer_files_are_compared_without_loading(
+    tmp_path, tiny, monkeypatch
+):
+    """An unlearned checkpoint carries its original's tokenizer files byte for byte: a run
+    or an audit loaded every tokenizer twice to find that out (3 s of a cached audit's 7)."""
+    import json
+
+    import unpact.models as models
+    from unpact.models import save_model
+    from unpact.run.membership import same_tokenizer
+
+    for name in ("a", "b", "c"):
+        save_model(tiny.model, tiny.tokenizer, tmp_path / name)
+    loads: list[str] = []
+    real = models.load_tokenizer
+    monkeypatch.setattr(models, "load_tokenizer", lambda spec: loads.append(spec) or real(spec))
+    same_tokenizer(str(tmp_path / "a"), {"--unlearned": str(tmp_path / "b"), "--base": None})
+    assert loads == []
+    # a file that differs (an edited config): loaded and compared, here still the same
+    config = json.loads((tmp_path / "c" / "tokenizer_config.json").read_text())
+    (tmp_path / "c" / "tokenizer_config.json").write_text(json.dumps(config | {"x": 1}))
+    same_tokenizer(str(tmp_path / "a"), {"--unlearned": str(tmp_path / "c")})
+    assert loads == [str(tmp_path / "c"), str(tmp_path / "a")]
+
+
 def test_muse_membership_runs_on_its_documents(tmp_path, tiny):
     """MUSE's files have holdout text but no holdout questions: membership inference and
     PrivLeak run on the forget and holdout documents (MUSE's own setting), and the figures

@@ -255,23 +255,31 @@ def same_tokenizer(original: str, compared: dict[str, str | None]) -> None:
     """Refuse a model compared with the original (an unlearned model given as it is, the
     never-taught reference, the base; `compared` maps the setting or option naming each
     to its spec, None: not given) whose tokenizer differs from the original's: its
-    per-token scores and attributions would not be comparable text by text. Reads the
-    tokenizers only, the original's once."""
-    from unpact.models import load_tokenizer
+    per-token scores and attributions would not be comparable text by text. A model
+    folder holding the original's tokenizer and template files byte for byte is the same
+    without loading either; otherwise the tokenizers are loaded (no weights), the
+    original's once."""
+    from unpact.models import load_tokenizer, tokenizer_digest
     from unpact.types import is_remote_spec
 
     named = {what: spec for what, spec in compared.items() if spec is not None}
     if is_remote_spec(original) or all(is_remote_spec(s) for s in named.values()):
         return  # a served model's vocabulary is not at hand; the user vouches for it
-    ta = load_tokenizer(original)
-    va, template = ta.get_vocab(), _template(ta)
+    files = tokenizer_digest(original)
+    loaded: Any = None
     for what, spec in named.items():
         if is_remote_spec(spec):
-            continue
+            continue  # served: the user vouches for it
         try:
+            if files is not None and tokenizer_digest(spec) == files:
+                continue  # the original's tokenizer files, byte for byte
             tb = load_tokenizer(spec)
         except UnpactError as exc:
             raise UnpactError(f"{what}: {exc}") from None
+        if loaded is None:
+            ta = load_tokenizer(original)
+            loaded = (ta.get_vocab(), _template(ta))
+        va, template = loaded
         vb = tb.get_vocab()
         if va != vb:
             raise UnpactError(
