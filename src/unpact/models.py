@@ -649,6 +649,7 @@ def _resolve_local(spec: str) -> Path | None:
         raise UnpactError(
             f"model spec {spec!r} is a directory without config.json"
             + (f" and with {len(ggufs)} .gguf files (name one)" if ggufs else "")
+            + _checkpoints_inside(path)
         )
     if path.is_file():
         if path.suffix == ".gguf":
@@ -660,6 +661,26 @@ def _resolve_local(spec: str) -> Path | None:
     if looks_like_path:
         raise UnpactError(f"model spec {spec!r}: no such file or directory")
     return None
+
+
+def _checkpoints_inside(path: Path) -> str:
+    """For a training run's output folder (model folders inside it, such as the
+    `checkpoint-N` folders of transformers' Trainer), the hint that names them."""
+    inside = [
+        d
+        for d in path.iterdir()
+        if d.is_dir() and ((d / "config.json").is_file() or (d / ADAPTER_CONFIG).is_file())
+    ]
+    if not inside:
+        return ""
+
+    def step(d: Path) -> tuple[int, str]:
+        tail = d.name.rsplit("-", 1)[-1]
+        return (int(tail) if tail.isdigit() else -1, d.name)
+
+    inside.sort(key=step)
+    names = ", ".join(d.name for d in inside[-3:])
+    return f"; it holds model folders ({names}): give one of them, e.g. {inside[-1]}"
 
 
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")

@@ -68,6 +68,20 @@ def test_spec_that_resolves_to_nothing(tmp_path):
         load_model("no-such-org/no-such-model")
 
 
+def test_a_training_runs_output_folder_names_its_checkpoints(tmp_path):
+    """transformers' Trainer writes checkpoint-N folders into its output folder; given that
+    folder, the message said only "without config.json"."""
+    for step in (100, 1000, 200):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "config.json").write_text("{}")
+    (tmp_path / "tensorboard").mkdir()  # not a model folder: not named
+    with pytest.raises(UnpactError) as info:
+        load_model(str(tmp_path))
+    said = str(info.value)
+    assert "(checkpoint-100, checkpoint-200, checkpoint-1000)" in said
+    assert said.endswith(f"e.g. {tmp_path / 'checkpoint-1000'}") and "tensorboard" not in said
+
+
 def test_bad_dtype_and_device():
     with pytest.raises(UnpactError, match="unknown dtype"):
         load_model("default", dtype="float8")
