@@ -130,6 +130,11 @@ def test_a_real_benchmark_given_as_a_folder_names_its_spec():
     (wmdp_file,) = [f for f in (FIXTURES / "wmdp").iterdir() if f.suffix == ".jsonl"][:1]
     with pytest.raises(UnpactError, match=rf"read as wmdp:{re.escape(str(wmdp_file))}"):
         load_benchmark(str(wmdp_file))
+    builtin = Path(__file__).parents[2] / "src" / "unpact" / "data" / "builtin" / "news"
+    with pytest.raises(
+        UnpactError, match=rf"give the folder that holds it: {re.escape(str(builtin))}$"
+    ):
+        load_benchmark(str(builtin / "qa.jsonl"))
 
 
 def _runner_config(tmp_path, tiny, benchmark: str, **extra) -> dict:

@@ -71,6 +71,8 @@ def _real_layout(path: Path) -> str | None:
         if any(path.glob("wmdp-*")):
             return f"it holds WMDP's files: give it as wmdp[NAME]:{where} (e.g. wmdp[wmdp-bio])"
         return None
+    if path.name in ("qa.jsonl", "documents.jsonl", "verbmem.jsonl"):
+        return f"give the folder that holds it: {path.parent}"
     if path.suffix in (".json", ".jsonl", ".parquet"):
         return f"a file of multiple-choice questions such as WMDP's is read as wmdp:{where}"
     return None
