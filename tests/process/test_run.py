@@ -340,6 +340,43 @@ def test_a_config_built_in_python_may_hold_paths(setup):
     assert loaded.model == str(root / "tiny") and loaded.data.benchmark == str(root / "bench")
 
 
+def test_a_config_files_paths_are_read_beside_it_when_they_name_nothing_here(
+    setup, tmp_path, monkeypatch
+):
+    """A config kept with its data and run from elsewhere: "no benchmark 'bench'"."""
+    import shutil
+
+    import yaml
+
+    from unpact.run.config import _paths_beside
+
+    root, config = setup
+    kept = tmp_path / "project" / "configs"
+    shutil.copytree(root / "bench", kept / "bench")
+    shutil.copytree(root / "tiny", tmp_path / "project" / "tiny")
+    written = {**config, "model": "../tiny", "data": {**config["data"], "benchmark": "bench"}}
+    (kept / "run.yaml").write_text(yaml.safe_dump(written))
+    here = tmp_path / "elsewhere"
+    (here / "news").mkdir(parents=True)  # a folder named like a built-in: not read for it
+    monkeypatch.chdir(here)
+    loaded = load_config(str(kept / "run.yaml"))
+    assert loaded.model == str(tmp_path / "project" / "tiny")
+    assert loaded.data.benchmark == str(kept / "bench")
+    # every key that names a model or a benchmark, real-benchmark specs included
+    other = {
+        "benchmarks": ["news", "bench"],
+        "methods": [{"model": "bench", "name": "m"}, {"method": "ga"}],
+        "membership": {"reference": "tofu:bench", "k": 0.2},
+    }
+    moved = _paths_beside(other, kept)
+    assert moved["benchmarks"] == ["news", str(kept / "bench")]
+    assert moved["methods"] == [{"model": str(kept / "bench"), "name": "m"}, {"method": "ga"}]
+    assert moved["membership"] == {"reference": f"tofu:{kept / 'bench'}", "k": 0.2}
+    # a path that names something from the working directory is read from there
+    (here / "bench").mkdir()
+    assert _paths_beside({"data": {"benchmark": "bench"}}, kept)["data"]["benchmark"] == "bench"
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ from pydantic import (
 from unpact import configs as builtin_run_configs
 from unpact.attacks import ATTACKS, get_attack
 from unpact.attribution import ALPHA, BETA, MAX_WORK
+from unpact.data.items import BUILTIN
 from unpact.data.sources import load_benchmark
 from unpact.errors import UnpactError
 from unpact.judge import JudgeSettings
@@ -406,6 +408,48 @@ def _paths_as_text(value: Any) -> Any:
     return value
 
 
+_REAL_SPEC = re.compile(r"((?:muse-news|muse-books|tofu|wmdp)(?:\[[^\]]*\])?:)(.+)", re.S)
+
+
+def _beside(value: Any, base: Path) -> Any:
+    """`value` (a model or benchmark spec) as a path beside the config file when it names
+    nothing from the working directory and something there; otherwise as it is."""
+    if not isinstance(value, str) or value in BUILTIN or value == "default":
+        return value
+    match = _REAL_SPEC.fullmatch(value)
+    kind, where = match.groups() if match else ("", value)
+    try:
+        if Path(where).is_absolute() or Path(where).exists() or not (base / where).exists():
+            return value
+    except OSError:  # a chat template given as text, too long for a file name
+        return value
+    return kind + str((base / where).resolve())
+
+
+def _paths_beside(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """A config file's relative paths (models, benchmarks, the chat template) are read from
+    the working directory; one that names nothing there but a file or folder beside the
+    config is read from there (a config kept with its data, run from elsewhere)."""
+    data = dict(data)
+    for key in ("model", "chat_template"):
+        if key in data:
+            data[key] = _beside(data[key], base)
+    if isinstance(data.get("benchmarks"), list):
+        data["benchmarks"] = [_beside(b, base) for b in data["benchmarks"]]
+    for key in ("models", "methods"):
+        if isinstance(data.get(key), list):
+            data[key] = [
+                {**m, "model": _beside(m["model"], base)}
+                if isinstance(m, dict) and "model" in m
+                else m
+                for m in data[key]
+            ]
+    for key, names in (("data", ("benchmark", "general")), ("membership", ("reference", "base"))):
+        if isinstance(data.get(key), dict):
+            data[key] = {k: _beside(v, base) if k in names else v for k, v in data[key].items()}
+    return data
+
+
 def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
     """Read and validate a run config (a YAML file, a built-in name, or a mapping).
 
@@ -421,7 +465,7 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
                 f"no run config {source}: not a file and not a built-in one "
                 f"({', '.join(builtin_run_configs.names())})"
             )
-        data = read_yaml_mapping(path)
+        data = _paths_beside(read_yaml_mapping(path), path.parent)
     plugins = data.get("plugins") or []
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
         raise UnpactError(f"{where}: plugins: a list of .py files or module names")
