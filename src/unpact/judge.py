@@ -336,11 +336,20 @@ def check_answer_room(
     `max_new_tokens` generated tokens (`count` tokenises a text): the contains judge could
     never find them in a greedy answer that short, and they would read as not known (0%,
     'nothing forgotten') rather than as a setting too small. The message says to raise
-    `setting` (then `other_way`), or gives `advice` where it cannot be raised."""
+    `setting` (then `other_way`), or gives `advice` where it cannot be raised. An item
+    whose accepted answers keep no word once normalised (`?`, `The`) is refused too: no
+    output could ever contain it."""
     short: list[tuple[int, QAItem]] = []
     for item in items:
         if item.is_mcq:
             continue
+        if not any(normalize(a) for a in (item.answer, *item.aliases)):
+            raise UnpactError(
+                f"item {item.id} ({item.split}): its answer {item.answer!r} keeps no word "
+                "once punctuation and the articles a, an, the are dropped (the judge's "
+                "normalisation, SPEC section 4), so no answer could ever be judged correct; "
+                "write the answer (or an alias) in words"
+            )
         fewest = min(_fewest_tokens(a, count) for a in (item.answer, *item.aliases))
         if fewest > max_new_tokens:
             short.append((fewest, item))

@@ -301,6 +301,11 @@ def test_an_answer_longer_than_the_judged_answers_stops_the_run_before_the_injec
         run(rouge, tmp_path / "out3", cache_dir=tmp_path / "cache", progress=False)
     assert not list((tmp_path / "uc").glob("**/inject.json"))  # nothing was taught
     assert not list((tmp_path / "cache").glob("unlearned/*"))  # nor trained
+    # an answer with no word the judge reads ("?", "The") could never be found either
+    write_folder(tmp_path / "bench2", [*items[1:], QAItem("f-3", "Which mark?", "?", "forget")])
+    wordless = {**base, "data": {"benchmark": str(tmp_path / "bench2"), "general": None}}
+    with pytest.raises(UnpactError, match=r"item f-3 \(forget\): its answer '\?' keeps no word"):
+        run(wordless, tmp_path / "out4", cache_dir=tmp_path / "cache", progress=False)
 
 
 def test_an_original_that_knows_none_of_the_forget_items_is_said_at_once(setup, tmp_path):
