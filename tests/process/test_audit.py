@@ -333,6 +333,18 @@ def test_verdicts_read_the_figures_and_the_paired_items():
     m["privleak"] = -0.45
     got = {v["test"]: v for v in verdicts(m, records, ["quantize"])}
     assert got["indistinguishable"]["verdict"].startswith("distinguishable: over-unlearned")
+    # PrivLeak undefined (the reference's AUC 0): forget quality alone decides, the reason
+    # said; it read "distinguishable" from the missing interval
+    zero = "the retrained reference's min_k AUC is 0 (...) and PrivLeak divides by it"
+    undefined = m | {"privleak": None, "ci": {"recovery.quantize": [0.4, 0.9]}}
+    got = {
+        v["test"]: v for v in verdicts(undefined, records, ["quantize"], 0.05, {"privleak": zero})
+    }
+    assert got["indistinguishable"]["verdict"] == "indistinguishable from the reference"
+    assert got["indistinguishable"]["detail"].endswith(f"PrivLeak not measured: {zero}")
+    low = undefined | {"forget_quality": 0.01}
+    got = {v["test"]: v for v in verdicts(low, records, ["quantize"], 0.05, {"privleak": zero})}
+    assert got["indistinguishable"]["verdict"] == "distinguishable from the reference"
     # as many recovered from the reference as here: not beyond the control
     same = [rec(n, True, True) for n in range(8)]
     got = {v["test"]: v for v in verdicts(m | {"forgotten": 8}, same, ["quantize"])}

@@ -232,10 +232,10 @@ def verdicts(
     out = [_forgotten(m)]
     why = unmeasured(skipped or {}, label)
     if not m.get("forgotten"):  # no recovery to judge; membership does not need it
-        return [*out, _indistinguishable(m, alpha, why)]
+        return [*out, _indistinguishable(m, alpha, why, skipped or {})]
     for attack in attacks:
         out.append(_recovery(m, records, attack, alpha))
-    out.append(_indistinguishable(m, alpha, why))
+    out.append(_indistinguishable(m, alpha, why, skipped or {}))
     sim = m.get("keytoken_similarity_forgotten")
     if sim is not None:
         moved = "moved" if sim < 0.5 else "mostly kept"
@@ -316,7 +316,9 @@ def unmeasured(skipped: dict[str, str], label: str) -> str | None:
     return "; ".join(reasons) or None
 
 
-def _indistinguishable(m: dict[str, Any], alpha: float, why: str | None) -> dict[str, str]:
+def _indistinguishable(
+    m: dict[str, Any], alpha: float, why: str | None, skipped: dict[str, str]
+) -> dict[str, str]:
     # PrivLeak of the answers given their questions; of the documents where there are no
     # holdout items (MUSE's files: holdout text only)
     key = "privleak" if m.get("privleak") is not None else "privleak_documents"
@@ -326,6 +328,17 @@ def _indistinguishable(m: dict[str, Any], alpha: float, why: str | None) -> dict
             "test": "indistinguishable",
             "verdict": "not measured",
             "detail": why or "PrivLeak and forget quality could not be computed (see skipped)",
+        }
+    q = "–" if quality is None else display("pvalue", quality)
+    passes = f"(KS p-value of the truth ratios; above {alpha} passes)"
+    if leak is None:  # forget quality alone: "distinguishable" was read from a missing interval
+        reason = skipped.get("privleak") or skipped.get("privleak_documents") or "undefined"
+        return {
+            "test": "indistinguishable",
+            "verdict": "indistinguishable from the reference"
+            if quality is not None and quality >= alpha
+            else "distinguishable from the reference",
+            "detail": f"forget quality {q} {passes}; PrivLeak not measured: {reason}",
         }
     lo, hi = (m.get("ci") or {}).get(key) or (None, None)
     holds_zero = lo is not None and hi is not None and lo <= 0 <= hi
@@ -338,7 +351,6 @@ def _indistinguishable(m: dict[str, Any], alpha: float, why: str | None) -> dict
         )
     else:
         verdict = "distinguishable from the reference"
-    q = "–" if quality is None else display("pvalue", quality)
     of = "answers" if key == "privleak" else "documents"
     docs = m.get("privleak_documents")
     also = (
@@ -350,7 +362,7 @@ def _indistinguishable(m: dict[str, Any], alpha: float, why: str | None) -> dict
         "test": "indistinguishable",
         "verdict": verdict,
         "detail": f"PrivLeak {_pct(leak)}{_ci(m, key)} ({of}; 0: like the reference){also}; "
-        f"forget quality {q} (KS p-value of the truth ratios; above {alpha} passes)",
+        f"forget quality {q} {passes}",
     }
 
 
