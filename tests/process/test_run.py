@@ -265,6 +265,12 @@ def test_a_layer_the_model_lacks_stops_the_run_before_the_injection(setup, tmp_p
     with pytest.raises(UnpactError, match=r"methods\.1 \(rmu\): rmu: layer 7 does not exist; "
                        r"the model has 2 layers"):  # fmt: skip
         run(both, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    # an attack's layer too: ablate_direction's was refused only when it attacked
+    ablate = {"name": "ablate_direction", "settings": {"layer": 9}}
+    deep = {**both, "methods": config["methods"][:1], "attacks": [ablate]}
+    with pytest.raises(UnpactError, match=r"attacks\.0 \(ablate_direction\): ablate_direction: "
+                       r"layer 9 is not in 0\.\.2"):  # fmt: skip
+        run(deep, tmp_path / "out2", cache_dir=tmp_path / "cache", progress=False)
     assert not list((tmp_path / "cache").glob("unlearned/*"))  # nothing was trained
     assert not list((tmp_path / "uc").glob("**/inject.json"))  # nor taught
 

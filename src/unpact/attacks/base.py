@@ -104,6 +104,10 @@ class Attack:
         the run must have general items; a config without them is refused up front)."""
         return frozenset()
 
+    def check_depth(self, layers: int) -> None:
+        """Refuse settings that name a layer a model of `layers` decoder layers does not
+        have (ablate_direction's `layer`), before anything is trained."""
+
     def key_parts(self, ctx: AttackContext) -> list[Any]:
         """What the rows depend on beyond the model, items, KeyTokens, settings and judge."""
         return [list(ctx.demonstrations)] if self.uses_demonstrations else []

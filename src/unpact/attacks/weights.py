@@ -242,14 +242,23 @@ class AblateDirection(WeightAttack):
     Settings = AblateSettings
 
     def index(self, lm: LanguageModel) -> int:
-        n = residual_size(lm.model)
+        return self._index(residual_size(lm.model))
+
+    def _index(self, n: int) -> int:
+        """The residual point the `layer` setting names among `n` (layers + 1)."""
         k = self.settings.layer
         if k == -1:
             return n // 2
         k = k + n if k < 0 else k
         if not 0 <= k < n:
-            raise UnpactError(f"ablate_direction: layer {self.settings.layer} is not in 0..{n - 1}")
+            raise UnpactError(
+                f"ablate_direction: layer {self.settings.layer} is not in 0..{n - 1} (the "
+                f"model's {n - 1} decoder layers, 0 the embeddings; -1 the middle)"
+            )
         return k
+
+    def check_depth(self, layers: int) -> None:
+        self._index(layers + 1)
 
     def direction(self, ctx: AttackContext, lm: LanguageModel) -> torch.Tensor:
         from unpact.models import load_model

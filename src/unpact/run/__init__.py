@@ -439,9 +439,10 @@ def injection_line(done: Any) -> str:
 
 
 def _check_depths(cfg: RunConfig) -> None:
-    """Each method's settings against the number of decoder layers of the base model (in
-    its config.json): RMU's `layer` beyond the model's last was refused only when RMU's
-    turn came, after the injection and the methods before it."""
+    """Each method's and attack's settings against the number of decoder layers of the
+    base model (in its config.json): RMU's `layer` beyond the model's last was refused only
+    when RMU's turn came, after the injection and the methods before it (ablate_direction's
+    only when it attacked, after every unlearning)."""
     from transformers import AutoConfig
 
     from unpact.unlearn.config import resolve_config
@@ -465,6 +466,11 @@ def _check_depths(cfg: RunConfig) -> None:
             get_method(spec.method)(ucfg.method_settings()).check_depth(depth)
         except UnpactError as exc:
             raise UnpactError(f"methods.{n} ({spec.label}): {exc}") from None
+    for n, a in enumerate(cfg.attacks):
+        try:
+            get_attack(a.name, a.settings).check_depth(depth)
+        except UnpactError as exc:
+            raise UnpactError(f"attacks.{n} ({a.column}): {exc}") from None
 
 
 def _check_tokenizers(cfg: RunConfig) -> None:
