@@ -899,8 +899,10 @@ def audit(
     judge: Annotated[
         str,
         typer.Option(
-            help="contains (the reference answer in the greedy answer) or rouge (ROUGE-L "
-            "recall >= 0.5: for sentence-long answers such as TOFU's)."
+            help="contains (the reference answer in the greedy answer), rouge (ROUGE-L "
+            "recall >= 0.5: for sentence-long answers such as TOFU's), or openai:MODEL@URL "
+            "(an LLM asked whether the answer gives the reference; key from $OPENAI_API_KEY "
+            "when set)."
         ),
     ] = "contains",
     max_new_tokens: Annotated[

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tests.process.test_membership_run import HELD, QUESTIONS, WORDS, _item
 from unpact.data.items import write_folder
@@ -395,6 +396,62 @@ def test_an_audit_without_a_reference_says_which_option_gives_one(pair, tmp_path
     assert test["verdict"] == "not measured" and test["detail"] == said
     report = (tmp_path / "out" / "report.html").read_text()
     assert "give one with --reference" in report and "inject.enabled is false" not in report
+
+
+def test_an_audit_judged_by_an_llm(pair, tmp_path, monkeypatch):
+    """`--judge openai:MODEL@URL`: every verdict is the LLM's (here a server that says yes
+    when the reference is in the answer: the contains judge's verdicts, by HTTP)."""
+    from http.server import ThreadingHTTPServer
+    from threading import Thread
+
+    from tests.process.test_membership_run import write_bench
+    from tests.unit.test_judge_attacks import SECRET, _Judge
+    from unpact.run.audit import audit
+
+    write_bench(tmp_path / "qa")  # open questions: judged by the LLM (options are by LP)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
+    _Judge.seen, _Judge.busy = [], 0
+    Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    options = {"attacks": ["focus_on_key"], "general": None, "device": "cpu", "max_new_tokens": 8}
+    try:
+        by_llm = audit(
+            str(pair / "original"),
+            str(pair / "unlearned"),
+            str(tmp_path / "qa"),
+            tmp_path / "llm",
+            cache_dir=tmp_path / "cache",
+            progress=False,
+            judge=f"openai:judge-1@{url}",
+            **options,
+        ).results
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert _Judge.seen and all(r["auth"] == f"Bearer {SECRET}" for r in _Judge.seen)
+    assert {r["body"]["model"] for r in _Judge.seen} == {"judge-1"}
+    config = yaml.safe_load((tmp_path / "llm" / "config.yaml").read_text())
+    assert config["judge"]["llm"] == config["judge"]["llm"] | {
+        "base_url": url,
+        "model": "judge-1",
+        "api_key_env": "OPENAI_API_KEY",
+    }
+    assert SECRET not in (tmp_path / "llm" / "config.yaml").read_text()
+    by_contains = audit(
+        str(pair / "original"),
+        str(pair / "unlearned"),
+        str(tmp_path / "qa"),
+        tmp_path / "contains",
+        cache_dir=tmp_path / "cache",
+        progress=False,
+        **options,
+    ).results
+    for key in ("forget_acc_before", "forget_acc_after", "retain_acc_after", "forgotten"):
+        assert by_llm["methods"]["unlearned"][key] == by_contains["methods"]["unlearned"][key]
+    with pytest.raises(UnpactError, match="--judge: remote model spec 'openai:x'"):
+        audit_config("a", "b", "news", judge="openai:x")
 
 
 def test_a_test_not_measured_says_why():

@@ -19,6 +19,7 @@ quality above alpha)? did the focus move?
 
 from __future__ import annotations
 
+import os
 from typing import Any, get_args
 
 from unpact.attacks import ATTACKS
@@ -94,7 +95,8 @@ def audit_config(
 
     plugins = [_absolute(p) for p in plugins or []]
     load_plugins(plugins)
-    _check_choices(preset=preset, judge=judge, dtype=dtype)
+    judged = _judge(judge, max_new_tokens)
+    _check_choices(preset=preset, dtype=dtype)
     if max_new_tokens is not None and max_new_tokens < 1:
         raise UnpactError(f"--max-new-tokens: {max_new_tokens} is not a positive number")
     chosen = _chosen_attacks(preset, attacks)
@@ -124,8 +126,7 @@ def audit_config(
         "methods": [{"model": unlearned, "name": "unlearned"}],
         "attacks": chosen,
         "attribution": preset_cfg["attribution"],
-        # contains-match for short answers; ROUGE-L recall for sentences (TOFU's)
-        "judge": {"kind": judge} | ({"max_new_tokens": max_new_tokens} if max_new_tokens else {}),
+        "judge": judged,
         "membership": {
             **preset_cfg["membership"],
             "reference": reference,
@@ -162,9 +163,32 @@ def _chosen_attacks(preset: str, attacks: list[str] | None) -> list[dict[str, An
 
 _CHOICES = {
     "preset": tuple(PRESETS),
-    "judge": ("contains", "rouge"),
+    "judge": ("contains", "rouge", "openai:MODEL@URL"),
     "dtype": get_args(EvalDtype),
 }
+JUDGE_KEY_ENV = "OPENAI_API_KEY"  # an LLM judge's key, sent when this variable is set
+
+
+def _judge(judge: str, max_new_tokens: int | None) -> dict[str, Any]:
+    """The run's judge settings for `--judge`: contains-match for short answers, ROUGE-L
+    recall for sentences (TOFU's), or an LLM behind an OpenAI-compatible endpoint
+    (`openai:MODEL@URL`, its key from $OPENAI_API_KEY when set)."""
+    from unpact.remote import parse_remote_spec
+    from unpact.types import REMOTE_PREFIX
+
+    length = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
+    if judge.startswith(REMOTE_PREFIX):
+        try:
+            model, url = parse_remote_spec(judge)
+        except UnpactError as e:
+            raise UnpactError(f"--judge: {e}") from None
+        key = JUDGE_KEY_ENV if os.environ.get(JUDGE_KEY_ENV) else None
+        return {
+            "kind": "llm",
+            "llm": {"base_url": url, "model": model, "api_key_env": key},
+        } | length
+    _check_choices(judge=judge)
+    return {"kind": judge} | length
 
 
 def _check_choices(**given: str) -> None:
