@@ -346,6 +346,15 @@ def test_verdicts_read_the_figures_and_the_paired_items():
     low = undefined | {"forget_quality": 0.01}
     got = {v["test"]: v for v in verdicts(low, records, ["quantize"], 0.05, {"privleak": zero})}
     assert got["indistinguishable"]["verdict"] == "distinguishable from the reference"
+    # a PrivLeak without an interval (statistics.resamples: 0): no test against 0 either
+    bare = m | {"privleak": 0.01, "ci": {}}
+    got = {v["test"]: v for v in verdicts(bare, records, ["quantize"])}
+    assert got["indistinguishable"]["verdict"] == "indistinguishable from the reference"
+    assert got["indistinguishable"]["detail"].endswith(
+        "PrivLeak 1% has no interval to test against 0"
+    )
+    got = {v["test"]: v for v in verdicts(bare | {"forget_quality": None}, records, ["quantize"])}
+    assert got["indistinguishable"]["verdict"] == "not measured"
     # as many recovered from the reference as here: not beyond the control
     same = [rec(n, True, True) for n in range(8)]
     got = {v["test"]: v for v in verdicts(m | {"forgotten": 8}, same, ["quantize"])}

@@ -355,17 +355,24 @@ def _indistinguishable(
         }
     q = "–" if quality is None else display("pvalue", quality)
     passes = f"(KS p-value of the truth ratios; above {alpha} passes)"
-    if leak is None:  # forget quality alone: "distinguishable" was read from a missing interval
-        reason = skipped.get("privleak") or skipped.get("privleak_documents") or "undefined"
+    lo, hi = (m.get("ci") or {}).get(key) or (None, None)
+    if leak is None or lo is None or hi is None:
+        # forget quality alone: "distinguishable" was read from a missing interval
+        if leak is None:
+            reason = skipped.get("privleak") or skipped.get("privleak_documents") or "undefined"
+            said = f"PrivLeak not measured: {reason}"
+        else:  # statistics.resamples 0, or every resample undefined
+            said = f"PrivLeak {_pct(leak)} has no interval to test against 0"
+        if quality is None:
+            return {"test": "indistinguishable", "verdict": "not measured", "detail": said}
         return {
             "test": "indistinguishable",
             "verdict": "indistinguishable from the reference"
-            if quality is not None and quality >= alpha
+            if quality >= alpha
             else "distinguishable from the reference",
-            "detail": f"forget quality {q} {passes}; PrivLeak not measured: {reason}",
+            "detail": f"forget quality {q} {passes}; {said}",
         }
-    lo, hi = (m.get("ci") or {}).get(key) or (None, None)
-    holds_zero = lo is not None and hi is not None and lo <= 0 <= hi
+    holds_zero = lo <= 0 <= hi
     same = holds_zero and (quality is None or quality >= alpha)
     if same:
         verdict = "indistinguishable from the reference"
