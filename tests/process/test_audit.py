@@ -380,23 +380,27 @@ def test_verdicts_read_the_figures_and_the_paired_items():
     assert one["probe"]["detail"].startswith("the forgotten item could not be attacked")
 
 
+def _quick_audit(pair, bench, out, **options):
+    """The results of an audit of the pair on `bench` with one prompt attack, no general
+    items, on the CPU (a cache beside `out`)."""
+    from unpact.run.audit import audit
+
+    return audit(
+        str(pair / "original"),
+        str(pair / "unlearned"),
+        str(bench),
+        out,
+        cache_dir=out.parent / "cache",
+        progress=False,
+        **({"attacks": ["focus_on_key"], "general": None, "device": "cpu"} | options),
+    ).results
+
+
 def test_an_audit_without_a_reference_says_which_option_gives_one(pair, tmp_path):
     """The run's reason named the config keys inject.enabled and membership.reference, which
     an audit's user never wrote."""
-    from unpact.run.audit import audit
-
-    result = audit(
-        str(pair / "original"),
-        str(pair / "unlearned"),
-        str(pair / "bench"),
-        tmp_path / "out",
-        cache_dir=tmp_path / "cache",
-        progress=False,
-        attacks=["focus_on_key"],
-        general=None,
-        device="cpu",
-    )
-    said = result.results["skipped"]["membership"]
+    result = _quick_audit(pair, pair / "bench", tmp_path / "out")
+    said = result["skipped"]["membership"]
     assert "give one with --reference" in said and "membership.reference" not in said
     on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
     assert on_disk["skipped"]["membership"] == said
@@ -415,7 +419,6 @@ def test_an_audit_judged_by_an_llm(pair, tmp_path, monkeypatch):
 
     from tests.process.test_membership_run import write_bench
     from tests.unit.test_judge_attacks import SECRET, _Judge
-    from unpact.run.audit import audit
 
     write_bench(tmp_path / "qa")  # open questions: judged by the LLM (options are by LP)
 
@@ -424,18 +427,10 @@ def test_an_audit_judged_by_an_llm(pair, tmp_path, monkeypatch):
     Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
-    options = {"attacks": ["focus_on_key"], "general": None, "device": "cpu", "max_new_tokens": 8}
     try:
-        by_llm = audit(
-            str(pair / "original"),
-            str(pair / "unlearned"),
-            str(tmp_path / "qa"),
-            tmp_path / "llm",
-            cache_dir=tmp_path / "cache",
-            progress=False,
-            judge=f"openai:judge-1@{url}",
-            **options,
-        ).results
+        by_llm = _quick_audit(
+            pair, tmp_path / "qa", tmp_path / "llm", judge=f"openai:judge-1@{url}", max_new_tokens=8
+        )
     finally:
         server.shutdown()
         server.server_close()
@@ -448,15 +443,7 @@ def test_an_audit_judged_by_an_llm(pair, tmp_path, monkeypatch):
         "api_key_env": "OPENAI_API_KEY",
     }
     assert SECRET not in (tmp_path / "llm" / "config.yaml").read_text()
-    by_contains = audit(
-        str(pair / "original"),
-        str(pair / "unlearned"),
-        str(tmp_path / "qa"),
-        tmp_path / "contains",
-        cache_dir=tmp_path / "cache",
-        progress=False,
-        **options,
-    ).results
+    by_contains = _quick_audit(pair, tmp_path / "qa", tmp_path / "contains", max_new_tokens=8)
     for key in ("forget_acc_before", "forget_acc_after", "retain_acc_after", "forgotten"):
         assert by_llm["methods"]["unlearned"][key] == by_contains["methods"]["unlearned"][key]
     with pytest.raises(UnpactError, match="--judge: remote model spec 'openai:x'"):
