@@ -439,13 +439,13 @@ def tokenizer_digest(spec: str) -> str | None:
     folder = local_model_dir(spec)
     if folder is None:
         return None
-    digest, found = hashlib.sha256(), False
-    for name in PROMPT_FILES:
-        path = folder / name
-        if name != "generation_config.json" and path.is_file():
-            digest.update(f"{name}\0{_sha256(path)}\0".encode())
-            found = True
-    return digest.hexdigest() if found else None
+    found = [f for f in _prompt_files(folder) if not f.startswith("generation_config.json")]
+    return hashlib.sha256("\0".join(found).encode()).hexdigest() if found else None
+
+
+def _prompt_files(folder: Path) -> list[str]:
+    """Each of a model folder's `PROMPT_FILES` there, as its name and its content's hash."""
+    return [n + _sha256(folder / n) for n in PROMPT_FILES if (folder / n).is_file()]
 
 
 def token_counter(spec: str) -> Callable[[str], int]:
@@ -516,11 +516,9 @@ def model_key(spec: str) -> str:
             fh.seek(max(0, size - (1 << 20)))
             digest.update(fh.read())
     if not (folder / MANIFEST).is_file():  # a GGUF's cache: all of it comes from the GGUF
-        prompt_files = []
-        for name in PROMPT_FILES:
-            if (folder / name).is_file():
-                prompt_files.append(name + _sha256(folder / name))
-                digest.update(prompt_files[-1].encode())
+        prompt_files = _prompt_files(folder)
+        for entry in prompt_files:
+            digest.update(entry.encode())
         if _spaced_template(str(folder), tuple(prompt_files)):
             digest.update(SPACED_TEMPLATE_RULE.encode())
     return digest.hexdigest()

@@ -362,39 +362,39 @@ def _sampling(lm: LanguageModel, fields: _Fields) -> dict[str, float]:
 
 
 # vLLM's /v1/completions fields that change the output and that this server does not
-# implement, each with the value that changes nothing: asked for otherwise, the request is
-# refused (ignored, a `stop` or `stream` gave another output than vLLM's, silently)
-_UNIMPLEMENTED: dict[str, Any] = {
-    "stream": False,
-    "stop": None,
-    "stop_token_ids": None,
-    "suffix": None,
-    "best_of": None,
-    "logit_bias": None,
-    "presence_penalty": 0,
-    "frequency_penalty": 0,
-    "min_tokens": 0,
-    "ignore_eos": False,
-    "include_stop_str_in_output": False,
-    "allowed_token_ids": None,
-    "bad_words": None,
-    "guided_json": None,
-    "guided_regex": None,
-    "guided_choice": None,
-    "guided_grammar": None,
-    "structured_outputs": None,
-    "response_format": None,
-}
+# implement: asked for (any value but an empty or zero one, which changes nothing), the
+# request is refused; ignored, a `stop` or `stream` gave another output than vLLM's, silently
+_UNIMPLEMENTED = (
+    "stream",
+    "stop",
+    "stop_token_ids",
+    "suffix",
+    "best_of",
+    "logit_bias",
+    "presence_penalty",
+    "frequency_penalty",
+    "min_tokens",
+    "ignore_eos",
+    "include_stop_str_in_output",
+    "allowed_token_ids",
+    "bad_words",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "structured_outputs",
+    "response_format",
+)
 
 
 def _unimplemented(body: dict[str, Any]) -> Any:
     """The error reply for a field that would change the output and that this server does
     not implement, or None."""
-    for field, inert in _UNIMPLEMENTED.items():
-        value = body.get(field, inert)
+    for field in _UNIMPLEMENTED:
+        value = body.get(field)
         if field == "best_of" and value == body.get("n", 1):
             continue  # as many candidates as choices: nothing to pick among
-        if value != inert and value not in (None, [], {}, ""):
+        if value:
             return _error(
                 400,
                 f"unpact serve does not implement `{field}` (it serves what unpact's remote "

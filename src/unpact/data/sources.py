@@ -66,8 +66,7 @@ def _real_layout(path: Path) -> str | None:
         if any(tofu_files(path, f) for f in _TOFU_PAIRS):
             return f"it holds TOFU's files: give it as tofu:{where}"
         if (path / "knowmem").is_dir():
-            corpus = "books" if "book" in path.name.lower() else "news"
-            return f"it holds MUSE's files: give it as muse-{corpus}:{where} (or muse-books:)"
+            return f"it holds MUSE's files: give it as muse-news:{where} or muse-books:{where}"
         if any(path.glob("wmdp-*")):
             return f"it holds WMDP's files: give it as wmdp[NAME]:{where} (e.g. wmdp[wmdp-bio])"
         return None

@@ -25,7 +25,7 @@ from typing import Any, get_args
 from unpact.attacks import ATTACKS
 from unpact.errors import UnpactError
 from unpact.metrics import ItemRecord, display
-from unpact.run.config import EvalDtype
+from unpact.run.config import EvalDtype, check_served_dtype
 from unpact.types import is_remote_spec
 
 # The battery: every attack of the field that needs no user data beyond the benchmark.
@@ -254,12 +254,11 @@ def verdicts(
     """One method's verdicts: {"test", "verdict", "detail"} per test, in plain words.
     `skipped` (results.json's) says why a figure of the method `label` was not measured."""
     out = [_forgotten(m)]
-    why = unmeasured(skipped or {}, label)
     if not m.get("forgotten"):  # no recovery to judge; membership does not need it
-        return [*out, _indistinguishable(m, alpha, why, skipped or {})]
+        return [*out, _indistinguishable(m, alpha, skipped or {}, label)]
     for attack in attacks:
         out.append(_recovery(m, records, attack, alpha))
-    out.append(_indistinguishable(m, alpha, why, skipped or {}))
+    out.append(_indistinguishable(m, alpha, skipped or {}, label))
     sim = m.get("keytoken_similarity_forgotten")
     if sim is not None:
         moved = "moved" if sim < 0.5 else "mostly kept"
@@ -341,7 +340,7 @@ def unmeasured(skipped: dict[str, str], label: str) -> str | None:
 
 
 def _indistinguishable(
-    m: dict[str, Any], alpha: float, why: str | None, skipped: dict[str, str]
+    m: dict[str, Any], alpha: float, skipped: dict[str, str], label: str
 ) -> dict[str, str]:
     # PrivLeak of the answers given their questions; of the documents where there are no
     # holdout items (MUSE's files: holdout text only)
@@ -351,7 +350,8 @@ def _indistinguishable(
         return {
             "test": "indistinguishable",
             "verdict": "not measured",
-            "detail": why or "PrivLeak and forget quality could not be computed (see skipped)",
+            "detail": unmeasured(skipped, label)
+            or "PrivLeak and forget quality could not be computed (see skipped)",
         }
     q = "–" if quality is None else display("pvalue", quality)
     passes = f"(KS p-value of the truth ratios; above {alpha} passes)"
@@ -427,12 +427,7 @@ def audit(
             check_spec(spec)
         except UnpactError as e:
             raise UnpactError(f"--{option}: {e}") from None
-    dtype = options.get("dtype", "float32")
-    if dtype != "float32" and all(is_remote_spec(s) for s in named.values()):
-        raise UnpactError(
-            f"--dtype: {dtype} applies to local models, and every model given is served (a "
-            "served model's dtype is its server's: vLLM --dtype); leave --dtype out"
-        )
+    check_served_dtype(options.get("dtype", "float32"), list(named.values()), "--dtype")
     if options.get("chat_template") is not None:
         from unpact.models import with_chat_template_named
 

@@ -478,9 +478,20 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
     return config
 
 
+def check_served_dtype(dtype: str, specs: list[str], option: str) -> None:
+    """Refuse an evaluation dtype when every model is served: a served model's dtype is
+    its server's, and results.json would name one nobody evaluated in."""
+    if dtype != "float32" and specs and all(map(is_remote_spec, specs)):
+        raise UnpactError(
+            f"{option}: {dtype} applies to local models, and every model of this run is served "
+            "(a served model's dtype is its server's: vLLM --dtype); leave it out"
+        )
+
+
 def _check_references(config: RunConfig, where: str) -> None:
     """The names a config refers to exist and the settings under them are valid."""
     _check_benchmarks(config, where)
+    specs = config.model_specs()
     if config.chat_template is not None:
         from unpact.models import read_chat_template
 
@@ -488,20 +499,14 @@ def _check_references(config: RunConfig, where: str) -> None:
             read_chat_template(config.chat_template)
         except UnpactError as e:
             raise UnpactError(f"{where}: chat_template: {e}") from None
-        for key, spec in config.model_specs().items():
+        for key, spec in specs.items():
             if is_remote_spec(spec):
                 raise UnpactError(
                     f"{where}: chat_template: {key} ({spec}) is served and renders its "
                     "server's template; start the server with --chat-template FILE, or "
                     "leave chat_template out"
                 )
-    specs = config.model_specs()
-    if config.dtype != "float32" and specs and all(map(is_remote_spec, specs.values())):
-        raise UnpactError(
-            f"{where}: dtype: {config.dtype} applies to local models, and every model of "
-            "this run is served (a served model's dtype is its server's: vLLM --dtype); "
-            "leave dtype out"
-        )
+    check_served_dtype(config.dtype, list(specs.values()), f"{where}: dtype")
     bases = _check_models(config, where)
     names = _check_attacks(config, where)
     shown = config.report.dilemma_attack
