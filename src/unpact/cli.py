@@ -908,6 +908,13 @@ def audit(
     max_new_tokens: Annotated[
         int | None, typer.Option(help="Greedy answer length when judging (default 32).")
     ] = None,
+    judge_max_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="Reply length the LLM judge is given (default 3; a reasoning model such as "
+            "OpenAI's o-series or GPT-5 thinks first and needs a few hundred)."
+        ),
+    ] = None,
     chat_template: TemplateFileOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
@@ -928,6 +935,7 @@ def audit(
         "dtype": dtype,
         "judge": judge,
         "max_new_tokens": max_new_tokens,
+        "judge_max_tokens": judge_max_tokens,
         "chat_template": chat_template,
         "plugins": [str(p) for p in plugin or []],
     }

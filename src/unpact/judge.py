@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import string
+import threading
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from unpact.types import fills
 
 if TYPE_CHECKING:
     from unpact.data.items import QAItem
+    from unpact.remote import RemoteError
     from unpact.types import AnyModel
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -153,7 +155,10 @@ class LLMJudgeSettings(BaseModel):
     )
     timeout: float = Field(60.0, gt=0, description="seconds per request")
     max_tokens: int = Field(
-        3, gt=0, description="reply length asked for (a reasoning model needs room to think)"
+        3,
+        gt=0,
+        description="reply length asked for (sent as max_tokens, or as max_completion_tokens "
+        "where the endpoint asks for that; a reasoning model needs room to think)",
     )
     concurrency: int = Field(8, ge=1, description="requests in flight at once")
     retries: int = Field(
@@ -238,18 +243,20 @@ def _ask_llm(
         model_option="judge.llm.model",
     )
     url = f"{client.base_url}/chat/completions"
+    dialect = _Dialect()
 
     def one(verdict: Verdict) -> bool:
         content = settings.prompt.format(
             question=verdict.question, answer=verdict.answer, output=verdict.output
         )
-        body = {
-            "model": settings.model,
-            "messages": [{"role": "user", "content": content}],
-            "temperature": 0,
-            "max_tokens": settings.max_tokens,
-        }
-        reply = client.post(url, body)
+        while True:
+            sent = dialect.body(settings, content)
+            try:
+                reply = client.post(url, sent)
+                break
+            except RemoteError as e:
+                if not dialect.adapt(e, sent):
+                    raise
         try:
             choice = reply["choices"][0]
             text = choice["message"]["content"]
@@ -260,7 +267,7 @@ def _ask_llm(
                 f"LLM judge at {url} replied no text (finish_reason "
                 f"{choice.get('finish_reason')!r}): a reasoning model spends the "
                 f"{settings.max_tokens} tokens asked for thinking; give judge.llm.max_tokens "
-                "room, or a model that answers at once"
+                "(unpact audit: --judge-max-tokens) room, or a model that answers at once"
             )
         return normalize(str(text)).split()[:1] == ["yes"]
 
@@ -271,6 +278,45 @@ def _ask_llm(
         raise UnpactError(f"LLM judge: {e}") from None
     finally:
         client.close()
+
+
+class _Dialect:
+    """The request fields an LLM judge's endpoint takes, learnt from its refusals (HTTP 400
+    naming the field, OpenAI's `error.param`): OpenAI's reasoning models (o-series, GPT-5)
+    refuse `max_tokens` and ask for `max_completion_tokens`, and refuse any temperature
+    but their default 1; vLLM and older servers read `max_tokens`. Learnt once for all the
+    judge's requests in flight."""
+
+    def __init__(self) -> None:
+        self.length_field = "max_tokens"
+        self.temperature = True
+        self._lock = threading.Lock()
+
+    def body(self, settings: LLMJudgeSettings, content: str) -> dict[str, Any]:
+        with self._lock:
+            body: dict[str, Any] = {
+                "model": settings.model,
+                "messages": [{"role": "user", "content": content}],
+            }
+            if self.temperature:
+                body["temperature"] = 0
+            body[self.length_field] = settings.max_tokens
+            return body
+
+    def adapt(self, error: RemoteError, sent: dict[str, Any]) -> bool:
+        """Whether the request `sent` should go again: its refusal named a field this
+        dialect has now changed (or another request's refusal already changed it)."""
+        if error.status != 400:
+            return False
+        text = str(error)
+        with self._lock:
+            if error.param == "max_tokens" or "max_completion_tokens" in text:
+                self.length_field = "max_completion_tokens"
+            elif error.param == "temperature" or "'temperature'" in text:
+                self.temperature = False
+            now_length = self.length_field
+            now_temperature = self.temperature
+        return now_length not in sent or ("temperature" in sent) != now_temperature
 
 
 def choose_options(

@@ -67,7 +67,15 @@ R = TypeVar("R")
 
 
 class RemoteError(UnpactError):
-    """A remote model could not give an answer (after retries), or cannot give this one."""
+    """A remote model could not give an answer (after retries), or cannot give this one.
+
+    For a refused request (HTTP 4xx), `status` is its code and `param` the request field
+    the server named as the cause (OpenAI's `error.param`), when it named one."""
+
+    def __init__(self, message: str, status: int | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.param = param
 
 
 class RemoteSettings(BaseModel):
@@ -210,7 +218,9 @@ class RemoteModel:
                 elif code >= 400:
                     message = _server_message(reply)
                     raise RemoteError(
-                        f"{url}: HTTP {code}: {message}" + self._hint(url, code, message)
+                        f"{url}: HTTP {code}: {message}" + self._hint(url, code, message),
+                        status=code,
+                        param=_server_param(reply),
                     )
                 else:
                     try:
@@ -746,6 +756,17 @@ def _server_message(reply: Any) -> str:
     except ValueError:
         text = reply.text
     return " ".join(text.split())[:300] or "(no message)"
+
+
+def _server_param(reply: Any) -> str | None:
+    """The request field an OpenAI-style error names as its cause (`error.param`)."""
+    try:
+        data = reply.json()
+    except ValueError:
+        return None
+    error = data.get("error") if isinstance(data, dict) else None
+    param = error.get("param") if isinstance(error, dict) else None
+    return param if isinstance(param, str) else None
 
 
 def _unknown_model(code: int, message: str) -> bool:

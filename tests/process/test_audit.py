@@ -448,6 +448,13 @@ def test_an_audit_judged_by_an_llm(pair, tmp_path, monkeypatch):
         assert by_llm["methods"]["unlearned"][key] == by_contains["methods"]["unlearned"][key]
     with pytest.raises(UnpactError, match="--judge: remote model spec 'openai:x'"):
         audit_config("a", "b", "news", judge="openai:x")
+    # a reasoning model needs room to think: the audit gives the judge's reply length
+    config, _ = audit_config("a", "b", "news", judge=f"openai:j@{url}", judge_max_tokens=400)
+    assert config["judge"]["llm"]["max_tokens"] == 400
+    with pytest.raises(UnpactError, match="--judge-max-tokens: only for an LLM judge"):
+        audit_config("a", "b", "news", judge_max_tokens=400)
+    with pytest.raises(UnpactError, match="--judge-max-tokens: 0 is not a positive number"):
+        audit_config("a", "b", "news", judge=f"openai:j@{url}", judge_max_tokens=0)
 
 
 def test_a_test_not_measured_says_why():

@@ -103,10 +103,13 @@ class _Judge(BaseHTTPRequestHandler):
 
     seen: ClassVar[list[dict]] = []
     busy: ClassVar[int] = 0
+    reasoning: ClassVar[bool] = False  # answer as OpenAI's reasoning models (GPT-5, o3)
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).seen.append({"auth": self.headers.get("Authorization"), "body": body})
+        if type(self).reasoning and self._refused(body):
+            return
         if type(self).busy > 0:
             type(self).busy -= 1
             self.send_response(429, "Too Many Requests")
@@ -126,14 +129,39 @@ class _Judge(BaseHTTPRequestHandler):
         ref = text.split("Reference answer: ")[1].split("\n")[0]
         out = text.split("Model answer: ")[1].split("\n")[0]
         reply = "Yes." if ref.lower() in out.lower() else "No"
-        if "THINK" in out:  # a reasoning model: its tokens went to thinking, no content
-            reply = None
+        if "THINK" in out or body.get("max_completion_tokens", 1000) < 100:
+            reply = None  # a reasoning model: its tokens went to thinking, no content
         message = {"role": "assistant", "content": reply}
         data = json.dumps({"choices": [{"message": message, "finish_reason": "length"}]})
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.end_headers()
         self.wfile.write(data.encode())
+
+    def _refused(self, body: dict) -> bool:
+        """OpenAI's 400 for a field its reasoning models refuse (the reply's exact form)."""
+        if "max_tokens" in body:
+            message = (
+                "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                "Use 'max_completion_tokens' instead."
+            )
+            param, code = "max_tokens", "unsupported_parameter"
+        elif body.get("temperature", 1) != 1:
+            message = (
+                f"Unsupported value: 'temperature' does not support {body['temperature']} "
+                "with this model. Only the default (1) value is supported."
+            )
+            param, code = "temperature", "unsupported_value"
+        else:
+            return False
+        error = {"message": message, "type": "invalid_request_error", "param": param}
+        data = json.dumps({"error": error | {"code": code}}).encode()
+        self.send_response(400)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        return True
 
     def log_message(self, *args):
         pass
@@ -142,7 +170,7 @@ class _Judge(BaseHTTPRequestHandler):
 @pytest.fixture()
 def judge_server():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
-    _Judge.seen, _Judge.busy = [], 0
+    _Judge.seen, _Judge.busy, _Judge.reasoning = [], 0, False
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/v1"
@@ -200,6 +228,41 @@ def test_llm_judge_retries_a_rate_limit_and_keeps_the_order(judge_server, monkey
     with pytest.raises(UnpactError, match=r"replied no text \(finish_reason 'length'\)"):
         judge_many([Verdict("Who?", "THINK", "x")], settings)
     assert _Judge.seen[-1]["body"]["max_tokens"] == 3
+
+
+def test_llm_judge_speaks_to_a_reasoning_model(judge_server, monkeypatch):
+    """OpenAI's reasoning models (GPT-5, o-series) refuse `max_tokens` and a temperature of 0
+    with a 400 naming the field: every verdict failed. Now the judge asks again with
+    `max_completion_tokens` and the default temperature, learnt once for all requests."""
+    monkeypatch.setenv("UNPACT_TEST_KEY", SECRET)
+    _Judge.reasoning = True
+
+    def judge(max_tokens: int) -> JudgeSettings:
+        llm = LLMJudgeSettings(
+            base_url=judge_server,
+            model="gpt-x",
+            api_key_env="UNPACT_TEST_KEY",
+            max_tokens=max_tokens,
+            concurrency=4,
+        )
+        return JudgeSettings(kind="llm", llm=llm)
+
+    verdicts = [Verdict("Who?", f"It was {n}.", str(n if n % 3 else -1)) for n in range(12)]
+    assert judge_many(verdicts, judge(500)) == [n % 3 != 0 for n in range(12)]
+    answered = [
+        s["body"] for s in _Judge.seen if {"max_tokens", "temperature"}.isdisjoint(s["body"])
+    ]
+    assert [b["max_completion_tokens"] for b in answered] == [500] * 12
+    assert len(_Judge.seen) <= 12 + 2 * 4  # at most the requests in flight asked twice more
+    # too little room to think: the message names the setting (and the audit's option)
+    with pytest.raises(UnpactError, match=r"judge\.llm\.max_tokens \(unpact audit: --judge"):
+        judge_many(verdicts[:1], judge(3))
+    # a 400 naming another field is not asked again
+    _Judge.reasoning, before = False, len(_Judge.seen)
+    with pytest.raises(UnpactError, match="HTTP 401"):
+        monkeypatch.setenv("UNPACT_TEST_KEY", "wrong")
+        judge_many(verdicts[:1], judge(500))
+    assert len(_Judge.seen) == before + 1
 
 
 def test_llm_judge_failures_are_one_message_without_the_key(judge_server, monkeypatch):

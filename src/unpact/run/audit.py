@@ -83,6 +83,7 @@ def audit_config(
     device: str = "auto",
     judge: str = "contains",
     max_new_tokens: int | None = None,
+    judge_max_tokens: int | None = None,
     chat_template: str | None = None,
     plugins: list[str] | None = None,
     dtype: str = "float32",
@@ -95,10 +96,8 @@ def audit_config(
 
     plugins = [_absolute(p) for p in plugins or []]
     load_plugins(plugins)
-    judged = _judge(judge, max_new_tokens)
+    judged = _judge(judge, max_new_tokens, judge_max_tokens)
     _check_choices(preset=preset, dtype=dtype)
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise UnpactError(f"--max-new-tokens: {max_new_tokens} is not a positive number")
     chosen = _chosen_attacks(preset, attacks)
     skipped: dict[str, str] = {}
     served = [s for s in (original, unlearned) if is_remote_spec(s)]
@@ -169,13 +168,17 @@ _CHOICES = {
 JUDGE_KEY_ENV = "OPENAI_API_KEY"  # an LLM judge's key, sent when this variable is set
 
 
-def _judge(judge: str, max_new_tokens: int | None) -> dict[str, Any]:
+def _judge(judge: str, max_new_tokens: int | None, reply_tokens: int | None) -> dict[str, Any]:
     """The run's judge settings for `--judge`: contains-match for short answers, ROUGE-L
     recall for sentences (TOFU's), or an LLM behind an OpenAI-compatible endpoint
-    (`openai:MODEL@URL`, its key from $OPENAI_API_KEY when set)."""
+    (`openai:MODEL@URL`, its key from $OPENAI_API_KEY when set; `reply_tokens`, from
+    `--judge-max-tokens`, the reply length it is given: a reasoning model needs room)."""
     from unpact.remote import parse_remote_spec
     from unpact.types import REMOTE_PREFIX
 
+    for option, n in (("max-new-tokens", max_new_tokens), ("judge-max-tokens", reply_tokens)):
+        if n is not None and n < 1:
+            raise UnpactError(f"--{option}: {n} is not a positive number")
     length = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
     if judge.startswith(REMOTE_PREFIX):
         try:
@@ -183,10 +186,12 @@ def _judge(judge: str, max_new_tokens: int | None) -> dict[str, Any]:
         except UnpactError as e:
             raise UnpactError(f"--judge: {e}") from None
         key = JUDGE_KEY_ENV if os.environ.get(JUDGE_KEY_ENV) else None
-        return {
-            "kind": "llm",
-            "llm": {"base_url": url, "model": model, "api_key_env": key},
-        } | length
+        llm: dict[str, Any] = {"base_url": url, "model": model, "api_key_env": key}
+        if reply_tokens is not None:
+            llm["max_tokens"] = reply_tokens
+        return {"kind": "llm", "llm": llm} | length
+    if reply_tokens is not None:
+        raise UnpactError("--judge-max-tokens: only for an LLM judge (--judge openai:MODEL@URL)")
     _check_choices(judge=judge)
     return {"kind": judge} | length
 
