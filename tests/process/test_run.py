@@ -491,6 +491,18 @@ def test_a_config_files_paths_are_read_beside_it_when_they_name_nothing_here(
         ({"statistics": {"seed": 2**40}}, r"statistics\.seed: .*less than"),
         # a Python loop that never ended, silently
         ({"statistics": {"resamples": 10**23}}, r"statistics\.resamples: .*less than or equal"),
+        # the list replaced the single one, which was silently never run
+        (
+            {
+                "model": "openai:m@http://127.0.0.1:1/v1",
+                "models": [{"name": "a", "model": "default"}],
+            },
+            r"model: 'openai:m@.*' is not run: models replaces it",
+        ),
+        (
+            {"benchmarks": ["news", "books"], "data": {"benchmark": "wmdp"}},
+            r"data\.benchmark: 'wmdp' is not run: benchmarks replaces it",
+        ),
     ],
 )
 def test_config_mistakes_name_the_key(change, message):

@@ -540,6 +540,8 @@ def _check_references(config: RunConfig, where: str) -> None:
 
 def _check_benchmarks(config: RunConfig, where: str) -> None:
     """Every benchmark loads, and a grid's benchmarks have different names."""
+    if config.benchmarks and "benchmark" in config.data.model_fields_set:
+        _check_replaced("data.benchmark", config.data.benchmark, config.benchmarks, where)
     benchmarks = [("data.benchmark", config.data.benchmark), ("data.general", config.data.general)]
     benchmarks += [(f"benchmarks.{n}", b) for n, b in enumerate(config.benchmarks or [])]
     grid_names: set[str] = set()
@@ -576,6 +578,17 @@ def _check_splits(config: RunConfig, where: str, bench: Any) -> None:
             )
 
 
+def _check_replaced(key: str, given: str, grid: list[str], where: str) -> None:
+    """A model or benchmark written beside the list that replaces it (`models`,
+    `benchmarks`) must be in that list: the run would silently leave it out."""
+    if given not in grid:
+        lists = "models" if key == "model" else "benchmarks"
+        raise UnpactError(
+            f"{where}: {key}: {given!r} is not run: {lists} replaces it; add it to {lists}, "
+            f"or leave {key} out"
+        )
+
+
 def _check_models(config: RunConfig, where: str) -> list[tuple[str, str]]:
     """The base models' and the methods' specs and settings; returns (key, spec) of the
     base models."""
@@ -584,6 +597,8 @@ def _check_models(config: RunConfig, where: str) -> list[tuple[str, str]]:
     bases = [("model", config.model)]
     if config.models:
         bases = [(f"models.{n}.model", m.model) for n, m in enumerate(config.models)]
+        if "model" in config.model_fields_set:
+            _check_replaced("model", config.model, [b for _, b in bases], where)
         if len({m.name for m in config.models}) < len(config.models):
             raise UnpactError(f"{where}: models: two models share a name")
         for n, m in enumerate(config.models):
