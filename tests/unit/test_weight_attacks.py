@@ -319,21 +319,37 @@ def test_hqq_scales_keep_the_grid_and_err_no_more_than_round_to_nearest():
     assert not torch.equal(q, rtn)  # the scales were optimised, not the min/max ones
 
 
-def test_the_lens_cannot_tell_options_that_open_with_the_same_token(saved):
+def test_the_lens_reads_an_option_that_ends_where_another_goes_on_at_its_end(saved):
+    """ "Paris" against "Paris river": they share every token of the shorter, so "Paris" was
+    never right at any layer (and "Paris river" neither). Now read where "Paris" ends: its
+    end-of-answer token against the other's next one, after the shared token."""
+    from unpact.attacks.weights import answer_end
     from unpact.models import load_model
 
     lm = load_model(str(saved / "m1"))
     same = ("Paris", "Paris river", "glass")
-    assert lm.encode_answer(same[0])[0] == lm.encode_answer(same[1])[0]
-    item = QAItem("forget-0", "What is the capital of France?", "Paris", "forget", choices=same)
-    apart = QAItem("forget-1", "What is the capital of France?", "glass", "forget", choices=same)
-    rows = get_attack("logit_lens", {"last_layer": True}).run(_ctx(saved, "x", [item, apart]))
-    assert not any(rows[0]["layers"])  # "Paris" vs "Paris river": undecidable, never right
-    logits = lens_logits(
-        lm.model, last_states(lm.model, [lm.encode_prompt(item.question).input_ids])[0, 1:]
+    prompt = lm.encode_prompt("What is the capital of France?")
+    paris, river, glass = (lm.encode_answer(o, prompt) for o in same)
+    assert river[: len(paris)] == paris and answer_end(lm) == [lm.tokenizer.eos_token_id]
+    items = [
+        QAItem(f"forget-{n}", "What is the capital of France?", o, "forget", choices=same)
+        for n, o in enumerate(same)
+    ]
+    rows = get_attack("logit_lens", {"last_layer": True}).run(_ctx(saved, "x", items))
+    first, after = (
+        lens_logits(lm.model, last_states(lm.model, [seq])[0, 1:])
+        for seq in ([*prompt.input_ids], [*prompt.input_ids, *paris])
     )
-    g, p = lm.encode_answer("glass")[0], lm.encode_answer("Paris")[0]
-    assert rows[1]["layers"] == [bool(logits[k, g] > logits[k, p]) for k in range(len(logits))]
+    end, layers = answer_end(lm)[0], range(len(first))
+    p, g, r = paris[0], glass[0], river[len(paris)]
+    assert rows[0]["layers"] == [
+        bool(first[k, p] > first[k, g]) and bool(after[k, end] > after[k, r]) for k in layers
+    ]
+    assert rows[1]["layers"] == [
+        bool(first[k, p] > first[k, g]) and bool(after[k, r] > after[k, end]) for k in layers
+    ]
+    assert rows[2]["layers"] == [bool(first[k, g] > first[k, p]) for k in layers]
+    assert all(sum(row["layers"][k] for row in rows) == 1 for k in layers)  # one pick each
 
 
 def test_the_lens_reads_options_that_all_open_alike_where_they_part(saved):

@@ -348,15 +348,16 @@ class LogitLens(LayerAttack):
     other options open with the same token as the right one, the lens reads on after that
     token, where those part, and so on (`_decisions`): right when the right option wins at
     each of those readings, as a greedy reading of the options token by token would pick
-    it. An option that ends where another goes on cannot be told from it by a token: not
-    right."""
+    it. An option that ends where another goes on is read there: its end of answer
+    (`answer_end`) against the other's next token. Two options the same are never right."""
 
     name = "logit_lens"
     title = "logit lens"
     # 1: options sharing the right option's first token: not right; 2: options that all
     # open alike (a lone space after `Answer: `, a shared first word) read after it; 3:
-    # options sharing the right option's token read on where they part
-    revision = 3
+    # options sharing the right option's token read on where they part; 4: an option that
+    # ends where another goes on read there, its end of answer against the next token
+    revision = 4
 
     def per_layer(self, ctx: AttackContext, lm: LanguageModel) -> list[dict[str, Any]]:
         # per item, the sequences the lens reads at their last token, each with the right
@@ -364,6 +365,7 @@ class LogitLens(LayerAttack):
         # right option can be told apart at all. An open answer is read where it is scored
         # (`follow`: after a lone space token, a year's first digit, not the space)
         items: list[tuple[list[Reading], bool]] = []
+        end = answer_end(lm)
         for item in ctx.items:
             e = lm.encode_prompt(item.question)
             found = options(item) if item.is_mcq else None
@@ -372,7 +374,8 @@ class LogitLens(LayerAttack):
                 items.append(([(list(prompt.input_ids), ids[0], [])], True))
                 continue
             opts, right = found
-            path, decidable = _decisions([list(lm.encode_answer(o, e)) for o in opts], right)
+            ended = [[*lm.encode_answer(o, e), *end] for o in opts]
+            path, decidable = _decisions(ended, right)
             items.append(
                 ([([*e.input_ids, *pre], t, rivals) for pre, t, rivals in path], decidable)
             )
@@ -418,6 +421,20 @@ class LogitLens(LayerAttack):
 Reading = tuple[list[int], int, list[int]]  # tokens read after, right token, rivals' tokens
 
 
+def answer_end(lm: LanguageModel) -> list[int]:
+    """The token that ends an answer, as one more token of each option (the tokenizer's
+    end-of-sequence token: the end of the assistant's turn in a chat template; else the
+    generation config's first), or none: an option that ends where another goes on
+    ("Paris" against "Paris Texas") is read where one ends, its end against the other's
+    next token, as greedy decoding that stops there would tell them apart."""
+    eos = lm.tokenizer.eos_token_id
+    if eos is None:
+        eos = lm.model.generation_config.eos_token_id
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    return [eos] if isinstance(eos, int) else []
+
+
 def _decisions(options: list[list[int]], right: int) -> tuple[list[Reading], bool]:
     """Where the logit lens reads a multiple-choice item's options: first where they part
     (after the tokens they all open with: a lone space after `Answer: `, a shared first
@@ -427,7 +444,8 @@ def _decisions(options: list[list[int]], right: int) -> tuple[list[Reading], boo
     so on until the right option's token is its own. Returns those readings (the tokens
     after the prompt, the right token, the rivals' tokens) and whether the right option can
     be told apart at all: not when an option ends where one it shares every token with goes
-    on (or two options are the same)."""
+    on (the lens gives each option its end-of-answer token first, `answer_end`, so that only
+    two options the same are left so)."""
     group, pos = list(range(len(options))), 0
     path: list[Reading] = []
     while True:
