@@ -88,6 +88,9 @@ def test_audit_prints_a_verdict_per_test_and_writes_the_run(pair, tmp_path):
     # what the preset left out, said in the audit's own terms (no config key)
     assert "--preset gpu computes it" in results["skipped"]["mia_auc.gradnorm"]
     assert "membership.gradnorm" not in res.stdout
+    # the report says so too (it showed only the controls', PrivLeak's and membership's)
+    report = (out / "report.html").read_text()
+    assert "<code>mia_auc.gradnorm</code>: " in report and "--preset gpu computes it" in report
 
 
 @pytest.mark.parametrize(
