@@ -78,3 +78,35 @@ def test_results_md_shows_a_labels_pipes_and_markup_as_text():
     assert len(head.replace("\\|", "").split("|")) == len(rule.split("|"))  # one cell each
     assert "recovery a \\| &lt;b&gt;b&lt;/b&gt;" in cells
     assert len(row.replace("\\|", "").split("|")) == len(rule.split("|"))
+
+
+@pytest.mark.parametrize("methods", [1, 5])
+def test_the_roc_figure_keeps_its_title_and_legends_inside_and_off_the_curves(methods):
+    """With one method the title, wider than its one panel, ran off both edges of the figure
+    (the report showed "_k): forget answers..."), and each legend sat over the curves."""
+    import dataclasses
+
+    import matplotlib.pyplot as plt
+
+    from tests.unit.test_membership import _records
+    from unpact.report.roc import roc_figure
+
+    records = [
+        dataclasses.replace(r, method=f"method number {m}")
+        for m in range(methods)
+        for r in _records()
+    ]
+    fig = roc_figure(records, "min_k")
+    fig.canvas.draw()
+    renderer, page = fig.canvas.get_renderer(), fig.bbox
+    legends = [(ax, ax.get_legend()) for ax in fig.axes if ax.get_legend() is not None]
+    assert len(legends) == methods
+    from matplotlib.text import Text
+
+    [title] = [t for t in fig.findobj(Text) if t.get_text() == fig.get_suptitle()]
+    for artist in [title, *(leg for _, leg in legends)]:
+        box = artist.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.x1 <= page.x1 and box.y0 >= 0 and box.y1 <= page.y1
+    for ax, legend in legends:
+        assert legend.get_window_extent(renderer).y1 <= ax.get_window_extent(renderer).y0
+    plt.close(fig)

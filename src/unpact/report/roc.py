@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import io
 import re
-from typing import TYPE_CHECKING
+import textwrap
+from typing import TYPE_CHECKING, Any
 
 from unpact.membership import auc, roc_points
 
@@ -27,6 +28,22 @@ def _scores(records: list[ItemRecord], split: str, attack: str, retrained: bool)
 
 def roc_svg(records: list[ItemRecord], attack: str) -> str | None:
     """One small ROC panel per method as an inline SVG, or None without membership scores."""
+    import matplotlib.pyplot as plt
+
+    fig = roc_figure(records, attack)
+    if fig is None:
+        return None
+    buf = io.StringIO()
+    plt.rcParams["svg.fonttype"] = "none"
+    plt.rcParams["svg.hashsalt"] = "unpact"
+    fig.savefig(buf, format="svg")
+    plt.close(fig)
+    svg = re.sub(r"<metadata>.*?</metadata>", "", buf.getvalue(), flags=re.S)
+    return svg[svg.index("<svg") :]
+
+
+def roc_figure(records: list[ItemRecord], attack: str) -> Any:
+    """`roc_svg`'s matplotlib figure (the caller closes it), or None."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,7 +60,9 @@ def roc_svg(records: list[ItemRecord], attack: str) -> str | None:
     ]
     cols = min(4, len(methods))
     rows = (len(methods) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(2.9 * cols, 2.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.2 * cols, 4.0 * rows), squeeze=False, layout="constrained"
+    )
     for ax in axes.flat[len(methods) :]:
         ax.axis("off")
     for ax, method in zip(axes.flat, methods):
@@ -64,15 +83,13 @@ def roc_svg(records: list[ItemRecord], attack: str) -> str | None:
         ax.set_title(method, fontsize="medium")
         ax.set_xlabel("false positive rate", fontsize="small")
         ax.set_ylabel("true positive rate", fontsize="small")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="x-small", loc="lower right")
+        if ax.get_legend_handles_labels()[0]:  # below the panel: on it, it hid the curves
+            ax.legend(
+                fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.22), frameon=False
+            )
     texts = " and ".join(name for _, name in sets) or "texts"
-    fig.suptitle(f"Membership inference ({attack}): forget {texts} (members) against holdout")
-    fig.tight_layout()
-    buf = io.StringIO()
-    plt.rcParams["svg.fonttype"] = "none"
-    plt.rcParams["svg.hashsalt"] = "unpact"
-    fig.savefig(buf, format="svg")
-    plt.close(fig)
-    svg = re.sub(r"<metadata>.*?</metadata>", "", buf.getvalue(), flags=re.S)
-    return svg[svg.index("<svg") :]
+    title = f"Membership inference ({attack}): forget {texts} (members) against holdout"
+    # wrapped to the figure's width: one panel is narrower than the line, which ran off
+    # both edges
+    fig.suptitle(textwrap.fill(title, width=int(13 * 3.2 * cols)), fontsize="medium")
+    return fig
