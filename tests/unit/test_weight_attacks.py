@@ -319,27 +319,33 @@ def test_hqq_scales_keep_the_grid_and_err_no_more_than_round_to_nearest():
     assert not torch.equal(q, rtn)  # the scales were optimised, not the min/max ones
 
 
+def _lens_rows(saved, opts):
+    """The tiny model, the question's prompt, each option's tokens after it, and the logit
+    lens's rows for one item per option (each the right one in turn)."""
+    from unpact.models import load_model
+
+    lm = load_model(str(saved / "m1"))
+    question = "What is the capital of France?"
+    prompt = lm.encode_prompt(question)
+    items = [QAItem(f"forget-{n}", question, o, "forget", choices=opts) for n, o in enumerate(opts)]
+    rows = get_attack("logit_lens", {"last_layer": True}).run(_ctx(saved, "x", items))
+    return lm, prompt, [lm.encode_answer(o, prompt) for o in opts], rows
+
+
+def _lens_at(lm, seq):
+    """The lens's logits after each layer at the last token of `seq`."""
+    return lens_logits(lm.model, last_states(lm.model, [seq])[0, 1:])
+
+
 def test_the_lens_reads_an_option_that_ends_where_another_goes_on_at_its_end(saved):
     """ "Paris" against "Paris river": they share every token of the shorter, so "Paris" was
     never right at any layer (and "Paris river" neither). Now read where "Paris" ends: its
     end-of-answer token against the other's next one, after the shared token."""
     from unpact.attacks.weights import answer_end
-    from unpact.models import load_model
 
-    lm = load_model(str(saved / "m1"))
-    same = ("Paris", "Paris river", "glass")
-    prompt = lm.encode_prompt("What is the capital of France?")
-    paris, river, glass = (lm.encode_answer(o, prompt) for o in same)
+    lm, prompt, (paris, river, glass), rows = _lens_rows(saved, ("Paris", "Paris river", "glass"))
     assert river[: len(paris)] == paris and answer_end(lm) == [lm.tokenizer.eos_token_id]
-    items = [
-        QAItem(f"forget-{n}", "What is the capital of France?", o, "forget", choices=same)
-        for n, o in enumerate(same)
-    ]
-    rows = get_attack("logit_lens", {"last_layer": True}).run(_ctx(saved, "x", items))
-    first, after = (
-        lens_logits(lm.model, last_states(lm.model, [seq])[0, 1:])
-        for seq in ([*prompt.input_ids], [*prompt.input_ids, *paris])
-    )
+    first, after = (_lens_at(lm, s) for s in ([*prompt.input_ids], [*prompt.input_ids, *paris]))
     end, layers = answer_end(lm)[0], range(len(first))
     p, g, r = paris[0], glass[0], river[len(paris)]
     assert rows[0]["layers"] == [
@@ -357,7 +363,6 @@ def test_the_lens_reads_options_that_all_open_alike_where_they_part(saved):
     template ending `Answer: ` leaves before digits) were never right: every option had
     the right one's first token. They are read after it, by the token where they part."""
     from unpact.attacks.weights import _decisions
-    from unpact.models import load_model
 
     three = [[5, 6, 7], [5, 6, 8], [5, 9]]
     assert _decisions(three, 2) == ([([5], 9, [6])], True)
@@ -365,18 +370,10 @@ def test_the_lens_reads_options_that_all_open_alike_where_they_part(saved):
     assert _decisions(three, 0) == ([([5], 6, [9]), ([5, 6], 7, [8])], True)
     assert _decisions([[5], [5, 6]], 0) == ([([], 5, [])], False)  # "5" ends, "5 6" goes on
     assert _decisions([[5, 6], [5, 6]], 1) == ([([5], 6, [])], False)  # the same option twice
-    lm = load_model(str(saved / "m1"))
-    opts = ("A lamp", "A bell", "A mill")  # the tiny tokenizer: A + Ġ, Ġb, Ġm
-    prompt = lm.encode_prompt("What is the capital of France?")
-    conts = [lm.encode_answer(o, prompt) for o in opts]
+    # the tiny tokenizer: A + Ġ, Ġb, Ġm
+    lm, prompt, conts, rows = _lens_rows(saved, ("A lamp", "A bell", "A mill"))
     assert len({c[0] for c in conts}) == 1 and len({c[1] for c in conts}) == 3
-    items = [
-        QAItem(f"forget-{n}", "What is the capital of France?", o, "forget", choices=opts)
-        for n, o in enumerate(opts)
-    ]
-    rows = get_attack("logit_lens", {"last_layer": True}).run(_ctx(saved, "x", items))
-    seq = [*prompt.input_ids, conts[0][0]]
-    logits = lens_logits(lm.model, last_states(lm.model, [seq])[0, 1:])
+    logits = _lens_at(lm, [*prompt.input_ids, conts[0][0]])
     for n, row in enumerate(rows):
         right, others = conts[n][1], [c[1] for m, c in enumerate(conts) if m != n]
         want = [all(logits[k, right] > logits[k, t] for t in others) for k in range(len(logits))]
@@ -388,23 +385,12 @@ def test_the_lens_reads_on_where_options_sharing_the_right_token_part(saved):
     """Options sharing the right option's first token were never right (5% of the built-in
     wmdp items, more on real WMDP, where options open alike): read on after that token,
     where they part, the right option must win at both readings."""
-    from unpact.models import load_model
-
-    lm = load_model(str(saved / "m1"))
-    opts = ("Paris lamp", "Paris bell", "glass")
-    prompt = lm.encode_prompt("What is the capital of France?")
-    conts = [lm.encode_answer(o, prompt) for o in opts]
+    lm, prompt, conts, rows = _lens_rows(saved, ("Paris lamp", "Paris bell", "glass"))
     # the tiny tokenizer: "Paris", "Ġ", then "l..." against "b...": they part at the third
     assert conts[0][:2] == conts[1][:2] and conts[0][2] != conts[1][2]
     assert conts[0][0] != conts[2][0]
-    items = [
-        QAItem(f"forget-{n}", "What is the capital of France?", o, "forget", choices=opts)
-        for n, o in enumerate(opts)
-    ]
-    rows = get_attack("logit_lens", {"last_layer": True}).run(_ctx(saved, "x", items))
     first, second = (
-        lens_logits(lm.model, last_states(lm.model, [seq])[0, 1:])
-        for seq in ([*prompt.input_ids], [*prompt.input_ids, *conts[0][:2]])
+        _lens_at(lm, s) for s in ([*prompt.input_ids], [*prompt.input_ids, *conts[0][:2]])
     )
     layers = range(len(first))
     for n in (0, 1):  # the lens at both readings, by hand
