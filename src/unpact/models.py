@@ -503,10 +503,12 @@ def model_key(spec: str) -> str:
     of its weight files, the first and last MiB of each, and its full config (the weights
     are large), and the full tokenizer, chat template and generation config (a template
     edited in a checkpoint's folder gives other prompts: cached answers must not be read
-    for it); for a hub id, the id. A GGUF's cache folder is already keyed by its hash."""
+    for it); for a hub id, the id and the commit it loads (`hub_revision`). A GGUF's cache
+    folder is already keyed by its hash."""
     folder = local_model_dir(spec)
     if folder is None:
-        return hashlib.sha256(spec.encode()).hexdigest()
+        commit = None if is_remote_spec(spec) else hub_revision(spec)
+        return hashlib.sha256((spec + (f"@{commit}" if commit else "")).encode()).hexdigest()
     digest = hashlib.sha256(folder.name.encode())
     for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("config.json")):
         size = f.stat().st_size
@@ -805,6 +807,28 @@ def _load_hub(spec: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[A
         ) from exc
     _check_complete(spec, info)
     return model, tokenizer
+
+
+@functools.lru_cache(maxsize=64)
+def hub_revision(spec: str) -> str | None:
+    """The commit a hub id loads now: the hub's `main` (one metadata request, no download),
+    or, offline or when the hub cannot answer, the commit the local hub cache holds for
+    `main`; None when neither knows it (loading the model then says why). A model pushed
+    again under the same id was read from the cache of the one before."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE and _hub_unreachable() is None:
+        try:
+            sha = HfApi().model_info(spec, timeout=10).sha
+        except Exception:  # any failure: the local cache's answer, or none
+            sha = None
+        if sha:
+            return sha
+    try:
+        found = try_to_load_from_cache(spec, "config.json")
+    except Exception:  # not a valid hub id: no commit
+        return None
+    return Path(found).parent.name if isinstance(found, str) else None
 
 
 def _hub_unreachable(timeout: float = 5.0) -> str | None:

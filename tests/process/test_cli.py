@@ -280,6 +280,71 @@ def test_a_hub_id_without_a_reachable_hub_fails_at_once_without_retry_warnings(t
     assert "Retrying" not in done.stderr and "WARNING" not in done.stderr, done.stderr[-800:]
 
 
+def _hub_snapshot(hf_home: Path, repo: str, commit: str, model: Path) -> None:
+    """`model`'s files as the local hub cache holds `repo` at `commit`, its `main`."""
+    import shutil
+
+    folder = hf_home / "hub" / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(model, folder / "snapshots" / commit)
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(commit)
+
+
+def test_a_hub_id_is_keyed_by_the_commit_it_loads(tiny_dir, tmp_path):
+    """A hub id's cache key was its name alone: a model pushed again under the same id was
+    read from the cached stages of the one before. Now the key holds the commit `main`
+    resolves to: the hub's answer (a fake endpoint here), else the local hub cache's."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    hf = tmp_path / "hf"
+    _hub_snapshot(hf, "me/tiny", "a" * 40, tiny_dir)
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf)}
+    code = "from unpact.models import model_key; print(model_key('me/tiny'))"
+
+    def key(env):
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-800:]
+        return done.stdout.strip()
+
+    first = key(offline)
+    # the hub id loads from the local hub cache, offline
+    cmd = [sys.executable, "-m", "unpact", "generate", "-p", "hi", "--model", "me/tiny"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=offline, timeout=300)
+    assert done.returncode == 0, done.stderr[-800:]
+    _hub_snapshot(hf, "me/tiny", "b" * 40, tiny_dir)  # pushed again: main moved
+    second = key(offline)
+    assert second != first
+
+    class Hub(BaseHTTPRequestHandler):  # the hub's model info, commit c...c
+        def do_GET(self):
+            data = json.dumps({"id": "me/tiny", "sha": "c" * 40}).encode()
+            self.send_response(200 if self.path.startswith("/api/models/me/tiny") else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    online = {
+        k: v for k, v in offline.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    }
+    online["HF_ENDPOINT"] = f"http://127.0.0.1:{server.server_address[1]}"
+    for proxy in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+        online.pop(proxy, None)
+    try:
+        assert key(online) not in (first, second)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_serve_port_0_prints_the_port_it_listens_on_and_a_busy_port_is_exit_2(tiny_dir):
     """`unpact serve --port 0` once printed ...:0/v1, a URL no client can use; a port
     another program holds was a uvicorn log line and exit 1."""
