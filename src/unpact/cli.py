@@ -852,6 +852,15 @@ def demo(
     _run("demo", out_dir)
 
 
+JudgeReplyOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Reply length the LLM judge is given (default 3; a reasoning model such as "
+        "OpenAI's o-series or GPT-5 thinks first and needs a few hundred)."
+    ),
+]
+
+
 @app.command(
     help="Audit a model pair you already have: is the unlearned model's knowledge gone, "
     "recoverable (prompt attacks, quantization, relearning on unrelated data, directional "
@@ -908,13 +917,7 @@ def audit(
     max_new_tokens: Annotated[
         int | None, typer.Option(help="Greedy answer length when judging (default 32).")
     ] = None,
-    judge_max_tokens: Annotated[
-        int | None,
-        typer.Option(
-            help="Reply length the LLM judge is given (default 3; a reasoning model such as "
-            "OpenAI's o-series or GPT-5 thinks first and needs a few hundred)."
-        ),
-    ] = None,
+    judge_max_tokens: JudgeReplyOpt = None,
     chat_template: TemplateFileOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
