@@ -2,7 +2,8 @@
 
 `unpact serve --model default` serves a local model on 127.0.0.1 with the endpoints
 `unpact.remote` uses (`/v1/completions` with `echo`/`logprobs`/`prompt_logprobs`,
-`/tokenize`, `/detokenize`, `/v1/models`), in vLLM's reply formats. It is how the remote
+`/tokenize`, `/detokenize`, `/v1/models`) and the one an LLM judge asks
+(`/v1/chat/completions`), in vLLM's reply formats. It is how the remote
 backend is tested against real HTTP, and a way to try `openai:MODEL@URL` specs without a
 GPU cluster; it is not a production server (vLLM is the thing to use at scale). Like vLLM
 it batches what arrives together: scoring requests waiting at the same moment (up to a
@@ -11,6 +12,7 @@ token budget) run as one padded forward pass; generation runs one request at a t
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -119,6 +121,7 @@ def make_app(models: LanguageModel | dict[str, LanguageModel], name: str = "defa
     app.post("/tokenize")(server.tokenize)
     app.post("/detokenize")(server.detokenize)
     app.post("/v1/completions")(server.completions)
+    app.post("/v1/chat/completions")(server.chat_completions)
     # a body that is not a JSON object: 400 in vLLM's format, as vLLM's
     # validation_exception_handler answers (FastAPI's own reply would be a 422)
     app.exception_handler(fastapi.exceptions.RequestValidationError)(_invalid_body)
@@ -233,23 +236,9 @@ class _Server:
             return bad
         tok = lm.tokenizer
         if "messages" in body:
-            if not lm.has_chat_template:
-                return _error(400, "this model has no chat template")
-            messages = body["messages"]
-            if not isinstance(messages, list) or not all(
-                isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages
-            ):
-                return _error(400, "'messages' must be a list of {role, content} objects")
-            kwargs = body.get("chat_template_kwargs") or {}
-            if not isinstance(kwargs, dict):
-                return _error(400, "'chat_template_kwargs' must be an object")
-            text = tok.apply_chat_template(
-                body["messages"],
-                tokenize=False,
-                add_generation_prompt=bool(body.get("add_generation_prompt", True)),
-                **kwargs,  # as vLLM's TokenizeChatRequest passes them to the template
-            )
-            ids = tok(text, add_special_tokens=False)["input_ids"]
+            ids = _chat_ids(lm, body)
+            if not isinstance(ids, list):
+                return ids  # an error reply
         elif isinstance(body.get("prompt"), str):
             ids = tok(
                 body["prompt"], add_special_tokens=bool(body.get("add_special_tokens", True))
@@ -265,6 +254,9 @@ class _Server:
         tokens = body.get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
             return _error(400, "'tokens' must be a list of token ids")
+        bad = next((t for t in tokens if not 0 <= t < len(lm.tokenizer)), None)
+        if bad is not None:  # the tokenizer's decode failed on it: a server error
+            return _error(400, f"Token id {bad} is out of vocabulary")
         return {"prompt": lm.tokenizer.decode(tokens)}
 
     def completions(self, body: dict[str, Any]) -> Any:
@@ -300,6 +292,59 @@ class _Server:
                 "prompt_tokens": len(req.ids),
                 "completion_tokens": completion_tokens,
                 "total_tokens": len(req.ids) + completion_tokens,
+            },
+        }
+
+    def chat_completions(self, body: dict[str, Any]) -> Any:
+        """vLLM's /v1/chat/completions: the messages in the model's chat template, then
+        generated as a completion of its tokens (what an LLM judge asks)."""
+        lm, bad = self.pick(body)
+        if bad is not None:
+            return bad
+        refused = _unimplemented(body, _CHAT_UNIMPLEMENTED)
+        if refused is not None:
+            return refused
+        ids = _chat_ids(lm, body)
+        if not isinstance(ids, list):
+            return ids  # an error reply
+        # vLLM: max_completion_tokens, else the deprecated max_tokens, else the room left
+        length = body.get("max_completion_tokens")
+        length = body.get("max_tokens") if length is None else length
+        asked = {k: body[k] for k in _Fields.model_fields if k in body and k != "max_tokens"}
+        given = asked | {
+            "prompt": ids,
+            "max_tokens": lm.max_length - len(ids) if length is None else length,
+        }
+        req = _parse_completion(lm, given, self.name(body))
+        if not isinstance(req, _Completion):
+            return req
+        _, gens = self._generate(lm, req)
+        stops = _stop_ids(lm)
+        choices = [
+            {
+                "index": n,
+                "message": {
+                    "role": "assistant",
+                    "content": lm.tokenizer.decode(list(g), skip_special_tokens=True),
+                    "tool_calls": [],
+                },
+                "logprobs": None,
+                "finish_reason": "stop" if g and g[-1] in stops else "length",
+                "stop_reason": None,
+            }
+            for n, g in enumerate(gens)
+        ]
+        made = sum(len(g) for g in gens)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": req.model,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": len(ids),
+                "completion_tokens": made,
+                "total_tokens": len(ids) + made,
             },
         }
 
@@ -387,10 +432,22 @@ _UNIMPLEMENTED = (
 )
 
 
-def _unimplemented(body: dict[str, Any]) -> Any:
+# and those of /v1/chat/completions beside them
+_CHAT_UNIMPLEMENTED = (
+    *_UNIMPLEMENTED,
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "continue_final_message",
+    "echo",
+)
+
+
+def _unimplemented(body: dict[str, Any], fields: tuple[str, ...] = _UNIMPLEMENTED) -> Any:
     """The error reply for a field that would change the output and that this server does
     not implement, or None."""
-    for field in _UNIMPLEMENTED:
+    for field in fields:
         value = body.get(field)
         if field == "best_of" and value == body.get("n", 1):
             continue  # as many candidates as choices: nothing to pick among
@@ -416,8 +473,6 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any
     refused = _unimplemented(body)
     if refused is not None:
         return refused
-    if fields.top_k is not None and fields.top_k < -1:  # SamplingParams._verify_args
-        return _error(400, f"top_k must be 0 (disable), or at least 1, got {fields.top_k}.")
     for field in ("logprobs", "prompt_logprobs"):
         asked = getattr(fields, field)
         if asked is not None and asked < 0 and asked != -1:
@@ -453,6 +508,9 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any
         seed=fields.seed or 0,
         sampling=_sampling(lm, fields),
     )
+    out_of_range = _sampling_error(req, fields.top_k)
+    if out_of_range is not None:
+        return out_of_range
     if req.max_tokens < 0 or req.n < 1:
         return _error(400, "max_tokens must be >= 0 and n >= 1")
     if req.max_tokens == 0 and not req.echo:
@@ -460,6 +518,72 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any
     if len(ids) + req.max_tokens > lm.max_length:
         return _error(400, f"prompt + max_tokens exceeds max_model_len {lm.max_length}")
     return req
+
+
+def _chat_ids(lm: LanguageModel, body: dict[str, Any]) -> Any:
+    """The token ids of a request's `messages` in the model's chat template with its
+    generation prompt (vLLM: no special tokens added beyond the template's), or the error
+    reply. A message's content is text, or a list of text parts (joined by newlines, as
+    vLLM's "string" content format joins them)."""
+    if not lm.has_chat_template:
+        return _error(400, "this model has no chat template: give one with --chat-template")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return _error(400, "'messages' must be a non-empty list of {role, content} objects")
+    rendered = []
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list) and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+            for p in content
+        ):
+            content = "\n".join(p["text"] for p in content)
+        if not isinstance(content, str) or not isinstance(m.get("role"), str):
+            return _error(400, "'messages' must be a non-empty list of {role, content} objects")
+        rendered.append({**m, "content": content})
+    kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        return _error(400, "'chat_template_kwargs' must be an object")
+    try:
+        text = lm.tokenizer.apply_chat_template(
+            rendered,
+            tokenize=False,
+            add_generation_prompt=bool(body.get("add_generation_prompt", True)),
+            **kwargs,  # as vLLM passes them to the template
+        )
+    except Exception as exc:  # the template refused these messages (a role it has no turn for)
+        return _error(400, f"the chat template cannot render these messages: {exc}")
+    return list(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _sampling_error(req: _Completion, top_k: int | None) -> Any:
+    """vLLM's 400 for a sampling value out of its range, in the order and words of its
+    `SamplingParams._verify_args` (the values as resolved, `top_k` as given), or None. A
+    negative temperature reached the sampler: a server error."""
+    t, s = req.temperature, req.sampling
+    penalty = s["repetition_penalty"]
+    checks = (
+        (
+            None,
+            math.isfinite(penalty),
+            f"repetition_penalty must be a finite number, got {penalty}.",
+        ),
+        (None, penalty > 0, f"repetition_penalty must be greater than zero, got {penalty}."),
+        ("temperature", math.isfinite(t), f"temperature must be a finite number, got {t}."),
+        ("temperature", t >= 0, f"temperature must be non-negative, got {t}."),
+        ("temperature", t <= 2, f"temperature must be in [0, 2], got {t}."),
+        ("top_p", 0 < s["top_p"] <= 1, f"top_p must be in (0, 1], got {s['top_p']}."),
+        (
+            None,
+            top_k is None or top_k >= -1,
+            f"top_k must be 0 (disable), or at least 1, got {top_k}.",
+        ),
+        (None, 0 <= s["min_p"] <= 1, f"min_p must be in [0, 1], got {s['min_p']}."),
+    )
+    for param, ok, message in checks:
+        if not ok:
+            return _error(400, message, param)
+    return None
 
 
 def _stop_id(lm: LanguageModel) -> int:

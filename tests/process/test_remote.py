@@ -860,6 +860,23 @@ def test_unpact_serve_refuses_what_vllm_refuses(served, faults):
     assert reply.status_code == 400 and "max allowed: 20" in reply.json()["error"]["message"]
     with pytest.raises(RemoteError, match="out of vocabulary"):
         _remote(url).sequence_logprobs([5, 10**6])
+    # these were a 500 (the sampler, the tokenizer's decode failed on them)
+    root = url.removesuffix("/v1")
+    for tokens in ([-1], [10**12]):
+        reply = httpx.post(f"{root}/detokenize", json={"model": "tiny", "tokens": tokens})
+        assert reply.status_code == 400, reply.text
+        assert reply.json()["error"]["message"] == f"Token id {tokens[0]} is out of vocabulary"
+    sample = {"model": "tiny", "prompt": [5, 6], "max_tokens": 2}
+    for change, param, message in (
+        ({"temperature": -1}, "temperature", "temperature must be non-negative, got -1.0."),
+        ({"temperature": 2.5}, "temperature", "temperature must be in [0, 2], got 2.5."),
+        ({"top_p": 0}, "top_p", "top_p must be in (0, 1], got 0.0."),
+        ({"min_p": 1.5}, None, "min_p must be in [0, 1], got 1.5."),
+        ({"repetition_penalty": 0}, None, "repetition_penalty must be greater than zero, got 0.0."),
+    ):
+        reply = httpx.post(f"{url}/completions", json=sample | change)
+        assert reply.status_code == 400, (change, reply.text)
+        assert reply.json()["error"] == reply.json()["error"] | {"message": message, "param": param}
 
 
 @pytest.mark.parametrize(
@@ -930,3 +947,46 @@ def test_unpact_serve_takes_a_request_without_a_model_and_refuses_a_body_not_an_
         assert bad.status_code == 400 and bad.json()["error"]["code"] == 400, bad.text
     chat = {"model": "tiny", "messages": "hello"}
     assert httpx.post(f"{url[: -len('/v1')]}/tokenize", json=chat).status_code == 400
+
+
+def test_unpact_serve_answers_chat_completions_as_an_llm_judge_asks(served, faults):
+    """/v1/chat/completions was a 404: an LLM judge could not be served by `unpact serve`.
+    Its answer is the greedy completion of the messages in the chat template (the same
+    tokens /tokenize gives them, the same text /v1/completions generates from those), in
+    vLLM's chat format; the judge reads it over HTTP."""
+    import httpx
+
+    from unpact.judge import JudgeSettings, LLMJudgeSettings, Verdict, judge_many
+
+    url = served[1]
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Who wrote it?"}]}]
+    body = {"model": "tiny", "messages": messages, "max_completion_tokens": 5, "temperature": 0}
+    chat = httpx.post(f"{url}/chat/completions", json=body).json()
+    ids = httpx.post(
+        f"{url.removesuffix('/v1')}/tokenize",
+        json={"model": "tiny", "messages": [{"role": "user", "content": "Who wrote it?"}]},
+    ).json()["tokens"]
+    plain = httpx.post(
+        f"{url}/completions",
+        json={"model": "tiny", "prompt": ids, "max_tokens": 5, "temperature": 0},
+    ).json()
+    [choice] = chat["choices"]
+    assert chat["object"] == "chat.completion" and chat["id"].startswith("chatcmpl-")
+    assert choice["message"]["role"] == "assistant"
+    assert choice["message"]["content"] == plain["choices"][0]["text"]
+    assert choice["finish_reason"] == plain["choices"][0]["finish_reason"]
+    assert chat["usage"]["prompt_tokens"] == len(ids)
+    settings = LLMJudgeSettings(base_url=url, model="tiny", api_key_env=None, max_tokens=4)
+    verdicts = [Verdict("Who wrote it?", "Mira", "Mira"), Verdict("Sky?", "blue", "green")]
+    assert len(judge_many(verdicts, JudgeSettings(kind="llm", llm=settings))) == 2
+    for change, said in (
+        ({"messages": []}, "'messages' must be a non-empty list"),
+        ({"messages": [{"role": "user"}]}, "'messages' must be a non-empty list"),
+        ({"stream": True}, "does not implement `stream`"),
+        ({"logprobs": True}, "does not implement `logprobs`"),
+        ({"temperature": -1}, "temperature must be non-negative"),
+        ({"model": "other"}, "The model `other` does not exist."),
+    ):
+        reply = httpx.post(f"{url}/chat/completions", json=body | change)
+        assert reply.status_code in (400, 404), (change, reply.text)
+        assert said in reply.json()["error"]["message"], (change, reply.text)
