@@ -222,13 +222,37 @@ class _Server:
         return found, None
 
     def list_models(self) -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [
-                {"id": n, "object": "model", "max_model_len": m.max_length}
-                for n, m in self.served.items()
-            ],
+        """vLLM's model list: a card per served model (its ModelCard's fields; `root` the
+        model it loaded, as vLLM's is the path or hub id it serves)."""
+        now = int(time.time())
+        permission = {
+            "id": f"modelperm-{uuid.uuid4().hex}",
+            "object": "model_permission",
+            "created": now,
+            "allow_create_engine": False,
+            "allow_sampling": True,
+            "allow_logprobs": True,
+            "allow_search_indices": False,
+            "allow_view": True,
+            "allow_fine_tuning": False,
+            "organization": "*",
+            "group": None,
+            "is_blocking": False,
         }
+        cards = [
+            {
+                "id": n,
+                "object": "model",
+                "created": now,
+                "owned_by": "unpact",
+                "root": m.spec,
+                "parent": None,
+                "max_model_len": m.max_length,
+                "permission": [permission],
+            }
+            for n, m in self.served.items()
+        ]
+        return {"object": "list", "data": cards}
 
     def tokenize(self, body: dict[str, Any]) -> Any:
         lm, bad = self.pick(body)

@@ -976,6 +976,9 @@ def test_unpact_serve_answers_chat_completions_as_an_llm_judge_asks(served, faul
     assert choice["message"]["content"] == plain["choices"][0]["text"]
     assert choice["finish_reason"] == plain["choices"][0]["finish_reason"]
     assert chat["usage"]["prompt_tokens"] == len(ids)
+    [card] = httpx.get(f"{url}/models").json()["data"]  # vLLM's ModelCard fields
+    assert card["id"] == "tiny" and card["object"] == "model" and card["max_model_len"] > 0
+    assert {"created", "owned_by", "root", "parent", "permission"} <= set(card)
     settings = LLMJudgeSettings(base_url=url, model="tiny", api_key_env=None, max_tokens=4)
     verdicts = [Verdict("Who wrote it?", "Mira", "Mira"), Verdict("Sky?", "blue", "green")]
     assert len(judge_many(verdicts, JudgeSettings(kind="llm", llm=settings))) == 2
