@@ -215,6 +215,11 @@ def test_a_minimal_item_needs_only_id_question_answer_and_split(tmp_path):
     assert (item.aliases, item.keywords, item.document) == ((), (), None)
     full = {**minimal, "aliases": [], "keywords": [], "document": None}
     assert load_folder(write(tmp_path, [full])).items == [item]
+    # null for every optional field, as a table's export writes an empty cell (a list's
+    # null was refused: "must be a list of non-empty strings")
+    nulls = ("aliases", "keywords", "document", "choices", "paraphrased_answer")
+    empty = {**minimal, **dict.fromkeys((*nulls, "perturbed_answers"))}
+    assert load_folder(write(tmp_path, [empty])).items == [item]
 
     # saved by an editor that writes a byte-order mark first (Windows Notepad's UTF-8)
     path = tmp_path / "qa.jsonl"

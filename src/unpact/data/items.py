@@ -171,6 +171,8 @@ def _strings(
             raise _fail(path, line, f"field '{key}' is missing")
         return None
     value = obj[key]
+    if value is None and not required:  # null, as a table's export writes an empty cell
+        return None
     if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
         raise _fail(path, line, f"field '{key}' must be a list of non-empty strings")
     return tuple(value)
