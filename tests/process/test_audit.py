@@ -490,3 +490,29 @@ def test_the_gpu_preset_on_a_cpu_is_said_before_it_starts(pair, tmp_path, monkey
         notes[preset] = said
     assert any("the gpu preset on a CPU" in s and "--preset laptop" in s for s in notes["gpu"])
     assert notes["laptop"] == []
+
+
+def test_an_audit_of_a_model_against_itself_says_so(pair, tmp_path):
+    """One path given as --original and --unlearned: minutes spent to say "nothing
+    forgotten", with no word that the two were one model. Now a note says so at once."""
+    from unpact.run.audit import audit
+
+    said: list[str] = []
+    original = str(pair / "original")
+    result = audit(
+        original,
+        original + "/",  # the same folder, written another way
+        str(pair / "bench"),
+        tmp_path / "out",
+        cache_dir=tmp_path / "cache",
+        progress=False,
+        log=said.append,
+        attacks=["focus_on_key"],
+        general=None,
+        device="cpu",
+    )
+    assert any("--unlearned is the same model as --original" in s for s in said), said
+    assert result.results["methods"]["unlearned"]["forgotten"] == 0
+    said.clear()
+    _quick_audit(pair, pair / "bench", tmp_path / "other", log=said.append)
+    assert not any("same model" in s for s in said)

@@ -204,6 +204,23 @@ def _check_choices(**given: str) -> None:
             raise UnpactError(f"--{option}: {value!r} is not one of {choices}")
 
 
+def _note_same_models(named: dict[str, str], log: Any) -> None:
+    """Say when the unlearned model or the reference is the original itself (the same
+    weights and tokenizer: one path given twice, say): the audit then measures nothing
+    of what the user meant, and would spend its minutes saying "not forgotten"."""
+    from unpact.models import model_key
+
+    if log is None:
+        return
+    original = model_key(named["original"])
+    for option in ("unlearned", "reference"):
+        if option in named and model_key(named[option]) == original:
+            log(
+                f"note: --{option} is the same model as --original (the same weights and "
+                "tokenizer): nothing can differ between them"
+            )
+
+
 def _on_cpu(device: str) -> bool:
     """Whether the audit's local models would run on the CPU (`auto` without a GPU)."""
     from unpact.models import parse_device
@@ -440,6 +457,7 @@ def audit(
     # a mismatched pair, named by its option
     same_tokenizer(named["original"], {f"--{o}": s for o, s in named.items() if o != "original"})
     config, left_out = audit_config(original, unlearned, benchmark, **options)
+    _note_same_models(named, log)
     preset = options.get("preset", "laptop")
     if preset == "gpu" and _on_cpu(options.get("device", "auto")) and log is not None:
         log(
