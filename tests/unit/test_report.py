@@ -110,3 +110,31 @@ def test_the_roc_figure_keeps_its_title_and_legends_inside_and_off_the_curves(me
     for ax, legend in legends:
         assert legend.get_window_extent(renderer).y1 <= ax.get_window_extent(renderer).y0
     plt.close(fig)
+
+
+def test_methods_at_one_point_of_the_dilemma_plot_share_one_label():
+    """Several models' methods at one point (nothing destroyed, nothing recovered: common)
+    were labelled one over another, an unreadable smudge; now one label lists them."""
+    import re
+
+    def run(spread):
+        def results(offset):
+            methods = {
+                name: {
+                    "destructive_retain": 0.1 + spread * (offset + k),
+                    "destructive_general": 0.2,
+                    "recovery": {"probab": 0.5, "any": 0.5},
+                }
+                for k, name in enumerate(("ga", "npo"))
+            }
+            return {"attacks": ["probab"], "methods": methods}
+
+        svg = dilemma_svg(results(0), by_model={"one": results(0), "two": results(2)})
+        return len(re.findall(r'<g id="text_\d+"', svg)), svg
+
+    apart, _ = run(0.1)
+    together, svg = run(0.0)
+    # on the retain panel: four labels apart, one (of four lines) together; the general
+    # panel has them together in both
+    assert apart - together == 3
+    assert all(f"{m}: {n}" in svg for m in ("one", "two") for n in ("ga", "npo"))

@@ -63,8 +63,16 @@ def dilemma_svg(
     }
     fig, axes = plt.subplots(1, 2, figsize=(9 if by_model else 10.5, 3.8), sharey=True)
     for ax, split in zip(axes, ("retain", "general")):
+        labels: dict[tuple[float, float], list[str]] = {}
         for n, (model, res) in enumerate(series.items()):
-            _plot_series(ax, split, n, model, res, attack, by_model is not None, colour)
+            for x, y, label in _plot_series(
+                ax, split, n, model, res, attack, by_model is not None, colour
+            ):
+                labels.setdefault((x, y), []).append(label)
+        for at, said in labels.items():  # methods at one point: one label, not a smudge
+            ax.annotate(
+                "\n".join(said), at, textcoords="offset points", xytext=(5, 4), fontsize="small"
+            )
         ax.set_xlim(-5, 105)
         ax.set_ylim(-5, 105)
         ax.set_xlabel(f"destructive rate on {split} items (%)")
@@ -101,9 +109,11 @@ def _plot_series(
     attack: str | None,
     by_model: bool,
     colour: dict[str, str],
-) -> None:
-    """One model's methods on one axis of the dilemma plot: a point per method (a sweep's
-    runs annotated with the swept value) and a line through each swept method's runs."""
+) -> list[tuple[float, float, str]]:
+    """One model's methods on one axis of the dilemma plot: a point per method and a line
+    through each swept method's runs; returns the points' labels (a sweep's runs: the
+    swept value; several models: model and method) with where they go."""
+    labels: list[tuple[float, float, str]] = []
     for name, m in res["methods"].items():
         x = m[f"destructive_{split}"]
         y = m["recovery"].get(attack) if attack else None
@@ -118,13 +128,7 @@ def _plot_series(
             label = _setting_text(sweep["value"]) if sweep else ""
         ax.scatter([100 * x], [100 * y], s=40, color=color)
         if label:
-            ax.annotate(
-                label,
-                (100 * x, 100 * y),
-                textcoords="offset points",
-                xytext=(5, 4),
-                fontsize="small",
-            )
+            labels.append((100 * x, 100 * y, label))
     # A swept method's runs as one curve, in the order of the swept value.
     curves: dict[str, list[tuple[Any, float, float]]] = {}
     for m in res["methods"].values():
@@ -141,6 +145,7 @@ def _plot_series(
             alpha=0.5,
             color=f"C{n % 10}" if by_model else colour[family],
         )
+    return labels
 
 
 def short_label(name: str) -> str:
