@@ -993,3 +993,24 @@ def test_unpact_serve_answers_chat_completions_as_an_llm_judge_asks(served, faul
         reply = httpx.post(f"{url}/chat/completions", json=body | change)
         assert reply.status_code in (400, 404), (change, reply.text)
         assert said in reply.json()["error"]["message"], (change, reply.text)
+
+
+def test_a_served_models_own_stages_do_not_depend_on_the_local_dtype(served_run):
+    """`dtype:` joined every stage's key, a served model's too, whose dtype is its
+    server's: a run mixing a local original and a served unlearned model judged and
+    attributed the served one again when only the local dtype changed."""
+    from unpact.run import run
+
+    root, base, url = served_run
+    mixed = base | {
+        "model": str(root / "tiny"),
+        "methods": [{"name": "ga", "model": f"openai:tiny-ga@{url}"}],
+        "attacks": [{"name": "focus_on_key"}],
+    }
+    cache = root / "cache-dtype"
+    first = run(mixed | {"dtype": "bfloat16"}, root / "bf16", cache_dir=cache, progress=False)
+    assert any(c.startswith("evaluating:ga") for c in first.computed)
+    again = run(mixed, root / "fp32", cache_dir=cache, progress=False)
+    mine = [c for c in again.computed if c.startswith(("evaluating:ga", "attributing:ga"))]
+    assert mine == [], again.computed
+    assert any(c.startswith("evaluating:original") for c in again.computed)  # local: again

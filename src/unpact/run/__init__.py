@@ -182,10 +182,17 @@ class Pipeline:
         return result
 
     def stage(
-        self, kind: str, folder: str, name: str, reads: list[Any], compute: Callable[[], Any]
+        self,
+        kind: str,
+        folder: str,
+        name: str,
+        reads: list[Any],
+        compute: Callable[[], Any],
+        served: bool = False,
     ) -> list[dict[str, Any]]:
-        """The rows of a cached stage keyed by what it `reads`, computed if absent."""
-        if self.cfg.dtype != "float32":  # every stage reads a model in that dtype
+        """The rows of a cached stage keyed by what it `reads`, computed if absent;
+        `served`: it reads a served model alone, whose dtype is its server's."""
+        if self.cfg.dtype != "float32" and not served:  # a local model in that dtype
             reads = [*reads, {"dtype": self.cfg.dtype}]
         stage = Stage(self.cache, folder, digest(kind, STAGES_FORMAT, *reads))
         label = f"{kind}:{name}"
@@ -567,6 +574,7 @@ def _model_stages(
         return lm
 
     judge = cfg.judge.cache_key()
+    served = is_remote_spec(model.spec)  # these stages read it alone: not the run's dtype
     evals: dict[str, dict[str, Any]] = {}
     for split in SPLITS:
         items = data.splits[split]
@@ -576,6 +584,7 @@ def _model_stages(
             f"{model.label} ({split})",
             [model.key, data.key(split), judge],
             partial(_evaluate, opened, items, cfg, model.label),
+            served,
         )
         evals |= {r["id"]: r for r in rows}
     forget = data.splits["forget"]
@@ -586,6 +595,7 @@ def _model_stages(
         model.label,
         [model.key, data.key("forget"), settings],
         lambda: attribute(opened(), forget, cfg.attribution),
+        served,
     )
     found = ModelStages(evals, {r["id"]: r for r in rows})
     if cfg.attribution.checks and _checked(cfg, model.label):
@@ -598,6 +608,7 @@ def _model_stages(
             model.label,
             [model.key, data.key("forget"), settings],
             lambda: attribution_checks(opened(), forget, found.attrs, cfg.attribution),
+            served,
         )
     if original is not None:
         found.attacks = _attacks(p, data, model, original, found, opened)
