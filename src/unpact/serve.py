@@ -305,19 +305,7 @@ class _Server:
         choices = [
             _choice(lm, req, index, g, prompt_lps, sequence_lps) for index, g in enumerate(gens)
         ]
-        completion_tokens = sum(len(g) for g in gens)
-        return {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": req.model,
-            "choices": choices,
-            "usage": {
-                "prompt_tokens": len(req.ids),
-                "completion_tokens": completion_tokens,
-                "total_tokens": len(req.ids) + completion_tokens,
-            },
-        }
+        return _reply("cmpl", "text_completion", req, choices, gens)
 
     def chat_completions(self, body: dict[str, Any]) -> Any:
         """vLLM's /v1/chat/completions: the messages in the model's chat template, then
@@ -358,19 +346,7 @@ class _Server:
             }
             for n, g in enumerate(gens)
         ]
-        made = sum(len(g) for g in gens)
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": req.model,
-            "choices": choices,
-            "usage": {
-                "prompt_tokens": len(ids),
-                "completion_tokens": made,
-                "total_tokens": len(ids) + made,
-            },
-        }
+        return _reply("chatcmpl", "chat.completion", req, choices, gens)
 
     def _generate(
         self, lm: LanguageModel, req: _Completion
@@ -542,6 +518,29 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any
     if len(ids) + req.max_tokens > lm.max_length:
         return _error(400, f"prompt + max_tokens exceeds max_model_len {lm.max_length}")
     return req
+
+
+def _reply(
+    prefix: str,
+    kind: str,
+    req: _Completion,
+    choices: list[dict[str, Any]],
+    gens: list[tuple[int, ...]],
+) -> dict[str, Any]:
+    """A completion reply in vLLM's format around its choices, with the token usage."""
+    made = sum(len(g) for g in gens)
+    return {
+        "id": f"{prefix}-{uuid.uuid4().hex}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": req.model,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": len(req.ids),
+            "completion_tokens": made,
+            "total_tokens": len(req.ids) + made,
+        },
+    }
 
 
 def _chat_ids(lm: LanguageModel, body: dict[str, Any]) -> Any:
