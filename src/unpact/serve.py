@@ -352,7 +352,7 @@ class _Server:
         self, lm: LanguageModel, req: _Completion
     ) -> tuple[list[float] | None, list[tuple[int, ...]]]:
         """The completions' token ids, and the prompt's log-probs when scored on the way."""
-        greedy = req.temperature == 0
+        greedy = req.temperature < GREEDY_BELOW
         if req.max_tokens == 0 or (req.max_tokens == 1 and greedy and req.n == 1):
             # Scoring (echo without generation, or prompt_logprobs with one greedy token):
             # batched with whatever other scoring requests are waiting.
@@ -380,6 +380,9 @@ class _Server:
         stop = _stop_id(lm)
         return None, [(*g, stop) if len(g) < req.max_tokens else g for g in found]
 
+
+# vLLM's _SAMPLING_EPS: a temperature below it is greedy decoding
+GREEDY_BELOW = 1e-5
 
 # vLLM's default --max-logprobs: a request asking for more top log-probs is refused.
 MAX_LOGPROBS = 20
@@ -606,6 +609,8 @@ def _sampling_error(req: _Completion, top_k: int | None) -> Any:
     for param, ok, message in checks:
         if not ok:
             return _error(400, message, param)
+    if t < GREEDY_BELOW and req.n > 1:  # SamplingParams._verify_greedy_sampling
+        return _error(400, f"n must be 1 when using greedy sampling, got {req.n}.")
     return None
 
 

@@ -873,6 +873,7 @@ def test_unpact_serve_refuses_what_vllm_refuses(served, faults):
         ({"top_p": 0}, "top_p", "top_p must be in (0, 1], got 0.0."),
         ({"min_p": 1.5}, None, "min_p must be in [0, 1], got 1.5."),
         ({"repetition_penalty": 0}, None, "repetition_penalty must be greater than zero, got 0.0."),
+        ({"temperature": 0, "n": 2}, None, "n must be 1 when using greedy sampling, got 2."),
     ):
         reply = httpx.post(f"{url}/completions", json=sample | change)
         assert reply.status_code == 400, (change, reply.text)
