@@ -511,6 +511,24 @@ def test_config_mistakes_name_the_key(change, message):
         load_config(config)
 
 
+def test_a_default_kept_beside_the_list_that_replaces_it_is_let_be():
+    """`model: default` (as the built-in grids write it) or `data.benchmark: news` kept from
+    a config copied as a start, beside a `models:` or `benchmarks:` list without it, is a
+    leftover, not a model or benchmark the user asked for: the run goes on."""
+    grid = {
+        "methods": [{"method": "ga"}],
+        "model": "default",
+        "models": [{"name": "a", "model": "./no/such/model"}],
+        "benchmarks": ["books"],
+        "data": {"benchmark": "news"},
+    }
+    with pytest.raises(UnpactError, match=r"models\.0\.model: model spec './no/such/model'"):
+        load_config(grid)  # past both checks, to the models' own
+    assert load_config(grid | {"models": [{"name": "a", "model": "default"}]}).benchmarks == [
+        "books"
+    ]
+
+
 def test_a_benchmark_without_the_splits_the_methods_need_is_refused_up_front(tmp_path):
     """Once said by the unlearning stage, after the injection had run."""
     for split in ("forget", "retain"):

@@ -25,13 +25,14 @@ from unpact.data.items import BUILTIN
 from unpact.data.sources import load_benchmark
 from unpact.errors import UnpactError
 from unpact.judge import JudgeSettings
-from unpact.models import DeviceName
+from unpact.models import DEFAULT_SPEC, DeviceName
 from unpact.plugins import load_plugins
 from unpact.remote import RemoteSettings
 from unpact.types import Seed, is_remote_spec
 from unpact.unlearn.config import describe_errors, read_yaml_mapping
 
 RUN_FORMAT = 1
+DEFAULT_BENCHMARK = "news"  # data.benchmark when the config names none
 PAPER_ATTACKS = ("focus_on_key", "probab", "focus_on_key_probab")
 
 
@@ -45,7 +46,7 @@ class _Strict(BaseModel):
 class DataSettings(_Strict):
     """Which items the run uses."""
 
-    benchmark: str = Field("news", description="built-in benchmark name or a folder")
+    benchmark: str = Field(DEFAULT_BENCHMARK, description="built-in benchmark name or a folder")
     general: str | None = Field("general", description="general-knowledge benchmark, or null")
     forget_items: int | None = Field(None, gt=0, description="use only the first N forget items")
     retain_items: int | None = Field(None, gt=0, description="use only the first N retain items")
@@ -336,7 +337,7 @@ class RunConfig(_Strict):
         description="Python files (relative to this config) or module names imported first: "
         "the attacks, metrics and methods they define are usable by name below",
     )
-    model: str = Field("default", description="base model spec")
+    model: str = Field(DEFAULT_SPEC, description="base model spec")
     chat_template: str | None = Field(
         None,
         description="a Jinja chat template (a file, or the template itself) that every model "
@@ -541,7 +542,9 @@ def _check_references(config: RunConfig, where: str) -> None:
 def _check_benchmarks(config: RunConfig, where: str) -> None:
     """Every benchmark loads, and a grid's benchmarks have different names."""
     if config.benchmarks and "benchmark" in config.data.model_fields_set:
-        _check_replaced("data.benchmark", config.data.benchmark, config.benchmarks, where)
+        _check_replaced(
+            "data.benchmark", config.data.benchmark, config.benchmarks, where, DEFAULT_BENCHMARK
+        )
     benchmarks = [("data.benchmark", config.data.benchmark), ("data.general", config.data.general)]
     benchmarks += [(f"benchmarks.{n}", b) for n, b in enumerate(config.benchmarks or [])]
     grid_names: set[str] = set()
@@ -578,10 +581,12 @@ def _check_splits(config: RunConfig, where: str, bench: Any) -> None:
             )
 
 
-def _check_replaced(key: str, given: str, grid: list[str], where: str) -> None:
+def _check_replaced(key: str, given: str, grid: list[str], where: str, default: str) -> None:
     """A model or benchmark written beside the list that replaces it (`models`,
-    `benchmarks`) must be in that list: the run would silently leave it out."""
-    if given not in grid:
+    `benchmarks`) must be in that list: the run would silently leave it out. Its default
+    value is let be (a line kept from a config copied as a start, as the built-in grids
+    write `model: default`)."""
+    if given != default and given not in grid:
         lists = "models" if key == "model" else "benchmarks"
         raise UnpactError(
             f"{where}: {key}: {given!r} is not run: {lists} replaces it; add it to {lists}, "
@@ -598,7 +603,7 @@ def _check_models(config: RunConfig, where: str) -> list[tuple[str, str]]:
     if config.models:
         bases = [(f"models.{n}.model", m.model) for n, m in enumerate(config.models)]
         if "model" in config.model_fields_set:
-            _check_replaced("model", config.model, [b for _, b in bases], where)
+            _check_replaced("model", config.model, [b for _, b in bases], where, DEFAULT_SPEC)
         if len({m.name for m in config.models}) < len(config.models):
             raise UnpactError(f"{where}: models: two models share a name")
         for n, m in enumerate(config.models):
