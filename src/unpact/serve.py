@@ -331,17 +331,12 @@ class _Server:
         if not isinstance(req, _Completion):
             return req
         _, gens = self._generate(lm, req)
-        stops = _stop_ids(lm)
         choices = [
             {
                 "index": n,
-                "message": {
-                    "role": "assistant",
-                    "content": lm.tokenizer.decode(list(g), skip_special_tokens=True),
-                    "tool_calls": [],
-                },
+                "message": {"role": "assistant", "content": _text(lm, g), "tool_calls": []},
                 "logprobs": None,
-                "finish_reason": "stop" if g and g[-1] in stops else "length",
+                "finish_reason": _finish_reason(lm, g),
                 "stop_reason": None,
             }
             for n, g in enumerate(gens)
@@ -365,7 +360,7 @@ class _Server:
                     [EncodedPrompt(tuple(req.ids), 0, len(req.ids), "", False)],
                     max_new_tokens=req.max_tokens,
                 )
-                found = [g.token_ids for g in outs] * req.n
+                found = [g.token_ids for g in outs]  # n is 1 (`_sampling_error`)
             elif req.plain:
                 # the local sampler, seeded by the request's seed as vLLM seeds a request
                 # (unpact's client sends the per-prompt seed its local sampler would use)
@@ -648,6 +643,17 @@ def _generate_configured(lm: LanguageModel, req: _Completion) -> list[tuple[int,
     return [tuple(until_stop(row, stops)) for row in out[:, len(req.ids) :].tolist()]
 
 
+def _text(lm: LanguageModel, g: tuple[int, ...]) -> str:
+    """A completion's text as vLLM gives it (special tokens, the stop token among them,
+    left out)."""
+    return str(lm.tokenizer.decode(list(g), skip_special_tokens=True))
+
+
+def _finish_reason(lm: LanguageModel, g: tuple[int, ...]) -> str:
+    """vLLM's finish reason: "stop" for a completion that ends with its stop token."""
+    return "stop" if g and g[-1] in _stop_ids(lm) else "length"
+
+
 def _choice(
     lm: LanguageModel,
     req: _Completion,
@@ -658,12 +664,11 @@ def _choice(
 ) -> dict[str, Any]:
     """One completion choice in vLLM's format: text, finish reason, log-probs as asked."""
     tok, ids = lm.tokenizer, req.ids
-    text = tok.decode(list(g), skip_special_tokens=True)
     choice: dict[str, Any] = {
         "index": index,
-        "text": (tok.decode(ids) if req.echo else "") + text,
+        "text": (tok.decode(ids) if req.echo else "") + _text(lm, g),
         "logprobs": None,
-        "finish_reason": "stop" if g and g[-1] in _stop_ids(lm) else "length",
+        "finish_reason": _finish_reason(lm, g),
     }
     seq = (ids + list(g)) if req.echo else list(g)
     if req.logprobs and seq:

@@ -276,11 +276,12 @@ def verdicts(
     """One method's verdicts: {"test", "verdict", "detail"} per test, in plain words.
     `skipped` (results.json's) says why a figure of the method `label` was not measured."""
     out = [_forgotten(m)]
+    same = _indistinguishable(m, alpha, skipped or {}, label)
     if not m.get("forgotten"):  # no recovery to judge; membership does not need it
-        return [*out, _indistinguishable(m, alpha, skipped or {}, label)]
+        return [*out, same]
     for attack in attacks:
         out.append(_recovery(m, records, attack, alpha))
-    out.append(_indistinguishable(m, alpha, skipped or {}, label))
+    out.append(same)
     sim = m.get("keytoken_similarity_forgotten")
     if sim is not None:
         moved = "moved" if sim < 0.5 else "mostly kept"

@@ -415,7 +415,7 @@ _REAL_SPEC = re.compile(r"((?:muse-news|muse-books|tofu|wmdp)(?:\[[^\]]*\])?:)(.
 def _beside(value: Any, base: Path) -> Any:
     """`value` (a model or benchmark spec) as a path beside the config file when it names
     nothing from the working directory and something there; otherwise as it is."""
-    if not isinstance(value, str) or value in BUILTIN or value == "default":
+    if not isinstance(value, str) or value in BUILTIN or value == DEFAULT_SPEC:
         return value
     match = _REAL_SPEC.fullmatch(value)
     kind, where = match.groups() if match else ("", value)
