@@ -70,7 +70,15 @@ BETA = 0.24
 # benchmarks/attribution_memory.py); 2 M is about half an hour there.
 MAX_WORK = 2_000_000
 POSITIONS_PER_SECOND = 1_200  # the rate above, for the estimate in the refusal
-_WORD = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]+")
+# CJK ideographs, each a word of its own as BERT's BasicTokenizer makes them
+# (`_is_chinese_char`): Chinese and Japanese write words without spaces between them, so a
+# run of word characters would make a whole clause one unit. Kana and Hangul are not here.
+_CJK = (
+    "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+    "\U00020000-\U0002a6df\U0002a700-\U0002ceaf\U0002f800-\U0002fa1f"
+)
+_LETTER = rf"[^\W{_CJK}]"
+_WORD = re.compile(rf"[{_CJK}]|{_LETTER}+(?:['’]{_LETTER}+)*|[^\w\s]+")
 
 
 # ---------------------------------------------------------------------------- units
@@ -91,8 +99,8 @@ class Unit:
 def make_units(lm: AnyModel, prompt: EncodedPrompt, kind: UnitKind = "token") -> list[Unit]:
     """The units of a prompt's user content: one per token, or one per word.
 
-    A word is a run of word characters (with inner apostrophes) or of punctuation; all
-    subword pieces of a word form one unit, and a whitespace-only token joins the word
+    A word is a run of word characters (with inner apostrophes) or of punctuation, and each
+    CJK ideograph is a word of its own (`_CJK`); all subword pieces of a word form one unit, and a whitespace-only token joins the word
     after it. Template and special tokens are never units. Tokens that split one character
     (the byte pieces of a CJK character or an emoji in a byte-level vocabulary) form one
     token unit: half a character is nobody's unit, and its text would repeat the character.
@@ -330,6 +338,21 @@ class Attribution:
     def load(cls, path: str | Path) -> Attribution:
         return cls.from_dict(json.loads(read_text(Path(path))))
 
+    def _gaps(self) -> list[str]:
+        """The prompt's text before each unit that no unit holds (the space between two
+        words, none before `?` or between two ideographs), for drawing the units as the
+        prompt reads. A record whose units cannot be found in order in its prompt (one
+        saved without it) gets a space between words."""
+        gaps, at = [], 0
+        for u in self.units:
+            found = self.prompt.find(u.text, at) if u.text else -1
+            if found < 0:
+                sep = " " if self.unit == "word" else ""
+                return ["", *[sep] * (len(self.units) - 1)]
+            gaps.append(self.prompt[at:found])
+            at = found + len(u.text)
+        return gaps
+
     def _shade(self, c: float, scale: float) -> tuple[int, int, int]:
         """White to red for positive contributions, white to blue for negative."""
         t = min(1.0, abs(c) / scale) if scale > 0 else 0.0
@@ -344,11 +367,10 @@ class Attribution:
         scale = max((abs(c) for c in self.contributions), default=0.0)
         keys = set(self.key_tokens)
         heat = Text()
-        for i, (u, c) in enumerate(zip(self.units, self.contributions)):
+        for i, (u, c, gap) in enumerate(zip(self.units, self.contributions, self._gaps())):
             r, g, b = self._shade(c, scale)
             style = f"black on rgb({r},{g},{b})" + (" bold underline" if i in keys else "")
-            if i and self.unit == "word":  # token texts carry their own spaces
-                heat.append(" ")
+            heat.append(gap)
             heat.append(u.text, style=style)
         table = Table("#", "unit", "C_i", "normalised", "key", title="Contributions (LOO log-prob)")
         for i, (u, c, nrm) in enumerate(zip(self.units, self.contributions, self.normalized)):
@@ -364,18 +386,17 @@ class Attribution:
         scale = max((abs(c) for c in self.contributions), default=0.0)
         keys = set(self.key_tokens)
         spans = []
-        sep = " " if self.unit == "word" else ""
-        for i, (u, c) in enumerate(zip(self.units, self.contributions)):
+        for i, (u, c, gap) in enumerate(zip(self.units, self.contributions, self._gaps())):
             r, g, b = self._shade(c, scale)
             border = "border-bottom:2px solid #000;font-weight:bold;" if i in keys else ""
             spans.append(
-                f'<span class="unpact-unit" data-index="{i}" title="C={c:+.4f}" '
+                html.escape(gap) + f'<span class="unpact-unit" data-index="{i}" title="C={c:+.4f}" '
                 f'style="background:rgb({r},{g},{b});{border}padding:1px 2px;margin:1px;'
                 f'border-radius:3px">{html.escape(u.text)}</span>'
             )
         return (
             '<div class="unpact-attribution" style="font-family:sans-serif;line-height:2">'
-            f'<div style="white-space:pre-wrap">{sep.join(spans)}</div>'
+            f'<div style="white-space:pre-wrap">{"".join(spans)}</div>'
             f'<div style="font-size:smaller">answer: <code>{html.escape(self.answer)}</code> '
             f"&middot; LP = {self.lp:.4f} &middot; prompt sensitivity = "
             f"{self.prompt_sensitivity:.4f} &middot; KeyTokens: "

@@ -3,7 +3,9 @@ KeyToken rule, focus shift, units and the record format."""
 
 from __future__ import annotations
 
+import html
 import json
+import re
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from unpact.attribution import (
     html_page,
     key_tokens,
     keytoken_similarity,
+    keyword_units,
     load_records,
     make_units,
     naive_contributions,
@@ -273,6 +276,39 @@ def test_a_word_keeps_its_combining_marks(tiny):
     prompt = "e\u0301cole हिन्दी, x"
     enc = tiny.encode_prompt(prompt, chat_template=False)
     assert [u.text for u in make_units(tiny, enc, "word")] == ["e\u0301cole", "हिन्दी", ",", "x"]
+
+
+def test_each_cjk_ideograph_is_a_word(tiny):
+    """Chinese is written without spaces: each ideograph is a word, as BERT's tokenizer
+    makes it, not the whole clause; kana and Latin words stay runs of letters."""
+    prompt = "北京是首都？ 東京タワー in Tōkyō"
+    enc = tiny.encode_prompt(prompt, chat_template=False)
+    words = make_units(tiny, enc, "word")
+    assert [u.text for u in words] == [
+        "北", "京", "是", "首", "都", "？", "東", "京", "タワー", "in", "Tōkyō",
+    ]  # fmt: skip
+    assert keyword_units(prompt, [u.text for u in words], ["北京"]) == [0, 1]
+
+
+def test_heatmaps_draw_the_prompt_as_written(tiny):
+    """The terminal and HTML heatmaps put between units what the prompt has between them:
+    no space before `?` nor between ideographs; a record without its prompt gets spaces."""
+    from rich.console import Console
+
+    def drawn(rec):
+        console = Console(width=200, record=True)
+        console.print(rec)
+        return console.export_text().splitlines()[0]
+
+    for unit in ("word", "token"):
+        for prompt in ("Who is the mayor of Kilimanjaro?", "北京是首都？"):
+            rec = attribute(tiny, prompt, " x", unit=unit)
+            assert drawn(rec) == prompt
+            body = rec.to_html().split('white-space:pre-wrap">')[1].split("</div>")[0]
+            assert re.sub(r"<[^>]+>", "", body) == html.escape(prompt)
+    rec = attribute(tiny, "Who is the mayor?", " x", unit="word")
+    rec.prompt = ""
+    assert drawn(rec) == "Who is the mayor ?"
 
 
 def test_attribute_many_equals_one_at_a_time(tiny):
