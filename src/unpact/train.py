@@ -105,11 +105,17 @@ class Trainer:
 def _check_terms(terms: object, what: str) -> None:
     """A method's `losses()` (a plugin's, typically) must give named scalar tensors."""
     if not isinstance(terms, dict) or not terms:
+        got = "an empty dict" if isinstance(terms, dict) else type(terms).__name__
         raise UnpactError(
-            f"{what}: losses() must return a non-empty dict of named scalar tensors, "
-            f"not {type(terms).__name__}"
+            f"{what}: losses() must return a non-empty dict of named scalar tensors, not {got}"
         )
     for name, t in terms.items():
         if not isinstance(t, torch.Tensor) or t.numel() != 1:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise UnpactError(f"{what}: loss term {name!r} is {shape}, not a scalar tensor")
+    if torch.is_grad_enabled() and not any(t.requires_grad for t in terms.values()):
+        raise UnpactError(
+            f"{what}: no loss term depends on the trained weights ({', '.join(terms)} "
+            "carry no gradient): compute them from ctx.model's outputs, outside "
+            "torch.no_grad() and without .detach() or .item()"
+        )

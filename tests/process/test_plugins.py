@@ -298,12 +298,17 @@ def test_a_method_whose_losses_are_not_scalar_tensors_is_named():
 
     from unpact.train import _check_terms
 
-    _check_terms({"nll": torch.tensor(1.0)}, "m")
+    w = torch.ones(2, requires_grad=True)
+    _check_terms({"nll": w.sum(), "logged": torch.tensor(1.0)}, "m")
+    with torch.no_grad():
+        _check_terms({"nll": w.sum()}, "m")  # evaluated, not trained
     for terms, message in (
         ({"x": None}, "loss term 'x' is NoneType"),
         ({"x": torch.ones(3)}, r"loss term 'x' is \(3,\)"),
-        ({}, "non-empty dict"),
+        ({}, "not an empty dict"),
         (torch.tensor(1.0), "not Tensor"),
+        # once a traceback from backward(): "element 0 of tensors does not require grad"
+        ({"x": w.sum().detach(), "y": torch.tensor(2.0)}, "no loss term depends on the trained"),
     ):
         with pytest.raises(UnpactError, match=message):
             _check_terms(terms, "m")
@@ -321,6 +326,11 @@ def test_a_plugin_cannot_take_a_built_in_name(project, registries):
             "from unpact.unlearn.methods import NPO\n\nclass MyNPO(NPO):\n    pass\n",
             r"mine_dup\.py:3: method name 'npo' is unpact's built-in NPO: give MyNPO a name",
         ),
+        (  # once replaced the built-in figure in results.json without a word
+            "from unpact.metrics import metric\n\n@metric('recovery', title='r')\n"
+            "def mine(records, ctx):\n    return 1.0\n",
+            r"mine_dup\.py:3: metric name 'recovery' is unpact's built-in: give mine a name",
+        ),
     ):
         plugin = project / "plugins" / "mine_dup.py"
         plugin.write_text(source)
@@ -328,6 +338,7 @@ def test_a_plugin_cannot_take_a_built_in_name(project, registries):
             load_config({"plugins": [str(plugin)], "methods": [{"method": "ga"}]})
     assert ATTACKS["probab"].__module__.startswith("unpact.")
     assert METHODS["npo"].__module__.startswith("unpact.")
+    assert METRICS["recovery"].fn.__module__.startswith("unpact.")
 
 
 def test_an_attack_whose_prompts_are_not_texts_is_named_with_its_file(tiny, registries):
