@@ -8,11 +8,30 @@ its traceback.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 
 class UnpactError(ValueError):
     """A problem with the user's input or environment, explained in its message."""
+
+
+def check_callable(fn: Callable[..., Any], wanted: Sequence[str], label: str) -> None:
+    """A user's function (a plugin's metric, an attack's `prompts`) can be called with the
+    positional arguments unpact passes, named `wanted`; else one message when it is
+    defined, not a TypeError from unpact's own code when it is first called."""
+    import inspect
+
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or C function: nothing to read
+        return
+    try:
+        signature.bind(*wanted)
+    except TypeError:
+        raise UnpactError(
+            f"{label}{signature} cannot be called as unpact calls it: ({', '.join(wanted)})"
+        ) from None
 
 
 _DISK_FULL = ("No space left on device", "Disk quota exceeded")

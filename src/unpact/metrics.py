@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from statistics import fmean
 from typing import Any, Literal
 
-from unpact.errors import UnpactError
+from unpact.errors import UnpactError, check_callable
 
 
 @dataclass
@@ -398,6 +398,8 @@ def metric(
                 f"metric name {name!r} is unpact's built-in: give {fn.__name__} a name of "
                 'its own (@metric("...", ...))'
             )
+        keyed = per_attack or variants is not None  # called once per attack or variant
+        check_callable(fn, ["records", "ctx", *(["key"] * keyed)], f"metric {name}: {fn.__name__}")
         doc = description or (fn.__doc__ or "").strip().split("\n\n")[0]
         METRICS[name] = Metric(
             name,

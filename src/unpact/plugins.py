@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import sys
 import traceback
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from unpact.errors import UnpactError
+from unpact.errors import UnpactError, check_callable
 
 _LOADED: dict[str, ModuleType] = {}
 _SOURCES: dict[str, str] = {}  # resolved file or package folder -> the plugin as given
@@ -49,6 +50,30 @@ def check_name(registry: dict[str, Any], cls: type, what: str) -> None:
             f"{what} name {name!r} is unpact's built-in {held.__name__}: give "
             f'{cls.__name__} a name of its own (name = "...")'
         )
+
+
+def check_overrides(cls: type, base: type, what: str) -> None:
+    """A subclass's override of one of `base`'s methods must take what unpact passes it
+    (`prompts(self, target)`, `losses(self, ctx)`, ...), and a property stays a property:
+    `def prompts(self, question, key_tokens)` was a TypeError from inside unpact's own code
+    at the first item, after the models were trained, and `def samples(self)` without
+    `@property` a bound method where a number is read."""
+    for name, mine in vars(cls).items():
+        theirs = inspect.getattr_static(base, name, None)
+        if name.startswith("__") or theirs is None:
+            continue
+        label = f"{what} {getattr(cls, 'name', '') or cls.__name__}"
+        if isinstance(theirs, property) and inspect.isfunction(mine):
+            raise UnpactError(
+                f"{label}: {name} is a property of {base.__name__} (write @property above "
+                f"def {name}, or set {name} = value)"
+            )
+        if inspect.isfunction(theirs) and inspect.isfunction(mine):
+            takes = inspect.signature(theirs).parameters.values()
+            wanted = [
+                p.name for p in takes if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            ]
+            check_callable(mine, wanted, f"{label}: {name}")
 
 
 def load_plugins(entries: list[str], base: Path | None = None) -> list[ModuleType]:

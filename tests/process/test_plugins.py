@@ -314,6 +314,56 @@ def test_a_method_whose_losses_are_not_scalar_tensors_is_named():
             _check_terms(terms, "m")
 
 
+def test_a_plugin_function_unpact_cannot_call_is_named_where_defined(project, registries):
+    """`def prompts(self, question, key_tokens)` was a TypeError from inside unpact's code
+    at the first attacked item, after every model was trained; `def samples(self)` without
+    @property a bound method where a number is read. Now each is refused on import."""
+    head = (
+        "from unpact.attacks import Attack\nfrom unpact.metrics import metric\n"
+        "from unpact.unlearn.methods import Method\n\n"
+    )
+    for source, message in (
+        (
+            "class A(Attack):\n    name = 'a1'\n    def prompts(self, question, key_tokens):\n"
+            "        return [question]\n",
+            r"sig\.py:5: attack a1: prompts\(self, question, key_tokens\) cannot be called "
+            r"as unpact calls it: \(self, target\)",
+        ),
+        (
+            "class A(Attack):\n    name = 'a2'\n    def samples(self):\n        return 3\n",
+            r"sig\.py:5: attack a2: samples is a property of Attack \(write @property",
+        ),
+        (
+            "class M(Method):\n    name = 'm1'\n    def losses(self):\n        return {}\n",
+            r"sig\.py:5: method m1: losses\(self\) cannot be called as unpact calls it: "
+            r"\(self, ctx\)",
+        ),
+        (
+            "@metric('m2', title='m2')\ndef m2(records):\n    return 1.0\n",
+            r"sig\.py:5: metric m2: m2\(records\) cannot be called as unpact calls it: "
+            r"\(records, ctx\)",
+        ),
+        (
+            "@metric('m3', title='m3', per_attack=True)\ndef m3(records, ctx):\n    return 1.0\n",
+            r"metric m3: m3\(records, ctx\) cannot be called as unpact calls it: "
+            r"\(records, ctx, key\)",
+        ),
+    ):
+        plugin = project / "plugins" / "sig.py"
+        plugin.write_text(head + source)
+        with pytest.raises(UnpactError, match=message):
+            load_config({"plugins": [str(plugin)], "methods": [{"method": "ga"}]})
+    fine = (
+        "class A(Attack):\n    name = 'a3'\n    samples = 2\n"
+        "    def prompts(self, target, *more):\n        return [target.question]\n\n"
+        "@metric('m4', title='m4', per_attack=True)\n"
+        "def m4(records, ctx, attack=None):\n    return 1.0\n"
+    )
+    (project / "plugins" / "sig.py").write_text(head + fine)
+    load_config({"plugins": [str(project / "plugins" / "sig.py")], "methods": [{"method": "ga"}]})
+    assert ATTACKS["a3"]().samples == 2 and "m4" in METRICS
+
+
 def test_a_plugin_cannot_take_a_built_in_name(project, registries):
     """An attack named `probab`, or a subclass of NPO that inherits the name `npo`, once
     replaced the built-in silently for the whole process."""

@@ -24,6 +24,7 @@ from unpact.data.items import QAItem
 from unpact.errors import UnpactError
 from unpact.judge import JudgeSettings, Verdict, choose_options, encode_questions, judge_many
 from unpact.plugins import check_name as _check_name
+from unpact.plugins import check_overrides as _check_overrides
 from unpact.scoring import generate
 from unpact.types import plain_scalar
 
@@ -69,6 +70,7 @@ class Attack:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        _check_overrides(cls, Attack, "attack")
         if cls.name:
             _check_name(ATTACKS, cls, "attack")
             ATTACKS[cls.name] = cls

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from unpact.attribution import ALPHA, BETA, key_tokens
 from unpact.errors import UnpactError
 from unpact.plugins import check_name as _check_name
+from unpact.plugins import check_overrides as _check_overrides
 from unpact.scoring import (
     answer_distributions,
     answer_logprobs,
@@ -93,6 +94,7 @@ class Method:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        _check_overrides(cls, Method, "method")
         if cls.name:
             _check_name(METHODS, cls, "method")
             METHODS[cls.name] = cls
