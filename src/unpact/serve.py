@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import queue
+import secrets
 import threading
 import time
 import uuid
@@ -376,8 +377,17 @@ class _Server:
         return None, [(*g, stop) if len(g) < req.max_tokens else g for g in found]
 
 
-# vLLM's _SAMPLING_EPS: a temperature below it is greedy decoding
+# vLLM's _SAMPLING_EPS: a temperature below it is greedy decoding. Only 0 reaches it: a
+# temperature between 0 and LOWEST_TEMPERATURE is raised to it first (`_raised`).
 GREEDY_BELOW = 1e-5
+# vLLM's _MAX_TEMP: SamplingParams.__post_init__ raises a temperature in (0, 0.01) to 0.01
+# (with a warning: lower ones risk nan or inf), before it checks for greedy decoding
+LOWEST_TEMPERATURE = 1e-2
+
+
+def _raised(temperature: float) -> float:
+    """The temperature vLLM samples at: one in (0, 0.01) is 0.01, and so not greedy."""
+    return LOWEST_TEMPERATURE if 0 < temperature < LOWEST_TEMPERATURE else temperature
 
 # vLLM's default --max-logprobs: a request asking for more top log-probs is refused.
 MAX_LOGPROBS = 20
@@ -502,8 +512,9 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any
         logprobs=fields.logprobs is not None,
         prompt_logprobs=fields.prompt_logprobs is not None,
         as_ids=bool(fields.return_tokens_as_token_ids),
-        temperature=float(_sampling_value(lm, fields, "temperature", 1.0)),
-        seed=fields.seed or 0,
+        temperature=_raised(float(_sampling_value(lm, fields, "temperature", 1.0))),
+        # vLLM: no seed (or -1) draws from the engine's random state; here a fresh seed
+        seed=secrets.randbits(63) if fields.seed in (None, -1) else fields.seed,
         sampling=_sampling(lm, fields),
     )
     out_of_range = _sampling_error(req, fields.top_k)

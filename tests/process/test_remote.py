@@ -880,6 +880,30 @@ def test_unpact_serve_refuses_what_vllm_refuses(served, faults):
         assert reply.json()["error"] == reply.json()["error"] | {"message": message, "param": param}
 
 
+def test_unpact_serve_samples_a_tiny_temperature_at_vllms_floor(served):
+    """vLLM raises a temperature in (0, 0.01) to 0.01 before it checks for greedy decoding
+    (`SamplingParams.__post_init__`), so 1e-6 samples, `n` > 1 allowed, exactly as 0.01
+    does; unpact serve decoded it greedily and refused `n` 2. Without a seed, or with -1,
+    vLLM draws from its own random state: not the same samples on every request."""
+    import httpx
+
+    url = served[1]
+    body = {"model": "tiny", "prompt": [5, 6], "max_tokens": 12, "n": 6, "seed": 4}
+    tiny_t = httpx.post(f"{url}/completions", json=body | {"temperature": 1e-6})
+    floor = httpx.post(f"{url}/completions", json=body | {"temperature": 0.01})
+    assert tiny_t.status_code == 200, tiny_t.text
+    assert [c["text"] for c in tiny_t.json()["choices"]] == [
+        c["text"] for c in floor.json()["choices"]
+    ]
+    hot = {"model": "tiny", "prompt": [5, 6], "max_tokens": 12, "n": 4, "temperature": 2}
+    for seed in ({}, {"seed": -1}):
+        drawn = [
+            [c["text"] for c in httpx.post(f"{url}/completions", json=hot | seed).json()["choices"]]
+            for _ in range(2)
+        ]
+        assert drawn[0] != drawn[1], seed
+
+
 @pytest.mark.parametrize(
     ("change", "param"),
     [
