@@ -425,6 +425,20 @@ def _gradient_table(record: Attribution, checks: dict[str, dict[str, object]], t
     return table
 
 
+def _paired(a: list[Any], b: list[Any], before: Path, after: Path) -> tuple[list[Any], list[Any]]:
+    """The records of two files in pairs: in order, or by prompt when the two files hold
+    the same distinct prompts in another order (two `attribute --data` runs of one file,
+    one of them sorted)."""
+    if len(a) != len(b):
+        raise UnpactError(f"{before} has {len(a)} records but {after} has {len(b)}")
+    prompts = [r.prompt for r in a]
+    if prompts != [r.prompt for r in b] and len(set(prompts)) == len(prompts):
+        by_prompt = {r.prompt: r for r in b}
+        if by_prompt.keys() == set(prompts):
+            return a, [by_prompt[p] for p in prompts]
+    return a, b
+
+
 @app.command()
 def compare(
     before: Annotated[
@@ -438,9 +452,7 @@ def compare(
     """Focus shift between two attributions of the same prompts (SPEC section 3)."""
     from unpact.attribution import contribution_similarity, keytoken_similarity
 
-    a_records, b_records = _read_records(before), _read_records(after)
-    if len(a_records) != len(b_records):
-        raise UnpactError(f"{before} has {len(a_records)} records but {after} has {len(b_records)}")
+    a_records, b_records = _paired(_read_records(before), _read_records(after), before, after)
     table = Table(
         "#",
         "prompt",
@@ -457,7 +469,12 @@ def compare(
         try:
             k, c = keytoken_similarity(a, b), contribution_similarity(a, b)
         except UnpactError as exc:
-            raise UnpactError(f"record {i}: {exc}") from None
+            asked = (
+                f"{a.prompt[:60]!r}"
+                if a.prompt == b.prompt
+                else f"{a.prompt[:60]!r} and {b.prompt[:60]!r}"
+            )
+            raise UnpactError(f"record {i} ({asked}): {exc}") from None
         ks.append(k)
         cs.append(c)
         table.add_row(

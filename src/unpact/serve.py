@@ -389,6 +389,7 @@ def _raised(temperature: float) -> float:
     """The temperature vLLM samples at: one in (0, 0.01) is 0.01, and so not greedy."""
     return LOWEST_TEMPERATURE if 0 < temperature < LOWEST_TEMPERATURE else temperature
 
+
 # vLLM's default --max-logprobs: a request asking for more top log-probs is refused.
 MAX_LOGPROBS = 20
 

@@ -123,6 +123,18 @@ def test_cli_attribute_data_file(tmp_path):
     assert lines[0]["prompt"] == "What is the capital of France?"
     res = run_cli("compare", str(out), str(out))
     assert res.returncode == 0 and "1.0000" in res.stdout
+    # the same prompts in another order are paired by prompt (it was "record 0: the two
+    # attributions have different units"); a prompt the other file lacks is named
+    flipped = tmp_path / "flipped.jsonl"
+    flipped.write_text("".join(reversed(out.read_text().splitlines(keepends=True))))
+    res = run_cli("compare", str(out), str(flipped))
+    assert res.returncode == 0, res.stderr
+    assert "mean keytoken_similarity = 1.0000" in res.stdout
+    flipped.write_text(json.dumps(lines[0]) + "\n" + json.dumps(lines[0]) + "\n")
+    res = run_cli("compare", str(out), str(flipped))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    said = " ".join(res.stderr.split())
+    assert "record 1 ('What is the chemical symbol for gold?' and 'What is the capital" in said
 
 
 @pytest.mark.parametrize(
