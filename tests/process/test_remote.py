@@ -543,7 +543,7 @@ def test_byte_split_characters_get_the_same_units(tiny, served, faults):
         assert [u.positions for u in la] == [u.positions for u in lb]
         if unit == "word":
             assert [u.text for u in la] == [u.text for u in lb]
-            assert "東京" in [u.text for u in lb]
+            assert [u.text for u in lb][-3:] == ["東", "京", "?"]  # an ideograph a word
 
 
 def test_served_answers_drop_the_stop_token_vllm_keeps(tiny, tmp_path):
