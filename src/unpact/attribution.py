@@ -427,14 +427,19 @@ def read_prompts(path: str | Path) -> tuple[list[str], list[str | None]]:
     prompts: list[str] = []
     answers: list[str | None] = []
     for n, obj in read_jsonl(Path(path)):
-        prompt = obj.get("prompt", obj.get("question"))
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise UnpactError(
-                f"{path}, line {n}: field 'prompt' (or 'question') is missing or empty"
-            )
+        where = f"{path}, line {n}"
+        key = next((k for k in ("prompt", "question") if obj.get(k) is not None), None)
+        if key is None:
+            has = ", ".join(map(repr, obj)) or "none"
+            raise UnpactError(f"{where}: no field 'prompt' (or 'question'); its fields: {has}")
+        prompt = obj[key]
+        if not isinstance(prompt, str):
+            raise UnpactError(f"{where}: field {key!r} must be text, not {prompt!r:.40}")
+        if not prompt.strip():
+            raise UnpactError(f"{where}: field {key!r} is empty")
         answer = obj.get("answer")
         if answer is not None and not isinstance(answer, str):
-            raise UnpactError(f"{path}, line {n}: field 'answer' must be a string")
+            raise UnpactError(f"{where}: field 'answer' must be text, not {answer!r:.40}")
         prompts.append(prompt)
         answers.append(answer)
     if not prompts:

@@ -571,3 +571,23 @@ def test_a_prompt_with_a_lead_space_is_attributed_as_the_naive_loop_does():
         lp, naive = naive_contributions(lm, enc, rec.answer_ids, rec.units, baseline)
         assert rec.lp == pytest.approx(lp, abs=1e-5)
         assert rec.contributions == pytest.approx(naive, abs=1e-5)
+
+
+def test_read_prompts_names_what_is_wrong_with_a_line(tmp_path):
+    """`attribute --data`: a number, a misnamed field and a blank prompt were all "field
+    'prompt' (or 'question') is missing or empty"; each now says which it is."""
+    from unpact.attribution import read_prompts
+
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": null, "question": "Who?", "answer": "Mira"}\n{"prompt": "Why?"}\n')
+    assert read_prompts(good) == (["Who?", "Why?"], ["Mira", None])
+    for line, message in (
+        ('{"prompt": 42}', "line 1: field 'prompt' must be text, not 42"),
+        ('{"text": "Who?"}', r"line 1: no field 'prompt' \(or 'question'\); its fields: 'text'"),
+        ('{"question": "  "}', "line 1: field 'question' is empty"),
+        ('{"prompt": "Who?", "answer": 7}', "line 1: field 'answer' must be text, not 7"),
+    ):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(line + "\n")
+        with pytest.raises(UnpactError, match=message):
+            read_prompts(bad)
