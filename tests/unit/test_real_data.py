@@ -212,6 +212,34 @@ def test_a_named_reference_enables_membership_and_another_tokenizer_is_refused(t
         run(config, tmp_path / "out5", cache_dir=tmp_path / "cache5", progress=False)
 
 
+def test_a_tokenizer_that_only_adds_special_tokens_compares(tmp_path):
+    """A fine-tuning script that added a `[PAD]` (embeddings resized) leaves every text
+    tokenised as the original's: once refused as "another tokenizer", now a note; a
+    token added as ordinary text (it changes how text tokenises) is still refused."""
+    from unpact.models import save_model
+    from unpact.run.membership import same_tokenizer
+    from unpact.testing import tiny_model
+
+    base = tiny_model(seed=0)
+    save_model(base.model, base.tokenizer, tmp_path / "original")
+    padded = tiny_model(seed=0)
+    padded.tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    padded.model.resize_token_embeddings(len(padded.tokenizer))
+    save_model(padded.model, padded.tokenizer, tmp_path / "padded")
+    said: list[str] = []
+    for _ in range(2):  # an audit checks, then its run: said once
+        same_tokenizer(
+            str(tmp_path / "original"), {"--unlearned": str(tmp_path / "padded")}, said.append
+        )
+    assert len(said) == 1 and "adds special token(s) '[PAD]' to the original's 320" in said[0]
+    worded = tiny_model(seed=0)
+    worded.tokenizer.add_tokens(["Quintrell"])
+    worded.model.resize_token_embeddings(len(worded.tokenizer))
+    save_model(worded.model, worded.tokenizer, tmp_path / "worded")
+    with pytest.raises(UnpactError, match=r"--unlearned .* another tokenizer .* \(321 against 320"):
+        same_tokenizer(str(tmp_path / "original"), {"--unlearned": str(tmp_path / "worded")})
+
+
 def test_models_with_the_originals_tokenizer_files_are_compared_without_loading(
     tmp_path, tiny, monkeypatch
 ):

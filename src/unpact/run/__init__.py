@@ -249,7 +249,7 @@ def run(
     data = _data(cfg, cache)
     _check_depths(cfg)  # before the injection, which may take hours
     _check_answer_room(cfg, data)
-    _check_tokenizers(cfg)
+    _check_tokenizers(cfg, say)
     original = _original(p, data)
     p.original_spec = original.spec
     # the original's stages first: what they refuse (a prompt attribution cannot take, an
@@ -480,7 +480,7 @@ def _check_depths(cfg: RunConfig) -> None:
             raise UnpactError(f"attacks.{n} ({a.column}): {exc}") from None
 
 
-def _check_tokenizers(cfg: RunConfig) -> None:
+def _check_tokenizers(cfg: RunConfig, say: Callable[[str], None] | None = None) -> None:
     """Every model the run compares with the original (an unlearned model given as it is,
     the named reference and base) has its tokenizer: another one was refused only by the
     membership stage, or not at all (a mismatched pair failed at the focus figures, after
@@ -490,7 +490,7 @@ def _check_tokenizers(cfg: RunConfig) -> None:
     named = {f"methods.{n} ({m.label})": m.model for n, m in enumerate(cfg.methods)}
     named["membership.reference"] = cfg.membership.reference
     named["membership.base"] = cfg.membership.base
-    same_tokenizer(cfg.model, named)
+    same_tokenizer(cfg.model, named, say)
 
 
 def _check_answer_room(cfg: RunConfig, data: Data) -> None:

@@ -251,14 +251,21 @@ def retrained(p: Pipeline, data: Data) -> Model:
     return Model("retrained", str(done.path), key, {"injection": done.summary()})
 
 
-def same_tokenizer(original: str, compared: dict[str, str | None]) -> None:
+_NOTED: set[tuple[str, str]] = set()  # (original, model) pairs whose added tokens were noted
+
+
+def same_tokenizer(
+    original: str, compared: dict[str, str | None], say: Callable[[str], None] | None = None
+) -> None:
     """Refuse a model compared with the original (an unlearned model given as it is, the
     never-taught reference, the base; `compared` maps the setting or option naming each
     to its spec, None: not given) whose tokenizer differs from the original's: its
     per-token scores and attributions would not be comparable text by text. A model
     folder holding the original's tokenizer and template files byte for byte is the same
     without loading either; otherwise the tokenizers are loaded (no weights), the
-    original's once."""
+    original's once. A tokenizer that only adds special tokens to the original's (a
+    `[PAD]` a fine-tuning script added, the embeddings resized for it), every other token
+    keeping its id, tokenises text as the original's does: it passes, and `say` notes it."""
     from unpact.models import load_tokenizer, tokenizer_digest
     from unpact.types import is_remote_spec
 
@@ -281,7 +288,15 @@ def same_tokenizer(original: str, compared: dict[str, str | None]) -> None:
             loaded = (ta.get_vocab(), _template(ta))
         va, template = loaded
         vb = tb.get_vocab()
-        if va != vb:
+        added = _added_specials(va, vb, tb)
+        if added and say is not None and (original, spec) not in _NOTED:
+            _NOTED.add((original, spec))  # once: an audit checks, then its run again
+            say(
+                f"note: {what} {spec} adds special token(s) {', '.join(map(repr, added))} "
+                f"to the original's {len(va)}, every other id the same: text tokenises as "
+                "the original's does, so its scores compare"
+            )
+        if va != vb and not added:
             raise UnpactError(
                 f"{what} {spec} has another tokenizer than the original model {original} "
                 f"({len(vb)} against {len(va)} tokens, or the same size with other ids): "
@@ -302,6 +317,25 @@ def same_tokenizer(original: str, compared: dict[str, str | None]) -> None:
                 "attributions would not be compared on the same prompts; save it with the "
                 "original's tokenizer (tokenizer.save_pretrained(folder))"
             )
+
+
+def _added_specials(va: dict[str, int], vb: dict[str, int], tb: Any) -> list[str]:
+    """The tokens `vb` adds to `va` when every one is a special token of `tb` (added
+    tokens that never come out of tokenising ordinary text) with an id `va` does not use,
+    and every token of `va` keeps its id; else none."""
+    extra = {t: i for t, i in vb.items() if t not in va}
+    if not extra or any(vb.get(t) != i for t, i in va.items()):
+        return []
+    special = {str(a) for a in getattr(tb, "all_special_tokens", [])}
+    special |= {
+        str(a)
+        for a in getattr(tb, "added_tokens_decoder", {}).values()
+        if getattr(a, "special", False)
+    }
+    used = set(va.values())
+    if all(t in special and i not in used for t, i in extra.items()):
+        return sorted(extra, key=extra.__getitem__)
+    return []
 
 
 def _template(tokenizer: Any) -> str | None:
