@@ -226,12 +226,15 @@ def csv_columns(attacks: list[str]) -> list[tuple[str, str, str | None]]:
 
 
 def csv_text(results: dict[str, Any]) -> str:
-    """results.csv: one row per method, one column per registered figure (raw numbers)."""
+    """results.csv: one row per method, then one per reference model (`original`,
+    `retrained`: the figures results.json gives them under `references`, the rest empty),
+    one column per registered figure (raw numbers)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     cols = csv_columns(results["attacks"])
     writer.writerow(["method", *(h for h, _, _ in cols)])
-    for name, m in results["methods"].items():
+    models = {**results["methods"], **results.get("references", {})}
+    for name, m in models.items():
         row = [m.get(key) if a is None else (m.get(key) or {}).get(a) for _, key, a in cols]
         writer.writerow([name, *("" if v is None else v for v in row)])
     return buf.getvalue()

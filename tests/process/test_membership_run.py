@@ -5,6 +5,7 @@ items or a bad setting says why."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 
@@ -103,6 +104,12 @@ def test_every_figure_for_methods_and_references(done):
     assert refs["retrained"]["forget_quality"] == 1.0  # the same truth ratios
     assert set(refs["original"]["mia_auc"]) == set(MIA_ATTACKS)
     assert "vs_probab" not in refs["original"] and "recovery" not in refs["original"]
+    # results.csv holds the references too (it held the methods alone)
+    rows = {r["method"]: r for r in csv.DictReader((root / "out" / "results.csv").open())}
+    assert list(rows) == ["ga", "original", "retrained"]
+    assert float(rows["retrained"]["privleak"]) == 0.0
+    assert float(rows["original"]["mia_auc_min_k"]) == refs["original"]["mia_auc"]["min_k"]
+    assert rows["original"]["recovery_focus_on_key"] == ""  # not theirs: empty
     page = (root / "out" / "report.html").read_text()
     assert 'id="roc"' in page and 'id="references"' in page  # ROC per method, references
     assert "retrained (AUC" in page  # the reference's curve beside each method's
