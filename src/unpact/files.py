@@ -17,9 +17,11 @@ import stat
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from unpact.errors import UnpactError
+
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -45,6 +47,19 @@ def exclusive(artefact: Path, waiting: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def once(done: Path, folder: Path, waiting: str, compute: Callable[[], T]) -> tuple[bool, T | None]:
+    """`compute()` unless the file `done` exists, under `folder`'s lock (`exclusive`) and
+    looked for again once the lock is held (another process may have finished it while
+    this one waited). (True, None) when it was done already, else (False, what
+    `compute` gave)."""
+    if done.is_file():
+        return True, None
+    with exclusive(folder, waiting):
+        if done.is_file():
+            return True, None
+        return False, compute()
 
 
 def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:

@@ -70,7 +70,7 @@ from unpact.data.items import ANSWER_FIELDS, Benchmark, QAItem
 from unpact.data.sources import load_benchmark, materialise
 from unpact.determinism import keeps_rng
 from unpact.errors import UnpactError
-from unpact.files import atomic_text, exclusive, write_atomically
+from unpact.files import atomic_text, once, write_atomically
 from unpact.judge import check_answer_room, encode_questions
 from unpact.models import (
     DeviceName,
@@ -542,12 +542,14 @@ def inject(
     config = resolve(config, bench)
     key = cache_key(model, bench, config, teach)
     folder = Path(cache_dir or cache_root() / "injected") / f"{bench.name}-{key}"
-    if (folder / "inject.json").is_file():
-        return _cached(folder)
-    with exclusive(folder, f"waiting for another process teaching the same model ({folder})"):
-        if (folder / "inject.json").is_file():  # it finished while this one waited
-            return _cached(folder)
-        return _teach(model, bench, config, teach, folder, progress, stop_after_epoch)
+    waiting = f"waiting for another process teaching the same model ({folder})"
+    cached, taught = once(
+        folder / "inject.json",
+        folder,
+        waiting,
+        lambda: _teach(model, bench, config, teach, folder, progress, stop_after_epoch),
+    )
+    return _cached(folder) if cached or taught is None else taught
 
 
 def _teach(

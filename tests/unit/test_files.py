@@ -244,3 +244,41 @@ def test_a_second_writer_of_the_same_artefact_waits_then_finds_it_done(tmp_path,
     with exclusive(target, "nobody holds it"):  # free again: no wait, nothing said
         pass
     assert "nobody holds it" not in caplog.text
+
+
+def test_once_computes_only_what_no_process_has_done(tmp_path):
+    """`once`: done already, or done by another process while this one waited for the
+    lock, it is not computed again (inject and unlearn both went through this by hand)."""
+    import threading
+
+    from unpact.files import exclusive, once
+
+    folder = tmp_path / "model"
+    done = folder / "result.json"
+    calls: list[str] = []
+
+    def make() -> str:
+        calls.append("made")
+        folder.mkdir(exist_ok=True)
+        done.write_text("{}")
+        return "fresh"
+
+    holding, release = threading.Event(), threading.Event()
+
+    def other_process() -> None:
+        with exclusive(folder, "other waits"):
+            holding.set()
+            release.wait()
+            make()
+
+    t = threading.Thread(target=other_process)
+    t.start()
+    holding.wait()
+    threading.Timer(0.2, release.set).start()
+    assert once(done, folder, "this one waits", make) == (True, None)  # made meanwhile
+    t.join()
+    assert calls == ["made"]
+    done.unlink()
+    assert once(done, folder, "free", make) == (False, "fresh")
+    assert once(done, folder, "free", make) == (True, None)
+    assert calls == ["made", "made"]

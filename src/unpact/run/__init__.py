@@ -51,7 +51,7 @@ from unpact.backends import open_model
 from unpact.data.items import Benchmark, QAItem
 from unpact.data.sources import load_benchmark
 from unpact.errors import UnpactError
-from unpact.files import exclusive
+from unpact.files import once
 from unpact.metrics import ItemRecord, layer_curve
 from unpact.models import cache_root, local_model_dir, model_key
 from unpact.results import (
@@ -539,20 +539,19 @@ def _unlearn(p: Pipeline, data: Data, original: Model, spec: MethodSpec) -> Mode
     key = digest("unlearn", original.key, taught, ucfg.model_dump(mode="json"), RUN_FORMAT)
     # Named by method, not label: a sweep value equal to the default reuses that run.
     folder = p.cache / "unlearned" / f"{spec.method}-{key}"
-    cached = (folder / "result.json").is_file()
-    if not cached:  # one process at a time (runs side by side share the cache)
-        with exclusive(folder, f"waiting for another process unlearning {spec.label} ({folder})"):
-            cached = (folder / "result.json").is_file()
-            if not cached:
-                resume = (folder / "config.yaml").is_file()
-                p.say(f"unlearning: {spec.label}" + (" (resuming)" if resume else ""))
-                where = data.bench.path or data.bench.name
-                p.timed(
-                    f"unlearn:{spec.label}",
-                    lambda: unlearn(
-                        original.spec, where, ucfg, folder, resume=resume, progress=p.progress
-                    ),
-                )
+
+    def train() -> None:
+        resume = (folder / "config.yaml").is_file()
+        p.say(f"unlearning: {spec.label}" + (" (resuming)" if resume else ""))
+        where = data.bench.path or data.bench.name
+        p.timed(
+            f"unlearn:{spec.label}",
+            lambda: unlearn(original.spec, where, ucfg, folder, resume=resume, progress=p.progress),
+        )
+
+    # one process at a time (runs side by side share the cache)
+    waiting = f"waiting for another process unlearning {spec.label} ({folder})"
+    cached, _ = once(folder / "result.json", folder, waiting, train)
     info = json.loads((folder / "result.json").read_text(encoding="utf-8"))
     if cached:
         p.noted(f"unlearn:{spec.label}", info.get("seconds"))
