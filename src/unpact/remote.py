@@ -199,7 +199,7 @@ class RemoteModel:
             else:
                 code = reply.status_code
                 if code == 500:
-                    message = _server_message(reply)
+                    message, _ = _server_error(reply)
                     repeats = repeats + 1 if message == last_500 else 1
                     last_500 = message
                     if repeats >= SAME_500_LIMIT:
@@ -216,11 +216,11 @@ class RemoteModel:
                     failure = f"HTTP {code}"
                     wait = _retry_after(reply.headers.get("retry-after"))
                 elif code >= 400:
-                    message = _server_message(reply)
+                    message, param = _server_error(reply)
                     raise RemoteError(
                         f"{url}: HTTP {code}: {message}" + self._hint(url, code, message),
                         status=code,
-                        param=_server_param(reply),
+                        param=param,
                     )
                 else:
                     try:
@@ -746,27 +746,19 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
-def _server_message(reply: Any) -> str:
-    try:
-        data = reply.json()
-        msg = data.get("error", data.get("detail", data)) if isinstance(data, dict) else data
-        if isinstance(msg, dict):
-            msg = msg.get("message", msg)
-        text = str(msg)
-    except ValueError:
-        text = reply.text
-    return " ".join(text.split())[:300] or "(no message)"
-
-
-def _server_param(reply: Any) -> str | None:
-    """The request field an OpenAI-style error names as its cause (`error.param`)."""
+def _server_error(reply: Any) -> tuple[str, str | None]:
+    """An error reply's message (OpenAI's `error.message`, FastAPI's `detail`, else the
+    body, on one line) and the request field it names as its cause (`error.param`)."""
     try:
         data = reply.json()
     except ValueError:
-        return None
-    error = data.get("error") if isinstance(data, dict) else None
-    param = error.get("param") if isinstance(error, dict) else None
-    return param if isinstance(param, str) else None
+        return " ".join(reply.text.split())[:300] or "(no message)", None
+    msg = data.get("error", data.get("detail", data)) if isinstance(data, dict) else data
+    param = msg.get("param") if isinstance(msg, dict) and "error" in data else None
+    if isinstance(msg, dict):
+        msg = msg.get("message", msg)
+    text = " ".join(str(msg).split())[:300] or "(no message)"
+    return text, param if isinstance(param, str) else None
 
 
 def _unknown_model(code: int, message: str) -> bool:
