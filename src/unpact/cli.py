@@ -63,7 +63,9 @@ ConcurrencyOpt = Annotated[
     int, typer.Option(min=1, help="Requests in flight at once to a served (openai:...) model.")
 ]
 DtypeOpt = Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16 or float16.")]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+DeviceOpt = Annotated[
+    str, typer.Option(help="cpu, cuda, cuda:N or auto (a CUDA GPU if there is one, else the CPU).")
+]
 RemoteCodeOpt = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow a model's own Python code to run.")
 ]
@@ -140,7 +142,7 @@ def generate(
     temperature: Annotated[float, typer.Option(help="Sampling temperature for --sample.")] = 1.0,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 32,
     dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
     """Print the model's greedy answer to PROMPT, or N seeded samples."""
@@ -173,7 +175,7 @@ def score(
     chat_template: TemplateFileOpt = None,
     no_chat_template: RawOpt = False,
     dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
     """Print each answer token's log-prob given the prompt, and their mean LP."""
@@ -271,7 +273,7 @@ def attribute(
     top_k: TopKOpt = 3,
     max_work: MaxWorkOpt = MAX_WORK,
     dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     trust_remote_code: RemoteCodeOpt = False,
     concurrency: ConcurrencyOpt = 16,
 ) -> None:
@@ -542,7 +544,13 @@ def inject(
     ] = None,
     precision: Annotated[str | None, typer.Option(help=_inject_help("precision"))] = None,
     seed: Annotated[int | None, typer.Option(help=_inject_help("seed"))] = None,
-    device: Annotated[str | None, typer.Option(help=_inject_help("device"))] = None,
+    device: Annotated[
+        str,
+        typer.Option(
+            help="Where to train: cpu, cuda, cuda:N or auto (a CUDA GPU if there is one, else "
+            "the CPU; not part of the key)."
+        ),
+    ] = "auto",
     max_new_tokens: Annotated[int | None, typer.Option(help=_inject_help("max_new_tokens"))] = None,
     teach: Annotated[
         str,
@@ -986,7 +994,7 @@ def serve(
         int, typer.Option(min=0, max=65535, help="Port on 127.0.0.1 (0: one the system chooses).")
     ] = 8000,
     dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     trust_remote_code: RemoteCodeOpt = False,
     chat_template: TemplateFileOpt = None,
 ) -> None:

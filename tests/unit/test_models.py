@@ -106,6 +106,31 @@ def test_a_device_this_machine_lacks_is_one_message(monkeypatch):
     assert parse_device("cuda:1") == torch.device("cuda:1")
 
 
+def test_a_cpu_run_on_a_gpu_machine_says_so_and_the_tools_take_the_gpu(monkeypatch):
+    """`device: cpu` is a run's default; on a machine with a CUDA GPU the run said nothing
+    and ran its hours on the CPU. The one-shot commands (generate, score, attribute,
+    serve, inject) now default to `auto`, as audit did."""
+    import inspect
+
+    import torch
+
+    from unpact import cli
+    from unpact.run import _note_idle_gpu, load_config
+
+    said: list[str] = []
+    cfg = load_config({"methods": [{"method": "ga"}]})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _note_idle_gpu(cfg, said.append)
+    assert said == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    _note_idle_gpu(cfg.model_copy(update={"device": "auto"}), said.append)
+    assert said == []
+    _note_idle_gpu(cfg, said.append)
+    assert len(said) == 1 and "set device: auto (or cuda)" in said[0]
+    for command in (cli.generate, cli.score, cli.attribute, cli.serve, cli.inject, cli.audit):
+        assert inspect.signature(command).parameters["device"].default == "auto", command
+
+
 def test_hf_directory_round_trip(tiny, tmp_path):
     import torch
 

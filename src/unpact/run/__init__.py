@@ -250,6 +250,7 @@ def run(
     _check_depths(cfg)  # before the injection, which may take hours
     _check_answer_room(cfg, data)
     _check_tokenizers(cfg, say)
+    _note_idle_gpu(cfg, say)
     original = _original(p, data)
     p.original_spec = original.spec
     # the original's stages first: what they refuse (a prompt attribution cannot take, an
@@ -478,6 +479,19 @@ def _check_depths(cfg: RunConfig) -> None:
             get_attack(a.name, a.settings).check_depth(depth)
         except UnpactError as exc:
             raise UnpactError(f"attacks.{n} ({a.column}): {exc}") from None
+
+
+def _note_idle_gpu(cfg: RunConfig, say: Callable[[str], None]) -> None:
+    """A run on the CPU (`device: cpu`, the default) on a machine with a CUDA GPU says so
+    once: injection, evaluation, attribution and attacks would run many times faster there
+    (unlearning goes where accelerate puts it either way)."""
+    import torch
+
+    if cfg.device == "cpu" and torch.cuda.is_available() and not is_remote_spec(cfg.model):
+        say(
+            "note: device: cpu (the default) while this machine has a CUDA GPU; set "
+            "device: auto (or cuda) in the config to run the local models there"
+        )
 
 
 def _check_tokenizers(cfg: RunConfig, say: Callable[[str], None] | None = None) -> None:
