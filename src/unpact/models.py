@@ -654,6 +654,12 @@ def _resolve_local(spec: str) -> Path | None:
     if path.is_file():
         if path.suffix == ".gguf":
             return path
+        folder = path.parent
+        if (folder / "config.json").is_file() or (folder / ADAPTER_CONFIG).is_file():
+            raise UnpactError(
+                f"model spec {spec!r} is one file of the model folder {str(folder)!r}: give "
+                "the folder (its config, weights and tokenizer are read together)"
+            )
         raise UnpactError(f"model spec {spec!r} is a file but not a .gguf; give a directory")
     looks_like_path = (
         spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1

@@ -131,6 +131,19 @@ def test_a_cpu_run_on_a_gpu_machine_says_so_and_the_tools_take_the_gpu(monkeypat
         assert inspect.signature(command).parameters["device"].default == "auto", command
 
 
+def test_a_file_of_a_model_folder_names_the_folder(tiny, tmp_path):
+    """`--model ckpt/model.safetensors` (or its config.json) said only "give a directory"."""
+    from unpact.models import save_model
+
+    save_model(tiny.model, tiny.tokenizer, tmp_path / "ckpt")
+    for name in ("model.safetensors", "config.json"):
+        with pytest.raises(UnpactError, match=r"one file of the model folder .*ckpt'?: give the"):
+            load_model(str(tmp_path / "ckpt" / name))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(UnpactError, match=r"is a file but not a \.gguf; give a directory"):
+        load_model(str(tmp_path / "notes.txt"))
+
+
 def test_hf_directory_round_trip(tiny, tmp_path):
     import torch
 
