@@ -766,6 +766,11 @@ class Generation:
     token_ids: tuple[int, ...]
 
 
+# vLLM raises a sampling temperature in (0, 0.01) to 0.01 (`_MAX_TEMP`); below it, sampling
+# is refused here, so that local and served samples come from one distribution
+LOWEST_TEMPERATURE = 0.01
+
+
 def generate(
     lm: AnyModel,
     prompts: Sequence[str | EncodedPrompt],
@@ -798,6 +803,14 @@ def generate(
         raise UnpactError("the number of samples cannot be negative")
     if num_samples and not 0 < temperature < math.inf:
         raise UnpactError(f"sampling needs a finite temperature > 0, not {temperature}")
+    if num_samples and temperature < LOWEST_TEMPERATURE:
+        raise UnpactError(
+            f"sampling at temperature {temperature} (below {LOWEST_TEMPERATURE}) is not "
+            f"supported: vLLM samples any such temperature at {LOWEST_TEMPERATURE}, so a "
+            "served model and a local one would draw from different distributions (and it "
+            "is greedy decoding within float rounding); ask for greedy answers (no samples) "
+            f"or a temperature of at least {LOWEST_TEMPERATURE}"
+        )
     encoded = [
         p if isinstance(p, EncodedPrompt) else lm.encode_prompt(p, chat_template) for p in prompts
     ]

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from unpact.errors import UnpactError
 from unpact.models import LanguageModel
 from unpact.scoring import (
+    LOWEST_TEMPERATURE,
     _generate_batch,
     _stop_ids,
     forked_rng,
@@ -382,7 +383,6 @@ class _Server:
 GREEDY_BELOW = 1e-5
 # vLLM's _MAX_TEMP: SamplingParams.__post_init__ raises a temperature in (0, 0.01) to 0.01
 # (with a warning: lower ones risk nan or inf), before it checks for greedy decoding
-LOWEST_TEMPERATURE = 1e-2
 
 
 def _raised(temperature: float) -> float:

@@ -93,6 +93,14 @@ def test_bad_items_are_named(tiny):
     for bad in (0.0, -1.0, float("nan"), float("inf")):  # nan once reached transformers
         with pytest.raises(UnpactError, match="finite temperature > 0"):
             generate(tiny, ["hello"], num_samples=2, temperature=bad)
+    # below vLLM's floor a served model samples at 0.01 and a local one did not: refused
+    with pytest.raises(UnpactError, match=r"temperature 0\.005 \(below 0\.01\) is not supported"):
+        generate(tiny, ["hello"], num_samples=2, temperature=0.005)
+    assert len(generate(tiny, ["hello"], num_samples=2, temperature=0.01, max_new_tokens=2)[0]) == 2
+    from unpact.attacks import get_attack
+
+    with pytest.raises(UnpactError, match="temperature: Input should be greater than or equal"):
+        get_attack("probab", {"temperature": 0.001})
 
 
 def test_score_text_matches_token_level(tiny):

@@ -32,7 +32,9 @@ class FocusSettings(BaseModel):
 class SampleSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     samples: int = Field(10, gt=0, description="answers sampled per question")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    temperature: float = Field(
+        1.0, ge=0.01, description="sampling temperature (vLLM raises lower ones to 0.01)"
+    )
     seed: Seed = Field(0, description="sampling seed (per question, batching-independent)")
 
 
