@@ -232,6 +232,17 @@ def test_a_tokenizer_that_only_adds_special_tokens_compares(tmp_path):
             str(tmp_path / "original"), {"--unlearned": str(tmp_path / "padded")}, said.append
         )
     assert len(said) == 1 and "adds special token(s) '[PAD]' to the original's 320" in said[0]
+    # a special token the original's chat template spells as text: its prompts tokenise
+    # otherwise (one token here, pieces there), so refused
+    base.tokenizer.chat_template = "{% for m in messages %}<|turn|>{{ m['content'] }}{% endfor %}"
+    save_model(base.model, base.tokenizer, tmp_path / "turned")
+    turned = tiny_model(seed=0)
+    turned.tokenizer.chat_template = base.tokenizer.chat_template
+    turned.tokenizer.add_special_tokens({"additional_special_tokens": ["<|turn|>"]})
+    turned.model.resize_token_embeddings(len(turned.tokenizer))
+    save_model(turned.model, turned.tokenizer, tmp_path / "turned2")
+    with pytest.raises(UnpactError, match="another tokenizer"):
+        same_tokenizer(str(tmp_path / "turned"), {"--unlearned": str(tmp_path / "turned2")})
     worded = tiny_model(seed=0)
     worded.tokenizer.add_tokens(["Quintrell"])
     worded.model.resize_token_embeddings(len(worded.tokenizer))
