@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -74,10 +75,34 @@ def _cli_run(args: list[str], out: Path, launcher: list[str]) -> list[dict]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [*launcher, "unlearn", *args, "--out", str(out), "--no-eval"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    first = ""
+    if proc.returncode != 0 and _killed_by_signal(proc.stderr):
+        # Once in six full suites of one session (never in 22 runs of this launch alone,
+        # idle or beside two busy processes) a worker died of SIGABRT with nothing of
+        # unpact's reported (the cause was cut from the output kept): asked once more,
+        # from a clean folder. A fault of unpact's own fails both times; both are shown,
+        # with the lines that name a crash's cause.
+        first = proc.stderr[-3000:]
+        shutil.rmtree(out, ignore_errors=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     # a worker's own message (e.g. "error: ...") comes before the launcher's trace
-    errors = [line for line in proc.stderr.splitlines() if "error:" in line.lower()]
-    assert proc.returncode == 0, "\n".join(errors[-10:]) + "\n" + proc.stderr[-2000:]
+    lines = proc.stderr.splitlines()
+    errors = [line for line in lines if "error:" in line.lower()]
+    causes = [line for line in lines if any(w in line for w in _CRASH_WORDS)]
+    assert proc.returncode == 0, "\n".join(
+        [*errors[-10:], *causes[-10:], first, proc.stderr[-2000:]]
+    )
     return [json.loads(x) for x in (out / "losses.jsonl").read_text().splitlines()]
+
+
+# what a worker that crashed (rather than raised) says before the launcher's summary
+_CRASH_WORDS = ("terminate called", "what():", "Aborted", "gloo", "Segmentation fault")
+
+
+def _killed_by_signal(stderr: str) -> bool:
+    """Whether accelerate's launcher reports a worker killed by SIGABRT or SIGSEGV (not a
+    worker that exited with an error of its own)."""
+    return "ChildFailedError" in stderr and ("(SIGABRT)" in stderr or "(SIGSEGV)" in stderr)
 
 
 def test_two_processes_follow_the_one_process_loss_curve(bench, tmp_path):
