@@ -428,6 +428,11 @@ def load_tokenizer(spec: str = DEFAULT_SPEC, *, trust_remote_code: bool = False)
         )
     except (OSError, ValueError) as exc:
         why = _hub_failure(exc, unreachable)
+        if folder is None:  # as `load_model` says it for the same spec
+            raise UnpactError(
+                f"model spec {spec!r} resolves to nothing: it is not 'default', not a local "
+                f"directory or .gguf file, and loading its tokenizer as a hub id failed ({why})"
+            ) from exc
         raise UnpactError(f"could not load the tokenizer of {spec!r}: {why}") from exc
 
 

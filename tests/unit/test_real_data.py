@@ -243,6 +243,10 @@ def test_a_tokenizer_that_only_adds_special_tokens_compares(tmp_path):
     save_model(turned.model, turned.tokenizer, tmp_path / "turned2")
     with pytest.raises(UnpactError, match="another tokenizer"):
         same_tokenizer(str(tmp_path / "turned"), {"--unlearned": str(tmp_path / "turned2")})
+    # a mistyped original: named by its option, in load_model's words (it was "could not
+    # load the tokenizer of 'nonexist'" with no option, offline)
+    with pytest.raises(UnpactError, match=r"^--original: model spec 'nonexist' resolves to"):
+        same_tokenizer("nonexist", {"--unlearned": str(tmp_path / "padded")}, called="--original")
     worded = tiny_model(seed=0)
     worded.tokenizer.add_tokens(["Quintrell"])
     worded.model.resize_token_embeddings(len(worded.tokenizer))

@@ -457,7 +457,7 @@ def audit(
         named = with_chat_template_named(named, options["chat_template"])
     # a mismatched pair, named by its option
     others: dict[str, str | None] = {f"--{o}": s for o, s in named.items() if o != "original"}
-    same_tokenizer(named["original"], others, log)
+    same_tokenizer(named["original"], others, log, "--original")
     config, left_out = audit_config(original, unlearned, benchmark, **options)
     _note_same_models(named, log)
     preset = options.get("preset", "laptop")

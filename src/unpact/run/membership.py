@@ -255,7 +255,10 @@ _NOTED: set[tuple[str, str]] = set()  # (original, model) pairs whose added toke
 
 
 def same_tokenizer(
-    original: str, compared: dict[str, str | None], say: Callable[[str], None] | None = None
+    original: str,
+    compared: dict[str, str | None],
+    say: Callable[[str], None] | None = None,
+    called: str = "model",
 ) -> None:
     """Refuse a model compared with the original (an unlearned model given as it is, the
     never-taught reference, the base; `compared` maps the setting or option naming each
@@ -265,7 +268,8 @@ def same_tokenizer(
     without loading either; otherwise the tokenizers are loaded (no weights), the
     original's once. A tokenizer that only adds special tokens to the original's (a
     `[PAD]` a fine-tuning script added, the embeddings resized for it), every other token
-    keeping its id, tokenises text as the original's does: it passes, and `say` notes it."""
+    keeping its id, tokenises text as the original's does: it passes, and `say` notes it.
+    `called`: the setting or option naming the original, for its own load's message."""
     from unpact.models import load_tokenizer, tokenizer_digest
     from unpact.types import is_remote_spec
 
@@ -284,7 +288,10 @@ def same_tokenizer(
         except UnpactError as exc:
             raise UnpactError(f"{what}: {exc}") from None
         if loaded is None:
-            ta = load_tokenizer(original)
+            try:
+                ta = load_tokenizer(original)
+            except UnpactError as exc:
+                raise UnpactError(f"{called}: {exc}") from None
             loaded = (ta.get_vocab(), _template(ta))
         va, template = loaded
         vb = tb.get_vocab()
