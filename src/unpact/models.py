@@ -326,10 +326,15 @@ class LanguageModel:
 
     def default_baseline_token(self) -> int:
         """The replacement token of the `token` baseline: unk, else pad, else 0."""
-        for candidate in (self.tokenizer.unk_token_id, self.tokenizer.pad_token_id):
-            if candidate is not None:
-                return int(candidate)
-        return 0
+        return baseline_token_of(self.tokenizer)
+
+
+def baseline_token_of(tokenizer: Any) -> int:
+    """The `token` baseline's default replacement id for a tokenizer: unk, else pad, else 0."""
+    for candidate in (tokenizer.unk_token_id, tokenizer.pad_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
 
 
 # --------------------------------------------------------------------------- loading

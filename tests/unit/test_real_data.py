@@ -164,6 +164,40 @@ def test_the_runner_unlearns_a_real_benchmark(tmp_path, tiny):
     assert "no never-taught reference" in result.results["skipped"]["membership"]
 
 
+def test_the_token_baseline_replaces_with_the_originals_id_in_every_model(tmp_path, tiny):
+    """`attribution.baseline: token`: an unlearned model whose tokenizer has no unk and a
+    pad of its own (a Llama 3 fine-tune that set `pad_token`) replaced units with its pad,
+    the original with its unk, and the focus figures compared the two baselines."""
+    from unpact.attribution import attribute
+    from unpact.models import load_model, save_model
+    from unpact.run import run
+    from unpact.testing import tiny_model
+
+    other = tiny_model(seed=0)
+    other.tokenizer.unk_token = None
+    other.tokenizer.pad_token = "<|im_end|>"  # id 2; the original's unk is id 0
+    save_model(other.model, other.tokenizer, tmp_path / "theirs")
+    config = _runner_config(
+        tmp_path,
+        tiny,
+        f"tofu:{FIXTURES / 'tofu'}",
+        methods=[{"model": str(tmp_path / "theirs"), "name": "theirs"}],
+        attribution={"baseline": "token"},
+        membership={"enabled": False},
+    )
+    result = run(config, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    forget = [r for r in result.records if r.split == "forget" and r.attribution_after]
+    assert forget
+    theirs = load_model(str(tmp_path / "theirs"))
+    assert theirs.default_baseline_token() == 2  # the case is real
+    for r in forget:
+        asked = {"baseline": "token", "unit": "token"}
+        ours = attribute(theirs, r.question, r.answer, baseline_token_id=0, **asked)
+        own = attribute(theirs, r.question, r.answer, baseline_token_id=2, **asked)
+        assert r.attribution_after["contributions"] == pytest.approx(ours.contributions, abs=1e-5)
+        assert ours.contributions != pytest.approx(own.contributions, abs=1e-3)
+
+
 def test_a_named_reference_enables_membership_and_another_tokenizer_is_refused(tmp_path, tiny):
     from unpact.models import save_model
     from unpact.run import run

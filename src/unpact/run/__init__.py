@@ -169,6 +169,9 @@ class Pipeline:
     progress: bool
     computed: list[str] = field(default_factory=list)
     original_spec: str = ""  # the original model's spec, once known (ablate_direction)
+    # with `attribution.baseline: token`, the original's replacement id, used for every
+    # model: each model's own (its unk, else pad) would compare two baselines
+    replacement: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # per stage computed here
     # per stage read from the cache: what computing it took then, where that was noted
     cached_seconds: dict[str, float] = field(default_factory=dict)
@@ -253,6 +256,7 @@ def run(
     _note_idle_gpu(cfg, say)
     original = _original(p, data)
     p.original_spec = original.spec
+    p.replacement = _replacement(cfg, original.spec)
     # the original's stages first: what they refuse (a prompt attribution cannot take, an
     # answer over the context) is said before any unlearning, not hours later
     stages = {"original": _model_stages(p, data, original, None)}
@@ -481,6 +485,20 @@ def _check_depths(cfg: RunConfig) -> None:
             raise UnpactError(f"attacks.{n} ({a.column}): {exc}") from None
 
 
+def _replacement(cfg: RunConfig, original: str) -> dict[str, int]:
+    """With `attribution.baseline: token`, the original model's replacement id (its unk,
+    else pad, else 0) for every model's attribution: an unlearned model whose tokenizer
+    sets a pad the original's lacks (a Llama 3 fine-tune) replaced units with another
+    token, and its focus was compared with the original's across two baselines. Empty
+    for the other baselines (their stage keys stay as they were) and for a served
+    original (which asks for an explicit id)."""
+    if cfg.attribution.baseline != "token" or is_remote_spec(original):
+        return {}
+    from unpact.models import baseline_token_of, load_tokenizer
+
+    return {"baseline_token_id": baseline_token_of(load_tokenizer(original))}
+
+
 def _note_idle_gpu(cfg: RunConfig, say: Callable[[str], None]) -> None:
     """A run on the CPU (`device: cpu`, the default) on a machine with a CUDA GPU says so
     once: injection, evaluation, attribution and attacks would run many times faster there
@@ -601,13 +619,13 @@ def _model_stages(
         )
         evals |= {r["id"]: r for r in rows}
     forget = data.splits["forget"]
-    settings = cfg.attribution.model_dump(mode="json", exclude=_CHECK_FIELDS)
+    settings = cfg.attribution.model_dump(mode="json", exclude=_CHECK_FIELDS) | p.replacement
     rows = p.stage(
         "attributing",
         "attributions",
         model.label,
         [model.key, data.key("forget"), settings],
-        lambda: attribute(opened(), forget, cfg.attribution),
+        lambda: attribute(opened(), forget, cfg.attribution, **p.replacement),
         served,
     )
     found = ModelStages(evals, {r["id"]: r for r in rows})
@@ -619,8 +637,10 @@ def _model_stages(
             "checking attributions",
             "checks",
             model.label,
-            [model.key, data.key("forget"), settings],
-            lambda: attribution_checks(opened(), forget, found.attrs, cfg.attribution),
+            [model.key, data.key("forget"), settings | p.replacement],
+            lambda: attribution_checks(
+                opened(), forget, found.attrs, cfg.attribution, **p.replacement
+            ),
             served,
         )
     if original is not None:
@@ -684,6 +704,7 @@ def _attack_stage(
     attrs = mine.attrs if mine is not None and attack.keys_from == "unlearned" else original.attrs
     retain = data.splits["retain"]
     explain = cfg.attribution.model_dump(include={"unit", "baseline", "alpha", "beta", "max_work"})
+    explain |= p.replacement
     ctx = AttackContext(
         model=opened,
         spec=model.spec,

@@ -56,7 +56,10 @@ def evaluate(
 
 
 def attribute(
-    lm: AnyModel, items: list[QAItem], settings: AttributionSettings
+    lm: AnyModel,
+    items: list[QAItem],
+    settings: AttributionSettings,
+    baseline_token_id: int | None = None,
 ) -> list[dict[str, Any]]:
     records = attribute_many(
         lm,
@@ -64,6 +67,7 @@ def attribute(
         [i.answer for i in items],
         unit=settings.unit,
         baseline=settings.baseline,
+        baseline_token_id=baseline_token_id,
         alpha=settings.alpha,
         beta=settings.beta,
         progress=True,
@@ -77,6 +81,7 @@ def attribution_checks(
     items: list[QAItem],
     unpact: dict[str, dict[str, Any]],
     settings: AttributionSettings,
+    baseline_token_id: int | None = None,
 ) -> list[dict[str, Any]]:
     """Per forget item: each gradient attribution's agreement with unPact (Spearman, top-k
     overlap) and the KeyTokens' stability across paraphrases (Jaccard of their texts)."""
@@ -108,6 +113,7 @@ def attribution_checks(
             [i.answer for i in items for _ in PARAPHRASES],
             unit=settings.unit,
             baseline=settings.baseline,
+            baseline_token_id=baseline_token_id,
             alpha=settings.alpha,
             beta=settings.beta,
             max_work=settings.max_work,
