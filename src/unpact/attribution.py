@@ -100,10 +100,11 @@ def make_units(lm: AnyModel, prompt: EncodedPrompt, kind: UnitKind = "token") ->
     """The units of a prompt's user content: one per token, or one per word.
 
     A word is a run of word characters (with inner apostrophes) or of punctuation, and each
-    CJK ideograph is a word of its own (`_CJK`); all subword pieces of a word form one unit, and a whitespace-only token joins the word
-    after it. Template and special tokens are never units. Tokens that split one character
-    (the byte pieces of a CJK character or an emoji in a byte-level vocabulary) form one
-    token unit: half a character is nobody's unit, and its text would repeat the character.
+    CJK ideograph is a word of its own (`_CJK`); all subword pieces of a word form one
+    unit, and a whitespace-only token joins the word after it. Template and special tokens
+    are never units. Tokens that split one character (the byte pieces of a CJK character
+    or an emoji in a byte-level vocabulary) form one token unit: half a character is
+    nobody's unit, and its text would repeat the character.
     """
     _check_choice("unit", kind, UnitKind)
     ids, lead_offsets = lm.token_offsets(prompt.lead + prompt.text)

@@ -544,13 +544,7 @@ def inject(
     ] = None,
     precision: Annotated[str | None, typer.Option(help=_inject_help("precision"))] = None,
     seed: Annotated[int | None, typer.Option(help=_inject_help("seed"))] = None,
-    device: Annotated[
-        str,
-        typer.Option(
-            help="Where to train: cpu, cuda, cuda:N or auto (a CUDA GPU if there is one, else "
-            "the CPU; not part of the key)."
-        ),
-    ] = "auto",
+    device: DeviceOpt = "auto",  # where it trains: not part of the key
     max_new_tokens: Annotated[int | None, typer.Option(help=_inject_help("max_new_tokens"))] = None,
     teach: Annotated[
         str,

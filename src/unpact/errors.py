@@ -16,6 +16,23 @@ class UnpactError(ValueError):
     """A problem with the user's input or environment, explained in its message."""
 
 
+def check_not_builtin(what: str, name: str, held: Any, mine: Any, how: str) -> None:
+    """Code outside unpact (a plugin) registering `mine` under a `name` that unpact's own
+    `held` has is refused: it would replace the built-in for every run in the process,
+    silently. `how`: how to give it another name."""
+    if (
+        held is not None
+        and held is not mine
+        and held.__module__.startswith("unpact.")
+        and not mine.__module__.startswith("unpact.")
+    ):
+        title = f" {held.__name__}" if isinstance(held, type) else ""
+        raise UnpactError(
+            f"{what} name {name!r} is unpact's built-in{title}: give {mine.__name__} a name "
+            f"of its own ({how})"
+        )
+
+
 def check_callable(fn: Callable[..., Any], wanted: Sequence[str], label: str) -> None:
     """A user's function (a plugin's metric, an attack's `prompts`) can be called with the
     positional arguments unpact passes, named `wanted`; else one message when it is

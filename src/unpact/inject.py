@@ -543,13 +543,13 @@ def inject(
     key = cache_key(model, bench, config, teach)
     folder = Path(cache_dir or cache_root() / "injected") / f"{bench.name}-{key}"
     waiting = f"waiting for another process teaching the same model ({folder})"
-    cached, taught = once(
+    _, taught = once(
         folder / "inject.json",
         folder,
         waiting,
         lambda: _teach(model, bench, config, teach, folder, progress, stop_after_epoch),
     )
-    return _cached(folder) if cached or taught is None else taught
+    return taught if taught is not None else _cached(folder)  # None: taught before
 
 
 def _teach(

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from statistics import fmean
 from typing import Any, Literal
 
-from unpact.errors import UnpactError, check_callable
+from unpact.errors import check_callable, check_not_builtin
 
 
 @dataclass
@@ -381,23 +381,14 @@ def metric(
     """Register a metric: `@metric("name", title="...", fmt="percent")` over a function of
     `(records, ctx)`; its description is the docstring's first paragraph unless given. A
     later registration of the same name replaces the earlier one, except that code outside
-    unpact (a plugin) cannot take a built-in metric's name: it would replace that figure in
-    every run of the process without a word (as `plugins.check_name` refuses for attacks
-    and methods)."""
+    unpact (a plugin) cannot take a built-in metric's name (`errors.check_not_builtin`, as
+    for attacks and methods)."""
     if fmt not in ("percent", "float", "count", "pvalue"):
         raise ValueError(f"metric {name}: fmt must be percent, float, count or pvalue, not {fmt!r}")
 
     def register(fn: Callable[..., float]) -> Callable[..., float]:
         held = METRICS.get(name)
-        if (
-            held is not None
-            and held.fn.__module__.startswith("unpact.")
-            and not fn.__module__.startswith("unpact.")
-        ):
-            raise UnpactError(
-                f"metric name {name!r} is unpact's built-in: give {fn.__name__} a name of "
-                'its own (@metric("...", ...))'
-            )
+        check_not_builtin("metric", name, held and held.fn, fn, '@metric("...", ...)')
         keyed = per_attack or variants is not None  # called once per attack or variant
         check_callable(fn, ["records", "ctx", *(["key"] * keyed)], f"metric {name}: {fn.__name__}")
         doc = description or (fn.__doc__ or "").strip().split("\n\n")[0]

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from unpact.errors import UnpactError, check_callable
+from unpact.errors import UnpactError, check_callable, check_not_builtin
 
 _LOADED: dict[str, ModuleType] = {}
 _SOURCES: dict[str, str] = {}  # resolved file or package folder -> the plugin as given
@@ -39,17 +39,7 @@ def check_name(registry: dict[str, Any], cls: type, what: str) -> None:
     plugin's attack named `probab`, or `class MyNPO(NPO)` inheriting the name `npo`): it
     would replace the built-in for every run in the process, silently."""
     name = getattr(cls, "name", "")
-    held = registry.get(name)
-    if (
-        held is not None
-        and held is not cls
-        and held.__module__.startswith("unpact.")
-        and not cls.__module__.startswith("unpact.")
-    ):
-        raise UnpactError(
-            f"{what} name {name!r} is unpact's built-in {held.__name__}: give "
-            f'{cls.__name__} a name of its own (name = "...")'
-        )
+    check_not_builtin(what, name, registry.get(name), cls, 'name = "..."')
 
 
 def check_overrides(cls: type, base: type, what: str) -> None:

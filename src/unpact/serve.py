@@ -381,12 +381,12 @@ class _Server:
 # vLLM's _SAMPLING_EPS: a temperature below it is greedy decoding. Only 0 reaches it: a
 # temperature between 0 and LOWEST_TEMPERATURE is raised to it first (`_raised`).
 GREEDY_BELOW = 1e-5
-# vLLM's _MAX_TEMP: SamplingParams.__post_init__ raises a temperature in (0, 0.01) to 0.01
-# (with a warning: lower ones risk nan or inf), before it checks for greedy decoding
 
 
 def _raised(temperature: float) -> float:
-    """The temperature vLLM samples at: one in (0, 0.01) is 0.01, and so not greedy."""
+    """The temperature vLLM samples at: SamplingParams.__post_init__ raises one in (0, 0.01)
+    to 0.01 (its _MAX_TEMP; lower ones risk nan or inf) before it checks for greedy
+    decoding, so such a temperature is not greedy."""
     return LOWEST_TEMPERATURE if 0 < temperature < LOWEST_TEMPERATURE else temperature
 
 

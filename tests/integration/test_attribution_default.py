@@ -124,7 +124,7 @@ def test_cli_attribute_data_file(tmp_path):
     res = run_cli("compare", str(out), str(out))
     assert res.returncode == 0 and "1.0000" in res.stdout
     # the same prompts in another order are paired by prompt (it was "record 0: the two
-    # attributions have different units"); a prompt the other file lacks is named
+    # attributions have different units"); a real mismatch names both prompts
     flipped = tmp_path / "flipped.jsonl"
     flipped.write_text("".join(reversed(out.read_text().splitlines(keepends=True))))
     res = run_cli("compare", str(out), str(flipped))
