@@ -67,6 +67,8 @@ DTYPES = {
 # Private-use characters: never produced by a user's prompt, so splitting the rendered
 # chat template on them finds exactly where the user's content goes.
 _CONTENT_MARKER = "\ue000unpact-content\ue000"
+# an assistant message's content, where the template renders one (`answer_gap`)
+_ANSWER_MARKER = "\ue000unpact-answer\ue000"
 
 
 def cache_root() -> Path:
@@ -130,6 +132,57 @@ def _fixed_clock(tokenizer: Any) -> Iterator[None]:
         yield
     finally:
         env.globals["strftime_now"] = before
+
+
+def joined_space(ids: Callable[[str], tuple[int, ...]], text: str) -> tuple[str, str]:
+    """The template's text before the message (or its generation prompt, before the
+    answer), and the lead that goes with what follows: where that text ends in a space
+    the tokenizer (`ids`) gives to the next word, the space leaves the template's text.
+    SentencePiece (Llama 2's, Mistral's `[INST] `, open-unlearning's `Answer: `) writes
+    a text alone with a leading `▁` that stands for it (no lead); byte-level BPE
+    (GPT-2's, Llama 3's `Question: `) joins it to the word as `ĠWhat`, so the message
+    (the answer) is tokenised with a lead space (a message's units are still the
+    prompt's own characters). Either way the whole is the template's own tokenisation
+    of the two joined, checked on two ordinary texts; kept as it is where neither holds
+    (said by `warn_if_split_differs` for the message's side)."""
+    short = text.removesuffix(" ")
+    if short == text:
+        return text, ""
+    whole = [ids(text + q) for q in BOUNDARY_PROBES]
+    for head, lead in ((text, ""), (short, ""), (short, " ")):
+        start = ids(head)
+        if all(start + ids(lead + q) == w for q, w in zip(BOUNDARY_PROBES, whole)):
+            return head, lead
+    return text, ""
+
+
+def answer_gap(tokenizer: Any, after: str) -> str:
+    """The space a chat template writes between its generation prompt (`after`, its text
+    after the user's message) and an assistant message's content, where the generation
+    prompt stops before it: DeepSeek-LLM's generation prompt is `Assistant:` and its
+    assistant turns `Assistant: ` + content, so the model's answer starts with that space
+    (` Paris`, `ĠParis` on its byte-level BPE), which `LanguageModel` then gives the
+    answer as its lead. Read by rendering a user message and an assistant message to
+    continue (transformers' `continue_final_message`, as vLLM's `/tokenize` renders one);
+    empty where the generation prompt ends in a space or a newline already, the template
+    cannot render an assistant message, or writes anything but one space there."""
+    if not after or after[-1].isspace():
+        return ""
+    chat = [
+        {"role": "user", "content": _CONTENT_MARKER},
+        {"role": "assistant", "content": _ANSWER_MARKER},
+    ]
+    try:
+        with _fixed_clock(tokenizer):
+            text = str(
+                tokenizer.apply_chat_template(
+                    chat, tokenize=False, continue_final_message=True, **CHAT_TEMPLATE_KWARGS
+                )
+            )
+    except Exception:  # a template with no assistant turn, or one that rewrites it
+        return ""
+    parts = text.split(_CONTENT_MARKER)
+    return " " if len(parts) == 2 and parts[1] == after + " " + _ANSWER_MARKER else ""
 
 
 def _after_a_message(ids: Callable[[str], tuple[int, ...]], text: str) -> tuple[int, ...]:
@@ -196,7 +249,10 @@ class LanguageModel:
                 )
             before, after = rendered.split(_CONTENT_MARKER)
             head, lead = self._joined_space(before)
-            tail, answer_lead = self._joined_space(after)
+            gap = answer_gap(self.tokenizer, after)  # `Assistant:`, its turns `Assistant: `
+            tail, answer_lead = self._joined_space(after + gap)
+            if gap and tail != after:  # the gap's space is not the answer's: as without it
+                tail, answer_lead = after, ""
             generation = _after_a_message(self._ids, after)
             suffix = generation if tail == after else _after_a_message(self._ids, tail)
             if generation[: len(suffix)] != suffix:  # not the generation prompt shortened
@@ -212,25 +268,8 @@ class LanguageModel:
         return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _joined_space(self, text: str) -> tuple[str, str]:
-        """The template's text before the message (or its generation prompt, before the
-        answer), and the lead that goes with what follows: where that text ends in a space
-        the tokenizer gives to the next word, the space leaves the template's text.
-        SentencePiece (Llama 2's, Mistral's `[INST] `, open-unlearning's `Answer: `) writes
-        a text alone with a leading `▁` that stands for it (no lead); byte-level BPE
-        (GPT-2's, Llama 3's `Question: `) joins it to the word as `ĠWhat`, so the message
-        (the answer) is tokenised with a lead space (a message's units are still the
-        prompt's own characters). Either way the whole is the template's own tokenisation
-        of the two joined, checked on two ordinary texts; kept as it is where neither holds
-        (said by `warn_if_split_differs` for the message's side)."""
-        short = text.removesuffix(" ")
-        if short == text:
-            return text, ""
-        whole = [self._ids(text + q) for q in BOUNDARY_PROBES]
-        for head, lead in ((text, ""), (short, ""), (short, " ")):
-            ids = self._ids(head)
-            if all(ids + self._ids(lead + q) == w for q, w in zip(BOUNDARY_PROBES, whole)):
-                return head, lead
-        return text, ""
+        """`joined_space` with this model's tokenizer."""
+        return joined_space(self._ids, text)
 
     def special_prefix(self) -> tuple[int, ...]:
         """The special tokens the tokenizer puts before a text (a Llama BOS; none for the
@@ -531,8 +570,8 @@ def model_key(spec: str) -> str:
         prompt_files = _prompt_files(folder)
         for entry in prompt_files:
             digest.update(entry.encode())
-        if _spaced_template(str(folder), tuple(prompt_files)):
-            digest.update(SPACED_TEMPLATE_RULE.encode())
+        for rule in _template_rules(str(folder), tuple(prompt_files)):
+            digest.update(rule.encode())
     return digest.hexdigest()
 
 
@@ -545,26 +584,36 @@ def model_key(spec: str) -> str:
 # tokenisation) are not read for it; the keys of models these rules leave alone (the
 # default model's among them) never held it.
 SPACED_TEMPLATE_RULE = "spaced-template-2"
+# Likewise the space a template writes between its generation prompt and an assistant
+# turn's content (`answer_gap`: DeepSeek-LLM's `Assistant:`), where the answer carries it
+# (byte-level BPE): the keys of templates whose answers it leaves alone never hold it.
+ANSWER_GAP_RULE = "answer-gap-1"
 
 
 @functools.lru_cache(maxsize=64)
-def _spaced_template(folder: str, prompt_files: tuple[str, ...]) -> bool:
-    """Whether those rules change how the folder's chat template is tokenised
+def _template_rules(folder: str, prompt_files: tuple[str, ...]) -> tuple[str, ...]:
+    """The rules above that change how the folder's chat template is tokenised
     (`prompt_files`: the digests of the files it is read from, so that an edited template
     is read again)."""
     try:
         tokenizer = load_tokenizer(folder)
         if not getattr(tokenizer, "chat_template", None):
-            return False
+            return ()
         parts = template_text(tokenizer).split(_CONTENT_MARKER)
+        gap = answer_gap(tokenizer, parts[-1])
     except Exception:  # a broken folder is reported when it is loaded
-        return False
+        return ()
 
     def ids(text: str) -> tuple[int, ...]:
         return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    rules = []
     spaced = any(part.endswith(" ") for part in parts)
-    return spaced or _after_a_message(ids, parts[-1]) != ids(parts[-1])
+    if spaced or _after_a_message(ids, parts[-1]) != ids(parts[-1]):
+        rules.append(SPACED_TEMPLATE_RULE)
+    if gap and joined_space(ids, parts[-1] + gap) == (parts[-1], gap):
+        rules.append(ANSWER_GAP_RULE)
+    return tuple(rules)
 
 
 def _parse_dtype(dtype: str) -> torch.dtype:

@@ -333,16 +333,22 @@ class RemoteModel:
                 self._has_template = False
         return self._has_template
 
-    def _chat_tokens(self, content: str) -> tuple[int, ...]:
+    def _chat_tokens(self, content: str, answer: str | None = None) -> tuple[int, ...]:
         """The server's tokens of one user message in its chat template, with the
-        generation prompt (vLLM's chat /tokenize)."""
+        generation prompt (vLLM's chat /tokenize); with `answer`, followed by an assistant
+        message of that content to continue instead (`continue_final_message`)."""
         url = f"{self.root_url}/tokenize"
-        body = {
+        messages = [{"role": "user", "content": content}]
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer})
+        body: dict[str, Any] = {
             "model": self.model_name,
-            "messages": [{"role": "user", "content": content}],
-            "add_generation_prompt": True,
+            "messages": messages,
+            "add_generation_prompt": answer is None,
             "chat_template_kwargs": CHAT_TEMPLATE_KWARGS,
         }
+        if answer is not None:
+            body["continue_final_message"] = True
         return _token_list(self.post(url, body), url)
 
     def _chat_prefix_suffix(self) -> TemplateSplit:
@@ -366,6 +372,8 @@ class RemoteModel:
                 said = ("thinks", self.root_url, self.model_name)
                 warn_if_template_thinks(self.spec, suffix, said)
             tail, answer_lead = self._joined_answer(suffix_ids, suffix)
+            if suffix and tail == suffix_ids and not answer_lead:
+                answer_lead = self._gap_lead(a, suffix)
             lead_ids = self.tokenize(lead) if lead else ()
             self._template = TemplateSplit(
                 prefix_ids, tail, lead, answer_lead, suffix_ids, lead_ids
@@ -416,6 +424,34 @@ class RemoteModel:
             if all(alone[:-1] + self.tokenize(lead + q) == whole[q] for q in BOUNDARY_PROBES):
                 return suffix[:-1], lead
         return suffix, ""
+
+    def _gap_lead(self, asked: tuple[int, ...], text: str) -> str:
+        """The answer's lead where the template writes a space between its generation
+        prompt (`text`, ending `asked`: the first marker's tokens) and an assistant
+        message's content (`models.answer_gap`: DeepSeek-LLM's `Assistant:`), as
+        `LanguageModel` decides it locally: the server's tokens of the marker and an
+        assistant message to continue start with `asked`, and the rest reads back as that
+        space and the message; the lead is the space where the server's tokenisation
+        joins it to the answer's first word (byte-level BPE), none where the word's own
+        `▁` stands for it (SentencePiece). No lead where the server cannot say (a vLLM
+        before `continue_final_message`, no `/detokenize`)."""
+        if not text or text[-1].isspace():
+            return ""
+        word = "Probe"
+        try:
+            continued = self._chat_tokens(_MARKERS[0], word)
+            if continued[: len(asked)] != asked:
+                return ""
+            if self.detokenize(continued[len(asked) :]) != " " + word:
+                return ""
+            alone = self.tokenize(text)
+            whole = {q: self.tokenize(text + " " + q) for q in BOUNDARY_PROBES}
+            for lead in ("", " "):
+                if all(alone + self.tokenize(lead + q) == whole[q] for q in BOUNDARY_PROBES):
+                    return lead
+        except RemoteError:
+            return ""
+        return ""
 
     def _resolve_chat(self, chat_template: bool | None) -> bool:
         if chat_template is None:

@@ -555,7 +555,8 @@ def _reply(
 
 def _chat_ids(lm: LanguageModel, body: dict[str, Any]) -> Any:
     """The token ids of a request's `messages` in the model's chat template with its
-    generation prompt (vLLM: no special tokens added beyond the template's), or the error
+    generation prompt, or continuing the last message (`continue_final_message`, which
+    /tokenize takes; vLLM: no special tokens added beyond the template's), or the error
     reply. A message's content is text, or a list of text parts (joined by newlines, as
     vLLM's "string" content format joins them)."""
     if not lm.has_chat_template:
@@ -577,11 +578,19 @@ def _chat_ids(lm: LanguageModel, body: dict[str, Any]) -> Any:
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         return _error(400, "'chat_template_kwargs' must be an object")
+    if body.get("continue_final_message") and body.get("add_generation_prompt"):
+        # vLLM's `check_generation_prompt`, on the request as sent (a default True
+        # add_generation_prompt beside it fails in the template call instead)
+        return _error(
+            400,
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+        )
     try:
         text = lm.tokenizer.apply_chat_template(
             rendered,
             tokenize=False,
             add_generation_prompt=bool(body.get("add_generation_prompt", True)),
+            continue_final_message=bool(body.get("continue_final_message", False)),
             **kwargs,  # as vLLM passes them to the template
         )
     except Exception as exc:  # the template refused these messages (a role it has no turn for)

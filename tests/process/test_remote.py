@@ -793,6 +793,42 @@ def test_an_answer_after_answer_colon_space_is_split_alike_served_and_local(tiny
     assert not [r for r in caplog.records if "boundary" in r.getMessage()]
 
 
+@pytest.mark.parametrize("kind", ["byte-bpe", "sentencepiece"])
+def test_an_answer_after_a_generation_prompt_short_of_its_space_is_split_alike_served(tiny, kind):
+    """DeepSeek-LLM's `Assistant:`: the server's /tokenize of an assistant message to
+    continue (`continue_final_message`) and /detokenize say what the local template says,
+    so served answers carry the space as local ones do; /tokenize refuses the two flags
+    together in vLLM's words."""
+    import copy
+
+    import httpx
+
+    from tests.unit.test_models import GAP_TEMPLATE
+    from unpact.models import LanguageModel
+    from unpact.testing import tiny_sentencepiece_tokenizer
+
+    tok = copy.deepcopy(tiny.tokenizer) if kind == "byte-bpe" else tiny_sentencepiece_tokenizer()
+    tok.chat_template = GAP_TEMPLATE
+    lm = LanguageModel(tiny.model, tok, spec=kind)
+    prompt, answer = "Who wrote the report about the town?", "the river bank."
+    with BackgroundServer(make_app(lm, "tiny")) as url:
+        remote = _remote(f"{url}/v1")
+        served = remote.encode_prompt(prompt)
+        served_answer = remote.encode_answer(answer, served)
+        (served_score,) = score(remote, [prompt], [answer])
+        both = {"add_generation_prompt": True, "continue_final_message": True}
+        messages = [{"role": "user", "content": prompt}]
+        reply = httpx.post(f"{url}/tokenize", json={"messages": messages, **both})
+    local = lm.encode_prompt(prompt)
+    assert served == local and local.answer_lead == (" " if kind == "byte-bpe" else "")
+    assert served_answer == lm.encode_answer(answer, local)
+    (local_score,) = score(lm, [prompt], [answer])
+    assert served_score.answer_ids == local_score.answer_ids
+    assert served_score.logprobs == pytest.approx(local_score.logprobs, abs=1e-4)
+    assert reply.status_code == 400
+    assert "Cannot set both `continue_final_message`" in reply.json()["error"]["message"]
+
+
 def test_a_served_template_that_merges_at_the_boundary_is_said(tmp_path, tiny, caplog):
     """The served split (prefix and suffix from the server's templated tokenisations) is
     checked against the server's own tokenisation of each prompt's message."""

@@ -827,6 +827,57 @@ def test_an_answer_after_answer_colon_space_is_tokenised_as_the_template_joins_t
     assert lm.encode_prompt(prompt).answer_lead == ""
 
 
+# DeepSeek-LLM's chat template, shortened: the generation prompt stops before the space
+# that its assistant turns write before the answer
+GAP_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+    "{{ 'User: ' + m['content'] + '\\n\\n' }}{% else %}"
+    "{{ 'Assistant: ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("kind", ["byte-bpe", "sentencepiece"])
+def test_an_answer_after_a_generation_prompt_short_of_its_space_carries_it(tiny, kind):
+    """`Assistant:` asks, `Assistant: Paris` is how the template writes an answer (and how
+    the model was fine-tuned): the pair's tokens are the template's own tokenisation of the
+    conversation, the answer's first word with its space (`Ġthe`; SentencePiece's `▁the`
+    stands for it). The answer was scored as `the` glued to `:`, a tokenisation the model
+    never writes. Generation feeds the generation prompt as it is."""
+    from unpact.models import LanguageModel, answer_gap, render_chat
+    from unpact.testing import tiny_sentencepiece_tokenizer
+    from unpact.types import pair_ids
+
+    tok: Any = tiny.tokenizer if kind == "byte-bpe" else tiny_sentencepiece_tokenizer()
+    tok = copy.deepcopy(tok)
+    tok.chat_template = GAP_TEMPLATE
+    lm = LanguageModel(tiny.model, tok, spec=kind)
+    assert answer_gap(tok, "\n\nAssistant:") == " "
+    for prompt, answer in [("Who wrote the report?", "the river bank."), ("When?", "1999")]:
+        chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        text = tok.apply_chat_template(chat, tokenize=False, continue_final_message=True)
+        assert text.endswith("Assistant: " + answer)
+        whole = tuple(tok(text, add_special_tokens=False)["input_ids"])
+        ids, answer_ids = pair_ids(lm, prompt, answer)
+        assert ids + answer_ids == whole
+        encoded = lm.encode_prompt(prompt)
+        own = tuple(tok(render_chat(tok, prompt), add_special_tokens=False)["input_ids"])
+        assert encoded.generation_ids == own == ids and not encoded.tail
+        assert encoded.answer_lead == (" " if kind == "byte-bpe" else "")
+    assert tok.convert_ids_to_tokens(pair_ids(lm, "Who?", "the river bank.")[1][0]) in (
+        "Ġthe",
+        "▁the",
+    )
+    # a generation prompt ending in a newline (ChatML's), or in the space itself, has none
+    assert answer_gap(tok, "\n\nAssistant:\n") == answer_gap(tok, "Answer: ") == ""
+    # nor does a template whose turns write the answer right after the prompt's text, or
+    # that cannot render an assistant turn
+    tok.chat_template = GAP_TEMPLATE.replace("'Assistant: '", "'Assistant:'")
+    assert answer_gap(tok, "\n\nAssistant:") == ""
+    tok.chat_template = QA_TEMPLATE
+    assert answer_gap(tok, "\nAnswer:") == ""
+
+
 def test_a_model_s_key_marks_a_template_that_ends_in_a_space(tiny, tmp_path, monkeypatch):
     """Prompts and answers of such a template (or of one whose text after the message a
     SentencePiece tokenizer writes otherwise alone) are tokenised otherwise than when their
@@ -840,19 +891,32 @@ def test_a_model_s_key_marks_a_template_that_ends_in_a_space(tiny, tmp_path, mon
     tok.chat_template = QA_TEMPLATE
     tiny.model.save_pretrained(tmp_path / "qa")
     tok.save_pretrained(tmp_path / "qa")
-    assert not models._spaced_template(str(tmp_path / "chatml"), ())
-    assert models._spaced_template(str(tmp_path / "qa"), ())
+    assert models._template_rules(str(tmp_path / "chatml"), ()) == ()
+    assert models._template_rules(str(tmp_path / "qa"), ()) == (models.SPACED_TEMPLATE_RULE,)
+    # DeepSeek's `Assistant:` (and `User: `): the answer's space on byte-level BPE
+    tok.chat_template = GAP_TEMPLATE
+    tok.save_pretrained(tmp_path / "gap")
+    tiny.model.save_pretrained(tmp_path / "gap")
+    both = (models.SPACED_TEMPLATE_RULE, models.ANSWER_GAP_RULE)
+    assert models._template_rules(str(tmp_path / "gap"), ()) == both
     # SentencePiece: `[INST] ` is spaced; `\nA:` after the message is tokenised in context
     sp: Any = tiny_sentencepiece_tokenizer()
     for name, template in [("inst", INST), ("nl", "{{ messages[0]['content'] }}\nA:")]:
         sp.chat_template = template
         tiny.model.save_pretrained(tmp_path / name)
         sp.save_pretrained(tmp_path / name)
-        assert models._spaced_template(str(tmp_path / name), ()), name
-    keys = {name: models.model_key(str(tmp_path / name)) for name in ("chatml", "qa")}
-    monkeypatch.setattr(models, "_spaced_template", lambda *args: False)
+        assert models._template_rules(str(tmp_path / name), ()), name
+    sp.chat_template = GAP_TEMPLATE
+    sp.save_pretrained(tmp_path / "sp-gap")
+    tiny.model.save_pretrained(tmp_path / "sp-gap")
+    spaced = (models.SPACED_TEMPLATE_RULE,)  # `User: `; `▁the` has the answer's space
+    assert models._template_rules(str(tmp_path / "sp-gap"), ()) == spaced
+    names = ("chatml", "qa", "gap")
+    keys = {name: models.model_key(str(tmp_path / name)) for name in names}
+    monkeypatch.setattr(models, "_template_rules", lambda *args: ())
     assert models.model_key(str(tmp_path / "chatml")) == keys["chatml"]
     assert models.model_key(str(tmp_path / "qa")) != keys["qa"]
+    assert models.model_key(str(tmp_path / "gap")) != keys["gap"]
 
 
 def test_a_bpe_tokenizer_saved_to_clean_up_spaces_decodes_without_a_warning(tiny, tmp_path, capfd):
