@@ -106,6 +106,30 @@ def test_a_device_this_machine_lacks_is_one_message(monkeypatch):
     assert parse_device("cuda:1") == torch.device("cuda:1")
 
 
+def test_a_given_model_without_a_chat_template_is_said_to_be_asked_raw(tiny, tmp_path):
+    """An audit of TOFU's Phi-1.5 or MUSE's Llama-2-7B (no chat template) asked every
+    question as bare text without a word, where those checkpoints answer in `Question:
+    ...\nAnswer: `; a run that teaches the model itself learns the format it asks in."""
+    from unpact.run import _note_raw_prompts, load_config
+
+    tok = copy.deepcopy(tiny.tokenizer)
+    tok.chat_template = None
+    for name, template in (("raw", None), ("chat", tiny.tokenizer.chat_template)):
+        tok.chat_template = template
+        tiny.model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    given = {"inject": {"enabled": False}, "methods": [{"method": "ga"}]}
+    said: list[str] = []
+    _note_raw_prompts(load_config(given | {"model": str(tmp_path / "raw")}), said.append)
+    assert len(said) == 1 and "has no chat template" in said[0]
+    assert "--chat-template" in said[0]
+    said.clear()
+    _note_raw_prompts(load_config(given | {"model": str(tmp_path / "chat")}), said.append)
+    taught = {"model": str(tmp_path / "raw"), "methods": [{"method": "ga"}]}
+    _note_raw_prompts(load_config(taught), said.append)
+    assert said == []
+
+
 def test_a_cpu_run_on_a_gpu_machine_says_so_and_the_tools_take_the_gpu(monkeypatch):
     """`device: cpu` is a run's default; on a machine with a CUDA GPU the run said nothing
     and ran its hours on the CPU. The one-shot commands (generate, score, attribute,

@@ -254,6 +254,7 @@ def run(
     _check_answer_room(cfg, data)
     _check_tokenizers(cfg, say)
     _note_idle_gpu(cfg, say)
+    _note_raw_prompts(cfg, say)
     original = _original(p, data)
     p.original_spec = original.spec
     p.replacement = _replacement(cfg, original.spec)
@@ -509,6 +510,31 @@ def _note_idle_gpu(cfg: RunConfig, say: Callable[[str], None]) -> None:
         say(
             "note: device: cpu (the default) while this machine has a CUDA GPU; set "
             "device: auto (or cuda) in the config to run the local models there"
+        )
+
+
+def _note_raw_prompts(cfg: RunConfig, say: Callable[[str], None]) -> None:
+    """A model the run takes as already knowing the facts (`inject.enabled: false`, as
+    every audit) whose tokenizer has no chat template says so: each question is then asked
+    as raw text, its answer scored right after it, and a checkpoint fine-tuned in a prompt
+    format (TOFU's Phi-1.5, MUSE's Llama-2-7B: `Question: ...\\nAnswer: `) answers worse
+    outside it, so facts it still knows read as never known. A model the run teaches
+    itself learns them in the raw format it is then asked in."""
+    from unpact.models import load_tokenizer
+
+    if cfg.inject.enabled or is_remote_spec(cfg.model):
+        return  # taught as asked; a served model's template is behind its server
+    try:
+        tokenizer = load_tokenizer(cfg.model)
+    except UnpactError:
+        return  # loading the model says why
+    if not getattr(tokenizer, "chat_template", None):
+        say(
+            f"note: {cfg.model} has no chat template: each question is asked as raw text "
+            "and its answer scored right after it; a checkpoint fine-tuned in a prompt "
+            "format (TOFU's and MUSE's `Question: ...\\nAnswer: `) answers worse outside "
+            "it: give that format as chat_template (`unpact audit`: --chat-template; "
+            "docs/audit.md)"
         )
 
 
