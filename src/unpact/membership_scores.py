@@ -49,13 +49,16 @@ def document_stats(
     special tokens, each token after the first given the ones before it): a tokenizer that
     opens a text with a BOS (Llama's) has every text token scored after it; one without
     (the default model's) every token after the first. Over the first `max_tokens` tokens
-    of each document's text (ZLib's length is that of the text scored). A document with no
-    token to score is refused."""
+    of each document's text, and no more than the model's positions hold (ZLib's length is
+    that of the text scored): a longer document crashed a model with learned positions
+    (GPT-2's 1024) and was scored past a rotary model's context. A document with no token
+    to score is refused."""
     encoded: list[tuple[Sequence[int], Sequence[int]]] = []
     scored: list[str] = []
     bos = list(lm.special_prefix())
+    limit = min(max_tokens, lm.max_length - len(bos))
     for n, text in enumerate(texts):
-        ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+        ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][:limit]
         context, target = (bos, ids) if bos else (ids[:1], ids[1:])
         if not target:
             raise UnpactError(f"document {n}: {len(ids)} token(s), nothing to score")

@@ -155,6 +155,22 @@ def test_document_statistics_are_a_plain_pass_over_the_raw_text(tiny):
         document_stats(tiny, ["a"], max_tokens=1)
 
 
+def test_a_document_longer_than_the_model_s_context_is_scored_within_it():
+    """`document_tokens: 512` on a model of fewer positions: GPT-2's learned positions
+    crashed with an IndexError, and a rotary model was scored past its context. The
+    document is cut to the positions the model has, and scored as that cut alone is."""
+    from unpact.testing import tiny_other
+
+    lm = tiny_other("gpt2")
+    text = " ".join(["the river bank"] * 200)
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > lm.max_length == 256
+    (stats,) = document_stats(lm, [text], max_tokens=512)
+    assert len(stats.logprobs) == lm.max_length - 1
+    (cut,) = document_stats(lm, [lm.tokenizer.decode(ids[: lm.max_length])], max_tokens=512)
+    assert stats.logprobs == pytest.approx(cut.logprobs, abs=1e-5)
+
+
 def test_a_bos_opening_tokenizer_has_every_document_token_scored_after_its_bos():
     """MUSE encodes each text with the tokenizer's special tokens and scores every token
     after the first: with a Llama-style BOS that is every token of the text, given the BOS."""

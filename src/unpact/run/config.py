@@ -276,7 +276,7 @@ class MembershipSettings(_Strict):
         512,
         gt=1,
         description="membership inference on documents: each forget and holdout document is "
-        "scored on its first N tokens",
+        "scored on its first N tokens (at most the model's context)",
     )
     documents: int | None = Field(
         None,
