@@ -393,6 +393,10 @@ def cache_key(
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
+# where the injection's judged answer length is set, for messages
+INJECT_LENGTH = "unpact inject --max-new-tokens; inject.settings.max_new_tokens in a run"
+
+
 def accuracy(
     lm: LanguageModel, items: list[QAItem], max_new_tokens: int = 24, progress: bool | str = False
 ) -> float:
@@ -410,7 +414,7 @@ def judge_items(
     from unpact.judge import JudgeSettings, answer_items
 
     settings = JudgeSettings(max_new_tokens=max_new_tokens)
-    return [ok for _, ok in answer_items(lm, items, settings, progress)]
+    return [ok for _, ok in answer_items(lm, items, settings, progress, INJECT_LENGTH)]
 
 
 def _share(flags: list[bool]) -> float:
@@ -569,7 +573,7 @@ def _teach(
     taught = _taught(bench, teach)
     # judged after the epochs: a question too long for the context is said before them
     asked = [i for i in bench.items if i.split in ("forget", "retain") and not i.is_mcq]
-    encode_questions(lm, asked, config.max_new_tokens)
+    encode_questions(lm, asked, config.max_new_tokens, setting=INJECT_LENGTH)
     check_answer_room(  # its judge is contains-match
         asked,
         config.max_new_tokens,

@@ -166,6 +166,10 @@ class LLMJudgeSettings(BaseModel):
     )
 
 
+# where a run's (and an audit's) judged answer length is set, for messages
+JUDGE_LENGTH = "judge.max_new_tokens; `unpact audit`: --max-new-tokens"
+
+
 class JudgeSettings(BaseModel):
     """How answers are judged (SPEC section 4); multiple choice is always by highest LP."""
 
@@ -345,18 +349,19 @@ def encode_questions(
     max_new_tokens: int,
     prompts: Sequence[str] | None = None,
     what: str = "question",
+    setting: str = JUDGE_LENGTH,
 ) -> list[Any]:
     """The items' questions (or `prompts`, one per item: an attack's) as the model's
     prompts, each checked to leave room for `max_new_tokens` of answer in the model's
     context; the error names the item (generation itself can only say which prompt of its
-    list it was)."""
+    list it was) and the `setting` that answer length comes from."""
     from unpact.scoring import check_room
 
     encoded = []
     for n, item in enumerate(items):
         enc = lm.encode_prompt(item.question if prompts is None else prompts[n])
         label = f"item {item.id} ({item.split}): its {what}"
-        check_room(label, len(enc.input_ids), max_new_tokens, lm.max_length)
+        check_room(label, len(enc.input_ids), max_new_tokens, lm.max_length, setting)
         encoded.append(enc)
     return encoded
 
@@ -414,16 +419,19 @@ def answer_items(
     items: Sequence[QAItem],
     settings: JudgeSettings | None = None,
     progress: bool | str = False,
+    setting: str = JUDGE_LENGTH,
 ) -> list[tuple[str, bool]]:
     """Per item, the model's answer and the judge's verdict (SPEC section 4): the greedy
-    answer for a QA item, the highest-LP option for a multiple-choice one."""
+    answer for a QA item, the highest-LP option for a multiple-choice one. `setting`:
+    where the answer length (`settings.max_new_tokens`) was set, for a question that
+    leaves it no room."""
     from unpact.scoring import generate
 
     settings = settings or JudgeSettings()
     found: dict[str, tuple[str, bool]] = {}
     qa = [i for i in items if not i.is_mcq]
     if qa:
-        prompts = encode_questions(lm, qa, settings.max_new_tokens)
+        prompts = encode_questions(lm, qa, settings.max_new_tokens, setting=setting)
         outs = generate(lm, prompts, max_new_tokens=settings.max_new_tokens, progress=progress)
         texts = [o[0].text for o in outs]
         verdicts = judge_many(

@@ -655,14 +655,18 @@ def check_fits(i: int, tokens: int, limit: int) -> None:
         )
 
 
-def check_room(what: str, prompt_tokens: int, max_new_tokens: int, limit: int) -> None:
+def check_room(
+    what: str, prompt_tokens: int, max_new_tokens: int, limit: int, setting: str = ""
+) -> None:
     """A prompt (`what` names it) leaves room for `max_new_tokens` of answer in the model's
-    context of `limit`."""
+    context of `limit`; `setting` names where that answer length is set, if anywhere."""
     if prompt_tokens + max_new_tokens > limit:
+        where = f" ({setting})" if setting else ""
+        lower = ", or lower that setting" if setting else ""
         raise UnpactError(
             f"{what} is {prompt_tokens} tokens as the model's prompt; with {max_new_tokens} "
-            f"tokens of answer it exceeds the model's context of {limit}: shorten it or leave "
-            "it out"
+            f"tokens of answer{where} it exceeds the model's context of {limit}: shorten it "
+            f"or leave it out{lower}"
         )
 
 

@@ -324,7 +324,9 @@ def test_a_small_injection_steps_once_per_fact(tmp_path, monkeypatch):
 
 def test_a_question_over_the_context_is_refused_before_the_epochs(tmp_path, monkeypatch):
     """A taught question too long for the model's context was refused when the epochs'
-    judging first asked it (after minutes or hours of training), as "item 4"."""
+    judging first asked it (after minutes or hours of training), as "item 4"; the message
+    names the setting the answer's room comes from (a run's judge.max_new_tokens lowered
+    below it left the user looking at a number set nowhere they had looked)."""
     import unpact.inject as inject_module
 
     base = tiny_model(seed=3)
@@ -338,8 +340,12 @@ def test_a_question_over_the_context_is_refused_before_the_epochs(tmp_path, monk
     write_folder(tmp_path / "bench", items)
     monkeypatch.setattr(inject_module, "_train_epochs", None)  # training would fail on it
     config = InjectConfig(rehearsal=False, general=None)
-    with pytest.raises(UnpactError, match=r"item f-long \(forget\): its question is \d+ tokens"):
+    with pytest.raises(
+        UnpactError, match=r"item f-long \(forget\): its question is \d+ tokens"
+    ) as e:
         inject(
             str(tmp_path / "base"), tmp_path / "bench", config, cache_dir=tmp_path / "c",
             progress=False,
         )  # fmt: skip
+    assert "24 tokens of answer (unpact inject --max-new-tokens; inject.settings" in str(e.value)
+    assert str(e.value).endswith("or lower that setting")

@@ -473,3 +473,19 @@ def test_a_plugin_attacks_rows_are_checked_and_made_plain():
             Rows.run = lambda self, ctx, rows=rows: rows  # type: ignore[method-assign]
         with pytest.raises(UnpactError, match=message):
             attack.checked_run(ctx)
+
+
+def test_a_question_with_no_room_for_the_judged_answer_names_the_setting(tiny):
+    """A run's judged answer length comes from judge.max_new_tokens (an audit's
+    --max-new-tokens): a question that leaves it no room says so, in a run, in an attack
+    and from `answer_items`."""
+    from unpact.data.items import QAItem
+    from unpact.judge import JudgeSettings, answer_items
+
+    long = QAItem("f-long", "Who founded " + "the very old " * 40 + "Glassworks?", "Mira", "forget")
+    settings = JudgeSettings(max_new_tokens=tiny.max_length)
+    with pytest.raises(UnpactError, match="item f-long") as e:
+        answer_items(tiny, [long], settings)
+    assert f"{tiny.max_length} tokens of answer (judge.max_new_tokens; `unpact audit`" in str(
+        e.value
+    )

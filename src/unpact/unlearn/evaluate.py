@@ -25,7 +25,8 @@ def split_accuracy(
     for name, items in splits.items():
         if items:
             judge = JudgeSettings(max_new_tokens=MAX_NEW_TOKENS)
-            ok = [v for _, v in answer_items(lm, items, judge, f"Judging {name}")]
+            # fixed length, no setting to name
+            ok = [v for _, v in answer_items(lm, items, judge, f"Judging {name}", "")]
             acc[name] = sum(ok) / len(ok)
     return acc
 
