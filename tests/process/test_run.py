@@ -739,14 +739,22 @@ def test_docs_name_every_config_key():
             assert f"{name}:" in docs or f"{name}," in docs, f"{model.__name__}.{name}"
 
 
-def test_a_grid_runs_each_benchmark_into_its_folder(setup, finished, tmp_path):
+def test_a_grid_runs_each_benchmark_into_its_folder(setup, finished, tmp_path, monkeypatch):
+    """Each benchmark into its folder, the tables gathered; a note that holds for every
+    run of the grid (a CPU run on a GPU machine) is said once, not once a run."""
     import shutil
+
+    import torch
 
     root, first = finished
     shutil.copytree(root / "bench", tmp_path / "again")
     _, config = setup
     grid = config | {"benchmarks": [str(root / "bench"), str(tmp_path / "again")]}
-    result = run(grid, tmp_path / "grid", cache_dir=root / "cache", progress=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    said: list[str] = []
+    result = run(grid, tmp_path / "grid", cache_dir=root / "cache", progress=False, log=said.append)
+    assert len([line for line in said if line.startswith("note: device: cpu")]) == 1
+    assert len([line for line in said if line.startswith("run ")]) == 2
     assert set(result.results["benchmarks"]) == {"bench", "again"}
     for name in ("bench", "again"):
         one = json.loads((tmp_path / "grid" / name / "results.json").read_text())

@@ -1025,6 +1025,14 @@ def _run_grid(
     sources = cfg.benchmarks or [cfg.data.benchmark]
     per: dict[str, Any] = {}  # "model/benchmark" (or either alone) -> that run's results
     records: list[ItemRecord] = []
+    said: set[str] = set()
+
+    def once(text: str) -> None:
+        """A note is said by the first run it holds for, not again by every other."""
+        if not text.startswith("note:") or text not in said:
+            said.add(text)
+            say(text)
+
     for base_name, base in bases:
         for source in sources:
             name = load_benchmark(source).name  # a folder's name, not its path
@@ -1039,7 +1047,9 @@ def _run_grid(
                     "data": cfg.data.model_copy(update={"benchmark": source}),
                 }
             )
-            result = run(one, out.joinpath(*parts), cache_dir=cache_dir, progress=progress, log=say)
+            result = run(
+                one, out.joinpath(*parts), cache_dir=cache_dir, progress=progress, log=once
+            )
             per[key] = result.results
             records += result.records
     buf = io.StringIO()
