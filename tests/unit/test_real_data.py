@@ -251,6 +251,7 @@ def test_a_tokenizer_that_only_adds_special_tokens_compares(tmp_path):
     tokenised as the original's: once refused as "another tokenizer", now a note; a
     token added as ordinary text (it changes how text tokenises) is still refused."""
     from unpact.models import save_model
+    from unpact.run import notes_once
     from unpact.run.membership import same_tokenizer
     from unpact.testing import tiny_model
 
@@ -261,11 +262,17 @@ def test_a_tokenizer_that_only_adds_special_tokens_compares(tmp_path):
     padded.model.resize_token_embeddings(len(padded.tokenizer))
     save_model(padded.model, padded.tokenizer, tmp_path / "padded")
     said: list[str] = []
-    for _ in range(2):  # an audit checks, then its run: said once
-        same_tokenizer(
-            str(tmp_path / "original"), {"--unlearned": str(tmp_path / "padded")}, said.append
-        )
+    once = notes_once(said.append)  # an audit checks, then its run: said once
+    for what in ("--unlearned", "methods.0 (unlearned)"):
+        same_tokenizer(str(tmp_path / "original"), {what: str(tmp_path / "padded")}, once)
     assert len(said) == 1 and "adds special token(s) '[PAD]' to the original's 320" in said[0]
+    # and by the next audit in the same process again (a set for the whole process kept it
+    # from saying it)
+    again: list[str] = []
+    same_tokenizer(
+        str(tmp_path / "original"), {"--unlearned": str(tmp_path / "padded")}, again.append
+    )
+    assert again == said
     # a special token the original's chat template spells as text: its prompts tokenise
     # otherwise (one token here, pieces there), so refused
     base.tokenizer.chat_template = "{% for m in messages %}<|turn|>{{ m['content'] }}{% endfor %}"

@@ -1009,6 +1009,19 @@ def _write(
     atomic_text(out / "results.json", json.dumps(results, indent=2) + "\n")
 
 
+def notes_once(say: Callable[[str], None]) -> Callable[[str], None]:
+    """`say`, with each note (a line starting `note:`) said the first time only: a grid's
+    runs, or an audit's checks and then its run's, find the same ones."""
+    said: set[str] = set()
+
+    def once(text: str) -> None:
+        if not text.startswith("note:") or text not in said:
+            said.add(text)
+            say(text)
+
+    return once
+
+
 def _run_grid(
     cfg: RunConfig, out: Path, cache_dir: str | Path | None, progress: bool, say: Any
 ) -> RunResult:
@@ -1025,14 +1038,7 @@ def _run_grid(
     sources = cfg.benchmarks or [cfg.data.benchmark]
     per: dict[str, Any] = {}  # "model/benchmark" (or either alone) -> that run's results
     records: list[ItemRecord] = []
-    said: set[str] = set()
-
-    def once(text: str) -> None:
-        """A note is said by the first run it holds for, not again by every other."""
-        if not text.startswith("note:") or text not in said:
-            said.add(text)
-            say(text)
-
+    once = notes_once(say)  # a note that holds for every run of the grid, said once
     for base_name, base in bases:
         for source in sources:
             name = load_benchmark(source).name  # a folder's name, not its path

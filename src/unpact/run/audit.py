@@ -436,8 +436,11 @@ def audit(
 
     from unpact.data.sources import load_benchmark
     from unpact.models import check_spec
-    from unpact.run import run
+    from unpact.run import notes_once, run
     from unpact.run.membership import GRADNORM_OFF, NO_REFERENCE, same_tokenizer
+
+    if log is not None:  # its checks, then its run's, find the same notes: each said once
+        log = notes_once(log)
 
     try:  # the user's mistake named by the option they gave, before any model loads
         load_benchmark(benchmark)

@@ -251,9 +251,6 @@ def retrained(p: Pipeline, data: Data) -> Model:
     return Model("retrained", str(done.path), key, {"injection": done.summary()})
 
 
-_NOTED: set[tuple[str, str]] = set()  # (original, model) pairs whose added tokens were noted
-
-
 def same_tokenizer(
     original: str,
     compared: dict[str, str | None],
@@ -298,10 +295,9 @@ def same_tokenizer(
         added = _added_specials(va, vb, tb)
         if template is not None and any(t in template for t in added):
             added = []  # the template spells one: its prompts tokenise otherwise there
-        if added and say is not None and (original, spec) not in _NOTED:
-            _NOTED.add((original, spec))  # once: an audit checks, then its run again
+        if added and say is not None:  # named by its spec: an audit's run says it alike
             say(
-                f"note: {what} {spec} adds special token(s) {', '.join(map(repr, added))} "
+                f"note: {spec} adds special token(s) {', '.join(map(repr, added))} "
                 f"to the original's {len(va)}, every other id the same: text tokenises as "
                 "the original's does, so its scores compare"
             )
