@@ -937,6 +937,13 @@ def audit(
         int | None, typer.Option(help="Greedy answer length when judging (default 32).")
     ] = None,
     judge_max_tokens: JudgeReplyOpt = None,
+    judge_prompt: Annotated[
+        str | None,
+        typer.Option(
+            help="The LLM judge's prompt (a file, or the text itself), with {question}, "
+            "{answer} and {output} where they go (default: docs/runner.md's)."
+        ),
+    ] = None,
     chat_template: TemplateFileOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
@@ -958,6 +965,7 @@ def audit(
         "judge": judge,
         "max_new_tokens": max_new_tokens,
         "judge_max_tokens": judge_max_tokens,
+        "judge_prompt": judge_prompt,
         "chat_template": chat_template,
         "plugins": [str(p) for p in plugin or []],
     }

@@ -430,14 +430,25 @@ def test_an_audit_judged_by_an_llm(pair, tmp_path, monkeypatch):
     Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    # the judge's prompt given as a file (--judge-prompt): it is what the judge is asked
+    asked = (
+        "Grade this.\nQuestion: {question}\nReference answer: {answer}\nModel answer: {output}\n"
+    )
+    (tmp_path / "judge.txt").write_text(asked)
     try:
         by_llm = _quick_audit(
-            pair, tmp_path / "qa", tmp_path / "llm", judge=f"openai:judge-1@{url}", max_new_tokens=8
+            pair,
+            tmp_path / "qa",
+            tmp_path / "llm",
+            judge=f"openai:judge-1@{url}",
+            max_new_tokens=8,
+            judge_prompt=str(tmp_path / "judge.txt"),
         )
     finally:
         server.shutdown()
         server.server_close()
     assert _Judge.seen and all(r["auth"] == f"Bearer {SECRET}" for r in _Judge.seen)
+    assert all(r["body"]["messages"][0]["content"].startswith("Grade this.") for r in _Judge.seen)
     assert {r["body"]["model"] for r in _Judge.seen} == {"judge-1"}
     config = yaml.safe_load((tmp_path / "llm" / "config.yaml").read_text())
     assert config["judge"]["llm"] == config["judge"]["llm"] | {
@@ -458,6 +469,16 @@ def test_an_audit_judged_by_an_llm(pair, tmp_path, monkeypatch):
         audit_config("a", "b", "news", judge_max_tokens=400)
     with pytest.raises(UnpactError, match="--judge-max-tokens: 0 is not a positive number"):
         audit_config("a", "b", "news", judge=f"openai:j@{url}", judge_max_tokens=0)
+    # the prompt given as text, checked as judge.llm.prompt is in a run config
+    text = "Is {output} what {answer} says?"
+    config, _ = audit_config("a", "b", "news", judge=f"openai:j@{url}", judge_prompt=text)
+    assert config["judge"]["llm"]["prompt"] == text
+    with pytest.raises(UnpactError, match=r"--judge-prompt: .*\{outptu\} is not filled in"):
+        audit_config("a", "b", "news", judge=f"openai:j@{url}", judge_prompt="{outptu}?")
+    with pytest.raises(UnpactError, match=r"--judge-prompt: cannot read nofile\.txt"):
+        audit_config("a", "b", "news", judge=f"openai:j@{url}", judge_prompt="nofile.txt")
+    with pytest.raises(UnpactError, match="--judge-prompt: only for an LLM judge"):
+        audit_config("a", "b", "news", judge_prompt=text)
 
 
 def test_a_test_not_measured_says_why():

@@ -20,6 +20,7 @@ quality above alpha)? did the focus move?
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, get_args
 
 from unpact.attacks import ATTACKS
@@ -84,6 +85,7 @@ def audit_config(
     judge: str = "contains",
     max_new_tokens: int | None = None,
     judge_max_tokens: int | None = None,
+    judge_prompt: str | None = None,
     chat_template: str | None = None,
     plugins: list[str] | None = None,
     dtype: str = "float32",
@@ -96,7 +98,7 @@ def audit_config(
 
     plugins = [_absolute(p) for p in plugins or []]
     load_plugins(plugins)
-    judged = _judge(judge, max_new_tokens, judge_max_tokens)
+    judged = _judge(judge, max_new_tokens, judge_max_tokens, judge_prompt)
     _check_choices(preset=preset, dtype=dtype)
     chosen = _chosen_attacks(preset, attacks)
     skipped: dict[str, str] = {}
@@ -168,11 +170,14 @@ _CHOICES = {
 JUDGE_KEY_ENV = "OPENAI_API_KEY"  # an LLM judge's key, sent when this variable is set
 
 
-def _judge(judge: str, max_new_tokens: int | None, reply_tokens: int | None) -> dict[str, Any]:
+def _judge(
+    judge: str, max_new_tokens: int | None, reply_tokens: int | None, prompt: str | None = None
+) -> dict[str, Any]:
     """The run's judge settings for `--judge`: contains-match for short answers, ROUGE-L
     recall for sentences (TOFU's), or an LLM behind an OpenAI-compatible endpoint
     (`openai:MODEL@URL`, its key from $OPENAI_API_KEY when set; `reply_tokens`, from
-    `--judge-max-tokens`, the reply length it is given: a reasoning model needs room)."""
+    `--judge-max-tokens`, the reply length it is given: a reasoning model needs room;
+    `prompt`, from `--judge-prompt`, what it is asked: a file or the text)."""
     from unpact.remote import parse_remote_spec
     from unpact.types import REMOTE_PREFIX
 
@@ -189,11 +194,38 @@ def _judge(judge: str, max_new_tokens: int | None, reply_tokens: int | None) -> 
         llm: dict[str, Any] = {"base_url": url, "model": model, "api_key_env": key}
         if reply_tokens is not None:
             llm["max_tokens"] = reply_tokens
+        if prompt is not None:
+            llm["prompt"] = _judge_prompt(prompt)
         return {"kind": "llm", "llm": llm} | length
-    if reply_tokens is not None:
-        raise UnpactError("--judge-max-tokens: only for an LLM judge (--judge openai:MODEL@URL)")
+    for option, given in (("judge-max-tokens", reply_tokens), ("judge-prompt", prompt)):
+        if given is not None:
+            raise UnpactError(f"--{option}: only for an LLM judge (--judge openai:MODEL@URL)")
     _check_choices(judge=judge)
     return {"kind": judge} | length
+
+
+def _judge_prompt(given: str) -> str:
+    """`--judge-prompt`: a file's text, or the prompt itself (it names a field in braces),
+    checked as the run config checks `judge.llm.prompt`."""
+    from pydantic import ValidationError
+
+    from unpact.files import read_text
+    from unpact.judge import LLMJudgeSettings
+
+    path = Path(given)
+    if "{" not in given or path.is_file():
+        try:
+            given = read_text(path)
+        except UnpactError as e:
+            raise UnpactError(
+                f"--judge-prompt: {e} (give a file, or the prompt with {{question}}, "
+                "{answer} and {output} in it)"
+            ) from None
+    try:
+        LLMJudgeSettings(base_url="-", model="-", prompt=given)
+    except ValidationError as e:
+        raise UnpactError(f"--judge-prompt: {e.errors()[0]['msg']}") from None
+    return given
 
 
 def _check_choices(**given: str) -> None:
