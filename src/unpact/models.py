@@ -309,7 +309,7 @@ class LanguageModel:
         """
         if not answer or not answer.strip():
             raise UnpactError("empty answer: give the text whose log-prob to compute")
-        return self._ids((prompt.answer_lead if prompt is not None else "") + answer)
+        return self._ids(prompt.answer_text(answer) if prompt is not None else answer)
 
     # What scoring, generation and attribution ask of a model; `unpact.remote.RemoteModel`
     # answers the same questions over HTTP.

@@ -486,7 +486,7 @@ class RemoteModel:
         """As `LanguageModel.encode_answer`, with the server's tokenizer."""
         if not answer or not answer.strip():
             raise UnpactError("empty answer: give the text whose log-prob to compute")
-        return self.tokenize((prompt.answer_lead if prompt is not None else "") + answer)
+        return self.tokenize(prompt.answer_text(answer) if prompt is not None else answer)
 
     def token_texts(self, ids: Sequence[int]) -> list[str]:
         """Each token's own text (by detokenising it alone; cached)."""

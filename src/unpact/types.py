@@ -198,6 +198,12 @@ class EncodedPrompt:
         tokens, the generation prompt's last space included."""
         return self.input_ids + self.tail
 
+    def answer_text(self, answer: str) -> str:
+        """The text an answer is tokenised as after this prompt: `answer_lead` in front,
+        standing for the spaces the answer opens with, if any (a generated ` Paris` after
+        DeepSeek's `Assistant:` is `Paris` with its space: `ĠParis`, not `Ġ`, `ĠParis`)."""
+        return self.answer_lead + answer.lstrip(" ") if self.answer_lead else answer
+
     @property
     def content_positions(self) -> range:
         return range(self.content_start, self.content_end)

@@ -892,6 +892,11 @@ def test_an_answer_after_a_generation_prompt_short_of_its_space_carries_it(tiny,
         "Ġthe",
         "▁the",
     )
+    # an answer that opens with the space itself (the model's own generated ` the ...`,
+    # re-scored for fluency) is the same answer, its space not doubled
+    encoded = lm.encode_prompt("Who?")
+    spaced = lm.encode_answer(" the river bank.", encoded)
+    assert spaced == lm.encode_answer("the river bank.", encoded)
     # a generation prompt ending in a newline (ChatML's), or in the space itself, has none
     assert answer_gap(tok, "\n\nAssistant:\n") == answer_gap(tok, "Answer: ") == ""
     # nor does a template whose turns write the answer right after the prompt's text, or
