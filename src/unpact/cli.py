@@ -879,6 +879,14 @@ JudgeReplyOpt = Annotated[
     ),
 ]
 
+JudgePromptOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="The LLM judge's prompt (a file, or the text itself), with {question}, "
+        "{answer} and {output} where they go (default: docs/runner.md's)."
+    ),
+]
+
 
 @app.command(
     help="Audit a model pair you already have: is the unlearned model's knowledge gone, "
@@ -937,13 +945,7 @@ def audit(
         int | None, typer.Option(help="Greedy answer length when judging (default 32).")
     ] = None,
     judge_max_tokens: JudgeReplyOpt = None,
-    judge_prompt: Annotated[
-        str | None,
-        typer.Option(
-            help="The LLM judge's prompt (a file, or the text itself), with {question}, "
-            "{answer} and {output} where they go (default: docs/runner.md's)."
-        ),
-    ] = None,
+    judge_prompt: JudgePromptOpt = None,
     chat_template: TemplateFileOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
