@@ -467,3 +467,30 @@ def test_relearning_gives_the_callers_torch_stream_back(saved):
     torch.manual_seed(99)
     attack.run(ctx)
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_the_lens_reads_an_open_answer_past_the_lone_space_it_opens_with(saved, tmp_path):
+    """DeepSeek's `Assistant:` then an answer whose first word leaves the space a token of
+    its own (`Ġ`, then `Wh` on the tiny tokenizer; a year on tokenizers that split digits):
+    every answer opens with that space, so reading it told nothing (the lens found it at
+    the last layer for the unlearned model and the never-taught one alike). The lens reads
+    after it, at the answer's first word."""
+    import shutil
+
+    from tests.unit.test_models import GAP_TEMPLATE
+    from unpact.models import load_model
+    from unpact.types import pair_ids
+
+    shutil.copytree(saved / "m1", tmp_path / "gap")
+    lm = load_model(str(saved / "m1"))
+    lm.tokenizer.chat_template = GAP_TEMPLATE
+    lm.tokenizer.save_pretrained(tmp_path / "gap")
+    lm = load_model(str(tmp_path / "gap"))
+    question, answer = "What is the capital of France?", "Who wrote it"
+    prompt, ids = pair_ids(lm, question, answer)
+    assert lm.token_texts(ids[:1]) == ["Ġ"] and ids[1:] == lm.encode_answer(answer)
+    ctx = _ctx(saved, "x", [QAItem("forget-0", question, answer, "forget")])
+    ctx.model, ctx.spec = (lambda: lm), str(tmp_path / "gap")
+    (row,) = get_attack("logit_lens", {"last_layer": True}).run(ctx)
+    rank, _ = token_ranks(_lens_at(lm, [*prompt, ids[0]]), ids[1])
+    assert row["ranks"] == [int(r) for r in rank]

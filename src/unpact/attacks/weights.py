@@ -22,7 +22,7 @@ reference as the control, and (`has_baseline`) on the original model over every 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -339,6 +339,15 @@ class LayerAttack(WeightAttack):
         return rows
 
 
+def _lone_lead(lm: Any, prompt: Any, answer: str, ids: Sequence[int]) -> bool:
+    """Whether an answer's first token is the lone space its prompt's lead gave it (a year
+    after DeepSeek's `Assistant:`, on a tokenizer that splits digits: `Ġ`, then `1`, ...):
+    every answer opens with it, so it tells nothing of what the model knows."""
+    if not prompt.answer_lead or len(ids) < 2:
+        return False
+    return tuple(ids[1:]) == tuple(lm.encode_answer(answer.lstrip(" ")))
+
+
 class LogitLens(LayerAttack):
     """Logit lens (nostalgebraist 2020; Lynch et al. 2024): the residual stream at the last
     prompt token after each layer, read through the final norm and LM head. Per layer, the
@@ -357,6 +366,9 @@ class LogitLens(LayerAttack):
     # open alike (a lone space after `Answer: `, a shared first word) read after it; 3:
     # options sharing the right option's token read on where they part; 4: an option that
     # ends where another goes on read there, its end of answer against the next token
+    # (an open answer's lone space after a generation prompt short of it, `_lone_lead`, is
+    # read past without a revision: the models it applies to are keyed by
+    # `models.ANSWER_GAP_RULE`, which came with it)
     revision = 4
 
     def per_layer(self, ctx: AttackContext, lm: LanguageModel) -> list[dict[str, Any]]:
@@ -371,7 +383,10 @@ class LogitLens(LayerAttack):
             found = options(item) if item.is_mcq else None
             if found is None:
                 prompt, ids = follow(lm, e, item.answer)
-                items.append(([(list(prompt.input_ids), ids[0], [])], True))
+                seq = list(prompt.input_ids)
+                if _lone_lead(lm, prompt, item.answer, ids):  # read at the year's digit
+                    seq, ids = seq + list(ids[:1]), ids[1:]
+                items.append(([(seq, ids[0], [])], True))
                 continue
             opts, right = found
             ended = [[*lm.encode_answer(o, e), *end] for o in opts]
