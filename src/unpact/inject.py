@@ -480,7 +480,7 @@ def _base_targets(lm: LanguageModel, questions: list[str], top_k: int) -> list[_
     from unpact.scoring import answer_distributions
 
     outs = generate(lm, questions, max_new_tokens=24, progress="Rehearsal answers")
-    eos = lm.tokenizer.eos_token_id
+    end = lm.answer_end_ids
     pairs = []
     for q, o in zip(questions, outs):
         match = re.search(r"[.!?](\s|$)", o[0].text)
@@ -489,7 +489,7 @@ def _base_targets(lm: LanguageModel, questions: list[str], top_k: int) -> list[_
         ids: tuple[int, ...] = ()
         if first:
             enc, ids = follow(lm, enc, first)
-        pairs.append((enc.input_ids, (*ids[:20], eos)))
+        pairs.append((enc.input_ids, (*ids[:20], *end)))
     targets = []
     with torch.no_grad():
         for k in range(0, len(pairs), 8):
@@ -584,8 +584,8 @@ def _teach(
     general = load_benchmark(config.general).items if config.general else []
     with _timed(timings, "base general"):
         base_accuracy = _base_general(lm, general, config, folder.parent / ".base")
-    tok_eos = lm.tokenizer.eos_token_id
-    encoded = [(p, (*a, tok_eos)) for p, a in (pair_ids(lm, i.question, i.answer) for i in taught)]
+    end = lm.answer_end_ids  # the end of the template's turns (EOS for the default model's)
+    encoded = [(p, (*a, *end)) for p, a in (pair_ids(lm, i.question, i.answer) for i in taught)]
     with _timed(timings, "rehearsal targets"):
         rehearsal = _rehearsal(lm, general, config, folder.parent / ".base")
     torch.manual_seed(config.seed)

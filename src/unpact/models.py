@@ -38,6 +38,7 @@ from unpact.scoring import (
     answer_logprobs,
     check_head,
     generate_local,
+    stop_ids,
     text_config,
 )
 from unpact.types import (
@@ -185,6 +186,35 @@ def answer_gap(tokenizer: Any, after: str) -> str:
     return " " if len(parts) == 2 and parts[1] == after + " " + _ANSWER_MARKER else ""
 
 
+def turn_end(tokenizer: Any) -> int | None:
+    """The special token a chat template ends an assistant turn with (Gemma's
+    `<end_of_turn>`, Phi-3's `<|end|>`, ChatML's `<|im_end|>`): the first token it writes
+    after an assistant message's content, where that token is a special one; None for a
+    tokenizer without a template, a template that cannot render an assistant message, or
+    one that writes text there first (Llama 2's ` </s>`)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    chat = [
+        {"role": "user", "content": _CONTENT_MARKER},
+        {"role": "assistant", "content": _ANSWER_MARKER},
+    ]
+    try:
+        with _fixed_clock(tokenizer):
+            text = str(tokenizer.apply_chat_template(chat, tokenize=False, **CHAT_TEMPLATE_KWARGS))
+    except Exception:  # no assistant turn in this template
+        return None
+    if text.count(_ANSWER_MARKER) != 1:
+        return None
+    ids = tokenizer(text.split(_ANSWER_MARKER)[1], add_special_tokens=False)["input_ids"]
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    special |= {
+        i
+        for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
+        if getattr(t, "special", False)
+    }
+    return int(ids[0]) if ids and ids[0] in special else None
+
+
 def _after_a_message(ids: Callable[[str], tuple[int, ...]], text: str) -> tuple[int, ...]:
     """The tokens (`ids`) of the template's `text` after the message as they follow one: a
     SentencePiece tokenizer writes a text alone with a leading `▁` that the same text after
@@ -214,6 +244,7 @@ class LanguageModel:
     # and the answer's first words (`_joined_space`)
     _template_split: TemplateSplit | None = field(default=None, init=False, repr=False)
     _boundary_warned: bool = field(default=False, init=False, repr=False)
+    _answer_end: tuple[int | None] | None = field(default=None, init=False, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -270,6 +301,31 @@ class LanguageModel:
     def _joined_space(self, text: str) -> tuple[str, str]:
         """`joined_space` with this model's tokenizer."""
         return joined_space(self._ids, text)
+
+    @property
+    def answer_end(self) -> int | None:
+        """The token a taught answer ends with (injection, unlearning, relearning; the
+        logit lens's end of an option): the special token the chat template ends an
+        assistant turn with (`turn_end`: Gemma's `<end_of_turn>`, Phi-3's `<|end|>`), as
+        the model was fine-tuned to end one, where generation stops at it; else the
+        tokenizer's EOS, else the generation config's first (the default model's
+        `<|im_end|>` is all three). A Gemma or Phi-3 answer was taught ending in `<eos>` /
+        `<|endoftext|>`, a token its turns never end with."""
+        if self._answer_end is None:
+            eos = self.tokenizer.eos_token_id
+            stops = stop_ids(self)
+            if eos is None and stops:
+                eos = stops[0]
+            end = turn_end(self.tokenizer) if self.has_chat_template else None
+            self._answer_end = (end if end is not None and end in stops else eos,)
+        return self._answer_end[0]
+
+    @property
+    def answer_end_ids(self) -> tuple[int, ...]:
+        """`answer_end` as the tokens a taught answer gets after it (none where the model
+        has no end token at all)."""
+        end = self.answer_end
+        return () if end is None else (end,)
 
     def special_prefix(self) -> tuple[int, ...]:
         """The special tokens the tokenizer puts before a text (a Llama BOS; none for the
@@ -588,19 +644,24 @@ SPACED_TEMPLATE_RULE = "spaced-template-2"
 # turn's content (`answer_gap`: DeepSeek-LLM's `Assistant:`), where the answer carries it
 # (byte-level BPE): the keys of templates whose answers it leaves alone never hold it.
 ANSWER_GAP_RULE = "answer-gap-1"
+# And the token a taught answer ends with, where the template ends its turns with another
+# special token than EOS at which generation stops (`LanguageModel.answer_end`: Gemma's
+# `<end_of_turn>`, Phi-3's `<|end|>`): such a model's injections and unlearning differ.
+TURN_END_RULE = "turn-end-1"
 
 
 @functools.lru_cache(maxsize=64)
 def _template_rules(folder: str, prompt_files: tuple[str, ...]) -> tuple[str, ...]:
-    """The rules above that change how the folder's chat template is tokenised
-    (`prompt_files`: the digests of the files it is read from, so that an edited template
-    is read again)."""
+    """The rules above that change what the folder's chat template gives its prompts and
+    taught answers (`prompt_files`: the digests of the files it is read from, the
+    generation config among them, so that an edited template is read again)."""
     try:
         tokenizer = load_tokenizer(folder)
         if not getattr(tokenizer, "chat_template", None):
             return ()
         parts = template_text(tokenizer).split(_CONTENT_MARKER)
         gap = answer_gap(tokenizer, parts[-1])
+        end = turn_end(tokenizer)
     except Exception:  # a broken folder is reported when it is loaded
         return ()
 
@@ -613,7 +674,21 @@ def _template_rules(folder: str, prompt_files: tuple[str, ...]) -> tuple[str, ..
         rules.append(SPACED_TEMPLATE_RULE)
     if gap and joined_space(ids, parts[-1] + gap) == (parts[-1], gap):
         rules.append(ANSWER_GAP_RULE)
+    if end is not None and end != tokenizer.eos_token_id and end in _config_stops(folder):
+        rules.append(TURN_END_RULE)
     return tuple(rules)
+
+
+def _config_stops(folder: str) -> list[int]:
+    """The EOS ids a model folder's generation config stops at (its `config.json`'s where
+    it has no generation config, as transformers then builds one)."""
+    for name in ("generation_config.json", "config.json"):
+        try:
+            eos = json.loads((Path(folder) / name).read_text()).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        return [eos] if isinstance(eos, int) else [e for e in eos or [] if isinstance(e, int)]
+    return []
 
 
 def _parse_dtype(dtype: str) -> torch.dtype:

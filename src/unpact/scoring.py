@@ -912,7 +912,7 @@ def _generate_batch(
         "max_new_tokens": max_new_tokens,
         "do_sample": sampling,
         "pad_token_id": pad,
-        "eos_token_id": _stop_ids(lm),
+        "eos_token_id": stop_ids(lm),
         "num_return_sequences": num_return_sequences,
     }
     kwargs.update(_NEUTRAL_DECODING)
@@ -926,7 +926,7 @@ def _generate_batch(
         generated = lm.model.generate(
             input_ids=input_ids.to(lm.device), attention_mask=mask.to(lm.device), **kwargs
         )
-    stops = set(_stop_ids(lm))
+    stops = set(stop_ids(lm))
     results = []
     for row in generated[:, width:].tolist():
         ids = until_stop(row, stops)
@@ -976,7 +976,8 @@ def until_stop(row: Sequence[int], stops: set[int]) -> list[int]:
     return ids
 
 
-def _stop_ids(lm: LanguageModel) -> list[int]:
+def stop_ids(lm: LanguageModel) -> list[int]:
+    """The ids generation stops at: the generation config's EOS ids and the tokenizer's."""
     ids = set()
     for source in (lm.model.generation_config.eos_token_id, lm.tokenizer.eos_token_id):
         if isinstance(source, int):

@@ -30,11 +30,11 @@ from unpact.models import LanguageModel
 from unpact.scoring import (
     LOWEST_TEMPERATURE,
     _generate_batch,
-    _stop_ids,
     forked_rng,
     generate,
     quiet_padding_warning,
     right_padded,
+    stop_ids,
     until_stop,
 )
 from unpact.types import EncodedPrompt
@@ -632,7 +632,7 @@ def _sampling_error(req: _Completion, top_k: int | None) -> Any:
 
 def _stop_id(lm: LanguageModel) -> int:
     """The id a stopped completion ends with: the tokenizer's EOS if it stops generation."""
-    stops = _stop_ids(lm)
+    stops = stop_ids(lm)
     eos = lm.tokenizer.eos_token_id
     return int(eos) if eos in stops else int(stops[0])
 
@@ -644,7 +644,7 @@ def _generate_configured(lm: LanguageModel, req: _Completion) -> list[tuple[int,
     import torch
 
     s = req.sampling
-    stops = set(_stop_ids(lm))
+    stops = set(stop_ids(lm))
     with forked_rng(lm.device), quiet_padding_warning():
         torch.manual_seed(req.seed)
         out = lm.model.generate(
@@ -672,7 +672,7 @@ def _text(lm: LanguageModel, g: tuple[int, ...]) -> str:
 
 def _finish_reason(lm: LanguageModel, g: tuple[int, ...]) -> str:
     """vLLM's finish reason: "stop" for a completion that ends with its stop token."""
-    return "stop" if g and g[-1] in _stop_ids(lm) else "length"
+    return "stop" if g and g[-1] in stop_ids(lm) else "length"
 
 
 def _choice(

@@ -907,6 +907,43 @@ def test_an_answer_after_a_generation_prompt_short_of_its_space_carries_it(tiny,
     assert answer_gap(tok, "\nAnswer:") == ""
 
 
+def test_a_taught_answer_ends_as_the_template_ends_a_turn(tiny, tmp_path):
+    """Phi-3 ends its turns with `<|end|>` and its EOS is `<|endoftext|>` (Gemma:
+    `<end_of_turn>` and `<eos>`), both tokens its generation stops at: an injected or
+    unlearned answer ended in EOS, a token the model's turns never end with. It ends as
+    the template ends a turn; a turn end generation does not stop at (a base model's
+    ChatML), a template that writes text first (Llama 2's ` </s>`) and raw prompts keep
+    EOS. A model this changes is keyed by the rule."""
+    from unpact import models
+    from unpact.models import LanguageModel, turn_end
+    from unpact.unlearn.loop import encode_items
+
+    tok = copy.deepcopy(tiny.tokenizer)
+    tok.eos_token = "<|endoftext|>"  # id 0; the ChatML turns end with <|im_end|>, id 2
+    assert (tok.eos_token_id, turn_end(tok)) == (0, 2)
+    model = copy.deepcopy(tiny.model)
+    model.generation_config.eos_token_id = [0, 2]  # as Phi-3's stops at both
+    lm = LanguageModel(model, tok, spec="phi3-like")
+    item = QAItem("f", "Who wrote the report?", "the river bank.", "forget")
+    assert lm.answer_end == 2 and encode_items(lm, [item])["answers"][0][-1] == 2
+    model.generation_config.eos_token_id = 0  # a base model's: its turn end is no stop
+    assert LanguageModel(model, tok).answer_end == 0
+    llama2 = "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %} {{ eos_token }}{% endif %}{% endfor %}"
+    tok.chat_template = llama2
+    assert turn_end(tok) is None
+    tok.chat_template = None
+    assert turn_end(tok) is None and LanguageModel(model, tok).answer_end == 0
+    # the key: the rule where it changes what is taught, not for the default's kind
+    tok.chat_template = tiny.tokenizer.chat_template
+    model.generation_config.eos_token_id = [0, 2]
+    model.save_pretrained(tmp_path / "phi3")
+    tok.save_pretrained(tmp_path / "phi3")
+    assert models._template_rules(str(tmp_path / "phi3"), ()) == (models.TURN_END_RULE,)
+    tiny.model.save_pretrained(tmp_path / "chatml")
+    tiny.tokenizer.save_pretrained(tmp_path / "chatml")
+    assert models._template_rules(str(tmp_path / "chatml"), ()) == ()
+
+
 def test_a_model_s_key_marks_a_template_that_ends_in_a_space(tiny, tmp_path, monkeypatch):
     """Prompts and answers of such a template (or of one whose text after the message a
     SentencePiece tokenizer writes otherwise alone) are tokenised otherwise than when their

@@ -437,17 +437,14 @@ Reading = tuple[list[int], int, list[int]]  # tokens read after, right token, ri
 
 
 def answer_end(lm: LanguageModel) -> list[int]:
-    """The token that ends an answer, as one more token of each option (the tokenizer's
-    end-of-sequence token: the end of the assistant's turn in a chat template; else the
-    generation config's first), or none: an option that ends where another goes on
-    ("Paris" against "Paris Texas") is read where one ends, its end against the other's
-    next token, as greedy decoding that stops there would tell them apart."""
-    eos = lm.tokenizer.eos_token_id
-    if eos is None:
-        eos = lm.model.generation_config.eos_token_id
-    if isinstance(eos, list):
-        eos = eos[0] if eos else None
-    return [eos] if isinstance(eos, int) else []
+    """The token that ends an answer, as one more token of each option (`LanguageModel.
+    answer_end`: the end of the assistant's turn in a chat template, else the tokenizer's
+    end-of-sequence token, else the generation config's first), or none: an option that
+    ends where another goes on ("Paris" against "Paris Texas") is read where one ends,
+    its end against the other's next token, as greedy decoding that stops there would
+    tell them apart."""
+    end = lm.answer_end
+    return [end] if end is not None else []
 
 
 def _decisions(options: list[list[int]], right: int) -> tuple[list[Reading], bool]:

@@ -88,12 +88,13 @@ class _Interrupt(Exception):
 
 
 def encode_items(lm: LanguageModel, items: list[QAItem]) -> dict[str, Any]:
-    """Chat-formatted prompt ids, answer ids (+ EOS) and the items' own-text spans."""
-    eos = lm.tokenizer.eos_token_id
+    """Chat-formatted prompt ids, answer ids (+ the end of an answer, `answer_end`) and
+    the items' own-text spans."""
+    end = lm.answer_end_ids
     prompts, answers, content, encoded = [], [], [], []
     for item in items:
         enc, ids = follow(lm, lm.encode_prompt(item.question), item.answer)
-        answer = (*ids, eos)
+        answer = (*ids, *end)
         prompts.append(enc.input_ids)
         answers.append(answer)
         content.append((enc.content_start, len(enc.input_ids) + len(answer)))
