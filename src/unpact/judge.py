@@ -150,8 +150,12 @@ class LLMJudgeSettings(BaseModel):
     api_key_env: str | None = Field(
         "OPENAI_API_KEY", description="environment variable holding the key (None: no key)"
     )
-    prompt: Annotated[str, fills("question", "answer", "output")] = Field(
-        LLM_PROMPT, description="{question}, {answer}, {output} are filled in"
+    prompt: Annotated[str, fills("question", "answer", "output", required=("answer", "output"))] = (
+        Field(
+            LLM_PROMPT,
+            description="{question}, {answer}, {output} are filled in ({answer} and {output} "
+            "must be there: the reference answer and the model's, which it compares)",
+        )
     )
     timeout: float = Field(60.0, gt=0, description="seconds per request")
     max_tokens: int = Field(

@@ -37,11 +37,13 @@ CHAT_TEMPLATE_KWARGS = {"date_string": "26 Jul 2024", "enable_thinking": False}
 Seed: TypeAlias = Annotated[int, Field(ge=0, lt=2**32)]
 
 
-def fills(*fields: str) -> AfterValidator:
+def fills(*fields: str, required: tuple[str, ...] = ()) -> AfterValidator:
     """Checks a text setting that `str.format` fills with the named `fields` (with none,
     one `{}`): `Annotated[str, fills("question")]`. Checked when the config loads, so that
     a typo (`{promt}`, a lone `{`, `{0}`, `{prompt.upper}`) is a config error naming the
-    setting, not a KeyError when the first item is asked, after the unlearning."""
+    setting, not a KeyError when the first item is asked, after the unlearning. The
+    `required` fields must appear (an LLM judge's prompt without `{output}` would have it
+    judge an answer it is never shown)."""
     allowed = fields or ("", "0")
     shown = ", ".join("{" + f + "}" for f in fields) if fields else "one {}"
 
@@ -53,6 +55,9 @@ def fills(*fields: str) -> AfterValidator:
         for name in names:
             if name not in allowed:
                 raise ValueError(f"{text!r}: {{{name}}} is not filled in here; use {shown}")
+        for name in required:
+            if name not in names:
+                raise ValueError(f"{text!r} has no {{{name}}}; put it where it goes")
         try:
             text.format(*(() if fields else ("x",)), **dict.fromkeys(fields, "x"))
         except (ValueError, IndexError, KeyError) as exc:

@@ -358,6 +358,11 @@ def test_a_template_is_checked_when_the_config_loads(name, settings, message):
     assert focus.prompt("Who?", ["a"]) == "{Who?} '<a>'"
     with pytest.raises(ValueError, match=r"\{questoin\} is not filled in"):
         LLMJudgeSettings(base_url="http://127.0.0.1:9", model="m", prompt="{questoin}")
+    # a judge's prompt that never shows it the model's answer (or the reference) is refused
+    with pytest.raises(ValueError, match=r"has no \{output\}"):
+        LLMJudgeSettings(base_url="http://127.0.0.1:9", model="m", prompt="Is {answer} right?")
+    with pytest.raises(ValueError, match=r"has no \{answer\}"):
+        LLMJudgeSettings(base_url="http://127.0.0.1:9", model="m", prompt="")
 
 
 def test_paraphrase_keeps_the_keywords_in_every_rewording():
