@@ -55,13 +55,13 @@ def fills(*fields: str, required: tuple[str, ...] = ()) -> AfterValidator:
         for name in names:
             if name not in allowed:
                 raise ValueError(f"{text!r}: {{{name}}} is not filled in here; use {shown}")
-        for name in required:
-            if name not in names:
-                raise ValueError(f"{text!r} has no {{{name}}}; put it where it goes")
         try:
             text.format(*(() if fields else ("x",)), **dict.fromkeys(fields, "x"))
         except (ValueError, IndexError, KeyError) as exc:
             raise ValueError(f"{text!r}: {exc}; use {shown}") from None
+        for name in required:
+            if name not in names:
+                raise ValueError(f"{text!r} has no {{{name}}}; put it where it goes")
         return text
 
     return AfterValidator(check)

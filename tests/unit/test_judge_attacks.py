@@ -345,6 +345,10 @@ def test_sampling_attacks_and_the_registry():
         ("focus_on_key", {"template": "{prompt.upper}"}, "{prompt.upper} is not filled in"),
         ("focus_on_key", {"template": "{prompt:d}"}, "Unknown format code 'd'"),
         ("focus_on_key", {"key_format": "{}/{}"}, r"key_format: .*use one \{\}"),
+        # accepted, then asked without the question, or without naming its keys
+        ("focus_on_key", {"template": "Focus on {keys}."}, r"has no \{prompt\}"),
+        ("focus_on_key", {"template": "{prompt} Think."}, r"has no \{keys\}"),
+        ("focus_on_key", {"key_format": "KEY"}, r"key_format: 'KEY' has no \{\}"),
         ("paraphrase", {"templates": ["{question}", "{0}"]}, r"templates\.1: '\{0\}'"),
         ("in_context", {"template": "Q: {question} A: {reply}"}, "use {question}, {answer}"),
     ],

@@ -11,8 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from unpact.attacks.base import FOCUS_TEMPLATE, Attack, Target
 from unpact.types import Seed, fills
 
-FocusTemplate: TypeAlias = Annotated[str, fills("prompt", "keys")]
-KeyFormat: TypeAlias = Annotated[str, fills()]
+# FocusOnKey asks the question and names its keys: a template without either (or a key
+# format without its key) asked something else under the attack's name
+FocusTemplate: TypeAlias = Annotated[str, fills("prompt", "keys", required=("prompt", "keys"))]
+KeyFormat: TypeAlias = Annotated[str, fills(required=("",))]
 ParaphraseTemplate: TypeAlias = Annotated[str, fills("question", "keywords")]
 Demonstration: TypeAlias = Annotated[str, fills("question", "answer")]
 
