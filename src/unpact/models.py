@@ -169,21 +169,29 @@ def answer_gap(tokenizer: Any, after: str) -> str:
     cannot render an assistant message, or writes anything but one space there."""
     if not after or after[-1].isspace():
         return ""
+    text = _answered(tokenizer, continued=True)
+    parts = (text or "").split(_CONTENT_MARKER)
+    return " " if len(parts) == 2 and parts[1] == after + " " + _ANSWER_MARKER else ""
+
+
+def _answered(tokenizer: Any, continued: bool) -> str | None:
+    """A user message and an assistant message (`_CONTENT_MARKER`, `_ANSWER_MARKER`) in
+    the tokenizer's chat template, the assistant's left open to continue (`continued`)
+    or closed as the template closes a turn; None where the template cannot render it
+    (no assistant turn, or a template that rewrites its content)."""
     chat = [
         {"role": "user", "content": _CONTENT_MARKER},
         {"role": "assistant", "content": _ANSWER_MARKER},
     ]
     try:
         with _fixed_clock(tokenizer):
-            text = str(
+            return str(
                 tokenizer.apply_chat_template(
-                    chat, tokenize=False, continue_final_message=True, **CHAT_TEMPLATE_KWARGS
+                    chat, tokenize=False, continue_final_message=continued, **CHAT_TEMPLATE_KWARGS
                 )
             )
-    except Exception:  # a template with no assistant turn, or one that rewrites it
-        return ""
-    parts = text.split(_CONTENT_MARKER)
-    return " " if len(parts) == 2 and parts[1] == after + " " + _ANSWER_MARKER else ""
+    except Exception:
+        return None
 
 
 def turn_end(tokenizer: Any) -> int | None:
@@ -194,16 +202,8 @@ def turn_end(tokenizer: Any) -> int | None:
     one that writes text there first (Llama 2's ` </s>`)."""
     if not getattr(tokenizer, "chat_template", None):
         return None
-    chat = [
-        {"role": "user", "content": _CONTENT_MARKER},
-        {"role": "assistant", "content": _ANSWER_MARKER},
-    ]
-    try:
-        with _fixed_clock(tokenizer):
-            text = str(tokenizer.apply_chat_template(chat, tokenize=False, **CHAT_TEMPLATE_KWARGS))
-    except Exception:  # no assistant turn in this template
-        return None
-    if text.count(_ANSWER_MARKER) != 1:
+    text = _answered(tokenizer, continued=False)
+    if text is None or text.count(_ANSWER_MARKER) != 1:
         return None
     ids = tokenizer(text.split(_ANSWER_MARKER)[1], add_special_tokens=False)["input_ids"]
     special = set(getattr(tokenizer, "all_special_ids", []))
