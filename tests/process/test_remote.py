@@ -778,8 +778,16 @@ def test_an_answer_after_answer_colon_space_is_split_alike_served_and_local(tiny
     tok = copy.deepcopy(tiny.tokenizer) if kind == "byte-bpe" else tiny_sentencepiece_tokenizer()
     tok.chat_template = QA_TEMPLATE
     lm = LanguageModel(tiny.model, tok, spec=kind)
+    with caplog.at_level(logging.WARNING):
+        _split_alike_served_and_local(lm, kind)
+    assert not [r for r in caplog.records if "boundary" in r.getMessage()]
+
+
+def _split_alike_served_and_local(lm, kind):
+    """A prompt, its answer's tokens and their scores, served by `unpact serve` and local:
+    the same, the answer with a lead space on byte-level BPE."""
     prompt, answer = "Who wrote the report about the town?", "the river bank."
-    with BackgroundServer(make_app(lm, "tiny")) as url, caplog.at_level(logging.WARNING):
+    with BackgroundServer(make_app(lm, "tiny")) as url:
         remote = _remote(f"{url}/v1")
         served = remote.encode_prompt(prompt)
         served_answer = remote.encode_answer(answer, served)
@@ -790,7 +798,6 @@ def test_an_answer_after_answer_colon_space_is_split_alike_served_and_local(tiny
     (local_score,) = score(lm, [prompt], [answer])
     assert served_score.answer_ids == local_score.answer_ids
     assert served_score.logprobs == pytest.approx(local_score.logprobs, abs=1e-4)
-    assert not [r for r in caplog.records if "boundary" in r.getMessage()]
 
 
 @pytest.mark.parametrize("kind", ["byte-bpe", "sentencepiece"])
@@ -810,21 +817,11 @@ def test_an_answer_after_a_generation_prompt_short_of_its_space_is_split_alike_s
     tok = copy.deepcopy(tiny.tokenizer) if kind == "byte-bpe" else tiny_sentencepiece_tokenizer()
     tok.chat_template = GAP_TEMPLATE
     lm = LanguageModel(tiny.model, tok, spec=kind)
-    prompt, answer = "Who wrote the report about the town?", "the river bank."
+    _split_alike_served_and_local(lm, kind)
     with BackgroundServer(make_app(lm, "tiny")) as url:
-        remote = _remote(f"{url}/v1")
-        served = remote.encode_prompt(prompt)
-        served_answer = remote.encode_answer(answer, served)
-        (served_score,) = score(remote, [prompt], [answer])
         both = {"add_generation_prompt": True, "continue_final_message": True}
-        messages = [{"role": "user", "content": prompt}]
+        messages = [{"role": "user", "content": "Who?"}]
         reply = httpx.post(f"{url}/tokenize", json={"messages": messages, **both})
-    local = lm.encode_prompt(prompt)
-    assert served == local and local.answer_lead == (" " if kind == "byte-bpe" else "")
-    assert served_answer == lm.encode_answer(answer, local)
-    (local_score,) = score(lm, [prompt], [answer])
-    assert served_score.answer_ids == local_score.answer_ids
-    assert served_score.logprobs == pytest.approx(local_score.logprobs, abs=1e-4)
     assert reply.status_code == 400
     assert "Cannot set both `continue_final_message`" in reply.json()["error"]["message"]
 
