@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import struct
 import warnings
@@ -840,6 +841,47 @@ def _check_gguf(path: Path) -> None:
         )
 
 
+def _check_memory(path: Path, dtype: torch.dtype) -> None:
+    """Refuse, before loading, weights that would not fit in the memory free here in
+    `dtype` (transformers loads them into the CPU's memory first, whatever the device):
+    the load filled the memory and the system killed the process without a word (a 7B
+    model in float32 takes 26 GiB). Counted from the safetensors files' headers."""
+    import psutil
+
+    params = _parameter_count(path)
+    need = params * torch.tensor([], dtype=dtype).element_size()
+    free = psutil.virtual_memory().available
+    if need > free:
+        name = str(dtype).removeprefix("torch.")
+        raise UnpactError(
+            f"{path}: its {params / 1e9:.2f}B weights take {need / 2**30:.1f} GiB in {name}, "
+            f"more than the {free / 2**30:.1f} GiB of memory free on this machine; load it in "
+            "bfloat16 (--dtype bfloat16; dtype: bfloat16 in a run config), or free memory"
+        )
+
+
+def _parameter_count(path: Path) -> int:
+    """The number of weights in a folder's safetensors files, read from their headers (an
+    8-byte length, then JSON naming each tensor's shape); 0 for a file it cannot read
+    (loading it says why)."""
+    count = 0
+    for f in path.glob("*.safetensors"):
+        try:
+            with f.open("rb") as fh:
+                (size,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(size))
+            count += sum(
+                math.prod(entry["shape"])
+                for name, entry in header.items()
+                if name != "__metadata__"
+            )
+        except (OSError, struct.error, ValueError, MemoryError, OverflowError):
+            continue
+        except (TypeError, KeyError, AttributeError):  # not a safetensors header
+            continue
+    return count
+
+
 def _check_weights(path: Path) -> None:
     """A model folder must hold safetensors weights: pickle weights are refused."""
     if any(path.glob("*.safetensors")):
@@ -870,6 +912,7 @@ def _quantized(path: Path) -> str | None:
 
 def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[Any, Any]:
     _check_weights(path)
+    _check_memory(path, dtype)
     from transformers.utils import logging as hf_logging
 
     if not any((path / f).is_file() for f in TOKENIZER_FILES):

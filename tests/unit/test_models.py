@@ -458,6 +458,30 @@ def test_a_sentencepiece_inst_template_is_split_as_it_tokenises_whole(tiny, capl
     assert not caplog.records
 
 
+def test_weights_larger_than_the_free_memory_are_refused_before_loading(
+    tiny, tmp_path, monkeypatch
+):
+    """A 7B model in float32 on a 24 GiB laptop: the load filled the memory and the system
+    killed the process without a word. The weights are counted from the safetensors
+    headers and compared with the memory free; bfloat16 halves what they need."""
+    from types import SimpleNamespace
+
+    import psutil
+    import torch
+
+    from unpact.models import _parameter_count, load_model
+
+    tiny.model.save_pretrained(tmp_path / "m")
+    tiny.tokenizer.save_pretrained(tmp_path / "m")
+    count = sum(p.numel() for p in tiny.model.parameters())
+    assert _parameter_count(tmp_path / "m") == count
+    free = count * 3  # room for bfloat16 (2 bytes a weight), not for float32 (4)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=free))
+    with pytest.raises(UnpactError, match=r"GiB in float32, more than the .*\(--dtype bfloat16"):
+        load_model(str(tmp_path / "m"))
+    assert load_model(str(tmp_path / "m"), dtype="bfloat16").model.dtype == torch.bfloat16
+
+
 def test_broken_model_folders_are_one_message(tiny, tmp_path):
     """Each was a traceback, a confusing message or, worst, a model with random layers
     loaded without a word: no tokenizer, a truncated safetensors file, weights whose shapes
