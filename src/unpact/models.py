@@ -466,6 +466,8 @@ def load_model(
     if folder is None:
         model, tokenizer = _load_hub(spec, torch_dtype, trust_remote_code)
     else:
+        if target.type != "cuda":  # a CUDA load is left to its device's own error
+            _check_memory(folder, torch_dtype)
         model, tokenizer = _load_dir(folder, torch_dtype, trust_remote_code)
     model.to(target)
     model.eval()
@@ -842,10 +844,10 @@ def _check_gguf(path: Path) -> None:
 
 
 def _check_memory(path: Path, dtype: torch.dtype) -> None:
-    """Refuse, before loading, weights that would not fit in the memory free here in
-    `dtype` (transformers loads them into the CPU's memory first, whatever the device):
-    the load filled the memory and the system killed the process without a word (a 7B
-    model in float32 takes 26 GiB). Counted from the safetensors files' headers."""
+    """Refuse, before a CPU (or Apple) load, weights that would not fit in the memory free
+    here in `dtype`: the load filled the memory and the system killed the process without
+    a word (a 7B model in float32 takes 26 GiB). Counted from the safetensors files'
+    headers."""
     import psutil
 
     params = _parameter_count(path)
@@ -912,7 +914,6 @@ def _quantized(path: Path) -> str | None:
 
 def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[Any, Any]:
     _check_weights(path)
-    _check_memory(path, dtype)
     from transformers.utils import logging as hf_logging
 
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
