@@ -477,6 +477,10 @@ def test_an_audit_judged_by_an_llm(pair, tmp_path, monkeypatch):
         audit_config("a", "b", "news", judge=f"openai:j@{url}", judge_prompt="{outptu}?")
     with pytest.raises(UnpactError, match=r"--judge-prompt: cannot read nofile\.txt"):
         audit_config("a", "b", "news", judge=f"openai:j@{url}", judge_prompt="nofile.txt")
+    with pytest.raises(UnpactError, match=r"^--judge-prompt: empty"):
+        audit_config("a", "b", "news", judge=f"openai:j@{url}", judge_prompt=" ")
+    with pytest.raises(UnpactError, match=r"^--judge-prompt: '\{output\} \{answer': expected"):
+        audit_config("a", "b", "news", judge=f"openai:j@{url}", judge_prompt="{output} {answer")
     with pytest.raises(UnpactError, match="--judge-prompt: only for an LLM judge"):
         audit_config("a", "b", "news", judge_prompt=text)
 

@@ -212,6 +212,8 @@ def _judge_prompt(given: str) -> str:
     from unpact.files import read_text
     from unpact.judge import LLMJudgeSettings
 
+    if not given.strip():
+        raise UnpactError("--judge-prompt: empty; give a file, or the prompt itself")
     path = Path(given)
     if "{" not in given or path.is_file():
         try:
@@ -224,7 +226,8 @@ def _judge_prompt(given: str) -> str:
     try:
         LLMJudgeSettings(base_url="-", model="-", prompt=given)
     except ValidationError as e:
-        raise UnpactError(f"--judge-prompt: {e.errors()[0]['msg']}") from None
+        why = str(e.errors()[0]["msg"]).removeprefix("Value error, ")
+        raise UnpactError(f"--judge-prompt: {why}") from None
     return given
 
 
