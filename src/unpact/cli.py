@@ -52,7 +52,7 @@ BENCHMARK_HELP = (
     "wmdp:PATH (docs/data.md)."
 )
 PluginOpt = Annotated[
-    list[Path] | None,
+    list[str] | None,  # text, not Path: an empty value stays empty, not the current folder
     typer.Option(
         "--plugin",
         help="A Python file that defines attacks, metrics or unlearning methods (repeatable); "
@@ -818,7 +818,7 @@ def _logged(job: Callable[[Callable[[str], None]], Any]) -> Any:
         raise typer.Exit(130) from None
 
 
-def _run(config: str | Path, out_dir: Path, plugins: list[Path] | None = None) -> None:
+def _run(config: str | Path, out_dir: Path, plugins: list[str] | None = None) -> None:
     from unpact.plugins import load_plugins
     from unpact.run import load_config
     from unpact.run import run as run_experiment

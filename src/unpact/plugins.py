@@ -79,6 +79,8 @@ def is_path(entry: str) -> bool:
 
 def load_plugin(entry: str, base: Path | None = None) -> ModuleType:
     """One plugin: a Python file, or an importable module name."""
+    if not entry.strip():
+        raise UnpactError("plugin: empty; give a .py file or an importable module's name")
     if not is_path(entry):
         try:
             module = importlib.import_module(entry)

@@ -111,8 +111,16 @@ def test_audit_prints_a_verdict_per_test_and_writes_the_run(pair, tmp_path):
             ("--chat-template", "{{ messages[0]['content'] }}{{ messages[0]['content'] }}"),
             "verbatim exactly once",
         ),
+        # an empty value: `--base ""` was dropped unsaid, the others read the current folder
+        (("--base", ""), "--base: empty; give a value or leave the option out"),
+        (("--reference", " "), "--reference: empty"),
+        (("--general", ""), "--general: empty"),
+        (("--plugin", ""), "plugin: empty; give a .py file or an importable module's name"),
     ],
-    ids=["preset", "attack", "empty", "judge", "tokens", "dtype", "template", "jinja", "twice"],
+    ids=[
+        *("preset", "attack", "empty", "judge", "tokens", "dtype", "template", "jinja", "twice"),
+        *("no-base", "no-reference", "no-general", "no-plugin"),
+    ],
 )
 def test_audit_mistakes_exit_2(pair, tmp_path, args, message):
     res = _audit(

@@ -476,7 +476,12 @@ def audit(
 
     if log is not None:  # its checks, then its run's, find the same notes: each said once
         log = notes_once(log)
-
+    given = {"original": original, "unlearned": unlearned, "benchmark": benchmark}
+    optional = ("reference", "base", "general", "device", "judge", "preset", "dtype")
+    for option, value in (given | {k: options.get(k) for k in optional}).items():
+        if isinstance(value, str) and not value.strip():  # `--base ""` was dropped unsaid
+            leave = " or leave the option out" if option in optional else ""
+            raise UnpactError(f"--{option}: empty; give a value{leave}")
     try:  # the user's mistake named by the option they gave, before any model loads
         load_benchmark(benchmark)
     except UnpactError as e:
