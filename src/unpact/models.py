@@ -767,6 +767,11 @@ def _resolve_local(spec: str) -> Path | None:
     """The local file or directory a spec names, or None for a hub id."""
     if spec == DEFAULT_SPEC:
         return default_gguf()
+    if not spec.strip():  # it read the current folder
+        raise UnpactError(
+            "empty model spec: give 'default', a model folder, a .gguf file, a hub id or "
+            "openai:MODEL@URL"
+        )
     path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file():

@@ -175,6 +175,8 @@ def test_validation_of_documents_and_json(tmp_path):
         load_folder(tmp_path / "..")
     with pytest.raises(UnpactError, match="no benchmark 'nope'"):
         load_benchmark("nope")
+    with pytest.raises(UnpactError, match="^empty benchmark: give a built-in one"):
+        load_benchmark(" ")  # it read the current folder
 
 
 def test_a_valid_user_folder_loads(tmp_path):

@@ -36,6 +36,15 @@ def test_raw_prompt_is_content_only(tiny):
     assert not enc.chat_template
 
 
+def test_an_empty_model_spec_is_named_as_such():
+    """`--model ""` read the current folder ("a directory without config.json")."""
+    from unpact.models import check_spec, load_model
+
+    for call in (load_model, check_spec):
+        with pytest.raises(UnpactError, match="^empty model spec: give 'default'"):
+            call("")
+
+
 def test_chat_template_required_but_missing(tiny):
     from unpact.models import LanguageModel
 

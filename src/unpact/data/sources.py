@@ -37,6 +37,11 @@ def load_benchmark(spec: str | Path) -> Benchmark:
             f"path), not {type(spec).__name__} {spec!r}"
         )
     key = os.fspath(spec)
+    if not key.strip():  # it read the current folder
+        raise UnpactError(
+            f"empty benchmark: give a built-in one ({', '.join(BUILTIN)}), a folder or a spec "
+            f"{', '.join(k + ':PATH' for k in REAL_KINDS)}"
+        )
     if key in BUILTIN:
         return load_folder(BUILTIN_DIR / key, name=key)
     match = _SPEC.fullmatch(key)
