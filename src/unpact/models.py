@@ -872,7 +872,13 @@ def _parameter_count(path: Path) -> int:
     8-byte length, then JSON naming each tensor's shape); 0 for a file it cannot read
     (loading it says why)."""
     count = 0
-    for f in path.glob("*.safetensors"):
+    files = sorted(path.glob("*.safetensors"))
+    try:  # a sharded checkpoint loads the shards its index names (some ship a merged copy)
+        index = json.loads((path / "model.safetensors.index.json").read_text())
+        files = [path / name for name in sorted(set(index["weight_map"].values()))]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    for f in files:
         try:
             with f.open("rb") as fh:
                 (size,) = struct.unpack("<Q", fh.read(8))

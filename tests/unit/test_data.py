@@ -175,7 +175,7 @@ def test_validation_of_documents_and_json(tmp_path):
         load_folder(tmp_path / "..")
     with pytest.raises(UnpactError, match="no benchmark 'nope'"):
         load_benchmark("nope")
-    with pytest.raises(UnpactError, match="^empty benchmark: give a built-in one"):
+    with pytest.raises(UnpactError, match=r"^empty benchmark: give a built-in one"):
         load_benchmark(" ")  # it read the current folder
 
 

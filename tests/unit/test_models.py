@@ -41,7 +41,7 @@ def test_an_empty_model_spec_is_named_as_such():
     from unpact.models import check_spec, load_model
 
     for call in (load_model, check_spec):
-        with pytest.raises(UnpactError, match="^empty model spec: give 'default'"):
+        with pytest.raises(UnpactError, match=r"^empty model spec: give 'default'"):
             call("")
 
 
@@ -473,6 +473,7 @@ def test_weights_larger_than_the_free_memory_are_refused_before_loading(
     """A 7B model in float32 on a 24 GiB laptop: the load filled the memory and the system
     killed the process without a word. The weights are counted from the safetensors
     headers and compared with the memory free; bfloat16 halves what they need."""
+    import shutil
     from types import SimpleNamespace
 
     import psutil
@@ -484,6 +485,11 @@ def test_weights_larger_than_the_free_memory_are_refused_before_loading(
     tiny.tokenizer.save_pretrained(tmp_path / "m")
     count = sum(p.numel() for p in tiny.model.parameters())
     assert _parameter_count(tmp_path / "m") == count
+    # shards are counted as their index names them (a merged copy beside them is not loaded)
+    tiny.model.save_pretrained(tmp_path / "shards", max_shard_size="100KB")
+    assert (tmp_path / "shards" / "model.safetensors.index.json").is_file()
+    shutil.copy(tmp_path / "m" / "model.safetensors", tmp_path / "shards")
+    assert _parameter_count(tmp_path / "shards") == count
     free = count * 3  # room for bfloat16 (2 bytes a weight), not for float32 (4)
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=free))
     with pytest.raises(UnpactError, match=r"GiB in float32, more than the .*\(--dtype bfloat16"):
