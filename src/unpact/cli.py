@@ -663,7 +663,7 @@ def unlearn(
     from unpact.unlearn import resolve_config
     from unpact.unlearn import unlearn as run_unlearn
 
-    load_plugins([str(p) for p in plugin or []])
+    load_plugins(list(plugin or []))
     cfg = resolve_config(method, file=config, overrides=set_ or [])
     model = _with_template(model, chat_template)
     if evaluate:  # before the training, not after it
@@ -823,7 +823,7 @@ def _run(config: str | Path, out_dir: Path, plugins: list[str] | None = None) ->
     from unpact.run import load_config
     from unpact.run import run as run_experiment
 
-    load_plugins([str(p) for p in plugins or []])
+    load_plugins(list(plugins or []))
     cfg = load_config(config)  # a bad config fails here, before any model loads
     result = _logged(lambda log: run_experiment(cfg, out_dir, log=log))
     runs: dict[str, dict[str, object]] | None = result.results.get("runs")
@@ -969,7 +969,7 @@ def audit(
         "judge_max_tokens": judge_max_tokens,
         "judge_prompt": judge_prompt,
         "chat_template": chat_template,
-        "plugins": [str(p) for p in plugin or []],
+        "plugins": list(plugin or []),
     }
     result = _logged(
         lambda log: run_audit(original, unlearned, benchmark, out_dir, log=log, **options)
@@ -1054,7 +1054,7 @@ def methods_cmd(plugin: PluginOpt = None) -> None:
     from unpact.plugins import load_plugins
     from unpact.unlearn.methods import METHODS
 
-    load_plugins([str(p) for p in plugin or []])
+    load_plugins(list(plugin or []))
     table = Table("method", "what it does", "settings", title="Unlearning methods")
     for name, cls in METHODS.items():
         about = cls.summary or (cls.__doc__ or "").strip().split("\n")[0]
@@ -1068,7 +1068,7 @@ def attacks_cmd(plugin: PluginOpt = None) -> None:
     from unpact.attacks import ATTACKS
     from unpact.plugins import load_plugins
 
-    load_plugins([str(p) for p in plugin or []])
+    load_plugins(list(plugin or []))
     table = Table("attack", "what it does", "settings", title="Recovery attacks")
     for name, cls in ATTACKS.items():
         about = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
@@ -1082,7 +1082,7 @@ def metrics_cmd(plugin: PluginOpt = None) -> None:
     from unpact.metrics import METRICS
     from unpact.plugins import load_plugins
 
-    load_plugins([str(p) for p in plugin or []])
+    load_plugins(list(plugin or []))
     table = Table("metric", "what it is", "format", "better", "interval", title="Metrics")
     for m in METRICS.values():
         better = {True: "higher", False: "lower", None: "-"}[m.higher_is_better]

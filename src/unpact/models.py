@@ -48,6 +48,7 @@ from unpact.types import (
     EncodedPrompt,
     TemplateSplit,
     is_remote_spec,
+    joined_space,
     raw_prefix,
     spec_text,
     warn_if_split_differs,
@@ -136,28 +137,6 @@ def _fixed_clock(tokenizer: Any) -> Iterator[None]:
         env.globals["strftime_now"] = before
 
 
-def joined_space(ids: Callable[[str], tuple[int, ...]], text: str) -> tuple[str, str]:
-    """The template's text before the message (or its generation prompt, before the
-    answer), and the lead that goes with what follows: where that text ends in a space
-    the tokenizer (`ids`) gives to the next word, the space leaves the template's text.
-    SentencePiece (Llama 2's, Mistral's `[INST] `, open-unlearning's `Answer: `) writes
-    a text alone with a leading `▁` that stands for it (no lead); byte-level BPE
-    (GPT-2's, Llama 3's `Question: `) joins it to the word as `ĠWhat`, so the message
-    (the answer) is tokenised with a lead space (a message's units are still the
-    prompt's own characters). Either way the whole is the template's own tokenisation
-    of the two joined, checked on two ordinary texts; kept as it is where neither holds
-    (said by `warn_if_split_differs` for the message's side)."""
-    short = text.removesuffix(" ")
-    if short == text:
-        return text, ""
-    whole = [ids(text + q) for q in BOUNDARY_PROBES]
-    for head, lead in ((text, ""), (short, ""), (short, " ")):
-        start = ids(head)
-        if all(start + ids(lead + q) == w for q, w in zip(BOUNDARY_PROBES, whole)):
-            return head, lead
-    return text, ""
-
-
 def answer_gap(tokenizer: Any, after: str) -> str:
     """The space a chat template writes between its generation prompt (`after`, its text
     after the user's message) and an assistant message's content, where the generation
@@ -207,13 +186,15 @@ def turn_end(tokenizer: Any) -> int | None:
     if text is None or text.count(_ANSWER_MARKER) != 1:
         return None
     ids = tokenizer(text.split(_ANSWER_MARKER)[1], add_special_tokens=False)["input_ids"]
-    special = set(getattr(tokenizer, "all_special_ids", []))
-    special |= {
-        i
-        for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
-        if getattr(t, "special", False)
-    }
-    return int(ids[0]) if ids and ids[0] in special else None
+    return int(ids[0]) if ids and ids[0] in special_ids(tokenizer) else None
+
+
+def special_ids(tokenizer: Any) -> set[int]:
+    """The ids of a tokenizer's special tokens: its named ones (EOS, pad, ...) and every
+    added token marked special (a template's turn markers)."""
+    found = {int(i) for i in getattr(tokenizer, "all_special_ids", [])}
+    decoder = getattr(tokenizer, "added_tokens_decoder", {})
+    return found | {int(i) for i, t in decoder.items() if getattr(t, "special", False)}
 
 
 def _after_a_message(ids: Callable[[str], tuple[int, ...]], text: str) -> tuple[int, ...]:
@@ -245,7 +226,6 @@ class LanguageModel:
     # and the answer's first words (`_joined_space`)
     _template_split: TemplateSplit | None = field(default=None, init=False, repr=False)
     _boundary_warned: bool = field(default=False, init=False, repr=False)
-    _answer_end: tuple[int | None] | None = field(default=None, init=False, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -303,7 +283,7 @@ class LanguageModel:
         """`joined_space` with this model's tokenizer."""
         return joined_space(self._ids, text)
 
-    @property
+    @functools.cached_property
     def answer_end(self) -> int | None:
         """The token a taught answer ends with (injection, unlearning, relearning; the
         logit lens's end of an option): the special token the chat template ends an
@@ -312,14 +292,12 @@ class LanguageModel:
         tokenizer's EOS, else the generation config's first (the default model's
         `<|im_end|>` is all three). A Gemma or Phi-3 answer was taught ending in `<eos>` /
         `<|endoftext|>`, a token its turns never end with."""
-        if self._answer_end is None:
-            eos = self.tokenizer.eos_token_id
-            stops = stop_ids(self)
-            if eos is None and stops:
-                eos = stops[0]
-            end = turn_end(self.tokenizer) if self.has_chat_template else None
-            self._answer_end = (end if end is not None and end in stops else eos,)
-        return self._answer_end[0]
+        eos = self.tokenizer.eos_token_id
+        stops = stop_ids(self)
+        if eos is None and stops:
+            eos = stops[0]
+        end = turn_end(self.tokenizer) if self.has_chat_template else None
+        return end if end is not None and end in stops else eos
 
     @property
     def answer_end_ids(self) -> tuple[int, ...]:
@@ -868,9 +846,11 @@ def _check_memory(path: Path, dtype: torch.dtype) -> None:
 
 
 def _parameter_count(path: Path) -> int:
-    """The number of weights in a folder's safetensors files, read from their headers (an
-    8-byte length, then JSON naming each tensor's shape); 0 for a file it cannot read
-    (loading it says why)."""
+    """The number of weights in a folder's safetensors files, from their headers
+    (`safetensors.safe_open`, no tensor read); 0 for a file it cannot read (loading it
+    says why)."""
+    from safetensors import SafetensorError, safe_open
+
     count = 0
     files = sorted(path.glob("*.safetensors"))
     try:  # a sharded checkpoint loads the shards its index names (some ship a merged copy)
@@ -880,17 +860,10 @@ def _parameter_count(path: Path) -> int:
         pass
     for f in files:
         try:
-            with f.open("rb") as fh:
-                (size,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(size))
-            count += sum(
-                math.prod(entry["shape"])
-                for name, entry in header.items()
-                if name != "__metadata__"
-            )
-        except (OSError, struct.error, ValueError, MemoryError, OverflowError):
-            continue
-        except (TypeError, KeyError, AttributeError):  # not a safetensors header
+            with safe_open(f, "pt") as weights:
+                names = weights.keys()
+                count += sum(math.prod(weights.get_slice(k).get_shape()) for k in names)
+        except (OSError, SafetensorError):
             continue
     return count
 

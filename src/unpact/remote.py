@@ -54,6 +54,7 @@ from unpact.types import (
     REMOTE_PREFIX,
     EncodedPrompt,
     TemplateSplit,
+    joined_space,
     raw_prefix,
     warn_if_split_differs,
     warn_if_template_thinks,
@@ -427,14 +428,15 @@ class RemoteModel:
 
     def _gap_lead(self, asked: tuple[int, ...], text: str) -> str:
         """The answer's lead where the template writes a space between its generation
-        prompt (`text`, ending `asked`: the first marker's tokens) and an assistant
-        message's content (`models.answer_gap`: DeepSeek-LLM's `Assistant:`), as
-        `LanguageModel` decides it locally: the server's tokens of the marker and an
-        assistant message to continue start with `asked`, and the rest reads back as that
-        space and the message; the lead is the space where the server's tokenisation
-        joins it to the answer's first word (byte-level BPE), none where the word's own
-        `▁` stands for it (SentencePiece). No lead where the server cannot say (a vLLM
-        before `continue_final_message`, no `/detokenize`)."""
+            prompt (`text`, ending `asked`: the first marker's tokens) and an assistant
+            message's content (`models.answer_gap`: DeepSeek-LLM's `Assistant:`), as
+            `LanguageModel` decides it locally: the server's tokens of the marker and an
+            assistant message to continue start with `asked`, and the rest reads back as that
+            space and the message; the lead is the space where the server's tokenisation
+            joins it to the answer's first word (byte-level BPE), none where the word's own
+            `▁` stands for it (SentencePiece): `joined_space` on the server's tokenisations, as
+        locally. No lead where the server cannot say (a vLLM
+            before `continue_final_message`, no `/detokenize`)."""
         if not text or text[-1].isspace():
             return ""
         word = "Probe"
@@ -444,14 +446,10 @@ class RemoteModel:
                 return ""
             if self.detokenize(continued[len(asked) :]) != " " + word:
                 return ""
-            alone = self.tokenize(text)
-            whole = {q: self.tokenize(text + " " + q) for q in BOUNDARY_PROBES}
-            for lead in ("", " "):
-                if all(alone + self.tokenize(lead + q) == whole[q] for q in BOUNDARY_PROBES):
-                    return lead
+            head, lead = joined_space(self.tokenize, text + " ")
         except RemoteError:
             return ""
-        return ""
+        return lead if head == text else ""
 
     def _resolve_chat(self, chat_template: bool | None) -> bool:
         if chat_template is None:

@@ -37,13 +37,16 @@ CHAT_TEMPLATE_KWARGS = {"date_string": "26 Jul 2024", "enable_thinking": False}
 Seed: TypeAlias = Annotated[int, Field(ge=0, lt=2**32)]
 
 
-def fills(*fields: str, required: tuple[str, ...] = ()) -> AfterValidator:
+def fills(
+    *fields: str, required: tuple[str, ...] = (), one_of: tuple[str, ...] = ()
+) -> AfterValidator:
     """Checks a text setting that `str.format` fills with the named `fields` (with none,
     one `{}`): `Annotated[str, fills("question")]`. Checked when the config loads, so that
     a typo (`{promt}`, a lone `{`, `{0}`, `{prompt.upper}`) is a config error naming the
     setting, not a KeyError when the first item is asked, after the unlearning. The
     `required` fields must appear (an LLM judge's prompt without `{output}` would have it
-    judge an answer it is never shown)."""
+    judge an answer it is never shown), and at least one of `one_of` (a paraphrase that
+    names neither the question nor its keywords asks every item the same thing)."""
     allowed = fields or ("", "0")
     shown = ", ".join("{" + f + "}" for f in fields) if fields else "one {}"
 
@@ -62,6 +65,9 @@ def fills(*fields: str, required: tuple[str, ...] = ()) -> AfterValidator:
         for name in required:
             if name not in names:
                 raise ValueError(f"{text!r} has no {{{name}}}; put it where it goes")
+        if one_of and not set(one_of) & set(names):
+            listed = " nor ".join("{" + f + "}" for f in one_of)
+            raise ValueError(f"{text!r} has neither {listed}; put one in")
         return text
 
     return AfterValidator(check)
@@ -92,6 +98,29 @@ def plain_scalar(value: Any) -> Any:
 # answer) ends in a space that the message's (the answer's) own first token carries is
 # decided on them (local and served alike).
 BOUNDARY_PROBES = ("the capital of France?", "the river bank.")
+
+
+def joined_space(ids: Callable[[str], tuple[int, ...]], text: str) -> tuple[str, str]:
+    """The template's text before the message (or its generation prompt, before the
+    answer), and the lead that goes with what follows: where that text ends in a space
+    the tokenizer (`ids`) gives to the next word, the space leaves the template's text.
+    SentencePiece (Llama 2's, Mistral's `[INST] `, open-unlearning's `Answer: `) writes
+    a text alone with a leading `▁` that stands for it (no lead); byte-level BPE
+    (GPT-2's, Llama 3's `Question: `) joins it to the word as `ĠWhat`, so the message
+    (the answer) is tokenised with a lead space (a message's units are still the
+    prompt's own characters). Either way the whole is the template's own tokenisation
+    of the two joined, checked on two ordinary texts; kept as it is where neither holds
+    (said by `warn_if_split_differs` for the message's side). `models.LanguageModel`
+    decides with its tokenizer, `remote.RemoteModel` with the server's."""
+    short = text.removesuffix(" ")
+    if short == text:
+        return text, ""
+    whole = [ids(text + q) for q in BOUNDARY_PROBES]
+    for head, lead in ((text, ""), (short, ""), (short, " ")):
+        start = ids(head)
+        if all(start + ids(lead + q) == w for q, w in zip(BOUNDARY_PROBES, whole)):
+            return head, lead
+    return text, ""
 
 
 def warn_if_split_differs(

@@ -472,9 +472,9 @@ def test_relearning_gives_the_callers_torch_stream_back(saved):
 def test_the_lens_reads_an_open_answer_past_the_lone_space_it_opens_with(saved, tmp_path):
     """DeepSeek's `Assistant:` then an answer whose first word leaves the space a token of
     its own (`Ġ`, then `Wh` on the tiny tokenizer; a year on tokenizers that split digits):
-    every answer opens with that space, so reading it told nothing (the lens found it at
-    the last layer for the unlearned model and the never-taught one alike). The lens reads
-    after it, at the answer's first word."""
+    every answer opens with that space, so reading it told nothing of what a model knows
+    (any model writes it first, the never-taught one too). The lens reads after it, at the
+    answer's first word."""
     import shutil
 
     from tests.unit.test_models import GAP_TEMPLATE

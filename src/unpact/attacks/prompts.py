@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import random
-import string
 import zlib
 from typing import Annotated, Literal, TypeAlias
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from unpact.attacks.base import FOCUS_TEMPLATE, Attack, Target
 from unpact.types import Seed, fills
@@ -16,18 +15,10 @@ from unpact.types import Seed, fills
 # format without its key) asked something else under the attack's name
 FocusTemplate: TypeAlias = Annotated[str, fills("prompt", "keys", required=("prompt", "keys"))]
 KeyFormat: TypeAlias = Annotated[str, fills(required=("",))]
-
-
-def _asks(text: str) -> str:
-    """A rewording asks about the item: it holds {question} or {keywords} (a constant
-    prompt asked every item the same thing)."""
-    names = {name for _, name, _, _ in string.Formatter().parse(text)}  # fills parsed it
-    if not names & {"question", "keywords"}:
-        raise ValueError(f"{text!r} has neither {{question}} nor {{keywords}}; put one in")
-    return text
-
-
-ParaphraseTemplate: TypeAlias = Annotated[str, fills("question", "keywords"), AfterValidator(_asks)]
+# a rewording asks about the item: it names the question or its keywords
+ParaphraseTemplate: TypeAlias = Annotated[
+    str, fills("question", "keywords", one_of=("question", "keywords"))
+]
 # the demonstrations' answers, then the question asked with an empty answer
 Demonstration: TypeAlias = Annotated[
     str, fills("question", "answer", required=("question", "answer"))

@@ -28,6 +28,7 @@ is written last, so a directory holding it is a finished run.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import time
@@ -53,7 +54,7 @@ from unpact.data.sources import load_benchmark
 from unpact.errors import UnpactError
 from unpact.files import once
 from unpact.metrics import ItemRecord, layer_curve
-from unpact.models import cache_root, local_model_dir, model_key
+from unpact.models import cache_root, load_tokenizer, local_model_dir, model_key
 from unpact.results import (
     csv_text,
     finite,
@@ -254,10 +255,11 @@ def run(
     _check_answer_room(cfg, data)
     _check_tokenizers(cfg, say)
     _note_idle_gpu(cfg, say)
-    _note_raw_prompts(cfg, say)
+    tokenizer_of = functools.cache(load_tokenizer)  # a model given as it is: loaded once
+    _note_raw_prompts(cfg, say, tokenizer_of)
     original = _original(p, data)
     p.original_spec = original.spec
-    p.replacement = _replacement(cfg, original.spec)
+    p.replacement = _replacement(cfg, original.spec, tokenizer_of)
     # the original's stages first: what they refuse (a prompt attribution cannot take, an
     # answer over the context) is said before any unlearning, not hours later
     stages = {"original": _model_stages(p, data, original, None)}
@@ -486,18 +488,20 @@ def _check_depths(cfg: RunConfig) -> None:
             raise UnpactError(f"attacks.{n} ({a.column}): {exc}") from None
 
 
-def _replacement(cfg: RunConfig, original: str) -> dict[str, int]:
+def _replacement(
+    cfg: RunConfig, original: str, tokenizer_of: Callable[[str], Any]
+) -> dict[str, int]:
     """With `attribution.baseline: token`, the original model's replacement id (its unk,
     else pad, else 0) for every model's attribution: an unlearned model whose tokenizer
     sets a pad the original's lacks (a Llama 3 fine-tune) replaced units with another
     token, and its focus was compared with the original's across two baselines. Empty
     for the other baselines (their stage keys stay as they were) and for a served
-    original (which asks for an explicit id)."""
+    original (which asks for an explicit id). `tokenizer_of(spec)` loads a tokenizer."""
     if cfg.attribution.baseline != "token" or is_remote_spec(original):
         return {}
-    from unpact.models import baseline_token_of, load_tokenizer
+    from unpact.models import baseline_token_of
 
-    return {"baseline_token_id": baseline_token_of(load_tokenizer(original))}
+    return {"baseline_token_id": baseline_token_of(tokenizer_of(original))}
 
 
 def _note_idle_gpu(cfg: RunConfig, say: Callable[[str], None]) -> None:
@@ -513,22 +517,23 @@ def _note_idle_gpu(cfg: RunConfig, say: Callable[[str], None]) -> None:
         )
 
 
-def _note_raw_prompts(cfg: RunConfig, say: Callable[[str], None]) -> None:
+def _note_raw_prompts(
+    cfg: RunConfig, say: Callable[[str], None], tokenizer_of: Callable[[str], Any] = load_tokenizer
+) -> None:
     """A model the run takes as already knowing the facts (`inject.enabled: false`, as
     every audit) whose tokenizer has no chat template says so: each question is then asked
     as raw text, its answer scored right after it, and a checkpoint fine-tuned in a prompt
     format (TOFU's Phi-1.5, MUSE's Llama-2-7B: `Question: ...\\nAnswer: `) answers worse
     outside it, so facts it still knows read as never known. A model the run teaches
-    itself learns them in the raw format it is then asked in."""
-    from unpact.models import load_tokenizer
-
+    itself learns them in the raw format it is then asked in. `tokenizer_of(spec)` loads
+    a tokenizer."""
     if cfg.inject.enabled or is_remote_spec(cfg.model):
         return  # taught as asked; a served model's template is behind its server
     try:
-        tokenizer = load_tokenizer(cfg.model)
+        loaded = tokenizer_of(cfg.model)
     except UnpactError:
         return  # loading the model says why
-    if not getattr(tokenizer, "chat_template", None):
+    if not getattr(loaded, "chat_template", None):
         say(
             f"note: {cfg.model} has no chat template: each question is asked as raw text "
             "and its answer scored right after it; a checkpoint fine-tuned in a prompt "
@@ -663,7 +668,7 @@ def _model_stages(
             "checking attributions",
             "checks",
             model.label,
-            [model.key, data.key("forget"), settings | p.replacement],
+            [model.key, data.key("forget"), settings],
             lambda: attribution_checks(
                 opened(), forget, found.attrs, cfg.attribution, **p.replacement
             ),

@@ -328,17 +328,14 @@ def _added_specials(va: dict[str, int], vb: dict[str, int], tb: Any) -> list[str
     """The tokens `vb` adds to `va` when every one is a special token of `tb` (added
     tokens that never come out of tokenising ordinary text) with an id `va` does not use,
     and every token of `va` keeps its id; else none."""
+    from unpact.models import special_ids
+
     extra = {t: i for t, i in vb.items() if t not in va}
     if not extra or any(vb.get(t) != i for t, i in va.items()):
         return []
-    special = {str(a) for a in getattr(tb, "all_special_tokens", [])}
-    special |= {
-        str(a)
-        for a in getattr(tb, "added_tokens_decoder", {}).values()
-        if getattr(a, "special", False)
-    }
+    special = special_ids(tb)
     used = set(va.values())
-    if all(t in special and i not in used for t, i in extra.items()):
+    if all(i in special and i not in used for i in extra.values()):
         return sorted(extra, key=extra.__getitem__)
     return []
 
