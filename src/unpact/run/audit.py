@@ -19,7 +19,9 @@ quality above alpha)? did the focus move?
 
 from __future__ import annotations
 
+import inspect
 import os
+from functools import cache
 from pathlib import Path
 from typing import Any, get_args
 
@@ -141,6 +143,56 @@ def audit_config(
     if plugins:  # a continued audit's config names them too
         config["plugins"] = plugins
     return config, skipped
+
+
+@cache
+def _options_model() -> Any:
+    """A pydantic model of `audit_config`'s keyword options, built from its signature (each
+    default written once, there)."""
+    import typing
+
+    from pydantic import ConfigDict, create_model
+
+    hints = typing.get_type_hints(audit_config)
+    fields: dict[str, Any] = {
+        name: (hints[name], p.default)
+        for name, p in inspect.signature(audit_config).parameters.items()
+        if p.kind is p.KEYWORD_ONLY
+    }
+    config = ConfigDict(extra="forbid")
+    return create_model("AuditOptions", __config__=config, **fields)
+
+
+def checked_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The Python API's options, checked as the CLI's are parsed: an unknown name (a typo)
+    or a value of the wrong type is one message naming the option. `attacks` may be given
+    as the CLI takes it (comma-separated text) and `plugins` as one file or module."""
+    from pydantic import ValidationError
+
+    from unpact.unlearn.config import describe_errors
+
+    given = {k: _text(v) for k, v in options.items()}
+    if isinstance(given.get("attacks"), str):  # "quantize" was read letter by letter
+        given["attacks"] = [a.strip() for a in given["attacks"].split(",") if a.strip()]
+    if isinstance(given.get("plugins"), str):
+        given["plugins"] = [given["plugins"]]
+    for many in ("attacks", "plugins"):
+        if isinstance(given.get(many), (list, tuple)):
+            given[many] = [_text(v) for v in given[many]]
+    model = _options_model()
+    try:
+        model(**given)
+    except ValidationError as e:
+        known = ", ".join(model.model_fields)
+        raise UnpactError(
+            "audit: " + describe_errors(e, unknown=f"unknown option (options: {known})")
+        ) from None
+    return given
+
+
+def _text(value: Any) -> Any:
+    """A path given where text goes (a folder, a plugin file) as its text."""
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
 def _chosen_attacks(preset: str, attacks: list[str] | None) -> list[dict[str, Any]]:
@@ -476,6 +528,8 @@ def audit(
 
     if log is not None:  # its checks, then its run's, find the same notes: each said once
         log = notes_once(log)
+    options = checked_options(options)
+    original, unlearned, benchmark = _text(original), _text(unlearned), _text(benchmark)
     given = {"original": original, "unlearned": unlearned, "benchmark": benchmark}
     optional = ("reference", "base", "general", "device", "judge", "preset", "dtype")
     for option, value in (given | {k: options.get(k) for k in optional}).items():

@@ -1,0 +1,49 @@
+"""The Python API's `audit(...)` checks its options as the CLI parses them: a typo or a
+value of the wrong type was a TypeError from inside unpact (`max_new_tokens="x"`: "'<' not
+supported"), or silently another thing (`attacks="quantize"` was read letter by letter:
+"unknown attack 'q'"; `plugins="mine.py"` as the module 'm')."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from unpact.errors import UnpactError
+from unpact.run.audit import audit, audit_config, checked_options
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"presets": "gpu"}, r"^audit: presets: unknown option \(options: reference, base, "),
+        ({"max_new_tokens": "x"}, r"^audit: max_new_tokens: Input should be a valid integer"),
+        ({"max_new_tokens": 2.5}, r"^audit: max_new_tokens: .*fractional part"),
+        ({"device": 3}, r"^audit: device: Input should be a valid string"),
+        ({"attacks": 5}, r"^audit: attacks: Input should be a valid list"),
+    ],
+)
+def test_a_wrong_option_is_one_message_naming_it(options, message, tmp_path):
+    with pytest.raises(UnpactError, match=message):  # before any model is looked at
+        audit("no-such-model", "no-such-model", "news", tmp_path / "out", **options)
+
+
+def test_text_and_paths_are_taken_as_the_cli_takes_them():
+    given = {
+        "attacks": "quantize, probab",
+        "plugins": Path("mine.py"),
+        "reference": Path("/models/ref"),
+        "max_new_tokens": 5,
+    }
+    assert checked_options(given) == {
+        "attacks": ["quantize", "probab"],
+        "plugins": ["mine.py"],
+        "reference": "/models/ref",
+        "max_new_tokens": 5,
+    }
+    assert checked_options({"attacks": ("logit_lens",)})["attacks"] == ["logit_lens"]
+    # one name given as text is that attack, not its letters
+    config, _ = audit_config("a", "b", "news", **checked_options({"attacks": "logit_lens"}))
+    assert [a["name"] for a in config["attacks"]] == ["logit_lens"]
+    with pytest.raises(UnpactError, match="unknown attack 'nosuch'"):
+        audit_config("a", "b", "news", **checked_options({"attacks": "nosuch"}))
