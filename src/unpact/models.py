@@ -939,16 +939,74 @@ def _pretrained(
     tokenizer = AutoTokenizer.from_pretrained(
         source, trust_remote_code=trust_remote_code, local_files_only=local_only
     )
-    loaded: Any = AutoModelForCausalLM.from_pretrained(
-        source,
-        dtype=dtype,
-        use_safetensors=True,
-        trust_remote_code=trust_remote_code,
-        output_loading_info=True,
-        local_files_only=local_only,
-    )
+    dequantizing = _dequantizing(source, trust_remote_code, local_only)
+    with warnings.catch_warnings(), _quiet_dequantizing(dequantizing):
+        # transformers' note that it merged our loading attribute into the checkpoint's
+        warnings.filterwarnings("ignore", message=".*already has a `quantization_config`")
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=dtype,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            output_loading_info=True,
+            local_files_only=local_only,
+            **dequantizing,
+        )
     model, info = loaded
     return model, tokenizer, info
+
+
+class _DequantizingNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "dequantiz" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_dequantizing(dequantizing: dict[str, Any]) -> Iterator[None]:
+    """Without the quantizer's log line that it will dequantize (MXFP4's on a CPU says so
+    even when asked to): asked for, it is no news."""
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+
+    quant = dequantizing.get("quantization_config")
+    quantizer = AUTO_QUANTIZER_MAPPING.get(quant.quant_method) if quant else None
+    if quantizer is None:
+        yield
+        return
+    logger, quiet = logging.getLogger(quantizer.__module__), _DequantizingNote()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+def _dequantizing(source: str, trust_remote_code: bool, local_only: bool) -> dict[str, Any]:
+    """`from_pretrained`'s argument that loads a checkpoint quantized in a format transformers
+    can dequantize while loading (fine-grained FP8, as DeepSeek and Qwen ship theirs; MXFP4,
+    as gpt-oss) as full-precision weights on every device: unpact trains, attributes and
+    quantizes full-precision weights. Without it transformers dequantized only where it has
+    no kernel (a CPU, an older GPU), with a library warning, and on an H100 kept FP8 layers
+    that training and the quantize attack cannot use. {} for any other checkpoint (GPTQ, AWQ,
+    bitsandbytes: refused with a message when they fail to load)."""
+    from transformers import AutoConfig
+    from transformers.quantizers.auto import AutoQuantizationConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            source, trust_remote_code=trust_remote_code, local_files_only=local_only
+        )
+        found = getattr(config, "quantization_config", None)
+        if found is None:
+            return {}
+        quant = AutoQuantizationConfig.from_dict(
+            found if isinstance(found, dict) else found.to_dict()
+        )
+    except Exception:  # no config, an unknown method: the load itself says what is wrong
+        return {}
+    if "dequantize" not in quant.get_loading_attributes():
+        return {}
+    quant.dequantize = True
+    return {"quantization_config": quant}
 
 
 def _check_complete(where: str, info: dict[str, Any]) -> None:

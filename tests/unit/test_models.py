@@ -549,6 +549,63 @@ def test_broken_model_folders_are_one_message(tiny, tmp_path):
     assert load_model(str(good)).model.config.hidden_size == 64
 
 
+def _fp8_checkpoint(tiny, folder: Path, block: int = 32) -> dict[str, Any]:
+    """`tiny` saved as a fine-grained FP8 checkpoint (DeepSeek's and Qwen's format: each
+    decoder projection's weight in float8_e4m3fn with a per-block `weight_scale_inv`);
+    returns each projection's exact dequantized weight (the FP8 values times their scales)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from unpact.models import save_model
+
+    save_model(tiny.model, tiny.tokenizer, folder)
+    weights, exact = load_file(folder / "model.safetensors"), {}
+    for name, w in list(weights.items()):
+        if name.startswith("model.layers.") and name.endswith("proj.weight"):
+            rows, cols = w.shape
+            blocks = w.reshape(rows // block, block, cols // block, block)
+            scale = blocks.abs().amax(dim=(1, 3)) / 448.0  # e4m3's largest value
+            q = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn)
+            weights[name] = q.reshape(rows, cols)
+            weights[name.replace(".weight", ".weight_scale_inv")] = scale
+            exact[name] = (q.float() * scale[:, None, :, None]).reshape(rows, cols)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    quant = {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [block] * 2,
+    }
+    (folder / "config.json").write_text(json.dumps(config | {"quantization_config": quant}))
+    return exact
+
+
+def test_an_fp8_checkpoint_loads_dequantized_on_every_device(tiny, tmp_path, capfd):
+    """transformers dequantized an FP8 checkpoint only where it has no FP8 kernel (here, with
+    a library warning); on an H100 it kept FP8 layers that unlearning cannot train and the
+    quantize attack does not see. unpact asks for full-precision weights everywhere."""
+    import torch
+
+    from unpact.models import _dequantizing, save_model
+
+    exact = _fp8_checkpoint(tiny, tmp_path / "fp8")
+    lm = load_model(str(tmp_path / "fp8"))
+    weights = lm.model.state_dict()
+    for name, w in exact.items():
+        assert weights[name].dtype == torch.float32 and torch.equal(weights[name], w), name
+    linear = lm.model.model.layers[0].mlp.up_proj
+    assert type(linear) is torch.nn.Linear  # not transformers' FP8Linear
+    assert "FP8" not in capfd.readouterr().err  # "requires a GPU or XPU, ... dequantizing"
+    # the flag that makes a GPU dequantize too, and a checkpoint saved as full precision
+    found = _dequantizing(str(tmp_path / "fp8"), False, True)["quantization_config"]
+    assert found.dequantize is True
+    save_model(lm.model, lm.tokenizer, tmp_path / "saved")
+    assert "quantization_config" not in json.loads((tmp_path / "saved/config.json").read_text())
+    again = load_model(str(tmp_path / "saved")).model.state_dict()
+    assert all(torch.equal(again[name], w) for name, w in exact.items())
+    assert _dequantizing(str(tmp_path / "saved"), False, True) == {}
+
+
 def _adapter(tiny, tmp_path, seed: int = 0):
     """A LoRA adapter folder (random, non-zero B) for the tiny model saved at tmp_path/base,
     and the PEFT model's logits on a few tokens, computed before any merging."""
