@@ -527,7 +527,8 @@ def test_the_gpu_preset_on_a_cpu_is_said_before_it_starts(pair, tmp_path, monkey
 
 def test_an_audit_of_a_model_against_itself_says_so(pair, tmp_path):
     """One path given as --original and --unlearned: minutes spent to say "nothing
-    forgotten", with no word that the two were one model. Now a note says so at once."""
+    forgotten", with no word that the two were one model. Now a note says so at once; and
+    for the unlearned model given as the reference too."""
     from unpact.run.audit import audit
 
     said: list[str] = []
@@ -549,3 +550,10 @@ def test_an_audit_of_a_model_against_itself_says_so(pair, tmp_path):
     said.clear()
     _quick_audit(pair, pair / "bench", tmp_path / "other", log=said.append)
     assert not any("same model" in s for s in said)
+    # the unlearned model given again as the reference: "indistinguishable" by construction
+    reference = str(pair / "unlearned")
+    _quick_audit(pair, pair / "bench", tmp_path / "third", log=said.append, reference=reference)
+    assert [s for s in said if "same model" in s] == [
+        "note: --reference is the same model as --unlearned (the same weights and tokenizer): "
+        "nothing can differ between them"
+    ]

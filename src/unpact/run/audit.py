@@ -292,18 +292,23 @@ def _check_choices(**given: str) -> None:
 
 
 def _note_same_models(named: dict[str, str], log: Any) -> None:
-    """Say when the unlearned model or the reference is the original itself (the same
-    weights and tokenizer: one path given twice, say): the audit then measures nothing
-    of what the user meant, and would spend its minutes saying "not forgotten"."""
+    """Say when two of the models are one (the same weights and tokenizer: one path given
+    twice, say): the unlearned model or the reference as the original, where the audit
+    would spend its minutes saying "not forgotten"; the reference as the unlearned model,
+    which is then "indistinguishable from the reference" by construction."""
     from unpact.models import model_key
 
     if log is None:
         return
-    original = model_key(named["original"])
-    for option in ("unlearned", "reference"):
-        if option in named and model_key(named[option]) == original:
+    keys = {option: model_key(spec) for option, spec in named.items() if option != "base"}
+    for option, other in (
+        ("unlearned", "original"),
+        ("reference", "original"),
+        ("reference", "unlearned"),
+    ):
+        if option in keys and keys[option] == keys[other]:
             log(
-                f"note: --{option} is the same model as --original (the same weights and "
+                f"note: --{option} is the same model as --{other} (the same weights and "
                 "tokenizer): nothing can differ between them"
             )
 
