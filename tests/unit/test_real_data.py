@@ -107,8 +107,17 @@ def test_real_benchmark_specs_load_wherever_a_benchmark_goes(tmp_path):
     files = materialise(tofu, tmp_path)
     assert files.path is not None and load_folder(files.path).items == tofu.items
     assert materialise(tofu, tmp_path).path == files.path
-    with pytest.raises(UnpactError, match="no such file or folder"):
+    with pytest.raises(UnpactError, match=r"no such file or folder$"):
         load_benchmark(f"tofu:{tmp_path / 'missing'}")
+    # the forget set named after the path, or the kind in capitals: the spec that reads it
+    here = FIXTURES / "tofu"
+    for option in (":forget05", "@forget05"):
+        with pytest.raises(
+            UnpactError, match=re.escape(f"brackets before the path: tofu[forget05]:{here})")
+        ):
+            load_benchmark(f"tofu:{here}{option}")
+    with pytest.raises(UnpactError, match=re.escape("(spec names are lower case: tofu:...)")):
+        load_benchmark(f"TOFU:{here}")
     bad = tmp_path / "wmdp.jsonl"
     bad.write_text('{"question": "q", "choices": ["a"], "answer": 0}\n{oops\n')
     with pytest.raises(UnpactError, match=r"wmdp\.jsonl, line 2: not valid JSON"):

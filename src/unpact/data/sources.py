@@ -57,9 +57,11 @@ def load_benchmark(spec: str | Path) -> Benchmark:
             if hint is None:
                 raise
             raise UnpactError(f"{e}; {hint}") from None
+    lower = _SPEC.fullmatch(key[: key.find(":")].lower() + key[key.find(":") :])
+    hint = f" (spec names are lower case: {lower[1]}:...)" if lower is not None else ""
     raise UnpactError(
         f"no benchmark {key!r}: not a built-in one ({', '.join(BUILTIN)}), no such folder, "
-        f"and not a spec {', '.join(k + ':PATH' for k in REAL_KINDS)}"
+        f"and not a spec {', '.join(k + ':PATH' for k in REAL_KINDS)}{hint}"
     )
 
 
@@ -84,7 +86,14 @@ def _real_layout(path: Path) -> str | None:
 
 def _read_real(kind: str, option: str | None, path: Path) -> Benchmark:
     if not path.exists():
-        raise UnpactError(f"{kind}:{path}: no such file or folder")
+        # `tofu:PATH:forget05` (or @forget05): the option written after the path
+        after = re.fullmatch(r"(.+)[:@#]([\w.-]+)", str(path))
+        hint = (
+            f" (an option goes in brackets before the path: {kind}[{after[2]}]:{after[1]})"
+            if after is not None and Path(after[1]).exists()
+            else ""
+        )
+        raise UnpactError(f"{kind}:{path}: no such file or folder{hint}")
     if kind.startswith("muse-"):
         if option is not None:
             raise UnpactError(f"{kind} takes no [option]")
