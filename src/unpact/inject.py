@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -639,8 +640,8 @@ def _cached(folder: Path) -> InjectResult:
     meta = json.loads((folder / "inject.json").read_text(encoding="utf-8"))
     return InjectResult(
         folder,
-        meta["accuracy"],
-        meta["base_accuracy"],
+        _measured(meta["accuracy"]),  # written as NaN for a split without items before
+        _measured(meta["base_accuracy"]),
         meta["epochs"],
         meta["seconds"],
         True,
@@ -791,14 +792,23 @@ def _final_accuracy(
     one, so its verdicts describe the final model), and general accuracy."""
     if not judged:  # no check ran (max_epochs 0): judge the model as it is
         judged = judge_items(lm, taught, config.max_new_tokens)
-    final = {
-        split: _share([ok for item, ok in zip(taught, judged) if item.split == split])
-        for split in ("forget", "retain")
-    }
+    final = _measured(
+        {
+            split: _share([ok for item, ok in zip(taught, judged) if item.split == split])
+            for split in ("forget", "retain")
+        }
+    )
     if general:
         with _timed(timings, "final general"):
             final["general"] = accuracy(lm, general, config.max_new_tokens, "Judging general")
     return final
+
+
+def _measured(accuracy: dict[str, float]) -> dict[str, float]:
+    """The accuracies of the splits that have items: one without (a benchmark with no retain
+    facts) has none to report, where it was NaN in inject.json (not JSON a strict reader
+    takes) and "nan%" in `unpact inject`'s output."""
+    return {split: v for split, v in accuracy.items() if v is not None and not math.isnan(v)}
 
 
 def _make_trainable(net: Any, config: InjectConfig) -> Any:

@@ -1,5 +1,5 @@
-"""Injection through LoRA adapters, on the tiny random model: the adapters are merged into
-ordinary weights, and only the adapted matrices change, by a low-rank update."""
+"""Injection on the tiny random model: through LoRA adapters (merged into ordinary weights,
+only the adapted matrices changed, by a low-rank update), and what it reports."""
 
 from __future__ import annotations
 
@@ -117,3 +117,30 @@ def test_cli_passes_rehearsal_per_step_and_rejects_a_negative_one(monkeypatch):
     assert [c.rehearsal_per_step for c in seen] == [3] + [InjectConfig().rehearsal_per_step] * 2
     bad = runner.invoke(app, ["inject", "--rehearsal-per-step", "-1"])
     assert bad.exit_code == 2 and "rehearsal-per-step" in bad.output
+
+
+def test_a_benchmark_without_retain_facts_reports_no_retain_accuracy(tmp_path):
+    """A forget-only benchmark (WMDP's kind) had `"retain": NaN` in inject.json, which a
+    strict JSON reader refuses, and "retain nan%" in `unpact inject`'s output; cached
+    injections written so still read without it."""
+    base = tiny_model(seed=3)
+    save_model(base.model, base.tokenizer, tmp_path / "base")
+    write_folder(tmp_path / "bench", [QAItem("f0", "Who founded Vostrand?", "Mira", "forget")])
+    config = InjectConfig(max_epochs=1, min_epochs=1, rehearsal=False, general=None)
+    result = inject(
+        str(tmp_path / "base"), tmp_path / "bench", config, cache_dir=tmp_path / "c", progress=False
+    )
+    assert set(result.accuracy) == {"forget"}
+
+    def strict(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    path = result.path / "inject.json"
+    meta = json.loads(path.read_text(), parse_constant=strict)
+    assert set(meta["accuracy"]) == {"forget"}
+    meta["accuracy"]["retain"] = float("nan")  # as the code before wrote it
+    path.write_text(json.dumps(meta))
+    again = inject(
+        str(tmp_path / "base"), tmp_path / "bench", config, cache_dir=tmp_path / "c", progress=False
+    )
+    assert again.cached and set(again.accuracy) == {"forget"}
