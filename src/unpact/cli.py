@@ -586,7 +586,7 @@ def inject(
     before = result.base_accuracy.get("general")
     out.print(
         f"accuracy after: {acc}   (general before: {'-' if before is None else f'{before:.1%}'}; "
-        f"{result.epochs} epochs, {result.seconds:.0f} s)"
+        f"{result.epochs} epoch{'s' * (result.epochs != 1)}, {result.seconds:.0f} s)"
     )
     if result.general_kept is not None:
         out.print(f"kept {result.general_kept:.0%} of the general questions the base model answers")

@@ -442,7 +442,7 @@ def _original(p: Pipeline, data: Data) -> Model:
 
 def injection_line(done: Any) -> str:
     """The run log's line on an injection: what it reached, and the general knowledge kept."""
-    acc = " ".join(f"{k} {v:.0%}" for k, v in done.accuracy.items() if v == v)
+    acc = " ".join(f"{k} {v:.0%}" for k, v in done.accuracy.items())
     kept = done.general_kept
     tail = (
         f"; kept {kept:.0%} of the general questions the base model answers"
@@ -450,7 +450,8 @@ def injection_line(done: Any) -> str:
         else "; general knowledge not judged by the injection (settings.general: null)"
     )
     note = done.small_benchmark_note
-    return f"  injected in {done.epochs} epochs: {acc}{tail}" + (f"; {note}" if note else "")
+    epochs = f"{done.epochs} epoch{'s' * (done.epochs != 1)}"
+    return f"  injected in {epochs}: {acc}{tail}" + (f"; {note}" if note else "")
 
 
 def _check_depths(cfg: RunConfig) -> None:
