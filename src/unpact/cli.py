@@ -494,6 +494,14 @@ def compare(
         f"mean keytoken_similarity = {sum(ks) / len(ks):.4f}   "
         f"mean contribution_similarity = {sum(cs) / len(cs):.4f}"
     )
+    differ = [(a.answer, b.answer) for a, b in zip(a_records, b_records) if a.answer != b.answer]
+    if differ:  # the paper's focus shift is one answer's, before and after
+        err.print(
+            f"note: {len(differ)} of {len(a_records)} record(s) attribute different answers "
+            f"before and after (the first: {differ[0][0]!r} / {differ[0][1]!r}): their focus "
+            "shift compares two targets, not one answer before and after",
+            highlight=False,
+        )
 
 
 def _read_records(path: Path) -> list[Attribution]:

@@ -105,6 +105,10 @@ def test_cli_attribute_json_html_and_compare(tmp_path):
     res = run_cli("compare", str(a_json), str(b_json))
     assert res.returncode == 0, res.stderr
     assert "mean keytoken_similarity" in res.stdout
+    # Paris before, Berlin after: two targets, said once (it was compared without a word)
+    said = " ".join(res.stderr.split())
+    assert "note: 1 of 1 record(s) attribute different answers before and after" in said
+    assert "(the first: 'Paris' / 'Berlin')" in said
 
 
 def test_cli_attribute_data_file(tmp_path):
