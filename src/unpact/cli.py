@@ -962,8 +962,6 @@ def audit(
     from unpact.run.audit import audit as run_audit
 
     chosen = [a.strip() for a in attacks.split(",") if a.strip()] if attacks is not None else None
-    if chosen == []:
-        raise UnpactError("--attacks: give at least one attack name")
     options: dict[str, Any] = {
         "reference": reference,
         "base": base,

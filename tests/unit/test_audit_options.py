@@ -47,3 +47,6 @@ def test_text_and_paths_are_taken_as_the_cli_takes_them():
     assert [a["name"] for a in config["attacks"]] == ["logit_lens"]
     with pytest.raises(UnpactError, match="unknown attack 'nosuch'"):
         audit_config("a", "b", "news", **checked_options({"attacks": "nosuch"}))
+    for none in ([], "", " , "):  # an audit of no attack ran, said nowhere (the CLI refused it)
+        with pytest.raises(UnpactError, match=r"^--attacks: give at least one attack name$"):
+            audit_config("a", "b", "news", **checked_options({"attacks": none}))

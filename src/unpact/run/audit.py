@@ -203,6 +203,8 @@ def _chosen_attacks(preset: str, attacks: list[str] | None) -> list[dict[str, An
     chosen = [dict(a) for a in PRESETS[preset]["attacks"]]
     if attacks is None:
         return chosen
+    if not attacks:  # an audit with no attack at all was run, said nowhere
+        raise UnpactError("--attacks: give at least one attack name")
     known = {a.get("label") or a["name"] for a in chosen}
     for name in attacks:
         if name not in known and name not in ATTACKS:
