@@ -428,15 +428,15 @@ class RemoteModel:
 
     def _gap_lead(self, asked: tuple[int, ...], text: str) -> str:
         """The answer's lead where the template writes a space between its generation
-            prompt (`text`, ending `asked`: the first marker's tokens) and an assistant
-            message's content (`models.answer_gap`: DeepSeek-LLM's `Assistant:`), as
-            `LanguageModel` decides it locally: the server's tokens of the marker and an
-            assistant message to continue start with `asked`, and the rest reads back as that
-            space and the message; the lead is the space where the server's tokenisation
-            joins it to the answer's first word (byte-level BPE), none where the word's own
-            `▁` stands for it (SentencePiece): `joined_space` on the server's tokenisations, as
-        locally. No lead where the server cannot say (a vLLM
-            before `continue_final_message`, no `/detokenize`)."""
+        prompt (`text`, ending `asked`: the first marker's tokens) and an assistant
+        message's content (`models.answer_gap`: DeepSeek-LLM's `Assistant:`), as
+        `LanguageModel` decides it locally: the server's tokens of the marker and an
+        assistant message to continue start with `asked`, and the rest reads back as that
+        space and the message; the lead is the space where the server's tokenisation
+        joins it to the answer's first word (byte-level BPE), none where the word's own
+        `▁` stands for it (SentencePiece): `joined_space` on the server's tokenisations,
+        as locally. No lead where the server cannot say (a vLLM before
+        `continue_final_message`, no `/detokenize`)."""
         if not text or text[-1].isspace():
             return ""
         word = "Probe"
