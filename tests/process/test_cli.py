@@ -507,3 +507,49 @@ def test_sampling_a_model_whose_pad_is_a_token_prints_no_library_warning(tmp_pat
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "attention_mask" not in done.stderr
+
+
+def test_a_run_under_a_multi_process_launch_is_refused_not_hung(tiny_dir, tmp_path):
+    """`accelerate launch -m unpact run` with 2 processes once hung for good: each copy ran
+    the whole pipeline, the first trained its unlearning under DDP and the other waited on
+    that stage's lock instead of joining. Now each copy stops at once with one message."""
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model: {tiny_dir}\n"
+        "data: {benchmark: news, forget_items: 2, retain_items: 2, general: null}\n"
+        "inject: {enabled: false}\n"
+        "methods: [{method: ga_gd, config: {steps: 2, batch_size: 2, retain_batch_size: 2}}]\n"
+        "attacks: [{name: focus_on_key}]\n"
+        "judge: {max_new_tokens: 24}\n"
+        "membership: {enabled: false}\n"
+    )
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "UNPACT_CACHE": str(tmp_path / "cache")}  # fmt: skip
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "unpact", "run", str(config), "--out", str(tmp_path / "out")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode != 0
+    assert "a run needs a single process, and this is one of 2 launched" in proc.stderr.replace(
+        "\n", " "
+    ), proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache" / "stages").exists()
+    # the same check in one process (no launcher): the Python API and `unpact audit` too
+    env["WORLD_SIZE"] = "2"
+    for args in (
+        ["run", str(config), "--out", str(tmp_path / "out")],
+        ["audit", "--original", str(tiny_dir), "--unlearned", str(tiny_dir), "--benchmark",
+         "news", "--out", str(tmp_path / "out")],
+    ):  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-m", "unpact", *args],
+            capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert "needs a single process" in proc.stderr

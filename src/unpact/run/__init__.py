@@ -31,6 +31,7 @@ import csv
 import functools
 import io
 import json
+import os
 import time
 import zlib
 from collections.abc import Callable
@@ -238,6 +239,7 @@ def run(
     line per stage computed (default: silent). `reword(skipped)` may change results.json's
     reasons for what was left out before the verdicts and the files read them (the audit
     says them in its options' terms)."""
+    one_process("a run")
     say = log or (lambda text: None)
     cfg = config if isinstance(config, RunConfig) else load_config(config)
     out = Path(out)
@@ -384,6 +386,25 @@ def _templated(cfg: RunConfig) -> RunConfig:
     return cfg.model_copy(
         update={"model": swap(cfg.model), "methods": methods, "membership": membership}
     )
+
+
+def one_process(what: str) -> None:
+    """Refuse to start `what` in one of several launched processes (`accelerate launch`,
+    torchrun: `WORLD_SIZE` above 1). A run is one process: each launched copy would run the
+    whole pipeline, and its first unlearning stage would train under DDP while the other
+    copies waited on that stage's lock, never joining the training: a hang with no end."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE") or 1)
+    except ValueError:
+        world = 1
+    if world > 1:
+        raise UnpactError(
+            f"{what} needs a single process, and this is one of {world} launched by `accelerate "
+            "launch` or torchrun (WORLD_SIZE): start it without the launcher. To train "
+            "across GPUs, launch `unpact unlearn` (docs/unlearning.md) and give its --out "
+            "folder to a run (`methods: [{name: NAME, model: DIR}]`) or to `unpact audit "
+            "--unlearned DIR`"
+        )
 
 
 def _check_out(out: Path) -> None:

@@ -530,9 +530,10 @@ def audit(
 
     from unpact.data.sources import load_benchmark
     from unpact.models import check_spec
-    from unpact.run import notes_once, run
+    from unpact.run import notes_once, one_process, run
     from unpact.run.membership import GRADNORM_OFF, NO_REFERENCE, same_tokenizer
 
+    one_process("an audit")
     if log is not None:  # its checks, then its run's, find the same notes: each said once
         log = notes_once(log)
     options = checked_options(options)
