@@ -998,7 +998,12 @@ def _print_verdicts(results: dict[str, Any], out_dir: Path) -> None:
 def serve(
     model: ModelOpt = "default",
     name: Annotated[
-        str, typer.Option(help="The model name clients give (openai:NAME@URL).")
+        str,
+        typer.Option(
+            "--name",
+            "--served-model-name",
+            help="The model name clients give (openai:NAME@URL); vLLM's spelling works too.",
+        ),
     ] = "default",
     port: Annotated[
         int, typer.Option(min=0, max=65535, help="Port on 127.0.0.1 (0: one the system chooses).")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import threading
 import time
 import weakref
@@ -112,12 +113,22 @@ def parse_remote_spec(spec: str) -> tuple[str, str]:
     """`openai:MODEL@BASE_URL` -> (MODEL, BASE_URL without a trailing slash)."""
     rest = spec[len(REMOTE_PREFIX) :]
     model, sep, url = rest.partition("@")
-    if not sep or not model or not url.startswith(("http://", "https://")):
+    url = url.rstrip("/")
+    why = ""
+    if sep and model and url and not url.startswith(("http://", "https://")):
+        why = "BASE_URL starts with http:// or https://; "
+    elif sep and model and (end := _ENDPOINT.search(url)):
+        why = f"BASE_URL is the server's address up to /v1, without the endpoint {end[0]}; "
+    if why or not sep or not model or not url:
         raise UnpactError(
-            f"remote model spec {spec!r}: write it as openai:MODEL@BASE_URL, e.g. "
+            f"remote model spec {spec!r}: {why}write it as openai:MODEL@BASE_URL, e.g. "
             "openai:meta-llama/Llama-3.1-8B-Instruct@http://127.0.0.1:8000/v1"
         )
-    return model, url.rstrip("/")
+    return model, url
+
+
+# An endpoint of an OpenAI-compatible server written into a spec's BASE_URL by mistake.
+_ENDPOINT = re.compile(r"/(chat/completions|completions|models|tokenize|detokenize)$")
 
 
 @dataclass
@@ -802,6 +813,11 @@ def _unknown_model(code: int, message: str) -> bool:
 
 
 def _capability_hint(url: str, code: int) -> str:
+    if code == 404 and url.endswith(("/completions", "/models")) and "/v1/" not in url:
+        return (
+            " — the server has no such route; an OpenAI-compatible server's BASE_URL usually "
+            "ends in /v1 (vLLM's: http://HOST:8000/v1)"
+        )
     if url.endswith(("/tokenize", "/detokenize")) and code in (404, 405):
         return (
             " — the server has no vLLM-style /tokenize and /detokenize; unpact scores with the "

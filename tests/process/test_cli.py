@@ -372,7 +372,8 @@ def test_a_hub_id_is_keyed_by_the_commit_it_loads(tiny_dir, tmp_path):
 
 def test_serve_port_0_prints_the_port_it_listens_on_and_a_busy_port_is_exit_2(tiny_dir):
     """`unpact serve --port 0` once printed ...:0/v1, a URL no client can use; a port
-    another program holds was a uvicorn log line and exit 1."""
+    another program holds was a uvicorn log line and exit 1. vLLM's `--served-model-name`
+    names the model as `--name` does."""
     import re
     import urllib.request
 
@@ -380,8 +381,9 @@ def test_serve_port_0_prints_the_port_it_listens_on_and_a_busy_port_is_exit_2(ti
     cmd = [sys.executable, "-m", "unpact", "serve", "--model", str(tiny_dir), "--port"]
     template = "{% for m in messages %}Q: {{ m['content'] }}{% endfor %}A:"  # as vLLM's option
     server = subprocess.Popen(
-        [*cmd, "0", "--chat-template", template], stderr=subprocess.PIPE, text=True, env=env
-    )
+        [*cmd, "0", "--chat-template", template, "--served-model-name", "smol"],
+        stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
     try:
         lines = [server.stderr.readline() for _ in range(2)]  # the path may wrap it
         found = re.search(r"127\.0\.0\.1:(\d+)/v1", "".join(lines))
@@ -389,7 +391,7 @@ def test_serve_port_0_prints_the_port_it_listens_on_and_a_busy_port_is_exit_2(ti
         port = int(found.group(1))
         assert port != 0, lines
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=60) as r:
-            assert json.load(r)["data"][0]["id"] == "default"
+            assert json.load(r)["data"][0]["id"] == "smol"  # vLLM's option name
         body = {"messages": [{"role": "user", "content": "hi"}], "add_generation_prompt": True}
         asked = urllib.request.Request(
             f"http://127.0.0.1:{port}/tokenize",

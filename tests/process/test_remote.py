@@ -302,6 +302,23 @@ def test_unreachable_server_and_bad_specs():
         "org/m-7B",
         "http://h:8000/v1",
     )
+    # an endpoint or a bare host given for BASE_URL: said so, not a 404 about /tokenize
+    for bad, why in [
+        ("openai:m@http://h:8000/v1/completions", "without the endpoint /completions"),
+        ("openai:m@http://h:8000/v1/chat/completions/", "without the endpoint /chat/comp"),
+        ("openai:m@h:8000/v1", "BASE_URL starts with http:// or https://"),
+    ]:
+        with pytest.raises(UnpactError, match=why):
+            parse_remote_spec(bad)
+
+
+def test_a_base_url_without_v1_is_hinted(served, faults):
+    """vLLM's routes are under /v1 (its /tokenize is not): a BASE_URL without it reached
+    /tokenize and then failed with a bare 404 on /completions."""
+    _, url = served
+    remote = _remote(url.removesuffix("/v1"))
+    with pytest.raises(UnpactError, match=r"HTTP 404.*BASE_URL usually ends in /v1"):
+        score(remote, ["a question?"], [" yes"])
 
 
 def test_weights_steps_refuse_a_served_model():
