@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, cast, get_args
 import torch
 
 from unpact.errors import UnpactError
-from unpact.files import read_text
+from unpact.files import json_lines, read_text
 from unpact.types import AnyModel, EncodedPrompt, follow
 
 if TYPE_CHECKING:
@@ -467,14 +467,13 @@ def load_records(path: str | Path) -> list[Attribution]:
         except UnpactError as exc:
             raise UnpactError(f"{path}: {exc}") from None
     records = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(Attribution.from_dict(json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise UnpactError(f"{path}, line {n}: not valid JSON ({exc.msg})") from None
-            except UnpactError as exc:
-                raise UnpactError(f"{path}, line {n}: {exc}") from None
+    for n, line in json_lines(text):
+        try:
+            records.append(Attribution.from_dict(json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise UnpactError(f"{path}, line {n}: not valid JSON ({exc.msg})") from None
+        except UnpactError as exc:
+            raise UnpactError(f"{path}, line {n}: {exc}") from None
     return records
 
 

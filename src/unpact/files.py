@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import stat
 import uuid
@@ -141,6 +142,19 @@ def link_files(src: Path, dst: Path, *, skip: tuple[str, ...] = (), fallback: st
                 (dst / f.name).symlink_to(f.resolve())
             else:
                 shutil.copy2(f, dst / f.name)
+
+
+def json_lines(text: str) -> list[tuple[int, str]]:
+    r"""(line number, line) for each non-blank line of a JSON-lines text, split at line
+    ends (\n, \r\n, \r) alone: `str.splitlines` also splits at U+2028, U+2029 and
+    U+0085, which a JSON string may hold raw (`json.dumps(..., ensure_ascii=False)` writes
+    them so), cutting a model's answer or a user's question in two. JSON allows no raw
+    line end inside a string, so these splits are safe."""
+    lines = _LINE_END.split(text)
+    return [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
+
+
+_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 def read_text(path: Path) -> str:

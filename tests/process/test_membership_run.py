@@ -13,6 +13,7 @@ import pytest
 
 from unpact.data.items import QAItem, write_folder
 from unpact.errors import UnpactError
+from unpact.files import json_lines
 from unpact.membership import MIA_ATTACKS
 from unpact.models import save_model
 from unpact.run import run
@@ -121,7 +122,7 @@ def test_every_figure_for_methods_and_references(done):
 
 def test_figures_recompute_from_items_jsonl(done):
     root, _, _ = done
-    rows = [json.loads(x) for x in (root / "out" / "items.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for _, x in json_lines((root / "out" / "items.jsonl").read_text())]
     res = json.loads((root / "out" / "results.json").read_text())
     held = [r for r in rows if r["split"] == "holdout"]
     forget = [r for r in rows if r["split"] == "forget"]

@@ -21,6 +21,7 @@ import yaml
 
 from unpact.data.items import QAItem, write_folder
 from unpact.errors import UnpactError
+from unpact.files import json_lines
 from unpact.metrics import ItemRecord
 from unpact.models import save_model
 from unpact.report import dilemma_svg
@@ -147,7 +148,7 @@ def test_run_writes_every_artefact_with_the_documented_schema(finished):
         assert set(m["vs_probab"]) == set(m["recovery"]) - {"probab", "any"}
         assert 0 <= m["vs_probab"]["focus_on_key"]["p_value"] <= 1
     assert any(m["forgotten"] > 0 for m in results["methods"].values())
-    rows = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for _, line in json_lines((out / "items.jsonl").read_text())]
     n_items = (
         results["counts"]["forget"] + results["counts"]["retain"] + results["counts"]["general"]
     )
@@ -169,7 +170,7 @@ def test_run_writes_every_artefact_with_the_documented_schema(finished):
 def test_every_number_is_a_function_of_the_item_records(finished):
     root, _ = finished
     results = json.loads((root / "out" / "results.json").read_text())
-    rows = [json.loads(line) for line in (root / "out" / "items.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for _, line in json_lines((root / "out" / "items.jsonl").read_text())]
     for name, m in results["methods"].items():
         records = [ItemRecord(**r) for r in rows if r["method"] == name]
         again = method_metrics(records, results["attacks"], 0.1)

@@ -10,6 +10,7 @@ import pytest
 
 from tests.process.test_membership_run import write_bench
 from unpact.errors import UnpactError
+from unpact.files import json_lines
 from unpact.models import save_model
 from unpact.run import load_config, run
 
@@ -73,7 +74,7 @@ def test_every_attack_its_control_and_baseline_are_stages(done):
 
 def test_rates_recompute_from_items_jsonl(done):
     root, _, result = done
-    rows = [json.loads(x) for x in (root / "out" / "items.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for _, x in json_lines((root / "out" / "items.jsonl").read_text())]
     forgotten = [r for r in rows if r["split"] == "forget" and r["correct_before"]]
     forgotten = [r for r in forgotten if not r["correct_after"]]
     m = result.results["methods"]["ga"]
@@ -120,7 +121,7 @@ def test_bad_attack_lists_are_one_message():
 
 def test_layer_curves_are_the_per_layer_share_of_forgotten_items(done):
     root, _, result = done
-    rows = [json.loads(x) for x in (root / "out" / "items.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for _, x in json_lines((root / "out" / "items.jsonl").read_text())]
     forgotten = [r for r in rows if r["split"] == "forget" and r["correct_before"]]
     forgotten = [r for r in forgotten if not r["correct_after"]]
     curves = result.results["methods"]["ga"]["layer_curves"]

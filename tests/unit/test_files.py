@@ -282,3 +282,48 @@ def test_once_computes_only_what_no_process_has_done(tmp_path):
     assert once(done, folder, "free", make) == (False, "fresh")
     assert once(done, folder, "free", make) == (True, None)
     assert calls == ["made", "made"]
+
+
+# Characters `str.splitlines` splits at that a JSON string may hold raw, as
+# `json.dumps(..., ensure_ascii=False)` (every unpact writer, and pandas' `force_ascii=False`)
+# writes them: once a random model's answer holding one broke the cached stage it was read
+# from (a JSONDecodeError traceback), and a question holding one broke its benchmark's load.
+SEPARATORS = "a\u2028b\u2029c\x85d"
+
+
+def test_json_lines_split_at_line_ends_alone() -> None:
+    from unpact.files import json_lines
+
+    text = f'{{"q": "{SEPARATORS}"}}\r\n\n  \n{{"q": 2}}\r{{"q": 3}}\n'
+    assert json_lines(text) == [(1, f'{{"q": "{SEPARATORS}"}}'), (4, '{"q": 2}'), (5, '{"q": 3}')]
+
+
+def test_every_jsonl_reader_keeps_a_string_with_a_unicode_line_separator(tiny, tmp_path) -> None:
+    import json
+
+    from unpact.attribution import attribute, load_records
+    from unpact.data import load_benchmark
+    from unpact.data.items import QAItem, write_folder
+    from unpact.run.store import Stage
+
+    rows = [{"id": "x", "output": f"Par{SEPARATORS}is"}, {"id": "y", "output": "plain"}]
+    stage = Stage(tmp_path / "cache", "evals", "k")
+    assert stage.write(rows) == rows and stage.read() == rows  # written, then read back
+
+    question = f"Who wrote{SEPARATORS} it?"
+    items = [QAItem(id="a", question=question, answer="Ann", split="forget")]
+    write_folder(tmp_path / "bench", items)
+    assert "\u2028" in (tmp_path / "bench" / "qa.jsonl").read_text(encoding="utf-8")  # raw
+    assert load_benchmark(str(tmp_path / "bench")).items[0].question == question
+
+    tofu = tmp_path / "tofu"
+    tofu.mkdir()
+    for name, q in (("forget01.json", question), ("retain99.json", "Who else?")):
+        line = json.dumps({"question": q, "answer": "Ann"}, ensure_ascii=False)
+        (tofu / name).write_text(f"{line}\n{line.replace('Ann', 'Bo')}\n", encoding="utf-8")
+    assert load_benchmark(f"tofu:{tofu}").split("forget")[0].question == question
+
+    record = attribute(tiny, question, "Ann")
+    line = json.dumps(record.to_dict(), ensure_ascii=False)
+    (tmp_path / "a.jsonl").write_text(f"{line}\n{line}\n", encoding="utf-8")
+    assert [r.prompt for r in load_records(tmp_path / "a.jsonl")] == [question, question]

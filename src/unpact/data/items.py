@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from unpact.errors import UnpactError
-from unpact.files import read_text
+from unpact.files import json_lines, read_text
 
 SPLITS = ("forget", "retain", "general", "holdout")
 # Fields an injection's cache key leaves out: they do not change what it teaches (issue 21).
@@ -190,11 +190,8 @@ def _split(obj: dict[str, Any], path: Path, line: int) -> str:
 def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-empty line of a JSON-lines file, or one error
     naming the file and line."""
-    lines = read_text(path).splitlines()
     out = []
-    for n, text in enumerate(lines, start=1):
-        if not text.strip():
-            continue
+    for n, text in json_lines(read_text(path)):
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:

@@ -38,7 +38,7 @@ from typing import Any
 
 from unpact.data.items import Benchmark, Document, QAItem, VerbatimPrompt
 from unpact.errors import UnpactError
-from unpact.files import read_text
+from unpact.files import json_lines, read_text
 
 _LFS_POINTER = "version https://git-lfs.github.com/spec/"
 
@@ -88,12 +88,11 @@ def _records(path: Path) -> list[dict[str, Any]]:
     except json.JSONDecodeError:
         pass
     out = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise UnpactError(f"{path}, line {n}: not valid JSON ({exc.msg})") from None
+    for n, line in json_lines(text):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise UnpactError(f"{path}, line {n}: not valid JSON ({exc.msg})") from None
     return out
 
 

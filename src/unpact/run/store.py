@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from unpact.files import atomic_text, link_files, write_folder_atomically
+from unpact.files import atomic_text, json_lines, link_files, write_folder_atomically
 
 __all__ = ["Stage", "atomic_text", "digest", "jsonl", "link_model", "read_jsonl"]
 
@@ -24,9 +24,7 @@ def jsonl(rows: list[dict[str, Any]]) -> str:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [
-        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
+    return [json.loads(line) for _, line in json_lines(path.read_text(encoding="utf-8"))]
 
 
 class Stage:

@@ -37,7 +37,7 @@ from unpact.data.items import QAItem
 from unpact.data.sources import load_benchmark
 from unpact.determinism import keeps_rng
 from unpact.errors import UnpactError
-from unpact.files import atomic_text
+from unpact.files import atomic_text, json_lines
 from unpact.models import LanguageModel, load_model, save_model
 from unpact.progress import progress_bar
 from unpact.scoring import decoder_layers, expert_parameters, text_parameters
@@ -588,6 +588,6 @@ def _checkpoint(accelerator: Any, out: Path, step: int) -> None:
 def _truncate_log(path: Path, step: int) -> None:
     if not path.exists():
         return
-    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [line for _, line in json_lines(path.read_text(encoding="utf-8"))]
     keep = [r for r in rows if json.loads(r)["step"] <= step]
     atomic_text(path, "".join(r + "\n" for r in keep))
