@@ -1050,6 +1050,23 @@ def test_a_served_model_beside_a_local_one_is_said_to_keep_its_servers_dtype(set
     assert "dtype_note" not in _evaluated_as(load_config(config | {"dtype": "bfloat16"}), "")
 
 
+def test_a_damaged_cached_stage_is_computed_again(setup, finished, tmp_path, caplog):
+    """A cached stage that is not JSON lines (edited by hand, damaged on disk) was a
+    JSONDecodeError traceback; now it is said and computed again, to the same numbers."""
+    import shutil
+
+    root, config = setup
+    cache = tmp_path / "cache"
+    shutil.copytree(root / "cache", cache, symlinks=True)
+    damaged = sorted((cache / "evals").glob("*.jsonl"))[0]
+    damaged.write_text(damaged.read_text(encoding="utf-8")[:30], encoding="utf-8")
+    with caplog.at_level("WARNING", logger="unpact"):
+        again = run(config, tmp_path / "out", cache_dir=cache, progress=False)
+    assert len(again.computed) == 1 and again.computed[0].startswith("evaluating:")
+    assert f"cached stage {damaged} is unreadable" in caplog.text
+    assert _numbers(again.results) == _numbers(finished[1].results)
+
+
 def test_stage_keys_are_exact(setup, finished, tmp_path):
     """A stage's key is what it reads: the same config computes nothing; fewer general
     items re-run only the general evaluation (no unlearning, no attribution); one attack's

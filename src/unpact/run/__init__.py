@@ -31,6 +31,7 @@ import csv
 import functools
 import io
 import json
+import logging
 import os
 import time
 import zlib
@@ -202,11 +203,18 @@ class Pipeline:
         stage = Stage(self.cache, folder, digest(kind, STAGES_FORMAT, *reads))
         label = f"{kind}:{name}"
         if stage.done():
-            self.noted(label, stage.seconds())
-        else:
-            self.say(f"{kind}: {name}")
-            rows = self.timed(label, compute)
-            stage.write(rows, self.seconds[label])
+            try:
+                rows = stage.read()
+            except ValueError as exc:  # not JSON lines (edited, or damaged on disk)
+                logging.getLogger("unpact").warning(
+                    "cached stage %s is unreadable (%s); computing it again", stage.path, exc
+                )
+            else:
+                self.noted(label, stage.seconds())
+                return rows
+        self.say(f"{kind}: {name}")
+        rows = self.timed(label, compute)
+        stage.write(rows, self.seconds[label])
         return stage.read()
 
     def noted(self, name: str, seconds: float | None) -> None:
