@@ -138,3 +138,26 @@ def test_methods_at_one_point_of_the_dilemma_plot_share_one_label():
     # panel has them together in both
     assert apart - together == 3
     assert all(f"{m}: {n}" in svg for m in ("one", "two") for n in ("ga", "npo"))
+
+
+def test_plot_labels_are_drawn_as_written_and_leave_matplotlib_settings_alone():
+    """matplotlib reads "$...$" as mathematics: a method named "a$^$b" was a ValueError
+    traceback from its parser while the report was written, and "cost $5 or $6" lost its
+    dollars. The plots also set svg.fonttype for the whole process; now only their own."""
+    import dataclasses
+
+    import matplotlib
+
+    from tests.unit.test_membership import _records
+    from unpact.report.roc import roc_svg
+
+    keys = ("svg.fonttype", "svg.hashsalt", "text.parse_math")
+    before = {k: matplotlib.rcParams[k] for k in keys}
+    results = _results(["probab"])
+    ga = results["methods"]["ga"]
+    results["methods"] = {"a$^$b": ga, "cost $5 or $6": ga}
+    svg = dilemma_svg(results)
+    assert "a$^$b" in svg and "cost $5 or $6" in svg
+    records = [dataclasses.replace(r, method="a$^$b") for r in _records()]
+    assert "a$^$b" in (roc_svg(records, "min_k") or "")
+    assert {k: matplotlib.rcParams[k] for k in keys} == before

@@ -9,9 +9,7 @@ before and after unlearning for a few forgotten items per method, and the settin
 from __future__ import annotations
 
 import html
-import io
 import math
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +19,7 @@ from unpact.attacks import attack_title
 from unpact.attribution import Attribution
 from unpact.files import atomic_text
 from unpact.metrics import display
-from unpact.report.roc import roc_svg
+from unpact.report.roc import roc_svg, svg_of
 from unpact.results import columns, other_columns, recovery_columns
 
 if TYPE_CHECKING:
@@ -44,9 +42,14 @@ def dilemma_svg(
     destructive rate on retain and on general items: one point per method, as an inline
     SVG. With `by_model` (model name -> that model's results on the same benchmark), one
     colour per model."""
-    import matplotlib
+    svg = svg_of(lambda: _dilemma_figure(results, by_model, attack))
+    assert svg is not None
+    return svg
 
-    matplotlib.use("Agg")
+
+def _dilemma_figure(
+    results: dict[str, Any], by_model: dict[str, dict[str, Any]] | None, attack: str | None
+) -> Any:
     import matplotlib.pyplot as plt
 
     if attack is None:  # recovery by any attack; with one attack, by that one
@@ -90,14 +93,7 @@ def dilemma_svg(
         )
     fig.suptitle("The dilemma: lower-left is better (forgets for good, destroys little)")
     fig.tight_layout()
-    buf = io.StringIO()
-    plt.rcParams["svg.fonttype"] = "none"  # text stays text: smaller, searchable
-    plt.rcParams["svg.hashsalt"] = "unpact"  # element ids the same on every run
-    fig.savefig(buf, format="svg")
-    plt.close(fig)
-    svg = buf.getvalue()
-    svg = re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.S)  # a date: not reproducible
-    return svg[svg.index("<svg") :]
+    return fig
 
 
 def _plot_series(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import re
 import textwrap
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from unpact.membership import auc, roc_points
@@ -28,16 +29,36 @@ def _scores(records: list[ItemRecord], split: str, attack: str, retrained: bool)
 
 def roc_svg(records: list[ItemRecord], attack: str) -> str | None:
     """One small ROC panel per method as an inline SVG, or None without membership scores."""
+    return svg_of(lambda: roc_figure(records, attack))
+
+
+# Text stays text (smaller, searchable), element ids are the same on every run, and a
+# label is drawn as written: matplotlib reads "$...$" as mathematics, so a method named
+# "a$^$b" (or a model path holding two dollars) was a ValueError traceback from its parser.
+_SVG_SETTINGS: Any = {
+    "svg.fonttype": "none",
+    "svg.hashsalt": "unpact",
+    "text.parse_math": False,
+}
+
+
+def svg_of(build: Callable[[], Any]) -> str | None:
+    """The figure `build()` makes (None: no figure) as an inline SVG, without its date;
+    matplotlib's settings are the caller's again afterwards."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig = roc_figure(records, attack)
-    if fig is None:
-        return None
-    buf = io.StringIO()
-    plt.rcParams["svg.fonttype"] = "none"
-    plt.rcParams["svg.hashsalt"] = "unpact"
-    fig.savefig(buf, format="svg")
-    plt.close(fig)
+    with matplotlib.rc_context(_SVG_SETTINGS):
+        fig = build()
+        if fig is None:
+            return None
+        buf = io.StringIO()
+        try:
+            fig.savefig(buf, format="svg")
+        finally:
+            plt.close(fig)
     svg = re.sub(r"<metadata>.*?</metadata>", "", buf.getvalue(), flags=re.S)
     return svg[svg.index("<svg") :]
 
