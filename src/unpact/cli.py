@@ -1105,7 +1105,7 @@ def metrics_cmd(plugin: PluginOpt = None) -> None:
 def main() -> None:
     """Entry point: run the CLI, turning user mistakes into one message and exit code 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    from unpact.errors import disk_full, not_permitted
+    from unpact.errors import disk_full, not_permitted, out_of_memory
     from unpact.plugins import plugin_failure
 
     try:
@@ -1116,8 +1116,8 @@ def main() -> None:
     except KeyboardInterrupt:  # Ctrl-C: the user's choice, not a fault (run and audit say more)
         err.print("interrupted")
         sys.exit(130)
-    except Exception as exc:  # a full disk, a path refused, a user's plugin failing: exit 2
-        failure = disk_full(exc) or not_permitted(exc) or plugin_failure(exc)
+    except Exception as exc:  # a full disk, a path refused, no memory, a plugin failing: exit 2
+        failure = disk_full(exc) or not_permitted(exc) or out_of_memory(exc) or plugin_failure(exc)
         if failure is None:
             raise
         err.print(f"[bold red]error:[/] {escape(str(failure))}", highlight=False)

@@ -105,6 +105,40 @@ def not_permitted(exc: BaseException) -> UnpactError | None:
     return None
 
 
+# How torch says it ran out: CUDA's allocator (torch.OutOfMemoryError), the CPU's (a
+# RuntimeError from c10), Apple's MPS backend.
+_NO_MEMORY = (
+    "CUDA out of memory",
+    "DefaultCPUAllocator: can't allocate memory",
+    "MPS backend out of memory",
+)
+
+
+def out_of_memory(exc: BaseException) -> UnpactError | None:
+    """The message for `exc` if it (or an error it was raised from) is the device or the
+    machine running out of memory, else None. Like a full disk, the environment rather
+    than a bug: what to do is lighter settings or a larger device, said in one message
+    with torch's own first words (how much it tried to allocate)."""
+    for current in _chain(exc):
+        text = str(current)
+        gpu = type(current).__name__ == "OutOfMemoryError" or any(
+            w in text for w in _NO_MEMORY if w != _NO_MEMORY[1]
+        )
+        if gpu or isinstance(current, MemoryError) or _NO_MEMORY[1] in text:
+            said = " ".join(text[max(0, text.find(_NO_MEMORY[1])) :].split())  # no c10 prefix
+            cut = said.find(". ", 40)  # torch's first sentence or two: how much it asked for
+            said = said[: cut + 1] if cut >= 0 else said[:160]
+            where = "on the GPU" if gpu else "in RAM"
+            return UnpactError(
+                f"out of memory {where}" + (f" ({said})" if said else "") + ": evaluate in "
+                "bfloat16 (--dtype bfloat16; `dtype:` in a run config), train LoRA adapters "
+                "rather than every weight (a method's `lora` setting, docs/unlearning.md) with "
+                "a smaller batch_size, or use a larger device; stages already cached are kept, "
+                "so the same command continues where it stopped"
+            )
+    return None
+
+
 def _chain(exc: BaseException) -> Iterator[BaseException]:
     """`exc` and the errors it was raised from (`__cause__`, else `__context__`), once each."""
     seen: set[int] = set()

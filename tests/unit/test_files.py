@@ -147,6 +147,45 @@ def test_the_cli_says_the_disk_is_full_and_exits_2(monkeypatch, capsys) -> None:
     assert "Traceback" not in err
 
 
+def _no_ram() -> None:
+    import torch
+
+    torch.empty(10**13)  # 40 TB: the CPU allocator refuses it at once
+
+
+def _no_gpu_memory() -> None:
+    import torch
+
+    try:  # as transformers' forward passes it on: raised inside, re-raised outside
+        raise torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+            "79.15 GiB of which 1.20 GiB is free. Including non-PyTorch memory, ..."
+        )
+    except RuntimeError as exc:
+        raise RuntimeError("forward failed") from exc
+
+
+@pytest.mark.parametrize(
+    ("fail", "said"),
+    [
+        (_no_ram, "out of memory in RAM (DefaultCPUAllocator: can't allocate memory: you "
+         "tried to allocate 40000000000000 bytes.)"),
+        (_no_gpu_memory, "out of memory on the GPU (CUDA out of memory. Tried to allocate "
+         "2.00 GiB.)"),
+    ],
+)  # fmt: skip
+def test_the_cli_says_memory_ran_out_and_exits_2(monkeypatch, capsys, fail, said) -> None:
+    """A 7B model trained in full on a 24 GB GPU, or a benchmark too large for the RAM: a
+    torch traceback (exit 1); now one message with what to change, exit 2."""
+    monkeypatch.setattr(cli, "app", fail)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert said in err and "--dtype bfloat16" in err and "lora" in err
+    assert "Traceback" not in err
+
+
 def test_the_cli_keeps_the_traceback_of_a_bug(monkeypatch) -> None:
     def bug() -> None:
         raise KeyError("a bug")
