@@ -1058,12 +1058,13 @@ def test_a_damaged_cached_stage_is_computed_again(setup, finished, tmp_path, cap
     root, config = setup
     cache = tmp_path / "cache"
     shutil.copytree(root / "cache", cache, symlinks=True)
-    damaged = sorted((cache / "evals").glob("*.jsonl"))[0]
-    damaged.write_text(damaged.read_text(encoding="utf-8")[:30], encoding="utf-8")
+    damaged = sorted((cache / "evals").glob("*.jsonl"))  # other tests' among them
+    for path in damaged:
+        path.write_text(path.read_text(encoding="utf-8")[:30], encoding="utf-8")
     with caplog.at_level("WARNING", logger="unpact"):
         again = run(config, tmp_path / "out", cache_dir=cache, progress=False)
-    assert len(again.computed) == 1 and again.computed[0].startswith("evaluating:")
-    assert f"cached stage {damaged} is unreadable" in caplog.text
+    assert again.computed and all(c.startswith("evaluating:") for c in again.computed)
+    assert caplog.text.count("is unreadable") == len(again.computed)
     assert _numbers(again.results) == _numbers(finished[1].results)
 
 
