@@ -330,7 +330,7 @@ class Metric:
     higher_is_better: bool | None = None  # None: neither (a diagnostic)
     interval: bool = True  # a bootstrap interval over items comes with it
     needs: tuple[str, ...] = ()  # what the records must carry: attribution, attacks, ...
-    column: str | None = None  # the table column it is shown in (None: results.json only)
+    column: str | None = None  # the table column it is shown in (None: results.json and the report only)
     join: str = " / "  # between metrics that share a column
     per_attack: bool = False
     description: str = ""
@@ -348,6 +348,13 @@ class Metric:
 
 
 METRICS: dict[str, Metric] = {}
+
+
+class _Title:
+    """`metric`'s `column` when it is not given (see there)."""
+
+
+_TITLE = _Title()
 
 
 def display(fmt: Format, value: Any, precise: bool = False) -> str:
@@ -372,7 +379,7 @@ def metric(
     higher_is_better: bool | None = None,
     interval: bool = True,
     needs: tuple[str, ...] = (),
-    column: str | None = None,
+    column: str | _Title | None = _TITLE,
     join: str = " / ",
     per_attack: bool = False,
     description: str | None = None,
@@ -382,7 +389,9 @@ def metric(
     `(records, ctx)`; its description is the docstring's first paragraph unless given. A
     later registration of the same name replaces the earlier one, except that code outside
     unpact (a plugin) cannot take a built-in metric's name (`errors.check_not_builtin`, as
-    for attacks and methods)."""
+    for attacks and methods). `column` left out: a plugin's metric has a table column of
+    its title (a user who writes one wants to see it), unpact's own none (its diagnostics
+    stay in results.json and the report); `column=None` leaves any out of the table."""
     if fmt not in ("percent", "float", "count", "pvalue"):
         raise ValueError(f"metric {name}: fmt must be percent, float, count or pvalue, not {fmt!r}")
 
@@ -392,6 +401,9 @@ def metric(
         keyed = per_attack or variants is not None  # called once per attack or variant
         check_callable(fn, ["records", "ctx", *(["key"] * keyed)], f"metric {name}: {fn.__name__}")
         doc = description or (fn.__doc__ or "").strip().split("\n\n")[0]
+        shown = column
+        if isinstance(shown, _Title):
+            shown = None if fn.__module__.startswith("unpact.") else title
         METRICS[name] = Metric(
             name,
             fn,
@@ -400,7 +412,7 @@ def metric(
             higher_is_better,
             interval,
             tuple(needs),
-            column,
+            shown,
             join,
             per_attack,
             " ".join(doc.split()),

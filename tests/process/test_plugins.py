@@ -46,6 +46,13 @@ def silent_after(records, ctx):
     return sum(not r.output_after.strip() for r in forget) / len(forget)
 
 
+@metric("answer_words", title="answer words", fmt="float")
+def answer_words(records, ctx):
+    """Mean words in the forget answers after unlearning (no column given: its title)."""
+    forget = [r for r in records if r.split == "forget"]
+    return sum(len(r.output_after.split()) for r in forget) / len(forget)
+
+
 class HalfGA(Method):
     """Gradient ascent at half strength."""
 
@@ -146,6 +153,11 @@ def test_a_plugin_metric_is_computed_and_shows_everywhere(plugin_run):
     assert lo <= m["silent_after"] <= hi
     assert "silent_after" in files["json"] and "silent_after" in files["csv"]
     assert "| silent |" in files["md"] and "silent after" in files["html"]
+    # a plugin's metric registered without `column` has one of its title (it had none: it
+    # was in results.json and the report's other figures, not in the table a user reads)
+    assert METRICS["answer_words"].column == "answer words" and "answer_words" in files["json"]
+    assert "| answer words |" in files["md"]
+    assert METRICS["retain_acc_after"].column is None  # unpact's own: only when it says
 
 
 def test_a_plugin_method_unlearns_and_shows_everywhere(plugin_run, tiny):
@@ -196,6 +208,7 @@ def test_the_cli_runs_and_lists_plugins(project, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "silent" in done.stdout and "shout" in done.stdout.lower()
+    assert "answer words" in " ".join(done.stdout.split())
 
 
 def test_a_broken_plugin_is_one_message_naming_its_file_and_line(project, registries):
