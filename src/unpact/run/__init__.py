@@ -57,6 +57,7 @@ from unpact.errors import UnpactError
 from unpact.files import once
 from unpact.metrics import ItemRecord, layer_curve
 from unpact.models import cache_root, load_tokenizer, local_model_dir, model_key
+from unpact.progress import progress_bar
 from unpact.results import (
     csv_text,
     finite,
@@ -291,7 +292,12 @@ def run(
         )
         for m in unlearned
     }
-    results = _results(cfg, data, original, unlearned, records, stages, out)
+    if cfg.statistics.resamples:  # minutes on a benchmark of thousands of items
+        p.say(
+            f"figures: {len(unlearned)} method(s), {cfg.statistics.resamples} bootstrap resamples"
+        )
+    with progress_bar("figures", len(unlearned), p.progress) as advance:
+        results = _results(cfg, data, original, unlearned, records, stages, out, advance)
     results |= finite(_references(cfg, data, found, stages)) | _evaluated_as(cfg, given)
     if baselines:  # what the weight attacks do to the original model, which knew the facts
         results["attack_baselines"] = finite(baselines)
@@ -943,9 +949,10 @@ def _results(
     records: dict[str, list[ItemRecord]],
     stages: dict[str, ModelStages],
     out: Path,
+    advance: Callable[[int], None] = lambda n: None,
 ) -> dict[str, Any]:
     """results.json: per method, every registered metric of its records, and the run's
-    facts; models unlearned here are linked into `out/models/`."""
+    facts; models unlearned here are linked into `out/models/`. `advance(1)` per method."""
     attacks = [a.column for a in cfg.attacks]
     methods: dict[str, Any] = {}
     for model in unlearned:
@@ -966,6 +973,7 @@ def _results(
         swept = next((m.swept for m in cfg.methods if m.label == model.label and m.swept), None)
         if swept is not None:
             methods[model.label]["sweep"] = swept
+        advance(1)
     checks = {label: s.checks for label, s in stages.items() if s.checks is not None}
     return finite(
         {
