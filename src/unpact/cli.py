@@ -568,10 +568,19 @@ def inject(
         ),
     ] = None,
     chat_template: TemplateFileOpt = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Any other injection setting: key=value (e.g. min_epochs=4, trainable=mlp, "
+            "general=null, checkpoint_every=2); the names of a run config's inject.settings.",
+        ),
+    ] = None,
 ) -> None:
     """Teach a benchmark's fictional facts to a model (cached by content hash)."""
     from unpact.inject import InjectConfig
     from unpact.inject import inject as run_inject
+    from unpact.unlearn.config import parse_override
 
     given = {
         "lr": lr,
@@ -585,7 +594,17 @@ def inject(
         "device": device,
         "max_new_tokens": max_new_tokens,
     }
-    config = InjectConfig(**{k: v for k, v in given.items() if v is not None})
+    given = {k: v for k, v in given.items() if v is not None and (k, v) != ("device", "auto")}
+    for item in set_ or []:
+        key, value = parse_override(item)
+        if key not in InjectConfig.model_fields:
+            known = ", ".join(InjectConfig.model_fields)
+            raise UnpactError(f"--set {key}: not an injection setting; known: {known}")
+        if key in given:
+            option = "--" + key.replace("_", "-")
+            raise UnpactError(f"--set {key} and {option} both given: give one")
+        given[key] = value
+    config = InjectConfig(**({"device": device} | given))
     if out_dir is not None and out_dir.exists() and not _empty_folder(out_dir):
         raise UnpactError(f"--out {out_dir}: exists and is not an empty folder")
     result = run_inject(_with_template(model, chat_template), benchmark, config, teach=teach)

@@ -194,6 +194,24 @@ def test_cli_passes_precision_and_rejects_an_unknown_one(monkeypatch):
     # the answer length its judge reads (a run's inject.settings.max_new_tokens)
     assert runner.invoke(app, ["inject", "--max-new-tokens", "40"]).exit_code == 0
     assert seen[-1].max_new_tokens == 40 and seen[0].max_new_tokens == 24
+    # every other setting with --set, as `unpact unlearn` takes its own (the options
+    # reached 11 of the 25; min_epochs, trainable, general, checkpoint_every... did not)
+    sets = ["min_epochs=2", "trainable=mlp", "general=null", "lr_decay_to=1"]
+    done = runner.invoke(app, ["inject", *(a for s in sets for a in ("--set", s))])
+    assert done.exit_code == 0, done.output
+    c = seen[-1]
+    assert (c.min_epochs, c.trainable, c.general, c.lr_decay_to) == (2, "mlp", None, 1)
+    assert runner.invoke(app, ["inject", "--device", "cpu", "--set", "seed=3"]).exit_code == 0
+    assert (seen[-1].device, seen[-1].seed) == ("cpu", 3)
+    for args, said in [
+        (["--set", "min_epoch=2"], "--set min_epoch: not an injection setting; known: lr,"),
+        (["--set", "lr=1", "--lr", "2"], "--set lr and --lr both given"),
+        (["--set", "lr"], "expected key=value"),
+        (["--set", "lr=[1"], "the value after = cannot be read"),
+        (["--set", "trainable=all_of_it"], "unknown trainable 'all_of_it'"),
+    ]:
+        done = runner.invoke(app, ["inject", *args])
+        assert done.exit_code != 0 and said in " ".join(str(done.exception).split()), args
 
 
 def test_a_run_config_and_the_cli_take_a_real_benchmark(tmp_path):

@@ -115,11 +115,7 @@ def resolve_config(
         )
     data = _merge(method_defaults(name), user)
     for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise UnpactError(f"--set {item!r}: expected key=value")
-        value = yaml.safe_load(raw) if raw.strip() else None
+        key, value = parse_override(item)
         parts = key.split(".")
         if len(parts) == 1 and key not in UnlearnConfig.model_fields and key in settings_fields:
             parts = ["settings", key]
@@ -140,6 +136,20 @@ def resolve_config(
     # config saved with a run, and what cache keys hash
     settings = config.method_settings().model_dump(mode="json")
     return config.model_copy(update={"settings": settings})
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`--set key=value` as (key, value): the value read as YAML (`2e-5`, `true`, `null`,
+    `[1, 2]`), nothing after `=` as null; one message when there is no `=` or no key."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UnpactError(f"--set {item!r}: expected key=value")
+    try:
+        return key, yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        why = " ".join(str(getattr(exc, "problem", None) or "not a YAML value").split())
+        raise UnpactError(f"--set {item!r}: the value after = cannot be read ({why})") from None
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
