@@ -147,6 +147,10 @@ def test_two_processes_follow_the_one_process_loss_curve(bench, tmp_path):
         (["--method", "npo", "--set", "beta=-1"], "settings.beta"),
         (["--method", "npo", "--set", "betta=1"], "unknown setting for npo"),
         (["--method", "npo", "--set", "oops"], "expected key=value"),
+        (
+            ["--method", "npo", "--set", "lr=[2e-5"],
+            "the value after = cannot be read",
+        ),  # once yaml's traceback
         (["--method", "npo", "--chat-template", "no.jinja"], "--chat-template: cannot read"),
         (
             ["--method", "npo", "--chat-template", "{{ 'no message' }}"],
