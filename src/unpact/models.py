@@ -896,8 +896,40 @@ def _quantized(path: Path) -> str | None:
     return str(found.get("quant_method") or "quantized") if isinstance(found, dict) else None
 
 
+def _check_model_type(path: Path, trust_remote_code: bool) -> None:
+    """A config.json of a model type transformers does not know (its own Python code, given
+    by `auto_map`, not trusted; or a type newer than the transformers installed): one
+    message, before the tokenizer's load (which warns about the type first) and the
+    model's (which fails with transformers' advice in its own terms)."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # the load says what is wrong
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    from transformers import CONFIG_MAPPING
+
+    if not isinstance(kind, str) or kind in CONFIG_MAPPING:
+        return
+    if "AutoModelForCausalLM" in (config.get("auto_map") or {}):
+        if trust_remote_code:
+            return
+        raise UnpactError(
+            f"{path}: model type {kind!r} is the checkpoint's own Python code (auto_map in "
+            "its config.json), which runs only when trusted: pass --trust-remote-code "
+            "(generate, score, attribute, serve) if you trust it"
+        )
+    import transformers
+
+    raise UnpactError(
+        f"{path}: model type {kind!r} is not one transformers {transformers.__version__} "
+        "knows: a newer release may (pip install -U transformers), or the folder is not a "
+        "causal language model's"
+    )
+
+
 def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[Any, Any]:
     _check_weights(path)
+    _check_model_type(path, trust_remote_code)
     from transformers.utils import logging as hf_logging
 
     if not any((path / f).is_file() for f in TOKENIZER_FILES):

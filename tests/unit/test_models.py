@@ -1115,3 +1115,31 @@ def test_a_cache_that_cannot_be_a_folder_is_one_message(tmp_path, monkeypatch):
             UnpactError, match=f"UNPACT_CACHE={bad} cannot be used as a folder.*{why}"
         ):
             cache_root()
+
+
+def test_a_model_type_transformers_does_not_know_is_said_before_any_load(tiny, tmp_path, capfd):
+    """A checkpoint whose code is its own (`auto_map`) without --trust-remote-code, or of a
+    type newer than the transformers installed: transformers' warning about the type (from
+    the tokenizer's load) came first, then its error in its own terms ("pass the argument
+    trust_remote_code=True"). Now one message, naming unpact's option."""
+    tiny.model.save_pretrained(tmp_path / "base")
+    tiny.tokenizer.save_pretrained(tmp_path / "base")
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    for name, extra in (
+        ("own", {"model_type": "mine", "auto_map": {"AutoModelForCausalLM": "m.MyLM"}}),
+        ("new", {"model_type": "llama9", "architectures": ["Llama9ForCausalLM"]}),
+    ):
+        folder = tmp_path / name
+        folder.mkdir()
+        for f in (tmp_path / "base").iterdir():
+            (folder / f.name).write_bytes(f.read_bytes())
+        (folder / "config.json").write_text(json.dumps(config | extra))
+    with pytest.raises(UnpactError, match=r"type 'mine' is the checkpoint's own .*--trust-remote"):
+        load_model(str(tmp_path / "own"))
+    with pytest.raises(UnpactError, match=r"type 'llama9' is not one transformers \S+ knows"):
+        load_model(str(tmp_path / "new"))
+    assert "instantiate a model of type" not in capfd.readouterr().err
+    # a known type with its own code beside it loads with transformers' own class
+    both = {"auto_map": {"AutoModelForCausalLM": "m.MyLM"}}
+    (tmp_path / "base" / "config.json").write_text(json.dumps(config | both))
+    assert load_model(str(tmp_path / "base")).model.config.model_type == config["model_type"]
