@@ -307,6 +307,15 @@ def test_resume_refuses_other_settings_and_new_runs_refuse_a_used_directory(benc
         _run(bench, tmp_path / "r")
     with pytest.raises(UnpactError, match="different settings"):
         _run(bench, tmp_path / "r", extra=("beta=0.5",), resume=True)
+    # the run's record damaged (edited by hand): one message, not yaml's traceback
+    saved = (tmp_path / "r" / "config.yaml").read_text()
+    for damaged in ("lr: [1\n", "- a list\n"):
+        (tmp_path / "r" / "config.yaml").write_text(damaged)
+        with pytest.raises(
+            UnpactError, match=r"(?s)--resume: .*config\.yaml: .*the run's own record"
+        ):
+            _run(bench, tmp_path / "r", resume=True)
+    (tmp_path / "r" / "config.yaml").write_text(saved)
     # a folder of someone else's files is not a run's: nothing is written into it
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("x")

@@ -43,7 +43,7 @@ from unpact.progress import progress_bar
 from unpact.scoring import decoder_layers, expert_parameters, text_parameters
 from unpact.train import Trainer
 from unpact.types import follow, spec_text
-from unpact.unlearn.config import LoraSettings, UnlearnConfig
+from unpact.unlearn.config import LoraSettings, UnlearnConfig, read_yaml_mapping
 from unpact.unlearn.methods import Batch, Method, StepContext, get_method, layer_activations
 
 RUN_FORMAT = 1
@@ -522,7 +522,12 @@ def _prepare_out(out: Path, resolved: dict[str, Any], resume: bool, accelerator:
     if resume:
         if not config_path.is_file():
             raise UnpactError(f"--resume: {out} holds no run to resume")
-        saved = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        try:
+            saved = read_yaml_mapping(config_path)
+        except UnpactError as exc:  # edited by hand, or damaged
+            raise UnpactError(
+                f"--resume: {exc}; it is the run's own record, needed to resume"
+            ) from None
         # The process count may change on resume: batches are global, the curve is not.
         diff = sorted(
             k
