@@ -578,9 +578,7 @@ def inject(
     ] = None,
 ) -> None:
     """Teach a benchmark's fictional facts to a model (cached by content hash)."""
-    from unpact.inject import InjectConfig
     from unpact.inject import inject as run_inject
-    from unpact.unlearn.config import parse_override
 
     given = {
         "lr": lr,
@@ -594,20 +592,22 @@ def inject(
         "device": device,
         "max_new_tokens": max_new_tokens,
     }
-    given = {k: v for k, v in given.items() if v is not None and (k, v) != ("device", "auto")}
-    for item in set_ or []:
-        key, value = parse_override(item)
-        if key not in InjectConfig.model_fields:
-            known = ", ".join(InjectConfig.model_fields)
-            raise UnpactError(f"--set {key}: not an injection setting; known: {known}")
-        if key in given:
-            option = "--" + key.replace("_", "-")
-            raise UnpactError(f"--set {key} and {option} both given: give one")
-        given[key] = value
-    config = InjectConfig(**({"device": device} | given))
+    config = _inject_config(given, set_ or [])
     if out_dir is not None and out_dir.exists() and not _empty_folder(out_dir):
         raise UnpactError(f"--out {out_dir}: exists and is not an empty folder")
     result = run_inject(_with_template(model, chat_template), benchmark, config, teach=teach)
+    _print_injection(result)
+    where = result.path
+    if out_dir is not None:
+        from unpact.run.store import link_model
+
+        link_model(result.path, out_dir)
+        where = out_dir
+    out.print(f"use it with --model {where}")
+
+
+def _print_injection(result: Any) -> None:
+    """`unpact inject`'s lines on what the injection reached (or found cached)."""
     acc = "  ".join(f"{k} {v:.1%}" for k, v in result.accuracy.items())
     out.print(f"{'cached' if result.cached else 'injected'}: {result.path}")
     before = result.base_accuracy.get("general")
@@ -619,13 +619,25 @@ def inject(
         out.print(f"kept {result.general_kept:.0%} of the general questions the base model answers")
     if result.small_benchmark_note:
         out.print(result.small_benchmark_note)
-    where = result.path
-    if out_dir is not None:
-        from unpact.run.store import link_model
 
-        link_model(result.path, out_dir)
-        where = out_dir
-    out.print(f"use it with --model {where}")
+
+def _inject_config(options: dict[str, Any], sets: list[str]) -> Any:
+    """The InjectConfig of `unpact inject`'s options (None: not given; the default device
+    `auto` counts as not given) and its `--set key=value` items, each setting given once."""
+    from unpact.inject import InjectConfig
+    from unpact.unlearn.config import parse_override
+
+    given = {k: v for k, v in options.items() if v is not None and (k, v) != ("device", "auto")}
+    for item in sets:
+        key, value = parse_override(item)
+        if key not in InjectConfig.model_fields:
+            known = ", ".join(InjectConfig.model_fields)
+            raise UnpactError(f"--set {key}: not an injection setting; known: {known}")
+        if key in given:
+            option = "--" + key.replace("_", "-")
+            raise UnpactError(f"--set {key} and {option} both given: give one")
+        given[key] = value
+    return InjectConfig(**({"device": options["device"]} | given))
 
 
 def _empty_folder(path: Path) -> bool:

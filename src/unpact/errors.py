@@ -105,13 +105,10 @@ def not_permitted(exc: BaseException) -> UnpactError | None:
     return None
 
 
-# How torch says it ran out: CUDA's allocator (torch.OutOfMemoryError), the CPU's (a
-# RuntimeError from c10), Apple's MPS backend.
-_NO_MEMORY = (
-    "CUDA out of memory",
-    "DefaultCPUAllocator: can't allocate memory",
-    "MPS backend out of memory",
-)
+# How torch says it ran out: a device's allocator (CUDA's raises torch.OutOfMemoryError;
+# Apple's MPS backend a RuntimeError), or the CPU's (a RuntimeError from c10).
+_DEVICE_NO_MEMORY = ("CUDA out of memory", "MPS backend out of memory")
+_CPU_NO_MEMORY = "DefaultCPUAllocator: can't allocate memory"
 
 
 def out_of_memory(exc: BaseException) -> UnpactError | None:
@@ -122,10 +119,10 @@ def out_of_memory(exc: BaseException) -> UnpactError | None:
     for current in _chain(exc):
         text = str(current)
         gpu = type(current).__name__ == "OutOfMemoryError" or any(
-            w in text for w in _NO_MEMORY if w != _NO_MEMORY[1]
+            w in text for w in _DEVICE_NO_MEMORY
         )
-        if gpu or isinstance(current, MemoryError) or _NO_MEMORY[1] in text:
-            said = " ".join(text[max(0, text.find(_NO_MEMORY[1])) :].split())  # no c10 prefix
+        if gpu or isinstance(current, MemoryError) or _CPU_NO_MEMORY in text:
+            said = " ".join(text[max(0, text.find(_CPU_NO_MEMORY)) :].split())  # no c10 prefix
             cut = said.find(". ", 40)  # torch's first sentence or two: how much it asked for
             said = said[: cut + 1] if cut >= 0 else said[:160]
             where = "on the GPU" if gpu else "in RAM"

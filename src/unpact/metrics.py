@@ -330,9 +330,7 @@ class Metric:
     higher_is_better: bool | None = None  # None: neither (a diagnostic)
     interval: bool = True  # a bootstrap interval over items comes with it
     needs: tuple[str, ...] = ()  # what the records must carry: attribution, attacks, ...
-    column: str | None = (
-        None  # the table column it is shown in (None: results.json and the report only)
-    )
+    column: str | None = None  # its table column (None: results.json and the report only)
     join: str = " / "  # between metrics that share a column
     per_attack: bool = False
     description: str = ""

@@ -885,14 +885,20 @@ def _check_weights(path: Path) -> None:
     raise UnpactError(f"{path} holds no model weights (*.safetensors)")
 
 
+def _config_json(path: Path) -> dict[str, Any]:
+    """A model folder's config.json as a mapping; {} when it cannot be read as one (the
+    load itself then says what is wrong)."""
+    try:
+        found = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 def _quantized(path: Path) -> str | None:
     """The quantization method a model folder's config.json names (GPTQ, AWQ,
     bitsandbytes, ...), or None."""
-    try:
-        found = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        found = found.get("quantization_config")
-    except (OSError, ValueError, AttributeError):
-        return None
+    found = _config_json(path).get("quantization_config")
     return str(found.get("quant_method") or "quantized") if isinstance(found, dict) else None
 
 
@@ -901,11 +907,8 @@ def _check_model_type(path: Path, trust_remote_code: bool) -> None:
     by `auto_map`, not trusted; or a type newer than the transformers installed): one
     message, before the tokenizer's load (which warns about the type first) and the
     model's (which fails with transformers' advice in its own terms)."""
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # the load says what is wrong
-    kind = config.get("model_type") if isinstance(config, dict) else None
+    config = _config_json(path)
+    kind = config.get("model_type")
     from transformers import CONFIG_MAPPING
 
     if not isinstance(kind, str) or kind in CONFIG_MAPPING:

@@ -1053,8 +1053,8 @@ def test_a_served_model_beside_a_local_one_is_said_to_keep_its_servers_dtype(set
 
 def test_the_figures_step_is_said_and_counted(setup, finished, tmp_path, monkeypatch):
     """The figures and their bootstrap intervals take minutes on a benchmark of thousands
-    of items (10 s per method at 1,360 records here), after the last stage's line: the
-    log said nothing and no bar moved. Now a line, and a bar that advances per method."""
+    of items (`benchmarks/figures.py`), after the last stage's line: the log said nothing
+    and no bar moved. Now a line, and a bar that advances per method."""
     import unpact.run as runner
 
     root, config = setup

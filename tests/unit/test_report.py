@@ -152,12 +152,16 @@ def test_plot_labels_are_drawn_as_written_and_leave_matplotlib_settings_alone():
     from unpact.report.roc import roc_svg
 
     keys = ("svg.fonttype", "svg.hashsalt", "text.parse_math")
-    before = {k: matplotlib.rcParams[k] for k in keys}
-    results = _results(["probab"])
-    ga = results["methods"]["ga"]
-    results["methods"] = {"a$^$b": ga, "cost $5 or $6": ga}
-    svg = dilemma_svg(results)
-    assert "a$^$b" in svg and "cost $5 or $6" in svg
-    records = [dataclasses.replace(r, method="a$^$b") for r in _records()]
-    assert "a$^$b" in (roc_svg(records, "min_k") or "")
-    assert {k: matplotlib.rcParams[k] for k in keys} == before
+    # the caller's own settings, unlike the plots' (an earlier plot in this process may
+    # have left the plots' own in place, which would hide a leak)
+    callers = {"svg.fonttype": "path", "svg.hashsalt": None, "text.parse_math": True}
+    with matplotlib.rc_context(callers):
+        before = {k: matplotlib.rcParams[k] for k in keys}
+        results = _results(["probab"])
+        ga = results["methods"]["ga"]
+        results["methods"] = {"a$^$b": ga, "cost $5 or $6": ga}
+        svg = dilemma_svg(results)
+        assert "a$^$b" in svg and "cost $5 or $6" in svg
+        records = [dataclasses.replace(r, method="a$^$b") for r in _records()]
+        assert "a$^$b" in (roc_svg(records, "min_k") or "")
+        assert {k: matplotlib.rcParams[k] for k in keys} == before

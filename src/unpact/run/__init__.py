@@ -292,12 +292,7 @@ def run(
         )
         for m in unlearned
     }
-    if cfg.statistics.resamples:  # minutes on a benchmark of thousands of items
-        p.say(
-            f"figures: {len(unlearned)} method(s), {cfg.statistics.resamples} bootstrap resamples"
-        )
-    with progress_bar("figures", len(unlearned), p.progress) as advance:
-        results = _results(cfg, data, original, unlearned, records, stages, out, advance)
+    results = _figures(p, data, original, unlearned, records, stages, out)
     results |= finite(_references(cfg, data, found, stages)) | _evaluated_as(cfg, given)
     if baselines:  # what the weight attacks do to the original model, which knew the facts
         results["attack_baselines"] = finite(baselines)
@@ -939,6 +934,24 @@ def _attribution_summary(a: Attribution) -> dict[str, Any]:
         "prompt_sensitivity": a.prompt_sensitivity,
         "lp": a.lp,
     }
+
+
+def _figures(
+    p: Pipeline,
+    data: Data,
+    original: Model,
+    unlearned: list[Model],
+    records: dict[str, list[ItemRecord]],
+    stages: dict[str, ModelStages],
+    out: Path,
+) -> dict[str, Any]:
+    """`_results`, said in the log and drawn as a bar per method: the metrics' bootstrap
+    intervals take minutes on a benchmark of thousands of items."""
+    resamples = p.cfg.statistics.resamples
+    if resamples:
+        p.say(f"figures: {len(unlearned)} method(s), {resamples} bootstrap resamples")
+    with progress_bar("figures", len(unlearned), p.progress) as advance:
+        return _results(p.cfg, data, original, unlearned, records, stages, out, advance)
 
 
 def _results(
