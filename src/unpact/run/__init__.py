@@ -292,7 +292,7 @@ def run(
         )
         for m in unlearned
     }
-    results = _figures(p, data, original, unlearned, records, stages, out)
+    results = _results(p, data, original, unlearned, records, stages, out)
     results |= finite(_references(cfg, data, found, stages)) | _evaluated_as(cfg, given)
     if baselines:  # what the weight attacks do to the original model, which knew the facts
         results["attack_baselines"] = finite(baselines)
@@ -936,7 +936,33 @@ def _attribution_summary(a: Attribution) -> dict[str, Any]:
     }
 
 
-def _figures(
+def _method_results(
+    cfg: RunConfig, model: Model, records: list[ItemRecord], out: Path
+) -> dict[str, Any]:
+    """One method's entry in results.json: its metrics (with intervals), where its model
+    is, and its layer curves and sweep setting where it has them."""
+    attacks = [a.column for a in cfg.attacks]
+    found = {
+        **method_metrics(
+            records,
+            attacks,
+            cfg.collapse_threshold,
+            cfg.statistics,
+            privleak_attack=cfg.membership.privleak_attack,
+        ),
+        "model": str(out / "models" / model.label) if model.info else model.spec,
+        "unlearn_seconds": model.info.get("seconds"),
+    }
+    curves = {a: c for a in attacks if (c := layer_curve(records, a))}
+    if curves:  # logit lens, probe: the share right at each layer
+        found["layer_curves"] = curves
+    swept = next((m.swept for m in cfg.methods if m.label == model.label and m.swept), None)
+    if swept is not None:
+        found["sweep"] = swept
+    return found
+
+
+def _results(
     p: Pipeline,
     data: Data,
     original: Model,
@@ -945,48 +971,19 @@ def _figures(
     stages: dict[str, ModelStages],
     out: Path,
 ) -> dict[str, Any]:
-    """`_results`, said in the log and drawn as a bar per method: the metrics' bootstrap
-    intervals take minutes on a benchmark of thousands of items."""
-    resamples = p.cfg.statistics.resamples
-    if resamples:
-        p.say(f"figures: {len(unlearned)} method(s), {resamples} bootstrap resamples")
-    with progress_bar("figures", len(unlearned), p.progress) as advance:
-        return _results(p.cfg, data, original, unlearned, records, stages, out, advance)
-
-
-def _results(
-    cfg: RunConfig,
-    data: Data,
-    original: Model,
-    unlearned: list[Model],
-    records: dict[str, list[ItemRecord]],
-    stages: dict[str, ModelStages],
-    out: Path,
-    advance: Callable[[int], None] = lambda n: None,
-) -> dict[str, Any]:
     """results.json: per method, every registered metric of its records, and the run's
-    facts; models unlearned here are linked into `out/models/`. `advance(1)` per method."""
-    attacks = [a.column for a in cfg.attacks]
+    facts; models unlearned here are linked into `out/models/`. Said in the log and drawn
+    as a bar per method: the bootstrap intervals take minutes on thousands of items."""
+    cfg, attacks = p.cfg, [a.column for a in p.cfg.attacks]
+    if cfg.statistics.resamples:
+        p.say(
+            f"figures: {len(unlearned)} method(s), {cfg.statistics.resamples} bootstrap resamples"
+        )
     methods: dict[str, Any] = {}
-    for model in unlearned:
-        methods[model.label] = {
-            **method_metrics(
-                records[model.label],
-                attacks,
-                cfg.collapse_threshold,
-                cfg.statistics,
-                privleak_attack=cfg.membership.privleak_attack,
-            ),
-            "model": str(out / "models" / model.label) if model.info else model.spec,
-            "unlearn_seconds": model.info.get("seconds"),
-        }
-        curves = {a: c for a in attacks if (c := layer_curve(records[model.label], a))}
-        if curves:  # logit lens, probe: the share right at each layer
-            methods[model.label]["layer_curves"] = curves
-        swept = next((m.swept for m in cfg.methods if m.label == model.label and m.swept), None)
-        if swept is not None:
-            methods[model.label]["sweep"] = swept
-        advance(1)
+    with progress_bar("figures", len(unlearned), p.progress) as advance:
+        for model in unlearned:
+            methods[model.label] = _method_results(cfg, model, records[model.label], out)
+            advance(1)
     checks = {label: s.checks for label, s in stages.items() if s.checks is not None}
     return finite(
         {
