@@ -22,7 +22,12 @@ _quiet_torchao()
 
 from unpact.backends import open_model  # noqa: E402
 from unpact.errors import UnpactError  # noqa: E402
-from unpact.models import LanguageModel, load_model, with_chat_template  # noqa: E402
+from unpact.models import (  # noqa: E402
+    LanguageModel,
+    load_model,
+    trusting_remote_code,
+    with_chat_template,
+)
 from unpact.scoring import AnswerScore, Generation, answer_logprobs, generate, score  # noqa: E402
 from unpact.types import Backend, EncodedPrompt  # noqa: E402
 
@@ -51,5 +56,6 @@ __all__ = [
     "load_model",
     "open_model",
     "score",
+    "trusting_remote_code",
     "with_chat_template",
 ]

@@ -15,7 +15,7 @@ def open_model(
     *,
     dtype: str = "float32",
     device: str = "cpu",
-    trust_remote_code: bool = False,
+    trust_remote_code: bool | None = None,
     remote: RemoteSettings | None = None,
 ) -> AnyModel:
     """`load_model`, or for `openai:MODEL@BASE_URL` a `RemoteModel`: a model served by

@@ -576,9 +576,11 @@ def inject(
             "general=null, checkpoint_every=2); the names of a run config's inject.settings.",
         ),
     ] = None,
+    trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
     """Teach a benchmark's fictional facts to a model (cached by content hash)."""
     from unpact.inject import inject as run_inject
+    from unpact.models import trusting_remote_code
 
     given = {
         "lr": lr,
@@ -595,7 +597,8 @@ def inject(
     config = _inject_config(given, set_ or [])
     if out_dir is not None and out_dir.exists() and not _empty_folder(out_dir):
         raise UnpactError(f"--out {out_dir}: exists and is not an empty folder")
-    result = run_inject(_with_template(model, chat_template), benchmark, config, teach=teach)
+    with trusting_remote_code(trust_remote_code):
+        result = run_inject(_with_template(model, chat_template), benchmark, config, teach=teach)
     _print_injection(result)
     where = result.path
     if out_dir is not None:
@@ -693,17 +696,35 @@ def unlearn(
     ] = True,
     plugin: PluginOpt = None,
     chat_template: TemplateFileOpt = None,
+    trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
     """Unlearn a benchmark's forget split; writes the model (safetensors), config and loss log.
 
     Runs unchanged under `accelerate launch -m unpact unlearn ...` on several processes.
     """
+    from unpact.models import trusting_remote_code
     from unpact.plugins import load_plugins
     from unpact.unlearn import resolve_config
-    from unpact.unlearn import unlearn as run_unlearn
 
     load_plugins(list(plugin or []))
     cfg = resolve_config(method, file=config, overrides=set_ or [])
+    with trusting_remote_code(trust_remote_code):  # every model it loads, the evaluation's too
+        _unlearn(cfg, model, benchmark, out_dir, inject_first, resume, evaluate, chat_template)
+
+
+def _unlearn(
+    cfg: Any,
+    model: str,
+    benchmark: str,
+    out_dir: Path,
+    inject_first: bool,
+    resume: bool,
+    evaluate: bool,
+    chat_template: str | None,
+) -> None:
+    """`unpact unlearn` with its settings resolved."""
+    from unpact.unlearn import unlearn as run_unlearn
+
     model = _with_template(model, chat_template)
     if evaluate:  # before the training, not after it
         from unpact.unlearn.evaluate import check_evaluable
@@ -857,13 +878,20 @@ def _logged(job: Callable[[Callable[[str], None]], Any]) -> Any:
         raise typer.Exit(130) from None
 
 
-def _run(config: str | Path, out_dir: Path, plugins: list[str] | None = None) -> None:
+def _run(
+    config: str | Path,
+    out_dir: Path,
+    plugins: list[str] | None = None,
+    trust_remote_code: bool = False,
+) -> None:
     from unpact.plugins import load_plugins
     from unpact.run import load_config
     from unpact.run import run as run_experiment
 
     load_plugins(list(plugins or []))
     cfg = load_config(config)  # a bad config fails here, before any model loads
+    if trust_remote_code:
+        cfg = cfg.model_copy(update={"trust_remote_code": True})
     result = _logged(lambda log: run_experiment(cfg, out_dir, log=log))
     runs: dict[str, dict[str, object]] | None = result.results.get("runs")
     if runs is None:
@@ -893,8 +921,15 @@ def run(
         Path, typer.Option("--out", help="Run directory: new, empty, or a run's (continued).")
     ] = Path("runs/run"),
     plugin: PluginOpt = None,
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-remote-code",
+            help="Allow every model's own Python code to run (the config's trust_remote_code).",
+        ),
+    ] = False,
 ) -> None:
-    _run(config, out_dir, plugin)
+    _run(config, out_dir, plugin, trust_remote_code)
 
 
 @app.command(
@@ -989,6 +1024,7 @@ def audit(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     plugin: PluginOpt = None,
+    trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
     from unpact.run.audit import audit as run_audit
 
@@ -1007,6 +1043,7 @@ def audit(
         "judge_prompt": judge_prompt,
         "chat_template": chat_template,
         "plugins": list(plugin or []),
+        "trust_remote_code": trust_remote_code,
     }
     result = _logged(
         lambda log: run_audit(original, unlearned, benchmark, out_dir, log=log, **options)

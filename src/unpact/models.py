@@ -25,6 +25,7 @@ import struct
 import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
@@ -414,12 +415,34 @@ def baseline_token_of(tokenizer: Any) -> int:
 # --------------------------------------------------------------------------- loading
 
 
+_TRUSTED: ContextVar[bool] = ContextVar("unpact_trust_remote_code", default=False)
+
+
+@contextlib.contextmanager
+def trusting_remote_code(trusted: bool = True) -> Iterator[None]:
+    """Within it, every model, tokenizer and config unpact loads without its own
+    `trust_remote_code` argument runs (or, with `trusted=False`, refuses) the Python code a
+    checkpoint brings (`auto_map` in its config.json): what `--trust-remote-code` sets for
+    a run, an audit, an injection or an unlearning, whose steps load several models deep
+    inside. Only for checkpoints you trust: their code runs with your rights."""
+    token = _TRUSTED.set(trusted)
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
+
+def remote_code_trusted(asked: bool | None = None) -> bool:
+    """`asked`, or where the caller did not say (None), `trusting_remote_code`'s setting."""
+    return _TRUSTED.get() if asked is None else asked
+
+
 def load_model(
     spec: str | os.PathLike[str] = DEFAULT_SPEC,
     *,
     dtype: str = "float32",
     device: str = "cpu",
-    trust_remote_code: bool = False,
+    trust_remote_code: bool | None = None,
 ) -> LanguageModel:
     """Load a causal LM and its tokenizer from a spec (local weights).
 
@@ -428,10 +451,12 @@ def load_model(
     adapter_config.json names, once, and cached), a `.gguf` file (dequantised once and
     cached), or a hub id such as
     `HuggingFaceTB/SmolLM2-135M-Instruct` (needs a reachable hub). Weights load from
-    safetensors only; `trust_remote_code` stays off unless asked for. For what needs only
-    log-probs and generations, `open_model` also accepts a served model.
+    safetensors only; `trust_remote_code` stays off unless asked for (here, or for every
+    load within `trusting_remote_code()`). For what needs only log-probs and generations,
+    `open_model` also accepts a served model.
     """
     spec = spec_text(spec)
+    trust_remote_code = remote_code_trusted(trust_remote_code)
     if is_remote_spec(spec):
         raise UnpactError(
             f"{spec!r} is a served model, but this step changes or saves weights, so it needs "
@@ -494,7 +519,7 @@ def _drop_loading_garbage(model: Any) -> None:
         gc.collect()
 
 
-def load_tokenizer(spec: str = DEFAULT_SPEC, *, trust_remote_code: bool = False) -> Any:
+def load_tokenizer(spec: str = DEFAULT_SPEC, *, trust_remote_code: bool | None = None) -> Any:
     """The tokenizer `load_model(spec)` would load, without the weights (a check that two
     models share a vocabulary need not hold both in memory). Not for served models."""
     from transformers import AutoTokenizer
@@ -504,7 +529,7 @@ def load_tokenizer(spec: str = DEFAULT_SPEC, *, trust_remote_code: bool = False)
     try:
         return AutoTokenizer.from_pretrained(
             folder if folder is not None else spec,
-            trust_remote_code=trust_remote_code,
+            trust_remote_code=remote_code_trusted(trust_remote_code),
             local_files_only=unreachable is not None,
         )
     except (OSError, ValueError) as exc:
@@ -918,8 +943,8 @@ def _check_model_type(path: Path, trust_remote_code: bool) -> None:
             return
         raise UnpactError(
             f"{path}: model type {kind!r} is the checkpoint's own Python code (auto_map in "
-            "its config.json), which runs only when trusted: pass --trust-remote-code "
-            "(generate, score, attribute, serve) if you trust it"
+            "its config.json), which runs only when trusted: pass --trust-remote-code (or "
+            "trust_remote_code: true in a run config) if you trust it"
         )
     import transformers
 
@@ -1304,7 +1329,9 @@ def _merge_adapter(adapter: Path, base: str, folder: Path) -> None:
         if any((adapter / f).is_file() for f in TOKENIZER_FILES):  # saved with the adapter
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(adapter)
+            tokenizer = AutoTokenizer.from_pretrained(
+                adapter, trust_remote_code=remote_code_trusted()
+            )
         source = json.dumps({"adapter": str(adapter.resolve()), "base": base}, indent=2)
         extra = {"merged-from.json": source + "\n"}
         # another process (accelerate's) may finish the same merge first: keep its folder

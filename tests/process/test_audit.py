@@ -18,7 +18,7 @@ from tests.process.test_membership_run import HELD, QUESTIONS, WORDS, _item
 from unpact.data.items import write_folder
 from unpact.errors import UnpactError
 from unpact.models import save_model
-from unpact.run.audit import audit_config, verdicts
+from unpact.run.audit import audit, audit_config, verdicts
 from unpact.testing import tiny_model
 
 
@@ -557,3 +557,27 @@ def test_an_audit_of_a_model_against_itself_says_so(pair, tmp_path):
         "note: --reference is the same model as --unlearned (the same weights and tokenizer): "
         "nothing can differ between them"
     ]
+
+
+def test_an_audit_of_checkpoints_of_their_own_code_runs_when_trusted(pair, tmp_path):
+    """A pair whose model type is its checkpoints' own code (auto_map) could not be audited:
+    only generate, score, attribute and serve took --trust-remote-code. Now the audit's
+    option trusts every model it loads (its checks', its stages', the attacks' copies)."""
+    import shutil
+
+    from tests.unit.test_models import own_code
+
+    for name in ("original", "unlearned"):
+        shutil.copytree(pair / name, tmp_path / name)
+        own_code(tmp_path / name)
+    args = (str(tmp_path / "original"), str(tmp_path / "unlearned"), str(pair / "bench"))
+    quick = {"attacks": ["focus_on_key", "quantize"], "general": None, "device": "cpu"}
+    quick["progress"] = False
+    with pytest.raises(UnpactError, match=r"own Python code.*--trust-remote-code"):
+        audit(*args, tmp_path / "refused", cache_dir=tmp_path / "cache", **quick)
+    result = audit(
+        *args, tmp_path / "out", cache_dir=tmp_path / "cache", trust_remote_code=True, **quick
+    ).results
+    recovery = result["methods"]["unlearned"]["recovery"]
+    assert recovery["focus_on_key"] is not None and recovery["quantize"] is not None
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["trust_remote_code"]

@@ -577,3 +577,60 @@ def test_a_run_under_a_multi_process_launch_is_refused_not_hung(tiny_dir, tmp_pa
         )  # fmt: skip
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert "needs a single process" in proc.stderr
+
+
+def test_unlearn_trusts_a_checkpoint_s_own_code_only_when_told(tiny_dir, bench, tmp_path):
+    """`unpact unlearn` had no --trust-remote-code: a model of its checkpoint's own code
+    (auto_map) could not be unlearned. With it, the training, the evaluation before and
+    after, and the saved model (with its code files) all work; without it, one message."""
+    from tests.unit.test_models import own_code
+
+    shutil.copytree(tiny_dir, tmp_path / "mine")
+    own_code(tmp_path / "mine")
+    args = ["--model", str(tmp_path / "mine"), "--benchmark", str(bench), "--method", "ga"]
+    args += ["--set", "steps=2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+
+    def unlearn(*more: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "unpact", "unlearn", *args, *more]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+    refused = unlearn("--out", str(tmp_path / "refused"))
+    assert refused.returncode == 2 and "--trust-remote-code" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+    done = unlearn("--out", str(tmp_path / "out"), "--trust-remote-code")
+    assert done.returncode == 0, done.stderr
+    assert "forget" in done.stdout and "Traceback" not in done.stderr
+    saved = next((tmp_path / "out").rglob("modeling_mine.py")).parent
+    assert json.loads((saved / "config.json").read_text())["model_type"] == "mine"
+
+
+def test_run_and_inject_pass_trust_remote_code_on(monkeypatch, tmp_path):
+    """`unpact run --trust-remote-code` sets the config's trust_remote_code (the run's
+    loads trust the code); `unpact inject --trust-remote-code` loads within the trust."""
+    from typer.testing import CliRunner
+
+    import unpact.inject
+    import unpact.run
+    from unpact.cli import app
+    from unpact.errors import UnpactError
+    from unpact.models import remote_code_trusted
+
+    seen: list[object] = []
+
+    def fake_run(cfg, out, log=None, **_):
+        seen.append(cfg.trust_remote_code)
+        raise UnpactError("stopped")
+
+    def fake_inject(model, benchmark, config, teach):
+        seen.append(remote_code_trusted())
+        raise UnpactError("stopped")
+
+    monkeypatch.setattr(unpact.run, "run", fake_run)
+    monkeypatch.setattr(unpact.inject, "inject", fake_inject)
+    runner = CliRunner()
+    for flag in ([], ["--trust-remote-code"]):
+        for args in (["run", "demo", "--out", str(tmp_path / "r")], ["inject"]):
+            assert str(runner.invoke(app, [*args, *flag]).exception) == "stopped"
+    assert seen == [False, False, True, True]
+    assert not remote_code_trusted()  # the command's trust ended with it

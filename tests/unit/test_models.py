@@ -1143,3 +1143,61 @@ def test_a_model_type_transformers_does_not_know_is_said_before_any_load(tiny, t
     both = {"auto_map": {"AutoModelForCausalLM": "m.MyLM"}}
     (tmp_path / "base" / "config.json").write_text(json.dumps(config | both))
     assert load_model(str(tmp_path / "base")).model.config.model_type == config["model_type"]
+
+
+def own_code(folder: Path) -> Path:
+    """A model folder made into a checkpoint of its own Python code, as hub repositories
+    with `auto_map` are: a model type transformers does not know ("mine"), whose config and
+    model classes are files in the folder (Llama's, renamed)."""
+    (folder / "configuration_mine.py").write_text(
+        "from transformers import LlamaConfig\n\n\n"
+        "class MineConfig(LlamaConfig):\n    model_type = 'mine'\n"
+    )
+    (folder / "modeling_mine.py").write_text(
+        "from transformers import LlamaForCausalLM\n\n"
+        "from .configuration_mine import MineConfig\n\n\n"
+        "class MineForCausalLM(LlamaForCausalLM):\n    config_class = MineConfig\n"
+    )
+    config = json.loads((folder / "config.json").read_text())
+    config |= {
+        "model_type": "mine",
+        "architectures": ["MineForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_mine.MineConfig",
+            "AutoModelForCausalLM": "modeling_mine.MineForCausalLM",
+        },
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_checkpoint_s_own_code_runs_only_where_trusted(tiny, tmp_path):
+    """Only generate, score, attribute and serve could trust a checkpoint's code: a run,
+    an audit, an injection or an unlearning loads models deep inside, with no way to say
+    it. `trusting_remote_code()` says it for every load within it; an explicit argument
+    wins; outside it, the code is refused again. A model saved after such a load keeps its
+    code, so the unlearned copy loads the same way."""
+    from unpact import trusting_remote_code
+    from unpact.models import load_tokenizer, save_model
+
+    tiny.model.save_pretrained(tmp_path / "mine")
+    tiny.tokenizer.save_pretrained(tmp_path / "mine")
+    folder = str(own_code(tmp_path / "mine"))
+    refused = r"type 'mine' is the checkpoint's own .*trust_remote_code: true in a run config"
+    with pytest.raises(UnpactError, match=refused):
+        load_model(folder)
+    with trusting_remote_code():
+        lm = load_model(folder)
+        assert type(lm.model).__name__ == "MineForCausalLM"
+        assert load_tokenizer(folder).vocab_size == tiny.tokenizer.vocab_size
+        with pytest.raises(UnpactError, match=refused):
+            load_model(folder, trust_remote_code=False)
+        with trusting_remote_code(False), pytest.raises(UnpactError, match=refused):
+            load_model(folder)
+        save_model(lm.model, lm.tokenizer, tmp_path / "saved")
+        again = load_model(str(tmp_path / "saved"))
+        assert type(again.model).__name__ == "MineForCausalLM"
+    assert (tmp_path / "saved" / "modeling_mine.py").is_file()
+    with pytest.raises(UnpactError, match=refused):
+        load_model(folder)
+    assert type(load_model(folder, trust_remote_code=True).model).__name__ == "MineForCausalLM"

@@ -56,7 +56,14 @@ from unpact.data.sources import load_benchmark
 from unpact.errors import UnpactError
 from unpact.files import once
 from unpact.metrics import ItemRecord, layer_curve
-from unpact.models import cache_root, load_tokenizer, local_model_dir, model_key
+from unpact.models import (
+    cache_root,
+    load_tokenizer,
+    local_model_dir,
+    model_key,
+    remote_code_trusted,
+    trusting_remote_code,
+)
 from unpact.progress import progress_bar
 from unpact.results import (
     csv_text,
@@ -253,8 +260,21 @@ def run(
     cfg = config if isinstance(config, RunConfig) else load_config(config)
     out = Path(out)
     _check_out(out)
-    if cfg.models or cfg.benchmarks:
-        return _run_grid(cfg, out, cache_dir, progress, say)
+    with trusting_remote_code(cfg.trust_remote_code):
+        if cfg.models or cfg.benchmarks:
+            return _run_grid(cfg, out, cache_dir, progress, say)
+        return _run_one(cfg, out, cache_dir, progress, say, reword)
+
+
+def _run_one(
+    cfg: RunConfig,
+    out: Path,
+    cache_dir: str | Path | None,
+    progress: bool,
+    say: Callable[[str], None],
+    reword: Callable[[dict[str, str]], None] | None,
+) -> RunResult:
+    """`run` of one model on one benchmark."""
     cache = Path(cache_dir) if cache_dir is not None else cache_root() / "stages"
     began = time.perf_counter()
     _start(out, cfg)
@@ -498,7 +518,7 @@ def _check_depths(cfg: RunConfig) -> None:
     if folder is None:
         return  # a hub id or a served model: checked when the model is loaded
     try:
-        config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=remote_code_trusted())
         depth = getattr(config.get_text_config(), "num_hidden_layers", None)
     except (OSError, ValueError):  # a model of its own code: checked when it is loaded
         return

@@ -91,6 +91,7 @@ def audit_config(
     chat_template: str | None = None,
     plugins: list[str] | None = None,
     dtype: str = "float32",
+    trust_remote_code: bool = False,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The run config of an audit, and the parts it leaves out with the reason (an attack
     that needs weights on a served model). `plugins` (files or module names, as `--plugin`)
@@ -137,6 +138,7 @@ def audit_config(
         },
         "device": device,
         "dtype": dtype,
+        "trust_remote_code": trust_remote_code,
     }
     if chat_template is not None:  # every model as a copy with this template
         config["chat_template"] = str(chat_template)
@@ -528,15 +530,33 @@ def audit(
     """Audit a model pair into `out` (see the module docstring); `options` are those of
     `audit_config`. Returns the run's RunResult; its results carry `verdicts.unlearned`."""
 
-    from unpact.data.sources import load_benchmark
-    from unpact.models import check_spec
-    from unpact.run import notes_once, one_process, run
-    from unpact.run.membership import GRADNORM_OFF, NO_REFERENCE, same_tokenizer
+    from unpact.models import trusting_remote_code
+    from unpact.run import notes_once, one_process
 
     one_process("an audit")
     if log is not None:  # its checks, then its run's, find the same notes: each said once
         log = notes_once(log)
     options = checked_options(options)
+    with trusting_remote_code(bool(options.get("trust_remote_code"))):  # its checks' loads too
+        return _audit(original, unlearned, benchmark, out, log, cache_dir, progress, options)
+
+
+def _audit(
+    original: str,
+    unlearned: str,
+    benchmark: str,
+    out: Any,
+    log: Any,
+    cache_dir: Any,
+    progress: bool,
+    options: dict[str, Any],
+) -> Any:
+    """`audit` with its options checked."""
+    from unpact.data.sources import load_benchmark
+    from unpact.models import check_spec
+    from unpact.run import run
+    from unpact.run.membership import GRADNORM_OFF, NO_REFERENCE, same_tokenizer
+
     original, unlearned, benchmark = _text(original), _text(unlearned), _text(benchmark)
     given = {"original": original, "unlearned": unlearned, "benchmark": benchmark}
     optional = ("reference", "base", "general", "device", "judge", "preset", "dtype")

@@ -338,6 +338,11 @@ class RunConfig(_Strict):
         "the attacks, metrics and methods they define are usable by name below",
     )
     model: str = Field(DEFAULT_SPEC, description="base model spec")
+    trust_remote_code: bool = Field(
+        False,
+        description="run the Python code a checkpoint brings (auto_map in its config.json) "
+        "for every model of the run: only for checkpoints you trust",
+    )
     chat_template: str | None = Field(
         None,
         description="a Jinja chat template (a file, or the template itself) that every model "
