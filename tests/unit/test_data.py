@@ -313,3 +313,28 @@ def test_a_misspelt_field_is_refused_and_a_users_own_field_ignored(tmp_path):
     (folder / "verbmem.jsonl").write_text('{"id": "v", "prompt": "p", "continuations": "c"}\n')
     with pytest.raises(UnpactError, match=r"verbmem\.jsonl, line 1: .* 'continuation'\?"):
         load_folder(folder)
+
+
+def test_items_in_another_form_are_named_with_how_to_convert_them(tmp_path):
+    """A JSON array (a common export) was "not valid JSON (Expecting value)" in qa.jsonl,
+    or "expected a JSON object" on one line, and qa.json or qa.csv beside no qa.jsonl was
+    only "has no qa.jsonl": now each says what the file is and how to convert it."""
+    items = [GOOD, {**GOOD, "id": "x2", "question": "Another question?"}]
+    for name, text in (("pretty", json.dumps(items, indent=2)), ("flat", json.dumps(items))):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "qa.jsonl").write_text(text)
+        with pytest.raises(UnpactError, match=r"qa\.jsonl, line 1: a JSON array, not JSON lines"):
+            load_benchmark(str(folder))
+    for exported in ("qa.json", "qa.csv"):
+        folder = tmp_path / exported.replace(".", "_")
+        folder.mkdir()
+        (folder / exported).write_text("[]")
+        with pytest.raises(
+            UnpactError, match=rf"has no qa\.jsonl .*; it has {exported}: the items go in qa\.jsonl"
+        ):
+            load_benchmark(str(folder))
+    (tmp_path / "bad.jsonl").mkdir()
+    (tmp_path / "bad.jsonl" / "qa.jsonl").write_text(json.dumps(GOOD) + "\n[1, 2]\n")
+    with pytest.raises(UnpactError, match=r"line 2: expected a JSON object$"):
+        load_benchmark(str(tmp_path / "bad.jsonl"))

@@ -187,17 +187,45 @@ def _split(obj: dict[str, Any], path: Path, line: int) -> str:
     return str(split)
 
 
+def other_files(folder: Path) -> str | None:
+    """For a folder without qa.jsonl, what it holds instead that may be the items in another
+    form (a JSON array, a table), said with how to convert it; or None."""
+    found = sorted(
+        f.name
+        for f in folder.iterdir()
+        if f.is_file() and f.suffix.lower() in (".json", ".csv", ".tsv", ".parquet", ".jsonl")
+    )
+    if not found:
+        return None
+    return (
+        f"it has {', '.join(found[:5])}{', ...' if len(found) > 5 else ''}: the items go "
+        "in qa.jsonl, one JSON object per line (a JSON array converts with "
+        "jq -c '.[]' FILE > qa.jsonl; a CSV table with pandas: pd.read_csv(FILE)"
+        ".to_json('qa.jsonl', orient='records', lines=True), list fields written as "
+        "JSON lists)"
+    )
+
+
+_AN_ARRAY = (
+    "a JSON array, not JSON lines: one object per line is the format "
+    "(jq -c '.[]' FILE converts an array)"
+)
+
+
 def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-empty line of a JSON-lines file, or one error
     naming the file and line."""
-    out = []
+    out: list[tuple[int, dict[str, Any]]] = []
     for n, text in json_lines(read_text(path)):
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
+            if not out and text.lstrip().startswith("["):  # an array written over lines
+                raise _fail(path, n, _AN_ARRAY) from None
             raise _fail(path, n, f"not valid JSON ({exc.msg})") from None
         if not isinstance(obj, dict):
-            raise _fail(path, n, "expected a JSON object")
+            whole = not out and isinstance(obj, list)  # the whole array on one line
+            raise _fail(path, n, _AN_ARRAY if whole else "expected a JSON object")
         out.append((n, obj))
     return out
 

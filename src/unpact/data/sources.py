@@ -20,7 +20,14 @@ import os
 import re
 from pathlib import Path
 
-from unpact.data.items import BUILTIN, BUILTIN_DIR, Benchmark, load_folder, write_folder
+from unpact.data.items import (
+    BUILTIN,
+    BUILTIN_DIR,
+    Benchmark,
+    load_folder,
+    other_files,
+    write_folder,
+)
 from unpact.data.real import _TOFU_PAIRS, read_muse, read_tofu, read_wmdp, tofu_files
 from unpact.errors import UnpactError
 from unpact.files import write_folder_atomically
@@ -53,7 +60,11 @@ def load_benchmark(spec: str | Path) -> Benchmark:
         try:
             return load_folder(path)
         except UnpactError as e:
-            hint = _real_layout(path) if not (path / "qa.jsonl").is_file() else None
+            hint = None
+            if path.is_dir() and not (path / "qa.jsonl").is_file():
+                hint = _real_layout(path) or other_files(path)  # a real set's, or converted
+            elif path.is_file():
+                hint = _real_layout(path)
             if hint is None:
                 raise
             raise UnpactError(f"{e}; {hint}") from None
