@@ -970,11 +970,20 @@ def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[
         model, tokenizer, info = _pretrained(str(path), dtype, trust_remote_code)
     except Exception as exc:
         if method := _quantized(path):
+            import transformers
+
+            upgrade = ""
+            if _dequantizing(str(path), trust_remote_code, True):  # a format it can dequantize
+                upgrade = (
+                    f"transformers {transformers.__version__} could not dequantize it here; "
+                    "another release may (5.24 does on a CPU: pip install -U transformers), or "
+                )
             raise UnpactError(
                 f"could not load the {method}-quantized checkpoint {path}: "
                 f"{_first_line(exc).rstrip('.')}. "
-                "unpact trains, attributes and quantizes full-precision weights: give it the "
-                "model before quantization (the quantize attack quantizes it itself)"
+                "unpact trains, attributes and quantizes full-precision weights: "
+                f"{upgrade}give it the model before quantization (the quantize attack "
+                "quantizes it itself)"
             ) from exc
         if isinstance(exc, (OSError, ValueError)):
             raise UnpactError(f"could not load a model from {path}: {exc}") from exc
@@ -1013,7 +1022,28 @@ def _pretrained(
             **dequantizing,
         )
     model, info = loaded
+    if dequantizing:
+        _forget_dequantizing(model)
     return model, tokenizer, info
+
+
+def _forget_dequantizing(model: Any) -> None:
+    """Drop a conversion that only dequantized from those transformers keeps to save a
+    model in its checkpoint's format. Some releases (5.12 to 5.22 at least) kept one and,
+    saving, ran it backwards: the full-precision weights went out as FP8 again, with scales,
+    under a config.json without `quantization_config`, so the saved copy (an unlearned
+    model, a taught one) loaded as garbage, without an error. A conversion that also does
+    something else (fusing a mixture's experts, with a dequantizing step ahead of it, as
+    5.24 builds them) is transformers' to reverse and stays, as do renamings."""
+    kept = getattr(model, "_weight_conversions", None)
+    if not kept:
+        return
+
+    def only_dequantizes(conversion: Any) -> bool:
+        ops = getattr(conversion, "operations", None) or []
+        return bool(ops) and all(type(op).__name__.endswith("Dequantize") for op in ops)
+
+    model._weight_conversions = [c for c in kept if not only_dequantizes(c)]
 
 
 class _DequantizingNote(logging.Filter):
@@ -1063,7 +1093,8 @@ def _dequantizing(source: str, trust_remote_code: bool, local_only: bool) -> dic
         )
     except Exception:  # no config, an unknown method: the load itself says what is wrong
         return {}
-    if "dequantize" not in quant.get_loading_attributes():
+    attributes = getattr(quant, "get_loading_attributes", None)  # not in every release
+    if attributes is None or "dequantize" not in attributes():
         return {}
     quant.dequantize = True
     return {"quantization_config": quant}

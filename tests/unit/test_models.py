@@ -1201,3 +1201,34 @@ def test_a_checkpoint_s_own_code_runs_only_where_trusted(tiny, tmp_path):
     with pytest.raises(UnpactError, match=refused):
         load_model(folder)
     assert type(load_model(folder, trust_remote_code=True).model).__name__ == "MineForCausalLM"
+
+
+def test_a_dequantized_model_is_saved_as_full_precision_weights(tiny):
+    """transformers 5.12 to 5.22 kept the step that dequantized an FP8 checkpoint among the
+    conversions it reverses on saving: the unlearned copy of an FP8 model went out as FP8
+    weights under a config without quantization, and loaded as garbage. The step alone is
+    dropped after a dequantized load; a conversion that also fuses experts, and renamings,
+    stay for transformers to reverse."""
+    import copy
+
+    from transformers.core_model_loading import MergeModulelist, WeightConverter, WeightRenaming
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    from unpact.models import _forget_dequantizing
+
+    alone = WeightConverter(
+        source_patterns=["weight", "weight_scale_inv", "activation_scale"],
+        target_patterns="weight",
+        operations=[Fp8Dequantize(None)],
+    )
+    fused = WeightConverter(
+        source_patterns=["mlp.experts.*.w1.weight", "mlp.experts.*.w1.weight_scale_inv"],
+        target_patterns="mlp.experts.gate_up_proj",
+        operations=[Fp8Dequantize(None), MergeModulelist(dim=0)],
+    )
+    renaming = WeightRenaming("block_sparse_moe", "mlp")
+    model = copy.deepcopy(tiny.model)
+    model._weight_conversions = [renaming, alone, fused]
+    _forget_dequantizing(model)
+    assert model._weight_conversions == [renaming, fused]
+    _forget_dequantizing(tiny.model)  # a model with none: nothing to do
