@@ -585,10 +585,16 @@ def test_an_fp8_checkpoint_loads_dequantized_on_every_device(tiny, tmp_path, cap
     a library warning); on an H100 it kept FP8 layers that unlearning cannot train and the
     quantize attack does not see. unpact asks for full-precision weights everywhere."""
     import torch
+    import transformers
+    from packaging.version import Version
 
     from unpact.models import _dequantizing, save_model
 
     exact = _fp8_checkpoint(tiny, tmp_path / "fp8")
+    if Version(transformers.__version__) < Version("5.10"):  # they need triton, or a GPU
+        with pytest.raises(UnpactError, match="could not dequantize it here; another release"):
+            load_model(str(tmp_path / "fp8"))
+        return
     lm = load_model(str(tmp_path / "fp8"))
     weights = lm.model.state_dict()
     for name, w in exact.items():
@@ -1211,8 +1217,15 @@ def test_a_dequantized_model_is_saved_as_full_precision_weights(tiny):
     stay for transformers to reverse."""
     import copy
 
-    from transformers.core_model_loading import MergeModulelist, WeightConverter, WeightRenaming
-    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+    try:
+        from transformers.core_model_loading import (
+            MergeModulelist,
+            WeightConverter,
+            WeightRenaming,
+        )
+        from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+    except ImportError:
+        pytest.skip("a transformers release without these conversions keeps none to drop")
 
     from unpact.models import _forget_dequantizing
 
