@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
+from unpact import models
 from unpact.models import DEFAULT_SPEC, load_model
 from unpact.remote import RemoteModel, RemoteSettings, parse_remote_spec
 from unpact.types import AnyModel, is_remote_spec, spec_text
@@ -26,3 +28,22 @@ def open_model(
         name, url = parse_remote_spec(spec)
         return RemoteModel(name, url, remote or RemoteSettings(), spec=spec)
     return load_model(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+def model_key(spec: str, remote: RemoteSettings | None = None) -> str:
+    """`unpact.models.model_key` (a local model's content), and for a served model its spec
+    with what its server says it serves (`RemoteModel.served_root`): one name on one URL
+    serves whatever the server was last started with (`--served-model-name model` for each
+    checkpoint in turn), and its cached answers must not be read for another. A checkpoint
+    overwritten in place under the same path is not seen; a server that names no root
+    (OpenAI's API) is keyed by its spec alone."""
+    key = models.model_key(spec)
+    if not is_remote_spec(spec):
+        return key
+    lm = open_model(spec, remote=remote)
+    assert isinstance(lm, RemoteModel)
+    try:
+        root = lm.served_root()
+    finally:
+        lm.close()
+    return key if root is None else hashlib.sha256(f"{key}\0{root}".encode()).hexdigest()

@@ -303,6 +303,29 @@ class RemoteModel:
             raise RemoteError(f"{self.root_url}/detokenize: the reply has no 'prompt' text")
         return text
 
+    def served_root(self) -> str | None:
+        """What the server says it loaded under this model's name: the `root` of its card in
+        `GET /v1/models` (vLLM's: the path or hub id `vllm serve` was given; a LoRA module's:
+        its adapter, with the base as `parent`, both kept), or None where it says nothing (no
+        list, no card of this name, no root: OpenAI's own API). One request, no retries: a
+        server down now fails the first request that needs it, with the retries' message."""
+        import httpx
+
+        try:
+            reply = self._http().get(
+                f"{self.base_url}/models", headers=self._headers(), timeout=self.settings.timeout
+            )
+            cards = reply.json()["data"] if reply.status_code == 200 else []
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return None
+        for card in cards if isinstance(cards, list) else []:
+            if isinstance(card, dict) and card.get("id") == self.model_name:
+                root, parent = card.get("root"), card.get("parent")
+                if not isinstance(root, str) or not root:
+                    return None
+                return root + (f" (on {parent})" if isinstance(parent, str) and parent else "")
+        return None
+
     def _hint(self, url: str, code: int, message: str) -> str:
         """What to do about a 4xx: for a model name the server does not serve, the names
         it does serve (GET /v1/models, asked once, no retries)."""

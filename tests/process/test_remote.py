@@ -1089,3 +1089,34 @@ def test_a_served_models_own_stages_do_not_depend_on_the_local_dtype(served_run)
     mine = [c for c in again.computed if c.startswith(("evaluating:ga", "attributing:ga"))]
     assert mine == [], again.computed
     assert any(c.startswith("evaluating:original") for c in again.computed)  # local: again
+
+
+def test_a_name_served_with_another_checkpoint_is_not_read_from_the_cache(served_run, tiny):
+    """A served model's stages were keyed by its name and URL alone: a user who served one
+    checkpoint as `model`, ran, then restarted the server with another under the same name
+    got the first one's cached answers, silently. The key now holds what the server says it
+    loaded (vLLM's `root` in /v1/models); the same checkpoint again is still read back."""
+    from unpact.backends import model_key
+    from unpact.models import load_model
+    from unpact.run import run
+
+    root, base, _ = served_run
+    unlearned = load_model(str(root / "trained" / "models" / "ga"))
+    first = BackgroundServer(make_app({"m": tiny, "m-ga": unlearned}))
+    port, runs, keys = first.port, [], []
+    for n, served in enumerate((first, None, None)):
+        if served is None:  # the same name and URL, another checkpoint behind it (then again)
+            models = {"m": unlearned if n == 1 else tiny, "m-ga": unlearned}
+            served = BackgroundServer(make_app(models), port=port)
+        with served as url:
+            spec = f"openai:m@{url}/v1"
+            keys.append(model_key(spec))
+            methods = [{"name": "ga", "model": f"openai:m-ga@{url}/v1"}]
+            config = base | {"model": spec, "methods": methods}
+            out = root / f"renamed-{n}"
+            runs.append(run(config, out, cache_dir=root / "cache", progress=False).results)
+    before = [r["methods"]["ga"]["forget_acc_before"] for r in runs]
+    after = runs[0]["methods"]["ga"]["forget_acc_after"]
+    assert before[0] != after, "the test needs two checkpoints that answer differently"
+    assert before == [before[0], after, before[0]]  # the second run judged what was served
+    assert keys[0] != keys[1] and keys[0] == keys[2]

@@ -50,7 +50,7 @@ from unpact.attribution import (
     keytoken_similarity,
     keyword_units,
 )
-from unpact.backends import open_model
+from unpact.backends import model_key, open_model
 from unpact.data.items import Benchmark, QAItem
 from unpact.data.sources import load_benchmark
 from unpact.errors import UnpactError
@@ -60,7 +60,6 @@ from unpact.models import (
     cache_root,
     load_tokenizer,
     local_model_dir,
-    model_key,
     remote_code_trusted,
     trusting_remote_code,
 )
@@ -479,7 +478,7 @@ def _original(p: Pipeline, data: Data) -> Model:
 
     cfg = p.cfg
     if not cfg.inject.enabled:
-        return Model("original", cfg.model, "model:" + model_key(cfg.model))
+        return Model("original", cfg.model, "model:" + model_key(cfg.model, cfg.remote))
     inject_cfg = InjectConfig(**({"device": cfg.device} | cfg.inject.settings))
     p.say(f"original model: {cfg.model} taught {data.bench.name} (reused if cached)")
     where = data.bench.path or data.bench.name
@@ -646,7 +645,7 @@ def _unlearn(p: Pipeline, data: Data, original: Model, spec: MethodSpec) -> Mode
     from unpact.unlearn.loop import unlearn
 
     if spec.model is not None:
-        return Model(spec.label, spec.model, "model:" + model_key(spec.model))
+        return Model(spec.label, spec.model, "model:" + model_key(spec.model, p.cfg.remote))
     assert spec.method is not None
     ucfg = resolve_config(spec.method, values=spec.config)
     taught = data.key("forget", "retain")

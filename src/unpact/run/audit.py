@@ -300,7 +300,7 @@ def _note_same_models(named: dict[str, str], log: Any) -> None:
     twice, say): the unlearned model or the reference as the original, where the audit
     would spend its minutes saying "not forgotten"; the reference as the unlearned model,
     which is then "indistinguishable from the reference" by construction."""
-    from unpact.models import model_key
+    from unpact.backends import model_key
 
     if log is None:
         return
