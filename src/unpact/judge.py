@@ -226,19 +226,11 @@ def judge_many(
     return _ask_llm(settings.llm, verdicts, progress)
 
 
-def _ask_llm(
-    settings: LLMJudgeSettings, verdicts: Sequence[Verdict], progress: bool | str
-) -> list[bool]:
-    """The LLM's yes or no per verdict, `concurrency` requests at a time through the remote
-    backend's client (a timeout, a dropped connection, 429 or 5xx retried with backoff:
-    one rate-limited reply ended a run)."""
-    from unpact.remote import RemoteError, RemoteModel, RemoteSettings
+def _client(settings: LLMJudgeSettings) -> Any:
+    """The remote backend's client of the LLM judge's endpoint."""
+    from unpact.remote import RemoteModel, RemoteSettings
 
-    if settings.api_key_env and not os.environ.get(settings.api_key_env):
-        raise UnpactError(
-            f"the LLM judge reads its key from ${settings.api_key_env}, which is not set"
-        )
-    client = RemoteModel(
+    return RemoteModel(
         settings.model,
         settings.base_url.rstrip("/"),
         RemoteSettings(
@@ -250,6 +242,38 @@ def _ask_llm(
         ),
         model_option="judge.llm.model",
     )
+
+
+def served_cache_key(settings: JudgeSettings) -> dict[str, Any]:
+    """`settings.cache_key()`, with, for an LLM judge, what its endpoint says it serves
+    under the model's name (`RemoteModel.served_root`: vLLM's `root`): a judge restarted
+    with another model under the same name judges again. One request; OpenAI's API, which
+    names no root, leaves the key as it was."""
+    key = settings.cache_key()
+    if settings.kind == "llm" and settings.llm is not None:
+        client = _client(settings.llm)
+        try:
+            root = client.served_root()
+        finally:
+            client.close()
+        if root is not None:
+            key["llm"]["served_root"] = root
+    return key
+
+
+def _ask_llm(
+    settings: LLMJudgeSettings, verdicts: Sequence[Verdict], progress: bool | str
+) -> list[bool]:
+    """The LLM's yes or no per verdict, `concurrency` requests at a time through the remote
+    backend's client (a timeout, a dropped connection, 429 or 5xx retried with backoff:
+    one rate-limited reply ended a run)."""
+    from unpact.remote import RemoteError
+
+    if settings.api_key_env and not os.environ.get(settings.api_key_env):
+        raise UnpactError(
+            f"the LLM judge reads its key from ${settings.api_key_env}, which is not set"
+        )
+    client = _client(settings)
     url = f"{client.base_url}/chat/completions"
     dialect = _Dialect()
 

@@ -1120,3 +1120,41 @@ def test_a_name_served_with_another_checkpoint_is_not_read_from_the_cache(served
     assert before[0] != after, "the test needs two checkpoints that answer differently"
     assert before == [before[0], after, before[0]]  # the second run judged what was served
     assert keys[0] != keys[1] and keys[0] == keys[2]
+
+
+def test_an_llm_judge_served_under_one_name_is_keyed_by_what_it_serves(tiny, tmp_path):
+    """The LLM judge's verdicts were cached by its endpoint and model name: a judge server
+    restarted with another model under the same name gave the first one's verdicts. The key
+    holds the root of the name's card in /v1/models; without a root (OpenAI's API), the key
+    is the settings' alone."""
+    from unpact.judge import JudgeSettings, LLMJudgeSettings, served_cache_key
+    from unpact.models import load_model, save_model
+
+    save_model(tiny.model, tiny.tokenizer, tmp_path / "other")
+    other = load_model(str(tmp_path / "other"))
+    first = BackgroundServer(make_app({"judge": tiny}))
+    keys = []
+    for served in (first, BackgroundServer(make_app({"judge": other}), port=first.port)):
+        with served as url:
+            llm = LLMJudgeSettings(base_url=f"{url}/v1", model="judge", api_key_env=None)
+            settings = JudgeSettings(kind="llm", llm=llm)
+            keys.append(served_cache_key(settings))
+    assert keys[0] != keys[1]
+    assert keys[0]["llm"]["served_root"] == tiny.spec
+    assert {k: v for k, v in keys[1]["llm"].items() if k != "served_root"} == settings.cache_key()[
+        "llm"
+    ]
+    with BackgroundServer(_NoRoot()) as url:  # OpenAI's API: cards without a root
+        llm = LLMJudgeSettings(base_url=f"{url}/v1", model="judge", api_key_env=None)
+        settings = JudgeSettings(kind="llm", llm=llm)
+        assert served_cache_key(settings) == settings.cache_key()
+
+
+class _NoRoot:
+    """An endpoint whose model list is OpenAI's: ids, no root."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = {"object": "list", "data": [{"id": "judge", "object": "model", "owned_by": "x"}]}
+        await _reply(send, 200, json.dumps(body).encode())

@@ -55,6 +55,7 @@ from unpact.data.items import Benchmark, QAItem
 from unpact.data.sources import load_benchmark
 from unpact.errors import UnpactError
 from unpact.files import once
+from unpact.judge import served_cache_key
 from unpact.metrics import ItemRecord, layer_curve
 from unpact.models import (
     cache_root,
@@ -185,6 +186,12 @@ class Pipeline:
     seconds: dict[str, float] = field(default_factory=dict)  # per stage computed here
     # per stage read from the cache: what computing it took then, where that was noted
     cached_seconds: dict[str, float] = field(default_factory=dict)
+
+    @functools.cached_property
+    def judge_key(self) -> dict[str, Any]:
+        """What decides the verdicts, for the stages' keys (an LLM judge's served model
+        asked once a run)."""
+        return served_cache_key(self.cfg.judge)
 
     def timed(self, name: str, compute: Callable[[], Any]) -> Any:
         """`compute()`, its wall time noted under `name` (results.json's `stage_seconds`)."""
@@ -685,7 +692,7 @@ def _model_stages(
             lm = open_model(model.spec, dtype=cfg.dtype, device=cfg.device, remote=cfg.remote)
         return lm
 
-    judge = cfg.judge.cache_key()
+    judge = p.judge_key
     served = is_remote_spec(model.spec)  # these stages read it alone: not the run's dtype
     evals: dict[str, dict[str, Any]] = {}
     for split in SPLITS:
@@ -813,7 +820,7 @@ def _attack_stage(
         attack.settings.model_dump(mode="json"),
         [i.id for i in items],
         ctx.keys,
-        cfg.judge.cache_key(),
+        p.judge_key,
         *attack.key_parts(ctx),
         *([explain] if attack.explains else []),
         *([f"revision {attack.revision}"] if attack.revision else []),
@@ -876,7 +883,7 @@ def _baselines(p: Pipeline, data: Data, original: Model) -> dict[str, Any]:
             spec.name,
             attack.settings.model_dump(mode="json"),
             {s: data.key(s) for s in SPLITS},
-            p.cfg.judge.cache_key(),
+            p.judge_key,
             *attack.key_parts(ctx),
         ]
         rows = p.stage(
