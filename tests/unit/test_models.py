@@ -1245,3 +1245,35 @@ def test_a_dequantized_model_is_saved_as_full_precision_weights(tiny):
     _forget_dequantizing(model)
     assert model._weight_conversions == [renaming, fused]
     _forget_dequantizing(tiny.model)  # a model with none: nothing to do
+
+
+def test_a_change_to_middle_layers_alone_gives_another_model_key(tiny, tmp_path, monkeypatch):
+    """The key hashed each weight file's first and last MiB: RMU changes a few middle
+    layers, and the WMDP code saves each run into the same folder, so an audit of the
+    retrained checkpoint read the cached answers of the one before. Whole files are hashed
+    now, each once per version on disk (remembered in the cache)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from unpact import models
+
+    monkeypatch.setenv("UNPACT_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "rmu"
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    layers = {f"model.layers.{n}.mlp.down_proj.weight": torch.zeros(1024, 1024) for n in range(3)}
+    save_file(layers, folder / "model.safetensors")  # 12 MiB: the middle layer's is mid-file
+    key = models.model_key(str(folder))
+    assert len(list((tmp_path / "cache" / models.DIGESTS).iterdir())) == 2  # weights, config
+    layers["model.layers.1.mlp.down_proj.weight"][500, 500] = 1.0
+    save_file(layers, folder / "model.safetensors")
+    assert models.model_key(str(folder)) != key
+    changed = models.model_key(str(folder))
+    real_open = Path.open
+
+    def no_weights(path: Path, *args: object, **kwargs: object) -> object:
+        assert path.suffix != ".safetensors", "the same weights read again"
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", no_weights)
+    assert models.model_key(str(folder)) == changed  # remembered
