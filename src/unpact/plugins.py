@@ -9,9 +9,10 @@ in that config. An error inside a plugin is one `UnpactError` naming its file an
 while it is imported here, and while it runs (`plugin_failure`, which the CLI applies to
 whatever a run raises).
 
-Stages are cached by the names and settings of what they run, not by a plugin's code: after
-changing a plugin's code, give its thing a new name or clear the cache
-(`$UNPACT_CACHE/stages`).
+Stages are cached by the names and settings of what they run and, for a plugin's attack or
+method, by the source of the file that defines its class (`code_key`): editing that file
+re-runs what it computed. A helper module the file imports is not part of the key: after
+changing one, change the plugin's file too, or clear the cache (`$UNPACT_CACHE/stages`).
 """
 
 from __future__ import annotations
@@ -123,6 +124,22 @@ def load_plugin(entry: str, base: Path | None = None) -> ModuleType:
     _LOADED[key] = module
     _SOURCES[str(path.resolve())] = str(path)
     return module
+
+
+def code_key(cls: type) -> list[str]:
+    """For a class a plugin defines (an attack, an unlearning method), the hash of the
+    source file that defines it, as a stage key's part: a plugin author edits the code and
+    runs again, and the stages it computed before must not be read for the new code. []
+    for unpact's own classes, whose changes are versioned by hand (`revision`), and for a
+    class without a source file (defined in a notebook: keyed by name and settings only)."""
+    if cls.__module__.split(".")[0] == "unpact":
+        return []
+    try:
+        where = inspect.getsourcefile(cls)
+        source = Path(where).read_bytes() if where else None
+    except (TypeError, OSError):
+        source = None
+    return [] if source is None else [f"code {hashlib.sha256(source).hexdigest()[:16]}"]
 
 
 @contextmanager

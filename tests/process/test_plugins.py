@@ -424,3 +424,26 @@ def test_an_attack_whose_prompts_are_not_texts_is_named_with_its_file(tiny, regi
     Numbers.prompt = lambda self, question, key_tokens: "  "  # type: ignore[method-assign]
     with pytest.raises(UnpactError, match=r"it asks \['  '\]"):
         Numbers().run(ctx)
+
+
+def test_an_edited_plugin_runs_again_where_its_code_is_used(project, tmp_path, registries):
+    """Stages were keyed by a plugin thing's name and settings alone: a plugin author who
+    edited an attack's code and ran again read the old code's rows from the cache. The
+    defining file's source is in the keys of its attack's and its method's stages now:
+    edited, they are computed again (the file's method too); unedited, read back."""
+    import shutil
+
+    shutil.copytree(project, tmp_path / "p", ignore=shutil.ignore_patterns("out", "cache"))
+    config, plugin = tmp_path / "p" / "run.yaml", tmp_path / "p" / "plugins" / "mine.py"
+
+    def computed(n: int) -> list[str]:
+        out = tmp_path / f"out{n}"
+        return run(config, out, cache_dir=tmp_path / "cache", progress=False).computed
+
+    first = computed(0)
+    assert computed(1) == []  # as it was: every stage read back
+    plugin.write_text(PLUGIN.replace("return question.upper()", "return question.upper() + '!'"))
+    again = computed(2)
+    assert "attacking:half_ga with shout (4 items)" in again and "unlearn:half_ga" in again
+    original = [c for c in first if ":original" in c]
+    assert original and not set(original) & set(again)  # what the plugin does not touch

@@ -64,6 +64,7 @@ from unpact.models import (
     remote_code_trusted,
     trusting_remote_code,
 )
+from unpact.plugins import code_key
 from unpact.progress import progress_bar
 from unpact.results import (
     csv_text,
@@ -650,13 +651,15 @@ def _unlearn(p: Pipeline, data: Data, original: Model, spec: MethodSpec) -> Mode
     unlearned model given by the config."""
     from unpact.unlearn.config import resolve_config
     from unpact.unlearn.loop import unlearn
+    from unpact.unlearn.methods import get_method
 
     if spec.model is not None:
         return Model(spec.label, spec.model, "model:" + model_key(spec.model, p.cfg.remote))
     assert spec.method is not None
     ucfg = resolve_config(spec.method, values=spec.config)
     taught = data.key("forget", "retain")
-    key = digest("unlearn", original.key, taught, ucfg.model_dump(mode="json"), RUN_FORMAT)
+    code = code_key(get_method(spec.method))  # a plugin method's file: edited, trained again
+    key = digest("unlearn", original.key, taught, ucfg.model_dump(mode="json"), RUN_FORMAT, *code)
     # Named by method, not label: a sweep value equal to the default reuses that run.
     folder = p.cache / "unlearned" / f"{spec.method}-{key}"
 
@@ -824,6 +827,7 @@ def _attack_stage(
         *attack.key_parts(ctx),
         *([explain] if attack.explains else []),
         *([f"revision {attack.revision}"] if attack.revision else []),
+        *code_key(type(attack)),
     ]
     count = f"{len(items)} item{'' if len(items) == 1 else 's'}"
     name = f"{model.label} with {spec.column} ({count})"
@@ -885,6 +889,7 @@ def _baselines(p: Pipeline, data: Data, original: Model) -> dict[str, Any]:
             {s: data.key(s) for s in SPLITS},
             p.judge_key,
             *attack.key_parts(ctx),
+            *code_key(type(attack)),
         ]
         rows = p.stage(
             "attack baseline",
