@@ -612,8 +612,8 @@ PROMPT_FILES = (
 
 def model_key(spec: str) -> str:
     """Hash of the base model, without loading it: for a local model, the names and whole
-    content of its weight files and config (`file_digests`: each file read once per version
-    on disk), and the full tokenizer, chat template and generation config (a template
+    content of its weight files, config and Python files (a checkpoint of its own code runs
+    them; `file_digests`: each file read once per version on disk), and the full tokenizer, chat template and generation config (a template
     edited in a checkpoint's folder gives other prompts: cached answers must not be read
     for it); for a hub id, the id and the commit it loads (`hub_revision`)."""
     folder = local_model_dir(spec)
@@ -622,6 +622,7 @@ def model_key(spec: str) -> str:
         return hashlib.sha256((spec + (f"@{commit}" if commit else "")).encode()).hexdigest()
     digest = hashlib.sha256(f"{folder.name}\0{KEY_FORMAT}".encode())
     weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("config.json"))
+    weights += sorted(folder.glob("*.py"))  # a checkpoint's own code (auto_map), if any
     for f, found in zip(weights, file_digests(weights, folder.name)):
         digest.update(f"{f.name}\0{found}".encode())
     if not (folder / MANIFEST).is_file():  # a GGUF's cache: all of it comes from the GGUF

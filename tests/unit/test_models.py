@@ -1184,7 +1184,7 @@ def test_a_checkpoint_s_own_code_runs_only_where_trusted(tiny, tmp_path):
     wins; outside it, the code is refused again. A model saved after such a load keeps its
     code, so the unlearned copy loads the same way."""
     from unpact import trusting_remote_code
-    from unpact.models import load_tokenizer, save_model
+    from unpact.models import load_tokenizer, model_key, save_model
 
     tiny.model.save_pretrained(tmp_path / "mine")
     tiny.tokenizer.save_pretrained(tmp_path / "mine")
@@ -1207,6 +1207,11 @@ def test_a_checkpoint_s_own_code_runs_only_where_trusted(tiny, tmp_path):
     with pytest.raises(UnpactError, match=refused):
         load_model(folder)
     assert type(load_model(folder, trust_remote_code=True).model).__name__ == "MineForCausalLM"
+    # its code is part of its key: edited, the cached answers are not read for it
+    key = model_key(folder)
+    code = tmp_path / "mine" / "modeling_mine.py"
+    code.write_text(code.read_text() + "\n# scaled logits\n")
+    assert model_key(folder) != key
 
 
 def test_a_dequantized_model_is_saved_as_full_precision_weights(tiny):
