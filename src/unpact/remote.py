@@ -309,22 +309,27 @@ class RemoteModel:
         its adapter, with the base as `parent`, both kept), or None where it says nothing (no
         list, no card of this name, no root: OpenAI's own API). One request, no retries: a
         server down now fails the first request that needs it, with the retries' message."""
+        for card in self._model_cards() or []:
+            if card.get("id") == self.model_name:
+                root, parent = card.get("root"), card.get("parent")
+                if not isinstance(root, str) or not root:
+                    return None
+                return root + (f" (on {parent})" if isinstance(parent, str) and parent else "")
+        return None
+
+    def _model_cards(self) -> list[dict[str, Any]] | None:
+        """The cards of `GET /v1/models` (one request, no retries), or None where the
+        server gives no such list."""
         import httpx
 
         try:
             reply = self._http().get(
                 f"{self.base_url}/models", headers=self._headers(), timeout=self.settings.timeout
             )
-            cards = reply.json()["data"] if reply.status_code == 200 else []
+            cards = reply.json()["data"] if reply.status_code == 200 else None
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             return None
-        for card in cards if isinstance(cards, list) else []:
-            if isinstance(card, dict) and card.get("id") == self.model_name:
-                root, parent = card.get("root"), card.get("parent")
-                if not isinstance(root, str) or not root:
-                    return None
-                return root + (f" (on {parent})" if isinstance(parent, str) and parent else "")
-        return None
+        return [c for c in cards if isinstance(c, dict)] if isinstance(cards, list) else None
 
     def _hint(self, url: str, code: int, message: str) -> str:
         """What to do about a 4xx: for a model name the server does not serve, the names
@@ -332,15 +337,8 @@ class RemoteModel:
         if not _unknown_model(code, message):
             return _capability_hint(url, code)
         hint = f" — the server serves no model named {self.model_name!r} ({self.model_option})"
-        import httpx
-
-        try:
-            reply = self._http().get(
-                f"{self.base_url}/models", headers=self._headers(), timeout=self.settings.timeout
-            )
-            names = [m["id"] for m in reply.json()["data"] if isinstance(m.get("id"), str)]
-        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
-            return hint  # only a hint: the error it goes with is what matters
+        # only a hint: the error it goes with is what matters
+        names = [c["id"] for c in self._model_cards() or [] if isinstance(c.get("id"), str)]
         return hint + (f"; it serves {', '.join(repr(n) for n in names)}" if names else "")
 
     def _note_max_length(self, reply: dict[str, Any]) -> None:
