@@ -613,9 +613,10 @@ PROMPT_FILES = (
 def model_key(spec: str) -> str:
     """Hash of the base model, without loading it: for a local model, the names and whole
     content of its weight files, config and Python files (a checkpoint of its own code runs
-    them; `file_digests`: each file read once per version on disk), and the full tokenizer, chat template and generation config (a template
-    edited in a checkpoint's folder gives other prompts: cached answers must not be read
-    for it); for a hub id, the id and the commit it loads (`hub_revision`)."""
+    them; `file_digests`: each file read once per version on disk), and the full
+    tokenizer, chat template and generation config (a template edited in a checkpoint's
+    folder gives other prompts: cached answers must not be read for it); for a hub id, the
+    id and the commit it loads (`hub_revision`)."""
     folder = local_model_dir(spec)
     if folder is None:
         commit = None if is_remote_spec(spec) else hub_revision(spec)
@@ -644,38 +645,33 @@ DIGESTS = "digests"  # under the cache root: a file's sha256 by its identity on 
 def file_digests(paths: Sequence[Path], label: str = "") -> list[str]:
     """The sha256 of each file's whole content, remembered under `$UNPACT_CACHE/digests`
     by the file's identity on disk (resolved path, size, modification time, inode): a
-    model's weights are read once per version, at about 1.7 GB/s here, with a bar (for
-    `label`) when that is more than a GiB, and not again at the next run."""
-    todo: dict[int, Path] = {}
+    model's weights are read once per version, with a bar (for `label`) when that is more
+    than a GiB, and not again at the next run."""
+    todo: dict[int, tuple[Path, Path, int]] = {}  # file, its memo, its size
     found: list[str] = []
     for n, path in enumerate(paths):
-        memo = _digest_memo(path)
+        st = path.stat()
+        identity = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_dev}"
+        memo = cache_root() / DIGESTS / hashlib.sha256(identity.encode()).hexdigest()[:40]
         try:
             value = memo.read_text().strip()
         except OSError:
             value = ""
         if len(value) != 64:
-            todo[n] = path
+            todo[n] = (path, memo, st.st_size)
         found.append(value)
-    total = sum(p.stat().st_size for p in todo.values())
-    chunk = 1 << 24
+    total = sum(size for _, _, size in todo.values())
     with progress_bar(f"Hashing the weights of {label}", total, total > 1 << 30) as advance:
-        for n, path in todo.items():
+        for n, (path, memo, _) in todo.items():
             h = hashlib.sha256()
             with path.open("rb") as fh:
-                while block := fh.read(chunk):
+                while block := fh.read(1 << 24):
                     h.update(block)
                     advance(len(block))
             found[n] = h.hexdigest()
             with contextlib.suppress(OSError):  # a read-only cache: hashed again next time
-                atomic_text(_digest_memo(path), found[n])
+                atomic_text(memo, found[n])
     return found
-
-
-def _digest_memo(path: Path) -> Path:
-    st = path.stat()
-    identity = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_dev}"
-    return cache_root() / DIGESTS / hashlib.sha256(identity.encode()).hexdigest()[:40]
 
 
 # How a template's text around the message is tokenised where the rules of

@@ -194,6 +194,11 @@ class Pipeline:
         asked once a run)."""
         return served_cache_key(self.cfg.judge)
 
+    def given_model(self, label: str, spec: str) -> Model:
+        """A model the config gives as it is (not taught or unlearned here), keyed by its
+        content, or a served one by what its server says it serves (`backends.model_key`)."""
+        return Model(label, spec, "model:" + model_key(spec, self.cfg.remote))
+
     def timed(self, name: str, compute: Callable[[], Any]) -> Any:
         """`compute()`, its wall time noted under `name` (results.json's `stage_seconds`)."""
         began = time.perf_counter()
@@ -486,7 +491,7 @@ def _original(p: Pipeline, data: Data) -> Model:
 
     cfg = p.cfg
     if not cfg.inject.enabled:
-        return Model("original", cfg.model, "model:" + model_key(cfg.model, cfg.remote))
+        return p.given_model("original", cfg.model)
     inject_cfg = InjectConfig(**({"device": cfg.device} | cfg.inject.settings))
     p.say(f"original model: {cfg.model} taught {data.bench.name} (reused if cached)")
     where = data.bench.path or data.bench.name
@@ -654,7 +659,7 @@ def _unlearn(p: Pipeline, data: Data, original: Model, spec: MethodSpec) -> Mode
     from unpact.unlearn.methods import get_method
 
     if spec.model is not None:
-        return Model(spec.label, spec.model, "model:" + model_key(spec.model, p.cfg.remote))
+        return p.given_model(spec.label, spec.model)
     assert spec.method is not None
     ucfg = resolve_config(spec.method, values=spec.config)
     taught = data.key("forget", "retain")
@@ -826,8 +831,7 @@ def _attack_stage(
         p.judge_key,
         *attack.key_parts(ctx),
         *([explain] if attack.explains else []),
-        *([f"revision {attack.revision}"] if attack.revision else []),
-        *code_key(type(attack)),
+        *_code_version(attack),
     ]
     count = f"{len(items)} item{'' if len(items) == 1 else 's'}"
     name = f"{model.label} with {spec.column} ({count})"
@@ -857,6 +861,12 @@ def _controls(
         s.column: _attack_stage(p, data, s, reference, opened, items, original, None, "control")
         for s in specs
     }, None
+
+
+def _code_version(attack: Any) -> list[str]:
+    """The version of an attack's code, for its stages' keys: unpact's own by its hand-bumped
+    `revision` (none while 0), a plugin's by its file's source (`plugins.code_key`)."""
+    return [f"revision {attack.revision}"] * bool(attack.revision) + code_key(type(attack))
 
 
 def _baselines(p: Pipeline, data: Data, original: Model) -> dict[str, Any]:
@@ -889,7 +899,7 @@ def _baselines(p: Pipeline, data: Data, original: Model) -> dict[str, Any]:
             {s: data.key(s) for s in SPLITS},
             p.judge_key,
             *attack.key_parts(ctx),
-            *code_key(type(attack)),
+            *_code_version(attack),
         ]
         rows = p.stage(
             "attack baseline",

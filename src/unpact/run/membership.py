@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from unpact.backends import model_key, open_model
+from unpact.backends import open_model
 from unpact.data.items import QAItem, VerbatimPrompt
 from unpact.errors import UnpactError
 from unpact.judge import muse_rouge_l_f1, split_unspaced
@@ -237,7 +237,7 @@ def retrained(p: Pipeline, data: Data) -> Model:
     cfg = p.cfg
     if cfg.membership.reference is not None:
         spec = cfg.membership.reference
-        return Model("retrained", spec, "model:" + model_key(spec, cfg.remote))
+        return p.given_model("retrained", spec)
     inject_cfg = InjectConfig(**({"device": cfg.device} | cfg.inject.settings))
     p.say(f"retrained reference: {cfg.model} taught only the retain facts (reused if cached)")
     where = data.bench.path or data.bench.name
@@ -630,7 +630,6 @@ def compute(
     of its forget answers; cached like every stage."""
     from functools import partial
 
-    from unpact.run import Model
     from unpact.run.store import digest
     from unpact.types import is_remote_spec
 
@@ -642,7 +641,7 @@ def compute(
     items = data.splits["forget"] + data.holdout
     item_key = digest([i.to_dict() for i in items])  # the truth-ratio answers included
     base_spec = settings.base or p.cfg.model
-    base = Model("base", base_spec, "model:" + model_key(base_spec, p.cfg.remote))
+    base = p.given_model("base", base_spec)
     firsts = first_items(data.splits["forget"])
     kind, texts = verbatim_texts(data, settings)
     scored = scored_documents(data, settings)
