@@ -10,18 +10,21 @@ while it is imported here, and while it runs (`plugin_failure`, which the CLI ap
 whatever a run raises).
 
 Stages are cached by the names and settings of what they run and, for a plugin's attack or
-method, by the source of the file that defines its class (`code_key`): editing that file
-re-runs what it computed. A helper module the file imports is not part of the key: after
-changing one, change the plugin's file too, or clear the cache (`$UNPACT_CACHE/stages`).
+method, by the source of the file that defines its class and of the plugin's own modules that
+file imports (`code_key`): editing them re-runs what they computed. A module imported by a
+name computed at run time (`importlib.import_module(name)`) is not seen: after changing
+one, change the plugin's file too, or clear the cache (`$UNPACT_CACHE/stages`).
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import importlib.util
 import inspect
 import sys
+import sysconfig
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -128,18 +131,103 @@ def load_plugin(entry: str, base: Path | None = None) -> ModuleType:
 
 def code_key(cls: type) -> list[str]:
     """For a class a plugin defines (an attack, an unlearning method), the hash of the
-    source file that defines it, as a stage key's part: a plugin author edits the code and
-    runs again, and the stages it computed before must not be read for the new code. []
-    for unpact's own classes, whose changes are versioned by hand (`revision`), and for a
-    class without a source file (defined in a notebook: keyed by name and settings only)."""
+    source that defines it, as a stage key's part: a plugin author edits the code and runs
+    again, and the stages it computed before must not be read for the new code. The source
+    is the class's file and the plugin's own modules it imports (`_own_sources`): a helper
+    module beside a plugin file, or the rest of a plugin package. [] for unpact's own
+    classes, whose changes are versioned by hand (`revision`), and for a class without a
+    source file (defined in a notebook: keyed by name and settings only)."""
     if cls.__module__.split(".")[0] == "unpact":
         return []
     try:
         where = inspect.getsourcefile(cls)
-        source = Path(where).read_bytes() if where else None
+        files = _own_sources(Path(where).resolve(), cls.__module__) if where else []
+        sources = [(f, f.read_bytes()) for f in files]
     except (TypeError, OSError):
-        source = None
-    return [] if source is None else [f"code {hashlib.sha256(source).hexdigest()[:16]}"]
+        return []
+    if len(sources) == 1:  # one file: its hash alone, as before helpers were followed
+        return [f"code {hashlib.sha256(sources[0][1]).hexdigest()[:16]}"]
+    digest = hashlib.sha256()
+    top = files[0].parent
+    for file, source in sorted(sources):
+        digest.update(f"{file.relative_to(top) if file.is_relative_to(top) else file}\0".encode())
+        digest.update(hashlib.sha256(source).digest())
+    return [f"code {digest.hexdigest()[:16]}"]
+
+
+_MOST_SOURCES = 1000  # a plugin importing more of its own modules than this: the first ones
+
+
+def _own_sources(file: Path, module: str) -> list[Path]:
+    """`file` (module `module`) and, followed from its import statements (anywhere in it,
+    found without running it), every module of the plugin's own it imports: for a plugin
+    file (`unpact_plugin_...`, or a top-level module outside the installed packages), the
+    modules in its folder; for a module of a package, that package's modules (`from .
+    import util`, `import pkg.sub`). What is imported by a name computed at run time
+    (`importlib.import_module(name)`) is not seen."""
+    parts = module.split(".")
+    package = file.parent if file.name == "__init__.py" else None
+    root = file.parent
+    for _ in parts[1:] if package is None else parts:
+        root = root.parent
+    loose = len(parts) == 1 and package is None and not _installed(root)
+    own = None if loose else parts[0]
+    found, todo = [file], [(file, parts)]
+    while todo and len(found) < _MOST_SOURCES:
+        for candidate, name in _imported(*todo.pop(), own, root):
+            if candidate not in found and candidate.is_relative_to(root):
+                found.append(candidate)
+                todo.append((candidate, name))
+    return found
+
+
+def _installed(folder: Path) -> bool:
+    """Whether `folder` is where Python or installed packages live (a module there imports
+    other distributions, not modules of its own)."""
+    places = {sysconfig.get_paths().get(k) for k in ("purelib", "platlib", "stdlib")}
+    places |= {sysconfig.get_paths(vars={"base": sys.base_prefix}).get("stdlib")}
+    return any(p and folder == Path(p).resolve() for p in places) or "-packages" in folder.name
+
+
+def _imported(
+    file: Path, module: list[str], own: str | None, root: Path
+) -> Iterator[tuple[Path, list[str]]]:
+    """The files of the modules `file`'s import statements run, with their dotted names
+    (with `from m import a`, `m.a` too: `a` may be a module), found under `root`; only the
+    plugin's own: under its package `own`, or, for a loose file (`own` None), any name."""
+    is_package = file.name == "__init__.py"
+    try:
+        tree = ast.parse(file.read_bytes())
+    except (SyntaxError, ValueError):  # hashed as it is, nothing followed from it
+        return
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name.split(".") for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module.split(".") if node.module else []
+            if node.level:  # relative: from the module's package, up level - 1
+                anchor = module if is_package else module[:-1]
+                if own is None or node.level > len(anchor):
+                    continue
+                base = anchor[: len(anchor) - node.level + 1] + base
+            names = [base] + [[*base, alias.name] for alias in node.names if alias.name != "*"]
+        else:
+            continue
+        for name in names:
+            if name and (own is None or name[0] == own):
+                yield from _files_of(root, name)
+
+
+def _files_of(root: Path, name: list[str]) -> Iterator[tuple[Path, list[str]]]:
+    """The source files importing `name` runs, under `root`, with their modules' names:
+    its packages' `__init__.py` and its own file."""
+    for depth in range(1, len(name) + 1):
+        folder = root.joinpath(*name[:depth])
+        last = depth == len(name)
+        candidates = [folder / "__init__.py"] + [folder.with_name(folder.name + ".py")] * last
+        for candidate in candidates:
+            if candidate.is_file():
+                yield candidate.resolve(), name[:depth]
 
 
 @contextmanager

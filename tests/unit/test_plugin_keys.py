@@ -1,0 +1,94 @@
+"""A plugin's code key covers the plugin's own modules its class's file imports."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import sys
+
+import pytest
+
+from unpact.plugins import _LOADED, code_key, load_plugin
+
+
+@pytest.fixture
+def clean_imports():
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        del sys.modules[name]
+    _LOADED.clear()
+    importlib.invalidate_caches()
+
+
+def _key_of(path, class_name="Thing"):
+    module = load_plugin(str(path))
+    return code_key(getattr(module, class_name))
+
+
+def test_a_plugin_files_helper_module_is_in_its_key(tmp_path, clean_imports):
+    """A helper module beside a plugin file was not in the key: its author edited the
+    helper, ran again, and read the stages the old helper computed."""
+    plugin, helper = tmp_path / "mine.py", tmp_path / "helpers.py"
+    helper.write_text("def shout(q):\n    return q.upper()\n")
+    (tmp_path / "unused.py").write_text("X = 1\n")
+    plugin.write_text(
+        "import json\nimport numpy\n\n\nclass Thing:\n"
+        "    def prompt(self, q):\n        from helpers import shout\n\n        return shout(q)\n"
+    )
+    first = _key_of(plugin)
+    assert first == _key_of(plugin)  # the same code: the same key
+    (tmp_path / "unused.py").write_text("X = 2\n")  # a module it does not import
+    assert _key_of(plugin) == first
+    helper.write_text("def shout(q):\n    return q.upper() + '!'\n")
+    assert _key_of(plugin) != first
+
+
+def test_a_single_file_plugin_keeps_its_key(tmp_path, clean_imports):
+    """A plugin importing none of its own modules (only installed ones: not followed into
+    site-packages) is keyed by its file's hash, as before helpers were followed."""
+    plugin = tmp_path / "solo.py"
+    plugin.write_text("import numpy\nimport torch\nfrom unpact.attacks import Attack\n\n"
+                      "class Thing:\n    pass\n")  # fmt: skip
+    digest = hashlib.sha256(plugin.read_bytes()).hexdigest()[:16]
+    assert _key_of(plugin) == [f"code {digest}"]
+
+
+def test_a_plugin_packages_modules_are_in_its_key(tmp_path, clean_imports, monkeypatch):
+    """A plugin given as a module of a package: the package's modules its file imports,
+    relative or absolute, and the packages' __init__ files they run; not another package's,
+    and not its modules it does not import."""
+    pkg = tmp_path / "myplug"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("from .deep import VALUE\n")
+    (pkg / "sub" / "deep.py").write_text("VALUE = 1\n")
+    (pkg / "util.py").write_text("def f():\n    return 1\n")
+    (pkg / "other.py").write_text("Y = 1\n")
+    (tmp_path / "elsewhere.py").write_text("Z = 1\n")
+    (pkg / "methods.py").write_text(
+        "from . import util\nfrom myplug.sub import VALUE\nimport elsewhere\n\n"
+        "class Thing:\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    key = lambda: code_key(importlib.import_module("myplug.methods").Thing)  # noqa: E731
+    first = key()
+    for unrelated in (pkg / "other.py", tmp_path / "elsewhere.py"):
+        unrelated.write_text("Y = 2\n")
+        assert key() == first, unrelated
+    for followed in (pkg / "util.py", pkg / "sub" / "deep.py", pkg / "sub" / "__init__.py"):
+        followed.write_text(followed.read_text() + "\n# edited\n")
+        assert key() != first, followed
+        first = key()
+
+
+def test_unpacts_own_classes_have_no_code_key_and_unparsable_helpers_count(tmp_path, clean_imports):
+    from unpact.attacks import ATTACKS
+
+    assert code_key(ATTACKS["probab"]) == []  # versioned by hand (revision)
+    plugin, helper = tmp_path / "mine.py", tmp_path / "helpers.py"
+    plugin.write_text("class Thing:\n    def run(self):\n        import helpers\n")
+    helper.write_text("def broken(:\n")  # not Python (yet): hashed, nothing followed
+    first = _key_of(plugin)
+    helper.write_text("def broken():\n    pass\n")
+    assert first != _key_of(plugin) != []
