@@ -520,11 +520,14 @@ def _drop_loading_garbage(model: Any) -> None:
         gc.collect()
 
 
-def load_tokenizer(spec: str = DEFAULT_SPEC, *, trust_remote_code: bool | None = None) -> Any:
+def load_tokenizer(
+    spec: str | os.PathLike[str] = DEFAULT_SPEC, *, trust_remote_code: bool | None = None
+) -> Any:
     """The tokenizer `load_model(spec)` would load, without the weights (a check that two
     models share a vocabulary need not hold both in memory). Not for served models."""
     from transformers import AutoTokenizer
 
+    spec = spec_text(spec)  # a pathlib.Path is a spec too
     folder = local_model_dir(spec)
     unreachable = _hub_unreachable() if folder is None else None
     try:
@@ -1240,7 +1243,7 @@ def adapter_base(path: Path) -> str:
     return base
 
 
-def with_chat_template(spec: str, template: str | os.PathLike[str]) -> str:
+def with_chat_template(spec: str | os.PathLike[str], template: str | os.PathLike[str]) -> str:
     """The spec of `spec`'s model with `template` (a Jinja chat template file, or the
     template's text) in place of its own chat template: a model folder in the cache with
     links to the weights and the tokenizer saved with the template, built once (keyed by
@@ -1248,6 +1251,7 @@ def with_chat_template(spec: str, template: str | os.PathLike[str]) -> str:
     checkpoint fine-tuned in another prompt format than its tokenizer's template (or with
     none): open-unlearning's TOFU models, docs/audit.md. A served model renders its
     server's template: start the server with `--chat-template FILE`."""
+    spec = spec_text(spec)
     if is_remote_spec(spec):
         raise ChatTemplateError(
             f"chat template: {spec!r} is served and renders its server's template; start the "

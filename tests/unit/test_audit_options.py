@@ -50,3 +50,20 @@ def test_text_and_paths_are_taken_as_the_cli_takes_them():
     for none in ([], "", " , "):  # an audit of no attack ran, said nowhere (the CLI refused it)
         with pytest.raises(UnpactError, match=r"^--attacks: give at least one attack name$"):
             audit_config("a", "b", "news", **checked_options({"attacks": none}))
+
+
+def test_audit_config_takes_paths_where_it_takes_text(tmp_path):
+    """`audit_config(Path(...), ...)` was an AttributeError ('PosixPath' object has no
+    attribute 'startswith'), where `audit` and the run config took paths: the same config
+    as the same paths given as text."""
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    (tmp_path / "mine.py").write_text("")
+    paths = {"reference": tmp_path / "ref", "base": tmp_path / "base", "general": None}
+    paths |= {"chat_template": template, "plugins": [tmp_path / "mine.py"]}
+    texts = {k: v if v is None else [str(p) for p in v] if isinstance(v, list) else str(v)
+             for k, v in paths.items()}  # fmt: skip
+    given = audit_config(tmp_path / "a", tmp_path / "b", tmp_path / "bench", **paths)
+    assert given == audit_config(str(tmp_path / "a"), str(tmp_path / "b"),
+                                 str(tmp_path / "bench"), **texts)  # fmt: skip
+    assert given[0]["model"] == str(tmp_path / "a")

@@ -1282,3 +1282,17 @@ def test_a_change_to_middle_layers_alone_gives_another_model_key(tiny, tmp_path,
 
     monkeypatch.setattr(Path, "open", no_weights)
     assert models.model_key(str(folder)) == changed  # remembered
+
+
+def test_a_tokenizer_and_a_templated_copy_take_a_path_as_a_spec(tiny, tmp_path, monkeypatch):
+    """`load_tokenizer(Path)` and `with_chat_template(Path, ...)` were AttributeErrors
+    ('PosixPath' object has no attribute 'startswith'), where `load_model` took a path."""
+    from unpact.models import load_tokenizer, save_model, with_chat_template
+
+    monkeypatch.setenv("UNPACT_CACHE", str(tmp_path / "cache"))
+    save_model(tiny.model, tiny.tokenizer, tmp_path / "m")
+    assert load_tokenizer(tmp_path / "m").get_vocab() == tiny.tokenizer.get_vocab()
+    template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    assert with_chat_template(tmp_path / "m", template) == with_chat_template(
+        str(tmp_path / "m"), template
+    )

@@ -23,7 +23,7 @@ import inspect
 import os
 from functools import cache
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, get_args, overload
 
 from unpact.attacks import ATTACKS
 from unpact.errors import UnpactError
@@ -74,22 +74,22 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def audit_config(
-    original: str,
-    unlearned: str,
-    benchmark: str,
+    original: str | os.PathLike[str],
+    unlearned: str | os.PathLike[str],
+    benchmark: str | os.PathLike[str],
     *,
-    reference: str | None = None,
-    base: str | None = None,
+    reference: str | os.PathLike[str] | None = None,
+    base: str | os.PathLike[str] | None = None,
     preset: str = "laptop",
     attacks: list[str] | None = None,
-    general: str | None = "general",
+    general: str | os.PathLike[str] | None = "general",
     device: str = "auto",
     judge: str = "contains",
     max_new_tokens: int | None = None,
     judge_max_tokens: int | None = None,
-    judge_prompt: str | None = None,
-    chat_template: str | None = None,
-    plugins: list[str] | None = None,
+    judge_prompt: str | os.PathLike[str] | None = None,
+    chat_template: str | os.PathLike[str] | None = None,
+    plugins: list[str | os.PathLike[str]] | None = None,
     dtype: str = "float32",
     trust_remote_code: bool = False,
 ) -> tuple[dict[str, Any], dict[str, str]]:
@@ -99,8 +99,11 @@ def audit_config(
     from unpact.attacks import ATTACKS, get_attack
     from unpact.plugins import load_plugins
 
-    plugins = [_absolute(p) for p in plugins or []]
-    load_plugins(plugins)
+    original, unlearned, benchmark = _text(original), _text(unlearned), _text(benchmark)
+    reference, base, general = _text(reference), _text(base), _text(general)
+    chat_template, judge_prompt = _text(chat_template), _text(judge_prompt)
+    entries = [_absolute(_text(p)) for p in plugins or []]
+    load_plugins(entries)
     judged = _judge(judge, max_new_tokens, judge_max_tokens, judge_prompt)
     _check_choices(preset=preset, dtype=dtype)
     chosen = _chosen_attacks(preset, attacks)
@@ -143,7 +146,7 @@ def audit_config(
     if chat_template is not None:  # every model as a copy with this template
         config["chat_template"] = str(chat_template)
     if plugins:  # a continued audit's config names them too
-        config["plugins"] = plugins
+        config["plugins"] = entries
     return config, skipped
 
 
@@ -192,8 +195,13 @@ def checked_options(options: dict[str, Any]) -> dict[str, Any]:
     return given
 
 
+@overload
+def _text(value: str | os.PathLike[str]) -> str: ...
+@overload
+def _text(value: str | os.PathLike[str] | None) -> str | None: ...
 def _text(value: Any) -> Any:
-    """A path given where text goes (a folder, a plugin file) as its text."""
+    """A path given where text goes (a model folder, a benchmark, a plugin file, a chat
+    template or judge prompt's file) as its text; anything else as it is."""
     return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
@@ -517,10 +525,10 @@ def _indistinguishable(
 
 
 def audit(
-    original: str,
-    unlearned: str,
-    benchmark: str,
-    out: Any,
+    original: str | os.PathLike[str],
+    unlearned: str | os.PathLike[str],
+    benchmark: str | os.PathLike[str],
+    out: str | os.PathLike[str],
     *,
     log: Any = None,
     cache_dir: Any = None,
@@ -542,9 +550,9 @@ def audit(
 
 
 def _audit(
-    original: str,
-    unlearned: str,
-    benchmark: str,
+    original: str | os.PathLike[str],
+    unlearned: str | os.PathLike[str],
+    benchmark: str | os.PathLike[str],
     out: Any,
     log: Any,
     cache_dir: Any,
