@@ -59,7 +59,6 @@ from typing import Any
 
 import torch
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     ValidationError,
@@ -89,7 +88,7 @@ from unpact.scoring import (
     text_parameters,
 )
 from unpact.train import Trainer
-from unpact.types import Seed, follow, pair_ids, spec_text
+from unpact.types import PlainInput, Seed, follow, pair_ids, spec_text
 from unpact.unlearn.config import describe_errors
 
 INJECT_FORMAT = 2
@@ -103,7 +102,7 @@ MIN_STEPS_PER_EPOCH = 10
 _CHOICES = {"precision": ("auto", "bf16", "fp32"), "trainable": ("all", "mlp", "lora")}
 
 
-class InjectConfig(BaseModel):
+class InjectConfig(PlainInput):
     """How knowledge is injected. Every field has a default that works on the default model;
     a bad value is one `UnpactError` naming the field."""
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, NamedTuple, Protocol, TypeAlias, runtime_checkable
 
 import torch
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 REMOTE_PREFIX = "openai:"
 # Rendered into every chat template (a template that does not read a variable ignores it):
@@ -35,6 +35,33 @@ CHAT_TEMPLATE_KWARGS = {"date_string": "26 Jul 2024", "enable_thinking": False}
 # A seed every generator takes: Python's, NumPy's (below 2**32) and torch's. A negative or
 # larger one used to pass validation and fail as a traceback when training began.
 Seed: TypeAlias = Annotated[int, Field(ge=0, lt=2**32)]
+
+
+def plain_values(value: Any) -> Any:
+    """`value` with every path (`os.PathLike`) in it, at any depth, as its text, and every
+    array value (a numpy or torch number, a numpy array) as Python numbers or lists: what
+    the config file would hold. A config built in Python holds them, and `np.int64(3)` in
+    a free mapping (a method's settings) could not be written to config.yaml ("Unable to
+    serialize unknown type")."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, dict):
+        return {k: plain_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_values(v) for v in value]
+    if hasattr(value, "ndim") and callable(getattr(value, "tolist", None)):
+        return value.tolist()
+    return value
+
+
+class PlainInput(BaseModel):
+    """A settings model that takes what Python code holds (paths, numpy and torch numbers),
+    at any depth of its input, as the config file's text and numbers (`plain_values`)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_input(cls, data: Any) -> Any:
+        return plain_values(data) if isinstance(data, dict) else data
 
 
 def fills(

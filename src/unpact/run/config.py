@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     ValidationError,
@@ -28,7 +27,7 @@ from unpact.judge import JudgeSettings
 from unpact.models import DEFAULT_SPEC, DeviceName
 from unpact.plugins import load_plugins
 from unpact.remote import RemoteSettings
-from unpact.types import Seed, is_remote_spec
+from unpact.types import PlainInput, Seed, is_remote_spec, plain_values
 from unpact.unlearn.config import describe_errors, read_yaml_mapping
 
 RUN_FORMAT = 1
@@ -39,7 +38,7 @@ PAPER_ATTACKS = ("focus_on_key", "probab", "focus_on_key_probab")
 # ---------------------------------------------------------------------------- config
 
 
-class _Strict(BaseModel):
+class _Strict(PlainInput):  # paths and numpy numbers at any depth: a method's config too
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
@@ -403,17 +402,6 @@ class RunConfig(_Strict):
         return {key: spec for key, spec in named.items() if spec is not None}
 
 
-def _paths_as_text(value: Any) -> Any:
-    """`value` with every path (`os.PathLike`) in it, at any depth, as its text."""
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, dict):
-        return {k: _paths_as_text(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_paths_as_text(v) for v in value]
-    return value
-
-
 _REAL_SPEC = re.compile(r"((?:muse-news|muse-books|tofu|wmdp)(?:\[[^\]]*\])?:)(.+)", re.S)
 
 
@@ -462,7 +450,7 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
     Any problem is one `UnpactError` naming the key's path, e.g. `methods.1.method`."""
     where = "config"
     if isinstance(source, dict):
-        data = _paths_as_text(source)  # a config built in Python may hold pathlib.Paths
+        data = plain_values(source)  # a config built in Python may hold paths and numpy numbers
     else:
         path = builtin_run_configs.path(str(source)) or Path(source)
         where = str(path)

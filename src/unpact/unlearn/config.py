@@ -14,17 +14,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from unpact.errors import UnpactError
 from unpact.files import read_text
-from unpact.types import Seed
+from unpact.types import PlainInput, Seed
 from unpact.unlearn.methods import get_method
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class LoraSettings(BaseModel):
+class LoraSettings(PlainInput):
     """LoRA adapters (peft) instead of full fine-tuning."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -37,7 +37,7 @@ class LoraSettings(BaseModel):
     merge: bool = Field(True, description="merge the adapters into the saved model")
 
 
-class UnlearnConfig(BaseModel):
+class UnlearnConfig(PlainInput):
     """One unlearning run. `settings` holds the method's own knobs (see its class)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
