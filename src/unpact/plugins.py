@@ -5,7 +5,11 @@ A plugin registers things the way the package itself does: subclassing
 decorating a function with `unpact.metrics.metric`. A run config's `plugins:` list (paths
 relative to the config file, or importable module names) and `unpact run --plugin FILE` are
 imported before the rest of the config is validated, so what they define is usable by name
-in that config. An error inside a plugin is one `UnpactError` naming its file and line:
+in that config. A file in a package's folder (an `__init__.py` beside it) is imported as
+a module of that package, so its relative imports (`from . import util`) work; a module
+name is looked for in the config file's folder and the working directory too, where the
+`unpact` command does not look. An error inside a plugin is one `UnpactError` naming its
+file and line:
 while it is imported here, and while it runs (`plugin_failure`, which the CLI applies to
 whatever a run raises).
 
@@ -86,20 +90,7 @@ def load_plugin(entry: str, base: Path | None = None) -> ModuleType:
     if not entry.strip():
         raise UnpactError("plugin: empty; give a .py file or an importable module's name")
     if not is_path(entry):
-        try:
-            module = importlib.import_module(entry)
-        except ModuleNotFoundError as e:
-            if e.name and entry.startswith(e.name):
-                raise UnpactError(
-                    f"plugin {entry!r}: no such module, and not a .py file (give a path)"
-                ) from None
-            raise _plugin_error(entry, e) from None
-        except Exception as e:
-            raise _plugin_error(entry, e) from None
-        if getattr(module, "__file__", None):  # a package: every file under its folder
-            top = Path(str(module.__file__))
-            _SOURCES[str(top.parent if top.name == "__init__.py" else top)] = entry
-        return module
+        return _load_module(entry, base)
     path = Path(entry).expanduser()
     if not path.is_absolute() and base is not None:
         path = base / path
@@ -112,7 +103,85 @@ def load_plugin(entry: str, base: Path | None = None) -> ModuleType:
     key = f"{path.resolve()}:{hashlib.sha256(source).hexdigest()[:16]}"
     if key in _LOADED:
         return _LOADED[key]
-    name = "unpact_plugin_" + hashlib.sha256(key.encode()).hexdigest()[:12]
+    packaged = _in_package(path.resolve())
+    if packaged is not None:  # `from . import util` works as in its package
+        module = _load_packaged(str(path), path.resolve(), *packaged)
+    else:
+        module = _load_file(path, "unpact_plugin_" + hashlib.sha256(key.encode()).hexdigest()[:12])
+    _LOADED[key] = module
+    return module
+
+
+def _load_module(entry: str, base: Path | None) -> ModuleType:
+    """A plugin given as a module name: importable as it is, or a package or module in the
+    config file's folder or the working directory (which the `unpact` command, unlike
+    `python -m`, does not put on the path)."""
+    try:
+        try:
+            module = importlib.import_module(entry)
+        except ModuleNotFoundError as e:
+            top = entry.split(".")[0]
+            folders = [f for f in dict.fromkeys([base or Path.cwd(), Path.cwd()]) if f]
+            here = [f for f in folders if (f / top).is_dir() or (f / f"{top}.py").is_file()]
+            if e.name != top or not here:
+                raise
+            with _beside(here[0].resolve()):
+                module = importlib.import_module(entry)
+    except ModuleNotFoundError as e:
+        if e.name and entry.startswith(e.name):
+            raise UnpactError(
+                f"plugin {entry!r}: no such module, and not a .py file (give a path)"
+            ) from None
+        raise _plugin_error(entry, e) from None
+    except Exception as e:
+        raise _plugin_error(entry, e) from None
+    if getattr(module, "__file__", None):  # a package: every file under its folder
+        file = Path(str(module.__file__))
+        _SOURCES[str(file.parent if file.name == "__init__.py" else file)] = entry
+    return module
+
+
+def _in_package(path: Path) -> tuple[Path, str] | None:
+    """For a file in a package's folder (an `__init__.py` beside it), the folder its top
+    package is in and its module name (`mypkg.methods`); else None."""
+    parts, folder = [path.stem], path.parent
+    while (folder / "__init__.py").is_file() and folder.name.isidentifier():
+        parts.insert(0, folder.name)
+        folder = folder.parent
+    if len(parts) == 1 or not path.stem.isidentifier():
+        return None
+    if path.name == "__init__.py":
+        parts.pop()
+    return folder, ".".join(parts)
+
+
+def _load_packaged(entry: str, path: Path, root: Path, name: str) -> ModuleType:
+    """A plugin file of a package, imported as its module `name` with the package's folder
+    `root` on the path (its relative imports work); when it changed, its package is
+    imported again from the files as they are now."""
+    top = name.split(".")[0]
+    held = sys.modules.get(top)
+    where = Path(getattr(held, "__file__", None) or "")
+    if held is not None and not where.resolve().is_relative_to(root / top):
+        raise UnpactError(
+            f"plugin {entry}: its package {top!r} has the name of a module already imported "
+            f"from {where}; rename the plugin's package"
+        )
+    for loaded in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+        del sys.modules[loaded]  # changed since imported: the package afresh, not half of it
+    try:  # its folder too: `import helpers` beside it works as for a file on its own
+        with _beside(path.parent), _beside(root):
+            module = importlib.import_module(name)
+    except Exception as e:
+        raise _plugin_error(entry, e, path) from None
+    if Path(str(module.__file__)).resolve() != path:
+        raise UnpactError(f"plugin {entry}: importing it as {name} gave {module.__file__}")
+    _SOURCES[str(root / top)] = entry
+    return module
+
+
+def _load_file(path: Path, name: str) -> ModuleType:
+    """A plugin file on its own, imported under `name` with its folder on the path."""
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise UnpactError(f"plugin {path}: not a Python file")
@@ -124,7 +193,6 @@ def load_plugin(entry: str, base: Path | None = None) -> ModuleType:
     except Exception as e:
         del sys.modules[name]
         raise _plugin_error(str(path), e, path) from None
-    _LOADED[key] = module
     _SOURCES[str(path.resolve())] = str(path)
     return module
 

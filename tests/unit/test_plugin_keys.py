@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from unpact.errors import UnpactError
 from unpact.plugins import _LOADED, code_key, load_plugin
 
 
@@ -92,3 +93,43 @@ def test_unpacts_own_classes_have_no_code_key_and_unparsable_helpers_count(tmp_p
     first = _key_of(plugin)
     helper.write_text("def broken():\n    pass\n")
     assert first != _key_of(plugin) != []
+
+
+def test_a_plugin_file_of_a_package_imports_relatively(tmp_path, clean_imports, monkeypatch):
+    """`--plugin mypkg/methods.py` whose file says `from . import util` was "ImportError:
+    attempted relative import with no known parent package", and `--plugin mypkg.methods`
+    "no such module" from the `unpact` command (which does not put the working directory
+    on the path): a plugin package could be used only once pip-installed. Now the file is
+    imported as mypkg.methods, and the module name is found in the working directory."""
+    pkg = tmp_path / "mypkg_rel"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "util.py").write_text("def f():\n    return 1\n")
+    (pkg / "helpers.py").write_text("G = 2\n")
+    (pkg / "methods.py").write_text(
+        "from . import util\nimport helpers\n\nclass Thing:\n    value = util.f() + helpers.G\n"
+    )
+    module = load_plugin(str(pkg / "methods.py"))
+    assert module.__name__ == "mypkg_rel.methods" and module.Thing.value == 3
+    first = code_key(module.Thing)
+    (pkg / "util.py").write_text("def f():\n    return 10\n")  # edited: in its key
+    assert code_key(module.Thing) != first
+    (pkg / "methods.py").write_text(
+        "from . import util\n\nclass Thing:\n    value = util.f() + 1\n"
+    )  # the file edited: imported again (the same process, as in a notebook)
+    assert load_plugin(str(pkg / "methods.py")).Thing.value == 11
+    for name in [n for n in sys.modules if n.startswith("mypkg_rel")]:
+        del sys.modules[name]
+    while str(tmp_path) in sys.path:
+        sys.path.remove(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert load_plugin("mypkg_rel.methods").Thing.value == 11
+
+
+def test_a_plugin_package_named_like_an_imported_module_is_refused(tmp_path, clean_imports):
+    pkg = tmp_path / "json"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "mine.py").write_text("X = 1\n")
+    with pytest.raises(UnpactError, match=r"its package 'json' has the name of a module"):
+        load_plugin(str(pkg / "mine.py"))
