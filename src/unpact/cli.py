@@ -55,8 +55,9 @@ PluginOpt = Annotated[
     list[str] | None,  # text, not Path: an empty value stays empty, not the current folder
     typer.Option(
         "--plugin",
-        help="A Python file that defines attacks, metrics or unlearning methods (repeatable); "
-        "they are then usable by name (docs/architecture.md).",
+        help="A Python file, a package's folder or an importable module's name that defines "
+        "attacks, metrics or unlearning methods (repeatable); they are then usable by name "
+        "(docs/architecture.md).",
     ),
 ]
 ConcurrencyOpt = Annotated[

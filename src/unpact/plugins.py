@@ -6,7 +6,8 @@ decorating a function with `unpact.metrics.metric`. A run config's `plugins:` li
 relative to the config file, or importable module names) and `unpact run --plugin FILE` are
 imported before the rest of the config is validated, so what they define is usable by name
 in that config. A file in a package's folder (an `__init__.py` beside it) is imported as
-a module of that package, so its relative imports (`from . import util`) work; a module
+a module of that package, so its relative imports (`from . import util`) work, and a
+package's folder as the package; a module
 name is looked for in the config file's folder and the working directory too, where the
 `unpact` command does not look. An error inside a plugin is one `UnpactError` naming its
 file and line:
@@ -94,6 +95,13 @@ def load_plugin(entry: str, base: Path | None = None) -> ModuleType:
     path = Path(entry).expanduser()
     if not path.is_absolute() and base is not None:
         path = base / path
+    if path.is_dir() and (path / "__init__.py").is_file():  # a package's folder
+        path = path / "__init__.py"
+    elif path.is_dir():
+        raise UnpactError(
+            f"plugin {entry}: a folder without __init__.py; give a .py file, a package's "
+            "folder or an importable module's name"
+        )
     if not path.is_file():
         raise UnpactError(f"plugin {entry}: no such file ({path})")
     try:

@@ -133,3 +133,20 @@ def test_a_plugin_package_named_like_an_imported_module_is_refused(tmp_path, cle
     (pkg / "mine.py").write_text("X = 1\n")
     with pytest.raises(UnpactError, match=r"its package 'json' has the name of a module"):
         load_plugin(str(pkg / "mine.py"))
+
+
+def test_a_plugin_package_may_be_given_as_its_folder(tmp_path, clean_imports):
+    """`--plugin ./mypkg` said "no such file": a package's folder is its __init__.py,
+    imported as the package; a folder that is no package is one message saying so."""
+    pkg = tmp_path / "mypkg_dir"
+    pkg.mkdir()
+    (pkg / "util.py").write_text("V = 5\n")
+    (pkg / "__init__.py").write_text("from .util import V\n\nclass Thing:\n    value = V\n")
+    module = load_plugin(str(pkg) + "/")
+    assert module.__name__ == "mypkg_dir" and module.Thing.value == 5
+    first = code_key(module.Thing)
+    (pkg / "util.py").write_text("V = 6\n")  # the package's module it imports: in its key
+    assert code_key(module.Thing) != first
+    (tmp_path / "loose").mkdir()
+    with pytest.raises(UnpactError, match=r"a folder without __init__.py; give a \.py file"):
+        load_plugin(str(tmp_path / "loose"))
