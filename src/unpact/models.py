@@ -530,6 +530,8 @@ def load_tokenizer(
     spec = spec_text(spec)  # a pathlib.Path is a spec too
     folder = local_model_dir(spec)
     unreachable = _hub_unreachable() if folder is None else None
+    if folder is not None:
+        _check_tokenizer(Path(folder))
     try:
         return AutoTokenizer.from_pretrained(
             folder if folder is not None else spec,
@@ -995,16 +997,23 @@ def _check_model_type(path: Path, trust_remote_code: bool) -> None:
     )
 
 
+def _check_tokenizer(path: Path) -> None:
+    """One message for a model folder saved without its tokenizer (`model.save_pretrained`
+    alone), where transformers' own says that no backend could be instantiated."""
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise UnpactError(
+            f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES)}): save it beside the "
+            "weights, e.g. tokenizer.save_pretrained(folder), or copy the tokenizer files "
+            "of the model it was trained from"
+        )
+
+
 def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[Any, Any]:
     _check_weights(path)
     _check_model_type(path, trust_remote_code)
     from transformers.utils import logging as hf_logging
 
-    if not any((path / f).is_file() for f in TOKENIZER_FILES):
-        raise UnpactError(
-            f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES)}): save it beside the "
-            "weights, e.g. tokenizer.save_pretrained(folder)"
-        )
+    _check_tokenizer(path)
     hf_logging.disable_progress_bar()  # a local load takes well under a second
     try:
         model, tokenizer, info = _pretrained(str(path), dtype, trust_remote_code)

@@ -201,6 +201,18 @@ def test_load_tokenizer_reads_the_tokenizer_alone(tiny, tmp_path):
         load_tokenizer(str(tmp_path / "missing"))
 
 
+def test_load_tokenizer_of_a_folder_saved_without_one(tiny, tmp_path):
+    """A checkpoint saved with `model.save_pretrained` alone: `unpact audit --unlearned`
+    said transformers' "Couldn't instantiate the backend tokenizer from one of:" (cut off
+    there) where `load_model` names the missing files."""
+    from unpact.models import load_tokenizer
+
+    tiny.model.save_pretrained(tmp_path / "weights-only")
+    for load in (load_tokenizer, load_model):
+        with pytest.raises(UnpactError, match=r"weights-only has no tokenizer .*save it beside"):
+            load(str(tmp_path / "weights-only"))
+
+
 def test_an_unlearning_run_directory_loads_its_model(tiny, tmp_path):
     """`unpact unlearn --out DIR` writes DIR/model; DIR itself is accepted as the spec."""
     from unpact.models import model_key
