@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from unpact.errors import UnpactError
@@ -42,6 +43,8 @@ def test_text_and_paths_are_taken_as_the_cli_takes_them():
         "max_new_tokens": 5,
     }
     assert checked_options({"attacks": ("logit_lens",)})["attacks"] == ["logit_lens"]
+    numpy_number = checked_options({"max_new_tokens": np.int64(5)})["max_new_tokens"]
+    assert type(numpy_number) is int and numpy_number == 5
     # one name given as text is that attack, not its letters
     config, _ = audit_config("a", "b", "news", **checked_options({"attacks": "logit_lens"}))
     assert [a["name"] for a in config["attacks"]] == ["logit_lens"]

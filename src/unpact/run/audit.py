@@ -29,7 +29,7 @@ from unpact.attacks import ATTACKS
 from unpact.errors import UnpactError
 from unpact.metrics import ItemRecord, display
 from unpact.run.config import EvalDtype, check_served_dtype
-from unpact.types import is_remote_spec
+from unpact.types import is_remote_spec, plain_values
 
 # The battery: every attack of the field that needs no user data beyond the benchmark.
 PROMPT_ATTACKS = ("focus_on_key", "probab", "focus_on_key_probab")
@@ -176,14 +176,11 @@ def checked_options(options: dict[str, Any]) -> dict[str, Any]:
 
     from unpact.unlearn.config import describe_errors
 
-    given = {k: _text(v) for k, v in options.items()}
+    given = plain_values(dict(options))  # paths as text, numpy numbers as Python's
     if isinstance(given.get("attacks"), str):  # "quantize" was read letter by letter
         given["attacks"] = [a.strip() for a in given["attacks"].split(",") if a.strip()]
     if isinstance(given.get("plugins"), str):
         given["plugins"] = [given["plugins"]]
-    for many in ("attacks", "plugins"):
-        if isinstance(given.get(many), (list, tuple)):
-            given[many] = [_text(v) for v in given[many]]
     model = _options_model()
     try:
         model(**given)
