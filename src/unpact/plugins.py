@@ -39,6 +39,7 @@ from unpact.errors import UnpactError, check_callable, check_not_builtin
 
 _LOADED: dict[str, ModuleType] = {}
 _SOURCES: dict[str, str] = {}  # resolved file or package folder -> the plugin as given
+_RAN: dict[Path, bytes] = {}  # a plugin file on its own -> the source its module ran
 
 
 def check_name(registry: dict[str, Any], cls: type, what: str) -> None:
@@ -89,7 +90,8 @@ def load_plugin(entry: str, base: Path | None = None) -> ModuleType:
     if not entry.strip():
         raise UnpactError("plugin: empty; give a .py file or an importable module's name")
     if not is_path(entry):
-        return _load_module(entry, base)
+        with _no_bytecode():
+            return _load_module(entry, base)
     path = Path(entry).expanduser()
     if not path.is_absolute() and base is not None:
         path = base / path
@@ -111,12 +113,28 @@ def load_plugin(entry: str, base: Path | None = None) -> ModuleType:
     if key in _LOADED:
         return _LOADED[key]
     packaged = _in_package(resolved)
-    if packaged is not None:  # `from . import util` works as in its package
-        module = _load_packaged(str(path), resolved, *packaged)
-    else:
-        module = _load_file(path, "unpact_plugin_" + hashlib.sha256(key.encode()).hexdigest()[:12])
+    with _no_bytecode():
+        if packaged is not None:  # `from . import util` works as in its package
+            module = _load_packaged(str(path), resolved, *packaged)
+        else:
+            name = "unpact_plugin_" + hashlib.sha256(key.encode()).hexdigest()[:12]
+            module = _load_file(path, name, source)
     _LOADED[key] = module
     return module
+
+
+@contextmanager
+def _no_bytecode() -> Iterator[None]:
+    """No `__pycache__` written for what a plugin load imports. Python trusts a cached
+    .pyc while its source keeps the size and the whole second of the modification time it
+    was compiled from: a plugin rewritten within that second to the same size (a sweep
+    that writes one setting per run) ran the previous code under the new code's key."""
+    before = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True
+    try:
+        yield
+    finally:
+        sys.dont_write_bytecode = before
 
 
 def _load_module(entry: str, base: Path | None) -> ModuleType:
@@ -187,20 +205,24 @@ def _load_packaged(entry: str, path: Path, root: Path, name: str) -> ModuleType:
     return module
 
 
-def _load_file(path: Path, name: str) -> ModuleType:
-    """A plugin file on its own, imported under `name` with its folder on the path."""
+def _load_file(path: Path, name: str, source: bytes) -> ModuleType:
+    """A plugin file on its own, imported under `name` with its folder on the path: the
+    code run is compiled from `source`, the bytes its code key hashes (never a cached
+    .pyc, nor the file read again)."""
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise UnpactError(f"plugin {path}: not a Python file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
+        code = compile(source, str(path), "exec", dont_inherit=True)
         with _beside(path.resolve().parent):
-            spec.loader.exec_module(module)
+            exec(code, module.__dict__)
     except Exception as e:
         del sys.modules[name]
         raise _plugin_error(str(path), e, path) from None
     _SOURCES[str(path.resolve())] = str(path)
+    _RAN[path.resolve()] = source
     return module
 
 
@@ -247,7 +269,7 @@ def _own_sources(file: Path, module: str) -> dict[Path, bytes]:
         root = root.parent
     loose = len(parts) == 1 and package is None and not _installed(root)
     own = None if loose else parts[0]
-    found, todo = {file: file.read_bytes()}, [(file, parts)]
+    found, todo = {file: _RAN.get(file) or file.read_bytes()}, [(file, parts)]
     while todo and len(found) < _MOST_SOURCES:
         current, name = todo.pop()
         for candidate, imported in _imported(found[current], current, name, own, root):

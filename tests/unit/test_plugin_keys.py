@@ -150,3 +150,36 @@ def test_a_plugin_package_may_be_given_as_its_folder(tmp_path, clean_imports):
     (tmp_path / "loose").mkdir()
     with pytest.raises(UnpactError, match=r"a folder without __init__.py; give a \.py file"):
         load_plugin(str(tmp_path / "loose"))
+
+
+def test_a_plugin_rewritten_in_the_same_second_runs_its_new_code(tmp_path, clean_imports):
+    """Python trusts a cached .pyc while the source keeps its size and its modification
+    time's second: a plugin rewritten within that second to the same size (a sweep writing
+    one setting per run) ran the previous code under the new code's key."""
+    import os
+    import py_compile
+
+    plugin = tmp_path / "sweep.py"
+    plugin.write_text("class Thing:\n    value = 0.5\n")
+    stamp = (1_700_000_000, 1_700_000_000)
+    os.utime(plugin, stamp)
+    py_compile.compile(str(plugin), cfile=importlib.util.cache_from_source(str(plugin)))
+    plugin.write_text("class Thing:\n    value = 0.7\n")  # same size, same second
+    os.utime(plugin, stamp)
+    module = load_plugin(str(plugin))
+    assert module.Thing.value == 0.7
+    assert code_key(module.Thing) == [
+        f"code {hashlib.sha256(plugin.read_bytes()).hexdigest()[:16]}"
+    ]
+
+
+def test_a_plugin_load_leaves_no_bytecode_to_go_stale(tmp_path, clean_imports, monkeypatch):
+    """Neither the plugin file nor the helper it imports gets a `__pycache__` from
+    unpact (which a later rewrite in the same second would meet)."""
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)  # as without PYTHONDONTWRITEBYTECODE
+    (tmp_path / "sweep_helper.py").write_text("SCALE = 1\n")
+    plugin = tmp_path / "sweeping.py"
+    plugin.write_text("from sweep_helper import SCALE\n\nclass Thing:\n    value = SCALE\n")
+    assert load_plugin(str(plugin)).Thing.value == 1
+    assert not (tmp_path / "__pycache__").exists()
+    assert sys.dont_write_bytecode is False  # as it was before the load
