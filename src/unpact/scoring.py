@@ -722,6 +722,8 @@ def _check_numbers(**values: Any) -> None:
         if not ok or isinstance(value, bool):
             kind = "a number" if number else "an int"
             raise TypeError(f"{name} must be {kind}, not {type(value).__name__} {value!r}")
+        if not number and abs(int(value)) >= 2**63:  # torch's overflow from inside `generate`
+            raise UnpactError(f"{name} {value} is too large (at most 2**63 - 1)")
 
 
 def score(

@@ -328,6 +328,9 @@ def test_arguments_of_the_wrong_type_are_a_type_error_naming_them(tiny):
 
     assert len(attribute_many(tiny, ["What is the capital of France?"], [None])) == 1
     assert generate(tiny, ["hi"], max_new_tokens=np.int64(2))[0][0].token_ids is not None
+    # a count past int64 was torch's "Overflow when unpacking long long" (`--sample 1e20`)
+    with pytest.raises(UnpactError, match=r"num_samples 10{20} is too large"):
+        generate(tiny, ["hi"], num_samples=10**20)
 
 
 def test_sampling_leaves_the_callers_random_streams_as_they_were(tiny):
