@@ -598,6 +598,10 @@ def inject(
     config = _inject_config(given, set_ or [])
     if out_dir is not None and out_dir.exists() and not _empty_folder(out_dir):
         raise UnpactError(f"--out {out_dir}: exists and is not an empty folder")
+    if out_dir is not None:  # before the training, not after it
+        from unpact.files import make_folder
+
+        make_folder(out_dir, "--out")
     with trusting_remote_code(trust_remote_code):
         result = run_inject(_with_template(model, chat_template), benchmark, config, teach=teach)
     _print_injection(result)

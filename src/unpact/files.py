@@ -25,6 +25,31 @@ from unpact.errors import UnpactError
 T = TypeVar("T")
 
 
+def check_folder_path(path: Path, what: str) -> None:
+    """One message, before any work, where `path` cannot become a folder: a file is there,
+    or a file stands where one of its parent folders goes (`--out results.json/run`,
+    which was `NotADirectoryError` from deep in the run, after the injection's training)."""
+    for current in (path, *path.parents):
+        if current.is_dir():
+            return
+        if current.exists() or current.is_symlink():
+            where = "a file is there" if current == path else f"{current} is a file"
+            raise UnpactError(f"{what} {path}: {where}; give a folder")
+
+
+def make_folder(path: Path, what: str) -> None:
+    """`path` as a folder, made with its parents if needed; one message naming the option
+    (`what`) where it cannot be (see `check_folder_path`; a place where the system lets
+    no folder be made, such as under /proc)."""
+    check_folder_path(path, what)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError, FileNotFoundError) as e:
+        raise UnpactError(
+            f"{what} {path}: cannot make this folder ({(e.strerror or str(e)).lower()})"
+        ) from None
+
+
 @contextlib.contextmanager
 def exclusive(artefact: Path, waiting: str) -> Iterator[None]:
     """Hold an exclusive lock on `.lock-NAME` beside `artefact` for the block, so that two

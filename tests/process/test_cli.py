@@ -269,6 +269,10 @@ def test_bad_files_and_folders_are_one_message_and_exit_2(tmp_path, tiny):
         (["run", "demo", "--out", "tinymodel"], "and no unpact run; give a new folder"),
         (["demo", "--out", "afile"], "--out afile: a file is there"),
         (["unlearn", "--method", "ga", "--out", "afile", "--no-eval"], "a file is there"),
+        # a file where a parent folder goes: NotADirectoryError, inject's after training
+        (["run", "demo", "--out", "afile/run"], "--out afile/run: afile is a file"),
+        (["unlearn", "--method", "ga", "--out", "afile/u", "--no-eval"], "afile is a file"),
+        (["inject", "--model", "tinymodel", "--out", "afile/m"], "afile is a file"),
         (["generate", "-p", "hi", "--model", "x.gguf"], "x.gguf is not a GGUF file"),
         (["generate", "-p", "hi", "--model", "cut.gguf"], "cannot read the GGUF file"),
         (["generate", "-p", "hi", "--model", str(pickled)], "holds only pickle weights"),

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import errno
+import re
 from pathlib import Path
 
 import pytest
 
 from unpact import cli
-from unpact.errors import disk_full, not_permitted
-from unpact.files import atomic_text, write_atomically, write_folder_atomically
+from unpact.errors import UnpactError, disk_full, not_permitted
+from unpact.files import (
+    atomic_text,
+    check_folder_path,
+    make_folder,
+    write_atomically,
+    write_folder_atomically,
+)
 
 
 def test_atomic_text_writes_utf8_and_replaces(tmp_path: Path) -> None:
@@ -366,3 +373,24 @@ def test_every_jsonl_reader_keeps_a_string_with_a_unicode_line_separator(tiny, t
     line = json.dumps(record.to_dict(), ensure_ascii=False)
     (tmp_path / "a.jsonl").write_text(f"{line}\n{line}\n", encoding="utf-8")
     assert [r.prompt for r in load_records(tmp_path / "a.jsonl")] == [question, question]
+
+
+def test_a_folder_that_cannot_be_made_is_one_message(tmp_path: Path) -> None:
+    """`--out results.json/run` (a file where a parent folder goes) was NotADirectoryError
+    from deep in a run, after `unpact inject` had trained; a file at the place itself,
+    FileExistsError. Both are said before any work, naming the option and the file."""
+    (tmp_path / "afile").write_text("mine\n")
+    for path, said in (
+        (tmp_path / "afile" / "a" / "b", f"{tmp_path / 'afile'} is a file; give a folder"),
+        (tmp_path / "afile", "a file is there; give a folder"),
+    ):
+        message = re.escape(f"--out {path}: {said}")
+        with pytest.raises(UnpactError, match=message):
+            check_folder_path(path, "--out")
+        with pytest.raises(UnpactError, match=message):
+            make_folder(path, "--out")
+    check_folder_path(tmp_path / "new" / "deeper", "--out")  # nothing made yet
+    assert not (tmp_path / "new").exists()
+    make_folder(tmp_path / "new" / "deeper", "--out")
+    make_folder(tmp_path / "new" / "deeper", "--out")  # already there: as it is
+    assert (tmp_path / "new" / "deeper").is_dir()

@@ -54,7 +54,7 @@ from unpact.backends import model_key, open_model
 from unpact.data.items import Benchmark, QAItem
 from unpact.data.sources import load_benchmark
 from unpact.errors import UnpactError
-from unpact.files import once
+from unpact.files import check_folder_path, make_folder, once
 from unpact.judge import served_cache_key
 from unpact.metrics import ItemRecord, layer_curve
 from unpact.models import (
@@ -453,6 +453,7 @@ def _check_out(out: Path) -> None:
     run's files never go into a folder holding something else (a model, other runs)."""
     if out.exists() and not out.is_dir():
         raise UnpactError(f"--out {out}: a file is there; give a folder (new, or a run's)")
+    check_folder_path(out, "--out")
     if out.is_dir() and not (out / "config.yaml").is_file():
         held = sorted(p.name for p in out.iterdir())
         if held:
@@ -466,7 +467,7 @@ def _check_out(out: Path) -> None:
 def _start(out: Path, cfg: RunConfig) -> None:
     if (out / "results.json").is_file():
         (out / "results.json").unlink()  # re-running re-derives the results
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, "--out")
     resolved = cfg.model_dump(mode="json")
     atomic_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
@@ -1126,7 +1127,7 @@ def _run_grid(
     began = time.perf_counter()
     if (out / "results.json").is_file():
         (out / "results.json").unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, "--out")
     atomic_text(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     bases = [(m.name, m.model) for m in cfg.models] if cfg.models else [(None, cfg.model)]
     sources = cfg.benchmarks or [cfg.data.benchmark]

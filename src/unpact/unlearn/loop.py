@@ -37,7 +37,7 @@ from unpact.data.items import QAItem
 from unpact.data.sources import load_benchmark
 from unpact.determinism import keeps_rng
 from unpact.errors import UnpactError
-from unpact.files import atomic_text, json_lines
+from unpact.files import atomic_text, check_folder_path, json_lines, make_folder
 from unpact.models import LanguageModel, load_model, save_model
 from unpact.progress import progress_bar
 from unpact.scoring import decoder_layers, expert_parameters, text_parameters
@@ -517,6 +517,7 @@ def _prepare_out(out: Path, resolved: dict[str, Any], resume: bool, accelerator:
     """Check or create the run directory; return the step to start from."""
     if out.exists() and not out.is_dir():
         raise UnpactError(f"--out {out}: a file is there; give a folder for the run")
+    check_folder_path(out, "--out")
     config_path = out / "config.yaml"
     start = 0
     if resume:
@@ -550,7 +551,7 @@ def _prepare_out(out: Path, resolved: dict[str, Any], resume: bool, accelerator:
     # find the config just written and refuse (a race seen with 2 CPU processes).
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out, "--out")
         if not resume:
             atomic_text(config_path, yaml.safe_dump(resolved, sort_keys=False))
     accelerator.wait_for_everyone()
