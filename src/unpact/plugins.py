@@ -8,7 +8,8 @@ imported before the rest of the config is validated, so what they define is usab
 in that config. A file in a package's folder (an `__init__.py` beside it) is imported as
 a module of that package, so its relative imports (`from . import util`) work, and a
 package's folder as the package; a module name is looked for in the config file's folder
-and the working directory too, where the `unpact` command does not look. An error inside
+and the working directory too, where the `unpact` command does not look (and refused where
+it is there but the name imports another module: the file's path loads it). An error inside
 a plugin is one `UnpactError` naming its file and line: while it is imported here, and
 while it runs (`plugin_failure`, which the CLI applies to whatever a run raises).
 
@@ -141,17 +142,19 @@ def _load_module(entry: str, base: Path | None) -> ModuleType:
     """A plugin given as a module name: importable as it is, or a package or module in the
     config file's folder or the working directory (which the `unpact` command, unlike
     `python -m`, does not put on the path)."""
+    top = entry.split(".")[0]
+    folders = dict.fromkeys([base or Path.cwd(), Path.cwd()])
+    here = [f for f in folders if (f / top).is_dir() or (f / f"{top}.py").is_file()]
     try:
         try:
             module = importlib.import_module(entry)
         except ModuleNotFoundError as e:
-            top = entry.split(".")[0]
-            folders = dict.fromkeys([base or Path.cwd(), Path.cwd()])
-            here = [f for f in folders if (f / top).is_dir() or (f / f"{top}.py").is_file()]
             if e.name != top or not here:
                 raise
             with _beside(here[0].resolve()):
                 module = importlib.import_module(entry)
+        else:
+            _check_not_shadowed(entry, sys.modules[top], here)
     except ModuleNotFoundError as e:
         if e.name and entry.startswith(e.name):
             raise UnpactError(
@@ -164,6 +167,31 @@ def _load_module(entry: str, base: Path | None) -> ModuleType:
         file = Path(str(module.__file__))
         _SOURCES[str(file.parent if file.name == "__init__.py" else file)] = entry
     return module
+
+
+def _check_not_shadowed(entry: str, imported: ModuleType, here: list[Path]) -> None:
+    """A module name that is also a file or package in the config's folder or the working
+    directory, while the name imports another module (`--plugin code` beside a `code.py`:
+    the standard library's `code`, which registers nothing, so the user's attack was then
+    "unknown"), is refused, naming both: the file's path loads it."""
+    found = getattr(imported, "__file__", None)
+    if not here or found is None:
+        return
+    top = entry.split(".")[0]
+    mine = [here[0] / f"{top}.py"] if (here[0] / f"{top}.py").is_file() else []
+    mine += [here[0] / top] if _package(here[0] / top) else []
+    loaded = Path(found).resolve()
+    if not mine or any(loaded.is_relative_to(m.resolve()) for m in mine):
+        return  # a folder of that name but no package; or the module is the one here
+    local = mine[0]
+    raise UnpactError(
+        f"plugin {entry!r}: the name imports {found}, not the {local.name} here ({local}); "
+        f"give its path (--plugin ./{local.name}{'' if local.is_file() else '/'}) or rename it"
+    )
+
+
+def _package(folder: Path) -> bool:
+    return (folder / "__init__.py").is_file()
 
 
 def _in_package(path: Path) -> tuple[Path, str] | None:

@@ -183,3 +183,26 @@ def test_a_plugin_load_leaves_no_bytecode_to_go_stale(tmp_path, clean_imports, m
     assert load_plugin(str(plugin)).Thing.value == 1
     assert not (tmp_path / "__pycache__").exists()
     assert sys.dont_write_bytecode is False  # as it was before the load
+
+
+def test_a_plugin_module_name_shadowed_by_another_module_is_refused(
+    tmp_path, clean_imports, monkeypatch
+):
+    """`--plugin code` beside a `code.py` of the user's imported the standard library's
+    `code` module, which registers nothing: the user's attack was then "unknown" with no
+    word of why. A name that is both a file here and another importable module is one
+    message naming both; the file's path loads it."""
+    (tmp_path / "code.py").write_text("class Thing:\n    value = 4\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UnpactError, match=r"plugin 'code': .*code\.py here .* give its path"):
+        load_plugin("code")
+    assert load_plugin("./code.py").Thing.value == 4
+    (tmp_path / "json").mkdir()  # a data folder of that name, no package: json is json's
+    assert load_plugin("json").__name__ == "json"
+    (tmp_path / "json" / "__init__.py").write_text("")  # a package of the user's: refused
+    with pytest.raises(UnpactError, match=r"give its path \(--plugin \./json/\)"):
+        load_plugin("json")
+    # the same module found both ways (a checkout installed with `pip install -e .`): fine
+    (tmp_path / "mine_here.py").write_text("class Thing:\n    value = 5\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert load_plugin("mine_here").Thing.value == 5
