@@ -41,6 +41,7 @@ from unpact.scoring import (
     answer_logprobs,
     check_head,
     generate_local,
+    non_finite_weight,
     stop_ids,
     text_config,
 )
@@ -475,7 +476,7 @@ def load_model(
         model, tokenizer = _load_dir(folder, torch_dtype, trust_remote_code)
     model.to(target)
     model.eval()
-    check_head(model)
+    check_head(model, spec)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     _no_bpe_cleanup(tokenizer)
@@ -1606,6 +1607,12 @@ def save_model(
     `replace=False`: a complete folder already there (another process's build of the same
     content) is kept, and this copy discarded."""
     from transformers.utils import logging as hf_logging
+
+    if (where := non_finite_weight(model)) is not None:
+        raise UnpactError(
+            f"the trained model's tensor {where} holds NaN or infinite values: the training "
+            f"diverged, and no model is saved to {folder} (a lower lr, or max_grad_norm)"
+        )
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -317,16 +317,35 @@ def head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def non_finite_weight(model: Any) -> str | None:
+    """The name of the first parameter or buffer of `model` holding a NaN or an infinity,
+    else None."""
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
 @torch.no_grad()
-def check_head(model: Any) -> None:
+def check_head(model: Any, spec: str = "") -> None:
     """The kernel computes logits from the body's last hidden state (`head_logits`), not
     from the model's own forward. On a short input, check that both agree, so that an
-    architecture that changes its logits some other way is refused, not scored wrongly."""
+    architecture that changes its logits some other way is refused, not scored wrongly.
+    Logits that are not finite are a model whose weights are not (a diverged training):
+    refused, naming the first such tensor (`spec`: the model, in the message)."""
     body, _ = lm_body_and_head(model)
     device = next(model.parameters()).device
     vocab = model.get_output_embeddings().weight.shape[0]
     ids = torch.tensor([[1 % vocab, 2 % vocab, 3 % vocab, 4 % vocab]], device=device)
     own = model(input_ids=ids, use_cache=False).logits[0, -1].float()
+    if not bool(torch.isfinite(own).all()):
+        where = non_finite_weight(model)
+        raise UnpactError(
+            f"{spec or type(model).__name__}: its logits are NaN or infinite"
+            + (f", and so is its tensor {where}" if where else "")
+            + ": no answer or score of it would mean anything (a diverged training: a "
+            "lower lr, or max_grad_norm)"
+        )
     mine = head_logits(model, body(input_ids=ids, use_cache=False).last_hidden_state[0, -1])
     if not torch.allclose(mine, own, rtol=1e-3, atol=1e-3 * (1 + float(own.abs().max()))):
         raise UnpactError(

@@ -249,6 +249,31 @@ def test_a_model_that_changes_its_logits_unknown_to_the_kernel_is_refused():
         handle.remove()
 
 
+def test_a_diverged_model_is_refused_in_one_message(tmp_path):
+    """An unlearning at a far too high lr (a sweep's top value) saved weights whose
+    forward overflows: loading it for judging was torch's "atol must be greater than or
+    equal to zero, but got -nan" traceback. NaN weights are not saved at all."""
+    import torch
+
+    from unpact.models import load_model, save_model
+    from unpact.scoring import check_head
+    from unpact.testing import tiny_model
+
+    lm = tiny_model(seed=5)
+    with torch.no_grad():
+        lm.model.lm_head.weight.mul_(1e38)  # finite, overflowing
+    save_model(lm.model, lm.tokenizer, tmp_path / "huge")
+    with pytest.raises(UnpactError, match=r"huge: its logits are NaN or infinite: no answer"):
+        load_model(str(tmp_path / "huge"))
+    with torch.no_grad():
+        lm.model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(UnpactError, match=r"tensor model\.layers\.1\.mlp\.up_proj\.weight"):
+        check_head(lm.model)
+    with pytest.raises(UnpactError, match=r"up_proj\.weight holds NaN .* no model is saved"):
+        save_model(lm.model, lm.tokenizer, tmp_path / "nan")
+    assert not (tmp_path / "nan").exists()
+
+
 @pytest.mark.parametrize(
     "arch",
     [
