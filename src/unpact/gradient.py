@@ -131,7 +131,9 @@ def _one(
     n = len(enc.input_ids)
     with torch.no_grad():
         e = embedding(ids[None]).detach()
-    content = torch.zeros(1, len(ids), 1, device=lm.device)
+    # in the embeddings' dtype (a model evaluated in bfloat16: a float32 mask made the
+    # baseline, and every path point, float32, which the bf16 weights refused)
+    content = torch.zeros(1, len(ids), 1, device=lm.device, dtype=e.dtype)
     content[0, enc.content_start : enc.content_end] = 1.0
     with torch.no_grad():
         if ig_baseline == "pad":
@@ -146,18 +148,18 @@ def _one(
         x = e.clone().requires_grad_(True)
         lp = _lp(model, x, n, target)
         (grad,) = torch.autograd.grad(lp.sum(), x)
-        per_token = (grad * e)[0].sum(-1)
+        per_token = (grad.float() * e.float())[0].sum(-1)  # summed in float32
         lp_value, base_value = float(lp.detach()), None
     else:
-        total = torch.zeros_like(e)
+        total = torch.zeros_like(e, dtype=torch.float32)  # the gradients summed in float32
         alphas = [(s + 0.5) / steps for s in range(steps)]
         for k in range(0, steps, batch_size):
-            a = torch.tensor(alphas[k : k + batch_size], device=lm.device)[:, None, None]
-            x = (base + a * (e - base)).requires_grad_(True)
+            a = torch.tensor(alphas[k : k + batch_size], device=lm.device, dtype=e.dtype)
+            x = (base + a[:, None, None] * (e - base)).requires_grad_(True)
             lp = _lp(model, x, n, target)
             (grad,) = torch.autograd.grad(lp.sum(), x)
-            total += grad.sum(0, keepdim=True)
-        per_token = ((e - base) * total / steps)[0].sum(-1)
+            total += grad.float().sum(0, keepdim=True)
+        per_token = ((e - base).float() * total / steps)[0].sum(-1)
         with torch.no_grad():
             lp_value = float(_lp(model, e, n, target))
             base_value = float(_lp(model, base, n, target))

@@ -54,6 +54,24 @@ def test_integrated_gradients_are_complete(tiny):
         assert abs(sum(c.scores) - gap) > abs(sum(f.scores) - gap)  # refinement converges
 
 
+def test_a_model_in_bfloat16_gets_the_float32_scores_within_its_rounding():
+    """`dtype: bfloat16` with `attribution.gradient: [integrated_gradients]` was "expected
+    m1 and m2 to have the same dtype": the float32 content mask made every path point
+    float32. The gradients are now summed in float32, whatever the model's dtype."""
+    from unpact.testing import tiny_model
+
+    full, half = tiny_model(seed=3), tiny_model(seed=3)
+    half.model.to(torch.bfloat16)
+    for method in ("grad_x_input", "integrated_gradients"):
+        want = gradient_attributions(full, PROMPTS, ANSWERS, method=method, steps=8)
+        got = gradient_attributions(half, PROMPTS, ANSWERS, method=method, steps=8)
+        for w, g in zip(want, got):  # bfloat16 keeps ~3 digits of a log-prob near -6
+            scale = max(abs(x) for x in w.scores)  # IG's gap: 1.5-2% of the largest score
+            assert max(abs(a - b) for a, b in zip(w.scores, g.scores)) < 0.03 * scale + 0.01
+            assert g.lp == pytest.approx(w.lp, abs=0.05)
+            assert all(math.isfinite(x) for x in g.scores) and any(g.scores)
+
+
 def test_word_units_sum_their_tokens(tiny):
     tok = gradient_attributions(tiny, PROMPTS[:1], ANSWERS[:1], method="grad_x_input")[0]
     word = gradient_attributions(
