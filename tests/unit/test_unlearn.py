@@ -355,6 +355,16 @@ def test_lora_trains_adapters_and_merges_them(bench, tmp_path, method):
     assert changed and all(any(t in k for t in ("proj",)) for k in changed)
 
 
+def test_a_lora_rank_above_every_layers_rank_is_one_message(bench, tmp_path):
+    """`lora: {r: 100000000000000000000}` was torch's "Overflow when unpacking long long"
+    from inside peft; a rank above what any adapted layer's update can have (the tiny
+    model's widest: 64) only wastes memory. Both are refused before any step."""
+    for rank in ("65", str(10**20)):
+        cfg = resolve_config("ga_gd", overrides=["steps=1", f"lora.r={rank}"])
+        with pytest.raises(UnpactError, match=rf"LoRA: rank {rank} is above .* \(64: their"):
+            unlearn(tiny_model(seed=3), bench, cfg, tmp_path / rank, progress=False)
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
 def test_lora_reaches_a_mixtures_experts(bench, tmp_path, arch):
     """A mixture keeps its experts in 3-D parameters, not Linear layers: LoRA adapted the
