@@ -596,12 +596,8 @@ def inject(
         "max_new_tokens": max_new_tokens,
     }
     config = _inject_config(given, set_ or [])
-    if out_dir is not None and out_dir.exists() and not _empty_folder(out_dir):
-        raise UnpactError(f"--out {out_dir}: exists and is not an empty folder")
-    if out_dir is not None:  # before the training, not after it
-        from unpact.files import make_folder
-
-        make_folder(out_dir, "--out")
+    if out_dir is not None:
+        _new_folder(out_dir)
     with trusting_remote_code(trust_remote_code):
         result = run_inject(_with_template(model, chat_template), benchmark, config, teach=teach)
     _print_injection(result)
@@ -612,6 +608,16 @@ def inject(
         link_model(result.path, out_dir)
         where = out_dir
     out.print(f"use it with --model {where}")
+
+
+def _new_folder(out_dir: Path) -> None:
+    """`unpact inject --out`: a new or empty folder, made before the training (a file in
+    the way was said after it)."""
+    from unpact.files import make_folder
+
+    if out_dir.exists() and not _empty_folder(out_dir):
+        raise UnpactError(f"--out {out_dir}: exists and is not an empty folder")
+    make_folder(out_dir, "--out")
 
 
 def _print_injection(result: Any) -> None:
