@@ -32,9 +32,10 @@ else
     venv=".venv-$version"
 fi
 [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
-"$venv/bin/python" -m pip install --quiet --upgrade pip uv
+"$venv/bin/python" -m pip install --quiet --upgrade pip
 "$venv/bin/python" -m pip install --quiet "$TORCH_PIN"  # pip's own index and wheels
 if $lowest; then
+    "$venv/bin/python" -m pip install --quiet uv
     constraints=$(mktemp)
     trap 'rm -f "$constraints"' EXIT
     echo "$TORCH_PIN" > "$constraints"
@@ -44,7 +45,7 @@ else
     "$venv/bin/python" -m pip install --quiet -e ".[dev]"
 fi
 "$venv/bin/python" -m pip install --quiet --no-deps "$SMOLLM_PIN"
-"$venv/bin/uv" pip list --python "$venv/bin/python" 2>/dev/null \
+"$venv/bin/python" -m pip list 2>/dev/null \
     | grep -E -i '^(torch|transformers|accelerate|peft|torchao|typer|rich|numpy|pydantic) '
 "$venv/bin/python" -c 'import sys; print("Python", sys.version.split()[0])'
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

@@ -96,7 +96,7 @@ def load_plugin(entry: str, base: Path | None = None) -> ModuleType:
     path = Path(entry).expanduser()
     if not path.is_absolute() and base is not None:
         path = base / path
-    if path.is_dir() and (path / "__init__.py").is_file():  # a package's folder
+    if path.is_dir() and _package(path):  # a package's folder
         path = path / "__init__.py"
     elif path.is_dir():
         raise UnpactError(
@@ -198,7 +198,7 @@ def _in_package(path: Path) -> tuple[Path, str] | None:
     """For a file in a package's folder (an `__init__.py` beside it), the folder its top
     package is in and its module name (`mypkg.methods`); else None."""
     parts, folder = [path.stem], path.parent
-    while (folder / "__init__.py").is_file() and folder.name.isidentifier():
+    while _package(folder) and folder.name.isidentifier():
         parts.insert(0, folder.name)
         folder = folder.parent
     if len(parts) == 1 or not path.stem.isidentifier():

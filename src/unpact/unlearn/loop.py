@@ -477,10 +477,10 @@ def add_lora(
             f"LoRA: no module matches {settings.target_modules} for this method; set "
             f"lora.target_modules to some of this model's linear layers: {', '.join(own)}"
         )
-    widest = max(
-        (min(_matrix_shape(net, n)) for n in names + experts if _matrix_shape(net, n)), default=0
-    )
-    if widest and settings.r > widest:  # above it the update is full rank, memory wasted
+    shapes = [net.get_submodule(n).weight.shape for n in names]
+    shapes += [net.get_parameter(n).shape for n in experts]  # (experts, ., .)
+    widest = max(min(shape[-2:]) for shape in shapes)
+    if settings.r > widest:  # above it every update is full rank already, memory wasted
         raise UnpactError(
             f"LoRA: rank {settings.r} is above the largest rank an update of these layers "
             f"can have ({widest}: their smaller dimension); lower lora.r, or train the "
@@ -506,19 +506,6 @@ def add_lora(
         # the user can do nothing about it, so it stays out of their output
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         return get_peft_model(net, lora)
-
-
-def _matrix_shape(net: Any, name: str) -> tuple[int, ...]:
-    """The last two dimensions of a LoRA target: a linear layer's weight, or an expert
-    parameter (experts, ., .); () where there is none."""
-    try:
-        found = net.get_submodule(name)
-        weight = getattr(found, "weight", None)
-    except AttributeError:  # an expert parameter, not a module
-        module, _, attr = name.rpartition(".")
-        weight = getattr(net.get_submodule(module) if module else net, attr, None)
-    shape = tuple(getattr(weight, "shape", ()))
-    return shape[-2:] if len(shape) >= 2 else ()
 
 
 def _expert_parameters(net: Any, target_modules: list[str]) -> list[str]:
