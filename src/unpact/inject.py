@@ -106,7 +106,7 @@ class InjectConfig(PlainInput):
     """How knowledge is injected. Every field has a default that works on the default model;
     a bad value is one `UnpactError` naming the field."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(frozen=True)
 
     lr: float = Field(3e-4, gt=0, description="AdamW learning rate")
     batch_size: int | None = Field(

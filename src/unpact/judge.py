@@ -24,10 +24,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from unpact.errors import UnpactError
-from unpact.types import fills
+from unpact.types import SettingsModel, fills
 
 if TYPE_CHECKING:
     from unpact.data.items import QAItem
@@ -141,10 +141,9 @@ LLM_PROMPT = (
 )
 
 
-class LLMJudgeSettings(BaseModel):
+class LLMJudgeSettings(SettingsModel):
     """An LLM judge behind an OpenAI-compatible `/chat/completions` endpoint."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     base_url: str = Field(description="endpoint root, e.g. http://127.0.0.1:8000/v1")
     model: str = Field(description="model name the endpoint serves")
     api_key_env: str | None = Field(
@@ -174,10 +173,9 @@ class LLMJudgeSettings(BaseModel):
 JUDGE_LENGTH = "judge.max_new_tokens; `unpact audit`: --max-new-tokens"
 
 
-class JudgeSettings(BaseModel):
+class JudgeSettings(SettingsModel):
     """How answers are judged (SPEC section 4); multiple choice is always by highest LP."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["contains", "rouge", "llm"] = Field(
         "contains", description="contains-match, ROUGE-L recall >= threshold, or an LLM"
     )

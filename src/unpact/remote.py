@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from unpact.errors import UnpactError
 from unpact.progress import progress_bar
@@ -54,6 +54,7 @@ from unpact.types import (
     CHAT_TEMPLATE_KWARGS,
     REMOTE_PREFIX,
     EncodedPrompt,
+    SettingsModel,
     TemplateSplit,
     joined_space,
     raw_prefix,
@@ -80,10 +81,8 @@ class RemoteError(UnpactError):
         self.param = param
 
 
-class RemoteSettings(BaseModel):
+class RemoteSettings(SettingsModel):
     """How to talk to a remote model server."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     api_key_env: str = Field(
         "UNPACT_API_KEY",

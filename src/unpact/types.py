@@ -14,12 +14,22 @@ import dataclasses
 import logging
 import os
 import string
+import types
+import typing
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, NamedTuple, Protocol, TypeAlias, runtime_checkable
 
 import torch
-from pydantic import AfterValidator, BaseModel, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 REMOTE_PREFIX = "openai:"
 # Rendered into every chat template (a template that does not read a variable ignores it):
@@ -55,7 +65,47 @@ def plain_values(value: Any) -> Any:
     return value
 
 
-class PlainInput(BaseModel):
+def _leaf_types(annotation: Any) -> set[Any]:
+    """The types a field's annotation admits at its top level: `int | None` and
+    `Annotated[int, ...]` give int (and NoneType); a Literal gives its values' types."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _leaf_types(typing.get_args(annotation)[0])
+    if origin is typing.Union or origin is types.UnionType:
+        return set().union(*(_leaf_types(a) for a in typing.get_args(annotation)))
+    if origin is typing.Literal:
+        return {type(v) for v in typing.get_args(annotation)}
+    return {annotation}
+
+
+class SettingsModel(BaseModel):
+    """Base of every settings model a config holds: an unknown key is an error, and so is
+    NaN or infinity, or true/false given for a number. Pydantic's lax mode reads `true` as
+    1, so `epochs: yes` (YAML's true) or `forget_items: true` ran as 1 without a word."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_truth_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and info.field_name is not None:
+            leaves = _leaf_types(cls.model_fields[info.field_name].annotation)
+            if bool not in leaves and Any not in leaves and leaves & {int, float}:
+                raise ValueError(f"expects a number, not {str(value).lower()}")
+        return value
+
+
+def unknown_keys(model: type[BaseModel], data: dict[str, Any]) -> list[str]:
+    """The keys of `data` that `model` would drop without a word: a plugin's settings
+    deriving from pydantic's `BaseModel` ignore an unknown key (a typo) unless their
+    config says what to do with one; `SettingsModel`'s refuse it themselves."""
+    if model.model_config.get("extra") is not None:
+        return []
+    known = set(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}
+    return sorted(str(k) for k in data if k not in known)
+
+
+class PlainInput(SettingsModel):
     """A settings model that takes what Python code holds (paths, numpy and torch numbers),
     at any depth of its input, as the config file's text and numbers (`plain_values`)."""
 

@@ -56,3 +56,103 @@ def test_an_unlearning_and_an_injection_config_take_numpy_numbers():
     assert type(given.settings["beta"]) is float
     taught = InjectConfig(lr=np.float32(0.25), max_epochs=np.int64(2))
     assert taught == InjectConfig(lr=0.25, max_epochs=2)
+
+
+def test_true_or_false_for_a_number_is_an_error_naming_the_key():
+    """Pydantic's lax mode read `true` as 1: `forget_items: true`, `epochs: yes` (YAML's
+    true) or a method's `lr: false` ran with 1 or 0 without a word. Now each is one
+    message naming the key, at every depth (the run config, a method's config and its
+    LoRA, an attack's settings, the audit's options), while a true/false setting still
+    takes true/false."""
+    import pytest
+
+    from unpact.errors import UnpactError
+    from unpact.run.audit import checked_options
+    from unpact.run.config import load_config
+
+    def refused(change, where: str) -> None:
+        data = yaml.safe_load(
+            (Path(__file__).parents[2] / "src/unpact/configs/demo.yaml").read_text()
+        )
+        change(data)
+        with pytest.raises(UnpactError, match=f"{where}: expects a number, not (true|false)"):
+            load_config(data)
+
+    refused(lambda d: d["data"].update(forget_items=True), r"data\.forget_items")
+    refused(lambda d: d["inject"]["settings"].update(min_epochs=True), "min_epochs")
+    refused(lambda d: d["judge"].update(max_new_tokens=False), r"judge\.max_new_tokens")
+    refused(lambda d: d["methods"][0].update(config={"lr": False}), "lr")
+    refused(lambda d: d["methods"][0].update(config={"lora": {"r": True}}), r"lora\.r")
+    refused(lambda d: d["methods"][0].update(sweep={"steps": [2, True]}), "steps")
+    refused(lambda d: d["attacks"][1]["settings"].update(samples=True), "samples")
+    with pytest.raises(UnpactError, match="max_new_tokens: expects a number, not true"):
+        checked_options({"max_new_tokens": True})
+    data = yaml.safe_load((Path(__file__).parents[2] / "src/unpact/configs/demo.yaml").read_text())
+    data["methods"][0]["config"] = {"lora": {"r": 2, "merge": False}}
+    data["inject"]["enabled"] = False
+    config = load_config(data)
+    assert config.inject.enabled is False
+    assert config.methods[0].config["lora"]["merge"] is False
+
+
+def test_every_settings_model_refuses_true_for_a_number():
+    """Each built-in attack's and method's settings derive from the shared base, so a new
+    one is checked as the others are; the field types are read through Optional,
+    Annotated and Literal."""
+    from typing import Annotated, Literal
+
+    from unpact.attacks import ATTACKS
+    from unpact.types import SettingsModel, _leaf_types
+    from unpact.unlearn.methods import METHODS
+
+    for cls in [*ATTACKS.values(), *METHODS.values()]:
+        assert issubclass(cls.Settings, SettingsModel), cls
+    assert _leaf_types(Annotated[int | None, "x"]) == {int, type(None)}
+    assert _leaf_types(Literal["auto"] | float) == {str, float}
+    assert _leaf_types(Literal[True, 3]) == {bool, int}
+
+
+def test_a_plugins_settings_on_pydantic_basemodel_refuse_an_unknown_key():
+    """A plugin's attack or method whose settings derive from pydantic's `BaseModel`
+    (extra keys ignored by default) took `scael: 2` for `scale` without a word and ran with
+    the default; now the typo is one message, as for a built-in's settings. A model that
+    says what to do with extra keys is left to it."""
+    import pytest
+    from pydantic import BaseModel, ConfigDict
+
+    from unpact.attacks import ATTACKS, Attack, get_attack
+    from unpact.errors import UnpactError
+    from unpact.unlearn.config import UnlearnConfig
+    from unpact.unlearn.methods import METHODS, Method
+
+    class Loose(Attack):
+        name = "test_loose_settings"
+
+        class Settings(BaseModel):
+            scale: float = 1.0
+
+    class Allows(Attack):
+        name = "test_allowing_settings"
+
+        class Settings(BaseModel):
+            model_config = ConfigDict(extra="allow")
+            scale: float = 1.0
+
+    class LooseMethod(Method):
+        name = "test_loose_method"
+
+        class Settings(BaseModel):
+            beta: float = 0.1
+
+    try:
+        assert get_attack("test_loose_settings", {"scale": 2}).settings.scale == 2
+        with pytest.raises(UnpactError, match="attack test_loose_settings: scael: unknown"):
+            get_attack("test_loose_settings", {"scael": 2})
+        assert get_attack("test_allowing_settings", {"other": 1}).settings.scale == 1
+        config = UnlearnConfig(method="test_loose_method", settings={"betta": 0.2})
+        with pytest.raises(UnpactError, match=r"settings\.betta: unknown setting"):
+            config.method_settings()
+    finally:
+        for name in ("test_loose_settings", "test_allowing_settings"):
+            ATTACKS.pop(name)
+        METHODS.pop("test_loose_method")

@@ -60,6 +60,7 @@ from unpact.attacks.weights import (
     RelearnUnrelated,
     WeightAttack,
 )
+from unpact.types import SettingsModel
 
 __all__ = [
     "ATTACKS",
@@ -86,6 +87,7 @@ __all__ = [
     "RelearnSettings",
     "RelearnUnrelated",
     "SampleSettings",
+    "SettingsModel",
     "Target",
     "WeightAttack",
     "attack_title",

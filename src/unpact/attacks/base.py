@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from unpact.data.items import QAItem
 from unpact.errors import UnpactError
@@ -26,7 +26,7 @@ from unpact.judge import JudgeSettings, Verdict, choose_options, encode_question
 from unpact.plugins import check_name as _check_name
 from unpact.plugins import check_overrides as _check_overrides
 from unpact.scoring import generate
-from unpact.types import plain_scalar
+from unpact.types import SettingsModel, plain_scalar, unknown_keys
 
 if TYPE_CHECKING:
     from unpact.types import AnyModel
@@ -46,8 +46,8 @@ class Target:
     demonstrations: tuple[tuple[str, str], ...] = ()  # retain-set (question, answer) pairs
 
 
-class NoSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class NoSettings(SettingsModel):
+    """An attack without settings: any key given is an error."""
 
 
 class Attack:
@@ -208,6 +208,8 @@ def get_attack(name: str, settings: dict[str, Any] | None = None) -> Attack:
     if name not in ATTACKS:
         raise UnpactError(f"unknown attack {name!r}; choose from {', '.join(sorted(ATTACKS))}")
     cls = ATTACKS[name]
+    if keys := unknown_keys(cls.Settings, settings or {}):
+        raise UnpactError(f"attack {name}: {keys[0]}: unknown setting")
     try:
         return cls(cls.Settings(**(settings or {})))
     except ValidationError as e:

@@ -6,10 +6,10 @@ import random
 import zlib
 from typing import Annotated, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from unpact.attacks.base import FOCUS_TEMPLATE, Attack, Target
-from unpact.types import Seed, fills
+from unpact.types import Seed, SettingsModel, fills
 
 # FocusOnKey asks the question and names its keys: a template without either (or a key
 # format without its key) asked something else under the attack's name
@@ -25,8 +25,7 @@ Demonstration: TypeAlias = Annotated[
 ]
 
 
-class FocusSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class FocusSettings(SettingsModel):
     template: FocusTemplate = Field(
         FOCUS_TEMPLATE, description="emphasis prompt; {prompt} is the question, {keys} the keys"
     )
@@ -37,8 +36,7 @@ class FocusSettings(BaseModel):
     )
 
 
-class SampleSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class SampleSettings(SettingsModel):
     samples: int = Field(10, gt=0, description="answers sampled per question")
     temperature: float = Field(
         1.0, ge=0.01, description="sampling temperature (vLLM raises lower ones to 0.01)"
@@ -117,8 +115,7 @@ PARAPHRASES = (
 )
 
 
-class ParaphraseSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class ParaphraseSettings(SettingsModel):
     templates: list[ParaphraseTemplate] = Field(
         default_factory=lambda: list(PARAPHRASES),
         min_length=1,
@@ -140,8 +137,7 @@ class Paraphrase(Attack):
         ]
 
 
-class InContextSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class InContextSettings(SettingsModel):
     demonstrations: int = Field(3, gt=0, description="retain-set QA pairs shown first")
     seed: Seed = Field(0, description="which pairs (per question, reproducible)")
     template: Demonstration = Field("Q: {question}\nA: {answer}", description="one demonstration")

@@ -7,7 +7,7 @@ from functools import partial
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from unpact.attacks.base import Attack, AttackContext
 from unpact.data.items import QAItem
@@ -16,15 +16,14 @@ from unpact.errors import UnpactError
 from unpact.judge import answer_items
 from unpact.models import DTYPES, LanguageModel, load_model
 from unpact.train import Trainer
-from unpact.types import Seed
+from unpact.types import Seed, SettingsModel
 from unpact.unlearn.loop import _batch, batch_indices, encode_items
 from unpact.unlearn.methods import nll
 
 
-class FinetuneSettings(BaseModel):
+class FinetuneSettings(SettingsModel):
     """The fine-tuning of a relearning attack (`finetune`)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     steps: int = Field(10, gt=0, description="optimiser steps")
     lr: float = Field(3e-4, gt=0, description="AdamW learning rate (the injection's)")
     batch_size: int = Field(4, gt=0, description="items per step")

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from unpact.attacks.base import Attack, AttackContext
 from unpact.attacks.hidden import (
@@ -44,7 +44,7 @@ from unpact.attacks.relearn import FinetuneSettings
 from unpact.data.items import QAItem
 from unpact.errors import UnpactError
 from unpact.judge import answer_items
-from unpact.types import follow
+from unpact.types import SettingsModel, follow
 
 if TYPE_CHECKING:
     from unpact.models import LanguageModel
@@ -135,8 +135,7 @@ def explain(lm: LanguageModel, ctx: AttackContext, rows: list[dict[str, Any]]) -
 # --- quantize ---------------------------------------------------------------------------
 
 
-class QuantizeSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class QuantizeSettings(SettingsModel):
     bits: int = Field(4, ge=2, le=8, description="integer bits per weight (8 and 4 published)")
     group_size: int | None = Field(
         64, gt=0, description="input columns sharing one scale (null: one per output row)"
@@ -216,8 +215,7 @@ class RelearnUnrelated(WeightAttack):
 # --- ablate_direction --------------------------------------------------------------------
 
 
-class AblateSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class AblateSettings(SettingsModel):
     layer: int = Field(
         -1,
         description="the residual index whose activations give the direction: 0 the "
@@ -300,8 +298,7 @@ def options(item: QAItem) -> tuple[list[str], int] | None:
     return None
 
 
-class LayerSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class LayerSettings(SettingsModel):
     last_layer: bool = Field(
         False, description="count the last layer (the model's own output) among the layers read"
     )

@@ -29,7 +29,7 @@ from unpact.attacks import ATTACKS
 from unpact.errors import UnpactError
 from unpact.metrics import ItemRecord, display
 from unpact.run.config import EvalDtype, check_served_dtype
-from unpact.types import is_remote_spec, plain_values
+from unpact.types import SettingsModel, is_remote_spec, plain_values
 
 # The battery: every attack of the field that needs no user data beyond the benchmark.
 PROMPT_ATTACKS = ("focus_on_key", "probab", "focus_on_key_probab")
@@ -156,7 +156,7 @@ def _options_model() -> Any:
     default written once, there)."""
     import typing
 
-    from pydantic import ConfigDict, create_model
+    from pydantic import create_model
 
     hints = typing.get_type_hints(audit_config)
     fields: dict[str, Any] = {
@@ -164,8 +164,7 @@ def _options_model() -> Any:
         for name, p in inspect.signature(audit_config).parameters.items()
         if p.kind is p.KEYWORD_ONLY
     }
-    config = ConfigDict(extra="forbid")
-    return create_model("AuditOptions", __config__=config, **fields)
+    return create_model("AuditOptions", __base__=SettingsModel, **fields)
 
 
 def checked_options(options: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
@@ -38,11 +37,7 @@ PAPER_ATTACKS = ("focus_on_key", "probab", "focus_on_key_probab")
 # ---------------------------------------------------------------------------- config
 
 
-class _Strict(PlainInput):  # paths and numpy numbers at any depth: a method's config too
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
-class DataSettings(_Strict):
+class DataSettings(PlainInput):
     """Which items the run uses."""
 
     benchmark: str = Field(DEFAULT_BENCHMARK, description="built-in benchmark name or a folder")
@@ -57,7 +52,7 @@ class DataSettings(_Strict):
     )
 
 
-class InjectSettings(_Strict):
+class InjectSettings(PlainInput):
     """Teach the benchmark to the model first (as MUSE's target models were)."""
 
     enabled: bool = Field(True, description="inject; false: the model already knows the data")
@@ -77,7 +72,7 @@ class InjectSettings(_Strict):
         return value
 
 
-class MethodSpec(_Strict):
+class MethodSpec(PlainInput):
     """One unlearning run: a registered method and changes to its default settings; or an
     already unlearned model (`model`, local or served) to evaluate as it is."""
 
@@ -152,14 +147,14 @@ def _copy_at(config: dict[str, Any], key: str) -> tuple[dict[str, Any], dict[str
     return copy, node, leaf
 
 
-class ModelSpec(_Strict):
+class ModelSpec(PlainInput):
     """A base model of a multi-model run, with the name its results go under."""
 
     name: str = Field(description="label and sub-folder of this model's results")
     model: str = Field(description="model spec: default, a folder, a hub id, or openai:...")
 
 
-class AttackSpec(_Strict):
+class AttackSpec(PlainInput):
     name: str = Field(description="registered attack: focus_on_key, probab, quantize, ...")
     settings: dict[str, Any] = Field(default_factory=dict, description="the attack's settings")
     label: str | None = Field(
@@ -182,7 +177,7 @@ class AttackSpec(_Strict):
         return ATTACKS[self.name].control if self.control is None else self.control
 
 
-class AttributionSettings(_Strict):
+class AttributionSettings(PlainInput):
     unit: Literal["token", "word"] = Field("token", description="attribution unit")
     baseline: Literal["delete", "token", "mask"] = Field(
         "delete", description="how a unit is taken out"
@@ -232,7 +227,7 @@ _CHECK_FIELDS = {
 }
 
 
-class StatisticsSettings(_Strict):
+class StatisticsSettings(PlainInput):
     """Confidence intervals and tests that come with every figure."""
 
     resamples: int = Field(
@@ -247,7 +242,7 @@ class StatisticsSettings(_Strict):
     baseline_attack: str = Field("probab", description="attack the others are tested against")
 
 
-class MembershipSettings(_Strict):
+class MembershipSettings(PlainInput):
     """Is each model like one that never learned the forget set? (SPEC 9: membership
     inference, PrivLeak, truth ratio and forget quality, memorisation, fluency.)"""
 
@@ -315,7 +310,7 @@ class MembershipSettings(_Strict):
         return value
 
 
-class ReportSettings(_Strict):
+class ReportSettings(PlainInput):
     """What the report shows."""
 
     dilemma_attack: str | None = Field(
@@ -328,7 +323,7 @@ class ReportSettings(_Strict):
 EvalDtype = Literal["float32", "bfloat16", "float16"]  # float32 first: the default
 
 
-class RunConfig(_Strict):
+class RunConfig(PlainInput):
     """One experiment. Every field has a default except the methods."""
 
     plugins: list[str] = Field(

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from unpact.errors import UnpactError
 from unpact.files import read_text
-from unpact.types import PlainInput, Seed
+from unpact.types import PlainInput, Seed, unknown_keys
 from unpact.unlearn.methods import get_method
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -27,7 +27,6 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 class LoraSettings(PlainInput):
     """LoRA adapters (peft) instead of full fine-tuning."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     r: int = Field(16, gt=0, description="rank of the adapters")
     alpha: int = Field(32, gt=0, description="scaling numerator (scale = alpha / r)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input")
@@ -40,7 +39,6 @@ class LoraSettings(PlainInput):
 class UnlearnConfig(PlainInput):
     """One unlearning run. `settings` holds the method's own knobs (see its class)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     method: str = Field(description="registered method name, e.g. npo_gd")
     epochs: float = Field(5.0, gt=0, description="passes over the forget set (if steps unset)")
     steps: int | None = Field(None, gt=0, description="optimiser steps; overrides epochs")
@@ -64,6 +62,8 @@ class UnlearnConfig(PlainInput):
     def method_settings(self) -> Any:
         """The method's validated settings object."""
         cls = get_method(self.method)
+        if keys := unknown_keys(cls.Settings, self.settings):
+            raise UnpactError(f"invalid unlearning config: settings.{keys[0]}: unknown setting")
         try:
             return cls.Settings(**self.settings)
         except ValidationError as e:

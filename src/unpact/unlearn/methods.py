@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from unpact.attribution import ALPHA, BETA, key_tokens
 from unpact.errors import UnpactError
@@ -39,7 +39,7 @@ from unpact.scoring import (
     lm_body_and_head,
     right_padded,
 )
-from unpact.types import Seed
+from unpact.types import Seed, SettingsModel
 
 Reference = Literal["logprobs", "model", "activations"]
 METHODS: dict[str, type[Method]] = {}
@@ -74,10 +74,8 @@ class StepContext:
     retain_ref_activations: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class MethodSettings(BaseModel):
+class MethodSettings(SettingsModel):
     """Base of every method's settings: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Method:
