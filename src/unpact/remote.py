@@ -618,7 +618,7 @@ class RemoteModel:
     ) -> list[torch.Tensor]:
         """Per-token answer log-probs given each prompt (as `scoring.answer_logprobs`);
         one request per pair (the server batches; `token_budget` is a local notion)."""
-        check_pairs(prompts, answers, self.max_length)
+        prompts, answers = check_pairs(prompts, answers, self.max_length)
 
         def one(pair: tuple[Sequence[int], Sequence[int]]) -> torch.Tensor:
             p, a = pair

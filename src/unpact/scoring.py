@@ -58,8 +58,11 @@ def answer_logprobs(
     continues from its keys/values (`share_prefix`, default on; gradients flow through
     the shared prefix as through separate copies).
     """
+    _check_numbers(
+        token_budget=token_budget, **({} if max_length is None else {"max_length": max_length})
+    )
     limit = max_length or int(getattr(text_config(model), "max_position_embeddings", 0) or 1 << 30)
-    check_pairs(prompts, answers, limit)
+    prompts, answers = check_pairs(prompts, answers, limit, _vocabulary(model))
     results: list[torch.Tensor | None] = [None] * len(prompts)
     batches = list(
         token_budget_batches([len(p) + len(a) for p, a in zip(prompts, answers)], token_budget)
@@ -81,6 +84,13 @@ def answer_logprobs(
                 results[i] = lp
             advance(len(batch))
     return [r for r in results if r is not None]
+
+
+def _vocabulary(model: Any) -> int | None:
+    """How many token ids the model's input embeddings hold (None: not told)."""
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    rows = getattr(embeddings, "num_embeddings", None)
+    return rows if isinstance(rows, int) else None
 
 
 MIN_SHARED_PREFIX = 8
@@ -651,18 +661,53 @@ class AnswerScore:
 
 
 def check_pairs(
-    prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], limit: int
-) -> None:
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]],
+    limit: int,
+    vocab: int | None = None,
+) -> tuple[list[list[int]], list[list[int]]]:
     """Every backend's `answer_logprobs` scores only pairs of token ids that can be: as many
-    answers as prompts, neither empty, each pair within the model's context of `limit`."""
+    answers as prompts, neither empty, each a flat list (or 1-d tensor or array) of whole
+    token ids in the model's vocabulary of `vocab` (when known), each pair within the
+    model's context of `limit`. A text, a float id or one past the vocabulary was an
+    error from inside torch ("too many dimensions 'str'", "index out of range in self").
+    Returns the ids as lists of Python ints."""
+    for name, given in (("prompts", prompts), ("answers", answers)):
+        listed = isinstance(given, Sequence) or getattr(given, "ndim", 0) >= 1
+        if isinstance(given, (str, bytes)) or not listed:
+            raise TypeError(f"{name}: give a list of token id lists, not {type(given).__name__}")
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-    for i, (p, a) in enumerate(zip(prompts, answers)):
+    pairs = [
+        (
+            _token_ids(f"item {i}: the prompt", p, vocab),
+            _token_ids(f"item {i}: the answer", a, vocab),
+        )
+        for i, (p, a) in enumerate(zip(prompts, answers))
+    ]
+    for i, (p, a) in enumerate(pairs):
         if len(p) == 0:
             raise UnpactError(f"item {i}: empty prompt")
         if len(a) == 0:
             raise UnpactError(f"item {i}: empty answer")
         check_fits(i, len(p) + len(a), limit)
+    return [p for p, _ in pairs], [a for _, a in pairs]
+
+
+def _token_ids(what: str, ids: Any, vocab: int | None) -> list[int]:
+    values = ids.tolist() if callable(getattr(ids, "tolist", None)) else ids
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{what} is {type(ids).__name__} {ids!r}, not a list of token ids")
+    out = []
+    for v in values:
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool):
+            raise TypeError(f"{what} holds {type(v).__name__} {v!r}, not a token id (an int)")
+        out.append(int(v))
+    bad = [v for v in out if v < 0 or (vocab is not None and v >= vocab)]
+    if bad:
+        top = f"0 to {vocab - 1}" if vocab is not None else "0 and above"
+        raise UnpactError(f"{what} holds token id {bad[0]}, outside the model's vocabulary ({top})")
+    return out
 
 
 def check_fits(i: int, tokens: int, limit: int) -> None:
@@ -824,6 +869,8 @@ def generate(
     )
     if max_new_tokens < 1:
         raise UnpactError("max_new_tokens must be at least 1")
+    if batch_size < 1:
+        raise UnpactError(f"batch_size must be at least 1, not {batch_size}")
     if num_samples < 0:
         raise UnpactError("the number of samples cannot be negative")
     if num_samples and not 0 < temperature < math.inf:

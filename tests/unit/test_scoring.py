@@ -424,3 +424,30 @@ def test_greedy_is_plain_whatever_the_generation_config_says():
             new.append(t)
         assert g.token_ids == tuple(new)
     assert any(len(set(zip(g.token_ids, g.token_ids[1:]))) < len(g.token_ids) - 1 for (g,) in got)
+
+
+def test_token_ids_the_model_cannot_read_are_one_clear_error(tiny):
+    """The id-level kernel (and `LanguageModel.answer_logprobs`) took an id past the
+    vocabulary or a negative one to torch's "index out of range in self", a float id to
+    "gather(): Expected dtype int32/int64", a text to "too many dimensions 'str'". Each is
+    now one message naming the item; tensors and numpy arrays of ids give the list's
+    numbers; a batch size of 0 for `generate` is one message, not range()'s."""
+    import numpy as np
+
+    vocab = tiny.model.get_input_embeddings().num_embeddings
+    for call in (lambda p, a: answer_logprobs(tiny.model, p, a), tiny.answer_logprobs):
+        with pytest.raises(UnpactError, match=rf"item 0: the prompt holds token id {vocab}, "):
+            call([[1, 2, vocab]], [[3]])
+        with pytest.raises(UnpactError, match=r"item 1: the answer holds token id -1"):
+            call([[1, 2], [1, 2]], [[3], [-1]])
+        with pytest.raises(TypeError, match=r"item 0: the prompt holds float 1\.0"):
+            call([[1.0, 2.0]], [[3]])
+        with pytest.raises(TypeError, match=r"item 0: the answer is str 'ab', not a list of"):
+            call([[1, 2]], ["ab"])
+        with pytest.raises(TypeError, match=r"prompts: give a list of token id lists"):
+            call("12", [[3]])
+        listed = call([[1, 2, vocab - 1]], [[3, 0]])[0]
+        for ids in (torch.tensor, np.array):
+            assert torch.equal(call([ids([1, 2, vocab - 1])], [ids([3, 0])])[0], listed)
+    with pytest.raises(UnpactError, match=r"batch_size must be at least 1, not 0"):
+        generate(tiny, ["hi"], batch_size=0)
