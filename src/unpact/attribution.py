@@ -50,6 +50,7 @@ from unpact.scoring import (
     Continuation,
     check_fits,
     check_model,
+    check_numbers,
     check_texts,
     context_logprobs,
     context_refusal,
@@ -172,6 +173,7 @@ def check_settings(
     unit: str, baseline: str, target: str | None = None, alpha: float = ALPHA, beta: float = BETA
 ) -> None:
     """Reject unknown unit kinds, baselines and targets, and thresholds outside [0, 1]."""
+    check_numbers(alpha=alpha, beta=beta)
     _check_choice("unit", unit, UnitKind)
     _check_choice("baseline", baseline, Baseline)
     if target is not None:
@@ -847,6 +849,12 @@ def attribute_many(
     check_model(lm)
     check_settings(unit, baseline, target, alpha, beta)
     check_texts(prompts, answers, open_answers=True)
+    given = {"baseline_token_id": baseline_token_id, "max_work": max_work}
+    check_numbers(
+        max_new_tokens=max_new_tokens,
+        token_budget=token_budget,
+        **{name: value for name, value in given.items() if value is not None},
+    )
     answer_list = list(answers) if answers is not None else [None] * len(prompts)
     if target == "reference" and any(a is None for a in answer_list):
         missing = next(i for i, a in enumerate(answer_list) if a is None)

@@ -58,7 +58,7 @@ def answer_logprobs(
     continues from its keys/values (`share_prefix`, default on; gradients flow through
     the shared prefix as through separate copies).
     """
-    _check_numbers(
+    check_numbers(
         token_budget=token_budget, **({} if max_length is None else {"max_length": max_length})
     )
     limit = max_length or int(getattr(text_config(model), "max_position_embeddings", 0) or 1 << 30)
@@ -777,11 +777,14 @@ def _check_list(name: str, value: Any, allowed: tuple[type, ...], none_ok: bool)
             raise TypeError(f"{name}[{i}] is {type(v).__name__} {v!r}, not a text")
 
 
-def _check_numbers(**values: Any) -> None:
+_REAL_ARGUMENTS = frozenset({"temperature", "alpha", "beta"})  # any number; the rest whole
+
+
+def check_numbers(**values: Any) -> None:
     """Whole numbers given as such (a float sample count or a text length is a TypeError
     naming the argument, not one from deep inside torch)."""
     for name, value in values.items():
-        number = name == "temperature"
+        number = name in _REAL_ARGUMENTS
         ok = isinstance(value, numbers.Real if number else numbers.Integral)
         if not ok or isinstance(value, bool):
             kind = "a number" if number else "an int"
@@ -860,7 +863,7 @@ def generate(
     """
     check_model(lm)
     check_texts(prompts)
-    _check_numbers(
+    check_numbers(
         max_new_tokens=max_new_tokens,
         num_samples=num_samples,
         temperature=temperature,

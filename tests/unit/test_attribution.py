@@ -591,3 +591,22 @@ def test_read_prompts_names_what_is_wrong_with_a_line(tmp_path):
         bad.write_text(line + "\n")
         with pytest.raises(UnpactError, match=message):
             read_prompts(bad)
+
+
+def test_attribution_options_of_the_wrong_type_are_a_type_error_naming_them(tiny):
+    """`alpha=None` or `token_budget="x"` failed as "'<=' not supported between instances
+    of 'int' and 'NoneType'", naming no option; `alpha=True` ran as 1."""
+    from unpact.attribution import attribute_many
+
+    cases = [
+        ({"alpha": None}, r"alpha must be a number, not NoneType"),
+        ({"beta": True}, r"beta must be a number, not bool"),
+        ({"token_budget": "x"}, r"token_budget must be an int, not str"),
+        ({"max_work": 1.5}, r"max_work must be an int, not float"),
+        ({"baseline_token_id": "3", "baseline": "token"}, r"baseline_token_id must be an int"),
+        ({"max_new_tokens": None}, r"max_new_tokens must be an int"),
+    ]
+    for options, message in cases:
+        with pytest.raises(TypeError, match=message):
+            attribute_many(tiny, ["What is it?"], ["Paris"], **options)
+    assert attribute_many(tiny, ["What is it?"], ["Paris"], alpha=1, max_work=None)
