@@ -25,6 +25,15 @@ from unpact.errors import UnpactError
 T = TypeVar("T")
 
 
+def as_path(value: Any, what: str) -> Path:
+    """A folder or file argument of the Python API as a Path: a string or any path, else a
+    TypeError naming the argument (`out=None` was pathlib's "expected str, bytes or
+    os.PathLike object, not NoneType")."""
+    if isinstance(value, (str, os.PathLike)):
+        return Path(value)
+    raise TypeError(f"{what}: give a path (a string or a pathlib.Path), not {type(value).__name__}")
+
+
 def check_folder_path(path: Path, what: str) -> None:
     """One message, before any work, where `path` cannot become a folder: a file is there,
     or a file stands where one of its parent folders goes (`--out results.json/run`,

@@ -70,7 +70,7 @@ from unpact.data.items import ANSWER_FIELDS, Benchmark, QAItem
 from unpact.data.sources import load_benchmark, materialise
 from unpact.determinism import keeps_rng
 from unpact.errors import UnpactError
-from unpact.files import atomic_text, once, write_atomically
+from unpact.files import as_path, atomic_text, once, write_atomically
 from unpact.judge import check_answer_room, encode_questions
 from unpact.models import (
     DeviceName,
@@ -521,7 +521,7 @@ def _rehearsal_kl(cur: torch.Tensor, batch: list[_Rehearsal]) -> torch.Tensor:
 def inject(
     model: str | os.PathLike[str] = "default",
     benchmark: str | Path = "news",
-    config: InjectConfig | None = None,
+    config: InjectConfig | dict[str, Any] | None = None,
     *,
     cache_dir: str | Path | None = None,
     progress: bool = True,
@@ -539,13 +539,14 @@ def inject(
     if teach not in TEACH:
         raise UnpactError(f"teach must be one of {', '.join(TEACH)}, not {teach!r}")
     model = spec_text(model)  # a pathlib.Path is a spec too
-    config = config or InjectConfig()
+    config = _given_config(config)
     # a real benchmark (tofu:PATH, ...) is written once as an item-format folder: the key
     # hashes the taught files
     bench = materialise(load_benchmark(benchmark), cache_root() / "benchmarks")
     config = resolve(config, bench)
     key = cache_key(model, bench, config, teach)
-    folder = Path(cache_dir or cache_root() / "injected") / f"{bench.name}-{key}"
+    root = as_path(cache_dir, "cache_dir") if cache_dir is not None else cache_root() / "injected"
+    folder = root / f"{bench.name}-{key}"
     waiting = f"waiting for another process teaching the same model ({folder})"
     _, taught = once(
         folder / "inject.json",
@@ -554,6 +555,17 @@ def inject(
         lambda: _teach(model, bench, config, teach, folder, progress, stop_after_epoch),
     )
     return taught if taught is not None else _cached(folder)  # None: taught before
+
+
+def _given_config(config: Any) -> InjectConfig:
+    """`inject`'s config: an InjectConfig, a mapping of its settings, or None (defaults)."""
+    if config is None or isinstance(config, InjectConfig):
+        return config or InjectConfig()
+    if isinstance(config, dict):
+        return InjectConfig(**config)
+    raise TypeError(
+        f"config: give an InjectConfig or a mapping of its settings, not {type(config).__name__}"
+    )
 
 
 def _teach(

@@ -261,6 +261,13 @@ def warn_if_template_thinks(spec: str, suffix: str, said: Hashable = None) -> No
     )
 
 
+def short_repr(value: object, most: int = 60) -> str:
+    """`repr(value)` cut to `most` characters: a message naming a wrong argument stays one
+    line when the argument is a model (whose repr lists every layer)."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= most else text[: most - 3] + "..."
+
+
 def spec_text(spec: object) -> str:
     """A model spec as text: a string, or a path (`pathlib.Path`, any `os.PathLike`)."""
     if isinstance(spec, os.PathLike):
@@ -268,7 +275,7 @@ def spec_text(spec: object) -> str:
     if not isinstance(spec, str):
         raise TypeError(
             f"a model spec is a string or a path ('default', a folder, a .gguf file, a hub "
-            f"id, openai:MODEL@URL), not {type(spec).__name__} {spec!r}"
+            f"id, openai:MODEL@URL), not {type(spec).__name__} {short_repr(spec)}"
         )
     return spec
 

@@ -156,3 +156,15 @@ def test_a_plugins_settings_on_pydantic_basemodel_refuse_an_unknown_key():
         for name in ("test_loose_settings", "test_allowing_settings"):
             ATTACKS.pop(name)
         METHODS.pop("test_loose_method")
+
+
+def test_a_run_config_of_another_type_names_the_argument():
+    """`run(3, out)` or `run([...], out)` was pathlib's "expected str, bytes or
+    os.PathLike object, not int"."""
+    import pytest
+
+    from unpact.run.config import load_config
+
+    for given in (3, ["demo"], None):
+        with pytest.raises(TypeError, match=r"config: give a RunConfig, a mapping, a YAML file"):
+            load_config(given)

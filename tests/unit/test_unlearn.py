@@ -569,3 +569,27 @@ def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path):
         read_yaml_mapping(f)
     f.write_text("base: &b {lr: 1, steps: 2}\nm:\n  <<: *b\n  lr: 3\n")
     assert read_yaml_mapping(f)["m"] == {"lr": 3, "steps": 2}
+
+
+def test_the_python_api_takes_a_mapping_config_and_names_a_wrong_argument(bench, tmp_path):
+    """`unlearn(lm, bench, {"method": "ga", ...}, out)` was "'dict' object has no
+    attribute 'method'"; it is now read as `unpact unlearn` reads a config file (the
+    method's defaults under it, a bare settings key into `settings`), and gives the weights
+    of the resolved config. `out=None`, a config of another type, or a model given to
+    `inject` (which takes a spec) name the argument, in one line."""
+    from unpact.inject import inject
+
+    given = {"method": "npo_gd", "steps": 2, "lr": 1e-3, "beta": 0.2}
+    by_mapping = unlearn(tiny_model(seed=3), bench, given, tmp_path / "m", progress=False)
+    resolved = resolve_config(values=given)
+    assert resolved.settings["beta"] == 0.2
+    by_config = unlearn(tiny_model(seed=3), bench, resolved, tmp_path / "c", progress=False)
+    assert _weights(by_mapping).keys() == _weights(by_config).keys()
+    for name, tensor in _weights(by_mapping).items():
+        assert torch.equal(tensor, _weights(by_config)[name]), name
+    with pytest.raises(TypeError, match=r"config: give an UnlearnConfig or a mapping"):
+        unlearn(tiny_model(), bench, "npo_gd", tmp_path / "s", progress=False)
+    with pytest.raises(TypeError, match=r"out: give a path .*, not NoneType"):
+        unlearn(tiny_model(), bench, resolved, None, progress=False)
+    with pytest.raises(TypeError, match=r"not LanguageModel LanguageModel\(.{0,50}\.\.\.$"):
+        inject(tiny_model(), bench, {"max_epochs": 1}, cache_dir=tmp_path / "i")

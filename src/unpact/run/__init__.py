@@ -54,7 +54,7 @@ from unpact.backends import model_key, open_model
 from unpact.data.items import Benchmark, QAItem
 from unpact.data.sources import load_benchmark
 from unpact.errors import UnpactError
-from unpact.files import check_folder_path, make_folder, once
+from unpact.files import as_path, check_folder_path, make_folder, once
 from unpact.judge import served_cache_key
 from unpact.metrics import ItemRecord, layer_curve
 from unpact.models import (
@@ -270,7 +270,7 @@ def run(
     one_process("a run")
     say = log or (lambda text: None)
     cfg = config if isinstance(config, RunConfig) else load_config(config)
-    out = Path(out)
+    out = as_path(out, "out")
     _check_out(out)
     with trusting_remote_code(cfg.trust_remote_code):
         if cfg.models or cfg.benchmarks:
@@ -287,7 +287,7 @@ def _run_one(
     reword: Callable[[dict[str, str]], None] | None,
 ) -> RunResult:
     """`run` of one model on one benchmark."""
-    cache = Path(cache_dir) if cache_dir is not None else cache_root() / "stages"
+    cache = as_path(cache_dir, "cache_dir") if cache_dir is not None else cache_root() / "stages"
     began = time.perf_counter()
     _start(out, cfg)
     given = cfg.model

@@ -444,6 +444,11 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
 
     Any problem is one `UnpactError` naming the key's path, e.g. `methods.1.method`."""
     where = "config"
+    if not isinstance(source, (dict, str, os.PathLike)):
+        raise TypeError(
+            "config: give a RunConfig, a mapping, a YAML file or a built-in config's name ("
+            f"{', '.join(builtin_run_configs.names())}), not {type(source).__name__}"
+        )
     if isinstance(source, dict):
         data = plain_values(source)  # a config built in Python may hold paths and numpy numbers
     else:

@@ -37,13 +37,13 @@ from unpact.data.items import QAItem
 from unpact.data.sources import load_benchmark
 from unpact.determinism import keeps_rng
 from unpact.errors import UnpactError
-from unpact.files import atomic_text, check_folder_path, json_lines, make_folder
+from unpact.files import as_path, atomic_text, check_folder_path, json_lines, make_folder
 from unpact.models import LanguageModel, load_model, save_model
 from unpact.progress import progress_bar
 from unpact.scoring import decoder_layers, expert_parameters, text_parameters
 from unpact.train import Trainer
-from unpact.types import follow, spec_text
-from unpact.unlearn.config import LoraSettings, UnlearnConfig, read_yaml_mapping
+from unpact.types import follow, short_repr, spec_text
+from unpact.unlearn.config import LoraSettings, UnlearnConfig, read_yaml_mapping, resolve_config
 from unpact.unlearn.methods import Batch, Method, StepContext, get_method, layer_activations
 
 RUN_FORMAT = 1
@@ -134,6 +134,20 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     return out
 
 
+def _given_config(config: Any) -> UnlearnConfig:
+    """`unlearn`'s config: an UnlearnConfig, or a mapping read as `unpact unlearn` reads a
+    config file (the method's defaults under it; a bare key of the method's settings goes
+    to `settings`). Anything else was "'dict' object has no attribute 'method'"."""
+    if isinstance(config, UnlearnConfig):
+        return config
+    if isinstance(config, dict):
+        return resolve_config(values=config)
+    raise TypeError(
+        f"config: give an UnlearnConfig or a mapping such as {{'method': 'npo_gd'}}, not "
+        f"{type(config).__name__} {short_repr(config)}"
+    )
+
+
 def total_steps(config: UnlearnConfig, n_forget: int) -> int:
     if config.steps:
         return config.steps
@@ -144,7 +158,7 @@ def total_steps(config: UnlearnConfig, n_forget: int) -> int:
 def unlearn(
     model: str | os.PathLike[str] | LanguageModel,
     benchmark: str | Path,
-    config: UnlearnConfig,
+    config: UnlearnConfig | dict[str, Any],
     out: str | Path,
     *,
     resume: bool = False,
@@ -163,7 +177,8 @@ def unlearn(
         cpu=not torch.cuda.is_available(),
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
-    out = Path(out)
+    out = as_path(out, "out")
+    config = _given_config(config)
     if not isinstance(model, LanguageModel):
         model = spec_text(model)  # a pathlib.Path is a spec too
     method = get_method(config.method)(config.method_settings())
