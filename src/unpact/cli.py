@@ -840,7 +840,23 @@ def _print_results(results: dict[str, Any], out_dir: Path) -> None:
     # A log file or pipe gets the full table rather than rich's 80-column default.
     console = out if out.is_terminal else Console(width=200)
     console.print(results_grid(results, console))
+    for line in _left_out(results):
+        console.print(escape(line))
     _where(console, results, out_dir)
+
+
+def _left_out(results: dict[str, Any], verdicts: bool = True) -> list[str]:
+    """Why a figure is missing ("–" in the table): results.json's `skipped` reasons and,
+    with `verdicts`, each method's attack that was not run (relearning with a single
+    forgotten item has none to train on and another to test)."""
+    lines = [f"skipped {part}: {why}" for part, why in (results.get("skipped") or {}).items()]
+    for label, tests in (results.get("verdicts") or {}).items() if verdicts else ():
+        lines += [
+            f"{label}: {t['test']} not run: {t['detail']}"
+            for t in tests
+            if t["verdict"] == "not run"
+        ]
+    return lines
 
 
 def _where(console: Console, results: dict[str, Any], out_dir: Path) -> None:
@@ -1068,8 +1084,8 @@ def _print_verdicts(results: dict[str, Any], out_dir: Path) -> None:
         grid.add_row(escape(v["test"]), escape(v["verdict"]), escape(v["detail"]))
     console = out if out.is_terminal else Console(width=200)
     console.print(grid)
-    for part, why in (results.get("skipped") or {}).items():
-        console.print(f"skipped {escape(part)}: {escape(str(why))}")
+    for line in _left_out(results, verdicts=False):
+        console.print(escape(line))
     _where(console, results, out_dir)
 
 

@@ -65,6 +65,28 @@ def test_the_cli_table_turns_to_a_row_per_figure_when_the_terminal_is_narrower()
     assert "┃ method" in kept and "┃ figure" in turned
 
 
+def test_the_cli_says_why_a_figure_of_the_run_is_missing(tmp_path, capsys):
+    """Relearning on a single forgotten item (none left to test after training on one)
+    showed "–" in `unpact run`'s table with its reason only in results.json; the run's
+    `skipped` reasons were printed by `unpact audit` alone. Both now follow the table."""
+    from unpact import cli
+
+    results = {"benchmark": "news", "model": "default", **_results(["relearn"])}
+    results["methods"]["ga"]["recovery"] = {"relearn": None, "any": None}
+    results["skipped"] = {"forget_quality": "the run has no paraphrased answers"}
+    results["verdicts"] = {
+        "ga": [
+            {"test": "forgotten", "verdict": "forgotten", "detail": "1 forget item"},
+            {"test": "relearn", "verdict": "not run", "detail": "the forgotten item could not"},
+        ]
+    }
+    cli._print_results(results, tmp_path)  # a pipe here: printed 200 wide to stdout
+    text = capsys.readouterr().out
+    assert "ga: relearn not run: the forgotten item could not" in text
+    assert "skipped forget_quality: the run has no paraphrased answers" in text
+    assert "forgotten: 1 forget item" not in text
+
+
 def test_results_md_shows_a_labels_pipes_and_markup_as_text():
     """An attack's label is free text: "pro/bab | x" split results.md's table in two
     columns, and "<b>" was read as HTML by Markdown viewers."""
