@@ -84,6 +84,38 @@ def exclusive(artefact: Path, waiting: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+WRITER_LOCK = ".unpact-lock"  # in a run folder: held by the process writing into it
+
+
+@contextlib.contextmanager
+def sole_writer(folder: Path, what: str) -> Iterator[None]:
+    """Hold `folder/.unpact-lock` for the block, and refuse (not wait) where another process
+    holds it: two runs writing into one folder at once (the same command started twice,
+    or with an edited config) left one's config.yaml beside the other's results. The lock
+    is the system's, so a process that dies holds it no longer. Without `fcntl` (Windows)
+    there is no lock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on the machines unpact is tested on
+        yield
+        return
+    with (folder / WRITER_LOCK).open("a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UnpactError(
+                f"{what} {folder}: another unpact process is writing there now; wait for it "
+                "to end, or give another folder"
+            ) from None
+        except OSError:  # a file system without locks (some network mounts): run unlocked
+            yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def once(done: Path, folder: Path, waiting: str, compute: Callable[[], T]) -> tuple[bool, T | None]:
     """`compute()` unless the file `done` exists, under `folder`'s lock (`exclusive`) and
     looked for again once the lock is held (another process may have finished it while

@@ -394,3 +394,25 @@ def test_a_folder_that_cannot_be_made_is_one_message(tmp_path: Path) -> None:
     make_folder(tmp_path / "new" / "deeper", "--out")
     make_folder(tmp_path / "new" / "deeper", "--out")  # already there: as it is
     assert (tmp_path / "new" / "deeper").is_dir()
+
+
+def test_a_second_writer_of_a_run_folder_is_refused_not_mixed_in(tmp_path):
+    """Two `unpact run`s into one --out at once (the command started twice, or again with
+    an edited config) each wrote there, leaving one's config.yaml beside the other's
+    results. The folder's lock now refuses the second at once, naming the folder; once the
+    first ends the folder is free, and a folder holding only the lock is a new one."""
+    from unpact.files import sole_writer
+    from unpact.run import run
+
+    with sole_writer(tmp_path, "--out"):
+        refused = pytest.raises(UnpactError, match=r"another unpact process is writing there")
+        with refused, sole_writer(tmp_path, "--out"):
+            pass
+        with pytest.raises(UnpactError, match=r"--out .*: another unpact process is writing"):
+            run({"methods": [{"method": "ga"}]}, tmp_path, progress=False)
+    assert not (tmp_path / "config.yaml").exists()  # refused before anything was written
+    with sole_writer(tmp_path, "--out"):
+        pass
+    from unpact.run import _check_out
+
+    _check_out(tmp_path)  # only the lock is there: accepted as a new folder

@@ -54,7 +54,7 @@ from unpact.backends import model_key, open_model
 from unpact.data.items import Benchmark, QAItem
 from unpact.data.sources import load_benchmark
 from unpact.errors import UnpactError
-from unpact.files import as_path, check_folder_path, make_folder, once
+from unpact.files import WRITER_LOCK, as_path, check_folder_path, make_folder, once, sole_writer
 from unpact.judge import served_cache_key
 from unpact.metrics import ItemRecord, layer_curve
 from unpact.models import (
@@ -272,7 +272,8 @@ def run(
     cfg = config if isinstance(config, RunConfig) else load_config(config)
     out = as_path(out, "out")
     _check_out(out)
-    with trusting_remote_code(cfg.trust_remote_code):
+    make_folder(out, "--out")
+    with sole_writer(out, "--out"), trusting_remote_code(cfg.trust_remote_code):
         if cfg.models or cfg.benchmarks:
             return _run_grid(cfg, out, cache_dir, progress, say)
         return _run_one(cfg, out, cache_dir, progress, say, reword)
@@ -455,7 +456,7 @@ def _check_out(out: Path) -> None:
         raise UnpactError(f"--out {out}: a file is there; give a folder (new, or a run's)")
     check_folder_path(out, "--out")
     if out.is_dir() and not (out / "config.yaml").is_file():
-        held = sorted(p.name for p in out.iterdir())
+        held = sorted(p.name for p in out.iterdir() if p.name != WRITER_LOCK)
         if held:
             shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
             raise UnpactError(
