@@ -27,6 +27,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import logging
 import sys
 import sysconfig
 import traceback
@@ -41,6 +42,7 @@ from unpact.errors import UnpactError, check_callable, check_not_builtin
 _LOADED: dict[str, ModuleType] = {}
 _SOURCES: dict[str, str] = {}  # resolved file or package folder -> the plugin as given
 _RAN: dict[Path, bytes] = {}  # a plugin file on its own -> the source its module ran
+_NAMED: list[str] = []  # every attack and method registered, built-in or a plugin's
 
 
 def check_name(registry: dict[str, Any], cls: type, what: str) -> None:
@@ -49,6 +51,7 @@ def check_name(registry: dict[str, Any], cls: type, what: str) -> None:
     would replace the built-in for every run in the process, silently."""
     name = getattr(cls, "name", "")
     check_not_builtin(what, name, registry.get(name), cls, 'name = "..."')
+    _NAMED.append(f"{what} {name}")
 
 
 def check_overrides(cls: type, base: type, what: str) -> None:
@@ -87,7 +90,30 @@ def is_path(entry: str) -> bool:
 
 
 def load_plugin(entry: str, base: Path | None = None) -> ModuleType:
-    """One plugin: a Python file, or an importable module name."""
+    """One plugin: a Python file, or an importable module name. A plugin that runs now and
+    registers nothing is said in a warning: its class has no `name` (or its metric no
+    `@metric`), or it is not the file meant, and the run would otherwise fail later on an
+    "unknown attack" (or never use it)."""
+    before, imported, loaded = _registered(), set(sys.modules), len(_LOADED)
+    module = _load_plugin(entry, base)
+    ran = len(_LOADED) > loaded or module.__name__ not in imported
+    if ran and _registered() == before:
+        logging.getLogger("unpact").warning(
+            f"plugin {entry} registered no attack, method or metric: a subclass of "
+            "unpact.attacks.Attack or unpact.unlearn.Method registers itself by its `name`, "
+            "a metric by @unpact.metrics.metric (docs/architecture.md)"
+        )
+    return module
+
+
+def _registered() -> int:
+    """How many attacks, methods and metrics have registered (built-in and plugins')."""
+    from unpact.metrics import METRICS
+
+    return len(_NAMED) + len(METRICS)
+
+
+def _load_plugin(entry: str, base: Path | None) -> ModuleType:
     if not entry.strip():
         raise UnpactError("plugin: empty; give a .py file or an importable module's name")
     if not is_path(entry):

@@ -261,6 +261,32 @@ def test_a_plugin_imports_the_modules_beside_it(tmp_path, registries, monkeypatc
     assert sys.path[-1] == str(folder.resolve()) and sys.path[0] != str(folder.resolve())
 
 
+def test_a_plugin_registering_nothing_is_said(tmp_path, registries, caplog):
+    """An attack class without `name` (or a file meant for something else) registered
+    nothing in silence; the run then failed on "unknown attack", or never used it. A
+    warning now names the plugin; a plugin that registers, and one loaded again unchanged
+    (which runs no code), say nothing."""
+    import logging
+
+    from unpact.plugins import load_plugin
+
+    unnamed = tmp_path / "unnamed.py"
+    unnamed.write_text(
+        "from unpact.attacks import Attack\n\n\nclass Loud(Attack):\n"
+        "    def prompt(self, question, key_tokens):\n        return question.upper()\n"
+    )
+    named = tmp_path / "named.py"
+    named.write_text(unnamed.read_text().replace("(Attack):\n", "(Attack):\n    name = 'loud'\n"))
+    with caplog.at_level(logging.WARNING, logger="unpact"):
+        load_plugin(str(unnamed))
+        said = [r.getMessage() for r in caplog.records]
+        assert len(said) == 1 and said[0].startswith(f"plugin {unnamed} registered no attack")
+        caplog.clear()
+        load_plugin(str(unnamed))  # the same file again: nothing runs, nothing said
+        load_plugin(str(named))
+        assert "loud" in ATTACKS and not caplog.records
+
+
 FAILING = '''
 from unpact.attacks import Attack
 from unpact.metrics import metric
