@@ -70,3 +70,20 @@ def test_audit_config_takes_paths_where_it_takes_text(tmp_path):
     assert given == audit_config(str(tmp_path / "a"), str(tmp_path / "b"),
                                  str(tmp_path / "bench"), **texts)  # fmt: skip
     assert given[0]["model"] == str(tmp_path / "a")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ((3, "default", "news", "out"), r"^original: a model spec is a string or a path"),
+        (("default", None, "news", "out"), r"^unlearned: a model spec .*, not NoneType None"),
+        (("default", "default", "news", None), r"^out: give a path"),
+    ],
+)
+def test_an_argument_of_the_wrong_type_names_itself(arguments, message, tmp_path):
+    """`audit(3, ...)` was "'int' object has no attribute 'startswith'" from inside, and
+    `out=None` was found only after the checks had loaded the models."""
+    with pytest.raises(TypeError, match=message):
+        audit(*arguments)
+    with pytest.raises(TypeError, match=r"^cache_dir: give a path"):
+        audit("no-such-model", "no-such-model", "news", tmp_path / "o", cache_dir=3)

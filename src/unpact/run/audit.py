@@ -27,9 +27,10 @@ from typing import Any, get_args, overload
 
 from unpact.attacks import ATTACKS
 from unpact.errors import UnpactError
+from unpact.files import as_path
 from unpact.metrics import ItemRecord, display
 from unpact.run.config import EvalDtype, check_served_dtype
-from unpact.types import SettingsModel, is_remote_spec, plain_values
+from unpact.types import SettingsModel, is_remote_spec, plain_values, spec_text
 
 # The battery: every attack of the field that needs no user data beyond the benchmark.
 PROMPT_ATTACKS = ("focus_on_key", "probab", "focus_on_key_probab")
@@ -99,7 +100,7 @@ def audit_config(
     from unpact.attacks import ATTACKS, get_attack
     from unpact.plugins import load_plugins
 
-    original, unlearned, benchmark = _text(original), _text(unlearned), _text(benchmark)
+    original, unlearned, benchmark = spec_text(original), spec_text(unlearned), _text(benchmark)
     reference, base, general = _text(reference), _text(base), _text(general)
     chat_template, judge_prompt = _text(chat_template), _text(judge_prompt)
     entries = [_absolute(_text(p)) for p in plugins or []]
@@ -199,6 +200,14 @@ def _text(value: Any) -> Any:
     """A path given where text goes (a model folder, a benchmark, a plugin file, a chat
     template or judge prompt's file) as its text; anything else as it is."""
     return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def _spec(value: Any, name: str) -> str:
+    """A model argument of `audit` as its spec's text; a wrong type names the argument."""
+    try:
+        return spec_text(value)
+    except TypeError as e:
+        raise TypeError(f"{name}: {e}") from None
 
 
 def _chosen_attacks(preset: str, attacks: list[str] | None) -> list[dict[str, Any]]:
@@ -561,7 +570,11 @@ def _audit(
     from unpact.run import run
     from unpact.run.membership import GRADNORM_OFF, NO_REFERENCE, same_tokenizer
 
-    original, unlearned, benchmark = _text(original), _text(unlearned), _text(benchmark)
+    original, unlearned = _spec(original, "original"), _spec(unlearned, "unlearned")
+    benchmark = _text(benchmark)
+    as_path(out, "out")  # a wrong type named before any check loads a model
+    if cache_dir is not None:
+        as_path(cache_dir, "cache_dir")
     given = {"original": original, "unlearned": unlearned, "benchmark": benchmark}
     optional = ("reference", "base", "general", "device", "judge", "preset", "dtype")
     for option, value in (given | {k: options.get(k) for k in optional}).items():
