@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import Any
+
+import torch
+from pydantic import ValidationError
 
 from unpact import models
+from unpact.errors import UnpactError
 from unpact.models import DEFAULT_SPEC, load_model
 from unpact.remote import RemoteModel, RemoteSettings, parse_remote_spec
 from unpact.types import AnyModel, is_remote_spec, spec_text
@@ -15,10 +20,10 @@ from unpact.types import AnyModel, is_remote_spec, spec_text
 def open_model(
     spec: str | os.PathLike[str] = DEFAULT_SPEC,
     *,
-    dtype: str = "float32",
+    dtype: str | torch.dtype = "float32",
     device: str = "cpu",
     trust_remote_code: bool | None = None,
-    remote: RemoteSettings | None = None,
+    remote: RemoteSettings | dict[str, Any] | None = None,
 ) -> AnyModel:
     """`load_model`, or for `openai:MODEL@BASE_URL` a `RemoteModel`: a model served by
     vLLM or another OpenAI-compatible server (`unpact.remote`; `remote` says how to talk
@@ -26,8 +31,21 @@ def open_model(
     spec = spec_text(spec)
     if is_remote_spec(spec):
         name, url = parse_remote_spec(spec)
-        return RemoteModel(name, url, remote or RemoteSettings(), spec=spec)
+        return RemoteModel(name, url, _remote_settings(remote), spec=spec)
     return load_model(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+def _remote_settings(remote: Any) -> RemoteSettings:
+    """`open_model`'s `remote`: RemoteSettings, a mapping of its fields, or None."""
+    if remote is None or isinstance(remote, RemoteSettings):
+        return remote or RemoteSettings()
+    if isinstance(remote, dict):
+        try:
+            return RemoteSettings(**remote)
+        except ValidationError as e:
+            said = (f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+            raise UnpactError("remote: " + "; ".join(said)) from None
+    raise TypeError(f"remote: give RemoteSettings or a mapping, not {type(remote).__name__}")
 
 
 def model_key(spec: str, remote: RemoteSettings | None = None) -> str:

@@ -427,6 +427,8 @@ def trusting_remote_code(trusted: bool = True) -> Iterator[None]:
     checkpoint brings (`auto_map` in its config.json): what `--trust-remote-code` sets for
     a run, an audit, an injection or an unlearning, whose steps load several models deep
     inside. Only for checkpoints you trust: their code runs with your rights."""
+    if not isinstance(trusted, bool):
+        raise TypeError(f"trusted must be True or False, not {type(trusted).__name__} {trusted!r}")
     token = _TRUSTED.set(trusted)
     try:
         yield
@@ -435,14 +437,20 @@ def trusting_remote_code(trusted: bool = True) -> Iterator[None]:
 
 
 def remote_code_trusted(asked: bool | None = None) -> bool:
-    """`asked`, or where the caller did not say (None), `trusting_remote_code`'s setting."""
+    """`asked`, or where the caller did not say (None), `trusting_remote_code`'s setting.
+    Only True, False or None: a text such as "no" would have been read as true, and run a
+    checkpoint's code."""
+    if asked is not None and not isinstance(asked, bool):
+        raise TypeError(
+            f"trust_remote_code must be True, False or None, not {type(asked).__name__} {asked!r}"
+        )
     return _TRUSTED.get() if asked is None else asked
 
 
 def load_model(
     spec: str | os.PathLike[str] = DEFAULT_SPEC,
     *,
-    dtype: str = "float32",
+    dtype: str | torch.dtype = "float32",
     device: str = "cpu",
     trust_remote_code: bool | None = None,
 ) -> LanguageModel:
@@ -459,6 +467,7 @@ def load_model(
     """
     spec = spec_text(spec)
     trust_remote_code = remote_code_trusted(trust_remote_code)
+    dtype = dtype_name(dtype)
     if is_remote_spec(spec):
         raise UnpactError(
             f"{spec!r} is a served model, but this step changes or saves weights, so it needs "
@@ -740,7 +749,14 @@ def _config_stops(folder: str) -> list[int]:
     return []
 
 
-def _parse_dtype(dtype: str) -> torch.dtype:
+def dtype_name(dtype: Any) -> Any:
+    """A torch dtype given where its name goes (`dtype=torch.bfloat16`) as the name
+    ("bfloat16"); anything else as it is, for `_parse_dtype` to check."""
+    named = [name for name, value in DTYPES.items() if value == dtype]
+    return named[0] if isinstance(dtype, torch.dtype) and named else dtype
+
+
+def _parse_dtype(dtype: Any) -> torch.dtype:
     try:
         return DTYPES[dtype]
     except KeyError:

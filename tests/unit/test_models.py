@@ -1308,3 +1308,29 @@ def test_a_tokenizer_and_a_templated_copy_take_a_path_as_a_spec(tiny, tmp_path, 
     assert with_chat_template(tmp_path / "m", template) == with_chat_template(
         str(tmp_path / "m"), template
     )
+
+
+def test_load_model_takes_a_torch_dtype_and_refuses_text_for_trust(tiny, tmp_path):
+    """`trust_remote_code="no"` was read as true (a non-empty text), which runs a
+    checkpoint's own code; it is now a TypeError, as is `trusting_remote_code("no")`.
+    `dtype=torch.bfloat16` was "unknown dtype"; it is now the dtype named "bfloat16".
+    `open_model(..., remote={...})` takes the settings as a mapping, and refuses another
+    type (it was accepted, and failed at the first request)."""
+    import torch
+
+    from unpact.backends import open_model
+    from unpact.models import load_model, save_model, trusting_remote_code
+
+    save_model(tiny.model, tiny.tokenizer, tmp_path / "m")
+    with pytest.raises(TypeError, match=r"trust_remote_code must be True, False or None, not str"):
+        load_model(tmp_path / "m", trust_remote_code="no")
+    refused = pytest.raises(TypeError, match=r"trusted must be True or False, not str")
+    with refused, trusting_remote_code("no"):
+        pass
+    assert load_model(tmp_path / "m", dtype=torch.bfloat16).model.dtype == torch.bfloat16
+    served = open_model("openai:m@http://127.0.0.1:9/v1", remote={"timeout": 2})
+    assert served.settings.timeout == 2
+    with pytest.raises(UnpactError, match=r"remote: timeout: Input should be greater than 0"):
+        open_model("openai:m@http://127.0.0.1:9/v1", remote={"timeout": 0})
+    with pytest.raises(TypeError, match=r"remote: give RemoteSettings or a mapping, not int"):
+        open_model("openai:m@http://127.0.0.1:9/v1", remote=3)
