@@ -50,6 +50,7 @@ from unpact.types import (
     CHAT_TEMPLATE_KWARGS,
     EncodedPrompt,
     TemplateSplit,
+    check_chat_flag,
     is_remote_spec,
     joined_space,
     raw_prefix,
@@ -245,6 +246,7 @@ class LanguageModel:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
     def _resolve_chat(self, chat_template: bool | None) -> bool:
+        check_chat_flag(chat_template)
         if chat_template is None:
             return self.has_chat_template
         if chat_template and not self.has_chat_template:

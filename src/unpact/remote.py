@@ -56,6 +56,7 @@ from unpact.types import (
     EncodedPrompt,
     SettingsModel,
     TemplateSplit,
+    check_chat_flag,
     joined_space,
     raw_prefix,
     warn_if_split_differs,
@@ -483,6 +484,7 @@ class RemoteModel:
         return lead if head == text else ""
 
     def _resolve_chat(self, chat_template: bool | None) -> bool:
+        check_chat_flag(chat_template)
         if chat_template is None:
             return self.has_chat_template
         if chat_template and not self.has_chat_template:

@@ -268,6 +268,23 @@ def short_repr(value: object, most: int = 60) -> str:
     return text if len(text) <= most else text[: most - 3] + "..."
 
 
+def check_chat_flag(chat_template: object) -> None:
+    """`chat_template` of a prompt is True, False or None (the model's own template, raw
+    text, or the template where the model has one). A text was read as true: `"no"` asked
+    in the template, and a template file's name used the model's own template, unsaid."""
+    if chat_template is None or isinstance(chat_template, bool):
+        return
+    hint = (
+        "; a template file goes with the model: load_model(with_chat_template(spec, FILE))"
+        if isinstance(chat_template, (str, os.PathLike))
+        else ""
+    )
+    raise TypeError(
+        f"chat_template is True, False or None, not {type(chat_template).__name__} "
+        f"{short_repr(chat_template)}{hint}"
+    )
+
+
 def spec_text(spec: object) -> str:
     """A model spec as text: a string, or a path (`pathlib.Path`, any `os.PathLike`)."""
     if isinstance(spec, os.PathLike):

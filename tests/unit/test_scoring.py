@@ -451,3 +451,23 @@ def test_token_ids_the_model_cannot_read_are_one_clear_error(tiny):
             assert torch.equal(call([ids([1, 2, vocab - 1])], [ids([3, 0])])[0], listed)
     with pytest.raises(UnpactError, match=r"batch_size must be at least 1, not 0"):
         generate(tiny, ["hi"], batch_size=0)
+
+
+def test_chat_template_takes_true_false_or_none_not_a_file(tiny):
+    """`chat_template="my.jinja"` (meant as a template file) or `"no"` was read as true:
+    the model's own template was used, unsaid. Now a TypeError that says where a file
+    goes; True, False and None work as before."""
+    from unpact.attribution import attribute_many
+
+    for call in (
+        lambda flag: generate(tiny, ["hi"], chat_template=flag, max_new_tokens=2),
+        lambda flag: score(tiny, ["hi"], ["x"], chat_template=flag),
+        lambda flag: attribute_many(tiny, ["hi there"], ["x"], chat_template=flag),
+        lambda flag: tiny.encode_prompt("hi", flag),
+    ):
+        with pytest.raises(TypeError, match=r"not str 'my\.jinja'; a template file goes with"):
+            call("my.jinja")
+        with pytest.raises(TypeError, match=r"chat_template is True, False or None, not int 0"):
+            call(0)
+        for flag in (True, False, None):
+            call(flag)
