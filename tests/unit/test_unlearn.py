@@ -301,6 +301,21 @@ def test_resume_after_a_crash_ends_with_the_same_weights(bench, tmp_path):
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
 
 
+def test_a_run_resumed_twice_at_once_is_refused_the_second_time(bench, tmp_path):
+    """Two resumes of one interrupted run at once (or two starts by a script) each trained
+    into the folder, checkpoints over each other. The training holds the folder's lock;
+    the second is refused, naming the folder, and resumes once the first has let go."""
+    from unpact.files import sole_writer
+
+    with pytest.raises(Exception, match="stopped after step 4"):
+        _run(bench, tmp_path / "cut", stop_after=4)
+    refused = pytest.raises(UnpactError, match=r"another unpact process is writing there")
+    with sole_writer(tmp_path / "cut", "--out"), refused:  # another process resuming it now
+        _run(bench, tmp_path / "cut", resume=True)
+    assert (tmp_path / "cut" / "checkpoints" / "step-4").is_dir()
+    assert _run(bench, tmp_path / "cut", resume=True).steps == 6
+
+
 def test_resume_refuses_other_settings_and_new_runs_refuse_a_used_directory(bench, tmp_path):
     _run(bench, tmp_path / "r")
     with pytest.raises(UnpactError, match="already holds a run"):

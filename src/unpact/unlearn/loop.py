@@ -17,6 +17,7 @@ continues from the last checkpoint and ends with the same weights as an uninterr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -37,7 +38,14 @@ from unpact.data.items import QAItem
 from unpact.data.sources import load_benchmark
 from unpact.determinism import keeps_rng
 from unpact.errors import UnpactError
-from unpact.files import as_path, atomic_text, check_folder_path, json_lines, make_folder
+from unpact.files import (
+    as_path,
+    atomic_text,
+    check_folder_path,
+    json_lines,
+    make_folder,
+    sole_writer,
+)
 from unpact.models import LanguageModel, load_model, save_model
 from unpact.progress import progress_bar
 from unpact.scoring import decoder_layers, expert_parameters, text_parameters
@@ -192,45 +200,47 @@ def unlearn(
         "settings": method.settings.model_dump(mode="json"),
     }
     start_step = _prepare_out(out, resolved, resume, accelerator)
+    with _sole_writer(out, accelerator):
+        set_seed(config.seed)
+        lm = load_model(model) if isinstance(model, str) else model
+        method.check_depth(len(decoder_layers(lm.model)))
+        net = lm.model
+        forget = encode_items(lm, forget_items)
+        retain = encode_items(lm, retain_items)
+        steps = total_steps(config, len(forget_items))
 
-    set_seed(config.seed)
-    lm = load_model(model) if isinstance(model, str) else model
-    method.check_depth(len(decoder_layers(lm.model)))
-    net = lm.model
-    forget = encode_items(lm, forget_items)
-    retain = encode_items(lm, retain_items)
-    steps = total_steps(config, len(forget_items))
+        refs = _references(net, method, forget, retain)
+        method.prepare(lm, forget)
+        original = None
+        if type(method).finalize is not Method.finalize:
+            original = {n: p.detach().clone() for n, p in net.named_parameters()}
 
-    refs = _references(net, method, forget, retain)
-    method.prepare(lm, forget)
-    original = None
-    if type(method).finalize is not Method.finalize:
-        original = {n: p.detach().clone() for n, p in net.named_parameters()}
+        net = _trainable(net, method, config)
+        trainer = _trainer(net, config, steps, accelerator)
+        objective = _Objective(net, method)
+        wrapped = trainer.prepare(objective)
+        if start_step:
+            accelerator.load_state(str(out / "checkpoints" / f"step-{start_step}"))
 
-    net = _trainable(net, method, config)
-    trainer = _trainer(net, config, steps, accelerator)
-    objective = _Objective(net, method)
-    wrapped = trainer.prepare(objective)
-    if start_step:
-        accelerator.load_state(str(out / "checkpoints" / f"step-{start_step}"))
-
-    losses_path = out / "losses.jsonl"
-    if accelerator.is_main_process:
-        _truncate_log(losses_path, start_step)
-    began = time.perf_counter()
-    loop = _Loop(accelerator, trainer, wrapped, objective, method, config, forget, retain, refs)
-    with progress_bar(
-        f"Unlearning ({config.method})",
-        total=steps,
-        enabled=progress and accelerator.is_main_process,
-    ) as advance:
-        advance(start_step)
-        for step in range(start_step, steps):
-            loop.run_step(step, losses_path, out, steps, on_step, stop_after)
-            advance(1)
-    last = loop.last
-    seconds = time.perf_counter() - began
-    return _finish(accelerator, wrapped, method, config, original, lm, out, steps, seconds, last)
+        losses_path = out / "losses.jsonl"
+        if accelerator.is_main_process:
+            _truncate_log(losses_path, start_step)
+        began = time.perf_counter()
+        loop = _Loop(accelerator, trainer, wrapped, objective, method, config, forget, retain, refs)
+        with progress_bar(
+            f"Unlearning ({config.method})",
+            total=steps,
+            enabled=progress and accelerator.is_main_process,
+        ) as advance:
+            advance(start_step)
+            for step in range(start_step, steps):
+                loop.run_step(step, losses_path, out, steps, on_step, stop_after)
+                advance(1)
+        last = loop.last
+        seconds = time.perf_counter() - began
+        return _finish(
+            accelerator, wrapped, method, config, original, lm, out, steps, seconds, last
+        )
 
 
 def _finish(
@@ -535,6 +545,16 @@ def _expert_parameters(net: Any, target_modules: list[str]) -> list[str]:
         if attr in target_modules or parts & set(target_modules):
             found.append(f"{name}.{attr}" if name else attr)
     return found
+
+
+def _sole_writer(out: Path, accelerator: Any) -> contextlib.AbstractContextManager[None]:
+    """The run folder's lock (`files.sole_writer`), held by the main process while it
+    trains: two `unpact unlearn`s into one --out at once (a run resumed twice, or started
+    twice by a script) wrote checkpoints over each other. Taken once the folder is
+    checked and made (a folder of other files gets no lock file)."""
+    if not accelerator.is_main_process:
+        return contextlib.nullcontext()
+    return sole_writer(out, "--out")
 
 
 def _prepare_out(out: Path, resolved: dict[str, Any], resume: bool, accelerator: Any) -> int:
