@@ -191,7 +191,7 @@ def score(
     for k, (tok, tid, lp) in enumerate(
         zip(result.answer_tokens, result.answer_ids, result.logprobs)
     ):
-        table.add_row(str(k), repr(tok), str(tid), f"{lp:.4f}")
+        table.add_row(str(k), escape(repr(tok)), str(tid), f"{lp:.4f}")
     out.print(table)
     out.print(f"LP (mean log-prob over {len(result.logprobs)} tokens) = {result.lp:.4f}")
 
@@ -334,10 +334,10 @@ def _show_attributions(
         json_out.write_text(
             "".join(json.dumps(d) + "\n" for d in dicts) if many else one, encoding="utf-8"
         )
-        err.print(f"wrote {json_out}")
+        err.print(f"wrote {escape(str(json_out))}")
     if html_out is not None:
         html_out.write_text(html_page(records), encoding="utf-8")
-        err.print(f"wrote {html_out}")
+        err.print(f"wrote {escape(str(html_out))}")
 
 
 def _check_out_file(option: str, path: Path | None) -> None:
@@ -502,6 +502,7 @@ def compare(
             f"before and after (the first: {differ[0][0]!r} / {differ[0][1]!r}): their focus "
             "shift compares two targets, not one answer before and after",
             highlight=False,
+            markup=False,
         )
 
 
@@ -607,7 +608,7 @@ def inject(
 
         link_model(result.path, out_dir)
         where = out_dir
-    out.print(f"use it with --model {where}")
+    out.print(f"use it with --model {escape(str(where))}")
 
 
 def _new_folder(out_dir: Path) -> None:
@@ -623,7 +624,7 @@ def _new_folder(out_dir: Path) -> None:
 def _print_injection(result: Any) -> None:
     """`unpact inject`'s lines on what the injection reached (or found cached)."""
     acc = "  ".join(f"{k} {v:.1%}" for k, v in result.accuracy.items())
-    out.print(f"{'cached' if result.cached else 'injected'}: {result.path}")
+    out.print(f"{'cached' if result.cached else 'injected'}: {escape(str(result.path))}")
     before = result.base_accuracy.get("general")
     out.print(
         f"accuracy after: {acc}   (general before: {'-' if before is None else f'{before:.1%}'}; "
@@ -632,7 +633,7 @@ def _print_injection(result: Any) -> None:
     if result.general_kept is not None:
         out.print(f"kept {result.general_kept:.0%} of the general questions the base model answers")
     if result.small_benchmark_note:
-        out.print(result.small_benchmark_note)
+        out.print(escape(result.small_benchmark_note))
 
 
 def _inject_config(options: dict[str, Any], sets: list[str]) -> Any:
@@ -752,9 +753,10 @@ def _unlearn(
     if not PartialState().is_main_process:
         return
     out.print(
-        f"unlearned with {cfg.method} in {result.seconds:.0f} s ({result.steps} steps): {result.model_dir}"
+        f"unlearned with {cfg.method} in {result.seconds:.0f} s ({result.steps} steps): "
+        + escape(str(result.model_dir))
     )
-    out.print(f"loss log: {out_dir / 'losses.jsonl'}")
+    out.print(f"loss log: {escape(str(out_dir / 'losses.jsonl'))}")
     if evaluate:
         _print_accuracy(spec, str(result.model_dir), benchmark, out_dir, cfg.method)
 
@@ -765,7 +767,7 @@ def _print_accuracy(before: str, after: str, benchmark: str, out_dir: Path, meth
     from unpact.unlearn.evaluate import accuracy_before_after
 
     table = accuracy_before_after(before, after, benchmark, out_dir / "accuracy.json")
-    grid = Table("split", "before", "after", title=f"Accuracy ({method})")
+    grid = Table("split", "before", "after", title=escape(f"Accuracy ({method})"))
     for split, row in table.items():
         grid.add_row(split, f"{row['before']:.1%}", f"{row['after']:.1%}")
     out.print(grid)
@@ -821,9 +823,10 @@ def data_show(
     counts = ", ".join(f"{k}: {v}" for k, v in bench.counts().items())
     probes = f", {len(bench.verbatim)} VerbMem probes" if bench.verbatim else ""
     out.print(
-        f"[bold]{bench.name}[/]: {len(bench.items)} items ({counts}), {len(bench.documents)} documents"
+        f"[bold]{escape(bench.name)}[/]: {len(bench.items)} items ({counts}), "
+        f"{len(bench.documents)} documents"
         + probes
-        + (f" - {bench.path}" if bench.path else "")
+        + (f" - {escape(str(bench.path))}" if bench.path else "")
     )
     for split in ("forget", "retain", "general"):
         items = bench.split(split)[:n]
@@ -865,8 +868,10 @@ def _where(console: Console, results: dict[str, Any], out_dir: Path) -> None:
         shown = " ".join(str(results["chat_template"]).split())
         shown = shown if len(shown) <= 80 else shown[:77] + "..."
         console.print(f"asked in the chat template {escape(shown)} (every model)")
-    console.print(f"results: {out_dir / 'results.json'} (per item: {out_dir / 'items.jsonl'})")
-    console.print(f"report:  {out_dir / 'report.html'}")
+    console.print(
+        f"results: {out_dir / 'results.json'} (per item: {out_dir / 'items.jsonl'})", markup=False
+    )
+    console.print(f"report:  {out_dir / 'report.html'}", markup=False)
 
 
 def results_grid(results: dict[str, Any], console: Console) -> Table:
@@ -876,7 +881,7 @@ def results_grid(results: dict[str, Any], console: Console) -> Table:
     from unpact.results import table
 
     head, rows = table(results)
-    title = f"unpact: {results['benchmark']} on {results['model']}"
+    title = escape(f"unpact: {results['benchmark']} on {results['model']}")
     grid = Table(*head, title=title)
     for row in rows:
         grid.add_row(*map(escape, row))  # a sweep's run is label[key=value]: text, not markup
@@ -926,7 +931,9 @@ def _run(
         return
     for key, results in runs.items():
         _print_results(results, out_dir / key)
-    out.print(f"all runs: {out_dir / 'results.md'}, side by side: {out_dir / 'report.html'}")
+    out.print(
+        f"all runs: {out_dir / 'results.md'}, side by side: {out_dir / 'report.html'}", markup=False
+    )
 
 
 @app.command(
@@ -1079,7 +1086,9 @@ def audit(
 
 
 def _print_verdicts(results: dict[str, Any], out_dir: Path) -> None:
-    grid = Table("test", "verdict", "evidence", title=f"unpact audit: {results['benchmark']}")
+    grid = Table(
+        "test", "verdict", "evidence", title=escape(f"unpact audit: {results['benchmark']}")
+    )
     for v in results["verdicts"]["unlearned"]:
         grid.add_row(escape(v["test"]), escape(v["verdict"]), escape(v["detail"]))
     console = out if out.is_terminal else Console(width=200)
@@ -1140,7 +1149,9 @@ def serve(
     except OSError as e:
         raise UnpactError(f"--port {port}: cannot listen on 127.0.0.1 ({e.strerror})") from None
     port = sock.getsockname()[1]  # the one the system chose for --port 0
-    err.print(f"serving {model} as openai:{name}@http://127.0.0.1:{port}/v1 (Ctrl-C stops)")
+    err.print(
+        f"serving {model} as openai:{name}@http://127.0.0.1:{port}/v1 (Ctrl-C stops)", markup=False
+    )
     uvicorn.Server(uvicorn.Config(app_, log_level="warning")).run(sockets=[sock])
 
 
@@ -1164,7 +1175,7 @@ def methods_cmd(plugin: PluginOpt = None) -> None:
     table = Table("method", "what it does", "settings", title="Unlearning methods")
     for name, cls in METHODS.items():
         about = cls.summary or (cls.__doc__ or "").strip().split("\n")[0]
-        table.add_row(name, escape(about), escape(_settings_text(cls.Settings)))
+        table.add_row(escape(name), escape(about), escape(_settings_text(cls.Settings)))
     out.print(table)
 
 
@@ -1178,7 +1189,7 @@ def attacks_cmd(plugin: PluginOpt = None) -> None:
     table = Table("attack", "what it does", "settings", title="Recovery attacks")
     for name, cls in ATTACKS.items():
         about = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
-        table.add_row(name, escape(about), escape(_settings_text(cls.Settings)))
+        table.add_row(escape(name), escape(about), escape(_settings_text(cls.Settings)))
     out.print(table)
 
 
@@ -1193,7 +1204,9 @@ def metrics_cmd(plugin: PluginOpt = None) -> None:
     for m in METRICS.values():
         better = {True: "higher", False: "lower", None: "-"}[m.higher_is_better]
         name = m.name + (".<attack>" if m.per_attack else "")
-        table.add_row(name, escape(m.description), m.fmt, better, "yes" if m.interval else "no")
+        table.add_row(
+            escape(name), escape(m.description), m.fmt, better, "yes" if m.interval else "no"
+        )
     out.print(table)
 
 

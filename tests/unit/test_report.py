@@ -87,6 +87,30 @@ def test_the_cli_says_why_a_figure_of_the_run_is_missing(tmp_path, capsys):
     assert "forgotten: 1 forget item" not in text
 
 
+def test_the_cli_prints_paths_and_names_as_they_are_not_as_markup(tmp_path, capsys):
+    """rich reads `[x]` as a style tag: `--out "runs/a [x]"` was printed as "runs/a ",
+    a path with `[/]` lost it, and a folder benchmark named `set[b]` showed as "set"
+    in `unpact data show`; the table's title lost a model path's brackets too."""
+    from typer.testing import CliRunner
+
+    from unpact import cli
+    from unpact.data.items import QAItem, write_folder
+
+    out_dir = tmp_path / "a [x]" / "r[/]un"
+    results = {"benchmark": "set[b]", "model": "m[i]/x", **_results(["probab"])}
+    cli._print_results(results, out_dir)
+    printed = capsys.readouterr().out
+    assert f"results: {out_dir / 'results.json'}" in printed
+    assert f"report:  {out_dir / 'report.html'}" in printed
+    assert "unpact: set[b] on m[i]/x" in printed
+    folder = tmp_path / "set[b]"
+    write_folder(folder, [QAItem("f-0", "What is [b]it[/b]?", "x", "forget", (), ("it",), None)])
+    shown = CliRunner().invoke(cli.app, ["data", "show", str(folder)])
+    assert shown.exit_code == 0, shown.output
+    said = " ".join(shown.output.split())  # lines wrapped at 80 columns
+    assert "set[b]: 1 items" in said and f"- {folder}" in said
+
+
 def test_results_md_shows_a_labels_pipes_and_markup_as_text():
     """An attack's label is free text: "pro/bab | x" split results.md's table in two
     columns, and "<b>" was read as HTML by Markdown viewers."""
