@@ -377,7 +377,8 @@ class Attribution:
             heat.append(u.text, style=style)
         table = Table("#", "unit", "C_i", "normalised", "key", title="Contributions (LOO log-prob)")
         for i, (u, c, nrm) in enumerate(zip(self.units, self.contributions, self.normalized)):
-            table.add_row(str(i), repr(u.text), f"{c:+.4f}", f"{nrm:.3f}", "*" if i in keys else "")
+            unit = Text(repr(u.text))  # text, not markup: a unit "[b]" is no style tag
+            table.add_row(str(i), unit, f"{c:+.4f}", f"{nrm:.3f}", "*" if i in keys else "")
         summary = Text(
             f"LP(x, y) = {self.lp:.4f}   prompt_sensitivity = {self.prompt_sensitivity:.4f}   "
             f"KeyTokens = {self.key_token_texts}   answer = {self.answer!r}"

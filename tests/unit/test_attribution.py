@@ -610,3 +610,21 @@ def test_attribution_options_of_the_wrong_type_are_a_type_error_naming_them(tiny
         with pytest.raises(TypeError, match=message):
             attribute_many(tiny, ["What is it?"], ["Paris"], **options)
     assert attribute_many(tiny, ["What is it?"], ["Paris"], alpha=1, max_work=None)
+
+
+def test_the_terminal_view_shows_units_with_brackets_as_text(tiny):
+    """The units table printed each unit's repr as rich markup: a unit such as "[b]" or
+    "[i]" (a tokenizer's added token, a markdown-ish prompt) was read as a style tag and
+    vanished from `unpact attribute`'s table."""
+    import dataclasses
+
+    from rich.console import Console
+
+    rec = attribute(tiny, "Read [b] or [i] here", " yes", unit="word")
+    # units as a tokenizer with such added tokens gives them; the tiny one splits them
+    rec.units[1] = dataclasses.replace(rec.units[1], text="[b]")
+    rec.units[2] = dataclasses.replace(rec.units[2], text="[i]")
+    console = Console(record=True, width=160)
+    console.print(rec)
+    table = console.export_text().split("Contributions")[1]
+    assert "'[b]'" in table and "'[i]'" in table
