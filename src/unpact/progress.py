@@ -26,7 +26,7 @@ def progress_bar(label: str, total: int, enabled: bool = True) -> Iterator[Calla
         yield lambda n: None
         return
     columns = (
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),  # a path or an item id, as it is
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),

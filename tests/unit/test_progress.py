@@ -29,3 +29,14 @@ def test_a_disabled_bar_draws_nothing(monkeypatch, capfd) -> None:
     with progress_bar("Judging", 3, enabled=False) as advance:
         advance(3)
     assert capfd.readouterr().err == ""
+
+
+def test_a_label_is_drawn_as_text_not_markup(monkeypatch, capfd) -> None:
+    """A label holds a path, an item id or a caller's text: "Hashing the weights of
+    runs/[b]/m" lost its "[b]" as a style tag, and one with "[/]" would have failed as the
+    bar was drawn."""
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    with progress_bar("weights of runs/[b]/m [/]", 3) as advance:
+        advance(3)
+    assert "weights of runs/[b]/m [/]" in capfd.readouterr().err
