@@ -161,11 +161,28 @@ def _options_model() -> Any:
 
     hints = typing.get_type_hints(audit_config)
     fields: dict[str, Any] = {
-        name: (hints[name], p.default)
+        name: (_as_text(hints[name]), p.default)
         for name, p in inspect.signature(audit_config).parameters.items()
         if p.kind is p.KEYWORD_ONLY
     }
     return create_model("AuditOptions", __base__=SettingsModel, **fields)
+
+
+def _as_text(hint: Any) -> Any:
+    """`hint` with `os.PathLike[str]` as `str`, at any depth: the options are checked once
+    their paths are text (`plain_values`), and pydantic before 2.7 builds no schema for
+    `os.PathLike[str]` (every option, even a right one, was its PydanticSchemaGenerationError)."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is os.PathLike or origin is os.PathLike:
+        return str
+    if origin in (typing.Union, types.UnionType):
+        return typing.Union[tuple(dict.fromkeys(_as_text(a) for a in args))]  # noqa: UP007
+    if origin is list:
+        return list[_as_text(args[0])]  # type: ignore[misc]
+    return hint
 
 
 def checked_options(options: dict[str, Any]) -> dict[str, Any]:
