@@ -58,6 +58,7 @@ from unpact.scoring import (
     pack_continuations,
     score_batch,
     token_budget_batches,
+    vocabulary_size,
 )
 
 UnitKind = Literal["token", "word"]
@@ -500,7 +501,7 @@ def _baseline_token(lm: AnyModel, baseline_token_id: int | None) -> int:
     if baseline_token_id is None:
         return lm.default_baseline_token()
     net = cast("LanguageModel", lm).model if lm.has_weights else None
-    rows = net.get_input_embeddings().num_embeddings if net is not None else None
+    rows = vocabulary_size(net) if net is not None else None
     if baseline_token_id < 0 or (rows is not None and baseline_token_id >= rows):
         raise UnpactError(
             f"baseline token id {baseline_token_id} is not in the model's vocabulary"

@@ -14,7 +14,7 @@ from unpact import models
 from unpact.errors import UnpactError
 from unpact.models import DEFAULT_SPEC, load_model
 from unpact.remote import RemoteModel, RemoteSettings, parse_remote_spec
-from unpact.types import AnyModel, is_remote_spec, spec_text
+from unpact.types import AnyModel, describe_errors, is_remote_spec, spec_text
 
 
 def open_model(
@@ -43,8 +43,7 @@ def _remote_settings(remote: Any) -> RemoteSettings:
         try:
             return RemoteSettings(**remote)
         except ValidationError as e:
-            said = (f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
-            raise UnpactError("remote: " + "; ".join(said)) from None
+            raise UnpactError("remote: " + describe_errors(e)) from None
     raise TypeError(f"remote: give RemoteSettings or a mapping, not {type(remote).__name__}")
 
 

@@ -469,7 +469,6 @@ def load_model(
     """
     spec = spec_text(spec)
     trust_remote_code = remote_code_trusted(trust_remote_code)
-    dtype = dtype_name(dtype)
     if is_remote_spec(spec):
         raise UnpactError(
             f"{spec!r} is a served model, but this step changes or saves weights, so it needs "
@@ -751,14 +750,9 @@ def _config_stops(folder: str) -> list[int]:
     return []
 
 
-def dtype_name(dtype: Any) -> Any:
-    """A torch dtype given where its name goes (`dtype=torch.bfloat16`) as the name
-    ("bfloat16"); anything else as it is, for `_parse_dtype` to check."""
-    named = [name for name, value in DTYPES.items() if value == dtype]
-    return named[0] if isinstance(dtype, torch.dtype) and named else dtype
-
-
 def _parse_dtype(dtype: Any) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():  # dtype=torch.bfloat16
+        return dtype
     try:
         return DTYPES[dtype]
     except KeyError:

@@ -42,7 +42,7 @@ from unpact.errors import UnpactError, check_callable, check_not_builtin
 _LOADED: dict[str, ModuleType] = {}
 _SOURCES: dict[str, str] = {}  # resolved file or package folder -> the plugin as given
 _RAN: dict[Path, bytes] = {}  # a plugin file on its own -> the source its module ran
-_NAMED: list[str] = []  # every attack and method registered, built-in or a plugin's
+_NAMED = [0]  # how many attacks and methods have registered, built-in or a plugin's
 
 
 def check_name(registry: dict[str, Any], cls: type, what: str) -> None:
@@ -51,7 +51,7 @@ def check_name(registry: dict[str, Any], cls: type, what: str) -> None:
     would replace the built-in for every run in the process, silently."""
     name = getattr(cls, "name", "")
     check_not_builtin(what, name, registry.get(name), cls, 'name = "..."')
-    _NAMED.append(f"{what} {name}")
+    _NAMED[0] += 1
 
 
 def check_overrides(cls: type, base: type, what: str) -> None:
@@ -110,7 +110,7 @@ def _registered() -> int:
     """How many attacks, methods and metrics have registered (built-in and plugins')."""
     from unpact.metrics import METRICS
 
-    return len(_NAMED) + len(METRICS)
+    return _NAMED[0] + len(METRICS)
 
 
 def _load_plugin(entry: str, base: Path | None) -> ModuleType:

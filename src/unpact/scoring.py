@@ -62,7 +62,7 @@ def answer_logprobs(
         token_budget=token_budget, **({} if max_length is None else {"max_length": max_length})
     )
     limit = max_length or int(getattr(text_config(model), "max_position_embeddings", 0) or 1 << 30)
-    prompts, answers = check_pairs(prompts, answers, limit, _vocabulary(model))
+    prompts, answers = check_pairs(prompts, answers, limit, vocabulary_size(model))
     results: list[torch.Tensor | None] = [None] * len(prompts)
     batches = list(
         token_budget_batches([len(p) + len(a) for p, a in zip(prompts, answers)], token_budget)
@@ -86,7 +86,7 @@ def answer_logprobs(
     return [r for r in results if r is not None]
 
 
-def _vocabulary(model: Any) -> int | None:
+def vocabulary_size(model: Any) -> int | None:
     """How many token ids the model's input embeddings hold (None: not told)."""
     embeddings = getattr(model, "get_input_embeddings", lambda: None)()
     rows = getattr(embeddings, "num_embeddings", None)

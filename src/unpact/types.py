@@ -26,6 +26,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -93,6 +94,18 @@ class SettingsModel(BaseModel):
             if bool not in leaves and Any not in leaves and leaves & {int, float}:
                 raise ValueError(f"expects a number, not {str(value).lower()}")
         return value
+
+
+def describe_errors(
+    error: ValidationError, prefix: str = "", unknown: str = "unknown setting"
+) -> str:
+    """Pydantic's errors as `key.path: problem; ...` (an extra key is `unknown`)."""
+    lines = []
+    for e in error.errors():
+        loc = ".".join(str(x) for x in ((prefix,) if prefix else ()) + tuple(e["loc"]))
+        msg = unknown if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}")
+    return "; ".join(lines)
 
 
 def unknown_keys(model: type[BaseModel], data: dict[str, Any]) -> list[str]:

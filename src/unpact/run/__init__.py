@@ -468,7 +468,6 @@ def _check_out(out: Path) -> None:
 def _start(out: Path, cfg: RunConfig) -> None:
     if (out / "results.json").is_file():
         (out / "results.json").unlink()  # re-running re-derives the results
-    make_folder(out, "--out")
     resolved = cfg.model_dump(mode="json")
     atomic_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
@@ -1128,7 +1127,6 @@ def _run_grid(
     began = time.perf_counter()
     if (out / "results.json").is_file():
         (out / "results.json").unlink()
-    make_folder(out, "--out")
     atomic_text(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     bases = [(m.name, m.model) for m in cfg.models] if cfg.models else [(None, cfg.model)]
     sources = cfg.benchmarks or [cfg.data.benchmark]

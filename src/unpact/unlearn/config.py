@@ -18,7 +18,7 @@ from pydantic import Field, ValidationError
 
 from unpact.errors import UnpactError
 from unpact.files import read_text
-from unpact.types import PlainInput, Seed, unknown_keys
+from unpact.types import PlainInput, Seed, describe_errors, unknown_keys
 from unpact.unlearn.methods import get_method
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -199,18 +199,6 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise UnpactError(f"{path}: expected a mapping of settings at the top level")
     return loaded
-
-
-def describe_errors(
-    error: ValidationError, prefix: str = "", unknown: str = "unknown setting"
-) -> str:
-    """Pydantic's errors as `key.path: problem; ...` (an extra key is `unknown`)."""
-    lines = []
-    for e in error.errors():
-        loc = ".".join(str(x) for x in ((prefix,) if prefix else ()) + tuple(e["loc"]))
-        msg = unknown if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
-        lines.append(f"{loc}: {msg}")
-    return "; ".join(lines)
 
 
 def _message(error: ValidationError, prefix: str = "") -> str:
