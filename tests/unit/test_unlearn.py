@@ -316,6 +316,20 @@ def test_a_run_resumed_twice_at_once_is_refused_the_second_time(bench, tmp_path)
     assert _run(bench, tmp_path / "cut", resume=True).steps == 6
 
 
+def test_a_second_new_run_into_a_folder_being_started_writes_nothing_there(bench, tmp_path):
+    """Two new runs started into one --out within milliseconds both passed the "holds a
+    run" check; the lock was taken after config.yaml was written, so the refused one had
+    already written its settings over the other's record. The lock comes first now."""
+    from unpact.files import sole_writer
+
+    (tmp_path / "r").mkdir()
+    refused = pytest.raises(UnpactError, match=r"another unpact process is writing there")
+    with sole_writer(tmp_path / "r", "--out"), refused:  # the other run, just starting
+        _run(bench, tmp_path / "r")
+    assert not (tmp_path / "r" / "config.yaml").exists()
+    assert _run(bench, tmp_path / "r").steps == 6
+
+
 def test_resume_refuses_other_settings_and_new_runs_refuse_a_used_directory(bench, tmp_path):
     _run(bench, tmp_path / "r")
     with pytest.raises(UnpactError, match="already holds a run"):

@@ -199,8 +199,8 @@ def unlearn(
         **config.model_dump(mode="json"),
         "settings": method.settings.model_dump(mode="json"),
     }
-    start_step = _prepare_out(out, resolved, resume, accelerator)
-    with _sole_writer(out, accelerator):
+    with contextlib.ExitStack() as held:
+        start_step = _prepare_out(out, resolved, resume, accelerator, held)
         set_seed(config.seed)
         lm = load_model(model) if isinstance(model, str) else model
         method.check_depth(len(decoder_layers(lm.model)))
@@ -547,18 +547,19 @@ def _expert_parameters(net: Any, target_modules: list[str]) -> list[str]:
     return found
 
 
-def _sole_writer(out: Path, accelerator: Any) -> contextlib.AbstractContextManager[None]:
-    """The run folder's lock (`files.sole_writer`), held by the main process while it
-    trains: two `unpact unlearn`s into one --out at once (a run resumed twice, or started
-    twice by a script) wrote checkpoints over each other. Taken once the folder is
-    checked and made (a folder of other files gets no lock file)."""
-    if not accelerator.is_main_process:
-        return contextlib.nullcontext()
-    return sole_writer(out, "--out")
-
-
-def _prepare_out(out: Path, resolved: dict[str, Any], resume: bool, accelerator: Any) -> int:
-    """Check or create the run directory; return the step to start from."""
+def _prepare_out(
+    out: Path,
+    resolved: dict[str, Any],
+    resume: bool,
+    accelerator: Any,
+    held: contextlib.ExitStack,
+) -> int:
+    """Check or create the run directory; return the step to start from. The main
+    process takes the folder's lock (`files.sole_writer`, held in `held` while it trains)
+    before it writes config.yaml: two `unpact unlearn`s into one --out at once (a run
+    resumed twice, or started twice by a script) wrote checkpoints over each other, and
+    with the lock taken after the config the second still wrote its config.yaml over the
+    first's before it was refused."""
     if out.exists() and not out.is_dir():
         raise UnpactError(f"--out {out}: a file is there; give a folder for the run")
     check_folder_path(out, "--out")
@@ -596,7 +597,10 @@ def _prepare_out(out: Path, resolved: dict[str, Any], resume: bool, accelerator:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         make_folder(out, "--out")
+        held.enter_context(sole_writer(out, "--out"))
         if not resume:
+            if config_path.exists():  # another run began here since the check above
+                raise UnpactError(f"{out} already holds a run; pick a new --out or pass --resume")
             atomic_text(config_path, yaml.safe_dump(resolved, sort_keys=False))
     accelerator.wait_for_everyone()
     return start
