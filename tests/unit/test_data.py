@@ -163,6 +163,26 @@ def test_validation_names_file_line_and_field(tmp_path, change, message):
     assert message in str(err.value)
 
 
+def test_numbered_ids_are_read_as_their_digits(tmp_path):
+    """Many exports number their rows ("id": 0) and their documents: refused before, which
+    sent the user to rewrite the file. A whole number is read as its digits (so 1 and "1"
+    are one id, refused twice); a bool or a fraction is still refused."""
+    doc = {**DOC, "id": 7}
+    items = [
+        {**GOOD, "id": 0, "document": 7},
+        {**GOOD, "id": 1, "question": "Who is Edda Morvaine?", "document": None},
+    ]
+    bench = load_folder(write(tmp_path, items, [doc]))
+    assert [i.id for i in bench.items] == ["0", "1"]
+    assert bench.items[0].document == "7" and bench.documents[0].id == "7"
+    twice = [{**GOOD, "id": 1}, {**GOOD, "id": "1", "question": "Who is Edda Morvaine?"}]
+    with pytest.raises(UnpactError, match=r"line 2: field 'id': duplicate id '1'"):
+        load_folder(write(tmp_path, twice, [DOC]))
+    for bad in (True, 1.5):
+        with pytest.raises(UnpactError, match=r"field 'id' must be a non-empty string or a whole"):
+            load_folder(write(tmp_path, [{**GOOD, "id": bad}], [DOC]))
+
+
 def test_validation_of_documents_and_json(tmp_path):
     folder = write(tmp_path, [GOOD], [DOC, {**DOC, "id": "d2", "split": "kept"}])
     with pytest.raises(UnpactError, match=r"documents\.jsonl, line 2: field 'split'"):

@@ -163,6 +163,18 @@ def _string(obj: dict[str, Any], key: str, path: Path, line: int, *, optional: b
     return value
 
 
+def _ident(obj: dict[str, Any], key: str, path: Path, line: int, *, optional: bool = False) -> Any:
+    """An id (`id`, `document`): a non-empty string, or a whole number read as its digits —
+    many exports number their rows (`"id": 0`), and refusing them sent the user to
+    rewrite the file for nothing. A bool or a fraction is still refused."""
+    value = obj.get(key)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, (int, float)):
+        raise _fail(path, line, f"field '{key}' must be a non-empty string or a whole number")
+    return _string(obj, key, path, line, optional=optional)
+
+
 def _strings(
     obj: dict[str, Any], key: str, path: Path, line: int, *, required: bool = False
 ) -> tuple[str, ...] | None:
@@ -233,14 +245,14 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
 def parse_item(obj: dict[str, Any], path: Path, line: int) -> QAItem:
     """One QA item from its JSON object, or an error naming file, line and field."""
     _no_misspelt_field(obj, ITEM_FIELDS, path, line)
-    item_id = _string(obj, "id", path, line)
+    item_id = _ident(obj, "id", path, line)
     question = _string(obj, "question", path, line)
     answer = _string(obj, "answer", path, line)
     split = _split(obj, path, line)
     # optional: no other accepted answers, no KeyToken ground truth, no source document
     aliases = _strings(obj, "aliases", path, line) or ()
     keywords = _strings(obj, "keywords", path, line) or ()
-    document = _string(obj, "document", path, line, optional=True)
+    document = _ident(obj, "document", path, line, optional=True)
     choices = _strings(obj, "choices", path, line)
     if choices is not None:
         if len(choices) < 2:
@@ -304,7 +316,7 @@ def _verbatim(path: Path) -> list[VerbatimPrompt]:
     seen: dict[str, int] = {}
     for n, obj in read_jsonl(path):
         _no_misspelt_field(obj, PROBE_FIELDS, path, n)
-        probe_id = _unique(seen, _string(obj, "id", path, n), path, n)
+        probe_id = _unique(seen, _ident(obj, "id", path, n), path, n)
         out.append(
             VerbatimPrompt(
                 probe_id, _string(obj, "prompt", path, n), _string(obj, "continuation", path, n)
@@ -330,7 +342,7 @@ def load_folder(folder: str | Path, name: str | None = None) -> Benchmark:
         seen_docs: dict[str, int] = {}
         for n, obj in read_jsonl(doc_path):
             _no_misspelt_field(obj, DOCUMENT_FIELDS, doc_path, n)
-            doc_id = _unique(seen_docs, _string(obj, "id", doc_path, n), doc_path, n)
+            doc_id = _unique(seen_docs, _ident(obj, "id", doc_path, n), doc_path, n)
             documents.append(
                 Document(doc_id, _string(obj, "text", doc_path, n), _split(obj, doc_path, n))
             )
