@@ -146,6 +146,21 @@ def test_a_real_benchmark_given_as_a_folder_names_its_spec():
         load_benchmark(str(builtin / "qa.jsonl"))
 
 
+def test_a_lone_file_of_items_is_told_to_go_in_a_folder(tmp_path):
+    """A file of unpact's own items given as the benchmark (a renamed qa.jsonl) was told
+    it is read as wmdp:FILE, a reading that then failed on its fields; it is told the
+    folder layout, with the commands, the path quoted for the shell."""
+    from unpact.data import load_benchmark
+
+    builtin = Path(__file__).parents[2] / "src" / "unpact" / "data" / "builtin" / "news"
+    lone = tmp_path / "my items.jsonl"
+    lone.write_bytes(b"\xef\xbb\xbf" + (builtin / "qa.jsonl").read_bytes())
+    with pytest.raises(UnpactError) as err:
+        load_benchmark(str(lone))
+    assert "wmdp:" not in str(err.value)
+    assert f"in qa.jsonl (mkdir NAME && cp '{lone}' NAME/qa.jsonl" in str(err.value)
+
+
 def _runner_config(tmp_path, tiny, benchmark: str, **extra) -> dict:
     """A one-step run of the tiny model (saved under tmp_path) on a real benchmark's files."""
     from unpact.models import save_model

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 from pathlib import Path
 
 from unpact.data.items import (
@@ -90,9 +91,25 @@ def _real_layout(path: Path) -> str | None:
         return None
     if path.name in ("qa.jsonl", "documents.jsonl", "verbmem.jsonl"):
         return f"give the folder that holds it: {path.parent}"
+    if path.suffix == ".jsonl" and _holds_items(path):
+        return (
+            "it holds items in unpact's format: a benchmark is a folder with them in "
+            f"qa.jsonl (mkdir NAME && cp {shlex.quote(where)} NAME/qa.jsonl; docs/data.md)"
+        )
     if path.suffix in (".json", ".jsonl", ".parquet"):
         return f"a file of multiple-choice questions such as WMDP's is read as wmdp:{where}"
     return None
+
+
+def _holds_items(path: Path) -> bool:
+    """Whether the file's first line is an object with a `split`, as unpact's QA items have
+    and WMDP's questions do not (both have `question` and `answer`)."""
+    try:
+        with path.open(encoding="utf-8") as fh:
+            first = json.loads(fh.readline().lstrip("\ufeff"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(first, dict) and "split" in first and "question" in first
 
 
 def _read_real(kind: str, option: str | None, path: Path) -> Benchmark:
