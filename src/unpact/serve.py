@@ -119,6 +119,9 @@ def make_app(models: LanguageModel | dict[str, LanguageModel], name: str = "defa
     fastapi = _require_web()
     app = fastapi.FastAPI(title="unpact serve", docs_url=None, redoc_url=None)
     server = _Server(models if isinstance(models, dict) else {name: models})
+    # vLLM's health check (an empty 200 once the model is loaded, as this app only exists
+    # then): the URL scripts poll before they send the first request
+    app.get("/health", response_class=fastapi.responses.Response)(_healthy)
     app.get("/v1/models")(server.list_models)
     app.post("/tokenize")(server.tokenize)
     app.post("/detokenize")(server.detokenize)
@@ -128,6 +131,12 @@ def make_app(models: LanguageModel | dict[str, LanguageModel], name: str = "defa
     # validation_exception_handler answers (FastAPI's own reply would be a 422)
     app.exception_handler(fastapi.exceptions.RequestValidationError)(_invalid_body)
     return app
+
+
+def _healthy() -> Any:
+    from fastapi.responses import Response
+
+    return Response(status_code=200)
 
 
 def _error(status: int, message: str, param: str | None = None) -> Any:

@@ -1022,6 +1022,9 @@ def test_unpact_serve_takes_a_request_without_a_model_and_refuses_a_body_not_an_
         assert bad.status_code == 400 and bad.json()["error"]["code"] == 400, bad.text
     chat = {"model": "tiny", "messages": "hello"}
     assert httpx.post(f"{url[: -len('/v1')]}/tokenize", json=chat).status_code == 400
+    # vLLM's health check, which scripts poll before the first request: an empty 200
+    health = httpx.get(f"{url[: -len('/v1')]}/health")
+    assert (health.status_code, health.content) == (200, b"")
 
 
 def test_unpact_serve_answers_chat_completions_as_an_llm_judge_asks(served, faults):
