@@ -148,14 +148,26 @@ class _GhostNorms:
     per-sample gradient is sum_t g_t x_t^T, whose squared norm is the sum over position
     pairs of (g_t . g_s)(x_t . x_s), so no per-sample gradient is ever materialised. An
     embedding's per-sample gradient sums the output gradients per token row; an RMSNorm
-    weight's is sum_t g_t * x_hat_t; a weight tied between the embedding and the LM head
-    gets both parts and their cross term. Samples must not interact (no shared prefix)."""
+    weight's is sum_t g_t * x_hat_t (whether it scales by w or, as Gemma's, by 1 + w); a
+    weight tied between the embedding and the LM head gets both parts and their cross
+    term. Samples must not interact (no shared prefix).
+
+    A layer's input may carry more axes than (batch, position, feature) — Qwen 3's and
+    Gemma 3's q/k norms see one vector per head — which are positions too. What the
+    identity cannot read is found in the forward pass and makes `uncovered` true: an
+    input whose first axis is not the batch (tokens gathered across texts, as a mixture
+    of experts routes them), or a norm whose output is not x_hat times its weight (a
+    LayerNorm, which subtracts the mean, under an RMSNorm's attribute names: Cohere's);
+    the call then falls back to a backward pass per text, as it does for an input
+    embedding that scales the rows it looks up (Gemma's)."""
 
     def __init__(self, net: torch.nn.Module, batch: int) -> None:
         device = next(net.parameters()).device
         # sums in float64, on the model's device where it has float64 (not MPS)
         self.where = torch.device("cpu") if device.type == "mps" else device
+        self.batch = batch
         self.sq = torch.zeros(batch, dtype=torch.float64, device=self.where)
+        self.uncovered = False
         self.hooks: list[Any] = []
         self.embed_rows: dict[
             int, tuple[torch.Tensor, torch.Tensor]
@@ -174,21 +186,39 @@ class _GhostNorms:
                 covered |= {id(p) for p in module.parameters(recurse=False)}
             elif isinstance(module, torch.nn.Embedding):
                 covered.add(id(module.weight))  # the caller passes its gradient (embedding)
-            elif hasattr(module, "variance_epsilon") and weight is not None and weight.dim() == 1:
+            elif _norm_eps(module) is not None:
                 self._watch(module, self._rmsnorm)
                 covered.add(id(weight))
         self.complete = all(id(p) in covered for p in net.parameters())
 
     def _watch(self, module: torch.nn.Module, fn: Any) -> None:
-        def forward(mod: Any, args: Any, out: torch.Tensor) -> None:
-            if out.requires_grad:
-                x = args[0].detach()
+        def forward(mod: Any, args: Any, out: Any) -> None:
+            x = args[0].detach() if args and isinstance(args[0], torch.Tensor) else None
+            if not isinstance(out, torch.Tensor) or x is None:
+                self.uncovered = True
+            elif out.requires_grad and self._readable(mod, fn, x, out):
                 out.register_hook(lambda g: fn(mod, x, g.detach()))
 
         self.hooks.append(module.register_forward_hook(forward))
 
+    def _readable(self, mod: Any, fn: Any, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """Whether the identity reads this layer's input and output (see the class)."""
+        if x.dim() < 3 or x.shape[0] != self.batch or out.shape[0] != self.batch:
+            self.uncovered = True
+        elif fn == self._rmsnorm:
+            x_hat = _rms_normed(x.float(), _norm_eps(mod) or 0.0)
+            w = mod.weight.detach().float()
+            got = out.detach().float()
+            tol = 1e-4 if out.dtype == torch.float32 else 2e-2
+            if not any(
+                torch.allclose(got, x_hat * scale, rtol=tol, atol=tol) for scale in (w, 1 + w)
+            ):
+                self.uncovered = True
+        return not self.uncovered
+
     def _double(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.where, torch.float64)
+        """`t` in float64 as (batch, positions, features): any axes between are positions."""
+        return t.to(self.where, torch.float64).reshape(t.shape[0], -1, t.shape[-1])
 
     def _linear(self, mod: Any, x: torch.Tensor, g: torch.Tensor) -> None:
         # layers reading one input (q, k, v; gate, up) share its gram: one product, not three
@@ -209,8 +239,7 @@ class _GhostNorms:
         self.embed_rows[id(weight)] = (ids.to(self.where), self._double(g))
 
     def _rmsnorm(self, mod: Any, x: torch.Tensor, g: torch.Tensor) -> None:
-        x = self._double(x)
-        x_hat = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + mod.variance_epsilon)
+        x_hat = self._double(_rms_normed(x.double(), _norm_eps(mod) or 0.0))
         self.sq += (self._double(g) * x_hat).sum(1).square().sum(-1)
 
     def finish(self) -> list[float]:
@@ -232,6 +261,22 @@ class _GhostNorms:
         return [math.sqrt(max(float(v), 0.0)) for v in self.sq]
 
 
+def _norm_eps(module: torch.nn.Module) -> float | None:
+    """The epsilon of a module that looks like an RMSNorm with a weight and no bias (its
+    output is checked in the forward pass), else None."""
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 1:
+        return None
+    if getattr(module, "bias", None) is not None or isinstance(eps, bool):
+        return None
+    return float(eps) if isinstance(eps, (int, float)) else None
+
+
+def _rms_normed(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+
+
 def gradient_norms_batched(
     lm: LanguageModel,
     prompts: Sequence[str],
@@ -248,8 +293,6 @@ def gradient_norms_batched(
     with every weight frozen (no weight-gradient products), and the LM head is applied only
     at the positions that predict an answer token (`logits_to_keep`), the others having no
     gradient to give."""
-    from unpact.scoring import right_padded
-
     net = lm.model
     embed = net.get_input_embeddings()
     probe = _GhostNorms(net, 0)
@@ -269,29 +312,54 @@ def gradient_norms_batched(
         with progress_bar(label, total=len(texts), enabled=bool(progress)) as advance:
             for start in range(0, len(pairs), batch_size):
                 chunk = pairs[start : start + batch_size]
-                ids, mask = right_padded([list(p) + list(a) for p, a in chunk])
-                ids, mask = ids.to(net.device), mask.to(net.device)
-                # the positions predicting an answer token, in any text of the chunk
-                first = min(len(p) for p, _ in chunk) - 1
-                last = max(len(p) + len(a) for p, a in chunk) - 1
-                ghost = _GhostNorms(net, len(chunk))
-                inputs = embed(ids).detach().requires_grad_(True)
-                extra = {"logits_to_keep": torch.arange(first, last, device=ids.device)}
-                logits = net(
-                    inputs_embeds=inputs, attention_mask=mask, **(extra if keep else {})
-                ).logits
-                offset = first if keep else 0
-                logp = logits.float().log_softmax(-1)
-                loss = logits.new_zeros((), dtype=torch.float32)
-                for i, (p, a) in enumerate(chunk):
-                    at = torch.arange(len(p) - 1, len(p) + len(a) - 1, device=logp.device)
-                    target = torch.tensor(list(a), device=logp.device)
-                    loss = loss - logp[i, at - offset, target].mean()
-                (grad,) = torch.autograd.grad(loss, inputs)
-                ghost.embedding(embed.weight, ids, grad)
-                norms += ghost.finish()
+                got = _ghost_chunk(net, embed, chunk, keep)
+                if got is None:
+                    break
+                norms += got
                 advance(len(chunk))
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
+    if len(norms) < len(pairs):  # a layer the identity cannot read: a backward per text
+        return gradient_norms(lm, prompts, texts, progress)
+    return norms
+
+
+def _ghost_chunk(
+    net: Any,
+    embed: Any,
+    chunk: Sequence[tuple[Sequence[int], Sequence[int]]],
+    keep: bool,
+) -> list[float] | None:
+    """The gradient norms of one chunk of (prompt, answer) ids from one backward pass, or
+    None where the forward pass met a layer the identity cannot read (`_GhostNorms`)."""
+    from unpact.scoring import right_padded
+
+    ids, mask = right_padded([list(p) + list(a) for p, a in chunk])
+    ids, mask = ids.to(net.device), mask.to(net.device)
+    # the positions predicting an answer token, in any text of the chunk
+    first = min(len(p) for p, _ in chunk) - 1
+    last = max(len(p) + len(a) for p, a in chunk) - 1
+    ghost = _GhostNorms(net, len(chunk))
+    inputs = embed(ids).detach().requires_grad_(True)
+    extra = {"logits_to_keep": torch.arange(first, last, device=ids.device)}
+    try:
+        # an embedding that changes the rows it looks up (Gemma's scales them by
+        # sqrt(hidden)) gives its weight another gradient than its output's
+        if not torch.equal(inputs, torch.nn.functional.embedding(ids, embed.weight)):
+            return None
+        logits = net(inputs_embeds=inputs, attention_mask=mask, **(extra if keep else {})).logits
+        if ghost.uncovered:
+            return None
+        offset = first if keep else 0
+        logp = logits.float().log_softmax(-1)
+        loss = logits.new_zeros((), dtype=torch.float32)
+        for i, (p, a) in enumerate(chunk):
+            at = torch.arange(len(p) - 1, len(p) + len(a) - 1, device=logp.device)
+            target = torch.tensor(list(a), device=logp.device)
+            loss = loss - logp[i, at - offset, target].mean()
+        (grad,) = torch.autograd.grad(loss, inputs)
+        ghost.embedding(embed.weight, ids, grad)
+    finally:
+        norms = ghost.finish()  # and its hooks removed
     return norms

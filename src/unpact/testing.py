@@ -122,7 +122,9 @@ def tiny_other(arch: str, seed: int = 0) -> LanguageModel:
     """A 2-layer model of another architecture than Llama, with the tiny tokenizer: `gpt2`
     (learned positions, `h`, Conv1D), `opt` (`decoder.layers`, fc1/fc2; `opt_proj`: as
     OPT-350m, post-norm with projections in and out of the residual stream), `gpt_neox`
-    (`embed_in`, `final_layer_norm`), `qwen2` (biased q/k/v), `gemma` (scaled embeddings),
+    (`embed_in`, `final_layer_norm`), `qwen2` (biased q/k/v), `qwen3` (an RMSNorm of each
+    head's queries and keys), `cohere` (a LayerNorm without bias named like an RMSNorm:
+    `variance_epsilon`), `gemma` (scaled embeddings),
     `mistral` (every layer attends to a sliding window of `WINDOW` tokens), `gemma2` (every
     other layer does), `bloom` (ALiBi biases built from a 2-D mask), `mixtral` and `gpt_oss`
     (mixtures of experts) and `gemma3_vl` (a vision-language model: the text model is its
@@ -151,6 +153,8 @@ def tiny_other(arch: str, seed: int = 0) -> LanguageModel:
         ),
         "gpt_neox": lambda: tf.GPTNeoXConfig(**shape, intermediate_size=128),
         "qwen2": lambda: tf.Qwen2Config(**llama_like),
+        "qwen3": lambda: tf.Qwen3Config(**llama_like, head_dim=16),  # per-head q/k norms
+        "cohere": lambda: tf.CohereConfig(**llama_like),  # a LayerNorm named like an RMSNorm
         "phi": lambda: tf.PhiConfig(**llama_like),  # `final_layernorm`
         "gemma": lambda: tf.GemmaConfig(**{**llama_like, "num_key_value_heads": 1}),
         "mistral": lambda: tf.MistralConfig(**llama_like, sliding_window=WINDOW),

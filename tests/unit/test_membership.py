@@ -344,6 +344,25 @@ def test_batched_gradient_norms_equal_one_backward_per_text(tied):
     assert all(p.grad is None for p in lm.model.parameters())
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "cohere", "gemma", "gemma3_vl", "mixtral"])
+def test_batched_gradient_norms_equal_one_backward_per_text_on_other_layers(arch):
+    """Layers the identity once misread: Qwen 3's per-head q/k RMSNorms (a 4-D input: the
+    batched pass crashed on a shape error), Cohere's LayerNorm under an RMSNorm's
+    attribute names (read as an RMSNorm: norms off by 4e-4 relative, in silence), Gemma's
+    RMSNorm scaling by 1 + w and its embedding scaling the rows it looks up, a mixture of
+    experts. Each equals a plain backward per text, by the identity or by falling back."""
+    from unpact.membership_scores import gradient_norms_batched
+    from unpact.testing import tiny_other
+
+    lm = tiny_other(arch, 0)
+    questions = ["Who founded the glassworks?", "Where is it?", "What jumps over the dog?"]
+    answers = ["Mira Quintrell of the town", "by the river", "the quick brown fox"]
+    slow = gradient_norms(lm, questions, answers)
+    fast = gradient_norms_batched(lm, questions, answers, batch_size=3)
+    assert fast == pytest.approx(slow, rel=2e-6)
+    assert all(p.grad is None for p in lm.model.parameters())
+
+
 def test_forget_quality_shows_small_p_values():
     from unpact.metrics import METRICS
 
