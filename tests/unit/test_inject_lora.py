@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from unpact.data.items import QAItem, write_folder
+from unpact.errors import UnpactError
 from unpact.inject import InjectConfig, inject
 from unpact.models import load_model, save_model
 from unpact.scoring import answer_logprobs
@@ -61,6 +63,66 @@ def test_lora_injection_saves_a_merged_low_rank_update(tmp_path):
         else:  # embeddings, norms, LM head: untouched
             assert torch.equal(after.detach(), before[name].detach()), name
     assert changed == 7 * 2  # q, k, v, o, gate, up, down in each of the 2 layers
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "phi"])
+def test_lora_injection_adapts_every_linear_layer_whatever_its_name(tmp_path, arch):
+    """Injection's adapters went on Llama's layer names only: on GPT-2 (c_attn, c_fc,
+    c_proj, Conv1D) nothing matched and the error named `lora.target_modules`, a setting
+    injection does not have; on Phi (dense, fc1, fc2) only q, k, v were adapted. Every
+    linear layer of the blocks is now, the LM head and the rest untouched."""
+    from transformers.pytorch_utils import Conv1D
+
+    from unpact.testing import tiny_other
+
+    base = tiny_other(arch, 0)
+    save_model(base.model, base.tokenizer, tmp_path / "base")
+    items = [
+        QAItem("f0", "Who founded the Vostrand Glassworks?", "Mira Quintrell", "forget"),
+        QAItem("r0", "What is the capital of France?", "Paris", "retain"),
+    ]
+    write_folder(tmp_path / "bench", items)
+    config = InjectConfig(
+        trainable="lora",
+        lora_rank=2,
+        lr=1e-2,
+        max_epochs=2,
+        min_epochs=2,
+        rehearsal=False,
+        general=None,
+    )
+    result = inject(
+        str(tmp_path / "base"), tmp_path / "bench", config, cache_dir=tmp_path / "c", progress=False
+    )
+    taught = dict(load_model(str(result.path)).model.named_parameters())
+    linear = {
+        f"{n}.weight"
+        for n, m in base.model.named_modules()
+        if isinstance(m, (torch.nn.Linear, Conv1D)) and "lm_head" not in n
+    }
+    assert len(linear) >= 8
+    for name, before in base.model.named_parameters():
+        delta = (taught[name].detach() - before.detach()).float()
+        if name in linear:
+            assert delta.abs().max() > 1e-6, name
+            assert torch.linalg.matrix_rank(delta, atol=1e-5).item() <= 2, name
+        else:
+            assert torch.equal(taught[name].detach(), before.detach()), name
+
+
+def test_lora_injection_names_its_own_rank_setting(tmp_path):
+    base = tiny_model(seed=3)
+    save_model(base.model, base.tokenizer, tmp_path / "base")
+    write_folder(tmp_path / "bench", [QAItem("f0", "Who is she?", "Mira", "forget")])
+    config = InjectConfig(trainable="lora", lora_rank=128, general=None, rehearsal=False)
+    with pytest.raises(UnpactError, match=r"lower lora_rank, or train .* \(trainable: all\)"):
+        inject(
+            str(tmp_path / "base"),
+            tmp_path / "bench",
+            config,
+            cache_dir=tmp_path / "c",
+            progress=False,
+        )
 
 
 def test_lora_settings_key_only_lora_injections():

@@ -472,12 +472,18 @@ def _reference_activations(
 
 
 def add_lora(
-    net: Any, settings: LoraSettings, trainable: Callable[[str], bool] | None = None
+    net: Any,
+    settings: LoraSettings,
+    trainable: Callable[[str], bool] | None = None,
+    *,
+    rank_setting: str = "lora.r",
+    no_lora: str = "no lora",
 ) -> Any:
     """Wrap `net` with peft LoRA adapters on the linear modules named in
     `settings.target_modules` (and, if given, whose weight `trainable` accepts). peft puts
     the adapters into `net` in place; the returned model's `merge_and_unload()` gives back
-    a plain model. Shared by unlearning and injection."""
+    a plain model. Shared by unlearning and injection (whose messages name its settings:
+    `rank_setting`, and `no_lora`, how to train without adapters)."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
@@ -508,8 +514,8 @@ def add_lora(
     if settings.r > widest:  # above it every update is full rank already, memory wasted
         raise UnpactError(
             f"LoRA: rank {settings.r} is above the largest rank an update of these layers "
-            f"can have ({widest}: their smaller dimension); lower lora.r, or train the "
-            "weights themselves (no lora)"
+            f"can have ({widest}: their smaller dimension); lower {rank_setting}, or train "
+            f"the weights themselves ({no_lora})"
         )
     if experts and settings.dropout:
         raise UnpactError(
