@@ -340,6 +340,10 @@ def test_verdicts_read_the_figures_and_the_paired_items():
     got = {v["test"]: v for v in verdicts(m, records, ["quantize"])}
     assert got["quantize"]["verdict"] == "recoverable beyond the control"
     assert "p = 0.0078" in got["quantize"]["detail"]
+    # the counts beside the share, which alone hid how few items it rests on
+    assert got["quantize"]["detail"].startswith(
+        "recovers 8 of the 12 forgotten items attacked (67% [40%, 90%]); "
+    )
     assert got["indistinguishable"]["verdict"] == "indistinguishable from the reference"
     m["ci"]["privleak"] = [-0.6, -0.3]
     m["privleak"] = -0.45

@@ -448,7 +448,13 @@ def _recovery(
 ) -> dict[str, str]:
     rate = (m.get("recovery") or {}).get(attack)
     control = (m.get("recovery_control") or {}).get(attack)
-    head = f"recovers {_pct(rate)}{_ci(m, f'recovery.{attack}')} of the forgotten items"
+    # the counts beside the share: 100% [100%, 100%] of one item read as a firm finding
+    attacked = [r.recovered[attack] for r in records if r.forgotten and attack in r.recovered]
+    head = (
+        f"recovers {sum(attacked)} of the {len(attacked)} forgotten item"
+        f"{'' if len(attacked) == 1 else 's'} attacked ({_pct(rate)}"
+        f"{_ci(m, f'recovery.{attack}')})"
+    )
     if rate is None:
         n = m.get("forgotten") or 0
         cls = ATTACKS.get(attack)
