@@ -330,7 +330,7 @@ def _key_settings(config: InjectConfig) -> dict[str, Any]:
     if config.trainable != "lora":
         del settings["lora_rank"], settings["lora_alpha"]
     else:  # adapters on every linear layer of the blocks, not Llama's names alone
-        settings["lora_layers"] = "block_linear_names"
+        settings["lora_layers"] = "all-linear"
     # Fields added later are left out at the value that behaves as before they existed,
     # so models injected then keep their keys: a constant lr, float32 training (the
     # precision actually used: "auto" resolved).
@@ -825,27 +825,6 @@ def _measured(accuracy: dict[str, float]) -> dict[str, float]:
     return {split: v for split, v in accuracy.items() if v is not None and not math.isnan(v)}
 
 
-def block_linear_names(net: Any) -> list[str]:
-    """The names (last part) of every linear layer of the text model's blocks, the LM head
-    aside: LoRA injection adapts them all, whatever the architecture calls them (GPT-2's
-    c_attn, c_fc, c_proj; Falcon's query_key_value; Phi-3's fused qkv_proj and
-    gate_up_proj), and Llama's names besides, by which a mixture of experts' 3-D expert
-    projections are reached (`unlearn.loop._expert_parameters`). Llama's names alone
-    adapted nothing on GPT-2 (an error pointing to a setting injection does not have) and
-    part of Phi-3."""
-    from transformers.pytorch_utils import Conv1D
-
-    from unpact.unlearn.config import ALL_LINEAR
-
-    body, _ = lm_body_and_head(net)
-    own = [
-        n.rsplit(".", 1)[-1]
-        for n, m in body.named_modules()
-        if n and isinstance(m, (torch.nn.Linear, Conv1D))
-    ]
-    return list(dict.fromkeys([*ALL_LINEAR, *sorted(set(own))]))
-
-
 def _make_trainable(net: Any, config: InjectConfig) -> Any:
     """Mark what injection trains; with `trainable: lora`, add the adapters (returns the
     peft model, merged into the weights before saving), else None."""
@@ -859,7 +838,7 @@ def _make_trainable(net: Any, config: InjectConfig) -> Any:
 
         body = {id(p) for p in lm_body_and_head(net)[0].parameters()}
         settings = LoraSettings(
-            r=config.lora_rank, alpha=config.lora_alpha, target_modules=block_linear_names(net)
+            r=config.lora_rank, alpha=config.lora_alpha, target_modules=["all-linear"]
         )
         adapted = add_lora(
             net,

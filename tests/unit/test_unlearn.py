@@ -394,6 +394,37 @@ def test_a_lora_rank_above_every_layers_rank_is_one_message(bench, tmp_path):
             unlearn(tiny_model(seed=3), bench, cfg, tmp_path / rank, progress=False)
 
 
+def test_lora_all_linear_adapts_every_layer_of_another_architecture(bench, tmp_path):
+    """`lora.target_modules: all-linear` (peft's spelling): GPT-2's c_attn, c_fc and c_proj
+    (Conv1D), which Llama's default names miss (refused, naming them), each get a low-rank
+    update; the LM head, embeddings and norms stay."""
+    from transformers.pytorch_utils import Conv1D
+
+    from unpact.testing import tiny_other
+
+    base = tiny_other("gpt2")
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    with pytest.raises(UnpactError, match=r"linear layers: c_attn, c_fc, c_proj"):
+        cfg = resolve_config("ga_gd", overrides=["steps=1", "lora.r=2"])
+        unlearn(tiny_other("gpt2"), bench, cfg, tmp_path / "named", progress=False)
+    cfg = resolve_config(
+        "ga_gd", overrides=["steps=3", "lr=1e-2", "lora.r=2", "lora.target_modules=all-linear"]
+    )
+    assert cfg.lora is not None and cfg.lora.target_modules == ["all-linear"]
+    w = _weights(unlearn(base, bench, cfg, tmp_path / "all", progress=False))
+    linear = {f"{n}.weight" for n, m in base.model.named_modules() if isinstance(m, Conv1D)}
+    assert len(linear) == 8  # 2 blocks: c_attn, attn.c_proj, c_fc, mlp.c_proj
+    for name, old in before.items():
+        if name not in w:
+            continue  # the tied LM head is saved once
+        delta = (w[name] - old).float()
+        if name in linear:
+            assert delta.abs().max() > 1e-6, name
+            assert torch.linalg.matrix_rank(delta, atol=1e-5).item() <= 2, name
+        else:
+            assert torch.equal(w[name], old), name
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
 def test_lora_reaches_a_mixtures_experts(bench, tmp_path, arch):
     """A mixture keeps its experts in 3-D parameters, not Linear layers: LoRA adapted the

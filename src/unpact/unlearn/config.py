@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from unpact.errors import UnpactError
 from unpact.files import read_text
@@ -31,8 +31,17 @@ class LoraSettings(PlainInput):
     alpha: int = Field(32, gt=0, description="scaling numerator (scale = alpha / r)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input")
     target_modules: list[str] = Field(
-        default_factory=lambda: list(ALL_LINEAR), description="module names that get adapters"
+        default_factory=lambda: list(ALL_LINEAR),
+        description='module names that get adapters; "all-linear" (as peft\'s option): every '
+        "linear layer of the blocks, whatever the architecture calls them",
     )
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _one_name(cls, value: Any) -> Any:
+        """`target_modules: all-linear` (peft's spelling, a string) as a list of it."""
+        return [value] if isinstance(value, str) else value
+
     merge: bool = Field(True, description="merge the adapters into the saved model")
 
 

@@ -48,10 +48,16 @@ from unpact.files import (
 )
 from unpact.models import LanguageModel, load_model, save_model
 from unpact.progress import progress_bar
-from unpact.scoring import decoder_layers, expert_parameters, text_parameters
+from unpact.scoring import decoder_layers, expert_parameters, lm_body_and_head, text_parameters
 from unpact.train import Trainer
 from unpact.types import follow, short_repr, spec_text
-from unpact.unlearn.config import LoraSettings, UnlearnConfig, read_yaml_mapping, resolve_config
+from unpact.unlearn.config import (
+    ALL_LINEAR,
+    LoraSettings,
+    UnlearnConfig,
+    read_yaml_mapping,
+    resolve_config,
+)
 from unpact.unlearn.methods import Batch, Method, StepContext, get_method, layer_activations
 
 RUN_FORMAT = 1
@@ -491,22 +497,21 @@ def add_lora(
     from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers; peft adapts them
 
     linear = [n for n, m in net.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and n]
+    targets = settings.target_modules
+    if "all-linear" in targets:
+        targets = [*block_linear_names(net), *targets]
     names = [
         n
         for n in linear
-        if n.rsplit(".", 1)[-1] in settings.target_modules
-        and (trainable is None or trainable(n + ".weight"))
+        if n.rsplit(".", 1)[-1] in targets and (trainable is None or trainable(n + ".weight"))
     ]
-    experts = [
-        n
-        for n in _expert_parameters(net, settings.target_modules)
-        if trainable is None or trainable(n)
-    ]
+    experts = [n for n in _expert_parameters(net, targets) if trainable is None or trainable(n)]
     if not names and not experts:
         own = sorted({n.rsplit(".", 1)[-1] for n in linear} - {"lm_head", "embed_out"})
         raise UnpactError(
             f"LoRA: no module matches {settings.target_modules} for this method; set "
-            f"lora.target_modules to some of this model's linear layers: {', '.join(own)}"
+            f"lora.target_modules to some of this model's linear layers: {', '.join(own)} "
+            "(or all-linear)"
         )
     shapes = [net.get_submodule(n).weight.shape for n in names]
     shapes += [net.get_parameter(n).shape for n in experts]  # (experts, ., .)
@@ -537,6 +542,23 @@ def add_lora(
         # the user can do nothing about it, so it stays out of their output
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         return get_peft_model(net, lora)
+
+
+def block_linear_names(net: Any) -> list[str]:
+    """What `lora.target_modules: all-linear` adapts (and LoRA injection): the names (last
+    part) of every linear layer of the text model's blocks, the LM head aside, whatever the
+    architecture calls them (GPT-2's c_attn, c_fc, c_proj; Falcon's query_key_value;
+    Phi-3's fused qkv_proj and gate_up_proj), and Llama's names besides, by which a mixture
+    of experts' 3-D expert projections are reached (`_expert_parameters`)."""
+    from transformers.pytorch_utils import Conv1D
+
+    body, _ = lm_body_and_head(net)
+    own = [
+        n.rsplit(".", 1)[-1]
+        for n, m in body.named_modules()
+        if n and isinstance(m, (torch.nn.Linear, Conv1D))
+    ]
+    return list(dict.fromkeys([*ALL_LINEAR, *sorted(set(own))]))
 
 
 def _expert_parameters(net: Any, target_modules: list[str]) -> list[str]:
