@@ -991,7 +991,10 @@ def _check_model_type(path: Path, trust_remote_code: bool) -> None:
     kind = config.get("model_type")
     from transformers import CONFIG_MAPPING
 
-    if not isinstance(kind, str) or kind in CONFIG_MAPPING:
+    if not isinstance(kind, str):
+        return
+    if kind in CONFIG_MAPPING:
+        _check_causal(path, kind, config.get("architectures"))
         return
     if "AutoModelForCausalLM" in (config.get("auto_map") or {}):
         if trust_remote_code:
@@ -1008,6 +1011,48 @@ def _check_model_type(path: Path, trust_remote_code: bool) -> None:
         "knows: a newer release may (pip install -U transformers), or the folder is not a "
         "causal language model's"
     )
+
+
+# heads that make a checkpoint something other than a language model of the next token
+_NOT_CAUSAL = (
+    "ForMaskedLM",
+    "ForSequenceClassification",
+    "ForTokenClassification",
+    "ForQuestionAnswering",
+    "ForMultipleChoice",
+    "ForPreTraining",
+    "ForNextSentencePrediction",
+    "ForImageClassification",
+    "Encoder",
+)
+
+
+def _check_causal(path: Path, kind: str, architectures: Any) -> None:
+    """A checkpoint that is not a causal language model, in one message: a model type with
+    no causal LM class (T5, BART as an encoder-decoder: transformers listed its ~200 causal
+    types), or one whose config.json names only a base model or another head (a BERT
+    `BertModel` loaded as BertLMHeadModel with a random head, after transformers' warnings
+    and its loading report)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(kind)
+    names = [a for a in architectures or [] if isinstance(a, str)]
+    if causal is None:
+        what = f" ({', '.join(names)})" if names else ""
+        raise UnpactError(
+            f"{path}: a {kind} model{what} is not one transformers' AutoModelForCausalLM "
+            "loads (a decoder predicting the next token; T5 and other encoder-decoders, "
+            "encoders, are not); unpact scores, attributes and unlearns those only"
+        )
+    if not names or any(a == causal or a.endswith(("CausalLM", "LMHeadModel")) for a in names):
+        return
+    if all(a.endswith("Model") or a.endswith(_NOT_CAUSAL) for a in names):
+        raise UnpactError(
+            f"{path}: its config.json names {', '.join(names)}: "
+            f"{'a base model without' if names[0].endswith('Model') else 'another head than'} "
+            f"the language-model head ({causal}) that predicts the next token; give the "
+            "checkpoint of a causal language model"
+        )
 
 
 def _check_tokenizer(path: Path) -> None:

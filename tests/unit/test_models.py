@@ -12,7 +12,7 @@ import pytest
 
 from unpact.data.items import QAItem
 from unpact.errors import UnpactError
-from unpact.models import load_model
+from unpact.models import load_model, save_model
 
 
 def test_chat_prompt_marks_user_content(tiny):
@@ -1161,6 +1161,46 @@ def test_a_model_type_transformers_does_not_know_is_said_before_any_load(tiny, t
     both = {"auto_map": {"AutoModelForCausalLM": "m.MyLM"}}
     (tmp_path / "base" / "config.json").write_text(json.dumps(config | both))
     assert load_model(str(tmp_path / "base")).model.config.model_type == config["model_type"]
+
+
+def test_a_checkpoint_that_is_not_a_causal_language_model_is_said_before_any_load(tmp_path, capfd):
+    """T5 (an encoder-decoder) failed with transformers' list of its ~200 causal model
+    types; a BERT `BertModel` loaded as BertLMHeadModel with a random head, after
+    transformers' warnings and its loading report. One message each, nothing else printed;
+    causal checkpoints of other layouts still load."""
+    import transformers as tf
+
+    from unpact.testing import tiny_other, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    shape = {"vocab_size": len(tok), "num_heads": 4, "num_layers": 2}
+    for name, model in (
+        ("t5", tf.T5ForConditionalGeneration(tf.T5Config(d_model=32, d_kv=8, d_ff=64, **shape))),
+        (
+            "bert",
+            tf.BertModel(
+                tf.BertConfig(
+                    vocab_size=len(tok),
+                    hidden_size=32,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    intermediate_size=64,
+                )
+            ),
+        ),
+    ):
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    capfd.readouterr()
+    with pytest.raises(UnpactError, match=r"a t5 model \(T5ForConditionalGeneration\) is not one"):
+        load_model(str(tmp_path / "t5"))
+    with pytest.raises(UnpactError, match=r"names BertModel: a base model without .*BertLMHead"):
+        load_model(str(tmp_path / "bert"))
+    assert capfd.readouterr().err == ""
+    for arch in ("gpt2", "gemma3_vl", "mixtral"):
+        other = tiny_other(arch)
+        save_model(other.model, other.tokenizer, tmp_path / arch)
+        assert load_model(str(tmp_path / arch)).model.config.model_type == arch.split("_")[0]
 
 
 def own_code(folder: Path) -> Path:
