@@ -486,12 +486,30 @@ def load_model(
         model, tokenizer = _load_dir(folder, torch_dtype, trust_remote_code)
     model.to(target)
     model.eval()
+    if target.type == "cpu":
+        _quiet_cuda_kernel_advice()
     check_head(model, spec)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     _no_bpe_cleanup(tokenizer)
     _drop_loading_garbage(model)
     return LanguageModel(model=model, tokenizer=tokenizer, spec=spec)
+
+
+class _CudaKernelAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "falling back to its reference PyTorch implementation" not in record.getMessage()
+
+
+def _quiet_cuda_kernel_advice() -> None:
+    """Without transformers' advice, at a model on the CPU's first forward pass, to install
+    the CUDA kernels of its layers (Mamba's: "`selective_scan_fn` is falling back to its
+    reference PyTorch implementation because `mamba_ssm` is not installed ..."): five
+    library warnings in normal output that a CPU can do nothing about. A model on a GPU
+    keeps it (there, the kernels are worth installing)."""
+    logger = logging.getLogger("transformers.integrations.hub_kernels")
+    if not any(isinstance(f, _CudaKernelAdvice) for f in logger.filters):
+        logger.addFilter(_CudaKernelAdvice())
 
 
 def _no_bpe_cleanup(tokenizer: Any) -> None:

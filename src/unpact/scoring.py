@@ -135,15 +135,23 @@ def context_refusal(model: Any, longest: int) -> str | None:
     """Why sequences of up to `longest` tokens cannot be scored as continuations of a
     shared context under explicit 4-D masks (`context_logprobs`), or None when they can.
 
-    Two kinds of model cannot: one whose ALiBi biases are built from a 2-D mask (BLOOM,
-    MPT, Falcon with `alibi`), and one with a layer whose sliding window (or chunk) is not
-    longer than the sequence, where the model's own cache keeps only the window's last
-    keys of the context and an explicit mask would not slide. Under its window, sliding
-    attention sees every earlier token, as full attention does."""
+    Three kinds of model cannot: one whose ALiBi biases are built from a 2-D mask (BLOOM,
+    MPT, Falcon with `alibi`); one with a layer that caches no keys and values of its own
+    (Mamba's, Jamba's and Qwen3-Next's recurrent layers, which once failed with "'Linear
+    AttentionLayer' object has no attribute 'keys'"); and one with a layer whose sliding
+    window (or chunk) is not longer than the sequence, where the model's own cache keeps
+    only the window's last keys of the context and an explicit mask would not slide. Under
+    its window, sliding attention sees every earlier token, as full attention does."""
     config = model.config
     kind = getattr(config, "model_type", "")
     if kind in ("bloom", "mpt") or getattr(config, "alibi", False) is True:
         return f"{kind or 'the model'}'s ALiBi attention builds its own mask"
+    if other := _not_key_value_layers(model):
+        return (
+            f"its {other} layers keep a state of their own (a state-space or linear-attention "
+            "recurrence, or another layer's keys), not keys and values to continue from "
+            "under a mask"
+        )
     window = attention_window(model)
     if window is not None and longest >= window:
         return (
@@ -151,6 +159,28 @@ def context_refusal(model: Any, longest: int) -> str | None:
             f"{longest}-token sequence"
         )
     return None
+
+
+def _not_key_value_layers(model: Any) -> str | None:
+    """The kinds of the model's layers whose cache is not plain keys and values, as
+    transformers lays out a cache for its config (`linear_attention`, `hybrid`, a layer
+    reusing another's keys), joined, or None when every layer's is."""
+    config = text_config(model)
+    types = [str(t) for t in getattr(config, "layer_types", None) or []]
+    plain = ("full_attention", "sliding_attention", "chunked_attention")
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+        layers = DynamicCache(config=model.config).layers
+        kinds = (DynamicLayer, DynamicSlidingWindowLayer)
+        other = [
+            types[i] if i < len(types) and types[i] not in plain else type(x).__name__
+            for i, x in enumerate(layers)
+            if type(x) not in kinds
+        ]
+    except Exception:  # another transformers' layout: the config's own names
+        other = [t for t in types if t not in plain]
+    return ", ".join(dict.fromkeys(other)) or None
 
 
 def _common_prefix(prompts: Sequence[Sequence[int]]) -> int:

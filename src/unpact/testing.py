@@ -126,7 +126,8 @@ def tiny_other(arch: str, seed: int = 0) -> LanguageModel:
     head's queries and keys), `cohere` (a LayerNorm without bias named like an RMSNorm:
     `variance_epsilon`), `gemma` (scaled embeddings),
     `mistral` (every layer attends to a sliding window of `WINDOW` tokens), `gemma2` (every
-    other layer does), `bloom` (ALiBi biases built from a 2-D mask), `mixtral` and `gpt_oss`
+    other layer does), `bloom` (ALiBi biases built from a 2-D mask), `mamba` (state-space layers) and
+    `qwen3_next` (linear-attention layers beside full attention: a recurrent state), `mixtral` and `gpt_oss`
     (mixtures of experts) and `gemma3_vl` (a vision-language model: the text model is its
     `language_model`)."""
     import transformers as tf
@@ -160,6 +161,20 @@ def tiny_other(arch: str, seed: int = 0) -> LanguageModel:
         "mistral": lambda: tf.MistralConfig(**llama_like, sliding_window=WINDOW),
         "gemma2": lambda: tf.Gemma2Config(**llama_like, head_dim=16, sliding_window=WINDOW),
         "bloom": lambda: tf.BloomConfig(hidden_size=64, n_layer=2, n_head=4, **ids),
+        # state-space and linear-attention layers: a recurrent state, no keys and values
+        "mamba": lambda: tf.MambaConfig(hidden_size=64, num_hidden_layers=2, **ids),
+        "qwen3_next": lambda: tf.Qwen3NextConfig(
+            **{**llama_like, "num_hidden_layers": 4},  # 3 linear-attention layers, 1 full
+            head_dim=16,
+            linear_num_value_heads=4,
+            linear_num_key_heads=2,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+            num_experts=3,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+        ),
         # mixtures of experts, each projection one 3-D parameter: (experts, out, in), and
         # GPT-OSS's (experts, in, out) (`is_transposed`)
         "mixtral": lambda: tf.MixtralConfig(**llama_like, num_local_experts=3),

@@ -197,6 +197,44 @@ def test_a_model_without_explicit_masks_scores_whole_variants(arch):
         )
 
 
+@pytest.mark.parametrize("arch", ["mamba", "qwen3_next"])
+def test_a_model_with_recurrent_layers_scores_whole_variants(arch, tmp_path, capfd):
+    """Mamba's state-space layers and Qwen3-Next's linear-attention layers cache a
+    recurrent state, not keys and values: attribution's fast path (and every shared prompt
+    prefix) failed on "'LinearAttentionLayer' object has no attribute 'keys'". Such a model
+    scores whole variants, equal to the naive loop; shared prefixes are not shared; 'mask'
+    is refused naming the layers. Loaded on the CPU, transformers' advice to install the
+    layers' CUDA kernels is not printed."""
+    from unpact.models import load_model, save_model
+    from unpact.scoring import answer_distributions
+    from unpact.testing import tiny_other
+
+    made = tiny_other(arch)
+    save_model(made.model, made.tokenizer, tmp_path / arch)
+    capfd.readouterr()
+    lm = load_model(str(tmp_path / arch))
+    pairs = [("the cat sat on a red mat today", " blue sky"), ("the cat sat on it", " no")]
+    plain = {"chat_template": False}  # short sequences: Mamba's reference scan is a loop
+    encoded = [(lm.encode_prompt(p, **plain).input_ids, lm.encode_answer(a)) for p, a in pairs]
+    records = attribute_many(lm, [p for p, _ in pairs], [a for _, a in pairs], **plain)
+    for rec, (p, a) in zip(records, pairs):
+        enc = lm.encode_prompt(p, **plain)
+        full, expected = naive_contributions(
+            lm, enc, lm.encode_answer(a), make_units(lm, enc, "token"), "delete"
+        )
+        assert rec.lp == pytest.approx(full, abs=1e-5)
+        assert rec.contributions == pytest.approx(expected, abs=1e-5)
+    with torch.no_grad():
+        shared = answer_distributions(
+            lm.model, [p for p, _ in encoded], [a for _, a in encoded], share_prefix=True
+        )
+        alone = [answer_distributions(lm.model, [p], [a])[0] for p, a in encoded]
+    assert all(torch.allclose(x, y, atol=1e-4) for x, y in zip(shared, alone))
+    with pytest.raises(UnpactError, match=r"baseline 'mask'.*its linear_attention layers keep"):
+        attribute(lm, *pairs[0], baseline="mask", **plain)
+    assert "falling back to its reference PyTorch" not in capfd.readouterr().err
+
+
 def test_naive_reference_equals_slow(tiny):
     rec = attribute(
         tiny,
