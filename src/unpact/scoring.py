@@ -146,7 +146,7 @@ def context_refusal(model: Any, longest: int) -> str | None:
     kind = getattr(config, "model_type", "")
     if kind in ("bloom", "mpt") or getattr(config, "alibi", False) is True:
         return f"{kind or 'the model'}'s ALiBi attention builds its own mask"
-    if other := _not_key_value_layers(model):
+    if other := layers_without_keys(model):
         return (
             f"its {other} layers keep a state of their own (a state-space or linear-attention "
             "recurrence, or another layer's keys), not keys and values to continue from "
@@ -161,7 +161,7 @@ def context_refusal(model: Any, longest: int) -> str | None:
     return None
 
 
-def _not_key_value_layers(model: Any) -> str | None:
+def layers_without_keys(model: Any) -> str | None:
     """The kinds of the model's layers whose cache is not plain keys and values, as
     transformers lays out a cache for its config (`linear_attention`, `hybrid`, a layer
     reusing another's keys), joined, or None when every layer's is."""

@@ -64,8 +64,28 @@ def test_quantization_through_torchao_is_the_hand_round_trip(bits, symmetric, gr
 
 
 def test_quantize_refuses_a_group_that_does_not_divide_the_layer():
-    with pytest.raises(UnpactError, match="group_size 48 does not divide"):
+    with pytest.raises(UnpactError, match="group_size 48 divides the input features of none"):
         quantize_weights(_Two(4, 64), 4, 48)
+
+
+def test_a_layer_the_group_does_not_divide_gets_one_scale_per_row():
+    """Mamba's dt_proj reads a few dozen columns (48 in Mamba-130m): a 64-column group
+    divides none of its rows, and the attack stopped the whole audit. Such a layer is
+    quantized with one scale per row (the hand reference does the same); the others keep
+    their groups."""
+
+    class Three(_Two):
+        def __init__(self) -> None:
+            super().__init__(6, 128)
+            self.narrow = torch.nn.Linear(48, 6, bias=False)
+
+    torch.manual_seed(0)
+    m = Three()
+    wide, narrow = m.lin.weight.detach().clone(), m.narrow.weight.detach().clone()
+    assert quantize_weights(m, 4, 64) == 2
+    assert torch.equal(m.lin.weight, round_trip(wide, 4, 64))
+    assert torch.equal(m.narrow.weight, round_trip(narrow, 4, None))
+    assert not torch.equal(m.narrow.weight, narrow)
 
 
 def test_quantize_keeps_the_tiny_model_close_at_8_bits_and_rounds_every_layer():
@@ -173,8 +193,14 @@ def test_last_states_are_padding_free_and_the_lens_at_the_last_layer_is_the_mode
     assert int(token_ranks(lens, second)[0]) == 1
 
 
-def test_continuation_states_share_the_prompt_and_equal_the_full_pass():
-    lm = tiny_model(seed=3)
+@pytest.mark.parametrize("arch", ["llama", "mamba"])
+def test_continuation_states_share_the_prompt_and_equal_the_full_pass(arch):
+    """Mamba's layers keep a recurrent state with no keys to repeat per continuation (the
+    probe stopped the audit on "'LinearAttentionLayer' object has no attribute
+    'batch_repeat_interleave'"): it runs the concatenations, the same states."""
+    from unpact.testing import tiny_other
+
+    lm = tiny_model(seed=3) if arch == "llama" else tiny_other(arch)
     prompt, conts = [1, 40, 50, 60], [[70, 71, 72], [80], [90, 91]]
     shared = continuation_states(lm.model, prompt, conts)
     full = last_states(lm.model, [prompt + c for c in conts])

@@ -96,9 +96,12 @@ def continuation_states(
     (len(continuations), layers + 1, hidden), float32 on the CPU. The prompt runs once and
     its keys and values are shared by the continuations (right-padded, explicit positions),
     so the states equal `last_states` of the concatenations up to float rounding, at the
-    cost of the continuations' tokens alone."""
-    from unpact.scoring import cache_kwarg, cache_of
+    cost of the continuations' tokens alone. A model whose layers keep a recurrent state
+    instead (`scoring.layers_without_keys`: Mamba, Qwen3-Next) runs the concatenations."""
+    from unpact.scoring import cache_kwarg, cache_of, layers_without_keys
 
+    if layers_without_keys(model):
+        return last_states(model, [[*prompt, *c] for c in continuations])
     body, _ = lm_body_and_head(model)
     device = next(model.parameters()).device
     n = len(continuations)

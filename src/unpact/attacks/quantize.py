@@ -80,7 +80,9 @@ def quantize_weights(
     symmetric: bool = False,
 ) -> int:
     """Round `model`'s linear weights (in place) to `bits`-bit integers, group-wise along
-    the input dimension (`group_size` columns share a scale; None: one per output row),
+    the input dimension (`group_size` columns share a scale; None: one per output row; a
+    layer whose width the group does not divide: one per row, and a group dividing no
+    layer's width is refused),
     and put back the dequantized float weights; a mixture of experts' matrices too
     (`expert_weights`). Returns how many matrices were quantized.
 
@@ -100,28 +102,34 @@ def quantize_weights(
         raise UnpactError(f"quantize: {type(model).__name__} has no linear layer to quantize")
     widths = [(name, _out_in(layer).shape[1]) for name, layer in layers]
     widths += [(name, _experts_out_in(m, attr).shape[2]) for name, m, attr in experts]
-    for name, width in widths:
-        if group_size is not None and width % group_size:
-            raise UnpactError(
-                f"quantize: group_size {group_size} does not divide {name}'s {width} input "
-                "features; choose a divisor (e.g. 32) or group_size: null (one scale per row)"
-            )
-    config = IntxWeightOnlyConfig(
-        weight_dtype=getattr(torch, f"int{bits}"),
-        granularity=PerGroup(group_size) if group_size else PerAxis(0),
-        mapping_type=MappingType.SYMMETRIC
-        if symmetric or algorithm == "hqq"
-        else MappingType.ASYMMETRIC,
-        intx_choose_qparams_algorithm=IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY
-        if algorithm == "hqq"
-        else IntxChooseQParamsAlgorithm.AFFINE,
-    )
+    if group_size is not None and all(width % group_size for _, width in widths):
+        name, width = widths[0]
+        raise UnpactError(
+            f"quantize: group_size {group_size} divides the input features of none of the "
+            f"model's linear layers ({name}'s are {width}); choose a divisor (e.g. 32) or "
+            "group_size: null (one scale per row)"
+        )
+
+    def config(width: int) -> Any:
+        # a layer the group does not divide (Mamba's dt_proj, a few dozen columns) gets
+        # one scale per row, as llama.cpp gives such a tensor another type
+        grouped = group_size is not None and width % group_size == 0
+        return IntxWeightOnlyConfig(
+            weight_dtype=getattr(torch, f"int{bits}"),
+            granularity=PerGroup(group_size) if grouped else PerAxis(0),
+            mapping_type=MappingType.SYMMETRIC
+            if symmetric or algorithm == "hqq"
+            else MappingType.ASYMMETRIC,
+            intx_choose_qparams_algorithm=IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY
+            if algorithm == "hqq"
+            else IntxChooseQParamsAlgorithm.AFFINE,
+        )
 
     def rounded(w: torch.Tensor) -> torch.Tensor:
         """One (out, in) matrix through a plain Linear holding it, quantized by torchao."""
         shadow = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
         shadow.weight = torch.nn.Parameter(w.contiguous(), requires_grad=False)
-        quantize_(shadow, config)
+        quantize_(shadow, config(w.shape[1]))
         return shadow.weight.dequantize().to(w.dtype)
 
     for _, layer in layers:  # one at a time
@@ -146,7 +154,7 @@ def round_trip(
     slow, obvious reference the tests compare the library with). It multiplies by the
     reciprocal scale as torchao does: a group's extreme lands on a rounding tie otherwise."""
     rows, cols = weight.shape
-    g = group_size or cols
+    g = group_size if group_size and cols % group_size == 0 else cols  # else one per row
     x = weight.float().reshape(rows, cols // g, g)
     if symmetric:
         top = 2 ** (bits - 1) - 1
