@@ -426,12 +426,27 @@ def html_page(records: Sequence[Attribution], title: str = "unPact attributions"
 
 def read_prompts(path: str | Path) -> tuple[list[str], list[str | None]]:
     """Prompts and optional answers from a JSONL file: one object per line with `prompt`
-    (or `question`, as in the benchmark item format) and optionally `answer`."""
+    (or `question`, as in the benchmark item format) and optionally `answer`; or, from a
+    `.txt` file, one prompt per non-blank line (each answered by the model itself)."""
     from unpact.data.items import read_jsonl
 
+    if Path(path).suffix.lower() == ".txt":
+        lines = [text.strip() for _, text in json_lines(read_text(Path(path)))]
+        if not lines:
+            raise UnpactError(f"{path} holds no prompts")
+        return lines, [None] * len(lines)
     prompts: list[str] = []
     answers: list[str | None] = []
-    for n, obj in read_jsonl(Path(path)):
+    try:
+        rows = read_jsonl(Path(path))
+    except UnpactError as exc:
+        if "not valid JSON" not in str(exc):
+            raise
+        raise UnpactError(
+            f'{exc}; --data is JSON lines ({{"prompt": ..., "answer": ...}} per line), '
+            "or plain prompts one per line in a file named .txt"
+        ) from None
+    for n, obj in rows:
         where = f"{path}, line {n}"
         key = next((k for k in ("prompt", "question") if obj.get(k) is not None), None)
         if key is None:

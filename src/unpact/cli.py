@@ -240,7 +240,8 @@ def attribute(
     data: Annotated[
         Path | None,
         typer.Option(
-            help='JSONL file of many items: {"prompt" (or "question"), "answer"?} per line.'
+            help='JSONL file of many items: {"prompt" (or "question"), "answer"?} per line; '
+            "or a .txt file, one prompt per line."
         ),
     ] = None,
     model: ModelOpt = "default",

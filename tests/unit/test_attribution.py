@@ -631,6 +631,24 @@ def test_read_prompts_names_what_is_wrong_with_a_line(tmp_path):
             read_prompts(bad)
 
 
+def test_read_prompts_takes_plain_prompts_from_a_txt_file(tmp_path):
+    """A file of plain prompts, one per line, was "line 1: not valid JSON (Expecting
+    value)". Named .txt it is read so (blank lines skipped, each answered by the model);
+    another name gets the hint."""
+    from unpact.attribution import read_prompts
+
+    txt = tmp_path / "prompts.txt"
+    txt.write_bytes("\ufeffWho founded it? \r\n\r\nWhere is the río?\n".encode())
+    assert read_prompts(txt) == (["Who founded it?", "Where is the río?"], [None, None])
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(UnpactError, match=r"empty\.txt holds no prompts"):
+        read_prompts(tmp_path / "empty.txt")
+    plain = tmp_path / "prompts.jsonl"
+    plain.write_text("Who founded it?\n")
+    with pytest.raises(UnpactError, match=r"not valid JSON .*one per line in a file named \.txt"):
+        read_prompts(plain)
+
+
 def test_attribution_options_of_the_wrong_type_are_a_type_error_naming_them(tiny):
     """`alpha=None` or `token_budget="x"` failed as "'<=' not supported between instances
     of 'int' and 'NoneType'", naming no option; `alpha=True` ran as 1."""
