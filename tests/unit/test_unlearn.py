@@ -169,6 +169,11 @@ def test_rmu_losses_and_early_exit_activations(bench):
     assert method.trainable("model.layers.0.mlp.up_proj.weight")
     assert not method.trainable("model.layers.1.mlp.up_proj.weight")
     assert not method.trainable("model.layers.0.self_attn.q_proj.weight")
+    # other layouts' MLPs: Llama 4's feed_forward, a Mamba block's mixer (it had nothing
+    # RMU would train: "no weight of MambaForCausalLM is left to train"), GPT-2's
+    for name in ("layers.0.feed_forward.w1", "backbone.layers.0.mixer.in_proj", "h.0.mlp.c_fc"):
+        assert method.trainable(f"model.{name}.weight"), name
+    assert not method.trainable("backbone.layers.1.mixer.in_proj.weight")
 
 
 def test_only_the_text_model_of_a_vision_language_model_trains():

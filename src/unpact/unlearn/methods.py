@@ -433,7 +433,13 @@ class _RMUSettings(MethodSettings):
 
 
 def _mlp_paths(i: int) -> tuple[str, ...]:
-    return (f"layers.{i}.mlp.", f"h.{i}.mlp.", f"layers.{i}.fc1.", f"layers.{i}.fc2.")
+    """Where block `i`'s MLP lives: `layers.i.mlp.` (Llama-style, GPT-NeoX), `h.i.mlp.`
+    (GPT-2, Falcon, GPT-J), `layers.i.fc1.`/`fc2.` (OPT), `layers.i.feed_forward.` (Llama 4,
+    Jamba), and a Mamba block's `mixer`, its only part besides the norm."""
+    return (
+        *(f"layers.{i}.{part}." for part in ("mlp", "fc1", "fc2", "feed_forward", "mixer")),
+        f"h.{i}.mlp.",
+    )
 
 
 class RMU(Method):
