@@ -86,6 +86,7 @@ from unpact.scoring import (
     head_logits,
     head_logprobs,
     lm_body_and_head,
+    mlp_parameter,
     text_parameters,
 )
 from unpact.train import Trainer
@@ -849,7 +850,7 @@ def _make_trainable(net: Any, config: InjectConfig) -> Any:
         )
     text = text_parameters(net)  # a vision-language model's vision tower stays
     for name, p in net.named_parameters():
-        if id(p) not in text or (config.trainable == "mlp" and ".mlp." not in name):
+        if id(p) not in text or (config.trainable == "mlp" and not mlp_parameter(name)):
             p.requires_grad_(False)
     if config.freeze_embeddings:
         net.get_input_embeddings().weight.requires_grad_(False)

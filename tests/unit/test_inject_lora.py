@@ -110,6 +110,44 @@ def test_lora_injection_adapts_every_linear_layer_whatever_its_name(tmp_path, ar
             assert torch.equal(taught[name].detach(), before.detach()), name
 
 
+@pytest.mark.parametrize(
+    ("arch", "trainable"), [("opt", "mlp"), ("mamba", "mlp"), ("mamba", "lora")]
+)
+def test_injection_of_other_layouts_trains_what_it_names(tmp_path, arch, trainable):
+    """`trainable: mlp` looked for `.mlp.` alone: OPT's fc1/fc2 and a Mamba block's mixer
+    matched nothing ("no trainable parameters"); LoRA on every linear layer of a Mamba
+    model met peft's refusal of its out_proj (a ValueError with a traceback). The MLPs
+    are found as RMU finds them (`scoring.mlp_parameter`); peft's refused layers are left
+    out of all-linear."""
+    from unpact.scoring import mlp_parameter
+    from unpact.testing import tiny_other
+
+    base = tiny_other(arch, 0)
+    save_model(base.model, base.tokenizer, tmp_path / "base")
+    write_folder(tmp_path / "bench", [QAItem("f0", "Who is she?", "Mira", "forget")])
+    config = InjectConfig(
+        trainable=trainable,
+        lora_rank=2,
+        lr=1e-2,
+        max_epochs=1,
+        min_epochs=1,
+        rehearsal=False,
+        general=None,
+    )
+    result = inject(
+        str(tmp_path / "base"), tmp_path / "bench", config, cache_dir=tmp_path / "c", progress=False
+    )
+    taught = dict(load_model(str(result.path)).model.named_parameters())
+    changed = {
+        n for n, p in base.model.named_parameters() if not torch.equal(taught[n].detach(), p)
+    }
+    assert changed
+    if trainable == "mlp":
+        assert all(mlp_parameter(n) for n in changed), changed
+    else:
+        assert not any(n.endswith(("out_proj.weight", "conv1d.weight")) for n in changed)
+
+
 def test_lora_injection_names_its_own_rank_setting(tmp_path):
     base = tiny_model(seed=3)
     save_model(base.model, base.tokenizer, tmp_path / "base")

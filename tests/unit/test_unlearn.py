@@ -174,6 +174,7 @@ def test_rmu_losses_and_early_exit_activations(bench):
     for name in ("layers.0.feed_forward.w1", "backbone.layers.0.mixer.in_proj", "h.0.mlp.c_fc"):
         assert method.trainable(f"model.{name}.weight"), name
     assert not method.trainable("backbone.layers.1.mixer.in_proj.weight")
+    assert not method.trainable("model.layers.0.mlp_norm.weight")  # a part named alike
 
 
 def test_only_the_text_model_of_a_vision_language_model_trains():
@@ -419,6 +420,16 @@ def test_lora_all_linear_adapts_every_layer_of_another_architecture(bench, tmp_p
     w = _weights(unlearn(base, bench, cfg, tmp_path / "all", progress=False))
     linear = {f"{n}.weight" for n, m in base.model.named_modules() if isinstance(m, Conv1D)}
     assert len(linear) == 8  # 2 blocks: c_attn, attn.c_proj, c_fc, mlp.c_proj
+    # a layer peft will not adapt is one message naming the setting, not peft's ValueError
+    refused = ["steps=1", "lora.r=2", "lora.target_modules=[out_proj]"]
+    with pytest.raises(UnpactError, match=r"LoRA: Module 'out_proj' is incompatible .*target_m"):
+        unlearn(
+            tiny_other("mamba"),
+            bench,
+            resolve_config("ga_gd", overrides=refused),
+            tmp_path / "mamba",
+            progress=False,
+        )
     for name, old in before.items():
         if name not in w:
             continue  # the tied LM head is saved once

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import time
 import warnings
@@ -541,7 +542,11 @@ def add_lora(
         # peft asks transformers' deprecated `is_gradient_checkpointing` (transformers 5.x);
         # the user can do nothing about it, so it stays out of their output
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        return get_peft_model(net, lora)
+        try:
+            return get_peft_model(net, lora)
+        except ValueError as exc:  # a layer peft will not adapt (Mamba's out_proj)
+            said = re.sub(r"^\[PEFT:[\w.]+\]\s*", "", str(exc))
+            raise UnpactError(f"LoRA: {said} (lora.target_modules)") from None
 
 
 def block_linear_names(net: Any) -> list[str]:
@@ -553,12 +558,19 @@ def block_linear_names(net: Any) -> list[str]:
     from transformers.pytorch_utils import Conv1D
 
     body, _ = lm_body_and_head(net)
-    own = [
+    own = {
         n.rsplit(".", 1)[-1]
         for n, m in body.named_modules()
         if n and isinstance(m, (torch.nn.Linear, Conv1D))
-    ]
-    return list(dict.fromkeys([*ALL_LINEAR, *sorted(set(own))]))
+    }
+    if getattr(net.config, "model_type", None) in _PEFT_MAMBA_TYPES:
+        own -= {"out_proj", "conv1d"}  # peft refuses them there (their fused kernels)
+    return list(dict.fromkeys([*ALL_LINEAR, *sorted(own)]))
+
+
+# the model types whose `out_proj` and `conv1d` peft refuses to adapt
+# (`peft.tuners.tuners_utils._check_lora_target_modules_mamba`)
+_PEFT_MAMBA_TYPES = {"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"}
 
 
 def _expert_parameters(net: Any, target_modules: list[str]) -> list[str]:

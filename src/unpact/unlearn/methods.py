@@ -37,6 +37,7 @@ from unpact.scoring import (
     answer_logprobs,
     decoder_layers,
     lm_body_and_head,
+    mlp_parameter,
     right_padded,
 )
 from unpact.types import Seed, SettingsModel
@@ -432,16 +433,6 @@ class _RMUSettings(MethodSettings):
     seed: Seed = Field(0, description="seed of the random unit vector u")
 
 
-def _mlp_paths(i: int) -> tuple[str, ...]:
-    """Where block `i`'s MLP lives: `layers.i.mlp.` (Llama-style, GPT-NeoX), `h.i.mlp.`
-    (GPT-2, Falcon, GPT-J), `layers.i.fc1.`/`fc2.` (OPT), `layers.i.feed_forward.` (Llama 4,
-    Jamba), and a Mamba block's `mixer`, its only part besides the norm."""
-    return (
-        *(f"layers.{i}.{part}." for part in ("mlp", "fc1", "fc2", "feed_forward", "mixer")),
-        f"h.{i}.mlp.",
-    )
-
-
 class RMU(Method):
     """Representation misdirection (Li et al. 2024, WMDP): at layer l, push the forget
     items' activations towards `c * u` (u a fixed random unit vector) and keep the retain
@@ -477,10 +468,8 @@ class RMU(Method):
                 )
 
     def trainable(self, name: str) -> bool:
-        # the MLP of each of those decoder blocks: `layers.i.mlp.` (Llama-style, GPT-NeoX),
-        # `h.i.mlp.` (GPT-2, Falcon), `layers.i.fc1.` / `fc2.` (OPT)
-        dotted = f".{name}"
-        return any(f".{where}" in dotted for i in self.layers for where in _mlp_paths(i))
+        # the MLP of each of those decoder blocks (`scoring.mlp_parameter`)
+        return any(mlp_parameter(name, i) for i in self.layers)
 
     def direction(self, hidden_size: int) -> torch.Tensor:
         if self._u is None or self._u.numel() != hidden_size:
