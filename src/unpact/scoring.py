@@ -282,17 +282,19 @@ def text_parameters(model: Any) -> set[int]:
     return {id(p) for p in body.parameters()} | {id(p) for p in head.parameters()}
 
 
-_MLP_PARTS = "mlp|fc1|fc2|feed_forward|mixer"
+_MLP_PARTS = "mlp|mlp_block|fc1|fc2|feed_forward|ffn|block_sparse_moe|shared_mlp|mixer"
 
 
 def mlp_parameter(name: str, layer: int | None = None) -> bool:
     """Whether the parameter `name` belongs to a decoder block's MLP (block `layer`'s, or
     any block's): `layers.i.mlp.` (Llama-style, GPT-NeoX), `h.i.mlp.` (GPT-2, Falcon,
-    GPT-J), `layers.i.fc1.`/`fc2.` (OPT), `layers.i.feed_forward.` (Llama 4, Jamba), and a
-    Mamba block's `mixer`, its only part besides the norm. What RMU trains, and injection
-    with `trainable: mlp`."""
+    GPT-J), `layers.i.fc1.`/`fc2.` (OPT), `layers.i.feed_forward.` (Llama 4, Jamba),
+    `blocks.i.ffn.` (MPT), `layers.i.mlp_block.` (RecurrentGemma), `block_sparse_moe` and
+    `shared_mlp` (Granite's hybrids), and a Mamba block's `mixer`, its only part besides the
+    norm. What RMU trains, and injection with `trainable: mlp`."""
     index = r"\d+" if layer is None else str(layer)
-    return re.search(rf"(?:^|\.)(?:layers|h)\.{index}\.(?:{_MLP_PARTS})\.", name) is not None
+    where = rf"(?:^|\.)(?:layers|h|blocks)\.{index}\.(?:{_MLP_PARTS})\."
+    return re.search(where, name) is not None
 
 
 def text_config(model: Any) -> Any:

@@ -171,7 +171,14 @@ def test_rmu_losses_and_early_exit_activations(bench):
     assert not method.trainable("model.layers.0.self_attn.q_proj.weight")
     # other layouts' MLPs: Llama 4's feed_forward, a Mamba block's mixer (it had nothing
     # RMU would train: "no weight of MambaForCausalLM is left to train"), GPT-2's
-    for name in ("layers.0.feed_forward.w1", "backbone.layers.0.mixer.in_proj", "h.0.mlp.c_fc"):
+    for name in (
+        "layers.0.feed_forward.w1",
+        "backbone.layers.0.mixer.in_proj",
+        "h.0.mlp.c_fc",
+        "transformer.blocks.0.ffn.up_proj",
+        "layers.0.shared_mlp.input_linear",
+        "layers.0.mlp_block.up_proj",
+    ):
         assert method.trainable(f"model.{name}.weight"), name
     assert not method.trainable("backbone.layers.1.mixer.in_proj.weight")
     assert not method.trainable("model.layers.0.mlp_norm.weight")  # a part named alike
