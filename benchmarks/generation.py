@@ -31,7 +31,7 @@ import torch
 import unpact  # noqa: F401  (MKL's reproducible mode before torch runs)
 from unpact.data.sources import load_benchmark
 from unpact.models import load_model
-from unpact.scoring import _stop_ids, generate, left_padded, sample_seed, until_stop
+from unpact.scoring import generate, left_padded, sample_seed, stop_ids, until_stop
 
 # greedy decoding as unpact asks transformers for it (scoring._generate_batch)
 GREEDY = {
@@ -68,7 +68,7 @@ def hf_generate(lm: Any, prompts: list[tuple[int, ...]], batch: int, **kw: Any) 
     """transformers' generate on left-padded batches of `batch`, as unpact calls it."""
     tok = lm.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    stops = _stop_ids(lm)
+    stops = stop_ids(lm)
     out: list[list[int]] = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
