@@ -240,8 +240,7 @@ def attribute(
     data: Annotated[
         Path | None,
         typer.Option(
-            help='JSONL file of many items: {"prompt" (or "question"), "answer"?} per line; '
-            "or a .txt file, one prompt per line."
+            help='JSONL: {"prompt" (or "question"), "answer"?} per line; or .txt: a prompt a line.'
         ),
     ] = None,
     model: ModelOpt = "default",

@@ -124,17 +124,31 @@ def tiny_other(arch: str, seed: int = 0) -> LanguageModel:
     OPT-350m, post-norm with projections in and out of the residual stream), `gpt_neox`
     (`embed_in`, `final_layer_norm`), `qwen2` (biased q/k/v), `qwen3` (an RMSNorm of each
     head's queries and keys), `cohere` (a LayerNorm without bias named like an RMSNorm:
-    `variance_epsilon`), `gemma` (scaled embeddings),
-    `mistral` (every layer attends to a sliding window of `WINDOW` tokens), `gemma2` (every
-    other layer does), `bloom` (ALiBi biases built from a 2-D mask), `mamba` (state-space layers) and
-    `qwen3_next` (linear-attention layers beside full attention: a recurrent state), `mixtral` and `gpt_oss`
-    (mixtures of experts) and `gemma3_vl` (a vision-language model: the text model is its
-    `language_model`)."""
+    `variance_epsilon`), `gemma` (scaled embeddings), `mistral` (every layer attends to a
+    sliding window of `WINDOW` tokens), `gemma2` (every other layer does), `bloom` (ALiBi
+    biases built from a 2-D mask), `mamba` (state-space layers), `qwen3_next`
+    (linear-attention layers beside full attention: a recurrent state), `mixtral` and
+    `gpt_oss` (mixtures of experts) and `gemma3_vl` (a vision-language model: the text
+    model is its `language_model`)."""
     import transformers as tf
 
     tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    configs = _other_configs(len(tok))  # type: ignore[arg-type]
+    model = tf.AutoModelForCausalLM.from_config(configs[arch]())
+    with torch.no_grad():  # a larger spread, as tiny_model's, so outputs depend on the input
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.2)
+    return _ready(model, tok, f"tiny-{arch}:{seed}")
+
+
+def _other_configs(vocab_size: int) -> dict[str, Any]:
+    """`tiny_other`'s configs, each made when called."""
+    import transformers as tf
+
     ids: dict[str, Any] = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
-    ids["vocab_size"] = len(tok)  # type: ignore[arg-type]
+    ids["vocab_size"] = vocab_size
     shape = {  # hidden 64, 2 layers, 4 heads, as tiny_model's
         "hidden_size": 64,
         "num_hidden_layers": 2,
@@ -144,7 +158,7 @@ def tiny_other(arch: str, seed: int = 0) -> LanguageModel:
     }
     llama_like = {**shape, "intermediate_size": 128, "num_key_value_heads": 2}
     opt = {**shape, "ffn_dim": 128, "word_embed_proj_dim": 64}
-    configs = {
+    return {
         "gpt2": lambda: tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **ids),
         "opt": lambda: tf.OPTConfig(**opt),
         # OPT-350m's kind: post-norm layers, no final norm, embeddings narrower than the
@@ -198,10 +212,3 @@ def tiny_other(arch: str, seed: int = 0) -> LanguageModel:
             mm_tokens_per_image=4,
         ),
     }
-    torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(configs[arch]())
-    with torch.no_grad():  # a larger spread, as tiny_model's, so outputs depend on the input
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.2)
-    return _ready(model, tok, f"tiny-{arch}:{seed}")
