@@ -147,19 +147,22 @@ class _GhostNorms:
     (the "ghost norm" identity, Goodfellow 2015; Li et al. 2022): for a linear layer the
     per-sample gradient is sum_t g_t x_t^T, whose squared norm is the sum over position
     pairs of (g_t . g_s)(x_t . x_s), so no per-sample gradient is ever materialised. An
-    embedding's per-sample gradient sums the output gradients per token row; an RMSNorm
-    weight's is sum_t g_t * x_hat_t (whether it scales by w or, as Gemma's, by 1 + w); a
-    weight tied between the embedding and the LM head gets both parts and their cross
-    term. Samples must not interact (no shared prefix).
+    embedding's per-sample gradient sums the output gradients per token row; a norm
+    weight's is sum_t g_t * x_hat_t, x_hat the input normalised by its root mean square
+    (RMSNorm) or after its mean is taken off (LayerNorm), whether the weight scales by w or,
+    as Gemma's, by 1 + w, and a norm bias's is sum_t g_t; a weight tied between the
+    embedding and the LM head gets both parts and their cross term. Samples must not
+    interact (no shared prefix).
 
     A layer's input may carry more axes than (batch, position, feature) — Qwen 3's and
     Gemma 3's q/k norms see one vector per head — which are positions too. What the
     identity cannot read is found in the forward pass and makes `uncovered` true: an
     input whose first axis is not the batch (tokens gathered across texts, as a mixture
-    of experts routes them), or a norm whose output is not x_hat times its weight (a
-    LayerNorm, which subtracts the mean, under an RMSNorm's attribute names: Cohere's);
-    the call then falls back to a backward pass per text, as it does for an input
-    embedding that scales the rows it looks up (Gemma's)."""
+    of experts routes them), or a norm whose output is neither kind's x_hat times its
+    weight (and plus its bias): each norm's kind is read there, so a LayerNorm under an
+    RMSNorm's attribute names (Cohere's, once read as an RMSNorm: norms off by 4e-4 in
+    silence) is read as what it computes. The call then falls back to a backward pass per
+    text, as it does for an input embedding that scales the rows it looks up (Gemma's)."""
 
     def __init__(self, net: torch.nn.Module, batch: int) -> None:
         device = next(net.parameters()).device
@@ -168,6 +171,7 @@ class _GhostNorms:
         self.batch = batch
         self.sq = torch.zeros(batch, dtype=torch.float64, device=self.where)
         self.uncovered = False
+        self.norm_kind: dict[int, bool] = {}  # id(norm) -> whether it takes the mean off
         self.hooks: list[Any] = []
         self.embed_rows: dict[
             int, tuple[torch.Tensor, torch.Tensor]
@@ -180,15 +184,14 @@ class _GhostNorms:
         # weights an embedding shares with a linear layer (a tied LM head)
         self.tied = {id(m.weight) for m in net.modules() if isinstance(m, torch.nn.Embedding)}
         for module in net.modules():
-            weight = getattr(module, "weight", None)
             if isinstance(module, torch.nn.Linear):
                 self._watch(module, self._linear)
                 covered |= {id(p) for p in module.parameters(recurse=False)}
             elif isinstance(module, torch.nn.Embedding):
                 covered.add(id(module.weight))  # the caller passes its gradient (embedding)
             elif _norm_eps(module) is not None:
-                self._watch(module, self._rmsnorm)
-                covered.add(id(weight))
+                self._watch(module, self._norm)
+                covered |= {id(p) for p in module.parameters(recurse=False)}
         self.complete = all(id(p) in covered for p in net.parameters())
 
     def _watch(self, module: torch.nn.Module, fn: Any) -> None:
@@ -205,14 +208,21 @@ class _GhostNorms:
         """Whether the identity reads this layer's input and output (see the class)."""
         if x.dim() < 3 or x.shape[0] != self.batch or out.shape[0] != self.batch:
             self.uncovered = True
-        elif fn == self._rmsnorm:
-            x_hat = _rms_normed(x.float(), _norm_eps(mod) or 0.0)
+        elif fn == self._norm:
             w = mod.weight.detach().float()
+            bias = getattr(mod, "bias", None)
+            b = 0.0 if bias is None else bias.detach().float()
             got = out.detach().float()
             tol = 1e-4 if out.dtype == torch.float32 else 2e-2
-            if not any(
-                torch.allclose(got, x_hat * scale, rtol=tol, atol=tol) for scale in (w, 1 + w)
-            ):
+            kinds = [
+                centred
+                for centred in (False, True)
+                for x_hat in [_normed(x.float(), _norm_eps(mod) or 0.0, centred)]
+                if any(torch.allclose(got, x_hat * a + b, rtol=tol, atol=tol) for a in (w, 1 + w))
+            ]
+            if kinds:
+                self.norm_kind[id(mod)] = kinds[0]
+            else:
                 self.uncovered = True
         return not self.uncovered
 
@@ -238,9 +248,13 @@ class _GhostNorms:
         """The input embedding's part: its output's gradient `g` at the token `ids`."""
         self.embed_rows[id(weight)] = (ids.to(self.where), self._double(g))
 
-    def _rmsnorm(self, mod: Any, x: torch.Tensor, g: torch.Tensor) -> None:
-        x_hat = self._double(_rms_normed(x.double(), _norm_eps(mod) or 0.0))
-        self.sq += (self._double(g) * x_hat).sum(1).square().sum(-1)
+    def _norm(self, mod: Any, x: torch.Tensor, g: torch.Tensor) -> None:
+        centred = self.norm_kind[id(mod)]
+        x_hat = self._double(_normed(x.double(), _norm_eps(mod) or 0.0, centred))
+        g = self._double(g)
+        self.sq += (g * x_hat).sum(1).square().sum(-1)
+        if getattr(mod, "bias", None) is not None:
+            self.sq += g.sum(1).square().sum(-1)
 
     def finish(self) -> list[float]:
         """The per-sample norms, once the backward pass is done (embeddings last: a weight
@@ -262,18 +276,28 @@ class _GhostNorms:
 
 
 def _norm_eps(module: torch.nn.Module) -> float | None:
-    """The epsilon of a module that looks like an RMSNorm with a weight and no bias (its
-    output is checked in the forward pass), else None."""
+    """The epsilon of a module that looks like a norm over the last axis with a weight (an
+    RMSNorm or a LayerNorm, with or without a bias; which one, and whether it is one, is
+    checked on its output in the forward pass), else None."""
     weight = getattr(module, "weight", None)
+    bias = getattr(module, "bias", None)
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
     if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 1:
         return None
-    if getattr(module, "bias", None) is not None or isinstance(eps, bool):
+    if bias is not None and (not isinstance(bias, torch.nn.Parameter) or bias.dim() != 1):
         return None
-    return float(eps) if isinstance(eps, (int, float)) else None
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        return None
+    if set(dict(module.named_parameters(recurse=False))) - {"weight", "bias"}:
+        return None
+    return float(eps)
 
 
-def _rms_normed(x: torch.Tensor, eps: float) -> torch.Tensor:
+def _normed(x: torch.Tensor, eps: float, centred: bool) -> torch.Tensor:
+    """`x` over its last axis by its root mean square, or, `centred`, with its mean taken
+    off and by its standard deviation (a LayerNorm's)."""
+    if centred:
+        x = x - x.mean(-1, keepdim=True)
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
 
 

@@ -344,13 +344,24 @@ def test_batched_gradient_norms_equal_one_backward_per_text(tied):
     assert all(p.grad is None for p in lm.model.parameters())
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "cohere", "gemma", "gemma3_vl", "mixtral"])
-def test_batched_gradient_norms_equal_one_backward_per_text_on_other_layers(arch):
-    """Layers the identity once misread: Qwen 3's per-head q/k RMSNorms (a 4-D input: the
-    batched pass crashed on a shape error), Cohere's LayerNorm under an RMSNorm's
-    attribute names (read as an RMSNorm: norms off by 4e-4 relative, in silence), Gemma's
-    RMSNorm scaling by 1 + w and its embedding scaling the rows it looks up, a mixture of
-    experts. Each equals a plain backward per text, by the identity or by falling back."""
+@pytest.mark.parametrize(
+    ("arch", "batched"),
+    [
+        *(("qwen3", True), ("cohere", True), ("gpt_neox", True), ("phi", True)),
+        *(("bloom", True), ("gemma", False), ("gemma3_vl", False), ("mixtral", False)),
+    ],
+)
+def test_batched_gradient_norms_equal_one_backward_per_text_on_other_layers(
+    arch, batched, monkeypatch
+):
+    """Layers the identity once misread or left to the slow loop: Qwen 3's per-head q/k
+    RMSNorms (a 4-D input: the batched pass crashed on a shape error), Cohere's LayerNorm
+    under an RMSNorm's attribute names (read as an RMSNorm: norms off by 4e-4 relative, in
+    silence), the LayerNorms with a bias of GPT-NeoX, Phi and BLOOM (a backward per text
+    before), Gemma's RMSNorm scaling by 1 + w and its embedding scaling the rows it looks
+    up, a mixture of experts. Each equals a plain backward per text: by the identity where
+    `batched` (the per-text loop is then never called), else by falling back to it."""
+    from unpact import membership_scores
     from unpact.membership_scores import gradient_norms_batched
     from unpact.testing import tiny_other
 
@@ -358,6 +369,12 @@ def test_batched_gradient_norms_equal_one_backward_per_text_on_other_layers(arch
     questions = ["Who founded the glassworks?", "Where is it?", "What jumps over the dog?"]
     answers = ["Mira Quintrell of the town", "by the river", "the quick brown fox"]
     slow = gradient_norms(lm, questions, answers)
+    if batched:
+
+        def refused(*args, **kwargs):
+            raise AssertionError("fell back to a backward pass per text")
+
+        monkeypatch.setattr(membership_scores, "gradient_norms", refused)
     fast = gradient_norms_batched(lm, questions, answers, batch_size=3)
     assert fast == pytest.approx(slow, rel=2e-6)
     assert all(p.grad is None for p in lm.model.parameters())
