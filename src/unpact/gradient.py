@@ -33,7 +33,7 @@ from unpact.attribution import Attribution, UnitKind, make_units
 from unpact.errors import UnpactError
 from unpact.models import LanguageModel
 from unpact.progress import progress_bar
-from unpact.scoring import head_logprobs, lm_body_and_head
+from unpact.scoring import embeddings_in, head_logprobs, lm_body_and_head
 from unpact.types import follow
 
 GradientMethod = Literal["grad_x_input", "integrated_gradients"]
@@ -52,10 +52,16 @@ class GradientAttribution:
     baseline_lp: float | None  # LP(x', y) for integrated gradients
 
 
-def _lp(model: object, embeds: torch.Tensor, n_prompt: int, answer: torch.Tensor) -> torch.Tensor:
-    """Mean answer log-prob per row of `embeds` (rows, prompt + answer, d)."""
+def _lp(
+    model: object, embeds: torch.Tensor, ids: torch.Tensor, n_prompt: int, answer: torch.Tensor
+) -> torch.Tensor:
+    """Mean answer log-prob per row of `embeds` (rows, prompt + answer, d), the embeddings
+    of the token `ids` or a point on a path from them, fed where the model's embedding
+    layer answers (`scoring.embeddings_in`: what it does to them afterwards stays in)."""
     body, _ = lm_body_and_head(model)
-    hidden = body(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    with embeddings_in(model, embeds):
+        rows = ids[None].expand(embeds.shape[0], -1)
+        hidden = body(input_ids=rows, use_cache=False).last_hidden_state
     picked = hidden[:, n_prompt - 1 : n_prompt - 1 + len(answer)]
     targets = answer.expand(embeds.shape[0], -1)
     return head_logprobs(model, picked, targets).mean(-1)
@@ -146,7 +152,7 @@ def _one(
     base = e * (1 - content) + fill * content
     if method == "grad_x_input":
         x = e.clone().requires_grad_(True)
-        lp = _lp(model, x, n, target)
+        lp = _lp(model, x, ids, n, target)
         (grad,) = torch.autograd.grad(lp.sum(), x)
         per_token = (grad.float() * e.float())[0].sum(-1)  # summed in float32
         lp_value, base_value = float(lp.detach()), None
@@ -156,13 +162,13 @@ def _one(
         for k in range(0, steps, batch_size):
             a = torch.tensor(alphas[k : k + batch_size], device=lm.device, dtype=e.dtype)
             x = (base + a[:, None, None] * (e - base)).requires_grad_(True)
-            lp = _lp(model, x, n, target)
+            lp = _lp(model, x, ids, n, target)
             (grad,) = torch.autograd.grad(lp.sum(), x)
             total += grad.float().sum(0, keepdim=True)
         per_token = ((e - base).float() * total / steps)[0].sum(-1)
         with torch.no_grad():
-            lp_value = float(_lp(model, e, n, target))
-            base_value = float(_lp(model, base, n, target))
+            lp_value = float(_lp(model, e, ids, n, target))
+            base_value = float(_lp(model, base, ids, n, target))
     scores = [float(sum(per_token[p] for p in u.positions)) for u in units]
     return GradientAttribution(method, [u.text for u in units], scores, lp_value, base_value)
 

@@ -357,7 +357,7 @@ def _ghost_chunk(
 ) -> list[float] | None:
     """The gradient norms of one chunk of (prompt, answer) ids from one backward pass, or
     None where the forward pass met a layer the identity cannot read (`_GhostNorms`)."""
-    from unpact.scoring import right_padded
+    from unpact.scoring import embeddings_in, right_padded
 
     ids, mask = right_padded([list(p) + list(a) for p, a in chunk])
     ids, mask = ids.to(net.device), mask.to(net.device)
@@ -365,14 +365,17 @@ def _ghost_chunk(
     first = min(len(p) for p, _ in chunk) - 1
     last = max(len(p) + len(a) for p, a in chunk) - 1
     ghost = _GhostNorms(net, len(chunk))
-    inputs = embed(ids).detach().requires_grad_(True)
     extra = {"logits_to_keep": torch.arange(first, last, device=ids.device)}
     try:
+        # on input_ids, the embedding layer's output a leaf: what the model does to it
+        # afterwards (Falcon-H1's multiplier) stays in the graph
+        with embeddings_in(net) as used:
+            logits = net(input_ids=ids, attention_mask=mask, **(extra if keep else {})).logits
+        inputs = used["x"]
         # an embedding that changes the rows it looks up (Gemma's scales them by
         # sqrt(hidden)) gives its weight another gradient than its output's
         if not torch.equal(inputs, torch.nn.functional.embedding(ids, embed.weight)):
             return None
-        logits = net(inputs_embeds=inputs, attention_mask=mask, **(extra if keep else {})).logits
         if ghost.uncovered:
             return None
         offset = first if keep else 0

@@ -246,6 +246,27 @@ def token_budget_batches(lengths: Sequence[int], budget: int) -> Iterator[list[i
         yield batch
 
 
+@contextmanager
+def embeddings_in(model: Any, embeds: torch.Tensor | None = None) -> Iterator[dict[str, Any]]:
+    """Within the block, the model's input embedding layer answers `embeds` (or, None, its
+    own output made a leaf that requires a gradient), for a pass run on `input_ids`: what a
+    model does to the embeddings after that layer on the `input_ids` path stays in, where
+    passing `inputs_embeds` skips it (Falcon-H1 multiplies them by its
+    `embedding_multiplier` only when it looks them up itself). Yields {"x": the tensor the
+    layer answered}."""
+    used: dict[str, Any] = {}
+
+    def answer(_module: Any, _args: Any, out: torch.Tensor) -> torch.Tensor:
+        used["x"] = out.detach().requires_grad_(True) if embeds is None else embeds
+        return used["x"]
+
+    handle = model.get_input_embeddings().register_forward_hook(answer)
+    try:
+        yield used
+    finally:
+        handle.remove()
+
+
 def lm_body_and_head(model: Any) -> tuple[Any, Any]:
     """The transformer body (returns hidden states) and the output projection of a causal LM.
 
@@ -356,8 +377,8 @@ def final_norm(model: Any) -> Any:
 
 def head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     """Float32 logits from final hidden states: LM head, then what some architectures do
-    to the head's output (Cohere's `logit_scale`, Granite's `logits_scaling`, Gemma 2's
-    soft-capping); `check_head` tests a loaded model against its own forward."""
+    to the head's output (Cohere's `logit_scale`, Granite's `logits_scaling`, Falcon-H1's
+    `lm_head_multiplier`, Gemma 2's soft-capping); `check_head` tests a loaded model against its own forward."""
     _, head = lm_body_and_head(model)
     logits = head(hidden).float()
     scale = getattr(model, "logit_scale", None)  # Cohere multiplies its logits
@@ -367,6 +388,9 @@ def head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     divisor = getattr(config, "logits_scaling", None)  # Granite divides them
     if divisor:
         logits = logits / divisor
+    factor = getattr(config, "lm_head_multiplier", None)  # Falcon-H1 multiplies them
+    if isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor != 1:
+        logits = logits * factor
     cap = getattr(config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap

@@ -126,7 +126,8 @@ def tiny_other(arch: str, seed: int = 0) -> LanguageModel:
     head's queries and keys), `cohere` (a LayerNorm without bias named like an RMSNorm:
     `variance_epsilon`), `gemma` (scaled embeddings), `mistral` (every layer attends to a
     sliding window of `WINDOW` tokens), `gemma2` (every other layer does), `bloom` (ALiBi
-    biases built from a 2-D mask), `mamba` (state-space layers), `qwen3_next`
+    biases built from a 2-D mask), `mamba` (state-space layers), `falcon_h1` (attention
+    and state-space heads side by side, multipliers on its embeddings and logits), `qwen3_next`
     (linear-attention layers beside full attention: a recurrent state), `mixtral` and
     `gpt_oss` (mixtures of experts) and `gemma3_vl` (a vision-language model: the text
     model is its `language_model`)."""
@@ -177,6 +178,18 @@ def _other_configs(vocab_size: int) -> dict[str, Any]:
         "bloom": lambda: tf.BloomConfig(hidden_size=64, n_layer=2, n_head=4, **ids),
         # state-space and linear-attention layers: a recurrent state, no keys and values
         "mamba": lambda: tf.MambaConfig(hidden_size=64, num_hidden_layers=2, **ids),
+        # attention and Mamba heads side by side; it multiplies the embeddings it looks up
+        # (on the input_ids path only) and its logits
+        "falcon_h1": lambda: tf.FalconH1Config(
+            **llama_like,
+            mamba_d_ssm=64,
+            mamba_n_heads=4,
+            mamba_d_head=16,
+            mamba_d_state=8,
+            mamba_n_groups=1,
+            embedding_multiplier=2.0,
+            lm_head_multiplier=0.5,
+        ),
         "qwen3_next": lambda: tf.Qwen3NextConfig(
             **{**llama_like, "num_hidden_layers": 4},  # 3 linear-attention layers, 1 full
             head_dim=16,

@@ -72,6 +72,31 @@ def test_a_model_in_bfloat16_gets_the_float32_scores_within_its_rounding():
             assert all(math.isfinite(x) for x in g.scores) and any(g.scores)
 
 
+def test_a_model_that_changes_its_embeddings_after_the_lookup_is_attributed_as_it_runs(tmp_path):
+    """Falcon-H1 multiplies the embeddings it looks up (on the input_ids path alone) and
+    its logits: it was refused at load ("its logits are not its LM head applied to its
+    last hidden state"), and fed `inputs_embeds` the gradient methods would have skipped
+    the multiplier. Loaded, its gradient attributions score the answer as unPact does,
+    complete, and GradNorm equals a backward per text."""
+    from unpact.attribution import attribute
+    from unpact.membership_scores import gradient_norms, gradient_norms_batched
+    from unpact.models import load_model, save_model
+    from unpact.testing import tiny_other
+
+    made = tiny_other("falcon_h1")
+    save_model(made.model, made.tokenizer, tmp_path / "m")
+    lm = load_model(str(tmp_path / "m"))
+    plain = {"chat_template": False}
+    loo = attribute(lm, "the cat sat on a red mat", " blue", **plain)
+    ig = gradient_attributions(
+        lm, ["the cat sat on a red mat"], [" blue"], steps=128, ig_baseline="mean", **plain
+    )[0]
+    assert ig.lp == pytest.approx(loo.lp, abs=1e-5)
+    assert sum(ig.scores) == pytest.approx(ig.lp - ig.baseline_lp, abs=2e-3)
+    texts = (["Who?", "Where is it?"], ["the town", "by the river"])
+    assert gradient_norms_batched(lm, *texts) == pytest.approx(gradient_norms(lm, *texts))
+
+
 def test_word_units_sum_their_tokens(tiny):
     tok = gradient_attributions(tiny, PROMPTS[:1], ANSWERS[:1], method="grad_x_input")[0]
     word = gradient_attributions(
