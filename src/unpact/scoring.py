@@ -176,7 +176,26 @@ def layers_without_keys(model: Any) -> str | None:
     return _LAYOUTS[model]
 
 
+# module classes that keep a recurrent state (state-space mixers, linear attention, short
+# convolutions, RG-LRU, RWKV, xLSTM), read where the cache layout transformers builds for
+# a config does not say so (before 5.x laid those caches out as layers)
+_RECURRENT = re.compile(r"(Mixer|DeltaNet|LinearAttention|ShortConv|Rglru|MambaLayer|xLSTMLayer)$")
+
+
 def _layers_without_keys(model: Any) -> str | None:
+    found = _cache_layout(model)
+    if found is None:
+        body, _ = lm_body_and_head(model)
+        kinds = [type(m).__name__ for m in body.modules() if _RECURRENT.search(type(m).__name__)]
+        plain = ("full_attention", "sliding_attention", "chunked_attention")
+        named = [
+            t for t in getattr(text_config(model), "layer_types", None) or [] if t not in plain
+        ]
+        found = ", ".join(dict.fromkeys(named or kinds)) if kinds else None
+    return found
+
+
+def _cache_layout(model: Any) -> str | None:
     config = text_config(model)
     types = [str(t) for t in getattr(config, "layer_types", None) or []]
     plain = ("full_attention", "sliding_attention", "chunked_attention")
