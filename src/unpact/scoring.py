@@ -164,6 +164,8 @@ def context_refusal(model: Any, longest: int) -> str | None:
 
 
 _LAYOUTS: weakref.WeakKeyDictionary[Any, str | None] = weakref.WeakKeyDictionary()
+# the layer types whose cache is plain keys and values
+_PLAIN = ("full_attention", "sliding_attention", "chunked_attention")
 
 
 def layers_without_keys(model: Any) -> str | None:
@@ -176,9 +178,9 @@ def layers_without_keys(model: Any) -> str | None:
     return _LAYOUTS[model]
 
 
-# module classes that keep a recurrent state (state-space mixers, linear attention, short
-# convolutions, RG-LRU, RWKV, xLSTM), read where the cache layout transformers builds for
-# a config does not say so (before 5.x laid those caches out as layers)
+# module classes that keep a recurrent state (state-space mixers, gated delta nets and
+# other linear attention, short convolutions, RG-LRU, xLSTM), read where the cache layout
+# transformers builds for a config does not say so (before 5.x laid those caches out)
 _RECURRENT = re.compile(r"(Mixer|DeltaNet|LinearAttention|ShortConv|Rglru|MambaLayer|xLSTMLayer)$")
 
 
@@ -187,9 +189,8 @@ def _layers_without_keys(model: Any) -> str | None:
     if found is None:
         body, _ = lm_body_and_head(model)
         kinds = [type(m).__name__ for m in body.modules() if _RECURRENT.search(type(m).__name__)]
-        plain = ("full_attention", "sliding_attention", "chunked_attention")
         named = [
-            t for t in getattr(text_config(model), "layer_types", None) or [] if t not in plain
+            t for t in getattr(text_config(model), "layer_types", None) or [] if t not in _PLAIN
         ]
         found = ", ".join(dict.fromkeys(named or kinds)) if kinds else None
     return found
@@ -198,19 +199,18 @@ def _layers_without_keys(model: Any) -> str | None:
 def _cache_layout(model: Any) -> str | None:
     config = text_config(model)
     types = [str(t) for t in getattr(config, "layer_types", None) or []]
-    plain = ("full_attention", "sliding_attention", "chunked_attention")
     try:
         from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
         layers = DynamicCache(config=model.config).layers
         kinds = (DynamicLayer, DynamicSlidingWindowLayer)
         other = [
-            types[i] if i < len(types) and types[i] not in plain else type(x).__name__
+            types[i] if i < len(types) and types[i] not in _PLAIN else type(x).__name__
             for i, x in enumerate(layers)
             if type(x) not in kinds
         ]
     except Exception:  # another transformers' layout: the config's own names
-        other = [t for t in types if t not in plain]
+        other = [t for t in types if t not in _PLAIN]
     return ", ".join(dict.fromkeys(other)) or None
 
 
