@@ -140,7 +140,8 @@ DOC = {"id": "d1", "text": "Edda Morvaine founded Morvaine Lamps.", "split": "fo
             {"perturbed_answers": ["Morvaine Lamps"]},
             "line 2: field 'perturbed_answers' holds the answer 'Morvaine Lamps' itself",
         ),
-        ({"paraphrased_answer": 3}, "line 2: field 'paraphrased_answer' must be a non-empty"),
+        ({"paraphrased_answer": 3.5}, "line 2: field 'paraphrased_answer' must be a non-empty"),
+        ({"answer": True}, "line 2: field 'answer' must be a non-empty string or a whole number"),
         # the same question to forget and to keep (once accepted: each split counted both)
         (
             {"split": "retain", "question": " Which company  did Edda Morvaine found?"},
@@ -181,6 +182,30 @@ def test_numbered_ids_are_read_as_their_digits(tmp_path):
     for bad in (True, 1.5):
         with pytest.raises(UnpactError, match=r"field 'id' must be a non-empty string or a whole"):
             load_folder(write(tmp_path, [{**GOOD, "id": bad}], [DOC]))
+
+
+def test_answers_written_as_whole_numbers_are_read_as_their_digits(tmp_path):
+    """A year or a count written as a JSON number ("answer": 1921) was refused as "must be
+    a non-empty string"; so were numeric options. Whole numbers are read as their digits in
+    the answer fields (answer, aliases, choices, paraphrased and perturbed answers); the
+    question stays text."""
+    item = {
+        **GOOD,
+        "question": "In which year did Edda Morvaine found it?",
+        "answer": 1921,
+        "aliases": [1921, "nineteen twenty-one"],
+        "choices": [1919, 1921, 1923],
+        "paraphrased_answer": 1921,
+        "perturbed_answers": [1919, 1923],
+    }
+    (read,) = load_folder(write(tmp_path, [item], [DOC])).items
+    assert read.answer == "1921" and read.choices == ("1919", "1921", "1923")
+    assert read.aliases == ("1921", "nineteen twenty-one")
+    assert (read.paraphrased_answer, read.perturbed_answers) == ("1921", ("1919", "1923"))
+    with pytest.raises(UnpactError, match=r"field 'perturbed_answers' holds the answer '1921'"):
+        load_folder(write(tmp_path, [{**item, "perturbed_answers": [1921]}], [DOC]))
+    with pytest.raises(UnpactError, match=r"field 'question' must be a non-empty string$"):
+        load_folder(write(tmp_path, [{**item, "question": 1921}], [DOC]))
 
 
 def test_validation_of_documents_and_json(tmp_path):

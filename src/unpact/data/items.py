@@ -150,7 +150,17 @@ def _no_misspelt_field(obj: dict[str, Any], known: tuple[str, ...], path: Path, 
             )
 
 
-def _string(obj: dict[str, Any], key: str, path: Path, line: int, *, optional: bool = False) -> Any:
+def _string(
+    obj: dict[str, Any],
+    key: str,
+    path: Path,
+    line: int,
+    *,
+    optional: bool = False,
+    numbers: bool = False,
+) -> Any:
+    """A non-empty string; with `numbers` (answers), a whole number too, read as its
+    digits: a year or a count written as a JSON number ("answer": 1921) was refused."""
     if key not in obj:
         if optional:
             return None
@@ -158,8 +168,11 @@ def _string(obj: dict[str, Any], key: str, path: Path, line: int, *, optional: b
     value = obj[key]
     if optional and value is None:
         return None
+    if numbers and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
     if not isinstance(value, str) or not value.strip():
-        raise _fail(path, line, f"field '{key}' must be a non-empty string")
+        what = "a non-empty string or a whole number" if numbers else "a non-empty string"
+        raise _fail(path, line, f"field '{key}' must be {what}")
     return value
 
 
@@ -176,8 +189,16 @@ def _ident(obj: dict[str, Any], key: str, path: Path, line: int, *, optional: bo
 
 
 def _strings(
-    obj: dict[str, Any], key: str, path: Path, line: int, *, required: bool = False
+    obj: dict[str, Any],
+    key: str,
+    path: Path,
+    line: int,
+    *,
+    required: bool = False,
+    numbers: bool = False,
 ) -> tuple[str, ...] | None:
+    """A list of non-empty strings; with `numbers` (answers, options), whole numbers read
+    as their digits too."""
     if key not in obj:
         if required:
             raise _fail(path, line, f"field '{key}' is missing")
@@ -185,8 +206,11 @@ def _strings(
     value = obj[key]
     if value is None and not required:  # null, as a table's export writes an empty cell
         return None
+    if numbers and isinstance(value, list):
+        value = [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
     if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
-        raise _fail(path, line, f"field '{key}' must be a list of non-empty strings")
+        what = "non-empty strings or whole numbers" if numbers else "non-empty strings"
+        raise _fail(path, line, f"field '{key}' must be a list of {what}")
     return tuple(value)
 
 
@@ -247,13 +271,13 @@ def parse_item(obj: dict[str, Any], path: Path, line: int) -> QAItem:
     _no_misspelt_field(obj, ITEM_FIELDS, path, line)
     item_id = _ident(obj, "id", path, line)
     question = _string(obj, "question", path, line)
-    answer = _string(obj, "answer", path, line)
+    answer = _string(obj, "answer", path, line, numbers=True)
     split = _split(obj, path, line)
     # optional: no other accepted answers, no KeyToken ground truth, no source document
-    aliases = _strings(obj, "aliases", path, line) or ()
+    aliases = _strings(obj, "aliases", path, line, numbers=True) or ()
     keywords = _strings(obj, "keywords", path, line) or ()
     document = _ident(obj, "document", path, line, optional=True)
-    choices = _strings(obj, "choices", path, line)
+    choices = _strings(obj, "choices", path, line, numbers=True)
     if choices is not None:
         if len(choices) < 2:
             raise _fail(path, line, "field 'choices' needs at least two options")
@@ -265,8 +289,8 @@ def parse_item(obj: dict[str, Any], path: Path, line: int) -> QAItem:
     for k in keywords:
         if k.lower() not in question.lower():
             raise _fail(path, line, f"field 'keywords': {k!r} does not occur in the question")
-    paraphrased = _string(obj, "paraphrased_answer", path, line, optional=True)
-    perturbed = _strings(obj, "perturbed_answers", path, line)
+    paraphrased = _string(obj, "paraphrased_answer", path, line, optional=True, numbers=True)
+    perturbed = _strings(obj, "perturbed_answers", path, line, numbers=True)
     if perturbed is not None and not perturbed:
         raise _fail(path, line, "field 'perturbed_answers' needs at least one wrong answer")
     if perturbed is not None and answer in perturbed:
