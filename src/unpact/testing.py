@@ -176,32 +176,7 @@ def _other_configs(vocab_size: int) -> dict[str, Any]:
         "mistral": lambda: tf.MistralConfig(**llama_like, sliding_window=WINDOW),
         "gemma2": lambda: tf.Gemma2Config(**llama_like, head_dim=16, sliding_window=WINDOW),
         "bloom": lambda: tf.BloomConfig(hidden_size=64, n_layer=2, n_head=4, **ids),
-        # state-space and linear-attention layers: a recurrent state, no keys and values
-        "mamba": lambda: tf.MambaConfig(hidden_size=64, num_hidden_layers=2, **ids),
-        # attention and Mamba heads side by side; it multiplies the embeddings it looks up
-        # (on the input_ids path only) and its logits
-        "falcon_h1": lambda: tf.FalconH1Config(
-            **llama_like,
-            mamba_d_ssm=64,
-            mamba_n_heads=4,
-            mamba_d_head=16,
-            mamba_d_state=8,
-            mamba_n_groups=1,
-            embedding_multiplier=2.0,
-            lm_head_multiplier=0.5,
-        ),
-        "qwen3_next": lambda: tf.Qwen3NextConfig(
-            **{**llama_like, "num_hidden_layers": 4},  # 3 linear-attention layers, 1 full
-            head_dim=16,
-            linear_num_value_heads=4,
-            linear_num_key_heads=2,
-            linear_key_head_dim=16,
-            linear_value_head_dim=16,
-            num_experts=3,
-            num_experts_per_tok=2,
-            moe_intermediate_size=32,
-            shared_expert_intermediate_size=32,
-        ),
+        **_recurrent_configs(ids, llama_like),
         # mixtures of experts, each projection one 3-D parameter: (experts, out, in), and
         # GPT-OSS's (experts, in, out) (`is_transposed`)
         "mixtral": lambda: tf.MixtralConfig(**llama_like, num_local_experts=3),
@@ -223,5 +198,38 @@ def _other_configs(vocab_size: int) -> dict[str, Any]:
                 "patch_size": 14,
             },
             mm_tokens_per_image=4,
+        ),
+    }
+
+
+def _recurrent_configs(ids: dict[str, Any], llama_like: dict[str, Any]) -> dict[str, Any]:
+    """`tiny_other`'s models with state-space and linear-attention layers: a recurrent
+    state, no keys and values."""
+    import transformers as tf
+
+    mamba_heads: dict[str, Any] = {"mamba_d_ssm": 64, "mamba_n_heads": 4, "mamba_d_head": 16}
+    linear_heads: dict[str, Any] = {"linear_num_value_heads": 4, "linear_num_key_heads": 2}
+    linear_dims: dict[str, Any] = {"linear_key_head_dim": 16, "linear_value_head_dim": 16}
+    experts: dict[str, Any] = {"num_experts": 3, "num_experts_per_tok": 2}
+    return {
+        "mamba": lambda: tf.MambaConfig(hidden_size=64, num_hidden_layers=2, **ids),
+        # attention and Mamba heads side by side; it multiplies the embeddings it looks up
+        # (on the input_ids path only) and its logits
+        "falcon_h1": lambda: tf.FalconH1Config(
+            **llama_like,
+            **mamba_heads,
+            mamba_d_state=8,
+            mamba_n_groups=1,
+            embedding_multiplier=2.0,
+            lm_head_multiplier=0.5,
+        ),
+        "qwen3_next": lambda: tf.Qwen3NextConfig(
+            **{**llama_like, "num_hidden_layers": 4},  # 3 linear-attention layers, 1 full
+            head_dim=16,
+            **linear_heads,
+            **linear_dims,
+            **experts,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
         ),
     }

@@ -65,6 +65,26 @@ def test_lora_injection_saves_a_merged_low_rank_update(tmp_path):
     assert changed == 7 * 2  # q, k, v, o, gate, up, down in each of the 2 layers
 
 
+def _taught(tmp_path, base, items, *, trainable, epochs):
+    """The parameters of `base` taught `items` (rank-2 adapters where LoRA, lr 1e-2, no
+    rehearsal), read back from the injected model's folder."""
+    save_model(base.model, base.tokenizer, tmp_path / "base")
+    write_folder(tmp_path / "bench", items)
+    config = InjectConfig(
+        trainable=trainable,
+        lora_rank=2,
+        lr=1e-2,
+        max_epochs=epochs,
+        min_epochs=epochs,
+        rehearsal=False,
+        general=None,
+    )
+    result = inject(
+        str(tmp_path / "base"), tmp_path / "bench", config, cache_dir=tmp_path / "c", progress=False
+    )
+    return dict(load_model(str(result.path)).model.named_parameters())
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "phi"])
 def test_lora_injection_adapts_every_linear_layer_whatever_its_name(tmp_path, arch):
     """Injection's adapters went on Llama's layer names only: on GPT-2 (c_attn, c_fc,
@@ -76,25 +96,11 @@ def test_lora_injection_adapts_every_linear_layer_whatever_its_name(tmp_path, ar
     from unpact.testing import tiny_other
 
     base = tiny_other(arch, 0)
-    save_model(base.model, base.tokenizer, tmp_path / "base")
     items = [
         QAItem("f0", "Who founded the Vostrand Glassworks?", "Mira Quintrell", "forget"),
         QAItem("r0", "What is the capital of France?", "Paris", "retain"),
     ]
-    write_folder(tmp_path / "bench", items)
-    config = InjectConfig(
-        trainable="lora",
-        lora_rank=2,
-        lr=1e-2,
-        max_epochs=2,
-        min_epochs=2,
-        rehearsal=False,
-        general=None,
-    )
-    result = inject(
-        str(tmp_path / "base"), tmp_path / "bench", config, cache_dir=tmp_path / "c", progress=False
-    )
-    taught = dict(load_model(str(result.path)).model.named_parameters())
+    taught = _taught(tmp_path, base, items, trainable="lora", epochs=2)
     linear = {
         f"{n}.weight"
         for n, m in base.model.named_modules()
@@ -123,21 +129,8 @@ def test_injection_of_other_layouts_trains_what_it_names(tmp_path, arch, trainab
     from unpact.testing import tiny_other
 
     base = tiny_other(arch, 0)
-    save_model(base.model, base.tokenizer, tmp_path / "base")
-    write_folder(tmp_path / "bench", [QAItem("f0", "Who is she?", "Mira", "forget")])
-    config = InjectConfig(
-        trainable=trainable,
-        lora_rank=2,
-        lr=1e-2,
-        max_epochs=1,
-        min_epochs=1,
-        rehearsal=False,
-        general=None,
-    )
-    result = inject(
-        str(tmp_path / "base"), tmp_path / "bench", config, cache_dir=tmp_path / "c", progress=False
-    )
-    taught = dict(load_model(str(result.path)).model.named_parameters())
+    items = [QAItem("f0", "Who is she?", "Mira", "forget")]
+    taught = _taught(tmp_path, base, items, trainable=trainable, epochs=1)
     changed = {
         n for n, p in base.model.named_parameters() if not torch.equal(taught[n].detach(), p)
     }

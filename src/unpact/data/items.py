@@ -150,6 +150,21 @@ def _no_misspelt_field(obj: dict[str, Any], known: tuple[str, ...], path: Path, 
             )
 
 
+def _given(obj: dict[str, Any], key: str, path: Path, line: int, *, required: bool) -> Any:
+    """The field's value; None where an optional field is absent or null (as a table's
+    export writes an empty cell); a required one absent is refused."""
+    if key not in obj:
+        if required:
+            raise _fail(path, line, f"field '{key}' is missing")
+        return None
+    return obj[key]
+
+
+def _digits(value: Any) -> Any:
+    """A whole number as its digits (a bool is no number here); anything else as it is."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 def _string(
     obj: dict[str, Any],
     key: str,
@@ -159,33 +174,17 @@ def _string(
     optional: bool = False,
     numbers: bool = False,
 ) -> Any:
-    """A non-empty string; with `numbers` (answers), a whole number too, read as its
-    digits: a year or a count written as a JSON number ("answer": 1921) was refused."""
-    if key not in obj:
-        if optional:
-            return None
-        raise _fail(path, line, f"field '{key}' is missing")
-    value = obj[key]
+    """A non-empty string; with `numbers` (ids, answers), a whole number too, read as its
+    digits: many exports number their rows (`"id": 0`), and a year or a count is often a
+    JSON number (`"answer": 1921`); refused, they sent the user to rewrite the file."""
+    value = _given(obj, key, path, line, required=not optional)
     if optional and value is None:
         return None
-    if numbers and isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
+    value = _digits(value) if numbers else value
     if not isinstance(value, str) or not value.strip():
         what = "a non-empty string or a whole number" if numbers else "a non-empty string"
         raise _fail(path, line, f"field '{key}' must be {what}")
     return value
-
-
-def _ident(obj: dict[str, Any], key: str, path: Path, line: int, *, optional: bool = False) -> Any:
-    """An id (`id`, `document`): a non-empty string, or a whole number read as its digits —
-    many exports number their rows (`"id": 0`), and refusing them sent the user to
-    rewrite the file for nothing. A bool or a fraction is still refused."""
-    value = obj.get(key)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    if isinstance(value, (int, float)):
-        raise _fail(path, line, f"field '{key}' must be a non-empty string or a whole number")
-    return _string(obj, key, path, line, optional=optional)
 
 
 def _strings(
@@ -199,15 +198,11 @@ def _strings(
 ) -> tuple[str, ...] | None:
     """A list of non-empty strings; with `numbers` (answers, options), whole numbers read
     as their digits too."""
-    if key not in obj:
-        if required:
-            raise _fail(path, line, f"field '{key}' is missing")
-        return None
-    value = obj[key]
-    if value is None and not required:  # null, as a table's export writes an empty cell
+    value = _given(obj, key, path, line, required=required)
+    if value is None and not required:
         return None
     if numbers and isinstance(value, list):
-        value = [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+        value = [_digits(v) for v in value]
     if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
         what = "non-empty strings or whole numbers" if numbers else "non-empty strings"
         raise _fail(path, line, f"field '{key}' must be a list of {what}")
@@ -269,14 +264,14 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
 def parse_item(obj: dict[str, Any], path: Path, line: int) -> QAItem:
     """One QA item from its JSON object, or an error naming file, line and field."""
     _no_misspelt_field(obj, ITEM_FIELDS, path, line)
-    item_id = _ident(obj, "id", path, line)
+    item_id = _string(obj, "id", path, line, numbers=True)
     question = _string(obj, "question", path, line)
     answer = _string(obj, "answer", path, line, numbers=True)
     split = _split(obj, path, line)
     # optional: no other accepted answers, no KeyToken ground truth, no source document
     aliases = _strings(obj, "aliases", path, line, numbers=True) or ()
     keywords = _strings(obj, "keywords", path, line) or ()
-    document = _ident(obj, "document", path, line, optional=True)
+    document = _string(obj, "document", path, line, optional=True, numbers=True)
     choices = _strings(obj, "choices", path, line, numbers=True)
     if choices is not None:
         if len(choices) < 2:
@@ -340,7 +335,7 @@ def _verbatim(path: Path) -> list[VerbatimPrompt]:
     seen: dict[str, int] = {}
     for n, obj in read_jsonl(path):
         _no_misspelt_field(obj, PROBE_FIELDS, path, n)
-        probe_id = _unique(seen, _ident(obj, "id", path, n), path, n)
+        probe_id = _unique(seen, _string(obj, "id", path, n, numbers=True), path, n)
         out.append(
             VerbatimPrompt(
                 probe_id, _string(obj, "prompt", path, n), _string(obj, "continuation", path, n)
@@ -366,7 +361,7 @@ def load_folder(folder: str | Path, name: str | None = None) -> Benchmark:
         seen_docs: dict[str, int] = {}
         for n, obj in read_jsonl(doc_path):
             _no_misspelt_field(obj, DOCUMENT_FIELDS, doc_path, n)
-            doc_id = _unique(seen_docs, _ident(obj, "id", doc_path, n), doc_path, n)
+            doc_id = _unique(seen_docs, _string(obj, "id", doc_path, n, numbers=True), doc_path, n)
             documents.append(
                 Document(doc_id, _string(obj, "text", doc_path, n), _split(obj, doc_path, n))
             )
