@@ -172,6 +172,7 @@ class _GhostNorms:
         self.sq = torch.zeros(batch, dtype=torch.float64, device=self.where)
         self.uncovered = False
         self.norm_kind: dict[int, bool] = {}  # id(norm) -> whether it takes the mean off
+        self.norm_eps: dict[int, float] = {}  # id(norm) -> its epsilon
         self.hooks: list[Any] = []
         self.embed_rows: dict[
             int, tuple[torch.Tensor, torch.Tensor]
@@ -189,7 +190,8 @@ class _GhostNorms:
                 covered |= {id(p) for p in module.parameters(recurse=False)}
             elif isinstance(module, torch.nn.Embedding):
                 covered.add(id(module.weight))  # the caller passes its gradient (embedding)
-            elif _norm_eps(module) is not None:
+            elif (eps := _norm_eps(module)) is not None:
+                self.norm_eps[id(module)] = eps
                 self._watch(module, self._norm)
                 covered |= {id(p) for p in module.parameters(recurse=False)}
         self.complete = all(id(p) in covered for p in net.parameters())
@@ -217,7 +219,7 @@ class _GhostNorms:
             kinds = [
                 centred
                 for centred in (False, True)
-                for x_hat in [_normed(x.float(), _norm_eps(mod) or 0.0, centred)]
+                for x_hat in [_normed(x.float(), self.norm_eps[id(mod)], centred)]
                 if any(torch.allclose(got, x_hat * a + b, rtol=tol, atol=tol) for a in (w, 1 + w))
             ]
             if kinds:
@@ -250,7 +252,7 @@ class _GhostNorms:
 
     def _norm(self, mod: Any, x: torch.Tensor, g: torch.Tensor) -> None:
         centred = self.norm_kind[id(mod)]
-        x_hat = self._double(_normed(x.double(), _norm_eps(mod) or 0.0, centred))
+        x_hat = self._double(_normed(x.double(), self.norm_eps[id(mod)], centred))
         g = self._double(g)
         self.sq += (g * x_hat).sum(1).square().sum(-1)
         if getattr(mod, "bias", None) is not None:

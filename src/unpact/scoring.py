@@ -185,20 +185,19 @@ _RECURRENT = re.compile(r"(Mixer|DeltaNet|LinearAttention|ShortConv|Rglru|MambaL
 
 
 def _layers_without_keys(model: Any) -> str | None:
-    found = _cache_layout(model)
+    types = [str(t) for t in getattr(text_config(model), "layer_types", None) or []]
+    named = [t for t in types if t not in _PLAIN]  # the config's own names for them
+    found = _cache_layout(model, types, named)
     if found is None:
         body, _ = lm_body_and_head(model)
         kinds = [type(m).__name__ for m in body.modules() if _RECURRENT.search(type(m).__name__)]
-        named = [
-            t for t in getattr(text_config(model), "layer_types", None) or [] if t not in _PLAIN
-        ]
         found = ", ".join(dict.fromkeys(named or kinds)) if kinds else None
     return found
 
 
-def _cache_layout(model: Any) -> str | None:
-    config = text_config(model)
-    types = [str(t) for t in getattr(config, "layer_types", None) or []]
+def _cache_layout(model: Any, types: list[str], named: list[str]) -> str | None:
+    """The non-plain layers of the cache transformers lays out for the model's config (by
+    the config's name for each, else the cache layer's class), joined, or None."""
     try:
         from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
@@ -210,7 +209,7 @@ def _cache_layout(model: Any) -> str | None:
             if type(x) not in kinds
         ]
     except Exception:  # another transformers' layout: the config's own names
-        other = [t for t in types if t not in _PLAIN]
+        other = named
     return ", ".join(dict.fromkeys(other)) or None
 
 
@@ -408,7 +407,8 @@ def final_norm(model: Any) -> Any:
 def head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     """Float32 logits from final hidden states: LM head, then what some architectures do
     to the head's output (Cohere's `logit_scale`, Granite's `logits_scaling`, Falcon-H1's
-    `lm_head_multiplier`, Gemma 2's soft-capping); `check_head` tests a loaded model against its own forward."""
+    `lm_head_multiplier`, Gemma 2's soft-capping); `check_head` tests a loaded model
+    against its own forward."""
     _, head = lm_body_and_head(model)
     logits = head(hidden).float()
     scale = getattr(model, "logit_scale", None)  # Cohere multiplies its logits

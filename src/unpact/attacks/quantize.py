@@ -110,13 +110,10 @@ def quantize_weights(
             "group_size: null (one scale per row)"
         )
 
-    def config(width: int) -> Any:
-        # a layer the group does not divide (Mamba's dt_proj, a few dozen columns) gets
-        # one scale per row, as llama.cpp gives such a tensor another type
-        grouped = group_size is not None and width % group_size == 0
-        return IntxWeightOnlyConfig(
+    configs = {  # by whether the layer's width takes the groups
+        grouped: IntxWeightOnlyConfig(
             weight_dtype=getattr(torch, f"int{bits}"),
-            granularity=PerGroup(group_size) if grouped else PerAxis(0),
+            granularity=PerGroup(group_size) if grouped and group_size else PerAxis(0),
             mapping_type=MappingType.SYMMETRIC
             if symmetric or algorithm == "hqq"
             else MappingType.ASYMMETRIC,
@@ -124,12 +121,16 @@ def quantize_weights(
             if algorithm == "hqq"
             else IntxChooseQParamsAlgorithm.AFFINE,
         )
+        for grouped in (True, False)
+    }
 
     def rounded(w: torch.Tensor) -> torch.Tensor:
-        """One (out, in) matrix through a plain Linear holding it, quantized by torchao."""
+        """One (out, in) matrix through a plain Linear holding it, quantized by torchao; a
+        layer the group does not divide (Mamba's dt_proj, a few dozen columns) gets one
+        scale per row, as llama.cpp gives such a tensor another type."""
         shadow = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
         shadow.weight = torch.nn.Parameter(w.contiguous(), requires_grad=False)
-        quantize_(shadow, config(w.shape[1]))
+        quantize_(shadow, configs[group_size is not None and w.shape[1] % group_size == 0])
         return shadow.weight.dequantize().to(w.dtype)
 
     for _, layer in layers:  # one at a time
