@@ -168,3 +168,27 @@ def test_a_run_config_of_another_type_names_the_argument():
     for given in (3, ["demo"], None):
         with pytest.raises(TypeError, match=r"config: give a RunConfig, a mapping, a YAML file"):
             load_config(given)
+
+
+def test_a_bare_name_stands_for_a_method_or_an_attack():
+    """`methods: [ga]` and `attacks: [quantize]` were 'Input should be a valid dictionary
+    or instance of MethodSpec': a list of names is what a user writes first."""
+    import pytest
+
+    from unpact.errors import UnpactError
+    from unpact.run.config import load_config
+
+    short = load_config({"methods": ["ga", {"method": "npo"}], "attacks": ["quantize", "probab"]})
+    long = load_config(
+        {
+            "methods": [{"method": "ga"}, {"method": "npo"}],
+            "attacks": [{"name": "quantize"}, {"name": "probab"}],
+        }
+    )
+    assert short == long
+    for wrong, key in (
+        ({"methods": [3]}, "methods.0"),
+        ({"methods": ["ga"], "attacks": [["x"]]}, "attacks.0"),
+    ):
+        with pytest.raises(UnpactError, match=rf"{key}: expected an? \w+'s name"):
+            load_config(wrong)

@@ -95,6 +95,11 @@ class MethodSpec(PlainInput):
         None, description="set by the runner on each expanded run: {of, key, value}"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _named(cls, data: Any) -> Any:
+        return _shorthand(data, "method", "a method's name (ga) or a mapping (method: ga, ...)")
+
     @model_validator(mode="after")
     def _one_source(self) -> MethodSpec:
         if self.sweep is not None:
@@ -136,6 +141,16 @@ class MethodSpec(PlainInput):
         return runs
 
 
+def _shorthand(data: Any, key: str, expected: str) -> Any:
+    """A bare name in a list of methods or attacks (`methods: [ga, npo]`) stands for a
+    mapping with only that name; anything else but a mapping is refused in words."""
+    if isinstance(data, str):
+        return {key: data}
+    if isinstance(data, dict | PlainInput):
+        return data
+    raise ValueError(f"expected {expected}, not {type(data).__name__} {data!r}")
+
+
 def _copy_at(config: dict[str, Any], key: str) -> tuple[dict[str, Any], dict[str, Any], str]:
     """A deep copy of a method config, and the mapping and name that dotted `key` (e.g.
     settings.gamma) points to in the copy (parents created as needed)."""
@@ -167,6 +182,11 @@ class AttackSpec(PlainInput):
         description="also run it on the never-taught reference, as the control of its "
         "recovery (default: yes for the attacks on weights and hidden states)",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _named(cls, data: Any) -> Any:
+        return _shorthand(data, "name", "an attack's name (probab) or a mapping (name: ...)")
 
     @property
     def column(self) -> str:
