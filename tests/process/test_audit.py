@@ -375,8 +375,15 @@ def test_verdicts_read_the_figures_and_the_paired_items():
     got = {v["test"]: v for v in verdicts(m | {"forgotten": 8}, same, ["quantize"])}
     assert got["quantize"]["verdict"] == "not beyond the control"
     # nothing forgotten: no recovery to judge, but membership is still told
-    got = {v["test"]: v for v in verdicts(m | {"forgotten": 0}, [], ["quantize"])}
-    assert set(got) == {"forgotten", "indistinguishable"}
+    # (the attacks asked for are named, not left out without a word)
+    got = {v["test"]: v for v in verdicts(m | {"forgotten": 0}, [], ["quantize", "probab"])}
+    assert set(got) == {"forgotten", "recovery", "indistinguishable"}
+    assert got["recovery"] == {
+        "test": "recovery",
+        "verdict": "not run",
+        "detail": "no forgotten item to attack (quantize, probab)",
+    }
+    assert "recovery" not in {v["test"] for v in verdicts(m | {"forgotten": 0}, [], [])}
     assert got["forgotten"]["verdict"] == "nothing forgotten"
     # an original that answered none of them had nothing to forget: said as such
     none = m | {"forgotten": 0, "forget_acc_before": 0.0, "forget_acc_after": 0.0}

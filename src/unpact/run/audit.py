@@ -404,7 +404,13 @@ def verdicts(
     out = [_forgotten(m)]
     same = _indistinguishable(m, alpha, skipped or {}, label)
     if not m.get("forgotten"):  # no recovery to judge; membership does not need it
-        return [*out, same]
+        asked = ", ".join(attacks)
+        why = {
+            "test": "recovery",
+            "verdict": "not run",
+            "detail": f"no forgotten item to attack ({asked})",
+        }
+        return [*out, *([why] if attacks else []), same]
     for attack in attacks:
         out.append(_recovery(m, records, attack, alpha))
     out.append(same)
@@ -460,9 +466,7 @@ def _recovery(
         cls = ATTACKS.get(attack)
         why = f" ({attack} attacks {cls.applies_to})" if cls is not None and cls.applies_to else ""
         detail = (
-            "no forgotten item to attack"
-            if not n
-            else f"the forgotten item could not be attacked{why}"
+            f"the forgotten item could not be attacked{why}"
             if n == 1
             else f"none of the {n} forgotten items could be attacked{why}"
         )
