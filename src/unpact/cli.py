@@ -139,7 +139,9 @@ def generate(
         int,
         typer.Option(help="Draw N samples (temperature sampling) instead of the greedy answer."),
     ] = 0,
-    seed: Annotated[int, typer.Option(help="Seed for --sample.")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, max=2**32 - 1, help="Seed for --sample (as a config's seed).")
+    ] = 0,
     temperature: Annotated[float, typer.Option(help="Sampling temperature for --sample.")] = 1.0,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 32,
     dtype: DtypeOpt = "float32",
@@ -150,8 +152,11 @@ def generate(
     from unpact.scoring import generate as run_generate
 
     _check_text(prompt=prompt)
-    if not sample and temperature != 1.0:
-        raise UnpactError("--temperature applies to samples: give --sample N as well")
+    _used_alone(
+        "samples: give --sample N as well",
+        bool(sample),
+        **{"--temperature": temperature != 1.0, "--seed": seed != 0},
+    )
     lm = _load(_asked(model, chat_template, no_chat_template), dtype, device, trust_remote_code)
     (gens,) = run_generate(
         lm,
@@ -206,6 +211,7 @@ GradientOpt = Annotated[
         "--json records them under 'gradient'. Needs a local model."
     ),
 ]
+IG_STEPS, IG_BASELINE, TOP_K = 64, "mean", 3  # the gradient checks' defaults
 IgStepsOpt = Annotated[
     int, typer.Option(help="Integrated gradients: midpoints of the path integral.")
 ]
@@ -269,9 +275,9 @@ def attribute(
         Path | None, typer.Option("--html", help="Write an HTML heatmap page here.")
     ] = None,
     gradient: GradientOpt = None,
-    ig_steps: IgStepsOpt = 64,
-    ig_baseline: IgBaselineOpt = "mean",
-    top_k: TopKOpt = 3,
+    ig_steps: IgStepsOpt = IG_STEPS,
+    ig_baseline: IgBaselineOpt = IG_BASELINE,
+    top_k: TopKOpt = TOP_K,
     max_work: MaxWorkOpt = MAX_WORK,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "auto",
@@ -282,6 +288,11 @@ def attribute(
     from unpact.attribution import attribute_many, check_settings
 
     check_settings(unit, baseline, target, alpha, beta)
+    _used_alone(
+        "--baseline token",
+        baseline == "token",
+        **{"--baseline-token-id": baseline_token_id is not None},
+    )
     gradient = _gradient_options(gradient, ig_steps, ig_baseline, top_k)
     prompts, answers = _attribute_inputs(prompt, answer, data)
     for option, path in (("--json", json_out), ("--html", html_out)):
@@ -350,11 +361,22 @@ def _check_out_file(option: str, path: Path | None) -> None:
         raise UnpactError(f"{option} {path}: no folder {path.parent}")
 
 
+def _used_alone(what: str, present: bool, **given: bool) -> None:
+    """An option given (True in `given`) without the one it belongs to (`present`) is an
+    error naming both, not a setting ignored without a word."""
+    for name, set_ in given.items():
+        if set_ and not present:
+            raise UnpactError(f"{name} applies to {what}")
+
+
 def _gradient_options(
     gradient: list[str] | None, ig_steps: int, ig_baseline: str, top_k: int
 ) -> list[str]:
     """The --gradient methods asked for (each once), after checking their options."""
     methods = list(dict.fromkeys(gradient or []))
+    ig = {"--ig-steps": ig_steps != IG_STEPS, "--ig-baseline": ig_baseline != IG_BASELINE}
+    _used_alone("--gradient integrated_gradients", "integrated_gradients" in methods, **ig)
+    _used_alone("--gradient checks", bool(methods), **{"--top-k": top_k != TOP_K})
     if methods:
         from unpact.gradient import GRADIENT_METHODS, IG_BASELINES
 

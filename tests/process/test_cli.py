@@ -63,6 +63,11 @@ def test_cli_attribute_with_gradient_checks(tiny, tiny_dir, tmp_path):
         (["--gradient", "saliency"], "--gradient 'saliency'"),
         (["--gradient", "integrated_gradients", "--ig-baseline", "one"], "--ig-baseline 'one'"),
         (["--gradient", "grad_x_input", "--top-k", "0"], "at least 1"),
+        # an option of another one left out was ignored without a word
+        (["--ig-steps", "8"], "--ig-steps applies to --gradient integrated_gradients"),
+        (["--gradient", "grad_x_input", "--ig-baseline", "zero"], "--ig-baseline applies to"),
+        (["--top-k", "2"], "--top-k applies to --gradient checks"),
+        (["--baseline-token-id", "5"], "--baseline-token-id applies to --baseline token"),
     ],
 )
 def test_cli_gradient_mistakes_exit_2(tiny_dir, args, message):
@@ -277,6 +282,9 @@ def test_bad_files_and_folders_are_one_message_and_exit_2(tmp_path, tiny):
         (["generate", "-p", "hi", "--model", "cut.gguf"], "cannot read the GGUF file"),
         (["generate", "-p", "hi", "--model", str(pickled)], "holds only pickle weights"),
         (["generate", "-p", "hi", "--temperature", "0.5"], "give --sample N as well"),
+        # a seed for a greedy answer was ignored, and a negative one taken (a config's is not)
+        (["generate", "-p", "hi", "--seed", "3"], "--seed applies to samples: give --sample N"),
+        (["generate", "-p", "hi", "--sample", "2", "--seed", "-1"], "Invalid value for '--seed'"),
         (["attribute", "-p", "hi there", "--json", "adir"], "--json adir: a folder is there"),
         (["attribute", "-p", "hi there", "--html", "no/x.html"], "no folder no"),
         (["attribute", "--data", "adir"], "cannot read adir: it is a folder"),
