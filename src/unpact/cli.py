@@ -143,7 +143,7 @@ def generate(
         int, typer.Option(min=0, max=2**32 - 1, help="Seed for --sample (as a config's seed).")
     ] = 0,
     temperature: Annotated[float, typer.Option(help="Sampling temperature for --sample.")] = 1.0,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 32,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer, in tokens.")] = 32,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "auto",
     trust_remote_code: RemoteCodeOpt = False,
@@ -267,7 +267,9 @@ def attribute(
     beta: BetaOpt = BETA,
     chat_template: TemplateFileOpt = None,
     no_chat_template: RawOpt = False,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest generated target, in tokens.")] = 32,
+    max_new_tokens: Annotated[
+        int, typer.Option(min=1, help="Longest generated target, in tokens.")
+    ] = 32,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the record (JSONL with --data) here.")
     ] = None,

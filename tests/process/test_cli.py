@@ -68,6 +68,7 @@ def test_cli_attribute_with_gradient_checks(tiny, tiny_dir, tmp_path):
         (["--gradient", "grad_x_input", "--ig-baseline", "zero"], "--ig-baseline applies to"),
         (["--top-k", "2"], "--top-k applies to --gradient checks"),
         (["--baseline-token-id", "5"], "--baseline-token-id applies to --baseline token"),
+        (["--max-new-tokens", "-1"], "Invalid value for '--max-new-tokens'"),  # was taken
     ],
 )
 def test_cli_gradient_mistakes_exit_2(tiny_dir, args, message):
