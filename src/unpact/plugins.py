@@ -41,8 +41,10 @@ from unpact.errors import UnpactError, check_callable, check_not_builtin
 
 _LOADED: dict[str, ModuleType] = {}
 _SOURCES: dict[str, str] = {}  # resolved file or package folder -> the plugin as given
+_PLUGGED: set[str] = set()  # the modules loaded as plugins so far (their names)
 _RAN: dict[Path, bytes] = {}  # a plugin file on its own -> the source its module ran
 _NAMED = [0]  # how many attacks and methods have registered, built-in or a plugin's
+_DEFINING: set[str] = set()  # the modules that define them
 
 
 def check_name(registry: dict[str, Any], cls: type, what: str) -> None:
@@ -52,6 +54,7 @@ def check_name(registry: dict[str, Any], cls: type, what: str) -> None:
     name = getattr(cls, "name", "")
     check_not_builtin(what, name, registry.get(name), cls, 'name = "..."')
     _NAMED[0] += 1
+    _DEFINING.add(cls.__module__)
 
 
 def check_overrides(cls: type, base: type, what: str) -> None:
@@ -97,13 +100,26 @@ def load_plugin(entry: str, base: Path | None = None) -> ModuleType:
     before, imported, loaded = _registered(), set(sys.modules), len(_LOADED)
     module = _load_plugin(entry, base)
     ran = len(_LOADED) > loaded or module.__name__ not in imported
-    if ran and _registered() == before:
+    # a module imported before (`--plugin json`, the standard library's) registered nothing
+    # either, unless what it defines was registered then (a user's `import myplugin` first)
+    before_now = not ran and (module.__name__ in _PLUGGED or _defines_any(module.__name__))
+    if not before_now and _registered() == before:
         logging.getLogger("unpact").warning(
             f"plugin {entry} registered no attack, method or metric: a subclass of "
             "unpact.attacks.Attack or unpact.unlearn.Method registers itself by its `name`, "
             "a metric by @unpact.metrics.metric (docs/architecture.md)"
         )
+    _PLUGGED.add(module.__name__)
     return module
+
+
+def _defines_any(module: str) -> bool:
+    """Whether an attack, method or metric registered so far is defined in `module` or in
+    a module of its package."""
+    from unpact.metrics import METRICS
+
+    found = _DEFINING | {m.fn.__module__ for m in METRICS.values()}
+    return any(f == module or f.startswith(module + ".") for f in found)
 
 
 def _registered() -> int:

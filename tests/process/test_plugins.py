@@ -4,6 +4,7 @@ results.json, results.csv, results.md and the report; a broken plugin is one mes
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -285,6 +286,22 @@ def test_a_plugin_registering_nothing_is_said(tmp_path, registries, caplog):
         load_plugin(str(unnamed))  # the same file again: nothing runs, nothing said
         load_plugin(str(named))
         assert "loud" in ATTACKS and not caplog.records
+        # a module imported before, not a plugin (the standard library's json): it passed
+        # without a word, as an imported plugin runs no code
+        load_plugin("json")
+        said = [r.getMessage() for r in caplog.records]
+        assert len(said) == 1 and said[0].startswith("plugin json registered no attack")
+        caplog.clear()
+        # a plugin module the user imported first registered then: nothing said
+        (tmp_path / "early_plugin.py").write_text(named.read_text().replace("'loud'", "'early'"))
+        sys.path.insert(0, str(tmp_path))
+        try:
+            importlib.import_module("early_plugin")
+            load_plugin("early_plugin")
+        finally:
+            sys.path.remove(str(tmp_path))
+            sys.modules.pop("early_plugin", None)
+        assert "early" in ATTACKS and not caplog.records
 
 
 FAILING = '''
