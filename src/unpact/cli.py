@@ -223,6 +223,7 @@ AlphaOpt = Annotated[float, typer.Option(help="KeyToken threshold on normalised 
 BetaOpt = Annotated[
     float, typer.Option(help="KeyToken rule switch on the share of positive units.")
 ]
+TargetTokensOpt = Annotated[int, typer.Option(min=1, help="Longest generated target, in tokens.")]
 TopKOpt = Annotated[int, typer.Option(help="Units compared by --gradient's top-k overlap.")]
 MaxWorkOpt = Annotated[
     int,
@@ -267,9 +268,7 @@ def attribute(
     beta: BetaOpt = BETA,
     chat_template: TemplateFileOpt = None,
     no_chat_template: RawOpt = False,
-    max_new_tokens: Annotated[
-        int, typer.Option(min=1, help="Longest generated target, in tokens.")
-    ] = 32,
+    max_new_tokens: TargetTokensOpt = 32,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the record (JSONL with --data) here.")
     ] = None,
@@ -287,14 +286,9 @@ def attribute(
     concurrency: ConcurrencyOpt = 16,
 ) -> None:
     """unPact: each prompt unit's contribution to the answer's log-prob, and the KeyTokens."""
-    from unpact.attribution import attribute_many, check_settings
+    from unpact.attribution import attribute_many
 
-    check_settings(unit, baseline, target, alpha, beta)
-    _used_alone(
-        "--baseline token",
-        baseline == "token",
-        **{"--baseline-token-id": baseline_token_id is not None},
-    )
+    _attribute_settings(unit, baseline, target, alpha, beta, baseline_token_id)
     gradient = _gradient_options(gradient, ig_steps, ig_baseline, top_k)
     prompts, answers = _attribute_inputs(prompt, answer, data)
     for option, path in (("--json", json_out), ("--html", html_out)):
@@ -361,6 +355,17 @@ def _check_out_file(option: str, path: Path | None) -> None:
         raise UnpactError(f"{option} {path}: a folder is there; give a file name")
     if not path.parent.is_dir():
         raise UnpactError(f"{option} {path}: no folder {path.parent}")
+
+
+def _attribute_settings(
+    unit: str, baseline: str, target: str | None, alpha: float, beta: float, token_id: int | None
+) -> None:
+    """`unpact attribute`'s settings checked before any model loads."""
+    from unpact.attribution import check_settings
+
+    check_settings(unit, baseline, target, alpha, beta)
+    given = {"--baseline-token-id": token_id is not None}
+    _used_alone("--baseline token", baseline == "token", **given)
 
 
 def _used_alone(what: str, present: bool, **given: bool) -> None:
