@@ -509,6 +509,8 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any
         ids = list(prompt)
     else:
         return _error(400, "'prompt' must be text or a non-empty list of token ids")
+    if not ids:  # text of no tokens (a tokenizer without BOS): a 500 from inside the model
+        return _error(400, "The decoder prompt cannot be empty")
     vocab = len(tok)
     bad = next((t for t in ids if not 0 <= t < vocab), None)
     if bad is not None:  # as vLLM's input processing refuses it

@@ -905,6 +905,10 @@ def test_unpact_serve_refuses_what_vllm_refuses(served, faults):
     url = served[1]
     oov = httpx.post(f"{url}/completions", json={"model": "tiny", "prompt": [5, 10**6]})
     assert oov.status_code == 400 and "out of vocabulary" in oov.json()["error"]["message"]
+    # text of no tokens (the tiny tokenizer adds no BOS) was a 500 from inside the model
+    empty = httpx.post(f"{url}/completions", json={"model": "tiny", "prompt": ""})
+    assert empty.status_code == 400, empty.text
+    assert empty.json()["error"]["message"] == "The decoder prompt cannot be empty"
     many = {"model": "tiny", "prompt": [5, 6], "max_tokens": 1, "logprobs": 21}
     reply = httpx.post(f"{url}/completions", json=many)
     assert reply.status_code == 400 and "max allowed: 20" in reply.json()["error"]["message"]
