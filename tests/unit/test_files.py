@@ -416,3 +416,25 @@ def test_a_second_writer_of_a_run_folder_is_refused_not_mixed_in(tmp_path):
     from unpact.run import _check_out
 
     _check_out(tmp_path)  # only the lock is there: accepted as a new folder
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.ENOSYS, errno.EINVAL])
+def test_a_file_system_without_locks_runs_unlocked(tmp_path, monkeypatch, code):
+    """On a cluster's shared file system mounted without locks (Lustre's noflock, NFS
+    without lockd), flock fails with ENOLCK, ENOSYS or EINVAL: the run folder's lock
+    already ran unlocked there, but a cached artefact's (`exclusive`) raised it, a
+    traceback from the first stage. Both run the block unlocked."""
+    import fcntl
+
+    from unpact.files import exclusive, sole_writer
+
+    def no_locks(fh, op):
+        raise OSError(code, "no locks here")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = []
+    with exclusive(tmp_path / "stage", "waiting"):
+        ran.append("artefact")
+    with sole_writer(tmp_path, "--out"):
+        ran.append("folder")
+    assert ran == ["artefact", "folder"]
