@@ -407,7 +407,7 @@ def final_norm(model: Any) -> Any:
 def head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     """Float32 logits from final hidden states: LM head, then what some architectures do
     to the head's output (Cohere's `logit_scale`, Granite's `logits_scaling`, Falcon-H1's
-    `lm_head_multiplier`, Gemma 2's soft-capping); `check_head` tests a loaded model
+    `lm_head_multiplier`, Gemma 2's and RecurrentGemma's soft-capping); `check_head` tests a loaded model
     against its own forward."""
     _, head = lm_body_and_head(model)
     logits = head(hidden).float()
@@ -421,7 +421,10 @@ def head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     factor = getattr(config, "lm_head_multiplier", None)  # Falcon-H1 multiplies them
     if isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor != 1:
         logits = logits * factor
-    cap = getattr(config, "final_logit_softcapping", None)
+    # Gemma 2's soft-capping; RecurrentGemma's, under another name
+    cap = getattr(config, "final_logit_softcapping", None) or getattr(
+        config, "logits_soft_cap", None
+    )
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits

@@ -223,6 +223,13 @@ def _recurrent_configs(ids: dict[str, Any], llama_like: dict[str, Any]) -> dict[
             embedding_multiplier=2.0,
             lm_head_multiplier=0.5,
         ),
+        # two recurrent blocks, then local attention (its layout); soft-capped logits
+        "recurrent_gemma": lambda: tf.RecurrentGemmaConfig(
+            **{k: v for k, v in llama_like.items() if k != "max_position_embeddings"}
+            | {"num_hidden_layers": 3},
+            lru_width=64,
+            attention_window_size=16,
+        ),
         "qwen3_next": lambda: tf.Qwen3NextConfig(
             **{**llama_like, "num_hidden_layers": 4},  # 3 linear-attention layers, 1 full
             head_dim=16,

@@ -197,9 +197,10 @@ def test_a_model_without_explicit_masks_scores_whole_variants(arch):
         )
 
 
-@pytest.mark.parametrize("arch", ["mamba", "qwen3_next"])
+@pytest.mark.parametrize("arch", ["mamba", "qwen3_next", "recurrent_gemma"])
 def test_a_model_with_recurrent_layers_scores_whole_variants(arch, tmp_path, capfd):
-    """Mamba's state-space layers and Qwen3-Next's linear-attention layers cache a
+    """Mamba's state-space layers, Qwen3-Next's linear-attention layers and RecurrentGemma's
+    recurrent blocks (its logits soft-capped, once refused as unreproduced) cache a
     recurrent state, not keys and values: attribution's fast path (and every shared prompt
     prefix) failed on "'LinearAttentionLayer' object has no attribute 'keys'". Such a model
     scores whole variants, equal to the naive loop; shared prefixes are not shared; 'mask'

@@ -349,6 +349,7 @@ def test_batched_gradient_norms_equal_one_backward_per_text(tied):
     [
         *(("qwen3", True), ("cohere", True), ("gpt_neox", True), ("phi", True)),
         *(("bloom", True), ("gemma", False), ("gemma3_vl", False), ("mixtral", False)),
+        ("recurrent_gemma", False),  # its embedding scales rows, as Gemma's
     ],
 )
 def test_batched_gradient_norms_equal_one_backward_per_text_on_other_layers(

@@ -193,18 +193,20 @@ def test_last_states_are_padding_free_and_the_lens_at_the_last_layer_is_the_mode
     assert int(token_ranks(lens, second)[0]) == 1
 
 
-@pytest.mark.parametrize("arch", ["llama", "mamba"])
+@pytest.mark.parametrize("arch", ["llama", "mamba", "recurrent_gemma"])
 def test_continuation_states_share_the_prompt_and_equal_the_full_pass(arch):
-    """Mamba's layers keep a recurrent state with no keys to repeat per continuation (the
-    probe stopped the audit on "'LinearAttentionLayer' object has no attribute
-    'batch_repeat_interleave'"): it runs the concatenations, the same states."""
+    """Mamba's layers (and RecurrentGemma's recurrent blocks) keep a recurrent state with no
+    keys to repeat per continuation (the probe stopped the audit on "'LinearAttentionLayer'
+    object has no attribute 'batch_repeat_interleave'"): it runs the concatenations, the
+    same states."""
     from unpact.testing import tiny_other
 
     lm = tiny_model(seed=3) if arch == "llama" else tiny_other(arch)
     prompt, conts = [1, 40, 50, 60], [[70, 71, 72], [80], [90, 91]]
     shared = continuation_states(lm.model, prompt, conts)
     full = last_states(lm.model, [prompt + c for c in conts])
-    assert shared.shape == full.shape == (3, 3, 64)
+    layers = lm.model.config.num_hidden_layers
+    assert shared.shape == full.shape == (3, layers + 1, 64)
     assert torch.allclose(shared, full, atol=1e-4)
 
 
