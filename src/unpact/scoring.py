@@ -306,6 +306,8 @@ def lm_body_and_head(model: Any) -> tuple[Any, Any]:
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     body = model.base_model
+    if body is model and isinstance(getattr(model, "model", None), torch.nn.Module):
+        body = model.model  # Llama 4's text model: its base_model_prefix names no attribute
     inner = getattr(body, "language_model", None)
     return (inner if isinstance(inner, torch.nn.Module) else body), model.get_output_embeddings()
 

@@ -186,6 +186,15 @@ def _other_configs(vocab_size: int) -> dict[str, Any]:
             num_local_experts=3,
             num_experts_per_tok=2,
         ),
+        # Llama 4's text model: experts beside a shared MLP, attention in chunks of
+        # WINDOW tokens, and a base_model_prefix that names no attribute
+        "llama4_text": lambda: tf.Llama4TextConfig(
+            **llama_like,
+            head_dim=16,
+            num_local_experts=3,
+            intermediate_size_mlp=128,
+            attention_chunk_size=WINDOW,
+        ),
         # Gemma 3 from 4B: a vision-language model whose text part is a `language_model`
         "gemma3_vl": lambda: tf.Gemma3Config(
             text_config={**llama_like, "head_dim": 16, "sliding_window": WINDOW},
