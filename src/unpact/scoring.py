@@ -151,8 +151,8 @@ def context_refusal(model: Any, longest: int) -> str | None:
     if other := layers_without_keys(model):
         return (
             f"its {other} layers keep a state of their own (a state-space or linear-attention "
-            "recurrence, or another layer's keys), not keys and values to continue from "
-            "under a mask"
+            "recurrence, another layer's keys, or no cache at all), not keys and values to "
+            "continue from under a mask"
         )
     window = attention_window(model)
     if window is not None and longest >= window:
@@ -181,18 +181,35 @@ def layers_without_keys(model: Any) -> str | None:
 # module classes that keep a recurrent state (state-space mixers, gated delta nets and
 # other linear attention, short convolutions, RG-LRU, xLSTM), read where the cache layout
 # transformers builds for a config does not say so (before 5.x laid those caches out)
-_RECURRENT = re.compile(r"(Mixer|DeltaNet|LinearAttention|ShortConv|Rglru|MambaLayer|xLSTMLayer)$")
+_RECURRENT = re.compile(
+    r"(Mixer|DeltaNet|LinearAttention|ShortConv|Rglru|MambaLayer|xLSTMLayer|RwkvSelfAttention)$"
+)
 
 
 def _layers_without_keys(model: Any) -> str | None:
+    body, _ = lm_body_and_head(model)
+    if not _takes_cache(body):  # GPT-1, XLM: no cache to continue from at all
+        return type(body).__name__
     types = [str(t) for t in getattr(text_config(model), "layer_types", None) or []]
     named = [t for t in types if t not in _PLAIN]  # the config's own names for them
     found = _cache_layout(model, types, named)
     if found is None:
-        body, _ = lm_body_and_head(model)
         kinds = [type(m).__name__ for m in body.modules() if _RECURRENT.search(type(m).__name__)]
         found = ", ".join(dict.fromkeys(named or kinds)) if kinds else None
     return found
+
+
+def _takes_cache(body: Any) -> bool:
+    """Whether the body's forward names a cache among its arguments (`cache` from
+    transformers 5.x, `past_key_values` before; Mamba's `cache_params`, RWKV's `state`).
+    GPT-1's names none: it computes every position each time."""
+    import inspect
+
+    try:
+        taken = inspect.signature(body.forward).parameters
+    except (TypeError, ValueError):
+        return True
+    return bool({"cache", "past_key_values", "cache_params", "state"} & set(taken))
 
 
 def _cache_layout(model: Any, types: list[str], named: list[str]) -> str | None:
@@ -383,6 +400,20 @@ def _find(root: Any, path: str) -> Any:
 def _first_module(root: Any, paths: Sequence[str], kind: type = torch.nn.Module) -> Any:
     """The first of `paths` under `root` that is a module of `kind` (None if none is)."""
     return next((m for p in paths if isinstance(m := _find(root, p), kind)), None)
+
+
+def layer_output(output: Any) -> torch.Tensor:
+    """The hidden states a decoder layer returns: alone, first of a tuple, or (GPT-1's)
+    first of a list."""
+    return output[0] if isinstance(output, tuple | list) else output
+
+
+def with_layer_output(output: Any, hidden: torch.Tensor) -> Any:
+    """A decoder layer's `output` with its hidden states replaced by `hidden`, in the same
+    container."""
+    if isinstance(output, tuple | list):
+        return type(output)([hidden, *output[1:]])
+    return hidden
 
 
 def decoder_layers(model: Any) -> torch.nn.ModuleList:

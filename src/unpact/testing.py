@@ -161,6 +161,10 @@ def _other_configs(vocab_size: int) -> dict[str, Any]:
     opt = {**shape, "ffn_dim": 128, "word_embed_proj_dim": 64}
     return {
         "gpt2": lambda: tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **ids),
+        # GPT-1: no cache at all, every position computed each time
+        "openai_gpt": lambda: tf.OpenAIGPTConfig(
+            n_embd=64, n_layer=2, n_head=4, n_positions=256, **ids
+        ),
         "opt": lambda: tf.OPTConfig(**opt),
         # OPT-350m's kind: post-norm layers, no final norm, embeddings narrower than the
         # residual stream (project_in / project_out)
@@ -222,6 +226,13 @@ def _recurrent_configs(ids: dict[str, Any], llama_like: dict[str, Any]) -> dict[
     experts: dict[str, Any] = {"num_experts": 3, "num_experts_per_tok": 2}
     return {
         "mamba": lambda: tf.MambaConfig(hidden_size=64, num_hidden_layers=2, **ids),
+        "rwkv": lambda: tf.RwkvConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            attention_hidden_size=64,
+            intermediate_size=128,
+            **ids,
+        ),
         # attention and Mamba heads side by side; it multiplies the embeddings it looks up
         # (on the input_ids path only) and its logits
         "falcon_h1": lambda: tf.FalconH1Config(

@@ -193,12 +193,13 @@ def test_last_states_are_padding_free_and_the_lens_at_the_last_layer_is_the_mode
     assert int(token_ranks(lens, second)[0]) == 1
 
 
-@pytest.mark.parametrize("arch", ["llama", "mamba", "recurrent_gemma"])
+@pytest.mark.parametrize("arch", ["llama", "mamba", "recurrent_gemma", "openai_gpt"])
 def test_continuation_states_share_the_prompt_and_equal_the_full_pass(arch):
     """Mamba's layers (and RecurrentGemma's recurrent blocks) keep a recurrent state with no
     keys to repeat per continuation (the probe stopped the audit on "'LinearAttentionLayer'
     object has no attribute 'batch_repeat_interleave'"): it runs the concatenations, the
-    same states."""
+    same states. GPT-1 caches nothing, and its layers return a list, not a tuple (read
+    as the hidden states: a TypeError)."""
     from unpact.testing import tiny_other
 
     lm = tiny_model(seed=3) if arch == "llama" else tiny_other(arch)

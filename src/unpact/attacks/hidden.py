@@ -19,20 +19,20 @@ from typing import Any
 import torch
 
 from unpact.errors import UnpactError
-from unpact.scoring import decoder_layers, final_norm, head_logits, lm_body_and_head, right_padded
+from unpact.scoring import (
+    decoder_layers,
+    final_norm,
+    head_logits,
+    layer_output,
+    lm_body_and_head,
+    right_padded,
+    with_layer_output,
+)
 
 
 def residual_size(model: Any) -> int:
     """Points of the residual stream read: before the first decoder layer, then after each."""
     return len(decoder_layers(model)) + 1
-
-
-def _out(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-def _with(output: Any, hidden: torch.Tensor) -> Any:
-    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
 def _on_residual(model: Any, fn: Any, where: Sequence[int] | None = None) -> list[Any]:
@@ -56,8 +56,8 @@ def _on_residual(model: Any, fn: Any, where: Sequence[int] | None = None) -> lis
         else:
 
             def after(_m: Any, _i: Any, output: Any) -> Any:
-                new = fn(_out(output))
-                return None if new is None else _with(output, new)
+                new = fn(layer_output(output))
+                return None if new is None else with_layer_output(output, new)
 
             handles.append(layers[k - 1].register_forward_hook(after))
     return handles

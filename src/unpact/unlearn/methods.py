@@ -36,6 +36,7 @@ from unpact.scoring import (
     answer_distributions,
     answer_logprobs,
     decoder_layers,
+    layer_output,
     lm_body_and_head,
     mlp_parameter,
     right_padded,
@@ -511,7 +512,7 @@ def layer_activations(model: Any, batch: Batch, layer: int) -> list[torch.Tensor
     captured: list[torch.Tensor] = []
 
     def hook(_module: Any, _inputs: Any, output: Any) -> None:
-        captured.append(output[0] if isinstance(output, tuple) else output)
+        captured.append(layer_output(output))
         raise _StopForward
 
     handle = layers[layer].register_forward_hook(hook)
