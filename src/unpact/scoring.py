@@ -404,8 +404,16 @@ def _first_module(root: Any, paths: Sequence[str], kind: type = torch.nn.Module)
 
 def layer_output(output: Any) -> torch.Tensor:
     """The hidden states a decoder layer returns: alone, first of a tuple, or (GPT-1's)
-    first of a list."""
-    return output[0] if isinstance(output, tuple | list) else output
+    first of a list; (batch, tokens, width), or a model whose layers carry several
+    streams (Gemma 3n's AltUp) is refused: it has no one residual stream to read."""
+    hidden = output[0] if isinstance(output, tuple | list) else output
+    if hidden.dim() != 3:
+        raise UnpactError(
+            f"a decoder layer's hidden states are of shape {tuple(hidden.shape)}, not (batch, "
+            "tokens, width): the model's layers carry parallel streams (as Gemma 3n's AltUp "
+            "does), and the hidden-state attacks and RMU read one residual stream per layer"
+        )
+    return hidden
 
 
 def with_layer_output(output: Any, hidden: torch.Tensor) -> Any:

@@ -199,6 +199,15 @@ def _other_configs(vocab_size: int) -> dict[str, Any]:
             intermediate_size_mlp=128,
             attention_chunk_size=WINDOW,
         ),
+        # Gemma 4's text model: per-layer token embeddings beside the residual stream,
+        # sliding and full attention (transformers 5.5 and later)
+        "gemma4_text": lambda: tf.Gemma4TextConfig(
+            **llama_like,
+            head_dim=16,
+            vocab_size_per_layer_input=vocab_size,
+            hidden_size_per_layer_input=16,
+            sliding_window=WINDOW,
+        ),
         # Gemma 3 from 4B: a vision-language model whose text part is a `language_model`
         "gemma3_vl": lambda: tf.Gemma3Config(
             text_config={**llama_like, "head_dim": 16, "sliding_window": WINDOW},

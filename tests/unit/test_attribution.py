@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -130,6 +131,12 @@ def test_fast_path_equals_separate_forward_passes(tiny, words, answer, unit, bas
 OTHERS = [
     *("gpt2", "opt", "opt_proj", "gpt_neox", "qwen2", "phi", "gemma"),
     *("mistral", "gemma2", "bloom", "gemma3_vl", "mixtral", "gpt_oss", "llama4_text"),
+    pytest.param(
+        "gemma4_text",
+        marks=pytest.mark.skipif(
+            not hasattr(transformers, "Gemma4TextConfig"), reason="Gemma 4: transformers >= 5.5"
+        ),
+    ),
 ]
 
 
@@ -144,7 +151,7 @@ def test_fast_path_equals_separate_passes_in_other_architectures(arch):
     lm = tiny_other(arch)
     for baseline in ("delete", "token", "mask"):
         for chat in (False, True):
-            refused = ("mistral", "gemma2", "bloom", "gemma3_vl", "llama4_text")
+            refused = ("mistral", "gemma2", "bloom", "gemma3_vl", "llama4_text", "gemma4_text")
             if baseline == "mask" and arch in refused:
                 continue  # refused: test_a_model_without_explicit_masks_scores_whole_variants
             rec = attribute(

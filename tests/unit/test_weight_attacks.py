@@ -523,3 +523,18 @@ def test_the_lens_reads_an_open_answer_past_the_lone_space_it_opens_with(saved, 
     (row,) = get_attack("logit_lens", {"last_layer": True}).run(ctx)
     rank, _ = token_ranks(_lens_at(lm, [*prompt, ids[0]]), ids[1])
     assert row["ranks"] == [int(r) for r in rank]
+
+
+def test_a_layer_output_is_read_from_a_tuple_a_list_or_alone_and_streams_are_refused():
+    """GPT-1's layers return a list (indexed with a tuple: a TypeError), Gemma 3n's carry
+    parallel AltUp streams (batch indexed past its end: an IndexError, inside RMU)."""
+    from unpact.scoring import layer_output, with_layer_output
+
+    h, extra = torch.ones(2, 3, 4), torch.zeros(1)
+    for output in (h, (h, extra), [h, extra]):
+        assert layer_output(output) is h
+    assert isinstance(with_layer_output([h, extra], 2 * h), list)
+    new = with_layer_output((h, extra), 2 * h)
+    assert isinstance(new, tuple) and torch.equal(new[0], 2 * h) and new[1] is extra
+    with pytest.raises(UnpactError, match=r"shape \(2, 2, 3, 4\).*parallel streams"):
+        layer_output(torch.ones(2, 2, 3, 4))

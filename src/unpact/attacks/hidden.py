@@ -47,9 +47,9 @@ def _on_residual(model: Any, fn: Any, where: Sequence[int] | None = None) -> lis
 
             def before(_m: Any, args: Any, kwargs: Any) -> Any:
                 if args:
-                    new = fn(args[0])
+                    new = fn(layer_output(args[0]))
                     return None if new is None else ((new, *args[1:]), kwargs)
-                new = fn(kwargs["hidden_states"])
+                new = fn(layer_output(kwargs["hidden_states"]))
                 return None if new is None else (args, {**kwargs, "hidden_states": new})
 
             handles.append(layers[0].register_forward_pre_hook(before, with_kwargs=True))
