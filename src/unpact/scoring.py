@@ -10,6 +10,7 @@ long prompts that is most of the head's cost saved (49k-way vocabulary on SmolLM
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import math
 import numbers
@@ -203,8 +204,6 @@ def _takes_cache(body: Any) -> bool:
     """Whether the body's forward names a cache among its arguments (`cache` from
     transformers 5.x, `past_key_values` before; Mamba's `cache_params`, RWKV's `state`).
     GPT-1's names none: it computes every position each time."""
-    import inspect
-
     try:
         taken = inspect.signature(body.forward).parameters
     except (TypeError, ValueError):
@@ -1066,11 +1065,13 @@ def generate_local(
         progress_bar(label, total=len(prompts), enabled=bool(progress)) as advance,
     ):
         if num_samples == 0:
-            for start in range(0, len(prompts), batch_size):
-                chunk = [tuple(p) for p in prompts[start : start + batch_size]]
+            greedy: dict[int, Generation] = {}
+            for batch in _greedy_batches(lm, prompts, batch_size):
+                chunk = [tuple(prompts[i]) for i in batch]
                 seqs = _generate_batch(lm, chunk, max_new_tokens, None, 1.0, 1)
-                out.extend([s] for s in seqs)
+                greedy.update(zip(batch, seqs))
                 advance(len(chunk))
+            out.extend([greedy[i]] for i in range(len(prompts)))
         else:
             for ids in prompts:
                 prompt_seed = sample_seed(seed, ids)
@@ -1081,6 +1082,59 @@ def generate_local(
                 )
                 advance(1)
     return [[(g.text, g.token_ids) for g in gens] for gens in out]
+
+
+def _greedy_batches(
+    lm: LanguageModel, prompts: Sequence[Sequence[int]], size: int
+) -> list[list[int]]:
+    """The prompts' indices in batches of up to `size`: consecutive ones, or, for a model
+    that reads its left padding, ones of the same length (no padding at all)."""
+    order = list(range(len(prompts)))
+    if len({len(p) for p in prompts}) > 1 and reads_padding(lm):
+        order.sort(key=lambda i: len(prompts[i]))
+        runs = [list(g) for _, g in itertools.groupby(order, key=lambda i: len(prompts[i]))]
+        return [run[k : k + size] for run in runs for k in range(0, len(run), size)]
+    return [order[k : k + size] for k in range(0, len(order), size)]
+
+
+_PADDING: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def reads_padding(lm: LanguageModel) -> bool:
+    """Whether the model's greedy next token depends on left padding it is told to ignore:
+    RWKV reads no attention mask, so a pad token before a prompt enters its state, and a
+    batch of prompts of unequal lengths answered otherwise than each alone. One step of
+    `generate` on a short prompt, alone and after two pads, compared once per model."""
+    model = lm.model
+    if model not in _PADDING:
+        pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        prompt = [t for t in range(3, 9) if t != pad][:4]
+        alone, padded = (_first_logits(lm, r) for r in ([prompt], [prompt, [*prompt, *prompt[:2]]]))
+        scale = max(1.0, float(alone.abs().max()))
+        _PADDING[model] = not torch.allclose(alone, padded[0], rtol=0, atol=1e-3 * scale)
+    return _PADDING[model]
+
+
+def _first_logits(lm: LanguageModel, rows: list[list[int]]) -> torch.Tensor:
+    """The logits of greedy generation's first step for each row, left-padded together."""
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    ids, mask = left_padded(rows, pad)
+    with quiet_padding_warning():
+        out = lm.model.generate(
+            input_ids=ids.to(lm.device),
+            attention_mask=mask.to(lm.device),
+            max_new_tokens=1,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=pad,
+            **_NEUTRAL_DECODING,
+            temperature=None,
+            top_k=None,
+            top_p=None,
+        )
+    return out.logits[0].float().cpu()  # (rows, vocab)
 
 
 def sample_seed(seed: int, ids: Sequence[int]) -> int:

@@ -309,6 +309,23 @@ def test_batched_scoring_and_greedy_generation_in_other_architectures(arch):
         assert generate(lm, [q], max_new_tokens=6)[0][0].text == answer.text
 
 
+def test_a_model_that_reads_its_padding_answers_each_prompt_as_alone(tiny):
+    """RWKV reads no attention mask: left-padded into a batch, a shorter prompt's pads
+    entered its state and its greedy answer changed, in silence. Such a model (found by one
+    generation step, alone and padded) is batched by prompt length, without padding."""
+    from unpact.scoring import reads_padding
+    from unpact.testing import tiny_other
+
+    assert not reads_padding(tiny)
+    lm = tiny_other("rwkv")
+    assert reads_padding(lm)
+    questions = ["the cat sat on the mat today and", "a dog", "on the mat", "a red sky"]
+    batched = generate(lm, questions, max_new_tokens=5, chat_template=False)
+    for q, (answer,) in zip(questions, batched):
+        alone = generate(lm, [q], max_new_tokens=5, chat_template=False)[0][0]
+        assert alone.token_ids == answer.token_ids
+
+
 def test_one_string_where_a_list_goes_is_one_clear_error(tiny):
     """`generate(lm, "a question")` was read as a list of characters (and failed on the
     first space as "empty prompt"); lists of different lengths failed inside zip()."""
