@@ -189,7 +189,7 @@ _RECURRENT = re.compile(
 
 def _layers_without_keys(model: Any) -> str | None:
     body, _ = lm_body_and_head(model)
-    if not _takes_cache(body):  # GPT-1, XLM: no cache to continue from at all
+    if not _takes_cache(body):  # GPT-1: no cache to continue from at all
         return type(body).__name__
     types = [str(t) for t in getattr(text_config(model), "layer_types", None) or []]
     named = [t for t in types if t not in _PLAIN]  # the config's own names for them
@@ -447,8 +447,8 @@ def final_norm(model: Any) -> Any:
 def head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     """Float32 logits from final hidden states: LM head, then what some architectures do
     to the head's output (Cohere's `logit_scale`, Granite's `logits_scaling`, Falcon-H1's
-    `lm_head_multiplier`, Gemma 2's and RecurrentGemma's soft-capping); `check_head` tests a loaded model
-    against its own forward."""
+    `lm_head_multiplier`, Gemma 2's and RecurrentGemma's soft-capping); `check_head` tests
+    a loaded model against its own forward."""
     _, head = lm_body_and_head(model)
     logits = head(hidden).float()
     scale = getattr(model, "logit_scale", None)  # Cohere multiplies its logits
