@@ -216,12 +216,16 @@ def test_a_model_with_recurrent_layers_scores_whole_variants(arch, tmp_path, cap
     is refused naming the layers. Loaded on the CPU, transformers' advice to install the
     layers' CUDA kernels is not printed."""
     from unpact.models import load_model, save_model
-    from unpact.scoring import answer_distributions
+    from unpact.scoring import _takes_cache, answer_distributions, lm_body_and_head
     from unpact.testing import tiny_other
 
     made = tiny_other(arch)
     save_model(made.model, made.tokenizer, tmp_path / arch)
     capfd.readouterr()
+    if arch == "recurrent_gemma" and not _takes_cache(lm_body_and_head(made.model)[0]):
+        with pytest.raises(UnpactError, match="keeps its recurrent state inside its layers"):
+            load_model(str(tmp_path / arch))  # transformers 5.0's: refused, not scored wrong
+        return
     lm = load_model(str(tmp_path / arch))
     pairs = [("the cat sat on a red mat today", " blue sky"), ("the cat sat on it", " no")]
     plain = {"chat_template": False}  # short sequences: Mamba's reference scan is a loop
