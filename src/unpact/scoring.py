@@ -1114,8 +1114,7 @@ def reads_padding(lm: LanguageModel) -> bool:
     `generate` on a short prompt, alone and after two pads, compared once per model."""
     model = lm.model
     if model not in _PADDING:
-        pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-        prompt = [t for t in range(3, 9) if t != pad][:4]
+        prompt = [t for t in range(3, 9) if t != _pad_id(lm)][:4]
         alone, padded = (_first_logits(lm, r) for r in ([prompt], [prompt, [*prompt, *prompt[:2]]]))
         # half precision moves logits with the batch's shape alone (a pad read moves more)
         rounding = 1e-3 if next(model.parameters()).dtype == torch.float32 else 3e-2
@@ -1125,8 +1124,9 @@ def reads_padding(lm: LanguageModel) -> bool:
 
 
 def _first_logits(lm: LanguageModel, rows: list[list[int]]) -> torch.Tensor:
-    """The logits of greedy generation's first step for each row, left-padded together."""
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    """The logits of greedy generation's first step for each row, left-padded together as
+    `_generate_batch` pads them."""
+    pad = _pad_id(lm)
     ids, mask = left_padded(rows, pad)
     with quiet_padding_warning():
         out = lm.model.generate(
@@ -1138,9 +1138,7 @@ def _first_logits(lm: LanguageModel, rows: list[list[int]]) -> torch.Tensor:
             return_dict_in_generate=True,
             pad_token_id=pad,
             **_NEUTRAL_DECODING,
-            temperature=None,
-            top_k=None,
-            top_p=None,
+            **_GREEDY,
         )
     return out.logits[0].float().cpu()  # (rows, vocab)
 
@@ -1172,6 +1170,16 @@ _NEUTRAL_DECODING: dict[str, Any] = {
 }
 
 
+# greedy decoding: none of the sampling knobs a generation_config may set
+_GREEDY: dict[str, Any] = {"temperature": None, "top_k": None, "top_p": None}
+
+
+def _pad_id(lm: LanguageModel) -> int:
+    """The id generation pads prompts with: the tokenizer's pad token, else its EOS."""
+    tok = lm.tokenizer
+    return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+
+
 def _generate_batch(
     lm: LanguageModel,
     prompts: Sequence[Sequence[int]],
@@ -1181,7 +1189,7 @@ def _generate_batch(
     num_return_sequences: int,
 ) -> list[Generation]:
     tok = lm.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = _pad_id(lm)
     input_ids, mask = left_padded(prompts, pad)
     width = input_ids.shape[1]
     sampling = seed is not None
@@ -1196,7 +1204,7 @@ def _generate_batch(
     if sampling:
         kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
     else:
-        kwargs.update(temperature=None, top_k=None, top_p=None)
+        kwargs.update(_GREEDY)
     with forked_rng(lm.device), quiet_padding_warning():
         if sampling:
             torch.manual_seed(seed)
