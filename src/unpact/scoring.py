@@ -197,6 +197,8 @@ def _layers_without_keys(model: Any) -> str | None:
     if found is None:
         kinds = [type(m).__name__ for m in body.modules() if _RECURRENT.search(type(m).__name__)]
         found = ", ".join(dict.fromkeys(named or kinds)) if kinds else None
+    if found is None and not _returns_cache(body):  # XLM: a cache of its own, or none
+        return type(body).__name__
     return found
 
 
@@ -209,6 +211,19 @@ def _takes_cache(body: Any) -> bool:
     except (TypeError, ValueError):
         return True
     return bool({"cache", "past_key_values", "cache_params", "state"} & set(taken))
+
+
+def _returns_cache(body: Any) -> bool:
+    """Whether a 2-token forward of the body returns a transformers `Cache` to continue
+    from: XLM's forward takes a `cache`, a dict of its own, and returns none (a model of
+    its own code returning legacy tuples scores whole variants too)."""
+    from transformers.cache_utils import Cache
+
+    device = next(body.parameters()).device
+    with torch.no_grad():
+        out = body(input_ids=torch.tensor([[1, 2]], device=device), use_cache=True)
+    found = [out.get(k) for k in ("cache", "past_key_values")]
+    return any(isinstance(c, Cache) for c in found)
 
 
 def _cache_layout(model: Any, types: list[str], named: list[str]) -> str | None:
@@ -496,7 +511,8 @@ def check_head(model: Any, spec: str = "") -> None:
     device = next(model.parameters()).device
     vocab = model.get_output_embeddings().weight.shape[0]
     ids = torch.tensor([[1 % vocab, 2 % vocab, 3 % vocab, 4 % vocab]], device=device)
-    own = model(input_ids=ids, use_cache=False).logits[0, -1].float()
+    with models_own_code(model, "a forward pass on 4 tokens", "score", spec):
+        own = model(input_ids=ids, use_cache=False).logits[0, -1].float()
     if not bool(torch.isfinite(own).all()):
         where = non_finite_weight(model)
         raise UnpactError(
@@ -513,6 +529,24 @@ def check_head(model: Any, spec: str = "") -> None:
             "them in a way unpact's scoring kernel does not reproduce, so its scores would be "
             "wrong; this architecture is not supported"
         )
+
+
+@contextmanager
+def models_own_code(model: Any, what: str, cannot: str, spec: str = "") -> Iterator[None]:
+    """An error raised by the model's own code (or transformers' for it) while doing `what`
+    becomes one message, naming the model, not a traceback: an architecture unpact's calls
+    do not suit (xmod: "Input language unknown"), which unpact then `cannot` do. Running out
+    of memory keeps its own error."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, UnpactError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        name = type(model).__name__
+        raise UnpactError(
+            f"{spec or name}: {what} of this {name} fails in the model's own code "
+            f"({type(e).__name__}: {e}); unpact cannot {cannot} it"
+        ) from e
 
 
 def head_logprobs(model: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -1128,7 +1162,8 @@ def _first_logits(lm: LanguageModel, rows: list[list[int]]) -> torch.Tensor:
     `_generate_batch` pads them."""
     pad = _pad_id(lm)
     ids, mask = left_padded(rows, pad)
-    with quiet_padding_warning():
+    own_code = models_own_code(lm.model, "transformers' generate", "generate with", lm.spec)
+    with quiet_padding_warning(), own_code:
         out = lm.model.generate(
             input_ids=ids.to(lm.device),
             attention_mask=mask.to(lm.device),
@@ -1208,9 +1243,10 @@ def _generate_batch(
     with forked_rng(lm.device), quiet_padding_warning():
         if sampling:
             torch.manual_seed(seed)
-        generated = lm.model.generate(
-            input_ids=input_ids.to(lm.device), attention_mask=mask.to(lm.device), **kwargs
-        )
+        with models_own_code(lm.model, "transformers' generate", "generate with", lm.spec):
+            generated = lm.model.generate(
+                input_ids=input_ids.to(lm.device), attention_mask=mask.to(lm.device), **kwargs
+            )
     stops = set(stop_ids(lm))
     results = []
     for row in generated[:, width:].tolist():

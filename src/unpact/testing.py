@@ -120,17 +120,19 @@ WINDOW = 16  # the sliding window of tiny_other's `mistral` and `gemma2`
 
 def tiny_other(arch: str, seed: int = 0) -> LanguageModel:
     """A 2-layer model of another architecture than Llama, with the tiny tokenizer: `gpt2`
-    (learned positions, `h`, Conv1D), `opt` (`decoder.layers`, fc1/fc2; `opt_proj`: as
-    OPT-350m, post-norm with projections in and out of the residual stream), `gpt_neox`
+    (learned positions, `h`, Conv1D), `openai_gpt` (GPT-1: no cache), `xlm` (a `cache` of
+    its own, none returned), `opt` (`decoder.layers`, fc1/fc2; `opt_proj`: as OPT-350m,
+    post-norm with projections in and out of the residual stream), `gpt_neox`
     (`embed_in`, `final_layer_norm`), `qwen2` (biased q/k/v), `qwen3` (an RMSNorm of each
     head's queries and keys), `cohere` (a LayerNorm without bias named like an RMSNorm:
     `variance_epsilon`), `gemma` (scaled embeddings), `mistral` (every layer attends to a
     sliding window of `WINDOW` tokens), `gemma2` (every other layer does), `bloom` (ALiBi
     biases built from a 2-D mask), `mamba` (state-space layers), `falcon_h1` (attention
-    and state-space heads side by side, multipliers on its embeddings and logits), `qwen3_next`
-    (linear-attention layers beside full attention: a recurrent state), `mixtral` and
-    `gpt_oss` (mixtures of experts) and `gemma3_vl` (a vision-language model: the text
-    model is its `language_model`)."""
+    and state-space heads side by side, multipliers on its embeddings and logits),
+    `qwen3_next` (linear-attention layers beside full attention: a recurrent state),
+    `recurrent_gemma` and `rwkv` (recurrent blocks), `mixtral`, `gpt_oss` and
+    `llama4_text` (mixtures of experts), `gemma4_text` (per-layer token embeddings) and
+    `gemma3_vl` (a vision-language model: the text model is its `language_model`)."""
     import transformers as tf
 
     tok = tiny_tokenizer()
@@ -165,6 +167,8 @@ def _other_configs(vocab_size: int) -> dict[str, Any]:
         "openai_gpt": lambda: tf.OpenAIGPTConfig(
             n_embd=64, n_layer=2, n_head=4, n_positions=256, **ids
         ),
+        # XLM as a causal LM: its forward takes a `cache` (a dict of its own) and returns none
+        "xlm": lambda: tf.XLMConfig(emb_dim=64, n_layers=2, n_heads=4, causal=True, **ids),
         "opt": lambda: tf.OPTConfig(**opt),
         # OPT-350m's kind: post-norm layers, no final norm, embeddings narrower than the
         # residual stream (project_in / project_out)

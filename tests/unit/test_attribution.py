@@ -205,12 +205,15 @@ def test_a_model_without_explicit_masks_scores_whole_variants(arch):
         )
 
 
-@pytest.mark.parametrize("arch", ["mamba", "qwen3_next", "recurrent_gemma", "rwkv", "openai_gpt"])
+@pytest.mark.parametrize(
+    "arch", ["mamba", "qwen3_next", "recurrent_gemma", "rwkv", "openai_gpt", "xlm"]
+)
 def test_a_model_with_recurrent_layers_scores_whole_variants(arch, tmp_path, capfd):
     """Mamba's state-space layers, Qwen3-Next's linear-attention layers, RecurrentGemma's
     recurrent blocks (its logits soft-capped, once refused as unreproduced) and RWKV's
     cache a recurrent state, not keys and values, and GPT-1 caches nothing (both once
-    failed on "KeyError: 'cache'"): attribution's fast path (and every shared prompt
+    failed on "KeyError: 'cache'", as XLM, whose `cache` is a dict of its own that it does
+    not return, did): attribution's fast path (and every shared prompt
     prefix) failed on "'LinearAttentionLayer' object has no attribute 'keys'". Such a model
     scores whole variants, equal to the naive loop; shared prefixes are not shared; 'mask'
     is refused naming the layers. Loaded on the CPU, transformers' advice to install the
@@ -245,7 +248,7 @@ def test_a_model_with_recurrent_layers_scores_whole_variants(arch, tmp_path, cap
         alone = [answer_distributions(lm.model, [p], [a])[0] for p, a in encoded]
     assert all(torch.allclose(x, y, atol=1e-4) for x, y in zip(shared, alone))
     # named as the config does, or (transformers before the layouts) by the layer's class
-    mixing = r"(linear_attention|MambaMixer|RwkvSelfAttention|OpenAIGPTModel)"
+    mixing = r"(linear_attention|MambaMixer|RwkvSelfAttention|OpenAIGPTModel|XLMModel)"
     with pytest.raises(UnpactError, match=rf"baseline 'mask'.*its {mixing} layers keep"):
         attribute(lm, *pairs[0], baseline="mask", **plain)
     assert "falling back to its reference PyTorch" not in capfd.readouterr().err

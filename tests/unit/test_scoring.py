@@ -488,3 +488,38 @@ def test_chat_template_takes_true_false_or_none_not_a_file(tiny):
             call(0)
         for flag in (True, False, None):
             call(flag)
+
+
+def test_an_error_in_the_models_own_code_is_one_message():
+    """X-MOD's forward raises "Input language unknown" until a language is set, and
+    transformers' generate failed inside a BART decoder's cache: each was a traceback from
+    the model's code. It is one message naming the model and the error; running out of
+    memory keeps its own error."""
+    import torch
+
+    from unpact.scoring import check_head, generate
+    from unpact.testing import tiny_model
+
+    lm = tiny_model(seed=5)
+
+    def unknown(_m, _args):
+        raise ValueError("Input language unknown")
+
+    handle = lm.model.model.register_forward_pre_hook(unknown)
+    try:
+        with pytest.raises(UnpactError, match=r"forward pass .* \(ValueError: Input language unk"):
+            check_head(lm.model, "my-xmod")
+        with pytest.raises(UnpactError, match=r"transformers' generate .*cannot generate with"):
+            generate(lm, ["hello"], max_new_tokens=2, chat_template=False)
+    finally:
+        handle.remove()
+
+    def out_of_memory(_m, _args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    handle = lm.model.model.register_forward_pre_hook(out_of_memory)
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            check_head(lm.model)
+    finally:
+        handle.remove()
