@@ -488,6 +488,7 @@ def load_model(
     model.eval()
     if target.type == "cpu":
         _quiet_cuda_kernel_advice()
+    _quiet_unused_mask(model)
     check_head(model, spec)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -496,9 +497,22 @@ def load_model(
     return LanguageModel(model=model, tokenizer=tokenizer, spec=spec)
 
 
-class _CudaKernelAdvice(logging.Filter):
+class _Unsaid(logging.Filter):
+    """Drops a library's log records that contain `text`."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "falling back to its reference PyTorch implementation" not in record.getMessage()
+        return self.text not in record.getMessage()
+
+
+def _unsaid(logger_name: str, text: str) -> None:
+    """From now on, `logger_name`'s records containing `text` are not printed (once)."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, _Unsaid) and f.text == text for f in logger.filters):
+        logger.addFilter(_Unsaid(text))
 
 
 def _quiet_cuda_kernel_advice() -> None:
@@ -507,9 +521,18 @@ def _quiet_cuda_kernel_advice() -> None:
     reference PyTorch implementation because `mamba_ssm` is not installed ..."): five
     library warnings in normal output that a CPU can do nothing about. A model on a GPU
     keeps it (there, the kernels are worth installing)."""
-    logger = logging.getLogger("transformers.integrations.hub_kernels")
-    if not any(isinstance(f, _CudaKernelAdvice) for f in logger.filters):
-        logger.addFilter(_CudaKernelAdvice())
+    _unsaid(
+        "transformers.integrations.hub_kernels",
+        "falling back to its reference PyTorch implementation",
+    )
+
+
+def _quiet_unused_mask(model: Any) -> None:
+    """Without RWKV's "`attention_mask` was passed, but it is unused in this model" at the
+    first scoring: a recurrent model reads no mask, and unpact needs none there (scores
+    pad after the tokens they read, greedy batches of a model that reads padding hold
+    prompts of one length: `scoring.reads_padding`, samples run one prompt at a time)."""
+    _unsaid(type(model).__module__, "`attention_mask` was passed, but it is unused")
 
 
 def _no_bpe_cleanup(tokenizer: Any) -> None:

@@ -222,8 +222,8 @@ def _returns_cache(body: Any) -> bool:
     device = next(body.parameters()).device
     with torch.no_grad():
         out = body(input_ids=torch.tensor([[1, 2]], device=device), use_cache=True)
-    found = [out.get(k) for k in ("cache", "past_key_values")]
-    return any(isinstance(c, Cache) for c in found)
+    # by its keys: reading an absent `past_key_values` warns that the name is deprecated
+    return any(isinstance(out[k], Cache) for k in out if k in ("cache", "past_key_values"))
 
 
 def _cache_layout(model: Any, types: list[str], named: list[str]) -> str | None:
