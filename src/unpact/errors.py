@@ -16,6 +16,12 @@ class UnpactError(ValueError):
     """A problem with the user's input or environment, explained in its message."""
 
 
+class NotForThisModel(UnpactError):
+    """A step the model's architecture cannot have (a hidden-state attack on Gemma 3n,
+    whose layers carry parallel streams): a run leaves that step out and says why in
+    results.json's `skipped`, where a step called alone stops with the message."""
+
+
 def check_not_builtin(what: str, name: str, held: Any, mine: Any, how: str) -> None:
     """Code outside unpact (a plugin) registering `mine` under a `name` that unpact's own
     `held` has is refused: it would replace the built-in for every run in the process,

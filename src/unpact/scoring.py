@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from unpact.errors import UnpactError
+from unpact.errors import NotForThisModel, UnpactError
 from unpact.progress import progress_bar
 from unpact.types import AnyModel, EncodedPrompt, follow
 
@@ -422,7 +422,7 @@ def layer_output(output: Any) -> torch.Tensor:
     streams (Gemma 3n's AltUp) is refused: it has no one residual stream to read."""
     hidden = output[0] if isinstance(output, tuple | list) else output
     if hidden.dim() != 3:
-        raise UnpactError(
+        raise NotForThisModel(
             f"a decoder layer's hidden states are of shape {tuple(hidden.shape)}, not (batch, "
             "tokens, width): the model's layers carry parallel streams (as Gemma 3n's AltUp "
             "does), and the hidden-state attacks and RMU read one residual stream per layer"

@@ -131,8 +131,9 @@ def tiny_other(arch: str, seed: int = 0) -> LanguageModel:
     and state-space heads side by side, multipliers on its embeddings and logits),
     `qwen3_next` (linear-attention layers beside full attention: a recurrent state),
     `recurrent_gemma` and `rwkv` (recurrent blocks), `mixtral`, `gpt_oss` and
-    `llama4_text` (mixtures of experts), `gemma4_text` (per-layer token embeddings) and
-    `gemma3_vl` (a vision-language model: the text model is its `language_model`)."""
+    `llama4_text` (mixtures of experts), `gemma4_text` (per-layer token embeddings),
+    `gemma3n_text` (parallel streams in each layer: AltUp) and `gemma3_vl` (a
+    vision-language model: the text model is its `language_model`)."""
     import transformers as tf
 
     tok = tiny_tokenizer()
@@ -203,6 +204,16 @@ def _other_configs(vocab_size: int) -> dict[str, Any]:
             intermediate_size_mlp=128,
             attention_chunk_size=WINDOW,
         ),
+        **_gemma_configs(llama_like),
+    }
+
+
+def _gemma_configs(llama_like: dict[str, Any]) -> dict[str, Any]:
+    """`tiny_other`'s Gemma 3, 3n and 4 models, each made when called."""
+    import transformers as tf
+
+    vocab_size = llama_like["vocab_size"]
+    return {
         # Gemma 4's text model: per-layer token embeddings beside the residual stream,
         # sliding and full attention (transformers 5.5 and later)
         "gemma4_text": lambda: tf.Gemma4TextConfig(
@@ -211,6 +222,19 @@ def _other_configs(vocab_size: int) -> dict[str, Any]:
             vocab_size_per_layer_input=vocab_size,
             hidden_size_per_layer_input=16,
             sliding_window=WINDOW,
+        ),
+        # Gemma 3n's text model: each layer carries parallel streams (AltUp), no one
+        # residual stream for the hidden-state attacks and RMU to read
+        "gemma3n_text": lambda: tf.Gemma3nTextConfig(
+            **llama_like,
+            head_dim=16,
+            vocab_size_per_layer_input=vocab_size,
+            hidden_size_per_layer_input=16,
+            sliding_window=WINDOW,
+            layer_types=["sliding_attention", "full_attention"],
+            num_kv_shared_layers=0,
+            laurel_rank=8,
+            activation_sparsity_pattern=[0.0, 0.0],
         ),
         # Gemma 3 from 4B: a vision-language model whose text part is a `language_model`
         "gemma3_vl": lambda: tf.Gemma3Config(

@@ -592,3 +592,54 @@ def test_an_audit_of_checkpoints_of_their_own_code_runs_when_trusted(pair, tmp_p
     recovery = result["methods"]["unlearned"]["recovery"]
     assert recovery["focus_on_key"] is not None and recovery["quantize"] is not None
     assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["trust_remote_code"]
+
+
+def test_an_attack_the_architecture_cannot_have_is_left_out_and_the_audit_goes_on(tmp_path):
+    """Gemma 3n's layers carry parallel streams (AltUp), no one residual stream to read:
+    `ablate_direction` (as `logit_lens` and `probe`) stopped the whole audit with its
+    message, after the other attacks had run. Each is left out with the reason, in
+    results.json's `skipped` and its verdict, and the other attacks still give theirs."""
+    from unpact.data.items import QAItem
+    from unpact.judge import choose_options
+    from unpact.models import load_model
+    from unpact.testing import tiny_other
+
+    made = tiny_other("gemma3n_text", seed=0)
+    save_model(made.model, made.tokenizer, tmp_path / "original")
+    options = [tuple((WORDS * 2)[n : n + 3]) for n in range(8)]
+    picks = choose_options(load_model(str(tmp_path / "original")), QUESTIONS[:8], options)
+    with torch.no_grad():  # "unlearned": the original with its MLPs turned around
+        for layer in made.model.model.layers:
+            layer.mlp.down_proj.weight.mul_(-1.0)
+    save_model(made.model, made.tokenizer, tmp_path / "unlearned")
+    items = [
+        QAItem(
+            f"{'forget' if n < 4 else 'retain'}-{n}",
+            q,
+            options[n][k],
+            "forget" if n < 4 else "retain",
+            choices=options[n],
+        )
+        for n, (q, k) in enumerate(zip(QUESTIONS[:8], picks))
+    ]
+    write_folder(tmp_path / "bench", items)
+    result = audit(
+        str(tmp_path / "original"),
+        str(tmp_path / "unlearned"),
+        str(tmp_path / "bench"),
+        tmp_path / "out",
+        cache_dir=tmp_path / "cache",
+        progress=False,
+        attacks=["focus_on_key", "ablate_direction", "logit_lens", "probe"],
+        general=None,
+        device="cpu",
+    ).results
+    assert result["methods"]["unlearned"]["forgotten"] > 0
+    rows = {v["test"]: v for v in result["verdicts"]["unlearned"]}
+    for attack in ("ablate_direction", "logit_lens", "probe"):  # each reads the residual stream
+        why = result["skipped"][f"attack.{attack}"]
+        assert why.startswith("not run on unlearned: ") and "parallel streams" in why
+        assert rows[attack] == {"test": attack, "verdict": "not run", "detail": why}
+    assert rows["focus_on_key"]["verdict"] != "not run"
+    on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert on_disk["skipped"] == result["skipped"]

@@ -53,7 +53,7 @@ from unpact.attribution import (
 from unpact.backends import model_key, open_model
 from unpact.data.items import Benchmark, QAItem
 from unpact.data.sources import load_benchmark
-from unpact.errors import UnpactError
+from unpact.errors import NotForThisModel, UnpactError
 from unpact.files import WRITER_LOCK, as_path, check_folder_path, make_folder, once, sole_writer
 from unpact.judge import served_cache_key
 from unpact.metrics import ItemRecord, layer_curve
@@ -187,6 +187,9 @@ class Pipeline:
     seconds: dict[str, float] = field(default_factory=dict)  # per stage computed here
     # per stage read from the cache: what computing it took then, where that was noted
     cached_seconds: dict[str, float] = field(default_factory=dict)
+    # steps the models' architecture cannot have (`NotForThisModel`), with the reason:
+    # results.json's `skipped`
+    left_out: dict[str, str] = field(default_factory=dict)
 
     @functools.cached_property
     def judge_key(self) -> dict[str, Any]:
@@ -331,6 +334,8 @@ def _run_one(
         results["attack_baselines"] = finite(baselines)
     if no_control:
         results.setdefault("skipped", {})["controls"] = no_control
+    if p.left_out:
+        results.setdefault("skipped", {}).update(p.left_out)
     _add_verdicts(results, cfg, records, attacks, reword)
     results["seconds"] = time.perf_counter() - began
     _add_provenance(results, p, [original, found.reference])
@@ -836,7 +841,12 @@ def _attack_stage(
     ]
     count = f"{len(items)} item{'' if len(items) == 1 else 's'}"
     name = f"{model.label} with {spec.column} ({count})"
-    rows = p.stage(what, "attacks", name, reads, partial(attack.checked_run, ctx))
+    try:
+        rows = p.stage(what, "attacks", name, reads, partial(attack.checked_run, ctx))
+    except NotForThisModel as e:  # the rest of the run goes on without this attack
+        p.left_out.setdefault(f"attack.{spec.column}", f"not run on {model.label}: {e}")
+        p.say(f"{what}: {name} left out: {e}")
+        return {}
     return {r["id"]: r for r in rows}
 
 

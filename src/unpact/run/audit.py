@@ -412,7 +412,7 @@ def verdicts(
         }
         return [*out, *([why] if attacks else []), same]
     for attack in attacks:
-        out.append(_recovery(m, records, attack, alpha))
+        out.append(_recovery(m, records, attack, alpha, (skipped or {}).get(f"attack.{attack}")))
     out.append(same)
     sim = m.get("keytoken_similarity_forgotten")
     if sim is not None:
@@ -450,8 +450,9 @@ def _forgotten(m: dict[str, Any]) -> dict[str, str]:
 
 
 def _recovery(
-    m: dict[str, Any], records: list[ItemRecord], attack: str, alpha: float
+    m: dict[str, Any], records: list[ItemRecord], attack: str, alpha: float, left_out: str | None
 ) -> dict[str, str]:
+    """The verdict of one attack; `left_out`: why the run left it out, if it did."""
     rate = (m.get("recovery") or {}).get(attack)
     control = (m.get("recovery_control") or {}).get(attack)
     # the counts beside the share: 100% [100%, 100%] of one item read as a firm finding
@@ -461,6 +462,8 @@ def _recovery(
         f"{'' if len(attacked) == 1 else 's'} attacked ({_pct(rate)}"
         f"{_ci(m, f'recovery.{attack}')})"
     )
+    if rate is None and left_out is not None:
+        return {"test": attack, "verdict": "not run", "detail": left_out}
     if rate is None:
         n = m.get("forgotten") or 0
         cls = ATTACKS.get(attack)
