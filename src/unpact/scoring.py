@@ -444,7 +444,7 @@ def decoder_layers(model: Any) -> torch.nn.ModuleList:
     found = _first_module(body, _LAYER_PATHS, torch.nn.ModuleList)
     if found is not None and len(found):
         return found
-    raise UnpactError(
+    raise NotForThisModel(
         f"{type(model).__name__}: cannot find its decoder layers (looked for "
         f"{', '.join(_LAYER_PATHS)} on {type(body).__name__})"
     )

@@ -676,3 +676,21 @@ def test_the_python_api_takes_a_mapping_config_and_names_a_wrong_argument(bench,
         unlearn(tiny_model(), bench, resolved, None, progress=False)
     with pytest.raises(TypeError, match=r"not LanguageModel LanguageModel\(.{0,50}\.\.\.$"):
         inject(tiny_model(), bench, {"max_epochs": 1}, cache_dir=tmp_path / "i")
+
+
+def test_a_model_without_one_list_of_decoder_blocks_unlearns_and_rmu_says_why(bench, tmp_path):
+    """XLM as a causal LM keeps its attentions and feed-forwards in lists side by side, no
+    one list of decoder blocks: every unlearning stopped on "cannot find its decoder
+    layers", looked for to check RMU's layer settings. GA unlearns it; RMU, which reads a
+    block's output, is one message naming the model's class."""
+    from unpact.errors import NotForThisModel
+    from unpact.testing import tiny_other
+
+    base = tiny_other("xlm")
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    cfg = resolve_config("ga", overrides=["steps=2", "lr=1e-3"])
+    w = _weights(unlearn(base, bench, cfg, tmp_path / "ga", progress=False))
+    assert any(not torch.equal(w[k], before[k]) for k in w)
+    rmu = resolve_config("rmu", overrides=["steps=1", "layer=1", "update_layers=[1]"])
+    with pytest.raises(NotForThisModel, match=r"XLMWithLMHeadModel: cannot find its decoder"):
+        unlearn(tiny_other("xlm"), bench, rmu, tmp_path / "rmu", progress=False)

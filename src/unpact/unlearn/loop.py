@@ -210,7 +210,7 @@ def unlearn(
         start_step = _prepare_out(out, resolved, resume, accelerator, held)
         set_seed(config.seed)
         lm = load_model(model) if isinstance(model, str) else model
-        method.check_depth(len(decoder_layers(lm.model)))
+        _check_depth(method, lm.model)
         net = lm.model
         forget = encode_items(lm, forget_items)
         retain = encode_items(lm, retain_items)
@@ -248,6 +248,15 @@ def unlearn(
         return _finish(
             accelerator, wrapped, method, config, original, lm, out, steps, seconds, last
         )
+
+
+def _check_depth(method: Method, model: Any) -> None:
+    """A method's layer settings (RMU's) against the model's decoder blocks, before anything
+    is trained. A method that names no layer does not look for them: a model without one
+    list of decoder blocks (XLM's attentions and ffns side by side) unlearns by GA or NPO
+    as any other."""
+    if type(method).check_depth is not Method.check_depth:
+        method.check_depth(len(decoder_layers(model)))
 
 
 def _finish(
