@@ -189,7 +189,7 @@ _RECURRENT = re.compile(
 
 def _layers_without_keys(model: Any) -> str | None:
     body, _ = lm_body_and_head(model)
-    if not _takes_cache(body):  # GPT-1: no cache to continue from at all
+    if not _takes_cache(body):  # GPT-1, XLM: no cache to continue from at all
         return type(body).__name__
     types = [str(t) for t in getattr(text_config(model), "layer_types", None) or []]
     named = [t for t in types if t not in _PLAIN]  # the config's own names for them
@@ -197,33 +197,24 @@ def _layers_without_keys(model: Any) -> str | None:
     if found is None:
         kinds = [type(m).__name__ for m in body.modules() if _RECURRENT.search(type(m).__name__)]
         found = ", ".join(dict.fromkeys(named or kinds)) if kinds else None
-    if found is None and not _returns_cache(body):  # XLM: a cache of its own, or none
-        return type(body).__name__
     return found
 
 
 def _takes_cache(body: Any) -> bool:
     """Whether the body's forward names a cache among its arguments (`cache` from
     transformers 5.x, `past_key_values` before; Mamba's `cache_params`, RWKV's `state`).
-    GPT-1's names none: it computes every position each time."""
+    GPT-1's names none: it computes every position each time. XLM's `cache` is a dict of
+    its own (annotated so, read without running the model), which its forward never
+    returns: nothing to continue from either."""
     try:
         taken = inspect.signature(body.forward).parameters
     except (TypeError, ValueError):
         return True
+    if "cache" in taken:
+        hint = str(taken["cache"].annotation)
+        if "dict" in hint and "Cache" not in hint:
+            return False
     return bool({"cache", "past_key_values", "cache_params", "state"} & set(taken))
-
-
-def _returns_cache(body: Any) -> bool:
-    """Whether a 2-token forward of the body returns a transformers `Cache` to continue
-    from: XLM's forward takes a `cache`, a dict of its own, and returns none (a model of
-    its own code returning legacy tuples scores whole variants too)."""
-    from transformers.cache_utils import Cache
-
-    device = next(body.parameters()).device
-    with torch.no_grad():
-        out = body(input_ids=torch.tensor([[1, 2]], device=device), use_cache=True)
-    # by its keys: reading an absent `past_key_values` warns that the name is deprecated
-    return any(isinstance(out[k], Cache) for k in out if k in ("cache", "past_key_values"))
 
 
 def _cache_layout(model: Any, types: list[str], named: list[str]) -> str | None:
