@@ -192,3 +192,31 @@ def test_a_bare_name_stands_for_a_method_or_an_attack():
     ):
         with pytest.raises(UnpactError, match=rf"{key}: expected an? \w+'s name"):
             load_config(wrong)
+
+
+def test_a_step_the_models_architecture_cannot_have_is_left_out_with_the_reason(tmp_path):
+    """`Pipeline.fitting`: an attack (or an attack's baseline on the original) that meets
+    `NotForThisModel` is left out under its key with the model and the reason, said in the
+    log, and the run goes on; any other user error still stops it."""
+    import pytest
+
+    from unpact.errors import NotForThisModel, UnpactError
+    from unpact.run import Pipeline
+
+    said: list[str] = []
+    p = Pipeline(None, tmp_path, said.append, False)  # type: ignore[arg-type]
+    assert p.fitting("attack.a", "unlearned", lambda: [1]) == [1]
+
+    def unfit() -> None:
+        raise NotForThisModel("no one residual stream")
+
+    assert p.fitting("attack_baseline.a", "original", unfit) is None
+    assert p.fitting("attack_baseline.a", "original", unfit) is None  # the first reason kept
+    assert p.left_out == {"attack_baseline.a": "not run on original: no one residual stream"}
+    assert said == ["attack_baseline.a left out on original: no one residual stream"] * 2
+
+    def wrong() -> None:
+        raise UnpactError("a mistake")
+
+    with pytest.raises(UnpactError, match="a mistake"):
+        p.fitting("attack.b", "unlearned", wrong)

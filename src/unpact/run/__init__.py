@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -115,6 +115,7 @@ from unpact.types import AnyModel, is_remote_spec
 # (The answer's side, `Answer: ` + `ĠParis`, is keyed by `models.SPACED_TEMPLATE_RULE` in
 # the keys of the models whose templates it changes, not here.)
 STAGES_FORMAT = 5
+_T = TypeVar("_T")
 SPLITS = ("forget", "retain", "general")
 
 
@@ -239,6 +240,17 @@ class Pipeline:
         rows = self.timed(label, compute)
         stage.write(rows, self.seconds[label])
         return stage.read()
+
+    def fitting(self, key: str, on: str, compute: Callable[[], _T]) -> _T | None:
+        """`compute()`, or None where the model `on` cannot have it (`NotForThisModel`, its
+        architecture): the reason goes to results.json's `skipped[key]` and the log, and
+        the run goes on without it."""
+        try:
+            return compute()
+        except NotForThisModel as e:
+            self.left_out.setdefault(key, f"not run on {on}: {e}")
+            self.say(f"{key} left out on {on}: {e}")
+            return None
 
     def noted(self, name: str, seconds: float | None) -> None:
         """A stage read from the cache, with the time computing it took then (if known)."""
@@ -841,13 +853,12 @@ def _attack_stage(
     ]
     count = f"{len(items)} item{'' if len(items) == 1 else 's'}"
     name = f"{model.label} with {spec.column} ({count})"
-    try:
-        rows = p.stage(what, "attacks", name, reads, partial(attack.checked_run, ctx))
-    except NotForThisModel as e:  # the rest of the run goes on without this attack
-        p.left_out.setdefault(f"attack.{spec.column}", f"not run on {model.label}: {e}")
-        p.say(f"{what}: {name} left out: {e}")
-        return {}
-    return {r["id"]: r for r in rows}
+    rows = p.fitting(
+        f"attack.{spec.column}",
+        model.label,
+        lambda: p.stage(what, "attacks", name, reads, partial(attack.checked_run, ctx)),
+    )
+    return {r["id"]: r for r in rows or []}
 
 
 def _controls(
@@ -912,13 +923,20 @@ def _baselines(p: Pipeline, data: Data, original: Model) -> dict[str, Any]:
             *attack.key_parts(ctx),
             *_code_version(attack),
         ]
-        rows = p.stage(
-            "attack baseline",
-            "attack_baselines",
-            f"original with {spec.column}",
-            reads,
-            partial(attack.baseline, ctx, data.splits),
+        rows = p.fitting(
+            f"attack_baseline.{spec.column}",
+            "original",
+            partial(
+                p.stage,
+                "attack baseline",
+                "attack_baselines",
+                f"original with {spec.column}",
+                reads,
+                partial(attack.baseline, ctx, data.splits),
+            ),
         )
+        if rows is None:
+            continue
         out[spec.column] = {
             split: sum(r["correct"] for r in got) / len(got)
             for split in SPLITS
