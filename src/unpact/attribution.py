@@ -79,6 +79,9 @@ _CJK = (
     "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
     "\U00020000-\U0002a6df\U0002a700-\U0002ceaf\U0002f800-\U0002fa1f"
 )
+# scripts written without spaces between words, not split into words here (that takes a
+# dictionary): Thai, Lao, Myanmar, Khmer. A clause is one run of letters: one word unit
+_UNSPACED = re.compile("[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff]")
 _LETTER = rf"[^\W{_CJK}]"
 _WORD = re.compile(rf"[{_CJK}]|{_LETTER}+(?:['’]{_LETTER}+)*|[^\w\s]+")
 
@@ -651,9 +654,15 @@ def _item(
     check_fits(i, len(enc.input_ids) + len(answer_ids), lm.max_length)
     units = make_units(lm, enc, unit)
     if len(units) < 2:
+        hint = ""
+        if unit == "word" and _UNSPACED.search(enc.text):
+            hint = (
+                " (a script written without spaces between words, as Thai, makes a clause "
+                "one word: attribute it by token units)"
+            )
         raise UnpactError(
             f"item {i}: the prompt {enc.text!r} is a single {unit}; attribution compares "
-            "units, so it needs at least two"
+            f"units, so it needs at least two{hint}"
         )
     return _Item(enc, answer_text, tuple(answer_ids), units)
 
