@@ -165,7 +165,9 @@ def test_no_holdout_items_skips_with_the_reason(done, tmp_path):
     write_folder(tmp_path / "nohold", [i for i in bench.items if i.split != "holdout"])
     cfg = {**config, "data": {"benchmark": str(tmp_path / "nohold"), "general": None}}
     res = run(cfg, tmp_path / "out", cache_dir=root / "cache", progress=False).results
-    assert "no holdout items" in res["skipped"]["membership"]
+    # the reason is one whole sentence (it ended "compares the forget set with")
+    said = res["skipped"]["membership"]
+    assert "no holdout items" in said and said.endswith("never taught; docs/data.md)")
     assert math.isnan(res["methods"]["ga"]["privleak"] or math.nan)
 
 

@@ -135,7 +135,8 @@ def skip_reason(p: Pipeline, data: Data) -> str | None:
     if not data.holdout and not scored_documents(data, settings):
         return (
             f"benchmark {data.bench.name} has no holdout items or documents (split: holdout), "
-            "the non-members membership inference compares the forget set with"
+            "the non-members membership inference compares the forget set with (facts of the "
+            "same kind the model was never taught; docs/data.md)"
         )
     if not p.cfg.inject.enabled and settings.reference is None:
         return NO_REFERENCE
