@@ -1201,9 +1201,13 @@ _GREEDY: dict[str, Any] = {"temperature": None, "top_k": None, "top_p": None}
 
 
 def _pad_id(lm: LanguageModel) -> int:
-    """The id generation pads prompts with: the tokenizer's pad token, else its EOS."""
+    """The id generation pads prompts with: the tokenizer's pad token, else its EOS, else
+    (a tokenizer that names neither) 0: padding is masked out, so any id does."""
     tok = lm.tokenizer
-    return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    for found in (tok.pad_token_id, tok.eos_token_id, 0):
+        if found is not None:
+            return int(found)
+    return 0
 
 
 def _generate_batch(

@@ -523,3 +523,25 @@ def test_an_error_in_the_models_own_code_is_one_message():
             check_head(lm.model)
     finally:
         handle.remove()
+
+
+def test_a_tokenizer_without_end_or_pad_token_generates():
+    """A tokenizer that names no EOS and no pad token (one trained from scratch) made every
+    generation a TypeError (the pad id was int(None)). Answers run to max_new_tokens (no
+    token stops them), left-padded with id 0, which the mask hides: batched answers equal
+    one-at-a-time ones."""
+    from unpact.scoring import generate
+    from unpact.testing import tiny_model
+
+    lm = tiny_model(seed=5)
+    lm.tokenizer.pad_token = None
+    lm.tokenizer.eos_token = None
+    lm.model.generation_config.eos_token_id = None
+    lm.model.generation_config.pad_token_id = None
+    prompts = ["hi", "a much longer prompt than that"]
+    batched = generate(lm, prompts, max_new_tokens=3, chat_template=False)
+    alone = [generate(lm, [p], max_new_tokens=3, chat_template=False)[0] for p in prompts]
+    assert batched == alone
+    assert all(len(g[0].token_ids) == 3 for g in batched)
+    sampled = generate(lm, prompts, max_new_tokens=3, num_samples=2, chat_template=False)
+    assert [len(s) for s in sampled] == [2, 2]
