@@ -256,9 +256,22 @@ class LanguageModel:
             )
         return chat_template
 
+    def _rendered(self, content: str) -> str:
+        """`render_chat` of one user message; a template that fails to render it (a Jinja
+        syntax error, an undefined name, its own `raise_exception`) is one message naming
+        the model and the ways around it."""
+        try:
+            return render_chat(self.tokenizer, content)
+        except Exception as exc:  # whatever the checkpoint's template raises is its fault
+            raise UnpactError(
+                f"the chat template of {self.spec!r} cannot render one user message "
+                f"({type(exc).__name__}: {exc}); give a working one (--chat-template FILE, "
+                "or `chat_template:` in a run config), or use raw prompts (--no-chat-template)"
+            ) from None
+
     def _chat_prefix_suffix(self) -> TemplateSplit:
         if self._template_split is None:
-            rendered = template_text(self.tokenizer)
+            rendered = self._rendered(_CONTENT_MARKER)
             if rendered.count(_CONTENT_MARKER) != 1:
                 raise UnpactError(
                     f"the chat template of {self.spec!r} does not place the user's message "
@@ -332,7 +345,7 @@ class LanguageModel:
         split = self._chat_prefix_suffix() if chat else TemplateSplit(self.special_prefix(), ())
         encoded = split.around(prompt, chat, self._ids)
         if chat and not self._boundary_warned:
-            rendered = render_chat(self.tokenizer, prompt)
+            rendered = self._rendered(prompt)
             said = ("local", str(self.tokenizer.chat_template), len(self.tokenizer))
             as_template = encoded.input_ids[: encoded.content_end] + split.generation
             self._boundary_warned = warn_if_split_differs(

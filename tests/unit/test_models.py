@@ -1374,3 +1374,24 @@ def test_load_model_takes_a_torch_dtype_and_refuses_text_for_trust(tiny, tmp_pat
         open_model("openai:m@http://127.0.0.1:9/v1", remote={"timeout": 0})
     with pytest.raises(TypeError, match=r"remote: give RemoteSettings or a mapping, not int"):
         open_model("openai:m@http://127.0.0.1:9/v1", remote=3)
+
+
+@pytest.mark.parametrize(
+    ("template", "error"),
+    [
+        ("{{ raise_exception('Conversation roles must alternate') }}", "TemplateError: Conv"),
+        ("{% for m in messages %}{{ m.content }}{% endfor %}{{ nope() }}", "UndefinedError"),
+        ("{% for m in messages %}{{ m.content }", "TemplateSyntaxError"),
+    ],
+)
+def test_a_checkpoints_broken_chat_template_is_one_message(template, error):
+    """A model folder whose own chat template raises (its `raise_exception`), calls an
+    undefined name or does not parse was a Jinja traceback at the first prompt. It is one
+    message naming the model and the ways around it; raw prompts still work."""
+    from unpact.testing import tiny_model
+
+    lm = tiny_model(seed=3)
+    lm.tokenizer.chat_template = template
+    with pytest.raises(UnpactError, match=rf"chat template of .* cannot render .*\({error}"):
+        lm.encode_prompt("hello there", chat_template=True)
+    assert lm.encode_prompt("hello there", chat_template=False).input_ids
