@@ -44,6 +44,7 @@ from unpact.scoring import (
     non_finite_weight,
     stop_ids,
     text_config,
+    vocabulary_size,
 )
 from unpact.types import (
     BOUNDARY_PROBES,
@@ -54,6 +55,7 @@ from unpact.types import (
     is_remote_spec,
     joined_space,
     raw_prefix,
+    short_repr,
     spec_text,
     warn_if_split_differs,
     warn_if_template_thinks,
@@ -344,6 +346,7 @@ class LanguageModel:
         chat = self._resolve_chat(chat_template)
         split = self._chat_prefix_suffix() if chat else TemplateSplit(self.special_prefix(), ())
         encoded = split.around(prompt, chat, self._ids)
+        self.check_vocabulary(f"the prompt {short_repr(prompt)}", encoded.input_ids)
         if chat and not self._boundary_warned:
             rendered = self._rendered(prompt)
             said = ("local", str(self.tokenizer.chat_template), len(self.tokenizer))
@@ -352,6 +355,19 @@ class LanguageModel:
                 self.spec, prompt, as_template, self._ids(rendered), said
             )
         return encoded
+
+    def check_vocabulary(self, what: str, ids: Sequence[int]) -> None:
+        """`ids` (of `what`) are all rows of the model's embeddings: a token added to the
+        tokenizer alone (`add_tokens` without resizing the model) was an IndexError from
+        inside torch."""
+        vocab = vocabulary_size(self.model)
+        bad = [t for t in ids if vocab is not None and t >= vocab]
+        if bad and vocab is not None:
+            raise UnpactError(
+                f"{what} holds token id {bad[0]} ({self.tokenizer.convert_ids_to_tokens(bad[0])!r}"
+                f"), outside the model's vocabulary (0 to {vocab - 1}): a token added to the "
+                "tokenizer that the model's embeddings lack (resize them, or leave it out)"
+            )
 
     def encode_answer(self, answer: str, prompt: EncodedPrompt | None = None) -> tuple[int, ...]:
         """Token ids of an answer, tokenised as given (no special tokens added), to follow
@@ -362,7 +378,9 @@ class LanguageModel:
         """
         if not answer or not answer.strip():
             raise UnpactError("empty answer: give the text whose log-prob to compute")
-        return self._ids(prompt.answer_text(answer) if prompt is not None else answer)
+        ids = self._ids(prompt.answer_text(answer) if prompt is not None else answer)
+        self.check_vocabulary(f"the answer {short_repr(answer)}", ids)
+        return ids
 
     # What scoring, generation and attribution ask of a model; `unpact.remote.RemoteModel`
     # answers the same questions over HTTP.

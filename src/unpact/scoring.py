@@ -1089,6 +1089,9 @@ def generate_local(
 ) -> list[list[tuple[str, tuple[int, ...]]]]:
     """The local backend's generation: left-padded batches (greedy), or per prompt a
     generator seeded by `seed` and its token ids (samples)."""
+    vocab = vocabulary_size(lm.model)
+    for i, ids in enumerate(prompts):  # a token added to the tokenizer alone: an IndexError
+        _token_ids(f"item {i}: the prompt", ids, vocab)
     label = progress if isinstance(progress, str) else "Generating"
     out: list[list[Generation]] = []
     with (

@@ -1395,3 +1395,23 @@ def test_a_checkpoints_broken_chat_template_is_one_message(template, error):
     with pytest.raises(UnpactError, match=rf"chat template of .* cannot render .*\({error}"):
         lm.encode_prompt("hello there", chat_template=True)
     assert lm.encode_prompt("hello there", chat_template=False).input_ids
+
+
+def test_a_token_added_to_the_tokenizer_alone_is_named():
+    """A tokenizer given a token its model's embeddings lack (`add_tokens` without
+    resizing) made every generation, attribution and training step on a text holding it
+    an IndexError from inside torch. The prompt or answer holding it is named, with the
+    token; token ids given directly to generation are checked too."""
+    from unpact.scoring import generate_local
+    from unpact.testing import tiny_model
+
+    lm = tiny_model(seed=3)
+    lm.tokenizer.add_tokens(["<newtok>"])
+    new = lm.tokenizer.convert_tokens_to_ids("<newtok>")
+    with pytest.raises(UnpactError, match=rf"the prompt 'hi <newtok>' holds token id {new} "):
+        lm.encode_prompt("hi <newtok>")
+    with pytest.raises(UnpactError, match=r"the answer ' <newtok>' .*\('<newtok>'\), outside"):
+        lm.encode_answer(" <newtok>")
+    with pytest.raises(UnpactError, match=rf"item 1: the prompt holds token id {new}"):
+        generate_local(lm, [[5, 6], [5, new]], 2, 0, 1.0, 0, 4, False)
+    assert lm.encode_prompt("hi there").input_ids  # the rest as before
