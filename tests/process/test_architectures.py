@@ -59,3 +59,56 @@ def test_a_run_attacks_and_unlearns_other_architectures(arch, tmp_path, capfd):
     # and no library warning in the output (GPT-2's padding warning once was)
     err = capfd.readouterr().err
     assert "[transformers]" not in err and "Warning" not in err, err[-2000:]
+
+
+def test_a_run_on_gemma_3n_leaves_out_what_reads_one_residual_stream(tmp_path):
+    """Gemma 3n's layers carry parallel streams (AltUp): RMU, which steers one residual
+    stream, stopped the whole run when its turn came, after the other methods. It is left
+    out with the reason (`skipped["method.rmu"]`), as are the hidden-state attacks, and the
+    run goes on: the other method, quantization and the report. A run whose every method
+    is left out stops with the reasons."""
+    from unpact.errors import UnpactError
+    from unpact.run import run
+
+    from unpact.judge import choose_options
+
+    original, other = tiny_other("gemma3n_text", 0), tiny_other("gemma3n_text", 1)
+    save_model(original.model, original.tokenizer, tmp_path / "original")
+    save_model(other.model, other.tokenizer, tmp_path / "other")
+    # multiple choice, the right option being the original's pick (its greedy answers are
+    # punctuation, which no judge can read)
+    words = ["Paris", "Quintrell", "seven", "Mira", "river", "glass", "1874", "Zorblax"]
+    options = [tuple((words * 2)[n : n + 3]) for n in range(len(QUESTIONS))]
+    picks = choose_options(original, QUESTIONS, options)
+    items = [
+        QAItem(f"q{n}", q, options[n][k], "forget" if n < 4 else "retain", choices=options[n])
+        for n, (q, k) in enumerate(zip(QUESTIONS, picks))
+    ]
+    write_folder(tmp_path / "bench", items)
+    rmu = {"method": "rmu", "config": {"steps": 1, "batch_size": 2, "settings": {"layer": 1}}}
+    config = {
+        "model": str(tmp_path / "original"),
+        "data": {"benchmark": str(tmp_path / "bench"), "general": None},
+        "inject": {"enabled": False},
+        "methods": [{"model": str(tmp_path / "other"), "name": "other"}, rmu],
+        "attacks": ATTACKS,
+        "judge": {"max_new_tokens": 4},
+        "statistics": {"resamples": 10},
+        "membership": {"enabled": False},
+    }
+    out = run(config, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    res = out.results
+    assert list(res["methods"]) == ["other"]
+    assert res["skipped"]["method.rmu"].startswith("not run on original: ")
+    assert "parallel streams" in res["skipped"]["method.rmu"]
+    assert res["methods"]["other"]["recovery"]["quantize"] is not None
+    for attack in ("ablate_direction", "logit_lens", "probe"):
+        assert "parallel streams" in res["skipped"][f"attack.{attack}"]
+    assert "method.rmu" in out.report.read_text()
+    with pytest.raises(UnpactError, match=r"every method was left out: not run on original"):
+        run(
+            {**config, "methods": [rmu]},
+            tmp_path / "out2",
+            cache_dir=tmp_path / "cache",
+            progress=False,
+        )
