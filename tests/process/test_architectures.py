@@ -68,9 +68,8 @@ def test_a_run_on_gemma_3n_leaves_out_what_reads_one_residual_stream(tmp_path):
     run goes on: the other method, quantization and the report. A run whose every method
     is left out stops with the reasons."""
     from unpact.errors import UnpactError
-    from unpact.run import run
-
     from unpact.judge import choose_options
+    from unpact.run import run
 
     original, other = tiny_other("gemma3n_text", 0), tiny_other("gemma3n_text", 1)
     save_model(original.model, original.tokenizer, tmp_path / "original")
