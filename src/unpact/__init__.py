@@ -21,7 +21,7 @@ def _quiet_torchao() -> None:
 _quiet_torchao()
 
 from unpact.backends import open_model  # noqa: E402
-from unpact.errors import UnpactError  # noqa: E402
+from unpact.errors import NotForThisModel, UnpactError  # noqa: E402
 from unpact.models import (  # noqa: E402
     LanguageModel,
     load_model,
@@ -49,6 +49,7 @@ __all__ = [
     "EncodedPrompt",
     "Generation",
     "LanguageModel",
+    "NotForThisModel",
     "UnpactError",
     "__version__",
     "answer_logprobs",
