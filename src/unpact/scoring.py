@@ -90,8 +90,12 @@ def answer_logprobs(
 
 
 def vocabulary_size(model: Any) -> int | None:
-    """How many token ids the model's input embeddings hold (None: not told)."""
-    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    """How many token ids the model's input embeddings hold (None: not told, as by a
+    model of its own code whose `get_input_embeddings` raises NotImplementedError)."""
+    try:
+        embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    except NotImplementedError:
+        return None
     rows = getattr(embeddings, "num_embeddings", None)
     return rows if isinstance(rows, int) else None
 

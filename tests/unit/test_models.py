@@ -1402,7 +1402,9 @@ def test_a_token_added_to_the_tokenizer_alone_is_named():
     resizing) made every generation, attribution and training step on a text holding it
     an IndexError from inside torch. The prompt or answer holding it is named, with the
     token; token ids given directly to generation are checked too."""
-    from unpact.scoring import generate_local
+    import torch
+
+    from unpact.scoring import generate_local, vocabulary_size
     from unpact.testing import tiny_model
 
     lm = tiny_model(seed=3)
@@ -1415,3 +1417,9 @@ def test_a_token_added_to_the_tokenizer_alone_is_named():
     with pytest.raises(UnpactError, match=rf"item 1: the prompt holds token id {new}"):
         generate_local(lm, [[5, 6], [5, new]], 2, 0, 1.0, 0, 4, False)
     assert lm.encode_prompt("hi there").input_ids  # the rest as before
+
+    class OwnCode(torch.nn.Module):  # a model of its own code that names no embeddings
+        def get_input_embeddings(self):
+            raise NotImplementedError
+
+    assert vocabulary_size(OwnCode()) is None  # not checked, rather than refused
