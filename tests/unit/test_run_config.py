@@ -211,9 +211,13 @@ def test_a_step_the_models_architecture_cannot_have_is_left_out_with_the_reason(
         raise NotForThisModel("no one residual stream")
 
     assert p.fitting("attack_baseline.a", "original", unfit) is None
-    assert p.fitting("attack_baseline.a", "original", unfit) is None  # the first reason kept
+    assert p.fitting("attack_baseline.a", "original", unfit) is None  # said once
     assert p.left_out == {"attack_baseline.a": "not run on original: no one residual stream"}
     assert said == ["attack_baseline.a left out on original: no one residual stream"] * 2
+    p.fitting("attack_baseline.a", "other", unfit)  # another model's reason joins it
+    assert p.left_out["attack_baseline.a"] == (
+        "not run on original: no one residual stream; not run on other: no one residual stream"
+    )
 
     def wrong() -> None:
         raise UnpactError("a mistake")

@@ -248,7 +248,10 @@ class Pipeline:
         try:
             return compute()
         except NotForThisModel as e:
-            self.left_out.setdefault(key, f"not run on {on}: {e}")
+            said = f"not run on {on}: {e}"
+            known = self.left_out.get(key)
+            # each model's reason once (a run's methods may be models of several kinds)
+            self.left_out[key] = said if known is None or said in known else f"{known}; {said}"
             self.say(f"{key} left out on {on}: {e}")
             return None
 
