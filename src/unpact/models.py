@@ -38,6 +38,7 @@ from unpact.files import atomic_text, link_files, read_text, write_folder_atomic
 from unpact.progress import progress_bar
 from unpact.scoring import (
     DEFAULT_TOKEN_BUDGET,
+    Unsaid,
     answer_logprobs,
     check_head,
     generate_local,
@@ -509,6 +510,10 @@ def load_model(
     torch_dtype = _parse_dtype(dtype)
     target = parse_device(device)
     folder = local_model_dir(spec)
+    # transformers' check of a generation_config.json that sets flags greedy decoding does
+    # not use (`top_h`, a beam search's `length_penalty`): unpact sets every one of them
+    # to its neutral value when it generates (`scoring._NEUTRAL_DECODING`)
+    _unsaid("transformers.generation.configuration_utils", "generation flags are not valid")
     if folder is None:
         model, tokenizer = _load_hub(spec, torch_dtype, trust_remote_code)
     else:
@@ -528,22 +533,11 @@ def load_model(
     return LanguageModel(model=model, tokenizer=tokenizer, spec=spec)
 
 
-class _Unsaid(logging.Filter):
-    """Drops a library's log records that contain `text`."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
-
-
 def _unsaid(logger_name: str, text: str) -> None:
     """From now on, `logger_name`'s records containing `text` are not printed (once)."""
     logger = logging.getLogger(logger_name)
-    if not any(isinstance(f, _Unsaid) and f.text == text for f in logger.filters):
-        logger.addFilter(_Unsaid(text))
+    if not any(isinstance(f, Unsaid) and f.text == text for f in logger.filters):
+        logger.addFilter(Unsaid(text))
 
 
 def _quiet_cuda_kernel_advice() -> None:

@@ -1186,6 +1186,10 @@ def sample_seed(seed: int, ids: Sequence[int]) -> int:
 # top_k, top_p, min_p or repetition penalties is left out, here and in what unpact asks of
 # a served model (remote.PLAIN_SAMPLING); so are beams, banned n-grams, a minimum length
 # and the other truncations it may set (vLLM reads none of them): each at its neutral value.
+# Also what else a generation_config may hold that changes the answers or fails: a forced
+# last token, a length penalty that pushes EOS, classifier-free guidance, a watermark,
+# top-H truncation, DoLa, token healing, prompt lookup and stop strings (the last three
+# failed inside `generate`).
 _NEUTRAL_DECODING: dict[str, Any] = {
     "repetition_penalty": 1.0,
     "min_p": None,
@@ -1200,6 +1204,19 @@ _NEUTRAL_DECODING: dict[str, Any] = {
     "suppress_tokens": None,
     "begin_suppress_tokens": None,
     "sequence_bias": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None,
+    "guidance_scale": None,
+    "watermarking_config": None,
+    "encoder_repetition_penalty": 1.0,
+    "encoder_no_repeat_ngram_size": 0,
+    "top_h": None,
+    "dola_layers": None,
+    "token_healing": False,
+    "prompt_lookup_num_tokens": None,
+    "stop_strings": None,
+    "penalty_alpha": None,
 }
 
 
@@ -1259,9 +1276,22 @@ def _generate_batch(
     return results
 
 
-class _PaddingWarning(logging.Filter):
+class Unsaid(logging.Filter):
+    """Drops a library's log records that contain `text`."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "passing in an `attention_mask`" not in record.getMessage()
+        return self.text not in record.getMessage()
+
+
+# while generating, from these transformers loggers: what unpact's calls make moot
+_GENERATE_NOISE = (
+    ("transformers.modeling_utils", "passing in an `attention_mask`"),
+    ("transformers.generation.configuration_utils", "generation flags are not valid"),
+)
 
 
 @contextmanager
@@ -1270,14 +1300,18 @@ def quiet_padding_warning() -> Iterator[None]:
     generating: the mask is passed, but a model whose pad id is its EOS (GPT-2's family)
     meets the pad id in a sampled step's tokens (a sample that ended before the others),
     which its forward checks without the mask `generate` keeps: a library warning in the
-    middle of PROBAB's output, about nothing."""
-    logger = logging.getLogger("transformers.modeling_utils")
-    quiet = _PaddingWarning()
-    logger.addFilter(quiet)
+    middle of PROBAB's output, about nothing. Nor "The following generation flags are not
+    valid and may be ignored" for what a model's generation_config sets (`top_h` without
+    sampling, a beam search's `length_penalty`): unpact sets each to its neutral value
+    (`_NEUTRAL_DECODING`)."""
+    quiet = [(logging.getLogger(name), Unsaid(text)) for name, text in _GENERATE_NOISE]
+    for logger, unsaid in quiet:
+        logger.addFilter(unsaid)
     try:
         yield
     finally:
-        logger.removeFilter(quiet)
+        for logger, unsaid in quiet:
+            logger.removeFilter(unsaid)
 
 
 def forked_rng(device: torch.device) -> Any:

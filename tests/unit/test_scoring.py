@@ -545,3 +545,42 @@ def test_a_tokenizer_without_end_or_pad_token_generates():
     assert all(len(g[0].token_ids) == 3 for g in batched)
     sampled = generate(lm, prompts, max_new_tokens=3, num_samples=2, chat_template=False)
     assert [len(s) for s in sampled] == [2, 2]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("forced_eos_token_id", 2),  # the last token forced
+        ("exponential_decay_length_penalty", (1, 50.0)),  # EOS pushed up
+        ("guidance_scale", 3.0),  # classifier-free guidance
+        ("watermarking_config", {"greenlist_ratio": 0.5, "bias": 50.0}),
+        ("encoder_repetition_penalty", 2.0),
+        ("top_h", 0.5),  # samples truncated
+        ("dola_layers", "high"),  # failed: DoLa needs the hub's code
+        ("token_healing", True),  # failed: needs the tokenizer
+        ("prompt_lookup_num_tokens", 3),  # failed: assisted generation
+        ("stop_strings", ["a"]),
+    ],
+)
+def test_a_generation_config_changes_no_answer(flag, value):
+    """Greedy answers and seeded samples are the plain softmax's, whatever the model's
+    generation_config sets: these flags changed them (a forced EOS, a length penalty,
+    guidance, a watermark) or failed inside transformers' generate; vLLM reads none."""
+    import copy
+
+    from unpact.scoring import generate
+    from unpact.testing import tiny_model
+
+    lm = tiny_model(seed=5)
+    prompts = ["hi there", "the cat"]
+
+    def answers():
+        greedy = generate(lm, prompts, max_new_tokens=5, chat_template=False)
+        samples = generate(lm, prompts[:1], max_new_tokens=5, num_samples=2, chat_template=False)
+        return greedy, samples
+
+    plain = answers()
+    config = copy.deepcopy(lm.model.generation_config)
+    setattr(config, flag, value)
+    lm.model.generation_config = config
+    assert answers() == plain
