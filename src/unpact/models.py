@@ -510,10 +510,7 @@ def load_model(
     torch_dtype = _parse_dtype(dtype)
     target = parse_device(device)
     folder = local_model_dir(spec)
-    # transformers' check of a generation_config.json that sets flags greedy decoding does
-    # not use (`top_h`, a beam search's `length_penalty`): unpact sets every one of them
-    # to its neutral value when it generates (`scoring._NEUTRAL_DECODING`)
-    _unsaid("transformers.generation.configuration_utils", "generation flags are not valid")
+    _quiet_moot_notes()
     if folder is None:
         model, tokenizer = _load_hub(spec, torch_dtype, trust_remote_code)
     else:
@@ -550,6 +547,18 @@ def _quiet_cuda_kernel_advice() -> None:
         "transformers.integrations.hub_kernels",
         "falling back to its reference PyTorch implementation",
     )
+
+
+def _quiet_moot_notes() -> None:
+    """Without two transformers notes about what unpact does not do: its check of a
+    generation_config.json that sets flags greedy decoding does not use (`top_h`, a beam
+    search's `length_penalty`; unpact sets every one to its neutral value when it
+    generates, `scoring._NEUTRAL_DECODING`), and the tokenizer's "Token indices sequence
+    length is longer than the specified maximum sequence length" for a prompt past its
+    `model_max_length` (unpact never truncates, and measures a prompt against the model's
+    own context, `LanguageModel.max_length`, refusing one over it by name)."""
+    _unsaid("transformers.generation.configuration_utils", "generation flags are not valid")
+    _unsaid("transformers.tokenization_utils_base", "Token indices sequence length is longer")
 
 
 def _quiet_unused_mask(model: Any) -> None:
@@ -607,6 +616,7 @@ def load_tokenizer(
     spec = spec_text(spec)  # a pathlib.Path is a spec too
     folder = local_model_dir(spec)
     unreachable = _hub_unreachable() if folder is None else None
+    _quiet_moot_notes()
     if folder is not None:
         _check_tokenizer(Path(folder))
     try:

@@ -1423,3 +1423,19 @@ def test_a_token_added_to_the_tokenizer_alone_is_named():
             raise NotImplementedError
 
     assert vocabulary_size(OwnCode()) is None  # not checked, rather than refused
+
+
+def test_no_note_about_a_tokenizer_maximum_unpact_does_not_use(tmp_path, capfd):
+    """A tokenizer saved with a small `model_max_length` printed transformers' "Token
+    indices sequence length is longer than the specified maximum" for each longer prompt:
+    unpact never truncates, and measures prompts against the model's own context."""
+    from unpact.models import load_model, save_model
+    from unpact.testing import tiny_model
+
+    made = tiny_model(seed=3)
+    made.tokenizer.model_max_length = 4
+    save_model(made.model, made.tokenizer, tmp_path / "m")
+    lm = load_model(str(tmp_path / "m"))
+    capfd.readouterr()
+    assert len(lm.encode_prompt("a prompt of many more tokens than four", False).input_ids) > 4
+    assert "Token indices sequence length" not in capfd.readouterr().err
