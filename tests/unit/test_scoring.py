@@ -566,7 +566,7 @@ def test_a_generation_config_changes_no_answer(flag, value):
     """Greedy answers and seeded samples are the plain softmax's, whatever the model's
     generation_config sets: these flags changed them (a forced EOS, a length penalty,
     guidance, a watermark) or failed inside transformers' generate; vLLM reads none."""
-    import copy
+    from transformers import GenerationConfig
 
     from unpact.scoring import generate
     from unpact.testing import tiny_model
@@ -580,7 +580,7 @@ def test_a_generation_config_changes_no_answer(flag, value):
         return greedy, samples
 
     plain = answers()
-    config = copy.deepcopy(lm.model.generation_config)
-    setattr(config, flag, value)
-    lm.model.generation_config = config
+    # made as from a generation_config.json (a watermark's dict becomes its config class)
+    given = {**lm.model.generation_config.to_dict(), flag: value}
+    lm.model.generation_config = GenerationConfig.from_dict(given)
     assert answers() == plain
