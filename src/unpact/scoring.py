@@ -539,7 +539,7 @@ def models_own_code(model: Any, what: str, cannot: str, spec: str = "") -> Itera
     except Exception as e:
         name = type(model).__name__
         raise UnpactError(
-            f"{spec or name}: {what} of this {name} fails in the model's own code "
+            f"{spec or name}: {what} of this {name} fails inside the model's or transformers' code "
             f"({type(e).__name__}: {e}); unpact cannot {cannot} it"
         ) from e
 
