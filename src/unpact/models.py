@@ -38,6 +38,7 @@ from unpact.files import atomic_text, link_files, read_text, write_folder_atomic
 from unpact.progress import progress_bar
 from unpact.scoring import (
     DEFAULT_TOKEN_BUDGET,
+    GENERATION_FLAGS_NOTE,
     Unsaid,
     answer_logprobs,
     check_head,
@@ -363,7 +364,8 @@ class LanguageModel:
         inside torch."""
         vocab = vocabulary_size(self.model)
         bad = [t for t in ids if vocab is not None and t >= vocab]
-        if bad and vocab is not None:
+        if bad:
+            assert vocab is not None
             raise UnpactError(
                 f"{what} holds token id {bad[0]} ({self.tokenizer.convert_ids_to_tokens(bad[0])!r}"
                 f"), outside the model's vocabulary (0 to {vocab - 1}): a token added to the "
@@ -557,7 +559,7 @@ def _quiet_moot_notes() -> None:
     length is longer than the specified maximum sequence length" for a prompt past its
     `model_max_length` (unpact never truncates, and measures a prompt against the model's
     own context, `LanguageModel.max_length`, refusing one over it by name)."""
-    _unsaid("transformers.generation.configuration_utils", "generation flags are not valid")
+    _unsaid(*GENERATION_FLAGS_NOTE)
     _unsaid("transformers.tokenization_utils_base", "Token indices sequence length is longer")
 
 

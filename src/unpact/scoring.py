@@ -534,7 +534,7 @@ def models_own_code(model: Any, what: str, cannot: str, spec: str = "") -> Itera
     of memory keeps its own error."""
     try:
         yield
-    except (torch.OutOfMemoryError, UnpactError, KeyboardInterrupt):
+    except (torch.OutOfMemoryError, UnpactError):
         raise
     except Exception as e:
         name = type(model).__name__
@@ -1093,9 +1093,8 @@ def generate_local(
 ) -> list[list[tuple[str, tuple[int, ...]]]]:
     """The local backend's generation: left-padded batches (greedy), or per prompt a
     generator seeded by `seed` and its token ids (samples)."""
-    vocab = vocabulary_size(lm.model)
     for i, ids in enumerate(prompts):  # a token added to the tokenizer alone: an IndexError
-        _token_ids(f"item {i}: the prompt", ids, vocab)
+        lm.check_vocabulary(f"item {i}: the prompt", ids)
     label = progress if isinstance(progress, str) else "Generating"
     out: list[list[Generation]] = []
     with (
@@ -1228,10 +1227,8 @@ def _pad_id(lm: LanguageModel) -> int:
     """The id generation pads prompts with: the tokenizer's pad token, else its EOS, else
     (a tokenizer that names neither) 0: padding is masked out, so any id does."""
     tok = lm.tokenizer
-    for found in (tok.pad_token_id, tok.eos_token_id, 0):
-        if found is not None:
-            return int(found)
-    return 0
+    found = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return int(found) if found is not None else 0
 
 
 def _generate_batch(
@@ -1287,10 +1284,16 @@ class Unsaid(logging.Filter):
         return self.text not in record.getMessage()
 
 
+# transformers' note on generation_config flags greedy decoding leaves unused, each of
+# which unpact sets to its neutral value (`_NEUTRAL_DECODING`): (logger, text)
+GENERATION_FLAGS_NOTE = (
+    "transformers.generation.configuration_utils",
+    "generation flags are not valid",
+)
 # while generating, from these transformers loggers: what unpact's calls make moot
 _GENERATE_NOISE = (
     ("transformers.modeling_utils", "passing in an `attention_mask`"),
-    ("transformers.generation.configuration_utils", "generation flags are not valid"),
+    GENERATION_FLAGS_NOTE,
 )
 
 
