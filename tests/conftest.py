@@ -39,3 +39,53 @@ def default_lm():
     from unpact.models import load_model
 
     return load_model("default")
+
+
+@pytest.fixture
+def printed(capfd, monkeypatch):
+    """`printed()`: what the code run so far in the test would have printed on a user's
+    terminal (stdout and stderr together), and forget it. capfd alone misses two kinds of
+    library noise: transformers' log lines (its handler writes to the sys.stderr of when
+    transformers was imported, pytest's own capture, which capfd does not read) and Python
+    warnings (pytest records them instead of printing them). Both are added here, the
+    warnings filtered as a plain Python's defaults do, and transformers' `warning_once`
+    forgets what it said before, so that an earlier test's warning does not hide this
+    one's."""
+    import logging
+    import sys
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    class Stderr:  # whatever sys.stderr is when written to (capfd swaps it between phases)
+        def write(self, text: str) -> int:
+            return sys.stderr.write(text)
+
+        def flush(self) -> None:
+            sys.stderr.flush()
+
+    hf_logging.get_logger()  # its handler made, if no import did it yet
+    if isinstance(hf_logging._default_handler, logging.StreamHandler):
+        monkeypatch.setattr(hf_logging._default_handler, "stream", Stderr())
+    hf_logging.warning_once.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()
+        warnings.simplefilter("default")  # each place once, as Python's defaults
+        for quiet in (
+            DeprecationWarning,
+            PendingDeprecationWarning,
+            ImportWarning,
+            ResourceWarning,
+        ):
+            warnings.simplefilter("ignore", quiet)
+
+        def read() -> str:
+            out, err = capfd.readouterr()
+            said = "".join(
+                warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught
+            )
+            caught.clear()
+            return out + err + said
+
+        yield read
+    hf_logging.warning_once.cache_clear()

@@ -809,7 +809,9 @@ def naive_contributions(
     def lp_of(ids: list[int], hidden: range = range(0)) -> float:
         n = len(ids)
         inp = torch.tensor([ids + y], device=lm.device)
-        kwargs: dict[str, Any] = {}
+        # every token read, stated: transformers warns of padding at a pad id in the input
+        # (a replacement token that is the pad, as GPT-2's EOS)
+        kwargs: dict[str, Any] = {"attention_mask": torch.ones_like(inp)}
         if hidden:
             total = n + len(y)
             allow = torch.tril(torch.ones(total, total, dtype=torch.bool))

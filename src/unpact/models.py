@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import struct
 import warnings
 import zlib
@@ -1153,6 +1154,8 @@ def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[
     hf_logging.disable_progress_bar()  # a local load takes well under a second
     try:
         model, tokenizer, info = _pretrained(str(path), dtype, trust_remote_code)
+    except UnpactError:
+        raise
     except Exception as exc:
         if method := _quantized(path):
             import transformers
@@ -1194,22 +1197,91 @@ def _pretrained(
         source, trust_remote_code=trust_remote_code, local_files_only=local_only
     )
     dequantizing = _dequantizing(source, trust_remote_code, local_only)
-    with warnings.catch_warnings(), _quiet_dequantizing(dequantizing):
+    with warnings.catch_warnings(), _quiet_dequantizing(dequantizing), _kept_report() as report:
         # transformers' note that it merged our loading attribute into the checkpoint's
         warnings.filterwarnings("ignore", message=".*already has a `quantization_config`")
-        loaded: Any = AutoModelForCausalLM.from_pretrained(
-            source,
-            dtype=dtype,
-            use_safetensors=True,
-            trust_remote_code=trust_remote_code,
-            output_loading_info=True,
-            local_files_only=local_only,
-            **dequantizing,
-        )
+        try:
+            loaded: Any = AutoModelForCausalLM.from_pretrained(
+                source,
+                dtype=dtype,
+                use_safetensors=True,
+                trust_remote_code=trust_remote_code,
+                output_loading_info=True,
+                local_files_only=local_only,
+                **dequantizing,
+            )
+        except Exception as exc:
+            if rows := _mismatched(report.text):
+                raise UnpactError(
+                    f"the weights in {source} have shapes that do not match its config.json "
+                    f"({'; '.join(rows[:3])}{'; ...' if len(rows) > 3 else ''}): was the "
+                    "config.json saved with these weights?"
+                ) from exc
+            raise
     model, info = loaded
     if dequantizing:
         _forget_dequantizing(model)
+    if (extra := sorted(info.get("unexpected_keys") or [])) and source not in _NOTED_EXTRA:
+        _NOTED_EXTRA.add(source)  # once a process: a run loads a model at several stages
+        log.warning(
+            "%s: %d tensor%s in the weights %s not the model's (%s%s): ignored",
+            source,
+            len(extra),
+            "s" * (len(extra) != 1),
+            "are" if len(extra) != 1 else "is",
+            ", ".join(extra[:3]),
+            ", ..." if len(extra) > 3 else "",
+        )
     return model, tokenizer, info
+
+
+_NOTED_EXTRA: set[str] = set()
+
+
+class _Report(logging.Filter):
+    """transformers' loading report (a table logged as a warning), kept, not printed:
+    unpact says what it means in its own words (a missing tensor refused, shapes unlike
+    config.json refused naming them, an extra tensor noted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text = ""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" not in message:
+            return True
+        self.text += re.sub(r"\x1b\[[0-9;]*m", "", message) + "\n"  # without its colours
+        return False
+
+
+@contextlib.contextmanager
+def _kept_report() -> Iterator[_Report]:
+    logger, report = logging.getLogger("transformers.modeling_utils"), _Report()
+    logger.addFilter(report)
+    try:
+        yield report
+    finally:
+        logger.removeFilter(report)
+
+
+_SHAPES = re.compile(r"ckpt: ?torch\.Size\((\[[^\]]*\])\) vs model: ?torch\.Size\((\[[^\]]*\])\)")
+
+
+def _mismatched(report: str) -> list[str]:
+    """The report's tensors whose shape is not the config's, each with both shapes when
+    the report gives them (a narrow terminal's report names the tensors only)."""
+    rows = []
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        if len(cells) >= 2 and cells[1] == "MISMATCH":
+            shapes = _SHAPES.search(line)
+            rows.append(
+                f"{cells[0]}: {shapes[1]} in the file, {shapes[2]} by config.json"
+                if shapes
+                else cells[0]
+            )
+    return sorted(rows)  # the report's order is a set's
 
 
 def _forget_dequantizing(model: Any) -> None:
@@ -1301,6 +1373,8 @@ def _load_hub(spec: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[A
     unreachable = _hub_unreachable()
     try:
         model, tokenizer, info = _pretrained(spec, dtype, trust_remote_code, bool(unreachable))
+    except UnpactError:
+        raise
     except (OSError, ValueError) as exc:
         raise UnpactError(
             f"model spec {spec!r} resolves to nothing: it is not 'default', not a local "

@@ -194,6 +194,11 @@ def _other_configs(vocab_size: int) -> dict[str, Any]:
             head_dim=16,
             num_local_experts=3,
             num_experts_per_tok=2,
+            # YaRN's factor (32) as the context over its original, as transformers checks
+            rope_parameters={
+                **(tf.GptOssConfig().rope_parameters or {}),
+                "original_max_position_embeddings": 8,
+            },
         ),
         # Llama 4's text model: experts beside a shared MLP, attention in chunks of
         # WINDOW tokens, and a base_model_prefix that names no attribute
@@ -222,6 +227,7 @@ def _gemma_configs(llama_like: dict[str, Any]) -> dict[str, Any]:
             vocab_size_per_layer_input=vocab_size,
             hidden_size_per_layer_input=16,
             sliding_window=WINDOW,
+            layer_types=["sliding_attention", "full_attention"],  # the last full, as required
         ),
         # Gemma 3n's text model: each layer carries parallel streams (AltUp), no one
         # residual stream for the hidden-state attacks and RMU to read

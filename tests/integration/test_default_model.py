@@ -63,17 +63,17 @@ def test_chat_segments_tokenise_like_the_whole_rendered_prompt(default_lm):
 
 
 def test_cache_built_once_reused_and_rebuilt_when_corrupt(
-    default_lm, tmp_path, monkeypatch, caplog, capfd
+    default_lm, tmp_path, monkeypatch, caplog, printed
 ):
     monkeypatch.setenv("UNPACT_CACHE", str(tmp_path))
     ids = torch.tensor([default_lm.encode_prompt("What is the capital of France?").input_ids])
     with torch.no_grad():
         expected = default_lm.model(ids).logits
 
-    capfd.readouterr()
+    printed()
     folder = gguf_cache(default_gguf())  # first use: builds
     # transformers' own tensor bar printed a line per update into logs; the status says it
-    assert "Converting and de-quantizing" not in capfd.readouterr().err
+    assert "Converting and de-quantizing" not in printed()
     assert folder.parent == tmp_path / "models"
     manifest = json.loads((folder / "unpact-manifest.json").read_text())
     assert "model.safetensors" in manifest["files"]

@@ -24,7 +24,7 @@ ATTACKS = [
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "opt", "gpt_neox", "mistral"])
-def test_a_run_attacks_and_unlearns_other_architectures(arch, tmp_path, capfd):
+def test_a_run_attacks_and_unlearns_other_architectures(arch, tmp_path, printed):
     from unpact.run import run
 
     original, other = tiny_other(arch, 0), tiny_other(arch, 1)
@@ -57,7 +57,7 @@ def test_a_run_attacks_and_unlearns_other_architectures(arch, tmp_path, capfd):
     assert all(recovery[a["name"]] is not None for a in ATTACKS), recovery
     assert res["methods"]["rmu"]["forget_acc_before"] == 1.0
     # and no library warning in the output (GPT-2's padding warning once was)
-    err = capfd.readouterr().err
+    err = printed()
     assert "[transformers]" not in err and "Warning" not in err, err[-2000:]
 
 

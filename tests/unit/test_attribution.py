@@ -142,11 +142,13 @@ OTHERS = [
 
 
 @pytest.mark.parametrize("arch", OTHERS)
-def test_fast_path_equals_separate_passes_in_other_architectures(arch):
+def test_fast_path_equals_separate_passes_in_other_architectures(arch, printed):
     """The fast path states every position and mask itself (shared prefix, packed rows): a
     model that derives positions from the mask (OPT), learns them (GPT-2), scales its
     embeddings (Gemma) or biases q/k/v (Qwen2) must give the naive loop's numbers, in
-    each baseline, with and without the chat template."""
+    each baseline, with and without the chat template. Neither prints a library warning
+    (the naive loop on GPT-2, whose replacement token is its pad, printed transformers'
+    "We strongly recommend passing in an `attention_mask`")."""
     from unpact.testing import tiny_other
 
     lm = tiny_other(arch)
@@ -171,6 +173,8 @@ def test_fast_path_equals_separate_passes_in_other_architectures(arch):
             )
             assert rec.lp == pytest.approx(full, abs=1e-5), (baseline, chat)
             assert rec.contributions == pytest.approx(expected, abs=1e-5), (baseline, chat)
+    said = printed()
+    assert "[transformers]" not in said and "Warning" not in said, said
 
 
 @pytest.mark.parametrize("arch", ["mistral", "gemma2", "bloom", "llama4_text"])
@@ -210,7 +214,7 @@ def test_a_model_without_explicit_masks_scores_whole_variants(arch):
 @pytest.mark.parametrize(
     "arch", ["mamba", "qwen3_next", "recurrent_gemma", "rwkv", "openai_gpt", "xlm"]
 )
-def test_a_model_with_recurrent_layers_scores_whole_variants(arch, tmp_path, capfd):
+def test_a_model_with_recurrent_layers_scores_whole_variants(arch, tmp_path, printed):
     """Mamba's state-space layers, Qwen3-Next's linear-attention layers, RecurrentGemma's
     recurrent blocks (its logits soft-capped, once refused as unreproduced) and RWKV's
     cache a recurrent state, not keys and values, and GPT-1 caches nothing (both once
@@ -226,7 +230,7 @@ def test_a_model_with_recurrent_layers_scores_whole_variants(arch, tmp_path, cap
 
     made = tiny_other(arch)
     save_model(made.model, made.tokenizer, tmp_path / arch)
-    capfd.readouterr()
+    printed()
     if arch == "recurrent_gemma" and not _takes_cache(lm_body_and_head(made.model)[0]):
         with pytest.raises(UnpactError, match="keeps its recurrent state inside its layers"):
             load_model(str(tmp_path / arch))  # transformers 5.0's: refused, not scored wrong
@@ -253,7 +257,7 @@ def test_a_model_with_recurrent_layers_scores_whole_variants(arch, tmp_path, cap
     mixing = r"(linear_attention|MambaMixer|RwkvSelfAttention|OpenAIGPTModel|XLMModel)"
     with pytest.raises(UnpactError, match=rf"baseline 'mask'.*its {mixing} layers keep"):
         attribute(lm, *pairs[0], baseline="mask", **plain)
-    err = capfd.readouterr().err
+    err = printed()
     assert "falling back to its reference PyTorch" not in err
     assert "was passed, but it is unused" not in err  # RWKV reads no mask, nor needs one
 

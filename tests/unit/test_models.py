@@ -509,13 +509,17 @@ def test_weights_larger_than_the_free_memory_are_refused_before_loading(
     assert load_model(str(tmp_path / "m"), dtype="bfloat16").model.dtype == torch.bfloat16
 
 
-def test_broken_model_folders_are_one_message(tiny, tmp_path):
+def test_broken_model_folders_are_one_message(tiny, tmp_path, printed, caplog):
     """Each was a traceback, a confusing message or, worst, a model with random layers
     loaded without a word: no tokenizer, a truncated safetensors file, weights whose shapes
-    are not the config's, a checkpoint missing one tensor, a quantized checkpoint."""
+    are not the config's, a checkpoint missing one tensor, a quantized checkpoint. Nothing
+    else is printed: transformers' loading report (a table per load, above a message that
+    said "for details look at the above report") is unpact's message naming the tensors and
+    their shapes; a tensor the model does not have (a value head) is one note, once."""
     import json
     import shutil
 
+    import torch
     from safetensors.torch import load_file, save_file
 
     good = tmp_path / "good"
@@ -549,15 +553,31 @@ def test_broken_model_folders_are_one_message(tiny, tmp_path):
         quant = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False}
         (f / "config.json").write_text(json.dumps(config | {"quantization_config": quant}))
 
+    def extra(f):
+        weights = load_file(f / "model.safetensors")
+        weights["v_head.summary.weight"] = weights["model.norm.weight"][:3].clone()
+        save_file(weights, f / "model.safetensors", metadata={"format": "pt"})
+
+    shapes = r"lm_head\.weight: \[320, 64\] in the file, \[320, 128\] by config.json; model\."
+    printed()
     for change, message in (
         (no_tokenizer, "has no tokenizer"),
         (truncated, "could not load the weights in"),
-        (wider, "shapes that do not match its config.json"),
+        (wider, rf"shapes that do not match its config.json \({shapes}.*; \.\.\.\): was"),
         (one_missing, r"lack 1 of the model's tensors \(model\.layers\.1\.mlp\.up_proj"),
         (gptq, r"gptq-quantized checkpoint .*: give it the model before quantization"),
     ):
         with pytest.raises(UnpactError, match=message):
             load_model(str(broken(change.__name__, change)))
+    assert printed() == ""
+    folder = broken("extra", extra)
+    for _ in range(2):
+        assert torch.equal(load_model(str(folder)).model.lm_head.weight, tiny.model.lm_head.weight)
+    assert printed() == ""
+    notes = [r.getMessage() for r in caplog.records if r.name.startswith("unpact")]
+    assert notes == [
+        f"{folder}: 1 tensor in the weights is not the model's (v_head.summary.weight): ignored"
+    ]
     assert load_model(str(good)).model.config.hidden_size == 64
 
 
@@ -592,7 +612,7 @@ def _fp8_checkpoint(tiny, folder: Path, block: int = 32) -> dict[str, Any]:
     return exact
 
 
-def test_an_fp8_checkpoint_loads_dequantized_on_every_device(tiny, tmp_path, capfd):
+def test_an_fp8_checkpoint_loads_dequantized_on_every_device(tiny, tmp_path, printed):
     """transformers dequantized an FP8 checkpoint only where it has no FP8 kernel (here, with
     a library warning); on an H100 it kept FP8 layers that unlearning cannot train and the
     quantize attack does not see. unpact asks for full-precision weights everywhere."""
@@ -613,7 +633,7 @@ def test_an_fp8_checkpoint_loads_dequantized_on_every_device(tiny, tmp_path, cap
         assert weights[name].dtype == torch.float32 and torch.equal(weights[name], w), name
     linear = lm.model.model.layers[0].mlp.up_proj
     assert type(linear) is torch.nn.Linear  # not transformers' FP8Linear
-    assert "FP8" not in capfd.readouterr().err  # "requires a GPU or XPU, ... dequantizing"
+    assert "FP8" not in printed()  # "requires a GPU or XPU, ... dequantizing"
     # the flag that makes a GPU dequantize too, and a checkpoint saved as full precision
     found = _dequantizing(str(tmp_path / "fp8"), False, True)["quantization_config"]
     assert found.dequantize is True
@@ -1099,7 +1119,9 @@ def test_a_model_s_key_marks_a_template_that_ends_in_a_space(tiny, tmp_path, mon
     assert models.model_key(str(tmp_path / "gap")) != keys["gap"]
 
 
-def test_a_bpe_tokenizer_saved_to_clean_up_spaces_decodes_without_a_warning(tiny, tmp_path, capfd):
+def test_a_bpe_tokenizer_saved_to_clean_up_spaces_decodes_without_a_warning(
+    tiny, tmp_path, printed
+):
     """GPT-2's and many fine-tunes' tokenizer configs (transformers 4 wrote the key) say
     `clean_up_tokenization_spaces: true`, which transformers 5 ignores for BPE with a warning at the first decode: in the
     middle of a run's normal output. Loaded, the setting is off; the text is the same."""
@@ -1112,11 +1134,11 @@ def test_a_bpe_tokenizer_saved_to_clean_up_spaces_decodes_without_a_warning(tiny
     config.write_text(json.dumps(json.loads(config.read_text()) | {CLEAN: True}))
     lm = load_model(str(tmp_path / "m"))
     assert lm.tokenizer.clean_up_tokenization_spaces is False
-    capfd.readouterr()
+    printed()
     assert generate(lm, ["What is it?"], max_new_tokens=4) == generate(
         tiny, ["What is it?"], max_new_tokens=4
     )
-    assert "clean_up_tokenization" not in capfd.readouterr().err
+    assert "clean_up_tokenization" not in printed()
 
 
 def test_a_cache_that_cannot_be_a_folder_is_one_message(tmp_path, monkeypatch):
@@ -1135,7 +1157,7 @@ def test_a_cache_that_cannot_be_a_folder_is_one_message(tmp_path, monkeypatch):
             cache_root()
 
 
-def test_a_model_type_transformers_does_not_know_is_said_before_any_load(tiny, tmp_path, capfd):
+def test_a_model_type_transformers_does_not_know_is_said_before_any_load(tiny, tmp_path, printed):
     """A checkpoint whose code is its own (`auto_map`) without --trust-remote-code, or of a
     type newer than the transformers installed: transformers' warning about the type (from
     the tokenizer's load) came first, then its error in its own terms ("pass the argument
@@ -1156,14 +1178,16 @@ def test_a_model_type_transformers_does_not_know_is_said_before_any_load(tiny, t
         load_model(str(tmp_path / "own"))
     with pytest.raises(UnpactError, match=r"type 'llama9' is not one transformers \S+ knows"):
         load_model(str(tmp_path / "new"))
-    assert "instantiate a model of type" not in capfd.readouterr().err
+    assert "instantiate a model of type" not in printed()
     # a known type with its own code beside it loads with transformers' own class
     both = {"auto_map": {"AutoModelForCausalLM": "m.MyLM"}}
     (tmp_path / "base" / "config.json").write_text(json.dumps(config | both))
     assert load_model(str(tmp_path / "base")).model.config.model_type == config["model_type"]
 
 
-def test_a_checkpoint_that_is_not_a_causal_language_model_is_said_before_any_load(tmp_path, capfd):
+def test_a_checkpoint_that_is_not_a_causal_language_model_is_said_before_any_load(
+    tmp_path, printed
+):
     """T5 (an encoder-decoder) failed with transformers' list of its ~200 causal model
     types; a BERT `BertModel` loaded as BertLMHeadModel with a random head, after
     transformers' warnings and its loading report. One message each, nothing else printed;
@@ -1191,12 +1215,12 @@ def test_a_checkpoint_that_is_not_a_causal_language_model_is_said_before_any_loa
     ):
         model.save_pretrained(tmp_path / name)
         tok.save_pretrained(tmp_path / name)
-    capfd.readouterr()
+    printed()
     with pytest.raises(UnpactError, match=r"a t5 model \(T5ForConditionalGeneration\) is not one"):
         load_model(str(tmp_path / "t5"))
     with pytest.raises(UnpactError, match=r"names BertModel: a base model without .*BertLMHead"):
         load_model(str(tmp_path / "bert"))
-    assert capfd.readouterr().err == ""
+    assert printed() == ""
     for arch in ("gpt2", "gemma3_vl", "mixtral"):
         other = tiny_other(arch)
         save_model(other.model, other.tokenizer, tmp_path / arch)
@@ -1425,7 +1449,7 @@ def test_a_token_added_to_the_tokenizer_alone_is_named():
     assert vocabulary_size(OwnCode()) is None  # not checked, rather than refused
 
 
-def test_no_note_about_a_tokenizer_maximum_unpact_does_not_use(tmp_path, capfd):
+def test_no_note_about_a_tokenizer_maximum_unpact_does_not_use(tmp_path, printed):
     """A tokenizer saved with a small `model_max_length` printed transformers' "Token
     indices sequence length is longer than the specified maximum" for each longer prompt:
     unpact never truncates, and measures prompts against the model's own context."""
@@ -1436,6 +1460,6 @@ def test_no_note_about_a_tokenizer_maximum_unpact_does_not_use(tmp_path, capfd):
     made.tokenizer.model_max_length = 4
     save_model(made.model, made.tokenizer, tmp_path / "m")
     lm = load_model(str(tmp_path / "m"))
-    capfd.readouterr()
+    printed()
     assert len(lm.encode_prompt("a prompt of many more tokens than four", False).input_ids) > 4
-    assert "Token indices sequence length" not in capfd.readouterr().err
+    assert "Token indices sequence length" not in printed()
