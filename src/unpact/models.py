@@ -620,12 +620,16 @@ def load_tokenizer(
     folder = local_model_dir(spec)
     unreachable = _hub_unreachable() if folder is None else None
     _quiet_moot_notes()
+    trusted = remote_code_trusted(trust_remote_code)
     if folder is not None:
+        # a type of the checkpoint's own code, untrusted: one message, as load_model's, not
+        # transformers' "You are using a model of type 'mine' to instantiate ..." first
+        _check_model_type(Path(folder), trusted)
         _check_tokenizer(Path(folder))
     try:
         return AutoTokenizer.from_pretrained(
             folder if folder is not None else spec,
-            trust_remote_code=remote_code_trusted(trust_remote_code),
+            trust_remote_code=trusted,
             local_files_only=unreachable is not None,
         )
     except (OSError, ValueError) as exc:

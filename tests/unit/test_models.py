@@ -1161,7 +1161,10 @@ def test_a_model_type_transformers_does_not_know_is_said_before_any_load(tiny, t
     """A checkpoint whose code is its own (`auto_map`) without --trust-remote-code, or of a
     type newer than the transformers installed: transformers' warning about the type (from
     the tokenizer's load) came first, then its error in its own terms ("pass the argument
-    trust_remote_code=True"). Now one message, naming unpact's option."""
+    trust_remote_code=True"). Now one message, naming unpact's option; also where only the
+    tokenizer is loaded (a run's and an audit's first check: the warning, then the message)."""
+    from unpact.models import load_tokenizer
+
     tiny.model.save_pretrained(tmp_path / "base")
     tiny.tokenizer.save_pretrained(tmp_path / "base")
     config = json.loads((tmp_path / "base" / "config.json").read_text())
@@ -1174,11 +1177,12 @@ def test_a_model_type_transformers_does_not_know_is_said_before_any_load(tiny, t
         for f in (tmp_path / "base").iterdir():
             (folder / f.name).write_bytes(f.read_bytes())
         (folder / "config.json").write_text(json.dumps(config | extra))
-    with pytest.raises(UnpactError, match=r"type 'mine' is the checkpoint's own .*--trust-remote"):
-        load_model(str(tmp_path / "own"))
-    with pytest.raises(UnpactError, match=r"type 'llama9' is not one transformers \S+ knows"):
-        load_model(str(tmp_path / "new"))
-    assert "instantiate a model of type" not in printed()
+    for load in (load_model, load_tokenizer):
+        with pytest.raises(UnpactError, match=r"type 'mine' is the checkpoint's own .*--trust"):
+            load(str(tmp_path / "own"))
+        with pytest.raises(UnpactError, match=r"type 'llama9' is not one transformers \S+ knows"):
+            load(str(tmp_path / "new"))
+        assert "instantiate a model of type" not in printed()
     # a known type with its own code beside it loads with transformers' own class
     both = {"auto_map": {"AutoModelForCausalLM": "m.MyLM"}}
     (tmp_path / "base" / "config.json").write_text(json.dumps(config | both))
