@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.integration.test_default_model import run_cli
-from tests.unit.test_attribution import slow_contributions
+from tests.unit.test_attribution import ANY_TEXT, check_units_partition, slow_contributions
 from unpact.attribution import attribute, attribute_many, naive_contributions
 
 pytestmark = pytest.mark.integration
@@ -43,6 +45,14 @@ def test_deletion_is_on_ids_where_retokenising_would_differ(default_lm):
     assert list(retokenised.input_ids) != shortened
     _, slow = slow_contributions(default_lm, rec, "delete", 0)
     assert rec.contributions[i] == pytest.approx(slow[i], abs=1e-4)
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=ANY_TEXT, chat=st.booleans(), kind=st.sampled_from(["token", "word"]))
+def test_units_partition_any_text_in_a_byte_level_vocabulary(default_lm, text, chat, kind):
+    """The default model's byte-level BPE: an emoji or a CJK character is several tokens,
+    a space joins the word after it, merges cross punctuation."""
+    check_units_partition(default_lm, text, chat, kind)
 
 
 def test_keytokens_of_a_factual_question(default_lm):

@@ -335,6 +335,38 @@ def test_a_character_split_across_tokens_is_one_token_unit(tiny, baseline):
     assert rec.contributions == pytest.approx(slow, abs=1e-4)
 
 
+# Text as users write it, in any script: letters, marks, numbers, punctuation, symbols,
+# spaces, emoji; not unassigned or private code points, surrogates or control characters
+# (a byte-level vocabulary may lack their bytes: SmolLM2's drops U+0006 and U+40000).
+ANY_TEXT = st.text(st.characters(blacklist_categories=("Cs", "Cn", "Co", "Cc")), max_size=30)
+
+
+def check_units_partition(lm, text: str, chat: bool, kind: str) -> None:
+    """The units of a prompt, whatever its text: every content token in exactly one unit,
+    in order, each unit's tokens adjacent, each unit's text non-empty, and the units'
+    texts together the prompt's (the word units' without the spaces between them)."""
+    if not text.strip():
+        return
+    enc = lm.encode_prompt(text, chat_template=chat)
+    units = make_units(lm, enc, kind)
+    content = list(range(enc.content_start, enc.content_start + len(enc.content_ids)))
+    assert [p for u in units for p in u.positions] == content, units
+    for u in units:
+        assert list(u.positions) == list(range(u.positions[0], u.positions[-1] + 1)), u
+        assert u.text, units
+    joined = "".join(u.text for u in units)
+    if kind == "token":
+        assert joined == text or joined.strip() == text.strip(), units
+    else:
+        assert "".join(joined.split()) == "".join(text.split()), units
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=ANY_TEXT, chat=st.booleans(), kind=st.sampled_from(["token", "word"]))
+def test_units_partition_any_text(tiny, text, chat, kind):
+    check_units_partition(tiny, text, chat, kind)
+
+
 def test_a_word_keeps_its_combining_marks(tiny):
     """é written as e + U+0301, and Devanagari's vowel signs (marks, not letters to Python's
     regular expressions): each word is one unit, as its letters are."""
