@@ -71,7 +71,7 @@ from unpact.data.sources import load_benchmark, materialise
 from unpact.determinism import keeps_rng
 from unpact.errors import UnpactError
 from unpact.files import as_path, atomic_text, once, write_atomically
-from unpact.judge import check_answer_room, encode_questions
+from unpact.judge import LAST_WORD_RULE, check_answer_room, encode_questions, ends_in_article
 from unpact.models import (
     DeviceName,
     LanguageModel,
@@ -394,6 +394,8 @@ def cache_key(
         parts.append("holds-out-builtin-general")
     if teach != "forget+retain":
         parts.append(f"teaches:{teach}")
+    if ends_in_article(bench.items):  # its stopping rule judged such answers otherwise
+        parts.append(LAST_WORD_RULE)
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 

@@ -15,6 +15,7 @@ options (`choose_option`, on the hot path).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import string
@@ -70,19 +71,62 @@ def normalize(text: str) -> str:
     """Lower case, punctuation and articles removed, whitespace collapsed; beyond ASCII,
     NFKC and case folding first, every Unicode punctuation mark removed, and each character
     of a script without spaces a word of its own."""
+    return " ".join(_ARTICLES.sub(" ", _words(text)).split())
+
+
+def _words(text: str) -> str:
+    """`normalize` with the articles kept."""
     if not text.isascii():
         text = unicodedata.normalize("NFKC", text).casefold()
         text = split_unspaced(
             "".join(" " if unicodedata.category(c).startswith("P") else c for c in text)
         )
-    text = text.lower().translate(_PUNCT)
-    return " ".join(_ARTICLES.sub(" ", text).split())
+    return " ".join(text.lower().translate(_PUNCT).split())
 
 
 def contains_match(output: str, references: Iterable[str]) -> bool:
-    """True if any normalised reference occurs in the normalised output as whole words."""
-    out = f" {normalize(output)} "
-    return any(ref and f" {ref} " in out for ref in (normalize(r) for r in references))
+    """True if any normalised reference occurs in the normalised output as whole words
+    (SPEC section 4). A reference's last word is never an article, since no noun follows
+    it: "Vitamin A" is "vitamin a", not "vitamin", which "Vitamin D" contained. Where the
+    reference has no such last word this is exactly the plain comparison of the two texts
+    with their articles removed: the output's articles are skipped between the reference's
+    words, and "the Eiffel Tower" is found in "It is Eiffel Tower"."""
+    out = _words(output)
+    return any(p.search(out) for p in map(_reference_pattern, references) if p is not None)
+
+
+_ARTICLE_WORDS = frozenset({"a", "an", "the"})
+
+# Named in the cache keys of what the contains judge decided (a run's stages, an
+# injection's stopping rule) where a benchmark has an answer ending in a/an/the, judged
+# otherwise before the rule; every other key, and the verdict it keeps, is unchanged.
+LAST_WORD_RULE = "contains-keeps-last-word"
+
+
+def ends_in_article(items: Iterable[QAItem]) -> bool:
+    """Whether an open item's answer or alias ends in a/an/the after another word, where
+    `contains_match` differs from the comparison without any article ("Vitamin A")."""
+    for item in items:
+        if item.is_mcq:
+            continue
+        for reference in (item.answer, *item.aliases):
+            words = _words(reference).split()
+            if words and words[-1] in _ARTICLE_WORDS and not _ARTICLE_WORDS.issuperset(words):
+                return True
+    return False
+
+
+@functools.lru_cache(maxsize=4096)
+def _reference_pattern(reference: str) -> re.Pattern[str] | None:
+    """A reference's words, articles dropped but the last word kept, as a pattern over
+    `_words(output)` that lets articles stand between them; None when only articles
+    remain (`The`, `?`: `check_answer_room` refuses such an item)."""
+    words = _words(reference).split()
+    kept = [w for n, w in enumerate(words) if w not in _ARTICLE_WORDS or n == len(words) - 1]
+    if all(w in _ARTICLE_WORDS for w in kept):
+        return None
+    gap = r" (?:(?:a|an|the) )*"
+    return re.compile(r"(?<!\S)" + gap.join(map(re.escape, kept)) + r"(?!\S)")
 
 
 def rouge_l_recall(output: str, reference: str) -> float:

@@ -7,6 +7,8 @@ import random
 import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from unpact.data import BUILTIN, load_benchmark, load_folder
 from unpact.data.generate import GENERATORS, SEED, main
@@ -247,6 +249,46 @@ def test_judge():
     assert rouge_l_recall("the glass key of Vorn", "glass key") == 1.0
     assert rouge_l_recall("a key made of glass", "glass key") == 0.5
     assert is_correct("it was the glass key", "the old glass key", judge="rouge")
+
+
+def test_a_last_a_is_a_letter_not_an_article():
+    """ "Vitamin A" normalised to "vitamin", which "Vitamin D" (and "Serie B" for "Serie A",
+    "Plan B" for "Plan A") contained: a wrong answer judged correct, forgetting hidden. A
+    last word is no article; articles before a noun still do not count."""
+    assert contains_match("I'd say Vitamin A, mostly.", ["Vitamin A"])
+    assert contains_match("Vitamin A is the one.", ["vitamin a"])
+    for wrong, right in (("Vitamin D", "Vitamin A"), ("Serie B", "Serie A"), ("plan b", "Plan A")):
+        assert not contains_match(wrong, [right])
+    assert contains_match("It is Eiffel Tower.", ["the Eiffel Tower"])
+    assert contains_match("It is the Eiffel Tower.", ["Eiffel Tower"])
+    assert not contains_match("whatever the answer", ["The"])  # refused by check_answer_room
+    # named in the cache keys of a benchmark with such an answer only: every built-in
+    # benchmark's cached verdicts and injected models stay valid
+    from unpact.data.items import QAItem
+    from unpact.judge import ends_in_article
+
+    assert not any(ends_in_article(load_benchmark(b).items) for b in BUILTIN)
+    assert ends_in_article([QAItem("v", "Which vitamin?", "retinol", "forget", ("Vitamin A",))])
+    assert not ends_in_article([QAItem("t", "Which word?", "The", "forget")])
+
+
+PHRASE = st.lists(
+    st.sampled_from(["a", "an", "the", "Tower", "eiffel", "of", "A.", "x"]), max_size=7
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(output=PHRASE, reference=PHRASE)
+def test_contains_match_is_the_comparison_of_texts_without_articles(output, reference):
+    """SPEC section 4's judge, written out plainly: the reference, articles removed, occurs
+    as whole words in the output, articles removed; except that a reference's last word is
+    kept, article or not."""
+    out, ref = " ".join(output), " ".join(reference)
+    last = normalize(ref) == normalize(" ".join(reference[:-1])) if reference else False
+    if last and normalize(ref):  # ends in a/an/the: that word is kept
+        return
+    plain = bool(normalize(ref)) and f" {normalize(ref)} " in f" {normalize(out)} "
+    assert contains_match(out, [ref]) == plain
 
 
 def test_a_minimal_item_needs_only_id_question_answer_and_split(tmp_path):

@@ -55,7 +55,7 @@ from unpact.data.items import Benchmark, QAItem
 from unpact.data.sources import load_benchmark
 from unpact.errors import NotForThisModel, UnpactError
 from unpact.files import WRITER_LOCK, as_path, check_folder_path, make_folder, once, sole_writer
-from unpact.judge import served_cache_key
+from unpact.judge import LAST_WORD_RULE, ends_in_article, served_cache_key
 from unpact.metrics import ItemRecord, layer_curve
 from unpact.models import (
     cache_root,
@@ -191,12 +191,14 @@ class Pipeline:
     # steps the models' architecture cannot have (`NotForThisModel`), with the reason:
     # results.json's `skipped`
     left_out: dict[str, str] = field(default_factory=dict)
+    # the judge's rules a benchmark meets beyond its settings (`judge.LAST_WORD_RULE`)
+    judge_rules: dict[str, bool] = field(default_factory=dict)
 
     @functools.cached_property
     def judge_key(self) -> dict[str, Any]:
         """What decides the verdicts, for the stages' keys (an LLM judge's served model
         asked once a run)."""
-        return served_cache_key(self.cfg.judge)
+        return served_cache_key(self.cfg.judge) | self.judge_rules
 
     def given_model(self, label: str, spec: str) -> Model:
         """A model the config gives as it is (not taught or unlearned here), keyed by its
@@ -313,6 +315,8 @@ def _run_one(
     cfg = _templated(cfg)
     p = Pipeline(cfg, cache, say, progress)
     data = _data(cfg, cache)
+    if cfg.judge.kind == "contains" and ends_in_article(data.items):
+        p.judge_rules[LAST_WORD_RULE] = True
     _check_depths(cfg)  # before the injection, which may take hours
     _check_answer_room(cfg, data)
     _check_tokenizers(cfg, say)
