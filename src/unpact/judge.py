@@ -68,20 +68,29 @@ def split_unspaced(text: str) -> str:
 
 
 def normalize(text: str) -> str:
-    """Lower case, punctuation and articles removed, whitespace collapsed; beyond ASCII,
-    NFKC and case folding first, every Unicode punctuation mark removed, and each character
-    of a script without spaces a word of its own."""
+    """Lower case, punctuation and articles removed, whitespace collapsed, a number one
+    word (12,000 is 12000; 3.5 stays 3.5); beyond ASCII, NFKC and case folding first, every
+    Unicode punctuation mark removed, and each character of a script without spaces a word
+    of its own."""
     return " ".join(_ARTICLES.sub(" ", _words(text)).split())
+
+
+# A number's thousands separators go ("12,000" is one word, 12000, not the 12 of "12 000")
+# and its decimal point stays ("3.5" is not the 3 of "3 5"), through the punctuation's
+# removal as a private-use character (no punctuation, no letter: a word's part).
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_DECIMAL = re.compile(r"(?<=\d)\.(?=\d)")
 
 
 def _words(text: str) -> str:
     """`normalize` with the articles kept."""
+    text = _DECIMAL.sub("\ue000", _THOUSANDS.sub("", text))
     if not text.isascii():
         text = unicodedata.normalize("NFKC", text).casefold()
         text = split_unspaced(
             "".join(" " if unicodedata.category(c).startswith("P") else c for c in text)
         )
-    return " ".join(text.lower().translate(_PUNCT).split())
+    return " ".join(text.lower().translate(_PUNCT).split()).replace("\ue000", ".")
 
 
 def contains_match(output: str, references: Iterable[str]) -> bool:
@@ -97,10 +106,22 @@ def contains_match(output: str, references: Iterable[str]) -> bool:
 
 _ARTICLE_WORDS = frozenset({"a", "an", "the"})
 
-# Named in the cache keys of what the contains judge decided (a run's stages, an
-# injection's stopping rule) where a benchmark has an answer ending in a/an/the, judged
-# otherwise before the rule; every other key, and the verdict it keeps, is unchanged.
+# Named in the cache keys of what the judge decided (a run's stages; an injection's
+# stopping rule, for the first) where a benchmark has an answer the rule can judge
+# otherwise than before it: one ending in a/an/the (the contains judge), one with a digit
+# (both word judges: `_words`' numbers). Every other key, and what it keeps, is unchanged.
 LAST_WORD_RULE = "contains-keeps-last-word"
+NUMBER_RULE = "numbers-whole"
+
+
+def judge_rules(kind: str, items: Iterable[QAItem]) -> dict[str, bool]:
+    """The rules above that `items` meet under the judge `kind`, for a stage's key."""
+    items = list(items)
+    rules = {LAST_WORD_RULE: kind == "contains" and ends_in_article(items)}
+    rules[NUMBER_RULE] = kind in ("contains", "rouge") and any(
+        any(c.isdigit() for r in (i.answer, *i.aliases) for c in r) for i in items if not i.is_mcq
+    )
+    return {rule: True for rule, met in rules.items() if met}
 
 
 def ends_in_article(items: Iterable[QAItem]) -> bool:

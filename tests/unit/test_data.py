@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from unpact.data import BUILTIN, load_benchmark, load_folder
 from unpact.data.generate import GENERATORS, SEED, main
-from unpact.data.items import BUILTIN_DIR
+from unpact.data.items import BUILTIN_DIR, QAItem
 from unpact.errors import UnpactError
 from unpact.judge import contains_match, is_correct, normalize, rouge_l_recall
 
@@ -264,12 +264,33 @@ def test_a_last_a_is_a_letter_not_an_article():
     assert not contains_match("whatever the answer", ["The"])  # refused by check_answer_room
     # named in the cache keys of a benchmark with such an answer only: every built-in
     # benchmark's cached verdicts and injected models stay valid
-    from unpact.data.items import QAItem
     from unpact.judge import ends_in_article
 
     assert not any(ends_in_article(load_benchmark(b).items) for b in BUILTIN)
     assert ends_in_article([QAItem("v", "Which vitamin?", "retinol", "forget", ("Vitamin A",))])
     assert not ends_in_article([QAItem("t", "Which word?", "The", "forget")])
+
+
+def test_a_number_is_one_word():
+    """ "12,000" was the words 12 and 000, which contained the answer "12"; "3.5" held "3".
+    A thousands separator goes, a decimal point stays; a list "1,2,3" is three words."""
+    assert not contains_match("It lasted about 12,000 years.", ["12"])
+    assert contains_match("It lasted about 12,000 years.", ["12000"])
+    assert contains_match("It lasted about 12000 years.", ["12,000"])
+    assert not contains_match("It has 3.5 legs.", ["3"])
+    assert contains_match("Pi is about 3.14.", ["3.14"]) and contains_match("It has 3 legs.", ["3"])
+    assert contains_match("Pick 1,2,3.", ["2"]) and contains_match("In 1921, it closed.", ["1921"])
+    assert normalize("Pi is 3.14.") == "pi is 3.14"
+    # which benchmarks' stage keys name the rules (a reference with a digit; one ending in
+    # an article): the judge's verdicts on the others are what they were
+    from unpact.judge import LAST_WORD_RULE, NUMBER_RULE, judge_rules
+
+    assert judge_rules("contains", load_benchmark("news").items) == {NUMBER_RULE: True}
+    assert judge_rules("llm", load_benchmark("news").items) == {}
+    assert judge_rules("contains", load_benchmark("books").items) == {}
+    vitamin = [QAItem("v", "Which vitamin?", "Vitamin A", "forget")]
+    assert judge_rules("contains", vitamin) == {LAST_WORD_RULE: True}
+    assert judge_rules("rouge", vitamin) == {}
 
 
 PHRASE = st.lists(

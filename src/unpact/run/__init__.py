@@ -55,7 +55,7 @@ from unpact.data.items import Benchmark, QAItem
 from unpact.data.sources import load_benchmark
 from unpact.errors import NotForThisModel, UnpactError
 from unpact.files import WRITER_LOCK, as_path, check_folder_path, make_folder, once, sole_writer
-from unpact.judge import LAST_WORD_RULE, ends_in_article, served_cache_key
+from unpact.judge import judge_rules, served_cache_key
 from unpact.metrics import ItemRecord, layer_curve
 from unpact.models import (
     cache_root,
@@ -315,8 +315,7 @@ def _run_one(
     cfg = _templated(cfg)
     p = Pipeline(cfg, cache, say, progress)
     data = _data(cfg, cache)
-    if cfg.judge.kind == "contains" and ends_in_article(data.items):
-        p.judge_rules[LAST_WORD_RULE] = True
+    p.judge_rules = judge_rules(cfg.judge.kind, data.items)
     _check_depths(cfg)  # before the injection, which may take hours
     _check_answer_room(cfg, data)
     _check_tokenizers(cfg, say)
