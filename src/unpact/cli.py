@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 from unpact import configs as builtin_run_configs
 from unpact.attribution import ALPHA, BETA, MAX_WORK
@@ -1194,6 +1194,12 @@ def _settings_text(settings: type[object]) -> str:
     return ", ".join(parts) or "-"
 
 
+def _name(header: str) -> Column:
+    """A listing's name column: whole on one line, however narrow the terminal (a name is
+    what a config or --attacks is written with; 'recovery_control.<at…' was printed)."""
+    return Column(header, no_wrap=True, overflow="fold")
+
+
 @app.command("methods")
 def methods_cmd(plugin: PluginOpt = None) -> None:
     """List the registered unlearning methods (plugins' included) and their settings."""
@@ -1201,7 +1207,7 @@ def methods_cmd(plugin: PluginOpt = None) -> None:
     from unpact.unlearn.methods import METHODS
 
     load_plugins(list(plugin or []))
-    table = Table("method", "what it does", "settings", title="Unlearning methods")
+    table = Table(_name("method"), "what it does", "settings", title="Unlearning methods")
     for name, cls in METHODS.items():
         about = cls.summary or (cls.__doc__ or "").strip().split("\n")[0]
         table.add_row(escape(name), escape(about), escape(_settings_text(cls.Settings)))
@@ -1215,7 +1221,7 @@ def attacks_cmd(plugin: PluginOpt = None) -> None:
     from unpact.plugins import load_plugins
 
     load_plugins(list(plugin or []))
-    table = Table("attack", "what it does", "settings", title="Recovery attacks")
+    table = Table(_name("attack"), "what it does", "settings", title="Recovery attacks")
     for name, cls in ATTACKS.items():
         about = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
         table.add_row(escape(name), escape(about), escape(_settings_text(cls.Settings)))
@@ -1229,13 +1235,12 @@ def metrics_cmd(plugin: PluginOpt = None) -> None:
     from unpact.plugins import load_plugins
 
     load_plugins(list(plugin or []))
-    table = Table("metric", "what it is", "format", "better", "interval", title="Metrics")
+    table = Table(_name("metric"), "what it is", "shown as", title="Metrics")
     for m in METRICS.values():
-        better = {True: "higher", False: "lower", None: "-"}[m.higher_is_better]
+        better = {True: "higher better", False: "lower better", None: None}[m.higher_is_better]
+        shown = [m.fmt, better, "interval" if m.interval else "no interval"]
         name = m.name + (".<attack>" if m.per_attack else "")
-        table.add_row(
-            escape(name), escape(m.description), m.fmt, better, "yes" if m.interval else "no"
-        )
+        table.add_row(escape(name), escape(m.description), "\n".join(s for s in shown if s))
     out.print(table)
 
 

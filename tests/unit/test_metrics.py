@@ -311,3 +311,31 @@ def test_a_plugin_metric_may_return_numpy_torch_or_none(returned, expected):
     else:
         assert low == high == expected
     json.dumps(out["plugin_odd"])
+
+
+@pytest.mark.parametrize("what", ["metrics", "attacks", "methods"])
+def test_the_listings_print_every_name_whole_at_80_columns(monkeypatch, what):
+    """A name is what a config or --attacks is written with: 80 columns (a terminal's
+    default, and a pipe's) printed 'recovery_control.<at…' and 'contribution_similarit…'."""
+    import io
+
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    from unpact import cli
+    from unpact.attacks import ATTACKS
+    from unpact.metrics import METRICS
+    from unpact.unlearn.methods import METHODS
+
+    buffer = io.StringIO()
+    monkeypatch.setattr(cli, "out", Console(file=buffer, width=80))
+    assert CliRunner().invoke(cli.app, [what]).exit_code == 0
+    printed = buffer.getvalue()
+    names = {
+        "metrics": [m.name + (".<attack>" if m.per_attack else "") for m in METRICS.values()],
+        "attacks": list(ATTACKS),
+        "methods": list(METHODS),
+    }[what]
+    assert max(map(len, printed.splitlines())) <= 80
+    cells = {line.split("│")[1].strip() for line in printed.splitlines() if line.count("│") > 2}
+    assert set(names) <= cells
