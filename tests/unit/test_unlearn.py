@@ -694,3 +694,19 @@ def test_a_model_without_one_list_of_decoder_blocks_unlearns_and_rmu_says_why(be
     rmu = resolve_config("rmu", overrides=["steps=1", "layer=1", "update_layers=[1]"])
     with pytest.raises(NotForThisModel, match=r"XLMWithLMHeadModel: cannot find its decoder"):
         unlearn(tiny_other("xlm"), bench, rmu, tmp_path / "rmu", progress=False)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU: accelerate trains there"
+)
+def test_a_model_loaded_on_the_cpu_trains_on_the_gpu_with_its_references(bench, tmp_path):
+    """accelerate moves only the module it wraps to the GPU: a KL method's frozen copy of a
+    model loaded on the CPU (every spec loads there) stayed on the CPU, and the first step's
+    KL mixed devices. The references are now made where the model trains."""
+    for name in ("ga_kl", "npo_kl", "keytoken_npo"):
+        lm = tiny_model(seed=3)
+        lm.model.to("cpu")
+        cfg = resolve_config(name, overrides=["steps=2"])
+        r = unlearn(lm, bench, cfg, tmp_path / name, progress=False)
+        assert lm.device.type == "cuda", name
+        assert all(math.isfinite(v) for v in r.final_losses.values()), name

@@ -211,7 +211,10 @@ def unlearn(
         set_seed(config.seed)
         lm = load_model(model) if isinstance(model, str) else model
         _check_depth(method, lm.model)
-        net = lm.model
+        # Where accelerate trains (a GPU when there is one), before the references: `prepare`
+        # moves only the module it wraps, and a KL method's frozen copy made on the CPU
+        # beside a model trained on the GPU mixed devices in the first step.
+        net = lm.model.to(accelerator.device)
         forget = encode_items(lm, forget_items)
         retain = encode_items(lm, retain_items)
         steps = total_steps(config, len(forget_items))
