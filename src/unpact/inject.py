@@ -469,7 +469,9 @@ def _rehearsal_targets(
         return _base_targets(lm, questions, top_k)
     path = cache / f"rehearsal-{key}.pt"
     if path.is_file():
-        saved = torch.load(path, weights_only=True)
+        # onto the model's device: the key names its type, and cuda:0's targets on cuda:1
+        # mixed devices in the first step
+        saved = torch.load(path, weights_only=True, map_location=lm.device)
         return [_Rehearsal(tuple(p), tuple(a), v, i) for p, a, v, i in zip(*saved)]
     targets = _base_targets(lm, questions, top_k)
     columns: list[list[Any]] = [

@@ -100,3 +100,23 @@ def test_base_general_accuracy_is_cached_by_model_items_and_answer_length(tmp_pa
     inject_mod._base_general(lm, general[:2], InjectConfig(), cache)
     inject_mod._base_general(lm, general, InjectConfig(max_new_tokens=8), cache)
     assert calls == [1, 1] and len(list(cache.glob("general-*.json"))) == 3
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_cached_rehearsal_targets_load_onto_the_model_s_gpu(tmp_path):
+    """The cache key names the device type, not its index: targets computed on cuda:0 and
+    read back for a model on cuda:1 were on cuda:0, and the first step mixed devices."""
+    import unpact.inject as inject_mod
+    from unpact.data.generate import GENERAL_CANDIDATES, REHEARSAL_QUESTIONS
+    from unpact.models import load_model, save_model
+
+    save_model(tiny_model(seed=0).model, tiny_model(seed=0).tokenizer, tmp_path / "a")
+    exclude = set(REHEARSAL_QUESTIONS[3:]) | {q for q, _, _ in GENERAL_CANDIDATES}
+    cache = tmp_path / "cache"
+    inject_mod._rehearsal_targets(
+        load_model(str(tmp_path / "a"), device="cuda:0"), exclude, 8, cache
+    )
+    lm = load_model(str(tmp_path / "a"), device="cuda:1")
+    again = inject_mod._rehearsal_targets(lm, exclude, 8, cache)
+    assert {t.top_logprobs.device for t in again} == {torch.device("cuda:1")}
+    assert {t.top_ids.device for t in again} == {torch.device("cuda:1")}
