@@ -738,6 +738,7 @@ def unlearn(
     plugin: PluginOpt = None,
     chat_template: TemplateFileOpt = None,
     trust_remote_code: RemoteCodeOpt = False,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Unlearn a benchmark's forget split; writes the model (safetensors), config and loss log.
 
@@ -750,7 +751,9 @@ def unlearn(
     load_plugins(list(plugin or []))
     cfg = resolve_config(method, file=config, overrides=set_ or [])
     with trusting_remote_code(trust_remote_code):  # every model it loads, the evaluation's too
-        _unlearn(cfg, model, benchmark, out_dir, inject_first, resume, evaluate, chat_template)
+        _unlearn(
+            cfg, model, benchmark, out_dir, inject_first, resume, evaluate, chat_template, device
+        )
 
 
 def _unlearn(
@@ -762,10 +765,13 @@ def _unlearn(
     resume: bool,
     evaluate: bool,
     chat_template: str | None,
+    device: str,
 ) -> None:
     """`unpact unlearn` with its settings resolved."""
+    from unpact.models import check_device
     from unpact.unlearn import unlearn as run_unlearn
 
+    check_device(device)  # before anything loads or trains
     model = _with_template(model, chat_template)
     if evaluate:  # before the training, not after it
         from unpact.unlearn.evaluate import check_evaluable
@@ -773,10 +779,11 @@ def _unlearn(
         check_evaluable(model, benchmark)
     spec = model
     if inject_first:
+        from unpact.inject import InjectConfig
         from unpact.inject import inject as run_inject
 
-        spec = str(run_inject(model, benchmark).path)
-    result = run_unlearn(spec, benchmark, cfg, out_dir, resume=resume)
+        spec = str(run_inject(model, benchmark, InjectConfig(device=device)).path)
+    result = run_unlearn(spec, benchmark, cfg, out_dir, resume=resume, device=device)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:
@@ -787,15 +794,17 @@ def _unlearn(
     )
     out.print(f"loss log: {escape(str(out_dir / 'losses.jsonl'))}")
     if evaluate:
-        _print_accuracy(spec, str(result.model_dir), benchmark, out_dir, cfg.method)
+        _print_accuracy(spec, str(result.model_dir), benchmark, out_dir, cfg.method, device)
 
 
-def _print_accuracy(before: str, after: str, benchmark: str, out_dir: Path, method: str) -> None:
+def _print_accuracy(
+    before: str, after: str, benchmark: str, out_dir: Path, method: str, device: str
+) -> None:
     """Forget, retain and general accuracy before and after unlearning, printed and kept
     in the run's accuracy.json."""
     from unpact.unlearn.evaluate import accuracy_before_after
 
-    table = accuracy_before_after(before, after, benchmark, out_dir / "accuracy.json")
+    table = accuracy_before_after(before, after, benchmark, out_dir / "accuracy.json", device)
     grid = Table("split", "before", "after", title=escape(f"Accuracy ({method})"))
     for split, row in table.items():
         grid.add_row(split, f"{row['before']:.1%}", f"{row['after']:.1%}")

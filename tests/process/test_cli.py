@@ -162,6 +162,7 @@ def test_two_processes_follow_the_one_process_loss_curve(bench, tmp_path):
             ["--method", "npo", "--chat-template", "{{ 'no message' }}"],
             "--chat-template: chat template (given as text): it does not place",
         ),
+        (["--method", "npo", "--device", "tpu"], "unknown device 'tpu'"),
     ],
 )
 def test_cli_user_mistakes_give_one_message_and_exit_2(args, message, tmp_path):

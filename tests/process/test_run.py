@@ -1040,6 +1040,25 @@ def test_a_run_evaluates_in_the_dtype_it_names(setup, finished, tmp_path, monkey
         load_config(config | {"dtype": "float8"})
 
 
+def test_a_run_unlearns_on_the_device_it_names(setup, tmp_path, monkeypatch):
+    """`device:` is where a run's local models go, unlearning included: accelerate chose a
+    GPU for it whenever there was one (`device: cpu` unlearned on the GPU, cuda:1 on cuda:0)."""
+    import unpact.unlearn.loop as loop
+
+    _, config = setup
+    asked = []
+    real = loop.unlearn
+
+    def recording(*args, device="auto", **kwargs):
+        asked.append(device)
+        return real(*args, device=device, **kwargs)
+
+    monkeypatch.setattr(loop, "unlearn", recording)
+    cfg = config | {"device": "cpu", "methods": config["methods"][:1], "attacks": []}
+    run(cfg, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    assert asked == ["cpu"]
+
+
 def test_a_served_model_beside_a_local_one_is_said_to_keep_its_servers_dtype(setup):
     from unpact.run import _evaluated_as
 

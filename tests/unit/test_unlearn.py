@@ -710,3 +710,19 @@ def test_a_model_loaded_on_the_cpu_trains_on_the_gpu_with_its_references(bench, 
         r = unlearn(lm, bench, cfg, tmp_path / name, progress=False)
         assert lm.device.type == "cuda", name
         assert all(math.isfinite(v) for v in r.final_losses.values()), name
+
+
+def test_unlearning_trains_on_the_device_asked_for_and_refuses_one_not_here(bench, tmp_path):
+    """`device` is where it trains: accelerate chose a GPU whenever there was one (a run on
+    `device: cpu` unlearned on the GPU, one on cuda:1 on cuda:0)."""
+    lm = tiny_model(seed=3)
+    cfg = resolve_config("ga_kl", overrides=["steps=1"])
+    unlearn(lm, bench, cfg, tmp_path / "cpu", progress=False, device="cpu")
+    assert lm.device.type == "cpu"
+    if torch.cuda.is_available():
+        return
+    with pytest.raises(UnpactError, match="'cuda:1' asked for, but no CUDA GPU"):
+        unlearn(lm, bench, cfg, tmp_path / "gpu", progress=False, device="cuda:1")
+    assert not (tmp_path / "gpu").exists()  # refused before anything was written
+    with pytest.raises(UnpactError, match="unknown device 'tpu'"):
+        unlearn(lm, bench, cfg, tmp_path / "tpu", progress=False, device="tpu")

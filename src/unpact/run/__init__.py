@@ -712,7 +712,15 @@ def _unlearn(p: Pipeline, data: Data, original: Model, spec: MethodSpec) -> Mode
         where = data.bench.path or data.bench.name
         p.timed(
             f"unlearn:{spec.label}",
-            lambda: unlearn(original.spec, where, ucfg, folder, resume=resume, progress=p.progress),
+            lambda: unlearn(
+                original.spec,
+                where,
+                ucfg,
+                folder,
+                resume=resume,
+                progress=p.progress,
+                device=p.cfg.device,
+            ),
         )
 
     # one process at a time (runs side by side share the cache)

@@ -365,8 +365,8 @@ class RunConfig(PlainInput):
     )
     device: DeviceName = Field(
         "cpu",
-        description="where local models run (cpu, cuda, cuda:N, auto): injection, evaluation, "
-        "attribution, attacks (unlearning: accelerate's choice); not part of any cache key",
+        description="where local models run (cpu, cuda, cuda:N, auto): injection, unlearning, "
+        "evaluation, attribution, attacks; not part of any cache key",
     )
     dtype: EvalDtype = Field(
         "float32",

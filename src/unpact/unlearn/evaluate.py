@@ -13,10 +13,10 @@ MAX_NEW_TOKENS = 32
 
 
 def split_accuracy(
-    model: str, benchmark: str | Path, general: str | None = "general"
+    model: str, benchmark: str | Path, general: str | None = "general", device: str = "cpu"
 ) -> dict[str, float]:
     """Share of forget, retain (and general) items the judge accepts for `model`."""
-    lm = load_model(model)
+    lm = load_model(model, device=device)
     bench = load_benchmark(benchmark)
     splits = {s: bench.split(s) for s in ("forget", "retain")}
     if general:
@@ -53,10 +53,12 @@ def check_evaluable(model: str, benchmark: str | Path) -> None:
 
 
 def accuracy_before_after(
-    before: str, after: str, benchmark: str | Path, path: Path | None = None
+    before: str, after: str, benchmark: str | Path, path: Path | None = None, device: str = "cpu"
 ) -> dict[str, dict[str, float]]:
-    """Per split, {"before": ..., "after": ...}; written to `path` as JSON if given."""
-    a, b = split_accuracy(before, benchmark), split_accuracy(after, benchmark)
+    """Per split, {"before": ..., "after": ...} (each model judged on `device`); written to
+    `path` as JSON if given."""
+    a = split_accuracy(before, benchmark, device=device)
+    b = split_accuracy(after, benchmark, device=device)
     table = {s: {"before": a[s], "after": b[s]} for s in a}
     if path is not None:
         path.write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")

@@ -47,7 +47,7 @@ from unpact.files import (
     make_folder,
     sole_writer,
 )
-from unpact.models import LanguageModel, load_model, save_model
+from unpact.models import LanguageModel, load_model, parse_device, save_model
 from unpact.progress import progress_bar
 from unpact.scoring import decoder_layers, expert_parameters, lm_body_and_head, text_parameters
 from unpact.train import Trainer
@@ -180,18 +180,24 @@ def unlearn(
     progress: bool = True,
     stop_after: int | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    device: str = "auto",
 ) -> UnlearnResult:
     """Unlearn `benchmark`'s forget split from `model` with `config`, writing to `out`.
 
-    `model` is a spec (reloaded on resume) or an in-memory model (tests). `stop_after`
-    simulates a crash right after that step's checkpoint (for the resume test)."""
+    `model` is a spec (reloaded on resume) or an in-memory model (tests). `device` is where
+    it trains (cpu, cuda, cuda:N; auto: a CUDA GPU if there is one); under a multi-process
+    launch each process trains on accelerate's device for it. `stop_after` simulates a
+    crash right after that step's checkpoint (for the resume test)."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
+    asked = parse_device(device)
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
+        cpu=asked.type == "cpu",
+        device_placement=False,  # the model is put on `asked` below (prepare knows no cuda:1)
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
+    where = _training_device(accelerator, asked, device)
     out = as_path(out, "out")
     config = _given_config(config)
     if not isinstance(model, LanguageModel):
@@ -211,10 +217,7 @@ def unlearn(
         set_seed(config.seed)
         lm = load_model(model) if isinstance(model, str) else model
         _check_depth(method, lm.model)
-        # Where accelerate trains (a GPU when there is one), before the references: `prepare`
-        # moves only the module it wraps, and a KL method's frozen copy made on the CPU
-        # beside a model trained on the GPU mixed devices in the first step.
-        net = lm.model.to(accelerator.device)
+        net = _placed(lm.model, accelerator, where)
         forget = encode_items(lm, forget_items)
         retain = encode_items(lm, retain_items)
         steps = total_steps(config, len(forget_items))
@@ -236,7 +239,9 @@ def unlearn(
         if accelerator.is_main_process:
             _truncate_log(losses_path, start_step)
         began = time.perf_counter()
-        loop = _Loop(accelerator, trainer, wrapped, objective, method, config, forget, retain, refs)
+        loop = _Loop(
+            accelerator, trainer, wrapped, objective, method, config, forget, retain, refs, where
+        )
         with progress_bar(
             f"Unlearning ({config.method})",
             total=steps,
@@ -251,6 +256,32 @@ def unlearn(
         return _finish(
             accelerator, wrapped, method, config, original, lm, out, steps, seconds, last
         )
+
+
+def _training_device(accelerator: Any, asked: torch.device, device: str) -> torch.device:
+    """The device this process trains on: the one asked for, or under a multi-process
+    launch accelerate's (cuda:N by the process's rank; one index asked of every process
+    is refused)."""
+    if accelerator.num_processes == 1:
+        return asked
+    if asked.index is not None:
+        raise UnpactError(
+            f"device {device!r} under a multi-process launch: each process trains on its own "
+            "device (accelerate's); give cuda, or leave the device out"
+        )
+    return torch.device(accelerator.device)
+
+
+def _placed(net: Any, accelerator: Any, where: torch.device) -> Any:
+    """`net` on the device it trains on, before the references are made from it: a KL
+    method's frozen copy of a model loaded on the CPU stayed there while accelerate's
+    `prepare` moved the trained model alone to the GPU, and the first step mixed devices.
+    Under FSDP or DeepSpeed, which place each process's shard themselves (a whole copy on
+    every GPU is what they save), the model stays where it loaded."""
+    from accelerate.utils import DistributedType
+
+    sharded = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+    return net if accelerator.distributed_type in sharded else net.to(where)
 
 
 def _check_depth(method: Method, model: Any) -> None:
@@ -386,6 +417,7 @@ class _Loop:
     forget: dict[str, Any]
     retain: dict[str, Any]
     refs: _References
+    device: torch.device  # this process's: where its share of a step's token count is summed
     last: dict[str, float] = field(default_factory=dict)
 
     def run_step(
@@ -432,9 +464,9 @@ class _Loop:
         found = self.trainer.step(self.wrapped, step)
         lr = found.pop("lr")
         uses_retain = self.method.uses_retain
-        tokens = torch.tensor(  # on the accelerator's device: NCCL reduces only GPU tensors
+        tokens = torch.tensor(  # on the training device: NCCL reduces only GPU tensors
             float(_tokens(self.forget, f_local) + _tokens(self.retain, r_local) * uses_retain),
-            device=self.accelerator.device,
+            device=self.device,
         )
         tokens = self.accelerator.reduce(tokens, reduction="sum")
         seconds = time.perf_counter() - t0
