@@ -41,6 +41,8 @@ if not determinism.ensure():  # also when torch was imported (and MKL used) firs
         stacklevel=2,
     )
 
+determinism.start_threads()  # before any forward pass, after MKL's mode (unpact.determinism)
+
 __version__ = "0.1.0"
 
 __all__ = [

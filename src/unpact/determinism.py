@@ -80,6 +80,19 @@ def _torch_cpu() -> ctypes.CDLL | None:
         return None
 
 
+def start_threads() -> None:
+    """Start torch's CPU thread pool with one small parallel operation (called on `import
+    unpact`). In about one fresh process in ten the first batched forward pass, when it was
+    also the process's first parallel operation, gave other numbers than every later one
+    (the second thread's half of the rotary embedding's cos/sin, off by ~1e-4; a race below
+    unpact whose cause was not found): none of 100 processes did after this operation, 5
+    of 120 without it (`benchmarks/first_forward.py`). Costs well under a millisecond."""
+    import torch
+
+    if torch.get_num_threads() > 1:
+        torch.ones(1 << 17).cos_()  # above ATen's grain size (32768): split over the threads
+
+
 def keeps_rng(fn: Callable[P, R]) -> Callable[P, R]:
     """`fn`, leaving the caller's random streams as they were: Python's, NumPy's, torch's
     CPU generator and every CUDA device's. Training seeds them for its own draws (dropout,
