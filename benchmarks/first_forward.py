@@ -5,12 +5,12 @@ Each of N fresh processes builds the tiny test model, creates accelerate's `Acce
 and seeds as an unlearning does, encodes 8 news questions and scores their answers
 (`answer_logprobs`, one padded batch of 8) three times; the script counts the distinct
 hashes of the log-probs per call. Before the workaround, on this 2-core machine with 2
-threads (torch 2.13.0's CPU build), 8 of 120 such processes scored their *first* call
+threads (torch 2.13.0's CPU build), 5 of 90 such processes scored their *first* call
 otherwise (log-probs up to 2e-3 apart, only in rows 4-7 of the batch: the second thread's
 half; traced to the rotary embedding's cos/sin, off by ~1e-4 there) and their later calls
 as every other process; none of 40 with one thread did. One small parallel operation
-before the model is built (what `import unpact` now runs) left none of 160 processes
-differing. The cause, a race below unpact in the first parallel region of a process, was
+before the model is built (what `import unpact` now runs) left none of 120 processes
+differing (nor 80 others after a larger one). The cause, a race below unpact in the first parallel region of a process, was
 not found: the separate operations (multiply, cat, cos) did not reproduce it, nor did the
 forward pass under a TorchDispatchMode. Run alone, the unit test
 `test_resume_after_a_crash_ends_with_the_same_weights` failed about one run in five for it

@@ -82,11 +82,11 @@ def _torch_cpu() -> ctypes.CDLL | None:
 
 def start_threads() -> None:
     """Start torch's CPU thread pool with one small parallel operation (called on `import
-    unpact`). In about one fresh process in ten the first batched forward pass, when it was
-    also the process's first parallel operation, gave other numbers than every later one
+    unpact`). In 5 of 90 fresh processes (2 threads) the first batched forward pass, when it
+    was also the process's first parallel operation, gave other numbers than every later one
     (the second thread's half of the rotary embedding's cos/sin, off by ~1e-4; a race below
-    unpact whose cause was not found): none of 100 processes did after this operation, 5
-    of 120 without it (`benchmarks/first_forward.py`). Costs well under a millisecond."""
+    unpact whose cause was not found); none of 120 did after this operation
+    (`benchmarks/first_forward.py`). Costs well under a millisecond."""
     import torch
 
     if torch.get_num_threads() > 1:

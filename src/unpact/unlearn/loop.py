@@ -188,16 +188,9 @@ def unlearn(
     it trains (cpu, cuda, cuda:N; auto: a CUDA GPU if there is one); under a multi-process
     launch each process trains on accelerate's device for it. `stop_after` simulates a
     crash right after that step's checkpoint (for the resume test)."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from accelerate.utils import set_seed
 
-    asked = parse_device(device)
-    accelerator = Accelerator(
-        cpu=asked.type == "cpu",
-        device_placement=False,  # the model is put on `asked` below (prepare knows no cuda:1)
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
-    )
-    where = _training_device(accelerator, asked, device)
+    accelerator, where = _accelerator(device)
     out = as_path(out, "out")
     config = _given_config(config)
     if not isinstance(model, LanguageModel):
@@ -258,18 +251,28 @@ def unlearn(
         )
 
 
-def _training_device(accelerator: Any, asked: torch.device, device: str) -> torch.device:
-    """The device this process trains on: the one asked for, or under a multi-process
-    launch accelerate's (cuda:N by the process's rank; one index asked of every process
-    is refused)."""
+def _accelerator(device: str) -> tuple[Any, torch.device]:
+    """accelerate's `Accelerator` and the device this process trains on: the one asked
+    for, or under a multi-process launch accelerate's (cuda:N by the process's rank; one
+    index asked of every process is refused). accelerate places nothing itself (its
+    `prepare` knows no cuda:1): `_placed` does."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    asked = parse_device(device)
+    accelerator = Accelerator(
+        cpu=asked.type == "cpu",
+        device_placement=False,
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+    )
     if accelerator.num_processes == 1:
-        return asked
+        return accelerator, asked
     if asked.index is not None:
         raise UnpactError(
             f"device {device!r} under a multi-process launch: each process trains on its own "
             "device (accelerate's); give cuda, or leave the device out"
         )
-    return torch.device(accelerator.device)
+    return accelerator, torch.device(accelerator.device)
 
 
 def _placed(net: Any, accelerator: Any, where: torch.device) -> Any:

@@ -149,7 +149,7 @@ def kl_to_reference(model: Any, reference: Any, batch: Batch) -> torch.Tensor:
     with torch.no_grad():
         ref = answer_distributions(reference, batch.prompts, batch.answers)
     cur = answer_distributions(model, batch.prompts, batch.answers, grad=True)
-    ref = [r.to(c.device) for r, c in zip(ref, cur)]  # a reference kept on another device
+    ref = [r.to(c.device) for r, c in zip(ref, cur)]  # FSDP/DeepSpeed: the copy stays on the CPU
     per_item = [(r.exp() * (r - c)).sum(-1).mean() for r, c in zip(ref, cur)]
     return torch.stack(per_item).mean()
 
