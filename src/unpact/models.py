@@ -633,6 +633,8 @@ def load_tokenizer(
             local_files_only=unreachable is not None,
         )
     except (OSError, ValueError) as exc:
+        if folder is not None and (missing := _no_vocabulary(Path(folder))):
+            raise missing from exc
         why = _hub_failure(exc, unreachable)
         if folder is None:  # as `load_model` says it for the same spec
             raise UnpactError(
@@ -1149,6 +1151,25 @@ def _check_tokenizer(path: Path) -> None:
         )
 
 
+# A tokenizer's vocabulary, in the files transformers reads it from (the fast tokenizer's
+# file, SentencePiece's models, BPE's and WordPiece's vocabularies, tiktoken's ranks).
+_VOCABULARY = ("tokenizer.json", "*.model", "vocab.*", "*.vocab", "merges.txt", "*.tiktoken")
+
+
+def _no_vocabulary(path: Path) -> UnpactError | None:
+    """The tokenizer of a folder holding its tokenizer_config.json but no vocabulary failed
+    to load: transformers then asks to install sentencepiece or tiktoken, which would not
+    help. None when a vocabulary file is there (its own message stands)."""
+    if any(any(path.glob(pattern)) for pattern in _VOCABULARY):
+        return None
+    found = ", ".join(f for f in TOKENIZER_FILES if (path / f).is_file())
+    return UnpactError(
+        f"{path} has a tokenizer's settings ({found}) but not its vocabulary (tokenizer.json, "
+        "tokenizer.model, or vocab.json with merges.txt): copy the tokenizer files of the "
+        "model it was trained from, or save them with tokenizer.save_pretrained(folder)"
+    )
+
+
 def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[Any, Any]:
     _check_weights(path)
     _check_model_type(path, trust_remote_code)
@@ -1178,7 +1199,9 @@ def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[
                 "quantizes it itself)"
             ) from exc
         if isinstance(exc, (OSError, ValueError)):
-            raise UnpactError(f"could not load a model from {path}: {exc}") from exc
+            raise _no_vocabulary(path) or UnpactError(
+                f"could not load a model from {path}: {exc}"
+            ) from exc
         # a truncated safetensors file, shapes unlike config.json
         raise UnpactError(
             f"could not load the weights in {path} (a damaged file, or shapes that do not "

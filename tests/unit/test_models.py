@@ -12,7 +12,7 @@ import pytest
 
 from unpact.data.items import QAItem
 from unpact.errors import UnpactError
-from unpact.models import load_model, save_model
+from unpact.models import load_model, load_tokenizer, save_model
 
 
 def test_chat_prompt_marks_user_content(tiny):
@@ -536,6 +536,9 @@ def test_broken_model_folders_are_one_message(tiny, tmp_path, printed, caplog):
         for name in ("tokenizer.json", "tokenizer_config.json"):
             (f / name).unlink()
 
+    def settings_only(f):  # the vocabulary left behind: transformers asked for sentencepiece
+        (f / "tokenizer.json").unlink()
+
     def truncated(f):
         (f / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes()[:999])
 
@@ -562,6 +565,7 @@ def test_broken_model_folders_are_one_message(tiny, tmp_path, printed, caplog):
     printed()
     for change, message in (
         (no_tokenizer, "has no tokenizer"),
+        (settings_only, r"settings \(tokenizer_config.json\) but not its vocabulary"),
         (truncated, "could not load the weights in"),
         (wider, rf"shapes that do not match its config.json \({shapes}.*; \.\.\.\): was"),
         (one_missing, r"lack 1 of the model's tensors \(model\.layers\.1\.mlp\.up_proj"),
@@ -569,6 +573,8 @@ def test_broken_model_folders_are_one_message(tiny, tmp_path, printed, caplog):
     ):
         with pytest.raises(UnpactError, match=message):
             load_model(str(broken(change.__name__, change)))
+    with pytest.raises(UnpactError, match="but not its vocabulary"):
+        load_tokenizer(str(tmp_path / "settings_only"))
     assert printed() == ""
     folder = broken("extra", extra)
     for _ in range(2):
