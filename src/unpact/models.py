@@ -1050,6 +1050,27 @@ def _check_weights(path: Path) -> None:
     raise UnpactError(f"{path} holds no model weights (*.safetensors)")
 
 
+def _check_generation_config(path: Path) -> None:
+    """A model folder's generation_config.json, when there, must be a JSON object:
+    transformers skips one it cannot parse without a word and stops generating at
+    config.json's EOS ids instead of the ones it names (a chat model's end-of-turn)."""
+    file = path / "generation_config.json"
+    if not file.is_file():
+        return
+    try:
+        found = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        why: str = _first_line(exc)
+    else:
+        if isinstance(found, dict):
+            return
+        why = f"a JSON {type(found).__name__}, not an object"
+    raise UnpactError(
+        f"{file} cannot be read ({why}): it names where the model's answers stop; "
+        "repair it, or delete it to stop at config.json's eos_token_id"
+    )
+
+
 def _config_json(path: Path) -> dict[str, Any]:
     """A model folder's config.json as a mapping; {} when it cannot be read as one (the
     load itself then says what is wrong)."""
@@ -1176,6 +1197,7 @@ def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[
     from transformers.utils import logging as hf_logging
 
     _check_tokenizer(path)
+    _check_generation_config(path)
     hf_logging.disable_progress_bar()  # a local load takes well under a second
     try:
         model, tokenizer, info = _pretrained(str(path), dtype, trust_remote_code)

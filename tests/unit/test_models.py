@@ -539,6 +539,9 @@ def test_broken_model_folders_are_one_message(tiny, tmp_path, printed, caplog):
     def settings_only(f):  # the vocabulary left behind: transformers asked for sentencepiece
         (f / "tokenizer.json").unlink()
 
+    def bad_stops(f):  # transformers skipped it without a word: config.json's EOS instead
+        (f / "generation_config.json").write_text('{"eos_token_id": [2,')
+
     def truncated(f):
         (f / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes()[:999])
 
@@ -566,6 +569,7 @@ def test_broken_model_folders_are_one_message(tiny, tmp_path, printed, caplog):
     for change, message in (
         (no_tokenizer, "has no tokenizer"),
         (settings_only, r"settings \(tokenizer_config.json\) but not its vocabulary"),
+        (bad_stops, r"generation_config.json cannot be read \(Expecting value.*or delete it"),
         (truncated, "could not load the weights in"),
         (wider, rf"shapes that do not match its config.json \({shapes}.*; \.\.\.\): was"),
         (one_missing, r"lack 1 of the model's tensors \(model\.layers\.1\.mlp\.up_proj"),
