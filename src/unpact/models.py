@@ -1586,8 +1586,8 @@ class ChatTemplateError(UnpactError):
 
 def read_chat_template(template: str | os.PathLike[str]) -> tuple[str, str]:
     """A chat template's text and a name for messages: from a file, or given as text (it
-    holds Jinja's `{{` or `{%`)."""
-    path = Path(template)
+    holds Jinja's `{{` or `{%`; `~` is the home folder, as in a model spec)."""
+    path = Path(template).expanduser()
     given = str(template)
     if ("{{" in given or "{%" in given) and not isinstance(template, os.PathLike):
         return given, "(given as text)"

@@ -87,3 +87,19 @@ def test_an_argument_of_the_wrong_type_names_itself(arguments, message, tmp_path
         audit(*arguments)
     with pytest.raises(TypeError, match=r"^cache_dir: give a path"):
         audit("no-such-model", "no-such-model", "news", tmp_path / "o", cache_dir=3)
+
+
+def test_a_file_under_the_home_folder_is_read_where_a_file_goes(tmp_path, monkeypatch):
+    """`--chat-template ~/t.jinja` and `--judge-prompt ~/p.txt` as a config or a quoted
+    argument gives them (the shell expands `~` only when unquoted) were 'No such file or
+    directory', where a model spec and a benchmark folder take `~`."""
+    from unpact.models import read_chat_template
+    from unpact.run.audit import _judge_prompt
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (tmp_path / "t.jinja").write_text(template)
+    assert read_chat_template("~/t.jinja") == (template, str(tmp_path / "t.jinja"))
+    prompt = "Does {output} give {answer} to {question}? Say yes or no."
+    (tmp_path / "p.txt").write_text(prompt)
+    assert _judge_prompt("~/p.txt") == prompt

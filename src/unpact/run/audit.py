@@ -300,7 +300,7 @@ def _judge_prompt(given: str) -> str:
 
     if not given.strip():
         raise UnpactError("--judge-prompt: empty; give a file, or the prompt itself")
-    path = Path(given)
+    path = Path(given).expanduser()
     if "{" not in given or path.is_file():
         try:
             given = read_text(path)
