@@ -28,9 +28,10 @@ T = TypeVar("T")
 def as_path(value: Any, what: str) -> Path:
     """A folder or file argument of the Python API as a Path: a string or any path, else a
     TypeError naming the argument (`out=None` was pathlib's "expected str, bytes or
-    os.PathLike object, not NoneType")."""
+    os.PathLike object, not NoneType"). `~` is the home folder, as in a model spec: kept,
+    `out="~/runs/x"` made a folder named `~` in the working directory."""
     if isinstance(value, (str, os.PathLike)):
-        return Path(value)
+        return Path(value).expanduser()
     raise TypeError(f"{what}: give a path (a string or a pathlib.Path), not {type(value).__name__}")
 
 

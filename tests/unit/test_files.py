@@ -11,6 +11,7 @@ import pytest
 from unpact import cli
 from unpact.errors import UnpactError, disk_full, not_permitted
 from unpact.files import (
+    as_path,
     atomic_text,
     check_folder_path,
     make_folder,
@@ -438,3 +439,12 @@ def test_a_file_system_without_locks_runs_unlocked(tmp_path, monkeypatch, code):
     with sole_writer(tmp_path, "--out"):
         ran.append("folder")
     assert ran == ["artefact", "folder"]
+
+
+def test_an_output_folder_under_the_home_folder_is_there(tmp_path, monkeypatch):
+    """`run(config, "~/runs/x")` (or `--out '~/runs/x'`, quoted) made a folder named `~` in
+    the working directory, one `rm -rf ~` away from a user's home; a model spec took `~`."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert as_path("~/runs/x", "out") == tmp_path / "runs" / "x"
+    assert as_path(Path("~") / "cache", "cache_dir") == tmp_path / "cache"
+    assert as_path("runs/x", "out") == Path("runs/x")
