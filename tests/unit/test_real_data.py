@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -159,6 +160,18 @@ def test_a_lone_file_of_items_is_told_to_go_in_a_folder(tmp_path):
         load_benchmark(str(lone))
     assert "wmdp:" not in str(err.value)
     assert f"in qa.jsonl (mkdir NAME && cp '{lone}' NAME/qa.jsonl" in str(err.value)
+    # the items as a JSON array (was told "read as wmdp:FILE" too) or a CSV table (was
+    # "is a file, not a benchmark folder" alone): the folder, and how to convert them
+    rows = [json.loads(line) for line in (builtin / "qa.jsonl").read_text().splitlines()[:3]]
+    array, table = tmp_path / "items.json", tmp_path / "items.csv"
+    array.write_text(json.dumps(rows, indent=1))
+    table.write_text("id,question,answer,split\n1,What is x?,y,forget\n")
+    for given in (array, table):
+        with pytest.raises(UnpactError) as err:
+            load_benchmark(str(given))
+        assert "wmdp:" not in str(err.value)
+        assert "a folder with its items in qa.jsonl" in str(err.value)
+        assert "jq -c '.[]' FILE > qa.jsonl" in str(err.value) and "pd.read_csv" in str(err.value)
 
 
 def _runner_config(tmp_path, tiny, benchmark: str, **extra) -> dict:

@@ -230,11 +230,16 @@ def other_files(folder: Path) -> str | None:
         return None
     return (
         f"it has {', '.join(found[:5])}{', ...' if len(found) > 5 else ''}: the items go "
-        "in qa.jsonl, one JSON object per line (a JSON array converts with "
-        "jq -c '.[]' FILE > qa.jsonl; a CSV table with pandas: pd.read_csv(FILE)"
-        ".to_json('qa.jsonl', orient='records', lines=True), list fields written as "
-        "JSON lists)"
+        f"in qa.jsonl, one JSON object per line ({CONVERTING})"
     )
+
+
+# How a user's items in another form become qa.jsonl.
+CONVERTING = (
+    "a JSON array converts with jq -c '.[]' FILE > qa.jsonl; a CSV table with pandas: "
+    "pd.read_csv(FILE).to_json('qa.jsonl', orient='records', lines=True), list fields "
+    "written as JSON lists"
+)
 
 
 _AN_ARRAY = (

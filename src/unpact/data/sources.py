@@ -24,6 +24,7 @@ from pathlib import Path
 from unpact.data.items import (
     BUILTIN,
     BUILTIN_DIR,
+    CONVERTING,
     Benchmark,
     load_folder,
     other_files,
@@ -96,19 +97,28 @@ def _real_layout(path: Path) -> str | None:
             "it holds items in unpact's format: a benchmark is a folder with them in "
             f"qa.jsonl (mkdir NAME && cp {shlex.quote(where)} NAME/qa.jsonl; docs/data.md)"
         )
-    if path.suffix in (".json", ".jsonl", ".parquet"):
+    if path.suffix in (".json", ".jsonl", ".parquet") and not _holds_items(path):
         return f"a file of multiple-choice questions such as WMDP's is read as wmdp:{where}"
+    if path.suffix.lower() in (".json", ".csv", ".tsv"):  # the items as an array or a table
+        return (
+            "a benchmark is a folder with its items in qa.jsonl, one JSON object per line "
+            f"({CONVERTING}; docs/data.md)"
+        )
     return None
 
 
 def _holds_items(path: Path) -> bool:
-    """Whether the file's first line is an object with a `split`, as unpact's QA items have
-    and WMDP's questions do not (both have `question` and `answer`)."""
+    """Whether the file's first line (or, in a JSON array, its first object) is an object
+    with a `split`, as unpact's QA items have and WMDP's questions do not (both have
+    `question` and `answer`)."""
     try:
         with path.open(encoding="utf-8") as fh:
-            first = json.loads(fh.readline().lstrip("\ufeff"))
+            line = fh.readline().lstrip("\ufeff")
+            first = json.loads(line + fh.read() if line.lstrip().startswith("[") else line)
     except (OSError, UnicodeDecodeError, ValueError):
         return False
+    if isinstance(first, list):
+        first = first[0] if first else None
     return isinstance(first, dict) and "split" in first and "question" in first
 
 
