@@ -726,3 +726,36 @@ def test_unlearning_trains_on_the_device_asked_for_and_refuses_one_not_here(benc
     assert not (tmp_path / "gpu").exists()  # refused before anything was written
     with pytest.raises(UnpactError, match="unknown device 'tpu'"):
         unlearn(lm, bench, cfg, tmp_path / "tpu", progress=False, device="tpu")
+
+
+def test_bf16_precision_trains_under_autocast_and_keeps_float32_weights(bench, tmp_path):
+    """`precision: bf16` (injection had it; unlearning, on the same step loop, did not):
+    each step's matmuls in bf16, the weights and the saved model float32, numbers other
+    than float32's; a float32 run resumed from before the setting existed is still the
+    same run, and its runner key is the one it had."""
+    import yaml
+
+    seen: set[torch.dtype] = set()
+
+    def spy(module, args, output):
+        seen.add(output.dtype)
+
+    lm = tiny_model(seed=3)
+    handle = lm.model.model.layers[0].mlp.down_proj.register_forward_hook(spy)
+    cfg = resolve_config("ga", overrides=["steps=2", "lr=1e-3", "precision=bf16"])
+    bf16 = unlearn(lm, bench, cfg, tmp_path / "bf16", progress=False)
+    handle.remove()
+    assert torch.bfloat16 in seen
+    weights = _weights(bf16)
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+    two = ("steps=2", "save_every=1")
+    fp32 = _weights(_run(bench, tmp_path / "fp32", method="ga", extra=two))
+    assert any(not torch.equal(weights[k], fp32[k]) for k in weights)
+    # a run begun before the setting: its config.yaml has no precision, and it resumes
+    config = tmp_path / "old" / "config.yaml"
+    with pytest.raises(Exception, match="stopped after step 1"):
+        _run(bench, tmp_path / "old", method="ga", extra=two, stop_after=1)
+    saved = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({k: v for k, v in saved.items() if k != "precision"}))
+    resumed = _weights(_run(bench, tmp_path / "old", method="ga", extra=two, resume=True))
+    assert all(torch.equal(resumed[k], fp32[k]) for k in fp32)

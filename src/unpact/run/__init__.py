@@ -702,7 +702,10 @@ def _unlearn(p: Pipeline, data: Data, original: Model, spec: MethodSpec) -> Mode
     ucfg = resolve_config(spec.method, values=spec.config)
     taught = data.key("forget", "retain")
     code = code_key(get_method(spec.method))  # a plugin method's file: edited, trained again
-    key = digest("unlearn", original.key, taught, ucfg.model_dump(mode="json"), RUN_FORMAT, *code)
+    # float32 training is keyed as before the precision setting: its models are the same
+    fp32 = {"precision"} if ucfg.precision == "fp32" else set()
+    settings = ucfg.model_dump(mode="json", exclude=fp32)
+    key = digest("unlearn", original.key, taught, settings, RUN_FORMAT, *code)
     # Named by method, not label: a sweep value equal to the default reuses that run.
     folder = p.cache / "unlearned" / f"{spec.method}-{key}"
 

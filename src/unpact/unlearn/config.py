@@ -66,6 +66,12 @@ class UnlearnConfig(PlainInput):
     seed: Seed = Field(0, description="seed of the data order and of any random init")
     save_every: int = Field(20, ge=0, description="checkpoint every N steps (0: never)")
     lora: LoraSettings | None = Field(None, description="train LoRA adapters (peft)")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16: each step's forward and backward under bf16 autocast (weights and "
+        "AdamW states stay float32), as injection's precision; faster on a GPU or a CPU "
+        "with native bf16, numbers rounded differently",
+    )
     settings: dict[str, Any] = Field(default_factory=dict, description="the method's settings")
 
     def method_settings(self) -> Any:

@@ -338,6 +338,7 @@ def _trainer(net: Any, config: UnlearnConfig, steps: int, accelerator: Any) -> T
             config.scheduler, opt, num_warmup_steps=config.warmup_steps, num_training_steps=steps
         ),
         max_grad_norm=config.max_grad_norm,
+        precision=config.precision,
         accelerator=accelerator,
         what=config.method,
     )
@@ -661,6 +662,7 @@ def _prepare_out(
             raise UnpactError(
                 f"--resume: {exc}; it is the run's own record, needed to resume"
             ) from None
+        saved.setdefault("precision", "fp32")  # a run from before the setting was fp32
         # The process count may change on resume: batches are global, the curve is not.
         diff = sorted(
             k
