@@ -20,7 +20,8 @@ What it asks of the server (vLLM's OpenAI-compatible server offers all of it):
   found by tokenising two different messages and keeping what they share.
 
 Requests run many at a time (`concurrency`); a timeout, a dropped connection, HTTP 429 or
-5xx, or a reply that is not JSON is retried with exponential backoff and full jitter
+5xx (but 501 and 505, which say the server does not offer the request, and a 500 repeating
+its message), or a reply that is not JSON is retried with exponential backoff and full jitter
 (honouring `Retry-After`) until `retries` or the per-request `deadline` runs out, and then
 ends in one error naming the endpoint and the last failure. A reply that parses but lacks
 prompt log-probs is not retried: it means the server cannot give them, and the error says
@@ -31,6 +32,7 @@ log or an error message.
 
 from __future__ import annotations
 
+import html
 import math
 import os
 import random
@@ -224,7 +226,7 @@ class RemoteModel:
                         )
                 else:
                     repeats = 0
-                if code == 429 or code >= 500:
+                if code == 429 or (code >= 500 and code not in NOT_TRANSIENT):
                     failure = f"HTTP {code}"
                     wait = _retry_after(reply.headers.get("retry-after"))
                 elif code >= 400:
@@ -779,6 +781,9 @@ def _from_echo(reply: dict[str, Any], ids: Sequence[int]) -> list[float] | str:
 
 # An HTTP 500 with the same message this many times in a row is a deterministic failure.
 SAME_500_LIMIT = 3
+# 5xx codes that no retry can change (RFC 9110): the server does not implement the method
+# (501: a plain web server, not an API) or the HTTP version (505). Failed at once.
+NOT_TRANSIENT = (501, 505)
 
 # vLLM writes a log-prob of -inf (a token the model gives no probability, e.g. one a
 # logits processor masked) as this clamped value: not a log-prob to average.
@@ -819,7 +824,10 @@ def _server_error(reply: Any) -> tuple[str, str | None]:
     try:
         data = reply.json()
     except ValueError:
-        return " ".join(reply.text.split())[:300] or "(no message)", None
+        text = reply.text
+        if text.lstrip()[:1] == "<":  # a web server's HTML error page: its words, no markup
+            text = html.unescape(re.sub(r"(?s)<(head|style|script)\b.*?</\1>|<[^>]*>", " ", text))
+        return " ".join(text.split())[:300] or "(no message)", None
     msg = data.get("error", data.get("detail", data)) if isinstance(data, dict) else data
     param = msg.get("param") if isinstance(msg, dict) and "error" in data else None
     if isinstance(msg, dict):
@@ -840,11 +848,16 @@ def _capability_hint(url: str, code: int) -> str:
             " — the server has no such route; an OpenAI-compatible server's BASE_URL usually "
             "ends in /v1 (vLLM's: http://HOST:8000/v1)"
         )
-    if url.endswith(("/tokenize", "/detokenize")) and code in (404, 405):
+    if url.endswith(("/tokenize", "/detokenize")) and code in (404, 405, 501):
         return (
             " — the server has no vLLM-style /tokenize and /detokenize; unpact scores with the "
             "server's own tokens and needs them"
         )
     if code in (401, 403):
         return " — check the API key in the environment variable named by api_key_env"
+    if code in NOT_TRANSIENT:
+        return (
+            " — the server does not offer this request; is BASE_URL an OpenAI-compatible "
+            "server's API root (vLLM's: http://HOST:8000/v1)?"
+        )
     return ""

@@ -68,6 +68,14 @@ class Faults:
             await _reply(send, int(fault), body, extra)
         elif fault == "500same":  # a deterministic internal error: the same reply each time
             await _reply(send, 500, b'{"error": {"message": "boom: this request fails"}}')
+        elif fault == "501html":  # a plain web server at the URL: its HTML error page
+            page = (
+                b'<!DOCTYPE HTML>\n<html lang="en">\n<head><meta charset="utf-8">\n'
+                b"<title>Error response</title>\n<style>p { margin: 0 }</style></head>\n"
+                b"<body><h1>Error response</h1><p>Error code: 501</p>\n<p>Message: "
+                b"Unsupported method (&#x27;POST&#x27;).</p></body></html>\n"
+            )
+            await _reply(send, 501, page)
         elif fault == "badjson":
             await _reply(send, 200, b'{"choices": [{"index": 0, "prompt_logp')
         elif fault == "drop":  # headers promise 1000 bytes, the connection ends after 10
@@ -239,6 +247,22 @@ def test_persistent_faults_end_in_one_clear_error(served, faults, fault, message
         score(remote, PROMPTS, ANSWERS)
     assert message in str(info.value)
     assert "/v1/completions" in str(info.value)
+
+
+def test_a_server_that_does_not_offer_the_request_fails_at_once_in_words(served, faults):
+    """HTTP 501 (a plain web server at BASE_URL, say) was retried like a passing fault until
+    the retries ran out (22 s against `python -m http.server`), and its HTML error page
+    was the message, markup and all."""
+    remote = _remote(served[1], retries=5)
+    faults.repeat = "501html"
+    before = faults.calls
+    with pytest.raises(RemoteError) as info:
+        score(remote, PROMPTS[:1], ANSWERS[:1])
+    assert faults.calls - before == 1
+    text = str(info.value)
+    assert "/v1/completions: HTTP 501: Error response Error code: 501 Message: " in text
+    assert "Unsupported method ('POST')." in text and "<" not in text and "margin" not in text
+    assert "is BASE_URL an OpenAI-compatible server's API root" in text
 
 
 def test_deadline_bounds_a_request(served, faults):
