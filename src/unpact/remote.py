@@ -240,6 +240,12 @@ class RemoteModel:
                     try:
                         data = reply.json()
                     except ValueError:
+                        if "html" in reply.headers.get("content-type", ""):
+                            # a web page (a UI, a proxy's login page), not a passing fault
+                            raise RemoteError(
+                                f"{url}: HTTP {code} with a web page, not JSON: "
+                                f"{_server_error(reply)[0][:120]}" + _capability_hint(url, 501)
+                            ) from None
                         failure = "the reply is not valid JSON"
                     else:
                         if isinstance(data, dict):

@@ -75,7 +75,10 @@ class Faults:
                 b"<body><h1>Error response</h1><p>Error code: 501</p>\n<p>Message: "
                 b"Unsupported method (&#x27;POST&#x27;).</p></body></html>\n"
             )
-            await _reply(send, 501, page)
+            await _reply(send, 501, page, content_type=b"text/html;charset=utf-8")
+        elif fault == "200html":  # a web UI answering every path with its page
+            page = b"<html><head><title>My UI</title></head><body>Welcome</body></html>"
+            await _reply(send, 200, page, content_type=b"text/html; charset=utf-8")
         elif fault == "badjson":
             await _reply(send, 200, b'{"choices": [{"index": 0, "prompt_logp')
         elif fault == "drop":  # headers promise 1000 bytes, the connection ends after 10
@@ -94,12 +97,18 @@ class Faults:
             raise AssertionError(fault)
 
 
-async def _reply(send: Any, status: int, body: bytes, headers: list | None = None) -> None:
+async def _reply(
+    send: Any,
+    status: int,
+    body: bytes,
+    headers: list | None = None,
+    content_type: bytes = b"application/json",
+) -> None:
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), *(headers or [])],
+            "headers": [(b"content-type", content_type), *(headers or [])],
         }
     )
     await send({"type": "http.response.body", "body": body})
@@ -263,6 +272,12 @@ def test_a_server_that_does_not_offer_the_request_fails_at_once_in_words(served,
     assert "/v1/completions: HTTP 501: Error response Error code: 501 Message: " in text
     assert "Unsupported method ('POST')." in text and "<" not in text and "margin" not in text
     assert "is BASE_URL an OpenAI-compatible server's API root" in text
+    # a web page with 200 (a UI at BASE_URL) was retried as a reply cut short
+    faults.repeat = "200html"
+    before = faults.calls
+    with pytest.raises(RemoteError, match=r"HTTP 200 with a web page, not JSON: Welcome — "):
+        score(remote, PROMPTS[:1], ANSWERS[:1])
+    assert faults.calls - before == 1
 
 
 def test_deadline_bounds_a_request(served, faults):
