@@ -842,6 +842,31 @@ def test_attribution_checks_run_from_the_config_without_recomputing_attributions
     assert '<table id="checks">' in (tmp_path / "checked" / "report.html").read_text()
 
 
+def test_a_run_into_another_configs_folder_leaves_none_of_its_files(setup, finished, tmp_path):
+    """A config run into the folder of another (its methods and checks since changed) left
+    that one's models/npo and checks.jsonl beside results that had neither; a model the new
+    config is given from that folder stays."""
+    root, _ = finished
+    _, config = setup
+    out = tmp_path / "out"
+    checked = config | {"attribution": config["attribution"] | {"stability": True}}
+    run(checked, out, cache_dir=root / "cache", progress=False)
+    assert (out / "checks.jsonl").is_file()
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["ga", "npo"]
+    fewer = config | {
+        "methods": [config["methods"][0], {"name": "npo", "model": str(out / "models" / "npo")}]
+    }
+    again = run(fewer, out, cache_dir=root / "cache", progress=False)
+    assert set(again.results["methods"]) == {"ga", "npo"}
+    assert not (out / "checks.jsonl").exists()
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["ga", "npo"]  # npo: given
+    run(config | {"methods": config["methods"][:1]}, out, cache_dir=root / "cache", progress=False)
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["ga"]
+    assert (root / "cache" / "unlearned").is_dir() and len(
+        list((root / "cache" / "unlearned").iterdir())
+    ) >= 2
+
+
 def test_relearning_runs_from_the_config_and_counts_only_held_out_items(setup, finished, tmp_path):
     """Trained-on forgotten items are outside relearning's denominator."""
     root, _ = finished

@@ -33,6 +33,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import time
 import zlib
 from collections.abc import Callable
@@ -357,9 +358,7 @@ def _run_one(
     _add_verdicts(results, cfg, records, attacks, reword)
     results["seconds"] = time.perf_counter() - began
     _add_provenance(results, p, [original, found.reference])
-    _link_models(out, cfg, original, unlearned)
-    if found.reference is not None and cfg.membership.reference is None:
-        link_model(Path(found.reference.spec), out / "models" / "retrained")
+    _link_models(out, cfg, original, unlearned, found.reference)
     _write(out, cfg, results, records, stages)
     say(f"done in {results['seconds']:.0f} s")
     every = [r for rs in records.values() for r in rs]
@@ -1131,13 +1130,31 @@ def _references(
     return {"references": out} | ({"skipped": skipped} if skipped else {})
 
 
-def _link_models(out: Path, cfg: RunConfig, original: Model, unlearned: list[Model]) -> None:
-    """The models this run made go with its results, under `out/models/`."""
-    for model in unlearned:
-        if model.info:  # unlearned by this run (not a given model)
-            link_model(Path(model.spec), out / "models" / model.label)
+def _link_models(
+    out: Path, cfg: RunConfig, original: Model, unlearned: list[Model], reference: Model | None
+) -> None:
+    """The models this run made go with its results, under `out/models/`; one left there by
+    another config run into the same folder (a method since removed) is taken away, so the
+    folder holds the models of the results beside it."""
+    made = {m.label: m.spec for m in unlearned if m.info}  # not a given model
     if cfg.inject.enabled:
-        link_model(Path(original.spec), out / "models" / "original")
+        made["original"] = original.spec
+    if reference is not None and cfg.membership.reference is None:
+        made["retrained"] = reference.spec
+    for label, spec in made.items():
+        link_model(Path(spec), out / "models" / label)
+    folder = out / "models"
+    # a model this run was given may be one an earlier run left here: it stays
+    specs = [m.spec for m in [original, *unlearned, reference] if m is not None]
+    specs += [s for s in (cfg.membership.reference, cfg.membership.base) if s is not None]
+    given = {os.path.realpath(spec) for spec in specs}
+    for old in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if old.name in made or old.name.startswith(".") or os.path.realpath(old) in given:
+            continue
+        if old.is_symlink():
+            old.unlink()
+        elif old.is_dir():
+            shutil.rmtree(old)  # hard links or copies of cached models: the cache keeps them
 
 
 def _write(
@@ -1156,6 +1173,8 @@ def _write(
     if checks:  # per model and forget item: gradient scores, agreement, stability
         rows = [{"model": label, **row} for label, rs in checks.items() for row in rs]
         atomic_text(out / "checks.jsonl", jsonl([finite(r) for r in rows]))
+    else:  # another config's, run into this folder before
+        (out / "checks.jsonl").unlink(missing_ok=True)
     atomic_text(out / "results.csv", csv_text(results))
     atomic_text(out / "results.md", markdown_table(results))
     attrs = {label: s.attrs for label, s in stages.items()}
