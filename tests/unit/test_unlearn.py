@@ -480,10 +480,11 @@ def test_lora_reaches_a_mixtures_experts(bench, tmp_path, arch):
         unlearn(tiny_other(arch), bench, dropout, tmp_path / "d", progress=False)
 
 
-def test_every_method_runs_a_few_steps(bench, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_every_method_runs_a_few_steps(bench, tmp_path, precision):
     for name in ("ga", "ga_kl", "npo", "npo_kl", "simnpo", "tv", "rmu", "keytoken_npo_gd"):
         extra = ("layer=1",) if name == "rmu" else ()
-        cfg = resolve_config(name, overrides=["steps=2", *extra])
+        cfg = resolve_config(name, overrides=["steps=2", f"precision={precision}", *extra])
         r = unlearn(tiny_model(seed=3), bench, cfg, tmp_path / name, progress=False)
         assert (r.model_dir / "model.safetensors").is_file(), name
         assert all(math.isfinite(v) for v in r.final_losses.values()), name
