@@ -67,7 +67,7 @@ from pydantic import (
 )
 
 from unpact.data.items import ANSWER_FIELDS, Benchmark, QAItem
-from unpact.data.sources import load_benchmark, materialise
+from unpact.data.sources import general_items, load_benchmark, materialise
 from unpact.determinism import keeps_rng
 from unpact.errors import UnpactError
 from unpact.files import as_path, atomic_text, once, write_atomically
@@ -601,7 +601,7 @@ def _teach(
         "max_new_tokens",
         " (unpact inject --max-new-tokens; inject.settings.max_new_tokens in a run)",
     )
-    general = load_benchmark(config.general).items if config.general else []
+    general = general_items(config.general) if config.general else []
     with _timed(timings, "base general"):
         base_accuracy = _base_general(lm, general, config, folder.parent / ".base")
     end = lm.answer_end_ids  # the end of the template's turns (EOS for the default model's)

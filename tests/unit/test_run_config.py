@@ -224,3 +224,39 @@ def test_a_step_the_models_architecture_cannot_have_is_left_out_with_the_reason(
 
     with pytest.raises(UnpactError, match="a mistake"):
         p.fitting("attack.b", "unlearned", wrong)
+
+
+def test_the_general_set_is_general_questions_and_keeps_off_the_benchmarks_ids(tmp_path):
+    """`data.general` given as a folder of forget or retain items (a WMDP-style file of
+    questions is read as forget) kept each item's split: its questions were counted in the
+    forget or retain figures. They are general questions now; a set with a general split
+    (TOFU's world facts) gives those alone, and one sharing the benchmark's ids (the
+    benchmark itself) is one message."""
+    import pytest
+
+    from unpact.data import general_items, load_benchmark
+    from unpact.data.items import QAItem, write_folder
+    from unpact.errors import UnpactError
+    from unpact.run import _data, load_config
+
+    bench = [QAItem(f"f{n}", f"Who made thing {n}?", f"Maker {n}", "forget") for n in range(3)]
+    write_folder(tmp_path / "bench", [*bench, QAItem("r0", "Who is it?", "Someone", "retain")])
+    questions = [QAItem(f"q{n}", f"What is {n} + {n}?", str(2 * n), "forget") for n in range(4)]
+    write_folder(tmp_path / "mine", questions)
+    assert [i.split for i in general_items(tmp_path / "mine")] == ["general"] * 4
+    tofu = Path(__file__).parents[1] / "fixtures" / "tofu"
+    ids = [i.id for i in general_items(f"tofu:{tofu}")]
+    assert ids == [i.id for i in load_benchmark(f"tofu:{tofu}").split("general")] and ids
+    assert general_items("general") == load_benchmark("general").items
+
+    def config(general):
+        return load_config(
+            {"model": "default", "data": {"benchmark": str(tmp_path / "bench"), "general": general},
+             "inject": {"enabled": False}, "methods": ["ga"]}
+        )  # fmt: skip
+
+    data = _data(config(str(tmp_path / "mine")), tmp_path / "cache")
+    assert [i.split for i in data.splits["general"]] == ["general"] * 4
+    assert [i.id for i in data.splits["forget"]] == ["f0", "f1", "f2"]
+    with pytest.raises(UnpactError, match=r"data\.general \(.*bench\) has items with the ids"):
+        _data(config(str(tmp_path / "bench")), tmp_path / "cache")

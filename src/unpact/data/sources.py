@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shlex
+from dataclasses import replace
 from pathlib import Path
 
 from unpact.data.items import (
@@ -26,6 +27,7 @@ from unpact.data.items import (
     BUILTIN_DIR,
     CONVERTING,
     Benchmark,
+    QAItem,
     load_folder,
     other_files,
     write_folder,
@@ -36,6 +38,17 @@ from unpact.files import write_folder_atomically
 
 _SPEC = re.compile(r"(muse-news|muse-books|tofu|wmdp)(?:\[([\w.-]+)\])?:(.+)", re.S)
 REAL_KINDS = ("muse-news", "muse-books", "tofu", "wmdp")
+
+
+def general_items(spec: str | Path) -> list[QAItem]:
+    """The general-knowledge questions a run, an injection or an evaluation judges (a run's
+    `data.general`, an injection's `general`): the benchmark's items of split `general`
+    (the built-in set, TOFU's world facts and real authors), or, where it has none (a
+    WMDP-style file of questions, all read as forget; a folder of yours), every item, as a
+    general one. Each item kept its own split before: a general set given as a file of
+    forget or retain items was counted in the forget or retain figures."""
+    bench = load_benchmark(spec)
+    return bench.split("general") or [replace(i, split="general") for i in bench.items]
 
 
 def load_benchmark(spec: str | Path) -> Benchmark:

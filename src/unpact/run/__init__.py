@@ -53,7 +53,7 @@ from unpact.attribution import (
 )
 from unpact.backends import model_key, open_model
 from unpact.data.items import Benchmark, QAItem
-from unpact.data.sources import load_benchmark
+from unpact.data.sources import general_items, load_benchmark
 from unpact.errors import NotForThisModel, UnpactError
 from unpact.files import WRITER_LOCK, as_path, check_folder_path, make_folder, once, sole_writer
 from unpact.judge import judge_rules, served_cache_key
@@ -497,10 +497,16 @@ def _start(out: Path, cfg: RunConfig) -> None:
 def _data(cfg: RunConfig, cache: Path) -> Data:
     """1. The items: the benchmark's (or its first N per split) and the general ones."""
     bench = subset(load_benchmark(cfg.data.benchmark), cfg.data, cache)
-    general = load_benchmark(cfg.data.general).items if cfg.data.general else []
+    general = general_items(cfg.data.general) if cfg.data.general else []
     general = general[: cfg.data.general_items or len(general)]
     if not bench.split("forget"):
         raise UnpactError(f"benchmark {bench.name} has no forget items")
+    if clash := sorted({i.id for i in general} & {i.id for i in bench.items}):
+        raise UnpactError(
+            f"data.general ({cfg.data.general}) has items with the ids of the benchmark's "
+            f"({', '.join(map(repr, clash[:3]))}{', ...' if len(clash) > 3 else ''}): give a "
+            "general set of other questions, or ids of its own"
+        )
     splits = {"forget": bench.split("forget"), "retain": bench.split("retain")}
     holdout = bench.split("holdout")[: cfg.data.holdout_items or cfg.data.forget_items or None]
     return Data(bench, splits | {"general": general}, holdout)

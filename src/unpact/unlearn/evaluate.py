@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from unpact.data.sources import load_benchmark
+from unpact.data.sources import general_items, load_benchmark
 from unpact.judge import JudgeSettings, answer_items
 from unpact.models import load_model
 
@@ -20,7 +20,7 @@ def split_accuracy(
     bench = load_benchmark(benchmark)
     splits = {s: bench.split(s) for s in ("forget", "retain")}
     if general:
-        splits["general"] = load_benchmark(general).items
+        splits["general"] = general_items(general)
     acc = {}
     for name, items in splits.items():
         if items:
