@@ -260,3 +260,26 @@ def test_the_general_set_is_general_questions_and_keeps_off_the_benchmarks_ids(t
     assert [i.id for i in data.splits["forget"]] == ["f0", "f1", "f2"]
     with pytest.raises(UnpactError, match=r"data\.general \(.*bench\) has items with the ids"):
         _data(config(str(tmp_path / "bench")), tmp_path / "cache")
+
+
+def test_a_benchmarks_own_general_questions_left_unjudged_are_said(tmp_path):
+    """A folder's (or TOFU's) own general items were passed over without a word while the
+    built-in general set was judged in their place."""
+    from unpact.data.items import QAItem, write_folder
+    from unpact.run import _data, _note_own_general, load_config
+
+    items = [QAItem("f0", "Who made it?", "Maker", "forget"), QAItem("r0", "Who?", "Her", "retain")]
+    write_folder(tmp_path / "b", [*items, QAItem("g0", "Capital of Spain?", "Madrid", "general")])
+    said: list[str] = []
+    for general in ("general", None, str(tmp_path / "b")):
+        cfg = load_config(
+            {"model": "default", "data": {"benchmark": str(tmp_path / "b"), "general": general},
+             "inject": {"enabled": False}, "methods": ["ga"]}
+        )  # fmt: skip
+        _note_own_general(cfg, _data(cfg, tmp_path / "cache"), said.append)
+    assert said == [
+        "note: the benchmark's own 1 general question(s) are not judged (data.general is "
+        f"general); to judge them instead, set data.general to the benchmark ({tmp_path / 'b'})",
+        "note: the benchmark's own 1 general question(s) are not judged (data.general is "
+        f"null); to judge them instead, set data.general to the benchmark ({tmp_path / 'b'})",
+    ]

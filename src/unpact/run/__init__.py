@@ -316,6 +316,7 @@ def _run_one(
     cfg = _templated(cfg)
     p = Pipeline(cfg, cache, say, progress)
     data = _data(cfg, cache)
+    _note_own_general(cfg, data, say)
     p.judge_rules = judge_rules(cfg.judge.kind, data.items)
     _check_depths(cfg)  # before the injection, which may take hours
     _check_answer_room(cfg, data)
@@ -501,7 +502,8 @@ def _data(cfg: RunConfig, cache: Path) -> Data:
     general = general[: cfg.data.general_items or len(general)]
     if not bench.split("forget"):
         raise UnpactError(f"benchmark {bench.name} has no forget items")
-    if clash := sorted({i.id for i in general} & {i.id for i in bench.items}):
+    others = {i.id for i in bench.items if i.split != "general"}  # its own: general anyway
+    if clash := sorted({i.id for i in general} & others):
         raise UnpactError(
             f"data.general ({cfg.data.general}) has items with the ids of the benchmark's "
             f"({', '.join(map(repr, clash[:3]))}{', ...' if len(clash) > 3 else ''}): give a "
@@ -594,6 +596,20 @@ def _replacement(
     from unpact.models import baseline_token_of
 
     return {"baseline_token_id": baseline_token_of(tokenizer_of(original))}
+
+
+def _note_own_general(cfg: RunConfig, data: Data, say: Callable[[str], None]) -> None:
+    """A benchmark with general questions of its own (TOFU's world facts and real authors, a
+    folder's `general` items) while `data.general` names another set (the built-in one by
+    default) or none: its own are not judged, which is said once."""
+    own = data.bench.split("general")
+    if not own or {i.id for i in own} & {i.id for i in data.splits["general"]}:
+        return
+    judged = f"data.general is {cfg.data.general}" if cfg.data.general else "data.general is null"
+    say(
+        f"note: the benchmark's own {len(own)} general question(s) are not judged ({judged}); "
+        f"to judge them instead, set data.general to the benchmark ({cfg.data.benchmark})"
+    )
 
 
 def _note_idle_gpu(cfg: RunConfig, say: Callable[[str], None]) -> None:
