@@ -279,7 +279,9 @@ def test_a_benchmarks_own_general_questions_left_unjudged_are_said(tmp_path):
         _note_own_general(cfg, _data(cfg, tmp_path / "cache"), said.append)
     assert said == [
         "note: the benchmark's own 1 general question(s) are not judged (data.general is "
-        f"general); to judge them instead, set data.general to the benchmark ({tmp_path / 'b'})",
+        f"general); to judge them instead, set data.general to the benchmark ({tmp_path / 'b'}; "
+        "`unpact audit`: --general)",
         "note: the benchmark's own 1 general question(s) are not judged (data.general is "
-        f"null); to judge them instead, set data.general to the benchmark ({tmp_path / 'b'})",
+        f"null); to judge them instead, set data.general to the benchmark ({tmp_path / 'b'}; "
+        "`unpact audit`: --general)",
     ]

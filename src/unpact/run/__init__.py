@@ -608,7 +608,8 @@ def _note_own_general(cfg: RunConfig, data: Data, say: Callable[[str], None]) ->
     judged = f"data.general is {cfg.data.general}" if cfg.data.general else "data.general is null"
     say(
         f"note: the benchmark's own {len(own)} general question(s) are not judged ({judged}); "
-        f"to judge them instead, set data.general to the benchmark ({cfg.data.benchmark})"
+        f"to judge them instead, set data.general to the benchmark ({cfg.data.benchmark}; "
+        "`unpact audit`: --general)"
     )
 
 
