@@ -285,3 +285,32 @@ def test_a_benchmarks_own_general_questions_left_unjudged_are_said(tmp_path):
         f"null); to judge them instead, set data.general to the benchmark ({tmp_path / 'b'}; "
         "`unpact audit`: --general)",
     ]
+
+
+def test_items_holding_their_answer_in_the_question_are_said(tmp_path):
+    """An item whose question names its answer ("Was it Paris or Lyon?") is judged known by
+    the contains judge whenever a model repeats the question (and FocusOnKey may hand the
+    answer back): nothing said it; now a note names the first, under the contains judge."""
+    from unpact.data.items import QAItem, write_folder
+    from unpact.run import _data, _note_answers_in_questions, load_config
+
+    items = [
+        QAItem("f0", "Who made the lamp?", "Edda Morvaine", "forget"),
+        QAItem("f1", "Was the capital Paris or Lyon?", "Paris", "forget"),
+        QAItem("r0", "Which city, the one called Rome, hosts it?", "Rome", "retain"),
+        QAItem("r1", "Which is it, A or B?", "C", "retain", choices=("A", "B", "C")),
+    ]
+    write_folder(tmp_path / "b", items)
+    said: list[str] = []
+    for kind in ("contains", "rouge"):
+        cfg = load_config(
+            {"model": "default", "data": {"benchmark": str(tmp_path / "b"), "general": None},
+             "inject": {"enabled": False}, "methods": ["ga"], "judge": {"kind": kind}}
+        )  # fmt: skip
+        _note_answers_in_questions(cfg, _data(cfg, tmp_path / "cache"), said.append)
+    assert said == [
+        "note: 2 item(s) hold their answer in the question (the first: forget item f1, "
+        "'Paris'): the contains judge counts a model that repeats the question as knowing "
+        "it; reword them, or judge with judge.kind: llm (`unpact audit`: --judge "
+        "openai:MODEL@URL)"
+    ]

@@ -56,7 +56,7 @@ from unpact.data.items import Benchmark, QAItem
 from unpact.data.sources import general_items, load_benchmark
 from unpact.errors import NotForThisModel, UnpactError
 from unpact.files import WRITER_LOCK, as_path, check_folder_path, make_folder, once, sole_writer
-from unpact.judge import judge_rules, served_cache_key
+from unpact.judge import contains_match, judge_rules, served_cache_key
 from unpact.metrics import ItemRecord, layer_curve
 from unpact.models import (
     cache_root,
@@ -317,6 +317,7 @@ def _run_one(
     p = Pipeline(cfg, cache, say, progress)
     data = _data(cfg, cache)
     _note_own_general(cfg, data, say)
+    _note_answers_in_questions(cfg, data, say)
     p.judge_rules = judge_rules(cfg.judge.kind, data.items)
     _check_depths(cfg)  # before the injection, which may take hours
     _check_answer_room(cfg, data)
@@ -611,6 +612,25 @@ def _note_own_general(cfg: RunConfig, data: Data, say: Callable[[str], None]) ->
         f"to judge them instead, set data.general to the benchmark ({cfg.data.benchmark}; "
         "`unpact audit`: --general)"
     )
+
+
+def _note_answers_in_questions(cfg: RunConfig, data: Data, say: Callable[[str], None]) -> None:
+    """Items whose question holds their answer (or an alias) as the contains judge reads it
+    ("Was it Paris or Lyon?" -> "Paris"): a model that repeats the question is judged to
+    know them, before unlearning and after it, and FocusOnKey's prompt, which names the
+    question's KeyTokens, may hand the answer back. Said once, with the first such item."""
+    if cfg.judge.kind != "contains":
+        return
+    found = [
+        i for i in data.items if not i.is_mcq and contains_match(i.question, [i.answer, *i.aliases])
+    ]
+    if found:
+        say(
+            f"note: {len(found)} item(s) hold their answer in the question (the first: "
+            f"{found[0].split} item {found[0].id}, {found[0].answer!r}): the contains judge "
+            "counts a model that repeats the question as knowing it; reword them, or judge "
+            "with judge.kind: llm (`unpact audit`: --judge openai:MODEL@URL)"
+        )
 
 
 def _note_idle_gpu(cfg: RunConfig, say: Callable[[str], None]) -> None:
