@@ -1853,6 +1853,17 @@ def _dequantise_gguf(gguf: Path, sha: str, tmp: Path) -> None:
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
 
 
+def _absolute_adapter_base(model: Any) -> None:
+    """A PEFT model's adapters name their base model as it was loaded: a folder given
+    relative to the working directory (`--model ./base`) was written so, and the adapter
+    (`lora.merge: false`) then loaded from nowhere else. Such a base is written as its
+    absolute path; a hub id or an absolute path is left as it is."""
+    for config in (getattr(model, "peft_config", None) or {}).values():
+        base = getattr(config, "base_model_name_or_path", None)
+        if isinstance(base, str) and base and not os.path.isabs(base) and os.path.isdir(base):
+            config.base_model_name_or_path = os.path.abspath(base)
+
+
 def save_model(
     model: Any,
     tokenizer: Any,
@@ -1871,6 +1882,8 @@ def save_model(
             f"the trained model's tensor {where} holds NaN or infinite values: the training "
             f"diverged, and no model is saved to {folder} (a lower lr, or max_grad_norm)"
         )
+
+    _absolute_adapter_base(model)
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -760,3 +760,22 @@ def test_bf16_precision_trains_under_autocast_and_keeps_float32_weights(bench, t
     config.write_text(yaml.safe_dump({k: v for k, v in saved.items() if k != "precision"}))
     resumed = _weights(_run(bench, tmp_path / "old", method="ga", extra=two, resume=True))
     assert all(torch.equal(resumed[k], fp32[k]) for k in fp32)
+
+
+def test_an_adapter_saved_alone_names_its_base_wherever_it_is_loaded(bench, tmp_path, monkeypatch):
+    """`lora.merge: false` after `--model ./base` wrote `base_model_name_or_path: "base"`,
+    and the adapter then loaded only from the folder the run was started in ("We couldn't
+    connect to 'https://huggingface.co'" from anywhere else)."""
+    from unpact.models import load_model, save_model
+
+    tiny = tiny_model(seed=3)
+    save_model(tiny.model, tiny.tokenizer, tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve_config("ga", overrides=["steps=1", "lora.r=4", "lora.merge=false"])
+    done = unlearn("base", bench, cfg, "out", progress=False)
+    saved = json.loads((tmp_path / "out" / "model" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(tmp_path / "base")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.setenv("UNPACT_CACHE", str(tmp_path / "cache"))
+    assert load_model(str(tmp_path / done.model_dir)).model.config.hidden_size == 64
