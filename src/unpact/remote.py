@@ -244,7 +244,7 @@ class RemoteModel:
                             # a web page (a UI, a proxy's login page), not a passing fault
                             raise RemoteError(
                                 f"{url}: HTTP {code} with a web page, not JSON: "
-                                f"{_server_error(reply)[0][:120]}" + _capability_hint(url, 501)
+                                f"{_server_error(reply)[0][:120]}" + NOT_AN_API
                             ) from None
                         failure = "the reply is not valid JSON"
                     else:
@@ -861,9 +861,10 @@ def _capability_hint(url: str, code: int) -> str:
         )
     if code in (401, 403):
         return " — check the API key in the environment variable named by api_key_env"
-    if code in NOT_TRANSIENT:
-        return (
-            " — the server does not offer this request; is BASE_URL an OpenAI-compatible "
-            "server's API root (vLLM's: http://HOST:8000/v1)?"
-        )
-    return ""
+    return NOT_AN_API if code in NOT_TRANSIENT else ""
+
+
+NOT_AN_API = (
+    " — the server does not offer this request; is BASE_URL an OpenAI-compatible "
+    "server's API root (vLLM's: http://HOST:8000/v1)?"
+)

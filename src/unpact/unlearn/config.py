@@ -69,8 +69,8 @@ class UnlearnConfig(PlainInput):
     precision: Literal["fp32", "bf16"] = Field(
         "fp32",
         description="bf16: each step's forward and backward under bf16 autocast (weights and "
-        "AdamW states stay float32), as injection's precision; faster on a GPU or a CPU "
-        "with native bf16, numbers rounded differently",
+        "AdamW states stay float32), as injection's precision; meant for GPUs (not measured "
+        "there; on a 2-core CPU with AMX no faster), numbers rounded differently",
     )
     settings: dict[str, Any] = Field(default_factory=dict, description="the method's settings")
 
