@@ -743,7 +743,9 @@ def test_docs_name_every_config_key():
 
 def test_a_grid_runs_each_benchmark_into_its_folder(setup, finished, tmp_path, monkeypatch):
     """Each benchmark into its folder, the tables gathered; a note that holds for every
-    run of the grid (a CPU run on a GPU machine) is said once, not once a run."""
+    run of the grid (a CPU run on a GPU machine) is said once, not once a run. Run into
+    the folder of a single run, the grid leaves none of its items or models there; a
+    single run into the grid's folder leaves none of the grid's runs."""
     import shutil
 
     import torch
@@ -751,6 +753,8 @@ def test_a_grid_runs_each_benchmark_into_its_folder(setup, finished, tmp_path, m
     root, first = finished
     shutil.copytree(root / "bench", tmp_path / "again")
     _, config = setup
+    run(config, tmp_path / "grid", cache_dir=root / "cache", progress=False)
+    assert (tmp_path / "grid" / "models").is_dir()
     grid = config | {"benchmarks": [str(root / "bench"), str(tmp_path / "again")]}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     said: list[str] = []
@@ -766,6 +770,9 @@ def test_a_grid_runs_each_benchmark_into_its_folder(setup, finished, tmp_path, m
     assert "bench/report.html" in (tmp_path / "grid" / "report.html").read_text()
     assert (tmp_path / "grid" / "results.md").read_text().count("| ga |") == 2
     assert json.loads((tmp_path / "grid" / "results.json").read_text())["benchmarks"]["again"]
+    assert not {"items.jsonl", "models"} & {p.name for p in (tmp_path / "grid").iterdir()}
+    run(config, tmp_path / "grid", cache_dir=root / "cache", progress=False)
+    assert not {"bench", "again"} & {p.name for p in (tmp_path / "grid").iterdir()}
 
 
 def test_ctrl_c_says_how_to_continue(setup, tmp_path):

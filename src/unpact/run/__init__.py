@@ -33,7 +33,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import time
 import zlib
 from collections.abc import Callable
@@ -92,6 +91,7 @@ from unpact.run.config import (
     StatisticsSettings,
     load_config,
 )
+from unpact.run.layout import clear_models, clear_other_runs
 from unpact.run.stages import (
     _at_default,
     attribute,
@@ -312,6 +312,7 @@ def _run_one(
     cache = as_path(cache_dir, "cache_dir") if cache_dir is not None else cache_root() / "stages"
     began = time.perf_counter()
     _start(out, cfg)
+    clear_other_runs(out, None, _config_models(cfg))  # an earlier grid's runs
     given = cfg.model
     cfg = _templated(cfg)
     p = Pipeline(cfg, cache, say, progress)
@@ -487,6 +488,13 @@ def _check_out(out: Path) -> None:
                 f"--out {out}: the folder holds {shown} and no unpact run; give a new "
                 "folder, an empty one, or a run's (to continue or re-run it)"
             )
+
+
+def _config_models(cfg: RunConfig) -> list[str]:
+    """The model specs `cfg` reads as they are (not the ones it makes)."""
+    specs = [cfg.model, *(m.model for m in cfg.models or [])]
+    specs += [m.model for m in cfg.methods if m.model is not None]
+    return specs + [s for s in (cfg.membership.reference, cfg.membership.base) if s is not None]
 
 
 def _start(out: Path, cfg: RunConfig) -> None:
@@ -1186,18 +1194,10 @@ def _link_models(
         made["retrained"] = reference.spec
     for label, spec in made.items():
         link_model(Path(spec), out / "models" / label)
-    folder = out / "models"
     # a model this run was given may be one an earlier run left here: it stays
     specs = [m.spec for m in [original, *unlearned, reference] if m is not None]
     specs += [s for s in (cfg.membership.reference, cfg.membership.base) if s is not None]
-    given = {os.path.realpath(spec) for spec in specs}
-    for old in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if old.name in made or old.name.startswith(".") or os.path.realpath(old) in given:
-            continue
-        if old.is_symlink():
-            old.unlink()
-        elif old.is_dir():
-            shutil.rmtree(old)  # hard links or copies of cached models: the cache keeps them
+    clear_models(out / "models", {os.path.realpath(spec) for spec in specs}, made)
 
 
 def _write(
@@ -1251,28 +1251,34 @@ def _run_grid(
     atomic_text(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     bases = [(m.name, m.model) for m in cfg.models] if cfg.models else [(None, cfg.model)]
     sources = cfg.benchmarks or [cfg.data.benchmark]
+    names = {s: load_benchmark(s).name for s in sources}  # a folder's name, not its path
+    runs = [  # (base model, benchmark, the run's folder below `out`)
+        (
+            base,
+            source,
+            ([base_name] if base_name else []) + ([names[source]] if cfg.benchmarks else []),
+        )
+        for base_name, base in bases
+        for source in sources
+    ]
+    clear_other_runs(out, ["/".join(parts) for *_, parts in runs], _config_models(cfg))
     per: dict[str, Any] = {}  # "model/benchmark" (or either alone) -> that run's results
     records: list[ItemRecord] = []
     once = notes_once(say)  # a note that holds for every run of the grid, said once
-    for base_name, base in bases:
-        for source in sources:
-            name = load_benchmark(source).name  # a folder's name, not its path
-            parts = ([base_name] if base_name else []) + ([name] if cfg.benchmarks else [])
-            key = "/".join(parts)
-            say(f"run {key}")
-            one = cfg.model_copy(
-                update={
-                    "model": base,
-                    "models": None,
-                    "benchmarks": None,
-                    "data": cfg.data.model_copy(update={"benchmark": source}),
-                }
-            )
-            result = run(
-                one, out.joinpath(*parts), cache_dir=cache_dir, progress=progress, log=once
-            )
-            per[key] = result.results
-            records += result.records
+    for base, source, parts in runs:
+        key = "/".join(parts)
+        say(f"run {key}")
+        one = cfg.model_copy(
+            update={
+                "model": base,
+                "models": None,
+                "benchmarks": None,
+                "data": cfg.data.model_copy(update={"benchmark": source}),
+            }
+        )
+        result = run(one, out.joinpath(*parts), cache_dir=cache_dir, progress=progress, log=once)
+        per[key] = result.results
+        records += result.records
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")  # a run's key may hold a comma
     for n, (key, results) in enumerate(per.items()):

@@ -1,0 +1,84 @@
+"""A run directory keeps the runs of the config last run into it and no other's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from unpact.run.layout import clear_other_runs
+
+CONFIG = "model: default\nmethods:\n- method: ga\n"
+
+
+def _run(folder: Path, models: tuple[str, ...] = ()) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(CONFIG)
+    for name in ("items.jsonl", "checks.jsonl", "results.json", "results.md", "report.html"):
+        (folder / name).write_text("x")
+    for label in models:
+        (folder / "models" / label).mkdir(parents=True)
+        (folder / "models" / label / "config.json").write_text("{}")
+    return folder
+
+
+def _tree(out: Path) -> list[str]:
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+
+
+def test_a_grid_keeps_its_own_runs_and_takes_away_an_earlier_grids(tmp_path):
+    out = _run(tmp_path / "out")
+    _run(out / "tofu")
+    _run(out / "news")
+    mine = out / "mine"  # not a run's: the user's
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    clear_other_runs(out, ["news", "books"], [])
+    assert (out / "news" / "results.json").is_file()
+    assert not (out / "tofu").exists()
+    assert (mine / "notes.txt").is_file()
+    assert (out / "config.yaml").is_file() and (out / "results.json").is_file()
+
+
+def test_a_grid_takes_away_a_single_runs_items_and_models_but_not_a_given_one(tmp_path):
+    out = _run(tmp_path / "out", models=("ga", "npo"))
+    clear_other_runs(out, ["a", "b"], [str(out / "models" / "npo")])
+    assert not (out / "items.jsonl").exists() and not (out / "checks.jsonl").exists()
+    assert [p.name for p in (out / "models").iterdir()] == ["npo"]
+    clear_other_runs(out, ["a", "b"], [])
+    assert not (out / "models").exists()
+
+
+def test_a_single_run_takes_away_a_grids_runs_at_both_levels(tmp_path):
+    out = _run(tmp_path / "out")
+    _run(out / "smol" / "tofu")
+    _run(out / "smol" / "news")
+    _run(out / "tiny")
+    clear_other_runs(out, None, [])
+    assert _tree(out) == sorted(
+        ["config.yaml", "items.jsonl", "checks.jsonl", "results.json", "results.md", "report.html"]
+    )
+
+
+def test_a_level_that_now_holds_a_grids_runs_keeps_only_them(tmp_path):
+    """A grid of models only (`out/smol/`) followed by one of models and benchmarks
+    (`out/smol/tofu/`): smol's own run files go, its new run stays."""
+    out = _run(tmp_path / "out")
+    _run(out / "smol", models=("ga",))
+    _run(out / "smol" / "tofu")
+    clear_other_runs(out, ["smol/tofu"], [])
+    assert sorted(p.name for p in (out / "smol").iterdir()) == ["tofu"]
+
+
+def test_an_earlier_run_holding_a_model_this_config_reads_stays(tmp_path):
+    out = _run(tmp_path / "out")
+    _run(out / "old", models=("npo",))
+    clear_other_runs(out, None, [str(out / "old" / "models" / "npo")])
+    assert (out / "old" / "models" / "npo" / "config.json").is_file()
+
+
+def test_a_config_yaml_that_is_not_a_runs_is_let_be(tmp_path):
+    out = _run(tmp_path / "out")
+    for name, text in {"other": "lr: 1e-5\n", "broken": "a: [\n", "empty": ""}.items():
+        (out / name).mkdir()
+        (out / name / "config.yaml").write_text(text)
+    clear_other_runs(out, None, [])
+    assert {"other", "broken", "empty"} <= {p.name for p in out.iterdir()}
