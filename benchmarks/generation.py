@@ -33,7 +33,7 @@ from unpact.data.sources import load_benchmark
 from unpact.models import load_model
 from unpact.scoring import generate, left_padded, sample_seed, stop_ids, until_stop
 
-# greedy decoding as unpact asks transformers for it (scoring._generate_batch)
+# greedy decoding as unpact asks transformers for it (scoring.generated_rows)
 GREEDY = {
     "max_new_tokens": 24,
     "do_sample": False,

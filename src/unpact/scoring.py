@@ -1105,18 +1105,17 @@ def generate_local(
             greedy: dict[int, Generation] = {}
             for batch in _greedy_batches(lm, prompts, batch_size):
                 chunk = [tuple(prompts[i]) for i in batch]
-                seqs = _generate_batch(lm, chunk, max_new_tokens, None, 1.0, 1)
+                seqs = _answers(lm, generated_rows(lm, chunk, max_new_tokens, None, 1.0, 1))
                 greedy.update(zip(batch, seqs))
                 advance(len(chunk))
             out.extend([greedy[i]] for i in range(len(prompts)))
         else:
             for ids in prompts:
                 prompt_seed = sample_seed(seed, ids)
-                out.append(
-                    _generate_batch(
-                        lm, [tuple(ids)], max_new_tokens, prompt_seed, temperature, num_samples
-                    )
+                rows = generated_rows(
+                    lm, [tuple(ids)], max_new_tokens, prompt_seed, temperature, num_samples
                 )
+                out.append(_answers(lm, rows))
                 advance(1)
     return [[(g.text, g.token_ids) for g in gens] for gens in out]
 
@@ -1156,7 +1155,7 @@ def reads_padding(lm: LanguageModel) -> bool:
 
 def _first_logits(lm: LanguageModel, rows: list[list[int]]) -> torch.Tensor:
     """The logits of greedy generation's first step for each row, left-padded together as
-    `_generate_batch` pads them."""
+    `generated_rows` pads them."""
     pad = _pad_id(lm)
     ids, mask = left_padded(rows, pad)
     own_code = models_own_code(lm.model, "transformers' generate", "generate with", lm.spec)
@@ -1231,15 +1230,30 @@ def _pad_id(lm: LanguageModel) -> int:
     return int(found) if found is not None else 0
 
 
-def _generate_batch(
+def _answers(lm: LanguageModel, rows: list[list[int]]) -> list[Generation]:
+    """Generated rows as answers: each row's ids before its stop id, and their text."""
+    stops = set(stop_ids(lm))
+    results = []
+    for row in rows:
+        ids = until_stop(row, stops)
+        text = lm.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        results.append(Generation(text=text, token_ids=tuple(ids)))
+    return results
+
+
+def generated_rows(
     lm: LanguageModel,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     seed: int | None,
     temperature: float,
     num_return_sequences: int,
-) -> list[Generation]:
-    tok = lm.tokenizer
+    **given: Any,
+) -> list[list[int]]:
+    """transformers' `generate` of the prompts, left-padded: greedy (`seed` None) or seeded
+    samples at `temperature` from the plain softmax; each row's generated ids as they came
+    (its stop id, and the padding after it, kept). `given` adds to or replaces generate's
+    arguments (a server's other stop ids, a stopping criterion)."""
     pad = _pad_id(lm)
     input_ids, mask = left_padded(prompts, pad)
     width = input_ids.shape[1]
@@ -1256,6 +1270,7 @@ def _generate_batch(
         kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
     else:
         kwargs.update(_GREEDY)
+    kwargs.update(given)
     with forked_rng(lm.device), quiet_padding_warning():
         if sampling:
             torch.manual_seed(seed)
@@ -1263,14 +1278,8 @@ def _generate_batch(
             generated = lm.model.generate(
                 input_ids=input_ids.to(lm.device), attention_mask=mask.to(lm.device), **kwargs
             )
-    stops = set(stop_ids(lm))
-    results = []
-    for row in generated[:, width:].tolist():
-        ids = until_stop(row, stops)
-        results.append(
-            Generation(text=tok.decode(ids, skip_special_tokens=True).strip(), token_ids=tuple(ids))
-        )
-    return results
+    rows: list[list[int]] = generated[:, width:].tolist()
+    return rows
 
 
 class Unsaid(logging.Filter):

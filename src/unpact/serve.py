@@ -20,6 +20,7 @@ import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -29,15 +30,12 @@ from unpact.errors import UnpactError
 from unpact.models import LanguageModel
 from unpact.scoring import (
     LOWEST_TEMPERATURE,
-    _generate_batch,
     forked_rng,
-    generate,
+    generated_rows,
     quiet_padding_warning,
     right_padded,
     stop_ids,
-    until_stop,
 )
-from unpact.types import EncodedPrompt
 
 
 def _require_web() -> Any:
@@ -168,6 +166,74 @@ def _validation_error(errors: Any) -> Any:
 _INT64 = 2**63
 
 
+@dataclass(frozen=True)
+class Stops:
+    """What ends a completion besides the model's EOS ids and max_tokens, as a request asks
+    vLLM: `stop` strings, `stop_token_ids`, and whether the text keeps what stopped it
+    (`include_stop_str_in_output`)."""
+
+    strings: tuple[str, ...] = ()
+    token_ids: tuple[int, ...] = ()
+    include: bool = False
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A completion as vLLM returns it: the generated ids (the one that stopped it among
+    them), its text, and why it ended (`stop_reason`: the stop string or stop token id, None
+    for the EOS token or the length)."""
+
+    ids: tuple[int, ...]
+    text: str
+    finish_reason: str
+    stop_reason: int | str | None = None
+
+
+def finish(
+    row: list[int] | tuple[int, ...],
+    decode: Any,
+    stops: Stops,
+    eos_ids: set[int],
+    eos: int | None,
+) -> Finished:
+    """A generated row cut where vLLM stops it (vLLM's `check_stop` and its detokenizer's
+    stop-string check, step by step): at the first EOS id (`eos_ids`, the model's; stop
+    reason None for the tokenizer's `eos`, the id for another, which vLLM takes among the
+    stop token ids) or requested stop token id, that token's text left out unless
+    `stops.include`; or at the first step whose text holds a stop string, the first of
+    `stops.strings` found in the text that step added (with the stop string's length
+    before it), the text cut before the string (after it with `stops.include`); else the
+    whole row, ended by its length. `decode(ids)` is the text of ids."""
+    ending = eos_ids | set(stops.token_ids)
+    kept: list[int] = []
+    text = ""
+    for token in row:
+        kept.append(token)
+        if token in ending:
+            shown = decode(kept if stops.include else kept[:-1])
+            reason = None if token == eos else token
+            return Finished(tuple(kept), shown, "stop", reason)
+        if stops.strings:
+            now = decode(kept)
+            found = _stop_string(text, now, stops)
+            if found is not None:
+                return Finished(tuple(kept), found[1], "stop", found[0])
+            text = now
+    return Finished(tuple(kept), text if stops.strings else decode(kept), "length")
+
+
+def _stop_string(before: str, now: str, stops: Stops) -> tuple[str, str] | None:
+    """The stop string `now` holds where `before` did not (vLLM's `check_stop_strings`: the
+    search starts the string's length before the new text) and the text cut at it."""
+    pairs = zip(before, now)
+    new_from = next((n for n, (a, b) in enumerate(pairs) if a != b), min(len(before), len(now)))
+    for string in stops.strings:
+        at = now.find(string, max(new_from - len(string), 0))
+        if at != -1:
+            return string, now[: at + len(string) if stops.include else at]
+    return None
+
+
 class _Fields(BaseModel):
     """The scalar fields of a /v1/completions request this server reads, typed (and the
     seed bounded) as vLLM's CompletionRequest types them: a wrong type is a 400 there, not
@@ -187,6 +253,9 @@ class _Fields(BaseModel):
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = False
 
 
 @dataclass
@@ -204,6 +273,7 @@ class _Completion:
     temperature: float
     seed: int
     sampling: dict[str, float]  # top_p, top_k, min_p, repetition_penalty as vLLM resolves them
+    stops: Stops
 
     @property
     def plain(self) -> bool:
@@ -301,7 +371,7 @@ class _Server:
         req = _parse_completion(lm, body, self.name(body))
         if not isinstance(req, _Completion):
             return req  # an error reply
-        prompt_lps, gens = self._generate(lm, req)
+        prompt_lps, done = self._generate(lm, req)
         full: dict[tuple[int, ...], list[float]] = {}
 
         def sequence_lps(g: tuple[int, ...]) -> list[float]:
@@ -314,9 +384,9 @@ class _Server:
             return full[g]
 
         choices = [
-            _choice(lm, req, index, g, prompt_lps, sequence_lps) for index, g in enumerate(gens)
+            _choice(lm, req, index, f, prompt_lps, sequence_lps) for index, f in enumerate(done)
         ]
-        return _reply("cmpl", "text_completion", req, choices, gens)
+        return _reply("cmpl", "text_completion", req, choices, done)
 
     def chat_completions(self, body: dict[str, Any]) -> Any:
         """vLLM's /v1/chat/completions: the messages in the model's chat template, then
@@ -341,50 +411,78 @@ class _Server:
         req = _parse_completion(lm, given, self.name(body))
         if not isinstance(req, _Completion):
             return req
-        _, gens = self._generate(lm, req)
+        _, done = self._generate(lm, req)
         choices = [
             {
                 "index": n,
-                "message": {"role": "assistant", "content": _text(lm, g), "tool_calls": []},
+                "message": {"role": "assistant", "content": f.text, "tool_calls": []},
                 "logprobs": None,
-                "finish_reason": _finish_reason(lm, g),
-                "stop_reason": None,
+                "finish_reason": f.finish_reason,
+                "stop_reason": f.stop_reason,
             }
-            for n, g in enumerate(gens)
+            for n, f in enumerate(done)
         ]
-        return _reply("chatcmpl", "chat.completion", req, choices, gens)
+        return _reply("chatcmpl", "chat.completion", req, choices, done)
 
     def _generate(
         self, lm: LanguageModel, req: _Completion
-    ) -> tuple[list[float] | None, list[tuple[int, ...]]]:
-        """The completions' token ids, and the prompt's log-probs when scored on the way."""
+    ) -> tuple[list[float] | None, list[Finished]]:
+        """The completions, and the prompt's log-probs when scored on the way."""
         greedy = req.temperature < GREEDY_BELOW
         if req.max_tokens == 0 or (req.max_tokens == 1 and greedy and req.n == 1):
             # Scoring (echo without generation, or prompt_logprobs with one greedy token):
             # batched with whatever other scoring requests are waiting.
             prompt_lps, nxt = self.batchers[req.model].score(req.ids)
-            return prompt_lps, [()] if req.max_tokens == 0 else [(nxt,)]
-        with self.lock:
-            if greedy:
-                (outs,) = generate(
-                    lm,
-                    [EncodedPrompt(tuple(req.ids), 0, len(req.ids), "", False)],
-                    max_new_tokens=req.max_tokens,
-                )
-                found = [g.token_ids for g in outs]  # n is 1 (`_sampling_error`)
-            elif req.plain:
-                # the local sampler, seeded by the request's seed as vLLM seeds a request
-                # (unpact's client sends the per-prompt seed its local sampler would use)
-                with torch.no_grad():
-                    outs = _generate_batch(
-                        lm, [tuple(req.ids)], req.max_tokens, req.seed, req.temperature, req.n
-                    )
-                found = [g.token_ids for g in outs]
-            else:
-                found = _generate_configured(lm, req)
-        # Like vLLM: a completion that stopped keeps its stop token's id.
-        stop = _stop_id(lm)
-        return None, [(*g, stop) if len(g) < req.max_tokens else g for g in found]
+            rows: list[list[int]] = [[] if req.max_tokens == 0 else [nxt]]
+        else:
+            with self.lock, torch.no_grad():
+                rows = _generate_rows(lm, req, greedy)
+            prompt_lps = None
+        eos = lm.tokenizer.eos_token_id
+        decode = partial(_decode, lm)
+        return prompt_lps, [finish(r, decode, req.stops, set(stop_ids(lm)), eos) for r in rows]
+
+
+def _decode(lm: LanguageModel, ids: list[int]) -> str:
+    """A completion's text as vLLM gives it: special tokens left out."""
+    return str(lm.tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def _generate_rows(lm: LanguageModel, req: _Completion, greedy: bool) -> list[list[int]]:
+    """The request's generated rows (up to max_tokens, each as it came: a stopped one's
+    stop id kept): greedy, the local sampler seeded by the request's seed as vLLM seeds a
+    request (unpact's client sends the per-prompt seed its local sampler would use), or
+    with the request's other sampling settings `_generate_configured`. The request's stop
+    token ids stop a row as the EOS does, and its stop strings stop it early."""
+    extra: dict[str, Any] = {}
+    if req.stops.token_ids:
+        extra["eos_token_id"] = sorted(set(stop_ids(lm)) | set(req.stops.token_ids))
+    if req.stops.strings:
+        extra["stopping_criteria"] = _stopping(lm, req)
+    if greedy:
+        return generated_rows(lm, [req.ids], req.max_tokens, None, 1.0, 1, **extra)
+    if req.plain:
+        return generated_rows(
+            lm, [req.ids], req.max_tokens, req.seed, req.temperature, req.n, **extra
+        )
+    return _generate_configured(lm, req, extra)
+
+
+def _stopping(lm: LanguageModel, req: _Completion) -> Any:
+    """A transformers stopping criterion that ends a row once its text holds one of the
+    request's stop strings (`finish` then cuts it where vLLM does); the rows it ends draw
+    their samples as before, so the others' samples are the same."""
+    from transformers.generation import StoppingCriteria, StoppingCriteriaList
+
+    width, strings = len(req.ids), req.stops.strings
+
+    class _StopStrings(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            texts = [_decode(lm, row) for row in input_ids[:, width:].tolist()]
+            found = [any(s in text for s in strings) for text in texts]
+            return torch.tensor(found, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([_StopStrings()])
 
 
 # vLLM's _SAMPLING_EPS: a temperature below it is greedy decoding. Only 0 reaches it: a
@@ -429,8 +527,6 @@ def _sampling(lm: LanguageModel, fields: _Fields) -> dict[str, float]:
 # request is refused; ignored, a `stop` or `stream` gave another output than vLLM's, silently
 _UNIMPLEMENTED = (
     "stream",
-    "stop",
-    "stop_token_ids",
     "suffix",
     "best_of",
     "logit_bias",
@@ -438,7 +534,6 @@ _UNIMPLEMENTED = (
     "frequency_penalty",
     "min_tokens",
     "ignore_eos",
-    "include_stop_str_in_output",
     "allowed_token_ids",
     "bad_words",
     "guided_json",
@@ -528,10 +623,17 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any
         # vLLM: no seed (or -1) draws from the engine's random state; here a fresh seed
         seed=secrets.randbits(63) if fields.seed in (None, -1) else fields.seed,
         sampling=_sampling(lm, fields),
+        stops=Stops(
+            tuple([fields.stop] if isinstance(fields.stop, str) else fields.stop or []),
+            tuple(fields.stop_token_ids or []),
+            bool(fields.include_stop_str_in_output),
+        ),
     )
     out_of_range = _sampling_error(req, fields.top_k)
     if out_of_range is not None:
         return out_of_range
+    if any(not string for string in req.stops.strings):  # SamplingParams._verify_args
+        return _error(400, "stop cannot contain an empty string.")
     if req.max_tokens < 0 or req.n < 1:
         return _error(400, "max_tokens must be >= 0 and n >= 1")
     if req.max_tokens == 0 and not req.echo:
@@ -546,10 +648,10 @@ def _reply(
     kind: str,
     req: _Completion,
     choices: list[dict[str, Any]],
-    gens: list[tuple[int, ...]],
+    done: list[Finished],
 ) -> dict[str, Any]:
     """A completion reply in vLLM's format around its choices, with the token usage."""
-    made = sum(len(g) for g in gens)
+    made = sum(len(f.ids) for f in done)
     return {
         "id": f"{prefix}-{uuid.uuid4().hex}",
         "object": kind,
@@ -648,14 +750,13 @@ def _stop_id(lm: LanguageModel) -> int:
     return int(eos) if eos in stops else int(stops[0])
 
 
-def _generate_configured(lm: LanguageModel, req: _Completion) -> list[tuple[int, ...]]:
+def _generate_configured(
+    lm: LanguageModel, req: _Completion, extra: dict[str, Any]
+) -> list[list[int]]:
     """Samples with the request's top_p / top_k / min_p / repetition_penalty (as vLLM
     resolves them, the model's generation_config filling what the request leaves unset),
     through transformers' sampler."""
-    import torch
-
     s = req.sampling
-    stops = set(stop_ids(lm))
     with forked_rng(lm.device), quiet_padding_warning():
         torch.manual_seed(req.seed)
         out = lm.model.generate(
@@ -669,38 +770,32 @@ def _generate_configured(lm: LanguageModel, req: _Completion) -> list[tuple[int,
             repetition_penalty=s["repetition_penalty"],
             max_new_tokens=req.max_tokens,
             num_return_sequences=req.n,
-            eos_token_id=sorted(stops),
+            eos_token_id=stop_ids(lm),
             pad_token_id=_stop_id(lm),
+            **extra,
         )
-    return [tuple(until_stop(row, stops)) for row in out[:, len(req.ids) :].tolist()]
-
-
-def _text(lm: LanguageModel, g: tuple[int, ...]) -> str:
-    """A completion's text as vLLM gives it (special tokens, the stop token among them,
-    left out)."""
-    return str(lm.tokenizer.decode(list(g), skip_special_tokens=True))
-
-
-def _finish_reason(lm: LanguageModel, g: tuple[int, ...]) -> str:
-    """vLLM's finish reason: "stop" for a completion that ends with its stop token."""
-    return "stop" if g and g[-1] in stop_ids(lm) else "length"
+    rows: list[list[int]] = out[:, len(req.ids) :].tolist()
+    return rows
 
 
 def _choice(
     lm: LanguageModel,
     req: _Completion,
     index: int,
-    g: tuple[int, ...],
+    done: Finished,
     prompt_lps: list[float] | None,
     sequence_lps: Any,
 ) -> dict[str, Any]:
-    """One completion choice in vLLM's format: text, finish reason, log-probs as asked."""
-    tok, ids = lm.tokenizer, req.ids
+    """One completion choice in vLLM's format: text, finish and stop reasons, log-probs as
+    asked (of every generated token, the one that stopped it among them, as vLLM gives
+    them: a stop string cuts the text, not the tokens)."""
+    tok, ids, g = lm.tokenizer, req.ids, done.ids
     choice: dict[str, Any] = {
         "index": index,
-        "text": (tok.decode(ids) if req.echo else "") + _text(lm, g),
+        "text": (tok.decode(ids) if req.echo else "") + done.text,
         "logprobs": None,
-        "finish_reason": _finish_reason(lm, g),
+        "finish_reason": done.finish_reason,
+        "stop_reason": done.stop_reason,
     }
     seq = (ids + list(g)) if req.echo else list(g)
     if req.logprobs and seq:

@@ -1026,8 +1026,8 @@ def test_unpact_serve_answers_a_mistyped_field_with_vllms_400(served, change, pa
     "change",
     [
         {"stream": True},
-        {"stop": ["\n"]},
-        {"stop": "."},
+        {"ignore_eos": True},
+        {"suffix": "."},
         {"logit_bias": {"5": 10}},
         {"presence_penalty": 0.5},
         {"best_of": 3},
@@ -1035,9 +1035,9 @@ def test_unpact_serve_answers_a_mistyped_field_with_vllms_400(served, change, pa
     ],
 )
 def test_unpact_serve_refuses_a_field_it_does_not_implement(served, change):
-    """vLLM honours `stop`, `stream`, penalties and the rest; unpact serve ignored them and
-    answered as if they were not there (a `stop` came back unstopped). Now a 400 naming
-    the field; the values that change nothing (as unpact's client sends them) pass."""
+    """vLLM honours `stream`, penalties and the rest; unpact serve ignored them and
+    answered as if they were not there. Now a 400 naming the field; the values that change
+    nothing (as unpact's client sends them) pass."""
     import httpx
 
     body = {"model": "tiny", "prompt": [5, 6], "max_tokens": 2}
@@ -1048,6 +1048,82 @@ def test_unpact_serve_refuses_a_field_it_does_not_implement(served, change):
     assert error["param"] == field and f"does not implement `{field}`" in error["message"]
     inert = {"stream": False, "stop": [], "presence_penalty": 0.0, "best_of": 1, "logit_bias": {}}
     assert httpx.post(f"{served[1]}/completions", json=body | inert).status_code == 200
+
+
+def test_unpact_serve_stops_where_vllm_stops(tiny, served):
+    """`stop`, `stop_token_ids` and `include_stop_str_in_output` were refused: a client
+    such as lm-evaluation-harness, which sends its `until` strings as `stop`, could not use
+    `unpact serve`. Now a completion ends as vLLM ends it: the text cut before the stop
+    string (after it when asked), the tokens up to the one that completed it, the stop
+    string or token id as `stop_reason`, in completions and chat alike."""
+    import httpx
+
+    url = served[1]
+    body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 12, "temperature": 0}
+
+    def ask(**change: Any) -> dict:
+        reply = httpx.post(f"{url}/completions", json=body | change, timeout=60)
+        assert reply.status_code == 200, reply.text
+        [choice] = reply.json()["choices"]
+        tokens = (choice["logprobs"] or {}).get("tokens", [])
+        ids = [int(t.split(":")[1]) for t in tokens]
+        return choice | {"ids": ids, "usage": reply.json()["usage"]}
+
+    full = ask(logprobs=0, return_tokens_as_token_ids=True)
+    text, ids = full["text"], full["ids"]
+    assert full["stop_reason"] is None and len(ids) == 12 and len(text) > 6
+    # a stop string from the middle of the greedy answer (whole characters, not the
+    # replacement of a partial one): the text before it
+    string = next(text[n : n + 2] for n in range(3, len(text)) if "\ufffd" not in text[n : n + 2])
+    stopped = ask(stop=[string], logprobs=0, return_tokens_as_token_ids=True)
+    at = text.index(string)
+    assert stopped["text"] == text[:at] and stopped["finish_reason"] == "stop"
+    assert stopped["stop_reason"] == string
+    assert ids[: len(stopped["ids"])] == stopped["ids"] and len(stopped["ids"]) < 12
+    assert tiny.tokenizer.decode(stopped["ids"]).find(string) >= 0  # its last token made it
+    assert string not in tiny.tokenizer.decode(stopped["ids"][:-1])
+    assert stopped["usage"]["completion_tokens"] == len(stopped["ids"])
+    kept = ask(stop=string, include_stop_str_in_output=True)
+    assert kept["text"] == text[: at + len(string)]
+    token = ids[4]  # a stop token id: ends there, kept in the tokens, its text left out
+    by_id = ask(stop_token_ids=[token], logprobs=0, return_tokens_as_token_ids=True)
+    first = ids.index(token)
+    assert by_id["ids"] == ids[: first + 1] and by_id["stop_reason"] == token
+    assert by_id["text"] == tiny.tokenizer.decode(ids[:first], skip_special_tokens=True)
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 12}
+    said = httpx.post(f"{url}/chat/completions", json=chat | {"temperature": 0}).json()
+    content = said["choices"][0]["message"]["content"]
+    halted = httpx.post(
+        f"{url}/chat/completions", json=chat | {"temperature": 0, "stop": [content[2:4]]}
+    ).json()["choices"][0]
+    assert halted["message"]["content"] == content[: content.index(content[2:4])]
+    assert halted["stop_reason"] == content[2:4]
+    for bad in ("", ["x", ""]):
+        reply = httpx.post(f"{url}/completions", json=body | {"stop": bad})
+        assert reply.status_code == 400 and "empty string" in reply.json()["error"]["message"]
+
+
+def test_stop_strings_leave_the_samples_as_they_were(served):
+    """A seeded request's samples with a stop string are its samples without one, each cut
+    where its text first holds the string: stopping a sample early changes no other's."""
+    import httpx
+
+    url = served[1]
+    body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 10, "n": 4, "seed": 3}
+    body |= {"logprobs": 0, "return_tokens_as_token_ids": True}
+    for extra in ({}, {"top_p": 0.9}):  # the local sampler, and transformers' with top_p
+        free = httpx.post(f"{url}/completions", json=body | extra, timeout=60).json()
+        texts = [c["text"] for c in free["choices"]]
+        string = next(t[1:3] for t in texts if len(t) >= 3)
+        cut = httpx.post(f"{url}/completions", json=body | extra | {"stop": string}, timeout=60)
+        for whole, part in zip(free["choices"], cut.json()["choices"]):
+            tokens = [t for t in whole["logprobs"]["tokens"]]
+            assert part["logprobs"]["tokens"] == tokens[: len(part["logprobs"]["tokens"])]
+            if string in whole["text"]:
+                assert part["text"] == whole["text"][: whole["text"].index(string)]
+                assert part["stop_reason"] == string
+            else:
+                assert part == whole
 
 
 def test_unpact_serve_takes_a_request_without_a_model_and_refuses_a_body_not_an_object(served):
