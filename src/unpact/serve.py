@@ -50,11 +50,40 @@ def _require_web() -> Any:
 
 def prompt_logprobs(lm: LanguageModel, ids: list[int]) -> list[float]:
     """log p(x_t | x_<t) for t >= 1, from one forward pass over the whole sequence."""
+    return sequence_scores(lm, ids, 0).lps
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A sequence's log-probs as vLLM reports them, for each position t >= 1: log p(x_t |
+    x_<t), x_t's rank (vLLM's: how many tokens are at least as likely, 1 for the most
+    likely) and the k most likely tokens (id, log-prob), most likely first; and the greedy
+    token after the sequence."""
+
+    lps: list[float]
+    ranks: list[int]
+    tops: list[list[tuple[int, float]]]
+    next_id: int
+
+
+def scores_of(logits: torch.Tensor, ids: list[int], k: int) -> Scored:
+    """`Scored` from a sequence's logits (one row per token)."""
+    logp = torch.log_softmax(logits.float(), -1)
+    target = torch.tensor(ids[1:], device=logits.device)
+    lps = logp[:-1].gather(-1, target[:, None])
+    ranks = (logp[:-1] >= lps).sum(-1)
+    tops: list[list[tuple[int, float]]] = [[] for _ in ids[1:]]
+    if k > 0 and len(ids) > 1:
+        values, top_ids = logp[:-1].topk(min(k, logp.shape[-1]), -1)
+        tops = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), values.tolist())]
+    return Scored(lps.squeeze(-1).tolist(), ranks.tolist(), tops, int(logits[-1].argmax()))
+
+
+def sequence_scores(lm: LanguageModel, ids: list[int], k: int) -> Scored:
+    """`Scored` of one sequence, from one forward pass over it."""
     with torch.no_grad():
-        inp = torch.tensor([ids], device=lm.device)
-        logits = lm.model(input_ids=inp).logits[0, :-1].float()
-        logp = torch.log_softmax(logits, -1)
-        return logp.gather(-1, inp[0, 1:, None]).squeeze(-1).tolist()
+        logits = lm.model(input_ids=torch.tensor([ids], device=lm.device)).logits[0]
+        return scores_of(logits, ids, k)
 
 
 class ScoreBatcher:
@@ -66,20 +95,21 @@ class ScoreBatcher:
         self.lm = lm
         self.lock = lock
         self.budget = token_budget
-        self.waiting: queue.Queue[tuple[list[int], Future[Any]]] = queue.Queue()
+        self.waiting: queue.Queue[tuple[list[int], int, Future[Any]]] = queue.Queue()
         threading.Thread(target=self._work, daemon=True).start()
 
-    def score(self, ids: list[int]) -> tuple[list[float], int]:
+    def score(self, ids: list[int], k: int = 0) -> Scored:
+        """The sequence's `Scored`, with its `k` most likely tokens at each position."""
         done: Future[Any] = Future()
-        self.waiting.put((ids, done))
-        result: tuple[list[float], int] = done.result()
+        self.waiting.put((ids, k, done))
+        result: Scored = done.result()
         return result
 
     def _work(self) -> None:
         while True:
             batch = [self.waiting.get()]
             while True:
-                longest = max(len(ids) for ids, _ in batch)
+                longest = max(len(ids) for ids, _, _ in batch)
                 try:
                     nxt = self.waiting.get_nowait()
                 except queue.Empty:
@@ -90,26 +120,19 @@ class ScoreBatcher:
                 batch.append(nxt)
             try:
                 with self.lock:
-                    results = self._run([ids for ids, _ in batch])
-                for (_, done), r in zip(batch, results):
+                    results = self._run([(ids, k) for ids, k, _ in batch])
+                for (_, _, done), r in zip(batch, results):
                     done.set_result(r)
             except Exception as exc:  # handed to the requests waiting for it
-                for _, done in batch:
+                for _, _, done in batch:
                     done.set_exception(exc)
 
-    def _run(self, seqs: list[list[int]]) -> list[tuple[list[float], int]]:
+    def _run(self, seqs: list[tuple[list[int], int]]) -> list[Scored]:
         lm = self.lm
-        ids, mask = right_padded(seqs)
+        ids, mask = right_padded([s for s, _ in seqs])
         with torch.no_grad():
-            logits = lm.model(
-                input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)
-            ).logits.float()
-        out = []
-        for r, s in enumerate(seqs):
-            logp = torch.log_softmax(logits[r, : len(s)], -1)
-            lps = logp[:-1].gather(-1, ids[r, 1 : len(s), None].to(lm.device)).squeeze(-1)
-            out.append((lps.tolist(), int(logits[r, len(s) - 1].argmax())))
-        return out
+            logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits
+            return [scores_of(logits[r, : len(s)], s, k) for r, (s, k) in enumerate(seqs)]
 
 
 def make_app(models: LanguageModel | dict[str, LanguageModel], name: str = "default") -> Any:
@@ -267,13 +290,18 @@ class _Completion:
     max_tokens: int
     n: int
     echo: bool
-    logprobs: bool
-    prompt_logprobs: bool
+    logprobs: int | None  # how many most likely tokens beside each one (None: not asked)
+    prompt_logprobs: int | None
     as_ids: bool
     temperature: float
     seed: int
     sampling: dict[str, float]  # top_p, top_k, min_p, repetition_penalty as vLLM resolves them
     stops: Stops
+
+    @property
+    def top(self) -> int:
+        """How many most likely tokens to find at each position."""
+        return max(self.logprobs or 0, self.prompt_logprobs or 0)
 
     @property
     def plain(self) -> bool:
@@ -371,20 +399,20 @@ class _Server:
         req = _parse_completion(lm, body, self.name(body))
         if not isinstance(req, _Completion):
             return req  # an error reply
-        prompt_lps, done = self._generate(lm, req)
-        full: dict[tuple[int, ...], list[float]] = {}
+        prompt_scores, done = self._generate(lm, req)
+        full: dict[tuple[int, ...], Scored] = {}
 
-        def sequence_lps(g: tuple[int, ...]) -> list[float]:
-            """log-probs of ids + g after the first token."""
-            if not g and prompt_lps is not None:
-                return prompt_lps
+        def scores(g: tuple[int, ...]) -> Scored:
+            """The scores of ids + g (the prompt's alone: as scored on the way)."""
+            if not g and prompt_scores is not None:
+                return prompt_scores
             if g not in full:
                 with self.lock:
-                    full[g] = prompt_logprobs(lm, req.ids + list(g))
+                    full[g] = sequence_scores(lm, req.ids + list(g), req.top)
             return full[g]
 
         choices = [
-            _choice(lm, req, index, f, prompt_lps, sequence_lps) for index, f in enumerate(done)
+            _choice(lm, req, index, f, prompt_scores, scores) for index, f in enumerate(done)
         ]
         return _reply("cmpl", "text_completion", req, choices, done)
 
@@ -426,21 +454,22 @@ class _Server:
 
     def _generate(
         self, lm: LanguageModel, req: _Completion
-    ) -> tuple[list[float] | None, list[Finished]]:
-        """The completions, and the prompt's log-probs when scored on the way."""
+    ) -> tuple[Scored | None, list[Finished]]:
+        """The completions, and the prompt's scores when scored on the way."""
         greedy = req.temperature < GREEDY_BELOW
         if req.max_tokens == 0 or (req.max_tokens == 1 and greedy and req.n == 1):
             # Scoring (echo without generation, or prompt_logprobs with one greedy token):
             # batched with whatever other scoring requests are waiting.
-            prompt_lps, nxt = self.batchers[req.model].score(req.ids)
-            rows: list[list[int]] = [[] if req.max_tokens == 0 else [nxt]]
+            prompt_scores = self.batchers[req.model].score(req.ids, req.top)
+            rows: list[list[int]] = [[] if req.max_tokens == 0 else [prompt_scores.next_id]]
         else:
             with self.lock, torch.no_grad():
                 rows = _generate_rows(lm, req, greedy)
-            prompt_lps = None
+            prompt_scores = None
         eos = lm.tokenizer.eos_token_id
         decode = partial(_decode, lm)
-        return prompt_lps, [finish(r, decode, req.stops, set(stop_ids(lm)), eos) for r in rows]
+        ends = set(stop_ids(lm))
+        return prompt_scores, [finish(r, decode, req.stops, ends, eos) for r in rows]
 
 
 def _decode(lm: LanguageModel, ids: list[int]) -> str:
@@ -586,15 +615,17 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any
     refused = _unimplemented(body)
     if refused is not None:
         return refused
-    for field in ("logprobs", "prompt_logprobs"):
+    for field, said in (("logprobs", "sample"), ("prompt_logprobs", "prompt")):
         asked = getattr(fields, field)
         if asked is not None and asked < 0 and asked != -1:
             return _error(400, f"`{field}` must be a positive value or -1.", field)
-        if asked is not None and asked > MAX_LOGPROBS:
+        asked = len(lm.tokenizer) if asked == -1 else asked  # -1: the whole vocabulary
+        if asked is not None and asked > MAX_LOGPROBS:  # vLLM's _validate_logprobs
             return _error(
                 400,
-                f"Requested {field.replace('_', ' ')} of {asked}, which is greater than max "
-                f"allowed: {MAX_LOGPROBS}",
+                f"Requested {said} logprobs of {asked}, which is greater than max allowed: "
+                f"{MAX_LOGPROBS}",
+                field,
             )
     tok = lm.tokenizer
     prompt = body.get("prompt")
@@ -616,8 +647,12 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any
         max_tokens=16 if fields.max_tokens is None else fields.max_tokens,
         n=fields.n,
         echo=bool(fields.echo),
-        logprobs=fields.logprobs is not None,
-        prompt_logprobs=fields.prompt_logprobs is not None,
+        logprobs=fields.logprobs,
+        # vLLM's to_sampling_params: an echo scores the prompt with `logprobs` if no
+        # `prompt_logprobs` is asked
+        prompt_logprobs=fields.logprobs
+        if fields.prompt_logprobs is None and fields.echo
+        else fields.prompt_logprobs,
         as_ids=bool(fields.return_tokens_as_token_ids),
         temperature=_raised(float(_sampling_value(lm, fields, "temperature", 1.0))),
         # vLLM: no seed (or -1) draws from the engine's random state; here a fresh seed
@@ -783,12 +818,13 @@ def _choice(
     req: _Completion,
     index: int,
     done: Finished,
-    prompt_lps: list[float] | None,
-    sequence_lps: Any,
+    prompt_scores: Scored | None,
+    scores: Any,
 ) -> dict[str, Any]:
     """One completion choice in vLLM's format: text, finish and stop reasons, log-probs as
     asked (of every generated token, the one that stopped it among them, as vLLM gives
-    them: a stop string cuts the text, not the tokens)."""
+    them: a stop string cuts the text, not the tokens). `scores(g)`: the `Scored` of the
+    prompt followed by generated ids g; `prompt_scores`: the prompt's, when known."""
     tok, ids, g = lm.tokenizer, req.ids, done.ids
     choice: dict[str, Any] = {
         "index": index,
@@ -798,23 +834,73 @@ def _choice(
         "stop_reason": done.stop_reason,
     }
     seq = (ids + list(g)) if req.echo else list(g)
-    if req.logprobs and seq:
-        lps = sequence_lps(g)
-        offset = 0 if req.echo else len(ids)
-        values: list[float | None] = [None, *lps] if req.echo else list(lps[len(ids) - 1 :])
-        choice["logprobs"] = {
-            "tokens": [f"token_id:{t}" if req.as_ids else tok.decode([t]) for t in seq],
-            "token_logprobs": values[: len(seq)],
-            "top_logprobs": None,
-            "text_offset": list(range(offset, offset + len(seq))),
-        }
-    if req.prompt_logprobs:
-        lps = prompt_lps if prompt_lps is not None else sequence_lps(g)
+    if req.logprobs is not None and seq:
+        start = 0 if req.echo else len(ids)
+        choice["logprobs"] = _logprobs(lm, req, ids + list(g), scores(g), start)
+    if req.prompt_logprobs is not None:
+        sc = prompt_scores if prompt_scores is not None else scores(g)
         choice["prompt_logprobs"] = [None] + [
-            {str(t): {"logprob": lp, "rank": None, "decoded_token": tok.decode([t])}}
-            for t, lp in zip(ids[1:], lps)
+            {
+                str(t): {"logprob": _clamped(lp), "rank": rank, "decoded_token": tok.decode([t])}
+                for t, lp, rank in _candidates(sc, n, ids[n + 1], req.prompt_logprobs)
+            }
+            for n in range(len(ids) - 1)
         ]
     return choice
+
+
+def _candidates(sc: Scored, n: int, token: int, k: int) -> list[tuple[int, float, int]]:
+    """Position n + 1's token, its log-prob and rank, then the k most likely tokens with
+    theirs (ranks 1..k), in the order vLLM lists them (a token listed twice: once, where it
+    comes first, with its last values, as vLLM builds the dictionary)."""
+    top = [(t, lp, r + 1) for r, (t, lp) in enumerate(sc.tops[n][:k])]
+    return [(token, sc.lps[n], sc.ranks[n]), *top]
+
+
+def _clamped(lp: float) -> float:
+    """A prompt log-prob as vLLM's `clamp_prompt_logprobs` writes it: -inf as -9999."""
+    return VLLM_FLOOR if lp == float("-inf") else lp
+
+
+# the log-prob vLLM writes for -inf (JSON has no infinity), and the floor of a sampled one
+VLLM_FLOOR = -9999.0
+
+
+def _logprobs(
+    lm: LanguageModel, req: _Completion, full: list[int], sc: Scored, start: int
+) -> dict[str, Any]:
+    """vLLM's completion `logprobs` for the tokens full[start:] (`_create_completion_logprobs`):
+    each token (text, or `token_id:N`), its log-prob (None for the first token of the
+    sequence, which has none), the token and the `logprobs` most likely ones with theirs
+    (keyed by their text), and each token's character offset in the concatenated tokens."""
+    k = req.logprobs or 0
+
+    def shown(t: int) -> str:
+        return f"token_id:{t}" if req.as_ids else str(lm.tokenizer.decode([t]))
+
+    tokens: list[str] = []
+    values: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    for n in range(start, len(full)):
+        token = shown(full[n])
+        if n == 0:
+            values.append(None)
+            tops.append(None)
+        else:
+            values.append(max(sc.lps[n - 1], VLLM_FLOOR))
+            # a prompt token's list is its prompt log-probs', cut to `logprobs`
+            shown_k = min(k, req.prompt_logprobs or 0) if n < len(req.ids) else k
+            found = _candidates(sc, n - 1, full[n], shown_k)
+            tops.append({shown(t): max(lp, VLLM_FLOOR) for t, lp, _ in found})
+        offsets.append(offsets[-1] + len(tokens[-1]) if tokens else 0)
+        tokens.append(token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": values,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
 
 
 class BackgroundServer:

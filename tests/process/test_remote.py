@@ -1103,6 +1103,62 @@ def test_unpact_serve_stops_where_vllm_stops(tiny, served):
         assert reply.status_code == 400 and "empty string" in reply.json()["error"]["message"]
 
 
+def test_unpact_serve_reports_log_probs_as_vllm_does(tiny, served):
+    """`top_logprobs` was None and `text_offset` counted tokens, not characters; prompt
+    log-probs had no rank and no most likely tokens. lm-evaluation-harness reads
+    `top_logprobs` to tell whether a continuation is greedy, and failed on None. Now each
+    is vLLM's: the token and the `logprobs` most likely ones at each position, the
+    characters before each token, and each prompt token's rank (how many tokens are at
+    least as likely) followed by the most likely ones with ranks 1..k."""
+    import httpx
+    import torch
+
+    url = served[1]
+    ids = list(tiny.encode_prompt(PROMPTS[0]).input_ids)
+    (greedy,) = generate(tiny, PROMPTS[:1], max_new_tokens=6)
+    seq = ids + list(greedy[0].token_ids)
+    with torch.no_grad():
+        logp = torch.log_softmax(tiny.model(input_ids=torch.tensor([seq])).logits[0].float(), -1)
+    body = {"model": "tiny", "prompt": seq, "max_tokens": 0, "echo": True, "logprobs": 2}
+    reply = httpx.post(f"{url}/completions", json=body | {"prompt_logprobs": 3}).json()
+    [choice] = reply["choices"]
+    got = choice["logprobs"]
+    texts = [tiny.tokenizer.decode([t]) for t in seq]
+    assert got["tokens"] == texts
+    assert got["token_logprobs"][0] is None and got["top_logprobs"][0] is None
+    offsets = [sum(len(t) for t in texts[:n]) for n in range(len(texts))]
+    assert got["text_offset"] == offsets
+    for n in range(1, len(seq)):
+        row = logp[n - 1].tolist()
+        order = sorted(range(len(row)), key=lambda t: -row[t])
+        assert abs(got["token_logprobs"][n] - row[seq[n]]) < 1e-4
+        # the token first, then the two most likely, keyed by text (a text twice: once,
+        # where it comes first, with its last value, as vLLM's dictionary has it)
+        top = got["top_logprobs"][n]
+        expected = {tiny.tokenizer.decode([t]): row[t] for t in [seq[n], *order[:2]]}
+        assert list(top) == list(expected)
+        assert max(abs(top[k] - v) for k, v in expected.items()) < 1e-4
+        rank = sum(v >= row[seq[n]] for v in row)
+        entry = choice["prompt_logprobs"][n]
+        assert list(entry) == list(dict.fromkeys([str(seq[n]), *map(str, order[:3])]))
+        assert entry[str(seq[n])]["rank"] == (
+            rank if seq[n] not in order[:3] else order.index(seq[n]) + 1
+        )
+        assert [entry[str(t)]["rank"] for t in order[:3]] == [1, 2, 3]
+    # lm-evaluation-harness's greedy check: each continuation token is its position's top
+    cont = range(len(ids), len(seq))
+    assert all(got["token_logprobs"][n] == max(got["top_logprobs"][n].values()) for n in cont)
+    # echo with logprobs alone: the prompt's log-probs come back as well, as in vLLM
+    echoed = httpx.post(f"{url}/completions", json=body).json()["choices"][0]
+    assert len(echoed["prompt_logprobs"]) == len(seq) and echoed["prompt_logprobs"][0] is None
+    for asked, said in (
+        (21, "sample logprobs of 21"),
+        (-1, f"sample logprobs of {len(tiny.tokenizer)}"),
+    ):
+        refused = httpx.post(f"{url}/completions", json=body | {"logprobs": asked})
+        assert refused.status_code == 400 and said in refused.json()["error"]["message"]
+
+
 def test_stop_strings_leave_the_samples_as_they_were(served):
     """A seeded request's samples with a stop string are its samples without one, each cut
     where its text first holds the string: stopping a sample early changes no other's."""
