@@ -69,7 +69,7 @@ class Scored:
 def scores_of(logits: torch.Tensor, ids: list[int], k: int) -> Scored:
     """`Scored` from a sequence's logits (one row per token)."""
     logp = torch.log_softmax(logits.float(), -1)
-    target = torch.tensor(ids[1:], device=logits.device)
+    target = torch.tensor(ids[1:], dtype=torch.long, device=logits.device)
     lps = logp[:-1].gather(-1, target[:, None])
     ranks = (logp[:-1] >= lps).sum(-1)
     tops: list[list[tuple[int, float]]] = [[] for _ in ids[1:]]

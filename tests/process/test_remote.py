@@ -1148,6 +1148,8 @@ def test_unpact_serve_reports_log_probs_as_vllm_does(tiny, served):
     # lm-evaluation-harness's greedy check: each continuation token is its position's top
     cont = range(len(ids), len(seq))
     assert all(got["token_logprobs"][n] == max(got["top_logprobs"][n].values()) for n in cont)
+    one = httpx.post(f"{url}/completions", json=body | {"prompt": seq[:1]}).json()["choices"][0]
+    assert one["logprobs"]["token_logprobs"] == [None] and one["prompt_logprobs"] == [None]
     # echo with logprobs alone: the prompt's log-probs come back as well, as in vLLM
     echoed = httpx.post(f"{url}/completions", json=body).json()["choices"][0]
     assert len(echoed["prompt_logprobs"]) == len(seq) and echoed["prompt_logprobs"][0] is None
