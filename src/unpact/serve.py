@@ -393,12 +393,34 @@ class _Server:
         return {"prompt": lm.tokenizer.decode(tokens)}
 
     def completions(self, body: dict[str, Any]) -> Any:
+        """vLLM's /v1/completions, of one prompt or of a list of them (each its choices, the
+        choices numbered across the prompts, the usage summed, as vLLM answers a batch)."""
         lm, bad = self.pick(body)
         if bad is not None:
             return bad
-        req = _parse_completion(lm, body, self.name(body))
-        if not isinstance(req, _Completion):
-            return req  # an error reply
+        prompts = _prompts(body.get("prompt"))
+        if prompts is None:
+            return _error(
+                400, "'prompt' must be text, a non-empty list of token ids, or a list of either"
+            )
+        reqs = []
+        for prompt in prompts:  # every prompt checked before any is generated
+            req = _parse_completion(lm, body | {"prompt": prompt}, self.name(body))
+            if not isinstance(req, _Completion):
+                return req  # an error reply
+            reqs.append(req)
+        choices: list[dict[str, Any]] = []
+        finished: list[Finished] = []
+        for req in reqs:
+            done = self._complete(lm, req, len(choices), choices)
+            finished += done
+        return _reply("cmpl", "text_completion", reqs, choices, finished)
+
+    def _complete(
+        self, lm: LanguageModel, req: _Completion, first: int, choices: list[dict[str, Any]]
+    ) -> list[Finished]:
+        """One prompt's completions, their choices (numbered from `first`) added to
+        `choices`."""
         prompt_scores, done = self._generate(lm, req)
         full: dict[tuple[int, ...], Scored] = {}
 
@@ -411,10 +433,9 @@ class _Server:
                     full[g] = sequence_scores(lm, req.ids + list(g), req.top)
             return full[g]
 
-        choices = [
-            _choice(lm, req, index, f, prompt_scores, scores) for index, f in enumerate(done)
-        ]
-        return _reply("cmpl", "text_completion", req, choices, done)
+        for n, f in enumerate(done):
+            choices.append(_choice(lm, req, first + n, f, prompt_scores, scores))
+        return done
 
     def chat_completions(self, body: dict[str, Any]) -> Any:
         """vLLM's /v1/chat/completions: the messages in the model's chat template, then
@@ -450,7 +471,7 @@ class _Server:
             }
             for n, f in enumerate(done)
         ]
-        return _reply("chatcmpl", "chat.completion", req, choices, done)
+        return _reply("chatcmpl", "chat.completion", [req], choices, done)
 
     def _generate(
         self, lm: LanguageModel, req: _Completion
@@ -681,24 +702,40 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any
 def _reply(
     prefix: str,
     kind: str,
-    req: _Completion,
+    reqs: list[_Completion],
     choices: list[dict[str, Any]],
     done: list[Finished],
 ) -> dict[str, Any]:
     """A completion reply in vLLM's format around its choices, with the token usage."""
     made = sum(len(f.ids) for f in done)
+    read = sum(len(r.ids) for r in reqs)
     return {
         "id": f"{prefix}-{uuid.uuid4().hex}",
         "object": kind,
         "created": int(time.time()),
-        "model": req.model,
+        "model": reqs[0].model,
         "choices": choices,
-        "usage": {
-            "prompt_tokens": len(req.ids),
-            "completion_tokens": made,
-            "total_tokens": len(req.ids) + made,
-        },
+        "usage": {"prompt_tokens": read, "completion_tokens": made, "total_tokens": read + made},
     }
+
+
+def _prompts(prompt: Any) -> list[str | list[int]] | None:
+    """A request's prompts as vLLM's CompletionRequest takes them: text, token ids, or a
+    non-empty list of texts or of token-id lists (a batch); None for anything else."""
+    if isinstance(prompt, str) or _token_ids(prompt):
+        return [prompt]
+    texts = isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)
+    if isinstance(prompt, list) and prompt and (texts or all(_token_ids(p) for p in prompt)):
+        return list(prompt)
+    return None
+
+
+def _token_ids(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    )
 
 
 def _chat_ids(lm: LanguageModel, body: dict[str, Any]) -> Any:

@@ -1161,6 +1161,53 @@ def test_unpact_serve_reports_log_probs_as_vllm_does(tiny, served):
         assert refused.status_code == 400 and said in refused.json()["error"]["message"]
 
 
+def test_unpact_serve_answers_lm_evaluation_harness_requests(tiny, served):
+    """lm-evaluation-harness's `local-completions` sends its prompts as a list of token-id
+    lists (a batch, even of one), which was a 400 here: a user could not evaluate a model
+    served by `unpact serve` with it. Now a batch is answered as vLLM answers it (each
+    prompt's choices, numbered across the batch, the usage summed), and the harness's two
+    requests give what it computes from vLLM: the log-likelihood of a continuation (echo,
+    one greedy token, `logprobs: 1`, summed over the continuation's positions) and a
+    greedy generation cut at its `until` strings."""
+    import httpx
+    import torch
+
+    url = served[1]
+    contexts = [list(tiny.encode_prompt(p).input_ids) for p in PROMPTS[:2]]
+    conts = [[11, 12, 13], [40]]
+    whole = [c + x for c, x in zip(contexts, conts)]
+    payload = {"model": "tiny", "prompt": whole, "temperature": 0, "max_tokens": 1}
+    payload |= {"logprobs": 1, "seed": 1234, "echo": True}
+    reply = httpx.post(f"{url}/completions", json=payload, timeout=60).json()
+    assert [c["index"] for c in reply["choices"]] == [0, 1]
+    assert reply["usage"]["prompt_tokens"] == sum(map(len, whole))
+    for choice, ctx, cont, seq in zip(reply["choices"], contexts, conts, whole):
+        lps = choice["logprobs"]["token_logprobs"][len(ctx) : -1]  # the harness's slice
+        with torch.no_grad():
+            logits = tiny.model(input_ids=torch.tensor([seq])).logits[0].float()
+        logp = torch.log_softmax(logits, -1)
+        expected = [logp[len(ctx) + n - 1, t].item() for n, t in enumerate(cont)]
+        assert len(lps) == len(cont) and max(abs(a - b) for a, b in zip(lps, expected)) < 1e-4
+        greedy = [int(logp[len(ctx) + n - 1].argmax()) == t for n, t in enumerate(cont)]
+        tops = choice["logprobs"]["top_logprobs"][len(ctx) : -1]
+        assert [lp == max(top.values()) for lp, top in zip(lps, tops)] == greedy
+    one = [
+        httpx.post(f"{url}/completions", json=payload | {"prompt": seq}).json()["choices"][0]
+        for seq in whole
+    ]
+    assert [c["logprobs"] for c in one] == [c["logprobs"] for c in reply["choices"]]
+    until = {"model": "tiny", "prompt": [contexts[0]], "max_tokens": 8, "temperature": 0}
+    free = httpx.post(f"{url}/completions", json=until).json()["choices"][0]["text"]
+    stop = next(free[n : n + 1] for n in range(2, len(free)) if free[n] != "\ufffd")
+    cut = httpx.post(f"{url}/completions", json=until | {"stop": [stop, "\n\n"]}).json()
+    assert cut["choices"][0]["text"] == free[: free.index(stop)]
+    texts = {"model": "tiny", "prompt": ["Hello there", "The sky is"], "max_tokens": 2}
+    assert len(httpx.post(f"{url}/completions", json=texts | {"n": 2}).json()["choices"]) == 4
+    for bad in ([], [[1, 2], "text"], [[]], [[1, "x"]]):
+        refused = httpx.post(f"{url}/completions", json=until | {"prompt": bad})
+        assert refused.status_code == 400 and "'prompt' must be" in refused.text
+
+
 def test_stop_strings_leave_the_samples_as_they_were(served):
     """A seeded request's samples with a stop string are its samples without one, each cut
     where its text first holds the string: stopping a sample early changes no other's."""
