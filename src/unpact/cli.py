@@ -1156,8 +1156,9 @@ def serve(
     chat_template: TemplateFileOpt = None,
 ) -> None:
     """Serve a local model over an OpenAI-compatible API in vLLM's formats (for trying the
-    remote backend: --model openai:NAME@http://127.0.0.1:PORT/v1; or as an LLM judge:
-    --judge openai:NAME@http://127.0.0.1:PORT/v1). Not a production server."""
+    remote backend: --model openai:NAME@http://127.0.0.1:PORT/v1; as an LLM judge:
+    --judge openai:NAME@http://127.0.0.1:PORT/v1; or for lm-evaluation-harness's
+    local-completions model). Not a production server."""
     from unpact.models import (
         ChatTemplateError,
         check_chat_template,
