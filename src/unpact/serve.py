@@ -488,14 +488,36 @@ class _Server:
                 rows = _generate_rows(lm, req, greedy)
             prompt_scores = None
         eos = lm.tokenizer.eos_token_id
-        decode = partial(_decode, lm)
+        decode = partial(_decode, lm, after=_primer(lm, req.ids))
         ends = set(stop_ids(lm))
         return prompt_scores, [finish(r, decode, req.stops, ends, eos) for r in rows]
 
 
-def _decode(lm: LanguageModel, ids: list[int]) -> str:
-    """A completion's text as vLLM gives it: special tokens left out."""
-    return str(lm.tokenizer.decode(ids, skip_special_tokens=True))
+def _decode(lm: LanguageModel, ids: list[int], after: list[int] | None = None) -> str:
+    """A completion's text as vLLM gives it: special tokens left out, and the ids decoded
+    after the prompt's last tokens (`after`), as vLLM's detokenizer is primed with them, so
+    a word's first token keeps the space a tokenizer's lone decode drops (SentencePiece's
+    `▁`)."""
+
+    def text(of: list[int]) -> str:  # vLLM's detokenizers clean no spaces up
+        return str(
+            lm.tokenizer.decode(of, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        )
+
+    if not after:
+        return text(ids)
+    before, whole = text(after), text(after + ids)
+    return whole[len(before) :] if whole.startswith(before) else text(ids)
+
+
+def _primer(lm: LanguageModel, prompt: list[int]) -> list[int]:
+    """The prompt's last tokens vLLM's fast detokenizer decodes before a completion: the
+    shortest of 4 to 23 whose text has no unfinished character, else the whole prompt."""
+    if len(prompt) > 4:
+        for n in range(4, min(len(prompt) + 1, 24)):
+            if "\ufffd" not in lm.tokenizer.decode(prompt[-n:], skip_special_tokens=True):
+                return prompt[-n:]
+    return prompt
 
 
 def _generate_rows(lm: LanguageModel, req: _Completion, greedy: bool) -> list[list[int]]:
@@ -524,11 +546,11 @@ def _stopping(lm: LanguageModel, req: _Completion) -> Any:
     their samples as before, so the others' samples are the same."""
     from transformers.generation import StoppingCriteria, StoppingCriteriaList
 
-    width, strings = len(req.ids), req.stops.strings
+    width, strings, primer = len(req.ids), req.stops.strings, _primer(lm, req.ids)
 
     class _StopStrings(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-            texts = [_decode(lm, row) for row in input_ids[:, width:].tolist()]
+            texts = [_decode(lm, row, primer) for row in input_ids[:, width:].tolist()]
             found = [any(s in text for s in strings) for text in texts]
             return torch.tensor(found, dtype=torch.bool, device=input_ids.device)
 

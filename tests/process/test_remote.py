@@ -1208,6 +1208,33 @@ def test_unpact_serve_answers_lm_evaluation_harness_requests(tiny, served):
         assert refused.status_code == 400 and "'prompt' must be" in refused.text
 
 
+def test_a_completion_is_decoded_after_the_prompt_as_vllm_decodes_it(tiny):
+    """vLLM's detokenizer is primed with the prompt's last tokens, so a completion whose
+    first token begins a word keeps its space (SentencePiece's `▁`); unpact serve decoded
+    the completion alone, and its text lost that space, and a stop string holding it was
+    not found where vLLM finds it."""
+    import httpx
+
+    from unpact.models import LanguageModel
+    from unpact.testing import tiny_sentencepiece_tokenizer
+
+    tok = tiny_sentencepiece_tokenizer()
+    lm = LanguageModel(tiny.model, tok, spec="sp")
+    ids = tok("The capital is", add_special_tokens=True)["input_ids"]
+    body = {"model": "sp", "prompt": ids, "max_tokens": 6, "temperature": 0}
+    body |= {"logprobs": 0, "return_tokens_as_token_ids": True}
+    with BackgroundServer(make_app(lm, "sp")) as url:
+        [choice] = httpx.post(f"{url}/v1/completions", json=body).json()["choices"]
+        made = [int(t.split(":")[1]) for t in choice["logprobs"]["tokens"]]
+        before = tok.decode(ids, skip_special_tokens=True)
+        assert choice["text"] == tok.decode(ids + made, skip_special_tokens=True)[len(before) :]
+        assert choice["text"].startswith(" ") and not tok.decode(made).startswith(" ")
+        word = choice["text"].split()[0]
+        stop = {"stop": " " + word}
+        [cut] = httpx.post(f"{url}/v1/completions", json=body | stop).json()["choices"]
+    assert cut["text"] == "" and cut["stop_reason"] == " " + word
+
+
 def test_stop_strings_leave_the_samples_as_they_were(served):
     """A seeded request's samples with a stop string are its samples without one, each cut
     where its text first holds the string: stopping a sample early changes no other's."""
