@@ -12,6 +12,7 @@ token budget) run as one padded forward pass; generation runs one request at a t
 
 from __future__ import annotations
 
+import json
 import math
 import queue
 import secrets
@@ -398,6 +399,9 @@ class _Server:
         lm, bad = self.pick(body)
         if bad is not None:
             return bad
+        unstreamable = _stream_error(body)
+        if unstreamable is not None:
+            return unstreamable
         prompts = _prompts(body.get("prompt"))
         if prompts is None:
             return _error(
@@ -414,7 +418,8 @@ class _Server:
         for req in reqs:
             done = self._complete(lm, req, len(choices), choices)
             finished += done
-        return _reply("cmpl", "text_completion", reqs, choices, finished)
+        reply = _reply("cmpl", "text_completion", reqs, choices, finished)
+        return _streamed(reply, body, _completion_chunks) if body.get("stream") else reply
 
     def _complete(
         self, lm: LanguageModel, req: _Completion, first: int, choices: list[dict[str, Any]]
@@ -443,7 +448,7 @@ class _Server:
         lm, bad = self.pick(body)
         if bad is not None:
             return bad
-        refused = _unimplemented(body, _CHAT_UNIMPLEMENTED)
+        refused = _unimplemented(body, _CHAT_UNIMPLEMENTED) or _stream_error(body)
         if refused is not None:
             return refused
         ids = _chat_ids(lm, body)
@@ -471,7 +476,8 @@ class _Server:
             }
             for n, f in enumerate(done)
         ]
-        return _reply("chatcmpl", "chat.completion", [req], choices, done)
+        reply = _reply("chatcmpl", "chat.completion", [req], choices, done)
+        return _streamed(reply, body, _chat_chunks) if body.get("stream") else reply
 
     def _generate(
         self, lm: LanguageModel, req: _Completion
@@ -598,7 +604,6 @@ def _sampling(lm: LanguageModel, fields: _Fields) -> dict[str, float]:
 # implement: asked for (any value but an empty or zero one, which changes nothing), the
 # request is refused; ignored, a `stop` or `stream` gave another output than vLLM's, silently
 _UNIMPLEMENTED = (
-    "stream",
     "suffix",
     "best_of",
     "logit_bias",
@@ -719,6 +724,57 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any
     if len(ids) + req.max_tokens > lm.max_length:
         return _error(400, f"prompt + max_tokens exceeds max_model_len {lm.max_length}")
     return req
+
+
+def _stream_error(body: dict[str, Any]) -> Any:
+    """vLLM's 400 for what cannot go with (or without) `stream`, or None."""
+    if body.get("stream_options") is not None and not body.get("stream"):
+        return _error(400, "Stream options can only be defined when `stream=True`.")
+    asked = body.get("prompt_logprobs")
+    if body.get("stream") and isinstance(asked, int) and (asked > 0 or asked == -1):
+        return _error(
+            400, "`prompt_logprobs` are not available when `stream=True`.", "prompt_logprobs"
+        )
+    return None
+
+
+def _streamed(reply: dict[str, Any], body: dict[str, Any], chunks: Any) -> Any:
+    """A reply as vLLM streams it (server-sent events, `data: JSON` each, then `data:
+    [DONE]`): the chunks `chunks(reply)` gives, then, with `stream_options.include_usage`,
+    one with no choices and the usage. The completions are made before the first event, so
+    each choice's text comes in one chunk, ended with its finish reason (vLLM sends one
+    chunk per step)."""
+    from fastapi.responses import StreamingResponse
+
+    kind = "text_completion" if reply["object"] == "text_completion" else "chat.completion.chunk"
+    head = {"id": reply["id"], "object": kind, "created": reply["created"], "model": reply["model"]}
+    events = [head | {"choices": [chunk]} for chunk in chunks(reply)]
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage"):
+        events.append(head | {"choices": [], "usage": reply["usage"]})
+    lines = [f"data: {json.dumps(e)}\n\n" for e in events] + ["data: [DONE]\n\n"]
+    return StreamingResponse(iter(lines), media_type="text/event-stream")
+
+
+def _completion_chunks(reply: dict[str, Any]) -> list[dict[str, Any]]:
+    """A completion's choices as stream chunks: each whole, prompt_logprobs left out."""
+    return [{k: v for k, v in c.items() if k != "prompt_logprobs"} for c in reply["choices"]]
+
+
+def _chat_chunks(reply: dict[str, Any]) -> list[dict[str, Any]]:
+    """A chat completion's choices as vLLM's stream chunks: first each choice's role with
+    empty content, then its content with the finish and stop reasons."""
+    opened = [
+        {"index": c["index"], "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+         "finish_reason": None}
+        for c in reply["choices"]
+    ]  # fmt: skip
+    closed = [
+        {"index": c["index"], "delta": {"content": c["message"]["content"]}, "logprobs": None,
+         "finish_reason": c["finish_reason"], "stop_reason": c["stop_reason"]}
+        for c in reply["choices"]
+    ]  # fmt: skip
+    return opened + closed
 
 
 def _reply(

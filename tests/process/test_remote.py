@@ -1025,7 +1025,6 @@ def test_unpact_serve_answers_a_mistyped_field_with_vllms_400(served, change, pa
 @pytest.mark.parametrize(
     "change",
     [
-        {"stream": True},
         {"ignore_eos": True},
         {"suffix": "."},
         {"logit_bias": {"5": 10}},
@@ -1046,7 +1045,7 @@ def test_unpact_serve_refuses_a_field_it_does_not_implement(served, change):
     (field,) = change
     error = reply.json()["error"]
     assert error["param"] == field and f"does not implement `{field}`" in error["message"]
-    inert = {"stream": False, "stop": [], "presence_penalty": 0.0, "best_of": 1, "logit_bias": {}}
+    inert = {"stop": [], "presence_penalty": 0.0, "best_of": 1, "logit_bias": {}}
     assert httpx.post(f"{served[1]}/completions", json=body | inert).status_code == 200
 
 
@@ -1235,6 +1234,53 @@ def test_a_completion_is_decoded_after_the_prompt_as_vllm_decodes_it(tiny):
     assert cut["text"] == "" and cut["stop_reason"] == " " + word
 
 
+def _events(reply: Any) -> list[Any]:
+    """A server-sent event stream's `data:` payloads, JSON decoded but the last."""
+    assert reply.headers["content-type"].startswith("text/event-stream")
+    data = [line[len("data: ") :] for line in reply.text.split("\n\n") if line]
+    assert data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]
+
+
+def test_unpact_serve_streams_as_vllm_streams(served):
+    """`stream: true` was refused: a client that streams (the OpenAI SDK's `stream=True`, a
+    chat front end) could not talk to `unpact serve`. Now the reply comes as vLLM's
+    server-sent events: completion chunks (`text_completion`), or chat chunks
+    (`chat.completion.chunk`: the role first, then the content with the finish reason),
+    with a last chunk of usage when `stream_options.include_usage` asks, then [DONE]; the
+    texts and reasons are the unstreamed reply's."""
+    import httpx
+
+    url = served[1]
+    body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 6, "n": 2, "seed": 4}
+    whole = httpx.post(f"{url}/completions", json=body).json()
+    usage = {"stream_options": {"include_usage": True}}
+    events = _events(httpx.post(f"{url}/completions", json=body | {"stream": True} | usage))
+    *chunks, last = events
+    assert {e["object"] for e in events} == {"text_completion"} and last["choices"] == []
+    assert last["usage"] == whole["usage"]
+    for choice in whole["choices"]:
+        mine = [c for e in chunks for c in e["choices"] if c["index"] == choice["index"]]
+        assert "".join(c["text"] for c in mine) == choice["text"]
+        assert mine[-1]["finish_reason"] == choice["finish_reason"]
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6}
+    said = httpx.post(f"{url}/chat/completions", json=chat | {"temperature": 0}).json()
+    streamed = _events(
+        httpx.post(f"{url}/chat/completions", json=chat | {"temperature": 0, "stream": True})
+    )
+    assert {e["object"] for e in streamed} == {"chat.completion.chunk"}
+    deltas = [c["delta"] for e in streamed for c in e["choices"]]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    assert "".join(d.get("content", "") for d in deltas) == said["choices"][0]["message"]["content"]
+    assert streamed[-1]["choices"][0]["finish_reason"] == said["choices"][0]["finish_reason"]
+    for change, words in (
+        ({"stream_options": {"include_usage": True}}, "only be defined when `stream=True`"),
+        ({"stream": True, "prompt_logprobs": 1}, "not available when `stream=True`"),
+    ):
+        refused = httpx.post(f"{url}/completions", json=body | change)
+        assert refused.status_code == 400 and words in refused.json()["error"]["message"]
+
+
 def test_stop_strings_leave_the_samples_as_they_were(served):
     """A seeded request's samples with a stop string are its samples without one, each cut
     where its text first holds the string: stopping a sample early changes no other's."""
@@ -1314,7 +1360,7 @@ def test_unpact_serve_answers_chat_completions_as_an_llm_judge_asks(served, faul
     for change, said in (
         ({"messages": []}, "'messages' must be a non-empty list"),
         ({"messages": [{"role": "user"}]}, "'messages' must be a non-empty list"),
-        ({"stream": True}, "does not implement `stream`"),
+        ({"tools": [{"type": "function"}]}, "does not implement `tools`"),
         ({"logprobs": True}, "does not implement `logprobs`"),
         ({"temperature": -1}, "temperature must be non-negative"),
         ({"model": "other"}, "The model `other` does not exist."),
