@@ -454,13 +454,18 @@ class _Server:
         ids = _chat_ids(lm, body)
         if not isinstance(ids, list):
             return ids  # an error reply
+        top = _chat_top(body)
+        if not isinstance(top, (int, type(None))):
+            return top  # an error reply
         # vLLM: max_completion_tokens, else the deprecated max_tokens, else the room left
         length = body.get("max_completion_tokens")
         length = body.get("max_tokens") if length is None else length
-        asked = {k: body[k] for k in _Fields.model_fields if k in body and k != "max_tokens"}
+        skip = ("max_tokens", "logprobs", "prompt_logprobs", "echo")
+        asked = {k: body[k] for k in _Fields.model_fields if k in body and k not in skip}
         given = asked | {
             "prompt": ids,
             "max_tokens": lm.max_length - len(ids) if length is None else length,
+            "logprobs": top,
         }
         req = _parse_completion(lm, given, self.name(body))
         if not isinstance(req, _Completion):
@@ -470,7 +475,7 @@ class _Server:
             {
                 "index": n,
                 "message": {"role": "assistant", "content": f.text, "tool_calls": []},
-                "logprobs": None,
+                "logprobs": None if req.logprobs is None else self._chat_logprobs(lm, req, f),
                 "finish_reason": f.finish_reason,
                 "stop_reason": f.stop_reason,
             }
@@ -478,6 +483,26 @@ class _Server:
         ]
         reply = _reply("chatcmpl", "chat.completion", [req], choices, done)
         return _streamed(reply, body, _chat_chunks) if body.get("stream") else reply
+
+    def _chat_logprobs(self, lm: LanguageModel, req: _Completion, done: Finished) -> Any:
+        """vLLM's chat `logprobs` (`_create_chat_logprobs`): for each generated token (the
+        one that stopped it among them) its text, log-prob and UTF-8 bytes, and
+        `top_logprobs` of them: the first `top_logprobs` of the token followed by the most
+        likely ones (each token once), as vLLM lists its log-prob dictionary."""
+        with self.lock:
+            sc = sequence_scores(lm, req.ids + list(done.ids), req.top)
+        k = req.logprobs or 0
+
+        def entry(t: int, lp: float) -> dict[str, Any]:
+            text = f"token_id:{t}" if req.as_ids else str(lm.tokenizer.decode([t]))
+            return {"token": text, "logprob": max(lp, VLLM_FLOOR), "bytes": _utf8(text)}
+
+        content = []
+        for n, token in enumerate(done.ids, start=len(req.ids) - 1):
+            found = {t: lp for t, lp, _ in _candidates(sc, n, token, k)}  # vLLM's dict
+            listed = [entry(t, lp) for t, lp in list(found.items())[:k]]
+            content.append(entry(token, sc.lps[n]) | {"top_logprobs": listed})
+        return {"content": content}
 
     def _generate(
         self, lm: LanguageModel, req: _Completion
@@ -625,8 +650,6 @@ _UNIMPLEMENTED = (
 # and those of /v1/chat/completions beside them
 _CHAT_UNIMPLEMENTED = (
     *_UNIMPLEMENTED,
-    "logprobs",
-    "top_logprobs",
     "tools",
     "tool_choice",
     "continue_final_message",
@@ -726,6 +749,26 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any
     return req
 
 
+def _utf8(text: str) -> list[int]:
+    return list(text.encode("utf-8", errors="replace"))
+
+
+def _chat_top(body: dict[str, Any]) -> Any:
+    """How many most likely tokens a chat request asks beside each generated one (vLLM:
+    `top_logprobs` when `logprobs` is true, 0 without it, None when `logprobs` is not),
+    or vLLM's 400."""
+    top, wanted = body.get("top_logprobs"), body.get("logprobs")
+    if top is not None and (not isinstance(top, int) or isinstance(top, bool)):
+        return _error(400, "`top_logprobs` must be an integer.", "top_logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        return _error(400, "`logprobs` must be true or false.", "logprobs")
+    if top is not None and top < 0 and top != -1:
+        return _error(400, "`top_logprobs` must be a positive value or -1.", "top_logprobs")
+    if top is not None and top != 0 and not wanted:
+        return _error(400, "when using `top_logprobs`, `logprobs` must be set to true.")
+    return (top or 0) if wanted else None
+
+
 def _stream_error(body: dict[str, Any]) -> Any:
     """vLLM's 400 for what cannot go with (or without) `stream`, or None."""
     if body.get("stream_options") is not None and not body.get("stream"):
@@ -763,15 +806,16 @@ def _completion_chunks(reply: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _chat_chunks(reply: dict[str, Any]) -> list[dict[str, Any]]:
     """A chat completion's choices as vLLM's stream chunks: first each choice's role with
-    empty content, then its content with the finish and stop reasons."""
+    empty content, then its content with its log-probs and the finish and stop reasons."""
     opened = [
         {"index": c["index"], "delta": {"role": "assistant", "content": ""}, "logprobs": None,
          "finish_reason": None}
         for c in reply["choices"]
     ]  # fmt: skip
     closed = [
-        {"index": c["index"], "delta": {"content": c["message"]["content"]}, "logprobs": None,
-         "finish_reason": c["finish_reason"], "stop_reason": c["stop_reason"]}
+        {"index": c["index"], "delta": {"content": c["message"]["content"]},
+         "logprobs": c["logprobs"], "finish_reason": c["finish_reason"],
+         "stop_reason": c["stop_reason"]}
         for c in reply["choices"]
     ]  # fmt: skip
     return opened + closed

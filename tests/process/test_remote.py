@@ -1242,6 +1242,45 @@ def _events(reply: Any) -> list[Any]:
     return [json.loads(d) for d in data[:-1]]
 
 
+def test_unpact_serve_gives_chat_log_probs_as_vllm_does(tiny, served):
+    """Chat `logprobs` was refused: an LLM judge that reads the log-probs of its verdict
+    token (a Yes against a No) could not be served. Now each generated token comes with
+    its text, log-prob and UTF-8 bytes, and `top_logprobs` lists the first k of the token
+    followed by the most likely ones, as vLLM lists them; the values are the completion
+    endpoint's for the same tokens."""
+    import httpx
+
+    url = served[1]
+    messages = [{"role": "user", "content": "Is the sky blue?"}]
+    chat = {"model": "tiny", "messages": messages, "max_tokens": 4, "temperature": 0}
+    reply = httpx.post(
+        f"{url}/chat/completions", json=chat | {"logprobs": True, "top_logprobs": 3}
+    ).json()
+    [choice] = reply["choices"]
+    content = choice["logprobs"]["content"]
+    ids = httpx.post(
+        f"{url.removesuffix('/v1')}/tokenize", json={"model": "tiny", "messages": messages}
+    ).json()["tokens"]
+    plain = httpx.post(
+        f"{url}/completions",
+        json={"model": "tiny", "prompt": ids, "max_tokens": 4, "temperature": 0, "logprobs": 3},
+    ).json()["choices"][0]["logprobs"]
+    assert [c["token"] for c in content] == plain["tokens"]
+    assert [c["logprob"] for c in content] == plain["token_logprobs"]
+    for entry, top in zip(content, plain["top_logprobs"]):
+        assert entry["bytes"] == list(entry["token"].encode("utf-8", errors="replace"))
+        assert len(entry["top_logprobs"]) == 3
+        # greedy: the token is the most likely, so the list is the three most likely
+        assert entry["top_logprobs"][0]["token"] == entry["token"]
+        assert [t["logprob"] for t in entry["top_logprobs"]] == sorted(
+            (t["logprob"] for t in entry["top_logprobs"]), reverse=True
+        )
+        assert {t["token"]: t["logprob"] for t in entry["top_logprobs"]}.items() <= top.items()
+    bare = httpx.post(f"{url}/chat/completions", json=chat | {"logprobs": True}).json()
+    assert all(c["top_logprobs"] == [] for c in bare["choices"][0]["logprobs"]["content"])
+    assert httpx.post(f"{url}/chat/completions", json=chat).json()["choices"][0]["logprobs"] is None
+
+
 def test_unpact_serve_streams_as_vllm_streams(served):
     """`stream: true` was refused: a client that streams (the OpenAI SDK's `stream=True`, a
     chat front end) could not talk to `unpact serve`. Now the reply comes as vLLM's
@@ -1361,7 +1400,7 @@ def test_unpact_serve_answers_chat_completions_as_an_llm_judge_asks(served, faul
         ({"messages": []}, "'messages' must be a non-empty list"),
         ({"messages": [{"role": "user"}]}, "'messages' must be a non-empty list"),
         ({"tools": [{"type": "function"}]}, "does not implement `tools`"),
-        ({"logprobs": True}, "does not implement `logprobs`"),
+        ({"top_logprobs": 2}, "`logprobs` must be set to true"),
         ({"temperature": -1}, "temperature must be non-negative"),
         ({"model": "other"}, "The model `other` does not exist."),
     ):
