@@ -399,9 +399,9 @@ class _Server:
         lm, bad = self.pick(body)
         if bad is not None:
             return bad
-        unstreamable = _stream_error(body)
-        if unstreamable is not None:
-            return unstreamable
+        streaming = _streaming(body)
+        if not isinstance(streaming, _Streaming):
+            return streaming  # an error reply
         prompts = _prompts(body.get("prompt"))
         if prompts is None:
             return _error(
@@ -419,7 +419,7 @@ class _Server:
             done = self._complete(lm, req, len(choices), choices)
             finished += done
         reply = _reply("cmpl", "text_completion", reqs, choices, finished)
-        return _streamed(reply, body, _completion_chunks) if body.get("stream") else reply
+        return _streamed(reply, streaming, _completion_chunks) if streaming.stream else reply
 
     def _complete(
         self, lm: LanguageModel, req: _Completion, first: int, choices: list[dict[str, Any]]
@@ -448,9 +448,12 @@ class _Server:
         lm, bad = self.pick(body)
         if bad is not None:
             return bad
-        refused = _unimplemented(body, _CHAT_UNIMPLEMENTED) or _stream_error(body)
+        refused = _unimplemented(body, _CHAT_UNIMPLEMENTED)
         if refused is not None:
             return refused
+        streaming = _streaming(body)
+        if not isinstance(streaming, _Streaming):
+            return streaming  # an error reply
         ids = _chat_ids(lm, body)
         if not isinstance(ids, list):
             return ids  # an error reply
@@ -482,7 +485,7 @@ class _Server:
             for n, f in enumerate(done)
         ]
         reply = _reply("chatcmpl", "chat.completion", [req], choices, done)
-        return _streamed(reply, body, _chat_chunks) if body.get("stream") else reply
+        return _streamed(reply, streaming, _chat_chunks) if streaming.stream else reply
 
     def _chat_logprobs(self, lm: LanguageModel, req: _Completion, done: Finished) -> Any:
         """vLLM's chat `logprobs` (`_create_chat_logprobs`): for each generated token (the
@@ -558,8 +561,10 @@ def _generate_rows(lm: LanguageModel, req: _Completion, greedy: bool) -> list[li
     with the request's other sampling settings `_generate_configured`. The request's stop
     token ids stop a row as the EOS does, and its stop strings stop it early."""
     extra: dict[str, Any] = {}
-    if req.stops.token_ids:
-        extra["eos_token_id"] = sorted(set(stop_ids(lm)) | set(req.stops.token_ids))
+    # a stop id outside the vocabulary is never generated (and transformers warns of it)
+    asked = {t for t in req.stops.token_ids if 0 <= t < len(lm.tokenizer)}
+    if asked:
+        extra["eos_token_id"] = sorted(set(stop_ids(lm)) | asked)
     if req.stops.strings:
         extra["stopping_criteria"] = _stopping(lm, req)
     if greedy:
@@ -769,19 +774,42 @@ def _chat_top(body: dict[str, Any]) -> Any:
     return (top or 0) if wanted else None
 
 
-def _stream_error(body: dict[str, Any]) -> Any:
-    """vLLM's 400 for what cannot go with (or without) `stream`, or None."""
-    if body.get("stream_options") is not None and not body.get("stream"):
+class _StreamOptions(BaseModel):
+    """vLLM's StreamOptions."""
+
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
+
+
+class _Streaming(BaseModel):
+    """A request's `stream` and `stream_options`, typed as vLLM types them."""
+
+    model_config = ConfigDict(extra="ignore")
+    stream: bool | None = False
+    stream_options: _StreamOptions | None = None
+
+
+def _streaming(body: dict[str, Any]) -> Any:
+    """The request's `_Streaming`, or vLLM's 400 for a wrong type or for what cannot go
+    with (or without) `stream`."""
+    from pydantic import ValidationError
+
+    try:
+        asked = _Streaming.model_validate(body)
+    except ValidationError as exc:
+        return _validation_error(exc.errors(include_url=False, include_context=False))
+    if asked.stream_options is not None and not asked.stream:
         return _error(400, "Stream options can only be defined when `stream=True`.")
-    asked = body.get("prompt_logprobs")
-    if body.get("stream") and isinstance(asked, int) and (asked > 0 or asked == -1):
+    scored = body.get("prompt_logprobs")
+    if asked.stream and isinstance(scored, int) and (scored > 0 or scored == -1):
         return _error(
             400, "`prompt_logprobs` are not available when `stream=True`.", "prompt_logprobs"
         )
-    return None
+    return asked
 
 
-def _streamed(reply: dict[str, Any], body: dict[str, Any], chunks: Any) -> Any:
+def _streamed(reply: dict[str, Any], streaming: _Streaming, chunks: Any) -> Any:
     """A reply as vLLM streams it (server-sent events, `data: JSON` each, then `data:
     [DONE]`): the chunks `chunks(reply)` gives, then, with `stream_options.include_usage`,
     one with no choices and the usage. The completions are made before the first event, so
@@ -792,8 +820,7 @@ def _streamed(reply: dict[str, Any], body: dict[str, Any], chunks: Any) -> Any:
     kind = "text_completion" if reply["object"] == "text_completion" else "chat.completion.chunk"
     head = {"id": reply["id"], "object": kind, "created": reply["created"], "model": reply["model"]}
     events = [head | {"choices": [chunk]} for chunk in chunks(reply)]
-    options = body.get("stream_options")
-    if isinstance(options, dict) and options.get("include_usage"):
+    if streaming.stream_options is not None and streaming.stream_options.include_usage:
         events.append(head | {"choices": [], "usage": reply["usage"]})
     lines = [f"data: {json.dumps(e)}\n\n" for e in events] + ["data: [DONE]\n\n"]
     return StreamingResponse(iter(lines), media_type="text/event-stream")

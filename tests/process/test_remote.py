@@ -1049,7 +1049,7 @@ def test_unpact_serve_refuses_a_field_it_does_not_implement(served, change):
     assert httpx.post(f"{served[1]}/completions", json=body | inert).status_code == 200
 
 
-def test_unpact_serve_stops_where_vllm_stops(tiny, served):
+def test_unpact_serve_stops_where_vllm_stops(tiny, served, caplog):
     """`stop`, `stop_token_ids` and `include_stop_str_in_output` were refused: a client
     such as lm-evaluation-harness, which sends its `until` strings as `stop`, could not use
     `unpact serve`. Now a completion ends as vLLM ends it: the text cut before the stop
@@ -1100,6 +1100,10 @@ def test_unpact_serve_stops_where_vllm_stops(tiny, served):
     for bad in ("", ["x", ""]):
         reply = httpx.post(f"{url}/completions", json=body | {"stop": bad})
         assert reply.status_code == 400 and "empty string" in reply.json()["error"]["message"]
+    # stop ids no token has: never generated, the answer as without them
+    never = ask(stop_token_ids=[-5, 10**12], logprobs=0, return_tokens_as_token_ids=True)
+    assert never["ids"] == ids
+    assert not [r for r in caplog.records if "positive integers" in r.getMessage()]
 
 
 def test_unpact_serve_reports_log_probs_as_vllm_does(tiny, served):
@@ -1312,9 +1316,12 @@ def test_unpact_serve_streams_as_vllm_streams(served):
     assert deltas[0] == {"role": "assistant", "content": ""}
     assert "".join(d.get("content", "") for d in deltas) == said["choices"][0]["message"]["content"]
     assert streamed[-1]["choices"][0]["finish_reason"] == said["choices"][0]["finish_reason"]
+    unstreamed = httpx.post(f"{url}/completions", json=body | {"stream": "false"})
+    assert unstreamed.json()["choices"]  # vLLM's pydantic reads "false" as false
     for change, words in (
         ({"stream_options": {"include_usage": True}}, "only be defined when `stream=True`"),
         ({"stream": True, "prompt_logprobs": 1}, "not available when `stream=True`"),
+        ({"stream": True, "stream_options": "usage"}, "stream_options"),
     ):
         refused = httpx.post(f"{url}/completions", json=body | change)
         assert refused.status_code == 400 and words in refused.json()["error"]["message"]
