@@ -1701,12 +1701,19 @@ def _memo_digest(kind: str, path: Path, compute: Callable[[Path], Any]) -> Any:
     known = _lasting_digests() if lasting else {}
     _DIGESTS[key] = known[text] if text in known else compute(path)
     if lasting and text not in known:
-        # other versions of the same file are stale: dropped
+        # other versions of the same file are stale, and files since deleted: dropped
         same = f"{kind}|{key[1]}|"
-        kept = {k: v for k, v in known.items() if not k.startswith(same)}
+        kept = {k: v for k, v in known.items() if not k.startswith(same) and _still_there(k)}
         with contextlib.suppress(OSError):  # a read-only cache: kept for this process only
             atomic_text(cache_root() / _LASTING, json.dumps({**kept, text: _DIGESTS[key]}))
     return _DIGESTS[key]
+
+
+def _still_there(entry: str) -> bool:
+    """Whether the file of a `digests.json` entry (kind|path|size|mtime|inode|device; the
+    path may hold a `|`) still exists."""
+    path = entry.rsplit("|", 4)[0].partition("|")[2]
+    return os.path.exists(path)
 
 
 def _lasting_digests() -> dict[str, Any]:

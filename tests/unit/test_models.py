@@ -809,6 +809,16 @@ def test_a_file_digest_is_read_once_per_process_until_the_file_changes(tmp_path,
     assert models._sha256(big) == hashlib.sha256(b"other weights").hexdigest()
     lasting = (tmp_path / "cache" / "digests.json").read_text()
     assert lasting.count(str(big.resolve())) == 1  # the stale version was dropped
+    gone = tmp_path / "a|b.gguf"  # a file since deleted: its entry goes at the next write
+    gone.write_bytes(b"deleted weights")
+    models._sha256(gone)
+    assert str(gone.resolve()) in (tmp_path / "cache" / "digests.json").read_text()
+    gone.unlink()
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"more weights")
+    models._sha256(other)
+    lasting = (tmp_path / "cache" / "digests.json").read_text()
+    assert str(gone.resolve()) not in lasting and str(big.resolve()) in lasting
 
 
 def test_a_model_spec_may_be_a_path(tiny, tmp_path):
