@@ -51,15 +51,16 @@ def _require_web() -> Any:
 
 def prompt_logprobs(lm: LanguageModel, ids: list[int]) -> list[float]:
     """log p(x_t | x_<t) for t >= 1, from one forward pass over the whole sequence."""
-    return sequence_scores(lm, ids, 0).lps
+    return sequence_scores(lm, ids, 0).lps[: len(ids) - 1]
 
 
 @dataclass(frozen=True)
 class Scored:
-    """A sequence's log-probs as vLLM reports them, for each position t >= 1: log p(x_t |
-    x_<t), x_t's rank (vLLM's: how many tokens are at least as likely, 1 for the most
-    likely) and the k most likely tokens (id, log-prob), most likely first; and the greedy
-    token after the sequence."""
+    """A sequence's log-probs as vLLM reports them, for each position t >= 1 of the sequence
+    followed by its greedy next token (so one scoring pass serves a prompt and a one-token
+    greedy completion of it): log p(x_t | x_<t), x_t's rank (vLLM's: how many tokens are
+    at least as likely, 1 for the most likely) and the k most likely tokens (id,
+    log-prob), most likely first; and that greedy next token."""
 
     lps: list[float]
     ranks: list[int]
@@ -70,14 +71,15 @@ class Scored:
 def scores_of(logits: torch.Tensor, ids: list[int], k: int) -> Scored:
     """`Scored` from a sequence's logits (one row per token)."""
     logp = torch.log_softmax(logits.float(), -1)
-    target = torch.tensor(ids[1:], dtype=torch.long, device=logits.device)
-    lps = logp[:-1].gather(-1, target[:, None])
-    ranks = (logp[:-1] >= lps).sum(-1)
-    tops: list[list[tuple[int, float]]] = [[] for _ in ids[1:]]
-    if k > 0 and len(ids) > 1:
-        values, top_ids = logp[:-1].topk(min(k, logp.shape[-1]), -1)
+    following = int(logits[-1].argmax())
+    target = torch.tensor([*ids[1:], following], dtype=torch.long, device=logits.device)
+    lps = logp.gather(-1, target[:, None])
+    ranks = (logp >= lps).sum(-1)
+    tops: list[list[tuple[int, float]]] = [[] for _ in ids]
+    if k > 0:
+        values, top_ids = logp.topk(min(k, logp.shape[-1]), -1)
         tops = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), values.tolist())]
-    return Scored(lps.squeeze(-1).tolist(), ranks.tolist(), tops, int(logits[-1].argmax()))
+    return Scored(lps.squeeze(-1).tolist(), ranks.tolist(), tops, following)
 
 
 def sequence_scores(lm: LanguageModel, ids: list[int], k: int) -> Scored:
@@ -430,8 +432,9 @@ class _Server:
         full: dict[tuple[int, ...], Scored] = {}
 
         def scores(g: tuple[int, ...]) -> Scored:
-            """The scores of ids + g (the prompt's alone: as scored on the way)."""
-            if not g and prompt_scores is not None:
+            """The scores of ids + g (the prompt's, and its one greedy token's: as scored
+            on the way)."""
+            if prompt_scores is not None and g in ((), (prompt_scores.next_id,)):
                 return prompt_scores
             if g not in full:
                 with self.lock:
