@@ -196,11 +196,12 @@ _INT64 = 2**63
 class Stops:
     """What ends a completion besides the model's EOS ids and max_tokens, as a request asks
     vLLM: `stop` strings, `stop_token_ids`, and whether the text keeps what stopped it
-    (`include_stop_str_in_output`)."""
+    (`include_stop_str_in_output`), and `min_tokens`."""
 
     strings: tuple[str, ...] = ()
     token_ids: tuple[int, ...] = ()
     include: bool = False
+    min_tokens: int = 0  # nothing stops a completion before it has this many tokens
 
 
 @dataclass(frozen=True)
@@ -229,19 +230,21 @@ def finish(
     `stops.include`; or at the first step whose text holds a stop string, the first of
     `stops.strings` found in the text that step added (with the stop string's length
     before it), the text cut before the string (after it with `stops.include`); else the
-    whole row, ended by its length. `decode(ids)` is the text of ids."""
+    whole row, ended by its length. Before `stops.min_tokens` tokens nothing stops it, and
+    a stop string is looked for in the text after them (with its length before), as vLLM's
+    `check_stop` and detokenizer hold back. `decode(ids)` is the text of ids."""
     ending = eos_ids | set(stops.token_ids)
     kept: list[int] = []
     text = ""
     for token in row:
         kept.append(token)
-        if token in ending:
+        if token in ending and len(kept) >= stops.min_tokens:
             shown = decode(kept if stops.include else kept[:-1])
             reason = None if token == eos else token
             return Finished(tuple(kept), shown, "stop", reason)
         if stops.strings:
             now = decode(kept)
-            found = _stop_string(text, now, stops)
+            found = _stop_string(text, now, stops) if len(kept) > stops.min_tokens else None
             if found is not None:
                 return Finished(tuple(kept), found[1], "stop", found[0])
             text = now
@@ -282,6 +285,7 @@ class _Fields(BaseModel):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = False
+    min_tokens: int = 0
 
 
 @dataclass
@@ -515,7 +519,8 @@ class _Server:
     ) -> tuple[Scored | None, list[Finished]]:
         """The completions, and the prompt's scores when scored on the way."""
         greedy = req.temperature < GREEDY_BELOW
-        if req.max_tokens == 0 or (req.max_tokens == 1 and greedy and req.n == 1):
+        one = req.max_tokens == 1 and greedy and req.n == 1 and not req.stops.min_tokens
+        if req.max_tokens == 0 or one:
             # Scoring (echo without generation, or prompt_logprobs with one greedy token):
             # batched with whatever other scoring requests are waiting.
             prompt_scores = self.batchers[req.model].score(req.ids, req.top)
@@ -568,6 +573,8 @@ def _generate_rows(lm: LanguageModel, req: _Completion, greedy: bool) -> list[li
     asked = {t for t in req.stops.token_ids if 0 <= t < len(lm.tokenizer)}
     if asked:
         extra["eos_token_id"] = sorted(set(stop_ids(lm)) | asked)
+    if req.stops.min_tokens:  # no stop token before them, as vLLM's MinTokens processor
+        extra["min_new_tokens"] = req.stops.min_tokens
     if req.stops.strings:
         extra["stopping_criteria"] = _stopping(lm, req)
     if greedy:
@@ -586,11 +593,19 @@ def _stopping(lm: LanguageModel, req: _Completion) -> Any:
     from transformers.generation import StoppingCriteria, StoppingCriteriaList
 
     width, strings, primer = len(req.ids), req.stops.strings, _primer(lm, req.ids)
+    least = req.stops.min_tokens
+
+    def stopped(row: list[int]) -> bool:
+        """Whether `finish` finds a stop string in the row: after `least` tokens, in the
+        text after theirs (from the string's length before)."""
+        if len(row) <= least:
+            return False
+        text, held = _decode(lm, row, primer), len(_decode(lm, row[:least], primer))
+        return any(s in text[max(held - len(s), 0) :] for s in strings)
 
     class _StopStrings(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-            texts = [_decode(lm, row, primer) for row in input_ids[:, width:].tolist()]
-            found = [any(s in text for s in strings) for text in texts]
+            found = [stopped(row) for row in input_ids[:, width:].tolist()]
             return torch.tensor(found, dtype=torch.bool, device=input_ids.device)
 
     return StoppingCriteriaList([_StopStrings()])
@@ -642,7 +657,6 @@ _UNIMPLEMENTED = (
     "logit_bias",
     "presence_penalty",
     "frequency_penalty",
-    "min_tokens",
     "ignore_eos",
     "allowed_token_ids",
     "bad_words",
@@ -741,11 +755,22 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any
             tuple([fields.stop] if isinstance(fields.stop, str) else fields.stop or []),
             tuple(fields.stop_token_ids or []),
             bool(fields.include_stop_str_in_output),
+            fields.min_tokens,
         ),
     )
     out_of_range = _sampling_error(req, fields.top_k)
     if out_of_range is not None:
         return out_of_range
+    if fields.min_tokens < 0:  # SamplingParams._verify_args, in its order
+        return _error(
+            400, f"min_tokens must be greater than or equal to 0, got {fields.min_tokens}."
+        )
+    if fields.min_tokens > req.max_tokens:
+        return _error(
+            400,
+            f"min_tokens must be less than or equal to max_tokens={req.max_tokens}, got "
+            f"{fields.min_tokens}.",
+        )
     if any(not string for string in req.stops.strings):  # SamplingParams._verify_args
         return _error(400, "stop cannot contain an empty string.")
     if req.max_tokens < 0 or req.n < 1:

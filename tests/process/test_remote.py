@@ -1030,7 +1030,6 @@ def test_unpact_serve_answers_a_mistyped_field_with_vllms_400(served, change, pa
         {"logit_bias": {"5": 10}},
         {"presence_penalty": 0.5},
         {"best_of": 3},
-        {"min_tokens": 2},
     ],
 )
 def test_unpact_serve_refuses_a_field_it_does_not_implement(served, change):
@@ -1209,6 +1208,37 @@ def test_unpact_serve_answers_lm_evaluation_harness_requests(tiny, served):
     for bad in ([], [[1, 2], "text"], [[]], [[1, "x"]]):
         refused = httpx.post(f"{url}/completions", json=until | {"prompt": bad})
         assert refused.status_code == 400 and "'prompt' must be" in refused.text
+
+
+def test_unpact_serve_keeps_min_tokens_as_vllm_does(tiny, served):
+    """`min_tokens` was refused. Now no stop token can end a completion before it has
+    that many tokens (the model's EOS is kept from being generated, as vLLM's MinTokens
+    logits processor keeps every stop token), and a stop string is looked for only in the
+    text after them."""
+    import httpx
+
+    url = served[1]
+    body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 10, "temperature": 0}
+    body |= {"logprobs": 0, "return_tokens_as_token_ids": True}
+
+    def ids_of(change: dict) -> tuple[list[int], dict]:
+        reply = httpx.post(f"{url}/completions", json=body | change).json()
+        [choice] = reply["choices"]
+        return [int(t.split(":")[1]) for t in choice["logprobs"]["tokens"]], choice
+
+    free, _ = ids_of({})
+    stop = free[1]  # as a stop token id: the free answer ends at its second token
+    cut, choice = ids_of({"stop_token_ids": [stop]})
+    assert cut == free[: free.index(stop) + 1] and choice["stop_reason"] == stop
+    held, choice = ids_of({"stop_token_ids": [stop], "min_tokens": 4})
+    assert len(held) >= 4 and stop not in held[:4]
+    assert (choice["stop_reason"] == stop) == (held[-1] == stop)
+    for change, words in (
+        ({"min_tokens": -1}, "min_tokens must be greater than or equal to 0, got -1."),
+        ({"min_tokens": 11}, "min_tokens must be less than or equal to max_tokens=10, got 11."),
+    ):
+        refused = httpx.post(f"{url}/completions", json=body | change)
+        assert refused.status_code == 400 and refused.json()["error"]["message"] == words
 
 
 def test_a_completion_is_decoded_after_the_prompt_as_vllm_decodes_it(tiny):

@@ -61,18 +61,32 @@ def test_a_stop_token_ends_it_before_its_text_is_searched_for_strings():
     assert finish([1, 4], decode, Stops((".",), token_ids=(4,)), {0}, 0).stop_reason == 4
 
 
+def test_nothing_stops_a_completion_before_min_tokens():
+    """vLLM's `check_stop` lets no stop end a completion shorter than `min_tokens`, and its
+    detokenizer looks for stop strings only in the text after them."""
+    late = Stops(("c",), token_ids=(4,), min_tokens=2)  # the stop id first: not yet
+    assert finish([4, 1, 3, 2], decode, late, {0}, 0) == Finished((4, 1, 3), ". a", "stop", "c")
+    early = Stops(("a",), min_tokens=2)  # "a" only in the first two tokens' text
+    assert finish([1, 4, 2, 3], decode, early, {0}, 0) == Finished((1, 4, 2, 3), "a. bc", "length")
+
+
 def _slow(row: list[int], stops: Stops, eos_ids: set[int], eos: int) -> Finished:
-    """The obvious definition: the first step that ends on a stop token, or whose whole
-    text holds a stop string (the first listed that it holds, cut at its first place)."""
+    """The obvious definition: the first step (of at least `min_tokens` tokens) that ends on
+    a stop token, or (of more than `min_tokens`) whose text, from the string's length
+    before the first `min_tokens` tokens' text ends, holds a stop string (the first listed
+    that it holds, cut at its first place there)."""
+    m = stops.min_tokens
+    held = len(decode(row[:m]))
     for k in range(1, len(row) + 1):
         ids, token = row[:k], row[k - 1]
-        if token in eos_ids | set(stops.token_ids):
+        if token in eos_ids | set(stops.token_ids) and k >= m:
             text = decode(ids if stops.include else ids[:-1])
             return Finished(tuple(ids), text, "stop", None if token == eos else token)
         text = decode(ids)
-        for s in stops.strings:
-            if s in text:
-                at = text.index(s)
+        for s in stops.strings if k > m else ():
+            start = max(held - len(s), 0)
+            if s in text[start:]:
+                at = text.index(s, start)
                 return Finished(tuple(ids), text[: at + len(s) * stops.include], "stop", s)
     return Finished(tuple(row), decode(row), "length")
 
@@ -83,7 +97,8 @@ def _slow(row: list[int], stops: Stops, eos_ids: set[int], eos: int) -> Finished
     strings=st.lists(st.sampled_from(["a", "b", "ab", "ca", ". a", "\n\n", "cab"]), max_size=3),
     token_ids=st.lists(st.sampled_from([3, 4, 6]), max_size=2),
     include=st.booleans(),
+    min_tokens=st.sampled_from([0, 0, 1, 3]),
 )
-def test_finish_equals_the_obvious_definition(row, strings, token_ids, include):
-    stops = Stops(tuple(strings), tuple(token_ids), include)
+def test_finish_equals_the_obvious_definition(row, strings, token_ids, include, min_tokens):
+    stops = Stops(tuple(strings), tuple(token_ids), include, min_tokens)
     assert finish(row, decode, stops, {0}, 0) == _slow(row, stops, {0}, 0)
