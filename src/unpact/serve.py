@@ -758,28 +758,33 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any
             fields.min_tokens,
         ),
     )
-    out_of_range = _sampling_error(req, fields.top_k)
+    refused = _request_error(lm, req, fields.top_k)
+    return req if refused is None else refused
+
+
+def _request_error(lm: LanguageModel, req: _Completion, top_k: int | None) -> Any:
+    """vLLM's 400 for a request's values out of range (`SamplingParams._verify_args`, in
+    its order, then the lengths), or None."""
+    out_of_range = _sampling_error(req, top_k)
     if out_of_range is not None:
         return out_of_range
-    if fields.min_tokens < 0:  # SamplingParams._verify_args, in its order
-        return _error(
-            400, f"min_tokens must be greater than or equal to 0, got {fields.min_tokens}."
-        )
-    if fields.min_tokens > req.max_tokens:
+    least = req.stops.min_tokens
+    if least < 0:
+        return _error(400, f"min_tokens must be greater than or equal to 0, got {least}.")
+    if least > req.max_tokens:
         return _error(
             400,
-            f"min_tokens must be less than or equal to max_tokens={req.max_tokens}, got "
-            f"{fields.min_tokens}.",
+            f"min_tokens must be less than or equal to max_tokens={req.max_tokens}, got {least}.",
         )
-    if any(not string for string in req.stops.strings):  # SamplingParams._verify_args
+    if any(not string for string in req.stops.strings):
         return _error(400, "stop cannot contain an empty string.")
     if req.max_tokens < 0 or req.n < 1:
         return _error(400, "max_tokens must be >= 0 and n >= 1")
     if req.max_tokens == 0 and not req.echo:
         return _error(400, "max_tokens=0 is only allowed with echo")
-    if len(ids) + req.max_tokens > lm.max_length:
+    if len(req.ids) + req.max_tokens > lm.max_length:
         return _error(400, f"prompt + max_tokens exceeds max_model_len {lm.max_length}")
-    return req
+    return None
 
 
 def _utf8(text: str) -> list[int]:
