@@ -19,10 +19,10 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from functools import partial
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -530,26 +530,30 @@ class _Server:
                 rows = _generate_rows(lm, req, greedy)
             prompt_scores = None
         eos = lm.tokenizer.eos_token_id
-        decode = partial(_decode, lm, after=_primer(lm, req.ids))
+        decode = _decoder(lm, req.ids)
         ends = set(stop_ids(lm))
         return prompt_scores, [finish(r, decode, req.stops, ends, eos) for r in rows]
 
 
-def _decode(lm: LanguageModel, ids: list[int], after: list[int] | None = None) -> str:
+def _decoder(lm: LanguageModel, prompt: list[int]) -> Callable[[list[int]], str]:
     """A completion's text as vLLM gives it: special tokens left out, and the ids decoded
-    after the prompt's last tokens (`after`), as vLLM's detokenizer is primed with them, so
-    a word's first token keeps the space a tokenizer's lone decode drops (SentencePiece's
-    `▁`)."""
+    after the prompt's last tokens (`_primer`), as vLLM's detokenizer is primed with them,
+    so a word's first token keeps the space a tokenizer's lone decode drops
+    (SentencePiece's `▁`)."""
 
     def text(of: list[int]) -> str:  # vLLM's detokenizers clean no spaces up
         return str(
             lm.tokenizer.decode(of, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         )
 
-    if not after:
-        return text(ids)
-    before, whole = text(after), text(after + ids)
-    return whole[len(before) :] if whole.startswith(before) else text(ids)
+    after = _primer(lm, prompt)
+    before = text(after)
+
+    def decode(ids: list[int]) -> str:
+        whole = text(after + ids)
+        return whole[len(before) :] if whole.startswith(before) else text(ids)
+
+    return decode
 
 
 def _primer(lm: LanguageModel, prompt: list[int]) -> list[int]:
@@ -592,7 +596,7 @@ def _stopping(lm: LanguageModel, req: _Completion) -> Any:
     their samples as before, so the others' samples are the same."""
     from transformers.generation import StoppingCriteria, StoppingCriteriaList
 
-    width, strings, primer = len(req.ids), req.stops.strings, _primer(lm, req.ids)
+    width, strings, decode = len(req.ids), req.stops.strings, _decoder(lm, req.ids)
     least = req.stops.min_tokens
 
     def stopped(row: list[int]) -> bool:
@@ -600,7 +604,7 @@ def _stopping(lm: LanguageModel, req: _Completion) -> Any:
         text after theirs (from the string's length before)."""
         if len(row) <= least:
             return False
-        text, held = _decode(lm, row, primer), len(_decode(lm, row[:least], primer))
+        text, held = decode(row), len(decode(row[:least])) if least else 0
         return any(s in text[max(held - len(s), 0) :] for s in strings)
 
     class _StopStrings(StoppingCriteria):
@@ -724,7 +728,7 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         ids = list(tok(prompt, add_special_tokens=True)["input_ids"])
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+    elif _token_ids(prompt):
         ids = list(prompt)
     else:
         return _error(400, "'prompt' must be text or a non-empty list of token ids")
@@ -912,7 +916,7 @@ def _prompts(prompt: Any) -> list[str | list[int]] | None:
     return None
 
 
-def _token_ids(value: Any) -> bool:
+def _token_ids(value: Any) -> TypeGuard[list[int]]:
     return (
         isinstance(value, list)
         and bool(value)
@@ -1013,20 +1017,22 @@ def _generate_configured(
     s = req.sampling
     with forked_rng(lm.device), quiet_padding_warning():
         torch.manual_seed(req.seed)
+        kwargs: dict[str, Any] = {
+            "do_sample": True,
+            "temperature": req.temperature,
+            "top_p": s["top_p"],
+            "top_k": int(s["top_k"]),
+            "min_p": s["min_p"] or None,
+            "repetition_penalty": s["repetition_penalty"],
+            "max_new_tokens": req.max_tokens,
+            "num_return_sequences": req.n,
+            "eos_token_id": stop_ids(lm),
+            "pad_token_id": _stop_id(lm),
+        }
         out = lm.model.generate(
             input_ids=torch.tensor([req.ids], device=lm.device),
             attention_mask=torch.ones(1, len(req.ids), dtype=torch.long, device=lm.device),
-            do_sample=True,
-            temperature=req.temperature,
-            top_p=s["top_p"],
-            top_k=int(s["top_k"]),
-            min_p=s["min_p"] or None,
-            repetition_penalty=s["repetition_penalty"],
-            max_new_tokens=req.max_tokens,
-            num_return_sequences=req.n,
-            eos_token_id=stop_ids(lm),
-            pad_token_id=_stop_id(lm),
-            **extra,
+            **(kwargs | extra),  # extra: the request's stop ids, min_tokens, stop strings
         )
     rows: list[list[int]] = out[:, len(req.ids) :].tolist()
     return rows

@@ -1378,6 +1378,19 @@ def test_stop_strings_leave_the_samples_as_they_were(served):
                 assert part["stop_reason"] == string
             else:
                 assert part == whole
+        # a stop token id with the same sampler (transformers' sampler was handed the EOS
+        # ids twice: a server error): each sample its free one, cut after that token
+        token = int(free["choices"][0]["logprobs"]["tokens"][2].split(":")[1])
+        by_id = httpx.post(
+            f"{url}/completions", json=body | extra | {"stop_token_ids": [token]}, timeout=60
+        )
+        assert by_id.status_code == 200, by_id.text
+        for whole, part in zip(free["choices"], by_id.json()["choices"]):
+            tokens = whole["logprobs"]["tokens"]
+            ending = (
+                tokens.index(f"token_id:{token}") + 1 if f"token_id:{token}" in tokens else None
+            )
+            assert part["logprobs"]["tokens"] == tokens[:ending]
 
 
 def test_unpact_serve_takes_a_request_without_a_model_and_refuses_a_body_not_an_object(served):

@@ -20,8 +20,14 @@ import yaml
 __all__ = ["clear_models", "clear_other_runs"]
 
 # what a run writes beside its config.yaml
-_RUN_FILES = ("items.jsonl", "checks.jsonl", "results.json", "results.csv", "results.md")
-_REPORT = "report.html"
+_RUN_FILES = (
+    "items.jsonl",
+    "checks.jsonl",
+    "results.json",
+    "results.csv",
+    "results.md",
+    "report.html",
+)
 
 
 def clear_other_runs(out: Path, runs: Iterable[str] | None, given: Iterable[str]) -> None:
@@ -84,7 +90,7 @@ def _inside(spec: str, folder: Path) -> bool:
 def _clear_files(folder: Path, held: set[str], *, every: bool) -> None:
     """A single run's items, checks and models (`every`: its config, tables and report
     too) out of `folder`; a model named in `held` stays."""
-    names = (*_RUN_FILES, _REPORT, "config.yaml") if every else ("items.jsonl", "checks.jsonl")
+    names = (*_RUN_FILES, "config.yaml") if every else ("items.jsonl", "checks.jsonl")
     for name in names:
         (folder / name).unlink(missing_ok=True)
     clear_models(folder / "models", held)
