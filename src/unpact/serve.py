@@ -286,6 +286,7 @@ class _Fields(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = False
     min_tokens: int = 0
+    add_special_tokens: bool = True
 
 
 @dataclass
@@ -294,6 +295,7 @@ class _Completion:
 
     model: str
     ids: list[int]
+    text: str  # the prompt as echoed: as given, or its ids decoded (vLLM's prompt text)
     max_tokens: int
     n: int
     echo: bool
@@ -727,7 +729,7 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any
     tok = lm.tokenizer
     prompt = body.get("prompt")
     if isinstance(prompt, str):
-        ids = list(tok(prompt, add_special_tokens=True)["input_ids"])
+        ids = list(tok(prompt, add_special_tokens=fields.add_special_tokens)["input_ids"])
     elif _token_ids(prompt):
         ids = list(prompt)
     else:
@@ -741,6 +743,8 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any
     req = _Completion(
         model=name,
         ids=ids,
+        # vLLM echoes a text prompt as given, token ids as the tokenizer decodes them
+        text=prompt if isinstance(prompt, str) else tok.decode(ids),
         max_tokens=16 if fields.max_tokens is None else fields.max_tokens,
         n=fields.n,
         echo=bool(fields.echo),
@@ -1053,7 +1057,7 @@ def _choice(
     tok, ids, g = lm.tokenizer, req.ids, done.ids
     choice: dict[str, Any] = {
         "index": index,
-        "text": (tok.decode(ids) if req.echo else "") + done.text,
+        "text": (req.text if req.echo else "") + done.text,
         "logprobs": None,
         "finish_reason": done.finish_reason,
         "stop_reason": done.stop_reason,

@@ -1547,3 +1547,37 @@ class _NoRoot:
             return
         body = {"object": "list", "data": [{"id": "judge", "object": "model", "owned_by": "x"}]}
         await _reply(send, 200, json.dumps(body).encode())
+
+
+def test_unpact_serve_echoes_a_text_prompt_as_given_and_keeps_add_special_tokens(tiny):
+    """vLLM echoes a text prompt as the text it was given (token ids: as the tokenizer
+    decodes them) and tokenises it with special tokens unless the request's
+    `add_special_tokens` is false. `unpact serve` echoed the decoded ids (a BOS the user
+    never wrote, an unknown character as <unk>) and ignored `add_special_tokens`."""
+    import httpx
+    from tokenizers.processors import TemplateProcessing
+
+    from unpact.models import LanguageModel
+    from unpact.testing import tiny_sentencepiece_tokenizer
+
+    tok: Any = tiny_sentencepiece_tokenizer()
+    bos = tok.convert_tokens_to_ids("<s>")
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)]
+    )
+    assert len(tok) <= tiny.model.config.vocab_size
+    lm = LanguageModel(model=tiny.model, tokenizer=tok, spec="tiny-sp")
+    text = "Paris , France ."  # "," is not in this vocabulary: <unk>
+    plain = list(tok(text, add_special_tokens=False)["input_ids"])
+    assert tok.decode(plain) != text
+    body = {"model": "tiny", "prompt": text, "max_tokens": 0, "echo": True, "logprobs": 0}
+    with BackgroundServer(make_app(lm, "tiny")) as url:
+        given = httpx.post(f"{url}/v1/completions", json=body).json()
+        bare = httpx.post(f"{url}/v1/completions", json=body | {"add_special_tokens": False})
+        as_ids = httpx.post(f"{url}/v1/completions", json=body | {"prompt": plain}).json()
+    assert given["choices"][0]["text"] == text
+    assert given["usage"]["prompt_tokens"] == len(plain) + 1  # the BOS first
+    assert given["choices"][0]["logprobs"]["tokens"][0] == "<s>"
+    assert bare.json()["choices"][0]["text"] == text
+    assert bare.json()["usage"]["prompt_tokens"] == len(plain)
+    assert as_ids["choices"][0]["text"] == tok.decode(plain)
