@@ -28,7 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from unpact.errors import UnpactError
-from unpact.models import LanguageModel
+from unpact.models import LanguageModel, text_config
 from unpact.scoring import (
     LOWEST_TEMPERATURE,
     forked_rng,
@@ -282,11 +282,79 @@ class _Fields(BaseModel):
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    ignore_eos: bool = False
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = False
     min_tokens: int = 0
     add_special_tokens: bool = True
+
+
+@dataclass(frozen=True)
+class Shaping:
+    """What vLLM's sampler does to a request's logits before the temperature, in its order
+    (vLLM v1 `Sampler.apply_logits_processors`, then `apply_penalties`): each `bias`
+    (`logit_bias`, clamped to [-100, 100]) added; a token's logit where the token is in the
+    prompt or the completion so far divided by `repetition` if positive, multiplied by it
+    if not; `frequency` times the token's count in the completion and `presence` where it
+    is in it subtracted. `ignore_eos`: the model's EOS ends nothing (the request's stop ids
+    still do), though every stop id stays out of the first `min_tokens` tokens, as vLLM's
+    MinTokens processor keeps them. Log-probs are the model's own (vLLM's raw_logprobs)."""
+
+    bias: tuple[tuple[int, float], ...] = ()
+    repetition: float = 1.0
+    presence: float = 0.0
+    frequency: float = 0.0
+    ignore_eos: bool = False
+
+    @property
+    def neutral(self) -> bool:
+        """Whether the logits are left as they are."""
+        return not self.bias and self.repetition == 1 and not self.presence and not self.frequency
+
+    def processor(self, width: int, held: list[int], least: int) -> Any:
+        """A transformers logits processor doing this to rows whose first `width` ids are the
+        prompt, `held` kept out of the first `least` generated tokens; None if nothing."""
+        from transformers.generation import LogitsProcessor, LogitsProcessorList
+
+        if self.neutral and not (least and held):
+            return None
+        shaping = self
+
+        class _Shape(LogitsProcessor):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+                return shaping.apply(input_ids, scores, width, held if least else [], least)
+
+        return LogitsProcessorList([_Shape()])
+
+    def apply(
+        self, ids: torch.Tensor, scores: torch.Tensor, width: int, held: list[int], least: int
+    ) -> torch.Tensor:
+        """`scores` (rows by vocabulary) shaped for the rows `ids` (prompt, then output)."""
+        scores = scores.clone()
+        out = ids[:, width:]
+        if held and out.shape[1] < least:
+            scores[:, held] = float("-inf")
+        if self.bias:
+            tokens, biases = zip(*self.bias, strict=True)
+            scores[:, list(tokens)] += torch.tensor(
+                biases, dtype=scores.dtype, device=scores.device
+            )
+        if self.repetition != 1:
+            seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, ids, True)
+            penalised = torch.where(scores > 0, scores / self.repetition, scores * self.repetition)
+            scores = torch.where(seen, penalised, scores)
+        if self.presence or self.frequency:
+            counts = torch.zeros_like(scores).scatter_add_(
+                1, out, torch.ones_like(out, dtype=scores.dtype)
+            )
+            scores = (
+                scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+            )
+        return scores
 
 
 @dataclass
@@ -306,6 +374,12 @@ class _Completion:
     seed: int
     sampling: dict[str, float]  # top_p, top_k, min_p, repetition_penalty as vLLM resolves them
     stops: Stops
+    shaping: Shaping
+
+    @property
+    def ends(self) -> bool:
+        """Whether the model's EOS ends a completion (not with vLLM's `ignore_eos`)."""
+        return not self.shaping.ignore_eos
 
     @property
     def top(self) -> int:
@@ -314,8 +388,8 @@ class _Completion:
 
     @property
     def plain(self) -> bool:
-        """Whether nothing but the temperature shapes the distribution."""
-        return all(self.sampling[k] == VLLM_DEFAULTS[k] for k in _FROM_CONFIG)
+        """Whether nothing but the temperature (and `shaping`) shapes the distribution."""
+        return all(self.sampling[k] == VLLM_DEFAULTS[k] for k in ("top_p", "top_k", "min_p"))
 
 
 class _Server:
@@ -522,6 +596,7 @@ class _Server:
         """The completions, and the prompt's scores when scored on the way."""
         greedy = req.temperature < GREEDY_BELOW
         one = req.max_tokens == 1 and greedy and req.n == 1 and not req.stops.min_tokens
+        one = one and req.shaping.neutral  # else the greedy token is another
         if req.max_tokens == 0 or one:
             # Scoring (echo without generation, or prompt_logprobs with one greedy token):
             # batched with whatever other scoring requests are waiting.
@@ -531,9 +606,9 @@ class _Server:
             with self.lock, torch.no_grad():
                 rows = _generate_rows(lm, req, greedy)
             prompt_scores = None
-        eos = lm.tokenizer.eos_token_id
+        eos = lm.tokenizer.eos_token_id if req.ends else None
         decode = _decoder(lm, req.ids)
-        ends = set(stop_ids(lm))
+        ends = set(stop_ids(lm)) if req.ends else set()
         return prompt_scores, [finish(r, decode, req.stops, ends, eos) for r in rows]
 
 
@@ -577,10 +652,15 @@ def _generate_rows(lm: LanguageModel, req: _Completion, greedy: bool) -> list[li
     extra: dict[str, Any] = {}
     # a stop id outside the vocabulary is never generated (and transformers warns of it)
     asked = {t for t in req.stops.token_ids if 0 <= t < len(lm.tokenizer)}
-    if asked:
-        extra["eos_token_id"] = sorted(set(stop_ids(lm)) | asked)
-    if req.stops.min_tokens:  # no stop token before them, as vLLM's MinTokens processor
-        extra["min_new_tokens"] = req.stops.min_tokens
+    held = sorted(set(stop_ids(lm)) | asked)  # every stop id, vLLM's all_stop_token_ids
+    if asked or not req.ends:
+        extra["eos_token_id"] = (held if req.ends else sorted(asked)) or None
+    least = req.stops.min_tokens  # no stop id before them, as vLLM's MinTokens processor
+    if least and req.ends:
+        extra["min_new_tokens"] = least
+    shape = req.shaping.processor(len(req.ids), held, 0 if req.ends else least)
+    if shape is not None:
+        extra["logits_processor"] = shape
     if req.stops.strings:
         extra["stopping_criteria"] = _stopping(lm, req)
     if greedy:
@@ -660,10 +740,6 @@ def _sampling(lm: LanguageModel, fields: _Fields) -> dict[str, float]:
 _UNIMPLEMENTED = (
     "suffix",
     "best_of",
-    "logit_bias",
-    "presence_penalty",
-    "frequency_penalty",
-    "ignore_eos",
     "allowed_token_ids",
     "bad_words",
     "guided_json",
@@ -740,6 +816,10 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any
     bad = next((t for t in ids if not 0 <= t < vocab), None)
     if bad is not None:  # as vLLM's input processing refuses it
         return _error(400, f"Token id {bad} is out of vocabulary")
+    bias = _logit_bias(lm, fields.logit_bias)
+    if not isinstance(bias, tuple):
+        return bias  # an error reply
+    sampling = _sampling(lm, fields)
     req = _Completion(
         model=name,
         ids=ids,
@@ -758,16 +838,43 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any
         temperature=_raised(float(_sampling_value(lm, fields, "temperature", 1.0))),
         # vLLM: no seed (or -1) draws from the engine's random state; here a fresh seed
         seed=secrets.randbits(63) if fields.seed in (None, -1) else fields.seed,
-        sampling=_sampling(lm, fields),
+        sampling=sampling,
         stops=Stops(
             tuple([fields.stop] if isinstance(fields.stop, str) else fields.stop or []),
             tuple(fields.stop_token_ids or []),
             bool(fields.include_stop_str_in_output),
             fields.min_tokens,
         ),
+        shaping=Shaping(
+            bias,
+            sampling["repetition_penalty"],
+            fields.presence_penalty or 0.0,  # vLLM's defaults: none from generation_config
+            fields.frequency_penalty or 0.0,
+            fields.ignore_eos,
+        ),
     )
     refused = _request_error(lm, req, fields.top_k)
     return req if refused is None else refused
+
+
+def _logit_bias(lm: LanguageModel, given: dict[str, float] | None) -> Any:
+    """A request's `logit_bias` as vLLM takes it: each key an int (`int()` of it), each
+    bias clamped to [-100, 100] (`SamplingParams.from_optional`), a token outside the
+    model's vocabulary refused (its input processor's words); or the error reply."""
+    try:
+        bias = {int(k): min(100.0, max(-100.0, v)) for k, v in (given or {}).items()}
+    except ValueError as exc:
+        return _error(400, str(exc), "logit_bias")
+    size = int(text_config(lm.model).vocab_size)
+    bad = [t for t in bias if not 0 <= t < size]
+    if bad:
+        return _error(
+            400,
+            f"token_id(s) {bad} in logit_bias contain out-of-vocab token ids. "
+            f"Vocabulary size: {size}",
+            "logit_bias",
+        )
+    return tuple(bias.items())
 
 
 def _request_error(lm: LanguageModel, req: _Completion, top_k: int | None) -> Any:
@@ -977,9 +1084,13 @@ def _sampling_error(req: _Completion, top_k: int | None) -> Any:
     """vLLM's 400 for a sampling value out of its range, in the order and words of its
     `SamplingParams._verify_args` (the values as resolved, `top_k` as given), or None. A
     negative temperature reached the sampler: a server error."""
-    t, s = req.temperature, req.sampling
+    t, s, shaping = req.temperature, req.sampling, req.shaping
     penalty = s["repetition_penalty"]
     checks = (
+        *(
+            (None, -2 <= value <= 2, f"{name}_penalty must be in [-2, 2], got {value}.")
+            for name, value in (("presence", shaping.presence), ("frequency", shaping.frequency))
+        ),
         (
             None,
             math.isfinite(penalty),
@@ -1015,9 +1126,9 @@ def _stop_id(lm: LanguageModel) -> int:
 def _generate_configured(
     lm: LanguageModel, req: _Completion, extra: dict[str, Any]
 ) -> list[list[int]]:
-    """Samples with the request's top_p / top_k / min_p / repetition_penalty (as vLLM
-    resolves them, the model's generation_config filling what the request leaves unset),
-    through transformers' sampler."""
+    """Samples with the request's top_p / top_k / min_p (as vLLM resolves them, the
+    model's generation_config filling what the request leaves unset), through
+    transformers' sampler; its repetition penalty is in `extra`'s `Shaping` processor."""
     s = req.sampling
     with forked_rng(lm.device), quiet_padding_warning():
         torch.manual_seed(req.seed)
@@ -1027,7 +1138,7 @@ def _generate_configured(
             "top_p": s["top_p"],
             "top_k": int(s["top_k"]),
             "min_p": s["min_p"] or None,
-            "repetition_penalty": s["repetition_penalty"],
+            "repetition_penalty": 1.0,  # in the request's `Shaping`, in vLLM's order
             "max_new_tokens": req.max_tokens,
             "num_return_sequences": req.n,
             "eos_token_id": stop_ids(lm),

@@ -1025,17 +1025,16 @@ def test_unpact_serve_answers_a_mistyped_field_with_vllms_400(served, change, pa
 @pytest.mark.parametrize(
     "change",
     [
-        {"ignore_eos": True},
         {"suffix": "."},
-        {"logit_bias": {"5": 10}},
-        {"presence_penalty": 0.5},
+        {"allowed_token_ids": [5]},
+        {"bad_words": ["a"]},
         {"best_of": 3},
     ],
 )
 def test_unpact_serve_refuses_a_field_it_does_not_implement(served, change):
-    """vLLM honours `stream`, penalties and the rest; unpact serve ignored them and
-    answered as if they were not there. Now a 400 naming the field; the values that change
-    nothing (as unpact's client sends them) pass."""
+    """vLLM honours `suffix`, `best_of` and the rest; unpact serve ignored them and
+    answered as if they were not there. Now a 400 naming the field (of those it does not
+    implement); the values that change nothing (as unpact's client sends them) pass."""
     import httpx
 
     body = {"model": "tiny", "prompt": [5, 6], "max_tokens": 2}
@@ -1581,3 +1580,123 @@ def test_unpact_serve_echoes_a_text_prompt_as_given_and_keeps_add_special_tokens
     assert bare.json()["choices"][0]["text"] == text
     assert bare.json()["usage"]["prompt_tokens"] == len(plain)
     assert as_ids["choices"][0]["text"] == tok.decode(plain)
+
+
+def _shaped_greedy(tiny, ids, steps, bias=(), rep=1.0, presence=0.0, frequency=0.0):
+    """The greedy tokens of the tiny model with vLLM's logit shaping, one full forward pass
+    per token and the definitions written out (`logit_bias` added, then the penalties)."""
+    import torch
+
+    seq, out = list(ids), []
+    for _ in range(steps):
+        with torch.no_grad():
+            row = tiny.model(input_ids=torch.tensor([seq])).logits[0, -1].float().tolist()
+        for t, b in bias:
+            row[t] += b
+        for t in set(seq):
+            row[t] = row[t] / rep if row[t] > 0 else row[t] * rep
+        for t in set(out):
+            row[t] -= frequency * out.count(t) + presence
+        token = max(range(len(row)), key=row.__getitem__)
+        seq.append(token)
+        out.append(token)
+    return out
+
+
+def test_unpact_serve_shapes_logits_as_vllm_does(tiny, served):
+    """vLLM applies `logit_bias`, `presence_penalty`, `frequency_penalty` and the repetition
+    penalty before it picks a token, greedy or sampled; `unpact serve` refused the first
+    three and, greedy, ignored the repetition penalty (a request's, or one in the model's
+    generation_config): another answer than vLLM's, silently."""
+    import httpx
+
+    url = served[1]
+    ids = list(tiny.encode_prompt(PROMPTS[0]).input_ids)
+    plain = _shaped_greedy(tiny, ids, 10)
+    body = {"model": "tiny", "prompt": ids, "max_tokens": 10, "temperature": 0, "logprobs": 0}
+    body |= {"return_tokens_as_token_ids": True}
+
+    def tokens(**asked: Any) -> list[int]:
+        reply = httpx.post(f"{url}/completions", json=body | asked).json()
+        return [int(t.split(":")[1]) for t in reply["choices"][0]["logprobs"]["tokens"]]
+
+    assert tokens() == plain
+    shaped = {
+        "repetition_penalty": 3.0,
+        "presence_penalty": 1.5,
+        "frequency_penalty": 2.0,
+        "logit_bias": {str(plain[1]): -4.5, "7": 2.0},
+    }
+    for asked in [{k: v} for k, v in shaped.items()] + [shaped]:
+        bias = tuple((int(k), v) for k, v in asked.get("logit_bias", {}).items())
+        want = _shaped_greedy(
+            tiny,
+            ids,
+            10,
+            bias,
+            asked.get("repetition_penalty", 1.0),
+            asked.get("presence_penalty", 0.0),
+            asked.get("frequency_penalty", 0.0),
+        )
+        assert want != plain, asked
+        assert tokens(**asked) == want, asked
+    # one greedy token (answered from the scoring pass when nothing shapes it)
+    assert tokens(max_tokens=1, logit_bias={"7": 100}) == [7]
+    # sampling at a small temperature is the greedy choice, shaped
+    want = _shaped_greedy(tiny, ids, 10, ((plain[1], -4.5), (7, 2.0)), 3.0, 1.5, 2.0)
+    assert tokens(**shaped, temperature=0.01, seed=3) == want
+    assert tokens(**shaped, temperature=1.0, top_k=1, seed=3) == want  # transformers' sampler
+
+
+def test_unpact_serve_ignore_eos_and_logit_bias_errors_as_vllm(tiny, served):
+    """`ignore_eos`: the EOS ends nothing (a stop token id still does; every stop id is
+    still held back for `min_tokens`), as vLLM; out-of-range penalties and a bad
+    `logit_bias` are vLLM's 400s."""
+    import httpx
+
+    url = served[1]
+    eos = tiny.tokenizer.eos_token_id
+    body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 5, "temperature": 0}
+    body |= {"logit_bias": {str(eos): 100}, "logprobs": 0, "return_tokens_as_token_ids": True}
+
+    def choice(**asked: Any) -> dict[str, Any]:
+        reply = httpx.post(f"{url}/completions", json=body | asked)
+        assert reply.status_code == 200, reply.text
+        return reply.json()["choices"][0]
+
+    def ids(c: dict[str, Any]) -> list[int]:
+        return [int(t.split(":")[1]) for t in c["logprobs"]["tokens"]]
+
+    stopped = choice()
+    assert ids(stopped) == [eos] and stopped["finish_reason"] == "stop"
+    assert stopped["stop_reason"] is None
+    ignored = choice(ignore_eos=True)
+    assert ids(ignored) == [eos] * 5 and ignored["finish_reason"] == "length"
+    assert ignored["text"] == ""  # special tokens are left out of the text
+    held = choice(ignore_eos=True, min_tokens=2)
+    assert eos not in ids(held)[:2] and ids(held)[2:] == [eos] * 3
+    asked = choice(ignore_eos=True, stop_token_ids=[eos])  # the request's own stop id
+    assert ids(asked) == [eos] and asked["stop_reason"] == eos
+    vocab = tiny.model.config.vocab_size
+    for field, value, said in (
+        ("presence_penalty", 2.5, "presence_penalty must be in [-2, 2], got 2.5."),
+        ("frequency_penalty", -3, "frequency_penalty must be in [-2, 2], got -3.0."),
+        ("logit_bias", {"x": 1}, "invalid literal for int() with base 10: 'x'"),
+        (
+            "logit_bias",
+            {str(vocab): 1, "-1": 2},
+            f"token_id(s) [{vocab}, -1] in logit_bias contain out-of-vocab token ids. "
+            f"Vocabulary size: {vocab}",
+        ),
+    ):
+        refused = httpx.post(f"{url}/completions", json=body | {field: value})
+        assert refused.status_code == 400, field
+        assert refused.json()["error"]["message"] == said
+    # the chat endpoint takes them too
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    reply = httpx.post(
+        f"{url}/chat/completions",
+        json=chat | {"temperature": 0, "ignore_eos": True, "logit_bias": {str(eos): 100}},
+    ).json()
+    assert reply["choices"][0]["finish_reason"] == "length"
+    assert reply["usage"]["completion_tokens"] == 4
