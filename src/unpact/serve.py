@@ -89,6 +89,20 @@ def sequence_scores(lm: LanguageModel, ids: list[int], k: int) -> Scored:
         return scores_of(logits, ids, k)
 
 
+# a sequence to score, how many most likely tokens to find, and where its scores go
+_Waiting = tuple[list[int], int, "Future[Scored]"]
+
+
+def _within(ready: list[_Waiting], budget: int) -> tuple[list[_Waiting], list[_Waiting]]:
+    """The first sequences whose padded batch stays within `budget` tokens (at least one),
+    and the rest."""
+    n, longest = 1, len(ready[0][0])
+    while n < len(ready) and (n + 1) * max(longest, len(ready[n][0])) <= budget:
+        longest = max(longest, len(ready[n][0]))
+        n += 1
+    return ready[:n], ready[n:]
+
+
 class ScoreBatcher:
     """Scores token sequences (per-token log-probs and the greedy next token) in batches:
     a worker thread takes whatever requests are waiting, up to `token_budget` padded
@@ -98,33 +112,37 @@ class ScoreBatcher:
         self.lm = lm
         self.lock = lock
         self.budget = token_budget
-        self.waiting: queue.Queue[tuple[list[int], int, Future[Any]]] = queue.Queue()
+        self.waiting: queue.Queue[list[_Waiting]] = queue.Queue()
         threading.Thread(target=self._work, daemon=True).start()
 
     def score(self, ids: list[int], k: int = 0) -> Scored:
         """The sequence's `Scored`, with its `k` most likely tokens at each position."""
-        done: Future[Any] = Future()
-        self.waiting.put((ids, k, done))
-        result: Scored = done.result()
-        return result
+        (done,) = self.submit([(ids, k)])
+        return done.result()
+
+    def submit(self, seqs: list[tuple[list[int], int]]) -> list[Future[Scored]]:
+        """`score`'s futures of several sequences, handed over together: they are scored
+        in one pass as far as the budget allows."""
+        group: list[_Waiting] = [(ids, k, Future()) for ids, k in seqs]
+        if group:
+            self.waiting.put(group)
+        return [done for _, _, done in group]
 
     def _work(self) -> None:
+        ready: list[_Waiting] = []
         while True:
-            batch = [self.waiting.get()]
-            while True:
-                longest = max(len(ids) for ids, _, _ in batch)
+            if not ready:
+                ready += self.waiting.get()
+            while True:  # and whatever else is waiting
                 try:
-                    nxt = self.waiting.get_nowait()
+                    ready += self.waiting.get_nowait()
                 except queue.Empty:
                     break
-                if (len(batch) + 1) * max(longest, len(nxt[0])) > self.budget:
-                    self.waiting.put(nxt)  # starts the next batch
-                    break
-                batch.append(nxt)
+            batch, ready = _within(ready, self.budget)
             try:
                 with self.lock:
                     results = self._run([(ids, k) for ids, k, _ in batch])
-                for (_, _, done), r in zip(batch, results):
+                for (_, _, done), r in zip(batch, results, strict=True):
                     done.set_result(r)
             except Exception as exc:  # handed to the requests waiting for it
                 for _, _, done in batch:
@@ -495,20 +513,29 @@ class _Server:
             if not isinstance(req, _Completion):
                 return req  # an error reply
             reqs.append(req)
+        # the prompts only scored (lm-evaluation-harness's log-likelihoods): in one pass
+        scored = [r for r in reqs if _scored_only(r)]
+        futures = iter(self.batchers[self.name(body)].submit([(r.ids, r.top) for r in scored]))
+        pending = [next(futures) if _scored_only(r) else None for r in reqs]
         choices: list[dict[str, Any]] = []
         finished: list[Finished] = []
-        for req in reqs:
-            done = self._complete(lm, req, len(choices), choices)
+        for req, scoring in zip(reqs, pending, strict=True):
+            done = self._complete(lm, req, len(choices), choices, scoring)
             finished += done
         reply = _reply("cmpl", "text_completion", reqs, choices, finished)
         return _streamed(reply, streaming, _completion_chunks) if streaming.stream else reply
 
     def _complete(
-        self, lm: LanguageModel, req: _Completion, first: int, choices: list[dict[str, Any]]
+        self,
+        lm: LanguageModel,
+        req: _Completion,
+        first: int,
+        choices: list[dict[str, Any]],
+        scoring: Future[Scored] | None,
     ) -> list[Finished]:
         """One prompt's completions, their choices (numbered from `first`) added to
-        `choices`."""
-        prompt_scores, done = self._generate(lm, req)
+        `choices`; `scoring`: its scores, submitted already, if it is only scored."""
+        prompt_scores, done = self._generate(lm, req, scoring)
         full: dict[tuple[int, ...], Scored] = {}
 
         def scores(g: tuple[int, ...]) -> Scored:
@@ -591,25 +618,34 @@ class _Server:
         return {"content": content}
 
     def _generate(
-        self, lm: LanguageModel, req: _Completion
+        self, lm: LanguageModel, req: _Completion, scoring: Future[Scored] | None = None
     ) -> tuple[Scored | None, list[Finished]]:
-        """The completions, and the prompt's scores when scored on the way."""
-        greedy = req.temperature < GREEDY_BELOW
-        one = req.max_tokens == 1 and greedy and req.n == 1 and not req.stops.min_tokens
-        one = one and req.shaping.neutral  # else the greedy token is another
-        if req.max_tokens == 0 or one:
+        """The completions, and the prompt's scores when scored on the way (`scoring`:
+        their future, if submitted already)."""
+        if _scored_only(req):
             # Scoring (echo without generation, or prompt_logprobs with one greedy token):
             # batched with whatever other scoring requests are waiting.
-            prompt_scores = self.batchers[req.model].score(req.ids, req.top)
-            rows: list[list[int]] = [[] if req.max_tokens == 0 else [prompt_scores.next_id]]
+            if scoring is None:
+                (scoring,) = self.batchers[req.model].submit([(req.ids, req.top)])
+            scored = scoring.result()
+            rows: list[list[int]] = [[] if req.max_tokens == 0 else [scored.next_id]]
+            prompt_scores: Scored | None = scored
         else:
             with self.lock, torch.no_grad():
-                rows = _generate_rows(lm, req, greedy)
+                rows = _generate_rows(lm, req, req.temperature < GREEDY_BELOW)
             prompt_scores = None
         eos = lm.tokenizer.eos_token_id if req.ends else None
         decode = _decoder(lm, req.ids)
         ends = set(stop_ids(lm)) if req.ends else set()
         return prompt_scores, [finish(r, decode, req.stops, ends, eos) for r in rows]
+
+
+def _scored_only(req: _Completion) -> bool:
+    """Whether one scoring pass answers the request: no token generated (an echo), or
+    one greedy token, which is the most likely after the prompt (nothing shaping it)."""
+    greedy = req.temperature < GREEDY_BELOW
+    one = req.max_tokens == 1 and greedy and req.n == 1 and not req.stops.min_tokens
+    return req.max_tokens == 0 or (one and req.shaping.neutral)
 
 
 def _decoder(lm: LanguageModel, prompt: list[int]) -> Callable[[list[int]], str]:

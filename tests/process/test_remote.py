@@ -1196,7 +1196,11 @@ def test_unpact_serve_answers_lm_evaluation_harness_requests(tiny, served):
         httpx.post(f"{url}/completions", json=payload | {"prompt": seq}).json()["choices"][0]
         for seq in whole
     ]
-    assert [c["logprobs"] for c in one] == [c["logprobs"] for c in reply["choices"]]
+    for alone, batched in zip(one, reply["choices"], strict=True):  # one pass, or a pass each
+        a, b = alone["logprobs"], batched["logprobs"]
+        assert a["tokens"] == b["tokens"] and a["text_offset"] == b["text_offset"]
+        pairs = zip(a["token_logprobs"][1:], b["token_logprobs"][1:], strict=True)
+        assert max(abs(x - y) for x, y in pairs) < 1e-5
     until = {"model": "tiny", "prompt": [contexts[0]], "max_tokens": 8, "temperature": 0}
     free = httpx.post(f"{url}/completions", json=until).json()["choices"][0]["text"]
     stop = next(free[n : n + 1] for n in range(2, len(free)) if free[n] != "\ufffd")
@@ -1700,3 +1704,31 @@ def test_unpact_serve_ignore_eos_and_logit_bias_errors_as_vllm(tiny, served):
     ).json()
     assert reply["choices"][0]["finish_reason"] == "length"
     assert reply["usage"]["completion_tokens"] == 4
+
+
+def test_unpact_serve_scores_a_batch_of_prompts_in_one_pass(tiny, served):
+    """lm-evaluation-harness sends its log-likelihood requests as one list of prompts;
+    `unpact serve` scored them one forward pass each. Now one pass for the list (within
+    the batcher's token budget), each prompt's numbers those of a pass of its own (float
+    rounding apart), the choices in the prompts' order."""
+    import httpx
+
+    url = served[1]
+    prompts = [list(tiny.encode_prompt(p).input_ids) for p in PROMPTS]
+    body = {"model": "tiny", "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
+    alone = [
+        httpx.post(f"{url}/completions", json=body | {"prompt": p}).json()["choices"][0]
+        for p in prompts
+    ]
+    passes = []
+    hook = tiny.model.register_forward_hook(lambda *_: passes.append(1))
+    try:
+        together = httpx.post(f"{url}/completions", json=body | {"prompt": prompts}).json()
+    finally:
+        hook.remove()
+    assert len(passes) == 1
+    assert [c["index"] for c in together["choices"]] == list(range(len(prompts)))
+    for one, batched in zip(alone, together["choices"], strict=True):
+        assert batched["text"] == one["text"]
+        a, b = one["logprobs"]["token_logprobs"][1:], batched["logprobs"]["token_logprobs"][1:]
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4

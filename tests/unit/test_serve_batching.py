@@ -1,0 +1,27 @@
+"""How `unpact serve`'s scoring batcher cuts what is waiting into passes: the first
+sequences whose padded batch (count times the longest) stays within the token budget,
+at least one."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+from unpact.serve import _within
+
+
+def waiting(*lengths: int) -> list:
+    return [([0] * n, 0, Future()) for n in lengths]
+
+
+def test_a_batch_is_the_first_sequences_within_the_budget():
+    ready = waiting(3, 5, 2, 9)
+    batch, rest = _within(ready, 15)  # 3 x 5 = 15 fits, 4 x 9 = 36 does not
+    assert batch == ready[:3] and rest == ready[3:]
+    batch, rest = _within(ready, 14)  # 2 x 5 = 10 fits, 3 x 5 = 15 does not
+    assert batch == ready[:2] and rest == ready[2:]
+
+
+def test_a_sequence_longer_than_the_budget_is_a_pass_of_its_own():
+    ready = waiting(50, 1)
+    assert _within(ready, 10) == (ready[:1], ready[1:])
+    assert _within(ready[1:], 10) == (ready[1:], [])
