@@ -304,6 +304,8 @@ class _Fields(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = False
@@ -314,8 +316,11 @@ class _Fields(BaseModel):
 @dataclass(frozen=True)
 class Shaping:
     """What vLLM's sampler does to a request's logits before the temperature, in its order
-    (vLLM v1 `Sampler.apply_logits_processors`, then `apply_penalties`): each `bias`
-    (`logit_bias`, clamped to [-100, 100]) added; a token's logit where the token is in the
+    (vLLM v1 `Sampler.apply_logits_processors`, then `apply_penalties`): every token but
+    the `allowed` ones (`allowed_token_ids`) ruled out; the last token of each of the `bad`
+    words' token ids ruled out where the completion so far ends with the ones before it
+    (`bad_words`, vLLM's `apply_bad_words`); each `bias` (`logit_bias`, clamped to
+    [-100, 100]) added; a token's logit where the token is in the
     prompt or the completion so far divided by `repetition` if positive, multiplied by it
     if not; `frequency` times the token's count in the completion and `presence` where it
     is in it subtracted. `ignore_eos`: the model's EOS ends nothing (the request's stop ids
@@ -327,11 +332,14 @@ class Shaping:
     presence: float = 0.0
     frequency: float = 0.0
     ignore_eos: bool = False
+    allowed: tuple[int, ...] | None = None
+    bad: tuple[tuple[int, ...], ...] = ()
 
     @property
     def neutral(self) -> bool:
         """Whether the logits are left as they are."""
-        return not self.bias and self.repetition == 1 and not self.presence and not self.frequency
+        penalised = self.repetition != 1 or self.presence or self.frequency
+        return not (self.bias or penalised or self.allowed is not None or self.bad)
 
     def processor(self, width: int, held: list[int], least: int) -> Any:
         """A transformers logits processor doing this to rows whose first `width` ids are the
@@ -354,6 +362,13 @@ class Shaping:
         """`scores` (rows by vocabulary) shaped for the rows `ids` (prompt, then output)."""
         scores = scores.clone()
         out = ids[:, width:]
+        if self.allowed is not None:
+            kept = scores[:, list(self.allowed)]
+            scores.fill_(float("-inf"))[:, list(self.allowed)] = kept
+        for row, past in enumerate(out.tolist() if self.bad else []):
+            for *before, last in self.bad:
+                if len(before) <= len(past) and past[len(past) - len(before) :] == before:
+                    scores[row, last] = float("-inf")
         if held and out.shape[1] < least:
             scores[:, held] = float("-inf")
         if self.bias:
@@ -776,8 +791,6 @@ def _sampling(lm: LanguageModel, fields: _Fields) -> dict[str, float]:
 _UNIMPLEMENTED = (
     "suffix",
     "best_of",
-    "allowed_token_ids",
-    "bad_words",
     "guided_json",
     "guided_regex",
     "guided_choice",
@@ -852,10 +865,10 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any
     bad = next((t for t in ids if not 0 <= t < vocab), None)
     if bad is not None:  # as vLLM's input processing refuses it
         return _error(400, f"Token id {bad} is out of vocabulary")
-    bias = _logit_bias(lm, fields.logit_bias)
-    if not isinstance(bias, tuple):
-        return bias  # an error reply
     sampling = _sampling(lm, fields)
+    shaping = _shaping(lm, fields, sampling["repetition_penalty"])
+    if not isinstance(shaping, Shaping):
+        return shaping  # an error reply
     req = _Completion(
         model=name,
         ids=ids,
@@ -881,16 +894,49 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any
             bool(fields.include_stop_str_in_output),
             fields.min_tokens,
         ),
-        shaping=Shaping(
-            bias,
-            sampling["repetition_penalty"],
-            fields.presence_penalty or 0.0,  # vLLM's defaults: none from generation_config
-            fields.frequency_penalty or 0.0,
-            fields.ignore_eos,
-        ),
+        shaping=shaping,
     )
     refused = _request_error(lm, req, fields.top_k)
     return req if refused is None else refused
+
+
+def _shaping(lm: LanguageModel, fields: _Fields, repetition: float) -> Any:
+    """The request's `Shaping`, or vLLM's error reply for a bad `logit_bias` or
+    `allowed_token_ids` (its input processor's words)."""
+    bias = _logit_bias(lm, fields.logit_bias)
+    if not isinstance(bias, tuple):
+        return bias
+    allowed = fields.allowed_token_ids
+    if allowed is not None and not allowed:
+        return _error(400, "allowed_token_ids is not None and empty!", "allowed_token_ids")
+    if allowed is not None and not all(0 <= t < len(lm.tokenizer) for t in allowed):
+        return _error(400, "allowed_token_ids contains out-of-vocab token id!", "allowed_token_ids")
+    return Shaping(
+        bias,
+        repetition,
+        fields.presence_penalty or 0.0,  # vLLM's defaults: none from generation_config
+        fields.frequency_penalty or 0.0,
+        fields.ignore_eos,
+        None if allowed is None else tuple(sorted(set(allowed))),
+        _bad_words(lm, fields.bad_words or []),
+    )
+
+
+def _bad_words(lm: LanguageModel, words: list[str]) -> tuple[tuple[int, ...], ...]:
+    """`bad_words` as vLLM's `SamplingParams.update_from_tokenizer` makes token ids of them:
+    each word (leading spaces stripped) as it starts a text, and with a space before it
+    where that gives another first token and as many tokens (a word inside a text). A word
+    of no tokens bans nothing (vLLM fails on it)."""
+    found: list[tuple[int, ...]] = []
+    for word in words:
+        alone = tuple(lm.tokenizer.encode(word.lstrip(), add_special_tokens=False))
+        if not alone:
+            continue
+        found.append(alone)
+        inside = tuple(lm.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+        if inside and inside[0] != alone[0] and len(inside) == len(alone):
+            found.append(inside)
+    return tuple(found)
 
 
 def _logit_bias(lm: LanguageModel, given: dict[str, float] | None) -> Any:

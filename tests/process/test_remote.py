@@ -1026,9 +1026,8 @@ def test_unpact_serve_answers_a_mistyped_field_with_vllms_400(served, change, pa
     "change",
     [
         {"suffix": "."},
-        {"allowed_token_ids": [5]},
-        {"bad_words": ["a"]},
         {"best_of": 3},
+        {"structured_outputs": {"choice": ["a", "b"]}},
     ],
 )
 def test_unpact_serve_refuses_a_field_it_does_not_implement(served, change):
@@ -1586,15 +1585,23 @@ def test_unpact_serve_echoes_a_text_prompt_as_given_and_keeps_add_special_tokens
     assert as_ids["choices"][0]["text"] == tok.decode(plain)
 
 
-def _shaped_greedy(tiny, ids, steps, bias=(), rep=1.0, presence=0.0, frequency=0.0):
+def _shaped_greedy(
+    tiny, ids, steps, bias=(), rep=1.0, presence=0.0, frequency=0.0, allowed=None, bad=()
+):
     """The greedy tokens of the tiny model with vLLM's logit shaping, one full forward pass
-    per token and the definitions written out (`logit_bias` added, then the penalties)."""
+    per token and the definitions written out (only `allowed` tokens, no `bad` word
+    completed, `logit_bias` added, then the penalties)."""
     import torch
 
     seq, out = list(ids), []
     for _ in range(steps):
         with torch.no_grad():
             row = tiny.model(input_ids=torch.tensor([seq])).logits[0, -1].float().tolist()
+        if allowed is not None:
+            row = [v if t in allowed else -math.inf for t, v in enumerate(row)]
+        for word in bad:
+            if out[len(out) - len(word) + 1 :] == list(word[:-1]) or len(word) == 1:
+                row[word[-1]] = -math.inf
         for t, b in bias:
             row[t] += b
         for t in set(seq):
@@ -1732,3 +1739,39 @@ def test_unpact_serve_scores_a_batch_of_prompts_in_one_pass(tiny, served):
         assert batched["text"] == one["text"]
         a, b = one["logprobs"]["token_logprobs"][1:], batched["logprobs"]["token_logprobs"][1:]
         assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4
+
+
+def test_unpact_serve_keeps_to_allowed_token_ids_and_off_bad_words(tiny, served):
+    """`allowed_token_ids` and `bad_words` were refused; vLLM rules out every token but the
+    allowed ones, and a bad word's last token where the completion ends with the ones
+    before it (each word tokenised alone and, where that gives other tokens of the same
+    count, after a space). Its 400s for an empty or out-of-vocabulary allowed list."""
+    import httpx
+
+    url = served[1]
+    tok = tiny.tokenizer
+    ids = list(tiny.encode_prompt(PROMPTS[0]).input_ids)
+    plain = _shaped_greedy(tiny, ids, 10)
+    body = {"model": "tiny", "prompt": ids, "max_tokens": 10, "temperature": 0, "logprobs": 0}
+    body |= {"return_tokens_as_token_ids": True}
+
+    def tokens(**asked: Any) -> list[int]:
+        reply = httpx.post(f"{url}/completions", json=body | asked)
+        assert reply.status_code == 200, reply.text
+        return [int(t.split(":")[1]) for t in reply.json()["choices"][0]["logprobs"]["tokens"]]
+
+    allowed = sorted({plain[3], 40, 41, 57})
+    got = tokens(allowed_token_ids=allowed)
+    assert set(got) <= set(allowed) and got == _shaped_greedy(tiny, ids, 10, allowed=allowed)
+    word = tok.decode(plain[2:4])  # two tokens the model would say
+    alone = tuple(tok.encode(word.lstrip(), add_special_tokens=False))
+    inside = tuple(tok.encode(" " + word.lstrip(), add_special_tokens=False))
+    bad = [alone] + ([inside] if inside[0] != alone[0] and len(inside) == len(alone) else [])
+    want = _shaped_greedy(tiny, ids, 10, bad=bad)
+    assert want != plain and tokens(bad_words=[word]) == want
+    for value, said in (
+        ([], "allowed_token_ids is not None and empty!"),
+        ([5, len(tok)], "allowed_token_ids contains out-of-vocab token id!"),
+    ):
+        refused = httpx.post(f"{url}/completions", json=body | {"allowed_token_ids": value})
+        assert refused.status_code == 400 and refused.json()["error"]["message"] == said

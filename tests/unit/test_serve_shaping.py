@@ -1,5 +1,6 @@
 """`unpact serve`'s logit shaping, as vLLM's sampler does it before the temperature:
-`logit_bias`, then the repetition, frequency and presence penalties (vLLM v1
+`allowed_token_ids`, `bad_words`, `logit_bias`, then the repetition, frequency and
+presence penalties (vLLM v1
 `Sampler.apply_logits_processors` and `apply_penalties`), checked against a plain loop
 over each token."""
 
@@ -21,6 +22,13 @@ def slow(
 ) -> list[float]:
     """One row shaped token by token, from the definitions."""
     row = list(scores)
+    if s.allowed is not None:
+        row = [v if t in s.allowed else -math.inf for t, v in enumerate(row)]
+    for word in s.bad:  # banned where the output ends with the word's tokens but its last
+        if len(word) == 1 or (
+            len(out) >= len(word) - 1 and out[-(len(word) - 1) :] == list(word[:-1])
+        ):
+            row[word[-1]] = -math.inf
     if len(out) < least:
         for t in held:
             row[t] = -math.inf
@@ -41,20 +49,27 @@ shapings = st.builds(
     repetition=st.floats(0.1, 3),
     presence=st.floats(-2, 2),
     frequency=st.floats(-2, 2),
+    allowed=st.none()
+    | st.sets(st.integers(0, VOCAB - 1), min_size=1).map(lambda a: tuple(sorted(a))),
+    bad=st.lists(
+        st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=3).map(tuple), max_size=3
+    ).map(tuple),
 )
 
 
 @settings(max_examples=200, deadline=None)
 @given(
     s=shapings,
-    rows=st.lists(
-        st.tuples(
-            st.lists(st.floats(-20, 20, allow_nan=False), min_size=VOCAB, max_size=VOCAB),
-            st.lists(st.integers(0, VOCAB - 1), min_size=3, max_size=3),
-            st.lists(st.integers(0, VOCAB - 1), min_size=4, max_size=4),
-        ),
-        min_size=1,
-        max_size=3,
+    rows=st.integers(0, 4).flatmap(  # rows of one output length, as generation has them
+        lambda n: st.lists(
+            st.tuples(
+                st.lists(st.floats(-20, 20, allow_nan=False), min_size=VOCAB, max_size=VOCAB),
+                st.lists(st.integers(0, VOCAB - 1), min_size=3, max_size=3),
+                st.lists(st.integers(0, VOCAB - 1), min_size=n, max_size=n),
+            ),
+            min_size=1,
+            max_size=3,
+        )
     ),
     least=st.integers(0, 6),
 )
