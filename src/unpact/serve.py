@@ -789,7 +789,7 @@ def _sampling(lm: LanguageModel, fields: _Fields) -> dict[str, float]:
 # implement: asked for (any value but an empty or zero one, which changes nothing), the
 # request is refused; ignored, a `stop` or `stream` gave another output than vLLM's, silently
 _UNIMPLEMENTED = (
-    "suffix",
+    "suffix",  # vLLM's own 400
     "best_of",
     "guided_json",
     "guided_regex",
@@ -813,6 +813,8 @@ _CHAT_UNIMPLEMENTED = (
 def _unimplemented(body: dict[str, Any], fields: tuple[str, ...] = _UNIMPLEMENTED) -> Any:
     """The error reply for a field that would change the output and that this server does
     not implement, or None."""
+    if "suffix" in fields and body.get("suffix") is not None:  # vLLM refuses it too
+        return _error(400, "suffix is not currently supported")
     for field in fields:
         value = body.get(field)
         if field == "best_of" and value == body.get("n", 1):
