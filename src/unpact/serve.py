@@ -599,10 +599,11 @@ class _Server:
         if not isinstance(req, _Completion):
             return req
         _, done = self._generate(lm, req)
+        role, echoed = _chat_role_and_echo(body)
         choices = [
             {
                 "index": n,
-                "message": {"role": "assistant", "content": f.text, "tool_calls": []},
+                "message": {"role": role, "content": echoed + f.text, "tool_calls": []},
                 "logprobs": None if req.logprobs is None else self._chat_logprobs(lm, req, f),
                 "finish_reason": f.finish_reason,
                 "stop_reason": f.stop_reason,
@@ -805,8 +806,6 @@ _CHAT_UNIMPLEMENTED = (
     *_UNIMPLEMENTED,
     "tools",
     "tool_choice",
-    "continue_final_message",
-    "echo",
 )
 
 
@@ -1067,7 +1066,7 @@ def _chat_chunks(reply: dict[str, Any]) -> list[dict[str, Any]]:
     """A chat completion's choices as vLLM's stream chunks: first each choice's role with
     empty content, then its content with its log-probs and the finish and stop reasons."""
     opened = [
-        {"index": c["index"], "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+        {"index": c["index"], "delta": {"role": c["message"]["role"], "content": ""}, "logprobs": None,
          "finish_reason": None}
         for c in reply["choices"]
     ]  # fmt: skip
@@ -1117,6 +1116,19 @@ def _token_ids(value: Any) -> TypeGuard[list[int]]:
         and bool(value)
         and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
     )
+
+
+def _chat_role_and_echo(body: dict[str, Any]) -> tuple[str, str]:
+    """A chat reply's role and the text `echo` puts before each choice's, as vLLM's chat
+    server gives them: the role is the assistant's with a generation prompt, else the last
+    message's; an echo repeats the last message's content where its role is the reply's
+    (text parts joined by newlines). `body`'s messages are valid (`_chat_ids`)."""
+    last = body["messages"][-1]
+    role = "assistant" if body.get("add_generation_prompt", True) else str(last["role"])
+    if not body.get("echo") or last["role"] != role:
+        return role, ""
+    content = last.get("content") or ""
+    return role, content if isinstance(content, str) else "\n".join(p["text"] for p in content)
 
 
 def _chat_ids(lm: LanguageModel, body: dict[str, Any]) -> Any:

@@ -1780,3 +1780,44 @@ def test_unpact_serve_keeps_to_allowed_token_ids_and_off_bad_words(tiny, served)
     ):
         refused = httpx.post(f"{url}/completions", json=body | {"allowed_token_ids": value})
         assert refused.status_code == 400 and refused.json()["error"]["message"] == said
+
+
+def test_unpact_serve_chat_continues_a_final_message_and_echoes_it(tiny, served):
+    """vLLM's chat endpoint continues the last message (`continue_final_message`, the
+    prefilled answer of a prefilling attack) and, with `echo`, puts the last message's
+    content before the reply when their roles agree (the reply's role being the last
+    message's without a generation prompt); `unpact serve` refused both."""
+    import httpx
+
+    url = served[1]
+    messages = [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital is"},
+    ]
+    body = {"model": "tiny", "messages": messages, "max_tokens": 5, "temperature": 0}
+    body |= {"add_generation_prompt": False, "continue_final_message": True}
+    text = tiny.tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    ids = list(tiny.tokenizer(text, add_special_tokens=False)["input_ids"])
+    completion = {"model": "tiny", "prompt": ids, "max_tokens": 5, "temperature": 0}
+    plain = httpx.post(f"{url}/completions", json=completion).json()["choices"][0]["text"]
+    reply = httpx.post(f"{url}/chat/completions", json=body).json()
+    assert reply["usage"]["prompt_tokens"] == len(ids)
+    assert reply["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": plain,
+        "tool_calls": [],
+    }
+    echoed = httpx.post(f"{url}/chat/completions", json=body | {"echo": True}).json()
+    assert echoed["choices"][0]["message"]["content"] == "The capital is" + plain
+    # with a generation prompt the reply is the assistant's: a user's last message is not
+    # echoed; without one, the reply takes the last message's role and echoes it
+    asked = {"model": "tiny", "messages": messages[:1], "max_tokens": 3, "echo": True}
+    with_prompt = httpx.post(f"{url}/chat/completions", json=asked).json()["choices"][0]
+    assert with_prompt["message"]["role"] == "assistant"
+    assert not with_prompt["message"]["content"].startswith(messages[0]["content"])
+    bare = asked | {"add_generation_prompt": False}
+    without = httpx.post(f"{url}/chat/completions", json=bare).json()["choices"][0]
+    assert without["message"]["role"] == "user"
+    assert without["message"]["content"].startswith(messages[0]["content"])
+    both = httpx.post(f"{url}/chat/completions", json=body | {"add_generation_prompt": True})
+    assert both.status_code == 400 and "Cannot set both" in both.json()["error"]["message"]
