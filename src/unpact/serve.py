@@ -294,6 +294,7 @@ class _Fields(BaseModel):
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     return_tokens_as_token_ids: bool | None = None
+    return_token_ids: bool | None = None
     temperature: float | None = None
     seed: int | None = Field(None, ge=-_INT64, le=_INT64 - 1)
     top_p: float | None = None
@@ -403,6 +404,7 @@ class _Completion:
     logprobs: int | None  # how many most likely tokens beside each one (None: not asked)
     prompt_logprobs: int | None
     as_ids: bool
+    with_ids: bool  # vLLM's return_token_ids: the prompt's and each choice's ids beside the text
     temperature: float
     seed: int
     sampling: dict[str, float]  # top_p, top_k, min_p, repetition_penalty as vLLM resolves them
@@ -885,6 +887,7 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any
         if fields.prompt_logprobs is None and fields.echo
         else fields.prompt_logprobs,
         as_ids=bool(fields.return_tokens_as_token_ids),
+        with_ids=bool(fields.return_token_ids),
         temperature=_raised(float(_sampling_value(lm, fields, "temperature", 1.0))),
         # vLLM: no seed (or -1) draws from the engine's random state; here a fresh seed
         seed=secrets.randbits(63) if fields.seed in (None, -1) else fields.seed,
@@ -1262,13 +1265,16 @@ def _choice(
     them: a stop string cuts the text, not the tokens). `scores(g)`: the `Scored` of the
     prompt followed by generated ids g; `prompt_scores`: the prompt's, when known."""
     tok, ids, g = lm.tokenizer, req.ids, done.ids
+    echoed = req.text if req.echo and not req.with_ids else ""  # the ids say it (vLLM)
     choice: dict[str, Any] = {
         "index": index,
-        "text": (req.text if req.echo else "") + done.text,
+        "text": echoed + done.text,
         "logprobs": None,
         "finish_reason": done.finish_reason,
         "stop_reason": done.stop_reason,
     }
+    if req.with_ids:
+        choice |= {"prompt_token_ids": list(ids), "token_ids": list(g)}
     seq = (ids + list(g)) if req.echo else list(g)
     if req.logprobs is not None and seq:
         start = 0 if req.echo else len(ids)

@@ -1821,3 +1821,22 @@ def test_unpact_serve_chat_continues_a_final_message_and_echoes_it(tiny, served)
     assert without["message"]["content"].startswith(messages[0]["content"])
     both = httpx.post(f"{url}/chat/completions", json=body | {"add_generation_prompt": True})
     assert both.status_code == 400 and "Cannot set both" in both.json()["error"]["message"]
+
+
+def test_unpact_serve_returns_token_ids_when_asked(tiny, served):
+    """vLLM's `return_token_ids`: each choice carries the prompt's ids and its own (the
+    stop token among them), and an echo then leaves the prompt's text out; `unpact serve`
+    ignored the field."""
+    import httpx
+
+    url = served[1]
+    ids = list(tiny.encode_prompt(PROMPTS[0]).input_ids)
+    body = {"model": "tiny", "prompt": ids, "max_tokens": 6, "temperature": 0, "logprobs": 0}
+    body |= {"return_tokens_as_token_ids": True, "return_token_ids": True}
+    choice = httpx.post(f"{url}/completions", json=body).json()["choices"][0]
+    assert choice["prompt_token_ids"] == ids
+    assert choice["token_ids"] == [int(t.split(":")[1]) for t in choice["logprobs"]["tokens"]]
+    echoed = httpx.post(f"{url}/completions", json=body | {"echo": True}).json()["choices"][0]
+    assert echoed["text"] == choice["text"] and echoed["token_ids"] == choice["token_ids"]
+    plain = httpx.post(f"{url}/completions", json=body | {"return_token_ids": False}).json()
+    assert "token_ids" not in plain["choices"][0]
