@@ -312,6 +312,7 @@ class _Fields(BaseModel):
     include_stop_str_in_output: bool | None = False
     min_tokens: int = 0
     add_special_tokens: bool = True
+    skip_special_tokens: bool = True
 
 
 @dataclass(frozen=True)
@@ -405,6 +406,7 @@ class _Completion:
     prompt_logprobs: int | None
     as_ids: bool
     with_ids: bool  # vLLM's return_token_ids: the prompt's and each choice's ids beside the text
+    skip_special: bool  # special tokens left out of the text (vLLM's skip_special_tokens)
     temperature: float
     seed: int
     sampling: dict[str, float]  # top_p, top_k, min_p, repetition_penalty as vLLM resolves them
@@ -653,7 +655,7 @@ class _Server:
                 rows = _generate_rows(lm, req, req.temperature < GREEDY_BELOW)
             prompt_scores = None
         eos = lm.tokenizer.eos_token_id if req.ends else None
-        decode = _decoder(lm, req.ids)
+        decode = _decoder(lm, req.ids, req.skip_special)
         ends = set(stop_ids(lm)) if req.ends else set()
         return prompt_scores, [finish(r, decode, req.stops, ends, eos) for r in rows]
 
@@ -666,15 +668,15 @@ def _scored_only(req: _Completion) -> bool:
     return req.max_tokens == 0 or (one and req.shaping.neutral)
 
 
-def _decoder(lm: LanguageModel, prompt: list[int]) -> Callable[[list[int]], str]:
-    """A completion's text as vLLM gives it: special tokens left out, and the ids decoded
-    after the prompt's last tokens (`_primer`), as vLLM's detokenizer is primed with them,
-    so a word's first token keeps the space a tokenizer's lone decode drops
+def _decoder(lm: LanguageModel, prompt: list[int], skip: bool) -> Callable[[list[int]], str]:
+    """A completion's text as vLLM gives it: special tokens left out (`skip`), and the ids
+    decoded after the prompt's last tokens (`_primer`), as vLLM's detokenizer is primed
+    with them, so a word's first token keeps the space a tokenizer's lone decode drops
     (SentencePiece's `▁`)."""
 
     def text(of: list[int]) -> str:  # vLLM's detokenizers clean no spaces up
         return str(
-            lm.tokenizer.decode(of, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            lm.tokenizer.decode(of, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
         )
 
     after = _primer(lm, prompt)
@@ -732,7 +734,8 @@ def _stopping(lm: LanguageModel, req: _Completion) -> Any:
     their samples as before, so the others' samples are the same."""
     from transformers.generation import StoppingCriteria, StoppingCriteriaList
 
-    width, strings, decode = len(req.ids), req.stops.strings, _decoder(lm, req.ids)
+    width, strings = len(req.ids), req.stops.strings
+    decode = _decoder(lm, req.ids, req.skip_special)
     least = req.stops.min_tokens
 
     def stopped(row: list[int]) -> bool:
@@ -794,6 +797,12 @@ def _sampling(lm: LanguageModel, fields: _Fields) -> dict[str, float]:
 _UNIMPLEMENTED = (
     "suffix",  # vLLM's own 400
     "best_of",
+    "use_beam_search",
+    "truncate_prompt_tokens",
+    "logprob_token_ids",
+    "prompt_embeds",
+    "repetition_detection",
+    "thinking_token_budget",
     "guided_json",
     "guided_regex",
     "guided_choice",
@@ -888,6 +897,7 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any
         else fields.prompt_logprobs,
         as_ids=bool(fields.return_tokens_as_token_ids),
         with_ids=bool(fields.return_token_ids),
+        skip_special=fields.skip_special_tokens,
         temperature=_raised(float(_sampling_value(lm, fields, "temperature", 1.0))),
         # vLLM: no seed (or -1) draws from the engine's random state; here a fresh seed
         seed=secrets.randbits(63) if fields.seed in (None, -1) else fields.seed,

@@ -1028,6 +1028,8 @@ def test_unpact_serve_answers_a_mistyped_field_with_vllms_400(served, change, pa
         {"suffix": "."},
         {"best_of": 3},
         {"structured_outputs": {"choice": ["a", "b"]}},
+        {"use_beam_search": True},
+        {"truncate_prompt_tokens": 1},
     ],
 )
 def test_unpact_serve_refuses_a_field_it_does_not_implement(served, change):
@@ -1689,6 +1691,8 @@ def test_unpact_serve_ignore_eos_and_logit_bias_errors_as_vllm(tiny, served):
     ignored = choice(ignore_eos=True)
     assert ids(ignored) == [eos] * 5 and ignored["finish_reason"] == "length"
     assert ignored["text"] == ""  # special tokens are left out of the text
+    shown = choice(ignore_eos=True, skip_special_tokens=False)["text"]  # unless asked
+    assert shown == tiny.tokenizer.decode([eos]) * 5 and shown
     held = choice(ignore_eos=True, min_tokens=2)
     assert eos not in ids(held)[:2] and ids(held)[2:] == [eos] * 3
     asked = choice(ignore_eos=True, stop_token_ids=[eos])  # the request's own stop id
