@@ -1215,6 +1215,7 @@ _NEUTRAL_DECODING: dict[str, Any] = {
     "prompt_lookup_num_tokens": None,
     "stop_strings": None,
     "penalty_alpha": None,
+    "max_time": None,  # a clock's cut: answers that depend on the machine's load
 }
 
 

@@ -584,3 +584,32 @@ def test_a_generation_config_changes_no_answer(flag, value):
     given = {**lm.model.generation_config.to_dict(), flag: value}
     lm.model.generation_config = GenerationConfig.from_dict(given)
     assert answers() == plain
+
+
+def test_every_generation_setting_that_shapes_answers_is_neutralised():
+    """unpact's answers depend on the prompt and the weights alone: each setting a
+    model's generation_config may hold that transformers turns into a logits processor, a
+    warper or a stopping criterion is set to its neutral value (`_NEUTRAL_DECODING`), set
+    by unpact itself, or harmless. A transformers release that adds one fails here: add it
+    to `_NEUTRAL_DECODING` (the flag `top_h` came in that way)."""
+    import inspect
+    import re
+
+    from transformers.generation.utils import GenerationMixin
+
+    from unpact.scoring import _GREEDY, _NEUTRAL_DECODING
+
+    read = set()
+    for method in ("_get_logits_processor", "_get_stopping_criteria"):
+        source = inspect.getsource(getattr(GenerationMixin, method))
+        read |= set(re.findall(r"generation_config\.(\w+)", source))
+    set_by_unpact = {"do_sample", "max_length", "num_return_sequences", "_eos_token_tensor"}
+    harmless = {
+        "use_cache",  # speed only
+        "remove_invalid_values",  # nan/inf to finite: no argmax or draw moves
+        "renormalize_logits",  # log-softmax after the processors: the same distribution
+        "is_assistant",  # assisted decoding, which unpact never asks for
+        "assistant_confidence_threshold",
+    }
+    left = read - set(_NEUTRAL_DECODING) - set(_GREEDY) - set_by_unpact - harmless
+    assert not left, f"generation settings unpact leaves to a model's config: {sorted(left)}"
