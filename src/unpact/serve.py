@@ -31,9 +31,7 @@ from unpact.errors import UnpactError
 from unpact.models import LanguageModel, text_config
 from unpact.scoring import (
     LOWEST_TEMPERATURE,
-    forked_rng,
     generated_rows,
-    quiet_padding_warning,
     right_padded,
     stop_ids,
 )
@@ -702,9 +700,11 @@ def _primer(lm: LanguageModel, prompt: list[int]) -> list[int]:
 def _generate_rows(lm: LanguageModel, req: _Completion, greedy: bool) -> list[list[int]]:
     """The request's generated rows (up to max_tokens, each as it came: a stopped one's
     stop id kept): greedy, the local sampler seeded by the request's seed as vLLM seeds a
-    request (unpact's client sends the per-prompt seed its local sampler would use), or
-    with the request's other sampling settings `_generate_configured`. The request's stop
-    token ids stop a row as the EOS does, and its stop strings stop it early."""
+    request (unpact's client sends the per-prompt seed its local sampler would use), with
+    the request's top_p / top_k / min_p as vLLM resolves them (the model's generation_config
+    filling what the request leaves unset; its other settings left out, as vLLM reads
+    none of them) and its `Shaping`. The request's stop token ids stop a row as the EOS
+    does, and its stop strings stop it early."""
     extra: dict[str, Any] = {}
     # a stop id outside the vocabulary is never generated (and transformers warns of it)
     asked = {t for t in req.stops.token_ids if 0 <= t < len(lm.tokenizer)}
@@ -721,11 +721,10 @@ def _generate_rows(lm: LanguageModel, req: _Completion, greedy: bool) -> list[li
         extra["stopping_criteria"] = _stopping(lm, req)
     if greedy:
         return generated_rows(lm, [req.ids], req.max_tokens, None, 1.0, 1, **extra)
-    if req.plain:
-        return generated_rows(
-            lm, [req.ids], req.max_tokens, req.seed, req.temperature, req.n, **extra
-        )
-    return _generate_configured(lm, req, extra)
+    if not req.plain:  # transformers' warpers, after the processors, as vLLM's order has them
+        s = req.sampling
+        extra |= {"top_p": s["top_p"], "top_k": int(s["top_k"]), "min_p": s["min_p"] or None}
+    return generated_rows(lm, [req.ids], req.max_tokens, req.seed, req.temperature, req.n, **extra)
 
 
 def _stopping(lm: LanguageModel, req: _Completion) -> Any:
@@ -1223,43 +1222,6 @@ def _sampling_error(req: _Completion, top_k: int | None) -> Any:
     if t < GREEDY_BELOW and req.n > 1:  # SamplingParams._verify_greedy_sampling
         return _error(400, f"n must be 1 when using greedy sampling, got {req.n}.")
     return None
-
-
-def _stop_id(lm: LanguageModel) -> int:
-    """The id a stopped completion ends with: the tokenizer's EOS if it stops generation."""
-    stops = stop_ids(lm)
-    eos = lm.tokenizer.eos_token_id
-    return int(eos) if eos in stops else int(stops[0])
-
-
-def _generate_configured(
-    lm: LanguageModel, req: _Completion, extra: dict[str, Any]
-) -> list[list[int]]:
-    """Samples with the request's top_p / top_k / min_p (as vLLM resolves them, the
-    model's generation_config filling what the request leaves unset), through
-    transformers' sampler; its repetition penalty is in `extra`'s `Shaping` processor."""
-    s = req.sampling
-    with forked_rng(lm.device), quiet_padding_warning():
-        torch.manual_seed(req.seed)
-        kwargs: dict[str, Any] = {
-            "do_sample": True,
-            "temperature": req.temperature,
-            "top_p": s["top_p"],
-            "top_k": int(s["top_k"]),
-            "min_p": s["min_p"] or None,
-            "repetition_penalty": 1.0,  # in the request's `Shaping`, in vLLM's order
-            "max_new_tokens": req.max_tokens,
-            "num_return_sequences": req.n,
-            "eos_token_id": stop_ids(lm),
-            "pad_token_id": _stop_id(lm),
-        }
-        out = lm.model.generate(
-            input_ids=torch.tensor([req.ids], device=lm.device),
-            attention_mask=torch.ones(1, len(req.ids), dtype=torch.long, device=lm.device),
-            **(kwargs | extra),  # extra: the request's stop ids, min_tokens, stop strings
-        )
-    rows: list[list[int]] = out[:, len(req.ids) :].tolist()
-    return rows
 
 
 def _choice(

@@ -1844,3 +1844,22 @@ def test_unpact_serve_returns_token_ids_when_asked(tiny, served):
     assert echoed["text"] == choice["text"] and echoed["token_ids"] == choice["token_ids"]
     plain = httpx.post(f"{url}/completions", json=body | {"return_token_ids": False}).json()
     assert "token_ids" not in plain["choices"][0]
+
+
+def test_served_sampling_ignores_generation_settings_vllm_does_not_read(tiny, tmp_path):
+    """vLLM takes top_p, top_k, min_p, repetition_penalty and temperature from a model's
+    generation_config and nothing else; `unpact serve` sampled with top_p, top_k or min_p
+    through transformers' generate on the whole generation_config, so a model's
+    `no_repeat_ngram_size` (or typical_p, a forced EOS, ...) changed its samples."""
+    import httpx
+
+    lm = _model_with(tiny, tmp_path, no_repeat_ngram_size=1)
+    ids = list(lm.encode_prompt(PROMPTS[0]).input_ids)
+    plain = _shaped_greedy(tiny, ids, 24)
+    assert len(set(plain)) < len(plain)  # the greedy answer repeats a token
+    body = {"model": "tiny", "prompt": ids, "max_tokens": 24, "temperature": 1.0, "seed": 1}
+    body |= {"top_k": 1, "logprobs": 0, "return_tokens_as_token_ids": True}
+    with BackgroundServer(make_app(lm, "tiny")) as url:
+        reply = httpx.post(f"{url}/v1/completions", json=body).json()
+    tokens = [int(t.split(":")[1]) for t in reply["choices"][0]["logprobs"]["tokens"]]
+    assert tokens == plain[: len(tokens)] and len(tokens) == 24
