@@ -685,10 +685,25 @@ class RemoteModel:
                     f"{self.base_url}/completions gave {len(texts)} choices for "
                     f"n={max(num_samples, 1)}"
                 )
+            for c in choices:
+                self._check_length(c, max_new_tokens)
             return [(t.strip(), _answer_ids(self, c, t)) for c, t in zip(choices, texts)]
 
         label = progress if isinstance(progress, str) else ("Generating" if progress else False)
         return self.map(one, list(prompts), label)
+
+    def _check_length(self, choice: dict[str, Any], asked: int) -> None:
+        """A completion ended by its length before `asked` tokens was cut by the server:
+        vLLM bounds every request by the model's generation_config `max_new_tokens`. The
+        answer would be judged shorter than the local model's: an error, not a number."""
+        ids = _generated_ids(choice)
+        if choice.get("finish_reason") == "length" and ids is not None and len(ids) < asked:
+            raise RemoteError(
+                f"{self.base_url}/completions made {len(ids)} tokens where {asked} were "
+                "asked: the server caps completions, as vLLM does at the model's "
+                "generation_config max_new_tokens; start it with --generation-config vllm "
+                "(or --override-generation-config '{\"max_new_tokens\": N}')"
+            )
 
 
 # The local sampler draws from the plain softmax at the temperature: nothing else changes

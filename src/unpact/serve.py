@@ -910,7 +910,27 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any
         shaping=shaping,
     )
     refused = _request_error(lm, req, fields.top_k)
-    return req if refused is None else refused
+    return refused if refused is not None else _capped(lm, req)
+
+
+def _capped(lm: LanguageModel, req: _Completion) -> Any:
+    """The request with at most the model's generation_config `max_new_tokens` to make, as
+    vLLM bounds every request by it (`get_max_tokens`), or vLLM's 400 for a `min_tokens`
+    then above it."""
+    cap = getattr(lm.model.generation_config, "max_new_tokens", None)
+    if cap is None or req.max_tokens <= cap:
+        return req
+    req.max_tokens = int(cap)
+    return _above_max_tokens(req) if req.stops.min_tokens > req.max_tokens else req
+
+
+def _above_max_tokens(req: _Completion) -> Any:
+    """vLLM's 400 for a `min_tokens` above `max_tokens`."""
+    return _error(
+        400,
+        f"min_tokens must be less than or equal to max_tokens={req.max_tokens}, "
+        f"got {req.stops.min_tokens}.",
+    )
 
 
 def _shaping(lm: LanguageModel, fields: _Fields, repetition: float) -> Any:
@@ -982,10 +1002,7 @@ def _request_error(lm: LanguageModel, req: _Completion, top_k: int | None) -> An
     if least < 0:
         return _error(400, f"min_tokens must be greater than or equal to 0, got {least}.")
     if least > req.max_tokens:
-        return _error(
-            400,
-            f"min_tokens must be less than or equal to max_tokens={req.max_tokens}, got {least}.",
-        )
+        return _above_max_tokens(req)
     if any(not string for string in req.stops.strings):
         return _error(400, "stop cannot contain an empty string.")
     if req.max_tokens < 0 or req.n < 1:

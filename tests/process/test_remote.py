@@ -1863,3 +1863,33 @@ def test_served_sampling_ignores_generation_settings_vllm_does_not_read(tiny, tm
         reply = httpx.post(f"{url}/v1/completions", json=body).json()
     tokens = [int(t.split(":")[1]) for t in reply["choices"][0]["logprobs"]["tokens"]]
     assert tokens == plain[: len(tokens)] and len(tokens) == 24
+
+
+def test_served_completions_stop_at_the_generation_configs_max_new_tokens(tiny, tmp_path):
+    """vLLM bounds every request by the generation_config's `max_new_tokens` (a
+    server-wide limit, `get_max_tokens`); `unpact serve` made as many tokens as asked, and
+    unpact's client took a served answer cut short as the model's answer."""
+    import httpx
+
+    lm = _model_with(tiny, tmp_path, max_new_tokens=3)
+    ids = list(lm.encode_prompt(PROMPTS[0]).input_ids)
+    body = {"model": "tiny", "prompt": ids, "max_tokens": 10, "temperature": 0}
+    with BackgroundServer(make_app(lm, "tiny")) as url:
+        reply = httpx.post(f"{url}/v1/completions", json=body).json()
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}]}
+        chatted = httpx.post(f"{url}/v1/chat/completions", json=chat | {"temperature": 0})
+        above = httpx.post(f"{url}/v1/completions", json=body | {"min_tokens": 5})
+        # unpact's client: a served answer cut short is an error, not a shorter answer
+        with pytest.raises(RemoteError, match="made 3 tokens where 6 were asked"):
+            generate(_remote(f"{url}/v1"), PROMPTS[:1], max_new_tokens=6)
+        assert (
+            len(generate(_remote(f"{url}/v1"), PROMPTS[:1], max_new_tokens=3)[0][0].token_ids) == 3
+        )
+    assert reply["usage"]["completion_tokens"] == 3
+    assert reply["choices"][0]["finish_reason"] == "length"
+    assert reply["choices"][0]["text"] == tiny.tokenizer.decode(_shaped_greedy(tiny, ids, 3))
+    assert chatted.json()["usage"]["completion_tokens"] <= 3
+    assert above.status_code == 400
+    assert above.json()["error"]["message"] == (
+        "min_tokens must be less than or equal to max_tokens=3, got 5."
+    )
