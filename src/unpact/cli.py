@@ -1154,6 +1154,15 @@ def serve(
     device: DeviceOpt = "auto",
     trust_remote_code: RemoteCodeOpt = False,
     chat_template: TemplateFileOpt = None,
+    generation_config: Annotated[
+        str,
+        typer.Option(
+            "--generation-config",
+            help="auto: the model's generation_config gives the sampling defaults a request "
+            "leaves unset and bounds every request by its max_new_tokens, as vLLM's default; "
+            "vllm: neither (vLLM's --generation-config vllm).",
+        ),
+    ] = "auto",
 ) -> None:
     """Serve a local model over an OpenAI-compatible API in vLLM's formats (for trying the
     remote backend: --model openai:NAME@http://127.0.0.1:PORT/v1; as an LLM judge:
@@ -1167,6 +1176,8 @@ def serve(
     )
     from unpact.serve import make_app
 
+    if generation_config not in ("auto", "vllm"):
+        raise UnpactError(f"--generation-config: auto or vllm, not {generation_config!r}")
     try:
         template = None if chat_template is None else read_chat_template(chat_template)
         lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
@@ -1175,7 +1186,7 @@ def serve(
             check_chat_template(lm.tokenizer, template[1])
     except ChatTemplateError as e:
         raise UnpactError(f"--chat-template: {e}") from None
-    app_ = make_app(lm, name)
+    app_ = make_app(lm, name, "vllm" if generation_config == "vllm" else "auto")
     import socket
 
     import uvicorn

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, TypeGuard
+from typing import Any, Literal, TypeGuard
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -154,11 +154,21 @@ class ScoreBatcher:
             return [scores_of(logits[r, : len(s)], s, k) for r, (s, k) in enumerate(seqs)]
 
 
-def make_app(models: LanguageModel | dict[str, LanguageModel], name: str = "default") -> Any:
-    """A FastAPI app serving `models` (name -> model; or one model under `name`)."""
+def make_app(
+    models: LanguageModel | dict[str, LanguageModel],
+    name: str = "default",
+    generation_config: Literal["auto", "vllm"] = "auto",
+) -> Any:
+    """A FastAPI app serving `models` (name -> model; or one model under `name`).
+    `generation_config`, as vLLM's option: "auto" takes the sampling defaults and the
+    `max_new_tokens` bound from each model's generation_config, "vllm" leaves them out."""
     fastapi = _require_web()
     app = fastapi.FastAPI(title="unpact serve", docs_url=None, redoc_url=None)
-    server = _Server(models if isinstance(models, dict) else {name: models})
+    if generation_config not in ("auto", "vllm"):
+        raise UnpactError(f"generation_config: 'auto' or 'vllm', not {generation_config!r}")
+    server = _Server(
+        models if isinstance(models, dict) else {name: models}, generation_config == "auto"
+    )
     # vLLM's health check (an empty 200 once the model is loaded, as this app only exists
     # then): the URL scripts poll before they send the first request
     app.get("/health", response_class=fastapi.responses.Response)(_healthy)
@@ -431,10 +441,18 @@ class _Server:
     """The endpoints over the served models: one model call at a time (torch uses every
     core for it), scoring requests batched by a `ScoreBatcher` per model."""
 
-    def __init__(self, served: dict[str, LanguageModel]) -> None:
+    def __init__(self, served: dict[str, LanguageModel], configured: bool = True) -> None:
         self.served = served
         self.lock = threading.Lock()
         self.batchers = {n: ScoreBatcher(m, self.lock) for n, m in served.items()}
+        # what each model's generation_config gives a request (vLLM's
+        # get_diff_sampling_param), nothing with --generation-config vllm
+        self.defaults = {n: _config_defaults(m) if configured else {} for n, m in served.items()}
+
+    def named(self, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The served model a request is for, and its generation_config defaults."""
+        name = self.name(body)
+        return name, self.defaults[name]
 
     def name(self, body: dict[str, Any]) -> str:
         """The served model a request is for: the one it names, or (vLLM: a request that
@@ -526,7 +544,7 @@ class _Server:
             )
         reqs = []
         for prompt in prompts:  # every prompt checked before any is generated
-            req = _parse_completion(lm, body | {"prompt": prompt}, self.name(body))
+            req = _parse_completion(lm, body | {"prompt": prompt}, *self.named(body))
             if not isinstance(req, _Completion):
                 return req  # an error reply
             reqs.append(req)
@@ -597,7 +615,7 @@ class _Server:
             "max_tokens": lm.max_length - len(ids) if length is None else length,
             "logprobs": top,
         }
-        req = _parse_completion(lm, given, self.name(body))
+        req = _parse_completion(lm, given, *self.named(body))
         if not isinstance(req, _Completion):
             return req
         _, done = self._generate(lm, req)
@@ -775,17 +793,25 @@ _FROM_CONFIG = ("top_p", "top_k", "min_p", "repetition_penalty")
 VLLM_DEFAULTS = {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 
 
-def _sampling_value(lm: LanguageModel, fields: _Fields, name: str, default: float) -> Any:
+def _config_defaults(lm: LanguageModel) -> dict[str, Any]:
+    """What vLLM reads from a model's generation_config (`get_diff_sampling_param`): the
+    sampling parameters a request leaves unset, and `max_new_tokens`, a bound on every
+    request."""
+    config = lm.model.generation_config
+    names = (*_FROM_CONFIG, "temperature", "max_new_tokens")
+    return {k: v for k in names if (v := getattr(config, k, None)) is not None}
+
+
+def _sampling_value(defaults: dict[str, Any], fields: _Fields, name: str, default: float) -> Any:
     if getattr(fields, name) is not None:
         return getattr(fields, name)
-    configured = getattr(lm.model.generation_config, name, None)
-    return configured if configured is not None else default
+    return defaults.get(name, default)
 
 
-def _sampling(lm: LanguageModel, fields: _Fields) -> dict[str, float]:
+def _sampling(defaults: dict[str, Any], fields: _Fields) -> dict[str, float]:
     """The request's top_p / top_k / min_p / repetition_penalty as vLLM resolves them, top_k
     off as 0 (vLLM takes -1 for it as well)."""
-    s = {k: float(_sampling_value(lm, fields, k, VLLM_DEFAULTS[k])) for k in _FROM_CONFIG}
+    s = {k: float(_sampling_value(defaults, fields, k, VLLM_DEFAULTS[k])) for k in _FROM_CONFIG}
     s["top_k"] = max(s["top_k"], 0.0)
     return s
 
@@ -838,9 +864,12 @@ def _unimplemented(body: dict[str, Any], fields: tuple[str, ...] = _UNIMPLEMENTE
     return None
 
 
-def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any:
-    """The request's fields (`name`: the served model's), or the error reply vLLM gives
-    for a bad one (and ours for a field this server does not implement)."""
+def _parse_completion(
+    lm: LanguageModel, body: dict[str, Any], name: str, defaults: dict[str, Any]
+) -> Any:
+    """The request's fields (`name`: the served model's; `defaults`: what its
+    generation_config gives), or the error reply vLLM gives for a bad one (and ours for a
+    field this server does not implement)."""
     from pydantic import ValidationError
 
     try:
@@ -876,7 +905,7 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any
     bad = next((t for t in ids if not 0 <= t < vocab), None)
     if bad is not None:  # as vLLM's input processing refuses it
         return _error(400, f"Token id {bad} is out of vocabulary")
-    sampling = _sampling(lm, fields)
+    sampling = _sampling(defaults, fields)
     shaping = _shaping(lm, fields, sampling["repetition_penalty"])
     if not isinstance(shaping, Shaping):
         return shaping  # an error reply
@@ -897,7 +926,7 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any
         as_ids=bool(fields.return_tokens_as_token_ids),
         with_ids=bool(fields.return_token_ids),
         skip_special=fields.skip_special_tokens,
-        temperature=_raised(float(_sampling_value(lm, fields, "temperature", 1.0))),
+        temperature=_raised(float(_sampling_value(defaults, fields, "temperature", 1.0))),
         # vLLM: no seed (or -1) draws from the engine's random state; here a fresh seed
         seed=secrets.randbits(63) if fields.seed in (None, -1) else fields.seed,
         sampling=sampling,
@@ -910,14 +939,13 @@ def _parse_completion(lm: LanguageModel, body: dict[str, Any], name: str) -> Any
         shaping=shaping,
     )
     refused = _request_error(lm, req, fields.top_k)
-    return refused if refused is not None else _capped(lm, req)
+    return refused if refused is not None else _capped(req, defaults.get("max_new_tokens"))
 
 
-def _capped(lm: LanguageModel, req: _Completion) -> Any:
-    """The request with at most the model's generation_config `max_new_tokens` to make, as
-    vLLM bounds every request by it (`get_max_tokens`), or vLLM's 400 for a `min_tokens`
-    then above it."""
-    cap = getattr(lm.model.generation_config, "max_new_tokens", None)
+def _capped(req: _Completion, cap: int | None) -> Any:
+    """The request with at most the model's generation_config `max_new_tokens` (`cap`) to
+    make, as vLLM bounds every request by it (`get_max_tokens`), or vLLM's 400 for a
+    `min_tokens` then above it."""
     if cap is None or req.max_tokens <= cap:
         return req
     req.max_tokens = int(cap)

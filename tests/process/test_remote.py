@@ -1893,3 +1893,26 @@ def test_served_completions_stop_at_the_generation_configs_max_new_tokens(tiny, 
     assert above.json()["error"]["message"] == (
         "min_tokens must be less than or equal to max_tokens=3, got 5."
     )
+
+
+def test_unpact_serve_generation_config_vllm_leaves_the_models_defaults_out(tiny, tmp_path):
+    """`--generation-config vllm` (vLLM's option, and make_app's `generation_config`):
+    neither the sampling defaults nor the `max_new_tokens` bound of the model's
+    generation_config apply; "auto" (the default) applies both."""
+    import httpx
+
+    lm = _model_with(tiny, tmp_path, max_new_tokens=3, top_k=1)
+    ids = list(lm.encode_prompt(PROMPTS[0]).input_ids)
+    body = {"model": "tiny", "prompt": ids, "max_tokens": 8, "temperature": 1.0, "n": 6}
+    body |= {"seed": 5}
+    replies = {}
+    for mode in ("auto", "vllm"):
+        with BackgroundServer(make_app(lm, "tiny", mode)) as url:
+            replies[mode] = httpx.post(f"{url}/v1/completions", json=body).json()
+    auto, plain = replies["auto"], replies["vllm"]
+    assert auto["usage"]["completion_tokens"] == 6 * 3
+    assert len({c["text"] for c in auto["choices"]}) == 1  # top_k=1: the greedy answer
+    assert plain["usage"]["completion_tokens"] == 6 * 8
+    assert len({c["text"] for c in plain["choices"]}) > 1  # the plain softmax
+    with pytest.raises(UnpactError, match="'auto' or 'vllm'"):
+        make_app(lm, "tiny", "none")  # type: ignore[arg-type]
