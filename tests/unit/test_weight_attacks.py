@@ -538,3 +538,39 @@ def test_a_layer_output_is_read_from_a_tuple_a_list_or_alone_and_streams_are_ref
     assert isinstance(new, tuple) and torch.equal(new[0], 2 * h) and new[1] is extra
     with pytest.raises(UnpactError, match=r"shape \(2, 2, 3, 4\).*parallel streams"):
         layer_output(torch.ones(2, 2, 3, 4))
+
+
+@pytest.mark.parametrize("name", ["relearn", "relearn_unrelated"])
+def test_relearning_with_lora_changes_each_linear_weight_by_a_low_rank_update(saved, name):
+    """`lora:` trains adapters of rank r on the model in the run's dtype and merges them:
+    each adapted linear weight moves by an update of rank at most r, nothing else moves,
+    and the judged model is an ordinary one (no peft layers). Unset, it stays out of the
+    attack's cache key, so rows cached before the setting existed stay valid."""
+    from unpact.attacks.relearn import finetune
+    from unpact.models import load_model
+    from unpact.unlearn.config import LoraSettings
+
+    ctx = _ctx(saved, name, _items("forget", 3))
+    before = {n: p.detach().clone() for n, p in load_model(ctx.spec).model.named_parameters()}
+    lora = LoraSettings(r=2, alpha=4, target_modules=["q_proj", "down_proj"])
+    lm = finetune(ctx, _items("retain", 3), 3, 1e-2, 2, 0, lora)
+    after = dict(lm.model.named_parameters())
+    assert set(after) == set(before)  # merged: the plain model's parameters, no adapters
+    moved = {n for n in after if not torch.equal(after[n], before[n])}
+    assert moved and all(n.endswith(("q_proj.weight", "down_proj.weight")) for n in moved)
+    for n in moved:
+        rank = torch.linalg.matrix_rank((after[n] - before[n]).double(), rtol=1e-6)
+        assert 1 <= rank <= 2, (n, rank)
+    attack = get_attack(name, {"steps": 2, "items": 2})
+    assert "lora" not in attack.settings_key()
+    with_lora = get_attack(name, {"steps": 2, "items": 2, "lora": {"r": 2}})
+    assert with_lora.settings_key()["lora"]["r"] == 2
+    rows = with_lora.run(ctx)
+    assert rows and all(isinstance(r["recovered"], bool) for r in rows)
+    # a bfloat16 run: the model loaded in bfloat16, float32 adapters merged into it
+    half = _ctx(saved, name, _items("forget", 3), dtype="bfloat16")
+    lm16 = finetune(half, _items("retain", 3), 3, 1e-2, 2, 0, lora)
+    assert {p.dtype for p in lm16.model.parameters()} == {torch.bfloat16}
+    assert any(
+        not torch.equal(p, before[n].to(torch.bfloat16)) for n, p in lm16.model.named_parameters()
+    )

@@ -63,6 +63,9 @@ class Attack:
     has_baseline: ClassVar[bool] = False  # also run on the original model over every split
     explains: ClassVar[bool] = False  # attributes its recovered answers (ctx.attribution)
     revision: ClassVar[int] = 0  # bumped when its rows change for the same inputs (cache key)
+    # settings added after rows were cached: out of the cache key while unset (None), so
+    # those rows stay valid
+    added_later: ClassVar[tuple[str, ...]] = ()
     applies_to: ClassVar[str] = ""  # which items it can attack, when not every one
 
     def __init__(self, settings: BaseModel | None = None) -> None:
@@ -109,6 +112,14 @@ class Attack:
     def check_depth(self, layers: int) -> None:
         """Refuse settings that name a layer a model of `layers` decoder layers does not
         have (ablate_direction's `layer`), before anything is trained."""
+
+    def settings_key(self) -> dict[str, Any]:
+        """The settings as the cache key reads them (`added_later` ones left out unset)."""
+        dumped: dict[str, Any] = self.settings.model_dump(mode="json")
+        for name in self.added_later:
+            if dumped.get(name) is None:
+                dumped.pop(name, None)
+        return dumped
 
     def key_parts(self, ctx: AttackContext) -> list[Any]:
         """What the rows depend on beyond the model, items, KeyTokens, settings and judge."""

@@ -17,7 +17,8 @@ from unpact.judge import answer_items
 from unpact.models import DTYPES, LanguageModel, load_model
 from unpact.train import Trainer
 from unpact.types import Seed, SettingsModel
-from unpact.unlearn.loop import _batch, batch_indices, encode_items
+from unpact.unlearn.config import LoraSettings
+from unpact.unlearn.loop import _batch, add_lora, batch_indices, encode_items
 from unpact.unlearn.methods import nll
 
 
@@ -28,6 +29,12 @@ class FinetuneSettings(SettingsModel):
     lr: float = Field(3e-4, gt=0, description="AdamW learning rate (the injection's)")
     batch_size: int = Field(4, gt=0, description="items per step")
     seed: Seed = Field(0, description="which items are trained on, and their order")
+    lora: LoraSettings | None = Field(
+        None,
+        description="train LoRA adapters (peft) on the model in the run's dtype, merged "
+        "before judging, instead of every weight of a float32 copy: for a model whose full "
+        "fine-tuning does not fit in memory (the field's relearning attacks use either)",
+    )
 
 
 class RelearnSettings(FinetuneSettings):
@@ -47,6 +54,7 @@ class Relearn(Attack):
     title = "relearning"
     Settings = RelearnSettings
     changes_weights = True
+    added_later = ("lora",)
     applies_to = "the forgotten items it does not train on (data: forget needs two or more)"
 
     def split(self, forgotten_ids: list[str], retain_ids: list[str]) -> list[str]:
@@ -76,7 +84,7 @@ class Relearn(Attack):
         test = [i for i in forgotten if i.id not in train_ids]
         if not train or not test:  # one forgotten item: none to train on and test another
             return []
-        lm = finetune(ctx, train, s.steps, s.lr, s.batch_size, s.seed)
+        lm = finetune(ctx, train, s.steps, s.lr, s.batch_size, s.seed, s.lora)
         answered = answer_items(lm, test, ctx.judge, f"Judging {ctx.label} after relearning")
         trained_on = sorted(train_ids)
         return [
@@ -94,15 +102,27 @@ class Relearn(Attack):
 
 @keeps_rng
 def finetune(
-    ctx: AttackContext, train: list[QAItem], steps: int, lr: float, batch_size: int, seed: int
+    ctx: AttackContext,
+    train: list[QAItem],
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    lora: LoraSettings | None = None,
 ) -> LanguageModel:
     """A fresh copy of the model under attack (the cached model is never changed),
     fine-tuned on `train` for `steps` AdamW steps on the answer-only NLL, in float32 (an
     AdamW step at lr 3e-4 is about bfloat16's rounding of a typical weight), then cast to the run's
-    dtype to be judged as the other models are."""
+    dtype to be judged as the other models are. With `lora`: the model loaded in the run's
+    dtype, float32 low-rank adapters trained on it (peft), merged into its weights unless
+    `lora.merge` is false."""
     if not train:
         raise UnpactError("relearning needs at least one item to train on")
-    lm = load_model(ctx.spec, device=ctx.device or "cpu")
+    if lora is not None:
+        lm = load_model(ctx.spec, dtype=ctx.dtype, device=ctx.device or "cpu")
+        adapted = add_lora(lm.model, lora)
+    else:
+        lm = load_model(ctx.spec, device=ctx.device or "cpu")
     encoded = encode_items(lm, train)
     # AdamW without the fused kernel, as relearning results were first measured
     trainer = Trainer(
@@ -115,7 +135,10 @@ def finetune(
         idx = batch_indices(len(train), min(batch_size, len(train)), step, seed)
         trainer.step(partial(_nll, lm.model, _batch(encoded, idx)), step)
     lm.model.eval()
-    if ctx.dtype != "float32":
+    if lora is not None:
+        if lora.merge:  # an ordinary model again (else judged through the adapters)
+            lm.model = adapted.merge_and_unload()
+    elif ctx.dtype != "float32":
         lm.model.to(DTYPES[ctx.dtype])
     return lm
 

@@ -187,6 +187,7 @@ class RelearnUnrelated(WeightAttack):
     title = "relearn (unrelated)"
     Settings = RelearnUnrelatedSettings
     has_baseline = True
+    added_later = ("lora",)
 
     @property
     def needs_splits(self) -> frozenset[str]:
@@ -209,7 +210,7 @@ class RelearnUnrelated(WeightAttack):
         from unpact.attacks.relearn import finetune
 
         s = self.settings
-        yield finetune(ctx, self.chosen(ctx), s.steps, s.lr, s.batch_size, s.seed)
+        yield finetune(ctx, self.chosen(ctx), s.steps, s.lr, s.batch_size, s.seed, s.lora)
 
 
 # --- ablate_direction --------------------------------------------------------------------

@@ -924,7 +924,7 @@ def _attack_stage(
     reads = [
         model.key,
         spec.name,
-        attack.settings.model_dump(mode="json"),
+        attack.settings_key(),
         [i.id for i in items],
         ctx.keys,
         p.judge_key,
@@ -998,7 +998,7 @@ def _baselines(p: Pipeline, data: Data, original: Model) -> dict[str, Any]:
         reads = [
             original.key,
             spec.name,
-            attack.settings.model_dump(mode="json"),
+            attack.settings_key(),
             {s: data.key(s) for s in SPLITS},
             p.judge_key,
             *attack.key_parts(ctx),
