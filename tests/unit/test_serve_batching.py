@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 
-from unpact.serve import _within
+from unpact.serve.scores import _within
 
 
 def waiting(*lengths: int) -> list:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import queue
 import secrets
 import threading
 import time
@@ -29,12 +28,30 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from unpact.errors import UnpactError
 from unpact.models import LanguageModel, text_config
-from unpact.scoring import (
-    LOWEST_TEMPERATURE,
-    generated_rows,
-    right_padded,
-    stop_ids,
+from unpact.scoring import LOWEST_TEMPERATURE, generated_rows, stop_ids
+from unpact.serve.scores import (
+    ScoreBatcher,
+    Scored,
+    prompt_logprobs,
+    scores_of,
+    sequence_scores,
 )
+from unpact.serve.shaping import Shaping
+from unpact.serve.stops import Finished, Stops, finish
+
+__all__ = [
+    "BackgroundServer",
+    "Finished",
+    "ScoreBatcher",
+    "Scored",
+    "Shaping",
+    "Stops",
+    "finish",
+    "make_app",
+    "prompt_logprobs",
+    "scores_of",
+    "sequence_scores",
+]
 
 
 def _require_web() -> Any:
@@ -45,113 +62,6 @@ def _require_web() -> Any:
             "serving needs FastAPI and uvicorn: pip install 'unpact[serve]'"
         ) from None
     return fastapi
-
-
-def prompt_logprobs(lm: LanguageModel, ids: list[int]) -> list[float]:
-    """log p(x_t | x_<t) for t >= 1, from one forward pass over the whole sequence."""
-    return sequence_scores(lm, ids, 0).lps[: len(ids) - 1]
-
-
-@dataclass(frozen=True)
-class Scored:
-    """A sequence's log-probs as vLLM reports them, for each position t >= 1 of the sequence
-    followed by its greedy next token (so one scoring pass serves a prompt and a one-token
-    greedy completion of it): log p(x_t | x_<t), x_t's rank (vLLM's: how many tokens are
-    at least as likely, 1 for the most likely) and the k most likely tokens (id,
-    log-prob), most likely first; and that greedy next token."""
-
-    lps: list[float]
-    ranks: list[int]
-    tops: list[list[tuple[int, float]]]
-    next_id: int
-
-
-def scores_of(logits: torch.Tensor, ids: list[int], k: int) -> Scored:
-    """`Scored` from a sequence's logits (one row per token)."""
-    logp = torch.log_softmax(logits.float(), -1)
-    following = int(logits[-1].argmax())
-    target = torch.tensor([*ids[1:], following], dtype=torch.long, device=logits.device)
-    lps = logp.gather(-1, target[:, None])
-    ranks = (logp >= lps).sum(-1)
-    tops: list[list[tuple[int, float]]] = [[] for _ in ids]
-    if k > 0:
-        values, top_ids = logp.topk(min(k, logp.shape[-1]), -1)
-        tops = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), values.tolist())]
-    return Scored(lps.squeeze(-1).tolist(), ranks.tolist(), tops, following)
-
-
-def sequence_scores(lm: LanguageModel, ids: list[int], k: int) -> Scored:
-    """`Scored` of one sequence, from one forward pass over it."""
-    with torch.no_grad():
-        logits = lm.model(input_ids=torch.tensor([ids], device=lm.device)).logits[0]
-        return scores_of(logits, ids, k)
-
-
-# a sequence to score, how many most likely tokens to find, and where its scores go
-_Waiting = tuple[list[int], int, "Future[Scored]"]
-
-
-def _within(ready: list[_Waiting], budget: int) -> tuple[list[_Waiting], list[_Waiting]]:
-    """The first sequences whose padded batch stays within `budget` tokens (at least one),
-    and the rest."""
-    n, longest = 1, len(ready[0][0])
-    while n < len(ready) and (n + 1) * max(longest, len(ready[n][0])) <= budget:
-        longest = max(longest, len(ready[n][0]))
-        n += 1
-    return ready[:n], ready[n:]
-
-
-class ScoreBatcher:
-    """Scores token sequences (per-token log-probs and the greedy next token) in batches:
-    a worker thread takes whatever requests are waiting, up to `token_budget` padded
-    tokens, and runs them through the model in one pass."""
-
-    def __init__(self, lm: LanguageModel, lock: threading.Lock, token_budget: int = 4096):
-        self.lm = lm
-        self.lock = lock
-        self.budget = token_budget
-        self.waiting: queue.Queue[list[_Waiting]] = queue.Queue()
-        threading.Thread(target=self._work, daemon=True).start()
-
-    def score(self, ids: list[int], k: int = 0) -> Scored:
-        """The sequence's `Scored`, with its `k` most likely tokens at each position."""
-        (done,) = self.submit([(ids, k)])
-        return done.result()
-
-    def submit(self, seqs: list[tuple[list[int], int]]) -> list[Future[Scored]]:
-        """`score`'s futures of several sequences, handed over together: they are scored
-        in one pass as far as the budget allows."""
-        group: list[_Waiting] = [(ids, k, Future()) for ids, k in seqs]
-        if group:
-            self.waiting.put(group)
-        return [done for _, _, done in group]
-
-    def _work(self) -> None:
-        ready: list[_Waiting] = []
-        while True:
-            if not ready:
-                ready += self.waiting.get()
-            while True:  # and whatever else is waiting
-                try:
-                    ready += self.waiting.get_nowait()
-                except queue.Empty:
-                    break
-            batch, ready = _within(ready, self.budget)
-            try:
-                with self.lock:
-                    results = self._run([(ids, k) for ids, k, _ in batch])
-                for (_, _, done), r in zip(batch, results, strict=True):
-                    done.set_result(r)
-            except Exception as exc:  # handed to the requests waiting for it
-                for _, _, done in batch:
-                    done.set_exception(exc)
-
-    def _run(self, seqs: list[tuple[list[int], int]]) -> list[Scored]:
-        lm = self.lm
-        ids, mask = right_padded([s for s, _ in seqs])
-        with torch.no_grad():
-            logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits
-            return [scores_of(logits[r, : len(s)], s, k) for r, (s, k) in enumerate(seqs)]
 
 
 def make_app(
@@ -218,77 +128,6 @@ def _validation_error(errors: Any) -> Any:
 _INT64 = 2**63
 
 
-@dataclass(frozen=True)
-class Stops:
-    """What ends a completion besides the model's EOS ids and max_tokens, as a request asks
-    vLLM: `stop` strings, `stop_token_ids`, and whether the text keeps what stopped it
-    (`include_stop_str_in_output`), and `min_tokens`."""
-
-    strings: tuple[str, ...] = ()
-    token_ids: tuple[int, ...] = ()
-    include: bool = False
-    min_tokens: int = 0  # nothing stops a completion before it has this many tokens
-
-
-@dataclass(frozen=True)
-class Finished:
-    """A completion as vLLM returns it: the generated ids (the one that stopped it among
-    them), its text, and why it ended (`stop_reason`: the stop string or stop token id, None
-    for the EOS token or the length)."""
-
-    ids: tuple[int, ...]
-    text: str
-    finish_reason: str
-    stop_reason: int | str | None = None
-
-
-def finish(
-    row: list[int] | tuple[int, ...],
-    decode: Any,
-    stops: Stops,
-    eos_ids: set[int],
-    eos: int | None,
-) -> Finished:
-    """A generated row cut where vLLM stops it (vLLM's `check_stop` and its detokenizer's
-    stop-string check, step by step): at the first EOS id (`eos_ids`, the model's; stop
-    reason None for the tokenizer's `eos`, the id for another, which vLLM takes among the
-    stop token ids) or requested stop token id, that token's text left out unless
-    `stops.include`; or at the first step whose text holds a stop string, the first of
-    `stops.strings` found in the text that step added (with the stop string's length
-    before it), the text cut before the string (after it with `stops.include`); else the
-    whole row, ended by its length. Before `stops.min_tokens` tokens nothing stops it, and
-    a stop string is looked for in the text after them (with its length before), as vLLM's
-    `check_stop` and detokenizer hold back. `decode(ids)` is the text of ids."""
-    ending = eos_ids | set(stops.token_ids)
-    kept: list[int] = []
-    text = ""
-    for token in row:
-        kept.append(token)
-        if token in ending and len(kept) >= stops.min_tokens:
-            shown = decode(kept if stops.include else kept[:-1])
-            reason = None if token == eos else token
-            return Finished(tuple(kept), shown, "stop", reason)
-        if stops.strings:
-            now = decode(kept)
-            found = _stop_string(text, now, stops) if len(kept) > stops.min_tokens else None
-            if found is not None:
-                return Finished(tuple(kept), found[1], "stop", found[0])
-            text = now
-    return Finished(tuple(kept), text if stops.strings else decode(kept), "length")
-
-
-def _stop_string(before: str, now: str, stops: Stops) -> tuple[str, str] | None:
-    """The stop string `now` holds where `before` did not (vLLM's `check_stop_strings`: the
-    search starts the string's length before the new text) and the text cut at it."""
-    pairs = zip(before, now)
-    new_from = next((n for n, (a, b) in enumerate(pairs) if a != b), min(len(before), len(now)))
-    for string in stops.strings:
-        at = now.find(string, max(new_from - len(string), 0))
-        if at != -1:
-            return string, now[: at + len(string) if stops.include else at]
-    return None
-
-
 class _Fields(BaseModel):
     """The scalar fields of a /v1/completions request this server reads, typed (and the
     seed bounded) as vLLM's CompletionRequest types them: a wrong type is a 400 there, not
@@ -321,83 +160,6 @@ class _Fields(BaseModel):
     min_tokens: int = 0
     add_special_tokens: bool = True
     skip_special_tokens: bool = True
-
-
-@dataclass(frozen=True)
-class Shaping:
-    """What vLLM's sampler does to a request's logits before the temperature, in its order
-    (vLLM v1 `Sampler.apply_logits_processors`, then `apply_penalties`): every token but
-    the `allowed` ones (`allowed_token_ids`) ruled out; the last token of each of the `bad`
-    words' token ids ruled out where the completion so far ends with the ones before it
-    (`bad_words`, vLLM's `apply_bad_words`); each `bias` (`logit_bias`, clamped to
-    [-100, 100]) added; a token's logit where the token is in the
-    prompt or the completion so far divided by `repetition` if positive, multiplied by it
-    if not; `frequency` times the token's count in the completion and `presence` where it
-    is in it subtracted. `ignore_eos`: the model's EOS ends nothing (the request's stop ids
-    still do), though every stop id stays out of the first `min_tokens` tokens, as vLLM's
-    MinTokens processor keeps them. Log-probs are the model's own (vLLM's raw_logprobs)."""
-
-    bias: tuple[tuple[int, float], ...] = ()
-    repetition: float = 1.0
-    presence: float = 0.0
-    frequency: float = 0.0
-    ignore_eos: bool = False
-    allowed: tuple[int, ...] | None = None
-    bad: tuple[tuple[int, ...], ...] = ()
-
-    @property
-    def neutral(self) -> bool:
-        """Whether the logits are left as they are."""
-        penalised = self.repetition != 1 or self.presence or self.frequency
-        return not (self.bias or penalised or self.allowed is not None or self.bad)
-
-    def processor(self, width: int, held: list[int], least: int) -> Any:
-        """A transformers logits processor doing this to rows whose first `width` ids are the
-        prompt, `held` kept out of the first `least` generated tokens; None if nothing."""
-        from transformers.generation import LogitsProcessor, LogitsProcessorList
-
-        if self.neutral and not (least and held):
-            return None
-        shaping = self
-
-        class _Shape(LogitsProcessor):
-            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-                return shaping.apply(input_ids, scores, width, held if least else [], least)
-
-        return LogitsProcessorList([_Shape()])
-
-    def apply(
-        self, ids: torch.Tensor, scores: torch.Tensor, width: int, held: list[int], least: int
-    ) -> torch.Tensor:
-        """`scores` (rows by vocabulary) shaped for the rows `ids` (prompt, then output)."""
-        scores = scores.clone()
-        out = ids[:, width:]
-        if self.allowed is not None:
-            kept = scores[:, list(self.allowed)]
-            scores.fill_(float("-inf"))[:, list(self.allowed)] = kept
-        for row, past in enumerate(out.tolist() if self.bad else []):
-            for *before, last in self.bad:
-                if len(before) <= len(past) and past[len(past) - len(before) :] == before:
-                    scores[row, last] = float("-inf")
-        if held and out.shape[1] < least:
-            scores[:, held] = float("-inf")
-        if self.bias:
-            tokens, biases = zip(*self.bias, strict=True)
-            scores[:, list(tokens)] += torch.tensor(
-                biases, dtype=scores.dtype, device=scores.device
-            )
-        if self.repetition != 1:
-            seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, ids, True)
-            penalised = torch.where(scores > 0, scores / self.repetition, scores * self.repetition)
-            scores = torch.where(seen, penalised, scores)
-        if self.presence or self.frequency:
-            counts = torch.zeros_like(scores).scatter_add_(
-                1, out, torch.ones_like(out, dtype=scores.dtype)
-            )
-            scores = (
-                scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
-            )
-        return scores
 
 
 @dataclass
