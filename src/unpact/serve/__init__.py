@@ -72,10 +72,10 @@ def make_app(
     """A FastAPI app serving `models` (name -> model; or one model under `name`).
     `generation_config`, as vLLM's option: "auto" takes the sampling defaults and the
     `max_new_tokens` bound from each model's generation_config, "vllm" leaves them out."""
-    fastapi = _require_web()
-    app = fastapi.FastAPI(title="unpact serve", docs_url=None, redoc_url=None)
     if generation_config not in ("auto", "vllm"):
         raise UnpactError(f"generation_config: 'auto' or 'vllm', not {generation_config!r}")
+    fastapi = _require_web()
+    app = fastapi.FastAPI(title="unpact serve", docs_url=None, redoc_url=None)
     server = _Server(
         models if isinstance(models, dict) else {name: models}, generation_config == "auto"
     )
@@ -168,7 +168,7 @@ class _Completion:
 
     model: str
     ids: list[int]
-    text: str  # the prompt as echoed: as given, or its ids decoded (vLLM's prompt text)
+    given: str | None  # the prompt's text as given (None: given as token ids)
     max_tokens: int
     n: int
     echo: bool
@@ -311,9 +311,10 @@ class _Server:
                 return req  # an error reply
             reqs.append(req)
         # the prompts only scored (lm-evaluation-harness's log-likelihoods): in one pass
-        scored = [r for r in reqs if _scored_only(r)]
-        futures = iter(self.batchers[self.name(body)].submit([(r.ids, r.top) for r in scored]))
-        pending = [next(futures) if _scored_only(r) else None for r in reqs]
+        only = [_scored_only(r) for r in reqs]
+        scored = [(r.ids, r.top) for r, o in zip(reqs, only, strict=True) if o]
+        futures = iter(self.batchers[self.name(body)].submit(scored))
+        pending = [next(futures) if o else None for o in only]
         choices: list[dict[str, Any]] = []
         finished: list[Finished] = []
         for req, scoring in zip(reqs, pending, strict=True):
@@ -405,7 +406,7 @@ class _Server:
         k = req.logprobs or 0
 
         def entry(t: int, lp: float) -> dict[str, Any]:
-            text = f"token_id:{t}" if req.as_ids else str(lm.tokenizer.decode([t]))
+            text = _token_text(lm, req, t)
             return {"token": text, "logprob": max(lp, VLLM_FLOOR), "bytes": _utf8(text)}
 
         content = []
@@ -674,8 +675,7 @@ def _parse_completion(
     req = _Completion(
         model=name,
         ids=ids,
-        # vLLM echoes a text prompt as given, token ids as the tokenizer decodes them
-        text=prompt if isinstance(prompt, str) else tok.decode(ids),
+        given=prompt if isinstance(prompt, str) else None,
         max_tokens=16 if fields.max_tokens is None else fields.max_tokens,
         n=fields.n,
         echo=bool(fields.echo),
@@ -946,8 +946,17 @@ def _chat_role_and_echo(body: dict[str, Any]) -> tuple[str, str]:
     role = "assistant" if body.get("add_generation_prompt", True) else str(last["role"])
     if not body.get("echo") or last["role"] != role:
         return role, ""
-    content = last.get("content") or ""
-    return role, content if isinstance(content, str) else "\n".join(p["text"] for p in content)
+    return role, _content_text(last.get("content") or "")
+
+
+def _content_text(content: Any) -> Any:
+    """A message's content as text: text parts joined by newlines, as vLLM's "string"
+    content format joins them (anything else as it is)."""
+    parts = isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        for p in content
+    )
+    return "\n".join(p["text"] for p in content) if parts else content
 
 
 def _chat_ids(lm: LanguageModel, body: dict[str, Any]) -> Any:
@@ -963,12 +972,7 @@ def _chat_ids(lm: LanguageModel, body: dict[str, Any]) -> Any:
         return _error(400, "'messages' must be a non-empty list of {role, content} objects")
     rendered = []
     for m in messages:
-        content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, list) and all(
-            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-            for p in content
-        ):
-            content = "\n".join(p["text"] for p in content)
+        content = _content_text(m.get("content")) if isinstance(m, dict) else None
         if not isinstance(content, str) or not isinstance(m.get("role"), str):
             return _error(400, "'messages' must be a non-empty list of {role, content} objects")
         rendered.append({**m, "content": content})
@@ -1044,7 +1048,9 @@ def _choice(
     them: a stop string cuts the text, not the tokens). `scores(g)`: the `Scored` of the
     prompt followed by generated ids g; `prompt_scores`: the prompt's, when known."""
     tok, ids, g = lm.tokenizer, req.ids, done.ids
-    echoed = req.text if req.echo and not req.with_ids else ""  # the ids say it (vLLM)
+    echoed = ""  # with return_token_ids the ids say it (vLLM)
+    if req.echo and not req.with_ids:  # a text prompt as given, token ids decoded (vLLM)
+        echoed = req.given if req.given is not None else tok.decode(ids)
     choice: dict[str, Any] = {
         "index": index,
         "text": echoed + done.text,
@@ -1078,6 +1084,12 @@ def _candidates(sc: Scored, n: int, token: int, k: int) -> list[tuple[int, float
     return [(token, sc.lps[n], sc.ranks[n]), *top]
 
 
+def _token_text(lm: LanguageModel, req: _Completion, t: int) -> str:
+    """A token as vLLM's log-probs name it: its text, or `token_id:N` when the request asks
+    `return_tokens_as_token_ids`."""
+    return f"token_id:{t}" if req.as_ids else str(lm.tokenizer.decode([t]))
+
+
 def _clamped(lp: float) -> float:
     """A prompt log-prob as vLLM's `clamp_prompt_logprobs` writes it: -inf as -9999."""
     return VLLM_FLOOR if lp == float("-inf") else lp
@@ -1096,15 +1108,12 @@ def _logprobs(
     (keyed by their text), and each token's character offset in the concatenated tokens."""
     k = req.logprobs or 0
 
-    def shown(t: int) -> str:
-        return f"token_id:{t}" if req.as_ids else str(lm.tokenizer.decode([t]))
-
     tokens: list[str] = []
     values: list[float | None] = []
     tops: list[dict[str, float] | None] = []
     offsets: list[int] = []
     for n in range(start, len(full)):
-        token = shown(full[n])
+        token = _token_text(lm, req, full[n])
         if n == 0:
             values.append(None)
             tops.append(None)
@@ -1113,7 +1122,7 @@ def _logprobs(
             # a prompt token's list is its prompt log-probs', cut to `logprobs`
             shown_k = min(k, req.prompt_logprobs or 0) if n < len(req.ids) else k
             found = _candidates(sc, n - 1, full[n], shown_k)
-            tops.append({shown(t): max(lp, VLLM_FLOOR) for t, lp, _ in found})
+            tops.append({_token_text(lm, req, t): max(lp, VLLM_FLOOR) for t, lp, _ in found})
         offsets.append(offsets[-1] + len(tokens[-1]) if tokens else 0)
         tokens.append(token)
     return {

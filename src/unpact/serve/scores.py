@@ -81,14 +81,10 @@ class ScoreBatcher:
         self.waiting: queue.Queue[list[_Waiting]] = queue.Queue()
         threading.Thread(target=self._work, daemon=True).start()
 
-    def score(self, ids: list[int], k: int = 0) -> Scored:
-        """The sequence's `Scored`, with its `k` most likely tokens at each position."""
-        (done,) = self.submit([(ids, k)])
-        return done.result()
-
     def submit(self, seqs: list[tuple[list[int], int]]) -> list[Future[Scored]]:
-        """`score`'s futures of several sequences, handed over together: they are scored
-        in one pass as far as the budget allows."""
+        """The futures of the sequences' `Scored` (each with its `k` most likely tokens at
+        each position), handed over together: they are scored in one pass as far as the
+        budget allows."""
         group: list[_Waiting] = [(ids, k, Future()) for ids, k in seqs]
         if group:
             self.waiting.put(group)
