@@ -717,8 +717,10 @@ class _Interrupt(Exception):
 
 class _Checkpoints:
     """Resumable injection: every `checkpoint_every` epochs, the trainable weights, the
-    optimiser and schedule, both random generators and the epoch state go to one file in
-    a folder beside the cache entry (written under a temporary name, then renamed)."""
+    optimiser and schedule, the random generators (Python's shuffles; torch's CPU one and,
+    where CUDA is in use, each GPU's, which draw dropout's masks) and the epoch state go
+    to one file in a folder beside the cache entry (written under a temporary name, then
+    renamed)."""
 
     def __init__(self, folder: Path, config: InjectConfig, stop_after: int | None) -> None:
         self.folder = folder
@@ -738,6 +740,7 @@ class _Checkpoints:
             trainer.scheduler.load_state_dict(saved["scheduler"])
             rng.setstate(saved["rng"])
             torch.set_rng_state(saved["torch_rng"])
+            _set_cuda_rng(saved.get("cuda_rng"))
             state = _EpochState(**saved["state"])
 
         def save() -> None:
@@ -750,6 +753,7 @@ class _Checkpoints:
                 "scheduler": trainer.scheduler.state_dict(),
                 "rng": rng.getstate(),
                 "torch_rng": torch.get_rng_state(),
+                "cuda_rng": _cuda_rng(),
                 "state": {k: getattr(state, k) for k in fields},
             }
             write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
@@ -761,6 +765,19 @@ class _Checkpoints:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _cuda_rng() -> list[torch.Tensor] | None:
+    """Each GPU's random state, where this process uses CUDA (a model with dropout, as
+    GPT-2's or OPT's, draws its masks there during training), else None."""
+    return torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+
+def _set_cuda_rng(states: list[torch.Tensor] | None) -> None:
+    """Each GPU's random state back from a checkpoint, when it was saved on as many GPUs
+    (resumed elsewhere, the run's numbers differ anyway: another device's arithmetic)."""
+    if states and torch.cuda.is_available() and len(states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states)
 
 
 def _general_accuracy(

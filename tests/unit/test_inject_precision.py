@@ -4,6 +4,7 @@ bf16 training follows float32 training (same direction of change, float32 weight
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -201,7 +202,8 @@ def test_lr_decay_keys_the_model_unless_constant():
 def test_an_interrupted_injection_resumes_to_the_same_weights(tmp_path):
     """With checkpoint_every, an injection killed after an epoch's checkpoint continues
     from it when run again and ends with the weights and loss log of an uninterrupted run;
-    the checkpoint setting is not part of the key."""
+    the checkpoint setting is not part of the key. The model has dropout, so the
+    resumed epochs draw their masks where the uninterrupted run drew them."""
     import json
 
     from safetensors.torch import load_file
@@ -209,6 +211,7 @@ def test_an_interrupted_injection_resumes_to_the_same_weights(tmp_path):
     from unpact.inject import _Interrupt
 
     base = tiny_model(seed=1)
+    base.model.config.attention_dropout = 0.5
     save_model(base.model, base.tokenizer, tmp_path / "base")
     items = [QAItem(f"f{i}", f"Who is Varn {i}?", f"Ossel {i}", "forget") for i in range(4)]
     write_folder(tmp_path / "bench", items)
@@ -231,6 +234,38 @@ def test_an_interrupted_injection_resumes_to_the_same_weights(tmp_path):
     assert resumed.epochs == plain.epochs == 4
     assert resumed.accuracy["forget"] == plain.accuracy["forget"]
     assert not any((tmp_path / "b").glob(".partial-*"))  # removed once finished
+
+
+def test_an_injection_checkpoint_keeps_each_gpus_random_state(tmp_path, monkeypatch):
+    """Where CUDA is in use, a checkpoint holds every GPU's random state (dropout draws
+    its masks there) and a resume sets it back; without CUDA there is none to keep.
+    CUDA is stood in for here: CI has no GPU."""
+    import random
+
+    from unpact.inject import InjectConfig, _Checkpoints, _trainer
+
+    net = torch.nn.Linear(2, 2)
+    config = InjectConfig(checkpoint_every=1)
+    saved = [torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([4, 5], dtype=torch.uint8)]
+    set_back: list[list[torch.Tensor]] = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [t.clone() for t in saved])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_back.append)
+
+    def trainer() -> Any:
+        return _trainer(net, config, 1)
+
+    state = _Checkpoints(tmp_path, config, None).resume(net, trainer(), random.Random(0))
+    assert not set_back  # nothing saved yet
+    state.epoch = 1
+    state.checkpoint()
+    _Checkpoints(tmp_path, config, None).resume(net, trainer(), random.Random(0))
+    assert len(set_back) == 1 and all(a.equal(b) for a, b in zip(set_back[0], saved, strict=True))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # resumed on fewer GPUs
+    _Checkpoints(tmp_path, config, None).resume(net, trainer(), random.Random(0))
+    assert len(set_back) == 1
 
 
 def test_adam_eps_reaches_the_optimiser_and_keys_the_model_only_when_changed():
