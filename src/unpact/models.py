@@ -632,9 +632,11 @@ def load_tokenizer(
             trust_remote_code=trusted,
             local_files_only=unreachable is not None,
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ImportError) as exc:  # transformers 5.0: an ImportError
         if folder is not None and (missing := _no_vocabulary(Path(folder))):
             raise missing from exc
+        if isinstance(exc, ImportError):  # a library the tokenizer needs (sentencepiece)
+            raise UnpactError(f"could not load the tokenizer of {spec!r}: {exc}") from exc
         why = _hub_failure(exc, unreachable)
         if folder is None:  # as `load_model` says it for the same spec
             raise UnpactError(
@@ -1220,7 +1222,8 @@ def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[
                 f"{upgrade}give it the model before quantization (the quantize attack "
                 "quantizes it itself)"
             ) from exc
-        if isinstance(exc, (OSError, ValueError)):
+        # a tokenizer without its vocabulary: transformers 5.0 asks for protobuf instead
+        if isinstance(exc, (OSError, ValueError, ImportError)):
             raise _no_vocabulary(path) or UnpactError(
                 f"could not load a model from {path}: {exc}"
             ) from exc

@@ -591,6 +591,37 @@ def test_broken_model_folders_are_one_message(tiny, tmp_path, printed, caplog):
     assert load_model(str(good)).model.config.hidden_size == 64
 
 
+def test_a_tokenizer_without_vocabulary_is_named_whatever_transformers_raises(
+    tiny, tmp_path, monkeypatch
+):
+    """transformers 5.0 (the lowest release allowed) fails on a folder with tokenizer
+    settings but no vocabulary by asking for protobuf (an ImportError), which unpact
+    called a damaged weights file; later releases raise a ValueError. Both say what is
+    missing; an ImportError in a folder that has its vocabulary keeps its own words."""
+    from transformers import AutoTokenizer
+
+    import unpact.models as models
+
+    folder = tmp_path / "settings-only"
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    (folder / "tokenizer.json").unlink()
+
+    def protobuf(*args: Any, **kwargs: Any) -> Any:
+        raise ImportError("requires the protobuf library but it was not found")
+
+    monkeypatch.setattr(models, "_pretrained", protobuf)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", protobuf)
+    for load in (load_model, load_tokenizer):
+        with pytest.raises(UnpactError, match=r"settings \(tokenizer_config.json\) but not"):
+            load(str(folder))
+    tiny.tokenizer.save_pretrained(folder)
+    with pytest.raises(UnpactError, match="could not load a model from .*requires the protobuf"):
+        load_model(str(folder))
+    with pytest.raises(UnpactError, match="could not load the tokenizer of .*requires the proto"):
+        load_tokenizer(str(folder))
+
+
 def _fp8_checkpoint(tiny, folder: Path, block: int = 32) -> dict[str, Any]:
     """`tiny` saved as a fine-grained FP8 checkpoint (DeepSeek's and Qwen's format: each
     decoder projection's weight in float8_e4m3fn with a per-block `weight_scale_inv`);
