@@ -616,9 +616,9 @@ def test_a_tokenizer_without_vocabulary_is_named_whatever_transformers_raises(
         with pytest.raises(UnpactError, match=r"settings \(tokenizer_config.json\) but not"):
             load(str(folder))
     tiny.tokenizer.save_pretrained(folder)
-    with pytest.raises(UnpactError, match="could not load a model from .*requires the protobuf"):
+    with pytest.raises(UnpactError, match=r"could not load a model from .*requires the protobuf"):
         load_model(str(folder))
-    with pytest.raises(UnpactError, match="could not load the tokenizer of .*requires the proto"):
+    with pytest.raises(UnpactError, match=r"could not load the tokenizer of .*requires the proto"):
         load_tokenizer(str(folder))
 
 
