@@ -238,7 +238,7 @@ def test_an_interrupted_injection_resumes_to_the_same_weights(tmp_path):
 
 def test_an_injection_checkpoint_keeps_each_gpus_random_state(tmp_path, monkeypatch):
     """Where CUDA is in use, a checkpoint holds every GPU's random state (dropout draws
-    its masks there) and a resume sets it back; without CUDA there is none to keep.
+    its masks there) and a resume sets it back, unless resumed on another number of GPUs.
     CUDA is stood in for here: CI has no GPU."""
     import random
 
