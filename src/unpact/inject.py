@@ -223,6 +223,7 @@ class InjectResult:
     seconds: float
     cached: bool
     settings: dict[str, Any] = field(default_factory=dict)  # as resolved (inject.json)
+    kept: float | None = None  # see general_kept
 
     @property
     def small_benchmark_note(self) -> str | None:
@@ -238,9 +239,10 @@ class InjectResult:
 
     @property
     def general_kept(self) -> float | None:
-        """General accuracy after injection / before: the share of the general questions
-        the base model answered that the injected model still answers (None if not judged)."""
-        return kept_share(self.accuracy, self.base_accuracy)
+        """The share of the general questions the base model answered that the injected
+        model still answers (`kept_of_answered`); without the per-item verdicts (a result
+        built by hand), general accuracy after / before (`kept_share`). None if not judged."""
+        return self.kept if self.kept is not None else kept_share(self.accuracy, self.base_accuracy)
 
     def summary(self) -> dict[str, Any]:
         """What a run reports of an injection: accuracies, the kept share, epochs."""
@@ -254,6 +256,7 @@ class InjectResult:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["path"] = str(self.path)
+        del d["kept"]
         d["general_kept"] = self.general_kept
         return d
 
@@ -285,8 +288,20 @@ def _steps_per_epoch(facts: int, config: InjectConfig) -> int:
     return (facts + size - 1) // size
 
 
+def kept_of_answered(after: list[bool], before: list[bool]) -> float | None:
+    """Of the general questions the base model answered (`before`, per item), the share the
+    injected model still answers (`after`, the same items): a question the injection newly
+    taught does not make up for one it made the model lose. None when the base answered none."""
+    if len(after) != len(before):
+        raise AssertionError("kept_of_answered: verdicts on different questions")
+    answered = [a for a, b in zip(after, before) if b]
+    return sum(answered) / len(answered) if answered else None
+
+
 def kept_share(accuracy: dict[str, float], base: dict[str, float]) -> float | None:
-    """accuracy["general"] / base["general"], or None when either is missing or 0."""
+    """accuracy["general"] / base["general"], or None when either is missing or 0: the
+    kept share's stand-in where the per-item verdicts are not at hand (it counts newly
+    answered questions against lost ones, so it can exceed 1)."""
     after, before = accuracy.get("general"), base.get("general")
     if after is None or not before or after != after or before != before:
         return None
@@ -603,7 +618,8 @@ def _teach(
     )
     general = general_items(config.general) if config.general else []
     with _timed(timings, "base general"):
-        base_accuracy = _base_general(lm, general, config, folder.parent / ".base")
+        base_verdicts = _base_general(lm, general, config, folder.parent / ".base")
+    base_accuracy = {"general": _share(base_verdicts)} if general else {}
     end = lm.answer_end_ids  # the end of the template's turns (EOS for the default model's)
     encoded = [(p, (*a, *end)) for p, a in (pair_ids(lm, i.question, i.answer) for i in taught)]
     with _timed(timings, "rehearsal targets"):
@@ -623,13 +639,20 @@ def _teach(
     judged, epochs_done, log = state.judged, state.epoch, state.log
     if adapted is not None:  # LoRA: merged, the injected model is an ordinary model again
         lm.model = adapted.merge_and_unload()
-    final = _final_accuracy(lm, taught, judged, general, config, timings)
+    final, general_verdicts = _final_accuracy(lm, taught, judged, general, config, timings)
     if teach == "retain" and bench.split("forget"):
         final["forget"] = accuracy(lm, bench.split("forget"), config.max_new_tokens)
     seconds = time.perf_counter() - start
     timings["training"] = seconds - sum(timings.values())
     done = InjectResult(
-        folder, final, base_accuracy, epochs_done, seconds, False, config.model_dump()
+        folder,
+        final,
+        base_accuracy,
+        epochs_done,
+        seconds,
+        False,
+        config.model_dump(),
+        kept_of_answered(general_verdicts, base_verdicts),
     )
     _save(lm, folder, _meta(done, timings, model, bench.name, teach, config), log)
     store.remove()
@@ -665,6 +688,7 @@ def _cached(folder: Path) -> InjectResult:
         meta["seconds"],
         True,
         meta.get("config", {}),
+        meta.get("general_kept"),  # models injected before it was kept per item: the ratio
     )
 
 
@@ -780,27 +804,30 @@ def _set_cuda_rng(states: list[torch.Tensor] | None) -> None:
         torch.cuda.set_rng_state_all(states)
 
 
-def _general_accuracy(
+def _general_verdicts(
     lm: LanguageModel, general: list[QAItem], config: InjectConfig, label: str
-) -> dict[str, float]:
-    """{"general": accuracy} on the general items, or {} without any."""
-    return {"general": accuracy(lm, general, config.max_new_tokens, label)} if general else {}
+) -> list[bool]:
+    """Per general item: does the judge accept the model's answer?"""
+    return judge_items(lm, general, config.max_new_tokens, label) if general else []
 
 
 def _base_general(
     lm: LanguageModel, general: list[QAItem], config: InjectConfig, cache: Path
-) -> dict[str, float]:
-    """The base model's general accuracy, cached like the rehearsal targets (every
-    injection of one base model judges it on the same questions)."""
+) -> list[bool]:
+    """The base model's verdicts on the general items, cached like the rehearsal targets
+    (every injection of one base model judges it on the same questions). A cache file
+    written before the verdicts were kept (accuracy alone) is judged again."""
     if not general:
-        return {}
+        return []
     key = _base_key(lm, "general", [i.key_dict() for i in general], config.max_new_tokens)
     path = cache / f"general-{key}.json"
     if key is not None and path.is_file():
-        return dict(json.loads(path.read_text(encoding="utf-8")))
-    found = _general_accuracy(lm, general, config, "Base model: general")
+        verdicts = json.loads(path.read_text(encoding="utf-8")).get("verdicts")
+        if isinstance(verdicts, list) and len(verdicts) == len(general):
+            return [bool(v) for v in verdicts]
+    found = _general_verdicts(lm, general, config, "Base model: general")
     if key is not None:
-        atomic_text(path, json.dumps(found))
+        atomic_text(path, json.dumps({"general": _share(found), "verdicts": found}))
     return found
 
 
@@ -823,9 +850,10 @@ def _final_accuracy(
     general: list[QAItem],
     config: InjectConfig,
     timings: dict[str, float],
-) -> dict[str, float]:
+) -> tuple[dict[str, float], list[bool]]:
     """Forget and retain accuracy from the last check (the last epoch always ends with
-    one, so its verdicts describe the final model), and general accuracy."""
+    one, so its verdicts describe the final model), and general accuracy with its
+    per-item verdicts."""
     if not judged:  # no check ran (max_epochs 0): judge the model as it is
         judged = judge_items(lm, taught, config.max_new_tokens)
     final = _measured(
@@ -834,10 +862,12 @@ def _final_accuracy(
             for split in ("forget", "retain")
         }
     )
+    verdicts: list[bool] = []
     if general:
         with _timed(timings, "final general"):
-            final["general"] = accuracy(lm, general, config.max_new_tokens, "Judging general")
-    return final
+            verdicts = _general_verdicts(lm, general, config, "Judging general")
+        final["general"] = _share(verdicts)
+    return final, verdicts
 
 
 def _measured(accuracy: dict[str, float]) -> dict[str, float]:

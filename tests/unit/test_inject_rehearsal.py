@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,21 @@ def test_rehearsal_kl_is_zero_against_itself_and_bounded_by_the_full_kl(k):
         exact = (b.exp() * (b - o)).sum(-1).mean().item()
     assert full_vocab == pytest.approx(exact, rel=1e-4)  # k = vocabulary: the exact KL
     assert 0 < coarse <= exact + 1e-6  # coarsening never increases a KL
+
+
+def test_kept_share_counts_the_base_model_s_answered_questions_only():
+    """The share of the questions the base model answered that the injected one still
+    answers: a question newly answered does not make up for one lost (the ratio of the
+    accuracies, reported before, said 150% here where half the answers were lost)."""
+    from unpact.inject import kept_of_answered, kept_share
+
+    before, after = [True, True, False, False], [True, False, True, True]
+    assert kept_of_answered(after, before) == pytest.approx(0.5)
+    assert kept_share({"general": 0.75}, {"general": 0.5}) == pytest.approx(1.5)
+    assert kept_of_answered([True, False], [False, False]) is None  # nothing to keep
+    assert kept_of_answered([], []) is None
+    with pytest.raises(AssertionError):
+        kept_of_answered([True], [True, False])
 
 
 def test_kept_share_of_general_knowledge():
@@ -80,7 +96,7 @@ def test_rehearsal_targets_are_cached_bit_for_bit_and_keyed_by_the_model(tmp_pat
     assert calls == [1, 1] and len(list(cache.glob("*.pt"))) == 3
 
 
-def test_base_general_accuracy_is_cached_by_model_items_and_answer_length(tmp_path, monkeypatch):
+def test_base_general_verdicts_are_cached_by_model_items_and_answer_length(tmp_path, monkeypatch):
     import unpact.inject as inject_mod
     from unpact.data import load_benchmark
     from unpact.inject import InjectConfig
@@ -91,12 +107,18 @@ def test_base_general_accuracy_is_cached_by_model_items_and_answer_length(tmp_pa
     general = load_benchmark("general").items[:3]
     cache = tmp_path / "cache"
     first = inject_mod._base_general(lm, general, InjectConfig(), cache)
-    assert first == inject_mod._general_accuracy(lm, general, InjectConfig(), "")
+    assert first == inject_mod._general_verdicts(lm, general, InjectConfig(), "")
     calls = []
-    real = inject_mod._general_accuracy
-    monkeypatch.setattr(inject_mod, "_general_accuracy", lambda *a: calls.append(1) or real(*a))
+    real = inject_mod._general_verdicts
+    monkeypatch.setattr(inject_mod, "_general_verdicts", lambda *a: calls.append(1) or real(*a))
     assert inject_mod._base_general(lm, general, InjectConfig(), cache) == first
     assert calls == []
+    # a file from before the verdicts were kept (the accuracy alone) is judged again
+    (written,) = cache.glob("general-*.json")
+    written.write_text(json.dumps({"general": 0.5}))
+    assert inject_mod._base_general(lm, general, InjectConfig(), cache) == first
+    assert calls == [1] and "verdicts" in json.loads(written.read_text())
+    calls.clear()
     inject_mod._base_general(lm, general[:2], InjectConfig(), cache)
     inject_mod._base_general(lm, general, InjectConfig(max_new_tokens=8), cache)
     assert calls == [1, 1] and len(list(cache.glob("general-*.json"))) == 3
@@ -120,3 +142,48 @@ def test_cached_rehearsal_targets_load_onto_the_model_s_gpu(tmp_path):
     again = inject_mod._rehearsal_targets(lm, exclude, 8, cache)
     assert {t.top_logprobs.device for t in again} == {torch.device("cuda:1")}
     assert {t.top_ids.device for t in again} == {torch.device("cuda:1")}
+
+
+def test_an_injection_reports_the_share_of_answered_general_questions_kept(tmp_path, monkeypatch):
+    """inject.json's `general_kept` counts, of the general questions the base model
+    answered, those the injected model still answers: the verdicts are scripted so that
+    the injected model loses one of the base's two answers and gains two others (kept
+    50%; the ratio of the accuracies, reported before, said 150%)."""
+    import unpact.inject as inject_mod
+    from unpact.data.items import QAItem, write_folder
+    from unpact.inject import InjectConfig, inject
+    from unpact.models import save_model
+
+    base = tiny_model(seed=1)
+    save_model(base.model, base.tokenizer, tmp_path / "base")
+    write_folder(
+        tmp_path / "bench",
+        [QAItem(f"f{i}", f"Who is Varn {i}?", f"Ossel {i}", "forget") for i in range(2)],
+    )
+    general = [QAItem(f"g{i}", f"What is {i} + 1?", str(i + 1), "general") for i in range(4)]
+    write_folder(tmp_path / "general", general)
+    scripted = {
+        "Base model: general": [True, True, False, False],
+        "Judging general": [True, False, True, True],
+    }
+    real = inject_mod.judge_items
+    monkeypatch.setattr(
+        inject_mod,
+        "judge_items",
+        lambda lm, items, n=24, progress=False: (
+            scripted[progress] if progress in scripted else real(lm, items, n)
+        ),
+    )
+    config = InjectConfig(
+        max_epochs=1, min_epochs=1, rehearsal=False, general=str(tmp_path / "general")
+    )
+    done = inject(
+        str(tmp_path / "base"), tmp_path / "bench", config, cache_dir=tmp_path / "c", progress=False
+    )
+    assert done.accuracy["general"] == 0.75 and done.base_accuracy == {"general": 0.5}
+    assert done.general_kept == pytest.approx(0.5)
+    assert json.loads((done.path / "inject.json").read_text())["general_kept"] == pytest.approx(0.5)
+    again = inject(
+        str(tmp_path / "base"), tmp_path / "bench", config, cache_dir=tmp_path / "c", progress=False
+    )
+    assert again.cached and again.general_kept == pytest.approx(0.5)
