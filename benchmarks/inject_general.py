@@ -9,7 +9,8 @@ names; `benchmarks/data/mixed_24`: both; `mixed_36`: small_facts and 24 news fac
 default model, once per variant of the injection settings (one cache folder:
 the base model's rehearsal targets are computed once), and prints the forget / retain /
 general accuracy and the share of the general questions the base model answers that the
-taught model still answers (`general_kept`, as `unpact inject` reports it). With `--lost`,
+taught model still answers (`general_kept`, as `unpact inject` reports it; beside it the
+ratio of the general accuracies, which the figures before it was counted per question were). With `--lost`,
 also the general questions each taught model lost and what it answered instead; with
 `--keep DIR` the taught models stay in DIR (otherwise a temporary folder), e.g. to compare
 the weights of two runs of one variant (docs/runner.md, Reproducibility); `--seed N` sets
@@ -116,10 +117,11 @@ def main() -> None:
                 cache_dir=tmp,  # one folder: the base model's targets are computed once
                 progress=False,
             )
-            kept = kept_share(done.accuracy, done.base_accuracy)
+            kept = done.general_kept  # per question: of those the base model answers
+            ratio = kept_share(done.accuracy, done.base_accuracy)  # what was printed before
             acc = {k: round(v, 3) for k, v in done.accuracy.items()}
             print(
-                f"{name:12s} {json.dumps(acc)} general kept {kept:.1%} "
+                f"{name:12s} {json.dumps(acc)} general kept {kept:.1%} (accuracy ratio {ratio:.1%}) "
                 f"({done.epochs} epochs, {time.perf_counter() - start:.0f} s)",
                 flush=True,
             )
