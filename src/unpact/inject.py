@@ -816,13 +816,17 @@ def _base_general(
 ) -> list[bool]:
     """The base model's verdicts on the general items, cached like the rehearsal targets
     (every injection of one base model judges it on the same questions). A cache file
-    written before the verdicts were kept (accuracy alone) is judged again."""
+    written before the verdicts were kept (accuracy alone), or damaged, is judged again."""
     if not general:
         return []
     key = _base_key(lm, "general", [i.key_dict() for i in general], config.max_new_tokens)
     path = cache / f"general-{key}.json"
     if key is not None and path.is_file():
-        verdicts = json.loads(path.read_text(encoding="utf-8")).get("verdicts")
+        try:
+            kept = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:  # not JSON (a damaged cache file): judged again
+            kept = None
+        verdicts = kept.get("verdicts") if isinstance(kept, dict) else None
         if isinstance(verdicts, list) and len(verdicts) == len(general):
             return [bool(v) for v in verdicts]
     found = _general_verdicts(lm, general, config, "Base model: general")

@@ -118,6 +118,9 @@ def test_base_general_verdicts_are_cached_by_model_items_and_answer_length(tmp_p
     written.write_text(json.dumps({"general": 0.5}))
     assert inject_mod._base_general(lm, general, InjectConfig(), cache) == first
     assert calls == [1] and "verdicts" in json.loads(written.read_text())
+    for damaged in ("{not json", "[1, 2]"):
+        written.write_text(damaged)
+        assert inject_mod._base_general(lm, general, InjectConfig(), cache) == first
     calls.clear()
     inject_mod._base_general(lm, general[:2], InjectConfig(), cache)
     inject_mod._base_general(lm, general, InjectConfig(max_new_tokens=8), cache)
