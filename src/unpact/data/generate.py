@@ -843,6 +843,15 @@ INJECTION_NOTES = {
         "retain 99%, general 90.3%** (base: 100%; 84 of 93). Both targets are met, by "
         "narrow margins (6 s, one general question), and single runs spread by several "
         "points.",
+        "Again with today's code (session 31, an empty cache, the machine otherwise quiet): "
+        "**7 min 39 s** wall (injection 437 s: training 364 s, rehearsal targets 33 s, base "
+        "and final general accuracy 13-14 s each, checks 14 s), 6 epochs, forget 94%, retain "
+        "96%, general 90.3% against 98.9% for the base model (92 of 93: since the judge's "
+        'whole-number rule, "3" is not found in its "approximately 3.09" for the square root '
+        "of 9), so it keeps 91.3% of the general questions the base model answers (84 of "
+        "92, counted per question as `general_kept` is since then; every question it "
+        "answers the base model answers too). Forget accuracy is 6 points below the run "
+        "above: single runs spread by several points.",
     ],
     "books": [
         "Measured on 2 CPU cores with the `InjectConfig` defaults of the time (full "
