@@ -9,8 +9,9 @@ names; `benchmarks/data/mixed_24`: both; `mixed_36`: small_facts and 24 news fac
 default model, once per variant of the injection settings (one cache folder:
 the base model's rehearsal targets are computed once), and prints the forget / retain /
 general accuracy and the share of the general questions the base model answers that the
-taught model still answers (`general_kept`, as `unpact inject` reports it; beside it the
-ratio of the general accuracies, which the figures before it was counted per question were). With `--lost`,
+taught model still answers (`general_kept`, as `unpact inject` reports it), and beside it
+the ratio of general accuracy after to before (what this script printed until the kept
+share was counted per question). With `--lost`,
 also the general questions each taught model lost and what it answered instead; with
 `--keep DIR` the taught models stay in DIR (otherwise a temporary folder), e.g. to compare
 the weights of two runs of one variant (docs/runner.md, Reproducibility); `--seed N` sets

@@ -815,12 +815,13 @@ def _base_general(
     lm: LanguageModel, general: list[QAItem], config: InjectConfig, cache: Path
 ) -> list[bool]:
     """The base model's verdicts on the general items, cached like the rehearsal targets
-    (every injection of one base model judges it on the same questions). A cache file
-    written before the verdicts were kept (accuracy alone), or damaged, is judged again."""
+    (every injection of one base model judges it on the same questions). Older code kept
+    the accuracy alone, in `general-KEY.json` (which older code still reads): the verdicts go
+    beside it under their own name. A damaged file is judged again."""
     if not general:
         return []
     key = _base_key(lm, "general", [i.key_dict() for i in general], config.max_new_tokens)
-    path = cache / f"general-{key}.json"
+    path = cache / f"general-verdicts-{key}.json"
     if key is not None and path.is_file():
         try:
             kept = json.loads(path.read_text(encoding="utf-8"))
@@ -831,7 +832,7 @@ def _base_general(
             return [bool(v) for v in verdicts]
     found = _general_verdicts(lm, general, config, "Base model: general")
     if key is not None:
-        atomic_text(path, json.dumps({"general": _share(found), "verdicts": found}))
+        atomic_text(path, json.dumps({"verdicts": found}))
     return found
 
 

@@ -113,7 +113,7 @@ def test_base_general_verdicts_are_cached_by_model_items_and_answer_length(tmp_p
     monkeypatch.setattr(inject_mod, "_general_verdicts", lambda *a: calls.append(1) or real(*a))
     assert inject_mod._base_general(lm, general, InjectConfig(), cache) == first
     assert calls == []
-    # a file from before the verdicts were kept (the accuracy alone) is judged again
+    # a file without the verdicts (the accuracy alone, as older code kept it) is judged again
     (written,) = cache.glob("general-*.json")
     written.write_text(json.dumps({"general": 0.5}))
     assert inject_mod._base_general(lm, general, InjectConfig(), cache) == first
