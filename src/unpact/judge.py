@@ -176,6 +176,21 @@ def muse_rouge_l_f1(output: str, reference: str) -> float:
     return 2 * lcs / (len(out) + len(ref)) if lcs else 0.0
 
 
+# MUSE's KnowMem keeps the answer up to the first of these (`get_prefix_before_words_occur`
+# in `metrics/knowmem.py`: its few-shot prompt lets a model go on to the next question)
+_KNOWMEM_STOPS = ("\n\n", "\nQuestion", "Question:")
+
+
+def knowmem_score(output: str, answer: str) -> float:
+    """One item's KnowMem as MUSE scores it (`metrics/knowmem.py` and `metrics/logger.py`
+    in MUSE's repository): the greedy answer cut before the first blank line, "\nQuestion"
+    or "Question:", then `muse_rouge_l_f1` against the true answer (its aliases are not
+    read: MUSE has none)."""
+    for stop in _KNOWMEM_STOPS:
+        output = output.split(stop)[0]
+    return muse_rouge_l_f1(output, answer)
+
+
 def _lcs(out: list[str], ref: list[str]) -> int:
     """Length of the longest common subsequence of two word lists."""
     prev = [0] * (len(out) + 1)

@@ -59,6 +59,10 @@ class ItemRecord:
     # the original of the attacked model's attribution of a recovered answer
     recovered_control: dict[str, bool] = field(default_factory=dict)
     recovered_focus: dict[str, float] = field(default_factory=dict)
+    # MUSE's KnowMem of the greedy answer before and after unlearning (open questions; None
+    # for a multiple-choice item, whose answer is an option picked, not text written)
+    knowmem_before: float | None = None
+    knowmem_after: float | None = None
 
     @property
     def forgotten(self) -> bool:
@@ -445,6 +449,29 @@ for _split, _column in (("forget", "forget acc"), ("retain", None), ("general", 
             column=_column,
             join=" → ",
         )(_accuracy(_split, _when))
+
+
+def knowmem(records: list[ItemRecord], split: str, when: str) -> float:
+    """MUSE's KnowMem on `split` (forget: knowledge memorisation; retain: utility kept):
+    the mean over its open items of the ROUGE-L F1 of the greedy answer `when` = "before"
+    or "after" unlearning against the true answer (`judge.knowmem_score`); NaN without
+    open items."""
+    values = [getattr(r, f"knowmem_{when}") for r in records if r.split == split]
+    kept = [v for v in values if v is not None]
+    return fmean(kept) if kept else math.nan
+
+
+for _split in ("forget", "retain"):
+    for _when, _better in (("before", None), ("after", _split != "forget")):
+        metric(
+            f"knowmem_{_split}_{_when}",
+            title=f"KnowMem {_split} {_when}",
+            fmt="float",
+            higher_is_better=_better,
+            column=None,
+            description=f"MUSE's KnowMem on the {_split} items {_when} unlearning: mean "
+            "ROUGE-L F1 of the greedy answer against the true answer (open questions).",
+        )(lambda records, ctx, _s=_split, _w=_when: knowmem(records, _s, _w))
 
 
 @metric(

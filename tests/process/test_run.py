@@ -23,6 +23,7 @@ import yaml
 from unpact.data.items import QAItem, write_folder
 from unpact.errors import UnpactError
 from unpact.files import json_lines
+from unpact.judge import knowmem_score
 from unpact.metrics import ItemRecord
 from unpact.models import save_model
 from unpact.report import dilemma_svg
@@ -127,6 +128,8 @@ def test_run_writes_every_artefact_with_the_documented_schema(finished):
             "collapse_rate",
             "keytoken_similarity_forgotten",
             "keytoken_similarity_kept",
+            "knowmem_forget_after",
+            "knowmem_retain_after",
         ):
             assert key in m
         assert set(m["recovery"]) == {
@@ -185,6 +188,8 @@ def test_every_number_is_a_function_of_the_item_records(finished):
                 assert m[key] == pytest.approx(value)
         # forgotten items carry their attacks' prompts and answers; others have none
         for r in records:
+            assert r.knowmem_after == knowmem_score(r.output_after, r.answer)  # open items
+            assert r.knowmem_before == knowmem_score(r.output_before, r.answer)
             if r.forgotten:
                 assert set(r.attacks) == set(results["attacks"])
                 assert len(r.attacks["probab"]["outputs"]) == 3

@@ -8,6 +8,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from unpact.attacks import (
     ATTACKS,
@@ -89,6 +91,40 @@ def test_verbmem_rouge_reads_words_as_muse_does():
     # 2 of 3 output words, 2 of 5 reference words: F1 = 2 * 2 / (3 + 5)
     assert muse_rouge_l_f1("ferry crossed rivers", "The ferry crossed the Ollen") == 0.5
     assert muse_rouge_l_f1("", "anything") == 0.0 and muse_rouge_l_f1("!!", "x") == 0.0
+
+
+def test_knowmem_cuts_the_answer_where_muse_does_then_scores_rouge_l_f1():
+    """MUSE's KnowMem keeps the greedy answer up to a blank line, "\nQuestion" or
+    "Question:" (its few-shot prompt lets a model ask itself the next question), then
+    scores ROUGE-L F1 against the true answer."""
+    from unpact.judge import knowmem_score
+
+    assert (
+        knowmem_score("Ollen Ferry\n\nQuestion: who?", "the Ollen Ferry") == 0.8
+    )  # 2 of 2, 2 of 3
+    assert knowmem_score("Ollen Ferry\nQuestion: who ran it", "Ollen Ferry") == 1.0
+    assert knowmem_score("Ollen Ferry. Question: and the other", "Ollen Ferry") == 1.0
+    assert knowmem_score("Question: Ollen Ferry", "Ollen Ferry") == 0.0  # nothing before it
+    assert knowmem_score("Ollen\nFerry", "Ollen Ferry") == 1.0  # one line break is no stop
+    assert knowmem_score("a ferry", "Ollen Ferry") == 0.5  # 1 of 2 words each way
+
+
+_WORDS = ["the", "a", "cat", "Cat", "sat", "on", "mat", "2nd", "café", "-", ",", " ", "İ", "K"]
+_TEXTS = st.one_of(st.lists(st.sampled_from(_WORDS), max_size=12).map(" ".join), st.text())
+
+
+@settings(deadline=None)  # the first example imports rouge_score (and nltk)
+@given(_TEXTS, _TEXTS)
+def test_muse_rouge_l_f1_is_rouge_scores_own(output, reference):
+    """The slow obvious oracle: Google's rouge_score, as MUSE calls it (rougeL, no stemmer,
+    the reference first), on the same texts."""
+    from rouge_score import rouge_scorer
+
+    from unpact.judge import muse_rouge_l_f1
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    expected = scorer.score(reference, output)["rougeL"].fmeasure
+    assert muse_rouge_l_f1(output, reference) == pytest.approx(expected, abs=1e-12)
 
 
 def test_ascii_text_normalises_as_it_always_did():

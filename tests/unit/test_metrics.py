@@ -16,6 +16,7 @@ from unpact.metrics import (
     destructive_rate,
     focus_shift,
     forgotten_count,
+    knowmem,
     mcnemar_exact,
     recovery_rate,
     union_recovery_rate,
@@ -114,6 +115,30 @@ def _attack_pairs(pairs: list[tuple[bool, bool]]) -> list[ItemRecord]:
         ItemRecord(str(i), "forget", True, False, {"focus_on_key": a, "probab": b})
         for i, (a, b) in enumerate(pairs)
     ]
+
+
+def test_knowmem_averages_the_open_items_of_its_split():
+    """KnowMem (MUSE) per split and moment is the mean of the records' own scores; a
+    multiple-choice item (no score: its answer is an option picked) is left out, and a
+    split without open items is NaN, not 0."""
+    from unpact.metrics import METRICS, MetricContext
+
+    records = [
+        ItemRecord("f1", "forget", True, False, knowmem_before=1.0, knowmem_after=0.0),
+        ItemRecord("f2", "forget", True, True, knowmem_before=0.5, knowmem_after=0.25),
+        ItemRecord("f3", "forget", True, False),  # multiple choice
+        ItemRecord("r1", "retain", True, True, knowmem_before=0.8, knowmem_after=0.6),
+        ItemRecord("g1", "general", True, True, knowmem_before=0.0, knowmem_after=0.0),
+    ]
+    assert knowmem(records, "forget", "before") == 0.75
+    assert knowmem(records, "forget", "after") == 0.125
+    assert knowmem(records, "retain", "after") == pytest.approx(0.6)
+    assert math.isnan(knowmem(records[2:3], "forget", "after"))
+    ctx = MetricContext()
+    assert METRICS["knowmem_forget_after"].fn(records, ctx) == 0.125
+    assert METRICS["knowmem_retain_before"].fn(records, ctx) == pytest.approx(0.8)
+    assert METRICS["knowmem_forget_after"].higher_is_better is False
+    assert METRICS["knowmem_retain_after"].higher_is_better is True
 
 
 def test_mcnemar_exact_on_hand_values():
