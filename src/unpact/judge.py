@@ -191,6 +191,22 @@ def knowmem_score(output: str, answer: str) -> float:
     return muse_rouge_l_f1(output, answer)
 
 
+@functools.cache
+def _stemmed_rouge_l() -> Any:
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def tofu_rouge_l_recall(output: str, answer: str) -> float:
+    """One answer's ROUGE as TOFU and open-unlearning report it (`forget_Q_A_ROUGE`,
+    `eval_rouge_recall_batch` in open-unlearning's `src/evals/metrics/utils.py`): ROUGE-L
+    recall of the greedy answer against the true answer, with Google's rouge_score and its
+    Porter stemmer (lower case, a-z and 0-9, words over 3 letters stemmed): the share of the
+    true answer's words the answer gives in order."""
+    return float(_stemmed_rouge_l().score(answer, output)["rougeL"].recall)
+
+
 def _lcs(out: list[str], ref: list[str]) -> int:
     """Length of the longest common subsequence of two word lists."""
     prev = [0] * (len(out) + 1)

@@ -63,6 +63,9 @@ class ItemRecord:
     # for a multiple-choice item, whose answer is an option picked, not text written)
     knowmem_before: float | None = None
     knowmem_after: float | None = None
+    # and TOFU's ROUGE (ROUGE-L recall, stemmed) of the same answers
+    rouge_before: float | None = None
+    rouge_after: float | None = None
 
     @property
     def forgotten(self) -> bool:
@@ -451,14 +454,25 @@ for _split, _column in (("forget", "forget acc"), ("retain", None), ("general", 
         )(_accuracy(_split, _when))
 
 
+def _answer_mean(records: list[ItemRecord], field: str) -> float:
+    values = [getattr(r, field) for r in records]
+    kept = [v for v in values if v is not None]
+    return fmean(kept) if kept else math.nan
+
+
 def knowmem(records: list[ItemRecord], split: str, when: str) -> float:
     """MUSE's KnowMem on `split` (forget: knowledge memorisation; retain: utility kept):
     the mean over its open items of the ROUGE-L F1 of the greedy answer `when` = "before"
     or "after" unlearning against the true answer (`judge.knowmem_score`); NaN without
     open items."""
-    values = [getattr(r, f"knowmem_{when}") for r in records if r.split == split]
-    kept = [v for v in values if v is not None]
-    return fmean(kept) if kept else math.nan
+    return _answer_mean([r for r in records if r.split == split], f"knowmem_{when}")
+
+
+def tofu_rouge(records: list[ItemRecord], split: str, when: str) -> float:
+    """TOFU's ROUGE on `split` (open-unlearning's `forget_Q_A_ROUGE`): the mean over its
+    open items of the stemmed ROUGE-L recall of the greedy answer `when` = "before" or
+    "after" unlearning (`judge.tofu_rouge_l_recall`); NaN without open items."""
+    return _answer_mean([r for r in records if r.split == split], f"rouge_{when}")
 
 
 for _split in ("forget", "retain"):
@@ -472,6 +486,16 @@ for _split in ("forget", "retain"):
             description=f"MUSE's KnowMem on the {_split} items {_when} unlearning: mean "
             "ROUGE-L F1 of the greedy answer against the true answer (open questions).",
         )(lambda records, ctx, _s=_split, _w=_when: knowmem(records, _s, _w))
+        metric(
+            f"rouge_{_split}_{_when}",
+            title=f"ROUGE {_split} {_when}",
+            fmt="float",
+            higher_is_better=_better,
+            column=None,
+            description=f"TOFU's ROUGE on the {_split} items {_when} unlearning: mean "
+            "ROUGE-L recall (stemmed) of the greedy answer against the true answer (open "
+            "questions).",
+        )(lambda records, ctx, _s=_split, _w=_when: tofu_rouge(records, _s, _w))
 
 
 @metric(

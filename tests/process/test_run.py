@@ -23,7 +23,7 @@ import yaml
 from unpact.data.items import QAItem, write_folder
 from unpact.errors import UnpactError
 from unpact.files import json_lines
-from unpact.judge import knowmem_score
+from unpact.judge import knowmem_score, tofu_rouge_l_recall
 from unpact.metrics import ItemRecord
 from unpact.models import save_model
 from unpact.report import dilemma_svg
@@ -130,6 +130,7 @@ def test_run_writes_every_artefact_with_the_documented_schema(finished):
             "keytoken_similarity_kept",
             "knowmem_forget_after",
             "knowmem_retain_after",
+            "rouge_forget_after",
         ):
             assert key in m
         assert set(m["recovery"]) == {
@@ -190,6 +191,7 @@ def test_every_number_is_a_function_of_the_item_records(finished):
         for r in records:
             assert r.knowmem_after == knowmem_score(r.output_after, r.answer)  # open items
             assert r.knowmem_before == knowmem_score(r.output_before, r.answer)
+            assert r.rouge_after == tofu_rouge_l_recall(r.output_after, r.answer)
             if r.forgotten:
                 assert set(r.attacks) == set(results["attacks"])
                 assert len(r.attacks["probab"]["outputs"]) == 3

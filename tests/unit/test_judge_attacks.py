@@ -109,6 +109,19 @@ def test_knowmem_cuts_the_answer_where_muse_does_then_scores_rouge_l_f1():
     assert knowmem_score("a ferry", "Ollen Ferry") == 0.5  # 1 of 2 words each way
 
 
+def test_tofu_rouge_is_stemmed_rouge_l_recall():
+    """TOFU's ROUGE (open-unlearning's forget_Q_A_ROUGE): the share of the true answer's
+    words the answer gives in order, words over 3 letters Porter-stemmed (cities is city;
+    was, 3 letters, stays), punctuation and case ignored."""
+    from unpact.judge import tofu_rouge_l_recall
+
+    # true: born in paris city; LCS with born in the cities of paris: 3 of 4 (cities = city)
+    assert tofu_rouge_l_recall("He was born in the cities of Paris", "Born in Paris city") == 0.75
+    assert tofu_rouge_l_recall("Running", "runs") == 1.0  # both stem to run
+    assert tofu_rouge_l_recall("PARIS!", "Paris, France") == 0.5
+    assert tofu_rouge_l_recall("", "Paris") == 0.0
+
+
 _WORDS = ["the", "a", "cat", "Cat", "sat", "on", "mat", "2nd", "café", "-", ",", " ", "İ", "K"]
 _TEXTS = st.one_of(st.lists(st.sampled_from(_WORDS), max_size=12).map(" ".join), st.text())
 

@@ -19,6 +19,7 @@ from unpact.metrics import (
     knowmem,
     mcnemar_exact,
     recovery_rate,
+    tofu_rouge,
     union_recovery_rate,
 )
 
@@ -139,6 +140,11 @@ def test_knowmem_averages_the_open_items_of_its_split():
     assert METRICS["knowmem_retain_before"].fn(records, ctx) == pytest.approx(0.8)
     assert METRICS["knowmem_forget_after"].higher_is_better is False
     assert METRICS["knowmem_retain_after"].higher_is_better is True
+    # TOFU's ROUGE the same way, from its own fields
+    records[0].rouge_after, records[1].rouge_after, records[3].rouge_after = 0.5, 0.0, 1.0
+    assert tofu_rouge(records, "forget", "after") == 0.25
+    assert METRICS["rouge_retain_after"].fn(records, ctx) == 1.0
+    assert math.isnan(METRICS["rouge_forget_before"].fn(records, ctx))
 
 
 def test_mcnemar_exact_on_hand_values():

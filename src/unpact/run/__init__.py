@@ -55,7 +55,13 @@ from unpact.data.items import Benchmark, QAItem
 from unpact.data.sources import general_items, load_benchmark
 from unpact.errors import NotForThisModel, UnpactError
 from unpact.files import WRITER_LOCK, as_path, check_folder_path, make_folder, once, sole_writer
-from unpact.judge import contains_match, judge_rules, knowmem_score, served_cache_key
+from unpact.judge import (
+    contains_match,
+    judge_rules,
+    knowmem_score,
+    served_cache_key,
+    tofu_rouge_l_recall,
+)
 from unpact.metrics import ItemRecord, layer_curve
 from unpact.models import (
     cache_root,
@@ -1050,6 +1056,8 @@ def _record(
     if not item.is_mcq:
         rec.knowmem_before = knowmem_score(before["output"], item.answer)
         rec.knowmem_after = knowmem_score(after["output"], item.answer)
+        rec.rouge_before = tofu_rouge_l_recall(before["output"], item.answer)
+        rec.rouge_after = tofu_rouge_l_recall(after["output"], item.answer)
     pre, post = original.attrs.get(item.id), mine.attrs.get(item.id)
     if pre is not None and post is not None:
         a, b = Attribution.from_dict(pre), Attribution.from_dict(post)
