@@ -475,27 +475,22 @@ def tofu_rouge(records: list[ItemRecord], split: str, when: str) -> float:
     return _answer_mean([r for r in records if r.split == split], f"rouge_{when}")
 
 
-for _split in ("forget", "retain"):
-    for _when, _better in (("before", None), ("after", _split != "forget")):
-        metric(
-            f"knowmem_{_split}_{_when}",
-            title=f"KnowMem {_split} {_when}",
-            fmt="float",
-            higher_is_better=_better,
-            column=None,
-            description=f"MUSE's KnowMem on the {_split} items {_when} unlearning: mean "
-            "ROUGE-L F1 of the greedy answer against the true answer (open questions).",
-        )(lambda records, ctx, _s=_split, _w=_when: knowmem(records, _s, _w))
-        metric(
-            f"rouge_{_split}_{_when}",
-            title=f"ROUGE {_split} {_when}",
-            fmt="float",
-            higher_is_better=_better,
-            column=None,
-            description=f"TOFU's ROUGE on the {_split} items {_when} unlearning: mean "
-            "ROUGE-L recall (stemmed) of the greedy answer against the true answer (open "
-            "questions).",
-        )(lambda records, ctx, _s=_split, _w=_when: tofu_rouge(records, _s, _w))
+_GRADED = (  # name, title, what it reads, its function
+    ("knowmem", "KnowMem", "MUSE's KnowMem: mean ROUGE-L F1", knowmem),
+    ("rouge", "ROUGE", "TOFU's ROUGE: mean ROUGE-L recall (stemmed)", tofu_rouge),
+)
+for _name, _title, _what, _graded in _GRADED:
+    for _split in ("forget", "retain"):
+        for _when, _better in (("before", None), ("after", _split != "forget")):
+            metric(
+                f"{_name}_{_split}_{_when}",
+                title=f"{_title} {_split} {_when}",
+                fmt="float",
+                higher_is_better=_better,
+                column=None,
+                description=f"{_what} of the greedy answer against the true answer, on the "
+                f"{_split} items {_when} unlearning (open questions).",
+            )(lambda records, ctx, _f=_graded, _s=_split, _w=_when: _f(records, _s, _w))
 
 
 @metric(
