@@ -96,6 +96,20 @@ def _truth_ratio(records: list[ItemRecord], ctx: MetricContext) -> float:
     return _mean([r.truth_ratio for r in records if r.split == "forget"])
 
 
+@metric("forget_prob", title="forget probability", fmt="float", needs=("membership",))
+def _forget_prob(records: list[ItemRecord], ctx: MetricContext) -> float:
+    """TOFU's Prob on the forget set (open-unlearning's `forget_Q_A_Prob`, `probability`
+    in `src/evals/metrics/memorization.py`): mean over forget items of exp(-mean token NLL)
+    of the true answer given its question, the LOSS attack's score exponentiated."""
+    return _mean(
+        [
+            math.exp(r.membership["loss"])
+            for r in records
+            if r.split == "forget" and r.membership and "loss" in r.membership
+        ]
+    )
+
+
 @metric(
     "forget_quality",
     title="forget quality",

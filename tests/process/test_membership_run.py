@@ -140,6 +140,13 @@ def test_figures_recompute_from_items_jsonl(done):
         assert res["methods"]["ga"]["mia_auc"][attack] == pytest.approx(slow_auc(attack))
     mine, ref = slow_auc("min_k"), slow_auc("min_k", "membership_retrained")
     assert res["methods"]["ga"]["privleak"] == pytest.approx((mine - ref) / ref)
+    # TOFU's Prob: the forget answers' mean token probability (geometric), averaged
+    for key, got in (
+        ("membership", res["methods"]["ga"]["forget_prob"]),
+        ("membership_retrained", res["references"]["retrained"]["forget_prob"]),
+    ):
+        probs = [math.exp(r[key]["loss"]) for r in forget]
+        assert 0 < got < 1 and got == pytest.approx(sum(probs) / len(probs))
 
 
 def test_the_retrained_reference_is_an_injection_of_the_retain_facts(done):

@@ -261,6 +261,9 @@ def test_metrics_from_records_by_hand():
     # retrained: forget 1.0, 2.0 against holdout 1.5, 1.8 -> pairs 1<1.5, 1<1.8, 2>1.5, 2>1.8
     assert METRICS["privleak"].fn(records, ctx) == pytest.approx((0.75 - 0.5) / 0.5)
     assert METRICS["truth_ratio"].fn(records, ctx) == pytest.approx(0.25)
+    # TOFU's Prob: exp of minus each forget answer's mean NLL (the LOSS score: 3 and 2 here,
+    # beyond a real log-prob's range), averaged over the forget items; holdout not read
+    assert METRICS["forget_prob"].fn(records, ctx) == pytest.approx((math.e**3 + math.e**2) / 2)
     assert METRICS["forget_quality"].fn(records, ctx) == pytest.approx(
         forget_quality([0.2, 0.3], [0.9, 1.1])
     )
