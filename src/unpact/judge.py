@@ -166,6 +166,13 @@ def rouge_score_tokens(text: str) -> list[str]:
     return _ROUGE_TOKEN.findall(text.lower())
 
 
+def rouge_scorable(text: str) -> bool:
+    """Whether `text` has a word rouge_score reads (a-z or 0-9 after lower case). ROUGE as
+    MUSE and TOFU score it is undefined for text written wholly in another script: a figure
+    over such references is left out, with the reason, rather than given as 0."""
+    return bool(_ROUGE_TOKEN.search(text.lower()))
+
+
 def muse_rouge_l_f1(output: str, reference: str) -> float:
     """ROUGE-L F-measure as MUSE's VerbMem computes it (`metrics/logger.py` in MUSE's
     repository: `rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)`, `fmeasure` of

@@ -60,7 +60,8 @@ class ItemRecord:
     recovered_control: dict[str, bool] = field(default_factory=dict)
     recovered_focus: dict[str, float] = field(default_factory=dict)
     # MUSE's KnowMem of the greedy answer before and after unlearning (open questions; None
-    # for a multiple-choice item, whose answer is an option picked, not text written)
+    # for a multiple-choice item, whose answer is an option picked, not text written, and
+    # for an answer without a word ROUGE reads: `judge.rouge_scorable`)
     knowmem_before: float | None = None
     knowmem_after: float | None = None
     # and TOFU's ROUGE (ROUGE-L recall, stemmed) of the same answers

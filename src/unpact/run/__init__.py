@@ -59,6 +59,7 @@ from unpact.judge import (
     contains_match,
     judge_rules,
     knowmem_score,
+    rouge_scorable,
     served_cache_key,
     tofu_rouge_l_recall,
 )
@@ -358,6 +359,8 @@ def _run_one(
     }
     results = _results(p, data, original, unlearned, records, stages, out)
     results |= finite(_references(cfg, data, found, stages)) | _evaluated_as(cfg, given)
+    if ungraded := _ungraded(data):
+        results["skipped"] = {**results.get("skipped", {}), **ungraded}
     if baselines:  # what the weight attacks do to the original model, which knew the facts
         results["attack_baselines"] = finite(baselines)
     if no_control:
@@ -1053,7 +1056,7 @@ def _record(
         output_before=before["output"],
         output_after=after["output"],
     )
-    if not item.is_mcq:
+    if not item.is_mcq and rouge_scorable(item.answer):
         rec.knowmem_before = knowmem_score(before["output"], item.answer)
         rec.knowmem_after = knowmem_score(after["output"], item.answer)
         rec.rouge_before = tofu_rouge_l_recall(before["output"], item.answer)
@@ -1162,6 +1165,22 @@ def _results(
             },
         }
     )
+
+
+def _ungraded(data: Data) -> dict[str, str]:
+    """Why KnowMem and TOFU's ROUGE have no value on a split that has items (for
+    results.json's `skipped`): no open question, or no answer with a word ROUGE reads."""
+    why = []
+    for split in ("forget", "retain"):
+        written = [i for i in data.splits[split] if not i.is_mcq]
+        if data.splits[split] and not written:
+            why.append(f"every {split} item is multiple choice (an option picked, not written)")
+        elif written and not any(rouge_scorable(i.answer) for i in written):
+            why.append(
+                f"no {split} answer has a word ROUGE reads as MUSE and TOFU score it (a-z, "
+                "0-9): text in another script is left out, not scored 0"
+            )
+    return {"knowmem, rouge": "; ".join(why)} if why else {}
 
 
 def _references(

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from unpact.backends import open_model
 from unpact.data.items import QAItem, VerbatimPrompt
 from unpact.errors import UnpactError
-from unpact.judge import muse_rouge_l_f1, split_unspaced
+from unpact.judge import muse_rouge_l_f1, rouge_scorable, split_unspaced
 from unpact.membership import (
     DOCUMENT_ATTACKS,
     TextStats,
@@ -151,10 +151,18 @@ def missing_inputs(data: Data, settings: MembershipSettings) -> dict[str, str]:
     if not any(i.paraphrased_answer and i.perturbed_answers for i in forget):
         why = "no forget item has paraphrased_answer and perturbed_answers (docs/data.md)"
         out["truth_ratio"] = out["forget_quality"] = why
-    if not verbatim_texts(data, settings)[1]:
+    texts = verbatim_texts(data, settings)[1]
+    if not texts:
         out["verbmem"] = (
             "no text to continue: the benchmark has no forget documents and no VerbMem probes "
             "(verbmem.jsonl; MUSE's verbmem/forget.json)"
+        )
+    elif not any(
+        rouge_scorable(t.continuation if isinstance(t, VerbatimPrompt) else t.text) for t in texts
+    ):
+        out["verbmem"] = (
+            "no text to continue has a word ROUGE reads as MUSE scores it (a-z, 0-9): text in "
+            "another script is left out, not scored 0"
         )
     if not settings.gradnorm:
         out["mia_auc.gradnorm"] = GRADNORM_OFF
@@ -715,7 +723,15 @@ def _verbmem(
 
     rows = p.stage("verbmem", "verbmem", m.label, key, compute)
     # scored here, not in the stage: the cached continuations are read with today's ROUGE
-    return [{**r, "rouge_l": muse_rouge_l_f1(r["output"], r["truth"])} for r in rows]
+    return [
+        {
+            **r,
+            "rouge_l": muse_rouge_l_f1(r["output"], r["truth"])
+            if rouge_scorable(r["truth"])
+            else None,
+        }
+        for r in rows
+    ]
 
 
 def _document_rows(
