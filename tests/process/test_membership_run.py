@@ -113,6 +113,9 @@ def test_every_figure_for_methods_and_references(done):
     assert rows["original"]["recovery_focus_on_key"] == ""  # not theirs: empty
     page = (root / "out" / "report.html").read_text()
     assert 'id="roc"' in page and 'id="references"' in page  # ROC per method, references
+    ref_table = page.split('id="references"')[1].split("</table>")[0]
+    assert "forget probability" in ref_table  # TOFU's Prob of the original and the reference
+    assert f"{refs['retrained']['forget_prob']:.2f}" in ref_table
     assert "retrained (AUC" in page  # the reference's curve beside each method's
     # both injections reported (this one does not judge general knowledge: said so)
     assert set(res["injection"]) == {"original", "retrained"}
