@@ -345,6 +345,16 @@ def test_verdicts_read_the_figures_and_the_paired_items():
         "recovers 8 of the 12 forgotten items attacked (67% [40%, 90%]); "
     )
     assert got["indistinguishable"]["verdict"] == "indistinguishable from the reference"
+    # the evidence gives TOFU's forget probability beside the reference's, when both are known
+    assert "probability" not in got["indistinguishable"]["detail"]
+    with_p = m | {"forget_prob": 0.296}
+    got = {
+        v["test"]: v
+        for v in verdicts(with_p, records, ["quantize"], reference={"forget_prob": 0.0031})
+    }
+    assert got["indistinguishable"]["detail"].endswith(
+        "; the true forget answers' probability 0.30, the reference's 3.1e-03"
+    )
     m["ci"]["privleak"] = [-0.6, -0.3]
     m["privleak"] = -0.45
     got = {v["test"]: v for v in verdicts(m, records, ["quantize"])}

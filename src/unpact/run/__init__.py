@@ -391,8 +391,9 @@ def _add_verdicts(
         if not results["skipped"]:
             del results["skipped"]
     alpha, skipped = cfg.statistics.alpha, results.get("skipped")
+    reference = (results.get("references") or {}).get("retrained")
     results["verdicts"] = {
-        label: verdicts(results["methods"][label], rows, attacks, alpha, skipped, label)
+        label: verdicts(results["methods"][label], rows, attacks, alpha, skipped, label, reference)
         for label, rows in records.items()
     }
 

@@ -398,11 +398,16 @@ def verdicts(
     alpha: float = 0.05,
     skipped: dict[str, str] | None = None,
     label: str = "",
+    reference: dict[str, Any] | None = None,
 ) -> list[dict[str, str]]:
     """One method's verdicts: {"test", "verdict", "detail"} per test, in plain words.
-    `skipped` (results.json's) says why a figure of the method `label` was not measured."""
+    `skipped` (results.json's) says why a figure of the method `label` was not measured;
+    `reference`: the retrained reference's figures (results.json's `references`), whose
+    forget probability the indistinguishability evidence gives beside the method's."""
     out = [_forgotten(m)]
     same = _indistinguishable(m, alpha, skipped or {}, label)
+    if same["verdict"] != "not measured":
+        same["detail"] += _probabilities(m, reference or {})
     if not m.get("forgotten"):  # no recovery to judge; membership does not need it
         asked = ", ".join(attacks)
         why = {
@@ -499,6 +504,19 @@ def unmeasured(skipped: dict[str, str], label: str) -> str | None:
             return skipped[key]
     reasons = dict.fromkeys(skipped[k] for k in ("privleak", "forget_quality") if k in skipped)
     return "; ".join(reasons) or None
+
+
+def _probabilities(m: dict[str, Any], reference: dict[str, Any]) -> str:
+    """TOFU's forget probability of the method beside the reference's, as evidence ("" when
+    either is missing): how likely the true forget answers still are."""
+    mine, ref = m.get("forget_prob"), reference.get("forget_prob")
+    if mine is None or ref is None:
+        return ""
+
+    def shown(p: float) -> str:
+        return f"{p:.2f}" if p >= 0.01 else f"{p:.1e}"
+
+    return f"; the true forget answers' probability {shown(mine)}, the reference's {shown(ref)}"
 
 
 def _indistinguishable(
