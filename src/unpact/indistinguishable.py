@@ -13,10 +13,9 @@ familiar than text never seen, which tells it apart too.
 from __future__ import annotations
 
 import math
-from statistics import fmean
 
 from unpact.membership import DOCUMENT_ATTACKS, MIA_ATTACKS, auc, forget_quality, privleak
-from unpact.metrics import ItemRecord, MetricContext, metric
+from unpact.metrics import ItemRecord, MetricContext, defined_mean, metric
 
 
 def _auc(records: list[ItemRecord], attack: str, retrained: bool = False, of: str = "") -> float:
@@ -84,16 +83,11 @@ def _privleak_documents(records: list[ItemRecord], ctx: MetricContext) -> float:
     return _privleak_of(records, ctx.privleak_attack, of="_document")
 
 
-def _mean(values: list[float | None]) -> float:
-    kept = [v for v in values if v is not None and math.isfinite(v)]
-    return fmean(kept) if kept else math.nan
-
-
 @metric("truth_ratio", title="truth ratio", fmt="float", needs=("membership",))
 def _truth_ratio(records: list[ItemRecord], ctx: MetricContext) -> float:
     """Mean over forget items of TOFU's truth ratio (wrong answers' normalised probability
     over the paraphrased answer's): below 1 the truth is preferred."""
-    return _mean([r.truth_ratio for r in records if r.split == "forget"])
+    return defined_mean([r.truth_ratio for r in records if r.split == "forget"])
 
 
 @metric("forget_prob", title="forget probability", fmt="float", needs=("membership",))
@@ -101,7 +95,7 @@ def _forget_prob(records: list[ItemRecord], ctx: MetricContext) -> float:
     """TOFU's Prob on the forget set (open-unlearning's `forget_Q_A_Prob`, `probability`
     in `src/evals/metrics/memorization.py`): mean over forget items of exp(-mean token NLL)
     of the true answer given its question, the LOSS attack's score exponentiated."""
-    return _mean(
+    return defined_mean(
         [
             math.exp(r.membership["loss"])
             for r in records
@@ -134,21 +128,21 @@ def _verbmem(records: list[ItemRecord], ctx: MetricContext) -> float:
     """MUSE's VerbMem: mean ROUGE-L F1 (over rouge_score's words, as MUSE scores it) of the
     greedy continuation of each forget document's first tokens (or of each of the
     benchmark's own probes, MUSE's verbmem set) against its true continuation."""
-    return _mean([r.verbmem for r in records if r.split in ("forget", "verbmem")])
+    return defined_mean([r.verbmem for r in records if r.split in ("forget", "verbmem")])
 
 
 @metric("exact_memorisation", title="exact memorisation", needs=("membership",))
 def _exact(records: list[ItemRecord], ctx: MetricContext) -> float:
     """Mean over forget items of the share of answer tokens that are the model's argmax
     under teacher forcing (open-unlearning)."""
-    return _mean([r.exact_memorisation for r in records if r.split == "forget"])
+    return defined_mean([r.exact_memorisation for r in records if r.split == "forget"])
 
 
 @metric("extraction_strength", title="extraction strength", needs=("membership",))
 def _extraction(records: list[ItemRecord], ctx: MetricContext) -> float:
     """Mean over forget items of 1 - k/|answer|, k the shortest true prefix after which
     the model's argmax reproduces the rest (open-unlearning)."""
-    return _mean([r.extraction_strength for r in records if r.split == "forget"])
+    return defined_mean([r.extraction_strength for r in records if r.split == "forget"])
 
 
 @metric("fluency", title="fluency", fmt="float", needs=("membership", "fluency"))
@@ -156,7 +150,7 @@ def _fluency(records: list[ItemRecord], ctx: MetricContext) -> float:
     """Mean over forget answers of their mean token log-prob under the untaught base model
     minus the true answer's (nats; about 0: as well-formed as the true answer, far below:
     not text the base model would write)."""
-    return _mean([r.fluency.get("relative") for r in records if r.fluency])
+    return defined_mean([r.fluency.get("relative") for r in records if r.fluency])
 
 
 @metric(

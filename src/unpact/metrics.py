@@ -455,10 +455,14 @@ for _split, _column in (("forget", "forget acc"), ("retain", None), ("general", 
         )(_accuracy(_split, _when))
 
 
-def _answer_mean(records: list[ItemRecord], field: str) -> float:
-    values = [getattr(r, field) for r in records]
-    kept = [v for v in values if v is not None]
+def defined_mean(values: Sequence[float | None]) -> float:
+    """Mean of the values that are defined (not None, finite); NaN when none is."""
+    kept = [v for v in values if v is not None and math.isfinite(v)]
     return fmean(kept) if kept else math.nan
+
+
+def _answer_mean(records: list[ItemRecord], field: str) -> float:
+    return defined_mean([getattr(r, field) for r in records])
 
 
 def knowmem(records: list[ItemRecord], split: str, when: str) -> float:
