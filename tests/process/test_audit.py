@@ -355,6 +355,16 @@ def test_verdicts_read_the_figures_and_the_paired_items():
     assert got["indistinguishable"]["detail"].endswith(
         "; the true forget answers' probability 0.30, the reference's 3.1e-03"
     )
+    # the forgotten count gives the never-taught reference's accuracies beside the method's
+    accs = m | {"forget_acc_before": 1.0, "forget_acc_after": 0.0}
+    accs |= {"retain_acc_before": 0.9, "retain_acc_after": 0.8}
+    ref = {"forget_acc_after": 0.25, "retain_acc_after": 0.875}
+    got = {v["test"]: v for v in verdicts(accs, records, ["quantize"], reference=ref)}
+    assert got["forgotten"]["detail"].endswith(
+        "(forget accuracy 100% → 0%, the reference's 25%; retain 90% → 80%, the reference's 88%)"
+    )
+    got = {v["test"]: v for v in verdicts(accs, records, ["quantize"])}
+    assert got["forgotten"]["detail"].endswith("(forget accuracy 100% → 0%; retain 90% → 80%)")
     m["ci"]["privleak"] = [-0.6, -0.3]
     m["privleak"] = -0.45
     got = {v["test"]: v for v in verdicts(m, records, ["quantize"])}

@@ -116,6 +116,8 @@ def test_every_figure_for_methods_and_references(done):
     ref_table = page.split('id="references"')[1].split("</table>")[0]
     assert "forget probability" in ref_table  # TOFU's Prob of the original and the reference
     assert f"{refs['retrained']['forget_prob']:.2f}" in ref_table
+    assert "KnowMem forget" in ref_table  # the references' own answers
+    assert f"{refs['retrained']['knowmem_forget_after']:.2f}" in ref_table
     assert "retrained (AUC" in page  # the reference's curve beside each method's
     # both injections reported (this one does not judge general knowledge: said so)
     assert set(res["injection"]) == {"original", "retrained"}
@@ -150,6 +152,39 @@ def test_figures_recompute_from_items_jsonl(done):
     ):
         probs = [math.exp(r[key]["loss"]) for r in forget]
         assert 0 < got < 1 and got == pytest.approx(sum(probs) / len(probs))
+
+
+def test_the_references_answers_are_scored_like_a_methods(done):
+    """The original's and the retrained reference's greedy answers to the forget and
+    retain items score under the methods' names of the figures after unlearning: the
+    original's are the methods' before; the reference's, recomputed from its model's own
+    answers, are what a model that never learned the forget facts says (MUSE's and TOFU's
+    target)."""
+    from unpact.backends import open_model
+    from unpact.data.items import load_folder
+    from unpact.judge import JudgeSettings, knowmem_score, tofu_rouge_l_recall
+    from unpact.run.stages import evaluate
+
+    root, _, _ = done
+    res = json.loads((root / "out" / "results.json").read_text())
+    ga, refs = res["methods"]["ga"], res["references"]
+    names = ["forget_acc", "retain_acc"]
+    names += [f"{g}_{s}" for g in ("knowmem", "rouge") for s in ("forget", "retain")]
+    for name in names:
+        assert refs["original"][f"{name}_after"] == ga[f"{name}_before"], name
+    reference = open_model(root / "out" / "models" / "retrained")
+    bench = load_folder(root / "bench")
+    for split in ("forget", "retain"):
+        mine = bench.split(split)
+        rows = evaluate(reference, mine, JudgeSettings(max_new_tokens=8), "slow")
+        acc = sum(r["correct"] for r in rows) / len(rows)
+        know = [knowmem_score(r["output"], i.answer) for r, i in zip(rows, mine)]
+        rouge = [tofu_rouge_l_recall(r["output"], i.answer) for r, i in zip(rows, mine)]
+        got = refs["retrained"]
+        assert got[f"{split}_acc_after"] == pytest.approx(acc)
+        assert got[f"knowmem_{split}_after"] == pytest.approx(sum(know) / len(know))
+        assert got[f"rouge_{split}_after"] == pytest.approx(sum(rouge) / len(rouge))
+    assert "forget_acc_before" not in refs["retrained"]  # a reference has no before
 
 
 def test_the_retrained_reference_is_an_injection_of_the_retain_facts(done):

@@ -35,7 +35,7 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -358,7 +358,8 @@ def _run_one(
         for m in unlearned
     }
     results = _results(p, data, original, unlearned, records, stages, out)
-    results |= finite(_references(cfg, data, found, stages)) | _evaluated_as(cfg, given)
+    answers = _reference_answers(p, data, found.reference)
+    results |= finite(_references(cfg, data, found, stages, answers)) | _evaluated_as(cfg, given)
     if ungraded := _ungraded(data):
         results["skipped"] = {**results.get("skipped", {}), **ungraded}
     if baselines:  # what the weight attacks do to the original model, which knew the facts
@@ -809,20 +810,8 @@ def _model_stages(
             lm = open_model(model.spec, dtype=cfg.dtype, device=cfg.device, remote=cfg.remote)
         return lm
 
-    judge = p.judge_key
     served = is_remote_spec(model.spec)  # these stages read it alone: not the run's dtype
-    evals: dict[str, dict[str, Any]] = {}
-    for split in SPLITS:
-        items = data.splits[split]
-        rows = p.stage(
-            "evaluating",
-            "evals",
-            f"{model.label} ({split})",
-            [model.key, data.key(split), judge],
-            partial(_evaluate, opened, items, cfg, model.label),
-            served,
-        )
-        evals |= {r["id"]: r for r in rows}
+    evals = _evals(p, data, model, opened, SPLITS)
     forget = data.splits["forget"]
     settings = cfg.attribution.model_dump(mode="json", exclude=_CHECK_FIELDS) | p.replacement
     rows = p.stage(
@@ -851,6 +840,38 @@ def _model_stages(
     if original is not None:
         found.attacks = _attacks(p, data, model, original, found, opened)
     return found
+
+
+def _evals(
+    p: Pipeline,
+    data: Data,
+    model: Model,
+    opened: Callable[[], AnyModel],
+    splits: Sequence[str],
+) -> dict[str, dict[str, Any]]:
+    """The greedy answers of `model` to the items of `splits`, judged: one stage per split."""
+    evals: dict[str, dict[str, Any]] = {}
+    for split in splits:
+        rows = p.stage(
+            "evaluating",
+            "evals",
+            f"{model.label} ({split})",
+            [model.key, data.key(split), p.judge_key],
+            partial(_evaluate, opened, data.splits[split], p.cfg, model.label),
+            is_remote_spec(model.spec),
+        )
+        evals |= {r["id"]: r for r in rows}
+    return evals
+
+
+def _reference_answers(p: Pipeline, data: Data, reference: Model | None) -> ModelStages | None:
+    """The never-taught reference's judged greedy answers to the forget and retain items
+    (the target of MUSE's and TOFU's tables: what a model that never learned the forget
+    facts says, by accuracy, KnowMem and ROUGE); None without a reference."""
+    if reference is None:
+        return None
+    opened = membership.opener(p, reference.spec)
+    return ModelStages(_evals(p, data, reference, opened, ("forget", "retain")), {})
 
 
 def _evaluate(
@@ -1184,28 +1205,50 @@ def _ungraded(data: Data) -> dict[str, str]:
     return {"knowmem, rouge": "; ".join(why)} if why else {}
 
 
+# The figures of a reference's own answers in results.json's `references`, under the names
+# the methods' figures after unlearning have: the reference's answers are read as a method's
+# after, so that a table compares them column by column
+_REFERENCE_ANSWERS = frozenset(
+    f"{name}_{split}_after" for name in ("knowmem", "rouge") for split in ("forget", "retain")
+) | {"forget_acc_after", "retain_acc_after"}
+
+
 def _references(
-    cfg: RunConfig, data: Data, found: membership.Membership, stages: dict[str, ModelStages]
+    cfg: RunConfig,
+    data: Data,
+    found: membership.Membership,
+    stages: dict[str, ModelStages],
+    reference: ModelStages | None,
 ) -> dict[str, Any]:
     """results.json's `references`: the indistinguishability figures of the original and
-    the retrained reference (PrivLeak 0 by construction for the latter), or `skipped` with
-    the reason they are not there."""
+    the retrained reference (PrivLeak 0 by construction for the latter) and what their
+    greedy answers to the forget and retain items score (accuracy, KnowMem, ROUGE: the
+    `_after` figures), or `skipped` with the reason they are not there."""
     if found.skipped is not None:
         return {"skipped": {"membership": found.skipped}}
     attacks = [a.column for a in cfg.attacks]
     out: dict[str, Any] = {}
-    for label in ("original", "retrained"):
-        base = [
-            ItemRecord(id=i.id, split=i.split, correct_before=False, correct_after=False)
-            for i in data.splits["forget"]
-        ]
+    for label, answers in (("original", stages["original"]), ("retrained", reference)):
+        if answers is None:  # a reference without its answers: the membership figures alone
+            base = [
+                ItemRecord(id=i.id, split=i.split, correct_before=False, correct_after=False)
+                for i in data.splits["forget"]
+            ]
+        else:
+            base = [
+                _record(i, label, answers, answers, [], {})
+                for i in data.splits["forget"] + data.splits["retain"]
+            ]
         out[label] = method_metrics(
             found.records(label, base),
             attacks,
             cfg.collapse_threshold,
             cfg.statistics,
             privleak_attack=cfg.membership.privleak_attack,
-            only=lambda m: "membership" in m.needs and "fluency" not in m.needs,
+            only=lambda m: (
+                m.name in _REFERENCE_ANSWERS
+                or ("membership" in m.needs and "fluency" not in m.needs)
+            ),
         )
     skipped = membership.missing_inputs(data, cfg.membership) | found.served
     skipped |= membership.undefined_privleak(out["retrained"], cfg.membership.privleak_attack)

@@ -404,7 +404,7 @@ def verdicts(
     `skipped` (results.json's) says why a figure of the method `label` was not measured;
     `reference`: the retrained reference's figures (results.json's `references`), whose
     forget probability the indistinguishability evidence gives beside the method's."""
-    out = [_forgotten(m)]
+    out = [_forgotten(m, reference or {})]
     same = _indistinguishable(m, alpha, skipped or {}, label)
     if same["verdict"] != "not measured":
         same["detail"] += _probabilities(m, reference or {})
@@ -433,7 +433,9 @@ def verdicts(
     return out
 
 
-def _forgotten(m: dict[str, Any]) -> dict[str, str]:
+def _forgotten(m: dict[str, Any], reference: dict[str, Any]) -> dict[str, str]:
+    """How many forget items the method forgot, with the accuracies before and after, and
+    the never-taught reference's where there is one (what forgetting should come to)."""
     n = m.get("forgotten") or 0
     before, after = m.get("forget_acc_before"), m.get("forget_acc_after")
     if before == 0:
@@ -448,10 +450,16 @@ def _forgotten(m: dict[str, Any]) -> dict[str, str]:
         "test": "forgotten",
         "verdict": "forgotten" if n else "nothing forgotten",
         "detail": f"{n} forget item{'' if n == 1 else 's'} answered before and not after "
-        f"(forget accuracy "
-        f"{_pct(before)} → {_pct(after)}; retain {_pct(m.get('retain_acc_before'))} → "
-        f"{_pct(m.get('retain_acc_after'))})",
+        f"(forget accuracy {_pct(before)} → {_pct(after)}{_reference_acc(reference, 'forget')}"
+        f"; retain {_pct(m.get('retain_acc_before'))} → {_pct(m.get('retain_acc_after'))}"
+        f"{_reference_acc(reference, 'retain')})",
     }
+
+
+def _reference_acc(reference: dict[str, Any], split: str) -> str:
+    """ ", the reference's X%" for the never-taught reference's accuracy on `split`."""
+    acc = reference.get(f"{split}_acc_after")
+    return "" if acc is None else f", the reference's {_pct(acc)}"
 
 
 def _recovery(
