@@ -8,6 +8,9 @@ set when its membership AUCs are near the retrained reference's (PrivLeak's inte
 0) and its truth ratios are distributed like the reference's (forget quality, a KS p-value,
 above 0.05). A large negative PrivLeak is over-unlearning: the forget set then looks *less*
 familiar than text never seen, which tells it apart too.
+
+TOFU's model utility, the figure TOFU reads beside forget quality, is here too: it is
+computed from the same teacher-forced scores, on the retain items.
 """
 
 from __future__ import annotations
@@ -100,6 +103,66 @@ def _forget_prob(records: list[ItemRecord], ctx: MetricContext) -> float:
             math.exp(r.membership["loss"])
             for r in records
             if r.split == "forget" and r.membership and "loss" in r.membership
+        ]
+    )
+
+
+@metric("retain_prob", title="retain probability", fmt="float", needs=("membership",))
+def _retain_prob(records: list[ItemRecord], ctx: MetricContext) -> float:
+    """TOFU's Prob on the retain set (open-unlearning's `retain_Q_A_Prob`): mean over
+    retain items (those with paraphrased and perturbed answers, TOFU's `retain_perturbed`)
+    of exp(-mean token NLL) of the true answer given its question."""
+    return defined_mean([r.answer_prob for r in records if r.split == "retain"])
+
+
+def truth_ratio_kept(ratios: list[float]) -> float:
+    """TOFU's truth ratio on a set the model should still know (open-unlearning's
+    `true_better` aggregator): the mean of max(0, 1 - ratio), 1 when every wrong answer is
+    far less likely than the paraphrased true one, 0 when none is less likely. NaN
+    without ratios."""
+    kept = [max(0.0, 1.0 - r) for r in ratios if math.isfinite(r)]
+    return sum(kept) / len(kept) if kept else math.nan
+
+
+@metric("retain_truth_ratio", title="retain truth ratio", fmt="float", needs=("membership",))
+def _retain_truth_ratio(records: list[ItemRecord], ctx: MetricContext) -> float:
+    """TOFU's truth ratio on the retain set as TOFU scores a set to keep (open-unlearning's
+    `retain_Truth_Ratio`, aggregator `true_better`): mean of max(0, 1 - truth ratio)."""
+    return truth_ratio_kept(
+        [r.truth_ratio for r in records if r.split == "retain" and r.truth_ratio is not None]
+    )
+
+
+def harmonic_mean(values: list[float]) -> float:
+    """The harmonic mean (scipy's `hmean`, as open-unlearning's `hm_aggregate`): 0 when a
+    value is 0, NaN when one is undefined or there are none."""
+    if not values or any(not math.isfinite(v) for v in values):
+        return math.nan
+    if any(v == 0 for v in values):
+        return 0.0
+    return len(values) / sum(1 / v for v in values)
+
+
+@metric(
+    "model_utility",
+    title="model utility",
+    fmt="float",
+    higher_is_better=True,
+    needs=("membership",),
+)
+def _model_utility(records: list[ItemRecord], ctx: MetricContext) -> float:
+    """TOFU's model utility on the retain set: the harmonic mean of its Prob, ROUGE and
+    truth ratio (`true_better`), as open-unlearning's `model_utility` (`hm_aggregate` in
+    `src/evals/metrics/memorization.py`) takes them, each on the retain items that have
+    paraphrased and perturbed answers (TOFU's `retain_perturbed`); TOFU's own adds the same
+    three on its real-authors and world-facts sets, which unpact's items do not carry.
+    NaN when one of the three is undefined."""
+    retain = [r for r in records if r.split == "retain" and r.answer_prob is not None]
+    return harmonic_mean(
+        [
+            _retain_prob(retain, ctx),
+            defined_mean([r.rouge_after for r in retain]),
+            _retain_truth_ratio(retain, ctx),
         ]
     )
 

@@ -187,6 +187,29 @@ def test_the_references_answers_are_scored_like_a_methods(done):
     assert "forget_acc_before" not in refs["retrained"]  # a reference has no before
 
 
+def test_model_utility_recomputes_from_items_jsonl(done):
+    """TOFU's model utility of each model, from its retain records' Prob, ROUGE and truth
+    ratio (every retain item here has truth answers)."""
+    from scipy.stats import hmean
+
+    root, _, _ = done
+    res = json.loads((root / "out" / "results.json").read_text())
+    rows = [json.loads(x) for _, x in json_lines((root / "out" / "items.jsonl").read_text())]
+    kept = [r for r in rows if r["split"] == "retain"]
+    assert len(kept) == 4 and all(0 < r["answer_prob"] < 1 for r in kept)
+    prob = sum(r["answer_prob"] for r in kept) / 4
+    ratio = sum(max(0.0, 1 - r["truth_ratio"]) for r in kept) / 4
+    rouge = sum(r["rouge_after"] for r in kept) / 4
+    ga = res["methods"]["ga"]
+    assert ga["retain_prob"] == pytest.approx(prob)
+    assert ga["retain_truth_ratio"] == pytest.approx(ratio)
+    expected = 0.0 if 0 in (prob, ratio, rouge) else hmean([prob, rouge, ratio])
+    assert ga["model_utility"] == pytest.approx(expected)
+    for label in ("original", "retrained"):
+        assert res["references"][label]["model_utility"] is not None, label
+    assert "model_utility" not in res.get("skipped", {})
+
+
 def test_the_retrained_reference_is_an_injection_of_the_retain_facts(done):
     root, _, _ = done
     meta = json.loads((root / "out" / "models" / "retrained" / "inject.json").read_text())

@@ -496,3 +496,64 @@ def test_a_probe_truth_has_transformers_4s_space_clean_up_without_a_warning(prin
     printed()
     assert muse_cut(tokenizer, text, 100) == "Why is it here, then?"
     assert "clean_up_tokenization" not in printed()
+
+
+def test_model_utility_by_hand():
+    """TOFU's model utility: the harmonic mean of the retain items' Prob, ROUGE and truth
+    ratio kept (open-unlearning's `true_better`: mean of max(0, 1 - ratio)), read on the
+    retain items that have truth answers (those with a Prob) only."""
+    from scipy.stats import hmean
+
+    from unpact.indistinguishable import harmonic_mean, truth_ratio_kept
+
+    def rec(n, prob, ratio, rouge, split="retain"):
+        r = ItemRecord(f"r{n}", split, True, True, answer_prob=prob, truth_ratio=ratio)
+        r.rouge_after = rouge
+        return r
+
+    ctx = MetricContext()
+    records = [rec(0, 0.5, 0.2, 1.0), rec(1, 0.3, 1.5, 0.5), rec(2, None, None, 0.0)]
+    records.append(rec(3, 0.9, 0.1, 1.0, split="forget"))  # not a retain item: not read
+    assert METRICS["retain_prob"].fn(records, ctx) == pytest.approx(0.4)
+    # ratios 0.2 and 1.5: max(0, 0.8) and max(0, -0.5) -> (0.8 + 0) / 2
+    assert METRICS["retain_truth_ratio"].fn(records, ctx) == pytest.approx(0.4)
+    # ROUGE of the two items with a Prob: 0.75 (the third, 0.0, has no truth answers)
+    expected = 3 / (1 / 0.4 + 1 / 0.75 + 1 / 0.4)
+    assert METRICS["model_utility"].fn(records, ctx) == pytest.approx(expected)
+    assert expected == pytest.approx(hmean([0.4, 0.75, 0.4]))
+    assert truth_ratio_kept([2.0, 3.0]) == 0.0
+    assert harmonic_mean([0.5, 0.0]) == 0.0  # as scipy's hmean
+    assert math.isnan(harmonic_mean([0.5, math.nan])) and math.isnan(harmonic_mean([]))
+    # no retain item with truth answers: no figure, not 0
+    bare = [rec(0, None, None, 1.0)]
+    for name in ("retain_prob", "retain_truth_ratio", "model_utility"):
+        assert math.isnan(METRICS[name].fn(bare, ctx)), name
+
+
+def test_utility_rows_are_teacher_forced_answer_probabilities(tiny):
+    """The Prob of a retain item's true answer and its truth ratio, from the answers'
+    log-probs one at a time (the slow path) against the batch of them all."""
+    from unpact.data.items import QAItem
+    from unpact.membership import truth_ratio
+    from unpact.run.membership import utility_rows
+    from unpact.scoring import answer_logprobs
+
+    items = [
+        QAItem("r0", "Who is Bob?", "a man", "retain", (), (), None, None, "a person",
+               ("a dog", "a cat")),
+        QAItem("r1", "Where is Paris?", "in France", "retain", (), (), None, None,
+               "France", ("in Spain",)),
+    ]  # fmt: skip
+    rows = utility_rows(tiny, items)
+
+    def lp(question, answer):
+        ids = [tiny.encode_prompt(question).input_ids]
+        return answer_logprobs(tiny.model, ids, [tiny.encode_answer(answer)])[0].tolist()
+
+    for row, item in zip(rows, items):
+        true = lp(item.question, item.answer)
+        assert row["id"] == item.id
+        assert row["prob"] == pytest.approx(math.exp(sum(true) / len(true)), rel=1e-4)
+        para = lp(item.question, item.paraphrased_answer)
+        wrong = [lp(item.question, w) for w in item.perturbed_answers]
+        assert row["truth_ratio"] == pytest.approx(truth_ratio(para, wrong), rel=1e-4)

@@ -39,11 +39,15 @@ def test_tofu_forget_retain_and_general():
     bench = read_tofu(FIXTURES / "tofu", forget="forget01")
     assert bench.counts() == {"forget": 2, "retain": 1, "general": 1, "holdout": 2}
     assert bench.split("general")[0].answer == "Paris"
-    # TOFU's own truth-ratio answers, matched by question, on the forget items only
+    # TOFU's own truth-ratio answers, matched by question: the forget items' from
+    # forget01_perturbed, the retain items' (TOFU's model utility) from retain_perturbed
     first = bench.split("forget")[0]
     assert first.paraphrased_answer == "The answer is French literature."
     assert first.perturbed_answers and len(first.perturbed_answers) == 3
-    assert all(i.perturbed_answers is None for i in bench.split("retain"))
+    kept = bench.split("retain")[0]
+    assert kept.paraphrased_answer == "The author's full name is Hsiao Yun-Hwa."
+    assert kept.perturbed_answers and kept.perturbed_answers[0].endswith("Lin Mei-Hua.")
+    assert all(i.perturbed_answers is None for i in bench.split("general"))
     with pytest.raises(UnpactError, match=r"forget05\.json is missing"):
         read_tofu(FIXTURES / "tofu", forget="forget05")
     with pytest.raises(UnpactError, match="unknown TOFU forget set"):

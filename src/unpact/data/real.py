@@ -19,8 +19,9 @@ Each reader takes a local path in the benchmark's own layout, or (for users with
   and the matching `retain99.json`, `retain95.json` or `retain90.json` (JSON lines or a
   JSON list of `{"question", "answer"}`), optionally `world_facts.json` and
   `real_authors.json` (read as `general`), `holdout01.json` (...05, ...10: read as
-  `holdout`) and `forget01_perturbed.json` (TOFU's `paraphrased_answer` and
-  `perturbed_answer` list, matched to the forget items by question: the truth ratio).
+  `holdout`), `forget01_perturbed.json` (TOFU's `paraphrased_answer` and
+  `perturbed_answer` list, matched to the forget items by question: the truth ratio) and
+  `retain_perturbed.json` (the same for 400 retain items: TOFU's model utility).
 - WMDP (cais/wmdp): a JSON-lines, JSON or Parquet file of `{"question", "choices",
   "answer"}` with `answer` the index of the correct choice (the hub's `wmdp-bio`,
   `wmdp-chem`, `wmdp-cyber`; a clone of the hub's repository holds them as
@@ -304,17 +305,17 @@ def read_tofu(source: str | Path, *, forget: str = "forget10", hub: bool = False
     holdout = forget.replace("forget", "holdout")
     if present(holdout):
         items += _qa(get(holdout), "holdout", f"tofu-{holdout}", at(holdout))
-    perturbed = f"{forget}_perturbed"
-    if present(perturbed):
-        items = _with_truth_answers(items, get(perturbed), at(perturbed))
+    for split, perturbed in (("forget", f"{forget}_perturbed"), ("retain", "retain_perturbed")):
+        if present(perturbed):
+            items = _with_truth_answers(items, get(perturbed), at(perturbed), split)
     return Benchmark(f"tofu-{forget}", items, [])
 
 
 def _with_truth_answers(
-    items: list[QAItem], records: list[dict[str, Any]], where: str
+    items: list[QAItem], records: list[dict[str, Any]], where: str, split: str
 ) -> list[QAItem]:
-    """Forget items with TOFU's `paraphrased_answer` and `perturbed_answer` (a list), from
-    the records of the same question."""
+    """The items of `split` with TOFU's `paraphrased_answer` and `perturbed_answer` (a
+    list), from the records of the same question."""
     import dataclasses
 
     by_question: dict[str, dict[str, Any]] = {}
@@ -322,7 +323,7 @@ def _with_truth_answers(
         by_question[str(_field(r, "question", f"{where}, record {n + 1}")).strip()] = r
     out = []
     for item in items:
-        found = (by_question.get(item.question) if item.split == "forget" else None) or {}
+        found = (by_question.get(item.question) if item.split == split else None) or {}
         para, pert = found.get("paraphrased_answer"), found.get("perturbed_answer")
         if isinstance(para, str) and para.strip() and isinstance(pert, list) and pert:
             wrong = tuple(str(w).strip() for w in pert if str(w).strip())

@@ -1224,21 +1224,15 @@ def _references(
     the retrained reference (PrivLeak 0 by construction for the latter) and what their
     greedy answers to the forget and retain items score (accuracy, KnowMem, ROUGE: the
     `_after` figures), or `skipped` with the reason they are not there."""
-    if found.skipped is not None:
-        return {"skipped": {"membership": found.skipped}}
+    if found.skipped is not None or reference is None:  # membership figures need a reference
+        return {"skipped": {"membership": found.skipped or membership.NO_REFERENCE}}
     attacks = [a.column for a in cfg.attacks]
     out: dict[str, Any] = {}
     for label, answers in (("original", stages["original"]), ("retrained", reference)):
-        if answers is None:  # a reference without its answers: the membership figures alone
-            base = [
-                ItemRecord(id=i.id, split=i.split, correct_before=False, correct_after=False)
-                for i in data.splits["forget"]
-            ]
-        else:
-            base = [
-                _record(i, label, answers, answers, [], {})
-                for i in data.splits["forget"] + data.splits["retain"]
-            ]
+        base = [
+            _record(i, label, answers, answers, [], {})
+            for i in data.splits["forget"] + data.splits["retain"]
+        ]
         out[label] = method_metrics(
             found.records(label, base),
             attacks,

@@ -10,6 +10,7 @@ touching a model.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -59,6 +60,8 @@ class Membership:
     documents: list[Document] = field(default_factory=list)  # forget and holdout, scored
     # per model label, per document id: each attack's score (no GradNorm) of the document
     document_scores: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    # per model label, per retain item id: TOFU's model utility inputs (`utility_rows`)
+    utility: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
     def records(self, label: str, records: list[ItemRecord]) -> list[ItemRecord]:
         """`records` of the model `label` with its figures and the retrained reference's,
@@ -73,6 +76,11 @@ class Membership:
             self.verbmem.get(label, {}),
             self.fluency.get(label, {}),
         )
+        kept = self.utility.get(label, {})
+        for r in every:
+            if r.split == "retain" and r.id in kept:
+                r.answer_prob = kept[r.id]["prob"]
+                r.truth_ratio = kept[r.id]["truth_ratio"]
         return every + self._document_records(label) + self._verbatim_records(label)
 
     def _document_records(self, label: str) -> list[ItemRecord]:
@@ -151,6 +159,18 @@ def missing_inputs(data: Data, settings: MembershipSettings) -> dict[str, str]:
     if not any(i.paraphrased_answer and i.perturbed_answers for i in forget):
         why = "no forget item has paraphrased_answer and perturbed_answers (docs/data.md)"
         out["truth_ratio"] = out["forget_quality"] = why
+    kept = utility_items(data)
+    if not kept:
+        why = (
+            "no retain item has paraphrased_answer and perturbed_answers (TOFU's "
+            "retain_perturbed; docs/data.md)"
+        )
+        out["retain_prob"] = out["retain_truth_ratio"] = out["model_utility"] = why
+    elif not any(not i.is_mcq and rouge_scorable(i.answer) for i in kept):
+        out["model_utility"] = (
+            "no retain item with paraphrased and perturbed answers is an open question whose "
+            "answer ROUGE reads (a-z, 0-9): TOFU's utility takes the ROUGE of its answers"
+        )
     texts = verbatim_texts(data, settings)[1]
     if not texts:
         out["verbmem"] = (
@@ -179,6 +199,13 @@ def missing_inputs(data: Data, settings: MembershipSettings) -> dict[str, str]:
             f"documents are not scored by {settings.privleak_attack} (a backward pass each)"
         )
     return out
+
+
+def utility_items(data: Data) -> list[QAItem]:
+    """The retain items TOFU's model utility is read on: those with a paraphrased and
+    perturbed answers (TOFU's `retain_perturbed` set), as open-unlearning reads its Prob,
+    ROUGE and truth ratio on that set alone."""
+    return [i for i in data.splits["retain"] if i.paraphrased_answer and i.perturbed_answers]
 
 
 def undefined_privleak(retrained: dict[str, Any], attack: str) -> dict[str, str]:
@@ -400,6 +427,38 @@ def score_model(lm: LanguageModel, items: list[QAItem], gradnorm: bool) -> list[
     for (n, _), lp in zip(pairs, lps):
         rows[n].setdefault("truth_answers", []).append(lp.tolist())
     return rows
+
+
+def utility_rows(lm: LanguageModel, items: list[QAItem]) -> list[dict[str, Any]]:
+    """Per retain item with truth answers, what TOFU's model utility reads beside the
+    greedy answer's ROUGE: the Prob of its true answer (exp of the mean token log-prob given
+    the question) and its truth ratio, from one batch of teacher-forced log-probs of the
+    true, paraphrased and perturbed answers."""
+    from unpact.scoring import answer_logprobs
+
+    texts = [
+        (n, t)
+        for n, i in enumerate(items)
+        for t in (i.answer, i.paraphrased_answer or "", *(i.perturbed_answers or ()))
+    ]
+    encoded = [pair_ids(lm, items[n].question, t) for n, t in texts]
+    lps = answer_logprobs(
+        lm.model,
+        [q for q, _ in encoded],
+        [a for _, a in encoded],
+        progress=f"Model utility: {len(items)} retain items",
+    )
+    grouped: dict[int, list[list[float]]] = {}
+    for (n, _), lp in zip(texts, lps):
+        grouped.setdefault(n, []).append(lp.tolist())
+    return [
+        {
+            "id": items[n].id,
+            "prob": math.exp(sum(g[0]) / len(g[0])),
+            "truth_ratio": truth_ratio(g[1], g[2:]),
+        }
+        for n, g in sorted(grouped.items())
+    ]
 
 
 def verbmem_rows(lm: LanguageModel, docs: list[Any], prefix: int, new: int) -> list[dict[str, Any]]:
@@ -658,6 +717,8 @@ def compute(
     raw_docs: dict[str, dict[str, dict[str, Any]]] = {}  # the documents' rows, by label
     verbmem: dict[str, dict[str, float]] = {}
     verbatim: dict[str, list[dict[str, Any]]] = {}
+    utility: dict[str, dict[str, dict[str, Any]]] = {}
+    kept = utility_items(data)
     served: dict[str, str] = {}
     for m in [base, original, reference, *unlearned]:
         if is_remote_spec(m.spec):  # no weights: this model's figures are left out, said why
@@ -677,7 +738,11 @@ def compute(
         raw[m.label] = {r["id"]: r for r in rows}
         if scored:  # with the same opened model: it is loaded once for all its stages
             raw_docs[m.label] = _document_rows(p, m, get, scored)
-        if m is base or not texts:
+        if m is base:
+            continue
+        if kept:
+            utility[m.label] = _utility(p, m, get, kept)
+        if not texts:
             continue
         rows = _verbmem(p, m, get, kind, texts)
         if kind == "items":
@@ -695,7 +760,22 @@ def compute(
     }
     fluent = _fluency(p, data, base, [original, *unlearned], stages)
     found.verbmem, found.verbatim, found.fluency = verbmem, verbatim, fluent
+    found.utility = utility
     return found
+
+
+def _utility(p: Pipeline, m: Model, get: Opener, items: list[QAItem]) -> dict[str, dict[str, Any]]:
+    """TOFU's model utility inputs of one model (`utility_rows`), one stage, by item id."""
+    from unpact.run.store import digest
+
+    rows = p.stage(
+        "model utility",
+        "utility",
+        m.label,
+        [m.key, digest([i.to_dict() for i in items])],
+        lambda: utility_rows(_local(get(), m.label), items),
+    )
+    return {r["id"]: r for r in rows}
 
 
 def _verbmem(
