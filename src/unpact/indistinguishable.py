@@ -93,6 +93,25 @@ def _truth_ratio(records: list[ItemRecord], ctx: MetricContext) -> float:
     return defined_mean([r.truth_ratio for r in records if r.split == "forget"])
 
 
+def truth_ratio_near_one(ratios: list[float]) -> float:
+    """TOFU's truth ratio on a set to forget as open-unlearning reports it (aggregator
+    `closer_to_1_better`): the mean of min(ratio, 1 / ratio), 1 when the wrong answers are
+    as likely as the paraphrased true one (no preference left), near 0 when either is far
+    likelier. NaN without ratios."""
+    kept = [min(r, 1 / r) if r > 0 else 0.0 for r in ratios if math.isfinite(r)]
+    return sum(kept) / len(kept) if kept else math.nan
+
+
+@metric("forget_truth_ratio", title="forget truth ratio", fmt="float", needs=("membership",))
+def _forget_truth_ratio(records: list[ItemRecord], ctx: MetricContext) -> float:
+    """TOFU's forget truth ratio as open-unlearning reports it (`forget_truth_ratio`,
+    aggregator `closer_to_1_better`): mean over forget items of min(ratio, 1 / ratio);
+    higher: the model prefers the true answer less (1: no preference)."""
+    return truth_ratio_near_one(
+        [r.truth_ratio for r in records if r.split == "forget" and r.truth_ratio is not None]
+    )
+
+
 @metric("forget_prob", title="forget probability", fmt="float", needs=("membership",))
 def _forget_prob(records: list[ItemRecord], ctx: MetricContext) -> float:
     """TOFU's Prob on the forget set (open-unlearning's `forget_Q_A_Prob`, `probability`

@@ -522,6 +522,11 @@ def test_model_utility_by_hand():
     assert METRICS["model_utility"].fn(records, ctx) == pytest.approx(expected)
     assert expected == pytest.approx(hmean([0.4, 0.75, 0.4]))
     assert truth_ratio_kept([2.0, 3.0]) == 0.0
+    # the forget set's, as open-unlearning reports it (closer_to_1_better): min(r, 1/r);
+    # retain items not read: forget ratios 0.1 and 4 -> (0.1 + 0.25) / 2
+    records.append(rec(4, None, 4.0, None, split="forget"))
+    assert METRICS["forget_truth_ratio"].fn(records, ctx) == pytest.approx(0.175)
+    assert METRICS["truth_ratio"].fn(records, ctx) == pytest.approx(2.05)  # the plain mean
     assert harmonic_mean([0.5, 0.0]) == 0.0  # as scipy's hmean
     assert math.isnan(harmonic_mean([0.5, math.nan])) and math.isnan(harmonic_mean([]))
     # no retain item with truth answers: no figure, not 0
