@@ -162,6 +162,20 @@ def harmonic_mean(values: list[float]) -> float:
     return len(values) / sum(1 / v for v in values)
 
 
+# TOFU's general-knowledge sets, as the TOFU reader names their items (`unpact.data.real`):
+# each its own part of the model utility, as TOFU and open-unlearning average them
+TOFU_GENERAL_SETS = ("tofu-real_authors", "tofu-world_facts")
+
+
+def utility_set(record: ItemRecord) -> str:
+    """The set of TOFU's model utility a retain or general record belongs to: "retain",
+    one of TOFU's real-authors and world-facts sets (by the TOFU reader's ids), or
+    "general" for any other benchmark's general items."""
+    if record.split == "retain":
+        return "retain"
+    return next((s for s in TOFU_GENERAL_SETS if record.id.startswith(f"{s}-")), "general")
+
+
 @metric(
     "model_utility",
     title="model utility",
@@ -170,20 +184,25 @@ def harmonic_mean(values: list[float]) -> float:
     needs=("membership",),
 )
 def _model_utility(records: list[ItemRecord], ctx: MetricContext) -> float:
-    """TOFU's model utility on the retain set: the harmonic mean of its Prob, ROUGE and
-    truth ratio (`true_better`), as open-unlearning's `model_utility` (`hm_aggregate` in
-    `src/evals/metrics/memorization.py`) takes them, each on the retain items that have
-    paraphrased and perturbed answers (TOFU's `retain_perturbed`); TOFU's own adds the same
-    three on its real-authors and world-facts sets, which unpact's items do not carry.
-    NaN when one of the three is undefined."""
-    retain = [r for r in records if r.split == "retain" and r.answer_prob is not None]
-    return harmonic_mean(
-        [
-            _retain_prob(retain, ctx),
-            defined_mean([r.rouge_after for r in retain]),
-            _retain_truth_ratio(retain, ctx),
+    """TOFU's model utility (open-unlearning's `model_utility`, `hm_aggregate` in
+    `src/evals/metrics/memorization.py`): the harmonic mean, over each set the items give,
+    of its Prob, ROUGE and truth ratio (`true_better`): the retain items with paraphrased and
+    perturbed answers (TOFU's `retain_perturbed`: Prob of the answer, truth ratio against
+    the paraphrase) and the general items with perturbed answers, each of TOFU's
+    real-authors and world-facts sets apart (Prob normalised over the answer and the
+    perturbed ones, truth ratio against the answer itself). NaN when a part is undefined."""
+    sets: dict[str, list[ItemRecord]] = {}
+    for r in records:
+        if r.split in ("retain", "general") and r.answer_prob is not None:
+            sets.setdefault(utility_set(r), []).append(r)
+    parts = []
+    for rows in sets.values():
+        parts += [
+            defined_mean([r.answer_prob for r in rows]),
+            defined_mean([r.rouge_after for r in rows]),
+            truth_ratio_kept([r.truth_ratio for r in rows if r.truth_ratio is not None]),
         ]
-    )
+    return harmonic_mean(parts)
 
 
 @metric(

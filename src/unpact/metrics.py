@@ -46,7 +46,9 @@ class ItemRecord:
     # attack's score under this model and under the retrained reference (higher: member)
     membership: dict[str, float] | None = None
     membership_retrained: dict[str, float] | None = None
-    truth_ratio: float | None = None  # forget and retain items: TOFU's truth ratio, this model
+    truth_ratio: float | None = (
+        None  # forget, retain, general items: TOFU's truth ratio, this model
+    )
     truth_ratio_retrained: float | None = None  # and the retrained reference
     exact_memorisation: float | None = None
     extraction_strength: float | None = None
@@ -67,8 +69,9 @@ class ItemRecord:
     # and TOFU's ROUGE (ROUGE-L recall, stemmed) of the same answers
     rouge_before: float | None = None
     rouge_after: float | None = None
-    # retain items, for TOFU's model utility: the true answer's Prob (exp of minus its mean
-    # token NLL given the question) under this model; their truth ratio is `truth_ratio`
+    # retain and general items, for TOFU's model utility: the true answer's Prob under this
+    # model (exp of minus its mean token NLL given the question; a general item's normalised
+    # over its perturbed answers', as TOFU's); their truth ratio is `truth_ratio`
     answer_prob: float | None = None
 
     @property

@@ -529,6 +529,21 @@ def test_model_utility_by_hand():
     assert METRICS["truth_ratio"].fn(records, ctx) == pytest.approx(2.05)  # the plain mean
     assert harmonic_mean([0.5, 0.0]) == 0.0  # as scipy's hmean
     assert math.isnan(harmonic_mean([0.5, math.nan])) and math.isnan(harmonic_mean([]))
+    # TOFU's general sets, each its own three parts (told apart by the TOFU reader's ids):
+    # real authors Prob 0.6, ROUGE 1, ratios 0.5 -> 0.5; world facts 0.2, 0.5, ratio 0 -> 1;
+    # a general item of another benchmark is a set of its own; one without a Prob is not read
+    general = [
+        rec(0, 0.6, 0.5, 1.0, split="general"),
+        rec(1, 0.2, 0.0, 0.5, split="general"),
+        rec(2, 0.8, 0.25, 1.0, split="general"),
+        rec(3, None, None, 0.0, split="general"),
+    ]
+    for r, name in zip(general, ["tofu-real_authors-00000", "tofu-world_facts-00000", "g-1"]):
+        r.id = name
+    parts = [0.4, 0.75, 0.4, 0.6, 1.0, 0.5, 0.2, 0.5, 1.0, 0.8, 1.0, 0.75]
+    assert METRICS["model_utility"].fn(records + general, ctx) == pytest.approx(hmean(parts))
+    # the retain figures do not read the general items
+    assert METRICS["retain_prob"].fn(records + general, ctx) == pytest.approx(0.4)
     # no retain item with truth answers: no figure, not 0
     bare = [rec(0, None, None, 1.0)]
     for name in ("retain_prob", "retain_truth_ratio", "model_utility"):
@@ -555,6 +570,15 @@ def test_utility_rows_are_teacher_forced_answer_probabilities(tiny):
         ids = [tiny.encode_prompt(question).input_ids]
         return answer_logprobs(tiny.model, ids, [tiny.encode_answer(answer)])[0].tolist()
 
+    general = QAItem("g0", "Where is Rome?", "in Italy", "general", (), (), None, None, None,
+                     ("in Spain", "in Peru"))  # fmt: skip
+    row = utility_rows(tiny, [*items, general])[-1]
+    p = [math.exp(sum(x) / len(x)) for x in (lp(general.question, a) for a in
+         ("in Italy", "in Spain", "in Peru"))]  # fmt: skip
+    # TOFU's general sets: Prob normalised over the answer and the perturbed ones, the truth
+    # ratio against the answer itself (no paraphrase)
+    assert row["prob"] == pytest.approx(p[0] / sum(p), rel=1e-4)
+    assert row["truth_ratio"] == pytest.approx((p[1] + p[2]) / 2 / p[0], rel=1e-4)
     for row, item in zip(rows, items):
         true = lp(item.question, item.answer)
         assert row["id"] == item.id

@@ -47,7 +47,12 @@ def test_tofu_forget_retain_and_general():
     kept = bench.split("retain")[0]
     assert kept.paraphrased_answer == "The author's full name is Hsiao Yun-Hwa."
     assert kept.perturbed_answers and kept.perturbed_answers[0].endswith("Lin Mei-Hua.")
-    assert all(i.perturbed_answers is None for i in bench.split("general"))
+    # a general item's (world facts, real authors): perturbed answers, no paraphrase (TOFU's
+    # utility compares the answer itself)
+    facts = bench.split("general")[0]
+    assert facts.perturbed_answers == ("London", "Rome", "Berlin")
+    assert facts.paraphrased_answer is None
+    assert all(i.perturbed_answers is None for i in bench.split("holdout"))
     with pytest.raises(UnpactError, match=r"forget05\.json is missing"):
         read_tofu(FIXTURES / "tofu", forget="forget05")
     with pytest.raises(UnpactError, match="unknown TOFU forget set"):
@@ -250,7 +255,21 @@ def test_a_named_reference_enables_membership_and_another_tokenizer_is_refused(t
         f"tofu:{FIXTURES / 'tofu'}",
         membership={"reference": str(tmp_path / "tiny"), "gradnorm": False},
     )
-    res = run(config, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False).results
+    tofu = f"tofu:{FIXTURES / 'tofu'}"
+    config["data"] = {"benchmark": tofu, "general": tofu}  # its world facts too
+    result = run(config, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    res = result.results
+    # TOFU's model utility: the retain set and the world-facts set, three parts each
+    from scipy.stats import hmean
+
+    mine = [r for r in result.records if r.method == "ga_gd" and r.answer_prob is not None]
+    assert sorted(r.split for r in mine) == ["general", "retain"]
+    parts = [x for r in mine for x in (r.answer_prob, r.rouge_after, max(0.0, 1 - r.truth_ratio))]
+    want = 0.0 if 0 in parts else hmean(parts)
+    assert res["methods"]["ga_gd"]["model_utility"] == pytest.approx(want)
+    assert res["references"]["retrained"]["model_utility"] is not None
+    timed = res["stage_seconds"] | res.get("stage_seconds_cached", {})
+    assert "evaluating:retrained (general)" in timed  # its world-facts answers
     # TOFU has no documents and GradNorm is off: said, not silent nulls
     assert set(res["skipped"]) == {
         "verbmem",

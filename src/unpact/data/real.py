@@ -21,7 +21,9 @@ Each reader takes a local path in the benchmark's own layout, or (for users with
   `real_authors.json` (read as `general`), `holdout01.json` (...05, ...10: read as
   `holdout`), `forget01_perturbed.json` (TOFU's `paraphrased_answer` and
   `perturbed_answer` list, matched to the forget items by question: the truth ratio) and
-  `retain_perturbed.json` (the same for 400 retain items: TOFU's model utility).
+  `retain_perturbed.json` (the same for 400 retain items), `real_authors_perturbed.json` and
+  `world_facts_perturbed.json` (`perturbed_answer` lists for the general items: TOFU's
+  model utility).
 - WMDP (cais/wmdp): a JSON-lines, JSON or Parquet file of `{"question", "choices",
   "answer"}` with `answer` the index of the correct choice (the hub's `wmdp-bio`,
   `wmdp-chem`, `wmdp-cyber`; a clone of the hub's repository holds them as
@@ -305,7 +307,12 @@ def read_tofu(source: str | Path, *, forget: str = "forget10", hub: bool = False
     holdout = forget.replace("forget", "holdout")
     if present(holdout):
         items += _qa(get(holdout), "holdout", f"tofu-{holdout}", at(holdout))
-    for split, perturbed in (("forget", f"{forget}_perturbed"), ("retain", "retain_perturbed")):
+    for split, perturbed in (
+        ("forget", f"{forget}_perturbed"),
+        ("retain", "retain_perturbed"),
+        ("general", "real_authors_perturbed"),
+        ("general", "world_facts_perturbed"),
+    ):
         if present(perturbed):
             items = _with_truth_answers(items, get(perturbed), at(perturbed), split)
     return Benchmark(f"tofu-{forget}", items, [])
@@ -315,7 +322,9 @@ def _with_truth_answers(
     items: list[QAItem], records: list[dict[str, Any]], where: str, split: str
 ) -> list[QAItem]:
     """The items of `split` with TOFU's `paraphrased_answer` and `perturbed_answer` (a
-    list), from the records of the same question."""
+    list), from the records of the same question; a general item (TOFU's real authors and
+    world facts, whose records have no paraphrase: the model utility compares the answer
+    itself) with the perturbed answers alone."""
     import dataclasses
 
     by_question: dict[str, dict[str, Any]] = {}
@@ -325,8 +334,13 @@ def _with_truth_answers(
     for item in items:
         found = (by_question.get(item.question) if item.split == split else None) or {}
         para, pert = found.get("paraphrased_answer"), found.get("perturbed_answer")
-        if isinstance(para, str) and para.strip() and isinstance(pert, list) and pert:
-            wrong = tuple(str(w).strip() for w in pert if str(w).strip())
+        if not (isinstance(pert, list) and pert):
+            out.append(item)
+            continue
+        wrong = tuple(w for w in (str(x).strip() for x in pert) if w and w != item.answer)
+        if split == "general":
+            item = dataclasses.replace(item, perturbed_answers=wrong or None)
+        elif isinstance(para, str) and para.strip():
             item = dataclasses.replace(
                 item, paraphrased_answer=para.strip(), perturbed_answers=wrong or None
             )

@@ -867,11 +867,15 @@ def _evals(
 def _reference_answers(p: Pipeline, data: Data, reference: Model | None) -> ModelStages | None:
     """The never-taught reference's judged greedy answers to the forget and retain items
     (the target of MUSE's and TOFU's tables: what a model that never learned the forget
-    facts says, by accuracy, KnowMem and ROUGE); None without a reference."""
+    facts says, by accuracy, KnowMem and ROUGE), and to the general items where TOFU's
+    model utility reads them (items with perturbed answers); None without a reference."""
     if reference is None:
         return None
+    splits = ["forget", "retain"]
+    if any(i.split == "general" for i in membership.utility_items(data)):
+        splits.append("general")
     opened = membership.opener(p, reference.spec)
-    return ModelStages(_evals(p, data, reference, opened, ("forget", "retain")), {})
+    return ModelStages(_evals(p, data, reference, opened, splits), {})
 
 
 def _evaluate(
@@ -1230,8 +1234,7 @@ def _references(
     out: dict[str, Any] = {}
     for label, answers in (("original", stages["original"]), ("retrained", reference)):
         base = [
-            _record(i, label, answers, answers, [], {})
-            for i in data.splits["forget"] + data.splits["retain"]
+            _record(i, label, answers, answers, [], {}) for i in data.items if i.id in answers.evals
         ]
         out[label] = method_metrics(
             found.records(label, base),

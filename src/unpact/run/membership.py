@@ -60,7 +60,8 @@ class Membership:
     documents: list[Document] = field(default_factory=list)  # forget and holdout, scored
     # per model label, per document id: each attack's score (no GradNorm) of the document
     document_scores: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
-    # per model label, per retain item id: TOFU's model utility inputs (`utility_rows`)
+    # per model label, per retain or general item id: TOFU's model utility inputs
+    # (`utility_rows`)
     utility: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
     def records(self, label: str, records: list[ItemRecord]) -> list[ItemRecord]:
@@ -78,7 +79,7 @@ class Membership:
         )
         kept = self.utility.get(label, {})
         for r in every:
-            if r.split == "retain" and r.id in kept:
+            if r.split in ("retain", "general") and r.id in kept:
                 r.answer_prob = kept[r.id]["prob"]
                 r.truth_ratio = kept[r.id]["truth_ratio"]
         return every + self._document_records(label) + self._verbatim_records(label)
@@ -160,16 +161,21 @@ def missing_inputs(data: Data, settings: MembershipSettings) -> dict[str, str]:
         why = "no forget item has paraphrased_answer and perturbed_answers (docs/data.md)"
         out["truth_ratio"] = out["forget_quality"] = why
     kept = utility_items(data)
-    if not kept:
-        why = (
+    if not any(i.split == "retain" for i in kept):
+        out["retain_prob"] = out["retain_truth_ratio"] = (
             "no retain item has paraphrased_answer and perturbed_answers (TOFU's "
             "retain_perturbed; docs/data.md)"
         )
-        out["retain_prob"] = out["retain_truth_ratio"] = out["model_utility"] = why
+    if not kept:
+        out["model_utility"] = (
+            "no retain item has paraphrased_answer and perturbed_answers, and no general item "
+            "perturbed_answers (TOFU's retain_perturbed, real_authors_perturbed, "
+            "world_facts_perturbed; docs/data.md)"
+        )
     elif not any(not i.is_mcq and rouge_scorable(i.answer) for i in kept):
         out["model_utility"] = (
-            "no retain item with paraphrased and perturbed answers is an open question whose "
-            "answer ROUGE reads (a-z, 0-9): TOFU's utility takes the ROUGE of its answers"
+            "no item with truth answers is an open question whose answer ROUGE reads (a-z, "
+            "0-9): TOFU's utility takes the ROUGE of its answers"
         )
     texts = verbatim_texts(data, settings)[1]
     if not texts:
@@ -202,10 +208,12 @@ def missing_inputs(data: Data, settings: MembershipSettings) -> dict[str, str]:
 
 
 def utility_items(data: Data) -> list[QAItem]:
-    """The retain items TOFU's model utility is read on: those with a paraphrased and
-    perturbed answers (TOFU's `retain_perturbed` set), as open-unlearning reads its Prob,
-    ROUGE and truth ratio on that set alone."""
-    return [i for i in data.splits["retain"] if i.paraphrased_answer and i.perturbed_answers]
+    """The items TOFU's model utility is read on, as open-unlearning reads its Prob, ROUGE
+    and truth ratio on these sets alone: the retain items with a paraphrased and perturbed
+    answers (TOFU's `retain_perturbed`) and the general items with perturbed answers (its
+    `real_authors_perturbed` and `world_facts_perturbed`)."""
+    retain = [i for i in data.splits["retain"] if i.paraphrased_answer and i.perturbed_answers]
+    return retain + [i for i in data.splits["general"] if i.perturbed_answers]
 
 
 def undefined_privleak(retrained: dict[str, Any], attack: str) -> dict[str, str]:
@@ -430,35 +438,38 @@ def score_model(lm: LanguageModel, items: list[QAItem], gradnorm: bool) -> list[
 
 
 def utility_rows(lm: LanguageModel, items: list[QAItem]) -> list[dict[str, Any]]:
-    """Per retain item with truth answers, what TOFU's model utility reads beside the
-    greedy answer's ROUGE: the Prob of its true answer (exp of the mean token log-prob given
-    the question) and its truth ratio, from one batch of teacher-forced log-probs of the
-    true, paraphrased and perturbed answers."""
+    """Per item with truth answers, what TOFU's model utility reads beside the greedy
+    answer's ROUGE (open-unlearning's TOFU metrics), from one batch of teacher-forced
+    log-probs: a retain item's Prob of its true answer (exp of the mean token log-prob given
+    the question) and its truth ratio against the paraphrased answer; a general item's Prob
+    normalised over the true and perturbed answers (`probability_w_options`: p / (p + the
+    perturbed answers' sum)) and its truth ratio against the true answer itself."""
     from unpact.scoring import answer_logprobs
 
-    texts = [
-        (n, t)
-        for n, i in enumerate(items)
-        for t in (i.answer, i.paraphrased_answer or "", *(i.perturbed_answers or ()))
-    ]
+    def answers(i: QAItem) -> tuple[str, ...]:
+        para = (i.paraphrased_answer or "",) if i.split == "retain" else ()
+        return (i.answer, *para, *(i.perturbed_answers or ()))
+
+    texts = [(n, t) for n, i in enumerate(items) for t in answers(i)]
     encoded = [pair_ids(lm, items[n].question, t) for n, t in texts]
     lps = answer_logprobs(
         lm.model,
         [q for q, _ in encoded],
         [a for _, a in encoded],
-        progress=f"Model utility: {len(items)} retain items",
+        progress=f"Model utility: {len(items)} items",
     )
     grouped: dict[int, list[list[float]]] = {}
     for (n, _), lp in zip(texts, lps):
         grouped.setdefault(n, []).append(lp.tolist())
-    return [
-        {
-            "id": items[n].id,
-            "prob": math.exp(sum(g[0]) / len(g[0])),
-            "truth_ratio": truth_ratio(g[1], g[2:]),
-        }
-        for n, g in sorted(grouped.items())
-    ]
+    rows = []
+    for n, g in sorted(grouped.items()):
+        probs = [math.exp(sum(lp) / len(lp)) for lp in g]
+        if items[n].split == "retain":
+            prob, ratio = probs[0], truth_ratio(g[1], g[2:])
+        else:
+            prob, ratio = probs[0] / sum(probs), truth_ratio(g[0], g[1:])
+        rows.append({"id": items[n].id, "prob": prob, "truth_ratio": ratio})
+    return rows
 
 
 def verbmem_rows(lm: LanguageModel, docs: list[Any], prefix: int, new: int) -> list[dict[str, Any]]:
