@@ -172,6 +172,8 @@ def test_the_references_answers_are_scored_like_a_methods(done):
     names += [f"{g}_{s}" for g in ("knowmem", "rouge") for s in ("forget", "retain")]
     for name in names:
         assert refs["original"][f"{name}_after"] == ga[f"{name}_before"], name
+        # drawn from the same items as the methods' intervals: the same interval
+        assert refs["original"]["ci"][f"{name}_after"] == ga["ci"][f"{name}_before"], name
     reference = open_model(root / "out" / "models" / "retrained")
     bench = load_folder(root / "bench")
     for split in ("forget", "retain"):

@@ -1233,8 +1233,14 @@ def _references(
     attacks = [a.column for a in cfg.attacks]
     out: dict[str, Any] = {}
     for label, answers in (("original", stages["original"]), ("retrained", reference)):
+        # every item, as a method's records hold them, so that the bootstrap draws the same
+        # items for the references as for the methods; one the model did not answer (the
+        # reference's general items, where no figure reads them) is a bare record
         base = [
-            _record(i, label, answers, answers, [], {}) for i in data.items if i.id in answers.evals
+            _record(i, label, answers, answers, [], {})
+            if i.id in answers.evals
+            else ItemRecord(id=i.id, split=i.split, correct_before=False, correct_after=False)
+            for i in data.items
         ]
         out[label] = method_metrics(
             found.records(label, base),
