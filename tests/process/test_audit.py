@@ -365,6 +365,15 @@ def test_verdicts_read_the_figures_and_the_paired_items():
     )
     got = {v["test"]: v for v in verdicts(accs, records, ["quantize"])}
     assert got["forgotten"]["detail"].endswith("(forget accuracy 100% → 0%; retain 90% → 80%)")
+    # and TOFU's model utility beside the reference's, where known
+    useful = accs | {"model_utility": 0.706}
+    got = {
+        v["test"]: v
+        for v in verdicts(useful, records, ["quantize"], reference={"model_utility": 0.8253})
+    }
+    assert got["forgotten"]["detail"].endswith(
+        "retain 90% → 80%; TOFU's model utility 0.71, the reference's 0.83)"
+    )
     m["ci"]["privleak"] = [-0.6, -0.3]
     m["privleak"] = -0.45
     got = {v["test"]: v for v in verdicts(m, records, ["quantize"])}

@@ -403,7 +403,8 @@ def verdicts(
     """One method's verdicts: {"test", "verdict", "detail"} per test, in plain words.
     `skipped` (results.json's) says why a figure of the method `label` was not measured;
     `reference`: the retrained reference's figures (results.json's `references`), whose
-    forget probability the indistinguishability evidence gives beside the method's."""
+    accuracies and model utility the forgotten line and whose forget probability the
+    indistinguishability evidence give beside the method's."""
     out = [_forgotten(m, reference or {})]
     same = _indistinguishable(m, alpha, skipped or {}, label)
     if same["verdict"] != "not measured":
@@ -452,8 +453,18 @@ def _forgotten(m: dict[str, Any], reference: dict[str, Any]) -> dict[str, str]:
         "detail": f"{n} forget item{'' if n == 1 else 's'} answered before and not after "
         f"(forget accuracy {_pct(before)} → {_pct(after)}{_reference_acc(reference, 'forget')}"
         f"; retain {_pct(m.get('retain_acc_before'))} → {_pct(m.get('retain_acc_after'))}"
-        f"{_reference_acc(reference, 'retain')})",
+        f"{_reference_acc(reference, 'retain')}{_utility(m, reference)})",
     }
+
+
+def _utility(m: dict[str, Any], reference: dict[str, Any]) -> str:
+    """ "; TOFU's model utility X, the reference's Y" where the method's is known."""
+    mine, ref = m.get("model_utility"), reference.get("model_utility")
+    if mine is None:
+        return ""
+    return f"; TOFU's model utility {mine:.2f}" + (
+        "" if ref is None else f", the reference's {ref:.2f}"
+    )
 
 
 def _reference_acc(reference: dict[str, Any], split: str) -> str:
