@@ -167,13 +167,13 @@ def harmonic_mean(values: list[float]) -> float:
 TOFU_GENERAL_SETS = ("tofu-real_authors", "tofu-world_facts")
 
 
-def utility_set(record: ItemRecord) -> str:
-    """The set of TOFU's model utility a retain or general record belongs to: "retain",
-    one of TOFU's real-authors and world-facts sets (by the TOFU reader's ids), or
-    "general" for any other benchmark's general items."""
-    if record.split == "retain":
+def utility_set(split: str, item_id: str) -> str:
+    """The set of TOFU's model utility a retain or general item belongs to: "retain", one
+    of TOFU's real-authors and world-facts sets (by the TOFU reader's ids), or "general"
+    for any other benchmark's general items."""
+    if split == "retain":
         return "retain"
-    return next((s for s in TOFU_GENERAL_SETS if record.id.startswith(f"{s}-")), "general")
+    return next((s for s in TOFU_GENERAL_SETS if item_id.startswith(f"{s}-")), "general")
 
 
 @metric(
@@ -194,7 +194,7 @@ def _model_utility(records: list[ItemRecord], ctx: MetricContext) -> float:
     sets: dict[str, list[ItemRecord]] = {}
     for r in records:
         if r.split in ("retain", "general") and r.answer_prob is not None:
-            sets.setdefault(utility_set(r), []).append(r)
+            sets.setdefault(utility_set(r.split, r.id), []).append(r)
     parts = []
     for rows in sets.values():
         parts += [

@@ -586,3 +586,31 @@ def test_utility_rows_are_teacher_forced_answer_probabilities(tiny):
         para = lp(item.question, item.paraphrased_answer)
         wrong = [lp(item.question, w) for w in item.perturbed_answers]
         assert row["truth_ratio"] == pytest.approx(truth_ratio(para, wrong), rel=1e-4)
+
+
+def test_a_missing_model_utility_says_which_set_lacks_what():
+    """Each set of TOFU's utility needs its truth answers and an open question ROUGE reads:
+    the reason names what is missing, so a missing figure is never a silent null."""
+    from unpact.data.items import Benchmark, QAItem
+    from unpact.run import Data
+    from unpact.run.membership import missing_inputs
+
+    def item(i, split, choices=None, para="It is Paris.", pert=("It is Rome.",)):
+        answer = "Paris"
+        return QAItem(i, "Which city?", answer, split, (), (), None, choices, para, pert)
+
+    def why(splits):
+        data = Data(Benchmark("b", []), {"forget": [], **splits}, [])
+        return missing_inputs(data, MembershipSettings())
+
+    # open retain items with truth answers: every utility figure is there
+    assert "model_utility" not in why({"retain": [item("r", "retain")], "general": []})
+    # none with truth answers anywhere
+    bare = why({"retain": [item("r", "retain", para=None, pert=None)], "general": []})
+    assert "no retain item has paraphrased_answer" in bare["model_utility"]
+    assert "no retain item" in bare["retain_prob"]
+    # a multiple-choice retain set beside an open general one: the retain set is named
+    mcq = item("r", "retain", choices=("Paris", "Rome"))
+    got = why({"retain": [mcq], "general": [item("tofu-world_facts-00000", "general", para=None)]})
+    assert got["model_utility"].startswith("no item of its retain set is an open question")
+    assert "retain_prob" not in got  # its Prob and truth ratio are still read

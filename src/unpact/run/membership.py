@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from unpact.backends import open_model
 from unpact.data.items import QAItem, VerbatimPrompt
 from unpact.errors import UnpactError
+from unpact.indistinguishable import utility_set
 from unpact.judge import muse_rouge_l_f1, rouge_scorable, split_unspaced
 from unpact.membership import (
     DOCUMENT_ATTACKS,
@@ -172,11 +173,20 @@ def missing_inputs(data: Data, settings: MembershipSettings) -> dict[str, str]:
             "perturbed_answers (TOFU's retain_perturbed, real_authors_perturbed, "
             "world_facts_perturbed; docs/data.md)"
         )
-    elif not any(not i.is_mcq and rouge_scorable(i.answer) for i in kept):
-        out["model_utility"] = (
-            "no item with truth answers is an open question whose answer ROUGE reads (a-z, "
-            "0-9): TOFU's utility takes the ROUGE of its answers"
-        )
+    else:
+        sets: dict[str, list[QAItem]] = {}
+        for i in kept:
+            sets.setdefault(utility_set(i.split, i.id), []).append(i)
+        unread = [
+            name
+            for name, items in sets.items()
+            if not any(not i.is_mcq and rouge_scorable(i.answer) for i in items)
+        ]
+        if unread:
+            out["model_utility"] = (
+                f"no item of its {', '.join(unread)} set is an open question whose answer "
+                "ROUGE reads (a-z, 0-9): TOFU's utility takes the ROUGE of each set's answers"
+            )
     texts = verbatim_texts(data, settings)[1]
     if not texts:
         out["verbmem"] = (
