@@ -16,6 +16,8 @@ computed from the same teacher-forced scores, on the retain items.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import Protocol, TypeVar
 
 from unpact.membership import DOCUMENT_ATTACKS, MIA_ATTACKS, auc, forget_quality, privleak
 from unpact.metrics import ItemRecord, MetricContext, defined_mean, metric
@@ -176,6 +178,25 @@ def utility_set(split: str, item_id: str) -> str:
     return next((s for s in TOFU_GENERAL_SETS if item_id.startswith(f"{s}-")), "general")
 
 
+class _Placed(Protocol):
+    @property
+    def split(self) -> str: ...
+    @property
+    def id(self) -> str: ...
+
+
+P = TypeVar("P", bound=_Placed)
+
+
+def utility_sets(rows: Iterable[P]) -> dict[str, list[P]]:
+    """Retain and general items or records by their set of TOFU's model utility
+    (`utility_set`), in the order the sets first come."""
+    sets: dict[str, list[P]] = {}
+    for r in rows:
+        sets.setdefault(utility_set(r.split, r.id), []).append(r)
+    return sets
+
+
 @metric(
     "model_utility",
     title="model utility",
@@ -191,12 +212,9 @@ def _model_utility(records: list[ItemRecord], ctx: MetricContext) -> float:
     the paraphrase) and the general items with perturbed answers, each of TOFU's
     real-authors and world-facts sets apart (Prob normalised over the answer and the
     perturbed ones, truth ratio against the answer itself). NaN when a part is undefined."""
-    sets: dict[str, list[ItemRecord]] = {}
-    for r in records:
-        if r.split in ("retain", "general") and r.answer_prob is not None:
-            sets.setdefault(utility_set(r.split, r.id), []).append(r)
+    scored = [r for r in records if r.split in ("retain", "general") and r.answer_prob is not None]
     parts = []
-    for rows in sets.values():
+    for rows in utility_sets(scored).values():
         parts += [
             defined_mean([r.answer_prob for r in rows]),
             defined_mean([r.rouge_after for r in rows]),

@@ -46,9 +46,7 @@ class ItemRecord:
     # attack's score under this model and under the retrained reference (higher: member)
     membership: dict[str, float] | None = None
     membership_retrained: dict[str, float] | None = None
-    truth_ratio: float | None = (
-        None  # forget, retain, general items: TOFU's truth ratio, this model
-    )
+    truth_ratio: float | None = None  # TOFU's truth ratio, this model (forget, retain, general)
     truth_ratio_retrained: float | None = None  # and the retrained reference
     exact_memorisation: float | None = None
     extraction_strength: float | None = None

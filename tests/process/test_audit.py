@@ -347,31 +347,26 @@ def test_verdicts_read_the_figures_and_the_paired_items():
     assert got["indistinguishable"]["verdict"] == "indistinguishable from the reference"
     # the evidence gives TOFU's forget probability beside the reference's, when both are known
     assert "probability" not in got["indistinguishable"]["detail"]
+
+    def detail(test, figures, reference=None):
+        got = verdicts(figures, records, ["quantize"], reference=reference)
+        return next(v["detail"] for v in got if v["test"] == test)
+
     with_p = m | {"forget_prob": 0.296}
-    got = {
-        v["test"]: v
-        for v in verdicts(with_p, records, ["quantize"], reference={"forget_prob": 0.0031})
-    }
-    assert got["indistinguishable"]["detail"].endswith(
+    assert detail("indistinguishable", with_p, {"forget_prob": 0.0031}).endswith(
         "; the true forget answers' probability 0.30, the reference's 3.1e-03"
     )
     # the forgotten count gives the never-taught reference's accuracies beside the method's
     accs = m | {"forget_acc_before": 1.0, "forget_acc_after": 0.0}
     accs |= {"retain_acc_before": 0.9, "retain_acc_after": 0.8}
     ref = {"forget_acc_after": 0.25, "retain_acc_after": 0.875}
-    got = {v["test"]: v for v in verdicts(accs, records, ["quantize"], reference=ref)}
-    assert got["forgotten"]["detail"].endswith(
+    assert detail("forgotten", accs, ref).endswith(
         "(forget accuracy 100% → 0%, the reference's 25%; retain 90% → 80%, the reference's 88%)"
     )
-    got = {v["test"]: v for v in verdicts(accs, records, ["quantize"])}
-    assert got["forgotten"]["detail"].endswith("(forget accuracy 100% → 0%; retain 90% → 80%)")
+    assert detail("forgotten", accs).endswith("(forget accuracy 100% → 0%; retain 90% → 80%)")
     # and TOFU's model utility beside the reference's, where known
     useful = accs | {"model_utility": 0.706}
-    got = {
-        v["test"]: v
-        for v in verdicts(useful, records, ["quantize"], reference={"model_utility": 0.8253})
-    }
-    assert got["forgotten"]["detail"].endswith(
+    assert detail("forgotten", useful, {"model_utility": 0.8253}).endswith(
         "retain 90% → 80%; TOFU's model utility 0.71, the reference's 0.83)"
     )
     m["ci"]["privleak"] = [-0.6, -0.3]

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from unpact.backends import open_model
 from unpact.data.items import QAItem, VerbatimPrompt
 from unpact.errors import UnpactError
-from unpact.indistinguishable import utility_set
+from unpact.indistinguishable import utility_sets
 from unpact.judge import muse_rouge_l_f1, rouge_scorable, split_unspaced
 from unpact.membership import (
     DOCUMENT_ATTACKS,
@@ -174,12 +174,9 @@ def missing_inputs(data: Data, settings: MembershipSettings) -> dict[str, str]:
             "world_facts_perturbed; docs/data.md)"
         )
     else:
-        sets: dict[str, list[QAItem]] = {}
-        for i in kept:
-            sets.setdefault(utility_set(i.split, i.id), []).append(i)
         unread = [
             name
-            for name, items in sets.items()
+            for name, items in utility_sets(kept).items()
             if not any(not i.is_mcq and rouge_scorable(i.answer) for i in items)
         ]
         if unread:
