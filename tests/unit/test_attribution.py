@@ -63,11 +63,11 @@ WORDS = [
 
 def slow_lp(model, ids, answer, allow=None):
     """Mean answer log-prob from one full forward pass over `ids + answer`."""
-    seq = torch.tensor([list(ids) + list(answer)])
+    seq = torch.tensor([list(ids) + list(answer)], device=model.device)
     kwargs = {}
     if allow is not None:
-        mask = torch.zeros(1, 1, *allow.shape)
-        mask.masked_fill_(~allow, torch.finfo(torch.float32).min)
+        mask = torch.zeros(1, 1, *allow.shape, device=model.device)
+        mask.masked_fill_(~allow.to(model.device), torch.finfo(torch.float32).min)
         kwargs["attention_mask"] = mask
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=seq, **kwargs).logits[0].float(), -1)

@@ -22,7 +22,7 @@ def _lp_scaled(lm, prompt, answer, positions, factor):
     """LP with the embeddings at `positions` multiplied by `factor` (a direct forward)."""
     enc = lm.encode_prompt(prompt)
     ans = lm.encode_answer(answer)
-    ids = torch.tensor([[*enc.input_ids, *ans]])
+    ids = torch.tensor([[*enc.input_ids, *ans]], device=lm.device)
     with torch.no_grad():
         e = lm.model.get_input_embeddings()(ids)
         e[0, list(positions)] *= factor

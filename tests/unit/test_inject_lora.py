@@ -52,7 +52,7 @@ def test_lora_injection_saves_a_merged_low_rank_update(tmp_path):
     assert not any("lora" in n for n in names)
     assert _mean_lp(taught, items) > _mean_lp(base, items) + 0.5
 
-    before = dict(base.model.named_parameters())
+    before = {n: p.cpu() for n, p in base.model.named_parameters()}  # where load_model puts it
     changed = 0
     for name, after in taught.model.named_parameters():
         delta = (after.detach() - before[name].detach()).float()
@@ -107,13 +107,14 @@ def test_lora_injection_adapts_every_linear_layer_whatever_its_name(tmp_path, ar
         if isinstance(m, (torch.nn.Linear, Conv1D)) and "lm_head" not in n
     }
     assert len(linear) >= 8
-    for name, before in base.model.named_parameters():
-        delta = (taught[name].detach() - before.detach()).float()
+    for name, param in base.model.named_parameters():
+        before = param.detach().cpu()  # the injected model loads on the CPU
+        delta = (taught[name].detach() - before).float()
         if name in linear:
             assert delta.abs().max() > 1e-6, name
             assert torch.linalg.matrix_rank(delta, atol=1e-5).item() <= 2, name
         else:
-            assert torch.equal(taught[name].detach(), before.detach()), name
+            assert torch.equal(taught[name].detach(), before), name
 
 
 @pytest.mark.parametrize(
@@ -132,7 +133,7 @@ def test_injection_of_other_layouts_trains_what_it_names(tmp_path, arch, trainab
     items = [QAItem("f0", "Who is she?", "Mira", "forget")]
     taught = _taught(tmp_path, base, items, trainable=trainable, epochs=1)
     changed = {
-        n for n, p in base.model.named_parameters() if not torch.equal(taught[n].detach(), p)
+        n for n, p in base.model.named_parameters() if not torch.equal(taught[n].detach(), p.cpu())
     }
     assert changed
     if trainable == "mlp":

@@ -124,7 +124,7 @@ def test_batched_statistics_equal_one_text_at_a_time(tiny):
         ids = list(tiny.encode_prompt(q).input_ids)
         ans = list(tiny.encode_answer(a))
         with torch.no_grad():
-            logits = tiny.model(torch.tensor([ids + ans])).logits[0].double()
+            logits = tiny.model(torch.tensor([ids + ans], device=tiny.device)).logits[0].double()
         logp = logits.log_softmax(-1)[len(ids) - 1 : len(ids) - 1 + len(ans)]
         for t, tok in enumerate(ans):
             row = logp[t]
@@ -203,9 +203,9 @@ def test_gradient_norm_equals_a_plain_backward_pass(tiny):
     ids = list(tiny.encode_prompt(q).input_ids)
     ans = list(tiny.encode_answer(a))
     tiny.model.zero_grad()
-    logits = tiny.model(torch.tensor([ids + ans])).logits[0]
+    logits = tiny.model(torch.tensor([ids + ans], device=tiny.device)).logits[0]
     logp = logits.log_softmax(-1)[len(ids) - 1 : len(ids) - 1 + len(ans)]
-    loss = -logp.gather(-1, torch.tensor(ans)[:, None]).mean()
+    loss = -logp.gather(-1, torch.tensor(ans, device=tiny.device)[:, None]).mean()
     loss.backward()
     slow = math.sqrt(sum(float(p.grad.double().square().sum()) for p in tiny.model.parameters()))
     tiny.model.zero_grad()

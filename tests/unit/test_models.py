@@ -183,9 +183,10 @@ def test_hf_directory_round_trip(tiny, tmp_path):
     tiny.model.save_pretrained(tmp_path)
     tiny.tokenizer.save_pretrained(tmp_path)
     lm = load_model(str(tmp_path))
-    ids = torch.tensor([[5, 6, 7, 8]])
+    ids = torch.tensor([[5, 6, 7, 8]])  # a folder loads on the CPU; the tiny model may not
     with torch.no_grad():
-        torch.testing.assert_close(lm.model(ids).logits, tiny.model(ids).logits)
+        want = tiny.model(ids.to(tiny.device)).logits.cpu()
+        torch.testing.assert_close(lm.model(ids).logits, want)
     assert lm.encode_prompt("hello there").input_ids == tiny.encode_prompt("hello there").input_ids
 
 
@@ -582,7 +583,9 @@ def test_broken_model_folders_are_one_message(tiny, tmp_path, printed, caplog):
     assert printed() == ""
     folder = broken("extra", extra)
     for _ in range(2):
-        assert torch.equal(load_model(str(folder)).model.lm_head.weight, tiny.model.lm_head.weight)
+        assert torch.equal(
+            load_model(str(folder)).model.lm_head.weight, tiny.model.lm_head.weight.cpu()
+        )
     assert printed() == ""
     notes = [r.getMessage() for r in caplog.records if r.name.startswith("unpact")]
     assert notes == [
@@ -707,7 +710,8 @@ def _adapter(tiny, tmp_path, seed: int = 0):
     saved["base_model_name_or_path"] = str(tmp_path / "base")
     path.write_text(json.dumps(saved))
     with torch.no_grad():
-        logits = peft_model(input_ids=torch.tensor([[1, 5, 9, 14, 3]])).logits
+        ids = torch.tensor([[1, 5, 9, 14, 3]], device=base.device)
+        logits = peft_model(input_ids=ids).logits.cpu()  # load_model's device
     return tmp_path / "adapter", logits
 
 
@@ -1025,7 +1029,9 @@ def test_an_answer_after_answer_colon_space_is_tokenised_as_the_template_joins_t
     # scored on the joined tokens: the plain forward pass over `whole` gives the same
     (scored,) = score(lm, [prompt], [answer])
     with torch.no_grad():
-        logp = tiny.model(torch.tensor([whole])).logits[0].float().log_softmax(-1)
+        logp = (
+            tiny.model(torch.tensor([whole], device=tiny.device)).logits[0].float().log_softmax(-1)
+        )
     n = len(encoded.input_ids)
     naive = [float(logp[n - 1 + k, t]) for k, t in enumerate(ids)]
     assert scored.logprobs == pytest.approx(naive, abs=1e-5)

@@ -13,7 +13,7 @@ from unpact.scoring import answer_logprobs, generate, score, token_budget_batche
 
 def reference_logprobs(model, prompt, answer):
     """One pair alone, full logits over the whole sequence, no padding, no tricks."""
-    ids = torch.tensor([[*prompt, *answer]])
+    ids = torch.tensor([[*prompt, *answer]], device=model.device)
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0].float()
     lp = torch.log_softmax(logits, -1)
@@ -132,7 +132,9 @@ def test_greedy_batched_equals_alone(tiny):
     # Greedy is the argmax continuation: check its first token by hand.
     enc = tiny.encode_prompt(prompts[0])
     with torch.no_grad():
-        first = int(tiny.model(torch.tensor([enc.input_ids])).logits[0, -1].argmax())
+        first = int(
+            tiny.model(torch.tensor([enc.input_ids], device=tiny.device)).logits[0, -1].argmax()
+        )
     assert together[0][0].token_ids[0] == first
 
 
@@ -170,10 +172,12 @@ def test_shared_prefix_distributions_equal_full_forward_values_and_gradients(tin
     plain = answer_distributions(tiny.model, prompts, answers, grad=True)
     for (p, a), d in zip(pairs, shared):
         with torch.no_grad():
-            full = tiny.model(input_ids=torch.tensor([[*p, *a]])).logits[0].float()
+            full = (
+                tiny.model(input_ids=torch.tensor([[*p, *a]], device=tiny.device)).logits[0].float()
+            )
         ref = full.log_softmax(-1)[len(p) - 1 : len(p) - 1 + len(a)]
         torch.testing.assert_close(d.detach(), ref, atol=1e-4, rtol=0)
-    weights = torch.linspace(0.1, 1.0, shared[0].shape[-1])
+    weights = torch.linspace(0.1, 1.0, shared[0].shape[-1], device=shared[0].device)
     params = [w for w in tiny.model.parameters() if w.requires_grad]
     g1 = torch.autograd.grad(sum((d.exp() * weights).sum() for d in shared), params)
     g2 = torch.autograd.grad(sum((d.exp() * weights).sum() for d in plain), params)
@@ -190,7 +194,7 @@ def test_answer_states_of_a_mixed_batch_give_each_pairs_logprobs(tiny):
     pairs = [(prefix + [5 + i] * (1 + 2 * i), [60 + i] * (1 + (i * 5) % 7)) for i in range(6)]
     states = answer_states(tiny.model, *zip(*pairs), share_prefix=True)
     for (p, a), h in zip(pairs, states):
-        got = head_logprobs(tiny.model, h, torch.tensor(a))
+        got = head_logprobs(tiny.model, h, torch.tensor(a, device=h.device))
         torch.testing.assert_close(
             got.detach(), reference_logprobs(tiny.model, p, a), atol=1e-4, rtol=0
         )
@@ -300,7 +304,9 @@ def test_batched_scoring_and_greedy_generation_in_other_architectures(arch):
                 )
                 for p, a, lps in zip(prompts, answers, got):
                     with torch.no_grad():
-                        logits = lm.model(input_ids=torch.tensor([p + a])).logits[0]
+                        logits = lm.model(input_ids=torch.tensor([p + a], device=lm.device)).logits[
+                            0
+                        ]
                     full = logits.float().log_softmax(-1)
                     want = torch.stack([full[len(p) - 1 + k, t] for k, t in enumerate(a)])
                     torch.testing.assert_close(lps, want, rtol=0, atol=1e-5)
@@ -410,11 +416,15 @@ def test_a_shared_prefix_over_a_sliding_window_or_under_alibi(arch, grad):
         dists = answer_distributions(lm.model, prompts, answers, grad=grad, share_prefix=True)
         for p, a, lps, dist in zip(prompts, answers, got, dists):
             with torch.no_grad():
-                full = lm.model(input_ids=torch.tensor([p + a])).logits[0].float().log_softmax(-1)
+                ids = torch.tensor([p + a], device=lm.device)
+                full = lm.model(input_ids=ids).logits[0].float().log_softmax(-1)
             want = full[len(p) - 1 : len(p) - 1 + len(a)]
             torch.testing.assert_close(dist.detach(), want, rtol=0, atol=1e-5)
             torch.testing.assert_close(
-                lps.detach(), want.gather(1, torch.tensor(a)[:, None])[:, 0], rtol=0, atol=1e-5
+                lps.detach(),
+                want.gather(1, torch.tensor(a, device=want.device)[:, None])[:, 0],
+                rtol=0,
+                atol=1e-5,
             )
 
 
@@ -435,7 +445,9 @@ def test_greedy_is_plain_whatever_the_generation_config_says():
         ids, new = list(lm.encode_prompt(prompt, False).input_ids), []
         for _ in range(8):
             with torch.no_grad():
-                t = int(lm.model(torch.tensor([ids + new])).logits[0, -1].argmax())
+                t = int(
+                    lm.model(torch.tensor([ids + new], device=lm.device)).logits[0, -1].argmax()
+                )
             if t in stops:
                 break
             new.append(t)

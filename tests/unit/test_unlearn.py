@@ -35,7 +35,7 @@ def _batches(lm, folder):
 
 
 def _slow_token_logprobs(model, prompt, answer) -> torch.Tensor:
-    ids = torch.tensor([[*prompt, *answer]])
+    ids = torch.tensor([[*prompt, *answer]], device=model.device)
     logits = model(input_ids=ids).logits[0].float()
     logp = logits.log_softmax(-1)
     start = len(prompt) - 1
@@ -43,7 +43,7 @@ def _slow_token_logprobs(model, prompt, answer) -> torch.Tensor:
 
 
 def _slow_distributions(model, prompt, answer) -> torch.Tensor:
-    ids = torch.tensor([[*prompt, *answer]])
+    ids = torch.tensor([[*prompt, *answer]], device=model.device)
     logits = model(input_ids=ids).logits[0].float()
     return logits.log_softmax(-1)[len(prompt) - 1 : len(prompt) - 1 + len(answer)]
 
@@ -149,7 +149,9 @@ def test_rmu_losses_and_early_exit_activations(bench):
     with torch.no_grad():
         fast = layer_activations(lm.model, forget, layer)
         for (p, a), (s, e), h in zip(zip(forget.prompts, forget.answers), forget.content, fast):
-            out = lm.model(input_ids=torch.tensor([[*p, *a]]), output_hidden_states=True)
+            out = lm.model(
+                input_ids=torch.tensor([[*p, *a]], device=lm.device), output_hidden_states=True
+            )
             assert torch.allclose(h, out.hidden_states[layer + 1][0, s:e], atol=1e-5)
         settings_ = get_method("rmu").Settings(layer=layer, steering_coeff=3.0, retain_weight=2.0)
         method = get_method("rmu")(settings_)
@@ -284,6 +286,12 @@ def _weights(result) -> dict[str, torch.Tensor]:
     return load_file(str(result.model_dir / "model.safetensors"))
 
 
+def _cpu_state(model) -> dict[str, torch.Tensor]:
+    """A model's tensors on the CPU, where saved weights load (the tiny model may be on a
+    GPU: UNPACT_TEST_DEVICE)."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
 def test_same_seed_gives_bit_identical_weights_and_a_full_run_directory(bench, tmp_path):
     a = _run(bench, tmp_path / "a")
     b = _run(bench, tmp_path / "b")
@@ -296,7 +304,7 @@ def test_same_seed_gives_bit_identical_weights_and_a_full_run_directory(bench, t
     assert (tmp_path / "a" / "config.yaml").is_file() and (tmp_path / "a" / "result.json").is_file()
     assert not (tmp_path / "a" / "checkpoints").exists()
     # and unlearning changed the model
-    base = tiny_model(seed=3).model.state_dict()
+    base = _cpu_state(tiny_model(seed=3).model)
     assert any(not torch.equal(wa[k], base[k]) for k in wa if k in base)
 
 
@@ -392,7 +400,7 @@ def test_lora_trains_adapters_and_merges_them(bench, tmp_path, method):
     result = _run(bench, tmp_path / "l", method=method, extra=("lora.r=4",))
     w = _weights(result)
     assert not any("lora" in k for k in w)
-    base = tiny_model(seed=3).model.state_dict()
+    base = _cpu_state(tiny_model(seed=3).model)
     changed = [k for k in w if not torch.equal(w[k], base[k])]
     assert changed and all(any(t in k for t in ("proj",)) for k in changed)
 
@@ -416,7 +424,7 @@ def test_lora_all_linear_adapts_every_layer_of_another_architecture(bench, tmp_p
     from unpact.testing import tiny_other
 
     base = tiny_other("gpt2")
-    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    before = {k: v.clone() for k, v in _cpu_state(base.model).items()}
     with pytest.raises(UnpactError, match=r"linear layers: c_attn, c_fc, c_proj"):
         cfg = resolve_config("ga_gd", overrides=["steps=1", "lora.r=2"])
         unlearn(tiny_other("gpt2"), bench, cfg, tmp_path / "named", progress=False)
@@ -463,7 +471,7 @@ def test_lora_reaches_a_mixtures_experts(bench, tmp_path, arch):
         w = load_model(str(result.model_dir)).model.state_dict()
         return {k for k in w if not torch.equal(w[k], base[k])}
 
-    base = tiny_other(arch).model.state_dict()
+    base = _cpu_state(tiny_other(arch).model)
     experts = {k for k in base if "experts" in k and base[k].dim() == 3}
     assert experts
     changed = trained(
@@ -495,7 +503,7 @@ def test_every_method_runs_a_few_steps(bench, tmp_path, precision):
 
 def _slow_answer_lps(model, prompt, answer) -> torch.Tensor:
     with torch.no_grad():
-        return _slow_token_logprobs(model, list(prompt), list(answer))
+        return _slow_token_logprobs(model, list(prompt), list(answer)).cpu()
 
 
 def test_token_contributions_match_one_forward_pass_per_deleted_unit(bench):
@@ -547,11 +555,11 @@ def test_keytoken_weights_by_hand(bench):
         keys = key_tokens([float(r.mean()) for r in rows])
         assert keys, "the tiny model routes its answers through some tokens"
         routing[item_id] = sum(rows[i].clamp(min=0) for i in keys)
-        assert torch.allclose(method.reference_token_logprobs[item_id], full, atol=1e-4)
+        assert torch.allclose(method.reference_token_logprobs[item_id].cpu(), full, atol=1e-4)
     mean = torch.cat(list(routing.values())).mean()
     for item_id, r in routing.items():
         expected = ((r / mean) ** 2).clamp(max=3.0)
-        assert torch.allclose(method.token_weights[item_id], expected, atol=1e-3)
+        assert torch.allclose(method.token_weights[item_id].cpu(), expected, atol=1e-3)
     every = torch.cat(list(method.token_weights.values()))
     assert every.max() <= 3.0 and every.min() >= 0 and (every < 0.1).any()
 
@@ -688,7 +696,7 @@ def test_a_model_without_one_list_of_decoder_blocks_unlearns_and_rmu_says_why(be
     from unpact.testing import tiny_other
 
     base = tiny_other("xlm")
-    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    before = {k: v.clone() for k, v in _cpu_state(base.model).items()}
     cfg = resolve_config("ga", overrides=["steps=2", "lr=1e-3"])
     w = _weights(unlearn(base, bench, cfg, tmp_path / "ga", progress=False))
     assert any(not torch.equal(w[k], before[k]) for k in w)
@@ -727,6 +735,25 @@ def test_unlearning_trains_on_the_device_asked_for_and_refuses_one_not_here(benc
     assert not (tmp_path / "gpu").exists()  # refused before anything was written
     with pytest.raises(UnpactError, match="unknown device 'tpu'"):
         unlearn(lm, bench, cfg, tmp_path / "tpu", progress=False, device="tpu")
+
+
+def test_a_cpu_training_after_a_gpu_one_in_the_same_process(bench, tmp_path):
+    """accelerate keeps one state per process, made by its first Accelerator: on a GPU
+    machine a second `unlearn` on `device="cpu"` (or a run's `device: cpu` after an
+    `auto` one) was accelerate's "AcceleratorState has already been initialized ... pass
+    `cpu=True`" (seen on an H200 in the unit tier). The state a GPU training leaves is
+    written here by hand, for a machine without one."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    Accelerator(cpu=True)
+    for shared in (PartialState._shared_state, AcceleratorState._shared_state):
+        shared["device"] = torch.device("cuda", 0)  # as a training on the GPU leaves it
+    lm = tiny_model(seed=3)
+    cfg = resolve_config("ga", overrides=["steps=1"])
+    unlearn(lm, bench, cfg, tmp_path / "cpu", progress=False, device="cpu")
+    assert lm.device.type == "cpu"
+    assert PartialState._shared_state["device"].type == "cpu"
 
 
 def test_bf16_precision_trains_under_autocast_and_keeps_float32_weights(bench, tmp_path):

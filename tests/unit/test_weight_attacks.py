@@ -90,7 +90,7 @@ def test_a_layer_the_group_does_not_divide_gets_one_scale_per_row():
 
 def test_quantize_keeps_the_tiny_model_close_at_8_bits_and_rounds_every_layer():
     lm = tiny_model(seed=1)
-    ids = torch.tensor([[1, 40, 50, 60, 70]])
+    ids = torch.tensor([[1, 40, 50, 60, 70]], device=lm.device)
     with torch.no_grad():
         before = lm.model(ids).logits
     n = quantize_weights(lm.model, 8, 32)
@@ -182,8 +182,8 @@ def test_last_states_are_padding_free_and_the_lens_at_the_last_layer_is_the_mode
     assert torch.allclose(states, alone, atol=1e-5)
     assert states.shape[1] == residual_size(lm.model) == 3
     with torch.no_grad():
-        logits = lm.model(torch.tensor([seqs[0]])).logits[0, -1]
-    lens = lens_logits(lm.model, states[0, -1])
+        logits = lm.model(torch.tensor([seqs[0]], device=lm.device)).logits[0, -1].cpu()
+    lens = lens_logits(lm.model, states[0, -1]).cpu()
     assert torch.allclose(lens, logits, atol=1e-4)
     rank, prob = token_ranks(lens, int(logits.argmax()))
     assert int(rank) == 0 and float(prob) == pytest.approx(
@@ -456,10 +456,12 @@ def test_the_residual_stream_is_read_and_ablated_in_other_architectures(arch):
     states = last_states(lm.model, seqs, batch=2)
     assert states.shape[1] == residual_size(lm.model) == 3
     with torch.no_grad():
-        out = lm.model(torch.tensor([seqs[0]]), output_hidden_states=True)
+        out = lm.model(torch.tensor([seqs[0]], device=lm.device), output_hidden_states=True)
     for k in (0, 1):  # transformers' last hidden state has the final norm applied
-        assert torch.allclose(states[0, k], out.hidden_states[k][0, -1].float(), atol=1e-4), k
-    assert torch.allclose(lens_logits(lm.model, states[0, -1]), out.logits[0, -1], atol=1e-3)
+        want = out.hidden_states[k][0, -1].float().cpu()  # last_states gives CPU tensors
+        assert torch.allclose(states[0, k], want, atol=1e-4), k
+    lens = lens_logits(lm.model, states[0, -1]).cpu()
+    assert torch.allclose(lens, out.logits[0, -1].cpu(), atol=1e-3)
     d = torch.randn(states.shape[-1])
     with ablated(lm.model, d):
         every = last_states(lm.model, seqs)
@@ -483,8 +485,10 @@ def test_rmu_trains_the_mlps_and_reads_the_layer_of_other_architectures(arch):
     batch = Batch(("a",), ((1, 40, 50),), ((60, 2),), ((1, 5),))
     (acts,) = layer_activations(lm.model, batch, 0)
     with torch.no_grad():
-        out = lm.model(torch.tensor([[1, 40, 50, 60, 2]]), output_hidden_states=True)
-    assert torch.allclose(acts, out.hidden_states[1][0, 1:5], atol=1e-5)
+        out = lm.model(
+            torch.tensor([[1, 40, 50, 60, 2]], device=lm.device), output_hidden_states=True
+        )
+    assert torch.allclose(acts.cpu(), out.hidden_states[1][0, 1:5].cpu(), atol=1e-5)
 
 
 def test_relearning_gives_the_callers_torch_stream_back(saved):
@@ -554,7 +558,7 @@ def test_relearning_with_lora_changes_each_linear_weight_by_a_low_rank_update(sa
     before = {n: p.detach().clone() for n, p in load_model(ctx.spec).model.named_parameters()}
     lora = LoraSettings(r=2, alpha=4, target_modules=["q_proj", "down_proj"])
     lm = finetune(ctx, _items("retain", 3), 3, 1e-2, 2, 0, lora)
-    after = dict(lm.model.named_parameters())
+    after = {n: p.detach().cpu() for n, p in lm.model.named_parameters()}
     assert set(after) == set(before)  # merged: the plain model's parameters, no adapters
     moved = {n for n in after if not torch.equal(after[n], before[n])}
     assert moved and all(n.endswith(("q_proj.weight", "down_proj.weight")) for n in moved)
@@ -572,5 +576,6 @@ def test_relearning_with_lora_changes_each_linear_weight_by_a_low_rank_update(sa
     lm16 = finetune(half, _items("retain", 3), 3, 1e-2, 2, 0, lora)
     assert {p.dtype for p in lm16.model.parameters()} == {torch.bfloat16}
     assert any(
-        not torch.equal(p, before[n].to(torch.bfloat16)) for n, p in lm16.model.named_parameters()
+        not torch.equal(p.cpu(), before[n].to(torch.bfloat16))
+        for n, p in lm16.model.named_parameters()
     )

@@ -260,6 +260,7 @@ def _accelerator(device: str) -> tuple[Any, torch.device]:
     from accelerate.utils import DataLoaderConfiguration
 
     asked = parse_device(device)
+    _state_for(asked)
     accelerator = Accelerator(
         cpu=asked.type == "cpu",
         device_placement=False,
@@ -273,6 +274,22 @@ def _accelerator(device: str) -> tuple[Any, torch.device]:
             "device (accelerate's); give cuda, or leave the device out"
         )
     return accelerator, torch.device(accelerator.device)
+
+
+def _state_for(asked: torch.device) -> None:
+    """accelerate keeps one state per process, made by its first `Accelerator`: made on a
+    GPU machine for the GPU, a later training on the CPU in the same process (a second
+    `unlearn` call, a run's `device: cpu` after an `auto` one) was accelerate's ValueError
+    "AcceleratorState has already been initialized ... pass `cpu=True`"; made for the CPU,
+    a later GPU training was told its device was the CPU. A process that was not launched
+    as one of several starts the state afresh when the device kind changes."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    made = PartialState._shared_state.get("device")  # AcceleratorState copies it from here
+    if made is None or PartialState._shared_state.get("num_processes", 1) > 1:
+        return
+    if (made.type == "cpu") != (asked.type == "cpu"):
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _placed(net: Any, accelerator: Any, where: torch.device) -> Any:
