@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from unpact.membership import DOCUMENT_ATTACKS, MIA_ATTACKS, auc, forget_quality, privleak
 from unpact.metrics import ItemRecord, MetricContext, defined_mean, metric
@@ -197,13 +197,35 @@ def utility_sets(rows: Iterable[P]) -> dict[str, list[P]]:
     return sets
 
 
-@metric(
-    "model_utility",
-    title="model utility",
-    fmt="float",
-    higher_is_better=True,
-    needs=("membership",),
-)
+# Each set's three parts of the model utility by open-unlearning's names for them (the keys
+# of its TOFU evaluation's output), so a figure here reads against one of theirs; "general"
+# is any other benchmark's general items, read as TOFU reads its general sets
+UTILITY_PARTS = {
+    "retain": ("retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio"),
+    "tofu-real_authors": ("ra_Q_A_Prob_normalised", "ra_Q_A_ROUGE", "ra_Truth_Ratio"),
+    "tofu-world_facts": ("wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio"),
+    "general": ("general_Q_A_Prob_normalised", "general_Q_A_ROUGE", "general_Truth_Ratio"),
+}
+_PART_OF = {key: (name, k) for name, keys in UTILITY_PARTS.items() for k, key in enumerate(keys)}
+
+
+def _utility_scored(records: list[ItemRecord]) -> list[ItemRecord]:
+    return [r for r in records if r.split in ("retain", "general") and r.answer_prob is not None]
+
+
+def _set_parts(rows: list[ItemRecord]) -> tuple[float, float, float]:
+    """One set's Prob, ROUGE and truth ratio (`true_better`) as the model utility takes them."""
+    return (
+        defined_mean([r.answer_prob for r in rows]),
+        defined_mean([r.rouge_after for r in rows]),
+        truth_ratio_kept([r.truth_ratio for r in rows if r.truth_ratio is not None]),
+    )
+
+
+_UTILITY: dict[str, Any] = {"fmt": "float", "higher_is_better": True, "needs": ("membership",)}
+
+
+@metric("model_utility", title="model utility", **_UTILITY)
 def _model_utility(records: list[ItemRecord], ctx: MetricContext) -> float:
     """TOFU's model utility (open-unlearning's `model_utility`, `hm_aggregate` in
     `src/evals/metrics/memorization.py`): the harmonic mean, over each set the items give,
@@ -212,15 +234,21 @@ def _model_utility(records: list[ItemRecord], ctx: MetricContext) -> float:
     the paraphrase) and the general items with perturbed answers, each of TOFU's
     real-authors and world-facts sets apart (Prob normalised over the answer and the
     perturbed ones, truth ratio against the answer itself). NaN when a part is undefined."""
-    scored = [r for r in records if r.split in ("retain", "general") and r.answer_prob is not None]
-    parts = []
-    for rows in utility_sets(scored).values():
-        parts += [
-            defined_mean([r.answer_prob for r in rows]),
-            defined_mean([r.rouge_after for r in rows]),
-            truth_ratio_kept([r.truth_ratio for r in rows if r.truth_ratio is not None]),
-        ]
+    parts = [
+        x for rows in utility_sets(_utility_scored(records)).values() for x in _set_parts(rows)
+    ]
     return harmonic_mean(parts)
+
+
+@metric("model_utility_parts", title="model utility part", variants=tuple(_PART_OF), **_UTILITY)
+def _model_utility_parts(records: list[ItemRecord], ctx: MetricContext, part: str) -> float:
+    """The parts of TOFU's model utility, each set's Prob, ROUGE and truth ratio
+    (`true_better`), by open-unlearning's names (`retain_Q_A_Prob`, `ra_Q_A_ROUGE`,
+    `wf_Truth_Ratio`, ...; `general_*` for another benchmark's general items): the model
+    utility is their harmonic mean over the sets the run has. NaN for a set it lacks."""
+    name, k = _PART_OF[part]
+    rows = [r for r in _utility_scored(records) if utility_set(r.split, r.id) == name]
+    return _set_parts(rows)[k] if rows else math.nan
 
 
 @metric(

@@ -542,6 +542,20 @@ def test_model_utility_by_hand():
         r.id = name
     parts = [0.4, 0.75, 0.4, 0.6, 1.0, 0.5, 0.2, 0.5, 1.0, 0.8, 1.0, 0.75]
     assert METRICS["model_utility"].fn(records + general, ctx) == pytest.approx(hmean(parts))
+    # each part by open-unlearning's name (its TOFU evaluation's keys), in that order
+    every = METRICS["model_utility_parts"]
+    names = [
+        *("retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio"),
+        *("ra_Q_A_Prob_normalised", "ra_Q_A_ROUGE", "ra_Truth_Ratio"),
+        *("wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio"),
+        *("general_Q_A_Prob_normalised", "general_Q_A_ROUGE", "general_Truth_Ratio"),
+    ]
+    assert every.variants == tuple(names)
+    got = [every.fn(records + general, ctx, name) for name in names]
+    assert got == pytest.approx(parts)
+    # a set the records lack: its parts undefined, the others as before
+    alone = [every.fn(records, ctx, name) for name in names]
+    assert alone[:3] == pytest.approx([0.4, 0.75, 0.4]) and all(map(math.isnan, alone[3:]))
     # the retain figures do not read the general items
     assert METRICS["retain_prob"].fn(records + general, ctx) == pytest.approx(0.4)
     # no retain item with truth answers: no figure, not 0
@@ -614,3 +628,10 @@ def test_a_missing_model_utility_says_which_set_lacks_what():
     got = why({"retain": [mcq], "general": [item("tofu-world_facts-00000", "general", para=None)]})
     assert got["model_utility"].startswith("no item of its retain set is an open question")
     assert "retain_prob" not in got  # its Prob and truth ratio are still read
+    # the parts of the sets a run lacks: named in one line, with the sets it has
+    assert got["model_utility_parts"] == (
+        "ra_*, general_*: no item of TOFU's real-authors set (real_authors_perturbed) and no "
+        "other general item with perturbed_answers; the model utility is over its retain, "
+        "tofu-world_facts sets"
+    )
+    assert "retain_*, ra_*, wf_*, general_*: no retain item" in bare["model_utility_parts"]

@@ -276,7 +276,10 @@ def test_a_named_reference_enables_membership_and_another_tokenizer_is_refused(t
         "mia_auc.gradnorm",
         "mia_auc_documents",
         "privleak_documents",
+        "model_utility_parts",  # the fixture's general item is a world fact
     }
+    assert res["skipped"]["model_utility_parts"].startswith("ra_*, general_*: no item")
+    assert set(res["methods"]["ga_gd"]["model_utility_parts"]) >= {"wf_Q_A_ROUGE"}
     assert "no text to continue" in res["skipped"]["verbmem"]
     assert res["methods"]["ga_gd"]["forget_quality"] is not None
     assert set(res["methods"]["ga_gd"]["mia_auc"]) >= {"loss", "min_k"}

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from unpact.backends import open_model
 from unpact.data.items import QAItem, VerbatimPrompt
 from unpact.errors import UnpactError
-from unpact.indistinguishable import utility_sets
+from unpact.indistinguishable import UTILITY_PARTS, utility_sets
 from unpact.judge import muse_rouge_l_f1, rouge_scorable, split_unspaced
 from unpact.membership import (
     DOCUMENT_ATTACKS,
@@ -184,6 +184,9 @@ def missing_inputs(data: Data, settings: MembershipSettings) -> dict[str, str]:
                 f"no item of its {', '.join(unread)} set is an open question whose answer "
                 "ROUGE reads (a-z, 0-9): TOFU's utility takes the ROUGE of each set's answers"
             )
+    lacking = _utility_sets_lacking(kept)
+    if lacking:
+        out["model_utility_parts"] = lacking
     texts = verbatim_texts(data, settings)[1]
     if not texts:
         out["verbmem"] = (
@@ -212,6 +215,28 @@ def missing_inputs(data: Data, settings: MembershipSettings) -> dict[str, str]:
             f"documents are not scored by {settings.privleak_attack} (a backward pass each)"
         )
     return out
+
+
+# what each set of TOFU's model utility is read on, for the reason a set's parts are missing
+_UTILITY_SET_ITEMS = {
+    "retain": "retain item with paraphrased_answer and perturbed_answers",
+    "tofu-real_authors": "item of TOFU's real-authors set (real_authors_perturbed)",
+    "tofu-world_facts": "item of TOFU's world-facts set (world_facts_perturbed)",
+    "general": "other general item with perturbed_answers",
+}
+
+
+def _utility_sets_lacking(kept: list[QAItem]) -> str | None:
+    """Why some parts of the model utility (`model_utility_parts`) are missing: the sets the
+    run has no items of, in one line (None when it has every set)."""
+    have = list(utility_sets(kept))
+    lacking = [name for name in UTILITY_PARTS if name not in have]
+    if not lacking:
+        return None
+    parts = ", ".join(f"{UTILITY_PARTS[name][0].split('_')[0]}_*" for name in lacking)
+    why = f"{parts}: no {' and no '.join(_UTILITY_SET_ITEMS[n] for n in lacking)}"
+    sets = f"{', '.join(have)} set{'s' * (len(have) > 1)}"
+    return why + (f"; the model utility is over its {sets}" if have else "")
 
 
 def utility_items(data: Data) -> list[QAItem]:
