@@ -158,7 +158,9 @@ def test_the_cli_says_the_disk_is_full_and_exits_2(monkeypatch, capsys) -> None:
 def _no_ram() -> None:
     import torch
 
-    torch.empty(10**13)  # 40 TB: the CPU allocator refuses it at once
+    # 400 PB, beyond any machine's address space: refused at once also where the kernel
+    # grants any allocation (overcommit_memory=1), as 40 TB may be
+    torch.empty(10**17)
 
 
 def _no_gpu_memory() -> None:
@@ -177,7 +179,7 @@ def _no_gpu_memory() -> None:
     ("fail", "said"),
     [
         (_no_ram, "out of memory in RAM (DefaultCPUAllocator: can't allocate memory: you "
-         "tried to allocate 40000000000000 bytes.)"),
+         "tried to allocate 400000000000000000 bytes.)"),
         (_no_gpu_memory, "out of memory on the GPU (CUDA out of memory. Tried to allocate "
          "2.00 GiB.)"),
     ],
