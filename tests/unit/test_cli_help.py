@@ -1,0 +1,73 @@
+"""Every command answers `--help`, and an unknown option is one usage error (exit code 2),
+whatever typer and click releases pyproject.toml allows together."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import click
+from typer.main import get_command
+from typer.testing import CliRunner
+
+from unpact.cli import app
+
+
+def _commands(group: click.Group, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command's words (`("data", "show")`), subcommands of groups included."""
+    out: list[tuple[str, ...]] = []
+    for name, command in sorted(group.commands.items()):
+        out.append((*path, name))
+        if isinstance(command, click.Group):
+            out += _commands(command, (*path, name))
+    return out
+
+
+def test_every_command_answers_help_and_an_unknown_option_is_a_usage_error():
+    """typer 0.13, the old lower bound, under click 8.2 or later (which pip takes beside it)
+    answered `unpact --help`, every command's `--help` and every usage error with a
+    TypeError traceback (click's `make_metavar` took a new argument); typer 0.15.4, the
+    bound now, keeps click below 8.2, and later releases follow click."""
+    runner = CliRunner()
+    top = runner.invoke(app, ["--help"])
+    assert top.exit_code == 0 and "Usage" in top.output, top.output
+    commands = _commands(get_command(app))  # type: ignore[arg-type]
+    assert ("run",) in commands and ("audit",) in commands
+    for words in commands:
+        shown = runner.invoke(app, [*words, "--help"])
+        assert shown.exit_code == 0 and "Usage" in shown.output, (words, shown.exception)
+        wrong = runner.invoke(app, [*words, "--no-such-option"])
+        assert wrong.exit_code == 2, (words, wrong.output, wrong.exception)
+        assert "No such option" in wrong.output and "Traceback" not in wrong.output, words
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _documented() -> dict[tuple[str, ...], set[str]]:
+    """The options the README and docs/ give each `unpact ...` command in code spans."""
+    found: dict[tuple[str, ...], set[str]] = {}
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for span in re.findall(r"`(unpact [^`]+)`", doc.read_text(encoding="utf-8")):
+            words = []
+            for word in span.split()[1:]:
+                if not re.fullmatch(r"[a-z][a-z-]*", word):
+                    break
+                words.append(word)
+            found.setdefault(tuple(words), set()).update(re.findall(r"--[a-z][a-z0-9-]*", span))
+    return found
+
+
+def test_every_option_the_docs_give_a_command_is_in_its_help():
+    """The README's and docs' commands (`unpact audit --original DIR ...`) name only options
+    their command has: a renamed or dropped option fails here, not in a user's shell."""
+    runner = CliRunner()
+    known = set(_commands(get_command(app)))  # type: ignore[arg-type]
+    wide = {"COLUMNS": "400", "TERMINAL_WIDTH": "400"}  # no option name cut by a line's end
+    documented = _documented()
+    assert len(documented) > 5
+    for words, options in documented.items():
+        command = next(words[:k] for k in range(len(words), -1, -1) if words[:k] in known | {()})
+        shown = runner.invoke(app, [*command, "--help"], env=wide).output
+        missing = sorted(o for o in options if o not in shown)
+        assert not missing, (command, missing)
