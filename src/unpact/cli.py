@@ -36,6 +36,46 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 
+
+def _print_version(asked: bool) -> None:
+    """`--version`: unpact's release and those of the libraries its numbers depend on, read
+    from the installed packages' metadata (nothing imported), for a bug report or a run's
+    provenance."""
+    if not asked:
+        return
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    libraries = ", ".join(f"{n} {of(n)}" for n in ("torch", "transformers", "accelerate", "peft"))
+    out.print(
+        f"unpact {of('unpact')} ({libraries}; Python {platform.python_version()})",
+        highlight=False,
+        soft_wrap=True,  # one line, whatever the terminal's width
+    )
+    raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print unpact's version (and torch's, transformers', accelerate's, peft's).",
+        ),
+    ] = False,
+) -> None:
+    """Tell whether a language model has really forgotten what it was made to unlearn."""
+
+
 ModelOpt = Annotated[
     str,
     typer.Option(

@@ -71,3 +71,15 @@ def test_every_option_the_docs_give_a_command_is_in_its_help():
         shown = runner.invoke(app, [*command, "--help"], env=wide).output
         missing = sorted(o for o in options if o not in shown)
         assert not missing, (command, missing)
+
+
+def test_version_names_unpact_and_the_libraries_its_numbers_depend_on():
+    """`unpact --version` (there was none): one line for a bug report or a run's record."""
+    from importlib.metadata import version
+
+    shown = CliRunner().invoke(app, ["--version"])
+    assert shown.exit_code == 0, shown.output
+    line = shown.output.strip()
+    assert "\n" not in line
+    assert line.startswith(f"unpact {version('unpact')} (torch {version('torch')}, transformers ")
+    assert "; Python 3." in line
