@@ -38,23 +38,16 @@ err = Console(stderr=True)
 
 
 def _print_version(asked: bool) -> None:
-    """`--version`: unpact's release and those of the libraries its numbers depend on, read
-    from the installed packages' metadata (nothing imported), for a bug report or a run's
-    provenance."""
+    """`--version`: unpact's release and those of the libraries its numbers depend on, for
+    a bug report or a run's provenance (results.json keeps them as `versions`)."""
     if not asked:
         return
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
+    from unpact.determinism import library_versions
 
-    def of(name: str) -> str:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "not installed"
-
-    libraries = ", ".join(f"{n} {of(n)}" for n in ("torch", "transformers", "accelerate", "peft"))
+    found = library_versions()
+    libraries = ", ".join(f"{n} {v}" for n, v in found.items() if n not in ("unpact", "python"))
     out.print(
-        f"unpact {of('unpact')} ({libraries}; Python {platform.python_version()})",
+        f"unpact {found['unpact']} ({libraries}; Python {found['python']})",
         highlight=False,
         soft_wrap=True,  # one line, whatever the terminal's width
     )

@@ -116,3 +116,24 @@ def keeps_rng(fn: Callable[P, R]) -> Callable[P, R]:
                 np.random.set_state(numpy_state)
 
     return wrapper
+
+
+# the libraries whose releases a run's numbers depend on (kernels, models' code, training)
+_LIBRARIES = ("unpact", "torch", "transformers", "accelerate", "peft")
+
+
+def library_versions() -> dict[str, str]:
+    """The installed releases of unpact and of the libraries its numbers depend on, and
+    Python's, from the packages' metadata (nothing imported): `unpact --version`, and
+    results.json's `versions`, since the same config gives the same numbers only under the
+    same releases."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return {name: of(name) for name in _LIBRARIES} | {"python": platform.python_version()}

@@ -208,6 +208,12 @@ def test_the_runner_unlearns_a_real_benchmark(tmp_path, tiny):
     assert result.results["counts"] == {"forget": 2, "retain": 1, "general": 0, "holdout": 2}
     # no injection and no reference named: the indistinguishability figures are skipped
     assert "no never-taught reference" in result.results["skipped"]["membership"]
+    # the releases the numbers were computed under, as `unpact --version` gives them
+    from importlib.metadata import version
+
+    versions = json.loads((tmp_path / "out" / "results.json").read_text())["versions"]
+    assert versions["torch"] == version("torch") and versions["unpact"] == version("unpact")
+    assert set(versions) == {"unpact", "torch", "transformers", "accelerate", "peft", "python"}
 
 
 def test_the_token_baseline_replaces_with_the_originals_id_in_every_model(tmp_path, tiny):

@@ -53,6 +53,7 @@ from unpact.attribution import (
 from unpact.backends import model_key, open_model
 from unpact.data.items import Benchmark, QAItem
 from unpact.data.sources import general_items, load_benchmark
+from unpact.determinism import library_versions
 from unpact.errors import NotForThisModel, UnpactError
 from unpact.files import WRITER_LOCK, as_path, check_folder_path, make_folder, once, sole_writer
 from unpact.judge import (
@@ -401,7 +402,10 @@ def _add_verdicts(
 
 def _add_provenance(results: dict[str, Any], p: Pipeline, taught: list[Model | None]) -> None:
     """The time of each stage this call computed, and of each it read from the cache (what
-    computing it took when it was made), and the injections of the taught models."""
+    computing it took when it was made), the injections of the taught models, and the
+    releases of the libraries this process ran (stages read from the cache were computed
+    under those of the run that made them)."""
+    results["versions"] = library_versions()
     if p.seconds:
         results["stage_seconds"] = p.seconds
     if p.cached_seconds:
