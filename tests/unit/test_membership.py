@@ -635,3 +635,45 @@ def test_a_missing_model_utility_says_which_set_lacks_what():
         "tofu-world_facts sets"
     )
     assert "retain_*, ra_*, wf_*, general_*: no retain item" in bare["model_utility_parts"]
+
+
+def test_answers_longer_than_the_greedy_answers_rouge_reads_are_said():
+    """TOFU's answers are sentences: under judge.max_new_tokens (32 by default) a greedy
+    answer is cut before the true answer's length, its ROUGE recall and the model utility
+    read low (open-unlearning generates up to 200 tokens). The run says how many, the
+    longest, and the length that reads them whole; short answers, or ones ROUGE does not
+    read, say nothing."""
+    from unpact.data.items import Benchmark, QAItem
+    from unpact.run import Data, RunConfig, _note_rouge_room
+
+    def item(i, split, answer, para="It is so.", pert=("It is not.",)):
+        return QAItem(i, "Which?", answer, split, (), (), None, None, para, pert)
+
+    long = "one two three four five six seven eight nine ten"
+    data = Data(
+        Benchmark("b", []),
+        {
+            "forget": [item("f", "forget", long)],  # not read by ROUGE under contains
+            "retain": [item("r1", "retain", long), item("r2", "retain", "short one")],
+            "general": [item("g", "general", long + " eleven", para=None)],
+        },
+        [],
+    )
+
+    def words(text: str) -> int:  # the test's tokenizer: a token a word
+        return len(text.split())
+
+    def cfg(**judge) -> RunConfig:
+        return RunConfig.model_validate({"methods": [{"method": "ga"}], "judge": judge})
+
+    said: list[str] = []
+    _note_rouge_room(cfg(max_new_tokens=8), data, words, said.append)
+    assert len(said) == 1
+    assert said[0].startswith("2 true answer(s) that ROUGE reads")
+    assert "(the longest: item g, 11)" in said[0] and "judge.max_new_tokens: 11 reads" in said[0]
+    said.clear()  # the ROUGE judge reads every open answer
+    _note_rouge_room(cfg(max_new_tokens=8, kind="rouge"), data, words, said.append)
+    assert said[0].startswith("3 true answer(s)")
+    said.clear()
+    _note_rouge_room(cfg(max_new_tokens=11), data, words, said.append)
+    assert said == []

@@ -329,7 +329,7 @@ def _run_one(
     _note_answers_in_questions(cfg, data, say)
     p.judge_rules = judge_rules(cfg.judge.kind, data.items)
     _check_depths(cfg)  # before the injection, which may take hours
-    _check_answer_room(cfg, data)
+    _check_answer_room(cfg, data, say)
     _check_tokenizers(cfg, say)
     _note_idle_gpu(cfg, say)
     tokenizer_of = functools.cache(load_tokenizer)  # a model given as it is: loaded once
@@ -708,10 +708,11 @@ def _check_tokenizers(cfg: RunConfig, say: Callable[[str], None] | None = None) 
     same_tokenizer(cfg.model, named, say)
 
 
-def _check_answer_room(cfg: RunConfig, data: Data) -> None:
+def _check_answer_room(cfg: RunConfig, data: Data, say: Callable[[str], None]) -> None:
     """Every judged answer fits in the greedy answers the contains judge reads (the
     injection's too): one that cannot was counted as not known, before and after
-    unlearning, and the run reported nothing forgotten."""
+    unlearning, and the run reported nothing forgotten. Answers that ROUGE reads and that do
+    not fit are said (`_note_rouge_room`)."""
     from unpact.inject import InjectConfig
     from unpact.judge import check_answer_room
     from unpact.models import token_counter
@@ -737,6 +738,34 @@ def _check_answer_room(cfg: RunConfig, data: Data) -> None:
         taught = data.splits["forget"] + data.splits["retain"]
         room = InjectConfig(**cfg.inject.settings).max_new_tokens
         check_answer_room(taught, room, count, "inject.settings.max_new_tokens")
+    _note_rouge_room(cfg, data, count, say)
+
+
+def _note_rouge_room(
+    cfg: RunConfig, data: Data, count: Callable[[str], int], say: Callable[[str], None]
+) -> None:
+    """ROUGE reads a greedy answer of at most judge.max_new_tokens tokens against the whole
+    true answer: the ROUGE judge's items, and the items of TOFU's model utility. A true
+    answer longer than that can be matched only in part (TOFU's sentence-long answers under
+    the default 32 tokens; open-unlearning generates up to 200), so its ROUGE recall and
+    the model utility are lower than the field's for the same model. Said, with the
+    length that reads them whole."""
+    read = membership.utility_items(data)
+    if cfg.judge.kind == "rouge":
+        read = [i for split in data.splits.values() for i in split] + read
+    room = cfg.judge.max_new_tokens
+    longer = {i.id: (n, i) for i in read if not i.is_mcq and (n := count(i.answer)) > room}
+    if not longer:
+        return
+    tokens, item = max(longer.values(), key=lambda found: found[0])
+    say(
+        f"{len(longer)} true answer(s) that ROUGE reads (the ROUGE judge's, TOFU's model "
+        f"utility's) are longer than judge.max_new_tokens, {room} tokens (the longest: item "
+        f"{item.id}, {tokens}): greedy answers cut at {room} tokens match them only in part, "
+        "which lowers their ROUGE and the model utility (open-unlearning generates up to 200 "
+        f"tokens); judge.max_new_tokens: {tokens} reads them whole (`unpact audit`: "
+        "--max-new-tokens)"
+    )
 
 
 def _unlearned(p: Pipeline, data: Data, original: Model) -> list[Model]:
