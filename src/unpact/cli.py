@@ -66,7 +66,7 @@ def _options(
         ),
     ] = False,
 ) -> None:
-    """Tell whether a language model has really forgotten what it was made to unlearn."""
+    """The options before any command: `--version` (the app's help is `app`'s)."""
 
 
 ModelOpt = Annotated[

@@ -16,7 +16,7 @@ computed from the same teacher-forced scores, on the retain items.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar
 
 from unpact.membership import DOCUMENT_ATTACKS, MIA_ATTACKS, auc, forget_quality, privleak
@@ -213,13 +213,12 @@ def _utility_scored(records: list[ItemRecord]) -> list[ItemRecord]:
     return [r for r in records if r.split in ("retain", "general") and r.answer_prob is not None]
 
 
-def _set_parts(rows: list[ItemRecord]) -> tuple[float, float, float]:
-    """One set's Prob, ROUGE and truth ratio (`true_better`) as the model utility takes them."""
-    return (
-        defined_mean([r.answer_prob for r in rows]),
-        defined_mean([r.rouge_after for r in rows]),
-        truth_ratio_kept([r.truth_ratio for r in rows if r.truth_ratio is not None]),
-    )
+# one set's Prob, ROUGE and truth ratio (`true_better`), in UTILITY_PARTS' order
+_PART_FNS: tuple[Callable[[list[ItemRecord]], float], ...] = (
+    lambda rows: defined_mean([r.answer_prob for r in rows]),
+    lambda rows: defined_mean([r.rouge_after for r in rows]),
+    lambda rows: truth_ratio_kept([r.truth_ratio for r in rows if r.truth_ratio is not None]),
+)
 
 
 _UTILITY: dict[str, Any] = {"fmt": "float", "higher_is_better": True, "needs": ("membership",)}
@@ -234,10 +233,8 @@ def _model_utility(records: list[ItemRecord], ctx: MetricContext) -> float:
     the paraphrase) and the general items with perturbed answers, each of TOFU's
     real-authors and world-facts sets apart (Prob normalised over the answer and the
     perturbed ones, truth ratio against the answer itself). NaN when a part is undefined."""
-    parts = [
-        x for rows in utility_sets(_utility_scored(records)).values() for x in _set_parts(rows)
-    ]
-    return harmonic_mean(parts)
+    sets = utility_sets(_utility_scored(records)).values()
+    return harmonic_mean([part(rows) for rows in sets for part in _PART_FNS])
 
 
 @metric("model_utility_parts", title="model utility part", variants=tuple(_PART_OF), **_UTILITY)
@@ -248,7 +245,7 @@ def _model_utility_parts(records: list[ItemRecord], ctx: MetricContext, part: st
     utility is their harmonic mean over the sets the run has. NaN for a set it lacks."""
     name, k = _PART_OF[part]
     rows = [r for r in _utility_scored(records) if utility_set(r.split, r.id) == name]
-    return _set_parts(rows)[k] if rows else math.nan
+    return _PART_FNS[k](rows) if rows else math.nan
 
 
 @metric(

@@ -752,7 +752,7 @@ def _note_rouge_room(
     length that reads them whole."""
     read = membership.utility_items(data)
     if cfg.judge.kind == "rouge":
-        read = [i for split in data.splits.values() for i in split] + read
+        read = [i for split in data.splits.values() for i in split]  # the utility's among them
     room = cfg.judge.max_new_tokens
     longer = {i.id: (n, i) for i in read if not i.is_mcq and (n := count(i.answer)) > room}
     if not longer:
