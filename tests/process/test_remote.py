@@ -967,10 +967,48 @@ def test_unpact_serve_refuses_what_vllm_refuses(served, faults):
         ({"min_p": 1.5}, None, "min_p must be in [0, 1], got 1.5."),
         ({"repetition_penalty": 0}, None, "repetition_penalty must be greater than zero, got 0.0."),
         ({"temperature": 0, "n": 2}, None, "n must be 1 when using greedy sampling, got 2."),
+        # vLLM's order and words: these were "min_tokens must be less than or equal to
+        # max_tokens=-1, got 0." and "max_tokens must be >= 0 and n >= 1"
+        ({"max_tokens": -1}, "max_tokens", "max_tokens must be at least 1, got -1."),
+        ({"max_tokens": 0}, "max_tokens", "max_tokens must be at least 1, got 0."),
+        ({"n": 0}, None, "n must be at least 1, got 0."),
+        ({"min_tokens": 3}, None, "min_tokens must be less than or equal to max_tokens=2, got 3."),
     ):
         reply = httpx.post(f"{url}/completions", json=sample | change)
         assert reply.status_code == 400, (change, reply.text)
         assert reply.json()["error"] == reply.json()["error"] | {"message": message, "param": param}
+
+
+def test_unpact_serve_refuses_a_request_over_the_context_in_vllms_words(served):
+    """vLLM's renderer refuses a prompt and `max_tokens` that do not fit before it checks
+    the sampling values (`TokenizeParams`); a chat request without `max_tokens` asks for
+    the room left, and a prompt longer than the context is refused as asking 0 tokens
+    (it was "max_tokens must be at least 1, got -N")."""
+    import httpx
+
+    url = served[1]
+    room = httpx.get(f"{url}/models").json()["data"][0]["max_model_len"]
+    body = {"model": "tiny", "prompt": [5, 6], "temperature": -1}
+    over = httpx.post(f"{url}/completions", json=body | {"max_tokens": room + 1})
+    assert over.status_code == 400
+    assert over.json()["error"]["param"] == "max_tokens"
+    assert over.json()["error"]["message"] == (
+        f"max_tokens={room + 1} cannot be greater than max_model_len={room}. "
+        "Please request fewer output tokens."
+    )
+    tight = httpx.post(f"{url}/completions", json=body | {"max_tokens": room - 1})
+    assert tight.status_code == 400 and tight.json()["error"]["param"] == "input_tokens"
+    assert tight.json()["error"]["message"].startswith(
+        f"You passed 2 input tokens and requested {room - 1} output tokens. However, the "
+        f"model's context length is only {room} tokens, resulting in a maximum input length "
+        "of 1 tokens."
+    )
+    fits = httpx.post(f"{url}/completions", json=body | {"max_tokens": room - 2})
+    assert fits.json()["error"]["param"] == "temperature"  # fits; then the sampling values
+    long = {"model": "tiny", "messages": [{"role": "user", "content": "word " * room}]}
+    chat = httpx.post(f"{url}/chat/completions", json=long)
+    assert chat.status_code == 400 and chat.json()["error"]["param"] == "input_tokens"
+    assert "and requested 0 output tokens" in chat.json()["error"]["message"]
 
 
 def test_unpact_serve_samples_a_tiny_temperature_at_vllms_floor(served):

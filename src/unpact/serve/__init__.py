@@ -375,7 +375,7 @@ class _Server:
         asked = {k: body[k] for k in _Fields.model_fields if k in body and k not in skip}
         given = asked | {
             "prompt": ids,
-            "max_tokens": lm.max_length - len(ids) if length is None else length,
+            "max_tokens": max(0, lm.max_length - len(ids)) if length is None else length,
             "logprobs": top,
         }
         req = _parse_completion(lm, given, *self.named(body))
@@ -783,11 +783,22 @@ def _logit_bias(lm: LanguageModel, given: dict[str, float] | None) -> Any:
 
 
 def _request_error(lm: LanguageModel, req: _Completion, top_k: int | None) -> Any:
-    """vLLM's 400 for a request's values out of range (`SamplingParams._verify_args`, in
-    its order, then the lengths), or None."""
+    """vLLM's 400 for a request that does not fit in the context (its renderer's
+    `TokenizeParams`, which runs first), then for values out of range
+    (`SamplingParams._verify_args`, in its order and words: `n`, the sampling values,
+    `max_tokens` (0 only with `echo`, which vLLM turns into one token it drops),
+    `min_tokens`, `stop`), or None."""
+    too_long = _length_error(lm, len(req.ids), req.max_tokens)
+    if too_long is not None:
+        return too_long
+    if req.n < 1:
+        return _error(400, f"n must be at least 1, got {req.n}.")
     out_of_range = _sampling_error(req, top_k)
     if out_of_range is not None:
         return out_of_range
+    if req.max_tokens < 1 and not (req.max_tokens == 0 and req.echo):
+        message = f"max_tokens must be at least 1, got {req.max_tokens}."
+        return _error(400, message, "max_tokens")
     least = req.stops.min_tokens
     if least < 0:
         return _error(400, f"min_tokens must be greater than or equal to 0, got {least}.")
@@ -795,12 +806,26 @@ def _request_error(lm: LanguageModel, req: _Completion, top_k: int | None) -> An
         return _above_max_tokens(req)
     if any(not string for string in req.stops.strings):
         return _error(400, "stop cannot contain an empty string.")
-    if req.max_tokens < 0 or req.n < 1:
-        return _error(400, "max_tokens must be >= 0 and n >= 1")
-    if req.max_tokens == 0 and not req.echo:
-        return _error(400, "max_tokens=0 is only allowed with echo")
-    if len(req.ids) + req.max_tokens > lm.max_length:
-        return _error(400, f"prompt + max_tokens exceeds max_model_len {lm.max_length}")
+    return None
+
+
+def _length_error(lm: LanguageModel, prompt: int, wanted: int) -> Any:
+    """vLLM's 400 for a prompt and `max_tokens` that do not fit in the context (its
+    renderer's words, `TokenizeParams`), or None."""
+    room = lm.max_length
+    if wanted > room:
+        message = (
+            f"max_tokens={wanted} cannot be greater than max_model_len={room}. "
+            "Please request fewer output tokens."
+        )
+        return _error(400, message, "max_tokens")
+    if prompt + wanted > room:
+        message = (
+            f"You passed {prompt} input tokens and requested {wanted} output tokens. However, "
+            f"the model's context length is only {room} tokens, resulting in a maximum input "
+            f"length of {room - wanted} tokens. Please reduce the length of the input prompt."
+        )
+        return _error(400, message, "input_tokens")
     return None
 
 
