@@ -55,6 +55,7 @@ from unpact.scoring import (
     context_logprobs,
     context_refusal,
     generate,
+    in_eval_mode,
     pack_continuations,
     score_batch,
     token_budget_batches,
@@ -717,6 +718,7 @@ class TokenContributions:
         return [sum(row) / len(row) for row in self.by_unit]
 
 
+@in_eval_mode
 def token_contributions(
     lm: AnyModel,
     prompts: Sequence[EncodedPrompt],
@@ -791,6 +793,7 @@ def _whole_prompts(
     return out
 
 
+@in_eval_mode
 def naive_contributions(
     lm: LanguageModel,
     prompt: EncodedPrompt,
@@ -850,6 +853,7 @@ def naive_contributions(
 # ----------------------------------------------------------------------- public API
 
 
+@in_eval_mode
 def attribute_many(
     lm: AnyModel,
     prompts: Sequence[str],
@@ -930,6 +934,7 @@ def attribute_many(
     ]
 
 
+@in_eval_mode
 def attribute(
     lm: AnyModel,
     prompt: str,

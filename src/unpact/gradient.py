@@ -33,7 +33,7 @@ from unpact.attribution import Attribution, UnitKind, make_units
 from unpact.errors import UnpactError
 from unpact.models import LanguageModel
 from unpact.progress import progress_bar
-from unpact.scoring import embeddings_in, head_logprobs, lm_body_and_head
+from unpact.scoring import embeddings_in, head_logprobs, in_eval_mode, lm_body_and_head
 from unpact.types import follow
 
 GradientMethod = Literal["grad_x_input", "integrated_gradients"]
@@ -67,6 +67,7 @@ def _lp(
     return head_logprobs(model, picked, targets).mean(-1)
 
 
+@in_eval_mode
 def gradient_attributions(
     lm: LanguageModel,
     prompts: Sequence[str],

@@ -15,6 +15,7 @@ import torch
 from unpact.errors import UnpactError
 from unpact.membership import TextStats
 from unpact.progress import progress_bar
+from unpact.scoring import in_eval_mode
 from unpact.types import pair_ids
 
 if TYPE_CHECKING:
@@ -113,6 +114,7 @@ def _stats(logp: torch.Tensor, answer: Sequence[int], text: str) -> TextStats:
     )
 
 
+@in_eval_mode
 def gradient_norms(
     lm: LanguageModel, prompts: Sequence[str], texts: Sequence[str], progress: bool | str = False
 ) -> list[float]:
@@ -303,6 +305,7 @@ def _normed(x: torch.Tensor, eps: float, centred: bool) -> torch.Tensor:
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
 
 
+@in_eval_mode
 def gradient_norms_batched(
     lm: LanguageModel,
     prompts: Sequence[str],

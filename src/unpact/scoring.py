@@ -9,6 +9,7 @@ long prompts that is most of the head's cost saved (49k-way vocabulary on SmolLM
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import logging
@@ -18,10 +19,10 @@ import os
 import re
 import weakref
 import zlib
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
 import torch
 
@@ -34,6 +35,40 @@ if TYPE_CHECKING:
 
 DEFAULT_TOKEN_BUDGET = 4096
 PaddingSide = Literal["left", "right"]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+@contextmanager
+def evaluating(model: Any) -> Iterator[None]:
+    """`model` (a torch module, or an unpact model around one) in eval mode for the
+    duration, each module's own mode put back after. A model handed in while it trains
+    (`model.train()`, or built with `from_config`: GPT-2's and OPT's dropout on, a LoRA
+    adapter's) gave other scores, generations and attributions on every call. A served
+    model is left alone."""
+    net = getattr(model, "model", model)
+    modules = net.modules() if isinstance(net, torch.nn.Module) else ()
+    training = [m for m in modules if m.training]
+    for m in training:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in training:
+            m.training = True
+
+
+def in_eval_mode(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """`fn` run with its model (the first argument, or `lm=`/`model=`) `evaluating`."""
+
+    @functools.wraps(fn)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        model = args[0] if args else kwargs.get("lm", kwargs.get("model"))
+        with evaluating(model):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def answer_logprobs(
@@ -73,6 +108,8 @@ def answer_logprobs(
     label = progress if isinstance(progress, str) else "Scoring"
     with (
         torch.set_grad_enabled(grad),
+        # a training loss (grad) keeps the model's mode: dropout is the loop's to choose
+        nullcontext() if grad else evaluating(model),
         progress_bar(label, total=len(prompts), enabled=bool(progress)) as advance,
     ):
         for batch in batches:
@@ -583,8 +620,9 @@ def answer_distributions(
     term between two models needs (`answer_logprobs` only keeps the answer tokens'
     entries, and is the one to use for anything else). With `share_prefix`, a common
     prompt prefix of `MIN_SHARED_PREFIX` tokens or more runs once, as in `answer_logprobs`
-    (same numbers up to float rounding, fewer tokens through the model)."""
-    with torch.set_grad_enabled(grad):
+    (same numbers up to float rounding, fewer tokens through the model). Without `grad`
+    the model runs `evaluating`; a training loss keeps the loop's mode."""
+    with torch.set_grad_enabled(grad), nullcontext() if grad else evaluating(model):
         states = answer_states(model, prompts, answers, share_prefix=share_prefix)
         logp = head_logits(model, torch.cat(states)).log_softmax(-1)
     return list(logp.split([len(a) for a in answers]))
@@ -971,6 +1009,7 @@ def check_numbers(**values: Any) -> None:
             raise UnpactError(f"{name} {value} is too large (at most 2**63 - 1)")
 
 
+@in_eval_mode
 def score(
     lm: AnyModel,
     prompts: Sequence[str],
@@ -1022,6 +1061,7 @@ class Generation:
 LOWEST_TEMPERATURE = 0.01
 
 
+@in_eval_mode
 def generate(
     lm: AnyModel,
     prompts: Sequence[str | EncodedPrompt],
