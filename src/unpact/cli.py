@@ -1169,7 +1169,12 @@ def _print_verdicts(results: dict[str, Any], out_dir: Path) -> None:
     _where(console, results, out_dir)
 
 
-@app.command()
+@app.command(
+    help="Serve a local model over an OpenAI-compatible API in vLLM's formats.\n\n"
+    "For trying the remote backend (--model openai:NAME@http://127.0.0.1:PORT/v1), as an "
+    "LLM judge (--judge openai:NAME@http://127.0.0.1:PORT/v1) or for lm-evaluation-harness's "
+    "local-completions model. Not a production server."
+)
 def serve(
     model: ModelOpt = "default",
     name: Annotated[
@@ -1197,10 +1202,7 @@ def serve(
         ),
     ] = "auto",
 ) -> None:
-    """Serve a local model over an OpenAI-compatible API in vLLM's formats (for trying the
-    remote backend: --model openai:NAME@http://127.0.0.1:PORT/v1; as an LLM judge:
-    --judge openai:NAME@http://127.0.0.1:PORT/v1; or for lm-evaluation-harness's
-    local-completions model). Not a production server."""
+    """`unpact serve` (its help is the decorator's)."""
     from unpact.models import (
         ChatTemplateError,
         check_chat_template,

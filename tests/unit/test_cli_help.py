@@ -18,8 +18,8 @@ def _commands(group: click.Group, path: tuple[str, ...] = ()) -> list[tuple[str,
     out: list[tuple[str, ...]] = []
     for name, command in sorted(group.commands.items()):
         out.append((*path, name))
-        if isinstance(command, click.Group):
-            out += _commands(command, (*path, name))
+        if isinstance(getattr(command, "commands", None), dict):  # a group (typer may
+            out += _commands(command, (*path, name))  # vendor its own click's classes)
     return out
 
 
@@ -83,3 +83,21 @@ def test_version_names_unpact_and_the_libraries_its_numbers_depend_on():
     assert "\n" not in line
     assert line.startswith(f"unpact {version('unpact')} (torch {version('torch')}, transformers ")
     assert "; Python 3." in line
+
+
+def test_every_help_text_is_reflowed_not_broken_at_the_sources_line_ends():
+    """typer's rich help keeps a single line break inside a paragraph: `unpact --help` drew
+    `serve`'s summary in six ragged lines ("formats (for trying the" / "remote backend:
+    ..."), broken where its docstring's lines ended. Each command's help (and each group's)
+    is paragraphs of one line each."""
+    import inspect
+
+    def walk(command: click.Command, words: tuple[str, ...]) -> None:
+        text = inspect.cleandoc(command.help or "").partition("\f")[0]
+        for paragraph in text.split("\n\n"):
+            assert "\n" not in paragraph.strip(), (words, paragraph)
+        if isinstance(getattr(command, "commands", None), dict):
+            for name, sub in command.commands.items():
+                walk(sub, (*words, name))
+
+    walk(get_command(app), ())
