@@ -47,7 +47,8 @@ def evaluating(model: Any) -> Iterator[None]:
     (`model.train()`, or built with `from_config`: GPT-2's and OPT's dropout on, a LoRA
     adapter's) gave other scores, generations and attributions on every call. A served
     model is left alone."""
-    net = getattr(model, "model", model)
+    # a torch module as it is (a transformers model's own `.model` is only its body)
+    net = model if isinstance(model, torch.nn.Module) else getattr(model, "model", None)
     modules = net.modules() if isinstance(net, torch.nn.Module) else ()
     training = [m for m in modules if m.training]
     for m in training:

@@ -86,3 +86,26 @@ def test_a_training_loss_keeps_the_loops_mode(dropping):
     plain = answer_logprobs(dropping.model, [ids[0]], [ids[1]])
     assert torch.equal(plain[0], answer_logprobs(dropping.model, [ids[0]], [ids[1]])[0])
     assert dropping.model.training
+
+
+def test_evaluating_takes_the_whole_module_not_its_body():
+    """A transformers model's `.model` is its body: a head with dropout outside it (and the
+    root's own flag) was left training when the module was unwrapped like an unpact model."""
+    from unpact.scoring import evaluating
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = torch.nn.Linear(4, 4)
+            self.head = torch.nn.Dropout(0.5)
+
+    net = Net().train()
+    with evaluating(net):
+        assert not any(m.training for m in net.modules())
+    assert all(m.training for m in net.modules())
+    lm = LanguageModel(net, None)
+    with evaluating(lm):
+        assert not any(m.training for m in net.modules())
+    assert all(m.training for m in net.modules())
+    with evaluating("openai:served"):  # a served model: nothing to switch
+        pass
