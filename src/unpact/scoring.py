@@ -1313,6 +1313,11 @@ def generated_rows(
     else:
         kwargs.update(_GREEDY)
     kwargs.update(given)
+    if kwargs.get("min_new_tokens") is not None:
+        # it sets the minimum length itself; a min_length beside it (the neutral 0) made
+        # transformers warn "Both `min_new_tokens` and `min_length` seem to have been set"
+        # on each call (every `unpact serve` request with min_tokens)
+        kwargs.pop("min_length", None)
     with forked_rng(lm.device), quiet_padding_warning():
         if sampling:
             torch.manual_seed(seed)

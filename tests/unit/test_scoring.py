@@ -625,3 +625,39 @@ def test_every_generation_setting_that_shapes_answers_is_neutralised():
     }
     left = read - set(_NEUTRAL_DECODING) - set(_GREEDY) - set_by_unpact - harmless
     assert not left, f"generation settings unpact leaves to a model's config: {sorted(left)}"
+
+
+def test_generation_with_a_minimum_length_says_nothing_and_keeps_it(tiny):
+    """`min_new_tokens` (a served request's `min_tokens`) beside the neutral `min_length`
+    made transformers log a warning on every request; the minimum still holds: with the
+    EOS as its likeliest first token, the row goes on to the minimum all the same."""
+    import logging
+
+    from unpact.scoring import generated_rows, stop_ids
+
+    said: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    keep = Keep()
+    logging.getLogger("transformers").addHandler(keep)
+    eos = stop_ids(tiny)[0]
+    bias = torch.zeros(tiny.model.config.vocab_size)
+    bias[eos] = 100.0
+
+    def eos_first(_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores + bias
+
+    from transformers import LogitsProcessorList
+
+    try:
+        [row] = generated_rows(
+            tiny, [[5, 6, 7]], 6, None, 1.0, 1,
+            min_new_tokens=4, logits_processor=LogitsProcessorList([eos_first]),
+        )  # fmt: skip
+    finally:
+        logging.getLogger("transformers").removeHandler(keep)
+    assert not [m for m in said if "min_new_tokens" in m], said
+    assert eos not in row[:4] and row[4] == eos
