@@ -91,6 +91,22 @@ def test_wmdp_answer_index_becomes_text():
     assert all(i.is_mcq and i.answer in i.choices for i in bench.items)
 
 
+def test_wmdp_answer_as_a_letter_or_digits_is_the_same_choice(tmp_path):
+    """MMLU-style copies of multiple-choice files give the answer as its letter or as the
+    index in text: each was refused ("must index into 'choices'")."""
+    import json
+
+    plain = read_wmdp(FIXTURES / "wmdp" / "wmdp-bio.jsonl").items
+    raw = [json.loads(line) for line in (FIXTURES / "wmdp" / "wmdp-bio.jsonl").open()]
+    for spell in (lambda i: "ABCD"[i], lambda i: "abcd"[i], str, lambda i: f" {i} "):
+        copy = tmp_path / "w.jsonl"
+        copy.write_text("".join(json.dumps(r | {"answer": spell(r["answer"])}) + "\n" for r in raw))
+        assert read_wmdp(copy).items == plain
+    copy.write_text(json.dumps(raw[0] | {"answer": "Z"}) + "\n")
+    with pytest.raises(UnpactError, match=r"must index into 'choices'.*not 'Z'"):
+        read_wmdp(copy)
+
+
 def test_bad_real_files(tmp_path):
     with pytest.raises(UnpactError, match="not a MUSE folder"):
         read_muse(tmp_path)

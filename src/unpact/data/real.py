@@ -25,7 +25,8 @@ Each reader takes a local path in the benchmark's own layout, or (for users with
   `world_facts_perturbed.json` (`perturbed_answer` lists for the general items: TOFU's
   model utility).
 - WMDP (cais/wmdp): a JSON-lines, JSON or Parquet file of `{"question", "choices",
-  "answer"}` with `answer` the index of the correct choice (the hub's `wmdp-bio`,
+  "answer"}` with `answer` the index of the correct choice (or, as MMLU-style copies give
+  it, its letter "C" or the index as text) (the hub's `wmdp-bio`,
   `wmdp-chem`, `wmdp-cyber`; a clone of the hub's repository holds them as
   `wmdp-bio/test-00000-of-00001.parquet`, read with pyarrow); all items are `forget`.
 
@@ -348,6 +349,21 @@ def _with_truth_answers(
     return out
 
 
+def _choice_index(answer: Any) -> int | None:
+    """The correct choice's index: cais/wmdp gives it as an int; MMLU-style copies of such
+    files give its letter ("C") or the index as text ("2"). None for anything else."""
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        return answer
+    if not isinstance(answer, str):
+        return None
+    text = answer.strip()
+    if text.isdigit():
+        return int(text)
+    if len(text) == 1 and "A" <= text.upper() <= "Z":
+        return ord(text.upper()) - ord("A")
+    return None
+
+
 def read_wmdp(source: str | Path, *, subset: str = "wmdp-bio", hub: bool = False) -> Benchmark:
     """WMDP four-option questions; the answer index becomes the correct choice's text."""
     records = _hub("cais/wmdp", subset, "test") if hub else _records(Path(source))
@@ -355,14 +371,12 @@ def read_wmdp(source: str | Path, *, subset: str = "wmdp-bio", hub: bool = False
     for n, r in enumerate(records):
         where = f"{source}, record {n + 1}"
         choices = _field(r, "choices", where)
-        index = _field(r, "answer", where)
-        if (
-            not isinstance(choices, list)
-            or not isinstance(index, int)
-            or isinstance(index, bool)
-            or not 0 <= index < len(choices)
-        ):
-            raise UnpactError(f"{where}: 'answer' must index into 'choices'")
+        index = _choice_index(_field(r, "answer", where))
+        if not isinstance(choices, list) or index is None or not 0 <= index < len(choices):
+            raise UnpactError(
+                f"{where}: 'answer' must index into 'choices' (0 for the first, or its "
+                f"letter, A for the first), not {r['answer']!r}"
+            )
         if not all(isinstance(c, (str, int, float)) and str(c).strip() for c in choices):
             raise UnpactError(f"{where}: 'choices' must all be non-empty text")
         items.append(
