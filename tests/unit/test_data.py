@@ -130,6 +130,15 @@ DOC = {"id": "d1", "text": "Edda Morvaine founded Morvaine Lamps.", "split": "fo
             {"choices": ["A", "B", "C"]},
             "line 2: field 'answer' ('Morvaine Lamps') is not one of 'choices'",
         ),
+        (  # a letter or an index, as WMDP and MMLU files give the answer: told its text
+            {"choices": ["red", "blue", "green"], "answer": "B"},
+            "line 2: field 'answer' ('B') is not one of 'choices': give the correct choice's "
+            "text (for choice B, 'blue'), not its letter or index",
+        ),
+        (
+            {"choices": ["red", "blue", "green"], "answer": 2},
+            "(for choice 2, 'green')",
+        ),
         (
             {"choices": ["Morvaine Lamps", "A", "A"]},
             "line 2: field 'choices' holds 'A' twice",

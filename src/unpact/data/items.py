@@ -266,6 +266,35 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     return out
 
 
+def choice_index(answer: Any) -> int | None:
+    """A multiple-choice answer given as the correct choice's index: an int (cais/wmdp), or
+    as MMLU-style files write it, the index as text ("2") or the choice's letter ("C").
+    None for anything else."""
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        return answer
+    if not isinstance(answer, str):
+        return None
+    text = answer.strip()
+    if text.isdigit():
+        return int(text)
+    if len(text) == 1 and "A" <= text.upper() <= "Z":
+        return ord(text.upper()) - ord("A")
+    return None
+
+
+def _not_a_choice(answer: str, choices: Sequence[str]) -> str:
+    """The message for an answer that is none of the choices; one that reads as the
+    correct choice's letter or index is told which text it names."""
+    said = f"field 'answer' ({answer!r}) is not one of 'choices'"
+    meant = choice_index(answer)
+    if meant is None or not 0 <= meant < len(choices):
+        return said
+    return (
+        f"{said}: give the correct choice's text (for choice {answer.strip()}, "
+        f"{choices[meant]!r}), not its letter or index"
+    )
+
+
 def parse_item(obj: dict[str, Any], path: Path, line: int) -> QAItem:
     """One QA item from its JSON object, or an error naming file, line and field."""
     _no_misspelt_field(obj, ITEM_FIELDS, path, line)
@@ -285,7 +314,7 @@ def parse_item(obj: dict[str, Any], path: Path, line: int) -> QAItem:
             twice = next(c for c in choices if choices.count(c) > 1)
             raise _fail(path, line, f"field 'choices' holds {twice!r} twice")
         if answer not in choices:
-            raise _fail(path, line, f"field 'answer' ({answer!r}) is not one of 'choices'")
+            raise _fail(path, line, _not_a_choice(answer, choices))
     for k in keywords:
         if k.lower() not in question.lower():
             raise _fail(path, line, f"field 'keywords': {k!r} does not occur in the question")

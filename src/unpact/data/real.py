@@ -40,7 +40,7 @@ from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
-from unpact.data.items import Benchmark, Document, QAItem, VerbatimPrompt
+from unpact.data.items import Benchmark, Document, QAItem, VerbatimPrompt, choice_index
 from unpact.errors import UnpactError
 from unpact.files import json_lines, read_text
 
@@ -349,21 +349,6 @@ def _with_truth_answers(
     return out
 
 
-def _choice_index(answer: Any) -> int | None:
-    """The correct choice's index: cais/wmdp gives it as an int; MMLU-style copies of such
-    files give its letter ("C") or the index as text ("2"). None for anything else."""
-    if isinstance(answer, int) and not isinstance(answer, bool):
-        return answer
-    if not isinstance(answer, str):
-        return None
-    text = answer.strip()
-    if text.isdigit():
-        return int(text)
-    if len(text) == 1 and "A" <= text.upper() <= "Z":
-        return ord(text.upper()) - ord("A")
-    return None
-
-
 def read_wmdp(source: str | Path, *, subset: str = "wmdp-bio", hub: bool = False) -> Benchmark:
     """WMDP four-option questions; the answer index becomes the correct choice's text."""
     records = _hub("cais/wmdp", subset, "test") if hub else _records(Path(source))
@@ -371,7 +356,7 @@ def read_wmdp(source: str | Path, *, subset: str = "wmdp-bio", hub: bool = False
     for n, r in enumerate(records):
         where = f"{source}, record {n + 1}"
         choices = _field(r, "choices", where)
-        index = _choice_index(_field(r, "answer", where))
+        index = choice_index(_field(r, "answer", where))
         if not isinstance(choices, list) or index is None or not 0 <= index < len(choices):
             raise UnpactError(
                 f"{where}: 'answer' must index into 'choices' (0 for the first, or its "
