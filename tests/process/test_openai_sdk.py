@@ -62,7 +62,8 @@ def test_chat_with_logprobs_and_streams(tiny, client):
         model="tiny", prompt=PROMPT, max_tokens=4, temperature=0, stream=True
     )
     whole = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0)
-    assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
+    pieces = [c.choices[0].text for c in streamed]
+    assert len(pieces) == 4 and "".join(pieces) == whole.choices[0].text  # a chunk per token
 
 
 def test_refusals_are_the_sdks_typed_errors(client):

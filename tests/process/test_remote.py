@@ -1404,6 +1404,61 @@ def test_unpact_serve_streams_as_vllm_streams(served):
         assert refused.status_code == 400 and words in refused.json()["error"]["message"]
 
 
+def test_unpact_serve_streams_one_chunk_per_token_as_vllm_does(served):
+    """The stream came as one chunk per choice, its whole text at once. vLLM sends a chunk
+    per generated token: the text that token adds, its log-probs (text offsets counted
+    from the text streamed before, vLLM's `initial_text_offset`), its id with
+    `return_token_ids`, the usage so far with `continuous_usage_stats`, and the finish
+    and stop reasons on the last; an echo comes with the first token; a chat stream gives
+    the role, then a chunk per token with that token's log-probs."""
+    import httpx
+
+    url = served[1]
+    body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 6, "temperature": 0}
+    asked = body | {"logprobs": 2, "return_token_ids": True}
+    whole = httpx.post(f"{url}/completions", json=asked).json()["choices"][0]
+    options = {"stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    *events, usage = _events(
+        httpx.post(f"{url}/completions", json=asked | {"stream": True} | options)
+    )
+    chunks = [e["choices"][0] for e in events]
+    assert len(chunks) == len(whole["token_ids"]) == 6
+    assert [c["token_ids"] for c in chunks] == [[t] for t in whole["token_ids"]]
+    assert chunks[0]["prompt_token_ids"] == [5, 6, 7] and chunks[1]["prompt_token_ids"] is None
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+    assert [c["logprobs"]["tokens"][0] for c in chunks] == whole["logprobs"]["tokens"]
+    assert [c["logprobs"]["token_logprobs"][0] for c in chunks] == whole["logprobs"][
+        "token_logprobs"
+    ]
+    before = [len("".join(c["text"] for c in chunks[:k])) for k in range(len(chunks))]
+    assert [c["logprobs"]["text_offset"][0] for c in chunks] == before
+    assert [c["finish_reason"] for c in chunks] == [None] * 5 + [whole["finish_reason"]]
+    assert [e["usage"]["completion_tokens"] for e in events] == [1, 2, 3, 4, 5, 6]
+    assert usage["usage"]["completion_tokens"] == 6 and usage["choices"] == []
+    echo = httpx.post(
+        f"{url}/completions", json=body | {"echo": True, "logprobs": 0, "stream": True}
+    )
+    first = _events(echo)[0]["choices"][0]
+    assert len(first["logprobs"]["tokens"]) == 3 + 1  # the prompt's and the first token's
+    only = _events(httpx.post(f"{url}/completions", json=body | {"echo": True, "max_tokens": 0,
+                                                                  "stream": True}))  # fmt: skip
+    assert len(only) == 1 and only[0]["choices"][0]["finish_reason"] == "length"
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5,
+            "temperature": 0, "logprobs": True}  # fmt: skip
+    said = httpx.post(f"{url}/chat/completions", json=chat).json()["choices"][0]
+    streamed = [e["choices"][0] for e in _events(httpx.post(f"{url}/chat/completions",
+                                                            json=chat | {"stream": True}))]  # fmt: skip
+    assert streamed[0]["delta"] == {"role": "assistant", "content": ""}
+    tokens = streamed[1:]
+    assert len(tokens) == len(said["logprobs"]["content"])
+    assert [t["logprobs"]["content"] for t in tokens] == [[c] for c in said["logprobs"]["content"]]
+    assert "".join(t["delta"]["content"] for t in tokens) == said["message"]["content"]
+    assert tokens[-1]["finish_reason"] == said["finish_reason"]
+    two = body | {"n": 2, "temperature": 1, "seed": 3, "max_tokens": 3, "stream": True}
+    order = [e["choices"][0]["index"] for e in _events(httpx.post(f"{url}/completions", json=two))]
+    assert order[:2] == [0, 1]  # step by step, each choice's chunk, as vLLM's engine yields
+
+
 def test_stop_strings_leave_the_samples_as_they_were(served):
     """A seeded request's samples with a stop string are its samples without one, each cut
     where its text first holds the string: stopping a sample early changes no other's."""

@@ -102,3 +102,53 @@ def _slow(row: list[int], stops: Stops, eos_ids: set[int], eos: int) -> Finished
 def test_finish_equals_the_obvious_definition(row, strings, token_ids, include, min_tokens):
     stops = Stops(tuple(strings), tuple(token_ids), include, min_tokens)
     assert finish(row, decode, stops, {0}, 0) == _slow(row, stops, {0}, 0)
+
+
+# byte-level tokens, as a byte-level BPE's: a character's bytes may span two tokens
+BYTES = {0: b"", 1: b"a", 2: b" b", 3: b"\xe2\x82", 4: b"\xac", 5: b"c.", 6: b"\xff"}
+
+
+def byte_decode(ids: list[int]) -> str:
+    return b"".join(BYTES[t] for t in ids).decode("utf-8", errors="replace")
+
+
+@settings(max_examples=300)
+@given(
+    row=st.lists(st.sampled_from(sorted(BYTES)), min_size=1, max_size=10),
+    strings=st.lists(st.sampled_from(["a", " b", "c", "a b", "\u20ac"]), max_size=2),
+    include=st.booleans(),
+)
+def test_streamed_pieces_add_up_to_the_text_one_per_token(row, strings, include):
+    """vLLM streams a chunk per token: the pieces add up to the completion's text exactly;
+    without stop strings each token's piece is what it adds to the text so far (bytes of
+    an unfinished character held back until it is whole); with stop strings left out of
+    the text, the last (longest - 1) characters so far are held back until the end."""
+    from unpact.serve.stops import step_texts
+
+    stops = Stops(tuple(strings), (), include)
+    done = finish(row, byte_decode, stops, {0}, 0)
+    pieces = step_texts(byte_decode, done, stops)
+    assert len(pieces) == len(done.ids) and "".join(pieces) == done.text
+    held = max(map(len, strings)) - 1 if strings and not include else 0
+    for k in range(1, len(done.ids)):
+        so_far = byte_decode(list(done.ids[:k])).rstrip("\ufffd")
+        shown = "".join(pieces[:k])
+        if not strings:
+            assert shown == so_far
+        assert len(shown) <= max(len(so_far) - held, 0)
+
+
+def test_a_stop_strings_first_characters_are_held_back_until_the_end():
+    """ "abc" then "XY" then "z" completes the stop string "XYz": vLLM's detokenizer holds
+    back its last 2 characters at each step, so no "X" is ever sent."""
+    from unpact.serve.stops import step_texts
+
+    pieces = {1: "ab", 2: "c", 3: "XY", 4: "z"}
+
+    def toy(ids: list[int]) -> str:
+        return "".join(pieces[t] for t in ids)
+
+    stops = Stops(("XYz",))
+    done = finish([1, 2, 3, 4], toy, stops, set(), None)
+    assert done.text == "abc" and done.stop_reason == "XYz"
+    assert step_texts(toy, done, stops) == ["", "a", "bc", ""]

@@ -12,7 +12,6 @@ token budget) run as one padded forward pass; generation runs one request at a t
 
 from __future__ import annotations
 
-import json
 import math
 import secrets
 import threading
@@ -37,7 +36,8 @@ from unpact.serve.scores import (
     sequence_scores,
 )
 from unpact.serve.shaping import Shaping
-from unpact.serve.stops import Finished, Stops, finish
+from unpact.serve.stops import Finished, Stops, finish, step_texts
+from unpact.serve.streaming import Stepped, chat_events, completion_events, event_stream
 
 __all__ = [
     "BackgroundServer",
@@ -317,11 +317,16 @@ class _Server:
         pending = [next(futures) if o else None for o in only]
         choices: list[dict[str, Any]] = []
         finished: list[Finished] = []
+        stepped: list[Stepped] = []
         for req, scoring in zip(reqs, pending, strict=True):
             done = self._complete(lm, req, len(choices), choices, scoring)
             finished += done
+            stepped += _stepped(lm, req, done) if streaming.stream else []
         reply = _reply("cmpl", "text_completion", reqs, choices, finished)
-        return _streamed(reply, streaming, _completion_chunks) if streaming.stream else reply
+        if not streaming.stream:
+            return reply
+        events = completion_events(reply, stepped, streaming.continuous)
+        return event_stream(reply, events, streaming.usage)
 
     def _complete(
         self,
@@ -394,7 +399,10 @@ class _Server:
             for n, f in enumerate(done)
         ]
         reply = _reply("chatcmpl", "chat.completion", [req], choices, done)
-        return _streamed(reply, streaming, _chat_chunks) if streaming.stream else reply
+        if not streaming.stream:
+            return reply
+        events = chat_events(reply, _stepped(lm, req, done), echoed, streaming.continuous)
+        return event_stream(reply, events, streaming.usage)
 
     def _chat_logprobs(self, lm: LanguageModel, req: _Completion, done: Finished) -> Any:
         """vLLM's chat `logprobs` (`_create_chat_logprobs`): for each generated token (the
@@ -864,6 +872,19 @@ class _Streaming(BaseModel):
     stream: bool | None = False
     stream_options: _StreamOptions | None = None
 
+    @property
+    def usage(self) -> bool:
+        """A last chunk with the usage (`include_usage`)."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous(self) -> bool:
+        """The usage so far in every chunk (vLLM: `include_usage` and
+        `continuous_usage_stats` both)."""
+        return self.usage and bool(
+            self.stream_options and self.stream_options.continuous_usage_stats
+        )
+
 
 def _streaming(body: dict[str, Any]) -> Any:
     """The request's `_Streaming`, or vLLM's 400 for a wrong type or for what cannot go
@@ -884,43 +905,11 @@ def _streaming(body: dict[str, Any]) -> Any:
     return asked
 
 
-def _streamed(reply: dict[str, Any], streaming: _Streaming, chunks: Any) -> Any:
-    """A reply as vLLM streams it (server-sent events, `data: JSON` each, then `data:
-    [DONE]`): the chunks `chunks(reply)` gives, then, with `stream_options.include_usage`,
-    one with no choices and the usage. The completions are made before the first event, so
-    each choice's text comes in one chunk, ended with its finish reason (vLLM sends one
-    chunk per step)."""
-    from fastapi.responses import StreamingResponse
-
-    kind = "text_completion" if reply["object"] == "text_completion" else "chat.completion.chunk"
-    head = {"id": reply["id"], "object": kind, "created": reply["created"], "model": reply["model"]}
-    events = [head | {"choices": [chunk]} for chunk in chunks(reply)]
-    if streaming.stream_options is not None and streaming.stream_options.include_usage:
-        events.append(head | {"choices": [], "usage": reply["usage"]})
-    lines = [f"data: {json.dumps(e)}\n\n" for e in events] + ["data: [DONE]\n\n"]
-    return StreamingResponse(iter(lines), media_type="text/event-stream")
-
-
-def _completion_chunks(reply: dict[str, Any]) -> list[dict[str, Any]]:
-    """A completion's choices as stream chunks: each whole, prompt_logprobs left out."""
-    return [{k: v for k, v in c.items() if k != "prompt_logprobs"} for c in reply["choices"]]
-
-
-def _chat_chunks(reply: dict[str, Any]) -> list[dict[str, Any]]:
-    """A chat completion's choices as vLLM's stream chunks: first each choice's role with
-    empty content, then its content with its log-probs and the finish and stop reasons."""
-    opened = [
-        {"index": c["index"], "delta": {"role": c["message"]["role"], "content": ""}, "logprobs": None,
-         "finish_reason": None}
-        for c in reply["choices"]
-    ]  # fmt: skip
-    closed = [
-        {"index": c["index"], "delta": {"content": c["message"]["content"]},
-         "logprobs": c["logprobs"], "finish_reason": c["finish_reason"],
-         "stop_reason": c["stop_reason"]}
-        for c in reply["choices"]
-    ]  # fmt: skip
-    return opened + closed
+def _stepped(lm: LanguageModel, req: _Completion, done: list[Finished]) -> list[Stepped]:
+    """Each completion of `req` cut into the pieces vLLM streams, one per generated token."""
+    decode = _decoder(lm, req.ids, req.skip_special)
+    echoed = len(req.ids) if req.echo else 0
+    return [Stepped(step_texts(decode, f, req.stops), len(req.ids), echoed) for f in done]
 
 
 def _reply(

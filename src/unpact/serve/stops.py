@@ -76,3 +76,25 @@ def _stop_string(before: str, now: str, stops: Stops) -> tuple[str, str] | None:
         if at != -1:
             return string, now[: at + len(string) if stops.include else at]
     return None
+
+
+def step_texts(decode: Any, done: Finished, stops: Stops) -> list[str]:
+    """The text each generated token of `done` adds as vLLM streams it, one chunk per step
+    (its detokenizer's `get_next_output_text`): the text so far, an unfinished character
+    held back, and, with stop strings left out of the text, its last (longest stop string
+    - 1) characters held back too; whatever is left comes with the last token. The pieces
+    add up to `done.text` exactly. `decode(ids)` is the text of ids."""
+    final, n = done.text, len(done.ids)
+    held = max(map(len, stops.strings)) - 1 if stops.strings and not stops.include else 0
+    pieces: list[str] = []
+    shown = 0
+    for k in range(1, n + 1):
+        upto = len(final)
+        if k < n:
+            so_far = decode(list(done.ids[:k]))
+            while so_far.endswith("\ufffd"):  # bytes of a character still to come
+                so_far = so_far[:-1]
+            upto = min(max(len(so_far) - held, shown), len(final))
+        pieces.append(final[shown:upto])
+        shown = upto
+    return pieces
