@@ -79,6 +79,16 @@ ModelOpt = Annotated[
         "OpenAI-compatible server; API key from $UNPACT_API_KEY).",
     ),
 ]
+LocalModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="'default' (embedded SmolLM2-135M-Instruct), a Hugging Face model directory, "
+        "a .gguf file or a hub id: weights on this machine (a served model's cannot be "
+        "changed or served again).",
+    ),
+]
 BENCHMARK_HELP = (
     "A built-in benchmark (news, books, wmdp), a folder in the item format, or a real one: "
     "muse-news:PATH, muse-books:PATH, tofu:PATH (tofu\\[forget05]:PATH picks the forget set), "
@@ -594,7 +604,7 @@ def _inject_help(name: str, more: str = "") -> str:
 
 @app.command()
 def inject(
-    model: ModelOpt = "default",
+    model: LocalModelOpt = "default",
     benchmark: Annotated[str, typer.Option(help=BENCHMARK_HELP)] = "news",
     lr: Annotated[float | None, typer.Option(help=_inject_help("lr"))] = None,
     batch_size: Annotated[int | None, typer.Option(help=_inject_help("batch_size"))] = None,
@@ -740,7 +750,7 @@ def unlearn(
             help="Run directory (model, config, losses): new, empty, or a run's (with --resume).",
         ),
     ] = Path("unlearned"),
-    model: ModelOpt = "default",
+    model: LocalModelOpt = "default",
     benchmark: Annotated[str, typer.Option(help=BENCHMARK_HELP)] = "news",
     config: Annotated[
         Path | None,
@@ -1176,7 +1186,7 @@ def _print_verdicts(results: dict[str, Any], out_dir: Path) -> None:
     "local-completions model. Not a production server."
 )
 def serve(
-    model: ModelOpt = "default",
+    model: LocalModelOpt = "default",
     name: Annotated[
         str,
         typer.Option(
@@ -1210,9 +1220,15 @@ def serve(
         read_chat_template,
     )
     from unpact.serve import make_app
+    from unpact.types import is_remote_spec
 
     if generation_config not in ("auto", "vllm"):
         raise UnpactError(f"--generation-config: auto or vllm, not {generation_config!r}")
+    if is_remote_spec(model):
+        raise UnpactError(
+            f"--model {model!r} is a served model already: unpact serve serves weights on "
+            "this machine (point a client at that server itself)"
+        )
     try:
         template = None if chat_template is None else read_chat_template(chat_template)
         lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)

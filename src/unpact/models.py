@@ -506,9 +506,10 @@ def load_model(
     trust_remote_code = remote_code_trusted(trust_remote_code)
     if is_remote_spec(spec):
         raise UnpactError(
-            f"{spec!r} is a served model, but this step changes or saves weights, so it needs "
-            "a local model (injection and unlearning run locally; attribution, evaluation "
-            "and the attacks can use a served model)"
+            f"{spec!r} is a served model, but this step needs the model's weights on this "
+            "machine (injection and unlearning change them, serving and the weight-level "
+            "attacks read them; attribution, evaluation and the prompt attacks can use a "
+            "served model)"
         )
     torch_dtype = _parse_dtype(dtype)
     target = parse_device(device)

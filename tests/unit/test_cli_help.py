@@ -101,3 +101,19 @@ def test_every_help_text_is_reflowed_not_broken_at_the_sources_line_ends():
                 walk(sub, (*words, name))
 
     walk(get_command(app), ())
+
+
+def test_commands_that_need_weights_do_not_offer_a_served_model():
+    """`inject`, `unlearn` and `serve` said --model could be a served model
+    (openai:MODEL@BASE_URL), which each then refused; `serve` refused it as "this step
+    changes or saves weights". Their help names local models only, and `serve` says why."""
+    runner = CliRunner()
+    for command in ("inject", "unlearn", "serve"):
+        option = next(p for p in get_command(app).commands[command].params if p.name == "model")
+        assert "openai:" not in (option.help or ""), command
+    assert "openai:" in next(
+        p.help for p in get_command(app).commands["attribute"].params if p.name == "model"
+    )
+    served = runner.invoke(app, ["serve", "--model", "openai:t@http://127.0.0.1:9/v1"])
+    # an UnpactError: `unpact` (cli.main) prints its message and exits with 2
+    assert "is a served model already" in str(served.exception), served.output
