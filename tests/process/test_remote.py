@@ -363,7 +363,7 @@ def test_a_base_url_without_v1_is_hinted(served, faults):
 def test_weights_steps_refuse_a_served_model():
     from unpact.models import load_model
 
-    with pytest.raises(UnpactError, match="needs the model.s weights on this machine"):
+    with pytest.raises(UnpactError, match="weights on this machine"):
         load_model("openai:tiny@http://127.0.0.1:9/v1")
 
 
