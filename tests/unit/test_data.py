@@ -139,6 +139,10 @@ DOC = {"id": "d1", "text": "Edda Morvaine founded Morvaine Lamps.", "split": "fo
             {"choices": ["red", "blue", "green"], "answer": 2},
             "(for choice 2, 'green')",
         ),
+        (  # a digit int() refuses: the message itself was a ValueError traceback
+            {"choices": ["red", "blue", "green"], "answer": "\u00b2"},
+            "line 2: field 'answer' ('\u00b2') is not one of 'choices'",
+        ),
         (
             {"choices": ["Morvaine Lamps", "A", "A"]},
             "line 2: field 'choices' holds 'A' twice",

@@ -102,6 +102,10 @@ def test_wmdp_answer_as_a_letter_or_digits_is_the_same_choice(tmp_path):
         copy = tmp_path / "w.jsonl"
         copy.write_text("".join(json.dumps(r | {"answer": spell(r["answer"])}) + "\n" for r in raw))
         assert read_wmdp(copy).items == plain
+    for odd in ("\u00b2", "Z"):  # "²" passed isdigit() and made int() fail: a traceback
+        copy.write_text(json.dumps(raw[0] | {"answer": odd}) + "\n")
+        with pytest.raises(UnpactError, match=r"must index into 'choices'"):
+            read_wmdp(copy)
     copy.write_text(json.dumps(raw[0] | {"answer": "Z"}) + "\n")
     with pytest.raises(UnpactError, match=r"must index into 'choices'.*not 'Z'"):
         read_wmdp(copy)

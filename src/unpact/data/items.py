@@ -275,7 +275,7 @@ def choice_index(answer: Any) -> int | None:
     if not isinstance(answer, str):
         return None
     text = answer.strip()
-    if text.isdigit():
+    if text.isdecimal():  # not isdigit: "²" is a digit that int() refuses
         return int(text)
     if len(text) == 1 and "A" <= text.upper() <= "Z":
         return ord(text.upper()) - ord("A")

@@ -91,9 +91,8 @@ def step_texts(decode: Any, done: Finished, stops: Stops) -> list[str]:
     for k in range(1, n + 1):
         upto = len(final)
         if k < n:
-            so_far = decode(list(done.ids[:k]))
-            while so_far.endswith("\ufffd"):  # bytes of a character still to come
-                so_far = so_far[:-1]
+            # the bytes of a character still to come decode as U+FFFD: held back
+            so_far = decode(list(done.ids[:k])).rstrip("\ufffd")
             upto = min(max(len(so_far) - held, shown), len(final))
         pieces.append(final[shown:upto])
         shown = upto
