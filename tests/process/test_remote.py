@@ -2009,3 +2009,38 @@ def test_unpact_serve_generation_config_vllm_leaves_the_models_defaults_out(tiny
     assert len({c["text"] for c in plain["choices"]}) > 1  # the plain softmax
     with pytest.raises(UnpactError, match="'auto' or 'vllm'"):
         make_app(lm, "tiny", "none")  # type: ignore[arg-type]
+
+
+def test_a_model_served_while_it_trains_draws_no_dropout(tiny):
+    """`make_app` on a model in training mode (a user's, just fine-tuned) served answers and
+    log-probs with dropout drawn, each request its own: it serves the model in eval mode,
+    as vLLM infers, and the replies are the model's own, the same every time."""
+    import copy
+
+    import httpx
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from unpact.models import LanguageModel
+
+    config = copy.deepcopy(tiny.model.config)
+    config.attention_dropout = 0.5
+    net = AutoModelForCausalLM.from_config(config)
+    net.load_state_dict(tiny.model.state_dict())
+    lm = LanguageModel(net.train(), tiny.tokenizer)
+    ids = list(lm.encode_prompt(PROMPTS[0]).input_ids)
+    body = {"prompt": ids, "max_tokens": 6, "temperature": 0, "echo": True, "logprobs": 0}
+
+    def ask(url: str) -> tuple[str, list[float]]:
+        torch.manual_seed(0)  # the masks, were any drawn: the same on every run of the suite
+        choice = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+        return choice["text"], choice["logprobs"]["token_logprobs"][1:]
+
+    with BackgroundServer(make_app(tiny, "m")) as url:
+        expected = ask(url)
+    with BackgroundServer(make_app(lm, "m")) as url:
+        got = [ask(url), ask(url)]
+    for text, lps in got:
+        assert text == expected[0]
+        assert torch.allclose(torch.tensor(lps), torch.tensor(expected[1]), atol=1e-5)
+    assert not net.training  # and left so: requests run side by side

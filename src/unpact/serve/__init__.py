@@ -71,9 +71,13 @@ def make_app(
 ) -> Any:
     """A FastAPI app serving `models` (name -> model; or one model under `name`).
     `generation_config`, as vLLM's option: "auto" takes the sampling defaults and the
-    `max_new_tokens` bound from each model's generation_config, "vllm" leaves them out."""
+    `max_new_tokens` bound from each model's generation_config, "vllm" leaves them out.
+    Each model is put in eval mode and left there: a server only infers (vLLM draws no
+    dropout), and requests run side by side, so no one of them may switch the mode back."""
     if generation_config not in ("auto", "vllm"):
         raise UnpactError(f"generation_config: 'auto' or 'vllm', not {generation_config!r}")
+    for lm in models.values() if isinstance(models, dict) else [models]:
+        lm.model.eval()
     fastapi = _require_web()
     app = fastapi.FastAPI(title="unpact serve", docs_url=None, redoc_url=None)
     server = _Server(
