@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from unpact import LanguageModel, answer_logprobs, generate, score
+from unpact.attacks.hidden import continuation_states, last_states
 from unpact.attribution import attribute, attribute_many, naive_contributions
 from unpact.gradient import gradient_attributions
 from unpact.membership_scores import document_stats, gradient_norms, token_stats
@@ -60,6 +61,10 @@ CALLS = {
     "token_stats": lambda lm: _stats(token_stats(lm, [PROMPT], [ANSWER])),
     "document_stats": lambda lm: _stats(document_stats(lm, ["a b c d e"])),
     "gradient_norms": lambda lm: gradient_norms(lm, [PROMPT], [ANSWER]),
+    "last_states": lambda lm: last_states(lm.model, [[5, 6, 7, 8], [9, 10]]).flatten().tolist(),
+    "continuation_states": lambda lm: (
+        continuation_states(lm.model, [5, 6, 7], [[8, 9], [10]]).flatten().tolist()
+    ),
 }
 
 

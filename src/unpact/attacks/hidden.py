@@ -23,6 +23,7 @@ from unpact.scoring import (
     decoder_layers,
     final_norm,
     head_logits,
+    in_eval_mode,
     layer_output,
     lm_body_and_head,
     right_padded,
@@ -67,6 +68,7 @@ def _capture(into: list[torch.Tensor], at: tuple[torch.Tensor, torch.Tensor], h:
     into.append(h[at[0].to(h.device), at[1].to(h.device)].float().cpu())
 
 
+@in_eval_mode
 @torch.no_grad()
 def last_states(model: Any, seqs: Sequence[Sequence[int]], batch: int = 16) -> torch.Tensor:
     """The residual stream at each sequence's last token: (len(seqs), layers + 1, hidden),
@@ -88,6 +90,7 @@ def last_states(model: Any, seqs: Sequence[Sequence[int]], batch: int = 16) -> t
     return torch.cat(found)
 
 
+@in_eval_mode
 @torch.no_grad()
 def continuation_states(
     model: Any, prompt: Sequence[int], continuations: Sequence[Sequence[int]]
