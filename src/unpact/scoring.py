@@ -1109,7 +1109,13 @@ def generate(
         p if isinstance(p, EncodedPrompt) else lm.encode_prompt(p, chat_template) for p in prompts
     ]
     for i, e in enumerate(encoded):
-        check_room(f"item {i}: the prompt", len(e.generation_ids), max_new_tokens, lm.max_length)
+        check_room(
+            f"item {i}: the prompt",
+            len(e.generation_ids),
+            max_new_tokens,
+            lm.max_length,
+            "max_new_tokens",
+        )
     gens = lm.generate_ids(
         [e.generation_ids for e in encoded],
         max_new_tokens=max_new_tokens,

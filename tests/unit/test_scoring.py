@@ -661,3 +661,17 @@ def test_generation_with_a_minimum_length_says_nothing_and_keeps_it(tiny):
         logging.getLogger("transformers").removeHandler(keep)
     assert not [m for m in said if "min_new_tokens" in m], said
     assert eos not in row[:4] and row[4] == eos
+
+
+def test_an_answer_past_the_context_is_one_message_naming_the_prompt_and_the_setting(tiny):
+    """`generate` whose prompt and `max_new_tokens` overrun the model's context is refused
+    before any model runs, naming the prompt and the setting to lower (it said only
+    "shorten it or leave it out", and no test asked)."""
+    from unpact import generate
+
+    room = tiny.max_length - len(tiny.encode_prompt("a b c").generation_ids)
+    assert generate(tiny, ["a b c"], max_new_tokens=room)  # exactly full: fine
+    with pytest.raises(UnpactError, match=r"item 1: the prompt is \d+ tokens .*"
+                       r"\(max_new_tokens\) it exceeds the model's context of \d+: "
+                       r"shorten it or leave it out, or lower that setting"):  # fmt: skip
+        generate(tiny, ["a", "a b c"], max_new_tokens=room + 1)
