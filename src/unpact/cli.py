@@ -864,17 +864,9 @@ app.add_typer(data_app, name="data")
 def data_list() -> None:
     """List the built-in benchmarks with their sizes per split."""
     from unpact.data import BUILTIN, load_benchmark
+    from unpact.data.items import SPLITS
 
-    table = Table(
-        "name",
-        "items",
-        "forget",
-        "retain",
-        "general",
-        "documents",
-        "kind",
-        title="Built-in benchmarks",
-    )
+    table = Table("name", "items", *SPLITS, "documents", "kind", title="Built-in benchmarks")
     for name in BUILTIN:
         bench = load_benchmark(name)
         counts = bench.counts()
@@ -882,7 +874,7 @@ def data_list() -> None:
         table.add_row(
             name,
             str(len(bench.items)),
-            *(str(counts.get(s, 0)) for s in ("forget", "retain", "general")),
+            *(str(counts.get(s, 0)) for s in SPLITS),
             str(len(bench.documents)),
             kind,
         )

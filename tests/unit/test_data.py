@@ -459,3 +459,25 @@ def test_items_in_another_form_are_named_with_how_to_convert_them(tmp_path):
     (tmp_path / "bad.jsonl" / "qa.jsonl").write_text(json.dumps(GOOD) + "\n[1, 2]\n")
     with pytest.raises(UnpactError, match=r"line 2: expected a JSON object$"):
         load_benchmark(str(tmp_path / "bad.jsonl"))
+
+
+def test_data_list_counts_every_split_so_they_add_up_to_the_items():
+    """`unpact data list` showed forget, retain and general but not holdout: news's 50 +
+    100 + 0 read as 200 items."""
+    from typer.testing import CliRunner
+
+    from unpact.cli import app
+
+    shown = CliRunner().invoke(app, ["data", "list"], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    header = next(line for line in shown.output.splitlines() if "name" in line and "items" in line)
+    names = [c.strip() for c in re.split(r"[┃│]", header) if c.strip()]
+    for name in BUILTIN:
+        row = next(line for line in shown.output.splitlines() if line.startswith(f"│ {name} "))
+        cells = dict(zip(names, (c.strip() for c in row.split("│")[1:-1])))
+        bench = load_benchmark(name)
+        assert (
+            sum(int(cells[s]) for s in ("forget", "retain", "general", "holdout"))
+            == int(cells["items"])
+            == len(bench.items)
+        )
