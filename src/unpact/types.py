@@ -104,7 +104,7 @@ def describe_errors(
     for e in error.errors():
         loc = ".".join(str(x) for x in ((prefix,) if prefix else ()) + tuple(e["loc"]))
         msg = unknown if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
-        lines.append(f"{loc}: {msg}")
+        lines.append(f"{loc}: {msg}" if loc else msg)  # a check of the whole: no key
     return "; ".join(lines)
 
 

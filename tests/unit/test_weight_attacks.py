@@ -19,7 +19,13 @@ from unpact.attacks.hidden import (
     residual_size,
     token_ranks,
 )
-from unpact.attacks.quantize import quantizable, quantize_weights, round_trip
+from unpact.attacks.quantize import (
+    float4_code,
+    float4_round_trip,
+    quantizable,
+    quantize_weights,
+    round_trip,
+)
 from unpact.data.items import QAItem
 from unpact.errors import UnpactError
 from unpact.judge import JudgeSettings
@@ -86,6 +92,58 @@ def test_a_layer_the_group_does_not_divide_gets_one_scale_per_row():
     assert torch.equal(m.lin.weight, round_trip(wide, 4, 64))
     assert torch.equal(m.narrow.weight, round_trip(narrow, 4, None))
     assert not torch.equal(m.narrow.weight, narrow)
+
+
+def test_bitsandbytes_4bit_types_on_a_hand_computed_block():
+    """FP4 and NF4 as bitsandbytes stores them (the paper's code loads the unlearned model
+    with `load_in_4bit`): each block scaled by its absmax, each weight the nearest code."""
+    w = torch.tensor([[0.12, -0.06, 0.03, 0.0005, 0.0, 0.2, -0.2, 0.1]])
+    # block 1: absmax 0.12, scaled 1, -0.5, 0.25, 0.0042 (nearer 1/192 than 0)
+    # block 2: absmax 0.2, scaled 0, 1, -1, 0.5
+    fp4 = [0.12, -0.06, 0.03, 0.12 / 192, 0.0, 0.2, -0.2, 0.1]
+    assert torch.allclose(float4_round_trip(w, "fp4", 4), torch.tensor([fp4]), atol=1e-9)
+    nf4 = [0.12, -0.5250730514526367 * 0.12, 0.24611230194568634 * 0.12, 0.0]
+    nf4 += [0.0, 0.2, -0.2, 0.44070982933044434 * 0.2]
+    assert torch.allclose(float4_round_trip(w, "nf4", 4), torch.tensor([nf4]), atol=1e-9)
+    # FP4: 1 sign, 2 exponent, 1 mantissa bits: 15 values (0 is signed twice), NF4 16
+    assert float4_code("fp4").mul(12).tolist() == [-12, -8, -6, -4, -3, -2, -0.0625, 0,
+                                                   0.0625, 2, 3, 4, 6, 8, 12]  # fmt: skip
+    assert len(float4_code("nf4")) == 16
+    # a block running past the end of a row, and a shorter last one
+    w = torch.randn(3, 10)
+    flat = w.reshape(-1)
+    by_hand = torch.cat([float4_round_trip(flat[k : k + 8][None], "nf4", 8)[0] for k in (0, 8, 16)])
+    tail = float4_round_trip(flat[24:][None], "nf4", 6)[0]
+    assert torch.equal(float4_round_trip(w, "nf4", 8).reshape(-1), torch.cat([by_hand, tail]))
+
+
+@pytest.mark.parametrize("kind", ["fp4", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_bitsandbytes_4bit_types_are_bitsandbytes_own(kind, dtype):
+    """`float4_round_trip` against bitsandbytes' quantize_4bit / dequantize_4bit (its CPU
+    kernels), weights of each dtype, blocks within rows and a shorter last block."""
+    functional = pytest.importorskip("bitsandbytes.functional")
+    torch.manual_seed(0)
+    for shape, block in [((8, 128), 64), ((4, 256), 128), ((7, 50), 64), ((3, 100), 32)]:
+        w = (torch.randn(*shape) * 0.02).to(dtype)
+        w[0, :3] = 0.0  # a zero weight, and a block holding zeros
+        packed, state = functional.quantize_4bit(w, blocksize=block, quant_type=kind)
+        expected = functional.dequantize_4bit(packed, state)
+        assert torch.equal(float4_round_trip(w, kind, block), expected), (shape, block)
+
+
+def test_quantize_weights_in_a_bitsandbytes_type_rounds_each_layer_but_the_head():
+    torch.manual_seed(0)
+    m = _Two(6, 96)  # 96 columns: blocks of 64 run across rows, as bitsandbytes' do
+    w, head = m.lin.weight.detach().clone(), m.head.weight.detach().clone()
+    assert quantize_weights(m, 4, 64, "fp4") == 1
+    assert torch.equal(m.lin.weight, float4_round_trip(w, "fp4", 64))
+    assert torch.equal(m.head.weight, head)
+    with pytest.raises(UnpactError, match="nf4 is a 4-bit data type: bits must be 4, not 8"):
+        quantize_weights(_Two(6, 96), 8, 64, "nf4")
+    # and a config asking for it is refused before anything runs, in one plain sentence
+    with pytest.raises(UnpactError, match=r"^attack quantize: fp4 is a 4-bit data type: bits"):
+        get_attack("quantize", {"algorithm": "fp4", "bits": 8})
 
 
 def test_quantize_keeps_the_tiny_model_close_at_8_bits_and_rounds_every_layer():

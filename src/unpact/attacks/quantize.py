@@ -16,6 +16,13 @@ The quantized copy is returned as a plain float model holding the dequantized we
 (`q * scale + zero` per group, exactly the values torchao's own linear kernels multiply
 by on the CPU), so every path of unpact (batched scoring, generation, attribution) runs
 on it unchanged.
+
+The paper's own code (github.com/zzwjames/FailureLLMUnlearning, `utils.load_model`) loads
+the unlearned model through bitsandbytes, `BitsAndBytesConfig(load_in_4bit=True)`: its
+FP4 data type (not integers) with one absmax scale per block of 64 weights. `algorithm:
+fp4` (and `nf4`, QLoRA's NormalFloat, the other 4-bit type of bitsandbytes) rounds to
+those grids (`float4_round_trip`, the arithmetic of bitsandbytes' reference CPU kernel,
+which a test compares with the library itself), so the attack can be run as published.
 """
 
 from __future__ import annotations
@@ -76,7 +83,7 @@ def quantize_weights(
     model: Any,
     bits: int,
     group_size: int | None = 64,
-    algorithm: Literal["rtn", "hqq"] = "rtn",
+    algorithm: Literal["rtn", "hqq", "fp4", "nf4"] = "rtn",
     symmetric: bool = False,
 ) -> int:
     """Round `model`'s linear weights (in place) to `bits`-bit integers, group-wise along
@@ -87,7 +94,10 @@ def quantize_weights(
     (`expert_weights`). Returns how many matrices were quantized.
 
     `rtn`: round to nearest with the group's min/max (asymmetric: a zero point; symmetric:
-    scale = max |w| / (2^(bits-1) - 1)). `hqq`: HQQ's optimised scales (symmetric)."""
+    scale = max |w| / (2^(bits-1) - 1)). `hqq`: HQQ's optimised scales (symmetric).
+    `fp4`, `nf4`: bitsandbytes' 4-bit data types (`float4_round_trip`; bits 4, and
+    `group_size` its block size: blocks of the flattened matrix, which need not divide a
+    row)."""
     from torchao.quantization import IntxWeightOnlyConfig, MappingType, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.quantization.quantize_.workflows.intx.intx_choose_qparams_algorithm import (
@@ -96,13 +106,16 @@ def quantize_weights(
 
     if not 2 <= bits <= 8:
         raise UnpactError(f"quantize: bits must be between 2 and 8, not {bits}")
+    if algorithm in FLOAT4 and bits != 4:
+        raise UnpactError(f"quantize: {algorithm} is a 4-bit data type: bits must be 4, not {bits}")
     layers = quantizable(model)
     experts = expert_weights(model)
     if not layers and not experts:
         raise UnpactError(f"quantize: {type(model).__name__} has no linear layer to quantize")
     widths = [(name, _out_in(layer).shape[1]) for name, layer in layers]
     widths += [(name, _experts_out_in(m, attr).shape[2]) for name, m, attr in experts]
-    if group_size is not None and all(width % group_size for _, width in widths):
+    grouped_rows = algorithm not in FLOAT4  # bitsandbytes' blocks run across rows
+    if grouped_rows and group_size is not None and all(width % group_size for _, width in widths):
         name, width = widths[0]
         raise UnpactError(
             f"quantize: group_size {group_size} divides the input features of none of the "
@@ -128,6 +141,8 @@ def quantize_weights(
         """One (out, in) matrix through a plain Linear holding it, quantized by torchao; a
         layer the group does not divide (Mamba's dt_proj, a few dozen columns) gets one
         scale per row, as llama.cpp gives such a tensor another type."""
+        if algorithm in FLOAT4:
+            return float4_round_trip(w, algorithm, group_size or w.shape[1])  # type: ignore[arg-type]
         shadow = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
         shadow.weight = torch.nn.Parameter(w.contiguous(), requires_grad=False)
         quantize_(shadow, configs[group_size is not None and w.shape[1] % group_size == 0])
@@ -169,3 +184,52 @@ def round_trip(
     zero = torch.clamp(-torch.round(lo / scale), 0, top)
     q = torch.clamp(torch.round(x * (1.0 / scale)) + zero, 0, top)
     return ((q - zero) * scale).reshape(rows, cols).to(weight.dtype)
+
+
+# bitsandbytes' 4-bit data types, as `bitsandbytes.functional.get_4bit_type` defines them:
+# FP4 (1 sign, 2 exponent, 1 mantissa bits; its values, normalised by the largest) and NF4
+# (QLoRA, Dettmers et al. 2023: quantiles of N(0, 1), 0 and +-1 exact)
+_FP4 = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
+_NF4 = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+FLOAT4 = ("fp4", "nf4")
+
+
+def float4_code(kind: Literal["fp4", "nf4"]) -> torch.Tensor:
+    """The values a 4-bit code of `kind` stands for, in [-1, 1], sorted (float32)."""
+    if kind == "fp4":
+        half = torch.tensor(_FP4, dtype=torch.float32)
+        values = torch.cat([half, -half]) / 12.0  # as bitsandbytes normalises them
+    else:
+        values = torch.tensor(_NF4, dtype=torch.float32)
+    return torch.unique(values)  # sorted; FP4's -0 and +0 are one value
+
+
+def float4_round_trip(
+    weight: torch.Tensor, kind: Literal["fp4", "nf4"], block: int
+) -> torch.Tensor:
+    """Quantize-dequantize of one weight matrix to bitsandbytes' `kind` with blocksize
+    `block`, as `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind)` stores
+    it: the flattened weight cut into blocks of `block` (the last may be shorter), each
+    scaled by its absolute maximum into [-1, 1] and rounded to the nearest code value (a
+    value halfway between two goes to the lower), then multiplied back, in float32. The
+    arithmetic of bitsandbytes' reference kernel (`backends/default/ops.py`, 0.50):
+    full blocks multiplied by the reciprocal of their absmax, the shorter last one
+    divided by its own."""
+    code = float4_code(kind).to(weight.device)
+    midpoints = (code[:-1] + code[1:]) / 2
+    flat = weight.detach().reshape(-1).float()
+    full = flat.numel() - flat.numel() % block
+    blocks = flat[:full].reshape(-1, block)
+    absmax = blocks.abs().amax(-1, keepdim=True)
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))).clamp(-1, 1)
+    parts = [(code[torch.bucketize(scaled, midpoints)] * absmax).reshape(-1)]
+    if full < flat.numel():
+        tail = flat[full:]
+        top = tail.abs().amax().clamp(min=1e-38)
+        parts.append(code[torch.bucketize((tail / top).clamp(-1, 1), midpoints)] * top)
+    return torch.cat(parts).reshape(weight.shape).to(weight.dtype)

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from unpact.attacks.base import Attack, AttackContext
 from unpact.attacks.hidden import (
@@ -138,17 +138,31 @@ def explain(lm: LanguageModel, ctx: AttackContext, rows: list[dict[str, Any]]) -
 class QuantizeSettings(SettingsModel):
     bits: int = Field(4, ge=2, le=8, description="integer bits per weight (8 and 4 published)")
     group_size: int | None = Field(
-        64, gt=0, description="input columns sharing one scale (null: one per output row)"
+        64,
+        gt=0,
+        description="input columns sharing one scale (null: one per output row); fp4, nf4: "
+        "the block size",
     )
-    algorithm: Literal["rtn", "hqq"] = Field(
-        "rtn", description="rtn: round to nearest; hqq: HQQ's optimised scales (torchao)"
+    algorithm: Literal["rtn", "hqq", "fp4", "nf4"] = Field(
+        "rtn",
+        description="rtn: round to nearest; hqq: HQQ's optimised scales (torchao); fp4, nf4: "
+        "bitsandbytes' 4-bit types (the paper's code: load_in_4bit, fp4)",
     )
     symmetric: bool = Field(False, description="rtn without a zero point")
 
+    @model_validator(mode="after")
+    def _four_bit_types(self) -> QuantizeSettings:
+        if self.algorithm in ("fp4", "nf4") and self.bits != 4:
+            raise ValueError(
+                f"{self.algorithm} is a 4-bit data type: bits must be 4, not {self.bits}"
+            )
+        return self
+
 
 class Quantize(WeightAttack):
-    """Weight-only quantization of every linear layer but the LM head (torchao), then the
-    forgotten questions again (Zhang et al. 2024)."""
+    """Weight-only quantization of every linear layer but the LM head (torchao; or
+    bitsandbytes' FP4/NF4 grids, as the paper's code), then the forgotten questions again
+    (Zhang et al. 2024)."""
 
     name = "quantize"
     title = "quantize"
