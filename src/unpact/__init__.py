@@ -5,20 +5,22 @@ from unpact import determinism
 determinism.set_environment()  # before torch's first use of MKL (see unpact.determinism)
 
 
-def _quiet_torchao() -> None:
+def _quiet_libraries() -> None:
     """torchao (the quantize attack's library, which transformers imports when installed)
     logs a warning per CUDA kernel it cannot load on a CPU machine and per Enum it registers
-    with torch.compile: none of it concerns unpact's users. Left alone if the user set a
-    level on those loggers."""
+    with torch.compile; bitsandbytes, which peft imports whenever it is installed (every
+    LoRA of unpact's), one for the CPU kernel it cannot fetch from the hub, and the
+    `kernels` package one for the hub check it skips offline: none of it concerns unpact's
+    users. Left alone if the user set a level on those loggers."""
     import logging
 
-    for name in ("torchao", "torch.utils._pytree"):
+    for name in ("torchao", "torch.utils._pytree", "bitsandbytes", "kernels"):
         logger = logging.getLogger(name)
         if logger.level == logging.NOTSET:
             logger.setLevel(logging.ERROR)
 
 
-_quiet_torchao()
+_quiet_libraries()
 
 from unpact.backends import open_model  # noqa: E402
 from unpact.errors import NotForThisModel, UnpactError  # noqa: E402

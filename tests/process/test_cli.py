@@ -648,3 +648,19 @@ def test_run_and_inject_pass_trust_remote_code_on(monkeypatch, tmp_path):
             assert str(runner.invoke(app, [*args, *flag]).exception) == "stopped"
     assert seen == [False, False, True, True]
     assert not remote_code_trusted()  # the command's trust ended with it
+
+
+def test_a_lora_run_beside_bitsandbytes_prints_no_library_warning(tiny_dir, bench, tmp_path):
+    """peft imports bitsandbytes whenever it is installed (as on most GPU machines), and
+    bitsandbytes, on a CPU machine, logged that it could not fetch its CPU kernel from the
+    hub, the `kernels` package that it skipped a trust check offline: two warnings on
+    every LoRA unlearning. unpact quiets those loggers as it quiets torchao's."""
+    pytest.importorskip("bitsandbytes")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    cmd = [sys.executable, "-m", "unpact", "unlearn", "--model", str(tiny_dir)]
+    cmd += ["--benchmark", str(bench), "--method", "ga", "--no-eval", "--out", str(tmp_path)]
+    cmd += ["--set", "steps=1", "--set", "lora.r=2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    said = done.stdout + done.stderr
+    assert "kernels" not in said and "WARNING" not in said and "Warning" not in said, said
