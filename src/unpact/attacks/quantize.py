@@ -169,21 +169,37 @@ def round_trip(
     """Round-to-nearest quantize-dequantize of one weight matrix, written out by hand (the
     slow, obvious reference the tests compare the library with). It multiplies by the
     reciprocal scale as torchao does: a group's extreme lands on a rounding tie otherwise."""
-    rows, cols = weight.shape
-    g = group_size if group_size and cols % group_size == 0 else cols  # else one per row
-    x = weight.float().reshape(rows, cols // g, g)
     if symmetric:
+        x = _groups(weight, group_size)
         top = 2 ** (bits - 1) - 1
         scale = (x.abs().amax(-1, keepdim=True) / ((2 * top + 1) / 2)).clamp_min(1e-12)
         q = torch.clamp(torch.round(x * (1.0 / scale)), -top - 1, top)
-        return (q * scale).reshape(rows, cols).to(weight.dtype)
+        return (q * scale).reshape(weight.shape).to(weight.dtype)
+    q, zero, scale = rtn_levels(weight, bits, group_size)
+    return ((q - zero) * scale).reshape(weight.shape).to(weight.dtype)
+
+
+def _groups(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """A (rows, cols) matrix as (rows, groups, group size) in float32: one group per row
+    when `group_size` is None or does not divide the row."""
+    rows, cols = weight.shape
+    g = group_size if group_size and cols % group_size == 0 else cols
+    return weight.float().reshape(rows, cols // g, g)
+
+
+def rtn_levels(
+    weight: torch.Tensor, bits: int, group_size: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric round to nearest of one weight matrix: each weight's integer level q, and
+    its group's zero point and scale (the weight stands for (q - zero) * scale), shaped
+    (rows, groups, group size) and (rows, groups, 1)."""
+    x = _groups(weight, group_size)
     top = 2**bits - 1
     lo = x.amin(-1, keepdim=True).clamp(max=0)
     hi = x.amax(-1, keepdim=True).clamp(min=0)
     scale = ((hi - lo) / top).clamp_min(torch.finfo(torch.float32).eps)
     zero = torch.clamp(-torch.round(lo / scale), 0, top)
-    q = torch.clamp(torch.round(x * (1.0 / scale)) + zero, 0, top)
-    return ((q - zero) * scale).reshape(rows, cols).to(weight.dtype)
+    return torch.clamp(torch.round(x * (1.0 / scale)) + zero, 0, top), zero, scale
 
 
 # bitsandbytes' 4-bit data types, as `bitsandbytes.functional.get_4bit_type` defines them:
@@ -214,22 +230,32 @@ def float4_round_trip(
 ) -> torch.Tensor:
     """Quantize-dequantize of one weight matrix to bitsandbytes' `kind` with blocksize
     `block`, as `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind)` stores
-    it: the flattened weight cut into blocks of `block` (the last may be shorter), each
+    it (`float4_levels`), multiplied back in float32."""
+    index, scale = float4_levels(weight, kind, block)
+    picked = float4_code(kind).to(weight.device)[index] * scale
+    return picked.reshape(weight.shape).to(weight.dtype)
+
+
+def float4_levels(
+    weight: torch.Tensor, kind: Literal["fp4", "nf4"], block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each weight's code (its index into `float4_code(kind)`) and its block's scale, both
+    flat: the flattened weight cut into blocks of `block` (the last may be shorter), each
     scaled by its absolute maximum into [-1, 1] and rounded to the nearest code value (a
-    value halfway between two goes to the lower), then multiplied back, in float32. The
-    arithmetic of bitsandbytes' reference kernel (`backends/default/ops.py`, 0.50):
-    full blocks multiplied by the reciprocal of their absmax, the shorter last one
-    divided by its own."""
+    value halfway between two goes to the lower). The arithmetic of bitsandbytes'
+    reference kernel (`backends/default/ops.py`, 0.50): full blocks multiplied by the
+    reciprocal of their absmax, the shorter last one divided by its own."""
     code = float4_code(kind).to(weight.device)
     midpoints = (code[:-1] + code[1:]) / 2
     flat = weight.detach().reshape(-1).float()
     full = flat.numel() - flat.numel() % block
     blocks = flat[:full].reshape(-1, block)
     absmax = blocks.abs().amax(-1, keepdim=True)
-    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))).clamp(-1, 1)
-    parts = [(code[torch.bucketize(scaled, midpoints)] * absmax).reshape(-1)]
+    scaled = [(blocks * (1.0 / absmax.clamp(min=1e-38))).reshape(-1)]
+    scales = [absmax.expand(-1, block).reshape(-1)]
     if full < flat.numel():
         tail = flat[full:]
         top = tail.abs().amax().clamp(min=1e-38)
-        parts.append(code[torch.bucketize((tail / top).clamp(-1, 1), midpoints)] * top)
-    return torch.cat(parts).reshape(weight.shape).to(weight.dtype)
+        scaled.append(tail / top)
+        scales.append(top.expand(tail.numel()))
+    return torch.bucketize(torch.cat(scaled).clamp(-1, 1), midpoints), torch.cat(scales)

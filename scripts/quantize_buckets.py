@@ -1,0 +1,76 @@
+"""Why 4-bit quantization does or does not undo an unlearning: for each unlearned model, the
+share of its linear weights (those the `quantize` attack rounds) that land on the same
+4-bit level as the original model's, and how far apart the two models' quantized weights
+are, in units of their full-precision distance (Zhang et al. 2024 explain the attack by
+unlearning moving weights by less than a quantization step: nearly every level the same,
+and a quantized distance well below 1).
+
+    .venv/bin/python scripts/quantize_buckets.py ORIGINAL UNLEARNED [UNLEARNED ...]
+
+Models are any local spec (`unpact run` writes the unlearned ones to OUT/models/METHOD).
+Levels: torchao's asymmetric round to nearest (`rtn`, groups of 64) and bitsandbytes' FP4
+and NF4 (blocks of 64), the three 4-bit formats of the attack.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from unpact.attacks.quantize import float4_code, float4_levels, quantizable, rtn_levels
+from unpact.models import load_model
+
+FORMATS = ("rtn", "fp4", "nf4")
+
+
+def levels(w: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each weight's 4-bit level, and the weight it stands for (flat)."""
+    if kind == "rtn":
+        q, zero, scale = rtn_levels(w, 4, 64)
+        return q.reshape(-1), ((q - zero) * scale).reshape(-1)
+    index, scale = float4_levels(w, kind, 64)  # type: ignore[arg-type]
+    return index, float4_code(kind)[index] * scale  # type: ignore[arg-type]
+
+
+def _weight(layer: torch.nn.Module) -> torch.Tensor:
+    """A linear layer's weight as (out, in): GPT-2's Conv1D stores it transposed."""
+    w: torch.Tensor = layer.weight  # type: ignore[assignment]
+    return w.detach() if isinstance(layer, torch.nn.Linear) else w.detach().t()
+
+
+def compare(original: torch.nn.Module, unlearned: torch.nn.Module) -> dict[str, float]:
+    theirs = dict(quantizable(unlearned))
+    same = dict.fromkeys(FORMATS, 0)
+    squared = dict.fromkeys(("full", *FORMATS), 0.0)
+    count = 0
+    with torch.no_grad():
+        for name, layer in quantizable(original):
+            a, b = _weight(layer), _weight(theirs[name])
+            count += a.numel()
+            squared["full"] += float((a.float() - b.float()).pow(2).sum())
+            for kind in FORMATS:
+                (qa, va), (qb, vb) = levels(a, kind), levels(b, kind)
+                same[kind] += int((qa == qb).sum())
+                squared[kind] += float((va - vb).pow(2).sum())
+    out = {"changed_rms": (squared["full"] / count) ** 0.5}
+    for kind in FORMATS:
+        out[f"same_level_{kind}"] = same[kind] / count
+        out[f"distance_{kind}"] = (squared[kind] / squared["full"]) ** 0.5
+    return out
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 2:
+        sys.exit(__doc__)
+    original = load_model(argv[0]).model
+    print("model | RMS change | same level: rtn / fp4 / nf4 | quantized distance: rtn / fp4 / nf4")
+    for spec in argv[1:]:
+        r = compare(original, load_model(spec).model)
+        same = " / ".join(f"{r[f'same_level_{k}']:.1%}" for k in FORMATS)
+        far = " / ".join(f"{r[f'distance_{k}']:.1f}" for k in FORMATS)
+        print(f"{spec} | {r['changed_rms']:.2e} | {same} | {far}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
