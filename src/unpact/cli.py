@@ -1109,7 +1109,8 @@ def audit(
     attacks: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated subset of the preset's attacks (or any registered one)."
+            help="Comma-separated subset of the preset's attacks, or of the other's (quantize_8bit, "
+            "quantize_fp4), or any registered attack."
         ),
     ] = None,
     general: Annotated[str, typer.Option(help="General-knowledge benchmark, or none.")] = "general",

@@ -50,6 +50,14 @@ def test_text_and_paths_are_taken_as_the_cli_takes_them():
     assert [a["name"] for a in config["attacks"]] == ["logit_lens"]
     with pytest.raises(UnpactError, match="unknown attack 'nosuch'"):
         audit_config("a", "b", "news", **checked_options({"attacks": "nosuch"}))
+    # an attack the gpu preset labels, asked of the laptop one: with the gpu's settings
+    asked = checked_options({"attacks": "quantize_fp4,quantize_8bit,probe"})
+    config, _ = audit_config("a", "b", "news", **asked)
+    assert [(a["name"], a.get("label"), a.get("settings")) for a in config["attacks"]] == [
+        ("probe", None, None),
+        ("quantize", "quantize_fp4", {"algorithm": "fp4"}),
+        ("quantize", "quantize_8bit", {"bits": 8}),
+    ]
     for none in ([], "", " , "):  # an audit of no attack ran, said nowhere (the CLI refused it)
         with pytest.raises(UnpactError, match=r"^--attacks: give at least one attack name$"):
             audit_config("a", "b", "news", **checked_options({"attacks": none}))

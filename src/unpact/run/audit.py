@@ -6,7 +6,8 @@ with one "method" (the given unlearned model), the never-taught reference when t
 one (`--reference`: TOFU and MUSE publish theirs; `unpact inject --teach retain` makes one),
 every recovery attack (prompt, weights, hidden states) and the indistinguishability figures.
 Two presets size it: `laptop` (a 2-core CPU: 4.3 minutes on news with the default
-model: benchmarks/audit.py) and `gpu` (every item, more samples, both bit widths).
+model: benchmarks/audit.py) and `gpu` (every item, more samples, both bit widths and
+the paper's own 4-bit format).
 
 In an audit every attack, prompt attacks included, also runs on the reference (its control):
 a never-taught model sampling five answers, or picking among four options, gets some right.
@@ -62,6 +63,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             {"name": "focus_on_key_probab", "settings": {"samples": 10}},
             {"name": "quantize", "label": "quantize_8bit", "settings": {"bits": 8}},
             {"name": "quantize", "settings": {"bits": 4}},
+            # the paper's own 4-bit format: its code loads the model with bitsandbytes'
+            # load_in_4bit, FP4 in blocks of 64
+            {"name": "quantize", "label": "quantize_fp4", "settings": {"algorithm": "fp4"}},
             {"name": "relearn_unrelated"},
             {"name": "ablate_direction"},
             {"name": "logit_lens"},
@@ -228,8 +232,9 @@ def _spec(value: Any, name: str) -> str:
 
 
 def _chosen_attacks(preset: str, attacks: list[str] | None) -> list[dict[str, Any]]:
-    """The preset's attacks, or those `attacks` names: the preset's by name or label,
-    any other registered one with its defaults."""
+    """The preset's attacks, or those `attacks` names: the preset's by name or label, an
+    attack another preset labels (`quantize_8bit`, `quantize_fp4`) with its settings
+    there, any other registered one with its defaults."""
     from unpact.attacks import ATTACKS
 
     chosen = [dict(a) for a in PRESETS[preset]["attacks"]]
@@ -238,14 +243,15 @@ def _chosen_attacks(preset: str, attacks: list[str] | None) -> list[dict[str, An
     if not attacks:  # an audit with no attack at all was run, said nowhere
         raise UnpactError("--attacks: give at least one attack name")
     known = {a.get("label") or a["name"] for a in chosen}
+    labelled = {a["label"]: a for p in PRESETS.values() for a in p["attacks"] if "label" in a}
     for name in attacks:
-        if name not in known and name not in ATTACKS:
+        if name not in known and name not in labelled and name not in ATTACKS:
             raise UnpactError(
                 f"--attacks: unknown attack {name!r}; choose from "
-                f"{', '.join(sorted(set(ATTACKS) | known))}"
+                f"{', '.join(sorted(set(ATTACKS) | known | set(labelled)))}"
             )
     chosen = [a for a in chosen if (a.get("label") or a["name"]) in attacks]
-    return chosen + [{"name": n} for n in attacks if n not in known]
+    return chosen + [dict(labelled.get(n, {"name": n})) for n in attacks if n not in known]
 
 
 _CHOICES = {
