@@ -8,8 +8,9 @@ and a quantized distance well below 1).
     .venv/bin/python scripts/quantize_buckets.py ORIGINAL UNLEARNED [UNLEARNED ...]
 
 Models are any local spec (`unpact run` writes the unlearned ones to OUT/models/METHOD).
-Levels: torchao's asymmetric round to nearest (`rtn`, groups of 64) and bitsandbytes' FP4
-and NF4 (blocks of 64), the three 4-bit formats of the attack.
+Levels: at 4 bits torchao's asymmetric round to nearest (`rtn`, groups of 64) and
+bitsandbytes' FP4 and NF4 (blocks of 64); at 8 bits round to nearest (`rtn8`) and
+LLM.int8's rows (`llm_int8`): the formats of the attack.
 """
 
 from __future__ import annotations
@@ -18,17 +19,26 @@ import sys
 
 import torch
 
-from unpact.attacks.quantize import float4_code, float4_levels, quantizable, rtn_levels
+from unpact.attacks.quantize import (
+    float4_code,
+    float4_levels,
+    int8_rowwise_levels,
+    quantizable,
+    rtn_levels,
+)
 from unpact.models import load_model
 
-FORMATS = ("rtn", "fp4", "nf4")
+FORMATS = ("rtn", "fp4", "nf4", "rtn8", "llm_int8")
 
 
 def levels(w: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each weight's 4-bit level, and the weight it stands for (flat)."""
-    if kind == "rtn":
-        q, zero, scale = rtn_levels(w, 4, 64)
+    """Each weight's level in the format, and the weight it stands for (flat)."""
+    if kind in ("rtn", "rtn8"):
+        q, zero, scale = rtn_levels(w, 4 if kind == "rtn" else 8, 64)
         return q.reshape(-1), ((q - zero) * scale).reshape(-1)
+    if kind == "llm_int8":
+        q, stats = int8_rowwise_levels(w)
+        return q.reshape(-1), (q * stats.view(-1, 1) * 7.874015718698502e-3).reshape(-1)
     index, scale = float4_levels(w, kind, 64)  # type: ignore[arg-type]
     return index, float4_code(kind)[index] * scale  # type: ignore[arg-type]
 
@@ -64,7 +74,8 @@ def main(argv: list[str]) -> None:
     if len(argv) < 2:
         sys.exit(__doc__)
     original = load_model(argv[0]).model
-    print("model | RMS change | same level: rtn / fp4 / nf4 | quantized distance: rtn / fp4 / nf4")
+    names = " / ".join(FORMATS)
+    print(f"model | RMS change | same level: {names} | quantized distance: {names}")
     for spec in argv[1:]:
         r = compare(original, load_model(spec).model)
         same = " / ".join(f"{r[f'same_level_{k}']:.1%}" for k in FORMATS)

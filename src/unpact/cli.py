@@ -1110,7 +1110,7 @@ def audit(
         str | None,
         typer.Option(
             help="Comma-separated subset of the preset's attacks, or of the other's (quantize_8bit, "
-            "quantize_fp4), or any registered attack."
+            "quantize_fp4, quantize_llm_int8), or any registered attack."
         ),
     ] = None,
     general: Annotated[str, typer.Option(help="General-knowledge benchmark, or none.")] = "general",

@@ -22,6 +22,7 @@ from unpact.attacks.hidden import (
 from unpact.attacks.quantize import (
     float4_code,
     float4_round_trip,
+    int8_rowwise_round_trip,
     quantizable,
     quantize_weights,
     round_trip,
@@ -132,6 +133,22 @@ def test_bitsandbytes_4bit_types_are_bitsandbytes_own(kind, dtype):
         assert torch.equal(float4_round_trip(w, kind, block), expected), (shape, block)
 
 
+def test_llm_int8_weights_by_hand_and_by_bitsandbytes():
+    """LLM.int8 (the paper's `load_in_8bit`) stores each row as integers of its absmax/127
+    (the weight cast to float16 first); a row of zeros stays zero (it was NaN)."""
+    w = torch.tensor([[0.5, -0.25, 0.0019, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    step = 0.5 / 127  # 0.0019 is 0.48 steps: rounds to 0; -0.25 is -63.5 steps: to -64
+    expected = torch.tensor([[0.5, -64 * step, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    assert torch.allclose(int8_rowwise_round_trip(w), expected, atol=1e-6)
+    functional = pytest.importorskip("bitsandbytes.functional")
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        w = (torch.randn(8, 100) * 0.02).to(dtype)
+        packed, stats, _ = functional.int8_vectorwise_quant(w.half())
+        expected = functional.int8_vectorwise_dequant(packed, stats).to(dtype)
+        assert torch.equal(int8_rowwise_round_trip(w), expected), dtype
+
+
 def test_quantize_weights_in_a_bitsandbytes_type_rounds_each_layer_but_the_head():
     torch.manual_seed(0)
     m = _Two(6, 96)  # 96 columns: blocks of 64 run across rows, as bitsandbytes' do
@@ -144,6 +161,16 @@ def test_quantize_weights_in_a_bitsandbytes_type_rounds_each_layer_but_the_head(
     # and a config asking for it is refused before anything runs, in one plain sentence
     with pytest.raises(UnpactError, match=r"^attack quantize: fp4 is a 4-bit data type: bits"):
         get_attack("quantize", {"algorithm": "fp4", "bits": 8})
+    # LLM.int8: 8 bits unless told otherwise, one scale per row
+    m = _Two(6, 96)
+    w = m.lin.weight.detach().clone()
+    assert quantize_weights(m, 8, 64, "llm_int8") == 1
+    assert torch.equal(m.lin.weight, int8_rowwise_round_trip(w))
+    assert get_attack("quantize", {"algorithm": "llm_int8"}).settings.bits == 8
+    with pytest.raises(UnpactError, match="llm_int8 stores 8-bit weights: bits must be 8, not 4"):
+        get_attack("quantize", {"algorithm": "llm_int8", "bits": 4})
+    with pytest.raises(UnpactError, match="llm_int8 keeps one scale per row: leave group_size"):
+        get_attack("quantize", {"algorithm": "llm_int8", "group_size": 32})
 
 
 def test_quantize_keeps_the_tiny_model_close_at_8_bits_and_rounds_every_layer():

@@ -23,6 +23,10 @@ FP4 data type (not integers) with one absmax scale per block of 64 weights. `alg
 fp4` (and `nf4`, QLoRA's NormalFloat, the other 4-bit type of bitsandbytes) rounds to
 those grids (`float4_round_trip`, the arithmetic of bitsandbytes' reference CPU kernel,
 which a test compares with the library itself), so the attack can be run as published.
+Its 8-bit runs load LLM.int8 (`load_in_8bit`): `algorithm: llm_int8` rounds the weights as
+that stores them (`int8_rowwise_round_trip`: one absmax scale per output row); LLM.int8
+also rounds the activations to 8 bits at inference (all but the outlier features), which
+a weight-only attack leaves out.
 """
 
 from __future__ import annotations
@@ -83,7 +87,7 @@ def quantize_weights(
     model: Any,
     bits: int,
     group_size: int | None = 64,
-    algorithm: Literal["rtn", "hqq", "fp4", "nf4"] = "rtn",
+    algorithm: Literal["rtn", "hqq", "fp4", "nf4", "llm_int8"] = "rtn",
     symmetric: bool = False,
 ) -> int:
     """Round `model`'s linear weights (in place) to `bits`-bit integers, group-wise along
@@ -97,7 +101,8 @@ def quantize_weights(
     scale = max |w| / (2^(bits-1) - 1)). `hqq`: HQQ's optimised scales (symmetric).
     `fp4`, `nf4`: bitsandbytes' 4-bit data types (`float4_round_trip`; bits 4, and
     `group_size` its block size: blocks of the flattened matrix, which need not divide a
-    row)."""
+    row). `llm_int8`: LLM.int8's weights (`int8_rowwise_round_trip`; bits 8, one scale per
+    row whatever `group_size` says)."""
     from torchao.quantization import IntxWeightOnlyConfig, MappingType, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.quantization.quantize_.workflows.intx.intx_choose_qparams_algorithm import (
@@ -108,13 +113,15 @@ def quantize_weights(
         raise UnpactError(f"quantize: bits must be between 2 and 8, not {bits}")
     if algorithm in FLOAT4 and bits != 4:
         raise UnpactError(f"quantize: {algorithm} is a 4-bit data type: bits must be 4, not {bits}")
+    if algorithm == "llm_int8" and bits != 8:
+        raise UnpactError(f"quantize: llm_int8 stores 8-bit weights: bits must be 8, not {bits}")
     layers = quantizable(model)
     experts = expert_weights(model)
     if not layers and not experts:
         raise UnpactError(f"quantize: {type(model).__name__} has no linear layer to quantize")
     widths = [(name, _out_in(layer).shape[1]) for name, layer in layers]
     widths += [(name, _experts_out_in(m, attr).shape[2]) for name, m, attr in experts]
-    grouped_rows = algorithm not in FLOAT4  # bitsandbytes' blocks run across rows
+    grouped_rows = algorithm in ("rtn", "hqq")  # bitsandbytes' blocks run across rows
     if grouped_rows and group_size is not None and all(width % group_size for _, width in widths):
         name, width = widths[0]
         raise UnpactError(
@@ -143,6 +150,8 @@ def quantize_weights(
         scale per row, as llama.cpp gives such a tensor another type."""
         if algorithm in FLOAT4:
             return float4_round_trip(w, algorithm, group_size or w.shape[1])  # type: ignore[arg-type]
+        if algorithm == "llm_int8":
+            return int8_rowwise_round_trip(w)
         shadow = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
         shadow.weight = torch.nn.Parameter(w.contiguous(), requires_grad=False)
         quantize_(shadow, configs[group_size is not None and w.shape[1] % group_size == 0])
@@ -259,3 +268,23 @@ def float4_levels(
         scaled.append(tail / top)
         scales.append(top.expand(tail.numel()))
     return torch.bucketize(torch.cat(scaled).clamp(-1, 1), midpoints), torch.cat(scales)
+
+
+def int8_rowwise_round_trip(weight: torch.Tensor) -> torch.Tensor:
+    """Quantize-dequantize of one (out, in) weight matrix as LLM.int8 (Dettmers et al.
+    2022; `BitsAndBytesConfig(load_in_8bit=True)`) stores it (`int8_rowwise_levels`),
+    multiplied back by each row's absolute maximum and 1/127 in float32, as bitsandbytes'
+    `int8_vectorwise_dequant` (0.50)."""
+    q, stats = int8_rowwise_levels(weight)
+    return (q * stats.view(-1, 1) * 7.874015718698502e-3).to(weight.dtype)
+
+
+def int8_rowwise_levels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLM.int8's integer levels of one (out, in) weight matrix and each row's absolute
+    maximum: the weight in float16 (bitsandbytes' `Int8Params` casts it so), each row
+    scaled by its absolute maximum to integers in [-127, 127], as bitsandbytes'
+    `int8_vectorwise_quant` (0.50). A row of zeros has levels 0."""
+    half = weight.detach().to(torch.float16)
+    stats = half.abs().amax(-1).float()
+    inverse = torch.where(stats > 0, 127.0 / stats, torch.zeros_like(stats))
+    return torch.round(half * inverse.unsqueeze(-1)), stats

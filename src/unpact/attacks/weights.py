@@ -143,10 +143,11 @@ class QuantizeSettings(SettingsModel):
         description="input columns sharing one scale (null: one per output row); fp4, nf4: "
         "the block size",
     )
-    algorithm: Literal["rtn", "hqq", "fp4", "nf4"] = Field(
+    algorithm: Literal["rtn", "hqq", "fp4", "nf4", "llm_int8"] = Field(
         "rtn",
         description="rtn: round to nearest; hqq: HQQ's optimised scales (torchao); fp4, nf4: "
-        "bitsandbytes' 4-bit types (the paper's code: load_in_4bit, fp4)",
+        "bitsandbytes' 4-bit types (the paper's code: load_in_4bit, fp4); llm_int8: LLM.int8's "
+        "8-bit weights, one scale per row (the paper's load_in_8bit; bits 8 unless given)",
     )
     symmetric: bool = Field(False, description="rtn without a zero point")
 
@@ -156,13 +157,26 @@ class QuantizeSettings(SettingsModel):
             raise ValueError(
                 f"{self.algorithm} is a 4-bit data type: bits must be 4, not {self.bits}"
             )
+        if self.algorithm == "llm_int8" and self.bits != 8:
+            raise ValueError(f"llm_int8 stores 8-bit weights: bits must be 8, not {self.bits}")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _int8_rows(cls, data: Any) -> Any:
+        """LLM.int8 is 8 bits with one scale per row: its bits default to 8, and a group
+        size is refused rather than left unread."""
+        if isinstance(data, dict) and data.get("algorithm") == "llm_int8":
+            if "group_size" in data:
+                raise ValueError("llm_int8 keeps one scale per row: leave group_size out")
+            return {"bits": 8, **data}
+        return data
 
 
 class Quantize(WeightAttack):
     """Weight-only quantization of every linear layer but the LM head (torchao; or
-    bitsandbytes' FP4/NF4 grids, as the paper's code), then the forgotten questions again
-    (Zhang et al. 2024)."""
+    bitsandbytes' FP4/NF4 grids and LLM.int8's rows, as the paper's code), then the
+    forgotten questions again (Zhang et al. 2024)."""
 
     name = "quantize"
     title = "quantize"

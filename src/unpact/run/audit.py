@@ -6,8 +6,8 @@ with one "method" (the given unlearned model), the never-taught reference when t
 one (`--reference`: TOFU and MUSE publish theirs; `unpact inject --teach retain` makes one),
 every recovery attack (prompt, weights, hidden states) and the indistinguishability figures.
 Two presets size it: `laptop` (a 2-core CPU: 4.3 minutes on news with the default
-model: benchmarks/audit.py) and `gpu` (every item, more samples, both bit widths and
-the paper's own 4-bit format).
+model: benchmarks/audit.py) and `gpu` (every item, more samples, both bit widths, each
+also in the paper's own format).
 
 In an audit every attack, prompt attacks included, also runs on the reference (its control):
 a never-taught model sampling five answers, or picking among four options, gets some right.
@@ -63,9 +63,14 @@ PRESETS: dict[str, dict[str, Any]] = {
             {"name": "focus_on_key_probab", "settings": {"samples": 10}},
             {"name": "quantize", "label": "quantize_8bit", "settings": {"bits": 8}},
             {"name": "quantize", "settings": {"bits": 4}},
-            # the paper's own 4-bit format: its code loads the model with bitsandbytes'
-            # load_in_4bit, FP4 in blocks of 64
+            # the paper's own formats: its code loads the model with bitsandbytes'
+            # load_in_4bit (FP4 in blocks of 64) and load_in_8bit (LLM.int8's rows)
             {"name": "quantize", "label": "quantize_fp4", "settings": {"algorithm": "fp4"}},
+            {
+                "name": "quantize",
+                "label": "quantize_llm_int8",
+                "settings": {"algorithm": "llm_int8"},
+            },
             {"name": "relearn_unrelated"},
             {"name": "ablate_direction"},
             {"name": "logit_lens"},
