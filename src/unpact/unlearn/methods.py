@@ -222,7 +222,7 @@ class NPO(Method):
     """Negative preference optimisation (Zhang et al. 2024):
     `-(2/b) * mean log sigmoid(-b * (log p_theta(y|x) - log p_ref(y|x)))` on the forget
     set, with *summed* answer log-probs of the policy and the frozen reference (one public
-    implementation compared raw logits instead; `tests/test_unlearn.py` checks a
+    implementation compared raw logits instead; `tests/unit/test_unlearn.py` checks a
     hand-computed value)."""
 
     name = "npo"
