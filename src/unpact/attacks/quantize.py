@@ -90,7 +90,7 @@ def quantize_weights(
     algorithm: Literal["rtn", "hqq", "fp4", "nf4", "llm_int8"] = "rtn",
     symmetric: bool = False,
 ) -> int:
-    """Round `model`'s linear weights (in place) to `bits`-bit integers, group-wise along
+    """Round `model`'s linear weights (in place) to a `bits`-bit grid, group-wise along
     the input dimension (`group_size` columns share a scale; None: one per output row; a
     layer whose width the group does not divide: one per row, and a group dividing no
     layer's width is refused),
@@ -145,9 +145,10 @@ def quantize_weights(
     }
 
     def rounded(w: torch.Tensor) -> torch.Tensor:
-        """One (out, in) matrix through a plain Linear holding it, quantized by torchao; a
-        layer the group does not divide (Mamba's dt_proj, a few dozen columns) gets one
-        scale per row, as llama.cpp gives such a tensor another type."""
+        """One (out, in) matrix rounded: in bitsandbytes' formats by unpact's arithmetic,
+        else through a plain Linear holding it, quantized by torchao; a layer the group
+        does not divide (Mamba's dt_proj, a few dozen columns) gets one scale per row, as
+        llama.cpp gives such a tensor another type."""
         if algorithm in FLOAT4:
             return float4_round_trip(w, algorithm, group_size or w.shape[1])  # type: ignore[arg-type]
         if algorithm == "llm_int8":
