@@ -20,6 +20,7 @@ import sys
 import torch
 
 from unpact.attacks.quantize import (
+    INT8_STEP,
     float4_code,
     float4_levels,
     int8_rowwise_levels,
@@ -38,7 +39,7 @@ def levels(w: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         return q.reshape(-1), ((q - zero) * scale).reshape(-1)
     if kind == "llm_int8":
         q, stats = int8_rowwise_levels(w)
-        return q.reshape(-1), (q * stats.view(-1, 1) * 7.874015718698502e-3).reshape(-1)
+        return q.reshape(-1), (q * stats.view(-1, 1) * INT8_STEP).reshape(-1)
     index, scale = float4_levels(w, kind, 64)  # type: ignore[arg-type]
     return index, float4_code(kind)[index] * scale  # type: ignore[arg-type]
 

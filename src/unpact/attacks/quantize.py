@@ -31,6 +31,7 @@ a weight-only attack leaves out.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -103,32 +104,76 @@ def quantize_weights(
     `group_size` its block size: blocks of the flattened matrix, which need not divide a
     row). `llm_int8`: LLM.int8's weights (`int8_rowwise_round_trip`; bits 8, one scale per
     row whatever `group_size` says)."""
-    from torchao.quantization import IntxWeightOnlyConfig, MappingType, quantize_
-    from torchao.quantization.granularity import PerAxis, PerGroup
-    from torchao.quantization.quantize_.workflows.intx.intx_choose_qparams_algorithm import (
-        IntxChooseQParamsAlgorithm,
-    )
-
-    if not 2 <= bits <= 8:
-        raise UnpactError(f"quantize: bits must be between 2 and 8, not {bits}")
-    if algorithm in FLOAT4 and bits != 4:
-        raise UnpactError(f"quantize: {algorithm} is a 4-bit data type: bits must be 4, not {bits}")
-    if algorithm == "llm_int8" and bits != 8:
-        raise UnpactError(f"quantize: llm_int8 stores 8-bit weights: bits must be 8, not {bits}")
+    if problem := format_problem(algorithm, bits):
+        raise UnpactError(f"quantize: {problem}")
     layers = quantizable(model)
     experts = expert_weights(model)
     if not layers and not experts:
         raise UnpactError(f"quantize: {type(model).__name__} has no linear layer to quantize")
+    if algorithm in ("rtn", "hqq"):  # bitsandbytes' blocks run across rows: any size does
+        _check_groups(layers, experts, group_size)
+    rounded = _rounder(bits, group_size, algorithm, symmetric)
+    for _, layer in layers:  # one at a time
+        dequantized = rounded(_out_in(layer).detach())
+        if not isinstance(layer, torch.nn.Linear):
+            dequantized = dequantized.t().contiguous()
+        layer.weight = torch.nn.Parameter(dequantized, requires_grad=False)
+    count = len(layers)
+    for _, module, attr in experts:  # each expert's matrix as its own layer
+        stacked = torch.stack([rounded(w) for w in _experts_out_in(module, attr).detach()])
+        if getattr(module, "is_transposed", False):
+            stacked = stacked.transpose(1, 2)
+        setattr(module, attr, torch.nn.Parameter(stacked.contiguous(), requires_grad=False))
+        count += stacked.shape[0]
+    return count
+
+
+def format_problem(algorithm: str, bits: int) -> str | None:
+    """What is wrong with quantizing to `bits` bits by `algorithm`, or None (the attack's
+    settings and `quantize_weights` refuse the same)."""
+    if not 2 <= bits <= 8:
+        return f"bits must be between 2 and 8, not {bits}"
+    if algorithm in FLOAT4 and bits != 4:
+        return f"{algorithm} is a 4-bit data type: bits must be 4, not {bits}"
+    if algorithm == "llm_int8" and bits != 8:
+        return f"llm_int8 stores 8-bit weights: bits must be 8, not {bits}"
+    return None
+
+
+def _check_groups(
+    layers: list[tuple[str, torch.nn.Module]],
+    experts: list[tuple[str, torch.nn.Module, str]],
+    group_size: int | None,
+) -> None:
+    """A group size that divides no layer's input features is refused (a layer it does
+    not divide alone gets one scale per row)."""
     widths = [(name, _out_in(layer).shape[1]) for name, layer in layers]
     widths += [(name, _experts_out_in(m, attr).shape[2]) for name, m, attr in experts]
-    grouped_rows = algorithm in ("rtn", "hqq")  # bitsandbytes' blocks run across rows
-    if grouped_rows and group_size is not None and all(width % group_size for _, width in widths):
+    if group_size is not None and all(width % group_size for _, width in widths):
         name, width = widths[0]
         raise UnpactError(
             f"quantize: group_size {group_size} divides the input features of none of the "
             f"model's linear layers ({name}'s are {width}); choose a divisor (e.g. 32) or "
             "group_size: null (one scale per row)"
         )
+
+
+def _rounder(
+    bits: int, group_size: int | None, algorithm: str, symmetric: bool
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function rounding one (out, in) matrix: in bitsandbytes' formats by unpact's
+    arithmetic, else through a plain Linear holding it, quantized by torchao; a layer the
+    group does not divide (Mamba's dt_proj, a few dozen columns) gets one scale per row,
+    as llama.cpp gives such a tensor another type."""
+    if algorithm in FLOAT4:
+        return lambda w: float4_round_trip(w, algorithm, group_size or w.shape[1])  # type: ignore[arg-type]
+    if algorithm == "llm_int8":
+        return int8_rowwise_round_trip
+    from torchao.quantization import IntxWeightOnlyConfig, MappingType, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quantize_.workflows.intx.intx_choose_qparams_algorithm import (
+        IntxChooseQParamsAlgorithm,
+    )
 
     configs = {  # by whether the layer's width takes the groups
         grouped: IntxWeightOnlyConfig(
@@ -145,32 +190,12 @@ def quantize_weights(
     }
 
     def rounded(w: torch.Tensor) -> torch.Tensor:
-        """One (out, in) matrix rounded: in bitsandbytes' formats by unpact's arithmetic,
-        else through a plain Linear holding it, quantized by torchao; a layer the group
-        does not divide (Mamba's dt_proj, a few dozen columns) gets one scale per row, as
-        llama.cpp gives such a tensor another type."""
-        if algorithm in FLOAT4:
-            return float4_round_trip(w, algorithm, group_size or w.shape[1])  # type: ignore[arg-type]
-        if algorithm == "llm_int8":
-            return int8_rowwise_round_trip(w)
         shadow = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
         shadow.weight = torch.nn.Parameter(w.contiguous(), requires_grad=False)
         quantize_(shadow, configs[group_size is not None and w.shape[1] % group_size == 0])
         return shadow.weight.dequantize().to(w.dtype)
 
-    for _, layer in layers:  # one at a time
-        dequantized = rounded(_out_in(layer).detach())
-        if not isinstance(layer, torch.nn.Linear):
-            dequantized = dequantized.t().contiguous()
-        layer.weight = torch.nn.Parameter(dequantized, requires_grad=False)
-    count = len(layers)
-    for _, module, attr in experts:  # each expert's matrix as its own layer
-        stacked = torch.stack([rounded(w) for w in _experts_out_in(module, attr).detach()])
-        if getattr(module, "is_transposed", False):
-            stacked = stacked.transpose(1, 2)
-        setattr(module, attr, torch.nn.Parameter(stacked.contiguous(), requires_grad=False))
-        count += stacked.shape[0]
-    return count
+    return rounded
 
 
 def round_trip(
@@ -223,6 +248,7 @@ _NF4 = (
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )  # fmt: skip
 FLOAT4 = ("fp4", "nf4")
+INT8_STEP = 7.874015718698502e-3  # 1/127 in float32, as bitsandbytes multiplies by it
 
 
 def float4_code(kind: Literal["fp4", "nf4"]) -> torch.Tensor:
@@ -277,7 +303,7 @@ def int8_rowwise_round_trip(weight: torch.Tensor) -> torch.Tensor:
     multiplied back by each row's absolute maximum and 1/127 in float32, as bitsandbytes'
     `int8_vectorwise_dequant` (0.50)."""
     q, stats = int8_rowwise_levels(weight)
-    return (q * stats.view(-1, 1) * 7.874015718698502e-3).to(weight.dtype)
+    return (q * stats.view(-1, 1) * INT8_STEP).to(weight.dtype)
 
 
 def int8_rowwise_levels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -152,13 +152,11 @@ class QuantizeSettings(SettingsModel):
     symmetric: bool = Field(False, description="rtn without a zero point")
 
     @model_validator(mode="after")
-    def _four_bit_types(self) -> QuantizeSettings:
-        if self.algorithm in ("fp4", "nf4") and self.bits != 4:
-            raise ValueError(
-                f"{self.algorithm} is a 4-bit data type: bits must be 4, not {self.bits}"
-            )
-        if self.algorithm == "llm_int8" and self.bits != 8:
-            raise ValueError(f"llm_int8 stores 8-bit weights: bits must be 8, not {self.bits}")
+    def _bits_of_the_format(self) -> QuantizeSettings:
+        from unpact.attacks.quantize import format_problem
+
+        if problem := format_problem(self.algorithm, self.bits):
+            raise ValueError(problem)
         return self
 
     @model_validator(mode="before")
