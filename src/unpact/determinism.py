@@ -18,6 +18,13 @@ kernels: ~1e-6 relative in float32), bf16 autocast kernels differ by oneDNN's IS
 AVX512-BF16, emulated; ~0.3% in a loss after three steps), and CUDA runs are reproducible
 only on the same GPU and software stack.
 
+On a GPU, training is not even reproducible within one process by default: CUDA's
+`index_add_` (the backward of the shared-prompt-prefix pass's `index_select`) and
+memory-efficient attention's backward add with atomics, so the same unlearning twice gave
+other weights (seen on an H200). `deterministic_kernels` runs each training step under
+torch's deterministic algorithms (cuBLAS needs `CUBLAS_WORKSPACE_CONFIG`, which `import
+unpact` sets as it sets MKL's mode).
+
 `keeps_rng` is the other half of "the same config gives the same numbers": training seeds
 the global random streams for its own draws, and gives the caller's back afterwards.
 """
@@ -27,7 +34,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-from collections.abc import Callable
+import re
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import ParamSpec, TypeVar
 
 P = ParamSpec("P")
@@ -39,11 +49,57 @@ _MKL_CBWR_SUCCESS = 0
 _MKL_CBWR_ALL = -1  # ~0: the whole mode word (branch and flags)
 
 STRICT = "AUTO,STRICT"
+# cuBLAS's fixed workspace, without which its GEMMs may reduce in another order per call
+# (NVIDIA's "Results reproducibility"); torch's deterministic mode refuses CUDA matmuls
+# without it
+CUBLAS_WORKSPACE = ":4096:8"
+# torch's words for an operation without a deterministic kernel: the error in strict mode
+# (ATen's alertNotDeterministic, cuBLAS's workspace check) and the warnings in warn-only mode
+# (those two, memory-efficient and flash attention's backward)
+NONDETERMINISTIC = re.compile(
+    r"does not have a deterministic implementation|CUBLAS_WORKSPACE_CONFIG"
+    r"|defaults to a non-deterministic algorithm"
+)
 
 
 def set_environment() -> None:
-    """Ask for MKL's strict reproducible mode before MKL starts (called on `import unpact`)."""
+    """Ask for MKL's strict reproducible mode before MKL starts, and cuBLAS's fixed workspace
+    before CUDA starts (called on `import unpact`)."""
     os.environ.setdefault("MKL_CBWR", STRICT)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+
+
+@contextmanager
+def deterministic_kernels(strict: bool = True) -> Iterator[None]:
+    """torch's deterministic algorithms (and cuDNN's) inside the block; the caller's settings
+    are given back after it. `strict`: an operation without a deterministic kernel raises
+    torch's RuntimeError (`refused_nondeterminism` recognises it); otherwise it runs as it
+    would, and torch's warning about it is not shown (the caller says it once)."""
+    import torch
+
+    cudnn = torch.backends.cudnn
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        cudnn.deterministic,
+        cudnn.benchmark,
+    )
+    torch.use_deterministic_algorithms(True, warn_only=not strict)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        with warnings.catch_warnings():
+            if not strict:
+                warnings.filterwarnings("ignore", message=f".*({NONDETERMINISTIC.pattern})")
+            yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        cudnn.deterministic, cudnn.benchmark = before[2], before[3]
+
+
+def refused_nondeterminism(error: BaseException) -> bool:
+    """Whether `error` is torch refusing, in deterministic mode, an operation that has no
+    deterministic kernel."""
+    return isinstance(error, RuntimeError) and bool(NONDETERMINISTIC.search(str(error)))
 
 
 def ensure() -> bool:

@@ -4,19 +4,23 @@ A `Trainer` owns the optimiser (AdamW) and learning-rate schedule and runs one s
 named loss terms a caller computes: under bf16 autocast if asked, the terms summed, a
 non-finite term stopping the run with its name and step, the backward pass (through
 `accelerate` when the caller runs under it, so DDP/FSDP see it), optional gradient
-clipping, the optimiser and scheduler steps. What differs between the three uses is only
+clipping, the optimiser and scheduler steps; on a GPU under torch's deterministic algorithms
+(`unpact.determinism.deterministic_kernels`: the same training gives the same weights).
+What differs between the three uses is only
 the loss (and the data each step sees): unlearning's method terms, injection's NLL plus
 rehearsal KL, relearning's NLL.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
 
+from unpact.determinism import deterministic_kernels, refused_nondeterminism
 from unpact.errors import UnpactError
 
 Precision = Literal["fp32", "bf16"]
@@ -55,6 +59,10 @@ class Trainer:
         self.accelerator = accelerator
         self.what = what
         self.device_type = self.params[0].device.type
+        # "strict" on a GPU (see step); "loose" once an operation has no deterministic
+        # kernel there; "default": the CPU's kernels are deterministic already (and
+        # unpact.determinism makes MKL's GEMMs so)
+        self.kernels = "strict" if self.device_type == "cuda" else "default"
 
     def prepare(self, module: torch.nn.Module) -> Any:
         """Under `accelerate`: wrap the module that computes the loss, the optimiser and
@@ -69,7 +77,32 @@ class Trainer:
     ) -> dict[str, float]:
         """One optimiser step on the sum of the terms `losses()` returns (computed under
         autocast when training in bf16). Returns each term's value (averaged over processes
-        under accelerate) and the learning rate the step used."""
+        under accelerate) and the learning rate the step used.
+
+        On a GPU the step runs under torch's deterministic algorithms. When the model uses an
+        operation that has none (torch refuses it), the step is done again with that
+        operation's own kernel, and so is every later one: said once, as the training is
+        then not bit-reproducible."""
+        if self.kernels == "default":
+            return self._step(losses, step, where)
+        try:
+            with deterministic_kernels(strict=self.kernels == "strict"):
+                return self._step(losses, step, where)
+        except RuntimeError as e:
+            if self.kernels != "strict" or not refused_nondeterminism(e):
+                raise
+            self.optimiser.zero_grad(set_to_none=True)
+            self.kernels = "loose"
+            first = str(e).strip().splitlines()[0]
+            logging.getLogger("unpact").warning(
+                f"{self.what}: not bit-reproducible on this device: {first}"
+            )
+            with deterministic_kernels(strict=False):
+                return self._step(losses, step, where)
+
+    def _step(
+        self, losses: Callable[[], dict[str, torch.Tensor]], step: int, where: str
+    ) -> dict[str, float]:
         bf16 = self.precision == "bf16"
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=bf16):
             terms = losses()

@@ -160,7 +160,7 @@ def test_rmu_losses_and_early_exit_activations(bench):
             for i, h in zip(retain.ids, layer_activations(lm.model, retain, layer))
         }
         terms = method.losses(_ctx(lm, forget, retain, retain_ref_activations=frozen))
-        u = method.direction(fast[0].shape[-1])
+        u = method.direction(fast[0].shape[-1]).to(fast[0].device)
         assert u.norm().item() == pytest.approx(1.0, abs=1e-6)
         expected_f = sum(((h - 3.0 * u) ** 2).mean().item() for h in fast) / len(fast)
         retain_h = layer_activations(lm.model, retain, layer)

@@ -1,0 +1,134 @@
+"""Training on a GPU under torch's deterministic algorithms (`unpact.determinism`): the same
+unlearning twice on an H200 gave other weights (CUDA's index_add_ and memory-efficient
+attention's backward add with atomics). Here, on any device: the settings given back, and a
+step torch refuses for want of a deterministic kernel done again and said once."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from unpact.determinism import (
+    CUBLAS_WORKSPACE,
+    deterministic_kernels,
+    refused_nondeterminism,
+    set_environment,
+)
+from unpact.testing import tiny_model
+from unpact.train import Trainer
+
+# torch's own words (ATen's alertNotDeterministic) for an operation without a deterministic
+# CUDA kernel, as transformers' grouped experts meet it in torch.histc
+REFUSAL = (
+    "histc_cuda does not have a deterministic implementation, but you set "
+    "'torch.use_deterministic_algorithms(True)'. You can turn off determinism just for this "
+    "operation, or you can use the 'warn_only=True' option, if that's acceptable for your "
+    "application."
+)
+
+
+def test_import_asks_for_cublas_fixed_workspace_and_keeps_the_users_own(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    set_environment()
+    import os
+
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE == ":4096:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    set_environment()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+@pytest.mark.parametrize("caller", [(False, False), (True, True)], ids=["off", "warn-only"])
+def test_deterministic_kernels_give_the_callers_settings_back(caller):
+    cudnn = torch.backends.cudnn
+    torch.use_deterministic_algorithms(caller[0], warn_only=caller[1])
+    was = cudnn.deterministic, cudnn.benchmark
+    try:
+        with deterministic_kernels():
+            assert torch.are_deterministic_algorithms_enabled()
+            assert not torch.is_deterministic_algorithms_warn_only_enabled()
+            assert cudnn.deterministic and not cudnn.benchmark
+            with deterministic_kernels(strict=False):
+                assert torch.is_deterministic_algorithms_warn_only_enabled()
+            assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.are_deterministic_algorithms_enabled() == caller[0]
+        assert torch.is_deterministic_algorithms_warn_only_enabled() == caller[1]
+        assert (cudnn.deterministic, cudnn.benchmark) == was
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_torch_s_refusals_are_recognised_and_nothing_else():
+    assert refused_nondeterminism(RuntimeError(REFUSAL))
+    cublas = (
+        "Deterministic behavior was enabled with either `torch.use_deterministic_algorithms"
+        "(True)` or `at::Context::setDeterministicAlgorithms(true)`, but this operation is not "
+        "deterministic because it uses CuBLAS and you have CUDA >= 10.2. To enable "
+        "deterministic behavior in this case, you must set an environment variable before "
+        "running your PyTorch application: CUBLAS_WORKSPACE_CONFIG=:4096:8"
+    )
+    assert refused_nondeterminism(RuntimeError(cublas))
+    assert not refused_nondeterminism(RuntimeError("CUDA out of memory"))
+    assert not refused_nondeterminism(ValueError(REFUSAL))
+
+
+def _step_twice(refuse_first: bool, kernels: str) -> tuple[list[torch.Tensor], Trainer]:
+    lm = tiny_model(seed=2)
+    lm.model.train()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]], device=lm.device)
+    trainer = Trainer(list(lm.model.parameters()), lr=1e-2, what="injection")
+    trainer.kernels = kernels
+    calls = []
+
+    def losses() -> dict[str, torch.Tensor]:
+        calls.append(torch.are_deterministic_algorithms_enabled())
+        loss = lm.model(input_ids=ids, labels=ids).loss
+        if refuse_first and len(calls) == 1:
+            loss.backward()  # a gradient half made when torch refuses, as in a backward pass
+            raise RuntimeError(REFUSAL)
+        return {"nll": loss}
+
+    trainer.step(losses, 0)
+    trainer.step(losses, 1)
+    return [p.detach().cpu().clone() for p in lm.model.parameters()], trainer
+
+
+def test_a_step_torch_refuses_is_done_again_without_strictness_and_said_once(caplog):
+    """The refused step's half-made gradient is dropped: the weights are those of the same
+    two steps never refused; every later step runs warn-only, torch's warning not shown."""
+    plain, _ = _step_twice(refuse_first=False, kernels="loose")
+    with caplog.at_level(logging.WARNING, logger="unpact"):
+        refused, trainer = _step_twice(refuse_first=True, kernels="strict")
+    assert trainer.kernels == "loose"
+    assert all(torch.equal(a, b) for a, b in zip(plain, refused))
+    said = [r.getMessage() for r in caplog.records if r.name == "unpact"]
+    assert said == [
+        "injection: not bit-reproducible on this device: histc_cuda does not have a "
+        f"deterministic implementation{REFUSAL.split('implementation', 1)[1]}"
+    ]
+    assert not torch.are_deterministic_algorithms_enabled()  # given back after each step
+
+
+def test_other_errors_of_a_strict_step_are_raised_as_they_are():
+    lm = tiny_model(seed=2)
+    trainer = Trainer(list(lm.model.parameters()), lr=1e-2)
+    trainer.kernels = "strict"
+
+    def losses() -> dict[str, torch.Tensor]:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        trainer.step(losses, 0)
+    assert trainer.kernels == "strict"
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_a_gpu_trains_under_deterministic_kernels_a_cpu_under_its_own():
+    """The CPU's kernels are deterministic already (MKL's strict mode does the rest)."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    assert Trainer([p], lr=1e-3).kernels == "default"
+    if torch.cuda.is_available():
+        q = torch.nn.Parameter(torch.zeros(3, device="cuda"))
+        assert Trainer([q], lr=1e-3).kernels == "strict"
