@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
 import re
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import ParamSpec, TypeVar
+from typing import Literal, ParamSpec, TypeVar
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -100,6 +101,49 @@ def refused_nondeterminism(error: BaseException) -> bool:
     """Whether `error` is torch refusing, in deterministic mode, an operation that has no
     deterministic kernel."""
     return isinstance(error, RuntimeError) and bool(NONDETERMINISTIC.search(str(error)))
+
+
+# "default": the device's own kernels (a CPU's are deterministic, MKL's GEMMs by its strict
+# mode); "strict": torch's deterministic algorithms, refusing an operation without one;
+# "loose": those algorithms where they exist
+Kernels = Literal["default", "strict", "loose"]
+# what a GPU computed with "loose" kernels in this process (torch refused it once)
+_REFUSED: set[str] = set()
+
+
+def kernels_for(device: object, what: str) -> Kernels:
+    """The kernels `what` runs with on `device` (a torch.device or its name): torch's
+    deterministic algorithms on a GPU, strictly until torch refused `what` once."""
+    if str(device).split(":")[0] != "cuda":
+        return "default"
+    return "loose" if what in _REFUSED else "strict"
+
+
+def reproducibly(
+    fn: Callable[[], R], kernels: Kernels, what: str, again: Callable[[], None] | None = None
+) -> tuple[R, Kernels]:
+    """`fn()` with `kernels`, and the kernels it ran with. When torch refuses an operation
+    in "strict" mode, `again()` undoes what the refused try left (a half-made gradient),
+    `fn()` runs again "loose", and a warning says once that `what` is then not
+    bit-reproducible, with torch's words."""
+    if kernels == "default":
+        return fn(), kernels
+    try:
+        with deterministic_kernels(strict=kernels == "strict"):
+            return fn(), kernels
+    except RuntimeError as e:
+        if kernels != "strict" or not refused_nondeterminism(e):
+            raise
+        if again is not None:
+            again()
+        if what not in _REFUSED:
+            _REFUSED.add(what)
+            first = str(e).strip().splitlines()[0]
+            logging.getLogger("unpact").warning(
+                f"{what}: not bit-reproducible on this device: {first}"
+            )
+        with deterministic_kernels(strict=False):
+            return fn(), "loose"
 
 
 def ensure() -> bool:

@@ -25,11 +25,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
 
 from unpact.attribution import Attribution, UnitKind, make_units
+from unpact.determinism import kernels_for, reproducibly
 from unpact.errors import UnpactError
 from unpact.models import LanguageModel
 from unpact.progress import progress_bar
@@ -95,19 +97,22 @@ def gradient_attributions(
     label = "Gradient x input" if method == "grad_x_input" else "Integrated gradients"
     with progress_bar(label, total=len(prompts), enabled=progress) as advance:
         for prompt, answer in zip(prompts, answers, strict=True):
-            out.append(
-                _one(
-                    lm,
-                    prompt,
-                    answer,
-                    method,
-                    unit,
-                    steps,
-                    ig_baseline,
-                    chat_template,
-                    batch_size,
-                )
+            # on a GPU under torch's deterministic algorithms (unpact.determinism): the
+            # embedding's and attention's backward add with atomics there by default
+            one = partial(
+                _one,
+                lm,
+                prompt,
+                answer,
+                method,
+                unit,
+                steps,
+                ig_baseline,
+                chat_template,
+                batch_size,
             )
+            attribution, _ = reproducibly(one, kernels_for(lm.device, label), label)
+            out.append(attribution)
             advance(1)
     return out
 

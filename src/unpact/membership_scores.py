@@ -8,10 +8,12 @@ import inspect
 import math
 import zlib
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from unpact.determinism import kernels_for, reproducibly
 from unpact.errors import UnpactError
 from unpact.membership import TextStats
 from unpact.progress import progress_bar
@@ -120,7 +122,6 @@ def gradient_norms(
 ) -> list[float]:
     """Per text, the L2 norm over all the model's weights of the gradient of its mean
     answer NLL (one backward pass each: a per-text gradient cannot share a batch)."""
-    from unpact.scoring import answer_logprobs
 
     net = lm.model
     params = [p for p in net.parameters()]
@@ -133,8 +134,12 @@ def gradient_norms(
         with progress_bar(label, total=len(texts), enabled=bool(progress)) as advance:
             for prompt, text in zip(prompts, texts):
                 ids, answer = pair_ids(lm, prompt, text)
-                lp = answer_logprobs(net, [ids], [answer], grad=True)[0]
-                grads = torch.autograd.grad(-lp.mean(), params, allow_unused=True)
+                # torch's deterministic algorithms on a GPU (unpact.determinism)
+                grads, _ = reproducibly(
+                    partial(_weight_gradients, net, params, ids, answer),
+                    kernels_for(lm.device, "GradNorm"),
+                    "GradNorm",
+                )
                 total = sum(float(_float64(g).square().sum()) for g in grads if g is not None)
                 norms.append(math.sqrt(total))
                 advance(1)
@@ -279,6 +284,16 @@ class _GhostNorms:
         return [math.sqrt(max(float(v), 0.0)) for v in self.sq]
 
 
+def _weight_gradients(
+    net: Any, params: list[torch.nn.Parameter], ids: Sequence[int], answer: Sequence[int]
+) -> tuple[torch.Tensor | None, ...]:
+    """The gradient of one text's mean answer NLL with respect to each of `params`."""
+    from unpact.scoring import answer_logprobs
+
+    lp = answer_logprobs(net, [ids], [answer], grad=True)[0]
+    return torch.autograd.grad(-lp.mean(), params, allow_unused=True)
+
+
 def _norm_eps(module: torch.nn.Module) -> float | None:
     """The epsilon of a module that looks like a norm over the last axis with a weight (an
     RMSNorm or a LayerNorm, with or without a bias; which one, and whether it is one, is
@@ -341,7 +356,11 @@ def gradient_norms_batched(
         with progress_bar(label, total=len(texts), enabled=bool(progress)) as advance:
             for start in range(0, len(pairs), batch_size):
                 chunk = pairs[start : start + batch_size]
-                got = _ghost_chunk(net, embed, chunk, keep)
+                got, _ = reproducibly(  # deterministic on a GPU (unpact.determinism)
+                    partial(_ghost_chunk, net, embed, chunk, keep),
+                    kernels_for(lm.device, "GradNorm"),
+                    "GradNorm",
+                )
                 if got is None:
                     break
                 norms += got

@@ -13,14 +13,13 @@ rehearsal KL, relearning's NLL.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
 
-from unpact.determinism import deterministic_kernels, refused_nondeterminism
+from unpact.determinism import Kernels, kernels_for, reproducibly
 from unpact.errors import UnpactError
 
 Precision = Literal["fp32", "bf16"]
@@ -59,10 +58,8 @@ class Trainer:
         self.accelerator = accelerator
         self.what = what
         self.device_type = self.params[0].device.type
-        # "strict" on a GPU (see step); "loose" once an operation has no deterministic
-        # kernel there; "default": the CPU's kernels are deterministic already (and
-        # unpact.determinism makes MKL's GEMMs so)
-        self.kernels = "strict" if self.device_type == "cuda" else "default"
+        # "strict" on a GPU (see step), "loose" once torch refused an operation there
+        self.kernels: Kernels = kernels_for(self.device_type, what)
 
     def prepare(self, module: torch.nn.Module) -> Any:
         """Under `accelerate`: wrap the module that computes the loss, the optimiser and
@@ -83,22 +80,13 @@ class Trainer:
         operation that has none (torch refuses it), the step is done again with that
         operation's own kernel, and so is every later one: said once, as the training is
         then not bit-reproducible."""
-        if self.kernels == "default":
-            return self._step(losses, step, where)
-        try:
-            with deterministic_kernels(strict=self.kernels == "strict"):
-                return self._step(losses, step, where)
-        except RuntimeError as e:
-            if self.kernels != "strict" or not refused_nondeterminism(e):
-                raise
-            self.optimiser.zero_grad(set_to_none=True)
-            self.kernels = "loose"
-            first = str(e).strip().splitlines()[0]
-            logging.getLogger("unpact").warning(
-                f"{self.what}: not bit-reproducible on this device: {first}"
-            )
-            with deterministic_kernels(strict=False):
-                return self._step(losses, step, where)
+        found, self.kernels = reproducibly(
+            lambda: self._step(losses, step, where),
+            self.kernels,
+            self.what,
+            again=lambda: self.optimiser.zero_grad(set_to_none=True),
+        )
+        return found
 
     def _step(
         self, losses: Callable[[], dict[str, torch.Tensor]], step: int, where: str

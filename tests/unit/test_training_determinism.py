@@ -10,10 +10,13 @@ import logging
 import pytest
 import torch
 
+from unpact import determinism
 from unpact.determinism import (
     CUBLAS_WORKSPACE,
     deterministic_kernels,
+    kernels_for,
     refused_nondeterminism,
+    reproducibly,
     set_environment,
 )
 from unpact.testing import tiny_model
@@ -95,9 +98,12 @@ def _step_twice(refuse_first: bool, kernels: str) -> tuple[list[torch.Tensor], T
     return [p.detach().cpu().clone() for p in lm.model.parameters()], trainer
 
 
-def test_a_step_torch_refuses_is_done_again_without_strictness_and_said_once(caplog):
+def test_a_step_torch_refuses_is_done_again_without_strictness_and_said_once(
+    caplog, monkeypatch
+):
     """The refused step's half-made gradient is dropped: the weights are those of the same
     two steps never refused; every later step runs warn-only, torch's warning not shown."""
+    monkeypatch.setattr(determinism, "_REFUSED", set())
     plain, _ = _step_twice(refuse_first=False, kernels="loose")
     with caplog.at_level(logging.WARNING, logger="unpact"):
         refused, trainer = _step_twice(refuse_first=True, kernels="strict")
@@ -109,6 +115,60 @@ def test_a_step_torch_refuses_is_done_again_without_strictness_and_said_once(cap
         f"deterministic implementation{REFUSAL.split('implementation', 1)[1]}"
     ]
     assert not torch.are_deterministic_algorithms_enabled()  # given back after each step
+
+
+def test_a_refusal_is_said_once_per_computation_and_later_ones_start_loose(caplog, monkeypatch):
+    monkeypatch.setattr(determinism, "_REFUSED", set())
+    assert kernels_for("cuda:1", "GradNorm") == "strict"
+    assert kernels_for(torch.device("cpu"), "GradNorm") == "default"
+    modes = []
+
+    def refused_when_strict() -> int:
+        modes.append(torch.is_deterministic_algorithms_warn_only_enabled())
+        if not modes[-1]:
+            raise RuntimeError(REFUSAL)
+        return 7
+
+    with caplog.at_level(logging.WARNING, logger="unpact"):
+        assert reproducibly(refused_when_strict, "strict", "GradNorm") == (7, "loose")
+        assert kernels_for("cuda", "GradNorm") == "loose"
+        assert kernels_for("cuda", "Gradient x input") == "strict"
+        assert reproducibly(refused_when_strict, "strict", "GradNorm") == (7, "loose")
+    assert modes == [False, True, False, True]
+    assert len([r for r in caplog.records if r.name == "unpact"]) == 1
+
+
+def test_gradient_attributions_and_gradnorm_run_under_the_devices_kernels(monkeypatch):
+    """On a GPU ("strict") they run under torch's deterministic algorithms; on a CPU those
+    change none of their numbers."""
+    import unpact.gradient as gradient
+    import unpact.membership_scores as scores
+
+    lm = tiny_model(seed=4)
+    prompts, answers = ["Who wrote it?", "Where is it?"], [" Ann", " Rome"]
+    plain = gradient.gradient_attributions(lm, prompts, answers, method="grad_x_input")
+    norms = scores.gradient_norms(lm, prompts, answers)
+    batched = scores.gradient_norms_batched(lm, prompts, answers)
+    seen = []
+    for module in (gradient, scores):
+        monkeypatch.setattr(module, "kernels_for", lambda device, what: "strict")
+    one, chunk = gradient._one, scores._ghost_chunk
+
+    def spy(fn):
+        def wrapped(*args, **kwargs):
+            seen.append(torch.are_deterministic_algorithms_enabled())
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(gradient, "_one", spy(one))
+    monkeypatch.setattr(scores, "_ghost_chunk", spy(chunk))
+    monkeypatch.setattr(scores, "_weight_gradients", spy(scores._weight_gradients))
+    strict = gradient.gradient_attributions(lm, prompts, answers, method="grad_x_input")
+    assert [a.scores for a in strict] == [a.scores for a in plain]
+    assert scores.gradient_norms(lm, prompts, answers) == norms
+    assert scores.gradient_norms_batched(lm, prompts, answers) == batched
+    assert seen == [True] * 5 and not torch.are_deterministic_algorithms_enabled()
 
 
 def test_other_errors_of_a_strict_step_are_raised_as_they_are():
