@@ -122,10 +122,16 @@ def union_recovery_rate(
 
 
 def control_rate(records: list[ItemRecord], attack: str) -> float:
-    """The control of a recovery rate: of this method's forgotten items, the share the same
-    attack "recovers" from the never-taught reference (a model that never knew them); NaN
-    where the reference was not attacked. Recovery means something only above it."""
-    attacked = [r for r in records if r.forgotten and attack in r.recovered_control]
+    """The control of a recovery rate: of this method's forgotten items that the attack ran
+    on, the share the same attack "recovers" from the never-taught reference (a model that
+    never knew them); NaN where the reference was not attacked. Recovery means something
+    only above it. Over the same items as the recovery rate: a control row of an item the
+    attack did not run on (relearning trained on it) is left out."""
+    attacked = [
+        r
+        for r in records
+        if r.forgotten and attack in r.recovered_control and attack in r.recovered
+    ]
     return _share(sum(r.recovered_control[attack] for r in attacked), len(attacked))
 
 

@@ -68,3 +68,61 @@ def test_verbmem_over_texts_rouge_cannot_read_is_said_in_skipped():
     docs = [Document("d", "Москва — столица России.", "forget")]
     named = [QAItem("f", "Q?", "Paris", "forget", document="d")]
     assert "verbmem" in missing_inputs(_data(named, [], documents=docs), settings)
+
+
+def test_relearnings_control_trains_on_the_same_forgotten_items_as_each_model(monkeypatch):
+    """Relearning on forgotten items trains on some and answers the rest, so its control on
+    the reference runs over each model's own forgotten items (the same split, the same
+    items answered); its control over every item the original knew trained on others and
+    answered items the model's relearning had trained on. Attacks whose rows stand alone
+    keep one control over every known item, shared by the models."""
+    import unpact.run as runner
+    from unpact.run import Model, ModelStages, Pipeline, _controls, load_config
+    from unpact.run import membership as membership_stage
+
+    cfg = load_config(
+        {
+            "model": "tiny:0",
+            "methods": [{"method": "ga"}],
+            "attacks": [
+                {"name": "quantize"},
+                {"name": "relearn", "control": True},
+                {"name": "relearn", "label": "on_retain", "control": True,
+                 "settings": {"data": "retain"}},
+                {"name": "focus_on_key"},
+            ],
+        }
+    )  # fmt: skip
+    forget = [QAItem(f"f{n}", f"Q{n}?", "A", "forget") for n in range(6)]
+    data = Data(None, {"forget": forget, "retain": [], "general": []})  # type: ignore[arg-type]
+
+    def stages(correct: set[int]) -> ModelStages:
+        return ModelStages({f"f{n}": {"correct": n in correct} for n in range(6)}, {})
+
+    all_stages = {"original": stages({0, 1, 2, 3, 4}), "a": stages({0}), "b": stages({0, 1, 2})}
+    ran: list[tuple[str, list[str]]] = []
+
+    def attack_stage(p, data, spec, model, opened, items, *rest):
+        ran.append((spec.column, [i.id for i in items]))
+        return {"ran on": [i.id for i in items]}
+
+    monkeypatch.setattr(runner, "_attack_stage", attack_stage)
+    monkeypatch.setattr(membership_stage, "opener", lambda p, spec: None)
+    p = Pipeline(cfg, None, print, False)  # type: ignore[arg-type]
+    reference = Model("retrained", "tiny:5", "key")
+    models = [Model("a", "x", "ka"), Model("b", "y", "kb")]
+    controls, why = _controls(p, data, reference, all_stages, models)
+    assert why is None
+    known = ["f0", "f1", "f2", "f3", "f4"]
+    assert sorted(ran) == sorted(
+        [
+            ("quantize", known),
+            ("on_retain", known),
+            ("relearn", ["f1", "f2", "f3", "f4"]),  # a's forgotten items
+            ("relearn", ["f3", "f4"]),  # b's
+        ]
+    )
+    assert controls["a"]["quantize"] is controls["b"]["quantize"]  # one run, shared
+    assert controls["a"]["relearn"] == {"ran on": ["f1", "f2", "f3", "f4"]}
+    assert controls["b"]["relearn"] == {"ran on": ["f3", "f4"]}
+    assert "focus_on_key" not in controls["a"]

@@ -12,6 +12,7 @@ from unpact.metrics import (
     ItemRecord,
     accuracy,
     bootstrap_ci,
+    control_rate,
     collapse_rate,
     destructive_rate,
     focus_shift,
@@ -370,3 +371,21 @@ def test_the_listings_print_every_name_whole_at_80_columns(monkeypatch, what):
     assert max(map(len, printed.splitlines())) <= 80
     cells = {line.split("│")[1].strip() for line in printed.splitlines() if line.count("│") > 2}
     assert set(names) <= cells
+
+
+def test_the_control_rate_is_over_the_items_the_attack_ran_on():
+    """Relearning trains on some forgotten items and has no row for them; a control row
+    for such an item (the reference's relearning answered it) is not in the control's
+    share, which is over the same items as the recovery rate."""
+    records = [
+        ItemRecord("f1", "forget", True, False, {"relearn": True}),
+        ItemRecord("f2", "forget", True, False, {"relearn": False}),
+        ItemRecord("f3", "forget", True, False, {}),  # trained on
+        ItemRecord("f4", "forget", True, True, {}),  # kept: not forgotten
+    ]
+    control = {"f1": False, "f2": True, "f3": True, "f4": True}
+    for r in records:
+        r.recovered_control["relearn"] = control[r.id]
+    assert recovery_rate(records, "relearn") == 0.5
+    assert control_rate(records, "relearn") == 0.5  # f1, f2; not 2 of 3 with f3
+    assert math.isnan(control_rate(records, "quantize"))

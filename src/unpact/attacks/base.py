@@ -121,6 +121,15 @@ class Attack:
                 dumped.pop(name, None)
         return dumped
 
+    @property
+    def rows_depend_on_the_items(self) -> bool:
+        """Whether an item's row depends on which other items are attacked with it
+        (relearning trains on some forgotten items and answers the rest). Its control on the
+        never-taught reference then runs over each unlearned model's own forgotten items,
+        so that both models train on the same items and answer the same others; otherwise
+        one control over every forget item the original knew serves every model."""
+        return False
+
     def key_parts(self, ctx: AttackContext) -> list[Any]:
         """What the rows depend on beyond the model, items, KeyTokens, settings and judge."""
         return [list(ctx.demonstrations)] if self.uses_demonstrations else []

@@ -68,6 +68,11 @@ class Relearn(Attack):
         pool = sorted(forgotten_ids)
         return rng.sample(pool, min(s.items, max(len(pool) - 1, 0)))
 
+    @property
+    def rows_depend_on_the_items(self) -> bool:
+        """Trained on some of the forgotten items it is given: the others are its rows."""
+        return bool(self.settings.data == "forget")
+
     def key_parts(self, ctx: AttackContext) -> list[Any]:
         return [[i.id for i in ctx.retain]]  # it may train on them
 

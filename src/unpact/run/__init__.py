@@ -346,13 +346,13 @@ def _run_one(
         stages[model.label] = _model_stages(p, data, model, stages["original"])
     attacks = [a.column for a in cfg.attacks]
     found = membership.compute(p, data, original, unlearned, stages)
-    controls, no_control = _controls(p, data, found.reference, stages["original"])
+    controls, no_control = _controls(p, data, found.reference, stages, unlearned)
     baselines = _baselines(p, data, original)
     records = {
         m.label: found.records(
             m.label,
             [
-                _record(i, m.label, stages["original"], stages[m.label], attacks, controls)
+                _record(i, m.label, stages["original"], stages[m.label], attacks, controls[m.label])
                 for i in data.items
             ],
         )
@@ -1011,27 +1011,50 @@ def _attack_stage(
 
 
 def _controls(
-    p: Pipeline, data: Data, reference: Model | None, original: ModelStages
-) -> tuple[dict[str, dict[str, dict[str, Any]]], str | None]:
-    """Each attack that has a control, run on the never-taught reference over every forget
-    item the original model answered (a superset of each method's forgotten items): what
-    the attack "recovers" from a model that never knew. With the reason when there is none."""
+    p: Pipeline,
+    data: Data,
+    reference: Model | None,
+    stages: dict[str, ModelStages],
+    unlearned: list[Model],
+) -> tuple[dict[str, dict[str, dict[str, dict[str, Any]]]], str | None]:
+    """Per unlearned model, each attack that has a control, run on the never-taught
+    reference: what the attack "recovers" from a model that never knew. Over every forget
+    item the original model answered (a superset of each model's forgotten items; one run
+    for all), or, for an attack whose rows depend on the items attacked together (relearning
+    on forgotten items), over that model's own forgotten items. With the reason when there
+    is none."""
     specs = [s for s in p.cfg.attacks if s.controlled()]
     if not specs:
-        return {}, None
+        return {m.label: {} for m in unlearned}, None
     if reference is None:
-        return {}, (
+        return {m.label: {} for m in unlearned}, (
             "the attacks' controls run on the never-taught reference, which this run does not "
             "have (see skipped.membership)"
         )
     if is_remote_spec(reference.spec) and any(ATTACKS[s.name].changes_weights for s in specs):
-        return {}, f"the reference {reference.spec} is served: no weights to attack"
-    items = [i for i in data.splits["forget"] if original.evals[i.id]["correct"]]
+        return {m.label: {} for m in unlearned}, (
+            f"the reference {reference.spec} is served: no weights to attack"
+        )
+    original = stages["original"]
+    known = [i for i in data.splits["forget"] if original.evals[i.id]["correct"]]
     opened = membership.opener(p, reference.spec)
-    return {
-        s.column: _attack_stage(p, data, s, reference, opened, items, original, None, "control")
+    own = {s.column for s in specs if get_attack(s.name, s.settings).rows_depend_on_the_items}
+    shared = {
+        s.column: _attack_stage(p, data, s, reference, opened, known, original, None, "control")
         for s in specs
-    }, None
+        if s.column not in own
+    }
+    controls = {}
+    for m in unlearned:
+        forgotten = [i for i in known if not stages[m.label].evals[i.id]["correct"]]
+        controls[m.label] = shared | {
+            s.column: _attack_stage(
+                p, data, s, reference, opened, forgotten, original, None, "control"
+            )
+            for s in specs
+            if s.column in own
+        }
+    return controls, None
 
 
 def _code_version(attack: Any) -> list[str]:
