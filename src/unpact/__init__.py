@@ -11,13 +11,20 @@ def _quiet_libraries() -> None:
     with torch.compile; bitsandbytes, which peft imports whenever it is installed (every
     LoRA of unpact's), one for the CPU kernel it cannot fetch from the hub, and the
     `kernels` package one for the hub check it skips offline: none of it concerns unpact's
-    users. Left alone if the user set a level on those loggers."""
+    users. Left alone if the user set a level on those loggers.
+
+    torchao 0.18's quant_api.py has an invalid escape in a docstring, which Python 3.12 and
+    later report (SyntaxWarning) whenever they compile the file: at each import where no
+    bytecode was written at install (uv installs without it), seen on a GPU machine."""
     import logging
+    import warnings
 
     for name in ("torchao", "torch.utils._pytree", "bitsandbytes", "kernels"):
         logger = logging.getLogger(name)
         if logger.level == logging.NOTSET:
             logger.setLevel(logging.ERROR)
+    # a compiler's warning has the file's path (less ".py") as its module
+    warnings.filterwarnings("ignore", category=SyntaxWarning, module=r".*[/\\]torchao[/\\]")
 
 
 _quiet_libraries()

@@ -117,3 +117,19 @@ def test_commands_that_need_weights_do_not_offer_a_served_model():
     served = runner.invoke(app, ["serve", "--model", "openai:t@http://127.0.0.1:9/v1"])
     # an UnpactError: `unpact` (cli.main) prints its message and exits with 2
     assert "is a served model already" in str(served.exception), served.output
+
+
+def test_torchao_s_invalid_escape_is_not_shown_and_other_syntax_warnings_are():
+    """Python 3.12 compiles torchao 0.18's quant_api.py (no bytecode written at install)
+    with a SyntaxWarning for an escape in a docstring; `import unpact` hides it, and only
+    it (the compiler's warning names the file, less ".py", as its module)."""
+    import warnings
+
+    import unpact
+
+    with warnings.catch_warnings(record=True) as seen:
+        # what `import unpact` does (pytest drops the filters set while it collected)
+        unpact._quiet_libraries()
+        for path in ("/x/site-packages/torchao/quantization/quant_api.py", "/x/mine/code.py"):
+            warnings.warn_explicit("invalid escape sequence '\\.'", SyntaxWarning, path, 1542)
+    assert [w.filename for w in seen] == ["/x/mine/code.py"]
