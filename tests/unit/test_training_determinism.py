@@ -98,9 +98,7 @@ def _step_twice(refuse_first: bool, kernels: str) -> tuple[list[torch.Tensor], T
     return [p.detach().cpu().clone() for p in lm.model.parameters()], trainer
 
 
-def test_a_step_torch_refuses_is_done_again_without_strictness_and_said_once(
-    caplog, monkeypatch
-):
+def test_a_step_torch_refuses_is_done_again_without_strictness_and_said_once(caplog, monkeypatch):
     """The refused step's half-made gradient is dropped: the weights are those of the same
     two steps never refused; every later step runs warn-only, torch's warning not shown."""
     monkeypatch.setattr(determinism, "_REFUSED", set())
