@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -163,6 +165,28 @@ def _load(
     )
 
 
+@contextmanager
+def _named_items(data: Path | None = None) -> Iterator[None]:
+    """An error about "item N" (the API's 0-based place in its lists) in the command's own
+    terms: the one --prompt needs no name, a --data file's prompt is named by its line."""
+    try:
+        yield
+    except UnpactError as exc:
+        found = re.match(r"item (\d+): ", str(exc))
+        if found is None:
+            raise
+        rest = str(exc)[found.end() :]
+        if data is None:
+            raise UnpactError(rest) from None
+        from unpact.files import json_lines, read_text
+
+        lines = [n for n, _ in json_lines(read_text(data))]  # read_prompts' lines, in order
+        n = int(found[1])
+        raise UnpactError(
+            f"{data}, line {lines[n]}: {rest}" if n < len(lines) else str(exc)
+        ) from None
+
+
 def _check_text(**texts: str) -> None:
     """Catch empty inputs before spending seconds on loading a model."""
     for name, text in texts.items():
@@ -201,15 +225,16 @@ def generate(
         **{"--temperature": temperature != 1.0, "--seed": seed != 0},
     )
     lm = _load(_asked(model, chat_template, no_chat_template), dtype, device, trust_remote_code)
-    (gens,) = run_generate(
-        lm,
-        [prompt],
-        chat_template=not no_chat_template and lm.has_chat_template,
-        max_new_tokens=max_new_tokens,
-        num_samples=sample,
-        temperature=temperature,
-        seed=seed,
-    )
+    with _named_items():
+        (gens,) = run_generate(
+            lm,
+            [prompt],
+            chat_template=not no_chat_template and lm.has_chat_template,
+            max_new_tokens=max_new_tokens,
+            num_samples=sample,
+            temperature=temperature,
+            seed=seed,
+        )
     for i, g in enumerate(gens):
         out.print(f"[{i}] {g.text}" if sample else g.text, markup=False, highlight=False)
 
@@ -232,9 +257,10 @@ def score(
 
     _check_text(prompt=prompt, answer=answer)
     lm = _load(_asked(model, chat_template, no_chat_template), dtype, device, trust_remote_code)
-    (result,) = run_score(
-        lm, [prompt], [answer], chat_template=not no_chat_template and lm.has_chat_template
-    )
+    with _named_items():
+        (result,) = run_score(
+            lm, [prompt], [answer], chat_template=not no_chat_template and lm.has_chat_template
+        )
     table = Table("#", "token", "id", "log-prob", title="Answer tokens")
     for k, (tok, tid, lp) in enumerate(
         zip(result.answer_tokens, result.answer_ids, result.logprobs)
@@ -340,24 +366,25 @@ def attribute(
     lm = _load(model, dtype, device, trust_remote_code, concurrency)
     if gradient and not lm.has_weights:
         raise UnpactError(f"--gradient needs the model's weights; {lm.spec} is served")
-    records = attribute_many(
-        lm,
-        prompts,
-        answers,
-        unit=unit,  # type: ignore[arg-type]
-        baseline=baseline,  # type: ignore[arg-type]
-        target=target,  # type: ignore[arg-type]
-        chat_template=not no_chat_template and lm.has_chat_template,
-        alpha=alpha,
-        beta=beta,
-        baseline_token_id=baseline_token_id,
-        max_new_tokens=max_new_tokens,
-        progress=len(prompts) > 1,
-        max_work=max_work,
-    )
-    checks = _gradient_checks(
-        lm, records, gradient, ig_steps, ig_baseline, top_k, progress=len(prompts) > 1
-    )
+    with _named_items(data):
+        records = attribute_many(
+            lm,
+            prompts,
+            answers,
+            unit=unit,  # type: ignore[arg-type]
+            baseline=baseline,  # type: ignore[arg-type]
+            target=target,  # type: ignore[arg-type]
+            chat_template=not no_chat_template and lm.has_chat_template,
+            alpha=alpha,
+            beta=beta,
+            baseline_token_id=baseline_token_id,
+            max_new_tokens=max_new_tokens,
+            progress=len(prompts) > 1,
+            max_work=max_work,
+        )
+        checks = _gradient_checks(
+            lm, records, gradient, ig_steps, ig_baseline, top_k, progress=len(prompts) > 1
+        )
     _show_attributions(records, checks, gradient, top_k, json_out, html_out, many=data is not None)
 
 

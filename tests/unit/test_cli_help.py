@@ -133,3 +133,29 @@ def test_torchao_s_invalid_escape_is_not_shown_and_other_syntax_warnings_are():
         for path in ("/x/site-packages/torchao/quantization/quant_api.py", "/x/mine/code.py"):
             warnings.warn_explicit("invalid escape sequence '\\.'", SyntaxWarning, path, 1542)
     assert [w.filename for w in seen] == ["/x/mine/code.py"]
+
+
+def test_a_prompts_error_names_its_data_line_or_nothing_for_the_one_prompt(tmp_path):
+    """The API's "item N: " (0-based, in its lists) meant nothing to a user of one --prompt,
+    and was not the line of a --data file with a blank line in it."""
+    from unpact.errors import UnpactError
+    from unpact.models import save_model
+    from unpact.testing import tiny_model
+
+    lm = tiny_model(seed=0)
+    save_model(lm.model, lm.tokenizer, tmp_path / "m")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "Who?", "answer": "Bob"}\n\n{"prompt": "Where?", "answer": ""}\n')
+    base = ["--model", str(tmp_path / "m"), "--device", "cpu"]
+    said = {}
+    for name, args in {
+        "data": ["attribute", *base, "--data", str(data)],
+        "prompt": ["attribute", *base, "-p", "Where?", "-a", ""],
+        "score": ["score", *base, "-p", "Where? " * 300, "-a", "x"],
+    }.items():
+        result = CliRunner().invoke(app, args)
+        assert isinstance(result.exception, UnpactError), (name, result.output)
+        said[name] = str(result.exception)
+    assert said["data"] == f"{data}, line 3: empty answer: give the text whose log-prob to compute"
+    assert said["prompt"] == "empty answer: give the text whose log-prob to compute"
+    assert said["score"].startswith("prompt + answer is "), said["score"]
