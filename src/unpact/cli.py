@@ -357,7 +357,7 @@ def attribute(
     """unPact: each prompt unit's contribution to the answer's log-prob, and the KeyTokens."""
     from unpact.attribution import attribute_many
 
-    _attribute_settings(unit, baseline, target, alpha, beta, baseline_token_id)
+    settings = _attribute_settings(unit, baseline, target, alpha, beta, baseline_token_id)
     gradient = _gradient_options(gradient, ig_steps, ig_baseline, top_k)
     prompts, answers = _attribute_inputs(prompt, answer, data)
     for option, path in (("--json", json_out), ("--html", html_out)):
@@ -366,25 +366,19 @@ def attribute(
     lm = _load(model, dtype, device, trust_remote_code, concurrency)
     if gradient and not lm.has_weights:
         raise UnpactError(f"--gradient needs the model's weights; {lm.spec} is served")
+    many = len(prompts) > 1  # a progress bar
     with _named_items(data):
         records = attribute_many(
             lm,
             prompts,
             answers,
-            unit=unit,  # type: ignore[arg-type]
-            baseline=baseline,  # type: ignore[arg-type]
-            target=target,  # type: ignore[arg-type]
             chat_template=not no_chat_template and lm.has_chat_template,
-            alpha=alpha,
-            beta=beta,
-            baseline_token_id=baseline_token_id,
             max_new_tokens=max_new_tokens,
-            progress=len(prompts) > 1,
+            progress=many,
             max_work=max_work,
+            **settings,
         )
-        checks = _gradient_checks(
-            lm, records, gradient, ig_steps, ig_baseline, top_k, progress=len(prompts) > 1
-        )
+        checks = _gradient_checks(lm, records, gradient, ig_steps, ig_baseline, top_k, many)
     _show_attributions(records, checks, gradient, top_k, json_out, html_out, many=data is not None)
 
 
@@ -429,13 +423,22 @@ def _check_out_file(option: str, path: Path | None) -> None:
 
 def _attribute_settings(
     unit: str, baseline: str, target: str | None, alpha: float, beta: float, token_id: int | None
-) -> None:
-    """`unpact attribute`'s settings checked before any model loads."""
+) -> dict[str, Any]:
+    """`unpact attribute`'s settings, checked before any model loads, as `attribute_many`
+    takes them."""
     from unpact.attribution import check_settings
 
     check_settings(unit, baseline, target, alpha, beta)
     given = {"--baseline-token-id": token_id is not None}
     _used_alone("--baseline token", baseline == "token", **given)
+    return {
+        "unit": unit,
+        "baseline": baseline,
+        "target": target,
+        "alpha": alpha,
+        "beta": beta,
+        "baseline_token_id": token_id,
+    }
 
 
 def _used_alone(what: str, present: bool, **given: bool) -> None:

@@ -1024,17 +1024,16 @@ def _controls(
     on forgotten items), over that model's own forgotten items. With the reason when there
     is none."""
     specs = [s for s in p.cfg.attacks if s.controlled()]
+    none: dict[str, dict[str, dict[str, dict[str, Any]]]] = {m.label: {} for m in unlearned}
     if not specs:
-        return {m.label: {} for m in unlearned}, None
+        return none, None
     if reference is None:
-        return {m.label: {} for m in unlearned}, (
+        return none, (
             "the attacks' controls run on the never-taught reference, which this run does not "
             "have (see skipped.membership)"
         )
     if is_remote_spec(reference.spec) and any(ATTACKS[s.name].changes_weights for s in specs):
-        return {m.label: {} for m in unlearned}, (
-            f"the reference {reference.spec} is served: no weights to attack"
-        )
+        return none, f"the reference {reference.spec} is served: no weights to attack"
     original = stages["original"]
     known = [i for i in data.splits["forget"] if original.evals[i.id]["correct"]]
     opened = membership.opener(p, reference.spec)
