@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, cast, get_args
 
 import torch
 
-from unpact.errors import UnpactError
+from unpact.errors import UnpactError, items_named
 from unpact.files import json_lines, read_text
 from unpact.types import AnyModel, EncodedPrompt, follow
 
@@ -604,12 +604,13 @@ def _generated_targets(
     todo = [i for i, g in enumerate(wanted) if g]
     if not todo:
         return {}
-    gens = generate(
-        lm,
-        [encoded[i] for i in todo],
-        max_new_tokens=max_new_tokens,
-        progress="Generating targets" if progress else False,
-    )
+    with items_named(lambda n: f"item {todo[n]}"):
+        gens = generate(
+            lm,
+            [encoded[i] for i in todo],
+            max_new_tokens=max_new_tokens,
+            progress="Generating targets" if progress else False,
+        )
     out = {}
     for i, g in zip(todo, gens):
         if not g[0].token_ids or (encoded[i].tail and not g[0].text.strip()):

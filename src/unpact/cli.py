@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -22,7 +21,7 @@ from rich.table import Column, Table
 
 from unpact import configs as builtin_run_configs
 from unpact.attribution import ALPHA, BETA, MAX_WORK
-from unpact.errors import UnpactError
+from unpact.errors import UnpactError, items_named
 
 if TYPE_CHECKING:
     from unpact.attribution import Attribution
@@ -165,26 +164,19 @@ def _load(
     )
 
 
-@contextmanager
-def _named_items(data: Path | None = None) -> Iterator[None]:
+def _named_items(data: Path | None = None) -> AbstractContextManager[None]:
     """An error about "item N" (the API's 0-based place in its lists) in the command's own
     terms: the one --prompt needs no name, a --data file's prompt is named by its line."""
-    try:
-        yield
-    except UnpactError as exc:
-        found = re.match(r"item (\d+): ", str(exc))
-        if found is None:
-            raise
-        rest = str(exc)[found.end() :]
-        if data is None:
-            raise UnpactError(rest) from None
+    if data is None:
+        return items_named(lambda n: "")
+
+    def line(n: int) -> str:
         from unpact.files import json_lines, read_text
 
-        lines = [n for n, _ in json_lines(read_text(data))]  # read_prompts' lines, in order
-        n = int(found[1])
-        raise UnpactError(
-            f"{data}, line {lines[n]}: {rest}" if n < len(lines) else str(exc)
-        ) from None
+        lines = [k for k, _ in json_lines(read_text(data))]  # read_prompts' lines, in order
+        return f"{data}, line {lines[n]}"
+
+    return items_named(line)
 
 
 def _check_text(**texts: str) -> None:

@@ -8,7 +8,9 @@ its traceback.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -20,6 +22,35 @@ class NotForThisModel(UnpactError):
     """A step the model's architecture cannot have (a hidden-state attack on Gemma 3n,
     whose layers carry parallel streams): a run leaves that step out and says why in
     results.json's `skipped`, where a step called alone stops with the message."""
+
+
+_ITEM = re.compile(r"item (\d+): ")
+
+
+@contextmanager
+def items_named(name: Callable[[int], str]) -> Iterator[None]:
+    """An error about "item N" raised in the block (N: the place, from 0, in the list the
+    called function was given) said of the caller's own list: `name(N)` is what replaces
+    "item N" ("item 7" of the whole where the call had a subset, "item forget-3 (forget)"
+    of a benchmark; "" drops it). Every function that hands a list of its own making to
+    another names the items so, or the user reads the place in a list they never saw."""
+    try:
+        yield
+    except UnpactError as exc:
+        found = _ITEM.match(str(exc))
+        if found is None:
+            raise
+        try:
+            label = name(int(found[1]))
+        except IndexError:
+            raise exc from None
+        rest = str(exc)[found.end() :]
+        said = f"{label}: {rest}" if label else rest
+        try:
+            again = type(exc)(said)  # its kind kept (a step the model cannot have)
+        except TypeError:
+            again = UnpactError(said)
+        raise again from None
 
 
 def check_not_builtin(what: str, name: str, held: Any, mine: Any, how: str) -> None:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field
 
-from unpact.errors import UnpactError
+from unpact.errors import UnpactError, items_named
 from unpact.types import SettingsModel, fills
 
 if TYPE_CHECKING:
@@ -463,7 +463,13 @@ def choose_options(
     from unpact.scoring import score
 
     pairs = [(q, c) for q, cs in zip(questions, choices, strict=True) for c in cs]
-    scores = score(lm, [q for q, _ in pairs], [c for _, c in pairs], progress=progress)
+    owner = [
+        (n, k, c if len(c) <= 40 else c[:37] + "...")
+        for n, cs in enumerate(choices)
+        for k, c in enumerate(cs)
+    ]
+    with items_named(lambda m: "item {}: option {} ({!r})".format(*owner[m])):
+        scores = score(lm, [q for q, _ in pairs], [c for _, c in pairs], progress=progress)
     picked, k = [], 0
     for cs in choices:
         lps = [s.lp for s in scores[k : k + len(cs)]]
@@ -489,7 +495,7 @@ def encode_questions(
     encoded = []
     for n, item in enumerate(items):
         enc = lm.encode_prompt(item.question if prompts is None else prompts[n])
-        label = f"item {item.id} ({item.split}): its {what}"
+        label = f"{item.label}: its {what}"
         check_room(label, len(enc.input_ids), max_new_tokens, lm.max_length, setting)
         encoded.append(enc)
     return encoded
@@ -525,7 +531,7 @@ def check_answer_room(
             continue
         if not any(normalize(a) for a in (item.answer, *item.aliases)):
             raise UnpactError(
-                f"item {item.id} ({item.split}): its answer {item.answer!r} keeps no word "
+                f"{item.label}: its answer {item.answer!r} keeps no word "
                 "once punctuation and the articles a, an, the are dropped (the judge's "
                 "normalisation, SPEC section 4), so no answer could ever be judged correct; "
                 "write the answer (or an alias) in words"
@@ -561,7 +567,8 @@ def answer_items(
     qa = [i for i in items if not i.is_mcq]
     if qa:
         prompts = encode_questions(lm, qa, settings.max_new_tokens, setting=setting)
-        outs = generate(lm, prompts, max_new_tokens=settings.max_new_tokens, progress=progress)
+        with items_named(lambda n: qa[n].label):
+            outs = generate(lm, prompts, max_new_tokens=settings.max_new_tokens, progress=progress)
         texts = [o[0].text for o in outs]
         verdicts = judge_many(
             [Verdict(i.question, t, i.answer, i.aliases) for i, t in zip(qa, texts)],
@@ -572,9 +579,10 @@ def answer_items(
             found[i.id] = (t, ok)
     mcq = [i for i in items if i.is_mcq]
     if mcq:
-        picks = choose_options(
-            lm, [i.question for i in mcq], [i.choices or () for i in mcq], progress=progress
-        )
+        with items_named(lambda n: mcq[n].label):
+            picks = choose_options(
+                lm, [i.question for i in mcq], [i.choices or () for i in mcq], progress=progress
+            )
         for i, k in zip(mcq, picks):
             choice = (i.choices or ())[k]
             found[i.id] = (choice, choice == i.answer)

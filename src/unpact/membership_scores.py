@@ -34,9 +34,22 @@ def token_stats(
 ) -> list[TextStats]:
     """Teacher-forced statistics of each `texts[i]` as the answer to `prompts[i]` (in the
     chat format evaluation uses), batched: one pass per `batch_size` texts."""
-    encoded = [pair_ids(lm, p, t) for p, t in zip(prompts, texts)]
+    encoded = fitting_pairs(lm, prompts, texts)
     label = progress if isinstance(progress, str) else "Membership scores"
     return _batched_stats(lm, encoded, list(texts), batch_size, label, bool(progress))
+
+
+def fitting_pairs(
+    lm: LanguageModel, prompts: Sequence[str], texts: Sequence[str]
+) -> list[tuple[list[int], list[int]]]:
+    """Each text as the answer to its prompt (`pair_ids`), every pair checked to fit the
+    model's context as scoring checks it ("item N: prompt + answer is ... tokens"): a longer
+    one was scored past a rotary model's positions, and its numbers taken as they came."""
+    from unpact.scoring import check_pairs
+
+    encoded = [pair_ids(lm, p, t) for p, t in zip(prompts, texts, strict=True)]
+    ids, answers = check_pairs([p for p, _ in encoded], [a for _, a in encoded], lm.max_length)
+    return list(zip(ids, answers))
 
 
 def document_stats(
@@ -124,6 +137,7 @@ def gradient_norms(
     answer NLL (one backward pass each: a per-text gradient cannot share a batch)."""
 
     net = lm.model
+    pairs = fitting_pairs(lm, prompts, texts)
     params = [p for p in net.parameters()]
     flags = [p.requires_grad for p in params]
     for p in params:
@@ -132,8 +146,7 @@ def gradient_norms(
     label = progress if isinstance(progress, str) else "GradNorm"
     try:
         with progress_bar(label, total=len(texts), enabled=bool(progress)) as advance:
-            for prompt, text in zip(prompts, texts):
-                ids, answer = pair_ids(lm, prompt, text)
+            for ids, answer in pairs:
                 # torch's deterministic algorithms on a GPU (unpact.determinism)
                 grads, _ = reproducibly(
                     partial(_weight_gradients, net, params, ids, answer),
@@ -345,7 +358,7 @@ def gradient_norms_batched(
     if not probe.complete or embeddings != [embed]:  # e.g. learned position embeddings
         return gradient_norms(lm, prompts, texts, progress)
     keep = "logits_to_keep" in inspect.signature(net.forward).parameters
-    pairs = [pair_ids(lm, p, t) for p, t in zip(prompts, texts)]
+    pairs = fitting_pairs(lm, prompts, texts)
     params = list(net.parameters())
     flags = [p.requires_grad for p in params]
     norms: list[float] = []

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel
 
 from unpact.data.items import QAItem
-from unpact.errors import UnpactError
+from unpact.errors import UnpactError, items_named
 from unpact.judge import JudgeSettings, Verdict, choose_options, encode_questions, judge_many
 from unpact.plugins import check_name as _check_name
 from unpact.plugins import check_overrides as _check_overrides
@@ -249,9 +249,10 @@ def run_prompts(attack: Attack, ctx: AttackContext) -> list[dict[str, Any]]:
     by_lp = [(n, p) for n, p in flat if items[n].is_mcq and not attack.samples]
     if by_lp:
         lm = ctx.model()
-        picks = choose_options(
-            lm, [p for _, p in by_lp], [items[n].choices or () for n, _ in by_lp]
-        )
+        with items_named(lambda m: f"{items[by_lp[m][0]].label}: {attack.name}'s prompt"):
+            picks = choose_options(
+                lm, [p for _, p in by_lp], [items[n].choices or () for n, _ in by_lp]
+            )
         for (n, _), k in zip(by_lp, picks):
             choice = (items[n].choices or ())[k]
             answers[n].append((choice, choice == items[n].answer))
@@ -265,15 +266,16 @@ def run_prompts(attack: Attack, ctx: AttackContext) -> list[dict[str, Any]]:
             [p for _, p in generated],
             f"prompt under attack {attack.name}",
         )
-        gens = generate(
-            lm,
-            prompts,
-            max_new_tokens=ctx.judge.max_new_tokens,
-            num_samples=attack.samples,
-            temperature=attack.temperature,
-            seed=attack.seed,
-            progress=attack.name,
-        )
+        with items_named(lambda m: f"{items[generated[m][0]].label}: {attack.name}'s prompt"):
+            gens = generate(
+                lm,
+                prompts,
+                max_new_tokens=ctx.judge.max_new_tokens,
+                num_samples=attack.samples,
+                temperature=attack.temperature,
+                seed=attack.seed,
+                progress=attack.name,
+            )
         for (n, _), g in zip(generated, gens):
             answers[n] += [(s.text, None) for s in g]
     # every generated answer judged in one call (an LLM judge: many requests in flight)

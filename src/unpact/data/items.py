@@ -47,6 +47,11 @@ class QAItem:
     def is_mcq(self) -> bool:
         return self.choices is not None
 
+    @property
+    def label(self) -> str:
+        """How a message names the item: its id and split."""
+        return f"item {self.id} ({self.split})"
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["aliases"], d["keywords"] = list(self.aliases), list(self.keywords)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from unpact.backends import open_model
 from unpact.data.items import QAItem, VerbatimPrompt
-from unpact.errors import UnpactError
+from unpact.errors import UnpactError, items_named
 from unpact.indistinguishable import UTILITY_PARTS, utility_sets
 from unpact.judge import muse_rouge_l_f1, rouge_scorable, split_unspaced
 from unpact.membership import (
@@ -447,10 +447,13 @@ def score_model(lm: LanguageModel, items: list[QAItem], gradnorm: bool) -> list[
     from unpact.scoring import answer_logprobs
 
     questions, answers = _texts(items)
-    stats = token_stats(lm, questions, answers, progress=f"Membership: {len(items)} texts")
-    norms = (
-        gradient_norms_batched(lm, questions, answers, progress="GradNorm") if gradnorm else None
-    )
+    with items_named(lambda n: items[n].label):
+        stats = token_stats(lm, questions, answers, progress=f"Membership: {len(items)} texts")
+        norms = (
+            gradient_norms_batched(lm, questions, answers, progress="GradNorm")
+            if gradnorm
+            else None
+        )
     rows: list[dict[str, Any]] = []
     pairs: list[tuple[int, str]] = []  # (row, text) of every truth-ratio answer
     for n, (item, s) in enumerate(zip(items, stats)):
@@ -458,12 +461,13 @@ def score_model(lm: LanguageModel, items: list[QAItem], gradnorm: bool) -> list[
         if item.split == "forget" and item.paraphrased_answer and item.perturbed_answers:
             pairs += [(n, item.paraphrased_answer)] + [(n, t) for t in item.perturbed_answers]
     encoded = [pair_ids(lm, items[n].question, t) for n, t in pairs]
-    lps = answer_logprobs(
-        lm.model,
-        [p for p, _ in encoded],
-        [a for _, a in encoded],
-        progress="Truth-ratio answers" if pairs else False,
-    )
+    with items_named(lambda m: f"{items[pairs[m][0]].label}: its answer {pairs[m][1]!r}"):
+        lps = answer_logprobs(
+            lm.model,
+            [p for p, _ in encoded],
+            [a for _, a in encoded],
+            progress="Truth-ratio answers" if pairs else False,
+        )
     for (n, _), lp in zip(pairs, lps):
         rows[n].setdefault("truth_answers", []).append(lp.tolist())
     return rows
@@ -484,12 +488,13 @@ def utility_rows(lm: LanguageModel, items: list[QAItem]) -> list[dict[str, Any]]
 
     texts = [(n, t) for n, i in enumerate(items) for t in answers(i)]
     encoded = [pair_ids(lm, items[n].question, t) for n, t in texts]
-    lps = answer_logprobs(
-        lm.model,
-        [q for q, _ in encoded],
-        [a for _, a in encoded],
-        progress=f"Model utility: {len(items)} items",
-    )
+    with items_named(lambda m: f"{items[texts[m][0]].label}: its answer {texts[m][1]!r}"):
+        lps = answer_logprobs(
+            lm.model,
+            [q for q, _ in encoded],
+            [a for _, a in encoded],
+            progress=f"Model utility: {len(items)} items",
+        )
     grouped: dict[int, list[list[float]]] = {}
     for (n, _), lp in zip(texts, lps):
         grouped.setdefault(n, []).append(lp.tolist())

@@ -12,7 +12,7 @@ from unpact.attacks import PARAPHRASES
 from unpact.attribution import Attribution, attribute_many
 from unpact.data.items import Benchmark, QAItem
 from unpact.data.sources import materialise
-from unpact.errors import UnpactError
+from unpact.errors import UnpactError, items_named
 from unpact.gradient import check_unpact
 from unpact.judge import JudgeSettings, answer_items
 from unpact.run.config import AttributionSettings, DataSettings, MethodSpec, _copy_at
@@ -61,18 +61,19 @@ def attribute(
     settings: AttributionSettings,
     baseline_token_id: int | None = None,
 ) -> list[dict[str, Any]]:
-    records = attribute_many(
-        lm,
-        [i.question for i in items],
-        [i.answer for i in items],
-        unit=settings.unit,
-        baseline=settings.baseline,
-        baseline_token_id=baseline_token_id,
-        alpha=settings.alpha,
-        beta=settings.beta,
-        progress=True,
-        max_work=settings.max_work,
-    )
+    with items_named(lambda n: items[n].label):
+        records = attribute_many(
+            lm,
+            [i.question for i in items],
+            [i.answer for i in items],
+            unit=settings.unit,
+            baseline=settings.baseline,
+            baseline_token_id=baseline_token_id,
+            alpha=settings.alpha,
+            beta=settings.beta,
+            progress=True,
+            max_work=settings.max_work,
+        )
     return [{"id": i.id, **r.to_dict()} for i, r in zip(items, records)]
 
 
@@ -107,17 +108,19 @@ def attribution_checks(
             for i in items
             for t in PARAPHRASES
         ]
-        records = attribute_many(
-            lm,
-            variants,
-            [i.answer for i in items for _ in PARAPHRASES],
-            unit=settings.unit,
-            baseline=settings.baseline,
-            baseline_token_id=baseline_token_id,
-            alpha=settings.alpha,
-            beta=settings.beta,
-            max_work=settings.max_work,
-        )
+        k = len(PARAPHRASES)
+        with items_named(lambda n: f"{items[n // k].label}: its paraphrase {variants[n]!r}"):
+            records = attribute_many(
+                lm,
+                variants,
+                [i.answer for i in items for _ in PARAPHRASES],
+                unit=settings.unit,
+                baseline=settings.baseline,
+                baseline_token_id=baseline_token_id,
+                alpha=settings.alpha,
+                beta=settings.beta,
+                max_work=settings.max_work,
+            )
         for n, row in enumerate(rows):
             base = _key_set(Attribution.from_dict(unpact[row["id"]]).key_token_texts)
             mine = records[n * len(PARAPHRASES) : (n + 1) * len(PARAPHRASES)]

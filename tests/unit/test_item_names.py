@@ -1,0 +1,74 @@
+"""An error about one item names it in the caller's own list: the place in a list the user
+gave, or a benchmark item's id, never the place in a list unpact made on the way (the
+options of every question flattened, the prompts left to generate for, a membership
+stage's texts)."""
+
+from __future__ import annotations
+
+import pytest
+
+from unpact.data.items import QAItem
+from unpact.errors import NotForThisModel, UnpactError, items_named
+
+LONG = "Tell me " + "very " * 300 + "truly: who?"  # past the tiny model's 256 positions
+
+
+def _renamed(error: UnpactError, name) -> UnpactError:
+    try:
+        with items_named(name):
+            raise error
+    except UnpactError as exc:
+        return exc
+    raise AssertionError("nothing raised")
+
+
+def test_items_named_says_the_callers_name_and_keeps_the_rest():
+    names = ["first", "second"]
+    got = _renamed(UnpactError("item 1: too long"), lambda n: f"item {names[n]} (x)")
+    assert str(got) == "item second (x): too long"
+    assert str(_renamed(UnpactError("item 0: too long"), lambda n: "")) == "too long"
+    # no item named, or a place the caller's list does not have: the error as it was
+    assert str(_renamed(UnpactError("the model is gone"), names.__getitem__)) == (
+        "the model is gone"
+    )
+    assert str(_renamed(UnpactError("item 5: too long"), names.__getitem__)) == ("item 5: too long")
+    # its kind kept: a run leaves out a step the model cannot have
+    got = _renamed(NotForThisModel("item 0: no layers"), names.__getitem__)
+    assert type(got) is NotForThisModel and str(got) == "first: no layers"
+
+
+def test_multiple_choice_names_the_question_and_its_option(tiny):
+    from unpact.judge import choose_options
+
+    with pytest.raises(
+        UnpactError, match=r"^item 1: option 1 \('Tell me very.*\.\.\.'\): prompt \+"
+    ):
+        choose_options(tiny, ["Who?", "Who?"], [["a", "b"], ["a", LONG]])
+
+
+def test_a_benchmark_item_is_named_by_its_id(tiny):
+    from unpact.judge import answer_items
+
+    items = [
+        QAItem("q-0", "Who?", "a", "forget", choices=("a", "b")),
+        QAItem("q-7", LONG, "a", "forget", choices=("a", "b")),
+    ]
+    with pytest.raises(UnpactError, match=r"^item q-7 \(forget\): option 0 \('a'\): prompt"):
+        answer_items(tiny, items)
+
+
+def test_attribution_names_the_prompt_it_generated_for(tiny):
+    """Generating targets for a subset of the prompts named the subset's place."""
+    from unpact.attribution import attribute_many
+
+    with pytest.raises(UnpactError, match=r"^item 2: the prompt is \d+ tokens"):
+        attribute_many(tiny, ["Who?", "What?", LONG], ["a", None, None])
+
+
+@pytest.mark.parametrize("what", ["token_stats", "gradient_norms_batched", "gradient_norms"])
+def test_membership_scores_refuse_a_pair_past_the_context(tiny, what):
+    """They were scored past the model's positions and their numbers taken as they came."""
+    import unpact.membership_scores as scores
+
+    with pytest.raises(UnpactError, match=r"^item 1: prompt \+ answer is \d+ tokens, longer"):
+        getattr(scores, what)(tiny, ["Who?", LONG], ["a", "b"])
