@@ -35,7 +35,13 @@ from unpact.determinism import kernels_for, reproducibly
 from unpact.errors import UnpactError
 from unpact.models import LanguageModel
 from unpact.progress import progress_bar
-from unpact.scoring import embeddings_in, head_logprobs, in_eval_mode, lm_body_and_head
+from unpact.scoring import (
+    check_fits,
+    embeddings_in,
+    head_logprobs,
+    in_eval_mode,
+    lm_body_and_head,
+)
 from unpact.types import follow
 
 GradientMethod = Literal["grad_x_input", "integrated_gradients"]
@@ -96,11 +102,12 @@ def gradient_attributions(
     out = []
     label = "Gradient x input" if method == "grad_x_input" else "Integrated gradients"
     with progress_bar(label, total=len(prompts), enabled=progress) as advance:
-        for prompt, answer in zip(prompts, answers, strict=True):
+        for n, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
             # on a GPU under torch's deterministic algorithms (unpact.determinism): the
             # embedding's and attention's backward add with atomics there by default
             one = partial(
                 _one,
+                n,
                 lm,
                 prompt,
                 answer,
@@ -118,6 +125,7 @@ def gradient_attributions(
 
 
 def _one(
+    n: int,
     lm: LanguageModel,
     prompt: str,
     answer: str | Sequence[int],
@@ -136,7 +144,8 @@ def _one(
     else:
         answer_ids = tuple(answer)
     if not answer_ids:
-        raise UnpactError("empty answer: give the text whose log-prob to attribute")
+        raise UnpactError(f"item {n}: empty answer: give the text whose log-prob to attribute")
+    check_fits(n, len(enc.input_ids) + len(answer_ids), lm.max_length)  # not past its positions
     units = make_units(lm, enc, unit)
     ids = torch.tensor([*enc.input_ids, *answer_ids], device=lm.device)
     target = torch.tensor(answer_ids, device=lm.device)

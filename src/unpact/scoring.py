@@ -927,11 +927,13 @@ def _token_ids(what: str, ids: Any, vocab: int | None) -> list[int]:
     return out
 
 
-def check_fits(i: int, tokens: int, limit: int) -> None:
-    """Item `i`'s prompt + answer (`tokens` of them) fits the model's context of `limit`."""
+def check_fits(i: int | str, tokens: int, limit: int) -> None:
+    """Item `i`'s prompt + answer (`tokens` of them) fits the model's context of `limit`;
+    `i`: its place in a list, or how a message names it (`QAItem.label`)."""
     if tokens > limit:
+        name = f"item {i}" if isinstance(i, int) else i
         raise UnpactError(
-            f"item {i}: prompt + answer is {tokens} tokens, longer than the model's context "
+            f"{name}: prompt + answer is {tokens} tokens, longer than the model's context "
             f"of {limit}"
         )
 

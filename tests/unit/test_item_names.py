@@ -72,3 +72,21 @@ def test_membership_scores_refuse_a_pair_past_the_context(tiny, what):
 
     with pytest.raises(UnpactError, match=r"^item 1: prompt \+ answer is \d+ tokens, longer"):
         getattr(scores, what)(tiny, ["Who?", LONG], ["a", "b"])
+
+
+@pytest.mark.parametrize("method", ["grad_x_input", "integrated_gradients"])
+def test_gradient_attribution_refuses_a_pair_past_the_context(tiny, method):
+    """It was attributed past the model's positions, its scores returned as they came."""
+    from unpact.gradient import gradient_attributions
+
+    with pytest.raises(UnpactError, match=r"^item 1: prompt \+ answer is \d+ tokens, longer"):
+        gradient_attributions(tiny, ["Who?", LONG], ["a", "b"], method=method, steps=2)
+
+
+def test_unlearning_refuses_an_item_past_the_context_by_its_id(tiny):
+    """The loss found it by its place in a batch ("item 1", of an item listed first)."""
+    from unpact.unlearn.loop import encode_items
+
+    items = [QAItem("f-0", "Who?", "a", "forget"), QAItem("f-1", LONG, "b", "forget")]
+    with pytest.raises(UnpactError, match=r"^item f-1 \(forget\): prompt \+ answer is \d+"):
+        encode_items(tiny, items)

@@ -104,12 +104,16 @@ class _Interrupt(Exception):
 
 def encode_items(lm: LanguageModel, items: list[QAItem]) -> dict[str, Any]:
     """Chat-formatted prompt ids, answer ids (+ the end of an answer, `answer_end`) and
-    the items' own-text spans."""
+    the items' own-text spans; an item longer than the model's context is refused by name
+    (the loss read it by its place in a batch)."""
+    from unpact.scoring import check_fits
+
     end = lm.answer_end_ids
     prompts, answers, content, encoded = [], [], [], []
     for item in items:
         enc, ids = follow(lm, lm.encode_prompt(item.question), item.answer)
         answer = (*ids, *end)
+        check_fits(item.label, len(enc.input_ids) + len(answer), lm.max_length)
         prompts.append(enc.input_ids)
         answers.append(answer)
         content.append((enc.content_start, len(enc.input_ids) + len(answer)))
