@@ -3,6 +3,8 @@ slow obvious reference, on small matrices and the tiny random model."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -22,8 +24,10 @@ from unpact.attacks.hidden import (
 from unpact.attacks.quantize import (
     float4_code,
     float4_round_trip,
+    int8_activation_round_trip,
     int8_rowwise_round_trip,
     quantizable,
+    quantize_activations,
     quantize_weights,
     round_trip,
 )
@@ -147,6 +151,68 @@ def test_llm_int8_weights_by_hand_and_by_bitsandbytes():
         packed, stats, _ = functional.int8_vectorwise_quant(w.half())
         expected = functional.int8_vectorwise_dequant(packed, stats).to(dtype)
         assert torch.equal(int8_rowwise_round_trip(w), expected), dtype
+
+
+def test_llm_int8_activations_by_hand():
+    """Per token: features at or above the threshold kept, the rest rounded to integers of
+    their absolute maximum / 127 in float16 (a row of zeros stays zero)."""
+    x = torch.tensor([[1.0, -0.5, 0.0039, 9.0], [0.0, 0.0, 0.0, 0.0], [2.0, 1.0, -7.0, 0.3]])
+    step1, step2 = 1.0 / 127, 2.0 / 127  # the rows' absmax, outliers left out
+    expected = torch.tensor(
+        [
+            [1.0, -64 * step1, 0.0, 9.0],  # -0.5 is -63.5 steps: to -64; 0.0039 is 0.495: 0
+            [0.0, 0.0, 0.0, 0.0],
+            [2.0, 64 * step2, -7.0, 19 * step2],  # 1.0 is 63.5 steps: to 64; 0.3 is 19.05
+        ]
+    )
+    assert torch.allclose(int8_activation_round_trip(x, 6.0), expected, atol=1e-6)
+    # threshold 0: nothing kept, 9.0 sets the first row's scale
+    assert torch.allclose(
+        int8_activation_round_trip(x[:1], 0.0),
+        torch.tensor([[14 * 9 / 127, -7 * 9 / 127, 0.0, 9.0]]),
+        atol=1e-6,
+    )
+
+
+def test_llm_int8_layers_compute_what_bitsandbytes_does_token_by_token():
+    """A layer hooked by `quantize_activations`, holding LLM.int8's weights, against
+    bitsandbytes' own inference product (`MatMul8bitLt`, which finds outliers over the
+    rows it is given: one token at a time, as it decodes), within float rounding."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from bitsandbytes.autograd._functions import MatmulLtState
+
+    torch.manual_seed(0)
+    m = _Two(24, 40)
+    m.lin.bias = torch.nn.Parameter(torch.randn(24) * 0.1)
+    w = m.lin.weight.detach().clone()
+    x = torch.randn(5, 40) * 2
+    x[1, 3], x[2, 7], x[3] = 9.0, -7.5, 0.0
+    quantize_weights(m, 8, None, "llm_int8")
+    for threshold in (6.0, 0.0):
+        hooked = copy.deepcopy(m)
+        assert quantize_activations(hooked, threshold) == 1
+        levels, stats, _ = bnb.functional.int8_vectorwise_quant(w.half())
+        for row in x:
+            state = MatmulLtState()
+            state.has_fp16_weights, state.is_training, state.threshold = False, False, threshold
+            state.CB, state.SCB = levels, stats
+            with torch.no_grad():
+                theirs = bnb.matmul(row[None], levels, state=state, bias=m.lin.bias)
+                mine = hooked.lin(row[None])
+            assert torch.allclose(mine, theirs, atol=5e-5), threshold
+
+
+def test_quantize_llm_int8_settings():
+    """LLM.int8 rounds the activations with bitsandbytes' threshold unless told otherwise;
+    null: the weights alone (the rows cached before, whose key has no threshold); a
+    threshold for another format is refused, and is out of that format's key."""
+    assert get_attack("quantize", {"algorithm": "llm_int8"}).settings.threshold == 6.0
+    alone = get_attack("quantize", {"algorithm": "llm_int8", "threshold": None})
+    assert "threshold" not in alone.settings_key()
+    assert get_attack("quantize", {"algorithm": "llm_int8"}).settings_key()["threshold"] == 6.0
+    assert "threshold" not in get_attack("quantize", {}).settings_key()
+    with pytest.raises(UnpactError, match=r"threshold is LLM\.int8's outlier threshold"):
+        get_attack("quantize", {"algorithm": "rtn", "threshold": 6.0})
 
 
 def test_quantize_weights_in_a_bitsandbytes_type_rounds_each_layer_but_the_head():

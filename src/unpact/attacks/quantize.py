@@ -24,9 +24,10 @@ fp4` (and `nf4`, QLoRA's NormalFloat, the other 4-bit type of bitsandbytes) roun
 those grids (`float4_round_trip`, the arithmetic of bitsandbytes' reference CPU kernel,
 which a test compares with the library itself), so the attack can be run as published.
 Its 8-bit runs load LLM.int8 (`load_in_8bit`): `algorithm: llm_int8` rounds the weights as
-that stores them (`int8_rowwise_round_trip`: one absmax scale per output row); LLM.int8
-also rounds the activations to 8 bits at inference (all but the outlier features), which
-a weight-only attack leaves out.
+that stores them (`int8_rowwise_round_trip`: one absmax scale per output row), and the
+inputs of those layers as its inference does (`quantize_activations`: each token's
+features rounded to 8 bits of their absolute maximum, all but the outliers at or above
+the threshold, which stay in full precision).
 """
 
 from __future__ import annotations
@@ -249,6 +250,7 @@ _NF4 = (
 )  # fmt: skip
 FLOAT4 = ("fp4", "nf4")
 INT8_STEP = 7.874015718698502e-3  # 1/127 in float32, as bitsandbytes multiplies by it
+LLM_INT8_THRESHOLD = 6.0  # transformers' BitsAndBytesConfig(llm_int8_threshold=6.0)
 
 
 def float4_code(kind: Literal["fp4", "nf4"]) -> torch.Tensor:
@@ -295,6 +297,42 @@ def float4_levels(
         scaled.append(tail / top)
         scales.append(top.expand(tail.numel()))
     return torch.bucketize(torch.cat(scaled).clamp(-1, 1), midpoints), torch.cat(scales)
+
+
+def quantize_activations(model: Any, threshold: float) -> int:
+    """LLM.int8's inference (Dettmers et al. 2022; bitsandbytes' `MatMul8bitLt`) on the
+    layers `quantize_weights` rounds: each layer's input rounded as
+    `int8_activation_round_trip` before it multiplies the layer's weights, which hold
+    LLM.int8's dequantized levels (`int8_rowwise_round_trip`). The product is then
+    bitsandbytes' (integer products scaled by the two absolute maxima, plus the outlier
+    features times the dequantized weight columns) within float rounding. Returns how many
+    layers were hooked; the hooks stay with the model."""
+    layers = quantizable(model)
+
+    def rounded(_: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (int8_activation_round_trip(args[0], threshold), *args[1:])
+
+    for _, layer in layers:
+        layer.register_forward_pre_hook(rounded)
+    return len(layers)
+
+
+def int8_activation_round_trip(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """A linear layer's input as LLM.int8 multiplies it, quantized and dequantized: per
+    token (row of the last dimension), the features below `threshold` in absolute value
+    cast to float16 and rounded to integers of their absolute maximum / 127 (bitsandbytes'
+    `int8_vectorwise_quant`, 0.50), the others, the outliers, kept as they are (its
+    mixed-precision decomposition; `threshold` 0: none kept). bitsandbytes finds outlier
+    features over all the rows of a forward pass, so that its own numbers depend on what
+    else is in the batch; found per token they do not, and they are what it computes when
+    it decodes one token at a time."""
+    half = x.to(torch.float16)
+    outlier = half.abs() >= threshold if threshold > 0 else torch.zeros_like(half, dtype=torch.bool)
+    kept = half.masked_fill(outlier, 0)
+    stats = kept.abs().amax(-1, keepdim=True).float()
+    inverse = torch.where(stats > 0, 127.0 / stats, torch.zeros_like(stats))
+    levels = torch.round(kept * inverse)
+    return torch.where(outlier, x, (levels * stats * INT8_STEP).to(x.dtype))
 
 
 def int8_rowwise_round_trip(weight: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ from unpact.attacks.hidden import (
     residual_size,
     token_ranks,
 )
+from unpact.attacks.quantize import LLM_INT8_THRESHOLD
 from unpact.attacks.relearn import FinetuneSettings
 from unpact.data.items import QAItem
 from unpact.errors import UnpactError
@@ -150,6 +151,13 @@ class QuantizeSettings(SettingsModel):
         "8-bit weights, one scale per row (the paper's load_in_8bit; bits 8 unless given)",
     )
     symmetric: bool = Field(False, description="rtn without a zero point")
+    threshold: float | None = Field(
+        None,
+        ge=0,
+        description="llm_int8: LLM.int8's outlier threshold (llm_int8_threshold, 6.0 unless "
+        "given): each token's layer inputs at or above it stay in full precision, the rest "
+        "are rounded to 8 bits as its inference does; 0: none kept; null: the weights alone",
+    )
 
     @model_validator(mode="after")
     def _bits_of_the_format(self) -> QuantizeSettings:
@@ -157,38 +165,48 @@ class QuantizeSettings(SettingsModel):
 
         if problem := format_problem(self.algorithm, self.bits):
             raise ValueError(problem)
+        if self.threshold is not None and self.algorithm != "llm_int8":
+            raise ValueError(
+                "threshold is LLM.int8's outlier threshold: give it with algorithm: llm_int8"
+            )
         return self
 
     @model_validator(mode="before")
     @classmethod
     def _int8_rows(cls, data: Any) -> Any:
-        """LLM.int8 is 8 bits with one scale per row: its bits default to 8, and a group
+        """LLM.int8 is 8 bits with one scale per row and activations rounded with outliers
+        at 6.0 kept (bitsandbytes' defaults): its bits and threshold default so, and a group
         size is refused rather than left unread."""
         if isinstance(data, dict) and data.get("algorithm") == "llm_int8":
             if "group_size" in data:
                 raise ValueError("llm_int8 keeps one scale per row: leave group_size out")
-            return {"bits": 8, **data}
+            return {"bits": 8, "threshold": LLM_INT8_THRESHOLD, **data}
         return data
 
 
 class Quantize(WeightAttack):
     """Weight-only quantization of every linear layer but the LM head (torchao; or
-    bitsandbytes' FP4/NF4 grids and LLM.int8's rows, as the paper's code), then the
-    forgotten questions again (Zhang et al. 2024)."""
+    bitsandbytes' FP4/NF4 grids and LLM.int8's rows and activations, as the paper's code),
+    then the forgotten questions again (Zhang et al. 2024)."""
 
     name = "quantize"
     title = "quantize"
     Settings = QuantizeSettings
     has_baseline = True
+    # unset (every algorithm but llm_int8, and llm_int8's weights alone) it is out of the
+    # key: the rows cached before it stay valid; llm_int8's rounded activations are new rows
+    added_later = ("threshold",)
 
     @contextmanager
     def attacked(self, ctx: AttackContext) -> Iterator[LanguageModel]:
-        from unpact.attacks.quantize import quantize_weights
+        from unpact.attacks.quantize import quantize_activations, quantize_weights
         from unpact.models import load_model
 
         s = self.settings
         lm = load_model(ctx.spec, dtype=ctx.dtype, device=ctx.device or "cpu")
         quantize_weights(lm.model, s.bits, s.group_size, s.algorithm, s.symmetric)
+        if s.threshold is not None:
+            quantize_activations(lm.model, s.threshold)
         yield lm
 
 
