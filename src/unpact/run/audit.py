@@ -64,7 +64,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             {"name": "quantize", "label": "quantize_8bit", "settings": {"bits": 8}},
             {"name": "quantize", "settings": {"bits": 4}},
             # the paper's own formats: its code loads the model with bitsandbytes'
-            # load_in_4bit (FP4 in blocks of 64) and load_in_8bit (LLM.int8's rows)
+            # load_in_4bit (FP4 in blocks of 64) and load_in_8bit (LLM.int8's rows and activations)
             {"name": "quantize", "label": "quantize_fp4", "settings": {"algorithm": "fp4"}},
             {
                 "name": "quantize",
