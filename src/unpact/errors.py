@@ -45,12 +45,25 @@ def items_named(name: Callable[[int], str]) -> Iterator[None]:
         except IndexError:
             raise exc from None
         rest = str(exc)[found.end() :]
-        said = f"{label}: {rest}" if label else rest
-        try:
-            again = type(exc)(said)  # its kind kept (a step the model cannot have)
-        except TypeError:
-            again = UnpactError(said)
-        raise again from None
+        raise _again(exc, f"{label}: {rest}" if label else rest) from None
+
+
+@contextmanager
+def said_of(label: str) -> Iterator[None]:
+    """An error raised in the block about one item's text ("the prompt '...' holds token
+    id ...") said of that item: `label`, "item forget-3 (forget)" or "item 3", in front."""
+    try:
+        yield
+    except UnpactError as exc:
+        raise _again(exc, f"{label}: {exc}") from None
+
+
+def _again(exc: UnpactError, said: str) -> UnpactError:
+    """`exc` of its kind (a step the model cannot have stays one) saying `said`."""
+    try:
+        return type(exc)(said)
+    except TypeError:
+        return UnpactError(said)
 
 
 def check_not_builtin(what: str, name: str, held: Any, mine: Any, how: str) -> None:

@@ -32,7 +32,7 @@ import torch
 
 from unpact.attribution import Attribution, UnitKind, make_units
 from unpact.determinism import kernels_for, reproducibly
-from unpact.errors import UnpactError
+from unpact.errors import UnpactError, said_of
 from unpact.models import LanguageModel
 from unpact.progress import progress_bar
 from unpact.scoring import (
@@ -138,7 +138,8 @@ def _one(
 ) -> GradientAttribution:
     model = lm.model
     embedding = model.get_input_embeddings()
-    enc = lm.encode_prompt(prompt, chat_template)
+    with said_of(f"item {n}"):
+        enc = lm.encode_prompt(prompt, chat_template)
     if isinstance(answer, str):
         enc, answer_ids = follow(lm, enc, answer)
     else:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field
 
-from unpact.errors import UnpactError, items_named
+from unpact.errors import UnpactError, items_named, said_of
 from unpact.types import SettingsModel, fills
 
 if TYPE_CHECKING:
@@ -494,7 +494,8 @@ def encode_questions(
 
     encoded = []
     for n, item in enumerate(items):
-        enc = lm.encode_prompt(item.question if prompts is None else prompts[n])
+        with said_of(item.label):
+            enc = lm.encode_prompt(item.question if prompts is None else prompts[n])
         label = f"{item.label}: its {what}"
         check_room(label, len(enc.input_ids), max_new_tokens, lm.max_length, setting)
         encoded.append(enc)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from unpact.determinism import kernels_for, reproducibly
-from unpact.errors import UnpactError
+from unpact.errors import UnpactError, said_of
 from unpact.membership import TextStats
 from unpact.progress import progress_bar
 from unpact.scoring import in_eval_mode
@@ -47,7 +47,10 @@ def fitting_pairs(
     one was scored past a rotary model's positions, and its numbers taken as they came."""
     from unpact.scoring import check_pairs
 
-    encoded = [pair_ids(lm, p, t) for p, t in zip(prompts, texts, strict=True)]
+    encoded = []
+    for n, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
+        with said_of(f"item {n}"):
+            encoded.append(pair_ids(lm, prompt, text))
     ids, answers = check_pairs([p for p, _ in encoded], [a for _, a in encoded], lm.max_length)
     return list(zip(ids, answers))
 

@@ -90,3 +90,38 @@ def test_unlearning_refuses_an_item_past_the_context_by_its_id(tiny):
     items = [QAItem("f-0", "Who?", "a", "forget"), QAItem("f-1", LONG, "b", "forget")]
     with pytest.raises(UnpactError, match=r"^item f-1 \(forget\): prompt \+ answer is \d+"):
         encode_items(tiny, items)
+
+
+@pytest.fixture(scope="module")
+def added_token():
+    """A tiny model whose tokenizer has a token its embeddings lack, and a prompt with it."""
+    from unpact.testing import tiny_model
+
+    lm = tiny_model(seed=0)
+    lm.tokenizer.add_tokens(["<zorb>"])
+    return lm, "What is <zorb> made of?"
+
+
+def test_a_benchmark_prompt_the_model_cannot_read_names_its_item(added_token):
+    """The message named the prompt's text and no item (evaluation, unlearning)."""
+    from unpact.judge import answer_items
+    from unpact.unlearn.loop import encode_items
+
+    lm, prompt = added_token
+    items = [QAItem("f-0", "Who?", "a", "forget"), QAItem("f-1", prompt, "b", "forget")]
+    said = r"^item f-1 \(forget\): the prompt 'What is <zorb> made of\?' holds token id"
+    with pytest.raises(UnpactError, match=said):
+        answer_items(lm, items)
+    with pytest.raises(UnpactError, match=said):
+        encode_items(lm, items)
+
+
+def test_membership_and_gradient_name_the_prompt_they_cannot_read(added_token):
+    from unpact.gradient import gradient_attributions
+    from unpact.membership_scores import token_stats
+
+    lm, prompt = added_token
+    with pytest.raises(UnpactError, match=r"^item 1: the prompt '.*' holds token id"):
+        token_stats(lm, ["Who?", prompt], ["a", "b"])
+    with pytest.raises(UnpactError, match=r"^item 1: the prompt '.*' holds token id"):
+        gradient_attributions(lm, ["Who?", prompt], ["a", "b"], method="grad_x_input")

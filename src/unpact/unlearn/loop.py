@@ -38,7 +38,7 @@ import yaml
 from unpact.data.items import QAItem
 from unpact.data.sources import load_benchmark
 from unpact.determinism import keeps_rng
-from unpact.errors import UnpactError
+from unpact.errors import UnpactError, said_of
 from unpact.files import (
     as_path,
     atomic_text,
@@ -111,7 +111,8 @@ def encode_items(lm: LanguageModel, items: list[QAItem]) -> dict[str, Any]:
     end = lm.answer_end_ids
     prompts, answers, content, encoded = [], [], [], []
     for item in items:
-        enc, ids = follow(lm, lm.encode_prompt(item.question), item.answer)
+        with said_of(item.label):
+            enc, ids = follow(lm, lm.encode_prompt(item.question), item.answer)
         answer = (*ids, *end)
         check_fits(item.label, len(enc.input_ids) + len(answer), lm.max_length)
         prompts.append(enc.input_ids)
