@@ -24,20 +24,18 @@ class NotForThisModel(UnpactError):
     results.json's `skipped`, where a step called alone stops with the message."""
 
 
-_ITEM = re.compile(r"item (\d+): ")
-
-
 @contextmanager
-def items_named(name: Callable[[int], str]) -> Iterator[None]:
+def items_named(name: Callable[[int], str], kind: str = "item") -> Iterator[None]:
     """An error about "item N" raised in the block (N: the place, from 0, in the list the
     called function was given) said of the caller's own list: `name(N)` is what replaces
     "item N" ("item 7" of the whole where the call had a subset, "item forget-3 (forget)"
     of a benchmark; "" drops it). Every function that hands a list of its own making to
-    another names the items so, or the user reads the place in a list they never saw."""
+    another names the items so, or the user reads the place in a list they never saw.
+    `kind`: the word for what the list holds ("document N")."""
     try:
         yield
     except UnpactError as exc:
-        found = _ITEM.match(str(exc))
+        found = re.match(rf"{kind} (\d+): ", str(exc))
         if found is None:
             raise
         try:

@@ -32,6 +32,15 @@ def test_items_named_says_the_callers_name_and_keeps_the_rest():
         "the model is gone"
     )
     assert str(_renamed(UnpactError("item 5: too long"), names.__getitem__)) == ("item 5: too long")
+    # another kind of list: a run's documents
+    got = _renamed(UnpactError("document 1: nothing to score"), lambda n: f"document d-{n}")
+    assert str(got) == "document 1: nothing to score"  # an item's name for a document: no
+    said = r"^document d-1 \(holdout\): nothing to score$"
+    with (
+        pytest.raises(UnpactError, match=said),
+        items_named(lambda n: f"document d-{n} (holdout)", "document"),
+    ):
+        raise UnpactError("document 1: nothing to score")
     # its kind kept: a run leaves out a step the model cannot have
     got = _renamed(NotForThisModel("item 0: no layers"), names.__getitem__)
     assert type(got) is NotForThisModel and str(got) == "first: no layers"

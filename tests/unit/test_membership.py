@@ -677,3 +677,20 @@ def test_answers_longer_than_the_greedy_answers_rouge_reads_are_said():
     said.clear()
     _note_rouge_room(cfg(max_new_tokens=11), data, words, said.append)
     assert said == []
+
+
+def test_documents_in_a_script_without_spaces_are_scored():
+    """A Chinese or Japanese document is one word by its spaces: each was left out, and
+    the run said it had no documents to compare."""
+    from unpact.data.items import Benchmark, Document, QAItem
+    from unpact.run import Data
+    from unpact.run.membership import scored_documents
+
+    docs = [
+        Document("f1", "日本の首都は東京です。", "forget"),
+        Document("f2", "東", "forget"),  # one character: one word still
+        Document("h1", "北京是中国的首都。", "holdout"),
+    ]
+    item = QAItem("a", "首都は?", "東京", "forget")
+    data = Data(Benchmark("b", [], docs), {"forget": [item]}, [])
+    assert [d.id for d in scored_documents(data, MembershipSettings())] == ["f1", "h1"]

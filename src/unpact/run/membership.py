@@ -267,10 +267,11 @@ def scored_documents(data: Data, settings: MembershipSettings) -> list[Document]
     """The documents whose membership is inferred: the forget and holdout documents of the
     run's items (all of the split where its items name none), at most `settings.documents`
     of each, a one-word document (nothing to score after its first token) left out; none
-    unless both splits have some."""
+    unless both splits have some. Each character of a script written without spaces is a
+    word (`split_unspaced`): a Chinese or Japanese document was one word, and left out."""
     found: list[Document] = []
     for split, items in (("forget", data.splits["forget"]), ("holdout", data.holdout)):
-        docs = [d for d in data.bench.documents_of(split) if len(d.text.split()) > 1]
+        docs = [d for d in data.bench.documents_of(split) if _words(d.text) > 1]
         named = {i.document for i in items if i.document is not None}
         if named:
             docs = [d for d in docs if d.id in named]
@@ -278,6 +279,10 @@ def scored_documents(data: Data, settings: MembershipSettings) -> list[Document]
             return []
         found += docs[: settings.documents]
     return found
+
+
+def _words(text: str) -> int:
+    return len(split_unspaced(text).split())
 
 
 VerbatimKind = Literal["items", "documents", "probes"]
@@ -872,9 +877,10 @@ def _document_rows(
     texts = [d.text for d in docs]
 
     def compute() -> list[dict[str, Any]]:
-        found = document_stats(
-            _local(get(), m.label), texts, max_tokens=tokens, progress="Documents"
-        )
+        with items_named(lambda n: f"document {docs[n].id} ({docs[n].split})", "document"):
+            found = document_stats(
+                _local(get(), m.label), texts, max_tokens=tokens, progress="Documents"
+            )
         return [{"id": d.id, "stats": s.to_dict()} for d, s in zip(docs, found)]
 
     key = [m.key, digest([d.to_dict() for d in docs], tokens)]
