@@ -95,7 +95,7 @@ def _batched_stats(
     label: str,
     progress: bool,
 ) -> list[TextStats]:
-    from unpact.scoring import answer_distributions
+    from unpact.scoring import answer_distributions, check_not_nan
 
     out: list[TextStats] = []
     with progress_bar(label, total=len(texts), enabled=progress) as advance:
@@ -105,6 +105,7 @@ def _batched_stats(
                 dists = answer_distributions(
                     lm.model, [p for p, _ in chunk], [a for _, a in chunk], share_prefix=True
                 )
+            check_not_nan(lm.model, range(start, start + len(chunk)), dists)
             for (_, answer), d, text in zip(chunk, dists, texts[start : start + batch_size]):
                 out.append(_stats(_float64(d), answer, text))
             advance(len(chunk))

@@ -121,10 +121,30 @@ def answer_logprobs(
                 out = _score_shared_prefix(model, batch_prompts, batch_answers, shared)
             else:
                 out = score_batch(model, batch_prompts, batch_answers, padding_side)
+            if not grad:
+                check_not_nan(model, batch, out)
             for i, lp in zip(batch, out):
                 results[i] = lp
             advance(len(batch))
     return [r for r in results if r is not None]
+
+
+def check_not_nan(model: Any, places: Sequence[int], values: Sequence[torch.Tensor]) -> None:
+    """Log-probs that are NaN (a model whose activations overflow its dtype on this input,
+    float16 most often) are refused, naming the item (`places[k]` of `values[k]`): taken as
+    they came, a NaN answered nothing, and a figure over the items read "–" or NaN."""
+    if not values or not bool(torch.isnan(torch.cat([v.reshape(-1) for v in values])).any()):
+        return
+    i = next(p for p, v in zip(places, values) if bool(torch.isnan(v).any()))
+    dtype = str(getattr(model, "dtype", "")).removeprefix("torch.")
+    why = (
+        "its activations overflow float16 on this input, as those of Gemma and other models "
+        "do: load it in bfloat16 or float32 (--dtype; `dtype:` in a run config)"
+        if dtype == "float16"
+        else f"its activations overflow {dtype or 'its dtype'} on this input, or its weights "
+        "are not finite"
+    )
+    raise UnpactError(f"item {i}: the model's log-probs of the answer are NaN: {why}")
 
 
 def vocabulary_size(model: Any) -> int | None:

@@ -134,3 +134,36 @@ def test_membership_and_gradient_name_the_prompt_they_cannot_read(added_token):
         token_stats(lm, ["Who?", prompt], ["a", "b"])
     with pytest.raises(UnpactError, match=r"^item 1: the prompt '.*' holds token id"):
         gradient_attributions(lm, ["Who?", prompt], ["a", "b"], method="grad_x_input")
+
+
+def test_nan_log_probs_are_refused_naming_the_item():
+    """A model whose activations overflow (float16, Gemma's often do) scored NaN, which the
+    figures took as they came: refused, naming the item, in the scoring kernel and in the
+    membership statistics."""
+    from unpact.membership_scores import token_stats
+    from unpact.scoring import score
+    from unpact.testing import tiny_model
+
+    lm = tiny_model(seed=0)
+    poison = lm.tokenizer("Z", add_special_tokens=False)["input_ids"][-1]
+
+    def overflow(module, args, output):  # the residual of a token "Z" at infinity
+        hidden = output[0] if isinstance(output, tuple) else output
+        ids = overflow.ids
+        if ids is not None and hidden.shape[1] == ids.shape[1]:
+            hidden = hidden.masked_fill((ids == poison)[..., None], float("inf"))
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    def remember(module, args, kwargs):
+        overflow.ids = kwargs.get("input_ids", args[0] if args else None)
+
+    overflow.ids = None
+    lm.model.model.register_forward_pre_hook(remember, with_kwargs=True)
+    lm.model.model.layers[0].register_forward_hook(overflow)
+    ok = score(lm, ["Who?"], ["a"])
+    assert ok[0].lp == ok[0].lp  # finite where no "Z" is read
+    said = r"^item 1: the model's log-probs of the answer are NaN: its activations overflow"
+    with pytest.raises(UnpactError, match=said):
+        score(lm, ["Who?", "Who is Z?"], ["a", "b"])
+    with pytest.raises(UnpactError, match=said):
+        token_stats(lm, ["Who?", "Who is Z?"], ["a", "b"])
