@@ -38,7 +38,7 @@ import yaml
 from unpact.data.items import QAItem
 from unpact.data.sources import load_benchmark
 from unpact.determinism import keeps_rng
-from unpact.errors import UnpactError, said_of
+from unpact.errors import UnpactError, items_named, said_of
 from unpact.files import (
     as_path,
     atomic_text,
@@ -529,7 +529,8 @@ def _frozen_copy(net: Any) -> Any:
 def _reference_logprobs(net: Any, encoded: dict[str, Any]) -> dict[str, float]:
     from unpact.scoring import answer_logprobs
 
-    lps = answer_logprobs(net.eval(), encoded["prompts"], encoded["answers"])
+    with items_named(lambda n: f"item {encoded['ids'][n]}"):
+        lps = answer_logprobs(net.eval(), encoded["prompts"], encoded["answers"])
     return {i: float(lp.sum()) for i, lp in zip(encoded["ids"], lps)}
 
 
