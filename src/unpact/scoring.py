@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
 import torch
 
-from unpact.errors import NotForThisModel, UnpactError
+from unpact.errors import NotForThisModel, UnpactError, items_named
 from unpact.progress import progress_bar
 from unpact.types import AnyModel, EncodedPrompt, follow
 
@@ -136,15 +136,42 @@ def check_not_nan(model: Any, places: Sequence[int], values: Sequence[torch.Tens
     if not values or not bool(torch.isnan(torch.cat([v.reshape(-1) for v in values])).any()):
         return
     i = next(p for p, v in zip(places, values) if bool(torch.isnan(v).any()))
+    raise UnpactError(f"item {i}: the model's log-probs of the answer are NaN: {_nan_why(model)}")
+
+
+def _nan_why(model: Any) -> str:
+    """Why a model computes NaN, and what to do about it."""
     dtype = str(getattr(model, "dtype", "")).removeprefix("torch.")
-    why = (
-        "its activations overflow float16 on this input, as those of Gemma and other models "
-        "do: load it in bfloat16 or float32 (--dtype; `dtype:` in a run config)"
-        if dtype == "float16"
-        else f"its activations overflow {dtype or 'its dtype'} on this input, or its weights "
-        "are not finite"
+    if dtype == "float16":
+        return (
+            "its activations overflow float16 on this input, as those of Gemma and other "
+            "models do: load it in bfloat16 or float32 (--dtype; `dtype:` in a run config)"
+        )
+    return (
+        f"its activations overflow {dtype or 'its dtype'} on this input, or its weights are "
+        "not finite"
     )
-    raise UnpactError(f"item {i}: the model's log-probs of the answer are NaN: {why}")
+
+
+class NanWatch:
+    """A logits processor for transformers' `generate` that refuses NaN next-token logits
+    (`_nan_why`), naming the row, where greedy decoding took the NaN for the largest logit
+    and wrote token 0 over and over, judged as any wrong answer, and sampling failed inside
+    torch ("probability tensor contains either `inf`, `nan` or element < 0"). Returns the
+    logits unchanged; `per_prompt` rows (samples) are one prompt's, "item" their place."""
+
+    def __init__(self, model: Any, per_prompt: int) -> None:
+        self.model, self.per_prompt = model, per_prompt
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        bad = torch.isnan(scores).any(-1)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0]) // self.per_prompt
+            raise UnpactError(
+                f"item {row}: the model's next-token logits are NaN while generating: "
+                f"{_nan_why(self.model)}"
+            )
+        return scores
 
 
 def vocabulary_size(model: Any) -> int | None:
@@ -1174,19 +1201,27 @@ def generate_local(
             greedy: dict[int, Generation] = {}
             for batch in _greedy_batches(lm, prompts, batch_size):
                 chunk = [tuple(prompts[i]) for i in batch]
-                seqs = _answers(lm, generated_rows(lm, chunk, max_new_tokens, None, 1.0, 1))
+                with items_named(functools.partial(_item_at, batch)):
+                    rows = generated_rows(lm, chunk, max_new_tokens, None, 1.0, 1)
+                seqs = _answers(lm, rows)
                 greedy.update(zip(batch, seqs))
                 advance(len(chunk))
             out.extend([greedy[i]] for i in range(len(prompts)))
         else:
-            for ids in prompts:
+            for k, ids in enumerate(prompts):
                 prompt_seed = sample_seed(seed, ids)
-                rows = generated_rows(
-                    lm, [tuple(ids)], max_new_tokens, prompt_seed, temperature, num_samples
-                )
+                with items_named(functools.partial(_item_at, [k])):
+                    rows = generated_rows(
+                        lm, [tuple(ids)], max_new_tokens, prompt_seed, temperature, num_samples
+                    )
                 out.append(_answers(lm, rows))
                 advance(1)
     return [[(g.text, g.token_ids) for g in gens] for gens in out]
+
+
+def _item_at(places: Sequence[int], n: int) -> str:
+    """ "item N" of the whole list, for the `n`th of a batch holding its `places`."""
+    return f"item {places[n]}"
 
 
 def _greedy_batches(
@@ -1318,12 +1353,15 @@ def generated_rows(
     seed: int | None,
     temperature: float,
     num_return_sequences: int,
+    *,
+    nan_watch: bool = True,
     **given: Any,
 ) -> list[list[int]]:
     """transformers' `generate` of the prompts, left-padded: greedy (`seed` None) or seeded
     samples at `temperature` from the plain softmax; each row's generated ids as they came
     (its stop id, and the padding after it, kept). `given` adds to or replaces generate's
-    arguments (a server's other stop ids, a stopping criterion)."""
+    arguments (a server's other stop ids, a stopping criterion). `nan_watch`: NaN logits
+    refused (`NanWatch`); a server, as vLLM's, answers with what the model generates."""
     pad = _pad_id(lm)
     input_ids, mask = left_padded(prompts, pad)
     width = input_ids.shape[1]
@@ -1340,6 +1378,10 @@ def generated_rows(
         kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
     else:
         kwargs.update(_GREEDY)
+    if nan_watch:
+        from transformers import LogitsProcessorList
+
+        kwargs["logits_processor"] = LogitsProcessorList([NanWatch(lm.model, num_return_sequences)])
     kwargs.update(given)
     if kwargs.get("min_new_tokens") is not None:
         # it sets the minimum length itself; a min_length beside it (the neutral 0) made

@@ -136,12 +136,9 @@ def test_membership_and_gradient_name_the_prompt_they_cannot_read(added_token):
         gradient_attributions(lm, ["Who?", prompt], ["a", "b"], method="grad_x_input")
 
 
-def test_nan_log_probs_are_refused_naming_the_item():
-    """A model whose activations overflow (float16, Gemma's often do) scored NaN, which the
-    figures took as they came: refused, naming the item, in the scoring kernel and in the
-    membership statistics."""
-    from unpact.membership_scores import token_stats
-    from unpact.scoring import score
+def _overflowing():
+    """A tiny model whose residual stream is infinite at each token "Z": its activations
+    overflow there, as a float16 model's may."""
     from unpact.testing import tiny_model
 
     lm = tiny_model(seed=0)
@@ -160,6 +157,17 @@ def test_nan_log_probs_are_refused_naming_the_item():
     overflow.ids = None
     lm.model.model.register_forward_pre_hook(remember, with_kwargs=True)
     lm.model.model.layers[0].register_forward_hook(overflow)
+    return lm
+
+
+def test_nan_log_probs_are_refused_naming_the_item():
+    """A model whose activations overflow (float16, Gemma's often do) scored NaN, which the
+    figures took as they came: refused, naming the item, in the scoring kernel and in the
+    membership statistics."""
+    from unpact.membership_scores import token_stats
+    from unpact.scoring import score
+
+    lm = _overflowing()
     ok = score(lm, ["Who?"], ["a"])
     assert ok[0].lp == ok[0].lp  # finite where no "Z" is read
     said = r"^item 1: the model's log-probs of the answer are NaN: its activations overflow"
@@ -167,3 +175,20 @@ def test_nan_log_probs_are_refused_naming_the_item():
         score(lm, ["Who?", "Who is Z?"], ["a", "b"])
     with pytest.raises(UnpactError, match=said):
         token_stats(lm, ["Who?", "Who is Z?"], ["a", "b"])
+
+
+def test_nan_logits_stop_generation_naming_the_item():
+    """Greedy decoding took a NaN for the largest logit and wrote token 0 again and again
+    (judged a wrong answer: "forgotten"); sampling failed inside torch."""
+    from unpact.scoring import generate
+
+    lm = _overflowing()
+    assert generate(lm, ["Who?", "What?"], max_new_tokens=3)  # nothing overflows
+    said = r"^item 2: the model's next-token logits are NaN while generating: its activations"
+    prompts = ["Who?", "What?", "Who is Z?"]
+    with pytest.raises(UnpactError, match=said):
+        generate(lm, prompts, max_new_tokens=3)
+    with pytest.raises(UnpactError, match=said):
+        generate(lm, prompts, max_new_tokens=3, batch_size=1)
+    with pytest.raises(UnpactError, match=said):
+        generate(lm, prompts, max_new_tokens=3, num_samples=4, seed=1)

@@ -498,7 +498,7 @@ def _generate_rows(lm: LanguageModel, req: _Completion, greedy: bool) -> list[li
     filling what the request leaves unset; its other settings left out, as vLLM reads
     none of them) and its `Shaping`. The request's stop token ids stop a row as the EOS
     does, and its stop strings stop it early."""
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"nan_watch": False}  # vLLM serves what the model generates
     # a stop id outside the vocabulary is never generated (and transformers warns of it)
     asked = {t for t in req.stops.token_ids if 0 <= t < len(lm.tokenizer)}
     held = sorted(set(stop_ids(lm)) | asked)  # every stop id, vLLM's all_stop_token_ids
