@@ -133,7 +133,9 @@ def check_not_nan(model: Any, places: Sequence[int], values: Sequence[torch.Tens
     """Log-probs that are NaN (a model whose activations overflow its dtype on this input,
     float16 most often) are refused, naming the item (`places[k]` of `values[k]`): taken as
     they came, a NaN answered nothing, and a figure over the items read "–" or NaN."""
-    if not values or not bool(torch.isnan(torch.cat([v.reshape(-1) for v in values])).any()):
+    # one flag per tensor, read once: no copy of the values (a membership chunk's are whole
+    # next-token distributions)
+    if not values or not bool(torch.stack([torch.isnan(v).any() for v in values]).any()):
         return
     i = next(p for p, v in zip(places, values) if bool(torch.isnan(v).any()))
     raise UnpactError(f"item {i}: the model's log-probs of the answer are NaN: {_nan_why(model)}")

@@ -33,7 +33,7 @@ from unpact.membership import (
 )
 from unpact.membership_scores import document_stats, gradient_norms_batched, token_stats
 from unpact.metrics import ItemRecord
-from unpact.types import pair_ids
+from unpact.types import pair_ids, short_repr
 
 if TYPE_CHECKING:
     from unpact.data.items import Document
@@ -466,7 +466,7 @@ def score_model(lm: LanguageModel, items: list[QAItem], gradnorm: bool) -> list[
         if item.split == "forget" and item.paraphrased_answer and item.perturbed_answers:
             pairs += [(n, item.paraphrased_answer)] + [(n, t) for t in item.perturbed_answers]
     encoded = [pair_ids(lm, items[n].question, t) for n, t in pairs]
-    with items_named(lambda m: f"{items[pairs[m][0]].label}: its answer {pairs[m][1]!r}"):
+    with items_named(lambda m: f"{items[pairs[m][0]].label}: its answer {short_repr(pairs[m][1])}"):
         lps = answer_logprobs(
             lm.model,
             [p for p, _ in encoded],
@@ -493,7 +493,7 @@ def utility_rows(lm: LanguageModel, items: list[QAItem]) -> list[dict[str, Any]]
 
     texts = [(n, t) for n, i in enumerate(items) for t in answers(i)]
     encoded = [pair_ids(lm, items[n].question, t) for n, t in texts]
-    with items_named(lambda m: f"{items[texts[m][0]].label}: its answer {texts[m][1]!r}"):
+    with items_named(lambda m: f"{items[texts[m][0]].label}: its answer {short_repr(texts[m][1])}"):
         lps = answer_logprobs(
             lm.model,
             [q for q, _ in encoded],

@@ -16,7 +16,7 @@ from unpact.errors import UnpactError, items_named
 from unpact.gradient import check_unpact
 from unpact.judge import JudgeSettings, answer_items
 from unpact.run.config import AttributionSettings, DataSettings, MethodSpec, _copy_at
-from unpact.types import AnyModel
+from unpact.types import AnyModel, short_repr
 
 if TYPE_CHECKING:
     from unpact.models import LanguageModel
@@ -109,7 +109,9 @@ def attribution_checks(
             for t in PARAPHRASES
         ]
         k = len(PARAPHRASES)
-        with items_named(lambda n: f"{items[n // k].label}: its paraphrase {variants[n]!r}"):
+        with items_named(
+            lambda n: f"{items[n // k].label}: its paraphrase {short_repr(variants[n])}"
+        ):
             records = attribute_many(
                 lm,
                 variants,
