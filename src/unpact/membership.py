@@ -30,6 +30,7 @@ statistic from scipy's ranks, equal to scikit-learn's `roc_auc_score` (tested); 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -151,10 +152,49 @@ def truth_ratio(paraphrased: Sequence[float], perturbed: Sequence[Sequence[float
     answers of `P(a_pert | q)^(1/|a_pert|)` divided by `P(a_para | q)^(1/|a_para|)` (Maini
     et al. 2024, as SPEC 9 fixes it; open-unlearning averages the perturbed answers'
     log-probs before exponentiating, a geometric mean). Below 1: the true answer is
-    preferred."""
-    para = math.exp(sum(paraphrased) / len(paraphrased))
-    pert = sum(math.exp(sum(p) / len(p)) for p in perturbed) / len(perturbed)
-    return pert / para
+    preferred.
+
+    A model driven far from an answer (gradient ascent's logits grow without bound) can
+    give it a mean token log-prob below -745, whose exponential is 0 in a float: the ratio
+    is then taken in logs, and one past the largest float is that float (`capped_exp`),
+    where the plain division failed ("float division by zero") after every model of a run
+    was scored."""
+    para = sum(paraphrased) / len(paraphrased)
+    perts = [sum(p) / len(p) for p in perturbed]
+    if para > _EXP_FLOOR:  # the plain ratio, the numbers cached stages hold
+        return sum(math.exp(m) for m in perts) / len(perts) / math.exp(para)
+    return capped_exp(log_mean_exp(perts) - para)
+
+
+# exp(x) is a normal float for x above this, and 1 / exp(x) stays finite
+_EXP_FLOOR = -700.0
+
+
+def log_mean_exp(values: Sequence[float]) -> float:
+    """log(mean(exp(v))) without underflow: shifted by the largest value."""
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values) / len(values))
+
+
+def capped_exp(x: float) -> float:
+    """exp(x), or the largest float where exp(x) is past it."""
+    return math.exp(x) if x < _LOG_MAX else sys.float_info.max
+
+
+_LOG_MAX = math.log(sys.float_info.max)
+
+
+def first_share(means: Sequence[float]) -> float:
+    """exp(means[0]) / sum(exp(m) for m in means): the first answer's share of the answers'
+    probabilities (each exp of its mean token log-prob), as TOFU's `probability_w_options`
+    normalises it; shifted by the largest mean where every probability underflows to 0
+    (the plain division failed there)."""
+    probs = [math.exp(m) for m in means]
+    if sum(probs) > 0:
+        return probs[0] / sum(probs)
+    top = max(means)
+    shifted = [math.exp(m - top) for m in means]
+    return shifted[0] / sum(shifted)
 
 
 def forget_quality(model: Sequence[float], retrained: Sequence[float]) -> float:

@@ -91,6 +91,53 @@ def test_truth_ratio_by_hand():
     assert truth_ratio(para, pert) == pytest.approx(((0.25 + 0.1) / 2) / 0.5)
 
 
+def test_truth_ratio_and_the_share_of_the_true_answer_where_probabilities_underflow():
+    """A model driven far from its answers (gradient ascent's logits grow without bound)
+    gives mean token log-probs below -745, whose exponentials are 0 in a float: the plain
+    ratio failed with "float division by zero". Taken in logs, it is exp of the difference;
+    past the largest float, that float. Above the floor, the plain division as before."""
+    import sys
+
+    from unpact.membership import first_share
+
+    assert truth_ratio([-800.0], [[-790.0], [-790.0]]) == pytest.approx(math.exp(10))
+    assert truth_ratio([-800.0, -800.0], [[-795.0], [-2000.0]]) == pytest.approx(math.exp(5) / 2)
+    assert truth_ratio([-800.0], [[-1.0]]) == sys.float_info.max
+    assert truth_ratio([-1.0], [[-800.0]]) == 0.0
+    para, pert = [-0.3, -1.2], [[-2.0], [-0.7, -0.1]]  # bit for bit the plain formula
+    plain = (math.exp(-2.0) + math.exp(-0.4)) / 2 / math.exp(-0.75)
+    assert truth_ratio(para, pert) == plain
+    assert first_share([-1.0, -2.0]) == math.exp(-1.0) / (math.exp(-1.0) + math.exp(-2.0))
+    assert first_share([-900.0, -901.0, -1e4]) == pytest.approx(1 / (1 + math.exp(-1)))
+    assert first_share([-2000.0, -900.0]) == 0.0
+
+
+def test_a_model_with_blown_up_logits_gets_truth_ratios_and_utility(tiny):
+    """End to end: the tiny model with its LM head scaled by 1e4 (mean token log-probs in
+    the thousands below 0) is scored, and its forget truth ratios and general items'
+    normalised Prob are numbers, where the figures failed on a division by zero."""
+    import copy
+
+    from unpact.data.items import QAItem
+    from unpact.run.membership import score_model, utility_rows
+
+    lm = copy.deepcopy(tiny)
+    with torch.no_grad():
+        lm.model.get_output_embeddings().weight.mul_(1e4)
+
+    def item(n, split):
+        return QAItem(f"{split}-{n}", "Who is Bob?", "a man", split, (), (), None, None,
+                      "a person", ("a dog", "a cat"))  # fmt: skip
+
+    rows = score_model(lm, [item(0, "forget")], gradnorm=False)
+    answers = rows[0]["truth_answers"]
+    assert min(sum(a) / len(a) for a in answers) < -745  # each exp underflows, or some
+    ratio = truth_ratio(answers[0], answers[1:])
+    assert math.isfinite(ratio) and ratio >= 0
+    (general,) = utility_rows(lm, [item(1, "general")])
+    assert 0 <= general["prob"] <= 1 and math.isfinite(general["truth_ratio"])
+
+
 def test_exact_memorisation_and_extraction_strength_by_hand():
     s = stats([-1] * 4, argmax=[False, True, False, True])
     assert exact_memorisation(s) == 0.5

@@ -27,6 +27,7 @@ from unpact.membership import (
     TextStats,
     exact_memorisation,
     extraction_strength,
+    first_share,
     mean_nll,
     mia_scores,
     truth_ratio,
@@ -505,11 +506,11 @@ def utility_rows(lm: LanguageModel, items: list[QAItem]) -> list[dict[str, Any]]
         grouped.setdefault(n, []).append(lp.tolist())
     rows = []
     for n, g in sorted(grouped.items()):
-        probs = [math.exp(sum(lp) / len(lp)) for lp in g]
+        means = [sum(lp) / len(lp) for lp in g]
         if items[n].split == "retain":
-            prob, ratio = probs[0], truth_ratio(g[1], g[2:])
+            prob, ratio = math.exp(means[0]), truth_ratio(g[1], g[2:])
         else:
-            prob, ratio = probs[0] / sum(probs), truth_ratio(g[0], g[1:])
+            prob, ratio = first_share(means), truth_ratio(g[0], g[1:])
         rows.append({"id": items[n].id, "prob": prob, "truth_ratio": ratio})
     return rows
 
