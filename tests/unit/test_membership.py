@@ -112,6 +112,32 @@ def test_truth_ratio_and_the_share_of_the_true_answer_where_probabilities_underf
     assert first_share([-2000.0, -900.0]) == 0.0
 
 
+_LOGPROBS = st.lists(st.floats(-1e6, 0.0), min_size=1, max_size=4)
+
+
+@given(para=_LOGPROBS, perts=st.lists(_LOGPROBS, min_size=1, max_size=4))
+@settings(max_examples=300, deadline=None)
+def test_truth_ratio_is_a_number_for_any_log_probs(para, perts):
+    """Any token log-probs, however low, give a finite ratio >= 0, equal to exp of the log
+    ratio (computed in logs as the check) wherever that is a float, and a share in [0, 1]."""
+    import sys
+
+    from unpact.membership import first_share
+
+    ratio = truth_ratio(para, perts)
+    assert math.isfinite(ratio) and ratio >= 0
+    means = [sum(p) / len(p) for p in perts]
+    top = max(means)
+    log_ratio = top + math.log(sum(math.exp(m - top) for m in means) / len(means))
+    log_ratio -= sum(para) / len(para)
+    if -700 < log_ratio < 700:
+        assert ratio == pytest.approx(math.exp(log_ratio), rel=1e-9)
+    elif log_ratio >= 710:
+        assert ratio == sys.float_info.max
+    share = first_share([sum(para) / len(para), *means])
+    assert 0.0 <= share <= 1.0
+
+
 def test_a_model_with_blown_up_logits_gets_truth_ratios_and_utility(tiny):
     """End to end: the tiny model with its LM head scaled by 1e4 (mean token log-probs in
     the thousands below 0) is scored, and its forget truth ratios and general items'
