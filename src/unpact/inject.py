@@ -674,6 +674,7 @@ def _trainer(net: Any, config: InjectConfig, steps_per_epoch: int) -> Trainer:
         # mixed precision: bf16 matmuls, float32 weights, gradients and optimiser state
         precision="bf16" if training_precision(config) == "bf16" else "fp32",
         what="injection",
+        lighter='train fewer weights (the injection\'s `trainable` setting: "lora" or "mlp")',
     )
 
 

@@ -395,6 +395,28 @@ def test_a_nan_loss_stops_the_run_naming_step_and_term(bench, tmp_path):
     assert not (tmp_path / "x" / "result.json").exists()
 
 
+def test_a_training_that_cannot_fit_in_the_memory_free_is_refused_before_its_first_step(
+    bench, tmp_path, monkeypatch
+):
+    """A 1B model loads on a 16 GiB laptop, then its first step allocated gradients and
+    AdamW's two moments (three times the trainable weights) and the system killed the
+    process without a word. Refused before the step, saying what to do; LoRA adapters,
+    a sliver of the weights, fit where the whole model's training did not."""
+    from types import SimpleNamespace
+
+    import psutil
+
+    lm = tiny_model(seed=3)
+    size = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=2 * size))
+    said = r"ga_gd: training 0\.\d+B weights needs .* GiB for their gradients and AdamW's two"
+    with pytest.raises(UnpactError, match=said + r".*--set lora\.r=8"):
+        _run(bench, tmp_path / "full", method="ga_gd", device="cpu")
+    assert not (tmp_path / "full" / "model").exists()
+    result = _run(bench, tmp_path / "lora", method="ga_gd", extra=("lora.r=4",), device="cpu")
+    assert (result.model_dir / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("method", ["ga_gd", "tv"])
 def test_lora_trains_adapters_and_merges_them(bench, tmp_path, method):
     result = _run(bench, tmp_path / "l", method=method, extra=("lora.r=4",))

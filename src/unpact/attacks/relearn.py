@@ -133,6 +133,7 @@ def finetune(
     trainer = Trainer(
         [p for p in lm.model.parameters() if p.requires_grad], lr=lr, fused=False,
         what="relearning",
+        lighter="train LoRA adapters (the attack's `lora` setting)",
     )  # fmt: skip
     torch.manual_seed(seed)
     lm.model.train()

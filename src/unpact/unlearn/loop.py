@@ -363,6 +363,8 @@ def _trainer(net: Any, config: UnlearnConfig, steps: int, accelerator: Any) -> T
         precision=config.precision,
         accelerator=accelerator,
         what=config.method,
+        lighter="train LoRA adapters (the method's `lora` setting: --set lora.r=8; "
+        "docs/unlearning.md)",
     )
 
 
