@@ -118,6 +118,9 @@ def test_every_figure_for_methods_and_references(done):
     assert f"{refs['retrained']['forget_prob']:.2f}" in ref_table
     assert "KnowMem forget" in ref_table  # the references' own answers
     assert f"{refs['retrained']['knowmem_forget_after']:.2f}" in ref_table
+    # PrivLeak a percentage, as in the methods' table and the verdicts (it read 0.57 there
+    # beside 57% in the verdict)
+    assert f"<td>{100 * refs['original']['privleak']:.0f}%</td>" in ref_table
     assert "retrained (AUC" in page  # the reference's curve beside each method's
     # both injections reported (this one does not judge general knowledge: said so)
     assert set(res["injection"]) == {"original", "retrained"}
