@@ -669,6 +669,10 @@ def test_report_opens_in_a_real_browser_without_console_errors(finished, tmp_pat
     dom = _browse(chromium, probe, tmp_path / "p3", "--window-size=1400,900", "--dump-dom").stdout
     broken = re.search(r'data-broken-heads="([^"]*)"', dom)
     assert broken is not None and broken.group(1) == "", broken
+    # nor is a head wider than its column: "FocusOnKey+PROBAB" and "min_k_plus_plus", one
+    # word each, ran over the next head
+    over = re.search(r'data-overflowing-heads="([^"]*)"', dom)
+    assert over is not None and over.group(1) == "", over
 
 
 _HEAD_PROBE = """<script>
@@ -688,6 +692,10 @@ _HEAD_PROBE = """<script>
     }
   }
   document.body.dataset.brokenHeads = broken.join(" ");
+  const over = [...document.querySelectorAll("table th")].filter(
+    (th) => th.scrollWidth > th.clientWidth + 1
+  );
+  document.body.dataset.overflowingHeads = over.map((th) => th.textContent.trim()).join(" | ");
 })();
 </script>
 """

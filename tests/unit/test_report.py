@@ -211,3 +211,15 @@ def test_plot_labels_are_drawn_as_written_and_leave_matplotlib_settings_alone():
         records = [dataclasses.replace(r, method="a$^$b") for r in _records()]
         assert "a$^$b" in (roc_svg(records, "min_k") or "")
         assert {k: matplotlib.rcParams[k] for k in keys} == before
+
+
+def test_a_column_head_may_break_after_plus_underscore_or_slash_and_stays_escaped():
+    """ "FocusOnKey+PROBAB" and "min_k_plus_plus" ran over the next head at 1,400 px (the
+    browser test in tests/process/test_run.py measures it); a head is still escaped."""
+    from unpact.report import breakable
+
+    assert str(breakable("recovery: FocusOnKey+PROBAB")) == "recovery: FocusOnKey+<wbr>PROBAB"
+    assert str(breakable("min_k_plus")) == "min_<wbr>k_<wbr>plus"
+    assert (
+        str(breakable("<b>a/b</b>")) == "&lt;/<wbr>b&gt;"[:0] + "&lt;b&gt;a/<wbr>b&lt;/<wbr>b&gt;"
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,28 @@ def num(value: Any) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     return f"{value:.3f}"
+
+
+def breakable(text: Any) -> Any:
+    """A column head, escaped, that may break after "+", "_" or "/": an unbroken name such
+    as "FocusOnKey+PROBAB" or "min_k_plus_plus" was wider than its column and ran over
+    the next head at 1,400 px."""
+    from markupsafe import Markup, escape
+
+    return Markup(re.sub(r"([+_/])", r"\1<wbr>", str(escape(text))))
+
+
+def _environment() -> Any:
+    """The Jinja environment of the report's templates, with their filters."""
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    env = Environment(
+        loader=PackageLoader("unpact", "report"), autoescape=select_autoescape(["html", "j2"])
+    )
+    env.filters["num"] = num
+    env.filters["pct"] = lambda v: display("percent", v)
+    env.filters["breakable"] = breakable
+    return env
 
 
 def dilemma_svg(
@@ -199,13 +222,7 @@ def render(
     config: RunConfig,
 ) -> str:
     """The report as one HTML string."""
-    from jinja2 import Environment, PackageLoader, select_autoescape
-
-    env = Environment(
-        loader=PackageLoader("unpact", "report"), autoescape=select_autoescape(["html", "j2"])
-    )
-    env.filters["num"] = num
-    env.filters["pct"] = lambda v: display("percent", v)
+    env = _environment()
     template = env.get_template("report.html.j2")
     return template.render(
         results=results,
@@ -251,13 +268,7 @@ def write_comparison(path: Path, runs: dict[str, dict[str, Any]]) -> None:
     """The side-by-side page of a multi-run (`run` with `models:` or `benchmarks:`): per
     benchmark, every model's methods in one table and one dilemma plot; each row links to
     its run's own report. `runs` maps a run's sub-folder ("model/benchmark") to its results."""
-    from jinja2 import Environment, PackageLoader, select_autoescape
-
-    env = Environment(
-        loader=PackageLoader("unpact", "report"), autoescape=select_autoescape(["html", "j2"])
-    )
-    env.filters["num"] = num
-    env.filters["pct"] = lambda v: display("percent", v)
+    env = _environment()
     groups: dict[str, list[dict[str, Any]]] = {}
     per_bench: dict[str, dict[str, dict[str, Any]]] = {}
     attacks: list[str] = []
