@@ -571,7 +571,7 @@ def test_unpact_serve_command(tiny, tmp_path):
 
 
 def test_side_by_side_page_in_a_real_browser(served_run, multi_run, tmp_path):
-    from tests.process.test_run import _browse, _chromium
+    from tests.process.test_run import _HEAD_PROBE, _browse, _chromium
 
     chromium = _chromium()
     if chromium is None:
@@ -582,6 +582,13 @@ def test_side_by_side_page_in_a_real_browser(served_run, multi_run, tmp_path):
     assert [line for line in proc.stderr.splitlines() if ":CONSOLE" in line] == []
     assert 'data-ready="1"' in proc.stdout
     assert proc.stdout.count('class="comparison"') == 1 and "<svg" in proc.stdout
+    # at 1,400 px no head breaks inside a word or runs over its neighbour (as the report's)
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", _HEAD_PROBE + "</body>"))
+    dom = _browse(chromium, probe, tmp_path / "p2", "--window-size=1400,900", "--dump-dom").stdout
+    for said in ("broken", "overflowing"):
+        found = re.search(rf'data-{said}-heads="([^"]*)"', dom)
+        assert found is not None and found.group(1) == "", found
 
 
 def test_byte_split_characters_get_the_same_units(tiny, served, faults):
