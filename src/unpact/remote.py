@@ -794,9 +794,10 @@ def _from_echo(reply: dict[str, Any], ids: Sequence[int]) -> list[float] | str:
     out = []
     for t in range(1, len(ids)):
         try:
-            out.append(_finite(float(values[t]), t))
+            lp = float(values[t])
         except (TypeError, ValueError):
             raise RemoteError(f"echo position {t}: the log-prob is not a number") from None
+        out.append(_finite(lp, t, echo=True))  # its own message (a RemoteError is a ValueError)
     return out
 
 
@@ -807,18 +808,28 @@ SAME_500_LIMIT = 3
 NOT_TRANSIENT = (501, 505)
 
 # vLLM writes a log-prob of -inf (a token the model gives no probability, e.g. one a
-# logits processor masked) as this clamped value: not a log-prob to average.
+# logits processor masked) as this clamped value: not a log-prob to average. Its
+# prompt_logprobs clamp -inf alone (`clamp_prompt_logprobs`): a lower value is a real one,
+# which a model with blown-up logits (gradient ascent's) gives. Its echo floors every
+# log-prob there (`max(logprob, -9999.0)` in `_create_completion_logprobs`): -9999.0 from
+# it may be a real value below; another server's lower value is taken as given.
 VLLM_CLAMPED_LOGPROB = -9999.0
 
 
-def _finite(lp: float, position: int) -> float:
+def _finite(lp: float, position: int, echo: bool = False) -> float:
     if math.isnan(lp) or lp > 1e-3:
         raise RemoteError(f"position {position}: the server returned an impossible log-prob {lp}")
-    if lp <= VLLM_CLAMPED_LOGPROB:
+    if lp in (VLLM_CLAMPED_LOGPROB, -math.inf):
+        floored = (
+            "; vLLM's echo floors every log-prob there, so it may be a lower one: "
+            "remote.logprobs_mode: prompt_logprobs (or auto) gives it as it is"
+            if echo
+            else ""
+        )
         raise RemoteError(
             f"position {position}: the server returned log-prob {lp}, vLLM's clamp of -inf "
             "(the token has no probability under the served model, e.g. masked by a logits "
-            "processor or a quantized vocabulary); it cannot be averaged into a score"
+            f"processor or a quantized vocabulary){floored}; it cannot be averaged into a score"
         )
     return lp
 

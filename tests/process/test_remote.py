@@ -305,6 +305,29 @@ def test_wrong_replies_are_errors_not_numbers(served, faults, fault, message):
         score(remote, ["Who founded it?"], [" Mira"], chat_template=False)
 
 
+def test_log_probs_below_the_clamp_are_scores_from_prompt_logprobs(tiny):
+    """A model with blown-up logits (gradient ascent's; here the tiny one with its LM head
+    scaled by 1e4) gives log-probs in the ten thousands below 0. vLLM's prompt_logprobs
+    return them as they are (it writes -inf alone as -9999.0), and the client took every
+    value at or below -9999 for that clamp: a local model was scored, the same one served
+    was refused. Its echo floors them at -9999.0, which is refused, saying so."""
+    import copy
+
+    import torch
+
+    blown = copy.deepcopy(tiny)
+    with torch.no_grad():
+        blown.model.get_output_embeddings().weight.mul_(1e4)
+    local = score(blown, PROMPTS[:2], ANSWERS[:2])
+    assert min(min(s.logprobs) for s in local) < -9999
+    with BackgroundServer(make_app(blown, "tiny")) as url:
+        for mode in ("prompt_logprobs", "auto"):
+            got = score(_remote(f"{url}/v1", logprobs_mode=mode), PROMPTS[:2], ANSWERS[:2])
+            assert _max_diff([s.logprobs for s in got], [s.logprobs for s in local]) < 1.0
+        with pytest.raises(RemoteError, match=r"echo floors every log-prob there"):
+            score(_remote(f"{url}/v1", logprobs_mode="echo"), PROMPTS[:2], ANSWERS[:2])
+
+
 def test_api_key_is_sent_but_never_shown(served, faults, monkeypatch):
     secret = "sk-unpact-test-0123456789"
     monkeypatch.setenv("MY_KEY", secret)
