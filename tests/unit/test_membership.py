@@ -85,6 +85,28 @@ def test_privleak_undefined_by_a_zero_reference_auc_is_said():
     }
 
 
+def test_documents_distributions_are_held_one_text_at_a_time(tiny):
+    """Min-K%++ reads each position's whole next-token distribution. A batch's were held
+    at once, with their log-softmax: 3.2 GB for 16 documents of 512 tokens over the
+    default model's vocabulary, 8.6 GB over Llama 3's, and a laptop's audit was killed by
+    the system without a word. The LM head now runs on one text's positions at a time,
+    from the batch's hidden states."""
+    texts = ["the ferry crossed the river on a quiet day", "Mira Quintrell founded it", "a b"]
+    rows: list[int] = []
+    head = tiny.model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda _m, args, _o: rows.append(args[0].shape[0]))
+    try:
+        stats = document_stats(tiny, texts, batch_size=16)
+    finally:
+        handle.remove()
+    scored = [len(s.logprobs) for s in stats]
+    assert rows == scored  # one head pass per text, of its own positions
+    alone = [document_stats(tiny, [t])[0] for t in texts]
+    for a, b in zip(stats, alone):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+        assert a.sigma == pytest.approx(b.sigma, abs=1e-4)
+
+
 def test_truth_ratio_by_hand():
     para = [math.log(0.5), math.log(0.5)]  # normalised probability 0.5
     pert = [[math.log(0.25)], [math.log(0.1), math.log(0.1)]]  # 0.25 and 0.1
