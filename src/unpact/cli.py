@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -934,9 +935,18 @@ def data_show(
         out.print(table)
 
 
+def _piped_console() -> Console:
+    """Where the results table is printed: the terminal, or for a log file or pipe the
+    full table rather than rich's 80-column default, unless $COLUMNS says a width (it was
+    ignored there)."""
+    if out.is_terminal:
+        return out
+    columns = os.environ.get("COLUMNS", "")
+    return Console(width=int(columns) if columns.isdigit() and int(columns) > 0 else 200)
+
+
 def _print_results(results: dict[str, Any], out_dir: Path) -> None:
-    # A log file or pipe gets the full table rather than rich's 80-column default.
-    console = out if out.is_terminal else Console(width=200)
+    console = _piped_console()
     console.print(results_grid(results, console))
     for line in _left_out(results):
         console.print(escape(line))
@@ -1187,7 +1197,7 @@ def _print_verdicts(results: dict[str, Any], out_dir: Path) -> None:
     )
     for v in results["verdicts"]["unlearned"]:
         grid.add_row(escape(v["test"]), escape(v["verdict"]), escape(v["detail"]))
-    console = out if out.is_terminal else Console(width=200)
+    console = _piped_console()
     console.print(grid)
     for line in _left_out(results, verdicts=False):
         console.print(escape(line))

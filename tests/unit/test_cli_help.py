@@ -159,3 +159,17 @@ def test_a_prompts_error_names_its_data_line_or_nothing_for_the_one_prompt(tmp_p
     assert said["data"] == f"{data}, line 3: empty answer: give the text whose log-prob to compute"
     assert said["prompt"] == "empty answer: give the text whose log-prob to compute"
     assert said["score"].startswith("prompt + answer is "), said["score"]
+
+
+def test_a_piped_results_table_takes_the_width_columns_says(monkeypatch):
+    """Piped or logged, the results table is 200 columns wide (rich's default 80 wrapped
+    it into an unreadable column), unless $COLUMNS says a width, which was ignored."""
+    from unpact import cli
+
+    monkeypatch.setattr(type(cli.out), "is_terminal", property(lambda self: False))
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert cli._piped_console().width == 200
+    monkeypatch.setenv("COLUMNS", "90")
+    assert cli._piped_console().width == 90
+    monkeypatch.setenv("COLUMNS", "wide")
+    assert cli._piped_console().width == 200
