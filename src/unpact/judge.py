@@ -395,14 +395,15 @@ def _ask_llm(
             text = choice["message"]["content"]
         except (KeyError, IndexError, TypeError):
             raise UnpactError(f"LLM judge at {url}: not an OpenAI chat completion reply") from None
-        if not (text or "").strip():  # read as "no", every verdict would be "not known"
+        text = _after_thinking(str(text or ""))
+        if not text.strip():  # read as "no", every verdict would be "not known"
             raise UnpactError(
                 f"LLM judge at {url} replied no text (finish_reason "
                 f"{choice.get('finish_reason')!r}): a reasoning model spends the "
                 f"{settings.max_tokens} tokens asked for thinking; give judge.llm.max_tokens "
                 "(unpact audit: --judge-max-tokens) room, or a model that answers at once"
             )
-        return normalize(str(text)).split()[:1] == ["yes"]
+        return normalize(text).split()[:1] == ["yes"]
 
     try:
         label = f"LLM judge: {progress}" if isinstance(progress, str) else progress
@@ -411,6 +412,18 @@ def _ask_llm(
         raise UnpactError(f"LLM judge: {e}") from None
     finally:
         client.close()
+
+
+def _after_thinking(text: str) -> str:
+    """A judge's reply past a reasoning model's thinking, as a server without a reasoning
+    parser returns it in the content: after the last `</think>` (DeepSeek-R1's template
+    opens the block in the prompt, so its reply holds the closing tag alone; Qwen3's holds
+    both); nothing when a `<think>` block never closes (the tokens ran out thinking). Its
+    first word was read as the verdict: "think", or the reasoning's, never "yes", and every
+    answer was judged wrong, that is forgotten."""
+    if "</think>" in text:
+        return text.rsplit("</think>", 1)[1]
+    return "" if "<think>" in text else text
 
 
 class _Dialect:

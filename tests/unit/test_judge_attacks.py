@@ -178,6 +178,12 @@ class _Judge(BaseHTTPRequestHandler):
         ref = text.split("Reference answer: ")[1].split("\n")[0]
         out = text.split("Model answer: ")[1].split("\n")[0]
         reply = "Yes." if ref.lower() in out.lower() else "No"
+        if "R1" in out:  # DeepSeek-R1 served without a reasoning parser: its template
+            reply = "Okay, the answer says no such thing. Hmm, wait.\n</think>\n\n" + reply
+        if "QWEN" in out:  # Qwen3 likewise: the whole block in the content
+            reply = "<think>\nIs it yes? No, let me see.\n</think>\n\n" + reply
+        if "UNCLOSED" in out:  # out of tokens while thinking
+            reply = "<think>\nYes, the answer could be"
         if "THINK" in out or body.get("max_completion_tokens", 1000) < 100:
             reply = None  # a reasoning model: its tokens went to thinking, no content
         message = {"role": "assistant", "content": reply}
@@ -277,6 +283,28 @@ def test_llm_judge_retries_a_rate_limit_and_keeps_the_order(judge_server, monkey
     with pytest.raises(UnpactError, match=r"replied no text \(finish_reason 'length'\)"):
         judge_many([Verdict("Who?", "THINK", "x")], settings)
     assert _Judge.seen[-1]["body"]["max_tokens"] == 3
+
+
+def test_llm_judge_reads_a_reasoning_models_verdict_after_its_thinking(judge_server, monkeypatch):
+    """A reasoning model served without a reasoning parser (vLLM's default) returns its
+    thinking in the content: DeepSeek-R1's after a `<think>` its template wrote into the
+    prompt, so with the closing tag alone; Qwen3's with both. The first word was read as
+    the verdict ("okay", "think"): every answer judged wrong, every item "forgotten"."""
+    monkeypatch.setenv("UNPACT_TEST_KEY", SECRET)
+    settings = JudgeSettings(
+        kind="llm",
+        llm=LLMJudgeSettings(base_url=judge_server, model="r1", api_key_env="UNPACT_TEST_KEY"),
+    )
+    verdicts = [
+        Verdict("Who?", "R1: Mira Quintrell", "Quintrell"),
+        Verdict("Who?", "R1: nobody", "Quintrell"),
+        Verdict("Who?", "QWEN: Mira Quintrell", "Quintrell"),
+        Verdict("Who?", "QWEN: nobody", "Quintrell"),
+    ]
+    assert judge_many(verdicts, settings) == [True, False, True, False]
+    # a block that never closes holds no verdict: said, as a reply with no text is
+    with pytest.raises(UnpactError, match=r"replied no text"):
+        judge_many([Verdict("Who?", "UNCLOSED Mira Quintrell", "Quintrell")], settings)
 
 
 def test_llm_judge_speaks_to_a_reasoning_model(judge_server, monkeypatch):
