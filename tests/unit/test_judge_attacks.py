@@ -233,12 +233,17 @@ def judge_server():
     server.server_close()
 
 
-def test_llm_judge_over_http_reads_the_key_from_the_environment(judge_server, monkeypatch):
+def _keyed_judge(monkeypatch, url: str, model: str) -> JudgeSettings:
+    """An LLM judge at `url` whose key is in the environment, as a user sets it."""
     monkeypatch.setenv("UNPACT_TEST_KEY", SECRET)
-    settings = JudgeSettings(
+    return JudgeSettings(
         kind="llm",
-        llm=LLMJudgeSettings(base_url=judge_server, model="judge-1", api_key_env="UNPACT_TEST_KEY"),
+        llm=LLMJudgeSettings(base_url=url, model=model, api_key_env="UNPACT_TEST_KEY"),
     )
+
+
+def test_llm_judge_over_http_reads_the_key_from_the_environment(judge_server, monkeypatch):
+    settings = _keyed_judge(monkeypatch, judge_server, "judge-1")
     verdicts = [
         Verdict("Who?", "It was Mira Quintrell.", "Quintrell"),
         Verdict("Who?", "Nobody", "X"),
@@ -290,11 +295,7 @@ def test_llm_judge_reads_a_reasoning_models_verdict_after_its_thinking(judge_ser
     thinking in the content: DeepSeek-R1's after a `<think>` its template wrote into the
     prompt, so with the closing tag alone; Qwen3's with both. The first word was read as
     the verdict ("okay", "think"): every answer judged wrong, every item "forgotten"."""
-    monkeypatch.setenv("UNPACT_TEST_KEY", SECRET)
-    settings = JudgeSettings(
-        kind="llm",
-        llm=LLMJudgeSettings(base_url=judge_server, model="r1", api_key_env="UNPACT_TEST_KEY"),
-    )
+    settings = _keyed_judge(monkeypatch, judge_server, "r1")
     verdicts = [
         Verdict("Who?", "R1: Mira Quintrell", "Quintrell"),
         Verdict("Who?", "R1: nobody", "Quintrell"),
