@@ -88,7 +88,7 @@ def test_privleak_undefined_by_a_zero_reference_auc_is_said():
 def test_documents_distributions_are_held_one_text_at_a_time(tiny):
     """Min-K%++ reads each position's whole next-token distribution. A batch's were held
     at once, with their log-softmax: 3.2 GB for 16 documents of 512 tokens over the
-    default model's vocabulary, 8.6 GB over Llama 3's, and a laptop's audit was killed by
+    default model's vocabulary, 8.4 GB over Llama 3's, and a laptop's audit was killed by
     the system without a word. The LM head now runs on one text's positions at a time,
     from the batch's hidden states."""
     texts = ["the ferry crossed the river on a quiet day", "Mira Quintrell founded it", "a b"]

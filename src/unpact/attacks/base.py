@@ -16,6 +16,7 @@ import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel
@@ -236,6 +237,11 @@ def get_attack(name: str, settings: dict[str, Any] | None = None) -> Attack:
         raise UnpactError(f"attack {name}: {describe_errors(e)}") from None
 
 
+def _prompt_of(items: list[QAItem], asked: list[tuple[int, str]], attack: str, m: int) -> str:
+    """How an error names the `m`th prompt of `asked` ((item place, prompt) pairs)."""
+    return f"{items[asked[m][0]].label}: {attack}'s prompt"
+
+
 def run_prompts(attack: Attack, ctx: AttackContext) -> list[dict[str, Any]]:
     """The default run of a prompt attack: ask each item's prompts, draw `attack.samples`
     answers (or the greedy one; for multiple choice, greedy means the highest-LP option),
@@ -249,7 +255,7 @@ def run_prompts(attack: Attack, ctx: AttackContext) -> list[dict[str, Any]]:
     by_lp = [(n, p) for n, p in flat if items[n].is_mcq and not attack.samples]
     if by_lp:
         lm = ctx.model()
-        with items_named(lambda m: f"{items[by_lp[m][0]].label}: {attack.name}'s prompt"):
+        with items_named(partial(_prompt_of, items, by_lp, attack.name)):
             picks = choose_options(
                 lm, [p for _, p in by_lp], [items[n].choices or () for n, _ in by_lp]
             )
@@ -266,7 +272,7 @@ def run_prompts(attack: Attack, ctx: AttackContext) -> list[dict[str, Any]]:
             [p for _, p in generated],
             f"prompt under attack {attack.name}",
         )
-        with items_named(lambda m: f"{items[generated[m][0]].label}: {attack.name}'s prompt"):
+        with items_named(partial(_prompt_of, items, generated, attack.name)):
             gens = generate(
                 lm,
                 prompts,

@@ -15,6 +15,7 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from unpact.backends import open_model
@@ -446,6 +447,11 @@ def _local(lm: AnyModel, label: str) -> LanguageModel:
     return cast("LanguageModel", lm)
 
 
+def _answer_of(items: list[QAItem], answers: list[tuple[int, str]], m: int) -> str:
+    """How an error names the `m`th of `answers` ((item place, answer text) pairs)."""
+    return f"{items[answers[m][0]].label}: its answer {short_repr(answers[m][1])}"
+
+
 def score_model(lm: LanguageModel, items: list[QAItem], gradnorm: bool) -> list[dict[str, Any]]:
     """Per item: its answer's teacher-forced statistics, its gradient norm, and for a forget
     item the token log-probs of its paraphrased and perturbed answers (when it has them:
@@ -467,7 +473,7 @@ def score_model(lm: LanguageModel, items: list[QAItem], gradnorm: bool) -> list[
         if item.split == "forget" and item.paraphrased_answer and item.perturbed_answers:
             pairs += [(n, item.paraphrased_answer)] + [(n, t) for t in item.perturbed_answers]
     encoded = [pair_ids(lm, items[n].question, t) for n, t in pairs]
-    with items_named(lambda m: f"{items[pairs[m][0]].label}: its answer {short_repr(pairs[m][1])}"):
+    with items_named(partial(_answer_of, items, pairs)):
         lps = answer_logprobs(
             lm.model,
             [p for p, _ in encoded],
@@ -494,7 +500,7 @@ def utility_rows(lm: LanguageModel, items: list[QAItem]) -> list[dict[str, Any]]
 
     texts = [(n, t) for n, i in enumerate(items) for t in answers(i)]
     encoded = [pair_ids(lm, items[n].question, t) for n, t in texts]
-    with items_named(lambda m: f"{items[texts[m][0]].label}: its answer {short_repr(texts[m][1])}"):
+    with items_named(partial(_answer_of, items, texts)):
         lps = answer_logprobs(
             lm.model,
             [q for q, _ in encoded],
@@ -750,8 +756,6 @@ def compute(
     Reference attack, the original, the retrained reference, each unlearned model) the
     statistics of the forget and holdout texts, VerbMem's continuations and the fluency
     of its forget answers; cached like every stage."""
-    from functools import partial
-
     from unpact.run.store import digest
     from unpact.types import is_remote_spec
 
@@ -904,8 +908,6 @@ def _fluency(
     p: Pipeline, data: Data, base: Model, models: list[Model], stages: dict[str, ModelStages]
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Per evaluated model and forget item: its answer's fluency under the base model."""
-    from functools import partial
-
     forget = data.splits["forget"]
     get = opener(p, base.spec)
     out: dict[str, dict[str, dict[str, Any]]] = {}
