@@ -44,12 +44,14 @@ DEFAULT_K = 0.4  # MUSE's Min-40%
 @dataclass
 class TextStats:
     """One text under one model, per answer token: log-prob, whether it is the argmax,
-    and the mean and standard deviation of log p(z) at that position."""
+    and the mean and standard deviation of log p(z) at that position. A served model
+    (`membership_scores.served_stats`) gives the log-probs alone, and the argmax where its
+    server gives ranks: what it lacks is None, and the figures read from it are left out."""
 
     logprobs: list[float]
-    argmax: list[bool]
-    mu: list[float]
-    sigma: list[float]
+    argmax: list[bool] | None
+    mu: list[float] | None
+    sigma: list[float] | None
     zlib_bytes: int
 
     def to_dict(self) -> dict[str, Any]:
@@ -69,17 +71,14 @@ def mia_scores(
     gradnorm: float | None = None,
     k: float = DEFAULT_K,
 ) -> dict[str, float]:
-    """Every attack's score of one text (higher: more likely a member); `reference` and
-    `gradnorm` only when their inputs are given."""
+    """Every attack's score of one text (higher: more likely a member); `min_k_plus_plus`
+    only with the next-token distributions' moments, `reference` and `gradnorm` only when
+    their inputs are given."""
     nll = mean_nll(stats)
-    scores = {
-        "loss": -nll,
-        "zlib": -nll / stats.zlib_bytes,
-        "min_k": min_k(stats.logprobs, k),
-        "min_k_plus_plus": min_k(
-            [(x - m) / s for x, m, s in zip(stats.logprobs, stats.mu, stats.sigma)], k
-        ),
-    }
+    scores = {"loss": -nll, "zlib": -nll / stats.zlib_bytes, "min_k": min_k(stats.logprobs, k)}
+    if stats.mu is not None and stats.sigma is not None:
+        standard = [(x - m) / s for x, m, s in zip(stats.logprobs, stats.mu, stats.sigma)]
+        scores["min_k_plus_plus"] = min_k(standard, k)
     if reference_nll is not None:
         scores["reference"] = reference_nll - nll
     if gradnorm is not None:
@@ -91,17 +90,21 @@ def mean_nll(stats: TextStats) -> float:
     return -sum(stats.logprobs) / len(stats.logprobs)
 
 
-def exact_memorisation(stats: TextStats) -> float:
+def exact_memorisation(stats: TextStats) -> float | None:
     """Share of answer tokens that are the model's argmax under teacher forcing
-    (open-unlearning's `exact_memorization`)."""
+    (open-unlearning's `exact_memorization`); None without the argmax."""
+    if stats.argmax is None:
+        return None
     return sum(stats.argmax) / len(stats.argmax)
 
 
-def extraction_strength(stats: TextStats) -> float:
+def extraction_strength(stats: TextStats) -> float | None:
     """`1 - k/|y|` for the smallest k such that, given the true first k answer tokens, the
     model's argmax reproduces every later one (teacher forced, as open-unlearning's
     `extraction_strength`); 0 when not even the last token is reproduced (open-unlearning
-    then gives 1/|y|, an artefact of its loop)."""
+    then gives 1/|y|, an artefact of its loop); None without the argmax."""
+    if stats.argmax is None:
+        return None
     n = len(stats.argmax)
     for k in range(n):
         if all(stats.argmax[k:]):

@@ -1,6 +1,8 @@
 """The statistics `unpact.membership` reads, computed with a local model: per text, one
 batched teacher-forced pass of the scoring kernel (token log-probs, argmax flags, the moments
-of log p(z) under the model's next-token distribution), and per-text gradient norms."""
+of log p(z) under the model's next-token distribution), and per-text gradient norms. A
+served model gives what its server's prompt log-probs hold (`served_stats`): the token
+log-probs, and the argmax flags where it gives each token's rank (vLLM does)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import math
 import zlib
 from collections.abc import Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -22,10 +24,12 @@ from unpact.types import pair_ids
 
 if TYPE_CHECKING:
     from unpact.models import LanguageModel
+    from unpact.remote import RemoteModel
+    from unpact.types import AnyModel
 
 
 def token_stats(
-    lm: LanguageModel,
+    lm: AnyModel,
     prompts: Sequence[str],
     texts: Sequence[str],
     *,
@@ -36,11 +40,41 @@ def token_stats(
     chat format evaluation uses), batched: one pass per `batch_size` texts."""
     encoded = fitting_pairs(lm, prompts, texts)
     label = progress if isinstance(progress, str) else "Membership scores"
-    return _batched_stats(lm, encoded, list(texts), batch_size, label, bool(progress))
+    if not lm.has_weights:
+        return served_stats(cast("RemoteModel", lm), encoded, list(texts), label, bool(progress))
+    local = cast("LanguageModel", lm)
+    return _batched_stats(local, encoded, list(texts), batch_size, label, bool(progress))
+
+
+def served_stats(
+    lm: RemoteModel,
+    encoded: Sequence[tuple[Sequence[int], Sequence[int]]],
+    texts: list[str],
+    label: str,
+    progress: bool,
+) -> list[TextStats]:
+    """TextStats of each (context, text) id pair from a server's prompt log-probs: the text
+    tokens' log-probs and, where the server gives ranks, whether each is the argmax (rank
+    1; a token tied with another for the top has rank 2 in vLLM's count). The moments of
+    the next-token distribution need all of it, which no server returns: None, and Min-K%++
+    is left out."""
+    scored = lm.answer_scores(
+        [c for c, _ in encoded], [t for _, t in encoded], progress=label if progress else False
+    )
+    return [
+        TextStats(
+            lp.double().tolist(),
+            None if ranks is None else [r == 1 for r in ranks],
+            None,
+            None,
+            len(zlib.compress(text.encode("utf-8"))),
+        )
+        for (lp, ranks), text in zip(scored, texts)
+    ]
 
 
 def fitting_pairs(
-    lm: LanguageModel, prompts: Sequence[str], texts: Sequence[str]
+    lm: AnyModel, prompts: Sequence[str], texts: Sequence[str]
 ) -> list[tuple[list[int], list[int]]]:
     """Each text as the answer to its prompt (`pair_ids`), every pair checked to fit the
     model's context as scoring checks it ("item N: prompt + answer is ... tokens"): a longer
@@ -56,7 +90,7 @@ def fitting_pairs(
 
 
 def document_stats(
-    lm: LanguageModel,
+    lm: AnyModel,
     texts: Sequence[str],
     *,
     max_tokens: int = 512,
@@ -77,14 +111,17 @@ def document_stats(
     bos = list(lm.special_prefix())
     limit = min(max_tokens, lm.max_length - len(bos))
     for n, text in enumerate(texts):
-        ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][:limit]
+        ids = list(lm.tokenize(text))[:limit]
         context, target = (bos, ids) if bos else (ids[:1], ids[1:])
         if not target:
             raise UnpactError(f"document {n}: {len(ids)} token(s), nothing to score")
         encoded.append((context, target))
-        scored.append(lm.tokenizer.decode(ids))
+        scored.append(lm.detokenize(ids))
     label = progress if isinstance(progress, str) else "Membership scores (documents)"
-    return _batched_stats(lm, encoded, scored, batch_size, label, bool(progress))
+    if not lm.has_weights:
+        return served_stats(cast("RemoteModel", lm), encoded, scored, label, bool(progress))
+    local = cast("LanguageModel", lm)
+    return _batched_stats(local, encoded, scored, batch_size, label, bool(progress))
 
 
 def _batched_stats(

@@ -329,6 +329,14 @@ class LanguageModel:
         end = self.answer_end
         return () if end is None else (end,)
 
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> tuple[int, ...]:
+        """`text`'s token ids (as a server's /tokenize gives them)."""
+        return tuple(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """The text of `ids`, special tokens kept (as a server's /detokenize gives it)."""
+        return str(self.tokenizer.decode(list(ids)))
+
     def special_prefix(self) -> tuple[int, ...]:
         """The special tokens the tokenizer puts before a text (a Llama BOS; none for the
         default model's), which raw prompts and documents start with."""

@@ -153,6 +153,7 @@ class RemoteModel:
     _has_template: bool | None = field(default=None, init=False, repr=False)
     _max_length: int | None = field(default=None, init=False, repr=False)
     _mode: str | None = field(default=None, init=False, repr=False)
+    _prefix: tuple[int, ...] | None = field(default=None, init=False, repr=False)
     _token_text: dict[int, str] = field(default_factory=dict, init=False, repr=False)
     _boundary_warned: bool = field(default=False, init=False, repr=False)
 
@@ -310,6 +311,12 @@ class RemoteModel:
         if not isinstance(text, str):
             raise RemoteError(f"{self.root_url}/detokenize: the reply has no 'prompt' text")
         return text
+
+    def special_prefix(self) -> tuple[int, ...]:
+        """The special tokens the server's tokenizer puts before a text (a Llama BOS)."""
+        if self._prefix is None:
+            self._prefix = raw_prefix(self.tokenize("x", True), self.tokenize("x"))
+        return self._prefix
 
     def served_root(self) -> str | None:
         """What the server says it loaded under this model's name: the `root` of its card in
@@ -573,6 +580,12 @@ class RemoteModel:
 
     def sequence_logprobs(self, ids: Sequence[int]) -> list[float]:
         """log p(x_t | x_<t) for t = 1..len(ids)-1, from the server (one request)."""
+        return self.sequence_scores(ids)[0]
+
+    def sequence_scores(self, ids: Sequence[int]) -> tuple[list[float], list[int] | None]:
+        """`sequence_logprobs` and each token's rank in its next-token distribution (1: the
+        model's argmax), where the server gives ranks (vLLM's prompt_logprobs do; an echo's
+        log-probs do not: None)."""
         if len(ids) < 2:
             raise UnpactError("scoring needs at least two tokens")
         modes = [self._mode] if self._mode else _modes(self.settings.logprobs_mode)
@@ -588,6 +601,7 @@ class RemoteModel:
                 )
             modes = ["echo"]
         problems = []
+        found: tuple[list[float], list[int] | None] | str
         for mode in modes:
             if mode == "prompt_logprobs":
                 reply = self._completions(
@@ -605,7 +619,8 @@ class RemoteModel:
                         "return_tokens_as_token_ids": True,
                     }
                 )
-                found = _from_echo(reply, ids)
+                echoed = _from_echo(reply, ids)
+                found = echoed if isinstance(echoed, str) else (echoed, None)
             if isinstance(found, str):
                 problems.append(found)
                 continue
@@ -628,12 +643,23 @@ class RemoteModel:
     ) -> list[torch.Tensor]:
         """Per-token answer log-probs given each prompt (as `scoring.answer_logprobs`);
         one request per pair (the server batches; `token_budget` is a local notion)."""
+        return [lp for lp, _ in self.answer_scores(prompts, answers, progress)]
+
+    def answer_scores(
+        self,
+        prompts: Sequence[Sequence[int]],
+        answers: Sequence[Sequence[int]],
+        progress: bool | str = False,
+    ) -> list[tuple[torch.Tensor, list[int] | None]]:
+        """`answer_logprobs` with each answer token's rank where the server gives ranks
+        (`sequence_scores`), for what reads the model's argmax (exact memorisation)."""
         prompts, answers = check_pairs(prompts, answers, self.max_length)
 
-        def one(pair: tuple[Sequence[int], Sequence[int]]) -> torch.Tensor:
+        def one(pair: tuple[Sequence[int], Sequence[int]]) -> tuple[torch.Tensor, list[int] | None]:
             p, a = pair
-            lps = self.sequence_logprobs([*p, *a])
-            return torch.tensor(lps[len(p) - 1 :], dtype=torch.float32)
+            lps, ranks = self.sequence_scores([*p, *a])
+            kept = None if ranks is None else ranks[len(p) - 1 :]
+            return torch.tensor(lps[len(p) - 1 :], dtype=torch.float32), kept
 
         label = progress if isinstance(progress, str) else ("Scoring" if progress else False)
         return self.map(one, list(zip(prompts, answers)), label)
@@ -751,7 +777,11 @@ def _modes(mode: str) -> list[str]:
     return ["prompt_logprobs", "echo"] if mode == "auto" else [mode]
 
 
-def _from_prompt_logprobs(reply: dict[str, Any], ids: Sequence[int]) -> list[float] | str:
+def _from_prompt_logprobs(
+    reply: dict[str, Any], ids: Sequence[int]
+) -> tuple[list[float], list[int] | None] | str:
+    """The sent tokens' log-probs and, when every entry has one, their ranks (vLLM's
+    `Logprob.rank`: how many tokens are at least as likely; 1 is the argmax)."""
     try:
         entries = reply["choices"][0].get("prompt_logprobs")
     except (KeyError, IndexError, TypeError, AttributeError):
@@ -762,7 +792,8 @@ def _from_prompt_logprobs(reply: dict[str, Any], ids: Sequence[int]) -> list[flo
         raise RemoteError(
             f"the server scored {len(entries)} prompt tokens but {len(ids)} were sent"
         )
-    out = []
+    out: list[float] = []
+    ranks: list[int] | None = []
     for t, (token, entry) in enumerate(zip(ids[1:], entries[1:]), start=1):
         try:
             value = entry[str(token)]
@@ -773,7 +804,12 @@ def _from_prompt_logprobs(reply: dict[str, Any], ids: Sequence[int]) -> list[flo
                 "the server's tokens differ from what was sent"
             ) from None
         out.append(_finite(lp, t))
-    return out
+        rank = value.get("rank") if isinstance(value, dict) else None
+        if ranks is not None and isinstance(rank, int) and not isinstance(rank, bool):
+            ranks.append(rank)
+        else:
+            ranks = None  # a server without ranks: no argmax to read
+    return out, ranks
 
 
 def _from_echo(reply: dict[str, Any], ids: Sequence[int]) -> list[float] | str:

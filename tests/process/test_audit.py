@@ -533,14 +533,19 @@ def test_a_test_not_measured_says_why():
     whatever the reason (a served unlearned model, a served reference...)."""
     from unpact.run.audit import unmeasured
 
-    served = {"membership.unlearned": "openai:u@x is served: no weights to score"}
-    assert unmeasured(served, "unlearned") == served["membership.unlearned"]
-    assert unmeasured(served, "other") is None
+    served = {
+        "privleak.unlearned": "openai:u@x is served: Min-K%++ needs ...",
+        "forget_quality": "no paraphrased answers",
+    }
+    assert unmeasured(served, "unlearned") == "openai:u@x is served: Min-K%++ needs ...; " + (
+        "no paraphrased answers"
+    )
+    assert unmeasured(served, "other") == "no paraphrased answers"
     both = {"privleak": "no holdout items", "forget_quality": "no paraphrased answers"}
     assert unmeasured(both, "m") == "no holdout items; no paraphrased answers"
     m = {"forgotten": 0}
     got = {v["test"]: v for v in verdicts(m, [], [], skipped=served, label="unlearned")}
-    assert got["indistinguishable"]["detail"] == served["membership.unlearned"]
+    assert got["indistinguishable"]["detail"] == unmeasured(served, "unlearned")
 
 
 def test_the_gpu_preset_on_a_cpu_is_said_before_it_starts(pair, tmp_path, monkeypatch):

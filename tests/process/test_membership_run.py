@@ -251,3 +251,55 @@ def test_bad_membership_settings_are_one_message():
         load_config({"methods": [{"method": "ga"}], "membership": {"privleak_attack": "nope"}})
     with pytest.raises(UnpactError, match=r"membership\.k"):
         load_config({"methods": [{"method": "ga"}], "membership": {"k": 0}})
+
+
+def test_served_models_get_the_figures_their_server_gives(done):
+    """The same three models and the base served (`unpact serve`, vLLM's formats) give
+    the local run's figures that token log-probs and ranks make (LOSS, ZLib, Min-K%, the
+    Reference attack, PrivLeak, truth ratio, forget quality, exact memorisation, model
+    utility, fluency); Min-K%++ and GradNorm, which need the whole next-token distribution
+    or the weights, are left out and named in `skipped` (the served models' figures were
+    all left out)."""
+    from unpact.models import load_model
+    from unpact.serve import BackgroundServer, make_app
+
+    root, config, _ = done
+    local = json.loads((root / "out" / "results.json").read_text())
+    models = root / "out" / "models"
+    names = {"orig": models / "original", "ret": models / "retrained", "ga": models / "ga"}
+    app = make_app(
+        {n: load_model(str(p)) for n, p in names.items()} | {"base": load_model(str(root / "tiny"))}
+    )
+    with BackgroundServer(app) as url:
+        served = {
+            **config,
+            "model": f"openai:orig@{url}/v1",
+            "inject": {"enabled": False},
+            "methods": [{"name": "ga", "model": f"openai:ga@{url}/v1"}],
+            "membership": {
+                **config["membership"],
+                "reference": f"openai:ret@{url}/v1",
+                "base": f"openai:base@{url}/v1",
+            },
+        }
+        res = run(served, root / "served", cache_dir=root / "cache", progress=False).results
+    kept = ("loss", "zlib", "min_k", "reference")
+    names = ["privleak", "truth_ratio", "forget_quality", "exact_memorisation"]
+    names += ["extraction_strength", "model_utility", "forget_prob", "degenerate"]
+    for got, want in (
+        (res["methods"]["ga"], local["methods"]["ga"]),
+        *((res["references"][r], local["references"][r]) for r in ("original", "retrained")),
+    ):
+        for attack in kept:
+            assert got["mia_auc"][attack] == pytest.approx(want["mia_auc"][attack], abs=1e-4)
+        for name in names:
+            if name in want:
+                assert want[name] is not None, name
+                assert got[name] == pytest.approx(want[name], abs=1e-4), name
+        assert got["mia_auc"].get("min_k_plus_plus") is None
+        assert got["mia_auc"].get("gradnorm") is None
+    skipped = res["skipped"]
+    for label in ("ga", "original", "retrained"):
+        assert "Min-K%++" in skipped[f"mia_auc.min_k_plus_plus.{label}"]
+        assert "GradNorm needs its weights" in skipped[f"mia_auc.gradnorm.{label}"]
+    assert not any(k.startswith("membership") for k in skipped)

@@ -2074,3 +2074,32 @@ def test_a_model_served_while_it_trains_draws_no_dropout(tiny):
         assert text == expected[0]
         assert torch.allclose(torch.tensor(lps), torch.tensor(expected[1]), atol=1e-5)
     assert not net.training  # and left so: requests run side by side
+
+
+@pytest.mark.parametrize("mode", ["prompt_logprobs", "echo"])
+def test_membership_statistics_of_a_served_model_equal_local(tiny, served, faults, mode):
+    """A served model's membership statistics are the local ones where its server gives
+    them: the token log-probs (LOSS, ZLib, Min-K%, the truth ratio) and, from the ranks of
+    prompt_logprobs, the argmax (exact memorisation); an echo gives no ranks. VerbMem's
+    continuations and truths, and MUSE's cut of a probe's truth, are the local ones."""
+    from unpact.data.items import Document, VerbatimPrompt
+    from unpact.membership_scores import document_stats, token_stats
+    from unpact.run.membership import probe_rows, verbmem_rows
+
+    remote = _remote(served[1], logprobs_mode=mode)
+    texts = ["Mira Quintrell founded the Vostrand Glassworks in 1874 by the river. " * 2] * 2
+    texts[1] = "The harbour town of Quintrell has eleven bridges and one glassworks."
+    for local, got in (
+        (token_stats(tiny, PROMPTS, ANSWERS), token_stats(remote, PROMPTS, ANSWERS)),
+        (document_stats(tiny, texts), document_stats(remote, texts)),
+    ):
+        for a, b in zip(local, got, strict=True):
+            assert len(b.logprobs) == len(a.logprobs) and b.zlib_bytes == a.zlib_bytes
+            assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+            assert b.argmax == (a.argmax if mode == "prompt_logprobs" else None)
+            assert b.mu is None and b.sigma is None
+    assert any(any(s.argmax) for s in document_stats(tiny, texts))  # argmax read both ways
+    docs = [Document(f"d{n}", t, "forget") for n, t in enumerate(texts)]
+    assert verbmem_rows(remote, docs, 6, 5) == verbmem_rows(tiny, docs, 6, 5)
+    probes = [VerbatimPrompt("p0", "Mira Quintrell founded", " the glassworks in 1874 .")]
+    assert probe_rows(remote, probes, 4) == probe_rows(tiny, probes, 4)

@@ -528,11 +528,12 @@ def _recovery(
 
 def unmeasured(skipped: dict[str, str], label: str) -> str | None:
     """Why the indistinguishability of the method `label` was not measured, from
-    results.json's `skipped`: its own model's scores, the run's, or both figures'."""
-    for key in (f"membership.{label}", "membership"):
-        if key in skipped:
-            return skipped[key]
-    reasons = dict.fromkeys(skipped[k] for k in ("privleak", "forget_quality") if k in skipped)
+    results.json's `skipped`: the run's scores, or both figures' (PrivLeak's for this
+    method alone: a served model's, with an attack its server cannot give)."""
+    if "membership" in skipped:
+        return skipped["membership"]
+    keys = ("privleak", f"privleak.{label}", "forget_quality")
+    reasons = dict.fromkeys(skipped[k] for k in keys if k in skipped)
     return "; ".join(reasons) or None
 
 

@@ -59,7 +59,8 @@ class Membership:
     verbatim: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     fluency: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     reference: Model | None = None  # the retrained reference
-    served: dict[str, str] = field(default_factory=dict)  # models left out, and why
+    # what served models' scores leave out (Min-K%++, GradNorm...), and why
+    served: dict[str, str] = field(default_factory=dict)
     documents: list[Document] = field(default_factory=list)  # forget and holdout, scored
     # per model label, per document id: each attack's score (no GradNorm) of the document
     document_scores: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
@@ -131,19 +132,10 @@ NO_REFERENCE = (
 
 def skip_reason(p: Pipeline, data: Data) -> str | None:
     """Why this run cannot compute the indistinguishability figures, or None."""
-    from unpact.types import is_remote_spec
 
     settings = p.cfg.membership
     if not settings.enabled:
         return "membership: enabled is false"
-    served = [
-        s for s in (settings.base or p.cfg.model, settings.reference) if s and is_remote_spec(s)
-    ]
-    if served:
-        return (
-            f"membership inference needs the weights of {served[0]} (served); the base "
-            "model and the reference must be local"
-        )
     if not data.holdout and not scored_documents(data, settings):
         return (
             f"benchmark {data.bench.name} has no holdout items or documents (split: holdout), "
@@ -440,11 +432,37 @@ def _texts(items: list[QAItem]) -> tuple[list[str], list[str]]:
 
 def _local(lm: AnyModel, label: str) -> LanguageModel:
     if not lm.has_weights:
-        raise UnpactError(
-            f"membership inference needs the weights of {label} ({lm.spec} is served); "
-            "set membership.enabled: false to run without it"
-        )
+        raise UnpactError(f"GradNorm needs the weights of {label} ({lm.spec} is served)")
     return cast("LanguageModel", lm)
+
+
+def served_notes(
+    spec: str, label: str, settings: MembershipSettings, documents: bool
+) -> dict[str, str]:
+    """What a served model's scores leave out, for results.json's `skipped`: its server's
+    prompt log-probs give LOSS, ZLib, Min-K%, the Reference attack, the truth ratio and
+    (with ranks) exact memorisation, but not Min-K%++ (each position's whole next-token
+    distribution) nor GradNorm (the weights). `documents`: the run scores documents."""
+    why = (
+        f"{spec} is served: Min-K%++ needs each position's whole next-token distribution, "
+        "which a server does not return"
+    )
+    out = {f"mia_auc.min_k_plus_plus.{label}": why}
+    if documents:
+        out[f"mia_auc_documents.min_k_plus_plus.{label}"] = why
+    if settings.gradnorm:
+        out[f"mia_auc.gradnorm.{label}"] = f"{spec} is served: GradNorm needs its weights"
+    if settings.privleak_attack in ("min_k_plus_plus", "gradnorm"):
+        out[f"privleak.{label}"] = out[f"mia_auc.{settings.privleak_attack}.{label}"]
+        if documents and settings.privleak_attack == "min_k_plus_plus":
+            out[f"privleak_documents.{label}"] = why
+    return out
+
+
+NO_RANKS = (
+    "is served and its server gives no token ranks (vLLM's prompt_logprobs do; "
+    "an echo's log-probs do not): no argmax to read"
+)
 
 
 def _answer_of(items: list[QAItem], answers: list[tuple[int, str]], m: int) -> str:
@@ -452,17 +470,17 @@ def _answer_of(items: list[QAItem], answers: list[tuple[int, str]], m: int) -> s
     return f"{items[answers[m][0]].label}: its answer {short_repr(answers[m][1])}"
 
 
-def score_model(lm: LanguageModel, items: list[QAItem], gradnorm: bool) -> list[dict[str, Any]]:
+def score_model(lm: AnyModel, items: list[QAItem], gradnorm: bool) -> list[dict[str, Any]]:
     """Per item: its answer's teacher-forced statistics, its gradient norm, and for a forget
     item the token log-probs of its paraphrased and perturbed answers (when it has them:
-    the truth ratio, which forget quality compares on the forget items only)."""
-    from unpact.scoring import answer_logprobs
-
+    the truth ratio, which forget quality compares on the forget items only). A served
+    model's statistics are its server's (`membership_scores.served_stats`), with no
+    GradNorm."""
     questions, answers = _texts(items)
     with items_named(lambda n: items[n].label):
         stats = token_stats(lm, questions, answers, progress=f"Membership: {len(items)} texts")
         norms = (
-            gradient_norms_batched(lm, questions, answers, progress="GradNorm")
+            gradient_norms_batched(_local(lm, lm.spec), questions, answers, progress="GradNorm")
             if gradnorm
             else None
         )
@@ -474,8 +492,7 @@ def score_model(lm: LanguageModel, items: list[QAItem], gradnorm: bool) -> list[
             pairs += [(n, item.paraphrased_answer)] + [(n, t) for t in item.perturbed_answers]
     encoded = [pair_ids(lm, items[n].question, t) for n, t in pairs]
     with items_named(partial(_answer_of, items, pairs)):
-        lps = answer_logprobs(
-            lm.model,
+        lps = lm.answer_logprobs(
             [p for p, _ in encoded],
             [a for _, a in encoded],
             progress="Truth-ratio answers" if pairs else False,
@@ -485,14 +502,13 @@ def score_model(lm: LanguageModel, items: list[QAItem], gradnorm: bool) -> list[
     return rows
 
 
-def utility_rows(lm: LanguageModel, items: list[QAItem]) -> list[dict[str, Any]]:
+def utility_rows(lm: AnyModel, items: list[QAItem]) -> list[dict[str, Any]]:
     """Per item with truth answers, what TOFU's model utility reads beside the greedy
     answer's ROUGE (open-unlearning's TOFU metrics), from one batch of teacher-forced
     log-probs: a retain item's Prob of its true answer (exp of the mean token log-prob given
     the question) and its truth ratio against the paraphrased answer; a general item's Prob
     normalised over the true and perturbed answers (`probability_w_options`: p / (p + the
     perturbed answers' sum)) and its truth ratio against the true answer itself."""
-    from unpact.scoring import answer_logprobs
 
     def answers(i: QAItem) -> tuple[str, ...]:
         para = (i.paraphrased_answer or "",) if i.split == "retain" else ()
@@ -501,8 +517,7 @@ def utility_rows(lm: LanguageModel, items: list[QAItem]) -> list[dict[str, Any]]
     texts = [(n, t) for n, i in enumerate(items) for t in answers(i)]
     encoded = [pair_ids(lm, items[n].question, t) for n, t in texts]
     with items_named(partial(_answer_of, items, texts)):
-        lps = answer_logprobs(
-            lm.model,
+        lps = lm.answer_logprobs(
             [q for q, _ in encoded],
             [a for _, a in encoded],
             progress=f"Model utility: {len(items)} items",
@@ -521,25 +536,30 @@ def utility_rows(lm: LanguageModel, items: list[QAItem]) -> list[dict[str, Any]]
     return rows
 
 
-def verbmem_rows(lm: LanguageModel, docs: list[Any], prefix: int, new: int) -> list[dict[str, Any]]:
+def verbmem_rows(lm: AnyModel, docs: list[Any], prefix: int, new: int) -> list[dict[str, Any]]:
     """MUSE's VerbMem protocol per forget document: the greedy continuation of its first
     `prefix` tokens (raw text, no chat template), against the true continuation."""
     prompts, truths, ids = [], [], []
     for d in docs:
-        tokens = lm.tokenizer(d.text, add_special_tokens=False)["input_ids"]
+        tokens = lm.tokenize(d.text)
         if len(tokens) <= prefix:
             continue  # no continuation to compare with
-        prompts.append(lm.tokenizer.decode(tokens[:prefix]))
-        truths.append(lm.tokenizer.decode(tokens[prefix : prefix + new]))
+        prompts.append(lm.detokenize(tokens[:prefix]))
+        truths.append(lm.detokenize(tokens[prefix : prefix + new]))
         ids.append(d.id)
     return _continued(lm, ids, prompts, truths, new)
 
 
-def probe_rows(lm: LanguageModel, probes: list[VerbatimPrompt], new: int) -> list[dict[str, Any]]:
+def probe_rows(lm: AnyModel, probes: list[VerbatimPrompt], new: int) -> list[dict[str, Any]]:
     """MUSE's VerbMem on its own probes (`metrics/verbmem.py` in the MUSE repository): the
     greedy continuation of each prompt, as given, against the true continuation cut to its
     first `new` tokens (MUSE: 128 of each)."""
-    truths = [muse_cut(lm.tokenizer, v.continuation, new) for v in probes]
+    truths = [
+        muse_cut(cast("LanguageModel", lm).tokenizer, v.continuation, new)
+        if lm.has_weights
+        else served_muse_cut(lm, v.continuation, new)
+        for v in probes
+    ]
     rows = _continued(lm, [v.id for v in probes], [v.prompt for v in probes], truths, new)
     for row, v in zip(rows, probes):
         row["prompt"] = v.prompt
@@ -559,6 +579,17 @@ def muse_cut(tokenizer: Any, text: str, new: int) -> str:
         tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     )
     return clean_up_spaces(decoded)
+
+
+def served_muse_cut(lm: AnyModel, text: str, new: int) -> str:
+    """`muse_cut` through a server's /tokenize and /detokenize: the first `new` ids with the
+    special tokens, decoded without the ones the tokenizer put before the text (the
+    special tokens `skip_special_tokens` drops there)."""
+    ids = lm.tokenize(text, add_special_tokens=True)[:new]
+    prefix = lm.special_prefix()
+    if ids[: len(prefix)] == prefix:
+        ids = ids[len(prefix) :]
+    return clean_up_spaces(lm.detokenize(ids) if ids else "")
 
 
 def clean_up_spaces(text: str) -> str:
@@ -584,7 +615,7 @@ _CLEAN_UP = [
 
 
 def _continued(
-    lm: LanguageModel, ids: list[str], prompts: list[str], truths: list[str], new: int
+    lm: AnyModel, ids: list[str], prompts: list[str], truths: list[str], new: int
 ) -> list[dict[str, Any]]:
     """`new` greedy tokens after each raw prompt, beside its truth (the ROUGE-L F1 of the
     two is `rouge_l`, added when the rows are read)."""
@@ -596,16 +627,12 @@ def _continued(
     return [{"id": i, "output": o[0].text, "truth": t} for i, o, t in zip(ids, outs, truths)]
 
 
-def base_logprobs(
-    lm: LanguageModel, questions: list[str], outputs: list[str]
-) -> list[float | None]:
+def base_logprobs(lm: AnyModel, questions: list[str], outputs: list[str]) -> list[float | None]:
     """Mean token log-prob of each output as the answer to its question under `lm` (None
     for an empty output)."""
-    from unpact.scoring import answer_logprobs
-
     kept = [n for n, o in enumerate(outputs) if o.strip()]
     encoded = [pair_ids(lm, questions[n], outputs[n]) for n in kept]
-    lps = answer_logprobs(lm.model, [p for p, _ in encoded], [a for _, a in encoded])
+    lps = lm.answer_logprobs([p for p, _ in encoded], [a for _, a in encoded])
     out: list[float | None] = [None] * len(outputs)
     for n, lp in zip(kept, lps):
         out[n] = float(lp.mean())
@@ -779,20 +806,22 @@ def compute(
     kept = utility_items(data)
     served: dict[str, str] = {}
     for m in [base, original, reference, *unlearned]:
-        if is_remote_spec(m.spec):  # no weights: this model's figures are left out, said why
-            served[f"membership.{m.label}"] = f"{m.spec} is served: no weights to score"
-            continue
+        remote = is_remote_spec(m.spec)  # its server's log-probs: what they give, said
+        if remote and m is not base:
+            served |= served_notes(m.spec, m.label, settings, bool(scored))
         get = opener(p, m.spec)
-        grad = settings.gradnorm and m is not base
+        grad = settings.gradnorm and m is not base and not remote
         rows = p.stage(
             "membership",
             "membership",
             m.label,
             [m.key, item_key, grad, "truth answers: forget items"],  # holdout's: none
-            partial(
-                lambda g, lbl, gr: score_model(_local(g(), lbl), items, gr), get, m.label, grad
-            ),
+            partial(lambda g, gr: score_model(g(), items, gr), get, grad),
         )
+        if remote and m is not base and any(r["stats"]["argmax"] is None for r in rows):
+            served[f"exact_memorisation.{m.label}"] = served[f"extraction_strength.{m.label}"] = (
+                f"{m.spec} {NO_RANKS}"
+            )
         raw[m.label] = {r["id"]: r for r in rows}
         if scored:  # with the same opened model: it is loaded once for all its stages
             raw_docs[m.label] = _document_rows(p, m, get, scored)
@@ -831,7 +860,7 @@ def _utility(p: Pipeline, m: Model, get: Opener, items: list[QAItem]) -> dict[st
         "utility",
         m.label,
         [m.key, digest([i.to_dict() for i in items])],
-        lambda: utility_rows(_local(get(), m.label), items),
+        lambda: utility_rows(get(), items),
     )
     return {r["id"]: r for r in rows}
 
@@ -852,12 +881,12 @@ def _verbmem(
         key += [new, "probes"]
 
         def compute() -> list[dict[str, Any]]:
-            return probe_rows(_local(get(), m.label), probes, new)
+            return probe_rows(get(), probes, new)
     else:
         key += [prefix, new]
 
         def compute() -> list[dict[str, Any]]:
-            return verbmem_rows(_local(get(), m.label), texts, prefix, new)
+            return verbmem_rows(get(), texts, prefix, new)
 
     rows = p.stage("verbmem", "verbmem", m.label, key, compute)
     # scored here, not in the stage: the cached continuations are read with today's ROUGE
@@ -883,9 +912,7 @@ def _document_rows(
 
     def compute() -> list[dict[str, Any]]:
         with items_named(lambda n: f"document {docs[n].id} ({docs[n].split})", "document"):
-            found = document_stats(
-                _local(get(), m.label), texts, max_tokens=tokens, progress="Documents"
-            )
+            found = document_stats(get(), texts, max_tokens=tokens, progress="Documents")
         return [{"id": d.id, "stats": s.to_dict()} for d, s in zip(docs, found)]
 
     key = [m.key, digest([d.to_dict() for d in docs], tokens)]
@@ -895,7 +922,7 @@ def _document_rows(
 
 def _base_rows(get: Opener, items: list[QAItem], outputs: list[str]) -> list[dict[str, Any]]:
     """Per item: the base model's mean token log-prob of the output and of the true answer."""
-    lm = _local(get(), "base")
+    lm = get()
     questions = [i.question for i in items]
     said = base_logprobs(lm, questions, outputs)
     truth = base_logprobs(lm, questions, [i.answer for i in items])
