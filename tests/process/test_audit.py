@@ -348,6 +348,16 @@ def test_verdicts_read_the_figures_and_the_paired_items():
     # the evidence gives TOFU's forget probability beside the reference's, when both are known
     assert "probability" not in got["indistinguishable"]["detail"]
 
+    # without a control a recovery is said as such, not as "recoverable": on items with
+    # options, a guess or one of PROBAB's samples answers many a never-known fact
+    alone = m | {"recovery_control": {"quantize": None}}
+    got = {v["test"]: v for v in verdicts(alone, records, ["quantize"])}
+    assert got["quantize"]["verdict"] == "recovered, no control"
+    assert "--reference" in got["quantize"]["detail"]
+    none = alone | {"recovery": {"quantize": 0.0}}
+    got = {v["test"]: v for v in verdicts(none, records, ["quantize"])}
+    assert got["quantize"]["verdict"] == "not recovered"
+
     def detail(test, figures, reference=None):
         got = verdicts(figures, records, ["quantize"], reference=reference)
         return next(v["detail"] for v in got if v["test"] == test)

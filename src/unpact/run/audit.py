@@ -510,8 +510,18 @@ def _recovery(
         )
         return {"test": attack, "verdict": "not run", "detail": detail}
     if control is None:
-        verdict = "recoverable" if rate > 0 else "not recovered"
-        return {"test": attack, "verdict": verdict, "detail": head + " (no control)"}
+        # a recovery with nothing to read it against is not a finding of recovery: a guess
+        # among a question's options, or one of PROBAB's samples, answers some items right
+        # in a model that never knew them
+        if rate == 0:
+            return {"test": attack, "verdict": "not recovered", "detail": head + " (no control)"}
+        return {
+            "test": attack,
+            "verdict": "recovered, no control",
+            "detail": head + "; no never-taught reference (--reference) to run it on as the "
+            "control, so whether a model that never knew these facts answers as many "
+            "(guessing among options, or by sampling) is not known",
+        }
     test = _mcnemar(records, attack)
     mine, theirs, p = test if test is not None else (0, 0, 1.0)
     beyond = p < alpha and mine > theirs
