@@ -303,3 +303,24 @@ def test_served_models_get_the_figures_their_server_gives(done):
         assert "Min-K%++" in skipped[f"mia_auc.min_k_plus_plus.{label}"]
         assert "GradNorm needs its weights" in skipped[f"mia_auc.gradnorm.{label}"]
     assert not any(k.startswith("membership") for k in skipped)
+
+
+def test_without_injection_the_reference_attack_reads_the_reference(done, tmp_path):
+    """With inject disabled the run's model is the taught original: the Reference attack
+    and fluency read the never-taught reference, as an audit and open-unlearning's
+    Reference attack (the retain model) do. It read the taught original, which makes the
+    reference's own Reference scores its NLL minus the original's, not 0."""
+    root, config, _ = done
+    models = root / "out" / "models"
+    given = {
+        **config,
+        "model": str(models / "original"),
+        "inject": {"enabled": False},
+        "methods": [{"name": "ga", "model": str(models / "ga")}],
+        "membership": {**config["membership"], "reference": str(models / "retrained")},
+    }
+    res = run(given, tmp_path / "out", cache_dir=root / "cache", progress=False).results
+    rows = [json.loads(x) for _, x in json_lines((tmp_path / "out" / "items.jsonl").read_text())]
+    scores = [r["membership_retrained"]["reference"] for r in rows if r["split"] == "holdout"]
+    assert scores and all(s == 0 for s in scores)  # the reference against itself
+    assert res["references"]["retrained"]["mia_auc"]["reference"] == 0.5

@@ -277,7 +277,8 @@ class MembershipSettings(PlainInput):
     base: str | None = Field(
         None,
         description="the model before it learned the benchmark, for the Reference attack and "
-        "fluency (default: the run's model, which is that model when the run injects)",
+        "fluency (default: the run's model when the run injects, else the reference: with "
+        "inject disabled the run's model is the taught original)",
     )
     k: float = Field(0.4, gt=0, le=1, description="Min-K% and Min-K%++: the share of tokens")
     privleak_attack: str = Field(

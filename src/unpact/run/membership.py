@@ -793,7 +793,10 @@ def compute(
     reference = retrained(p, data)  # a named one's tokenizer: checked when the run began
     items = data.splits["forget"] + data.holdout
     item_key = digest([i.to_dict() for i in items])  # the truth-ratio answers included
-    base_spec = settings.base or p.cfg.model
+    # the model before it learned the benchmark: the run's own where it injects; else (the
+    # run's model is the taught original) the never-taught reference, as open-unlearning's
+    # Reference attack reads the retain model and as an audit does
+    base_spec = settings.base or (p.cfg.model if p.cfg.inject.enabled else reference.spec)
     base = p.given_model("base", base_spec)
     firsts = first_items(data.splits["forget"])
     kind, texts = verbatim_texts(data, settings)
