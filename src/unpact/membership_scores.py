@@ -40,10 +40,7 @@ def token_stats(
     chat format evaluation uses), batched: one pass per `batch_size` texts."""
     encoded = fitting_pairs(lm, prompts, texts)
     label = progress if isinstance(progress, str) else "Membership scores"
-    if not lm.has_weights:
-        return served_stats(cast("RemoteModel", lm), encoded, list(texts), label, bool(progress))
-    local = cast("LanguageModel", lm)
-    return _batched_stats(local, encoded, list(texts), batch_size, label, bool(progress))
+    return _batched_stats(lm, encoded, list(texts), batch_size, label, bool(progress))
 
 
 def served_stats(
@@ -118,21 +115,24 @@ def document_stats(
         encoded.append((context, target))
         scored.append(lm.detokenize(ids))
     label = progress if isinstance(progress, str) else "Membership scores (documents)"
-    if not lm.has_weights:
-        return served_stats(cast("RemoteModel", lm), encoded, scored, label, bool(progress))
-    local = cast("LanguageModel", lm)
-    return _batched_stats(local, encoded, scored, batch_size, label, bool(progress))
+    return _batched_stats(lm, encoded, scored, batch_size, label, bool(progress))
 
 
 def _batched_stats(
-    lm: LanguageModel,
+    model: AnyModel,
     encoded: Sequence[tuple[Sequence[int], Sequence[int]]],
     texts: list[str],
     batch_size: int,
     label: str,
     progress: bool,
 ) -> list[TextStats]:
+    """TextStats of each (context, text) id pair: a local model's batched passes, a served
+    model's prompt log-probs (`served_stats`)."""
     from unpact.scoring import answer_states, check_not_nan, evaluating, head_logits
+
+    if not model.has_weights:
+        return served_stats(cast("RemoteModel", model), encoded, texts, label, progress)
+    lm = cast("LanguageModel", model)
 
     out: list[TextStats] = []
     with (

@@ -2087,18 +2087,21 @@ def test_membership_statistics_of_a_served_model_equal_local(tiny, served, fault
     from unpact.run.membership import probe_rows, verbmem_rows
 
     remote = _remote(served[1], logprobs_mode=mode)
-    texts = ["Mira Quintrell founded the Vostrand Glassworks in 1874 by the river. " * 2] * 2
-    texts[1] = "The harbour town of Quintrell has eleven bridges and one glassworks."
+    texts = [
+        "Mira Quintrell founded the Vostrand Glassworks in 1874 by the river. " * 2,
+        "The harbour town of Quintrell has eleven bridges and one glassworks.",
+    ]
+    local_docs = document_stats(tiny, texts)
     for local, got in (
         (token_stats(tiny, PROMPTS, ANSWERS), token_stats(remote, PROMPTS, ANSWERS)),
-        (document_stats(tiny, texts), document_stats(remote, texts)),
+        (local_docs, document_stats(remote, texts)),
     ):
         for a, b in zip(local, got, strict=True):
             assert len(b.logprobs) == len(a.logprobs) and b.zlib_bytes == a.zlib_bytes
             assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
             assert b.argmax == (a.argmax if mode == "prompt_logprobs" else None)
             assert b.mu is None and b.sigma is None
-    assert any(any(s.argmax) for s in document_stats(tiny, texts))  # argmax read both ways
+    assert any(any(s.argmax or ()) for s in local_docs)  # argmax read both ways
     docs = [Document(f"d{n}", t, "forget") for n, t in enumerate(texts)]
     assert verbmem_rows(remote, docs, 6, 5) == verbmem_rows(tiny, docs, 6, 5)
     probes = [VerbatimPrompt("p0", "Mira Quintrell founded", " the glassworks in 1874 .")]

@@ -132,7 +132,6 @@ NO_REFERENCE = (
 
 def skip_reason(p: Pipeline, data: Data) -> str | None:
     """Why this run cannot compute the indistinguishability figures, or None."""
-
     settings = p.cfg.membership
     if not settings.enabled:
         return "membership: enabled is false"
@@ -430,9 +429,9 @@ def _texts(items: list[QAItem]) -> tuple[list[str], list[str]]:
     return [i.question for i in items], [i.answer for i in items]
 
 
-def _local(lm: AnyModel, label: str) -> LanguageModel:
+def _local(lm: AnyModel) -> LanguageModel:
     if not lm.has_weights:
-        raise UnpactError(f"GradNorm needs the weights of {label} ({lm.spec} is served)")
+        raise UnpactError(f"GradNorm needs a model's weights; {lm.spec} is served")
     return cast("LanguageModel", lm)
 
 
@@ -480,7 +479,7 @@ def score_model(lm: AnyModel, items: list[QAItem], gradnorm: bool) -> list[dict[
     with items_named(lambda n: items[n].label):
         stats = token_stats(lm, questions, answers, progress=f"Membership: {len(items)} texts")
         norms = (
-            gradient_norms_batched(_local(lm, lm.spec), questions, answers, progress="GradNorm")
+            gradient_norms_batched(_local(lm), questions, answers, progress="GradNorm")
             if gradnorm
             else None
         )
@@ -810,7 +809,8 @@ def compute(
     served: dict[str, str] = {}
     for m in [base, original, reference, *unlearned]:
         remote = is_remote_spec(m.spec)  # its server's log-probs: what they give, said
-        if remote and m is not base:
+        said = remote and m is not base  # the base's own figures are not reported
+        if said:
             served |= served_notes(m.spec, m.label, settings, bool(scored))
         get = opener(p, m.spec)
         grad = settings.gradnorm and m is not base and not remote
@@ -821,7 +821,7 @@ def compute(
             [m.key, item_key, grad, "truth answers: forget items"],  # holdout's: none
             partial(lambda g, gr: score_model(g(), items, gr), get, grad),
         )
-        if remote and m is not base and any(r["stats"]["argmax"] is None for r in rows):
+        if said and any(r["stats"]["argmax"] is None for r in rows):
             served[f"exact_memorisation.{m.label}"] = served[f"extraction_strength.{m.label}"] = (
                 f"{m.spec} {NO_RANKS}"
             )
