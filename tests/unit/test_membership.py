@@ -789,3 +789,24 @@ def test_documents_in_a_script_without_spaces_are_scored():
     item = QAItem("a", "首都は?", "東京", "forget")
     data = Data(Benchmark("b", [], docs), {"forget": [item]}, [])
     assert [d.id for d in scored_documents(data, MembershipSettings())] == ["f1", "h1"]
+
+
+@pytest.mark.parametrize("gradnorm", [True, False])
+def test_what_a_served_models_scores_leave_out_is_named(gradnorm):
+    """PrivLeak with GradNorm on a served model is named whether GradNorm is on or not
+    (with it off, naming it was a KeyError)."""
+    from unpact.run.config import MembershipSettings
+    from unpact.run.membership import served_notes
+
+    settings = MembershipSettings(privleak_attack="gradnorm", gradnorm=gradnorm)
+    notes = served_notes("openai:m@u", "ga", settings, documents=True)
+    assert notes["privleak.ga"] == "openai:m@u is served: GradNorm needs its weights"
+    assert ("mia_auc.gradnorm.ga" in notes) is gradnorm
+    assert "privleak_documents.ga" not in notes  # documents have no GradNorm at all
+    assert "Min-K%++" in notes["mia_auc_documents.min_k_plus_plus.ga"]
+    k = served_notes(
+        "openai:m@u", "ga", MembershipSettings(privleak_attack="min_k_plus_plus"), True
+    )
+    assert k["privleak.ga"] == k["privleak_documents.ga"] == k["mia_auc.min_k_plus_plus.ga"]
+    plain = served_notes("openai:m@u", "ga", MembershipSettings(), False)
+    assert set(plain) == {"mia_auc.min_k_plus_plus.ga", "mia_auc.gradnorm.ga"}

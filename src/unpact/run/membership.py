@@ -442,19 +442,21 @@ def served_notes(
     prompt log-probs give LOSS, ZLib, Min-K%, the Reference attack, the truth ratio and
     (with ranks) exact memorisation, but not Min-K%++ (each position's whole next-token
     distribution) nor GradNorm (the weights). `documents`: the run scores documents."""
-    why = (
-        f"{spec} is served: Min-K%++ needs each position's whole next-token distribution, "
-        "which a server does not return"
-    )
-    out = {f"mia_auc.min_k_plus_plus.{label}": why}
+    why = {
+        "min_k_plus_plus": f"{spec} is served: Min-K%++ needs each position's whole "
+        "next-token distribution, which a server does not return",
+        "gradnorm": f"{spec} is served: GradNorm needs its weights",
+    }
+    out = {f"mia_auc.min_k_plus_plus.{label}": why["min_k_plus_plus"]}
     if documents:
-        out[f"mia_auc_documents.min_k_plus_plus.{label}"] = why
+        out[f"mia_auc_documents.min_k_plus_plus.{label}"] = why["min_k_plus_plus"]
     if settings.gradnorm:
-        out[f"mia_auc.gradnorm.{label}"] = f"{spec} is served: GradNorm needs its weights"
-    if settings.privleak_attack in ("min_k_plus_plus", "gradnorm"):
-        out[f"privleak.{label}"] = out[f"mia_auc.{settings.privleak_attack}.{label}"]
-        if documents and settings.privleak_attack == "min_k_plus_plus":
-            out[f"privleak_documents.{label}"] = why
+        out[f"mia_auc.gradnorm.{label}"] = why["gradnorm"]
+    attack = settings.privleak_attack
+    if attack in why:  # PrivLeak with GradNorm is left out whether or not it is on
+        out[f"privleak.{label}"] = why[attack]
+        if documents and attack == "min_k_plus_plus":
+            out[f"privleak_documents.{label}"] = why[attack]
     return out
 
 
