@@ -253,6 +253,33 @@ def test_bad_membership_settings_are_one_message():
         load_config({"methods": [{"method": "ga"}], "membership": {"k": 0}})
 
 
+def _served_app(root):
+    """`unpact serve`'s app serving the run's original, retrained and ga models and the base."""
+    from unpact.models import load_model
+    from unpact.serve import make_app
+
+    models = root / "out" / "models"
+    names = {"orig": models / "original", "ret": models / "retrained", "ga": models / "ga"}
+    return make_app(
+        {n: load_model(str(p)) for n, p in names.items()} | {"base": load_model(str(root / "tiny"))}
+    )
+
+
+def _served_config(config, url):
+    """`config` with every model it reads served from `url` (`_served_app`)."""
+    return {
+        **config,
+        "model": f"openai:orig@{url}/v1",
+        "inject": {"enabled": False},
+        "methods": [{"name": "ga", "model": f"openai:ga@{url}/v1"}],
+        "membership": {
+            **config["membership"],
+            "reference": f"openai:ret@{url}/v1",
+            "base": f"openai:base@{url}/v1",
+        },
+    }
+
+
 def test_served_models_get_the_figures_their_server_gives(done):
     """The same three models and the base served (`unpact serve`, vLLM's formats) give
     the local run's figures that token log-probs and ranks make (LOSS, ZLib, Min-K%, the
@@ -260,28 +287,12 @@ def test_served_models_get_the_figures_their_server_gives(done):
     utility, fluency); Min-K%++ and GradNorm, which need the whole next-token distribution
     or the weights, are left out and named in `skipped` (the served models' figures were
     all left out)."""
-    from unpact.models import load_model
-    from unpact.serve import BackgroundServer, make_app
+    from unpact.serve import BackgroundServer
 
     root, config, _ = done
     local = json.loads((root / "out" / "results.json").read_text())
-    models = root / "out" / "models"
-    names = {"orig": models / "original", "ret": models / "retrained", "ga": models / "ga"}
-    app = make_app(
-        {n: load_model(str(p)) for n, p in names.items()} | {"base": load_model(str(root / "tiny"))}
-    )
-    with BackgroundServer(app) as url:
-        served = {
-            **config,
-            "model": f"openai:orig@{url}/v1",
-            "inject": {"enabled": False},
-            "methods": [{"name": "ga", "model": f"openai:ga@{url}/v1"}],
-            "membership": {
-                **config["membership"],
-                "reference": f"openai:ret@{url}/v1",
-                "base": f"openai:base@{url}/v1",
-            },
-        }
+    with BackgroundServer(_served_app(root)) as url:
+        served = _served_config(config, url)
         res = run(served, root / "served", cache_dir=root / "cache", progress=False).results
     kept = ("loss", "zlib", "min_k", "reference")
     names = ["privleak", "truth_ratio", "forget_quality", "exact_memorisation"]
@@ -303,6 +314,34 @@ def test_served_models_get_the_figures_their_server_gives(done):
         assert "Min-K%++" in skipped[f"mia_auc.min_k_plus_plus.{label}"]
         assert "GradNorm needs its weights" in skipped[f"mia_auc.gradnorm.{label}"]
     assert not any(k.startswith("membership") for k in skipped)
+
+
+def test_served_statistics_without_ranks_are_not_read_for_a_mode_with_them(done):
+    """`remote.logprobs_mode: echo` gives no token ranks, so no exact memorisation; the
+    membership stages were keyed without the mode, and a run asking again with
+    prompt_logprobs (auto) read the echo's rows back and still left exact memorisation
+    out. A served model's membership stages are keyed by the mode too; they do not depend
+    on the local dtype (the server's is its own)."""
+    from unpact.serve import BackgroundServer
+
+    root, config, _ = done
+    cache = root / "cache-modes"
+    with BackgroundServer(_served_app(root)) as url:
+        served = _served_config(config, url)
+        echo = {**served, "remote": {"logprobs_mode": "echo"}}
+        first = run(echo, root / "echo", cache_dir=cache, progress=False).results
+        second = run(served, root / "auto", cache_dir=cache, progress=False)
+        local_base = {**served["membership"], "base": str(root / "tiny")}  # dtype: its own
+        mixed = served | {"membership": local_base, "dtype": "bfloat16"}
+        third = run(mixed, root / "bf16", cache_dir=cache, progress=False)
+    assert first["methods"]["ga"]["exact_memorisation"] is None
+    assert "no token ranks" in first["skipped"]["exact_memorisation.ga"]
+    assert second.results["methods"]["ga"]["exact_memorisation"] is not None
+    assert "exact_memorisation.ga" not in second.results["skipped"]
+    assert any(c.startswith("membership:") for c in second.computed), second.computed
+    mine = ("membership", "verbmem", "model utility")
+    again = [c for c in third.computed if c.startswith(mine) and not c.endswith(":base")]
+    assert again == [] and "membership:base" in third.computed, third.computed
 
 
 def test_without_injection_the_reference_attack_reads_the_reference(done, tmp_path):

@@ -35,7 +35,7 @@ from unpact.membership import (
 )
 from unpact.membership_scores import document_stats, gradient_norms_batched, token_stats
 from unpact.metrics import ItemRecord
-from unpact.types import pair_ids, short_repr
+from unpact.types import is_remote_spec, pair_ids, short_repr
 
 if TYPE_CHECKING:
     from unpact.data.items import Document
@@ -341,7 +341,6 @@ def same_tokenizer(
     keeping its id, tokenises text as the original's does: it passes, and `say` notes it.
     `called`: the setting or option naming the original, for its own load's message."""
     from unpact.models import load_tokenizer, tokenizer_digest
-    from unpact.types import is_remote_spec
 
     named = {what: spec for what, spec in compared.items() if spec is not None}
     if is_remote_spec(original) or all(is_remote_spec(s) for s in named.values()):
@@ -785,7 +784,6 @@ def compute(
     statistics of the forget and holdout texts, VerbMem's continuations and the fluency
     of its forget answers; cached like every stage."""
     from unpact.run.store import digest
-    from unpact.types import is_remote_spec
 
     reason = skip_reason(p, data)
     if reason is not None:
@@ -816,12 +814,13 @@ def compute(
             served |= served_notes(m.spec, m.label, settings, bool(scored))
         get = opener(p, m.spec)
         grad = settings.gradnorm and m is not base and not remote
-        rows = p.stage(
+        rows = _stage(
+            p,
             "membership",
-            "membership",
-            m.label,
+            m,
             [m.key, item_key, grad, "truth answers: forget items"],  # holdout's: none
             partial(lambda g, gr: score_model(g(), items, gr), get, grad),
+            ranks=True,
         )
         if said and any(r["stats"]["argmax"] is None for r in rows):
             served[f"exact_memorisation.{m.label}"] = served[f"extraction_strength.{m.label}"] = (
@@ -856,16 +855,39 @@ def compute(
     return found
 
 
+def _stage(
+    p: Pipeline,
+    kind: str,
+    m: Model,
+    key: list[Any],
+    compute: Callable[[], list[dict[str, Any]]],
+    *,
+    folder: str | None = None,
+    reads: Model | None = None,
+    ranks: bool = False,
+) -> list[dict[str, Any]]:
+    """`p.stage` for the model `m` (named by its label) whose stage reads the one model
+    `reads` (`m` itself unless given). A served one's stage is keyed without the run's
+    dtype (its server's is its own) and, where it reads token ranks (`ranks`: the argmax
+    of exact memorisation), with `remote.logprobs_mode`: an echo gives none, and its rows
+    must not be read back for prompt_logprobs, which do."""
+    served = is_remote_spec((reads or m).spec)
+    if served and ranks:
+        key = [*key, {"logprobs_mode": p.cfg.remote.logprobs_mode}]
+    return p.stage(kind, folder or kind, m.label, key, compute, served)
+
+
 def _utility(p: Pipeline, m: Model, get: Opener, items: list[QAItem]) -> dict[str, dict[str, Any]]:
     """TOFU's model utility inputs of one model (`utility_rows`), one stage, by item id."""
     from unpact.run.store import digest
 
-    rows = p.stage(
+    rows = _stage(
+        p,
         "model utility",
-        "utility",
-        m.label,
+        m,
         [m.key, digest([i.to_dict() for i in items])],
         lambda: utility_rows(get(), items),
+        folder="utility",
     )
     return {r["id"]: r for r in rows}
 
@@ -893,7 +915,7 @@ def _verbmem(
         def compute() -> list[dict[str, Any]]:
             return verbmem_rows(get(), texts, prefix, new)
 
-    rows = p.stage("verbmem", "verbmem", m.label, key, compute)
+    rows = _stage(p, "verbmem", m, key, compute)
     # scored here, not in the stage: the cached continuations are read with today's ROUGE
     return [
         {
@@ -921,7 +943,7 @@ def _document_rows(
         return [{"id": d.id, "stats": s.to_dict()} for d, s in zip(docs, found)]
 
     key = [m.key, digest([d.to_dict() for d in docs], tokens)]
-    rows = p.stage("membership-documents", "membership-documents", m.label, key, compute)
+    rows = _stage(p, "membership-documents", m, key, compute, ranks=True)
     return {r["id"]: r for r in rows}
 
 
@@ -945,12 +967,13 @@ def _fluency(
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for m in models:
         outputs = [stages[m.label].evals[i.id]["output"] for i in forget]
-        rows = p.stage(
+        rows = _stage(
+            p,
             "fluency",
-            "fluency",
-            m.label,
+            m,
             [base.key, [(i.question, i.answer) for i in forget], outputs],
             partial(_base_rows, get, forget, outputs),
+            reads=base,
         )
         out[m.label] = {
             i.id: fluency(o, r["base_logprob"], r["answer_logprob"], p.cfg.membership)
