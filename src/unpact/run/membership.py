@@ -807,13 +807,16 @@ def compute(
     utility: dict[str, dict[str, dict[str, Any]]] = {}
     kept = utility_items(data)
     served: dict[str, str] = {}
+    graded = {m.key for m in [original, reference, *unlearned]}
     for m in [base, original, reference, *unlearned]:
         remote = is_remote_spec(m.spec)  # its server's log-probs: what they give, said
         said = remote and m is not base  # the base's own figures are not reported
         if said:
             served |= served_notes(m.spec, m.label, settings, bool(scored))
         get = opener(p, m.spec)
-        grad = settings.gradnorm and m is not base and not remote
+        # the base's own GradNorm is not read, but where it is a model scored with it (the
+        # reference, in an audit) its stage is that model's: computed once, read back
+        grad = settings.gradnorm and not remote and (m is not base or base.key in graded)
         rows = _stage(
             p,
             "membership",
