@@ -85,6 +85,9 @@ def test_audit_prints_a_verdict_per_test_and_writes_the_run(pair, tmp_path):
     assert m["recovery_control"]["quantize"] is not None  # the reference was attacked
     assert m["privleak"] is not None
     assert "Traceback" not in res.stderr
+    # --general none: no general items, and no line saying they were evaluated
+    assert "evaluating: original (retain)" in res.stdout + res.stderr
+    assert "(general)" not in res.stdout + res.stderr
     # what the preset left out, said in the audit's own terms (no config key)
     assert "--preset gpu computes it" in results["skipped"]["mia_auc.gradnorm"]
     assert "membership.gradnorm" not in res.stdout

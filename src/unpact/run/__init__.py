@@ -882,9 +882,10 @@ def _evals(
     opened: Callable[[], AnyModel],
     splits: Sequence[str],
 ) -> dict[str, dict[str, Any]]:
-    """The greedy answers of `model` to the items of `splits`, judged: one stage per split."""
+    """The greedy answers of `model` to the items of `splits`, judged: one stage per split
+    that has items (none is said for an empty one: `--general none`)."""
     evals: dict[str, dict[str, Any]] = {}
-    for split in splits:
+    for split in (s for s in splits if data.splits.get(s)):
         rows = p.stage(
             "evaluating",
             "evals",
