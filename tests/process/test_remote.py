@@ -1489,6 +1489,46 @@ def test_unpact_serve_streams_one_chunk_per_token_as_vllm_does(served):
     assert order[:2] == [0, 1]  # step by step, each choice's chunk, as vLLM's engine yields
 
 
+def test_unpact_serve_echoes_without_generation_as_vllm_does(served):
+    """vLLM serves an echo with `max_tokens` 0 as a one-token completion whose token it
+    leaves out of the text and log-probs but counts in the usage, lists in `token_ids` and
+    reads the finish reason from, once per `n` (`echo_without_generation` in its
+    completion protocol: `max_tokens=1`). `unpact serve` made no token: one choice for any
+    `n`, no completion tokens, no id, "length" even where the token was a stop id, and a
+    `min_tokens` of 1 refused."""
+    import httpx
+
+    url = served[1]
+    body = {"model": "tiny", "prompt": [5, 6, 7, 8], "echo": True, "temperature": 0}
+    one = body | {"max_tokens": 0, "logprobs": 0, "return_token_ids": True}
+    reply = httpx.post(f"{url}/completions", json=one).json()
+    (choice,) = reply["choices"]
+    token = httpx.post(
+        f"{url}/completions", json=body | {"max_tokens": 1, "echo": False, "return_token_ids": True}
+    ).json()["choices"][0]["token_ids"]
+    assert choice["token_ids"] == token and choice["prompt_token_ids"] == [5, 6, 7, 8]
+    assert choice["text"] == "" and len(choice["logprobs"]["tokens"]) == 4  # the prompt's
+    assert choice["finish_reason"] == "length"
+    assert reply["usage"] == {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5}
+    stopped = httpx.post(f"{url}/completions", json=one | {"stop_token_ids": token}).json()
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    assert stopped["choices"][0]["stop_reason"] == token[0]
+    sampled = body | {"max_tokens": 0, "n": 3, "temperature": 1, "seed": 1}
+    reply = httpx.post(f"{url}/completions", json=sampled).json()
+    assert [c["index"] for c in reply["choices"]] == [0, 1, 2]
+    assert {c["text"] for c in reply["choices"]} == {reply["choices"][0]["text"]}
+    assert reply["usage"]["completion_tokens"] == 3
+    options = {"stream": True, "stream_options": {"include_usage": True,
+                                                  "continuous_usage_stats": True}}  # fmt: skip
+    *chunks, usage = _events(httpx.post(f"{url}/completions", json=one | options))
+    assert len(chunks) == 1 and chunks[0]["choices"][0]["token_ids"] == token
+    assert chunks[0]["usage"]["completion_tokens"] == usage["usage"]["completion_tokens"] == 1
+    least = httpx.post(f"{url}/completions", json=one | {"min_tokens": 1})
+    assert least.status_code == 200, least.text  # vLLM's max_tokens is 1 here
+    more = httpx.post(f"{url}/completions", json=one | {"min_tokens": 2})
+    assert more.status_code == 400 and "max_tokens=1, got 2" in more.json()["error"]["message"]
+
+
 def test_stop_strings_leave_the_samples_as_they_were(served):
     """A seeded request's samples with a stop string are its samples without one, each cut
     where its text first holds the string: stopping a sample early changes no other's."""

@@ -439,7 +439,8 @@ class _Server:
             if scoring is None:
                 (scoring,) = self.batchers[req.model].submit([(req.ids, req.top)])
             scored = scoring.result()
-            rows: list[list[int]] = [[] if req.max_tokens == 0 else [scored.next_id]]
+            # an echo without generation too: vLLM makes the one greedy token it hides
+            rows: list[list[int]] = [[scored.next_id]]
             prompt_scores: Scored | None = scored
         else:
             with self.lock, torch.no_grad():
@@ -452,11 +453,20 @@ class _Server:
 
 
 def _scored_only(req: _Completion) -> bool:
-    """Whether one scoring pass answers the request: no token generated (an echo), or
-    one greedy token, which is the most likely after the prompt (nothing shaping it)."""
+    """Whether one scoring pass answers the request: one greedy token (or an echo without
+    generation, `_hidden`, for which vLLM makes one), the most likely after the prompt
+    (nothing shaping it)."""
     greedy = req.temperature < GREEDY_BELOW
-    one = req.max_tokens == 1 and greedy and req.n == 1 and not req.stops.min_tokens
-    return req.max_tokens == 0 or (one and req.shaping.neutral)
+    one = req.max_tokens <= 1 and greedy and req.n == 1 and not req.stops.min_tokens
+    return one and req.shaping.neutral
+
+
+def _hidden(req: _Completion) -> bool:
+    """An echo without generation (`max_tokens` 0): vLLM's `echo_without_generation`, which
+    it serves as a one-token completion (`max_tokens=1` in its sampling parameters) whose
+    token it leaves out of the text and log-probs but counts in the usage, lists in
+    `token_ids` and reads the finish reason from, one such completion per `n`."""
+    return req.echo and req.max_tokens == 0
 
 
 def _decoder(lm: LanguageModel, prompt: list[int], skip: bool) -> Callable[[list[int]], str]:
@@ -512,12 +522,13 @@ def _generate_rows(lm: LanguageModel, req: _Completion, greedy: bool) -> list[li
         extra["logits_processor"] = shape
     if req.stops.strings:
         extra["stopping_criteria"] = _stopping(lm, req)
+    length = max(req.max_tokens, 1)  # an echo without generation makes one (`_hidden`)
     if greedy:
-        return generated_rows(lm, [req.ids], req.max_tokens, None, 1.0, 1, **extra)
+        return generated_rows(lm, [req.ids], length, None, 1.0, 1, **extra)
     if not req.plain:  # transformers' warpers, after the processors, as vLLM's order has them
         s = req.sampling
         extra |= {"top_p": s["top_p"], "top_k": int(s["top_k"]), "min_p": s["min_p"] or None}
-    return generated_rows(lm, [req.ids], req.max_tokens, req.seed, req.temperature, req.n, **extra)
+    return generated_rows(lm, [req.ids], length, req.seed, req.temperature, req.n, **extra)
 
 
 def _stopping(lm: LanguageModel, req: _Completion) -> Any:
@@ -727,10 +738,11 @@ def _capped(req: _Completion, cap: int | None) -> Any:
 
 
 def _above_max_tokens(req: _Completion) -> Any:
-    """vLLM's 400 for a `min_tokens` above `max_tokens`."""
+    """vLLM's 400 for a `min_tokens` above `max_tokens` (1 for an echo without generation,
+    `_hidden`, as vLLM's sampling parameters have it)."""
     return _error(
         400,
-        f"min_tokens must be less than or equal to max_tokens={req.max_tokens}, "
+        f"min_tokens must be less than or equal to max_tokens={max(req.max_tokens, 1)}, "
         f"got {req.stops.min_tokens}.",
     )
 
@@ -814,7 +826,7 @@ def _request_error(lm: LanguageModel, req: _Completion, top_k: int | None) -> An
     least = req.stops.min_tokens
     if least < 0:
         return _error(400, f"min_tokens must be greater than or equal to 0, got {least}.")
-    if least > req.max_tokens:
+    if least > max(req.max_tokens, 1):  # 0 only with echo, one token made (`_hidden`)
         return _above_max_tokens(req)
     if any(not string for string in req.stops.strings):
         return _error(400, "stop cannot contain an empty string.")
@@ -913,7 +925,15 @@ def _stepped(lm: LanguageModel, req: _Completion, done: list[Finished]) -> list[
     """Each completion of `req` cut into the pieces vLLM streams, one per generated token."""
     decode = _decoder(lm, req.ids, req.skip_special)
     echoed = len(req.ids) if req.echo else 0
-    return [Stepped(step_texts(decode, f, req.stops), len(req.ids), echoed) for f in done]
+    return [
+        Stepped(
+            [] if _hidden(req) else step_texts(decode, f, req.stops),
+            len(req.ids),
+            echoed,
+            len(f.ids),
+        )
+        for f in done
+    ]
 
 
 def _reply(
@@ -1065,19 +1085,20 @@ def _choice(
     asked (of every generated token, the one that stopped it among them, as vLLM gives
     them: a stop string cuts the text, not the tokens). `scores(g)`: the `Scored` of the
     prompt followed by generated ids g; `prompt_scores`: the prompt's, when known."""
-    tok, ids, g = lm.tokenizer, req.ids, done.ids
+    tok, ids = lm.tokenizer, req.ids
+    g = () if _hidden(req) else done.ids  # the ids shown
     echoed = ""  # with return_token_ids the ids say it (vLLM)
     if req.echo and not req.with_ids:  # a text prompt as given, token ids decoded (vLLM)
         echoed = req.given if req.given is not None else tok.decode(ids)
     choice: dict[str, Any] = {
         "index": index,
-        "text": echoed + done.text,
+        "text": echoed + ("" if _hidden(req) else done.text),
         "logprobs": None,
         "finish_reason": done.finish_reason,
         "stop_reason": done.stop_reason,
     }
     if req.with_ids:
-        choice |= {"prompt_token_ids": list(ids), "token_ids": list(g)}
+        choice |= {"prompt_token_ids": list(ids), "token_ids": list(done.ids)}
     seq = (ids + list(g)) if req.echo else list(g)
     if req.logprobs is not None and seq:
         start = 0 if req.echo else len(ids)

@@ -15,12 +15,14 @@ from typing import Any
 @dataclass(frozen=True)
 class Stepped:
     """One choice as streamed: the text each generated token adds (`stops.step_texts`), its
-    prompt's token count, and how many log-prob entries come before the first generated
-    token's (an echoed prompt's)."""
+    prompt's token count, how many log-prob entries come before the first generated
+    token's (an echoed prompt's), and how many tokens it generated (an echo without
+    generation: one, which vLLM counts but does not show)."""
 
     pieces: list[str]
     prompt_tokens: int
     echoed_tokens: int = 0
+    generated: int = 0
 
 
 def event_stream(reply: dict[str, Any], events: list[dict[str, Any]], usage: bool) -> Any:
@@ -95,7 +97,7 @@ def completion_events(
             streamed += len(piece)
             event: dict[str, Any] = {"choices": [chunk]}
             if continuous:
-                event["usage"] = _usage(s.prompt_tokens, min(k + 1, len(pieces)))
+                event["usage"] = _usage(s.prompt_tokens, k + 1 if pieces else s.generated)
             chunks.append(event)
         per_choice.append(chunks)
     return _interleaved(per_choice)
