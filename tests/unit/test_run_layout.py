@@ -82,3 +82,25 @@ def test_a_config_yaml_that_is_not_a_runs_is_let_be(tmp_path):
         (out / name / "config.yaml").write_text(text)
     clear_other_runs(out, None, [])
     assert {"other", "broken", "empty"} <= {p.name for p in out.iterdir()}
+
+
+def test_another_configs_outputs_go_when_a_run_starts_and_the_same_configs_stay(tmp_path):
+    """Only results.json went when a run started: a run of another config stopped before
+    its end (Ctrl-C, an error) left the earlier config's report, items and tables beside
+    its own config.yaml, to be read as its own. They go now, the earlier models too (but
+    one this config reads); the same config again keeps them until it writes its own."""
+    from unpact.run.layout import start_run
+
+    out = _run(tmp_path / "out", models=("ga", "npo"))
+    (out / "results.csv").write_text("x")
+    start_run(out, CONFIG, [])
+    assert (out / "report.html").is_file() and not (out / "results.json").exists()
+    assert (out / "models" / "ga").is_dir()
+    other = CONFIG + "seed: 1\n"
+    start_run(out, other, [str(out / "models" / "npo")])
+    assert _tree(out) == ["config.yaml", "models", "models/npo", "models/npo/config.json"]
+    assert (out / "config.yaml").read_text() == other
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    start_run(fresh, CONFIG, [])
+    assert _tree(fresh) == ["config.yaml"]

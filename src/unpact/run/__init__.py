@@ -99,7 +99,7 @@ from unpact.run.config import (
     StatisticsSettings,
     load_config,
 )
-from unpact.run.layout import clear_models, clear_other_runs
+from unpact.run.layout import clear_models, clear_other_runs, start_run
 from unpact.run.stages import (
     _at_default,
     attribute,
@@ -513,10 +513,9 @@ def _config_models(cfg: RunConfig) -> list[str]:
 
 
 def _start(out: Path, cfg: RunConfig) -> None:
-    if (out / "results.json").is_file():
-        (out / "results.json").unlink()  # re-running re-derives the results
-    resolved = cfg.model_dump(mode="json")
-    atomic_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    """`layout.start_run` with the resolved config."""
+    resolved = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    start_run(out, resolved, _config_models(cfg))
 
 
 def _data(cfg: RunConfig, cache: Path) -> Data:
@@ -1379,9 +1378,7 @@ def _run_grid(
     list); `out/results.{json,csv,md}` gather the tables and `out/report.html` sets the
     models side by side."""
     began = time.perf_counter()
-    if (out / "results.json").is_file():
-        (out / "results.json").unlink()
-    atomic_text(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    _start(out, cfg)
     bases = [(m.name, m.model) for m in cfg.models] if cfg.models else [(None, cfg.model)]
     sources = cfg.benchmarks or [cfg.data.benchmark]
     names = {s: load_benchmark(s).name for s in sources}  # a folder's name, not its path

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["clear_models", "clear_other_runs"]
+from unpact.files import atomic_text
+
+__all__ = ["clear_models", "clear_other_runs", "start_run"]
 
 # what a run writes beside its config.yaml
 _RUN_FILES = (
@@ -28,6 +30,22 @@ _RUN_FILES = (
     "results.md",
     "report.html",
 )
+
+
+def start_run(out: Path, config_text: str, given: Iterable[str]) -> None:
+    """Make `out` the run of the config written as `config_text` (its `config.yaml`, written
+    here): results.json goes, re-derived at the end; where the folder held another
+    config's run, that run's items, tables, report and models go too (a model named in
+    `given`, specs this config reads, stays), so a run stopped before its end leaves no
+    earlier config's report beside its own config. The same config again (continued or
+    re-run) keeps them until it writes its own."""
+    path = out / "config.yaml"
+    other = _is_run(out) and path.read_text(encoding="utf-8") != config_text
+    for name in _RUN_FILES if other else ("results.json",):
+        (out / name).unlink(missing_ok=True)
+    if other:
+        clear_models(out / "models", {os.path.realpath(spec) for spec in given})
+    atomic_text(path, config_text)
 
 
 def clear_other_runs(out: Path, runs: Iterable[str] | None, given: Iterable[str]) -> None:
