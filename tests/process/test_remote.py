@@ -1529,6 +1529,22 @@ def test_unpact_serve_echoes_without_generation_as_vllm_does(served):
     assert more.status_code == 400 and "max_tokens=1, got 2" in more.json()["error"]["message"]
 
 
+def test_unpact_serve_tokenizes_as_vllm_does(tiny, served):
+    """vLLM's TokenizeResponse: count, max_model_len, tokens and token_strs, the tokens'
+    strings when `return_token_strs` asks (`convert_ids_to_tokens`), else null;
+    `unpact serve` left the field out and ignored the flag."""
+    import httpx
+
+    root = served[1].removesuffix("/v1")
+    body = {"model": "tiny", "prompt": "The quick fox"}
+    plain = httpx.post(f"{root}/tokenize", json=body).json()
+    ids = tiny.tokenizer("The quick fox")["input_ids"]
+    assert plain == {"count": len(ids), "max_model_len": tiny.max_length, "tokens": ids,
+                     "token_strs": None}  # fmt: skip
+    named = httpx.post(f"{root}/tokenize", json=body | {"return_token_strs": True}).json()
+    assert named["token_strs"] == tiny.tokenizer.convert_ids_to_tokens(ids)
+
+
 def test_stop_strings_leave_the_samples_as_they_were(served):
     """A seeded request's samples with a stop string are its samples without one, each cut
     where its text first holds the string: stopping a sample early changes no other's."""

@@ -280,7 +280,14 @@ class _Server:
             )["input_ids"]
         else:
             return _error(400, "give 'prompt' (text) or 'messages'")
-        return {"tokens": list(ids), "count": len(ids), "max_model_len": lm.max_length}
+        # vLLM's TokenizeResponse: the tokens' strings only when `return_token_strs` asks
+        strs = tok.convert_ids_to_tokens(list(ids)) if body.get("return_token_strs") else None
+        return {
+            "count": len(ids),
+            "max_model_len": lm.max_length,
+            "tokens": list(ids),
+            "token_strs": strs,
+        }
 
     def detokenize(self, body: dict[str, Any]) -> Any:
         lm, bad = self.pick(body)
