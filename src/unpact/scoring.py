@@ -160,13 +160,21 @@ class NanWatch:
     (`_nan_why`), naming the row, where greedy decoding took the NaN for the largest logit
     and wrote token 0 over and over, judged as any wrong answer, and sampling failed inside
     torch ("probability tensor contains either `inf`, `nan` or element < 0"). Returns the
-    logits unchanged; `per_prompt` rows (samples) are one prompt's, "item" their place."""
+    logits unchanged; `per_prompt` rows (samples) are one prompt's, "item" their place. A
+    row that has ended (one of `stops` among its tokens after the prompts' `width`) is fed
+    padding until the batch ends, and its logits are never read: not refused."""
 
-    def __init__(self, model: Any, per_prompt: int) -> None:
+    def __init__(
+        self, model: Any, per_prompt: int, stops: Sequence[int] = (), width: int = 0
+    ) -> None:
         self.model, self.per_prompt = model, per_prompt
+        self.stops, self.width = list(stops), width
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         bad = torch.isnan(scores).any(-1)
+        if bool(bad.any()) and self.stops and input_ids.shape[1] > self.width:
+            stops = torch.tensor(self.stops, device=input_ids.device)
+            bad &= ~torch.isin(input_ids[:, self.width :], stops).any(-1)
         if bool(bad.any()):
             row = int(bad.nonzero()[0, 0]) // self.per_prompt
             raise UnpactError(
@@ -1383,7 +1391,8 @@ def generated_rows(
     if nan_watch:
         from transformers import LogitsProcessorList
 
-        kwargs["logits_processor"] = LogitsProcessorList([NanWatch(lm.model, num_return_sequences)])
+        watch = NanWatch(lm.model, num_return_sequences, kwargs["eos_token_id"], width)
+        kwargs["logits_processor"] = LogitsProcessorList([watch])
     kwargs.update(given)
     if kwargs.get("min_new_tokens") is not None:
         # it sets the minimum length itself; a min_length beside it (the neutral 0) made

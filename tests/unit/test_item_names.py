@@ -136,13 +136,14 @@ def test_membership_and_gradient_name_the_prompt_they_cannot_read(added_token):
         gradient_attributions(lm, ["Who?", prompt], ["a", "b"], method="grad_x_input")
 
 
-def _overflowing():
-    """A tiny model whose residual stream is infinite at each token "Z": its activations
-    overflow there, as a float16 model's may."""
+def _overflowing(poison=None):
+    """A tiny model whose residual stream is infinite at each token "Z" (or the token id
+    `poison`): its activations overflow there, as a float16 model's may."""
     from unpact.testing import tiny_model
 
     lm = tiny_model(seed=0)
-    poison = lm.tokenizer("Z", add_special_tokens=False)["input_ids"][-1]
+    if poison is None:
+        poison = lm.tokenizer("Z", add_special_tokens=False)["input_ids"][-1]
 
     def overflow(module, args, output):  # the residual of a token "Z" at infinity
         hidden = output[0] if isinstance(output, tuple) else output
@@ -175,6 +176,21 @@ def test_nan_log_probs_are_refused_naming_the_item():
         score(lm, ["Who?", "Who is Z?"], ["a", "b"])
     with pytest.raises(UnpactError, match=said):
         token_stats(lm, ["Who?", "Who is Z?"], ["a", "b"])
+
+
+def test_nan_logits_of_a_row_that_has_ended_are_not_refused():
+    """A row that has ended is fed padding until its batch ends; logits no answer reads
+    were refused where the padding overflowed, failing a batch whose answers were fine."""
+    from unpact.scoring import generate
+
+    lm = _overflowing(poison=0)
+    assert lm.tokenizer.pad_token_id == 0  # what an ended row is fed
+    prompts = ["Who is Mira?", "Who is Tom?"]  # as many tokens: no padding before them
+    first = generate(lm, prompts[:1], max_new_tokens=1)[0][0].token_ids[0]
+    alone = generate(lm, prompts[1:], max_new_tokens=4)[0][0]
+    lm.model.generation_config.eos_token_id = [lm.tokenizer.eos_token_id, first]
+    ended, other = generate(lm, prompts, max_new_tokens=4)  # padding fed after step 1
+    assert ended[0].token_ids == () and other[0] == alone
 
 
 def test_nan_logits_stop_generation_naming_the_item():
