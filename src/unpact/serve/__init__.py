@@ -1092,14 +1092,14 @@ def _choice(
     asked (of every generated token, the one that stopped it among them, as vLLM gives
     them: a stop string cuts the text, not the tokens). `scores(g)`: the `Scored` of the
     prompt followed by generated ids g; `prompt_scores`: the prompt's, when known."""
-    tok, ids = lm.tokenizer, req.ids
-    g = () if _hidden(req) else done.ids  # the ids shown
+    tok, ids, hidden = lm.tokenizer, req.ids, _hidden(req)
+    g = () if hidden else done.ids  # the ids shown
     echoed = ""  # with return_token_ids the ids say it (vLLM)
     if req.echo and not req.with_ids:  # a text prompt as given, token ids decoded (vLLM)
         echoed = req.given if req.given is not None else tok.decode(ids)
     choice: dict[str, Any] = {
         "index": index,
-        "text": echoed + ("" if _hidden(req) else done.text),
+        "text": echoed + ("" if hidden else done.text),
         "logprobs": None,
         "finish_reason": done.finish_reason,
         "stop_reason": done.stop_reason,
