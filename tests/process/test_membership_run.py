@@ -230,7 +230,12 @@ def test_a_second_run_computes_nothing(done):
     assert again.computed == []
 
 
-def test_no_holdout_items_skips_with_the_reason(done, tmp_path):
+def test_no_holdout_items_leaves_out_membership_inference_alone(done, tmp_path):
+    """A benchmark without holdout items has no non-members to tell the forget set from:
+    the membership-inference AUCs and PrivLeak are left out with the reason, and what the
+    never-taught reference gives without them is still measured (it left out the whole
+    reference: forget quality, the truth ratio, the reference's own answers and the
+    attacks' controls, although the reference was there)."""
     root, config, _ = done
     from unpact.data import load_benchmark
 
@@ -238,10 +243,21 @@ def test_no_holdout_items_skips_with_the_reason(done, tmp_path):
     write_folder(tmp_path / "nohold", [i for i in bench.items if i.split != "holdout"])
     cfg = {**config, "data": {"benchmark": str(tmp_path / "nohold"), "general": None}}
     res = run(cfg, tmp_path / "out", cache_dir=root / "cache", progress=False).results
-    # the reason is one whole sentence (it ended "compares the forget set with")
-    said = res["skipped"]["membership"]
-    assert "no holdout items" in said and said.endswith("never taught; docs/data.md)")
-    assert math.isnan(res["methods"]["ga"]["privleak"] or math.nan)
+    skipped = res["skipped"]
+    assert "membership" not in skipped and "controls" not in skipped
+    # the reason is one whole sentence
+    for key in ("mia_auc", "privleak"):
+        assert "no holdout items" in skipped[key], key
+        assert skipped[key].endswith("never taught; docs/data.md)"), key
+    assert "mia_auc.gradnorm" not in skipped  # within mia_auc's reason
+    ga = res["methods"]["ga"]
+    assert ga["privleak"] is None and not any(ga["mia_auc"].values())
+    for name in ("truth_ratio", "forget_quality", "forget_prob"):
+        assert ga[name] is not None, name
+    refs = res["references"]
+    assert refs["retrained"]["forget_quality"] == 1.0  # the same truth ratios
+    assert refs["retrained"]["forget_acc_after"] is not None
+    assert "focus_on_key" in ga["recovery_control"]
 
 
 def test_bad_membership_settings_are_one_message():

@@ -135,12 +135,9 @@ def skip_reason(p: Pipeline, data: Data) -> str | None:
     settings = p.cfg.membership
     if not settings.enabled:
         return "membership: enabled is false"
-    if not data.holdout and not scored_documents(data, settings):
-        return (
-            f"benchmark {data.bench.name} has no holdout items or documents (split: holdout), "
-            "the non-members membership inference compares the forget set with (facts of the "
-            "same kind the model was never taught; docs/data.md)"
-        )
+    # a benchmark without holdout items or documents leaves out what compares the forget
+    # set with them (`missing_inputs`), not what the reference alone gives: forget quality,
+    # the attacks' controls (TOFU's files before its holdout sets had no non-members)
     if not p.cfg.inject.enabled and settings.reference is None:
         return NO_REFERENCE
     return None
@@ -193,11 +190,18 @@ def missing_inputs(data: Data, settings: MembershipSettings) -> dict[str, str]:
             "no text to continue has a word ROUGE reads as MUSE scores it (a-z, 0-9): text in "
             "another script is left out, not scored 0"
         )
-    if not settings.gradnorm:
+    if not settings.gradnorm and data.holdout:
         out["mia_auc.gradnorm"] = GRADNORM_OFF
     if not data.holdout:
         out["mia_auc"] = out["privleak"] = (
-            "no holdout items (the documents' figures are mia_auc_documents and privleak_documents)"
+            f"benchmark {data.bench.name} has no holdout items (split: holdout), the "
+            "non-members membership inference compares the forget items with (facts of the "
+            "same kind the model was never taught; docs/data.md)"
+            + (
+                "; the documents' figures are mia_auc_documents and privleak_documents"
+                if scored_documents(data, settings)
+                else ""
+            )
         )
     if not scored_documents(data, settings):
         out["mia_auc_documents"] = out["privleak_documents"] = (
