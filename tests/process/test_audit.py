@@ -561,6 +561,19 @@ def test_a_test_not_measured_says_why():
     assert got["indistinguishable"]["detail"] == unmeasured(served, "unlearned")
 
 
+def test_forget_quality_not_measured_is_said_beside_privleak():
+    """With PrivLeak measured and forget quality not (no paraphrased answers), the evidence
+    read "forget quality – (KS p-value of the truth ratios; above 0.05 passes)": a dash
+    beside the rule it would be judged by, and no reason."""
+    m = {"forgotten": 0, "privleak": 0.1, "ci": {"privleak": [-0.2, 0.3]}}
+    why = "no forget item has paraphrased_answer and perturbed_answers (docs/data.md)"
+    got = {v["test"]: v for v in verdicts(m, [], [], skipped={"forget_quality": why})}
+    said = got["indistinguishable"]
+    assert said["verdict"] == "indistinguishable from the reference"
+    assert said["detail"].endswith(f"forget quality not measured: {why}")
+    assert "KS p-value" not in said["detail"]
+
+
 def test_the_gpu_preset_on_a_cpu_is_said_before_it_starts(pair, tmp_path, monkeypatch):
     """--preset gpu on a machine without a GPU ran every item at full size without a word:
     hours on a large benchmark. It is said first (then run, as asked)."""

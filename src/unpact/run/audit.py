@@ -576,6 +576,8 @@ def _indistinguishable(
         }
     q = "–" if quality is None else display("pvalue", quality)
     passes = f"(KS p-value of the truth ratios; above {alpha} passes)"
+    if quality is None:  # a dash beside the rule it would be read by said nothing
+        q, passes = "not measured:", skipped.get("forget_quality") or "undefined"
     lo, hi = (m.get("ci") or {}).get(key) or (None, None)
     if leak is None or lo is None or hi is None:
         # forget quality alone: "distinguishable" was read from a missing interval
