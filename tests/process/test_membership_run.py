@@ -258,6 +258,10 @@ def test_no_holdout_items_leaves_out_membership_inference_alone(done, tmp_path):
     assert refs["retrained"]["forget_quality"] == 1.0  # the same truth ratios
     assert refs["retrained"]["forget_acc_after"] is not None
     assert "focus_on_key" in ga["recovery_control"]
+    # the report shows the references; no ROC panel (it drew empty axes: no holdout texts)
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert 'id="references"' in page and 'id="roc"' not in page
+    assert "PrivLeak not computed: benchmark nohold has no holdout items" in page
 
 
 def test_bad_membership_settings_are_one_message():

@@ -158,6 +158,17 @@ def test_the_roc_figure_keeps_its_title_and_legends_inside_and_off_the_curves(me
     plt.close(fig)
 
 
+def test_no_roc_figure_without_holdout_texts():
+    """Scores of forget items alone (a benchmark without holdout items) drew a panel of
+    empty axes under the membership-inference title."""
+    from tests.unit.test_membership import _records
+    from unpact.report.roc import roc_svg
+
+    records = _records()
+    assert roc_svg(records, "min_k") is not None
+    assert roc_svg([r for r in records if r.split != "holdout"], "min_k") is None
+
+
 def test_methods_at_one_point_of_the_dilemma_plot_share_one_label():
     """Several models' methods at one point (nothing destroyed, nothing recovered: common)
     were labelled one over another, an unreadable smudge; now one label lists them."""

@@ -234,6 +234,7 @@ def render(
             if any(c.cell(m) != "–" for m in results["methods"].values())
         ],
         plot=dilemma_svg(results, attack=config.report.dilemma_attack),
+        scored=any(r.membership is not None for r in records),
         roc=roc_svg(records, config.membership.privleak_attack),
         references=results.get("references") or {},
         mia_attack=config.membership.privleak_attack,

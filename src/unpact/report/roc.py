@@ -28,7 +28,8 @@ def _scores(records: list[ItemRecord], split: str, attack: str, retrained: bool)
 
 
 def roc_svg(records: list[ItemRecord], attack: str) -> str | None:
-    """One small ROC panel per method as an inline SVG, or None without membership scores."""
+    """One small ROC panel per method as an inline SVG, or None without membership scores
+    of holdout texts to draw them against."""
     return svg_of(lambda: roc_figure(records, attack))
 
 
@@ -71,14 +72,14 @@ def roc_figure(records: list[ItemRecord], attack: str) -> Any:
     import matplotlib.pyplot as plt
 
     methods = list(dict.fromkeys(r.method for r in records if r.membership is not None))
-    if not methods:
-        return None
     # the items' answers, and the documents where they were scored (dotted)
     sets = [
         (of, name)
         for of, name in (("", "answers"), ("_document", "documents"))
         if any(r.split == f"holdout{of}" and r.membership is not None for r in records)
     ]
+    if not methods or not sets:  # no holdout texts: no curve to draw, only empty axes
+        return None
     cols = min(4, len(methods))
     rows = (len(methods) + cols - 1) // cols
     fig, axes = plt.subplots(
