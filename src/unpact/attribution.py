@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, cast, get_args
 
 import torch
 
-from unpact.errors import UnpactError, items_named
+from unpact.errors import UnpactError, check_text, items_named
 from unpact.files import json_lines, read_text
 from unpact.types import AnyModel, EncodedPrompt, follow
 
@@ -482,6 +482,7 @@ def load_records(path: str | Path) -> list[Attribution]:
     except json.JSONDecodeError:
         pass  # JSONL, read line by line below
     else:
+        check_text(whole, str(path))
         many = whole if isinstance(whole, list) else [whole]
         if not many:
             raise UnpactError(f"{path}: an empty list, no attribution records")
@@ -492,7 +493,9 @@ def load_records(path: str | Path) -> list[Attribution]:
     records = []
     for n, line in json_lines(text):
         try:
-            records.append(Attribution.from_dict(json.loads(line)))
+            found = json.loads(line)
+            check_text(found, "the text")
+            records.append(Attribution.from_dict(found))
         except json.JSONDecodeError as exc:
             raise UnpactError(f"{path}, line {n}: not valid JSON ({exc.msg})") from None
         except UnpactError as exc:

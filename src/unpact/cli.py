@@ -22,7 +22,7 @@ from rich.table import Column, Table
 
 from unpact import configs as builtin_run_configs
 from unpact.attribution import ALPHA, BETA, MAX_WORK
-from unpact.errors import UnpactError, items_named
+from unpact.errors import UnpactError, check_text, items_named
 
 if TYPE_CHECKING:
     from unpact.attribution import Attribution
@@ -1348,6 +1348,11 @@ def main() -> None:
     from unpact.plugins import plugin_failure
 
     try:
+        # bytes that are not UTF-8 (a Latin-1 terminal, a file pasted in another encoding)
+        # reach Python as lone surrogates, which every tokenizer and file refuses
+        for before, arg in zip(sys.argv, sys.argv[1:]):
+            option = before.startswith("-") and not arg.startswith("-")
+            check_text(arg, f"the value of {before}" if option else f"the argument {arg!a}")
         app()
     except UnpactError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)

@@ -192,3 +192,43 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         seen.add(id(current))
         yield current
         current = current.__cause__ or current.__context__
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(value: object) -> str | None:
+    """The first string in `value` (a string, or the keys and values of dicts and lists
+    of them) holding a lone UTF-16 surrogate (U+D800 to U+DFFF), or None. No UTF-8 text
+    holds one, but a JSON or YAML escape ("\\ud800", half of an emoji's pair) does, and
+    Python reads command-line bytes that are not UTF-8 as such (`surrogateescape`): a
+    tokenizer then failed with "TextEncodeInput must be Union[...]", and writing the text
+    out with "surrogates not allowed", each a traceback."""
+    if isinstance(value, str):
+        return value if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            if (found := lone_surrogate(v)) is not None:
+                return found
+    return None
+
+
+def check_text(value: object, what: str) -> None:
+    """Refuse `value` (see `lone_surrogate`) with one message naming `what` (and, in a
+    JSON object, the field)."""
+    found = lone_surrogate(value)
+    match = None if found is None else _SURROGATE.search(found)
+    if found is None or match is None:
+        return
+    if isinstance(value, dict):
+        key = next((k for k, v in value.items() if lone_surrogate(v) is not None), None)
+        what += "" if key is None else f", field {key!r}"
+    at = match.start()
+    near = ("..." if at > 30 else "") + found[max(at - 30, 0) : at + 30]
+    raise UnpactError(
+        f"{what}: {near!a} holds a lone UTF-16 surrogate (U+D800 to U+DFFF), "
+        "which is not text: an escape such as \\ud800 without its pair in a JSON or YAML "
+        "file, or bytes that are not UTF-8 on the command line"
+    )

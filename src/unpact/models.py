@@ -34,7 +34,7 @@ from typing import Annotated, Any, ClassVar
 import torch
 from pydantic import AfterValidator
 
-from unpact.errors import UnpactError
+from unpact.errors import UnpactError, check_text
 from unpact.files import atomic_text, link_files, read_text, write_folder_atomically
 from unpact.progress import progress_bar
 from unpact.scoring import (
@@ -354,6 +354,7 @@ class LanguageModel:
         """
         if not prompt or not prompt.strip():
             raise UnpactError("empty prompt: give some text to ask the model")
+        check_text(prompt, "the prompt")
         chat = self._resolve_chat(chat_template)
         split = self._chat_prefix_suffix() if chat else TemplateSplit(self.special_prefix(), ())
         encoded = split.around(prompt, chat, self._ids)
@@ -390,6 +391,7 @@ class LanguageModel:
         """
         if not answer or not answer.strip():
             raise UnpactError("empty answer: give the text whose log-prob to compute")
+        check_text(answer, "the answer")
         ids = self._ids(prompt.answer_text(answer) if prompt is not None else answer)
         self.check_vocabulary(f"the answer {short_repr(answer)}", ids)
         return ids

@@ -48,7 +48,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 import torch
 from pydantic import Field
 
-from unpact.errors import UnpactError
+from unpact.errors import UnpactError, check_text
 from unpact.progress import progress_bar
 from unpact.scoring import check_pairs
 from unpact.types import (
@@ -513,6 +513,7 @@ class RemoteModel:
         """As `LanguageModel.encode_prompt`, with the server's tokenizer and template."""
         if not prompt or not prompt.strip():
             raise UnpactError("empty prompt: give some text to ask the model")
+        check_text(prompt, "the prompt")
         chat = self._resolve_chat(chat_template)
         if chat:
             split = self._chat_prefix_suffix()
@@ -532,6 +533,7 @@ class RemoteModel:
         """As `LanguageModel.encode_answer`, with the server's tokenizer."""
         if not answer or not answer.strip():
             raise UnpactError("empty answer: give the text whose log-prob to compute")
+        check_text(answer, "the answer")
         return self.tokenize(prompt.answer_text(answer) if prompt is not None else answer)
 
     def token_texts(self, ids: Sequence[int]) -> list[str]:

@@ -2162,3 +2162,29 @@ def test_membership_statistics_of_a_served_model_equal_local(tiny, served, fault
     assert verbmem_rows(remote, docs, 6, 5) == verbmem_rows(tiny, docs, 6, 5)
     probes = [VerbatimPrompt("p0", "Mira Quintrell founded", " the glassworks in 1874 .")]
     assert probe_rows(remote, probes, 4) == probe_rows(tiny, probes, 4)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", {"prompt": "Who \\ud800 is", "max_tokens": 1}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\\udfff"}]}),
+        ("/tokenize", {"prompt": "Who \\ud800 is"}),
+    ],
+)
+def test_unpact_serve_answers_text_that_is_no_unicode_with_a_400(served, path, body):
+    """A JSON escape of half a surrogate pair ("\\ud800") reaches the server as a string
+    no tokenizer takes: unpact serve answered "Internal Server Error" in plain text, with
+    a traceback in its log. Now a 400 in vLLM's error format, saying what is wrong; the
+    whole pair (an emoji) is text and answered."""
+    import httpx
+
+    root = served[1].removesuffix("/v1")
+    raw = json.dumps({"model": "tiny", **body}).replace("\\\\", "\\")  # the escape as sent
+    headers = {"content-type": "application/json"}
+    reply = httpx.post(root + path, content=raw, headers=headers)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["type"] == "BadRequestError" and "lone UTF-16 surrogate" in error["message"]
+    pair = raw.replace("\\ud800", "\\ud83d\\ude00").replace("\\udfff", "\\ud83d\\ude00")
+    assert httpx.post(root + path, content=pair, headers=headers).status_code == 200

@@ -450,3 +450,48 @@ def test_an_output_folder_under_the_home_folder_is_there(tmp_path, monkeypatch):
     assert as_path("~/runs/x", "out") == tmp_path / "runs" / "x"
     assert as_path(Path("~") / "cache", "cache_dir") == tmp_path / "cache"
     assert as_path("runs/x", "out") == Path("runs/x")
+
+
+def test_text_that_is_no_unicode_is_one_message(tmp_path, monkeypatch, capsys, tiny) -> None:
+    """A lone UTF-16 surrogate, from a JSON or YAML escape ("\\ud800", half of an emoji's
+    pair) or from command-line bytes that are not UTF-8, was a traceback: the tokenizer's
+    "TextEncodeInput must be Union[...]", or "surrogates not allowed" when printed or
+    written. Each way in is one message naming where it is; a pair of escapes is one
+    character, read as it was."""
+    import json
+
+    from unpact.data.items import read_jsonl
+    from unpact.errors import check_text
+    from unpact.unlearn.config import read_yaml_mapping
+
+    item = {"id": "a", "question": "Who founded \\ud800 it?", "answer": "Mira", "split": "forget"}
+    (tmp_path / "qa.jsonl").write_text(json.dumps(item).replace("\\\\", "\\") + "\n")
+    with pytest.raises(UnpactError, match=r"qa\.jsonl, line 1: the text, field 'question': "
+                       r"'Who founded \\ud800 it\?' holds a lone UTF-16 surrogate"):  # fmt: skip
+        read_jsonl(tmp_path / "qa.jsonl")
+    emoji = dict(item, question="Who founded \\ud83d\\ude00 it?")
+    (tmp_path / "qa.jsonl").write_text(json.dumps(emoji).replace("\\\\", "\\") + "\n")
+    assert read_jsonl(tmp_path / "qa.jsonl")[0][1]["question"] == "Who founded \U0001f600 it?"
+    (tmp_path / "c.yaml").write_text('model: "a\\udc80"\n')
+    with pytest.raises(UnpactError, match=r"c\.yaml, field 'model': 'a\\udc80' holds"):
+        read_yaml_mapping(tmp_path / "c.yaml")
+    from unpact.run import load_config
+
+    with pytest.raises(UnpactError, match=r"^config, field 'model': 'a\\ud800' holds"):
+        load_config({"model": "a\ud800", "methods": [{"method": "ga"}]})
+    long = "x" * 100 + "\ud800" + "y" * 100  # the surrogate shown, with its neighbours
+    with pytest.raises(UnpactError, match=r"^it: '\.\.\.x{30}\\ud800y{29}' holds"):
+        check_text(long, "it")
+    with pytest.raises(UnpactError, match="the prompt: 'Who \\\\udced' holds"):
+        tiny.encode_prompt("Who \udced")
+    with pytest.raises(UnpactError, match="the answer: 'Mira\\\\udced' holds"):
+        tiny.encode_answer("Mira\udced")
+    # command-line bytes that are not UTF-8 (Python reads them with surrogateescape)
+    argv = ["unpact", "score", "-p", b"Who \xff is".decode("utf-8", "surrogateescape")]
+    monkeypatch.setattr("sys.argv", argv)
+    monkeypatch.setattr(cli, "app", lambda: pytest.fail("ran"))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the value of -p: 'Who \\udcff is' holds a lone UTF-16 surrogate" in err

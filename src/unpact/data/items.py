@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unpact.errors import UnpactError
+from unpact.errors import UnpactError, check_text
 from unpact.files import json_lines, read_text
 
 SPLITS = ("forget", "retain", "general", "holdout")
@@ -267,6 +267,10 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
         if not isinstance(obj, dict):
             whole = not out and isinstance(obj, list)  # the whole array on one line
             raise _fail(path, n, _AN_ARRAY if whole else "expected a JSON object")
+        try:
+            check_text(obj, "the text")
+        except UnpactError as exc:
+            raise _fail(path, n, str(exc)) from None
         out.append((n, obj))
     return out
 

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from unpact.data.items import Benchmark, Document, QAItem, VerbatimPrompt, choice_index
-from unpact.errors import UnpactError
+from unpact.errors import UnpactError, check_text
 from unpact.files import json_lines, read_text
 
 _LFS_POINTER = "version https://git-lfs.github.com/spec/"
@@ -88,15 +88,18 @@ def _records(path: Path) -> list[dict[str, Any]]:
     text = _read(path)
     try:
         data = json.loads(text)
-        return data if isinstance(data, list) else [data]
     except json.JSONDecodeError:
         pass
+    else:
+        check_text(data, str(path))
+        return data if isinstance(data, list) else [data]
     out = []
     for n, line in json_lines(text):
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError as exc:
             raise UnpactError(f"{path}, line {n}: not valid JSON ({exc.msg})") from None
+        check_text(out[-1], f"{path}, line {n}")
     return out
 
 

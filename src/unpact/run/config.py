@@ -21,7 +21,7 @@ from unpact.attacks import ATTACKS, get_attack
 from unpact.attribution import ALPHA, BETA, MAX_WORK
 from unpact.data.items import BUILTIN
 from unpact.data.sources import load_benchmark
-from unpact.errors import UnpactError
+from unpact.errors import UnpactError, check_text
 from unpact.judge import JudgeSettings
 from unpact.models import DEFAULT_SPEC, DeviceName
 from unpact.plugins import load_plugins
@@ -472,6 +472,7 @@ def load_config(source: str | Path | dict[str, Any]) -> RunConfig:
         )
     if isinstance(source, dict):
         data = plain_values(source)  # a config built in Python may hold paths and numpy numbers
+        check_text(data, where)
     else:
         path = builtin_run_configs.path(str(source)) or Path(source)
         where = str(path)

@@ -12,6 +12,7 @@ token budget) run as one padded forward pass; generation runs one request at a t
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 import threading
@@ -25,7 +26,7 @@ from typing import Any, Literal, TypeGuard
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from unpact.errors import UnpactError
+from unpact.errors import UnpactError, check_text
 from unpact.models import LanguageModel, text_config
 from unpact.scoring import LOWEST_TEMPERATURE, generated_rows, stop_ids
 from unpact.serve.scores import (
@@ -87,14 +88,30 @@ def make_app(
     # then): the URL scripts poll before they send the first request
     app.get("/health", response_class=fastapi.responses.Response)(_healthy)
     app.get("/v1/models")(server.list_models)
-    app.post("/tokenize")(server.tokenize)
+    app.post("/tokenize")(_text_only(server.tokenize))
     app.post("/detokenize")(server.detokenize)
-    app.post("/v1/completions")(server.completions)
-    app.post("/v1/chat/completions")(server.chat_completions)
+    app.post("/v1/completions")(_text_only(server.completions))
+    app.post("/v1/chat/completions")(_text_only(server.chat_completions))
     # a body that is not a JSON object: 400 in vLLM's format, as vLLM's
     # validation_exception_handler answers (FastAPI's own reply would be a 422)
     app.exception_handler(fastapi.exceptions.RequestValidationError)(_invalid_body)
     return app
+
+
+def _text_only(handler: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
+    """`handler`, refusing a body whose text holds a lone UTF-16 surrogate (a JSON escape
+    such as "\\ud800" without its pair) with a 400: the tokenizer failed on it, an
+    "Internal Server Error" in plain text and a traceback in the server's log."""
+
+    @functools.wraps(handler)
+    def checked(body: dict[str, Any]) -> Any:
+        try:
+            check_text(body, "the request")
+        except UnpactError as exc:
+            return _error(400, str(exc))
+        return handler(body)
+
+    return checked
 
 
 def _healthy() -> Any:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from unpact.errors import UnpactError
+from unpact.errors import UnpactError, check_text
 from unpact.files import read_text
 from unpact.types import PlainInput, Seed, describe_errors, unknown_keys
 from unpact.unlearn.methods import get_method
@@ -213,6 +213,7 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(loaded, dict):
         raise UnpactError(f"{path}: expected a mapping of settings at the top level")
+    check_text(loaded, str(path))
     return loaded
 
 
