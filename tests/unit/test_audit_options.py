@@ -63,6 +63,19 @@ def test_text_and_paths_are_taken_as_the_cli_takes_them():
             audit_config("a", "b", "news", **checked_options({"attacks": none}))
 
 
+def test_options_come_back_as_validated_and_general_none_as_the_cli_says_it():
+    """pydantic accepted max_new_tokens="8" (lax mode) but the text itself went on, and
+    failed inside ("'<' not supported between instances of 'str' and 'int'"); and
+    `general="none"`, as `--general none` says it, was looked for as a benchmark."""
+    assert checked_options({"max_new_tokens": "8"}) == {"max_new_tokens": 8}
+    assert checked_options({"trust_remote_code": "true"}) == {"trust_remote_code": True}
+    config, _ = audit_config("a", "b", "news", **checked_options({"max_new_tokens": "8"}))
+    assert config["judge"]["max_new_tokens"] == 8
+    config, skipped = audit_config("a", "b", "news", general="none")
+    assert config["data"]["general"] is None
+    assert "--general none" in skipped["attack.relearn_unrelated"]
+
+
 def test_audit_config_takes_paths_where_it_takes_text(tmp_path):
     """`audit_config(Path(...), ...)` was an AttributeError ('PosixPath' object has no
     attribute 'startswith'), where `audit` and the run config took paths: the same config

@@ -111,6 +111,7 @@ def audit_config(
 
     original, unlearned, benchmark = spec_text(original), spec_text(unlearned), _text(benchmark)
     reference, base, general = _text(reference), _text(base), _text(general)
+    general = None if general == "none" else general  # as `--general none` says it
     chat_template, judge_prompt = _text(chat_template), _text(judge_prompt)
     entries = [_absolute(_text(p)) for p in plugins or []]
     load_plugins(entries)
@@ -209,13 +210,14 @@ def checked_options(options: dict[str, Any]) -> dict[str, Any]:
         given["plugins"] = [given["plugins"]]
     model = _options_model()
     try:
-        model(**given)
+        validated = model(**given)
     except ValidationError as e:
         known = ", ".join(model.model_fields)
         raise UnpactError(
             "audit: " + describe_errors(e, unknown=f"unknown option (options: {known})")
         ) from None
-    return given
+    # as validated: max_new_tokens="8" passed as text and failed comparing it with 1
+    return {name: getattr(validated, name) for name in given}
 
 
 @overload
