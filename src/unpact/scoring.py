@@ -96,7 +96,10 @@ def answer_logprobs(
     chat template's system turn, typically), the prefix runs once and every pair
     continues from its keys/values (`share_prefix`, default on; gradients flow through
     the shared prefix as through separate copies).
+
+    `model` is a transformers model, or unpact's `LanguageModel` (its `.model` is used).
     """
+    model = _torch_model(model, "answer_logprobs")
     check_numbers(
         token_budget=token_budget, **({} if max_length is None else {"max_length": max_length})
     )
@@ -468,6 +471,21 @@ def mlp_parameter(name: str, layer: int | None = None) -> bool:
     index = r"\d+" if layer is None else str(layer)
     where = rf"(?:^|\.)(?:layers|h|blocks)\.{index}\.(?:{_MLP_PARTS})\."
     return re.search(where, name) is not None
+
+
+def _torch_model(model: Any, what: str) -> Any:
+    """The torch model of `model`: itself, or a `LanguageModel`'s `.model` (given to
+    `unpact.answer_logprobs`, it was "'LanguageModel' object has no attribute 'config'").
+    A served model has none: it scores with its own `answer_logprobs` method."""
+    if isinstance(model, torch.nn.Module):
+        return model
+    inner = getattr(model, "model", None)
+    if isinstance(inner, torch.nn.Module):
+        return inner
+    raise TypeError(
+        f"{what}: give a transformers model or unpact's LanguageModel, not "
+        f"{type(model).__name__} (a served model scores with its .answer_logprobs(...))"
+    )
 
 
 def text_config(model: Any) -> Any:

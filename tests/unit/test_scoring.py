@@ -103,6 +103,18 @@ def test_bad_items_are_named(tiny):
         get_attack("probab", {"temperature": 0.001})
 
 
+def test_answer_logprobs_takes_unpacts_own_model(tiny):
+    """`unpact.answer_logprobs` given the LanguageModel that `load_model` returns (not its
+    `.model`) was "'LanguageModel' object has no attribute 'config'"; anything else is a
+    TypeError saying what it takes."""
+    ids = ([[5, 6, 7], [8]], [[9, 10], [11]])
+    got = answer_logprobs(tiny, *ids)
+    want = answer_logprobs(tiny.model, *ids)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    with pytest.raises(TypeError, match="give a transformers model or unpact's LanguageModel"):
+        answer_logprobs("gpt2", *ids)
+
+
 def test_score_text_matches_token_level(tiny):
     (s,) = score(tiny, ["What is the capital of France?"], [" Paris"], chat_template=True)
     expected = reference_logprobs(tiny.model, list(s.prompt.input_ids), list(s.answer_ids))
