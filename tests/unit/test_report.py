@@ -234,3 +234,21 @@ def test_a_column_head_may_break_after_plus_underscore_or_slash_and_stays_escape
     assert (
         str(breakable("<b>a/b</b>")) == "&lt;/<wbr>b&gt;"[:0] + "&lt;b&gt;a/<wbr>b&lt;/<wbr>b&gt;"
     )
+
+
+def test_the_side_by_side_page_links_to_runs_whatever_their_names(tmp_path):
+    """A grid's model name may hold any punctuation but slashes: "a#1" linked to the page's
+    fragment "#1/news/report.html", "50%" to a broken escape, a space to an invalid URL."""
+    import re
+
+    from unpact.report import write_comparison
+
+    names = ["a#1", "50% b", "c?d"]
+    runs = {f"{n}/news": _results(["probab"]) | {"benchmark": "news", "model": "m"} for n in names}
+    write_comparison(tmp_path / "report.html", runs)
+    links = re.findall(r'<a href="([^"]*)">', (tmp_path / "report.html").read_text())
+    assert links == [
+        "a%231/news/report.html",
+        "50%25%20b/news/report.html",
+        "c%3Fd/news/report.html",
+    ]

@@ -268,7 +268,11 @@ def _verbatim(records: list[ItemRecord]) -> dict[str, list[ItemRecord]]:
 def write_comparison(path: Path, runs: dict[str, dict[str, Any]]) -> None:
     """The side-by-side page of a multi-run (`run` with `models:` or `benchmarks:`): per
     benchmark, every model's methods in one table and one dilemma plot; each row links to
-    its run's own report. `runs` maps a run's sub-folder ("model/benchmark") to its results."""
+    its run's own report (its path percent-encoded: a model named "a#1" or "50%" linked to
+    a fragment or nowhere). `runs` maps a run's sub-folder ("model/benchmark") to its
+    results."""
+    from urllib.parse import quote
+
     env = _environment()
     groups: dict[str, list[dict[str, Any]]] = {}
     per_bench: dict[str, dict[str, dict[str, Any]]] = {}
@@ -280,7 +284,7 @@ def write_comparison(path: Path, runs: dict[str, dict[str, Any]]) -> None:
         attacks += [a for a in results["attacks"] if a not in attacks]
         for method, m in results["methods"].items():
             groups.setdefault(bench, []).append(
-                {"model": model, "method": method, "m": m, "link": f"{key}/report.html"}
+                {"model": model, "method": method, "m": m, "link": quote(f"{key}/report.html")}
             )
     models = sorted({r["model"] for rows in groups.values() for r in rows})
     plots = {
