@@ -186,7 +186,16 @@ class RemoteModel:
             self._client = None
 
     def _headers(self) -> dict[str, str]:
-        key = os.environ.get(self.settings.api_key_env, "")
+        key = os.environ.get(self.settings.api_key_env, "").strip()
+        # a character an HTTP header cannot carry (a curly quote, an invisible space pasted
+        # with the key) was a UnicodeEncodeError traceback from inside httpx
+        bad = next(((n, c) for n, c in enumerate(key) if not " " <= c <= "~"), None)
+        if bad is not None:
+            raise UnpactError(
+                f"${self.settings.api_key_env}: the API key holds {bad[1]!a} (character "
+                f"{bad[0] + 1}), which an HTTP header cannot carry: copy the key again (a "
+                "quote or an invisible space may have come with it)"
+            )
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     def post(self, url: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -2188,3 +2188,15 @@ def test_unpact_serve_answers_text_that_is_no_unicode_with_a_400(served, path, b
     assert error["type"] == "BadRequestError" and "lone UTF-16 surrogate" in error["message"]
     pair = raw.replace("\\ud800", "\\ud83d\\ude00").replace("\\udfff", "\\ud83d\\ude00")
     assert httpx.post(root + path, content=pair, headers=headers).status_code == 200
+
+
+def test_an_api_key_an_http_header_cannot_carry_is_one_message(monkeypatch):
+    """A key pasted with a curly quote or an invisible space was a UnicodeEncodeError
+    traceback from inside httpx; the spaces or line end around a key read from a file
+    are dropped."""
+    lm = RemoteModel("m", "http://127.0.0.1:9/v1", RemoteSettings())
+    monkeypatch.setenv("UNPACT_API_KEY", "sk-abc\u200bdef")
+    with pytest.raises(UnpactError, match=r"^\$UNPACT_API_KEY: the API key holds '\\u200b' "):
+        lm.post("http://127.0.0.1:9/v1/completions", {})
+    monkeypatch.setenv("UNPACT_API_KEY", " sk-abc\n")
+    assert lm._headers() == {"Authorization": "Bearer sk-abc"}
