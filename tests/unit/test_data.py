@@ -179,6 +179,17 @@ def test_validation_names_file_line_and_field(tmp_path, change, message):
     assert message in str(err.value)
 
 
+def test_a_field_given_twice_in_one_item_is_refused(tmp_path):
+    """JSON keeps the last of a field written twice, in silence ("answer" then "answer":
+    the first answer lost); a YAML config refuses it, and so does an item now."""
+    folder = write(tmp_path, [GOOD], [DOC])
+    line = json.dumps(GOOD)
+    twice = line[:-1] + ', "answer": "Other Lamps"}'
+    (folder / "qa.jsonl").write_text(twice + "\n")
+    with pytest.raises(UnpactError, match=r"line 1: field 'answer' given twice"):
+        load_folder(folder)
+
+
 def test_numbered_ids_are_read_as_their_digits(tmp_path):
     """Many exports number their rows ("id": 0) and their documents: refused before, which
     sent the user to rewrite the file. A whole number is read as its digits (so 1 and "1"

@@ -253,13 +253,30 @@ _AN_ARRAY = (
 )
 
 
+class _Twice(ValueError):
+    """A JSON object naming one field twice (`json.loads` keeps the last in silence)."""
+
+
+def _unique_fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _Twice(key)
+        seen[key] = value
+    return seen
+
+
 def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-empty line of a JSON-lines file, or one error
     naming the file and line."""
     out: list[tuple[int, dict[str, Any]]] = []
     for n, text in json_lines(read_text(path)):
         try:
-            obj = json.loads(text)
+            obj = json.loads(text, object_pairs_hook=_unique_fields)
+        except _Twice as exc:
+            raise _fail(
+                path, n, f"field {exc.args[0]!r} given twice (JSON keeps the last)"
+            ) from None
         except json.JSONDecodeError as exc:
             if not out and text.lstrip().startswith("["):  # an array written over lines
                 raise _fail(path, n, _AN_ARRAY) from None
