@@ -561,6 +561,18 @@ def test_a_test_not_measured_says_why():
     assert got["indistinguishable"]["detail"] == unmeasured(served, "unlearned")
 
 
+def test_the_forgotten_line_leaves_out_a_split_the_benchmark_lacks():
+    """A benchmark of forget items alone read "retain – → –" in the forgotten line."""
+    m = {"forgotten": 1, "forget_acc_before": 0.5, "forget_acc_after": 0.0}
+    [line] = [v for v in verdicts(m, [], []) if v["test"] == "forgotten"]
+    assert line["detail"] == (
+        "1 forget item answered before and not after (forget accuracy 50% → 0%)"
+    )
+    m |= {"retain_acc_before": 1.0, "retain_acc_after": 0.5}
+    [line] = [v for v in verdicts(m, [], []) if v["test"] == "forgotten"]
+    assert line["detail"].endswith("(forget accuracy 50% → 0%; retain 100% → 50%)")
+
+
 def test_forget_quality_not_measured_is_said_beside_privleak():
     """With PrivLeak measured and forget quality not (no paraphrased answers), the evidence
     read "forget quality – (KS p-value of the truth ratios; above 0.05 passes)": a dash

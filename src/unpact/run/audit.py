@@ -460,13 +460,18 @@ def _forgotten(m: dict[str, Any], reference: dict[str, Any]) -> dict[str, str]:
             "forgetting can be read; check that it is the model that learned them, and the "
             "judge (rouge for sentence-long answers, the answer length)",
         }
+    retain = (  # a benchmark without retain items: "retain – → –" said nothing
+        ""
+        if m.get("retain_acc_before") is None
+        else f"; retain {_pct(m.get('retain_acc_before'))} → {_pct(m.get('retain_acc_after'))}"
+        f"{_reference_acc(reference, 'retain')}"
+    )
     return {
         "test": "forgotten",
         "verdict": "forgotten" if n else "nothing forgotten",
         "detail": f"{n} forget item{'' if n == 1 else 's'} answered before and not after "
         f"(forget accuracy {_pct(before)} → {_pct(after)}{_reference_acc(reference, 'forget')}"
-        f"; retain {_pct(m.get('retain_acc_before'))} → {_pct(m.get('retain_acc_after'))}"
-        f"{_reference_acc(reference, 'retain')}{_utility(m, reference)})",
+        f"{retain}{_utility(m, reference)})",
     }
 
 
