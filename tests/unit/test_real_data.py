@@ -412,6 +412,29 @@ def test_models_with_the_originals_tokenizer_files_are_compared_without_loading(
     assert loads == [str(tmp_path / "c"), str(tmp_path / "a")]
 
 
+def test_tofu_without_its_holdout_file_has_forget_quality(tmp_path, tiny):
+    """TOFU's first release had no holdout sets: every indistinguishability figure was
+    left out with them, forget quality (TOFU's own) and the attacks' controls included,
+    although the retain model was named. Only membership inference is, naming the file."""
+    import shutil
+
+    from unpact.run import run
+
+    shutil.copytree(FIXTURES / "tofu", tmp_path / "tofu")
+    (tmp_path / "tofu" / "holdout01.json").unlink()
+    config = _runner_config(
+        tmp_path,
+        tiny,
+        f"tofu:{tmp_path / 'tofu'}",
+        membership={"reference": str(tmp_path / "tiny"), "gradnorm": False},
+    )
+    res = run(config, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False).results
+    assert res["counts"]["holdout"] == 0 and "membership" not in res["skipped"]
+    assert res["skipped"]["privleak"].endswith("; TOFU's are holdout01.json")
+    assert res["methods"]["ga_gd"]["forget_quality"] is not None
+    assert res["references"]["retrained"]["forget_quality"] == 1.0
+
+
 def test_muse_membership_runs_on_its_documents(tmp_path, tiny):
     """MUSE's files have holdout text but no holdout questions: membership inference and
     PrivLeak run on the forget and holdout documents (MUSE's own setting), and the figures

@@ -193,10 +193,14 @@ def missing_inputs(data: Data, settings: MembershipSettings) -> dict[str, str]:
     if not settings.gradnorm and data.holdout:
         out["mia_auc.gradnorm"] = GRADNORM_OFF
     if not data.holdout:
+        name = data.bench.name
+        # TOFU's own file of them, which its first release did not have
+        tofu = f"; TOFU's are {name.removeprefix('tofu-').replace('forget', 'holdout')}.json"
         out["mia_auc"] = out["privleak"] = (
-            f"benchmark {data.bench.name} has no holdout items (split: holdout), the "
-            "non-members membership inference compares the forget items with (facts of the "
-            "same kind the model was never taught; docs/data.md)"
+            f"benchmark {name} has no holdout items (split: holdout), the non-members "
+            "membership inference compares the forget items with (facts of the same kind the "
+            "model was never taught; docs/data.md)"
+            + (tofu if name.startswith("tofu-forget") else "")
             + (
                 "; the documents' figures are mia_auc_documents and privleak_documents"
                 if scored_documents(data, settings)
