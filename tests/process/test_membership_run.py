@@ -242,9 +242,12 @@ def test_no_holdout_items_leaves_out_membership_inference_alone(done, tmp_path):
     bench = load_benchmark(str(root / "bench"))
     write_folder(tmp_path / "nohold", [i for i in bench.items if i.split != "holdout"])
     cfg = {**config, "data": {"benchmark": str(tmp_path / "nohold"), "general": None}}
-    res = run(cfg, tmp_path / "out", cache_dir=root / "cache", progress=False).results
-    skipped = res["skipped"]
+    result = run(cfg, tmp_path / "out", cache_dir=root / "cache", progress=False)
+    res, skipped = result.results, result.results["skipped"]
     assert "membership" not in skipped and "controls" not in skipped
+    # no GradNorm, a backward pass per text, where no figure reads it
+    scores = [r.membership for r in result.records if r.split == "forget" and r.membership]
+    assert scores and all(s.get("gradnorm") is None for s in scores)
     # the reason is one whole sentence
     for key in ("mia_auc", "privleak"):
         assert "no holdout items" in skipped[key], key

@@ -816,6 +816,7 @@ def compute(
     kept = utility_items(data)
     served: dict[str, str] = {}
     graded = {m.key for m in [original, reference, *unlearned]}
+    gradnorm = settings.gradnorm and bool(data.holdout)  # read by membership inference alone
     for m in [base, original, reference, *unlearned]:
         remote = is_remote_spec(m.spec)  # its server's log-probs: what they give, said
         said = remote and m is not base  # the base's own figures are not reported
@@ -824,7 +825,7 @@ def compute(
         get = opener(p, m.spec)
         # the base's own GradNorm is not read, but where it is a model scored with it (the
         # reference, in an audit) its stage is that model's: computed once, read back
-        grad = settings.gradnorm and not remote and (m is not base or base.key in graded)
+        grad = gradnorm and not remote and (m is not base or base.key in graded)
         rows = _stage(
             p,
             "membership",
