@@ -267,6 +267,25 @@ def test_no_holdout_items_leaves_out_membership_inference_alone(done, tmp_path):
     assert "PrivLeak not computed: benchmark nohold has no holdout items" in page
 
 
+def test_no_retain_items_make_the_base_model_the_reference(done, tmp_path):
+    """A benchmark without retain items (forget and holdout alone) stopped the run after
+    the unlearning on "no retain items to teach": the injection of no facts is the base
+    model itself, which is now the never-taught reference (and not linked as a model the
+    run made)."""
+    root, config, _ = done
+    from unpact.data import load_benchmark
+
+    bench = load_benchmark(str(root / "bench"))
+    write_folder(tmp_path / "noretain", [i for i in bench.items if i.split != "retain"])
+    cfg = {**config, "data": {"benchmark": str(tmp_path / "noretain"), "general": None}}
+    res = run(cfg, tmp_path / "out", cache_dir=root / "cache", progress=False).results
+    assert "membership" not in res.get("skipped", {})
+    assert res["references"]["retrained"]["privleak"] == 0.0
+    assert res["methods"]["ga"]["privleak"] is not None
+    assert set(res["injection"]) == {"original"}  # no injection of the reference
+    assert sorted(p.name for p in (tmp_path / "out" / "models").iterdir()) == ["ga", "original"]
+
+
 def test_bad_membership_settings_are_one_message():
     from unpact.run import load_config
 

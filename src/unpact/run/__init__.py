@@ -1322,8 +1322,8 @@ def _link_models(
     made = {m.label: m.spec for m in unlearned if m.info}  # not a given model
     if cfg.inject.enabled:
         made["original"] = original.spec
-    if reference is not None and cfg.membership.reference is None:
-        made["retrained"] = reference.spec
+    if reference is not None and reference.info and cfg.membership.reference is None:
+        made["retrained"] = reference.spec  # injected here (not the base model itself)
     for label, spec in made.items():
         link_model(Path(spec), out / "models" / label)
     # a model this run was given may be one an earlier run left here: it stays

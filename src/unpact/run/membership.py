@@ -311,7 +311,9 @@ def verbatim_texts(
 
 def retrained(p: Pipeline, data: Data) -> Model:
     """The never-taught reference: the injection of the retain facts alone (same recipe,
-    seed and stopping rule as the original; cached like it), or the configured model."""
+    seed and stopping rule as the original; cached like it), the base model itself where
+    there are none (the run stopped on "no retain items to teach"), or the configured
+    model."""
     from unpact.inject import InjectConfig, inject
     from unpact.inject import cache_key as inject_key
     from unpact.run import Model
@@ -320,6 +322,9 @@ def retrained(p: Pipeline, data: Data) -> Model:
     if cfg.membership.reference is not None:
         spec = cfg.membership.reference
         return p.given_model("retrained", spec)
+    if not data.splits["retain"]:  # nothing to teach: the injection would be the base model
+        p.say(f"retrained reference: {cfg.model} itself (the benchmark has no retain facts)")
+        return p.given_model("retrained", cfg.model)
     inject_cfg = InjectConfig(**({"device": cfg.device} | cfg.inject.settings))
     p.say(f"retrained reference: {cfg.model} taught only the retain facts (reused if cached)")
     where = data.bench.path or data.bench.name
