@@ -109,6 +109,33 @@ def test_one_attacks_settings_rerun_only_that_attack(done, tmp_path):
     assert all(c.endswith("with quantize") or "with quantize (" in c for c in result.computed)
 
 
+def test_an_item_edited_under_its_id_reruns_the_attacks_that_read_it(done, tmp_path):
+    """The attack stages were keyed by the attacked items' ids (and the probe not by the
+    retain items it trains on at all): wrong answers edited under the same ids, which
+    the logit lens and the probe read as the options, gave the verdicts cached for the
+    old ones. The edit leaves the taught and unlearned models as they were (their keys
+    leave the truth-ratio answers out)."""
+    import dataclasses
+
+    from unpact.data import load_benchmark
+    from unpact.data.items import write_folder
+
+    root, config, _ = done
+    edited = []
+    for i in load_benchmark(str(root / "bench")).items:
+        if i.id in ("forget-0", "retain-4"):
+            i = dataclasses.replace(i, perturbed_answers=("It is Zorblax.", "It is glass."))
+        edited.append(i)
+    write_folder(tmp_path / "bench", edited)
+    cfg = {**config, "data": {"benchmark": str(tmp_path / "bench"), "general": None}}
+    result = run(cfg, tmp_path / "out", cache_dir=root / "cache", progress=False)
+    computed = " ".join(result.computed)
+    assert "unlearn" not in computed and "inject" not in computed
+    for attack in ("logit_lens", "probe"):
+        assert f"attacking:ga with {attack}" in computed, attack
+        assert f"control:retrained with {attack}" in computed, attack
+
+
 def test_bad_attack_lists_are_one_message():
     base = {"methods": [{"method": "ga"}]}
     with pytest.raises(UnpactError, match="listed twice; give each a label"):

@@ -430,6 +430,26 @@ def _ctx(saved, name, items, **extra):
     )
 
 
+def test_the_attacks_keys_hold_what_they_train_on_and_the_original_by_content(saved):
+    """The probe's key left out the retain items it trains on, relearning and
+    ablate_direction held their ids alone (an answer edited under its id read the old
+    rows), and ablate_direction held the original's folder, not its content (a checkpoint
+    retrained in place read the old direction)."""
+    import dataclasses
+
+    items = _items("forget", 2)
+    retain = _items("retain", 6, 10)
+    edited = [dataclasses.replace(retain[0], answer="Quintrell"), *retain[1:]]
+    for name in ("probe", "relearn", "ablate_direction"):
+        attack = get_attack(name)
+        one = attack.key_parts(_ctx(saved, name, items, original_key="a"))
+        ctx = dataclasses.replace(_ctx(saved, name, items, original_key="a"), retain=edited)
+        assert attack.key_parts(ctx) != one, name
+    ablate = get_attack("ablate_direction")
+    keys = [ablate.key_parts(_ctx(saved, "a", items, original_key=k)) for k in ("a", "b")]
+    assert keys[0] != keys[1]
+
+
 @pytest.mark.parametrize(
     "name", ["quantize", "relearn_unrelated", "ablate_direction", "logit_lens", "probe"]
 )

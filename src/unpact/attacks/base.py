@@ -195,6 +195,7 @@ class AttackContext:
     # original model's record: {"output", "correct", "attribution"} (unPact, as saved)
     seed: int = 0  # for an attack's own randomness: fixed per run seed, model and attack
     original_spec: str = ""  # the original (taught) model's spec: ablate_direction's other end
+    original_key: str = ""  # and its cache key (its content: a folder retrained in place)
     general: list[QAItem] = field(default_factory=list)  # the run's general-knowledge items
     attribution: dict[str, Any] | None = None  # attribute_many's settings, to explain
     # recovered answers (weight attacks); None: not explained

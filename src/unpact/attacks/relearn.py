@@ -74,7 +74,7 @@ class Relearn(Attack):
         return bool(self.settings.data == "forget")
 
     def key_parts(self, ctx: AttackContext) -> list[Any]:
-        return [[i.id for i in ctx.retain]]  # it may train on them
+        return [[i.to_dict() for i in ctx.retain]]  # it may train on them
 
     def run(self, ctx: AttackContext) -> list[dict[str, Any]]:
         """Fine-tune a fresh copy of the model under attack on a few items, then judge its

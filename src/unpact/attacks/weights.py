@@ -317,7 +317,9 @@ class AblateDirection(WeightAttack):
         return mean_difference(mine, theirs)
 
     def key_parts(self, ctx: AttackContext) -> list[Any]:
-        return [ctx.original_spec, [i.id for i in ctx.retain]]
+        # the original by its content: a checkpoint retrained into the same folder gives
+        # another direction (its spec, the folder, was the key)
+        return [ctx.original_key or ctx.original_spec, [i.to_dict() for i in ctx.retain]]
 
     @contextmanager
     def attacked(self, ctx: AttackContext) -> Iterator[LanguageModel]:
@@ -529,6 +531,11 @@ class Probe(LayerAttack):
     title = "linear probe"
     applies_to = "items with options: multiple-choice choices, or perturbed answers"
     revision = 2  # 1: QA options paraphrased among perturbed (same form); 2: prompt shared
+
+    def key_parts(self, ctx: AttackContext) -> list[Any]:
+        # trained on the retain items: a run of other retain items (none: no probe) read
+        # the probe trained on another's
+        return [[i.to_dict() for i in ctx.retain]]
 
     def _states(
         self, lm: LanguageModel, items: list[QAItem]

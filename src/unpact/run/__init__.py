@@ -191,6 +191,7 @@ class Pipeline:
     progress: bool
     computed: list[str] = field(default_factory=list)
     original_spec: str = ""  # the original model's spec, once known (ablate_direction)
+    original_key: str = ""  # and its cache key
     # with `attribution.baseline: token`, the original's replacement id, used for every
     # model: each model's own (its unk, else pad) would compare two baselines
     replacement: dict[str, int] = field(default_factory=dict)
@@ -335,7 +336,7 @@ def _run_one(
     tokenizer_of = functools.cache(load_tokenizer)  # a model given as it is: loaded once
     _note_raw_prompts(cfg, say, tokenizer_of)
     original = _original(p, data)
-    p.original_spec = original.spec
+    p.original_spec, p.original_key = original.spec, original.key
     p.replacement = _replacement(cfg, original.spec, tokenizer_of)
     # the original's stages first: what they refuse (a prompt attribution cannot take, an
     # answer over the context) is said before any unlearning, not hours later
@@ -986,6 +987,7 @@ def _attack_stage(
         },
         seed=zlib.crc32(f"{cfg.statistics.seed}:{model.label}:{spec.column}".encode()),
         original_spec=p.original_spec,
+        original_key=p.original_key,
         general=data.splits["general"],
         attribution=explain if attack.explains else None,
     )
@@ -993,7 +995,9 @@ def _attack_stage(
         model.key,
         spec.name,
         attack.settings_key(),
-        [i.id for i in items],
+        # the items as they are, not their ids: an answer, an alias or an option edited
+        # under the same id read the verdicts cached for the old one
+        [i.to_dict() for i in items],
         ctx.keys,
         p.judge_key,
         *attack.key_parts(ctx),
