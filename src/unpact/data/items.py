@@ -1,7 +1,8 @@
 """The one item format every benchmark is read into, its validation, and the loader.
 
 A benchmark is a folder with `qa.jsonl` (one QA item per line) and optionally
-`documents.jsonl` (the texts items come from, used to teach and to unlearn) and
+`documents.jsonl` (the texts items come from: membership inference and VerbMem read them;
+injection and unlearning train on the QA items alone) and
 `verbmem.jsonl` (openings of forget texts and their true continuations: VerbMem). See
 docs/data.md for the format. Loading validates everything first and returns nothing on
 error: one message names the file, the line and the field.
