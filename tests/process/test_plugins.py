@@ -18,7 +18,7 @@ from unpact.data.items import QAItem, write_folder
 from unpact.errors import UnpactError
 from unpact.metrics import METRICS
 from unpact.models import save_model
-from unpact.plugins import _LOADED
+from unpact.plugins import _LOADED, _PLUGGED
 from unpact.run import load_config, run
 from unpact.scoring import generate
 from unpact.unlearn.methods import METHODS
@@ -76,13 +76,19 @@ QUESTIONS = [
 
 @pytest.fixture
 def registries():
-    """Plugins register globally: put the registries back afterwards."""
+    """Plugins register globally: put the registries back afterwards, and start from no
+    module loaded as a plugin (a unit test that had loaded `json` first silenced the
+    warning one test here expects)."""
     saved = [(reg, dict(reg)) for reg in (ATTACKS, METRICS, METHODS)]
+    plugged = set(_PLUGGED)
+    _PLUGGED.clear()
     yield
     for reg, before in saved:
         reg.clear()
         reg.update(before)
     _LOADED.clear()
+    _PLUGGED.clear()
+    _PLUGGED.update(plugged)
 
 
 @pytest.fixture(scope="module")
