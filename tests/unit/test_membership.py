@@ -810,3 +810,12 @@ def test_what_a_served_models_scores_leave_out_is_named(gradnorm):
     assert k["privleak.ga"] == k["privleak_documents.ga"] == k["mia_auc.min_k_plus_plus.ga"]
     plain = served_notes("openai:m@u", "ga", MembershipSettings(), False)
     assert set(plain) == {"mia_auc.min_k_plus_plus.ga", "mia_auc.gradnorm.ga"}
+    # without holdout items no item's membership is inferred (skipped.mia_auc says so for
+    # every model): nothing of the items' said again per served model
+    assert served_notes("openai:m@u", "ga", MembershipSettings(), False, items=False) == {}
+    docs = served_notes("openai:m@u", "ga", settings, documents=True, items=False)
+    assert set(docs) == {"mia_auc_documents.min_k_plus_plus.ga"}
+    k = served_notes(
+        "openai:m@u", "ga", MembershipSettings(privleak_attack="min_k_plus_plus"), True, False
+    )
+    assert set(k) == {"mia_auc_documents.min_k_plus_plus.ga", "privleak_documents.ga"}

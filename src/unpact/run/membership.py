@@ -448,25 +448,28 @@ def _local(lm: AnyModel) -> LanguageModel:
 
 
 def served_notes(
-    spec: str, label: str, settings: MembershipSettings, documents: bool
+    spec: str, label: str, settings: MembershipSettings, documents: bool, items: bool = True
 ) -> dict[str, str]:
     """What a served model's scores leave out, for results.json's `skipped`: its server's
     prompt log-probs give LOSS, ZLib, Min-K%, the Reference attack, the truth ratio and
     (with ranks) exact memorisation, but not Min-K%++ (each position's whole next-token
-    distribution) nor GradNorm (the weights). `documents`: the run scores documents."""
+    distribution) nor GradNorm (the weights). `documents`: the run scores documents;
+    `items`: its items' membership is inferred (there are holdout items: without them
+    `skipped.mia_auc` says why for every model)."""
     why = {
         "min_k_plus_plus": f"{spec} is served: Min-K%++ needs each position's whole "
         "next-token distribution, which a server does not return",
         "gradnorm": f"{spec} is served: GradNorm needs its weights",
     }
-    out = {f"mia_auc.min_k_plus_plus.{label}": why["min_k_plus_plus"]}
+    out = {f"mia_auc.min_k_plus_plus.{label}": why["min_k_plus_plus"]} if items else {}
     if documents:
         out[f"mia_auc_documents.min_k_plus_plus.{label}"] = why["min_k_plus_plus"]
-    if settings.gradnorm:
+    if settings.gradnorm and items:
         out[f"mia_auc.gradnorm.{label}"] = why["gradnorm"]
     attack = settings.privleak_attack
     if attack in why:  # PrivLeak with GradNorm is left out whether or not it is on
-        out[f"privleak.{label}"] = why[attack]
+        if items:
+            out[f"privleak.{label}"] = why[attack]
         if documents and attack == "min_k_plus_plus":
             out[f"privleak_documents.{label}"] = why[attack]
     return out
@@ -826,7 +829,7 @@ def compute(
         remote = is_remote_spec(m.spec)  # its server's log-probs: what they give, said
         said = remote and m is not base  # the base's own figures are not reported
         if said:
-            served |= served_notes(m.spec, m.label, settings, bool(scored))
+            served |= served_notes(m.spec, m.label, settings, bool(scored), bool(data.holdout))
         get = opener(p, m.spec)
         # the base's own GradNorm is not read, but where it is a model scored with it (the
         # reference, in an audit) its stage is that model's: computed once, read back
