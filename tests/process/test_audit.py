@@ -431,8 +431,9 @@ def test_verdicts_read_the_figures_and_the_paired_items():
     probe = m | {"forgotten": 3, "recovery": {"probe": None}}
     got = {v["test"]: v for v in verdicts(probe, [], ["probe"])}
     assert got["probe"]["detail"] == (
-        "none of the 3 forgotten items could be attacked (probe attacks items with options: "
-        "multiple-choice choices, or perturbed answers)"
+        "none of the 3 forgotten items could be attacked (probe attacks items with options "
+        "(multiple-choice choices, or perturbed answers), trained on the retain items that "
+        "have them)"
     )
     one = {v["test"]: v for v in verdicts(probe | {"forgotten": 1}, [], ["probe"])}
     assert one["forgotten"]["detail"].startswith("1 forget item answered before and not after")

@@ -474,6 +474,25 @@ def test_in_context_shows_seeded_retain_demonstrations_first():
     assert attack.uses_demonstrations and not get_attack("paraphrase").uses_demonstrations
 
 
+def test_in_context_without_retain_items_attacks_nothing(tiny):
+    """A benchmark without retain items has no demonstrations to show: the attack asked
+    the bare question in their format and reported it as in-context recovery. It attacks
+    nothing now, and the verdict says what it needs."""
+    from unpact.attacks import AttackContext
+    from unpact.data.items import QAItem
+
+    items = [QAItem("f0", "Who wrote report 0?", "Mira", "forget")]
+    ctx = AttackContext(lambda: tiny, "tiny", items, {}, [], JudgeSettings(max_new_tokens=4))
+    attack = get_attack("in_context")
+    assert attack.run(ctx) == []
+    assert "retain items shown as demonstrations" in attack.applies_to
+    demos = (("Who wrote report 9?", "Ann"),)
+    ctx = AttackContext(lambda: tiny, "tiny", items, {}, [], JudgeSettings(max_new_tokens=4),
+                        demonstrations=demos)  # fmt: skip
+    [row] = attack.run(ctx)
+    assert row["prompts"][0].startswith("Q: Who wrote report 9?\nA: Ann")
+
+
 def test_keyword_only_is_the_key_tokens_alone():
     attack = get_attack("keyword_only")
     assert attack.prompts(Target("Who founded Vostrand?", (" Vost", "rand", " Vost"))) == [

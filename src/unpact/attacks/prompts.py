@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import random
 import zlib
-from typing import Annotated, Literal, TypeAlias
+from typing import Annotated, Any, Literal, TypeAlias
 
 from pydantic import Field
 
-from unpact.attacks.base import FOCUS_TEMPLATE, Attack, Target
+from unpact.attacks.base import FOCUS_TEMPLATE, Attack, AttackContext, Target
 from unpact.types import Seed, SettingsModel, fills
 
 # FocusOnKey asks the question and names its keys: a template without either (or a key
@@ -150,6 +150,12 @@ class InContext(Attack):
     title = "in-context"
     Settings = InContextSettings
     uses_demonstrations = True
+    applies_to = "items after retain items shown as demonstrations (the benchmark's retain split)"
+
+    def run(self, ctx: AttackContext) -> list[dict[str, Any]]:
+        # without retain items it asked the bare question in the demonstrations' format
+        # and reported that as the in-context attack
+        return super().run(ctx) if ctx.demonstrations else []
 
     def prompts(self, target: Target) -> list[str]:
         pool = list(target.demonstrations)

@@ -529,7 +529,10 @@ class Probe(LayerAttack):
 
     name = "probe"
     title = "linear probe"
-    applies_to = "items with options: multiple-choice choices, or perturbed answers"
+    applies_to = (
+        "items with options (multiple-choice choices, or perturbed answers), trained on the "
+        "retain items that have them"
+    )
     revision = 2  # 1: QA options paraphrased among perturbed (same form); 2: prompt shared
 
     def key_parts(self, ctx: AttackContext) -> list[Any]:
