@@ -136,6 +136,31 @@ def test_an_item_edited_under_its_id_reruns_the_attacks_that_read_it(done, tmp_p
         assert f"control:retrained with {attack}" in computed, attack
 
 
+@pytest.mark.parametrize(
+    "attack",
+    [
+        {"name": "relearn_unrelated", "settings": {"data": "retain", "items": 2, "steps": 1}},
+        {"name": "relearn", "settings": {"data": "retain", "items": 2, "steps": 1}},
+        {"name": "ablate_direction", "settings": {"prompts": "retain"}},
+    ],
+)
+def test_an_attack_reading_retain_items_is_refused_up_front_without_them(done, tmp_path, attack):
+    """On a benchmark without retain items, these stopped the run after every unlearning
+    ("relearning needs at least one item to train on"), ablate_direction with a traceback
+    from torch.cat; refused now before anything is taught."""
+    from unpact.data import load_benchmark
+    from unpact.data.items import write_folder
+
+    root, config, _ = done
+    items = [i for i in load_benchmark(str(root / "bench")).items if i.split != "retain"]
+    write_folder(tmp_path / "bench", items)
+    cfg = {**config, "data": {"benchmark": str(tmp_path / "bench"), "general": None}}
+    cfg["attacks"] = [attack]
+    with pytest.raises(UnpactError, match=r"attacks\.0: \w+ reads retain items, and benchmark"):
+        run(cfg, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.jsonl"))
+
+
 def test_bad_attack_lists_are_one_message():
     base = {"methods": [{"method": "ga"}]}
     with pytest.raises(UnpactError, match="listed twice; give each a label"):

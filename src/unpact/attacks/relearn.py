@@ -57,6 +57,10 @@ class Relearn(Attack):
     added_later = ("lora",)
     applies_to = "the forgotten items it does not train on (data: forget needs two or more)"
 
+    @property
+    def needs_splits(self) -> frozenset[str]:
+        return frozenset({"retain"}) if self.settings.data == "retain" else frozenset()
+
     def split(self, forgotten_ids: list[str], retain_ids: list[str]) -> list[str]:
         """The ids of the items trained on (seeded; at most all but one forgotten item
         when training on forgotten items, so something is left to test)."""

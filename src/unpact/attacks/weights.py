@@ -287,6 +287,10 @@ class AblateDirection(WeightAttack):
     def index(self, lm: LanguageModel) -> int:
         return self._index(residual_size(lm.model))
 
+    @property
+    def needs_splits(self) -> frozenset[str]:
+        return frozenset({"retain"}) if self.settings.prompts == "retain" else frozenset()
+
     def _index(self, n: int) -> int:
         """The residual point the `layer` setting names among `n` (layers + 1)."""
         k = self.settings.layer

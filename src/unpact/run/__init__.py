@@ -330,6 +330,7 @@ def _run_one(
     _note_answers_in_questions(cfg, data, say)
     p.judge_rules = judge_rules(cfg.judge.kind, data.items)
     _check_depths(cfg)  # before the injection, which may take hours
+    _check_attack_splits(cfg, data)
     _check_answer_room(cfg, data, say)
     _check_tokenizers(cfg, say)
     _note_idle_gpu(cfg, say)
@@ -569,6 +570,21 @@ def injection_line(done: Any) -> str:
     note = done.small_benchmark_note
     epochs = f"{done.epochs} epoch{'s' * (done.epochs != 1)}"
     return f"  injected in {epochs}: {acc}{tail}" + (f"; {note}" if note else "")
+
+
+def _check_attack_splits(cfg: RunConfig, data: Data) -> None:
+    """Each attack's splits (`needs_splits`: relearning on retain items, ablate_direction's
+    direction from the retain questions) against the benchmark's, before the injection: a
+    benchmark without retain items stopped such an attack after every unlearning (or, for
+    ablate_direction, in torch.cat); data.general is checked with the config."""
+    for n, spec in enumerate(cfg.attacks):
+        attack = get_attack(spec.name, spec.settings)
+        for split in sorted(attack.needs_splits - {"general"}):
+            if not data.splits.get(split):
+                raise UnpactError(
+                    f"attacks.{n}: {spec.column} reads {split} items, and benchmark "
+                    f"{data.bench.name} has none (change its settings, or leave it out)"
+                )
 
 
 def _check_depths(cfg: RunConfig) -> None:
