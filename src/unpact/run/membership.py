@@ -834,19 +834,7 @@ def compute(
         # the base's own GradNorm is not read, but where it is a model scored with it (the
         # reference, in an audit) its stage is that model's: computed once, read back
         grad = gradnorm and not remote and (m is not base or base.key in graded)
-        rows = _stage(
-            p,
-            "membership",
-            m,
-            [m.key, item_key, grad, "truth answers: forget items"],  # holdout's: none
-            partial(lambda g, gr: score_model(g(), items, gr), get, grad),
-            ranks=True,
-        )
-        if said and any(r["stats"]["argmax"] is None for r in rows):
-            served[f"exact_memorisation.{m.label}"] = served[f"extraction_strength.{m.label}"] = (
-                f"{m.spec} {NO_RANKS}"
-            )
-        raw[m.label] = {r["id"]: r for r in rows}
+        raw[m.label] = _item_rows(p, m, get, (items, item_key), grad, served if said else None)
         if scored:  # with the same opened model: it is loaded once for all its stages
             raw_docs[m.label] = _document_rows(p, m, get, scored)
         if m is base:
@@ -873,6 +861,33 @@ def compute(
     found.verbmem, found.verbatim, found.fluency = verbmem, verbatim, fluent
     found.utility = utility
     return found
+
+
+def _item_rows(
+    p: Pipeline,
+    m: Model,
+    get: Opener,
+    scored: tuple[list[QAItem], str],
+    grad: bool,
+    served: dict[str, str] | None,
+) -> dict[str, dict[str, Any]]:
+    """Per item of `scored` (the items and their content key): its statistics under the
+    model `m`, with GradNorm if `grad` (a cached stage). `served`: a served model's notes,
+    told when its server gave no ranks."""
+    items, item_key = scored
+    rows = _stage(
+        p,
+        "membership",
+        m,
+        [m.key, item_key, grad, "truth answers: forget items"],  # holdout's: none
+        partial(lambda g, gr: score_model(g(), items, gr), get, grad),
+        ranks=True,
+    )
+    if served is not None and any(r["stats"]["argmax"] is None for r in rows):
+        served[f"exact_memorisation.{m.label}"] = served[f"extraction_strength.{m.label}"] = (
+            f"{m.spec} {NO_RANKS}"
+        )
+    return {r["id"]: r for r in rows}
 
 
 def _stage(
