@@ -1236,6 +1236,15 @@ def serve(
             "vllm: neither (vLLM's --generation-config vllm).",
         ),
     ] = "auto",
+    api_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--api-key",
+            help="As vLLM's --api-key: every route but /health then wants 'Authorization: "
+            "Bearer KEY' (clients: the key in $UNPACT_API_KEY) and answers 401 without it. "
+            "Repeatable: any of the keys.",
+        ),
+    ] = None,
 ) -> None:
     """`unpact serve` (its help is the decorator's)."""
     from unpact.models import (
@@ -1245,10 +1254,12 @@ def serve(
         read_chat_template,
     )
     from unpact.serve import make_app
+    from unpact.serve.auth import check_keys
     from unpact.types import is_remote_spec
 
     if generation_config not in ("auto", "vllm"):
         raise UnpactError(f"--generation-config: auto or vllm, not {generation_config!r}")
+    keys = check_keys(api_key or [])  # before the model loads
     if is_remote_spec(model):
         raise UnpactError(
             f"--model {model!r} is a served model already: unpact serve serves weights on "
@@ -1262,7 +1273,7 @@ def serve(
             check_chat_template(lm.tokenizer, template[1])
     except ChatTemplateError as e:
         raise UnpactError(f"--chat-template: {e}") from None
-    app_ = make_app(lm, name, "vllm" if generation_config == "vllm" else "auto")
+    app_ = make_app(lm, name, "vllm" if generation_config == "vllm" else "auto", keys)
     import socket
 
     import uvicorn

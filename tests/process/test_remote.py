@@ -342,6 +342,39 @@ def test_api_key_is_sent_but_never_shown(served, faults, monkeypatch):
     assert secret not in str(info.value) and secret not in repr(remote)
 
 
+def test_unpact_serve_api_key_guards_as_vllms_does(tiny, monkeypatch):
+    """`--api-key`: vLLM's AuthenticationMiddleware. Every route but /health wants one of
+    the keys as a Bearer token (the scheme in any case), else vLLM's 401 reply; unpact's
+    client sends $UNPACT_API_KEY and gets the local numbers, or says to check the key."""
+    import httpx
+
+    with BackgroundServer(make_app(tiny, "tiny", api_keys=["k-one", "k-two"])) as url:
+        get = httpx.Client(base_url=url, timeout=30)
+        assert get.get("/health").status_code == 200
+        for path, kind in [("/v1/models", "get"), ("/tokenize", "post"), ("/detokenize", "post")]:
+            for header in [None, "Bearer k-three", "Basic k-one", "Bearer", "k-one"]:
+                headers = {} if header is None else {"Authorization": header}
+                reply = get.request(kind, path, headers=headers, json={"prompt": "hi"})
+                assert (reply.status_code, reply.json()) == (401, {"error": "Unauthorized"})
+        ok = get.get("/v1/models", headers={"Authorization": "bearer k-two"})
+        assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "tiny"
+        assert get.get("/elsewhere").status_code == 404  # under no guarded prefix
+        monkeypatch.setenv("UNPACT_API_KEY", "k-one")
+        got = score(_remote(f"{url}/v1"), PROMPTS, ANSWERS)
+        assert (
+            _max_diff(
+                [s.logprobs for s in got], [s.logprobs for s in score(tiny, PROMPTS, ANSWERS)]
+            )
+            < 1e-4
+        )
+        monkeypatch.setenv("UNPACT_API_KEY", "k-wrong")
+        with pytest.raises(UnpactError, match=r"HTTP 401: Unauthorized.*api_key_env"):
+            score(_remote(f"{url}/v1"), PROMPTS[:1], ANSWERS[:1])
+    for bad in ["", "two words", "caf\u00e9"]:
+        with pytest.raises(UnpactError, match="--api-key"):
+            make_app(tiny, "tiny", api_keys=[bad])
+
+
 def test_mask_baseline_and_unknown_baseline_token_are_clear_errors(served, faults):
     remote = _remote(served[1])
     with pytest.raises(UnpactError, match="baseline 'mask'"):

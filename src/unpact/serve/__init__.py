@@ -18,7 +18,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Literal, TypeGuard
@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from unpact.errors import UnpactError, check_text
 from unpact.models import LanguageModel, text_config
 from unpact.scoring import LOWEST_TEMPERATURE, generated_rows, stop_ids
+from unpact.serve.auth import ApiKeys, check_keys
 from unpact.serve.scores import (
     ScoreBatcher,
     Scored,
@@ -69,10 +70,13 @@ def make_app(
     models: LanguageModel | dict[str, LanguageModel],
     name: str = "default",
     generation_config: Literal["auto", "vllm"] = "auto",
+    api_keys: str | Sequence[str] = (),
 ) -> Any:
     """A FastAPI app serving `models` (name -> model; or one model under `name`).
     `generation_config`, as vLLM's option: "auto" takes the sampling defaults and the
     `max_new_tokens` bound from each model's generation_config, "vllm" leaves them out.
+    `api_keys`, as vLLM's `--api-key`: when given, every route but the health check wants
+    `Authorization: Bearer KEY` with one of them (`unpact.serve.auth`).
     Each model is put in eval mode and left there: a server only infers (vLLM draws no
     dropout), and requests run side by side, so no one of them may switch the mode back."""
     if generation_config not in ("auto", "vllm"):
@@ -95,6 +99,8 @@ def make_app(
     # a body that is not a JSON object: 400 in vLLM's format, as vLLM's
     # validation_exception_handler answers (FastAPI's own reply would be a 422)
     app.exception_handler(fastapi.exceptions.RequestValidationError)(_invalid_body)
+    if api_keys:
+        app.add_middleware(ApiKeys, keys=check_keys(api_keys), routes=app.routes)
     return app
 
 
