@@ -201,7 +201,8 @@ class AttackContext:
     # recovered answers (weight attacks); None: not explained
 
     def generator(self) -> random.Random:
-        """A seeded random generator for this attack on this model."""
+        """A seeded `random.Random` for this attack on this model (torch's random numbers:
+        `torch.Generator().manual_seed(ctx.seed)`)."""
         return random.Random(self.seed)
 
     def target(self, item: QAItem) -> Target:
