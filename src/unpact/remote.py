@@ -358,12 +358,30 @@ class RemoteModel:
     def _hint(self, url: str, code: int, message: str) -> str:
         """What to do about a 4xx: for a model name the server does not serve, the names
         it does serve (GET /v1/models, asked once, no retries)."""
+        if code in (401, 403):
+            return self._key_hint()
         if not _unknown_model(code, message):
             return _capability_hint(url, code)
         hint = f" — the server serves no model named {self.model_name!r} ({self.model_option})"
         # only a hint: the error it goes with is what matters
         names = [c["id"] for c in self._model_cards() or [] if isinstance(c.get("id"), str)]
         return hint + (f"; it serves {', '.join(repr(n) for n in names)}" if names else "")
+
+    def _key_hint(self) -> str:
+        """What to do about a refused request (401, 403): the variable the key is read
+        from, by name, and whether it holds one (never the key)."""
+        env = self.settings.api_key_env
+        if not env:
+            return (
+                " — the server wants an API key: name the environment variable holding it "
+                "in api_key_env"
+            )
+        if not os.environ.get(env, "").strip():
+            return (
+                f" — the server wants an API key, and ${env} (api_key_env) is not set: set it "
+                "to the key"
+            )
+        return f" — the server refused the API key in ${env} (api_key_env): check it"
 
     def _note_max_length(self, reply: dict[str, Any]) -> None:
         n = reply.get("max_model_len")
@@ -932,8 +950,6 @@ def _capability_hint(url: str, code: int) -> str:
             " — the server has no vLLM-style /tokenize and /detokenize; unpact scores with the "
             "server's own tokens and needs them"
         )
-    if code in (401, 403):
-        return " — check the API key in the environment variable named by api_key_env"
     return NOT_AN_API if code in NOT_TRANSIENT else ""
 
 

@@ -368,7 +368,12 @@ def test_unpact_serve_api_key_guards_as_vllms_does(tiny, monkeypatch):
             < 1e-4
         )
         monkeypatch.setenv("UNPACT_API_KEY", "k-wrong")
-        with pytest.raises(UnpactError, match=r"HTTP 401: Unauthorized.*api_key_env"):
+        with pytest.raises(
+            UnpactError, match=r"401: Unauthorized — .* refused the API key in \$UNPACT_API_KEY"
+        ):
+            score(_remote(f"{url}/v1"), PROMPTS[:1], ANSWERS[:1])
+        monkeypatch.delenv("UNPACT_API_KEY")
+        with pytest.raises(UnpactError, match=r"wants an API key, and \$UNPACT_API_KEY .* not set"):
             score(_remote(f"{url}/v1"), PROMPTS[:1], ANSWERS[:1])
     for bad in ["", "two words", "caf\u00e9"]:
         with pytest.raises(UnpactError, match="--api-key"):
