@@ -197,6 +197,13 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def unsendable(key: str) -> tuple[int, str] | None:
+    """The first character (position, character) of an API key that an HTTP header cannot
+    carry (outside printable ASCII: a curly quote, an invisible space pasted with it), or
+    None."""
+    return next(((n, c) for n, c in enumerate(key) if not " " <= c <= "~"), None)
+
+
 def lone_surrogate(value: object) -> str | None:
     """The first string in `value` (a string, or the keys and values of dicts and lists
     of them) holding a lone UTF-16 surrogate (U+D800 to U+DFFF), or None. No UTF-8 text

@@ -48,7 +48,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 import torch
 from pydantic import Field
 
-from unpact.errors import UnpactError, check_text
+from unpact.errors import UnpactError, check_text, unsendable
 from unpact.progress import progress_bar
 from unpact.scoring import check_pairs
 from unpact.types import (
@@ -189,7 +189,7 @@ class RemoteModel:
         key = os.environ.get(self.settings.api_key_env, "").strip()
         # a character an HTTP header cannot carry (a curly quote, an invisible space pasted
         # with the key) was a UnicodeEncodeError traceback from inside httpx
-        bad = next(((n, c) for n, c in enumerate(key) if not " " <= c <= "~"), None)
+        bad = unsendable(key)
         if bad is not None:
             raise UnpactError(
                 f"${self.settings.api_key_env}: the API key holds {bad[1]!a} (character "

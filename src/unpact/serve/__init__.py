@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from unpact.errors import UnpactError, check_text
 from unpact.models import LanguageModel, text_config
 from unpact.scoring import LOWEST_TEMPERATURE, generated_rows, stop_ids
-from unpact.serve.auth import ApiKeys, check_keys
+from unpact.serve.auth import ApiKeys, check_keys, guarded_prefixes
 from unpact.serve.scores import (
     ScoreBatcher,
     Scored,
@@ -100,7 +100,8 @@ def make_app(
     # validation_exception_handler answers (FastAPI's own reply would be a 422)
     app.exception_handler(fastapi.exceptions.RequestValidationError)(_invalid_body)
     if api_keys:
-        app.add_middleware(ApiKeys, keys=check_keys(api_keys), routes=app.routes)
+        # every route is registered by now: the guarded prefixes are final
+        app.add_middleware(ApiKeys, keys=check_keys(api_keys), guarded=guarded_prefixes(app.routes))
     return app
 
 

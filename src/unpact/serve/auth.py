@@ -17,7 +17,7 @@ import secrets
 from collections.abc import Sequence
 from typing import Any
 
-from unpact.errors import UnpactError
+from unpact.errors import UnpactError, unsendable
 
 # routes answered without a key (vLLM's PUBLIC_ENDPOINTS, of which this app has these)
 PUBLIC = ("/health", "/ping", "/load", "/version", "/metrics", "/docs", "/redoc", "/openapi.json")
@@ -26,14 +26,14 @@ FLOOR = ("/v1", "/v2", "/inference", "/cohere")
 
 
 def check_keys(keys: str | Sequence[str]) -> list[str]:
-    """The keys (one given as a string: that one), each refused in words when an HTTP
-    header could not carry it as a Bearer token (empty, or a character outside printable
-    ASCII: a client could never send it)."""
+    """The keys (one given as a string: that one), each refused in words when a client
+    could not send it as a Bearer token (empty, a space, or a character an HTTP header
+    cannot carry)."""
     keys = [keys] if isinstance(keys, str) else list(keys)
     for n, key in enumerate(keys):
-        bad = next((c for c in key if not " " < c <= "~"), None)
+        bad = unsendable(key) or next(((i, c) for i, c in enumerate(key) if c == " "), None)
         if not key or bad is not None:
-            what = "is empty" if not key else f"holds {bad!a}"
+            what = f"holds {bad[1]!a}" if bad is not None else "is empty"
             raise UnpactError(
                 f"--api-key (number {n + 1}) {what}: a key is printable ASCII without spaces, "
                 "as an HTTP Authorization header carries it"
@@ -58,15 +58,19 @@ def guarded_prefixes(routes: Sequence[Any]) -> tuple[str, ...]:
 
 
 class ApiKeys:
-    """Pure ASGI middleware refusing a guarded request without one of `keys` (see the module
-    doc). `routes` is the app's route list, read when the first request comes, so routes
-    registered after the middleware are guarded too."""
+    """Pure ASGI middleware refusing a request under one of the `guarded` prefixes
+    (`guarded_prefixes`) without one of `keys` (checked by `check_keys`); see the module
+    doc."""
 
-    def __init__(self, app: Any, keys: str | Sequence[str], routes: Sequence[Any]) -> None:
+    def __init__(self, app: Any, keys: Sequence[str], guarded: tuple[str, ...]) -> None:
+        from starlette.datastructures import Headers
+        from starlette.responses import JSONResponse
+
         self.app = app
-        self.digests = [hashlib.sha256(k.encode()).digest() for k in check_keys(keys)]
-        self.routes = routes
-        self._guarded: tuple[str, ...] | None = None
+        self.digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+        self.guarded = guarded
+        self.headers = Headers
+        self.refusal = JSONResponse({"error": "Unauthorized"}, status_code=401)
 
     def allowed(self, authorization: str | None) -> bool:
         scheme, _, token = (authorization or "").partition(" ")
@@ -80,14 +84,9 @@ class ApiKeys:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] in ("http", "websocket") and scope.get("method") != "OPTIONS":
-            if self._guarded is None:
-                self._guarded = guarded_prefixes(self.routes)
-            from starlette.datastructures import Headers
-            from starlette.responses import JSONResponse
-
             path = scope["path"].removeprefix(scope.get("root_path", ""))
-            given = Headers(scope=scope).get("authorization")
-            if path.startswith(self._guarded) and not self.allowed(given):
-                await JSONResponse({"error": "Unauthorized"}, status_code=401)(scope, receive, send)
+            given = self.headers(scope=scope).get("authorization")
+            if path.startswith(self.guarded) and not self.allowed(given):
+                await self.refusal(scope, receive, send)
                 return
         await self.app(scope, receive, send)
