@@ -340,6 +340,14 @@ def test_api_key_is_sent_but_never_shown(served, faults, monkeypatch):
         score(remote, PROMPTS[:1], ANSWERS[:1])
     assert "HTTP 401" in str(info.value) and "api_key_env" in str(info.value)
     assert secret not in str(info.value) and secret not in repr(remote)
+    # a key pasted with a curly quote or a no-break space: refused in words before any
+    # request (it was a UnicodeEncodeError from inside httpx), the key never shown
+    for bad, at in [("\u201csk-unpact\u201d", 1), ("sk-unpact\u00a0x", 10)]:
+        monkeypatch.setenv("MY_KEY", bad)
+        n = len(faults.auth)
+        with pytest.raises(UnpactError, match=rf"\$MY_KEY: .* \(character {at}\), which an HTTP"):
+            score(_remote(served[1], api_key_env="MY_KEY"), PROMPTS[:1], ANSWERS[:1])
+        assert faults.auth[n:] == []
 
 
 def test_unpact_serve_api_key_guards_as_vllms_does(tiny, monkeypatch):
