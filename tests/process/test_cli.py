@@ -265,6 +265,11 @@ def test_bad_files_and_folders_are_one_message_and_exit_2(tmp_path, tiny):
     (tmp_path / "adir").mkdir()
     tiny.model.save_pretrained(tmp_path / "tinymodel")
     tiny.tokenizer.save_pretrained(tmp_path / "tinymodel")
+    unlearned_config = "format: 1\nmodel: tinymodel\nbenchmark: news\nmethod: ga\n"
+    (tmp_path / "unlearned").mkdir()
+    (tmp_path / "unlearned" / "config.yaml").write_text(unlearned_config)
+    tiny.model.save_pretrained(tmp_path / "unlearned" / "model")
+    tiny.tokenizer.save_pretrained(tmp_path / "unlearned" / "model")
     words = " ".join(["word"] * 20)
     cases = [
         (
@@ -275,6 +280,15 @@ def test_bad_files_and_folders_are_one_message_and_exit_2(tmp_path, tiny):
         # a run's files once went into any folder, a model's among them
         (["run", "demo", "--out", "tinymodel"], "and no unpact run; give a new folder"),
         (["demo", "--out", "afile"], "--out afile: a file is there"),
+        # an `unpact unlearn` run's folder: its config.yaml was overwritten by the run's
+        (["run", "demo", "--out", "unlearned"], "holds an `unpact unlearn` run"),
+        (
+            [
+                *("audit", "--original", "tinymodel", "--unlearned", "unlearned/model"),
+                *("--benchmark", "news", "--out", "unlearned"),
+            ],
+            "holds an `unpact unlearn` run",
+        ),
         (["unlearn", "--method", "ga", "--out", "afile", "--no-eval"], "a file is there"),
         # a file where a parent folder goes: NotADirectoryError, inject's after training
         (["run", "demo", "--out", "afile/run"], "--out afile/run: afile is a file"),
@@ -313,6 +327,7 @@ def test_bad_files_and_folders_are_one_message_and_exit_2(tmp_path, tiny):
         assert message in " ".join(done.stderr.split()), (args, done.stderr)
         assert "Traceback" not in done.stderr, args
     assert (tmp_path / "afile").read_text() == "mine\n"
+    assert (tmp_path / "unlearned" / "config.yaml").read_text() == unlearned_config
     assert not list((tmp_path / "cache").rglob(".tmp-*"))  # the cut GGUF left no half cache
 
 

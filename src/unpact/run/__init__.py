@@ -99,7 +99,7 @@ from unpact.run.config import (
     StatisticsSettings,
     load_config,
 )
-from unpact.run.layout import clear_models, clear_other_runs, start_run
+from unpact.run.layout import clear_models, clear_other_runs, start_run, unlearn_run
 from unpact.run.stages import (
     _at_default,
     attribute,
@@ -497,6 +497,12 @@ def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UnpactError(f"--out {out}: a file is there; give a folder (new, or a run's)")
     check_folder_path(out, "--out")
+    if unlearn_run(out):  # its config.yaml was overwritten, and --resume refused the run
+        raise UnpactError(
+            f"--out {out}: the folder holds an `unpact unlearn` run (its config.yaml, "
+            "model and loss log); give a new folder (the unlearned model is read from "
+            "there: --unlearned for an audit, a method's `model:` in a run config)"
+        )
     if out.is_dir() and not (out / "config.yaml").is_file():
         held = sorted(p.name for p in out.iterdir() if p.name != WRITER_LOCK)
         if held:

@@ -14,12 +14,13 @@ import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from unpact.files import atomic_text
 
-__all__ = ["clear_models", "clear_other_runs", "start_run"]
+__all__ = ["clear_models", "clear_other_runs", "start_run", "unlearn_run"]
 
 # what a run writes beside its config.yaml
 _RUN_FILES = (
@@ -91,14 +92,26 @@ def _subfolders(folder: Path) -> list[Path]:
 
 def _is_run(folder: Path) -> bool:
     """Whether `folder` holds a run's config.yaml (a mapping naming a model and methods)."""
+    config = _config(folder)
+    return isinstance(config, dict) and "model" in config and "methods" in config
+
+
+def _config(folder: Path) -> Any:
+    """`folder`'s config.yaml as YAML reads it; None where there is none or it is unreadable."""
     path = folder / "config.yaml"
     if not path.is_file():
-        return False
+        return None
     try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return False
-    return isinstance(config, dict) and "model" in config and "methods" in config
+        return None
+
+
+def unlearn_run(folder: Path) -> bool:
+    """Whether `folder` holds an `unpact unlearn` run: a config.yaml naming one `method`
+    (unlearn/loop.py writes it), not a run's `methods`."""
+    config = _config(folder)
+    return isinstance(config, dict) and "method" in config and "methods" not in config
 
 
 def _inside(spec: str, folder: Path) -> bool:
