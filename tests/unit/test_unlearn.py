@@ -365,6 +365,10 @@ def test_resume_refuses_other_settings_and_new_runs_refuse_a_used_directory(benc
             UnpactError, match=r"(?s)--resume: .*config\.yaml: .*the run's own record"
         ):
             _run(bench, tmp_path / "r", resume=True)
+    # a run's or an audit's folder: not an unlearn run to resume (20 "different settings")
+    (tmp_path / "r" / "config.yaml").write_text("model: m\nmethods: [{method: ga}]\n")
+    with pytest.raises(UnpactError, match=r"--resume: .* holds no `unpact unlearn` run"):
+        _run(bench, tmp_path / "r", resume=True)
     (tmp_path / "r" / "config.yaml").write_text(saved)
     # a folder of someone else's files is not a run's: nothing is written into it
     (tmp_path / "mine").mkdir()

@@ -687,6 +687,11 @@ def _prepare_out(
             raise UnpactError(
                 f"--resume: {exc}; it is the run's own record, needed to resume"
             ) from None
+        if "method" not in saved:  # a run's or an audit's: 20 settings listed as differing
+            raise UnpactError(
+                f"--resume: {out} holds no `unpact unlearn` run (its config.yaml is not one: "
+                "a run's or an audit's?); give the folder `unpact unlearn --out` wrote"
+            )
         saved.setdefault("precision", "fp32")  # a run from before the setting was fp32
         # The process count may change on resume: batches are global, the curve is not.
         diff = sorted(
