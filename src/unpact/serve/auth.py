@@ -63,13 +63,11 @@ class ApiKeys:
     doc."""
 
     def __init__(self, app: Any, keys: Sequence[str], guarded: tuple[str, ...]) -> None:
-        from starlette.datastructures import Headers
         from starlette.responses import JSONResponse
 
         self.app = app
         self.digests = [hashlib.sha256(k.encode()).digest() for k in keys]
         self.guarded = guarded
-        self.headers = Headers
         self.refusal = JSONResponse({"error": "Unauthorized"}, status_code=401)
 
     def allowed(self, authorization: str | None) -> bool:
@@ -85,7 +83,10 @@ class ApiKeys:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] in ("http", "websocket") and scope.get("method") != "OPTIONS":
             path = scope["path"].removeprefix(scope.get("root_path", ""))
-            given = self.headers(scope=scope).get("authorization")
+            # the first Authorization header, as starlette's Headers.get reads it
+            given = next(
+                (v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None
+            )
             if path.startswith(self.guarded) and not self.allowed(given):
                 await self.refusal(scope, receive, send)
                 return
