@@ -369,6 +369,9 @@ def test_resume_refuses_other_settings_and_new_runs_refuse_a_used_directory(benc
     (tmp_path / "r" / "config.yaml").write_text("model: m\nmethods: [{method: ga}]\n")
     with pytest.raises(UnpactError, match=r"--resume: .* holds no `unpact unlearn` run"):
         _run(bench, tmp_path / "r", resume=True)
+    # ... nor one to start anew in: not "pass --resume", which is then refused
+    with pytest.raises(UnpactError, match=r"--out .*`unpact run` or `unpact audit` output"):
+        _run(bench, tmp_path / "r")
     (tmp_path / "r" / "config.yaml").write_text(saved)
     # a folder of someone else's files is not a run's: nothing is written into it
     (tmp_path / "mine").mkdir()

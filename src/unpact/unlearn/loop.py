@@ -705,6 +705,12 @@ def _prepare_out(
             )
         start = _last_checkpoint(out)
     elif (out / "model").exists() or config_path.exists():
+        if config_path.is_file() and not _is_unlearn_config(config_path):
+            # --resume would be refused there: a run's or an audit's folder
+            raise UnpactError(
+                f"--out {out}: holds a `unpact run` or `unpact audit` output, not an unlearn "
+                "run; give a new or empty folder"
+            )
         raise UnpactError(f"{out} already holds a run; pick a new --out or pass --resume")
     elif out.is_dir() and any(not f.name.startswith(".") for f in out.iterdir()):
         # the run's files (model/, checkpoints/ ...) would go in among someone else's
@@ -723,6 +729,15 @@ def _prepare_out(
             atomic_text(config_path, yaml.safe_dump(resolved, sort_keys=False))
     accelerator.wait_for_everyone()
     return start
+
+
+def _is_unlearn_config(path: Path) -> bool:
+    """Whether config.yaml is one `unpact unlearn` wrote (a damaged one counts: --resume
+    then says what is wrong with it)."""
+    try:
+        return "method" in read_yaml_mapping(path)
+    except UnpactError:
+        return True
 
 
 def _last_checkpoint(out: Path) -> int:
