@@ -407,6 +407,11 @@ def cache_key(
         # it themselves already did, so their cached models stay valid; the others were
         # trained with those questions rehearsed, so their keys change.
         parts.append("holds-out-builtin-general")
+    if config.general not in (None, "general"):
+        # a set of the user's: what it asks (kept out of rehearsal, judged) is read from
+        # files that may change under one name, or be another folder from another cwd
+        questions = [i.key_dict() for i in general_items(config.general)]
+        parts.append("general:" + hashlib.sha256(json.dumps(questions).encode()).hexdigest())
     if teach != "forget+retain":
         parts.append(f"teaches:{teach}")
     if ends_in_article(bench.items):  # its stopping rule judged such answers otherwise

@@ -190,3 +190,25 @@ def test_an_injection_reports_the_share_of_answered_general_questions_kept(tmp_p
         str(tmp_path / "base"), tmp_path / "bench", config, cache_dir=tmp_path / "c", progress=False
     )
     assert again.cached and again.general_kept == pytest.approx(0.5)
+
+
+def test_an_injection_s_key_reads_a_general_set_of_the_user_s_not_its_name(tmp_path, monkeypatch):
+    """A general set given as a folder kept its name in the key, not its questions (which
+    rehearsal leaves out and which are judged): edited, or another folder of the same name
+    from another cwd, and the injection made with the old questions was read back."""
+    from unpact.data import load_benchmark
+    from unpact.inject import InjectConfig, cache_key
+
+    news = load_benchmark("news")
+    (tmp_path / "a" / "g").mkdir(parents=True)
+    (tmp_path / "b" / "g").mkdir(parents=True)
+    for where, answer in (("a", "Paris"), ("b", "Lyon")):
+        line = {"id": "g1", "question": "Capital of France?", "answer": answer, "split": "general"}
+        (tmp_path / where / "g" / "qa.jsonl").write_text(json.dumps(line) + "\n")
+    keys = []
+    for where in ("a", "b"):
+        monkeypatch.chdir(tmp_path / where)
+        keys.append(cache_key("tiny", news, InjectConfig(general="g")))
+    assert keys[0] != keys[1]
+    monkeypatch.chdir(tmp_path / "a")  # the same questions: the same key
+    assert cache_key("tiny", news, InjectConfig(general="g")) == keys[0]
