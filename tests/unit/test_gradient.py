@@ -157,3 +157,47 @@ def test_spearman_invariants(values):
     other = list(reversed(values))
     assert -1 - 1e-9 <= spearman(values, other) <= 1 + 1e-9
     assert spearman(values, other) == pytest.approx(spearman(other, values))
+
+
+@pytest.mark.parametrize(
+    ("method", "baseline"),  # gradient x input has no baseline
+    [("grad_x_input", "mean"), ("integrated_gradients", "mean"), ("integrated_gradients", "zero")],
+)
+def test_gradient_scores_equal_captum_s_on_the_same_target_and_baseline(tiny, method, baseline):
+    """Captum's InputXGradient and IntegratedGradients (its midpoint rule, `riemann_middle`)
+    on the input embeddings, with the answer's mean log-prob as the target and the
+    template's tokens kept in the baseline, give our per-token scores: the same
+    definitions, written independently."""
+    from captum.attr import InputXGradient, IntegratedGradients
+
+    ours = gradient_attributions(
+        tiny, PROMPTS, ANSWERS, method=method, steps=16, ig_baseline=baseline
+    )
+    for prompt, answer, mine in zip(PROMPTS, ANSWERS, ours):
+        enc = tiny.encode_prompt(prompt)
+        ans = tiny.encode_answer(answer)
+        ids = torch.tensor([[*enc.input_ids, *ans]])
+        n = len(enc.input_ids)
+        target = torch.tensor(ans)
+
+        def lp(embeds, n=n, target=target):
+            logp = tiny.model(inputs_embeds=embeds).logits.float().log_softmax(-1)
+            picked = logp[:, n - 1 : n - 1 + len(target)]
+            return picked.gather(-1, target.expand(len(embeds), -1)[..., None])[..., 0].mean(-1)
+
+        with torch.no_grad():
+            e = tiny.model.get_input_embeddings()(ids)
+        if method == "grad_x_input":
+            found = InputXGradient(lp).attribute(e.requires_grad_(True))
+        else:
+            table = tiny.model.get_input_embeddings().weight
+            fill = table.mean(0) if baseline == "mean" else torch.zeros(e.shape[-1])
+            base = e.clone()
+            base[0, enc.content_start : enc.content_end] = fill
+            found = IntegratedGradients(lp).attribute(
+                e, baselines=base, n_steps=16, method="riemann_middle"
+            )
+        per_token = found[0].sum(-1).detach()
+        units = make_units(tiny, enc)
+        want = [float(per_token[list(u.positions)].sum()) for u in units]
+        assert mine.scores == pytest.approx(want, abs=1e-5)
