@@ -260,7 +260,8 @@ def score(
     ):
         table.add_row(str(k), escape(repr(tok)), str(tid), f"{lp:.4f}")
     out.print(table)
-    out.print(f"LP (mean log-prob over {len(result.logprobs)} tokens) = {result.lp:.4f}")
+    n = len(result.logprobs)
+    out.print(f"LP (mean log-prob over {n} token{'s' * (n != 1)}) = {result.lp:.4f}")
 
 
 # `unpact attribute`'s KeyToken rule, checks by gradient methods and size guard

@@ -122,7 +122,7 @@ def test_cli_generate_and_score(default_lm):
     sc = run_cli("score", "--prompt", "What is the capital of France?", "--answer", "Paris")
     assert sc.returncode == 0, sc.stderr
     (expected,) = score(default_lm, ["What is the capital of France?"], ["Paris"])
-    assert f"LP (mean log-prob over 1 tokens) = {expected.lp:.4f}" in sc.stdout
+    assert f"LP (mean log-prob over 1 token) = {expected.lp:.4f}" in sc.stdout
 
 
 @pytest.mark.parametrize(
