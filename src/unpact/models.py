@@ -1221,7 +1221,11 @@ def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[
             import transformers
 
             upgrade = ""
-            if _dequantizing(str(path), trust_remote_code, True):  # a format it can dequantize
+            if method == "bitsandbytes" and importlib.util.find_spec("bitsandbytes") is None:
+                upgrade = (
+                    "install bitsandbytes (pip install bitsandbytes), and unpact reads it, or "
+                )
+            elif _dequantizing(str(path), trust_remote_code, True):  # one it can dequantize
                 upgrade = (
                     f"transformers {transformers.__version__} could not dequantize it here; "
                     "another release may (5.24 does on a CPU: pip install -U transformers), or "
@@ -1284,6 +1288,7 @@ def _pretrained(
     model, info = loaded
     if dequantizing:
         _forget_dequantizing(model)
+    _dequantize_bitsandbytes(model, dtype)
     if (extra := sorted(info.get("unexpected_keys") or [])) and source not in _NOTED_EXTRA:
         _NOTED_EXTRA.add(source)  # once a process: a run loads a model at several stages
         log.warning(
@@ -1347,6 +1352,74 @@ def _mismatched(report: str) -> list[str]:
     return sorted(rows)  # the report's order is a set's
 
 
+def _dequantize_bitsandbytes(model: Any, dtype: torch.dtype) -> None:
+    """Replace a bitsandbytes checkpoint's 4-bit and LLM.int8 layers (a model released as
+    `load_in_4bit` / `load_in_8bit`) by plain linear layers holding the weights they stand
+    for, in `dtype`, and drop the quantization from the config: unpact trains, attributes
+    and quantizes full-precision weights (the quantize attack crashed on the packed bytes,
+    and training has nothing to train). A 4-bit layer computes with exactly these weights;
+    an LLM.int8 layer also rounds its inputs to 8 bits, which the plain layer does not (the
+    quantize attack's `llm_int8` does). Dequantized by `bnb_4bit_weight` and
+    `bnb_int8_weight`, not bitsandbytes' CPU kernel, which (0.50) misreads a matrix whose
+    size is not a multiple of the block."""
+    config = getattr(model.config, "quantization_config", None)
+    method = config.get("quant_method") if isinstance(config, dict) else None
+    method = getattr(config, "quant_method", method)
+    if str(getattr(method, "value", method)) != "bitsandbytes":
+        return
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        stored: Any = getattr(module, "weight", None)
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = bnb_4bit_weight(stored.data, stored.quant_state)
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            # its row maxima on the weight, or, after a forward pass, on the layer's state
+            scb: Any = getattr(stored, "SCB", None)
+            if scb is None:
+                scb = module.state.SCB
+            weight = bnb_int8_weight(stored.data, scb)
+        else:
+            continue
+        plain = torch.nn.Linear(
+            module.in_features, module.out_features, bias=module.bias is not None, device="meta"
+        )
+        plain.weight = torch.nn.Parameter(weight.to(dtype))
+        if module.bias is not None:
+            plain.bias = torch.nn.Parameter(module.bias.detach().to(dtype))
+        model.set_submodule(name, plain)
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    del model.config.quantization_config
+    _forget_dequantizing(model)  # else saving runs the reading of the packed bytes backwards
+
+
+def bnb_4bit_weight(packed: torch.Tensor, state: Any) -> torch.Tensor:
+    """The float32 weight a bitsandbytes 4-bit parameter stands for: two codes a byte (the
+    first in the high half), each the index of a value of the state's code (FP4 or NF4),
+    times its block's absolute maximum (itself 8-bit quantized, plus an offset, where the
+    state is nested: `bnb_4bit_use_double_quant`)."""
+    import bitsandbytes.functional as bnb_functional
+
+    if getattr(state, "packing_format_for_cpu", False):  # laid out for its CPU kernel (0.50)
+        packed, state = bnb_functional._convert_weight_packed_for_cpu_inverse(packed, state)
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnb_functional.dequantize_blockwise(absmax, state.state2) + state.offset
+    n = math.prod(state.shape)
+    codes = packed.reshape(-1).view(torch.uint8)
+    index = torch.stack([codes >> 4, codes & 0xF], -1).reshape(-1)[:n].long()
+    scale = absmax.float().repeat_interleave(state.blocksize)[:n]
+    return (state.code.float()[index] * scale).reshape(tuple(state.shape))
+
+
+def bnb_int8_weight(rows: torch.Tensor, row_absmax: torch.Tensor) -> torch.Tensor:
+    """The float32 weight an LLM.int8 parameter stands for: each row's int8 values times
+    its absolute maximum and 1/127, as bitsandbytes' `int8_vectorwise_dequant` (0.50)."""
+    return rows.float() * row_absmax.float().view(-1, 1) * (1 / 127)  # 1/127 in float32
+
+
 def _forget_dequantizing(model: Any) -> None:
     """Drop a conversion that only dequantized from those transformers keeps to save a
     model in its checkpoint's format. Some releases (5.12 to 5.22 at least) kept one and,
@@ -1354,14 +1427,18 @@ def _forget_dequantizing(model: Any) -> None:
     under a config.json without `quantization_config`, so the saved copy (an unlearned
     model, a taught one) loaded as garbage, without an error. A conversion that also does
     something else (fusing a mixture's experts, with a dequantizing step ahead of it, as
-    5.24 builds them) is transformers' to reverse and stays, as do renamings."""
+    5.24 builds them) is transformers' to reverse and stays, as do renamings. Likewise
+    bitsandbytes' reading of its packed weights, whose reverse raised NotImplementedError
+    once `_dequantize_bitsandbytes` had made them plain weights."""
     kept = getattr(model, "_weight_conversions", None)
     if not kept:
         return
 
     def only_dequantizes(conversion: Any) -> bool:
         ops = getattr(conversion, "operations", None) or []
-        return bool(ops) and all(type(op).__name__.endswith("Dequantize") for op in ops)
+        # bitsandbytes' reading of its packed bytes (Bnb4bitDeserialize): irreversible
+        names = [type(op).__name__ for op in ops]
+        return bool(ops) and all(n.endswith(("Dequantize", "Deserialize")) for n in names)
 
     model._weight_conversions = [c for c in kept if not only_dequantizes(c)]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -686,6 +687,65 @@ def test_an_fp8_checkpoint_loads_dequantized_on_every_device(tiny, tmp_path, pri
     again = load_model(str(tmp_path / "saved")).model.state_dict()
     assert all(torch.equal(again[name], w) for name, w in exact.items())
     assert _dequantizing(str(tmp_path / "saved"), False, True) == {}
+
+
+@pytest.mark.parametrize(
+    ("settings", "kind"),
+    [
+        ({"load_in_4bit": True}, "fp4"),
+        ({"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}, "nf4"),
+        ({"load_in_4bit": True, "bnb_4bit_use_double_quant": True}, "nested"),
+        ({"load_in_8bit": True}, "llm_int8"),
+    ],
+)
+def test_a_bitsandbytes_checkpoint_loads_as_the_weights_it_stands_for(
+    tiny, tmp_path, printed, settings, kind
+):
+    """A model released as bitsandbytes 4-bit or LLM.int8 loaded as bitsandbytes' layers,
+    and the quantize attack crashed on their packed bytes ("Only Tensors of floating point
+    ... can require gradients"); unlearning had nothing to train. It loads as plain linear
+    layers holding exactly the weights the checkpoint stores (the quantize attack's own
+    round trips of the original weights, which tests/unit/test_weight_attacks.py holds to
+    bitsandbytes), and saves as a full-precision model."""
+    import torch
+    from bitsandbytes.functional import dequantize_4bit
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from unpact.attacks.quantize import float4_round_trip, int8_rowwise_round_trip
+    from unpact.models import save_model
+
+    save_model(tiny.model, tiny.tokenizer, tmp_path / "full")
+    quantized = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "full", dtype=torch.float32, quantization_config=BitsAndBytesConfig(**settings)
+    )
+    quantized.save_pretrained(tmp_path / "q")
+    tiny.tokenizer.save_pretrained(tmp_path / "q")
+    printed()
+    lm = load_model(str(tmp_path / "q"))
+    assert printed() == ""
+    original = tiny.model.state_dict()
+    for name, module in lm.model.named_modules():
+        if name.startswith("model.layers.") and name.endswith("proj"):
+            assert type(module) is torch.nn.Linear, name
+            w = original[f"{name}.weight"]
+            if kind == "llm_int8":
+                want = int8_rowwise_round_trip(w)
+            elif kind == "nested":  # its scales 8-bit too: as bitsandbytes reads them
+                packed = quantized.get_submodule(name).weight
+                want = dequantize_4bit(packed.data, packed.quant_state)
+            else:
+                want = float4_round_trip(w, kind, 64)
+            assert module.weight.dtype == torch.float32
+            assert torch.allclose(module.weight, want, rtol=0, atol=1e-6), name
+    assert lm.model.lm_head.weight.equal(original["lm_head.weight"])  # never quantized
+    from unpact.attribution import attribute
+
+    found = attribute(lm, "the cat sat on a mat", " blue", chat_template=False)
+    assert all(math.isfinite(c) for c in found.contributions)
+    save_model(lm.model, lm.tokenizer, tmp_path / "saved")
+    assert "quantization_config" not in json.loads((tmp_path / "saved/config.json").read_text())
+    again = load_model(str(tmp_path / "saved")).model.state_dict()
+    assert all(again[k].equal(v) for k, v in lm.model.state_dict().items())
 
 
 def _adapter(tiny, tmp_path, seed: int = 0):
