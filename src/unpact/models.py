@@ -1388,9 +1388,13 @@ def _dequantize_bitsandbytes(model: Any, dtype: torch.dtype) -> None:
         if module.bias is not None:
             plain.bias = torch.nn.Parameter(module.bias.detach().to(dtype))
         model.set_submodule(name, plain)
+    # what transformers' own `remove_quantization_config` clears (its bitsandbytes
+    # dequantize failed in 5.25: "Invalid device string: 'float32'"), and the flags its
+    # `.to()` and `.cuda()` refuse a bitsandbytes model by
     model.hf_quantizer = None
     model.is_quantized = False
     model.quantization_method = None
+    model.is_loaded_in_4bit = model.is_loaded_in_8bit = False
     del model.config.quantization_config
     _forget_dequantizing(model)  # else saving runs the reading of the packed bytes backwards
 

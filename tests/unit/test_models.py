@@ -738,6 +738,7 @@ def test_a_bitsandbytes_checkpoint_loads_as_the_weights_it_stands_for(
             assert module.weight.dtype == torch.float32
             assert torch.allclose(module.weight, want, rtol=0, atol=1e-6), name
     assert lm.model.lm_head.weight.equal(original["lm_head.weight"])  # never quantized
+    lm.model.to(torch.bfloat16).to(torch.float32)  # "You cannot cast a bitsandbytes model"
     from unpact.attribution import attribute
 
     found = attribute(lm, "the cat sat on a mat", " blue", chat_template=False)
