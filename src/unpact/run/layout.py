@@ -110,8 +110,9 @@ def _config(folder: Path) -> Any:
 def unlearn_run(folder: Path) -> bool:
     """Whether `folder` holds an `unpact unlearn` run: a config.yaml naming one `method`
     (unlearn/loop.py writes it), not a run's `methods`."""
-    config = _config(folder)
-    return isinstance(config, dict) and "method" in config and "methods" not in config
+    from unpact.unlearn.config import is_unlearn_record
+
+    return is_unlearn_record(_config(folder))
 
 
 def _inside(spec: str, folder: Path) -> bool:

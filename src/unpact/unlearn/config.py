@@ -203,6 +203,12 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_UniqueKeys)  # a SafeLoader subclass: safe
 
 
+def is_unlearn_record(config: object) -> bool:
+    """Whether a folder's config.yaml (read) is the record `unpact unlearn` writes: one
+    `method`, not a run's or an audit's `methods`."""
+    return isinstance(config, dict) and "method" in config and "methods" not in config
+
+
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """A YAML file whose top level is a mapping, or one UnpactError saying what is wrong."""
     try:

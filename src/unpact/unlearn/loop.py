@@ -56,6 +56,7 @@ from unpact.unlearn.config import (
     ALL_LINEAR,
     LoraSettings,
     UnlearnConfig,
+    is_unlearn_record,
     read_yaml_mapping,
     resolve_config,
 )
@@ -687,7 +688,7 @@ def _prepare_out(
             raise UnpactError(
                 f"--resume: {exc}; it is the run's own record, needed to resume"
             ) from None
-        if "method" not in saved:  # a run's or an audit's: 20 settings listed as differing
+        if not is_unlearn_record(saved):  # a run's or an audit's: 20 settings said to differ
             raise UnpactError(
                 f"--resume: {out} holds no `unpact unlearn` run (its config.yaml is not one: "
                 "a run's or an audit's?); give the folder `unpact unlearn --out` wrote"
@@ -705,7 +706,7 @@ def _prepare_out(
             )
         start = _last_checkpoint(out)
     elif (out / "model").exists() or config_path.exists():
-        if config_path.is_file() and not _is_unlearn_config(config_path):
+        if config_path.is_file() and not _holds_unlearn_record(config_path):
             # --resume would be refused there: a run's or an audit's folder
             raise UnpactError(
                 f"--out {out}: holds a `unpact run` or `unpact audit` output, not an unlearn "
@@ -731,11 +732,11 @@ def _prepare_out(
     return start
 
 
-def _is_unlearn_config(path: Path) -> bool:
+def _holds_unlearn_record(path: Path) -> bool:
     """Whether config.yaml is one `unpact unlearn` wrote (a damaged one counts: --resume
     then says what is wrong with it)."""
     try:
-        return "method" in read_yaml_mapping(path)
+        return is_unlearn_record(read_yaml_mapping(path))
     except UnpactError:
         return True
 
