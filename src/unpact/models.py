@@ -1026,7 +1026,8 @@ def _check_memory(path: Path, dtype: torch.dtype) -> None:
 def _parameter_count(path: Path) -> int:
     """The number of weights in a folder's safetensors files, from their headers
     (`safetensors.safe_open`, no tensor read); 0 for a file it cannot read (loading it
-    says why)."""
+    says why). A bitsandbytes 4-bit tensor holds two weights a byte (it loads dequantized:
+    counted by its elements, a 7B model's 4-bit file passed as 1.75 GiB in float32)."""
     from safetensors import SafetensorError, safe_open
 
     count = 0
@@ -1039,11 +1040,21 @@ def _parameter_count(path: Path) -> int:
     for f in files:
         try:
             with safe_open(f, "pt") as weights:
-                names = weights.keys()
-                count += sum(math.prod(weights.get_slice(k).get_shape()) for k in names)
+                names = set(weights.keys())
+                for k in names:
+                    found = math.prod(weights.get_slice(k).get_shape())
+                    if {f"{k}.quant_state.bitsandbytes__{t}" for t in ("fp4", "nf4")} & names:
+                        found *= 2 * _safetensors_itemsize(weights.get_slice(k).get_dtype())
+                    count += found
         except (OSError, SafetensorError):
             continue
     return count
+
+
+def _safetensors_itemsize(name: str) -> int:
+    """Bytes per element of a safetensors dtype name ("U8", "BF16", "F32", ...)."""
+    digits = "".join(c for c in name if c.isdigit())
+    return max(int(digits) // 8, 1) if digits else 1
 
 
 def _check_weights(path: Path) -> None:

@@ -712,7 +712,7 @@ def test_a_bitsandbytes_checkpoint_loads_as_the_weights_it_stands_for(
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from unpact.attacks.quantize import float4_round_trip, int8_rowwise_round_trip
-    from unpact.models import save_model
+    from unpact.models import _parameter_count, save_model
 
     save_model(tiny.model, tiny.tokenizer, tmp_path / "full")
     quantized = AutoModelForCausalLM.from_pretrained(
@@ -720,6 +720,9 @@ def test_a_bitsandbytes_checkpoint_loads_as_the_weights_it_stands_for(
     )
     quantized.save_pretrained(tmp_path / "q")
     tiny.tokenizer.save_pretrained(tmp_path / "q")
+    # the memory check counts what it loads as: every weight (not two to a byte)
+    full, packed = _parameter_count(tmp_path / "full"), _parameter_count(tmp_path / "q")
+    assert full <= packed < 1.1 * full
     printed()
     lm = load_model(str(tmp_path / "q"))
     assert printed() == ""
