@@ -1299,7 +1299,14 @@ def _pretrained(
     model, info = loaded
     if dequantizing:
         _forget_dequantizing(model)
-    _dequantize_bitsandbytes(model, dtype)
+    if _dequantize_bitsandbytes(model, dtype) and not _bitsandbytes_weights(source):
+        log.warning(
+            "%s: its config.json names a bitsandbytes quantization, and its weights are "
+            "full precision (a merged QLoRA model saved with its base's config?): used as "
+            "they are, where transformers on a GPU and vLLM would round them to it (the "
+            "quantize attack's fp4, nf4 and llm_int8 do)",
+            source,
+        )
     if (extra := sorted(info.get("unexpected_keys") or [])) and source not in _NOTED_EXTRA:
         _NOTED_EXTRA.add(source)  # once a process: a run loads a model at several stages
         log.warning(
@@ -1363,7 +1370,26 @@ def _mismatched(report: str) -> list[str]:
     return sorted(rows)  # the report's order is a set's
 
 
-def _dequantize_bitsandbytes(model: Any, dtype: torch.dtype) -> None:
+def _bitsandbytes_weights(source: str) -> bool:
+    """Whether a model folder's safetensors hold bitsandbytes-quantized tensors (their
+    4-bit states or LLM.int8's row maxima); True where it cannot tell (a hub id)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(source)
+    if not path.is_dir():
+        return True
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(f, "pt") as weights:
+                names = weights.keys()  # a safe_open is not iterable
+                if any(".quant_state." in k or k.endswith(".SCB") for k in names):
+                    return True
+        except (OSError, SafetensorError):
+            continue
+    return False
+
+
+def _dequantize_bitsandbytes(model: Any, dtype: torch.dtype) -> bool:
     """Replace a bitsandbytes checkpoint's 4-bit and LLM.int8 layers (a model released as
     `load_in_4bit` / `load_in_8bit`) by plain linear layers holding the weights they stand
     for, in `dtype`, and drop the quantization from the config: unpact trains, attributes
@@ -1372,17 +1398,21 @@ def _dequantize_bitsandbytes(model: Any, dtype: torch.dtype) -> None:
     an LLM.int8 layer also rounds its inputs to 8 bits, which the plain layer does not (the
     quantize attack's `llm_int8` does). Dequantized by `bnb_4bit_weight` and
     `bnb_int8_weight`, not bitsandbytes' CPU kernel, which (0.50) misreads a matrix whose
-    size is not a multiple of the block."""
+    size is not a multiple of the block. Whether the model was a bitsandbytes one."""
     config = getattr(model.config, "quantization_config", None)
     method = config.get("quant_method") if isinstance(config, dict) else None
     method = getattr(config, "quant_method", method)
     if str(getattr(method, "value", method)) != "bitsandbytes":
-        return
+        return False
     import bitsandbytes as bnb
 
     for name, module in list(model.named_modules()):
         stored: Any = getattr(module, "weight", None)
-        if isinstance(module, bnb.nn.Linear4bit):
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(stored, "quant_state", None) is None:
+            weight = stored.detach()  # full-precision weights under a 4-bit config, kept so
+        elif isinstance(module, bnb.nn.Linear8bitLt) and stored.dtype != torch.int8:
+            weight = stored.detach()
+        elif isinstance(module, bnb.nn.Linear4bit):
             weight = bnb_4bit_weight(stored.data, stored.quant_state)
         elif isinstance(module, bnb.nn.Linear8bitLt):
             # its row maxima on the weight, or, after a forward pass, on the layer's state
@@ -1408,6 +1438,7 @@ def _dequantize_bitsandbytes(model: Any, dtype: torch.dtype) -> None:
     model.is_loaded_in_4bit = model.is_loaded_in_8bit = False
     del model.config.quantization_config
     _forget_dequantizing(model)  # else saving runs the reading of the packed bytes backwards
+    return True
 
 
 def bnb_4bit_weight(packed: torch.Tensor, state: Any) -> torch.Tensor:

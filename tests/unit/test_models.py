@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -750,6 +751,28 @@ def test_a_bitsandbytes_checkpoint_loads_as_the_weights_it_stands_for(
     assert "quantization_config" not in json.loads((tmp_path / "saved/config.json").read_text())
     again = load_model(str(tmp_path / "saved")).model.state_dict()
     assert all(again[k].equal(v) for k, v in lm.model.state_dict().items())
+
+
+@pytest.mark.parametrize("settings", [{"load_in_4bit": True}, {"load_in_8bit": True}])
+def test_full_precision_weights_under_a_bitsandbytes_config_are_used_as_they_are(
+    tiny, tmp_path, caplog, settings
+):
+    """A merged QLoRA model saved with its base's config.json: the config names bitsandbytes,
+    the weights are full precision. Its forward pass failed inside bitsandbytes ("fails
+    inside the model's or transformers' code (AssertionError: )"); the weights are used as
+    they are, with a note that a GPU's transformers and vLLM would round them."""
+    import torch
+
+    save_model(tiny.model, tiny.tokenizer, tmp_path / "m")
+    config = json.loads((tmp_path / "m/config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", **settings}
+    (tmp_path / "m/config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING, logger="unpact"):
+        lm = load_model(str(tmp_path / "m"))
+    assert "its weights are full precision" in caplog.text
+    original = tiny.model.state_dict()
+    for name, w in lm.model.state_dict().items():
+        assert w.dtype == torch.float32 and w.equal(original[name]), name
 
 
 def _adapter(tiny, tmp_path, seed: int = 0):
