@@ -750,3 +750,27 @@ def test_relearning_with_lora_changes_each_linear_weight_by_a_low_rank_update(sa
         not torch.equal(p.cpu(), before[n].to(torch.bfloat16))
         for n, p in lm16.model.named_parameters()
     )
+
+
+@pytest.mark.parametrize("layers", [2, 3])
+def test_ablating_against_an_original_of_another_shape_is_one_message(saved, tmp_path, layers):
+    """An unlearned model that is no fine-tune of the original (another width or depth, the
+    same tokenizer) met a traceback from the subtraction of their mean states ("The size of
+    tensor a (32) must match the size of tensor b (64)"), or, deeper, a direction taken at
+    another layer of each."""
+    import dataclasses
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from unpact.models import load_model
+
+    lm = load_model(str(saved / "m0"))
+    config = LlamaConfig(**{**lm.model.config.to_dict(), "num_hidden_layers": layers})
+    if layers == 2:  # another width
+        config.hidden_size, config.intermediate_size = 32, 64
+    save_model(LlamaForCausalLM(config), lm.tokenizer, tmp_path / "other")
+    ctx = dataclasses.replace(
+        _ctx(saved, "ablate_direction", _items("forget", 2)), original_spec=str(tmp_path / "other")
+    )
+    with pytest.raises(UnpactError, match=r"residual stream \(2 layers of 64 features\) is not"):
+        get_attack("ablate_direction").run(ctx)

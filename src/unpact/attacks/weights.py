@@ -315,10 +315,17 @@ class AblateDirection(WeightAttack):
         items = ctx.items if self.settings.prompts == "forget" else ctx.retain
         seqs = [lm.encode_prompt(i.question).input_ids for i in items]
         k = self.index(lm)
-        mine = last_states(lm.model, seqs)[:, k]
+        mine = last_states(lm.model, seqs)
         original = load_model(ctx.original_spec, dtype=ctx.dtype, device=ctx.device or "cpu")
-        theirs = last_states(original.model, seqs)[:, k]
-        return mean_difference(mine, theirs)
+        theirs = last_states(original.model, seqs)
+        if mine.shape != theirs.shape:  # a traceback from the subtraction, once
+            raise UnpactError(
+                "ablate_direction: the attacked model's residual stream "
+                f"({_stream(mine)}) is not the original's ({_stream(theirs)}), so there is "
+                "no direction between them: is the unlearned model a fine-tune of the "
+                "original? (leave ablate_direction out of the attacks for this pair)"
+            )
+        return mean_difference(mine[:, k], theirs[:, k])
 
     def key_parts(self, ctx: AttackContext) -> list[Any]:
         # the original by its content: a checkpoint retrained into the same folder gives
@@ -332,6 +339,11 @@ class AblateDirection(WeightAttack):
         at = None if self.settings.at == "all" else [self.index(lm)]
         with ablated(lm.model, d, at):
             yield lm
+
+
+def _stream(states: torch.Tensor) -> str:
+    """(items, layers + 1, features) as words."""
+    return f"{states.shape[1] - 1} layers of {states.shape[2]} features"
 
 
 # --- logit_lens and probe -----------------------------------------------------------------
