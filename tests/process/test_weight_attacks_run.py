@@ -5,6 +5,7 @@ original model, its recovery and control rates as registered metrics, all cached
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -159,6 +160,36 @@ def test_an_attack_reading_retain_items_is_refused_up_front_without_them(done, t
     with pytest.raises(UnpactError, match=r"attacks\.0: \w+ reads retain items, and benchmark"):
         run(cfg, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.jsonl"))
+
+
+def test_ablating_against_a_model_of_another_shape_is_refused_before_the_run(done, tmp_path):
+    """An unlearned model given as it is, or a reference, of another width than the
+    original (the same tokenizer: no fine-tune of it) ended ablate_direction in a traceback
+    when the attack's turn came, after every evaluation; it is said before anything runs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from unpact.testing import tiny_model
+
+    root, config, _ = done
+    tiny = tiny_model()
+    wide = LlamaConfig(**{**tiny.model.config.to_dict(), "hidden_size": 32})
+    wide.intermediate_size, wide.head_dim = 64, 8
+    save_model(LlamaForCausalLM(wide), tiny.tokenizer, tmp_path / "other")
+    base = {**config, "inject": {"enabled": False}, "attacks": [{"name": "ablate_direction"}]}
+    runs = {
+        "methods.0 (other)": base
+        | {"methods": [{"model": str(tmp_path / "other"), "name": "other"}]},
+        "membership.reference": base
+        | {
+            "methods": [{"model": str(root / "tiny"), "name": "same"}],
+            "membership": {**config["membership"], "reference": str(tmp_path / "other")},
+        },
+    }
+    for n, (what, cfg) in enumerate(runs.items()):
+        said = rf"attacks\.0 \(ablate_direction\): {re.escape(what)} .*\(2 layers of 32 features\) is not the original's \(2 layers of 64"
+        with pytest.raises(UnpactError, match=said):
+            run(cfg, tmp_path / f"out{n}", cache_dir=tmp_path / "cache", progress=False)
+    assert not any((tmp_path / "cache").rglob("*.jsonl"))
 
 
 def test_bad_attack_lists_are_one_message():

@@ -60,6 +60,9 @@ class Attack:
     Settings: ClassVar[type[BaseModel]] = NoSettings
     uses_demonstrations: ClassVar[bool] = False  # needs retain-set QA pairs
     changes_weights: ClassVar[bool] = False  # needs the weights (relearn, quantize, ...)
+    # compares its model's hidden states with the original's (ablate_direction): the two
+    # must have one shape of residual stream
+    reads_original_states: ClassVar[bool] = False
     control: ClassVar[bool] = False  # run on the never-taught reference too, as a control
     has_baseline: ClassVar[bool] = False  # also run on the original model over every split
     explains: ClassVar[bool] = False  # attributes its recovered answers (ctx.attribution)

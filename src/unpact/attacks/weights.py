@@ -283,6 +283,7 @@ class AblateDirection(WeightAttack):
     name = "ablate_direction"
     title = "ablate direction"
     Settings = AblateSettings
+    reads_original_states = True
 
     def index(self, lm: LanguageModel) -> int:
         return self._index(residual_size(lm.model))
@@ -320,10 +321,7 @@ class AblateDirection(WeightAttack):
         theirs = last_states(original.model, seqs)
         if mine.shape != theirs.shape:  # a traceback from the subtraction, once
             raise UnpactError(
-                "ablate_direction: the attacked model's residual stream "
-                f"({_stream(mine)}) is not the original's ({_stream(theirs)}), so there is "
-                "no direction between them: is the unlearned model a fine-tune of the "
-                "original? (leave ablate_direction out of the attacks for this pair)"
+                f"ablate_direction: {different_streams(_stream(mine), _stream(theirs))}"
             )
         return mean_difference(mine[:, k], theirs[:, k])
 
@@ -343,7 +341,20 @@ class AblateDirection(WeightAttack):
 
 def _stream(states: torch.Tensor) -> str:
     """(items, layers + 1, features) as words."""
-    return f"{states.shape[1] - 1} layers of {states.shape[2]} features"
+    return stream_words(states.shape[1] - 1, states.shape[2])
+
+
+def stream_words(layers: int, features: int) -> str:
+    return f"{layers} layers of {features} features"
+
+
+def different_streams(mine: str, original: str, what: str = "the attacked model") -> str:
+    """Why a model and the original have no direction between them (`stream_words`)."""
+    return (
+        f"{what}'s residual stream ({mine}) is not the original's ({original}), so there is "
+        "no direction between them: is it a fine-tune of the original? (leave "
+        "ablate_direction out of the attacks for this pair)"
+    )
 
 
 # --- logit_lens and probe -----------------------------------------------------------------

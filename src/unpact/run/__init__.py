@@ -330,6 +330,7 @@ def _run_one(
     _note_answers_in_questions(cfg, data, say)
     p.judge_rules = judge_rules(cfg.judge.kind, data.items)
     _check_depths(cfg)  # before the injection, which may take hours
+    _check_streams(cfg)
     _check_attack_splits(cfg, data)
     _check_answer_room(cfg, data, say)
     _check_tokenizers(cfg, say)
@@ -715,6 +716,48 @@ def _note_raw_prompts(
             "it: give that format as chat_template (`unpact audit`: --chat-template; "
             "docs/audit.md)"
         )
+
+
+def _stream_shape(spec: str | None) -> tuple[int, int] | None:
+    """(decoder layers, hidden features) by a local model folder's config.json; None where
+    it does not say (a hub id, a served model, an adapter, a model of its own code)."""
+    from transformers import AutoConfig
+
+    folder = None if spec is None or is_remote_spec(spec) else local_model_dir(spec)
+    if folder is None:
+        return None
+    try:
+        text = AutoConfig.from_pretrained(folder, trust_remote_code=remote_code_trusted())
+        text = text.get_text_config()
+    except (OSError, ValueError):
+        return None
+    shape = (getattr(text, "num_hidden_layers", None), getattr(text, "hidden_size", None))
+    return shape if all(isinstance(v, int) for v in shape) else None  # type: ignore[return-value]
+
+
+def _check_streams(cfg: RunConfig) -> None:
+    """An attack that compares a model's hidden states with the original's
+    (ablate_direction) on a model given as it is, or on the reference (its control), of
+    another width or depth (no fine-tune of the original): said before the run, where it
+    failed when the attack's turn came, after every evaluation."""
+    from unpact.attacks.weights import different_streams, stream_words
+
+    reading = [
+        (n, a) for n, a in enumerate(cfg.attacks) if get_attack(a.name).reads_original_states
+    ]
+    original = _stream_shape(cfg.model) if reading else None  # taught or not: one shape
+    if original is None:
+        return
+    named = {f"methods.{n} ({m.label})": m.model for n, m in enumerate(cfg.methods)}
+    named["membership.reference"] = cfg.membership.reference
+    for what, spec in named.items():
+        shape = _stream_shape(spec)
+        if shape is not None and shape != original:
+            n, a = reading[0]
+            raise UnpactError(
+                f"attacks.{n} ({a.column}): "
+                + different_streams(stream_words(*shape), stream_words(*original), f"{what} {spec}")
+            )
 
 
 def _check_tokenizers(cfg: RunConfig, say: Callable[[str], None] | None = None) -> None:
