@@ -1299,6 +1299,8 @@ def _pretrained(
     model, info = loaded
     if dequantizing:
         _forget_dequantizing(model)
+    _dequantize_torchao(model, dtype)
+    _refuse_quantized(model, source)
     if _dequantize_bitsandbytes(model, dtype) and not _bitsandbytes_weights(source):
         log.warning(
             "%s: its config.json names a bitsandbytes quantization, and its weights are "
@@ -1370,6 +1372,34 @@ def _mismatched(report: str) -> list[str]:
     return sorted(rows)  # the report's order is a set's
 
 
+def _quant_method(model: Any) -> str:
+    """The quantization method a loaded model's config names ("gptq", "bitsandbytes", ...;
+    "quantized" when it names none; "" without a quantization config)."""
+    config = getattr(model.config, "quantization_config", None)
+    if config is None:
+        return ""
+    method = config.get("quant_method") if isinstance(config, dict) else None
+    method = getattr(config, "quant_method", method)
+    return str(getattr(method, "value", method) or "quantized")
+
+
+def _refuse_quantized(model: Any, source: str) -> None:
+    """Refuse a model that loaded with quantized layers unpact cannot read back as weights
+    (GPTQ, AWQ and the like, where their library is installed; without it the load fails
+    and `_load_dir` says the same): unlearning has nothing to train in them and the quantize
+    attack no weights to round. FP8 and MXFP4 checkpoints load dequantized (no quantizer
+    left), torchao ones are read by `_dequantize_torchao` before and bitsandbytes ones by
+    `_dequantize_bitsandbytes` after."""
+    method = _quant_method(model)
+    if getattr(model, "hf_quantizer", None) is None or method == "bitsandbytes":
+        return
+    raise UnpactError(
+        f"{source}: a {method}-quantized checkpoint: unpact trains, attributes and quantizes "
+        "full-precision weights: give it the model before quantization (the quantize "
+        "attack quantizes it itself)"
+    )
+
+
 def _bitsandbytes_weights(source: str) -> bool:
     """Whether a model folder's safetensors hold bitsandbytes-quantized tensors (their
     4-bit states or LLM.int8's row maxima); True where it cannot tell (a hub id)."""
@@ -1399,10 +1429,7 @@ def _dequantize_bitsandbytes(model: Any, dtype: torch.dtype) -> bool:
     quantize attack's `llm_int8` does). Dequantized by `bnb_4bit_weight` and
     `bnb_int8_weight`, not bitsandbytes' CPU kernel, which (0.50) misreads a matrix whose
     size is not a multiple of the block. Whether the model was a bitsandbytes one."""
-    config = getattr(model.config, "quantization_config", None)
-    method = config.get("quant_method") if isinstance(config, dict) else None
-    method = getattr(config, "quant_method", method)
-    if str(getattr(method, "value", method)) != "bitsandbytes":
+    if _quant_method(model) != "bitsandbytes":
         return False
     import bitsandbytes as bnb
 
@@ -1429,16 +1456,37 @@ def _dequantize_bitsandbytes(model: Any, dtype: torch.dtype) -> bool:
         if module.bias is not None:
             plain.bias = torch.nn.Parameter(module.bias.detach().to(dtype))
         model.set_submodule(name, plain)
-    # what transformers' own `remove_quantization_config` clears (its bitsandbytes
-    # dequantize failed in 5.25: "Invalid device string: 'float32'"), and the flags its
-    # `.to()` and `.cuda()` refuse a bitsandbytes model by
+    _unquantized(model)  # transformers' bitsandbytes dequantize failed in 5.25
+    return True
+
+
+def _dequantize_torchao(model: Any, dtype: torch.dtype) -> None:
+    """A torchao checkpoint's quantized weights (`TorchAoConfig`, saved as safetensors)
+    replaced by the weights they stand for (torchao's own `dequantize`), in `dtype`: what
+    a weight-only configuration multiplies by (one that also quantizes activations
+    computes otherwise, which a plain layer does not)."""
+    if _quant_method(model) != "torchao":
+        return
+    from torchao.utils import TorchAOBaseTensor
+
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if isinstance(param, TorchAOBaseTensor):
+                plain = param.dequantize().to(dtype)
+                setattr(module, name, torch.nn.Parameter(plain, requires_grad=param.requires_grad))
+    _unquantized(model)
+
+
+def _unquantized(model: Any) -> None:
+    """Clear what transformers' own `remove_quantization_config` clears, and the flags its
+    `.to()` and `.cuda()` refuse a bitsandbytes model by, from a model whose quantized
+    layers now hold plain weights."""
     model.hf_quantizer = None
     model.is_quantized = False
     model.quantization_method = None
     model.is_loaded_in_4bit = model.is_loaded_in_8bit = False
     del model.config.quantization_config
     _forget_dequantizing(model)  # else saving runs the reading of the packed bytes backwards
-    return True
 
 
 def bnb_4bit_weight(packed: torch.Tensor, state: Any) -> torch.Tensor:
@@ -1474,8 +1522,8 @@ def _forget_dequantizing(model: Any) -> None:
     model, a taught one) loaded as garbage, without an error. A conversion that also does
     something else (fusing a mixture's experts, with a dequantizing step ahead of it, as
     5.24 builds them) is transformers' to reverse and stays, as do renamings. Likewise
-    bitsandbytes' reading of its packed weights, whose reverse raised NotImplementedError
-    once `_dequantize_bitsandbytes` had made them plain weights."""
+    bitsandbytes' and torchao's reading of their quantized weights, whose reverse raised
+    NotImplementedError once `_dequantize_bitsandbytes` had made them plain weights."""
     kept = getattr(model, "_weight_conversions", None)
     if not kept:
         return

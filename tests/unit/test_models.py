@@ -775,6 +775,54 @@ def test_full_precision_weights_under_a_bitsandbytes_config_are_used_as_they_are
         assert w.dtype == torch.float32 and w.equal(original[name]), name
 
 
+def test_a_torchao_checkpoint_loads_as_the_weights_it_stands_for(tiny, tmp_path, printed):
+    """A model saved quantized by torchao (transformers' TorchAoConfig, as safetensors)
+    loaded with torchao's tensors for weights: the quantize attack and unlearning met
+    them. It loads as the weights they stand for (torchao's own `dequantize`), and saves
+    as a full-precision model."""
+    import torch
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    save_model(tiny.model, tiny.tokenizer, tmp_path / "full")
+    quantized = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "full",
+        dtype=torch.float32,
+        quantization_config=TorchAoConfig(Int8WeightOnlyConfig()),
+    )
+    quantized.save_pretrained(tmp_path / "q")
+    tiny.tokenizer.save_pretrained(tmp_path / "q")
+    printed()
+    lm = load_model(str(tmp_path / "q"))
+    assert printed() == ""
+    rounded = 0
+    for name, module in lm.model.named_modules():
+        if name.startswith("model.layers.") and name.endswith("proj"):
+            want = quantized.get_submodule(name).weight.dequantize()
+            assert type(module.weight) is torch.nn.Parameter and module.weight.equal(want), name
+            rounded += not want.equal(tiny.model.get_submodule(name).weight)
+    assert rounded == 14  # every projection of both layers
+    save_model(lm.model, lm.tokenizer, tmp_path / "saved")
+    assert "quantization_config" not in json.loads((tmp_path / "saved/config.json").read_text())
+    again = load_model(str(tmp_path / "saved")).model.state_dict()
+    assert all(again[k].equal(v) for k, v in lm.model.state_dict().items())
+
+
+def test_a_model_left_with_quantized_layers_is_refused():
+    """GPTQ, AWQ and the like load with their library installed (not here) as layers no
+    weights can be read from: one message, as where the library is missing."""
+    from types import SimpleNamespace
+
+    from unpact.models import _refuse_quantized
+
+    plain = SimpleNamespace(config=SimpleNamespace(), hf_quantizer=None)
+    _refuse_quantized(plain, "m")
+    gptq = SimpleNamespace(config=SimpleNamespace(quantization_config={"quant_method": "gptq"}))
+    gptq.hf_quantizer = object()
+    with pytest.raises(UnpactError, match=r"m: a gptq-quantized checkpoint: .*before quantization"):
+        _refuse_quantized(gptq, "m")
+
+
 def _adapter(tiny, tmp_path, seed: int = 0):
     """A LoRA adapter folder (random, non-zero B) for the tiny model saved at tmp_path/base,
     and the PEFT model's logits on a few tokens, computed before any merging."""
