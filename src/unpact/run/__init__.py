@@ -743,7 +743,7 @@ def _check_streams(cfg: RunConfig) -> None:
     from unpact.attacks.weights import different_streams, stream_words
 
     reading = [
-        (n, a) for n, a in enumerate(cfg.attacks) if get_attack(a.name).reads_original_states
+        (n, a) for n, a in enumerate(cfg.attacks) if ATTACKS[a.name].reads_original_states
     ]
     original = _stream_shape(cfg.model) if reading else None  # taught or not: one shape
     if original is None:
