@@ -192,6 +192,27 @@ def test_ablating_against_a_model_of_another_shape_is_refused_before_the_run(don
     assert not any((tmp_path / "cache").rglob("*.jsonl"))
 
 
+def test_the_original_given_as_its_own_reference_is_refused_before_the_run(done, tmp_path):
+    """`--reference` naming the original (or a copy of its files): every control ran on
+    the original, and ablate_direction's ended the run after every other stage with "the
+    direction to ablate is zero: the two models' activations agree"."""
+    import shutil
+
+    root, config, _ = done
+    shutil.copytree(root / "tiny", tmp_path / "copy")
+    for reference in (root / "tiny", tmp_path / "copy"):
+        cfg = {
+            **config,
+            "inject": {"enabled": False},
+            "methods": [{"model": str(root / "tiny"), "name": "same"}],
+            "attacks": [{"name": "ablate_direction"}],
+            "membership": {**config["membership"], "reference": str(reference)},
+        }
+        with pytest.raises(UnpactError, match=r"membership\.reference .* is the original model"):
+            run(cfg, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    assert not any((tmp_path / "cache").rglob("*.jsonl"))
+
+
 def test_bad_attack_lists_are_one_message():
     base = {"methods": [{"method": "ga"}]}
     with pytest.raises(UnpactError, match="listed twice; give each a label"):

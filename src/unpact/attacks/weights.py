@@ -323,7 +323,14 @@ class AblateDirection(WeightAttack):
             raise UnpactError(
                 f"ablate_direction: {different_streams(_stream(mine), _stream(theirs))}"
             )
-        return mean_difference(mine[:, k], theirs[:, k])
+        direction = mean_difference(mine[:, k], theirs[:, k])
+        if float(direction.norm()) == 0.0:  # said by `ablated` too, of no model in particular
+            raise UnpactError(
+                f"ablate_direction on {ctx.label}: its activations on these prompts are the "
+                "original model's, so there is no direction to ablate: is it the original "
+                "model itself?"
+            )
+        return direction
 
     def key_parts(self, ctx: AttackContext) -> list[Any]:
         # the original by its content: a checkpoint retrained into the same folder gives

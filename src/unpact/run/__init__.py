@@ -331,6 +331,7 @@ def _run_one(
     p.judge_rules = judge_rules(cfg.judge.kind, data.items)
     _check_depths(cfg)  # before the injection, which may take hours
     _check_streams(cfg)
+    _check_reference(cfg)
     _check_attack_splits(cfg, data)
     _check_answer_room(cfg, data, say)
     _check_tokenizers(cfg, say)
@@ -742,9 +743,7 @@ def _check_streams(cfg: RunConfig) -> None:
     failed when the attack's turn came, after every evaluation."""
     from unpact.attacks.weights import different_streams, stream_words
 
-    reading = [
-        (n, a) for n, a in enumerate(cfg.attacks) if ATTACKS[a.name].reads_original_states
-    ]
+    reading = [(n, a) for n, a in enumerate(cfg.attacks) if ATTACKS[a.name].reads_original_states]
     original = _stream_shape(cfg.model) if reading else None  # taught or not: one shape
     if original is None:
         return
@@ -758,6 +757,40 @@ def _check_streams(cfg: RunConfig) -> None:
                 f"attacks.{n} ({a.column}): "
                 + different_streams(stream_words(*shape), stream_words(*original), f"{what} {spec}")
             )
+
+
+def _check_reference(cfg: RunConfig) -> None:
+    """A never-taught reference that is the original model itself (its weights, by content):
+    every control ran on the original, ablate_direction's ended the run after every other
+    stage ("the direction to ablate is zero"), and PrivLeak was measured against the model
+    that learned the facts. Refused before anything runs. A taught original is the run's
+    injection, which a folder given as the reference cannot be."""
+    reference = cfg.membership.reference
+    if reference is None or cfg.inject.enabled:
+        return
+    if is_remote_spec(reference) or is_remote_spec(cfg.model):
+        return  # a server's model is known by its server
+    try:
+        theirs, original = _weights_digest(reference), _weights_digest(cfg.model)
+    except UnpactError:
+        return  # loading it says why
+    if original and theirs == original:
+        raise UnpactError(
+            f"membership.reference (`unpact audit`: --reference) {reference} is the original "
+            f"model {cfg.model} itself (the same files): the reference is a model that never "
+            "learned the forget facts (TOFU's retain models, MUSE's retrained ones; `unpact "
+            "inject --teach retain` makes one); leave it out and the figures that need it are "
+            "skipped"
+        )
+
+
+def _weights_digest(spec: str) -> list[str] | None:
+    """The digests of a local model's weight files, whatever its folder is called (which
+    `model_key` holds too); None for a hub id."""
+    from unpact.models import file_digests
+
+    folder = local_model_dir(spec)
+    return None if folder is None else file_digests(sorted(folder.glob("*.safetensors")))
 
 
 def _check_tokenizers(cfg: RunConfig, say: Callable[[str], None] | None = None) -> None:
