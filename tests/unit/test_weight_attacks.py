@@ -33,7 +33,7 @@ from unpact.attacks.quantize import (
 )
 from unpact.data.items import QAItem
 from unpact.errors import UnpactError
-from unpact.judge import JudgeSettings
+from unpact.judge import JudgeSettings, answer_items
 from unpact.models import save_model
 from unpact.testing import tiny_model
 
@@ -467,13 +467,23 @@ def test_each_attack_runs_on_the_tiny_model_with_a_row_per_item(saved, name):
         assert best == 0  # the last layer (index 1) is the model's own answer, left out
 
 
-def test_ablating_the_original_against_itself_is_refused(saved):
-    ctx = _ctx(saved, "ablate_direction", _items("forget", 2))
+def test_ablating_a_direction_of_zero_recovers_nothing_and_says_so(saved, caplog):
+    """States at the ablated point equal to the original's (unlearning that changed later
+    layers only; here the original itself) leave nothing to remove: the attack recovers
+    nothing, with a note, where it ended the run after every other stage ("the direction
+    to ablate is zero"). The original given as its own reference is refused before a run
+    (tests/process/test_weight_attacks_run.py)."""
+    import logging
+
+    items = _items("forget", 2)
+    ctx = _ctx(saved, "ablate_direction", items)
     ctx.original_spec = ctx.spec
-    with pytest.raises(
-        UnpactError, match=r"ablate_direction on m1: .* no direction to ablate: is it the original"
-    ):
-        get_attack("ablate_direction").run(ctx)
+    with caplog.at_level(logging.WARNING, logger="unpact"):
+        rows = get_attack("ablate_direction").run(ctx)
+    assert "ablate_direction on m1: its residual states at point 1" in caplog.text
+    # the model's own answers, unablated
+    plain = answer_items(ctx.model(), items, ctx.judge)
+    assert [r["outputs"] for r in rows] == [[o] for o, _ in plain]
 
 
 def test_quantize_baseline_judges_every_split(saved):

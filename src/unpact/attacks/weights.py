@@ -21,6 +21,7 @@ reference as the control, and (`has_baseline`) on the original model over every 
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -46,6 +47,8 @@ from unpact.data.items import QAItem
 from unpact.errors import UnpactError
 from unpact.judge import answer_items
 from unpact.types import SettingsModel, follow
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from unpact.models import LanguageModel
@@ -323,14 +326,7 @@ class AblateDirection(WeightAttack):
             raise UnpactError(
                 f"ablate_direction: {different_streams(_stream(mine), _stream(theirs))}"
             )
-        direction = mean_difference(mine[:, k], theirs[:, k])
-        if float(direction.norm()) == 0.0:  # said by `ablated` too, of no model in particular
-            raise UnpactError(
-                f"ablate_direction on {ctx.label}: its activations on these prompts are the "
-                "original model's, so there is no direction to ablate: is it the original "
-                "model itself?"
-            )
-        return direction
+        return mean_difference(mine[:, k], theirs[:, k])
 
     def key_parts(self, ctx: AttackContext) -> list[Any]:
         # the original by its content: a checkpoint retrained into the same folder gives
@@ -341,6 +337,19 @@ class AblateDirection(WeightAttack):
     def attacked(self, ctx: AttackContext) -> Iterator[LanguageModel]:
         lm = local(ctx.model(), "ablate_direction")
         d = self.direction(ctx, lm)
+        if float(d.norm()) == 0.0:
+            # Unlearning that left this point of the stream alone (it changed later layers
+            # only): removing nothing recovers nothing. It ended the run, after every other
+            # stage; the original given as its own reference is refused before the run.
+            log.warning(
+                "ablate_direction on %s: its residual states at point %d are the original "
+                "model's on these prompts, so there is nothing to ablate and it recovers "
+                "nothing there (another `layer` may differ)",
+                ctx.label,
+                self.index(lm),
+            )
+            yield lm
+            return
         at = None if self.settings.at == "all" else [self.index(lm)]
         with ablated(lm.model, d, at):
             yield lm
