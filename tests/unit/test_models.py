@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from unpact.data.items import QAItem
 from unpact.errors import UnpactError
@@ -1659,3 +1661,28 @@ def test_no_note_about_a_tokenizer_maximum_unpact_does_not_use(tmp_path, printed
     printed()
     assert len(lm.encode_prompt("a prompt of many more tokens than four", False).input_ids) > 4
     assert "Token indices sequence length" not in printed()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    cols=st.integers(1, 150),
+    kind=st.sampled_from(["fp4", "nf4"]),
+    block=st.sampled_from([64, 128]),
+)
+def test_a_bitsandbytes_4bit_weight_reads_back_as_quantized_whatever_its_size(
+    rows, cols, kind, block
+):
+    """`bnb_4bit_weight` on bitsandbytes' own packing of any matrix, a last block cut
+    short included (where bitsandbytes' CPU `dequantize_4bit` misreads it), gives the
+    quantize attack's round trip of that matrix, which test_weight_attacks.py holds to
+    bitsandbytes' quantization."""
+    import bitsandbytes.functional as bnb_functional
+    import torch
+
+    from unpact.attacks.quantize import float4_round_trip
+    from unpact.models import bnb_4bit_weight
+
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows * 1000 + cols))
+    packed, state = bnb_functional.quantize_4bit(w, blocksize=block, quant_type=kind)
+    assert bnb_4bit_weight(packed, state).equal(float4_round_trip(w, kind, block))
