@@ -720,8 +720,9 @@ def _note_raw_prompts(
 
 
 def _stream_shape(spec: str | None) -> tuple[int, int] | None:
-    """(decoder layers, hidden features) by a local model folder's config.json; None where
-    it does not say (a hub id, a served model, an adapter, a model of its own code)."""
+    """(decoder layers, hidden features) by a local model's config.json (an adapter's: the
+    merged model's, which its load reads too); None where it does not say (a hub id, a
+    served model, a model of its own code without trust)."""
     from transformers import AutoConfig
 
     folder = None if spec is None or is_remote_spec(spec) else local_model_dir(spec)
@@ -732,8 +733,8 @@ def _stream_shape(spec: str | None) -> tuple[int, int] | None:
         text = text.get_text_config()
     except (OSError, ValueError):
         return None
-    shape = (getattr(text, "num_hidden_layers", None), getattr(text, "hidden_size", None))
-    return shape if all(isinstance(v, int) for v in shape) else None  # type: ignore[return-value]
+    layers, width = getattr(text, "num_hidden_layers", None), getattr(text, "hidden_size", None)
+    return (layers, width) if isinstance(layers, int) and isinstance(width, int) else None
 
 
 def _check_streams(cfg: RunConfig) -> None:
