@@ -331,7 +331,7 @@ def _run_one(
     p.judge_rules = judge_rules(cfg.judge.kind, data.items)
     _check_depths(cfg)  # before the injection, which may take hours
     _check_streams(cfg)
-    _check_reference(cfg)
+    _note_reference(cfg, say)
     _check_attack_splits(cfg, data)
     _check_answer_room(cfg, data, say)
     _check_tokenizers(cfg, say)
@@ -760,12 +760,13 @@ def _check_streams(cfg: RunConfig) -> None:
             )
 
 
-def _check_reference(cfg: RunConfig) -> None:
-    """A never-taught reference that is the original model itself (its weights, by content):
-    every control ran on the original, ablate_direction's ended the run after every other
-    stage ("the direction to ablate is zero"), and PrivLeak was measured against the model
-    that learned the facts. Refused before anything runs. A taught original is the run's
-    injection, which a folder given as the reference cannot be."""
+def _note_reference(cfg: RunConfig, say: Callable[[str], None]) -> None:
+    """A never-taught reference that is the original model itself (its weights, by
+    content): every control runs on the original and PrivLeak is measured against the
+    model that learned the facts, so they say nothing of forgetting (ablate_direction's
+    control ended the run after every other stage: "the direction to ablate is zero").
+    Said before anything runs (a smoke test of the plumbing may mean it). A taught original
+    is the run's injection, which a folder given as the reference cannot be."""
     reference = cfg.membership.reference
     if reference is None or cfg.inject.enabled:
         return
@@ -776,12 +777,13 @@ def _check_reference(cfg: RunConfig) -> None:
     except UnpactError:
         return  # loading it says why
     if original and theirs == original:
-        raise UnpactError(
-            f"membership.reference (`unpact audit`: --reference) {reference} is the original "
-            f"model {cfg.model} itself (the same files): the reference is a model that never "
-            "learned the forget facts (TOFU's retain models, MUSE's retrained ones; `unpact "
-            "inject --teach retain` makes one); leave it out and the figures that need it are "
-            "skipped"
+        say(
+            f"note: membership.reference (`unpact audit`: --reference) {reference} is the "
+            f"original model {cfg.model} itself (the same weights): the figures against it "
+            "(PrivLeak, forget quality, the attacks' controls) say nothing of forgetting. The "
+            "reference is a model that never learned the forget facts (TOFU's retain models, "
+            "MUSE's retrained ones; `unpact inject --teach retain` makes one); leave it out "
+            "and those figures are skipped"
         )
 
 
