@@ -189,16 +189,35 @@ def _one(
     return GradientAttribution(method, [u.text for u in units], scores, lp_value, base_value)
 
 
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman rank correlation (scipy's: Pearson on mid-ranks); NaN when either side is
-    constant (without scipy's warning: an undefined agreement is said as None in records)."""
-    from scipy.stats import spearmanr
+def _ranks(values: Sequence[float]) -> list[float]:
+    """Ranks 1..n, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
 
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (Pearson on mid-ranks; tests/unit/test_gradient.py holds
+    it to scipy's `spearmanr`); NaN when either side is constant."""
     if len(a) != len(b):
         raise ValueError("the two attributions have different numbers of units")
-    if len(a) < 2 or len(set(a)) < 2 or len(set(b)) < 2:
+    ra, rb = _ranks(a), _ranks(b)
+    n = len(ra)
+    ma, mb = sum(ra) / n, sum(rb) / n
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va = sum((x - ma) ** 2 for x in ra)
+    vb = sum((y - mb) ** 2 for y in rb)
+    if va == 0 or vb == 0:
         return math.nan
-    return float(spearmanr(a, b).statistic)
+    return cov / math.sqrt(va * vb)
 
 
 def top_k_overlap(a: Sequence[float], b: Sequence[float], k: int) -> float:

@@ -159,6 +159,26 @@ def test_spearman_invariants(values):
     assert spearman(values, other) == pytest.approx(spearman(other, values))
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(-5, 5), st.floats(-100, 100, allow_nan=False)),
+        min_size=2,
+        max_size=12,
+    )
+)
+def test_spearman_is_scipys(pairs):
+    """Our mid-rank Spearman (kept as written: the attribution checks' cached figures were
+    computed by it) equals scipy's `spearmanr`, ties included; NaN where scipy's is."""
+    from scipy.stats import spearmanr
+
+    a, b = [float(x) for x, _ in pairs], [y for _, y in pairs]
+    if len(set(a)) < 2 or len(set(b)) < 2:
+        assert math.isnan(spearman(a, b))
+    else:
+        assert spearman(a, b) == pytest.approx(float(spearmanr(a, b).statistic), abs=1e-12)
+
+
 @pytest.mark.parametrize(
     ("method", "baseline"),  # gradient x input has no baseline
     [("grad_x_input", "mean"), ("integrated_gradients", "mean"), ("integrated_gradients", "zero")],

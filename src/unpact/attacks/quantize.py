@@ -340,8 +340,10 @@ def int8_rowwise_round_trip(weight: torch.Tensor) -> torch.Tensor:
     2022; `BitsAndBytesConfig(load_in_8bit=True)`) stores it (`int8_rowwise_levels`),
     multiplied back by each row's absolute maximum and 1/127 in float32, as bitsandbytes'
     `int8_vectorwise_dequant` (0.50)."""
+    from unpact.models import bnb_int8_weight
+
     q, stats = int8_rowwise_levels(weight)
-    return (q * stats.view(-1, 1) * INT8_STEP).to(weight.dtype)
+    return bnb_int8_weight(q, stats).to(weight.dtype)
 
 
 def int8_rowwise_levels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

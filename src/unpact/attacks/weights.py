@@ -340,7 +340,7 @@ class AblateDirection(WeightAttack):
         if float(d.norm()) == 0.0:
             # Unlearning that left this point of the stream alone (it changed later layers
             # only): removing nothing recovers nothing. It ended the run, after every other
-            # stage; the original given as its own reference is refused before the run.
+            # stage; the original given as its own reference is noted before the run.
             log.warning(
                 "ablate_direction on %s: its residual states at point %d are the original "
                 "model's on these prompts, so there is nothing to ablate and it recovers "

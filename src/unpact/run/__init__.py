@@ -600,19 +600,11 @@ def _check_depths(cfg: RunConfig) -> None:
     base model (in its config.json): RMU's `layer` beyond the model's last was refused only
     when RMU's turn came, after the injection and the methods before it (ablate_direction's
     only when it attacked, after every unlearning)."""
-    from transformers import AutoConfig
-
     from unpact.unlearn.config import resolve_config
     from unpact.unlearn.methods import get_method
 
-    folder = None if is_remote_spec(cfg.model) else local_model_dir(cfg.model)
-    if folder is None:
-        return  # a hub id or a served model: checked when the model is loaded
-    try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=remote_code_trusted())
-        depth = getattr(config.get_text_config(), "num_hidden_layers", None)
-    except (OSError, ValueError):  # a model of its own code: checked when it is loaded
-        return
+    # a hub id, a served model, one of its own code: checked when the model is loaded
+    depth = getattr(_text_config(cfg.model), "num_hidden_layers", None)
     if not isinstance(depth, int):
         return
     for n, spec in enumerate(cfg.methods):
@@ -719,20 +711,26 @@ def _note_raw_prompts(
         )
 
 
-def _stream_shape(spec: str | None) -> tuple[int, int] | None:
-    """(decoder layers, hidden features) by a local model's config.json (an adapter's: the
-    merged model's, which its load reads too); None where it does not say (a hub id, a
-    served model, a model of its own code without trust)."""
+def _text_config(spec: str | None) -> Any:
+    """A local model's text config, from its config.json (an adapter's: the merged model's,
+    which its load reads too); None for a hub id, a served model, or a model of its own
+    code that AutoConfig cannot read here."""
     from transformers import AutoConfig
 
     folder = None if spec is None or is_remote_spec(spec) else local_model_dir(spec)
     if folder is None:
         return None
     try:
-        text = AutoConfig.from_pretrained(folder, trust_remote_code=remote_code_trusted())
-        text = text.get_text_config()
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=remote_code_trusted())
+        return config.get_text_config()
     except (OSError, ValueError):
         return None
+
+
+def _stream_shape(spec: str | None) -> tuple[int, int] | None:
+    """(decoder layers, hidden features) by a local model's config.json (`_text_config`);
+    None where it does not say."""
+    text = _text_config(spec)
     layers, width = getattr(text, "num_hidden_layers", None), getattr(text, "hidden_size", None)
     return (layers, width) if isinstance(layers, int) and isinstance(width, int) else None
 
