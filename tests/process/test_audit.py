@@ -711,3 +711,32 @@ def test_an_attack_the_architecture_cannot_have_is_left_out_and_the_audit_goes_o
     assert rows["focus_on_key"]["verdict"] != "not run"
     on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
     assert on_disk["skipped"] == result["skipped"]
+
+
+DEEP_PLUGIN = """
+from unpact.attacks.prompts import KeywordOnly
+from unpact.errors import UnpactError
+
+
+class Deep(KeywordOnly):
+    name = "deep"
+
+    def check_depth(self, layers):
+        raise UnpactError(f"reads layer 9; the model has {layers}")
+"""
+
+
+def test_a_run_check_s_refusal_names_the_audit_s_option(pair, tmp_path):
+    """The run's checks before any stage refused in its config's keys ("attacks.0 (deep):
+    ..."), which an audit's user never wrote: the same message names the option."""
+    plugin = tmp_path / "deep.py"
+    plugin.write_text(DEEP_PLUGIN)
+    res = _audit(
+        *("--original", str(pair / "original"), "--unlearned", str(pair / "unlearned")),
+        *("--benchmark", str(pair / "bench"), "--general", "none", "--attacks", "deep"),
+        *("--out", str(tmp_path / "a"), "--plugin", str(plugin)),
+        cache=tmp_path / "cache",
+    )
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    said = " ".join(res.stderr.split())
+    assert "error: attack deep (--attacks): reads layer 9; the model has 2" in said

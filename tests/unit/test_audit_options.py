@@ -124,3 +124,88 @@ def test_a_file_under_the_home_folder_is_read_where_a_file_goes(tmp_path, monkey
     prompt = "Does {output} give {answer} to {question}? Say yes or no."
     (tmp_path / "p.txt").write_text(prompt)
     assert _judge_prompt("~/p.txt") == prompt
+
+
+def _config_only(folder: Path, width: int) -> str:
+    """A model folder holding only its config.json (what the audit's checks read)."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ).save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_model_of_another_width_leaves_ablate_direction_out_and_says_why(tmp_path):
+    """An unlearned model (or a reference) whose residual stream is not the original's
+    shape has no direction between them: the run refused the whole audit for it, in its
+    config's words ("attacks.3 (ablate_direction): methods.0 (unlearned) ..."). The audit
+    leaves the attack out, names the model by its option, and runs the rest."""
+    original, narrow = _config_only(tmp_path / "o", 64), _config_only(tmp_path / "n", 32)
+    same, wide = _config_only(tmp_path / "s", 64), _config_only(tmp_path / "w", 128)
+    config, skipped = audit_config(original, narrow, "news", reference=same)
+    assert "ablate_direction" not in [a["name"] for a in config["attacks"]]
+    assert "logit_lens" in [a["name"] for a in config["attacks"]]  # its own layers: kept
+    assert skipped["attack.ablate_direction"] == (
+        f"--unlearned {narrow}'s residual stream (2 layers of 32 features) is not "
+        "--original's (2 layers of 64 features): no direction between them (is it a "
+        "fine-tune of the original?)"
+    )
+    config, skipped = audit_config(original, same, "news", reference=wide)
+    assert skipped["attack.ablate_direction"].startswith(f"--reference {wide}'s residual stream")
+    config, skipped = audit_config(original, same, "news", reference=same)
+    assert "ablate_direction" in [a["name"] for a in config["attacks"]] and not skipped
+
+
+@pytest.fixture
+def registry():
+    from unpact.attacks import ATTACKS
+
+    before = dict(ATTACKS)
+    yield
+    ATTACKS.clear()
+    ATTACKS.update(before)
+
+
+def test_an_attack_reading_a_split_the_benchmark_lacks_is_left_out(tmp_path, registry):
+    """A plugin's attack that reads the retain items, on a benchmark with none: the run
+    refused the audit as "attacks.0: retain_reader reads retain items ... (change its
+    settings, or leave it out)", settings an audit cannot change."""
+    from unpact.attacks.prompts import KeywordOnly
+    from unpact.data.items import QAItem, write_folder
+
+    class RetainReader(KeywordOnly):
+        name = "retain_reader"
+
+        @property
+        def needs_splits(self) -> frozenset[str]:
+            return frozenset({"retain"})
+
+    write_folder(tmp_path / "b", [QAItem("f", "Who?", "Ada", "forget")])
+    config, skipped = audit_config("a", "b", str(tmp_path / "b"), attacks=["retain_reader"])
+    assert config["attacks"] == []
+    why = skipped["attack.retain_reader"]
+    assert why == f"benchmark {tmp_path / 'b'} has no retain items, which it reads"
+    config, skipped = audit_config("a", "b", "news", attacks=["retain_reader"])
+    assert [a["name"] for a in config["attacks"]] == ["retain_reader"] and not skipped
+
+
+@pytest.mark.parametrize(
+    ("said", "meant"),
+    [
+        ("attacks.7 (noise): layer 9 of 2", "attack noise (--attacks): layer 9 of 2"),
+        ("attacks.0: noise reads retain items", "--attacks: noise reads retain items"),
+        ("methods.0 (unlearned) /m has another tokenizer", "--unlearned /m has another tokenizer"),
+        ("membership.reference /r and membership.base /b", "--reference /r and --base /b"),
+        ("note: membership.reference (`unpact audit`: --reference) /r", None),
+        ("my_attacks.7 (x) and reattacks.3: stay", None),
+    ],
+)
+def test_a_run_s_message_is_said_in_the_audit_s_options(said, meant):
+    from unpact.run.audit import in_options
+
+    assert in_options(said) == (said if meant is None else meant)

@@ -727,7 +727,7 @@ def _text_config(spec: str | None) -> Any:
         return None
 
 
-def _stream_shape(spec: str | None) -> tuple[int, int] | None:
+def stream_shape(spec: str | None) -> tuple[int, int] | None:
     """(decoder layers, hidden features) by a local model's config.json (`_text_config`);
     None where it does not say."""
     text = _text_config(spec)
@@ -743,13 +743,13 @@ def _check_streams(cfg: RunConfig) -> None:
     from unpact.attacks.weights import different_streams, stream_words
 
     reading = [(n, a) for n, a in enumerate(cfg.attacks) if ATTACKS[a.name].reads_original_states]
-    original = _stream_shape(cfg.model) if reading else None  # taught or not: one shape
+    original = stream_shape(cfg.model) if reading else None  # taught or not: one shape
     if original is None:
         return
     named = {f"methods.{n} ({m.label})": m.model for n, m in enumerate(cfg.methods)}
     named["membership.reference"] = cfg.membership.reference
     for what, spec in named.items():
-        shape = _stream_shape(spec)
+        shape = stream_shape(spec)
         if shape is not None and shape != original:
             n, a = reading[0]
             raise UnpactError(

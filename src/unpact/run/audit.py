@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 from functools import cache
 from pathlib import Path
 from typing import Any, get_args, overload
@@ -125,8 +126,15 @@ def audit_config(
         """Why this run cannot have the attack, or None."""
         if served and ATTACKS[a["name"]].changes_weights:
             return f"{served[0]} is served: no weights to attack"
-        if general is None and "general" in get_attack(a["name"], a.get("settings")).needs_splits:
+        needs = get_attack(a["name"], a.get("settings")).needs_splits
+        if general is None and "general" in needs:
             return "--general none: no general-knowledge items to use"  # e.g. relearning
+        others = needs - {"general"}  # retain items, say, for a plugin's attack
+        missing = sorted(others - _splits(benchmark)) if others else []
+        if missing:
+            return f"benchmark {benchmark} has no {missing[0]} items, which it reads"
+        if ATTACKS[a["name"]].reads_original_states:  # ablate_direction
+            return _no_direction(original, {"--unlearned": unlearned, "--reference": reference})
         return None
 
     for a in list(chosen):
@@ -159,6 +167,40 @@ def audit_config(
     if plugins:  # a continued audit's config names them too
         config["plugins"] = entries
     return config, skipped
+
+
+def _splits(benchmark: str) -> set[str]:
+    """The splits a benchmark has items in (read when an attack needs one)."""
+    from unpact.data.sources import load_benchmark
+
+    return set(load_benchmark(benchmark).counts())
+
+
+def _no_direction(original: str, others: dict[str, str | None]) -> str | None:
+    """Why an attack that compares hidden states with the original's cannot attack this
+    pair, or None: a model (by its option) whose residual stream is not the original's
+    shape, by their config.json. The run refused the whole audit for it (in its config's
+    words, "attacks.3 (ablate_direction): methods.0 (unlearned) ..."); the audit leaves
+    the attack out and says why, as for an architecture without one residual stream."""
+    from unpact.attacks.weights import stream_words
+    from unpact.run import stream_shape
+
+    def shape_of(spec: str | None) -> tuple[int, int] | None:
+        try:
+            return stream_shape(spec)
+        except UnpactError:  # no such model: the run's load says so, by its option
+            return None
+
+    shape = shape_of(original)
+    for option, spec in others.items():
+        theirs = shape_of(spec)
+        if shape is not None and theirs is not None and theirs != shape:
+            return (
+                f"{option} {spec}'s residual stream ({stream_words(*theirs)}) is not "
+                f"--original's ({stream_words(*shape)}): no direction between them (is it "
+                "a fine-tune of the original?)"
+            )
+    return None
 
 
 @cache
@@ -724,4 +766,25 @@ def _audit(
             )
         skipped.update(left_out)
 
-    return run(config, out, cache_dir=cache_dir, progress=progress, log=log, reword=reword)
+    try:
+        return run(config, out, cache_dir=cache_dir, progress=progress, log=log, reword=reword)
+    except UnpactError as e:  # the run's checks name its config's keys: the audit's options
+        e.args = (in_options(str(e)),)
+        raise
+
+
+_CONFIG_WORDS = (  # a run config's key in a message -> the audit option a user gave
+    (re.compile(r"\battacks\.\d+ \(([^)]+)\)"), r"attack \1 (--attacks)"),
+    (re.compile(r"\battacks\.\d+: "), "--attacks: "),
+    (re.compile(r"\bmethods\.0 \(unlearned\)"), "--unlearned"),
+    (re.compile(r"\bmembership\.(reference|base)\b(?! \(`unpact audit`)"), r"--\1"),
+)
+
+
+def in_options(message: str) -> str:
+    """A run's message about the config an audit built, in the audit's own words: a run
+    check said "attacks.7 (noise): ..." or "methods.0 (unlearned) ..." to a user who wrote
+    no config, only options."""
+    for pattern, words in _CONFIG_WORDS:
+        message = pattern.sub(words, message)
+    return message
