@@ -252,3 +252,20 @@ def test_the_side_by_side_page_links_to_runs_whatever_their_names(tmp_path):
         "50%25%20b/news/report.html",
         "c%3Fd/news/report.html",
     ]
+
+
+def test_the_dilemma_plot_draws_a_panel_only_for_a_split_with_a_destructive_rate():
+    """A run without general items (an audit with `--general none`) drew an empty
+    general panel beside the retain one; without retain items either, one panel stays."""
+    both = _results(["probab"])
+    assert "destructive rate on general items" in dilemma_svg(both)
+    retain_only = _results(["probab"])
+    retain_only["methods"]["ga"]["destructive_general"] = None
+    svg = dilemma_svg(retain_only)
+    assert "destructive rate on retain items" in svg
+    assert "destructive rate on general items" not in svg
+    assert ">ga</text>" in svg  # the legend still names the method
+    neither = _results(["probab"])
+    neither["methods"]["ga"]["destructive_retain"] = None
+    neither["methods"]["ga"]["destructive_general"] = None
+    assert "destructive rate on retain items" in dilemma_svg(neither)

@@ -87,8 +87,21 @@ def _dilemma_figure(
         for m in results["methods"].values()
         if m.get("sweep")
     }
-    fig, axes = plt.subplots(1, 2, figsize=(9 if by_model else 10.5, 3.8), sharey=True)
-    for ax, split in zip(axes, ("retain", "general")):
+    # a panel per split with a destructive rate: a run without general items (an audit
+    # with --general none) drew an empty general panel beside the retain one
+    splits = [
+        split
+        for split in ("retain", "general")
+        if any(
+            m.get(f"destructive_{split}") is not None
+            for res in series.values()
+            for m in res["methods"].values()
+        )
+    ] or ["retain"]
+    width = (4.5 if by_model else 5.25) * len(splits)
+    fig, grid = plt.subplots(1, len(splits), figsize=(width, 3.8), sharey=True, squeeze=False)
+    axes = list(grid[0])
+    for ax, split in zip(axes, splits):
         labels: dict[tuple[float, float], list[str]] = {}
         for n, (model, res) in enumerate(series.items()):
             for x, y, label in _plot_series(
@@ -111,10 +124,11 @@ def _dilemma_figure(
             )
             for f, c in colour.items()
         ]
-        axes[1].legend(
+        axes[-1].legend(
             handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small"
         )
-    fig.suptitle("The dilemma: lower-left is better (forgets for good, destroys little)")
+    wrap = "\n" if len(axes) == 1 else " "  # one panel is too narrow for it on one line
+    fig.suptitle(f"The dilemma: lower-left is better{wrap}(forgets for good, destroys little)")
     fig.tight_layout()
     return fig
 
@@ -134,7 +148,7 @@ def _plot_series(
     swept value; several models: model and method) with where they go."""
     labels: list[tuple[float, float, str]] = []
     for name, m in res["methods"].items():
-        x = m[f"destructive_{split}"]
+        x = m.get(f"destructive_{split}")
         y = m["recovery"].get(attack) if attack else None
         if x is None or y is None:
             continue
@@ -151,7 +165,7 @@ def _plot_series(
     # A swept method's runs as one curve, in the order of the swept value.
     curves: dict[str, list[tuple[Any, float, float]]] = {}
     for m in res["methods"].values():
-        sweep, x = m.get("sweep"), m[f"destructive_{split}"]
+        sweep, x = m.get("sweep"), m.get(f"destructive_{split}")
         y = m["recovery"].get(attack) if attack else None
         if sweep and x is not None and y is not None:
             curves.setdefault(sweep["of"], []).append((sweep["value"], x, y))
