@@ -10,7 +10,11 @@ pass ran at float32 speed (0.067 s against 0.072 s) where optimum-quanto took 0.
 to quantize and 0.10-0.13 s per forward pass and hqq 1.9-5.4 s and 0.10-0.12 s; its
 round-to-nearest matches a hand round-trip exactly (tests/unit/test_weight_attacks.py); and
 it offers HQQ's optimised scales (`algorithm: hqq`, calibration-free) on the CPU.
-GPTQ/AWQ need calibration data and, in the maintained libraries, a GPU.
+GPTQ/AWQ need calibration data and, in the maintained libraries, a GPU at 4 bits: tried
+again with torchao 0.18 on this CPU (2026-12-05), its prototype AWQ (`AWQConfig`) ran
+over `Int8WeightOnlyConfig` but not 4 bits (`Int4PlainInt32Tensor does not support device
+'cpu' yet`; `IntxWeightOnlyConfig`'s tensors take no activation scale), and its prototype
+GPTQ's int4 needs the `mslk` kernels, whose PyPI package is an empty placeholder.
 
 The quantized copy is returned as a plain float model holding the dequantized weights
 (`q * scale + zero` per group, exactly the values torchao's own linear kernels multiply
