@@ -66,6 +66,10 @@ def pooled(runs: list[Path], benchmarks: tuple[str, ...]) -> dict[tuple[str, str
 
 def main() -> None:
     runs = [Path(a) for a in sys.argv[1:]]
+    missing = [r for r in runs if not any((r / b / "results.json").is_file() for b in BENCHMARKS)]
+    if not runs or missing:  # printed empty tables, as if the runs had recovered nothing
+        said = f"{missing[0]}: no {'/'.join(BENCHMARKS)}/results.json here; " if missing else ""
+        sys.exit(f"{said}usage: python scripts/robust_tables.py RUN_DIR [RUN_DIR ...]")
     for root in runs:
         for b in BENCHMARKS:
             path = root / b / "results.json"

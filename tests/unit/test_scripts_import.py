@@ -34,3 +34,15 @@ def test_every_name_a_script_imports_from_unpact_exists(script):
                 if a.name.startswith("unpact"):
                     importlib.import_module(a.name)
     assert not missing, f"{script.name} imports names unpact no longer has: {missing}"
+
+
+def test_robust_tables_says_when_a_folder_holds_no_run(tmp_path):
+    """Given a folder without runs (a typo), it printed the pooled tables empty, as if the
+    runs had recovered nothing, and exited 0."""
+    import subprocess
+    import sys
+
+    script = ROOT / "scripts" / "robust_tables.py"
+    res = subprocess.run([sys.executable, script, tmp_path], capture_output=True, text=True)
+    assert res.returncode != 0 and "no news/books/wmdp/results.json here" in res.stderr
+    assert "pooled McNemar" not in res.stdout
