@@ -221,13 +221,13 @@ def keyword_units(prompt: str, unit_texts: Sequence[str], keywords: Sequence[str
     """Indices of the units that overlap an occurrence of a keyword in the prompt (case
     insensitive): the ground truth KeyTokens are compared with. Unit texts are located in
     the prompt in order (token and word units are consecutive slices of it)."""
-    lowered = prompt.lower()
     spans = []
     for k in keywords:
-        start = lowered.find(k.lower())
-        while k and start >= 0:
-            spans.append((start, start + len(k)))
-            start = lowered.find(k.lower(), start + 1)
+        # every occurrence, overlapping ones too, at its offsets in the prompt itself: the
+        # lower-cased prompt is longer than the prompt where it holds "İ" (U+0130, lower
+        # case two characters), so its offsets put each keyword after it one unit late
+        found = re.finditer(f"(?=({re.escape(k)}))", prompt, re.IGNORECASE) if k else ()
+        spans += [(m.start(1), m.end(1)) for m in found]
     hits, pos = [], 0
     for i, text in enumerate(unit_texts):
         core = text.strip()

@@ -264,6 +264,47 @@ def test_keyword_units_on_fixed_units():
     assert keyword_units(prompt, units, []) == []
 
 
+def test_keyword_units_are_found_at_the_prompt_s_own_offsets():
+    """The keywords were searched in the lower-cased prompt, whose offsets are one later
+    after each "İ" (U+0130 lower-cased is two characters): "Turkey" marked the "." after
+    it too, and a keyword after a few such letters a unit it does not touch. Found in the
+    prompt itself, "İstanbul" is also the keyword "istanbul", as a Turkish reader means."""
+    from unpact.attribution import keyword_units
+
+    prompt = "İstanbul is in Turkey."
+    units = ["İstanbul", " is", " in", " Turkey", "."]
+    assert keyword_units(prompt, units, ["Turkey"]) == [3]
+    assert keyword_units(prompt, units, ["istanbul"]) == [0]
+    prompt = "İİİİ in Turkey."
+    units = ["İİİİ", " in", " Turkey", "."]
+    assert keyword_units(prompt, units, ["in"]) == [1]
+
+
+@given(
+    st.lists(st.sampled_from(["Vost", "rand", " ", "ab", "AB", "a", "?", "Glass"]), max_size=12),
+    st.lists(st.text(alphabet="abVostrAB ?", min_size=0, max_size=4), max_size=3),
+)
+def test_keyword_units_agree_with_a_search_at_every_offset(units, keywords):
+    """On text without "İ" the units are those a plain search gives: a keyword at every
+    offset where the prompt's slice of its length is it, lower case aside, overlaps kept."""
+    from unpact.attribution import keyword_units
+
+    prompt = "".join(units)
+    spans = [
+        (s, s + len(k))
+        for k in keywords
+        if k
+        for s in range(len(prompt) - len(k) + 1)
+        if prompt[s : s + len(k)].lower() == k.lower()
+    ]
+    starts = [sum(len(u) for u in units[:i]) for i in range(len(units))]
+    cores = [  # each unit's text less its spaces, by its offset in the prompt
+        (a + len(u) - len(u.lstrip()), a + len(u.rstrip())) for a, u in zip(starts, units)
+    ]
+    want = [i for i, (a, b) in enumerate(cores) if a < b and any(a < e and s < b for s, e in spans)]
+    assert keyword_units(prompt, units, keywords) == want
+
+
 def test_keyword_units_match_the_tokenizer_offsets(tiny):
     from unpact.attribution import keyword_units, make_units
 
