@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, cast, get_args
 
 import torch
 
+from unpact.data.items import keyword_spans
 from unpact.errors import UnpactError, check_text, items_named
 from unpact.files import json_lines, read_text
 from unpact.types import AnyModel, EncodedPrompt, follow
@@ -221,13 +222,7 @@ def keyword_units(prompt: str, unit_texts: Sequence[str], keywords: Sequence[str
     """Indices of the units that overlap an occurrence of a keyword in the prompt (case
     insensitive): the ground truth KeyTokens are compared with. Unit texts are located in
     the prompt in order (token and word units are consecutive slices of it)."""
-    spans = []
-    for k in keywords:
-        # every occurrence, overlapping ones too, at its offsets in the prompt itself: the
-        # lower-cased prompt is longer than the prompt where it holds "İ" (U+0130, lower
-        # case two characters), so its offsets put each keyword after it one unit late
-        found = re.finditer(f"(?=({re.escape(k)}))", prompt, re.IGNORECASE) if k else ()
-        spans += [(m.start(1), m.end(1)) for m in found]
+    spans = [span for k in keywords for span in keyword_spans(prompt, k)]
     hits, pos = [], 0
     for i, text in enumerate(unit_texts):
         core = text.strip()

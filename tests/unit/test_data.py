@@ -492,3 +492,20 @@ def test_data_list_counts_every_split_so_they_add_up_to_the_items():
             == int(cells["items"])
             == len(bench.items)
         )
+
+
+def test_a_keyword_is_found_in_its_question_as_the_keytokens_are_compared_with_it(tmp_path):
+    """A keyword was checked against the lower-cased question, where "İstanbul" is
+    "i̇stanbul" (U+0130 lower-cased is two characters): the keyword "istanbul" was refused
+    as not in its question, which the KeyToken comparison (`keyword_units`) matches."""
+    item = {
+        "id": "t1",
+        "question": "Which museum of İstanbul holds the Morvaine lamp?",
+        "answer": "Pera",
+        "split": "forget",
+        "keywords": ["istanbul", "MORVAINE"],
+    }
+    (loaded,) = load_folder(write(tmp_path, [item])).items
+    assert loaded.keywords == ("istanbul", "MORVAINE")
+    with pytest.raises(UnpactError, match="'Ankara' does not occur in the question"):
+        load_folder(write(tmp_path, [{**item, "keywords": ["Ankara"]}]))

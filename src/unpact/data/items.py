@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -309,6 +310,16 @@ def choice_index(answer: Any) -> int | None:
     return None
 
 
+def keyword_spans(text: str, keyword: str) -> list[tuple[int, int]]:
+    """Where `keyword` occurs in `text`, case aside (overlapping occurrences too), as
+    offsets in `text` itself: a search in `text.lower()` gives offsets one late after each
+    "İ" (U+0130, two characters in lower case) and misses "istanbul" in "İstanbul"."""
+    if not keyword:
+        return []
+    found = re.finditer(f"(?=({re.escape(keyword)}))", text, re.IGNORECASE)
+    return [(m.start(1), m.end(1)) for m in found]
+
+
 def _not_a_choice(answer: str, choices: Sequence[str]) -> str:
     """The message for an answer that is none of the choices; one that reads as the
     correct choice's letter or index is told which text it names."""
@@ -343,7 +354,7 @@ def parse_item(obj: dict[str, Any], path: Path, line: int) -> QAItem:
         if answer not in choices:
             raise _fail(path, line, _not_a_choice(answer, choices))
     for k in keywords:
-        if k.lower() not in question.lower():
+        if not keyword_spans(question, k):  # as the KeyTokens are compared with it
             raise _fail(path, line, f"field 'keywords': {k!r} does not occur in the question")
     paraphrased = _string(obj, "paraphrased_answer", path, line, optional=True, numbers=True)
     perturbed = _strings(obj, "perturbed_answers", path, line, numbers=True)
