@@ -86,6 +86,7 @@ _CJK = (
 _UNSPACED = re.compile("[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff]")
 _LETTER = rf"[^\W{_CJK}]"
 _WORD = re.compile(rf"[{_CJK}]|{_LETTER}+(?:['’]{_LETTER}+)*|[^\w\s]+")
+_JOINED = re.compile(r"(?<=\w)[\u200c\u200d](?=\w)")  # a joiner between word characters
 
 
 # ---------------------------------------------------------------------------- units
@@ -129,8 +130,12 @@ def make_units(lm: AnyModel, prompt: EncodedPrompt, kind: UnitKind = "token") ->
             Unit(text=text[a:b], positions=tuple(base + t for t in tokens))
             for tokens, a, b in _whole_characters(offsets)
         ]
-    # a combining mark (e + U+0301 = é) is part of its word, as a letter is
+    # a combining mark (e + U+0301 = é) is part of its word, as a letter is; so is a
+    # zero-width (non-)joiner between letters, inside a Persian word (می‌خواهم) or a
+    # Devanagari conjunct: it was a word of its own, a unit with no visible text. Between
+    # emoji it stays theirs (a family is one sequence).
     marked = "".join("a" if unicodedata.category(c).startswith("M") else c for c in text)
+    marked = _JOINED.sub("a", marked)
     char_word = [-1] * len(text)
     for w, m in enumerate(_WORD.finditer(marked)):
         for c in range(m.start(), m.end()):

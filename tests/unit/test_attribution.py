@@ -379,6 +379,21 @@ def test_a_word_keeps_its_combining_marks(tiny):
     assert [u.text for u in make_units(tiny, enc, "word")] == ["e\u0301cole", "हिन्दी", ",", "x"]
 
 
+def test_a_zero_width_joiner_inside_a_word_is_the_word_s(tiny):
+    """Persian writes a zero-width non-joiner inside words (می‌خواهم, "I want") and
+    Devanagari a zero-width joiner in conjuncts: each was a word unit of its own, with no
+    visible text (a KeyToken FocusOnKey would name as ""). Between emoji the joiner stays
+    the sequence's, and the units still partition the prompt."""
+    for prompt, words in [
+        ("می\u200cخواهم بروم", ["می\u200cخواهم", "بروم"]),
+        ("क्\u200dष x", ["क्\u200dष", "x"]),
+        ("👨\u200d👩\u200d👧 family", ["👨\u200d👩\u200d👧", "family"]),
+    ]:
+        enc = tiny.encode_prompt(prompt, chat_template=False)
+        assert [u.text for u in make_units(tiny, enc, "word")] == words
+        check_units_partition(tiny, prompt, False, "word")
+
+
 def test_each_cjk_ideograph_is_a_word(tiny):
     """Chinese is written without spaces: each ideograph is a word, as BERT's tokenizer
     makes it, not the whole clause; kana and Latin words stay runs of letters."""
