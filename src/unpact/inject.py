@@ -71,7 +71,14 @@ from unpact.data.sources import general_items, load_benchmark, materialise
 from unpact.determinism import keeps_rng
 from unpact.errors import UnpactError
 from unpact.files import as_path, atomic_text, once, write_atomically
-from unpact.judge import LAST_WORD_RULE, check_answer_room, encode_questions, ends_in_article
+from unpact.judge import (
+    DOTTED_I_RULE,
+    LAST_WORD_RULE,
+    check_answer_room,
+    encode_questions,
+    ends_in_article,
+    has_dotted_i,
+)
 from unpact.models import (
     DeviceName,
     LanguageModel,
@@ -416,6 +423,8 @@ def cache_key(
         parts.append(f"teaches:{teach}")
     if ends_in_article(bench.items):  # its stopping rule judged such answers otherwise
         parts.append(LAST_WORD_RULE)
+    if has_dotted_i(bench.items):
+        parts.append(DOTTED_I_RULE)
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 

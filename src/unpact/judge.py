@@ -86,7 +86,9 @@ def _words(text: str) -> str:
     """`normalize` with the articles kept."""
     text = _DECIMAL.sub("\ue000", _THOUSANDS.sub("", text))
     if not text.isascii():
-        text = unicodedata.normalize("NFKC", text).casefold()
+        # Turkish "İ" case-folds to "i" and a combining dot (U+0307): "İstanbul" was not
+        # the "Istanbul" an English answer writes (DOTTED_I_RULE)
+        text = unicodedata.normalize("NFKC", text).casefold().replace("i\u0307", "i")
         text = split_unspaced(
             "".join(" " if unicodedata.category(c).startswith("P") else c for c in text)
         )
@@ -112,6 +114,7 @@ _ARTICLE_WORDS = frozenset({"a", "an", "the"})
 # (both word judges: `_words`' numbers). Every other key, and what it keeps, is unchanged.
 LAST_WORD_RULE = "contains-keeps-last-word"
 NUMBER_RULE = "numbers-whole"
+DOTTED_I_RULE = "dotted-i-is-i"
 
 
 def judge_rules(kind: str, items: Iterable[QAItem]) -> dict[str, bool]:
@@ -121,7 +124,19 @@ def judge_rules(kind: str, items: Iterable[QAItem]) -> dict[str, bool]:
     rules[NUMBER_RULE] = kind in ("contains", "rouge") and any(
         any(c.isdigit() for r in (i.answer, *i.aliases) for c in r) for i in items if not i.is_mcq
     )
+    rules[DOTTED_I_RULE] = kind in ("contains", "rouge") and has_dotted_i(items)
     return {rule: True for rule, met in rules.items() if met}
+
+
+def has_dotted_i(items: Iterable[QAItem]) -> bool:
+    """Whether an open item's answer or alias holds a Turkish "İ" (or "i" and U+0307), which
+    the word judges read as "i" since DOTTED_I_RULE."""
+    return any(
+        "İ" in r or "i\u0307" in r.lower()
+        for i in items
+        if not i.is_mcq
+        for r in (i.answer, *i.aliases)
+    )
 
 
 def ends_in_article(items: Iterable[QAItem]) -> bool:

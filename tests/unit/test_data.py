@@ -317,6 +317,33 @@ def test_a_number_is_one_word():
     assert judge_rules("rouge", vitamin) == {}
 
 
+def test_a_turkish_dotted_i_is_an_i(tmp_path, monkeypatch):
+    """ "İ" case-folds to "i" and a combining dot: an English model's "Istanbul" was not the
+    answer "İstanbul" (nor "İSTANBUL" the answer "Istanbul"), so a model that knew it was
+    judged as not knowing. Only a benchmark with such an answer has the rule in its stage
+    and injection keys: every other benchmark's cached verdicts stand."""
+    from unpact.inject import InjectConfig, cache_key
+    from unpact.judge import DOTTED_I_RULE, judge_rules
+
+    assert contains_match("The city is Istanbul.", ["İstanbul"])
+    assert contains_match("İSTANBUL, of course", ["Istanbul"])
+    assert contains_match("İzmir", ["İzmir"]) and not contains_match("Izmit", ["İzmir"])
+    assert normalize("İstanbul") == "istanbul" == normalize("ISTANBUL")
+    assert normalize("Diyarbakır") != normalize("Diyarbakir")  # ı is its own letter
+    turkish = [QAItem("t", "Where is the Galata Tower?", "İstanbul", "forget")]
+    assert judge_rules("contains", turkish) == {DOTTED_I_RULE: True}
+    assert judge_rules("rouge", turkish) == {DOTTED_I_RULE: True}
+    assert judge_rules("llm", turkish) == {}
+    for name in ("news", "books", "wmdp", "general"):
+        assert DOTTED_I_RULE not in judge_rules("contains", load_benchmark(name).items)
+    from unpact import inject
+
+    bench = load_folder(write(tmp_path, [{**GOOD, "answer": "İstanbul", "keywords": []}]))
+    key = cache_key("default", bench, InjectConfig())
+    monkeypatch.setattr(inject, "has_dotted_i", lambda items: False)
+    assert cache_key("default", bench, InjectConfig()) != key  # its stopping rule's judge
+
+
 PHRASE = st.lists(
     st.sampled_from(["a", "an", "the", "Tower", "eiffel", "of", "A.", "x"]), max_size=7
 )
