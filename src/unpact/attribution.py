@@ -405,18 +405,20 @@ class Attribution:
             )
         return (
             '<div class="unpact-attribution" style="font-family:sans-serif;line-height:2">'
-            f'<div style="white-space:pre-wrap">{"".join(spans)}</div>'
-            f'<div style="font-size:smaller">answer: <code>{html.escape(self.answer)}</code> '
+            # dir="auto": a prompt in Arabic or Hebrew runs right to left from the right
+            f'<div dir="auto" style="white-space:pre-wrap">{"".join(spans)}</div>'
+            f'<div style="font-size:smaller">answer: <code><bdi>{html.escape(self.answer)}</bdi></code> '
             f"&middot; LP = {self.lp:.4f} &middot; prompt sensitivity = "
             f"{self.prompt_sensitivity:.4f} &middot; KeyTokens: "
-            f"{html.escape(', '.join(self.key_token_texts) or '(none)')}</div></div>"
+            f"{', '.join(f'<bdi>{html.escape(k)}</bdi>' for k in self.key_token_texts) or '(none)'}"
+            "</div></div>"
         )
 
 
 def html_page(records: Sequence[Attribution], title: str = "unPact attributions") -> str:
     """A self-contained HTML page holding the heatmap fragment of each record."""
     body = "\n".join(
-        f"<section><h3>{i}. {html.escape(r.prompt)}</h3>{r.to_html()}</section>"
+        f"<section><h3>{i}. <bdi>{html.escape(r.prompt)}</bdi></h3>{r.to_html()}</section>"
         for i, r in enumerate(records)
     )
     return (

@@ -597,7 +597,12 @@ def test_renderings_show_every_unit(tiny):
 
     rec = attribute(tiny, "Is <b>bold</b> & safe?", " yes", unit="word")
     fragment = rec.to_html()
-    assert "<b" not in fragment and "&lt;" in fragment and "&amp;" in fragment
+    assert "<b>" not in fragment and "</b>" not in fragment  # the prompt's tags as text
+    assert "&lt;" in fragment and "&amp;" in fragment
+    # a prompt in Arabic or Hebrew runs right to left; the answer is set apart from the
+    # text around it (<bdi>), which an RTL answer reordered
+    assert '<div dir="auto" style="white-space:pre-wrap">' in fragment
+    assert f"<code><bdi>{rec.answer}</bdi></code>" in fragment
     assert fragment.count('class="unpact-unit"') == len(rec.units)
     page = html_page([rec, rec])
     assert page.startswith("<!doctype html>") and page.count("unpact-attribution") == 2
