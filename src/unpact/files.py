@@ -231,9 +231,32 @@ def read_text(path: Path) -> str:
     """A user's text file as UTF-8 (a byte-order mark dropped), or one `UnpactError`
     saying why not: missing, a folder, unreadable, or not UTF-8 text."""
     try:
-        return path.read_text(encoding="utf-8-sig")
+        raw = path.read_bytes()
     except OSError as exc:
         why = "it is a folder" if path.is_dir() else (exc.strerror or str(exc))
         raise UnpactError(f"cannot read {path}: {why}") from None
+    wide = next((name for mark, name in _WIDE_MARKS if raw.startswith(mark)), None)
+    if wide is not None:  # it read as "not UTF-8 text", which said nothing of the fix
+        raise UnpactError(
+            f"cannot read {path}: it is {wide} (Windows PowerShell's `>` writes it); save "
+            f"it as UTF-8, e.g. iconv -f {wide.split()[0]} -t UTF-8 {path} > NEW_FILE"
+        )
+    if b"\x00" in raw[:4096]:  # UTF-16 without its mark ("W\x00h\x00o\x00") read as prompts
+        raise UnpactError(  # of NUL characters, a line of one refused as "a single token"
+            f"cannot read {path}: it holds NUL bytes (UTF-16 or UTF-32 text without a "
+            "byte-order mark, or not text at all); save it as UTF-8 text"
+        )
+    try:
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise UnpactError(f"cannot read {path}: not UTF-8 text") from None
+
+
+# byte-order marks of the encodings Windows tools write text in besides UTF-8 (UTF-32's
+# first: its little-endian mark begins with UTF-16's)
+_WIDE_MARKS = (
+    (b"\xff\xfe\x00\x00", "UTF-32 text"),
+    (b"\x00\x00\xfe\xff", "UTF-32 text"),
+    (b"\xff\xfe", "UTF-16 text"),
+    (b"\xfe\xff", "UTF-16 text"),
+)

@@ -495,3 +495,27 @@ def test_text_that_is_no_unicode_is_one_message(tmp_path, monkeypatch, capsys, t
     assert exit_.value.code == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "the value of -p: 'Who \\udcff is' holds a lone UTF-16 surrogate" in err
+
+
+@pytest.mark.parametrize(
+    ("encoding", "said"),
+    [
+        ("utf-16", "it is UTF-16 text (Windows PowerShell's `>` writes it); save it as UTF-8"),
+        ("utf-16-be", "it holds NUL bytes (UTF-16 or UTF-32 text without a byte-order mark"),
+        ("utf-16-le", "it holds NUL bytes (UTF-16 or UTF-32 text without a byte-order mark"),
+        ("utf-32", "it is UTF-32 text"),
+    ],
+)
+def test_a_file_in_another_unicode_encoding_says_which_and_how_to_convert(tmp_path, encoding, said):
+    """A prompts file or qa.jsonl written by Windows PowerShell (UTF-16 with its mark) was
+    "not UTF-8 text", which named no fix; one without the mark read as text of NUL
+    characters, and a line of one was refused as "a single token". UTF-8 with its mark
+    (Notepad's) reads as UTF-8."""
+    from unpact.files import read_text
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("Who founded Rome?\nWhat is two plus two?\n", encoding=encoding)
+    with pytest.raises(UnpactError, match=re.escape(f"cannot read {path}: {said}")):
+        read_text(path)
+    path.write_text("Who founded Rome?\n", encoding="utf-8-sig")
+    assert read_text(path) == "Who founded Rome?\n"

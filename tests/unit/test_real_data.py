@@ -536,7 +536,7 @@ def test_bad_tofu_and_muse_content_names_the_file(tmp_path):
         read_tofu(tofu, forget="forget01")
     muse = tmp_path / "muse"
     shutil.copytree(FIXTURES / "muse", muse)
-    (muse / "raw" / "forget.txt").write_bytes(b"\xff\xfe not text")
+    (muse / "raw" / "forget.txt").write_bytes(b"\x80\x81 not text")
     with pytest.raises(UnpactError, match=r"forget\.txt: not UTF-8 text"):
         read_muse(muse)
     (muse / "knowmem" / "forget_qa.json").write_text('[{"question": "q", "answer": []}]')
