@@ -229,7 +229,8 @@ _LINE_END = re.compile(r"\r\n|\r|\n")
 
 def read_text(path: Path) -> str:
     """A user's text file as UTF-8 (a byte-order mark dropped), or one `UnpactError`
-    saying why not: missing, a folder, unreadable, or not UTF-8 text."""
+    saying why not: missing, a folder, unreadable, UTF-16 or UTF-32 (by its byte-order
+    mark, with the command that converts it), holding NUL bytes, or not UTF-8 text."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
