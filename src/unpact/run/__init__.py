@@ -735,6 +735,22 @@ def stream_shape(spec: str | None) -> tuple[int, int] | None:
     return (layers, width) if isinstance(layers, int) and isinstance(width, int) else None
 
 
+def stream_mismatch(
+    original: str | None, others: dict[str, str | None]
+) -> tuple[str, str, tuple[int, int], tuple[int, int]] | None:
+    """The first of `others` (a name -> a model spec) whose residual stream is not
+    `original`'s shape (`stream_shape`), as (name, spec, its shape, the original's); None
+    where each has the original's shape or a config.json does not say."""
+    shape = stream_shape(original)
+    if shape is None:
+        return None
+    for what, spec in others.items():
+        theirs = stream_shape(spec)
+        if theirs is not None and theirs != shape:
+            return what, str(spec), theirs, shape
+    return None
+
+
 def _check_streams(cfg: RunConfig) -> None:
     """An attack that compares a model's hidden states with the original's
     (ablate_direction) on a model given as it is, or on the reference (its control), of
@@ -743,19 +759,18 @@ def _check_streams(cfg: RunConfig) -> None:
     from unpact.attacks.weights import different_streams, stream_words
 
     reading = [(n, a) for n, a in enumerate(cfg.attacks) if ATTACKS[a.name].reads_original_states]
-    original = stream_shape(cfg.model) if reading else None  # taught or not: one shape
-    if original is None:
+    if not reading:
         return
     named = {f"methods.{n} ({m.label})": m.model for n, m in enumerate(cfg.methods)}
     named["membership.reference"] = cfg.membership.reference
-    for what, spec in named.items():
-        shape = stream_shape(spec)
-        if shape is not None and shape != original:
-            n, a = reading[0]
-            raise UnpactError(
-                f"attacks.{n} ({a.column}): "
-                + different_streams(stream_words(*shape), stream_words(*original), f"{what} {spec}")
-            )
+    found = stream_mismatch(cfg.model, named)  # taught or not, the original has one shape
+    if found is not None:
+        what, spec, shape, original = found
+        n, a = reading[0]
+        raise UnpactError(
+            f"attacks.{n} ({a.column}): "
+            + different_streams(stream_words(*shape), stream_words(*original), f"{what} {spec}")
+        )
 
 
 def _note_reference(cfg: RunConfig, say: Callable[[str], None]) -> None:

@@ -107,7 +107,6 @@ def audit_config(
     """The run config of an audit, and the parts it leaves out with the reason (an attack
     that needs weights on a served model). `plugins` (files or module names, as `--plugin`)
     are imported first, so that `attacks` may name theirs."""
-    from unpact.attacks import ATTACKS, get_attack
     from unpact.plugins import load_plugins
 
     original, unlearned, benchmark = spec_text(original), spec_text(unlearned), _text(benchmark)
@@ -118,30 +117,8 @@ def audit_config(
     load_plugins(entries)
     judged = _judge(judge, max_new_tokens, judge_max_tokens, judge_prompt)
     _check_choices(preset=preset, dtype=dtype)
-    chosen = _chosen_attacks(preset, attacks)
-    skipped: dict[str, str] = {}
-    served = [s for s in (original, unlearned) if is_remote_spec(s)]
-
-    def left_out(a: dict[str, Any]) -> str | None:
-        """Why this run cannot have the attack, or None."""
-        if served and ATTACKS[a["name"]].changes_weights:
-            return f"{served[0]} is served: no weights to attack"
-        needs = get_attack(a["name"], a.get("settings")).needs_splits
-        if general is None and "general" in needs:
-            return "--general none: no general-knowledge items to use"  # e.g. relearning
-        others = needs - {"general"}  # retain items, say, for a plugin's attack
-        missing = sorted(others - _splits(benchmark)) if others else []
-        if missing:
-            return f"benchmark {benchmark} has no {missing[0]} items, which it reads"
-        if ATTACKS[a["name"]].reads_original_states:  # ablate_direction
-            return _no_direction(original, {"--unlearned": unlearned, "--reference": reference})
-        return None
-
-    for a in list(chosen):
-        why = left_out(a)
-        if why is not None:
-            chosen.remove(a)
-            skipped[f"attack.{a.get('label') or a['name']}"] = why
+    pair = {"--original": original, "--unlearned": unlearned, "--reference": reference}
+    chosen, skipped = _runnable(_chosen_attacks(preset, attacks), pair, benchmark, general)
     for a in chosen:  # every verdict is against the same attack on the reference
         a.setdefault("control", True)
     preset_cfg = PRESETS[preset]
@@ -169,38 +146,66 @@ def audit_config(
     return config, skipped
 
 
-def _splits(benchmark: str) -> set[str]:
-    """The splits a benchmark has items in (read when an attack needs one)."""
+def _runnable(
+    chosen: list[dict[str, Any]],
+    pair: dict[str, str | None],
+    benchmark: str,
+    general: str | None,
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The chosen attacks this audit can run, and why it leaves out each other one (by its
+    `skipped` key): weights on a served model (of `pair`, the models by their options),
+    relearning on general items with `--general none`, a split the benchmark has no items
+    in (a plugin's attack), and a direction between models of two shapes (ablate_direction,
+    `stream_mismatch`: the run refused the whole audit for it)."""
+    from unpact.attacks import get_attack
     from unpact.data.sources import load_benchmark
 
-    return set(load_benchmark(benchmark).counts())
+    served = [s for s in (pair["--original"], pair["--unlearned"]) if s and is_remote_spec(s)]
+    splits = cache(lambda: set(load_benchmark(benchmark).counts()))  # read once, if needed
+
+    def left_out(a: dict[str, Any]) -> str | None:
+        if served and ATTACKS[a["name"]].changes_weights:
+            return f"{served[0]} is served: no weights to attack"
+        needs = get_attack(a["name"], a.get("settings")).needs_splits
+        if general is None and "general" in needs:
+            return "--general none: no general-knowledge items to use"  # e.g. relearning
+        missing = sorted(needs - {"general"} - splits()) if needs - {"general"} else []
+        if missing:
+            return f"benchmark {benchmark} has no {missing[0]} items, which it reads"
+        if ATTACKS[a["name"]].reads_original_states:
+            return _no_direction(pair)
+        return None
+
+    kept, skipped = [], {}
+    for a in chosen:
+        why = left_out(a)
+        if why is None:
+            kept.append(a)
+        else:
+            skipped[f"attack.{a.get('label') or a['name']}"] = why
+    return kept, skipped
 
 
-def _no_direction(original: str, others: dict[str, str | None]) -> str | None:
+def _no_direction(pair: dict[str, str | None]) -> str | None:
     """Why an attack that compares hidden states with the original's cannot attack this
-    pair, or None: a model (by its option) whose residual stream is not the original's
-    shape, by their config.json. The run refused the whole audit for it (in its config's
-    words, "attacks.3 (ablate_direction): methods.0 (unlearned) ..."); the audit leaves
-    the attack out and says why, as for an architecture without one residual stream."""
+    pair (`stream_mismatch` by the models' config.json, named by their options), or None;
+    None too where a model cannot be read (its load says why, by its option)."""
     from unpact.attacks.weights import stream_words
-    from unpact.run import stream_shape
+    from unpact.run import stream_mismatch
 
-    def shape_of(spec: str | None) -> tuple[int, int] | None:
-        try:
-            return stream_shape(spec)
-        except UnpactError:  # no such model: the run's load says so, by its option
-            return None
-
-    shape = shape_of(original)
-    for option, spec in others.items():
-        theirs = shape_of(spec)
-        if shape is not None and theirs is not None and theirs != shape:
-            return (
-                f"{option} {spec}'s residual stream ({stream_words(*theirs)}) is not "
-                f"--original's ({stream_words(*shape)}): no direction between them (is it "
-                "a fine-tune of the original?)"
-            )
-    return None
+    original, *others = pair.items()
+    try:
+        found = stream_mismatch(original[1], dict(others))
+    except UnpactError:
+        return None
+    if found is None:
+        return None
+    option, spec, theirs, shape = found
+    return (
+        f"{option} {spec}'s residual stream ({stream_words(*theirs)}) is not "
+        f"--original's ({stream_words(*shape)}): no direction between them (is it "
+        "a fine-tune of the original?)"
+    )
 
 
 @cache
