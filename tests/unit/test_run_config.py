@@ -314,3 +314,16 @@ def test_items_holding_their_answer_in_the_question_are_said(tmp_path):
         "it; reword them, or judge with judge.kind: llm (`unpact audit`: --judge "
         "openai:MODEL@URL)"
     ]
+
+
+def test_every_built_in_configs_resolved_config_yaml_runs_again(tmp_path):
+    """A run writes its config resolved, every key given; `unpact run out/config.yaml`
+    must take it back. paper_words' was refused ("statistics.baseline_attack: 'probab' is
+    not one of this run's attacks"): the check read a key written out as one the user set."""
+    from unpact.run.config import builtin_run_configs, load_config
+
+    for name in builtin_run_configs.names():
+        resolved = load_config(name).model_dump(mode="json")
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        assert load_config(path).model_dump(mode="json") == resolved, name

@@ -532,7 +532,10 @@ def _check_references(config: RunConfig, where: str) -> None:
             f"({', '.join(sorted(names)) or 'none'}) or any"
         )
     baseline = config.statistics.baseline_attack
-    if "baseline_attack" in config.statistics.model_fields_set and baseline not in names:
+    # its default is let be, as written by the run's own config.yaml (every key resolved):
+    # a run without probab tests no attack against a baseline
+    default = StatisticsSettings.model_fields["baseline_attack"].default
+    if baseline != default and baseline not in names:
         raise UnpactError(
             f"{where}: statistics.baseline_attack: {baseline!r} is not one of this run's "
             f"attacks ({', '.join(sorted(names)) or 'none'})"
