@@ -3,7 +3,9 @@
 Correct if a normalised reference answer or alias occurs in the normalised output
 (lower case, punctuation and the articles a/an/the removed, whitespace collapsed), as
 whole words. Text beyond ASCII is first put in Unicode's NFKC form and case-folded (é typed
-as e + U+0301 is é, full-width Ｐａｒｉｓ is paris), all Unicode punctuation goes, and each
+as e + U+0301 is é, full-width Ｐａｒｉｓ is paris), a decimal digit of any script is
+ASCII's (١٩٤٥ is 1945), Arabic and Hebrew vowel marks go (مُحَمَّد is محمد), all Unicode
+punctuation goes, and each
 character of a script written without spaces (Chinese, Japanese, Thai, Lao, Khmer,
 Myanmar, and Korean syllables, which take their particles without a space) is a word of its
 own, as ROUGE for those languages counts characters: 東京 is then found in
@@ -82,13 +84,46 @@ _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _DECIMAL = re.compile(r"(?<=\d)\.(?=\d)")
 
 
+class _ScriptFold(dict[int, int | str | None]):
+    """`str.translate`'s table (filled as met) for what one writes in two ways: a decimal
+    digit of any script is ASCII's (Arabic-Indic ١٩٤٥, Persian ۱۹۴۵ and Devanagari १९४५ are
+    1945; NFKC leaves them), the Arabic decimal and thousands separators are "." and ",",
+    and the Arabic and Hebrew vowel and cantillation marks (non-spacing, optional in
+    writing: مُحَمَّد is محمد) and the Arabic tatweel go (DIGITS_MARKS_RULE)."""
+
+    def __missing__(self, code: int) -> int | str | None:
+        folded: int | str | None = code
+        digit = unicodedata.decimal(chr(code), None)
+        if digit is not None:
+            folded = str(digit)
+        elif code in _ARABIC_SEPARATORS:
+            folded = _ARABIC_SEPARATORS[code]
+        elif _marked_script(code) and (code == 0x0640 or unicodedata.category(chr(code)) == "Mn"):
+            folded = None
+        self[code] = folded
+        return folded
+
+
+_ARABIC_SEPARATORS = {0x066B: ".", 0x066C: ","}
+_SCRIPT_FOLD = _ScriptFold()
+
+
+def _marked_script(code: int) -> bool:
+    """Hebrew, Arabic and Arabic Extended: written with their vowel marks or without them
+    (Thaana's and NKo's, between them, are letters' parts and stay)."""
+    return 0x0590 <= code <= 0x06FF or 0x0870 <= code <= 0x08FF
+
+
 def _words(text: str) -> str:
     """`normalize` with the articles kept."""
-    text = _DECIMAL.sub("\ue000", _THOUSANDS.sub("", text))
-    if not text.isascii():
+    wide = not text.isascii()
+    if wide:
         # Turkish "İ" case-folds to "i" and a combining dot (U+0307): "İstanbul" was not
         # the "Istanbul" an English answer writes (DOTTED_I_RULE)
         text = unicodedata.normalize("NFKC", text).casefold().replace("i\u0307", "i")
+        text = text.translate(_SCRIPT_FOLD)
+    text = _DECIMAL.sub("\ue000", _THOUSANDS.sub("", text))
+    if wide:
         text = split_unspaced(
             "".join(" " if unicodedata.category(c).startswith("P") else c for c in text)
         )
@@ -115,6 +150,7 @@ _ARTICLE_WORDS = frozenset({"a", "an", "the"})
 LAST_WORD_RULE = "contains-keeps-last-word"
 NUMBER_RULE = "numbers-whole"
 DOTTED_I_RULE = "dotted-i-is-i"
+DIGITS_MARKS_RULE = "digits-any-script-marks-dropped"
 
 
 def judge_rules(kind: str, items: Iterable[QAItem]) -> dict[str, bool]:
@@ -125,6 +161,7 @@ def judge_rules(kind: str, items: Iterable[QAItem]) -> dict[str, bool]:
         any(c.isdigit() for r in (i.answer, *i.aliases) for c in r) for i in items if not i.is_mcq
     )
     rules[DOTTED_I_RULE] = kind in ("contains", "rouge") and has_dotted_i(items)
+    rules[DIGITS_MARKS_RULE] = kind in ("contains", "rouge") and folds_scripts(items)
     return {rule: True for rule, met in rules.items() if met}
 
 
@@ -137,6 +174,15 @@ def has_dotted_i(items: Iterable[QAItem]) -> bool:
         if not i.is_mcq
         for r in (i.answer, *i.aliases)
     )
+
+
+def folds_scripts(items: Iterable[QAItem]) -> bool:
+    """Whether an open item's answer or alias is beyond ASCII, where outputs are taken to
+    write another script's digits (١٩٤٥ for 1945, a full-width comma between them) or
+    marks, judged otherwise since DIGITS_MARKS_RULE. A benchmark answered wholly in ASCII
+    keeps its keys, and its cached verdicts (and injections) stand: an output in other
+    digits to an English question is judged anew only where no verdict is cached."""
+    return any(not r.isascii() for i in items if not i.is_mcq for r in (i.answer, *i.aliases))
 
 
 def ends_in_article(items: Iterable[QAItem]) -> bool:

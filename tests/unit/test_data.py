@@ -331,8 +331,8 @@ def test_a_turkish_dotted_i_is_an_i(tmp_path, monkeypatch):
     assert normalize("İstanbul") == "istanbul" == normalize("ISTANBUL")
     assert normalize("Diyarbakır") != normalize("Diyarbakir")  # ı is its own letter
     turkish = [QAItem("t", "Where is the Galata Tower?", "İstanbul", "forget")]
-    assert judge_rules("contains", turkish) == {DOTTED_I_RULE: True}
-    assert judge_rules("rouge", turkish) == {DOTTED_I_RULE: True}
+    assert DOTTED_I_RULE in judge_rules("contains", turkish)
+    assert DOTTED_I_RULE in judge_rules("rouge", turkish)
     assert judge_rules("llm", turkish) == {}
     for name in ("news", "books", "wmdp", "general"):
         assert DOTTED_I_RULE not in judge_rules("contains", load_benchmark(name).items)
@@ -341,6 +341,42 @@ def test_a_turkish_dotted_i_is_an_i(tmp_path, monkeypatch):
     bench = load_folder(write(tmp_path, [{**GOOD, "answer": "İstanbul", "keywords": []}]))
     key = cache_key("default", bench, InjectConfig())
     monkeypatch.setattr(inject, "has_dotted_i", lambda items: False)
+    assert cache_key("default", bench, InjectConfig()) != key  # its stopping rule's judge
+
+
+def test_a_digit_of_any_script_is_the_digit_and_arabic_and_hebrew_marks_go(tmp_path, monkeypatch):
+    """NFKC leaves Arabic-Indic, Persian and Devanagari digits as they are: a model that
+    answered "١٩٤٥" to "1945" (or "1945" to "١٩٤٥") was judged as not knowing it, as was one
+    that wrote محمد without the vowel marks of the answer مُحَمَّد. A benchmark whose
+    answers go beyond ASCII has the rule in its stage and injection keys (its outputs'
+    other digits and marks are judged otherwise); the others' cached verdicts stand."""
+    from unpact import inject
+    from unpact.inject import InjectConfig, cache_key
+    from unpact.judge import DIGITS_MARKS_RULE, NUMBER_RULE, judge_rules
+
+    assert contains_match("وقعت الحرب عام ١٩٤٥.", ["1945"])
+    assert contains_match("It ended in 1945.", ["١٩٤٥"]) and contains_match("۱۹۴۵", ["1945"])
+    assert contains_match("१९४७ में", ["1947"]) and not contains_match("१९४७", ["1948"])
+    assert not contains_match("١٩٤٥", ["19"])  # still whole numbers
+    assert normalize("٣٫٥ و١٢٬٠٠٠") == "3.5 و12000" == normalize("٣٫٥ و12,000")
+    assert normalize("１２，０００") == "12000"  # a full-width comma is a comma (NFKC)
+    assert contains_match("اسمه محمد", ["مُحَمَّد"]) and contains_match("مُحَمَّد", ["محمد"])
+    assert contains_match("مـحـمـد", ["محمد"])  # the tatweel stretches, it is no letter
+    assert contains_match("שָׁלוֹם", ["שלום"])
+    assert normalize("किमी") == "किमी" and normalize("café") == "café"  # other marks stay
+    assert normalize("ދިވެހި") == "ދިވެހި"  # Thaana's vowels are no option
+    arabic = [QAItem("a", "Who?", "محمد", "forget")]
+    assert judge_rules("contains", arabic) == {DIGITS_MARKS_RULE: True}
+    assert judge_rules("llm", arabic) == {}
+    assert judge_rules("contains", [QAItem("h", "Year?", "1947 ई.", "forget")]) == {
+        NUMBER_RULE: True,
+        DIGITS_MARKS_RULE: True,
+    }
+    for name in ("news", "books", "wmdp", "general"):
+        assert DIGITS_MARKS_RULE not in judge_rules("contains", load_benchmark(name).items)
+    bench = load_folder(write(tmp_path, [{**GOOD, "answer": "محمد", "keywords": []}]))
+    key = cache_key("default", bench, InjectConfig())
+    monkeypatch.setattr(inject, "folds_scripts", lambda items: False)
     assert cache_key("default", bench, InjectConfig()) != key  # its stopping rule's judge
 
 
