@@ -778,7 +778,11 @@ def unlearn(
     benchmark: Annotated[str, typer.Option(help=BENCHMARK_HELP)] = "news",
     config: Annotated[
         Path | None,
-        typer.Option("--config", help="YAML file of settings (over the method's defaults)."),
+        typer.Option(
+            "--config",
+            help="YAML file of settings (over the method's defaults); a run's config.yaml "
+            "gives its settings (the model and benchmark are --model's and --benchmark's).",
+        ),
     ] = None,
     set_: Annotated[
         list[str] | None,

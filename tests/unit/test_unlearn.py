@@ -308,6 +308,24 @@ def test_same_seed_gives_bit_identical_weights_and_a_full_run_directory(bench, t
     assert any(not torch.equal(wa[k], base[k]) for k in wa if k in base)
 
 
+def test_a_runs_config_yaml_gives_its_settings_again(bench, tmp_path):
+    """`unpact unlearn --config OLD/config.yaml` (the way to run those settings again, on
+    this model or another) was refused: "format: unknown setting; model: unknown setting;
+    benchmark: ...". The record's settings are the config; its model, benchmark and process
+    count are the old run's."""
+    extra = ("lora.r=4", "beta=0.3")
+    _run(bench, tmp_path / "a", extra=extra)
+    given = resolve_config("npo_gd", overrides=["steps=6", "lr=1e-3", "save_every=2", *extra])
+    assert resolve_config(file=tmp_path / "a" / "config.yaml") == given
+    assert resolve_config("npo_gd", file=tmp_path / "a" / "config.yaml", overrides=["lr=2"]).lr == 2
+    with pytest.raises(UnpactError, match="--method ga but the config file says npo_gd"):
+        resolve_config("ga", file=tmp_path / "a" / "config.yaml")
+    other = tmp_path / "other.yaml"  # a file of settings naming a model is no record
+    other.write_text("method: ga\nmodel: x\n")
+    with pytest.raises(UnpactError, match="model: unknown setting"):
+        resolve_config(file=other)
+
+
 def test_resume_after_a_crash_ends_with_the_same_weights(bench, tmp_path):
     whole = _run(bench, tmp_path / "whole")
     with pytest.raises(Exception, match="stopped after step 4"):

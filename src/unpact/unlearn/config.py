@@ -108,13 +108,13 @@ def resolve_config(
 ) -> UnlearnConfig:
     """Defaults of the method, then a YAML file (or `values`, the same mapping given
     directly), then `key=value` overrides; validated."""
-    user: dict[str, Any] = dict(values or {})
+    user: dict[str, Any] = _settings_of(dict(values or {}))
     if file is not None:
         path = Path(file)
         if not path.is_file():
             what = "is a folder, not a file" if path.is_dir() else "does not exist"
             raise UnpactError(f"config file {path} {what}")
-        user = _merge(user, read_yaml_mapping(path))
+        user = _merge(user, _settings_of(read_yaml_mapping(path)))
     name = method or user.get("method")
     if not name:
         raise UnpactError("no method given: pass --method or set `method:` in the config file")
@@ -151,6 +151,19 @@ def resolve_config(
     # config saved with a run, and what cache keys hash
     settings = config.method_settings().model_dump(mode="json")
     return config.model_copy(update={"settings": settings})
+
+
+# what a run's record (its config.yaml) says beside the settings: the run's, not a setting
+RECORD_KEYS = ("format", "model", "benchmark", "processes")
+
+
+def _settings_of(given: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a config file, or of the config.yaml an `unpact unlearn` run wrote
+    (its `format` says so): its model, benchmark and process count are the run's, which
+    the new one is told apart (--model, --benchmark), and were "unknown setting"s."""
+    if "format" in given and is_unlearn_record(given):
+        return {k: v for k, v in given.items() if k not in RECORD_KEYS}
+    return given
 
 
 def parse_override(item: str) -> tuple[str, Any]:
