@@ -8,8 +8,8 @@ precision / recall against the benchmark's keywords, as markdown tables.
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +46,24 @@ def tables(tokens: dict[str, Any], words: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) != 2:
-        sys.exit("usage: compare_units.py TOKEN_RUN_DIR WORD_RUN_DIR")
-    runs = [json.loads((Path(d) / "results.json").read_text())["runs"] for d in argv]
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("tokens", type=Path, metavar="TOKEN_RUN_DIR", help="grid, token units")
+    parser.add_argument("words", type=Path, metavar="WORD_RUN_DIR", help="grid, word units")
+    args = parser.parse_args()
+    runs = []
+    for folder in (args.tokens, args.words):
+        path = folder / "results.json"
+        if not path.is_file():
+            parser.error(f"{folder}: no results.json here")
+        results = json.loads(path.read_text())
+        if "runs" not in results:
+            parser.error(f"{path}: one run's results, not a grid's (`unpact run paper`)")
+        runs.append(results["runs"])
     print(tables(*runs))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -15,7 +15,7 @@ LLM.int8's rows (`llm_int8`): the formats of the attack.
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import torch
 
@@ -71,13 +71,17 @@ def compare(original: torch.nn.Module, unlearned: torch.nn.Module) -> dict[str, 
     return out
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) < 2:
-        sys.exit(__doc__)
-    original = load_model(argv[0]).model
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("original", metavar="ORIGINAL", help="the model before unlearning")
+    parser.add_argument("unlearned", nargs="+", metavar="UNLEARNED", help="an unlearned model")
+    args = parser.parse_args()
+    original = load_model(args.original).model
     names = " / ".join(FORMATS)
     print(f"model | RMS change | same level: {names} | quantized distance: {names}")
-    for spec in argv[1:]:
+    for spec in args.unlearned:
         r = compare(original, load_model(spec).model)
         same = " / ".join(f"{r[f'same_level_{k}']:.1%}" for k in FORMATS)
         far = " / ".join(f"{r[f'distance_{k}']:.1f}" for k in FORMATS)
@@ -85,4 +89,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

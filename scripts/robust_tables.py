@@ -10,9 +10,9 @@ benchmarks and over the QA ones (news, books), per method and attack.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
 from scipy.stats import binomtest
@@ -65,11 +65,14 @@ def pooled(runs: list[Path], benchmarks: tuple[str, ...]) -> dict[tuple[str, str
 
 
 def main() -> None:
-    runs = [Path(a) for a in sys.argv[1:]]
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="a finished run")
+    runs = parser.parse_args().runs
     missing = [r for r in runs if not any((r / b / "results.json").is_file() for b in BENCHMARKS)]
-    if not runs or missing:  # printed empty tables, as if the runs had recovered nothing
-        said = f"{missing[0]}: no {'/'.join(BENCHMARKS)}/results.json here; " if missing else ""
-        sys.exit(f"{said}usage: python scripts/robust_tables.py RUN_DIR [RUN_DIR ...]")
+    if missing:  # printed empty tables, as if the runs had recovered nothing
+        parser.error(f"{missing[0]}: no {'/'.join(BENCHMARKS)}/results.json here")
     for root in runs:
         for b in BENCHMARKS:
             path = root / b / "results.json"

@@ -12,9 +12,9 @@ Prints both digests, the accuracies and whether the cache keys agree.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -28,11 +28,16 @@ def sha256(path: Path) -> str:
 
 
 def main() -> None:
-    if len(sys.argv) != 4:
-        sys.exit(__doc__)
-    config, benchmark, folder = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("config", metavar="CONFIG", help="a run config (built-in or YAML)")
+    parser.add_argument("benchmark", metavar="BENCHMARK", help="the benchmark to teach")
+    parser.add_argument("folder", type=Path, metavar="FOLDER", help="an injected model")
+    args = parser.parse_args()
+    config, benchmark, folder = args.config, args.benchmark, args.folder
     if not (folder / "model.safetensors").is_file():
-        sys.exit(f"{folder}: no model.safetensors here")
+        parser.error(f"{folder}: no model.safetensors here")
     os.environ["UNPACT_CACHE"] = tempfile.mkdtemp(prefix="unpact-same-")
     from unpact.inject import InjectConfig, inject
     from unpact.run import load_config

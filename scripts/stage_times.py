@@ -13,6 +13,7 @@ notes have no time and are counted as unknown).
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sys
@@ -60,9 +61,11 @@ def runs(root: Path) -> dict[str, dict]:
 
 
 def main() -> None:
-    if len(sys.argv) != 2:
-        sys.exit(__doc__)
-    found = runs(Path(sys.argv[1]))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("run", type=Path, metavar="RUN_DIR", help="a run or a grid's folder")
+    found = runs(parser.parse_args().run)
     grid: dict[str, float] = defaultdict(float)
     clock = cold = 0.0
     for name, results in found.items():

@@ -46,3 +46,19 @@ def test_robust_tables_says_when_a_folder_holds_no_run(tmp_path):
     res = subprocess.run([sys.executable, script, tmp_path], capture_output=True, text=True)
     assert res.returncode != 0 and "no news/books/wmdp/results.json here" in res.stderr
     assert "pooled McNemar" not in res.stdout
+
+
+@pytest.mark.parametrize("script", sorted(ROOT.glob("scripts/*.py")), ids=lambda p: p.name)
+def test_a_helper_script_says_how_it_is_called(script):
+    """`python scripts/stage_times.py --help` read "--help" as its run folder ("--help: no
+    results.json here"), quantize_buckets.py loaded it as a model: each now prints its
+    usage and what it does, and a call without its arguments is usage error 2."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.startswith("usage:"), res.stderr
+    doc = ast.get_docstring(ast.parse(script.read_text(encoding="utf-8"))) or ""
+    assert doc.split("\n")[0][:40] in res.stdout  # what it does
+    res = subprocess.run([sys.executable, script], capture_output=True, text=True)
+    assert res.returncode == 2 and "required" in res.stderr
