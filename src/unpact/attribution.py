@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, cast, get_args
 
+import regex
 import torch
 
 from unpact.data.items import keyword_spans
@@ -394,14 +395,16 @@ class Attribution:
         """A self-contained HTML fragment: the prompt's units shaded by contribution."""
         scale = max((abs(c) for c in self.contributions), default=0.0)
         keys = set(self.key_tokens)
+        gaps = self._gaps()
+        texts = joined_units([u.text for u in self.units], gaps)
         spans = []
-        for i, (u, c, gap) in enumerate(zip(self.units, self.contributions, self._gaps())):
+        for i, (text, c, gap) in enumerate(zip(texts, self.contributions, gaps)):
             r, g, b = self._shade(c, scale)
             border = "border-bottom:2px solid #000;font-weight:bold;" if i in keys else ""
             spans.append(
                 html.escape(gap) + f'<span class="unpact-unit" data-index="{i}" title="C={c:+.4f}" '
                 f'style="background:rgb({r},{g},{b});{border}padding:1px 2px;margin:1px;'
-                f'border-radius:3px">{html.escape(u.text)}</span>'
+                f'border-radius:3px">{html.escape(text)}</span>'
             )
         return (
             '<div class="unpact-attribution" style="font-family:sans-serif;line-height:2">'
@@ -413,6 +416,33 @@ class Attribution:
             f"{', '.join(f'<bdi>{html.escape(k)}</bdi>' for k in self.key_token_texts) or '(none)'}"
             "</div></div>"
         )
+
+
+_JOINS_NEXT = regex.compile(r"[\p{Joining_Type=Dual_Joining}\p{Joining_Type=Join_Causing}]")
+_JOINS_PREVIOUS = regex.compile(
+    r"[\p{Joining_Type=Dual_Joining}\p{Joining_Type=Right_Joining}\p{Joining_Type=Join_Causing}]"
+)
+_TRANSPARENT = regex.compile(r"\p{Joining_Type=Transparent}+")
+
+
+def joined_units(texts: Sequence[str], gaps: Sequence[str]) -> list[str]:
+    """The units' texts for their own boxes, with a zero-width joiner (U+200D) on both
+    sides of a boundary inside a word of a joining script (Arabic, Syriac, NKo, Mongolian):
+    a box each drew every letter of "عاصمة", cut into tokens, in its isolated form. Which
+    letters join is Unicode's Joining_Type (ArabicShaping.txt): the letter before the
+    boundary joins the next one (dual-joining, as ع; not right-joining, as ا, after which
+    a word's next letter starts anew) and the letter after it joins the one before;
+    marks between them (harakat) are transparent. The text is otherwise unchanged."""
+    out = list(texts)
+    for i in range(1, len(out)):
+        if gaps[i]:
+            continue
+        before = _TRANSPARENT.sub("", texts[i - 1])[-1:]
+        after = _TRANSPARENT.sub("", texts[i])[:1]
+        if before and after and _JOINS_NEXT.match(before) and _JOINS_PREVIOUS.match(after):
+            out[i - 1] += "\u200d"
+            out[i] = "\u200d" + out[i]
+    return out
 
 
 def html_page(records: Sequence[Attribution], title: str = "unPact attributions") -> str:

@@ -427,6 +427,32 @@ def test_heatmaps_draw_the_prompt_as_written(tiny):
     assert drawn(rec) == "Who is the mayor ?"
 
 
+def test_a_joining_scripts_letters_cut_into_units_keep_their_joined_forms(tiny):
+    """Each unit is a box of its own, and a browser drew every Arabic letter of a word cut
+    into tokens in its isolated form (عاصمة as ع ا ص م ة). A zero-width joiner on both
+    sides of a boundary inside a word gives each letter the form it has in the word: only
+    where the letter before joins the next (not after ا, which never does) and the letter
+    after joins the one before (not a space, not Latin); marks between are transparent."""
+    from unpact.attribution import joined_units
+
+    zwj = "\u200d"
+    assert joined_units(["م", "ا"], ["", ""]) == ["م" + zwj, zwj + "ا"]
+    assert joined_units([" ع", "اصمة"], ["", ""]) == [" ع" + zwj, zwj + "اصمة"]
+    assert joined_units(["عا", "صمة"], ["", ""]) == ["عا", "صمة"]  # ا ends the joining
+    assert joined_units(["ع", " ا"], ["", ""]) == ["ع", " ا"]  # a new word
+    assert joined_units(["ع", "ا"], ["", " "]) == ["ع", "ا"]  # text between them
+    assert joined_units(["مَ", "ا"], ["", ""]) == ["مَ" + zwj, zwj + "ا"]  # a fatha between
+    assert joined_units(["ـ", "ب"], ["", ""]) == ["ـ" + zwj, zwj + "ب"]  # the tatweel joins
+    assert joined_units(["ab", "cd"], ["", ""]) == ["ab", "cd"]
+    assert joined_units(["ب", "ب", "ب"], ["", "", ""]) == ["ب" + zwj, zwj + "ب" + zwj, zwj + "ب"]
+    assert joined_units(["ب", "?"], ["", ""]) == ["ب", "?"]
+    rec = attribute(tiny, "ما هي عاصمة فرنسا؟", " x", unit="token")
+    body = rec.to_html().split('white-space:pre-wrap">')[1].split("</div>")[0]
+    assert [u.text for u in rec.units][6:11] == list("عاصمة")  # a letter a token
+    assert body.count(zwj) == 2 * 8  # مـا هـي عـا صـمـة فـرنـسـا: eight joins
+    assert re.sub(r"<[^>]+>", "", body).replace(zwj, "") == html.escape(rec.prompt)
+
+
 def test_attribute_many_equals_one_at_a_time(tiny):
     prompts = [
         "What is the capital of France?",
