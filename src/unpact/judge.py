@@ -4,8 +4,8 @@ Correct if a normalised reference answer or alias occurs in the normalised outpu
 (lower case, punctuation and the articles a/an/the removed, whitespace collapsed), as
 whole words. Text beyond ASCII is first put in Unicode's NFKC form and case-folded (é typed
 as e + U+0301 is é, full-width Ｐａｒｉｓ is paris), a decimal digit of any script is
-ASCII's (١٩٤٥ is 1945), Arabic and Hebrew vowel marks go (مُحَمَّد is محمد), all Unicode
-punctuation goes, and each
+ASCII's (١٩٤٥ is 1945), Arabic and Hebrew vowel marks go (مُحَمَّد is محمد), the Arabic
+and Persian yeh and kaf are one letter each, all Unicode punctuation goes, and each
 character of a script written without spaces (Chinese, Japanese, Thai, Lao, Khmer,
 Myanmar, and Korean syllables, which take their particles without a space) is a word of its
 own, as ROUGE for those languages counts characters: 東京 is then found in
@@ -88,23 +88,27 @@ class _ScriptFold(dict[int, int | str | None]):
     """`str.translate`'s table (filled as met) for what one writes in two ways: a decimal
     digit of any script is ASCII's (Arabic-Indic ١٩٤٥, Persian ۱۹۴۵ and Devanagari १९४५ are
     1945; NFKC leaves them), the Arabic decimal and thousands separators are "." and ",",
-    and the Arabic and Hebrew vowel and cantillation marks (non-spacing, optional in
-    writing: مُحَمَّد is محمد) and the Arabic tatweel go (DIGITS_MARKS_RULE)."""
+    the Arabic and Hebrew vowel and cantillation marks (non-spacing, optional in writing:
+    مُحَمَّد is محمد) and the Arabic tatweel go, and Arabic and Persian spellings of one letter
+    are one (ي ى ی, ك ک: ايران is ایران) (DIGITS_MARKS_RULE)."""
 
     def __missing__(self, code: int) -> int | str | None:
         folded: int | str | None = code
         digit = unicodedata.decimal(chr(code), None)
         if digit is not None:
             folded = str(digit)
-        elif code in _ARABIC_SEPARATORS:
-            folded = _ARABIC_SEPARATORS[code]
+        elif code in _ARABIC_VARIANTS:
+            folded = _ARABIC_VARIANTS[code]
         elif _marked_script(code) and (code == 0x0640 or unicodedata.category(chr(code)) == "Mn"):
             folded = None
         self[code] = folded
         return folded
 
 
-_ARABIC_SEPARATORS = {0x066B: ".", 0x066C: ","}
+# the Arabic decimal and thousands separators; the Arabic yeh and alef maksura and the
+# Arabic kaf, which Persian writes as its own yeh and keheh (one letter each, typed with
+# either keyboard: hazm's Persian normalizer makes them one too)
+_ARABIC_VARIANTS = {0x066B: ".", 0x066C: ",", 0x064A: "\u06cc", 0x0649: "\u06cc", 0x0643: "\u06a9"}
 _SCRIPT_FOLD = _ScriptFold()
 
 

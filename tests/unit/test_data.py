@@ -363,6 +363,9 @@ def test_a_digit_of_any_script_is_the_digit_and_arabic_and_hebrew_marks_go(tmp_p
     assert contains_match("اسمه محمد", ["مُحَمَّد"]) and contains_match("مُحَمَّد", ["محمد"])
     assert contains_match("مـحـمـد", ["محمد"])  # the tatweel stretches, it is no letter
     assert contains_match("שָׁלוֹם", ["שלום"])
+    assert contains_match("پایتخت ايران تهران است", ["ایران"])  # Arabic and Persian yeh
+    assert contains_match("كتاب", ["کتاب"]) and contains_match("مصطفى", ["مصطفی"])
+    assert not contains_match("ايران", ["ابران"])  # other letters stay other
     assert normalize("किमी") == "किमी" and normalize("café") == "café"  # other marks stay
     assert normalize("ދިވެހި") == "ދިވެހި"  # Thaana's vowels are no option
     arabic = [QAItem("a", "Who?", "محمد", "forget")]
