@@ -959,6 +959,12 @@ def _resolve_local(spec: str) -> Path | None:
                 "the folder (its config, weights and tokenizer are read together)"
             )
         raise UnpactError(f"model spec {spec!r} is a file but not a .gguf; give a directory")
+    if re.match(r"(?i)https?://", spec):  # a server's address: read as a path, "no such file"
+        raise UnpactError(
+            f"model spec {spec!r} is an address: a served model is openai:MODEL@BASE_URL, "
+            f"e.g. openai:NAME@{spec.rstrip('/')}{'' if spec.rstrip('/').endswith('/v1') else '/v1'}"
+            " (NAME as the server's /v1/models lists it)"
+        )
     looks_like_path = (
         spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
     )

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from unpact.data.items import QAItem
 from unpact.errors import UnpactError
-from unpact.models import load_model, load_tokenizer, save_model
+from unpact.models import check_spec, load_model, load_tokenizer, save_model
 
 
 def test_chat_prompt_marks_user_content(tiny):
@@ -42,8 +42,6 @@ def test_raw_prompt_is_content_only(tiny):
 
 def test_an_empty_model_spec_is_named_as_such():
     """`--model ""` read the current folder ("a directory without config.json")."""
-    from unpact.models import check_spec, load_model
-
     for call in (load_model, check_spec):
         with pytest.raises(UnpactError, match=r"^empty model spec: give 'default'"):
             call("")
@@ -72,6 +70,10 @@ def test_empty_prompt(tiny, prompt):
 def test_spec_that_resolves_to_nothing(tmp_path):
     with pytest.raises(UnpactError, match="no such file or directory"):
         load_model(str(tmp_path / "missing"))
+    # a server's address was "no such file or directory", which named no served spec
+    for address in ("http://127.0.0.1:8000", "https://host/v1/"):
+        with pytest.raises(UnpactError, match=r"openai:NAME@http\S*://\S+/v1 \(NAME as"):
+            check_spec(address)
     with pytest.raises(UnpactError, match=r"without config\.json"):
         load_model(str(tmp_path))
     (tmp_path / "notes.txt").write_text("x")
