@@ -159,8 +159,9 @@ RECORD_KEYS = ("format", "model", "benchmark", "processes")
 
 def _settings_of(given: dict[str, Any]) -> dict[str, Any]:
     """The settings of a config file, or of the config.yaml an `unpact unlearn` run wrote
-    (its `format` says so): its model, benchmark and process count are the run's, which
-    the new one is told apart (--model, --benchmark), and were "unknown setting"s."""
+    (its `format` says so): that file's model, benchmark and process count describe the
+    old run (the new one's are --model's, --benchmark's and its launcher's), and were
+    refused as unknown settings."""
     if "format" in given and is_unlearn_record(given):
         return {k: v for k, v in given.items() if k not in RECORD_KEYS}
     return given
