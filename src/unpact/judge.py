@@ -82,6 +82,9 @@ def normalize(text: str) -> str:
 # removal as a private-use character (no punctuation, no letter: a word's part).
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _DECIMAL = re.compile(r"(?<=\d)\.(?=\d)")
+# a no-break or thin space between thousands (French and SI typography: "12 000" with
+# U+202F), which NFKC makes a space (DIGITS_MARKS_RULE); a plain space stays two words
+_SPACED_THOUSANDS = re.compile(r"(?<=\d)[\u00a0\u2009\u202f](?=\d{3}(?!\d))")
 
 
 class _ScriptFold(dict[int, int | str | None]):
@@ -124,6 +127,7 @@ def _words(text: str) -> str:
     if wide:
         # Turkish "İ" case-folds to "i" and a combining dot (U+0307): "İstanbul" was not
         # the "Istanbul" an English answer writes (DOTTED_I_RULE)
+        text = _SPACED_THOUSANDS.sub("", text)
         text = unicodedata.normalize("NFKC", text).casefold().replace("i\u0307", "i")
         text = text.translate(_SCRIPT_FOLD)
     text = _DECIMAL.sub("\ue000", _THOUSANDS.sub("", text))

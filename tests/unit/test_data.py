@@ -360,6 +360,9 @@ def test_a_digit_of_any_script_is_the_digit_and_arabic_and_hebrew_marks_go(tmp_p
     assert not contains_match("١٩٤٥", ["19"])  # still whole numbers
     assert normalize("٣٫٥ و١٢٬٠٠٠") == "3.5 و12000" == normalize("٣٫٥ و12,000")
     assert normalize("１２，０００") == "12000"  # a full-width comma is a comma (NFKC)
+    assert contains_match("Il a 12\u202f000 ans.", ["12000"])  # French thousands
+    assert contains_match("1\u00a0234\u00a0567", ["1,234,567"])
+    assert not contains_match("1\u00a023", ["123"]) and not contains_match("12 000", ["12000"])
     assert contains_match("اسمه محمد", ["مُحَمَّد"]) and contains_match("مُحَمَّد", ["محمد"])
     assert contains_match("مـحـمـد", ["محمد"])  # the tatweel stretches, it is no letter
     assert contains_match("שָׁלוֹם", ["שלום"])
