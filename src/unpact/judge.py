@@ -102,7 +102,7 @@ class _ScriptFold(dict[int, int | str | None]):
             folded = str(digit)
         elif code in _ARABIC_VARIANTS:
             folded = _ARABIC_VARIANTS[code]
-        elif _marked_script(code) and (code == 0x0640 or unicodedata.category(chr(code)) == "Mn"):
+        elif optional_mark(chr(code)):
             folded = None
         self[code] = folded
         return folded
@@ -119,6 +119,13 @@ def _marked_script(code: int) -> bool:
     """Hebrew, Arabic and Arabic Extended: written with their vowel marks or without them
     (Thaana's and NKo's, between them, are letters' parts and stay)."""
     return 0x0590 <= code <= 0x06FF or 0x0870 <= code <= 0x08FF
+
+
+def optional_mark(c: str) -> bool:
+    """Whether `c` is an Arabic or Hebrew vowel or cantillation mark (non-spacing) or the
+    Arabic tatweel: written or left out at will, the same word either way."""
+    code = ord(c)
+    return _marked_script(code) and (code == 0x0640 or unicodedata.category(c) == "Mn")
 
 
 def _words(text: str) -> str:

@@ -280,6 +280,34 @@ def test_keyword_units_are_found_at_the_prompt_s_own_offsets():
     assert keyword_units(prompt, units, ["in"]) == [1]
 
 
+def test_a_keyword_is_found_with_or_without_arabic_and_hebrew_vowel_marks(tmp_path):
+    """An item whose question writes مُحَمَّد (vowel marks) and whose keyword محمد (none, as
+    usually typed) was refused: "'محمد' does not occur in the question". The marks are
+    optional on either side, and a keyword's span takes the marks on its letters, so the
+    token units holding them are the keyword's too."""
+    from unpact.attribution import keyword_units
+    from unpact.data.items import keyword_spans
+
+    question = "من أسس مُحَمَّدٌ؟"
+    word = (7, 16)  # مُحَمَّدٌ with its marks
+    for keyword in ("محمد", "مُحَمَّد", "مُحَمَّدٌ", "مـحـمـد"):
+        assert keyword_spans(question, keyword) == [word], keyword
+    assert keyword_spans("أسسها محمد", "مُحَمَّد") == [(6, 10)]
+    assert keyword_spans(question, "محمود") == [] and keyword_spans(question, "\u064e") == []
+    assert keyword_spans("שָׁלוֹם עולם", "שלום") == [(0, 7)]
+    units = ["من", " أسس", " مُ", "حَ", "مَّ", "دٌ", "؟"]
+    assert keyword_units(question, units, ["محمد"]) == [2, 3, 4, 5]
+    write = tmp_path / "qa.jsonl"
+    write.write_text(
+        '{"id": "a", "question": "من أسس مُحَمَّدٌ؟", "answer": "x", "split": "forget", '
+        '"keywords": ["محمد"]}\n',
+        encoding="utf-8",
+    )
+    from unpact.data import load_benchmark
+
+    assert load_benchmark(str(tmp_path)).items[0].keywords == ("محمد",)
+
+
 @given(
     st.lists(st.sampled_from(["Vost", "rand", " ", "ab", "AB", "a", "?", "Glass"]), max_size=12),
     st.lists(st.text(alphabet="abVostrAB ?", min_size=0, max_size=4), max_size=3),

@@ -21,6 +21,7 @@ from typing import Any
 
 from unpact.errors import UnpactError, check_text
 from unpact.files import json_lines, read_text
+from unpact.judge import optional_mark
 
 SPLITS = ("forget", "retain", "general", "holdout")
 # Fields an injection's cache key leaves out: they do not change what it teaches (issue 21).
@@ -313,11 +314,31 @@ def choice_index(answer: Any) -> int | None:
 def keyword_spans(text: str, keyword: str) -> list[tuple[int, int]]:
     """Where `keyword` occurs in `text`, case aside (overlapping occurrences too), as
     offsets in `text` itself: a search in `text.lower()` gives offsets one late after each
-    "İ" (U+0130, two characters in lower case) and misses "istanbul" in "İstanbul"."""
-    if not keyword:
+    "İ" (U+0130, two characters in lower case) and misses "istanbul" in "İstanbul". Arabic
+    and Hebrew vowel marks are optional on either side (`judge.optional_mark`): محمد is
+    found in مُحَمَّد (its marks inside the span), where the item was refused."""
+    letters = [c for c in keyword if not optional_mark(c)]
+    if not letters:
         return []
-    found = re.finditer(f"(?=({re.escape(keyword)}))", text, re.IGNORECASE)
+    if len(letters) == len(keyword) and not any(map(_MARKED.search, keyword)):
+        pattern = re.escape(keyword)
+    else:
+        pattern = _MARKS.join(map(re.escape, letters)) + _MARKS
+    found = re.finditer(f"(?=({pattern}))", text, re.IGNORECASE)
     return [(m.start(1), m.end(1)) for m in found]
+
+
+# the letters whose words take optional marks, and the marks, as regular expressions
+_MARKED = re.compile("[\u0590-\u06ff\u0870-\u08ff]")
+_MARKS = (
+    "["
+    + "".join(
+        re.escape(chr(c))
+        for c in (*range(0x0590, 0x0700), *range(0x0870, 0x0900))
+        if optional_mark(chr(c))
+    )
+    + "]*"
+)
 
 
 def _not_a_choice(answer: str, choices: Sequence[str]) -> str:
