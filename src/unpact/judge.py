@@ -115,17 +115,17 @@ _ARABIC_VARIANTS = {0x066B: ".", 0x066C: ",", 0x064A: "\u06cc", 0x0649: "\u06cc"
 _SCRIPT_FOLD = _ScriptFold()
 
 
-def _marked_script(code: int) -> bool:
-    """Hebrew, Arabic and Arabic Extended: written with their vowel marks or without them
-    (Thaana's and NKo's, between them, are letters' parts and stay)."""
+def takes_marks(c: str) -> bool:
+    """Whether `c` is of Hebrew, Arabic or Arabic Extended, written with their vowel marks
+    or without them (Thaana's and NKo's, between them, are letters' parts and stay)."""
+    code = ord(c)
     return 0x0590 <= code <= 0x06FF or 0x0870 <= code <= 0x08FF
 
 
 def optional_mark(c: str) -> bool:
     """Whether `c` is an Arabic or Hebrew vowel or cantillation mark (non-spacing) or the
     Arabic tatweel: written or left out at will, the same word either way."""
-    code = ord(c)
-    return _marked_script(code) and (code == 0x0640 or unicodedata.category(c) == "Mn")
+    return takes_marks(c) and (c == "\u0640" or unicodedata.category(c) == "Mn")
 
 
 def _words(text: str) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 from unpact.errors import UnpactError, check_text
 from unpact.files import json_lines, read_text
-from unpact.judge import optional_mark
+from unpact.judge import optional_mark, takes_marks
 
 SPLITS = ("forget", "retain", "general", "holdout")
 # Fields an injection's cache key leaves out: they do not change what it teaches (issue 21).
@@ -320,24 +320,17 @@ def keyword_spans(text: str, keyword: str) -> list[tuple[int, int]]:
     letters = [c for c in keyword if not optional_mark(c)]
     if not letters:
         return []
-    if len(letters) == len(keyword) and not any(map(_MARKED.search, keyword)):
-        pattern = re.escape(keyword)
-    else:
+    if any(takes_marks(c) for c in keyword):
         pattern = _MARKS.join(map(re.escape, letters)) + _MARKS
+    else:
+        pattern = re.escape(keyword)
     found = re.finditer(f"(?=({pattern}))", text, re.IGNORECASE)
     return [(m.start(1), m.end(1)) for m in found]
 
 
-# the letters whose words take optional marks, and the marks, as regular expressions
-_MARKED = re.compile("[\u0590-\u06ff\u0870-\u08ff]")
+# any run of optional marks, as a regular expression
 _MARKS = (
-    "["
-    + "".join(
-        re.escape(chr(c))
-        for c in (*range(0x0590, 0x0700), *range(0x0870, 0x0900))
-        if optional_mark(chr(c))
-    )
-    + "]*"
+    "[" + "".join(re.escape(chr(c)) for c in range(0x0590, 0x0900) if optional_mark(chr(c))) + "]*"
 )
 
 
