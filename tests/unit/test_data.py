@@ -344,6 +344,29 @@ def test_a_turkish_dotted_i_is_an_i(tmp_path, monkeypatch):
     assert cache_key("default", bench, InjectConfig()) != key  # its stopping rule's judge
 
 
+def test_a_keyword_in_another_unicode_form_than_the_question_is_the_questions(tmp_path):
+    """A keyword typed with é as e + U+0301 (NFD) and a question with é as one character
+    (NFC) look the same, and the item was refused ("'Café Morvaine' does not occur in the
+    question"). The keyword is kept in the question's form; where the question mixes
+    forms, the message says so."""
+    import unicodedata
+
+    nfd = unicodedata.normalize("NFD", "Café Morvaine")
+    question = "Who founded the Café Morvaine?"
+    bench = load_folder(write(tmp_path, [{**GOOD, "question": question, "keywords": [nfd]}]))
+    assert bench.items[0].keywords == ("Café Morvaine",)  # NFC, as the question
+    nfd_question = unicodedata.normalize("NFD", question)
+    back = load_folder(
+        write(tmp_path, [{**GOOD, "question": nfd_question, "keywords": ["Café Morvaine"]}])
+    )
+    assert back.items[0].keywords == (nfd,)
+    mixed = "Who founded the Café " + unicodedata.normalize("NFD", "Café") + "?"
+    with pytest.raises(UnpactError, match="different Unicode forms"):
+        load_folder(write(tmp_path, [{**GOOD, "question": mixed, "keywords": ["Café Café"]}]))
+    with pytest.raises(UnpactError, match=r"'Tea' does not occur in the question$"):
+        load_folder(write(tmp_path, [{**GOOD, "question": question, "keywords": ["Tea"]}]))
+
+
 def test_a_digit_of_any_script_is_the_digit_and_arabic_and_hebrew_marks_go(tmp_path, monkeypatch):
     """NFKC leaves Arabic-Indic, Persian and Devanagari digits as they are: a model that
     answered "١٩٤٥" to "1945" (or "1945" to "١٩٤٥") was judged as not knowing it, as was one

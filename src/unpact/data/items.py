@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -334,6 +335,28 @@ _MARKS = (
 )
 
 
+def as_in_question(question: str, keyword: str) -> str:
+    """`keyword` as the question writes it, for the KeyTokens are compared with its spans
+    in the question: itself, or its other Unicode form where only that occurs (é typed as
+    e and U+0301, NFD, in one and as one character, NFC, in the other: the two look the
+    same, and the item was refused as "'Café' does not occur in the question"). Raises
+    UnpactError when neither occurs."""
+    forms = (keyword, unicodedata.normalize("NFC", keyword), unicodedata.normalize("NFD", keyword))
+    found = next((k for k in forms if keyword_spans(question, k)), None)
+    if found is not None:
+        return found
+    mixed = unicodedata.normalize("NFC", keyword) in unicodedata.normalize("NFC", question)
+    raise UnpactError(
+        f"{keyword!r} does not occur in the question"
+        + (
+            " as written: the two hold its accents in different Unicode forms (a letter "
+            "and a combining mark, or one character); save both in one form (NFC)"
+            if mixed
+            else ""
+        )
+    )
+
+
 def _not_a_choice(answer: str, choices: Sequence[str]) -> str:
     """The message for an answer that is none of the choices; one that reads as the
     correct choice's letter or index is told which text it names."""
@@ -367,9 +390,10 @@ def parse_item(obj: dict[str, Any], path: Path, line: int) -> QAItem:
             raise _fail(path, line, f"field 'choices' holds {twice!r} twice")
         if answer not in choices:
             raise _fail(path, line, _not_a_choice(answer, choices))
-    for k in keywords:
-        if not keyword_spans(question, k):  # as the KeyTokens are compared with it
-            raise _fail(path, line, f"field 'keywords': {k!r} does not occur in the question")
+    try:
+        keywords = tuple(as_in_question(question, k) for k in keywords)
+    except UnpactError as e:
+        raise _fail(path, line, f"field 'keywords': {e}") from None
     paraphrased = _string(obj, "paraphrased_answer", path, line, optional=True, numbers=True)
     perturbed = _strings(obj, "perturbed_answers", path, line, numbers=True)
     if perturbed is not None and not perturbed:
