@@ -365,6 +365,15 @@ def test_a_keyword_in_another_unicode_form_than_the_question_is_the_questions(tm
         load_folder(write(tmp_path, [{**GOOD, "question": mixed, "keywords": ["Café Café"]}]))
     with pytest.raises(UnpactError, match=r"'Tea' does not occur in the question$"):
         load_folder(write(tmp_path, [{**GOOD, "question": question, "keywords": ["Tea"]}]))
+    # likewise a multiple-choice answer: the choice it is, in the choice's form
+    mcq = {**GOOD, "answer": nfd, "choices": ["Café Morvaine", "Tea Room"], "keywords": []}
+    assert load_folder(write(tmp_path, [mcq])).items[0].answer == "Café Morvaine"
+    with pytest.raises(UnpactError, match="holds 'Café Morvaine' twice"):
+        load_folder(write(tmp_path, [{**mcq, "choices": ["Café Morvaine", nfd]}]))
+    with pytest.raises(UnpactError, match="holds the answer"):
+        load_folder(
+            write(tmp_path, [{**GOOD, "answer": nfd, "perturbed_answers": [question[16:-1]]}])
+        )
 
 
 def test_a_digit_of_any_script_is_the_digit_and_arabic_and_hebrew_marks_go(tmp_path, monkeypatch):

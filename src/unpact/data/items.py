@@ -335,17 +335,21 @@ _MARKS = (
 )
 
 
+def _nfc(text: str) -> str:
+    return unicodedata.normalize("NFC", text)
+
+
 def as_in_question(question: str, keyword: str) -> str:
     """`keyword` as the question writes it, for the KeyTokens are compared with its spans
     in the question: itself, or its other Unicode form where only that occurs (é typed as
     e and U+0301, NFD, in one and as one character, NFC, in the other: the two look the
     same, and the item was refused as "'Café' does not occur in the question"). Raises
     UnpactError when neither occurs."""
-    forms = (keyword, unicodedata.normalize("NFC", keyword), unicodedata.normalize("NFD", keyword))
+    forms = (keyword, _nfc(keyword), unicodedata.normalize("NFD", keyword))
     found = next((k for k in forms if keyword_spans(question, k)), None)
     if found is not None:
         return found
-    mixed = unicodedata.normalize("NFC", keyword) in unicodedata.normalize("NFC", question)
+    mixed = _nfc(keyword) in _nfc(question)
     raise UnpactError(
         f"{keyword!r} does not occur in the question"
         + (
@@ -385,11 +389,15 @@ def parse_item(obj: dict[str, Any], path: Path, line: int) -> QAItem:
     if choices is not None:
         if len(choices) < 2:
             raise _fail(path, line, "field 'choices' needs at least two options")
-        if len(set(choices)) < len(choices):
-            twice = next(c for c in choices if choices.count(c) > 1)
+        forms = [_nfc(c) for c in choices]  # one choice in two Unicode forms is one choice
+        if len(set(forms)) < len(forms):
+            twice = next(c for c, f in zip(choices, forms) if forms.count(f) > 1)
             raise _fail(path, line, f"field 'choices' holds {twice!r} twice")
-        if answer not in choices:
-            raise _fail(path, line, _not_a_choice(answer, choices))
+        if answer not in choices:  # the choice it is in another Unicode form: é, e + U+0301
+            same = [c for c in choices if _nfc(c) == _nfc(answer)]
+            if len(same) != 1:
+                raise _fail(path, line, _not_a_choice(answer, choices))
+            answer = same[0]
     try:
         keywords = tuple(as_in_question(question, k) for k in keywords)
     except UnpactError as e:
@@ -398,7 +406,7 @@ def parse_item(obj: dict[str, Any], path: Path, line: int) -> QAItem:
     perturbed = _strings(obj, "perturbed_answers", path, line, numbers=True)
     if perturbed is not None and not perturbed:
         raise _fail(path, line, "field 'perturbed_answers' needs at least one wrong answer")
-    if perturbed is not None and answer in perturbed:
+    if perturbed is not None and _nfc(answer) in map(_nfc, perturbed):
         raise _fail(path, line, f"field 'perturbed_answers' holds the answer {answer!r} itself")
     return QAItem(
         item_id,
