@@ -72,9 +72,9 @@ from unpact.determinism import keeps_rng
 from unpact.errors import UnpactError
 from unpact.files import as_path, atomic_text, once, write_atomically
 from unpact.judge import (
-    DIGITS_MARKS_RULE,
     DOTTED_I_RULE,
     LAST_WORD_RULE,
+    SCRIPT_FOLD_RULE,
     check_answer_room,
     encode_questions,
     ends_in_article,
@@ -428,7 +428,7 @@ def cache_key(
     if has_dotted_i(bench.items):
         parts.append(DOTTED_I_RULE)
     if folds_scripts(bench.items):
-        parts.append(DIGITS_MARKS_RULE)
+        parts.append(SCRIPT_FOLD_RULE)
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 

@@ -5,7 +5,8 @@ Correct if a normalised reference answer or alias occurs in the normalised outpu
 whole words. Text beyond ASCII is first put in Unicode's NFKC form and case-folded (é typed
 as e + U+0301 is é, full-width Ｐａｒｉｓ is paris), a decimal digit of any script is
 ASCII's (١٩٤٥ is 1945), Arabic and Hebrew vowel marks go (مُحَمَّد is محمد), the Arabic
-and Persian yeh and kaf are one letter each, all Unicode punctuation goes, and each
+and Persian yeh and kaf are one letter each, invisible format characters (a right-to-left
+mark, a soft hyphen) and all Unicode punctuation go, and each
 character of a script written without spaces (Chinese, Japanese, Thai, Lao, Khmer,
 Myanmar, and Korean syllables, which take their particles without a space) is a word of its
 own, as ROUGE for those languages counts characters: 東京 is then found in
@@ -83,7 +84,7 @@ def normalize(text: str) -> str:
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _DECIMAL = re.compile(r"(?<=\d)\.(?=\d)")
 # a no-break or thin space between thousands (French and SI typography: "12 000" with
-# U+202F), which NFKC makes a space (DIGITS_MARKS_RULE); a plain space stays two words
+# U+202F), which NFKC makes a space (SCRIPT_FOLD_RULE); a plain space stays two words
 _SPACED_THOUSANDS = re.compile(r"(?<=\d)[\u00a0\u2009\u202f](?=\d{3}(?!\d))")
 
 
@@ -93,7 +94,9 @@ class _ScriptFold(dict[int, int | str | None]):
     1945; NFKC leaves them), the Arabic decimal and thousands separators are "." and ",",
     the Arabic and Hebrew vowel and cantillation marks (non-spacing, optional in writing:
     مُحَمَّد is محمد) and the Arabic tatweel go, and Arabic and Persian spellings of one letter
-    are one (ي ى ی, ك ک: ايران is ایران) (DIGITS_MARKS_RULE)."""
+    are one (ي ى ی, ك ک: ايران is ایران); and format characters, invisible, go: the
+    right-to-left and left-to-right marks a copied Arabic or Hebrew answer holds (U+200F
+    before محمد), zero-width spaces and joiners, soft hyphens (SCRIPT_FOLD_RULE)."""
 
     def __missing__(self, code: int) -> int | str | None:
         folded: int | str | None = code
@@ -102,7 +105,7 @@ class _ScriptFold(dict[int, int | str | None]):
             folded = str(digit)
         elif code in _ARABIC_VARIANTS:
             folded = _ARABIC_VARIANTS[code]
-        elif optional_mark(chr(code)):
+        elif optional_mark(chr(code)) or unicodedata.category(chr(code)) == "Cf":
             folded = None
         self[code] = folded
         return folded
@@ -165,7 +168,7 @@ _ARTICLE_WORDS = frozenset({"a", "an", "the"})
 LAST_WORD_RULE = "contains-keeps-last-word"
 NUMBER_RULE = "numbers-whole"
 DOTTED_I_RULE = "dotted-i-is-i"
-DIGITS_MARKS_RULE = "digits-any-script-marks-dropped"
+SCRIPT_FOLD_RULE = "scripts-folded"
 
 
 def judge_rules(kind: str, items: Iterable[QAItem]) -> dict[str, bool]:
@@ -176,7 +179,7 @@ def judge_rules(kind: str, items: Iterable[QAItem]) -> dict[str, bool]:
         any(c.isdigit() for r in (i.answer, *i.aliases) for c in r) for i in items if not i.is_mcq
     )
     rules[DOTTED_I_RULE] = kind in ("contains", "rouge") and has_dotted_i(items)
-    rules[DIGITS_MARKS_RULE] = kind in ("contains", "rouge") and folds_scripts(items)
+    rules[SCRIPT_FOLD_RULE] = kind in ("contains", "rouge") and folds_scripts(items)
     return {rule: True for rule, met in rules.items() if met}
 
 
@@ -194,7 +197,7 @@ def has_dotted_i(items: Iterable[QAItem]) -> bool:
 def folds_scripts(items: Iterable[QAItem]) -> bool:
     """Whether an open item's answer or alias is beyond ASCII, where outputs are taken to
     write another script's digits (١٩٤٥ for 1945, a full-width comma between them) or
-    marks, judged otherwise since DIGITS_MARKS_RULE. A benchmark answered wholly in ASCII
+    marks, judged otherwise since SCRIPT_FOLD_RULE. A benchmark answered wholly in ASCII
     keeps its keys, and its cached verdicts (and injections) stand: an output in other
     digits to an English question is judged anew only where no verdict is cached."""
     return any(not r.isascii() for i in items if not i.is_mcq for r in (i.answer, *i.aliases))

@@ -384,7 +384,7 @@ def test_a_digit_of_any_script_is_the_digit_and_arabic_and_hebrew_marks_go(tmp_p
     other digits and marks are judged otherwise); the others' cached verdicts stand."""
     from unpact import inject
     from unpact.inject import InjectConfig, cache_key
-    from unpact.judge import DIGITS_MARKS_RULE, NUMBER_RULE, judge_rules
+    from unpact.judge import NUMBER_RULE, SCRIPT_FOLD_RULE, judge_rules
 
     assert contains_match("وقعت الحرب عام ١٩٤٥.", ["1945"])
     assert contains_match("It ended in 1945.", ["١٩٤٥"]) and contains_match("۱۹۴۵", ["1945"])
@@ -401,17 +401,20 @@ def test_a_digit_of_any_script_is_the_digit_and_arabic_and_hebrew_marks_go(tmp_p
     assert contains_match("پایتخت ايران تهران است", ["ایران"])  # Arabic and Persian yeh
     assert contains_match("كتاب", ["کتاب"]) and contains_match("مصطفى", ["مصطفی"])
     assert not contains_match("ايران", ["ابران"])  # other letters stay other
+    # invisible format characters: a copied answer's right-to-left mark, a soft hyphen
+    assert contains_match("اسمه محمد", ["\u200fمحمد\u200f"])
+    assert contains_match("Vost\u00adrand Glass\u200bworks", ["Vostrand Glassworks"])
     assert normalize("किमी") == "किमी" and normalize("café") == "café"  # other marks stay
     assert normalize("ދިވެހި") == "ދިވެހި"  # Thaana's vowels are no option
     arabic = [QAItem("a", "Who?", "محمد", "forget")]
-    assert judge_rules("contains", arabic) == {DIGITS_MARKS_RULE: True}
+    assert judge_rules("contains", arabic) == {SCRIPT_FOLD_RULE: True}
     assert judge_rules("llm", arabic) == {}
     assert judge_rules("contains", [QAItem("h", "Year?", "1947 ई.", "forget")]) == {
         NUMBER_RULE: True,
-        DIGITS_MARKS_RULE: True,
+        SCRIPT_FOLD_RULE: True,
     }
     for name in ("news", "books", "wmdp", "general"):
-        assert DIGITS_MARKS_RULE not in judge_rules("contains", load_benchmark(name).items)
+        assert SCRIPT_FOLD_RULE not in judge_rules("contains", load_benchmark(name).items)
     bench = load_folder(write(tmp_path, [{**GOOD, "answer": "محمد", "keywords": []}]))
     key = cache_key("default", bench, InjectConfig())
     monkeypatch.setattr(inject, "folds_scripts", lambda items: False)
