@@ -295,6 +295,10 @@ def test_a_keyword_is_found_with_or_without_arabic_and_hebrew_vowel_marks(tmp_pa
     assert keyword_spans("أسسها محمد", "مُحَمَّد") == [(6, 10)]
     assert keyword_spans(question, "محمود") == [] and keyword_spans(question, "\u064e") == []
     assert keyword_spans("שָׁלוֹם עולם", "שלום") == [(0, 7)]
+    # invisible format characters, on either side: a copied answer's right-to-left mark,
+    # a soft hyphen in the question
+    assert keyword_spans(question, "\u200fمحمد") == [word]
+    assert keyword_spans("Who is Vost\u00adrand?", "Vostrand") == [(7, 16)]
     units = ["من", " أسس", " مُ", "حَ", "مَّ", "دٌ", "؟"]
     assert keyword_units(question, units, ["محمد"]) == [2, 3, 4, 5]
     write = tmp_path / "qa.jsonl"

@@ -317,21 +317,31 @@ def keyword_spans(text: str, keyword: str) -> list[tuple[int, int]]:
     offsets in `text` itself: a search in `text.lower()` gives offsets one late after each
     "İ" (U+0130, two characters in lower case) and misses "istanbul" in "İstanbul". Arabic
     and Hebrew vowel marks are optional on either side (`judge.optional_mark`): محمد is
-    found in مُحَمَّد (its marks inside the span), where the item was refused."""
-    letters = [c for c in keyword if not optional_mark(c)]
+    found in مُحَمَّد (its marks inside the span), where the item was refused; so are
+    invisible format characters (the right-to-left mark of copied Arabic, a soft hyphen)."""
+    letters = [c for c in keyword if not (optional_mark(c) or c in _INVISIBLE)]
     if not letters:
         return []
-    if any(takes_marks(c) for c in keyword):
-        pattern = _MARKS.join(map(re.escape, letters)) + _MARKS
-    else:
-        pattern = re.escape(keyword)
+    pattern = _SKIPPED.join(map(re.escape, letters))
+    if any(takes_marks(c) for c in letters):
+        pattern += _SKIPPED  # the last letter's own marks
     found = re.finditer(f"(?=({pattern}))", text, re.IGNORECASE)
     return [(m.start(1), m.end(1)) for m in found]
 
 
-# any run of optional marks, as a regular expression
-_MARKS = (
-    "[" + "".join(re.escape(chr(c)) for c in range(0x0590, 0x0900) if optional_mark(chr(c))) + "]*"
+# invisible format characters a copied text holds (Unicode's Cf among letters): soft
+# hyphen, Arabic letter mark, zero-width space, joiners, direction marks, embeddings and
+# isolates, word joiner, byte-order mark
+_INVISIBLE = frozenset(
+    "\u00ad\u061c\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+    "\u2060\u2066\u2067\u2068\u2069\ufeff"
+)
+# any run of them and of optional marks, as a regular expression
+_SKIPPED = (
+    "["
+    + "".join(re.escape(chr(c)) for c in range(0x0590, 0x0900) if optional_mark(chr(c)))
+    + "".join(sorted(_INVISIBLE))
+    + "]*"
 )
 
 
