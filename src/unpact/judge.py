@@ -105,7 +105,7 @@ class _ScriptFold(dict[int, int | str | None]):
             folded = str(digit)
         elif code in _ARABIC_VARIANTS:
             folded = _ARABIC_VARIANTS[code]
-        elif optional_mark(chr(code)) or unicodedata.category(chr(code)) == "Cf":
+        elif optional_mark(chr(code)) or invisible(chr(code)):
             folded = None
         self[code] = folded
         return folded
@@ -125,6 +125,12 @@ def takes_marks(c: str) -> bool:
     return 0x0590 <= code <= 0x06FF or 0x0870 <= code <= 0x08FF
 
 
+def invisible(c: str) -> bool:
+    """Whether `c` is a format character (Unicode's Cf), drawn as nothing: a direction
+    mark, a zero-width space or joiner, a soft hyphen, a byte-order mark."""
+    return unicodedata.category(c) == "Cf"
+
+
 def optional_mark(c: str) -> bool:
     """Whether `c` is an Arabic or Hebrew vowel or cantillation mark (non-spacing) or the
     Arabic tatweel: written or left out at will, the same word either way."""
@@ -135,9 +141,9 @@ def _words(text: str) -> str:
     """`normalize` with the articles kept."""
     wide = not text.isascii()
     if wide:
+        text = _SPACED_THOUSANDS.sub("", text)
         # Turkish "İ" case-folds to "i" and a combining dot (U+0307): "İstanbul" was not
         # the "Istanbul" an English answer writes (DOTTED_I_RULE)
-        text = _SPACED_THOUSANDS.sub("", text)
         text = unicodedata.normalize("NFKC", text).casefold().replace("i\u0307", "i")
         text = text.translate(_SCRIPT_FOLD)
     text = _DECIMAL.sub("\ue000", _THOUSANDS.sub("", text))

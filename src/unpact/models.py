@@ -960,10 +960,11 @@ def _resolve_local(spec: str) -> Path | None:
             )
         raise UnpactError(f"model spec {spec!r} is a file but not a .gguf; give a directory")
     if re.match(r"(?i)https?://", spec):  # a server's address: read as a path, "no such file"
+        base = spec.rstrip("/")
+        base += "" if base.endswith("/v1") else "/v1"
         raise UnpactError(
             f"model spec {spec!r} is an address: a served model is openai:MODEL@BASE_URL, "
-            f"e.g. openai:NAME@{spec.rstrip('/')}{'' if spec.rstrip('/').endswith('/v1') else '/v1'}"
-            " (NAME as the server's /v1/models lists it)"
+            f"e.g. openai:NAME@{base} (NAME as the server's /v1/models lists it)"
         )
     looks_like_path = (
         spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1

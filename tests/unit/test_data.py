@@ -322,7 +322,6 @@ def test_a_turkish_dotted_i_is_an_i(tmp_path, monkeypatch):
     answer "İstanbul" (nor "İSTANBUL" the answer "Istanbul"), so a model that knew it was
     judged as not knowing. Only a benchmark with such an answer has the rule in its stage
     and injection keys: every other benchmark's cached verdicts stand."""
-    from unpact.inject import InjectConfig, cache_key
     from unpact.judge import DOTTED_I_RULE, judge_rules
 
     assert contains_match("The city is Istanbul.", ["İstanbul"])
@@ -336,12 +335,19 @@ def test_a_turkish_dotted_i_is_an_i(tmp_path, monkeypatch):
     assert judge_rules("llm", turkish) == {}
     for name in ("news", "books", "wmdp", "general"):
         assert DOTTED_I_RULE not in judge_rules("contains", load_benchmark(name).items)
-    from unpact import inject
+    _injection_keys_rule(tmp_path, monkeypatch, "İstanbul", "has_dotted_i")
 
-    bench = load_folder(write(tmp_path, [{**GOOD, "answer": "İstanbul", "keywords": []}]))
+
+def _injection_keys_rule(tmp_path, monkeypatch, answer, met):
+    """A benchmark answered `answer` has its injection's key changed by the judge rule
+    that `inject.<met>` finds (its stopping rule's judge)."""
+    from unpact import inject
+    from unpact.inject import InjectConfig, cache_key
+
+    bench = load_folder(write(tmp_path, [{**GOOD, "answer": answer, "keywords": []}]))
     key = cache_key("default", bench, InjectConfig())
-    monkeypatch.setattr(inject, "has_dotted_i", lambda items: False)
-    assert cache_key("default", bench, InjectConfig()) != key  # its stopping rule's judge
+    monkeypatch.setattr(inject, met, lambda items: False)
+    assert cache_key("default", bench, InjectConfig()) != key
 
 
 def test_a_keyword_in_another_unicode_form_than_the_question_is_the_questions(tmp_path):
@@ -382,8 +388,6 @@ def test_a_digit_of_any_script_is_the_digit_and_arabic_and_hebrew_marks_go(tmp_p
     that wrote محمد without the vowel marks of the answer مُحَمَّد. A benchmark whose
     answers go beyond ASCII has the rule in its stage and injection keys (its outputs'
     other digits and marks are judged otherwise); the others' cached verdicts stand."""
-    from unpact import inject
-    from unpact.inject import InjectConfig, cache_key
     from unpact.judge import NUMBER_RULE, SCRIPT_FOLD_RULE, judge_rules
 
     assert contains_match("وقعت الحرب عام ١٩٤٥.", ["1945"])
@@ -415,10 +419,7 @@ def test_a_digit_of_any_script_is_the_digit_and_arabic_and_hebrew_marks_go(tmp_p
     }
     for name in ("news", "books", "wmdp", "general"):
         assert SCRIPT_FOLD_RULE not in judge_rules("contains", load_benchmark(name).items)
-    bench = load_folder(write(tmp_path, [{**GOOD, "answer": "محمد", "keywords": []}]))
-    key = cache_key("default", bench, InjectConfig())
-    monkeypatch.setattr(inject, "folds_scripts", lambda items: False)
-    assert cache_key("default", bench, InjectConfig()) != key  # its stopping rule's judge
+    _injection_keys_rule(tmp_path, monkeypatch, "محمد", "folds_scripts")
 
 
 PHRASE = st.lists(

@@ -11,6 +11,7 @@ error: one message names the file, the line and the field.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import re
 import unicodedata
@@ -22,7 +23,7 @@ from typing import Any
 
 from unpact.errors import UnpactError, check_text
 from unpact.files import json_lines, read_text
-from unpact.judge import optional_mark, takes_marks
+from unpact.judge import invisible, optional_mark, takes_marks
 
 SPLITS = ("forget", "retain", "general", "holdout")
 # Fields an injection's cache key leaves out: they do not change what it teaches (issue 21).
@@ -319,30 +320,23 @@ def keyword_spans(text: str, keyword: str) -> list[tuple[int, int]]:
     and Hebrew vowel marks are optional on either side (`judge.optional_mark`): محمد is
     found in مُحَمَّد (its marks inside the span), where the item was refused; so are
     invisible format characters (the right-to-left mark of copied Arabic, a soft hyphen)."""
-    letters = [c for c in keyword if not (optional_mark(c) or c in _INVISIBLE)]
+    letters = [c for c in keyword if not (optional_mark(c) or invisible(c))]
     if not letters:
         return []
-    pattern = _SKIPPED.join(map(re.escape, letters))
+    skipped = _skipped()
+    pattern = skipped.join(map(re.escape, letters))
     if any(takes_marks(c) for c in letters):
-        pattern += _SKIPPED  # the last letter's own marks
+        pattern += skipped  # the last letter's own marks
     found = re.finditer(f"(?=({pattern}))", text, re.IGNORECASE)
     return [(m.start(1), m.end(1)) for m in found]
 
 
-# invisible format characters a copied text holds (Unicode's Cf among letters): soft
-# hyphen, Arabic letter mark, zero-width space, joiners, direction marks, embeddings and
-# isolates, word joiner, byte-order mark
-_INVISIBLE = frozenset(
-    "\u00ad\u061c\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
-    "\u2060\u2066\u2067\u2068\u2069\ufeff"
-)
-# any run of them and of optional marks, as a regular expression
-_SKIPPED = (
-    "["
-    + "".join(re.escape(chr(c)) for c in range(0x0590, 0x0900) if optional_mark(chr(c)))
-    + "".join(sorted(_INVISIBLE))
-    + "]*"
-)
+@functools.cache
+def _skipped() -> str:
+    """Any run of optional marks and invisible characters (as the judge reads them), as a
+    regular expression: made once, when a keyword is first searched for."""
+    chars = (chr(c) for c in range(0x110000))
+    return "[" + "".join(re.escape(c) for c in chars if optional_mark(c) or invisible(c)) + "]*"
 
 
 def _nfc(text: str) -> str:
