@@ -73,6 +73,7 @@ from unpact.errors import UnpactError
 from unpact.files import as_path, atomic_text, once, write_atomically
 from unpact.judge import (
     DOTTED_I_RULE,
+    GREEK_ACCENT_RULE,
     LAST_WORD_RULE,
     SCRIPT_FOLD_RULE,
     check_answer_room,
@@ -80,6 +81,7 @@ from unpact.judge import (
     ends_in_article,
     folds_scripts,
     has_dotted_i,
+    has_greek,
 )
 from unpact.models import (
     DeviceName,
@@ -429,6 +431,8 @@ def cache_key(
         parts.append(DOTTED_I_RULE)
     if folds_scripts(bench.items):
         parts.append(SCRIPT_FOLD_RULE)
+    if has_greek(bench.items):
+        parts.append(GREEK_ACCENT_RULE)
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 

@@ -4,7 +4,8 @@ Correct if a normalised reference answer or alias occurs in the normalised outpu
 (lower case, punctuation and the articles a/an/the removed, whitespace collapsed), as
 whole words. Text beyond ASCII is first put in Unicode's NFKC form and case-folded (é typed
 as e + U+0301 is é, full-width Ｐａｒｉｓ is paris), a decimal digit of any script is
-ASCII's (١٩٤٥ is 1945), Arabic and Hebrew vowel marks go (مُحَمَّد is محمد), the Arabic
+ASCII's (١٩٤٥ is 1945), Arabic and Hebrew vowel marks go (مُحَمَّد is محمد), as do
+Greek accents (ΑΘΗΝΑ, in capitals written without them, is Αθήνα), the Arabic
 and Persian yeh and kaf are one letter each, invisible format characters (a right-to-left
 mark, a soft hyphen) and all Unicode punctuation go, and each
 character of a script written without spaces (Chinese, Japanese, Thai, Lao, Khmer,
@@ -137,6 +138,29 @@ def optional_mark(c: str) -> bool:
     return takes_marks(c) and (c == "\u0640" or unicodedata.category(c) == "Mn")
 
 
+def greek(c: str) -> bool:
+    """Whether `c` is of the Greek or Greek Extended (polytonic) block."""
+    code = ord(c)
+    return 0x0370 <= code <= 0x03FF or 0x1F00 <= code <= 0x1FFF
+
+
+def greek_unaccented(text: str) -> str:
+    """`text` with the accents, breathings and diaereses of its Greek letters dropped
+    (GREEK_ACCENT_RULE): Greek in capitals is written without its tonos (ΑΘΗΝΑ is the
+    word Αθήνα, Athens) and many write lower case without it too, as monotonic Greek drops
+    polytonic marks (Ἀθῆναι is Αθηναι); every other letter keeps its marks (café)."""
+    if not any(map(greek, text)):
+        return text
+    kept, after_greek = [], False
+    for c in unicodedata.normalize("NFD", text):
+        if not unicodedata.combining(c):
+            after_greek = greek(c)
+        elif after_greek:
+            continue
+        kept.append(c)
+    return unicodedata.normalize("NFC", "".join(kept))
+
+
 def _words(text: str) -> str:
     """`normalize` with the articles kept."""
     wide = not text.isascii()
@@ -145,7 +169,7 @@ def _words(text: str) -> str:
         # Turkish "İ" case-folds to "i" and a combining dot (U+0307): "İstanbul" was not
         # the "Istanbul" an English answer writes (DOTTED_I_RULE)
         text = unicodedata.normalize("NFKC", text).casefold().replace("i\u0307", "i")
-        text = text.translate(_SCRIPT_FOLD)
+        text = greek_unaccented(text.translate(_SCRIPT_FOLD))
     text = _DECIMAL.sub("\ue000", _THOUSANDS.sub("", text))
     if wide:
         text = split_unspaced(
@@ -175,6 +199,7 @@ LAST_WORD_RULE = "contains-keeps-last-word"
 NUMBER_RULE = "numbers-whole"
 DOTTED_I_RULE = "dotted-i-is-i"
 SCRIPT_FOLD_RULE = "scripts-folded"
+GREEK_ACCENT_RULE = "greek-accents-optional"
 
 
 def judge_rules(kind: str, items: Iterable[QAItem]) -> dict[str, bool]:
@@ -186,6 +211,7 @@ def judge_rules(kind: str, items: Iterable[QAItem]) -> dict[str, bool]:
     )
     rules[DOTTED_I_RULE] = kind in ("contains", "rouge") and has_dotted_i(items)
     rules[SCRIPT_FOLD_RULE] = kind in ("contains", "rouge") and folds_scripts(items)
+    rules[GREEK_ACCENT_RULE] = kind in ("contains", "rouge") and has_greek(items)
     return {rule: True for rule, met in rules.items() if met}
 
 
@@ -207,6 +233,12 @@ def folds_scripts(items: Iterable[QAItem]) -> bool:
     keeps its keys, and its cached verdicts (and injections) stand: an output in other
     digits to an English question is judged anew only where no verdict is cached."""
     return any(not r.isascii() for i in items if not i.is_mcq for r in (i.answer, *i.aliases))
+
+
+def has_greek(items: Iterable[QAItem]) -> bool:
+    """Whether an open item's answer or alias holds a Greek letter, whose accents the word
+    judges read as optional since GREEK_ACCENT_RULE."""
+    return any(any(map(greek, r)) for i in items if not i.is_mcq for r in (i.answer, *i.aliases))
 
 
 def ends_in_article(items: Iterable[QAItem]) -> bool:

@@ -422,6 +422,27 @@ def test_a_digit_of_any_script_is_the_digit_and_arabic_and_hebrew_marks_go(tmp_p
     _injection_keys_rule(tmp_path, monkeypatch, "محمد", "folds_scripts")
 
 
+def test_greek_accents_are_optional(tmp_path, monkeypatch):
+    """Greek in capitals drops its tonos: a model that answered "ΑΘΗΝΑ" (or "Αθηνα") to
+    "Αθήνα" was judged as not knowing Athens. A Greek letter's accents, breathings and
+    diaereses are optional; other letters keep theirs. A benchmark with a Greek answer has
+    the rule in its stage and injection keys; the others' cached verdicts stand."""
+    from unpact.judge import GREEK_ACCENT_RULE, SCRIPT_FOLD_RULE, judge_rules
+
+    assert contains_match("Η πρωτεύουσα είναι η ΑΘΗΝΑ.", ["Αθήνα"])
+    assert contains_match("Αθηνα", ["Αθήνα"]) and contains_match("Αθήνα", ["ΑΘΗΝΑ"])
+    assert contains_match("Ἀθῆναι", ["Αθήναι"]) and contains_match("ΠΡΩΤΕΥΟΥΣΑ", ["πρωτεύουσα"])
+    assert contains_match("Ο Αγαμέμνων", ["αγαμεμνων"])
+    assert not contains_match("Αθήνα", ["Σπάρτη"])  # other letters stay other
+    assert normalize("café ΐ") == "café ι" and normalize("Ελλάς") == "ελλασ"
+    greek = [QAItem("g", "Capital?", "Αθήνα", "forget")]
+    assert judge_rules("contains", greek) == {SCRIPT_FOLD_RULE: True, GREEK_ACCENT_RULE: True}
+    assert judge_rules("llm", greek) == {}
+    for name in ("news", "books", "wmdp", "general"):
+        assert GREEK_ACCENT_RULE not in judge_rules("rouge", load_benchmark(name).items)
+    _injection_keys_rule(tmp_path, monkeypatch, "Αθήνα", "has_greek")
+
+
 PHRASE = st.lists(
     st.sampled_from(["a", "an", "the", "Tower", "eiffel", "of", "A.", "x"]), max_size=7
 )
