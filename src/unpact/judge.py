@@ -165,7 +165,9 @@ def _words(text: str) -> str:
     """`normalize` with the articles kept."""
     wide = not text.isascii()
     if wide:
-        text = _SPACED_THOUSANDS.sub("", text)
+        # U+E000 (private use, its glyph a font's own) marks a decimal point below: one
+        # in the text itself is a separator, not a "."
+        text = _SPACED_THOUSANDS.sub("", text).replace("\ue000", " ")
         # Turkish "İ" case-folds to "i" and a combining dot (U+0307): "İstanbul" was not
         # the "Istanbul" an English answer writes (DOTTED_I_RULE)
         text = unicodedata.normalize("NFKC", text).casefold().replace("i\u0307", "i")
