@@ -373,6 +373,11 @@ def test_a_keyword_in_another_unicode_form_than_the_question_is_the_questions(tm
         load_folder(write(tmp_path, [{**GOOD, "question": mixed, "keywords": ["Café Café"]}]))
     with pytest.raises(UnpactError, match=r"'Tea' does not occur in the question$"):
         load_folder(write(tmp_path, [{**GOOD, "question": question, "keywords": ["Tea"]}]))
+    # one question in two splits, typed in two forms
+    asked = {**GOOD, "question": question, "keywords": []}
+    again = {**asked, "id": "x2", "split": "retain", "question": nfd_question}
+    with pytest.raises(UnpactError, match="is also a forget item"):
+        load_folder(write(tmp_path, [asked, again]))
     # likewise a multiple-choice answer: the choice it is, in the choice's form
     mcq = {**GOOD, "answer": nfd, "choices": ["Café Morvaine", "Tea Room"], "keywords": []}
     assert load_folder(write(tmp_path, [mcq])).items[0].answer == "Café Morvaine"

@@ -439,8 +439,9 @@ def _one_split(
 ) -> None:
     """Refuse a question (with its choices, for a multiple-choice item) already asked in
     another split: forgetting and keeping (or never teaching) the same question cannot
-    both be measured, and each split's figure would count the other's answer."""
-    key = (" ".join(item.question.split()), tuple(item.choices or ()))
+    both be measured, and each split's figure would count the other's answer. Compared
+    in NFC: é typed as e + U+0301 in one is the same question."""
+    key = (" ".join(_nfc(item.question).split()), tuple(map(_nfc, item.choices or ())))
     first, split = asked.setdefault(key, (line, item.split))
     if split != item.split:
         raise _fail(
