@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import Field
 
 from unpact.errors import UnpactError, items_named, said_of
-from unpact.types import SettingsModel, fills
+from unpact.types import SettingsModel, fills, short_repr
 
 if TYPE_CHECKING:
     from unpact.data.items import QAItem
@@ -522,7 +522,7 @@ def _ask_llm(
                 f"{settings.max_tokens} tokens asked for thinking; give judge.llm.max_tokens "
                 "(unpact audit: --judge-max-tokens) room, or a model that answers at once"
             )
-        return normalize(text).split()[:1] == ["yes"]
+        return _yes_or_no(text, f"LLM judge at {url}", verdict.question)
 
     try:
         label = f"LLM judge: {progress}" if isinstance(progress, str) else progress
@@ -531,6 +531,28 @@ def _ask_llm(
         raise UnpactError(f"LLM judge: {e}") from None
     finally:
         client.close()
+
+
+_VERDICT_WORDS = ("yes", "no")
+
+
+def _yes_or_no(reply: str, judge: str, question: str) -> bool:
+    """The verdict a judge's reply gives: its first word where that is yes or no ("Yes.",
+    "**No**"), else the one of the two it holds ("Answer: yes", "Verdict - no"). A reply
+    with neither or both ("Correct", "The model answer", "yes and no") was read as "no",
+    the answer judged wrong and the item "forgotten" in silence; it is said now."""
+    words = normalize(reply).split()
+    if words[:1] in (["yes"], ["no"]):
+        return words[0] == "yes"
+    said = {w for w in words if w in _VERDICT_WORDS}
+    if len(said) != 1:
+        raise UnpactError(
+            f"{judge} replied {short_repr(reply)} to {short_repr(question)}: "
+            f"{'both yes and no' if said else 'neither yes nor no'}; the judge reads a reply's "
+            "yes or no, as judge.llm.prompt asks: give a model that follows it (or the "
+            "prompt in the words it answers with yes or no, and judge.llm.max_tokens room)"
+        )
+    return said == {"yes"}
 
 
 def _after_thinking(text: str) -> str:

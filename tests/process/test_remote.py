@@ -1679,7 +1679,9 @@ def test_unpact_serve_answers_chat_completions_as_an_llm_judge_asks(served, faul
     assert {"created", "owned_by", "root", "parent", "permission"} <= set(card)
     settings = LLMJudgeSettings(base_url=url, model="tiny", api_key_env=None, max_tokens=4)
     verdicts = [Verdict("Who wrote it?", "Mira", "Mira"), Verdict("Sky?", "blue", "green")]
-    assert len(judge_many(verdicts, JudgeSettings(kind="llm", llm=settings))) == 2
+    # the untrained tiny model's reply is no verdict: said, not read as "no"
+    with pytest.raises(UnpactError, match="neither yes nor no"):
+        judge_many(verdicts, JudgeSettings(kind="llm", llm=settings))
     for change, said in (
         ({"messages": []}, "'messages' must be a non-empty list"),
         ({"messages": [{"role": "user"}]}, "'messages' must be a non-empty list"),

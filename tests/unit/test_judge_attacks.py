@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
@@ -182,6 +183,8 @@ class _Judge(BaseHTTPRequestHandler):
             reply = "Okay, the answer says no such thing. Hmm, wait.\n</think>\n\n" + reply
         if "QWEN" in out:  # Qwen3 likewise: the whole block in the content
             reply = "<think>\nIs it yes? No, let me see.\n</think>\n\n" + reply
+        if out.startswith("SAY "):  # a judge that does not answer in one word
+            reply = out[4:]
         if "UNCLOSED" in out:  # out of tokens while thinking
             reply = "<think>\nYes, the answer could be"
         if "THINK" in out or body.get("max_completion_tokens", 1000) < 100:
@@ -306,6 +309,20 @@ def test_llm_judge_reads_a_reasoning_models_verdict_after_its_thinking(judge_ser
     # a block that never closes holds no verdict: said, as a reply with no text is
     with pytest.raises(UnpactError, match=r"replied no text"):
         judge_many([Verdict("Who?", "UNCLOSED Mira Quintrell", "Quintrell")], settings)
+
+
+def test_llm_judge_reads_yes_or_no_and_says_a_reply_with_neither(judge_server, monkeypatch):
+    """A reply that did not start with "yes" ("Answer: yes", "Correct") was read as "no":
+    the answer judged wrong, the item counted forgotten, in silence. The verdict is the
+    reply's first word where that is yes or no, else the one of the two it holds; a reply
+    with neither or both is one message."""
+    settings = _keyed_judge(monkeypatch, judge_server, "chatty")
+    replies = ["Yes.", "**NO**", "Answer: yes", "Verdict - no.", "yes, but no"]
+    verdicts = [Verdict("Who?", f"SAY {r}", "x") for r in replies]
+    assert judge_many(verdicts, settings) == [True, False, True, False, True]
+    for reply, said in (("Correct", "neither"), ("The model", "neither"), ("Hmm: no? yes", "both")):
+        with pytest.raises(UnpactError, match=re.escape(f"replied {reply!r} to 'Who?': {said} ")):
+            judge_many([Verdict("Who?", f"SAY {reply}", "x")], settings)
 
 
 def test_llm_judge_speaks_to_a_reasoning_model(judge_server, monkeypatch):
