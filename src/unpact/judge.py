@@ -170,7 +170,10 @@ def _words(text: str) -> str:
         text = _SPACED_THOUSANDS.sub("", text).replace("\ue000", " ")
         # Turkish "İ" case-folds to "i" and a combining dot (U+0307): "İstanbul" was not
         # the "Istanbul" an English answer writes (DOTTED_I_RULE)
+        # the NFC after: case folding and the dot's removal leave marks apart ("ǰ" is
+        # "j" and U+030C, "i̇́" is "i" and U+0301), which an output's text composed or not
         text = unicodedata.normalize("NFKC", text).casefold().replace("i\u0307", "i")
+        text = unicodedata.normalize("NFC", text)
         text = greek_unaccented(text.translate(_SCRIPT_FOLD))
     text = _DECIMAL.sub("\ue000", _THOUSANDS.sub("", text))
     if wide:

@@ -469,6 +469,29 @@ def test_contains_match_is_the_comparison_of_texts_without_articles(output, refe
     assert contains_match(out, [ref]) == plain
 
 
+# letters, marks (acute, dot above, diaeresis, fatha), compatibility and format characters
+PIECES = [*"aé1,.٣٫ ΑάίΐύςσİiıǰÅ東京-'’\u0301\u0307\u0308\u064e\u200f\ue000\u00a0\u212b"]
+UNICODE_TEXT = st.lists(
+    st.sampled_from([*PIECES, "the", "ß", "ﬁ", "Ⅳ", "①", "ﾊﾟ", "\u1100\u1161\u11a8"]),
+    max_size=12,
+).map("".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(UNICODE_TEXT)
+def test_the_word_judges_read_a_text_alike_in_either_unicode_form(text):
+    """A text composed (NFC) or decomposed (NFD) is one text to the judges, and holds itself.
+    Case folding and the Turkish dot's removal left marks apart: "i̇́" (i, dot, acute) was
+    not the "í" it is read as."""
+    import unicodedata
+
+    for form in ("NFC", "NFD"):
+        assert normalize(unicodedata.normalize(form, text)) == normalize(text)
+    if normalize(text).strip() and set(normalize(text).split()) - {"a", "an", "the"}:
+        assert contains_match(unicodedata.normalize("NFD", text), [text])
+    assert contains_match("Vilnius í", ["i\u0307\u0301"])
+
+
 def test_a_minimal_item_needs_only_id_question_answer_and_split(tmp_path):
     """`aliases`, `keywords` and `document` were required ("field 'aliases' is missing")
     though each may be empty: a user's first qa.jsonl has four fields."""
