@@ -41,7 +41,7 @@ import torch
 
 from unpact.data.items import keyword_spans
 from unpact.errors import UnpactError, check_text, items_named
-from unpact.files import json_lines, read_text
+from unpact.files import json_lines, json_value, read_text
 from unpact.types import AnyModel, EncodedPrompt, follow
 
 if TYPE_CHECKING:
@@ -345,7 +345,11 @@ class Attribution:
 
     @classmethod
     def load(cls, path: str | Path) -> Attribution:
-        return cls.from_dict(json.loads(read_text(Path(path))))
+        try:
+            found = json_value(read_text(Path(path)))
+        except json.JSONDecodeError as exc:
+            raise UnpactError(f"{path}: not valid JSON ({exc.msg})") from None
+        return cls.from_dict(found)
 
     def _gaps(self) -> list[str]:
         """The prompt's text before each unit that no unit holds (the space between two
@@ -510,7 +514,7 @@ def load_records(path: str | Path) -> list[Attribution]:
     if not text.strip():
         raise UnpactError(f"{path} is empty: no attribution records")
     try:
-        whole = json.loads(text)
+        whole = json_value(text)
     except json.JSONDecodeError:
         pass  # JSONL, read line by line below
     else:
@@ -525,7 +529,7 @@ def load_records(path: str | Path) -> list[Attribution]:
     records = []
     for n, line in json_lines(text):
         try:
-            found = json.loads(line)
+            found = json_value(line)
             check_text(found, "the text")
             records.append(Attribution.from_dict(found))
         except json.JSONDecodeError as exc:

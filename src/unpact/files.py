@@ -10,6 +10,7 @@ temporary one.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -212,6 +213,21 @@ def link_files(src: Path, dst: Path, *, skip: tuple[str, ...] = (), fallback: st
                 (dst / f.name).symlink_to(f.resolve())
             else:
                 shutil.copy2(f, dst / f.name)
+
+
+# what a text nested deeper than the parsers recurse (Python's recursion limit) is said to be
+TOO_DEEP = "nested too deeply to read: hundreds of levels inside one another"
+
+
+def json_value(text: str | bytes, **kwargs: Any) -> Any:
+    """`json.loads`, where a text nested too deeply for it (`[[[[...]]]]`, a few thousand
+    levels) is a `JSONDecodeError` like any other unreadable JSON: it was a RecursionError,
+    whose traceback reached the user of a reader that says what is wrong with a file."""
+    try:
+        return json.loads(text, **kwargs)
+    except RecursionError:
+        shown = text if isinstance(text, str) else text.decode("utf-8", "replace")
+        raise json.JSONDecodeError(TOO_DEEP, shown, 0) from None
 
 
 def json_lines(text: str) -> list[tuple[int, str]]:

@@ -35,7 +35,14 @@ import torch
 from pydantic import AfterValidator
 
 from unpact.errors import UnpactError, check_text
-from unpact.files import atomic_text, link_files, read_text, write_folder_atomically
+from unpact.files import (
+    TOO_DEEP,
+    atomic_text,
+    json_value,
+    link_files,
+    read_text,
+    write_folder_atomically,
+)
 from unpact.progress import progress_bar
 from unpact.scoring import (
     DEFAULT_TOKEN_BUDGET,
@@ -841,7 +848,7 @@ def _config_stops(folder: str) -> list[int]:
     it has no generation config, as transformers then builds one)."""
     for name in ("generation_config.json", "config.json"):
         try:
-            eos = json.loads((Path(folder) / name).read_text()).get("eos_token_id")
+            eos = json_value((Path(folder) / name).read_text()).get("eos_token_id")
         except (OSError, ValueError, AttributeError):
             continue
         return [eos] if isinstance(eos, int) else [e for e in eos or [] if isinstance(e, int)]
@@ -1040,7 +1047,7 @@ def _parameter_count(path: Path) -> int:
     count = 0
     files = sorted(path.glob("*.safetensors"))
     try:  # a sharded checkpoint loads the shards its index names (some ship a merged copy)
-        index = json.loads((path / "model.safetensors.index.json").read_text())
+        index = json_value((path / "model.safetensors.index.json").read_text())
         files = [path / name for name in sorted(set(index["weight_map"].values()))]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
@@ -1089,7 +1096,7 @@ def _check_generation_config(path: Path) -> None:
     if not file.is_file():
         return
     try:
-        found = json.loads(file.read_text(encoding="utf-8"))
+        found = json_value(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         why: str = _first_line(exc)
     else:
@@ -1104,10 +1111,13 @@ def _check_generation_config(path: Path) -> None:
 
 def _config_json(path: Path) -> dict[str, Any]:
     """A model folder's config.json as a mapping; {} when it cannot be read as one (the
-    load itself then says what is wrong)."""
+    load itself then says what is wrong), but one nested too deeply to read is said here:
+    transformers' own read of it ended in a RecursionError, said as damaged weights."""
     try:
-        found = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        found = json_value((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, json.JSONDecodeError) and exc.msg == TOO_DEEP:
+            raise UnpactError(f"cannot read {path / 'config.json'}: {TOO_DEEP}") from None
         return {}
     return found if isinstance(found, dict) else {}
 
@@ -1691,7 +1701,7 @@ def _is_adapter(path: Path) -> bool:
 def adapter_base(path: Path) -> str:
     """The base model a PEFT adapter folder names (`base_model_name_or_path`)."""
     try:
-        config = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        config = json_value((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UnpactError(f"cannot read {path / ADAPTER_CONFIG}: {exc}") from None
     base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
@@ -1910,7 +1920,7 @@ def _still_there(entry: str) -> bool:
 
 def _lasting_digests() -> dict[str, Any]:
     try:
-        found = json.loads((cache_root() / _LASTING).read_text(encoding="utf-8"))
+        found = json_value((cache_root() / _LASTING).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return found if isinstance(found, dict) else {}
@@ -1948,7 +1958,7 @@ def _cache_problem(folder: Path, gguf_sha: str) -> str | None:
     bit flipped by the disk without a write is not.
     """
     try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        manifest = json_value((folder / MANIFEST).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return "no manifest"
     except (OSError, ValueError) as exc:

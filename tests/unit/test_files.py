@@ -519,3 +519,40 @@ def test_a_file_in_another_unicode_encoding_says_which_and_how_to_convert(tmp_pa
         read_text(path)
     path.write_text("Who founded Rome?\n", encoding="utf-8-sig")
     assert read_text(path) == "Who founded Rome?\n"
+
+
+def test_a_file_nested_too_deeply_is_one_message(tmp_path, tiny) -> None:
+    """JSON or YAML with thousands of brackets inside one another (a fuzzer's file, a
+    generator gone wrong) ended every reader in a RecursionError's traceback: items, a
+    real benchmark's file, attribution records, a run config, a `--set` value, a model's
+    config.json. Each is the reader's message for unreadable JSON or YAML now."""
+    from unpact.attribution import load_records
+    from unpact.data import load_benchmark
+    from unpact.data.items import read_jsonl
+    from unpact.models import load_model, save_model
+    from unpact.unlearn.config import parse_override, read_yaml_mapping
+
+    deep = "[" * 5000 + "]" * 5000
+    said = "nested too deeply to read"
+    (tmp_path / "qa.jsonl").write_text(f'{{"id": "a", "aliases": {deep}}}\n')
+    with pytest.raises(UnpactError, match=rf"qa\.jsonl, line 1: not valid JSON \({said}"):
+        read_jsonl(tmp_path / "qa.jsonl")
+    tofu = tmp_path / "tofu"
+    tofu.mkdir()
+    for name in ("forget01.json", "retain99.json"):
+        (tofu / name).write_text(f'{{"question": "Who?", "answer": {deep}}}\n')
+    with pytest.raises(UnpactError, match=said):
+        load_benchmark(f"tofu:{tofu}")
+    (tmp_path / "a.json").write_text(deep)
+    with pytest.raises(UnpactError, match=said):
+        load_records(tmp_path / "a.json")
+    (tmp_path / "c.yaml").write_text(f"model: {deep}\n")
+    with pytest.raises(UnpactError, match=rf"c\.yaml: not valid YAML \({said}"):
+        read_yaml_mapping(tmp_path / "c.yaml")
+    with pytest.raises(UnpactError, match=said):
+        parse_override(f"lr={deep}")
+    save_model(tiny.model, tiny.tokenizer, tmp_path / "model")
+    config = (tmp_path / "model" / "config.json").read_text().rstrip().removesuffix("}")
+    (tmp_path / "model" / "config.json").write_text(f'{config}, "x": {deep}}}')
+    with pytest.raises(UnpactError, match=rf"config\.json: {said}"):
+        load_model(str(tmp_path / "model"))

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from unpact.errors import UnpactError, check_text
-from unpact.files import json_lines, read_text
+from unpact.files import json_lines, json_value, read_text
 from unpact.judge import invisible, optional_mark, takes_marks
 
 SPLITS = ("forget", "retain", "general", "holdout")
@@ -277,7 +277,7 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     out: list[tuple[int, dict[str, Any]]] = []
     for n, text in json_lines(read_text(path)):
         try:
-            obj = json.loads(text, object_pairs_hook=_unique_fields)
+            obj = json_value(text, object_pairs_hook=_unique_fields)
         except _Twice as exc:
             raise _fail(
                 path, n, f"field {exc.args[0]!r} given twice (JSON keeps the last)"

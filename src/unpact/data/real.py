@@ -42,7 +42,7 @@ from typing import Any
 
 from unpact.data.items import Benchmark, Document, QAItem, VerbatimPrompt, choice_index
 from unpact.errors import UnpactError, check_text
-from unpact.files import json_lines, read_text
+from unpact.files import json_lines, json_value, read_text
 
 _LFS_POINTER = "version https://git-lfs.github.com/spec/"
 
@@ -87,7 +87,7 @@ def _records(path: Path) -> list[dict[str, Any]]:
         return _parquet(path)
     text = _read(path)
     try:
-        data = json.loads(text)
+        data = json_value(text)
     except json.JSONDecodeError:
         pass
     else:
@@ -96,7 +96,7 @@ def _records(path: Path) -> list[dict[str, Any]]:
     out = []
     for n, line in json_lines(text):
         try:
-            out.append(json.loads(line))
+            out.append(json_value(line))
         except json.JSONDecodeError as exc:
             raise UnpactError(f"{path}, line {n}: not valid JSON ({exc.msg})") from None
         check_text(out[-1], f"{path}, line {n}")

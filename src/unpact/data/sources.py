@@ -34,7 +34,7 @@ from unpact.data.items import (
 )
 from unpact.data.real import _TOFU_PAIRS, read_muse, read_tofu, read_wmdp, tofu_files
 from unpact.errors import UnpactError
-from unpact.files import write_folder_atomically
+from unpact.files import json_value, write_folder_atomically
 
 _SPEC = re.compile(r"(muse-news|muse-books|tofu|wmdp)(?:\[([\w.-]+)\])?:(.+)", re.S)
 REAL_KINDS = ("muse-news", "muse-books", "tofu", "wmdp")
@@ -127,7 +127,7 @@ def _holds_items(path: Path) -> bool:
     try:
         with path.open(encoding="utf-8") as fh:
             line = fh.readline().lstrip("\ufeff")
-            first = json.loads(line + fh.read() if line.lstrip().startswith("[") else line)
+            first = json_value(line + fh.read() if line.lstrip().startswith("[") else line)
     except (OSError, UnicodeDecodeError, ValueError):
         return False
     if isinstance(first, list):

@@ -17,8 +17,8 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from unpact.errors import UnpactError, check_text
-from unpact.files import read_text
-from unpact.types import PlainInput, Seed, describe_errors, unknown_keys
+from unpact.files import TOO_DEEP, read_text
+from unpact.types import PlainInput, Seed, describe_errors, short_repr, unknown_keys
 from unpact.unlearn.methods import get_method
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -175,10 +175,12 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key:
         raise UnpactError(f"--set {item!r}: expected key=value")
     try:
-        return key, yaml.safe_load(raw) if raw.strip() else None
+        return key, load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        why = " ".join(str(getattr(exc, "problem", None) or "not a YAML value").split())
-        raise UnpactError(f"--set {item!r}: the value after = cannot be read ({why})") from None
+        why = " ".join(str(getattr(exc, "problem", None) or exc or "not a YAML value").split())
+        raise UnpactError(
+            f"--set {short_repr(item)}: the value after = cannot be read ({why})"
+        ) from None
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -213,8 +215,12 @@ class _UniqueKeys(yaml.SafeLoader):
 
 
 def load_yaml(text: str) -> Any:
-    """`yaml.safe_load`, refusing duplicate keys."""
-    return yaml.load(text, Loader=_UniqueKeys)  # a SafeLoader subclass: safe
+    """`yaml.safe_load`, refusing duplicate keys; a text nested too deeply for the parser
+    (a few hundred levels) a `YAMLError` like any other unreadable YAML."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeys)  # a SafeLoader subclass: safe
+    except RecursionError:
+        raise yaml.YAMLError(TOO_DEEP) from None
 
 
 def is_unlearn_record(config: object) -> bool:
