@@ -222,12 +222,23 @@ TOO_DEEP = "nested too deeply to read: hundreds of levels inside one another"
 def json_value(text: str | bytes, **kwargs: Any) -> Any:
     """`json.loads`, where a text nested too deeply for it (`[[[[...]]]]`, a few thousand
     levels) is a `JSONDecodeError` like any other unreadable JSON: it was a RecursionError,
-    whose traceback reached the user of a reader that says what is wrong with a file."""
+    whose traceback reached the user of a reader that says what is wrong with a file; so
+    is a whole number of more digits than Python converts (`too_long`), a ValueError."""
     try:
         return json.loads(text, **kwargs)
-    except RecursionError:
+    except (RecursionError, ValueError) as exc:
+        if type(exc) not in (RecursionError, ValueError):  # a JSONDecodeError, a hook's own
+            raise
         shown = text if isinstance(text, str) else text.decode("utf-8", "replace")
-        raise json.JSONDecodeError(TOO_DEEP, shown, 0) from None
+        why = TOO_DEEP if isinstance(exc, RecursionError) else too_long(exc)
+        raise json.JSONDecodeError(why, shown, 0) from None
+
+
+def too_long(exc: ValueError) -> str:
+    """What a ValueError of a parser says, its advice to the programmer left out: a number
+    over Python's 4300 digits ("Exceeds the limit (4300 digits) for integer string
+    conversion: value has 5000 digits; use sys.set_int_max_str_digits() ...")."""
+    return str(exc).split(";")[0]
 
 
 def json_lines(text: str) -> list[tuple[int, str]]:

@@ -525,7 +525,8 @@ def test_a_file_nested_too_deeply_is_one_message(tmp_path, tiny) -> None:
     """JSON or YAML with thousands of brackets inside one another (a fuzzer's file, a
     generator gone wrong) ended every reader in a RecursionError's traceback: items, a
     real benchmark's file, attribution records, a run config, a `--set` value, a model's
-    config.json. Each is the reader's message for unreadable JSON or YAML now."""
+    config.json; a number of 5000 digits in a ValueError's. Each is the reader's message
+    for unreadable JSON or YAML now."""
     from unpact.attribution import load_records
     from unpact.data import load_benchmark
     from unpact.data.items import read_jsonl
@@ -556,3 +557,14 @@ def test_a_file_nested_too_deeply_is_one_message(tmp_path, tiny) -> None:
     (tmp_path / "model" / "config.json").write_text(f'{config}, "x": {deep}}}')
     with pytest.raises(UnpactError, match=rf"config\.json: {said}"):
         load_model(str(tmp_path / "model"))
+    # a whole number of more digits than Python converts was a ValueError's traceback
+    huge = "9" * 5000
+    (tmp_path / "qa.jsonl").write_text(f'{{"id": "a", "answer": {huge}}}\n')
+    with pytest.raises(UnpactError, match=r"line 1: not valid JSON \(Exceeds the limit \(4300 "):
+        read_jsonl(tmp_path / "qa.jsonl")
+    (tmp_path / "c.yaml").write_text(f"seed: {huge}\n")
+    with pytest.raises(UnpactError, match=r"value has 5000 digits\)$"):
+        read_yaml_mapping(tmp_path / "c.yaml")
+    (tmp_path / "c.yaml").write_text("model: x\nwhen: 2024-13-45\n")  # a date that is none
+    with pytest.raises(UnpactError, match=r"c\.yaml: not valid YAML \(month must be in 1\.\.12\)"):
+        read_yaml_mapping(tmp_path / "c.yaml")

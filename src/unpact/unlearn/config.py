@@ -17,7 +17,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from unpact.errors import UnpactError, check_text
-from unpact.files import TOO_DEEP, read_text
+from unpact.files import TOO_DEEP, read_text, too_long
 from unpact.types import PlainInput, Seed, describe_errors, short_repr, unknown_keys
 from unpact.unlearn.methods import get_method
 
@@ -216,11 +216,15 @@ class _UniqueKeys(yaml.SafeLoader):
 
 def load_yaml(text: str) -> Any:
     """`yaml.safe_load`, refusing duplicate keys; a text nested too deeply for the parser
-    (a few hundred levels) a `YAMLError` like any other unreadable YAML."""
+    (a few hundred levels), or a value its constructors refuse, a `YAMLError` like any
+    other unreadable YAML."""
     try:
         return yaml.load(text, Loader=_UniqueKeys)  # a SafeLoader subclass: safe
     except RecursionError:
         raise yaml.YAMLError(TOO_DEEP) from None
+    except ValueError as exc:  # an integer of more digits than Python converts, a date
+        # that is none (2024-13-45)
+        raise yaml.YAMLError(too_long(exc)) from None
 
 
 def is_unlearn_record(config: object) -> bool:
