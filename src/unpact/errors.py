@@ -210,15 +210,18 @@ def lone_surrogate(value: object) -> str | None:
     holds one, but a JSON or YAML escape ("\\ud800", half of an emoji's pair) does, and
     Python reads command-line bytes that are not UTF-8 as such (`surrogateescape`): a
     tokenizer then failed with "TextEncodeInput must be Union[...]", and writing the text
-    out with "surrogates not allowed", each a traceback."""
-    if isinstance(value, str):
-        return value if _SURROGATE.search(value) else None
-    if isinstance(value, dict):
-        value = [*value.keys(), *value.values()]
-    if isinstance(value, (list, tuple)):
-        for v in value:
-            if (found := lone_surrogate(v)) is not None:
-                return found
+    out with "surrogates not allowed", each a traceback. Each list or mapping is read
+    once, however often it occurs: YAML's aliases (`*a`) repeat one object, which nine
+    levels of nine made 387 million strings to read, or an infinity (`&a [*a]`)."""
+    todo, seen = [value], set()
+    while todo:
+        v = todo.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                return v
+        elif isinstance(v, (dict, list, tuple)) and id(v) not in seen:
+            seen.add(id(v))
+            todo += reversed([*v.keys(), *v.values()] if isinstance(v, dict) else v)
     return None
 
 

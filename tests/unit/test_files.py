@@ -568,3 +568,29 @@ def test_a_file_nested_too_deeply_is_one_message(tmp_path, tiny) -> None:
     (tmp_path / "c.yaml").write_text("model: x\nwhen: 2024-13-45\n")  # a date that is none
     with pytest.raises(UnpactError, match=r"c\.yaml: not valid YAML \(month must be in 1\.\.12\)"):
         read_yaml_mapping(tmp_path / "c.yaml")
+
+
+def test_yaml_aliases_are_read_but_not_without_end(tmp_path) -> None:
+    """YAML's aliases repeat a value: a config may share settings so. Nine levels of nine
+    (a "billion laughs") held 387 million strings, which the config's checks read for
+    hours, and `&a [*a]` holds itself: each is one message now, at once."""
+    from unpact.errors import lone_surrogate
+    from unpact.unlearn.config import read_yaml_mapping
+
+    shared = "fast: &fast {lr: 0.001, steps: 3}\nmethods: [{method: ga, config: *fast}]\n"
+    (tmp_path / "ok.yaml").write_text(shared)
+    config = read_yaml_mapping(tmp_path / "ok.yaml")
+    assert config["methods"][0]["config"] == {"lr": 0.001, "steps": 3}
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{n}: &a{n} [{', '.join([f'*a{n - 1}'] * 9)}]" for n in range(1, 9)]
+    (tmp_path / "laughs.yaml").write_text("\n".join(lines) + "\n")
+    with pytest.raises(UnpactError, match=r"repeat values into more than 1,000,000 of them"):
+        read_yaml_mapping(tmp_path / "laughs.yaml")
+    (tmp_path / "self.yaml").write_text("methods: &m [{method: ga, x: *m}]\n")
+    with pytest.raises(
+        UnpactError, match=r"self\.yaml: not valid YAML \(an alias .* holding itself"
+    ):
+        read_yaml_mapping(tmp_path / "self.yaml")
+    # one list held many times is read once for its text
+    row = ["x"] * 1000
+    assert lone_surrogate([row] * 100_000 + ["\ud800"]) == "\ud800"

@@ -219,12 +219,48 @@ def load_yaml(text: str) -> Any:
     (a few hundred levels), or a value its constructors refuse, a `YAMLError` like any
     other unreadable YAML."""
     try:
-        return yaml.load(text, Loader=_UniqueKeys)  # a SafeLoader subclass: safe
+        loaded = yaml.load(text, Loader=_UniqueKeys)  # a SafeLoader subclass: safe
+        _check_aliases(loaded)
+        return loaded
     except RecursionError:
         raise yaml.YAMLError(TOO_DEEP) from None
     except ValueError as exc:  # an integer of more digits than Python converts, a date
         # that is none (2024-13-45)
         raise yaml.YAMLError(too_long(exc)) from None
+
+
+# the most values a YAML text may hold once its aliases are repeated: a config holds hundreds
+MOST_VALUES = 1_000_000
+
+
+def _check_aliases(loaded: Any) -> None:
+    """Refuse a YAML value whose aliases (`*a`, the value `&a` names, repeated) make it
+    hold more than MOST_VALUES values, or hold itself: nine levels of nine aliases (a
+    "billion laughs") are 387 million strings, which every check and copy of a config
+    read one by one for hours, and `&a [*a]` is without end."""
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+
+    def size(value: Any) -> int:
+        if not isinstance(value, (dict, list)):
+            return 1
+        key = id(value)
+        if key in sizes:
+            return sizes[key]
+        if key in open_:
+            raise yaml.YAMLError(
+                "an alias (*name) inside the value it names: a value holding itself"
+            )
+        open_.add(key)
+        inner = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        sizes[key] = 1 + sum(map(size, inner))
+        open_.discard(key)
+        return sizes[key]
+
+    if size(loaded) > MOST_VALUES:
+        raise yaml.YAMLError(
+            f"its aliases (*name) repeat values into more than {MOST_VALUES:,} of them"
+        )
 
 
 def is_unlearn_record(config: object) -> bool:
