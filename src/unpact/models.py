@@ -1111,13 +1111,10 @@ def _check_generation_config(path: Path) -> None:
 
 def _config_json(path: Path) -> dict[str, Any]:
     """A model folder's config.json as a mapping; {} when it cannot be read as one (the
-    load itself then says what is wrong), but one nested too deeply to read is said here:
-    transformers' own read of it ended in a RecursionError, said as damaged weights."""
+    load itself then says what is wrong)."""
     try:
         found = json_value((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, json.JSONDecodeError) and exc.msg == TOO_DEEP:
-            raise UnpactError(f"cannot read {path / 'config.json'}: {TOO_DEEP}") from None
+    except (OSError, ValueError):
         return {}
     return found if isinstance(found, dict) else {}
 
@@ -1265,6 +1262,8 @@ def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[
                 f"{upgrade}give it the model before quantization (the quantize attack "
                 "quantizes it itself)"
             ) from exc
+        if isinstance(exc, RecursionError):  # was said as damaged weights
+            raise UnpactError(f"could not load a model from {path}: {_too_deep(path)}") from None
         # a tokenizer without its vocabulary: transformers 5.0 asks for protobuf instead
         if isinstance(exc, (OSError, ValueError, ImportError)):
             raise _no_vocabulary(path) or UnpactError(
@@ -1279,6 +1278,17 @@ def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[
         hf_logging.enable_progress_bar()
     _check_complete(str(path), info)
     return model, tokenizer
+
+
+def _too_deep(path: Path) -> str:
+    """Which JSON file of a model folder transformers could not read for its depth."""
+    for file in sorted(path.glob("*.json")):
+        try:
+            json_value(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, json.JSONDecodeError) and exc.msg == TOO_DEEP:
+                return f"{file.name} is {TOO_DEEP}"
+    return f"a file of it is {TOO_DEEP}"
 
 
 def _pretrained(

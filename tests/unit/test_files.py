@@ -555,7 +555,12 @@ def test_a_file_nested_too_deeply_is_one_message(tmp_path, tiny) -> None:
     save_model(tiny.model, tiny.tokenizer, tmp_path / "model")
     config = (tmp_path / "model" / "config.json").read_text().rstrip().removesuffix("}")
     (tmp_path / "model" / "config.json").write_text(f'{config}, "x": {deep}}}')
-    with pytest.raises(UnpactError, match=rf"config\.json: {said}"):
+    with pytest.raises(UnpactError, match=rf"model: config\.json is {said}"):
+        load_model(str(tmp_path / "model"))
+    (tmp_path / "model" / "config.json").write_text(f"{config}}}")
+    tokenizer = (tmp_path / "model" / "tokenizer_config.json").read_text().rstrip()[:-1]
+    (tmp_path / "model" / "tokenizer_config.json").write_text(f'{tokenizer}, "x": {deep}}}')
+    with pytest.raises(UnpactError, match=rf"model: tokenizer_config\.json is {said}"):
         load_model(str(tmp_path / "model"))
     # a whole number of more digits than Python converts was a ValueError's traceback
     huge = "9" * 5000
