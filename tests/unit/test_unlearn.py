@@ -242,6 +242,10 @@ def test_config_resolution_and_errors(tmp_path):
         resolve_config("npo_gd", overrides=["beta=-1"])
     with pytest.raises(UnpactError, match=r"lr"):
         resolve_config("ga", overrides=["lr=abc"])
+    # a batch of 10**9 items was that many indices built, silently, before the first step
+    for size in ("batch_size", "retain_batch_size"):
+        with pytest.raises(UnpactError, match=rf"{size}: Input should be less than or equal"):
+            resolve_config("ga", overrides=[f"{size}=1000000000"])
     bad = tmp_path / "c.yaml"
     bad.write_text("method: ga\nepochs: 2\nstepz: 3\n")
     with pytest.raises(UnpactError, match="stepz: unknown setting"):

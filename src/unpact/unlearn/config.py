@@ -45,14 +45,21 @@ class LoraSettings(PlainInput):
     merge: bool = Field(True, description="merge the adapters into the saved model")
 
 
+MOST_PER_STEP = 100_000
+
+
 class UnlearnConfig(PlainInput):
     """One unlearning run. `settings` holds the method's own knobs (see its class)."""
 
     method: str = Field(description="registered method name, e.g. npo_gd")
     epochs: float = Field(5.0, gt=0, description="passes over the forget set (if steps unset)")
     steps: int | None = Field(None, gt=0, description="optimiser steps; overrides epochs")
-    batch_size: int = Field(4, gt=0, description="forget items per step (global)")
-    retain_batch_size: int = Field(4, gt=0, description="retain items per step (global)")
+    # a batch larger than its set takes items again; one of 10**9 (a typo) was a list of
+    # 10**9 indices built before the first step, the run silent for as long as it took
+    batch_size: int = Field(4, gt=0, le=MOST_PER_STEP, description="forget items per step (global)")
+    retain_batch_size: int = Field(
+        4, gt=0, le=MOST_PER_STEP, description="retain items per step (global)"
+    )
     lr: float = Field(1e-5, gt=0, description="AdamW learning rate")
     scheduler: Literal["constant", "linear", "cosine"] = Field(
         "constant", description="learning-rate schedule after warm-up"
