@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
 import torch
 
-from unpact.errors import NotForThisModel, UnpactError, items_named
+from unpact.errors import NotForThisModel, UnpactError, items_named, out_of_memory
 from unpact.progress import progress_bar
 from unpact.types import AnyModel, EncodedPrompt, follow
 
@@ -644,12 +644,15 @@ def models_own_code(model: Any, what: str, cannot: str, spec: str = "") -> Itera
     """An error raised by the model's own code (or transformers' for it) while doing `what`
     becomes one message, naming the model, not a traceback: an architecture unpact's calls
     do not suit (xmod: "Input language unknown"), which unpact then `cannot` do. Running out
-    of memory keeps its own error."""
+    of memory keeps its own error, the GPU's or the CPU's (a RuntimeError of torch's
+    allocator, once said to be the model's fault)."""
     try:
         yield
     except (torch.OutOfMemoryError, UnpactError):
         raise
     except Exception as e:
+        if out_of_memory(e) is not None:
+            raise
         name = type(model).__name__
         raise UnpactError(
             f"{spec or name}: {what} of this {name} fails inside the model's or transformers' code "

@@ -554,6 +554,19 @@ def test_an_error_in_the_models_own_code_is_one_message():
     finally:
         handle.remove()
 
+    def no_ram(_m, _args):  # the CPU allocator's: 10**9 PROBAB samples were "the model's fault"
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 312000000000 bytes. Error code 12"
+        )
+
+    handle = lm.model.model.register_forward_pre_hook(no_ram)
+    try:
+        with pytest.raises(RuntimeError, match="DefaultCPUAllocator"):
+            generate(lm, ["hello"], max_new_tokens=2, chat_template=False)
+    finally:
+        handle.remove()
+
 
 def test_a_tokenizer_without_end_or_pad_token_generates():
     """A tokenizer that names no EOS and no pad token (one trained from scratch) made every
