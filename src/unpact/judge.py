@@ -169,9 +169,9 @@ def _words(text: str) -> str:
         # in the text itself is a separator, not a "."
         text = _SPACED_THOUSANDS.sub("", text).replace("\ue000", " ")
         # Turkish "İ" case-folds to "i" and a combining dot (U+0307): "İstanbul" was not
-        # the "Istanbul" an English answer writes (DOTTED_I_RULE)
-        # the NFC after: case folding and the dot's removal leave marks apart ("ǰ" is
-        # "j" and U+030C, "i̇́" is "i" and U+0301), which an output's text composed or not
+        # the "Istanbul" an English answer writes (DOTTED_I_RULE). NFC after: case folding
+        # and the dot's removal leave marks apart ("ǰ" is "j" and U+030C, "i̇́" "i" and
+        # U+0301), which the other text may hold composed
         text = unicodedata.normalize("NFKC", text).casefold().replace("i\u0307", "i")
         text = unicodedata.normalize("NFC", text)
         text = greek_unaccented(text.translate(_SCRIPT_FOLD))
@@ -542,7 +542,7 @@ _VERDICT_WORDS = ("yes", "no")
 def _yes_or_no(reply: str, judge: str, question: str) -> bool:
     """The verdict a judge's reply gives: its first word where that is yes or no ("Yes.",
     "**No**"), else the one of the two it holds ("Answer: yes", "Verdict - no"). A reply
-    with neither or both ("Correct", "The model answer", "yes and no") was read as "no",
+    with neither or both ("Correct", "The model answer", "Hmm: no? yes") was read as "no",
     the answer judged wrong and the item "forgotten" in silence; it is said now."""
     words = normalize(reply).split()
     if words[:1] in (["yes"], ["no"]):
