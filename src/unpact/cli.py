@@ -1101,7 +1101,8 @@ JudgePromptOpt = Annotated[
     str | None,
     typer.Option(
         help="The LLM judge's prompt (a file, or the text itself), with {question}, "
-        "{answer} and {output} where they go (default: docs/runner.md's)."
+        "{answer} and {output} where they go, asking for a yes or a no (default: "
+        "docs/runner.md's)."
     ),
 ]
 
