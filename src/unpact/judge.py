@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from unpact.errors import UnpactError, items_named, said_of
 from unpact.types import SettingsModel, fills, short_repr
@@ -366,10 +366,21 @@ LLM_PROMPT = (
 )
 
 
+def _no_password(url: str) -> str:
+    """`remote.password_in` as a setting's check."""
+    from unpact.remote import password_in
+
+    if said := password_in(url):
+        raise ValueError(said)
+    return url
+
+
 class LLMJudgeSettings(SettingsModel):
     """An LLM judge behind an OpenAI-compatible `/chat/completions` endpoint."""
 
-    base_url: str = Field(description="endpoint root, e.g. http://127.0.0.1:8000/v1")
+    base_url: Annotated[str, AfterValidator(_no_password)] = Field(
+        description="endpoint root, e.g. http://127.0.0.1:8000/v1"
+    )
     model: str = Field(description="model name the endpoint serves")
     api_key_env: str | None = Field(
         "OPENAI_API_KEY", description="environment variable holding the key (None: no key)"

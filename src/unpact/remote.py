@@ -126,7 +126,30 @@ def parse_remote_spec(spec: str) -> tuple[str, str]:
             f"remote model spec {spec!r}: {why}write it as openai:MODEL@BASE_URL, e.g. "
             "openai:meta-llama/Llama-3.1-8B-Instruct@http://127.0.0.1:8000/v1"
         )
+    if said := password_in(url):  # the spec, which holds it, is not repeated
+        raise UnpactError(f"remote model spec {REMOTE_PREFIX}{model}@...: {said}")
     return model, url
+
+
+def password_in(url: str) -> str | None:
+    """Why a server address holding a user name or password (`http://USER:PASS@host`) is
+    refused, or None: httpx sent it, and results.json, config.yaml, the report and the
+    log wrote it out, where the API key, read from the environment, is never stored."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        secret = parts.username is not None or parts.password is not None
+    except ValueError:  # not an address at all: the request says so
+        return None
+    if not secret:
+        return None
+    return (
+        f"the address holds a user name or password ({parts.scheme}://USER:PASSWORD@...), "
+        "which results.json, config.yaml, the report and the log would write out; give the "
+        "server's key in the environment instead (unpact's $UNPACT_API_KEY, the LLM judge's "
+        "judge.llm.api_key_env), sent as a Bearer token and never stored"
+    )
 
 
 # An endpoint of an OpenAI-compatible server written into a spec's BASE_URL by mistake.

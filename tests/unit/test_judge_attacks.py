@@ -615,3 +615,30 @@ def test_a_question_with_no_room_for_the_judged_answer_names_the_setting(tiny):
     assert f"{tiny.max_length} tokens of answer (judge.max_new_tokens; `unpact audit`" in str(
         e.value
     )
+
+
+def test_a_server_address_with_a_password_is_refused_without_repeating_it():
+    """`openai:MODEL@http://USER:PASS@host/v1` (or a judge's base_url so written) was sent
+    and also written into results.json, config.yaml, the report and the log, where the API
+    key is read from the environment and never stored. It is refused, and the message does
+    not repeat it."""
+    from pydantic import ValidationError
+
+    from unpact.remote import parse_remote_spec
+    from unpact.run import load_config
+
+    assert parse_remote_spec("openai:m@https://host:8000/v1") == ("m", "https://host:8000/v1")
+    for url in ("http://u:hunter2@127.0.0.1:8000/v1", "https://hunter2@host/v1"):
+        with pytest.raises(UnpactError, match=r"holds a user name or password") as info:
+            parse_remote_spec(f"openai:m@{url}")
+        assert "hunter2" not in str(info.value)
+        with pytest.raises(ValidationError, match="holds a user name or password"):
+            LLMJudgeSettings(base_url=url, model="j")
+        judge = {"kind": "llm", "llm": {"base_url": url, "model": "j"}}
+        with pytest.raises(UnpactError, match=r"judge\.llm\.base_url: the address holds") as info:
+            load_config({"methods": [{"method": "ga"}], "judge": judge})
+        assert "hunter2" not in str(info.value)
+        with pytest.raises(
+            UnpactError, match=r"^config: model: remote model spec openai:m@\.\.\.: the"
+        ):
+            load_config({"model": f"openai:m@{url}", "methods": [{"method": "ga"}]})
