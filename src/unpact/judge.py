@@ -367,10 +367,10 @@ LLM_PROMPT = (
 
 
 def _no_password(url: str) -> str:
-    """`remote.password_in` as a setting's check."""
-    from unpact.remote import password_in
+    """`remote.address_problem` as a setting's check."""
+    from unpact.remote import address_problem
 
-    if said := password_in(url):
+    if said := address_problem(url):
         raise ValueError(said)
     return url
 

@@ -126,15 +126,16 @@ def parse_remote_spec(spec: str) -> tuple[str, str]:
             f"remote model spec {spec!r}: {why}write it as openai:MODEL@BASE_URL, e.g. "
             "openai:meta-llama/Llama-3.1-8B-Instruct@http://127.0.0.1:8000/v1"
         )
-    if said := password_in(url):  # the spec, which holds it, is not repeated
+    if said := address_problem(url):  # the spec, which holds it, is not repeated
         raise UnpactError(f"remote model spec {REMOTE_PREFIX}{model}@...: {said}")
     return model, url
 
 
-def password_in(url: str) -> str | None:
+def address_problem(url: str) -> str | None:
     """Why a server address holding a user name or password (`http://USER:PASS@host`) is
     refused, or None: httpx sent it, and results.json, config.yaml, the report and the
-    log wrote it out, where the API key, read from the environment, is never stored."""
+    log wrote it out, where the API key, read from the environment, is never stored; so
+    is one with a query, which may hold a key too."""
     from urllib.parse import urlsplit
 
     try:
@@ -142,6 +143,12 @@ def password_in(url: str) -> str | None:
         secret = parts.username is not None or parts.password is not None
     except ValueError:  # not an address at all: the request says so
         return None
+    if parts.query or parts.fragment:  # "?key=...": sent as ".../v1?key=.../completions"
+        return (
+            "the address holds a query (?...) or fragment (#...), which each endpoint's path "
+            "would follow (.../v1?x=1/completions) and results.json would write out; BASE_URL "
+            "is the server's address up to /v1, a key goes in the environment"
+        )
     if not secret:
         return None
     return (

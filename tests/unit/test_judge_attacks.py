@@ -628,6 +628,10 @@ def test_a_server_address_with_a_password_is_refused_without_repeating_it():
     from unpact.run import load_config
 
     assert parse_remote_spec("openai:m@https://host:8000/v1") == ("m", "https://host:8000/v1")
+    for url in ("http://h/v1?key=hunter2", "http://h/v1#hunter2"):
+        with pytest.raises(UnpactError, match=r"holds a query \(\?\.\.\.\) or fragment") as info:
+            parse_remote_spec(f"openai:m@{url}")
+        assert "hunter2" not in str(info.value)
     for url in ("http://u:hunter2@127.0.0.1:8000/v1", "https://hunter2@host/v1"):
         with pytest.raises(UnpactError, match=r"holds a user name or password") as info:
             parse_remote_spec(f"openai:m@{url}")
