@@ -1248,7 +1248,8 @@ def serve(
             "--api-key",
             help="As vLLM's --api-key: every route but /health then wants 'Authorization: "
             "Bearer KEY' (clients: the key in $UNPACT_API_KEY) and answers 401 without it. "
-            "Repeatable: any of the keys.",
+            "Repeatable: any of the keys. Without it, as vLLM, the key in $VLLM_API_KEY "
+            "where that is set (out of the process list).",
         ),
     ] = None,
 ) -> None:
@@ -1265,7 +1266,12 @@ def serve(
 
     if generation_config not in ("auto", "vllm"):
         raise UnpactError(f"--generation-config: auto or vllm, not {generation_config!r}")
-    keys = check_keys(api_key or [])  # before the model loads
+    # vLLM's `args.api_key or envs.VLLM_API_KEY`: a key given so is not in `ps`'s listing
+    env_key = os.environ.get("VLLM_API_KEY") or None  # empty: unset, as vLLM reads it
+    if api_key or env_key is None:
+        keys = check_keys(api_key or [])  # before the model loads
+    else:
+        keys = check_keys([env_key], "$VLLM_API_KEY")
     if is_remote_spec(model):
         raise UnpactError(
             f"--model {model!r} is a served model already: unpact serve serves weights on "

@@ -173,3 +173,31 @@ def test_a_piped_results_table_takes_the_width_columns_says(monkeypatch):
     assert cli._piped_console().width == 90
     monkeypatch.setenv("COLUMNS", "wide")
     assert cli._piped_console().width == 200
+
+
+def test_serve_reads_its_key_from_vllm_api_key_as_vllm_does(tmp_path, tiny, monkeypatch):
+    """vLLM guards its routes with `args.api_key or envs.VLLM_API_KEY`: a key kept out of
+    the process list (`ps` shows --api-key's). `unpact serve` read --api-key alone."""
+    import unpact.serve
+    from unpact.models import save_model
+
+    save_model(tiny.model, tiny.tokenizer, tmp_path / "m")
+    given: list[list[str]] = []
+
+    def made(lm, name, generation, keys):
+        given.append(keys)
+        raise SystemExit(0)  # served no further
+
+    monkeypatch.setattr(unpact.serve, "make_app", made)
+    serve = ["serve", "--model", str(tmp_path / "m"), "--port", "0"]
+    for env, args, keys in (
+        ("env-key", [], ["env-key"]),
+        ("env-key", ["--api-key", "flag-key"], ["flag-key"]),  # the option first, as vLLM
+        ("", [], []),  # empty: unset
+    ):
+        monkeypatch.setenv("VLLM_API_KEY", env)
+        assert CliRunner().invoke(app, serve + args).exit_code == 0
+        assert given.pop() == keys
+    monkeypatch.setenv("VLLM_API_KEY", "two words")
+    result = CliRunner().invoke(app, serve)
+    assert "$VLLM_API_KEY (number 1) holds ' '" in " ".join(str(result.exception).split())

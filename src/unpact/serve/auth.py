@@ -25,17 +25,17 @@ PUBLIC = ("/health", "/ping", "/load", "/version", "/metrics", "/docs", "/redoc"
 FLOOR = ("/v1", "/v2", "/inference", "/cohere")
 
 
-def check_keys(keys: str | Sequence[str]) -> list[str]:
+def check_keys(keys: str | Sequence[str], option: str = "--api-key") -> list[str]:
     """The keys (one given as a string: that one), each refused in words when a client
     could not send it as a Bearer token (empty, a space, or a character an HTTP header
-    cannot carry)."""
+    cannot carry); `option` is where they were given."""
     keys = [keys] if isinstance(keys, str) else list(keys)
     for n, key in enumerate(keys):
         bad = unsendable(key) or next(((i, c) for i, c in enumerate(key) if c == " "), None)
         if not key or bad is not None:
             what = f"holds {bad[1]!a}" if bad is not None else "is empty"
             raise UnpactError(
-                f"--api-key (number {n + 1}) {what}: a key is printable ASCII without spaces, "
+                f"{option} (number {n + 1}) {what}: a key is printable ASCII without spaces, "
                 "as an HTTP Authorization header carries it"
             )
     return keys
