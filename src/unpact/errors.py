@@ -137,19 +137,25 @@ def disk_full(exc: BaseException) -> UnpactError | None:
 
 def not_permitted(exc: BaseException) -> UnpactError | None:
     """The message for `exc` if it (or an error it was raised from) is the system refusing
-    a file (permission denied, a read-only file system), else None: like a full disk, the
-    environment, said in one line with the path rather than as a traceback."""
+    a file (permission denied, a read-only file system; a name longer than the file system
+    takes, a loop of symbolic links), else None: like a full disk, the environment, said in
+    one line with the path rather than as a traceback."""
     import errno
 
-    refused = (errno.EACCES, errno.EPERM, errno.EROFS)
+    paths = "(--out for the outputs, the UNPACT_CACHE variable for the cache of models and stages)"
+    refused = {
+        errno.EACCES: f"give paths you may read and write {paths}",
+        errno.EPERM: f"give paths you may read and write {paths}",
+        errno.EROFS: f"give paths you may read and write {paths}",
+        errno.ENAMETOOLONG: f"give a shorter path {paths}",
+        errno.ELOOP: f"give a path without a loop of symbolic links {paths}",
+    }
     for current in _chain(exc):
         if isinstance(current, OSError) and current.errno in refused:
-            where = f": {current.filename}" if current.filename else ""
-            return UnpactError(
-                f"{(current.strerror or 'not permitted').lower()}{where}; give paths you may "
-                "read and write (--out for the outputs, the UNPACT_CACHE variable for the "
-                "cache of models and stages)"
-            )
+            name = str(current.filename or "")
+            where = f": {name if len(name) <= 120 else name[:117] + '...'}" if name else ""
+            why = (current.strerror or "not permitted").lower()
+            return UnpactError(f"{why}{where}; {refused[current.errno]}")
     return None
 
 

@@ -211,6 +211,9 @@ def test_the_cli_keeps_the_traceback_of_a_bug(monkeypatch) -> None:
         (PermissionError(errno.EACCES, "Permission denied", "/srv/a.json"), "permission denied"),
         (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/x"), "read-only file system"),
         (PermissionError(errno.EPERM, "Operation not permitted", "/sys/x"), "not permitted"),
+        # a name over the file system's 255 bytes, a loop of links: OSError tracebacks too
+        (OSError(errno.ENAMETOOLONG, "File name too long", "/r/" + "a" * 90), "file name too long"),
+        (OSError(errno.ELOOP, "Too many levels of symbolic links", "/r/x"), "symbolic links"),
     ],
 )
 def test_the_cli_says_a_refused_path_and_exits_2(monkeypatch, capsys, exc, said) -> None:
@@ -218,7 +221,9 @@ def test_the_cli_says_a_refused_path_and_exits_2(monkeypatch, capsys, exc, said)
     mount) was a PermissionError traceback."""
 
     code, err = _cli_raising(monkeypatch, capsys, exc)
-    assert code == 2 and f"{said}: {exc.filename}" in err and "Traceback" not in err
+    flat = "".join(err.split())  # rich wraps a long path where it likes
+    assert code == 2 and f"{said}:{exc.filename}".replace(" ", "") in flat
+    assert "Traceback" not in err
 
 
 def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys) -> None:
