@@ -1364,9 +1364,20 @@ def metrics_cmd(plugin: PluginOpt = None) -> None:
     out.print(table)
 
 
+def writes_any_text() -> None:
+    """stdout and stderr in an encoding short of Unicode (PYTHONIOENCODING=ascii, a
+    Windows console's cp1252) write what it lacks as escapes (a Greek answer as
+    \\u03b1...): printing it was a UnicodeEncodeError traceback, after the work was done."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+        if encoding not in ("utf8", "utf_8") and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main() -> None:
     """Entry point: run the CLI, turning user mistakes into one message and exit code 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    writes_any_text()
     from unpact.errors import disk_full, not_permitted, out_of_memory
     from unpact.plugins import plugin_failure
 

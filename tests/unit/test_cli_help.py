@@ -201,3 +201,23 @@ def test_serve_reads_its_key_from_vllm_api_key_as_vllm_does(tmp_path, tiny, monk
     monkeypatch.setenv("VLLM_API_KEY", "two words")
     result = CliRunner().invoke(app, serve)
     assert "$VLLM_API_KEY (number 1) holds ' '" in " ".join(str(result.exception).split())
+
+
+def test_output_in_an_encoding_short_of_unicode_escapes_what_it_lacks(monkeypatch):
+    """With PYTHONIOENCODING=ascii (or a Windows console's cp1252) a Greek answer or item
+    printed was a UnicodeEncodeError traceback after the work was done. What the
+    encoding lacks is written as an escape; UTF-8 streams are left as they are."""
+    import io
+    import sys
+
+    from unpact.cli import writes_any_text
+
+    narrow = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    wide = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdout", narrow)
+    monkeypatch.setattr(sys, "stderr", wide)
+    writes_any_text()
+    print("Αθήνα", file=narrow, end="")
+    narrow.flush()
+    assert narrow.buffer.getvalue() == b"\\u0391\\u03b8\\u03ae\\u03bd\\u03b1"
+    assert wide.errors == "strict"
