@@ -99,13 +99,20 @@ class SettingsModel(BaseModel):
 def describe_errors(
     error: ValidationError, prefix: str = "", unknown: str = "unknown setting"
 ) -> str:
-    """Pydantic's errors as `key.path: problem; ...` (an extra key is `unknown`)."""
+    """Pydantic's errors as `key.path: problem; ...` (an extra key is `unknown`), the
+    first MOST_ERRORS of them: a config of 3000 unknown keys was a 60 kB message."""
     lines = []
-    for e in error.errors():
+    errors = error.errors()
+    for e in errors[:MOST_ERRORS]:
         loc = ".".join(str(x) for x in ((prefix,) if prefix else ()) + tuple(e["loc"]))
         msg = unknown if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
         lines.append(f"{loc}: {msg}" if loc else msg)  # a check of the whole: no key
+    if len(errors) > MOST_ERRORS:
+        lines.append(f"and {len(errors) - MOST_ERRORS} more")
     return "; ".join(lines)
+
+
+MOST_ERRORS = 10
 
 
 def unknown_keys(model: type[BaseModel], data: dict[str, Any]) -> list[str]:

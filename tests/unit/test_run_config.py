@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import yaml
 
@@ -327,3 +328,16 @@ def test_every_built_in_configs_resolved_config_yaml_runs_again(tmp_path):
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(resolved, sort_keys=False))
         assert load_config(path).model_dump(mode="json") == resolved, name
+
+
+def test_a_config_of_many_mistakes_names_the_first_ten():
+    """A config of 3000 unknown keys (a data file given as the config) was a 60 kB message
+    listing each; the first ten are named, and how many more there are."""
+    from unpact.errors import UnpactError
+    from unpact.run import load_config
+
+    config = {"methods": [{"method": "ga"}], **{f"k{n}": n for n in range(30)}}
+    with pytest.raises(UnpactError) as info:
+        load_config(config)
+    said = str(info.value)
+    assert said.endswith("k9: unknown key; and 20 more") and "k10" not in said
