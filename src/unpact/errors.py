@@ -143,10 +143,9 @@ def not_permitted(exc: BaseException) -> UnpactError | None:
     import errno
 
     paths = "(--out for the outputs, the UNPACT_CACHE variable for the cache of models and stages)"
+    allowed = f"give paths you may read and write {paths}"
     refused = {
-        errno.EACCES: f"give paths you may read and write {paths}",
-        errno.EPERM: f"give paths you may read and write {paths}",
-        errno.EROFS: f"give paths you may read and write {paths}",
+        **dict.fromkeys((errno.EACCES, errno.EPERM, errno.EROFS), allowed),
         errno.ENAMETOOLONG: f"give a shorter path {paths}",
         errno.ELOOP: f"give a path without a loop of symbolic links {paths}",
     }

@@ -366,7 +366,7 @@ LLM_PROMPT = (
 )
 
 
-def _no_password(url: str) -> str:
+def _plain_address(url: str) -> str:
     """`remote.address_problem` as a setting's check."""
     from unpact.remote import address_problem
 
@@ -378,7 +378,7 @@ def _no_password(url: str) -> str:
 class LLMJudgeSettings(SettingsModel):
     """An LLM judge behind an OpenAI-compatible `/chat/completions` endpoint."""
 
-    base_url: Annotated[str, AfterValidator(_no_password)] = Field(
+    base_url: Annotated[str, AfterValidator(_plain_address)] = Field(
         description="endpoint root, e.g. http://127.0.0.1:8000/v1"
     )
     model: str = Field(description="model name the endpoint serves")
