@@ -44,7 +44,11 @@ def check_folder_path(path: Path, what: str) -> None:
         if current.is_dir():
             return
         if current.exists() or current.is_symlink():
-            where = "a file is there" if current == path else f"{current} is a file"
+            if not current.exists():  # a link to a missing target, or links in a loop
+                where = f"{current} is a symbolic link that leads nowhere (a missing target, "
+                where += "or links in a loop)"
+            else:
+                where = "a file is there" if current == path else f"{current} is a file"
             raise UnpactError(f"{what} {path}: {where}; give a folder")
 
 

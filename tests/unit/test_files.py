@@ -388,9 +388,16 @@ def test_a_folder_that_cannot_be_made_is_one_message(tmp_path: Path) -> None:
     from deep in a run, after `unpact inject` had trained; a file at the place itself,
     FileExistsError. Both are said before any work, naming the option and the file."""
     (tmp_path / "afile").write_text("mine\n")
+    # links that lead nowhere were "a file" too: one to a missing target, two in a loop
+    (tmp_path / "gone").symlink_to(tmp_path / "missing")
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    nowhere = "is a symbolic link that leads nowhere (a missing target, or links in a loop)"
     for path, said in (
         (tmp_path / "afile" / "a" / "b", f"{tmp_path / 'afile'} is a file; give a folder"),
         (tmp_path / "afile", "a file is there; give a folder"),
+        (tmp_path / "gone" / "run", f"{tmp_path / 'gone'} {nowhere}; give a folder"),
+        (tmp_path / "loop1" / "run", f"{tmp_path / 'loop1'} {nowhere}; give a folder"),
     ):
         message = re.escape(f"--out {path}: {said}")
         with pytest.raises(UnpactError, match=message):
