@@ -25,6 +25,8 @@ from unpact.attribution import ALPHA, BETA, MAX_WORK
 from unpact.errors import UnpactError, check_text, items_named
 
 if TYPE_CHECKING:
+    import socket
+
     from unpact.attribution import Attribution
     from unpact.types import AnyModel
 
@@ -1261,17 +1263,11 @@ def serve(
         read_chat_template,
     )
     from unpact.serve import make_app
-    from unpact.serve.auth import check_keys
     from unpact.types import is_remote_spec
 
     if generation_config not in ("auto", "vllm"):
         raise UnpactError(f"--generation-config: auto or vllm, not {generation_config!r}")
-    # vLLM's `args.api_key or envs.VLLM_API_KEY`: a key given so is not in `ps`'s listing
-    env_key = os.environ.get("VLLM_API_KEY") or None  # empty: unset, as vLLM reads it
-    if api_key or env_key is None:
-        keys = check_keys(api_key or [])  # before the model loads
-    else:
-        keys = check_keys([env_key], "$VLLM_API_KEY")
+    keys = _serve_keys(api_key)  # before the model loads
     if is_remote_spec(model):
         raise UnpactError(
             f"--model {model!r} is a served model already: unpact serve serves weights on "
@@ -1286,22 +1282,40 @@ def serve(
     except ChatTemplateError as e:
         raise UnpactError(f"--chat-template: {e}") from None
     app_ = make_app(lm, name, "vllm" if generation_config == "vllm" else "auto", keys)
-    import socket
-
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(("127.0.0.1", port))
-        sock.listen(2048)  # clients that come before uvicorn starts wait, not refused
-    except OSError as e:
-        raise UnpactError(f"--port {port}: cannot listen on 127.0.0.1 ({e.strerror})") from None
+    sock = _listening(port)
     port = sock.getsockname()[1]  # the one the system chose for --port 0
     err.print(
         f"serving {model} as openai:{name}@http://127.0.0.1:{port}/v1 (Ctrl-C stops)", markup=False
     )
     uvicorn.Server(uvicorn.Config(app_, log_level="warning")).run(sockets=[sock])
+
+
+def _serve_keys(api_key: list[str] | None) -> list[str]:
+    """The keys `unpact serve` wants: --api-key's, else $VLLM_API_KEY's where set and not
+    empty (vLLM's `args.api_key or envs.VLLM_API_KEY`: a key kept out of `ps`'s listing)."""
+    from unpact.serve.auth import check_keys
+
+    env_key = os.environ.get("VLLM_API_KEY") or None
+    if api_key or env_key is None:
+        return check_keys(api_key or [])
+    return check_keys([env_key], "$VLLM_API_KEY")
+
+
+def _listening(port: int) -> socket.socket:
+    """A socket listening on 127.0.0.1:`port`; clients that come before uvicorn starts
+    wait, not refused. A port taken or refused is one message."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+        sock.listen(2048)
+    except OSError as e:
+        raise UnpactError(f"--port {port}: cannot listen on 127.0.0.1 ({e.strerror})") from None
+    return sock
 
 
 def _settings_text(settings: type[object]) -> str:

@@ -227,18 +227,18 @@ def json_value(text: str | bytes, **kwargs: Any) -> Any:
     """`json.loads`, where a text nested too deeply for it (`[[[[...]]]]`, a few thousand
     levels) is a `JSONDecodeError` like any other unreadable JSON: it was a RecursionError,
     whose traceback reached the user of a reader that says what is wrong with a file; so
-    is a whole number of more digits than Python converts (`too_long`), a ValueError."""
+    is a whole number of more digits than Python converts (`parser_words`), a ValueError."""
     try:
         return json.loads(text, **kwargs)
     except (RecursionError, ValueError) as exc:
         if type(exc) not in (RecursionError, ValueError):  # a JSONDecodeError, a hook's own
             raise
         shown = text if isinstance(text, str) else text.decode("utf-8", "replace")
-        why = TOO_DEEP if isinstance(exc, RecursionError) else too_long(exc)
+        why = TOO_DEEP if isinstance(exc, RecursionError) else parser_words(exc)
         raise json.JSONDecodeError(why, shown, 0) from None
 
 
-def too_long(exc: ValueError) -> str:
+def parser_words(exc: ValueError) -> str:
     """What a ValueError of a parser says, its advice to the programmer left out: a number
     over Python's 4300 digits ("Exceeds the limit (4300 digits) for integer string
     conversion: value has 5000 digits; use sys.set_int_max_str_digits() ...")."""

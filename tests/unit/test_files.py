@@ -590,7 +590,8 @@ def test_a_file_nested_too_deeply_is_one_message(tmp_path, tiny) -> None:
 def test_yaml_aliases_are_read_but_not_without_end(tmp_path) -> None:
     """YAML's aliases repeat a value: a config may share settings so. Nine levels of nine
     (a "billion laughs") held 387 million strings, which the config's checks read for
-    hours, and `&a [*a]` holds itself: each is one message now, at once."""
+    more than 100 s without an end, and `&a [*a]` holds itself: each is one message now,
+    at once."""
     from unpact.errors import lone_surrogate
     from unpact.unlearn.config import read_yaml_mapping
 

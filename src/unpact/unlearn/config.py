@@ -17,7 +17,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from unpact.errors import UnpactError, check_text
-from unpact.files import TOO_DEEP, read_text, too_long
+from unpact.files import TOO_DEEP, parser_words, read_text
 from unpact.types import PlainInput, Seed, describe_errors, short_repr, unknown_keys
 from unpact.unlearn.methods import get_method
 
@@ -233,7 +233,7 @@ def load_yaml(text: str) -> Any:
         raise yaml.YAMLError(TOO_DEEP) from None
     except ValueError as exc:  # an integer of more digits than Python converts, a date
         # that is none (2024-13-45)
-        raise yaml.YAMLError(too_long(exc)) from None
+        raise yaml.YAMLError(parser_words(exc)) from None
 
 
 # the most values a YAML text may hold once its aliases are repeated: a config holds hundreds
@@ -244,7 +244,7 @@ def _check_aliases(loaded: Any) -> None:
     """Refuse a YAML value whose aliases (`*a`, the value `&a` names, repeated) make it
     hold more than MOST_VALUES values, or hold itself: nine levels of nine aliases (a
     "billion laughs") are 387 million strings, which every check and copy of a config
-    read one by one for hours, and `&a [*a]` is without end."""
+    read one by one past 100 s without an end in sight, and `&a [*a]` is without end."""
     sizes: dict[int, int] = {}
     open_: set[int] = set()
 
