@@ -1647,6 +1647,47 @@ def test_unpact_serve_takes_a_request_without_a_model_and_refuses_a_body_not_an_
     assert (health.status_code, health.content) == (200, b"")
 
 
+@pytest.mark.parametrize(
+    "failure, status, kind",
+    [
+        (RuntimeError("disk on fire"), 500, "InternalServerError"),
+        (ValueError("no such thing"), 400, "BadRequestError"),
+        (NotImplementedError("not here"), 501, "NotImplementedError"),
+    ],
+)
+def test_unpact_serve_answers_a_failure_no_check_foresaw_as_vllm_does(
+    served, monkeypatch, failure, status, kind
+):
+    """A failure inside a request is answered as vLLM's exception_handler answers it (its
+    create_error_response: the request's fault, not implemented, or the server's), in
+    vLLM's error shape, not Starlette's plain-text "Internal Server Error"."""
+    import httpx
+
+    def fails(*args: Any) -> None:
+        raise failure
+
+    monkeypatch.setattr("unpact.serve.check_text", fails)
+    reply = httpx.post(f"{served[1][: -len('/v1')]}/tokenize", json={"prompt": "hi"})
+    assert reply.status_code == status, reply.text
+    message = str(failure)
+    assert reply.json() == {
+        "error": {"message": message, "type": kind, "param": None, "code": status}
+    }
+
+
+def test_a_body_nested_past_pythons_recursion_is_answered_as_vllm_answers_it(served):
+    """FastAPI raises Starlette's HTTPException for a body json.loads cannot finish (nested
+    deeper than Python recurses), which vLLM's handler does not catch: its own 400."""
+    import httpx
+
+    deep = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    reply = httpx.post(
+        f"{served[1]}/completions", content=deep, headers={"content-type": "application/json"}
+    )
+    assert reply.status_code == 400
+    assert reply.json() == {"detail": "There was an error parsing the body"}
+
+
 def test_unpact_serve_answers_chat_completions_as_an_llm_judge_asks(served, faults):
     """/v1/chat/completions was a 404: an LLM judge could not be served by `unpact serve`.
     Its answer is the greedy completion of the messages in the chat template (the same

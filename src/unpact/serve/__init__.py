@@ -99,6 +99,11 @@ def make_app(
     # a body that is not a JSON object: 400 in vLLM's format, as vLLM's
     # validation_exception_handler answers (FastAPI's own reply would be a 422)
     app.exception_handler(fastapi.exceptions.RequestValidationError)(_invalid_body)
+    # a failure no check foresaw: vLLM's error shape, as its exception_handler answers,
+    # not Starlette's plain-text 500. (A body FastAPI cannot parse past JSON's rules, e.g.
+    # nested too deep, stays FastAPI's {"detail": ...} 400, as it does in vLLM: FastAPI
+    # raises Starlette's HTTPException there, which vLLM's handler does not catch.)
+    app.exception_handler(Exception)(_server_error)
     if api_keys:
         # every route is registered by now: the guarded prefixes are final
         app.add_middleware(ApiKeys, keys=check_keys(api_keys), guarded=guarded_prefixes(app.routes))
@@ -137,6 +142,24 @@ def _error(status: int, message: str, param: str | None = None) -> Any:
         {"error": {"message": message, "type": kind, "param": param, "code": status}},
         status_code=status,
     )
+
+
+async def _server_error(request: Any, exc: BaseException) -> Any:
+    """A failure no check foresaw, as vLLM's create_error_response words it: a ValueError,
+    TypeError or OverflowError (or a chat template's error) is the request's fault (400),
+    a NotImplementedError a 501, anything else a 500; the traceback still goes to the
+    server's log."""
+    from fastapi.responses import JSONResponse
+
+    template = any(k.__name__ == "TemplateError" for k in type(exc).__mro__)
+    if isinstance(exc, (ValueError, TypeError, OverflowError)) or template:
+        status, kind = 400, "BadRequestError"
+    elif isinstance(exc, NotImplementedError):
+        status, kind = 501, "NotImplementedError"
+    else:
+        status, kind = 500, "InternalServerError"
+    error = {"message": str(exc), "type": kind, "param": None, "code": status}
+    return JSONResponse({"error": error}, status_code=status)
 
 
 async def _invalid_body(request: Any, exc: Any) -> Any:
