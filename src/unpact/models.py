@@ -632,8 +632,6 @@ def load_tokenizer(
 ) -> Any:
     """The tokenizer `load_model(spec)` would load, without the weights (a check that two
     models share a vocabulary need not hold both in memory). Not for served models."""
-    from transformers import AutoTokenizer
-
     spec = spec_text(spec)  # a pathlib.Path is a spec too
     folder = local_model_dir(spec)
     unreachable = _hub_unreachable() if folder is None else None
@@ -645,14 +643,14 @@ def load_tokenizer(
         _check_model_type(Path(folder), trusted)
         _check_tokenizer(Path(folder))
     try:
-        return AutoTokenizer.from_pretrained(
-            folder if folder is not None else spec,
-            trust_remote_code=trusted,
-            local_files_only=unreachable is not None,
-        )
-    except (OSError, ValueError, ImportError) as exc:  # transformers 5.0: an ImportError
+        return _tokenizer_from(str(folder or spec), trusted, unreachable is not None)
+    except UnpactError:
+        raise
+    except (OSError, ValueError, ImportError, RecursionError) as exc:  # 5.0: an ImportError
         if folder is not None and (missing := _no_vocabulary(Path(folder))):
             raise missing from exc
+        if folder is not None and (broken := _broken_json(Path(folder))):
+            raise UnpactError(f"could not load the tokenizer of {spec!r}: {broken}") from exc
         if isinstance(exc, ImportError):  # a library the tokenizer needs (sentencepiece)
             raise UnpactError(f"could not load the tokenizer of {spec!r}: {exc}") from exc
         why = _hub_failure(exc, unreachable)
@@ -1262,8 +1260,15 @@ def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[
                 f"{upgrade}give it the model before quantization (the quantize attack "
                 "quantizes it itself)"
             ) from exc
-        if isinstance(exc, RecursionError):  # was said as damaged weights
-            raise UnpactError(f"could not load a model from {path}: {_too_deep(path)}") from None
+        # a JSON file that does not parse, which transformers says without naming it (or
+        # as damaged weights, when nested too deep)
+        if broken := _broken_json(path) or (
+            f"a file of it is {TOO_DEEP}" if isinstance(exc, RecursionError) else None
+        ):
+            raise UnpactError(
+                f"could not load a model from {path}: {broken}; repair it, or copy it again "
+                "from the model it came from"
+            ) from None
         # a tokenizer without its vocabulary: transformers 5.0 asks for protobuf instead
         if isinstance(exc, (OSError, ValueError, ImportError)):
             raise _no_vocabulary(path) or UnpactError(
@@ -1280,15 +1285,50 @@ def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[
     return model, tokenizer
 
 
-def _too_deep(path: Path) -> str:
-    """Which JSON file of a model folder transformers could not read for its depth."""
+def _broken_json(path: Path) -> str | None:
+    """The first JSON file of a model folder that does not parse, and why (transformers
+    says a JSON decoder's "Expecting ',' delimiter" without the file's name, or nothing of
+    it on a file nested too deep); None when every one parses."""
     for file in sorted(path.glob("*.json")):
         try:
             json_value(file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            if isinstance(exc, json.JSONDecodeError) and exc.msg == TOO_DEEP:
+        except UnicodeDecodeError:
+            return f"{file.name} is not UTF-8 text"
+        except json.JSONDecodeError as exc:
+            if exc.msg == TOO_DEEP:
                 return f"{file.name} is {TOO_DEEP}"
-    return f"a file of it is {TOO_DEEP}"
+            return (
+                f"{file.name} is not valid JSON ({exc.msg}: line {exc.lineno} column {exc.colno})"
+            )
+        except OSError:
+            continue  # a folder named *.json, a file it may not read: transformers says so
+    return None
+
+
+def _tokenizer_from(source: str, trusted: bool, local_only: bool = False) -> Any:
+    """AutoTokenizer.from_pretrained, its failure on tokenizer files of a form it does not
+    read (a KeyError, the tokenizers library's "data did not match any variant") said as
+    the tokenizer's, not as damaged weights or a traceback. An OSError, ValueError,
+    ImportError or RecursionError goes to the caller, which says it for a folder or a hub
+    id."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(
+            source, trust_remote_code=trusted, local_files_only=local_only
+        )
+    except (OSError, ValueError, ImportError, RecursionError):
+        raise
+    except Exception as exc:
+        broken = _broken_json(Path(source)) if Path(source).is_dir() else None
+        said = _first_line(exc)
+        if isinstance(exc, LookupError):  # "'added_tokens'" alone says nothing
+            said = f"{type(exc).__name__}: {said}"
+        why = broken or f"its files are not a tokenizer transformers reads ({said})"
+        raise UnpactError(
+            f"could not load the tokenizer of {source}: {why}; copy the tokenizer files of "
+            "the model it was trained from, or save them with tokenizer.save_pretrained(folder)"
+        ) from exc
 
 
 def _pretrained(
@@ -1296,11 +1336,9 @@ def _pretrained(
 ) -> tuple[Any, ...]:
     """transformers' model (safetensors only), tokenizer and loading report, from a folder
     or a hub id (`local_only`: from the local hub cache only)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        source, trust_remote_code=trust_remote_code, local_files_only=local_only
-    )
+    tokenizer = _tokenizer_from(source, trust_remote_code, local_only)
     dequantizing = _dequantizing(source, trust_remote_code, local_only)
     with warnings.catch_warnings(), _quiet_dequantizing(dequantizing), _kept_report() as report:
         # transformers' note that it merged our loading attribute into the checkpoint's
