@@ -310,9 +310,17 @@ def spec_text(spec: object) -> str:
     if isinstance(spec, os.PathLike):
         return os.fspath(spec)
     if not isinstance(spec, str):
+        # a model in memory (a LanguageModel, a transformers model): said how to give it
+        held = hasattr(spec, "save_pretrained") or hasattr(spec, "tokenizer")
+        hint = (
+            "; a model in memory is saved first, then its folder given: "
+            "unpact.models.save_model(model, tokenizer, folder)"
+            if held
+            else ""
+        )
         raise TypeError(
             f"a model spec is a string or a path ('default', a folder, a .gguf file, a hub "
-            f"id, openai:MODEL@URL), not {type(spec).__name__} {short_repr(spec)}"
+            f"id, openai:MODEL@URL), not {type(spec).__name__} {short_repr(spec)}{hint}"
         )
     return spec
 

@@ -1031,6 +1031,11 @@ def test_a_model_spec_may_be_a_path(tiny, tmp_path):
     assert open_model(tmp_path / "m").spec == str(tmp_path / "m")
     with pytest.raises(TypeError, match="a model spec is a string or a path"):
         load_model(5)  # type: ignore[arg-type]
+    # a model in memory, which a Python user may hand where a spec goes: how to give it
+    saved = r"in memory is saved first, then its folder given: unpact\.models\.save_model\("
+    for held in (tiny, tiny.model):
+        with pytest.raises(TypeError, match=rf"not {type(held).__name__} .*{saved}"):
+            load_model(held)  # type: ignore[arg-type]
     # and where a model is taught or unlearned
     from unpact.data.items import QAItem, write_folder
     from unpact.inject import InjectConfig, inject
