@@ -11,6 +11,12 @@ import pytest
 import torch
 from hypothesis import settings
 
+# A developer's own keys stay out of the suite: with $VLLM_API_KEY set, every `unpact serve`
+# a test starts wanted that key from clients that send none; the clients' keys would go to
+# the test servers. A test that needs one sets it itself (monkeypatch).
+for _key in ("VLLM_API_KEY", "UNPACT_API_KEY", "OPENAI_API_KEY"):
+    os.environ.pop(_key, None)
+
 # The same examples in every run (drawn from each test's source, no example database): a
 # property test fails on every machine or on none. HYPOTHESIS_PROFILE=default explores.
 settings.register_profile("unpact", derandomize=True, database=None)
