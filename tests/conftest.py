@@ -17,6 +17,23 @@ from hypothesis import settings
 for _key in ("VLLM_API_KEY", "UNPACT_API_KEY", "OPENAI_API_KEY"):
     os.environ.pop(_key, None)
 
+# The suite reads the CLI's output as a pipe gets it, whatever the terminal settings of
+# the machine it runs on: $COLUMNS cut its lines elsewhere; $FORCE_COLOR, and typer's forced
+# terminal on GitHub Actions ($GITHUB_ACTIONS), put colour codes into the help and messages
+# the tests read. A test that wants one sets it itself (monkeypatch, a subprocess's env).
+for _name in (
+    "COLUMNS",
+    "LINES",
+    "TERMINAL_WIDTH",
+    "FORCE_COLOR",
+    "PY_COLORS",
+    "CLICOLOR_FORCE",
+    "TTY_COMPATIBLE",
+    "TTY_INTERACTIVE",
+):
+    os.environ.pop(_name, None)
+os.environ["_TYPER_FORCE_DISABLE_TERMINAL"] = "1"
+
 # The same examples in every run (drawn from each test's source, no example database): a
 # property test fails on every machine or on none. HYPOTHESIS_PROFILE=default explores.
 settings.register_profile("unpact", derandomize=True, database=None)
