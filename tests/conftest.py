@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# offline whatever the machine says: no test reads the hub
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest
 import torch
@@ -20,7 +21,8 @@ for _key in ("VLLM_API_KEY", "UNPACT_API_KEY", "OPENAI_API_KEY"):
 # The suite reads the CLI's output as a pipe gets it, whatever the terminal settings of
 # the machine it runs on: $COLUMNS cut its lines elsewhere; $FORCE_COLOR, and typer's forced
 # terminal on GitHub Actions ($GITHUB_ACTIONS), put colour codes into the help and messages
-# the tests read. A test that wants one sets it itself (monkeypatch, a subprocess's env).
+# the tests read; $TRANSFORMERS_VERBOSITY=info printed transformers' notes where tests want
+# silence. A test that wants one sets it itself (monkeypatch, a subprocess's env).
 for _name in (
     "COLUMNS",
     "LINES",
@@ -30,6 +32,7 @@ for _name in (
     "CLICOLOR_FORCE",
     "TTY_COMPATIBLE",
     "TTY_INTERACTIVE",
+    "TRANSFORMERS_VERBOSITY",
 ):
     os.environ.pop(_name, None)
 os.environ["_TYPER_FORCE_DISABLE_TERMINAL"] = "1"
