@@ -91,11 +91,15 @@ _ANSWER_MARKER = "\ue000unpact-answer\ue000"
 
 
 def cache_root() -> Path:
-    """Where derived artefacts live: `$UNPACT_CACHE`, else `~/.cache/unpact` (made if
-    absent; one that cannot be, a file's path, say, is one message, not a traceback at the
-    first model written)."""
+    """Where derived artefacts live: `$UNPACT_CACHE`, else `unpact` in the user's cache
+    folder, `$XDG_CACHE_HOME` where set to an absolute path (as the XDG spec and Hugging
+    Face's own cache read it: a cluster's home folder is often too small for models), else
+    `~/.cache` (made if absent; one that cannot be, a file's path, say, is one message, not
+    a traceback at the first model written)."""
     env = os.environ.get("UNPACT_CACHE")
-    root = Path(env).expanduser() if env else Path.home() / ".cache" / "unpact"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    user = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
+    root = Path(env).expanduser() if env else user / "unpact"
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

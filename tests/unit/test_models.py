@@ -1381,6 +1381,27 @@ def test_a_cache_that_cannot_be_a_folder_is_one_message(tmp_path, monkeypatch):
             cache_root()
 
 
+def test_the_cache_goes_where_the_user_keeps_caches(tmp_path, monkeypatch):
+    """Without $UNPACT_CACHE the cache went to ~/.cache/unpact even where $XDG_CACHE_HOME
+    names the user's cache folder (as Hugging Face's cache follows it: on a cluster, home
+    is often too small for models). A relative $XDG_CACHE_HOME is ignored, as the XDG spec
+    says; $UNPACT_CACHE comes first."""
+    from unpact.models import cache_root
+
+    monkeypatch.delenv("UNPACT_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "big"))
+    assert cache_root() == tmp_path / "big" / "unpact"
+    for ignored in ("relative/cache", ""):
+        monkeypatch.setenv("XDG_CACHE_HOME", ignored)
+        assert cache_root() == tmp_path / "home" / ".cache" / "unpact"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cache_root() == tmp_path / "home" / ".cache" / "unpact"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "big"))
+    monkeypatch.setenv("UNPACT_CACHE", str(tmp_path / "mine"))
+    assert cache_root() == tmp_path / "mine"
+
+
 def test_a_model_type_transformers_does_not_know_is_said_before_any_load(tiny, tmp_path, printed):
     """A checkpoint whose code is its own (`auto_map`) without --trust-remote-code, or of a
     type newer than the transformers installed: transformers' warning about the type (from
