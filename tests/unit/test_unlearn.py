@@ -714,6 +714,36 @@ def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path):
     assert read_yaml_mapping(f)["m"] == {"lr": 3, "steps": 2}
 
 
+def test_accelerates_settings_from_the_environment_change_nothing_and_are_said(
+    bench, tmp_path, monkeypatch, caplog
+):
+    """accelerate reads mixed precision, torch.compile and gradient accumulation from the
+    environment, where `accelerate launch` puts its config file's: with
+    $ACCELERATE_MIXED_PRECISION=bf16 the same config trained other weights (by 1e-4), which
+    neither the saved config nor a run's cache key recorded; gradient accumulation divided
+    each loss. The method's settings decide now, and the unused settings are said once."""
+    import unpact.unlearn.loop as loop
+
+    given = {"method": "ga", "steps": 3, "lr": 1e-2, "batch_size": 2}
+    plain = _weights(unlearn(tiny_model(seed=3), bench, given, tmp_path / "a", progress=False))
+    monkeypatch.setattr(loop, "_SAID_UNUSED", set(), raising=False)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "no")  # the value that changes nothing
+    for out in ("b", "c"):
+        again = _weights(unlearn(tiny_model(seed=3), bench, given, tmp_path / out, progress=False))
+        for name, tensor in plain.items():
+            assert torch.equal(tensor, again[name]), name
+    said = [r.getMessage() for r in caplog.records if r.name == "unpact.unlearn.loop"]
+    assert len(said) == 1, said
+    assert said[0].startswith(
+        "not used: ACCELERATE_MIXED_PRECISION=bf16, ACCELERATE_GRADIENT_ACCUMULATION_STEPS=4 ("
+    )
+    # under DeepSpeed its own config sets both (accelerate refuses a precision unlike it)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert loop._settings_not_from_the_environment() == {"dynamo_backend": "no"}
+
+
 def test_the_python_api_takes_a_mapping_config_and_names_a_wrong_argument(bench, tmp_path):
     """`unlearn(lm, bench, {"method": "ga", ...}, out)` was "'dict' object has no
     attribute 'method'"; it is now read as `unpact unlearn` reads a config file (the

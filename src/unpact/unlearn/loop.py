@@ -62,6 +62,8 @@ from unpact.unlearn.config import (
 )
 from unpact.unlearn.methods import Batch, Method, StepContext, get_method, layer_activations
 
+log = logging.getLogger(__name__)
+
 RUN_FORMAT = 1
 
 
@@ -271,6 +273,7 @@ def _accelerator(device: str) -> tuple[Any, torch.device]:
         cpu=asked.type == "cpu",
         device_placement=False,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
+        **_settings_not_from_the_environment(),
     )
     if accelerator.num_processes == 1:
         return accelerator, asked
@@ -280,6 +283,48 @@ def _accelerator(device: str) -> tuple[Any, torch.device]:
             "device (accelerate's); give cuda, or leave the device out"
         )
     return accelerator, torch.device(accelerator.device)
+
+
+_SAID_UNUSED: set[str] = set()
+
+
+def _settings_not_from_the_environment() -> dict[str, Any]:
+    """Settings given to accelerate so that it does not read them from the environment,
+    where `accelerate launch` puts its config file's: $ACCELERATE_MIXED_PRECISION=bf16
+    trained other weights than the method's fp32, which neither the saved config nor a
+    run's cache key recorded; $ACCELERATE_GRADIENT_ACCUMULATION_STEPS divided each loss;
+    $ACCELERATE_DYNAMO_BACKEND compiled the model. The method's settings decide (its
+    `precision`); a setting so left unused is said, once (by the first of several launched
+    processes). Under DeepSpeed its own config sets the precision and the accumulation
+    (accelerate refuses a mixed precision that disagrees with it): those are left to it."""
+    from accelerate.utils import GradientAccumulationPlugin
+
+    given: dict[str, tuple[str, str, Any]] = {  # variable: (argument, inert value, given)
+        "ACCELERATE_DYNAMO_BACKEND": ("dynamo_backend", "no", "no"),
+    }
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").strip().lower() != "true":
+        accumulation = GradientAccumulationPlugin(num_steps=1)
+        given["ACCELERATE_MIXED_PRECISION"] = ("mixed_precision", "no", "no")
+        given["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = (
+            "gradient_accumulation_plugin",
+            "1",
+            accumulation,
+        )
+    unused = [
+        f"{name}={os.environ[name]}"
+        for name, (_, inert, _) in given.items()
+        if os.environ.get(name, inert).strip().lower() not in (inert, "")
+        and name not in _SAID_UNUSED
+    ]
+    if unused and os.environ.get("RANK", "0") == "0":
+        _SAID_UNUSED.update(u.split("=", 1)[0] for u in unused)
+        log.warning(
+            "not used: %s (accelerate's, from `accelerate launch`'s config or the "
+            "environment): unpact trains as the method's settings say (precision: fp32, or "
+            "bf16 for bf16 autocast; batch_size), which its saved config and cache keys record",
+            ", ".join(unused),
+        )
+    return {argument: value for argument, _, value in given.values()}
 
 
 def _state_for(asked: torch.device) -> None:
