@@ -6,6 +6,7 @@ the same through click.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -1228,8 +1229,16 @@ def serve(
             help="The model name clients give (openai:NAME@URL); vLLM's spelling works too.",
         ),
     ] = "default",
+    host: Annotated[
+        str,
+        typer.Option(
+            help="Address to listen on: 127.0.0.1 (this machine only), or as vLLM's --host "
+            "an address of this machine, 0.0.0.0 or :: for every interface (anyone who can "
+            "reach it may then use the model: give --api-key).",
+        ),
+    ] = "127.0.0.1",
     port: Annotated[
-        int, typer.Option(min=0, max=65535, help="Port on 127.0.0.1 (0: one the system chooses).")
+        int, typer.Option(min=0, max=65535, help="Port to listen on (0: one the system chooses).")
     ] = 8000,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "auto",
@@ -1284,11 +1293,9 @@ def serve(
     app_ = make_app(lm, name, "vllm" if generation_config == "vllm" else "auto", keys)
     import uvicorn
 
-    sock = _listening(port)
+    sock = _listening(host, port)
     port = sock.getsockname()[1]  # the one the system chose for --port 0
-    err.print(
-        f"serving {model} as openai:{name}@http://127.0.0.1:{port}/v1 (Ctrl-C stops)", markup=False
-    )
+    err.print(f"serving {model} as {_served_at(host, name, port)} (Ctrl-C stops)", markup=False)
     uvicorn.Server(uvicorn.Config(app_, log_level="warning")).run(sockets=[sock])
 
 
@@ -1303,19 +1310,42 @@ def _serve_keys(api_key: list[str] | None) -> list[str]:
     return check_keys([env_key], "$VLLM_API_KEY")
 
 
-def _listening(port: int) -> socket.socket:
-    """A socket listening on 127.0.0.1:`port`; clients that come before uvicorn starts
-    wait, not refused. A port taken or refused is one message."""
+def _listening(host: str, port: int) -> socket.socket:
+    """A socket listening on `host`:`port` (an IPv4 or IPv6 address, or a name of this
+    machine); clients that come before uvicorn starts wait, not refused. An address that is
+    not this machine's, or a port taken or refused, is one message."""
     import socket
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        why = getattr(e, "strerror", None) or e
+        raise UnpactError(f"--host {host!r}: not an address ({why})") from None
+    family, _, _, _, address = found[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind(("127.0.0.1", port))
+        sock.bind(address)
         sock.listen(2048)
     except OSError as e:
-        raise UnpactError(f"--port {port}: cannot listen on 127.0.0.1 ({e.strerror})") from None
+        sock.close()
+        if e.errno == errno.EADDRNOTAVAIL:  # the address is not one of this machine's
+            raise UnpactError(
+                f"--host {host}: not an address of this machine ({e.strerror})"
+            ) from None
+        raise UnpactError(f"--port {port}: cannot listen on {host} ({e.strerror})") from None
     return sock
+
+
+def _served_at(host: str, name: str, port: int) -> str:
+    """The model spec a client on this machine gives for what `unpact serve` serves: every
+    interface (0.0.0.0, ::) is reached at the loopback address; an IPv6 address goes in
+    brackets."""
+    wildcard = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+    at = wildcard.get(host, host)
+    at = f"[{at}]" if ":" in at else at
+    spec = f"openai:{name}@http://{at}:{port}/v1"
+    return f"{spec}, on every interface" if host in wildcard else spec
 
 
 def _settings_text(settings: type[object]) -> str:

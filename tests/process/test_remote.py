@@ -605,10 +605,34 @@ def test_served_model_config_mistakes(change, message):
         load_config(config)
 
 
+def _served_scores_equal_local(tiny, folder: Any, spec: str, *options: str) -> str:
+    """Start `unpact serve` on the model in `folder` with `options` in its own process,
+    score through `spec` (retried until the server is up), check the scores equal local
+    ones, stop it; its stderr."""
+    import time
+
+    cmd = [sys.executable, "-m", "unpact", "serve", "--model", str(folder), "--name", "t"]
+    proc = subprocess.Popen(
+        [*cmd, *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        remote = open_model(
+            spec, remote=RemoteSettings(retries=60, backoff=0.25, max_backoff=0.5, deadline=90)
+        )
+        start = time.monotonic()
+        got = score(remote, PROMPTS, ANSWERS)
+        assert time.monotonic() - start < 90
+        local = score(tiny, PROMPTS, ANSWERS)
+        assert _max_diff([s.logprobs for s in got], [s.logprobs for s in local]) < 1e-4
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    return err
+
+
 def test_unpact_serve_command(tiny, tmp_path):
     """`unpact serve` as a user starts it, in its own process; scores equal local ones."""
     import socket
-    import time
 
     from unpact.models import save_model
 
@@ -616,27 +640,40 @@ def test_unpact_serve_command(tiny, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    spec = f"openai:t@http://127.0.0.1:{port}/v1"
+    err = _served_scores_equal_local(tiny, tmp_path / "tiny", spec, "--port", str(port))
+    assert spec in err
+
+
+def test_unpact_serve_listens_where_host_says(tiny, tmp_path):
+    """`--host` as vLLM's (it was 127.0.0.1 only): the IPv6 loopback, reached through a
+    spec with the address in brackets; an address not this machine's, or not an address,
+    is one message."""
+    import socket
+
+    from unpact.models import save_model
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    save_model(tiny.model, tiny.tokenizer, tmp_path / "tiny")
+    with socket.socket(socket.AF_INET6) as s:
+        try:
+            s.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 loopback here")
+        port = s.getsockname()[1]
+    spec = f"openai:t@http://[::1]:{port}/v1"
+    options = ("--port", str(port), "--host", "::1")
+    assert spec in _served_scores_equal_local(tiny, tmp_path / "tiny", spec, *options)
     cmd = [sys.executable, "-m", "unpact", "serve", "--model", str(tmp_path / "tiny")]
-    proc = subprocess.Popen(
-        [*cmd, "--name", "t", "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        remote = open_model(
-            f"openai:t@http://127.0.0.1:{port}/v1",
-            remote=RemoteSettings(retries=60, backoff=0.25, max_backoff=0.5, deadline=90),
+    for host, said in (
+        ("192.0.2.1", "--host 192.0.2.1: not an address of this machine"),  # TEST-NET-1
+        ("no such host.invalid", "--host 'no such host.invalid': not an address"),
+    ):
+        bad = subprocess.run(
+            [*cmd, "--host", host, "--port", "0"], capture_output=True, text=True, timeout=120
         )
-        start = time.monotonic()
-        got = score(remote, PROMPTS, ANSWERS)  # retried until the server is up
-        assert time.monotonic() - start < 90
-        local = score(tiny, PROMPTS, ANSWERS)
-        assert _max_diff([s.logprobs for s in got], [s.logprobs for s in local]) < 1e-4
-    finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=30)
-    assert f"openai:t@http://127.0.0.1:{port}/v1" in err
+        assert bad.returncode == 2 and said in " ".join(bad.stderr.split()), bad.stderr
 
 
 def test_side_by_side_page_in_a_real_browser(served_run, multi_run, tmp_path):
