@@ -571,22 +571,7 @@ def test_broken_model_folders_are_one_message(tiny, tmp_path, printed, caplog):
         weights["v_head.summary.weight"] = weights["model.norm.weight"][:3].clone()
         save_file(weights, f / "model.safetensors", metadata={"format": "pt"})
 
-    def cut_tokenizer(f):  # was "could not load a model from ...: Expecting ':' delimiter"
-        text = (f / "tokenizer.json").read_text()
-        (f / "tokenizer.json").write_text(text[: len(text) // 2])
-
-    def cut_settings(f):
-        (f / "tokenizer_config.json").write_text('{"model_max_length": 8,\n "x" 1}')
-
-    def other_json(f):  # valid JSON, no tokenizer: was blamed on the weights ("'added_tokens'")
-        (f / "tokenizer.json").write_text('{"a": 1}')
-
-    def unknown_model(f):  # the tokenizers library's own exception: also "the weights"
-        tokenizer = json.loads((f / "tokenizer.json").read_text())
-        (f / "tokenizer.json").write_text(json.dumps(tokenizer | {"model": {"type": "Odd"}}))
-
     shapes = r"lm_head\.weight: \[320, 64\] in the file, \[320, 128\] by config.json; model\."
-    unread = "could not load the tokenizer of .*: its files are not a tokenizer transformers reads"
     printed()
     for change, message in (
         (no_tokenizer, "has no tokenizer"),
@@ -596,16 +581,9 @@ def test_broken_model_folders_are_one_message(tiny, tmp_path, printed, caplog):
         (wider, rf"shapes that do not match its config.json \({shapes}.*; \.\.\.\): was"),
         (one_missing, r"lack 1 of the model's tensors \(model\.layers\.1\.mlp\.up_proj"),
         (gptq, r"gptq-quantized checkpoint .*: give it the model before quantization"),
-        (cut_tokenizer, r"cut_tokenizer: tokenizer\.json is not valid JSON \(.*: line \d+ col"),
-        (cut_settings, r"tokenizer_config\.json is not valid JSON \(Expecting ':' delimiter: l"),
-        (other_json, rf"{unread} \(KeyError: 'added_tokens'\); copy the tokenizer files"),
-        (unknown_model, rf"{unread} \(data did not match any variant"),
     ):
         with pytest.raises(UnpactError, match=message):
             load_model(str(broken(change.__name__, change)))
-    for name in ("cut_tokenizer", "cut_settings", "other_json", "unknown_model"):
-        with pytest.raises(UnpactError, match="could not load the tokenizer of"):
-            load_tokenizer(str(tmp_path / name))  # was a KeyError's traceback for other_json
     with pytest.raises(UnpactError, match="but not its vocabulary"):
         load_tokenizer(str(tmp_path / "settings_only"))
     assert printed() == ""
@@ -620,6 +598,48 @@ def test_broken_model_folders_are_one_message(tiny, tmp_path, printed, caplog):
         f"{folder}: 1 tensor in the weights is not the model's (v_head.summary.weight): ignored"
     ]
     assert load_model(str(good)).model.config.hidden_size == 64
+
+
+def test_tokenizer_files_that_do_not_parse_or_are_no_tokenizer_are_named(tiny, tmp_path):
+    """A JSON file of a model folder that does not parse was the decoder's bare "Expecting
+    ':' delimiter" (no file named); tokenizer files transformers cannot read were "could not
+    load the weights" (or, from load_tokenizer, a KeyError's traceback). Each names the
+    file, or says it is the tokenizer."""
+    import json
+    import shutil
+
+    good = tmp_path / "good"
+    tiny.model.save_pretrained(good)
+    tiny.tokenizer.save_pretrained(good)
+
+    def cut_tokenizer(f):  # was "could not load a model from ...: Expecting ':' delimiter"
+        text = (f / "tokenizer.json").read_text()
+        (f / "tokenizer.json").write_text(text[: len(text) // 2])
+
+    def cut_settings(f):
+        (f / "tokenizer_config.json").write_text('{"model_max_length": 8,\n "x" 1}')
+
+    def other_json(f):  # valid JSON, no tokenizer: was blamed on the weights ("'added_tokens'")
+        (f / "tokenizer.json").write_text('{"a": 1}')
+
+    def unknown_model(f):  # the tokenizers library's own exception: also "the weights"
+        tokenizer = json.loads((f / "tokenizer.json").read_text())
+        (f / "tokenizer.json").write_text(json.dumps(tokenizer | {"model": {"type": "Odd"}}))
+
+    unread = "could not load the tokenizer of .*: its files are not a tokenizer transformers reads"
+    for change, message in (
+        (cut_tokenizer, r"cut_tokenizer: tokenizer\.json is not valid JSON \(.*: line \d+ col"),
+        (cut_settings, r"tokenizer_config\.json is not valid JSON \(Expecting ':' delimiter: l"),
+        (other_json, rf"{unread} \(KeyError: 'added_tokens'\); copy the tokenizer files"),
+        (unknown_model, rf"{unread} \(data did not match any variant"),
+    ):
+        folder = tmp_path / change.__name__
+        shutil.copytree(good, folder)
+        change(folder)
+        with pytest.raises(UnpactError, match=message):
+            load_model(str(folder))
+        with pytest.raises(UnpactError, match="could not load the tokenizer of"):
+            load_tokenizer(str(folder))
 
 
 def test_a_tokenizer_without_vocabulary_is_named_whatever_transformers_raises(
