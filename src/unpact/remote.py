@@ -44,6 +44,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import torch
 from pydantic import Field
@@ -70,6 +71,49 @@ from unpact.types import (
 _MARKERS = ("\ue000", "\u00a7\u00a7", "Q")
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+# A server on this machine is reached directly, never through a proxy the environment
+# names ($HTTP_PROXY and the like, common on clusters): the proxy's own loopback is not
+# this machine's, and every request to `unpact serve` on 127.0.0.1 failed "connection failed".
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
+
+
+def _proxy_named() -> str:
+    """The proxy variables set in the environment, as NAME=scheme://host:port (a user and
+    password in the address left out)."""
+    named = []
+    for name in _PROXY_VARIABLES:
+        value = os.environ.get(name) or os.environ.get(name.lower())
+        if value:
+            try:
+                parts = urlsplit(value)
+                shown = f"{parts.scheme}://{parts.hostname}" + (
+                    f":{parts.port}" if parts.port else ""
+                )
+            except ValueError:
+                shown = "(not an address)"
+            named.append(f"{name}={shown}")
+    return ", ".join(named) or "none"
+
+
+def _through_proxy(url: str) -> str:
+    """Where a request that could not connect went through a proxy of the environment, a
+    sentence saying so; else nothing."""
+    import urllib.request
+
+    proxies = urllib.request.getproxies_environment()
+    host = urlsplit(url).hostname or ""
+    scheme = urlsplit(url).scheme
+    if host in _LOOPBACK or not (proxies.get(scheme) or proxies.get("all")):
+        return ""
+    if urllib.request.proxy_bypass_environment(host, proxies):  # type: ignore[attr-defined]
+        return ""
+    return (
+        f", through the proxy the environment names ({_proxy_named()}): if the server is "
+        f"reached directly, add its host to NO_PROXY (NO_PROXY={host})"
+    )
 
 
 class RemoteError(UnpactError):
@@ -202,9 +246,18 @@ class RemoteModel:
         with self._lock:
             if self._client is None:
                 n = self.settings.concurrency
-                self._client = httpx.Client(
-                    limits=httpx.Limits(max_connections=n, max_keepalive_connections=n)
-                )
+                local = urlsplit(self.root_url).hostname in _LOOPBACK
+                try:
+                    self._client = httpx.Client(
+                        limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
+                        trust_env=not local,  # a server on this machine: no proxy, no .netrc
+                    )
+                except ImportError as exc:  # a SOCKS proxy in the environment, no socksio
+                    raise RemoteError(
+                        f"{self.root_url}: the environment names a SOCKS proxy "
+                        f"({_proxy_named()}), which needs httpx's SOCKS support: pip "
+                        "install 'httpx[socks]', or unset it (NO_PROXY for this host)"
+                    ) from exc
                 # its kept-alive connections are closed when the model is dropped, not left
                 # to the interpreter (a ResourceWarning per socket)
                 weakref.finalize(self, self._client.close)
@@ -249,7 +302,7 @@ class RemoteModel:
             except httpx.TimeoutException:
                 failure = f"no reply within {min(s.timeout, remaining):.1f} s"
             except httpx.TransportError as exc:
-                failure = f"connection failed ({type(exc).__name__})"
+                failure = f"connection failed ({type(exc).__name__}){_through_proxy(url)}"
             else:
                 code = reply.status_code
                 if code == 500:

@@ -396,6 +396,40 @@ def test_mask_baseline_and_unknown_baseline_token_are_clear_errors(served, fault
         attribute_many(remote, PROMPTS[:1], ANSWERS[:1], baseline="token")
 
 
+def test_a_proxy_in_the_environment_is_not_used_for_this_machine_and_is_named(
+    tiny, served, faults, monkeypatch
+):
+    """On a cluster $HTTP_PROXY is often set: every request to a server on 127.0.0.1 went
+    through the proxy and failed "connection failed"; a SOCKS proxy without socksio was
+    an ImportError's traceback. This machine's servers are reached directly; a server
+    elsewhere that cannot be reached through the proxy is said to be, its password not."""
+    url = served[1]
+    monkeypatch.setenv("HTTP_PROXY", "http://user:secret@127.0.0.1:9")
+    monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    for spec in (url, url.replace("127.0.0.1", "localhost")):
+        got = score(_remote(spec), PROMPTS[:2], ANSWERS[:2])
+        assert (
+            _max_diff(
+                [s.logprobs for s in got],
+                [s.logprobs for s in score(tiny, PROMPTS[:2], ANSWERS[:2])],
+            )
+            < 1e-4
+        )
+    elsewhere = "http://192.0.2.1:8000/v1"  # TEST-NET-1: reached only through the proxy
+    monkeypatch.delenv("ALL_PROXY")
+    with pytest.raises(UnpactError) as caught:
+        score(_remote(elsewhere, retries=0), ["a question?"], [" yes"])
+    said = str(caught.value)
+    assert "connection failed (ConnectError), through the proxy the environment names" in said
+    assert "HTTP_PROXY=http://127.0.0.1:9" in said and "NO_PROXY=192.0.2.1" in said
+    assert "secret" not in said
+    monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:9")
+    with pytest.raises(UnpactError, match=r"names a SOCKS proxy \(HTTP_PROXY=.*, ALL_PROXY=socks5"):
+        score(_remote(elsewhere, retries=0), ["a question?"], [" yes"])
+
+
 def test_unreachable_server_and_bad_specs():
     remote = open_model(
         "openai:tiny@http://127.0.0.1:9/v1",
