@@ -37,6 +37,12 @@ for _name in (
     os.environ.pop(_name, None)
 os.environ["_TYPER_FORCE_DISABLE_TERMINAL"] = "1"
 
+# The test servers are on this machine: a proxy of the environment ($HTTP_PROXY on a
+# cluster) is not in the way of the tests' own requests, nor the browser's.
+_here = "127.0.0.1,localhost,::1"
+for _name in ("NO_PROXY", "no_proxy"):
+    os.environ[_name] = ",".join(filter(None, (os.environ.get(_name), _here)))
+
 # The same examples in every run (drawn from each test's source, no example database): a
 # property test fails on every machine or on none. HYPOTHESIS_PROFILE=default explores.
 settings.register_profile("unpact", derandomize=True, database=None)
