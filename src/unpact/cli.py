@@ -1296,6 +1296,12 @@ def serve(
     sock = _listening(host, port)
     port = sock.getsockname()[1]  # the one the system chose for --port 0
     err.print(f"serving {model} as {_served_at(host, name, port)} (Ctrl-C stops)", markup=False)
+    if not keys and host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(
+            f"note: listening on {host} without --api-key: anyone who can reach this machine "
+            "may use the model",
+            markup=False,
+        )
     uvicorn.Server(uvicorn.Config(app_, log_level="warning")).run(sockets=[sock])
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -700,6 +701,21 @@ def test_unpact_serve_listens_where_host_says(tiny, tmp_path):
     options = ("--port", str(port), "--host", "::1")
     assert spec in _served_scores_equal_local(tiny, tmp_path / "tiny", spec, *options)
     cmd = [sys.executable, "-m", "unpact", "serve", "--model", str(tmp_path / "tiny")]
+    # every interface, without a key: said to be open to whoever reaches the machine
+    proc = subprocess.Popen(
+        [*cmd, "--host", "0.0.0.0", "--port", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COLUMNS": "1000"},  # one line each: two lines to read
+    )
+    try:
+        assert proc.stderr is not None
+        lines = [proc.stderr.readline(), proc.stderr.readline()]
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    said = " ".join(" ".join(lines).split())
+    assert "on every interface" in said and "without --api-key: anyone who can reach" in said
     for host, said in (
         ("192.0.2.1", "--host 192.0.2.1: not an address of this machine"),  # TEST-NET-1
         ("no such host.invalid", "--host 'no such host.invalid': not an address"),
