@@ -1290,10 +1290,13 @@ def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[
 
 
 def _broken_json(path: Path) -> str | None:
-    """The first JSON file of a model folder that does not parse, and why (transformers
-    says a JSON decoder's "Expecting ',' delimiter" without the file's name, or nothing of
-    it on a file nested too deep); None when every one parses."""
-    for file in sorted(path.glob("*.json")):
+    """The first JSON file of a model folder that transformers reads and that does not
+    parse, and why (transformers says a JSON decoder's "Expecting ',' delimiter" without
+    the file's name, or nothing of it on a file nested too deep); None when every one
+    parses. Other JSON files beside them (a trainer's state, evaluation results) are not
+    the load's, and not blamed for its failure."""
+    read = ("config.json", "model.safetensors.index.json", *PROMPT_FILES)
+    for file in sorted(path / name for name in read if name.endswith(".json")):
         try:
             json_value(file.read_text(encoding="utf-8"))
         except UnicodeDecodeError:

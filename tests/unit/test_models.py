@@ -640,6 +640,14 @@ def test_tokenizer_files_that_do_not_parse_or_are_no_tokenizer_are_named(tiny, t
             load_model(str(folder))
         with pytest.raises(UnpactError, match="could not load the tokenizer of"):
             load_tokenizer(str(folder))
+    # a JSON file transformers does not read is not blamed for a failure of the weights
+    folder = tmp_path / "other"
+    shutil.copytree(good, folder)
+    (folder / "eval_results.json").write_text("{not json")
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(weights[:999])
+    with pytest.raises(UnpactError, match="could not load the weights in"):
+        load_model(str(folder))
 
 
 def test_a_tokenizer_without_vocabulary_is_named_whatever_transformers_raises(
