@@ -1018,9 +1018,40 @@ def _logged(job: Callable[[Callable[[str], None]], Any]) -> Any:
 
     try:
         return job(log)
-    except KeyboardInterrupt:
-        err.print("interrupted: run the same command again to continue where it stopped")
-        raise typer.Exit(130) from None
+    except (KeyboardInterrupt, Terminated) as exc:
+        err.print(f"{_stopped(exc)}: run the same command again to continue where it stopped")
+        raise typer.Exit(_stop_code(exc)) from None
+
+
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's time limit, `kill`), stopping the CLI as Ctrl-C does: the
+    work in hand is left unfinished and said, not the process ended in silence. Not a
+    KeyboardInterrupt, which typer turns into a silent exit 130 (143 is SIGTERM's)."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM raises `Terminated` in the main thread, where nothing else handles it. Not
+    in one of several launched processes: a process blocked in a collective with a dead
+    peer would not run the handler, and the launcher's SIGTERM would wait on it."""
+    import signal
+
+    world = os.environ.get("WORLD_SIZE", "").strip()
+    if world and world != "1":
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _stopped(exc: BaseException) -> str:
+    return "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+
+
+def _stop_code(exc: BaseException) -> int:
+    return 143 if isinstance(exc, Terminated) else 130  # 128 + the signal's number
 
 
 def _run(
@@ -1428,6 +1459,7 @@ def main() -> None:
     """Entry point: run the CLI, turning user mistakes into one message and exit code 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     writes_any_text()
+    _stop_on_sigterm()
     from unpact.errors import disk_full, not_permitted, out_of_memory
     from unpact.plugins import plugin_failure
 
@@ -1441,9 +1473,9 @@ def main() -> None:
     except UnpactError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(2)
-    except KeyboardInterrupt:  # Ctrl-C: the user's choice, not a fault (run and audit say more)
-        err.print("interrupted")
-        sys.exit(130)
+    except (KeyboardInterrupt, Terminated) as exc:  # not a fault (run and audit say more)
+        err.print(_stopped(exc))
+        sys.exit(_stop_code(exc))
     except Exception as exc:  # a full disk, a path refused, no memory, a plugin failing: exit 2
         failure = disk_full(exc) or not_permitted(exc) or out_of_memory(exc) or plugin_failure(exc)
         if failure is None:

@@ -790,7 +790,15 @@ def test_a_grid_runs_each_benchmark_into_its_folder(setup, finished, tmp_path, m
     assert not {"bench", "again"} & {p.name for p in (tmp_path / "grid").iterdir()}
 
 
-def test_ctrl_c_says_how_to_continue(setup, tmp_path):
+@pytest.mark.parametrize(
+    ("sent", "code", "said"),
+    [
+        (signal.SIGINT, 130, "interrupted"),
+        # a scheduler's time limit, `kill`: the process ended in silence
+        (signal.SIGTERM, 143, "terminated (SIGTERM)"),
+    ],
+)
+def test_ctrl_c_says_how_to_continue(setup, tmp_path, sent, code, said):
     root, _ = setup
     env = {**os.environ, "UNPACT_CACHE": str(tmp_path / "home")}
     cmd = [sys.executable, "-m", "unpact", "run", str(root / "config.yaml"), "--out", str(tmp_path)]
@@ -811,12 +819,12 @@ def test_ctrl_c_says_how_to_continue(setup, tmp_path):
     for line in proc.stderr:
         seen.append(line)
         if "unlearning: ga" in line:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sent)
             break
     _, rest = proc.communicate(timeout=300)
     stderr = "".join(seen) + rest
-    assert proc.returncode == 130, stderr
-    assert "run the same command again" in stderr and "Traceback" not in stderr
+    assert proc.returncode == code, stderr
+    assert f"{said}: run the same command again" in stderr and "Traceback" not in stderr
 
 
 def test_attribution_checks_run_from_the_config_without_recomputing_attributions(
