@@ -162,6 +162,9 @@ def not_permitted(exc: BaseException) -> UnpactError | None:
 # Apple's MPS backend a RuntimeError), or the CPU's (a RuntimeError from c10).
 _DEVICE_NO_MEMORY = ("CUDA out of memory", "MPS backend out of memory")
 _CPU_NO_MEMORY = "DefaultCPUAllocator: can't allocate memory"
+# the system refusing memory in other words: ENOMEM's (safetensors' "unable to mmap N bytes
+# from file <...>: Cannot allocate memory (12)" under a process memory limit)
+_SYSTEM_NO_MEMORY = "Cannot allocate memory"
 
 
 def out_of_memory(exc: BaseException) -> UnpactError | None:
@@ -169,16 +172,21 @@ def out_of_memory(exc: BaseException) -> UnpactError | None:
     machine running out of memory, else None. Like a full disk, the environment rather
     than a bug: what to do is lighter settings or a larger device, said in one message
     with torch's own first words (how much it tried to allocate)."""
+    import errno
+
     for current in _chain(exc):
         text = str(current)
         gpu = type(current).__name__ == "OutOfMemoryError" or any(
             w in text for w in _DEVICE_NO_MEMORY
         )
-        if gpu or isinstance(current, MemoryError) or _CPU_NO_MEMORY in text:
+        system = _SYSTEM_NO_MEMORY in text or (
+            isinstance(current, OSError) and current.errno == errno.ENOMEM
+        )
+        if gpu or system or isinstance(current, MemoryError) or _CPU_NO_MEMORY in text:
             said = " ".join(text[max(0, text.find(_CPU_NO_MEMORY)) :].split())  # no c10 prefix
             cut = said.find(". ", 40)  # torch's first sentence or two: how much it asked for
             said = said[: cut + 1] if cut >= 0 else said[:160]
-            where = "on the GPU" if gpu else "in RAM"
+            where = "on the GPU" if gpu else "in RAM" + _memory_limit()
             return UnpactError(
                 f"out of memory {where}" + (f" ({said})" if said else "") + ": evaluate in "
                 "bfloat16 (--dtype bfloat16; `dtype:` in a run config), train LoRA adapters "
@@ -187,6 +195,20 @@ def out_of_memory(exc: BaseException) -> UnpactError | None:
                 "so the same command continues where it stopped"
             )
     return None
+
+
+def _memory_limit() -> str:
+    """The address-space limit of this process where one is set (`ulimit -v`, a cluster
+    scheduler's), said: it, not the machine, may be what ran out."""
+    try:
+        import resource
+
+        limit, _ = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, OSError, ValueError):  # pragma: no cover - not on Linux
+        return ""
+    if limit == resource.RLIM_INFINITY or limit <= 0:
+        return ""
+    return f", where this process may use at most {limit / 2**30:.1f} GiB (ulimit -v)"
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:

@@ -188,12 +188,37 @@ def test_the_cli_says_memory_ran_out_and_exits_2(monkeypatch, capsys, fail, said
     """A 7B model trained in full on a 24 GB GPU, or a benchmark too large for the RAM: a
     torch traceback (exit 1); now one message with what to change, exit 2."""
     monkeypatch.setattr(cli, "app", fail)
+    monkeypatch.setattr("unpact.errors._memory_limit", lambda: "")  # whatever ulimit -v says
     with pytest.raises(SystemExit) as exit_:
         cli.main()
     assert exit_.value.code == 2
     err = " ".join(capsys.readouterr().err.split())
     assert said in err and "--dtype bfloat16" in err and "lora" in err
     assert "Traceback" not in err
+
+
+def test_memory_refused_under_a_process_limit_is_said_with_the_limit(monkeypatch, capsys):
+    """Under `ulimit -v` (a cluster scheduler's memory limit) safetensors could not map the
+    weights, "unable to mmap ... Cannot allocate memory (12)", a traceback; now the
+    out-of-memory message, naming the limit, exit 2."""
+    import resource
+
+    def mmap_refused() -> None:
+        raise RuntimeError(
+            "unable to mmap 538090408 bytes from file </c/model.safetensors>: Cannot "
+            "allocate memory (12)"
+        )
+
+    monkeypatch.setattr(cli, "app", mmap_refused)
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (3 * 2**30, resource.RLIM_INFINITY))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert (
+        "out of memory in RAM, where this process may use at most 3.0 GiB (ulimit -v) "
+        "(unable to mmap 538090408 bytes" in err
+    ), err
 
 
 def test_the_cli_keeps_the_traceback_of_a_bug(monkeypatch) -> None:
