@@ -123,16 +123,35 @@ def disk_full(exc: BaseException) -> UnpactError | None:
 
     for current in _chain(exc):
         hit = isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT)
+        where = getattr(current, "filename", None)
+        place = f" while writing {where}" if where else ""
         if hit or any(words in str(current) for words in _DISK_FULL):
-            where = getattr(current, "filename", None)
-            place = f" while writing {where}" if where else ""
             return UnpactError(f"the disk is full{place}: {_ELSEWHERE}")
+        too_large = isinstance(current, OSError) and current.errno == errno.EFBIG
+        if too_large or "File too large" in str(current):  # safetensors says it in words
+            return UnpactError(f"a file grew past {_file_size_limit() or 'its limit'}{place}")
         if isinstance(current, RuntimeError) and any(w in str(current) for w in _TORCH_WRITE):
+            limit = _file_size_limit()
+            cause = f"{limit}, or a full disk" if limit else "the disk being full"
             return UnpactError(
                 f"torch could not write a file ({str(current).strip()[:80]}), most often "
-                f"because the disk is full: {_ELSEWHERE}"
+                f"because of {cause}: {_ELSEWHERE}"
             )
     return None
+
+
+def _file_size_limit() -> str:
+    """This process's file size limit where one is set (`ulimit -f`, a scheduler's), said;
+    else nothing. Past it a write fails (EFBIG; torch's writer says only "iostream error")."""
+    try:
+        import resource
+
+        limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    except (ImportError, OSError, ValueError):  # pragma: no cover - not on Linux
+        return ""
+    if limit == resource.RLIM_INFINITY or limit <= 0:
+        return ""
+    return f"this process's file size limit of {limit / 2**20:.1f} MiB (ulimit -f; raise it)"
 
 
 def not_permitted(exc: BaseException) -> UnpactError | None:

@@ -122,6 +122,25 @@ def test_a_failed_torch_save_is_said_to_be_a_write_failure() -> None:
 
 
 @pytest.mark.parametrize(
+    "exc",
+    [
+        OSError(errno.EFBIG, "File too large", "/x/model.safetensors"),
+        RuntimeError("Error while serializing: I/O error: File too large (os error 27)"),
+    ],
+)
+def test_a_file_past_the_file_size_limit_is_said_with_the_limit(exc, monkeypatch) -> None:
+    """Under `ulimit -f` (a scheduler's file size limit) safetensors' "File too large (os
+    error 27)" was a traceback, torch's bare "iostream error" a full disk; the limit is said."""
+    import resource
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (2**20, resource.RLIM_INFINITY))
+    said = str(disk_full(exc))
+    assert said.startswith("a file grew past this process's file size limit of 1.0 MiB (ulim")
+    torch_said = str(disk_full(RuntimeError("basic_ios::clear: iostream error")))
+    assert "most often because of this process's file size limit of 1.0 MiB" in torch_said
+
+
+@pytest.mark.parametrize(
     ("found", "cause"),
     [
         (disk_full, OSError(errno.ENOSPC, "No space left on device")),
