@@ -143,15 +143,23 @@ def disk_full(exc: BaseException) -> UnpactError | None:
 def _file_size_limit() -> str:
     """This process's file size limit where one is set (`ulimit -f`, a scheduler's), said;
     else nothing. Past it a write fails (EFBIG; torch's writer says only "iostream error")."""
+    limit = _limit("RLIMIT_FSIZE")
+    return (
+        f"this process's file size limit of {limit / 2**20:.1f} MiB (ulimit -f; raise it)"
+        if limit
+        else ""
+    )
+
+
+def _limit(name: str) -> int | None:
+    """This process's resource limit `name` (resource.RLIMIT_*) where one is set."""
     try:
         import resource
 
-        limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
-    except (ImportError, OSError, ValueError):  # pragma: no cover - not on Linux
-        return ""
-    if limit == resource.RLIM_INFINITY or limit <= 0:
-        return ""
-    return f"this process's file size limit of {limit / 2**20:.1f} MiB (ulimit -f; raise it)"
+        limit, _ = resource.getrlimit(getattr(resource, name))
+    except (ImportError, AttributeError, OSError, ValueError):  # pragma: no cover - not Linux
+        return None
+    return None if limit == resource.RLIM_INFINITY or limit <= 0 else limit
 
 
 def not_permitted(exc: BaseException) -> UnpactError | None:
@@ -219,15 +227,10 @@ def out_of_memory(exc: BaseException) -> UnpactError | None:
 def _memory_limit() -> str:
     """The address-space limit of this process where one is set (`ulimit -v`, a cluster
     scheduler's), said: it, not the machine, may be what ran out."""
-    try:
-        import resource
-
-        limit, _ = resource.getrlimit(resource.RLIMIT_AS)
-    except (ImportError, OSError, ValueError):  # pragma: no cover - not on Linux
-        return ""
-    if limit == resource.RLIM_INFINITY or limit <= 0:
-        return ""
-    return f", where this process may use at most {limit / 2**30:.1f} GiB (ulimit -v)"
+    limit = _limit("RLIMIT_AS")
+    return (
+        f", where this process may use at most {limit / 2**30:.1f} GiB (ulimit -v)" if limit else ""
+    )
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
