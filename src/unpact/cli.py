@@ -1296,18 +1296,29 @@ def serve(
     ] = None,
 ) -> None:
     """`unpact serve` (its help is the decorator's)."""
+    from unpact.serve import make_app
+
+    if generation_config not in ("auto", "vllm"):
+        raise UnpactError(f"--generation-config: auto or vllm, not {generation_config!r}")
+    keys = _serve_keys(api_key)  # before the model loads
+    lm = _served_model(model, dtype, device, trust_remote_code, chat_template)
+    app_ = make_app(lm, name, "vllm" if generation_config == "vllm" else "auto", keys)
+    _serve_on(app_, host, port, model, name, bool(keys))
+
+
+def _served_model(
+    model: str, dtype: str, device: str, trust_remote_code: bool, chat_template: str | None
+) -> Any:
+    """The local model `unpact serve` serves, with --chat-template's template in place of
+    its own."""
     from unpact.models import (
         ChatTemplateError,
         check_chat_template,
         load_model,
         read_chat_template,
     )
-    from unpact.serve import make_app
     from unpact.types import is_remote_spec
 
-    if generation_config not in ("auto", "vllm"):
-        raise UnpactError(f"--generation-config: auto or vllm, not {generation_config!r}")
-    keys = _serve_keys(api_key)  # before the model loads
     if is_remote_spec(model):
         raise UnpactError(
             f"--model {model!r} is a served model already: unpact serve serves weights on "
@@ -1321,13 +1332,20 @@ def serve(
             check_chat_template(lm.tokenizer, template[1])
     except ChatTemplateError as e:
         raise UnpactError(f"--chat-template: {e}") from None
-    app_ = make_app(lm, name, "vllm" if generation_config == "vllm" else "auto", keys)
+    return lm
+
+
+def _serve_on(app_: Any, host: str, port: int, model: str, name: str, keyed: bool) -> None:
+    """Listen on `host`:`port`, say the spec clients give (and that the model is open to
+    whoever reaches the machine, where it is), then run `app_` until stopped."""
     import uvicorn
+
+    from unpact.remote import LOOPBACK_HOSTS
 
     sock = _listening(host, port)
     port = sock.getsockname()[1]  # the one the system chose for --port 0
     err.print(f"serving {model} as {_served_at(host, name, port)} (Ctrl-C stops)", markup=False)
-    if not keys and host not in ("127.0.0.1", "localhost", "::1"):
+    if not keyed and host not in LOOPBACK_HOSTS:
         err.print(
             f"note: listening on {host} without --api-key: anyone who can reach this machine "
             "may use the model",

@@ -76,7 +76,7 @@ R = TypeVar("R")
 # A server on this machine is reached directly, never through a proxy the environment
 # names ($HTTP_PROXY and the like, common on clusters): the proxy's own loopback is not
 # this machine's, and every request to `unpact serve` on 127.0.0.1 failed "connection failed".
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 _PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
 
 
@@ -104,9 +104,9 @@ def _through_proxy(url: str) -> str:
     import urllib.request
 
     proxies = urllib.request.getproxies_environment()
-    host = urlsplit(url).hostname or ""
-    scheme = urlsplit(url).scheme
-    if host in _LOOPBACK or not (proxies.get(scheme) or proxies.get("all")):
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if host in LOOPBACK_HOSTS or not (proxies.get(parts.scheme) or proxies.get("all")):
         return ""
     if urllib.request.proxy_bypass_environment(host, proxies):  # type: ignore[attr-defined]
         return ""
@@ -180,8 +180,6 @@ def address_problem(url: str) -> str | None:
     refused, or None: httpx sent it, and results.json, config.yaml, the report and the
     log wrote it out, where the API key, read from the environment, is never stored; so
     is one with a query, which may hold a key too."""
-    from urllib.parse import urlsplit
-
     try:
         parts = urlsplit(url)
         secret = parts.username is not None or parts.password is not None
@@ -246,7 +244,7 @@ class RemoteModel:
         with self._lock:
             if self._client is None:
                 n = self.settings.concurrency
-                local = urlsplit(self.root_url).hostname in _LOOPBACK
+                local = urlsplit(self.root_url).hostname in LOOPBACK_HOSTS
                 try:
                     self._client = httpx.Client(
                         limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
