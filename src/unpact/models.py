@@ -1201,15 +1201,32 @@ def _check_causal(path: Path, kind: str, architectures: Any) -> None:
         )
 
 
+def _installed(package: str) -> bool:
+    """Whether `package` (sentencepiece, protobuf, ...) can be imported, without importing it."""
+    try:
+        return importlib.util.find_spec(package.replace("protobuf", "google.protobuf")) is not None
+    except ImportError:  # no google namespace at all
+        return False
+
+
 def _check_tokenizer(path: Path) -> None:
     """One message for a model folder saved without its tokenizer (`model.save_pretrained`
-    alone), where transformers' own says that no backend could be instantiated."""
+    alone), where transformers' own says that no backend could be instantiated; one for a
+    SentencePiece tokenizer where the libraries reading it are missing."""
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise UnpactError(
             f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES)}): save it beside the "
             "weights, e.g. tokenizer.save_pretrained(folder), or copy the tokenizer files "
             "of the model it was trained from"
         )
+    if (path / "tokenizer.model").is_file() and not (path / "tokenizer.json").is_file():
+        missing = [m for m in ("sentencepiece", "protobuf") if not _installed(m)]
+        if missing:  # transformers then falls back to tiktoken and asks to install that
+            raise UnpactError(
+                f"the tokenizer of {path} is a SentencePiece model (tokenizer.model, no "
+                f"tokenizer.json), which needs {' and '.join(missing)} to read: pip install "
+                "sentencepiece protobuf (unpact's own installation brings both)"
+            )
 
 
 # A tokenizer's vocabulary, in the files transformers reads it from (the fast tokenizer's

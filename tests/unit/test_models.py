@@ -650,6 +650,75 @@ def test_tokenizer_files_that_do_not_parse_or_are_no_tokenizer_are_named(tiny, t
         load_model(str(folder))
 
 
+def test_a_sentencepiece_only_tokenizer_is_read_as_sentencepiece_reads_it(
+    tiny, tmp_path, monkeypatch, printed
+):
+    """A folder whose tokenizer is a SentencePiece model alone (tokenizer.model, no
+    tokenizer.json: Llama 2, Mistral and Gemma checkpoints saved without a fast tokenizer)
+    failed to load: without sentencepiece and protobuf, transformers fell back to tiktoken
+    and asked to install that, with a library warning first. Both are unpact's dependencies
+    now; the tokens are the ones SentencePiece itself gives, and where the libraries are
+    missing one message says what to install."""
+    import io
+    import random
+
+    import sentencepiece
+
+    import unpact.models as models
+
+    rng = random.Random(0)
+    words = [
+        "the",
+        "capital",
+        "of",
+        "france",
+        "is",
+        "paris",
+        "who",
+        "wrote",
+        "hamlet",
+        "answer",
+        "year",
+        "war",
+    ]
+    lines = [" ".join(rng.choice(words) for _ in range(10)) for _ in range(500)]
+    spm = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=spm,
+        vocab_size=300,
+        model_type="bpe",
+        # Llama 2's own settings: bytes for unknown characters, spaces kept as written
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    folder = tmp_path / "spm"
+    tiny.model.save_pretrained(folder)
+    (folder / "tokenizer.model").write_bytes(spm.getvalue())
+    settings = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>"}
+    settings |= {"unk_token": "<unk>", "add_bos_token": True}  # as Llama 2's own
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    own = sentencepiece.SentencePieceProcessor(model_proto=spm.getvalue())
+    text = "who wrote hamlet?  The capital of Ελλάδα"
+    printed()  # saving's bar
+    for tokenizer in (load_tokenizer(str(folder)), load_model(str(folder)).tokenizer):
+        ids = tokenizer(text).input_ids
+        assert ids == [own.bos_id(), *own.encode(text)]
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert printed() == ""
+    monkeypatch.setattr(models, "_installed", lambda package: package != "protobuf")
+    message = r"SentencePiece model \(tokenizer.model, no tokenizer.json\), which needs protobuf"
+    for load in (load_model, load_tokenizer):
+        with pytest.raises(UnpactError, match=message):
+            load(str(folder))
+
+
 def test_a_tokenizer_without_vocabulary_is_named_whatever_transformers_raises(
     tiny, tmp_path, monkeypatch
 ):
