@@ -1363,7 +1363,9 @@ def _pretrained(
     from transformers import AutoModelForCausalLM
 
     tokenizer = _tokenizer_from(source, trust_remote_code, local_only)
-    dequantizing = _dequantizing(source, trust_remote_code, local_only)
+    dequantizing = _dequantizing(source, trust_remote_code, local_only) or _full_precision(
+        source, trust_remote_code
+    )
     with warnings.catch_warnings(), _quiet_dequantizing(dequantizing), _kept_report() as report:
         # transformers' note that it merged our loading attribute into the checkpoint's
         warnings.filterwarnings("ignore", message=".*already has a `quantization_config`")
@@ -1390,7 +1392,8 @@ def _pretrained(
         _forget_dequantizing(model)
     _dequantize_torchao(model, dtype)
     _refuse_quantized(model, source)
-    if _dequantize_bitsandbytes(model, dtype) and not _bitsandbytes_weights(source):
+    _dequantize_bitsandbytes(model, dtype)
+    if "config" in dequantizing:
         log.warning(
             "%s: its config.json names a bitsandbytes quantization, and its weights are "
             "full precision (a merged QLoRA model saved with its base's config?): used as "
@@ -1464,7 +1467,12 @@ def _mismatched(report: str) -> list[str]:
 def _quant_method(model: Any) -> str:
     """The quantization method a loaded model's config names ("gptq", "bitsandbytes", ...;
     "quantized" when it names none; "" without a quantization config)."""
-    config = getattr(model.config, "quantization_config", None)
+    return _method_named(model.config)
+
+
+def _method_named(model_config: Any) -> str:
+    """`_quant_method` of a model's config."""
+    config = getattr(model_config, "quantization_config", None)
     if config is None:
         return ""
     method = config.get("quant_method") if isinstance(config, dict) else None
@@ -1506,6 +1514,26 @@ def _bitsandbytes_weights(source: str) -> bool:
         except (OSError, SafetensorError):
             continue
     return False
+
+
+def _full_precision(source: str, trust_remote_code: bool) -> dict[str, Any]:
+    """`from_pretrained`'s argument that loads a model folder whose config.json names a
+    bitsandbytes quantization over full-precision weights (a merged QLoRA model saved with
+    its base's config) as a plain model: its config without the quantization. Through
+    bitsandbytes' layers transformers before 5.21 lost those weights, zeros under a 4-bit
+    config and no row maxima under LLM.int8's. {} for any other folder, and a hub id."""
+    from transformers import AutoConfig
+
+    if not Path(source).is_dir() or _bitsandbytes_weights(source):
+        return {}
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception:  # the load itself says what is wrong
+        return {}
+    if _method_named(config) != "bitsandbytes":
+        return {}
+    del config.quantization_config
+    return {"config": config}
 
 
 def _dequantize_bitsandbytes(model: Any, dtype: torch.dtype) -> bool:

@@ -722,7 +722,7 @@ def test_a_sentencepiece_only_tokenizer_is_read_as_sentencepiece_reads_it(
 def test_a_tokenizer_without_vocabulary_is_named_whatever_transformers_raises(
     tiny, tmp_path, monkeypatch
 ):
-    """transformers 5.0 (the lowest release allowed) fails on a folder with tokenizer
+    """transformers 5.0 (the lowest release allowed until 5.3) fails on a folder with tokenizer
     settings but no vocabulary by asking for protobuf (an ImportError), which unpact
     called a damaged weights file; later releases raise a ValueError. Both say what is
     missing; an ImportError in a folder that has its vocabulary keeps its own words."""
@@ -884,7 +884,9 @@ def test_full_precision_weights_under_a_bitsandbytes_config_are_used_as_they_are
     """A merged QLoRA model saved with its base's config.json: the config names bitsandbytes,
     the weights are full precision. Its forward pass failed inside bitsandbytes ("fails
     inside the model's or transformers' code (AssertionError: )"); the weights are used as
-    they are, with a note that a GPU's transformers and vLLM would round them."""
+    they are, with a note that a GPU's transformers and vLLM would round them. (Through
+    bitsandbytes' layers, transformers before 5.21 lost them: zeros under the 4-bit config,
+    a crash under LLM.int8's; the config is read without its quantization instead.)"""
     import torch
 
     save_model(tiny.model, tiny.tokenizer, tmp_path / "m")
