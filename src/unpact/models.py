@@ -1524,13 +1524,13 @@ def _full_precision(source: str, trust_remote_code: bool) -> dict[str, Any]:
     config and no row maxima under LLM.int8's. {} for any other folder, and a hub id."""
     from transformers import AutoConfig
 
-    if not Path(source).is_dir() or _bitsandbytes_weights(source):
+    if not Path(source).is_dir():
         return {}
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception:  # the load itself says what is wrong
         return {}
-    if _method_named(config) != "bitsandbytes":
+    if _method_named(config) != "bitsandbytes" or _bitsandbytes_weights(source):
         return {}
     del config.quantization_config
     return {"config": config}
