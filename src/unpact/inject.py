@@ -137,7 +137,8 @@ class InjectConfig(PlainInput):
     target_accuracy: float = Field(
         0.9,
         ge=0,
-        description="stop once forget+retain accuracy reaches this (above 1: never early)",
+        description="stop once forget+retain accuracy (a share: 0.9 is 90%) reaches this "
+        "(above 1, e.g. 1.01: never early)",
     )
     rehearsal: bool = Field(
         True, description="distil the base model on held-out general questions each step"
@@ -212,6 +213,17 @@ class InjectConfig(PlainInput):
             raise ValueError(
                 f"unknown {info.field_name} {value!r}; choose {', '.join(choices[:-1])} "
                 f"or {choices[-1]}"
+            )
+        return value
+
+    @field_validator("target_accuracy")
+    @classmethod
+    def _share(cls, value: float) -> float:
+        # 90 (meant as 90%) trained every epoch, as a target no accuracy reaches
+        if value >= 2:
+            raise ValueError(
+                f"a share (0.9 for 90%), not {value:g}; to never stop "
+                "early, give a share above 1 (e.g. 1.01)"
             )
         return value
 

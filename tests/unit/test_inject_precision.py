@@ -58,13 +58,18 @@ def test_unknown_precision_is_a_clear_error_before_any_model_loads(tmp_path):
         inject("no-such-model", "news", InjectConfig(precision="fp8"), cache_dir=tmp_path)
 
 
-@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), 90, 2])
 def test_target_accuracy_is_a_finite_share(bad):
     """Above 1 is allowed (train max_epochs, never stop early); negative or not a number
-    is refused before anything runs."""
+    is refused before anything runs, and so is a percent (90 trained every epoch, a
+    target no accuracy reaches)."""
     with pytest.raises(UnpactError, match="target_accuracy"):
         InjectConfig(target_accuracy=bad)
     assert InjectConfig(target_accuracy=1.1).target_accuracy == 1.1
+    with pytest.raises(
+        UnpactError, match=r"target_accuracy: a share \(0\.9 for 90%\), not 90; to never"
+    ):
+        InjectConfig(target_accuracy=90)
 
 
 def _delta(base, path):
