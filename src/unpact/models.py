@@ -1220,13 +1220,38 @@ def _check_tokenizer(path: Path) -> None:
             "of the model it was trained from"
         )
     if (path / "tokenizer.model").is_file() and not (path / "tokenizer.json").is_file():
-        missing = [m for m in ("sentencepiece", "protobuf") if not _installed(m)]
-        if missing:  # transformers then falls back to tiktoken and asks to install that
-            raise UnpactError(
-                f"the tokenizer of {path} is a SentencePiece model (tokenizer.model, no "
-                f"tokenizer.json), which needs {' and '.join(missing)} to read: pip install "
-                "sentencepiece protobuf (unpact's own installation brings both)"
-            )
+        _check_sentencepiece(path / "tokenizer.model")
+
+
+def _check_sentencepiece(file: Path) -> None:
+    """A tokenizer.model read without a tokenizer.json: SentencePiece's model (Llama 2's),
+    which needs sentencepiece and protobuf, or tiktoken's ranks (in base64, a rank a line).
+    Where the libraries are missing, or the file is neither (damaged), transformers fell
+    back to tiktoken and asked to install that, after a library warning."""
+    where = f"the tokenizer of {file.parent}"
+    missing = [m for m in ("sentencepiece", "protobuf") if not _installed(m)]
+    if missing:
+        raise UnpactError(
+            f"{where} is a SentencePiece model (tokenizer.model, no tokenizer.json), which "
+            f"needs {' and '.join(missing)} to read: pip install sentencepiece protobuf "
+            "(unpact's own installation brings both)"
+        )
+    import sentencepiece
+
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise UnpactError(f"cannot read {file}: {exc.strerror or exc}") from None
+    if re.match(rb"[A-Za-z0-9+/=]+ [0-9]+\r?\n", data[:4096]):
+        return  # tiktoken's ranks: transformers reads them (with tiktoken)
+    try:
+        sentencepiece.SentencePieceProcessor(model_proto=data)
+    except Exception:  # sentencepiece's words are its C++ source line
+        raise UnpactError(
+            f"{where}: tokenizer.model is neither a SentencePiece model (it does not parse "
+            "as one) nor tiktoken's ranks: is it whole? Copy the tokenizer files of the "
+            "model it was trained from"
+        ) from None
 
 
 # A tokenizer's vocabulary, in the files transformers reads it from (the fast tokenizer's

@@ -657,8 +657,8 @@ def test_a_sentencepiece_only_tokenizer_is_read_as_sentencepiece_reads_it(
     tokenizer.json: Llama 2, Mistral and Gemma checkpoints saved without a fast tokenizer)
     failed to load: without sentencepiece and protobuf, transformers fell back to tiktoken
     and asked to install that, with a library warning first. Both are unpact's dependencies
-    now; the tokens are the ones SentencePiece itself gives, and where the libraries are
-    missing one message says what to install."""
+    now; the tokens are the ones SentencePiece itself gives, where the libraries are
+    missing one message says what to install, and a damaged file is said as one."""
     import io
     import random
 
@@ -711,6 +711,12 @@ def test_a_sentencepiece_only_tokenizer_is_read_as_sentencepiece_reads_it(
         ids = tokenizer(text).input_ids
         assert ids == [own.bos_id(), *own.encode(text)]
         assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert printed() == ""
+    # cut short: transformers' warning that it falls back to tiktoken, then "install tiktoken"
+    (folder / "tokenizer.model").write_bytes(spm.getvalue()[:301])
+    for load in (load_model, load_tokenizer):
+        with pytest.raises(UnpactError, match=r"neither a SentencePiece model .* is it whole"):
+            load(str(folder))
     assert printed() == ""
     monkeypatch.setattr(models, "_installed", lambda package: package != "protobuf")
     message = r"SentencePiece model \(tokenizer.model, no tokenizer.json\), which needs protobuf"
