@@ -1363,7 +1363,7 @@ def _tokenizer_from(source: str, trusted: bool, local_only: bool = False) -> Any
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(
+        tokenizer = AutoTokenizer.from_pretrained(
             source, trust_remote_code=trusted, local_files_only=local_only
         )
     except (OSError, ValueError, ImportError, RecursionError):
@@ -1378,6 +1378,13 @@ def _tokenizer_from(source: str, trusted: bool, local_only: bool = False) -> Any
             f"could not load the tokenizer of {source}: {why}; copy the tokenizer files of "
             "the model it was trained from, or save them with tokenizer.save_pretrained(folder)"
         ) from exc
+    limit = getattr(tokenizer, "model_max_length", 0)
+    if not isinstance(limit, (int, float)):
+        # "abc" or null in tokenizer_config.json: every encoding failed inside transformers'
+        # length check (a TypeError). unpact never truncates, and measures a prompt against
+        # the model's own context: read as unset, transformers' own very large number
+        tokenizer.model_max_length = int(1e30)
+    return tokenizer
 
 
 def _pretrained(

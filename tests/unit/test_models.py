@@ -650,6 +650,25 @@ def test_tokenizer_files_that_do_not_parse_or_are_no_tokenizer_are_named(tiny, t
         load_model(str(folder))
 
 
+@pytest.mark.parametrize("limit", ["abc", [1]])
+def test_a_length_limit_that_is_no_number_reads_as_none(tiny, tmp_path, limit):
+    """A tokenizer_config.json whose `model_max_length` is not a number loaded, then every
+    prompt failed inside transformers' length check (a TypeError traceback). unpact never
+    truncates (the model's own context bounds a prompt): the setting reads as unset."""
+    folder = tmp_path / "m"
+    save_model(tiny.model, tiny.tokenizer, folder)
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(settings | {"model_max_length": limit})
+    )
+    lm = load_model(str(folder))
+    assert (
+        lm.encode_prompt("Who wrote Hamlet?").input_ids
+        == tiny.encode_prompt("Who wrote Hamlet?").input_ids
+    )
+    assert load_tokenizer(str(folder))("Who").input_ids == tiny.tokenizer("Who").input_ids
+
+
 def test_a_sentencepiece_only_tokenizer_is_read_as_sentencepiece_reads_it(
     tiny, tmp_path, monkeypatch, printed
 ):
