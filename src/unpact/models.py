@@ -645,6 +645,7 @@ def load_tokenizer(
         # a type of the checkpoint's own code, untrusted: one message, as load_model's, not
         # transformers' "You are using a model of type 'mine' to instantiate ..." first
         _check_model_type(Path(folder), trusted)
+        _check_config(Path(folder), trusted)
         _check_tokenizer(Path(folder))
     try:
         return _tokenizer_from(str(folder or spec), trusted, unreachable is not None)
@@ -1102,13 +1103,43 @@ def _check_generation_config(path: Path) -> None:
     except (OSError, ValueError) as exc:
         why: str = _first_line(exc)
     else:
-        if isinstance(found, dict):
+        if not isinstance(found, dict):
+            why = f"a JSON {type(found).__name__}, not an object"
+        elif (bad := _bad_generation_field(found)) is None:
             return
-        why = f"a JSON {type(found).__name__}, not an object"
+        else:
+            why = bad
     raise UnpactError(
         f"{file} cannot be read ({why}): it names where the model's answers stop; "
         "repair it, or delete it to stop at config.json's eos_token_id"
     )
+
+
+# generation_config.json's fields unpact reads (where answers stop; what a served request
+# leaves unset, `unpact serve`), each with the JSON types it takes; an EOS id may be a list
+_GENERATION_FIELDS: dict[str, tuple[str, tuple[type, ...]]] = {
+    "eos_token_id": ("a token id or a list of them", (int,)),
+    "max_new_tokens": ("a whole number", (int,)),
+    "top_k": ("a whole number", (int,)),
+    **{
+        name: ("a number", (int, float))
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty")
+    },
+}
+
+
+def _bad_generation_field(found: dict[str, Any]) -> str | None:
+    """The first field of `_GENERATION_FIELDS` in a generation_config.json that is not of
+    its type, said (an EOS id "2" broke generation; a max_new_tokens "abc" was blamed on
+    the weights)."""
+    for name, (kind, types) in _GENERATION_FIELDS.items():
+        value = found.get(name)
+        if value is None:
+            continue
+        each = value if name == "eos_token_id" and isinstance(value, list) else [value]
+        if any(isinstance(v, bool) or not isinstance(v, types) for v in each):
+            return f"its {name} is {short_repr(value)}, not {kind}"
+    return None
 
 
 def _config_json(path: Path) -> dict[str, Any]:
@@ -1273,9 +1304,34 @@ def _no_vocabulary(path: Path) -> UnpactError | None:
     )
 
 
+def _check_config(path: Path, trust_remote_code: bool) -> None:
+    """A config.json transformers refuses as its configuration (a field of the wrong type,
+    "320" for a vocabulary size; a head size RoPE cannot rotate; an unknown dtype) was
+    blamed on the tokenizer, which reads it first, or on the weights: said as the
+    config's, with what transformers found wrong. A folder without one, or with one that
+    is no JSON object, is left to the load (which names the file and the line)."""
+    from transformers import AutoConfig
+
+    if not _config_json(path):
+        return
+    try:
+        AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except UnpactError:
+        raise
+    except Exception as exc:
+        lines = [" ".join(line.split()) for line in str(exc).splitlines() if line.strip()]
+        why = re.sub(r":; ", ": ", "; ".join(lines))  # "error for field 'x':", its reason
+        raise UnpactError(
+            f"{path / 'config.json'} is not a configuration transformers reads "
+            f"({why or type(exc).__name__}): repair it, or copy the config.json the weights "
+            "were saved with"
+        ) from None
+
+
 def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[Any, Any]:
     _check_weights(path)
     _check_model_type(path, trust_remote_code)
+    _check_config(path, trust_remote_code)
     from transformers.utils import logging as hf_logging
 
     _check_tokenizer(path)
@@ -1320,6 +1376,12 @@ def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[
             raise _no_vocabulary(path) or UnpactError(
                 f"could not load a model from {path}: {exc}"
             ) from exc
+        if isinstance(exc, KeyError) and (named := _config_naming(path, exc)):
+            raise UnpactError(
+                f"{path / 'config.json'}: its {named}, which transformers "
+                f"{_transformers_version()} does not know: repair it, or copy the config.json "
+                "the weights were saved with"
+            ) from None
         # a truncated safetensors file, shapes unlike config.json
         raise UnpactError(
             f"could not load the weights in {path} (a damaged file, or shapes that do not "
@@ -1329,6 +1391,26 @@ def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[
         hf_logging.enable_progress_bar()
     _check_complete(str(path), info)
     return model, tokenizer
+
+
+def _config_naming(path: Path, exc: KeyError) -> str | None:
+    """The config.json field (`rope_scaling.type`) whose text value a KeyError raised
+    while the model was built is ("nope" for `hidden_act`: an activation, a RoPE type
+    transformers does not know), said with it; None when no field holds it."""
+    key = exc.args[0] if exc.args else None
+    found = _config_json(path)
+    fields = [(k, v) for k, v in found.items() if not isinstance(v, dict)]
+    fields += [
+        (f"{k}.{n}", v) for k, d in found.items() if isinstance(d, dict) for n, v in d.items()
+    ]
+    named = [name for name, value in fields if isinstance(key, str) and value == key]
+    return f"{named[0]} is {key!r}" if named else None
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return str(transformers.__version__)
 
 
 def _broken_json(path: Path) -> str | None:

@@ -650,6 +650,38 @@ def test_tokenizer_files_that_do_not_parse_or_are_no_tokenizer_are_named(tiny, t
         load_model(str(folder))
 
 
+@pytest.mark.parametrize(
+    ("file", "change", "message"),
+    [
+        ("config.json", {"vocab_size": "320"}, r"Field 'vocab_size' expected int, got str"),
+        ("config.json", {"rms_norm_eps": "1e-5"}, r"'rms_norm_eps' expected float"),
+        ("config.json", {"head_dim": 7}, r"RoPE requires an even rotary dimension"),
+        ("config.json", {"hidden_act": "nope"}, r"its hidden_act is 'nope', which transformers"),
+        ("config.json", {"rope_scaling": {"type": "nope"}}, r"its rope_scaling\.type is 'nope'"),
+        ("generation_config.json", {"eos_token_id": "2"}, r"eos_token_id is '2', not a token id"),
+        ("generation_config.json", {"eos_token_id": [2, True]}, r"eos_token_id is \[2, True\]"),
+        ("generation_config.json", {"max_new_tokens": "abc"}, r"max_new_tokens is 'abc', not a w"),
+        ("generation_config.json", {"temperature": "hot"}, r"temperature is 'hot', not a number"),
+    ],
+)
+def test_a_config_field_transformers_refuses_is_said_as_the_configs(
+    tiny, tmp_path, file, change, message
+):
+    """A config.json field of the wrong type or value was blamed on the tokenizer (which
+    reads config.json first: "copy the tokenizer files") or on the weights ("a damaged
+    file"); a generation_config.json EOS id "2" was a TypeError traceback, and a
+    max_new_tokens "abc" blamed on the weights. Each names its file and field."""
+    folder = tmp_path / "m"
+    save_model(tiny.model, tiny.tokenizer, folder)
+    found = json.loads((folder / file).read_text())
+    (folder / file).write_text(json.dumps(found | change))
+    # the tokenizer reads config.json as a configuration, but builds no model from it
+    refused = file == "config.json" and "nope" not in str(change)
+    for load in (load_model, load_tokenizer) if refused else (load_model,):
+        with pytest.raises(UnpactError, match=rf"{re.escape(file)}.*{message}"):
+            load(str(folder))
+
+
 @pytest.mark.parametrize("limit", ["abc", [1]])
 def test_a_length_limit_that_is_no_number_reads_as_none(tiny, tmp_path, limit):
     """A tokenizer_config.json whose `model_max_length` is not a number loaded, then every
