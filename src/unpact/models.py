@@ -1181,10 +1181,8 @@ def _check_model_type(path: Path, trust_remote_code: bool) -> None:
             "its config.json), which runs only when trusted: pass --trust-remote-code (or "
             "trust_remote_code: true in a run config) if you trust it"
         )
-    import transformers
-
     raise UnpactError(
-        f"{path}: model type {kind!r} is not one transformers {transformers.__version__} "
+        f"{path}: model type {kind!r} is not one transformers {_transformers_version()} "
         "knows: a newer release may (pip install -U transformers), or the folder is not a "
         "causal language model's"
     )
@@ -1343,8 +1341,6 @@ def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[
         raise
     except Exception as exc:
         if method := _quantized(path):
-            import transformers
-
             upgrade = ""
             if method == "bitsandbytes" and importlib.util.find_spec("bitsandbytes") is None:
                 upgrade = (
@@ -1352,7 +1348,7 @@ def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[
                 )
             elif _dequantizing(str(path), trust_remote_code, True):  # one it can dequantize
                 upgrade = (
-                    f"transformers {transformers.__version__} could not dequantize it here; "
+                    f"transformers {_transformers_version()} could not dequantize it here; "
                     "another release may (5.24 does on a CPU: pip install -U transformers), or "
                 )
             raise UnpactError(
@@ -1408,6 +1404,7 @@ def _config_naming(path: Path, exc: KeyError) -> str | None:
 
 
 def _transformers_version() -> str:
+    """The release of transformers installed, for messages."""
     import transformers
 
     return str(transformers.__version__)
