@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -1909,19 +1910,97 @@ def _is_adapter(path: Path) -> bool:
     return not (path / "config.json").is_file() and (path / ADAPTER_CONFIG).is_file()
 
 
-def adapter_base(path: Path) -> str:
-    """The base model a PEFT adapter folder names (`base_model_name_or_path`)."""
+def _adapter_config(path: Path) -> dict[str, Any]:
+    """A PEFT adapter folder's adapter_config.json, as a mapping ({} when it holds none)."""
     try:
         config = json_value((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UnpactError(f"cannot read {path / ADAPTER_CONFIG}: {exc}") from None
-    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    return config if isinstance(config, dict) else {}
+
+
+def _named_base(path: Path) -> str:
+    base = _adapter_config(path).get("base_model_name_or_path")
     if not isinstance(base, str) or not base.strip():
         raise UnpactError(
             f"{path} is a PEFT adapter, but its {ADAPTER_CONFIG} names no base model: set "
             "base_model_name_or_path to the base model's folder or hub id"
         )
     return base
+
+
+def adapter_base(path: Path) -> str:
+    """The base model a PEFT adapter folder names (`base_model_name_or_path`); one that
+    leads back to the adapter (itself, or an adapter whose base is this one) is refused:
+    resolving it recursed until Python's limit, a RecursionError traceback."""
+    base = _named_base(path)
+    seen, at, following = {path.resolve()}, path, base
+    while (folder := Path(following).expanduser()).is_dir() and _is_adapter(folder):
+        if folder.resolve() in seen:
+            raise UnpactError(
+                f"{path} is a PEFT adapter whose base model leads back to it ({at} names "
+                f"{following}): set base_model_name_or_path in its {ADAPTER_CONFIG} to the "
+                "base model's folder or hub id"
+            )
+        seen.add(folder.resolve())
+        at, following = folder, _named_base(folder)
+    return base
+
+
+# PEFT adapters that add virtual tokens to a prompt, not weights: nothing to merge
+_PROMPT_ADAPTERS = (
+    "PREFIX_TUNING",
+    "PROMPT_TUNING",
+    "P_TUNING",
+    "MULTITASK_PROMPT_TUNING",
+    "ADAPTION_PROMPT",
+    "CPT",
+)
+# A LoRA adapter's settings PEFT computes with, and their JSON types
+_LORA_FIELDS: dict[str, tuple[type, ...]] = {
+    "r": (int,),
+    "lora_alpha": (int, float),
+    "lora_dropout": (int, float),
+}
+
+
+def _bad_setting(adapter: Path, name: str, value: Any, kind: str) -> UnpactError:
+    return UnpactError(
+        f"{adapter / ADAPTER_CONFIG}: its {name} is {short_repr(value)}, not {kind}: repair "
+        "it, or save the adapter again with PEFT"
+    )
+
+
+def _check_adapter_config(adapter: Path) -> list[str]:
+    """Refuse an adapter unpact cannot merge (a prompt adapter), or a LoRA adapter whose
+    settings are of the wrong type (PEFT's TypeError traceback deep in its layers); the
+    settings this PEFT release does not know (a newer one wrote them), which it ignores."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    config = _adapter_config(adapter)
+    kind = config.get("peft_type")
+    if kind in _PROMPT_ADAPTERS:
+        raise UnpactError(
+            f"{adapter} is a {kind} adapter: it adds virtual tokens to every prompt, not "
+            "weights, so there is nothing to merge into its base model; unpact reads LoRA "
+            "adapters and others that PEFT merges into the weights"
+        )
+    if kind != "LORA":
+        return []
+    for name, types in _LORA_FIELDS.items():
+        value = config.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+            raise _bad_setting(adapter, name, value, "a number")
+    targets = config.get("target_modules")
+    if not (
+        targets is None
+        or isinstance(targets, str)
+        or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
+    ):
+        raise _bad_setting(adapter, "target_modules", targets, "a module name or a list of them")
+    return sorted(set(config) - {f.name for f in dataclasses.fields(LoraConfig)})
 
 
 def with_chat_template(spec: str | os.PathLike[str], template: str | os.PathLike[str]) -> str:
@@ -2063,6 +2142,16 @@ def _merge_adapter(adapter: Path, base: str, folder: Path) -> None:
     from peft import PeftModel
     from rich.console import Console
 
+    unknown = _check_adapter_config(adapter)
+    if unknown:  # said once, in unpact's words, not as PEFT's warning
+        log.warning(
+            "%s: its %s has settings PEFT %s does not know (%s): ignored, as PEFT ignores "
+            "them; a newer PEFT wrote it, and may apply them (pip install -U peft)",
+            adapter,
+            ADAPTER_CONFIG,
+            importlib.metadata.version("peft"),
+            ", ".join(unknown),
+        )
     with Console(stderr=True).status(f"Merging the adapter {adapter.name} into {base} (once)"):
         try:
             lm = load_model(base)
@@ -2072,11 +2161,15 @@ def _merge_adapter(adapter: Path, base: str, folder: Path) -> None:
             with warnings.catch_warnings():  # peft asks transformers' deprecated
                 # `is_gradient_checkpointing` (transformers 5.x): nothing for the user to do
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+                warnings.filterwarnings("ignore", message="Unexpected keyword arguments")
                 merged = PeftModel.from_pretrained(lm.model, str(adapter)).merge_and_unload()
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        except Exception as exc:  # whatever PEFT raises on an adapter it cannot apply
+            said = _first_line(exc)
+            if not isinstance(exc, (OSError, ValueError, KeyError, RuntimeError)):
+                said = f"{type(exc).__name__}: {said}"
             raise UnpactError(
                 f"could not apply the adapter {adapter} to {base} (is it the base it was "
-                f"trained on?): {_first_line(exc)}"
+                f"trained on?): {said}"
             ) from exc
         tokenizer = lm.tokenizer
         if any((adapter / f).is_file() for f in TOKENIZER_FILES):  # saved with the adapter

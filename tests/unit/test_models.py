@@ -1071,6 +1071,52 @@ def test_a_peft_adapter_is_merged_into_its_base_once(tiny, tmp_path, monkeypatch
 
 
 @pytest.mark.filterwarnings(PEFT_WARNING)
+def test_adapter_settings_peft_fails_on_are_said_before_any_merge(
+    tiny, tmp_path, monkeypatch, caplog, printed
+):
+    """adapter_config.json settings PEFT fails on deep in its layers (an r of "4", a
+    lora_dropout of "x", target_modules 5: TypeError tracebacks), a prompt adapter (prefix
+    tuning, nothing to merge: a TypeError inside torch), and a base that leads back to the
+    adapter (a RecursionError) are each one message naming the setting; settings this PEFT
+    does not know are one note in unpact's words, not PEFT's warning, and the adapter
+    loads as before."""
+    import shutil
+
+    import torch
+
+    monkeypatch.setenv("UNPACT_CACHE", str(tmp_path / "cache"))
+    adapter, expected = _adapter(tiny, tmp_path)
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    printed()
+    for n, (change, message) in enumerate(
+        [
+            ({"r": "4"}, r"adapter_config\.json: its r is '4', not a number: repair it"),
+            ({"lora_dropout": "x"}, r"its lora_dropout is 'x', not a number"),
+            ({"target_modules": 5}, r"its target_modules is 5, not a module name or a list"),
+            ({"peft_type": "PREFIX_TUNING"}, r"is a PREFIX_TUNING adapter: it adds virtual"),
+            ({"base_model_name_or_path": "SELF"}, r"whose base model leads back to it"),
+        ]
+    ):
+        folder = tmp_path / f"bad{n}"
+        shutil.copytree(adapter, folder)
+        if change.get("base_model_name_or_path") == "SELF":
+            change = {"base_model_name_or_path": str(folder)}
+        (folder / "adapter_config.json").write_text(json.dumps(saved | change))
+        with pytest.raises(UnpactError, match=message):
+            load_model(str(folder))
+    newer = tmp_path / "newer"
+    shutil.copytree(adapter, newer)
+    (newer / "adapter_config.json").write_text(json.dumps(saved | {"zzz_new_setting": 1}))
+    with caplog.at_level(logging.WARNING, logger="unpact"):
+        lm = load_model(str(newer))
+    with torch.no_grad():
+        got = lm.model(input_ids=torch.tensor([[1, 5, 9, 14, 3]])).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert "settings PEFT" in caplog.text and "does not know (zzz_new_setting)" in caplog.text
+    assert "Unexpected keyword arguments" not in printed()
+
+
+@pytest.mark.filterwarnings(PEFT_WARNING)
 def test_bad_adapters_are_one_message(tiny, tmp_path, monkeypatch):
     import json
     import shutil
