@@ -682,6 +682,25 @@ def test_a_config_field_transformers_refuses_is_said_as_the_configs(
             load(str(folder))
 
 
+def test_a_text_the_tokenizer_makes_no_tokens_of_is_refused(tiny, tmp_path):
+    """A BPE tokenizer without byte fallback or an unknown token drops the characters its
+    vocabulary lacks: a prompt of only those was a reshape error inside the model (raw),
+    or, in the chat template, a question of the template alone, answered in silence."""
+    folder = tmp_path / "m"
+    save_model(tiny.model, tiny.tokenizer, folder)
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    tokenizer["model"]["vocab"] = {k: v for k, v in vocab.items() if k.startswith("<")}
+    tokenizer["model"]["merges"] = []
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    lm = load_model(str(folder))
+    for chat in (False, True):
+        with pytest.raises(UnpactError, match=r"the prompt 'hi' is no tokens for this model"):
+            lm.encode_prompt("hi", chat_template=chat)
+    with pytest.raises(UnpactError, match=r"the answer ' Paris' is no tokens for this model"):
+        lm.encode_answer(" Paris")
+
+
 @pytest.mark.parametrize("limit", ["abc", [1]])
 def test_a_length_limit_that_is_no_number_reads_as_none(tiny, tmp_path, limit):
     """A tokenizer_config.json whose `model_max_length` is not a number loaded, then every
