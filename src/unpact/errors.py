@@ -274,6 +274,16 @@ def lone_surrogate(value: object) -> str | None:
     return None
 
 
+def no_tokens(what: str) -> UnpactError:
+    """A text the tokenizer makes no tokens of (a BPE vocabulary without its characters,
+    no byte fallback and no unknown token: it drops them): the model would have been
+    asked nothing (a reshape error inside the model, or a prompt of its template alone)."""
+    return UnpactError(
+        f"{what} is no tokens for this model's tokenizer: it drops every character of it "
+        "(its vocabulary lacks them); write it in characters the model knows"
+    )
+
+
 def check_text(value: object, what: str) -> None:
     """Refuse `value` (see `lone_surrogate`) with one message naming `what` (and, in a
     JSON object, the field)."""

@@ -35,7 +35,7 @@ from typing import Annotated, Any, ClassVar
 import torch
 from pydantic import AfterValidator
 
-from unpact.errors import UnpactError, check_text
+from unpact.errors import UnpactError, check_text, no_tokens
 from unpact.files import (
     TOO_DEEP,
     atomic_text,
@@ -371,7 +371,7 @@ class LanguageModel:
         split = self._chat_prefix_suffix() if chat else TemplateSplit(self.special_prefix(), ())
         encoded = split.around(prompt, chat, self._ids)
         if encoded.content_end <= encoded.content_start:
-            raise _no_tokens(f"the prompt {short_repr(prompt)}")
+            raise no_tokens(f"the prompt {short_repr(prompt)}")
         self.check_vocabulary(f"the prompt {short_repr(prompt)}", encoded.input_ids)
         if chat and not self._boundary_warned:
             rendered = self._rendered(prompt)
@@ -408,7 +408,7 @@ class LanguageModel:
         check_text(answer, "the answer")
         ids = self._ids(prompt.answer_text(answer) if prompt is not None else answer)
         if not ids:
-            raise _no_tokens(f"the answer {short_repr(answer)}")
+            raise no_tokens(f"the answer {short_repr(answer)}")
         self.check_vocabulary(f"the answer {short_repr(answer)}", ids)
         return ids
 
@@ -576,16 +576,6 @@ def _quiet_cuda_kernel_advice() -> None:
     _unsaid(
         "transformers.integrations.hub_kernels",
         "falling back to its reference PyTorch implementation",
-    )
-
-
-def _no_tokens(what: str) -> UnpactError:
-    """A text the tokenizer makes no tokens of (a BPE vocabulary without its characters,
-    no byte fallback and no unknown token: it drops them): the model would have been
-    asked nothing (a reshape error inside the model, or a prompt of its template alone)."""
-    return UnpactError(
-        f"{what} is no tokens for this model's tokenizer: it drops every character of it "
-        "(its vocabulary lacks them); write it in characters the model knows"
     )
 
 

@@ -49,7 +49,7 @@ from urllib.parse import urlsplit
 import torch
 from pydantic import Field
 
-from unpact.errors import UnpactError, check_text, unsendable
+from unpact.errors import UnpactError, check_text, no_tokens, unsendable
 from unpact.progress import progress_bar
 from unpact.scoring import check_pairs
 from unpact.types import (
@@ -62,6 +62,7 @@ from unpact.types import (
     check_chat_flag,
     joined_space,
     raw_prefix,
+    short_repr,
     warn_if_split_differs,
     warn_if_template_thinks,
 )
@@ -629,6 +630,8 @@ class RemoteModel:
             raw = raw_prefix(self.tokenize("x", add_special_tokens=True), self.tokenize("x"))
             split = TemplateSplit(raw, ())
         encoded = split.around(prompt, chat, self.tokenize)
+        if encoded.content_end <= encoded.content_start:
+            raise no_tokens(f"the prompt {short_repr(prompt)}")
         if chat and not self._boundary_warned:
             templated = self._chat_tokens(prompt)
             as_template = encoded.input_ids[: encoded.content_end] + split.generation
@@ -642,7 +645,10 @@ class RemoteModel:
         if not answer or not answer.strip():
             raise UnpactError("empty answer: give the text whose log-prob to compute")
         check_text(answer, "the answer")
-        return self.tokenize(prompt.answer_text(answer) if prompt is not None else answer)
+        ids = self.tokenize(prompt.answer_text(answer) if prompt is not None else answer)
+        if not ids:
+            raise no_tokens(f"the answer {short_repr(answer)}")
+        return ids
 
     def token_texts(self, ids: Sequence[int]) -> list[str]:
         """Each token's own text (by detokenising it alone; cached)."""

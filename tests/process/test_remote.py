@@ -2379,3 +2379,24 @@ def test_an_api_key_an_http_header_cannot_carry_is_one_message(monkeypatch):
         lm.post("http://127.0.0.1:9/v1/completions", {})
     monkeypatch.setenv("UNPACT_API_KEY", " sk-abc\n")
     assert lm._headers() == {"Authorization": "Bearer sk-abc"}
+
+
+def test_a_text_the_served_tokenizer_makes_no_tokens_of_is_refused(tiny, tmp_path):
+    """As locally (`test_a_text_the_tokenizer_makes_no_tokens_of_is_refused`): a prompt or
+    answer a served tokenizer drops every character of is refused by name, not sent as
+    the template alone."""
+    from unpact.models import load_model, save_model
+
+    save_model(tiny.model, tiny.tokenizer, tmp_path / "m")
+    tokenizer = json.loads((tmp_path / "m/tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    tokenizer["model"]["vocab"] = {k: v for k, v in vocab.items() if k.startswith("<")}
+    tokenizer["model"]["merges"] = []
+    (tmp_path / "m/tokenizer.json").write_text(json.dumps(tokenizer))
+    with BackgroundServer(make_app(load_model(str(tmp_path / "m")), "tiny")) as url:
+        remote = _remote(f"{url}/v1")
+        for chat in (False, True):
+            with pytest.raises(UnpactError, match=r"the prompt 'hi' is no tokens for this"):
+                remote.encode_prompt("hi", chat_template=chat)
+        with pytest.raises(UnpactError, match=r"the answer ' Paris' is no tokens for this"):
+            remote.encode_answer(" Paris")
