@@ -8,6 +8,7 @@ its traceback.
 
 from __future__ import annotations
 
+import errno
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -119,8 +120,6 @@ def disk_full(exc: BaseException) -> UnpactError | None:
     bug in unpact: the user frees space or writes elsewhere, so the CLI says that, not a
     traceback.
     """
-    import errno
-
     for current in _chain(exc):
         hit = isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT)
         where = getattr(current, "filename", None)
@@ -167,8 +166,6 @@ def not_permitted(exc: BaseException) -> UnpactError | None:
     a file (permission denied, a read-only file system; a name longer than the file system
     takes, a loop of symbolic links), else None: like a full disk, the environment, said in
     one line with the path rather than as a traceback."""
-    import errno
-
     paths = "(--out for the outputs, the UNPACT_CACHE variable for the cache of models and stages)"
     allowed = f"give paths you may read and write {paths}"
     refused = {
@@ -199,8 +196,6 @@ def out_of_memory(exc: BaseException) -> UnpactError | None:
     machine running out of memory, else None. Like a full disk, the environment rather
     than a bug: what to do is lighter settings or a larger device, said in one message
     with torch's own first words (how much it tried to allocate)."""
-    import errno
-
     for current in _chain(exc):
         text = str(current)
         gpu = type(current).__name__ == "OutOfMemoryError" or any(

@@ -1583,12 +1583,7 @@ def _mismatched(report: str) -> list[str]:
 def _quant_method(model: Any) -> str:
     """The quantization method a loaded model's config names ("gptq", "bitsandbytes", ...;
     "quantized" when it names none; "" without a quantization config)."""
-    return _method_named(model.config)
-
-
-def _method_named(model_config: Any) -> str:
-    """`_quant_method` of a model's config."""
-    config = getattr(model_config, "quantization_config", None)
+    config = getattr(model.config, "quantization_config", None)
     if config is None:
         return ""
     method = config.get("quant_method") if isinstance(config, dict) else None
@@ -1640,13 +1635,12 @@ def _full_precision(source: str, trust_remote_code: bool) -> dict[str, Any]:
     config and no row maxima under LLM.int8's. {} for any other folder, and a hub id."""
     from transformers import AutoConfig
 
-    if not Path(source).is_dir():
+    folder = Path(source)
+    if not folder.is_dir() or _quantized(folder) != "bitsandbytes" or _bitsandbytes_weights(source):
         return {}
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception:  # the load itself says what is wrong
-        return {}
-    if _method_named(config) != "bitsandbytes" or _bitsandbytes_weights(source):
         return {}
     del config.quantization_config
     return {"config": config}
@@ -1805,6 +1799,8 @@ def _dequantizing(source: str, trust_remote_code: bool, local_only: bool) -> dic
     from transformers import AutoConfig
     from transformers.quantizers.auto import AutoQuantizationConfig
 
+    if Path(source).is_dir() and _quantized(Path(source)) is None:
+        return {}  # its config.json names no quantization: nothing more to read
     try:
         config = AutoConfig.from_pretrained(
             source, trust_remote_code=trust_remote_code, local_files_only=local_only
