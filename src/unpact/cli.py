@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -1461,6 +1462,61 @@ def metrics_cmd(plugin: PluginOpt = None) -> None:
         name = m.name + (".<attack>" if m.per_attack else "")
         table.add_row(escape(name), escape(m.description), "\n".join(s for s in shown if s))
     out.print(table)
+
+
+CLEAR_HELP = (
+    "Remove a part of the cache (repeatable): models, injected, stages, benchmarks, digests, "
+    "or all. Each is remade when a run needs it again; run it while no unpact process runs."
+)
+
+
+@app.command("cache")
+def cache_cmd(
+    clear: Annotated[list[str] | None, typer.Option("--clear", help=CLEAR_HELP)] = None,
+) -> None:
+    """Show where the cache is and what each part of it takes on disk, or clear parts."""
+    from unpact import cache
+    from unpact.models import cache_root
+
+    root = cache_root()
+    if clear:
+        for part in cache.clear(clear, root):
+            kept = f" ({_bytes_text(part.shared)} stays: linked from run folders)"
+            freed = _bytes_text(part.size - part.shared)
+            out.print(
+                f"cleared {part.name}: {part.entries} entries, {freed} freed"
+                + (kept if part.shared else ""),
+                highlight=False,
+            )
+        return
+    parts = cache.usage(root)
+    table = Table(
+        "part", "entries", "on disk", "written", "what it holds (to remake)", title="Cache"
+    )
+    for part in parts:
+        when = time.strftime("%Y-%m-%d", time.localtime(part.newest)) if part.newest else ""
+        table.add_row(
+            escape(part.name),
+            str(part.entries),
+            _bytes_text(part.size),
+            when,
+            escape(part.description),
+        )
+    out.print(table)
+    total = _bytes_text(sum(p.size for p in parts))
+    out.print(
+        f"{total} in {escape(str(root))}; `unpact cache --clear PART` frees a part", highlight=False
+    )
+
+
+def _bytes_text(n: int) -> str:
+    """A size for people: 512 B, 4.0 KB, 1.2 GB (powers of 1000, as `df -H` gives them)."""
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            break
+        size /= 1000
+    return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
 
 
 def writes_any_text() -> None:
