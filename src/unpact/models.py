@@ -26,7 +26,7 @@ import re
 import struct
 import warnings
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -981,12 +981,99 @@ def _resolve_local(spec: str) -> Path | None:
             f"model spec {spec!r} is an address: a served model is openai:MODEL@BASE_URL, "
             f"e.g. openai:NAME@{base} (NAME as the server's /v1/models lists it)"
         )
+    if at := hub_at(spec):
+        return _resolve_local(str(hub_snapshot(*at)))
     looks_like_path = (
         spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
     )
     if looks_like_path:
         raise UnpactError(f"model spec {spec!r}: no such file or directory")
     return None
+
+
+# a hub id at a revision: ORG/NAME@REV, REV a branch, tag or commit (refs/pr/1 too), as
+# huggingface_hub's file system writes it (hf://ORG/NAME@REV)
+_HUB_AT = re.compile(r"([\w.-]+/[\w.-]+)@([^\s@]+)")
+# what a model folder is read from (`_load_dir`): its config, tokenizer, chat template,
+# generation config and code, not its weights, which come after (`_hub_weights`)
+_HUB_FILES = ["*.json", "*.model", "*.txt", "*.jinja", "*.py", "*.tiktoken"]
+
+
+def hub_at(spec: str) -> tuple[str, str] | None:
+    """(hub id, revision) of a spec `ORG/NAME@REV`; None for any other spec."""
+    found = _HUB_AT.fullmatch(spec)
+    return (found[1], found[2]) if found else None
+
+
+# each hub spec this process read, and the commit it read it at (`hub_commits`)
+_HUB_COMMITS: dict[str, str] = {}
+
+
+def hub_commits(specs: Iterable[str]) -> dict[str, str]:
+    """Of `specs`, the hub ids (with or without a revision) this process resolved, each
+    with the commit it was read at: what a results.json names, since a branch moves."""
+    return {s: _HUB_COMMITS[s] for s in sorted(set(specs)) if s in _HUB_COMMITS}
+
+
+@functools.lru_cache(maxsize=32)
+def hub_snapshot(repo: str, revision: str) -> Path:
+    """The local folder of a hub model at a revision (a branch, tag or commit): its
+    snapshot in the local hub cache, fetched where the hub can be reached (its config,
+    tokenizer, chat template, generation config and code, then the safetensors weights its
+    index names, or `model.safetensors`, or a LoRA adapter's: not a second copy of the
+    weights some repositories keep beside them, such as Mistral's consolidated.safetensors,
+    nor pickle files). Offline, or where the hub cannot be reached, the local hub cache's
+    snapshot of that revision. The folder is then read as any model folder, and keyed by
+    its files: another commit is another model."""
+    from huggingface_hub import constants, snapshot_download
+
+    unreachable = None if constants.HF_HUB_OFFLINE else _hub_unreachable()
+    local = bool(constants.HF_HUB_OFFLINE or unreachable)
+    try:
+        folder = Path(
+            snapshot_download(
+                repo, revision=revision, allow_patterns=_HUB_FILES, local_files_only=local
+            )
+        )
+        # the weights of the commit the first call found (a branch may move in between)
+        snapshot_download(
+            repo, revision=folder.name, allow_patterns=_hub_weights(folder), local_files_only=local
+        )
+    except Exception as exc:
+        raise UnpactError(
+            f"model spec '{repo}@{revision}': {_hub_revision_failure(exc, repo, revision, unreachable)}"
+        ) from None
+    _HUB_COMMITS[f"{repo}@{revision}"] = folder.name
+    return folder
+
+
+def _hub_weights(folder: Path) -> list[str]:
+    """The weight files of a hub snapshot whose other files are in `folder`."""
+    index = folder / "model.safetensors.index.json"
+    try:
+        shards = sorted(set(json_value(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        shards = []
+    return [str(s) for s in shards] or ["model.safetensors", "adapter_model.safetensors"]
+
+
+def _hub_revision_failure(
+    exc: BaseException, repo: str, revision: str, unreachable: str | None
+) -> str:
+    """Why a hub model at a revision could not be had, in one line."""
+    from huggingface_hub import errors
+
+    if isinstance(exc, errors.LocalEntryNotFoundError):
+        why = unreachable or "offline (HF_HUB_OFFLINE is set)"
+        return f"{why}, and the local hub cache holds no {revision!r} of {repo}"
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return f"the hub's {repo} has no revision {revision!r} (a branch, tag or commit)"
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return (
+            f"the hub has no model {repo} (or it is private or gated: log in with "
+            "`hf auth login`, or set HF_TOKEN)"
+        )
+    return f"fetching revision {revision!r} of {repo} failed ({_first_line(exc)})"
 
 
 def _checkpoints_inside(path: Path) -> str:
@@ -1862,12 +1949,16 @@ def hub_revision(spec: str) -> str | None:
         except Exception:  # any failure: the local cache's answer, or none
             sha = None
         if sha:
+            _HUB_COMMITS[spec] = sha
             return sha
     try:
         found = try_to_load_from_cache(spec, "config.json")
     except Exception:  # not a valid hub id: no commit
         return None
-    return Path(found).parent.name if isinstance(found, str) else None
+    if not isinstance(found, str):
+        return None
+    _HUB_COMMITS[spec] = Path(found).parent.name
+    return _HUB_COMMITS[spec]
 
 
 def _hub_unreachable(timeout: float = 5.0) -> str | None:

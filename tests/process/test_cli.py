@@ -679,3 +679,86 @@ def test_a_lora_run_beside_bitsandbytes_prints_no_library_warning(tiny_dir, benc
     assert done.returncode == 0, done.stderr
     said = done.stdout + done.stderr
     assert "kernels" not in said and "WARNING" not in said and "Warning" not in said, said
+
+
+def test_a_hub_revision_fetches_the_model_s_files_and_no_second_copy(tiny_dir, tmp_path):
+    """`--model ORG/NAME@REV` from a hub (a fake one here, answering as the hub's API
+    does): the revision's commit, its config, tokenizer and weights, and neither the
+    second copy of the weights some repositories keep (Mistral's consolidated.safetensors)
+    nor pickle weights; then offline, from the local hub cache, the same answer."""
+    import hashlib
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    files = {p.name: p.read_bytes() for p in tiny_dir.iterdir() if p.is_file()}
+    files |= {"consolidated.safetensors": files["model.safetensors"], "pytorch_model.bin": b"x"}
+    commit, asked = "c" * 40, []
+
+    def _sha1(data: bytes) -> str:  # a git blob's id, as the hub's tree lists it
+        return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+    class Hub(BaseHTTPRequestHandler):
+        def send(self, code: int, body: bytes = b"", **headers: str) -> None:
+            self.send_response(code)
+            for key, value in {**headers, "Content-Length": str(len(body))}.items():
+                self.send_header(key.replace("_", "-"), value)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def do_HEAD(self):
+            self.do_GET()
+
+        def do_GET(self):
+            path = self.path.split("?")[0]
+            asked.append(path)
+            if path == "/api/models/me/tiny/revision/v2":
+                found = {
+                    "id": "me/tiny",
+                    "sha": commit,
+                    "siblings": [{"rfilename": f} for f in files],
+                }
+                return self.send(200, json.dumps(found).encode(), Content_Type="application/json")
+            if path == f"/api/models/me/tiny/tree/{commit}":
+                tree = [
+                    {"type": "file", "path": f, "size": len(d), "oid": _sha1(d)}
+                    for f, d in files.items()
+                ]
+                return self.send(200, json.dumps(tree).encode(), Content_Type="application/json")
+            name = path.rsplit("/", 1)[-1]
+            if path.startswith(f"/me/tiny/resolve/{commit}/") and name in files:
+                etag = f'"{hashlib.sha256(files[name]).hexdigest()}"'
+                return self.send(200, files[name], X_Repo_Commit=commit, ETag=etag)
+            return self.send(404, b"{}", X_Error_Code="RepoNotFound")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    }
+    env |= {"HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}", "HF_HOME": str(tmp_path)}
+    for key in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "unpact", "generate", "-p", "hi", "--max-new-tokens", "4"]
+    try:
+        online = subprocess.run(
+            [*cmd, "-m", "me/tiny@v2"], capture_output=True, text=True, env=env, timeout=300
+        )
+    finally:
+        server.shutdown()
+    assert online.returncode == 0, online.stderr[-800:]
+    fetched = {p.rsplit("/", 1)[-1] for p in asked if "/resolve/" in p}
+    assert {"config.json", "tokenizer.json", "model.safetensors"} <= fetched, fetched
+    assert not {"consolidated.safetensors", "pytorch_model.bin"} & fetched, fetched
+    env["HF_HUB_OFFLINE"] = "1"
+    offline = subprocess.run(
+        [*cmd, "-m", f"me/tiny@{commit}"], capture_output=True, text=True, env=env, timeout=300
+    )
+    local = subprocess.run(
+        [*cmd, "-m", str(tiny_dir)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert offline.returncode == 0, offline.stderr[-800:]
+    assert offline.stdout == online.stdout == local.stdout != ""

@@ -1,0 +1,105 @@
+"""A hub model at a revision, `ORG/NAME@REV` (a branch, tag or commit): an audit of a
+published checkpoint names the commit it audited. Here from the local hub cache, offline
+(the suite's mode); `tests/process/test_cli.py` fetches one from a fake hub."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from unpact.errors import UnpactError
+from unpact.models import hub_at, hub_commits, hub_snapshot, load_model, model_key, save_model
+from unpact.testing import tiny_model
+
+A, B = "a" * 40, "b" * 40
+
+
+def hub_snapshot_of(hub: Path, repo: str, commit: str, model: Path, *refs: str) -> Path:
+    """`model`'s files as the local hub cache holds `repo` at `commit`, each of `refs`
+    (branches, tags) pointing to it."""
+    folder = hub / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(model, folder / "snapshots" / commit)
+    for ref in refs:
+        (folder / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+        (folder / "refs" / ref).write_text(commit)
+    return folder / "snapshots" / commit
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A local hub cache holding me/tiny: `main` and tag v1 at commit A (seed 0), branch
+    refs/pr/1 at commit B (seed 1)."""
+    from huggingface_hub import constants
+
+    root = tmp_path / "hub"
+    for seed, commit, refs in ((0, A, ("main", "v1")), (1, B, ("refs/pr/1",))):
+        lm = tiny_model(seed=seed)
+        save_model(lm.model, lm.tokenizer, tmp_path / f"seed{seed}")
+        hub_snapshot_of(root, "me/tiny", commit, tmp_path / f"seed{seed}", *refs)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+    hub_snapshot.cache_clear()
+    yield root
+    hub_snapshot.cache_clear()
+
+
+def _logits(lm) -> torch.Tensor:
+    with torch.no_grad():
+        return lm.model(torch.tensor([[5, 6, 7]])).logits
+
+
+@pytest.mark.parametrize(
+    ("spec", "seed"),
+    [("me/tiny@main", 0), ("me/tiny@v1", 0), (f"me/tiny@{A}", 0), ("me/tiny@refs/pr/1", 1)],
+)
+def test_a_revision_loads_the_weights_of_its_commit(hub, spec, seed):
+    assert torch.equal(_logits(load_model(spec)), _logits(tiny_model(seed=seed)))
+
+
+def test_each_commit_is_its_own_model_and_a_moved_branch_another(hub, tmp_path):
+    """The key is the snapshot's: its folder (the commit) and files. A branch moved to
+    another commit (a checkpoint pushed again) gives another key, as a new commit should."""
+    keys = {spec: model_key(spec) for spec in ("me/tiny@main", "me/tiny@v1", f"me/tiny@{B}")}
+    assert keys["me/tiny@main"] == keys["me/tiny@v1"] != keys[f"me/tiny@{B}"]
+    # a run's results.json names the commit each was read at
+    assert hub_commits(["me/tiny@main", "me/tiny@v1", "/a/folder"]) == {
+        "me/tiny@main": A,
+        "me/tiny@v1": A,
+    }
+    (hub / "models--me--tiny" / "refs" / "main").write_text(B)
+    hub_snapshot.cache_clear()
+    assert model_key("me/tiny@main") == keys[f"me/tiny@{B}"]
+    assert hub_commits(["me/tiny@main"]) == {"me/tiny@main": B}
+
+
+@pytest.mark.parametrize(
+    ("spec", "said"),
+    [
+        (
+            "me/tiny@v9",
+            "offline (HF_HUB_OFFLINE is set), and the local hub cache holds no 'v9' of me/tiny",
+        ),
+        (
+            "me/other@main",
+            "offline (HF_HUB_OFFLINE is set), and the local hub cache holds no 'main' of me/other",
+        ),
+    ],
+)
+def test_a_revision_the_cache_lacks_is_one_message(hub, spec, said):
+    with pytest.raises(UnpactError, match=re.escape(f"model spec '{spec}': {said}")):
+        load_model(spec)
+
+
+def test_only_hub_ids_with_a_revision_are_read_so(hub, tmp_path, monkeypatch):
+    """A folder of that name is read as the folder; served models and plain hub ids are
+    not revisions; a revision may hold slashes (refs/pr/1), not spaces."""
+    assert hub_at("me/tiny@refs/pr/1") == ("me/tiny", "refs/pr/1")
+    for spec in ("me/tiny", "openai:smol@http://127.0.0.1:8000/v1", "a/b@c d", "x@y", "a/b/c@d"):
+        assert hub_at(spec) is None, spec
+    lm = tiny_model(seed=1)  # the hub's v1 is seed 0's
+    save_model(lm.model, lm.tokenizer, tmp_path / "me" / "tiny@v1")
+    monkeypatch.chdir(tmp_path)
+    assert torch.equal(_logits(load_model("me/tiny@v1")), _logits(lm))
