@@ -712,7 +712,10 @@ def test_a_hub_revision_fetches_the_model_s_files_and_no_second_copy(tiny_dir, t
         def do_GET(self):
             path = self.path.split("?")[0]
             asked.append(path)
-            if path == "/api/models/me/tiny/revision/v2":
+            if path in (
+                "/api/models/me/tiny/revision/v2",
+                f"/api/models/me/tiny/revision/{commit}",
+            ):
                 found = {
                     "id": "me/tiny",
                     "sha": commit,
