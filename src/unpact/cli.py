@@ -1254,13 +1254,15 @@ def _print_verdicts(results: dict[str, Any], out_dir: Path) -> None:
 def serve(
     model: LocalModelOpt = "default",
     name: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--name",
             "--served-model-name",
-            help="The model name clients give (openai:NAME@URL); vLLM's spelling works too.",
+            help="The model name clients give (openai:NAME@URL); vLLM's spelling works too. "
+            "Default, as vLLM's: --model as given (a hub id without its @REV).",
+            show_default=False,
         ),
-    ] = "default",
+    ] = None,
     host: Annotated[
         str,
         typer.Option(
@@ -1302,6 +1304,10 @@ def serve(
     if generation_config not in ("auto", "vllm"):
         raise UnpactError(f"--generation-config: auto or vllm, not {generation_config!r}")
     keys = _serve_keys(api_key)  # before the model loads
+    if name is None:  # vLLM's served name: the model as given (its revision apart)
+        from unpact.models import hub_at
+
+        name = at[0] if (at := hub_at(model)) else model
     lm = _served_model(model, dtype, device, trust_remote_code, chat_template)
     app_ = make_app(lm, name, "vllm" if generation_config == "vllm" else "auto", keys)
     _serve_on(app_, host, port, model, name, bool(keys))

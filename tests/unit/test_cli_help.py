@@ -221,3 +221,32 @@ def test_output_in_an_encoding_short_of_unicode_escapes_what_it_lacks(monkeypatc
     narrow.flush()
     assert narrow.buffer.getvalue() == b"\\u0391\\u03b8\\u03ae\\u03bd\\u03b1"
     assert wide.errors == "strict"
+
+
+def test_the_served_name_is_the_model_as_given_as_vllm_s(tiny, tmp_path, monkeypatch):
+    """vLLM serves a model under `--model` as given unless `--served-model-name` names it
+    (`get_served_model_name`); `unpact serve` served every model as "default", so that a
+    client written for vLLM (openai:FOLDER@URL) met a 404. A hub id at a revision is served
+    under the id, as vLLM's `--model ID --revision REV`."""
+    import unpact.models
+    import unpact.serve
+    from unpact.models import save_model
+
+    save_model(tiny.model, tiny.tokenizer, tmp_path / "m")
+    named: list[str] = []
+
+    def made(lm, name, generation, keys):
+        named.append(name)
+        raise SystemExit(0)  # served no further
+
+    monkeypatch.setattr(unpact.serve, "make_app", made)
+    monkeypatch.setattr(unpact.models, "hub_snapshot", lambda repo, rev: tmp_path / "m")
+    for given, name in (
+        ([str(tmp_path / "m")], str(tmp_path / "m")),
+        (["me/tiny@v2"], "me/tiny"),
+        (["me/tiny@v2", "--served-model-name", "smol"], "smol"),
+        (["me/tiny@v2", "--name", "smol"], "smol"),
+    ):
+        done = CliRunner().invoke(app, ["serve", "--port", "0", "--model", *given])
+        assert done.exit_code == 0, done.output
+        assert named.pop() == name
