@@ -740,3 +740,31 @@ def test_a_run_check_s_refusal_names_the_audit_s_option(pair, tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     said = " ".join(res.stderr.split())
     assert "error: attack deep (--attacks): reads layer 9; the model has 2" in said
+
+
+def test_indistinguishable_is_inconclusive_where_the_original_is_too():
+    """The original, which knows the forget set, is the tests' positive control: where its
+    PrivLeak's interval holds 0 and its forget quality passes as well (a small benchmark:
+    4 forget items gave PrivLeak 33% [0%, 300%]), "indistinguishable from the reference"
+    says nothing of the unlearning and is said "inconclusive", with the original's
+    figures; where the original is told apart, the verdict stands."""
+    from unpact.run.audit import INCONCLUSIVE
+
+    m = {"forgotten": 0, "privleak": 0.33, "forget_quality": 1.0, "ci": {"privleak": [0.0, 3.0]}}
+
+    def said(original):
+        got = {v["test"]: v for v in verdicts(m, [], [], original=original)}
+        return got["indistinguishable"]
+
+    weak = said(m)
+    assert weak["verdict"] == INCONCLUSIVE
+    assert "the original's own: PrivLeak 33% [0%, 300%]" in weak["detail"]
+    assert weak["detail"].endswith("(more forget and holdout items can)")
+    told_apart = m | {"privleak": 0.96, "ci": {"privleak": [0.61, 1.55]}}
+    assert said(told_apart)["verdict"] == "indistinguishable from the reference"
+    by_quality = m | {"forget_quality": 3e-19}  # PrivLeak holds 0, the truth ratios do not
+    assert said(by_quality)["verdict"] == "indistinguishable from the reference"
+    assert said(None)["verdict"] == "indistinguishable from the reference"
+    # a distinguishable model stays so, whatever the control
+    far = m | {"privleak": 0.9, "ci": {"privleak": [0.5, 1.4]}}
+    assert verdicts(far, [], [], original=m)[-1]["verdict"] == "distinguishable from the reference"

@@ -398,9 +398,12 @@ def _add_verdicts(
         if not results["skipped"]:
             del results["skipped"]
     alpha, skipped = cfg.statistics.alpha, results.get("skipped")
-    reference = (results.get("references") or {}).get("retrained")
+    references = results.get("references") or {}
+    reference, original = references.get("retrained"), references.get("original")
     results["verdicts"] = {
-        label: verdicts(results["methods"][label], rows, attacks, alpha, skipped, label, reference)
+        label: verdicts(
+            results["methods"][label], rows, attacks, alpha, skipped, label, reference, original
+        )
         for label, rows in records.items()
     }
 

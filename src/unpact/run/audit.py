@@ -459,16 +459,19 @@ def verdicts(
     skipped: dict[str, str] | None = None,
     label: str = "",
     reference: dict[str, Any] | None = None,
+    original: dict[str, Any] | None = None,
 ) -> list[dict[str, str]]:
     """One method's verdicts: {"test", "verdict", "detail"} per test, in plain words.
     `skipped` (results.json's) says why a figure of the method `label` was not measured;
     `reference`: the retrained reference's figures (results.json's `references`), whose
     accuracies and model utility the forgotten line and whose forget probability the
-    indistinguishability evidence give beside the method's."""
+    indistinguishability evidence give beside the method's; `original`: the original's
+    there, the positive control of the indistinguishability tests (`_powerless`)."""
     out = [_forgotten(m, reference or {})]
     same = _indistinguishable(m, alpha, skipped or {}, label)
     if same["verdict"] != "not measured":
         same["detail"] += _probabilities(m, reference or {})
+    _powerless(same, original, alpha)
     if not m.get("forgotten"):  # no recovery to judge; membership does not need it
         asked = ", ".join(attacks)
         why = {
@@ -612,6 +615,28 @@ def _probabilities(m: dict[str, Any], reference: dict[str, Any]) -> str:
         return f"{p:.2f}" if p >= 0.01 else f"{p:.1e}"
 
     return f"; the true forget answers' probability {shown(mine)}, the reference's {shown(ref)}"
+
+
+INCONCLUSIVE = "inconclusive: the original is not distinguishable from the reference either"
+
+
+def _powerless(same: dict[str, str], original: dict[str, Any] | None, alpha: float) -> None:
+    """An "indistinguishable" verdict made "inconclusive" where the same tests cannot tell
+    the original, which knows the forget set, from the reference either (its PrivLeak's
+    interval holds 0 and its forget quality passes): too few or too unlike forget and
+    holdout items, and passing says nothing of the unlearning. A small benchmark (4 forget
+    items, an original 100 times likelier to give the true answers than the reference)
+    was said "indistinguishable from the reference" for a model that forgot nothing."""
+    if original is None or same["verdict"] != "indistinguishable from the reference":
+        return
+    control = _indistinguishable(original, alpha, {}, "original")
+    if control["verdict"] != "indistinguishable from the reference":
+        return
+    same["verdict"] = INCONCLUSIVE
+    same["detail"] += (
+        f"; the original's own: {control['detail']}: these items cannot tell a model that "
+        "knows the forget set from one that never saw it (more forget and holdout items can)"
+    )
 
 
 def _indistinguishable(
