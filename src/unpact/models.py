@@ -993,7 +993,7 @@ def _resolve_local(spec: str) -> Path | None:
 
 # a hub id at a revision: ORG/NAME@REV, REV a branch, tag or commit (refs/pr/1 too), as
 # huggingface_hub's file system writes it (hf://ORG/NAME@REV)
-_HUB_AT = re.compile(r"([\w.-]+/[\w.-]+)@([^\s@]+)")
+_HUB_AT = re.compile(r"([^\W_][\w.-]*/[^\W_][\w.-]*)@([^\s@]+)")  # not ./x@y: a path
 # what a model folder is read from (`_load_dir`): its config, tokenizer, chat template,
 # generation config and code, not its weights, which come after (`_hub_weights`)
 _HUB_FILES = ["*.json", "*.model", "*.txt", "*.jinja", "*.py", "*.tiktoken"]

@@ -97,7 +97,7 @@ def test_only_hub_ids_with_a_revision_are_read_so(hub, tmp_path, monkeypatch):
     """A folder of that name is read as the folder; served models and plain hub ids are
     not revisions; a revision may hold slashes (refs/pr/1), not spaces."""
     assert hub_at("me/tiny@refs/pr/1") == ("me/tiny", "refs/pr/1")
-    for spec in ("me/tiny", "openai:smol@http://127.0.0.1:8000/v1", "a/b@c d", "x@y", "a/b/c@d"):
+    for spec in ("me/tiny", "openai:smol@http://127.0.0.1:8000/v1", "a/b@c d", "x@y", "a/b/c@d", "./a@b", "~/a@b"):
         assert hub_at(spec) is None, spec
     lm = tiny_model(seed=1)  # the hub's v1 is seed 0's
     save_model(lm.model, lm.tokenizer, tmp_path / "me" / "tiny@v1")
