@@ -105,9 +105,8 @@ def _grouping(part: str, path: Path) -> bool:
 
 
 def _children(folder: Path) -> list[Path]:
-    """`folder`'s entries, sorted; none where it is absent or no folder (or a link)."""
-    if folder.is_symlink():
-        return []
+    """`folder`'s entries, sorted; none where it is absent or no folder. A part's folder
+    may be a link (`models/` moved to a larger disk): its entries are those there."""
     try:
         return sorted(folder.iterdir())
     except OSError:

@@ -143,3 +143,21 @@ def test_the_cli_shows_and_clears(filled, monkeypatch, capsys):
         cli.main()
     err = " ".join(capsys.readouterr().err.split())
     assert exit_.value.code == 2 and "unknown part of the cache 'everything'" in err, err
+
+
+def test_a_part_moved_to_another_disk_by_a_link_is_counted_and_cleared_there(tmp_path):
+    """A user who moved `models/` elsewhere and left a link counts and frees it there;
+    an entry that is itself a link is removed as a link, what it points to kept."""
+    root, elsewhere = tmp_path / "cache", tmp_path / "big-disk" / "models"
+    model = _file(elsewhere / f"adapter-merged-{H16}" / "model.safetensors", 9000)
+    root.mkdir()
+    (root / "models").symlink_to(elsewhere)
+    kept = _file(tmp_path / "mine" / "model.safetensors", 100)
+    (root / "injected").mkdir()
+    (root / "injected" / f"news-{H16}").symlink_to(kept.parent)
+    parts = {p.name: p for p in cache.usage(root)}
+    assert parts["models"].entries == 1 and parts["models"].size == _on_disk(model, model.parent)
+    assert parts["injected"].entries == 1
+    cache.clear(["models", "injected"], root)
+    assert list(elsewhere.iterdir()) == [] and (root / "models").is_symlink()
+    assert kept.is_file() and not (root / "injected" / f"news-{H16}").exists()
