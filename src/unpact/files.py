@@ -206,12 +206,15 @@ def _readable_as_usual(folder: Path) -> None:
 def link_files(src: Path, dst: Path, *, skip: tuple[str, ...] = (), fallback: str = "copy") -> None:
     """Each file of the folder `src` (not `skip`, not one `dst` already holds) into `dst`
     as a hard link (no copy), or where the file system refuses one, as a copy (`fallback`
-    "copy": `dst` stands alone) or a link by name ("symlink": no copy of the weights)."""
+    "copy": `dst` stands alone) or a link by name ("symlink": no copy of the weights).
+    A file of `src` that is a link by name (a hub snapshot's, into `../../blobs/`; a
+    weight file linked from another disk) is linked as the file it names: Linux's link()
+    links the link itself, whose relative target then named nothing in `dst`."""
     for f in sorted(src.iterdir()):
         if not f.is_file() or f.name in skip or (dst / f.name).exists():
             continue
         try:
-            os.link(f, dst / f.name)
+            os.link(f.resolve(), dst / f.name)
         except OSError:
             if fallback == "symlink":
                 (dst / f.name).symlink_to(f.resolve())

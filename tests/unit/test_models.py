@@ -294,6 +294,38 @@ def test_a_chat_template_copy_links_the_weights_and_leaves_the_source_alone(
     assert models.with_chat_template(str(source), tmp_path / "t.jinja") == spec
 
 
+def test_a_chat_template_copy_of_a_hub_snapshot_links_the_files_its_links_name(
+    tiny, tmp_path, monkeypatch
+):
+    """A hub snapshot's files are links by name into `../../blobs/` (as `hf download`
+    leaves a model, and `ORG/NAME@REV` reads it): hard-linked into the templated copy,
+    Linux's link() made links to the links, whose relative targets named nothing there,
+    and the copy was "a directory without config.json"."""
+    import os
+
+    from unpact import models
+
+    monkeypatch.setenv("UNPACT_CACHE", str(tmp_path / "cache"))
+    saved, repo = tmp_path / "saved", tmp_path / "hub" / "models--me--tiny"
+    save_model(tiny.model, tiny.tokenizer, saved)
+    snapshot = repo / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for f in saved.iterdir():
+        f.rename(repo / "blobs" / f.name)
+        (snapshot / f.name).symlink_to(Path("../../blobs") / f.name)
+    spec = models.with_chat_template(
+        str(snapshot), "{% for m in messages %}Q: {{ m['content'] }}{% endfor %}A:"
+    )
+    copy = Path(spec)
+    assert not (copy / "model.safetensors").is_symlink()
+    assert os.path.samefile(copy / "model.safetensors", repo / "blobs" / "model.safetensors")
+    assert (
+        load_model(spec).tokenizer.decode(load_model(spec).encode_prompt("hi").input_ids)
+        == "Q: hiA:"
+    )
+
+
 @pytest.mark.parametrize(
     ("template", "message"),
     [
