@@ -11,7 +11,8 @@ def _quiet_libraries() -> None:
     with torch.compile; bitsandbytes, which peft imports whenever it is installed (every
     LoRA of unpact's), one for the CPU kernel it cannot fetch from the hub, and the
     `kernels` package one for the hub check it skips offline: none of it concerns unpact's
-    users. Left alone if the user set a level on those loggers.
+    users. Left alone if the user set a level on those loggers. Nor does the hub library's
+    notice that $HF_HUB_ENABLE_HF_TRANSFER no longer does anything.
 
     torchao 0.18's quant_api.py has an invalid escape in a docstring, which Python 3.12 and
     later report (SyntaxWarning) whenever they compile the file: at each import where no
@@ -25,6 +26,12 @@ def _quiet_libraries() -> None:
             logger.setLevel(logging.ERROR)
     # a compiler's warning has the file's path (less ".py") as its module
     warnings.filterwarnings("ignore", category=SyntaxWarning, module=r".*[/\\]torchao[/\\]")
+    # the hub library's notice, at its import, that $HF_HUB_ENABLE_HF_TRANSFER (set on many
+    # clusters by older advice) no longer does anything: about the user's environment, not
+    # unpact's downloads, and printed before every command's output
+    warnings.filterwarnings(
+        "ignore", message="The `HF_HUB_ENABLE_HF_TRANSFER` environment variable is deprecated"
+    )
 
 
 _quiet_libraries()

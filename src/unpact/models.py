@@ -1418,15 +1418,26 @@ def _check_config(path: Path, trust_remote_code: bool) -> None:
         ) from None
 
 
+def _hf_bars_off() -> Callable[[], None]:
+    """transformers' and the hub's progress bars off; the function returned puts them back
+    as they were: on only where they were on. Turning them on where the user had them off
+    (HF_HUB_DISABLE_PROGRESS_BARS=1, or `disable_progress_bar()` in their own code) warned
+    "Cannot enable progress bars" at every load, or turned theirs back on."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    return hf_logging.enable_progress_bar if was else lambda: None
+
+
 def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[Any, Any]:
     _check_weights(path)
     _check_model_type(path, trust_remote_code)
     _check_config(path, trust_remote_code)
-    from transformers.utils import logging as hf_logging
 
     _check_tokenizer(path)
     _check_generation_config(path)
-    hf_logging.disable_progress_bar()  # a local load takes well under a second
+    bars = _hf_bars_off()  # a local load takes well under a second
     try:
         model, tokenizer, info = _pretrained(str(path), dtype, trust_remote_code)
     except UnpactError:
@@ -1476,7 +1487,7 @@ def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[
             f"match its config.json): {_first_line(exc)}"
         ) from exc
     finally:
-        hf_logging.enable_progress_bar()
+        bars()
     _check_complete(str(path), info)
     return model, tokenizer
 
@@ -2423,9 +2434,8 @@ def _quiet_gguf_bar() -> Callable[[], None]:
 
 def _dequantise_gguf(gguf: Path, sha: str, tmp: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # the status line says what is going on
+    bars = _hf_bars_off()  # the status line says what is going on
     quiet = _quiet_gguf_bar()
     try:
         try:
@@ -2446,7 +2456,7 @@ def _dequantise_gguf(gguf: Path, sha: str, tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     finally:
-        hf_logging.enable_progress_bar()
+        bars()
         quiet()
     files = {
         p.name: {"size": p.stat().st_size, "crc32": _crc32(p)}
@@ -2479,7 +2489,6 @@ def save_model(
     temporary name, then rename it into place: a reader never sees a half-written model.
     `replace=False`: a complete folder already there (another process's build of the same
     content) is kept, and this copy discarded."""
-    from transformers.utils import logging as hf_logging
 
     if (where := non_finite_weight(model)) is not None:
         raise UnpactError(
@@ -2495,9 +2504,9 @@ def save_model(
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
 
-    hf_logging.disable_progress_bar()  # its shard-writing bar is noise for a 1-file model
+    bars = _hf_bars_off()  # its shard-writing bar is noise for a 1-file model
     try:
         complete = None if replace else (lambda done: (done / "config.json").is_file())
         write_folder_atomically(Path(folder), write, replace=replace, complete=complete)
     finally:
-        hf_logging.enable_progress_bar()
+        bars()

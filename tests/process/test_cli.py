@@ -562,6 +562,23 @@ def test_sampling_a_model_whose_pad_is_a_token_prints_no_library_warning(tmp_pat
     assert "attention_mask" not in done.stderr
 
 
+@pytest.mark.parametrize("setting", ["HF_HUB_DISABLE_PROGRESS_BARS", "HF_HUB_ENABLE_HF_TRANSFER"])
+def test_the_hub_s_environment_settings_print_no_library_warning(tiny_dir, tmp_path, setting):
+    """With $HF_HUB_DISABLE_PROGRESS_BARS=1 every load warned "Cannot enable progress
+    bars" (unpact turned transformers' bars back on after a load, where the user had them
+    off); $HF_HUB_ENABLE_HF_TRANSFER=1, which many clusters still set, a FutureWarning
+    from the hub library at every command: a chat-templated copy (made, then loaded) and
+    its answer, and nothing else."""
+    template = "{% for m in messages %}Q: {{ m['content'] }}{% endfor %}A:"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "UNPACT_CACHE": str(tmp_path), setting: "1"}
+    cmd = [sys.executable, "-m", "unpact", "generate", "-m", str(tiny_dir), "-p", "hi"]
+    done = subprocess.run(
+        [*cmd, "--chat-template", template, "--max-new-tokens", "3"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]
+
+
 def test_a_run_under_a_multi_process_launch_is_refused_not_hung(tiny_dir, tmp_path):
     """`accelerate launch -m unpact run` with 2 processes once hung for good: each copy ran
     the whole pipeline, the first trained its unlearning under DDP and the other waited on

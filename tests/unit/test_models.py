@@ -1990,3 +1990,19 @@ def test_a_bitsandbytes_4bit_weight_reads_back_as_quantized_whatever_its_size(
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows * 1000 + cols))
     packed, state = bnb_functional.quantize_4bit(w, blocksize=block, quant_type=kind)
     assert bnb_4bit_weight(packed, state).equal(float4_round_trip(w, kind, block))
+
+
+def test_a_load_leaves_transformers_progress_bars_as_the_user_had_them(tiny, tmp_path):
+    """A load turns transformers' bars off while it runs (a local load takes well under a
+    second) and back as they were: a user who turned them off (their own code, or
+    $HF_HUB_DISABLE_PROGRESS_BARS) had them turned on again, and the hub warned."""
+    from transformers.utils import logging as hf_logging
+
+    save_model(tiny.model, tiny.tokenizer, tmp_path / "m")
+    try:
+        for enabled in (False, True):
+            (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+            load_model(str(tmp_path / "m"))
+            assert hf_logging.is_progress_bar_enabled() is enabled
+    finally:
+        hf_logging.enable_progress_bar()
