@@ -540,6 +540,9 @@ def load_model(
     torch_dtype = _parse_dtype(dtype)
     target = parse_device(device)
     folder = local_model_dir(spec)
+    if folder is None and (commit := hub_revision(spec)):
+        # a hub id: its snapshot at the commit its cache key names, read as a folder
+        folder = hub_snapshot(spec, commit)
     _quiet_moot_notes()
     if folder is None:
         model, tokenizer = _load_hub(spec, torch_dtype, trust_remote_code)
@@ -1043,8 +1046,26 @@ def hub_snapshot(repo: str, revision: str) -> Path:
         raise UnpactError(
             f"model spec '{repo}@{revision}': {_hub_revision_failure(exc, repo, revision, unreachable)}"
         ) from None
+    if not any(folder.glob("*.safetensors")):
+        raise UnpactError(
+            f"model spec '{repo}@{revision}': {_no_hub_weights(repo, folder, unreachable)}"
+        )
     _HUB_COMMITS[f"{repo}@{revision}"] = folder.name
     return folder
+
+
+def _no_hub_weights(repo: str, folder: Path, unreachable: str | None) -> str:
+    """Why a hub snapshot has no weights: not fetched (offline), or none in safetensors."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or unreachable:
+        why = unreachable or "offline (HF_HUB_OFFLINE is set)"
+        return f"{why}, and the local hub cache holds {repo} at {folder.name} without its weights"
+    return (
+        f"the hub's {repo} holds no safetensors weights at {folder.name} (unpact reads "
+        "safetensors only: a pickle file, pytorch_model.bin, can run code as it loads); "
+        "convert it, or give one that has them"
+    )
 
 
 def _hub_weights(folder: Path) -> list[str]:

@@ -12,7 +12,15 @@ import pytest
 import torch
 
 from unpact.errors import UnpactError
-from unpact.models import hub_at, hub_commits, hub_snapshot, load_model, model_key, save_model
+from unpact.models import (
+    hub_at,
+    hub_commits,
+    hub_revision,
+    hub_snapshot,
+    load_model,
+    model_key,
+    save_model,
+)
 from unpact.testing import tiny_model
 
 A, B = "a" * 40, "b" * 40
@@ -42,8 +50,10 @@ def hub(tmp_path, monkeypatch):
         hub_snapshot_of(root, "me/tiny", commit, tmp_path / f"seed{seed}", *refs)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
     hub_snapshot.cache_clear()
+    hub_revision.cache_clear()
     yield root
     hub_snapshot.cache_clear()
+    hub_revision.cache_clear()
 
 
 def _logits(lm) -> torch.Tensor:
@@ -97,9 +107,41 @@ def test_only_hub_ids_with_a_revision_are_read_so(hub, tmp_path, monkeypatch):
     """A folder of that name is read as the folder; served models and plain hub ids are
     not revisions; a revision may hold slashes (refs/pr/1), not spaces."""
     assert hub_at("me/tiny@refs/pr/1") == ("me/tiny", "refs/pr/1")
-    for spec in ("me/tiny", "openai:smol@http://127.0.0.1:8000/v1", "a/b@c d", "x@y", "a/b/c@d", "./a@b", "~/a@b"):
+    for spec in (
+        "me/tiny",
+        "openai:smol@http://127.0.0.1:8000/v1",
+        "a/b@c d",
+        "x@y",
+        "a/b/c@d",
+        "./a@b",
+        "~/a@b",
+    ):
         assert hub_at(spec) is None, spec
     lm = tiny_model(seed=1)  # the hub's v1 is seed 0's
     save_model(lm.model, lm.tokenizer, tmp_path / "me" / "tiny@v1")
     monkeypatch.chdir(tmp_path)
     assert torch.equal(_logits(load_model("me/tiny@v1")), _logits(lm))
+
+
+def test_a_plain_hub_id_loads_the_commit_its_key_names(hub):
+    """`ORG/NAME` is keyed by the commit its `main` resolves to; the weights it loads are
+    that commit's (its snapshot, read as a folder), not whatever `main` is when the
+    load comes: after `main` moves, both key and weights move together."""
+    key = model_key("me/tiny")
+    (hub / "models--me--tiny" / "refs" / "main").write_text(B)  # pushed after the key
+    assert torch.equal(_logits(load_model("me/tiny")), _logits(tiny_model(seed=0)))
+    assert hub_commits(["me/tiny"]) == {"me/tiny": A}
+    hub_revision.cache_clear()  # a new process
+    assert model_key("me/tiny") != key
+    assert torch.equal(_logits(load_model("me/tiny")), _logits(tiny_model(seed=1)))
+    assert hub_commits(["me/tiny"]) == {"me/tiny": B}
+
+
+def test_a_snapshot_fetched_without_its_weights_says_so_offline(hub):
+    """The tokenizer alone fetched (`load_tokenizer` of a hub id), then offline: the
+    weights are not in the local hub cache, which is said, not that the hub has none."""
+    (hub / "models--me--tiny" / "snapshots" / A / "model.safetensors").unlink()
+    with pytest.raises(
+        UnpactError, match=f"the local hub cache holds me/tiny at {A} without its weights"
+    ):
+        load_model("me/tiny@v1")
