@@ -68,7 +68,8 @@ def _options(
             "--version",
             callback=_print_version,
             is_eager=True,
-            help="Print unpact's version (and torch's, transformers', accelerate's, peft's).",
+            help="Print unpact's version and those of the libraries its numbers depend on "
+            "(torch, transformers, tokenizers, accelerate, peft, numpy, scipy, scikit-learn).",
         ),
     ] = False,
 ) -> None:

@@ -219,7 +219,12 @@ def keeps_rng(fn: Callable[P, R]) -> Callable[P, R]:
 
 
 # the libraries whose releases a run's numbers depend on (kernels, models' code, training)
-_LIBRARIES = ("unpact", "torch", "transformers", "accelerate", "peft")
+# the tokenizer's ids come from `tokenizers`; the intervals, AUCs and KS tests from numpy,
+# scikit-learn and scipy
+_LIBRARIES = (
+    "unpact", "torch", "transformers", "tokenizers", "accelerate", "peft", "numpy", "scipy",
+    "scikit-learn",
+)  # fmt: skip
 
 
 def library_versions() -> dict[str, str]:

@@ -233,9 +233,13 @@ def test_the_runner_unlearns_a_real_benchmark(tmp_path, tiny):
 
     versions = json.loads((tmp_path / "out" / "results.json").read_text())["versions"]
     assert versions["torch"] == version("torch") and versions["unpact"] == version("unpact")
-    assert set(versions) == {"unpact", "torch", "transformers", "accelerate", "peft", "python"}
+    assert set(versions) == {
+        *("unpact", "torch", "transformers", "tokenizers", "accelerate", "peft"),
+        *("numpy", "scipy", "scikit-learn", "python"),
+    }
     report = " ".join((tmp_path / "out" / "report.html").read_text().split())
     assert f"Computed with unpact {versions['unpact']} (torch {versions['torch']}," in report
+    assert f"scikit-learn {versions['scikit-learn']}; Python {versions['python']})." in report
 
 
 def test_the_token_baseline_replaces_with_the_originals_id_in_every_model(tmp_path, tiny):
