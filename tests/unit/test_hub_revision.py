@@ -145,3 +145,23 @@ def test_a_snapshot_fetched_without_its_weights_says_so_offline(hub):
         UnpactError, match=f"the local hub cache holds me/tiny at {A} without its weights"
     ):
         load_model("me/tiny@v1")
+
+
+def test_a_run_names_the_commit_each_hub_model_was_read_at(hub, tmp_path):
+    """results.json's `hub_commits` and the report: a branch moves, the commit stays."""
+    from tests.unit.test_real_data import FIXTURES
+    from unpact.run import run
+
+    config = {
+        "model": "me/tiny@refs/pr/1",
+        "data": {"benchmark": f"tofu:{FIXTURES / 'tofu'}", "general": None},
+        "inject": {"enabled": False},
+        "methods": [{"model": "me/tiny@v1", "name": "other"}],
+        "attacks": [],
+        "judge": {"max_new_tokens": 16},
+        "statistics": {"resamples": 0},
+    }
+    result = run(config, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    assert result.results["hub_commits"] == {"me/tiny@refs/pr/1": B, "me/tiny@v1": A}
+    report = " ".join((tmp_path / "out" / "report.html").read_text().split())
+    assert f"<code>me/tiny@refs/pr/1</code> commit <code>{B[:12]}</code>" in report
