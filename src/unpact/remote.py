@@ -159,7 +159,10 @@ class RemoteSettings(SettingsModel):
 def parse_remote_spec(spec: str) -> tuple[str, str]:
     """`openai:MODEL@BASE_URL` -> (MODEL, BASE_URL without a trailing slash)."""
     rest = spec[len(REMOTE_PREFIX) :]
-    model, sep, url = rest.partition("@")
+    # the model's name may hold an "@" (a served folder's path, /data/run@3, as vLLM
+    # names it by default): the address starts at the last "@http://" or "@https://"
+    at = max(rest.rfind("@http://"), rest.rfind("@https://"))
+    model, sep, url = (rest[:at], "@", rest[at + 1 :]) if at > 0 else rest.partition("@")
     url = url.rstrip("/")
     why = ""
     if sep and model and url and not url.startswith(("http://", "https://")):

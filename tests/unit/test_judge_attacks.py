@@ -628,6 +628,11 @@ def test_a_server_address_with_a_password_is_refused_without_repeating_it():
     from unpact.run import load_config
 
     assert parse_remote_spec("openai:m@https://host:8000/v1") == ("m", "https://host:8000/v1")
+    # a name holding "@" (`unpact serve` and vLLM name a folder's model by its path)
+    assert parse_remote_spec("openai:/data/run@3@http://h:8000/v1") == (
+        "/data/run@3",
+        "http://h:8000/v1",
+    )
     for url in ("http://h/v1?key=hunter2", "http://h/v1#hunter2"):
         with pytest.raises(UnpactError, match=r"holds a query \(\?\.\.\.\) or fragment") as info:
             parse_remote_spec(f"openai:m@{url}")
