@@ -1062,9 +1062,9 @@ def _no_hub_weights(repo: str, folder: Path, unreachable: str | None) -> str:
         why = unreachable or "offline (HF_HUB_OFFLINE is set)"
         return f"{why}, and the local hub cache holds {repo} at {folder.name} without its weights"
     return (
-        f"the hub's {repo} holds no safetensors weights at {folder.name} (unpact reads "
-        "safetensors only: a pickle file, pytorch_model.bin, can run code as it loads); "
-        "convert it, or give one that has them"
+        f"the hub's {repo} holds no safetensors weights at {folder.name}: unpact reads "
+        "safetensors only (a pickle file, pytorch_model.bin, can run code as it loads: "
+        "convert it); a repository of GGUF files: download the .gguf and give its path"
     )
 
 

@@ -709,7 +709,13 @@ def test_a_hub_revision_fetches_the_model_s_files_and_no_second_copy(tiny_dir, t
 
     files = {p.name: p.read_bytes() for p in tiny_dir.iterdir() if p.is_file()}
     files |= {"consolidated.safetensors": files["model.safetensors"], "pytorch_model.bin": b"x"}
-    commit, asked = "c" * 40, []
+    commit, pickled, asked = "c" * 40, "d" * 40, []
+    # each commit's files; a branch of a pickle-only upload beside it
+    trees = {
+        commit: files,
+        pickled: {"config.json": files["config.json"], "pytorch_model.bin": b"x"},
+    }
+    refs = {"v2": commit, commit: commit, "pickles": pickled, pickled: pickled}
 
     def _sha1(data: bytes) -> str:  # a git blob's id, as the hub's tree lists it
         return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
@@ -729,26 +735,25 @@ def test_a_hub_revision_fetches_the_model_s_files_and_no_second_copy(tiny_dir, t
         def do_GET(self):
             path = self.path.split("?")[0]
             asked.append(path)
-            if path in (
-                "/api/models/me/tiny/revision/v2",
-                f"/api/models/me/tiny/revision/{commit}",
-            ):
+            kind, _, rest = path.removeprefix("/api/models/me/tiny/").partition("/")
+            if kind == "revision" and rest in refs:
+                sha, listed = refs[rest], trees[refs[rest]]
                 found = {
                     "id": "me/tiny",
-                    "sha": commit,
-                    "siblings": [{"rfilename": f} for f in files],
+                    "sha": sha,
+                    "siblings": [{"rfilename": f} for f in listed],
                 }
                 return self.send(200, json.dumps(found).encode(), Content_Type="application/json")
-            if path == f"/api/models/me/tiny/tree/{commit}":
+            if kind == "tree" and rest in trees:
                 tree = [
                     {"type": "file", "path": f, "size": len(d), "oid": _sha1(d)}
-                    for f, d in files.items()
+                    for f, d in trees[rest].items()
                 ]
                 return self.send(200, json.dumps(tree).encode(), Content_Type="application/json")
-            name = path.rsplit("/", 1)[-1]
-            if path.startswith(f"/me/tiny/resolve/{commit}/") and name in files:
-                etag = f'"{hashlib.sha256(files[name]).hexdigest()}"'
-                return self.send(200, files[name], X_Repo_Commit=commit, ETag=etag)
+            sha, _, name = path.removeprefix("/me/tiny/resolve/").partition("/")
+            if name in trees.get(sha, {}):
+                etag = f'"{hashlib.sha256(trees[sha][name]).hexdigest()}"'
+                return self.send(200, trees[sha][name], X_Repo_Commit=sha, ETag=etag)
             return self.send(404, b"{}", X_Error_Code="RepoNotFound")
 
         def log_message(self, *args):
@@ -767,10 +772,16 @@ def test_a_hub_revision_fetches_the_model_s_files_and_no_second_copy(tiny_dir, t
         online = subprocess.run(
             [*cmd, "-m", "me/tiny@v2"], capture_output=True, text=True, env=env, timeout=300
         )
+        pickles = subprocess.run(
+            [*cmd, "-m", "me/tiny@pickles"], capture_output=True, text=True, env=env, timeout=300
+        )
     finally:
         server.shutdown()
+    said = " ".join(pickles.stderr.split())
+    assert pickles.returncode == 2, said
+    assert f"the hub's me/tiny holds no safetensors weights at {pickled}" in said
     assert online.returncode == 0, online.stderr[-800:]
-    fetched = {p.rsplit("/", 1)[-1] for p in asked if "/resolve/" in p}
+    fetched = {p.rsplit("/", 1)[-1] for p in asked if f"/resolve/{commit}/" in p}
     assert {"config.json", "tokenizer.json", "model.safetensors"} <= fetched, fetched
     assert not {"consolidated.safetensors", "pytorch_model.bin"} & fetched, fetched
     env["HF_HUB_OFFLINE"] = "1"
