@@ -541,8 +541,9 @@ def load_model(
     target = parse_device(device)
     folder = local_model_dir(spec)
     if folder is None and (commit := hub_revision(spec)):
-        # a hub id: its snapshot at the commit its cache key names, read as a folder
-        folder = hub_snapshot(spec, commit)
+        # a hub id: its snapshot at the commit its cache key names, read as a folder (a
+        # LoRA adapter's merged into its base, as a local adapter folder is)
+        folder = local_model_dir(f"{spec}@{commit}")
     _quiet_moot_notes()
     if folder is None:
         model, tokenizer = _load_hub(spec, torch_dtype, trust_remote_code)
@@ -1983,8 +1984,10 @@ def hub_revision(spec: str) -> str | None:
         if sha:
             _HUB_COMMITS[spec] = sha
             return sha
-    try:
+    try:  # a model's config, or a LoRA adapter's
         found = try_to_load_from_cache(spec, "config.json")
+        if not isinstance(found, str):
+            found = try_to_load_from_cache(spec, ADAPTER_CONFIG)
     except Exception:  # not a valid hub id: no commit
         return None
     if not isinstance(found, str):

@@ -165,3 +165,18 @@ def test_a_run_names_the_commit_each_hub_model_was_read_at(hub, tmp_path):
     assert result.results["hub_commits"] == {"me/tiny@refs/pr/1": B, "me/tiny@v1": A}
     report = " ".join((tmp_path / "out" / "report.html").read_text().split())
     assert f"<code>me/tiny@refs/pr/1</code> commit <code>{B[:12]}</code>" in report
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+def test_a_hub_lora_adapter_is_merged_into_its_base_as_a_local_one_is(hub, tiny, tmp_path):
+    """A hub repository of a LoRA adapter (its base named in adapter_config.json), by its
+    id or at a revision: merged into its base, as an adapter folder is."""
+    from tests.unit.test_models import _adapter
+
+    adapter, logits = _adapter(tiny, tmp_path)
+    hub_snapshot_of(hub, "me/lora", "e" * 40, adapter, "main")
+    for spec in ("me/lora", "me/lora@main"):
+        merged = load_model(spec)
+        with torch.no_grad():
+            got = merged.model(torch.tensor([[1, 5, 9, 14, 3]])).logits
+        torch.testing.assert_close(got, logits, atol=1e-5, rtol=1e-5)
