@@ -539,11 +539,7 @@ def load_model(
         )
     torch_dtype = _parse_dtype(dtype)
     target = parse_device(device)
-    folder = local_model_dir(spec)
-    if folder is None and (commit := hub_revision(spec)):
-        # a hub id: its snapshot at the commit its cache key names, read as a folder (a
-        # LoRA adapter's merged into its base, as a local adapter folder is)
-        folder = local_model_dir(f"{spec}@{commit}")
+    folder = _read_from(spec)
     _quiet_moot_notes()
     if folder is None:
         model, tokenizer = _load_hub(spec, torch_dtype, trust_remote_code)
@@ -646,7 +642,7 @@ def load_tokenizer(
     """The tokenizer `load_model(spec)` would load, without the weights (a check that two
     models share a vocabulary need not hold both in memory). Not for served models."""
     spec = spec_text(spec)  # a pathlib.Path is a spec too
-    folder = local_model_dir(spec)
+    folder = _read_from(spec)
     unreachable = _hub_unreachable() if folder is None else None
     _quiet_moot_notes()
     trusted = remote_code_trusted(trust_remote_code)
@@ -713,6 +709,17 @@ def check_spec(spec: str) -> None:
     minutes on the first. Served models and hub ids pass (they are checked on use)."""
     if not is_remote_spec(spec):
         _resolve_local(spec)
+
+
+def _read_from(spec: str) -> Path | None:
+    """The folder `load_model(spec)` reads: `local_model_dir`'s, or for a hub id its
+    snapshot at the commit its cache key names (a LoRA adapter's merged into its base, as
+    a local adapter folder is); None where the hub id has no commit known (its load then
+    says why)."""
+    folder = local_model_dir(spec)
+    if folder is None and not is_remote_spec(spec) and (commit := hub_revision(spec)):
+        folder = local_model_dir(f"{spec}@{commit}")
+    return folder
 
 
 def local_model_dir(spec: str) -> Path | None:

@@ -18,6 +18,7 @@ from unpact.models import (
     hub_revision,
     hub_snapshot,
     load_model,
+    load_tokenizer,
     model_key,
     save_model,
 )
@@ -176,6 +177,7 @@ def test_a_hub_lora_adapter_is_merged_into_its_base_as_a_local_one_is(hub, tiny,
     adapter, logits = _adapter(tiny, tmp_path)
     hub_snapshot_of(hub, "me/lora", "e" * 40, adapter, "main")
     for spec in ("me/lora", "me/lora@main"):
+        assert load_tokenizer(spec).get_vocab() == tiny.tokenizer.get_vocab()
         merged = load_model(spec)
         with torch.no_grad():
             got = merged.model(torch.tensor([[1, 5, 9, 14, 3]])).logits
