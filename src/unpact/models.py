@@ -2158,7 +2158,7 @@ def with_chat_template(spec: str | os.PathLike[str], template: str | os.PathLike
     tokenizer = load_tokenizer(spec)
     tokenizer.chat_template = text
     check_chat_template(tokenizer, name)
-    source = local_model_dir(spec)
+    source = _read_from(spec)
     note = {"templated-from.json": json.dumps({"model": spec, "template": name}, indent=2) + "\n"}
     if source is None:  # a hub id: its weights come through a load
         lm = load_model(spec)

@@ -182,3 +182,19 @@ def test_a_hub_lora_adapter_is_merged_into_its_base_as_a_local_one_is(hub, tiny,
         with torch.no_grad():
             got = merged.model(torch.tensor([[1, 5, 9, 14, 3]])).logits
         torch.testing.assert_close(got, logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_hub_model_s_templated_copy_links_its_snapshot_s_files(hub, tmp_path, monkeypatch):
+    """`--chat-template` on a hub id: the copy links the snapshot's weights (the blobs
+    its links name), as for a folder; it was a whole copy written through a load."""
+    import os
+
+    from unpact.models import with_chat_template
+
+    monkeypatch.setenv("UNPACT_CACHE", str(tmp_path / "cache"))
+    blob = hub / "models--me--tiny" / "snapshots" / A / "model.safetensors"
+    for spec in ("me/tiny", "me/tiny@v1"):
+        copy = Path(
+            with_chat_template(spec, "{% for m in messages %}{{ m['content'] }}{% endfor %}A:")
+        )
+        assert os.path.samefile(copy / "model.safetensors", blob)
