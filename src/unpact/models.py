@@ -2053,12 +2053,18 @@ def _adapter_config(path: Path) -> dict[str, Any]:
 
 
 def _named_base(path: Path) -> str:
-    base = _adapter_config(path).get("base_model_name_or_path")
+    """An adapter's base model spec: `base_model_name_or_path`, at the `revision` PEFT
+    loads it at where that names one of a hub id (`ORG/NAME@REV`; "main" is the id's own)."""
+    found = _adapter_config(path)
+    base = found.get("base_model_name_or_path")
     if not isinstance(base, str) or not base.strip():
         raise UnpactError(
             f"{path} is a PEFT adapter, but its {ADAPTER_CONFIG} names no base model: set "
             "base_model_name_or_path to the base model's folder or hub id"
         )
+    revision = found.get("revision")
+    if isinstance(revision, str) and revision not in ("", "main") and not Path(base).exists():
+        return f"{base}@{revision}" if hub_at(f"{base}@{revision}") else base
     return base
 
 

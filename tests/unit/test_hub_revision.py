@@ -198,3 +198,34 @@ def test_a_hub_model_s_templated_copy_links_its_snapshot_s_files(hub, tmp_path, 
             with_chat_template(spec, "{% for m in messages %}{{ m['content'] }}{% endfor %}A:")
         )
         assert os.path.samefile(copy / "model.safetensors", blob)
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+def test_an_adapter_s_base_is_read_at_the_revision_its_config_names(hub, tiny, tmp_path):
+    """PEFT loads an adapter's base at its adapter_config.json's `revision`; unpact read
+    the base's `main` whatever the revision said."""
+    import json
+
+    from tests.unit.test_models import _adapter
+    from unpact.models import adapter_base
+
+    adapter, logits = _adapter(tiny, tmp_path)  # trained on seed 0: me/tiny's v1 (A)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+
+    def merged(base: str, revision: str | None) -> torch.Tensor:
+        (adapter / "adapter_config.json").write_text(
+            json.dumps(config | {"base_model_name_or_path": base, "revision": revision})
+        )
+        with torch.no_grad():
+            return load_model(str(adapter)).model(torch.tensor([[1, 5, 9, 14, 3]])).logits
+
+    torch.testing.assert_close(merged("me/tiny", "v1"), logits, atol=1e-5, rtol=1e-5)
+    assert adapter_base(adapter) == "me/tiny@v1"
+    other = merged("me/tiny", "refs/pr/1")  # seed 1's weights under the same adapter
+    assert not torch.allclose(other, logits, atol=1e-3)
+    assert adapter_base(adapter) == "me/tiny@refs/pr/1"
+    # a local base, and "main", are the base as named
+    merged(str(tmp_path / "base"), "v9")
+    assert adapter_base(adapter) == str(tmp_path / "base")
+    merged("me/tiny", "main")
+    assert adapter_base(adapter) == "me/tiny"
