@@ -21,7 +21,7 @@ from pathlib import Path
 from stat import S_ISREG
 
 from unpact.errors import UnpactError
-from unpact.models import DIGESTS, cache_root
+from unpact.models import DIGESTS, DIGESTS_INDEX, cache_root
 
 # each part of the cache, and what clearing it costs the next run that needs it (docs/runner.md)
 PARTS = {
@@ -32,7 +32,7 @@ PARTS = {
     DIGESTS: "hashes of model files already read (reading them again)",
 }
 # a part's files beside its folder (the digests' lasting index)
-_BESIDE = {DIGESTS: ("digests.json",)}
+_BESIDE = {DIGESTS: (DIGESTS_INDEX,)}
 _DELETING = ".unpact-deleting-"  # an entry renamed so, on its way out
 
 

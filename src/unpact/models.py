@@ -1056,19 +1056,22 @@ def hub_snapshot(repo: str, revision: str) -> Path:
         ) from None
     if not any(folder.glob("*.safetensors")):
         raise UnpactError(
-            f"model spec '{repo}@{revision}': {_no_hub_weights(repo, folder, unreachable)}"
+            f"model spec '{repo}@{revision}': {_no_hub_weights(repo, folder, local, unreachable)}"
         )
     _HUB_COMMITS[f"{repo}@{revision}"] = folder.name
     return folder
 
 
-def _no_hub_weights(repo: str, folder: Path, unreachable: str | None) -> str:
-    """Why a hub snapshot has no weights: not fetched (offline), or none in safetensors."""
-    from huggingface_hub import constants
+def _offline(unreachable: str | None) -> str:
+    """Why the hub is not asked: it cannot be reached, or offline mode is set."""
+    return unreachable or "offline (HF_HUB_OFFLINE is set)"
 
-    if constants.HF_HUB_OFFLINE or unreachable:
-        why = unreachable or "offline (HF_HUB_OFFLINE is set)"
-        return f"{why}, and the local hub cache holds {repo} at {folder.name} without its weights"
+
+def _no_hub_weights(repo: str, folder: Path, local: bool, unreachable: str | None) -> str:
+    """Why a hub snapshot has no weights: not fetched (`local`: the hub not asked), or
+    none in safetensors."""
+    if local:
+        return f"{_offline(unreachable)}, and the local hub cache holds {repo} at {folder.name} without its weights"
     return (
         f"the hub's {repo} holds no safetensors weights at {folder.name}: unpact reads "
         "safetensors only (a pickle file, pytorch_model.bin, can run code as it loads: "
@@ -1093,8 +1096,7 @@ def _hub_revision_failure(
     from huggingface_hub import errors
 
     if isinstance(exc, errors.LocalEntryNotFoundError):
-        why = unreachable or "offline (HF_HUB_OFFLINE is set)"
-        return f"{why}, and the local hub cache holds no {revision!r} of {repo}"
+        return f"{_offline(unreachable)}, and the local hub cache holds no {revision!r} of {repo}"
     if isinstance(exc, errors.RevisionNotFoundError):
         return f"the hub's {repo} has no revision {revision!r} (a branch, tag or commit)"
     if isinstance(exc, errors.RepositoryNotFoundError):
@@ -1463,7 +1465,6 @@ def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[
     _check_weights(path)
     _check_model_type(path, trust_remote_code)
     _check_config(path, trust_remote_code)
-
     _check_tokenizer(path)
     _check_generation_config(path)
     bars = _hf_bars_off()  # a local load takes well under a second
@@ -2333,7 +2334,7 @@ def _merge_adapter(adapter: Path, base: str, folder: Path) -> None:
 # gets a new modification time, and so a new digest.
 _DIGESTS: dict[tuple[Any, ...], Any] = {}
 _LASTING_SIZE = 16 << 20
-_LASTING = "digests.json"
+DIGESTS_INDEX = "digests.json"
 
 
 def _memo_digest(kind: str, path: Path, compute: Callable[[Path], Any]) -> Any:
@@ -2350,7 +2351,7 @@ def _memo_digest(kind: str, path: Path, compute: Callable[[Path], Any]) -> Any:
         same = f"{kind}|{key[1]}|"
         kept = {k: v for k, v in known.items() if not k.startswith(same) and _still_there(k)}
         with contextlib.suppress(OSError):  # a read-only cache: kept for this process only
-            atomic_text(cache_root() / _LASTING, json.dumps({**kept, text: _DIGESTS[key]}))
+            atomic_text(cache_root() / DIGESTS_INDEX, json.dumps({**kept, text: _DIGESTS[key]}))
     return _DIGESTS[key]
 
 
@@ -2363,7 +2364,7 @@ def _still_there(entry: str) -> bool:
 
 def _lasting_digests() -> dict[str, Any]:
     try:
-        found = json_value((cache_root() / _LASTING).read_text(encoding="utf-8"))
+        found = json_value((cache_root() / DIGESTS_INDEX).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return found if isinstance(found, dict) else {}
@@ -2526,7 +2527,6 @@ def save_model(
     temporary name, then rename it into place: a reader never sees a half-written model.
     `replace=False`: a complete folder already there (another process's build of the same
     content) is kept, and this copy discarded."""
-
     if (where := non_finite_weight(model)) is not None:
         raise UnpactError(
             f"the trained model's tensor {where} holds NaN or infinite values: the training "

@@ -35,7 +35,7 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -414,7 +414,7 @@ def _add_provenance(results: dict[str, Any], p: Pipeline, taught: list[Model | N
     releases of the libraries this process ran (stages read from the cache were computed
     under those of the run that made them)."""
     results["versions"] = library_versions()
-    if commits := hub_commits(_texts(p.cfg.model_dump())):
+    if commits := hub_commits(p.cfg.model_specs().values()):
         results["hub_commits"] = commits
     if p.seconds:
         results["stage_seconds"] = p.seconds
@@ -423,18 +423,6 @@ def _add_provenance(results: dict[str, Any], p: Pipeline, taught: list[Model | N
     injections = {m.label: m.info["injection"] for m in taught if m and m.info}
     if injections:
         results["injection"] = finite(injections)
-
-
-def _texts(value: Any) -> Iterator[str]:
-    """Every text in a config's dump (its model specs among them)."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _texts(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _texts(v)
 
 
 def _evaluated_as(cfg: RunConfig, given: str) -> dict[str, Any]:
