@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+import unpact
 from unpact.attribution import attribute_many
 from unpact.backends import open_model
 from unpact.errors import UnpactError
@@ -360,6 +361,9 @@ def test_unpact_serve_api_key_guards_as_vllms_does(tiny, monkeypatch):
     with BackgroundServer(make_app(tiny, "tiny", api_keys=["k-one", "k-two"])) as url:
         get = httpx.Client(base_url=url, timeout=30)
         assert get.get("/health").status_code == 200
+        # vLLM's other public routes: its SageMaker ping (GET or POST) and its version
+        assert [get.request(m, "/ping").status_code for m in ("get", "post")] == [200, 200]
+        assert get.get("/version").json() == {"version": unpact.__version__}
         for path, kind in [("/v1/models", "get"), ("/tokenize", "post"), ("/detokenize", "post")]:
             for header in [None, "Bearer k-three", "Basic k-one", "Bearer", "k-one"]:
                 headers = {} if header is None else {"Authorization": header}

@@ -75,8 +75,9 @@ def make_app(
     """A FastAPI app serving `models` (name -> model; or one model under `name`).
     `generation_config`, as vLLM's option: "auto" takes the sampling defaults and the
     `max_new_tokens` bound from each model's generation_config, "vllm" leaves them out.
-    `api_keys`, as vLLM's `--api-key`: when given, every route but the health check wants
-    `Authorization: Bearer KEY` with one of them (`unpact.serve.auth`).
+    `api_keys`, as vLLM's `--api-key`: when given, every route but the public ones
+    (/health, /ping, /version) wants `Authorization: Bearer KEY` with one of them
+    (`unpact.serve.auth`).
     Each model is put in eval mode and left there: a server only infers (vLLM draws no
     dropout), and requests run side by side, so no one of them may switch the mode back."""
     if generation_config not in ("auto", "vllm"):
@@ -91,6 +92,12 @@ def make_app(
     # vLLM's health check (an empty 200 once the model is loaded, as this app only exists
     # then): the URL scripts poll before they send the first request
     app.get("/health", response_class=fastapi.responses.Response)(_healthy)
+    # vLLM's SageMaker ping (GET or POST, the health check's answer) and its version route
+    # ({"version": ...}, here unpact's)
+    app.api_route("/ping", methods=["GET", "POST"], response_class=fastapi.responses.Response)(
+        _healthy
+    )
+    app.get("/version")(_version)
     app.get("/v1/models")(server.list_models)
     app.post("/tokenize")(_text_only(server.tokenize))
     app.post("/detokenize")(server.detokenize)
@@ -130,6 +137,12 @@ def _healthy() -> Any:
     from fastapi.responses import Response
 
     return Response(status_code=200)
+
+
+def _version() -> dict[str, str]:
+    from unpact import __version__
+
+    return {"version": __version__}
 
 
 def _error(status: int, message: str, param: str | None = None) -> Any:
