@@ -140,9 +140,9 @@ def _healthy() -> Any:
 
 
 def _version() -> dict[str, str]:
-    from unpact import __version__
+    from unpact.determinism import library_versions
 
-    return {"version": __version__}
+    return {"version": library_versions()["unpact"]}
 
 
 def _error(status: int, message: str, param: str | None = None) -> Any:
