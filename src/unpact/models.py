@@ -1021,9 +1021,36 @@ _HUB_COMMITS: dict[str, str] = {}
 
 
 def hub_commits(specs: Iterable[str]) -> dict[str, str]:
-    """Of `specs`, the hub ids (with or without a revision) this process resolved, each
-    with the commit it was read at: what a results.json names, since a branch moves."""
-    return {s: _HUB_COMMITS[s] for s in sorted(set(specs)) if s in _HUB_COMMITS}
+    """Of `specs`, and of the base models their LoRA adapters were merged into (a local
+    adapter's hub base, a hub adapter's), the hub ids (with or without a revision) this
+    process resolved, each with the commit it was read at: what a results.json names,
+    since a branch moves."""
+    read = {base for spec in specs for base in _with_bases(spec)}
+    return {s: _HUB_COMMITS[s] for s in sorted(read) if s in _HUB_COMMITS}
+
+
+def _with_bases(spec: str) -> list[str]:
+    """`spec`, then, while it names an adapter (a folder, or a hub snapshot this process
+    read), the base model its adapter_config.json names; read offline."""
+    from huggingface_hub import constants
+
+    chain = [spec]
+    while len(chain) < 8:
+        if spec in _HUB_COMMITS:
+            repo = "models--" + (hub_at(spec) or (spec, ""))[0].replace("/", "--")
+            folder = Path(constants.HF_HUB_CACHE) / repo / "snapshots" / _HUB_COMMITS[spec]
+        else:
+            folder = Path(spec).expanduser()
+        try:
+            if not (folder.is_dir() and _is_adapter(folder)):
+                break
+            spec = _named_base(folder)
+        except (OSError, UnpactError):  # read when it was loaded; not now: no base to name
+            break
+        if spec in chain:
+            break
+        chain.append(spec)
+    return chain
 
 
 @functools.lru_cache(maxsize=32)

@@ -172,8 +172,11 @@ def test_a_run_names_the_commit_each_hub_model_was_read_at(hub, tmp_path):
 def test_a_hub_lora_adapter_is_merged_into_its_base_as_a_local_one_is(hub, tiny, tmp_path):
     """A hub repository of a LoRA adapter (its base named in adapter_config.json), by its
     id or at a revision: merged into its base, as an adapter folder is."""
+    import json
+
     from tests.unit.test_models import _adapter
 
+    ADAPTER = "adapter_config.json"
     adapter, logits = _adapter(tiny, tmp_path)
     hub_snapshot_of(hub, "me/lora", "e" * 40, adapter, "main")
     for spec in ("me/lora", "me/lora@main"):
@@ -182,6 +185,13 @@ def test_a_hub_lora_adapter_is_merged_into_its_base_as_a_local_one_is(hub, tiny,
         with torch.no_grad():
             got = merged.model(torch.tensor([[1, 5, 9, 14, 3]])).logits
         torch.testing.assert_close(got, logits, atol=1e-5, rtol=1e-5)
+    # the hub adapter's base, itself on the hub: its commit is named beside the adapter's
+    config = json.loads((hub / "models--me--lora" / "snapshots" / ("e" * 40) / ADAPTER).read_text())
+    (hub / "models--me--lora" / "snapshots" / ("e" * 40) / ADAPTER).write_text(
+        json.dumps(config | {"base_model_name_or_path": "me/tiny", "revision": "v1"})
+    )
+    load_model("me/tiny@v1")
+    assert hub_commits(["me/lora"]) == {"me/lora": "e" * 40, "me/tiny@v1": A}
 
 
 def test_a_hub_model_s_templated_copy_links_its_snapshot_s_files(hub, tmp_path, monkeypatch):
@@ -221,6 +231,8 @@ def test_an_adapter_s_base_is_read_at_the_revision_its_config_names(hub, tiny, t
 
     torch.testing.assert_close(merged("me/tiny", "v1"), logits, atol=1e-5, rtol=1e-5)
     assert adapter_base(adapter) == "me/tiny@v1"
+    # a results.json names the commit of the hub base the local adapter was merged into
+    assert hub_commits([str(adapter), str(tmp_path)]) == {"me/tiny@v1": A}
     other = merged("me/tiny", "refs/pr/1")  # seed 1's weights under the same adapter
     assert not torch.allclose(other, logits, atol=1e-3)
     assert adapter_base(adapter) == "me/tiny@refs/pr/1"
