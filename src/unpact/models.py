@@ -1091,7 +1091,17 @@ def hub_snapshot(repo: str, revision: str) -> Path:
 
 def _offline(unreachable: str | None) -> str:
     """Why the hub is not asked: it cannot be reached, or offline mode is set."""
-    return unreachable or "offline (HF_HUB_OFFLINE is set)"
+    if unreachable:
+        return unreachable
+    # huggingface_hub's offline mode: either variable (it reads TRANSFORMERS_OFFLINE too)
+    set_ = [v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if _truthy(os.environ.get(v))]
+    set_ = set_ or ["HF_HUB_OFFLINE"]
+    return f"offline ({' and '.join(set_)} {'is' if len(set_) == 1 else 'are'} set)"
+
+
+def _truthy(value: str | None) -> bool:
+    """huggingface_hub's reading of a boolean environment variable."""
+    return (value or "").upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def _no_hub_weights(repo: str, folder: Path, local: bool, unreachable: str | None) -> str:

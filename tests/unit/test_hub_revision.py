@@ -99,7 +99,8 @@ def test_each_commit_is_its_own_model_and_a_moved_branch_another(hub, tmp_path):
         ),
     ],
 )
-def test_a_revision_the_cache_lacks_is_one_message(hub, spec, said):
+def test_a_revision_the_cache_lacks_is_one_message(hub, spec, said, monkeypatch):
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE")  # the suite sets both; the message names those set
     with pytest.raises(UnpactError, match=re.escape(f"model spec '{spec}': {said}")):
         load_model(spec)
 
@@ -241,3 +242,24 @@ def test_an_adapter_s_base_is_read_at_the_revision_its_config_names(hub, tiny, t
     assert adapter_base(adapter) == str(tmp_path / "base")
     merged("me/tiny", "main")
     assert adapter_base(adapter) == "me/tiny"
+
+
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        ({"TRANSFORMERS_OFFLINE": "1"}, "TRANSFORMERS_OFFLINE is set"),
+        (
+            {"HF_HUB_OFFLINE": "yes", "TRANSFORMERS_OFFLINE": "1"},
+            "HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE are set",
+        ),
+    ],
+)
+def test_offline_mode_names_the_variable_that_set_it(hub, monkeypatch, env, said):
+    """huggingface_hub goes offline on TRANSFORMERS_OFFLINE too: the message named
+    HF_HUB_OFFLINE to a user who had not set it."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UnpactError, match=re.escape(f"offline ({said}), and the local")):
+        load_model("me/tiny@v9")
