@@ -1003,15 +1003,17 @@ def _resolve_local(spec: str) -> Path | None:
 
 
 # a hub id at a revision: ORG/NAME@REV, REV a branch, tag or commit (refs/pr/1 too), as
-# huggingface_hub's file system writes it (hf://ORG/NAME@REV)
-_HUB_AT = re.compile(r"([^\W_][\w.-]*/[^\W_][\w.-]*)@([^\s@]+)")  # not ./x@y: a path
+# huggingface_hub's file system writes it (hf://ORG/NAME@REV); NAME@REV for the hub's
+# legacy ids without an organisation (gpt2, distilgpt2), as transformers loads them
+_HUB_AT = re.compile(r"((?:[^\W_][\w.-]*/)?[^\W_][\w.-]*)@([^\s@]+)")  # not ./x@y: a path
 # what a model folder is read from (`_load_dir`): its config, tokenizer, chat template,
 # generation config and code, not its weights, which come after (`_hub_weights`)
 _HUB_FILES = ["*.json", "*.model", "*.txt", "*.jinja", "*.py", "*.tiktoken"]
 
 
 def hub_at(spec: str) -> tuple[str, str] | None:
-    """(hub id, revision) of a spec `ORG/NAME@REV`; None for any other spec."""
+    """(hub id, revision) of a spec `ORG/NAME@REV` (or a legacy id's `NAME@REV`); None
+    for any other spec."""
     found = _HUB_AT.fullmatch(spec)
     return (found[1], found[2]) if found else None
 

@@ -109,11 +109,13 @@ def test_only_hub_ids_with_a_revision_are_read_so(hub, tmp_path, monkeypatch):
     """A folder of that name is read as the folder; served models and plain hub ids are
     not revisions; a revision may hold slashes (refs/pr/1), not spaces."""
     assert hub_at("me/tiny@refs/pr/1") == ("me/tiny", "refs/pr/1")
+    assert hub_at("gpt2@v1") == ("gpt2", "v1")  # a legacy id, without an organisation
     for spec in (
         "me/tiny",
         "openai:smol@http://127.0.0.1:8000/v1",
         "a/b@c d",
-        "x@y",
+        "-x@y",
+        "x.gguf",
         "a/b/c@d",
         "./a@b",
         "~/a@b",
@@ -263,3 +265,15 @@ def test_offline_mode_names_the_variable_that_set_it(hub, monkeypatch, env, said
         monkeypatch.setenv(name, value)
     with pytest.raises(UnpactError, match=re.escape(f"offline ({said}), and the local")):
         load_model("me/tiny@v9")
+
+
+def test_a_legacy_hub_id_without_an_organisation_is_read_as_any_other(hub, tmp_path):
+    """The hub's ids of its first models have no organisation (gpt2): `gpt2@REV` was
+    refused with huggingface_hub's "Repo id must use alphanumeric chars" about the whole
+    spec, and a plain `gpt2` was loaded by transformers from the hub id (its own loading
+    bar), not from the snapshot at the commit its cache key names."""
+    hub_snapshot_of(hub, "tinyone", A, hub / "models--me--tiny" / "snapshots" / B, "main", "v2")
+    want = _logits(tiny_model(seed=1))
+    for spec in ("tinyone", "tinyone@v2", "tinyone@main"):
+        assert torch.equal(_logits(load_model(spec)), want), spec
+    assert hub_commits(["tinyone", "tinyone@v2"]) == {"tinyone": A, "tinyone@v2": A}
