@@ -762,7 +762,7 @@ def model_key(spec: str) -> str:
         commit = None if is_remote_spec(spec) else hub_revision(spec)
         return hashlib.sha256((spec + (f"@{commit}" if commit else "")).encode()).hexdigest()
     digest = hashlib.sha256(f"{folder.name}\0{KEY_FORMAT}".encode())
-    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("config.json"))
+    weights = read_weights(folder) + sorted(folder.glob("config.json"))
     weights += sorted(folder.glob("*.py"))  # a checkpoint's own code (auto_map), if any
     for f, found in zip(weights, file_digests(weights, folder.name)):
         digest.update(f"{f.name}\0{found}".encode())
@@ -1120,12 +1120,31 @@ def _no_hub_weights(repo: str, folder: Path, local: bool, unreachable: str | Non
 
 def _hub_weights(folder: Path) -> list[str]:
     """The weight files of a hub snapshot whose other files are in `folder`."""
+    return _index_shards(folder) or ["model.safetensors", "adapter_model.safetensors"]
+
+
+def _index_shards(folder: Path) -> list[str]:
+    """The shards `folder`'s model.safetensors.index.json names ([] without one)."""
     index = folder / "model.safetensors.index.json"
     try:
         shards = sorted(set(json_value(index.read_text(encoding="utf-8"))["weight_map"].values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         shards = []
-    return [str(s) for s in shards] or ["model.safetensors", "adapter_model.safetensors"]
+    return [str(s) for s in shards]
+
+
+def read_weights(folder: Path) -> list[Path]:
+    """The safetensors files a load of the model folder reads, as transformers picks them:
+    model.safetensors, else the shards its index names. Not a second copy of the weights
+    that some folders keep beside them (Mistral's consolidated.safetensors), nor a shard no
+    index names: hashing them cost a read of every byte, and a change to them, none to the
+    model, gave another key. A folder of neither kind: all its *.safetensors."""
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    shards = [folder / s for s in _index_shards(folder)]
+    if shards and all(s.is_file() for s in shards):
+        return shards
+    return sorted(folder.glob("*.safetensors"))
 
 
 def _hub_revision_failure(
@@ -1210,13 +1229,7 @@ def _parameter_count(path: Path) -> int:
     from safetensors import SafetensorError, safe_open
 
     count = 0
-    files = sorted(path.glob("*.safetensors"))
-    try:  # a sharded checkpoint loads the shards its index names (some ship a merged copy)
-        index = json_value((path / "model.safetensors.index.json").read_text())
-        files = [path / name for name in sorted(set(index["weight_map"].values()))]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
-    for f in files:
+    for f in read_weights(path):  # not a merged copy some checkpoints ship beside them
         try:
             with safe_open(f, "pt") as weights:
                 names = set(weights.keys())
@@ -1783,7 +1796,7 @@ def _bitsandbytes_weights(source: str) -> bool:
     path = Path(source)
     if not path.is_dir():
         return True
-    for f in sorted(path.glob("*.safetensors")):
+    for f in read_weights(path):
         try:
             with safe_open(f, "pt") as weights:
                 names = weights.keys()  # a safe_open is not iterable

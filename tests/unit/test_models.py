@@ -2029,3 +2029,42 @@ def test_a_load_leaves_transformers_progress_bars_as_the_user_had_them(tiny, tmp
             assert hf_logging.is_progress_bar_enabled() is enabled
     finally:
         hf_logging.enable_progress_bar()
+
+
+def test_a_model_s_key_reads_the_weights_a_load_reads_not_copies_beside_them(
+    tiny, tmp_path, monkeypatch
+):
+    """A folder downloaded whole keeps a second copy of the weights (Mistral's
+    consolidated.safetensors), a sharded one maybe a stale shard its index no longer
+    names: the key hashed every *.safetensors, a read of each byte for nothing, and a
+    change there, none to the model, gave another key. model.safetensors is read first,
+    as transformers loads it; then the index's shards, any change to one a new key."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from unpact import models
+
+    monkeypatch.setenv("UNPACT_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "m"
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    key = models.model_key(str(folder))
+    save_file({"w": torch.ones(4)}, folder / "consolidated.safetensors")
+    assert models.model_key(str(folder)) == key
+    # sharded: the index's shards, a stale one aside
+    weights = {n: p.detach().clone() for n, p in tiny.model.state_dict().items()}
+    (folder / "model.safetensors").unlink()
+    names = sorted(weights)
+    halves = {"model-1.safetensors": names[::2], "model-2.safetensors": names[1::2]}
+    for shard, part in halves.items():
+        save_file({n: weights[n].contiguous() for n in part}, folder / shard)
+    index = {"weight_map": {n: shard for shard, part in halves.items() for n in part}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert models.read_weights(folder) == [folder / s for s in halves]
+    sharded = models.model_key(str(folder))
+    save_file({"w": torch.zeros(4)}, folder / "model-0-stale.safetensors")
+    assert models.model_key(str(folder)) == sharded
+    save_file({"w": torch.zeros(4)}, folder / "model-2.safetensors")
+    assert models.model_key(str(folder)) != sharded

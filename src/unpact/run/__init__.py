@@ -809,10 +809,10 @@ def _note_reference(cfg: RunConfig, say: Callable[[str], None]) -> None:
 def _weights_digest(spec: str) -> list[str] | None:
     """The digests of a local model's weight files, whatever its folder is called (which
     `model_key` holds too); None for a hub id."""
-    from unpact.models import file_digests
+    from unpact.models import file_digests, read_weights
 
     folder = local_model_dir(spec)
-    return None if folder is None else file_digests(sorted(folder.glob("*.safetensors")))
+    return None if folder is None else file_digests(read_weights(folder))
 
 
 def _check_tokenizers(cfg: RunConfig, say: Callable[[str], None] | None = None) -> None:
