@@ -1292,8 +1292,9 @@ def serve(
         list[str] | None,
         typer.Option(
             "--api-key",
-            help="As vLLM's --api-key: every route but /health, /ping, /version then wants 'Authorization: "
-            "Bearer KEY' (clients: the key in $UNPACT_API_KEY) and answers 401 without it. "
+            help="As vLLM's --api-key: every route but /health, /ping, /version then wants "
+            "'Authorization: Bearer KEY' (clients: the key in $UNPACT_API_KEY) and answers 401 "
+            "without it. "
             "Repeatable: any of the keys. Without it, as vLLM, the key in $VLLM_API_KEY "
             "where that is set (out of the process list).",
         ),
