@@ -1034,15 +1034,15 @@ def hub_commits(specs: Iterable[str]) -> dict[str, str]:
 def _with_bases(spec: str) -> list[str]:
     """`spec`, then, while it names an adapter (a folder, or a hub snapshot this process
     read), the base model its adapter_config.json names; read offline."""
-    from huggingface_hub import constants
+    from huggingface_hub import try_to_load_from_cache
 
     chain = [spec]
     while len(chain) < 8:
-        if spec in _HUB_COMMITS:
-            repo = "models--" + (hub_at(spec) or (spec, ""))[0].replace("/", "--")
-            folder = Path(constants.HF_HUB_CACHE) / repo / "snapshots" / _HUB_COMMITS[spec]
-        else:
-            folder = Path(spec).expanduser()
+        folder = Path(spec).expanduser()
+        if spec in _HUB_COMMITS:  # its snapshot, where the local hub cache keeps it
+            repo = (hub_at(spec) or (spec, ""))[0]
+            found = try_to_load_from_cache(repo, ADAPTER_CONFIG, revision=_HUB_COMMITS[spec])
+            folder = Path(found).parent if isinstance(found, str) else folder
         try:
             if not (folder.is_dir() and _is_adapter(folder)):
                 break
@@ -1096,14 +1096,14 @@ def _offline(unreachable: str | None) -> str:
     if unreachable:
         return unreachable
     # huggingface_hub's offline mode: either variable (it reads TRANSFORMERS_OFFLINE too)
-    set_ = [v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if _truthy(os.environ.get(v))]
-    set_ = set_ or ["HF_HUB_OFFLINE"]
+    from huggingface_hub import constants
+
+    set_ = [
+        v
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+        if os.environ.get(v, "").upper() in constants.ENV_VARS_TRUE_VALUES
+    ] or ["HF_HUB_OFFLINE"]
     return f"offline ({' and '.join(set_)} {'is' if len(set_) == 1 else 'are'} set)"
-
-
-def _truthy(value: str | None) -> bool:
-    """huggingface_hub's reading of a boolean environment variable."""
-    return (value or "").upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def _no_hub_weights(repo: str, folder: Path, local: bool, unreachable: str | None) -> str:
