@@ -20,6 +20,7 @@ options (`choose_option`, on the hot path).
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import string
@@ -322,9 +323,18 @@ def knowmem_score(output: str, answer: str) -> float:
 
 @functools.cache
 def _stemmed_rouge_l() -> Any:
+    """rouge_score logs "Using default tokenizer." through absl, which calls
+    `logging.basicConfig()` when the root logger has no handler: a StreamHandler left on the
+    caller's root logger made their own `logging.basicConfig(...)` a silent no-op after any
+    run. A handler held on the root logger meanwhile keeps absl from adding one."""
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    root, held = logging.getLogger(), logging.NullHandler()
+    root.addHandler(held)
+    try:
+        return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    finally:
+        root.removeHandler(held)
 
 
 def tofu_rouge_l_recall(output: str, answer: str) -> float:

@@ -123,6 +123,19 @@ def test_tofu_rouge_is_stemmed_rouge_l_recall():
     assert tofu_rouge_l_recall("", "Paris") == 0.0
 
 
+def test_tofu_rouge_leaves_the_callers_logging_alone(monkeypatch):
+    """rouge_score's absl logging called logging.basicConfig() on a root logger without
+    handlers: the caller's own basicConfig did nothing after any run."""
+    import logging
+
+    from unpact.judge import _stemmed_rouge_l, tofu_rouge_l_recall
+
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    _stemmed_rouge_l.cache_clear()
+    assert tofu_rouge_l_recall("Paris", "Paris") == 1.0
+    assert logging.getLogger().handlers == []
+
+
 _WORDS = ["the", "a", "cat", "Cat", "sat", "on", "mat", "2nd", "café", "-", ",", " ", "İ", "K"]
 _TEXTS = st.one_of(st.lists(st.sampled_from(_WORDS), max_size=12).map(" ".join), st.text())
 
