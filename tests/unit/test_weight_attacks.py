@@ -74,6 +74,18 @@ def test_quantization_through_torchao_is_the_hand_round_trip(bits, symmetric, gr
     assert (q - x).abs().max() <= err_bound
 
 
+@pytest.mark.parametrize("algorithm", ["rtn", "hqq", "fp4", "nf4", "llm_int8"])
+def test_quantizing_draws_nothing_from_the_callers_random_stream(algorithm):
+    """torchao's layers were built as real `nn.Linear`s, whose throwaway initial weights
+    came from the global generator: an audit moved the caller's torch random stream."""
+    torch.manual_seed(0)
+    m = _Two(6, 64)
+    bits = {"fp4": 4, "nf4": 4, "llm_int8": 8}.get(algorithm, 4)
+    state = torch.random.get_rng_state()
+    quantize_weights(m, bits, 16, algorithm)  # type: ignore[arg-type]
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 def test_quantize_refuses_a_group_that_does_not_divide_the_layer():
     with pytest.raises(UnpactError, match="group_size 48 divides the input features of none"):
         quantize_weights(_Two(4, 64), 4, 48)

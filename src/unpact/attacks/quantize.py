@@ -195,7 +195,9 @@ def _rounder(
     }
 
     def rounded(w: torch.Tensor) -> torch.Tensor:
-        shadow = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        # built on the meta device: a real one drew its throwaway initial weights from the
+        # caller's random stream (and took the time to)
+        shadow = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
         shadow.weight = torch.nn.Parameter(w.contiguous(), requires_grad=False)
         quantize_(shadow, configs[group_size is not None and w.shape[1] % group_size == 0])
         return shadow.weight.dequantize().to(w.dtype)
