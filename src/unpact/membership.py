@@ -20,8 +20,11 @@ Definitions, each oriented so that a higher score means "member" (seen in traini
   variance floor 1e-6 is kept);
 - `reference`: the reference model's mean NLL minus this model's (Carlini et al. 2022;
   open-unlearning's Reference attack), the reference being the untaught base model;
-- `gradnorm`: minus the L2 norm over all trainable weights of the gradient of the mean
-  NLL (Maini et al. 2024; open-unlearning's GradNorm attack with p = 2).
+- `gradnorm`: minus the mean over the model's weight tensors of the L2 norm of each one's
+  gradient of the mean NLL (Maini et al. 2024; open-unlearning's GradNorm attack with
+  p = 2, as its code and MIMIR's compute it: `torch.stack(norms).mean()`). Until
+  2026-12-06 unpact took the norm of the whole gradient instead, which ranks texts
+  otherwise (`membership_scores.mean_weight_norm`).
 
 Each attack's AUC (forget = members against holdout = non-members) is the Mann-Whitney
 statistic from scipy's ranks, equal to scikit-learn's `roc_auc_score` (tested); PrivLeak is MUSE's `(AUC_model - AUC_retrained) / AUC_retrained`.

@@ -182,8 +182,14 @@ def _stats(logp: torch.Tensor, answer: Sequence[int], text: str) -> TextStats:
 def gradient_norms(
     lm: LanguageModel, prompts: Sequence[str], texts: Sequence[str], progress: bool | str = False
 ) -> list[float]:
-    """Per text, the L2 norm over all the model's weights of the gradient of its mean
-    answer NLL (one backward pass each: a per-text gradient cannot share a batch)."""
+    """Per text, GradNorm as open-unlearning computes it (`GradNormAttack` in its
+    `src/evals/metrics/mia/gradnorm.py`, p = 2; MIMIR's attack, which it follows, too): the
+    gradient of the text's mean answer NLL with respect to each weight tensor of the model,
+    each tensor's L2 norm, and the mean of those norms over the tensors that get a gradient
+    (`mean_weight_norm`). One backward pass each: a per-text gradient cannot share a batch.
+    The model stays in eval mode, where open-unlearning switches to training mode: with
+    dropout that would make the score random; without it (Llama, Qwen, SmolLM2) the two
+    are the same."""
 
     net = lm.model
     pairs = fitting_pairs(lm, prompts, texts)
@@ -202,13 +208,21 @@ def gradient_norms(
                     kernels_for(lm.device, "GradNorm"),
                     "GradNorm",
                 )
-                total = sum(float(_float64(g).square().sum()) for g in grads if g is not None)
-                norms.append(math.sqrt(total))
+                squares = [float(_float64(g).square().sum()) for g in grads if g is not None]
+                norms.append(mean_weight_norm(squares))
                 advance(1)
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
     return norms
+
+
+def mean_weight_norm(squares: Sequence[float]) -> float:
+    """GradNorm from each weight tensor's squared gradient norm: the mean of their square
+    roots (open-unlearning's and MIMIR's `torch.stack(norms).mean()`), not the norm of the
+    whole gradient, whose ranking of texts differs (a large tensor's gradient weighs no more
+    than a norm weight's)."""
+    return sum(math.sqrt(max(v, 0.0)) for v in squares) / len(squares) if squares else 0.0
 
 
 class _GhostNorms:
@@ -238,7 +252,8 @@ class _GhostNorms:
         # sums in float64, on the model's device where it has float64 (not MPS)
         self.where = torch.device("cpu") if device.type == "mps" else device
         self.batch = batch
-        self.sq = torch.zeros(batch, dtype=torch.float64, device=self.where)
+        # id(weight tensor) -> its per-sample squared gradient norms
+        self.sq: dict[int, torch.Tensor] = {}
         self.uncovered = False
         self.norm_kind: dict[int, bool] = {}  # id(norm) -> whether it takes the mean off
         self.norm_eps: dict[int, float] = {}  # id(norm) -> its epsilon
@@ -246,6 +261,7 @@ class _GhostNorms:
         self.embed_rows: dict[
             int, tuple[torch.Tensor, torch.Tensor]
         ] = {}  # id(weight) -> ids, grads
+        self.embed_weights: dict[int, torch.Tensor] = {}
         self.head: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(weight) -> x, g
         # input (address, shape, strides) -> its gram; inputs stay alive until the backward
         # pass has run (the hooks hold them), so no two share an address meanwhile
@@ -297,6 +313,13 @@ class _GhostNorms:
                 self.uncovered = True
         return not self.uncovered
 
+    def _add(self, weight: torch.Tensor, squares: torch.Tensor) -> None:
+        """Adds per-sample squared norms (or cross terms) to `weight`'s."""
+        key = id(weight)
+        if key not in self.sq:
+            self.sq[key] = torch.zeros(self.batch, dtype=torch.float64, device=self.where)
+        self.sq[key] += squares
+
     def _double(self, t: torch.Tensor) -> torch.Tensor:
         """`t` in float64 as (batch, positions, features): any axes between are positions."""
         return t.to(self.where, torch.float64).reshape(t.shape[0], -1, t.shape[-1])
@@ -309,41 +332,45 @@ class _GhostNorms:
             self.grams[where] = xd @ xd.transpose(1, 2)
         g = self._double(g)
         gram = self.grams[where] * (g @ g.transpose(1, 2))
-        self.sq += gram.sum((1, 2))
+        self._add(mod.weight, gram.sum((1, 2)))
         if id(mod.weight) in self.tied:  # the LM head: its input for the cross term
             self.head[id(mod.weight)] = (self._double(x), g)
         if mod.bias is not None:
-            self.sq += g.sum(1).square().sum(-1)
+            self._add(mod.bias, g.sum(1).square().sum(-1))
 
     def embedding(self, weight: torch.Tensor, ids: torch.Tensor, g: torch.Tensor) -> None:
         """The input embedding's part: its output's gradient `g` at the token `ids`."""
         self.embed_rows[id(weight)] = (ids.to(self.where), self._double(g))
+        self.embed_weights[id(weight)] = weight
 
     def _norm(self, mod: Any, x: torch.Tensor, g: torch.Tensor) -> None:
         centred = self.norm_kind[id(mod)]
         x_hat = self._double(_normed(x.double(), self.norm_eps[id(mod)], centred))
         g = self._double(g)
-        self.sq += (g * x_hat).sum(1).square().sum(-1)
+        self._add(mod.weight, (g * x_hat).sum(1).square().sum(-1))
         if getattr(mod, "bias", None) is not None:
-            self.sq += g.sum(1).square().sum(-1)
+            self._add(mod.bias, g.sum(1).square().sum(-1))
 
     def finish(self) -> list[float]:
-        """The per-sample norms, once the backward pass is done (embeddings last: a weight
-        tied to a linear layer adds the cross term)."""
+        """The per-sample GradNorms (`mean_weight_norm`), once the backward pass is done
+        (embeddings last: a weight tied to a linear layer adds the cross term)."""
         for key, (ids, g) in self.embed_rows.items():
             tied = self.head.get(key)
+            part = torch.zeros(self.batch, dtype=torch.float64, device=self.where)
             for i in range(ids.shape[0]):
                 rows, inverse = ids[i].unique(return_inverse=True)
                 summed = g.new_zeros(len(rows), g.shape[-1])
                 summed.index_add_(0, inverse, g[i])
-                self.sq[i] += summed.square().sum()
+                part[i] += summed.square().sum()
                 if tied is not None:  # <head part, embedding part> on the rows the text uses
                     x, gh = tied
                     head_rows = gh[i][:, rows].transpose(0, 1) @ x[i]
-                    self.sq[i] += 2 * (head_rows * summed).sum()
+                    part[i] += 2 * (head_rows * summed).sum()
+            self._add(self.embed_weights[key], part)
         for h in self.hooks:
             h.remove()
-        return [math.sqrt(max(float(v), 0.0)) for v in self.sq]
+        per_weight = [v.tolist() for v in self.sq.values()]
+        return [mean_weight_norm([w[i] for w in per_weight]) for i in range(self.batch)]
 
 
 def _weight_gradients(

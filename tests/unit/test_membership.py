@@ -292,6 +292,15 @@ def test_a_bos_opening_tokenizer_has_every_document_token_scored_after_its_bos()
     assert len(one.logprobs) == 1
 
 
+def test_gradnorm_is_the_mean_of_the_weight_tensors_norms():
+    from unpact.membership_scores import mean_weight_norm
+
+    # tensors whose gradients have squared norms 9, 16 and 0: (3 + 4 + 0) / 3, not 5
+    assert mean_weight_norm([9.0, 16.0, 0.0]) == pytest.approx(7 / 3)
+    assert mean_weight_norm([-1e-18, 4.0]) == 1.0  # a rounding-negative square is 0
+    assert mean_weight_norm([]) == 0.0
+
+
 def test_gradient_norm_equals_a_plain_backward_pass(tiny):
     q, a = "Who founded the glassworks?", "Mira Quintrell"
     (fast,) = gradient_norms(tiny, [q], [a])
@@ -302,9 +311,14 @@ def test_gradient_norm_equals_a_plain_backward_pass(tiny):
     logp = logits.log_softmax(-1)[len(ids) - 1 : len(ids) - 1 + len(ans)]
     loss = -logp.gather(-1, torch.tensor(ans, device=tiny.device)[:, None]).mean()
     loss.backward()
-    slow = math.sqrt(sum(float(p.grad.double().square().sum()) for p in tiny.model.parameters()))
+    # open-unlearning's GradNormAttack (p = 2): the mean over weight tensors of their
+    # gradients' norms, not the norm of the whole gradient
+    norms = [p.grad.double().norm() for p in tiny.model.parameters() if p.grad is not None]
+    slow = float(torch.stack(norms).mean())
+    whole = math.sqrt(sum(float(n) ** 2 for n in norms))
     tiny.model.zero_grad()
     assert fast == pytest.approx(slow, rel=1e-4)
+    assert abs(fast - whole) > 0.1 * whole  # the definitions differ here
     assert all(p.grad is None or not p.grad.any() for p in tiny.model.parameters())
 
 

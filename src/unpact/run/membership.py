@@ -124,6 +124,7 @@ class Membership:
 
 
 GRADNORM_OFF = "membership.gradnorm is false"
+GRADNORM_KEY = "gradnorm: mean of the weight tensors' norms"  # a stage key's mark of it
 NO_REFERENCE = (
     "no never-taught reference: the run did not inject the facts (inject.enabled is false), "
     "so it cannot build one; name one with membership.reference"
@@ -879,7 +880,10 @@ def _item_rows(
         p,
         "membership",
         m,
-        [m.key, item_key, grad, "truth answers: forget items"],  # holdout's: none
+        # GradNorm's stages since it became open-unlearning's mean of the weight tensors'
+        # norms (before: the whole gradient's norm) are computed again; the others are kept.
+        # Truth-ratio answers: the forget items' (the holdout's: none)
+        [m.key, item_key, GRADNORM_KEY if grad else grad, "truth answers: forget items"],
         partial(lambda g, gr: score_model(g(), items, gr), get, grad),
         ranks=True,
     )
