@@ -13,15 +13,12 @@ import argparse
 import json
 from pathlib import Path
 
-BENCHMARKS = ("news", "books", "wmdp")
+from robust_tables import BENCHMARKS, pct  # this folder's: the same benchmarks and percentages
+
 HEAD = (
     "| model | forget acc. after | LOSS AUC | Min-K% AUC | GradNorm AUC | PrivLeak (Min-K%) "
     "| truth ratio | forget quality | extraction strength | degenerate | recovery PROBAB |"
 )
-
-
-def pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.0f}%"
 
 
 def num(x: float | None, fmt: str = ".2f") -> str:

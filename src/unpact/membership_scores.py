@@ -261,7 +261,6 @@ class _GhostNorms:
         self.embed_rows: dict[
             int, tuple[torch.Tensor, torch.Tensor]
         ] = {}  # id(weight) -> ids, grads
-        self.embed_weights: dict[int, torch.Tensor] = {}
         self.head: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(weight) -> x, g
         # input (address, shape, strides) -> its gram; inputs stay alive until the backward
         # pass has run (the hooks hold them), so no two share an address meanwhile
@@ -313,9 +312,9 @@ class _GhostNorms:
                 self.uncovered = True
         return not self.uncovered
 
-    def _add(self, weight: torch.Tensor, squares: torch.Tensor) -> None:
-        """Adds per-sample squared norms (or cross terms) to `weight`'s."""
-        key = id(weight)
+    def _add(self, key: int, squares: torch.Tensor) -> None:
+        """Adds per-sample squared norms (or cross terms) to those of the weight `key`
+        (its id)."""
         if key not in self.sq:
             self.sq[key] = torch.zeros(self.batch, dtype=torch.float64, device=self.where)
         self.sq[key] += squares
@@ -332,24 +331,23 @@ class _GhostNorms:
             self.grams[where] = xd @ xd.transpose(1, 2)
         g = self._double(g)
         gram = self.grams[where] * (g @ g.transpose(1, 2))
-        self._add(mod.weight, gram.sum((1, 2)))
+        self._add(id(mod.weight), gram.sum((1, 2)))
         if id(mod.weight) in self.tied:  # the LM head: its input for the cross term
             self.head[id(mod.weight)] = (self._double(x), g)
         if mod.bias is not None:
-            self._add(mod.bias, g.sum(1).square().sum(-1))
+            self._add(id(mod.bias), g.sum(1).square().sum(-1))
 
     def embedding(self, weight: torch.Tensor, ids: torch.Tensor, g: torch.Tensor) -> None:
         """The input embedding's part: its output's gradient `g` at the token `ids`."""
         self.embed_rows[id(weight)] = (ids.to(self.where), self._double(g))
-        self.embed_weights[id(weight)] = weight
 
     def _norm(self, mod: Any, x: torch.Tensor, g: torch.Tensor) -> None:
         centred = self.norm_kind[id(mod)]
         x_hat = self._double(_normed(x.double(), self.norm_eps[id(mod)], centred))
         g = self._double(g)
-        self._add(mod.weight, (g * x_hat).sum(1).square().sum(-1))
+        self._add(id(mod.weight), (g * x_hat).sum(1).square().sum(-1))
         if getattr(mod, "bias", None) is not None:
-            self._add(mod.bias, g.sum(1).square().sum(-1))
+            self._add(id(mod.bias), g.sum(1).square().sum(-1))
 
     def finish(self) -> list[float]:
         """The per-sample GradNorms (`mean_weight_norm`), once the backward pass is done
@@ -366,7 +364,7 @@ class _GhostNorms:
                     x, gh = tied
                     head_rows = gh[i][:, rows].transpose(0, 1) @ x[i]
                     part[i] += 2 * (head_rows * summed).sum()
-            self._add(self.embed_weights[key], part)
+            self._add(key, part)
         for h in self.hooks:
             h.remove()
         per_weight = [v.tolist() for v in self.sq.values()]
