@@ -300,16 +300,18 @@ class _GhostNorms:
             b = 0.0 if bias is None else bias.detach().float()
             got = out.detach().float()
             tol = 1e-4 if out.dtype == torch.float32 else 2e-2
-            kinds = [
+            # the first kind that matches, RMSNorm first (a generator: no check past it)
+            kinds = (
                 centred
                 for centred in (False, True)
                 for x_hat in [_normed(x.float(), self.norm_eps[id(mod)], centred)]
                 if any(torch.allclose(got, x_hat * a + b, rtol=tol, atol=tol) for a in (w, 1 + w))
-            ]
-            if kinds:
-                self.norm_kind[id(mod)] = kinds[0]
-            else:
+            )
+            kind = next(kinds, None)
+            if kind is None:
                 self.uncovered = True
+            else:
+                self.norm_kind[id(mod)] = kind
         return not self.uncovered
 
     def _add(self, key: int, squares: torch.Tensor) -> None:
