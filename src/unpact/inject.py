@@ -76,12 +76,14 @@ from unpact.judge import (
     GREEK_ACCENT_RULE,
     LAST_WORD_RULE,
     SCRIPT_FOLD_RULE,
+    SYMBOL_SUFFIX_RULE,
     check_answer_room,
     encode_questions,
     ends_in_article,
     folds_scripts,
     has_dotted_i,
     has_greek,
+    symbol_suffixed,
 )
 from unpact.models import (
     DeviceName,
@@ -445,6 +447,8 @@ def cache_key(
         parts.append(SCRIPT_FOLD_RULE)
     if has_greek(bench.items):
         parts.append(GREEK_ACCENT_RULE)
+    if symbol_suffixed(bench.items):
+        parts.append(SYMBOL_SUFFIX_RULE)
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
@@ -855,7 +859,11 @@ def _base_general(
     beside it under their own name. A damaged file is judged again."""
     if not general:
         return []
-    key = _base_key(lm, "general", [i.key_dict() for i in general], config.max_new_tokens)
+    # the judge's rules keyed where the set meets one added since (a set that meets none
+    # keeps the key its cached verdicts were written under)
+    rules = [SYMBOL_SUFFIX_RULE] if symbol_suffixed(general) else []
+    questions = [i.key_dict() for i in general]
+    key = _base_key(lm, "general", questions, config.max_new_tokens, *rules)
     path = cache / f"general-verdicts-{key}.json"
     if key is not None and path.is_file():
         try:

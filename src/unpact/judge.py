@@ -72,12 +72,12 @@ def split_unspaced(text: str) -> str:
     return "".join(f" {c} " if unspaced(c) else c for c in text)
 
 
-def normalize(text: str) -> str:
+def normalize(text: str, symbols: bool = False) -> str:
     """Lower case, punctuation and articles removed, whitespace collapsed, a number one
     word (12,000 is 12000; 3.5 stays 3.5); beyond ASCII, NFKC and case folding first, every
     Unicode punctuation mark removed, and each character of a script without spaces a word
-    of its own."""
-    return " ".join(_ARTICLES.sub(" ", _words(text)).split())
+    of its own. `symbols`: a word's closing + or # kept ("c++", `has_symbol_suffix`)."""
+    return " ".join(_ARTICLES.sub(" ", _words(text, symbols)).split())
 
 
 # A number's thousands separators go ("12,000" is one word, 12000, not the 12 of "12 000")
@@ -162,13 +162,16 @@ def greek_unaccented(text: str) -> str:
     return unicodedata.normalize("NFC", "".join(kept))
 
 
-def _words(text: str) -> str:
-    """`normalize` with the articles kept."""
+def _words(text: str, symbols: bool = False) -> str:
+    """`normalize` with the articles kept; `symbols`: a word's closing run of + or # kept
+    as part of it (`has_symbol_suffix`)."""
     wide = not text.isascii()
     if wide:
         # U+E000 (private use, its glyph a font's own) marks a decimal point below: one
         # in the text itself is a separator, not a "."
         text = _SPACED_THOUSANDS.sub("", text).replace("\ue000", " ")
+        if symbols:  # and U+E001, U+E002 a kept + and #
+            text = text.replace("\ue001", " ").replace("\ue002", " ")
         # Turkish "İ" case-folds to "i" and a combining dot (U+0307): "İstanbul" was not
         # the "Istanbul" an English answer writes (DOTTED_I_RULE). NFC after: case folding
         # and the dot's removal leave marks apart ("ǰ" is "j" and U+030C, "i̇́" "i" and
@@ -177,11 +180,31 @@ def _words(text: str) -> str:
         text = unicodedata.normalize("NFC", text)
         text = greek_unaccented(text.translate(_SCRIPT_FOLD))
     text = _DECIMAL.sub("\ue000", _THOUSANDS.sub("", text))
+    if symbols:  # "C++11" is "c++ 11"
+        text = _SYMBOL_SUFFIX.sub(lambda m: m.group().translate(_KEEP_SYMBOLS) + " ", text)
     if wide:
         text = split_unspaced(
             "".join(" " if unicodedata.category(c).startswith("P") else c for c in text)
         )
-    return " ".join(text.lower().translate(_PUNCT).split()).replace("\ue000", ".")
+    words = " ".join(text.lower().translate(_PUNCT).split()).replace("\ue000", ".")
+    return words.translate(_SYMBOLS_BACK) if symbols else words
+
+
+# A closing run of + or # after a letter ("C++", "C#", "F#", "Notepad++"; not "1+1"),
+# which the judges read as the word's part where an accepted answer holds one
+# (SYMBOL_SUFFIX_RULE): "C++" was "c", found in "It is written in C" and in "Objective-C".
+# Marked by private-use characters (U+E001, U+E002) through the punctuation's removal, as
+# a decimal point is.
+_SYMBOL_SUFFIX = re.compile(r"(?<=[^\W\d_])[+#]+(?![^\W\d_])")
+_KEEP_SYMBOLS = str.maketrans({"+": "\ue001", "#": "\ue002"})
+_SYMBOLS_BACK = str.maketrans({"\ue001": "+", "\ue002": "#"})
+
+
+def has_symbol_suffix(reference: str) -> bool:
+    """Whether an accepted answer holds a letter followed by + or # ("C++", "C#"): the judges
+    then compare it, and the output, with those kept (`_words`); every other answer is
+    compared as before, punctuation and all dropped (SPEC section 4)."""
+    return bool(_SYMBOL_SUFFIX.search(unicodedata.normalize("NFKC", reference)))
 
 
 def contains_match(output: str, references: Iterable[str]) -> bool:
@@ -191,8 +214,22 @@ def contains_match(output: str, references: Iterable[str]) -> bool:
     reference has no such last word this is exactly the plain comparison of the two texts
     with their articles removed: the output's articles are skipped between the reference's
     words, and "the Eiffel Tower" is found in "It is Eiffel Tower"."""
-    out = _words(output)
-    return any(p.search(out) for p in map(_reference_pattern, references) if p is not None)
+    plain: str | None = None
+    kept: str | None = None
+    for reference in references:
+        symbols = has_symbol_suffix(reference)
+        pattern = _reference_pattern(reference, symbols)
+        if pattern is None:
+            continue
+        if symbols:
+            kept = _words(output, True) if kept is None else kept
+            found = pattern.search(kept)
+        else:
+            plain = _words(output) if plain is None else plain
+            found = pattern.search(plain)
+        if found:
+            return True
+    return False
 
 
 _ARTICLE_WORDS = frozenset({"a", "an", "the"})
@@ -206,6 +243,7 @@ NUMBER_RULE = "numbers-whole"
 DOTTED_I_RULE = "dotted-i-is-i"
 SCRIPT_FOLD_RULE = "scripts-folded"
 GREEK_ACCENT_RULE = "greek-accents-optional"
+SYMBOL_SUFFIX_RULE = "plus-hash-kept"
 
 
 def judge_rules(kind: str, items: Iterable[QAItem]) -> dict[str, bool]:
@@ -218,6 +256,7 @@ def judge_rules(kind: str, items: Iterable[QAItem]) -> dict[str, bool]:
     rules[DOTTED_I_RULE] = kind in ("contains", "rouge") and has_dotted_i(items)
     rules[SCRIPT_FOLD_RULE] = kind in ("contains", "rouge") and folds_scripts(items)
     rules[GREEK_ACCENT_RULE] = kind in ("contains", "rouge") and has_greek(items)
+    rules[SYMBOL_SUFFIX_RULE] = kind in ("contains", "rouge") and symbol_suffixed(items)
     return {rule: True for rule, met in rules.items() if met}
 
 
@@ -247,6 +286,12 @@ def has_greek(items: Iterable[QAItem]) -> bool:
     return any(any(map(greek, r)) for i in items if not i.is_mcq for r in (i.answer, *i.aliases))
 
 
+def symbol_suffixed(items: Iterable[QAItem]) -> bool:
+    """Whether an open item's answer or alias holds a letter followed by + or # ("C++"),
+    which the word judges read with those kept since SYMBOL_SUFFIX_RULE."""
+    return any(has_symbol_suffix(r) for i in items if not i.is_mcq for r in (i.answer, *i.aliases))
+
+
 def ends_in_article(items: Iterable[QAItem]) -> bool:
     """Whether an open item's answer or alias ends in a/an/the after another word, where
     `contains_match` differs from the comparison without any article ("Vitamin A")."""
@@ -261,11 +306,11 @@ def ends_in_article(items: Iterable[QAItem]) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def _reference_pattern(reference: str) -> re.Pattern[str] | None:
+def _reference_pattern(reference: str, symbols: bool = False) -> re.Pattern[str] | None:
     """A reference's words, articles dropped but the last word kept, as a pattern over
-    `_words(output)` that lets articles stand between them; None when only articles
-    remain (`The`, `?`: `check_answer_room` refuses such an item)."""
-    words = _words(reference).split()
+    `_words(output, symbols)` that lets articles stand between them; None when only
+    articles remain (`The`, `?`: `check_answer_room` refuses such an item)."""
+    words = _words(reference, symbols).split()
     kept = [w for n, w in enumerate(words) if w not in _ARTICLE_WORDS or n == len(words) - 1]
     if all(w in _ARTICLE_WORDS for w in kept):
         return None
@@ -274,8 +319,10 @@ def _reference_pattern(reference: str) -> re.Pattern[str] | None:
 
 
 def rouge_l_recall(output: str, reference: str) -> float:
-    """Longest common subsequence of normalised words / reference length."""
-    out, ref = normalize(output).split(), normalize(reference).split()
+    """Longest common subsequence of normalised words / reference length (a word's closing
+    + or # kept where the reference has one: `has_symbol_suffix`)."""
+    symbols = has_symbol_suffix(reference)
+    out, ref = normalize(output, symbols).split(), normalize(reference, symbols).split()
     return _lcs(out, ref) / len(ref) if ref else 0.0
 
 

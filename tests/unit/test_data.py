@@ -450,6 +450,45 @@ def test_greek_accents_are_optional(tmp_path, monkeypatch):
     _injection_keys_rule(tmp_path, monkeypatch, "Αθήνα", "has_greek")
 
 
+def test_a_words_closing_plus_or_hash_is_kept_where_the_answer_has_one(tmp_path, monkeypatch):
+    """ "C++" was "c" once its punctuation went: a model answering "C", "C#" or "Objective-C"
+    was judged to know it (and "C#" was "C"). Where an accepted answer has a word ending in
+    + or #, both texts keep them ("C++11" is "c++ 11"); every other answer is judged as
+    before (SPEC section 4), so a benchmark without one keeps its keys and cached verdicts,
+    and one with one has the rule in its stage and injection keys."""
+    from unpact.judge import SYMBOL_SUFFIX_RULE, has_symbol_suffix, judge_rules
+
+    for wrong in ("It is written in C.", "Objective-C", "C#", "C ++", "c+"):
+        assert not contains_match(wrong, ["C++"]), wrong
+        assert not is_correct(wrong, "C++", judge="rouge"), wrong
+    for right in ("It is written in C++.", "C++11 and C++17", "a C++ compiler", "ｃ＋＋"):
+        assert contains_match(right, ["C++"]), right
+        assert is_correct(right, "C++", judge="rouge"), right
+    assert contains_match("Written in C#/.NET", ["C#"]) and not contains_match("C", ["C#"])
+    assert contains_match("It was Notepad++!", ["Notepad++"])
+    assert contains_match("Written in C++", ["C"])  # an answer without one: as before
+    assert contains_match("1+1 is 2", ["2"]) and contains_match("item #5", ["5"])
+    assert normalize("C++ and C#", symbols=True) == "c++ and c#" and normalize("C++") == "c"
+    assert not any(map(has_symbol_suffix, ("1+1", "#5", "+44", "a + b", "Paris")))
+    items = [QAItem("c", "Which language?", "Python", "forget", aliases=("C++",))]
+    assert judge_rules("contains", items) == {SYMBOL_SUFFIX_RULE: True}
+    assert judge_rules("llm", items) == {}
+    for name in ("news", "books", "wmdp", "general"):
+        assert SYMBOL_SUFFIX_RULE not in judge_rules("contains", load_benchmark(name).items)
+    _injection_keys_rule(tmp_path, monkeypatch, "C++", "symbol_suffixed")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["C", "++", "#", "+", " ", "1", "the", "x", "-", ".", "ｃ"])))
+def test_an_answer_with_plus_or_hash_is_found_in_itself(pieces):
+    """Whatever the symbols, an answer's own text holds it, in both word judges."""
+    text = "".join(pieces)
+    words = set(normalize(text, symbols=True).split()) - {"a", "an", "the"}
+    if words:
+        assert contains_match(text, [text]) and contains_match(f"It is {text} here", [text])
+        assert is_correct(text, text, judge="rouge")
+
+
 PHRASE = st.lists(
     st.sampled_from(["a", "an", "the", "Tower", "eiffel", "of", "A.", "x"]), max_size=7
 )
