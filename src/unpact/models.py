@@ -1488,7 +1488,10 @@ def _check_config(path: Path, trust_remote_code: bool) -> None:
     if not _config_json(path):
         return
     try:
-        AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        # a RoPE type it does not know: transformers warned "Missing validation function
+        # ... for 'rope_type'" at each of three reads before the load failed; said once
+        with _quiet_rope_check():
+            config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except UnpactError:
         raise
     except Exception as exc:
@@ -1499,6 +1502,26 @@ def _check_config(path: Path, trust_remote_code: bool) -> None:
             f"({why or type(exc).__name__}): repair it, or copy the config.json the weights "
             "were saved with"
         ) from None
+    if not trust_remote_code and (kind := _unknown_rope(config)):
+        named = _config_naming(path, KeyError(kind)) or f"RoPE type is {kind!r}"
+        raise _config_field_unknown(path, named)
+
+
+@contextlib.contextmanager
+def _quiet_rope_check() -> Iterator[None]:
+    """transformers' warning for a RoPE type it has no check for held back inside the
+    block (`_check_config` says it as config.json's)."""
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "Missing validation function" not in record.getMessage()
+
+    logger = logging.getLogger("transformers.modeling_rope_utils")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def _hf_bars_off() -> Callable[[], None]:
@@ -1558,11 +1581,7 @@ def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[
                 f"could not load a model from {path}: {exc}"
             ) from exc
         if isinstance(exc, KeyError) and (named := _config_naming(path, exc)):
-            raise UnpactError(
-                f"{path / 'config.json'}: its {named}, which transformers "
-                f"{_transformers_version()} does not know: repair it, or copy the config.json "
-                "the weights were saved with"
-            ) from None
+            raise _config_field_unknown(path, named) from None
         # a truncated safetensors file, shapes unlike config.json
         raise UnpactError(
             f"could not load the weights in {path} (a damaged file, or shapes that do not "
@@ -1572,6 +1591,42 @@ def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[
         bars()
     _check_complete(str(path), info)
     return model, tokenizer
+
+
+def _config_field_unknown(path: Path, named: str) -> UnpactError:
+    """A config.json field (`named`: the field and its value) transformers does not know."""
+    return UnpactError(
+        f"{path / 'config.json'}: its {named}, which transformers {_transformers_version()} "
+        "does not know: repair it, or copy the config.json the weights were saved with"
+    )
+
+
+def _unknown_rope(config: Any) -> str | None:
+    """A RoPE type of a configuration (as its class read config.json: Phi-3's legacy "su"
+    is "longrope" by then) that transformers has neither a check nor an implementation
+    for, per layer type too; None when every one is known."""
+    try:
+        from transformers import modeling_rope_utils
+    except ImportError:
+        return None
+    mixin = getattr(modeling_rope_utils, "RotaryEmbeddingConfigMixin", None)
+    known = {"default", *getattr(modeling_rope_utils, "ROPE_INIT_FUNCTIONS", {})}
+    known |= {
+        name.removeprefix("_validate_").removesuffix("_rope_parameters")
+        for name in dir(mixin)
+        if name.startswith("_validate_") and name.endswith("_rope_parameters")
+    }
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("rope_parameters", "rope_scaling"):
+        value = getattr(text, name, None)
+        if not isinstance(value, dict):
+            continue
+        groups = [value, *(v for v in value.values() if isinstance(v, dict))]
+        for params in groups:
+            kind = params.get("rope_type", params.get("type"))
+            if isinstance(kind, str) and kind not in known:
+                return kind
+    return None
 
 
 def _config_naming(path: Path, exc: KeyError) -> str | None:

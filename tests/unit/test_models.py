@@ -715,12 +715,13 @@ def _transformers_version() -> str:
     ],
 )
 def test_a_config_field_transformers_refuses_is_said_as_the_configs(
-    tiny, tmp_path, file, change, message
+    tiny, tmp_path, capfd, caplog, file, change, message
 ):
     """A config.json field of the wrong type or value was blamed on the tokenizer (which
     reads config.json first: "copy the tokenizer files") or on the weights ("a damaged
     file"); a generation_config.json EOS id "2" was a TypeError traceback, and a
-    max_new_tokens "abc" blamed on the weights. Each names its file and field."""
+    max_new_tokens "abc" blamed on the weights. Each names its file and field, and alone:
+    an unknown RoPE type came after transformers' "Missing validation function" thrice."""
     # the tokenizer reads config.json as a configuration, but builds no model from it
     refused = file == "config.json" and "nope" not in str(change)
     if refused and not _validates_config_fields():
@@ -732,9 +733,39 @@ def test_a_config_field_transformers_refuses_is_said_as_the_configs(
     save_model(tiny.model, tiny.tokenizer, folder)
     found = json.loads((folder / file).read_text())
     (folder / file).write_text(json.dumps(found | change))
+    capfd.readouterr()
+    caplog.clear()
     for load in (load_model, load_tokenizer) if refused else (load_model,):
         with pytest.raises(UnpactError, match=rf"{re.escape(file)}.*{message}"):
             load(str(folder))
+    assert "Missing validation" not in capfd.readouterr().err + caplog.text
+
+
+def test_a_legacy_rope_type_its_config_class_converts_is_known():
+    """The RoPE check reads the configuration as its class made it: Phi-3's legacy "su" is
+    "longrope" there, Gemma 3's per-layer types are each checked; an unknown one is named."""
+    from transformers import Gemma3TextConfig, LlamaConfig, Phi3Config
+
+    from unpact.models import _unknown_rope
+
+    su = {"type": "su", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}
+    phi = Phi3Config(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        max_position_embeddings=256,
+        original_max_position_embeddings=128,
+        rope_scaling=su,
+    )
+    assert _unknown_rope(phi) is None and _unknown_rope(Gemma3TextConfig()) is None
+    gemma = Gemma3TextConfig()
+    gemma.rope_parameters["full_attention"]["rope_type"] = "zigzag"
+    assert _unknown_rope(gemma) == "zigzag"
+    llama = LlamaConfig()
+    llama.rope_parameters = {"rope_type": "bogus", "rope_theta": 1e4}
+    assert _unknown_rope(llama) == "bogus"
 
 
 def test_a_text_the_tokenizer_makes_no_tokens_of_is_refused(tiny, tmp_path):
