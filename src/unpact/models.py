@@ -557,7 +557,38 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     _no_bpe_cleanup(tokenizer)
     _drop_loading_garbage(model)
-    return LanguageModel(model=model, tokenizer=tokenizer, spec=spec)
+    lm = LanguageModel(model=model, tokenizer=tokenizer, spec=spec)
+    _note_stops_outside(lm)
+    return lm
+
+
+def _note_stops_outside(lm: LanguageModel) -> None:
+    """A note, in unpact's words, where an EOS id generation would stop at (config.json's,
+    generation_config.json's, the tokenizer's) is not a token of the model: it never
+    generates it, so answers stop at the others, or run to max_new_tokens. transformers'
+    own warning ("Model config: eos_token_id must be `None` or an integer within the
+    vocabulary") is held back (`_quiet_moot_notes`)."""
+    rows = vocabulary_size(lm.model)
+    if rows is None:
+        return
+    stops = stop_ids(lm)
+    outside = [i for i in stops if not 0 <= i < rows]
+    if not outside:
+        return
+    inside = [i for i in stops if 0 <= i < rows]
+    log.warning(
+        "%s: EOS id%s %s %s no token of the model (its vocabulary has %d), so generation "
+        "never stops there: %s",
+        lm.spec,
+        "s" if len(outside) > 1 else "",
+        ", ".join(map(str, outside)),
+        "are" if len(outside) > 1 else "is",
+        rows,
+        f"it stops at {', '.join(map(str, inside))}"
+        if inside
+        else "every answer runs to max_new_tokens; repair eos_token_id in config.json and "
+        "generation_config.json",
+    )
 
 
 def _unsaid(logger_name: str, text: str) -> None:
@@ -580,7 +611,7 @@ def _quiet_cuda_kernel_advice() -> None:
 
 
 def _quiet_moot_notes() -> None:
-    """Without two transformers notes about what unpact does not do: its check of a
+    """Without three transformers notes about what unpact does not do: its check of a
     generation_config.json that sets flags greedy decoding does not use (`top_h`, a beam
     search's `length_penalty`; unpact sets every one to its neutral value when it
     generates, `scoring._NEUTRAL_DECODING`), and the tokenizer's "Token indices sequence
@@ -589,6 +620,10 @@ def _quiet_moot_notes() -> None:
     own context, `LanguageModel.max_length`, refusing one over it by name)."""
     _unsaid(*GENERATION_FLAGS_NOTE)
     _unsaid("transformers.tokenization_utils_base", "Token indices sequence length is longer")
+    # config.json's special-token ids outside the vocabulary ("pad_token_id=-1", which
+    # several hub checkpoints hold): unpact pads with its own id and adds no token from
+    # config.json; an EOS id it would stop at is said in its words (`_note_stops_outside`)
+    _unsaid("transformers.configuration_utils", "must be `None` or an integer within the vocab")
 
 
 def _quiet_unused_mask(model: Any) -> None:
@@ -1505,6 +1540,16 @@ def _check_config(path: Path, trust_remote_code: bool) -> None:
     if not trust_remote_code and (kind := _unknown_rope(config)):
         named = _config_naming(path, KeyError(kind)) or f"RoPE type is {kind!r}"
         raise _config_field_unknown(path, named)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    length = getattr(text, "max_position_embeddings", None)
+    if isinstance(length, int) and not isinstance(length, bool) and length < 1:
+        # transformers generated on, reminding at every call that the answer "exceeded
+        # the model's predefined maximum length (0)"
+        raise UnpactError(
+            f"{path / 'config.json'}: its max_position_embeddings is {length}, not a context "
+            "length (the tokens the model reads at most): repair it, or copy the config.json "
+            "the weights were saved with"
+        )
 
 
 @contextlib.contextmanager

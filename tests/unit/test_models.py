@@ -708,6 +708,7 @@ def _transformers_version() -> str:
         ("config.json", {"head_dim": 7}, r"RoPE requires an even rotary dimension"),
         ("config.json", {"hidden_act": "nope"}, r"its hidden_act is 'nope', which transformers"),
         ("config.json", {"rope_scaling": {"type": "nope"}}, r"its rope_scaling\.type is 'nope'"),
+        ("config.json", {"max_position_embeddings": 0}, r"max_position_embeddings is 0, not a"),
         ("generation_config.json", {"eos_token_id": "2"}, r"eos_token_id is '2', not a token id"),
         ("generation_config.json", {"eos_token_id": [2, True]}, r"eos_token_id is \[2, True\]"),
         ("generation_config.json", {"max_new_tokens": "abc"}, r"max_new_tokens is 'abc', not a w"),
@@ -739,6 +740,29 @@ def test_a_config_field_transformers_refuses_is_said_as_the_configs(
         with pytest.raises(UnpactError, match=rf"{re.escape(file)}.*{message}"):
             load(str(folder))
     assert "Missing validation" not in capfd.readouterr().err + caplog.text
+
+
+def test_an_eos_id_outside_the_vocabulary_is_said_in_unpacts_words(tiny, tmp_path, caplog):
+    """An EOS id that is no token of the model (config.json's 1000000 in a 320-token
+    vocabulary) printed transformers' "Model config: eos_token_id must be `None` or an
+    integer within the vocabulary"; it is one note saying what generation stops at. A
+    pad_token_id of -1 (several hub checkpoints) says nothing: unpact pads with its own."""
+    folder = tmp_path / "m"
+    save_model(tiny.model, tiny.tokenizer, folder)
+    config = json.loads((folder / "config.json").read_text())
+    for name in ("config.json", "generation_config.json"):
+        found = json.loads((folder / name).read_text())
+        (folder / name).write_text(json.dumps(found | {"eos_token_id": 10**6}))
+    caplog.clear()
+    load_model(str(folder))
+    assert "EOS id 1000000 is no token of the model" in caplog.text
+    assert f"it stops at {tiny.tokenizer.eos_token_id}" in caplog.text
+    assert "must be `None`" not in caplog.text
+    (folder / "config.json").write_text(json.dumps(config | {"pad_token_id": -1}))
+    (folder / "generation_config.json").unlink()
+    caplog.clear()
+    load_model(str(folder))
+    assert caplog.text == ""
 
 
 def test_a_legacy_rope_type_its_config_class_converts_is_known():
