@@ -562,12 +562,15 @@ def load_model(
     return lm
 
 
+_STOPS_NOTED: set[tuple[str, tuple[int, ...]]] = set()
+
+
 def _note_stops_outside(lm: LanguageModel) -> None:
     """A note, in unpact's words, where an EOS id generation would stop at (config.json's,
     generation_config.json's, the tokenizer's) is not a token of the model: it never
     generates it, so answers stop at the others, or run to max_new_tokens. transformers'
     own warning ("Model config: eos_token_id must be `None` or an integer within the
-    vocabulary") is held back (`_quiet_moot_notes`)."""
+    vocabulary") is held back (`_quiet_moot_notes`). Said once per model and process."""
     rows = vocabulary_size(lm.model)
     if rows is None:
         return
@@ -576,6 +579,10 @@ def _note_stops_outside(lm: LanguageModel) -> None:
     if not outside:
         return
     inside = [i for i in stops if 0 <= i < rows]
+    said = (lm.spec, tuple(stops))
+    if said in _STOPS_NOTED:  # an audit or a run loads one model several times
+        return
+    _STOPS_NOTED.add(said)
     log.warning(
         "%s: EOS id%s %s %s no token of the model (its vocabulary has %d), so generation "
         "never stops there: %s",
