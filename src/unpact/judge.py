@@ -200,6 +200,7 @@ _KEEP_SYMBOLS = str.maketrans({"+": "\ue001", "#": "\ue002"})
 _SYMBOLS_BACK = str.maketrans({"\ue001": "+", "\ue002": "#"})
 
 
+@functools.lru_cache(maxsize=4096)  # read per reference for every output judged
 def has_symbol_suffix(reference: str) -> bool:
     """Whether an accepted answer holds a letter followed by + or # ("C++", "C#"): the judges
     then compare it, and the output, with those kept (`_words`); every other answer is
@@ -214,20 +215,15 @@ def contains_match(output: str, references: Iterable[str]) -> bool:
     reference has no such last word this is exactly the plain comparison of the two texts
     with their articles removed: the output's articles are skipped between the reference's
     words, and "the Eiffel Tower" is found in "It is Eiffel Tower"."""
-    plain: str | None = None
-    kept: str | None = None
+    words: dict[bool, str] = {}  # the output's words, plain or with + and # kept
     for reference in references:
         symbols = has_symbol_suffix(reference)
         pattern = _reference_pattern(reference, symbols)
         if pattern is None:
             continue
-        if symbols:
-            kept = _words(output, True) if kept is None else kept
-            found = pattern.search(kept)
-        else:
-            plain = _words(output) if plain is None else plain
-            found = pattern.search(plain)
-        if found:
+        if symbols not in words:
+            words[symbols] = _words(output, symbols)
+        if pattern.search(words[symbols]):
             return True
     return False
 

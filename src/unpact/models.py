@@ -1544,10 +1544,10 @@ def _check_config(path: Path, trust_remote_code: bool) -> None:
             f"({why or type(exc).__name__}): repair it, or copy the config.json the weights "
             "were saved with"
         ) from None
-    if not trust_remote_code and (kind := _unknown_rope(config)):
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not trust_remote_code and (kind := _unknown_rope(text)):
         named = _config_naming(path, KeyError(kind)) or f"RoPE type is {kind!r}"
         raise _config_field_unknown(path, named)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
     length = getattr(text, "max_position_embeddings", None)
     if isinstance(length, int) and not isinstance(length, bool) and length < 1:
         # transformers generated on, reminding at every call that the answer "exceeded
@@ -1563,11 +1563,7 @@ def _check_config(path: Path, trust_remote_code: bool) -> None:
 def _quiet_rope_check() -> Iterator[None]:
     """transformers' warning for a RoPE type it has no check for held back inside the
     block (`_check_config` says it as config.json's)."""
-    import logging
-
-    def keep(record: logging.LogRecord) -> bool:
-        return "Missing validation function" not in record.getMessage()
-
+    keep = Unsaid("Missing validation function")
     logger = logging.getLogger("transformers.modeling_rope_utils")
     logger.addFilter(keep)
     try:
@@ -1653,10 +1649,10 @@ def _config_field_unknown(path: Path, named: str) -> UnpactError:
     )
 
 
-def _unknown_rope(config: Any) -> str | None:
-    """A RoPE type of a configuration (as its class read config.json: Phi-3's legacy "su"
-    is "longrope" by then) that transformers has neither a check nor an implementation
-    for, per layer type too; None when every one is known."""
+def _unknown_rope(text: Any) -> str | None:
+    """A RoPE type of a (text) configuration (as its class read config.json: Phi-3's
+    legacy "su" is "longrope" by then) that transformers has neither a check nor an
+    implementation for, per layer type too; None when every one is known."""
     try:
         from transformers import modeling_rope_utils
     except ImportError:
@@ -1668,7 +1664,6 @@ def _unknown_rope(config: Any) -> str | None:
         for name in dir(mixin)
         if name.startswith("_validate_") and name.endswith("_rope_parameters")
     }
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
     for name in ("rope_parameters", "rope_scaling"):
         value = getattr(text, name, None)
         if not isinstance(value, dict):
