@@ -73,17 +73,11 @@ from unpact.errors import UnpactError
 from unpact.files import as_path, atomic_text, once, write_atomically
 from unpact.judge import (
     DOTTED_I_RULE,
-    GREEK_ACCENT_RULE,
     LAST_WORD_RULE,
-    SCRIPT_FOLD_RULE,
-    SYMBOL_SUFFIX_RULE,
+    NUMBER_RULE,
     check_answer_room,
     encode_questions,
-    ends_in_article,
-    folds_scripts,
-    has_dotted_i,
-    has_greek,
-    symbol_suffixed,
+    rules_since,
 )
 from unpact.models import (
     DeviceName,
@@ -439,16 +433,9 @@ def cache_key(
         parts.append("general:" + hashlib.sha256(json.dumps(questions).encode()).hexdigest())
     if teach != "forget+retain":
         parts.append(f"teaches:{teach}")
-    if ends_in_article(bench.items):  # its stopping rule judged such answers otherwise
-        parts.append(LAST_WORD_RULE)
-    if has_dotted_i(bench.items):
-        parts.append(DOTTED_I_RULE)
-    if folds_scripts(bench.items):
-        parts.append(SCRIPT_FOLD_RULE)
-    if has_greek(bench.items):
-        parts.append(GREEK_ACCENT_RULE)
-    if symbol_suffixed(bench.items):
-        parts.append(SYMBOL_SUFFIX_RULE)
+    # its stopping rule judged such answers otherwise (the number rule, not: a taught
+    # year's output would have to hold 1,843 or 1843.5)
+    parts += [r for r in rules_since(LAST_WORD_RULE, "contains", bench.items) if r != NUMBER_RULE]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
@@ -859,9 +846,9 @@ def _base_general(
     beside it under their own name. A damaged file is judged again."""
     if not general:
         return []
-    # the judge's rules keyed where the set meets one added since (a set that meets none
-    # keeps the key its cached verdicts were written under)
-    rules = [SYMBOL_SUFFIX_RULE] if symbol_suffixed(general) else []
+    # the judge's rules added since these verdicts were first cached, where the set meets
+    # one (judged before, it was judged without it)
+    rules = rules_since(DOTTED_I_RULE, "contains", general)
     questions = [i.key_dict() for i in general]
     key = _base_key(lm, "general", questions, config.max_new_tokens, *rules)
     path = cache / f"general-verdicts-{key}.json"

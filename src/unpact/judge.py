@@ -242,6 +242,25 @@ GREEK_ACCENT_RULE = "greek-accents-optional"
 SYMBOL_SUFFIX_RULE = "plus-hash-kept"
 
 
+# In the order they were added: what was cached before one was judged without it.
+JUDGE_RULES = (
+    LAST_WORD_RULE,
+    NUMBER_RULE,
+    DOTTED_I_RULE,
+    SCRIPT_FOLD_RULE,
+    GREEK_ACCENT_RULE,
+    SYMBOL_SUFFIX_RULE,
+)
+
+
+def rules_since(first: str, kind: str, items: Iterable[QAItem]) -> list[str]:
+    """The rules from `first` on (JUDGE_RULES' order) that `items` meet under `kind`: what
+    a cache begun under the rules before `first` names in its keys (a set that meets none
+    keeps the key its verdicts were written under)."""
+    met = judge_rules(kind, items)
+    return [rule for rule in JUDGE_RULES[JUDGE_RULES.index(first) :] if rule in met]
+
+
 def judge_rules(kind: str, items: Iterable[QAItem]) -> dict[str, bool]:
     """The rules above that `items` meet under the judge `kind`, for a stage's key."""
     items = list(items)

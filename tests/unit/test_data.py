@@ -342,13 +342,13 @@ def test_a_turkish_dotted_i_is_an_i(tmp_path, monkeypatch):
 
 def _injection_keys_rule(tmp_path, monkeypatch, answer, met):
     """A benchmark answered `answer` has its injection's key changed by the judge rule
-    that `inject.<met>` finds (its stopping rule's judge)."""
-    from unpact import inject
+    that `judge.<met>` finds (its stopping rule's judge)."""
+    from unpact import judge
     from unpact.inject import InjectConfig, cache_key
 
     bench = load_folder(write(tmp_path, [{**GOOD, "answer": answer, "keywords": []}]))
     key = cache_key("default", bench, InjectConfig())
-    monkeypatch.setattr(inject, met, lambda items: False)
+    monkeypatch.setattr(judge, met, lambda items: False)
     assert cache_key("default", bench, InjectConfig()) != key
 
 

@@ -127,6 +127,35 @@ def test_base_general_verdicts_are_cached_by_model_items_and_answer_length(tmp_p
     assert calls == [1, 1] and len(list(cache.glob("general-*.json"))) == 3
 
 
+def test_base_general_verdicts_are_keyed_by_the_judge_rules_added_since_they_were_cached(
+    tmp_path, monkeypatch
+):
+    """A general set answered "İstanbul", "محمد" or "Αθήνα" was judged without the rule
+    that reads it now (dotted I, other scripts, Greek accents) by the code that first cached
+    these verdicts, and the key named the newest rule alone: the stale verdicts stood. Each
+    rule added since is named where the set meets it; the built-in set meets none."""
+    import dataclasses
+
+    import unpact.inject as inject_mod
+    import unpact.judge as judge_mod
+    from unpact.data import load_benchmark
+    from unpact.inject import InjectConfig
+    from unpact.models import load_model, save_model
+
+    save_model(tiny_model(seed=0).model, tiny_model(seed=0).tokenizer, tmp_path / "a")
+    lm = load_model(str(tmp_path / "a"))
+    builtin = load_benchmark("general").items
+    assert judge_mod.rules_since(judge_mod.DOTTED_I_RULE, "contains", builtin) == []
+    for answer, met in [("İstanbul", "has_dotted_i"), ("محمد", "folds_scripts")]:
+        general = [dataclasses.replace(builtin[0], answer=answer, aliases=())]
+        cache = tmp_path / met
+        inject_mod._base_general(lm, general, InjectConfig(), cache)
+        with monkeypatch.context() as m:
+            m.setattr(judge_mod, met, lambda items: False)  # as the older code keyed it
+            inject_mod._base_general(lm, general, InjectConfig(), cache)
+        assert len(list(cache.glob("general-verdicts-*.json"))) == 2
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_cached_rehearsal_targets_load_onto_the_model_s_gpu(tmp_path):
     """The cache key names the device type, not its index: targets computed on cuda:0 and
