@@ -24,6 +24,7 @@ import math
 import os
 import re
 import struct
+import sys
 import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -599,10 +600,31 @@ def _note_stops_outside(lm: LanguageModel) -> None:
 
 
 def _unsaid(logger_name: str, text: str) -> None:
-    """From now on, `logger_name`'s records containing `text` are not printed (once)."""
+    """From now on, `logger_name`'s records containing `text` are not printed where unpact's
+    code makes them (added once): the user's own calls to the library keep them."""
     logger = logging.getLogger(logger_name)
-    if not any(isinstance(f, Unsaid) and f.text == text for f in logger.filters):
-        logger.addFilter(Unsaid(text))
+    if not any(isinstance(f, UnsaidInUnpact) and f.text == text for f in logger.filters):
+        logger.addFilter(UnsaidInUnpact(text))
+
+
+class UnsaidInUnpact(Unsaid):
+    """An `Unsaid` kept on a library's logger for the process, dropping its records only
+    while unpact's code is calling: the filter was for the process, and a notebook's own
+    tokenizer, past its maximum length after a `load_model`, said nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return super().filter(record) or not _called_by_unpact()
+
+
+def _called_by_unpact() -> bool:
+    """Whether a frame of unpact's modules is on the stack above the filter's (logging's,
+    the library's, and whoever called the library)."""
+    frame: Any = sys._getframe(2)  # above this and the filter's method
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").partition(".")[0] == "unpact":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _quiet_cuda_kernel_advice() -> None:

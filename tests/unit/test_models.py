@@ -2044,6 +2044,11 @@ def test_no_note_about_a_tokenizer_maximum_unpact_does_not_use(tmp_path, printed
     printed()
     assert len(lm.encode_prompt("a prompt of many more tokens than four", False).input_ids) > 4
     assert "Token indices sequence length" not in printed()
+    # the user's own tokenizer keeps the note: it was held back for the process
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tmp_path / "m")("a prompt of many more tokens than four")
+    assert "Token indices sequence length" in printed()
 
 
 @settings(max_examples=25, deadline=None)
