@@ -203,6 +203,10 @@ def test_an_attack_reading_a_split_the_benchmark_lacks_is_left_out(tmp_path, reg
         ("membership.reference /r and membership.base /b", "--reference /r and --base /b"),
         ("note: membership.reference (`unpact audit`: --reference) /r", None),
         ("my_attacks.7 (x) and reattacks.3: stay", None),
+        ("config: data.general: no benchmark '/x'", "--general: no benchmark '/x'"),
+        ("config: data.benchmark: no forget items", "--benchmark: no forget items"),
+        ("data.general (g) has items with the ids", "--general (g) has items with the ids"),
+        ("note: ... set data.general to the benchmark", None),
     ],
 )
 def test_a_run_s_message_is_said_in_the_audit_s_options(said, meant):

@@ -808,6 +808,8 @@ _CONFIG_WORDS = (  # a run config's key in a message -> the audit option a user 
     (re.compile(r"\battacks\.\d+: "), "--attacks: "),
     (re.compile(r"\bmethods\.0 \(unlearned\)"), "--unlearned"),
     (re.compile(r"\bmembership\.(reference|base)\b(?! \(`unpact audit`)"), r"--\1"),
+    (re.compile(r"^config: data\.(benchmark|general): "), r"--\1: "),
+    (re.compile(r"^data\.general \("), "--general ("),
 )
 
 
