@@ -21,6 +21,7 @@ import time
 import torch
 
 from unpact.data.sources import load_benchmark
+from unpact.determinism import native_bf16
 from unpact.inject import _rehearsal_targets, step_loss
 from unpact.models import load_model
 
@@ -41,8 +42,7 @@ def main() -> None:
     ]
     held_out = {i.question for i in load_benchmark("general").items}
     rehearsal = _rehearsal_targets(lm, held_out, 32)[: max(args.rehearsal, default=0)]
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    print(f"threads {args.threads}; native bf16 on this CPU: {native}")
+    print(f"threads {args.threads}; native bf16 on this CPU: {native_bf16()}")
     print(
         f"{'rehearsal':>9} {'fp32 s/step':>12} {'bf16 s/step':>12} {'speed-up':>9} {'loss fp32':>10} {'loss bf16':>10}"
     )

@@ -242,3 +242,56 @@ def library_versions() -> dict[str, str]:
             return "not installed"
 
     return {name: of(name) for name in _LIBRARIES} | {"python": platform.python_version()}
+
+
+def machine() -> dict[str, object]:
+    """The hardware a run's numbers depend on, for results.json's `machine`: the CPU's model,
+    the vector kernels torch runs on it (ATen's capability: "AVX2", "AVX512", ...) and
+    whether it computes bf16 natively, MKL's reproducibility mode, and the GPUs this process
+    used. The same config gives bit-identical numbers on one kind of CPU, not across them
+    (docs/runner.md, Reproducibility): a table that differs from another machine's says here
+    whether the machines differ."""
+    import platform
+
+    import torch
+
+    found: dict[str, object] = {
+        "cpu": _cpu_model() or platform.processor() or platform.machine(),
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16": native_bf16(),
+    }
+    if torch.backends.mkl.is_available():
+        found["mkl_cbwr"] = os.environ.get("MKL_CBWR", "")
+    if torch.cuda.is_initialized():  # not started for a CPU run on a machine with a GPU
+        found["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return found
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name with its family and model numbers (Linux's /proc/cpuinfo: a
+    virtual machine's name may be a generic "Intel(R) Xeon(R) Processor", its model number
+    tells the kinds apart), or None where that file is not there."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+        if not line.strip() and fields:
+            break  # the first processor's block
+    name = fields.get("model name")
+    if name is None:
+        return None
+    numbers = [f"{k} {fields[k]}" for k in ("cpu family", "model") if k in fields]
+    return f"{name} ({', '.join(numbers)})" if numbers else name
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), where oneDNN's bf16
+    kernels, and the numbers of bf16 training, are its own."""
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())

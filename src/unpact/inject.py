@@ -68,7 +68,7 @@ from pydantic import (
 
 from unpact.data.items import ANSWER_FIELDS, Benchmark, QAItem
 from unpact.data.sources import general_items, load_benchmark, materialise
-from unpact.determinism import keeps_rng
+from unpact.determinism import keeps_rng, native_bf16
 from unpact.errors import UnpactError
 from unpact.files import as_path, atomic_text, once, write_atomically
 from unpact.judge import (
@@ -401,8 +401,7 @@ def training_precision(config: InjectConfig) -> str:
         return config.precision
     if config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()):
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return "bf16" if native else "fp32"
+    return "bf16" if native_bf16() else "fp32"
 
 
 TEACH = ("forget+retain", "retain")

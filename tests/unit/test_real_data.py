@@ -239,7 +239,17 @@ def test_the_runner_unlearns_a_real_benchmark(tmp_path, tiny):
     }
     report = " ".join((tmp_path / "out" / "report.html").read_text().split())
     assert f"Computed with unpact {versions['unpact']} (torch {versions['torch']}," in report
-    assert f"scikit-learn {versions['scikit-learn']}; Python {versions['python']})." in report
+    # and the machine: the same config gives the same numbers on one kind of CPU
+    import torch
+
+    from unpact.determinism import native_bf16
+
+    machine = json.loads((tmp_path / "out" / "results.json").read_text())["machine"]
+    assert machine["cpu_kernels"] == torch.backends.cpu.get_cpu_capability()
+    assert machine["cpu_bf16"] is native_bf16() and "gpus" not in machine
+    assert machine["mkl_cbwr"] == "AUTO,STRICT"  # the mode `import unpact` asks for
+    said = f"; Python {versions['python']}) on {machine['cpu']}, {machine['cpu_kernels']} kernels."
+    assert said in report
 
 
 def test_the_token_baseline_replaces_with_the_originals_id_in_every_model(tmp_path, tiny):

@@ -53,7 +53,7 @@ from unpact.attribution import (
 from unpact.backends import model_key, open_model
 from unpact.data.items import Benchmark, QAItem
 from unpact.data.sources import general_items, load_benchmark
-from unpact.determinism import library_versions
+from unpact.determinism import library_versions, machine
 from unpact.errors import NotForThisModel, UnpactError
 from unpact.files import WRITER_LOCK, as_path, check_folder_path, make_folder, once, sole_writer
 from unpact.judge import (
@@ -414,6 +414,7 @@ def _add_provenance(results: dict[str, Any], p: Pipeline, taught: list[Model | N
     releases of the libraries this process ran (stages read from the cache were computed
     under those of the run that made them)."""
     results["versions"] = library_versions()
+    results["machine"] = machine()
     if commits := hub_commits(p.cfg.model_specs().values()):
         results["hub_commits"] = commits
     if p.seconds:
