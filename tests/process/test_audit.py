@@ -636,6 +636,13 @@ def test_an_audit_of_a_model_against_itself_says_so(pair, tmp_path):
         "note: --reference is the same model as --unlearned (the same weights and tokenizer): "
         "nothing can differ between them"
     ]
+    # the original given again as the reference: said once (the run's note, which says
+    # what it costs), where two notes said it
+    said.clear()
+    _quick_audit(pair, pair / "bench", tmp_path / "fourth", log=said.append, reference=original)
+    assert [s for s in said if ("original" in s and "itself" in s) or "same model" in s] == [
+        next(s for s in said if "--reference) " + original + " is the original model" in s)
+    ]
 
 
 def test_an_audit_of_checkpoints_of_their_own_code_runs_when_trusted(pair, tmp_path):

@@ -401,6 +401,10 @@ def _note_same_models(named: dict[str, str], log: Any) -> None:
         ("reference", "unlearned"),
     ):
         if option in keys and keys[option] == keys[other]:
+            if (option, other) == ("reference", "original") and not any(
+                is_remote_spec(named[o]) for o in (option, other)
+            ):
+                continue  # the run says it, and what it costs (`run._note_reference`)
             log(
                 f"note: --{option} is the same model as --{other} (the same weights and "
                 "tokenizer): nothing can differ between them"
