@@ -640,7 +640,8 @@ def _quiet_cuda_kernel_advice() -> None:
 
 
 def _quiet_moot_notes() -> None:
-    """Without three transformers notes about what unpact does not do: its check of a
+    """Without transformers' notes about what unpact does not do (or its user cannot
+    change, commented below): its check of a
     generation_config.json that sets flags greedy decoding does not use (`top_h`, a beam
     search's `length_penalty`; unpact sets every one to its neutral value when it
     generates, `scoring._NEUTRAL_DECODING`), and the tokenizer's "Token indices sequence
@@ -653,6 +654,10 @@ def _quiet_moot_notes() -> None:
     # several hub checkpoints hold): unpact pads with its own id and adds no token from
     # config.json; an EOS id it would stop at is said in its words (`_note_stops_outside`)
     _unsaid("transformers.configuration_utils", "must be `None` or an integer within the vocab")
+    # transformers' advice to a LongRoPE config's authors (every Phi-3, 3.5 and 4-mini long-
+    # context model's) to set `factor` rather than original_max_position_embeddings, from
+    # which it derives that factor as the model was trained: nothing a user can change
+    _unsaid("transformers.modeling_rope_utils", "field, to be used together with")
 
 
 def _quiet_unused_mask(model: Any) -> None:
@@ -1563,8 +1568,8 @@ def _check_config(path: Path, trust_remote_code: bool) -> None:
         why = re.sub(r":; ", ": ", "; ".join(lines))  # "error for field 'x':", its reason
         raise UnpactError(
             f"{path / 'config.json'} is not a configuration transformers reads "
-            f"({why or type(exc).__name__}): repair it, or copy the config.json the weights "
-            "were saved with"
+            f"({why or type(exc).__name__}): "
+            + (_legacy_su(path) or "repair it, or copy the config.json the weights were saved with")
         ) from None
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     if not trust_remote_code and (kind := _unknown_rope(text)):
@@ -1579,6 +1584,22 @@ def _check_config(path: Path, trust_remote_code: bool) -> None:
             "length (the tokens the model reads at most): repair it, or copy the config.json "
             "the weights were saved with"
         )
+
+
+def _legacy_su(path: Path) -> str | None:
+    """The way out for a config.json whose RoPE type is Phi-3's first name for LongRoPE,
+    "su" (its hub repositories renamed it "longrope" in 2024; fine-tunes kept it), which
+    transformers before 5.25 cannot read beside a top-level original_max_position_embeddings
+    (a KeyError for that field, which config.json has), or None for another config."""
+    found = _config_json(path)
+    scaling = found.get("rope_scaling") or found.get("rope_parameters")
+    if not isinstance(scaling, dict) or "su" not in (scaling.get("type"), scaling.get("rope_type")):
+        return None
+    return (
+        f'its RoPE type "su" is Phi-3\'s first name for LongRoPE, which transformers '
+        f'{_transformers_version()} does not read: write "longrope" for it in config.json '
+        "(the name Phi-3's own repositories now give it), or upgrade transformers"
+    )
 
 
 @contextlib.contextmanager

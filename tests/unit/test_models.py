@@ -766,31 +766,82 @@ def test_an_eos_id_outside_the_vocabulary_is_said_in_unpacts_words(tiny, tmp_pat
     assert caplog.text == ""
 
 
-def test_a_legacy_rope_type_its_config_class_converts_is_known():
+def _phi3_folder(folder, rope_type):
+    """A Phi-3 long-context config.json as its hub repositories write it: the LongRoPE
+    factors in rope_scaling, original_max_position_embeddings beside it."""
+    config = {
+        "model_type": "phi3",
+        "architectures": ["Phi3ForCausalLM"],
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "vocab_size": 128,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "max_position_embeddings": 256,
+        "original_max_position_embeddings": 128,
+        "rope_theta": 10000.0,
+        "rope_scaling": {"type": rope_type, "short_factor": [1.0] * 8, "long_factor": [1.0] * 8},
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_legacy_rope_type_its_config_class_converts_is_known(tmp_path, monkeypatch, printed):
     """The RoPE check reads the configuration as its class made it: Phi-3's legacy "su" is
-    "longrope" there, Gemma 3's per-layer types are each checked; an unknown one is named."""
-    from transformers import Gemma3TextConfig, LlamaConfig, Phi3Config
+    "longrope" there, Gemma 3's per-layer types are each checked; an unknown one is named.
+    transformers before 5.25 cannot read "su" beside Phi-3's top-level
+    original_max_position_embeddings (a KeyError for that field): the message says to write
+    "longrope", not to repair a config.json that Phi-3's releases wrote so. And its advice to
+    the config's authors to set `factor` instead, printed at every Phi-3 long-context load,
+    is held back."""
+    import logging
 
-    from unpact.models import _unknown_rope
+    import transformers
+    from packaging.version import Version
+    from transformers import AutoConfig, Gemma3TextConfig, LlamaConfig
 
-    su = {"type": "su", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}
-    phi = Phi3Config(
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        max_position_embeddings=256,
-        original_max_position_embeddings=128,
-        rope_scaling=su,
-    )
-    assert _unknown_rope(phi) is None and _unknown_rope(Gemma3TextConfig()) is None
+    from unpact import models
+    from unpact.models import _check_config, _unknown_rope
+
+    logging.Logger.warning_once.cache_clear()  # said once per process: said again here
+    models._quiet_moot_notes()  # as load_model and load_tokenizer start
+    printed()
+    read = ["su", "longrope"] if Version(transformers.__version__) >= Version("5.25") else []
+    for rope_type in ("su", "longrope"):
+        folder = _phi3_folder(tmp_path / rope_type, rope_type)
+        if rope_type in read or rope_type == "longrope":
+            _check_config(folder, False)
+        else:  # transformers 5.3 to 5.24, as the monkeypatched read below
+            with pytest.raises(UnpactError, match=r'write "longrope" for it in config\.json'):
+                _check_config(folder, False)
+    assert "to be used together with" not in printed()
+    for rope_type in read:
+        assert _unknown_rope(AutoConfig.from_pretrained(tmp_path / rope_type)) is None
+    assert _unknown_rope(Gemma3TextConfig()) is None
     gemma = Gemma3TextConfig()
     gemma.rope_parameters["full_attention"]["rope_type"] = "zigzag"
     assert _unknown_rope(gemma) == "zigzag"
     llama = LlamaConfig()
     llama.rope_parameters = {"rope_type": "bogus", "rope_theta": 1e4}
     assert _unknown_rope(llama) == "bogus"
+
+    def older(*args, **kwargs):  # transformers 5.3 to 5.24
+        raise KeyError(
+            "Missing required keys in `rope_parameters` for 'rope_type'='longrope': "
+            "{'original_max_position_embeddings'}"
+        )
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", older)
+    with pytest.raises(UnpactError, match=r'write "longrope" for it in config\.json'):
+        _check_config(tmp_path / "su", False)
+    with pytest.raises(UnpactError, match=r"repair it, or copy the config\.json"):
+        _check_config(tmp_path / "longrope", False)
+    assert models._legacy_su(tmp_path) is None  # no config.json there
 
 
 def test_a_text_the_tokenizer_makes_no_tokens_of_is_refused(tiny, tmp_path):
