@@ -1569,7 +1569,10 @@ def _check_config(path: Path, trust_remote_code: bool) -> None:
         raise UnpactError(
             f"{path / 'config.json'} is not a configuration transformers reads "
             f"({why or type(exc).__name__}): "
-            + (_legacy_su(path) or "repair it, or copy the config.json the weights were saved with")
+            + (
+                _legacy_su(path, why)
+                or "repair it, or copy the config.json the weights were saved with"
+            )
         ) from None
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     if not trust_remote_code and (kind := _unknown_rope(text)):
@@ -1586,11 +1589,14 @@ def _check_config(path: Path, trust_remote_code: bool) -> None:
         )
 
 
-def _legacy_su(path: Path) -> str | None:
+def _legacy_su(path: Path, why: str) -> str | None:
     """The way out for a config.json whose RoPE type is Phi-3's first name for LongRoPE,
     "su" (its hub repositories renamed it "longrope" in 2024; fine-tunes kept it), which
     transformers before 5.25 cannot read beside a top-level original_max_position_embeddings
-    (a KeyError for that field, which config.json has), or None for another config."""
+    (`why`: a KeyError for that field in `rope_parameters`, which config.json has), or None
+    for another config or fault."""
+    if "rope_parameters" not in why:
+        return None
     found = _config_json(path)
     scaling = found.get("rope_scaling") or found.get("rope_parameters")
     if not isinstance(scaling, dict) or "su" not in (scaling.get("type"), scaling.get("rope_type")):
