@@ -1812,6 +1812,7 @@ def test_unpact_serve_answers_chat_completions_as_an_llm_judge_asks(served, faul
     [card] = httpx.get(f"{url}/models").json()["data"]  # vLLM's ModelCard fields
     assert card["id"] == "tiny" and card["object"] == "model" and card["max_model_len"] > 0
     assert {"created", "owned_by", "root", "parent", "permission"} <= set(card)
+    assert card["owned_by"] == "vllm"  # vLLM's ModelCard default, which clients read
     settings = LLMJudgeSettings(base_url=url, model="tiny", api_key_env=None, max_tokens=4)
     verdicts = [Verdict("Who wrote it?", "Mira", "Mira"), Verdict("Sky?", "blue", "green")]
     # the untrained tiny model's reply is no verdict: said, not read as "no"

@@ -25,3 +25,20 @@ def test_a_sequence_longer_than_the_budget_is_a_pass_of_its_own():
     ready = waiting(50, 1)
     assert _within(ready, 10) == (ready[:1], ready[1:])
     assert _within(ready[1:], 10) == (ready[1:], [])
+
+
+def test_the_model_list_is_vllm_s_cards():
+    """vLLM's ModelCard: `owned_by` "vllm" (its default, which clients read to tell vLLM
+    from SGLang or llama.cpp; this server said "unpact"), and `root` the model it serves,
+    its hub revision kept (a remote run keys the served model's stages by it)."""
+    from unpact.serve import _Server
+    from unpact.testing import tiny_model
+
+    local, hub = tiny_model(seed=0), tiny_model(seed=0)
+    hub.spec = "org/name@0123abc"
+    cards = _Server({"local": local, "hub": hub}).list_models()["data"]
+    assert [c["owned_by"] for c in cards] == ["vllm", "vllm"]
+    assert [(c["id"], c["root"]) for c in cards] == [
+        ("local", local.spec),
+        ("hub", "org/name@0123abc"),
+    ]

@@ -293,8 +293,12 @@ class _Server:
         return found, None
 
     def list_models(self) -> dict[str, Any]:
-        """vLLM's model list: a card per served model (its ModelCard's fields; `root` the
-        model it loaded, as vLLM's is the path or hub id it serves)."""
+        """vLLM's model list: a card per served model (its ModelCard's fields and defaults:
+        `owned_by` "vllm", which clients read to tell vLLM from other servers; `root` the
+        model it loaded, as vLLM's is the path or hub id it serves, here with a hub
+        revision (`ORG/NAME@REV`) where one was given, which vLLM takes apart as
+        --revision: a remote run keys a served model's stages by its root, and another
+        revision under the same name is then another model)."""
         now = int(time.time())
         permission = {
             "id": f"modelperm-{uuid.uuid4().hex}",
@@ -315,7 +319,7 @@ class _Server:
                 "id": n,
                 "object": "model",
                 "created": now,
-                "owned_by": "unpact",
+                "owned_by": "vllm",
                 "root": m.spec,
                 "parent": None,
                 "max_model_len": m.max_length,
