@@ -56,6 +56,7 @@ from unpact.scoring import (
     non_finite_weight,
     stop_ids,
     text_config,
+    unsaid_while,
     vocabulary_size,
 )
 from unpact.types import (
@@ -1554,7 +1555,8 @@ def _check_config(path: Path, trust_remote_code: bool) -> None:
     is no JSON object, is left to the load (which names the file and the line)."""
     from transformers import AutoConfig
 
-    if not _config_json(path):
+    found = _config_json(path)
+    if not found:
         return
     try:
         # a RoPE type it does not know: transformers warned "Missing validation function
@@ -1570,7 +1572,7 @@ def _check_config(path: Path, trust_remote_code: bool) -> None:
             f"{path / 'config.json'} is not a configuration transformers reads "
             f"({why or type(exc).__name__}): "
             + (
-                _legacy_su(path, why)
+                _legacy_su(found, why)
                 or "repair it, or copy the config.json the weights were saved with"
             )
         ) from None
@@ -1589,15 +1591,14 @@ def _check_config(path: Path, trust_remote_code: bool) -> None:
         )
 
 
-def _legacy_su(path: Path, why: str) -> str | None:
+def _legacy_su(found: dict[str, Any], why: str) -> str | None:
     """The way out for a config.json whose RoPE type is Phi-3's first name for LongRoPE,
     "su" (its hub repositories renamed it "longrope" in 2024; fine-tunes kept it), which
     transformers before 5.25 cannot read beside a top-level original_max_position_embeddings
-    (`why`: a KeyError for that field in `rope_parameters`, which config.json has), or None
-    for another config or fault."""
+    (`why`: a KeyError for that field in `rope_parameters`, which config.json, `found`,
+    has), or None for another config or fault."""
     if "rope_parameters" not in why:
         return None
-    found = _config_json(path)
     scaling = found.get("rope_scaling") or found.get("rope_parameters")
     if not isinstance(scaling, dict) or "su" not in (scaling.get("type"), scaling.get("rope_type")):
         return None
@@ -1608,17 +1609,10 @@ def _legacy_su(path: Path, why: str) -> str | None:
     )
 
 
-@contextlib.contextmanager
-def _quiet_rope_check() -> Iterator[None]:
+def _quiet_rope_check() -> contextlib.AbstractContextManager[None]:
     """transformers' warning for a RoPE type it has no check for held back inside the
     block (`_check_config` says it as config.json's)."""
-    keep = Unsaid("Missing validation function")
-    logger = logging.getLogger("transformers.modeling_rope_utils")
-    logger.addFilter(keep)
-    try:
-        yield
-    finally:
-        logger.removeFilter(keep)
+    return unsaid_while(("transformers.modeling_rope_utils", "Missing validation function"))
 
 
 def _hf_bars_off() -> Callable[[], None]:

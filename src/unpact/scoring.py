@@ -20,7 +20,7 @@ import re
 import weakref
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
@@ -1456,7 +1456,20 @@ _GENERATE_NOISE = (
 
 
 @contextmanager
-def quiet_padding_warning() -> Iterator[None]:
+def unsaid_while(*notes: tuple[str, str]) -> Iterator[None]:
+    """Inside the block, each (logger name, text) of `notes`: that logger's records
+    containing the text are not printed."""
+    quiet = [(logging.getLogger(name), Unsaid(text)) for name, text in notes]
+    for logger, unsaid in quiet:
+        logger.addFilter(unsaid)
+    try:
+        yield
+    finally:
+        for logger, unsaid in quiet:
+            logger.removeFilter(unsaid)
+
+
+def quiet_padding_warning() -> AbstractContextManager[None]:
     """Without transformers' "We strongly recommend passing in an `attention_mask`" while
     generating: the mask is passed, but a model whose pad id is its EOS (GPT-2's family)
     meets the pad id in a sampled step's tokens (a sample that ended before the others),
@@ -1465,14 +1478,7 @@ def quiet_padding_warning() -> Iterator[None]:
     valid and may be ignored" for what a model's generation_config sets (`top_h` without
     sampling, a beam search's `length_penalty`): unpact sets each to its neutral value
     (`_NEUTRAL_DECODING`)."""
-    quiet = [(logging.getLogger(name), Unsaid(text)) for name, text in _GENERATE_NOISE]
-    for logger, unsaid in quiet:
-        logger.addFilter(unsaid)
-    try:
-        yield
-    finally:
-        for logger, unsaid in quiet:
-            logger.removeFilter(unsaid)
+    return unsaid_while(*_GENERATE_NOISE)
 
 
 def forked_rng(device: torch.device) -> Any:
