@@ -39,7 +39,7 @@ import re
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Literal, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -244,13 +244,14 @@ def library_versions() -> dict[str, str]:
     return {name: of(name) for name in _LIBRARIES} | {"python": platform.python_version()}
 
 
-def machine() -> dict[str, object]:
+def machine(gpus: bool = False) -> dict[str, object]:
     """The hardware a run's numbers depend on, for results.json's `machine`: the CPU's model,
     the vector kernels torch runs on it (ATen's capability: "AVX2", "AVX512", ...) and
     whether it computes bf16 natively, MKL's reproducibility mode, and the GPUs this process
     used. The same config gives bit-identical numbers on one kind of CPU, not across them
     (docs/runner.md, Reproducibility): a table that differs from another machine's says here
-    whether the machines differ."""
+    whether the machines differ. `gpus`: name this machine's GPUs even where this process
+    has not started CUDA (starting it)."""
     import platform
 
     import torch
@@ -262,9 +263,37 @@ def machine() -> dict[str, object]:
     }
     if torch.backends.mkl.is_available():
         found["mkl_cbwr"] = os.environ.get("MKL_CBWR", "")
-    if torch.cuda.is_initialized():  # not started for a CPU run on a machine with a GPU
+    # not started for a CPU run on a machine with a GPU
+    if torch.cuda.is_initialized() or (gpus and torch.cuda.is_available()):
         found["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return found
+
+
+def made() -> dict[str, object]:
+    """What a cached artefact's numbers were computed on and under: this machine
+    (`machine`) and the libraries' releases (`library_versions`). Noted beside the artefact,
+    so that a run reading it from the cache (a cache shared between machines, or kept
+    across an upgrade) can say which of its numbers were made elsewhere (`made_elsewhere`)."""
+    return {"machine": machine(), "versions": library_versions()}
+
+
+_CPU_FIELDS = ("cpu", "cpu_kernels", "cpu_bf16", "mkl_cbwr")
+
+
+def made_elsewhere(then: dict[str, Any], now: dict[str, Any]) -> dict[str, Any] | None:
+    """What of `then` (an artefact's `made()`) differs from `now` (this run's): its machine
+    where the CPU or MKL's mode differ or it ran on GPUs this run does not use, and the
+    releases that differ (as `then` noted them); None where nothing does. An artefact made
+    without a GPU counts as made on the CPU alone, whatever this run uses."""
+    was, is_ = then.get("machine") or {}, now.get("machine") or {}
+    out: dict[str, Any] = {}
+    cpu = any(was.get(k) != is_.get(k) for k in _CPU_FIELDS if k in was)
+    if cpu or (was.get("gpus") and was.get("gpus") != is_.get("gpus")):
+        out["machine"] = was
+    releases, ours = then.get("versions") or {}, now.get("versions") or {}
+    if differ := {k: v for k, v in releases.items() if ours.get(k) != v}:
+        out["versions"] = differ
+    return out or None
 
 
 def _cpu_model() -> str | None:

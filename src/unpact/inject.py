@@ -68,7 +68,7 @@ from pydantic import (
 
 from unpact.data.items import ANSWER_FIELDS, Benchmark, QAItem
 from unpact.data.sources import general_items, load_benchmark, materialise
-from unpact.determinism import keeps_rng, native_bf16
+from unpact.determinism import keeps_rng, made, native_bf16
 from unpact.errors import UnpactError
 from unpact.files import as_path, atomic_text, once, write_atomically
 from unpact.judge import (
@@ -243,6 +243,7 @@ class InjectResult:
     cached: bool
     settings: dict[str, Any] = field(default_factory=dict)  # as resolved (inject.json)
     kept: float | None = None  # see general_kept
+    made: dict[str, Any] | None = None  # where and under what it was taught (`determinism.made`)
 
     @property
     def small_benchmark_note(self) -> str | None:
@@ -714,6 +715,7 @@ def _cached(folder: Path) -> InjectResult:
         True,
         meta.get("config", {}),
         meta.get("general_kept"),  # models injected before it was kept per item: the ratio
+        meta.get("made"),  # unknown for models taught before it was noted
     )
 
 
@@ -745,6 +747,7 @@ def _meta(
         "benchmark": bench,
         "teach": teach,
         "config": config.model_dump(),
+        "made": made(),
     }
 
 

@@ -252,6 +252,46 @@ def test_the_runner_unlearns_a_real_benchmark(tmp_path, tiny):
     assert said in report
 
 
+def test_stages_another_machine_or_release_computed_are_said(tmp_path, tiny):
+    """A cache shared between machines, or kept across an upgrade: results.json's `machine`
+    and `versions` are this process's, while the stages it read were computed elsewhere,
+    and said nowhere. Each stage notes where and under what it was computed; a run lists
+    those made elsewhere, and says so; one whose cache this machine filled says nothing."""
+    from unpact.run import run
+
+    config = _runner_config(tmp_path, tiny, f"tofu:{FIXTURES / 'tofu'}")
+    cache = tmp_path / "cache"
+    run(config, tmp_path / "a", cache_dir=cache, progress=False)
+    said: list[str] = []
+    again = run(config, tmp_path / "b", cache_dir=cache, progress=False, log=said.append)
+    assert "made_elsewhere" not in again.results and not any("elsewhere" in s for s in said)
+    notes = sorted(cache.rglob("*.made"))
+    assert len(notes) >= 3 and len(list(cache.glob("*/*.jsonl"))) == len(notes)
+    other = {"cpu": "Other CPU (cpu family 6, model 85)", "cpu_kernels": "AVX2"}
+    for path in notes[:2]:
+        found = json.loads(path.read_text())
+        path.write_text(json.dumps({**found, "machine": {**found["machine"], **other}}))
+    (unlearned,) = cache.rglob("result.json")
+    info = json.loads(unlearned.read_text())
+    info["made"]["versions"]["transformers"] = "4.0.0"
+    unlearned.write_text(json.dumps(info))
+    said.clear()
+    third = run(config, tmp_path / "c", cache_dir=cache, progress=False, log=said.append)
+    groups = third.results["made_elsewhere"]
+    assert [sorted(g) for g in groups] in (
+        [["machine", "stages"], ["stages", "versions"]],
+        [["stages", "versions"], ["machine", "stages"]],
+    )
+    by_cpu = next(g for g in groups if "machine" in g)
+    assert by_cpu["machine"]["cpu"] == other["cpu"] and len(by_cpu["stages"]) == 2
+    by_release = next(g for g in groups if "versions" in g)
+    assert by_release == {"versions": {"transformers": "4.0.0"}, "stages": ["unlearn:ga_gd"]}
+    assert any("3 stages read from the cache were computed on another machine" in s for s in said)
+    report = " ".join((tmp_path / "c" / "report.html").read_text().split())
+    assert "Read from the cache: unlearn:ga_gd, computed under transformers 4.0.0." in report
+    assert f"computed on {other['cpu']}, AVX2 kernels." in report
+
+
 def test_the_token_baseline_replaces_with_the_originals_id_in_every_model(tmp_path, tiny):
     """`attribution.baseline: token`: an unlearned model whose tokenizer has no unk and a
     pad of its own (a Llama 3 fine-tune that set `pad_token`) replaced units with its pad,

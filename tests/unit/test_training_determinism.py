@@ -190,3 +190,23 @@ def test_a_gpu_trains_under_deterministic_kernels_a_cpu_under_its_own():
     if torch.cuda.is_available():
         q = torch.nn.Parameter(torch.zeros(3, device="cuda"))
         assert Trainer([q], lr=1e-3).kernels == "strict"
+
+
+def test_an_artefact_is_made_elsewhere_by_its_cpu_its_gpus_or_a_release():
+    from unpact.determinism import made, made_elsewhere
+
+    now = made()
+    assert made_elsewhere(now, now) is None
+    cpu = {**now, "machine": {**now["machine"], "cpu_kernels": "AVX2_OTHER"}}
+    assert made_elsewhere(cpu, now) == {"machine": cpu["machine"]}
+    # made on a GPU, read by a run on the CPU (or on other GPUs)
+    gpu = {**now, "machine": {**now["machine"], "gpus": ["NVIDIA H100 80GB HBM3"]}}
+    assert made_elsewhere(gpu, now) == {"machine": gpu["machine"]}
+    assert made_elsewhere(gpu, gpu) is None
+    # made on the CPU alone, read by a run that also uses a GPU: the CPU's numbers
+    assert made_elsewhere(now, gpu) is None
+    older = {**now, "versions": {**now["versions"], "torch": "2.10.0", "numpy": "1.26.4"}}
+    differ = {k: v for k, v in older["versions"].items() if now["versions"][k] != v}
+    assert made_elsewhere(older, now) == {"versions": differ} and "torch" in differ
+    # a note written without a field (older code) is not a difference in it
+    assert made_elsewhere({"machine": {}, "versions": {}}, now) is None

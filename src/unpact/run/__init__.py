@@ -53,7 +53,7 @@ from unpact.attribution import (
 from unpact.backends import model_key, open_model
 from unpact.data.items import Benchmark, QAItem
 from unpact.data.sources import general_items, load_benchmark
-from unpact.determinism import library_versions, machine
+from unpact.determinism import library_versions, machine, made, made_elsewhere
 from unpact.errors import NotForThisModel, UnpactError
 from unpact.files import WRITER_LOCK, as_path, check_folder_path, make_folder, once, sole_writer
 from unpact.judge import (
@@ -199,6 +199,8 @@ class Pipeline:
     seconds: dict[str, float] = field(default_factory=dict)  # per stage computed here
     # per stage read from the cache: what computing it took then, where that was noted
     cached_seconds: dict[str, float] = field(default_factory=dict)
+    # and where and under what it was computed (`determinism.made`), where that was noted
+    cached_made: dict[str, dict[str, Any]] = field(default_factory=dict)
     # steps the models' architecture cannot have (`NotForThisModel`), with the reason:
     # results.json's `skipped`
     left_out: dict[str, str] = field(default_factory=dict)
@@ -247,11 +249,11 @@ class Pipeline:
                     "cached stage %s is unreadable (%s); computing it again", stage.path, exc
                 )
             else:
-                self.noted(label, stage.seconds())
+                self.noted(label, stage.seconds(), stage.made())
                 return rows
         self.say(f"{kind}: {name}")
         rows = self.timed(label, compute)
-        stage.write(rows, self.seconds[label])
+        stage.write(rows, self.seconds[label], made())
         return stage.read()
 
     def fitting(self, key: str, on: str, compute: Callable[[], _T]) -> _T | None:
@@ -268,16 +270,21 @@ class Pipeline:
             self.say(f"{key} left out on {on}: {e}")
             return None
 
-    def noted(self, name: str, seconds: float | None) -> None:
-        """A stage read from the cache, with the time computing it took then (if known)."""
+    def noted(self, name: str, seconds: float | None, made: dict[str, Any] | None) -> None:
+        """A stage read from the cache, with the time computing it took then and where and
+        under what it was computed (each if known)."""
         if seconds is not None:
             self.cached_seconds[name] = round(seconds, 1)
+        if made is not None:
+            self.cached_made[name] = made
 
-    def took(self, name: str, seconds: float | None, cached: bool) -> None:
+    def took(
+        self, name: str, seconds: float | None, cached: bool, made: dict[str, Any] | None
+    ) -> None:
         """A stage timed by its own code (an injection, an unlearning run), computed in this
         call or read from the cache."""
         if cached:
-            self.noted(name, seconds)
+            self.noted(name, seconds, made)
         elif seconds is not None:
             self.seconds[name] = round(seconds, 1)
 
@@ -415,6 +422,14 @@ def _add_provenance(results: dict[str, Any], p: Pipeline, taught: list[Model | N
     under those of the run that made them)."""
     results["versions"] = library_versions()
     results["machine"] = machine()
+    if elsewhere := _made_elsewhere(p):
+        results["made_elsewhere"] = elsewhere
+        stages = sum(len(e["stages"]) for e in elsewhere)
+        p.say(
+            f"note: {stages} stage{'s' if stages > 1 else ''} read from the cache were computed "
+            "on another machine or under other library releases (results.json's "
+            "made_elsewhere): a cold run here may differ in the last digits"
+        )
     if commits := hub_commits(p.cfg.model_specs().values()):
         results["hub_commits"] = commits
     if p.seconds:
@@ -424,6 +439,21 @@ def _add_provenance(results: dict[str, Any], p: Pipeline, taught: list[Model | N
     injections = {m.label: m.info["injection"] for m in taught if m and m.info}
     if injections:
         results["injection"] = finite(injections)
+
+
+def _made_elsewhere(p: Pipeline) -> list[dict[str, Any]]:
+    """The stages read from the cache that another machine (or this one under other
+    releases) computed, grouped by what differs (`determinism.made_elsewhere`)."""
+    now = {
+        "machine": machine(gpus=p.cfg.device != "cpu"),
+        "versions": library_versions(),
+    }
+    groups: dict[str, dict[str, Any]] = {}
+    for name, then in p.cached_made.items():
+        if (differs := made_elsewhere(then, now)) is not None:
+            key = json.dumps(differs, sort_keys=True)
+            groups.setdefault(key, {**differs, "stages": []})["stages"].append(name)
+    return list(groups.values())
 
 
 def _evaluated_as(cfg: RunConfig, given: str) -> dict[str, Any]:
@@ -569,7 +599,7 @@ def _original(p: Pipeline, data: Data) -> Model:
     injected = inject(cfg.model, where, inject_cfg, progress=p.progress)
     key = "inject:" + inject_key(cfg.model, data.bench, inject_cfg)
     p.say(injection_line(injected))
-    p.took("inject:original", injected.seconds, injected.cached)
+    p.took("inject:original", injected.seconds, injected.cached, injected.made)
     return Model("original", str(injected.path), key, {"injection": injected.summary()})
 
 
@@ -946,7 +976,7 @@ def _unlearn(p: Pipeline, data: Data, original: Model, spec: MethodSpec) -> Mode
     cached, _ = once(folder / "result.json", folder, waiting, train)
     info = json.loads((folder / "result.json").read_text(encoding="utf-8"))
     if cached:
-        p.noted(f"unlearn:{spec.label}", info.get("seconds"))
+        p.noted(f"unlearn:{spec.label}", info.get("seconds"), info.get("made"))
     return Model(spec.label, str(folder / "model"), "unlearn:" + key, info)
 
 
@@ -1444,17 +1474,17 @@ def _link_models(
     """The models this run made go with its results, under `out/models/`; one left there by
     another config run into the same folder (a method since removed) is taken away, so the
     folder holds the models of the results beside it."""
-    made = {m.label: m.spec for m in unlearned if m.info}  # not a given model
+    ours = {m.label: m.spec for m in unlearned if m.info}  # not a given model
     if cfg.inject.enabled:
-        made["original"] = original.spec
+        ours["original"] = original.spec
     if reference is not None and reference.info and cfg.membership.reference is None:
-        made["retrained"] = reference.spec  # injected here (not the base model itself)
-    for label, spec in made.items():
+        ours["retrained"] = reference.spec  # injected here (not the base model itself)
+    for label, spec in ours.items():
         link_model(Path(spec), out / "models" / label)
     # a model this run was given may be one an earlier run left here: it stays
     specs = [m.spec for m in [original, *unlearned, reference] if m is not None]
     specs += [s for s in (cfg.membership.reference, cfg.membership.base) if s is not None]
-    clear_models(out / "models", {os.path.realpath(spec) for spec in specs}, made)
+    clear_models(out / "models", {os.path.realpath(spec) for spec in specs}, ours)
 
 
 def _write(

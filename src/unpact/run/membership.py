@@ -334,7 +334,7 @@ def retrained(p: Pipeline, data: Data) -> Model:
     from unpact.run import injection_line
 
     p.say(injection_line(done))
-    p.took("inject:retrained", done.seconds, done.cached)
+    p.took("inject:retrained", done.seconds, done.cached, done.made)
     return Model("retrained", str(done.path), key, {"injection": done.summary()})
 
 

@@ -29,12 +29,15 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 class Stage:
     """A cached artefact: rows of JSON under `cache_dir/kind/key.jsonl`, and beside them
-    (`key.seconds`) the wall time computing them took, so that a run reading the artefact
-    later can still say what its stages cost cold."""
+    the wall time computing them took (`key.seconds`) and what they were computed on and
+    under (`key.made`: `determinism.made()`), so that a run reading the artefact later can
+    still say what its stages cost cold, and which of its numbers another machine or
+    release made."""
 
     def __init__(self, cache: Path, kind: str, key: str) -> None:
         self.path = cache / kind / f"{key}.jsonl"
         self.timing = self.path.with_suffix(".seconds")
+        self.origin = self.path.with_suffix(".made")
 
     def done(self) -> bool:
         return self.path.is_file()
@@ -49,11 +52,25 @@ class Stage:
         except (OSError, ValueError):
             return None  # written by older code, or the note was lost: unknown
 
+    def made(self) -> dict[str, Any] | None:
+        """Where and under what the artefact was computed, where its writer noted it."""
+        try:
+            found = json.loads(self.origin.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None  # as `seconds`
+        return found if isinstance(found, dict) else None
+
     def write(
-        self, rows: list[dict[str, Any]], seconds: float | None = None
+        self,
+        rows: list[dict[str, Any]],
+        seconds: float | None = None,
+        made: dict[str, Any] | None = None,
     ) -> list[dict[str, Any]]:
-        if seconds is not None:  # first: the rows' file is what marks the stage done
+        # the notes first: the rows' file is what marks the stage done
+        if seconds is not None:
             atomic_text(self.timing, f"{seconds}\n")
+        if made is not None:
+            atomic_text(self.origin, json.dumps(made) + "\n")
         atomic_text(self.path, jsonl(rows))
         return rows
 

@@ -37,7 +37,7 @@ import yaml
 
 from unpact.data.items import QAItem
 from unpact.data.sources import load_benchmark
-from unpact.determinism import keeps_rng
+from unpact.determinism import keeps_rng, made
 from unpact.errors import UnpactError, items_named, said_of
 from unpact.files import (
     as_path,
@@ -76,6 +76,7 @@ class UnlearnResult:
     steps: int
     seconds: float
     final_losses: dict[str, float]
+    made: dict[str, Any] | None = None  # where and under what (`determinism.made`)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,6 +85,7 @@ class UnlearnResult:
             "steps": self.steps,
             "seconds": self.seconds,
             "final_losses": self.final_losses,
+            "made": self.made,
         }
 
 
@@ -385,13 +387,13 @@ def _finish(
     if original is not None:
         method.finalize(final, original)
     model_dir = out / "model"
+    result = UnlearnResult(out, model_dir, steps, seconds, last, made())
     if accelerator.is_main_process:
         save_model(final, lm.tokenizer, model_dir)
-        result = UnlearnResult(out, model_dir, steps, seconds, last)
         atomic_text(out / "result.json", json.dumps(result.to_dict(), indent=2) + "\n")
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     accelerator.wait_for_everyone()
-    return UnlearnResult(out, model_dir, steps, seconds, last)
+    return result
 
 
 def _trainer(net: Any, config: UnlearnConfig, steps: int, accelerator: Any) -> Trainer:
