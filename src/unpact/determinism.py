@@ -280,20 +280,27 @@ def made() -> dict[str, object]:
 _CPU_FIELDS = ("cpu", "cpu_kernels", "cpu_bf16", "mkl_cbwr")
 
 
-def made_elsewhere(then: dict[str, Any], now: dict[str, Any]) -> dict[str, Any] | None:
+def made_elsewhere(then: object, now: dict[str, Any]) -> dict[str, Any] | None:
     """What of `then` (an artefact's `made()`) differs from `now` (this run's): its machine
     where the CPU or MKL's mode differ or it ran on GPUs this run does not use, and the
     releases that differ (as `then` noted them); None where nothing does. An artefact made
     without a GPU counts as made on the CPU alone, whatever this run uses."""
-    was, is_ = then.get("machine") or {}, now.get("machine") or {}
+    was, is_ = _mapping(then, "machine"), _mapping(now, "machine")
     out: dict[str, Any] = {}
     cpu = any(was.get(k) != is_.get(k) for k in _CPU_FIELDS if k in was)
     if cpu or (was.get("gpus") and was.get("gpus") != is_.get("gpus")):
         out["machine"] = was
-    releases, ours = then.get("versions") or {}, now.get("versions") or {}
+    releases, ours = _mapping(then, "versions"), _mapping(now, "versions")
     if differ := {k: v for k, v in releases.items() if ours.get(k) != v}:
         out["versions"] = differ
     return out or None
+
+
+def _mapping(note: object, key: str) -> dict[str, Any]:
+    """`note[key]` where both are mappings (a note edited by hand may hold anything), else
+    an empty one: nothing known."""
+    found = note.get(key) if isinstance(note, dict) else None
+    return found if isinstance(found, dict) else {}
 
 
 def _cpu_model() -> str | None:

@@ -290,6 +290,13 @@ def test_stages_another_machine_or_release_computed_are_said(tmp_path, tiny):
     report = " ".join((tmp_path / "c" / "report.html").read_text().split())
     assert "Read from the cache: unlearn:ga_gd, computed under transformers 4.0.0." in report
     assert f"computed on {other['cpu']}, AVX2 kernels." in report
+    # one stage is said as one; a note damaged by hand is no difference
+    for path in notes[:2]:
+        path.write_text('{"machine": "edited"}')
+    said.clear()
+    fourth = run(config, tmp_path / "d", cache_dir=cache, progress=False, log=said.append)
+    assert [g["stages"] for g in fourth.results["made_elsewhere"]] == [["unlearn:ga_gd"]]
+    assert any("1 stage read from the cache was computed on another" in s for s in said)
 
 
 def test_the_token_baseline_replaces_with_the_originals_id_in_every_model(tmp_path, tiny):

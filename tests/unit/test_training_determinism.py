@@ -210,3 +210,6 @@ def test_an_artefact_is_made_elsewhere_by_its_cpu_its_gpus_or_a_release():
     assert made_elsewhere(older, now) == {"versions": differ} and "torch" in differ
     # a note written without a field (older code) is not a difference in it
     assert made_elsewhere({"machine": {}, "versions": {}}, now) is None
+    # nor is one edited by hand into something else
+    for damaged in ("x", [], {"machine": "x", "versions": ["torch"]}, {"machine": None}):
+        assert made_elsewhere(damaged, now) is None

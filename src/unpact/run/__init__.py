@@ -200,7 +200,7 @@ class Pipeline:
     # per stage read from the cache: what computing it took then, where that was noted
     cached_seconds: dict[str, float] = field(default_factory=dict)
     # and where and under what it was computed (`determinism.made`), where that was noted
-    cached_made: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cached_made: dict[str, object] = field(default_factory=dict)
     # steps the models' architecture cannot have (`NotForThisModel`), with the reason:
     # results.json's `skipped`
     left_out: dict[str, str] = field(default_factory=dict)
@@ -270,17 +270,15 @@ class Pipeline:
             self.say(f"{key} left out on {on}: {e}")
             return None
 
-    def noted(self, name: str, seconds: float | None, made: dict[str, Any] | None) -> None:
+    def noted(self, name: str, seconds: float | None, made: object) -> None:
         """A stage read from the cache, with the time computing it took then and where and
         under what it was computed (each if known)."""
         if seconds is not None:
             self.cached_seconds[name] = round(seconds, 1)
-        if made is not None:
+        if made is not None:  # what made it, as noted (`determinism.made_elsewhere` reads it)
             self.cached_made[name] = made
 
-    def took(
-        self, name: str, seconds: float | None, cached: bool, made: dict[str, Any] | None
-    ) -> None:
+    def took(self, name: str, seconds: float | None, cached: bool, made: object) -> None:
         """A stage timed by its own code (an injection, an unlearning run), computed in this
         call or read from the cache."""
         if cached:
@@ -418,17 +416,18 @@ def _add_verdicts(
 def _add_provenance(results: dict[str, Any], p: Pipeline, taught: list[Model | None]) -> None:
     """The time of each stage this call computed, and of each it read from the cache (what
     computing it took when it was made), the injections of the taught models, and the
-    releases of the libraries this process ran (stages read from the cache were computed
-    under those of the run that made them)."""
+    releases of the libraries and the machine this process ran, and the stages read from
+    the cache that another machine or other releases computed (`_made_elsewhere`)."""
     results["versions"] = library_versions()
     results["machine"] = machine()
     if elsewhere := _made_elsewhere(p):
         results["made_elsewhere"] = elsewhere
         stages = sum(len(e["stages"]) for e in elsewhere)
         p.say(
-            f"note: {stages} stage{'s' if stages > 1 else ''} read from the cache were computed "
-            "on another machine or under other library releases (results.json's "
-            "made_elsewhere): a cold run here may differ in the last digits"
+            f"note: {stages} stage{'s' if stages > 1 else ''} read from the cache "
+            f"{'were' if stages > 1 else 'was'} computed on another machine or under other "
+            "library releases (results.json's made_elsewhere): a cold run here may differ in "
+            "the last digits"
         )
     if commits := hub_commits(p.cfg.model_specs().values()):
         results["hub_commits"] = commits
