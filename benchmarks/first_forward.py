@@ -16,7 +16,14 @@ forward pass under a TorchDispatchMode. Run alone, the unit test
 `test_resume_after_a_crash_ends_with_the_same_weights` failed about one run in five for it
 (its first unlearning was the process's first forward pass); 15 of 15 passed after.
 
+`--in-new-threads N` asks whether a process's later threads meet it too: one process scores
+the same batch N times, each time first in a new Python thread (as `unpact serve` scores in
+its request threads), whose first parallel operation makes OpenMP start a new team of
+threads. On 2026-12-07, 150 of 150 such first passes gave the same log-probs (2 threads):
+only a process's first team was seen to differ.
+
 Run:  .venv/bin/python benchmarks/first_forward.py [--processes 60] [--threads 2]
+      .venv/bin/python benchmarks/first_forward.py --in-new-threads 150
 """
 
 from __future__ import annotations
@@ -48,13 +55,41 @@ for _ in range(3):
 print(" ".join(found))
 """
 
+# the same batch, scored first in each of N new threads of one process
+IN_NEW_THREADS = r"""
+import collections, hashlib, sys, threading, torch
+import unpact
+from unpact.data import load_benchmark
+from unpact.scoring import answer_logprobs
+from unpact.testing import tiny_model
+from unpact.unlearn.loop import encode_items
+lm = tiny_model(seed=3)
+enc = encode_items(lm, load_benchmark("news").split("forget")[:8])
+seen = collections.Counter()
+def first_pass():
+    with torch.no_grad():
+        lps = answer_logprobs(lm.model, enc["prompts"], enc["answers"])
+    seen[hashlib.md5(b"".join(t.numpy().tobytes() for t in lps)).hexdigest()[:8]] += 1
+for _ in range(int(sys.argv[1])):
+    thread = threading.Thread(target=first_pass)
+    thread.start()
+    thread.join()
+for digest, count in seen.most_common():
+    print(f"{count:4d} threads: {digest}")
+"""
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--processes", type=int, default=60)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--in-new-threads", type=int, default=0, metavar="N")
     args = parser.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
+    if args.in_new_threads:
+        cmd = [sys.executable, "-c", IN_NEW_THREADS, str(args.in_new_threads)]
+        print(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout)
+        return
     seen: collections.Counter[str] = collections.Counter()
     for n in range(args.processes):
         cmd = [sys.executable, "-c", CHILD]
