@@ -1154,9 +1154,7 @@ JudgePromptOpt = Annotated[
 def audit(
     original: Annotated[str, typer.Option(help="The model before unlearning (spec or folder).")],
     unlearned: Annotated[str, typer.Option(help="The unlearned model (spec or folder).")],
-    benchmark: Annotated[
-        str, typer.Option(help="Built-in benchmark (news, books, wmdp) or a folder (docs/data.md).")
-    ],
+    benchmark: Annotated[str, typer.Option(help=BENCHMARK_HELP)],
     out_dir: Annotated[
         Path, typer.Option("--out", help="Audit directory: new, empty, or an audit's (continued).")
     ],

@@ -119,6 +119,16 @@ def test_commands_that_need_weights_do_not_offer_a_served_model():
     assert "is a served model already" in str(served.exception), served.output
 
 
+def test_every_benchmark_option_names_the_real_benchmarks_it_reads():
+    """`audit --benchmark` offered the built-in ones and a folder alone, while it reads
+    TOFU's, MUSE's and WMDP's files as `run`, `inject` and `unlearn` do: auditing an
+    open-unlearning checkpoint on TOFU is what the command is for."""
+    for command in ("audit", "inject", "unlearn"):
+        option = next(p for p in get_command(app).commands[command].params if p.name == "benchmark")
+        for spec in ("tofu:PATH", "muse-news:PATH", "muse-books:PATH", "wmdp:PATH"):
+            assert spec in (option.help or ""), (command, spec)
+
+
 def test_torchao_s_invalid_escape_is_not_shown_and_other_syntax_warnings_are():
     """Python 3.12 compiles torchao 0.18's quant_api.py (no bytecode written at install)
     with a SyntaxWarning for an escape in a docstring; `import unpact` hides it, and only
