@@ -1142,6 +1142,12 @@ JudgePromptOpt = Annotated[
     ),
 ]
 
+AUDITED_KINDS = (
+    "a Hugging Face model folder (a LoRA adapter's too), a .gguf file, a hub id, 'default' "
+    "(embedded SmolLM2-135M-Instruct), or a served model openai:MODEL@BASE_URL (the attacks "
+    "on weights are then skipped)"
+)
+
 
 @app.command(
     help="Audit a model pair you already have: is the unlearned model's knowledge gone, "
@@ -1152,8 +1158,8 @@ JudgePromptOpt = Annotated[
     "report.html into --out. Cached like `unpact run`. Guide: docs/audit.md."
 )
 def audit(
-    original: Annotated[str, typer.Option(help="The model before unlearning (spec or folder).")],
-    unlearned: Annotated[str, typer.Option(help="The unlearned model (spec or folder).")],
+    original: Annotated[str, typer.Option(help=f"The model before unlearning: {AUDITED_KINDS}.")],
+    unlearned: Annotated[str, typer.Option(help="The unlearned model, of the same kinds.")],
     benchmark: Annotated[str, typer.Option(help=BENCHMARK_HELP)],
     out_dir: Annotated[
         Path, typer.Option("--out", help="Audit directory: new, empty, or an audit's (continued).")
