@@ -1191,7 +1191,15 @@ def audit(
             "quantize_fp4, quantize_llm_int8), or any registered attack."
         ),
     ] = None,
-    general: Annotated[str, typer.Option(help="General-knowledge benchmark, or none.")] = "general",
+    general: Annotated[
+        str,
+        typer.Option(
+            help="General-knowledge questions, judged for the damage beside the forgetting "
+            "and relearned on by relearn_unrelated: 'general' (the built-in set), a benchmark "
+            "(its general split, as tofu:PATH's world facts and real authors; else every "
+            "item), or none (relearn_unrelated left out)."
+        ),
+    ] = "general",
     judge: Annotated[
         str,
         typer.Option(
