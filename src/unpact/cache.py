@@ -122,8 +122,8 @@ def _named(path: Path) -> bool:
 
 
 def _entry(path: Path) -> str | None:
-    """The artefact `path` belongs to (`0265f542567865d6.jsonl` and its `.seconds` are
-    one), None for a lock."""
+    """The artefact `path` belongs to (`0265f542567865d6.jsonl`, its `.seconds` and its
+    `.made` are one), None for a lock."""
     return None if path.name.startswith(".lock-") else f"{path.parent}/{path.name.split('.')[0]}"
 
 

@@ -37,7 +37,8 @@ def filled(tmp_path: Path) -> dict[str, object]:
             _file(root / "stages" / "unlearned" / f"ga-{H16}" / "model" / "w.safetensors", 20000),
             _file(root / "stages" / "unlearned" / f"ga-{H16}" / "result.json", 100),
             _file(root / "stages" / "evals" / f"{H16}.jsonl", 3000),  # one entry: the
-            _file(root / "stages" / "evals" / f"{H16}.seconds", 5),  # records and their time
+            _file(root / "stages" / "evals" / f"{H16}.seconds", 5),  # records, their time
+            _file(root / "stages" / "evals" / f"{H16}.made", 50),  # and where they were made
         ],
         "injected": [
             _file(root / "injected" / f"news-{H16}abcd" / "model.safetensors", 7000),
@@ -54,7 +55,7 @@ def filled(tmp_path: Path) -> dict[str, object]:
 
 
 def test_usage_counts_each_part_s_entries_and_bytes_as_du_would(filled):
-    """Entries are artefacts (an evaluation's records and its `.seconds` are one; locks
+    """Entries are artefacts (an evaluation's records, `.seconds` and `.made` are one; locks
     none); bytes are the blocks of the files under them, a file linked from a run's folder
     counted as `shared` (clearing it frees nothing); what unpact did not name is left out."""
     parts = {p.name: p for p in cache.usage(filled["root"])}
