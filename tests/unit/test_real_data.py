@@ -299,6 +299,20 @@ def test_stages_another_machine_or_release_computed_are_said(tmp_path, tiny):
     assert any("1 stage read from the cache was computed on another" in s for s in said)
 
 
+def test_a_stage_of_a_served_model_notes_no_machine(tmp_path):
+    """Its numbers are its server's: the client's machine and releases, noted as where it
+    was computed, would call a cache read on another client "made elsewhere"."""
+    from unpact.run import Pipeline
+    from unpact.run.config import RunConfig
+
+    config = RunConfig(model="default", methods=[{"method": "ga"}])
+    p = Pipeline(config, tmp_path, lambda text: None, False)
+    p.stage("evaluation", "evals", "local", ["a"], lambda: [{"id": "1"}])
+    p.stage("evaluation", "evals", "served", ["b"], lambda: [{"id": "1"}], served=True)
+    assert len(list(tmp_path.glob("evals/*.jsonl"))) == 2
+    assert len(list(tmp_path.glob("evals/*.made"))) == 1
+
+
 def test_the_token_baseline_replaces_with_the_originals_id_in_every_model(tmp_path, tiny):
     """`attribution.baseline: token`: an unlearned model whose tokenizer has no unk and a
     pad of its own (a Llama 3 fine-tune that set `pad_token`) replaced units with its pad,

@@ -253,7 +253,8 @@ class Pipeline:
                 return rows
         self.say(f"{kind}: {name}")
         rows = self.timed(label, compute)
-        stage.write(rows, self.seconds[label], made())
+        # a served model's numbers are its server's: where this process ran says nothing
+        stage.write(rows, self.seconds[label], None if served else made())
         return stage.read()
 
     def fitting(self, key: str, on: str, compute: Callable[[], _T]) -> _T | None:
