@@ -1103,7 +1103,8 @@ def hub_commits(specs: Iterable[str]) -> dict[str, str]:
 
 def _with_bases(spec: str) -> list[str]:
     """`spec`, then, while it names an adapter (a folder, or a hub snapshot this process
-    read), the base model its adapter_config.json names; read offline."""
+    read), the base model its adapter_config.json names, or a templated copy
+    (`with_chat_template`), the model it was made from; read offline."""
     from huggingface_hub import try_to_load_from_cache
 
     chain = [spec]
@@ -1114,10 +1115,13 @@ def _with_bases(spec: str) -> list[str]:
             found = try_to_load_from_cache(repo, ADAPTER_CONFIG, revision=_HUB_COMMITS[spec])
             folder = Path(found).parent if isinstance(found, str) else folder
         try:
-            if not (folder.is_dir() and _is_adapter(folder)):
+            if (folder / TEMPLATED_FROM).is_file():
+                spec = _templated_from(folder)
+            elif folder.is_dir() and _is_adapter(folder):
+                spec = _named_base(folder)
+            else:
                 break
-            spec = _named_base(folder)
-        except (OSError, UnpactError):  # read when it was loaded; not now: no base to name
+        except (OSError, ValueError, UnpactError):  # read when it was loaded; not now
             break
         if spec in chain:
             break
@@ -2363,7 +2367,7 @@ def with_chat_template(spec: str | os.PathLike[str], template: str | os.PathLike
     tokenizer.chat_template = text
     check_chat_template(tokenizer, name)
     source = _read_from(spec)
-    note = {"templated-from.json": json.dumps({"model": spec, "template": name}, indent=2) + "\n"}
+    note = {TEMPLATED_FROM: json.dumps({"model": spec, "template": name}, indent=2) + "\n"}
     if source is None:  # a hub id: its weights come through a load
         lm = load_model(spec)
         save_model(lm.model, tokenizer, folder, extra=note, replace=False)
@@ -2396,6 +2400,18 @@ def with_chat_template_named(named: dict[str, str], template: str) -> dict[str, 
         except UnpactError as e:
             raise UnpactError(f"--{option}: {e}") from None
     return out
+
+
+TEMPLATED_FROM = "templated-from.json"  # in a templated copy: the model and template it is
+
+
+def _templated_from(folder: Path) -> str:
+    """The spec of the model a templated copy was made from (its `TEMPLATED_FROM`)."""
+    found = json_value((folder / TEMPLATED_FROM).read_text(encoding="utf-8"))
+    spec = found.get("model") if isinstance(found, dict) else None
+    if not isinstance(spec, str):
+        raise ValueError(f"{folder / TEMPLATED_FROM} names no model")
+    return spec
 
 
 def _linked_copy_whole(folder: Path) -> bool:

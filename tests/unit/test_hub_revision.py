@@ -151,12 +151,12 @@ def test_a_snapshot_fetched_without_its_weights_says_so_offline(hub):
         load_model("me/tiny@v1")
 
 
-def test_a_run_names_the_commit_each_hub_model_was_read_at(hub, tmp_path):
-    """results.json's `hub_commits` and the report: a branch moves, the commit stays."""
+def _hub_run_config(**extra: object) -> dict:
+    """A run of two commits of the hub's tiny model (one the original, one "unlearned")
+    on TOFU's fixture files."""
     from tests.unit.test_real_data import FIXTURES
-    from unpact.run import run
 
-    config = {
+    return {
         "model": "me/tiny@refs/pr/1",
         "data": {"benchmark": f"tofu:{FIXTURES / 'tofu'}", "general": None},
         "inject": {"enabled": False},
@@ -164,11 +164,31 @@ def test_a_run_names_the_commit_each_hub_model_was_read_at(hub, tmp_path):
         "attacks": [],
         "judge": {"max_new_tokens": 16},
         "statistics": {"resamples": 0},
-    }
+    } | extra
+
+
+def test_a_run_names_the_commit_each_hub_model_was_read_at(hub, tmp_path):
+    """results.json's `hub_commits` and the report: a branch moves, the commit stays."""
+    from unpact.run import run
+
+    config = _hub_run_config()
     result = run(config, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
     assert result.results["hub_commits"] == {"me/tiny@refs/pr/1": B, "me/tiny@v1": A}
     report = " ".join((tmp_path / "out" / "report.html").read_text().split())
     assert f"<code>me/tiny@refs/pr/1</code> commit <code>{B[:12]}</code>" in report
+
+
+def test_a_run_with_its_own_chat_template_names_the_hub_commits_too(hub, tmp_path, monkeypatch):
+    """`chat_template:` runs every model as a templated copy in the cache: results.json's
+    `hub_commits` named none of the hub models those copies were made from."""
+    from unpact.run import run
+
+    monkeypatch.setenv("UNPACT_CACHE", str(tmp_path / "cache"))
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %} A:"
+    config = _hub_run_config(chat_template=template)
+    for out in ("first", "again"):  # the copies made, then read from the cache
+        result = run(config, tmp_path / out, cache_dir=tmp_path / "stages", progress=False)
+        assert result.results["hub_commits"] == {"me/tiny@refs/pr/1": B, "me/tiny@v1": A}
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
