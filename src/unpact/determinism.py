@@ -284,16 +284,22 @@ def made_elsewhere(then: object, now: dict[str, Any]) -> dict[str, Any] | None:
     """What of `then` (an artefact's `made()`) differs from `now` (this run's): its machine
     where the CPU or MKL's mode differ or it ran on GPUs this run does not use, and the
     releases that differ (as `then` noted them); None where nothing does. An artefact made
-    without a GPU counts as made on the CPU alone, whatever this run uses."""
+    without a GPU counts as made on the CPU alone, whatever this run uses; GPUs are compared
+    by kind (one H100 visible then, two now: the same kind of numbers)."""
     was, is_ = _mapping(then, "machine"), _mapping(now, "machine")
     out: dict[str, Any] = {}
     cpu = any(was.get(k) != is_.get(k) for k in _CPU_FIELDS if k in was)
-    if cpu or (was.get("gpus") and was.get("gpus") != is_.get("gpus")):
+    if cpu or (was.get("gpus") and _kinds(was.get("gpus")) != _kinds(is_.get("gpus"))):
         out["machine"] = was
     releases, ours = _mapping(then, "versions"), _mapping(now, "versions")
     if differ := {k: v for k, v in releases.items() if ours.get(k) != v}:
         out["versions"] = differ
     return out or None
+
+
+def _kinds(gpus: object) -> set[str]:
+    """The kinds of GPU a note names (its list of names; anything else: none)."""
+    return {str(g) for g in gpus} if isinstance(gpus, list) else set()
 
 
 def _mapping(note: object, key: str) -> dict[str, Any]:

@@ -203,6 +203,10 @@ def test_an_artefact_is_made_elsewhere_by_its_cpu_its_gpus_or_a_release():
     gpu = {**now, "machine": {**now["machine"], "gpus": ["NVIDIA H100 80GB HBM3"]}}
     assert made_elsewhere(gpu, now) == {"machine": gpu["machine"]}
     assert made_elsewhere(gpu, gpu) is None
+    two = {**now, "machine": {**now["machine"], "gpus": ["NVIDIA H100 80GB HBM3"] * 2}}
+    assert made_elsewhere(gpu, two) is None  # one of the node's two visible then
+    other = {**now, "machine": {**now["machine"], "gpus": ["NVIDIA A100-SXM4-80GB"]}}
+    assert made_elsewhere(gpu, other) == {"machine": gpu["machine"]}
     # made on the CPU alone, read by a run that also uses a GPU: the CPU's numbers
     assert made_elsewhere(now, gpu) is None
     older = {**now, "versions": {**now["versions"], "torch": "2.10.0", "numpy": "1.26.4"}}
