@@ -444,6 +444,8 @@ def _add_provenance(results: dict[str, Any], p: Pipeline, taught: list[Model | N
 def _made_elsewhere(p: Pipeline) -> list[dict[str, Any]]:
     """The stages read from the cache that another machine (or this one under other
     releases) computed, grouped by what differs (`determinism.made_elsewhere`)."""
+    if not p.cached_made:  # nothing read from the cache: CUDA is not started to name GPUs
+        return []
     now = {
         "machine": machine(gpus=p.cfg.device != "cpu"),
         "versions": library_versions(),
