@@ -1147,6 +1147,17 @@ AUDITED_KINDS = (
     "(embedded SmolLM2-135M-Instruct), or a served model openai:MODEL@BASE_URL (the attacks "
     "on weights are then skipped)"
 )
+AUDIT_GENERAL_HELP = (
+    "General-knowledge questions, judged for the damage beside the forgetting and relearned "
+    "on by relearn_unrelated: 'general' (the built-in set), a benchmark (its general split, "
+    "as tofu:PATH's world facts and real authors; else every item), or none (relearn_unrelated "
+    "left out)."
+)
+AUDIT_JUDGE_HELP = (
+    "contains (the reference answer in the greedy answer), rouge (ROUGE-L recall >= 0.5: for "
+    "sentence-long answers such as TOFU's), or openai:MODEL@URL (an LLM asked whether the "
+    "answer gives the reference; key from $OPENAI_API_KEY when set)."
+)
 
 
 @app.command(
@@ -1191,24 +1202,8 @@ def audit(
             "quantize_fp4, quantize_llm_int8), or any registered attack."
         ),
     ] = None,
-    general: Annotated[
-        str,
-        typer.Option(
-            help="General-knowledge questions, judged for the damage beside the forgetting "
-            "and relearned on by relearn_unrelated: 'general' (the built-in set), a benchmark "
-            "(its general split, as tofu:PATH's world facts and real authors; else every "
-            "item), or none (relearn_unrelated left out)."
-        ),
-    ] = "general",
-    judge: Annotated[
-        str,
-        typer.Option(
-            help="contains (the reference answer in the greedy answer), rouge (ROUGE-L "
-            "recall >= 0.5: for sentence-long answers such as TOFU's), or openai:MODEL@URL "
-            "(an LLM asked whether the answer gives the reference; key from $OPENAI_API_KEY "
-            "when set)."
-        ),
-    ] = "contains",
+    general: Annotated[str, typer.Option(help=AUDIT_GENERAL_HELP)] = "general",
+    judge: Annotated[str, typer.Option(help=AUDIT_JUDGE_HELP)] = "contains",
     max_new_tokens: Annotated[
         int | None, typer.Option(help="Greedy answer length when judging (default 32).")
     ] = None,

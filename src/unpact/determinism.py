@@ -269,12 +269,13 @@ def machine(gpus: bool = False) -> dict[str, object]:
     return found
 
 
-def made() -> dict[str, object]:
+def made(gpus: bool = False) -> dict[str, Any]:
     """What a cached artefact's numbers were computed on and under: this machine
-    (`machine`) and the libraries' releases (`library_versions`). Noted beside the artefact,
-    so that a run reading it from the cache (a cache shared between machines, or kept
-    across an upgrade) can say which of its numbers were made elsewhere (`made_elsewhere`)."""
-    return {"machine": machine(), "versions": library_versions()}
+    (`machine`, `gpus` as there) and the libraries' releases (`library_versions`). Noted
+    beside the artefact, so that a run reading it from the cache (a cache shared between
+    machines, or kept across an upgrade) can say which of its numbers were made elsewhere
+    (`made_elsewhere`)."""
+    return {"machine": machine(gpus), "versions": library_versions()}
 
 
 _CPU_FIELDS = ("cpu", "cpu_kernels", "cpu_bf16", "mkl_cbwr")
@@ -309,6 +310,7 @@ def _mapping(note: object, key: str) -> dict[str, Any]:
     return found if isinstance(found, dict) else {}
 
 
+@functools.cache  # read once a process: every stage a run writes notes it (`made`)
 def _cpu_model() -> str | None:
     """The CPU's model name with its family and model numbers (Linux's /proc/cpuinfo: a
     virtual machine's name may be a generic "Intel(R) Xeon(R) Processor", its model number

@@ -5,6 +5,7 @@ step torch refuses for want of a deterministic kernel done again and said once."
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -217,3 +218,17 @@ def test_an_artefact_is_made_elsewhere_by_its_cpu_its_gpus_or_a_release():
     # nor is one edited by hand into something else
     for damaged in ("x", [], {"machine": "x", "versions": ["torch"]}, {"machine": None}):
         assert made_elsewhere(damaged, now) is None
+
+
+def test_a_stage_s_damaged_note_of_where_it_was_made_is_unknown(tmp_path):
+    """Read as `seconds` is: what is not a JSON object, however deeply nested, is None."""
+    from unpact.determinism import made
+    from unpact.run.store import Stage
+
+    stage = Stage(tmp_path, "evals", "k")
+    assert stage.made() is None  # not written
+    stage.write([{"id": "x"}], 1.0, made())
+    assert stage.made() == json.loads(json.dumps(made()))
+    for damaged in ("[" * 100_000, '"text"', "{"):
+        stage.origin.write_text(damaged)
+        assert stage.made() is None

@@ -446,10 +446,7 @@ def _made_elsewhere(p: Pipeline) -> list[dict[str, Any]]:
     releases) computed, grouped by what differs (`determinism.made_elsewhere`)."""
     if not p.cached_made:  # nothing read from the cache: CUDA is not started to name GPUs
         return []
-    now = {
-        "machine": machine(gpus=p.cfg.device != "cpu"),
-        "versions": library_versions(),
-    }
+    now = made(gpus=p.cfg.device != "cpu")
     groups: dict[str, dict[str, Any]] = {}
     for name, then in p.cached_made.items():
         if (differs := made_elsewhere(then, now)) is not None:

@@ -9,7 +9,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from unpact.files import atomic_text, json_lines, link_files, write_folder_atomically
+from unpact.files import (
+    atomic_text,
+    json_lines,
+    json_value,
+    link_files,
+    write_folder_atomically,
+)
 
 __all__ = ["Stage", "atomic_text", "digest", "jsonl", "link_model", "read_jsonl"]
 
@@ -55,7 +61,7 @@ class Stage:
     def made(self) -> dict[str, Any] | None:
         """Where and under what the artefact was computed, where its writer noted it."""
         try:
-            found = json.loads(self.origin.read_text(encoding="utf-8"))
+            found = json_value(self.origin.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None  # as `seconds`
         return found if isinstance(found, dict) else None
