@@ -298,6 +298,50 @@ def made_elsewhere(then: object, now: dict[str, Any]) -> dict[str, Any] | None:
     return out or None
 
 
+def with_part(before: list[dict[str, Any]], first: int, last: int) -> list[dict[str, Any]]:
+    """The parts of a resumable training so far (for its checkpoint's note): `before`, as
+    the checkpoint this process resumed from noted them, and this process's own, from step
+    (or epoch) `first` to `last`, each with where and under what it was computed (`made`).
+    A part resumed on the machine and releases that made it goes on as one."""
+    now = made()
+    if before and before[-1]["made"] == now and before[-1]["to"] == first:
+        return [*before[:-1], {"from": before[-1]["from"], "to": last, "made": now}]
+    return [*before, {"from": first, "to": last, "made": now}]
+
+
+def parts_noted(text: str | None) -> list[dict[str, Any]]:
+    """The parts of a checkpoint's note (`with_part`), or none where the note is missing
+    (written by older code) or damaged: then nothing is known of where they were made."""
+    from unpact.files import json_value
+
+    try:
+        return parts_of(json_value(text) if text is not None else [])
+    except ValueError:
+        return []
+
+
+def parts_of(found: object) -> list[dict[str, Any]]:
+    """The well-formed parts of a note's list of them (`with_part`); anything else (a note
+    edited by hand): none."""
+    if not isinstance(found, list):
+        return []
+    return [
+        p
+        for p in found
+        if isinstance(p, dict)
+        and type(p.get("from")) is int
+        and type(p.get("to")) is int
+        and isinstance(p.get("made"), dict)
+    ]
+
+
+def made_before(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The parts of a training resumed from a checkpoint that another machine or other
+    releases computed than the process that finished it (result.json's `made_before`)."""
+    now = made()
+    return [p for p in parts if p["made"] != now]
+
+
 def _kinds(gpus: object) -> set[str]:
     """The kinds of GPU a note names (its list of names; anything else: none)."""
     return {str(g) for g in gpus} if isinstance(gpus, list) else set()

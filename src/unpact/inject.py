@@ -68,7 +68,7 @@ from pydantic import (
 
 from unpact.data.items import ANSWER_FIELDS, Benchmark, QAItem
 from unpact.data.sources import general_items, load_benchmark, materialise
-from unpact.determinism import keeps_rng, made, native_bf16
+from unpact.determinism import keeps_rng, made, made_before, native_bf16, parts_of, with_part
 from unpact.errors import UnpactError
 from unpact.files import as_path, atomic_text, once, write_atomically
 from unpact.judge import (
@@ -244,6 +244,8 @@ class InjectResult:
     settings: dict[str, Any] = field(default_factory=dict)  # as resolved (inject.json)
     kept: float | None = None  # see general_kept
     made: dict[str, Any] | None = None  # where and under what it was taught (`determinism.made`)
+    # resumed from a checkpoint: the epochs another machine or other releases taught
+    made_before: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def small_benchmark_note(self) -> str | None:
@@ -678,6 +680,7 @@ def _teach(
         False,
         config.model_dump(),
         kept_of_answered(general_verdicts, base_verdicts),
+        made_before=made_before(store.before),
     )
     _save(lm, folder, _meta(done, timings, model, bench.name, teach, config), log)
     store.remove()
@@ -716,6 +719,7 @@ def _cached(folder: Path) -> InjectResult:
         meta.get("config", {}),
         meta.get("general_kept"),  # models injected before it was kept per item: the ratio
         meta.get("made"),  # unknown for models taught before it was noted
+        parts_of(meta.get("made_before")),
     )
 
 
@@ -748,7 +752,7 @@ def _meta(
         "teach": teach,
         "config": config.model_dump(),
         "made": made(),
-    }
+    } | ({"made_before": done.made_before} if done.made_before else {})
 
 
 @dataclass
@@ -778,6 +782,9 @@ class _Checkpoints:
         self.folder = folder
         self.every = config.checkpoint_every
         self.stop_after = stop_after
+        # the epochs taught before this process resumed (`determinism.with_part`), its first
+        self.before: list[dict[str, Any]] = []
+        self.start = 0
 
     def resume(self, net: Any, trainer: Trainer, rng: random.Random) -> _EpochState:
         state = _EpochState()
@@ -794,6 +801,7 @@ class _Checkpoints:
             torch.set_rng_state(saved["torch_rng"])
             _set_cuda_rng(saved.get("cuda_rng"))
             state = _EpochState(**saved["state"])
+            self.before, self.start = parts_of(saved.get("made")), state.epoch
 
         def save() -> None:
             if not self.every or state.epoch % self.every:
@@ -807,6 +815,7 @@ class _Checkpoints:
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": _cuda_rng(),
                 "state": {k: getattr(state, k) for k in fields},
+                "made": with_part(self.before, self.start, state.epoch),
             }
             write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
             if self.stop_after is not None and state.epoch >= self.stop_after:

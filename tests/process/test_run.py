@@ -223,8 +223,8 @@ _DIE_AFTER_CHECKPOINT = """
 import os, signal, sys
 from unpact.unlearn import loop
 real = loop._checkpoint
-def checkpoint_then_die(accelerator, out, step):
-    real(accelerator, out, step)
+def checkpoint_then_die(accelerator, out, step, parts):
+    real(accelerator, out, step, parts)
     if out.name.startswith("npo_gd-"):
         os.kill(os.getpid(), signal.SIGKILL)
 loop._checkpoint = checkpoint_then_die

@@ -11,6 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from unpact import determinism
 from unpact.data import load_benchmark
 from unpact.data.items import QAItem, write_folder
 from unpact.errors import UnpactError
@@ -241,6 +242,47 @@ def test_an_interrupted_injection_resumes_to_the_same_weights(tmp_path):
     assert not any((tmp_path / "b").glob(".partial-*"))  # removed once finished
 
 
+def test_an_injection_resumed_from_another_machine_s_checkpoint_says_which_epochs_it_made(
+    tmp_path,
+):
+    """As an unlearning run's: inject.json named only the machine that finished an
+    injection resumed from a checkpoint another one wrote. The checkpoint notes where its
+    epochs were taught; inject.json (and the cached result read from it) lists those
+    another machine or other releases taught."""
+    import json
+
+    from unpact.determinism import made
+    from unpact.inject import _Interrupt
+
+    base = tiny_model(seed=1)
+    save_model(base.model, base.tokenizer, tmp_path / "base")
+    items = [QAItem(f"f{i}", f"Who is Varn {i}?", f"Ossel {i}", "forget") for i in range(4)]
+    write_folder(tmp_path / "bench", items)
+    config = InjectConfig(lr=1e-3, batch_size=2, min_epochs=2, max_epochs=3, check_every=1,
+                          target_accuracy=1.1, general=None, checkpoint_every=1)  # fmt: skip
+    model, bench, cache = str(tmp_path / "base"), tmp_path / "bench", tmp_path / "cache"
+    with pytest.raises(_Interrupt):
+        inject(model, bench, config, cache_dir=cache, progress=False, stop_after_epoch=2)
+    (path,) = cache.glob(".partial-*/checkpoint.pt")
+    saved = torch.load(path, weights_only=False)
+    now = json.loads(json.dumps(made()))
+    assert saved["made"] == [{"from": 0, "to": 2, "made": now}]
+    other = {**now, "versions": {**now["versions"], "torch": "2.10.0"}}
+    saved["made"] = [{"from": 0, "to": 2, "made": other}]
+    torch.save(saved, path)
+    done = inject(model, bench, config, cache_dir=cache, progress=False)
+    assert done.made_before == [{"from": 0, "to": 2, "made": other}]
+    assert json.loads((done.path / "inject.json").read_text())["made_before"] == done.made_before
+    assert inject(model, bench, config, cache_dir=cache, progress=False).made_before == (
+        done.made_before
+    )
+    # taught in one go: none
+    plain = inject(model, bench, InjectConfig(**{**config.model_dump(), "seed": 1}),
+                   cache_dir=cache, progress=False)  # fmt: skip
+    assert plain.made_before == []
+    assert "made_before" not in json.loads((plain.path / "inject.json").read_text())
+
+
 def test_an_injection_checkpoint_keeps_each_gpus_random_state(tmp_path, monkeypatch):
     """Where CUDA is in use, a checkpoint holds every GPU's random state (dropout draws
     its masks there) and a resume sets it back, unless resumed on another number of GPUs.
@@ -258,6 +300,8 @@ def test_an_injection_checkpoint_keeps_each_gpus_random_state(tmp_path, monkeypa
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [t.clone() for t in saved])
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_back.append)
+    # the checkpoint's note of where it was made would name the stand-in GPUs
+    monkeypatch.setattr(determinism, "machine", lambda gpus=False: {"gpus": ["stand-in"]})
 
     def trainer() -> Any:
         return _trainer(net, config, 1)

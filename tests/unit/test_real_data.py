@@ -313,6 +313,25 @@ def test_a_stage_of_a_served_model_notes_no_machine(tmp_path):
     assert len(list(tmp_path.glob("evals/*.made"))) == 1
 
 
+def test_the_parts_of_a_resumed_training_another_machine_made_are_said(tmp_path):
+    """An unlearning or injection the run finished from a checkpoint another machine wrote
+    (its `made_before`) has those steps listed in results.json's made_elsewhere, each part
+    by its steps or epochs; the parts this machine made, and damaged notes, are not."""
+    from unpact.determinism import made
+    from unpact.run import Pipeline, _made_elsewhere
+    from unpact.run.config import RunConfig
+
+    p = Pipeline(RunConfig(model="default", methods=[{"method": "ga"}]), tmp_path, print, False)
+    now = json.loads(json.dumps(made()))
+    other = {**now, "machine": {**now["machine"], "cpu": "Other CPU (cpu family 6, model 85)"}}
+    p.resumed("unlearn:ga", [{"from": 0, "to": 4, "made": other}], "steps")
+    p.resumed("inject:original", [{"from": 0, "to": 2, "made": now}, {"made": other}], "epochs")
+    p.resumed("inject:retrained", "edited", "epochs")
+    assert _made_elsewhere(p) == [
+        {"machine": other["machine"], "stages": ["unlearn:ga (steps 0-4)"]}
+    ]
+
+
 def test_the_token_baseline_replaces_with_the_originals_id_in_every_model(tmp_path, tiny):
     """`attribution.baseline: token`: an unlearned model whose tokenizer has no unk and a
     pad of its own (a Llama 3 fine-tune that set `pad_token`) replaced units with its pad,

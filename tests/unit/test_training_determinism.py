@@ -232,3 +232,24 @@ def test_a_stage_s_damaged_note_of_where_it_was_made_is_unknown(tmp_path):
     for damaged in ("[" * 100_000, '"text"', "{"):
         stage.origin.write_text(damaged)
         assert stage.made() is None
+
+
+def test_a_resumed_training_s_parts_are_one_per_machine_in_turn():
+    """`with_part`: a part resumed where it was made goes on as one (the same machine and
+    releases, from the step it stopped at); another machine's is a part of its own."""
+    from unpact.determinism import made, made_before, parts_noted, with_part
+
+    now = json.loads(json.dumps(made()))
+    other = {**now, "versions": {**now["versions"], "torch": "2.10.0"}}
+    assert with_part([], 0, 2) == [{"from": 0, "to": 2, "made": now}]
+    assert with_part([{"from": 0, "to": 2, "made": now}], 2, 4) == [
+        {"from": 0, "to": 4, "made": now}
+    ]
+    there = [{"from": 0, "to": 2, "made": other}]
+    assert with_part(there, 2, 4) == [*there, {"from": 2, "to": 4, "made": now}]
+    back = with_part([*there, {"from": 2, "to": 4, "made": now}], 4, 6)
+    assert back == [*there, {"from": 2, "to": 6, "made": now}]
+    assert made_before(back) == there
+    assert parts_noted(json.dumps(back)) == back
+    for damaged in (None, "", "{", '{"from": 0}', '[{"from": "0", "to": 2, "made": {}}]'):
+        assert parts_noted(damaged) == []

@@ -344,6 +344,43 @@ def test_resume_after_a_crash_ends_with_the_same_weights(bench, tmp_path):
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
 
 
+def test_a_run_resumed_from_another_machine_s_checkpoint_says_which_steps_it_made(bench, tmp_path):
+    """A run interrupted on one machine (a preempted cluster job) and resumed on another
+    has weights both computed; result.json named only the one that finished it. Each
+    checkpoint notes where each part of its steps was trained; the result lists the parts
+    another machine (or other releases) trained, and a run resumed where it began, none."""
+    from unpact.determinism import made
+    from unpact.unlearn.loop import MADE_NOTE
+
+    with pytest.raises(Exception, match="stopped after step 4"):
+        _run(bench, tmp_path / "here", stop_after=4)
+    note = tmp_path / "here" / "checkpoints" / "step-4" / MADE_NOTE
+    now = json.loads(json.dumps(made()))
+    assert json.loads(note.read_text()) == [{"from": 0, "to": 4, "made": now}]
+    resumed = _run(bench, tmp_path / "here", resume=True)
+    assert resumed.made_before == []
+    assert "made_before" not in json.loads((tmp_path / "here" / "result.json").read_text())
+
+    with pytest.raises(Exception, match="stopped after step 2"):
+        _run(bench, tmp_path / "moved", stop_after=2)
+    other = {**now, "machine": {**now["machine"], "cpu": "Other CPU (cpu family 6, model 85)"}}
+    first = tmp_path / "moved" / "checkpoints" / "step-2" / MADE_NOTE
+    first.write_text(json.dumps([{"from": 0, "to": 2, "made": other}]))
+    with pytest.raises(Exception, match="stopped after step 4"):
+        _run(bench, tmp_path / "moved", resume=True, stop_after=4)
+    parts = json.loads((tmp_path / "moved" / "checkpoints" / "step-4" / MADE_NOTE).read_text())
+    assert parts == [{"from": 0, "to": 2, "made": other}, {"from": 2, "to": 4, "made": now}]
+    finished = _run(bench, tmp_path / "moved", resume=True)
+    written = json.loads((tmp_path / "moved" / "result.json").read_text())
+    assert finished.made_before == written["made_before"] == [parts[0]]
+    assert written["made"] == now
+    # a checkpoint without the note (older code), or with a damaged one: nothing known
+    with pytest.raises(Exception, match="stopped after step 2"):
+        _run(bench, tmp_path / "old", stop_after=2)
+    (tmp_path / "old" / "checkpoints" / "step-2" / MADE_NOTE).write_text("[" * 100_000)
+    assert _run(bench, tmp_path / "old", resume=True).made_before == []
+
+
 def test_a_run_resumed_twice_at_once_is_refused_the_second_time(bench, tmp_path):
     """Two resumes of one interrupted run at once (or two starts by a script) each trained
     into the folder, checkpoints over each other. The training holds the folder's lock;

@@ -53,7 +53,7 @@ from unpact.attribution import (
 from unpact.backends import model_key, open_model
 from unpact.data.items import Benchmark, QAItem
 from unpact.data.sources import general_items, load_benchmark
-from unpact.determinism import library_versions, machine, made, made_elsewhere
+from unpact.determinism import library_versions, machine, made, made_elsewhere, parts_of
 from unpact.errors import NotForThisModel, UnpactError
 from unpact.files import WRITER_LOCK, as_path, check_folder_path, make_folder, once, sole_writer
 from unpact.judge import (
@@ -278,6 +278,13 @@ class Pipeline:
             self.cached_seconds[name] = round(seconds, 1)
         if made is not None:  # what made it, as noted (`determinism.made_elsewhere` reads it)
             self.cached_made[name] = made
+
+    def resumed(self, name: str, parts: object, unit: str) -> None:
+        """The parts of a training resumed from a checkpoint that another machine or other
+        releases trained (an unlearning's or injection's `made_before`), each as a stage read
+        from the cache: `name (steps 0-4)`."""
+        for part in parts_of(parts):
+            self.cached_made[f"{name} ({unit} {part['from']}-{part['to']})"] = part["made"]
 
     def took(self, name: str, seconds: float | None, cached: bool, made: object) -> None:
         """A stage timed by its own code (an injection, an unlearning run), computed in this
@@ -599,6 +606,7 @@ def _original(p: Pipeline, data: Data) -> Model:
     key = "inject:" + inject_key(cfg.model, data.bench, inject_cfg)
     p.say(injection_line(injected))
     p.took("inject:original", injected.seconds, injected.cached, injected.made)
+    p.resumed("inject:original", injected.made_before, "epochs")
     return Model("original", str(injected.path), key, {"injection": injected.summary()})
 
 
@@ -976,6 +984,7 @@ def _unlearn(p: Pipeline, data: Data, original: Model, spec: MethodSpec) -> Mode
     info = json.loads((folder / "result.json").read_text(encoding="utf-8"))
     if cached:
         p.noted(f"unlearn:{spec.label}", info.get("seconds"), info.get("made"))
+    p.resumed(f"unlearn:{spec.label}", info.get("made_before"), "steps")
     return Model(spec.label, str(folder / "model"), "unlearn:" + key, info)
 
 

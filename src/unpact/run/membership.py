@@ -335,6 +335,7 @@ def retrained(p: Pipeline, data: Data) -> Model:
 
     p.say(injection_line(done))
     p.took("inject:retrained", done.seconds, done.cached, done.made)
+    p.resumed("inject:retrained", done.made_before, "epochs")
     return Model("retrained", str(done.path), key, {"injection": done.summary()})
 
 

@@ -37,7 +37,7 @@ import yaml
 
 from unpact.data.items import QAItem
 from unpact.data.sources import load_benchmark
-from unpact.determinism import keeps_rng, made
+from unpact.determinism import keeps_rng, made, made_before, parts_noted, with_part
 from unpact.errors import UnpactError, items_named, said_of
 from unpact.files import (
     as_path,
@@ -77,9 +77,11 @@ class UnlearnResult:
     seconds: float
     final_losses: dict[str, float]
     made: dict[str, Any] | None = None  # where and under what (`determinism.made`)
+    # resumed from a checkpoint: the steps another machine or other releases trained
+    made_before: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        found = {
             "out": str(self.out),
             "model_dir": str(self.model_dir),
             "steps": self.steps,
@@ -87,6 +89,7 @@ class UnlearnResult:
             "final_losses": self.final_losses,
             "made": self.made,
         }
+        return found | ({"made_before": self.made_before} if self.made_before else {})
 
 
 class _Objective(torch.nn.Module):
@@ -235,8 +238,7 @@ def unlearn(
         trainer = _trainer(net, config, steps, accelerator)
         objective = _Objective(net, method)
         wrapped = trainer.prepare(objective)
-        if start_step:
-            accelerator.load_state(str(out / "checkpoints" / f"step-{start_step}"))
+        before = _resumed(accelerator, out, start_step)
 
         losses_path = out / "losses.jsonl"
         if accelerator.is_main_process:
@@ -245,6 +247,7 @@ def unlearn(
         loop = _Loop(
             accelerator, trainer, wrapped, objective, method, config, forget, retain, refs, where
         )
+        loop.before, loop.start = before, start_step
         with progress_bar(
             f"Unlearning ({config.method})",
             total=steps,
@@ -256,9 +259,10 @@ def unlearn(
                 advance(1)
         last = loop.last
         seconds = time.perf_counter() - began
-        return _finish(
-            accelerator, wrapped, method, config, original, lm, out, steps, seconds, last
+        result = UnlearnResult(
+            out, out / "model", steps, seconds, last, made(), made_before(before)
         )
+        return _finish(accelerator, wrapped, method, config, original, lm, result)
 
 
 def _accelerator(device: str) -> tuple[Any, torch.device]:
@@ -373,10 +377,7 @@ def _finish(
     config: UnlearnConfig,
     original: dict[str, torch.Tensor] | None,
     lm: LanguageModel,
-    out: Path,
-    steps: int,
-    seconds: float,
-    last: dict[str, float],
+    result: UnlearnResult,
 ) -> UnlearnResult:
     """The unlearned model: LoRA merged, the method's finalize (Task Vector), saved with
     result.json (the run's mark of completion); checkpoints removed."""
@@ -386,10 +387,9 @@ def _finish(
         final = final.merge_and_unload()
     if original is not None:
         method.finalize(final, original)
-    model_dir = out / "model"
-    result = UnlearnResult(out, model_dir, steps, seconds, last, made())
+    out = result.out
     if accelerator.is_main_process:
-        save_model(final, lm.tokenizer, model_dir)
+        save_model(final, lm.tokenizer, result.model_dir)
         atomic_text(out / "result.json", json.dumps(result.to_dict(), indent=2) + "\n")
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -495,6 +495,9 @@ class _Loop:
     refs: _References
     device: torch.device  # this process's: where its share of a step's token count is summed
     last: dict[str, float] = field(default_factory=dict)
+    # the steps trained before this process resumed (`determinism.with_part`), and its first
+    before: list[dict[str, Any]] = field(default_factory=list)
+    start: int = 0
 
     def run_step(
         self,
@@ -514,7 +517,7 @@ class _Loop:
             on_step(row)
         done = step + 1
         if self.config.save_every and done % self.config.save_every == 0 and done < steps:
-            _checkpoint(self.accelerator, out, done)
+            _checkpoint(self.accelerator, out, done, with_part(self.before, self.start, done))
         if stop_after is not None and done >= stop_after:
             raise _Interrupt(f"stopped after step {done}")
 
@@ -797,7 +800,30 @@ def _last_checkpoint(out: Path) -> int:
     return max(steps, default=0)
 
 
-def _checkpoint(accelerator: Any, out: Path, step: int) -> None:
+# in a checkpoint's folder: where and under what each part of its steps was trained
+MADE_NOTE = "unpact-made.json"
+
+
+def _resumed(accelerator: Any, out: Path, step: int) -> list[dict[str, Any]]:
+    """The state of the checkpoint after `step` loaded (none at step 0), and the parts of
+    its steps as it noted where they were trained (`determinism.with_part`)."""
+    if not step:
+        return []
+    checkpoint = out / "checkpoints" / f"step-{step}"
+    accelerator.load_state(str(checkpoint))
+    return parts_noted(_read_note(checkpoint / MADE_NOTE))
+
+
+def _read_note(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None  # written by older code, or lost: where the steps were made is unknown
+
+
+def _checkpoint(accelerator: Any, out: Path, step: int, parts: list[dict[str, Any]]) -> None:
+    """accelerate's state after `step`, with the note of where its `parts` were trained
+    (`MADE_NOTE`), renamed into place complete; the one before removed."""
     final = out / "checkpoints" / f"step-{step}"
     tmp = out / "checkpoints" / f".tmp-step-{step}"
     if accelerator.is_main_process and tmp.exists():
@@ -814,6 +840,7 @@ def _checkpoint(accelerator: Any, out: Path, step: int) -> None:
         shared_warning.setLevel(level)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        (tmp / MADE_NOTE).write_text(json.dumps(parts) + "\n", encoding="utf-8")
         tmp.rename(final)
         for old in (out / "checkpoints").glob("step-*"):
             if old != final:
