@@ -481,6 +481,51 @@ def test_a_tokenizer_that_only_adds_special_tokens_compares(tmp_path):
         same_tokenizer(str(tmp_path / "original"), {"--unlearned": str(tmp_path / "worded")})
 
 
+def test_a_tokenizer_with_the_originals_vocabulary_that_splits_text_otherwise_is_refused(
+    tmp_path,
+):
+    """Same vocabulary, same ids, but another normaliser, pre-tokeniser or BOS setting (a
+    tokenizer re-saved by other code): every text tokenises otherwise, and the check, which
+    compared vocabularies and templates alone, let the pair through."""
+    from tokenizers import normalizers, pre_tokenizers, processors
+
+    from unpact.models import save_model
+    from unpact.run.membership import same_tokenizer
+    from unpact.testing import tiny_model
+
+    base = tiny_model(seed=0)
+    save_model(base.model, base.tokenizer, tmp_path / "original")
+    original = str(tmp_path / "original")
+    changes = {
+        "lowered": lambda t: setattr(t, "normalizer", normalizers.Lowercase()),
+        "prefixed": lambda t: setattr(
+            t, "pre_tokenizer", pre_tokenizers.ByteLevel(add_prefix_space=True)
+        ),
+        "bos": lambda t: setattr(
+            t,
+            "post_processor",
+            processors.TemplateProcessing(
+                single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)]
+            ),
+        ),
+    }
+    for name, change in changes.items():
+        other = tiny_model(seed=0)
+        change(other.tokenizer.backend_tokenizer)
+        assert other.tokenizer.get_vocab() == base.tokenizer.get_vocab()
+        save_model(other.model, other.tokenizer, tmp_path / name)
+        with pytest.raises(UnpactError, match=rf"--unlearned .*/{name} has the vocabulary of the "):
+            same_tokenizer(original, {"--unlearned": str(tmp_path / name)})
+    # and one that only adds a special token is checked alike
+    padded = tiny_model(seed=0)
+    padded.tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    padded.tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()
+    padded.model.resize_token_embeddings(len(padded.tokenizer))
+    save_model(padded.model, padded.tokenizer, tmp_path / "padded")
+    with pytest.raises(UnpactError, match="tokenises text otherwise"):
+        same_tokenizer(original, {"--unlearned": str(tmp_path / "padded")})
+
+
 def test_models_with_the_originals_tokenizer_files_are_compared_without_loading(
     tmp_path, tiny, monkeypatch
 ):

@@ -376,8 +376,8 @@ def same_tokenizer(
                 ta = load_tokenizer(original)
             except UnpactError as exc:
                 raise UnpactError(f"{called}: {exc}") from None
-            loaded = (ta.get_vocab(), _template(ta))
-        va, template = loaded
+            loaded = (ta.get_vocab(), _template(ta), _probed(ta))
+        va, template, probed = loaded
         vb = tb.get_vocab()
         added = _added_specials(va, vb, tb)
         if template is not None and any(t in template for t in added):
@@ -394,6 +394,14 @@ def same_tokenizer(
                 f"({len(vb)} against {len(va)} tokens, or the same size with other ids): "
                 "its token log-probs and attributions cannot be compared with the "
                 "original's; give a model trained from the same base model"
+            )
+        if (va == vb or added) and (text := _first_other(probed, _probed(tb))) is not None:
+            raise UnpactError(
+                f"{what} {spec} has the vocabulary of the original model {original} but "
+                f"tokenises text otherwise (its normaliser, pre-tokeniser or BOS setting: "
+                f"{text!r} becomes other ids): its token log-probs and attributions cannot "
+                "be compared with the original's; save it with the original's tokenizer "
+                "(tokenizer.save_pretrained(folder))"
             )
         theirs = _template(tb)
         if theirs != template:
@@ -425,6 +433,33 @@ def _added_specials(va: dict[str, int], vb: dict[str, int], tb: Any) -> list[str
     if all(i in special and i not in used for i in extra.values()):
         return sorted(extra, key=extra.__getitem__)
     return []
+
+
+# Texts two tokenizers with one vocabulary must split alike to tokenise a benchmark alike:
+# a word at the start and after a space, capitals, digits, punctuation, a line break,
+# doubled spaces, accents, other scripts, an emoji
+_PROBES = (
+    "Who wrote The Quiet Harbor in 1987?",
+    " the answer is Nadia Okafor.",
+    "Line one\nLine two:  3.14, 1,000; don't",
+    "naïve café Ærø — Straße",
+    "東京 서울 Москва القاهرة 😀",
+)
+
+
+def _probed(tokenizer: Any) -> list[tuple[list[int], list[int]]]:
+    """Each probe text's ids, without and with the tokenizer's special tokens (its BOS)."""
+    return [
+        (tokenizer(t, add_special_tokens=False)["input_ids"], tokenizer(t)["input_ids"])
+        for t in _PROBES
+    ]
+
+
+def _first_other(
+    a: list[tuple[list[int], list[int]]], b: list[tuple[list[int], list[int]]]
+) -> str | None:
+    """The first probe text the two tokenizations split otherwise, or None."""
+    return next((text for text, x, y in zip(_PROBES, a, b, strict=True) if x != y), None)
 
 
 def _template(tokenizer: Any) -> str | None:
