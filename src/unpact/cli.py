@@ -530,16 +530,32 @@ def _gradient_table(record: Attribution, checks: dict[str, dict[str, object]], t
 
 
 def _paired(a: list[Any], b: list[Any], before: Path, after: Path) -> tuple[list[Any], list[Any]]:
-    """The records of two files in pairs: in order, or by prompt when the two files hold
-    the same distinct prompts in another order (two `attribute --data` runs of one file,
-    one of them sorted)."""
-    if len(a) != len(b):
-        raise UnpactError(f"{before} has {len(a)} records but {after} has {len(b)}")
-    prompts = [r.prompt for r in a]
-    if prompts != [r.prompt for r in b] and len(set(prompts)) == len(prompts):
+    """The records of two files in pairs: in order, or by prompt where each file holds
+    distinct prompts (two `attribute --data` runs of one file, one of them sorted; or
+    after unlearning, the forgotten items' alone): the prompts both hold, in `before`'s
+    order, with a note of those one file alone holds."""
+    prompts, theirs = [r.prompt for r in a], [r.prompt for r in b]
+    if prompts == theirs:
+        return a, b
+    if len(set(prompts)) == len(a) and len(set(theirs)) == len(b):
         by_prompt = {r.prompt: r for r in b}
-        if by_prompt.keys() == set(prompts):
-            return a, [by_prompt[p] for p in prompts]
+        shared = [r for r in a if r.prompt in by_prompt]
+        if not shared:
+            raise UnpactError(f"{before} and {after} have no prompt in common")
+        if len(shared) < max(len(a), len(b)):
+            err.print(
+                f"note: compared the {len(shared)} prompt(s) both files hold; "
+                f"{len(a) - len(shared)} of {before}'s {len(a)} and {len(b) - len(shared)} of "
+                f"{after}'s {len(b)} are in one file alone",
+                highlight=False,
+                markup=False,
+            )
+        return shared, [by_prompt[r.prompt] for r in shared]
+    if len(a) != len(b):
+        raise UnpactError(
+            f"{before} has {len(a)} records but {after} has {len(b)}, and a prompt repeats "
+            "in one of them, so they cannot be paired by prompt"
+        )
     return a, b
 
 
@@ -550,7 +566,10 @@ def compare(
     ],
     after: Annotated[
         Path,
-        typer.Argument(help="Attribution JSON/JSONL of the same prompts, e.g. after unlearning."),
+        typer.Argument(
+            help="Attribution JSON/JSONL of the same prompts, e.g. after unlearning (or of "
+            "some of them: distinct prompts are paired by prompt)."
+        ),
     ],
 ) -> None:
     """Focus shift between two attributions of the same prompts (SPEC section 3)."""

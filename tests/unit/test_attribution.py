@@ -795,3 +795,33 @@ def test_the_terminal_view_shows_units_with_brackets_as_text(tiny):
     console.print(rec)
     table = console.export_text().split("Contributions")[1]
     assert "'[b]'" in table and "'[i]'" in table
+
+
+def test_compare_pairs_the_prompts_both_files_hold(tiny, tmp_path):
+    """Attributions of every prompt before unlearning, and of the forgotten ones alone
+    after: `unpact compare` refused the pair ("has 3 records but ... has 2"). Files of
+    distinct prompts are paired by prompt, the ones both hold, with a note of the rest."""
+    from typer.testing import CliRunner
+
+    from unpact.cli import app
+
+    prompts = ["Who wrote the letter?", "Where is the city of lights?", "What is gold?"]
+    records = attribute_many(tiny, prompts, ["Anna", "Paris", "Au"])
+    before, after = tmp_path / "before.jsonl", tmp_path / "after.jsonl"
+    before.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in records))
+    after.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in records[2:0:-1]))
+    shown = CliRunner().invoke(app, ["compare", str(before), str(after)], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    rows = [line for line in shown.stdout.splitlines() if line.startswith("│ ")]
+    assert [r.split("│")[2].strip() for r in rows] == [prompts[1], prompts[2]]
+    assert "mean keytoken_similarity = 1.0000" in shown.stdout
+    said = " ".join(shown.stderr.split())
+    assert "note: compared the 2 prompt(s) both files hold; 1 of " in said
+    # none in common, or a repeated prompt in files of other lengths: one message each
+    after.write_text(json.dumps({**records[0].to_dict(), "prompt": "Other?"}) + "\n")
+    shown = CliRunner().invoke(app, ["compare", str(before), str(after)])
+    assert isinstance(shown.exception, UnpactError)  # `unpact.cli.main` says it, exit 2
+    assert "have no prompt in common" in str(shown.exception)
+    after.write_text(json.dumps(records[0].to_dict()) + "\n" + json.dumps(records[0].to_dict()))
+    shown = CliRunner().invoke(app, ["compare", str(before), str(after)])
+    assert isinstance(shown.exception, UnpactError) and "a prompt repeats" in str(shown.exception)
