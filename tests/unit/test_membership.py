@@ -44,6 +44,8 @@ def stats(logprobs, argmax=None, mu=None, sigma=None, text="abc"):
 def test_min_k_is_the_mean_of_the_lowest_share():
     assert min_k([-1, -5, -2, -3, -4], 0.4) == (-5 + -4) / 2
     assert min_k([-1, -2], 0.1) == -2  # at least one token
+    # int(7 * 0.4) = 2 lowest, rounded down as open-unlearning's `max(1, int(len(lp) * k))`
+    assert min_k([-7, -1, -6, -2, -5, -3, -4], 0.4) == (-7 + -6) / 2
 
 
 def test_attack_scores_by_hand():
@@ -189,6 +191,8 @@ def test_a_model_with_blown_up_logits_gets_truth_ratios_and_utility(tiny):
 def test_exact_memorisation_and_extraction_strength_by_hand():
     s = stats([-1] * 4, argmax=[False, True, False, True])
     assert exact_memorisation(s) == 0.5
+    # every answer token counts, the first (predicted from the question alone) included
+    assert exact_memorisation(stats([-1] * 4, argmax=[True, False, False, False])) == 0.25
     assert extraction_strength(s) == 1 - 3 / 4  # only the last token follows its prefix
     assert extraction_strength(stats([-1] * 4, argmax=[True] * 4)) == 1.0
     assert extraction_strength(stats([-1] * 2, argmax=[True, False])) == 0.0
