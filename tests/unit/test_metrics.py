@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from unpact.metrics import (
@@ -63,6 +63,9 @@ def test_rates_on_hand_made_records():
     assert destructive_rate(recs, "retain") == pytest.approx(1 / 3)  # r4 was wrong before
     assert destructive_rate(recs, "general") == 0.0
     assert collapse_rate(recs, threshold=0.5) == pytest.approx(3 / 5)  # f1, f3, f5
+    # "below" the threshold (SPEC 5): a sensitivity equal to it is not collapsed
+    at = [ItemRecord("f", "forget", True, False, {}, 0.5, 1.0, 1.0)]
+    assert collapse_rate(at, threshold=0.5) == 0.0
     assert focus_shift(recs, "forgotten") == pytest.approx(0.5)
     assert focus_shift(recs, "kept") == pytest.approx(1.0)
     assert focus_shift(recs, "forgotten", "contribution_similarity") == pytest.approx(0.5)
@@ -380,6 +383,10 @@ def test_keyword_precision_and_recall_on_hand_made_records():
     assert keyword_recall(recs, "before") == pytest.approx((1 / 2 + 1) / 2)
     assert keyword_precision(recs, "after") == pytest.approx(0.0)  # item 2: no KeyTokens
     assert keyword_recall(recs, "after") == pytest.approx(0.0)
+    # one KeyToken of three is a keyword, the only one: precision 1/3, recall 1
+    lopsided = [rec([1, 2, 5], [], [2])]
+    assert keyword_precision(lopsided, "before") == pytest.approx(1 / 3)
+    assert keyword_recall(lopsided, "before") == 1.0
 
 
 @pytest.mark.parametrize(
@@ -462,3 +469,19 @@ def test_the_control_rate_is_over_the_items_the_attack_ran_on():
     assert recovery_rate(records, "relearn") == 0.5
     assert control_rate(records, "relearn") == 0.5  # f1, f2; not 2 of 3 with f3
     assert math.isnan(control_rate(records, "quantize"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=1, max_size=40),
+    st.floats(0, 1),
+)
+def test_the_interval_s_quantile_is_numpy_s_linear_one(values, q):
+    """The bootstrap interval's bounds interpolate between order statistics as numpy's
+    default quantile does (a bound read off the nearest lower value passed every test)."""
+    import numpy as np
+
+    from unpact.metrics import _quantile
+
+    ordered = sorted(values)
+    assert _quantile(ordered, q) == pytest.approx(float(np.quantile(ordered, q)), abs=1e-6)
