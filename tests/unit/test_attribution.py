@@ -27,6 +27,7 @@ from unpact.attribution import (
     make_units,
     naive_contributions,
     normalized_contributions,
+    prompt_sensitivity,
 )
 from unpact.errors import UnpactError
 
@@ -500,6 +501,20 @@ def test_key_tokens_fall_back_to_the_largest():
 
 def test_key_tokens_none_when_nothing_helps():
     assert key_tokens([-0.1, -0.2, 0.0]) == []
+
+
+def test_key_tokens_at_the_thresholds_follow_the_strict_inequalities():
+    """SPEC 2's `|P| / n < beta` and `N_i > alpha` are strict: at equality the other branch
+    (exact in binary: quarters)."""
+    # |P| / n = 2/8 = beta: not few, so the alpha rule: N = 0.75, 0.25
+    assert key_tokens([3.0, 1.0, *[-1.0] * 6], alpha=0.5, beta=0.25) == [0]
+    # N = 0.25, 0.25, 0.5 with alpha = 0.25: only the one above it
+    assert key_tokens([1.0, 1.0, 2.0], alpha=0.25, beta=0.25) == [2]
+
+
+def test_prompt_sensitivity_sums_the_positive_contributions():
+    assert prompt_sensitivity([1.0, -2.0, 0.5, 0.0]) == 1.5
+    assert prompt_sensitivity([-1.0]) == 0.0
 
 
 @settings(max_examples=200, deadline=None)
