@@ -162,6 +162,10 @@ def test_rmu_losses_and_early_exit_activations(bench):
         terms = method.losses(_ctx(lm, forget, retain, retain_ref_activations=frozen))
         u = method.direction(fast[0].shape[-1]).to(fast[0].device)
         assert u.norm().item() == pytest.approx(1.0, abs=1e-6)
+        # WMDP's RMU draws u uniformly in [0, 1) (`torch.rand`), then normalises it: every
+        # component non-negative, seeded by the method's `seed`
+        drawn = torch.rand(u.numel(), generator=torch.Generator().manual_seed(0))
+        assert torch.equal(u.cpu(), drawn / drawn.norm()) and bool((u >= 0).all())
         expected_f = sum(((h - 3.0 * u) ** 2).mean().item() for h in fast) / len(fast)
         retain_h = layer_activations(lm.model, retain, layer)
         expected_r = sum((h**2).mean().item() for h in retain_h) / len(retain_h)
