@@ -304,6 +304,8 @@ def test_a_number_is_one_word():
     assert not contains_match("It has 3.5 legs.", ["3"])
     assert contains_match("Pi is about 3.14.", ["3.14"]) and contains_match("It has 3 legs.", ["3"])
     assert contains_match("Pick 1,2,3.", ["2"]) and contains_match("In 1921, it closed.", ["1921"])
+    # a separator only before a group of exactly three digits: "1,2345" is two numbers
+    assert normalize("1,2345") == "1 2345" and normalize("12,000,000") == "12000000"
     assert normalize("Pi is 3.14.") == "pi is 3.14"
     # the decimal point's stand-in, a private-use character, was a "." where a text held it
     assert normalize("v1\ue0002") == "v1 2" and not contains_match("3\ue00014", ["3.14"])

@@ -12,6 +12,22 @@ from unpact.run.config import MembershipSettings
 from unpact.run.membership import missing_inputs
 
 
+def test_knowmem_cuts_the_answer_where_muse_does():
+    """MUSE's `get_prefix_before_words_occur`: before a blank line, "\nQuestion" (a
+    next question without its colon too) or "Question:"; then ROUGE-L F1 on its words."""
+    for tail in ("\n\nRome is next", "\nQuestion 2 asks of Rome", " Question: of Rome"):
+        assert knowmem_score("Paris" + tail, "Paris") == 1.0
+    assert knowmem_score("Paris Rome", "Paris") == 2 * 1 / (2 + 1)
+
+
+def test_the_rouge_judge_accepts_half_the_reference_s_words():
+    """SPEC 4: ROUGE-L recall >= 0.5 is correct, 0.5 itself included."""
+    from unpact.judge import is_correct
+
+    assert is_correct("It was Ossel.", "Ossel Varn", judge="rouge")
+    assert not is_correct("It was Varn.", "Ossel Tam Varn", judge="rouge")
+
+
 def test_rouge_reads_only_a_to_z_and_digits():
     assert rouge_scorable("Paris") and rouge_scorable("1889") and rouge_scorable("東京 Tower")
     assert not rouge_scorable("東京") and not rouge_scorable("Москва") and not rouge_scorable("")
