@@ -57,9 +57,15 @@ class _Two(torch.nn.Module):
 @pytest.mark.parametrize("bits", [8, 4, 3])
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("group", [16, None])
-def test_quantization_through_torchao_is_the_hand_round_trip(bits, symmetric, group):
+@pytest.mark.parametrize("positive", [False, True])
+def test_quantization_through_torchao_is_the_hand_round_trip(bits, symmetric, group, positive):
+    """`positive`: every weight above 0, where the asymmetric grid still holds 0 exactly
+    (torchao's `preserve_zero`: the range is widened to take it in)."""
     torch.manual_seed(bits)
     m = _Two(6, 64)
+    if positive:
+        with torch.no_grad():
+            m.lin.weight.abs_().add_(0.01)
     w = m.lin.weight.detach().clone()
     head = m.head.weight.detach().clone()
     assert quantize_weights(m, bits, group, symmetric=symmetric) == 1
@@ -69,7 +75,8 @@ def test_quantization_through_torchao_is_the_hand_round_trip(bits, symmetric, gr
     q = round_trip(w, bits, group, symmetric).reshape(6, -1, group or 64)
     assert all(len(torch.unique(g)) <= 2**bits for g in q.reshape(-1, group or 64))
     x = w.reshape(6, -1, group or 64)
-    step = (x.amax(-1) - x.amin(-1)).max() / (2**bits - 1)
+    # the grid spans the group's range widened to take in 0
+    step = (x.amax(-1).clamp(min=0) - x.amin(-1).clamp(max=0)).max() / (2**bits - 1)
     err_bound = step if symmetric else step / 2 + 1e-6
     assert (q - x).abs().max() <= err_bound
 
@@ -178,6 +185,9 @@ def test_llm_int8_activations_by_hand():
         ]
     )
     assert torch.allclose(int8_activation_round_trip(x, 6.0), expected, atol=1e-6)
+    # at the threshold itself an outlier (bitsandbytes: `A.abs() >= threshold`)
+    edge = torch.tensor([[1.0, 6.0]])
+    assert torch.equal(int8_activation_round_trip(edge, 6.0), edge)
     # threshold 0: nothing kept, 9.0 sets the first row's scale
     assert torch.allclose(
         int8_activation_round_trip(x[:1], 0.0),
