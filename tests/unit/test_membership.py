@@ -401,6 +401,22 @@ def test_metrics_from_records_by_hand():
     assert set(METRICS["mia_auc_documents"].keys([])) == set(MIA_ATTACKS) - {"gradnorm"}
 
 
+def test_memorisation_figures_read_the_forget_items_alone():
+    """Exact memorisation and extraction strength are the forget set's (open-unlearning's
+    `forget_*`): a retain or holdout item's values, held in its record too, do not count."""
+    ctx = MetricContext()
+
+    def rec(i: str, split: str, value: float) -> ItemRecord:
+        return ItemRecord(
+            i, split, True, False, exact_memorisation=value, extraction_strength=value / 2
+        )
+
+    records = [rec("f1", "forget", 1.0), rec("f2", "forget", 0.5), rec("r", "retain", 0.0)]
+    records.append(rec("h", "holdout", 0.0))
+    assert METRICS["exact_memorisation"].fn(records, ctx) == 0.75
+    assert METRICS["extraction_strength"].fn(records, ctx) == 0.375
+
+
 def test_document_records_leave_every_other_interval_unchanged():
     """The bootstrap draws the documents from generators of their own, so adding them moves
     no interval of the items' figures (the grid's numbers stay those of RESULTS.md)."""
