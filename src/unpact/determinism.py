@@ -298,6 +298,19 @@ def made_elsewhere(then: object, now: dict[str, Any]) -> dict[str, Any] | None:
     return out or None
 
 
+def made_note(path: os.PathLike[str] | str) -> dict[str, Any] | None:
+    """A `made()` note as written beside an artefact, or None where it is missing (written
+    by older code, or lost) or not a JSON object (damaged, however deeply nested)."""
+    from unpact.files import json_value
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            found = json_value(f.read())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
 def with_part(before: list[dict[str, Any]], first: int, last: int) -> list[dict[str, Any]]:
     """The parts of a resumable training so far (for its checkpoint's note): `before`, as
     the checkpoint this process resumed from noted them, and this process's own, from step

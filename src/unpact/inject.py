@@ -68,7 +68,15 @@ from pydantic import (
 
 from unpact.data.items import ANSWER_FIELDS, Benchmark, QAItem
 from unpact.data.sources import general_items, load_benchmark, materialise
-from unpact.determinism import keeps_rng, made, made_before, native_bf16, parts_of, with_part
+from unpact.determinism import (
+    keeps_rng,
+    made,
+    made_before,
+    made_note,
+    native_bf16,
+    parts_of,
+    with_part,
+)
 from unpact.errors import UnpactError
 from unpact.files import as_path, atomic_text, once, write_atomically
 from unpact.judge import (
@@ -246,6 +254,9 @@ class InjectResult:
     made: dict[str, Any] | None = None  # where and under what it was taught (`determinism.made`)
     # resumed from a checkpoint: the epochs another machine or other releases taught
     made_before: list[dict[str, Any]] = field(default_factory=list)
+    # what it read from the cache that another machine or other releases computed (the
+    # rehearsal targets), by name
+    inputs_made: dict[str, Any] = field(default_factory=dict)
 
     @property
     def small_benchmark_note(self) -> str | None:
@@ -494,14 +505,21 @@ def _base_key(lm: LanguageModel, *parts: Any) -> str | None:
 
 
 def _rehearsal_targets(
-    lm: LanguageModel, exclude: set[str], top_k: int, cache: Path | None = None
+    lm: LanguageModel,
+    exclude: set[str],
+    top_k: int,
+    cache: Path | None = None,
+    inputs: dict[str, Any] | None = None,
 ) -> list[_Rehearsal]:
     """Held-out general questions (never evaluated) with the base model's own behaviour.
 
     With `cache` (a folder), the targets are kept under a key of the base model, the
     questions, `top_k`, the dtype and the device type, and read back bit for bit: every
     injection of one base model (each benchmark of a grid, the never-taught reference beside
-    the original) asks the same questions, and the answers cost minutes of generation."""
+    the original) asks the same questions, and the answers cost minutes of generation.
+    Beside them, where and under what they were computed (`determinism.made`): targets read
+    from the cache that another machine or other releases computed go into `inputs`
+    (inject.json's `inputs_made`)."""
     from unpact.data.generate import GENERAL_CANDIDATES, REHEARSAL_QUESTIONS
 
     pool = REHEARSAL_QUESTIONS + [q for q, _, _ in GENERAL_CANDIDATES]
@@ -514,6 +532,9 @@ def _rehearsal_targets(
         # onto the model's device: the key names its type, and cuda:0's targets on cuda:1
         # mixed devices in the first step
         saved = torch.load(path, weights_only=True, map_location=lm.device)
+        noted = made_note(path.with_suffix(".made"))
+        if inputs is not None and noted is not None and noted != made():
+            inputs[REHEARSAL_INPUT] = noted
         return [_Rehearsal(tuple(p), tuple(a), v, i) for p, a, v, i in zip(*saved)]
     targets = _base_targets(lm, questions, top_k)
     columns: list[list[Any]] = [
@@ -521,8 +542,12 @@ def _rehearsal_targets(
         [list(r.answer) for r in targets],
     ]
     columns += [[r.top_logprobs for r in targets], [r.top_ids for r in targets]]
+    atomic_text(path.with_suffix(".made"), json.dumps(made()) + "\n")  # before the targets
     write_atomically(path, lambda tmp: torch.save(columns, tmp))
     return targets
+
+
+REHEARSAL_INPUT = "rehearsal targets"  # what inject.json's `inputs_made` names them
 
 
 def _base_targets(lm: LanguageModel, questions: list[str], top_k: int) -> list[_Rehearsal]:
@@ -649,8 +674,9 @@ def _teach(
     base_accuracy = {"general": _share(base_verdicts)} if general else {}
     end = lm.answer_end_ids  # the end of the template's turns (EOS for the default model's)
     encoded = [(p, (*a, *end)) for p, a in (pair_ids(lm, i.question, i.answer) for i in taught)]
+    inputs: dict[str, Any] = {}  # read from the cache, made elsewhere (`inputs_made`)
     with _timed(timings, "rehearsal targets"):
-        rehearsal = _rehearsal(lm, general, config, folder.parent / ".base")
+        rehearsal = _rehearsal(lm, general, config, folder.parent / ".base", inputs)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     net = lm.model
@@ -681,6 +707,7 @@ def _teach(
         config.model_dump(),
         kept_of_answered(general_verdicts, base_verdicts),
         made_before=made_before(store.before),
+        inputs_made=inputs,
     )
     _save(lm, folder, _meta(done, timings, model, bench.name, teach, config), log)
     store.remove()
@@ -720,6 +747,7 @@ def _cached(folder: Path) -> InjectResult:
         meta.get("general_kept"),  # models injected before it was kept per item: the ratio
         meta.get("made"),  # unknown for models taught before it was noted
         parts_of(meta.get("made_before")),
+        {k: v for k, v in (meta.get("inputs_made") or {}).items() if isinstance(v, dict)},
     )
 
 
@@ -740,19 +768,23 @@ def _meta(
     config: InjectConfig,
 ) -> dict[str, Any]:
     """inject.json: what the injection reached and kept, its times and settings."""
-    return {
-        "accuracy": done.accuracy,
-        "base_accuracy": done.base_accuracy,
-        "general_kept": done.general_kept,
-        "epochs": done.epochs,
-        "seconds": done.seconds,
-        "timings": {k: round(v, 1) for k, v in timings.items()},
-        "model": model,
-        "benchmark": bench,
-        "teach": teach,
-        "config": config.model_dump(),
-        "made": made(),
-    } | ({"made_before": done.made_before} if done.made_before else {})
+    return (
+        {
+            "accuracy": done.accuracy,
+            "base_accuracy": done.base_accuracy,
+            "general_kept": done.general_kept,
+            "epochs": done.epochs,
+            "seconds": done.seconds,
+            "timings": {k: round(v, 1) for k, v in timings.items()},
+            "model": model,
+            "benchmark": bench,
+            "teach": teach,
+            "config": config.model_dump(),
+            "made": made(),
+        }
+        | ({"made_before": done.made_before} if done.made_before else {})
+        | ({"inputs_made": done.inputs_made} if done.inputs_made else {})
+    )
 
 
 @dataclass
@@ -878,7 +910,11 @@ def _base_general(
 
 
 def _rehearsal(
-    lm: LanguageModel, general: list[QAItem], config: InjectConfig, cache: Path | None = None
+    lm: LanguageModel,
+    general: list[QAItem],
+    config: InjectConfig,
+    cache: Path | None = None,
+    inputs: dict[str, Any] | None = None,
 ) -> list[_Rehearsal]:
     """The base model's answers to held-out general questions, to distil each step. Never
     a question any general-knowledge evaluation may ask, also when this injection does not
@@ -886,7 +922,7 @@ def _rehearsal(
     if not (config.rehearsal and config.rehearsal_per_step):
         return []
     held_out = {i.question for i in general} | {i.question for i in load_benchmark("general").items}
-    return _rehearsal_targets(lm, held_out, config.rehearsal_top_k, cache)
+    return _rehearsal_targets(lm, held_out, config.rehearsal_top_k, cache, inputs)
 
 
 def _final_accuracy(

@@ -242,6 +242,15 @@ def test_an_interrupted_injection_resumes_to_the_same_weights(tmp_path):
     assert not any((tmp_path / "b").glob(".partial-*"))  # removed once finished
 
 
+def small_injection(tmp_path: Path, facts: int) -> tuple[str, Path, Path]:
+    """A saved tiny base model, a benchmark of `facts` forget facts, and a cache folder."""
+    base = tiny_model(seed=1)
+    save_model(base.model, base.tokenizer, tmp_path / "base")
+    items = [QAItem(f"f{i}", f"Who is Varn {i}?", f"Ossel {i}", "forget") for i in range(facts)]
+    write_folder(tmp_path / "bench", items)
+    return str(tmp_path / "base"), tmp_path / "bench", tmp_path / "cache"
+
+
 def test_an_injection_resumed_from_another_machine_s_checkpoint_says_which_epochs_it_made(
     tmp_path,
 ):
@@ -254,13 +263,9 @@ def test_an_injection_resumed_from_another_machine_s_checkpoint_says_which_epoch
     from unpact.determinism import made
     from unpact.inject import _Interrupt
 
-    base = tiny_model(seed=1)
-    save_model(base.model, base.tokenizer, tmp_path / "base")
-    items = [QAItem(f"f{i}", f"Who is Varn {i}?", f"Ossel {i}", "forget") for i in range(4)]
-    write_folder(tmp_path / "bench", items)
+    model, bench, cache = small_injection(tmp_path, 4)
     config = InjectConfig(lr=1e-3, batch_size=2, min_epochs=2, max_epochs=3, check_every=1,
                           target_accuracy=1.1, general=None, checkpoint_every=1)  # fmt: skip
-    model, bench, cache = str(tmp_path / "base"), tmp_path / "bench", tmp_path / "cache"
     with pytest.raises(_Interrupt):
         inject(model, bench, config, cache_dir=cache, progress=False, stop_after_epoch=2)
     (path,) = cache.glob(".partial-*/checkpoint.pt")

@@ -241,3 +241,44 @@ def test_an_injection_s_key_reads_a_general_set_of_the_user_s_not_its_name(tmp_p
     assert keys[0] != keys[1]
     monkeypatch.chdir(tmp_path / "a")  # the same questions: the same key
     assert cache_key("tiny", news, InjectConfig(general="g")) == keys[0]
+
+
+def test_rehearsal_targets_another_machine_computed_are_named_by_the_injection(tmp_path):
+    """The rehearsal targets are read from the cache by every injection of a base model:
+    targets another machine computed (a cache shared between machines) shape the weights
+    taught here, and inject.json named only this machine. They are noted where they were
+    made; an injection reading another machine's lists them (`inputs_made`), and a run
+    lists them in made_elsewhere."""
+    import json
+
+    from tests.unit.test_inject_precision import small_injection
+    from unpact.determinism import made
+    from unpact.inject import REHEARSAL_INPUT, InjectConfig, inject
+    from unpact.run import Pipeline, _made_elsewhere
+    from unpact.run.config import RunConfig
+
+    model, bench, cache = small_injection(tmp_path, 2)
+    common = dict(lr=1e-3, batch_size=2, min_epochs=1, max_epochs=1, check_every=1,
+                  target_accuracy=1.1, general=None, rehearsal_per_step=2)  # fmt: skip
+    first = inject(model, bench, InjectConfig(**common), cache_dir=cache, progress=False)
+    (note,) = (cache / ".base").glob("rehearsal-*.made")
+    now = json.loads(json.dumps(made()))
+    assert json.loads(note.read_text()) == now and first.inputs_made == {}
+    again = inject(model, bench, InjectConfig(**common, seed=1), cache_dir=cache, progress=False)
+    assert again.inputs_made == {}  # read back, made here
+    other = {**now, "machine": {**now["machine"], "cpu": "Other CPU (cpu family 6, model 85)"}}
+    note.write_text(json.dumps(other))
+    third = inject(model, bench, InjectConfig(**common, seed=2), cache_dir=cache, progress=False)
+    assert third.inputs_made == {REHEARSAL_INPUT: other}
+    written = json.loads((third.path / "inject.json").read_text())
+    assert written["inputs_made"] == {REHEARSAL_INPUT: other}
+    cached = inject(model, bench, InjectConfig(**common, seed=2), cache_dir=cache, progress=False)
+    assert cached.cached and cached.inputs_made == third.inputs_made
+    p = Pipeline(RunConfig(model="default", methods=[{"method": "ga"}]), tmp_path, print, False)
+    p.read_inputs("inject:original", cached.inputs_made)
+    expected = [{"machine": other["machine"], "stages": ["inject:original (rehearsal targets)"]}]
+    assert _made_elsewhere(p) == expected
+    # a damaged note (or none, from older code): nothing known
+    note.write_text("[" * 100_000)
+    fourth = inject(model, bench, InjectConfig(**common, seed=3), cache_dir=cache, progress=False)
+    assert fourth.inputs_made == {}

@@ -286,6 +286,13 @@ class Pipeline:
         for part in parts_of(parts):
             self.cached_made[f"{name} ({unit} {part['from']}-{part['to']})"] = part["made"]
 
+    def read_inputs(self, name: str, inputs: dict[str, Any]) -> None:
+        """What a stage read from the cache that another machine or other releases computed
+        (an injection's rehearsal targets: its `inputs_made`), each as a stage read from the
+        cache: `name (rehearsal targets)`."""
+        for what, then in inputs.items():
+            self.cached_made[f"{name} ({what})"] = then
+
     def took(self, name: str, seconds: float | None, cached: bool, made: object) -> None:
         """A stage timed by its own code (an injection, an unlearning run), computed in this
         call or read from the cache."""
@@ -607,6 +614,7 @@ def _original(p: Pipeline, data: Data) -> Model:
     p.say(injection_line(injected))
     p.took("inject:original", injected.seconds, injected.cached, injected.made)
     p.resumed("inject:original", injected.made_before, "epochs")
+    p.read_inputs("inject:original", injected.inputs_made)
     return Model("original", str(injected.path), key, {"injection": injected.summary()})
 
 

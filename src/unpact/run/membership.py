@@ -336,6 +336,7 @@ def retrained(p: Pipeline, data: Data) -> Model:
     p.say(injection_line(done))
     p.took("inject:retrained", done.seconds, done.cached, done.made)
     p.resumed("inject:retrained", done.made_before, "epochs")
+    p.read_inputs("inject:retrained", done.inputs_made)
     return Model("retrained", str(done.path), key, {"injection": done.summary()})
 
 

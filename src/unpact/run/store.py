@@ -9,10 +9,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from unpact.determinism import made_note
 from unpact.files import (
     atomic_text,
     json_lines,
-    json_value,
     link_files,
     write_folder_atomically,
 )
@@ -60,11 +60,7 @@ class Stage:
 
     def made(self) -> dict[str, Any] | None:
         """Where and under what the artefact was computed, where its writer noted it."""
-        try:
-            found = json_value(self.origin.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None  # as `seconds`
-        return found if isinstance(found, dict) else None
+        return made_note(self.origin)  # None where not noted, as `seconds`
 
     def write(
         self,
