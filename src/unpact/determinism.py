@@ -298,16 +298,31 @@ def made_elsewhere(then: object, now: dict[str, Any]) -> dict[str, Any] | None:
     return out or None
 
 
-def made_note(path: os.PathLike[str] | str) -> dict[str, Any] | None:
-    """A `made()` note as written beside an artefact, or None where it is missing (written
-    by older code, or lost) or not a JSON object (damaged, however deeply nested)."""
+def note_text(path: os.PathLike[str] | str) -> str | None:
+    """The text of a note written beside an artefact, or None where it is missing (written
+    by older code, or lost) or not text."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _parsed(text: str | None) -> object:
+    """A note's JSON value, or None where there is no note or it is not JSON (damaged,
+    however deeply nested: `files.json_value`)."""
     from unpact.files import json_value
 
     try:
-        with open(path, encoding="utf-8") as f:
-            found = json_value(f.read())
-    except (OSError, ValueError):
+        return json_value(text) if text is not None else None
+    except ValueError:
         return None
+
+
+def made_note(path: os.PathLike[str] | str) -> dict[str, Any] | None:
+    """A `made()` note as written beside an artefact, or None where it is missing (written
+    by older code, or lost) or not a JSON object (damaged, however deeply nested)."""
+    found = _parsed(note_text(path))
     return found if isinstance(found, dict) else None
 
 
@@ -325,12 +340,7 @@ def with_part(before: list[dict[str, Any]], first: int, last: int) -> list[dict[
 def parts_noted(text: str | None) -> list[dict[str, Any]]:
     """The parts of a checkpoint's note (`with_part`), or none where the note is missing
     (written by older code) or damaged: then nothing is known of where they were made."""
-    from unpact.files import json_value
-
-    try:
-        return parts_of(json_value(text) if text is not None else [])
-    except ValueError:
-        return []
+    return parts_of(_parsed(text))
 
 
 def parts_of(found: object) -> list[dict[str, Any]]:

@@ -747,8 +747,16 @@ def _cached(folder: Path) -> InjectResult:
         meta.get("general_kept"),  # models injected before it was kept per item: the ratio
         meta.get("made"),  # unknown for models taught before it was noted
         parts_of(meta.get("made_before")),
-        {k: v for k, v in (meta.get("inputs_made") or {}).items() if isinstance(v, dict)},
+        _inputs_noted(meta.get("inputs_made")),
     )
+
+
+def _inputs_noted(found: object) -> dict[str, Any]:
+    """inject.json's `inputs_made` as far as it is well formed (a note edited by hand may
+    hold anything): each input's `made()` by name."""
+    if not isinstance(found, dict):
+        return {}
+    return {k: v for k, v in found.items() if isinstance(v, dict)}
 
 
 def _taught(bench: Benchmark, teach: str) -> list[QAItem]:

@@ -274,6 +274,11 @@ def test_rehearsal_targets_another_machine_computed_are_named_by_the_injection(t
     assert written["inputs_made"] == {REHEARSAL_INPUT: other}
     cached = inject(model, bench, InjectConfig(**common, seed=2), cache_dir=cache, progress=False)
     assert cached.cached and cached.inputs_made == third.inputs_made
+    edited = {**written, "inputs_made": "edited by hand"}  # no traceback: nothing known
+    (third.path / "inject.json").write_text(json.dumps(edited))
+    assert inject(model, bench, InjectConfig(**common, seed=2), cache_dir=cache,
+                  progress=False).inputs_made == {}  # fmt: skip
+    (third.path / "inject.json").write_text(json.dumps(written))
     p = Pipeline(RunConfig(model="default", methods=[{"method": "ga"}]), tmp_path, print, False)
     p.read_inputs("inject:original", cached.inputs_made)
     expected = [{"machine": other["machine"], "stages": ["inject:original (rehearsal targets)"]}]

@@ -10,12 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from unpact.determinism import made_note
-from unpact.files import (
-    atomic_text,
-    json_lines,
-    link_files,
-    write_folder_atomically,
-)
+from unpact.files import atomic_text, json_lines, link_files, write_folder_atomically
 
 __all__ = ["Stage", "atomic_text", "digest", "jsonl", "link_model", "read_jsonl"]
 

@@ -37,7 +37,7 @@ import yaml
 
 from unpact.data.items import QAItem
 from unpact.data.sources import load_benchmark
-from unpact.determinism import keeps_rng, made, made_before, parts_noted, with_part
+from unpact.determinism import keeps_rng, made, made_before, note_text, parts_noted, with_part
 from unpact.errors import UnpactError, items_named, said_of
 from unpact.files import (
     as_path,
@@ -811,14 +811,7 @@ def _resumed(accelerator: Any, out: Path, step: int) -> list[dict[str, Any]]:
         return []
     checkpoint = out / "checkpoints" / f"step-{step}"
     accelerator.load_state(str(checkpoint))
-    return parts_noted(_read_note(checkpoint / MADE_NOTE))
-
-
-def _read_note(path: Path) -> str | None:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return None  # written by older code, or lost: where the steps were made is unknown
+    return parts_noted(note_text(checkpoint / MADE_NOTE))
 
 
 def _checkpoint(accelerator: Any, out: Path, step: int, parts: list[dict[str, Any]]) -> None:
