@@ -316,6 +316,22 @@ def mcnemar_exact(records: list[ItemRecord], attack: str, baseline: str = "proba
     return McNemar(a, b, min(1.0, 2 * tail))
 
 
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (Holm 1979), in their order:
+    rejecting each hypothesis whose adjusted p-value is below alpha keeps the chance of any
+    false rejection in the family at most alpha, whatever their dependence. Sorted
+    ascending, the i-th of k (from 0) is adjusted to the largest (k - j) p_(j) over j <= i,
+    capped at 1: statsmodels' `multipletests(method="holm")` and R's
+    `p.adjust(method="holm")`."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted = [1.0] * len(p_values)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 # ------------------------------------------------------------------------ the registry
 #
 # A metric is one function of per-item records, registered once with what is needed to show

@@ -440,6 +440,43 @@ def test_verdicts_read_the_figures_and_the_paired_items():
     assert one["probe"]["detail"].startswith("the forgotten item could not be attacked")
 
 
+def test_recovery_verdicts_are_corrected_for_the_attacks_tested_together():
+    """Each attack is one more chance of a "recoverable" by luck: the verdicts read the
+    McNemar p-values after Holm's correction over the attacks with a control."""
+    from unpact.metrics import ItemRecord
+
+    def rec(n, quantize, probab):
+        return ItemRecord(
+            f"f{n}",
+            "forget",
+            True,
+            False,
+            {"quantize": quantize, "probab": probab},
+            recovered_control={"quantize": False, "probab": False},
+        )
+
+    # quantize: 6 recovered here only, none there, p = 2/2^6 = 0.031; probab: none, p = 1
+    records = [rec(n, True, False) for n in range(6)] + [rec(6 + n, False, False) for n in range(4)]
+    m = {
+        "forgotten": 10,
+        "recovery": {"quantize": 0.6, "probab": 0.0},
+        "recovery_control": {"quantize": 0.0, "probab": 0.0},
+    }
+    alone = {v["test"]: v for v in verdicts(m, records, ["quantize"])}
+    assert alone["quantize"]["verdict"] == "recoverable beyond the control"
+    assert alone["quantize"]["detail"].endswith("exact McNemar p = 0.031)")
+    both = {v["test"]: v for v in verdicts(m, records, ["quantize", "probab"])}
+    assert both["quantize"]["verdict"] == "not beyond the control"  # 2 x 0.031 = 0.062
+    assert both["quantize"]["detail"].endswith(
+        "exact McNemar p = 0.031, 0.062 after Holm's correction over 2 attacks)"
+    )
+    assert both["probab"]["verdict"] == "not recovered"
+    # an attack without a control is not one of the family
+    loose = m | {"recovery_control": {"quantize": 0.0, "probab": None}}
+    got = {v["test"]: v for v in verdicts(loose, records, ["quantize", "probab"])}
+    assert got["quantize"]["verdict"] == "recoverable beyond the control"
+
+
 def _quick_audit(pair, bench, out, **options):
     """The results of an audit of the pair on `bench` with one prompt attack, no general
     items, on the CPU (a cache beside `out`)."""

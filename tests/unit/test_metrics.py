@@ -17,6 +17,7 @@ from unpact.metrics import (
     destructive_rate,
     focus_shift,
     forgotten_count,
+    holm,
     knowmem,
     mcnemar_exact,
     recovery_rate,
@@ -172,6 +173,31 @@ def test_mcnemar_equals_enumerating_every_outcome(pairs):
     far = abs(test.only_a - n / 2)
     slow = sum(math.comb(n, k) for k in range(n + 1) if abs(k - n / 2) >= far - 1e-9) / 2**n
     assert test.p_value == pytest.approx(min(1.0, slow))
+
+
+def test_holm_on_hand_values():
+    # sorted 0.01, 0.02, 0.04, 0.3 of four: 4 x 0.01, 3 x 0.02, max(0.06, 2 x 0.04), 1 x 0.3
+    got = holm([0.04, 0.01, 0.3, 0.02])
+    assert got == pytest.approx([0.08, 0.04, 0.3, 0.06])
+    assert holm([0.5, 0.6]) == [1.0, 1.0]  # capped
+    assert holm([0.03]) == [0.03]  # one test: nothing to correct
+    assert holm([]) == []
+
+
+@given(st.lists(st.floats(0, 1), max_size=8), st.floats(0.001, 0.2))
+def test_holm_rejects_as_the_step_down_procedure(ps, alpha):
+    """Adjusted p below alpha exactly where Holm's procedure rejects: going up the sorted
+    p-values, reject while the i-th (from 0) of k is at most alpha / (k - i), stop at the
+    first that is not."""
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    rejected = set()
+    for rank, i in enumerate(order):
+        if ps[i] * (len(ps) - rank) >= alpha:
+            break
+        rejected.add(i)
+    got = holm(ps)
+    assert {i for i, q in enumerate(got) if q < alpha} == rejected
+    assert all(q >= p for q, p in zip(got, ps, strict=True))
 
 
 def test_bootstrap_interval_covers_a_known_rate_with_the_expected_width():

@@ -25,7 +25,7 @@ import os
 import re
 from functools import cache
 from pathlib import Path
-from typing import Any, get_args, overload
+from typing import Any, NamedTuple, get_args, overload
 
 from unpact.attacks import ATTACKS
 from unpact.errors import UnpactError
@@ -484,8 +484,10 @@ def verdicts(
             "detail": f"no forgotten item to attack ({asked})",
         }
         return [*out, *([why] if attacks else []), same]
+    tests = _family(m, records, attacks)
     for attack in attacks:
-        out.append(_recovery(m, records, attack, alpha, (skipped or {}).get(f"attack.{attack}")))
+        left_out = (skipped or {}).get(f"attack.{attack}")
+        out.append(_recovery(m, records, attack, alpha, left_out, tests.get(attack)))
     out.append(same)
     sim = m.get("keytoken_similarity_forgotten")
     if sim is not None:
@@ -545,10 +547,47 @@ def _reference_acc(reference: dict[str, Any], split: str) -> str:
     return "" if acc is None else f", the reference's {_pct(acc)}"
 
 
+class _Paired(NamedTuple):
+    """One attack's exact McNemar test against its control: the forgotten items recovered
+    only from the unlearned model, only from the reference, the p-value, and the p-value
+    after Holm's correction over the `family` attacks tested together."""
+
+    mine: int
+    theirs: int
+    p: float
+    corrected: float
+    family: int
+
+
+def _family(m: dict[str, Any], records: list[ItemRecord], attacks: list[str]) -> dict[str, _Paired]:
+    """Each attack's McNemar test against its control, for the attacks measured on both
+    models (`_Paired`), the p-values corrected by Holm's method over them. Each
+    attack is one more chance of a "recoverable" by luck alone: seven independent tests at
+    alpha 0.05 find one in about a third of audits of a model that hides nothing."""
+    from unpact.metrics import holm
+
+    rates, controls = m.get("recovery") or {}, m.get("recovery_control") or {}
+    tests = {
+        a: _mcnemar(records, a) or (0, 0, 1.0)
+        for a in attacks
+        if rates.get(a) is not None and controls.get(a) is not None
+    }
+    adjusted = holm([p for _, _, p in tests.values()])
+    return {
+        a: _Paired(*t, q, len(tests)) for (a, t), q in zip(tests.items(), adjusted, strict=True)
+    }
+
+
 def _recovery(
-    m: dict[str, Any], records: list[ItemRecord], attack: str, alpha: float, left_out: str | None
+    m: dict[str, Any],
+    records: list[ItemRecord],
+    attack: str,
+    alpha: float,
+    left_out: str | None,
+    test: _Paired | None = None,
 ) -> dict[str, str]:
-    """The verdict of one attack; `left_out`: why the run left it out, if it did."""
+    """The verdict of one attack; `left_out`: why the run left it out, if it did; `test`:
+    its McNemar test against the control (`_family`), read after Holm's correction."""
     rate = (m.get("recovery") or {}).get(attack)
     control = (m.get("recovery_control") or {}).get(attack)
     # the counts beside the share: 100% [100%, 100%] of one item read as a firm finding
@@ -583,17 +622,17 @@ def _recovery(
             "control, so whether a model that never knew these facts answers as many "
             "(guessing among options, or by sampling) is not known",
         }
-    test = _mcnemar(records, attack)
-    mine, theirs, p = test if test is not None else (0, 0, 1.0)
-    beyond = p < alpha and mine > theirs
+    mine, theirs, p, corrected, family = test or _Paired(0, 0, 1.0, 1.0, 1)
+    beyond = corrected < alpha and mine > theirs
     verdict = "recoverable beyond the control" if beyond else "not beyond the control"
     if rate == 0:
         verdict = "not recovered"
+    holm = f", {corrected:.2g} after Holm's correction over {family} attacks" if family > 1 else ""
     return {
         "test": attack,
         "verdict": verdict,
         "detail": f"{head}; the never-taught reference {_pct(control)} on the same items "
-        f"(recovered only here: {mine}, only there: {theirs}; exact McNemar p = {p:.2g})",
+        f"(recovered only here: {mine}, only there: {theirs}; exact McNemar p = {p:.2g}{holm})",
     }
 
 
