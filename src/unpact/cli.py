@@ -754,6 +754,27 @@ def _print_injection(result: Any) -> None:
         out.print(f"kept {result.general_kept:.0%} of the general questions the base model answers")
     if result.small_benchmark_note:
         out.print(escape(result.small_benchmark_note))
+    parts = {"the cached model": result.made} if result.cached else {}
+    parts |= {f"epochs {p['from']}-{p['to']}": p["made"] for p in result.made_before}
+    parts |= {f"its {what}": then for what, then in result.inputs_made.items()}
+    _say_made_elsewhere(parts, "inject.json's made, made_before and inputs_made")
+
+
+def _say_made_elsewhere(parts: dict[str, Any], where: str) -> None:
+    """A note naming the parts of a model this command gives (read from the cache, or
+    trained before it resumed from a checkpoint) that another machine or other library
+    releases computed, as `unpact run` says it of its stages: made here they may differ in
+    the last digits. `parts`: each part's name and its `determinism.made` note."""
+    from unpact.determinism import made, made_elsewhere
+
+    now = made()
+    names = [name for name, then in parts.items() if made_elsewhere(then, now) is not None]
+    if names:
+        out.print(
+            "note: computed on another machine or under other library releases: "
+            f"{escape(', '.join(names))} ({where}); made here, the numbers may differ in the "
+            "last digits"
+        )
 
 
 def _inject_config(options: dict[str, Any], sets: list[str]) -> Any:
@@ -888,6 +909,8 @@ def _unlearn(
         + escape(str(result.model_dir))
     )
     out.print(f"loss log: {escape(str(out_dir / 'losses.jsonl'))}")
+    parts = {f"steps {p['from']}-{p['to']}": p["made"] for p in result.made_before}
+    _say_made_elsewhere(parts, "result.json's made_before")
     if evaluate:
         _print_accuracy(spec, str(result.model_dir), benchmark, out_dir, cfg.method, device)
 

@@ -438,3 +438,30 @@ def test_a_question_over_the_context_is_refused_before_the_epochs(tmp_path, monk
         )  # fmt: skip
     assert "24 tokens of answer (unpact inject --max-new-tokens; inject.settings" in str(e.value)
     assert str(e.value).endswith("or lower that setting")
+
+
+def test_the_cli_names_what_of_an_injection_another_machine_computed(capsys):
+    """`unpact inject` said nothing when the model it gave was read from a cache another
+    machine filled, resumed from its checkpoint, or taught on its rehearsal targets: only
+    inject.json told. It says so as `unpact run` does, and nothing when all was made here."""
+    import json
+    from pathlib import Path
+
+    from unpact.cli import _print_injection
+    from unpact.determinism import made
+    from unpact.inject import InjectResult
+
+    now = json.loads(json.dumps(made()))
+    other = {**now, "versions": {**now["versions"], "torch": "2.10.0"}}
+
+    def said(**fields):
+        _print_injection(InjectResult(Path("m"), {}, {}, 3, 1.0, **fields))
+        return " ".join(capsys.readouterr().out.split())
+
+    assert "note:" not in said(cached=True, made=now)
+    assert "note:" not in said(cached=False, made=other)  # made by this very process
+    assert "releases: the cached model (inject.json's" in said(cached=True, made=other)
+    assert "note:" not in said(cached=True, made=None)  # older code noted nothing
+    parts = [{"from": 0, "to": 2, "made": other}]
+    got = said(cached=False, made=now, made_before=parts, inputs_made={"rehearsal targets": other})
+    assert "releases: epochs 0-2, its rehearsal targets (inject.json's" in got

@@ -348,7 +348,9 @@ def test_resume_after_a_crash_ends_with_the_same_weights(bench, tmp_path):
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
 
 
-def test_a_run_resumed_from_another_machine_s_checkpoint_says_which_steps_it_made(bench, tmp_path):
+def test_a_run_resumed_from_another_machine_s_checkpoint_says_which_steps_it_made(
+    bench, tmp_path, capsys
+):
     """A run interrupted on one machine (a preempted cluster job) and resumed on another
     has weights both computed; result.json named only the one that finished it. Each
     checkpoint notes where each part of its steps was trained; the result lists the parts
@@ -378,6 +380,13 @@ def test_a_run_resumed_from_another_machine_s_checkpoint_says_which_steps_it_mad
     written = json.loads((tmp_path / "moved" / "result.json").read_text())
     assert finished.made_before == written["made_before"] == [parts[0]]
     assert written["made"] == now
+    # and `unpact unlearn` says so, where it printed nothing of it
+    from unpact.cli import _say_made_elsewhere
+
+    _say_made_elsewhere({"steps 0-2": other}, "result.json's made_before")
+    assert "releases: steps 0-2 (result.json's made_before)" in " ".join(
+        capsys.readouterr().out.split()
+    )
     # a checkpoint without the note (older code), or with a damaged one: nothing known
     with pytest.raises(Exception, match="stopped after step 2"):
         _run(bench, tmp_path / "old", stop_after=2)
