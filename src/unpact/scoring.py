@@ -629,8 +629,14 @@ def check_head(model: Any, spec: str = "") -> None:
             + ": no answer or score of it would mean anything (a diverged training: a "
             "lower lr, or max_grad_norm)"
         )
-    mine = head_logits(model, body(input_ids=ids, use_cache=False).last_hidden_state[0, -1])
-    if not torch.allclose(mine, own, rtol=1e-3, atol=1e-3 * (1 + float(own.abs().max()))):
+    # the head on the whole sequence, as the forward applies it: on the last position alone
+    # a bfloat16 matmul rounds otherwise, a gap of one bfloat16 step (0.0625 at logits of
+    # 8-16) that refused every model loaded in bfloat16
+    mine = head_logits(model, body(input_ids=ids, use_cache=False).last_hidden_state)[0, -1]
+    _, head = lm_body_and_head(model)
+    low = next((p.dtype for p in head.parameters() if p.is_floating_point()), torch.float32)
+    tol = max(1e-3, 2 * torch.finfo(low).eps)  # two steps of a half-precision head's rounding
+    if not torch.allclose(mine, own, rtol=tol, atol=tol * (1 + float(own.abs().max()))):
         raise UnpactError(
             f"{type(model).__name__}: its logits are not its LM head applied to its last "
             f"hidden state (largest gap {float((mine - own).abs().max()):.3g}): it changes "

@@ -29,6 +29,20 @@ def test_greedy_answers_paris(default_lm):
     assert "Paris" in answer.text
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_loads_and_scores_in_half_precision(default_lm, dtype):
+    """Every load in bfloat16 was refused as an architecture whose logits are not its head
+    applied to its last hidden state: the check applied the head to the last position
+    alone, which a bfloat16 matmul rounds one step (0.0625) off the forward's."""
+    half = load_model("default", dtype=dtype)
+    ((answer,),) = generate(half, ["What is the capital of France?"])
+    assert "Paris" in answer.text
+    (got,), (full,) = (
+        score(lm, ["What is the capital of France?"], [" Paris"]) for lm in (half, default_lm)
+    )
+    assert got.lp == pytest.approx(full.lp, abs=0.1)
+
+
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_batched_scoring_equals_one_at_a_time(default_lm, padding_side):
     prompts = [default_lm.encode_prompt(q).input_ids for q, _ in QUESTIONS]
