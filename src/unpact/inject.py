@@ -669,12 +669,12 @@ def _teach(
         " (unpact inject --max-new-tokens; inject.settings.max_new_tokens in a run)",
     )
     general = general_items(config.general) if config.general else []
+    inputs: dict[str, Any] = {}  # read from the cache, made elsewhere (`inputs_made`)
     with _timed(timings, "base general"):
-        base_verdicts = _base_general(lm, general, config, folder.parent / ".base")
+        base_verdicts = _base_general(lm, general, config, folder.parent / ".base", inputs)
     base_accuracy = {"general": _share(base_verdicts)} if general else {}
     end = lm.answer_end_ids  # the end of the template's turns (EOS for the default model's)
     encoded = [(p, (*a, *end)) for p, a in (pair_ids(lm, i.question, i.answer) for i in taught)]
-    inputs: dict[str, Any] = {}  # read from the cache, made elsewhere (`inputs_made`)
     with _timed(timings, "rehearsal targets"):
         rehearsal = _rehearsal(lm, general, config, folder.parent / ".base", inputs)
     torch.manual_seed(config.seed)
@@ -889,12 +889,19 @@ def _general_verdicts(
 
 
 def _base_general(
-    lm: LanguageModel, general: list[QAItem], config: InjectConfig, cache: Path
+    lm: LanguageModel,
+    general: list[QAItem],
+    config: InjectConfig,
+    cache: Path,
+    inputs: dict[str, Any] | None = None,
 ) -> list[bool]:
     """The base model's verdicts on the general items, cached like the rehearsal targets
     (every injection of one base model judges it on the same questions). Older code kept
     the accuracy alone, in `general-KEY.json` (which older code still reads): the verdicts go
-    beside it under their own name. A damaged file is judged again."""
+    beside it under their own name. A damaged file is judged again. Where and under what
+    they were judged (`determinism.made`) is kept with them: verdicts another machine or
+    other releases made go into `inputs` (inject.json's `inputs_made`, as the rehearsal
+    targets'); those of older code noted nothing."""
     if not general:
         return []
     # the judge's rules added since these verdicts were first cached, where the set meets
@@ -910,11 +917,17 @@ def _base_general(
             kept = None
         verdicts = kept.get("verdicts") if isinstance(kept, dict) else None
         if isinstance(verdicts, list) and len(verdicts) == len(general):
+            noted = kept.get("made") if isinstance(kept, dict) else None
+            if inputs is not None and isinstance(noted, dict) and noted != made():
+                inputs[BASE_GENERAL_INPUT] = noted
             return [bool(v) for v in verdicts]
     found = _general_verdicts(lm, general, config, "Base model: general")
     if key is not None:
-        atomic_text(path, json.dumps({"verdicts": found}))
+        atomic_text(path, json.dumps({"verdicts": found, "made": made()}))
     return found
+
+
+BASE_GENERAL_INPUT = "base general verdicts"  # what inject.json's `inputs_made` names them
 
 
 def _rehearsal(

@@ -287,3 +287,37 @@ def test_rehearsal_targets_another_machine_computed_are_named_by_the_injection(t
     note.write_text("[" * 100_000)
     fourth = inject(model, bench, InjectConfig(**common, seed=3), cache_dir=cache, progress=False)
     assert fourth.inputs_made == {}
+
+
+def test_base_general_verdicts_another_machine_judged_are_named_by_the_injection(tmp_path):
+    """The base model's general verdicts are read from `.base` by every injection of it,
+    and give its general_kept: those another machine judged were noted nowhere. They are
+    kept with where they were made, and an injection reading another machine's lists them
+    in inject.json's `inputs_made` (older files, without the note: nothing known)."""
+    from tests.unit.test_inject_precision import small_injection
+    from unpact.data.items import QAItem, write_folder
+    from unpact.determinism import made
+    from unpact.inject import BASE_GENERAL_INPUT, InjectConfig, inject
+
+    model, bench, cache = small_injection(tmp_path, 2)
+    general = [QAItem(f"g{i}", f"What is {i} + 1?", str(i + 1), "general") for i in range(3)]
+    write_folder(tmp_path / "general", general)
+    common = dict(lr=1e-3, batch_size=2, min_epochs=1, max_epochs=1, check_every=1,
+                  target_accuracy=1.1, rehearsal=False, general=str(tmp_path / "general"))  # fmt: skip
+    first = inject(model, bench, InjectConfig(**common), cache_dir=cache, progress=False)
+    (kept,) = (cache / ".base").glob("general-verdicts-*.json")
+    now = json.loads(json.dumps(made()))
+    saved = json.loads(kept.read_text())
+    assert saved["made"] == now and first.inputs_made == {}
+    again = inject(model, bench, InjectConfig(**common, seed=1), cache_dir=cache, progress=False)
+    assert again.inputs_made == {}  # read back, made here
+    other = {**now, "versions": {**now["versions"], "torch": "2.10.0"}}
+    kept.write_text(json.dumps({**saved, "made": other}))
+    third = inject(model, bench, InjectConfig(**common, seed=2), cache_dir=cache, progress=False)
+    assert third.inputs_made == {BASE_GENERAL_INPUT: other}
+    assert json.loads((third.path / "inject.json").read_text())["inputs_made"] == {
+        BASE_GENERAL_INPUT: other
+    }
+    kept.write_text(json.dumps({"verdicts": saved["verdicts"]}))  # older code's file
+    fourth = inject(model, bench, InjectConfig(**common, seed=3), cache_dir=cache, progress=False)
+    assert fourth.inputs_made == {} and fourth.base_accuracy == first.base_accuracy
