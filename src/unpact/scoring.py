@@ -609,7 +609,7 @@ def check_head(model: Any, spec: str = "") -> None:
     architecture that changes its logits some other way is refused, not scored wrongly.
     Logits that are not finite are a model whose weights are not (a diverged training):
     refused, naming the first such tensor (`spec`: the model, in the message)."""
-    body, _ = lm_body_and_head(model)
+    body, head = lm_body_and_head(model)
     if getattr(model.config, "model_type", "") == "recurrent_gemma" and not _takes_cache(body):
         raise UnpactError(  # transformers 5.0's, checked: scores off by 0.5 nat, in silence
             f"{type(model).__name__}: this transformers release's RecurrentGemma keeps its "
@@ -633,7 +633,6 @@ def check_head(model: Any, spec: str = "") -> None:
     # a bfloat16 matmul rounds otherwise, a gap of one bfloat16 step (0.0625 at logits of
     # 8-16) that refused every model loaded in bfloat16
     mine = head_logits(model, body(input_ids=ids, use_cache=False).last_hidden_state)[0, -1]
-    _, head = lm_body_and_head(model)
     low = next((p.dtype for p in head.parameters() if p.is_floating_point()), torch.float32)
     tol = max(1e-3, 2 * torch.finfo(low).eps)  # two steps of a half-precision head's rounding
     if not torch.allclose(mine, own, rtol=tol, atol=tol * (1 + float(own.abs().max()))):

@@ -471,6 +471,7 @@ def test_recovery_verdicts_are_corrected_for_the_attacks_tested_together():
         "exact McNemar p = 0.031, 0.062 after Holm's correction over 2 attacks)"
     )
     assert both["probab"]["verdict"] == "not recovered"
+    assert both["probab"]["detail"].endswith("exact McNemar p = 1)")  # 1 after it too: unsaid
     # an attack without a control is not one of the family
     loose = m | {"recovery_control": {"quantize": 0.0, "probab": None}}
     got = {v["test"]: v for v in verdicts(loose, records, ["quantize", "probab"])}

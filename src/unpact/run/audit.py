@@ -627,12 +627,16 @@ def _recovery(
     verdict = "recoverable beyond the control" if beyond else "not beyond the control"
     if rate == 0:
         verdict = "not recovered"
-    holm = f", {corrected:.2g} after Holm's correction over {family} attacks" if family > 1 else ""
+    adjusted = (  # said where the correction moved it (p = 1 stays 1)
+        f", {corrected:.2g} after Holm's correction over {family} attacks"
+        if family > 1 and f"{corrected:.2g}" != f"{p:.2g}"
+        else ""
+    )
     return {
         "test": attack,
         "verdict": verdict,
         "detail": f"{head}; the never-taught reference {_pct(control)} on the same items "
-        f"(recovered only here: {mine}, only there: {theirs}; exact McNemar p = {p:.2g}{holm})",
+        f"(recovered only here: {mine}, only there: {theirs}; exact McNemar p = {p:.2g}{adjusted})",
     }
 
 
