@@ -813,3 +813,26 @@ def test_indistinguishable_is_inconclusive_where_the_original_is_too():
     # a distinguishable model stays so, whatever the control
     far = m | {"privleak": 0.9, "ci": {"privleak": [0.5, 1.4]}}
     assert verdicts(far, [], [], original=m)[-1]["verdict"] == "distinguishable from the reference"
+
+
+def test_the_focus_verdict_says_how_many_items_it_averages_and_its_interval():
+    """ "focus mostly kept: 1.00" over two forgotten items read as firmly as over fifty."""
+    from unpact.metrics import ItemRecord
+
+    records = [ItemRecord(f"f{n}", "forget", True, False, {}) for n in range(3)]
+    for r, sim in zip(records, (0.2, 0.4, None), strict=True):
+        r.keytoken_similarity = sim
+    m = {"forgotten": 3, "keytoken_similarity_forgotten": 0.3}
+    got = {
+        v["test"]: v
+        for v in verdicts(m | {"ci": {"keytoken_similarity_forgotten": [0.2, 0.4]}}, records, [])
+    }
+    assert got["focus"] == {
+        "test": "focus",
+        "verdict": "focus moved",
+        "detail": "KeyToken similarity of the 2 forgotten items to the original's: 0.30 "
+        "[0.20, 0.40] (1: the same KeyTokens)",
+    }
+    got = {v["test"]: v for v in verdicts(m, records[:1], [])}
+    assert got["focus"]["detail"].startswith("KeyToken similarity of the 1 forgotten item to")
+    assert "focus" not in {v["test"] for v in verdicts({"forgotten": 3}, records, [])}

@@ -489,18 +489,27 @@ def verdicts(
         left_out = (skipped or {}).get(f"attack.{attack}")
         out.append(_recovery(m, records, attack, alpha, left_out, tests.get(attack)))
     out.append(same)
+    focus = _focus(m, records)
+    return [*out, focus] if focus is not None else out
+
+
+def _focus(m: dict[str, Any], records: list[ItemRecord]) -> dict[str, str] | None:
+    """Did the focus move: the forgotten items' mean KeyToken similarity to the original's
+    attribution, with how many items it averages and its interval (a mean of 1.00 over two
+    items read as firmly as one over fifty)."""
     sim = m.get("keytoken_similarity_forgotten")
-    if sim is not None:
-        moved = "moved" if sim < 0.5 else "mostly kept"
-        out.append(
-            {
-                "test": "focus",
-                "verdict": f"focus {moved}",
-                "detail": f"KeyToken similarity of forgotten items to the original's: {sim:.2f} "
-                "(1: the same KeyTokens)",
-            }
-        )
-    return out
+    if sim is None:
+        return None
+    n = sum(r.forgotten and r.keytoken_similarity is not None for r in records)
+    lo, hi = (m.get("ci") or {}).get("keytoken_similarity_forgotten") or (None, None)
+    interval = "" if lo is None else f" [{lo:.2f}, {hi:.2f}]"
+    items = f"the {n} forgotten item{'' if n == 1 else 's'}" if n else "forgotten items"
+    return {
+        "test": "focus",
+        "verdict": f"focus {'moved' if sim < 0.5 else 'mostly kept'}",
+        "detail": f"KeyToken similarity of {items} to the original's: {sim:.2f}{interval} "
+        "(1: the same KeyTokens)",
+    }
 
 
 def _forgotten(m: dict[str, Any], reference: dict[str, Any]) -> dict[str, str]:
