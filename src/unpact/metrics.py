@@ -397,12 +397,20 @@ def display(fmt: Format, value: Any, precise: bool = False) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     if fmt == "percent":
-        return f"{100 * value:.1f}%" if precise else f"{100 * value:.0f}%"
+        return _signed(100 * value, 1 if precise else 0) + "%"
     if fmt == "count":
         return str(int(value))
     if fmt == "pvalue":  # small p-values keep their magnitude: 0.034, 2.7e-04
         return f"{value:.2g}" if value >= 0.01 or value == 0 else f"{value:.1e}"
-    return f"{value:.3f}" if precise else f"{value:.2f}"
+    return _signed(value, 3 if precise else 2)
+
+
+def _signed(value: float, digits: int) -> str:
+    """`value` to `digits` decimals, except a small negative one, which keeps a digit of
+    its own: an interval's lower end of -0.24% read "[-0%, 55%]"."""
+    if value < 0 and round(value, digits) == 0:
+        digits = -math.floor(math.log10(-value))  # its first significant digit: -0.2
+    return f"{value + 0.0:.{digits}f}"  # + 0.0: -0.0 is 0
 
 
 def metric(

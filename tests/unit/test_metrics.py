@@ -511,3 +511,16 @@ def test_the_interval_s_quantile_is_numpy_s_linear_one(values, q):
 
     ordered = sorted(values)
     assert _quantile(ordered, q) == pytest.approx(float(np.quantile(ordered, q)), abs=1e-6)
+
+
+def test_a_small_negative_figure_keeps_its_sign_and_a_digit():
+    """A PrivLeak interval's lower end of -0.24% read "[-0%, 55%]"; -0.0 read "-0%"."""
+    from unpact.metrics import display
+
+    assert display("percent", -0.0024) == "-0.2%"
+    assert display("percent", -0.0024, precise=True) == "-0.2%"
+    assert display("percent", -0.0) == display("percent", 0.0) == "0%"
+    assert display("percent", 0.002) == "0%"  # a positive one rounds as ever
+    assert display("percent", -0.013) == "-1%" and display("percent", 0.55) == "55%"
+    assert display("float", -0.0004) == "-0.0004" and display("float", -0.0) == "0.00"
+    assert display("float", -0.37, precise=True) == "-0.370"
