@@ -532,9 +532,7 @@ def _rehearsal_targets(
         # onto the model's device: the key names its type, and cuda:0's targets on cuda:1
         # mixed devices in the first step
         saved = torch.load(path, weights_only=True, map_location=lm.device)
-        noted = made_note(path.with_suffix(".made"))
-        if inputs is not None and noted is not None and noted != made():
-            inputs[REHEARSAL_INPUT] = noted
+        _read_input(inputs, REHEARSAL_INPUT, made_note(path.with_suffix(".made")))
         return [_Rehearsal(tuple(p), tuple(a), v, i) for p, a, v, i in zip(*saved)]
     targets = _base_targets(lm, questions, top_k)
     columns: list[list[Any]] = [
@@ -548,6 +546,14 @@ def _rehearsal_targets(
 
 
 REHEARSAL_INPUT = "rehearsal targets"  # what inject.json's `inputs_made` names them
+
+
+def _read_input(inputs: dict[str, Any] | None, name: str, noted: dict[str, Any] | None) -> None:
+    """An input read from `.base` (rehearsal targets, base general verdicts) into `inputs`
+    (inject.json's `inputs_made`) where its note says another machine or other releases
+    computed it; one without a note (older code's) is not known to be."""
+    if inputs is not None and noted is not None and noted != made():
+        inputs[name] = noted
 
 
 def _base_targets(lm: LanguageModel, questions: list[str], top_k: int) -> list[_Rehearsal]:
@@ -918,8 +924,7 @@ def _base_general(
         verdicts = kept.get("verdicts") if isinstance(kept, dict) else None
         if isinstance(verdicts, list) and len(verdicts) == len(general):
             noted = kept.get("made") if isinstance(kept, dict) else None
-            if inputs is not None and isinstance(noted, dict) and noted != made():
-                inputs[BASE_GENERAL_INPUT] = noted
+            _read_input(inputs, BASE_GENERAL_INPUT, noted if isinstance(noted, dict) else None)
             return [bool(v) for v in verdicts]
     found = _general_verdicts(lm, general, config, "Base model: general")
     if key is not None:

@@ -593,7 +593,7 @@ def _recovery(
     attack: str,
     alpha: float,
     left_out: str | None,
-    test: _Paired | None = None,
+    test: _Paired | None,
 ) -> dict[str, str]:
     """The verdict of one attack; `left_out`: why the run left it out, if it did; `test`:
     its McNemar test against the control (`_family`), read after Holm's correction."""
@@ -631,7 +631,8 @@ def _recovery(
             "control, so whether a model that never knew these facts answers as many "
             "(guessing among options, or by sampling) is not known",
         }
-    mine, theirs, p, corrected, family = test or _Paired(0, 0, 1.0, 1.0, 1)
+    assert test is not None  # `_family` tests every attack with a rate and a control
+    mine, theirs, p, corrected, family = test
     beyond = corrected < alpha and mine > theirs
     verdict = "recoverable beyond the control" if beyond else "not beyond the control"
     if rate == 0:
