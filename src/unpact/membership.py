@@ -131,6 +131,20 @@ def auc(members: Sequence[float], nonmembers: Sequence[float]) -> float:
     return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n2))
 
 
+def smallest_auc_pvalue(members: int, nonmembers: int) -> float:
+    """The smallest two-sided p-value any AUC of `members` against `nonmembers` texts can
+    have under the exact Mann-Whitney U test (the AUC is U / (n1 n2)): a perfect
+    separation, one ordering of the C(n1 + n2, n1) equally likely under the null, in either
+    direction, so 2 / C(n1 + n2, n1) (capped at 1); scipy's `mannwhitneyu(method="exact")`
+    gives the same (a test checks it). Above alpha, no ordering of so few texts is rare
+    enough to tell members from non-members, and a bootstrap interval of their AUC (which
+    cannot leave the sample: 2 forget answers below 2 holdout ones give AUC 0 in every
+    resample) says nothing. NaN without both kinds."""
+    if members < 1 or nonmembers < 1:
+        return math.nan
+    return min(1.0, 2 / math.comb(members + nonmembers, members))
+
+
 def roc_points(
     members: Sequence[float], nonmembers: Sequence[float]
 ) -> tuple[list[float], list[float]]:

@@ -815,6 +815,49 @@ def test_indistinguishable_is_inconclusive_where_the_original_is_too():
     assert verdicts(far, [], [], original=m)[-1]["verdict"] == "distinguishable from the reference"
 
 
+def test_privleak_of_too_few_texts_is_not_read():
+    """Two forget answers that both scored below two holdout ones, under models of random
+    weights, gave "distinguishable: over-unlearned" with PrivLeak -100% [-100%, -100%]: a
+    bootstrap interval cannot leave the sample, and no AUC of 2 against 2 texts can differ
+    from chance at 0.05 (its smallest exact p-value is 1/3). From 4 against 4 (1/35) it is
+    read."""
+    from unpact.metrics import ItemRecord
+    from unpact.run.audit import TOO_FEW
+
+    def texts(forget, holdout):
+        scored = {"min_k": 0.0}
+        return [
+            ItemRecord(f"{split}{n}", split, False, False, membership=scored,
+                       membership_retrained=scored)
+            for split, k in (("forget", forget), ("holdout", holdout))
+            for n in range(k)
+        ]  # fmt: skip
+
+    m = {"forgotten": 0, "privleak": -1.0, "forget_quality": 1.0, "ci": {"privleak": [-1, -1]}}
+
+    def said(records, figures=m):
+        return {v["test"]: v for v in verdicts(figures, records, [])}["indistinguishable"]
+
+    few = said(texts(2, 2))
+    assert "distinguishable" not in few["verdict"].replace("indistinguishable", "")
+    assert "2 forget and 2 holdout answers are too few" in few["detail"]
+    assert "p-value is 0.33" in few["detail"]
+    assert said(texts(3, 3), m | {"forget_quality": None})["verdict"] == TOO_FEW
+    # the truth ratios still tell it apart
+    rejected = said(texts(2, 2), m | {"forget_quality": 0.01})
+    assert rejected["verdict"] == "distinguishable from the reference"
+    enough = said(texts(4, 4))
+    assert enough["verdict"].startswith("distinguishable: over-unlearned")
+    assert "too few" not in enough["detail"]
+    # texts not scored under both models are not counted (2 of 4 against 4: 2/15)
+    half = texts(4, 4)
+    for r in half[:2]:
+        r.membership_retrained = None
+    assert "2 forget and 4 holdout answers are too few" in said(half)["detail"]
+    # no records at all (the figures alone): read as given
+    assert said([])["verdict"] == enough["verdict"]
+
+
 def test_the_focus_verdict_says_how_many_items_it_averages_and_its_interval():
     """ "focus mostly kept: 1.00" over two forgotten items read as firmly as over fifty."""
     from unpact.metrics import ItemRecord

@@ -22,6 +22,7 @@ from unpact.membership import (
     mia_scores,
     min_k,
     privleak,
+    smallest_auc_pvalue,
     truth_ratio,
 )
 from unpact.membership_scores import document_stats, gradient_norms, token_stats
@@ -71,6 +72,18 @@ def test_auc_privleak_and_forget_quality_by_hand():
     # KS: identical samples p = 1; fully separated 3 against 3, exact p = 2 / C(6, 3)
     assert forget_quality([1, 2, 3], [1, 2, 3]) == 1.0
     assert forget_quality([1, 2, 3], [4, 5, 6]) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(("n1", "n2"), [(1, 1), (2, 2), (3, 3), (3, 4), (4, 4), (1, 39), (2, 20)])
+def test_the_smallest_auc_p_value_is_scipy_s_exact_test_on_a_perfect_separation(n1, n2):
+    """2 / C(n1 + n2, n1): what no AUC of so few texts can go below (the audit reads no
+    PrivLeak interval of texts too few for it to reach alpha)."""
+    from scipy.stats import mannwhitneyu
+
+    apart = mannwhitneyu(range(n2, n2 + n1), range(n2), method="exact").pvalue
+    assert smallest_auc_pvalue(n1, n2) == pytest.approx(apart, rel=1e-12)
+    assert smallest_auc_pvalue(n1, n2) == smallest_auc_pvalue(n2, n1)
+    assert math.isnan(smallest_auc_pvalue(0, 5))
 
 
 def test_privleak_undefined_by_a_zero_reference_auc_is_said():

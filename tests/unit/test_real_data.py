@@ -602,7 +602,8 @@ def test_muse_membership_runs_on_its_documents(tmp_path, tiny):
     assert {r.split for r in docs} == {"forget_document", "holdout_document"}
     assert len(docs) == 4  # two forget and two holdout paragraphs
     verdict = next(v for v in res["verdicts"]["ga"] if v["test"] == "indistinguishable")
-    assert "(documents;" in verdict["detail"]
+    # the documents' PrivLeak, of two paragraphs against two: too few to read its interval
+    assert "PrivLeak 0% [0%, 0%] not read: 2 forget and 2 holdout documents" in verdict["detail"]
     # VerbMem on MUSE's own probes: a record each, their mean the figure
     probes = [r for r in result.records if r.split == "verbmem" and r.method == "ga"]
     assert [r.question for r in probes] == [v.prompt for v in read_muse(FIXTURES / "muse").verbatim]

@@ -472,10 +472,11 @@ def verdicts(
     indistinguishability evidence give beside the method's; `original`: the original's
     there, the positive control of the indistinguishability tests (`_powerless`)."""
     out = [_forgotten(m, reference or {})]
-    same = _indistinguishable(m, alpha, skipped or {}, label)
+    sizes = _scored_sizes(m, records)
+    same = _indistinguishable(m, alpha, skipped or {}, label, sizes)
     if same["verdict"] != "not measured":
         same["detail"] += _probabilities(m, reference or {})
-    _powerless(same, original, alpha)
+    _powerless(same, original, alpha, sizes)
     if not m.get("forgotten"):  # no recovery to judge; membership does not need it
         asked = ", ".join(attacks)
         why = {
@@ -675,9 +676,12 @@ def _probabilities(m: dict[str, Any], reference: dict[str, Any]) -> str:
 
 
 INCONCLUSIVE = "inconclusive: the original is not distinguishable from the reference either"
+TOO_FEW = "inconclusive: too few forget and holdout texts"
 
 
-def _powerless(same: dict[str, str], original: dict[str, Any] | None, alpha: float) -> None:
+def _powerless(
+    same: dict[str, str], original: dict[str, Any] | None, alpha: float, sizes: tuple[int, int]
+) -> None:
     """An "indistinguishable" verdict made "inconclusive" where the same tests cannot tell
     the original, which knows the forget set, from the reference either (its PrivLeak's
     interval holds 0 and its forget quality passes): too few or too unlike forget and
@@ -686,7 +690,7 @@ def _powerless(same: dict[str, str], original: dict[str, Any] | None, alpha: flo
     was said "indistinguishable from the reference" for a model that forgot nothing."""
     if original is None or same["verdict"] != "indistinguishable from the reference":
         return
-    control = _indistinguishable(original, alpha, {}, "original")
+    control = _indistinguishable(original, alpha, {}, "original", sizes, again=True)
     if control["verdict"] != "indistinguishable from the reference":
         return
     same["verdict"] = INCONCLUSIVE
@@ -696,12 +700,56 @@ def _powerless(same: dict[str, str], original: dict[str, Any] | None, alpha: flo
     )
 
 
+def _privleak_key(m: dict[str, Any]) -> str:
+    """PrivLeak of the answers given their questions; of the documents where there are no
+    holdout items (MUSE's files: holdout text only)."""
+    return "privleak" if m.get("privleak") is not None else "privleak_documents"
+
+
+def _scored_sizes(m: dict[str, Any], records: list[ItemRecord]) -> tuple[int, int]:
+    """How many forget and holdout texts PrivLeak compares (answers, or documents): those
+    scored under the model and the reference. (0, 0) where the records hold none."""
+    of = "" if _privleak_key(m) == "privleak" else "_document"
+
+    def scored(split: str) -> int:
+        return sum(
+            r.split == split and bool(r.membership) and bool(r.membership_retrained)
+            for r in records
+        )
+
+    return scored(f"forget{of}"), scored(f"holdout{of}")
+
+
+def _too_few(sizes: tuple[int, int], alpha: float, of: str) -> str:
+    """Why PrivLeak's interval cannot be read from so few texts ("" where it can): no AUC of
+    them could differ from chance at alpha (`membership.smallest_auc_pvalue`). Two forget
+    answers that both scored below two holdout answers gave "over-unlearned" with an
+    interval of [-100%, -100%], for models of random weights."""
+    from unpact.membership import smallest_auc_pvalue
+
+    least = smallest_auc_pvalue(*sizes)
+    if not least > alpha:  # NaN: sizes unknown
+        return ""
+    return (
+        f"{sizes[0]} forget and {sizes[1]} holdout {of} are too few to read it: no AUC of so "
+        f"few can tell them apart at alpha {alpha} (the smallest exact Mann-Whitney p-value "
+        f"is {least:.2g}), and a bootstrap interval cannot leave the sample"
+    )
+
+
 def _indistinguishable(
-    m: dict[str, Any], alpha: float, skipped: dict[str, str], label: str
+    m: dict[str, Any],
+    alpha: float,
+    skipped: dict[str, str],
+    label: str,
+    sizes: tuple[int, int] = (0, 0),
+    again: bool = False,
 ) -> dict[str, str]:
-    # PrivLeak of the answers given their questions; of the documents where there are no
-    # holdout items (MUSE's files: holdout text only)
-    key = "privleak" if m.get("privleak") is not None else "privleak_documents"
+    """The indistinguishability verdict: PrivLeak's interval and forget quality; PrivLeak
+    is not read where `sizes` (its forget and holdout texts) are too few (`_too_few`;
+    `again`: said already, in short)."""
+    key = _privleak_key(m)
+    of = "answers" if key == "privleak" else "documents"
     leak, quality = m.get(key), m.get("forget_quality")
     if leak is None and quality is None:
         return {
@@ -715,15 +763,20 @@ def _indistinguishable(
     if quality is None:  # a dash beside the rule it would be read by said nothing
         q, passes = "not measured:", skipped.get("forget_quality") or "undefined"
     lo, hi = (m.get("ci") or {}).get(key) or (None, None)
-    if leak is None or lo is None or hi is None:
+    few = "" if leak is None else _too_few(sizes, alpha, of)
+    if leak is None or lo is None or hi is None or few:
         # forget quality alone: "distinguishable" was read from a missing interval
         if leak is None:
             reason = skipped.get("privleak") or skipped.get("privleak_documents") or "undefined"
             said = f"PrivLeak not measured: {reason}"
+        elif few:
+            why = "too few texts, as above" if again else few
+            said = f"PrivLeak {_pct(leak)}{_ci(m, key)} not read: {why}"
         else:  # statistics.resamples 0, or every resample undefined
             said = f"PrivLeak {_pct(leak)} has no interval to test against 0"
         if quality is None:
-            return {"test": "indistinguishable", "verdict": "not measured", "detail": said}
+            verdict = TOO_FEW if few else "not measured"
+            return {"test": "indistinguishable", "verdict": verdict, "detail": said}
         return {
             "test": "indistinguishable",
             "verdict": "indistinguishable from the reference"
@@ -741,7 +794,6 @@ def _indistinguishable(
         )
     else:
         verdict = "distinguishable from the reference"
-    of = "answers" if key == "privleak" else "documents"
     docs = m.get("privleak_documents")
     also = (
         f"; on the documents {_pct(docs)}{_ci(m, 'privleak_documents')}"
