@@ -78,7 +78,8 @@ def test_cli_gradient_mistakes_exit_2(tiny_dir, args, message):
 
 
 def _cli_run(args: list[str], out: Path, launcher: list[str]) -> list[dict]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # TMPDIR: torch elastic's launcher leaves its log folders (torchelastic_*) there
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TMPDIR": str(out.parent)}
     cmd = [*launcher, "unlearn", *args, "--out", str(out), "--no-eval"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     first = ""
@@ -600,7 +601,7 @@ def test_a_run_under_a_multi_process_launch_is_refused_not_hung(tiny_dir, tmp_pa
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "UNPACT_CACHE": str(tmp_path / "cache")}  # fmt: skip
+           "UNPACT_CACHE": str(tmp_path / "cache"), "TMPDIR": str(tmp_path)}  # fmt: skip
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "unpact", "run", str(config), "--out", str(tmp_path / "out")]  # fmt: skip
