@@ -878,4 +878,21 @@ def test_the_focus_verdict_says_how_many_items_it_averages_and_its_interval():
     }
     got = {v["test"]: v for v in verdicts(m, records[:1], [])}
     assert got["focus"]["detail"].startswith("KeyToken similarity of the 1 forgotten item to")
+    assert got["focus"]["verdict"] == "focus moved"  # no interval: the mean alone
     assert "focus" not in {v["test"] for v in verdicts({"forgotten": 3}, records, [])}
+
+
+@pytest.mark.parametrize(
+    ("mean", "interval", "verdict"),
+    [
+        (0.45, [0.10, 0.80], "inconclusive: the interval spans 0.5"),  # was "focus moved"
+        (0.55, [0.20, 0.90], "inconclusive: the interval spans 0.5"),  # was "mostly kept"
+        (0.30, [0.10, 0.49], "focus moved"),
+        (0.80, [0.50, 1.00], "focus mostly kept"),
+    ],
+)
+def test_the_focus_verdict_reads_its_interval(mean, interval, verdict):
+    m = {"forgotten": 3, "keytoken_similarity_forgotten": mean}
+    m["ci"] = {"keytoken_similarity_forgotten": interval}
+    got = {v["test"]: v for v in verdicts(m, [], [])}
+    assert got["focus"]["verdict"] == verdict

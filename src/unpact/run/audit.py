@@ -496,8 +496,9 @@ def verdicts(
 
 def _focus(m: dict[str, Any], records: list[ItemRecord]) -> dict[str, str] | None:
     """Did the focus move: the forgotten items' mean KeyToken similarity to the original's
-    attribution, with how many items it averages and its interval (a mean of 1.00 over two
-    items read as firmly as one over fifty)."""
+    attribution below 0.5, read by its bootstrap interval where there is one (a mean of
+    0.45 [0.10, 0.80] was "focus moved", as firmly as 0.05 [0.00, 0.10]), with how many
+    items it averages (a mean of 1.00 over two items read as firmly as one over fifty)."""
     sim = m.get("keytoken_similarity_forgotten")
     if sim is None:
         return None
@@ -505,9 +506,13 @@ def _focus(m: dict[str, Any], records: list[ItemRecord]) -> dict[str, str] | Non
     lo, hi = (m.get("ci") or {}).get("keytoken_similarity_forgotten") or (None, None)
     interval = "" if lo is None else f" [{lo:.2f}, {hi:.2f}]"
     items = f"the {n} forgotten item{'' if n == 1 else 's'}" if n else "forgotten items"
+    if lo is not None and hi is not None and lo < 0.5 <= hi:
+        verdict = FOCUS_UNCLEAR
+    else:
+        verdict = f"focus {'moved' if sim < 0.5 else 'mostly kept'}"
     return {
         "test": "focus",
-        "verdict": f"focus {'moved' if sim < 0.5 else 'mostly kept'}",
+        "verdict": verdict,
         "detail": f"KeyToken similarity of {items} to the original's: {sim:.2f}{interval} "
         "(1: the same KeyTokens)",
     }
@@ -677,6 +682,7 @@ def _probabilities(m: dict[str, Any], reference: dict[str, Any]) -> str:
 
 INCONCLUSIVE = "inconclusive: the original is not distinguishable from the reference either"
 TOO_FEW = "inconclusive: too few forget and holdout texts"
+FOCUS_UNCLEAR = "inconclusive: the interval spans 0.5"
 
 
 def _powerless(
