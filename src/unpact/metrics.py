@@ -59,6 +59,9 @@ class ItemRecord:
     # the original of the attacked model's attribution of a recovered answer
     recovered_control: dict[str, bool] = field(default_factory=dict)
     recovered_focus: dict[str, float] = field(default_factory=dict)
+    # forget items: whether the never-taught reference answers it (None without one): what
+    # an unlearned model still answering more than the reference is read against
+    correct_reference: bool | None = None
     # MUSE's KnowMem of the greedy answer before and after unlearning (open questions; None
     # for a multiple-choice item, whose answer is an option picked, not text written, and
     # for an answer without a word ROUGE reads: `judge.rouge_scorable`)

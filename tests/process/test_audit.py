@@ -85,6 +85,11 @@ def test_audit_prints_a_verdict_per_test_and_writes_the_run(pair, tmp_path):
     assert m["recovery_control"]["quantize"] is not None  # the reference was attacked
     assert m["privleak"] is not None
     assert "Traceback" not in res.stderr
+    # each forget item says whether the reference answers it (the forgotten line reads it)
+    rows = [json.loads(x) for x in (out / "items.jsonl").read_text().splitlines()]
+    forget = [r for r in rows if r["split"] == "forget"]
+    assert forget and all(isinstance(r["correct_reference"], bool) for r in forget)
+    assert all(r["correct_reference"] is None for r in rows if r["split"] != "forget")
     # --general none: no general items, and no line saying they were evaluated
     assert "evaluating: original (retain)" in res.stdout + res.stderr
     assert "(general)" not in res.stdout + res.stderr
@@ -813,6 +818,39 @@ def test_indistinguishable_is_inconclusive_where_the_original_is_too():
     # a distinguishable model stays so, whatever the control
     far = m | {"privleak": 0.9, "ci": {"privleak": [0.5, 1.4]}}
     assert verdicts(far, [], [], original=m)[-1]["verdict"] == "distinguishable from the reference"
+
+
+def test_a_method_still_answering_more_than_the_reference_is_partly_forgotten():
+    """NPO at 60% forget accuracy where the never-taught reference answers 5% read
+    "forgotten" as firmly as a method at 5%: the forgotten line compares the two on the
+    same items (exact McNemar), and says "partly forgotten" where the method still answers
+    more beyond chance."""
+    from unpact.metrics import ItemRecord
+    from unpact.run.audit import PARTLY_FORGOTTEN
+
+    def forget(after):  # the first `after` answered after; the reference answers item 19
+        return [
+            ItemRecord(f"f{n}", "forget", True, n < after, correct_reference=n == 19)
+            for n in range(20)
+        ]
+
+    m = {"forgotten": 8, "forget_acc_before": 1.0, "forget_acc_after": 0.6}
+    line = verdicts(m, forget(12), [])[0]
+    # 12 answered here and not there, 1 the other way: p = 2 * (1 + 13) / 2^13
+    assert line["verdict"] == PARTLY_FORGOTTEN
+    assert line["detail"].endswith(
+        "answered after and not by the reference: 12, the other way: 1 (exact McNemar p = 0.0034)"
+    )
+    low = m | {"forgotten": 19, "forget_acc_after": 0.05}
+    line = verdicts(low, forget(1), [])[0]
+    assert line["verdict"] == "forgotten"  # 1 against 1
+    # a few more than the reference, not beyond chance: forgotten, with the counts
+    line = verdicts(m, forget(3), [])[0]
+    assert line["verdict"] == "forgotten" and "3, the other way: 1" in line["detail"]
+    # no reference answers (an audit without --reference): as before
+    bare = [ItemRecord(f"f{n}", "forget", True, n < 12) for n in range(20)]
+    line = verdicts(m, bare, [])[0]
+    assert line["verdict"] == "forgotten" and "reference" not in line["detail"]
 
 
 def test_privleak_of_too_few_texts_is_not_read():

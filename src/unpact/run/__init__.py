@@ -373,6 +373,7 @@ def _run_one(
     found = membership.compute(p, data, original, unlearned, stages)
     controls, no_control = _controls(p, data, found.reference, stages, unlearned)
     baselines = _baselines(p, data, original)
+    answers = _reference_answers(p, data, found.reference)
     records = {
         m.label: found.records(
             m.label,
@@ -383,8 +384,8 @@ def _run_one(
         )
         for m in unlearned
     }
+    _reference_correct(records, answers)
     results = _results(p, data, original, unlearned, records, stages, out)
-    answers = _reference_answers(p, data, found.reference)
     results |= finite(_references(cfg, data, found, stages, answers)) | _evaluated_as(cfg, given)
     if ungraded := _ungraded(data):
         results["skipped"] = {**results.get("skipped", {}), **ungraded}
@@ -1063,6 +1064,16 @@ def _evals(
         )
         evals |= {r["id"]: r for r in rows}
     return evals
+
+
+def _reference_correct(records: dict[str, list[ItemRecord]], answers: ModelStages | None) -> None:
+    """Each forget item's record says whether the never-taught reference answers it."""
+    if answers is None:
+        return
+    for rows in records.values():
+        for r in rows:
+            if r.split == "forget" and r.id in answers.evals:
+                r.correct_reference = bool(answers.evals[r.id]["correct"])
 
 
 def _reference_answers(p: Pipeline, data: Data, reference: Model | None) -> ModelStages | None:

@@ -471,7 +471,7 @@ def verdicts(
     accuracies and model utility the forgotten line and whose forget probability the
     indistinguishability evidence give beside the method's; `original`: the original's
     there, the positive control of the indistinguishability tests (`_powerless`)."""
-    out = [_forgotten(m, reference or {})]
+    out = [_forgotten(m, reference or {}, records, alpha)]
     sizes = _scored_sizes(m, records)
     same = _indistinguishable(m, alpha, skipped or {}, label, sizes)
     if same["verdict"] != "not measured":
@@ -518,9 +518,13 @@ def _focus(m: dict[str, Any], records: list[ItemRecord]) -> dict[str, str] | Non
     }
 
 
-def _forgotten(m: dict[str, Any], reference: dict[str, Any]) -> dict[str, str]:
+def _forgotten(
+    m: dict[str, Any], reference: dict[str, Any], records: list[ItemRecord], alpha: float
+) -> dict[str, str]:
     """How many forget items the method forgot, with the accuracies before and after, and
-    the never-taught reference's where there is one (what forgetting should come to)."""
+    the never-taught reference's where there is one (what forgetting should come to); a
+    method that forgot some but still answers more of them than the reference, beyond
+    chance (`_still_answered`), is "partly forgotten"."""
     n = m.get("forgotten") or 0
     before, after = m.get("forget_acc_before"), m.get("forget_acc_after")
     if before == 0:
@@ -537,13 +541,45 @@ def _forgotten(m: dict[str, Any], reference: dict[str, Any]) -> dict[str, str]:
         else f"; retain {_pct(m.get('retain_acc_before'))} → {_pct(m.get('retain_acc_after'))}"
         f"{_reference_acc(reference, 'retain')}"
     )
+    still, short = _still_answered(records, alpha)
+    verdict = "forgotten" if n else "nothing forgotten"
+    if n and short:
+        verdict = PARTLY_FORGOTTEN
     return {
         "test": "forgotten",
-        "verdict": "forgotten" if n else "nothing forgotten",
+        "verdict": verdict,
         "detail": f"{n} forget item{'' if n == 1 else 's'} answered before and not after "
         f"(forget accuracy {_pct(before)} → {_pct(after)}{_reference_acc(reference, 'forget')}"
-        f"{retain}{_utility(m, reference)})",
+        f"{retain}{_utility(m, reference)}){still}",
     }
+
+
+PARTLY_FORGOTTEN = "partly forgotten: it still answers more of them than the reference"
+
+
+def _still_answered(records: list[ItemRecord], alpha: float) -> tuple[str, bool]:
+    """The forget items the method answers and the never-taught reference does not, against
+    the other way round, as evidence ("" without the reference's answers, or where the two
+    agree on every item), and whether the method answers more beyond chance (exact McNemar,
+    two-sided, p < alpha): forgetting that stopped short of a model that never learned
+    them. A method at 60% where the reference answers 5% read "forgotten" as one at 5%."""
+    from scipy.stats import binomtest
+
+    pairs = [
+        (r.correct_after, r.correct_reference)
+        for r in records
+        if r.split == "forget" and r.correct_reference is not None
+    ]
+    mine = sum(a and not b for a, b in pairs)
+    theirs = sum(b and not a for a, b in pairs)
+    if not mine + theirs:
+        return "", False
+    p = float(binomtest(mine, mine + theirs, 0.5).pvalue)
+    return (
+        f"; answered after and not by the reference: {mine}, the other way: {theirs} "
+        f"(exact McNemar p = {p:.2g})",
+        mine > theirs and p < alpha,
+    )
 
 
 def _utility(m: dict[str, Any], reference: dict[str, Any]) -> str:
