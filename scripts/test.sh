@@ -15,4 +15,5 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 echo "== ruff" && .venv/bin/ruff check src tests benchmarks
 echo "== mypy" && .venv/bin/mypy
 echo "== import-linter" && .venv/bin/lint-imports
-echo "== pytest" && exec .venv/bin/pytest "$@"
+# --durations: the slowest tests, in every log (CI keeps the suite under 25 minutes)
+echo "== pytest" && exec .venv/bin/pytest --durations=20 "$@"
