@@ -303,15 +303,20 @@ def mcnemar_exact(records: list[ItemRecord], attack: str, baseline: str = "proba
 
     Exact (binomial) McNemar test on the discordant items: under the null each is equally
     likely to be recovered by either attack alone. Only items both attacks were run on count."""
-    forgotten = [
-        r for r in records if r.forgotten and attack in r.recovered and baseline in r.recovered
-    ]
-    a = sum(
-        r.recovered.get(attack, False) and not r.recovered.get(baseline, False) for r in forgotten
+    return mcnemar_pairs(
+        [
+            (r.recovered[attack], r.recovered[baseline])
+            for r in records
+            if r.forgotten and attack in r.recovered and baseline in r.recovered
+        ]
     )
-    b = sum(
-        r.recovered.get(baseline, False) and not r.recovered.get(attack, False) for r in forgotten
-    )
+
+
+def mcnemar_pairs(pairs: Sequence[tuple[bool, bool]]) -> McNemar:
+    """The exact two-sided McNemar test of paired verdicts (the first's, the second's):
+    `only_a` true for the first alone, `only_b` for the second alone; p = 1 without any."""
+    a = sum(x and not y for x, y in pairs)
+    b = sum(y and not x for x, y in pairs)
     n = a + b
     if n == 0:
         return McNemar(a, b, 1.0)

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple, get_args, overload
 from unpact.attacks import ATTACKS
 from unpact.errors import UnpactError
 from unpact.files import as_path
-from unpact.metrics import ItemRecord, display
+from unpact.metrics import ItemRecord, display, mcnemar_pairs
 from unpact.run.config import EvalDtype, check_served_dtype
 from unpact.types import SettingsModel, is_remote_spec, plain_values, spec_text
 
@@ -431,8 +431,6 @@ def _absolute(entry: str) -> str:
 def _mcnemar(records: list[ItemRecord], attack: str) -> tuple[int, int, float] | None:
     """Exact McNemar on the forgotten items attacked on both models: recovered only from
     the unlearned model, only from the reference, and the two-sided p-value."""
-    from scipy.stats import binomtest
-
     pairs = [
         (r.recovered[attack], r.recovered_control[attack])
         for r in records
@@ -440,10 +438,8 @@ def _mcnemar(records: list[ItemRecord], attack: str) -> tuple[int, int, float] |
     ]
     if not pairs:
         return None
-    mine = sum(a and not b for a, b in pairs)
-    theirs = sum(b and not a for a, b in pairs)
-    p = binomtest(mine, mine + theirs, 0.5).pvalue if mine + theirs else 1.0
-    return mine, theirs, float(p)
+    test = mcnemar_pairs(pairs)
+    return test.only_a, test.only_b, test.p_value
 
 
 def _pct(value: Any) -> str:
@@ -563,18 +559,16 @@ def _still_answered(records: list[ItemRecord], alpha: float) -> tuple[str, bool]
     agree on every item), and whether the method answers more beyond chance (exact McNemar,
     two-sided, p < alpha): forgetting that stopped short of a model that never learned
     them. A method at 60% where the reference answers 5% read "forgotten" as one at 5%."""
-    from scipy.stats import binomtest
-
-    pairs = [
-        (r.correct_after, r.correct_reference)
-        for r in records
-        if r.split == "forget" and r.correct_reference is not None
-    ]
-    mine = sum(a and not b for a, b in pairs)
-    theirs = sum(b and not a for a, b in pairs)
+    test = mcnemar_pairs(
+        [
+            (r.correct_after, r.correct_reference)
+            for r in records
+            if r.split == "forget" and r.correct_reference is not None
+        ]
+    )
+    mine, theirs, p = test.only_a, test.only_b, test.p_value
     if not mine + theirs:
         return "", False
-    p = float(binomtest(mine, mine + theirs, 0.5).pvalue)
     return (
         f"; answered after and not by the reference: {mine}, the other way: {theirs} "
         f"(exact McNemar p = {p:.2g})",
