@@ -896,14 +896,19 @@ def test_privleak_of_too_few_texts_is_not_read():
     assert said([])["verdict"] == enough["verdict"]
 
 
-def test_the_focus_verdict_says_how_many_items_it_averages_and_its_interval():
-    """ "focus mostly kept: 1.00" over two forgotten items read as firmly as over fifty."""
+def _focus_records(sims):
     from unpact.metrics import ItemRecord
 
-    records = [ItemRecord(f"f{n}", "forget", True, False, {}) for n in range(3)]
-    for r, sim in zip(records, (0.2, 0.4, None), strict=True):
+    records = [ItemRecord(f"f{n}", "forget", True, False, {}) for n in range(len(sims))]
+    for r, sim in zip(records, sims, strict=True):
         r.keytoken_similarity = sim
-    m = {"forgotten": 3, "keytoken_similarity_forgotten": 0.3}
+    return records
+
+
+def test_the_focus_verdict_says_how_many_items_it_averages_and_its_interval():
+    """ "focus mostly kept: 1.00" over two forgotten items read as firmly as over fifty."""
+    records = _focus_records([0.2, 0.4] * 3 + [None])
+    m = {"forgotten": 7, "keytoken_similarity_forgotten": 0.3}
     got = {
         v["test"]: v
         for v in verdicts(m | {"ci": {"keytoken_similarity_forgotten": [0.2, 0.4]}}, records, [])
@@ -911,13 +916,36 @@ def test_the_focus_verdict_says_how_many_items_it_averages_and_its_interval():
     assert got["focus"] == {
         "test": "focus",
         "verdict": "focus moved",
-        "detail": "KeyToken similarity of the 2 forgotten items to the original's: 0.30 "
+        "detail": "KeyToken similarity of the 6 forgotten items to the original's: 0.30 "
         "[0.20, 0.40] (1: the same KeyTokens)",
     }
     got = {v["test"]: v for v in verdicts(m, records[:1], [])}
     assert got["focus"]["detail"].startswith("KeyToken similarity of the 1 forgotten item to")
-    assert got["focus"]["verdict"] == "focus moved"  # no interval: the mean alone
     assert "focus" not in {v["test"] for v in verdicts({"forgotten": 3}, records, [])}
+
+
+def test_the_focus_verdict_of_too_few_items_is_inconclusive():
+    """One item at 0.20 read "focus moved" [0.20, 0.20]: a bootstrap interval of so few
+    items cannot leave the sample. The floor is the exact sign test's: even all n items on
+    one side of 0.5 must be beyond chance at alpha (6 items at 0.05, 7 at 0.02)."""
+    from scipy.stats import binomtest
+
+    for alpha in (0.05, 0.02, 0.1):
+        for n in range(1, 12):
+            m = {"forgotten": n, "keytoken_similarity_forgotten": 0.2}
+            m["ci"] = {"keytoken_similarity_forgotten": [0.2, 0.2]}
+            got = {v["test"]: v for v in verdicts(m, _focus_records([0.2] * n), [], alpha)}
+            too_few = binomtest(n, n, 0.5).pvalue > alpha
+            assert (got["focus"]["verdict"] == "inconclusive: too few forgotten items") == too_few
+            if not too_few:
+                assert got["focus"]["verdict"] == "focus moved"
+    m = {"forgotten": 1, "keytoken_similarity_forgotten": 0.2}
+    got = {v["test"]: v for v in verdicts(m, _focus_records([0.2]), [])}
+    assert got["focus"]["detail"] == (
+        "KeyToken similarity of the 1 forgotten item to the original's: 0.20 "
+        "(1: the same KeyTokens); 1 item cannot show a side of 0.5 beyond chance at alpha "
+        "0.05 (all on one side: sign-test p 1)"
+    )
 
 
 @pytest.mark.parametrize(

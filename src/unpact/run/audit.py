@@ -486,15 +486,17 @@ def verdicts(
         left_out = (skipped or {}).get(f"attack.{attack}")
         out.append(_recovery(m, records, attack, alpha, left_out, tests.get(attack)))
     out.append(same)
-    focus = _focus(m, records)
+    focus = _focus(m, records, alpha)
     return [*out, focus] if focus is not None else out
 
 
-def _focus(m: dict[str, Any], records: list[ItemRecord]) -> dict[str, str] | None:
+def _focus(m: dict[str, Any], records: list[ItemRecord], alpha: float) -> dict[str, str] | None:
     """Did the focus move: the forgotten items' mean KeyToken similarity to the original's
     attribution below 0.5, read by its bootstrap interval where there is one (a mean of
     0.45 [0.10, 0.80] was "focus moved", as firmly as 0.05 [0.00, 0.10]), with how many
-    items it averages (a mean of 1.00 over two items read as firmly as one over fifty)."""
+    items it averages (a mean of 1.00 over two items read as firmly as one over fifty).
+    Items too few for any of them to show a side of 0.5 beyond chance (`_focus_too_few`)
+    are inconclusive: one item at 0.20 read "focus moved" [0.20, 0.20]."""
     sim = m.get("keytoken_similarity_forgotten")
     if sim is None:
         return None
@@ -502,16 +504,29 @@ def _focus(m: dict[str, Any], records: list[ItemRecord]) -> dict[str, str] | Non
     lo, hi = (m.get("ci") or {}).get("keytoken_similarity_forgotten") or (None, None)
     interval = "" if lo is None else f" [{lo:.2f}, {hi:.2f}]"
     items = f"the {n} forgotten item{'' if n == 1 else 's'}" if n else "forgotten items"
-    if lo is not None and hi is not None and lo < 0.5 <= hi:
+    detail = (
+        f"KeyToken similarity of {items} to the original's: {sim:.2f}{interval} "
+        "(1: the same KeyTokens)"
+    )
+    if n and _focus_too_few(n, alpha):
+        verdict = FOCUS_TOO_FEW
+        detail += (
+            f"; {n} item{'' if n == 1 else 's'} cannot show a side of 0.5 beyond chance at "
+            f"alpha {alpha:g} (all on one side: sign-test p {2 * 0.5**n:.2g})"
+        )
+    elif lo is not None and hi is not None and lo < 0.5 <= hi:
         verdict = FOCUS_UNCLEAR
     else:
         verdict = f"focus {'moved' if sim < 0.5 else 'mostly kept'}"
-    return {
-        "test": "focus",
-        "verdict": verdict,
-        "detail": f"KeyToken similarity of {items} to the original's: {sim:.2f}{interval} "
-        "(1: the same KeyTokens)",
-    }
+    return {"test": "focus", "verdict": verdict, "detail": detail}
+
+
+def _focus_too_few(n: int, alpha: float) -> bool:
+    """Are `n` items too few for the focus verdict: even all of them on one side of 0.5
+    would not be beyond chance (the exact two-sided sign test's smallest p-value,
+    2 * 0.5**n, above alpha: 5 items or fewer at alpha 0.05). A bootstrap interval of so
+    few cannot leave the sample, so it cannot say either."""
+    return 2 * 0.5**n > alpha
 
 
 def _forgotten(
@@ -713,6 +728,7 @@ def _probabilities(m: dict[str, Any], reference: dict[str, Any]) -> str:
 INCONCLUSIVE = "inconclusive: the original is not distinguishable from the reference either"
 TOO_FEW = "inconclusive: too few forget and holdout texts"
 FOCUS_UNCLEAR = "inconclusive: the interval spans 0.5"
+FOCUS_TOO_FEW = "inconclusive: too few forgotten items"
 
 
 def _powerless(
