@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -322,8 +323,10 @@ def test_bad_files_and_folders_are_one_message_and_exit_2(tmp_path, tiny):
         QAItem("r", "Sky?", "blue", "retain"),
     ]
     write_folder(tmp_path / "long", items)
-    for args, message in cases:
-        done = _unpact(*args, cwd=tmp_path)
+    # two at a time (each a fresh process, most of it imports): the slowest test, 60 s serial
+    with ThreadPoolExecutor(2) as pool:
+        finished = list(pool.map(lambda case: _unpact(*case[0], cwd=tmp_path), cases))
+    for (args, message), done in zip(cases, finished, strict=True):
         assert done.returncode == 2, (args, done.stderr[-800:])
         assert message in " ".join(done.stderr.split()), (args, done.stderr)
         assert "Traceback" not in done.stderr, args
