@@ -37,11 +37,14 @@ if TYPE_CHECKING:
 recovery_columns = attack_columns  # the name the runner and the report have always used
 
 
-def _statistics(ctx: MetricContext) -> dict[str, Callable[[list[ItemRecord]], float]]:
-    """Each figure with an interval, by its key in `ci` (`recovery.<attack>` per attack)."""
+def _statistics(
+    ctx: MetricContext, only: Callable[[Metric], bool] | None = None
+) -> dict[str, Callable[[list[ItemRecord]], float]]:
+    """Each figure with an interval, by its key in `ci` (`recovery.<attack>` per attack);
+    of the metrics `only` accepts, where given."""
     stats: dict[str, Callable[[list[ItemRecord]], float]] = {}
     for m in METRICS.values():
-        if not m.interval:
+        if not m.interval or (only is not None and not only(m)):
             continue
         keys = m.keys(ctx.attacks)
         if keys is not None:
@@ -60,11 +63,13 @@ def method_metrics(
     *,
     privleak_attack: str = "min_k",
     only: Callable[[Metric], bool] | None = None,
+    advance: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """One method's figures for results.json: every registered metric as a function of the
     records (a per-key one as {key: value}); with `statistics`, a bootstrap interval
     for each (`ci`) and each attack's McNemar test against the baseline attack on the same
-    forgotten items (`vs_<baseline>`). `only` keeps the metrics it accepts (and no tests)."""
+    forgotten items (`vs_<baseline>`). `only` keeps the metrics it accepts (and no tests);
+    `advance(1)` is called after each interval (`interval_count` of them)."""
     ctx = MetricContext(tuple(attacks), collapse_threshold, privleak_attack)
     out: dict[str, Any] = {}
     for m in METRICS.values():
@@ -76,8 +81,9 @@ def method_metrics(
         else:
             out[m.name] = _number(m, m.fn(records, ctx))
     if statistics is not None and statistics.resamples:
-        out["ci"] = {
-            name: list(
+        out["ci"] = {}
+        for name, fn in _statistics(ctx, only).items():
+            out["ci"][name] = list(
                 bootstrap_ci(
                     records,
                     fn,
@@ -86,9 +92,8 @@ def method_metrics(
                     level=statistics.level,
                 )
             )
-            for name, fn in _statistics(ctx).items()
-            if only is None or only(METRICS[name.split(".")[0]])
-        }
+            if advance is not None:
+                advance(1)
     if only is None and statistics is not None and statistics.baseline_attack in attacks:
         base = statistics.baseline_attack
         out[f"vs_{base}"] = {
@@ -103,6 +108,11 @@ def method_metrics(
             for t in [mcnemar_exact(records, a, base)]
         }
     return out
+
+
+def interval_count(attacks: list[str], only: Callable[[Metric], bool] | None = None) -> int:
+    """How many bootstrap intervals `method_metrics` computes for a method (its progress)."""
+    return len(_statistics(MetricContext(tuple(attacks), 0.0), only))
 
 
 def _number(m: Metric, value: Any) -> Any:

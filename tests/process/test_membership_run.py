@@ -105,6 +105,12 @@ def test_every_figure_for_methods_and_references(done):
     assert refs["retrained"]["forget_quality"] == 1.0  # the same truth ratios
     assert set(refs["original"]["mia_auc"]) == set(MIA_ATTACKS)
     assert "vs_probab" not in refs["original"] and "recovery" not in refs["original"]
+    # the references' progress bar counts their intervals
+    from unpact.results import interval_count
+    from unpact.run import _reference_figure
+
+    per = interval_count(res["attacks"], _reference_figure)
+    assert len(refs["original"]["ci"]) == len(refs["retrained"]["ci"]) == per > 10
     # results.csv holds the references too (it held the methods alone)
     rows = {r["method"]: r for r in csv.DictReader((root / "out" / "results.csv").open())}
     assert list(rows) == ["ga", "original", "retrained"]

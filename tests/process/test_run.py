@@ -1128,8 +1128,10 @@ def test_a_served_model_beside_a_local_one_is_said_to_keep_its_servers_dtype(set
 def test_the_figures_step_is_said_and_counted(setup, finished, tmp_path, monkeypatch):
     """The figures and their bootstrap intervals take minutes on a benchmark of thousands
     of items (`benchmarks/figures.py`), after the last stage's line: the log said nothing
-    and no bar moved. Now a line, and a bar that advances per method."""
+    and no bar moved. Now a line, and a bar that advances per interval (it moved per
+    method: one step a minute on 4,600 items)."""
     import unpact.run as runner
+    from unpact.results import interval_count
 
     root, config = setup
     advanced: list[tuple[str, int]] = []
@@ -1143,7 +1145,13 @@ def test_the_figures_step_is_said_and_counted(setup, finished, tmp_path, monkeyp
     lines: list[str] = []
     run(config, tmp_path / "out", cache_dir=root / "cache", progress=False, log=lines.append)
     assert "figures: 2 method(s), 1000 bootstrap resamples" in lines  # the default
-    assert advanced == [("figures", 1), ("figures", 1), ("figures of 2", 0)]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    per = len(results["methods"]["ga"]["ci"])
+    assert per == interval_count(results["attacks"]) > 10
+    assert advanced[: 2 * per] == [("figures", 1)] * 2 * per
+    assert advanced[2 * per] == (f"figures of {2 * per}", 0)
+    assert "references" not in results  # nothing more (their bar: test_membership_run.py)
+    assert advanced[2 * per + 1 :] == []
 
 
 def test_a_damaged_cached_stage_is_computed_again(setup, finished, tmp_path, caplog):

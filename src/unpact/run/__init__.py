@@ -64,7 +64,7 @@ from unpact.judge import (
     served_cache_key,
     tofu_rouge_l_recall,
 )
-from unpact.metrics import ItemRecord, layer_curve
+from unpact.metrics import ItemRecord, Metric, layer_curve
 from unpact.models import (
     cache_root,
     hub_commits,
@@ -78,6 +78,7 @@ from unpact.progress import progress_bar
 from unpact.results import (
     csv_text,
     finite,
+    interval_count,
     markdown_table,
     method_metrics,
     recovery_columns,
@@ -386,7 +387,7 @@ def _run_one(
     }
     _reference_correct(records, answers)
     results = _results(p, data, original, unlearned, records, stages, out)
-    results |= finite(_references(cfg, data, found, stages, answers)) | _evaluated_as(cfg, given)
+    results |= finite(_references(p, data, found, stages, answers)) | _evaluated_as(cfg, given)
     if ungraded := _ungraded(data):
         results["skipped"] = {**results.get("skipped", {}), **ungraded}
     if baselines:  # what the weight attacks do to the original model, which knew the facts
@@ -1365,10 +1366,14 @@ def _attribution_summary(a: Attribution) -> dict[str, Any]:
 
 
 def _method_results(
-    cfg: RunConfig, model: Model, records: list[ItemRecord], out: Path
+    cfg: RunConfig,
+    model: Model,
+    records: list[ItemRecord],
+    out: Path,
+    advance: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """One method's entry in results.json: its metrics (with intervals), where its model
-    is, and its layer curves and sweep setting where it has them."""
+    """One method's entry in results.json: its metrics (with intervals, `advance(1)` after
+    each), where its model is, and its layer curves and sweep setting where it has them."""
     attacks = [a.column for a in cfg.attacks]
     found = {
         **method_metrics(
@@ -1377,6 +1382,7 @@ def _method_results(
             cfg.collapse_threshold,
             cfg.statistics,
             privleak_attack=cfg.membership.privleak_attack,
+            advance=advance,
         ),
         "model": str(out / "models" / model.label) if model.info else model.spec,
         "unlearn_seconds": model.info.get("seconds"),
@@ -1401,17 +1407,21 @@ def _results(
 ) -> dict[str, Any]:
     """results.json: per method, every registered metric of its records, and the run's
     facts; models unlearned here are linked into `out/models/`. Said in the log and drawn
-    as a bar per method: the bootstrap intervals take minutes on thousands of items."""
+    as a bar that advances per interval (a method's take about a minute on 4,600 items,
+    `benchmarks/figures.py`), per method where there are none."""
     cfg, attacks = p.cfg, [a.column for a in p.cfg.attacks]
     if cfg.statistics.resamples:
         p.say(
             f"figures: {len(unlearned)} method(s), {cfg.statistics.resamples} bootstrap resamples"
         )
     methods: dict[str, Any] = {}
-    with progress_bar("figures", len(unlearned), p.progress) as advance:
+    per = interval_count(attacks) if cfg.statistics.resamples else 0
+    with progress_bar("figures", len(unlearned) * max(per, 1), p.progress) as advance:
         for model in unlearned:
-            methods[model.label] = _method_results(cfg, model, records[model.label], out)
-            advance(1)
+            found = _method_results(cfg, model, records[model.label], out, advance if per else None)
+            methods[model.label] = found
+            if not per:
+                advance(1)
     checks = {label: s.checks for label, s in stages.items() if s.checks is not None}
     return finite(
         {
@@ -1455,7 +1465,7 @@ _REFERENCE_ANSWERS = frozenset(
 
 
 def _references(
-    cfg: RunConfig,
+    p: Pipeline,
     data: Data,
     found: membership.Membership,
     stages: dict[str, ModelStages],
@@ -1464,12 +1474,38 @@ def _references(
     """results.json's `references`: the indistinguishability figures of the original and
     the retrained reference (PrivLeak 0 by construction for the latter) and what their
     greedy answers to the forget and retain items score (accuracy, KnowMem, ROUGE: the
-    `_after` figures), or `skipped` with the reason they are not there."""
+    `_after` figures), or `skipped` with the reason they are not there; a bar advancing
+    per interval, as the methods' figures."""
+    cfg = p.cfg
     if found.skipped is not None or reference is None:  # membership figures need a reference
         return {"skipped": {"membership": found.skipped or membership.NO_REFERENCE}}
     attacks = [a.column for a in cfg.attacks]
+    per = interval_count(attacks, _reference_figure) if cfg.statistics.resamples else 0
+    with progress_bar("reference figures", 2 * per, p.progress and per > 0) as advance:
+        out = _reference_figures(cfg, data, found, stages["original"], reference, advance)
+    skipped = membership.missing_inputs(data, cfg.membership) | found.served
+    skipped |= membership.undefined_privleak(out["retrained"], cfg.membership.privleak_attack)
+    return {"references": out} | ({"skipped": skipped} if skipped else {})
+
+
+def _reference_figure(m: Metric) -> bool:
+    """The figures the references get: their answers' (`_REFERENCE_ANSWERS`) and the
+    membership figures, fluency's aside."""
+    return m.name in _REFERENCE_ANSWERS or ("membership" in m.needs and "fluency" not in m.needs)
+
+
+def _reference_figures(
+    cfg: RunConfig,
+    data: Data,
+    found: membership.Membership,
+    original: ModelStages,
+    reference: ModelStages,
+    advance: Callable[[int], None],
+) -> dict[str, Any]:
+    """The original's and the retrained reference's figures (`_reference_figure`)."""
+    attacks = [a.column for a in cfg.attacks]
     out: dict[str, Any] = {}
-    for label, answers in (("original", stages["original"]), ("retrained", reference)):
+    for label, answers in (("original", original), ("retrained", reference)):
         # every item, as a method's records hold them, so that the bootstrap draws the same
         # items for the references as for the methods; one the model did not answer (the
         # reference's general items, where no figure reads them) is a bare record
@@ -1485,14 +1521,10 @@ def _references(
             cfg.collapse_threshold,
             cfg.statistics,
             privleak_attack=cfg.membership.privleak_attack,
-            only=lambda m: (
-                m.name in _REFERENCE_ANSWERS
-                or ("membership" in m.needs and "fluency" not in m.needs)
-            ),
+            only=_reference_figure,
+            advance=advance,
         )
-    skipped = membership.missing_inputs(data, cfg.membership) | found.served
-    skipped |= membership.undefined_privleak(out["retrained"], cfg.membership.privleak_attack)
-    return {"references": out} | ({"skipped": skipped} if skipped else {})
+    return out
 
 
 def _link_models(
