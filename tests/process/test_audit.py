@@ -350,7 +350,7 @@ def test_verdicts_read_the_figures_and_the_paired_items():
     assert "p = 0.0078" in got["quantize"]["detail"]
     # the counts beside the share, which alone hid how few items it rests on
     assert got["quantize"]["detail"].startswith(
-        "recovers 8 of the 12 forgotten items attacked (67% [40%, 90%]); "
+        "recovers 8 of the 12 forgotten items attacked (67% [35%, 90%], exact binomial interval); "
     )
     assert got["indistinguishable"]["verdict"] == "indistinguishable from the reference"
     # the evidence gives TOFU's forget probability beside the reference's, when both are known
@@ -443,6 +443,32 @@ def test_verdicts_read_the_figures_and_the_paired_items():
     one = {v["test"]: v for v in verdicts(probe | {"forgotten": 1}, [], ["probe"])}
     assert one["forgotten"]["detail"].startswith("1 forget item answered before and not after")
     assert one["probe"]["detail"].startswith("the forgotten item could not be attacked")
+
+
+@pytest.mark.parametrize(("k", "n"), [(0, 15), (0, 3), (1, 1), (3, 3), (8, 12), (5, 40)])
+@pytest.mark.parametrize("level", [0.95, 0.9])
+def test_the_recovery_evidence_gives_the_exact_interval_of_its_counts(k, n, level):
+    """0 of 15 forgotten items recovered read "0% [0%, 0%]": the bootstrap interval, which
+    resamples the items, cannot leave 0 or 100%. The evidence names the items it counts,
+    so it gives their exact (Clopper-Pearson) interval, at the run's level."""
+    from scipy.stats import beta
+
+    from unpact.metrics import ItemRecord
+
+    records = [ItemRecord(f"f{i}", "forget", True, False, {"quantize": i < k}) for i in range(n)]
+    m = {"forgotten": n, "recovery": {"quantize": k / n}}
+    m["ci"] = {"recovery.quantize": [k / n, k / n]}  # what the bootstrap gives at 0 and n
+    (got,) = [v for v in verdicts(m, records, ["quantize"], level=level) if v["test"] == "quantize"]
+    tail = (1 - level) / 2  # Clopper-Pearson from the beta quantiles, by hand
+    low = 0.0 if k == 0 else beta.ppf(tail, k, n - k + 1)
+    high = 1.0 if k == n else beta.ppf(1 - tail, k + 1, n - k)
+    shown = f"[{100 * low:.0f}%, {100 * high:.0f}%], exact binomial interval"
+    assert f"({100 * k / n:.0f}% {shown})" in got["detail"], got["detail"]
+    if (k, n, level) == (0, 15, 0.95):
+        assert "(0% [0%, 22%], exact binomial interval)" in got["detail"]
+    # the figures alone (no records): their bootstrap interval, as results.json holds it
+    (alone,) = [v for v in verdicts(m, [], ["quantize"]) if v["test"] == "quantize"]
+    assert f"[{100 * k / n:.0f}%, {100 * k / n:.0f}%])" in alone["detail"]
 
 
 def test_recovery_verdicts_are_corrected_for_the_attacks_tested_together():

@@ -424,7 +424,15 @@ def _add_verdicts(
     reference, original = references.get("retrained"), references.get("original")
     results["verdicts"] = {
         label: verdicts(
-            results["methods"][label], rows, attacks, alpha, skipped, label, reference, original
+            results["methods"][label],
+            rows,
+            attacks,
+            alpha,
+            skipped,
+            label,
+            reference,
+            original,
+            level=cfg.statistics.level,
         )
         for label, rows in records.items()
     }

@@ -446,6 +446,17 @@ def _pct(value: Any) -> str:
     return display("percent", value)
 
 
+def _exact(k: int, n: int, level: float) -> str:
+    """The exact (Clopper-Pearson) interval of k of n items, as the evidence gives it: of
+    the forgotten items the verdict names, where the results' bootstrap interval, which
+    resamples the items, is [0%, 0%] for none of any number recovered (0 of 15: [0%, 22%])
+    and [100%, 100%] for all of one."""
+    from scipy.stats import binomtest
+
+    found = binomtest(k, n).proportion_ci(confidence_level=level)
+    return f" [{_pct(found.low)}, {_pct(found.high)}], exact binomial interval"
+
+
 def _ci(m: dict[str, Any], key: str) -> str:
     lo, hi = (m.get("ci") or {}).get(key) or (None, None)
     return "" if lo is None else f" [{_pct(lo)}, {_pct(hi)}]"
@@ -460,13 +471,16 @@ def verdicts(
     label: str = "",
     reference: dict[str, Any] | None = None,
     original: dict[str, Any] | None = None,
+    *,
+    level: float = 0.95,
 ) -> list[dict[str, str]]:
     """One method's verdicts: {"test", "verdict", "detail"} per test, in plain words.
     `skipped` (results.json's) says why a figure of the method `label` was not measured;
     `reference`: the retrained reference's figures (results.json's `references`), whose
     accuracies and model utility the forgotten line and whose forget probability the
     indistinguishability evidence give beside the method's; `original`: the original's
-    there, the positive control of the indistinguishability tests (`_powerless`)."""
+    there, the positive control of the indistinguishability tests (`_powerless`); `level`:
+    that of the exact intervals the recovery evidence gives (`statistics.level`)."""
     out = [_forgotten(m, reference or {}, records, alpha)]
     sizes = _scored_sizes(m, records)
     same = _indistinguishable(m, alpha, skipped or {}, label, sizes)
@@ -484,7 +498,7 @@ def verdicts(
     tests = _family(m, records, attacks)
     for attack in attacks:
         left_out = (skipped or {}).get(f"attack.{attack}")
-        out.append(_recovery(m, records, attack, alpha, left_out, tests.get(attack)))
+        out.append(_recovery(m, records, attack, alpha, left_out, tests.get(attack), level))
     out.append(same)
     focus = _focus(m, records, alpha)
     return [*out, focus] if focus is not None else out
@@ -645,17 +659,23 @@ def _recovery(
     alpha: float,
     left_out: str | None,
     test: _Paired | None,
+    level: float = 0.95,
 ) -> dict[str, str]:
     """The verdict of one attack; `left_out`: why the run left it out, if it did; `test`:
-    its McNemar test against the control (`_family`), read after Holm's correction."""
+    its McNemar test against the control (`_family`), read after Holm's correction; the
+    evidence gives the exact interval (`_exact`, at `level`) of the items it counts."""
     rate = (m.get("recovery") or {}).get(attack)
     control = (m.get("recovery_control") or {}).get(attack)
     # the counts beside the share: 100% [100%, 100%] of one item read as a firm finding
     attacked = [r.recovered[attack] for r in records if r.forgotten and attack in r.recovered]
+    interval = (
+        _exact(sum(attacked), len(attacked), level)
+        if attacked
+        else _ci(m, f"recovery.{attack}")  # the figures alone: their bootstrap interval
+    )
     head = (
         f"recovers {sum(attacked)} of the {len(attacked)} forgotten item"
-        f"{'' if len(attacked) == 1 else 's'} attacked ({_pct(rate)}"
-        f"{_ci(m, f'recovery.{attack}')})"
+        f"{'' if len(attacked) == 1 else 's'} attacked ({_pct(rate)}{interval})"
     )
     if rate is None and left_out is not None:
         return {"test": attack, "verdict": "not run", "detail": left_out}
