@@ -99,6 +99,7 @@ def test_audit_prints_a_verdict_per_test_and_writes_the_run(pair, tmp_path):
     # the report says so too (it showed only the controls', PrivLeak's and membership's)
     report = (out / "report.html").read_text()
     assert "<code>mia_auc.gradnorm</code>: " in report and "--preset gpu computes it" in report
+    assert "; 1 unlearning method;" in report  # "1 unlearning methods" before
 
 
 @pytest.mark.parametrize(

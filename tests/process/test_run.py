@@ -168,6 +168,7 @@ def test_run_writes_every_artefact_with_the_documented_schema(finished):
     assert yaml.safe_load((out / "config.yaml").read_text())["methods"][1]["name"] == "npo"
     html = (out / "report.html").read_text()
     assert '<table id="results">' in html and "<svg" in html
+    assert "; 2 unlearning methods;" in html
     assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:)?//", html)  # self-contained
     assert not re.search(r"url\(\s*[\"']?(https?:)?//", html)
 
