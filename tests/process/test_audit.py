@@ -472,6 +472,36 @@ def test_the_recovery_evidence_gives_the_exact_interval_of_its_counts(k, n, leve
     assert f"[{100 * k / n:.0f}%, {100 * k / n:.0f}%])" in alone["detail"]
 
 
+def test_the_recovery_evidence_says_whether_the_recovered_answers_regained_the_focus():
+    """Recovery explained (issue 22): the recovered answers' KeyToken similarity to the
+    original's attribution was in results.json and the report, not in the verdicts."""
+    from unpact.metrics import ItemRecord
+
+    def rec(n, recovered, focus=None):
+        r = ItemRecord(f"f{n}", "forget", True, False, {"quantize": recovered, "probe": False})
+        r.recovered_control = {"quantize": False, "probe": False}
+        if focus is not None:
+            r.recovered_focus = {"quantize": focus}
+        return r
+
+    records = [rec(0, True, 0.25), rec(1, True, 0.75), rec(2, False), rec(3, False)]
+    m = {
+        "forgotten": 4,
+        "recovery": {"quantize": 0.5, "probe": 0.0},
+        "recovery_control": {"quantize": 0.0, "probe": 0.0},
+        "recovery_focus": {"quantize": 0.5, "probe": None},
+    }
+    got = {v["test"]: v for v in verdicts(m, records, ["quantize", "probe"])}
+    assert got["quantize"]["detail"].endswith(
+        "; the recovered 2 answers' KeyToken similarity to the original's attribution: 0.50 "
+        "(1: the original focus back)"
+    )
+    assert "KeyToken" not in got["probe"]["detail"]  # nothing recovered, nothing to attribute
+    one = m | {"recovery_focus": {"quantize": 0.25}}
+    got = {v["test"]: v for v in verdicts(one, records[:1] + records[2:], ["quantize"])}
+    assert "the recovered answer's KeyToken similarity" in got["quantize"]["detail"]
+
+
 def test_recovery_verdicts_are_corrected_for_the_attacks_tested_together():
     """Each attack is one more chance of a "recoverable" by luck: the verdicts read the
     McNemar p-values after Holm's correction over the attacks with a control."""

@@ -498,7 +498,10 @@ def verdicts(
     tests = _family(m, records, attacks)
     for attack in attacks:
         left_out = (skipped or {}).get(f"attack.{attack}")
-        out.append(_recovery(m, records, attack, alpha, left_out, tests.get(attack), level))
+        said = _recovery(m, records, attack, alpha, left_out, tests.get(attack), level)
+        if said["verdict"] != "not run":
+            said["detail"] += _recovered_focus(m, records, attack)
+        out.append(said)
     out.append(same)
     focus = _focus(m, records, alpha)
     return [*out, focus] if focus is not None else out
@@ -719,6 +722,23 @@ def _recovery(
         "detail": f"{head}; the never-taught reference {_pct(control)} on the same items "
         f"(recovered only here: {mine}, only there: {theirs}; exact McNemar p = {p:.2g}{adjusted})",
     }
+
+
+def _recovered_focus(m: dict[str, Any], records: list[ItemRecord], attack: str) -> str:
+    """Recovery explained, as evidence: the mean KeyToken similarity of the answers the
+    attack recovered, attributed under the attacked model, to the original's attribution
+    of the same items ("" where there are none: nothing recovered, or an attack without an
+    answer to attribute, as the logit lens and the probe). Did recovery bring the original
+    focus back?"""
+    focus = (m.get("recovery_focus") or {}).get(attack)
+    n = sum(r.forgotten and attack in r.recovered_focus for r in records)
+    if focus is None or not n:
+        return ""
+    answers = "answer's" if n == 1 else f"{n} answers'"
+    return (
+        f"; the recovered {answers} KeyToken similarity to the original's attribution: "
+        f"{focus:.2f} (1: the original focus back)"
+    )
 
 
 def unmeasured(skipped: dict[str, str], label: str) -> str | None:
