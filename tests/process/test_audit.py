@@ -467,6 +467,10 @@ def test_the_recovery_evidence_gives_the_exact_interval_of_its_counts(k, n, leve
     assert f"({100 * k / n:.0f}% {shown})" in got["detail"], got["detail"]
     if (k, n, level) == (0, 15, 0.95):
         assert "(0% [0%, 22%], exact binomial interval)" in got["detail"]
+    # and as numbers, for a script to read rather than the sentence (no control: no test)
+    assert got["recovered"] == k and got["attacked"] == n
+    assert got["interval"] == pytest.approx([low, high], abs=1e-12)
+    assert "p_value" not in got
     # the figures alone (no records): their bootstrap interval, as results.json holds it
     (alone,) = [v for v in verdicts(m, [], ["quantize"]) if v["test"] == "quantize"]
     assert f"[{100 * k / n:.0f}%, {100 * k / n:.0f}%])" in alone["detail"]
@@ -532,6 +536,12 @@ def test_recovery_verdicts_are_corrected_for_the_attacks_tested_together():
     assert both["quantize"]["detail"].endswith(
         "exact McNemar p = 0.031, 0.062 after Holm's correction over 2 attacks)"
     )
+    numbers = {k: both["quantize"][k] for k in ("recovered", "attacked", "only_here")}
+    assert numbers == {"recovered": 6, "attacked": 10, "only_here": 6}
+    assert both["quantize"]["only_reference"] == 0
+    assert both["quantize"]["p_value"] == pytest.approx(2 / 2**6)
+    assert both["quantize"]["p_holm"] == pytest.approx(2 * 2 / 2**6)
+    assert both["probab"]["p_value"] == both["probab"]["p_holm"] == 1.0
     assert both["probab"]["verdict"] == "not recovered"
     assert both["probab"]["detail"].endswith("exact McNemar p = 1)")  # 1 after it too: unsaid
     # an attack without a control is not one of the family

@@ -446,7 +446,7 @@ def _pct(value: Any) -> str:
     return display("percent", value)
 
 
-def _exact(k: int, n: int, level: float) -> str:
+def _exact(k: int, n: int, level: float) -> tuple[float, float]:
     """The exact (Clopper-Pearson) interval of k of n items, as the evidence gives it: of
     the forgotten items the verdict names, where the results' bootstrap interval, which
     resamples the items, is [0%, 0%] for none of any number recovered (0 of 15: [0%, 22%])
@@ -454,7 +454,7 @@ def _exact(k: int, n: int, level: float) -> str:
     from scipy.stats import binomtest
 
     found = binomtest(k, n).proportion_ci(confidence_level=level)
-    return f" [{_pct(found.low)}, {_pct(found.high)}], exact binomial interval"
+    return float(found.low), float(found.high)
 
 
 def _ci(m: dict[str, Any], key: str) -> str:
@@ -473,9 +473,9 @@ def verdicts(
     original: dict[str, Any] | None = None,
     *,
     level: float = 0.95,
-) -> list[dict[str, str]]:
-    """One method's verdicts: {"test", "verdict", "detail"} per test, in plain words.
-    `skipped` (results.json's) says why a figure of the method `label` was not measured;
+) -> list[dict[str, Any]]:
+    """One method's verdicts: {"test", "verdict", "detail"} per test, in plain words, and
+    an attack's evidence as numbers too (`_recovery_numbers`). `skipped` (results.json's) says why a figure of the method `label` was not measured;
     `reference`: the retrained reference's figures (results.json's `references`), whose
     accuracies and model utility the forgotten line and whose forget probability the
     indistinguishability evidence give beside the method's; `original`: the original's
@@ -501,6 +501,7 @@ def verdicts(
         said = _recovery(m, records, attack, alpha, left_out, tests.get(attack), level)
         if said["verdict"] != "not run":
             said["detail"] += _recovered_focus(m, records, attack)
+            said |= _recovery_numbers(records, attack, tests.get(attack), level)
         out.append(said)
     out.append(same)
     focus = _focus(m, records, alpha)
@@ -671,11 +672,11 @@ def _recovery(
     control = (m.get("recovery_control") or {}).get(attack)
     # the counts beside the share: 100% [100%, 100%] of one item read as a firm finding
     attacked = [r.recovered[attack] for r in records if r.forgotten and attack in r.recovered]
-    interval = (
-        _exact(sum(attacked), len(attacked), level)
-        if attacked
-        else _ci(m, f"recovery.{attack}")  # the figures alone: their bootstrap interval
-    )
+    if attacked:
+        lo, hi = _exact(sum(attacked), len(attacked), level)
+        interval = f" [{_pct(lo)}, {_pct(hi)}], exact binomial interval"
+    else:  # the figures alone: their bootstrap interval
+        interval = _ci(m, f"recovery.{attack}")
     head = (
         f"recovers {sum(attacked)} of the {len(attacked)} forgotten item"
         f"{'' if len(attacked) == 1 else 's'} attacked ({_pct(rate)}{interval})"
@@ -722,6 +723,29 @@ def _recovery(
         "detail": f"{head}; the never-taught reference {_pct(control)} on the same items "
         f"(recovered only here: {mine}, only there: {theirs}; exact McNemar p = {p:.2g}{adjusted})",
     }
+
+
+def _recovery_numbers(
+    records: list[ItemRecord], attack: str, test: _Paired | None, level: float
+) -> dict[str, Any]:
+    """An attack's evidence as numbers beside its words (results.json's verdicts), so that
+    a script reads them rather than the sentence: `recovered` of `attacked` forgotten items
+    with their exact `interval`, and against the control (`test`) the items recovered
+    `only_here` and `only_reference`, the McNemar `p_value` and `p_holm` after Holm's
+    correction. Nothing where the records are not given (figures alone)."""
+    attacked = [r.recovered[attack] for r in records if r.forgotten and attack in r.recovered]
+    if not attacked:
+        return {}
+    k, n = sum(attacked), len(attacked)
+    found: dict[str, Any] = {"recovered": k, "attacked": n, "interval": list(_exact(k, n, level))}
+    if test is not None:
+        found |= {
+            "only_here": test.mine,
+            "only_reference": test.theirs,
+            "p_value": test.p,
+            "p_holm": test.corrected,
+        }
+    return found
 
 
 def _recovered_focus(m: dict[str, Any], records: list[ItemRecord], attack: str) -> str:
