@@ -908,6 +908,10 @@ def test_a_method_still_answering_more_than_the_reference_is_partly_forgotten():
     assert line["detail"].endswith(
         "answered after and not by the reference: 12, the other way: 1 (exact McNemar p = 0.0034)"
     )
+    # and as numbers
+    numbers = {k: line[k] for k in ("forgotten", "only_here", "only_reference")}
+    assert numbers == {"forgotten": 8, "only_here": 12, "only_reference": 1}
+    assert line["p_value"] == pytest.approx(2 * 14 / 2**13)
     low = m | {"forgotten": 19, "forget_acc_after": 0.05}
     line = verdicts(low, forget(1), [])[0]
     assert line["verdict"] == "forgotten"  # 1 against 1
@@ -918,6 +922,7 @@ def test_a_method_still_answering_more_than_the_reference_is_partly_forgotten():
     bare = [ItemRecord(f"f{n}", "forget", True, n < 12) for n in range(20)]
     line = verdicts(m, bare, [])[0]
     assert line["verdict"] == "forgotten" and "reference" not in line["detail"]
+    assert line["forgotten"] == 8 and "p_value" not in line
 
 
 def test_privleak_of_too_few_texts_is_not_read():
@@ -985,6 +990,9 @@ def test_the_focus_verdict_says_how_many_items_it_averages_and_its_interval():
         "verdict": "focus moved",
         "detail": "KeyToken similarity of the 6 forgotten items to the original's: 0.30 "
         "[0.20, 0.40] (1: the same KeyTokens)",
+        "items": 6,  # the evidence as numbers too
+        "mean": 0.3,
+        "interval": [0.2, 0.4],
     }
     got = {v["test"]: v for v in verdicts(m, records[:1], [])}
     assert got["focus"]["detail"].startswith("KeyToken similarity of the 1 forgotten item to")

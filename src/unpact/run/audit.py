@@ -475,7 +475,8 @@ def verdicts(
     level: float = 0.95,
 ) -> list[dict[str, Any]]:
     """One method's verdicts: {"test", "verdict", "detail"} per test, in plain words, and
-    an attack's evidence as numbers too (`_recovery_numbers`). `skipped` (results.json's) says why a figure of the method `label` was not measured;
+    the evidence of the forgotten line, each attack (`_recovery_numbers`) and the focus as
+    numbers too. `skipped` (results.json's) says why a figure of the method `label` was not measured;
     `reference`: the retrained reference's figures (results.json's `references`), whose
     accuracies and model utility the forgotten line and whose forget probability the
     indistinguishability evidence give beside the method's; `original`: the original's
@@ -508,7 +509,7 @@ def verdicts(
     return [*out, focus] if focus is not None else out
 
 
-def _focus(m: dict[str, Any], records: list[ItemRecord], alpha: float) -> dict[str, str] | None:
+def _focus(m: dict[str, Any], records: list[ItemRecord], alpha: float) -> dict[str, Any] | None:
     """Did the focus move: the forgotten items' mean KeyToken similarity to the original's
     attribution below 0.5, read by its bootstrap interval where there is one (a mean of
     0.45 [0.10, 0.80] was "focus moved", as firmly as 0.05 [0.00, 0.10]), with how many
@@ -536,7 +537,8 @@ def _focus(m: dict[str, Any], records: list[ItemRecord], alpha: float) -> dict[s
         verdict = FOCUS_UNCLEAR
     else:
         verdict = f"focus {'moved' if sim < 0.5 else 'mostly kept'}"
-    return {"test": "focus", "verdict": verdict, "detail": detail}
+    numbers = {"items": n, "mean": sim} | ({} if lo is None else {"interval": [lo, hi]})
+    return {"test": "focus", "verdict": verdict, "detail": detail} | numbers
 
 
 def _focus_too_few(n: int, alpha: float) -> bool:
@@ -549,7 +551,7 @@ def _focus_too_few(n: int, alpha: float) -> bool:
 
 def _forgotten(
     m: dict[str, Any], reference: dict[str, Any], records: list[ItemRecord], alpha: float
-) -> dict[str, str]:
+) -> dict[str, Any]:
     """How many forget items the method forgot, with the accuracies before and after, and
     the never-taught reference's where there is one (what forgetting should come to); a
     method that forgot some but still answers more of them than the reference, beyond
@@ -570,7 +572,7 @@ def _forgotten(
         else f"; retain {_pct(m.get('retain_acc_before'))} → {_pct(m.get('retain_acc_after'))}"
         f"{_reference_acc(reference, 'retain')}"
     )
-    still, short = _still_answered(records, alpha)
+    still, short, numbers = _still_answered(records, alpha)
     verdict = "forgotten" if n else "nothing forgotten"
     if n and short:
         verdict = PARTLY_FORGOTTEN
@@ -580,32 +582,36 @@ def _forgotten(
         "detail": f"{n} forget item{'' if n == 1 else 's'} answered before and not after "
         f"(forget accuracy {_pct(before)} → {_pct(after)}{_reference_acc(reference, 'forget')}"
         f"{retain}{_utility(m, reference)}){still}",
+        "forgotten": n,
+        **numbers,
     }
 
 
 PARTLY_FORGOTTEN = "partly forgotten: it still answers more of them than the reference"
 
 
-def _still_answered(records: list[ItemRecord], alpha: float) -> tuple[str, bool]:
+def _still_answered(records: list[ItemRecord], alpha: float) -> tuple[str, bool, dict[str, Any]]:
     """The forget items the method answers and the never-taught reference does not, against
     the other way round, as evidence ("" without the reference's answers, or where the two
-    agree on every item), and whether the method answers more beyond chance (exact McNemar,
+    agree on every item), whether the method answers more beyond chance (exact McNemar,
     two-sided, p < alpha): forgetting that stopped short of a model that never learned
-    them. A method at 60% where the reference answers 5% read "forgotten" as one at 5%."""
-    test = mcnemar_pairs(
-        [
-            (r.correct_after, r.correct_reference)
-            for r in records
-            if r.split == "forget" and r.correct_reference is not None
-        ]
-    )
+    them (a method at 60% where the reference answers 5% read "forgotten" as one at 5%),
+    and the test as numbers (none without the reference's answers)."""
+    pairs = [
+        (r.correct_after, r.correct_reference)
+        for r in records
+        if r.split == "forget" and r.correct_reference is not None
+    ]
+    test = mcnemar_pairs(pairs)
     mine, theirs, p = test.only_a, test.only_b, test.p_value
+    numbers = {"only_here": mine, "only_reference": theirs, "p_value": p} if pairs else {}
     if not mine + theirs:
-        return "", False
+        return "", False, numbers
     return (
         f"; answered after and not by the reference: {mine}, the other way: {theirs} "
         f"(exact McNemar p = {p:.2g})",
         mine > theirs and p < alpha,
+        numbers,
     )
 
 
