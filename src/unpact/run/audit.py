@@ -476,8 +476,8 @@ def verdicts(
 ) -> list[dict[str, Any]]:
     """One method's verdicts: {"test", "verdict", "detail"} per test, in plain words, and
     the evidence of the forgotten line, each attack (`_recovery_numbers`) and the focus as
-    numbers too. `skipped` (results.json's) says why a figure of the method `label` was not measured;
-    `reference`: the retrained reference's figures (results.json's `references`), whose
+    numbers too. `skipped` (results.json's) says why a figure of the method `label` was
+    not measured; `reference`: the retrained reference's figures (results.json's `references`), whose
     accuracies and model utility the forgotten line and whose forget probability the
     indistinguishability evidence give beside the method's; `original`: the original's
     there, the positive control of the indistinguishability tests (`_powerless`); `level`:
@@ -499,10 +499,11 @@ def verdicts(
     tests = _family(m, records, attacks)
     for attack in attacks:
         left_out = (skipped or {}).get(f"attack.{attack}")
-        said = _recovery(m, records, attack, alpha, left_out, tests.get(attack), level)
+        numbers = _recovery_numbers(records, attack, tests.get(attack), level)
+        said = _recovery(m, attack, alpha, left_out, tests.get(attack), numbers)
         if said["verdict"] != "not run":
             said["detail"] += _recovered_focus(m, records, attack)
-            said |= _recovery_numbers(records, attack, tests.get(attack), level)
+            said |= numbers
         out.append(said)
     out.append(same)
     focus = _focus(m, records, alpha)
@@ -664,28 +665,27 @@ def _family(m: dict[str, Any], records: list[ItemRecord], attacks: list[str]) ->
 
 def _recovery(
     m: dict[str, Any],
-    records: list[ItemRecord],
     attack: str,
     alpha: float,
     left_out: str | None,
     test: _Paired | None,
-    level: float = 0.95,
+    numbers: dict[str, Any],
 ) -> dict[str, str]:
     """The verdict of one attack; `left_out`: why the run left it out, if it did; `test`:
     its McNemar test against the control (`_family`), read after Holm's correction; the
-    evidence gives the exact interval (`_exact`, at `level`) of the items it counts."""
+    evidence gives the counts and the exact interval of `numbers` (`_recovery_numbers`)."""
     rate = (m.get("recovery") or {}).get(attack)
     control = (m.get("recovery_control") or {}).get(attack)
     # the counts beside the share: 100% [100%, 100%] of one item read as a firm finding
-    attacked = [r.recovered[attack] for r in records if r.forgotten and attack in r.recovered]
-    if attacked:
-        lo, hi = _exact(sum(attacked), len(attacked), level)
+    k, n = numbers.get("recovered", 0), numbers.get("attacked", 0)
+    if "interval" in numbers:
+        lo, hi = numbers["interval"]
         interval = f" [{_pct(lo)}, {_pct(hi)}], exact binomial interval"
     else:  # the figures alone: their bootstrap interval
         interval = _ci(m, f"recovery.{attack}")
     head = (
-        f"recovers {sum(attacked)} of the {len(attacked)} forgotten item"
-        f"{'' if len(attacked) == 1 else 's'} attacked ({_pct(rate)}{interval})"
+        f"recovers {k} of the {n} forgotten item{'' if n == 1 else 's'} attacked "
+        f"({_pct(rate)}{interval})"
     )
     if rate is None and left_out is not None:
         return {"test": attack, "verdict": "not run", "detail": left_out}
