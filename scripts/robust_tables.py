@@ -4,7 +4,7 @@ RUN_DIR [RUN_DIR ...]` (e.g. runs/robust runs/robust_relearn).
 Per benchmark of each run: each attack's recovery with its 95% interval / the same attack
 on the never-taught reference, and what quantization and relearning did to the original;
 then the exact McNemar counts pooled over benchmarks (recovered only from the unlearned
-model / only from the reference, read from each verdict in results.json), over all three
+model / only from the reference, each verdict's numbers in results.json), over all three
 benchmarks and over the QA ones (news, books), per method and attack.
 """
 
@@ -56,12 +56,24 @@ def pooled(runs: list[Path], benchmarks: tuple[str, ...]) -> dict[tuple[str, str
                 continue
             for method, verdicts in json.loads(path.read_text())["verdicts"].items():
                 for v in verdicts:
-                    found = PAIRS.search(v["detail"])
-                    if found:
+                    pair = _pair(v)
+                    if pair is not None:
                         c = counts.setdefault((v["test"], method), [0, 0])
-                        c[0] += int(found.group(1))
-                        c[1] += int(found.group(2))
+                        c[0] += pair[0]
+                        c[1] += pair[1]
     return counts
+
+
+def _pair(verdict: dict) -> tuple[int, int] | None:
+    """An attack's McNemar counts against its control: its verdict's numbers, or (a
+    results.json from before they were written) the sentence's. The forgotten line's
+    counts, against the reference's answers, are not an attack's."""
+    if "recovered" in verdict:
+        if "only_here" not in verdict:  # no control
+            return None
+        return verdict["only_here"], verdict["only_reference"]
+    found = PAIRS.search(verdict["detail"])
+    return None if found is None else (int(found.group(1)), int(found.group(2)))
 
 
 def main() -> None:
