@@ -109,8 +109,13 @@ def recovery_rate(records: list[ItemRecord], attack: str) -> float:
 
     The denominator is the forgotten items the attack was run on: all of them, except for
     relearning, which trains on some and is tested on the rest."""
-    forgotten = [r for r in records if r.forgotten and attack in r.recovered]
+    forgotten = attacked(records, attack)
     return _share(sum(r.recovered[attack] for r in forgotten), len(forgotten))
+
+
+def attacked(records: list[ItemRecord], attack: str) -> list[ItemRecord]:
+    """The forgotten items `attack` was run on: a recovery rate's denominator."""
+    return [r for r in records if r.forgotten and attack in r.recovered]
 
 
 def union_recovery_rate(

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple, get_args, overload
 from unpact.attacks import ATTACKS
 from unpact.errors import UnpactError
 from unpact.files import as_path
-from unpact.metrics import ItemRecord, display, mcnemar_pairs
+from unpact.metrics import ItemRecord, McNemar, attacked, display, mcnemar_pairs
 from unpact.run.config import EvalDtype, check_served_dtype
 from unpact.types import SettingsModel, is_remote_spec, plain_values, spec_text
 
@@ -428,18 +428,17 @@ def _absolute(entry: str) -> str:
     return str(Path(entry).expanduser().absolute()) if is_path(entry) else entry
 
 
-def _mcnemar(records: list[ItemRecord], attack: str) -> tuple[int, int, float] | None:
+def _mcnemar(records: list[ItemRecord], attack: str) -> McNemar:
     """Exact McNemar on the forgotten items attacked on both models: recovered only from
-    the unlearned model, only from the reference, and the two-sided p-value."""
-    pairs = [
-        (r.recovered[attack], r.recovered_control[attack])
-        for r in records
-        if r.forgotten and attack in r.recovered and attack in r.recovered_control
-    ]
-    if not pairs:
-        return None
-    test = mcnemar_pairs(pairs)
-    return test.only_a, test.only_b, test.p_value
+    the unlearned model (`only_a`), only from the reference (`only_b`), and the two-sided
+    p-value (1 without such items)."""
+    return mcnemar_pairs(
+        [
+            (r.recovered[attack], r.recovered_control[attack])
+            for r in attacked(records, attack)
+            if attack in r.recovered_control
+        ]
+    )
 
 
 def _pct(value: Any) -> str:
@@ -477,9 +476,9 @@ def verdicts(
     """One method's verdicts: {"test", "verdict", "detail"} per test, in plain words, and
     the evidence of the forgotten line, each attack (`_recovery_numbers`) and the focus as
     numbers too. `skipped` (results.json's) says why a figure of the method `label` was
-    not measured; `reference`: the retrained reference's figures (results.json's `references`), whose
-    accuracies and model utility the forgotten line and whose forget probability the
-    indistinguishability evidence give beside the method's; `original`: the original's
+    not measured; `reference`: the retrained reference's figures (results.json's
+    `references`), whose accuracies and model utility the forgotten line and whose forget
+    probability the indistinguishability evidence give beside the method's; `original`: the original's
     there, the positive control of the indistinguishability tests (`_powerless`); `level`:
     that of the exact intervals the recovery evidence gives (`statistics.level`)."""
     out = [_forgotten(m, reference or {}, records, alpha)]
@@ -499,8 +498,9 @@ def verdicts(
     tests = _family(m, records, attacks)
     for attack in attacks:
         left_out = (skipped or {}).get(f"attack.{attack}")
-        numbers = _recovery_numbers(records, attack, tests.get(attack), level)
-        said = _recovery(m, attack, alpha, left_out, tests.get(attack), numbers)
+        test = tests.get(attack)
+        numbers = _recovery_numbers(records, attack, test, level)
+        said = _recovery(m, attack, alpha, left_out, test, numbers)
         if said["verdict"] != "not run":
             said["detail"] += _recovered_focus(m, records, attack)
             said |= numbers
@@ -515,7 +515,7 @@ def _focus(m: dict[str, Any], records: list[ItemRecord], alpha: float) -> dict[s
     attribution below 0.5, read by its bootstrap interval where there is one (a mean of
     0.45 [0.10, 0.80] was "focus moved", as firmly as 0.05 [0.00, 0.10]), with how many
     items it averages (a mean of 1.00 over two items read as firmly as one over fifty).
-    Items too few for any of them to show a side of 0.5 beyond chance (`_focus_too_few`)
+    Items too few for any of them to show a side of 0.5 beyond chance (`_least_sign_p`)
     are inconclusive: one item at 0.20 read "focus moved" [0.20, 0.20]."""
     sim = m.get("keytoken_similarity_forgotten")
     if sim is None:
@@ -528,11 +528,12 @@ def _focus(m: dict[str, Any], records: list[ItemRecord], alpha: float) -> dict[s
         f"KeyToken similarity of {items} to the original's: {sim:.2f}{interval} "
         "(1: the same KeyTokens)"
     )
-    if n and _focus_too_few(n, alpha):
+    least = _least_sign_p(n)
+    if n and least > alpha:
         verdict = FOCUS_TOO_FEW
         detail += (
             f"; {n} item{'' if n == 1 else 's'} cannot show a side of 0.5 beyond chance at "
-            f"alpha {alpha:g} (all on one side: sign-test p {2 * 0.5**n:.2g})"
+            f"alpha {alpha:g} (all on one side: sign-test p {least:.2g})"
         )
     elif lo is not None and hi is not None and lo < 0.5 <= hi:
         verdict = FOCUS_UNCLEAR
@@ -542,12 +543,12 @@ def _focus(m: dict[str, Any], records: list[ItemRecord], alpha: float) -> dict[s
     return {"test": "focus", "verdict": verdict, "detail": detail} | numbers
 
 
-def _focus_too_few(n: int, alpha: float) -> bool:
-    """Are `n` items too few for the focus verdict: even all of them on one side of 0.5
-    would not be beyond chance (the exact two-sided sign test's smallest p-value,
-    2 * 0.5**n, above alpha: 5 items or fewer at alpha 0.05). A bootstrap interval of so
-    few cannot leave the sample, so it cannot say either."""
-    return 2 * 0.5**n > alpha
+def _least_sign_p(n: int) -> float:
+    """The smallest p-value the exact two-sided sign test of `n` items can give (all on one
+    side of 0.5): 2 * 0.5**n. Above alpha, `n` items are too few for the focus verdict (5
+    or fewer at alpha 0.05); a bootstrap interval of so few cannot leave the sample, so it
+    cannot say either."""
+    return min(1.0, 2 * 0.5**n)
 
 
 def _forgotten(
@@ -653,13 +654,14 @@ def _family(m: dict[str, Any], records: list[ItemRecord], attacks: list[str]) ->
 
     rates, controls = m.get("recovery") or {}, m.get("recovery_control") or {}
     tests = {
-        a: _mcnemar(records, a) or (0, 0, 1.0)
+        a: _mcnemar(records, a)
         for a in attacks
         if rates.get(a) is not None and controls.get(a) is not None
     }
-    adjusted = holm([p for _, _, p in tests.values()])
+    adjusted = holm([t.p_value for t in tests.values()])
     return {
-        a: _Paired(*t, q, len(tests)) for (a, t), q in zip(tests.items(), adjusted, strict=True)
+        a: _Paired(t.only_a, t.only_b, t.p_value, q, len(tests))
+        for (a, t), q in zip(tests.items(), adjusted, strict=True)
     }
 
 
@@ -739,10 +741,10 @@ def _recovery_numbers(
     with their exact `interval`, and against the control (`test`) the items recovered
     `only_here` and `only_reference`, the McNemar `p_value` and `p_holm` after Holm's
     correction. Nothing where the records are not given (figures alone)."""
-    attacked = [r.recovered[attack] for r in records if r.forgotten and attack in r.recovered]
-    if not attacked:
+    items = attacked(records, attack)
+    if not items:
         return {}
-    k, n = sum(attacked), len(attacked)
+    k, n = sum(r.recovered[attack] for r in items), len(items)
     found: dict[str, Any] = {"recovered": k, "attacked": n, "interval": list(_exact(k, n, level))}
     if test is not None:
         found |= {
