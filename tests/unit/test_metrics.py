@@ -309,6 +309,24 @@ def test_keyword_units_are_found_at_the_prompt_s_own_offsets():
     assert keyword_units(prompt, units, ["in"]) == [1]
 
 
+# letters of several scripts and cases, Arabic and Hebrew marks, tatweel, format characters
+_KEY_CHARS = "aAbBİiIıßsS\u0640\u064e\u0651\u05b8\u05bcمحدשלו\u200f\u00ad\u200d "
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(_KEY_CHARS, max_size=30), st.text(_KEY_CHARS, min_size=1, max_size=5))
+def test_keyword_spans_equal_the_one_pattern_search(text, keyword):
+    """keyword_spans searches the text with the optional marks and invisible characters
+    taken out (offsets mapped back), where it compiled one pattern per keyword with a
+    class of them between its letters: 3.6 ms per new keyword, 72 s to read a user's
+    20,000 items with 20,000 keywords. The spans are those of that pattern, on any mix of
+    cases, marks and format characters."""
+    from unpact.data.items import keyword_spans
+    from unpact.testing import keyword_spans_one_pattern
+
+    assert keyword_spans(text, keyword) == keyword_spans_one_pattern(text, keyword)
+
+
 def test_a_keyword_is_found_with_or_without_arabic_and_hebrew_vowel_marks(tmp_path):
     """An item whose question writes مُحَمَّد (vowel marks) and whose keyword محمد (none, as
     usually typed) was refused: "'محمد' does not occur in the question". The marks are

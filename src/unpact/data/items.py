@@ -320,23 +320,47 @@ def keyword_spans(text: str, keyword: str) -> list[tuple[int, int]]:
     and Hebrew vowel marks are optional on either side (`judge.optional_mark`): محمد is
     found in مُحَمَّد (its marks inside the span), where the item was refused; so are
     invisible format characters (the right-to-left mark of copied Arabic, a soft hyphen)."""
-    letters = [c for c in keyword if not (optional_mark(c) or invisible(c))]
+    letters = "".join(c for c in keyword if not (optional_mark(c) or invisible(c)))
     if not letters:
         return []
-    skipped = _skipped()
-    pattern = skipped.join(map(re.escape, letters))
-    if any(takes_marks(c) for c in letters):
-        pattern += skipped  # the last letter's own marks
-    found = re.finditer(f"(?=({pattern}))", text, re.IGNORECASE)
-    return [(m.start(1), m.end(1)) for m in found]
+    runs = dict(m.span() for m in _skipped().finditer(text))  # start → end
+    kept = _outside(runs, len(text)) if runs else None
+    plain = "".join(text[i] for i in kept) if kept is not None else text
+    marked = any(takes_marks(c) for c in letters)
+    spans = []
+    for m in re.finditer(f"(?=({re.escape(letters)}))", plain, re.IGNORECASE):
+        start, end = m.start(1), m.end(1)
+        if kept is not None:
+            start, end = kept[start], kept[end - 1] + 1
+        if marked:
+            end = runs.get(end, end)  # the last letter's own marks
+        spans.append((start, end))
+    return spans
+
+
+def _outside(runs: dict[int, int], size: int) -> list[int]:
+    """The offsets of a text of `size` characters outside `runs` (start → end, in order)."""
+    kept: list[int] = []
+    at = 0
+    for start, end in runs.items():
+        kept.extend(range(at, start))
+        at = end
+    kept.extend(range(at, size))
+    return kept
 
 
 @functools.cache
-def _skipped() -> str:
-    """Any run of optional marks and invisible characters (as the judge reads them), as a
-    regular expression: made once, when a keyword is first searched for."""
+def _skipped() -> re.Pattern[str]:
+    """A run of optional marks and invisible characters (as the judge reads them), as a
+    compiled regular expression: made once, when a keyword is first searched for. A
+    keyword is searched for in the text with these runs taken out (offsets mapped back),
+    so its own pattern is the plain letters: one class per letter (the pattern before
+    this) took 3.6 ms to compile per new keyword, 72 s for 20,000 items of a user's
+    benchmark whose keywords all differ."""
     chars = (chr(c) for c in range(0x110000))
-    return "[" + "".join(re.escape(c) for c in chars if optional_mark(c) or invisible(c)) + "]*"
+    return re.compile(
+        "[" + "".join(re.escape(c) for c in chars if optional_mark(c) or invisible(c)) + "]+"
+    )
 
 
 def _nfc(text: str) -> str:
