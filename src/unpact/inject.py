@@ -1091,13 +1091,20 @@ def _train_epochs(
             with _timed(timings, "checks"):
                 state.judged = judge_items(lm, taught, config.max_new_tokens)
             acc.clear()
-            acc["forget+retain"] = _share(state.judged)
+            acc[_taught_splits(taught)] = _share(state.judged)
             update(0, f"epoch {epochs_done} {_fmt(acc)}")
-            if acc["forget+retain"] >= config.target_accuracy:
+            if _share(state.judged) >= config.target_accuracy:
                 update(0, done=True)
                 break
         if epochs_done < config.max_epochs:
             state.checkpoint()
+
+
+def _taught_splits(taught: Sequence[QAItem]) -> str:
+    """The splits taught, as the progress bar names their accuracy: "forget+retain" for
+    the original model, "retain" for the never-taught reference."""
+    splits = {item.split for item in taught}
+    return "+".join(s for s in ("forget", "retain") if s in splits) or "taught"
 
 
 def _loss_terms(

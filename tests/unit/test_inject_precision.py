@@ -465,3 +465,14 @@ def test_the_cli_names_what_of_an_injection_another_machine_computed(capsys):
     parts = [{"from": 0, "to": 2, "made": other}]
     got = said(cached=False, made=now, made_before=parts, inputs_made={"rehearsal targets": other})
     assert "releases: epochs 0-2, its rehearsal targets (inject.json's" in got
+
+
+def test_the_progress_bar_names_the_accuracy_of_what_is_taught():
+    """The never-taught reference is taught the retain facts alone; its progress bar read
+    "forget+retain acc", the original's label, over an accuracy of retain facts only."""
+    from unpact.data import QAItem
+    from unpact.inject import _taught_splits
+
+    forget, retain = QAItem("f", "Who?", "Ada", "forget"), QAItem("r", "Who?", "Bo", "retain")
+    assert _taught_splits([retain, forget]) == "forget+retain"
+    assert _taught_splits([retain]) == "retain"
