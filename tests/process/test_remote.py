@@ -870,7 +870,15 @@ class OldTopK:
             await _reply(send, 400, json.dumps({"error": {"message": message}}).encode())
             return
 
+        replayed = False
+
         async def replay() -> Any:
+            """The body once, then what the client sends next (its disconnection), as
+            an ASGI server's receive does."""
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
@@ -2405,3 +2413,47 @@ def test_a_text_the_served_tokenizer_makes_no_tokens_of_is_refused(tiny, tmp_pat
                 remote.encode_prompt("hi", chat_template=chat)
         with pytest.raises(UnpactError, match=r"the answer ' Paris' is no tokens for this"):
             remote.encode_answer(" Paris")
+
+
+def test_a_client_that_disconnects_stops_its_request(tiny):
+    """A client that gives up (unpact's remote client retries after 30 s) left its
+    request generating to the end, and every request after it queued behind: vLLM
+    cancels a request whose client has disconnected (`with_cancellation`), and so does
+    `unpact serve`, between generated tokens. Its 200 tokens (each step slowed down here)
+    stop within a few steps of the disconnection; the next request is answered."""
+    import socket
+    import time
+
+    import httpx
+
+    steps: list[int] = []
+    started = threading.Event()
+
+    def slow(module: Any, args: Any, out: Any) -> None:
+        steps.append(1)
+        started.set()
+        time.sleep(0.02)
+
+    hook = tiny.model.register_forward_hook(slow)
+    try:
+        with BackgroundServer(make_app(tiny, "tiny")) as url:
+            body = json.dumps(
+                {"model": "tiny", "prompt": [5, 6], "max_tokens": 200, "ignore_eos": True}
+            ).encode()
+            client = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+            client.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            assert started.wait(60)
+            client.close()
+            # waits for the model: answered once the first request has stopped
+            reply = httpx.post(
+                f"{url}/v1/completions",
+                json={"model": "tiny", "prompt": [5, 6], "max_tokens": 2},
+                timeout=120,
+            )
+            assert reply.status_code == 200
+            assert len(steps) - 2 < 100, f"{len(steps) - 2} of 200 steps after the disconnection"
+    finally:
+        hook.remove()

@@ -30,6 +30,7 @@ from unpact.errors import UnpactError, check_text
 from unpact.models import LanguageModel, text_config
 from unpact.scoring import LOWEST_TEMPERATURE, generated_rows, stop_ids
 from unpact.serve.auth import ApiKeys, check_keys, guarded_prefixes
+from unpact.serve.cancel import check, holding, stopping, with_cancellation
 from unpact.serve.scores import (
     ScoreBatcher,
     Scored,
@@ -101,8 +102,9 @@ def make_app(
     app.get("/v1/models")(server.list_models)
     app.post("/tokenize")(_text_only(server.tokenize))
     app.post("/detokenize")(server.detokenize)
-    app.post("/v1/completions")(_text_only(server.completions))
-    app.post("/v1/chat/completions")(_text_only(server.chat_completions))
+    # a client that disconnects stops its request's work, as in vLLM (`unpact.serve.cancel`)
+    app.post("/v1/completions")(with_cancellation(_text_only(server.completions)))
+    app.post("/v1/chat/completions")(with_cancellation(_text_only(server.chat_completions)))
     # a body that is not a JSON object: 400 in vLLM's format, as vLLM's
     # validation_exception_handler answers (FastAPI's own reply would be a 422)
     app.exception_handler(fastapi.exceptions.RequestValidationError)(_invalid_body)
@@ -422,7 +424,7 @@ class _Server:
             if prompt_scores is not None and g in ((), (prompt_scores.next_id,)):
                 return prompt_scores
             if g not in full:
-                with self.lock:
+                with holding(self.lock):
                     full[g] = sequence_scores(lm, req.ids + list(g), req.top)
             return full[g]
 
@@ -484,7 +486,7 @@ class _Server:
         one that stopped it among them) its text, log-prob and UTF-8 bytes, and
         `top_logprobs` of them: the first `top_logprobs` of the token followed by the most
         likely ones (each token once), as vLLM lists its log-prob dictionary."""
-        with self.lock:
+        with holding(self.lock):
             sc = sequence_scores(lm, req.ids + list(done.ids), req.top)
         k = req.logprobs or 0
 
@@ -514,8 +516,9 @@ class _Server:
             rows: list[list[int]] = [[scored.next_id]]
             prompt_scores: Scored | None = scored
         else:
-            with self.lock, torch.no_grad():
+            with holding(self.lock), torch.no_grad():
                 rows = _generate_rows(lm, req, req.temperature < GREEDY_BELOW)
+                check()  # generation stopped early: the client has gone
             prompt_scores = None
         eos = lm.tokenizer.eos_token_id if req.ends else None
         decode = _decoder(lm, req.ids, req.skip_special)
@@ -591,8 +594,7 @@ def _generate_rows(lm: LanguageModel, req: _Completion, greedy: bool) -> list[li
     shape = req.shaping.processor(len(req.ids), held, 0 if req.ends else least)
     if shape is not None:
         extra["logits_processor"] = shape
-    if req.stops.strings:
-        extra["stopping_criteria"] = _stopping(lm, req)
+    extra["stopping_criteria"] = _stopping(lm, req)
     length = max(req.max_tokens, 1)  # an echo without generation makes one (`_hidden`)
     if greedy:
         return generated_rows(lm, [req.ids], length, None, 1.0, 1, **extra)
@@ -603,10 +605,14 @@ def _generate_rows(lm: LanguageModel, req: _Completion, greedy: bool) -> list[li
 
 
 def _stopping(lm: LanguageModel, req: _Completion) -> Any:
-    """A transformers stopping criterion that ends a row once its text holds one of the
-    request's stop strings (`finish` then cuts it where vLLM does); the rows it ends draw
-    their samples as before, so the others' samples are the same."""
+    """transformers stopping criteria: every row once the client has gone
+    (`cancel.stopping`), and with the request's stop strings a row once its text holds
+    one of them (`finish` then cuts it where vLLM does); the rows they end draw their
+    samples as before, so the others' samples are the same."""
     from transformers.generation import StoppingCriteria, StoppingCriteriaList
+
+    if not req.stops.strings:
+        return StoppingCriteriaList([stopping()])
 
     width, strings = len(req.ids), req.stops.strings
     decode = _decoder(lm, req.ids, req.skip_special)
@@ -625,7 +631,7 @@ def _stopping(lm: LanguageModel, req: _Completion) -> Any:
             found = [stopped(row) for row in input_ids[:, width:].tolist()]
             return torch.tensor(found, dtype=torch.bool, device=input_ids.device)
 
-    return StoppingCriteriaList([_StopStrings()])
+    return StoppingCriteriaList([stopping(), _StopStrings()])
 
 
 # vLLM's _SAMPLING_EPS: a temperature below it is greedy decoding. Only 0 reaches it: a
