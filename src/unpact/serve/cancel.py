@@ -88,11 +88,13 @@ def with_cancellation(handler: Callable[[dict[str, Any]], Any]) -> Callable[...,
         event = threading.Event()
 
         def work() -> Any:
-            _GONE.set(event)
+            token = _GONE.set(event)
             try:
                 return handler(body)
             except Cancelled:
                 return None
+            finally:
+                _GONE.reset(token)  # the worker thread serves other requests next
 
         task = asyncio.ensure_future(run_in_threadpool(work))
         listener = asyncio.ensure_future(_disconnected(raw_request))
