@@ -1150,6 +1150,13 @@ def test_unpact_serve_refuses_what_vllm_refuses(served, faults):
         ({"max_tokens": -1}, "max_tokens", "max_tokens must be at least 1, got -1."),
         ({"max_tokens": 0}, "max_tokens", "max_tokens must be at least 1, got 0."),
         ({"n": 0}, None, "n must be at least 1, got 0."),
+        # vLLM's bound (VLLM_MAX_N_SEQUENCES): a million samples were drawn in one batch
+        (
+            {"n": 16385},
+            None,
+            "n must be at most 16384, got 16385. To increase this limit, set the "
+            "VLLM_MAX_N_SEQUENCES environment variable.",
+        ),
         ({"min_tokens": 3}, None, "min_tokens must be less than or equal to max_tokens=2, got 3."),
     ):
         reply = httpx.post(f"{url}/completions", json=sample | change)
@@ -2457,3 +2464,20 @@ def test_a_client_that_disconnects_stops_its_request(tiny):
             assert len(steps) - 2 < 100, f"{len(steps) - 2} of 200 steps after the disconnection"
     finally:
         hook.remove()
+
+
+def test_the_most_samples_a_request_may_ask_for_is_vllms_variable(tiny, monkeypatch):
+    """VLLM_MAX_N_SEQUENCES bounds `n` as in vLLM, read per request; a value that is no
+    number is refused when the app is made (the CLI's exit 2), not at the first request."""
+    import httpx
+
+    monkeypatch.setenv("VLLM_MAX_N_SEQUENCES", "3")
+    with BackgroundServer(make_app(tiny, "tiny")) as url:
+        body = {"model": "tiny", "prompt": [5, 6], "max_tokens": 1, "seed": 0}
+        assert httpx.post(f"{url}/v1/completions", json=body | {"n": 3}).status_code == 200
+        reply = httpx.post(f"{url}/v1/completions", json=body | {"n": 4})
+        assert reply.status_code == 400
+        assert reply.json()["error"]["message"].startswith("n must be at most 3, got 4.")
+    monkeypatch.setenv("VLLM_MAX_N_SEQUENCES", "many")
+    with pytest.raises(UnpactError, match="VLLM_MAX_N_SEQUENCES must be an integer"):
+        make_app(tiny, "tiny")

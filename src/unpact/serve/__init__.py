@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import secrets
 import threading
 import time
@@ -83,6 +84,7 @@ def make_app(
     dropout), and requests run side by side, so no one of them may switch the mode back."""
     if generation_config not in ("auto", "vllm"):
         raise UnpactError(f"generation_config: 'auto' or 'vllm', not {generation_config!r}")
+    max_sequences()  # a VLLM_MAX_N_SEQUENCES that is no number: said before serving
     for lm in models.values() if isinstance(models, dict) else [models]:
         lm.model.eval()
     fastapi = _require_web()
@@ -883,6 +885,16 @@ def _logit_bias(lm: LanguageModel, given: dict[str, float] | None) -> Any:
     return tuple(bias.items())
 
 
+def max_sequences() -> int:
+    """The most samples (`n`) one request may ask for: vLLM's `VLLM_MAX_N_SEQUENCES`
+    (its environment variable, read as vLLM's `envs` reads it: 16384 unset)."""
+    given = os.environ.get("VLLM_MAX_N_SEQUENCES", "16384")
+    try:
+        return int(given)
+    except ValueError:
+        raise UnpactError(f"VLLM_MAX_N_SEQUENCES must be an integer, not {given!r}") from None
+
+
 def _request_error(lm: LanguageModel, req: _Completion, top_k: int | None) -> Any:
     """vLLM's 400 for a request that does not fit in the context (its renderer's
     `TokenizeParams`, which runs first), then for values out of range
@@ -894,6 +906,13 @@ def _request_error(lm: LanguageModel, req: _Completion, top_k: int | None) -> An
         return too_long
     if req.n < 1:
         return _error(400, f"n must be at least 1, got {req.n}.")
+    most = max_sequences()
+    if req.n > most:  # vLLM's `_verify_num_sequences`: a million samples filled the memory
+        return _error(
+            400,
+            f"n must be at most {most}, got {req.n}. To increase this limit, set the "
+            "VLLM_MAX_N_SEQUENCES environment variable.",
+        )
     out_of_range = _sampling_error(req, top_k)
     if out_of_range is not None:
         return out_of_range
