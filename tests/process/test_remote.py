@@ -1158,6 +1158,13 @@ def test_unpact_serve_refuses_what_vllm_refuses(served, faults):
             "VLLM_MAX_N_SEQUENCES environment variable.",
         ),
         ({"min_tokens": 3}, None, "min_tokens must be less than or equal to max_tokens=2, got 3."),
+        # were taken as banning nothing
+        ({"bad_words": [""]}, None, "bad_words cannot contain an empty string. Got bad_words=['']"),
+        (
+            {"bad_words": ["  "]},
+            "bad_words",
+            "bad_words entries must tokenize to at least one token.",
+        ),
     ):
         reply = httpx.post(f"{url}/completions", json=sample | change)
         assert reply.status_code == 400, (change, reply.text)

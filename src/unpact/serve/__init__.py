@@ -832,6 +832,12 @@ def _shaping(lm: LanguageModel, fields: _Fields, repetition: float) -> Any:
     bias = _logit_bias(lm, fields.logit_bias)
     if not isinstance(bias, tuple):
         return bias
+    words = fields.bad_words or []
+    if any(not word for word in words):  # SamplingParams._verify_args
+        return _error(400, f"bad_words cannot contain an empty string. Got bad_words={words}")
+    banned = _bad_words(lm, words)
+    if banned is None:  # SamplingParams.update_from_tokenizer
+        return _error(400, "bad_words entries must tokenize to at least one token.", "bad_words")
     allowed = fields.allowed_token_ids
     if allowed is not None and not allowed:
         return _error(400, "allowed_token_ids is not None and empty!", "allowed_token_ids")
@@ -844,20 +850,20 @@ def _shaping(lm: LanguageModel, fields: _Fields, repetition: float) -> Any:
         fields.frequency_penalty or 0.0,
         fields.ignore_eos,
         None if allowed is None else tuple(sorted(set(allowed))),
-        _bad_words(lm, fields.bad_words or []),
+        banned,
     )
 
 
-def _bad_words(lm: LanguageModel, words: list[str]) -> tuple[tuple[int, ...], ...]:
+def _bad_words(lm: LanguageModel, words: list[str]) -> tuple[tuple[int, ...], ...] | None:
     """`bad_words` as vLLM's `SamplingParams.update_from_tokenizer` makes token ids of them:
     each word (leading spaces stripped) as it starts a text, and with a space before it
-    where that gives another first token and as many tokens (a word inside a text). A word
-    of no tokens bans nothing (vLLM fails on it)."""
+    where that gives another first token and as many tokens (a word inside a text). None
+    for a word of no tokens (" "), which vLLM refuses (it was taken as banning nothing)."""
     found: list[tuple[int, ...]] = []
     for word in words:
         alone = tuple(lm.tokenizer.encode(word.lstrip(), add_special_tokens=False))
         if not alone:
-            continue
+            return None
         found.append(alone)
         inside = tuple(lm.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
         if inside and inside[0] != alone[0] and len(inside) == len(alone):
