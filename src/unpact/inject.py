@@ -1091,9 +1091,9 @@ def _train_epochs(
             with _timed(timings, "checks"):
                 state.judged = judge_items(lm, taught, config.max_new_tokens)
             acc.clear()
-            acc[_taught_splits(taught)] = _share(state.judged)
+            acc[_taught_splits(taught)] = share = _share(state.judged)
             update(0, f"epoch {epochs_done} {_fmt(acc)}")
-            if _share(state.judged) >= config.target_accuracy:
+            if share >= config.target_accuracy:
                 update(0, done=True)
                 break
         if epochs_done < config.max_epochs:

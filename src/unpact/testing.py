@@ -8,13 +8,13 @@ whatever the code did.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 from typing import Any
 
 import torch
 
+from unpact.data.items import skippable_class
 from unpact.judge import invisible, optional_mark, takes_marks
 from unpact.models import LanguageModel
 
@@ -316,13 +316,7 @@ def keyword_spans_one_pattern(text: str, keyword: str) -> list[tuple[int, int]]:
     letters = [c for c in keyword if not (optional_mark(c) or invisible(c))]
     if not letters:
         return []
-    skip = _skip_class()
+    skip = skippable_class() + "*"
     pattern = skip.join(map(re.escape, letters)) + (skip if any(map(takes_marks, letters)) else "")
     found = re.finditer(f"(?=({pattern}))", text, re.IGNORECASE)
     return [(m.start(1), m.end(1)) for m in found]
-
-
-@functools.cache
-def _skip_class() -> str:
-    chars = map(chr, range(0x110000))
-    return "[" + "".join(re.escape(c) for c in chars if optional_mark(c) or invisible(c)) + "]*"

@@ -2429,16 +2429,38 @@ def test_a_text_the_served_tokenizer_makes_no_tokens_of_is_refused(tiny, tmp_pat
             remote.encode_answer(" Paris")
 
 
+def _long_request(port: int, prompt: list[int]) -> Any:
+    """A socket that has sent a 200-token completion request to the server on `port` (EOS
+    ignored) and waits for its reply: closing it is the client disconnecting."""
+    import socket
+
+    body = json.dumps(
+        {"model": "tiny", "prompt": prompt, "max_tokens": 200, "ignore_eos": True}
+    ).encode()
+    client = socket.create_connection(("127.0.0.1", port))
+    client.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+        b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    return client
+
+
+def _next_reply(url: str) -> Any:
+    """A 2-token completion, which waits for the model: answered once the requests before
+    it have stopped."""
+    import httpx
+
+    body = {"model": "tiny", "prompt": [5, 6], "max_tokens": 2}
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+
+
 def test_a_client_that_disconnects_stops_its_request(tiny):
     """A client that gives up (unpact's remote client retries after 30 s) left its
     request generating to the end, and every request after it queued behind: vLLM
     cancels a request whose client has disconnected (`with_cancellation`), and so does
     `unpact serve`, between generated tokens. Its 200 tokens (each step slowed down here)
     stop within a few steps of the disconnection; the next request is answered."""
-    import socket
     import time
-
-    import httpx
 
     steps: list[int] = []
     started = threading.Event()
@@ -2451,22 +2473,11 @@ def test_a_client_that_disconnects_stops_its_request(tiny):
     hook = tiny.model.register_forward_hook(slow)
     try:
         with BackgroundServer(make_app(tiny, "tiny")) as url:
-            body = json.dumps(
-                {"model": "tiny", "prompt": [5, 6], "max_tokens": 200, "ignore_eos": True}
-            ).encode()
-            client = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
-            client.sendall(
-                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-                b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-            )
+            client = _long_request(int(url.rsplit(":", 1)[1]), [5, 6])
             assert started.wait(60)
             client.close()
             # waits for the model: answered once the first request has stopped
-            reply = httpx.post(
-                f"{url}/v1/completions",
-                json={"model": "tiny", "prompt": [5, 6], "max_tokens": 2},
-                timeout=120,
-            )
+            reply = _next_reply(url)
             assert reply.status_code == 200
             assert len(steps) - 2 < 100, f"{len(steps) - 2} of 200 steps after the disconnection"
     finally:
@@ -2488,3 +2499,35 @@ def test_the_most_samples_a_request_may_ask_for_is_vllms_variable(tiny, monkeypa
     monkeypatch.setenv("VLLM_MAX_N_SEQUENCES", "many")
     with pytest.raises(UnpactError, match="VLLM_MAX_N_SEQUENCES must be an integer"):
         make_app(tiny, "tiny")
+
+
+def test_a_queued_request_whose_client_has_gone_never_runs(tiny):
+    """docs/remote.md: a request waiting for the model while its client disconnects does
+    no work once it gets the model (`cancel.holding`), rather than generating one token
+    and then stopping. Its prompt (three tokens) never reaches the model."""
+    import time
+
+    lengths: list[int] = []
+    started = threading.Event()
+
+    def slow(module: Any, args: Any, kwargs: Any, out: Any) -> None:
+        lengths.append(kwargs["input_ids"].shape[1])
+        started.set()
+        time.sleep(0.02)
+
+    hook = tiny.model.register_forward_hook(slow, with_kwargs=True)
+    try:
+        with BackgroundServer(make_app(tiny, "tiny")) as url:
+            port = int(url.rsplit(":", 1)[1])
+            first = _long_request(port, [5, 6])
+            assert started.wait(60)
+            queued = _long_request(port, [7, 8, 9])  # waits for the model
+            time.sleep(0.5)
+            queued.close()
+            time.sleep(0.5)  # its disconnection seen while the first still generates
+            first.close()
+            reply = _next_reply(url)
+            assert reply.status_code == 200
+            assert 3 not in lengths, lengths  # the queued prompt's first pass
+    finally:
+        hook.remove()

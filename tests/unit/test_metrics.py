@@ -318,8 +318,8 @@ _KEY_CHARS = "aAbBİiIıßsS\u0640\u064e\u0651\u05b8\u05bcمحدשלו\u200f\u00
 def test_keyword_spans_equal_the_one_pattern_search(text, keyword):
     """keyword_spans searches the text with the optional marks and invisible characters
     taken out (offsets mapped back), where it compiled one pattern per keyword with a
-    class of them between its letters: 3.6 ms per new keyword, 72 s to read a user's
-    20,000 items with 20,000 keywords. The spans are those of that pattern, on any mix of
+    class of them between its letters: 235 s to read 20,000 items with their own keywords
+    (`benchmarks/reading.py`). The spans are those of that pattern, on any mix of
     cases, marks and format characters."""
     from unpact.data.items import keyword_spans
     from unpact.testing import keyword_spans_one_pattern
