@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar
 
 from unpact.membership import DOCUMENT_ATTACKS, MIA_ATTACKS, auc, forget_quality, privleak
-from unpact.metrics import ItemRecord, MetricContext, defined_mean, metric
+from unpact.metrics import ItemRecord, MetricContext, defined_mean, metric, share
 
 
 def _auc(records: list[ItemRecord], attack: str, retrained: bool = False, of: str = "") -> float:
@@ -309,4 +309,4 @@ def _degenerate(records: list[ItemRecord], ctx: MetricContext) -> float:
     untaught base model than the true answer, or mostly one repeated character run or word)
     rather than a well-formed answer, wrong or right."""
     flags = [r.fluency["degenerate"] for r in records if r.fluency]
-    return sum(flags) / len(flags) if flags else math.nan
+    return share(sum(flags), len(flags))

@@ -89,15 +89,30 @@ class ItemRecord:
         return asdict(self)
 
 
-def _share(numerator: int, denominator: int) -> float:
-    return numerator / denominator if denominator else math.nan
+class Share(float):
+    """A share of items, k of n, as the float k / n that keeps its counts (`hits`, `of`):
+    where every item or none is counted, `bootstrap_ci` gives the exact interval of the
+    count, which the bootstrap's resamples cannot reach."""
+
+    hits: int
+    of: int
+
+    def __new__(cls, hits: int, of: int) -> Share:
+        self = super().__new__(cls, hits / of)
+        self.hits, self.of = int(hits), int(of)
+        return self
+
+
+def share(numerator: int, denominator: int) -> float:
+    """`numerator` of `denominator` items as a `Share`; NaN of none (nothing to divide by)."""
+    return Share(numerator, denominator) if denominator else math.nan
 
 
 def accuracy(records: list[ItemRecord], split: str, when: str) -> float:
     """Share of `split` items answered correctly `when` = "before" or "after"."""
     items = [r for r in records if r.split == split]
     attr = "correct_before" if when == "before" else "correct_after"
-    return _share(sum(getattr(r, attr) for r in items), len(items))
+    return share(sum(getattr(r, attr) for r in items), len(items))
 
 
 def forgotten_count(records: list[ItemRecord]) -> int:
@@ -110,7 +125,7 @@ def recovery_rate(records: list[ItemRecord], attack: str) -> float:
     The denominator is the forgotten items the attack was run on: all of them, except for
     relearning, which trains on some and is tested on the rest."""
     forgotten = attacked(records, attack)
-    return _share(sum(r.recovered[attack] for r in forgotten), len(forgotten))
+    return share(sum(r.recovered[attack] for r in forgotten), len(forgotten))
 
 
 def attacked(records: list[ItemRecord], attack: str) -> list[ItemRecord]:
@@ -126,7 +141,7 @@ def union_recovery_rate(
     got = [getattr(r, field) for r in records if r.forgotten]
     attacked = [g for g in got if any(a in g for a in attacks)]
     hit = sum(any(g.get(a, False) for a in attacks) for g in attacked)
-    return _share(hit, len(attacked))
+    return share(hit, len(attacked))
 
 
 def control_rate(records: list[ItemRecord], attack: str) -> float:
@@ -140,7 +155,7 @@ def control_rate(records: list[ItemRecord], attack: str) -> float:
         for r in records
         if r.forgotten and attack in r.recovered_control and attack in r.recovered
     ]
-    return _share(sum(r.recovered_control[attack] for r in attacked), len(attacked))
+    return share(sum(r.recovered_control[attack] for r in attacked), len(attacked))
 
 
 def layer_curve(records: list[ItemRecord], attack: str) -> list[float]:
@@ -164,7 +179,7 @@ def recovered_focus(records: list[ItemRecord], attack: str) -> float:
 def destructive_rate(records: list[ItemRecord], split: str) -> float:
     """`split` items correct before and wrong after / `split` items correct before."""
     before = [r for r in records if r.split == split and r.correct_before]
-    return _share(sum(not r.correct_after for r in before), len(before))
+    return share(sum(not r.correct_after for r in before), len(before))
 
 
 def collapse_rate(records: list[ItemRecord], threshold: float) -> float:
@@ -172,7 +187,7 @@ def collapse_rate(records: list[ItemRecord], threshold: float) -> float:
     (the model no longer listens to the prompt)."""
     forget = [r for r in records if r.split == "forget" and r.prompt_sensitivity_after is not None]
     below = sum(r.prompt_sensitivity_after < threshold for r in forget)  # type: ignore[operator]
-    return _share(below, len(forget))
+    return share(below, len(forget))
 
 
 def focus_shift(
@@ -241,7 +256,11 @@ def bootstrap_ci(
     where the statistic is undefined (NaN: nothing to divide by) are dropped. NaN bounds
     when the statistic is undefined on every resample. Holdout items and the documents
     (`OWN_DRAWS`) draw from generators of their own, so the intervals of the other figures
-    do not depend on them."""
+    do not depend on them.
+
+    A share of none or of all of its items (a `Share` of 0 or n) is the same on every
+    resample, so its percentile interval would be [0, 0] or [1, 1] whatever n: there the
+    interval is the exact one of the count (`exact_interval`; 0 of 30: [0, 0.116])."""
     splits = list(dict.fromkeys(r.split for r in records))
     groups = [[r for r in records if r.split == s] for s in splits if s not in OWN_DRAWS]
     # the splits only the indistinguishability figures read, each from its own generator
@@ -254,11 +273,23 @@ def bootstrap_ci(
         v = statistic([laid_out[i] for i in drawn.tolist()])
         if not math.isnan(v):
             values.append(v)
+    point = statistic(records)
+    if isinstance(point, Share) and point.hits in (0, point.of):
+        return exact_interval(point.hits, point.of, level)
     if not values:
         return math.nan, math.nan
     values.sort()
     tail = (1 - level) / 2
     return _quantile(values, tail), _quantile(values, 1 - tail)
+
+
+def exact_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """The exact (Clopper-Pearson) interval of k of n items at `level`: the shares of which
+    k or fewer, and k or more, each has probability (1 - level) / 2 (scipy's `binomtest`)."""
+    from scipy.stats import binomtest
+
+    found = binomtest(k, n).proportion_ci(confidence_level=level)
+    return float(found.low), float(found.high)
 
 
 @functools.lru_cache(maxsize=4)

@@ -25,6 +25,7 @@ from unpact.metrics import (
     ItemRecord,
     Metric,
     MetricContext,
+    Share,
     attack_columns,
     bootstrap_ci,
     mcnemar_exact,
@@ -128,7 +129,10 @@ def _number(m: Metric, value: Any) -> Any:
 
 
 def _float(m: Metric, value: Any) -> float:
-    """A metric's value on a bootstrap resample: a float, NaN where it is undefined (None)."""
+    """A metric's value on a bootstrap resample: a float, NaN where it is undefined (None);
+    a `Share` as itself (its counts make its interval exact at 0 and at 1)."""
+    if isinstance(value, Share):
+        return value
     number = _number(m, value)
     return math.nan if number is None else float(number)
 

@@ -458,7 +458,8 @@ def test_the_recovery_evidence_gives_the_exact_interval_of_its_counts(k, n, leve
 
     records = [ItemRecord(f"f{i}", "forget", True, False, {"quantize": i < k}) for i in range(n)]
     m = {"forgotten": n, "recovery": {"quantize": k / n}}
-    m["ci"] = {"recovery.quantize": [k / n, k / n]}  # what the bootstrap gives at 0 and n
+    # the interval as an older results.json holds it (the percentile bootstrap's at 0 and n)
+    m["ci"] = {"recovery.quantize": [k / n, k / n]}
     (got,) = [v for v in verdicts(m, records, ["quantize"], level=level) if v["test"] == "quantize"]
     tail = (1 - level) / 2  # Clopper-Pearson from the beta quantiles, by hand
     low = 0.0 if k == 0 else beta.ppf(tail, k, n - k + 1)

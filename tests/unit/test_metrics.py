@@ -225,6 +225,34 @@ def test_bootstrap_keeps_split_sizes_and_handles_undefined_rates():
     assert math.isnan(lo) and math.isnan(hi)
 
 
+@pytest.mark.parametrize("n", [1, 3, 30, 200])
+def test_a_rate_of_none_or_all_gets_the_exact_interval_of_its_count(n):
+    """Every resample of 0 of n items recovered is 0: the percentile bootstrap read
+    [0%, 0%] whatever n. Clopper-Pearson at 0 of n is [0, 1 - (alpha/2)^(1/n)], at n of n
+    [(alpha/2)^(1/n), 1] (hand-computed: the binomial tail of the bound equals alpha/2)."""
+    from unpact.run import StatisticsSettings, method_metrics
+
+    tail = (1 - 0.95) / 2
+    none = [ItemRecord(str(i), "forget", True, False, {"probab": False}) for i in range(n)]
+    every = [ItemRecord(str(i), "forget", True, False, {"probab": True}) for i in range(n)]
+    stat = lambda r: recovery_rate(r, "probab")  # noqa: E731
+    assert bootstrap_ci(none, stat, resamples=50) == pytest.approx((0.0, 1 - tail ** (1 / n)))
+    assert bootstrap_ci(every, stat, resamples=50) == pytest.approx((tail ** (1 / n), 1.0))
+    # as results.json gives it, at the run's level (99%: wider)
+    out = method_metrics(none, ["probab"], 0.1, StatisticsSettings(resamples=20, level=0.99))
+    assert out["ci"]["recovery.probab"] == pytest.approx([0.0, 1 - 0.005 ** (1 / n)])
+    # a mean that is the same on every resample is not a count: its interval stays a point
+    same = [ItemRecord(str(i), "forget", True, True, {}, 1.0, 1.0, 1.0) for i in range(n)]
+    assert bootstrap_ci(same, lambda r: focus_shift(r, "kept"), resamples=20) == (1.0, 1.0)
+
+
+def test_a_rate_between_none_and_all_keeps_its_bootstrap_interval():
+    recs = [ItemRecord(str(i), "retain", True, i >= 1) for i in range(30)]  # 1 of 30 lost
+    lo, hi = bootstrap_ci(recs, lambda r: destructive_rate(r, "retain"), resamples=2000)
+    plain = bootstrap_ci(recs, lambda r: float(destructive_rate(r, "retain")), resamples=2000)
+    assert (lo, hi) == plain and lo == 0.0 < hi
+
+
 @given(st.lists(st.booleans(), min_size=1, max_size=30), st.integers(0, 5))
 def test_bootstrap_bounds_are_ordered_rates(flags, seed):
     recs = [ItemRecord(str(i), "general", True, f) for i, f in enumerate(flags)]
@@ -276,7 +304,8 @@ def test_shared_resamples_are_the_one_by_one_draws(splits, seed):
 
     bootstrap_ci(recs, keep, resamples=7, seed=seed)
     want = [[r.id for r in x] for x in _one_by_one_resamples(recs, 7, seed)]
-    assert seen == want
+    # then once on the records themselves (is the figure a count of none or all?)
+    assert seen == [*want, [r.id for r in recs]]
 
 
 # --------------------------------------------------------------- KeyTokens vs keywords

@@ -30,7 +30,14 @@ from typing import Any, NamedTuple, get_args, overload
 from unpact.attacks import ATTACKS
 from unpact.errors import UnpactError
 from unpact.files import as_path
-from unpact.metrics import ItemRecord, McNemar, attacked, display, mcnemar_pairs
+from unpact.metrics import (
+    ItemRecord,
+    McNemar,
+    attacked,
+    display,
+    exact_interval,
+    mcnemar_pairs,
+)
 from unpact.run.config import EvalDtype, check_served_dtype
 from unpact.types import SettingsModel, is_remote_spec, plain_values, spec_text
 
@@ -445,17 +452,6 @@ def _pct(value: Any) -> str:
     return display("percent", value)
 
 
-def _exact(k: int, n: int, level: float) -> tuple[float, float]:
-    """The exact (Clopper-Pearson) interval of k of n items, as the evidence gives it: of
-    the forgotten items the verdict names, where the results' bootstrap interval, which
-    resamples the items, is [0%, 0%] for none of any number recovered (0 of 15: [0%, 22%])
-    and [100%, 100%] for all of one."""
-    from scipy.stats import binomtest
-
-    found = binomtest(k, n).proportion_ci(confidence_level=level)
-    return float(found.low), float(found.high)
-
-
 def _ci(m: dict[str, Any], key: str) -> str:
     lo, hi = (m.get("ci") or {}).get(key) or (None, None)
     return "" if lo is None else f" [{_pct(lo)}, {_pct(hi)}]"
@@ -745,7 +741,11 @@ def _recovery_numbers(
     if not items:
         return {}
     k, n = sum(r.recovered[attack] for r in items), len(items)
-    found: dict[str, Any] = {"recovered": k, "attacked": n, "interval": list(_exact(k, n, level))}
+    found: dict[str, Any] = {
+        "recovered": k,
+        "attacked": n,
+        "interval": list(exact_interval(k, n, level)),
+    }
     if test is not None:
         found |= {
             "only_here": test.mine,
