@@ -878,6 +878,16 @@ def test_indistinguishable_is_inconclusive_where_the_original_is_too():
     assert weak["verdict"] == INCONCLUSIVE
     assert "the original's own: PrivLeak 33% [0%, 300%]" in weak["detail"]
     assert weak["detail"].endswith("(more forget and holdout items can)")
+    # the evidence as numbers too: what was read, and the control's
+    numbers = {k: v for k, v in weak.items() if k not in ("test", "verdict", "detail")}
+    assert numbers == {
+        "privleak": 0.33,
+        "privleak_of": "answers",
+        "interval": [0.0, 3.0],
+        "texts": {"forget": 0, "holdout": 0},
+        "forget_quality": 1.0,
+        "original": {"privleak": 0.33, "forget_quality": 1.0},
+    }
     told_apart = m | {"privleak": 0.96, "ci": {"privleak": [0.61, 1.55]}}
     assert said(told_apart)["verdict"] == "indistinguishable from the reference"
     by_quality = m | {"forget_quality": 3e-19}  # PrivLeak holds 0, the truth ratios do not
@@ -952,6 +962,8 @@ def test_privleak_of_too_few_texts_is_not_read():
     few = said(texts(2, 2))
     assert "distinguishable" not in few["verdict"].replace("indistinguishable", "")
     assert "2 forget and 2 holdout answers are too few" in few["detail"]
+    assert few["texts"] == {"forget": 2, "holdout": 2} and few["interval"] == [-1, -1]
+    assert "original" not in few  # none given
     assert "p-value is 0.33" in few["detail"]
     assert said(texts(3, 3), m | {"forget_quality": None})["verdict"] == TOO_FEW
     # the truth ratios still tell it apart
@@ -967,6 +979,13 @@ def test_privleak_of_too_few_texts_is_not_read():
     assert "2 forget and 4 holdout answers are too few" in said(half)["detail"]
     # no records at all (the figures alone): read as given
     assert said([])["verdict"] == enough["verdict"]
+    # of the documents where there are no holdout answers (MUSE's files), said so
+    docs = {"forgotten": 0, "privleak_documents": 0.1, "ci": {"privleak_documents": [-0.2, 0.4]}}
+    line = said([], docs)
+    assert line["privleak_of"] == "documents" and line["privleak"] == 0.1
+    assert line["interval"] == [-0.2, 0.4] and line["forget_quality"] is None
+    # nothing measured: no numbers
+    assert "privleak" not in said([], {"forgotten": 0})
 
 
 def _focus_records(sims):

@@ -479,10 +479,12 @@ def verdicts(
     that of the exact intervals the recovery evidence gives (`statistics.level`)."""
     out = [_forgotten(m, reference or {}, records, alpha)]
     sizes = _scored_sizes(m, records)
-    same = _indistinguishable(m, alpha, skipped or {}, label, sizes)
+    same: dict[str, Any] = _indistinguishable(m, alpha, skipped or {}, label, sizes)
     if same["verdict"] != "not measured":
         same["detail"] += _probabilities(m, reference or {})
     _powerless(same, original, alpha, sizes)
+    if same["verdict"] != "not measured":
+        same |= _leak_numbers(m, sizes, original)
     if not m.get("forgotten"):  # no recovery to judge; membership does not need it
         asked = ", ".join(attacks)
         why = {
@@ -842,6 +844,30 @@ def _scored_sizes(m: dict[str, Any], records: list[ItemRecord]) -> tuple[int, in
         )
 
     return scored(f"forget{of}"), scored(f"holdout{of}")
+
+
+def _leak_numbers(
+    m: dict[str, Any], sizes: tuple[int, int], original: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The indistinguishability line's evidence as numbers: the PrivLeak it reads (of the
+    answers or, without holdout items, of the documents: `privleak_of`), its interval, the
+    forget and holdout texts it compares (`texts`), forget quality; and the original's
+    PrivLeak and forget quality (the positive control of `_powerless`) where given."""
+    key = _privleak_key(m)
+    lo, hi = (m.get("ci") or {}).get(key) or (None, None)
+    out: dict[str, Any] = {
+        "privleak": m.get(key),
+        "privleak_of": "answers" if key == "privleak" else "documents",
+        "interval": None if lo is None or hi is None else [lo, hi],
+        "texts": {"forget": sizes[0], "holdout": sizes[1]},
+        "forget_quality": m.get("forget_quality"),
+    }
+    if original is not None:
+        out["original"] = {
+            "privleak": original.get(key),
+            "forget_quality": original.get("forget_quality"),
+        }
+    return out
 
 
 def _too_few(sizes: tuple[int, int], alpha: float, of: str) -> str:
