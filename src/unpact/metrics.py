@@ -102,6 +102,9 @@ class Share(float):
         self.hits, self.of = int(hits), int(of)
         return self
 
+    def __getnewargs__(self) -> tuple[int, int]:  # type: ignore[override]
+        return self.hits, self.of  # a copy or a pickle (float's gives its value alone)
+
 
 def share(numerator: int, denominator: int) -> float:
     """`numerator` of `denominator` items as a `Share`; NaN of none (nothing to divide by)."""

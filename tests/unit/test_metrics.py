@@ -246,6 +246,16 @@ def test_a_rate_of_none_or_all_gets_the_exact_interval_of_its_count(n):
     assert bootstrap_ci(same, lambda r: focus_shift(r, "kept"), resamples=20) == (1.0, 1.0)
 
 
+def test_a_rate_keeps_its_count_through_a_copy_and_a_pickle():
+    """A rate is a `Share`: float's own pickling gave its value alone to `Share(hits, of)`."""
+    import copy
+    import pickle
+
+    rate = recovery_rate(_records(), "focus_on_key")
+    for again in (pickle.loads(pickle.dumps(rate)), copy.deepcopy(rate)):
+        assert again == pytest.approx(2 / 3) and (again.hits, again.of) == (2, 3)
+
+
 def test_a_rate_between_none_and_all_keeps_its_bootstrap_interval():
     recs = [ItemRecord(str(i), "retain", True, i >= 1) for i in range(30)]  # 1 of 30 lost
     lo, hi = bootstrap_ci(recs, lambda r: destructive_rate(r, "retain"), resamples=2000)
