@@ -1397,7 +1397,12 @@ def generated_rows(
     samples at `temperature` from the plain softmax; each row's generated ids as they came
     (its stop id, and the padding after it, kept). `given` adds to or replaces generate's
     arguments (a server's other stop ids, a stopping criterion). `nan_watch`: NaN logits
-    refused (`NanWatch`); a server, as vLLM's, answers with what the model generates."""
+    refused (`NanWatch`); a server, as vLLM's, answers with what the model generates.
+
+    One prompt's samples are drawn `sample_rows_at_once` at a time, one call after another
+    from the same seeded stream: `generate` holds every row's cache at once, and 2,000
+    samples of 512 tokens (within vLLM's cap on `n`) would need 48 GB for the 135M model
+    (46 KB of keys and values a token). As many as fit are one call, drawn as before."""
     pad = _pad_id(lm)
     input_ids, mask = left_padded(prompts, pad)
     width = input_ids.shape[1]
@@ -1407,33 +1412,69 @@ def generated_rows(
         "do_sample": sampling,
         "pad_token_id": pad,
         "eos_token_id": stop_ids(lm),
-        "num_return_sequences": num_return_sequences,
     }
     kwargs.update(_NEUTRAL_DECODING)
     if sampling:
         kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
     else:
         kwargs.update(_GREEDY)
-    if nan_watch:
-        from transformers import LogitsProcessorList
-
-        watch = NanWatch(lm.model, num_return_sequences, kwargs["eos_token_id"], width)
-        kwargs["logits_processor"] = LogitsProcessorList([watch])
     kwargs.update(given)
     if kwargs.get("min_new_tokens") is not None:
         # it sets the minimum length itself; a min_length beside it (the neutral 0) made
         # transformers warn "Both `min_new_tokens` and `min_length` seem to have been set"
         # on each call (every `unpact serve` request with min_tokens)
         kwargs.pop("min_length", None)
+    at_once = num_return_sequences
+    if len(prompts) == 1:
+        at_once = sample_rows_at_once(lm.model, width + max_new_tokens) or at_once
+    rows: list[list[int]] = []
     with forked_rng(lm.device), quiet_padding_warning():
         if sampling:
             torch.manual_seed(seed)
-        with models_own_code(lm.model, "transformers' generate", "generate with", lm.spec):
-            generated = lm.model.generate(
-                input_ids=input_ids.to(lm.device), attention_mask=mask.to(lm.device), **kwargs
-            )
-    rows: list[list[int]] = generated[:, width:].tolist()
+        for start in range(0, num_return_sequences, at_once):
+            part = min(at_once, num_return_sequences - start)
+            if nan_watch and "logits_processor" not in given:
+                from transformers import LogitsProcessorList
+
+                watch = NanWatch(lm.model, part, kwargs["eos_token_id"], width)
+                kwargs["logits_processor"] = LogitsProcessorList([watch])
+            with models_own_code(lm.model, "transformers' generate", "generate with", lm.spec):
+                generated = lm.model.generate(
+                    input_ids=input_ids.to(lm.device),
+                    attention_mask=mask.to(lm.device),
+                    num_return_sequences=part,
+                    **kwargs,
+                )
+            rows += generated[:, width:].tolist()
     return rows
+
+
+# What one `generate` call may hold of a prompt's samples: their cache of keys and values
+# (and each row's logits), estimated from the model's config (`sample_rows_at_once`).
+SAMPLE_BYTES_AT_ONCE = 2 * 2**30
+
+
+def sample_rows_at_once(model: Any, length: int) -> int | None:
+    """How many samples of `length` tokens (prompt and answer) one `generate` call draws:
+    as many as `SAMPLE_BYTES_AT_ONCE` holds, at least one; None where the model's config
+    does not say its layers' sizes (each prompt's samples then drawn in one call)."""
+    config = model.config
+    if callable(getattr(config, "get_text_config", None)):
+        config = config.get_text_config()
+    layers = getattr(config, "num_hidden_layers", None)
+    hidden = getattr(config, "hidden_size", None)
+    if not isinstance(layers, int) or not isinstance(hidden, int):
+        return None
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or (hidden // heads if heads else None)
+    width = kv_heads * head_dim if isinstance(kv_heads, int) and isinstance(head_dim, int) else 0
+    dtype = getattr(model, "dtype", torch.float32)
+    size = dtype.itemsize if dtype.is_floating_point else 4
+    vocabulary = getattr(config, "vocab_size", None) or 0
+    # keys and values of every layer per token, and a few float32 copies of the logits
+    per_row = 2 * layers * (width or hidden) * size * length + 16 * vocabulary
+    return max(1, SAMPLE_BYTES_AT_ONCE // per_row)
 
 
 class Unsaid(logging.Filter):

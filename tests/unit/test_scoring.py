@@ -706,3 +706,56 @@ def test_an_answer_past_the_context_is_one_message_naming_the_prompt_and_the_set
                        r"\(max_new_tokens\) it exceeds the model's context of \d+: "
                        r"shorten it or leave it out, or lower that setting"):  # fmt: skip
         generate(tiny, ["a", "a b c"], max_new_tokens=room + 1)
+
+
+def test_many_samples_are_drawn_a_memory_budget_at_a_time(tiny, monkeypatch):
+    """`generate` holds every sample's cache at once: 2,000 samples of 512 tokens (within
+    vLLM's cap on `n`) would need 48 GB for the 135M model, past this machine's memory. A
+    prompt's samples are drawn as many at a time as `SAMPLE_BYTES_AT_ONCE` holds, one call
+    after another from the same seeded stream; as many as fit are drawn as before."""
+    from unpact import scoring
+    from unpact.scoring import generated_rows, sample_rows_at_once
+
+    prompt, length = [5, 6, 7], 5
+    calls: list[int] = []
+    generate = tiny.model.generate
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["num_return_sequences"])
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(tiny.model, "generate", counted)
+    whole = generated_rows(tiny, [prompt], length, 3, 1.0, 7)
+    assert calls == [7]  # they fit: one call, as always
+    # a budget of 3 rows of this length: 3, 3 and 1, seeded once
+    per_row = scoring.SAMPLE_BYTES_AT_ONCE // sample_rows_at_once(tiny.model, len(prompt) + length)
+    monkeypatch.setattr(scoring, "SAMPLE_BYTES_AT_ONCE", 3 * per_row + 1)
+    assert sample_rows_at_once(tiny.model, len(prompt) + length) == 3
+    calls.clear()
+    drawn = generated_rows(tiny, [prompt], length, 3, 1.0, 7)
+    assert calls == [3, 3, 1] and len(drawn) == 7
+    # the same as drawing them by hand, one call after another from one seeded stream
+    monkeypatch.setattr(tiny.model, "generate", generate)
+    monkeypatch.setattr(scoring, "SAMPLE_BYTES_AT_ONCE", 10**12)
+    torch.manual_seed(3)
+    by_hand = [row for part in (3, 3, 1) for row in _sampled(tiny, prompt, length, part)]
+    assert [r[: len(h)] for r, h in zip(drawn, by_hand, strict=True)] == by_hand
+    # the first call's rows are those of a draw of 3 alone
+    assert drawn[:3] == generated_rows(tiny, [prompt], length, 3, 1.0, 3)
+    assert drawn != whole  # a stream drawn 3 rows at a time is another draw
+
+
+def _sampled(lm, prompt, length, n):
+    """`n` samples from the global stream as it stands (transformers' `generate`, plain
+    softmax), each row's ids up to its end."""
+    from unpact.scoring import stop_ids
+
+    ids = torch.tensor([prompt], device=lm.device)
+    out = lm.model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=length,
+        do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=n,
+        pad_token_id=stop_ids(lm)[0], eos_token_id=stop_ids(lm),
+    )  # fmt: skip
+    rows = out[:, len(prompt) :].tolist()
+    ends = set(stop_ids(lm))
+    return [r[: next((i + 1 for i, t in enumerate(r) if t in ends), len(r))] for r in rows]
