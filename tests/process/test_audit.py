@@ -986,6 +986,12 @@ def test_privleak_of_too_few_texts_is_not_read():
     assert line["interval"] == [-0.2, 0.4] and line["forget_quality"] is None
     # nothing measured: no numbers
     assert "privleak" not in said([], {"forgotten": 0})
+    # the documents' beside the answers', as the detail gives them
+    both = m | {"privleak_documents": 0.5, "ci": m["ci"] | {"privleak_documents": [0.1, 0.9]}}
+    line = said(texts(4, 4), both)
+    assert line["privleak_of"] == "answers" and "on the documents 50% [10%, 90%]" in line["detail"]
+    assert line["documents"] == {"privleak": 0.5, "interval": [0.1, 0.9]}
+    assert "documents" not in said(texts(4, 4))
 
 
 def _focus_records(sims):

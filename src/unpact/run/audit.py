@@ -851,8 +851,9 @@ def _leak_numbers(
 ) -> dict[str, Any]:
     """The indistinguishability line's evidence as numbers: the PrivLeak it reads (of the
     answers or, without holdout items, of the documents: `privleak_of`), its interval, the
-    forget and holdout texts it compares (`texts`), forget quality; and the original's
-    PrivLeak and forget quality (the positive control of `_powerless`) where given."""
+    forget and holdout texts it compares (`texts`), forget quality; the documents' PrivLeak
+    beside the answers' where there is one; and the original's PrivLeak and forget quality
+    (the positive control of `_powerless`) where given."""
     key = _privleak_key(m)
     lo, hi = (m.get("ci") or {}).get(key) or (None, None)
     out: dict[str, Any] = {
@@ -862,6 +863,13 @@ def _leak_numbers(
         "texts": {"forget": sizes[0], "holdout": sizes[1]},
         "forget_quality": m.get("forget_quality"),
     }
+    docs = m.get("privleak_documents")
+    if key == "privleak" and docs is not None:  # beside the answers', as the detail says it
+        lo, hi = (m.get("ci") or {}).get("privleak_documents") or (None, None)
+        out["documents"] = {
+            "privleak": docs,
+            "interval": None if lo is None or hi is None else [lo, hi],
+        }
     if original is not None:
         out["original"] = {
             "privleak": original.get(key),
