@@ -101,28 +101,47 @@ def sole_writer(folder: Path, what: str) -> Iterator[None]:
     """Hold `folder/.unpact-lock` for the block, and refuse (not wait) where another process
     holds it: two runs writing into one folder at once (the same command started twice,
     or with an edited config) left one's config.yaml beside the other's results. The lock
-    is the system's, so a process that dies holds it no longer. Without `fcntl` (Windows)
-    there is no lock."""
+    is the system's, so a process that dies holds it no longer. The file is removed as the
+    lock is let go (it stayed in every run's folder); a process that opened it just before
+    then holds a lock on a removed file, which is none: it finds the file gone or another
+    one in its place, and takes the lock again. Without `fcntl` (Windows) there is no lock."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not on the machines unpact is tested on
         yield
         return
-    with (folder / WRITER_LOCK).open("a") as fh:
+    lock = folder / WRITER_LOCK
+    while True:
+        fh = lock.open("a")
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            fh.close()
             raise UnpactError(
                 f"{what} {folder}: another unpact process is writing there now; wait for it "
                 "to end, or give another folder"
             ) from None
         except OSError:  # a file system without locks (some network mounts): run unlocked
+            fh.close()
             yield
             return
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+        if _names(lock, fh):
+            break
+        fh.close()  # the holder before removed it as it let go: the lock of a removed file
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # while holding it: whoever opens it next makes anew
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def _names(path: Path, fh: Any) -> bool:
+    """Whether `path` is still the file `fh` has open (not removed, not made anew)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def once(done: Path, folder: Path, waiting: str, compute: Callable[[], T]) -> tuple[bool, T | None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import re
 from pathlib import Path
 
@@ -475,6 +476,50 @@ def test_a_second_writer_of_a_run_folder_is_refused_not_mixed_in(tmp_path):
     from unpact.run import _check_out
 
     _check_out(tmp_path)  # only the lock is there: accepted as a new folder
+
+
+def test_a_run_folder_keeps_no_lock_file_and_a_refused_writer_leaves_the_holders(tmp_path):
+    """`.unpact-lock` stayed in every run's folder. It is removed as the lock is let go; a
+    writer refused meanwhile must not remove the holder's file (a third would then make a
+    new one and write beside the holder)."""
+    from unpact.files import WRITER_LOCK, sole_writer
+
+    refused = pytest.raises(UnpactError, match=r"another unpact process is writing there")
+    with sole_writer(tmp_path, "--out"):
+        for _ in range(2):
+            with refused, sole_writer(tmp_path, "--out"):
+                pass
+        assert (tmp_path / WRITER_LOCK).is_file()
+    assert not (tmp_path / WRITER_LOCK).exists()
+    with sole_writer(tmp_path, "--out"), refused, sole_writer(tmp_path, "--out"):
+        pass  # taken again as before
+
+
+def test_a_writer_that_opened_the_lock_as_its_holder_let_go_takes_it_again(tmp_path, monkeypatch):
+    """The holder removes the lock file as it lets go: a writer that opened the file just
+    before, and then got its lock, held the lock of a removed file, and a third writer
+    made a new file and wrote beside it. It takes the lock of the file in its place."""
+    import fcntl
+
+    from unpact.files import WRITER_LOCK, sole_writer
+
+    holder = sole_writer(tmp_path, "--out")
+    holder.__enter__()
+    real, raced = fcntl.flock, []
+
+    def racing(fh, op):  # the holder lets go between this writer's open and its flock
+        if op & fcntl.LOCK_NB and not raced:
+            raced.append(os.fstat(fh.fileno()).st_ino)
+            holder.__exit__(None, None, None)
+        return real(fh, op)
+
+    monkeypatch.setattr(fcntl, "flock", racing)
+    refused = pytest.raises(UnpactError, match=r"another unpact process is writing there")
+    with sole_writer(tmp_path, "--out"):
+        assert raced and (tmp_path / WRITER_LOCK).is_file()
+        with refused, sole_writer(tmp_path, "--out"):  # the third writer
+            pass
+    assert not (tmp_path / WRITER_LOCK).exists()
 
 
 @pytest.mark.parametrize("code", [errno.ENOLCK, errno.ENOSYS, errno.EINVAL])
