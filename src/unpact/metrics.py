@@ -264,6 +264,9 @@ def bootstrap_ci(
     A share of none or of all of its items (a `Share` of 0 or n) is the same on every
     resample, so its percentile interval would be [0, 0] or [1, 1] whatever n: there the
     interval is the exact one of the count (`exact_interval`; 0 of 30: [0, 0.116])."""
+    point = statistic(records)
+    if isinstance(point, Share) and point.hits in (0, point.of):
+        return exact_interval(point.hits, point.of, level)  # no resample could move it
     splits = list(dict.fromkeys(r.split for r in records))
     groups = [[r for r in records if r.split == s] for s in splits if s not in OWN_DRAWS]
     # the splits only the indistinguishability figures read, each from its own generator
@@ -276,9 +279,6 @@ def bootstrap_ci(
         v = statistic([laid_out[i] for i in drawn.tolist()])
         if not math.isnan(v):
             values.append(v)
-    point = statistic(records)
-    if isinstance(point, Share) and point.hits in (0, point.of):
-        return exact_interval(point.hits, point.of, level)
     if not values:
         return math.nan, math.nan
     values.sort()

@@ -314,8 +314,8 @@ def test_shared_resamples_are_the_one_by_one_draws(splits, seed):
 
     bootstrap_ci(recs, keep, resamples=7, seed=seed)
     want = [[r.id for r in x] for x in _one_by_one_resamples(recs, 7, seed)]
-    # then once on the records themselves (is the figure a count of none or all?)
-    assert seen == [*want, [r.id for r in recs]]
+    # first once on the records themselves (is the figure a count of none or all?)
+    assert seen == [[r.id for r in recs], *want]
 
 
 # --------------------------------------------------------------- KeyTokens vs keywords
