@@ -1458,23 +1458,32 @@ def sample_rows_at_once(model: Any, length: int) -> int | None:
     """How many samples of `length` tokens (prompt and answer) one `generate` call draws:
     as many as `SAMPLE_BYTES_AT_ONCE` holds, at least one; None where the model's config
     does not say its layers' sizes (each prompt's samples then drawn in one call)."""
-    config = model.config
+    config: Any = getattr(model, "config", None)
     if callable(getattr(config, "get_text_config", None)):
         config = config.get_text_config()
-    layers = getattr(config, "num_hidden_layers", None)
-    hidden = getattr(config, "hidden_size", None)
-    if not isinstance(layers, int) or not isinstance(hidden, int):
+    layers, hidden = _config_int(config, "num_hidden_layers"), _config_int(config, "hidden_size")
+    if layers is None or hidden is None:
         return None
-    heads = getattr(config, "num_attention_heads", None)
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or (hidden // heads if heads else None)
-    width = kv_heads * head_dim if isinstance(kv_heads, int) and isinstance(head_dim, int) else 0
+    heads = _config_int(config, "num_attention_heads")
+    kv_heads = _config_int(config, "num_key_value_heads") or heads
+    head_dim = _config_int(config, "head_dim") or (hidden // heads if heads else None)
+    width = kv_heads * head_dim if kv_heads and head_dim else hidden  # else at most the hidden
     dtype = getattr(model, "dtype", torch.float32)
-    size = dtype.itemsize if dtype.is_floating_point else 4
-    vocabulary = getattr(config, "vocab_size", None) or 0
+    size = dtype.itemsize if isinstance(dtype, torch.dtype) and dtype.is_floating_point else 4
+    vocabulary = _config_int(config, "vocab_size") or 0
     # keys and values of every layer per token, and a few float32 copies of the logits
-    per_row = 2 * layers * (width or hidden) * size * length + 16 * vocabulary
+    per_row = 2 * layers * width * size * length + 16 * vocabulary
     return max(1, SAMPLE_BYTES_AT_ONCE // per_row)
+
+
+def _config_int(config: Any, name: str) -> int | None:
+    """A model config's whole-number setting, or None: absent, not a number, or one a
+    config will not give for the whole model (Gemma 4's per-layer `head_dim` raises)."""
+    try:
+        value = getattr(config, name, None)
+    except Exception:  # transformers' AmbiguousGlobalPerLayerAttributeError, and the like
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 class Unsaid(logging.Filter):

@@ -759,3 +759,17 @@ def _sampled(lm, prompt, length, n):
     rows = out[:, len(prompt) :].tolist()
     ends = set(stop_ids(lm))
     return [r[: next((i + 1 for i, t in enumerate(r) if t in ends), len(r))] for r in rows]
+
+
+def test_the_samples_budget_reads_every_architectures_config():
+    """`sample_rows_at_once` reads each model's layer sizes from its config: Gemma 4's
+    refuses a model-wide `head_dim` (a per-layer setting; transformers raises), which made
+    every sampled answer of such a model fail. Each tiny architecture gets a budget, and
+    Gemma 4 draws its samples."""
+    from unpact.scoring import generated_rows, sample_rows_at_once
+    from unpact.testing import _other_configs, tiny_other
+
+    for arch in _other_configs(320):
+        got = sample_rows_at_once(tiny_other(arch).model, 20)
+        assert isinstance(got, int) and got > 0, arch
+    assert len(generated_rows(tiny_other("gemma4_text"), [[5, 6, 7]], 3, 1, 1.0, 4)) == 4
