@@ -1425,8 +1425,10 @@ def generated_rows(
         # on each call (every `unpact serve` request with min_tokens)
         kwargs.pop("min_length", None)
     at_once = num_return_sequences
-    if len(prompts) == 1:
+    if num_return_sequences > 1 and len(prompts) == 1:  # one prompt's samples
         at_once = sample_rows_at_once(lm.model, width + max_new_tokens) or at_once
+    from transformers import LogitsProcessorList
+
     rows: list[list[int]] = []
     with forked_rng(lm.device), quiet_padding_warning():
         if sampling:
@@ -1434,8 +1436,6 @@ def generated_rows(
         for start in range(0, num_return_sequences, at_once):
             part = min(at_once, num_return_sequences - start)
             if nan_watch and "logits_processor" not in given:
-                from transformers import LogitsProcessorList
-
                 watch = NanWatch(lm.model, part, kwargs["eos_token_id"], width)
                 kwargs["logits_processor"] = LogitsProcessorList([watch])
             with models_own_code(lm.model, "transformers' generate", "generate with", lm.spec):

@@ -482,9 +482,8 @@ def verdicts(
     same: dict[str, Any] = _indistinguishable(m, alpha, skipped or {}, label, sizes)
     if same["verdict"] != "not measured":
         same["detail"] += _probabilities(m, reference or {})
-    _powerless(same, original, alpha, sizes)
-    if same["verdict"] != "not measured":
         same |= _leak_numbers(m, sizes, original)
+    _powerless(same, original, alpha, sizes)
     if not m.get("forgotten"):  # no recovery to judge; membership does not need it
         asked = ", ".join(attacks)
         why = {
@@ -855,21 +854,21 @@ def _leak_numbers(
     beside the answers' where there is one; and the original's PrivLeak and forget quality
     (the positive control of `_powerless`) where given."""
     key = _privleak_key(m)
-    lo, hi = (m.get("ci") or {}).get(key) or (None, None)
+
+    def interval(of: str) -> list[float] | None:
+        lo, hi = (m.get("ci") or {}).get(of) or (None, None)
+        return None if lo is None or hi is None else [lo, hi]
+
     out: dict[str, Any] = {
         "privleak": m.get(key),
         "privleak_of": "answers" if key == "privleak" else "documents",
-        "interval": None if lo is None or hi is None else [lo, hi],
+        "interval": interval(key),
         "texts": {"forget": sizes[0], "holdout": sizes[1]},
         "forget_quality": m.get("forget_quality"),
     }
     docs = m.get("privleak_documents")
     if key == "privleak" and docs is not None:  # beside the answers', as the detail says it
-        lo, hi = (m.get("ci") or {}).get("privleak_documents") or (None, None)
-        out["documents"] = {
-            "privleak": docs,
-            "interval": None if lo is None or hi is None else [lo, hi],
-        }
+        out["documents"] = {"privleak": docs, "interval": interval("privleak_documents")}
     if original is not None:
         out["original"] = {
             "privleak": original.get(key),
