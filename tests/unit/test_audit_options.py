@@ -213,3 +213,14 @@ def test_a_run_s_message_is_said_in_the_audit_s_options(said, meant):
     from unpact.run.audit import in_options
 
     assert in_options(said) == (said if meant is None else meant)
+
+
+@pytest.mark.parametrize("named", ["probab", "relearn", "quantize_8bit"])
+def test_an_attack_named_twice_runs_once(named):
+    # one of the preset's was taken once; another (registered, or the gpu preset's label)
+    # was listed twice and refused as "config: attacks.1.label: ... is listed twice"
+    config, _ = audit_config("a", "b", "news", attacks=[named, "quantize", named])
+    names = [a.get("label") or a["name"] for a in config["attacks"]]
+    assert sorted(names) == sorted({named, "quantize"})
+    twice, _ = audit_config("a", "b", "news", attacks=[named, "quantize"])
+    assert twice == config

@@ -293,9 +293,9 @@ def _spec(value: Any, name: str) -> str:
 
 
 def _chosen_attacks(preset: str, attacks: list[str] | None) -> list[dict[str, Any]]:
-    """The preset's attacks, or those `attacks` names: the preset's by name or label, an
-    attack another preset labels (`quantize_8bit`, `quantize_fp4`) with its settings
-    there, any other registered one with its defaults."""
+    """The preset's attacks, or those `attacks` names (each once): the preset's by name or
+    label, an attack another preset labels (`quantize_8bit`, `quantize_fp4`) with its
+    settings there, any other registered one with its defaults."""
     from unpact.attacks import ATTACKS
 
     chosen = [dict(a) for a in PRESETS[preset]["attacks"]]
@@ -303,6 +303,8 @@ def _chosen_attacks(preset: str, attacks: list[str] | None) -> list[dict[str, An
         return chosen
     if not attacks:  # an audit with no attack at all was run, said nowhere
         raise UnpactError("--attacks: give at least one attack name")
+    # each once: one named twice ran twice, or failed as "attacks.1.label ... listed twice"
+    attacks = list(dict.fromkeys(attacks))
     known = {a.get("label") or a["name"] for a in chosen}
     labelled = {a["label"]: a for p in PRESETS.values() for a in p["attacks"] if "label" in a}
     for name in attacks:
