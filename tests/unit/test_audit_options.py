@@ -224,3 +224,11 @@ def test_an_attack_named_twice_runs_once(named):
     assert sorted(names) == sorted({named, "quantize"})
     twice, _ = audit_config("a", "b", "news", attacks=[named, "quantize"])
     assert twice == config
+
+
+@pytest.mark.parametrize("device", ["tpu", "CPU", "cuda:x"])
+def test_an_unknown_device_is_said_as_the_option(device, tmp_path):
+    # it was "config: device: unknown device ...", to a user who wrote no config, once
+    # the models were found (and a model not found was said first)
+    with pytest.raises(UnpactError, match=rf"^--device: unknown device '{device}'; use cpu"):
+        audit("no-such-model", "no-such-model", "news", tmp_path / "out", device=device)

@@ -1004,7 +1004,7 @@ def _audit(
 ) -> Any:
     """`audit` with its options checked."""
     from unpact.data.sources import load_benchmark
-    from unpact.models import check_spec
+    from unpact.models import check_device, check_spec
     from unpact.run import run
     from unpact.run.membership import GRADNORM_OFF, NO_REFERENCE, same_tokenizer
 
@@ -1023,6 +1023,10 @@ def _audit(
         load_benchmark(benchmark)
     except UnpactError as e:
         raise UnpactError(f"--benchmark: {e}") from None
+    try:  # it was the run's "config: device: ...", once the models had been found
+        check_device(options.get("device", "auto"))
+    except UnpactError as e:
+        raise UnpactError(f"--device: {e}") from None
     named = {"original": original, "unlearned": unlearned}
     named |= {k: options[k] for k in ("reference", "base") if options.get(k)}
     for option, spec in named.items():
