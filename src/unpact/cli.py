@@ -1256,6 +1256,7 @@ def audit(
     dtype: DtypeOpt = "float32",
     plugin: PluginOpt = None,
     trust_remote_code: RemoteCodeOpt = False,
+    concurrency: ConcurrencyOpt = 16,
 ) -> None:
     from unpact.run.audit import audit as run_audit
 
@@ -1275,6 +1276,7 @@ def audit(
         "chat_template": chat_template,
         "plugins": list(plugin or []),
         "trust_remote_code": trust_remote_code,
+        "concurrency": concurrency,
     }
     result = _logged(
         lambda log: run_audit(original, unlearned, benchmark, out_dir, log=log, **options)

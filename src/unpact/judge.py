@@ -464,7 +464,9 @@ class LLMJudgeSettings(SettingsModel):
             "must be there: the reference answer and the model's, which it compares)",
         )
     )
-    timeout: float = Field(60.0, gt=0, description="seconds per request")
+    # the server's queue included, as the remote backend's `RemoteSettings.timeout`: a
+    # judge served one request at a time (a llama.cpp slot) answers the 8 in flight in turn
+    timeout: float = Field(600.0, gt=0, description="seconds per request")
     max_tokens: int = Field(
         3,
         gt=0,
@@ -543,7 +545,7 @@ def _client(settings: LLMJudgeSettings) -> Any:
             api_key_env=settings.api_key_env or "",
             concurrency=settings.concurrency,
             timeout=settings.timeout,
-            deadline=max(120.0, 2 * settings.timeout),
+            deadline=max(RemoteSettings.model_fields["deadline"].default, 2 * settings.timeout),
             retries=settings.retries,
         ),
         model_option="judge.llm.model",

@@ -138,9 +138,14 @@ class RemoteSettings(SettingsModel):
         "unset = no key.",
     )
     concurrency: int = Field(16, ge=1, description="Requests in flight at once.")
-    timeout: float = Field(30.0, gt=0, description="Seconds to wait for one attempt.")
+    # A request's wait includes the server's queue: one that answers a request at a time
+    # (`unpact serve`, a llama.cpp slot) serves the 16 in flight one after another. The
+    # demo's NPO+KL model served here answers a 32-token request in 2.5 s, so the last of
+    # 16 waited 40 s, past the 30 s this was, and an audit of a served pair gave up; a
+    # retry joins the queue's end again. 600 s is the `openai` client's own default.
+    timeout: float = Field(600.0, gt=0, description="Seconds to wait for one attempt.")
     deadline: float = Field(
-        120.0, gt=0, description="Seconds one request may take, retries included."
+        1800.0, gt=0, description="Seconds one request may take, retries included."
     )
     retries: int = Field(
         6, ge=0, description="Retries after a timeout, dropped connection, 429, 5xx or bad JSON."
@@ -302,7 +307,9 @@ class RemoteModel:
                     url, json=body, headers=self._headers(), timeout=min(s.timeout, remaining)
                 )
             except httpx.TimeoutException:
-                failure = f"no reply within {min(s.timeout, remaining):.1f} s"
+                failure = f"no reply within {min(s.timeout, remaining):.1f} s" + _QUEUED.format(
+                    n=s.concurrency
+                )
             except httpx.TransportError as exc:
                 failure = f"connection failed ({type(exc).__name__}){_through_proxy(url)}"
             else:
@@ -958,6 +965,12 @@ def _from_echo(reply: dict[str, Any], ids: Sequence[int]) -> list[float] | str:
 
 # An HTTP 500 with the same message this many times in a row is a deterministic failure.
 SAME_500_LIMIT = 3
+# what a timeout may mean, and what to change (`concurrency` of them were in flight)
+_QUEUED = (
+    " (a server that answers one request at a time, as `unpact serve` and a llama.cpp "
+    "slot do, makes the {n} sent at once wait for each other: send fewer, remote."
+    "concurrency or `--concurrency`, or wait longer, remote.timeout)"
+)
 # 5xx codes that no retry can change (RFC 9110): the server does not implement the method
 # (501: a plain web server, not an API) or the HTTP version (505). Failed at once.
 NOT_TRANSIENT = (501, 505)

@@ -246,7 +246,11 @@ def test_transient_faults_are_retried_to_the_right_numbers(tiny, served, faults,
         ("503", "gave up after 4 attempt(s)"),
         ("500same", "HTTP 500 3 times with the same message"),
         ("429", "HTTP 429"),
-        ("delay", "no reply within"),
+        (
+            "delay",
+            "s (a server that answers one request at a time, as `unpact serve` and a "
+            "llama.cpp slot do, makes the 2 sent at once wait for each other: send fewer",
+        ),
         ("badjson", "not valid JSON"),
         ("drop", "connection failed"),
     ],

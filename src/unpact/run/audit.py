@@ -110,6 +110,7 @@ def audit_config(
     plugins: list[str | os.PathLike[str]] | None = None,
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    concurrency: int = 16,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The run config of an audit, and the parts it leaves out with the reason (an attack
     that needs weights on a served model). `plugins` (files or module names, as `--plugin`)
@@ -145,6 +146,7 @@ def audit_config(
         "device": device,
         "dtype": dtype,
         "trust_remote_code": trust_remote_code,
+        "remote": {"concurrency": concurrency},  # requests in flight to a served model
     }
     if chat_template is not None:  # every model as a copy with this template
         config["chat_template"] = str(chat_template)
@@ -1082,6 +1084,7 @@ _CONFIG_WORDS = (  # a run config's key in a message -> the audit option a user 
     (re.compile(r"\bmembership\.(reference|base)\b(?! \(`unpact audit`)"), r"--\1"),
     (re.compile(r"^config: data\.(benchmark|general): "), r"--\1: "),
     (re.compile(r"^data\.general \("), "--general ("),
+    (re.compile(r"^config: remote\.concurrency: "), "--concurrency: "),
 )
 
 
