@@ -1005,8 +1005,7 @@ def _audit(
     options: dict[str, Any],
 ) -> Any:
     """`audit` with its options checked."""
-    from unpact.data.sources import load_benchmark
-    from unpact.models import check_device, check_spec
+    from unpact.models import check_spec
     from unpact.run import run
     from unpact.run.membership import GRADNORM_OFF, NO_REFERENCE, same_tokenizer
 
@@ -1021,14 +1020,7 @@ def _audit(
         if isinstance(value, str) and not value.strip():  # `--base ""` was dropped unsaid
             leave = " or leave the option out" if option in optional else ""
             raise UnpactError(f"--{option}: empty; give a value{leave}")
-    try:  # the user's mistake named by the option they gave, before any model loads
-        load_benchmark(benchmark)
-    except UnpactError as e:
-        raise UnpactError(f"--benchmark: {e}") from None
-    try:  # it was the run's "config: device: ...", once the models had been found
-        check_device(options.get("device", "auto"))
-    except UnpactError as e:
-        raise UnpactError(f"--device: {e}") from None
+    _check_before_models(benchmark, options.get("device", "auto"))
     named = {"original": original, "unlearned": unlearned}
     named |= {k: options[k] for k in ("reference", "base") if options.get(k)}
     for option, spec in named.items():
@@ -1075,6 +1067,21 @@ def _audit(
     except UnpactError as e:  # the run's checks name its config's keys: the audit's options
         e.args = (in_options(str(e)),)
         raise
+
+
+def _check_before_models(benchmark: str, device: str) -> None:
+    """The benchmark and the device, checked before any model loads, a mistake named by
+    the option that gave it (the device's was the run's "config: device: ...", said once
+    the models had been found)."""
+    from unpact.data.sources import load_benchmark
+    from unpact.models import check_device
+
+    checks = (("--benchmark", load_benchmark, benchmark), ("--device", check_device, device))
+    for option, check, value in checks:
+        try:
+            check(value)
+        except UnpactError as e:
+            raise UnpactError(f"{option}: {e}") from None
 
 
 _CONFIG_WORDS = (  # a run config's key in a message -> the audit option a user gave
