@@ -303,13 +303,12 @@ class RemoteModel:
                 break
             wait: float | None = None
             try:
-                reply = client.post(
-                    url, json=body, headers=self._headers(), timeout=min(s.timeout, remaining)
-                )
+                limit = _timeout(min(s.timeout, remaining))
+                reply = client.post(url, json=body, headers=self._headers(), timeout=limit)
+            except httpx.ConnectTimeout:  # a host that drops the packets: no server's queue
+                failure = f"no connection within {limit.connect:.1f} s"
             except httpx.TimeoutException:
-                failure = f"no reply within {min(s.timeout, remaining):.1f} s" + _QUEUED.format(
-                    n=s.concurrency
-                )
+                failure = f"no reply within {limit.read:.1f} s" + _QUEUED.format(n=s.concurrency)
             except httpx.TransportError as exc:
                 failure = f"connection failed ({type(exc).__name__}){_through_proxy(url)}"
             else:
@@ -440,7 +439,9 @@ class RemoteModel:
 
         try:
             reply = self._http().get(
-                f"{self.base_url}/models", headers=self._headers(), timeout=self.settings.timeout
+                f"{self.base_url}/models",
+                headers=self._headers(),
+                timeout=_timeout(self.settings.timeout),
             )
             cards = reply.json()["data"] if reply.status_code == 200 else None
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
@@ -965,6 +966,19 @@ def _from_echo(reply: dict[str, Any], ids: Sequence[int]) -> list[float] | str:
 
 # An HTTP 500 with the same message this many times in a row is a deterministic failure.
 SAME_500_LIMIT = 3
+# An attempt's connection is made within this many seconds (at most its timeout): the
+# long wait is for the reply, behind the server's queue, not for a host that drops the
+# packets (a firewall, a wrong address), which would take the whole timeout each attempt.
+CONNECT_TIMEOUT = 30.0
+
+
+def _timeout(seconds: float) -> Any:
+    """httpx's timeout of an attempt that may take `seconds`."""
+    import httpx
+
+    return httpx.Timeout(seconds, connect=min(seconds, CONNECT_TIMEOUT))
+
+
 # what a timeout may mean, and what to change (`concurrency` of them were in flight)
 _QUEUED = (
     " (a server that answers one request at a time, as `unpact serve` and a llama.cpp "

@@ -286,6 +286,36 @@ def test_a_server_that_does_not_offer_the_request_fails_at_once_in_words(served,
     assert faults.calls - before == 1
 
 
+def test_a_host_that_takes_no_connection_is_not_waited_for_as_a_queue(monkeypatch):
+    """An attempt waits long for its reply (a server's queue), not for its connection: a
+    host that drops the packets took the whole timeout, 600 s, on each attempt. A full
+    accept backlog on 127.0.0.1 drops them as a firewall would."""
+    import socket
+
+    import unpact.remote
+
+    monkeypatch.setattr(unpact.remote, "CONNECT_TIMEOUT", 0.3)
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(0)  # accepts none: the backlog fills, later connections wait
+        port = listening.getsockname()[1]
+        waiting = [socket.socket() for _ in range(4)]
+        for w in waiting:
+            w.setblocking(False)
+            w.connect_ex(("127.0.0.1", port))
+        try:
+            settings = RemoteSettings(timeout=60.0, retries=0)
+            remote = RemoteModel("m", f"http://127.0.0.1:{port}/v1", settings)
+            with pytest.raises(RemoteError) as info:
+                remote.post(f"http://127.0.0.1:{port}/v1/completions", {})
+        finally:
+            for w in waiting:
+                w.close()
+    assert "gave up after 1 attempt(s) in " in str(info.value)
+    assert str(info.value).endswith(" s: no connection within 0.3 s")
+    assert "one request at a time" not in str(info.value)  # no queue to wait for
+
+
 def test_deadline_bounds_a_request(served, faults):
     remote = _remote(served[1], retries=50, timeout=0.3, deadline=1.0)
     faults.repeat = "delay"
