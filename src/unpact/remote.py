@@ -308,7 +308,7 @@ class RemoteModel:
             except httpx.ConnectTimeout:  # a host that drops the packets: no server's queue
                 failure = f"no connection within {limit.connect:.1f} s"
             except httpx.TimeoutException:
-                failure = f"no reply within {limit.read:.1f} s" + _QUEUED.format(n=s.concurrency)
+                failure = f"no reply within {limit.read:.1f} s" + self._queued()
             except httpx.TransportError as exc:
                 failure = f"connection failed ({type(exc).__name__}){_through_proxy(url)}"
             else:
@@ -447,6 +447,17 @@ class RemoteModel:
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             return None
         return [c for c in cards if isinstance(c, dict)] if isinstance(cards, list) else None
+
+    def _queued(self) -> str:
+        """What a timeout may mean, and the settings to change: the run's `remote.*` (an
+        LLM judge's own, `judge.llm.*`, where this is its client)."""
+        n = self.settings.concurrency
+        if self.model_option.endswith(".model"):  # a settings block's model: its siblings
+            where = self.model_option.removesuffix("model")
+            fewer, longer = f"{where}concurrency", f"{where}timeout"
+        else:
+            fewer, longer = "remote.concurrency or `--concurrency`", "remote.timeout"
+        return _QUEUED.format(n=n, fewer=fewer, longer=longer)
 
     def _hint(self, url: str, code: int, message: str) -> str:
         """What to do about a 4xx: for a model name the server does not serve, the names
@@ -979,11 +990,11 @@ def _timeout(seconds: float) -> Any:
     return httpx.Timeout(seconds, connect=min(seconds, CONNECT_TIMEOUT))
 
 
-# what a timeout may mean, and what to change (`concurrency` of them were in flight)
+# what a timeout may mean, and what to change (`RemoteModel._queued`)
 _QUEUED = (
     " (a server that answers one request at a time, as `unpact serve` and a llama.cpp "
-    "slot do, makes the {n} sent at once wait for each other: send fewer, remote."
-    "concurrency or `--concurrency`, or wait longer, remote.timeout)"
+    "slot do, makes the {n} sent at once wait for each other: send fewer, {fewer}, or "
+    "wait longer, {longer})"
 )
 # 5xx codes that no retry can change (RFC 9110): the server does not implement the method
 # (501: a plain web server, not an API) or the HTTP version (505). Failed at once.

@@ -2565,3 +2565,18 @@ def test_a_queued_request_whose_client_has_gone_never_runs(tiny):
             assert 3 not in lengths, lengths  # the queued prompt's first pass
     finally:
         hook.remove()
+
+
+def test_a_timeout_names_the_settings_of_the_client_that_timed_out():
+    """The LLM judge's client is set by judge.llm.*; its timeouts named remote.* (the
+    run's served models'), which do not change it."""
+    url = "http://127.0.0.1:1/v1"
+    judge = RemoteModel("j", url, RemoteSettings(concurrency=8), model_option="judge.llm.model")
+    assert "send fewer, judge.llm.concurrency, or wait longer, judge.llm.timeout)" in (
+        judge._queued()
+    )
+    served = RemoteModel("m", url, RemoteSettings())
+    assert "the 16 sent at once" in served._queued()
+    assert "send fewer, remote.concurrency or `--concurrency`, or wait longer, remote.timeout)" in (
+        served._queued()
+    )
