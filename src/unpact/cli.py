@@ -1350,6 +1350,17 @@ def serve(
             "where that is set (out of the process list).",
         ),
     ] = None,
+    max_num_seqs: Annotated[
+        int,
+        typer.Option(
+            "--max-num-seqs",
+            min=1,
+            help="As vLLM's: how many plain greedy completions in flight (temperature 0, one "
+            "choice, no stop strings or logit shaping) one batch generates together; 1: each "
+            "on its own. A request's greedy answer can then move with what shares its batch, "
+            "by float rounding, as in vLLM.",
+        ),
+    ] = 16,
 ) -> None:
     """`unpact serve` (its help is the decorator's)."""
     from unpact.serve import make_app
@@ -1362,7 +1373,7 @@ def serve(
 
         name = at[0] if (at := hub_at(model)) else model
     lm = _served_model(model, dtype, device, trust_remote_code, chat_template)
-    app_ = make_app(lm, name, "vllm" if generation_config == "vllm" else "auto", keys)
+    app_ = make_app(lm, name, "vllm" if generation_config == "vllm" else "auto", keys, max_num_seqs)
     _serve_on(app_, host, port, model, name, bool(keys))
 
 

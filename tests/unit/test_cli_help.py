@@ -194,7 +194,7 @@ def test_serve_reads_its_key_from_vllm_api_key_as_vllm_does(tmp_path, tiny, monk
     save_model(tiny.model, tiny.tokenizer, tmp_path / "m")
     given: list[list[str]] = []
 
-    def made(lm, name, generation, keys):
+    def made(lm, name, generation, keys, *rest):
         given.append(keys)
         raise SystemExit(0)  # served no further
 
@@ -245,7 +245,7 @@ def test_the_served_name_is_the_model_as_given_as_vllm_s(tiny, tmp_path, monkeyp
     save_model(tiny.model, tiny.tokenizer, tmp_path / "m")
     named: list[str] = []
 
-    def made(lm, name, generation, keys):
+    def made(lm, name, generation, keys, *rest):
         named.append(name)
         raise SystemExit(0)  # served no further
 
@@ -260,3 +260,25 @@ def test_the_served_name_is_the_model_as_given_as_vllm_s(tiny, tmp_path, monkeyp
         done = CliRunner().invoke(app, ["serve", "--port", "0", "--model", *given])
         assert done.exit_code == 0, done.output
         assert named.pop() == name
+
+
+def test_serve_s_max_num_seqs_reaches_the_app_and_is_at_least_one(tiny, tmp_path, monkeypatch):
+    import unpact.serve
+    from unpact.models import save_model
+
+    save_model(tiny.model, tiny.tokenizer, tmp_path / "m")
+    sizes: list[int] = []
+
+    def made(lm, name, generation, keys, max_num_seqs):
+        sizes.append(max_num_seqs)
+        raise SystemExit(0)  # served no further
+
+    monkeypatch.setattr(unpact.serve, "make_app", made)
+    for given, size in (([], 16), (["--max-num-seqs", "1"], 1), (["--max-num-seqs", "64"], 64)):
+        done = CliRunner().invoke(
+            app, ["serve", "--port", "0", "--model", str(tmp_path / "m"), *given]
+        )
+        assert done.exit_code == 0, done.output
+        assert sizes.pop() == size
+    done = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "m"), "--max-num-seqs", "0"])
+    assert done.exit_code == 2 and "--max-num-seqs" in done.output and not sizes

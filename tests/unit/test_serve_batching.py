@@ -1,10 +1,13 @@
-"""How `unpact serve`'s scoring batcher cuts what is waiting into passes: the first
-sequences whose padded batch (count times the longest) stays within the token budget,
-at least one."""
+"""How `unpact serve` batches what is waiting: its scoring batcher cuts it into passes (the
+first sequences whose padded batch, count times the longest, stays within the token budget,
+at least one), its generation batcher into batches of plain greedy completions of one
+`max_tokens`, each row that of its prompt alone."""
 
 from __future__ import annotations
 
 from concurrent.futures import Future
+
+import pytest
 
 from unpact.serve.scores import _within
 
@@ -42,3 +45,127 @@ def test_the_model_list_is_vllm_s_cards():
         ("local", local.spec),
         ("hub", "org/name@0123abc"),
     ]
+
+
+# ------------------------------------------------- greedy completions generated together
+
+
+def held(*specs: tuple[int, int]) -> list:
+    """Waiting greedy requests: (prompt length, max_tokens) each."""
+    return [([1] * n, m, None, Future()) for n, m in specs]
+
+
+def test_a_generation_batch_holds_requests_of_the_first_one_s_max_tokens_in_order():
+    from unpact.serve.batching import _next_batch
+
+    ready = held((3, 8), (5, 4), (2, 8), (9, 8), (4, 8))
+    assert _next_batch(ready, 16, False) == ([ready[0], ready[2], ready[3], ready[4]], [ready[1]])
+    # at most max_num_seqs, the rest kept in the order they came
+    assert _next_batch(ready, 2, False) == ([ready[0], ready[2]], [ready[1], ready[3], ready[4]])
+    assert _next_batch(ready, 1, False) == ([ready[0]], ready[1:])
+    # a model that reads its left padding: prompts of one length only
+    ready = held((3, 8), (5, 8), (3, 8))
+    assert _next_batch(ready, 16, True) == ([ready[0], ready[2]], [ready[1]])
+
+
+def _batcher(lm, size):
+    """A `GenerateBatcher` whose batches (the prompts of each) are recorded."""
+    import threading
+
+    from unpact.serve.batching import GenerateBatcher
+
+    lock = threading.Lock()
+    batcher = GenerateBatcher(lm, lock, size)
+    sizes: list[int] = []
+    run = batcher._run
+
+    def recorded(batch):
+        sizes.append(len(batch))
+        return run(batch)
+
+    batcher._run = recorded
+    return batcher, lock, sizes
+
+
+def _prompts(tiny, n):
+    texts = [f"Question {k}: where is{' the old' * (k % 3)} river {k}?" for k in range(n)]
+    return [list(tiny.encode_prompt(t).generation_ids) for t in texts]
+
+
+def test_greedy_requests_waiting_together_are_one_batch_with_each_alone_s_rows(tiny):
+    """Requests that wait while the model is busy are generated in one padded batch, and
+    each gets the row it would get alone: left padding, its mask and positions changing no
+    greedy token (a batch that read its padding, or shifted positions, would)."""
+    from unpact.scoring import generated_rows
+
+    prompts = _prompts(tiny, 6)
+    assert len({len(p) for p in prompts}) == 3  # of unequal lengths: padded
+    batcher, lock, sizes = _batcher(tiny, 16)
+    with lock:  # the model busy: they all wait (the first may already be taken, alone)
+        futures = [batcher.submit(p, 7) for p in prompts]
+    rows = [f.result(timeout=60) for f in futures]
+    assert sum(sizes) == 6 and len(sizes) <= 2  # the worker may have taken the first ones
+    for p, row in zip(prompts, rows):
+        (alone,) = generated_rows(tiny, [p], 7, None, 1.0, 1)
+        n = len(alone)  # alone, generation ends at the EOS; in a batch, padding follows it
+        assert row[:n] == alone and len(row) == 7
+
+
+def test_a_request_whose_client_has_gone_is_left_out_of_its_batch(tiny):
+    import threading
+
+    from unpact.serve import cancel
+    from unpact.serve.cancel import Cancelled
+
+    prompts = _prompts(tiny, 3)
+    batcher, lock, sizes = _batcher(tiny, 16)
+    left = threading.Event()
+    with lock:
+        first = batcher.submit(prompts[0], 5)
+        token = cancel._GONE.set(left)  # the next request's client
+        try:
+            gone = batcher.submit(prompts[1], 5)
+        finally:
+            cancel._GONE.reset(token)
+        last = batcher.submit(prompts[2], 5)
+        left.set()  # disconnected while waiting
+    assert len(first.result(timeout=60)) == len(last.result(timeout=60)) == 5
+    with pytest.raises(Cancelled):
+        gone.result(timeout=60)
+    assert sum(sizes) == 2  # never generated
+
+
+def test_a_failed_batch_fails_each_of_its_requests(tiny):
+    prompts = _prompts(tiny, 2)
+    batcher, _, _ = _batcher(tiny, 16)
+    working = batcher._run
+
+    def broken(batch):
+        raise RuntimeError("out of memory")
+
+    batcher._run = broken
+    futures = [batcher.submit(p, 5) for p in prompts]
+    for f in futures:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            f.result(timeout=60)
+    # and the worker goes on serving
+    batcher._run = working
+    assert len(batcher.submit(prompts[0], 5).result(timeout=60)) == 5
+
+
+def test_max_num_seqs_is_a_whole_number_of_at_least_one(tiny):
+    from unpact.errors import UnpactError
+    from unpact.serve import make_app
+
+    for bad in (0, -3, 1.5, True, "8"):
+        with pytest.raises(UnpactError, match="max_num_seqs: a whole number of at least 1"):
+            make_app(tiny, max_num_seqs=bad)
+
+
+def test_unpact_serve_s_default_is_the_app_s():
+    import inspect
+
+    from unpact.cli import serve
+    from unpact.serve import DEFAULT_MAX_NUM_SEQS
+
+    assert inspect.signature(serve).parameters["max_num_seqs"].default == DEFAULT_MAX_NUM_SEQS

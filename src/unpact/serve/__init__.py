@@ -7,7 +7,10 @@
 backend is tested against real HTTP, and a way to try `openai:MODEL@URL` specs without a
 GPU cluster; it is not a production server (vLLM is the thing to use at scale). Like vLLM
 it batches what arrives together: scoring requests waiting at the same moment (up to a
-token budget) run as one padded forward pass; generation runs one request at a time.
+token budget) run as one padded forward pass, and so do the log-probs a completion
+reports; plain greedy completions waiting together (up to `--max-num-seqs`) are one padded
+`generate` (`unpact.serve.batching`); other generation (samples, stop strings, logit
+shaping) runs one request at a time.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from unpact.errors import UnpactError, check_text
 from unpact.models import LanguageModel, text_config
 from unpact.scoring import LOWEST_TEMPERATURE, generated_rows, stop_ids
 from unpact.serve.auth import ApiKeys, check_keys, guarded_prefixes
+from unpact.serve.batching import GenerateBatcher
 from unpact.serve.cancel import check, holding, stopping, with_cancellation
 from unpact.serve.scores import (
     ScoreBatcher,
@@ -68,18 +72,27 @@ def _require_web() -> Any:
     return fastapi
 
 
+# how many plain greedy completions in flight one `generate` answers together (vLLM's
+# --max-num-seqs bounds its batch likewise, at 256 and more): unpact's remote client keeps
+# 16 requests in flight
+DEFAULT_MAX_NUM_SEQS = 16
+
+
 def make_app(
     models: LanguageModel | dict[str, LanguageModel],
     name: str = "default",
     generation_config: Literal["auto", "vllm"] = "auto",
     api_keys: str | Sequence[str] = (),
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
 ) -> Any:
     """A FastAPI app serving `models` (name -> model; or one model under `name`).
     `generation_config`, as vLLM's option: "auto" takes the sampling defaults and the
     `max_new_tokens` bound from each model's generation_config, "vllm" leaves them out.
     `api_keys`, as vLLM's `--api-key`: when given, every route but the public ones
     (/health, /ping, /version) wants `Authorization: Bearer KEY` with one of them
-    (`unpact.serve.auth`).
+    (`unpact.serve.auth`). `max_num_seqs`, as vLLM's option: how many plain greedy
+    completions in flight one `generate` answers together (`unpact.serve.batching`; 1:
+    each on its own).
     Each model is put in eval mode and left there: a server only infers (vLLM draws no
     dropout), and requests run side by side, so no one of them may switch the mode back."""
     if generation_config not in ("auto", "vllm"):
@@ -89,8 +102,12 @@ def make_app(
         lm.model.eval()
     fastapi = _require_web()
     app = fastapi.FastAPI(title="unpact serve", docs_url=None, redoc_url=None)
+    if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
+        raise UnpactError(f"max_num_seqs: a whole number of at least 1, not {max_num_seqs!r}")
     server = _Server(
-        models if isinstance(models, dict) else {name: models}, generation_config == "auto"
+        models if isinstance(models, dict) else {name: models},
+        generation_config == "auto",
+        max_num_seqs,
     )
     # vLLM's health check (an empty 200 once the model is loaded, as this app only exists
     # then): the URL scripts poll before they send the first request
@@ -271,10 +288,15 @@ class _Server:
     """The endpoints over the served models: one model call at a time (torch uses every
     core for it), scoring requests batched by a `ScoreBatcher` per model."""
 
-    def __init__(self, served: dict[str, LanguageModel], configured: bool = True) -> None:
+    def __init__(
+        self, served: dict[str, LanguageModel], configured: bool = True, max_num_seqs: int = 1
+    ) -> None:
         self.served = served
         self.lock = threading.Lock()
         self.batchers = {n: ScoreBatcher(m, self.lock) for n, m in served.items()}
+        self.generators = {
+            n: GenerateBatcher(m, self.lock, max_num_seqs) for n, m in served.items()
+        }
         # what each model's generation_config gives a request (vLLM's
         # get_diff_sampling_param), nothing with --generation-config vllm
         self.defaults = {n: _config_defaults(m) if configured else {} for n, m in served.items()}
@@ -389,16 +411,14 @@ class _Server:
             if not isinstance(req, _Completion):
                 return req  # an error reply
             reqs.append(req)
-        # the prompts only scored (lm-evaluation-harness's log-likelihoods): in one pass
-        only = [_scored_only(r) for r in reqs]
-        scored = [(r.ids, r.top) for r, o in zip(reqs, only, strict=True) if o]
-        futures = iter(self.batchers[self.name(body)].submit(scored))
-        pending = [next(futures) if o else None for o in only]
+        # the prompts only scored (lm-evaluation-harness's log-likelihoods) in one pass, the
+        # plain greedy ones in one generation
+        pending = self._submitted(reqs)
         choices: list[dict[str, Any]] = []
         finished: list[Finished] = []
         stepped: list[Stepped] = []
-        for req, scoring in zip(reqs, pending, strict=True):
-            done = self._complete(lm, req, len(choices), choices, scoring)
+        for req, ahead in zip(reqs, pending, strict=True):
+            done = self._complete(lm, req, len(choices), choices, ahead)
             finished += done
             stepped += _stepped(lm, req, done) if streaming.stream else []
         reply = _reply("cmpl", "text_completion", reqs, choices, finished)
@@ -413,22 +433,28 @@ class _Server:
         req: _Completion,
         first: int,
         choices: list[dict[str, Any]],
-        scoring: Future[Scored] | None,
+        ahead: Future[Any] | None,
     ) -> list[Finished]:
         """One prompt's completions, their choices (numbered from `first`) added to
-        `choices`; `scoring`: its scores, submitted already, if it is only scored."""
-        prompt_scores, done = self._generate(lm, req, scoring)
-        full: dict[tuple[int, ...], Scored] = {}
+        `choices`; `ahead`: its work, submitted already (`_submitted`)."""
+        prompt_scores, done = self._generate(lm, req, ahead)
+        # the sequences whose scores the choices report (`_choice`), each scored once, all
+        # in one pass with whatever else is waiting (as vLLM's sampler reports them with
+        # its batch), unless scored on the way already (the prompt's, and its one greedy
+        # token's)
+        shown = [() if _hidden(req) else f.ids for f in done]
+        wanted = req.logprobs is not None or req.prompt_logprobs is not None
+        known = ((), (prompt_scores.next_id,)) if prompt_scores is not None else ()
+        needed = list(dict.fromkeys(g for g in shown if wanted and g not in known))
+        check()
+        futures = self.batchers[req.model].submit([(req.ids + list(g), req.top) for g in needed])
+        full = dict(zip(needed, futures, strict=True))
 
         def scores(g: tuple[int, ...]) -> Scored:
-            """The scores of ids + g (the prompt's, and its one greedy token's: as scored
-            on the way)."""
-            if prompt_scores is not None and g in ((), (prompt_scores.next_id,)):
+            """The scores of ids + g."""
+            if prompt_scores is not None and g in known:
                 return prompt_scores
-            if g not in full:
-                with holding(self.lock):
-                    full[g] = sequence_scores(lm, req.ids + list(g), req.top)
-            return full[g]
+            return full[g].result()
 
         for n, f in enumerate(done):
             choices.append(_choice(lm, req, first + n, f, prompt_scores, scores))
@@ -488,9 +514,9 @@ class _Server:
         one that stopped it among them) its text, log-prob and UTF-8 bytes, and
         `top_logprobs` of them: the first `top_logprobs` of the token followed by the most
         likely ones (each token once), as vLLM lists its log-prob dictionary."""
-        with holding(self.lock):
-            sc = sequence_scores(lm, req.ids + list(done.ids), req.top)
-        k = req.logprobs or 0
+        check()
+        (scoring,) = self.batchers[req.model].submit([(req.ids + list(done.ids), req.top)])
+        sc, k = scoring.result(), req.logprobs or 0
 
         def entry(t: int, lp: float) -> dict[str, Any]:
             text = _token_text(lm, req, t)
@@ -503,20 +529,41 @@ class _Server:
             content.append(entry(token, sc.lps[n]) | {"top_logprobs": listed})
         return {"content": content}
 
+    def _submitted(self, reqs: list[_Completion]) -> list[Future[Any] | None]:
+        """Each request's work handed to its batcher ahead (None: generated on its own):
+        the scores of the ones only scored, the rows of the plain greedy ones (`_batchable`),
+        so that a list of prompts is batched as far as they allow."""
+        scored = [(r.ids, r.top) for r in reqs if _scored_only(r)]
+        futures = iter(self.batchers[reqs[0].model].submit(scored)) if scored else iter(())
+        generators = self.generators[reqs[0].model]
+        return [
+            next(futures)
+            if _scored_only(r)
+            else generators.submit(r.ids, r.max_tokens)
+            if _batchable(r)
+            else None
+            for r in reqs
+        ]
+
     def _generate(
-        self, lm: LanguageModel, req: _Completion, scoring: Future[Scored] | None = None
+        self, lm: LanguageModel, req: _Completion, ahead: Future[Any] | None = None
     ) -> tuple[Scored | None, list[Finished]]:
-        """The completions, and the prompt's scores when scored on the way (`scoring`:
-        their future, if submitted already)."""
+        """The completions, and the prompt's scores when scored on the way (`ahead`: the
+        future of its scores or its greedy row, if submitted already, `_submitted`)."""
         if _scored_only(req):
             # Scoring (echo without generation, or prompt_logprobs with one greedy token):
             # batched with whatever other scoring requests are waiting.
-            if scoring is None:
-                (scoring,) = self.batchers[req.model].submit([(req.ids, req.top)])
-            scored = scoring.result()
+            if ahead is None:
+                (ahead,) = self.batchers[req.model].submit([(req.ids, req.top)])
+            scored = ahead.result()
             # an echo without generation too: vLLM makes the one greedy token it hides
             rows: list[list[int]] = [[scored.next_id]]
             prompt_scores: Scored | None = scored
+        elif _batchable(req):  # generated with the other plain greedy requests waiting
+            if ahead is None:
+                ahead = self.generators[req.model].submit(req.ids, req.max_tokens)
+            rows, prompt_scores = [ahead.result()], None
+            check()
         else:
             with holding(self.lock), torch.no_grad():
                 rows = _generate_rows(lm, req, req.temperature < GREEDY_BELOW)
@@ -535,6 +582,19 @@ def _scored_only(req: _Completion) -> bool:
     greedy = req.temperature < GREEDY_BELOW
     one = req.max_tokens <= 1 and greedy and req.n == 1 and not req.stops.min_tokens
     return one and req.shaping.neutral
+
+
+def _batchable(req: _Completion) -> bool:
+    """Whether the request is a plain greedy completion, generated with others waiting
+    (`unpact.serve.batching`): one choice, greedy, nothing shaping the logits or stopping
+    it but the model's EOS and its length."""
+    greedy = req.temperature < GREEDY_BELOW and req.n == 1 and req.ends
+    stops = req.stops
+    return (
+        greedy
+        and req.shaping.neutral
+        and not (stops.strings or stops.token_ids or stops.min_tokens)
+    )
 
 
 def _hidden(req: _Completion) -> bool:

@@ -3,10 +3,11 @@
 vLLM wraps its completion routes in `with_cancellation` (vllm/entrypoints/utils.py): the
 handler runs beside a task that waits for the request's `http.disconnect` message, and
 when that comes first the handler is cancelled, which aborts the request in the engine.
-`unpact serve`'s handlers run in threads (the model is PyTorch, one request at a time on
+`unpact serve`'s handlers run in threads (the model is PyTorch, one call at a time on
 it), which a task cannot cancel, so a disconnection sets the request's event and the
 thread stops at its next check (`check`): when it takes the model (a queued request of a
-client that timed out never runs) and between generated tokens (`stopping`). Without it a
+client that timed out never runs) and between generated tokens (`stopping`; in a batch of
+greedy completions, `unpact.serve.batching`, its row alone, the batch's event read there). Without it a
 client that gave up (unpact's own remote client retries after 30 s) left its request
 running, and its retry queued behind it: the longer requests took, the more of them ran
 for nobody."""
@@ -36,6 +37,12 @@ def gone() -> bool:
     """Whether the client of the request this thread serves has disconnected."""
     event = _GONE.get()
     return event is not None and event.is_set()
+
+
+def current_event() -> threading.Event | None:
+    """The disconnection event of the request this thread serves (None outside a request):
+    for work another thread does for it (`unpact.serve.batching`)."""
+    return _GONE.get()
 
 
 def check() -> None:

@@ -1,0 +1,134 @@
+"""`unpact serve`'s greedy completions generated together, as vLLM's engine batches the
+requests in flight: a client that keeps several requests open (unpact's remote client keeps
+`remote.concurrency`, 16) had them answered one after another, each a batch of one, where
+one padded `generate` answers them in about the time of a few (`benchmarks/serve_batch.py`).
+
+Only plain greedy completions are batched: temperature 0, one choice, nothing shaping the
+logits, no stop strings, stop token ids or `min_tokens`, the model's EOS ending them (what
+unpact's client and an LLM judge ask). Their rows need nothing of the request but its
+prompt and `max_tokens`, so a batch holds requests of one `max_tokens` (a long one would
+keep the short ones waiting for it), of one prompt length for a model that reads its left
+padding (`scoring.reads_padding`), up to `max_num_seqs` of them, as vLLM's option names it.
+A batch generates exactly what `generated_rows` generates for its prompts left-padded
+together, as the local `generate` batches them; like vLLM's answers, a request's greedy
+answer can then move with what shares its batch, by float rounding alone. With
+`max_num_seqs` 1 every request is a batch of its own, as before."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+
+from unpact.models import LanguageModel
+from unpact.scoring import generated_rows, reads_padding
+from unpact.serve.cancel import Cancelled, current_event
+
+# a prompt, its max_tokens, its client's disconnection event, and where its row goes
+_Waiting = tuple[list[int], int, "threading.Event | None", "Future[list[int]]"]
+
+
+def _next_batch(
+    ready: list[_Waiting], size: int, same_length: bool
+) -> tuple[list[_Waiting], list[_Waiting]]:
+    """The first waiting request and up to `size` - 1 more after it of its `max_tokens`
+    (and, `same_length`, of its prompt length), in the order they came; and the rest."""
+    first = ready[0]
+
+    def fits(w: _Waiting) -> bool:
+        return w[1] == first[1] and (not same_length or len(w[0]) == len(first[0]))
+
+    batch = [first]
+    rest: list[_Waiting] = []
+    for w in ready[1:]:
+        (batch if len(batch) < size and fits(w) else rest).append(w)
+    return batch, rest
+
+
+class GenerateBatcher:
+    """Generates plain greedy completions (`batchable`) in batches: a worker thread takes
+    the requests waiting, up to `max_num_seqs` of one `max_tokens`, and generates them in
+    one padded `generate` while holding the model (`lock`)."""
+
+    def __init__(self, lm: LanguageModel, lock: threading.Lock, max_num_seqs: int) -> None:
+        self.lm = lm
+        self.lock = lock
+        self.size = max_num_seqs
+        self.waiting: queue.Queue[_Waiting] = queue.Queue()
+        threading.Thread(target=self._work, daemon=True).start()
+
+    def submit(self, ids: list[int], max_tokens: int) -> Future[list[int]]:
+        """The future of the prompt's greedy row (up to `max_tokens` ids, as generated: the
+        EOS that ended it kept, padding after it): generated with whatever else waits. A
+        request whose client goes (`unpact.serve.cancel`) is left out of its batch, or its
+        row stopped there, and its future raises `Cancelled`."""
+        done: Future[list[int]] = Future()
+        self.waiting.put((ids, max_tokens, current_event(), done))
+        return done
+
+    def _work(self) -> None:
+        ready: list[_Waiting] = []
+        while True:
+            if not ready:
+                ready.append(self.waiting.get())
+            while True:  # and whatever else is waiting
+                try:
+                    ready.append(self.waiting.get_nowait())
+                except queue.Empty:
+                    break
+            with self.lock:  # the model's: `reads_padding` runs it the first time
+                batch, ready = _next_batch(ready, self.size, self._same_length())
+                kept = []
+                for w in batch:  # one whose client gave up waiting: nothing generated for it
+                    w[3].set_exception(Cancelled()) if _gone(w) else kept.append(w)
+                batch = kept
+                if not batch:
+                    continue
+                try:
+                    rows = self._run(batch)
+                except Exception as exc:  # handed to the requests waiting for it
+                    for *_, done in batch:
+                        done.set_exception(exc)
+                    continue
+            for w, row in zip(batch, rows, strict=True):
+                w[3].set_exception(Cancelled()) if _gone(w) else w[3].set_result(row)
+
+    def _same_length(self) -> bool:
+        """Whether a batch must hold prompts of one length (a model that reads its left
+        padding); so where the model fails to tell: its batches then fail as they will."""
+        try:
+            return reads_padding(self.lm)
+        except Exception:
+            return True
+
+    def _run(self, batch: list[_Waiting]) -> list[list[int]]:
+        from transformers.generation import StoppingCriteria, StoppingCriteriaList
+
+        events = [w[2] for w in batch]
+
+        class _RowsGone(StoppingCriteria):
+            """Ends the rows whose client has gone; the others go on."""
+
+            def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+                gone = [e is not None and e.is_set() for e in events]
+                return torch.tensor(gone, dtype=torch.bool, device=input_ids.device)
+
+        with torch.no_grad():
+            return generated_rows(
+                self.lm,
+                [w[0] for w in batch],
+                batch[0][1],
+                None,
+                1.0,
+                1,
+                nan_watch=False,  # vLLM serves what the model generates
+                stopping_criteria=StoppingCriteriaList([_RowsGone()]),
+            )
+
+
+def _gone(w: _Waiting) -> bool:
+    event = w[2]
+    return event is not None and event.is_set()
