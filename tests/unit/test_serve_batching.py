@@ -169,3 +169,21 @@ def test_unpact_serve_s_default_is_the_app_s():
     from unpact.serve import DEFAULT_MAX_NUM_SEQS
 
     assert inspect.signature(serve).parameters["max_num_seqs"].default == DEFAULT_MAX_NUM_SEQS
+
+
+def test_a_batch_holds_no_more_rows_than_their_keys_and_values_allow(tiny, monkeypatch):
+    """A request that leaves max_tokens unset asks for the whole context: 16 such rows
+    could hold gigabytes of keys and values, so a batch holds what `generate`'s bound for
+    a prompt's samples holds (`sample_rows_at_once`)."""
+    import threading
+
+    from unpact import scoring
+    from unpact.serve.batching import GenerateBatcher
+
+    batcher = GenerateBatcher(tiny, threading.Lock(), 16)
+    ready = held((5, 30), (9, 30), (5, 2))
+    assert batcher._fits(ready) == 16  # the tiny model's rows are small
+    per_row = scoring.SAMPLE_BYTES_AT_ONCE // scoring.sample_rows_at_once(tiny.model, 39)
+    monkeypatch.setattr(scoring, "SAMPLE_BYTES_AT_ONCE", 3 * per_row)
+    assert batcher._fits(ready) == 3  # rows of the longest prompt and the first's max_tokens
+    assert GenerateBatcher(tiny, threading.Lock(), 2)._fits(ready) == 2

@@ -289,7 +289,10 @@ class _Server:
     core for it), scoring requests batched by a `ScoreBatcher` per model."""
 
     def __init__(
-        self, served: dict[str, LanguageModel], configured: bool = True, max_num_seqs: int = 1
+        self,
+        served: dict[str, LanguageModel],
+        configured: bool = True,
+        max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
     ) -> None:
         self.served = served
         self.lock = threading.Lock()

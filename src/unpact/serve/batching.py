@@ -8,7 +8,8 @@ logits, no stop strings, stop token ids or `min_tokens`, the model's EOS ending 
 unpact's client and an LLM judge ask). Their rows need nothing of the request but its
 prompt and `max_tokens`, so a batch holds requests of one `max_tokens` (a long one would
 keep the short ones waiting for it), of one prompt length for a model that reads its left
-padding (`scoring.reads_padding`), up to `max_num_seqs` of them, as vLLM's option names it.
+padding (`scoring.reads_padding`), up to `max_num_seqs` of them, as vLLM's option names it,
+or as many as their keys and values allow (`scoring.sample_rows_at_once`).
 A batch generates exactly what `generated_rows` generates for its prompts left-padded
 together, as the local `generate` batches them; like vLLM's answers, a request's greedy
 answer can then move with what shares its batch, by float rounding alone. With
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 
 from unpact.models import LanguageModel
-from unpact.scoring import generated_rows, reads_padding
+from unpact.scoring import generated_rows, reads_padding, sample_rows_at_once
 from unpact.serve.cancel import Cancelled, current_event
 
 # a prompt, its max_tokens, its client's disconnection event, and where its row goes
@@ -80,7 +81,7 @@ class GenerateBatcher:
                 except queue.Empty:
                     break
             with self.lock:  # the model's: `reads_padding` runs it the first time
-                batch, ready = _next_batch(ready, self.size, self._same_length())
+                batch, ready = _next_batch(ready, self._fits(ready), self._same_length())
                 kept = []
                 for w in batch:  # one whose client gave up waiting: nothing generated for it
                     w[3].set_exception(Cancelled()) if _gone(w) else kept.append(w)
@@ -95,6 +96,16 @@ class GenerateBatcher:
                     continue
             for w, row in zip(batch, rows, strict=True):
                 w[3].set_exception(Cancelled()) if _gone(w) else w[3].set_result(row)
+
+    def _fits(self, ready: list[_Waiting]) -> int:
+        """How many of the first request's kind one batch holds: `max_num_seqs`, or fewer
+        where their keys and values would pass what one `generate` of samples may hold
+        (`scoring.sample_rows_at_once`: a chat request that leaves `max_tokens` unset asks
+        for the model's whole context, and 16 rows of 8,192 tokens of the 135M model hold
+        6 GB)."""
+        wanted = ready[0][1]
+        longest = max(len(w[0]) for w in ready if w[1] == wanted)
+        return min(self.size, sample_rows_at_once(self.lm.model, longest + wanted) or self.size)
 
     def _same_length(self) -> bool:
         """Whether a batch must hold prompts of one length (a model that reads its left
