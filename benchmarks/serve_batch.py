@@ -1,6 +1,7 @@
 """Greedy generation through `unpact serve`: requests batched (`--max-num-seqs 16`, the
-default) against each answered on its own (`--max-num-seqs 1`, the server before
-2026-12-07), in one run.
+default) against each generated on its own (`--max-num-seqs 1`, as the server generated
+them before 2026-12-07; the log-probs its replies report are scored in batches by both),
+in one run.
 
 Run:  .venv/bin/python benchmarks/serve_batch.py [--model default] [--items 64] [--tokens 24]
 
