@@ -248,8 +248,9 @@ def test_transient_faults_are_retried_to_the_right_numbers(tiny, served, faults,
         ("429", "HTTP 429"),
         (
             "delay",
-            "s (a server that answers one request at a time, as `unpact serve` and a "
-            "llama.cpp slot do, makes the 2 sent at once wait for each other: send fewer",
+            "s (a server that answers one request at a time, as a llama.cpp slot does, and "
+            "`unpact serve` does all but plain greedy completions, makes the 2 sent at once "
+            "wait for each other: send fewer",
         ),
         ("badjson", "not valid JSON"),
         ("drop", "connection failed"),

@@ -148,6 +148,9 @@ def test_a_failed_batch_fails_each_of_its_requests(tiny):
     for f in futures:
         with pytest.raises(RuntimeError, match="out of memory"):
             f.result(timeout=60)
+    batcher._run = lambda batch: []  # fewer rows than requests: failed, never left waiting
+    with pytest.raises(ValueError):
+        batcher.submit(prompts[0], 5).result(timeout=60)
     # and the worker goes on serving
     batcher._run = working
     assert len(batcher.submit(prompts[0], 5).result(timeout=60)) == 5
@@ -187,3 +190,23 @@ def test_a_batch_holds_no_more_rows_than_their_keys_and_values_allow(tiny, monke
     monkeypatch.setattr(scoring, "SAMPLE_BYTES_AT_ONCE", 3 * per_row)
     assert batcher._fits(ready) == 3  # rows of the longest prompt and the first's max_tokens
     assert GenerateBatcher(tiny, threading.Lock(), 2)._fits(ready) == 2
+
+
+def test_a_batch_s_rows_stop_each_when_its_own_client_goes():
+    import threading
+
+    import torch
+
+    from unpact.serve import cancel
+
+    left, stays = threading.Event(), threading.Event()
+    left.set()
+    rows = torch.zeros(3, 4, dtype=torch.long)
+    assert cancel.stopping([None, left, stays])(rows, None).tolist() == [False, True, False]
+    # one request's rows (its samples): all of them once its client has gone
+    assert cancel.stopping()(rows, None).tolist() == [False] * 3
+    token = cancel._GONE.set(left)
+    try:
+        assert cancel.stopping()(rows, None).tolist() == [True] * 3
+    finally:
+        cancel._GONE.reset(token)

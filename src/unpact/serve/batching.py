@@ -20,13 +20,12 @@ from __future__ import annotations
 import queue
 import threading
 from concurrent.futures import Future
-from typing import Any
 
 import torch
 
 from unpact.models import LanguageModel
 from unpact.scoring import generated_rows, reads_padding, sample_rows_at_once
-from unpact.serve.cancel import Cancelled, current_event
+from unpact.serve.cancel import Cancelled, current_event, stopping
 
 # a prompt, its max_tokens, its client's disconnection event, and where its row goes
 _Waiting = tuple[list[int], int, "threading.Event | None", "Future[list[int]]"]
@@ -81,21 +80,30 @@ class GenerateBatcher:
                 except queue.Empty:
                     break
             with self.lock:  # the model's: `reads_padding` runs it the first time
-                batch, ready = _next_batch(ready, self._fits(ready), self._same_length())
-                kept = []
-                for w in batch:  # one whose client gave up waiting: nothing generated for it
-                    w[3].set_exception(Cancelled()) if _gone(w) else kept.append(w)
-                batch = kept
-                if not batch:
-                    continue
                 try:
-                    rows = self._run(batch)
-                except Exception as exc:  # handed to the requests waiting for it
-                    for *_, done in batch:
-                        done.set_exception(exc)
-                    continue
-            for w, row in zip(batch, rows, strict=True):
+                    batch, ready = _next_batch(ready, self._fits(ready), self._same_length())
+                except Exception:  # never expected: the first alone, as it can always go
+                    batch, ready = ready[:1], ready[1:]
+                self._serve(batch)
+
+    def _serve(self, batch: list[_Waiting]) -> None:
+        """Generates the batch (the model held) and hands each request its row, or the
+        error (a worker that died would leave every later request waiting); a request whose
+        client has gone gets `Cancelled`, and nothing is generated for it if it went while
+        waiting."""
+        kept = []
+        for w in batch:
+            w[3].set_exception(Cancelled()) if _gone(w) else kept.append(w)
+        if not kept:
+            return
+        try:
+            rows = self._run(kept)
+            for w, row in zip(kept, rows, strict=True):
                 w[3].set_exception(Cancelled()) if _gone(w) else w[3].set_result(row)
+        except Exception as exc:  # handed to the requests waiting for it
+            for w in kept:
+                if not w[3].done():
+                    w[3].set_exception(exc)
 
     def _fits(self, ready: list[_Waiting]) -> int:
         """How many of the first request's kind one batch holds: `max_num_seqs`, or fewer
@@ -116,16 +124,7 @@ class GenerateBatcher:
             return True
 
     def _run(self, batch: list[_Waiting]) -> list[list[int]]:
-        from transformers.generation import StoppingCriteria, StoppingCriteriaList
-
-        events = [w[2] for w in batch]
-
-        class _RowsGone(StoppingCriteria):
-            """Ends the rows whose client has gone; the others go on."""
-
-            def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-                gone = [e is not None and e.is_set() for e in events]
-                return torch.tensor(gone, dtype=torch.bool, device=input_ids.device)
+        from transformers.generation import StoppingCriteriaList
 
         with torch.no_grad():
             return generated_rows(
@@ -136,7 +135,8 @@ class GenerateBatcher:
                 1.0,
                 1,
                 nan_watch=False,  # vLLM serves what the model generates
-                stopping_criteria=StoppingCriteriaList([_RowsGone()]),
+                # a row whose client has gone ends; the others go on
+                stopping_criteria=StoppingCriteriaList([stopping([w[2] for w in batch])]),
             )
 
 

@@ -18,7 +18,7 @@ import asyncio
 import contextvars
 import inspect
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -60,17 +60,20 @@ def holding(lock: threading.Lock) -> Iterator[None]:
         yield
 
 
-def stopping() -> Any:
+def stopping(rows: Sequence[threading.Event | None] | None = None) -> Any:
     """A transformers stopping criterion that ends every row once the client has gone
-    (`check` after `generate` then ends the request); until then it stops nothing."""
+    (`check` after `generate` then ends the request); until then it stops nothing. With
+    `rows` (a batch of requests, each row's client's event), each row once its own client
+    has gone, the others going on."""
     from transformers.generation import StoppingCriteria
 
     class _Gone(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-            stop = gone()
-            return torch.full(
-                (input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device
-            )
+            if rows is None:
+                stop = [gone()] * input_ids.shape[0]
+            else:
+                stop = [e is not None and e.is_set() for e in rows]
+            return torch.tensor(stop, dtype=torch.bool, device=input_ids.device)
 
     return _Gone()
 
