@@ -286,7 +286,8 @@ class _Completion:
 
 class _Server:
     """The endpoints over the served models: one model call at a time (torch uses every
-    core for it), scoring requests batched by a `ScoreBatcher` per model."""
+    core for it), scoring requests batched by a `ScoreBatcher` per model, plain greedy
+    completions by a `GenerateBatcher` per model."""
 
     def __init__(
         self,
