@@ -13,7 +13,8 @@ It prints requests/s, the p50/p99 latency of single requests, and the largest di
 between remote and local log-probs (must be < 1e-4), and writes build/bench-remote.json.
 The server scores the requests waiting together in one padded pass (as vLLM batches
 what is in flight), so concurrency both hides HTTP and JSON time behind model time and
-batches the model's work (greedy generation is measured by benchmarks/serve_batch.py). Bounded: --requests caps the work, --time-limit stops a slow run.
+batches the model's work (greedy generation is measured by benchmarks/serve_batch.py).
+Bounded: --requests caps the work, --time-limit stops a slow run.
 """
 
 from __future__ import annotations

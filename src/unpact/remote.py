@@ -993,8 +993,8 @@ def _timeout(seconds: float) -> Any:
 # what a timeout may mean, and what to change (`RemoteModel._queued`)
 _QUEUED = (
     " (a server that answers one request at a time, as a llama.cpp slot does, and "
-    "`unpact serve` does all but plain greedy completions, makes the {n} sent at once wait for each other: send fewer, {fewer}, or "
-    "wait longer, {longer})"
+    "`unpact serve` does all but plain greedy completions, makes the {n} sent at once "
+    "wait for each other: send fewer, {fewer}, or wait longer, {longer})"
 )
 # 5xx codes that no retry can change (RFC 9110): the server does not implement the method
 # (501: a plain web server, not an API) or the HTTP version (505). Failed at once.

@@ -25,7 +25,7 @@ import torch
 
 from unpact.models import LanguageModel
 from unpact.scoring import generated_rows, reads_padding, sample_rows_at_once
-from unpact.serve.cancel import Cancelled, current_event, stopping
+from unpact.serve.cancel import Cancelled, current_event, left, stopping
 
 # a prompt, its max_tokens, its client's disconnection event, and where its row goes
 _Waiting = tuple[list[int], int, "threading.Event | None", "Future[list[int]]"]
@@ -93,13 +93,13 @@ class GenerateBatcher:
         waiting."""
         kept = []
         for w in batch:
-            w[3].set_exception(Cancelled()) if _gone(w) else kept.append(w)
+            w[3].set_exception(Cancelled()) if left(w[2]) else kept.append(w)
         if not kept:
             return
         try:
             rows = self._run(kept)
             for w, row in zip(kept, rows, strict=True):
-                w[3].set_exception(Cancelled()) if _gone(w) else w[3].set_result(row)
+                w[3].set_exception(Cancelled()) if left(w[2]) else w[3].set_result(row)
         except Exception as exc:  # handed to the requests waiting for it
             for w in kept:
                 if not w[3].done():
@@ -138,8 +138,3 @@ class GenerateBatcher:
                 # a row whose client has gone ends; the others go on
                 stopping_criteria=StoppingCriteriaList([stopping([w[2] for w in batch])]),
             )
-
-
-def _gone(w: _Waiting) -> bool:
-    event = w[2]
-    return event is not None and event.is_set()

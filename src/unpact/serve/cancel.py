@@ -7,8 +7,7 @@ when that comes first the handler is cancelled, which aborts the request in the 
 it), which a task cannot cancel, so a disconnection sets the request's event and the
 thread stops at its next check (`check`): when it takes the model (a queued request of a
 client that timed out never runs) and between generated tokens (`stopping`; in a batch of
-greedy completions, `unpact.serve.batching`, its row alone, the batch's event read there). Without it a
-client that gave up (unpact's own remote client retries after 30 s) left its request
+greedy completions, `unpact.serve.batching`, its row alone). Without it a client that gave up (unpact's own remote client retries after 30 s) left its request
 running, and its retry queued behind it: the longer requests took, the more of them ran
 for nobody."""
 
@@ -33,10 +32,14 @@ class Cancelled(Exception):
     """The client of the request being served has disconnected."""
 
 
+def left(event: threading.Event | None) -> bool:
+    """Whether the client whose disconnection event this is has gone (None: no client)."""
+    return event is not None and event.is_set()
+
+
 def gone() -> bool:
     """Whether the client of the request this thread serves has disconnected."""
-    event = _GONE.get()
-    return event is not None and event.is_set()
+    return left(_GONE.get())
 
 
 def current_event() -> threading.Event | None:
@@ -69,10 +72,7 @@ def stopping(rows: Sequence[threading.Event | None] | None = None) -> Any:
 
     class _Gone(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-            if rows is None:
-                stop = [gone()] * input_ids.shape[0]
-            else:
-                stop = [e is not None and e.is_set() for e in rows]
+            stop = [gone()] * input_ids.shape[0] if rows is None else [left(e) for e in rows]
             return torch.tensor(stop, dtype=torch.bool, device=input_ids.device)
 
     return _Gone()
